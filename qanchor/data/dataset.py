@@ -1,0 +1,290 @@
+"""Load a validated dataset directory and stream per-user records in bounded memory.
+
+Event exports are long and unsorted (one row per event, as SQL writes them). On first use the loader
+range-partitions events by user id into ``<cache>/users-<fingerprint>/`` so that iterating users reads
+one partition (a few thousand users) at a time: 100k users never sit in RAM together.
+
+Example:
+    >>> import qanchor
+    >>> ds = qanchor.load_dataset("data/synth")  # doctest: +SKIP
+    >>> user = next(ds.users())  # doctest: +SKIP
+    >>> user.user_id, sorted(user.events)  # doctest: +SKIP
+    ('u000000', ['app', 'bill', 'search'])
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterable, Iterator
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+
+from qanchor.data.io import atomic_dir, write_text
+from qanchor.data.manifest import Manifest, TaskSpec
+from qanchor.data.schema import TABULAR_FILE, TASKS_DIR, USERU_FILE, event_schema
+from qanchor.data.validate import ValidationReport, event_files, validate_dataset
+
+__all__ = ["EventSeq", "UserRecord", "Task", "Dataset", "load_dataset"]
+
+_PARTITION_USERS = 4096
+_MAX_PARTITIONS = 512
+
+
+@dataclass
+class EventSeq:
+    """One modality's events of one user, oldest first. Arrays share length ``n``."""
+
+    ts: np.ndarray  # int64 [n], microseconds since the epoch, UTC
+    text: list[str]  # [n]
+    value: np.ndarray  # float32 [n], NaN where null
+    extras: np.ndarray  # float32 [n, n_extra], the modality's numeric_columns in manifest order; NaN = null
+
+    def __len__(self) -> int:
+        return len(self.text)
+
+
+@dataclass
+class UserRecord:
+    """Everything known about one user before the cutoff. Modalities without events are absent."""
+
+    user_id: str
+    events: dict[str, EventSeq]
+    tabular: np.ndarray | None = None  # float32 [n_features], NaN where missing; None = no tabular row
+
+
+@dataclass
+class Task:
+    spec: TaskSpec
+    user_ids: np.ndarray  # object [n] of str
+    labels: np.ndarray  # int8 [n]
+    prob: np.ndarray | None = None  # float64 [n], the true P(label = 1) where the data is synthetic
+
+    @property
+    def positive_rate(self) -> float:
+        return float(self.labels.mean()) if len(self.labels) else 0.0
+
+
+class Dataset:
+    """A dataset directory: manifest, tasks, tabular features and a per-user event stream."""
+
+    def __init__(self, root: Path, manifest: Manifest, report: ValidationReport, cache_dir: Path):
+        self.root, self.manifest, self.report, self.cache_dir = root, manifest, report, cache_dir
+        self.tasks: dict[str, Task] = {t.name: _read_task(root, t) for t in manifest.tasks}
+        self.tabular_columns: list[str] = []
+        self._tabular: dict[str, np.ndarray] = {}
+        if manifest.tabular is not None:
+            self._read_tabular()
+        self._partitions: _Partitions | None = None
+
+    def __repr__(self) -> str:
+        return f"Dataset({self.manifest.name!r}, users={self.num_users}, tasks={list(self.tasks)})"
+
+    # ------------------------------------------------------------------------------------- users
+    @property
+    def partitions(self) -> "_Partitions":
+        if self._partitions is None:
+            self._partitions = _Partitions.build(self)
+        return self._partitions
+
+    @property
+    def user_ids(self) -> np.ndarray:
+        """Every user (events, tabular rows or task labels), sorted."""
+        return self.partitions.user_ids
+
+    @property
+    def num_users(self) -> int:
+        return len(self.user_ids)
+
+    def users(self, user_ids: Iterable[str] | None = None) -> Iterator[UserRecord]:
+        """Yield user records in sorted id order, one partition in memory at a time.
+
+        With ``user_ids``, yield only those (still in sorted order); unknown ids raise KeyError.
+        """
+        wanted = None
+        if user_ids is not None:
+            wanted = np.unique(np.asarray(list(user_ids), dtype=object))
+            missing = wanted[~np.isin(wanted, self.user_ids)]
+            if missing.size:
+                raise KeyError(f"user '{missing[0]}' is not in dataset {self.root} ({missing.size} unknown ids)")
+        for part in range(self.partitions.count):
+            ids = self.partitions.ids_of(part)
+            if wanted is not None:
+                ids = ids[np.isin(ids, wanted)]
+                if not ids.size:
+                    continue
+            yield from self._read_partition(part, ids)
+
+    def user(self, user_id: str) -> UserRecord:
+        return next(self.users([user_id]))
+
+    def userU(self) -> pa.Table:
+        """The UserU pretraining pairs (built by ``qanchor data userU``)."""
+        path = self.root / USERU_FILE
+        if not path.exists():
+            raise FileNotFoundError(f"{path} not found; build it with `qanchor data userU {self.root}`")
+        return pq.read_table(path)
+
+    # ---------------------------------------------------------------------------------- internals
+    def _read_tabular(self) -> None:
+        table = pq.read_table(self.root / TABULAR_FILE)
+        self.tabular_columns = [c for c in table.column_names if c != "user_id"]
+        matrix = np.stack(
+            [table.column(c).to_numpy(zero_copy_only=False).astype(np.float32) for c in self.tabular_columns], axis=1
+        )  # (n_users, n_features); nulls arrive as NaN
+        self._tabular = dict(zip(table.column("user_id").to_pylist(), matrix))
+
+    def _read_partition(self, part: int, ids: np.ndarray) -> Iterator[UserRecord]:
+        table = self.partitions.read(part)
+        uid = table.column("user_id").to_numpy(zero_copy_only=False)
+        starts = np.searchsorted(uid, ids, side="left")
+        ends = np.searchsorted(uid, ids, side="right")
+        mods = table.column("modality").to_numpy(zero_copy_only=False)
+        ts = table.column("ts").cast(pa.int64()).to_numpy()
+        text = table.column("text").to_numpy(zero_copy_only=False)
+        value = _floats(table, "value")
+        extras = {m.name: _float_matrix(table, m.numeric_columns) for m in self.manifest.sequence_modalities}
+        for user_id, lo, hi in zip(ids, starts, ends):
+            events = {}
+            if hi > lo:
+                for m in self.manifest.sequence_modalities:
+                    sel = lo + np.flatnonzero(mods[lo:hi] == m.name)
+                    if sel.size:
+                        events[m.name] = EventSeq(ts[sel], text[sel].tolist(), value[sel], extras[m.name][sel])
+            yield UserRecord(str(user_id), events, self._tabular.get(user_id))
+
+
+def _floats(table: pa.Table, name: str) -> np.ndarray:
+    if name not in table.column_names:
+        return np.full(table.num_rows, np.nan, dtype=np.float32)
+    return table.column(name).cast(pa.float32()).to_numpy(zero_copy_only=False).astype(np.float32)
+
+
+def _float_matrix(table: pa.Table, names: tuple[str, ...]) -> np.ndarray:
+    if not names:
+        return np.zeros((table.num_rows, 0), dtype=np.float32)
+    return np.stack([_floats(table, n) for n in names], axis=1)  # (rows, n_extra)
+
+
+def _read_task(root: Path, spec: TaskSpec) -> Task:
+    table = pq.read_table(root / TASKS_DIR / f"{spec.name}.parquet").sort_by("user_id")
+    prob = table.column("prob").to_numpy(zero_copy_only=False).astype(np.float64) if "prob" in table.column_names else None
+    return Task(
+        spec,
+        table.column("user_id").to_numpy(zero_copy_only=False).astype(object),
+        table.column("label").to_numpy(zero_copy_only=False).astype(np.int8),
+        prob,
+    )
+
+
+class _Partitions:
+    """Events range-partitioned by user id, each partition sorted by (user_id, ts)."""
+
+    def __init__(self, directory: Path, user_ids: np.ndarray, bounds: np.ndarray):
+        self.directory, self.user_ids, self.bounds = directory, user_ids, bounds
+
+    @property
+    def count(self) -> int:
+        return len(self.bounds) - 1
+
+    def ids_of(self, part: int) -> np.ndarray:
+        return self.user_ids[self.bounds[part] : self.bounds[part + 1]]
+
+    def read(self, part: int) -> pa.Table:
+        path = self.directory / f"part-{part:05d}.parquet"
+        if not path.exists():  # a partition whose users have no events
+            return pa.table({"user_id": pa.array([], pa.string()), "modality": pa.array([], pa.string()),
+                             "ts": pa.array([], pa.timestamp("us", tz="UTC")), "text": pa.array([], pa.string())})
+        return pq.read_table(path)
+
+    @classmethod
+    def build(cls, ds: Dataset) -> "_Partitions":
+        files = event_files(ds.root)
+        directory = ds.cache_dir / f"users-{_fingerprint(ds.root, files)}"
+        index_path = directory / "index.json"
+        if index_path.exists():
+            index = json.loads(index_path.read_text())
+            user_ids = pq.read_table(directory / "user_ids.parquet").column("user_id").to_numpy(zero_copy_only=False)
+            return cls(directory, user_ids.astype(object), np.asarray(index["bounds"], dtype=np.int64))
+        user_ids = _all_user_ids(ds, files)
+        per_part = max(_PARTITION_USERS, -(-len(user_ids) // _MAX_PARTITIONS))
+        bounds = np.append(np.arange(0, len(user_ids), per_part), len(user_ids)).astype(np.int64)
+        with atomic_dir(directory) as tmp:
+            _write_partitions(tmp, files, user_ids, per_part, event_schema(ds.manifest))
+            pq.write_table(pa.table({"user_id": pa.array(user_ids.tolist(), pa.string())}), tmp / "user_ids.parquet")
+            write_text(json.dumps({"bounds": bounds.tolist()}), tmp / "index.json")
+        return cls(directory, user_ids, bounds)
+
+
+def _fingerprint(root: Path, files: list[Path]) -> str:
+    """Changes whenever an event file is added, removed, resized or rewritten."""
+    h = hashlib.sha256()
+    for path in [*files, root / TABULAR_FILE, *sorted((root / TASKS_DIR).glob("*.parquet"))]:
+        if path.exists():
+            st = path.stat()
+            h.update(f"{path.name}:{st.st_size}:{st.st_mtime_ns};".encode())
+    return h.hexdigest()[:16]
+
+
+def _all_user_ids(ds: Dataset, files: list[Path]) -> np.ndarray:
+    ids: set[str] = set(ds._tabular)
+    for task in ds.tasks.values():
+        ids.update(task.user_ids.tolist())
+    for path in files:
+        for batch in pq.ParquetFile(path).iter_batches(batch_size=1 << 20, columns=["user_id"]):
+            ids.update(pc.unique(batch.column("user_id")).to_pylist())
+    return np.array(sorted(ids), dtype=object)
+
+
+def _canonical(table: pa.Table, schema: pa.Schema) -> pa.Table:
+    """Same columns and types for every file: naive timestamps become UTC, absent optional columns null."""
+    columns = []
+    for f in schema:
+        if f.name not in table.column_names:
+            columns.append(pa.nulls(table.num_rows, f.type))
+            continue
+        col = table.column(f.name)
+        if f.name == "ts" and col.type.tz is None:
+            col = col.cast(pa.timestamp("us")).cast(pa.int64()).cast(f.type)
+        columns.append(col.cast(f.type))
+    return pa.Table.from_arrays(columns, schema=schema)
+
+
+def _write_partitions(out: Path, files: list[Path], user_ids: np.ndarray, per_part: int, schema: pa.Schema) -> None:
+    writers: dict[int, pq.ParquetWriter] = {}
+    try:
+        for path in files:
+            for batch in pq.ParquetFile(path).iter_batches(batch_size=1 << 18):
+                table = _canonical(pa.Table.from_batches([batch]), schema)
+                part_of = np.searchsorted(user_ids, table.column("user_id").to_numpy(zero_copy_only=False)) // per_part
+                for part in np.unique(part_of):
+                    rows = table.filter(pa.array(part_of == part))
+                    if part not in writers:
+                        writers[part] = pq.ParquetWriter(out / f"unsorted-{part:05d}.parquet", schema)
+                    writers[part].write_table(rows)
+    finally:
+        for w in writers.values():
+            w.close()
+    for part in sorted(writers):
+        src = out / f"unsorted-{part:05d}.parquet"
+        table = pq.read_table(src).sort_by([("user_id", "ascending"), ("ts", "ascending")])
+        pq.write_table(table, out / f"part-{part:05d}.parquet")
+        src.unlink()
+
+
+def load_dataset(path: str | Path, cache_dir: str | Path | None = None) -> Dataset:
+    """Validate and open a dataset directory. Raises DataValidationError on a broken dataset.
+
+    Example:
+        >>> ds = load_dataset("data/completejourney")  # doctest: +SKIP
+        >>> ds.tasks["churn"].positive_rate  # doctest: +SKIP
+    """
+    root = Path(path)
+    report = validate_dataset(root)
+    cache = Path(cache_dir) if cache_dir else root / ".qanchor_cache"
+    return Dataset(root, report.manifest, report, cache)

@@ -1,0 +1,115 @@
+"""Arrow schemas of the dataset directory (DESIGN section 2) and a writer that keeps them.
+
+Layout::
+
+    <dataset>/manifest.yaml
+    <dataset>/events/part-00000.parquet   user_id, modality, ts (UTC), text, value, <extra numeric columns>
+    <dataset>/tabular.parquet             user_id + numeric feature columns          [optional]
+    <dataset>/tasks/<task>.parquet        user_id, label:int8 (+ optional prob:float64, the true P(label=1))
+    <dataset>/userU.parquet               user_id, cutoff, query, answer, source     [built by `qanchor data userU`]
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+
+from qanchor.data.io import atomic_dir, write_parquet
+from qanchor.data.manifest import Manifest
+
+__all__ = [
+    "TS_TYPE",
+    "EVENT_CORE_COLUMNS",
+    "event_schema",
+    "USERU_SCHEMA",
+    "USERU_FILE",
+    "TABULAR_FILE",
+    "EVENTS_DIR",
+    "USERU_SOURCES",
+    "TASKS_DIR",
+    "events_table",
+    "write_dataset",
+]
+
+TS_TYPE = pa.timestamp("us", tz="UTC")
+EVENTS_DIR, TASKS_DIR, TABULAR_FILE, USERU_FILE = "events", "tasks", "tabular.parquet", "userU.parquet"
+EVENT_CORE_COLUMNS = ("user_id", "modality", "ts", "text", "value")
+USERU_SOURCES = ("future", "uqa")
+USERU_SCHEMA = pa.schema(
+    [
+        ("user_id", pa.string()),
+        ("cutoff", TS_TYPE),
+        ("query", pa.string()),
+        ("answer", pa.string()),
+        ("source", pa.string()),
+    ]
+)
+
+
+def event_schema(manifest: Manifest) -> pa.Schema:
+    """The event-file schema for ``manifest``: core columns then every modality's extra columns."""
+    fields = [
+        pa.field("user_id", pa.string(), nullable=False),
+        pa.field("modality", pa.string(), nullable=False),
+        pa.field("ts", TS_TYPE, nullable=False),
+        pa.field("text", pa.string(), nullable=False),
+        pa.field("value", pa.float32()),
+    ]
+    seen = set()
+    for m in manifest.sequence_modalities:
+        for col in m.numeric_columns:
+            if col not in seen:
+                seen.add(col)
+                fields.append(pa.field(col, pa.float32()))
+    return pa.schema(fields)
+
+
+def events_table(manifest: Manifest, columns: dict[str, object]) -> pa.Table:
+    """Build an event table in the manifest's schema from column arrays (missing extras become null).
+
+    ``ts`` may be numpy datetime64 values or integer microseconds since the epoch (UTC).
+    """
+    schema = event_schema(manifest)
+    n = len(columns["user_id"])
+    arrays = []
+    for f in schema:
+        if f.name in columns:
+            values = columns[f.name]
+            if f.name == "ts":
+                values = np.asarray(values)
+                if np.issubdtype(values.dtype, np.datetime64):
+                    values = values.astype("datetime64[us]").astype(np.int64)
+                arrays.append(pa.array(values, type=pa.int64()).cast(TS_TYPE))
+            else:
+                arrays.append(pa.array(values, type=f.type, from_pandas=True))
+        else:
+            arrays.append(pa.nulls(n, type=f.type))
+    return pa.Table.from_arrays(arrays, schema=schema)
+
+
+def write_dataset(
+    out_dir: str | Path,
+    manifest: Manifest,
+    event_parts: list[pa.Table],
+    tabular: pa.Table | None = None,
+    tasks: dict[str, pa.Table] | None = None,
+) -> Path:
+    """Write a whole dataset directory atomically (a crash leaves the previous directory intact).
+
+    ``event_parts`` are tables from :func:`events_table`, one Parquet file each (sort each part by
+    user then time for good compression). ``tasks`` maps task name -> table(user_id, label[, prob]).
+    """
+    out_dir = Path(out_dir)
+    with atomic_dir(out_dir) as tmp:
+        manifest.save(tmp)
+        for i, part in enumerate(event_parts):
+            write_parquet(part, tmp / EVENTS_DIR / f"part-{i:05d}.parquet")
+        if tabular is not None:
+            write_parquet(tabular, tmp / TABULAR_FILE)
+        for name, table in (tasks or {}).items():
+            label = table.column("label").cast(pa.int8())
+            table = table.set_column(table.schema.get_field_index("label"), "label", label)
+            write_parquet(table, tmp / TASKS_DIR / f"{name}.parquet")
+    return out_dir

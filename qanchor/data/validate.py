@@ -1,0 +1,250 @@
+"""Validation at the door: every rule of the dataset format, checked once, with errors that say where.
+
+``validate_dataset(dir)`` raises :class:`~qanchor.errors.DataValidationError` naming the file, the
+column, the first bad row (0-based, counted within that file) and the rule broken. Row-level checks
+stream record batches, so a large export is checked in bounded memory. Nothing downstream re-checks.
+
+Example:
+    >>> from qanchor.data.validate import validate_dataset
+    >>> report = validate_dataset("data/synth")  # doctest: +SKIP
+    >>> report.n_events, report.n_users  # doctest: +SKIP
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+
+from qanchor.data.manifest import Manifest
+from qanchor.data.schema import EVENTS_DIR, TABULAR_FILE, TASKS_DIR, USERU_FILE, USERU_SOURCES
+from qanchor.errors import DataValidationError
+
+__all__ = ["ValidationReport", "validate_dataset", "event_files"]
+
+_BATCH_ROWS = 262_144
+
+
+@dataclass
+class ValidationReport:
+    """What a valid dataset holds: counts per modality and task, for the CLI to print."""
+
+    manifest: Manifest
+    n_event_files: int = 0
+    n_events: int = 0
+    events_per_modality: dict[str, int] = field(default_factory=dict)
+    n_users: int = 0
+    n_tabular_users: int = 0
+    task_counts: dict[str, tuple[int, int]] = field(default_factory=dict)  # name -> (users, positives)
+    n_userU_pairs: int = 0
+
+
+def event_files(dataset_dir: str | Path) -> list[Path]:
+    """The event Parquet files of a dataset, in name order (the order users and rows are read in)."""
+    return sorted((Path(dataset_dir) / EVENTS_DIR).glob("*.parquet"))
+
+
+def validate_dataset(dataset_dir: str | Path) -> ValidationReport:
+    """Check a dataset directory against the format; return counts, or raise DataValidationError."""
+    root = Path(dataset_dir)
+    if not root.is_dir():
+        raise DataValidationError(str(root), "dataset directory not found")
+    manifest = Manifest.load(root)
+    report = ValidationReport(manifest, events_per_modality={m.name: 0 for m in manifest.sequence_modalities})
+    users: set[str] = set()
+    files = event_files(root)
+    if manifest.sequence_modalities and not files:
+        raise DataValidationError(str(root / EVENTS_DIR), "no *.parquet event files, but the manifest declares sequence modalities")
+    for path in files:
+        _check_event_file(path, manifest, report, users)
+    report.n_event_files = len(files)
+    _check_tabular(root, manifest, report, users)
+    _check_tasks(root, manifest, report)
+    _check_userU(root, manifest, report)
+    report.n_users = len(users)
+    return report
+
+
+# ------------------------------------------------------------------------------------------ helpers
+def _open(path: Path) -> pq.ParquetFile:
+    try:
+        pf = pq.ParquetFile(path)
+    except (pa.ArrowInvalid, OSError) as exc:
+        raise DataValidationError(str(path), f"not a readable Parquet file ({exc})") from None
+    if pf.metadata.num_rows == 0:
+        raise DataValidationError(str(path), "file has no rows; remove it or export the data again")
+    return pf
+
+
+def _require(path: Path, schema: pa.Schema, column: str, kind: str) -> None:
+    if column not in schema.names:
+        raise DataValidationError(str(path), f"required column is missing (expected {kind})", column=column)
+    typ = schema.field(column).type
+    ok = {
+        "string": pa.types.is_string(typ) or pa.types.is_large_string(typ),
+        "timestamp": pa.types.is_timestamp(typ),
+        "number": pa.types.is_integer(typ) or pa.types.is_floating(typ),
+        "integer": pa.types.is_integer(typ),
+    }[kind]
+    if not ok:
+        hint = " (parse the timestamps before writing, as UTC)" if kind == "timestamp" else ""
+        raise DataValidationError(str(path), f"has type {typ}, expected {kind}{hint}", column=column)
+
+
+def _first(mask: pa.Array | np.ndarray) -> int | None:
+    arr = mask.to_numpy(zero_copy_only=False) if isinstance(mask, (pa.Array, pa.ChunkedArray)) else mask
+    idx = np.flatnonzero(arr)
+    return int(idx[0]) if idx.size else None
+
+
+def _no_nulls(path: Path, batch: pa.RecordBatch, column: str, offset: int) -> None:
+    col = batch.column(column)
+    if col.null_count:
+        row = _first(col.is_null())
+        raise DataValidationError(str(path), "null value; every row needs one", column=column, row=offset + row)
+
+
+def _utc_micros(col: pa.Array) -> np.ndarray:
+    """Timestamps as int64 microseconds since the epoch (UTC); naive timestamps are read as UTC."""
+    return col.cast(pa.timestamp("us", tz=col.type.tz)).cast(pa.int64()).to_numpy(zero_copy_only=False)
+
+
+def _check_event_file(path: Path, manifest: Manifest, report: ValidationReport, users: set[str]) -> None:
+    pf = _open(path)
+    schema = pf.schema_arrow
+    for col, kind in (("user_id", "string"), ("modality", "string"), ("ts", "timestamp"), ("text", "string")):
+        _require(path, schema, col, kind)
+    if "value" in schema.names:
+        _require(path, schema, "value", "number")
+    for m in manifest.sequence_modalities:
+        for col in m.numeric_columns:
+            _require(path, schema, col, "number")
+    known = {m.name for m in manifest.sequence_modalities}
+    cutoff_us = int(manifest.cutoff.timestamp() * 1_000_000)
+    offset = 0
+    for batch in pf.iter_batches(batch_size=_BATCH_ROWS, columns=["user_id", "modality", "ts", "text"]):
+        for col in ("user_id", "modality", "ts", "text"):
+            _no_nulls(path, batch, col, offset)
+        empty = _first(pc.equal(pc.utf8_length(batch.column("user_id")), 0))
+        if empty is not None:
+            raise DataValidationError(str(path), "empty user_id", column="user_id", row=offset + empty)
+        mods = batch.column("modality")
+        bad = _first(pc.invert(pc.is_in(mods, value_set=pa.array(sorted(known), type=mods.type))))
+        if bad is not None:
+            raise DataValidationError(
+                str(path),
+                f"unknown modality '{mods[bad].as_py()}'; the manifest's sequence modalities are: {', '.join(sorted(known))}",
+                column="modality",
+                row=offset + bad,
+            )
+        late = _first(_utc_micros(batch.column("ts")) >= cutoff_us)
+        if late is not None:
+            raise DataValidationError(
+                str(path),
+                f"event at {batch.column('ts')[late].as_py()} is not before the dataset cutoff "
+                f"{manifest.cutoff.isoformat()}; inputs must come from before the cutoff",
+                column="ts",
+                row=offset + late,
+            )
+        counts = pc.value_counts(mods)
+        for item in counts.to_pylist():
+            report.events_per_modality[item["values"]] += item["counts"]
+        users.update(pc.unique(batch.column("user_id")).to_pylist())
+        offset += batch.num_rows
+    report.n_events += offset
+
+
+def _check_unique_users(path: Path, col: pa.ChunkedArray) -> None:
+    if col.null_count:
+        raise DataValidationError(str(path), "null user_id", column="user_id", row=_first(col.is_null()))
+    values = col.to_numpy(zero_copy_only=False)
+    _, first_idx, counts = np.unique(values, return_index=True, return_counts=True)
+    if (counts > 1).any():
+        dup_pos = np.sort(first_idx[counts > 1])[0]
+        dup_rows = np.flatnonzero(values == values[dup_pos])
+        raise DataValidationError(
+            str(path), f"user '{values[dup_pos]}' appears more than once; keep one row per user",
+            column="user_id", row=int(dup_rows[1]),
+        )
+
+
+def _check_tabular(root: Path, manifest: Manifest, report: ValidationReport, users: set[str]) -> None:
+    path = root / TABULAR_FILE
+    if manifest.tabular is None:
+        if path.exists():
+            raise DataValidationError(str(path), "tabular.parquet exists but the manifest declares no tabular modality")
+        return
+    if not path.exists():
+        raise DataValidationError(str(path), "file not found, but the manifest declares a tabular modality")
+    pf = _open(path)
+    _require(path, pf.schema_arrow, "user_id", "string")
+    features = [n for n in pf.schema_arrow.names if n != "user_id"]
+    if not features:
+        raise DataValidationError(str(path), "no feature columns besides user_id")
+    for name in features:
+        _require(path, pf.schema_arrow, name, "number")
+    table = pf.read()
+    _check_unique_users(path, table.column("user_id"))
+    for name in features:
+        values = table.column(name).to_numpy(zero_copy_only=False).astype(np.float64)
+        bad = _first(np.isinf(values))
+        if bad is not None:
+            raise DataValidationError(str(path), "infinite value; use null for missing", column=name, row=bad)
+    report.n_tabular_users = table.num_rows
+    users.update(table.column("user_id").to_pylist())
+
+
+def _check_tasks(root: Path, manifest: Manifest, report: ValidationReport) -> None:
+    declared = {t.name for t in manifest.tasks}
+    for path in sorted((root / TASKS_DIR).glob("*.parquet")):
+        if path.stem not in declared:
+            raise DataValidationError(str(path), f"task file for '{path.stem}', which the manifest does not declare; add it to manifest.yaml tasks or remove the file")
+    for task in manifest.tasks:
+        path = root / TASKS_DIR / f"{task.name}.parquet"
+        if not path.exists():
+            raise DataValidationError(str(path), f"file not found for task '{task.name}' declared in the manifest")
+        pf = _open(path)
+        _require(path, pf.schema_arrow, "user_id", "string")
+        _require(path, pf.schema_arrow, "label", "integer")
+        table = pf.read()
+        _check_unique_users(path, table.column("user_id"))
+        label = table.column("label")
+        if label.null_count:
+            raise DataValidationError(str(path), "null label", column="label", row=_first(label.is_null()))
+        values = label.to_numpy(zero_copy_only=False)
+        bad = _first((values != 0) & (values != 1))
+        if bad is not None:
+            raise DataValidationError(str(path), f"label {values[bad]} is not 0 or 1", column="label", row=bad)
+        if "prob" in table.column_names:
+            prob = table.column("prob").to_numpy(zero_copy_only=False).astype(np.float64)
+            bad = _first(~((prob >= 0) & (prob <= 1)))
+            if bad is not None:
+                raise DataValidationError(str(path), "prob must lie in [0, 1]", column="prob", row=bad)
+        report.task_counts[task.name] = (table.num_rows, int(values.sum()))
+
+
+def _check_userU(root: Path, manifest: Manifest, report: ValidationReport) -> None:
+    path = root / USERU_FILE
+    if not path.exists():
+        return
+    pf = _open(path)
+    for col, kind in (("user_id", "string"), ("cutoff", "timestamp"), ("query", "string"), ("answer", "string"), ("source", "string")):
+        _require(path, pf.schema_arrow, col, kind)
+    table = pf.read()
+    for col in ("user_id", "cutoff", "query", "answer", "source"):
+        _no_nulls(path, table.combine_chunks().to_batches()[0], col, 0)
+    for col in ("query", "answer"):
+        empty = _first(pc.equal(pc.utf8_length(pc.utf8_trim_whitespace(table.column(col))), 0))
+        if empty is not None:
+            raise DataValidationError(str(path), "empty text", column=col, row=empty)
+    bad = _first(pc.invert(pc.is_in(table.column("source"), value_set=pa.array(USERU_SOURCES))))
+    if bad is not None:
+        raise DataValidationError(str(path), f"source must be one of {', '.join(USERU_SOURCES)}", column="source", row=bad)
+    late = _first(_utc_micros(table.column("cutoff").combine_chunks()) > int(manifest.cutoff.timestamp() * 1_000_000))
+    if late is not None:
+        raise DataValidationError(str(path), "pair cutoff lies after the dataset cutoff (it would look into the label window)", column="cutoff", row=late)
+    report.n_userU_pairs = table.num_rows

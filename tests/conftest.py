@@ -1,0 +1,81 @@
+"""Shared fixtures: a small hand-written dataset (exact values known) built once per session."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pytest
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")  # nothing in the suite may reach a model hub
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+from qanchor.data.manifest import Manifest, ModalityKind, ModalitySpec, TaskDomain, TaskSpec  # noqa: E402
+from qanchor.data.schema import events_table, write_dataset  # noqa: E402
+
+CUTOFF = "2024-06-30T00:00:00+00:00"
+
+
+def tiny_manifest() -> Manifest:
+    return Manifest.from_dict(
+        {
+            "name": "tiny",
+            "cutoff": CUTOFF,
+            "modalities": [
+                {"name": "bill", "kind": "sequence", "numeric_columns": ["discount"]},
+                {"name": "app", "kind": "sequence"},
+                {"name": "search", "kind": "sequence"},
+                {"name": "tabular", "kind": "tabular"},
+            ],
+            "tasks": [
+                {"name": "churn", "domain": "engagement", "query": "Will this user stop paying?", "label_window_days": 30},
+                {"name": "coupon", "domain": "marketing", "query": "Will this user redeem a coupon?", "label_window_days": 30},
+            ],
+        }
+    )
+
+
+def build_tiny_dataset(out: Path, n_users: int = 40, seed: int = 0) -> Path:
+    """``n_users`` users over 3 sequence modalities; user 0 has no events, odd users miss `search`."""
+    rng = np.random.default_rng(seed)
+    manifest = tiny_manifest()
+    cutoff_us = np.datetime64("2024-06-30T00:00:00", "us").astype(np.int64)
+    cols: dict[str, list] = {k: [] for k in ("user_id", "modality", "ts", "text", "value", "discount")}
+    merchants = ["Coffee shop", "Grocery store", "Fuel station", "Cinema", "Online casino"]
+    apps = ["Opened Alipay", "Installed TikTok", "Opened bank app"]
+    for u in range(1, n_users):
+        uid = f"u{u:03d}"
+        for modality, vocab, count in (("bill", merchants, 6 + u % 5), ("app", apps, 3), ("search", ["cheap flights", "loan"], 2)):
+            if modality == "search" and u % 2:
+                continue
+            for _ in range(count):
+                cols["user_id"].append(uid)
+                cols["modality"].append(modality)
+                cols["ts"].append(cutoff_us - int(rng.integers(3600, 90 * 86400)) * 1_000_000)
+                cols["text"].append(vocab[int(rng.integers(len(vocab)))])
+                cols["value"].append(float(rng.gamma(2.0, 20.0)) if modality == "bill" else None)
+                cols["discount"].append(float(rng.uniform(1, 5)) if modality == "bill" and rng.random() < 0.3 else None)
+    events = events_table(manifest, cols)
+    half = events.num_rows // 2  # two files, shuffled rows: the loader must not rely on order
+    order = rng.permutation(events.num_rows)
+    parts = [events.take(order[:half]), events.take(order[half:])]
+    ids = [f"u{u:03d}" for u in range(n_users)]
+    tab_ids = ids[::2]
+    tabular = pa.table({
+        "user_id": tab_ids,
+        "age": pa.array([float(20 + i) if i % 3 else None for i in range(len(tab_ids))], pa.float64()),
+        "income": rng.normal(50, 10, len(tab_ids)),
+    })
+    tasks = {
+        "churn": pa.table({"user_id": ids, "label": pa.array([u % 4 == 0 for u in range(n_users)]).cast(pa.int8())}),
+        "coupon": pa.table({"user_id": ids[1:], "label": pa.array([u % 3 == 0 for u in range(1, n_users)]).cast(pa.int8()),
+                            "prob": np.linspace(0.1, 0.9, n_users - 1)}),
+    }
+    return write_dataset(out, manifest, parts, tabular, tasks)
+
+
+@pytest.fixture(scope="session")
+def tiny_dataset(tmp_path_factory) -> Path:
+    return build_tiny_dataset(tmp_path_factory.mktemp("tiny") / "ds")

@@ -1,0 +1,75 @@
+from __future__ import annotations
+
+import numpy as np
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+import pytest
+
+import qanchor
+from qanchor.data import dataset as dataset_mod
+
+
+def _raw_events(ds_dir):
+    tables = [pq.read_table(p) for p in sorted((ds_dir / "events").glob("*.parquet"))]
+    import pyarrow as pa
+
+    return pa.concat_tables(tables)
+
+
+def test_users_match_raw_events(tiny_dataset):
+    ds = qanchor.load_dataset(tiny_dataset)
+    raw = _raw_events(tiny_dataset)
+    users = list(ds.users())
+    assert [u.user_id for u in users] == sorted(u.user_id for u in users)
+    assert len(users) == 40 and ds.num_users == 40
+    assert users[0].user_id == "u000" and users[0].events == {}  # no events at all: still a user
+    assert "search" not in ds.user("u001").events and "search" in ds.user("u002").events
+    total = 0
+    for u in users:
+        for modality, seq in u.events.items():
+            mask = pc.and_(pc.equal(raw["user_id"], u.user_id), pc.equal(raw["modality"], modality))
+            sub = raw.filter(mask).sort_by("ts")
+            assert np.all(np.diff(seq.ts) >= 0)
+            assert sorted(seq.text) == sorted(sub["text"].to_pylist())
+            assert np.isclose(np.nansum(seq.value), np.nansum(sub["value"].to_numpy(zero_copy_only=False).astype(float)), rtol=1e-5)
+            total += len(seq)
+    assert total == raw.num_rows
+
+
+def test_tabular_and_tasks(tiny_dataset):
+    ds = qanchor.load_dataset(tiny_dataset)
+    assert ds.tabular_columns == ["age", "income"]
+    assert ds.user("u001").tabular is None
+    tab = ds.user("u000").tabular
+    assert tab.dtype == np.float32 and np.isnan(tab[0])  # missing age stays NaN
+    churn = ds.tasks["churn"]
+    assert churn.positive_rate == pytest.approx(0.25) and churn.prob is None
+    assert ds.tasks["coupon"].prob is not None
+
+
+def test_streaming_partitions_bound_memory(tiny_dataset, tmp_path, monkeypatch):
+    """With 8 users per partition only one partition's rows are read at a time, and results match."""
+    full = [(u.user_id, {k: v.text for k, v in u.events.items()}) for u in qanchor.load_dataset(tiny_dataset).users()]
+    monkeypatch.setattr(dataset_mod, "_PARTITION_USERS", 8)
+    ds = qanchor.load_dataset(tiny_dataset, cache_dir=tmp_path / "cache")
+    assert ds.partitions.count == 5
+    read_sizes = []
+    original = dataset_mod._Partitions.read
+    monkeypatch.setattr(dataset_mod._Partitions, "read", lambda self, p: read_sizes.append(p) or original(self, p))
+    small = [(u.user_id, {k: v.text for k, v in u.events.items()}) for u in ds.users()]
+    assert small == full and read_sizes == [0, 1, 2, 3, 4]
+
+
+def test_partition_cache_reused_and_refreshed(tiny_dataset, tmp_path):
+    ds = qanchor.load_dataset(tiny_dataset, cache_dir=tmp_path / "c")
+    first = ds.partitions.directory
+    again = qanchor.load_dataset(tiny_dataset, cache_dir=tmp_path / "c")
+    assert again.partitions.directory == first and (first / "index.json").exists()
+
+
+def test_select_users_and_unknown(tiny_dataset):
+    ds = qanchor.load_dataset(tiny_dataset)
+    got = [u.user_id for u in ds.users(["u010", "u003"])]
+    assert got == ["u003", "u010"]
+    with pytest.raises(KeyError, match="nobody"):
+        list(ds.users(["nobody"]))

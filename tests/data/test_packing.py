@@ -1,0 +1,71 @@
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+import qanchor
+from qanchor.config import DataConfig
+from qanchor.data.dataset import EventSeq
+from qanchor.data.packing import UserPacker, event_numeric_features, numeric_width, tabular_stats
+from qanchor.data.text_cache import SentenceEncoder, TextVectorCache
+
+
+@pytest.fixture(scope="module")
+def encoder():
+    return SentenceEncoder()
+
+
+def test_numeric_features_hand_computed():
+    cutoff = int(np.datetime64("2024-06-30T00:00:00", "us").astype(np.int64))
+    ts = np.array([cutoff - 86_400_000_000 * 2 - 6 * 3_600_000_000])  # 2.25 days earlier: Thu 18:00
+    seq = EventSeq(ts, ["x"], np.array([np.e - 1], np.float32), np.array([[np.nan]], np.float32))
+    f = event_numeric_features(seq, cutoff)[0]
+    assert f.shape == (9,)
+    assert f[0] == pytest.approx(1.0, abs=1e-6) and f[1] == 0.0  # log1p(e - 1) = 1
+    assert f[2] == pytest.approx(np.log1p(2.25) / 5, abs=1e-6)
+    assert f[3] == pytest.approx(np.sin(2 * np.pi * 0.75), abs=1e-6) and f[4] == pytest.approx(np.cos(2 * np.pi * 0.75), abs=1e-6)
+    assert f[5] == pytest.approx(np.sin(2 * np.pi * 3 / 7), abs=1e-6)  # 2024-06-27 was a Thursday
+    assert f[7] == 0.0 and f[8] == 1.0  # missing extra -> 0 plus flag
+
+
+def test_pack_keeps_most_recent(tiny_dataset, tmp_path, encoder):
+    ds = qanchor.load_dataset(tiny_dataset)
+    cache = TextVectorCache(tmp_path / "text", encoder)
+    packer = UserPacker(ds.manifest, DataConfig(max_events={"bill": 3}, default_max_events=2), cache)
+    record = ds.user("u004")
+    packed = packer.pack(record)
+    assert set(packed.modalities) == {"bill", "app", "search"}
+    bill = packed.modalities["bill"]
+    assert bill.numeric.shape == (3, numeric_width(ds.manifest.modality("bill")))
+    assert [cache.rows([t])[0] for t in record.events["bill"].text[-3:]] == bill.text_rows.tolist()
+    assert packed.modalities["app"].text_rows.shape == (2,)
+    empty = packer.pack(ds.user("u000"))
+    assert empty.num_events == 0 and all(m.numeric.shape[0] == 0 for m in empty.modalities.values())
+
+
+def test_cache_encodes_each_unique_text_once(tiny_dataset, tmp_path, encoder):
+    ds = qanchor.load_dataset(tiny_dataset)
+    cache = TextVectorCache(tmp_path / "text", encoder)
+    n_events = UserPacker(ds.manifest, DataConfig(), cache).prime(ds.users(), progress=False)
+    unique = {t for u in ds.users() for s in u.events.values() for t in s.text}
+    assert n_events == 469 and cache.encoded_count == len(unique) == len(cache)
+    second = TextVectorCache(tmp_path / "text", encoder)  # a second run encodes nothing
+    UserPacker(ds.manifest, DataConfig(), second).prime(ds.users(), progress=False)
+    assert second.encoded_count == 0
+    texts = sorted(unique)
+    assert np.array_equal(second.vectors[second.rows(texts)], cache.vectors[cache.rows(texts)])
+    direct = encoder.encode(texts[:3])
+    assert np.allclose(direct, cache.vectors[cache.rows(texts[:3])], atol=1e-6)
+    assert np.allclose(np.linalg.norm(direct, axis=1), 1.0, atol=1e-5)
+
+
+def test_encoder_is_semantic(encoder):
+    v = encoder.encode(["coffee shop", "cafe espresso bar", "car insurance payment"])
+    assert v[0] @ v[1] > v[0] @ v[2] + 0.1
+
+
+def test_tabular_stats(tiny_dataset):
+    ds = qanchor.load_dataset(tiny_dataset)
+    mean, std = tabular_stats(ds.users(), 2)
+    ages = np.array([20 + i for i in range(20) if i % 3], dtype=float)
+    assert mean[0] == pytest.approx(ages.mean(), rel=1e-5) and std[0] == pytest.approx(ages.std(), rel=1e-4)

@@ -1,0 +1,88 @@
+"""Every corruption a user can make fails at the door: exit code 2, one line naming file and rule."""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+import yaml
+
+from qanchor.cli import main
+
+
+def _events(ds: Path) -> Path:
+    return sorted((ds / "events").glob("*.parquet"))[0]
+
+
+def _rewrite(path: Path, fn) -> None:
+    pq.write_table(fn(pq.read_table(path)), path)
+
+
+def _set_col(table: pa.Table, name: str, values) -> pa.Table:
+    return table.set_column(table.schema.get_field_index(name), name, values)
+
+
+def _edit_manifest(ds: Path, fn) -> None:
+    raw = yaml.safe_load((ds / "manifest.yaml").read_text())
+    fn(raw)
+    (ds / "manifest.yaml").write_text(yaml.safe_dump(raw))
+
+
+CORRUPTIONS = {
+    "missing column": (lambda ds: _rewrite(_events(ds), lambda t: t.drop_columns(["text"])), ["part-00000.parquet", "'text'", "missing"]),
+    "mistyped timestamp": (lambda ds: _rewrite(_events(ds), lambda t: _set_col(t, "ts", t.column("ts").cast(pa.string()))), ["'ts'", "expected timestamp"]),
+    "unknown modality": (lambda ds: _rewrite(_events(ds), lambda t: _set_col(t, "modality", pa.array(["tiktok"] + t.column("modality").to_pylist()[1:]))), ["unknown modality 'tiktok'", "row 0"]),
+    "null timestamp": (lambda ds: _rewrite(_events(ds), lambda t: _set_col(t, "ts", pa.array([None] + t.column("ts").to_pylist()[1:], t.schema.field("ts").type))), ["'ts'", "row 0", "null"]),
+    "event after cutoff": (lambda ds: _rewrite(_events(ds), lambda t: _set_col(t, "ts", pa.array(t.column("ts").to_pylist()[:3] + [t.column("ts")[0].as_py().replace(year=2025)] + t.column("ts").to_pylist()[4:], t.schema.field("ts").type))), ["row 3", "not before the dataset cutoff"]),
+    "label not 0/1": (lambda ds: _rewrite(ds / "tasks/churn.parquet", lambda t: _set_col(t, "label", pa.array([0, 1, 2] + t.column("label").to_pylist()[3:], pa.int8()))), ["churn.parquet", "'label'", "row 2", "not 0 or 1"]),
+    "task file missing": (lambda ds: (ds / "tasks/coupon.parquet").unlink(), ["coupon.parquet", "file not found"]),
+    "empty events file": (lambda ds: _rewrite(_events(ds), lambda t: t.slice(0, 0)), ["part-00000.parquet", "no rows"]),
+    "duplicate tabular user": (lambda ds: _rewrite(ds / "tabular.parquet", lambda t: pa.concat_tables([t, t.slice(4, 1)])), ["tabular.parquet", "'user_id'", "appears more than once"]),
+    "unknown manifest key": (lambda ds: _edit_manifest(ds, lambda m: m.update(cutof="2024-01-01")), ["manifest.yaml", "'cutof'", "unknown key"]),
+    "bad modality kind": (lambda ds: _edit_manifest(ds, lambda m: m["modalities"][0].update(kind="stream")), ["modalities[0].kind", "'stream'"]),
+    "unparseable cutoff": (lambda ds: _edit_manifest(ds, lambda m: m.update(cutoff="last tuesday")), ["'cutoff'", "ISO datetime"]),
+    "tabular declared but absent": (lambda ds: (ds / "tabular.parquet").unlink(), ["tabular.parquet", "file not found"]),
+    "undeclared task file": (lambda ds: shutil.copy(ds / "tasks/churn.parquet", ds / "tasks/extra.parquet"), ["extra.parquet", "does not declare"]),
+    "null user id": (lambda ds: _rewrite(_events(ds), lambda t: _set_col(t, "user_id", pa.array([None] + t.column("user_id").to_pylist()[1:], pa.string()))), ["'user_id'", "row 0"]),
+    "not parquet": (lambda ds: _events(ds).write_bytes(b"user_id,modality\nu1,bill\n"), ["part-00000.parquet", "not a readable Parquet"]),
+    "infinite tabular value": (lambda ds: _rewrite(ds / "tabular.parquet", lambda t: _set_col(t, "income", pa.array([float("inf")] + t.column("income").to_pylist()[1:]))), ["'income'", "row 0", "infinite"]),
+    "missing extra column": (lambda ds: _rewrite(_events(ds), lambda t: t.drop_columns(["discount"])), ["'discount'", "missing"]),
+}
+
+
+@pytest.mark.parametrize("name", sorted(CORRUPTIONS))
+def test_corruption_fails_with_clear_message(name, tiny_dataset, tmp_path, capsys):
+    ds = tmp_path / "ds"
+    shutil.copytree(tiny_dataset, ds, ignore=shutil.ignore_patterns(".qanchor_cache"))
+    corrupt, expected = CORRUPTIONS[name]
+    before = {p: p.read_bytes() for p in ds.rglob("*") if p.is_file()}
+    corrupt(ds)
+    after = {p: p.read_bytes() for p in ds.rglob("*") if p.is_file()}
+    code = main(["data", "validate", str(ds)])
+    err = capsys.readouterr().err.strip()
+    assert code == 2
+    assert err.startswith("error: ") and "\n" not in err and "Traceback" not in err
+    for fragment in expected:
+        assert fragment in err, f"{fragment!r} not in {err!r}"
+    # validation reads only: the (corrupted) files are exactly as the user left them
+    assert after == {p: p.read_bytes() for p in ds.rglob("*") if p.is_file()}
+    assert before.keys() >= after.keys() - {ds / "tasks/extra.parquet"}
+
+
+def test_valid_dataset_passes_and_counts(tiny_dataset, capsys):
+    assert main(["data", "validate", str(tiny_dataset)]) == 0
+    out = capsys.readouterr().out
+    assert "users: 40" in out and "events: 469" in out
+    assert "task churn" in out and "25.0% positive" in out
+
+
+def test_console_script_exit_code(tmp_path):
+    proc = subprocess.run([sys.executable, "-m", "qanchor.cli", "data", "validate", str(tmp_path / "nope")],
+                          capture_output=True, text=True)
+    assert proc.returncode == 2
+    assert proc.stderr.strip() == f"error: {tmp_path / 'nope'}: dataset directory not found"
