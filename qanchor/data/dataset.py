@@ -16,9 +16,9 @@ from __future__ import annotations
 
 import hashlib
 import json
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterable, Iterator
 
 import numpy as np
 import pyarrow as pa
@@ -87,7 +87,7 @@ class Dataset:
 
     # ------------------------------------------------------------------------------------- users
     @property
-    def partitions(self) -> "_Partitions":
+    def partitions(self) -> _Partitions:
         if self._partitions is None:
             self._partitions = _Partitions.build(self)
         return self._partitions
@@ -203,7 +203,7 @@ class _Partitions:
         return pq.read_table(path)
 
     @classmethod
-    def build(cls, ds: Dataset) -> "_Partitions":
+    def build(cls, ds: Dataset) -> _Partitions:
         files = event_files(ds.root)
         directory = ds.cache_dir / f"users-{_fingerprint(ds.root, files)}"
         index_path = directory / "index.json"

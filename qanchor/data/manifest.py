@@ -120,7 +120,7 @@ class Manifest:
         write_yaml(self.to_dict(), Path(dataset_dir) / MANIFEST_FILE)
 
     @classmethod
-    def load(cls, dataset_dir: str | Path) -> "Manifest":
+    def load(cls, dataset_dir: str | Path) -> Manifest:
         path = Path(dataset_dir) / MANIFEST_FILE
         if not path.is_file():
             raise DataValidationError(str(path), "file not found; every dataset directory needs a manifest.yaml")
@@ -131,7 +131,7 @@ class Manifest:
         return cls.from_dict(raw, source=str(path))
 
     @classmethod
-    def from_dict(cls, raw: Any, source: str = MANIFEST_FILE) -> "Manifest":
+    def from_dict(cls, raw: Any, source: str = MANIFEST_FILE) -> Manifest:
         def fail(key: str, rule: str) -> DataValidationError:
             return DataValidationError(source, rule, column=key)
 

@@ -14,8 +14,8 @@ Example:
 
 from __future__ import annotations
 
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
-from typing import Iterable, Iterator
 
 import numpy as np
 from tqdm.auto import tqdm
@@ -90,25 +90,30 @@ class UserPacker:
         self.manifest, self.data_cfg, self.cache = manifest, data_cfg, cache
         self.cutoff_us = int(manifest.cutoff.timestamp() * 1_000_000)
 
-    def recent(self, record: UserRecord) -> dict[str, EventSeq]:
-        """The kept (most recent ``cap``) events of each modality the user has."""
+    def recent(self, record: UserRecord, cutoff_us: int | None = None) -> dict[str, EventSeq]:
+        """The kept (most recent ``cap``, and before ``cutoff_us`` if given) events of each modality."""
         out = {}
         for name, seq in record.events.items():
+            if cutoff_us is not None and len(seq) and seq.ts[-1] >= cutoff_us:
+                n = int(np.searchsorted(seq.ts, cutoff_us, side="left"))  # ts sorted ascending
+                seq = EventSeq(seq.ts[:n], seq.text[:n], seq.value[:n], seq.extras[:n])
             cap = self.data_cfg.cap(name)
             if len(seq) > cap:
                 seq = EventSeq(seq.ts[-cap:], seq.text[-cap:], seq.value[-cap:], seq.extras[-cap:])
             out[name] = seq
         return out
 
-    def pack(self, record: UserRecord) -> PackedUser:
-        kept = self.recent(record)
+    def pack(self, record: UserRecord, cutoff_us: int | None = None) -> PackedUser:
+        """Pack ``record`` as seen at ``cutoff_us`` (default: the dataset cutoff); ages count from there."""
+        cutoff_us = self.cutoff_us if cutoff_us is None else int(cutoff_us)
+        kept = self.recent(record, cutoff_us)
         modalities = {}
         for spec in self.manifest.sequence_modalities:
             seq = kept.get(spec.name)
             if seq is None or not len(seq):
                 modalities[spec.name] = PackedModality(np.zeros(0, np.int64), np.zeros((0, numeric_width(spec)), np.float32))
             else:
-                modalities[spec.name] = PackedModality(self.cache.ensure(seq.text), event_numeric_features(seq, self.cutoff_us))
+                modalities[spec.name] = PackedModality(self.cache.ensure(seq.text), event_numeric_features(seq, cutoff_us))
         return PackedUser(record.user_id, modalities, record.tabular)
 
     def prime(self, records: Iterable[UserRecord], progress: bool = True, flush_every: int = 50_000) -> int:

@@ -1,0 +1,281 @@
+"""Build UserU pretraining pairs (DESIGN section 6) into ``<dataset>/userU.parquet``.
+
+Two sources, as in the paper:
+
+- ``future``: at a few internal cutoffs ``c`` inside a user's history, the profile is the events before
+  ``c`` and the answer summarises what the user does in ``[c, c + window)``: the most frequent items,
+  at most ``MAX_PER_CATEGORY`` from one category, e.g.
+  ``"Next 30 days: bill: Starbucks coffee (x5), Shell fuel station (x3); app: Opened Alipay (x12);
+  9 active days."`` The query is fixed: ``"What will this user do in the next 30 days?"``.
+- ``uqa``: about ten topics per user (activity, amounts, categories, recency, habits...), each a
+  grounded question and an answer computed from the user's events before the dataset cutoff. Every
+  answer carries claims that :func:`qanchor.data.userU_topics.verify` recomputes; pairs that fail are
+  dropped and counted (the paper's reflection step). Templates by default; any :class:`QAGenerator`
+  (an LLM wrapper, say) can replace them and is held to the same check.
+
+No pair looks past the dataset cutoff: uqa pairs use it as their cutoff and future windows end by it.
+Users stream from :meth:`Dataset.users` one partition at a time; only the output rows are kept.
+
+Example:
+    >>> from qanchor.data.userU import build_userU
+    >>> stats = build_userU("data/synth", seed=0)                 # doctest: +SKIP
+    >>> stats.pairs                                                # doctest: +SKIP
+    {'future': 5883, 'uqa': 19846}
+    >>> load_dataset("data/synth").userU().slice(0, 1).to_pylist()  # doctest: +SKIP
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+import zlib
+from collections import Counter, defaultdict
+from dataclasses import dataclass, field
+from datetime import datetime, timedelta, timezone
+from itertools import compress
+from pathlib import Path
+from typing import Protocol
+
+import numpy as np
+import pyarrow as pa
+from tqdm import tqdm
+
+from qanchor.data.dataset import load_dataset
+from qanchor.data.io import write_parquet
+from qanchor.data.schema import TS_TYPE, USERU_FILE, USERU_SCHEMA
+from qanchor.data.userU_topics import (
+    DAY_US,
+    QA,
+    TOPIC_BRIEFS,
+    TOPICS,
+    Claim,
+    History,
+    category,
+    summarize,
+    verify,
+)
+
+__all__ = ["build_userU", "UserUStats", "QAGenerator", "future_pairs", "uqa_pairs", "summarize_future",
+           "FUTURE_QUERY", "MAX_ITEMS", "MAX_PER_CATEGORY", "MAX_TOPICS"]
+
+log = logging.getLogger(__name__)
+
+FUTURE_QUERY = "What will this user do in the next {days} days?"
+MAX_ITEMS, MAX_PER_CATEGORY = 6, 2  # a future answer names at most 6 items, at most 2 from one category
+MAX_WORDS = 55  # long item texts (product paths) shed items until the answer fits
+MAX_TOPICS = 10  # the paper asks for ten topics per user
+_EPOCH = datetime(1970, 1, 1, tzinfo=timezone.utc)
+_FLUSH_ROWS = 65_536  # rows kept as Python strings before they are packed into Arrow
+
+
+class QAGenerator(Protocol):
+    """Writes one uqa pair about a topic from a text fact sheet of the user (see ``summarize``).
+
+    ``claims`` must back the answer (numbers and item names, as :class:`Claim`); pairs whose claims are
+    empty or do not recompute from the user's events are dropped. Never required: ``None`` = templates.
+    """
+
+    def generate(self, user_summary: str, topic: str) -> tuple[str, str, list[Claim]]: ...
+
+
+@dataclass
+class UserUStats:
+    """What :func:`build_userU` wrote."""
+
+    users: int = 0  # users streamed, with or without events
+    users_with_pairs: int = 0
+    pairs: dict[str, int] = field(default_factory=lambda: {"future": 0, "uqa": 0})
+    dropped_unverified: int = 0  # uqa pairs whose claims did not hold
+    seconds: float = 0.0
+    path: Path | None = None  # None when no user yielded a pair (no file is written then)
+
+    @property
+    def total(self) -> int:
+        return sum(self.pairs.values())
+
+
+def build_userU(dataset_dir: str | Path, seed: int = 0, n_future_cutoffs: int = 3, future_window_days: int = 30,
+                min_history_days: int = 14, generator: QAGenerator | None = None,
+                progress: bool = True) -> UserUStats:
+    """Write ``<dataset_dir>/userU.parquet`` (atomically) and return the counts.
+
+    Deterministic for a ``seed``: each user's draws come from ``(seed, crc32(user_id))``.
+
+    Example:
+        >>> build_userU("data/synth", seed=0, progress=False).pairs  # doctest: +SKIP
+        {'future': 5883, 'uqa': 19846}
+    """
+    if seed < 0 or n_future_cutoffs < 0 or future_window_days < 1 or min_history_days < 0:
+        raise ValueError("seed, n_future_cutoffs and min_history_days must be >= 0 and future_window_days >= 1")
+    start = time.perf_counter()
+    ds = load_dataset(dataset_dir)
+    cutoff_us = (ds.manifest.cutoff - _EPOCH) // timedelta(microseconds=1)
+    extra_names = {m.name: m.numeric_columns for m in ds.manifest.sequence_modalities}
+    query = FUTURE_QUERY.format(days=future_window_days)
+    stats, rows = UserUStats(), _Rows()
+    for user in tqdm(ds.users(), total=ds.num_users, desc="userU", unit="user", disable=not progress):
+        h = History(user.events, cutoff_us, extra_names)
+        rng_future, rng_uqa = (np.random.default_rng([seed, zlib.crc32(user.user_id.encode()), s]) for s in (0, 1))
+        before = len(rows)
+        for c, answer in future_pairs(h, rng_future, n_future_cutoffs, future_window_days, min_history_days):
+            rows.add(user.user_id, c, query, answer, "future")
+        for qa in uqa_pairs(h, rng_uqa, generator, stats):
+            rows.add(user.user_id, cutoff_us, qa.question, qa.answer, "uqa")
+        stats.users += 1
+        stats.users_with_pairs += len(rows) > before
+    table = rows.table()
+    for source, n in zip(*np.unique(table.column("source").to_numpy(zero_copy_only=False), return_counts=True)):
+        stats.pairs[str(source)] = int(n)
+    stats.path = _write(table, Path(dataset_dir) / USERU_FILE)
+    stats.seconds = time.perf_counter() - start
+    return stats
+
+
+# ----------------------------------------------------------------------------------------- future
+def future_pairs(h: History, rng: np.random.Generator, n_cutoffs: int, window_days: int,
+                 min_history_days: int) -> list[tuple[int, str]]:
+    """``(cutoff_us, answer)`` for up to ``n_cutoffs`` internal cutoffs whose window holds events."""
+    if not len(h.all):
+        return []
+    out = []
+    for c in _pick_cutoffs(int(h.all.ts.min()), h.cutoff_us, rng, n_cutoffs, window_days, min_history_days):
+        answer = summarize_future(h, c, window_days)
+        if answer is not None:
+            out.append((c, answer))
+    return out
+
+
+def _pick_cutoffs(first_us: int, cutoff_us: int, rng: np.random.Generator, n: int, window_days: int,
+                  min_history_days: int) -> list[int]:
+    """Whole UTC days, one drawn per equal stratum of [first + min history, cutoff - window]: spread out."""
+    lo = -(-(first_us + min_history_days * DAY_US) // DAY_US)  # ceil: the profile spans the minimum history
+    hi = (cutoff_us - window_days * DAY_US) // DAY_US  # floor: the window ends by the dataset cutoff
+    span = hi - lo + 1
+    k = min(n, span)
+    if k <= 0:
+        return []
+    edges = lo + (np.arange(k + 1) * span) // k  # strictly increasing since span >= k
+    return [int(rng.integers(edges[i], edges[i + 1])) * DAY_US for i in range(k)]
+
+
+def summarize_future(h: History, start_us: int, window_days: int) -> str | None:
+    """The answer of a future pair: frequent items of ``[start, start + window)``, diverse by category."""
+    end_us = start_us + window_days * DAY_US
+    assert end_us <= h.cutoff_us, "a future window must end by the dataset cutoff"
+    counts: Counter[tuple[int, str]] = Counter()
+    days: set[int] = set()
+    for i, m in enumerate(h.modalities):
+        s = h.events[m]
+        sel = (s.ts >= start_us) & (s.ts < end_us)
+        assert not (s.ts[sel] >= h.cutoff_us).any(), "future answers must not see events after the cutoff"
+        counts.update((i, t) for t in compress(s.text, sel))
+        days.update((s.ts[sel] // DAY_US).tolist())
+    if not counts:
+        return None
+    chosen = _diverse_top(counts, h.modalities)
+    while True:
+        groups: dict[int, list[str]] = defaultdict(list)
+        for (i, text), k in sorted(chosen, key=lambda item: item[0][0]):  # stable: frequency order per modality
+            groups[i].append(f"{text} (x{k})")
+        body = "; ".join(f"{h.modalities[i]}: {', '.join(items)}" for i, items in groups.items())
+        day_word = "active day" if len(days) == 1 else "active days"
+        answer = f"Next {window_days} days: {body}; {len(days)} {day_word}."
+        if len(answer.split()) <= MAX_WORDS or len(chosen) == 1:
+            return answer
+        chosen = chosen[:-1]
+
+
+def _diverse_top(counts: Counter, modalities: list[str]) -> list[tuple[tuple[int, str], int]]:
+    """Greedy by frequency, skipping items of a category already full.
+
+    Equal counts alternate between modalities (then text order), so a window of one-off events does not
+    become six items of whichever modality the manifest lists first.
+    """
+    rank: dict[tuple[int, str], int] = {}
+    seen: Counter[tuple[int, int]] = Counter()  # (modality, count) -> items ranked so far
+    for (i, text), k in sorted(counts.items(), key=lambda kv: kv[0]):
+        rank[(i, text)], seen[(i, k)] = seen[(i, k)], seen[(i, k)] + 1
+    per_category: Counter[str] = Counter()
+    chosen = []
+    for (i, text), k in sorted(counts.items(), key=lambda kv: (-kv[1], rank[kv[0]], kv[0])):
+        cat = category(modalities[i], text)
+        if per_category[cat] < MAX_PER_CATEGORY:
+            per_category[cat] += 1
+            chosen.append(((i, text), k))
+            if len(chosen) == MAX_ITEMS:
+                break
+    return chosen
+
+
+# -------------------------------------------------------------------------------------------- uqa
+def uqa_pairs(h: History, rng: np.random.Generator, generator: QAGenerator | None, stats: UserUStats) -> list[QA]:
+    """Verified pairs for up to ``MAX_TOPICS`` topics the user has data for; failures go to ``stats``."""
+    if not len(h.all):
+        return []
+    drafts = {name: qa for name, fn in TOPICS.items() if (qa := fn(h, rng)) is not None}
+    names = list(drafts)
+    if len(names) > MAX_TOPICS:
+        names = [names[i] for i in sorted(rng.choice(len(names), MAX_TOPICS, replace=False))]
+    if generator is not None:
+        summary = summarize(h)
+        drafts = {n: _from_generator(generator, summary, f"{n}: {TOPIC_BRIEFS[n]}") for n in names}
+    kept = []
+    for name in names:
+        qa = drafts[name]
+        if qa is not None and verify(qa.claims, h, qa.answer):
+            kept.append(qa)
+        else:
+            stats.dropped_unverified += 1
+    return kept
+
+
+def _from_generator(generator: QAGenerator, summary: str, topic: str) -> QA | None:
+    """The generator's output as a QA, or None when it is not (question, answer, claims) of the right types."""
+    out = generator.generate(summary, topic)
+    if not (isinstance(out, tuple) and len(out) == 3):
+        return None
+    q, a, claims = out
+    if not (isinstance(q, str) and q.strip() and isinstance(a, str) and a.strip() and isinstance(claims, list)):
+        return None
+    return QA(q.strip(), a.strip(), claims)
+
+
+# --------------------------------------------------------------------------------------------- io
+class _Rows:
+    """Output rows, packed into Arrow every ``_FLUSH_ROWS`` so 100k users' strings stay compact."""
+
+    def __init__(self) -> None:
+        self._cols: dict[str, list] = {f.name: [] for f in USERU_SCHEMA}
+        self._tables: list[pa.Table] = []
+        self._packed = 0
+
+    def __len__(self) -> int:
+        return self._packed + len(self._cols["user_id"])
+
+    def add(self, user_id: str, cutoff_us: int, query: str, answer: str, source: str) -> None:
+        for name, v in zip(self._cols, (user_id, cutoff_us, query, answer, source)):
+            self._cols[name].append(v)
+        if len(self._cols["user_id"]) >= _FLUSH_ROWS:
+            self._pack()
+
+    def _pack(self) -> None:
+        arrays = [pa.array(self._cols["user_id"], pa.string()),
+                  pa.array(self._cols["cutoff"], pa.int64()).cast(TS_TYPE),
+                  *(pa.array(self._cols[k], pa.string()) for k in ("query", "answer", "source"))]
+        self._tables.append(pa.Table.from_arrays(arrays, schema=USERU_SCHEMA))
+        self._packed += len(self._cols["user_id"])
+        self._cols = {k: [] for k in self._cols}
+
+    def table(self) -> pa.Table:
+        self._pack()
+        return pa.concat_tables(self._tables).combine_chunks()
+
+
+def _write(table: pa.Table, target: Path) -> Path | None:
+    if table.num_rows == 0:
+        # the validator refuses an empty userU file, and a stale one would describe other data
+        target.unlink(missing_ok=True)
+        log.warning("no user in %s has events to build UserU pairs from; %s not written", target.parent, target.name)
+        return None
+    write_parquet(table, target)
+    return target

@@ -1,0 +1,412 @@
+"""Grounded question-answer topics for UserU ``uqa`` pairs, and the claims that check them.
+
+Each topic reads one user's :class:`History` (events before the dataset cutoff, any modality names)
+and returns a question, a short English answer and the :class:`Claim` objects behind its numbers and
+item names. :func:`verify` recomputes every claim from the events, so an answer from any generator
+(the templates here, or an LLM behind ``qanchor.data.userU.QAGenerator``) is kept only when its facts
+hold: the paper's reflection step, made mechanical.
+
+Example:
+    >>> h = History(user.events, cutoff_us)                              # doctest: +SKIP
+    >>> qa = TOPICS["recency"](h, np.random.default_rng(0))             # doctest: +SKIP
+    >>> qa.answer                                                        # doctest: +SKIP
+    'Last event by modality: bill 3 days ago, app 12 days ago, search today.'
+    >>> verify(qa.claims, h, qa.answer)                                  # doctest: +SKIP
+    True
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from collections import Counter
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from functools import lru_cache
+from typing import NamedTuple
+
+import numpy as np
+
+from qanchor.data.dataset import EventSeq
+
+__all__ = ["DAY_US", "Claim", "QA", "History", "METRICS", "TOPICS", "TOPIC_BRIEFS", "category", "verify",
+           "summarize"]
+
+DAY_US = 86_400_000_000
+_WEEK_US, _HOUR_US = 7 * DAY_US, 3_600_000_000
+_SEP = re.compile(r" / | > ")
+_BUCKETS = (("night", 0, 6), ("morning", 6, 12), ("afternoon", 12, 18), ("evening", 18, 24))
+
+
+@dataclass(frozen=True)
+class Claim:
+    """One checkable fact: ``METRICS[metric](history, modality, arg)`` must equal ``value``.
+
+    ``modality`` "" means all modalities together; ``arg`` names the item, category, column, time
+    bucket or half the metric is about. Percentages are 0-100.
+    """
+
+    metric: str
+    value: float | str
+    modality: str = ""
+    arg: str = ""
+
+
+class QA(NamedTuple):
+    question: str
+    answer: str
+    claims: list[Claim]
+
+
+@lru_cache(maxsize=1 << 16)  # texts repeat heavily (merchants, apps) and this runs per event per claim
+def category(modality: str, text: str) -> str:
+    """``modality/head``: head = the first segment of a ``" / "`` or ``" > "`` path, else the first word."""
+    parts = _SEP.split(text, maxsplit=1)
+    head = parts[0] if len(parts) > 1 else (text.split() or [""])[0]
+    return f"{modality}/{head.strip().lower()}"
+
+
+def _empty_seq() -> EventSeq:
+    return EventSeq(np.zeros(0, np.int64), [], np.zeros(0, np.float32), np.zeros((0, 0), np.float32))
+
+
+@dataclass
+class History:
+    """One user's events before ``cutoff_us`` (µs, UTC); ``extra_names`` = each modality's extra columns."""
+
+    events: dict[str, EventSeq]
+    cutoff_us: int
+    extra_names: dict[str, tuple[str, ...]] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        self.modalities = [m for m, s in self.events.items() if len(s)]  # manifest order
+        seqs = [self.events[m] for m in self.modalities]
+        # the merged view serves the "" (all modalities) claims; extras differ in width so stay per modality
+        self.all = _empty_seq() if not seqs else EventSeq(
+            np.concatenate([s.ts for s in seqs]), [t for s in seqs for t in s.text],
+            np.concatenate([s.value for s in seqs]), np.zeros((sum(map(len, seqs)), 0), np.float32))
+        if len(self.all) and int(self.all.ts.max()) >= self.cutoff_us:
+            raise ValueError("a History must hold only events before its cutoff")
+
+    def seq(self, modality: str = "") -> EventSeq:
+        return self.all if not modality else self.events.get(modality) or _empty_seq()
+
+    @property
+    def weeks(self) -> float:
+        """Weeks from the first event to the cutoff, at least one (so rates of new users stay sane)."""
+        return max(1.0, (self.cutoff_us - int(self.all.ts.min())) / _WEEK_US) if len(self.all) else 1.0
+
+
+# --------------------------------------------------------------------------------------- metrics
+def _top_texts(texts: list[str], k: int) -> list[tuple[str, int]]:
+    """Most frequent texts, ties broken by text so that every run picks the same ones."""
+    return sorted(Counter(texts).items(), key=lambda kv: (-kv[1], kv[0]))[:k]
+
+
+def _argmax_set(counter: Counter) -> frozenset:
+    top = max(counter.values(), default=0)
+    return frozenset(k for k, v in counter.items() if v == top and top > 0)
+
+
+def _hours(h: History, m: str) -> np.ndarray:
+    return (h.seq(m).ts % DAY_US) // _HOUR_US
+
+
+def _weekend(h: History, m: str) -> np.ndarray:
+    return (h.seq(m).ts // DAY_US + 3) % 7 >= 5  # 1970-01-01 was a Thursday (Monday = 0)
+
+
+def _iso_day(ts_us: int) -> str:
+    return datetime.fromtimestamp(int(ts_us) / 1e6, tz=timezone.utc).date().isoformat()
+
+
+def _cap(s: str) -> str:
+    return s[:1].upper() + s[1:]
+
+
+def _pct(part: float, whole: float) -> float:
+    return 100.0 * part / whole if whole else math.nan
+
+
+def _half(h: History, m: str, arg: str) -> int:
+    mid = (int(h.all.ts.min()) + h.cutoff_us) // 2 if len(h.all) else h.cutoff_us
+    ts = h.seq(m).ts
+    return int((ts < mid).sum() if arg == "first" else (ts >= mid).sum())
+
+
+def _extra(h: History, m: str, col: str) -> np.ndarray:
+    names = h.extra_names.get(m, ())
+    if col not in names or not len(h.seq(m)):
+        return np.zeros(0, np.float32)
+    x = h.seq(m).extras[:, names.index(col)]
+    return x[np.isfinite(x) & (x != 0)]
+
+
+def _bucket_counts(h: History, m: str) -> Counter:
+    hours = _hours(h, m)
+    return Counter({b: int(((hours >= lo) & (hours < hi)).sum()) for b, lo, hi in _BUCKETS})
+
+
+def _max_mask(h: History, m: str) -> np.ndarray:
+    v = h.seq(m).value
+    return np.isfinite(v) & (v == np.nanmax(v)) if np.isfinite(v).any() else np.zeros(len(v), bool)
+
+
+Metric = Callable[[History, str, str], "float | frozenset"]
+# name -> (recompute, how to compare): exact counts, amounts within rounding, percents within 0.5 points,
+# member = the claimed text must be one of the (tied) true answers
+METRICS: dict[str, tuple[Metric, str]] = {
+    "count": (lambda h, m, a: len(h.seq(m)), "exact"),
+    "active_days": (lambda h, m, a: len(np.unique(h.seq(m).ts // DAY_US)), "exact"),
+    "n_modalities": (lambda h, m, a: len(h.modalities), "exact"),
+    "value_count": (lambda h, m, a: int(np.isfinite(h.seq(m).value).sum()), "exact"),
+    "value_sum": (lambda h, m, a: float(np.nansum(h.seq(m).value, dtype=np.float64)), "amount"),
+    "value_max": (lambda h, m, a: float(np.nanmax(h.seq(m).value)) if np.isfinite(h.seq(m).value).any()
+                  else math.nan, "amount"),
+    "value_max_item": (lambda h, m, a: frozenset(t for t, k in zip(h.seq(m).text, _max_mask(h, m)) if k),
+                       "member"),
+    "value_max_day": (lambda h, m, a: frozenset(_iso_day(t) for t in h.seq(m).ts[_max_mask(h, m)]), "member"),
+    "item_count": (lambda h, m, a: sum(t == a for t in h.seq(m).text), "exact"),
+    "top_item": (lambda h, m, a: _argmax_set(Counter(h.seq(m).text)), "member"),
+    "category_count": (lambda h, m, a: sum(category(m, t) == a for t in h.seq(m).text), "exact"),
+    "days_since_last": (lambda h, m, a: (h.cutoff_us - int(h.seq(m).ts.max())) // DAY_US if len(h.seq(m))
+                        else math.nan, "exact"),
+    "per_week": (lambda h, m, a: len(h.seq(m)) / h.weeks, "amount"),
+    "weekend_count": (lambda h, m, a: int(_weekend(h, m).sum()), "exact"),
+    "weekend_share": (lambda h, m, a: _pct(_weekend(h, m).sum(), len(h.seq(m))), "percent"),
+    "hour_share": (lambda h, m, a: _pct(_bucket_counts(h, m)[a], len(h.seq(m))), "percent"),
+    "top_hour_bucket": (lambda h, m, a: _argmax_set(_bucket_counts(h, m)), "member"),
+    "modality_share": (lambda h, m, a: _pct(len(h.seq(m)), len(h.all)), "percent"),
+    "half_count": (_half, "exact"),
+    "extra_count": (lambda h, m, a: len(_extra(h, m, a)), "exact"),
+    "extra_sum": (lambda h, m, a: float(_extra(h, m, a).sum(dtype=np.float64)), "amount"),
+}
+
+
+def _holds(claimed: float | str, true: float | frozenset, how: str) -> bool:
+    if how == "member":
+        return isinstance(claimed, str) and claimed in true
+    try:  # an external generator may hand back anything
+        c, t = float(claimed), float(true)
+    except (TypeError, ValueError):
+        return False
+    if isinstance(claimed, str) or not (math.isfinite(c) and math.isfinite(t)):
+        return False
+    if how == "exact":
+        return c == t
+    if how == "percent":
+        return abs(c - t) <= 0.5 + 1e-9  # shown as whole percents
+    return abs(c - t) <= max(0.06, 0.01 * abs(t))  # amounts are shown rounded (see _amount)
+
+
+def verify(claims: list[Claim], h: History, answer: str | None = None) -> bool:
+    """True when ``claims`` is non-empty and each recomputes from ``h``; with ``answer``, every claimed
+    text (item, bucket) must also appear in it, so an answer cannot name things its claims do not back."""
+    if not claims:
+        return False  # an answer with nothing to check cannot be called grounded
+    for c in claims:
+        if not isinstance(c, Claim) or c.metric not in METRICS or (c.modality and c.modality not in h.events):
+            return False
+        fn, how = METRICS[c.metric]
+        if not _holds(c.value, fn(h, c.modality, c.arg), how):
+            return False
+        if answer is not None and isinstance(c.value, str) and c.value.lower() not in answer.lower():
+            return False
+    return True
+
+
+# ---------------------------------------------------------------------------------------- topics
+def _n(k: int, word: str, plural: str | None = None) -> str:
+    return f"{k} {word if k == 1 else plural or word + 's'}"
+
+
+def _amount(x: float) -> tuple[str, float]:
+    """Round for reading: whole numbers from 1,000, one decimal from 10, else two."""
+    nd = 0 if abs(x) >= 1000 else 1 if abs(x) >= 10 else 2
+    return f"{x:,.{nd}f}", round(x, nd)
+
+
+def _ago(days: int) -> str:
+    return "today" if days == 0 else f"{_n(days, 'day')} ago"
+
+
+def _ask(rng: np.random.Generator, templates: tuple[str, ...], **kw: str) -> str:
+    return templates[int(rng.integers(len(templates)))].format(**kw)
+
+
+def _by_count(h: History) -> list[str]:
+    return sorted(h.modalities, key=lambda m: (-len(h.seq(m)), h.modalities.index(m)))
+
+
+def _valued(h: History) -> list[str]:
+    counts = {m: int(np.isfinite(h.seq(m).value).sum()) for m in h.modalities}
+    return [m for m in sorted(counts, key=lambda m: -counts[m]) if counts[m]]
+
+
+def _activity(h: History, rng: np.random.Generator) -> QA | None:
+    n, d, k = len(h.all), METRICS["active_days"][0](h, "", ""), len(h.modalities)
+    q = _ask(rng, ("How active is this user overall?", "How much activity does this user have on record?",
+                   "How many events has this user logged, and on how many days?"))
+    a = f"{_n(n, 'event')} on {_n(d, 'active day')} across {_n(k, 'modality', 'modalities')} ({', '.join(h.modalities)})."
+    return QA(q, a, [Claim("count", n), Claim("active_days", d), Claim("n_modalities", k)])
+
+
+def _spending(h: History, rng: np.random.Generator) -> QA | None:
+    parts, claims = [], []
+    for m in _valued(h)[:2]:
+        k = METRICS["value_count"][0](h, m, "")
+        total, total_v = _amount(METRICS["value_sum"][0](h, m, ""))
+        parts.append(f"{m} amounts total {total} over {_n(k, 'event')}")
+        claims += [Claim("value_sum", total_v, m), Claim("value_count", k, m)]
+    q = _ask(rng, ("What do the amounts in this user's history add up to?", "How large are this user's recorded "
+                   "amounts in total?", "What is the total value of this user's activity?"))
+    return QA(q, _cap("; ".join(parts)) + ".", claims) if parts else None
+
+
+def _categories(h: History, rng: np.random.Generator) -> QA | None:
+    counts = Counter(category(m, t) for m in h.modalities for t in h.seq(m).text)
+    top = sorted(counts.items(), key=lambda kv: (-kv[1], kv[0]))[:3]
+    q = _ask(rng, ("Which categories does this user engage with most?", "What are this user's top categories?",
+                   "Where does most of this user's activity fall?"))
+    a = "Top categories: " + ", ".join(f"{c} ({_n(k, 'event')})" for c, k in top) + "."
+    return QA(q, a, [Claim("category_count", k, c.split("/", 1)[0], c) for c, k in top])
+
+
+def _recency(h: History, rng: np.random.Generator) -> QA | None:
+    last = {m: METRICS["days_since_last"][0](h, m, "") for m in h.modalities}
+    mods = sorted(last, key=lambda m: (last[m], h.modalities.index(m)))[:3]
+    q = _ask(rng, ("How recently was this user active?", "When did this user last do something in each area?",
+                   "How long ago was this user's latest activity?"))
+    a = "Last event by modality: " + ", ".join(f"{m} {_ago(last[m])}" for m in mods) + "."
+    return QA(q, a, [Claim("days_since_last", last[m], m) for m in mods])
+
+
+def _frequency(h: History, rng: np.random.Generator) -> QA | None:
+    rate = {m: round(len(h.seq(m)) / h.weeks, 1) for m in ["", *_by_count(h)[:3]]}
+    q = _ask(rng, ("How often is this user active in a typical week?", "How many events does this user have "
+                   "per week?", "What is this user's weekly activity rate?"))
+    per = ", ".join(f"{m} {rate[m]:.1f}" for m in list(rate)[1:])
+    a = f"About {rate['']:.1f} events per week overall ({per} per week)."
+    return QA(q, a, [Claim("per_week", r, m) for m, r in rate.items()])
+
+
+def _favourites(h: History, rng: np.random.Generator) -> QA | None:
+    parts, claims = [], []
+    for m in _by_count(h)[:3]:
+        text, k = _top_texts(h.seq(m).text, 1)[0]
+        parts.append(f"{m} '{text}' ({_n(k, 'time')})")
+        claims += [Claim("top_item", text, m), Claim("item_count", k, m, text)]
+    q = _ask(rng, ("What does this user do most often?", "What is this user's most frequent activity in each area?",
+                   "Which items keep coming back in this user's history?"))
+    return QA(q, "Most frequent: " + "; ".join(parts) + ".", claims)
+
+
+def _weekend_topic(h: History, rng: np.random.Generator) -> QA | None:
+    n = len(h.all)
+    if n < 5:
+        return None  # too few events for a habit
+    k = int(_weekend(h, "").sum())
+    share = round(_pct(k, n))
+    lean = "weekends" if share > 100 * 2 / 7 + 10 else "weekdays" if share < 100 * 2 / 7 - 10 else None
+    habit = f"this user leans towards {lean}" if lean else "activity is spread evenly over the week"
+    q = _ask(rng, ("Is this user more active on weekends or weekdays?", "Does this user have a weekend habit?",
+                   "How does this user's activity split between weekdays and weekends?"))
+    a = f"{k} of {n} events ({share}%) fall on weekends, so {habit}."
+    return QA(q, a, [Claim("weekend_count", k), Claim("count", n), Claim("weekend_share", share)])
+
+
+def _time_of_day(h: History, rng: np.random.Generator) -> QA | None:
+    n = len(h.all)
+    if n < 5:
+        return None
+    counts = _bucket_counts(h, "")
+    (b1, k1), (b2, k2) = sorted(counts.items(), key=lambda kv: (-kv[1], [b for b, *_ in _BUCKETS].index(kv[0])))[:2]
+    hours = {b: f"{lo:02d}:00-{hi:02d}:00" for b, lo, hi in _BUCKETS}
+    s1, s2 = round(_pct(k1, n)), round(_pct(k2, n))
+    q = _ask(rng, ("At what time of day is this user most active?", "Is this user a morning or an evening person?",
+                   "When during the day does this user usually act?"))
+    a = f"Most active in the {b1} ({hours[b1]} UTC, {s1}% of events)"
+    claims = [Claim("top_hour_bucket", b1), Claim("hour_share", s1, "", b1)]
+    if k2:
+        a, claims = a + f", then the {b2} ({s2}%)", [*claims, Claim("hour_share", s2, "", b2)]
+    return QA(q, a + ".", claims)
+
+
+def _mix(h: History, rng: np.random.Generator) -> QA | None:
+    if len(h.modalities) < 2:
+        return None
+    share = {m: round(_pct(len(h.seq(m)), len(h.all))) for m in _by_count(h)}
+    q = _ask(rng, ("How is this user's activity split across modalities?", "Which channels does this user use, "
+                   "and how much?", "What is this user's modality mix?"))
+    a = ", ".join(f"{m} {s}%" for m, s in share.items()) + " of all events."
+    return QA(q, _cap(a), [Claim("modality_share", s, m) for m, s in share.items()])
+
+
+def _largest(h: History, rng: np.random.Generator) -> QA | None:
+    valued = _valued(h)
+    if not valued:
+        return None
+    m = max(valued, key=lambda m: (np.nanmax(h.seq(m).value), -valued.index(m)))
+    i = int(np.flatnonzero(_max_mask(h, m))[0])
+    shown, v = _amount(float(h.seq(m).value[i]))
+    day = _iso_day(h.seq(m).ts[i])
+    text = h.seq(m).text[i]
+    q = _ask(rng, ("What was this user's largest single amount?", "What is the biggest single {m} amount for this "
+                   "user?", "Which single event of this user carried the highest amount?"), m=m)
+    a = f"The largest single amount was {shown} ({m}: '{text}', on {day})."
+    return QA(q, a, [Claim("value_max", v, m), Claim("value_max_item", text, m), Claim("value_max_day", day, m)])
+
+
+def _trend(h: History, rng: np.random.Generator) -> QA | None:
+    if len(h.all) < 4:
+        return None
+    first, second = _half(h, "", "first"), _half(h, "", "second")
+    word = "rising" if second > 1.25 * first else "falling" if second < 0.8 * first else "steady"
+    q = _ask(rng, ("Is this user becoming more or less active?", "How has this user's activity changed over time?",
+                   "Is this user's engagement growing or declining?"))
+    a = f"Activity is {word}: {_n(first, 'event')} in the first half of the history, {second} in the second half."
+    return QA(q, a, [Claim("half_count", first, "", "first"), Claim("half_count", second, "", "second")])
+
+
+def _extras(h: History, rng: np.random.Generator) -> QA | None:
+    found = [(len(_extra(h, m, c)), m, c) for m in h.modalities for c in h.extra_names.get(m, ())]
+    found = sorted((f for f in found if f[0]), key=lambda f: -f[0])
+    if not found:
+        return None
+    k, m, col = found[0]
+    shown, total = _amount(METRICS["extra_sum"][0](h, m, col))
+    n = len(h.seq(m))
+    q = _ask(rng, ("How often do this user's {m} events carry a {c}?", "How much {c} shows up in this user's {m} "
+                   "history?", "Does this user's {m} activity come with a {c}, and how much?"), m=m, c=col.replace("_", " "))
+    a = f"A {col.replace('_', ' ')} appears on {k} of {_n(n, m + ' event')}, {shown} in total."
+    return QA(q, a, [Claim("extra_count", k, m, col), Claim("count", n, m), Claim("extra_sum", total, m, col)])
+
+
+TOPICS: dict[str, Callable[[History, np.random.Generator], QA | None]] = {
+    "activity": _activity, "spending": _spending, "categories": _categories, "recency": _recency,
+    "frequency": _frequency, "favourites": _favourites, "weekend": _weekend_topic, "time_of_day": _time_of_day,
+    "mix": _mix, "largest": _largest, "trend": _trend, "extras": _extras,
+}
+# what an external (LLM) generator is asked to write about, one line per topic
+TOPIC_BRIEFS = {
+    "activity": "overall activity: number of events and active days", "spending": "totals of recorded amounts",
+    "categories": "top categories of events", "recency": "how long ago the user was last active per modality",
+    "frequency": "events per week", "favourites": "most frequent item per modality",
+    "weekend": "weekend versus weekday habit", "time_of_day": "time-of-day habit (UTC)",
+    "mix": "share of events per modality", "largest": "largest single amount",
+    "trend": "first half versus second half of the history", "extras": "extra numeric fields such as discounts",
+}
+
+
+def summarize(h: History) -> str:
+    """A compact fact sheet of the user for an external generator to ground its answers in."""
+    lines = [f"History before {_iso_day(h.cutoff_us)}: {_n(len(h.all), 'event')} in {_n(len(h.modalities), 'modality', 'modalities')}."]
+    for m in h.modalities:
+        s = h.seq(m)
+        line = f"{m}: {_n(len(s), 'event')}, last {_ago(METRICS['days_since_last'][0](h, m, ''))}"
+        if np.isfinite(s.value).any():
+            line += f", amounts total {_amount(float(np.nansum(s.value, dtype=np.float64)))[0]}"
+        top = ", ".join(f"{t} (x{k})" for t, k in _top_texts(s.text, 3))
+        lines.append(f"{line}; most frequent: {top}.")
+    return "\n".join(lines)
