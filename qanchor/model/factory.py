@@ -1,0 +1,148 @@
+"""Build a :class:`QAnchorModel` from a config and a manifest, and save / load checkpoints.
+
+A checkpoint is a self-describing directory, written atomically::
+
+    config.yaml           the resolved run config (model section used to rebuild)
+    qanchor.json          format version, modalities, text encoder, tabular columns and stats
+    backbone_config.json  the backbone's HF config (vocabulary already grown by the special tokens)
+    tokenizer files       with the special tokens added
+    model.safetensors     every weight (never pickled)
+
+Example:
+    >>> model, tokenizer = QAnchorModel_from_pretrained("runs/demo/pretrain")  # doctest: +SKIP
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load_model, save_model
+
+import qanchor
+from qanchor.config import ModelConfig, PretrainConfig, TextEncoderConfig, load_config, to_yaml
+from qanchor.data.io import atomic_dir
+from qanchor.data.manifest import Manifest
+from qanchor.errors import CheckpointError
+from qanchor.model.backbone import (
+    add_special_tokens,
+    build_backbone,
+    load_tokenizer,
+    resolve_attn_implementation,
+)
+from qanchor.model.layout import TokenIds, special_token_names
+from qanchor.model.qanchor_model import QAnchorModel
+
+__all__ = ["FORMAT_VERSION", "ModelMeta", "build_model", "save_checkpoint", "load_checkpoint"]
+
+FORMAT_VERSION = 1
+
+
+@dataclass
+class ModelMeta:
+    """What, besides the config, is needed to rebuild the model and feed it the same inputs."""
+
+    manifest: dict[str, Any]  # the dataset manifest the model was built from (modalities, cutoff)
+    text_dim: int
+    text_encoder: dict[str, Any] = field(default_factory=dict)  # TextEncoderConfig fields
+    tabular_columns: list[str] = field(default_factory=list)
+    format_version: int = FORMAT_VERSION
+    qanchor_version: str = qanchor.__version__
+
+    @property
+    def manifest_obj(self) -> Manifest:
+        return Manifest.from_dict(self.manifest)
+
+
+def _apply_lora(backbone: torch.nn.Module, cfg: ModelConfig, new_token_ids: list[int]) -> torch.nn.Module:
+    from peft import LoraConfig, get_peft_model
+
+    lora = cfg.backbone.lora
+    peft_cfg = LoraConfig(r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout, target_modules=list(lora.target_modules),
+                          task_type="CAUSAL_LM", trainable_token_indices={"embed_tokens": new_token_ids})
+    return get_peft_model(backbone, peft_cfg)
+
+
+def build_model(cfg: ModelConfig, manifest: Manifest, text_dim: int, tabular_columns: list[str],
+                load_weights: bool = True, hf_config: Any = None, tokenizer: Any = None) -> tuple[QAnchorModel, Any]:
+    """The model and its tokenizer. ``hf_config`` (from a checkpoint) fixes the backbone's exact shape."""
+    from transformers import AutoModelForCausalLM
+
+    tokenizer = tokenizer or load_tokenizer(cfg.backbone)
+    if hf_config is not None:
+        backbone = AutoModelForCausalLM.from_config(hf_config, dtype=getattr(torch, cfg.backbone.dtype),
+                                                    attn_implementation=resolve_attn_implementation(cfg.backbone))
+    else:
+        backbone = build_backbone(cfg.backbone, len(tokenizer), load_weights=load_weights)
+    modalities = [m.name for m in manifest.modalities]
+    names = special_token_names(modalities)
+    ids = add_special_tokens(tokenizer, backbone, names)
+    if cfg.backbone.freeze:
+        backbone.requires_grad_(False)
+    if cfg.backbone.lora.enabled:
+        backbone = _apply_lora(backbone, cfg, sorted(ids.values()))
+    token_ids = TokenIds.from_tokenizer(tokenizer, modalities)
+    model = QAnchorModel(cfg, manifest, backbone, token_ids, text_dim, len(tabular_columns))
+    return model, tokenizer
+
+
+def _base_config(model: QAnchorModel):
+    backbone = model.backbone
+    return backbone.get_base_model().config if hasattr(backbone, "get_base_model") else backbone.config
+
+
+def save_checkpoint(out_dir: str | Path, model: QAnchorModel, tokenizer: Any, run_cfg: PretrainConfig, meta: ModelMeta,
+                    extra_files: dict[str, str] | None = None) -> Path:
+    """Write a checkpoint directory atomically (a crash leaves the previous one intact)."""
+    out_dir = Path(out_dir)
+    with atomic_dir(out_dir) as tmp:
+        (tmp / "config.yaml").write_text(to_yaml(run_cfg))
+        (tmp / "qanchor.json").write_text(json.dumps(meta.__dict__, indent=2, default=str))
+        (tmp / "backbone_config.json").write_text(_base_config(model).to_json_string())
+        tokenizer.save_pretrained(tmp)
+        save_model(model, str(tmp / "model.safetensors"))  # handles tied embeddings without pickling
+        for name, text in (extra_files or {}).items():
+            (tmp / name).write_text(text)
+    return out_dir
+
+
+def read_meta(ckpt: Path) -> ModelMeta:
+    path = ckpt / "qanchor.json"
+    if not path.exists():
+        raise CheckpointError(f"{ckpt}: not a qanchor checkpoint (qanchor.json missing)")
+    raw = json.loads(path.read_text())
+    if raw.get("format_version") != FORMAT_VERSION:
+        raise CheckpointError(f"{ckpt}: checkpoint format {raw.get('format_version')} but this qanchor reads format "
+                              f"{FORMAT_VERSION}; re-export it with qanchor {raw.get('qanchor_version')}")
+    return ModelMeta(**raw)
+
+
+def load_checkpoint(ckpt: str | Path, device: str | torch.device = "cpu") -> tuple[QAnchorModel, Any, ModelMeta, PretrainConfig]:
+    """Rebuild model, tokenizer, metadata and run config from a checkpoint directory (safetensors only)."""
+    from transformers import AutoConfig, AutoTokenizer
+
+    ckpt = Path(ckpt)
+    if not (ckpt / "qanchor.json").exists() and (ckpt / "checkpoint" / "qanchor.json").exists():
+        ckpt = ckpt / "checkpoint"  # a pretraining output_dir: use its latest checkpoint
+    meta = read_meta(ckpt)
+    for name in ("config.yaml", "backbone_config.json", "model.safetensors"):
+        if not (ckpt / name).exists():
+            raise CheckpointError(f"{ckpt}: incomplete checkpoint, {name} is missing")
+    run_cfg = load_config(ckpt / "config.yaml", schema=PretrainConfig)
+    hf_config = AutoConfig.from_pretrained(ckpt / "backbone_config.json")
+    tokenizer = AutoTokenizer.from_pretrained(ckpt)
+    model, tokenizer = build_model(run_cfg.model, meta.manifest_obj, meta.text_dim, meta.tabular_columns,
+                                   hf_config=hf_config, tokenizer=tokenizer)
+    missing, unexpected = load_model(model, str(ckpt / "model.safetensors"), strict=False)
+    tied = {k for k in missing if k.endswith("lm_head.weight")}  # tied to the input embeddings
+    if set(missing) - tied or unexpected:
+        raise CheckpointError(f"{ckpt}: weights do not match the model (missing {sorted(set(missing) - tied)[:3]}, "
+                              f"unexpected {sorted(unexpected)[:3]})")
+    return model.to(device).eval(), tokenizer, meta, run_cfg
+
+
+def text_encoder_config(meta: ModelMeta) -> TextEncoderConfig:
+    return TextEncoderConfig(**meta.text_encoder)

@@ -1,0 +1,78 @@
+"""Token layout: special tokens (by name) and how prefix and suffix embeddings are laid out.
+
+    prefix: [bos] <|user|> u  <|mod_1|> m_1 .. <|mod_M|> m_M  (<|m_start|> e_1 .. e_n <|m_end|>) x M
+    suffix: [soft prompt x k] query tokens <|user_emb|>
+    (pretraining appends the answer tokens + end token for the next-token loss)
+
+Everything a scenario changes lives in the suffix, so one cached prefix serves every query and head.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from qanchor.model.user_encoder import UserTokens
+
+__all__ = ["USER", "USER_EMB", "M_START", "M_END", "modality_token", "special_token_names", "TokenIds", "build_prefixes"]
+
+USER, USER_EMB, M_START, M_END = "<|user|>", "<|user_emb|>", "<|m_start|>", "<|m_end|>"
+
+
+def modality_token(name: str) -> str:
+    return f"<|mod_{name}|>"
+
+
+def special_token_names(modalities: list[str]) -> list[str]:
+    return [USER, USER_EMB, M_START, M_END, *[modality_token(m) for m in modalities]]
+
+
+@dataclass(frozen=True)
+class TokenIds:
+    """Ids of the layout's tokens, looked up by name from the tokenizer."""
+
+    user: int
+    user_emb: int
+    m_start: int
+    m_end: int
+    modality: tuple[int, ...]  # manifest order
+    bos: int | None  # the tokenizer's own begin token, if it has one
+    end: int  # closes an answer: the tokenizer's eos (or sep) token
+    pad: int
+
+    @classmethod
+    def from_tokenizer(cls, tokenizer, modalities: list[str]) -> TokenIds:
+        def lookup(name: str) -> int:
+            idx = tokenizer.convert_tokens_to_ids(name)
+            if idx is None or idx == tokenizer.unk_token_id:
+                raise KeyError(f"special token {name} is not in the tokenizer; add it with add_special_tokens()")
+            return int(idx)
+
+        end_token = tokenizer.eos_token or tokenizer.sep_token
+        bos = tokenizer.bos_token if tokenizer.bos_token and tokenizer.bos_token != end_token else tokenizer.cls_token
+        return cls(
+            lookup(USER), lookup(USER_EMB), lookup(M_START), lookup(M_END),
+            tuple(lookup(modality_token(m)) for m in modalities),
+            lookup(bos) if bos else None, lookup(end_token), int(tokenizer.pad_token_id),
+        )
+
+
+def build_prefixes(tokens: UserTokens, ids: TokenIds, embed: torch.nn.Module, summary_tokens: bool = True) -> list[torch.Tensor]:
+    """One prefix embedding sequence per user: list of (L_b, H) tensors."""
+    device = tokens.user.device
+    marker_ids = [ids.user, ids.m_start, ids.m_end, *ids.modality] + ([ids.bos] if ids.bos is not None else [])
+    markers = embed(torch.tensor(marker_ids, device=device)).to(tokens.user.dtype)  # (K, H)
+    user_mark, start, end, mods = markers[0:1], markers[1:2], markers[2:3], markers[3 : 3 + len(ids.modality)]
+    bos = markers[-1:] if ids.bos is not None else markers[:0]
+    prefixes = []
+    for b in range(tokens.user.shape[0]):
+        parts = [bos]
+        if summary_tokens:
+            parts += [user_mark, tokens.user[b : b + 1]]
+            for m in range(len(ids.modality)):
+                parts += [mods[m : m + 1], tokens.modality[b, m : m + 1]]
+        for m in range(len(ids.modality)):
+            parts += [start, tokens.events[m][b][tokens.event_mask[m][b]], end]  # only real events
+        prefixes.append(torch.cat(parts, dim=0))  # (L_b, H)
+    return prefixes

@@ -1,0 +1,151 @@
+"""Q-Anchor: hierarchical user tokens + a query anchored at the end, read by one causal LM twice.
+
+Anchor tower: prefix + [soft prompt] + query + <|user_emb|>; the hidden state at <|user_emb|> is the
+query-conditioned user embedding. Semantic tower: the same backbone reads the answer text; its last
+token is pooled. Both go through one projection MLP (hidden -> 512 -> 128) and L2 normalisation.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from qanchor.config import LossConfig, ModelConfig
+from qanchor.data.batch import TextBatch, UserBatch
+from qanchor.data.manifest import Manifest
+from qanchor.model.layout import TokenIds, build_prefixes
+from qanchor.model.losses import combine, masked_infonce, next_token_loss
+from qanchor.model.user_encoder import HierarchicalUserEncoder
+
+__all__ = ["PretrainBatch", "QAnchorOutput", "QAnchorModel"]
+
+Gather = Callable[[torch.Tensor], torch.Tensor]
+Normalise = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+
+
+@dataclass
+class PretrainBatch:
+    users: UserBatch
+    queries: TextBatch  # token ids without specials, right-padded
+    answers: TextBatch  # answer token ids ending with the end token, right-padded
+    answer_hash: torch.Tensor  # long [B]: equal answers share a hash; masked as negatives of each other
+
+    def to(self, device) -> PretrainBatch:
+        return PretrainBatch(self.users.to(device), self.queries.to(device), self.answers.to(device), self.answer_hash.to(device))
+
+
+@dataclass
+class QAnchorOutput:
+    anchor: torch.Tensor  # (B, D) unit vectors
+    answer: torch.Tensor | None  # (B, D) unit vectors; None when the contrastive term is off
+    loss: torch.Tensor
+    loss_contrastive: torch.Tensor
+    loss_ntp: torch.Tensor
+
+
+def _local_mean(total: torch.Tensor, count: torch.Tensor) -> torch.Tensor:
+    return total / count.clamp_min(1)
+
+
+class QAnchorModel(nn.Module):
+    def __init__(self, cfg: ModelConfig, manifest: Manifest, backbone: nn.Module, token_ids: TokenIds, text_dim: int, n_tabular: int):
+        super().__init__()
+        self.cfg, self.manifest, self.token_ids = cfg, manifest, token_ids
+        self.backbone = backbone
+        hidden = backbone.get_input_embeddings().weight.shape[1]
+        self.hidden_size = hidden
+        self.user_encoder = HierarchicalUserEncoder(manifest, cfg.user_encoder, text_dim, hidden, n_tabular)
+        self.projection = nn.Sequential(nn.Linear(hidden, cfg.projection_hidden), nn.GELU(), nn.Linear(cfg.projection_hidden, cfg.embedding_dim))
+
+    # ------------------------------------------------------------------------------ building blocks
+    @property
+    def embed_tokens(self) -> nn.Module:
+        return self.backbone.get_input_embeddings()
+
+    def decoder(self, inputs_embeds: torch.Tensor, attention_mask: torch.Tensor, **kwargs):
+        """Run the backbone's transformer (no LM head) on embeddings."""
+        return self.backbone.get_decoder()(inputs_embeds=inputs_embeds, attention_mask=attention_mask, **kwargs)
+
+    def project(self, hidden: torch.Tensor) -> torch.Tensor:
+        """(N, H) hidden states -> (N, D) unit vectors, in float32."""
+        return F.normalize(self.projection(hidden.to(self.projection[0].weight.dtype)).float(), dim=-1)
+
+    def prefixes(self, users: UserBatch) -> list[torch.Tensor]:
+        tokens = self.user_encoder(users)
+        return build_prefixes(tokens, self.token_ids, self.embed_tokens, self.cfg.user_encoder.summary_tokens)
+
+    def suffix(self, query_ids: torch.Tensor, prompt: torch.Tensor | None) -> torch.Tensor:
+        """(Lq,) query ids -> (k + Lq + 1, H) suffix embeddings: [soft prompt] query <|user_emb|>."""
+        ids = torch.cat([query_ids, query_ids.new_tensor([self.token_ids.user_emb])])
+        emb = self.embed_tokens(ids)
+        return emb if prompt is None else torch.cat([prompt.to(emb.dtype), emb], dim=0)
+
+    # ------------------------------------------------------------------------------------ forward
+    def forward(self, batch: PretrainBatch, loss_cfg: LossConfig | None = None, gather: Gather | None = None,
+                normalise: Normalise | None = None, rank: int = 0, prompt: torch.Tensor | None = None) -> QAnchorOutput:
+        """Anchor tower with the answer appended (next-token loss) plus the semantic tower.
+
+        ``gather`` all-gathers embeddings across ranks with gradients and ``normalise(sum, count)`` turns a
+        local loss sum into this rank's share of the global mean; both default to single-process versions.
+        Ranks hold equal-sized batches, so this rank's rows start at ``rank * B`` in the gathered batch.
+        """
+        loss_cfg = loss_cfg or LossConfig()
+        gather = gather or (lambda x: x)
+        normalise = normalise or _local_mean
+        want_ntp, want_cl = loss_cfg.mode in ("both", "ntp"), loss_cfg.mode in ("both", "contrastive")
+        rows, labels, anchor_pos = [], [], []
+        for b, prefix in enumerate(self.prefixes(batch.users)):
+            q = batch.queries.ids[b, : batch.queries.lengths[b]]
+            a = batch.answers.ids[b, : batch.answers.lengths[b]]
+            suffix = self.suffix(q, prompt)
+            answer = self.embed_tokens(a) if want_ntp else suffix[:0]
+            rows.append(torch.cat([prefix, suffix, answer], dim=0))  # (L_b, H)
+            anchor_pos.append(prefix.shape[0] + suffix.shape[0] - 1)
+            lab = torch.full((rows[-1].shape[0],), -100, dtype=torch.long, device=a.device)
+            if want_ntp:
+                lab[anchor_pos[-1] + 1 :] = a  # only answer tokens are targets
+            labels.append(lab)
+        embeds, mask = _pad_rows(rows)
+        hidden = self.decoder(embeds, mask).last_hidden_state  # (B, L, H)
+        pos = torch.tensor(anchor_pos, device=hidden.device)
+        anchor = self.project(hidden[torch.arange(len(rows), device=hidden.device), pos])  # (B, D)
+        zero = hidden.new_zeros((), dtype=torch.float32)
+        ntp = cl = None
+        if want_ntp:
+            start = min(anchor_pos)  # logits only over the answer window: the vocabulary is large
+            logits = self.backbone.get_output_embeddings()(hidden[:, start:])  # (B, L - start, V)
+            lab = torch.nn.utils.rnn.pad_sequence(labels, batch_first=True, padding_value=-100)[:, start:]
+            ntp = normalise(*next_token_loss(logits, lab))
+        answer_emb = None
+        if want_cl:
+            answer_emb = self.encode_answers(batch.answers)
+            anchors_all, answers_all = gather(anchor), gather(answer_emb)
+            hashes = gather(batch.answer_hash)
+            offset = rank * len(rows)
+            same = hashes[:, None] == hashes[None, :]
+            total, count = masked_infonce(anchors_all, answers_all, rows=slice(offset, offset + len(rows)),
+                                          temperature=loss_cfg.temperature, margin=loss_cfg.margin, same_answer=same)
+            cl = normalise(total, count)
+        terms = combine(cl, ntp, loss_cfg.ntp_weight)
+        return QAnchorOutput(anchor, answer_emb, terms.total,
+                             terms.contrastive if cl is not None else zero, terms.ntp if ntp is not None else zero)
+
+    def encode_answers(self, answers: TextBatch) -> torch.Tensor:
+        """Semantic tower: the backbone reads each answer; its last real token is pooled -> (B, D)."""
+        embeds = self.embed_tokens(answers.ids)  # (B, La, H)
+        mask = torch.arange(answers.ids.shape[1], device=embeds.device)[None, :] < answers.lengths[:, None]
+        hidden = self.decoder(embeds, mask.long()).last_hidden_state  # (B, La, H)
+        last = hidden[torch.arange(len(answers.lengths), device=hidden.device), answers.lengths - 1]
+        return self.project(last)
+
+
+def _pad_rows(rows: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Right-pad (L_b, H) rows to (B, L, H) with an attention mask (B, L)."""
+    embeds = torch.nn.utils.rnn.pad_sequence(rows, batch_first=True)  # (B, L, H)
+    lengths = torch.tensor([r.shape[0] for r in rows], device=embeds.device)
+    mask = (torch.arange(embeds.shape[1], device=embeds.device)[None, :] < lengths[:, None]).long()
+    return embeds, mask

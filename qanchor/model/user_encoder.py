@@ -1,0 +1,102 @@
+"""Hierarchical user encoder: event tokens -> modality tokens -> user token (DESIGN section 3).
+
+Built from the manifest: one event adapter per sequence modality (the authors copy-pasted one class per
+modality; here it is one class, instantiated per modality), a tabular encoder giving ``tabular_tokens``
+tokens, one shared modal adapter, one user adapter and a learned "empty" token per modality.
+
+Example:
+    >>> enc = HierarchicalUserEncoder(manifest, cfg.user_encoder, text_dim=384, hidden=64, n_tabular=38)  # doctest: +SKIP
+    >>> out = enc(user_batch)  # doctest: +SKIP
+    >>> out.user.shape, out.modality.shape  # doctest: +SKIP
+    (torch.Size([16, 64]), torch.Size([16, 6, 64]))
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from qanchor.config import UserEncoderConfig
+from qanchor.data.batch import UserBatch
+from qanchor.data.manifest import Manifest
+from qanchor.data.packing import numeric_width
+
+__all__ = ["Adapter", "TabularEncoder", "UserTokens", "HierarchicalUserEncoder"]
+
+
+class Adapter(nn.Sequential):
+    """LayerNorm + two-layer GELU MLP: the shape of every adapter in the hierarchy."""
+
+    def __init__(self, d_in: int, d_hidden: int, d_out: int, dropout: float = 0.0):
+        super().__init__(nn.LayerNorm(d_in), nn.Linear(d_in, d_hidden), nn.GELU(), nn.Dropout(dropout), nn.Linear(d_hidden, d_out))
+
+
+class TabularEncoder(nn.Module):
+    """Normalised values with missing-value flags -> ``n_tokens`` tokens of width ``hidden``."""
+
+    def __init__(self, n_features: int, n_tokens: int, d_hidden: int, hidden: int, dropout: float):
+        super().__init__()
+        self.n_tokens, self.hidden = n_tokens, hidden
+        # Set from training data by set_stats(); saved with the weights so inference normalises identically.
+        self.register_buffer("mean", torch.zeros(n_features))
+        self.register_buffer("std", torch.ones(n_features))
+        self.mlp = Adapter(2 * n_features, d_hidden, n_tokens * hidden, dropout)
+
+    def set_stats(self, mean: torch.Tensor, std: torch.Tensor) -> None:
+        self.mean.copy_(mean)
+        self.std.copy_(std)
+
+    def forward(self, values: torch.Tensor, missing: torch.Tensor) -> torch.Tensor:
+        z = ((values - self.mean) / self.std).clamp(-10, 10).masked_fill(missing, 0.0)  # (B, T)
+        x = torch.cat([z, missing.to(z.dtype)], dim=-1)  # (B, 2T)
+        return self.mlp(x).view(-1, self.n_tokens, self.hidden)  # (B, n_tokens, H)
+
+
+@dataclass
+class UserTokens:
+    """Encoder output, all in the LLM's hidden size H. M counts every modality, tabular included."""
+
+    user: torch.Tensor  # (B, H)
+    modality: torch.Tensor  # (B, M, H), manifest order
+    events: list[torch.Tensor]  # M tensors (B, E_m, H); tabular contributes its n_tokens tokens
+    event_mask: list[torch.Tensor]  # M bool tensors (B, E_m)
+
+
+class HierarchicalUserEncoder(nn.Module):
+    def __init__(self, manifest: Manifest, cfg: UserEncoderConfig, text_dim: int, hidden: int, n_tabular: int):
+        super().__init__()
+        self.names = [m.name for m in manifest.modalities]
+        self.sequence_names = [m.name for m in manifest.sequence_modalities]
+        self.tabular_name = manifest.tabular.name if manifest.tabular is not None else None
+        self.event_adapters = nn.ModuleDict(
+            {m.name: Adapter(text_dim + numeric_width(m), cfg.adapter_hidden, hidden, cfg.dropout) for m in manifest.sequence_modalities}
+        )
+        self.tabular = (
+            TabularEncoder(n_tabular, cfg.tabular_tokens, cfg.adapter_hidden, hidden, cfg.dropout) if self.tabular_name else None
+        )
+        self.modal_adapter = Adapter(hidden, cfg.adapter_hidden, hidden, cfg.dropout)
+        self.user_adapter = Adapter(hidden, cfg.adapter_hidden, hidden, cfg.dropout)
+        self.empty = nn.Parameter(torch.randn(len(self.names), hidden) * 0.02)  # one per modality
+
+    def forward(self, batch: UserBatch) -> UserTokens:
+        events, masks, summaries, present = [], [], [], []
+        for name in self.names:
+            if name == self.tabular_name:
+                tokens = self.tabular(batch.tabular, batch.tabular_missing)  # (B, n_tab, H)
+                mask = batch.has_tabular[:, None].expand(-1, tokens.shape[1])  # (B, n_tab)
+            else:
+                mb = batch.modalities[name]
+                tokens = self.event_adapters[name](torch.cat([mb.text_vec, mb.numeric], dim=-1))  # (B, E, H)
+                mask = mb.mask
+            w = mask.to(tokens.dtype).unsqueeze(-1)  # (B, E, 1)
+            summaries.append((tokens * w).sum(1) / w.sum(1).clamp_min(1.0))  # masked mean (B, H)
+            present.append(mask.any(dim=1))  # (B,)
+            events.append(tokens)
+            masks.append(mask)
+        modal = self.modal_adapter(torch.stack(summaries, dim=1))  # (B, M, H)
+        has = torch.stack(present, dim=1).unsqueeze(-1)  # (B, M, 1)
+        modal = torch.where(has, modal, self.empty.unsqueeze(0).to(modal.dtype))  # missing modality -> empty token
+        user = self.user_adapter(modal.mean(dim=1))  # (B, H)
+        return UserTokens(user, modal, events, masks)

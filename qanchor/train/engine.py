@@ -1,0 +1,115 @@
+"""DeepSpeed in every setting: the same code path on a laptop CPU and on GPU clusters.
+
+The only module that imports ``deepspeed``. On a machine without CUDA it selects DeepSpeed's CPU
+accelerator with the gloo backend; under ``deepspeed`` / ``torchrun`` launchers it reads the rank from
+the environment; started as a plain process it acts as a world of one.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import socket
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from qanchor.config import TrainConfig
+from qanchor.errors import ConfigError
+
+__all__ = ["init_distributed", "deepspeed_config", "lr_lambda", "initialize", "device_of", "gathered_parameters"]
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def init_distributed() -> tuple[int, int]:
+    """Initialise torch.distributed through DeepSpeed (nccl on CUDA, gloo on CPU); return (rank, world)."""
+    if not torch.cuda.is_available():
+        os.environ.setdefault("DS_ACCELERATOR", "cpu")  # must be set before deepspeed is imported
+    import deepspeed
+
+    if "RANK" not in os.environ:  # a plain `python` / `qanchor` process: a world of one
+        os.environ.update({"RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "1", "MASTER_ADDR": "127.0.0.1",
+                           "MASTER_PORT": os.environ.get("MASTER_PORT", str(_free_port()))})
+    if not torch.distributed.is_initialized():
+        backend = "nccl" if torch.cuda.is_available() else "gloo"
+        deepspeed.init_distributed(dist_backend=backend, auto_mpi_discovery=False, verbose=False)
+    if torch.cuda.is_available():
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
+    return torch.distributed.get_rank(), torch.distributed.get_world_size()
+
+
+def device_of() -> torch.device:
+    return torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0))) if torch.cuda.is_available() else torch.device("cpu")
+
+
+def deepspeed_config(cfg: TrainConfig, world: int) -> dict[str, Any]:
+    """DeepSpeed's JSON config from the train section; a ``deepspeed_config`` file's keys win."""
+    if cfg.precision == "bf16" and not torch.cuda.is_available():
+        raise ConfigError("train.precision=bf16 needs CUDA; use train.precision=fp32 on CPU")
+    ds: dict[str, Any] = {
+        "train_micro_batch_size_per_gpu": cfg.batch_size,
+        "gradient_accumulation_steps": cfg.grad_accum_steps,
+        "train_batch_size": cfg.batch_size * cfg.grad_accum_steps * world,
+        "gradient_clipping": cfg.grad_clip,
+        "zero_optimization": {"stage": cfg.zero_stage},
+        "optimizer": {"type": "AdamW", "params": {"lr": cfg.lr, "betas": list(cfg.betas), "eps": cfg.eps,
+                                                   "weight_decay": cfg.weight_decay,
+                                                   "torch_adam": not torch.cuda.is_available()}},
+        "bf16": {"enabled": cfg.precision == "bf16"},
+        "steps_per_print": 10**9,  # qanchor logs its own metrics
+        "wall_clock_breakdown": False,
+    }
+    if cfg.deepspeed_config:
+        path = Path(cfg.deepspeed_config)
+        if not path.is_file():
+            raise ConfigError(f"train.deepspeed_config: {path} not found")
+        overrides = json.loads(path.read_text())
+        for key, value in overrides.items():
+            if value == "auto":
+                continue  # "auto" keeps the value derived from the train section
+            if isinstance(value, dict) and isinstance(ds.get(key), dict):
+                ds[key] = {**ds[key], **{k: v for k, v in value.items() if v != "auto"}}
+            else:
+                ds[key] = value
+    return ds
+
+
+def lr_lambda(cfg: TrainConfig):
+    """Linear warm-up, then cosine decay to 10% of the peak (or constant)."""
+    def factor(step: int) -> float:
+        if step < cfg.warmup_steps:
+            return (step + 1) / max(cfg.warmup_steps, 1)
+        if cfg.schedule == "constant":
+            return 1.0
+        progress = (step - cfg.warmup_steps) / max(cfg.max_steps - cfg.warmup_steps, 1)
+        return 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(progress, 1.0)))
+
+    return factor
+
+
+def initialize(model: torch.nn.Module, cfg: TrainConfig, world: int):
+    """Wrap ``model`` in a DeepSpeed engine with AdamW and the warm-up/cosine schedule."""
+    import deepspeed
+
+    params = [p for p in model.parameters() if p.requires_grad]
+    engine, optimizer, _, _ = deepspeed.initialize(model=model, model_parameters=params, config=deepspeed_config(cfg, world),
+                                                   lr_scheduler=lambda opt: torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(cfg)))
+    return engine, optimizer
+
+
+def gathered_parameters(model: torch.nn.Module, zero_stage: int):
+    """Context in which every parameter is whole on every rank (only ZeRO-3 partitions weights)."""
+    from contextlib import nullcontext
+
+    if zero_stage < 3:
+        return nullcontext()
+    import deepspeed
+
+    return deepspeed.zero.GatheredParameters(list(model.parameters()), modifier_rank=None)

@@ -1,0 +1,116 @@
+"""UserU pairs -> PretrainBatch stream: deterministic per (seed, step), resumable, partition-local.
+
+Each epoch shuffles the order of user partitions and the pairs inside each partition, so a batch's
+users come from one or two partitions and only those are held in memory. The pairs of step ``s`` are
+a pure function of (seed, s): resuming at step ``s`` needs no replay, and rank ``r`` of ``W`` takes
+rows ``[r*B, (r+1)*B)`` of the global batch.
+
+Example:
+    >>> stream = PretrainStream(ds, packer, tokenizer, model.token_ids, cfg.model, seed=0, uqa_fraction=0.5)  # doctest: +SKIP
+    >>> batch = stream.batch(step=0, batch_size=16)  # doctest: +SKIP
+"""
+
+from __future__ import annotations
+
+import zlib
+from functools import lru_cache
+
+import numpy as np
+import pyarrow.compute as pc
+import torch
+
+from qanchor.config import ModelConfig
+from qanchor.data.batch import collate_users, pad_token_ids
+from qanchor.data.dataset import Dataset, UserRecord
+from qanchor.data.packing import UserPacker
+from qanchor.model.layout import TokenIds
+from qanchor.model.qanchor_model import PretrainBatch
+
+__all__ = ["PretrainStream", "tokenize_query", "tokenize_answer"]
+
+
+def tokenize_query(tokenizer, text: str, max_tokens: int) -> list[int]:
+    return tokenizer(text, add_special_tokens=False, truncation=True, max_length=max_tokens)["input_ids"]
+
+
+def tokenize_answer(tokenizer, text: str, max_tokens: int, end_id: int) -> list[int]:
+    ids = tokenizer(text, add_special_tokens=False, truncation=True, max_length=max_tokens - 1)["input_ids"]
+    return [*ids, end_id]  # the end token is predicted too, and is where the semantic tower pools
+
+
+class PretrainStream:
+    def __init__(self, ds: Dataset, packer: UserPacker, tokenizer, token_ids: TokenIds, model_cfg: ModelConfig,
+                 seed: int, uqa_fraction: float = 0.5):
+        self.ds, self.packer, self.tokenizer, self.token_ids, self.model_cfg = ds, packer, tokenizer, token_ids, model_cfg
+        self.seed = seed
+        table = ds.userU().sort_by([("user_id", "ascending"), ("cutoff", "ascending"), ("source", "ascending"), ("query", "ascending")])
+        self.user_ids = table.column("user_id").to_numpy(zero_copy_only=False).astype(object)
+        self.cutoff_us = table.column("cutoff").cast("int64").to_numpy()
+        self.queries = table.column("query").to_pylist()
+        self.answers = table.column("answer").to_pylist()
+        is_uqa = pc.equal(table.column("source"), "uqa").to_numpy(zero_copy_only=False)
+        parts = ds.partitions
+        self.partition_of = np.searchsorted(parts.bounds, np.searchsorted(parts.user_ids, self.user_ids), side="right") - 1
+        self._epoch_plan = self._plan(is_uqa, uqa_fraction)
+        self._epoch_cache: tuple[int, np.ndarray] | None = None
+        self._records: dict[int, dict[str, UserRecord]] = {}
+        self._tok_query = lru_cache(maxsize=65536)(lambda q: tokenize_query(tokenizer, q, model_cfg.max_query_tokens))
+        self._tok_answer = lru_cache(maxsize=65536)(
+            lambda a: tokenize_answer(tokenizer, a, model_cfg.max_answer_tokens, token_ids.end))
+
+    def __len__(self) -> int:
+        """Pairs per epoch (after balancing the two sources)."""
+        return sum(len(f) + k for f, _, k in self._epoch_plan.values())
+
+    def _plan(self, is_uqa: np.ndarray, uqa_fraction: float) -> dict[int, tuple[np.ndarray, np.ndarray, int]]:
+        """Per partition: (future pair ids, uqa pair ids, how many uqa pairs an epoch samples)."""
+        plan = {}
+        for part in np.unique(self.partition_of):
+            idx = np.flatnonzero(self.partition_of == part)
+            fut, uqa = idx[~is_uqa[idx]], idx[is_uqa[idx]]
+            if 0 < uqa_fraction < 1 and len(fut):
+                k = min(len(uqa), int(round(len(fut) * uqa_fraction / (1 - uqa_fraction))))
+            else:
+                k = len(uqa) if uqa_fraction > 0 else 0
+            plan[int(part)] = (fut, uqa, k)
+        return plan
+
+    def epoch_order(self, epoch: int) -> np.ndarray:
+        """Pair ids of one epoch: partitions in shuffled order, pairs shuffled within each."""
+        if self._epoch_cache is not None and self._epoch_cache[0] == epoch:
+            return self._epoch_cache[1]
+        rng = np.random.default_rng([self.seed, epoch])
+        chunks = []
+        for part in rng.permutation(sorted(self._epoch_plan)):
+            fut, uqa, k = self._epoch_plan[int(part)]
+            chosen = np.concatenate([fut, rng.choice(uqa, size=k, replace=False) if k < len(uqa) else uqa])
+            chunks.append(rng.permutation(chosen))
+        order = np.concatenate(chunks) if chunks else np.zeros(0, np.int64)
+        self._epoch_cache = (epoch, order)
+        return order
+
+    def pair_ids(self, step: int, batch_size: int, rank: int = 0, world: int = 1) -> np.ndarray:
+        n = len(self)
+        if n < batch_size * world:
+            raise ValueError(f"only {n} pretraining pairs per epoch, fewer than one global batch ({batch_size * world})")
+        per_epoch = n // (batch_size * world)  # the epoch's ragged tail is dropped: batches stay full
+        epoch, within = divmod(step, per_epoch)
+        start = within * batch_size * world + rank * batch_size
+        return self.epoch_order(epoch)[start : start + batch_size]
+
+    def _record(self, user_id: str, part: int) -> UserRecord:
+        if part not in self._records:
+            if len(self._records) >= 2:  # a batch spans at most two partitions
+                self._records.pop(next(iter(self._records)))
+            ids = self.ds.partitions.ids_of(part)
+            self._records[part] = {r.user_id: r for r in self.ds._read_partition(part, ids)}
+        return self._records[part][user_id]
+
+    def batch(self, step: int, batch_size: int, rank: int = 0, world: int = 1) -> PretrainBatch:
+        ids = self.pair_ids(step, batch_size, rank, world)
+        packed = [self.packer.pack(self._record(self.user_ids[i], int(self.partition_of[i])), int(self.cutoff_us[i])) for i in ids]
+        users = collate_users(packed, self.ds.manifest, self.packer.cache.vectors, len(self.ds.tabular_columns))
+        queries = pad_token_ids([self._tok_query(self.queries[i]) for i in ids], self.token_ids.pad)
+        answers = pad_token_ids([self._tok_answer(self.answers[i]) for i in ids], self.token_ids.pad, [self.answers[i] for i in ids])
+        hashes = torch.tensor([zlib.crc32(self.answers[i].encode()) for i in ids], dtype=torch.long)
+        return PretrainBatch(users, queries, answers, hashes)

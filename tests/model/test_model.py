@@ -1,0 +1,162 @@
+from __future__ import annotations
+
+import ast
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+
+from qanchor.config import LossConfig, load_config
+from qanchor.data.batch import TextBatch
+from qanchor.data.manifest import Manifest
+from qanchor.model.factory import ModelMeta, build_model, load_checkpoint, save_checkpoint
+from qanchor.model.layout import special_token_names
+from tests.model.helpers import model_and_stream
+
+
+@pytest.fixture(scope="module")
+def setup(tiny_dataset, tmp_path_factory):
+    ds_dir = tmp_path_factory.mktemp("m") / "ds"
+    shutil.copytree(tiny_dataset, ds_dir, ignore=shutil.ignore_patterns(".qanchor_cache"))
+    return model_and_stream(ds_dir)
+
+
+def test_forward_shapes_norms_and_losses(setup):
+    model, _, stream, *_ = setup
+    model.eval()
+    batch = stream.batch(0, 4)
+    out = model(batch)
+    assert out.anchor.shape == (4, 128) and out.answer.shape == (4, 128)
+    assert torch.allclose(out.anchor.norm(dim=-1), torch.ones(4), atol=1e-5)
+    assert torch.isfinite(out.loss) and out.loss_contrastive > 0 and out.loss_ntp > 0
+    assert torch.allclose(out.loss, out.loss_contrastive + out.loss_ntp)
+    cl_only = model(batch, LossConfig(mode="contrastive"))
+    assert cl_only.loss_ntp == 0 and torch.allclose(cl_only.loss, out.loss_contrastive)
+    ntp_only = model(batch, LossConfig(mode="ntp"))
+    assert ntp_only.answer is None and torch.allclose(ntp_only.loss, out.loss_ntp, atol=1e-5)
+    assert torch.allclose(ntp_only.anchor, out.anchor, atol=1e-5)  # the answer never reaches the anchor
+
+
+def test_anchor_is_causal_and_query_conditioned(setup):
+    model, _, stream, *_ = setup
+    model.eval()
+    batch = stream.batch(1, 4)
+    with torch.no_grad():
+        a = model(batch).anchor
+        scrambled = TextBatch(torch.flip(batch.answers.ids, dims=[0]), torch.flip(batch.answers.lengths, dims=[0]))
+        batch.answers = scrambled
+        b = model(batch).anchor
+        batch.queries = TextBatch(batch.queries.ids[:, :2].clone(), torch.full((4,), 2))
+        c = model(batch).anchor
+    assert torch.allclose(a, b, atol=1e-6)
+    assert (a - c).abs().max() > 1e-3
+
+
+def test_gradients_reach_every_trainable_part(setup):
+    model, _, stream, *_ = setup
+    model.train()
+    model.zero_grad()
+    model(stream.batch(2, 4)).loss.backward()
+    for name in ("user_encoder.modal_adapter", "user_encoder.user_adapter", "user_encoder.event_adapters.bill",
+                 "user_encoder.tabular", "projection", "backbone"):
+        grads = [p.grad for n, p in model.named_parameters() if n.startswith(name) and p.grad is not None]
+        assert grads and any(g.abs().sum() > 0 for g in grads), name
+
+
+def test_save_load_identical_embeddings(setup, tmp_path):
+    model, tokenizer, stream, ds, packer, cfg = setup
+    model.eval()
+    batch = stream.batch(0, 4)
+    with torch.no_grad():
+        before = model(batch)
+    meta = ModelMeta(ds.manifest.to_dict(), packer.cache.dim, {}, list(ds.tabular_columns))
+    save_checkpoint(tmp_path / "ck", model, tokenizer, cfg, meta)
+    loaded, tok2, meta2, cfg2 = load_checkpoint(tmp_path / "ck")
+    with torch.no_grad():
+        after = loaded(batch)
+    assert torch.equal(before.anchor, after.anchor) and torch.equal(before.answer, after.answer)
+    assert torch.equal(before.loss, after.loss)
+    assert tok2.convert_tokens_to_ids("<|user_emb|>") == model.token_ids.user_emb
+
+
+def test_checkpoint_version_refused(setup, tmp_path):
+    from qanchor.errors import CheckpointError
+
+    model, tokenizer, _, ds, packer, cfg = setup
+    meta = ModelMeta(ds.manifest.to_dict(), packer.cache.dim, {}, list(ds.tabular_columns), format_version=99)
+    save_checkpoint(tmp_path / "old", model, tokenizer, cfg, meta)
+    with pytest.raises(CheckpointError, match="format 99"):
+        load_checkpoint(tmp_path / "old")
+
+
+def test_empty_modality_uses_learned_empty_token(setup):
+    model, _, stream, *_ = setup
+    model.eval()
+    from qanchor.data.batch import collate_users
+
+    users = [stream.packer.pack(stream.ds.user(uid)) for uid in ("u000", "u001")]  # u000: no events; u001: no search
+    batch = collate_users(users, stream.ds.manifest, stream.packer.cache.vectors, 2)
+    with torch.no_grad():
+        tokens = model.user_encoder(batch)
+    names = model.user_encoder.names
+    search = names.index("search")
+    assert torch.equal(tokens.modality[1, search], model.user_encoder.empty[search])
+    assert torch.equal(tokens.modality[0, names.index("bill")], model.user_encoder.empty[names.index("bill")])
+    assert not torch.equal(tokens.modality[1, names.index("bill")], model.user_encoder.empty[names.index("bill")])
+
+
+def _int_literals() -> set[int]:
+    found = set()
+    for path in Path("qanchor").rglob("*.py"):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.Constant) and isinstance(node.value, int) and not isinstance(node.value, bool):
+                found.add(node.value)
+    return found
+
+
+def test_no_token_id_literal_in_code(setup):
+    _, tokenizer, *_ = setup
+    literals = _int_literals()
+    special = {tokenizer.convert_tokens_to_ids(n) for n in special_token_names(["bill", "app", "search", "tabular"])}
+    qwen_specials = set(range(151643, 151700)) | {77091}  # what the authors' code hard-coded
+    # Small ids (BERT's 100-103) collide with ordinary constants such as -100; the ids a hard-coding bug
+    # would write are the added tokens' and Qwen's, all far above any constant the code needs.
+    assert min(special) > 30000
+    assert not literals & (special | qwen_specials)
+
+
+@pytest.mark.parametrize("preset,hidden,layers", [("qwen2.5-0.5b", 896, 24), ("smollm2-135m", 576, 30)])
+def test_large_presets_build_without_weights(preset, hidden, layers):
+    cfg = load_config(Path("configs/model") / f"{preset}.yaml")
+    manifest = Manifest.from_dict({"name": "x", "cutoff": "2024-01-01", "modalities": [
+        {"name": n} for n in ("bill", "mini", "spm", "app", "search")] + [{"name": "tabular", "kind": "tabular"}]})
+    from qanchor.model.backbone import load_tokenizer
+
+    tokenizer = load_tokenizer(load_config(Path("configs/model/tiny.yaml")).backbone)  # no hub access in tests
+    with torch.device("meta"):
+        model, _ = build_model(cfg, manifest, 384, [f"f{i}" for i in range(40)], load_weights=False, tokenizer=tokenizer)
+    assert model.hidden_size == hidden
+    base = model.backbone.get_base_model() if hasattr(model.backbone, "get_base_model") else model.backbone
+    assert base.config.num_hidden_layers == layers
+    if preset == "qwen2.5-0.5b":
+        assert any("lora_A" in n for n, _ in model.named_parameters())
+        trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+        assert not any("q_proj.base_layer" in n for n in trainable)  # base weights frozen under LoRA
+    assert model.user_encoder.tabular.n_tokens == cfg.user_encoder.tabular_tokens
+
+
+@pytest.mark.parametrize("n_modalities", [2, 8])
+def test_encoder_built_from_any_manifest(n_modalities):
+    from qanchor.config import UserEncoderConfig
+    from qanchor.data.batch import ModalityBatch, UserBatch
+    from qanchor.model.user_encoder import HierarchicalUserEncoder
+
+    manifest = Manifest.from_dict({"name": "x", "cutoff": "2024-01-01",
+                                   "modalities": [{"name": f"m{i}", "numeric_columns": ["a"] * (i % 2)} for i in range(n_modalities)]})
+    enc = HierarchicalUserEncoder(manifest, UserEncoderConfig(adapter_hidden=16), text_dim=8, hidden=12, n_tabular=0)
+    mods = {m.name: ModalityBatch(torch.randn(3, 5, 8), torch.randn(3, 5, 7 + 2 * len(m.numeric_columns)), torch.rand(3, 5) > 0.3)
+            for m in manifest.modalities}
+    out = enc(UserBatch(["a", "b", "c"], mods))
+    assert out.modality.shape == (3, n_modalities, 12) and out.user.shape == (3, 12)
+    assert len(out.events) == n_modalities

@@ -1,0 +1,45 @@
+"""Run under torchrun (1 or 2 processes): one DeepSpeed step of the tiny model on a global batch of 4.
+
+Writes the global loss and every averaged gradient to ``<out>`` (safetensors) from rank 0.
+"""
+
+from __future__ import annotations
+
+import sys
+
+import torch
+from safetensors.torch import save_file
+
+from qanchor.config import DataConfig, LossConfig, ModelConfig, TrainConfig, load_config
+from qanchor.data.dataset import load_dataset
+from qanchor.data.packing import UserPacker
+from qanchor.data.text_cache import SentenceEncoder, TextVectorCache
+from qanchor.model.factory import build_model
+from qanchor.train.distributed import all_reduce_sum, gather_with_grad, global_mean_loss
+from qanchor.train.engine import init_distributed, initialize
+from qanchor.train.pairs import PretrainStream
+
+
+def main(dataset_dir: str, out: str) -> None:
+    rank, world = init_distributed()
+    ds = load_dataset(dataset_dir)
+    data_cfg = DataConfig(default_max_events=8)
+    packer = UserPacker(ds.manifest, data_cfg, TextVectorCache(ds.cache_dir / "text", SentenceEncoder()))
+    model_cfg: ModelConfig = load_config("configs/model/tiny.yaml", ["user_encoder.dropout=0.0"])
+    torch.manual_seed(0)
+    model, tokenizer = build_model(model_cfg, ds.manifest, packer.cache.dim, ds.tabular_columns)
+    model.eval()  # no dropout anywhere: the two runs must see the same function
+    stream = PretrainStream(ds, packer, tokenizer, model.token_ids, model_cfg, seed=0)
+    per_rank = 4 // world
+    engine, _ = initialize(model, TrainConfig(batch_size=per_rank, max_steps=1, warmup_steps=0), world)
+    batch = stream.batch(0, per_rank, rank, world)
+    output = engine(batch, LossConfig(), gather=gather_with_grad, normalise=global_mean_loss, rank=rank)
+    engine.backward(output.loss)
+    losses = all_reduce_sum(torch.stack([output.loss, output.loss_contrastive, output.loss_ntp]).detach()) / world
+    if rank == 0:
+        grads = {f"grad.{n}": p.grad.detach().clone().contiguous() for n, p in model.named_parameters() if p.grad is not None}
+        save_file({"losses": losses.contiguous(), **grads}, out)
+
+
+if __name__ == "__main__":
+    main(sys.argv[1], sys.argv[2])

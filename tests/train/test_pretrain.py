@@ -1,0 +1,87 @@
+"""Pretraining runs end to end under DeepSpeed: metrics, checkpoints, kill + resume, rank parity."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from tests.model.helpers import model_and_stream
+
+ROOT = Path(__file__).resolve().parents[2]
+ENV = {**{k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_PORT")},
+       "HF_HUB_OFFLINE": "1", "PYTHONUNBUFFERED": "1"}
+
+
+@pytest.fixture(scope="module")
+def prepared(tiny_dataset, tmp_path_factory) -> Path:
+    """A copy of the tiny dataset with UserU pairs and a full text cache."""
+    ds_dir = tmp_path_factory.mktemp("pt") / "ds"
+    shutil.copytree(tiny_dataset, ds_dir, ignore=shutil.ignore_patterns(".qanchor_cache"))
+    model_and_stream(ds_dir)
+    return ds_dir
+
+
+def _pretrain_cmd(ds_dir: Path, out: Path, *extra: str) -> list[str]:
+    return [sys.executable, "-m", "qanchor.cli", "pretrain", "--config", str(ROOT / "configs/pretrain/tiny-synth.yaml"),
+            f"data.path={ds_dir}", f"output_dir={out}", "data.default_max_events=8", "data.max_events={}",
+            "train.batch_size=4", "train.log_every=1", "train.warmup_steps=2", *extra]
+
+
+def _metrics(out: Path) -> list[dict]:
+    return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_kill_and_resume(prepared, tmp_path):
+    out = tmp_path / "run"
+    proc = subprocess.Popen(_pretrain_cmd(prepared, out, "train.max_steps=40", "train.save_every=3"), cwd=ROOT, env=ENV,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, start_new_session=True)
+    deadline = time.time() + 240
+    while not (out / "ds_state" / "step-0000006").exists():
+        assert proc.poll() is None, proc.stderr.read().decode()[-2000:]
+        assert time.time() < deadline, "no checkpoint at step 6 within 4 minutes"
+        time.sleep(0.2)
+    os.killpg(proc.pid, signal.SIGKILL)  # a hard kill, as a preempted node would see
+    proc.wait()
+    killed_at = max(r["step"] for r in _metrics(out))
+    assert 6 <= killed_at < 40
+    refused = subprocess.run(_pretrain_cmd(prepared, out, "train.max_steps=10"), cwd=ROOT, env=ENV, capture_output=True, text=True)
+    assert refused.returncode == 2 and "resume=true" in refused.stderr  # never silently overwrites a run
+    resumed = subprocess.run(_pretrain_cmd(prepared, out, "train.max_steps=10", "train.save_every=3", "resume=true"),
+                             cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=300)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    steps = [r["step"] for r in _metrics(out)]
+    assert steps == sorted(set(steps)) and steps[-1] == 10  # no step logged twice, ends at max_steps
+    assert all(torch.isfinite(torch.tensor(r["loss"])) for r in _metrics(out))
+    assert (out / "checkpoint" / "STEP").read_text().strip() == "10"
+    assert {"step", "loss", "loss_contrastive", "loss_ntp", "lr", "samples_per_s"} <= set(_metrics(out)[-1])
+
+
+def _torchrun(n: int, ds_dir: Path, out: Path) -> None:
+    with socket.socket() as sock:  # torchrun's static rendezvous needs a real free port
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={n}", f"--master_port={port}",
+           str(ROOT / "tests/train/parity_worker.py"), str(ds_dir), str(out)]
+    proc = subprocess.run(cmd, cwd=ROOT, env={**ENV, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+
+
+def test_two_ranks_match_one_rank(prepared, tmp_path):
+    _torchrun(1, prepared, tmp_path / "one.safetensors")
+    _torchrun(2, prepared, tmp_path / "two.safetensors")
+    one, two = load_file(tmp_path / "one.safetensors"), load_file(tmp_path / "two.safetensors")
+    assert torch.allclose(one["losses"], two["losses"], atol=1e-5), (one["losses"], two["losses"])
+    assert one.keys() == two.keys() and len(one) > 20
+    worst = max((one[k] - two[k]).abs().max().item() / (one[k].abs().max().item() + 1e-8) for k in one if k != "losses")
+    assert worst < 1e-4, worst
