@@ -11,6 +11,7 @@
 from __future__ import annotations
 
 import argparse
+import importlib
 import sys
 import time
 from pathlib import Path
@@ -20,12 +21,14 @@ from qanchor.errors import QAnchorError
 __all__ = ["main", "build_parser"]
 
 EXIT_USER_ERROR = 2
-_NOT_YET = {
-    "prompt-tune": "issue #5 (cluster-based soft prompt tuning)",
-    "embed": "issue #4 (inference and batch export)",
-    "update": "issue #4 (daily incremental update)",
-    "index": "issue #4 (faiss look-alike search)",
-    "bench": "issue #6 (AUC/KS benchmark)",
+# Subcommands owned by later stages: each module has ``register(subparsers)`` adding its commands.
+# Until a module exists, its commands say so and exit non-zero.
+_PLUGINS = {
+    "qanchor.infer.commands": {"embed": "issue #4 (inference and batch export)",
+                               "update": "issue #4 (daily incremental update)",
+                               "index": "issue #4 (faiss look-alike search)"},
+    "qanchor.tune.commands": {"prompt-tune": "issue #5 (cluster-based soft prompt tuning)"},
+    "qanchor.bench.commands": {"bench": "issue #6 (AUC/KS benchmark)"},
 }
 
 
@@ -119,10 +122,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("overrides", nargs="*", help="key=value overrides, e.g. train.max_steps=100")
     p.set_defaults(func=_cmd_pretrain)
 
-    for name, where in _NOT_YET.items():
-        p = sub.add_parser(name, help=f"not implemented yet: {where}")
-        p.add_argument("rest", nargs=argparse.REMAINDER)
-        p.set_defaults(func=lambda args, name=name, where=where: _not_yet(name, where))
+    for module, commands in _PLUGINS.items():
+        try:
+            importlib.import_module(module).register(sub)
+        except ModuleNotFoundError as exc:
+            if not (module == exc.name or module.startswith(f"{exc.name}.")):
+                raise  # a real missing dependency inside an existing module
+            for name, where in commands.items():
+                p = sub.add_parser(name, help=f"not implemented yet: {where}")
+                p.add_argument("rest", nargs=argparse.REMAINDER)
+                p.set_defaults(func=lambda args, name=name, where=where: _not_yet(name, where))
     return parser
 
 

@@ -36,7 +36,8 @@ from qanchor.model.backbone import (
 from qanchor.model.layout import TokenIds, special_token_names
 from qanchor.model.qanchor_model import QAnchorModel
 
-__all__ = ["FORMAT_VERSION", "ModelMeta", "build_model", "save_checkpoint", "load_checkpoint"]
+__all__ = ["FORMAT_VERSION", "ModelMeta", "build_model", "save_checkpoint", "load_checkpoint", "checkpoint_hash",
+           "resolve_checkpoint_dir", "read_meta"]
 
 FORMAT_VERSION = 1
 
@@ -109,6 +110,28 @@ def save_checkpoint(out_dir: str | Path, model: QAnchorModel, tokenizer: Any, ru
     return out_dir
 
 
+def resolve_checkpoint_dir(ckpt: str | Path) -> Path:
+    """A checkpoint directory, or a pretraining output_dir whose ``checkpoint/`` holds the latest one."""
+    ckpt = Path(ckpt)
+    if not (ckpt / "qanchor.json").exists() and (ckpt / "checkpoint" / "qanchor.json").exists():
+        return ckpt / "checkpoint"
+    return ckpt
+
+
+def checkpoint_hash(ckpt: str | Path) -> str:
+    """SHA-256 of a checkpoint's weights: scenario heads record it and refuse any other checkpoint."""
+    import hashlib
+
+    path = resolve_checkpoint_dir(ckpt) / "model.safetensors"
+    if not path.exists():
+        raise CheckpointError(f"{path} not found; is {ckpt} a qanchor checkpoint?")
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
 def read_meta(ckpt: Path) -> ModelMeta:
     path = ckpt / "qanchor.json"
     if not path.exists():
@@ -124,9 +147,7 @@ def load_checkpoint(ckpt: str | Path, device: str | torch.device = "cpu") -> tup
     """Rebuild model, tokenizer, metadata and run config from a checkpoint directory (safetensors only)."""
     from transformers import AutoConfig, AutoTokenizer
 
-    ckpt = Path(ckpt)
-    if not (ckpt / "qanchor.json").exists() and (ckpt / "checkpoint" / "qanchor.json").exists():
-        ckpt = ckpt / "checkpoint"  # a pretraining output_dir: use its latest checkpoint
+    ckpt = resolve_checkpoint_dir(ckpt)
     meta = read_meta(ckpt)
     for name in ("config.yaml", "backbone_config.json", "model.safetensors"):
         if not (ckpt / name).exists():
