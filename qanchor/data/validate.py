@@ -63,7 +63,7 @@ def validate_dataset(dataset_dir: str | Path) -> ValidationReport:
         _check_event_file(path, manifest, report, users)
     report.n_event_files = len(files)
     _check_tabular(root, manifest, report, users)
-    _check_tasks(root, manifest, report)
+    _check_tasks(root, manifest, report, users)
     _check_userU(root, manifest, report)
     report.n_users = len(users)
     return report
@@ -198,7 +198,7 @@ def _check_tabular(root: Path, manifest: Manifest, report: ValidationReport, use
     users.update(table.column("user_id").to_pylist())
 
 
-def _check_tasks(root: Path, manifest: Manifest, report: ValidationReport) -> None:
+def _check_tasks(root: Path, manifest: Manifest, report: ValidationReport, users: set[str]) -> None:
     declared = {t.name for t in manifest.tasks}
     for path in sorted((root / TASKS_DIR).glob("*.parquet")):
         if path.stem not in declared:
@@ -225,6 +225,7 @@ def _check_tasks(root: Path, manifest: Manifest, report: ValidationReport) -> No
             if bad is not None:
                 raise DataValidationError(str(path), "prob must lie in [0, 1]", column="prob", row=bad)
         report.task_counts[task.name] = (table.num_rows, int(values.sum()))
+        users.update(table.column("user_id").to_pylist())  # a labelled user with no events is still a user
 
 
 def _check_userU(root: Path, manifest: Manifest, report: ValidationReport) -> None:
