@@ -12,7 +12,7 @@ CONFIG ?=
 ARGS ?=
 PYTEST_ARGS ?=
 
-.PHONY: help install test test-all lint demo data pretrain prompt-tune bench clean
+.PHONY: help install test lint demo data data-cj data-synth pretrain prompt-tune bench clean
 
 help: ## list the targets
 	@grep -E '^[a-zA-Z_-]+:.*## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*## "} {printf "  make %-12s %s\n", $$1, $$2}'
@@ -35,9 +35,13 @@ test: install ## run the test suite (gpu tests skip without CUDA)
 lint: install ## ruff
 	$(VENV)/bin/ruff check qanchor data_tools benchmarks tests
 
-data: install ## build the Complete Journey and a 2,000-user synthetic dataset, with UserU pairs
+data: data-cj data-synth ## build Complete Journey and a 2,000-user synthetic dataset, with UserU pairs
+
+data-cj: install
 	test -f $(CJ)/manifest.yaml || $(QA) data completejourney --out $(CJ)
 	test -f $(CJ)/userU.parquet || $(QA) data userU $(CJ)
+
+data-synth: install
 	test -f $(SYNTH)/manifest.yaml || $(QA) data synth --out $(SYNTH) --users 2000 --seed 1
 	test -f $(SYNTH)/userU.parquet || $(QA) data userU $(SYNTH)
 
@@ -50,7 +54,7 @@ prompt-tune: install ## cluster-based soft prompt tuning of scenario heads
 bench: install ## AUC/KS benchmark with peers
 	$(QA) bench --config $(or $(CONFIG),configs/bench/tiny-cj.yaml) $(ARGS)
 
-demo: install data ## end to end on Complete Journey: data, pretrain, prompt-tune, bench
+demo: install data-cj ## end to end on Complete Journey: data, pretrain, prompt-tune, bench
 	$(MAKE) pretrain CONFIG=configs/pretrain/tiny-cj.yaml ARGS="data.path=$(CJ) output_dir=runs/demo/pretrain $(ARGS)"
 	$(MAKE) prompt-tune CONFIG=configs/prompt_tune/tiny-cj.yaml ARGS="model=runs/demo/pretrain data.path=$(CJ) output_dir=runs/demo/heads"
 	$(MAKE) bench CONFIG=configs/bench/tiny-cj.yaml ARGS="model=runs/demo/pretrain data.path=$(CJ) heads_dir=runs/demo/heads output_dir=results/demo"

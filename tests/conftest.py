@@ -79,3 +79,15 @@ def build_tiny_dataset(out: Path, n_users: int = 40, seed: int = 0) -> Path:
 @pytest.fixture(scope="session")
 def tiny_dataset(tmp_path_factory) -> Path:
     return build_tiny_dataset(tmp_path_factory.mktemp("tiny") / "ds")
+
+
+def pytest_collection_modifyitems(config, items):
+    """`gpu` tests need CUDA: skip them, with the reason, on machines without it."""
+    import torch
+
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs CUDA (marked gpu)")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip)

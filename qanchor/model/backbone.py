@@ -144,8 +144,9 @@ def build_backbone(cfg: BackboneConfig, vocab_size: int, load_weights: bool = Tr
                                   "Point it at a local directory with config.json and safetensors weights.") from None
         if model.config.hidden_size != cfg.hidden_size:
             raise ConfigError(f"model.backbone.hidden_size={cfg.hidden_size} but '{cfg.name_or_path}' has {model.config.hidden_size}")
-    if cfg.gradient_checkpointing:
-        model.gradient_checkpointing_enable()
+    if cfg.gradient_checkpointing:  # transformers 5 renamed the switch; keep both working
+        enable = getattr(model, "activation_checkpointing_enable", None) or model.gradient_checkpointing_enable
+        enable()
         model.config.use_cache = False
     return model
 

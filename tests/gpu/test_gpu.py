@@ -1,0 +1,65 @@
+"""GPU-only paths: bf16 training under DeepSpeed, flash-attention 2, cached == uncached on CUDA.
+
+Skipped without CUDA (see tests/conftest.py). Run on a GPU node with `pytest -m gpu`.
+"""
+
+from __future__ import annotations
+
+import shutil
+
+import pytest
+import torch
+
+from qanchor.config import LossConfig, TrainConfig
+from qanchor.data.batch import collate_users
+from qanchor.infer.prefix import anchor_hidden, anchor_hidden_uncached, encode_prefixes
+from tests.model.helpers import model_and_stream, tiny_cfg
+
+pytestmark = pytest.mark.gpu
+
+
+@pytest.fixture(scope="module")
+def ds_dir(tiny_dataset, tmp_path_factory):
+    out = tmp_path_factory.mktemp("gpu") / "ds"
+    shutil.copytree(tiny_dataset, out, ignore=shutil.ignore_patterns(".qanchor_cache"))
+    return out
+
+
+def test_bf16_deepspeed_step_is_finite(ds_dir):
+    from qanchor.train.distributed import gather_with_grad, global_mean_loss
+    from qanchor.train.engine import init_distributed, initialize
+
+    _, world = init_distributed()
+    model, _, stream, *_ = model_and_stream(ds_dir, tiny_cfg(["model.backbone.dtype=bfloat16"]))
+    engine, _ = initialize(model.cuda(), TrainConfig(batch_size=4, max_steps=2, warmup_steps=0, precision="bf16"), world)
+    for step in range(2):
+        out = engine(stream.batch(step, 4).to("cuda"), LossConfig(), gather=gather_with_grad, normalise=global_mean_loss)
+        engine.backward(out.loss)
+        engine.step()
+        assert torch.isfinite(out.loss)
+
+
+def test_cached_equals_uncached_on_cuda(ds_dir):
+    model, tokenizer, stream, ds, packer, _ = model_and_stream(ds_dir)
+    model = model.cuda().eval()
+    users = collate_users([packer.pack(ds.user(u)) for u in ("u001", "u002", "u003")], ds.manifest,
+                          packer.cache.vectors, len(ds.tabular_columns)).to("cuda")
+    query = torch.tensor(tokenizer("will this user churn?", add_special_tokens=False)["input_ids"], device="cuda")
+    index = torch.tensor([0, 1, 2, 1], device="cuda")
+    with torch.no_grad():
+        suffixes = [model.suffix(query, None)] * 4
+        cached = anchor_hidden(model, encode_prefixes(model, users), index, suffixes)
+        full = anchor_hidden_uncached(model, users, index, suffixes)
+    assert (cached - full).abs().max() < 1e-3
+
+
+def test_flash_attention_backbone_builds():
+    pytest.importorskip("flash_attn")
+    from qanchor.config import BackboneConfig
+    from qanchor.model.backbone import build_backbone, resolve_attn_implementation
+
+    cfg = BackboneConfig(dtype="bfloat16", attn_implementation="auto")
+    assert resolve_attn_implementation(cfg) == "flash_attention_2"
+    model = build_backbone(cfg, vocab_size=1000).cuda()
+    out = model(input_ids=torch.randint(0, 1000, (2, 16), device="cuda"))
+    assert torch.isfinite(out.logits.float()).all()
