@@ -20,17 +20,10 @@ from dataclasses import dataclass
 import torch
 
 from qanchor.data.batch import UserBatch
+from qanchor.model.layout import pad_right
 from qanchor.model.qanchor_model import QAnchorModel
 
 __all__ = ["PrefixCache", "encode_prefixes", "anchor_hidden", "anchor_hidden_uncached", "pad_right"]
-
-
-def pad_right(rows: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(L_b, H) rows -> embeds (B, L, H), mask long (B, L), lengths long (B,)."""
-    embeds = torch.nn.utils.rnn.pad_sequence(rows, batch_first=True)  # (B, L, H)
-    lengths = torch.tensor([r.shape[0] for r in rows], device=embeds.device)
-    mask = (torch.arange(embeds.shape[1], device=embeds.device)[None, :] < lengths[:, None]).long()
-    return embeds, mask, lengths
 
 
 @dataclass
@@ -44,7 +37,7 @@ class PrefixCache:
     def __len__(self) -> int:
         return int(self.lengths.shape[0])
 
-    def select(self, index: torch.Tensor) -> "PrefixCache":
+    def select(self, index: torch.Tensor) -> PrefixCache:
         """A copy holding rows ``index`` (repeats allowed): one row per suffix to run.
 
         A forward appends the suffix's keys/values to its cache, so every run needs its own copy.

@@ -15,7 +15,8 @@ import torch
 
 from qanchor.model.user_encoder import UserTokens
 
-__all__ = ["USER", "USER_EMB", "M_START", "M_END", "modality_token", "special_token_names", "TokenIds", "build_prefixes"]
+__all__ = ["USER", "USER_EMB", "M_START", "M_END", "modality_token", "special_token_names", "TokenIds", "build_prefixes",
+           "pad_right"]
 
 USER, USER_EMB, M_START, M_END = "<|user|>", "<|user_emb|>", "<|m_start|>", "<|m_end|>"
 
@@ -76,3 +77,11 @@ def build_prefixes(tokens: UserTokens, ids: TokenIds, embed: torch.nn.Module, su
             parts += [start, tokens.events[m][b][tokens.event_mask[m][b]], end]  # only real events
         prefixes.append(torch.cat(parts, dim=0))  # (L_b, H)
     return prefixes
+
+
+def pad_right(rows: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(L_b, H) rows -> embeds (B, L, H), attention mask long (B, L), lengths long (B,)."""
+    embeds = torch.nn.utils.rnn.pad_sequence(rows, batch_first=True)  # (B, L, H)
+    lengths = torch.tensor([r.shape[0] for r in rows], device=embeds.device)
+    mask = (torch.arange(embeds.shape[1], device=embeds.device)[None, :] < lengths[:, None]).long()
+    return embeds, mask, lengths

@@ -17,7 +17,7 @@ from torch import nn
 from qanchor.config import LossConfig, ModelConfig
 from qanchor.data.batch import TextBatch, UserBatch
 from qanchor.data.manifest import Manifest
-from qanchor.model.layout import TokenIds, build_prefixes
+from qanchor.model.layout import TokenIds, build_prefixes, pad_right
 from qanchor.model.losses import combine, masked_infonce, next_token_loss
 from qanchor.model.user_encoder import HierarchicalUserEncoder
 
@@ -109,7 +109,7 @@ class QAnchorModel(nn.Module):
             if want_ntp:
                 lab[anchor_pos[-1] + 1 :] = a  # only answer tokens are targets
             labels.append(lab)
-        embeds, mask = _pad_rows(rows)
+        embeds, mask, _ = pad_right(rows)
         hidden = self.decoder(embeds, mask).last_hidden_state  # (B, L, H)
         pos = torch.tensor(anchor_pos, device=hidden.device)
         anchor = self.project(hidden[torch.arange(len(rows), device=hidden.device), pos])  # (B, D)
@@ -141,11 +141,3 @@ class QAnchorModel(nn.Module):
         hidden = self.decoder(embeds, mask.long()).last_hidden_state  # (B, La, H)
         last = hidden[torch.arange(len(answers.lengths), device=hidden.device), answers.lengths - 1]
         return self.project(last)
-
-
-def _pad_rows(rows: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
-    """Right-pad (L_b, H) rows to (B, L, H) with an attention mask (B, L)."""
-    embeds = torch.nn.utils.rnn.pad_sequence(rows, batch_first=True)  # (B, L, H)
-    lengths = torch.tensor([r.shape[0] for r in rows], device=embeds.device)
-    mask = (torch.arange(embeds.shape[1], device=embeds.device)[None, :] < lengths[:, None]).long()
-    return embeds, mask
