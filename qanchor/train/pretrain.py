@@ -89,8 +89,8 @@ def run_pretrain(config_path: str | Path | None, overrides: list[str] | tuple[st
     meta = ModelMeta(ds.manifest.to_dict(), packer.cache.dim, cfg.data.text_encoder.__dict__, list(ds.tabular_columns))
     stream = PretrainStream(ds, packer, tokenizer, model.token_ids, cfg.model, cfg.train.seed, cfg.train.uqa_fraction)
     engine, _ = initialize(model, cfg.train, world)
+    torch.manual_seed(cfg.train.seed * 1000 + rank)  # dropout streams differ per rank
     start = _maybe_resume(engine, out, cfg.resume)
-    torch.manual_seed(cfg.train.seed * 1000 + rank + start)  # dropout streams differ per rank and per resume point
     metrics = MetricsLog(out / "metrics.jsonl", start if cfg.resume else None) if rank == 0 else None
     out.mkdir(parents=True, exist_ok=True)
     _train_loop(cfg, engine, stream, start, rank, world, metrics, progress,
@@ -103,6 +103,7 @@ def _maybe_resume(engine, out: Path, resume: bool) -> int:
     if not resume or not (state / "latest").exists():
         return 0
     _, client = engine.load_checkpoint(str(state), load_optimizer_states=True, load_lr_scheduler_states=True)
+    torch.set_rng_state(client["torch_rng"])  # dropout continues exactly where the killed run was
     return int(client["step"])
 
 
@@ -138,7 +139,7 @@ def _train_loop(cfg: PretrainConfig, engine, stream: PretrainStream, start: int,
 
 def _save(cfg: PretrainConfig, engine, model, tokenizer, meta: ModelMeta, out: Path, step: int, rank: int) -> None:
     state = out / "ds_state"
-    engine.save_checkpoint(str(state), tag=f"step-{step:07d}", client_state={"step": step})
+    engine.save_checkpoint(str(state), tag=f"step-{step:07d}", client_state={"step": step, "torch_rng": torch.get_rng_state()})
     with gathered_parameters(model, cfg.train.zero_stage):
         if rank == 0:
             save_checkpoint(out / "checkpoint", model, tokenizer, cfg, meta, extra_files={"STEP": f"{step}\n"})

@@ -35,7 +35,8 @@ def prepared(tiny_dataset, tmp_path_factory) -> Path:
 def _pretrain_cmd(ds_dir: Path, out: Path, *extra: str) -> list[str]:
     return [sys.executable, "-m", "qanchor.cli", "pretrain", "--config", str(ROOT / "configs/pretrain/tiny-synth.yaml"),
             f"data.path={ds_dir}", f"output_dir={out}", "data.default_max_events=8", "data.max_events={}",
-            "train.batch_size=4", "train.log_every=1", "train.warmup_steps=2", *extra]
+            "train.batch_size=4", "train.log_every=1", "train.warmup_steps=2",
+            "train.schedule=constant", *extra]  # constant LR: the schedule must not depend on max_steps here
 
 
 def _metrics(out: Path) -> list[dict]:
@@ -65,6 +66,13 @@ def test_kill_and_resume(prepared, tmp_path):
     assert all(torch.isfinite(torch.tensor(r["loss"])) for r in _metrics(out))
     assert (out / "checkpoint" / "STEP").read_text().strip() == "10"
     assert {"step", "loss", "loss_contrastive", "loss_ntp", "lr", "samples_per_s"} <= set(_metrics(out)[-1])
+    # Weights, optimizer, schedule, data position and RNG all resume: the losses equal an uninterrupted run's.
+    straight = tmp_path / "straight"
+    done = subprocess.run(_pretrain_cmd(prepared, straight, "train.max_steps=10", "train.save_every=3"),
+                          cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    resumed_losses = {r["step"]: r["loss"] for r in _metrics(out)}
+    assert {r["step"]: r["loss"] for r in _metrics(straight)} == resumed_losses
 
 
 def _torchrun(n: int, ds_dir: Path, out: Path) -> None:
