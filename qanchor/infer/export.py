@@ -1,0 +1,241 @@
+"""Batch export: every user of a dataset x every query -> Parquet shards of embeddings.
+
+Output directory::
+
+    export.json            checkpoint hash, dataset fingerprint, queries, shard layout (checked on resume)
+    part-00000.parquet     user_id:string, query_id:string, embedding:fixed_size_list<float32>[D]
+    part-00000.done        JSON marker written after its shard: a shard with a marker is never redone
+
+Users stream one dataset partition at a time (bounded memory). A shard is a slice of one partition
+(``shard_users``; default the whole partition) and is written atomically, so a killed export resumes
+where it stopped. Under ``torchrun --nproc_per_node N`` rank r takes shards r, r+N, ...; shards and
+their batches do not depend on N, so any N writes the same embeddings.
+
+Example:
+    $ qanchor embed --model runs/synth --data data/synth --queries queries.yaml --out emb/
+    $ torchrun --nproc_per_node 2 -m qanchor.cli embed --model runs/synth --data data/synth --queries q.txt --out emb/
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+import yaml
+from tqdm.auto import tqdm
+
+from qanchor.data.dataset import Dataset
+from qanchor.data.io import write_parquet, write_text
+from qanchor.data.manifest import Manifest
+from qanchor.errors import ConfigError, ModelInputError
+from qanchor.infer.api import QAnchor
+from qanchor.infer.user_input import record_adapter
+
+__all__ = ["ExportReport", "read_queries", "task_queries", "rank_and_world", "embeddings_table", "read_embeddings",
+           "plan_shards", "export_embeddings", "report_json"]
+
+FORMAT = 1
+
+
+@dataclass
+class ExportReport:
+    rank: int
+    world: int
+    shards_total: int
+    shards_mine: int
+    shards_skipped: int  # already done by an earlier (killed) run
+    shards_written: int
+    users: int  # users embedded by this run
+    seconds: float
+
+    @property
+    def users_per_s(self) -> float:
+        return self.users / self.seconds if self.seconds > 0 else 0.0
+
+
+def _check_queries(pairs: list[tuple[str, str]], source: str) -> list[tuple[str, str]]:
+    if not pairs:
+        raise ModelInputError(f"{source}: no queries found")
+    for qid, q in pairs:
+        if not isinstance(q, str) or not q.strip() or not str(qid).strip():
+            raise ModelInputError(f"{source}: query {qid!r} is empty; every entry needs an id and a question")
+    ids = [qid for qid, _ in pairs]
+    dup = sorted({i for i in ids if ids.count(i) > 1})
+    if dup:
+        raise ModelInputError(f"{source}: query id {dup[0]!r} appears twice; ids must be unique")
+    return [(str(qid), q.strip()) for qid, q in pairs]
+
+
+def read_queries(path: str | Path) -> list[tuple[str, str]]:
+    """Read (query_id, query) pairs from YAML, Parquet or a text file.
+
+    YAML: a list of questions (ids q0, q1, ...), a list of {query_id, query}, or a mapping id -> question.
+    Parquet: columns query_id, query. Text: one question per line (``id<TAB>question`` names it;
+    blank lines and ``#`` comments are skipped).
+
+    Example:
+        >>> read_queries("queries.yaml")  # doctest: +SKIP
+        [('churn', 'Will this user stop using the app?'), ('coupon', 'Will this user redeem a coupon?')]
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise ModelInputError(f"queries file {path} not found")
+    if path.suffix == ".parquet":
+        table = pq.read_table(path)
+        if not {"query_id", "query"} <= set(table.column_names):
+            raise ModelInputError(f"{path}: a queries Parquet needs columns query_id and query")
+        return _check_queries(list(zip(table.column("query_id").to_pylist(), table.column("query").to_pylist())), str(path))
+    if path.suffix in (".yaml", ".yml"):
+        try:
+            raw = yaml.safe_load(path.read_text(encoding="utf-8"))
+        except yaml.YAMLError as exc:
+            raise ModelInputError(f"{path}: not valid YAML ({exc.__class__.__name__}); quote questions that contain ':' or '?'") from None
+        if isinstance(raw, dict):
+            return _check_queries(list(raw.items()), str(path))
+        if isinstance(raw, list) and all(isinstance(x, str) for x in raw):
+            return _check_queries([(f"q{i}", q) for i, q in enumerate(raw)], str(path))
+        if isinstance(raw, list) and all(isinstance(x, dict) and {"query_id", "query"} <= set(x) for x in raw):
+            return _check_queries([(x["query_id"], x["query"]) for x in raw], str(path))
+        raise ModelInputError(f"{path}: expected a list of questions, a list of {{query_id, query}} or a mapping id -> question")
+    lines = [ln.strip() for ln in path.read_text(encoding="utf-8").splitlines()]
+    lines = [ln for ln in lines if ln and not ln.startswith("#")]
+    pairs = [tuple(ln.split("\t", 1)) if "\t" in ln else (f"q{i}", ln) for i, ln in enumerate(lines)]
+    return _check_queries([(a.strip(), b) for a, b in pairs], str(path))
+
+
+def task_queries(manifest: Manifest) -> list[tuple[str, str]]:
+    """The dataset's task queries, named by task: ``--queries tasks``."""
+    return _check_queries([(t.name, t.query) for t in manifest.tasks], "manifest tasks")
+
+
+def rank_and_world() -> tuple[int, int]:
+    """This process's rank and the world size: torch.distributed if initialised, else RANK / WORLD_SIZE."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
+
+
+def embeddings_table(user_ids: list[str], query_ids: list[str], emb: np.ndarray) -> pa.Table:
+    """``emb`` float32 [U, Q, D] -> rows (user_id, query_id, embedding), user-major."""
+    u, q, d = emb.shape
+    flat = pa.array(np.ascontiguousarray(emb, dtype=np.float32).reshape(-1), pa.float32())  # (U*Q*D,)
+    return pa.table({
+        "user_id": pa.array(np.repeat(np.asarray(user_ids, dtype=object), q).tolist(), pa.string()),
+        "query_id": pa.array(list(query_ids) * u, pa.string()),
+        "embedding": pa.FixedSizeListArray.from_arrays(flat, d),
+    })
+
+
+def read_embeddings(directory: str | Path, query_id: str | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Finished shards of an export (or ``embeddings/`` of an update state) -> (user_ids, query_ids, [N, D])."""
+    directory = Path(directory)
+    if (directory / "embeddings").is_dir():
+        directory = directory / "embeddings"
+    files = sorted(directory.glob("part-*.parquet"))
+    if (directory / "export.json").exists():  # an export: only shards whose marker says they are final
+        files = [p for p in files if p.with_suffix(".done").exists()]
+    if not files:
+        raise ModelInputError(f"{directory}: no finished embedding shards (part-*.parquet)")
+    users, queries, vecs = [], [], []
+    for path in files:
+        table = pq.read_table(path)
+        if query_id is not None:
+            table = table.filter(pc.equal(table.column("query_id"), query_id))
+        dim = table.schema.field("embedding").type.list_size
+        users.append(table.column("user_id").to_numpy(zero_copy_only=False))
+        queries.append(table.column("query_id").to_numpy(zero_copy_only=False))
+        vecs.append(np.asarray(table.column("embedding").combine_chunks().flatten()).reshape(-1, dim))  # (rows, D)
+    return np.concatenate(users).astype(object), np.concatenate(queries).astype(object), np.concatenate(vecs)
+
+
+def plan_shards(ds: Dataset, shard_users: int | None = None) -> list[tuple[int, int, int]]:
+    """Shards as (partition, start, stop) slices of the dataset's user partitions, in id order."""
+    if shard_users is not None and shard_users < 1:
+        raise ConfigError("shard_users must be >= 1")
+    parts = ds.partitions
+    shards = []
+    for p in range(parts.count):
+        n = len(parts.ids_of(p))
+        step = shard_users or max(n, 1)
+        shards += [(p, lo, min(lo + step, n)) for lo in range(0, n, step)]
+    return shards
+
+
+def _check_manifest(out: Path, expected: dict) -> None:
+    path = out / "export.json"
+    if path.exists():
+        found = json.loads(path.read_text())
+        diff = [k for k in expected if found.get(k) != expected[k]]
+        if diff:
+            raise ConfigError(f"{out} holds an export with a different {diff[0]} ({found.get(diff[0])!r} != "
+                              f"{expected[diff[0]]!r}); choose another --out or delete it")
+    else:
+        write_text(json.dumps(expected, indent=2), path)  # every rank writes identical content: the race is benign
+
+
+def export_embeddings(model: QAnchor, ds: Dataset, queries: list[tuple[str, str]], out_dir: str | Path,
+                      rank: int | None = None, world: int | None = None, shard_users: int | None = None,
+                      use_cache: bool = True, cutoff: str | None = None, progress: bool = True,
+                      on_shard_done: Callable[[int], None] | None = None) -> ExportReport:
+    """Embed every user of ``ds`` under ``queries`` into Parquet shards under ``out_dir``; resumable.
+
+    ``cutoff`` defaults to the dataset's own cutoff (ages count from there). ``on_shard_done(i)`` is
+    called after shard ``i`` is final (tests use it to simulate a kill).
+
+    Example:
+        >>> export_embeddings(QAnchor.from_pretrained("runs/synth"), load_dataset("data/synth"),
+        ...                   read_queries("q.yaml"), "emb/")  # doctest: +SKIP
+    """
+    if rank is None or world is None:
+        rank, world = rank_and_world()
+    out = Path(out_dir)
+    shards = plan_shards(ds, shard_users)
+    cutoff = cutoff or ds.manifest.cutoff.isoformat()
+    _check_manifest(out, {"format": FORMAT, "checkpoint": model.checkpoint_hash, "dataset": ds.partitions.directory.name,
+                          "queries": [list(q) for q in queries], "shards": [list(s) for s in shards],
+                          "cutoff": cutoff, "embedding_dim": model.embedding_dim, "use_cache": use_cache})
+    adapt = record_adapter(ds.manifest, ds.tabular_columns, model.manifest, model.tabular_columns)
+    suffixes = model.suffixes([(q, None) for _, q in queries])
+    query_ids = [qid for qid, _ in queries]
+    mine = list(range(rank, len(shards), world))
+    done = [i for i in mine if (out / f"part-{i:05d}.done").exists()]
+    size = lambda i: shards[i][2] - shards[i][1]  # noqa: E731
+    bar = tqdm(total=sum(size(i) for i in mine), initial=sum(size(i) for i in done), unit="user",
+               desc=f"embed rank {rank}/{world}", disable=not progress or None)
+    start, users = time.perf_counter(), 0
+    for i in mine:
+        if i in done:
+            continue
+        part, lo, hi = shards[i]
+        records = [adapt(r) for r in ds.users(ds.partitions.ids_of(part)[lo:hi])]
+        model.prime(records)  # one text-encoder pass per shard, not one per batch
+        emb = np.concatenate([_embed_chunk(model, records[j : j + model.batch_size], suffixes, cutoff, use_cache)
+                              for j in range(0, len(records), model.batch_size)] or
+                             [np.zeros((0, len(queries), model.embedding_dim), np.float32)])  # (U, Q, D)
+        write_parquet(embeddings_table([r.user_id for r in records], query_ids, emb), out / f"part-{i:05d}.parquet")
+        write_text(json.dumps({"users": len(records), "rows": len(records) * len(queries)}), out / f"part-{i:05d}.done")
+        users += len(records)
+        bar.update(len(records))
+        if on_shard_done is not None:
+            on_shard_done(i)
+    bar.close()
+    return ExportReport(rank, world, len(shards), len(mine), len(done), len(mine) - len(done), users,
+                        time.perf_counter() - start)
+
+
+def _embed_chunk(model: QAnchor, records: list, suffixes: list, cutoff: str, use_cache: bool) -> np.ndarray:
+    return model.embed_packed(model.pack(records, model.cutoff_us(cutoff)), suffixes, use_cache)  # (B, Q, D)
+
+
+def report_json(report: ExportReport) -> str:
+    return json.dumps({**asdict(report), "users_per_s": round(report.users_per_s, 2)})

@@ -1,0 +1,122 @@
+"""Look-alike search over exported embeddings with faiss (inner product = cosine on unit vectors).
+
+Small collections get an exact flat index; from ``ivf_min_size`` vectors on, an IVF index
+(``nlist`` ~ 4 sqrt(N) coarse cells, ``nprobe`` of them searched) trades a little recall for speed.
+An index is three files: ``FILE`` (faiss), ``FILE.users.parquet`` (row -> user_id), ``FILE.json``.
+
+Example:
+    >>> idx = LookalikeIndex.from_embeddings("emb/", query_id="coupon")  # doctest: +SKIP
+    >>> idx.save("coupon.faiss")  # doctest: +SKIP
+    >>> LookalikeIndex.load("coupon.faiss").search_user("u000042", k=10)[:2]  # doctest: +SKIP
+    [('u001337', 0.93), ('u000815', 0.91)]
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from qanchor.data.io import atomic_path, write_parquet, write_text
+from qanchor.errors import ModelInputError
+from qanchor.infer.export import read_embeddings
+
+__all__ = ["LookalikeIndex", "IVF_MIN_SIZE"]
+
+IVF_MIN_SIZE = 50_000  # below this an exact scan is fast enough (~ms per query on one core)
+
+
+def _unit(x: np.ndarray) -> np.ndarray:
+    x = np.ascontiguousarray(x, dtype=np.float32)
+    return x / np.maximum(np.linalg.norm(x, axis=-1, keepdims=True), 1e-12)
+
+
+class LookalikeIndex:
+    """A faiss inner-product index over one query's user embeddings, with the user id of every row."""
+
+    def __init__(self, index, user_ids: np.ndarray, meta: dict):
+        self.index, self.user_ids, self.meta = index, np.asarray(user_ids, dtype=object), meta
+        self._row = {u: i for i, u in enumerate(self.user_ids)}
+
+    def __len__(self) -> int:
+        return int(self.index.ntotal)
+
+    @classmethod
+    def build(cls, user_ids: np.ndarray, vectors: np.ndarray, ivf_min_size: int = IVF_MIN_SIZE,
+              nprobe: int | None = None, seed: int = 0, **meta) -> LookalikeIndex:
+        """Flat index below ``ivf_min_size`` vectors, IVF-flat above; vectors are re-normalised."""
+        import faiss
+
+        vectors = _unit(vectors)  # (N, D)
+        n, d = vectors.shape
+        if n == 0:
+            raise ModelInputError("no embeddings to index")
+        if len(set(user_ids)) != n:
+            raise ModelInputError("user ids repeat: index one query's embeddings (pass --query-id)")
+        if n < ivf_min_size:
+            index, kind = faiss.IndexFlatIP(d), "flat"
+        else:
+            nlist = max(1, min(int(4 * math.sqrt(n)), n // 39))  # faiss wants >= 39 training points per cell
+            index = faiss.IndexIVFFlat(faiss.IndexFlatIP(d), d, nlist, faiss.METRIC_INNER_PRODUCT)
+            rng = np.random.default_rng(seed)
+            sample = vectors[rng.choice(n, size=min(n, 256 * nlist), replace=False)]
+            index.train(sample)
+            index.nprobe = nprobe or max(1, nlist // 8)
+            index.make_direct_map()  # lets search_user() reconstruct a stored vector
+            kind = "ivf"
+        index.add(vectors)
+        meta = {**meta, "kind": kind, "n": n, "dim": d, "nprobe": getattr(index, "nprobe", None)}
+        return cls(index, np.asarray(user_ids, dtype=object), meta)
+
+    @classmethod
+    def from_embeddings(cls, directory: str | Path, query_id: str, **kwargs) -> LookalikeIndex:
+        """Index the ``query_id`` embeddings of an export directory (or an update state)."""
+        users, _, vectors = read_embeddings(directory, query_id)
+        if not len(users):
+            raise ModelInputError(f"{directory}: no embeddings for query id {query_id!r}")
+        return cls.build(users, vectors, query_id=query_id, source=str(directory), **kwargs)
+
+    def save(self, path: str | Path) -> Path:
+        import faiss
+
+        path = Path(path)
+        with atomic_path(path) as tmp:
+            faiss.write_index(self.index, str(tmp))
+        write_parquet(pa.table({"user_id": pa.array(self.user_ids.tolist(), pa.string())}), f"{path}.users.parquet")
+        write_text(json.dumps(self.meta, indent=2), f"{path}.json")
+        return path
+
+    @classmethod
+    def load(cls, path: str | Path) -> LookalikeIndex:
+        import faiss
+
+        path = Path(path)
+        for p in (path, Path(f"{path}.users.parquet"), Path(f"{path}.json")):
+            if not p.exists():
+                raise ModelInputError(f"{p} not found; build the index with `qanchor index build`")
+        ids = pq.read_table(f"{path}.users.parquet").column("user_id").to_numpy(zero_copy_only=False)
+        return cls(faiss.read_index(str(path)), ids, json.loads(Path(f"{path}.json").read_text()))
+
+    def search(self, vectors: np.ndarray, k: int = 10) -> list[list[tuple[str, float]]]:
+        """Top ``k`` (user_id, cosine) per query vector; ``vectors`` is [D] or [n, D]."""
+        if k < 1:
+            raise ModelInputError("k must be >= 1")
+        queries = _unit(np.atleast_2d(vectors))  # (n, D)
+        if queries.shape[1] != self.meta["dim"]:
+            raise ModelInputError(f"vector has {queries.shape[1]} dimensions, the index holds {self.meta['dim']}")
+        scores, rows = self.index.search(queries, min(k, len(self)))  # (n, k) each
+        return [[(str(self.user_ids[r]), float(s)) for r, s in zip(rr, ss) if r >= 0] for rr, ss in zip(rows, scores)]
+
+    def vector(self, user_id: str) -> np.ndarray:
+        if user_id not in self._row:
+            raise ModelInputError(f"user {user_id!r} is not in this index ({len(self)} users)")
+        return self.index.reconstruct(self._row[user_id])
+
+    def search_user(self, user_id: str, k: int = 10) -> list[tuple[str, float]]:
+        """The ``k`` users most like ``user_id`` (the user itself excluded)."""
+        hits = self.search(self.vector(user_id), k + 1)[0]
+        return [h for h in hits if h[0] != user_id][:k]

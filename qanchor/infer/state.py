@@ -1,0 +1,199 @@
+"""The daily-update state directory: what yesterday left for today.
+
+Layout (users split into shards by contiguous id ranges; ``bounds`` in state.json)::
+
+    state.json                   checkpoint hash, as_of, queries, shard bounds, caps, update history
+    buffer/part-00000.parquet    rolling buffer: each user's most recent max_events per modality, in the
+                                 dataset's long event format (user_id, modality, ts, text, value, extras)
+    encodings/part-00000.parquet one row per (user, modality): n, event_tokens (n*H floats),
+                                 modality_token (H floats), encoded_at (when its ages were computed)
+    embeddings/part-00000.parquet user_id, query_id, embedding: the same format as `qanchor embed`
+
+Files are only ever replaced whole (atomic writes), so an untouched shard is hard-linked, not copied.
+Size: the encodings hold sum_m (max_events_m + 1) * H floats per user (about 40 kB for the tiny preset).
+
+Example:
+    >>> meta = StateMeta.load("state/2024-07-01")  # doctest: +SKIP
+    >>> meta.shard_of(np.array(["u000042"]))  # doctest: +SKIP
+    array([0])
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+
+from qanchor.data.dataset import EventSeq, UserRecord
+from qanchor.data.io import write_parquet, write_text
+from qanchor.data.manifest import Manifest
+from qanchor.data.schema import TS_TYPE, events_table
+from qanchor.errors import ModelInputError
+from qanchor.infer.modality_cache import Encoding
+
+__all__ = ["STATE_FORMAT", "StateMeta", "records_from_events", "events_from_records", "encodings_table",
+           "decode_encodings", "shard_path", "link_shard"]
+
+STATE_FORMAT = 1
+KINDS = ("buffer", "encodings", "embeddings")
+
+
+@dataclass
+class StateMeta:
+    checkpoint: str | None
+    as_of: str  # ISO datetime: ages in the encodings count from here (or from each row's encoded_at)
+    queries: list[list[str]]  # [query_id, query]
+    bounds: list[str]  # shard i holds user ids in [bounds[i-1], bounds[i]); len = shards - 1
+    caps: dict[str, int]  # max_events per sequence modality
+    n_users: int = 0
+    history: list[dict] = field(default_factory=list)
+    format: int = STATE_FORMAT
+
+    @property
+    def shards(self) -> int:
+        return len(self.bounds) + 1
+
+    def shard_of(self, user_ids: np.ndarray) -> np.ndarray:
+        """Shard index of each user id (new ids fall into the shard whose range holds them)."""
+        return np.searchsorted(np.asarray(self.bounds, dtype=object), np.asarray(user_ids, dtype=object), side="right")
+
+    def save(self, directory: Path) -> None:
+        write_text(json.dumps(asdict(self), indent=2), directory / "state.json")
+
+    @classmethod
+    def load(cls, directory: str | Path) -> StateMeta:
+        path = Path(directory) / "state.json"
+        if not path.exists():
+            raise ModelInputError(f"{directory} is not an update state (state.json missing); build one with "
+                                  "`qanchor update --model CKPT --data DATASET --queries FILE --out DIR`")
+        raw = json.loads(path.read_text())
+        if raw.get("format") != STATE_FORMAT:
+            raise ModelInputError(f"{path}: state format {raw.get('format')}, this qanchor reads {STATE_FORMAT}; rebuild it")
+        return cls(**raw)
+
+
+def shard_path(directory: Path, kind: str, shard: int) -> Path:
+    return directory / kind / f"part-{shard:05d}.parquet"
+
+
+def link_shard(src: Path, dst: Path, shard: int) -> None:
+    """Carry an untouched shard over: hard links (files are never modified in place), else copies."""
+    for kind in KINDS:
+        a, b = shard_path(src, kind, shard), shard_path(dst, kind, shard)
+        if not a.exists():
+            continue
+        b.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            os.link(a, b)
+        except OSError:
+            shutil.copy2(a, b)
+
+
+def records_from_events(table: pa.Table, manifest: Manifest) -> dict[str, UserRecord]:
+    """A long event table -> one record per user (events sorted by time; no tabular row)."""
+    if table.num_rows == 0:
+        return {}
+    table = table.sort_by([("user_id", "ascending"), ("ts", "ascending")])
+    uid = table.column("user_id").to_numpy(zero_copy_only=False)
+    mods = table.column("modality").to_numpy(zero_copy_only=False)
+    ts = table.column("ts").cast(TS_TYPE).cast(pa.int64()).to_numpy()
+    text = table.column("text").to_numpy(zero_copy_only=False)
+
+    def floats(name: str) -> np.ndarray:
+        if name not in table.column_names:
+            return np.full(table.num_rows, np.nan, np.float32)
+        return table.column(name).cast(pa.float32()).to_numpy(zero_copy_only=False).astype(np.float32)
+
+    value = floats("value")
+    extras = {m.name: np.stack([floats(c) for c in m.numeric_columns], axis=1) if m.numeric_columns
+              else np.zeros((table.num_rows, 0), np.float32) for m in manifest.sequence_modalities}  # (rows, n_extra)
+    starts = np.flatnonzero(np.r_[True, uid[1:] != uid[:-1]])
+    out = {}
+    for lo, hi in zip(starts, np.r_[starts[1:], len(uid)]):
+        events = {}
+        for m in manifest.sequence_modalities:
+            sel = lo + np.flatnonzero(mods[lo:hi] == m.name)
+            if sel.size:
+                events[m.name] = EventSeq(ts[sel], text[sel].tolist(), value[sel], extras[m.name][sel])
+        out[str(uid[lo])] = UserRecord(str(uid[lo]), events, None)
+    return out
+
+
+def events_from_records(records: list[UserRecord], manifest: Manifest) -> pa.Table:
+    """Records -> the long event table (the format of a dataset's events/ files)."""
+    cols: dict[str, list] = {k: [] for k in ("user_id", "modality", "ts", "text", "value")}
+    extra_cols = {c for m in manifest.sequence_modalities for c in m.numeric_columns}
+    cols.update({c: [] for c in extra_cols})
+    for rec in records:
+        for m in manifest.sequence_modalities:
+            seq = rec.events.get(m.name)
+            if seq is None:
+                continue
+            n = len(seq)
+            cols["user_id"] += [rec.user_id] * n
+            cols["modality"] += [m.name] * n
+            cols["ts"] += seq.ts.tolist()
+            cols["text"] += list(seq.text)
+            cols["value"] += [None if np.isnan(v) else float(v) for v in seq.value]
+            for c in extra_cols:
+                column = seq.extras[:, m.numeric_columns.index(c)] if c in m.numeric_columns else np.full(n, np.nan)
+                cols[c] += [None if np.isnan(x) else float(x) for x in column]
+    return events_table(manifest, cols)
+
+
+def encodings_table(encodings: dict[str, dict[str, Encoding]], hidden: int) -> pa.Table:
+    """user -> modality -> Encoding  ->  one row per (user, modality)."""
+    users, mods, ns, flat, tokens, at = [], [], [], [], [], []
+    for uid in sorted(encodings):
+        for name, e in encodings[uid].items():
+            users.append(uid)
+            mods.append(name)
+            ns.append(e.events.shape[0])
+            flat.append(e.events.reshape(-1))  # (n*H,)
+            tokens.append(e.token)
+            at.append(e.encoded_at)
+    token_flat = pa.array(np.concatenate(tokens) if tokens else np.zeros(0, np.float32), pa.float32())
+    offsets = pa.array(np.r_[0, np.cumsum([len(f) for f in flat])].astype(np.int32))
+    events = pa.ListArray.from_arrays(offsets, pa.array(np.concatenate(flat) if flat else np.zeros(0, np.float32), pa.float32()))
+    return pa.table({
+        "user_id": pa.array(users, pa.string()),
+        "modality": pa.array(mods, pa.string()),
+        "n": pa.array(ns, pa.int32()),
+        "event_tokens": events,
+        "modality_token": pa.FixedSizeListArray.from_arrays(token_flat, hidden),
+        "encoded_at": pa.array(at, pa.int64()).cast(TS_TYPE),
+    })
+
+
+def decode_encodings(table: pa.Table, user_ids: set[str]) -> dict[str, dict[str, Encoding]]:
+    """The rows of ``user_ids`` -> user -> modality -> Encoding."""
+    table = table.filter(pc.is_in(table.column("user_id"), pa.array(sorted(user_ids), pa.string())))
+    hidden = table.schema.field("modality_token").type.list_size
+    out: dict[str, dict[str, Encoding]] = {}
+    tokens = np.asarray(table.column("modality_token").combine_chunks().flatten()).reshape(-1, hidden)  # (rows, H)
+    at = table.column("encoded_at").cast(pa.int64()).to_numpy()
+    events = table.column("event_tokens").combine_chunks()
+    flat = np.asarray(events.flatten())  # (sum n * H,)
+    offsets = np.asarray(events.offsets)
+    offsets = offsets - offsets[0]  # a filtered array may start past zero
+    for i, (uid, name) in enumerate(zip(table.column("user_id").to_pylist(), table.column("modality").to_pylist())):
+        ev = flat[offsets[i] : offsets[i + 1]].reshape(-1, hidden)  # (n, H)
+        out.setdefault(uid, {})[name] = Encoding(ev.copy(), tokens[i].copy(), int(at[i]))
+    return out
+
+
+def write_tables(directory: Path, shard: int, tables: dict[str, pa.Table]) -> None:
+    for kind, table in tables.items():
+        write_parquet(table, shard_path(directory, kind, shard))
+
+
+def read_table(directory: Path, kind: str, shard: int) -> pa.Table | None:
+    path = shard_path(directory, kind, shard)
+    return pq.read_table(path) if path.exists() else None

@@ -1,0 +1,187 @@
+"""Users handed to the model in code: plain dicts -> validated :class:`UserRecord` in the model's layout.
+
+A caller can build a user without a dataset directory::
+
+    {"user_id": "u1",
+     "events": {"bill": [{"ts": "2024-06-01T12:00:00+00:00", "text": "Coffee shop", "value": 4.5,
+                          "discount": None}]},
+     "tabular": {"age": 31.0, "income": None}}   # or None / absent: no tabular row
+
+Event timestamps may be ``datetime`` (naive = UTC), ISO strings or ``numpy.datetime64``; any time is
+accepted (ages are counted from the cutoff the caller embeds at). Events are sorted by time here.
+Records from a dataset whose manifest lays columns out differently are remapped by
+:func:`record_adapter`. Every problem raises :class:`ModelInputError` naming user, modality and event.
+
+Example:
+    >>> rec = to_record({"user_id": "u1", "events": {}}, manifest, [])  # doctest: +SKIP
+    >>> rec.events  # doctest: +SKIP
+    {}
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from datetime import datetime, timezone
+from numbers import Real
+
+import numpy as np
+
+from qanchor.data.dataset import EventSeq, UserRecord
+from qanchor.data.manifest import Manifest, ModalitySpec
+from qanchor.errors import ModelInputError
+
+__all__ = ["to_record", "record_adapter", "to_microseconds"]
+
+_EPOCH = datetime(1970, 1, 1, tzinfo=timezone.utc)
+_CORE_KEYS = {"ts", "text", "value"}
+
+
+def to_microseconds(ts: object) -> int:
+    """A timestamp (datetime, ISO string, numpy.datetime64) -> int microseconds since the epoch, UTC.
+
+    Example:
+        >>> to_microseconds("1970-01-01T00:00:01Z")
+        1000000
+    """
+    if isinstance(ts, np.datetime64):
+        return int(ts.astype("datetime64[us]").astype(np.int64))
+    if isinstance(ts, str):
+        try:
+            ts = datetime.fromisoformat(ts.strip().replace("Z", "+00:00"))  # py3.10 does not read "Z"
+        except ValueError:
+            raise ValueError(f"'{ts}' is not an ISO datetime such as 2024-06-01T12:00:00+00:00") from None
+    if not isinstance(ts, datetime):
+        raise ValueError(f"{type(ts).__name__} is not a timestamp; give a datetime or an ISO string")
+    if ts.tzinfo is None:
+        ts = ts.replace(tzinfo=timezone.utc)  # naive times are UTC, as in the dataset format
+    delta = ts.astimezone(timezone.utc) - _EPOCH
+    return (delta.days * 86_400 + delta.seconds) * 1_000_000 + delta.microseconds
+
+
+def _number(x: object, where: str) -> float:
+    if x is None:
+        return float("nan")
+    if isinstance(x, bool) or not isinstance(x, Real):
+        raise ModelInputError(f"{where}: expected a number or None, got {x!r}")
+    return float(x)
+
+
+def _events(uid: str, spec: ModalitySpec, raw: object) -> EventSeq:
+    if not isinstance(raw, (list, tuple)):
+        raise ModelInputError(f"user {uid!r}, modality {spec.name!r}: events must be a list of dicts, got {type(raw).__name__}")
+    allowed = _CORE_KEYS | set(spec.numeric_columns)
+    ts, text, value = np.zeros(len(raw), np.int64), [], np.zeros(len(raw), np.float32)
+    extras = np.full((len(raw), len(spec.numeric_columns)), np.nan, np.float32)  # (n, n_extra)
+    for i, event in enumerate(raw):
+        where = f"user {uid!r}, modality {spec.name!r}, event {i}"
+        if not isinstance(event, Mapping):
+            raise ModelInputError(f"{where}: must be a dict with ts, text and optional value, got {type(event).__name__}")
+        unknown = set(event) - allowed
+        if unknown:
+            raise ModelInputError(f"{where}: unknown field '{sorted(unknown)[0]}'; allowed: {', '.join(sorted(allowed))}")
+        if "ts" not in event or not isinstance(event.get("text"), str):
+            raise ModelInputError(f"{where}: every event needs 'ts' (datetime or ISO string) and 'text' (a string)")
+        try:
+            ts[i] = to_microseconds(event["ts"])
+        except ValueError as exc:
+            raise ModelInputError(f"{where}: {exc}") from None
+        text.append(event["text"])
+        value[i] = _number(event.get("value"), f"{where}, field 'value'")
+        for j, col in enumerate(spec.numeric_columns):
+            extras[i, j] = _number(event.get(col), f"{where}, field {col!r}")
+    order = np.argsort(ts, kind="stable")  # oldest first: the packer keeps the tail
+    return EventSeq(ts[order], [text[i] for i in order], value[order], extras[order])
+
+
+def _tabular(uid: str, raw: object, columns: list[str]) -> np.ndarray | None:
+    if raw is None:
+        return None
+    if not columns:
+        raise ModelInputError(f"user {uid!r}: this model has no tabular modality; drop the 'tabular' entry")
+    if not isinstance(raw, Mapping):
+        raise ModelInputError(f"user {uid!r}: 'tabular' must be a dict feature -> number (or None), got {type(raw).__name__}")
+    unknown = set(raw) - set(columns)
+    if unknown:
+        raise ModelInputError(f"user {uid!r}: unknown tabular feature '{sorted(unknown)[0]}'; the model knows: "
+                              f"{', '.join(columns[:8])}{' ...' if len(columns) > 8 else ''}")
+    return np.array([_number(raw.get(c), f"user {uid!r}, tabular feature {c!r}") for c in columns], np.float32)
+
+
+def _check_record(rec: UserRecord, manifest: Manifest, columns: list[str]) -> UserRecord:
+    specs = {m.name: m for m in manifest.sequence_modalities}
+    for name, seq in rec.events.items():
+        if name not in specs:
+            raise ModelInputError(f"user {rec.user_id!r}: unknown modality {name!r}; the model knows: {', '.join(specs)}")
+        if seq.extras.shape[1] != len(specs[name].numeric_columns):
+            raise ModelInputError(f"user {rec.user_id!r}, modality {name!r}: {seq.extras.shape[1]} extra columns, the model "
+                                  f"expects {len(specs[name].numeric_columns)} ({', '.join(specs[name].numeric_columns)})")
+    if rec.tabular is not None and len(rec.tabular) != len(columns):
+        raise ModelInputError(f"user {rec.user_id!r}: {len(rec.tabular)} tabular values, the model expects {len(columns)}")
+    return rec
+
+
+def to_record(user: UserRecord | Mapping, manifest: Manifest, tabular_columns: list[str]) -> UserRecord:
+    """Validate ``user`` (a :class:`UserRecord` or a dict as in the module docstring) for a model.
+
+    Example:
+        >>> to_record({"user_id": "u1", "events": {"sms": []}}, manifest, [])  # doctest: +SKIP
+        ModelInputError: user 'u1': unknown modality 'sms'; the model knows: bill, app, search
+    """
+    if isinstance(user, UserRecord):
+        return _check_record(user, manifest, tabular_columns)
+    if not isinstance(user, Mapping):
+        raise ModelInputError(f"a user must be a UserRecord or a dict with user_id and events, got {type(user).__name__}")
+    unknown = set(user) - {"user_id", "events", "tabular"}
+    if unknown:
+        raise ModelInputError(f"unknown user field '{sorted(unknown)[0]}'; allowed: user_id, events, tabular")
+    uid = user.get("user_id")
+    if not isinstance(uid, str) or not uid:
+        raise ModelInputError(f"'user_id' must be a non-empty string, got {uid!r}")
+    raw_events = user.get("events") or {}
+    if not isinstance(raw_events, Mapping):
+        raise ModelInputError(f"user {uid!r}: 'events' must be a dict modality -> list of events")
+    specs = {m.name: m for m in manifest.sequence_modalities}
+    events = {}
+    for name, raw in raw_events.items():
+        if name not in specs:
+            raise ModelInputError(f"user {uid!r}: unknown modality {name!r}; the model knows: {', '.join(specs)}")
+        seq = _events(uid, specs[name], raw)
+        if len(seq):
+            events[name] = seq  # as in datasets: a modality without events is absent
+    return UserRecord(uid, events, _tabular(uid, user.get("tabular"), tabular_columns))
+
+
+def record_adapter(data_manifest: Manifest, data_columns: list[str], model_manifest: Manifest,
+                   model_columns: list[str]) -> Callable[[UserRecord], UserRecord]:
+    """A function remapping a dataset's records into the model's layout (identity when they agree).
+
+    Extra numeric columns and tabular features are matched by name; ones the model has but the dataset
+    lacks become missing values. A modality or feature the model does not know raises ModelInputError.
+    """
+    model_specs = {m.name: m for m in model_manifest.sequence_modalities}
+    extra_index = {}
+    for spec in data_manifest.sequence_modalities:
+        if spec.name not in model_specs:
+            raise ModelInputError(f"dataset modality {spec.name!r} is unknown to the model, which knows: {', '.join(model_specs)}")
+        extra_index[spec.name] = [spec.numeric_columns.index(c) if c in spec.numeric_columns else -1
+                                  for c in model_specs[spec.name].numeric_columns]
+    unknown = set(data_columns) - set(model_columns)
+    if unknown:
+        raise ModelInputError(f"dataset tabular feature {sorted(unknown)[0]!r} is unknown to the model; "
+                              "drop it from tabular.parquet or use a model trained with it")
+    tab_index = [data_columns.index(c) if c in data_columns else -1 for c in model_columns]
+    same_extras = all(idx == list(range(len(idx))) and len(idx) == len(data_manifest.modality(n).numeric_columns)
+                      for n, idx in extra_index.items())
+    if same_extras and tab_index == list(range(len(data_columns))):
+        return lambda rec: rec
+
+    def take(matrix: np.ndarray, index: list[int]) -> np.ndarray:
+        padded = np.concatenate([matrix, np.full((*matrix.shape[:-1], 1), np.nan, np.float32)], axis=-1)
+        return padded[..., index]  # index -1 picks the NaN column: a feature the dataset lacks
+
+    def adapt(rec: UserRecord) -> UserRecord:
+        events = {n: EventSeq(s.ts, s.text, s.value, take(s.extras, extra_index[n])) for n, s in rec.events.items()}
+        tab = take(rec.tabular, tab_index) if rec.tabular is not None else None
+        return UserRecord(rec.user_id, events, tab)
+
+    return adapt

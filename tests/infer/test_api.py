@@ -1,0 +1,162 @@
+"""QAnchor.embed: cached == uncached, query-conditioned, batch-invariant, deterministic, clear errors."""
+
+from __future__ import annotations
+
+from datetime import datetime, timedelta, timezone
+
+import numpy as np
+import pytest
+import torch
+
+from qanchor.errors import CheckpointError, ModelInputError
+from qanchor.infer.api import QAnchor, embed
+from tests.infer.conftest import QUERIES
+
+CUTOFF = datetime(2024, 6, 30, tzinfo=timezone.utc)
+
+
+def random_user(rng: np.random.Generator, uid: str) -> dict:
+    """A user built in code: random modalities, event counts (some above the cap of 8), texts and values."""
+    texts = ["Coffee shop", "Opened Alipay", "cheap flights", "Bookshop", "Paid rent", "loan"]
+    events = {}
+    for modality in ("bill", "app", "search"):
+        n = int(rng.integers(0, 12))
+        if n:
+            events[modality] = [{"ts": CUTOFF - timedelta(hours=float(rng.uniform(1, 2000))),
+                                 "text": texts[int(rng.integers(len(texts)))],
+                                 "value": float(rng.gamma(2, 10)) if rng.random() < 0.7 else None,
+                                 **({"discount": float(rng.uniform(0, 3))} if modality == "bill" and rng.random() < 0.5 else {})}
+                                for _ in range(n)]
+    tabular = {"age": float(rng.integers(18, 80)), "income": None} if rng.random() < 0.5 else None
+    return {"user_id": uid, "events": events, "tabular": tabular}
+
+
+@pytest.fixture(scope="module")
+def users(infer_env):
+    rng = np.random.default_rng(7)
+    records = list(infer_env.ds.users())[:6]
+    return records + [random_user(rng, f"r{i}") for i in range(6)]
+
+
+def test_cached_equals_uncached(infer_env, users):
+    qa = infer_env.qa
+    cached = qa.embed(users, QUERIES)
+    reference = qa.embed(users, QUERIES, use_cache=False)
+    assert cached.shape == (len(users), len(QUERIES), 128) and cached.dtype == np.float32
+    assert np.abs(cached - reference).max() < 1e-4
+    assert np.allclose(np.linalg.norm(cached, axis=-1), 1.0, atol=1e-5)
+
+
+def test_queries_and_users_differ(infer_env, users):
+    emb = infer_env.qa.embed(users, QUERIES)
+    for a in range(len(QUERIES)):
+        for b in range(a + 1, len(QUERIES)):
+            assert np.abs(emb[:, a] - emb[:, b]).max(axis=-1).min() > 1e-3  # every user, every pair of queries
+    assert np.abs(emb[0, 0] - emb[1, 0]).max() > 1e-3
+
+
+def test_alone_equals_in_batch_and_deterministic(infer_env, users):
+    qa = infer_env.qa
+    batch = qa.embed(users, QUERIES)
+    for i in (0, 3, 7, 11):
+        alone = qa.embed(users[i], QUERIES)
+        assert np.abs(alone[0] - batch[i]).max() < 1e-5
+    assert np.array_equal(batch, qa.embed(users, QUERIES))  # bitwise on CPU
+
+
+def test_dict_user_equals_dataset_record(infer_env):
+    rec = infer_env.ds.user("u002")
+    as_dict = {"user_id": rec.user_id, "tabular": dict(zip(infer_env.ds.tabular_columns, rec.tabular.tolist())),
+               "events": {m: [{"ts": np.datetime64(int(t), "us"), "text": x, "value": None if np.isnan(v) else float(v),
+                               **({"discount": None if np.isnan(e[0]) else float(e[0])} if m == "bill" else {})}
+                              for t, x, v, e in zip(s.ts, s.text, s.value, s.extras)] for m, s in rec.events.items()}}
+    as_dict["tabular"] = {k: (None if np.isnan(v) else v) for k, v in as_dict["tabular"].items()}
+    qa = infer_env.qa
+    assert np.array_equal(qa.embed(rec, QUERIES), qa.embed(as_dict, QUERIES))
+
+
+def test_user_without_events_and_module_level_embed(infer_env):
+    qa = infer_env.qa
+    vec = embed({"user_id": "nobody", "events": {}}, QUERIES[0], model=qa)
+    assert vec.shape == (128,) and np.isfinite(vec).all()
+    assert np.array_equal(vec, qa.embed({"user_id": "nobody", "events": {}}, QUERIES[:1])[0, 0])
+
+
+def test_cutoff_changes_ages_and_late_events_warn(infer_env):
+    qa = infer_env.qa
+    user = {"user_id": "x", "events": {"bill": [{"ts": "2024-06-29T10:00:00Z", "text": "Coffee shop", "value": 3.0}]}}
+    a = qa.embed(user, QUERIES[:1])
+    b = qa.embed(user, QUERIES[:1], cutoff="2024-09-30T00:00:00+00:00")
+    assert np.abs(a - b).max() > 1e-5
+    with pytest.warns(UserWarning, match="after the cutoff"):
+        qa.embed(user, QUERIES[:1], cutoff="2024-06-01")
+
+
+@pytest.mark.parametrize("user, message", [
+    ({"user_id": "x", "events": {"sms": []}}, "unknown modality 'sms'"),
+    ({"user_id": "x", "events": {"bill": [{"ts": "2024-01-01", "value": 1.0}]}}, "needs 'ts'"),
+    ({"user_id": "x", "events": {"bill": [{"ts": "yesterday", "text": "a"}]}}, "not an ISO datetime"),
+    ({"user_id": "x", "events": {"bill": [{"ts": 1700000000, "text": "a"}]}}, "not a timestamp"),
+    ({"user_id": "x", "events": {"bill": [{"ts": "2024-01-01", "text": "a", "value": "12"}]}}, "expected a number"),
+    ({"user_id": "x", "events": {"bill": [{"ts": "2024-01-01", "text": "a", "price": 1}]}}, "unknown field 'price'"),
+    ({"user_id": "x", "events": {"bill": ["coffee"]}}, "must be a dict"),
+    ({"user_id": "x", "events": {}, "tabular": {"height": 1.8}}, "unknown tabular feature 'height'"),
+    ({"user_id": "", "events": {}}, "user_id"),
+    ({"id": "x"}, "unknown user field"),
+])
+def test_bad_users_raise(infer_env, user, message):
+    with pytest.raises(ModelInputError, match=message):
+        infer_env.qa.embed(user, QUERIES[:1])
+
+
+@pytest.mark.parametrize("queries", [[""], ["   "], [], [None]])
+def test_bad_queries_raise(infer_env, queries):
+    with pytest.raises(ModelInputError, match="quer"):
+        infer_env.qa.embed({"user_id": "x", "events": {}}, queries)
+
+
+def test_incompatible_checkpoint_refused(infer_env, tmp_path):
+    import json
+    import shutil
+
+    bad = tmp_path / "ck"
+    shutil.copytree(infer_env.ckpt, bad)
+    meta = json.loads((bad / "qanchor.json").read_text())
+    (bad / "qanchor.json").write_text(json.dumps({**meta, "format_version": 99}))
+    with pytest.raises(CheckpointError, match="format 99"):
+        QAnchor.from_pretrained(bad)
+    with pytest.raises(CheckpointError, match="no such checkpoint"):
+        QAnchor.from_pretrained(tmp_path / "missing")
+
+
+class FakeHead:
+    """Duck-typed scenario head: a prompt, a query, the checkpoint it was tuned on, a linear score."""
+
+    def __init__(self, query: str, hidden: int, checkpoint_hash: str, seed: int):
+        g = torch.Generator().manual_seed(seed)
+        self.query, self.checkpoint_hash = query, checkpoint_hash
+        self.prompt = torch.randn(3, hidden, generator=g)
+        self.direction = torch.randn(128, generator=g)
+
+    def score(self, embeddings: torch.Tensor) -> torch.Tensor:
+        return embeddings @ self.direction
+
+
+def test_heads_share_one_prefix_and_are_checked(infer_env, users):
+    qa = infer_env.qa
+    heads = [FakeHead(QUERIES[i], qa.model.hidden_size, qa.checkpoint_hash, seed=i) for i in range(2)]
+    plain = qa.embed(users, QUERIES[:1])
+    with_head = qa.embed(users, QUERIES[:1], head=heads[0])
+    assert np.abs(plain - with_head).max() > 1e-3
+    assert np.abs(with_head - qa.embed(users, QUERIES[:1], head=heads[0], use_cache=False)).max() < 1e-4
+    many = qa.embed_many(users, [(QUERIES[0], heads[0]), (QUERIES[1], heads[1]), (QUERIES[0], None)])
+    assert np.abs(many[:, 0:1] - with_head).max() < 1e-5 and np.abs(many[:, 2:3] - plain).max() < 1e-5
+    scores = qa.score(users, heads[1])
+    assert scores.shape == (len(users),)
+    assert np.allclose(scores, many[:, 1] @ heads[1].direction.numpy(), atol=1e-5)
+    assert qa.score_many(users, heads).shape == (len(users), 2)
+    stale = FakeHead(QUERIES[0], qa.model.hidden_size, "0" * 64, seed=0)
+    with pytest.raises(CheckpointError, match="re-run prompt-tune"):
+        qa.embed(users, QUERIES[:1], head=stale)
+    with pytest.raises(ModelInputError, match="has no 'prompt'"):
+        qa.embed(users, QUERIES[:1], head=object())

@@ -1,0 +1,122 @@
+"""Batch export: matches embed(), resumes after a kill without redoing shards, rank split == one rank."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from qanchor.errors import ConfigError, ModelInputError
+from qanchor.infer.export import export_embeddings, read_embeddings, read_queries
+from tests.infer.conftest import QUERIES
+
+PAIRS = [(f"q{i}", q) for i, q in enumerate(QUERIES)]
+
+
+def _export(env, out: Path, **kwargs):
+    kwargs.setdefault("rank", 0)
+    kwargs.setdefault("world", 1)
+    return export_embeddings(env.qa, env.ds, PAIRS, out, shard_users=7, progress=False, **kwargs)
+
+
+def _table(out: Path) -> pa.Table:
+    return pa.concat_tables([pq.read_table(p) for p in sorted(out.glob("part-*.parquet"))]).sort_by([("user_id", "ascending"), ("query_id", "ascending")])
+
+
+@pytest.fixture(scope="module")
+def full_export(infer_env, tmp_path_factory):
+    out = tmp_path_factory.mktemp("export") / "full"
+    report = _export(infer_env, out)
+    return out, report
+
+
+def test_export_matches_embed(infer_env, full_export):
+    out, report = full_export
+    assert report.shards_total == 6 and report.shards_written == 6 and report.users == infer_env.ds.num_users
+    table = pq.read_table(out / "part-00000.parquet")
+    assert table.schema.field("embedding").type == pa.list_(pa.float32(), 128)
+    assert table.column("query_id").to_pylist()[:3] == ["q0", "q1", "q2"]
+    users, queries, vectors = read_embeddings(out, "q1")
+    assert list(users) == list(infer_env.ds.user_ids) and set(queries) == {"q1"}
+    direct = infer_env.qa.embed(infer_env.ds.users(), QUERIES)  # (U, Q, D)
+    assert np.abs(vectors - direct[:, 1]).max() < 1e-5
+
+
+class Killed(Exception):
+    pass
+
+
+def test_killed_export_resumes_without_redoing_shards(infer_env, full_export, tmp_path):
+    out = tmp_path / "resumed"
+
+    def die_after_two(i: int) -> None:
+        if i == 1:
+            raise Killed  # the process dies right after shard 1 became final
+
+    with pytest.raises(Killed):
+        _export(infer_env, out, on_shard_done=die_after_two)
+    assert sorted(p.name for p in out.glob("*.done")) == ["part-00000.done", "part-00001.done"]
+    before = {p.name: p.stat().st_mtime_ns for p in out.glob("part-0000[01].parquet")}
+    redone: list[int] = []
+    report = _export(infer_env, out, on_shard_done=redone.append)
+    assert redone == [2, 3, 4, 5] and report.shards_skipped == 2
+    assert before == {p.name: p.stat().st_mtime_ns for p in out.glob("part-0000[01].parquet")}
+    assert _table(out).equals(_table(full_export[0]))
+
+
+def test_rank_split_equals_one_rank(infer_env, full_export, tmp_path):
+    out = tmp_path / "ranks"
+    reports = [_export(infer_env, out, rank=r, world=2) for r in (1, 0)]
+    assert [r.shards_mine for r in reports] == [3, 3]
+    assert _table(out).equals(_table(full_export[0]))
+
+
+def test_torchrun_two_ranks_equal_one_rank(infer_env, full_export, tmp_path):
+    out = tmp_path / "torchrun"
+    queries = tmp_path / "q.txt"
+    queries.write_text("".join(f"{qid}\t{q}\n" for qid, q in PAIRS))
+    torchrun = Path(sys.executable).with_name("torchrun")
+    cmd = [str(torchrun), "--nproc_per_node", "2", "-m", "qanchor.cli", "embed", "--model", str(infer_env.ckpt),
+           "--data", str(infer_env.ds_dir), "--queries", str(queries), "--out", str(out), "--shard-users", "7",
+           "--batch-size", "8", "--quiet"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    ranks = sorted(json.loads(line)["rank"] for line in proc.stdout.splitlines() if line.startswith("{"))
+    assert ranks == [0, 1]
+    assert np.abs(read_embeddings(out)[2] - read_embeddings(full_export[0])[2]).max() < 1e-6
+    assert _table(out).column("user_id").equals(_table(full_export[0]).column("user_id"))
+
+
+def test_other_queries_into_same_dir_refused(infer_env, full_export):
+    with pytest.raises(ConfigError, match="different queries"):
+        export_embeddings(infer_env.qa, infer_env.ds, PAIRS[:1], full_export[0], rank=0, world=1, shard_users=7, progress=False)
+
+
+def test_read_queries_formats(tmp_path):
+    (tmp_path / "a.yaml").write_text("- Will this user churn?\n- Will this user pay?\n")
+    (tmp_path / "b.yaml").write_text("churn: Will this user churn?\ncoupon: Will this user redeem a coupon?\n")
+    (tmp_path / "c.yml").write_text("- {query_id: x, query: 'Is this user rich?'}\n")
+    (tmp_path / "d.txt").write_text("# comment\nWill this user churn?\n\ncoupon\tWill this user redeem a coupon?\n")
+    pq.write_table(pa.table({"query_id": ["p"], "query": ["Will they pay?"]}), tmp_path / "e.parquet")
+    assert read_queries(tmp_path / "a.yaml") == [("q0", "Will this user churn?"), ("q1", "Will this user pay?")]
+    assert [i for i, _ in read_queries(tmp_path / "b.yaml")] == ["churn", "coupon"]
+    assert read_queries(tmp_path / "c.yml") == [("x", "Is this user rich?")]
+    assert read_queries(tmp_path / "d.txt") == [("q0", "Will this user churn?"), ("coupon", "Will this user redeem a coupon?")]
+    assert read_queries(tmp_path / "e.parquet") == [("p", "Will they pay?")]
+    (tmp_path / "dup.yaml").write_text("- query_id: x\n  query: a?\n- query_id: x\n  query: b?\n")
+    with pytest.raises(ModelInputError, match="appears twice"):
+        read_queries(tmp_path / "dup.yaml")
+    (tmp_path / "bad.yaml").write_text("- {a: b?}\n")
+    with pytest.raises(ModelInputError, match="not valid YAML"):
+        read_queries(tmp_path / "bad.yaml")
+    (tmp_path / "empty.txt").write_text("# nothing\n")
+    with pytest.raises(ModelInputError, match="no queries"):
+        read_queries(tmp_path / "empty.txt")

@@ -1,0 +1,58 @@
+"""Look-alike index: flat is exact, IVF (chosen by size) agrees with it, ids and self-exclusion are right."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from qanchor.errors import ModelInputError
+from qanchor.infer.export import embeddings_table
+from qanchor.infer.index import LookalikeIndex
+
+
+@pytest.fixture(scope="module")
+def data():
+    rng = np.random.default_rng(0)
+    centers = rng.normal(size=(20, 32))
+    vecs = centers[rng.integers(0, 20, 4000)] + 0.3 * rng.normal(size=(4000, 32))  # clustered, like real users
+    return np.array([f"u{i:05d}" for i in range(4000)], dtype=object), (vecs / np.linalg.norm(vecs, axis=1, keepdims=True)).astype(np.float32)
+
+
+def test_flat_is_exact_and_excludes_self(data):
+    ids, vecs = data
+    index = LookalikeIndex.build(ids, vecs)
+    assert index.meta["kind"] == "flat"
+    hits = index.search_user("u00042", k=5)
+    truth = np.argsort(-(vecs @ vecs[42]))[1:6]
+    assert [u for u, _ in hits] == list(ids[truth])
+    assert np.allclose([s for _, s in hits], (vecs @ vecs[42])[truth], atol=1e-5)
+
+
+def test_ivf_chosen_by_size_and_recalls_flat(data, tmp_path):
+    ids, vecs = data
+    ivf = LookalikeIndex.build(ids, vecs, ivf_min_size=1000)
+    assert ivf.meta["kind"] == "ivf" and ivf.meta["nprobe"] >= 1
+    flat = LookalikeIndex.build(ids, vecs)
+    queries = vecs[:50]
+    recall = np.mean([len({u for u, _ in a} & {u for u, _ in b}) / 10
+                      for a, b in zip(ivf.search(queries, 10), flat.search(queries, 10))])
+    assert recall > 0.9
+    ivf.save(tmp_path / "i.faiss")
+    loaded = LookalikeIndex.load(tmp_path / "i.faiss")
+    assert loaded.search_user("u00007", 3) == ivf.search_user("u00007", 3)
+
+
+def test_from_exported_embeddings(tmp_path):
+    from qanchor.data.io import write_parquet
+
+    emb = np.random.default_rng(1).normal(size=(5, 2, 8)).astype(np.float32)
+    write_parquet(embeddings_table([f"u{i}" for i in range(5)], ["a", "b"], emb), tmp_path / "part-00000.parquet")
+    index = LookalikeIndex.from_embeddings(tmp_path, "b")
+    top = index.search(emb[3, 1], k=1)[0][0]
+    assert top[0] == "u3" and top[1] == pytest.approx(1.0, abs=1e-5)
+    with pytest.raises(ModelInputError, match="no embeddings for query id"):
+        LookalikeIndex.from_embeddings(tmp_path, "zzz")
+    with pytest.raises(ModelInputError, match="not in this index"):
+        index.search_user("nobody")
+    with pytest.raises(ModelInputError, match="dimensions"):
+        index.search(np.ones(3))

@@ -1,0 +1,121 @@
+"""Daily update: only touched modalities re-encode, the result equals a full recompute, others carry over."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+import pytest
+
+from qanchor.data.dataset import UserRecord
+from qanchor.data.schema import events_table
+from qanchor.errors import CheckpointError, ConfigError, DataValidationError
+from qanchor.infer.export import read_embeddings
+from qanchor.infer.state import records_from_events
+from qanchor.infer.update import init_state, update_state
+from tests.infer.conftest import QUERIES
+
+PAIRS = [(f"q{i}", q) for i, q in enumerate(QUERIES)]
+CUTOFF_US = int(np.datetime64("2024-06-30T00:00:00", "us").astype(np.int64))
+HOUR = 3_600 * 1_000_000
+
+
+def day_events(env, rows: list[tuple[str, str, int, str]]) -> pa.Table:
+    cols = {"user_id": [r[0] for r in rows], "modality": [r[1] for r in rows], "ts": [r[2] for r in rows],
+            "text": [r[3] for r in rows], "value": [5.0 if r[1] == "bill" else None for r in rows]}
+    return events_table(env.ds.manifest, cols)
+
+
+def expected(env, new: pa.Table, user_ids: list[str], cutoff: str | None = None) -> np.ndarray:
+    """A full recompute: every dataset event plus the new ones, packed from scratch."""
+    old = pa.concat_tables([pq.read_table(p) for p in sorted((env.ds_dir / "events").glob("*.parquet"))])
+    both = pa.concat_tables([old.cast(new.schema), new])
+    recs = records_from_events(both.filter(pc.is_in(both.column("user_id"), pa.array(user_ids))), env.ds.manifest)
+    recs = {u: recs.get(u, UserRecord(u, {})) for u in user_ids}  # u000 has no events at all
+    for uid, rec in recs.items():
+        rec.tabular = env.ds.user(uid).tabular if uid in set(env.ds.user_ids) else None
+    return env.qa.embed([recs[u] for u in user_ids], QUERIES, cutoff=cutoff)
+
+
+def embeddings(state) -> dict[str, np.ndarray]:
+    users, _, vecs = read_embeddings(state)
+    return {u: vecs[i : i + len(QUERIES)] for i, u in enumerate(users) if i % len(QUERIES) == 0}  # (Q, D) each
+
+
+def token(state, user: str) -> dict[str, np.ndarray]:
+    table = pq.read_table(state / "encodings" / "part-00000.parquet")
+    table = table.filter(pc.equal(table.column("user_id"), user))
+    return {m: np.asarray(t) for m, t in zip(table.column("modality").to_pylist(), table.column("modality_token").to_pylist())}
+
+
+@pytest.fixture(scope="module")
+def state0(infer_env, tmp_path_factory):
+    out = tmp_path_factory.mktemp("state") / "s0"
+    report = init_state(infer_env.qa, infer_env.ds, PAIRS, out, progress=False)
+    return out, report
+
+
+def test_first_state_equals_embed(infer_env, state0):
+    out, report = state0
+    assert report.users_total == infer_env.ds.num_users and report.modality_encodings_skipped == 0
+    got = embeddings(out)
+    direct = infer_env.qa.embed(infer_env.ds.users(), QUERIES)
+    assert list(got) == list(infer_env.ds.user_ids)
+    assert max(np.abs(got[u] - direct[i]).max() for i, u in enumerate(got)) < 1e-5
+
+
+def test_late_events_reencode_only_touched_modalities(infer_env, state0, tmp_path):
+    rows = [("u001", "bill", CUTOFF_US - 2 * HOUR, "Bookshop"), ("u002", "app", CUTOFF_US - 3 * HOUR, "Opened Alipay"),
+            ("u002", "search", CUTOFF_US - HOUR, "loan"), ("u005", "search", CUTOFF_US - HOUR, "cheap flights"),
+            ("u999", "bill", CUTOFF_US - 5 * HOUR, "Coffee shop")]
+    new = day_events(infer_env, rows)
+    pq.write_table(new, tmp_path / "day.parquet")
+    report = update_state(infer_env.qa, state0[0], [tmp_path / "day.parquet"], tmp_path / "s1", progress=False)
+    n_mod = 4  # bill, app, search, tabular
+    assert (report.users_changed, report.users_new, report.llm_prefixes_run) == (4, 1, 4)
+    assert report.modality_encodings_run == 1 + 2 + 1 + n_mod and report.age_shift_days == 0
+    assert report.modality_encodings_skipped == (infer_env.ds.num_users + 1) * n_mod - report.modality_encodings_run
+    before, after = embeddings(state0[0]), embeddings(tmp_path / "s1")
+    changed = ["u001", "u002", "u005", "u999"]
+    want = expected(infer_env, new, changed)
+    assert max(np.abs(after[u] - want[i]).max() for i, u in enumerate(changed)) < 1e-5
+    assert all(np.array_equal(after[u], before[u]) for u in before if u not in changed)  # carried over bitwise
+    buffer = pq.read_table(tmp_path / "s1" / "buffer" / "part-00000.parquet")
+    bill = buffer.filter(pc.and_(pc.equal(buffer.column("user_id"), "u001"), pc.equal(buffer.column("modality"), "bill")))
+    assert bill.num_rows == 8 and bill.column("text").to_pylist()[-1] == "Bookshop"  # rolling buffer of max_events
+
+
+def test_next_day_full_refresh_equals_recompute(infer_env, state0, tmp_path):
+    new = day_events(infer_env, [("u003", "app", CUTOFF_US + 10 * HOUR, "Installed TikTok")])
+    pq.write_table(new, tmp_path / "day.parquet")
+    light = update_state(infer_env.qa, state0[0], [tmp_path / "day.parquet"], tmp_path / "s1", progress=False)
+    assert light.age_shift_days == 1.0 and light.as_of.startswith("2024-07-01") and light.shards_rewritten == 1
+    full = update_state(infer_env.qa, state0[0], [tmp_path / "day.parquet"], tmp_path / "s1f", full=True, progress=False)
+    users = list(infer_env.ds.user_ids)
+    assert full.llm_prefixes_run == len(users) and full.modality_encodings_run == len(users) * 3  # tabular is kept
+    got, want = embeddings(tmp_path / "s1f"), expected(infer_env, new, users, cutoff=full.as_of)
+    assert max(np.abs(got[u] - want[i]).max() for i, u in enumerate(users)) < 1e-5
+    light_enc, full_enc, old_enc = (token(d, "u003") for d in (tmp_path / "s1", tmp_path / "s1f", state0[0]))
+    assert np.abs(light_enc["app"] - full_enc["app"]).max() < 1e-6  # the touched modality: encoded at the new as_of
+    assert np.array_equal(light_enc["bill"], old_enc["bill"])  # skipped: yesterday's ages (the documented drift)
+    assert np.abs(embeddings(tmp_path / "s1")["u003"] - want[3]).max() < 1e-2
+    history = json.loads((tmp_path / "s1f" / "state.json").read_text())["history"]
+    assert len(history) == 2
+
+
+def test_no_events_links_shards_and_bad_inputs_refused(infer_env, state0, tmp_path):
+    report = update_state(infer_env.qa, state0[0], [], tmp_path / "s1", progress=False)  # a day without events
+    assert report.shards_linked == 1 and report.modality_encodings_run == 0
+    late = day_events(infer_env, [("u001", "bill", CUTOFF_US + 30 * HOUR, "Bookshop")])
+    pq.write_table(late, tmp_path / "late.parquet")
+    with pytest.raises(DataValidationError, match="not before"):
+        update_state(infer_env.qa, state0[0], [tmp_path / "late.parquet"], tmp_path / "s2", as_of="2024-07-01", progress=False)
+    with pytest.raises(ConfigError, match="must differ"):
+        update_state(infer_env.qa, state0[0], [], state0[0], progress=False)
+    meta = json.loads((tmp_path / "s1" / "state.json").read_text())
+    (tmp_path / "s1" / "state.json").write_text(json.dumps({**meta, "checkpoint": "f" * 64}))
+    with pytest.raises(CheckpointError, match="rebuild the state"):
+        update_state(infer_env.qa, tmp_path / "s1", [], tmp_path / "s3", progress=False)

@@ -1,0 +1,52 @@
+"""Dict users and dataset records are mapped into the model's layout by name, or refused clearly."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from qanchor.data.dataset import EventSeq, UserRecord
+from qanchor.data.manifest import Manifest
+from qanchor.errors import ModelInputError
+from qanchor.infer.user_input import record_adapter, to_microseconds, to_record
+from tests.conftest import tiny_manifest
+
+
+def _manifest(bill_columns: list[str], extra_modality: bool = False) -> Manifest:
+    raw = tiny_manifest().to_dict()
+    raw["modalities"][0]["numeric_columns"] = bill_columns
+    if extra_modality:
+        raw["modalities"].append({"name": "sms", "kind": "sequence"})
+    return Manifest.from_dict(raw)
+
+
+def test_adapter_is_identity_for_the_same_layout():
+    m = tiny_manifest()
+    rec = UserRecord("u", {}, np.array([1.0, 2.0], np.float32))
+    assert record_adapter(m, ["age", "income"], m, ["age", "income"])(rec) is rec
+
+
+def test_adapter_remaps_columns_by_name():
+    model = _manifest(["discount", "tip"])
+    data = _manifest(["tip"])
+    adapt = record_adapter(data, ["income"], model, ["age", "income"])
+    seq = EventSeq(np.array([1, 2]), ["a", "b"], np.array([1.0, 2.0], np.float32), np.array([[5.0], [6.0]], np.float32))
+    out = adapt(UserRecord("u", {"bill": seq}, np.array([42.0], np.float32)))
+    assert np.isnan(out.events["bill"].extras[:, 0]).all() and out.events["bill"].extras[:, 1].tolist() == [5.0, 6.0]
+    assert np.isnan(out.tabular[0]) and out.tabular[1] == 42.0
+
+
+def test_adapter_refuses_what_the_model_does_not_know():
+    with pytest.raises(ModelInputError, match="modality 'sms' is unknown"):
+        record_adapter(_manifest(["discount"], extra_modality=True), [], tiny_manifest(), [])
+    with pytest.raises(ModelInputError, match="feature 'height'"):
+        record_adapter(tiny_manifest(), ["height"], tiny_manifest(), ["age"])
+
+
+def test_dict_events_sorted_and_times_parsed():
+    rec = to_record({"user_id": "u", "events": {"app": [{"ts": "2024-01-02T00:00:00Z", "text": "late"},
+                                                        {"ts": "2024-01-01T00:00:00", "text": "early"}]}},
+                    tiny_manifest(), ["age", "income"])
+    assert rec.events["app"].text == ["early", "late"] and rec.tabular is None
+    assert to_microseconds("2024-01-01T01:00:00+01:00") == to_microseconds("2024-01-01T00:00:00Z")
+    assert to_microseconds(np.datetime64("1970-01-01T00:00:02")) == 2_000_000
