@@ -37,6 +37,11 @@ def init_distributed() -> tuple[int, int]:
     if "RANK" not in os.environ:  # a plain `python` / `qanchor` process: a world of one
         os.environ.update({"RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "1", "MASTER_ADDR": "127.0.0.1",
                            "MASTER_PORT": os.environ.get("MASTER_PORT", str(_free_port()))})
+    if not torch.cuda.is_available():
+        # DeepSpeed's CPU backend JIT-compiles a shared-memory all-reduce (used only for inference all-reduce,
+        # never by gloo training) under a file lock in ~/.cache/torch_extensions. A process killed mid-compile
+        # (a preempted job, Ctrl-C) leaves that lock behind and every later run then waits on it forever.
+        deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
     if not torch.distributed.is_initialized():
         backend = "nccl" if torch.cuda.is_available() else "gloo"
         deepspeed.init_distributed(dist_backend=backend, auto_mpi_discovery=False, verbose=False)

@@ -29,6 +29,12 @@ def prepared(tiny_dataset, tmp_path_factory) -> Path:
     ds_dir = tmp_path_factory.mktemp("pt") / "ds"
     shutil.copytree(tiny_dataset, ds_dir, ignore=shutil.ignore_patterns(".qanchor_cache"))
     model_and_stream(ds_dir)
+    # A stale JIT-build lock, as a process killed while DeepSpeed compiled an op leaves behind: training on CPU
+    # must not wait on it (it once hung every later run).
+    extensions = tmp_path_factory.mktemp("torch_extensions")
+    (extensions / "deepspeed_shm_comm").mkdir(parents=True)
+    (extensions / "deepspeed_shm_comm" / "lock").touch()
+    ENV["TORCH_EXTENSIONS_DIR"] = str(extensions)
     return ds_dir
 
 
