@@ -167,34 +167,93 @@ class PretrainConfig:
 
 @dataclass
 class PromptTuneConfig:
-    model: str = ""  # pretrained checkpoint directory
+    """Cluster-based soft prompt tuning of one scenario head per task (DESIGN section 5).
+
+    ``data`` keys given in the YAML or on the command line override the checkpoint's own data section
+    (event caps, cache dir); keys left out are taken from the checkpoint, so users are packed exactly as
+    in pretraining. The text encoder is always the checkpoint's.
+    """
+
+    model: str = ""  # pretrained checkpoint directory (or a pretraining output_dir)
     data: DataConfig = field(default_factory=DataConfig)
-    task: str = "all"
+    task: str = "all"  # a task name of the dataset, a comma-separated list, or "all"
     output_dir: str = "runs/heads"
     num_prompt_tokens: int = 6
     prototypes_per_class: int = 4
+    # ...but fewer where a class is small: each prototype needs this many training users behind it.
+    # Measured on the synthetic tasks (~1,200 training users): 4 prototypes for a class of 50-400 users
+    # fit noise and cost ~0.03 test AUC against 1 prototype per class.
+    min_users_per_prototype: int = 500
     temperature: float = 0.1
     steps: int = 500
     batch_size: int = 64
-    lr: float = 1e-3
-    eval_every: int = 25
+    lr: float = 1e-3  # Adam, for the prompt vectors
+    prototype_lr: float = 1e-3  # Adam, for the prototypes (unit vectors: a different scale from the prompt)
+    eval_every: int = 25  # validation AUC every this many steps; the best step is kept
     val_fraction: float = 0.2
     test_fraction: float = 0.2
     seed: int = 0
+    prompt_init: Literal["query", "random"] = "query"  # query = the query's own token embeddings, cycled
+    balanced: bool = True  # class-balanced batches (half positives): rare positives still shape the prompt
+    # Whiten embeddings inside the head before the cosine (ridge eps relative to the top eigenvalue);
+    # null = raw cosine on the embedding, the paper's literal form. See qanchor.tune.head.fit_whitening.
+    whitening_eps: float | None = 1e-6
+    prefix_chunk: int = 256  # users per prefix-encoding / evaluation batch
+    device: str = "cpu"
+
+    def __post_init__(self) -> None:
+        if self.num_prompt_tokens < 1 or self.prototypes_per_class < 1 or self.min_users_per_prototype < 1:
+            raise ConfigError("num_prompt_tokens, prototypes_per_class and min_users_per_prototype must be >= 1")
+        if self.temperature <= 0 or self.lr <= 0 or self.prototype_lr < 0:
+            raise ConfigError("temperature and lr must be > 0, prototype_lr >= 0")
+        if self.whitening_eps is not None and self.whitening_eps <= 0:
+            raise ConfigError("whitening_eps must be > 0, or null for no whitening")
+        if self.steps < 0 or self.batch_size < 2 or self.eval_every < 1 or self.prefix_chunk < 1:
+            raise ConfigError("steps must be >= 0, batch_size >= 2, eval_every and prefix_chunk >= 1")
+        if not (0 < self.val_fraction < 1 and 0 < self.test_fraction < 1 and self.val_fraction + self.test_fraction < 1):
+            raise ConfigError(f"val_fraction ({self.val_fraction}) and test_fraction ({self.test_fraction}) must be in "
+                              "(0, 1) and sum to less than 1: training needs users too")
 
 
 @dataclass
 class BenchConfig:
-    model: str = ""
+    """``qanchor bench``: AUC / KS of Q-Anchor and peers under the same stratified k-fold split.
+
+    Either the dataset's own tasks (``tasks``) or one custom task (``labels`` + ``query``) is judged.
+    """
+
+    model: str | None = None  # checkpoint dir (or a pretraining output_dir); None = peers only
     data: DataConfig = field(default_factory=DataConfig)
     tasks: list[str] = field(default_factory=list)  # empty = every task of the dataset
     folds: int = 5
-    seed: int = 0
-    generic_query: str = "What kind of user is this?"
-    methods: list[str] = field(default_factory=lambda: ["qanchor_task", "qanchor_generic", "qanchor_head", "rfm_lgbm", "text_mean_lr"])
-    heads_dir: str | None = None
-    ablations: bool = False
+    seed: int = 0  # fixes the folds, the classifiers and any subsampling
+    generic_query: str = "What kind of user is this?"  # the static-embedding baseline's one query
+    methods: list[str] = field(default_factory=lambda: ["qanchor_task", "qanchor_generic", "qanchor_head", "rfm_lgbm",
+                                                        "text_mean_lr", "coles"])
+    heads_dir: str | None = None  # `qanchor prompt-tune` output_dir: <heads_dir>/<task>/head.yaml
+    ablations: bool = False  # retrain ablated models under <output_dir>/ablations/ (slow: pretraining runs)
     output_dir: str = "results/bench"
+    labels: str | None = None  # custom task: a Parquet with user_id, label (0/1); needs `query`
+    query: str | None = None  # custom task: the question that anchors it
+    max_users: int | None = None  # random subsample of every task's users (quick looks); None = all
+    n_jobs: int = 1  # threads (torch, BLAS, LightGBM) for the run; 1 is safest on shared cores, 2 on 2 idle ones
+    pca_tasks: list[str] = field(default_factory=list)  # tasks for the before/after-tuning PCA plot; [] = first with a head
+    coles_epochs: int = 4  # CoLES is a peer, kept small so the demo stays within minutes on CPU
+    coles_hidden: int = 64
+    coles_max_events: int = 256  # most recent events per user fed to CoLES
+    ablation_pretrain_overrides: list[str] = field(default_factory=list)  # extra key=value for ablation pretraining
+    ablation_prompt_tokens: list[int] = field(default_factory=lambda: [1, 2, 4, 6, 8])
+    prompt_tune_config: str | None = None  # prompt-tune YAML for the prompt-token ablation; None = defaults
+
+    def __post_init__(self) -> None:
+        if self.folds < 2:
+            raise ConfigError(f"folds must be >= 2, got {self.folds}")
+        if (self.labels is None) != (self.query is None):
+            raise ConfigError("a custom task needs both labels=<user_id,label Parquet> and query=<text>")
+        if self.max_users is not None and self.max_users < 10:
+            raise ConfigError(f"max_users must be >= 10 (or null), got {self.max_users}")
+        if not self.methods:
+            raise ConfigError("methods is empty; name at least one method")
 
 
 # Which schema a YAML follows is given by its folder under configs/.

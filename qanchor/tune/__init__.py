@@ -1,0 +1,13 @@
+"""Scenario adaptation: cluster-based soft prompt tuning of per-task heads (DESIGN section 5).
+
+Example:
+    >>> from qanchor.tune import ScenarioHead
+    >>> head = ScenarioHead.load("runs/demo/heads/churn")  # doctest: +SKIP
+"""
+
+from qanchor.tune.head import ScenarioHead, kmeans_prototypes, query_prompt_init
+from qanchor.tune.losses import prototype_logits, prototype_loss, prototype_score
+from qanchor.tune.metrics import auc_ks
+
+__all__ = ["ScenarioHead", "kmeans_prototypes", "query_prompt_init", "prototype_logits", "prototype_loss",
+           "prototype_score", "auc_ks"]

@@ -1,0 +1,230 @@
+"""A scenario head: soft prompt + class prototypes for one task, saved as a small file pair.
+
+    <dir>/head.safetensors   prompt (k, H), prototypes (P, D) unit rows, prototype_labels (P,) int64
+    <dir>/head.yaml          task, query, k, C, temperature, checkpoint hash, qanchor version, ...
+
+The prompt is read by the frozen LLM at the start of the suffix (``model.suffix(query_ids, head.prompt)``);
+the prototypes score the resulting embedding. A head only makes sense on the exact weights it was
+tuned on, so it records the checkpoint's hash and refuses to load onto another.
+
+Example:
+    >>> head = ScenarioHead.load("runs/demo/heads/churn", checkpoint_hash(ckpt))  # doctest: +SKIP
+    >>> suffix = model.suffix(query_ids, head.prompt)  # doctest: +SKIP
+    >>> head.score(embeddings)  # (N,) log-odds, higher = positive  # doctest: +SKIP
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+import yaml
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+import qanchor
+from qanchor.data.io import atomic_dir
+from qanchor.errors import CheckpointError
+from qanchor.tune.losses import prototype_score
+
+__all__ = ["ScenarioHead", "apply_whitening", "fit_whitening", "kmeans_prototypes", "query_prompt_init", "HEAD_WEIGHTS", "HEAD_META"]
+
+HEAD_WEIGHTS, HEAD_META = "head.safetensors", "head.yaml"
+
+
+class ScenarioHead(nn.Module):
+    """Trainable prompt (k, H) and prototypes (P, D) with class labels (P,) for one task's query.
+
+    ``prototypes`` is always the unit-normalised view of the trainable ``prototype_weights``, so the
+    loss reads cosine similarities and a saved head holds unit rows. ``extra`` is free-form metadata
+    (best step, validation AUC, split) that travels in ``head.yaml``.
+    """
+
+    def __init__(self, task: str, query: str, prompt: torch.Tensor, prototypes: torch.Tensor,
+                 prototype_labels: torch.Tensor, temperature: float, checkpoint_hash: str, extra: dict | None = None,
+                 whitening: tuple[torch.Tensor, torch.Tensor] | None = None):
+        super().__init__()
+        if prototypes.shape[0] != prototype_labels.shape[0]:
+            raise ValueError(f"{prototypes.shape[0]} prototypes but {prototype_labels.shape[0]} labels")
+        # Fixed (never trained) affine map applied to embeddings before the cosine: mean (D,), matrix (D, D').
+        self.register_buffer("whiten_mean", None if whitening is None else _own(whitening[0]))
+        self.register_buffer("whiten_matrix", None if whitening is None else _own(whitening[1]))
+        self.task, self.query, self.temperature, self.checkpoint_hash = task, query, float(temperature), checkpoint_hash
+        self.extra = dict(extra or {})
+        self.prompt = nn.Parameter(_own(prompt))  # (k, H)
+        # Kept as given (unit rows after k-means or tuning): normalising again on every load would move
+        # the last bit, and a saved head must score bit-identically after loading.
+        self.prototype_weights = nn.Parameter(_own(prototypes))  # (P, D)
+        self.register_buffer("prototype_labels", prototype_labels.detach().clone().long())  # (P,)
+
+    @property
+    def prototypes(self) -> torch.Tensor:
+        """Unit-norm prototypes (P, D)."""
+        return F.normalize(self.prototype_weights, dim=-1)
+
+    @property
+    def num_prompt_tokens(self) -> int:
+        return int(self.prompt.shape[0])
+
+    @property
+    def prototypes_per_class(self) -> int:
+        return int(torch.bincount(self.prototype_labels).max())
+
+    def transform(self, embeddings: torch.Tensor) -> torch.Tensor:
+        """(N, D) embeddings -> (N, D') the vectors compared with the prototypes (whitened if the head whitens)."""
+        return apply_whitening(embeddings, None if self.whiten_matrix is None else (self.whiten_mean, self.whiten_matrix))
+
+    def score(self, embeddings: torch.Tensor) -> torch.Tensor:
+        """(N, D) user embeddings (made with this head's prompt) -> (N,) positive-vs-negative log-odds."""
+        return prototype_score(self.transform(embeddings), self.prototypes, self.prototype_labels, self.temperature)
+
+    def state(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """Detached copies of (prompt, unit prototypes): what best-step selection keeps and restores."""
+        return self.prompt.detach().clone(), self.prototypes.detach().clone()
+
+    @torch.no_grad()
+    def load_state(self, state: tuple[torch.Tensor, torch.Tensor]) -> None:
+        self.prompt.copy_(state[0])
+        self.prototype_weights.copy_(state[1])
+
+    # ------------------------------------------------------------------------------------------ files
+    def metadata(self) -> dict[str, Any]:
+        return {"task": self.task, "query": self.query, "num_prompt_tokens": self.num_prompt_tokens,
+                "prototypes_per_class": self.prototypes_per_class, "temperature": self.temperature,
+                "hidden_size": int(self.prompt.shape[1]), "embedding_dim": int(self.prototype_weights.shape[1]),
+                "checkpoint_hash": self.checkpoint_hash, "qanchor_version": qanchor.__version__, **self.extra}
+
+    def save(self, directory: str | Path) -> Path:
+        """Write ``head.safetensors`` + ``head.yaml`` into ``directory`` (replaced atomically)."""
+        directory = Path(directory)
+        tensors = {"prompt": self.prompt.detach().contiguous(), "prototypes": self.prototype_weights.detach().contiguous(),
+                   "prototype_labels": self.prototype_labels.contiguous()}
+        if self.whiten_matrix is not None:
+            tensors.update(whiten_mean=self.whiten_mean.contiguous(), whiten_matrix=self.whiten_matrix.contiguous())
+        with atomic_dir(directory) as tmp:
+            save_file(tensors, str(tmp / HEAD_WEIGHTS))
+            (tmp / HEAD_META).write_text(yaml.safe_dump(_plain(self.metadata()), sort_keys=False))
+        return directory
+
+    @classmethod
+    def load(cls, directory: str | Path, checkpoint_hash: str | None = None) -> ScenarioHead:
+        """Read a head; with ``checkpoint_hash``, refuse (CheckpointError) one tuned on other weights."""
+        directory = Path(directory)
+        if not (directory / HEAD_META).exists() or not (directory / HEAD_WEIGHTS).exists():
+            raise CheckpointError(f"{directory}: not a scenario head ({HEAD_META} / {HEAD_WEIGHTS} missing); "
+                                  "create one with `qanchor prompt-tune`")
+        meta = yaml.safe_load((directory / HEAD_META).read_text())
+        if checkpoint_hash is not None and meta["checkpoint_hash"] != checkpoint_hash:
+            raise CheckpointError(
+                f"{directory}: head for task '{meta['task']}' was tuned on checkpoint {meta['checkpoint_hash'][:12]}, "
+                f"not on this one ({checkpoint_hash[:12]}); re-run `qanchor prompt-tune` with this checkpoint")
+        t = load_file(str(directory / HEAD_WEIGHTS))
+        known = {"task", "query", "num_prompt_tokens", "prototypes_per_class", "temperature", "hidden_size",
+                 "embedding_dim", "checkpoint_hash", "qanchor_version"}
+        extra = {k: v for k, v in meta.items() if k not in known}
+        whitening = (t["whiten_mean"], t["whiten_matrix"]) if "whiten_matrix" in t else None
+        return cls(meta["task"], meta["query"], t["prompt"], t["prototypes"], t["prototype_labels"],
+                   meta["temperature"], meta["checkpoint_hash"], extra, whitening)
+
+
+def _own(t: torch.Tensor) -> torch.Tensor:
+    """A float32 contiguous copy: matmul rounding depends on memory layout, and a loaded head (contiguous
+    tensors from safetensors) must compute exactly what the in-memory one did."""
+    return t.detach().float().clone(memory_format=torch.contiguous_format)
+
+
+def _plain(obj: Any) -> Any:
+    """numpy scalars and tuples -> plain YAML types."""
+    if isinstance(obj, dict):
+        return {str(k): _plain(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_plain(v) for v in obj]
+    if isinstance(obj, np.generic):
+        return obj.item()
+    return obj
+
+
+def apply_whitening(embeddings: torch.Tensor, whitening: tuple[torch.Tensor, torch.Tensor] | None) -> torch.Tensor:
+    """(N, D) -> (N, D'): ``(x - mean) @ matrix``, or ``x`` itself (float32) when ``whitening`` is None."""
+    if whitening is None:
+        return embeddings.float()
+    return (embeddings.float() - whitening[0]) @ whitening[1]
+
+
+def fit_whitening(embeddings: torch.Tensor, eps: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """Ridge-regularised PCA whitening of (N, D) embeddings -> mean (D,), matrix (D, D).
+
+    ``x -> (x - mean) @ matrix`` gives every principal direction variance ``lam / (lam + eps * lam_max)``:
+    about 1 for directions above ``eps * lam_max``, shrunk below it (so float noise is not blown up).
+    Pretrained embeddings are anisotropic (tiny preset: the top direction holds most of the variance and
+    task signal sits in directions 1e-5 times weaker), and a cosine can only see the dominant ones.
+        >>> x = torch.randn(500, 3, generator=torch.Generator().manual_seed(0)) * torch.tensor([10.0, 1.0, 0.1])
+        >>> mean, w = fit_whitening(x, eps=1e-12)
+        >>> torch.cov(((x - mean) @ w).T).diagonal().round(decimals=2).tolist()
+        [1.0, 1.0, 1.0]
+    """
+    x = embeddings.double()
+    mean = x.mean(0)  # (D,)
+    lam, vecs = torch.linalg.eigh(torch.cov((x - mean).T))  # (D,), (D, D)
+    lam = lam.clamp_min(0.0)
+    matrix = vecs / (lam + eps * lam.max()).sqrt()  # (D, D): column j scaled by 1 / sqrt(lam_j + eps * lam_max)
+    return mean.float(), matrix.float()
+
+
+def kmeans_prototypes(embeddings: np.ndarray, labels: np.ndarray, per_class: int, seed: int,
+                      min_users: int = 1, niter: int = 25) -> tuple[torch.Tensor, torch.Tensor]:
+    """Faiss k-means inside each class -> unit-norm centres (P, D) and their class labels (P,).
+
+    Classes are taken in ascending order (negatives first). A class gets ``per_class`` prototypes, or
+    fewer so that each has at least ``min_users`` users behind it (always at least one). Example:
+        >>> protos, plabels = kmeans_prototypes(emb, y, per_class=4, seed=0)  # doctest: +SKIP
+    """
+    import faiss
+
+    protos, plabels = [], []
+    for cls_id in np.unique(labels):
+        x = np.ascontiguousarray(embeddings[labels == cls_id], dtype=np.float32)  # (n_c, D)
+        k = max(1, min(per_class, len(x) // max(min_users, 1)))
+        km = faiss.Kmeans(x.shape[1], k, niter=niter, seed=seed, verbose=False)
+        # Use every point (no subsampling) and stay quiet about small classes: a rare positive class
+        # of a few dozen users is normal here, and faiss would warn below 39 points per centroid.
+        km.cp.min_points_per_centroid, km.cp.max_points_per_centroid = 1, 1 << 30
+        with _faiss_threads(1):
+            km.train(x)
+        protos.append(km.centroids.reshape(k, -1))
+        plabels += [int(cls_id)] * k
+    centres = torch.from_numpy(np.concatenate(protos)).float()
+    return F.normalize(centres, dim=-1), torch.tensor(plabels, dtype=torch.long)
+
+
+@contextmanager
+def _faiss_threads(n: int) -> Iterator[None]:
+    """Run faiss single-threaded: its OpenMP pool keeps spinning after a call and then starves torch's
+    own threads (measured: prompt-tuning steps 40x slower after one k-means on 2 cores)."""
+    import faiss
+
+    before = faiss.omp_get_max_threads()
+    faiss.omp_set_num_threads(n)
+    try:
+        yield
+    finally:
+        faiss.omp_set_num_threads(before)
+
+
+def query_prompt_init(token_embeddings: torch.Tensor, k: int) -> torch.Tensor:
+    """Prompt (k, H) from the query's own token embeddings (Lq, H), cycled when the query is shorter.
+
+    Starting inside the token-embedding distribution keeps the frozen LLM on familiar inputs, so the
+    step-0 embedding stays close to the pretrained task-query embedding (random vectors do not).
+        >>> query_prompt_init(torch.eye(2), 3).tolist()
+        [[1.0, 0.0], [0.0, 1.0], [1.0, 0.0]]
+    """
+    if token_embeddings.shape[0] == 0:
+        raise ValueError("the query has no tokens")
+    reps = -(-k // token_embeddings.shape[0])
+    return token_embeddings.detach().repeat(reps, 1)[:k].clone()

@@ -1,0 +1,169 @@
+"""Tune one scenario head on cached prefixes: k-means prototypes, then prompt + prototypes by Adam.
+
+Only the suffix ``[prompt x k] query <|user_emb|>`` runs per step, on keys/values from a
+:class:`~qanchor.tune.prefix_store.PrefixStore`; every pretrained weight stays frozen (and is never
+handed to the optimiser). Validation AUC is measured every ``eval_every`` steps and the best step's
+prompt and prototypes are kept. Everything random is drawn from ``seed``.
+
+Example:
+    >>> result = tune_task(model, store, query_ids, split, cfg, task="churn", query=q, checkpoint_hash=h)  # doctest: +SKIP
+    >>> result.head.save("runs/heads/churn"); result.metrics["tuned"]["test"]["auc"]  # doctest: +SKIP
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from sklearn.linear_model import LogisticRegression
+from sklearn.model_selection import train_test_split
+from sklearn.pipeline import make_pipeline
+from sklearn.preprocessing import StandardScaler
+from tqdm.auto import tqdm
+
+from qanchor.config import PromptTuneConfig
+from qanchor.model.qanchor_model import QAnchorModel
+from qanchor.tune.head import (
+    ScenarioHead,
+    apply_whitening,
+    fit_whitening,
+    kmeans_prototypes,
+    query_prompt_init,
+)
+from qanchor.tune.losses import prototype_loss
+from qanchor.tune.metrics import auc_ks
+from qanchor.tune.prefix_store import PrefixStore
+
+__all__ = ["Split", "split_users", "tune_task", "frozen_logistic", "TaskResult"]
+
+SPLITS = ("train", "val", "test")
+
+
+@dataclass
+class Split:
+    """Store rows (long (n,)) and 0/1 labels (long (n,)) of the train / val / test users of one task."""
+
+    rows: dict[str, torch.Tensor]
+    labels: dict[str, torch.Tensor]
+
+
+def split_users(rows: np.ndarray, labels: np.ndarray, val_fraction: float, test_fraction: float, seed: int) -> Split:
+    """Stratified train / val / test split of a task's users (rows of the store), fixed by ``seed``.
+
+        >>> s = split_users(np.arange(10), np.array([0, 1] * 5), 0.2, 0.2, seed=0)
+        >>> [len(s.rows[k]) for k in ("train", "val", "test")]
+        [6, 2, 2]
+    """
+    idx = np.arange(len(rows))
+    rest, test = train_test_split(idx, test_size=test_fraction, stratify=labels, random_state=seed)
+    train, val = train_test_split(rest, test_size=val_fraction / (1 - test_fraction), stratify=labels[rest],
+                                  random_state=seed)
+    parts = {"train": np.sort(train), "val": np.sort(val), "test": np.sort(test)}
+    return Split({k: torch.as_tensor(rows[v], dtype=torch.long) for k, v in parts.items()},
+                 {k: torch.as_tensor(labels[v], dtype=torch.long) for k, v in parts.items()})
+
+
+@dataclass
+class TaskResult:
+    head: ScenarioHead
+    metrics: dict[str, dict] = field(default_factory=dict)  # method -> split -> {auc, ks}
+    best_step: int = 0
+    seconds: float = 0.0
+    history: list[dict] = field(default_factory=list)  # {step, loss (mean since last eval), val_auc} per evaluation
+
+
+def _batch(rng: np.random.Generator, labels: np.ndarray, size: int, balanced: bool) -> np.ndarray:
+    """Indices into the training users; balanced = half from each class (with replacement if small)."""
+    if not balanced:
+        return rng.choice(len(labels), size=min(size, len(labels)), replace=False)
+    out = []
+    for cls_id, n in zip((0, 1), (size - size // 2, size // 2)):
+        pool = np.flatnonzero(labels == cls_id)
+        out.append(rng.choice(pool, size=n, replace=n > len(pool)))
+    return np.concatenate(out)
+
+
+def _initial_prompt(model: QAnchorModel, query_ids: torch.Tensor, cfg: PromptTuneConfig) -> torch.Tensor:
+    with torch.no_grad():
+        tokens = model.embed_tokens(query_ids).float()  # (Lq, H)
+    if cfg.prompt_init == "query":
+        return query_prompt_init(tokens, cfg.num_prompt_tokens)
+    # Small random vectors at the token-embedding scale: a control for the query initialisation.
+    gen = torch.Generator().manual_seed(cfg.seed)
+    return torch.randn(cfg.num_prompt_tokens, tokens.shape[1], generator=gen) * tokens.std()
+
+
+def _evaluate(model, store, query_ids, head: ScenarioHead, split: Split, names, chunk: int) -> dict[str, dict]:
+    suffix = model.suffix(query_ids, head.prompt.detach())
+    with torch.no_grad():
+        return {k: auc_ks(split.labels[k].numpy(), head.score(store.embed(model, suffix, split.rows[k], chunk)).numpy())
+                for k in names}
+
+
+def tune_task(model: QAnchorModel, store: PrefixStore, query_ids: torch.Tensor, split: Split, cfg: PromptTuneConfig,
+              task: str, query: str, checkpoint_hash: str, progress: bool = False) -> TaskResult:
+    """Initialise a head (query-token prompt, k-means prototypes) and tune it; keep the best-val step."""
+    start = time.perf_counter()
+    y_train = split.labels["train"].numpy()
+    if np.unique(y_train).size < 2:
+        raise ValueError(f"task {task}: the training split holds one class only")
+    prompt = _initial_prompt(model, query_ids, cfg)
+    with torch.no_grad():
+        emb0 = store.embed(model, model.suffix(query_ids, prompt), split.rows["train"], cfg.prefix_chunk)  # (n, D)
+    whitening = None if cfg.whitening_eps is None else fit_whitening(emb0, cfg.whitening_eps)
+    points = F.normalize(apply_whitening(emb0, whitening), dim=-1)  # what the cosine compares, (n, D)
+    protos, plabels = kmeans_prototypes(points.numpy(), y_train, cfg.prototypes_per_class, cfg.seed,
+                                        min_users=cfg.min_users_per_prototype)
+    head = ScenarioHead(task, query, prompt, protos, plabels, cfg.temperature, checkpoint_hash, whitening=whitening)
+    frozen = _evaluate(model, store, query_ids, head, split, SPLITS[1:], cfg.prefix_chunk)
+    opt = torch.optim.Adam([{"params": [head.prompt], "lr": cfg.lr},
+                            {"params": [head.prototype_weights], "lr": cfg.prototype_lr}])
+    rng = np.random.default_rng(cfg.seed)
+    best = (frozen["val"]["auc"], 0, head.state())
+    history = [{"step": 0, "loss": None, "val_auc": frozen["val"]["auc"]}]
+    bar = tqdm(range(1, cfg.steps + 1), desc=f"tune {task}", unit="step", disable=not progress or None, leave=False)
+    window: list[float] = []  # batch losses since the last evaluation: one batch's loss is too noisy to read
+    for step in bar:
+        idx = _batch(rng, y_train, cfg.batch_size, cfg.balanced)
+        rows, labels = split.rows["train"][idx], split.labels["train"][idx]
+        suffix = model.suffix(query_ids, head.prompt)  # (k + Lq + 1, H): gradients reach the prompt
+        emb = model.project(store.hidden(model, [suffix] * len(idx), rows))  # (B, D)
+        loss = prototype_loss(head.transform(emb), head.prototypes, head.prototype_labels, labels, cfg.temperature)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        window.append(float(loss.detach()))
+        if step % cfg.eval_every == 0 or step == cfg.steps:
+            val_auc = _evaluate(model, store, query_ids, head, split, ("val",), cfg.prefix_chunk)["val"]["auc"]
+            history.append({"step": step, "loss": float(np.mean(window)), "val_auc": val_auc})
+            window = []
+            if val_auc > best[0]:  # strictly better: ties keep the earlier (less tuned) step
+                best = (val_auc, step, head.state())
+            bar.set_postfix(loss=f"{history[-1]['loss']:.3f}", val_auc=f"{val_auc:.3f}", best=f"{best[0]:.3f}@{best[1]}")
+    bar.close()
+    head.load_state(best[2])
+    tuned = _evaluate(model, store, query_ids, head, split, SPLITS[1:], cfg.prefix_chunk)
+    head.extra.update(best_step=best[1], steps=cfg.steps, seed=cfg.seed, prompt_init=cfg.prompt_init,
+                      val_auc=tuned["val"]["auc"], val_fraction=cfg.val_fraction, test_fraction=cfg.test_fraction,
+                      whitening_eps=cfg.whitening_eps)
+    return TaskResult(head, {"frozen_proto": frozen, "tuned": tuned}, best[1], time.perf_counter() - start, history)
+
+
+def frozen_logistic(model: QAnchorModel, store: PrefixStore, query_ids: torch.Tensor, split: Split, seed: int,
+                    chunk: int = 256, grid: tuple[float, ...] = (0.01, 0.1, 1.0, 10.0)) -> dict[str, dict]:
+    """Baseline: logistic regression on frozen task-query embeddings (no prompt), C picked by val AUC."""
+    suffix = model.suffix(query_ids, None)
+    x = {k: store.embed(model, suffix, split.rows[k], chunk).numpy() for k in SPLITS}  # (n_k, D)
+    y = {k: split.labels[k].numpy() for k in SPLITS}
+    best = None
+    for c in grid:
+        clf = make_pipeline(StandardScaler(), LogisticRegression(C=c, max_iter=2000, random_state=seed))
+        clf.fit(x["train"], y["train"])
+        val = auc_ks(y["val"], clf.decision_function(x["val"]))
+        if best is None or val["auc"] > best[0]["auc"]:
+            best = (val, clf)
+    val, clf = best
+    return {"val": val, "test": auc_ks(y["test"], clf.decision_function(x["test"])), "C": float(clf[-1].C)}

@@ -1,0 +1,121 @@
+"""Scenario head: k-means initialisation, save -> load parity, refusal on another checkpoint."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+import yaml
+from sklearn.cluster import KMeans
+
+from qanchor.errors import CheckpointError
+from qanchor.tune.head import HEAD_META, ScenarioHead, kmeans_prototypes, query_prompt_init
+
+
+def _blobs(rng: np.random.Generator, centres: np.ndarray, per_blob: int, noise: float) -> np.ndarray:
+    return np.concatenate([c + noise * rng.standard_normal((per_blob, centres.shape[1])) for c in centres])
+
+
+def _match(a: np.ndarray, b: np.ndarray) -> float:
+    """Largest distance from a row of ``a`` to its nearest row of ``b`` (order-free comparison)."""
+    d = np.linalg.norm(a[:, None, :] - b[None, :, :], axis=-1)
+    assert len(set(d.argmin(1))) == len(b)  # a one-to-one match
+    return float(d.min(1).max())
+
+
+def test_kmeans_prototypes_are_normalised_class_centres():
+    rng = np.random.default_rng(0)
+    centres = {c: rng.standard_normal((4, 16)) * 3 for c in (0, 1)}  # 4 well-separated blobs per class
+    x = np.concatenate([_blobs(rng, centres[0], 50, 0.05), _blobs(rng, centres[1], 30, 0.05)]).astype(np.float32)
+    y = np.array([0] * 200 + [1] * 120)
+    protos, plabels = kmeans_prototypes(x, y, per_class=4, seed=0)
+    assert protos.shape == (8, 16) and plabels.tolist() == [0] * 4 + [1] * 4
+    assert torch.allclose(protos.norm(dim=1), torch.ones(8), atol=1e-6)
+    for c in (0, 1):
+        ref = KMeans(n_clusters=4, n_init=10, random_state=0).fit(x[y == c]).cluster_centers_
+        ref = ref / np.linalg.norm(ref, axis=1, keepdims=True)
+        assert _match(protos[plabels == c].numpy(), ref) < 1e-4  # same centres as scikit-learn's k-means
+        true = centres[c] / np.linalg.norm(centres[c], axis=1, keepdims=True)
+        assert _match(protos[plabels == c].numpy(), true) < 0.02
+
+
+def test_kmeans_small_classes_get_fewer_prototypes_and_runs_are_deterministic():
+    rng = np.random.default_rng(1)
+    x = rng.standard_normal((23, 8)).astype(np.float32)
+    y = np.array([0] * 20 + [1] * 3)
+    protos, plabels = kmeans_prototypes(x, y, per_class=4, seed=3)
+    assert plabels.tolist() == [0] * 4 + [1] * 3
+    again, _ = kmeans_prototypes(x, y, per_class=4, seed=3)
+    assert torch.equal(protos, again)
+    _, plabels = kmeans_prototypes(x, y, per_class=4, seed=3, min_users=8)  # 20 // 8 = 2; 3 users -> still 1
+    assert plabels.tolist() == [0, 0, 1]
+    protos, _ = kmeans_prototypes(x, y, per_class=4, seed=3, min_users=100)  # one prototype = the class mean
+    means = np.stack([x[y == c].mean(0) for c in (0, 1)])
+    assert np.allclose(protos.numpy(), means / np.linalg.norm(means, axis=1, keepdims=True), atol=1e-5)
+
+
+def test_query_prompt_init_cycles_query_tokens():
+    tokens = torch.arange(6.0).reshape(3, 2)
+    assert torch.equal(query_prompt_init(tokens, 2), tokens[:2])
+    assert torch.equal(query_prompt_init(tokens, 7), torch.cat([tokens, tokens, tokens[:1]]))
+
+
+def _head() -> ScenarioHead:
+    gen = torch.Generator().manual_seed(0)
+    return ScenarioHead("churn", "Will this user stop paying?", torch.randn(6, 32, generator=gen),
+                        torch.randn(8, 16, generator=gen), torch.tensor([0] * 4 + [1] * 4), 0.1, "a" * 64,
+                        extra={"best_step": 25})
+
+
+def test_save_load_scores_identically(tmp_path):
+    head = _head()
+    emb = torch.nn.functional.normalize(torch.randn(50, 16), dim=-1)
+    head.save(tmp_path / "churn")
+    meta = yaml.safe_load((tmp_path / "churn" / HEAD_META).read_text())
+    assert {"task", "query", "num_prompt_tokens", "prototypes_per_class", "temperature", "checkpoint_hash",
+            "qanchor_version"} <= set(meta)
+    assert meta["num_prompt_tokens"] == 6 and meta["prototypes_per_class"] == 4 and meta["best_step"] == 25
+    loaded = ScenarioHead.load(tmp_path / "churn", checkpoint_hash="a" * 64)
+    assert torch.equal(loaded.prompt, head.prompt) and torch.equal(loaded.prototypes, head.prototypes)
+    assert torch.equal(loaded.prototype_labels, head.prototype_labels)
+    assert torch.equal(loaded.score(emb), head.score(emb))
+    assert (loaded.task, loaded.query, loaded.temperature) == (head.task, head.query, head.temperature)
+
+
+def test_refuses_other_checkpoint_and_missing_files(tmp_path):
+    _head().save(tmp_path / "h")
+    with pytest.raises(CheckpointError, match="re-run `qanchor prompt-tune`"):
+        ScenarioHead.load(tmp_path / "h", checkpoint_hash="b" * 64)
+    assert ScenarioHead.load(tmp_path / "h").checkpoint_hash == "a" * 64  # no hash given: no check
+    with pytest.raises(CheckpointError, match="not a scenario head"):
+        ScenarioHead.load(tmp_path / "nothing")
+
+
+def test_prototypes_stay_unit_norm_while_trained():
+    head = _head()
+    opt = torch.optim.SGD(head.parameters(), lr=10.0)
+    head.score(torch.randn(4, 16)).sum().backward()
+    opt.step()
+    assert torch.allclose(head.prototypes.norm(dim=1), torch.ones(8), atol=1e-6)
+
+
+def test_whitening_equalises_variance_and_round_trips(tmp_path):
+    from qanchor.tune.head import apply_whitening, fit_whitening
+
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(400, 6, generator=gen) @ torch.diag(torch.tensor([3.0, 1.0, 0.3, 0.1, 1e-2, 1e-3]))
+    x = x @ torch.linalg.qr(torch.randn(6, 6, generator=gen))[0]  # rotate: the scales are not axis-aligned
+    whitening = fit_whitening(x, eps=1e-12)
+    cov = torch.cov(apply_whitening(x, whitening).T)
+    assert torch.allclose(cov, torch.eye(6), atol=1e-3)
+    head = ScenarioHead("t", "q", torch.randn(2, 8, generator=gen), torch.randn(4, 6, generator=gen),
+                        torch.tensor([0, 0, 1, 1]), 0.1, "a" * 64, whitening=whitening)
+    head.save(tmp_path / "w")
+    loaded = ScenarioHead.load(tmp_path / "w")
+    assert torch.equal(loaded.whiten_matrix, head.whiten_matrix) and torch.equal(loaded.score(x), head.score(x))
+    # The score is the prototype score of the whitened embedding.
+    from qanchor.tune.losses import prototype_score
+
+    whitened = apply_whitening(x, (head.whiten_mean, head.whiten_matrix))
+    expected = prototype_score(whitened, head.prototypes, head.prototype_labels, 0.1)
+    assert torch.equal(head.score(x), expected)

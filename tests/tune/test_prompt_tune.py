@@ -1,0 +1,157 @@
+"""Prompt tuning end to end on the hand-written dataset: frozen weights, parity, determinism, files, CLI."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from qanchor.cli import main
+from qanchor.config import PromptTuneConfig, load_config
+from qanchor.data.batch import collate_users
+from qanchor.errors import CheckpointError
+from qanchor.infer.prefix import anchor_hidden_uncached
+from qanchor.model.factory import ModelMeta, checkpoint_hash, load_checkpoint, save_checkpoint
+from qanchor.train.pairs import tokenize_query
+from qanchor.tune.head import ScenarioHead, query_prompt_init
+from qanchor.tune.prompt_tune import encode_users, run_prompt_tune
+from qanchor.tune.trainer import split_users, tune_task
+from tests.model.helpers import model_and_stream
+
+FAST = ["steps=6", "eval_every=3", "batch_size=8", "prefix_chunk=16", "prototypes_per_class=2"]
+
+
+@pytest.fixture(scope="module")
+def ckpt(tiny_dataset, tmp_path_factory) -> tuple[Path, Path]:
+    """A saved tiny checkpoint (random weights) and its dataset copy with a filled text cache."""
+    root = tmp_path_factory.mktemp("tune")
+    ds_dir = root / "ds"
+    shutil.copytree(tiny_dataset, ds_dir, ignore=shutil.ignore_patterns(".qanchor_cache"))
+    model, tokenizer, _, ds, packer, cfg = model_and_stream(ds_dir)
+    meta = ModelMeta(ds.manifest.to_dict(), packer.cache.dim, {}, list(ds.tabular_columns))
+    save_checkpoint(root / "ck", model, tokenizer, cfg, meta)
+    return root / "ck", ds_dir
+
+
+@pytest.fixture(scope="module")
+def loaded(ckpt):
+    """Frozen model, tokenizer, prefix store of every user, dataset."""
+    from qanchor.data.dataset import load_dataset
+    from qanchor.data.packing import UserPacker
+    from qanchor.data.text_cache import TextVectorCache
+    from tests.model.helpers import encoder
+
+    model, tokenizer, meta, run_cfg = load_checkpoint(ckpt[0])
+    model.requires_grad_(False)
+    ds = load_dataset(ckpt[1])
+    packer = UserPacker(ds.manifest, run_cfg.data, TextVectorCache(ds.cache_dir / "text", encoder()))
+    store = encode_users(model, ds, packer, list(ds.user_ids), len(meta.tabular_columns), chunk=16, progress=False)
+    return model, tokenizer, store, ds, packer
+
+
+def _task_inputs(loaded, name: str = "churn"):
+    model, tokenizer, store, ds, _ = loaded
+    task = ds.tasks[name]
+    rows = np.array([store.user_ids.index(u) for u in task.user_ids])
+    split = split_users(rows, task.labels.astype(np.int64), 0.2, 0.2, seed=0)
+    query_ids = torch.tensor(tokenize_query(tokenizer, task.spec.query, 32))
+    cfg = load_config(None, FAST, schema=PromptTuneConfig)
+    return model, store, query_ids, split, cfg, task
+
+
+def test_store_matches_uncached_forward_with_prompt(loaded):
+    model, tokenizer, store, ds, packer = loaded
+    query_ids = torch.tensor(tokenize_query(tokenizer, "Will this user stop paying?", 32))
+    prompt = torch.randn(6, model.hidden_size, requires_grad=True)
+    idx = torch.tensor([0, 7, 3, 7, 39])  # user 0 has no events; repeats allowed
+    suffix = model.suffix(query_ids, prompt)
+    cached = store.hidden(model, [suffix] * len(idx), idx)  # (5, H)
+    users = collate_users([packer.pack(ds.user(store.user_ids[int(i)])) for i in idx], model.manifest,
+                          packer.cache.vectors, len(ds.tabular_columns))
+    uncached = anchor_hidden_uncached(model, users, torch.arange(len(idx)), [suffix] * len(idx))
+    assert (cached - uncached).abs().max() < 1e-4
+    (g_cached,) = torch.autograd.grad(cached.sum(), prompt)
+    (g_uncached,) = torch.autograd.grad(uncached.sum(), prompt)
+    assert torch.allclose(g_cached, g_uncached, atol=1e-4)  # the prompt learns the same through the cache
+
+
+def test_pretrained_weights_bit_identical_and_tuning_deterministic(loaded):
+    model, store, query_ids, split, cfg, task = _task_inputs(loaded)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    first = tune_task(model, store, query_ids, split, cfg, "churn", task.spec.query, "h")
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+    assert all(p.grad is None for p in model.parameters())
+    second = tune_task(model, store, query_ids, split, cfg, "churn", task.spec.query, "h")
+    assert torch.equal(first.head.prompt, second.head.prompt)
+    assert torch.equal(first.head.prototypes, second.head.prototypes)
+    assert first.metrics == second.metrics and first.best_step == second.best_step
+    assert [h["step"] for h in first.history] == [0, 3, 6]
+
+
+def test_training_moves_the_prompt_and_lowers_the_loss(loaded):
+    model, store, query_ids, split, cfg, task = _task_inputs(loaded)
+    cfg.steps, cfg.eval_every, cfg.lr, cfg.prototype_lr = 60, 20, 1e-2, 1e-2
+    result = tune_task(model, store, query_ids, split, cfg, "churn", task.spec.query, "h")
+    losses = [h["loss"] for h in result.history[1:]]  # mean batch loss over steps 1-20, 21-40, 41-60
+    assert losses[-1] < losses[0] - 0.05, losses
+    init = query_prompt_init(model.embed_tokens(query_ids).detach().float(), cfg.num_prompt_tokens)
+    # The head keeps the best-validation step: the initial prompt exactly when that is step 0.
+    assert torch.equal(result.head.prompt.detach(), init) == (result.best_step == 0)
+
+
+def test_run_writes_heads_that_reload_and_score_identically(ckpt, loaded, tmp_path):
+    ck, ds_dir = ckpt
+    out = tmp_path / "heads"
+    file_hash = checkpoint_hash(ck)
+    summary = run_prompt_tune(None, [f"model={ck}", f"data.path={ds_dir}", f"output_dir={out}", "task=all", *FAST],
+                              progress=False)
+    assert checkpoint_hash(ck) == file_hash  # the checkpoint on disk is untouched
+    assert set(summary["tasks"]) == {"churn", "coupon"}
+    on_disk = json.loads((out / "summary.json").read_text())
+    for rec in on_disk["tasks"].values():
+        assert {"frozen_lr", "frozen_proto", "tuned"} <= set(rec) and rec["tune_seconds"] > 0
+        assert 0 <= rec["tuned"]["test"]["auc"] <= 1 and 0 <= rec["frozen_lr"]["test"]["ks"] <= 1
+    assert "oracle" in on_disk["tasks"]["coupon"]  # the coupon task has a `prob` column
+    head = ScenarioHead.load(out / "churn", checkpoint_hash=file_hash)
+    split = json.loads((out / "churn" / "split.json").read_text())
+    model, tokenizer, store, ds, _ = loaded
+    rows = torch.tensor([store.user_ids.index(u) for u in split["test"]])
+    query_ids = torch.tensor(tokenize_query(tokenizer, head.query, 32))
+    emb = store.embed(model, model.suffix(query_ids, head.prompt.detach()), rows)
+    from qanchor.tune.metrics import auc_ks
+
+    labels = ds.tasks["churn"].labels[[list(ds.tasks["churn"].user_ids).index(u) for u in split["test"]]]
+    assert auc_ks(labels, head.score(emb).detach().numpy())["auc"] == pytest.approx(on_disk["tasks"]["churn"]["tuned"]["test"]["auc"])
+    with pytest.raises(CheckpointError, match="tuned on checkpoint"):
+        ScenarioHead.load(out / "churn", checkpoint_hash="0" * 64)
+
+
+def test_head_refuses_a_different_checkpoint(ckpt, tmp_path):
+    """A checkpoint with one weight changed has another hash: the head will not load onto it."""
+    from safetensors.torch import load_file, save_file
+
+    ck, _ = ckpt
+    other = tmp_path / "other"
+    shutil.copytree(ck, other)
+    weights = load_file(str(other / "model.safetensors"))
+    name = next(iter(weights))
+    weights[name] = weights[name] + 1e-3
+    save_file(weights, str(other / "model.safetensors"))
+    head = ScenarioHead("t", "q", torch.zeros(2, 4), torch.eye(4)[:2], torch.tensor([0, 1]), 0.1, checkpoint_hash(ck))
+    head.save(tmp_path / "h")
+    ScenarioHead.load(tmp_path / "h", checkpoint_hash=checkpoint_hash(ck))
+    with pytest.raises(CheckpointError):
+        ScenarioHead.load(tmp_path / "h", checkpoint_hash=checkpoint_hash(other))
+
+
+def test_cli_runs_and_reports_unknown_task(ckpt, tmp_path, capsys):
+    ck, ds_dir = ckpt
+    args = ["prompt-tune", "--quiet", f"model={ck}", f"data.path={ds_dir}", f"output_dir={tmp_path / 'o'}", *FAST]
+    assert main([*args, "task=churn", "steps=2", "eval_every=1"]) == 0
+    assert (tmp_path / "o" / "churn" / "head.safetensors").exists()
+    assert main([*args, "task=nope"]) == 2
+    assert "unknown task" in capsys.readouterr().err
