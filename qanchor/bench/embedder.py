@@ -1,0 +1,98 @@
+"""How the benchmark gets Q-Anchor embeddings and head scores: a two-method protocol and its adapter.
+
+The runner only needs ``embed_many(user_ids, [(query, head or None), ...]) -> [U, R, D]`` (a head
+scores its own embeddings with ``head.score``); tests may pass a fake, and :class:`QAnchorEmbedder` wraps the
+inference API (``qanchor.infer.api.QAnchor``) over a dataset directory. Heads come from a
+``qanchor prompt-tune`` output directory together with the users each head was *not* tuned on.
+
+Example:
+    >>> emb = QAnchorEmbedder.open("runs/demo/pretrain", ds)  # doctest: +SKIP
+    >>> emb.embed_many(["u1", "u2"], [("Will this user churn?", None)]).shape  # doctest: +SKIP
+    (2, 1, 128)
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Protocol
+
+import numpy as np
+
+from qanchor.data.dataset import Dataset
+
+__all__ = ["Embedder", "QAnchorEmbedder", "HeadEntry", "load_heads"]
+
+_CHUNK_USERS = 512  # users read and embedded at a time: bounded memory on large datasets
+
+
+class Embedder(Protocol):
+    """What the benchmark needs from a Q-Anchor model (rows follow ``user_ids``' order)."""
+
+    def embed_many(self, user_ids: Sequence[str], requests: Sequence[tuple[str, Any]]) -> np.ndarray:
+        """float32 ``[U, R, D]`` unit vectors, one per (query, head or None) request; a head's soft
+        prompt precedes its query. One prefix pass per user serves every request."""
+
+
+@dataclass
+class HeadEntry:
+    """A scenario head and the users it never saw while tuning (its own held-out test split)."""
+
+    head: Any
+    test_users: np.ndarray | None = None  # object [n]; None = unknown, so any score on it is optimistic
+
+
+class QAnchorEmbedder:
+    """:class:`Embedder` over ``qanchor.infer.api.QAnchor``, reading users (before the cutoff) from ``ds``."""
+
+    def __init__(self, model: Any, ds: Dataset, progress: bool = False):
+        self.model, self.ds, self.progress = model, ds, progress
+
+    @classmethod
+    def open(cls, checkpoint: str | Path, ds: Dataset, progress: bool = False) -> QAnchorEmbedder:
+        from qanchor.infer.api import QAnchor
+
+        # The dataset's own text cache already holds its event texts: nothing is re-encoded.
+        return cls(QAnchor.from_pretrained(checkpoint, text_cache_dir=ds.cache_dir / "text"), ds, progress)
+
+    @property
+    def checkpoint_hash(self) -> str | None:
+        return self.model.checkpoint_hash
+
+    def _chunks(self, user_ids: Sequence[str]):
+        from tqdm.auto import tqdm
+
+        starts = range(0, len(user_ids), _CHUNK_USERS)
+        for start in tqdm(starts, desc="embed users", unit="chunk", disable=not self.progress or None):
+            ids = list(user_ids[start : start + _CHUNK_USERS])
+            by_id = {r.user_id: r for r in self.ds.users(ids)}  # ds.users yields sorted; restore caller order
+            yield [by_id[u] for u in ids]
+
+    def embed_many(self, user_ids: Sequence[str], requests: Sequence[tuple[str, Any]]) -> np.ndarray:
+        parts = [self.model.embed_many(recs, list(requests), cutoff=self.ds.manifest.cutoff)
+                 for recs in self._chunks(user_ids)]
+        return np.concatenate(parts).astype(np.float32) if parts else np.zeros((0, len(requests), 0), np.float32)
+
+
+def _test_users(head_dir: Path) -> np.ndarray | None:
+    path = head_dir / "split.json"  # written by `qanchor prompt-tune`: {"train": [...], "val": [...], "test": [...]}
+    if not path.exists():
+        return None
+    test = json.loads(path.read_text()).get("test")
+    return None if test is None else np.asarray(test, dtype=object)
+
+
+def load_heads(heads_dir: str | Path | None, tasks: Sequence[str], checkpoint_hash: str | None) -> dict[str, HeadEntry]:
+    """``heads_dir/<task>/`` heads for the tasks that have one (others are simply absent).
+
+    A head tuned on other weights raises CheckpointError (via ``ScenarioHead.load``).
+    """
+    if not heads_dir:
+        return {}
+    from qanchor.tune.head import HEAD_META, ScenarioHead
+
+    root = Path(heads_dir)
+    return {t: HeadEntry(ScenarioHead.load(root / t, checkpoint_hash), _test_users(root / t))
+            for t in tasks if (root / t / HEAD_META).exists()}

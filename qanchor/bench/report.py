@@ -1,0 +1,208 @@
+"""Write a benchmark's ``report.md`` and ``results.json``, and format its tables.
+
+Tables are Markdown: one per task (rows = methods, AUC and KS as mean +- std over folds) and one
+average over tasks; the best mean of each column is bold. The oracle row (true probability, synthetic
+data only) is shown in italics and never competes for bold.
+
+Example:
+    >>> print(markdown_table(["method", "AUC"], [["a", "0.7"], ["b", "0.8"]]))
+    | method | AUC |
+    |---|---|
+    | a | 0.7 |
+    | b | 0.8 |
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from qanchor.bench.runner import BenchResult, MethodResult, TaskResult
+from qanchor.data.io import write_text
+
+__all__ = ["METHOD_LABELS", "markdown_table", "task_table", "average_table", "matrix_table", "write_report", "write_results"]
+
+METHOD_LABELS = {
+    "qanchor_task": "Q-Anchor, task query + LR",
+    "qanchor_generic": "Q-Anchor, generic query + LR",
+    "qanchor_head": "Q-Anchor, prompt-tuned head",
+    "rfm_lgbm": "RFM + counts + LightGBM",
+    "text_mean_lr": "mean event-text vector + LR",
+    "coles": "CoLES (pytorch-lifestream) + LR",
+    "no_contrastive": "pretrained without contrastive loss (NTP only), task query + LR",
+    "no_ntp": "pretrained without next-token loss (contrastive only), task query + LR",
+    "no_summary_tokens": "pretrained without user / modality tokens, task query + LR",
+    "no_pretraining": "not pretrained (initial weights), task query + LR",
+}
+
+
+def markdown_table(header: list[str], rows: list[list[str]]) -> str:
+    """A GitHub-flavoured Markdown table."""
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    lines += ["| " + " | ".join(r) + " |" for r in rows]
+    return "\n".join(lines)
+
+
+def _fmt(mean: float, std: float, bold: bool) -> str:
+    text = f"{mean:.4f} ± {std:.4f}"
+    return f"**{text}**" if bold else text
+
+
+def _best(values: list[float]) -> float:
+    finite = [v for v in values if np.isfinite(v)]
+    return max(finite) if finite else float("nan")
+
+
+def _label(name: str) -> str:
+    if name.startswith("prompt_tokens_"):
+        return f"head tuned with {name.rsplit('_', 1)[1]} prompt token(s)"
+    return METHOD_LABELS.get(name, name)
+
+
+def task_table(task: TaskResult, ablations: bool = False) -> str:
+    """Rows = methods (or ablations), columns AUC and KS mean ± std; best mean per column in bold."""
+    results = task.ablations if ablations else task.methods
+    ok = {m: r for m, r in results.items() if r.ok}
+    best_auc = _best([r.auc_mean_std[0] for r in ok.values()])
+    best_ks = _best([r.ks_mean_std[0] for r in ok.values()])
+    rows = []
+    for name, r in results.items():
+        if not r.ok:
+            rows.append([f"`{name}`", _label(name), "—", "—", "—", f"skipped: {r.skipped}"])
+            continue
+        (am, asd), (km, ksd) = r.auc_mean_std, r.ks_mean_std
+        rows.append([f"`{name}`", _label(name), _fmt(am, asd, am == best_auc), _fmt(km, ksd, km == best_ks),
+                     _test_sizes(r), r.note])
+    if task.oracle is not None and task.oracle.ok and not ablations:
+        (am, asd), (km, ksd) = task.oracle.auc_mean_std, task.oracle.ks_mean_std
+        rows.append(["*oracle*", "*true probability*", f"*{am:.4f} ± {asd:.4f}*", f"*{km:.4f} ± {ksd:.4f}*",
+                     _test_sizes(task.oracle), "upper bound, not a method"])
+    return markdown_table(["method", "what", "AUC", "KS", "test users / fold", "note"], rows)
+
+
+def _test_sizes(r: MethodResult) -> str:
+    return f"{min(r.n_test)}–{max(r.n_test)}" if min(r.n_test) != max(r.n_test) else str(r.n_test[0])
+
+
+def average_table(result: BenchResult, ablations: bool = False) -> str:
+    """Per method: AUC and KS averaged over tasks (mean of fold means ± mean of fold stds)."""
+    avg = result.average(ablations)
+    n_tasks = sum(1 for t in result.tasks.values() if t.methods)
+    best_auc = _best([a["auc_mean"] for a in avg.values()])
+    best_ks = _best([a["ks_mean"] for a in avg.values()])
+    rows = [[f"`{m}`", _label(m), _fmt(a["auc_mean"], a["auc_std"], a["auc_mean"] == best_auc),
+             _fmt(a["ks_mean"], a["ks_std"], a["ks_mean"] == best_ks), f"{a['n_tasks']}/{n_tasks}"]
+            for m, a in avg.items()]
+    oracle = [t.oracle for t in result.tasks.values() if t.oracle is not None and t.oracle.ok]
+    if oracle and not ablations:
+        stats = np.array([[*r.auc_mean_std, *r.ks_mean_std] for r in oracle]).mean(axis=0)
+        rows.append(["*oracle*", "*true probability*", f"*{stats[0]:.4f} ± {stats[1]:.4f}*",
+                     f"*{stats[2]:.4f} ± {stats[3]:.4f}*", f"{len(oracle)}/{n_tasks}"])
+    return markdown_table(["method", "what", "AUC (avg)", "KS (avg)", "tasks"], rows)
+
+
+def matrix_table(result: BenchResult, metric: str = "auc") -> str:
+    """Rows = methods, columns = tasks, cells = mean ``metric`` over folds (best per task in bold)."""
+    tasks = [t for t in result.tasks.values() if t.methods]
+    methods = list(dict.fromkeys(m for t in tasks for m in t.methods))
+
+    def mean(r: MethodResult | None) -> float:
+        return (r.auc_mean_std if metric == "auc" else r.ks_mean_std)[0] if r is not None and r.ok else float("nan")
+
+    def cell(value: float, best: float) -> str:
+        if not np.isfinite(value):
+            return "—"
+        return f"**{value:.3f}**" if value == best else f"{value:.3f}"
+
+    best = {t.name: _best([mean(r) for r in t.methods.values()]) for t in tasks}
+    rows = [[f"`{m}`", *(cell(mean(t.methods.get(m)), best[t.name]) for t in tasks)] for m in methods]
+    return markdown_table(["method", *(t.name for t in tasks)], rows)
+
+
+def _seconds(d: dict[str, float]) -> str:
+    return ", ".join(f"{k} {v:.1f} s" for k, v in d.items()) or "—"
+
+
+def _header(result: BenchResult, run_name: str) -> list[str]:
+    r = result.run
+    lines = [f"# Benchmark `{run_name}`: {r['dataset']}", "",
+             f"- data: `{r['data_path']}` (inputs strictly before the cutoff {r['cutoff']}; labels after it)",
+             f"- model: `{r['model'] or '(none: peers only)'}`; heads: `{r['heads_dir'] or '(none)'}`",
+             f"- protocol: per task, stratified {r['folds']}-fold cross-validation over users (seed {r['seed']}); every "
+             "method sees the same users, folds and cutoff; AUC and KS (max |TPR − FPR|) on each test fold, "
+             "mean ± std over folds; best mean per column in **bold**",
+             f"- generic query (static-embedding baseline): \"{r['generic_query']}\"",
+             f"- wall time: {r.get('seconds', float('nan'))} s; qanchor {r['qanchor_version']}; started {r['started']}",
+             f"- time in shared inputs: {_seconds(r.get('shared_seconds', {}))}; per method (fits, incl. the inputs it "
+             f"triggered first): {_seconds(r.get('method_seconds', {}))}", ""]
+    return lines
+
+
+_NOTES = """## How to read this
+
+- `qanchor_task` / `qanchor_generic`: the pretrained model's 128-d embedding under the task's own query /
+  under one generic query, then a logistic regression fitted on the training folds.
+- `qanchor_head`: the prompt-tuned scenario head's own score, no fitting. Heads are tuned once on their own
+  train / validation split, not per fold, so a head is scored only on the users of each test fold that
+  belong to its own held-out test split (see "test users / fold": fewer users, hence wider spread). When a
+  head records no split it is scored on every test user and the note says the number is optimistic.
+  KS is biased upward on small samples (the maximum of a noisy curve), most with rare positives: compare a
+  head's KS with the other rows only loosely, and by AUC first.
+- `rfm_lgbm`: recency / frequency / monetary statistics and counts per modality (plus tabular columns) with
+  LightGBM; `text_mean_lr`: the mean event-text vector (frozen sentence encoder) with logistic regression;
+  `coles`: CoLES (contrastive self-supervised GRU over the event sequence, pytorch-lifestream) trained on
+  every user's events before the cutoff without labels, then logistic regression.
+- Every logistic regression standardises its inputs and picks its L2 strength (C in 0.01, 0.1, 1) by a 3-fold
+  inner cross-validation on the training folds only. Peers read every event before the cutoff; the model reads
+  each modality's most recent events up to the caps it was pretrained with.
+- Ablation rows (when run) come from models retrained under `ablations/` and are judged on the same folds.
+"""
+
+
+def write_report(result: BenchResult, out_dir: str | Path, plots: list[str] | None = None) -> Path:
+    """Write ``report.md`` into ``out_dir`` and return its path."""
+    out_dir = Path(out_dir)
+    lines = _header(result, out_dir.name)
+    lines += ["## Average over tasks", "", average_table(result), ""]
+    if len(result.tasks) > 1:
+        lines += ["### AUC by task", "", matrix_table(result, "auc"), "", "### KS by task", "", matrix_table(result, "ks"), ""]
+    if any(t.ablations for t in result.tasks.values()):
+        lines += ["## Ablations (average over tasks)", "", average_table(result, ablations=True), ""]
+    for task in result.tasks.values():
+        lines += [f"## Task `{task.name}`", "", f"Query: \"{task.query}\"  ", f"Users: {task.n_users}, positive rate "
+                  f"{task.positive_rate:.1%}, {task.folds} folds" + (f"; oracle AUC (all users) {task.oracle_auc:.4f}"
+                                                                    if task.oracle_auc is not None else ""), ""]
+        if task.note:
+            lines += [f"*{task.note}*", ""]
+        if task.methods:
+            lines += [task_table(task), ""]
+        if task.ablations:
+            lines += [f"Ablations on `{task.name}`:", "", task_table(task, ablations=True), ""]
+    if plots:
+        lines += ["## Plots", ""] + [f"![{Path(p).stem}]({Path(p).name})" for p in plots] + [""]
+    lines += [_NOTES]
+    path = out_dir / "report.md"
+    write_text("\n".join(lines), path)
+    return path
+
+
+def write_results(result: BenchResult, out_dir: str | Path) -> Path:
+    """Write ``results.json``: run info and every method x task with per-fold values."""
+    path = Path(out_dir) / "results.json"
+    write_text(json.dumps(_jsonable(result.to_dict()), indent=2), path)
+    return path
+
+
+def _jsonable(obj: Any) -> Any:
+    if isinstance(obj, dict):
+        return {str(k): _jsonable(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_jsonable(v) for v in obj]
+    if isinstance(obj, np.generic):
+        return obj.item()
+    if isinstance(obj, float) and not np.isfinite(obj):
+        return None  # JSON has no NaN
+    return obj

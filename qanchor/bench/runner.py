@@ -1,0 +1,239 @@
+"""``run_bench``: every method on every task over the same users, folds and cutoff -> AUC / KS results.
+
+Per task: stratified k-fold over users with a fixed seed; for each method, fit on the training folds
+(or use a head's own score) and measure AUC and KS on the test fold; report mean and std over folds.
+On synthetic data the task file's true probability gives an oracle row on the same folds.
+
+Example:
+    >>> cfg = load_config("configs/bench/tiny-synth.yaml", ["model=/tmp/ckpt"])  # doctest: +SKIP
+    >>> result = run_bench(cfg)  # doctest: +SKIP
+    >>> result.tasks["churn"].methods["rfm_lgbm"].auc_mean  # doctest: +SKIP
+    0.71
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import asdict, dataclass, field
+from datetime import datetime, timezone
+from typing import Any
+
+import numpy as np
+import torch
+from threadpoolctl import threadpool_limits
+from tqdm.auto import tqdm
+
+import qanchor
+from qanchor.bench.embedder import Embedder, HeadEntry, QAnchorEmbedder, load_heads
+from qanchor.bench.methods import METHODS, BenchContext, Skip, TaskView
+from qanchor.bench.metrics import auc_score, mean_std
+from qanchor.bench.peers import FoldResult, MethodInput, evaluate_folds, stratified_folds
+from qanchor.bench.tasks import custom_task, dataset_tasks, fold_count, subsample
+from qanchor.config import BenchConfig, to_yaml
+from qanchor.data.dataset import Dataset, load_dataset
+from qanchor.errors import ConfigError
+
+__all__ = ["MethodResult", "TaskResult", "BenchResult", "run_bench", "prepare", "evaluate_task"]
+
+_QANCHOR_METHODS = ("qanchor_task", "qanchor_generic", "qanchor_head")
+
+
+@dataclass
+class MethodResult:
+    """Per-fold AUC / KS of one method on one task, or why it was skipped."""
+
+    auc: list[float] = field(default_factory=list)
+    ks: list[float] = field(default_factory=list)
+    n_test: list[int] = field(default_factory=list)
+    note: str = ""
+    skipped: str | None = None
+    seconds: float = 0.0
+
+    @property
+    def ok(self) -> bool:
+        return self.skipped is None and len(self.auc) > 0
+
+    @property
+    def auc_mean_std(self) -> tuple[float, float]:
+        return mean_std(self.auc)
+
+    @property
+    def ks_mean_std(self) -> tuple[float, float]:
+        return mean_std(self.ks)
+
+    @classmethod
+    def from_folds(cls, folds: FoldResult, note: str, seconds: float) -> MethodResult:
+        if folds.skipped_folds:
+            note = (note + "; " if note else "") + f"{folds.skipped_folds} fold(s) had one class among scored users"
+        skipped = None if folds.auc else "no fold had both classes among the users it may be scored on"
+        return cls(folds.auc, folds.ks, folds.n_test, note, skipped, round(seconds, 3))
+
+    def to_dict(self) -> dict[str, Any]:
+        (am, asd), (km, ksd) = self.auc_mean_std, self.ks_mean_std
+        return {**asdict(self), "auc_mean": am, "auc_std": asd, "ks_mean": km, "ks_std": ksd}
+
+
+@dataclass
+class TaskResult:
+    name: str
+    query: str
+    n_users: int
+    positive_rate: float
+    folds: int
+    methods: dict[str, MethodResult] = field(default_factory=dict)
+    oracle: MethodResult | None = None  # the true probability on the same folds (synthetic data only)
+    oracle_auc: float | None = None  # roc_auc_score(label, prob) over every user of the task
+    ablations: dict[str, MethodResult] = field(default_factory=dict)
+    note: str = ""
+
+    def to_dict(self) -> dict[str, Any]:
+        out = {k: v for k, v in asdict(self).items() if k not in ("methods", "oracle", "ablations")}
+        out["methods"] = {m: r.to_dict() for m, r in self.methods.items()}
+        out["oracle"] = self.oracle.to_dict() if self.oracle else None
+        out["ablations"] = {m: r.to_dict() for m, r in self.ablations.items()}
+        return out
+
+
+@dataclass
+class BenchResult:
+    run: dict[str, Any]
+    tasks: dict[str, TaskResult]
+    extras: dict[str, Any] = field(default_factory=dict)  # not serialised: arrays for the plots
+
+    def average(self, ablations: bool = False) -> dict[str, dict[str, float]]:
+        """Per method: AUC / KS averaged over the tasks it ran on (means of fold means and of fold stds)."""
+        out: dict[str, dict[str, float]] = {}
+        names = dict.fromkeys(m for t in self.tasks.values() for m in (t.ablations if ablations else t.methods))
+        for m in names:
+            rows = [(t.ablations if ablations else t.methods).get(m) for t in self.tasks.values()]
+            rows = [r for r in rows if r is not None and r.ok]
+            if not rows:
+                continue
+            stats = np.array([[*r.auc_mean_std, *r.ks_mean_std] for r in rows])  # (n_tasks, 4)
+            am, asd, km, ksd = stats.mean(axis=0).tolist()
+            out[m] = {"auc_mean": am, "auc_std": asd, "ks_mean": km, "ks_std": ksd, "n_tasks": len(rows)}
+        return out
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"run": self.run, "tasks": {n: t.to_dict() for n, t in self.tasks.items()},
+                "average": self.average(), "average_ablations": self.average(ablations=True)}
+
+
+def _check_methods(methods: list[str]) -> None:
+    unknown = [m for m in methods if m not in METHODS]
+    if unknown:
+        raise ConfigError(f"methods: unknown {unknown}; choose from {list(METHODS)}")
+
+
+def prepare(cfg: BenchConfig) -> tuple[Dataset, list[TaskView]]:
+    """Open the dataset and pick the tasks (the custom one if ``cfg.labels`` is set)."""
+    if not cfg.data.path:
+        raise ConfigError("data.path is empty; pass data.path=<dataset dir> (or --data DIR)")
+    _check_methods(cfg.methods)
+    ds = load_dataset(cfg.data.path, cfg.data.cache_dir)
+    if cfg.labels is not None:
+        return ds, subsample([custom_task(ds, cfg.labels, cfg.query or "")], cfg.max_users, cfg.seed)
+    return ds, dataset_tasks(ds, list(cfg.tasks), cfg.max_users, cfg.seed)
+
+
+def _oracle(task: TaskView, folds: list) -> tuple[MethodResult | None, float | None]:
+    if task.prob is None:
+        return None, None
+    fr = evaluate_folds(MethodInput(scores=task.prob), task.labels, folds, seed=0)
+    return MethodResult.from_folds(fr, "true P(label = 1) from the generator", 0.0), auc_score(task.labels, task.prob)
+
+
+def evaluate_task(ctx: BenchContext, task: TaskView, method: str, folds: list) -> MethodResult:
+    """One method on one task over ``folds``; a :class:`Skip` becomes a skipped result."""
+    start = time.perf_counter()
+    try:
+        inp = METHODS[method](ctx, task)
+    except Skip as exc:
+        return MethodResult(skipped=str(exc))
+    fr = evaluate_folds(inp, task.labels, folds, ctx.cfg.seed, ctx.cfg.n_jobs)
+    return MethodResult.from_folds(fr, inp.note, time.perf_counter() - start)
+
+
+def _run_info(cfg: BenchConfig, ds: Dataset) -> dict[str, Any]:
+    return {"dataset": ds.manifest.name, "data_path": str(cfg.data.path), "cutoff": ds.manifest.cutoff.isoformat(),
+            "model": cfg.model, "heads_dir": cfg.heads_dir, "folds": cfg.folds, "seed": cfg.seed,
+            "methods": list(cfg.methods), "generic_query": cfg.generic_query, "qanchor_version": qanchor.__version__,
+            "started": datetime.now(timezone.utc).isoformat(timespec="seconds"), "config_yaml": to_yaml(cfg)}
+
+
+def _make_context(cfg: BenchConfig, ds: Dataset, tasks: list[TaskView], embedder: Embedder | None,
+                  heads: dict[str, Any] | None, progress: bool) -> BenchContext:
+    wants_model = any(m in _QANCHOR_METHODS for m in cfg.methods)
+    if embedder is None and cfg.model and wants_model:
+        embedder = QAnchorEmbedder.open(cfg.model, ds, progress)
+    if heads is None:
+        ckpt_hash = getattr(embedder, "checkpoint_hash", None)
+        heads = load_heads(cfg.heads_dir, [t.name for t in tasks], ckpt_hash) if "qanchor_head" in cfg.methods else {}
+    heads = {t: h if isinstance(h, HeadEntry) else HeadEntry(h) for t, h in heads.items()}
+    return BenchContext(cfg, ds, tasks, embedder, heads, progress)
+
+
+def run_bench(cfg: BenchConfig, embedder: Embedder | None = None, heads: dict[str, Any] | None = None,
+              progress: bool = True) -> BenchResult:
+    """Run every configured method on every task; ``embedder`` / ``heads`` default to ``cfg.model`` / ``cfg.heads_dir``.
+
+    Torch and BLAS use ``cfg.n_jobs`` threads for the run: on shared cores, two threads per process
+    made this bench 2-3x slower than one (spin-waiting), while one thread on 2 idle cores loses little.
+    """
+    threads = torch.get_num_threads()
+    torch.set_num_threads(max(1, cfg.n_jobs))
+    try:
+        with threadpool_limits(max(1, cfg.n_jobs)):
+            return _run(cfg, embedder, heads, progress)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _run(cfg: BenchConfig, embedder: Embedder | None, heads: dict[str, Any] | None, progress: bool) -> BenchResult:
+    start = time.perf_counter()
+    ds, tasks = prepare(cfg)
+    ctx = _make_context(cfg, ds, tasks, embedder, heads, progress)
+    result = BenchResult(_run_info(cfg, ds), {})
+    folds_by_task: dict[str, list] = {}
+    bar = tqdm(total=len(tasks) * len(cfg.methods), desc="bench", unit="run", disable=not progress or None)
+    for task in tasks:
+        k = fold_count(task.labels, cfg.folds)
+        tr = TaskResult(task.name, task.query, len(task.labels), float(task.labels.mean()), k)
+        if k < 2:
+            tr.note = "skipped: fewer than 2 users in the minority class"
+            result.tasks[task.name] = tr
+            bar.update(len(cfg.methods))
+            continue
+        if k < cfg.folds:
+            tr.note = f"{k} folds instead of {cfg.folds}: the minority class has only {k} users"
+        folds = folds_by_task[task.name] = stratified_folds(task.labels, k, cfg.seed)
+        tr.oracle, tr.oracle_auc = _oracle(task, folds)
+        for method in cfg.methods:
+            bar.set_postfix_str(f"{task.name}/{method}")
+            tr.methods[method] = evaluate_task(ctx, task, method, folds)
+            bar.update(1)
+        result.tasks[task.name] = tr
+    bar.close()
+    if cfg.ablations:
+        from qanchor.bench.ablations import run_ablations
+
+        run_ablations(cfg, ds, tasks, folds_by_task, result, progress)
+    result.extras["pca"] = _pca_inputs(ctx, tasks, cfg)
+    result.run["seconds"] = round(time.perf_counter() - start, 1)
+    result.run["shared_seconds"] = dict(ctx.seconds)
+    result.run["method_seconds"] = {m: round(sum(t.methods[m].seconds for t in result.tasks.values() if m in t.methods), 2)
+                                    for m in cfg.methods}
+    return result
+
+
+def _pca_inputs(ctx: BenchContext, tasks: list[TaskView], cfg: BenchConfig) -> list[dict[str, Any]]:
+    """Embeddings of a task's users before (task query) and after prompt tuning (query + head prompt)."""
+    if ctx.embedder is None or not ctx.heads:
+        return []
+    names = [n for n in (cfg.pca_tasks or list(ctx.heads)[:1]) if n in ctx.heads]
+    out = []
+    for task in (t for t in tasks if t.name in names):
+        rows = ctx.rows(task.user_ids)
+        out.append({"task": task.name, "labels": task.labels, "before": ctx.embedding(task.query)[rows],
+                    "after": ctx.head_embedding(task.name)[rows]})
+    return out

@@ -1,0 +1,52 @@
+"""``qanchor bench`` on the command line: custom labels end to end, and user errors as exit code 2."""
+
+from __future__ import annotations
+
+import json
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from qanchor.cli import main
+
+
+def _labels(tmp_path, user_ids, labels, name="bikes.parquet", column="label"):
+    path = tmp_path / name
+    pq.write_table(pa.table({"user_id": user_ids, column: labels}), path)
+    return str(path)
+
+
+def test_custom_labels_end_to_end(tiny_dataset, tmp_path, capsys):
+    ids = [f"u{u:03d}" for u in range(1, 40)]
+    path = _labels(tmp_path, ids, [int(u % 2 == 0) for u in range(1, 40)])
+    out = tmp_path / "out"
+    query = "Will this user buy a bike: yes, [really]?"  # characters that a key=value override would mangle
+    code = main(["bench", "--data", str(tiny_dataset), "--labels", path, "--query", query, "--out", str(out),
+                 "methods=[rfm_lgbm]", "folds=3"])
+    assert code == 0
+    printed = capsys.readouterr().out
+    assert "| `rfm_lgbm` |" in printed and f"report: {out / 'report.md'}" in printed
+    results = json.loads((out / "results.json").read_text())
+    assert results["tasks"]["bikes"]["query"] == query and len(results["tasks"]["bikes"]["methods"]["rfm_lgbm"]["auc"]) == 3
+    assert (out / "auc_ks.png").exists() and "Task `bikes`" in (out / "report.md").read_text()
+
+
+@pytest.mark.parametrize("ids,labels,column,match", [
+    (["u001", "ghost"], [0, 1], "label", "user 'ghost' is not in dataset"),
+    (["u001", "u002"], [1, 1], "label", "every label is 1"),
+    (["u001", "u002"], [0, 1], "y", "column 'label': required column missing"),
+])
+def test_bad_labels_exit_2_with_error_line(tiny_dataset, tmp_path, capsys, ids, labels, column, match):
+    path = _labels(tmp_path, ids, labels, column=column)
+    code = main(["bench", "--data", str(tiny_dataset), "--labels", path, "--query", "q?", "--out", str(tmp_path / "o")])
+    err = capsys.readouterr().err
+    assert code == 2 and err.startswith("error: ") and match in err
+
+
+def test_labels_without_query_and_bad_override(tiny_dataset, tmp_path, capsys):
+    path = _labels(tmp_path, ["u001", "u002"], [0, 1])
+    assert main(["bench", "--data", str(tiny_dataset), "--labels", path]) == 2
+    assert "needs both labels" in capsys.readouterr().err
+    assert main(["bench", "--data", str(tiny_dataset), "fold=3"]) == 2
+    assert "fold" in capsys.readouterr().err

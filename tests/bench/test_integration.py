@@ -1,0 +1,80 @@
+"""The benchmark on a real (tiny, randomly initialised) checkpoint, real prompt-tuned heads and the real
+inference API; ablation sub-runs (slow) retrain through the real pretraining and prompt-tuning code."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from qanchor.bench.embedder import QAnchorEmbedder, load_heads
+from qanchor.bench.report import write_report
+from qanchor.bench.runner import run_bench
+from qanchor.config import BenchConfig, DataConfig
+from qanchor.data.dataset import load_dataset
+from qanchor.model.factory import ModelMeta, checkpoint_hash, save_checkpoint
+from tests.model.helpers import model_and_stream
+
+FAST_TUNE = ["steps=4", "eval_every=2", "batch_size=8", "prefix_chunk=16", "prototypes_per_class=2"]
+
+
+@pytest.fixture(scope="module")
+def env(tiny_dataset, tmp_path_factory):
+    """A saved tiny checkpoint, its dataset copy (UserU pairs, text cache) and heads for `churn`."""
+    from qanchor.tune.prompt_tune import run_prompt_tune
+
+    root = tmp_path_factory.mktemp("bench_int")
+    ds_dir = root / "ds"
+    shutil.copytree(tiny_dataset, ds_dir, ignore=shutil.ignore_patterns(".qanchor_cache"))
+    model, tokenizer, _, ds, packer, cfg = model_and_stream(ds_dir)
+    meta = ModelMeta(ds.manifest.to_dict(), packer.cache.dim, {}, list(ds.tabular_columns))
+    ckpt = save_checkpoint(root / "ckpt", model, tokenizer, cfg, meta)
+    run_prompt_tune(None, [f"model={ckpt}", f"data.path={ds_dir}", "task=churn", f"output_dir={root / 'heads'}",
+                           *FAST_TUNE], progress=False)
+    return root, ds_dir, ckpt
+
+
+def test_embedder_keeps_caller_order(env):
+    _, ds_dir, ckpt = env
+    emb = QAnchorEmbedder.open(ckpt, load_dataset(ds_dir))
+    req = [("Will this user stop paying?", None)]
+    a, b = emb.embed_many(["u001", "u007"], req), emb.embed_many(["u007", "u001"], req)
+    assert a.shape == (2, 1, 128) and np.allclose(a[::-1], b, atol=1e-5)
+
+
+def test_bench_with_real_model_and_head(env, tmp_path):
+    root, ds_dir, ckpt = env
+    heads = load_heads(root / "heads", ["churn", "coupon"], checkpoint_hash(ckpt))
+    assert list(heads) == ["churn"] and len(heads["churn"].test_users) == 8  # 20 % of 40 users never seen in tuning
+    cfg = BenchConfig(model=str(ckpt), data=DataConfig(path=str(ds_dir)), folds=3, heads_dir=str(root / "heads"),
+                      methods=["qanchor_task", "qanchor_generic", "qanchor_head"], output_dir=str(tmp_path))
+    result = run_bench(cfg, progress=False)
+    churn = result.tasks["churn"]
+    assert churn.methods["qanchor_task"].ok and churn.methods["qanchor_generic"].ok
+    head = churn.methods["qanchor_head"]
+    assert head.ok and sum(head.n_test) <= 8 and "held-out" in head.note
+    assert result.extras["pca"][0]["after"].shape == (40, 128)
+
+
+@pytest.mark.slow
+def test_ablation_sub_runs(env, tmp_path):
+    root, ds_dir, ckpt = env
+    tune_yaml = tmp_path / "tune.yaml"
+    tune_yaml.write_text("\n".join(s.replace("=", ": ") for s in FAST_TUNE) + "\n")
+    cfg = BenchConfig(model=str(ckpt), data=DataConfig(path=str(ds_dir)), folds=3, tasks=["churn"],
+                      methods=["qanchor_task"], ablations=True, output_dir=str(tmp_path / "out"),
+                      ablation_pretrain_overrides=["train.max_steps=2", "train.batch_size=4", "train.warmup_steps=1",
+                                                   "data.default_max_events=8"],
+                      ablation_prompt_tokens=[1, 2], prompt_tune_config=str(tune_yaml))
+    result = run_bench(cfg, progress=False)
+    rows = result.tasks["churn"].ablations
+    assert set(rows) == {"no_contrastive", "no_ntp", "no_summary_tokens", "no_pretraining", "prompt_tokens_1",
+                         "prompt_tokens_2"}
+    assert all(r.ok for r in rows.values()), {k: r.skipped for k, r in rows.items()}
+    report = write_report(result, tmp_path).read_text()
+    assert "## Ablations (average over tasks)" in report and "head tuned with 2 prompt token(s)" in report
+    subs = Path(cfg.output_dir) / "ablations"
+    assert (subs / "no_contrastive" / "checkpoint" / "qanchor.json").exists()
+    assert (subs / "prompt_tokens_2" / "churn" / "head.yaml").exists()

@@ -1,0 +1,64 @@
+"""Folds, classifiers and per-fold evaluation."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from qanchor.bench.peers import Classifier, MethodInput, evaluate_folds, fit_predict, stratified_folds
+
+
+def test_folds_stratified_disjoint_and_fixed_by_seed():
+    y = np.array([1] * 20 + [0] * 80)
+    folds = stratified_folds(y, 5, seed=3)
+    tests = np.concatenate([te for _, te in folds])
+    assert sorted(tests.tolist()) == list(range(100))  # every user tested exactly once
+    assert all(y[te].sum() == 4 for _, te in folds)  # 20 % positives in every fold
+    assert all(np.array_equal(a[1], b[1]) for a, b in zip(folds, stratified_folds(y, 5, seed=3)))
+    assert not all(np.array_equal(a[1], b[1]) for a, b in zip(folds, stratified_folds(y, 5, seed=4)))
+
+
+@pytest.mark.parametrize("clf", list(Classifier))
+def test_classifiers_learn_a_signal(clf):
+    rng = np.random.default_rng(0)
+    y = rng.integers(0, 2, 300)
+    x = np.c_[y + rng.normal(0, 0.7, 300), rng.normal(size=(300, 4))]
+    x[rng.random(x.shape) < 0.05] = np.nan  # missing values: LightGBM keeps them, LR sees zeros
+    folds = stratified_folds(y, 3, seed=0)
+    res = evaluate_folds(MethodInput(features=x, classifier=clf), y, folds, seed=0)
+    assert len(res.auc) == 3 and min(res.auc) > 0.7 and all(0 < k <= 1 for k in res.ks)
+    p = fit_predict(clf, x[:200], y[:200], x[200:], seed=0)
+    assert p.shape == (100,) and np.all((p >= 0) & (p <= 1))
+
+
+def test_lr_with_very_few_positives_falls_back():
+    y = np.array([1, 1] + [0] * 30)
+    x = np.c_[y + np.linspace(0, 0.1, 32)]
+    assert fit_predict(Classifier.LR, x, y, x, seed=0).shape == (32,)
+
+
+def test_fixed_scores_and_eval_mask():
+    y = np.array([0, 1] * 10)
+    scores = y.astype(float)
+    scores[:4] = 1 - scores[:4]  # the first four users are scored backwards ...
+    mask = np.ones(20, bool)
+    mask[:4] = False  # ... and are excluded (a head trained on them)
+    folds = stratified_folds(y, 2, seed=0)
+    assert evaluate_folds(MethodInput(scores=scores, eval_mask=mask), y, folds, seed=0).auc == [1.0, 1.0]
+    unmasked = evaluate_folds(MethodInput(scores=scores), y, folds, seed=0)
+    assert min(unmasked.auc) < 1.0 and sum(unmasked.n_test) == 20
+
+
+def test_fold_with_one_class_after_mask_is_counted_not_scored():
+    y = np.array([0, 1] * 6)
+    mask = np.zeros(12, bool)
+    mask[[0, 1]] = True  # only two users may be scored: at most one fold has both classes
+    res = evaluate_folds(MethodInput(scores=y.astype(float), eval_mask=mask), y, stratified_folds(y, 3, seed=0), seed=0)
+    assert len(res.auc) + res.skipped_folds == 3 and res.skipped_folds >= 2
+
+
+def test_method_input_validation():
+    with pytest.raises(ValueError, match="exactly one"):
+        MethodInput()
+    with pytest.raises(ValueError, match="classifier"):
+        MethodInput(features=np.zeros((2, 2)))
