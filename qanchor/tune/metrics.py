@@ -1,7 +1,8 @@
-"""Binary-classification metrics for scenario heads: AUC and KS, pure functions of arrays.
+"""AUC and KS of a head's scores as one dict, on the benchmark's own metric functions.
 
 KS is the Kolmogorov-Smirnov statistic of the score distributions of the two classes, which equals
-``max |TPR - FPR|`` over thresholds (what risk teams report next to AUC).
+``max |TPR - FPR|`` over thresholds (what risk teams report next to AUC). Prompt tuning and ``qanchor
+bench`` must agree on what AUC and KS mean, so both use :mod:`qanchor.bench.metrics`.
 
 Example:
     >>> auc_ks([0, 0, 1, 1], [0.1, 0.4, 0.35, 0.8])
@@ -11,15 +12,15 @@ Example:
 from __future__ import annotations
 
 import numpy as np
-from sklearn.metrics import roc_auc_score, roc_curve
+
+from qanchor.bench.metrics import auc_score, ks_score
 
 __all__ = ["auc_ks"]
 
 
 def auc_ks(labels, scores) -> dict[str, float]:
     """AUC and KS of ``scores`` (higher = positive) against 0/1 ``labels``; NaN when one class is absent."""
-    labels, scores = np.asarray(labels), np.asarray(scores, dtype=np.float64)
-    if np.unique(labels).size < 2:
+    labels = np.asarray(labels)
+    if np.unique(labels).size < 2:  # a tiny validation split may hold one class: no number, not an error
         return {"auc": float("nan"), "ks": float("nan")}
-    fpr, tpr, _ = roc_curve(labels, scores)
-    return {"auc": float(roc_auc_score(labels, scores)), "ks": float(np.max(np.abs(tpr - fpr)))}
+    return {"auc": float(auc_score(labels, scores)), "ks": float(ks_score(labels, scores))}

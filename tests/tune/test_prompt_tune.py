@@ -126,6 +126,12 @@ def test_run_writes_heads_that_reload_and_score_identically(ckpt, loaded, tmp_pa
 
     labels = ds.tasks["churn"].labels[[list(ds.tasks["churn"].user_ids).index(u) for u in split["test"]]]
     assert auc_ks(labels, head.score(emb).detach().numpy())["auc"] == pytest.approx(on_disk["tasks"]["churn"]["tuned"]["test"]["auc"])
+    # The serving API scores the saved head as tuning did (its own prefix encoding, no PrefixStore).
+    from qanchor.infer.api import QAnchor
+
+    served = QAnchor.from_pretrained(ck, text_cache_dir=ds.cache_dir / "text").score(
+        [ds.user(u) for u in split["test"]], head, cutoff=ds.manifest.cutoff)
+    assert np.abs(served - head.score(emb).detach().numpy()).max() < 1e-4
     with pytest.raises(CheckpointError, match="tuned on checkpoint"):
         ScenarioHead.load(out / "churn", checkpoint_hash="0" * 64)
 
