@@ -106,7 +106,14 @@ class UserPacker:
     def pack(self, record: UserRecord, cutoff_us: int | None = None) -> PackedUser:
         """Pack ``record`` as seen at ``cutoff_us`` (default: the dataset cutoff); ages count from there."""
         cutoff_us = self.cutoff_us if cutoff_us is None else int(cutoff_us)
-        kept = self.recent(record, cutoff_us)
+        return self.pack_kept(record, self.recent(record, cutoff_us), cutoff_us)
+
+    def pack_kept(self, record: UserRecord, kept: dict[str, EventSeq], cutoff_us: int) -> PackedUser:
+        """Pack the events ``kept`` of ``record`` (as :meth:`recent` chose them); ages count from ``cutoff_us``.
+
+        Texts not yet in the cache are encoded here, one user at a time: callers packing many users
+        ``ensure`` all their texts in one batch first.
+        """
         modalities = {}
         for spec in self.manifest.sequence_modalities:
             seq = kept.get(spec.name)

@@ -29,7 +29,7 @@ from qanchor.config import PretrainConfig
 from qanchor.data.batch import UserBatch, collate_users
 from qanchor.data.dataset import UserRecord
 from qanchor.data.manifest import Manifest
-from qanchor.data.packing import PackedModality, PackedUser, UserPacker, event_numeric_features, numeric_width
+from qanchor.data.packing import PackedUser, UserPacker
 from qanchor.data.text_cache import TextVectorCache
 from qanchor.errors import CheckpointError, ModelInputError
 from qanchor.infer.prefix import anchor_hidden, anchor_hidden_uncached, encode_prefixes
@@ -167,17 +167,7 @@ class QAnchor:
         if late:
             warnings.warn(f"{late} events are after the cutoff and count as age 0; pass cutoff= the moment the "
                           "embedding should describe (e.g. now)", stacklevel=3)
-        packed = []
-        for record, seqs in zip(records, kept):
-            mods = {}
-            for spec in self.manifest.sequence_modalities:
-                seq = seqs.get(spec.name)
-                if seq is None or not len(seq):
-                    mods[spec.name] = PackedModality(np.zeros(0, np.int64), np.zeros((0, numeric_width(spec)), np.float32))
-                else:
-                    mods[spec.name] = PackedModality(self.text_cache.rows(seq.text), event_numeric_features(seq, cutoff_us))
-            packed.append(PackedUser(record.user_id, mods, record.tabular))
-        return packed
+        return [self.packer.pack_kept(record, seqs, cutoff_us) for record, seqs in zip(records, kept)]
 
     def suffixes(self, requests: Sequence[tuple[str, Head | None]]) -> list[torch.Tensor]:
         """One suffix per (query, head): [head prompt] query tokens <|user_emb|> -> (k + Lq + 1, H)."""

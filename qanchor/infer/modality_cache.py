@@ -56,15 +56,8 @@ def encode_modalities(q: QAnchor, packed: Sequence[PackedUser], names: Sequence[
     for name in names:
         batch = collate_users([_only(u, name, q) for u in packed], q.manifest, q.text_cache.vectors,
                               len(q.tabular_columns)).to(q.device)
-        if name == enc.tabular_name:
-            tokens = enc.tabular(batch.tabular, batch.tabular_missing)  # (B, n_tab, H)
-            mask = batch.has_tabular[:, None].expand(-1, tokens.shape[1])  # (B, n_tab)
-        else:
-            mb = batch.modalities[name]
-            tokens = enc.event_adapters[name](torch.cat([mb.text_vec, mb.numeric], dim=-1))  # (B, E, H)
-            mask = mb.mask
-        w = mask.to(tokens.dtype).unsqueeze(-1)  # (B, E, 1)
-        modal = enc.modal_adapter((tokens * w).sum(1) / w.sum(1).clamp_min(1.0))  # (B, H), as in the full forward
+        tokens, mask = enc.modality_tokens(name, batch)  # (B, E, H), (B, E)
+        modal = enc.modal_adapter(enc.masked_mean(tokens, mask))  # (B, H), as in the full forward
         empty = enc.empty[enc.names.index(name)].to(modal.dtype)
         modal = torch.where(mask.any(dim=1, keepdim=True), modal, empty)  # no events -> the learned empty token
         out[name] = [Encoding(tokens[b][mask[b]].float().cpu().numpy(), modal[b].float().cpu().numpy(), encoded_at)

@@ -80,18 +80,25 @@ class HierarchicalUserEncoder(nn.Module):
         self.user_adapter = Adapter(hidden, cfg.adapter_hidden, hidden, cfg.dropout)
         self.empty = nn.Parameter(torch.randn(len(self.names), hidden) * 0.02)  # one per modality
 
+    def modality_tokens(self, name: str, batch: UserBatch) -> tuple[torch.Tensor, torch.Tensor]:
+        """Event tokens (B, E, H) and their mask (B, E) of modality ``name``; tabular gives its n_tokens tokens."""
+        if name == self.tabular_name:
+            tokens = self.tabular(batch.tabular, batch.tabular_missing)  # (B, n_tab, H)
+            return tokens, batch.has_tabular[:, None].expand(-1, tokens.shape[1])  # (B, n_tab)
+        mb = batch.modalities[name]
+        return self.event_adapters[name](torch.cat([mb.text_vec, mb.numeric], dim=-1)), mb.mask  # (B, E, H), (B, E)
+
+    @staticmethod
+    def masked_mean(tokens: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """Mean of the unmasked tokens: (B, E, H), (B, E) -> (B, H); zeros where a row has none."""
+        w = mask.to(tokens.dtype).unsqueeze(-1)  # (B, E, 1)
+        return (tokens * w).sum(1) / w.sum(1).clamp_min(1.0)
+
     def forward(self, batch: UserBatch) -> UserTokens:
         events, masks, summaries, present = [], [], [], []
         for name in self.names:
-            if name == self.tabular_name:
-                tokens = self.tabular(batch.tabular, batch.tabular_missing)  # (B, n_tab, H)
-                mask = batch.has_tabular[:, None].expand(-1, tokens.shape[1])  # (B, n_tab)
-            else:
-                mb = batch.modalities[name]
-                tokens = self.event_adapters[name](torch.cat([mb.text_vec, mb.numeric], dim=-1))  # (B, E, H)
-                mask = mb.mask
-            w = mask.to(tokens.dtype).unsqueeze(-1)  # (B, E, 1)
-            summaries.append((tokens * w).sum(1) / w.sum(1).clamp_min(1.0))  # masked mean (B, H)
+            tokens, mask = self.modality_tokens(name, batch)
+            summaries.append(self.masked_mean(tokens, mask))  # (B, H)
             present.append(mask.any(dim=1))  # (B,)
             events.append(tokens)
             masks.append(mask)
