@@ -118,7 +118,7 @@ class Dataset:
                 ids = ids[np.isin(ids, wanted)]
                 if not ids.size:
                     continue
-            yield from self._read_partition(part, ids)
+            yield from self.read_partition(part, ids)
 
     def user(self, user_id: str) -> UserRecord:
         return next(self.users([user_id]))
@@ -139,7 +139,9 @@ class Dataset:
         )  # (n_users, n_features); nulls arrive as NaN
         self._tabular = dict(zip(table.column("user_id").to_pylist(), matrix))
 
-    def _read_partition(self, part: int, ids: np.ndarray) -> Iterator[UserRecord]:
+    def read_partition(self, part: int, ids: np.ndarray) -> Iterator[UserRecord]:
+        """Records of ``ids`` (sorted, all in range partition ``part``), in order; for callers that group
+        users by partition themselves (pretraining pairs) rather than stream with :meth:`users`."""
         table = self.partitions.read(part)
         uid = table.column("user_id").to_numpy(zero_copy_only=False)
         starts = np.searchsorted(uid, ids, side="left")

@@ -24,7 +24,7 @@ from qanchor.data.manifest import Manifest
 from qanchor.data.schema import EVENTS_DIR, TABULAR_FILE, TASKS_DIR, USERU_FILE, USERU_SOURCES
 from qanchor.errors import DataValidationError
 
-__all__ = ["ValidationReport", "validate_dataset", "event_files"]
+__all__ = ["ValidationReport", "validate_dataset", "event_files", "check_event_file"]
 
 _BATCH_ROWS = 262_144
 
@@ -111,6 +111,13 @@ def _no_nulls(path: Path, batch: pa.RecordBatch, column: str, offset: int) -> No
 def _utc_micros(col: pa.Array) -> np.ndarray:
     """Timestamps as int64 microseconds since the epoch (UTC); naive timestamps are read as UTC."""
     return col.cast(pa.timestamp("us", tz=col.type.tz)).cast(pa.int64()).to_numpy(zero_copy_only=False)
+
+
+def check_event_file(path: str | Path, manifest: Manifest) -> None:
+    """Check one events Parquet file against ``manifest`` alone (columns, types, modalities, timestamps before
+    the manifest's cutoff, ...); raise DataValidationError naming the file, column and first bad row."""
+    report = ValidationReport(manifest, events_per_modality={m.name: 0 for m in manifest.sequence_modalities})
+    _check_event_file(Path(path), manifest, report, set())
 
 
 def _check_event_file(path: Path, manifest: Manifest, report: ValidationReport, users: set[str]) -> None:

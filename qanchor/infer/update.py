@@ -169,7 +169,7 @@ def init_state(q: QAnchor, ds: Dataset, queries: list[tuple[str, str]], out_dir:
 
 def read_events(files: Sequence[str | Path], q: QAnchor, as_of_us: int | None) -> pa.Table:
     """Read and validate a day of events (the dataset event format); events must precede ``as_of``."""
-    from qanchor.data.validate import ValidationReport, _check_event_file
+    from qanchor.data.validate import check_event_file
 
     limit = datetime(9999, 1, 1, tzinfo=timezone.utc) if as_of_us is None else datetime.fromisoformat(_iso(as_of_us))
     manifest = dataclasses.replace(q.manifest, cutoff=limit)  # the validator's "before the cutoff" rule = before as_of
@@ -177,8 +177,7 @@ def read_events(files: Sequence[str | Path], q: QAnchor, as_of_us: int | None) -
     for path in map(Path, files):
         if not path.is_file():
             raise ModelInputError(f"events file {path} not found")
-        _check_event_file(path, manifest, ValidationReport(manifest, events_per_modality={m.name: 0 for m in
-                                                                                             manifest.sequence_modalities}), set())
+        check_event_file(path, manifest)
         table = pq.read_table(path)
         ts = table.schema.get_field_index("ts")
         tables.append(table.set_column(ts, "ts", pc.cast(table.column(ts), TS_TYPE, safe=False)))  # naive = UTC

@@ -103,7 +103,7 @@ class PretrainStream:
             if len(self._records) >= 2:  # a batch spans at most two partitions
                 self._records.pop(next(iter(self._records)))
             ids = self.ds.partitions.ids_of(part)
-            self._records[part] = {r.user_id: r for r in self.ds._read_partition(part, ids)}
+            self._records[part] = {r.user_id: r for r in self.ds.read_partition(part, ids)}
         return self._records[part][user_id]
 
     def batch(self, step: int, batch_size: int, rank: int = 0, world: int = 1) -> PretrainBatch:
