@@ -87,6 +87,11 @@ class Dataset:
 
     # ------------------------------------------------------------------------------------- users
     @property
+    def fingerprint(self) -> str:
+        """Changes whenever an event, tabular or task file is added, removed, resized or rewritten."""
+        return _fingerprint(self.root, event_files(self.root))
+
+    @property
     def partitions(self) -> _Partitions:
         if self._partitions is None:
             self._partitions = _Partitions.build(self)

@@ -4,11 +4,14 @@ Output directory::
 
     <task>/head.safetensors, <task>/head.yaml    the head (see qanchor.tune.head)
     <task>/split.json                            user ids of its train / val / test users
+    <task>/record.json                           its summary record; written last, so it marks the task done
     summary.json                                 per task: val/test AUC and KS of the frozen baselines and
                                                  the tuned head, best step, tuning seconds
 
 The prefixes of every user of the chosen tasks are encoded once and shared by all tasks: a task then
-costs only suffix forwards, whatever the users' history lengths.
+costs only suffix forwards, whatever the users' history lengths. A re-run (after an interruption, or of
+``make demo``) reuses every task whose head was tuned with the same checkpoint, dataset files, packing
+and settings, and tunes the rest: heads are deterministic, so a reused head is the one it would redo.
 
 Example:
     $ qanchor prompt-tune --config configs/prompt_tune/tiny-cj.yaml model=runs/demo/pretrain \\
@@ -17,6 +20,7 @@ Example:
 
 from __future__ import annotations
 
+import hashlib
 import json
 import time
 from collections.abc import Iterator
@@ -120,22 +124,67 @@ def run_prompt_tune(config_path: str | Path | None, overrides: list[str] | tuple
     tasks = select_tasks(ds, cfg.task)
     cache = TextVectorCache(ds.cache_dir / "text", SentenceEncoder(data_cfg.text_encoder))
     packer = UserPacker(ds.manifest, data_cfg, cache)
-    user_ids = sorted(set().union(*(ds.tasks[t].user_ids.tolist() for t in tasks)))
-    store = encode_users(model, ds, packer, user_ids, len(meta.tabular_columns), cfg.prefix_chunk, progress)
-    row_of = {u: i for i, u in enumerate(store.user_ids)}
-    prep_seconds = time.perf_counter() - started
     out = Path(cfg.output_dir)
-    summary = {"model": str(cfg.model), "checkpoint_hash": ckpt_hash, "dataset": str(ds.root), "n_users": len(store),
-               "prefix_mb": store.nbytes / 2**20, "prepare_seconds": prep_seconds, "config": OmegaConf.to_container(
-                   OmegaConf.structured(cfg)), "tasks": {}}
+    keys = {name: _task_key(cfg, data_cfg, ckpt_hash, ds, name) for name in tasks}
+    finished = {name: rec for name in tasks if (rec := _finished(out / name, keys[name])) is not None}
+    if finished and progress:
+        print(f"reusing {len(finished)} head(s) already tuned in {out} with the same checkpoint, data and "
+              f"settings: {', '.join(finished)}")
+    todo = [t for t in tasks if t not in finished]
+    store, row_of = None, {}
+    if todo:
+        # Every chosen task's users, not only the unfinished ones': the same store as an uninterrupted run,
+        # so a task tuned after a restart comes out bit-identical (batch composition moves float rounding).
+        user_ids = sorted(set().union(*(ds.tasks[t].user_ids.tolist() for t in tasks)))
+        store = encode_users(model, ds, packer, user_ids, len(meta.tabular_columns), cfg.prefix_chunk, progress)
+        row_of = {u: i for i, u in enumerate(store.user_ids)}
+    summary = {"model": str(cfg.model), "checkpoint_hash": ckpt_hash, "dataset": str(ds.root),
+               "n_users": len(store) if store else 0, "prefix_mb": store.nbytes / 2**20 if store else 0.0,
+               "prepare_seconds": time.perf_counter() - started,
+               "config": OmegaConf.to_container(OmegaConf.structured(cfg)), "tasks": {}}
     for name in tasks:
-        summary["tasks"][name] = _tune_one(model, tokenizer, store, row_of, ds, name, cfg, ckpt_hash, out, progress)
+        if name in finished:
+            summary["tasks"][name] = finished[name]
+            continue
+        record = _tune_one(model, tokenizer, store, row_of, ds, name, cfg, ckpt_hash, out, progress)
+        record["key"] = keys[name]
+        write_text(json.dumps(record), out / name / RECORD)  # last: its presence marks the task as finished
+        summary["tasks"][name] = record
         write_text(json.dumps(summary, indent=2), out / "summary.json")
     summary["total_seconds"] = time.perf_counter() - started
     write_text(json.dumps(summary, indent=2), out / "summary.json")
     if progress:
         print(format_summary(summary))
     return summary
+
+
+RECORD = "record.json"  # per task: the summary record and the key it was tuned under
+
+
+def _task_key(cfg: PromptTuneConfig, data: DataConfig, ckpt_hash: str, ds: Dataset, task: str) -> str:
+    """What a task's head depends on: checkpoint, dataset files, packing and tuning settings (not paths/device)."""
+    settings = OmegaConf.to_container(OmegaConf.structured(cfg))
+    for k in ("model", "output_dir", "task", "device", "data"):
+        settings.pop(k, None)
+    packing = OmegaConf.to_container(OmegaConf.structured(data))
+    packing.pop("path", None)
+    packing.pop("cache_dir", None)
+    blob = json.dumps([ckpt_hash, ds.fingerprint, task, settings, packing], sort_keys=True, default=str)
+    return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+def _finished(task_dir: Path, key: str) -> dict | None:
+    """A task's record if ``task_dir`` holds a head tuned under ``key``, else None (it is tuned again)."""
+    from qanchor.tune.head import HEAD_META, HEAD_WEIGHTS
+
+    path = task_dir / RECORD
+    if not (path.exists() and (task_dir / HEAD_META).exists() and (task_dir / HEAD_WEIGHTS).exists()):
+        return None
+    try:
+        record = json.loads(path.read_text())
+    except json.JSONDecodeError:
+        return None
+    return record if record.get("key") == key else None
 
 
 def _tune_one(model, tokenizer, store: PrefixStore, row_of: dict, ds: Dataset, name: str, cfg: PromptTuneConfig,

@@ -161,3 +161,21 @@ def test_cli_runs_and_reports_unknown_task(ckpt, tmp_path, capsys):
     assert (tmp_path / "o" / "churn" / "head.safetensors").exists()
     assert main([*args, "task=nope"]) == 2
     assert "unknown task" in capsys.readouterr().err
+
+
+def test_rerun_reuses_finished_heads_and_retunes_changed_or_unfinished(ckpt, tmp_path):
+    ck, ds_dir = ckpt
+    out = tmp_path / "heads"
+    args = [f"model={ck}", f"data.path={ds_dir}", f"output_dir={out}", "task=all", *FAST]
+    first = run_prompt_tune(None, args, progress=False)
+    weights = {t: (out / t / "head.safetensors").read_bytes() for t in ("churn", "coupon")}
+    again = run_prompt_tune(None, args, progress=False)
+    assert again["n_users"] == 0  # nothing re-encoded: both tasks were reused
+    assert again["tasks"] == first["tasks"]  # the same records, tuning seconds included
+    (out / "coupon" / "record.json").unlink()  # as if killed before coupon finished
+    redo = run_prompt_tune(None, args, progress=False)
+    assert redo["tasks"]["churn"] == first["tasks"]["churn"]
+    assert redo["tasks"]["coupon"]["tune_seconds"] != first["tasks"]["coupon"]["tune_seconds"]  # tuned again...
+    assert (out / "coupon" / "head.safetensors").read_bytes() == weights["coupon"]  # ...to the same head
+    changed = run_prompt_tune(None, [*args, "steps=4", "eval_every=2"], progress=False)  # other settings: retune all
+    assert changed["n_users"] > 0 and all(r["history"][-1]["step"] == 4 for r in changed["tasks"].values())
