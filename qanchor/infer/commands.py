@@ -1,6 +1,6 @@
 """CLI subcommands of inference: ``embed`` (batch export), ``update`` (daily state), ``index`` (faiss).
 
-    qanchor embed  --model CKPT --data DIR --queries FILE|tasks --out DIR [--shard-users N]
+    qanchor embed  --model CKPT --data DIR [--queries FILE|tasks] [--heads DIR ...] --out DIR [--shard-users N]
     torchrun --nproc_per_node 2 -m qanchor.cli embed ...            (rank r takes shards r, r+2, ...)
     qanchor update --model CKPT --data DIR --queries FILE --out STATE0       (first state from a dataset)
     qanchor update --model CKPT --state STATE0 --events day1.parquet --out STATE1 [--as-of ISO] [--full]
@@ -40,14 +40,33 @@ def _queries(arg: str | None, ds=None):
     return read_queries(arg)
 
 
+def _heads(dirs: list[str] | None, checkpoint_hash: str | None) -> list:
+    """Each DIR is one head (holds head.yaml) or a prompt-tune output (``<task>/head.yaml`` per task)."""
+    from qanchor.tune.head import HEAD_META, ScenarioHead
+
+    heads = []
+    for d in map(Path, dirs or []):
+        found = [d] if (d / HEAD_META).exists() else sorted(p.parent for p in d.glob(f"*/{HEAD_META}"))
+        if not found:
+            raise ModelInputError(f"--heads {d}: no {HEAD_META} there or in its subfolders; "
+                                  "point it at a `qanchor prompt-tune` output_dir or one task's folder")
+        heads += [ScenarioHead.load(p, checkpoint_hash) for p in found]  # refuses heads of another checkpoint
+    return heads
+
+
 def _cmd_embed(args: argparse.Namespace) -> None:
     from qanchor.data.dataset import load_dataset
     from qanchor.infer.export import export_embeddings, report_json
 
     ds = load_dataset(args.data)
     model = _load(args, ds.cache_dir / "text")
-    report = export_embeddings(model, ds, _queries(args.queries, ds), args.out, shard_users=args.shard_users,
-                               use_cache=not args.no_prefix_cache, cutoff=args.cutoff, progress=not args.quiet)
+    queries = _queries(args.queries, ds) or []
+    heads = _heads(args.heads, model.checkpoint_hash)
+    if not queries and not heads:
+        raise ModelInputError("qanchor embed needs --queries FILE|tasks and/or --heads DIR")
+    report = export_embeddings(model, ds, queries, args.out, shard_users=args.shard_users,
+                               use_cache=not args.no_prefix_cache, cutoff=args.cutoff, progress=not args.quiet,
+                               heads=heads)
     print(report_json(report))
 
 
@@ -115,7 +134,9 @@ def register(subparsers) -> None:
     p = subparsers.add_parser("embed", help="export embeddings of every user x query to Parquet shards")
     _model_args(p)
     p.add_argument("--data", required=True, help="dataset directory")
-    p.add_argument("--queries", required=True, help="YAML / text / Parquet file of queries, or 'tasks'")
+    p.add_argument("--queries", default=None, help="YAML / text / Parquet file of queries, or 'tasks'")
+    p.add_argument("--heads", nargs="*", default=None,
+                   help="scenario heads (a prompt-tune output_dir or task folders): rows head:<task> with a score")
     p.add_argument("--out", required=True, help="output directory (resumes if it holds a partial export)")
     p.add_argument("--shard-users", type=int, default=None, help="users per shard (default: one dataset partition)")
     p.add_argument("--cutoff", default=None, help="ISO time event ages count from (default: the dataset cutoff)")

@@ -2,8 +2,9 @@
 
 Output directory::
 
-    export.json            checkpoint hash, dataset fingerprint, queries, shard layout (checked on resume)
-    part-00000.parquet     user_id:string, query_id:string, embedding:fixed_size_list<float32>[D]
+    export.json            checkpoint hash, dataset fingerprint, queries, heads, shard layout (checked on resume)
+    part-00000.parquet     user_id:string, query_id:string, embedding:fixed_size_list<float32>[D],
+                           score:float32 (the head's score on rows ``head:<task>``; null for plain queries)
     part-00000.done        JSON marker written after its shard: a shard with a marker is never redone
 
 Users stream one dataset partition at a time (bounded memory). A shard is a slice of one partition
@@ -11,17 +12,22 @@ Users stream one dataset partition at a time (bounded memory). A shard is a slic
 where it stopped. Under ``torchrun --nproc_per_node N`` rank r takes shards r, r+N, ...; shards and
 their batches do not depend on N, so any N writes the same embeddings.
 
+Scenario heads (``--heads``, a ``qanchor prompt-tune`` output) add one row per user and head, query id
+``head:<task>``, embedded under the head's query with its soft prompt on the same cached prefix.
+
 Example:
     $ qanchor embed --model runs/synth --data data/synth --queries queries.yaml --out emb/
+    $ qanchor embed --model runs/demo/pretrain --data data/completejourney --heads runs/demo/heads --out scores/
     $ torchrun --nproc_per_node 2 -m qanchor.cli embed --model runs/synth --data data/synth --queries q.txt --out emb/
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -29,6 +35,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
+import torch
 import yaml
 from tqdm.auto import tqdm
 
@@ -36,13 +43,13 @@ from qanchor.data.dataset import Dataset
 from qanchor.data.io import write_parquet, write_text
 from qanchor.data.manifest import Manifest
 from qanchor.errors import ConfigError, ModelInputError
-from qanchor.infer.api import QAnchor
+from qanchor.infer.api import Head, QAnchor
 from qanchor.infer.user_input import record_adapter
 
-__all__ = ["ExportReport", "read_queries", "task_queries", "rank_and_world", "embeddings_table", "read_embeddings",
+__all__ = ["head_name", "head_digest", "ExportReport", "read_queries", "task_queries", "rank_and_world", "embeddings_table", "read_embeddings",
            "plan_shards", "export_embeddings", "report_json"]
 
-FORMAT = 1
+FORMAT = 2  # 2: a score column (scenario heads)
 
 
 @dataclass
@@ -125,14 +132,17 @@ def rank_and_world() -> tuple[int, int]:
     return int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
 
 
-def embeddings_table(user_ids: list[str], query_ids: list[str], emb: np.ndarray) -> pa.Table:
-    """``emb`` float32 [U, Q, D] -> rows (user_id, query_id, embedding), user-major."""
+def embeddings_table(user_ids: list[str], query_ids: list[str], emb: np.ndarray,
+                     scores: np.ndarray | None = None) -> pa.Table:
+    """``emb`` float32 [U, Q, D] (and ``scores`` [U, Q], NaN = none) -> rows (user_id, query_id, embedding, score)."""
     u, q, d = emb.shape
     flat = pa.array(np.ascontiguousarray(emb, dtype=np.float32).reshape(-1), pa.float32())  # (U*Q*D,)
+    score = np.full((u, q), np.nan, np.float32) if scores is None else scores.astype(np.float32)
     return pa.table({
         "user_id": pa.array(np.repeat(np.asarray(user_ids, dtype=object), q).tolist(), pa.string()),
         "query_id": pa.array(list(query_ids) * u, pa.string()),
         "embedding": pa.FixedSizeListArray.from_arrays(flat, d),
+        "score": pa.array(score.reshape(-1), pa.float32(), mask=np.isnan(score.reshape(-1))),
     })
 
 
@@ -156,6 +166,20 @@ def read_embeddings(directory: str | Path, query_id: str | None = None) -> tuple
         queries.append(table.column("query_id").to_numpy(zero_copy_only=False))
         vecs.append(np.asarray(table.column("embedding").combine_chunks().flatten()).reshape(-1, dim))  # (rows, D)
     return np.concatenate(users).astype(object), np.concatenate(queries).astype(object), np.concatenate(vecs)
+
+
+def head_name(head: Head) -> str:
+    """A head's task name (``ScenarioHead.task``), else its query."""
+    return str(getattr(head, "task", None) or head.query)
+
+
+def head_digest(head: Head) -> str:
+    """A short hash of a head's weights: a resumed export must use the very heads it started with."""
+    h = hashlib.sha256()
+    for t in (head.prompt, getattr(head, "prototypes", None)):
+        if t is not None:
+            h.update(t.detach().float().cpu().contiguous().numpy().tobytes())
+    return h.hexdigest()[:16]
 
 
 def plan_shards(ds: Dataset, shard_users: int | None = None) -> list[tuple[int, int, int]]:
@@ -186,8 +210,8 @@ def _check_manifest(out: Path, expected: dict) -> None:
 def export_embeddings(model: QAnchor, ds: Dataset, queries: list[tuple[str, str]], out_dir: str | Path,
                       rank: int | None = None, world: int | None = None, shard_users: int | None = None,
                       use_cache: bool = True, cutoff: str | None = None, progress: bool = True,
-                      on_shard_done: Callable[[int], None] | None = None) -> ExportReport:
-    """Embed every user of ``ds`` under ``queries`` into Parquet shards under ``out_dir``; resumable.
+                      on_shard_done: Callable[[int], None] | None = None, heads: Sequence[Head] = ()) -> ExportReport:
+    """Embed every user of ``ds`` under ``queries`` (and ``heads``) into Parquet shards under ``out_dir``; resumable.
 
     ``cutoff`` defaults to the dataset's own cutoff (ages count from there). ``on_shard_done(i)`` is
     called after shard ``i`` is final (tests use it to simulate a kill).
@@ -201,12 +225,15 @@ def export_embeddings(model: QAnchor, ds: Dataset, queries: list[tuple[str, str]
     out = Path(out_dir)
     shards = plan_shards(ds, shard_users)
     cutoff = cutoff or ds.manifest.cutoff.isoformat()
+    if not queries and not heads:
+        raise ModelInputError("nothing to embed: give queries and/or scenario heads")
     _check_manifest(out, {"format": FORMAT, "checkpoint": model.checkpoint_hash, "dataset": ds.partitions.directory.name,
-                          "queries": [list(q) for q in queries], "shards": [list(s) for s in shards],
-                          "cutoff": cutoff, "embedding_dim": model.embedding_dim, "use_cache": use_cache})
+                          "queries": [list(q) for q in queries], "heads": [[head_name(h), head_digest(h)] for h in heads],
+                          "shards": [list(s) for s in shards], "cutoff": cutoff, "embedding_dim": model.embedding_dim,
+                          "use_cache": use_cache})
     adapt = record_adapter(ds.manifest, ds.tabular_columns, model.manifest, model.tabular_columns)
-    suffixes = model.suffixes([(q, None) for _, q in queries])
-    query_ids = [qid for qid, _ in queries]
+    suffixes = model.suffixes([(q, None) for _, q in queries] + [(h.query, h) for h in heads])
+    query_ids = [qid for qid, _ in queries] + [f"head:{head_name(h)}" for h in heads]
     mine = list(range(rank, len(shards), world))
     done = [i for i in mine if (out / f"part-{i:05d}.done").exists()]
     size = lambda i: shards[i][2] - shards[i][1]  # noqa: E731
@@ -221,9 +248,13 @@ def export_embeddings(model: QAnchor, ds: Dataset, queries: list[tuple[str, str]
         model.prime(records)  # one text-encoder pass per shard, not one per batch
         emb = np.concatenate([_embed_chunk(model, records[j : j + model.batch_size], suffixes, cutoff, use_cache)
                               for j in range(0, len(records), model.batch_size)] or
-                             [np.zeros((0, len(queries), model.embedding_dim), np.float32)])  # (U, Q, D)
-        write_parquet(embeddings_table([r.user_id for r in records], query_ids, emb), out / f"part-{i:05d}.parquet")
-        write_text(json.dumps({"users": len(records), "rows": len(records) * len(queries)}), out / f"part-{i:05d}.done")
+                             [np.zeros((0, len(suffixes), model.embedding_dim), np.float32)])  # (U, Q, D)
+        scores = np.full(emb.shape[:2], np.nan, np.float32)  # (U, Q + n_heads)
+        for j, head in enumerate(heads, start=len(queries)):
+            with torch.inference_mode():
+                scores[:, j] = head.score(torch.from_numpy(emb[:, j]).to(model.device)).float().cpu().numpy()
+        write_parquet(embeddings_table([r.user_id for r in records], query_ids, emb, scores), out / f"part-{i:05d}.parquet")
+        write_text(json.dumps({"users": len(records), "rows": len(records) * len(suffixes)}), out / f"part-{i:05d}.done")
         users += len(records)
         bar.update(len(records))
         if on_shard_done is not None:

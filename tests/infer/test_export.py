@@ -10,8 +10,10 @@ from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import pytest
+import torch
 
 from qanchor.errors import ConfigError, ModelInputError
 from qanchor.infer.export import export_embeddings, read_embeddings, read_queries
@@ -120,3 +122,49 @@ def test_read_queries_formats(tmp_path):
     (tmp_path / "empty.txt").write_text("# nothing\n")
     with pytest.raises(ModelInputError, match="no queries"):
         read_queries(tmp_path / "empty.txt")
+
+
+def _head(qa, task: str, query: str, seed: int):
+    from qanchor.tune.head import ScenarioHead
+
+    gen = torch.Generator().manual_seed(seed)
+    protos = torch.nn.functional.normalize(torch.randn(3, qa.embedding_dim, generator=gen), dim=-1)
+    return ScenarioHead(task, query, torch.randn(4, qa.model.hidden_size, generator=gen) * 0.05, protos,
+                        torch.tensor([0, 0, 1]), 0.1, qa.checkpoint_hash)
+
+
+def test_export_with_heads_matches_api_and_cli(infer_env, tmp_path, capsys):
+    from qanchor.cli import main
+
+    heads = [_head(infer_env.qa, "churn", QUERIES[0], 1), _head(infer_env.qa, "coupon", QUERIES[2], 2)]
+    out = tmp_path / "with_heads"
+    export_embeddings(infer_env.qa, infer_env.ds, PAIRS[:1], out, rank=0, world=1, shard_users=7, progress=False,
+                      heads=heads)
+    table = _table(out)
+    assert set(table.column("query_id").to_pylist()) == {"q0", "head:churn", "head:coupon"}
+    plain = table.filter(pc.equal(table.column("query_id"), "q0"))
+    assert plain.column("score").null_count == len(plain)  # plain queries have no score
+    users = list(infer_env.ds.users())
+    for head in heads:
+        rows = table.filter(pc.equal(table.column("query_id"), f"head:{head.task}"))
+        vectors = np.asarray(rows.column("embedding").combine_chunks().flatten()).reshape(len(rows), -1)
+        assert np.abs(vectors - infer_env.qa.embed(users, [head.query], head=head)[:, 0]).max() < 1e-5
+        assert np.allclose(rows.column("score").to_numpy(), infer_env.qa.score(users, head), atol=1e-4)
+    # the CLI loads heads from a prompt-tune style folder and refuses heads of another checkpoint
+    for head in heads:
+        head.save(tmp_path / "heads" / head.task)
+    args = ["embed", "--model", str(infer_env.ckpt), "--data", str(infer_env.ds_dir), "--quiet",
+            "--cache-dir", str(infer_env.ds.cache_dir / "text")]
+    assert main([*args, "--heads", str(tmp_path / "heads"), "--out", str(tmp_path / "cli")]) == 0
+    cli = _table(tmp_path / "cli")
+    assert set(cli.column("query_id").to_pylist()) == {"head:churn", "head:coupon"}
+    assert np.allclose(cli.column("score").to_numpy(), table.filter(pc.invert(
+        pc.equal(table.column("query_id"), "q0"))).column("score").to_numpy(), atol=1e-5)
+    from qanchor.tune.head import ScenarioHead
+
+    stale = ScenarioHead("old", QUERIES[0], heads[0].prompt, heads[0].prototypes, heads[0].prototype_labels, 0.1, "0" * 64)
+    stale.save(tmp_path / "stale" / "old")
+    assert main([*args, "--heads", str(tmp_path / "stale"), "--out", str(tmp_path / "cli2")]) == 2
+    assert main([*args, "--out", str(tmp_path / "cli3")]) == 2
+    err = capsys.readouterr().err
+    assert "tuned on checkpoint" in err and "--queries" in err
