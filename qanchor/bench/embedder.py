@@ -62,18 +62,29 @@ class QAnchorEmbedder:
         return self.model.checkpoint_hash
 
     def _chunks(self, user_ids: Sequence[str]):
+        """Records of ``user_ids`` in sorted id order, ``_CHUNK_USERS`` at a time, from one streaming pass
+        (each dataset partition is read once, not once per chunk)."""
         from tqdm.auto import tqdm
 
-        starts = range(0, len(user_ids), _CHUNK_USERS)
-        for start in tqdm(starts, desc="embed users", unit="chunk", disable=not self.progress or None):
-            ids = list(user_ids[start : start + _CHUNK_USERS])
-            by_id = {r.user_id: r for r in self.ds.users(ids)}  # ds.users yields sorted; restore caller order
-            yield [by_id[u] for u in ids]
+        chunk = []
+        for record in tqdm(self.ds.users(user_ids), total=len(user_ids), desc="embed users", unit="user",
+                           disable=not self.progress or None):
+            chunk.append(record)
+            if len(chunk) == _CHUNK_USERS:
+                yield chunk
+                chunk = []
+        if chunk:
+            yield chunk
 
     def embed_many(self, user_ids: Sequence[str], requests: Sequence[tuple[str, Any]]) -> np.ndarray:
-        parts = [self.model.embed_many(recs, list(requests), cutoff=self.ds.manifest.cutoff)
-                 for recs in self._chunks(user_ids)]
-        return np.concatenate(parts).astype(np.float32) if parts else np.zeros((0, len(requests), 0), np.float32)
+        ids, parts = [], []
+        for records in self._chunks(user_ids):
+            parts.append(self.model.embed_many(records, list(requests), cutoff=self.ds.manifest.cutoff))
+            ids += [r.user_id for r in records]
+        if not parts:
+            return np.zeros((0, len(requests), 0), np.float32)
+        row = {u: i for i, u in enumerate(ids)}  # the dataset streams sorted ids: restore the caller's order
+        return np.concatenate(parts).astype(np.float32)[[row[u] for u in user_ids]]
 
 
 def _test_users(head_dir: Path) -> np.ndarray | None:

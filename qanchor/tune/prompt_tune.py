@@ -125,7 +125,8 @@ def run_prompt_tune(config_path: str | Path | None, overrides: list[str] | tuple
     cache = TextVectorCache(ds.cache_dir / "text", SentenceEncoder(data_cfg.text_encoder))
     packer = UserPacker(ds.manifest, data_cfg, cache)
     out = Path(cfg.output_dir)
-    keys = {name: _task_key(cfg, data_cfg, ckpt_hash, ds, name) for name in tasks}
+    fingerprint = ds.fingerprint  # stats every dataset file: once, not per task
+    keys = {name: _task_key(cfg, data_cfg, ckpt_hash, fingerprint, name) for name in tasks}
     finished = {name: rec for name in tasks if (rec := _finished(out / name, keys[name])) is not None}
     if finished and progress:
         print(f"reusing {len(finished)} head(s) already tuned in {out} with the same checkpoint, data and "
@@ -161,7 +162,7 @@ def run_prompt_tune(config_path: str | Path | None, overrides: list[str] | tuple
 RECORD = "record.json"  # per task: the summary record and the key it was tuned under
 
 
-def _task_key(cfg: PromptTuneConfig, data: DataConfig, ckpt_hash: str, ds: Dataset, task: str) -> str:
+def _task_key(cfg: PromptTuneConfig, data: DataConfig, ckpt_hash: str, dataset_fingerprint: str, task: str) -> str:
     """What a task's head depends on: checkpoint, dataset files, packing and tuning settings (not paths/device)."""
     settings = OmegaConf.to_container(OmegaConf.structured(cfg))
     for k in ("model", "output_dir", "task", "device", "data"):
@@ -169,7 +170,7 @@ def _task_key(cfg: PromptTuneConfig, data: DataConfig, ckpt_hash: str, ds: Datas
     packing = OmegaConf.to_container(OmegaConf.structured(data))
     packing.pop("path", None)
     packing.pop("cache_dir", None)
-    blob = json.dumps([ckpt_hash, ds.fingerprint, task, settings, packing], sort_keys=True, default=str)
+    blob = json.dumps([ckpt_hash, dataset_fingerprint, task, settings, packing], sort_keys=True, default=str)
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 
