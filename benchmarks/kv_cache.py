@@ -90,7 +90,7 @@ def kv_cache(ckpt: Path, data: Path, users: int, ns: list[int], repeats: int) ->
     from qanchor.infer.api import QAnchor
 
     ds = load_dataset(data)
-    qa = QAnchor.from_pretrained(ckpt, text_cache_dir=ds.cache_dir / "text", batch_size=users, max_rows=users * max(ns))
+    qa = QAnchor.from_pretrained(ckpt, text_cache_dir=ds.text_cache_dir, batch_size=users, max_rows=users * max(ns))
     records = [r for _, r in zip(range(users), ds.users())]
     packed = qa.pack(records, qa.cutoff_us(ds.manifest.cutoff.isoformat()))
     queries = [t.query for t in ds.manifest.tasks] + EXTRA_QUERIES
@@ -132,7 +132,7 @@ def export_worker(ckpt: Path, data: Path, out: Path, n_queries: int, result: Pat
     from qanchor.infer.export import export_embeddings, task_queries
 
     ds = load_dataset(data)
-    qa = QAnchor.from_pretrained(ckpt, text_cache_dir=ds.cache_dir / "text")
+    qa = QAnchor.from_pretrained(ckpt, text_cache_dir=ds.text_cache_dir)
     queries = task_queries(ds.manifest)[:n_queries]
     rss: list[float] = []
     report = export_embeddings(qa, ds, queries, out, rank=0, world=1, progress=False,

@@ -65,7 +65,7 @@ def _setup(data: Path, ckpt: str | None, users: int, seed: int):
     ds = load_dataset(data)
     cfg = load_config(None, [f"data.path={data}", "model.preset=tiny", "data.default_max_events=100000"],
                       schema=PretrainConfig)
-    cache = TextVectorCache(ds.cache_dir / "text", SentenceEncoder(cfg.data.text_encoder))
+    cache = TextVectorCache(ds.text_cache_dir, SentenceEncoder(cfg.data.text_encoder))
     if ckpt:
         model, tokenizer, _, _ = load_checkpoint(ckpt)
     else:  # step time does not depend on the weights' values

@@ -163,7 +163,7 @@ def text_encoder_savings(data: Path, sets: list[str], plans: dict[str, tuple[int
     cfg = _config(None, data, 1, 2, sets)
     ds = load_dataset(data)
     encoder = SentenceEncoder(cfg.data.text_encoder)
-    cache = TextVectorCache(ds.cache_dir / "text", encoder)
+    cache = TextVectorCache(ds.text_cache_dir, encoder)
     packer = UserPacker(ds.manifest, cfg.data, cache)
     tick = time.perf_counter()
     n_events = packer.prime(ds.users(), progress=False, all_events=True)

@@ -77,7 +77,7 @@ def _cmd_encode(args: argparse.Namespace) -> None:
 
     data_cfg = load_config(args.config, args.overrides, schema=DataConfig) if args.config else DataConfig()
     ds = load_dataset(args.dir, cache_dir=data_cfg.cache_dir)
-    cache = TextVectorCache(ds.cache_dir / "text", SentenceEncoder(data_cfg.text_encoder))
+    cache = TextVectorCache(ds.text_cache_dir, SentenceEncoder(data_cfg.text_encoder))
     start = time.perf_counter()
     n_events = UserPacker(ds.manifest, data_cfg, cache).prime(ds.users())
     print(f"kept events: {n_events}   unique texts stored: {len(cache)}   "

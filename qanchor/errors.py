@@ -6,7 +6,7 @@ the subclasses say which part refused the input. Messages always say what to do 
 
 from __future__ import annotations
 
-__all__ = ["QAnchorError", "ConfigError", "DataValidationError", "ModelInputError", "CheckpointError"]
+__all__ = ["QAnchorError", "ConfigError", "DataValidationError", "ModelInputError", "CheckpointError", "OutputError"]
 
 
 class QAnchorError(Exception):
@@ -39,3 +39,10 @@ class ModelInputError(QAnchorError):
 
 class CheckpointError(QAnchorError):
     """A checkpoint or head directory is missing, incomplete or incompatible with this version."""
+
+
+class OutputError(QAnchorError):
+    """An output path would replace or add to something qanchor did not create, or lies inside an input.
+
+    qanchor only writes into new, empty or its own marked output directories (see ``qanchor.data.io``).
+    """

@@ -55,7 +55,7 @@ class QAnchorEmbedder:
         from qanchor.infer.api import QAnchor
 
         # The dataset's own text cache already holds its event texts: nothing is re-encoded.
-        return cls(QAnchor.from_pretrained(checkpoint, text_cache_dir=ds.cache_dir / "text"), ds, progress)
+        return cls(QAnchor.from_pretrained(checkpoint, text_cache_dir=ds.text_cache_dir), ds, progress)
 
     @property
     def checkpoint_hash(self) -> str | None:

@@ -112,7 +112,7 @@ class BenchContext:
         from qanchor.data.text_cache import SentenceEncoder, TextVectorCache
 
         with self._timed("text cache"):
-            cache = TextVectorCache(self.ds.cache_dir / "text", SentenceEncoder(self.cfg.data.text_encoder))
+            cache = TextVectorCache(self.ds.text_cache_dir, SentenceEncoder(self.cfg.data.text_encoder))
             # Encode every event text not yet cached once, in large batches, before the per-user pass.
             UserPacker(self.ds.manifest, self.cfg.data, cache).prime(self.ds.users(self.user_ids),
                                                                       progress=self.progress, all_events=True)

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -25,13 +26,14 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from qanchor.data.io import atomic_dir, write_text
+from qanchor.data.io import OutputKind, atomic_dir, claim_output_dir, write_text
 from qanchor.data.manifest import Manifest, TaskSpec
 from qanchor.data.schema import TABULAR_FILE, TASKS_DIR, USERU_FILE, event_schema
 from qanchor.data.validate import ValidationReport, event_files, validate_dataset
 
-__all__ = ["EventSeq", "UserRecord", "Task", "Dataset", "load_dataset"]
+__all__ = ["EventSeq", "UserRecord", "Task", "Dataset", "load_dataset", "default_cache_dir", "CACHE_DIR"]
 
+CACHE_DIR = ".qanchor_cache"
 _PARTITION_USERS = 4096
 _MAX_PARTITIONS = 512
 
@@ -90,6 +92,12 @@ class Dataset:
     def fingerprint(self) -> str:
         """Changes whenever an event, tabular or task file is added, removed, resized or rewritten."""
         return _fingerprint(self.root, event_files(self.root))
+
+    @property
+    def text_cache_dir(self) -> Path:
+        """Where this dataset's event-text vectors are cached (``<cache_dir>/text``), the cache dir claimed."""
+        claim_output_dir(self.cache_dir, OutputKind.CACHE, key="data.cache_dir")
+        return self.cache_dir / "text"
 
     @property
     def partitions(self) -> _Partitions:
@@ -221,7 +229,8 @@ class _Partitions:
         user_ids = _all_user_ids(ds, files)
         per_part = max(_PARTITION_USERS, -(-len(user_ids) // _MAX_PARTITIONS))
         bounds = np.append(np.arange(0, len(user_ids), per_part), len(user_ids)).astype(np.int64)
-        with atomic_dir(directory) as tmp:
+        claim_output_dir(ds.cache_dir, OutputKind.CACHE, key="data.cache_dir")
+        with atomic_dir(directory, OutputKind.CACHE) as tmp:
             _write_partitions(tmp, files, user_ids, per_part, event_schema(ds.manifest))
             pq.write_table(pa.table({"user_id": pa.array(user_ids.tolist(), pa.string())}), tmp / "user_ids.parquet")
             write_text(json.dumps({"bounds": bounds.tolist()}), tmp / "index.json")
@@ -293,5 +302,14 @@ def load_dataset(path: str | Path, cache_dir: str | Path | None = None) -> Datas
     """
     root = Path(path)
     report = validate_dataset(root)
-    cache = Path(cache_dir) if cache_dir else root / ".qanchor_cache"
-    return Dataset(root, report.manifest, report, cache)
+    return Dataset(root, report.manifest, report, Path(cache_dir) if cache_dir else default_cache_dir(root))
+
+
+def default_cache_dir(root: Path) -> Path:
+    """``<dataset>/.qanchor_cache``, or, for a dataset directory this user cannot write (a read-only mount,
+    someone else's export), ``~/.cache/qanchor/datasets/<hash of its path>``: an input is never written."""
+    local = root / CACHE_DIR
+    if local.is_dir() or os.access(root, os.W_OK):
+        return local
+    key = hashlib.sha256(str(root.resolve()).encode()).hexdigest()[:16]
+    return Path(os.environ.get("QANCHOR_CACHE", Path.home() / ".cache" / "qanchor")) / "datasets" / key

@@ -1,71 +1,311 @@
-"""Atomic file writes: write to a temporary sibling, fsync, then rename over the target.
+"""How qanchor writes: atomic files and directories, and the one ownership rule for outputs.
 
-A crash mid-write therefore leaves either the old file or no file, never a truncated one.
+**Atomic writes.** A file is written to a temporary sibling, fsynced, then renamed over the target; a
+directory is built in a temporary sibling, every file in it fsynced, then swapped with the target in
+one ``renameat2(RENAME_EXCHANGE)`` (Linux; elsewhere two renames, with the old copy restored on the
+next start if a crash fell between them). A crash therefore leaves the old output or the new one,
+never a half-written one. Temporaries are named ``.<name>.qanchor-tmp.<pid>.<random>``; those of a dead
+process are removed the next time the same target is written.
+
+**Ownership.** qanchor only ever replaces or adds to a directory that it created and marked as its own
+(a ``.qanchor-output`` file naming the kind of output), and only an output of the same kind. Any other
+existing non-empty target, a target inside one of the command's inputs, or a target that contains an
+input is refused with an :class:`~qanchor.errors.OutputError` before any work starts: inputs are
+read-only, and nothing qanchor did not create is ever deleted or overwritten.
+
+Example:
+    >>> with atomic_dir("runs/x/checkpoint", OutputKind.CHECKPOINT) as tmp:  # doctest: +SKIP
+    ...     (tmp / "model.safetensors").write_bytes(blob)
+    >>> claim_output_dir("emb/", OutputKind.EXPORT, inputs={"--data": "data/cj"})  # doctest: +SKIP
 """
 
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
+import errno
+import glob
+import json
 import os
+import secrets
 import shutil
-import tempfile
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
+from enum import Enum
 from pathlib import Path
 
 import pyarrow as pa
 import pyarrow.parquet as pq
 import yaml
 
-__all__ = ["atomic_path", "atomic_dir", "write_parquet", "write_yaml", "write_text"]
+from qanchor.errors import OutputError
+
+__all__ = ["MARKER_FILE", "OutputKind", "output_kind", "mark_output", "check_output_dir", "claim_output_dir",
+           "check_not_inside", "check_replaceable",
+           "atomic_path", "atomic_dir", "write_parquet", "write_yaml", "write_text", "fsync_tree"]
+
+MARKER_FILE = ".qanchor-output"
+_TMP, _OLD = "qanchor-tmp", "qanchor-old"
+
+
+class OutputKind(str, Enum):
+    """What a marked directory holds; an output is only ever replaced by one of the same kind."""
+
+    DATASET = "dataset"
+    CACHE = "cache"
+    RUN = "pretraining run"
+    CHECKPOINT = "checkpoint"
+    EXPORT = "embedding export"
+    STATE = "update state"
+    HEADS = "prompt-tune output"
+    HEAD = "scenario head"
+    RESULTS = "benchmark results"
+    MODEL_CACHE = "model cache"
+
+
+def output_kind(directory: str | os.PathLike) -> str | None:
+    """The kind named by ``directory``'s marker, or None when qanchor did not mark it."""
+    path = Path(directory) / MARKER_FILE
+    try:
+        return json.loads(path.read_text(encoding="utf-8")).get("kind")
+    except (OSError, ValueError, AttributeError):
+        return None
+
+
+def mark_output(directory: str | os.PathLike, kind: OutputKind) -> None:
+    """Write ``directory``'s marker (the directory must exist)."""
+    from qanchor import __version__
+
+    # No timestamp: outputs built from the same inputs and seed stay byte-identical.
+    write_text(json.dumps({"kind": kind.value, "qanchor_version": __version__}) + "\n", Path(directory) / MARKER_FILE)
+
+
+def _within(inner: Path, outer: Path) -> bool:
+    return inner == outer or outer in inner.parents
+
+
+def check_not_inside(target: str | os.PathLike, inputs: Mapping[str, str | os.PathLike | None], key: str) -> None:
+    """Refuse an output path that lies inside an input, equals it, or contains it (inputs are read-only)."""
+    out = Path(target).resolve()
+    for name, path in inputs.items():
+        if path is None:
+            continue
+        src = Path(path).resolve()
+        if _within(out, src):
+            raise OutputError(f"{key} {target} is inside the input {name} {path}: inputs are read-only; "
+                              "write the output somewhere else")
+        if _within(src, out):
+            raise OutputError(f"{key} {target} contains the input {name} {path}: qanchor would replace it; "
+                              "choose an output directory that does not hold the inputs")
+
+
+def _foreign_example(directory: Path) -> str:
+    names = sorted(p.name for p in directory.iterdir() if p.name != MARKER_FILE)
+    return names[0] if names else ""
+
+
+def check_output_dir(target: str | os.PathLike, kind: OutputKind, inputs: Mapping[str, str | os.PathLike | None] = (),
+                     key: str = "--out") -> bool:
+    """Check, touching nothing, that ``target`` may receive an output of ``kind``; True if it already holds one.
+
+    Refused with :class:`OutputError`: a file in the way, a target inside / containing an input, a
+    non-empty directory qanchor did not mark, or one marked as another kind.
+    """
+    target = Path(target)
+    check_not_inside(target, dict(inputs), key)
+    if target.exists() and not target.is_dir():
+        raise OutputError(f"{key} {target} is a file, not a directory; give a directory path")
+    if not target.is_dir():
+        return False
+    found = output_kind(target)
+    if found == kind.value:
+        return True
+    if found is not None:
+        raise OutputError(f"{key} {target} holds a qanchor {found}, not a {kind.value}; choose another directory")
+    if any(target.iterdir()):
+        raise OutputError(f"{key} {target} holds files qanchor did not create (e.g. {_foreign_example(target)!r}); "
+                          "qanchor only writes into new, empty or its own output directories: choose another one")
+    return False
+
+
+def claim_output_dir(target: str | os.PathLike, kind: OutputKind, inputs: Mapping[str, str | os.PathLike | None] = (),
+                     key: str = "--out") -> bool:
+    """:func:`check_output_dir`, then create and mark ``target``; True if it already held an output of ``kind``."""
+    existed = check_output_dir(target, kind, inputs, key)
+    if not existed:
+        Path(target).mkdir(parents=True, exist_ok=True)
+        mark_output(target, kind)
+    return existed
+
+
+# ----------------------------------------------------------------------------------- temporaries
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def _temp_name(target: Path, tag: str) -> Path:
+    return target.with_name(f".{target.name}.{tag}.{os.getpid()}.{secrets.token_hex(4)}")
+
+
+def _stale(target: Path, tag: str) -> list[Path]:
+    """Temporaries of ``target`` left by processes that no longer run (killed mid-write)."""
+    out = []
+    for p in target.parent.glob(glob.escape(f".{target.name}.{tag}.") + "*"):
+        parts = p.name[len(target.name) + 2 :].split(".")
+        if len(parts) == 3 and parts[1].isdigit() and not _pid_alive(int(parts[1])):
+            out.append(p)
+    return out
+
+
+def _remove(path: Path) -> None:
+    if path.is_dir() and not path.is_symlink():
+        shutil.rmtree(path)
+    else:
+        path.unlink(missing_ok=True)
+
+
+def _recover(target: Path) -> None:
+    """Remove a dead writer's temporaries; put back an old copy a crash left between two renames."""
+    for p in _stale(target, _TMP):
+        _remove(p)
+    for p in _stale(target, _OLD):
+        if not target.exists():
+            os.replace(p, target)
+        else:
+            _remove(p)
+
+
+def _fsync_dir(directory: Path) -> None:
+    try:
+        fd = os.open(directory, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass  # some filesystems refuse fsync on directories; the rename is still atomic
+    finally:
+        os.close(fd)
+
+
+def fsync_tree(root: Path) -> None:
+    """fsync every file and directory under ``root`` (so a rename publishes complete contents)."""
+    for dirpath, _, files in os.walk(root):
+        for name in files:
+            with open(Path(dirpath) / name, "rb") as fh:
+                os.fsync(fh.fileno())
+        _fsync_dir(Path(dirpath))
+
+
+_RENAME_EXCHANGE = 2
+_AT_FDCWD = -100
+
+
+def _exchange(a: Path, b: Path) -> bool:
+    """Swap two paths in one atomic step (Linux renameat2); False where the system cannot."""
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or None, use_errno=True)
+        fn = libc.renameat2
+    except (OSError, AttributeError):
+        return False
+    fn.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_char_p, ctypes.c_uint]
+    if fn(_AT_FDCWD, os.fsencode(a), _AT_FDCWD, os.fsencode(b), _RENAME_EXCHANGE) == 0:
+        return True
+    if ctypes.get_errno() in (errno.ENOSYS, errno.EINVAL, errno.EOPNOTSUPP):
+        return False
+    raise OSError(ctypes.get_errno(), f"cannot swap {a} and {b}: {os.strerror(ctypes.get_errno())}")
 
 
 @contextmanager
 def atomic_path(target: str | os.PathLike) -> Iterator[Path]:
-    """Yield a temporary path next to ``target``; on success rename it onto ``target``.
+    """Yield a temporary path next to ``target``; on success fsync it and rename it onto ``target``.
 
     Example:
         >>> with atomic_path("out.parquet") as tmp:  # doctest: +SKIP
         ...     pq.write_table(table, tmp)
     """
     target = Path(target)
+    if target.is_dir():
+        raise OutputError(f"{target} is a directory; cannot write a file there")
     target.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp_name = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
-    os.close(fd)
-    tmp = Path(tmp_name)
+    _recover(target)
+    tmp = _temp_name(target, _TMP)
     try:
         yield tmp
         with open(tmp, "rb") as fh:
             os.fsync(fh.fileno())
         os.replace(tmp, target)
+        _fsync_dir(target.parent)
     finally:
         if tmp.exists():
             tmp.unlink()
 
 
 @contextmanager
-def atomic_dir(target: str | os.PathLike) -> Iterator[Path]:
-    """Yield a temporary directory next to ``target``; on success it replaces ``target`` whole."""
+def atomic_dir(target: str | os.PathLike, kind: OutputKind) -> Iterator[Path]:
+    """Yield a temporary directory next to ``target``; on success it replaces ``target`` whole.
+
+    ``target`` must be absent, an empty directory, or a qanchor output of the same ``kind`` (else
+    :class:`OutputError` before anything is written). The new directory carries the ``kind`` marker.
+    """
     target = Path(target)
+    check_replaceable(target, kind)
     target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent))
+    _recover(target)
+    tmp = _temp_name(target, _TMP)
+    tmp.mkdir()
     try:
+        mark_output(tmp, kind)
         yield tmp
-        if target.exists():
-            old = target.with_name(f".{target.name}.old")
-            if old.exists():
-                shutil.rmtree(old)
-            os.replace(target, old)
-            os.replace(tmp, target)
-            shutil.rmtree(old)
-        else:
-            os.replace(tmp, target)
+        fsync_tree(tmp)
+        _publish(tmp, target, kind)
     finally:
         if tmp.exists():
             shutil.rmtree(tmp)
 
 
-def write_parquet(table: pa.Table, target: str | os.PathLike) -> None:
-    """Write ``table`` to ``target`` atomically (zstd-compressed Parquet)."""
+def check_replaceable(target: str | os.PathLike, kind: OutputKind) -> None:
+    """Refuse (OutputError) a ``target`` that :func:`atomic_dir` could not replace: a file, foreign content,
+    or a qanchor output of another kind. Commands call it before long work, ``atomic_dir`` again at the end."""
+    target = Path(target)
+    if not target.exists():
+        return
+    if not target.is_dir():
+        raise OutputError(f"{target} is a file, not a directory; give a directory path for the {kind.value}")
+    found = output_kind(target)
+    if found == kind.value or (found is None and not any(target.iterdir())):
+        return
+    if found is not None:
+        raise OutputError(f"{target} holds a qanchor {found}, not a {kind.value}; choose another directory")
+    raise OutputError(f"{target} holds files qanchor did not create (e.g. {_foreign_example(target)!r}); qanchor "
+                      f"only replaces its own {kind.value} directories: choose another path")
+
+
+def _publish(tmp: Path, target: Path, kind: OutputKind) -> None:
+    check_replaceable(target, kind)  # again: another process may have written there meanwhile
+    if not target.exists():
+        os.replace(tmp, target)
+    elif _exchange(tmp, target):
+        shutil.rmtree(tmp)  # tmp now holds the previous output
+    else:
+        old = _temp_name(target, _OLD)
+        os.replace(target, old)
+        os.replace(tmp, target)
+        shutil.rmtree(old)
+    _fsync_dir(target.parent)
+
+
+# ---------------------------------------------------------------------------------- file writers
+def write_parquet(table: pa.Table, target: str | os.PathLike, metadata: Mapping[str, str] | None = None) -> None:
+    """Write ``table`` to ``target`` atomically (zstd-compressed Parquet), with optional schema metadata."""
+    if metadata:
+        table = table.replace_schema_metadata({**(table.schema.metadata or {}), **{k: v for k, v in metadata.items()}})
     with atomic_path(target) as tmp:
         pq.write_table(table, tmp, compression="zstd")
 

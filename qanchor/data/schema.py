@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 import pyarrow as pa
 
-from qanchor.data.io import atomic_dir, write_parquet
+from qanchor.data.io import OutputKind, atomic_dir, write_parquet
 from qanchor.data.manifest import Manifest
 
 __all__ = [
@@ -102,7 +102,7 @@ def write_dataset(
     user then time for good compression). ``tasks`` maps task name -> table(user_id, label[, prob]).
     """
     out_dir = Path(out_dir)
-    with atomic_dir(out_dir) as tmp:
+    with atomic_dir(out_dir, OutputKind.DATASET) as tmp:
         manifest.save(tmp)
         for i, part in enumerate(event_parts):
             write_parquet(part, tmp / EVENTS_DIR / f"part-{i:05d}.parquet")

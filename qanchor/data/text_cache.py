@@ -27,7 +27,7 @@ import torch
 from tqdm.auto import tqdm
 
 from qanchor.config import TextEncoderConfig
-from qanchor.data.io import write_parquet
+from qanchor.data.io import OutputKind, claim_output_dir, write_parquet
 
 __all__ = ["default_encoder_path", "SentenceEncoder", "TextVectorCache"]
 
@@ -91,8 +91,9 @@ class TextVectorCache:
 
     def __init__(self, root: str | Path, encoder: SentenceEncoder):
         self.encoder = encoder
+        claim_output_dir(root, OutputKind.CACHE, key="text cache dir")
         self.dir = Path(root) / encoder.key
-        self.dir.mkdir(parents=True, exist_ok=True)
+        self.dir.mkdir(exist_ok=True)
         self._row: dict[str, int] = {}
         self._n_rows = 0  # rows stored; can exceed len(_row) if two writers stored the same text
         self._chunks: list[np.ndarray] = []

@@ -38,11 +38,13 @@ from typing import Protocol
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.parquet as pq
 from tqdm import tqdm
 
 from qanchor.data.dataset import load_dataset
 from qanchor.data.io import write_parquet
 from qanchor.data.schema import TS_TYPE, USERU_FILE, USERU_SCHEMA
+from qanchor.errors import OutputError
 from qanchor.data.userU_topics import (
     DAY_US,
     QA,
@@ -65,7 +67,8 @@ MAX_ITEMS, MAX_PER_CATEGORY = 6, 2  # a future answer names at most 6 items, at 
 MAX_WORDS = 55  # long item texts (product paths) shed items until the answer fits
 MAX_TOPICS = 10  # the paper asks for ten topics per user
 _EPOCH = datetime(1970, 1, 1, tzinfo=timezone.utc)
-_FLUSH_ROWS = 65_536  # rows kept as Python strings before they are packed into Arrow
+_FLUSH_ROWS = 65_536
+USERU_OWNER_KEY, USERU_OWNER_VALUE = "qanchor", "userU pairs"  # Parquet schema metadata: written by us  # rows kept as Python strings before they are packed into Arrow
 
 
 class QAGenerator(Protocol):
@@ -108,6 +111,7 @@ def build_userU(dataset_dir: str | Path, seed: int = 0, n_future_cutoffs: int = 
     if seed < 0 or n_future_cutoffs < 0 or future_window_days < 1 or min_history_days < 0:
         raise ValueError("seed, n_future_cutoffs and min_history_days must be >= 0 and future_window_days >= 1")
     start = time.perf_counter()
+    check_userU_target(Path(dataset_dir) / USERU_FILE)
     ds = load_dataset(dataset_dir)
     cutoff_us = (ds.manifest.cutoff - _EPOCH) // timedelta(microseconds=1)
     extra_names = {m.name: m.numeric_columns for m in ds.manifest.sequence_modalities}
@@ -271,11 +275,24 @@ class _Rows:
         return pa.concat_tables(self._tables).combine_chunks()
 
 
+def check_userU_target(target: Path) -> None:
+    """Refuse to replace a ``userU.parquet`` that ``qanchor data userU`` did not write (someone's own pairs)."""
+    if not target.exists():
+        return
+    try:
+        meta = pq.read_schema(target).metadata or {}
+    except Exception:  # not Parquet at all: certainly not ours
+        meta = {}
+    if meta.get(USERU_OWNER_KEY.encode()) != USERU_OWNER_VALUE.encode():
+        raise OutputError(f"{target} was not written by `qanchor data userU` (pairs of your own?); qanchor does not "
+                          "replace it: move it away first if it should be rebuilt")
+
+
 def _write(table: pa.Table, target: Path) -> Path | None:
     if table.num_rows == 0:
         # the validator refuses an empty userU file, and a stale one would describe other data
-        target.unlink(missing_ok=True)
+        target.unlink(missing_ok=True)  # ours: check_userU_target ran before any work
         log.warning("no user in %s has events to build UserU pairs from; %s not written", target.parent, target.name)
         return None
-    write_parquet(table, target)
+    write_parquet(table, target, metadata={USERU_OWNER_KEY: USERU_OWNER_VALUE})
     return target

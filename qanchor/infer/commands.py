@@ -59,7 +59,7 @@ def _cmd_embed(args: argparse.Namespace) -> None:
     from qanchor.infer.export import export_embeddings, report_json
 
     ds = load_dataset(args.data)
-    model = _load(args, ds.cache_dir / "text")
+    model = _load(args, ds.text_cache_dir)
     queries = _queries(args.queries, ds) or []
     heads = _heads(args.heads, model.checkpoint_hash)
     if not queries and not heads:
@@ -82,7 +82,7 @@ def _cmd_update(args: argparse.Namespace) -> None:
         queries = _queries(args.queries, ds)
         if queries is None:
             raise ModelInputError("building a first state needs --queries FILE (or 'tasks')")
-        report = init_state(_load(args, ds.cache_dir / "text"), ds, queries, args.out, as_of=args.as_of, progress=not args.quiet)
+        report = init_state(_load(args, ds.text_cache_dir), ds, queries, args.out, as_of=args.as_of, progress=not args.quiet)
     else:
         report = update_state(_load(args, None), args.state, args.events, args.out, queries=_queries(args.queries),
                               as_of=args.as_of, full=args.full, progress=not args.quiet)

@@ -34,7 +34,7 @@ import pyarrow.parquet as pq
 from tqdm.auto import tqdm
 
 from qanchor.data.dataset import Dataset, EventSeq, UserRecord
-from qanchor.data.io import atomic_dir
+from qanchor.data.io import OutputKind, atomic_dir
 from qanchor.data.schema import TS_TYPE
 from qanchor.errors import CheckpointError, ConfigError, ModelInputError
 from qanchor.infer.api import QAnchor
@@ -144,7 +144,7 @@ def init_state(q: QAnchor, ds: Dataset, queries: list[tuple[str, str]], out_dir:
     shards = [p for p in range(parts.count) if len(parts.ids_of(p))]
     names = set(q.model.user_encoder.names)
     n_users = ran = 0
-    with atomic_dir(out_dir) as tmp:
+    with atomic_dir(out_dir, OutputKind.STATE) as tmp:
         for s, p in enumerate(tqdm(shards, desc="init state", unit="shard", disable=not progress or None)):
             records = [adapt(r) for r in ds.users(parts.ids_of(p))]
             q.prime(records)
@@ -216,7 +216,7 @@ def update_state(q: QAnchor, state_dir: str | Path, event_files: Sequence[str | 
     shard_of = dict(zip(new, meta.shard_of(np.array(list(new), dtype=object)))) if new else {}
     suffixes, query_ids = q.suffixes([(t, None) for _, t in queries]), [i for i, _ in queries]
     totals = dict(users=0, changed=0, new=0, ran=0, prefixes=0, rewritten=0, linked=0)
-    with atomic_dir(out_dir) as tmp:
+    with atomic_dir(out_dir, OutputKind.STATE) as tmp:
         for s in tqdm(range(meta.shards), desc="update state", unit="shard", disable=not progress or None):
             mine = {u: r for u, r in new.items() if shard_of[u] == s}
             _update_shard(q, state_dir, tmp, s, mine, as_of_us, suffixes, query_ids, requery or full, full, totals)

@@ -14,13 +14,13 @@ from __future__ import annotations
 
 import importlib.util
 import os
-import shutil
 from pathlib import Path
 
 import torch
 from torch import nn
 
 from qanchor.config import BackboneConfig
+from qanchor.data.io import OutputKind, atomic_dir
 from qanchor.errors import CheckpointError, ConfigError
 
 __all__ = ["load_tokenizer", "build_backbone", "add_special_tokens", "smollm2_dir", "resolve_attn_implementation"]
@@ -65,8 +65,7 @@ def smollm2_dir() -> Path:
     if (out / "model.safetensors").exists():
         return out
     gguf = _smollm2_gguf()
-    tmp = out.with_name(out.name + f".tmp{os.getpid()}")
-    try:
+    with atomic_dir(out, OutputKind.MODEL_CACHE) as tmp:  # a half-converted directory is never picked up
         tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
         model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32,
                                                      **_gguf_load_kwargs())
@@ -76,10 +75,6 @@ def smollm2_dir() -> Path:
             del model.config.quantization_config
         model.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
-        out.parent.mkdir(parents=True, exist_ok=True)
-        os.replace(tmp, out)  # atomic: a half-converted directory is never picked up
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
     return out
 
 

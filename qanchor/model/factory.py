@@ -24,7 +24,7 @@ from safetensors.torch import load_model, save_model
 
 import qanchor
 from qanchor.config import ModelConfig, PretrainConfig, TextEncoderConfig, load_config, to_yaml
-from qanchor.data.io import atomic_dir
+from qanchor.data.io import OutputKind, atomic_dir
 from qanchor.data.manifest import Manifest
 from qanchor.errors import CheckpointError
 from qanchor.model.backbone import (
@@ -99,7 +99,7 @@ def save_checkpoint(out_dir: str | Path, model: QAnchorModel, tokenizer: Any, ru
                     extra_files: dict[str, str] | None = None) -> Path:
     """Write a checkpoint directory atomically (a crash leaves the previous one intact)."""
     out_dir = Path(out_dir)
-    with atomic_dir(out_dir) as tmp:
+    with atomic_dir(out_dir, OutputKind.CHECKPOINT) as tmp:
         (tmp / "config.yaml").write_text(to_yaml(run_cfg))
         (tmp / "qanchor.json").write_text(json.dumps(meta.__dict__, indent=2, default=str))
         (tmp / "backbone_config.json").write_text(_base_config(model).to_json_string())

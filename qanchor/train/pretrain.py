@@ -60,12 +60,12 @@ def prepare_inputs(cfg: PretrainConfig, rank: int, progress: bool = True) -> tup
     if rank == 0:
         ds = load_dataset(cfg.data.path, cfg.data.cache_dir)
         _ = ds.partitions  # built once, by rank 0
-        cache = TextVectorCache(ds.cache_dir / "text", SentenceEncoder(cfg.data.text_encoder))
+        cache = TextVectorCache(ds.text_cache_dir, SentenceEncoder(cfg.data.text_encoder))
         UserPacker(ds.manifest, cfg.data, cache).prime(ds.users(), progress=progress, all_events=True)
     barrier()
     if rank != 0:
         ds = load_dataset(cfg.data.path, cfg.data.cache_dir)
-        cache = TextVectorCache(ds.cache_dir / "text", SentenceEncoder(cfg.data.text_encoder))
+        cache = TextVectorCache(ds.text_cache_dir, SentenceEncoder(cfg.data.text_encoder))
     return ds, UserPacker(ds.manifest, cfg.data, cache)
 
 

@@ -28,7 +28,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 import qanchor
-from qanchor.data.io import atomic_dir
+from qanchor.data.io import OutputKind, atomic_dir
 from qanchor.errors import CheckpointError
 from qanchor.tune.losses import prototype_score
 
@@ -106,7 +106,7 @@ class ScenarioHead(nn.Module):
                    "prototype_labels": self.prototype_labels.contiguous()}
         if self.whiten_matrix is not None:
             tensors.update(whiten_mean=self.whiten_mean.contiguous(), whiten_matrix=self.whiten_matrix.contiguous())
-        with atomic_dir(directory) as tmp:
+        with atomic_dir(directory, OutputKind.HEAD) as tmp:
             save_file(tensors, str(tmp / HEAD_WEIGHTS))
             (tmp / HEAD_META).write_text(yaml.safe_dump(_plain(self.metadata()), sort_keys=False))
         return directory

@@ -122,7 +122,7 @@ def run_prompt_tune(config_path: str | Path | None, overrides: list[str] | tuple
     ds = load_dataset(data_cfg.path, data_cfg.cache_dir)
     _check_compatible(ds, model, meta)
     tasks = select_tasks(ds, cfg.task)
-    cache = TextVectorCache(ds.cache_dir / "text", SentenceEncoder(data_cfg.text_encoder))
+    cache = TextVectorCache(ds.text_cache_dir, SentenceEncoder(data_cfg.text_encoder))
     packer = UserPacker(ds.manifest, data_cfg, cache)
     out = Path(cfg.output_dir)
     fingerprint = ds.fingerprint  # stats every dataset file: once, not per task

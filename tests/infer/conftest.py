@@ -23,7 +23,7 @@ def infer_env(tiny_dataset, tmp_path_factory) -> SimpleNamespace:
     ds_dir = root / "ds"
     shutil.copytree(tiny_dataset, ds_dir, ignore=shutil.ignore_patterns(".qanchor_cache"))
     ds = load_dataset(ds_dir)
-    cache = TextVectorCache(ds.cache_dir / "text", encoder())
+    cache = TextVectorCache(ds.text_cache_dir, encoder())
     cfg = tiny_cfg(["model.max_query_tokens=16"])
     torch.manual_seed(0)
     model, tokenizer = build_model(cfg.model, ds.manifest, cache.dim, ds.tabular_columns)

@@ -154,7 +154,7 @@ def test_export_with_heads_matches_api_and_cli(infer_env, tmp_path, capsys):
     for head in heads:
         head.save(tmp_path / "heads" / head.task)
     args = ["embed", "--model", str(infer_env.ckpt), "--data", str(infer_env.ds_dir), "--quiet",
-            "--cache-dir", str(infer_env.ds.cache_dir / "text")]
+            "--cache-dir", str(infer_env.ds.text_cache_dir)]
     assert main([*args, "--heads", str(tmp_path / "heads"), "--out", str(tmp_path / "cli")]) == 0
     cli = _table(tmp_path / "cli")
     assert set(cli.column("query_id").to_pylist()) == {"head:churn", "head:coupon"}

@@ -36,7 +36,7 @@ def model_and_stream(dataset_dir: Path, cfg: PretrainConfig | None = None, seed:
     if not (Path(dataset_dir) / "userU.parquet").exists():
         build_userU(dataset_dir, progress=False)
         ds = load_dataset(dataset_dir)
-    cache = TextVectorCache(ds.cache_dir / "text", encoder())
+    cache = TextVectorCache(ds.text_cache_dir, encoder())
     packer = UserPacker(ds.manifest, cfg.data, cache)
     packer.prime(ds.users(), progress=False, all_events=True)
     torch.manual_seed(seed)

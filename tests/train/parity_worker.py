@@ -24,7 +24,7 @@ def main(dataset_dir: str, out: str) -> None:
     rank, world = init_distributed()
     ds = load_dataset(dataset_dir)
     data_cfg = DataConfig(default_max_events=8)
-    packer = UserPacker(ds.manifest, data_cfg, TextVectorCache(ds.cache_dir / "text", SentenceEncoder()))
+    packer = UserPacker(ds.manifest, data_cfg, TextVectorCache(ds.text_cache_dir, SentenceEncoder()))
     model_cfg: ModelConfig = load_config("configs/model/tiny.yaml", ["user_encoder.dropout=0.0"])
     torch.manual_seed(0)
     model, tokenizer = build_model(model_cfg, ds.manifest, packer.cache.dim, ds.tabular_columns)

@@ -48,7 +48,7 @@ def loaded(ckpt):
     model, tokenizer, meta, run_cfg = load_checkpoint(ckpt[0])
     model.requires_grad_(False)
     ds = load_dataset(ckpt[1])
-    packer = UserPacker(ds.manifest, run_cfg.data, TextVectorCache(ds.cache_dir / "text", encoder()))
+    packer = UserPacker(ds.manifest, run_cfg.data, TextVectorCache(ds.text_cache_dir, encoder()))
     store = encode_users(model, ds, packer, list(ds.user_ids), len(meta.tabular_columns), chunk=16, progress=False)
     return model, tokenizer, store, ds, packer
 
@@ -129,7 +129,7 @@ def test_run_writes_heads_that_reload_and_score_identically(ckpt, loaded, tmp_pa
     # The serving API scores the saved head as tuning did (its own prefix encoding, no PrefixStore).
     from qanchor.infer.api import QAnchor
 
-    served = QAnchor.from_pretrained(ck, text_cache_dir=ds.cache_dir / "text").score(
+    served = QAnchor.from_pretrained(ck, text_cache_dir=ds.text_cache_dir).score(
         [ds.user(u) for u in split["test"]], head, cutoff=ds.manifest.cutoff)
     assert np.abs(served - head.score(emb).detach().numpy()).max() < 1e-4
     with pytest.raises(CheckpointError, match="tuned on checkpoint"):
