@@ -36,10 +36,10 @@ import torch  # noqa: E402
 from qanchor.config import PretrainConfig, load_config  # noqa: E402
 from qanchor.data.batch import collate_users  # noqa: E402
 from qanchor.data.packing import PackedModality, PackedUser  # noqa: E402
-from qanchor.infer.prefix import anchor_hidden_uncached  # noqa: E402
+from qanchor.model.prefix_cache import anchor_hidden_uncached  # noqa: E402
 from qanchor.tune.head import query_prompt_init  # noqa: E402
 from qanchor.tune.losses import prototype_loss  # noqa: E402
-from qanchor.tune.prefix_store import PrefixStore  # noqa: E402
+from qanchor.model.prefix_cache import PrefixStore  # noqa: E402
 
 QUERY = "Will this user default on a loan repayment in the next 90 days?"
 
@@ -102,7 +102,7 @@ def _time(fn, steps: int, warmup: int) -> list[float]:
 
 def bench_one(model, tokenizer, packed, cache, n_tab: int, n: int, batch: int, steps: int, warmup: int, seed: int) -> dict:
     users = [_tile(u, n) for u in packed]
-    from qanchor.train.pairs import tokenize_query
+    from qanchor.model.layout import tokenize_query
 
     query_ids = torch.tensor(tokenize_query(tokenizer, QUERY, model.cfg.max_query_tokens))
     prompt = query_prompt_init(model.embed_tokens(query_ids), 6).requires_grad_(True)

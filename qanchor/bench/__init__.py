@@ -1,12 +1,14 @@
 """Benchmark: AUC / KS of Q-Anchor embeddings and heads against peers, k-fold over users (DESIGN section 8).
 
+Layer: the top library layer (imports data, model, infer and tune; only the CLI imports it).
+
 Example:
     >>> from qanchor.bench import run_bench
     >>> from qanchor.config import load_config
     >>> result = run_bench(load_config("configs/bench/tiny-cj.yaml"))  # doctest: +SKIP
 """
 
-from qanchor.bench.metrics import auc_score, ks_score, mean_std
-from qanchor.bench.runner import BenchResult, MethodResult, TaskResult, run_bench
+from qanchor.bench.peers import MethodResult
+from qanchor.bench.runner import BenchResult, TaskResult, run_bench
 
-__all__ = ["auc_score", "ks_score", "mean_std", "run_bench", "BenchResult", "MethodResult", "TaskResult"]
+__all__ = ["run_bench", "BenchResult", "MethodResult", "TaskResult"]

@@ -23,11 +23,15 @@ from typing import Any
 
 from tqdm.auto import tqdm
 
-from qanchor.bench.embedder import QAnchorEmbedder, load_heads
-from qanchor.bench.methods import BenchContext, TaskView
+from qanchor.bench.embedder import QAnchorEmbedder
+from qanchor.bench.methods import BenchContext, evaluate_task
 from qanchor.config import BenchConfig
-from qanchor.data.dataset import Dataset
+from qanchor.data.dataset import Dataset, Task
 from qanchor.errors import ConfigError
+from qanchor.model.factory import resolve_checkpoint_dir
+from qanchor.train.pretrain import run_pretrain
+from qanchor.tune.head import load_heads
+from qanchor.tune.prompt_tune import run_prompt_tune
 
 __all__ = ["PRETRAIN_ABLATIONS", "pretrain_ablation", "prompt_ablation", "run_ablations"]
 
@@ -41,8 +45,6 @@ PRETRAIN_ABLATIONS: dict[str, list[str]] = {
 
 
 def _checkpoint_config(model: str) -> Path:
-    from qanchor.model.factory import resolve_checkpoint_dir
-
     path = resolve_checkpoint_dir(model) / "config.yaml"
     if not path.exists():
         raise ConfigError(f"ablations need the main checkpoint's config.yaml; {path} not found")
@@ -51,8 +53,6 @@ def _checkpoint_config(model: str) -> Path:
 
 def pretrain_ablation(cfg: BenchConfig, name: str, out: Path, progress: bool) -> Path:
     """Pretrain (or reuse) the ``name`` ablation of ``cfg.model`` into ``out``; return its checkpoint dir."""
-    from qanchor.train.pretrain import run_pretrain
-
     if (out / "checkpoint" / "qanchor.json").exists():
         return out / "checkpoint"
     overrides = [f"data.path={cfg.data.path}", f"output_dir={out}", "resume=false",
@@ -63,8 +63,6 @@ def pretrain_ablation(cfg: BenchConfig, name: str, out: Path, progress: bool) ->
 
 def prompt_ablation(cfg: BenchConfig, k: int, tasks: list[str], out: Path, progress: bool) -> Path:
     """Tune (or reuse) heads with ``k`` prompt tokens on the main checkpoint into ``out``; return it."""
-    from qanchor.tune.prompt_tune import run_prompt_tune
-
     if not (out / "summary.json").exists():
         overrides = [f"model={cfg.model}", f"data.path={cfg.data.path}", f"task={','.join(tasks)}",
                      f"output_dir={out}", f"num_prompt_tokens={k}", f"seed={cfg.seed}"]
@@ -72,18 +70,16 @@ def prompt_ablation(cfg: BenchConfig, k: int, tasks: list[str], out: Path, progr
     return out
 
 
-def _judge(cfg: BenchConfig, ds: Dataset, tasks: list[TaskView], folds_by_task: dict, result: Any, name: str,
+def _judge(cfg: BenchConfig, ds: Dataset, tasks: list[Task], folds_by_task: dict, result: Any, name: str,
            method: str, embedder: Any, heads: dict) -> None:
     """Evaluate ``method`` of one sub-run on every task over the main run's folds."""
-    from qanchor.bench.runner import evaluate_task
-
     ctx = BenchContext(dataclasses.replace(cfg, methods=[method]), ds, tasks, embedder, heads)
     for task in tasks:
         if task.name in folds_by_task:
             result.tasks[task.name].ablations[name] = evaluate_task(ctx, task, method, folds_by_task[task.name])
 
 
-def run_ablations(cfg: BenchConfig, ds: Dataset, tasks: list[TaskView], folds_by_task: dict, result: Any,
+def run_ablations(cfg: BenchConfig, ds: Dataset, tasks: list[Task], folds_by_task: dict, result: Any,
                   progress: bool = True) -> None:
     """Run every ablation sub-run and add its rows to ``result.tasks[*].ablations``."""
     if not cfg.model:

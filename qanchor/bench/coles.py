@@ -25,7 +25,7 @@ from functools import partial
 import numpy as np
 import torch
 
-from qanchor.bench.methods import Skip
+from qanchor.bench.peers import Skip
 from qanchor.config import BenchConfig
 from qanchor.data.dataset import Dataset, UserRecord
 

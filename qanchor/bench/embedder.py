@@ -2,8 +2,7 @@
 
 The runner only needs ``embed_many(user_ids, [(query, head or None), ...]) -> [U, R, D]`` (a head
 scores its own embeddings with ``head.score``); tests may pass a fake, and :class:`QAnchorEmbedder` wraps the
-inference API (``qanchor.infer.api.QAnchor``) over a dataset directory. Heads come from a
-``qanchor prompt-tune`` output directory together with the users each head was *not* tuned on.
+inference API (``qanchor.infer.api.QAnchor``) over a dataset directory.
 
 Example:
     >>> emb = QAnchorEmbedder.open("runs/demo/pretrain", ds)  # doctest: +SKIP
@@ -13,9 +12,7 @@ Example:
 
 from __future__ import annotations
 
-import json
 from collections.abc import Sequence
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -23,7 +20,7 @@ import numpy as np
 
 from qanchor.data.dataset import Dataset
 
-__all__ = ["Embedder", "QAnchorEmbedder", "HeadEntry", "load_heads"]
+__all__ = ["Embedder", "QAnchorEmbedder"]
 
 _CHUNK_USERS = 512  # users read and embedded at a time: bounded memory on large datasets
 
@@ -34,14 +31,6 @@ class Embedder(Protocol):
     def embed_many(self, user_ids: Sequence[str], requests: Sequence[tuple[str, Any]]) -> np.ndarray:
         """float32 ``[U, R, D]`` unit vectors, one per (query, head or None) request; a head's soft
         prompt precedes its query. One prefix pass per user serves every request."""
-
-
-@dataclass
-class HeadEntry:
-    """A scenario head and the users it never saw while tuning (its own held-out test split)."""
-
-    head: Any
-    test_users: np.ndarray | None = None  # object [n]; None = unknown, so any score on it is optimistic
 
 
 class QAnchorEmbedder:
@@ -85,25 +74,3 @@ class QAnchorEmbedder:
             return np.zeros((0, len(requests), 0), np.float32)
         row = {u: i for i, u in enumerate(ids)}  # the dataset streams sorted ids: restore the caller's order
         return np.concatenate(parts).astype(np.float32)[[row[u] for u in user_ids]]
-
-
-def _test_users(head_dir: Path) -> np.ndarray | None:
-    path = head_dir / "split.json"  # written by `qanchor prompt-tune`: {"train": [...], "val": [...], "test": [...]}
-    if not path.exists():
-        return None
-    test = json.loads(path.read_text()).get("test")
-    return None if test is None else np.asarray(test, dtype=object)
-
-
-def load_heads(heads_dir: str | Path | None, tasks: Sequence[str], checkpoint_hash: str | None) -> dict[str, HeadEntry]:
-    """``heads_dir/<task>/`` heads for the tasks that have one (others are simply absent).
-
-    A head tuned on other weights raises CheckpointError (via ``ScenarioHead.load``).
-    """
-    if not heads_dir:
-        return {}
-    from qanchor.tune.head import HEAD_META, ScenarioHead
-
-    root = Path(heads_dir)
-    return {t: HeadEntry(ScenarioHead.load(root / t, checkpoint_hash), _test_users(root / t))
-            for t in tasks if (root / t / HEAD_META).exists()}

@@ -16,41 +16,27 @@ from __future__ import annotations
 import time
 from collections.abc import Callable
 from contextlib import contextmanager
-from dataclasses import dataclass
 from functools import cached_property
 from typing import Any
 
 import numpy as np
 import torch
 
-from qanchor.bench.embedder import Embedder, HeadEntry
+from qanchor.bench.embedder import Embedder
 from qanchor.bench.features import PeerFeatures, extract_features
-from qanchor.bench.peers import Classifier, MethodInput
+from qanchor.bench.coles import coles_embeddings
+from qanchor.bench.peers import Classifier, MethodInput, MethodResult, Skip, evaluate_folds
 from qanchor.config import BenchConfig
-from qanchor.data.dataset import Dataset
+from qanchor.data.dataset import Dataset, Task
+from qanchor.tune.head import HeadEntry
 
-__all__ = ["Skip", "TaskView", "BenchContext", "METHODS", "DEFAULT_METHODS", "head_eval_mask"]
-
-
-class Skip(Exception):
-    """A method does not apply to a task (or cannot run here); the message says why."""
-
-
-@dataclass
-class TaskView:
-    """One binary task as the benchmark sees it: users sorted by id, labels and the anchoring query."""
-
-    name: str
-    query: str
-    user_ids: np.ndarray  # object [n]
-    labels: np.ndarray  # int8 [n]
-    prob: np.ndarray | None = None  # float64 [n] true P(label = 1) on synthetic data
+__all__ = ["BenchContext", "METHODS", "DEFAULT_METHODS", "head_eval_mask", "evaluate_task"]
 
 
 class BenchContext:
     """Shared, lazily computed inputs of one benchmark run over every task's users (``user_ids``, sorted)."""
 
-    def __init__(self, cfg: BenchConfig, ds: Dataset, tasks: list[TaskView], embedder: Embedder | None = None,
+    def __init__(self, cfg: BenchConfig, ds: Dataset, tasks: list[Task], embedder: Embedder | None = None,
                  heads: dict[str, HeadEntry] | None = None, progress: bool = False):
         self.cfg, self.ds, self.tasks, self.embedder, self.progress = cfg, ds, tasks, embedder, progress
         self.user_ids = np.asarray(sorted({u for t in tasks for u in t.user_ids}), dtype=object)
@@ -126,8 +112,6 @@ class BenchContext:
 
     @cached_property
     def coles_vectors(self) -> np.ndarray:
-        from qanchor.bench.coles import coles_embeddings
-
         with self._timed("coles training + inference"):
             return coles_embeddings(self.ds, self.user_ids, self.cfg, progress=self.progress)  # may raise Skip
 
@@ -148,15 +132,15 @@ def head_eval_mask(entry: HeadEntry, user_ids: np.ndarray) -> tuple[np.ndarray, 
     return np.isin(user_ids, entry.test_users), "scored only on users in the head's own held-out test split"
 
 
-def _qanchor_task(ctx: BenchContext, task: TaskView) -> MethodInput:
+def _qanchor_task(ctx: BenchContext, task: Task) -> MethodInput:
     return MethodInput(features=ctx.embedding(task.query)[ctx.rows(task.user_ids)], classifier=Classifier.LR)
 
 
-def _qanchor_generic(ctx: BenchContext, task: TaskView) -> MethodInput:
+def _qanchor_generic(ctx: BenchContext, task: Task) -> MethodInput:
     return MethodInput(features=ctx.embedding(ctx.cfg.generic_query)[ctx.rows(task.user_ids)], classifier=Classifier.LR)
 
 
-def _qanchor_head(ctx: BenchContext, task: TaskView) -> MethodInput:
+def _qanchor_head(ctx: BenchContext, task: Task) -> MethodInput:
     entry = ctx.heads.get(task.name)
     if entry is None:
         raise Skip("no prompt-tuned head for this task" + ("" if ctx.cfg.heads_dir else " (heads_dir not set)"))
@@ -167,22 +151,22 @@ def _qanchor_head(ctx: BenchContext, task: TaskView) -> MethodInput:
     return MethodInput(scores=scores, eval_mask=mask, note=note)
 
 
-def _rfm_lgbm(ctx: BenchContext, task: TaskView) -> MethodInput:
+def _rfm_lgbm(ctx: BenchContext, task: Task) -> MethodInput:
     feats = ctx.peer_features
     return MethodInput(features=feats.rfm[feats.rows(task.user_ids)], classifier=Classifier.LGBM)
 
 
-def _text_mean_lr(ctx: BenchContext, task: TaskView) -> MethodInput:
+def _text_mean_lr(ctx: BenchContext, task: Task) -> MethodInput:
     feats = ctx.peer_features
     return MethodInput(features=feats.text_mean[feats.rows(task.user_ids)], classifier=Classifier.LR)
 
 
-def _coles(ctx: BenchContext, task: TaskView) -> MethodInput:
+def _coles(ctx: BenchContext, task: Task) -> MethodInput:
     return MethodInput(features=ctx.coles_vectors[ctx.rows(task.user_ids)], classifier=Classifier.LR,
                        note="self-supervised on every user's events before the cutoff (no labels)")
 
 
-METHODS: dict[str, Callable[[BenchContext, TaskView], MethodInput]] = {
+METHODS: dict[str, Callable[[BenchContext, Task], MethodInput]] = {
     "qanchor_task": _qanchor_task,
     "qanchor_generic": _qanchor_generic,
     "qanchor_head": _qanchor_head,
@@ -191,3 +175,15 @@ METHODS: dict[str, Callable[[BenchContext, TaskView], MethodInput]] = {
     "coles": _coles,
 }
 DEFAULT_METHODS = list(METHODS)
+
+
+def evaluate_task(ctx: BenchContext, task: Task, method: str, folds: list) -> MethodResult:
+    """One method on one task over ``folds``; a :class:`Skip` becomes a skipped result."""
+    start = time.perf_counter()
+    try:
+        inp = METHODS[method](ctx, task)
+    except Skip as exc:
+        return MethodResult(skipped=str(exc))
+    result = evaluate_folds(inp, task.labels, folds, ctx.cfg.seed, ctx.cfg.n_jobs)
+    result.seconds = round(time.perf_counter() - start, 3)
+    return result

@@ -16,17 +16,21 @@ Example:
 from __future__ import annotations
 
 import warnings
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from enum import Enum
 
 import numpy as np
 from threadpoolctl import threadpool_limits
 
-from qanchor.bench.metrics import auc_score, ks_score
+from qanchor.metrics import auc_score, ks_score, mean_std
 
 _LR_CS = [0.01, 0.1, 1.0]
 
-__all__ = ["Classifier", "MethodInput", "FoldResult", "stratified_folds", "fit_predict", "evaluate_folds"]
+__all__ = ["Skip", "Classifier", "MethodInput", "MethodResult", "stratified_folds", "fit_predict", "evaluate_folds"]
+
+
+class Skip(Exception):
+    """A method does not apply to a task (or cannot run here); the message says why."""
 
 
 class Classifier(str, Enum):
@@ -56,13 +60,32 @@ class MethodInput:
 
 
 @dataclass
-class FoldResult:
-    """Per-fold AUC and KS and how many test users each fold scored."""
+class MethodResult:
+    """Per-fold AUC / KS of one method on one task (and how many test users each fold scored), or why not."""
 
     auc: list[float] = field(default_factory=list)
     ks: list[float] = field(default_factory=list)
     n_test: list[int] = field(default_factory=list)
     skipped_folds: int = 0  # folds whose scored users held one class only
+    note: str = ""
+    skipped: str | None = None  # why the method did not run on this task
+    seconds: float = 0.0
+
+    @property
+    def ok(self) -> bool:
+        return self.skipped is None and len(self.auc) > 0
+
+    @property
+    def auc_mean_std(self) -> tuple[float, float]:
+        return mean_std(self.auc)
+
+    @property
+    def ks_mean_std(self) -> tuple[float, float]:
+        return mean_std(self.ks)
+
+    def to_dict(self) -> dict:
+        (am, asd), (km, ksd) = self.auc_mean_std, self.ks_mean_std
+        return {**asdict(self), "auc_mean": am, "auc_std": asd, "ks_mean": km, "ks_std": ksd}
 
 
 def stratified_folds(labels: np.ndarray, k: int, seed: int) -> list[tuple[np.ndarray, np.ndarray]]:
@@ -123,9 +146,9 @@ def _logistic(y_train: np.ndarray, seed: int):
 
 
 def evaluate_folds(method: MethodInput, labels: np.ndarray, folds: list[tuple[np.ndarray, np.ndarray]],
-                   seed: int, n_jobs: int = 1) -> FoldResult:
+                   seed: int, n_jobs: int = 1) -> MethodResult:
     """AUC and KS of ``method`` on each fold's test users (restricted to ``eval_mask`` if set)."""
-    out = FoldResult()
+    out = MethodResult(note=method.note)
     for train, test in folds:
         if method.scores is not None:
             scores = method.scores[test]
@@ -140,4 +163,8 @@ def evaluate_folds(method: MethodInput, labels: np.ndarray, folds: list[tuple[np
         out.auc.append(auc_score(y, s))
         out.ks.append(ks_score(y, s))
         out.n_test.append(int(y.size))
+    if out.skipped_folds:
+        out.note = (out.note + "; " if out.note else "") + f"{out.skipped_folds} fold(s) had one class among scored users"
+    if not out.auc:
+        out.skipped = "no fold had both classes among the users it may be scored on"
     return out

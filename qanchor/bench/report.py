@@ -14,14 +14,13 @@ Example:
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 
-from qanchor.bench.runner import BenchResult, MethodResult, TaskResult
-from qanchor.data.io import write_text
+from qanchor.bench.peers import MethodResult
+from qanchor.bench.runner import BenchResult, TaskResult
+from qanchor.data.io import write_json, write_text
 
 __all__ = ["METHOD_LABELS", "markdown_table", "task_table", "average_table", "matrix_table", "write_report", "write_results"]
 
@@ -192,17 +191,5 @@ def write_report(result: BenchResult, out_dir: str | Path, plots: list[str] | No
 def write_results(result: BenchResult, out_dir: str | Path) -> Path:
     """Write ``results.json``: run info and every method x task with per-fold values."""
     path = Path(out_dir) / "results.json"
-    write_text(json.dumps(_jsonable(result.to_dict()), indent=2), path)
+    write_json(result.to_dict(), path)
     return path
-
-
-def _jsonable(obj: Any) -> Any:
-    if isinstance(obj, dict):
-        return {str(k): _jsonable(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return [_jsonable(v) for v in obj]
-    if isinstance(obj, np.generic):
-        return obj.item()
-    if isinstance(obj, float) and not np.isfinite(obj):
-        return None  # JSON has no NaN
-    return obj

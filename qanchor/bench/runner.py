@@ -24,53 +24,20 @@ from threadpoolctl import threadpool_limits
 from tqdm.auto import tqdm
 
 import qanchor
-from qanchor.bench.embedder import Embedder, HeadEntry, QAnchorEmbedder, load_heads
-from qanchor.bench.methods import METHODS, BenchContext, Skip, TaskView
-from qanchor.bench.metrics import auc_score, mean_std
-from qanchor.bench.peers import FoldResult, MethodInput, evaluate_folds, stratified_folds
+from qanchor.bench.ablations import run_ablations
+from qanchor.bench.embedder import Embedder, QAnchorEmbedder
+from qanchor.bench.methods import METHODS, BenchContext, evaluate_task
+from qanchor.bench.peers import MethodInput, MethodResult, evaluate_folds, stratified_folds
 from qanchor.bench.tasks import custom_task, dataset_tasks, fold_count, subsample
 from qanchor.config import BenchConfig, to_yaml
-from qanchor.data.dataset import Dataset, load_dataset
+from qanchor.data.dataset import Dataset, Task, load_dataset
+from qanchor.metrics import auc_score
+from qanchor.tune.head import HeadEntry, load_heads
 from qanchor.errors import ConfigError
 
-__all__ = ["MethodResult", "TaskResult", "BenchResult", "run_bench", "prepare", "evaluate_task"]
+__all__ = ["TaskResult", "BenchResult", "run_bench", "prepare"]
 
 _QANCHOR_METHODS = ("qanchor_task", "qanchor_generic", "qanchor_head")
-
-
-@dataclass
-class MethodResult:
-    """Per-fold AUC / KS of one method on one task, or why it was skipped."""
-
-    auc: list[float] = field(default_factory=list)
-    ks: list[float] = field(default_factory=list)
-    n_test: list[int] = field(default_factory=list)
-    note: str = ""
-    skipped: str | None = None
-    seconds: float = 0.0
-
-    @property
-    def ok(self) -> bool:
-        return self.skipped is None and len(self.auc) > 0
-
-    @property
-    def auc_mean_std(self) -> tuple[float, float]:
-        return mean_std(self.auc)
-
-    @property
-    def ks_mean_std(self) -> tuple[float, float]:
-        return mean_std(self.ks)
-
-    @classmethod
-    def from_folds(cls, folds: FoldResult, note: str, seconds: float) -> MethodResult:
-        if folds.skipped_folds:
-            note = (note + "; " if note else "") + f"{folds.skipped_folds} fold(s) had one class among scored users"
-        skipped = None if folds.auc else "no fold had both classes among the users it may be scored on"
-        return cls(folds.auc, folds.ks, folds.n_test, note, skipped, round(seconds, 3))
-
-    def to_dict(self) -> dict[str, Any]:
-        (am, asd), (km, ksd) = self.auc_mean_std, self.ks_mean_std
-        return {**asdict(self), "auc_mean": am, "auc_std": asd, "ks_mean": km, "ks_std": ksd}
 
 
 @dataclass
@@ -125,7 +92,7 @@ def _check_methods(methods: list[str]) -> None:
         raise ConfigError(f"methods: unknown {unknown}; choose from {list(METHODS)}")
 
 
-def prepare(cfg: BenchConfig) -> tuple[Dataset, list[TaskView]]:
+def prepare(cfg: BenchConfig) -> tuple[Dataset, list[Task]]:
     """Open the dataset and pick the tasks (the custom one if ``cfg.labels`` is set)."""
     if not cfg.data.path:
         raise ConfigError("data.path is empty; pass data.path=<dataset dir> (or --data DIR)")
@@ -136,22 +103,11 @@ def prepare(cfg: BenchConfig) -> tuple[Dataset, list[TaskView]]:
     return ds, dataset_tasks(ds, list(cfg.tasks), cfg.max_users, cfg.seed)
 
 
-def _oracle(task: TaskView, folds: list) -> tuple[MethodResult | None, float | None]:
+def _oracle(task: Task, folds: list) -> tuple[MethodResult | None, float | None]:
     if task.prob is None:
         return None, None
-    fr = evaluate_folds(MethodInput(scores=task.prob), task.labels, folds, seed=0)
-    return MethodResult.from_folds(fr, "true P(label = 1) from the generator", 0.0), auc_score(task.labels, task.prob)
-
-
-def evaluate_task(ctx: BenchContext, task: TaskView, method: str, folds: list) -> MethodResult:
-    """One method on one task over ``folds``; a :class:`Skip` becomes a skipped result."""
-    start = time.perf_counter()
-    try:
-        inp = METHODS[method](ctx, task)
-    except Skip as exc:
-        return MethodResult(skipped=str(exc))
-    fr = evaluate_folds(inp, task.labels, folds, ctx.cfg.seed, ctx.cfg.n_jobs)
-    return MethodResult.from_folds(fr, inp.note, time.perf_counter() - start)
+    result = evaluate_folds(MethodInput(scores=task.prob, note="true P(label = 1) from the generator"), task.labels, folds, seed=0)
+    return result, auc_score(task.labels, task.prob)
 
 
 def _run_info(cfg: BenchConfig, ds: Dataset) -> dict[str, Any]:
@@ -161,7 +117,7 @@ def _run_info(cfg: BenchConfig, ds: Dataset) -> dict[str, Any]:
             "started": datetime.now(timezone.utc).isoformat(timespec="seconds"), "config_yaml": to_yaml(cfg)}
 
 
-def _make_context(cfg: BenchConfig, ds: Dataset, tasks: list[TaskView], embedder: Embedder | None,
+def _make_context(cfg: BenchConfig, ds: Dataset, tasks: list[Task], embedder: Embedder | None,
                   heads: dict[str, Any] | None, progress: bool) -> BenchContext:
     wants_model = any(m in _QANCHOR_METHODS for m in cfg.methods)
     if embedder is None and cfg.model and wants_model:
@@ -215,8 +171,6 @@ def _run(cfg: BenchConfig, embedder: Embedder | None, heads: dict[str, Any] | No
         result.tasks[task.name] = tr
     bar.close()
     if cfg.ablations:
-        from qanchor.bench.ablations import run_ablations
-
         run_ablations(cfg, ds, tasks, folds_by_task, result, progress)
     result.extras["pca"] = _pca_inputs(ctx, tasks, cfg)
     result.run["seconds"] = round(time.perf_counter() - start, 1)
@@ -226,7 +180,7 @@ def _run(cfg: BenchConfig, embedder: Embedder | None, heads: dict[str, Any] | No
     return result
 
 
-def _pca_inputs(ctx: BenchContext, tasks: list[TaskView], cfg: BenchConfig) -> list[dict[str, Any]]:
+def _pca_inputs(ctx: BenchContext, tasks: list[Task], cfg: BenchConfig) -> list[dict[str, Any]]:
     """Embeddings of a task's users before (task query) and after prompt tuning (query + head prompt)."""
     if ctx.embedder is None or not ctx.heads:
         return []

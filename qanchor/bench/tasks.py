@@ -16,26 +16,25 @@ from pathlib import Path
 import numpy as np
 import pyarrow.parquet as pq
 
-from qanchor.bench.methods import TaskView
-from qanchor.data.dataset import Dataset
+from qanchor.data.dataset import Dataset, Task
+from qanchor.data.manifest import TaskDomain, TaskSpec
 from qanchor.errors import ConfigError, DataValidationError
 
 __all__ = ["dataset_tasks", "custom_task", "subsample", "fold_count"]
 
 
-def dataset_tasks(ds: Dataset, names: list[str], max_users: int | None, seed: int) -> list[TaskView]:
+def dataset_tasks(ds: Dataset, names: list[str], max_users: int | None, seed: int) -> list[Task]:
     """The dataset's tasks named in ``names`` (all when empty), optionally on a random user subsample."""
     unknown = [n for n in names if n not in ds.tasks]
     if unknown:
         raise ConfigError(f"tasks: unknown task(s) {unknown}; dataset {ds.root} has {sorted(ds.tasks)}")
-    views = [TaskView(t.spec.name, t.spec.query, t.user_ids, t.labels, t.prob)
-             for name, t in ds.tasks.items() if not names or name in names]
+    views = [t for name, t in ds.tasks.items() if not names or name in names]
     if not views:
         raise ConfigError(f"dataset {ds.root} declares no tasks; pass labels=<user_id,label Parquet> and query=<text>")
     return subsample(views, max_users, seed)
 
 
-def subsample(views: list[TaskView], max_users: int | None, seed: int) -> list[TaskView]:
+def subsample(views: list[Task], max_users: int | None, seed: int) -> list[Task]:
     """Keep one random set of at most ``max_users`` users (shared by every task, so methods still align)."""
     everyone = np.unique(np.concatenate([v.user_ids for v in views]).astype(str)).astype(object)
     if max_users is None or len(everyone) <= max_users:
@@ -44,7 +43,7 @@ def subsample(views: list[TaskView], max_users: int | None, seed: int) -> list[T
     out = []
     for v in views:
         sel = np.isin(v.user_ids, keep)
-        out.append(TaskView(v.name, v.query, v.user_ids[sel], v.labels[sel], None if v.prob is None else v.prob[sel]))
+        out.append(Task(v.spec, v.user_ids[sel], v.labels[sel], None if v.prob is None else v.prob[sel]))
     return out
 
 
@@ -53,7 +52,7 @@ def _task_name(path: Path) -> str:
     return name or "custom"
 
 
-def custom_task(ds: Dataset, labels_path: str | Path, query: str) -> TaskView:
+def custom_task(ds: Dataset, labels_path: str | Path, query: str) -> Task:
     """A task from any ``user_id,label`` Parquet; raises DataValidationError naming what is wrong."""
     path = Path(labels_path)
     if not path.is_file():
@@ -73,7 +72,8 @@ def custom_task(ds: Dataset, labels_path: str | Path, query: str) -> TaskView:
     labels = _check_labels(path, table.column("label").to_pylist())
     _check_users(path, user_ids, ds)
     order = np.argsort(user_ids.astype(str), kind="stable")
-    return TaskView(_task_name(path), query.strip(), user_ids[order], labels[order])
+    spec = TaskSpec(_task_name(path), TaskDomain.PROFILE, query.strip(), 0, description=f"custom labels from {path}")
+    return Task(spec, user_ids[order], labels[order])
 
 
 def _check_labels(path: Path, raw: list) -> np.ndarray:

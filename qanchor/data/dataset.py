@@ -68,6 +68,14 @@ class Task:
     prob: np.ndarray | None = None  # float64 [n], the true P(label = 1) where the data is synthetic
 
     @property
+    def name(self) -> str:
+        return self.spec.name
+
+    @property
+    def query(self) -> str:
+        return self.spec.query
+
+    @property
     def positive_rate(self) -> float:
         return float(self.labels.mean()) if len(self.labels) else 0.0
 

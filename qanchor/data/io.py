@@ -26,6 +26,7 @@ import ctypes.util
 import errno
 import glob
 import json
+import math
 import os
 import secrets
 import shutil
@@ -34,6 +35,7 @@ from contextlib import contextmanager
 from enum import Enum
 from pathlib import Path
 
+import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import yaml
@@ -42,7 +44,7 @@ from qanchor.errors import OutputError
 
 __all__ = ["MARKER_FILE", "OutputKind", "output_kind", "mark_output", "check_output_dir", "claim_output_dir",
            "check_not_inside", "check_replaceable",
-           "atomic_path", "atomic_dir", "write_parquet", "write_yaml", "write_text", "fsync_tree"]
+           "atomic_path", "atomic_dir", "write_parquet", "write_yaml", "write_text", "write_json", "fsync_tree", "to_plain"]
 
 MARKER_FILE = ".qanchor-output"
 _TMP, _OLD = "qanchor-tmp", "qanchor-old"
@@ -319,3 +321,29 @@ def write_text(text: str, target: str | os.PathLike) -> None:
     """Write ``text`` to ``target`` atomically."""
     with atomic_path(target) as tmp:
         tmp.write_text(text, encoding="utf-8")
+
+
+def write_json(data, target: str | os.PathLike, indent: int | None = 2) -> None:
+    """Write ``data`` (numpy values allowed; NaN becomes null) as JSON to ``target`` atomically."""
+    write_text(json.dumps(to_plain(data, nan_to_none=True), indent=indent) + "\n", target)
+
+
+def to_plain(obj, nan_to_none: bool = False):
+    """numpy scalars / arrays, tuples and Paths -> plain JSON / YAML types; NaN -> None if ``nan_to_none``.
+
+        >>> to_plain({"a": np.float32(0.5), "b": (1, np.int64(2)), "c": float("nan")}, nan_to_none=True)
+        {'a': 0.5, 'b': [1, 2], 'c': None}
+    """
+    if isinstance(obj, dict):
+        return {str(k): to_plain(v, nan_to_none) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [to_plain(v, nan_to_none) for v in obj]
+    if isinstance(obj, np.ndarray):
+        return to_plain(obj.tolist(), nan_to_none)
+    if isinstance(obj, np.generic):
+        obj = obj.item()
+    if isinstance(obj, os.PathLike):
+        return os.fspath(obj)
+    if nan_to_none and isinstance(obj, float) and not math.isfinite(obj):
+        return None  # JSON has no NaN
+    return obj

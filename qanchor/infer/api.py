@@ -32,7 +32,7 @@ from qanchor.data.manifest import Manifest
 from qanchor.data.packing import PackedUser, UserPacker
 from qanchor.data.text_cache import TextVectorCache
 from qanchor.errors import CheckpointError, ModelInputError
-from qanchor.infer.prefix import anchor_hidden, anchor_hidden_uncached, encode_prefixes
+from qanchor.model.prefix_cache import anchor_hidden, anchor_hidden_uncached, encode_prefixes
 from qanchor.infer.user_input import to_microseconds, to_record
 from qanchor.model.factory import (
     ModelMeta,
@@ -42,7 +42,7 @@ from qanchor.model.factory import (
     text_encoder_config,
 )
 from qanchor.model.qanchor_model import QAnchorModel
-from qanchor.train.pairs import tokenize_query
+from qanchor.model.layout import tokenize_query
 
 __all__ = ["Head", "QAnchor", "embed", "default_text_cache_dir"]
 

@@ -42,16 +42,9 @@ def _queries(arg: str | None, ds=None):
 
 def _heads(dirs: list[str] | None, checkpoint_hash: str | None) -> list:
     """Each DIR is one head (holds head.yaml) or a prompt-tune output (``<task>/head.yaml`` per task)."""
-    from qanchor.tune.head import HEAD_META, ScenarioHead
+    from qanchor.tune.head import load_heads
 
-    heads = []
-    for d in map(Path, dirs or []):
-        found = [d] if (d / HEAD_META).exists() else sorted(p.parent for p in d.glob(f"*/{HEAD_META}"))
-        if not found:
-            raise ModelInputError(f"--heads {d}: no {HEAD_META} there or in its subfolders; "
-                                  "point it at a `qanchor prompt-tune` output_dir or one task's folder")
-        heads += [ScenarioHead.load(p, checkpoint_hash) for p in found]  # refuses heads of another checkpoint
-    return heads
+    return [e.head for e in load_heads(dirs or [], checkpoint_hash=checkpoint_hash, require=True).values()]
 
 
 def _cmd_embed(args: argparse.Namespace) -> None:

@@ -24,9 +24,9 @@ import torch
 from qanchor.data.batch import collate_users
 from qanchor.data.packing import PackedModality, PackedUser, numeric_width
 from qanchor.infer.api import QAnchor
-from qanchor.infer.prefix import anchor_hidden, encode_prefixes
+from qanchor.model.prefix_cache import anchor_hidden, encode_prefix_embeddings
 from qanchor.model.layout import build_prefixes
-from qanchor.model.user_encoder import UserTokens
+from qanchor.model.user_encoder import ModalityEncoding, UserTokens
 
 __all__ = ["Encoding", "encode_modalities", "embed_from_encodings"]
 
@@ -51,43 +51,27 @@ def _only(user: PackedUser, name: str, q: QAnchor) -> PackedUser:
 @torch.inference_mode()
 def encode_modalities(q: QAnchor, packed: Sequence[PackedUser], names: Sequence[str], encoded_at: int) -> dict[str, list[Encoding]]:
     """Encode modalities ``names`` of every user in ``packed`` -> name -> one :class:`Encoding` per user."""
-    enc = q.model.user_encoder
     out = {}
     for name in names:
         batch = collate_users([_only(u, name, q) for u in packed], q.manifest, q.text_cache.vectors,
                               len(q.tabular_columns)).to(q.device)
-        tokens, mask = enc.modality_tokens(name, batch)  # (B, E, H), (B, E)
-        modal = enc.modal_adapter(enc.masked_mean(tokens, mask))  # (B, H), as in the full forward
-        empty = enc.empty[enc.names.index(name)].to(modal.dtype)
-        modal = torch.where(mask.any(dim=1, keepdim=True), modal, empty)  # no events -> the learned empty token
-        out[name] = [Encoding(tokens[b][mask[b]].float().cpu().numpy(), modal[b].float().cpu().numpy(), encoded_at)
-                     for b in range(len(packed))]
+        enc = q.model.user_encoder.encode_modality(name, batch)  # the model's own modality step
+        out[name] = [Encoding(enc.events[b][enc.mask[b]].float().cpu().numpy(), enc.token[b].float().cpu().numpy(),
+                              encoded_at) for b in range(len(packed))]
     return out
-
-
-class _Prebuilt:
-    """Duck-types the model for ``encode_prefixes``: the prefixes are already built from cached tokens."""
-
-    def __init__(self, model, prefixes: list[torch.Tensor]):
-        self.model, self._prefixes = model, prefixes
-
-    def prefixes(self, _users) -> list[torch.Tensor]:
-        return self._prefixes
-
-    def decoder(self, *args, **kwargs):
-        return self.model.decoder(*args, **kwargs)
 
 
 def _user_tokens(q: QAnchor, users: Sequence[dict[str, Encoding]]) -> UserTokens:
     enc, dtype, device = q.model.user_encoder, q.model.embed_tokens.weight.dtype, q.device
-    modal = torch.from_numpy(np.stack([[u[n].token for n in enc.names] for u in users])).to(device, dtype)  # (B, M, H)
-    events, masks = [], []
+    encodings = []
     for name in enc.names:
         rows = [torch.from_numpy(u[name].events) for u in users]
         lengths = torch.tensor([r.shape[0] for r in rows])
-        events.append(torch.nn.utils.rnn.pad_sequence(rows, batch_first=True).to(device, dtype))  # (B, E, H)
-        masks.append((torch.arange(events[-1].shape[1])[None, :] < lengths[:, None]).to(device))  # (B, E)
-    return UserTokens(enc.user_adapter(modal.mean(dim=1)), modal, events, masks)
+        events = torch.nn.utils.rnn.pad_sequence(rows, batch_first=True).to(device, dtype)  # (B, E, H)
+        mask = (torch.arange(events.shape[1])[None, :] < lengths[:, None]).to(device)  # (B, E)
+        token = torch.from_numpy(np.stack([u[name].token for u in users])).to(device, dtype)  # (B, H)
+        encodings.append(ModalityEncoding(events, mask, token))
+    return enc.tokens_from_encodings(encodings)
 
 
 @torch.inference_mode()
@@ -98,7 +82,7 @@ def embed_from_encodings(q: QAnchor, users: Sequence[dict[str, Encoding]], suffi
     model = q.model
     tokens = _user_tokens(q, users)
     prefixes = build_prefixes(tokens, model.token_ids, model.embed_tokens, model.cfg.user_encoder.summary_tokens)
-    prefix = encode_prefixes(_Prebuilt(model, prefixes), None)  # the prefix still runs for every changed user
+    prefix = encode_prefix_embeddings(model, prefixes)  # the prefix still runs for every changed user
     b, r = len(users), len(suffixes)
     user_index = torch.arange(b, device=q.device).repeat_interleave(r)  # (B*R,)
     rows = [s for _ in range(b) for s in suffixes]

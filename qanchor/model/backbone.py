@@ -13,7 +13,9 @@ Special tokens are added to the tokenizer by name and their ids looked up by nam
 from __future__ import annotations
 
 import importlib.util
+import inspect
 import os
+from functools import lru_cache
 from pathlib import Path
 
 import torch
@@ -23,7 +25,8 @@ from qanchor.config import BackboneConfig
 from qanchor.data.io import OutputKind, atomic_dir
 from qanchor.errors import CheckpointError, ConfigError
 
-__all__ = ["load_tokenizer", "build_backbone", "add_special_tokens", "smollm2_dir", "resolve_attn_implementation"]
+__all__ = ["load_tokenizer", "build_backbone", "add_special_tokens", "smollm2_dir", "resolve_attn_implementation",
+           "cache_argument"]
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -190,3 +193,11 @@ def add_special_tokens(tokenizer, model: nn.Module | None, names: list[str]) -> 
                 w = model.get_input_embeddings().weight
                 w[old:] = w[:old].mean(0, keepdim=True).to(w.dtype)
     return ids
+
+
+@lru_cache(maxsize=None)
+def cache_argument(decoder_class: type) -> str:
+    """The keyword a decoder's ``forward`` takes its KV cache under: ``cache`` (transformers >= 5.2x, which
+    deprecates the old name with a warning on every call) or ``past_key_values`` (older releases)."""
+    params = inspect.signature(decoder_class.forward).parameters
+    return "cache" if "cache" in params else "past_key_values"

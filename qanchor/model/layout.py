@@ -13,10 +13,11 @@ from dataclasses import dataclass
 
 import torch
 
+from qanchor.errors import ModelInputError
 from qanchor.model.user_encoder import UserTokens
 
 __all__ = ["USER", "USER_EMB", "M_START", "M_END", "modality_token", "special_token_names", "TokenIds", "build_prefixes",
-           "pad_right"]
+           "pad_right", "tokenize_query", "tokenize_answer"]
 
 USER, USER_EMB, M_START, M_END = "<|user|>", "<|user_emb|>", "<|m_start|>", "<|m_end|>"
 
@@ -85,3 +86,26 @@ def pad_right(rows: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor, tor
     lengths = torch.tensor([r.shape[0] for r in rows], device=embeds.device)
     mask = (torch.arange(embeds.shape[1], device=embeds.device)[None, :] < lengths[:, None]).long()
     return embeds, mask, lengths
+
+
+def tokenize_query(tokenizer, text: str, max_tokens: int) -> list[int]:
+    """Token ids of a query (no special tokens). A query longer than ``max_tokens`` (the model's
+    ``max_query_tokens``) is refused, never silently cut: the model was not trained on longer ones.
+
+        >>> tokenize_query(tok, "Will this user churn?", 32)  # doctest: +SKIP
+        [2097, 2023, 5310, 26765, 1029]
+    """
+    ids = tokenizer(text, add_special_tokens=False, verbose=False)["input_ids"]
+    if len(ids) > max_tokens:
+        raise ModelInputError(f"query {text[:60]!r}{'...' if len(text) > 60 else ''} has {len(ids)} tokens, more than "
+                              f"model.max_query_tokens={max_tokens} this model was trained with; shorten the query")
+    return ids
+
+
+def tokenize_answer(tokenizer, text: str, max_tokens: int, end_id: int) -> list[int]:
+    """Answer ids cut to ``max_tokens - 1`` plus the end token (predicted too; the semantic tower pools there).
+
+    Answers are targets, not inputs: a long one is truncated (as in the paper's 200-token limit).
+    """
+    ids = tokenizer(text, add_special_tokens=False, truncation=True, max_length=max_tokens - 1)["input_ids"]
+    return [*ids, end_id]

@@ -17,6 +17,7 @@ from torch import nn
 from qanchor.config import LossConfig, ModelConfig
 from qanchor.data.batch import TextBatch, UserBatch
 from qanchor.data.manifest import Manifest
+from qanchor.model.backbone import cache_argument
 from qanchor.model.layout import TokenIds, build_prefixes, pad_right
 from qanchor.model.losses import combine, masked_infonce, next_token_loss
 from qanchor.model.user_encoder import HierarchicalUserEncoder
@@ -66,9 +67,12 @@ class QAnchorModel(nn.Module):
     def embed_tokens(self) -> nn.Module:
         return self.backbone.get_input_embeddings()
 
-    def decoder(self, inputs_embeds: torch.Tensor, attention_mask: torch.Tensor, **kwargs):
-        """Run the backbone's transformer (no LM head) on embeddings."""
-        return self.backbone.get_decoder()(inputs_embeds=inputs_embeds, attention_mask=attention_mask, **kwargs)
+    def decoder(self, inputs_embeds: torch.Tensor, attention_mask: torch.Tensor, cache=None, **kwargs):
+        """Run the backbone's transformer (no LM head) on embeddings, reading and extending ``cache`` if given."""
+        decoder = self.backbone.get_decoder()
+        if cache is not None:
+            kwargs[cache_argument(type(decoder))] = cache
+        return decoder(inputs_embeds=inputs_embeds, attention_mask=attention_mask, **kwargs)
 
     def project(self, hidden: torch.Tensor) -> torch.Tensor:
         """(N, H) hidden states -> (N, D) unit vectors, in float32."""

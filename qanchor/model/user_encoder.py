@@ -23,7 +23,7 @@ from qanchor.data.batch import UserBatch
 from qanchor.data.manifest import Manifest
 from qanchor.data.packing import numeric_width
 
-__all__ = ["Adapter", "TabularEncoder", "UserTokens", "HierarchicalUserEncoder"]
+__all__ = ["Adapter", "TabularEncoder", "ModalityEncoding", "UserTokens", "HierarchicalUserEncoder"]
 
 
 class Adapter(nn.Sequential):
@@ -52,6 +52,15 @@ class TabularEncoder(nn.Module):
         z = ((values - self.mean) / self.std).clamp(-10, 10).masked_fill(missing, 0.0)  # (B, T)
         x = torch.cat([z, missing.to(z.dtype)], dim=-1)  # (B, 2T)
         return self.mlp(x).view(-1, self.n_tokens, self.hidden)  # (B, n_tokens, H)
+
+
+@dataclass
+class ModalityEncoding:
+    """One modality of B users: event tokens (B, E, H), their mask (B, E), the modality token (B, H)."""
+
+    events: torch.Tensor
+    mask: torch.Tensor
+    token: torch.Tensor
 
 
 @dataclass
@@ -94,16 +103,22 @@ class HierarchicalUserEncoder(nn.Module):
         w = mask.to(tokens.dtype).unsqueeze(-1)  # (B, E, 1)
         return (tokens * w).sum(1) / w.sum(1).clamp_min(1.0)
 
-    def forward(self, batch: UserBatch) -> UserTokens:
-        events, masks, summaries, present = [], [], [], []
-        for name in self.names:
-            tokens, mask = self.modality_tokens(name, batch)
-            summaries.append(self.masked_mean(tokens, mask))  # (B, H)
-            present.append(mask.any(dim=1))  # (B,)
-            events.append(tokens)
-            masks.append(mask)
-        modal = self.modal_adapter(torch.stack(summaries, dim=1))  # (B, M, H)
-        has = torch.stack(present, dim=1).unsqueeze(-1)  # (B, M, 1)
-        modal = torch.where(has, modal, self.empty.unsqueeze(0).to(modal.dtype))  # missing modality -> empty token
+    def encode_modality(self, name: str, batch: UserBatch) -> ModalityEncoding:
+        """Everything that depends on one modality's events alone: its event tokens and its modality token.
+
+        A user without events of ``name`` gets the learned empty token. The daily update caches these per
+        (user, modality) and re-encodes only modalities that received events.
+        """
+        tokens, mask = self.modality_tokens(name, batch)  # (B, E, H), (B, E)
+        summary = self.modal_adapter(self.masked_mean(tokens, mask))  # (B, H)
+        empty = self.empty[self.names.index(name)].to(summary.dtype)
+        return ModalityEncoding(tokens, mask, torch.where(mask.any(dim=1, keepdim=True), summary, empty))
+
+    def tokens_from_encodings(self, encodings: list[ModalityEncoding]) -> UserTokens:
+        """The user's tokens from its modality encodings (manifest order): the user token is computed here."""
+        modal = torch.stack([e.token for e in encodings], dim=1)  # (B, M, H)
         user = self.user_adapter(modal.mean(dim=1))  # (B, H)
-        return UserTokens(user, modal, events, masks)
+        return UserTokens(user, modal, [e.events for e in encodings], [e.mask for e in encodings])
+
+    def forward(self, batch: UserBatch) -> UserTokens:
+        return self.tokens_from_encodings([self.encode_modality(name, batch) for name in self.names])

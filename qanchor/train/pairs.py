@@ -23,19 +23,10 @@ from qanchor.config import ModelConfig
 from qanchor.data.batch import collate_users, pad_token_ids
 from qanchor.data.dataset import Dataset, UserRecord
 from qanchor.data.packing import UserPacker
-from qanchor.model.layout import TokenIds
+from qanchor.model.layout import TokenIds, tokenize_answer, tokenize_query
 from qanchor.model.qanchor_model import PretrainBatch
 
-__all__ = ["PretrainStream", "tokenize_query", "tokenize_answer"]
-
-
-def tokenize_query(tokenizer, text: str, max_tokens: int) -> list[int]:
-    return tokenizer(text, add_special_tokens=False, truncation=True, max_length=max_tokens)["input_ids"]
-
-
-def tokenize_answer(tokenizer, text: str, max_tokens: int, end_id: int) -> list[int]:
-    ids = tokenizer(text, add_special_tokens=False, truncation=True, max_length=max_tokens - 1)["input_ids"]
-    return [*ids, end_id]  # the end token is predicted too, and is where the semantic tower pools
+__all__ = ["PretrainStream"]
 
 
 class PretrainStream:

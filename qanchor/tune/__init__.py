@@ -7,7 +7,6 @@ Example:
 
 from qanchor.tune.head import ScenarioHead, kmeans_prototypes, query_prompt_init
 from qanchor.tune.losses import prototype_logits, prototype_loss, prototype_score
-from qanchor.tune.metrics import auc_ks
 
 __all__ = ["ScenarioHead", "kmeans_prototypes", "query_prompt_init", "prototype_logits", "prototype_loss",
-           "prototype_score", "auc_ks"]
+           "prototype_score"]

@@ -15,8 +15,10 @@ Example:
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+import json
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -28,13 +30,14 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 import qanchor
-from qanchor.data.io import OutputKind, atomic_dir
+from qanchor.data.io import OutputKind, atomic_dir, to_plain
 from qanchor.errors import CheckpointError
 from qanchor.tune.losses import prototype_score
 
-__all__ = ["ScenarioHead", "apply_whitening", "fit_whitening", "kmeans_prototypes", "query_prompt_init", "HEAD_WEIGHTS", "HEAD_META"]
+__all__ = ["ScenarioHead", "HeadEntry", "find_heads", "load_heads", "apply_whitening", "fit_whitening", "kmeans_prototypes",
+           "query_prompt_init", "HEAD_WEIGHTS", "HEAD_META", "SPLIT_FILE"]
 
-HEAD_WEIGHTS, HEAD_META = "head.safetensors", "head.yaml"
+HEAD_WEIGHTS, HEAD_META, SPLIT_FILE = "head.safetensors", "head.yaml", "split.json"
 
 
 class ScenarioHead(nn.Module):
@@ -108,7 +111,7 @@ class ScenarioHead(nn.Module):
             tensors.update(whiten_mean=self.whiten_mean.contiguous(), whiten_matrix=self.whiten_matrix.contiguous())
         with atomic_dir(directory, OutputKind.HEAD) as tmp:
             save_file(tensors, str(tmp / HEAD_WEIGHTS))
-            (tmp / HEAD_META).write_text(yaml.safe_dump(_plain(self.metadata()), sort_keys=False))
+            (tmp / HEAD_META).write_text(yaml.safe_dump(to_plain(self.metadata()), sort_keys=False))
         return directory
 
     @classmethod
@@ -132,21 +135,65 @@ class ScenarioHead(nn.Module):
                    meta["temperature"], meta["checkpoint_hash"], extra, whitening)
 
 
+@dataclass
+class HeadEntry:
+    """A scenario head and the users it never saw while tuning (its own held-out test split)."""
+
+    head: ScenarioHead
+    test_users: np.ndarray | None = None  # object [n]; None = unknown, so any score on it is optimistic
+
+
+def find_heads(directory: str | Path) -> dict[str, Path]:
+    """Head folders under ``directory``: itself if it holds a head, else its ``<task>/`` subfolders.
+
+    Example:
+        >>> find_heads("runs/demo/heads")  # doctest: +SKIP
+        {'churn': PosixPath('runs/demo/heads/churn'), 'coupon_redeem': ...}
+    """
+    directory = Path(directory)
+    if (directory / HEAD_META).exists():
+        return {directory.name: directory}
+    return {p.parent.name: p.parent for p in sorted(directory.glob(f"*/{HEAD_META}"))}
+
+
+def _test_users(head_dir: Path) -> np.ndarray | None:
+    path = head_dir / SPLIT_FILE  # written by `qanchor prompt-tune`: {"train": [...], "val": [...], "test": [...]}
+    if not path.exists():
+        return None
+    try:
+        test = json.loads(path.read_text()).get("test")
+    except (ValueError, AttributeError):
+        raise CheckpointError(f"{path}: not a head split file (JSON with train / val / test user lists)") from None
+    return None if test is None else np.asarray(test, dtype=object)
+
+
+def load_heads(directories: str | Path | Sequence[str | Path] | None, tasks: Sequence[str] | None = None,
+               checkpoint_hash: str | None = None, require: bool = False) -> dict[str, HeadEntry]:
+    """Heads found in ``directories`` (each a head folder or a ``qanchor prompt-tune`` output), by task.
+
+    ``tasks`` keeps only those (tasks without a head are simply absent). With ``checkpoint_hash``, a head
+    tuned on other weights raises CheckpointError; with ``require``, finding none raises CheckpointError.
+    """
+    if directories is None:
+        return {}
+    dirs = [directories] if isinstance(directories, (str, Path)) else list(directories)
+    out: dict[str, HeadEntry] = {}
+    for d in map(Path, dirs):
+        found = find_heads(d)
+        if require and not found:
+            raise CheckpointError(f"{d}: no {HEAD_META} there or in its subfolders; point it at a `qanchor prompt-tune` "
+                                  "output_dir or one task's folder")
+        for folder in found.values():
+            head = ScenarioHead.load(folder, checkpoint_hash)
+            if tasks is None or head.task in tasks:
+                out[head.task] = HeadEntry(head, _test_users(folder))
+    return out
+
+
 def _own(t: torch.Tensor) -> torch.Tensor:
     """A float32 contiguous copy: matmul rounding depends on memory layout, and a loaded head (contiguous
     tensors from safetensors) must compute exactly what the in-memory one did."""
     return t.detach().float().clone(memory_format=torch.contiguous_format)
-
-
-def _plain(obj: Any) -> Any:
-    """numpy scalars and tuples -> plain YAML types."""
-    if isinstance(obj, dict):
-        return {str(k): _plain(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return [_plain(v) for v in obj]
-    if isinstance(obj, np.generic):
-        return obj.item()
-    return obj
 
 
 def apply_whitening(embeddings: torch.Tensor, whitening: tuple[torch.Tensor, torch.Tensor] | None) -> torch.Tensor:

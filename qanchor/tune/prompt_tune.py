@@ -39,9 +39,9 @@ from qanchor.data.text_cache import SentenceEncoder, TextVectorCache
 from qanchor.errors import CheckpointError, ConfigError
 from qanchor.model.factory import ModelMeta, checkpoint_hash, load_checkpoint
 from qanchor.model.qanchor_model import QAnchorModel
-from qanchor.train.pairs import tokenize_query
-from qanchor.tune.metrics import auc_ks
-from qanchor.tune.prefix_store import PrefixStore
+from qanchor.model.layout import tokenize_query
+from qanchor.metrics import auc_ks
+from qanchor.model.prefix_cache import PrefixStore
 from qanchor.tune.trainer import frozen_logistic, split_users, tune_task
 
 __all__ = ["run_prompt_tune", "resolve_data_config", "select_tasks", "encode_users", "format_summary"]

@@ -34,10 +34,10 @@ from qanchor.tune.head import (
     query_prompt_init,
 )
 from qanchor.tune.losses import prototype_loss
-from qanchor.tune.metrics import auc_ks
-from qanchor.tune.prefix_store import PrefixStore
+from qanchor.metrics import auc_ks
+from qanchor.model.prefix_cache import PrefixStore
 
-__all__ = ["Split", "split_users", "tune_task", "frozen_logistic", "TaskResult"]
+__all__ = ["Split", "split_users", "tune_task", "frozen_logistic", "TuneResult"]
 
 SPLITS = ("train", "val", "test")
 
@@ -67,7 +67,7 @@ def split_users(rows: np.ndarray, labels: np.ndarray, val_fraction: float, test_
 
 
 @dataclass
-class TaskResult:
+class TuneResult:
     head: ScenarioHead
     metrics: dict[str, dict] = field(default_factory=dict)  # method -> split -> {auc, ks}
     best_step: int = 0
@@ -104,7 +104,7 @@ def _evaluate(model, store, query_ids, head: ScenarioHead, split: Split, names, 
 
 
 def tune_task(model: QAnchorModel, store: PrefixStore, query_ids: torch.Tensor, split: Split, cfg: PromptTuneConfig,
-              task: str, query: str, checkpoint_hash: str, progress: bool = False) -> TaskResult:
+              task: str, query: str, checkpoint_hash: str, progress: bool = False) -> TuneResult:
     """Initialise a head (query-token prompt, k-means prototypes) and tune it; keep the best-val step."""
     start = time.perf_counter()
     y_train = split.labels["train"].numpy()
@@ -149,7 +149,7 @@ def tune_task(model: QAnchorModel, store: PrefixStore, query_ids: torch.Tensor, 
     head.extra.update(best_step=best[1], steps=cfg.steps, seed=cfg.seed, prompt_init=cfg.prompt_init,
                       val_auc=tuned["val"]["auc"], val_fraction=cfg.val_fraction, test_fraction=cfg.test_fraction,
                       whitening_eps=cfg.whitening_eps)
-    return TaskResult(head, {"frozen_proto": frozen, "tuned": tuned}, best[1], time.perf_counter() - start, history)
+    return TuneResult(head, {"frozen_proto": frozen, "tuned": tuned}, best[1], time.perf_counter() - start, history)
 
 
 def frozen_logistic(model: QAnchorModel, store: PrefixStore, query_ids: torch.Tensor, split: Split, seed: int,

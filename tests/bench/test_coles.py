@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from qanchor.bench.coles import INSTALL_HINT, coles_embeddings, require_ptls, user_sequences
-from qanchor.bench.methods import Skip
+from qanchor.bench.peers import Skip
 from qanchor.config import BenchConfig, DataConfig
 from qanchor.data.dataset import load_dataset
 

@@ -9,7 +9,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from qanchor.bench.embedder import QAnchorEmbedder, load_heads
+from qanchor.bench.embedder import QAnchorEmbedder
+from qanchor.tune.head import load_heads
 from qanchor.bench.report import write_report
 from qanchor.bench.runner import run_bench
 from qanchor.config import BenchConfig, DataConfig

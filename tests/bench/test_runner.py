@@ -8,7 +8,7 @@ import json
 import numpy as np
 import pytest
 
-from qanchor.bench.embedder import HeadEntry
+from qanchor.tune.head import HeadEntry
 from qanchor.bench.plots import write_plots
 from qanchor.bench.report import average_table, write_report, write_results
 from qanchor.bench.runner import prepare, run_bench

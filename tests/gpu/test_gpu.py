@@ -12,7 +12,7 @@ import torch
 
 from qanchor.config import LossConfig, TrainConfig
 from qanchor.data.batch import collate_users
-from qanchor.infer.prefix import anchor_hidden, anchor_hidden_uncached, encode_prefixes
+from qanchor.model.prefix_cache import anchor_hidden, anchor_hidden_uncached, encode_prefixes
 from tests.model.helpers import model_and_stream, tiny_cfg
 
 pytestmark = pytest.mark.gpu

@@ -14,9 +14,9 @@ from qanchor.cli import main
 from qanchor.config import PromptTuneConfig, load_config
 from qanchor.data.batch import collate_users
 from qanchor.errors import CheckpointError
-from qanchor.infer.prefix import anchor_hidden_uncached
+from qanchor.model.prefix_cache import anchor_hidden_uncached
 from qanchor.model.factory import ModelMeta, checkpoint_hash, load_checkpoint, save_checkpoint
-from qanchor.train.pairs import tokenize_query
+from qanchor.model.layout import tokenize_query
 from qanchor.tune.head import ScenarioHead, query_prompt_init
 from qanchor.tune.prompt_tune import encode_users, run_prompt_tune
 from qanchor.tune.trainer import split_users, tune_task
@@ -122,7 +122,7 @@ def test_run_writes_heads_that_reload_and_score_identically(ckpt, loaded, tmp_pa
     rows = torch.tensor([store.user_ids.index(u) for u in split["test"]])
     query_ids = torch.tensor(tokenize_query(tokenizer, head.query, 32))
     emb = store.embed(model, model.suffix(query_ids, head.prompt.detach()), rows)
-    from qanchor.tune.metrics import auc_ks
+    from qanchor.metrics import auc_ks
 
     labels = ds.tasks["churn"].labels[[list(ds.tasks["churn"].user_ids).index(u) for u in split["test"]]]
     assert auc_ks(labels, head.score(emb).detach().numpy())["auc"] == pytest.approx(on_disk["tasks"]["churn"]["tuned"]["test"]["auc"])

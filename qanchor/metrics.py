@@ -1,6 +1,8 @@
 """AUC and KS of binary scores: pure functions of numpy arrays, tested against scikit-learn and scipy.
 
-Both are rank statistics, so any monotone transform of the scores leaves them unchanged; ties are
+The one definition of the two metrics for prompt tuning, the benchmark and every diagnostic. KS is the
+Kolmogorov-Smirnov statistic of the two classes' score distributions, which equals ``max |TPR - FPR|``
+over thresholds (what risk teams report next to AUC). Both are rank statistics, so any monotone transform of the scores leaves them unchanged; ties are
 handled exactly (average ranks for AUC, thresholds only between distinct scores for KS).
 
 Example:
@@ -14,7 +16,7 @@ from __future__ import annotations
 
 import numpy as np
 
-__all__ = ["auc_score", "ks_score", "mean_std", "check_binary"]
+__all__ = ["auc_score", "ks_score", "auc_ks", "mean_std", "check_binary"]
 
 
 def check_binary(labels: np.ndarray, scores: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -89,3 +91,16 @@ def mean_std(values: list[float] | np.ndarray) -> tuple[float, float]:
         return float("nan"), float("nan")
     std = float(v.std(ddof=1)) if v.size > 1 else 0.0
     return float(v.mean()), std
+
+
+def auc_ks(labels, scores) -> dict[str, float]:
+    """AUC and KS of ``scores`` (higher = positive) against 0/1 ``labels``; NaN when one class is absent.
+
+    Example:
+        >>> auc_ks([0, 0, 1, 1], [0.1, 0.4, 0.35, 0.8])
+        {'auc': 0.75, 'ks': 0.5}
+    """
+    labels = np.asarray(labels)
+    if np.unique(labels).size < 2:  # a tiny validation split may hold one class: no number, not an error
+        return {"auc": float("nan"), "ks": float("nan")}
+    return {"auc": float(auc_score(labels, scores)), "ks": float(ks_score(labels, scores))}

@@ -7,7 +7,7 @@ import pytest
 from scipy.stats import ks_2samp
 from sklearn.metrics import roc_auc_score, roc_curve
 
-from qanchor.bench.metrics import auc_score, ks_score, mean_std
+from qanchor.metrics import auc_score, ks_score, mean_std
 
 
 def _cases():
