@@ -85,7 +85,6 @@ def _checkpoint(model_dir: str | None, data: Path, work: Path) -> tuple[Path, st
 
 # --------------------------------------------------------------------------------------- part 1
 def kv_cache(ckpt: Path, data: Path, users: int, ns: list[int], repeats: int) -> list[dict]:
-    from qanchor.data.batch import collate_users
     from qanchor.data.dataset import load_dataset
     from qanchor.infer.api import QAnchor
 
@@ -96,7 +95,7 @@ def kv_cache(ckpt: Path, data: Path, users: int, ns: list[int], repeats: int) ->
     queries = [t.query for t in ds.manifest.tasks] + EXTRA_QUERIES
     suffixes = qa.suffixes([(queries[i % len(queries)], None) for i in range(max(ns))])
     with torch.inference_mode():
-        batch = collate_users(packed, qa.manifest, qa.text_cache.vectors, len(qa.tabular_columns))
+        batch = qa.pipeline.collate(packed)
         lp = np.array([p.shape[0] for p in qa.model.prefixes(batch)])  # real prefix tokens per user
     rows = []
     qa.embed_packed(packed[:4], suffixes[:2], True)  # warm-up: first-call allocations

@@ -58,24 +58,23 @@ def _tile(user: PackedUser, n: int) -> PackedUser:
 def _setup(data: Path, ckpt: str | None, users: int, seed: int):
     """Model (checkpoint or fresh tiny), tokenizer, the ``users`` most active users packed, the text cache."""
     from qanchor.data.dataset import load_dataset
-    from qanchor.data.packing import UserPacker
-    from qanchor.data.text_cache import SentenceEncoder, TextVectorCache
+    from qanchor.data.pipeline import UserPipeline
     from qanchor.model.factory import build_model, load_checkpoint
 
     ds = load_dataset(data)
     cfg = load_config(None, [f"data.path={data}", "model.preset=tiny", "data.default_max_events=100000"],
                       schema=PretrainConfig)
-    cache = TextVectorCache(ds.text_cache_dir, SentenceEncoder(cfg.data.text_encoder))
+    pipe = UserPipeline.for_dataset(ds, cfg.data)
+    cache = pipe.cache
     if ckpt:
         model, tokenizer, _, _ = load_checkpoint(ckpt)
     else:  # step time does not depend on the weights' values
         torch.manual_seed(seed)
         model, tokenizer = build_model(cfg.model, ds.manifest, cache.dim, ds.tabular_columns, load_weights=False)
     model.eval().requires_grad_(False)
-    packer = UserPacker(ds.manifest, cfg.data, cache)
     records = list(ds.users())
     active = sorted(records, key=lambda r: -sum(len(s) for s in r.events.values()))[:users]
-    packed = [packer.pack(r) for r in active]  # every event kept; _tile cuts or repeats to N
+    packed = pipe.pack_many(active)  # every event kept; _tile cuts or repeats to N
     return model, tokenizer, packed, cache, len(ds.tabular_columns)
 
 

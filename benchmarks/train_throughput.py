@@ -74,16 +74,16 @@ def run_worker(preset: str, data: Path, steps: int, batch: int, warmup: int, set
     if cfg.train.grad_accum_steps != 1:  # one step = one micro-batch here, so per-step counts stay exact
         raise SystemExit("train_throughput measures train.grad_accum_steps=1 only; raise --batch-size instead")
     rank, world = init_distributed()
-    ds, packer = prepare_inputs(cfg, rank, progress=False)  # the parent already filled the text cache
-    encoded_before = packer.cache.encoded_count
+    ds, pipe = prepare_inputs(cfg, rank, progress=False)  # the parent already filled the text cache
+    encoded_before = pipe.cache.encoded_count
     rss_data = _rss_mb()
     tick = time.perf_counter()
     torch.manual_seed(cfg.train.seed)  # the same set-up sequence as run_pretrain
-    model, tokenizer = build_model(cfg.model, ds.manifest, packer.cache.dim, ds.tabular_columns)
+    model, tokenizer = build_model(cfg.model, ds.manifest, pipe.cache.dim, ds.tabular_columns)
     if model.user_encoder.tabular is not None:
         mean, std = tabular_stats(ds.users(), len(ds.tabular_columns))
         model.user_encoder.tabular.set_stats(torch.from_numpy(mean), torch.from_numpy(std))
-    stream = PretrainStream(ds, packer, tokenizer, model.token_ids, cfg.model, cfg.train.seed, cfg.train.uqa_fraction)
+    stream = PretrainStream(ds, pipe, tokenizer, model.token_ids, cfg.model, cfg.train.seed, cfg.train.uqa_fraction)
     engine, _ = initialize(model, cfg.train, world)
     build_s = time.perf_counter() - tick
     rss_model = _rss_mb()
@@ -154,25 +154,23 @@ def run_worker(preset: str, data: Path, steps: int, batch: int, warmup: int, set
 def text_encoder_savings(data: Path, sets: list[str], plans: dict[str, tuple[int, int]], sample: int, seed: int) -> dict:
     """Encoder passes of the per-event approach vs the unique-text cache, for an epoch and for each run plan."""
     from qanchor.data.dataset import load_dataset
-    from qanchor.data.packing import UserPacker
-    from qanchor.data.text_cache import SentenceEncoder, TextVectorCache
+    from qanchor.data.pipeline import UserPipeline
     from qanchor.model.backbone import add_special_tokens, load_tokenizer
     from qanchor.model.layout import TokenIds, special_token_names
     from qanchor.train.pairs import PretrainStream
 
     cfg = _config(None, data, 1, 2, sets)
     ds = load_dataset(data)
-    encoder = SentenceEncoder(cfg.data.text_encoder)
-    cache = TextVectorCache(ds.text_cache_dir, encoder)
-    packer = UserPacker(ds.manifest, cfg.data, cache)
+    pipe = UserPipeline.for_dataset(ds, cfg.data)
+    encoder, cache, packer = pipe.cache.encoder, pipe.cache, pipe.packer
     tick = time.perf_counter()
-    n_events = packer.prime(ds.users(), progress=False, all_events=True)
+    n_events = pipe.prime(ds.users(), progress=False, all_events=True)
     prime_s = time.perf_counter() - tick
     # The stream only decides which pairs a step holds; a tokenizer is needed to build it, not to order pairs.
     tokenizer = load_tokenizer(cfg.model.backbone)
     modalities = [m.name for m in ds.manifest.modalities]
     add_special_tokens(tokenizer, None, special_token_names(modalities))
-    stream = PretrainStream(ds, packer, tokenizer, TokenIds.from_tokenizer(tokenizer, modalities), cfg.model,
+    stream = PretrainStream(ds, pipe, tokenizer, TokenIds.from_tokenizer(tokenizer, modalities), cfg.model,
                             cfg.train.seed, cfg.train.uqa_fraction)
     records = {r.user_id: r for r in ds.users()}
 

@@ -72,16 +72,15 @@ def _cmd_userU(args: argparse.Namespace) -> None:
 def _cmd_encode(args: argparse.Namespace) -> None:
     from qanchor.config import DataConfig, load_config
     from qanchor.data.dataset import load_dataset
-    from qanchor.data.packing import UserPacker
-    from qanchor.data.text_cache import SentenceEncoder, TextVectorCache
+    from qanchor.data.pipeline import UserPipeline
 
     data_cfg = load_config(args.config, args.overrides, schema=DataConfig) if args.config else DataConfig()
     ds = load_dataset(args.dir, cache_dir=data_cfg.cache_dir)
-    cache = TextVectorCache(ds.text_cache_dir, SentenceEncoder(data_cfg.text_encoder))
+    pipe = UserPipeline.for_dataset(ds, data_cfg)
     start = time.perf_counter()
-    n_events = UserPacker(ds.manifest, data_cfg, cache).prime(ds.users())
-    print(f"kept events: {n_events}   unique texts stored: {len(cache)}   "
-          f"encoded now: {cache.encoded_count}   ({time.perf_counter() - start:.1f}s)")
+    n_events = pipe.prime(ds.users())
+    print(f"kept events: {n_events}   unique texts stored: {len(pipe.cache)}   "
+          f"encoded now: {pipe.cache.encoded_count}   ({time.perf_counter() - start:.1f}s)")
 
 
 def _cmd_pretrain(args: argparse.Namespace) -> None:

@@ -19,10 +19,10 @@ from typing import Any, Protocol
 import numpy as np
 
 from qanchor.data.dataset import Dataset
+from qanchor.infer.api import QAnchor
+from qanchor.logs import progress
 
 __all__ = ["Embedder", "QAnchorEmbedder"]
-
-_CHUNK_USERS = 512  # users read and embedded at a time: bounded memory on large datasets
 
 
 class Embedder(Protocol):
@@ -36,13 +36,11 @@ class Embedder(Protocol):
 class QAnchorEmbedder:
     """:class:`Embedder` over ``qanchor.infer.api.QAnchor``, reading users (before the cutoff) from ``ds``."""
 
-    def __init__(self, model: Any, ds: Dataset, progress: bool = False):
+    def __init__(self, model: QAnchor, ds: Dataset, progress: bool = False):
         self.model, self.ds, self.progress = model, ds, progress
 
     @classmethod
     def open(cls, checkpoint: str | Path, ds: Dataset, progress: bool = False) -> QAnchorEmbedder:
-        from qanchor.infer.api import QAnchor
-
         # The dataset's own text cache already holds its event texts: nothing is re-encoded.
         return cls(QAnchor.from_pretrained(checkpoint, text_cache_dir=ds.text_cache_dir), ds, progress)
 
@@ -50,27 +48,15 @@ class QAnchorEmbedder:
     def checkpoint_hash(self) -> str | None:
         return self.model.checkpoint_hash
 
-    def _chunks(self, user_ids: Sequence[str]):
-        """Records of ``user_ids`` in sorted id order, ``_CHUNK_USERS`` at a time, from one streaming pass
-        (each dataset partition is read once, not once per chunk)."""
-        from tqdm.auto import tqdm
-
-        chunk = []
-        for record in tqdm(self.ds.users(user_ids), total=len(user_ids), desc="embed users", unit="user",
-                           disable=not self.progress or None):
-            chunk.append(record)
-            if len(chunk) == _CHUNK_USERS:
-                yield chunk
-                chunk = []
-        if chunk:
-            yield chunk
-
     def embed_many(self, user_ids: Sequence[str], requests: Sequence[tuple[str, Any]]) -> np.ndarray:
+        """Every user under every request through :meth:`QAnchor.iter_embed`, rows in ``user_ids``' order."""
         ids, parts = [], []
-        for records in self._chunks(user_ids):
-            parts.append(self.model.embed_many(records, list(requests), cutoff=self.ds.manifest.cutoff))
-            ids += [r.user_id for r in records]
+        records = progress(self.ds.users(user_ids), total=len(user_ids), desc="embed users", unit="user",
+                           enabled=self.progress)
+        for chunk_ids, emb in self.model.iter_embed(records, list(requests), cutoff=self.ds.manifest.cutoff):
+            ids += chunk_ids
+            parts.append(emb)
         if not parts:
-            return np.zeros((0, len(requests), 0), np.float32)
+            return np.zeros((0, len(requests), self.model.embedding_dim), np.float32)
         row = {u: i for i, u in enumerate(ids)}  # the dataset streams sorted ids: restore the caller's order
-        return np.concatenate(parts).astype(np.float32)[[row[u] for u in user_ids]]
+        return np.concatenate(parts)[[row[u] for u in user_ids]]

@@ -28,6 +28,8 @@ from qanchor.bench.coles import coles_embeddings
 from qanchor.bench.peers import Classifier, MethodInput, MethodResult, Skip, evaluate_folds
 from qanchor.config import BenchConfig
 from qanchor.data.dataset import Dataset, Task
+from qanchor.data.pipeline import UserPipeline
+from qanchor.data.text_cache import TextVectorCache
 from qanchor.tune.head import HeadEntry
 
 __all__ = ["BenchContext", "METHODS", "DEFAULT_METHODS", "head_eval_mask", "evaluate_task"]
@@ -93,16 +95,12 @@ class BenchContext:
         return self._embedded[("head", task)]
 
     @cached_property
-    def text_cache(self):
-        from qanchor.data.packing import UserPacker
-        from qanchor.data.text_cache import SentenceEncoder, TextVectorCache
-
+    def text_cache(self) -> TextVectorCache:
         with self._timed("text cache"):
-            cache = TextVectorCache(self.ds.text_cache_dir, SentenceEncoder(self.cfg.data.text_encoder))
+            pipe = UserPipeline.for_dataset(self.ds, self.cfg.data)
             # Encode every event text not yet cached once, in large batches, before the per-user pass.
-            UserPacker(self.ds.manifest, self.cfg.data, cache).prime(self.ds.users(self.user_ids),
-                                                                      progress=self.progress, all_events=True)
-        return cache
+            pipe.prime(self.ds.users(self.user_ids), progress=self.progress, all_events=True)
+        return pipe.cache
 
     @cached_property
     def peer_features(self) -> PeerFeatures:

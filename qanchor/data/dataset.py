@@ -31,7 +31,8 @@ from qanchor.data.manifest import Manifest, TaskSpec
 from qanchor.data.schema import TABULAR_FILE, TASKS_DIR, USERU_FILE, event_schema
 from qanchor.data.validate import ValidationReport, event_files, validate_dataset
 
-__all__ = ["EventSeq", "UserRecord", "Task", "Dataset", "load_dataset", "default_cache_dir", "CACHE_DIR"]
+__all__ = ["EventSeq", "UserRecord", "Task", "Dataset", "load_dataset", "records_from_table", "default_cache_dir",
+           "CACHE_DIR"]
 
 CACHE_DIR = ".qanchor_cache"
 _PARTITION_USERS = 4096
@@ -163,23 +164,46 @@ class Dataset:
     def read_partition(self, part: int, ids: np.ndarray) -> Iterator[UserRecord]:
         """Records of ``ids`` (sorted, all in range partition ``part``), in order; for callers that group
         users by partition themselves (pretraining pairs) rather than stream with :meth:`users`."""
-        table = self.partitions.read(part)
-        uid = table.column("user_id").to_numpy(zero_copy_only=False)
-        starts = np.searchsorted(uid, ids, side="left")
-        ends = np.searchsorted(uid, ids, side="right")
-        mods = table.column("modality").to_numpy(zero_copy_only=False)
-        ts = table.column("ts").cast(pa.int64()).to_numpy()
-        text = table.column("text").to_numpy(zero_copy_only=False)
-        value = _floats(table, "value")
-        extras = {m.name: _float_matrix(table, m.numeric_columns) for m in self.manifest.sequence_modalities}
-        for user_id, lo, hi in zip(ids, starts, ends):
-            events = {}
-            if hi > lo:
-                for m in self.manifest.sequence_modalities:
-                    sel = lo + np.flatnonzero(mods[lo:hi] == m.name)
-                    if sel.size:
-                        events[m.name] = EventSeq(ts[sel], text[sel].tolist(), value[sel], extras[m.name][sel])
-            yield UserRecord(str(user_id), events, self._tabular.get(user_id))
+        tabular = self._tabular.get
+        for record in records_from_table(self.partitions.read(part), self.manifest, ids):
+            record.tabular = tabular(record.user_id)
+            yield record
+
+
+def records_from_table(table: pa.Table, manifest: Manifest, user_ids: np.ndarray | None = None) -> Iterator[UserRecord]:
+    """A long event table (dataset event format) -> one :class:`UserRecord` per user, events by time.
+
+    With ``user_ids`` (sorted), one record per id in that order, with no events for ids absent from the
+    table; without, one per user in the table. The one place event rows become records (the dataset
+    stream, daily-update buffers and new events all go through it). Tabular values are the caller's.
+    """
+    if table.num_rows and not _sorted_by_user_time(table):
+        table = table.sort_by([("user_id", "ascending"), ("ts", "ascending")])
+    uid = table.column("user_id").to_numpy(zero_copy_only=False) if table.num_rows else np.zeros(0, object)
+    if user_ids is None:
+        user_ids = uid[np.flatnonzero(np.r_[True, uid[1:] != uid[:-1]])] if len(uid) else np.zeros(0, object)
+    starts = np.searchsorted(uid, user_ids, side="left")
+    ends = np.searchsorted(uid, user_ids, side="right")
+    mods = table.column("modality").to_numpy(zero_copy_only=False) if table.num_rows else uid
+    ts = table.column("ts").cast(pa.timestamp("us", tz="UTC")).cast(pa.int64()).to_numpy() if table.num_rows else uid
+    text = table.column("text").to_numpy(zero_copy_only=False) if table.num_rows else uid
+    value = _floats(table, "value")
+    extras = {m.name: _float_matrix(table, m.numeric_columns) for m in manifest.sequence_modalities}
+    for user_id, lo, hi in zip(user_ids, starts, ends):
+        events = {}
+        if hi > lo:
+            for m in manifest.sequence_modalities:
+                sel = lo + np.flatnonzero(mods[lo:hi] == m.name)
+                if sel.size:
+                    events[m.name] = EventSeq(ts[sel], text[sel].tolist(), value[sel], extras[m.name][sel])
+        yield UserRecord(str(user_id), events, None)
+
+
+def _sorted_by_user_time(table: pa.Table) -> bool:
+    uid = table.column("user_id").to_numpy(zero_copy_only=False)
+    ts = table.column("ts").cast(pa.int64()).to_numpy()
+    same = uid[1:] == uid[:-1]
+    return bool(np.all(uid[1:] >= uid[:-1]) and np.all(ts[1:][same] >= ts[:-1][same]))
 
 
 def _floats(table: pa.Table, name: str) -> np.ndarray:

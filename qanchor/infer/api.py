@@ -16,7 +16,7 @@ Example:
 from __future__ import annotations
 
 import warnings
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from datetime import datetime
 from functools import cached_property
 from pathlib import Path
@@ -26,14 +26,14 @@ import numpy as np
 import torch
 
 from qanchor.config import PretrainConfig
-from qanchor.data.batch import UserBatch, collate_users
-from qanchor.data.dataset import UserRecord
+from qanchor.data.dataset import Dataset, UserRecord
 from qanchor.data.manifest import Manifest
-from qanchor.data.packing import PackedUser, UserPacker
-from qanchor.data.text_cache import TextVectorCache
+from qanchor.data.packing import PackedUser
+from qanchor.data.pipeline import UserPipeline, batched
+from qanchor.data.text_cache import SentenceEncoder, TextVectorCache
 from qanchor.errors import CheckpointError, ModelInputError
-from qanchor.model.prefix_cache import anchor_hidden, anchor_hidden_uncached, encode_prefixes
-from qanchor.infer.user_input import to_microseconds, to_record
+from qanchor.model.prefix_cache import anchor_hidden, anchor_hidden_uncached, encode_prefix_embeddings
+from qanchor.infer.user_input import record_adapter, to_microseconds, to_record
 from qanchor.model.factory import (
     ModelMeta,
     checkpoint_hash,
@@ -44,9 +44,10 @@ from qanchor.model.factory import (
 from qanchor.model.qanchor_model import QAnchorModel
 from qanchor.model.layout import tokenize_query
 
-__all__ = ["Head", "QAnchor", "embed", "default_text_cache_dir"]
+__all__ = ["Head", "QAnchor", "embed", "head_scores", "default_text_cache_dir"]
 
 User = UserRecord | Mapping[str, Any]
+Users = User | Iterable[User] | Dataset
 
 
 class Head(Protocol):
@@ -74,14 +75,15 @@ class QAnchor:
 
     def __init__(self, model: QAnchorModel, tokenizer: Any, meta: ModelMeta, run_cfg: PretrainConfig,
                  checkpoint_dir: str | Path | None = None, text_cache_dir: str | Path | None = None,
-                 text_cache: TextVectorCache | None = None, batch_size: int = 32, max_rows: int = 512):
-        if batch_size < 1 or max_rows < 1:
-            raise ModelInputError("batch_size and max_rows must be >= 1")
+                 text_cache: TextVectorCache | None = None, batch_size: int = 32, max_rows: int = 512,
+                 stream_users: int = 1024):
+        if batch_size < 1 or max_rows < 1 or stream_users < 1:
+            raise ModelInputError("batch_size, max_rows and stream_users must be >= 1")
         self.model, self.tokenizer, self.meta, self.run_cfg = model.eval(), tokenizer, meta, run_cfg
         self.checkpoint_dir = Path(checkpoint_dir) if checkpoint_dir is not None else None
         self._text_cache_dir = Path(text_cache_dir) if text_cache_dir is not None else default_text_cache_dir()
         self._text_cache = text_cache
-        self.batch_size, self.max_rows = batch_size, max_rows
+        self.batch_size, self.max_rows, self.stream_users = batch_size, max_rows, stream_users
 
     @classmethod
     def from_pretrained(cls, path: str | Path, device: str | torch.device = "cpu", **kwargs: Any) -> QAnchor:
@@ -123,26 +125,36 @@ class QAnchor:
         """SHA-256 of the weights file, or None for a model built in memory."""
         return checkpoint_hash(self.checkpoint_dir) if self.checkpoint_dir is not None else None
 
+    @cached_property
+    def pipeline(self) -> UserPipeline:
+        """Packing with the checkpoint's own event caps and encoder; the text cache loads on first use."""
+        cache = self._text_cache
+        if cache is None:  # loading the sentence encoder costs seconds: only when first needed
+            pipe = UserPipeline.at(self.manifest, self.run_cfg.data, self._text_cache_dir, len(self.tabular_columns),
+                                   SentenceEncoder(text_encoder_config(self.meta)))
+        else:
+            pipe = UserPipeline(self.manifest, self.run_cfg.data, cache, len(self.tabular_columns))
+        if pipe.cache.dim != self.meta.text_dim:
+            raise CheckpointError(f"text vectors are {pipe.cache.dim}-d but the checkpoint expects {self.meta.text_dim}-d")
+        return pipe
+
     @property
     def text_cache(self) -> TextVectorCache:
-        if self._text_cache is None:  # loading the sentence encoder costs seconds: only when first needed
-            from qanchor.data.text_cache import SentenceEncoder
-
-            self._text_cache = TextVectorCache(self._text_cache_dir, SentenceEncoder(text_encoder_config(self.meta)))
-        if self._text_cache.dim != self.meta.text_dim:
-            raise CheckpointError(f"text vectors are {self._text_cache.dim}-d but the checkpoint expects {self.meta.text_dim}-d")
-        return self._text_cache
-
-    @cached_property
-    def packer(self) -> UserPacker:
-        return UserPacker(self.manifest, self.run_cfg.data, self.text_cache)
+        return self.pipeline.cache
 
     # -------------------------------------------------------------------------------------- inputs
-    def records(self, users: User | Iterable[User]) -> list[UserRecord]:
-        """Validate users (records or dicts) into the model's layout; a single user becomes a list of one."""
+    def records(self, users: Users) -> Iterator[UserRecord]:
+        """Users (records, dicts, a :class:`Dataset` or one user) as records in the model's layout, lazily.
+
+        A dataset whose columns are laid out differently from the model's is remapped by name
+        (``record_adapter``); records and dicts are validated one by one as they stream.
+        """
+        if isinstance(users, Dataset):
+            adapt = record_adapter(users.manifest, users.tabular_columns, self.manifest, self.tabular_columns)
+            return (adapt(r) for r in users.users())
         if isinstance(users, (UserRecord, Mapping)):
             users = [users]
-        return [to_record(u, self.manifest, self.tabular_columns) for u in users]
+        return (to_record(u, self.manifest, self.tabular_columns) for u in users)
 
     def cutoff_us(self, cutoff: datetime | str | None) -> int:
         """The moment ages count from, in microseconds since the epoch: ``cutoff`` or the model's cutoff."""
@@ -151,23 +163,18 @@ class QAnchor:
         except ValueError as exc:
             raise ModelInputError(f"cutoff: {exc}") from None
 
-    def prime(self, records: Sequence[UserRecord]) -> None:
-        """Encode, in one pass, every not yet cached text among the events ``records`` keep."""
-        self.text_cache.ensure(sorted({t for r in records for s in self.packer.recent(r).values() for t in s.text}))
-
     def pack(self, records: Sequence[UserRecord], cutoff_us: int) -> list[PackedUser]:
         """Keep each modality's most recent ``max_events``, encode new texts in one pass, build features.
 
         Unlike training packing, events at or after the cutoff are kept (with age 0): at inference the
         caller decides the moment the embedding describes.
         """
-        kept = [self.packer.recent(r) for r in records]
-        self.text_cache.ensure(sorted({t for k in kept for s in k.values() for t in s.text}))
+        kept = [self.pipeline.packer.recent(r) for r in records]
         late = sum(int((s.ts > cutoff_us).sum()) for k in kept for s in k.values())
         if late:
             warnings.warn(f"{late} events are after the cutoff and count as age 0; pass cutoff= the moment the "
                           "embedding should describe (e.g. now)", stacklevel=3)
-        return [self.packer.pack_kept(record, seqs, cutoff_us) for record, seqs in zip(records, kept)]
+        return self.pipeline.pack_kept(records, kept, cutoff_us)
 
     def suffixes(self, requests: Sequence[tuple[str, Head | None]]) -> list[torch.Tensor]:
         """One suffix per (query, head): [head prompt] query tokens <|user_emb|> -> (k + Lq + 1, H)."""
@@ -196,7 +203,27 @@ class QAnchor:
         return prompt
 
     # ------------------------------------------------------------------------------------- embedding
-    def embed_many(self, users: User | Iterable[User], requests: Sequence[tuple[str, Head | None]],
+    def iter_embed(self, users: Users, requests: Sequence[tuple[str, Head | None]], use_cache: bool = True,
+                   cutoff: datetime | str | None = None) -> Iterator[tuple[list[str], np.ndarray]]:
+        """The one embedding loop: stream users, yield ``(user_ids, float32 [B, R, D])`` per batch.
+
+        Memory stays flat in the number of users: ``stream_users`` records are held at a time (their new
+        event texts encoded in one pass), ``batch_size`` of them share one prefix pass, at most ``max_rows``
+        (user, request) suffixes run per forward. Export, the daily update and the benchmark all embed here.
+
+        Example:
+            >>> for ids, emb in model.iter_embed(load_dataset("data/synth"), [("Will this user churn?", None)]):  # doctest: +SKIP
+            ...     write(ids, emb)
+        """
+        suffixes = self.suffixes(requests)
+        cutoff_us = self.cutoff_us(cutoff)
+        for records in batched(self.records(users), self.stream_users):
+            packed = self.pack(records, cutoff_us)
+            for start in range(0, len(packed), self.batch_size):
+                part = packed[start : start + self.batch_size]
+                yield [p.user_id for p in part], self.embed_packed(part, suffixes, use_cache)
+
+    def embed_many(self, users: Users, requests: Sequence[tuple[str, Head | None]],
                    use_cache: bool = True, cutoff: datetime | str | None = None) -> np.ndarray:
         """Embed every user under every (query, head) request -> float32 ``[U, R, D]`` unit vectors.
 
@@ -206,59 +233,68 @@ class QAnchor:
             >>> model.embed_many(users, [("Will this user churn?", None), (head.query, head)]).shape  # doctest: +SKIP
             (5, 2, 128)
         """
-        records = self.records(users)
-        suffixes = self.suffixes(requests)
-        cutoff_us = self.cutoff_us(cutoff)
-        out = np.zeros((len(records), len(suffixes), self.embedding_dim), np.float32)
-        for start in range(0, len(records), self.batch_size):
-            chunk = records[start : start + self.batch_size]
-            out[start : start + len(chunk)] = self.embed_packed(self.pack(chunk, cutoff_us), suffixes, use_cache)
-        return out
+        parts = [emb for _, emb in self.iter_embed(users, requests, use_cache, cutoff)]
+        if not parts:
+            return np.zeros((0, len(requests), self.embedding_dim), np.float32)
+        return np.concatenate(parts)
 
-    def embed(self, users: User | Iterable[User], queries: str | Sequence[str], head: Head | None = None,
+    def embed(self, users: Users, queries: str | Sequence[str], head: Head | None = None,
               use_cache: bool = True, cutoff: datetime | str | None = None) -> np.ndarray:
         """Embed users under queries -> float32 ``[U, Q, D]``; ``head``'s prompt (if any) joins every query.
 
+        ``users`` may be one user, records or dicts (any iterable, streamed), or a whole :class:`Dataset`.
+
         Example:
-            >>> model.embed(ds.users(), ["Will this user redeem a coupon?"]).shape  # doctest: +SKIP
+            >>> model.embed(load_dataset("data/synth"), ["Will this user redeem a coupon?"]).shape  # doctest: +SKIP
             (2000, 1, 128)
         """
         queries = [queries] if isinstance(queries, str) else list(queries)
         return self.embed_many(users, [(q, head) for q in queries], use_cache=use_cache, cutoff=cutoff)
 
-    def score(self, users: User | Iterable[User], head: Head, cutoff: datetime | str | None = None) -> np.ndarray:
+    def score(self, users: Users, head: Head, cutoff: datetime | str | None = None) -> np.ndarray:
         """The head's score of each user's embedding under the head's own query -> ``[U]``."""
         return self.score_many(users, [head], cutoff)[:, 0]
 
-    def score_many(self, users: User | Iterable[User], heads: Sequence[Head], cutoff: datetime | str | None = None) -> np.ndarray:
+    def score_many(self, users: Users, heads: Sequence[Head], cutoff: datetime | str | None = None) -> np.ndarray:
         """Scores of several heads from one prefix pass per user -> ``[U, n_heads]``."""
-        emb = torch.from_numpy(self.embed_many(users, [(h.query, h) for h in heads], cutoff=cutoff))  # (U, n_heads, D)
-        with torch.inference_mode():
-            cols = [h.score(emb[:, i].to(self.device)).detach().float().cpu().numpy() for i, h in enumerate(heads)]
-        return np.stack(cols, axis=1) if cols else np.zeros((emb.shape[0], 0), np.float32)
+        return head_scores(heads, self.embed_many(users, [(h.query, h) for h in heads], cutoff=cutoff), self.device)
 
     @torch.inference_mode()
     def embed_packed(self, packed: Sequence[PackedUser], suffixes: Sequence[torch.Tensor], use_cache: bool = True) -> np.ndarray:
-        """The core: packed users x suffixes -> float32 ``[B, R, D]`` (use :meth:`embed` unless streaming)."""
+        """Packed users x suffixes -> float32 ``[B, R, D]`` (the step inside :meth:`iter_embed`)."""
         if not packed:
             return np.zeros((0, len(suffixes), self.embedding_dim), np.float32)
-        batch = collate_users(list(packed), self.manifest, self.text_cache.vectors, len(self.tabular_columns)).to(self.device)
-        b, r = len(packed), len(suffixes)
-        user_index = torch.arange(b, device=self.device).repeat_interleave(r)  # (B*R,): user of each row, requests fastest
+        batch = self.pipeline.collate(packed).to(self.device)
+        if not use_cache:
+            b, r = len(packed), len(suffixes)
+            user_index = torch.arange(b, device=self.device).repeat_interleave(r)  # (B*R,): requests fastest
+            rows = [s for _ in range(b) for s in suffixes]
+            hidden = torch.cat([anchor_hidden_uncached(self.model, batch, user_index[i : i + self.max_rows],
+                                                       rows[i : i + self.max_rows]) for i in range(0, len(rows), self.max_rows)])
+            return self.model.project(hidden).view(b, r, -1).cpu().numpy()
+        return self.embed_prefixes(self.model.prefixes(batch), suffixes)
+
+    @torch.inference_mode()
+    def embed_prefixes(self, prefixes: list[torch.Tensor], suffixes: Sequence[torch.Tensor]) -> np.ndarray:
+        """Built prefix embeddings ((L_b, H) each) x suffixes -> float32 ``[B, R, D]``: each prefix runs once.
+
+        The daily update builds prefixes from cached modality encodings and embeds them here too.
+        """
+        b, r = len(prefixes), len(suffixes)
+        prefix = encode_prefix_embeddings(self.model, prefixes)  # each user's prefix runs once
+        user_index = torch.arange(b, device=self.device).repeat_interleave(r)  # (B*R,): requests fastest
         rows = [s for _ in range(b) for s in suffixes]  # B*R suffixes in the same order
-        hidden = self._hidden(batch, user_index, rows) if use_cache else self._hidden_uncached(batch, user_index, rows)
+        hidden = torch.cat([anchor_hidden(self.model, prefix, user_index[i : i + self.max_rows], rows[i : i + self.max_rows])
+                            for i in range(0, len(rows), self.max_rows)])  # (B*R, H)
         return self.model.project(hidden).view(b, r, -1).cpu().numpy()  # (B*R, D) -> (B, R, D)
 
-    def _hidden(self, batch: UserBatch, user_index: torch.Tensor, rows: list[torch.Tensor]) -> torch.Tensor:
-        prefix = encode_prefixes(self.model, batch)  # each user's prefix runs once
-        parts = [anchor_hidden(self.model, prefix, user_index[i : i + self.max_rows], rows[i : i + self.max_rows])
-                 for i in range(0, len(rows), self.max_rows)]
-        return torch.cat(parts)  # (B*R, H)
 
-    def _hidden_uncached(self, batch: UserBatch, user_index: torch.Tensor, rows: list[torch.Tensor]) -> torch.Tensor:
-        parts = [anchor_hidden_uncached(self.model, batch, user_index[i : i + self.max_rows], rows[i : i + self.max_rows])
-                 for i in range(0, len(rows), self.max_rows)]
-        return torch.cat(parts)  # (B*R, H)
+def head_scores(heads: Sequence[Head], embeddings: np.ndarray, device: torch.device | str = "cpu") -> np.ndarray:
+    """Each head's score of its own column of ``embeddings`` [U, n_heads, D] -> float32 ``[U, n_heads]``."""
+    with torch.inference_mode():
+        cols = [h.score(torch.from_numpy(embeddings[:, i]).to(device)).detach().float().cpu().numpy()
+                for i, h in enumerate(heads)]
+    return np.stack(cols, axis=1) if cols else np.zeros((embeddings.shape[0], 0), np.float32)
 
 
 def embed(user: User, query: str, model: QAnchor | str | Path, head: Head | None = None,

@@ -35,15 +35,14 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
-import torch
 import yaml
 from tqdm.auto import tqdm
 
 from qanchor.data.dataset import Dataset
-from qanchor.data.io import write_parquet, write_text
+from qanchor.data.io import OutputKind, claim_output_dir, write_parquet, write_text
 from qanchor.data.manifest import Manifest
 from qanchor.errors import ConfigError, ModelInputError
-from qanchor.infer.api import Head, QAnchor
+from qanchor.infer.api import Head, QAnchor, head_scores
 from qanchor.infer.user_input import record_adapter
 
 __all__ = ["head_name", "head_digest", "ExportReport", "read_queries", "task_queries", "rank_and_world", "embeddings_table", "read_embeddings",
@@ -227,12 +226,14 @@ def export_embeddings(model: QAnchor, ds: Dataset, queries: list[tuple[str, str]
     cutoff = cutoff or ds.manifest.cutoff.isoformat()
     if not queries and not heads:
         raise ModelInputError("nothing to embed: give queries and/or scenario heads")
+    requests = [(q, None) for _, q in queries] + [(h.query, h) for h in heads]
+    model.cutoff_us(cutoff), model.suffixes(requests)  # a bad cutoff, query or head fails before anything is written
+    claim_output_dir(out, OutputKind.EXPORT, {"data.path": ds.root, "checkpoint": model.checkpoint_dir}, key="out")
     _check_manifest(out, {"format": FORMAT, "checkpoint": model.checkpoint_hash, "dataset": ds.partitions.directory.name,
                           "queries": [list(q) for q in queries], "heads": [[head_name(h), head_digest(h)] for h in heads],
                           "shards": [list(s) for s in shards], "cutoff": cutoff, "embedding_dim": model.embedding_dim,
                           "use_cache": use_cache})
     adapt = record_adapter(ds.manifest, ds.tabular_columns, model.manifest, model.tabular_columns)
-    suffixes = model.suffixes([(q, None) for _, q in queries] + [(h.query, h) for h in heads])
     query_ids = [qid for qid, _ in queries] + [f"head:{head_name(h)}" for h in heads]
     mine = list(range(rank, len(shards), world))
     done = [i for i in mine if (out / f"part-{i:05d}.done").exists()]
@@ -244,28 +245,23 @@ def export_embeddings(model: QAnchor, ds: Dataset, queries: list[tuple[str, str]
         if i in done:
             continue
         part, lo, hi = shards[i]
-        records = [adapt(r) for r in ds.users(ds.partitions.ids_of(part)[lo:hi])]
-        model.prime(records)  # one text-encoder pass per shard, not one per batch
-        emb = np.concatenate([_embed_chunk(model, records[j : j + model.batch_size], suffixes, cutoff, use_cache)
-                              for j in range(0, len(records), model.batch_size)] or
-                             [np.zeros((0, len(suffixes), model.embedding_dim), np.float32)])  # (U, Q, D)
+        records = (adapt(r) for r in ds.users(ds.partitions.ids_of(part)[lo:hi]))
+        ids, chunks = [], []
+        for chunk_ids, chunk in model.iter_embed(records, requests, use_cache, cutoff):
+            ids += chunk_ids
+            chunks.append(chunk)
+        emb = np.concatenate(chunks) if chunks else np.zeros((0, len(requests), model.embedding_dim), np.float32)  # (U, Q, D)
         scores = np.full(emb.shape[:2], np.nan, np.float32)  # (U, Q + n_heads)
-        for j, head in enumerate(heads, start=len(queries)):
-            with torch.inference_mode():
-                scores[:, j] = head.score(torch.from_numpy(emb[:, j]).to(model.device)).float().cpu().numpy()
-        write_parquet(embeddings_table([r.user_id for r in records], query_ids, emb, scores), out / f"part-{i:05d}.parquet")
-        write_text(json.dumps({"users": len(records), "rows": len(records) * len(suffixes)}), out / f"part-{i:05d}.done")
-        users += len(records)
-        bar.update(len(records))
+        scores[:, len(queries):] = head_scores(heads, emb[:, len(queries):], model.device)
+        write_parquet(embeddings_table(ids, query_ids, emb, scores), out / f"part-{i:05d}.parquet")
+        write_text(json.dumps({"users": len(ids), "rows": len(ids) * len(requests)}), out / f"part-{i:05d}.done")
+        users += len(ids)
+        bar.update(len(ids))
         if on_shard_done is not None:
             on_shard_done(i)
     bar.close()
     return ExportReport(rank, world, len(shards), len(mine), len(done), len(mine) - len(done), users,
                         time.perf_counter() - start)
-
-
-def _embed_chunk(model: QAnchor, records: list, suffixes: list, cutoff: str, use_cache: bool) -> np.ndarray:
-    return model.embed_packed(model.pack(records, model.cutoff_us(cutoff)), suffixes, use_cache)  # (B, Q, D)
 
 
 def report_json(report: ExportReport) -> str:

@@ -21,10 +21,8 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from qanchor.data.batch import collate_users
 from qanchor.data.packing import PackedModality, PackedUser, numeric_width
 from qanchor.infer.api import QAnchor
-from qanchor.model.prefix_cache import anchor_hidden, encode_prefix_embeddings
 from qanchor.model.layout import build_prefixes
 from qanchor.model.user_encoder import ModalityEncoding, UserTokens
 
@@ -53,8 +51,7 @@ def encode_modalities(q: QAnchor, packed: Sequence[PackedUser], names: Sequence[
     """Encode modalities ``names`` of every user in ``packed`` -> name -> one :class:`Encoding` per user."""
     out = {}
     for name in names:
-        batch = collate_users([_only(u, name, q) for u in packed], q.manifest, q.text_cache.vectors,
-                              len(q.tabular_columns)).to(q.device)
+        batch = q.pipeline.collate([_only(u, name, q) for u in packed]).to(q.device)
         enc = q.model.user_encoder.encode_modality(name, batch)  # the model's own modality step
         out[name] = [Encoding(enc.events[b][enc.mask[b]].float().cpu().numpy(), enc.token[b].float().cpu().numpy(),
                               encoded_at) for b in range(len(packed))]
@@ -74,18 +71,11 @@ def _user_tokens(q: QAnchor, users: Sequence[dict[str, Encoding]]) -> UserTokens
     return enc.tokens_from_encodings(encodings)
 
 
-@torch.inference_mode()
 def embed_from_encodings(q: QAnchor, users: Sequence[dict[str, Encoding]], suffixes: Sequence[torch.Tensor]) -> np.ndarray:
     """Embeddings from cached modality encodings (every modality of every user) -> float32 ``[B, R, D]``."""
     if not users:
         return np.zeros((0, len(suffixes), q.embedding_dim), np.float32)
-    model = q.model
-    tokens = _user_tokens(q, users)
-    prefixes = build_prefixes(tokens, model.token_ids, model.embed_tokens, model.cfg.user_encoder.summary_tokens)
-    prefix = encode_prefix_embeddings(model, prefixes)  # the prefix still runs for every changed user
-    b, r = len(users), len(suffixes)
-    user_index = torch.arange(b, device=q.device).repeat_interleave(r)  # (B*R,)
-    rows = [s for _ in range(b) for s in suffixes]
-    hidden = torch.cat([anchor_hidden(model, prefix, user_index[i : i + q.max_rows], rows[i : i + q.max_rows])
-                        for i in range(0, len(rows), q.max_rows)])  # (B*R, H)
-    return model.project(hidden).view(b, r, -1).cpu().numpy()  # (B, R, D)
+    with torch.inference_mode():
+        tokens = _user_tokens(q, users)
+        prefixes = build_prefixes(tokens, q.model.token_ids, q.model.embed_tokens, q.model.cfg.user_encoder.summary_tokens)
+    return q.embed_prefixes(prefixes, suffixes)  # the prefix still runs for every changed user

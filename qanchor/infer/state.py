@@ -31,7 +31,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from qanchor.data.dataset import EventSeq, UserRecord
+from qanchor.data.dataset import UserRecord, records_from_table
 from qanchor.data.io import write_parquet, write_text
 from qanchor.data.manifest import Manifest
 from qanchor.data.schema import TS_TYPE, events_table
@@ -98,32 +98,7 @@ def link_shard(src: Path, dst: Path, shard: int) -> None:
 
 def records_from_events(table: pa.Table, manifest: Manifest) -> dict[str, UserRecord]:
     """A long event table -> one record per user (events sorted by time; no tabular row)."""
-    if table.num_rows == 0:
-        return {}
-    table = table.sort_by([("user_id", "ascending"), ("ts", "ascending")])
-    uid = table.column("user_id").to_numpy(zero_copy_only=False)
-    mods = table.column("modality").to_numpy(zero_copy_only=False)
-    ts = table.column("ts").cast(TS_TYPE).cast(pa.int64()).to_numpy()
-    text = table.column("text").to_numpy(zero_copy_only=False)
-
-    def floats(name: str) -> np.ndarray:
-        if name not in table.column_names:
-            return np.full(table.num_rows, np.nan, np.float32)
-        return table.column(name).cast(pa.float32()).to_numpy(zero_copy_only=False).astype(np.float32)
-
-    value = floats("value")
-    extras = {m.name: np.stack([floats(c) for c in m.numeric_columns], axis=1) if m.numeric_columns
-              else np.zeros((table.num_rows, 0), np.float32) for m in manifest.sequence_modalities}  # (rows, n_extra)
-    starts = np.flatnonzero(np.r_[True, uid[1:] != uid[:-1]])
-    out = {}
-    for lo, hi in zip(starts, np.r_[starts[1:], len(uid)]):
-        events = {}
-        for m in manifest.sequence_modalities:
-            sel = lo + np.flatnonzero(mods[lo:hi] == m.name)
-            if sel.size:
-                events[m.name] = EventSeq(ts[sel], text[sel].tolist(), value[sel], extras[m.name][sel])
-        out[str(uid[lo])] = UserRecord(str(uid[lo]), events, None)
-    return out
+    return {r.user_id: r for r in records_from_table(table, manifest)}
 
 
 def events_from_records(records: list[UserRecord], manifest: Manifest) -> pa.Table:

@@ -35,6 +35,7 @@ from tqdm.auto import tqdm
 
 from qanchor.data.dataset import Dataset, EventSeq, UserRecord
 from qanchor.data.io import OutputKind, atomic_dir
+from qanchor.data.pipeline import batched
 from qanchor.data.schema import TS_TYPE
 from qanchor.errors import CheckpointError, ConfigError, ModelInputError
 from qanchor.infer.api import QAnchor
@@ -92,7 +93,7 @@ def _merge(old: UserRecord | None, new: UserRecord, q: QAnchor) -> UserRecord:
             seq = EventSeq(ts[order], [(a.text + seq.text)[i] for i in order],
                            np.concatenate([a.value, seq.value])[order], np.concatenate([a.extras, seq.extras])[order])
         events[name] = seq
-    return UserRecord(new.user_id, q.packer.recent(UserRecord(new.user_id, events, None)), None)
+    return UserRecord(new.user_id, q.pipeline.packer.recent(UserRecord(new.user_id, events, None)), None)
 
 
 def _encode_users(q: QAnchor, records: list[UserRecord], touched: list[set[str]], as_of_us: int,
@@ -111,8 +112,7 @@ def _encode_users(q: QAnchor, records: list[UserRecord], touched: list[set[str]]
 
 
 def _embed(q: QAnchor, encodings: dict[str, dict[str, Encoding]], users: list[str], suffixes) -> np.ndarray:
-    chunks = [embed_from_encodings(q, [encodings[u] for u in users[i : i + q.batch_size]], suffixes)
-              for i in range(0, len(users), q.batch_size)]
+    chunks = [embed_from_encodings(q, [encodings[u] for u in part], suffixes) for part in batched(users, q.batch_size)]
     return np.concatenate(chunks) if chunks else np.zeros((0, len(suffixes), q.embedding_dim), np.float32)  # (U, Q, D)
 
 
@@ -147,15 +147,13 @@ def init_state(q: QAnchor, ds: Dataset, queries: list[tuple[str, str]], out_dir:
     with atomic_dir(out_dir, OutputKind.STATE) as tmp:
         for s, p in enumerate(tqdm(shards, desc="init state", unit="shard", disable=not progress or None)):
             records = [adapt(r) for r in ds.users(parts.ids_of(p))]
-            q.prime(records)
             encodings, n = {}, 0
-            for i in range(0, len(records), q.batch_size):
-                chunk = records[i : i + q.batch_size]
+            for chunk in batched(records, q.batch_size):
                 enc, n_run = _encode_users(q, chunk, [names] * len(chunk), as_of_us, {})
                 encodings.update(enc)
                 n += n_run
             emb = _embed(q, encodings, [r.user_id for r in records], suffixes)
-            buffers = [UserRecord(r.user_id, q.packer.recent(r), None) for r in records]
+            buffers = [UserRecord(r.user_id, q.pipeline.packer.recent(r), None) for r in records]
             _write_shard(q, tmp, s, buffers, encodings, emb, query_ids, {})
             n_users, ran = n_users + len(records), ran + n
         report = UpdateReport(_iso(as_of_us), 0.0, n_users, n_users, n_users, 0, ran, 0, n_users, len(shards), 0,
@@ -255,10 +253,8 @@ def _update_shard(q: QAnchor, src: Path, dst: Path, shard: int, new: dict[str, U
             touched[uid] = sequence if full else set()
     cached = decode_encodings(old["encodings"], set(targets)) if old["encodings"] is not None else {}
     recs = [records[u] for u in targets]
-    q.prime(recs)
     encodings, ran = {}, 0
-    for i in range(0, len(recs), q.batch_size):
-        chunk = recs[i : i + q.batch_size]
+    for chunk in batched(recs, q.batch_size):
         enc, n = _encode_users(q, chunk, [touched[r.user_id] for r in chunk], as_of_us, cached)
         encodings.update(enc)
         ran += n

@@ -6,7 +6,7 @@ a pure function of (seed, s): resuming at step ``s`` needs no replay, and rank `
 rows ``[r*B, (r+1)*B)`` of the global batch.
 
 Example:
-    >>> stream = PretrainStream(ds, packer, tokenizer, model.token_ids, cfg.model, seed=0, uqa_fraction=0.5)  # doctest: +SKIP
+    >>> stream = PretrainStream(ds, pipe, tokenizer, model.token_ids, cfg.model, seed=0, uqa_fraction=0.5)  # doctest: +SKIP
     >>> batch = stream.batch(step=0, batch_size=16)  # doctest: +SKIP
 """
 
@@ -20,9 +20,9 @@ import pyarrow.compute as pc
 import torch
 
 from qanchor.config import ModelConfig
-from qanchor.data.batch import collate_users, pad_token_ids
+from qanchor.data.batch import pad_token_ids
 from qanchor.data.dataset import Dataset, UserRecord
-from qanchor.data.packing import UserPacker
+from qanchor.data.pipeline import UserPipeline
 from qanchor.model.layout import TokenIds, tokenize_answer, tokenize_query
 from qanchor.model.qanchor_model import PretrainBatch
 
@@ -30,9 +30,9 @@ __all__ = ["PretrainStream"]
 
 
 class PretrainStream:
-    def __init__(self, ds: Dataset, packer: UserPacker, tokenizer, token_ids: TokenIds, model_cfg: ModelConfig,
+    def __init__(self, ds: Dataset, pipe: UserPipeline, tokenizer, token_ids: TokenIds, model_cfg: ModelConfig,
                  seed: int, uqa_fraction: float = 0.5):
-        self.ds, self.packer, self.tokenizer, self.token_ids, self.model_cfg = ds, packer, tokenizer, token_ids, model_cfg
+        self.ds, self.pipe, self.tokenizer, self.token_ids, self.model_cfg = ds, pipe, tokenizer, token_ids, model_cfg
         self.seed = seed
         table = ds.userU().sort_by([("user_id", "ascending"), ("cutoff", "ascending"), ("source", "ascending"), ("query", "ascending")])
         self.user_ids = table.column("user_id").to_numpy(zero_copy_only=False).astype(object)
@@ -99,8 +99,9 @@ class PretrainStream:
 
     def batch(self, step: int, batch_size: int, rank: int = 0, world: int = 1) -> PretrainBatch:
         ids = self.pair_ids(step, batch_size, rank, world)
-        packed = [self.packer.pack(self._record(self.user_ids[i], int(self.partition_of[i])), int(self.cutoff_us[i])) for i in ids]
-        users = collate_users(packed, self.ds.manifest, self.packer.cache.vectors, len(self.ds.tabular_columns))
+        packed = [self.pipe.packer.pack(self._record(self.user_ids[i], int(self.partition_of[i])), int(self.cutoff_us[i]))
+                  for i in ids]
+        users = self.pipe.collate(packed)
         queries = pad_token_ids([self._tok_query(self.queries[i]) for i in ids], self.token_ids.pad)
         answers = pad_token_ids([self._tok_answer(self.answers[i]) for i in ids], self.token_ids.pad, [self.answers[i] for i in ids])
         hashes = torch.tensor([zlib.crc32(self.answers[i].encode()) for i in ids], dtype=torch.long)

@@ -23,8 +23,8 @@ from tqdm.auto import tqdm
 from qanchor.config import PretrainConfig, load_config
 from qanchor.data.dataset import Dataset, load_dataset
 from qanchor.data.io import write_text
-from qanchor.data.packing import UserPacker, tabular_stats
-from qanchor.data.text_cache import SentenceEncoder, TextVectorCache
+from qanchor.data.packing import tabular_stats
+from qanchor.data.pipeline import UserPipeline
 from qanchor.errors import ConfigError
 from qanchor.model.factory import ModelMeta, build_model, save_checkpoint
 from qanchor.train.distributed import all_reduce_sum, gather_with_grad, global_mean_loss
@@ -52,7 +52,7 @@ class MetricsLog:
             fh.write(json.dumps(record) + "\n")
 
 
-def prepare_inputs(cfg: PretrainConfig, rank: int, progress: bool = True) -> tuple[Dataset, UserPacker]:
+def prepare_inputs(cfg: PretrainConfig, rank: int, progress: bool = True) -> tuple[Dataset, UserPipeline]:
     """Open the dataset and fill the text-vector cache (rank 0 first; the others then read its shards)."""
     if not cfg.data.path:
         raise ConfigError("data.path is empty; pass data.path=<dataset dir>")
@@ -60,13 +60,13 @@ def prepare_inputs(cfg: PretrainConfig, rank: int, progress: bool = True) -> tup
     if rank == 0:
         ds = load_dataset(cfg.data.path, cfg.data.cache_dir)
         _ = ds.partitions  # built once, by rank 0
-        cache = TextVectorCache(ds.text_cache_dir, SentenceEncoder(cfg.data.text_encoder))
-        UserPacker(ds.manifest, cfg.data, cache).prime(ds.users(), progress=progress, all_events=True)
+        pipe = UserPipeline.for_dataset(ds, cfg.data)
+        pipe.prime(ds.users(), progress=progress, all_events=True)
     barrier()
     if rank != 0:
         ds = load_dataset(cfg.data.path, cfg.data.cache_dir)
-        cache = TextVectorCache(ds.text_cache_dir, SentenceEncoder(cfg.data.text_encoder))
-    return ds, UserPacker(ds.manifest, cfg.data, cache)
+        pipe = UserPipeline.for_dataset(ds, cfg.data)
+    return ds, pipe
 
 
 def _check_output_dir(out: Path, resume: bool) -> None:
@@ -80,14 +80,14 @@ def run_pretrain(config_path: str | Path | None, overrides: list[str] | tuple[st
     out = Path(cfg.output_dir)
     _check_output_dir(out, cfg.resume)
     rank, world = init_distributed()
-    ds, packer = prepare_inputs(cfg, rank, progress and rank == 0)
+    ds, pipe = prepare_inputs(cfg, rank, progress and rank == 0)
     torch.manual_seed(cfg.train.seed)  # identical initial weights on every rank
-    model, tokenizer = build_model(cfg.model, ds.manifest, packer.cache.dim, ds.tabular_columns)
+    model, tokenizer = build_model(cfg.model, ds.manifest, pipe.cache.dim, ds.tabular_columns)
     if model.user_encoder.tabular is not None:
         mean, std = tabular_stats(ds.users(), len(ds.tabular_columns))
         model.user_encoder.tabular.set_stats(torch.from_numpy(mean), torch.from_numpy(std))
-    meta = ModelMeta(ds.manifest.to_dict(), packer.cache.dim, cfg.data.text_encoder.__dict__, list(ds.tabular_columns))
-    stream = PretrainStream(ds, packer, tokenizer, model.token_ids, cfg.model, cfg.train.seed, cfg.train.uqa_fraction)
+    meta = ModelMeta(ds.manifest.to_dict(), pipe.cache.dim, cfg.data.text_encoder.__dict__, list(ds.tabular_columns))
+    stream = PretrainStream(ds, pipe, tokenizer, model.token_ids, cfg.model, cfg.train.seed, cfg.train.uqa_fraction)
     engine, _ = initialize(model, cfg.train, world)
     torch.manual_seed(cfg.train.seed * 1000 + rank)  # dropout streams differ per rank
     start = _maybe_resume(engine, out, cfg.resume)

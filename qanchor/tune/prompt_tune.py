@@ -23,7 +23,6 @@ from __future__ import annotations
 import hashlib
 import json
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -31,11 +30,9 @@ import torch
 from omegaconf import OmegaConf
 
 from qanchor.config import DataConfig, PromptTuneConfig, TextEncoderConfig, load_config
-from qanchor.data.batch import UserBatch, collate_users
 from qanchor.data.dataset import Dataset, load_dataset
 from qanchor.data.io import write_text
-from qanchor.data.packing import UserPacker
-from qanchor.data.text_cache import SentenceEncoder, TextVectorCache
+from qanchor.data.pipeline import UserPipeline, batched
 from qanchor.errors import CheckpointError, ConfigError
 from qanchor.model.factory import ModelMeta, checkpoint_hash, load_checkpoint
 from qanchor.model.qanchor_model import QAnchorModel
@@ -83,22 +80,12 @@ def _check_compatible(ds: Dataset, model: QAnchorModel, meta: ModelMeta) -> None
                               "tune on a dataset with the checkpoint's layout")
 
 
-def encode_users(model: QAnchorModel, ds: Dataset, packer: UserPacker, user_ids: list[str], n_tabular: int,
-                 chunk: int, progress: bool) -> PrefixStore:
+def encode_users(model: QAnchorModel, ds: Dataset, pipe: UserPipeline, user_ids: list[str], chunk: int,
+                 progress: bool) -> PrefixStore:
     """Pack, collate and encode the prefixes of ``user_ids`` (sorted), ``chunk`` users at a time."""
-    packer.prime(ds.users(user_ids), progress=progress)  # encode any missing event text once, in big batches
-
-    def batches() -> Iterator[UserBatch]:
-        packed = []
-        for record in ds.users(user_ids):
-            packed.append(packer.pack(record))
-            if len(packed) == chunk:
-                yield collate_users(packed, model.manifest, packer.cache.vectors, n_tabular)
-                packed = []
-        if packed:
-            yield collate_users(packed, model.manifest, packer.cache.vectors, n_tabular)
-
-    return PrefixStore.encode(model, batches(), progress=progress)
+    pipe.prime(ds.users(user_ids), progress=progress)  # encode any missing event text once, in big batches
+    batches = (pipe.collate(pipe.pack_many(records)) for records in batched(ds.users(user_ids), chunk))
+    return PrefixStore.encode(model, batches, progress=progress)
 
 
 def _write_split(path: Path, store: PrefixStore, split) -> None:
@@ -122,8 +109,7 @@ def run_prompt_tune(config_path: str | Path | None, overrides: list[str] | tuple
     ds = load_dataset(data_cfg.path, data_cfg.cache_dir)
     _check_compatible(ds, model, meta)
     tasks = select_tasks(ds, cfg.task)
-    cache = TextVectorCache(ds.text_cache_dir, SentenceEncoder(data_cfg.text_encoder))
-    packer = UserPacker(ds.manifest, data_cfg, cache)
+    pipe = UserPipeline.for_dataset(ds, data_cfg)
     out = Path(cfg.output_dir)
     fingerprint = ds.fingerprint  # stats every dataset file: once, not per task
     keys = {name: _task_key(cfg, data_cfg, ckpt_hash, fingerprint, name) for name in tasks}
@@ -137,7 +123,7 @@ def run_prompt_tune(config_path: str | Path | None, overrides: list[str] | tuple
         # Every chosen task's users, not only the unfinished ones': the same store as an uninterrupted run,
         # so a task tuned after a restart comes out bit-identical (batch composition moves float rounding).
         user_ids = sorted(set().union(*(ds.tasks[t].user_ids.tolist() for t in tasks)))
-        store = encode_users(model, ds, packer, user_ids, len(meta.tabular_columns), cfg.prefix_chunk, progress)
+        store = encode_users(model, ds, pipe, user_ids, cfg.prefix_chunk, progress)
         row_of = {u: i for i, u in enumerate(store.user_ids)}
     summary = {"model": str(cfg.model), "checkpoint_hash": ckpt_hash, "dataset": str(ds.root),
                "n_users": len(store) if store else 0, "prefix_mb": store.nbytes / 2**20 if store else 0.0,

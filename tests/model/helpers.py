@@ -8,8 +8,8 @@ import torch
 
 from qanchor.config import DataConfig, PretrainConfig, load_config
 from qanchor.data.dataset import load_dataset
-from qanchor.data.packing import UserPacker
-from qanchor.data.text_cache import SentenceEncoder, TextVectorCache
+from qanchor.data.pipeline import UserPipeline
+from qanchor.data.text_cache import SentenceEncoder
 from qanchor.data.userU import build_userU
 from qanchor.model.factory import build_model
 from qanchor.train.pairs import PretrainStream
@@ -36,13 +36,12 @@ def model_and_stream(dataset_dir: Path, cfg: PretrainConfig | None = None, seed:
     if not (Path(dataset_dir) / "userU.parquet").exists():
         build_userU(dataset_dir, progress=False)
         ds = load_dataset(dataset_dir)
-    cache = TextVectorCache(ds.text_cache_dir, encoder())
-    packer = UserPacker(ds.manifest, cfg.data, cache)
-    packer.prime(ds.users(), progress=False, all_events=True)
+    pipe = UserPipeline.for_dataset(ds, cfg.data, encoder())
+    pipe.prime(ds.users(), progress=False, all_events=True)
     torch.manual_seed(seed)
-    model, tokenizer = build_model(cfg.model, ds.manifest, cache.dim, ds.tabular_columns)
-    stream = PretrainStream(ds, packer, tokenizer, model.token_ids, cfg.model, seed=0)
-    return model, tokenizer, stream, ds, packer, cfg
+    model, tokenizer = build_model(cfg.model, ds.manifest, pipe.cache.dim, ds.tabular_columns)
+    stream = PretrainStream(ds, pipe, tokenizer, model.token_ids, cfg.model, seed=0)
+    return model, tokenizer, stream, ds, pipe, cfg
 
 
 __all__ = ["encoder", "tiny_cfg", "model_and_stream", "DataConfig"]

@@ -95,8 +95,8 @@ def test_empty_modality_uses_learned_empty_token(setup):
     model.eval()
     from qanchor.data.batch import collate_users
 
-    users = [stream.packer.pack(stream.ds.user(uid)) for uid in ("u000", "u001")]  # u000: no events; u001: no search
-    batch = collate_users(users, stream.ds.manifest, stream.packer.cache.vectors, 2)
+    users = [stream.pipe.packer.pack(stream.ds.user(uid)) for uid in ("u000", "u001")]  # u000: no events; u001: no search
+    batch = stream.pipe.collate(users)
     with torch.no_grad():
         tokens = model.user_encoder(batch)
     names = model.user_encoder.names

@@ -12,8 +12,7 @@ from safetensors.torch import save_file
 
 from qanchor.config import DataConfig, LossConfig, ModelConfig, TrainConfig, load_config
 from qanchor.data.dataset import load_dataset
-from qanchor.data.packing import UserPacker
-from qanchor.data.text_cache import SentenceEncoder, TextVectorCache
+from qanchor.data.pipeline import UserPipeline
 from qanchor.model.factory import build_model
 from qanchor.train.distributed import all_reduce_sum, gather_with_grad, global_mean_loss
 from qanchor.train.engine import init_distributed, initialize
@@ -24,12 +23,12 @@ def main(dataset_dir: str, out: str) -> None:
     rank, world = init_distributed()
     ds = load_dataset(dataset_dir)
     data_cfg = DataConfig(default_max_events=8)
-    packer = UserPacker(ds.manifest, data_cfg, TextVectorCache(ds.text_cache_dir, SentenceEncoder()))
+    pipe = UserPipeline.for_dataset(ds, data_cfg)
     model_cfg: ModelConfig = load_config("configs/model/tiny.yaml", ["user_encoder.dropout=0.0"])
     torch.manual_seed(0)
-    model, tokenizer = build_model(model_cfg, ds.manifest, packer.cache.dim, ds.tabular_columns)
+    model, tokenizer = build_model(model_cfg, ds.manifest, pipe.cache.dim, ds.tabular_columns)
     model.eval()  # no dropout anywhere: the two runs must see the same function
-    stream = PretrainStream(ds, packer, tokenizer, model.token_ids, model_cfg, seed=0)
+    stream = PretrainStream(ds, pipe, tokenizer, model.token_ids, model_cfg, seed=0)
     per_rank = 4 // world
     engine, _ = initialize(model, TrainConfig(batch_size=per_rank, max_steps=1, warmup_steps=0), world)
     batch = stream.batch(0, per_rank, rank, world)

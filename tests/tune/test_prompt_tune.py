@@ -12,15 +12,18 @@ import torch
 
 from qanchor.cli import main
 from qanchor.config import PromptTuneConfig, load_config
-from qanchor.data.batch import collate_users
+from qanchor.data.dataset import load_dataset
+from qanchor.data.pipeline import UserPipeline
 from qanchor.errors import CheckpointError
+from qanchor.infer.api import QAnchor
+from qanchor.metrics import auc_ks
 from qanchor.model.prefix_cache import anchor_hidden_uncached
 from qanchor.model.factory import ModelMeta, checkpoint_hash, load_checkpoint, save_checkpoint
 from qanchor.model.layout import tokenize_query
 from qanchor.tune.head import ScenarioHead, query_prompt_init
 from qanchor.tune.prompt_tune import encode_users, run_prompt_tune
 from qanchor.tune.trainer import split_users, tune_task
-from tests.model.helpers import model_and_stream
+from tests.model.helpers import encoder, model_and_stream
 
 FAST = ["steps=6", "eval_every=3", "batch_size=8", "prefix_chunk=16", "prototypes_per_class=2"]
 
@@ -40,17 +43,12 @@ def ckpt(tiny_dataset, tmp_path_factory) -> tuple[Path, Path]:
 @pytest.fixture(scope="module")
 def loaded(ckpt):
     """Frozen model, tokenizer, prefix store of every user, dataset."""
-    from qanchor.data.dataset import load_dataset
-    from qanchor.data.packing import UserPacker
-    from qanchor.data.text_cache import TextVectorCache
-    from tests.model.helpers import encoder
-
     model, tokenizer, meta, run_cfg = load_checkpoint(ckpt[0])
     model.requires_grad_(False)
     ds = load_dataset(ckpt[1])
-    packer = UserPacker(ds.manifest, run_cfg.data, TextVectorCache(ds.text_cache_dir, encoder()))
-    store = encode_users(model, ds, packer, list(ds.user_ids), len(meta.tabular_columns), chunk=16, progress=False)
-    return model, tokenizer, store, ds, packer
+    pipe = UserPipeline.for_dataset(ds, run_cfg.data, encoder())
+    store = encode_users(model, ds, pipe, list(ds.user_ids), chunk=16, progress=False)
+    return model, tokenizer, store, ds, pipe
 
 
 def _task_inputs(loaded, name: str = "churn"):
@@ -64,14 +62,13 @@ def _task_inputs(loaded, name: str = "churn"):
 
 
 def test_store_matches_uncached_forward_with_prompt(loaded):
-    model, tokenizer, store, ds, packer = loaded
+    model, tokenizer, store, ds, pipe = loaded
     query_ids = torch.tensor(tokenize_query(tokenizer, "Will this user stop paying?", 32))
     prompt = torch.randn(6, model.hidden_size, requires_grad=True)
     idx = torch.tensor([0, 7, 3, 7, 39])  # user 0 has no events; repeats allowed
     suffix = model.suffix(query_ids, prompt)
     cached = store.hidden(model, [suffix] * len(idx), idx)  # (5, H)
-    users = collate_users([packer.pack(ds.user(store.user_ids[int(i)])) for i in idx], model.manifest,
-                          packer.cache.vectors, len(ds.tabular_columns))
+    users = pipe.collate([pipe.packer.pack(ds.user(store.user_ids[int(i)])) for i in idx])
     uncached = anchor_hidden_uncached(model, users, torch.arange(len(idx)), [suffix] * len(idx))
     assert (cached - uncached).abs().max() < 1e-4
     (g_cached,) = torch.autograd.grad(cached.sum(), prompt)
@@ -122,12 +119,10 @@ def test_run_writes_heads_that_reload_and_score_identically(ckpt, loaded, tmp_pa
     rows = torch.tensor([store.user_ids.index(u) for u in split["test"]])
     query_ids = torch.tensor(tokenize_query(tokenizer, head.query, 32))
     emb = store.embed(model, model.suffix(query_ids, head.prompt.detach()), rows)
-    from qanchor.metrics import auc_ks
 
     labels = ds.tasks["churn"].labels[[list(ds.tasks["churn"].user_ids).index(u) for u in split["test"]]]
     assert auc_ks(labels, head.score(emb).detach().numpy())["auc"] == pytest.approx(on_disk["tasks"]["churn"]["tuned"]["test"]["auc"])
     # The serving API scores the saved head as tuning did (its own prefix encoding, no PrefixStore).
-    from qanchor.infer.api import QAnchor
 
     served = QAnchor.from_pretrained(ck, text_cache_dir=ds.text_cache_dir).score(
         [ds.user(u) for u in split["test"]], head, cutoff=ds.manifest.cutoff)

@@ -1,0 +1,143 @@
+"""Console output of long jobs: progress bars on a terminal, plain log lines everywhere else.
+
+A cluster job writes to a file: a tqdm bar there is one growing line of carriage returns, and silence
+for minutes looks like a hang. So on a terminal long loops show a bar; otherwise they print a start
+line, a line every ``every_s`` seconds (done / total, rate, ETA) and a last line when done. Third-party
+chatter (transformers' weight-loading bars and notices, DeepSpeed's info logs) is kept out of our
+output by :func:`quiet_third_party`; warnings and errors still pass.
+
+Example:
+    >>> for record in progress(ds.users(), total=ds.num_users, desc="embed", unit="user"):  # doctest: +SKIP
+    ...     ...
+    >>> log("pretrain: start")  # doctest: +SKIP
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+import time
+from collections.abc import Iterable, Iterator
+from typing import TypeVar
+
+__all__ = ["interactive", "log", "progress", "Progress", "quiet_third_party", "format_seconds"]
+
+T = TypeVar("T")
+
+
+def interactive() -> bool:
+    """True when progress bars make sense: stderr (where bars go) is a terminal."""
+    return sys.stderr.isatty() and os.environ.get("QANCHOR_NO_BARS") is None
+
+
+def log(message: str) -> None:
+    """One timestamped line on stdout, flushed (a log file shows it at once)."""
+    print(f"{time.strftime('%Y-%m-%d %H:%M:%S')} {message}", flush=True)
+
+
+def format_seconds(seconds: float) -> str:
+    """``75.2`` -> ``1m15s``; ``3725`` -> ``1h02m``.
+
+        >>> format_seconds(75.2), format_seconds(3725)
+        ('1m15s', '1h02m')
+    """
+    seconds = max(0, int(round(seconds)))
+    if seconds < 60:
+        return f"{seconds}s"
+    if seconds < 3600:
+        return f"{seconds // 60}m{seconds % 60:02d}s"
+    return f"{seconds // 3600}h{seconds % 3600 // 60:02d}m"
+
+
+class Progress:
+    """A bar on a terminal, log lines elsewhere; ``update(n)`` as work is done, ``close()`` at the end.
+
+    Without a terminal it logs when it starts, then at most every ``every_s`` seconds, and when closed.
+    ``enabled=False`` is silent (``--quiet``).
+    """
+
+    def __init__(self, total: int | None = None, desc: str = "", unit: str = "it", enabled: bool = True,
+                 every_s: float = 30.0, initial: int = 0):
+        self.total, self.desc, self.unit, self.every_s = total, desc, unit, every_s
+        self.n, self.postfix = initial, ""
+        self._start = self._last = time.perf_counter()
+        self._initial = initial
+        self._bar = None
+        self._logging = enabled and not interactive()
+        if enabled and not self._logging:
+            from tqdm.auto import tqdm
+
+            self._bar = tqdm(total=total, initial=initial, desc=desc, unit=unit, leave=False, dynamic_ncols=True)
+        elif self._logging:
+            log(f"{desc}: start" + (f", {total} {unit}" if total is not None else ""))
+
+    def update(self, n: int = 1) -> None:
+        self.n += n
+        if self._bar is not None:
+            self._bar.update(n)
+        elif self._logging and time.perf_counter() - self._last >= self.every_s:
+            self._last = time.perf_counter()
+            log(self._line())
+
+    def set_postfix(self, text: str) -> None:
+        self.postfix = text
+        if self._bar is not None:
+            self._bar.set_postfix_str(text)
+
+    def _line(self, done: bool = False) -> str:
+        elapsed = time.perf_counter() - self._start
+        rate = (self.n - self._initial) / elapsed if elapsed > 0 else 0.0
+        where = f"{self.n}/{self.total}" if self.total else str(self.n)
+        eta = ""
+        if not done and self.total and rate > 0:
+            eta = f", ETA {format_seconds((self.total - self.n) / rate)}"
+        head = f"{self.desc}: {'done, ' if done else ''}{where} {self.unit}"
+        return f"{head} in {format_seconds(elapsed)} ({rate:.1f} {self.unit}/s{eta})" + (f"; {self.postfix}" if self.postfix else "")
+
+    def close(self) -> None:
+        if self._bar is not None:
+            self._bar.close()
+            self._bar = None
+        elif self._logging:
+            self._logging = False
+            log(self._line(done=True))
+
+    def __enter__(self) -> Progress:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+def progress(items: Iterable[T], total: int | None = None, desc: str = "", unit: str = "it", enabled: bool = True,
+             every_s: float = 30.0) -> Iterator[T]:
+    """Iterate ``items`` with a :class:`Progress` (bar on a terminal, log lines elsewhere, nothing if disabled)."""
+    if not enabled:
+        yield from items
+        return
+    if total is None and hasattr(items, "__len__"):
+        total = len(items)  # type: ignore[arg-type]
+    bar = Progress(total, desc, unit, enabled, every_s)
+    try:
+        for item in items:
+            yield item
+            bar.update(1)
+    finally:
+        bar.close()
+
+
+def quiet_third_party() -> None:
+    """Keep transformers / DeepSpeed / tokenizers notices and weight-loading bars out of our output."""
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+    os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
+    try:
+        import transformers
+
+        transformers.utils.logging.set_verbosity_error()
+        transformers.utils.logging.disable_progress_bar()
+    except ImportError:
+        pass
+    for name in ("DeepSpeed", "deepspeed", "torch.distributed", "lightning", "pytorch_lightning", "lightning.pytorch"):
+        logging.getLogger(name).setLevel(logging.WARNING)
