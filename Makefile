@@ -38,11 +38,11 @@ lint: install ## ruff
 data: data-cj data-synth ## build Complete Journey and a 2,000-user synthetic dataset, with UserU pairs
 
 data-cj: install
-	test -f $(CJ)/manifest.yaml || $(QA) data completejourney --out $(CJ)
+	test -f $(CJ)/manifest.yaml || $(QA) data completejourney out=$(CJ)
 	test -f $(CJ)/userU.parquet || $(QA) data userU $(CJ)
 
 data-synth: install
-	test -f $(SYNTH)/manifest.yaml || $(QA) data synth --out $(SYNTH) --users 2000 --seed 1
+	test -f $(SYNTH)/manifest.yaml || $(QA) data synth out=$(SYNTH) users=2000 seed=1
 	test -f $(SYNTH)/userU.parquet || $(QA) data userU $(SYNTH)
 
 pretrain: install ## pretrain (CONFIG defaults to configs/pretrain/tiny-cj.yaml)
@@ -66,14 +66,14 @@ bench: install $(VENV)/.coles ## AUC/KS benchmark with peers (installs the CoLES
 demo: install data-cj ## end to end on Complete Journey: data, pretrain, prompt-tune, bench
 	@start=$$(date +%s); \
 	$(MAKE) --no-print-directory pretrain CONFIG=configs/pretrain/tiny-cj.yaml ARGS="data.path=$(CJ) output_dir=runs/demo/pretrain resume=true $(ARGS)" && \
-	$(MAKE) --no-print-directory prompt-tune CONFIG=configs/prompt_tune/tiny-cj.yaml ARGS="model=runs/demo/pretrain data.path=$(CJ) output_dir=runs/demo/heads" && \
-	$(MAKE) --no-print-directory bench CONFIG=configs/bench/tiny-cj.yaml ARGS="model=runs/demo/pretrain data.path=$(CJ) heads_dir=runs/demo/heads output_dir=results/demo" && \
+	$(MAKE) --no-print-directory prompt-tune CONFIG=configs/prompt_tune/tiny-cj.yaml ARGS="checkpoint=runs/demo/pretrain data.path=$(CJ) output_dir=runs/demo/heads" && \
+	$(MAKE) --no-print-directory bench CONFIG=configs/bench/tiny-cj.yaml ARGS="checkpoint=runs/demo/pretrain data.path=$(CJ) heads_dir=runs/demo/heads output_dir=results/demo" && \
 	echo "demo: pretrain + prompt-tune + bench took $$(( $$(date +%s) - start )) s; report: results/demo/report.md"
 
 demo-synth: install data-synth ## the same on the synthetic world, whose tasks know their oracle AUC
 	$(MAKE) --no-print-directory pretrain CONFIG=configs/pretrain/tiny-synth.yaml ARGS="data.path=$(SYNTH) output_dir=runs/synth/pretrain resume=true $(ARGS)"
-	$(MAKE) --no-print-directory prompt-tune CONFIG=configs/prompt_tune/tiny-synth.yaml ARGS="model=runs/synth/pretrain data.path=$(SYNTH) output_dir=runs/synth/heads"
-	$(MAKE) --no-print-directory bench CONFIG=configs/bench/tiny-synth.yaml ARGS="model=runs/synth/pretrain data.path=$(SYNTH) heads_dir=runs/synth/heads output_dir=results/synth"
+	$(MAKE) --no-print-directory prompt-tune CONFIG=configs/prompt_tune/tiny-synth.yaml ARGS="checkpoint=runs/synth/pretrain data.path=$(SYNTH) output_dir=runs/synth/heads"
+	$(MAKE) --no-print-directory bench CONFIG=configs/bench/tiny-synth.yaml ARGS="checkpoint=runs/synth/pretrain data.path=$(SYNTH) heads_dir=runs/synth/heads output_dir=results/synth"
 
 clean: ## remove built data, runs and results (keeps .venv)
 	rm -rf $(DATA_DIR) runs results

@@ -36,10 +36,12 @@ import torch  # noqa: E402
 from qanchor.config import PretrainConfig, load_config  # noqa: E402
 from qanchor.data.batch import collate_users  # noqa: E402
 from qanchor.data.packing import PackedModality, PackedUser  # noqa: E402
-from qanchor.model.prefix_cache import anchor_hidden_uncached  # noqa: E402
+from qanchor.model.prefix_cache import (
+    PrefixStore,  # noqa: E402
+    anchor_hidden_uncached,  # noqa: E402
+)
 from qanchor.tune.head import query_prompt_init  # noqa: E402
 from qanchor.tune.losses import prototype_loss  # noqa: E402
-from qanchor.model.prefix_cache import PrefixStore  # noqa: E402
 
 QUERY = "Will this user default on a loan repayment in the next 90 days?"
 

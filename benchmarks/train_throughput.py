@@ -145,7 +145,7 @@ def run_worker(preset: str, data: Path, steps: int, batch: int, warmup: int, set
         "suffix_tokens_per_sample": mean("suffix_tokens") / batch, "answer_tokens_per_sample": mean("answer_tokens") / batch,
         **{f"share_{k}": sum(r[f"{k}_s"] for r in timed) / secs for k in ("data", "forward", "backward", "optimizer")},
         "rss_after_data_mb": rss_data, "rss_after_build_mb": rss_model, "peak_rss_mb": _rss_mb(),
-        "encoded_during_training": packer.cache.encoded_count - encoded_before,  # 0: training never runs the encoder
+        "encoded_during_training": pipe.cache.encoded_count - encoded_before,  # 0: training never runs the encoder
         "per_step": rows,
     }
 

@@ -29,10 +29,10 @@ from typing import NamedTuple
 import numpy as np
 import pyarrow as pa
 from numpy.polynomial.hermite_e import hermegauss
-from tqdm import tqdm
 
 from qanchor.data.manifest import Manifest, ModalityKind, ModalitySpec, TaskDomain, TaskSpec
 from qanchor.data.schema import events_table, write_dataset
+from qanchor.logs import progress as progress_iter
 
 __all__ = ["build_synthetic", "TRAITS", "MODALITIES", "FEATURES", "TASKS"]
 
@@ -382,7 +382,7 @@ def _manifest(cutoff: datetime, seed: int, n_users: int, days: int) -> Manifest:
 
 
 def build_synthetic(out_dir: str | Path, n_users: int, seed: int,
-                    cutoff: str = "2024-06-30T00:00:00+00:00", history_days: int = 180) -> Path:
+                    cutoff: str = "2024-06-30T00:00:00+00:00", history_days: int = 180, progress: bool = True) -> Path:
     """Write a synthetic dataset of ``n_users`` users to ``out_dir`` (replaced whole) and return it."""
     if n_users < 1 or history_days < 1:
         raise ValueError(f"n_users ({n_users}) and history_days ({history_days}) must be at least 1")
@@ -397,5 +397,5 @@ def build_synthetic(out_dir: str | Path, n_users: int, seed: int,
     # a generator, not a list: each part is built as write_dataset writes it, so one part is in memory
     parts: Iterator[pa.Table] = (_event_part(manifest, traits, ids, k, seed, cut_us, history_days)
                                  for k in range(n_parts))
-    parts = tqdm(parts, total=n_parts, desc="synth events", unit="part", disable=None)
+    parts = progress_iter(parts, total=n_parts, desc="synth events", unit="part", enabled=progress)
     return write_dataset(out_dir, manifest, parts, _tabular(traits, ids, seed), _tasks(traits, ids, seed))

@@ -22,9 +22,9 @@ from typing import Any
 import numpy as np
 import torch
 
+from qanchor.bench.coles import coles_embeddings
 from qanchor.bench.embedder import Embedder
 from qanchor.bench.features import PeerFeatures, extract_features
-from qanchor.bench.coles import coles_embeddings
 from qanchor.bench.peers import Classifier, MethodInput, MethodResult, Skip, evaluate_folds
 from qanchor.config import BenchConfig
 from qanchor.data.dataset import Dataset, Task

@@ -19,10 +19,13 @@ from pathlib import Path
 import numpy as np
 
 from qanchor.bench.peers import MethodResult
-from qanchor.bench.runner import BenchResult, TaskResult
+from qanchor.bench.plots import write_plots
+from qanchor.bench.runner import BenchResult, TaskResult, run_bench
+from qanchor.config import BenchConfig
 from qanchor.data.io import write_json, write_text
 
-__all__ = ["METHOD_LABELS", "markdown_table", "task_table", "average_table", "matrix_table", "write_report", "write_results"]
+__all__ = ["METHOD_LABELS", "markdown_table", "task_table", "average_table", "matrix_table", "write_report", "write_results",
+           "bench_and_report"]
 
 METHOD_LABELS = {
     "qanchor_task": "Q-Anchor, task query + LR",
@@ -129,7 +132,7 @@ def _header(result: BenchResult, run_name: str) -> list[str]:
     r = result.run
     lines = [f"# Benchmark `{run_name}`: {r['dataset']}", "",
              f"- data: `{r['data_path']}` (inputs strictly before the cutoff {r['cutoff']}; labels after it)",
-             f"- model: `{r['model'] or '(none: peers only)'}`; heads: `{r['heads_dir'] or '(none)'}`",
+             f"- checkpoint: `{r['checkpoint'] or '(none: peers only)'}`; heads: `{r['heads_dir'] or '(none)'}`",
              f"- protocol: per task, stratified {r['folds']}-fold cross-validation over users (seed {r['seed']}); every "
              "method sees the same users, folds and cutoff; AUC and KS (max |TPR − FPR|) on each test fold, "
              "mean ± std over folds; best mean per column in **bold**",
@@ -193,3 +196,13 @@ def write_results(result: BenchResult, out_dir: str | Path) -> Path:
     path = Path(out_dir) / "results.json"
     write_json(result.to_dict(), path)
     return path
+
+
+def bench_and_report(cfg: BenchConfig, progress: bool = True) -> tuple[BenchResult, Path]:
+    """Run the benchmark; write ``report.md``, ``results.json`` and the plots into ``cfg.output_dir``."""
+    result = run_bench(cfg, progress=progress)
+    out = Path(cfg.output_dir)
+    plots = write_plots(result, out)
+    write_results(result, out)
+    write_report(result, out, [str(p) for p in plots])
+    return result, out

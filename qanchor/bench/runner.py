@@ -29,11 +29,12 @@ from qanchor.bench.embedder import Embedder, QAnchorEmbedder
 from qanchor.bench.methods import METHODS, BenchContext, evaluate_task
 from qanchor.bench.peers import MethodInput, MethodResult, evaluate_folds, stratified_folds
 from qanchor.bench.tasks import custom_task, dataset_tasks, fold_count, subsample
-from qanchor.config import BenchConfig, to_yaml
+from qanchor.config import BenchConfig, require, to_yaml
 from qanchor.data.dataset import Dataset, Task, load_dataset
+from qanchor.data.io import OutputKind, claim_output_dir
+from qanchor.errors import ConfigError, DataValidationError
 from qanchor.metrics import auc_score
 from qanchor.tune.head import HeadEntry, load_heads
-from qanchor.errors import ConfigError
 
 __all__ = ["TaskResult", "BenchResult", "run_bench", "prepare"]
 
@@ -94,8 +95,7 @@ def _check_methods(methods: list[str]) -> None:
 
 def prepare(cfg: BenchConfig) -> tuple[Dataset, list[Task]]:
     """Open the dataset and pick the tasks (the custom one if ``cfg.labels`` is set)."""
-    if not cfg.data.path:
-        raise ConfigError("data.path is empty; pass data.path=<dataset dir> (or --data DIR)")
+    require(cfg.data.path, "data.path", "<dataset dir>")
     _check_methods(cfg.methods)
     ds = load_dataset(cfg.data.path, cfg.data.cache_dir)
     if cfg.labels is not None:
@@ -112,7 +112,7 @@ def _oracle(task: Task, folds: list) -> tuple[MethodResult | None, float | None]
 
 def _run_info(cfg: BenchConfig, ds: Dataset) -> dict[str, Any]:
     return {"dataset": ds.manifest.name, "data_path": str(cfg.data.path), "cutoff": ds.manifest.cutoff.isoformat(),
-            "model": cfg.model, "heads_dir": cfg.heads_dir, "folds": cfg.folds, "seed": cfg.seed,
+            "checkpoint": cfg.checkpoint, "heads_dir": cfg.heads_dir, "folds": cfg.folds, "seed": cfg.seed,
             "methods": list(cfg.methods), "generic_query": cfg.generic_query, "qanchor_version": qanchor.__version__,
             "started": datetime.now(timezone.utc).isoformat(timespec="seconds"), "config_yaml": to_yaml(cfg)}
 
@@ -120,8 +120,8 @@ def _run_info(cfg: BenchConfig, ds: Dataset) -> dict[str, Any]:
 def _make_context(cfg: BenchConfig, ds: Dataset, tasks: list[Task], embedder: Embedder | None,
                   heads: dict[str, Any] | None, progress: bool) -> BenchContext:
     wants_model = any(m in _QANCHOR_METHODS for m in cfg.methods)
-    if embedder is None and cfg.model and wants_model:
-        embedder = QAnchorEmbedder.open(cfg.model, ds, progress)
+    if embedder is None and cfg.checkpoint and wants_model:
+        embedder = QAnchorEmbedder.open(cfg.checkpoint, ds, progress)
     if heads is None:
         ckpt_hash = getattr(embedder, "checkpoint_hash", None)
         heads = load_heads(cfg.heads_dir, [t.name for t in tasks], ckpt_hash) if "qanchor_head" in cfg.methods else {}
@@ -131,7 +131,7 @@ def _make_context(cfg: BenchConfig, ds: Dataset, tasks: list[Task], embedder: Em
 
 def run_bench(cfg: BenchConfig, embedder: Embedder | None = None, heads: dict[str, Any] | None = None,
               progress: bool = True) -> BenchResult:
-    """Run every configured method on every task; ``embedder`` / ``heads`` default to ``cfg.model`` / ``cfg.heads_dir``.
+    """Run every configured method on every task; ``embedder`` / ``heads`` default to ``cfg.checkpoint`` / ``cfg.heads_dir``.
 
     Torch and BLAS use ``cfg.n_jobs`` threads for the run: on shared cores, two threads per process
     made this bench 2-3x slower than one (spin-waiting), while one thread on 2 idle cores loses little.
@@ -148,6 +148,13 @@ def run_bench(cfg: BenchConfig, embedder: Embedder | None = None, heads: dict[st
 def _run(cfg: BenchConfig, embedder: Embedder | None, heads: dict[str, Any] | None, progress: bool) -> BenchResult:
     start = time.perf_counter()
     ds, tasks = prepare(cfg)
+    if not any(fold_count(t.labels, cfg.folds) >= 2 for t in tasks):
+        worst = min(tasks, key=lambda t: min(t.labels.sum(), len(t.labels) - t.labels.sum()))
+        raise DataValidationError(f"task {worst.name}", f"every task has fewer than 2 users in its minority class "
+                                  f"({int(worst.labels.sum())} positive of {len(worst.labels)}): AUC and KS need at "
+                                  "least 2 users of each class; give more labelled users")
+    inputs = {"data.path": cfg.data.path, "checkpoint": cfg.checkpoint, "heads_dir": cfg.heads_dir, "labels": cfg.labels}
+    claim_output_dir(cfg.output_dir, OutputKind.RESULTS, inputs, key="output_dir")
     ctx = _make_context(cfg, ds, tasks, embedder, heads, progress)
     result = BenchResult(_run_info(cfg, ds), {})
     folds_by_task: dict[str, list] = {}

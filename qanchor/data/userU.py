@@ -39,12 +39,10 @@ from typing import Protocol
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
-from tqdm import tqdm
 
 from qanchor.data.dataset import load_dataset
 from qanchor.data.io import write_parquet
 from qanchor.data.schema import TS_TYPE, USERU_FILE, USERU_SCHEMA
-from qanchor.errors import OutputError
 from qanchor.data.userU_topics import (
     DAY_US,
     QA,
@@ -56,6 +54,8 @@ from qanchor.data.userU_topics import (
     summarize,
     verify,
 )
+from qanchor.errors import OutputError
+from qanchor.logs import progress as progress_iter
 
 __all__ = ["build_userU", "UserUStats", "QAGenerator", "future_pairs", "uqa_pairs", "summarize_future",
            "FUTURE_QUERY", "MAX_ITEMS", "MAX_PER_CATEGORY", "MAX_TOPICS"]
@@ -117,7 +117,7 @@ def build_userU(dataset_dir: str | Path, seed: int = 0, n_future_cutoffs: int = 
     extra_names = {m.name: m.numeric_columns for m in ds.manifest.sequence_modalities}
     query = FUTURE_QUERY.format(days=future_window_days)
     stats, rows = UserUStats(), _Rows()
-    for user in tqdm(ds.users(), total=ds.num_users, desc="userU", unit="user", disable=not progress):
+    for user in progress_iter(ds.users(), total=ds.num_users, desc="userU", unit="user", enabled=progress):
         h = History(user.events, cutoff_us, extra_names)
         rng_future, rng_uqa = (np.random.default_rng([seed, zlib.crc32(user.user_id.encode()), s]) for s in (0, 1))
         before = len(rows)

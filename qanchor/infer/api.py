@@ -25,15 +25,15 @@ from typing import Any, Protocol
 import numpy as np
 import torch
 
-from qanchor.config import PretrainConfig
+from qanchor.config import InferConfig, PretrainConfig, require
 from qanchor.data.dataset import Dataset, UserRecord
 from qanchor.data.manifest import Manifest
 from qanchor.data.packing import PackedUser
 from qanchor.data.pipeline import UserPipeline, batched
 from qanchor.data.text_cache import SentenceEncoder, TextVectorCache
 from qanchor.errors import CheckpointError, ModelInputError
-from qanchor.model.prefix_cache import anchor_hidden, anchor_hidden_uncached, encode_prefix_embeddings
 from qanchor.infer.user_input import record_adapter, to_microseconds, to_record
+from qanchor.model.backbone import check_device
 from qanchor.model.factory import (
     ModelMeta,
     checkpoint_hash,
@@ -41,8 +41,9 @@ from qanchor.model.factory import (
     resolve_checkpoint_dir,
     text_encoder_config,
 )
-from qanchor.model.qanchor_model import QAnchorModel
 from qanchor.model.layout import tokenize_query
+from qanchor.model.prefix_cache import anchor_hidden, anchor_hidden_uncached, encode_prefix_embeddings
+from qanchor.model.qanchor_model import QAnchorModel
 
 __all__ = ["Head", "QAnchor", "embed", "head_scores", "default_text_cache_dir"]
 
@@ -95,8 +96,16 @@ class QAnchor:
         ckpt = resolve_checkpoint_dir(path)
         if not ckpt.is_dir():
             raise CheckpointError(f"{path}: no such checkpoint directory")
-        model, tokenizer, meta, run_cfg = load_checkpoint(ckpt, device)
+        model, tokenizer, meta, run_cfg = load_checkpoint(ckpt, check_device(device))
         return cls(model, tokenizer, meta, run_cfg, checkpoint_dir=ckpt, **kwargs)
+
+    @classmethod
+    def from_config(cls, cfg: InferConfig, **kwargs: Any) -> QAnchor:
+        """Load ``cfg.checkpoint`` on ``cfg.device`` with its batch sizes (what every inference command does)."""
+        require(cfg.checkpoint, "checkpoint", "<checkpoint dir>")
+        kwargs.setdefault("text_cache_dir", cfg.text_cache_dir)
+        return cls.from_pretrained(cfg.checkpoint, device=check_device(cfg.device), batch_size=cfg.batch_size,
+                                   max_rows=cfg.max_rows, **kwargs)
 
     # ----------------------------------------------------------------------------------- properties
     @property

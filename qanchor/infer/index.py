@@ -21,13 +21,35 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from qanchor.data.io import atomic_path, write_parquet, write_text
-from qanchor.errors import ModelInputError
+from qanchor.data.io import atomic_path, check_not_inside, write_parquet, write_text
+from qanchor.errors import ModelInputError, OutputError
 from qanchor.infer.export import read_embeddings
 
-__all__ = ["LookalikeIndex", "IVF_MIN_SIZE"]
+__all__ = ["LookalikeIndex", "IVF_MIN_SIZE", "INDEX_FORMAT", "check_index_target"]
 
 IVF_MIN_SIZE = 50_000  # below this an exact scan is fast enough (~ms per query on one core)
+INDEX_FORMAT = "qanchor-index"  # in FILE.json: marks the three files as a qanchor index (so a rebuild may replace them)
+
+
+def check_index_target(out: str | Path, embeddings: str | Path | None = None) -> None:
+    """Refuse an index path that is a directory, sits inside the embeddings it indexes, or would replace
+    files that are not a qanchor index (OutputError / ModelInputError before any work)."""
+    out = Path(out)
+    if out.is_dir():
+        raise OutputError(f"out={out} is a directory; give the index file's path, e.g. {out / 'index.faiss'}")
+    if embeddings is not None:
+        check_not_inside(out, {"embeddings": embeddings}, key="out")
+    existing = [p for p in (out, Path(f"{out}.users.parquet"), Path(f"{out}.json")) if p.exists()]
+    if existing and _meta_format(Path(f"{out}.json")) != INDEX_FORMAT:
+        raise OutputError(f"out={out}: {existing[0]} exists and is not part of a qanchor index; qanchor does not "
+                          "replace it: choose another path")
+
+
+def _meta_format(path: Path) -> str | None:
+    try:
+        return json.loads(path.read_text()).get("format")
+    except (OSError, ValueError, AttributeError):
+        return None
 
 
 def _unit(x: np.ndarray) -> np.ndarray:
@@ -69,7 +91,7 @@ class LookalikeIndex:
             index.make_direct_map()  # lets search_user() reconstruct a stored vector
             kind = "ivf"
         index.add(vectors)
-        meta = {**meta, "kind": kind, "n": n, "dim": d, "nprobe": getattr(index, "nprobe", None)}
+        meta = {"format": INDEX_FORMAT, **meta, "kind": kind, "n": n, "dim": d, "nprobe": getattr(index, "nprobe", None)}
         return cls(index, np.asarray(user_ids, dtype=object), meta)
 
     @classmethod
@@ -84,6 +106,7 @@ class LookalikeIndex:
         import faiss
 
         path = Path(path)
+        check_index_target(path)
         with atomic_path(path) as tmp:
             faiss.write_index(self.index, str(tmp))
         write_parquet(pa.table({"user_id": pa.array(self.user_ids.tolist(), pa.string())}), f"{path}.users.parquet")
@@ -92,20 +115,43 @@ class LookalikeIndex:
 
     @classmethod
     def load(cls, path: str | Path) -> LookalikeIndex:
+        """Read an index written by :meth:`save`; a missing, damaged or mismatched file is a ModelInputError."""
         import faiss
 
         path = Path(path)
         for p in (path, Path(f"{path}.users.parquet"), Path(f"{path}.json")):
-            if not p.exists():
+            if not p.is_file():
                 raise ModelInputError(f"{p} not found; build the index with `qanchor index build`")
-        ids = pq.read_table(f"{path}.users.parquet").column("user_id").to_numpy(zero_copy_only=False)
-        return cls(faiss.read_index(str(path)), ids, json.loads(Path(f"{path}.json").read_text()))
+        meta_path = Path(f"{path}.json")
+        try:
+            meta = json.loads(meta_path.read_text())
+        except (ValueError, UnicodeDecodeError):
+            raise ModelInputError(f"{meta_path}: not valid JSON; rebuild the index with `qanchor index build`") from None
+        if not isinstance(meta, dict) or meta.get("format") != INDEX_FORMAT:
+            raise ModelInputError(f"{meta_path}: not a qanchor index description; rebuild with `qanchor index build`")
+        try:
+            ids = pq.read_table(f"{path}.users.parquet").column("user_id").to_numpy(zero_copy_only=False)
+        except Exception as exc:  # pyarrow raises several types for a damaged file
+            raise ModelInputError(f"{path}.users.parquet: unreadable ({str(exc).splitlines()[0]}); rebuild the index") from None
+        try:
+            index = faiss.read_index(str(path))
+        except RuntimeError as exc:  # faiss reports a damaged or truncated file as RuntimeError
+            raise ModelInputError(f"{path}: not a faiss index, or truncated ({str(exc).splitlines()[0][:120]}); "
+                                  "rebuild it with `qanchor index build`") from None
+        if index.ntotal != len(ids) or index.d != meta.get("dim"):
+            raise ModelInputError(f"{path}: the index holds {index.ntotal} vectors of {index.d} dims but its files "
+                                  f"list {len(ids)} users of {meta.get('dim')} dims; the three files do not belong "
+                                  "together: rebuild the index")
+        return cls(index, ids, meta)
 
     def search(self, vectors: np.ndarray, k: int = 10) -> list[list[tuple[str, float]]]:
         """Top ``k`` (user_id, cosine) per query vector; ``vectors`` is [D] or [n, D]."""
         if k < 1:
             raise ModelInputError("k must be >= 1")
-        queries = _unit(np.atleast_2d(vectors))  # (n, D)
+        vectors = np.atleast_2d(np.asarray(vectors, dtype=np.float32))
+        if not np.isfinite(vectors).all():
+            raise ModelInputError("a query vector holds NaN or inf; give finite numbers")
+        queries = _unit(vectors)  # (n, D)
         if queries.shape[1] != self.meta["dim"]:
             raise ModelInputError(f"vector has {queries.shape[1]} dimensions, the index holds {self.meta['dim']}")
         scores, rows = self.index.search(queries, min(k, len(self)))  # (n, k) each

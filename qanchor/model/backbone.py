@@ -15,7 +15,7 @@ from __future__ import annotations
 import importlib.util
 import inspect
 import os
-from functools import lru_cache
+from functools import cache
 from pathlib import Path
 
 import torch
@@ -26,7 +26,7 @@ from qanchor.data.io import OutputKind, atomic_dir
 from qanchor.errors import CheckpointError, ConfigError
 
 __all__ = ["load_tokenizer", "build_backbone", "add_special_tokens", "smollm2_dir", "resolve_attn_implementation",
-           "cache_argument"]
+           "cache_argument", "check_device"]
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -195,9 +195,27 @@ def add_special_tokens(tokenizer, model: nn.Module | None, names: list[str]) -> 
     return ids
 
 
-@lru_cache(maxsize=None)
+@cache
 def cache_argument(decoder_class: type) -> str:
     """The keyword a decoder's ``forward`` takes its KV cache under: ``cache`` (transformers >= 5.2x, which
     deprecates the old name with a warning on every call) or ``past_key_values`` (older releases)."""
     params = inspect.signature(decoder_class.forward).parameters
     return "cache" if "cache" in params else "past_key_values"
+
+
+def check_device(device: str | torch.device, precision: str = "fp32") -> torch.device:
+    """The torch device named by ``device``; ConfigError if this machine has no such device or cannot run
+    ``precision`` on it (bf16 training needs CUDA)."""
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError):
+        raise ConfigError(f"device={device!r} is not a device name; use cpu, cuda or cuda:N") from None
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise ConfigError(f"device={device} but this machine has no CUDA GPU (torch {torch.__version__}); use device=cpu")
+    if dev.type == "cuda" and dev.index is not None and dev.index >= torch.cuda.device_count():
+        raise ConfigError(f"device={device} but this machine has {torch.cuda.device_count()} GPU(s)")
+    if dev.type not in ("cpu", "cuda"):
+        raise ConfigError(f"device={device}: qanchor runs on cpu or cuda")
+    if precision == "bf16" and dev.type != "cuda":
+        raise ConfigError("train.precision=bf16 needs CUDA; use train.precision=fp32 on CPU")
+    return dev

@@ -26,7 +26,7 @@ import qanchor
 from qanchor.config import ModelConfig, PretrainConfig, TextEncoderConfig, load_config, to_yaml
 from qanchor.data.io import OutputKind, atomic_dir
 from qanchor.data.manifest import Manifest
-from qanchor.errors import CheckpointError
+from qanchor.errors import CheckpointError, ConfigError, QAnchorError
 from qanchor.model.backbone import (
     add_special_tokens,
     build_backbone,
@@ -136,11 +136,21 @@ def read_meta(ckpt: Path) -> ModelMeta:
     path = ckpt / "qanchor.json"
     if not path.exists():
         raise CheckpointError(f"{ckpt}: not a qanchor checkpoint (qanchor.json missing)")
-    raw = json.loads(path.read_text())
+    try:
+        raw = json.loads(path.read_text(encoding="utf-8"))
+    except (ValueError, UnicodeDecodeError):
+        raise CheckpointError(f"{path}: not valid JSON; the checkpoint is damaged (re-save or re-train it)") from None
+    if not isinstance(raw, dict):
+        raise CheckpointError(f"{path}: expected a JSON object of checkpoint metadata")
     if raw.get("format_version") != FORMAT_VERSION:
         raise CheckpointError(f"{ckpt}: checkpoint format {raw.get('format_version')} but this qanchor reads format "
                               f"{FORMAT_VERSION}; re-export it with qanchor {raw.get('qanchor_version')}")
-    return ModelMeta(**raw)
+    try:
+        meta = ModelMeta(**raw)
+        meta.manifest_obj  # noqa: B018  (parses: a damaged manifest fails here, not mid-inference)
+    except (TypeError, QAnchorError) as exc:
+        raise CheckpointError(f"{path}: damaged checkpoint metadata ({exc})") from None
+    return meta
 
 
 def load_checkpoint(ckpt: str | Path, device: str | torch.device = "cpu") -> tuple[QAnchorModel, Any, ModelMeta, PretrainConfig]:
@@ -152,12 +162,23 @@ def load_checkpoint(ckpt: str | Path, device: str | torch.device = "cpu") -> tup
     for name in ("config.yaml", "backbone_config.json", "model.safetensors"):
         if not (ckpt / name).exists():
             raise CheckpointError(f"{ckpt}: incomplete checkpoint, {name} is missing")
-    run_cfg = load_config(ckpt / "config.yaml", schema=PretrainConfig)
-    hf_config = AutoConfig.from_pretrained(ckpt / "backbone_config.json")
-    tokenizer = AutoTokenizer.from_pretrained(ckpt)
+    try:
+        run_cfg = load_config(ckpt / "config.yaml", schema=PretrainConfig)
+    except ConfigError as exc:
+        raise CheckpointError(f"{ckpt / 'config.yaml'}: damaged run config ({exc})") from None
+    try:
+        hf_config = AutoConfig.from_pretrained(ckpt / "backbone_config.json")
+        tokenizer = AutoTokenizer.from_pretrained(ckpt)
+    except (OSError, ValueError) as exc:
+        raise CheckpointError(f"{ckpt}: damaged backbone config or tokenizer files ({str(exc).splitlines()[0]})") from None
     model, tokenizer = build_model(run_cfg.model, meta.manifest_obj, meta.text_dim, meta.tabular_columns,
                                    hf_config=hf_config, tokenizer=tokenizer)
-    missing, unexpected = load_model(model, str(ckpt / "model.safetensors"), strict=False)
+    weights = ckpt / "model.safetensors"
+    try:
+        missing, unexpected = load_model(model, str(weights), strict=False)
+    except Exception as exc:  # safetensors raises its own error types for a damaged header or payload
+        raise CheckpointError(f"{weights}: not a safetensors file, or truncated / damaged ({str(exc).splitlines()[0]}); "
+                              "re-copy or re-save the checkpoint") from None
     tied = {k for k in missing if k.endswith("lm_head.weight")}  # tied to the input embeddings
     if set(missing) - tied or unexpected:
         raise CheckpointError(f"{ckpt}: weights do not match the model (missing {sorted(set(missing) - tied)[:3]}, "

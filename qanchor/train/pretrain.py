@@ -1,10 +1,15 @@
 """``qanchor pretrain``: contrastive + next-token pretraining on UserU pairs under DeepSpeed.
 
-Output directory::
+Output directory (a marked qanchor "pretraining run")::
 
     metrics.jsonl     one JSON line per logged step: step, loss, loss_contrastive, loss_ntp, lr, samples_per_s
     checkpoint/       the latest model checkpoint (safetensors; see qanchor.model.factory), replaced atomically
-    ds_state/         DeepSpeed's own state (optimizer, scheduler, step, RNG) for ``resume=true``
+    ds_state/         DeepSpeed's own state (optimizer, scheduler, step, RNG) for ``resume=true``, sealed per tag
+
+Everything a run needs is checked before any long work (dataset, UserU pairs, batch vs pair count, query
+lengths, output directory, device, resume state), so a mistake costs seconds. When stdout is not a
+terminal (a cluster log file) the run prints a start line, a line every ``train.log_every`` steps and a
+summary; on a terminal it shows a progress bar.
 
 Example:
     $ qanchor pretrain --config configs/pretrain/tiny-synth.yaml data.path=data/synth output_dir=runs/synth
@@ -13,25 +18,30 @@ Example:
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import time
 from pathlib import Path
 
 import torch
-from tqdm.auto import tqdm
 
-from qanchor.config import PretrainConfig, load_config
+from qanchor.config import PretrainConfig, require
 from qanchor.data.dataset import Dataset, load_dataset
-from qanchor.data.io import write_text
+from qanchor.data.io import OutputKind, check_output_dir, claim_output_dir, write_text
 from qanchor.data.packing import tabular_stats
 from qanchor.data.pipeline import UserPipeline
-from qanchor.errors import ConfigError
+from qanchor.data.schema import USERU_FILE
+from qanchor.errors import CheckpointError, ConfigError, DataValidationError
+from qanchor.logs import Progress, format_seconds, interactive, log
+from qanchor.model.backbone import check_device, load_tokenizer
 from qanchor.model.factory import ModelMeta, build_model, save_checkpoint
+from qanchor.model.layout import tokenize_query
 from qanchor.train.distributed import all_reduce_sum, gather_with_grad, global_mean_loss
 from qanchor.train.engine import device_of, gathered_parameters, init_distributed, initialize
 from qanchor.train.pairs import PretrainStream
+from qanchor.train.seal import seal_tag, verify_tag
 
-__all__ = ["run_pretrain", "prepare_inputs", "MetricsLog"]
+__all__ = ["run_pretrain", "prepare_inputs", "preflight", "MetricsLog"]
 
 _KEEP_DS_TAGS = 2
 
@@ -52,10 +62,45 @@ class MetricsLog:
             fh.write(json.dumps(record) + "\n")
 
 
+def preflight(cfg: PretrainConfig, world: int = 1) -> None:
+    """Every check that needs no model and no text encoder: refuse a mistake in seconds, touching nothing."""
+    require(cfg.data.path, "data.path", "<dataset dir>")
+    check_device("cuda" if torch.cuda.is_available() else "cpu", cfg.train.precision)
+    ds = load_dataset(cfg.data.path, cfg.data.cache_dir)
+    unknown = sorted(set(cfg.data.max_events) - {m.name for m in ds.manifest.sequence_modalities})
+    if unknown:
+        raise ConfigError(f"data.max_events names {unknown}, which dataset {ds.root} does not have (its sequence "
+                          f"modalities: {[m.name for m in ds.manifest.sequence_modalities]}); remove or rename them")
+    if not (ds.root / USERU_FILE).exists():
+        raise DataValidationError(str(ds.root / USERU_FILE), f"pretraining needs UserU pairs; build them with "
+                                  f"`qanchor data userU {ds.root}`")
+    pairs = ds.userU()
+    if pairs.num_rows < cfg.train.batch_size * world:
+        raise ConfigError(f"{ds.root / USERU_FILE} holds {pairs.num_rows} pairs, fewer than one global batch "
+                          f"(train.batch_size={cfg.train.batch_size} x {world} rank(s)); lower train.batch_size")
+    _check_run_dir(cfg)
+    _check_queries(cfg, sorted(set(pairs.column("query").to_pylist())))
+
+
+def _check_run_dir(cfg: PretrainConfig) -> None:
+    out = Path(cfg.output_dir)
+    held = check_output_dir(out, OutputKind.RUN, {"data.path": cfg.data.path}, key="output_dir")
+    started = held and any(p.name != ".qanchor-output" for p in out.iterdir())
+    if started and not (cfg.resume or cfg.overwrite):
+        raise ConfigError(f"output_dir {out} already holds a pretraining run; pass resume=true to continue it, "
+                          "overwrite=true to start it afresh, or choose another output_dir")
+    if cfg.resume:
+        resume_tag(out / "ds_state")  # refuses resume state this user did not write, before any work
+
+
+def _check_queries(cfg: PretrainConfig, queries: list[str]) -> None:
+    tokenizer = load_tokenizer(cfg.model.backbone)
+    for q in queries:
+        tokenize_query(tokenizer, q, cfg.model.max_query_tokens)  # raises on a query longer than the limit
+
+
 def prepare_inputs(cfg: PretrainConfig, rank: int, progress: bool = True) -> tuple[Dataset, UserPipeline]:
     """Open the dataset and fill the text-vector cache (rank 0 first; the others then read its shards)."""
-    if not cfg.data.path:
-        raise ConfigError("data.path is empty; pass data.path=<dataset dir>")
     barrier = torch.distributed.barrier if torch.distributed.is_initialized() else (lambda: None)
     if rank == 0:
         ds = load_dataset(cfg.data.path, cfg.data.cache_dir)
@@ -69,17 +114,16 @@ def prepare_inputs(cfg: PretrainConfig, rank: int, progress: bool = True) -> tup
     return ds, pipe
 
 
-def _check_output_dir(out: Path, resume: bool) -> None:
-    if not resume and (out / "metrics.jsonl").exists():
-        raise ConfigError(f"output_dir {out} already holds a run; pass resume=true to continue it, or choose another output_dir")
-
-
-def run_pretrain(config_path: str | Path | None, overrides: list[str] | tuple[str, ...] = (), progress: bool = True) -> Path:
-    """Pretrain from a config file plus ``key=value`` overrides; return the output directory."""
-    cfg = load_config(config_path, list(overrides), schema=PretrainConfig)
-    out = Path(cfg.output_dir)
-    _check_output_dir(out, cfg.resume)
+def run_pretrain(cfg: PretrainConfig, progress: bool = True) -> Path:
+    """Pretrain under ``cfg``; return the output directory."""
+    started = time.perf_counter()
+    preflight(cfg, int(os.environ.get("WORLD_SIZE", 1)))
     rank, world = init_distributed()
+    out = Path(cfg.output_dir)
+    if rank == 0:
+        if cfg.overwrite and output_has_run(out):
+            _clear_run(out)
+        claim_output_dir(out, OutputKind.RUN, {"data.path": cfg.data.path}, key="output_dir")
     ds, pipe = prepare_inputs(cfg, rank, progress and rank == 0)
     torch.manual_seed(cfg.train.seed)  # identical initial weights on every rank
     model, tokenizer = build_model(cfg.model, ds.manifest, pipe.cache.dim, ds.tabular_columns)
@@ -92,26 +136,80 @@ def run_pretrain(config_path: str | Path | None, overrides: list[str] | tuple[st
     torch.manual_seed(cfg.train.seed * 1000 + rank)  # dropout streams differ per rank
     start = _maybe_resume(engine, out, cfg.resume)
     metrics = MetricsLog(out / "metrics.jsonl", start if cfg.resume else None) if rank == 0 else None
-    out.mkdir(parents=True, exist_ok=True)
-    _train_loop(cfg, engine, stream, start, rank, world, metrics, progress,
-                save=lambda step: _save(cfg, engine, model, tokenizer, meta, out, step, rank))
+    if rank == 0 and progress:
+        _log_start(cfg, model, ds, stream, world, start)
+    last = _train_loop(cfg, engine, stream, start, rank, world, metrics, progress,
+                       save=lambda step: _save(cfg, engine, model, tokenizer, meta, out, step, rank))
+    if rank == 0 and progress:
+        log(f"pretrain: done, {cfg.train.max_steps - start} steps in {format_seconds(time.perf_counter() - started)}"
+            + (f"; last step loss {last['loss']:.4f} (contrastive {last['loss_contrastive']:.4f}, ntp "
+               f"{last['loss_ntp']:.4f})" if last else "") + f"; checkpoint {out / 'checkpoint'}")
     return out
+
+
+def output_has_run(out: Path) -> bool:
+    return (out / "metrics.jsonl").exists() or (out / "ds_state").exists() or (out / "checkpoint").exists()
+
+
+def _clear_run(out: Path) -> None:
+    """overwrite=true: remove what a previous run left in a directory marked as a qanchor run (nothing else)."""
+    for name in ("metrics.jsonl", "checkpoint", "ds_state"):
+        path = out / name
+        if path.is_dir():
+            shutil.rmtree(path)
+        elif path.exists():
+            path.unlink()
+
+
+def _log_start(cfg: PretrainConfig, model, ds: Dataset, stream: PretrainStream, world: int, start: int) -> None:
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    total = sum(p.numel() for p in model.parameters())
+    tc = cfg.train
+    log(f"pretrain: start{' (resumed at step ' + str(start) + ')' if start else ''}; engine DeepSpeed ZeRO-{tc.zero_stage}, "
+        f"world size {world}, device {device_of()}, dtype {tc.precision}, parameters {trainable:,} trainable / "
+        f"{total:,} total; data {ds.root}: {ds.num_users:,} users, {len(stream):,} pairs per epoch; "
+        f"{tc.max_steps} steps x {tc.batch_size * tc.grad_accum_steps * world} samples, lr {tc.lr:g}; "
+        f"output {cfg.output_dir}")
+
+
+def resume_tag(state: Path) -> str | None:
+    """The newest DeepSpeed tag in ``state`` that carries this user's seal; None when there is no state.
+
+    A newer unsealed tag is a save that was killed before it finished (ours, incomplete): it is skipped.
+    State with tags but no valid seal at all was not written by this user: refused (CheckpointError).
+    """
+    tags = sorted((p for p in state.glob("step-*") if p.is_dir()), reverse=True)
+    if not tags:
+        return None
+    for tag in tags:
+        try:
+            verify_tag(tag)
+            return tag.name
+        except CheckpointError:
+            continue
+    verify_tag(tags[0])  # raises, naming why the newest one is refused
+    return None
 
 
 def _maybe_resume(engine, out: Path, resume: bool) -> int:
     state = out / "ds_state"
-    if not resume or not (state / "latest").exists():
+    tag = resume_tag(state) if resume else None
+    if tag is None:
         return 0
-    _, client = engine.load_checkpoint(str(state), load_optimizer_states=True, load_lr_scheduler_states=True)
+    # only sealed state reaches DeepSpeed's pickle-based loader
+    _, client = engine.load_checkpoint(str(state), tag=tag, load_optimizer_states=True, load_lr_scheduler_states=True)
     torch.set_rng_state(client["torch_rng"])  # dropout continues exactly where the killed run was
     return int(client["step"])
 
 
 def _train_loop(cfg: PretrainConfig, engine, stream: PretrainStream, start: int, rank: int, world: int,
-                metrics: MetricsLog | None, progress: bool, save) -> None:
+                metrics: MetricsLog | None, progress: bool, save) -> dict | None:
     device = device_of()
     tc = cfg.train
-    bar = tqdm(total=tc.max_steps, initial=start, desc="pretrain", disable=not (progress and rank == 0) or None, unit="step")
+    bar = Progress(tc.max_steps, "pretrain", "step", enabled=progress and rank == 0 and interactive(), initial=start)
+    lines = progress and rank == 0 and not interactive()  # a log file gets step lines instead of a bar
+    loop_start = time.perf_counter()
+    record = None
     for step in range(start, tc.max_steps):
         tick = time.perf_counter()
         sums = torch.zeros(3)
@@ -128,22 +226,32 @@ def _train_loop(cfg: PretrainConfig, engine, stream: PretrainStream, start: int,
         elapsed = time.perf_counter() - tick
         record = {"step": step + 1, "loss": loss, "loss_contrastive": cl, "loss_ntp": ntp,
                   "lr": engine.get_lr()[0], "samples_per_s": tc.batch_size * tc.grad_accum_steps * world / elapsed}
-        if metrics is not None and ((step + 1) % tc.log_every == 0 or step == start or step + 1 == tc.max_steps):
+        logged = (step + 1) % tc.log_every == 0 or step == start or step + 1 == tc.max_steps
+        if metrics is not None and logged:
             metrics.write(record)
         bar.update(1)
-        bar.set_postfix(loss=f"{loss:.3f}", cl=f"{cl:.3f}", ntp=f"{ntp:.3f}")
+        bar.set_postfix(f"loss {loss:.3f} cl {cl:.3f} ntp {ntp:.3f}")
+        if logged and lines:
+            remaining = (tc.max_steps - step - 1) * (time.perf_counter() - loop_start) / max(step + 1 - start, 1)
+            log(f"pretrain: step {step + 1}/{tc.max_steps} loss {loss:.4f} contrastive {cl:.4f} ntp {ntp:.4f} "
+                f"lr {record['lr']:.3g} {record['samples_per_s']:.1f} samples/s ETA {format_seconds(remaining)}")
         if (step + 1) % tc.save_every == 0 or step + 1 == tc.max_steps:
             save(step + 1)
     bar.close()
+    return record
 
 
 def _save(cfg: PretrainConfig, engine, model, tokenizer, meta: ModelMeta, out: Path, step: int, rank: int) -> None:
     state = out / "ds_state"
-    engine.save_checkpoint(str(state), tag=f"step-{step:07d}", client_state={"step": step, "torch_rng": torch.get_rng_state()})
+    tag = f"step-{step:07d}"
+    engine.save_checkpoint(str(state), tag=tag, client_state={"step": step, "torch_rng": torch.get_rng_state()})
+    if torch.distributed.is_initialized():
+        torch.distributed.barrier()  # every rank's shard of the tag is on disk before it is sealed
     with gathered_parameters(model, cfg.train.zero_stage):
         if rank == 0:
             save_checkpoint(out / "checkpoint", model, tokenizer, cfg, meta, extra_files={"STEP": f"{step}\n"})
     if rank == 0:
+        seal_tag(state / tag)
         tags = sorted(p for p in state.glob("step-*") if p.is_dir())
         for old in tags[:-_KEEP_DS_TAGS]:
             shutil.rmtree(old, ignore_errors=True)

@@ -121,12 +121,25 @@ class ScenarioHead(nn.Module):
         if not (directory / HEAD_META).exists() or not (directory / HEAD_WEIGHTS).exists():
             raise CheckpointError(f"{directory}: not a scenario head ({HEAD_META} / {HEAD_WEIGHTS} missing); "
                                   "create one with `qanchor prompt-tune`")
-        meta = yaml.safe_load((directory / HEAD_META).read_text())
+        try:
+            meta = yaml.safe_load((directory / HEAD_META).read_text(encoding="utf-8"))
+        except (yaml.YAMLError, UnicodeDecodeError):
+            raise CheckpointError(f"{directory / HEAD_META}: not valid YAML; the head is damaged (re-run prompt-tune)") from None
+        required = {"task", "query", "temperature", "checkpoint_hash"}
+        if not isinstance(meta, dict) or not required <= set(meta):
+            raise CheckpointError(f"{directory / HEAD_META}: not a head description (needs {sorted(required)}); "
+                                  "re-run `qanchor prompt-tune`")
         if checkpoint_hash is not None and meta["checkpoint_hash"] != checkpoint_hash:
             raise CheckpointError(
-                f"{directory}: head for task '{meta['task']}' was tuned on checkpoint {meta['checkpoint_hash'][:12]}, "
+                f"{directory}: head for task '{meta['task']}' was tuned on checkpoint {str(meta['checkpoint_hash'])[:12]}, "
                 f"not on this one ({checkpoint_hash[:12]}); re-run `qanchor prompt-tune` with this checkpoint")
-        t = load_file(str(directory / HEAD_WEIGHTS))
+        try:
+            t = load_file(str(directory / HEAD_WEIGHTS))
+        except Exception as exc:  # safetensors' own error types: damaged header or payload
+            raise CheckpointError(f"{directory / HEAD_WEIGHTS}: not a safetensors file, or truncated / damaged "
+                                  f"({str(exc).splitlines()[0]}); re-run `qanchor prompt-tune`") from None
+        if not {"prompt", "prototypes", "prototype_labels"} <= set(t):
+            raise CheckpointError(f"{directory / HEAD_WEIGHTS}: missing prompt / prototypes tensors")
         known = {"task", "query", "num_prompt_tokens", "prototypes_per_class", "temperature", "hidden_size",
                  "embedding_dim", "checkpoint_hash", "qanchor_version"}
         extra = {k: v for k, v in meta.items() if k not in known}

@@ -29,36 +29,30 @@ import numpy as np
 import torch
 from omegaconf import OmegaConf
 
-from qanchor.config import DataConfig, PromptTuneConfig, TextEncoderConfig, load_config
+from qanchor.config import DataConfig, DataOverrides, PromptTuneConfig, TextEncoderConfig, require
 from qanchor.data.dataset import Dataset, load_dataset
-from qanchor.data.io import write_text
+from qanchor.data.io import OutputKind, claim_output_dir, write_text
 from qanchor.data.pipeline import UserPipeline, batched
 from qanchor.errors import CheckpointError, ConfigError
-from qanchor.model.factory import ModelMeta, checkpoint_hash, load_checkpoint
-from qanchor.model.qanchor_model import QAnchorModel
-from qanchor.model.layout import tokenize_query
 from qanchor.metrics import auc_ks
+from qanchor.model.factory import ModelMeta, checkpoint_hash, load_checkpoint
+from qanchor.model.layout import tokenize_query
 from qanchor.model.prefix_cache import PrefixStore
+from qanchor.model.qanchor_model import QAnchorModel
 from qanchor.tune.trainer import frozen_logistic, split_users, tune_task
 
 __all__ = ["run_prompt_tune", "resolve_data_config", "select_tasks", "encode_users", "format_summary"]
 
 
-def resolve_data_config(config_path: str | Path | None, overrides: list[str], checkpoint_data: DataConfig,
-                        meta: ModelMeta) -> DataConfig:
-    """The checkpoint's data section, overlaid with only the ``data`` keys the user actually wrote.
+def resolve_data_config(overrides: DataOverrides, checkpoint_data: DataConfig, meta: ModelMeta) -> DataConfig:
+    """The checkpoint's data section with only the ``data`` keys the user set replacing its own.
 
     Event caps must match pretraining unless deliberately changed, and the text encoder must be the
     checkpoint's (its vectors are what the event adapters were trained on), so it is not overridable.
     """
-    written = OmegaConf.load(config_path).get("data") if config_path else None
-    layer = OmegaConf.merge(OmegaConf.create(written or {}),
-                            OmegaConf.from_dotlist([o for o in overrides if o.startswith("data.")]).get("data", {}))
-    merged = OmegaConf.merge(OmegaConf.structured(checkpoint_data), layer)
-    data = OmegaConf.to_object(merged)
+    data = overrides.apply(checkpoint_data)
     data.text_encoder = TextEncoderConfig(**meta.text_encoder) if meta.text_encoder else checkpoint_data.text_encoder
-    if not data.path:
-        raise ConfigError("data.path is empty; pass data.path=<dataset dir>")
+    require(data.path, "data.path", "<dataset dir>")
     return data
 
 
@@ -93,24 +87,21 @@ def _write_split(path: Path, store: PrefixStore, split) -> None:
     write_text(json.dumps(ids), path)
 
 
-def run_prompt_tune(config_path: str | Path | None, overrides: list[str] | tuple[str, ...] = (),
-                    progress: bool = True) -> dict:
+def run_prompt_tune(cfg: PromptTuneConfig, progress: bool = True) -> dict:
     """Tune the configured task(s); write heads and ``summary.json`` under ``output_dir``; return the summary."""
-    overrides = list(overrides)
-    cfg = load_config(config_path, overrides, schema=PromptTuneConfig)
-    if not cfg.model:
-        raise ConfigError("model is empty; pass model=<pretrained checkpoint dir>")
+    require(cfg.checkpoint, "checkpoint", "<pretrained checkpoint dir>")
     started = time.perf_counter()
     torch.set_grad_enabled(True)
-    model, tokenizer, meta, run_cfg = load_checkpoint(cfg.model, device=cfg.device)
+    model, tokenizer, meta, run_cfg = load_checkpoint(cfg.checkpoint, device=cfg.device)
     model.requires_grad_(False)  # frozen: only the head's prompt and prototypes get gradients
-    ckpt_hash = checkpoint_hash(cfg.model)
-    data_cfg = resolve_data_config(config_path, overrides, run_cfg.data, meta)
+    ckpt_hash = checkpoint_hash(cfg.checkpoint)
+    data_cfg = resolve_data_config(cfg.data, run_cfg.data, meta)
     ds = load_dataset(data_cfg.path, data_cfg.cache_dir)
     _check_compatible(ds, model, meta)
     tasks = select_tasks(ds, cfg.task)
     pipe = UserPipeline.for_dataset(ds, data_cfg)
     out = Path(cfg.output_dir)
+    claim_output_dir(out, OutputKind.HEADS, {"checkpoint": cfg.checkpoint, "data.path": data_cfg.path}, key="output_dir")
     fingerprint = ds.fingerprint  # stats every dataset file: once, not per task
     keys = {name: _task_key(cfg, data_cfg, ckpt_hash, fingerprint, name) for name in tasks}
     finished = {name: rec for name in tasks if (rec := _finished(out / name, keys[name])) is not None}
@@ -125,7 +116,7 @@ def run_prompt_tune(config_path: str | Path | None, overrides: list[str] | tuple
         user_ids = sorted(set().union(*(ds.tasks[t].user_ids.tolist() for t in tasks)))
         store = encode_users(model, ds, pipe, user_ids, cfg.prefix_chunk, progress)
         row_of = {u: i for i, u in enumerate(store.user_ids)}
-    summary = {"model": str(cfg.model), "checkpoint_hash": ckpt_hash, "dataset": str(ds.root),
+    summary = {"checkpoint": str(cfg.checkpoint), "checkpoint_hash": ckpt_hash, "dataset": str(ds.root),
                "n_users": len(store) if store else 0, "prefix_mb": store.nbytes / 2**20 if store else 0.0,
                "prepare_seconds": time.perf_counter() - started,
                "config": OmegaConf.to_container(OmegaConf.structured(cfg)), "tasks": {}}
@@ -151,7 +142,7 @@ RECORD = "record.json"  # per task: the summary record and the key it was tuned 
 def _task_key(cfg: PromptTuneConfig, data: DataConfig, ckpt_hash: str, dataset_fingerprint: str, task: str) -> str:
     """What a task's head depends on: checkpoint, dataset files, packing and tuning settings (not paths/device)."""
     settings = OmegaConf.to_container(OmegaConf.structured(cfg))
-    for k in ("model", "output_dir", "task", "device", "data"):
+    for k in ("checkpoint", "output_dir", "task", "device", "data"):
         settings.pop(k, None)
     packing = OmegaConf.to_container(OmegaConf.structured(data))
     packing.pop("path", None)

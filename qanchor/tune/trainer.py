@@ -25,6 +25,8 @@ from sklearn.preprocessing import StandardScaler
 from tqdm.auto import tqdm
 
 from qanchor.config import PromptTuneConfig
+from qanchor.metrics import auc_ks
+from qanchor.model.prefix_cache import PrefixStore
 from qanchor.model.qanchor_model import QAnchorModel
 from qanchor.tune.head import (
     ScenarioHead,
@@ -34,8 +36,6 @@ from qanchor.tune.head import (
     query_prompt_init,
 )
 from qanchor.tune.losses import prototype_loss
-from qanchor.metrics import auc_ks
-from qanchor.model.prefix_cache import PrefixStore
 
 __all__ = ["Split", "split_users", "tune_task", "frozen_logistic", "TuneResult"]
 

@@ -21,8 +21,8 @@ def test_custom_labels_end_to_end(tiny_dataset, tmp_path, capsys):
     ids = [f"u{u:03d}" for u in range(1, 40)]
     path = _labels(tmp_path, ids, [int(u % 2 == 0) for u in range(1, 40)])
     out = tmp_path / "out"
-    query = "Will this user buy a bike: yes, [really]?"  # characters that a key=value override would mangle
-    code = main(["bench", "--data", str(tiny_dataset), "--labels", path, "--query", query, "--out", str(out),
+    query = "Will this user buy a bike: yes, [really]?"  # a string setting is taken verbatim, whatever its characters
+    code = main(["bench", f"data.path={tiny_dataset}", f"labels={path}", f"query={query}", f"output_dir={out}",
                  "methods=[rfm_lgbm]", "folds=3"])
     assert code == 0
     printed = capsys.readouterr().out
@@ -39,14 +39,14 @@ def test_custom_labels_end_to_end(tiny_dataset, tmp_path, capsys):
 ])
 def test_bad_labels_exit_2_with_error_line(tiny_dataset, tmp_path, capsys, ids, labels, column, match):
     path = _labels(tmp_path, ids, labels, column=column)
-    code = main(["bench", "--data", str(tiny_dataset), "--labels", path, "--query", "q?", "--out", str(tmp_path / "o")])
+    code = main(["bench", f"data.path={tiny_dataset}", f"labels={path}", "query=q?", f"output_dir={tmp_path / 'o'}"])
     err = capsys.readouterr().err
     assert code == 2 and err.startswith("error: ") and match in err
 
 
 def test_labels_without_query_and_bad_override(tiny_dataset, tmp_path, capsys):
     path = _labels(tmp_path, ["u001", "u002"], [0, 1])
-    assert main(["bench", "--data", str(tiny_dataset), "--labels", path]) == 2
+    assert main(["bench", f"data.path={tiny_dataset}", f"labels={path}"]) == 2
     assert "needs both labels" in capsys.readouterr().err
-    assert main(["bench", "--data", str(tiny_dataset), "fold=3"]) == 2
+    assert main(["bench", f"data.path={tiny_dataset}", "fold=3"]) == 2
     assert "fold" in capsys.readouterr().err

@@ -10,12 +10,13 @@ import numpy as np
 import pytest
 
 from qanchor.bench.embedder import QAnchorEmbedder
-from qanchor.tune.head import load_heads
 from qanchor.bench.report import write_report
 from qanchor.bench.runner import run_bench
-from qanchor.config import BenchConfig, DataConfig
+from qanchor.config import BenchConfig, DataConfig, PromptTuneConfig, load_config
 from qanchor.data.dataset import load_dataset
 from qanchor.model.factory import ModelMeta, checkpoint_hash, save_checkpoint
+from qanchor.tune.head import load_heads
+from qanchor.tune.prompt_tune import run_prompt_tune
 from tests.model.helpers import model_and_stream
 
 FAST_TUNE = ["steps=4", "eval_every=2", "batch_size=8", "prefix_chunk=16", "prototypes_per_class=2"]
@@ -24,16 +25,14 @@ FAST_TUNE = ["steps=4", "eval_every=2", "batch_size=8", "prefix_chunk=16", "prot
 @pytest.fixture(scope="module")
 def env(tiny_dataset, tmp_path_factory):
     """A saved tiny checkpoint, its dataset copy (UserU pairs, text cache) and heads for `churn`."""
-    from qanchor.tune.prompt_tune import run_prompt_tune
-
     root = tmp_path_factory.mktemp("bench_int")
     ds_dir = root / "ds"
     shutil.copytree(tiny_dataset, ds_dir, ignore=shutil.ignore_patterns(".qanchor_cache"))
     model, tokenizer, _, ds, packer, cfg = model_and_stream(ds_dir)
     meta = ModelMeta(ds.manifest.to_dict(), packer.cache.dim, {}, list(ds.tabular_columns))
     ckpt = save_checkpoint(root / "ckpt", model, tokenizer, cfg, meta)
-    run_prompt_tune(None, [f"model={ckpt}", f"data.path={ds_dir}", "task=churn", f"output_dir={root / 'heads'}",
-                           *FAST_TUNE], progress=False)
+    run_prompt_tune(load_config(None, [f"checkpoint={ckpt}", f"data.path={ds_dir}", "task=churn",
+                                       f"output_dir={root / 'heads'}", *FAST_TUNE], schema=PromptTuneConfig), progress=False)
     return root, ds_dir, ckpt
 
 
@@ -49,7 +48,7 @@ def test_bench_with_real_model_and_head(env, tmp_path):
     root, ds_dir, ckpt = env
     heads = load_heads(root / "heads", ["churn", "coupon"], checkpoint_hash(ckpt))
     assert list(heads) == ["churn"] and len(heads["churn"].test_users) == 8  # 20 % of 40 users never seen in tuning
-    cfg = BenchConfig(model=str(ckpt), data=DataConfig(path=str(ds_dir)), folds=3, heads_dir=str(root / "heads"),
+    cfg = BenchConfig(checkpoint=str(ckpt), data=DataConfig(path=str(ds_dir)), folds=3, heads_dir=str(root / "heads"),
                       methods=["qanchor_task", "qanchor_generic", "qanchor_head"], output_dir=str(tmp_path))
     result = run_bench(cfg, progress=False)
     churn = result.tasks["churn"]
@@ -64,7 +63,7 @@ def test_ablation_sub_runs(env, tmp_path):
     root, ds_dir, ckpt = env
     tune_yaml = tmp_path / "tune.yaml"
     tune_yaml.write_text("\n".join(s.replace("=", ": ") for s in FAST_TUNE) + "\n")
-    cfg = BenchConfig(model=str(ckpt), data=DataConfig(path=str(ds_dir)), folds=3, tasks=["churn"],
+    cfg = BenchConfig(checkpoint=str(ckpt), data=DataConfig(path=str(ds_dir)), folds=3, tasks=["churn"],
                       methods=["qanchor_task"], ablations=True, output_dir=str(tmp_path / "out"),
                       ablation_pretrain_overrides=["train.max_steps=2", "train.batch_size=4", "train.warmup_steps=1",
                                                    "data.default_max_events=8"],

@@ -8,12 +8,12 @@ import json
 import numpy as np
 import pytest
 
-from qanchor.tune.head import HeadEntry
 from qanchor.bench.plots import write_plots
 from qanchor.bench.report import average_table, write_report, write_results
 from qanchor.bench.runner import prepare, run_bench
 from qanchor.config import BenchConfig, DataConfig
 from qanchor.errors import ConfigError
+from qanchor.tune.head import HeadEntry
 from tests.bench.helpers import FakeEmbedder, FakeHead
 
 

@@ -85,9 +85,9 @@ def test_torchrun_two_ranks_equal_one_rank(infer_env, full_export, tmp_path):
     queries = tmp_path / "q.txt"
     queries.write_text("".join(f"{qid}\t{q}\n" for qid, q in PAIRS))
     torchrun = Path(sys.executable).with_name("torchrun")
-    cmd = [str(torchrun), "--nproc_per_node", "2", "-m", "qanchor.cli", "embed", "--model", str(infer_env.ckpt),
-           "--data", str(infer_env.ds_dir), "--queries", str(queries), "--out", str(out), "--shard-users", "7",
-           "--batch-size", "8", "--quiet"]
+    cmd = [str(torchrun), "--nproc_per_node", "2", "-m", "qanchor.cli", "embed", f"checkpoint={infer_env.ckpt}",
+           f"data.path={infer_env.ds_dir}", f"queries={queries}", f"out={out}", "shard_users=7",
+           "batch_size=8", "--quiet"]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -153,9 +153,9 @@ def test_export_with_heads_matches_api_and_cli(infer_env, tmp_path, capsys):
     # the CLI loads heads from a prompt-tune style folder and refuses heads of another checkpoint
     for head in heads:
         head.save(tmp_path / "heads" / head.task)
-    args = ["embed", "--model", str(infer_env.ckpt), "--data", str(infer_env.ds_dir), "--quiet",
-            "--cache-dir", str(infer_env.ds.text_cache_dir)]
-    assert main([*args, "--heads", str(tmp_path / "heads"), "--out", str(tmp_path / "cli")]) == 0
+    args = ["embed", f"checkpoint={infer_env.ckpt}", f"data.path={infer_env.ds_dir}", "--quiet",
+            f"text_cache_dir={infer_env.ds.text_cache_dir}"]
+    assert main([*args, f"heads={tmp_path / 'heads'}", f"out={tmp_path / 'cli'}"]) == 0
     cli = _table(tmp_path / "cli")
     assert set(cli.column("query_id").to_pylist()) == {"head:churn", "head:coupon"}
     assert np.allclose(cli.column("score").to_numpy(), table.filter(pc.invert(
@@ -164,7 +164,7 @@ def test_export_with_heads_matches_api_and_cli(infer_env, tmp_path, capsys):
 
     stale = ScenarioHead("old", QUERIES[0], heads[0].prompt, heads[0].prototypes, heads[0].prototype_labels, 0.1, "0" * 64)
     stale.save(tmp_path / "stale" / "old")
-    assert main([*args, "--heads", str(tmp_path / "stale"), "--out", str(tmp_path / "cli2")]) == 2
-    assert main([*args, "--out", str(tmp_path / "cli3")]) == 2
+    assert main([*args, f"heads={tmp_path / 'stale'}", f"out={tmp_path / 'cli2'}"]) == 2
+    assert main([*args, f"out={tmp_path / 'cli3'}"]) == 2
     err = capsys.readouterr().err
-    assert "tuned on checkpoint" in err and "--queries" in err
+    assert "tuned on checkpoint" in err and "queries=" in err

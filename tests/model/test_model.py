@@ -93,7 +93,6 @@ def test_checkpoint_version_refused(setup, tmp_path):
 def test_empty_modality_uses_learned_empty_token(setup):
     model, _, stream, *_ = setup
     model.eval()
-    from qanchor.data.batch import collate_users
 
     users = [stream.pipe.packer.pack(stream.ds.user(uid)) for uid in ("u000", "u001")]  # u000: no events; u001: no search
     batch = stream.pipe.collate(users)

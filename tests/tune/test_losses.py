@@ -9,8 +9,8 @@ import pytest
 import torch
 from sklearn.metrics import roc_auc_score
 
-from qanchor.tune.losses import balanced_weights, prototype_loss, prototype_score
 from qanchor.metrics import auc_ks
+from qanchor.tune.losses import balanced_weights, prototype_loss, prototype_score
 
 # Two users, three prototypes, temperature 0.5 (cosines: e1 = (1,0), e2 = (0,1)).
 EMB = torch.tensor([[3.0, 0.0], [0.0, 0.5]])  # not unit: the functions normalise

@@ -17,9 +17,9 @@ from qanchor.data.pipeline import UserPipeline
 from qanchor.errors import CheckpointError
 from qanchor.infer.api import QAnchor
 from qanchor.metrics import auc_ks
-from qanchor.model.prefix_cache import anchor_hidden_uncached
 from qanchor.model.factory import ModelMeta, checkpoint_hash, load_checkpoint, save_checkpoint
 from qanchor.model.layout import tokenize_query
+from qanchor.model.prefix_cache import anchor_hidden_uncached
 from qanchor.tune.head import ScenarioHead, query_prompt_init
 from qanchor.tune.prompt_tune import encode_users, run_prompt_tune
 from qanchor.tune.trainer import split_users, tune_task
@@ -104,8 +104,9 @@ def test_run_writes_heads_that_reload_and_score_identically(ckpt, loaded, tmp_pa
     ck, ds_dir = ckpt
     out = tmp_path / "heads"
     file_hash = checkpoint_hash(ck)
-    summary = run_prompt_tune(None, [f"model={ck}", f"data.path={ds_dir}", f"output_dir={out}", "task=all", *FAST],
-                              progress=False)
+    cfg = load_config(None, [f"checkpoint={ck}", f"data.path={ds_dir}", f"output_dir={out}", "task=all", *FAST],
+                      schema=PromptTuneConfig)
+    summary = run_prompt_tune(cfg, progress=False)
     assert checkpoint_hash(ck) == file_hash  # the checkpoint on disk is untouched
     assert set(summary["tasks"]) == {"churn", "coupon"}
     on_disk = json.loads((out / "summary.json").read_text())
@@ -151,7 +152,7 @@ def test_head_refuses_a_different_checkpoint(ckpt, tmp_path):
 
 def test_cli_runs_and_reports_unknown_task(ckpt, tmp_path, capsys):
     ck, ds_dir = ckpt
-    args = ["prompt-tune", "--quiet", f"model={ck}", f"data.path={ds_dir}", f"output_dir={tmp_path / 'o'}", *FAST]
+    args = ["prompt-tune", "--quiet", f"checkpoint={ck}", f"data.path={ds_dir}", f"output_dir={tmp_path / 'o'}", *FAST]
     assert main([*args, "task=churn", "steps=2", "eval_every=1"]) == 0
     assert (tmp_path / "o" / "churn" / "head.safetensors").exists()
     assert main([*args, "task=nope"]) == 2
@@ -161,16 +162,17 @@ def test_cli_runs_and_reports_unknown_task(ckpt, tmp_path, capsys):
 def test_rerun_reuses_finished_heads_and_retunes_changed_or_unfinished(ckpt, tmp_path):
     ck, ds_dir = ckpt
     out = tmp_path / "heads"
-    args = [f"model={ck}", f"data.path={ds_dir}", f"output_dir={out}", "task=all", *FAST]
-    first = run_prompt_tune(None, args, progress=False)
+    args = [f"checkpoint={ck}", f"data.path={ds_dir}", f"output_dir={out}", "task=all", *FAST]
+    first = run_prompt_tune(load_config(None, args, schema=PromptTuneConfig), progress=False)
     weights = {t: (out / t / "head.safetensors").read_bytes() for t in ("churn", "coupon")}
-    again = run_prompt_tune(None, args, progress=False)
+    again = run_prompt_tune(load_config(None, args, schema=PromptTuneConfig), progress=False)
     assert again["n_users"] == 0  # nothing re-encoded: both tasks were reused
     assert again["tasks"] == first["tasks"]  # the same records, tuning seconds included
     (out / "coupon" / "record.json").unlink()  # as if killed before coupon finished
-    redo = run_prompt_tune(None, args, progress=False)
+    redo = run_prompt_tune(load_config(None, args, schema=PromptTuneConfig), progress=False)
     assert redo["tasks"]["churn"] == first["tasks"]["churn"]
     assert redo["tasks"]["coupon"]["tune_seconds"] != first["tasks"]["coupon"]["tune_seconds"]  # tuned again...
     assert (out / "coupon" / "head.safetensors").read_bytes() == weights["coupon"]  # ...to the same head
-    changed = run_prompt_tune(None, [*args, "steps=4", "eval_every=2"], progress=False)  # other settings: retune all
+    changed = run_prompt_tune(load_config(None, [*args, "steps=4", "eval_every=2"], schema=PromptTuneConfig),
+                              progress=False)  # other settings: retune all
     assert changed["n_users"] > 0 and all(r["history"][-1]["step"] == 4 for r in changed["tasks"].values())

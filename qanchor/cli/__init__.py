@@ -1,0 +1,56 @@
+"""The ``qanchor`` command line: one convention for every command.
+
+    qanchor <command> [--config FILE] [--quiet] key=value ...
+
+``--config`` is an optional YAML file of the command's typed config (its dataclass in ``qanchor.config``
+is the command's signature; defaults there), ``key=value`` settings override it. Commands that act on
+one dataset in place take its directory as a positional argument (``qanchor data validate DIR``).
+Every user error ends as one line ``error: ...`` on stderr and exit code 2; ``--quiet`` prints only the
+result. Long jobs show a progress bar on a terminal and log lines in a log file.
+
+    qanchor data synth out=data/synth users=2000 seed=1
+    qanchor data completejourney out=data/completejourney
+    qanchor data validate data/completejourney
+    qanchor data userU data/completejourney
+    qanchor pretrain --config configs/pretrain/tiny-cj.yaml data.path=data/completejourney output_dir=runs/cj
+    qanchor prompt-tune --config configs/prompt_tune/tiny-cj.yaml checkpoint=runs/cj output_dir=runs/cj-heads
+    qanchor bench --config configs/bench/tiny-cj.yaml checkpoint=runs/cj heads_dir=runs/cj-heads
+    qanchor embed checkpoint=runs/cj data.path=data/completejourney queries=tasks out=emb/cj
+    qanchor update checkpoint=runs/cj state=state/d0 events=[day1.parquet] out=state/d1
+    qanchor index build embeddings=emb/cj query_id=churn out=churn.faiss
+
+Layer: the top (imports every other package; nothing imports it).
+"""
+
+from __future__ import annotations
+
+import sys
+
+from qanchor.cli import bench, data, infer, train, tune
+from qanchor.cli.common import EXIT_USER_ERROR, Parser, parse
+from qanchor.errors import QAnchorError
+from qanchor.logs import quiet_third_party
+
+__all__ = ["main", "build_parser", "EXIT_USER_ERROR"]
+
+
+def build_parser() -> Parser:
+    parser = Parser(prog="qanchor", description="Query-conditioned user embeddings (Q-Anchor).")
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=Parser)
+    for module in (data, train, tune, infer, bench):
+        module.register(sub)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    quiet_third_party()
+    args = parse(build_parser(), argv)
+    try:
+        args.func(args)
+    except QAnchorError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return EXIT_USER_ERROR
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+    return 0

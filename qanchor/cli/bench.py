@@ -1,0 +1,42 @@
+"""``qanchor bench``: AUC / KS of Q-Anchor against peers, k-fold over users.
+
+    qanchor bench --config configs/bench/tiny-cj.yaml checkpoint=runs/demo/pretrain heads_dir=runs/demo/heads
+    qanchor bench checkpoint=runs/demo/pretrain data.path=data/completejourney labels=my_labels.parquet \\
+        query="Will this household buy wine next month?"
+"""
+
+from __future__ import annotations
+
+import argparse
+from dataclasses import replace
+from pathlib import Path
+
+from qanchor.bench.report import average_table, bench_and_report
+from qanchor.cli.common import add_settings, settings
+from qanchor.config import BenchConfig
+
+__all__ = ["register"]
+
+
+def _cmd_bench(args: argparse.Namespace) -> None:
+    cfg: BenchConfig = settings(args)
+    chose_out = args.config is not None or any(s.startswith("output_dir=") for s in args.settings)
+    if cfg.labels is not None and not chose_out:  # a custom task gets its own folder, not results/bench
+        cfg = replace(cfg, output_dir=str(Path("results") / f"custom-{Path(cfg.labels).stem}"))
+    result, out = bench_and_report(cfg, progress=not args.quiet)
+    print(f"\nAverage over {len(result.tasks)} task(s), {cfg.folds}-fold CV ({result.run['seconds']:.0f}s):\n")
+    print(average_table(result))
+    skipped: dict[tuple[str, str], int] = {}
+    for task in result.tasks.values():
+        for m, r in task.methods.items():
+            if r.skipped:
+                skipped[(m, r.skipped)] = skipped.get((m, r.skipped), 0) + 1
+    for (m, why), n in skipped.items():
+        print(f"  {m}: skipped on {n} task(s): {why}")
+    print(f"\nreport: {out / 'report.md'}\nresults: {out / 'results.json'}")
+
+
+def register(subparsers) -> None:
+    p = subparsers.add_parser("bench", help="AUC / KS benchmark of Q-Anchor against peers (k-fold over users)")
+    add_settings(p, BenchConfig, "checkpoint=runs/cj data.path=data/cj heads_dir=runs/cj-heads output_dir=results/cj")
+    p.set_defaults(func=_cmd_bench)

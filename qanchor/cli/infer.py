@@ -1,0 +1,155 @@
+"""Inference commands: ``embed`` (batch export), ``update`` (daily state), ``index`` (faiss look-alikes).
+
+    qanchor embed checkpoint=CKPT data.path=DIR queries=FILE|tasks [heads=HEADS_DIR] out=DIR [shard_users=N]
+    torchrun --nproc_per_node 2 -m qanchor.cli embed ...            (rank r takes shards r, r+2, ...)
+    qanchor update checkpoint=CKPT data.path=DIR queries=FILE out=STATE0       (first state from a dataset)
+    qanchor update checkpoint=CKPT state=STATE0 events=[day1.parquet] out=STATE1 [as_of=ISO] [full=true]
+    qanchor index build embeddings=DIR query_id=churn out=churn.faiss
+    qanchor index search index=churn.faiss user=u000042 k=10
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+import numpy as np
+
+from qanchor.cli.common import add_settings, settings
+from qanchor.config import (
+    EmbedConfig,
+    IndexBuildConfig,
+    IndexSearchConfig,
+    InferConfig,
+    UpdateConfig,
+    require,
+)
+from qanchor.data.dataset import Dataset, load_dataset
+from qanchor.data.io import OutputKind, check_not_inside, check_output_dir, check_replaceable
+from qanchor.errors import ModelInputError
+from qanchor.infer.api import QAnchor
+from qanchor.infer.export import export_embeddings, read_queries, report_json, task_queries
+from qanchor.infer.index import LookalikeIndex, check_index_target
+from qanchor.infer.update import init_state, update_state
+from qanchor.model.backbone import check_device
+from qanchor.tune.head import load_heads
+
+__all__ = ["register"]
+
+
+def _model(cfg: InferConfig, ds: Dataset | None) -> QAnchor:
+    default = ds.text_cache_dir if ds is not None else None
+    return QAnchor.from_config(cfg, text_cache_dir=cfg.text_cache_dir or default)
+
+
+def _queries(arg: str | None, ds: Dataset | None):
+    if arg is None:
+        return None
+    if arg == "tasks" and not Path(arg).exists():
+        if ds is None:
+            raise ModelInputError("queries=tasks needs data.path=<dataset> (the dataset's task queries)")
+        return task_queries(ds.manifest)
+    return read_queries(arg)
+
+
+def _cmd_embed(args: argparse.Namespace) -> None:
+    cfg: EmbedConfig = settings(args)
+    require(cfg.checkpoint, "checkpoint", "<checkpoint dir>")
+    require(cfg.data.path, "data.path", "<dataset dir>")
+    require(cfg.out, "out", "<output dir>")
+    check_device(cfg.device)
+    check_output_dir(cfg.out, OutputKind.EXPORT, {"data.path": cfg.data.path, "checkpoint": cfg.checkpoint}, key="out")
+    ds = load_dataset(cfg.data.path, cfg.data.cache_dir)
+    queries = _queries(cfg.queries, ds) or []
+    if not queries and not cfg.heads:
+        raise ModelInputError("qanchor embed needs queries=FILE|tasks and/or heads=DIR")
+    model = _model(cfg, ds)
+    heads = [e.head for e in load_heads(cfg.heads, checkpoint_hash=model.checkpoint_hash, require=True).values()]
+    report = export_embeddings(model, ds, queries, cfg.out, shard_users=cfg.shard_users, use_cache=cfg.use_prefix_cache,
+                               cutoff=cfg.cutoff, progress=not args.quiet, heads=heads)
+    print(report_json(report))
+
+
+def _cmd_update(args: argparse.Namespace) -> None:
+    cfg: UpdateConfig = settings(args)
+    require(cfg.checkpoint, "checkpoint", "<checkpoint dir>")
+    require(cfg.out, "out", "<state dir>")
+    if bool(cfg.data.path) == bool(cfg.state):
+        raise ModelInputError("give either data.path=DATASET (build the first state) or state=DIR events=[FILE, ...]")
+    check_device(cfg.device)
+    check_not_inside(cfg.out, {"state": cfg.state, "data.path": cfg.data.path or None, "checkpoint": cfg.checkpoint,
+                               **{f"events[{i}]": e for i, e in enumerate(cfg.events)}}, key="out")
+    check_replaceable(cfg.out, OutputKind.STATE)
+    if cfg.data.path:
+        ds = load_dataset(cfg.data.path, cfg.data.cache_dir)
+        queries = _queries(cfg.queries, ds)
+        if queries is None:
+            raise ModelInputError("building a first state needs queries=FILE (or queries=tasks)")
+        report = init_state(_model(cfg, ds), ds, queries, cfg.out, as_of=cfg.as_of, progress=not args.quiet)
+    else:
+        report = update_state(_model(cfg, None), cfg.state, cfg.events, cfg.out, queries=_queries(cfg.queries, None),
+                              as_of=cfg.as_of, full=cfg.full, progress=not args.quiet)
+    print(report.to_json())
+
+
+def _vector(arg: str) -> np.ndarray:
+    path = Path(arg)
+    if path.suffix == ".npy":
+        if not path.is_file():
+            raise ModelInputError(f"vector file {path} not found")
+        try:
+            vec = np.load(path, allow_pickle=False).astype(np.float32)
+        except (ValueError, OSError) as exc:
+            raise ModelInputError(f"{path}: not a numeric .npy array ({exc})") from None
+    else:
+        try:
+            vec = np.array([float(x) for x in arg.replace(",", " ").split()], np.float32)
+        except ValueError:
+            raise ModelInputError("vector= takes comma-separated numbers or a .npy file") from None
+    if vec.size == 0 or not np.isfinite(vec).all():
+        raise ModelInputError("vector= must hold finite numbers (no NaN or inf), at least one")
+    return vec
+
+
+def _cmd_index_build(args: argparse.Namespace) -> None:
+    cfg: IndexBuildConfig = settings(args)
+    require(cfg.embeddings, "embeddings", "<export dir>")
+    require(cfg.query_id, "query_id", "<a query id of the export>")
+    require(cfg.out, "out", "<index file>")
+    check_index_target(cfg.out, cfg.embeddings)
+    index = LookalikeIndex.from_embeddings(cfg.embeddings, cfg.query_id, ivf_min_size=cfg.ivf_min_size, nprobe=cfg.nprobe)
+    index.save(cfg.out)
+    print(json.dumps({"out": str(cfg.out), **index.meta}))
+
+
+def _cmd_index_search(args: argparse.Namespace) -> None:
+    cfg: IndexSearchConfig = settings(args)
+    require(cfg.index, "index", "<index file>")
+    if (cfg.user is None) == (cfg.vector is None):
+        raise ModelInputError("give exactly one of user=ID or vector=V")
+    index = LookalikeIndex.load(cfg.index)
+    hits = index.search_user(cfg.user, cfg.k) if cfg.user is not None else index.search(_vector(cfg.vector), cfg.k)[0]
+    if cfg.json:
+        print(json.dumps([{"user_id": u, "score": s} for u, s in hits]))
+        return
+    for rank, (user, score) in enumerate(hits, 1):
+        print(f"{rank:>3}  {user}  {score:.4f}")
+
+
+def register(subparsers) -> None:
+    """Add ``embed``, ``update`` and ``index`` to the ``qanchor`` command line."""
+    p = subparsers.add_parser("embed", help="export embeddings of every user x query to Parquet shards (resumable)")
+    add_settings(p, EmbedConfig, "checkpoint=runs/cj data.path=data/cj queries=tasks out=emb/cj")
+    p.set_defaults(func=_cmd_embed)
+    p = subparsers.add_parser("update", help="daily incremental update of a state (or build the first one)")
+    add_settings(p, UpdateConfig, "checkpoint=runs/cj state=state/d0 events=[day1.parquet] out=state/d1")
+    p.set_defaults(func=_cmd_update)
+    index = subparsers.add_parser("index", help="faiss look-alike search over exported embeddings")
+    sub = index.add_subparsers(dest="index_command", required=True, parser_class=type(index))
+    p = sub.add_parser("build", help="build an index over one query's embeddings")
+    add_settings(p, IndexBuildConfig, "embeddings=emb/cj query_id=churn out=churn.faiss")
+    p.set_defaults(func=_cmd_index_build)
+    p = sub.add_parser("search", help="the k users most like a user or a vector")
+    add_settings(p, IndexSearchConfig, "index=churn.faiss user=u000042 k=10")
+    p.set_defaults(func=_cmd_index_search)

@@ -1,0 +1,219 @@
+"""One typed config tree: a dataclass per component and per command, loaded from YAML with OmegaConf.
+
+Structured configs make an unknown or mistyped key fail with its dotted path. ``key=value`` overrides
+are typed by the schema: a string setting takes the text after ``=`` verbatim (so a query may hold any
+characters), every other value is read as YAML (numbers, booleans, ``[a, b]`` lists, ``null``); a list
+of strings also takes a single bare value. A component receives its own sub-config, never the whole tree.
+
+Layer: the base of the package (imports nothing of qanchor but ``errors``).
+
+Example:
+    >>> from qanchor.config import load_config, PretrainConfig
+    >>> cfg = load_config("configs/pretrain/tiny-synth.yaml", ["train.max_steps=10"])  # doctest: +SKIP
+    >>> cfg.train.max_steps  # doctest: +SKIP
+    10
+    >>> load_config(None, ["query=Will it rain: yes or no?"], schema=BenchConfig).query  # doctest: +SKIP
+    'Will it rain: yes or no?'
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from omegaconf import OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+
+from qanchor.config.commands import (
+    BenchConfig,
+    CompleteJourneyConfig,
+    DataOverrides,
+    EmbedConfig,
+    IndexBuildConfig,
+    IndexSearchConfig,
+    InferConfig,
+    PretrainConfig,
+    PromptTuneConfig,
+    SynthConfig,
+    UpdateConfig,
+    UserUConfig,
+    require,
+)
+from qanchor.config.sections import (
+    BackboneConfig,
+    DataConfig,
+    LoraConfig,
+    LossConfig,
+    ModelConfig,
+    TextEncoderConfig,
+    TrainConfig,
+    UserEncoderConfig,
+)
+from qanchor.errors import ConfigError
+
+__all__ = [
+    "TextEncoderConfig", "DataConfig", "LoraConfig", "BackboneConfig", "UserEncoderConfig", "ModelConfig",
+    "LossConfig", "TrainConfig", "PretrainConfig", "DataOverrides", "PromptTuneConfig", "BenchConfig", "InferConfig",
+    "EmbedConfig", "UpdateConfig", "IndexBuildConfig", "IndexSearchConfig", "SynthConfig", "CompleteJourneyConfig",
+    "UserUConfig", "SCHEMAS", "configs_root", "load_config", "with_overrides", "to_yaml", "require",
+]
+
+# Which schema a YAML follows is given by its folder under configs/.
+SCHEMAS: dict[str, type] = {
+    "model": ModelConfig,
+    "pretrain": PretrainConfig,
+    "prompt_tune": PromptTuneConfig,
+    "bench": BenchConfig,
+    "data": DataConfig,
+    "embed": EmbedConfig,
+    "update": UpdateConfig,
+}
+
+
+def configs_root() -> Path:
+    """The repository's ``configs/`` directory (the package is installed editable next to it)."""
+    return Path(__file__).resolve().parents[2] / "configs"
+
+
+def _preset_path(preset: str) -> Path:
+    path = Path(preset)
+    if path.suffix in (".yaml", ".yml") and path.is_file():
+        return path
+    candidate = configs_root() / "model" / f"{preset}.yaml"
+    if not candidate.is_file():
+        known = sorted(p.stem for p in (configs_root() / "model").glob("*.yaml"))
+        raise ConfigError(f"model.preset: unknown preset '{preset}'; choose one of {known} or give a YAML path")
+    return candidate
+
+
+def _load_yaml(path: Path) -> Any:
+    if path.is_dir():
+        raise ConfigError(f"config {path} is a directory; give a YAML file")
+    try:
+        return OmegaConf.load(path)
+    except FileNotFoundError:
+        raise ConfigError(f"config file not found: {path}") from None
+    except Exception as exc:  # yaml.YAMLError and friends: say which file
+        raise ConfigError(f"{path}: not valid YAML ({str(exc).splitlines()[0]})") from None
+
+
+def _wrap(exc: OmegaConfBaseException, source: str) -> ConfigError:
+    key = getattr(exc, "full_key", None)
+    msg = str(exc).splitlines()[0]
+    where = f"key '{key}'" if key else "config"
+    return ConfigError(f"{source}: {where}: {msg}")
+
+
+def _strip_optional(tp: Any) -> tuple[Any, bool]:
+    if typing.get_origin(tp) in (typing.Union, types.UnionType):
+        args = [a for a in typing.get_args(tp) if a is not type(None)]
+        return (args[0] if len(args) == 1 else tp), True
+    return tp, False
+
+
+def _field_type(schema: type, path: list[str], item: str) -> Any:
+    """The declared type at dotted ``path`` of ``schema`` (ConfigError naming the key if there is none)."""
+    tp: Any = schema
+    for depth, part in enumerate(path):
+        tp, _ = _strip_optional(tp)
+        if dataclasses.is_dataclass(tp):
+            hints = typing.get_type_hints(tp)
+            if part not in hints:
+                known = ", ".join(f.name for f in dataclasses.fields(tp))
+                raise ConfigError(f"override '{item}': unknown key '{'.'.join(path[:depth + 1])}' (known here: {known})")
+            tp = hints[part]
+        elif typing.get_origin(tp) is dict:
+            tp = typing.get_args(tp)[1]
+        else:
+            raise ConfigError(f"override '{item}': '{'.'.join(path[:depth])}' has no sub-keys")
+    return tp
+
+
+def _typed_value(tp: Any, raw: str, item: str) -> Any:
+    tp, optional = _strip_optional(tp)
+    if optional and raw in ("null", "None", "~"):
+        return None
+    if tp is str or typing.get_origin(tp) is Literal:
+        quoted = len(raw) >= 2 and raw[0] == raw[-1] and raw[0] in "'\""
+        return raw[1:-1] if quoted else raw  # one layer of quotes a Makefile or script kept
+    if typing.get_origin(tp) is list and typing.get_args(tp) == (str,) and not raw.lstrip().startswith("["):
+        return [raw] if raw else []
+    try:
+        return yaml.safe_load(raw)
+    except yaml.YAMLError:
+        raise ConfigError(f"override '{item}': cannot read '{raw}' as a value of type {tp}") from None
+
+
+def _overrides_layer(schema: type, overrides: list[str] | tuple[str, ...]) -> dict:
+    layer: dict = {}
+    for item in overrides:
+        if "=" not in item or item.startswith("="):
+            hint = " (settings are key=value, not --flags)" if item.startswith("--") else ""
+            raise ConfigError(f"override '{item}' is not of the form key=value{hint}")
+        key, raw = item.split("=", 1)
+        path = key.strip().split(".")
+        value = _typed_value(_field_type(schema, path, item), raw, item)
+        node = layer
+        for part in path[:-1]:
+            node = node.setdefault(part, {})
+        node[path[-1]] = value
+    return layer
+
+
+def load_config(path: str | Path | None, overrides: list[str] | tuple[str, ...] = (), schema: type | None = None):
+    """Load a YAML config into its dataclass, applying ``key=value`` overrides.
+
+    The schema follows from the file's folder under ``configs/`` (``pretrain``, ``model``, ...) unless
+    given. A model ``preset`` (from the file or an override) is merged under the ``model`` section first.
+    """
+    path = Path(path) if path is not None else None
+    if schema is None:
+        folder = path.parent.name if path is not None else ""
+        if folder not in SCHEMAS:
+            raise ConfigError(f"{path}: cannot tell the config kind from folder '{folder}'; pass schema=")
+        schema = SCHEMAS[folder]
+    source = str(path) if path else "<command line>"
+    cli_layer = _overrides_layer(schema, overrides)
+    try:
+        base = OmegaConf.structured(schema)
+        file_cfg = _load_yaml(path) if path is not None else OmegaConf.create({})
+        cli_cfg = OmegaConf.create(cli_layer)
+        layers = [base]
+        if schema is PretrainConfig or schema is ModelConfig:
+            layers.append(_preset_layer(schema, file_cfg, cli_cfg))
+        merged = OmegaConf.merge(*layers, file_cfg, cli_cfg)
+        return OmegaConf.to_object(merged)
+    except OmegaConfBaseException as exc:
+        raise _wrap(exc, source) from None
+
+
+def with_overrides(cfg: Any, overrides: list[str] | tuple[str, ...]) -> Any:
+    """A copy of the typed config ``cfg`` with ``key=value`` overrides applied (validated like on load)."""
+    schema = type(cfg)
+    try:
+        merged = OmegaConf.merge(OmegaConf.structured(cfg), OmegaConf.create(_overrides_layer(schema, overrides)))
+        return OmegaConf.to_object(merged)
+    except OmegaConfBaseException as exc:
+        raise _wrap(exc, "<overrides>") from None
+
+
+def _preset_layer(schema: type, file_cfg: Any, cli_cfg: Any) -> Any:
+    def pick(cfg: Any) -> str | None:
+        node = cfg.get("model", {}) if schema is PretrainConfig else cfg
+        return node.get("preset") if node is not None else None
+
+    preset = pick(cli_cfg) or pick(file_cfg)
+    if not preset:
+        return OmegaConf.create({})
+    layer = _load_yaml(_preset_path(preset))
+    layer.preset = preset
+    return OmegaConf.create({"model": layer}) if schema is PretrainConfig else layer
+
+
+def to_yaml(cfg: Any) -> str:
+    """The resolved config as YAML text (what a checkpoint stores as ``config.yaml``)."""
+    return OmegaConf.to_yaml(OmegaConf.structured(cfg))

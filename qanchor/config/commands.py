@@ -1,0 +1,254 @@
+"""One typed config per command: its dataclass is the command's signature.
+
+Every ``qanchor`` command reads ``[--config FILE] key=value ...`` into one of these (defaults here, a
+YAML file on top, the command line last). Paths to existing inputs are strings; ``checkpoint`` always
+names a checkpoint directory (or a pretraining output_dir), ``model`` always a :class:`ModelConfig`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field, replace
+from typing import Literal
+
+from qanchor.config.sections import DataConfig, LossConfig, ModelConfig, TrainConfig
+from qanchor.errors import ConfigError
+
+__all__ = ["PretrainConfig", "DataOverrides", "PromptTuneConfig", "BenchConfig", "InferConfig", "EmbedConfig",
+           "UpdateConfig", "IndexBuildConfig", "IndexSearchConfig", "SynthConfig", "CompleteJourneyConfig",
+           "UserUConfig", "require"]
+
+
+def require(value: object, key: str, example: str) -> None:
+    """ConfigError naming ``key`` when a required setting is empty."""
+    if value in (None, "", [], ()):
+        raise ConfigError(f"{key} is not set; pass {key}={example}")
+
+
+@dataclass
+class PretrainConfig:
+    """``qanchor pretrain``: contrastive + next-token pretraining under DeepSpeed."""
+
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    loss: LossConfig = field(default_factory=LossConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    output_dir: str = "runs/pretrain"
+    resume: bool = False  # continue the run in output_dir (refused if it was written by another run or user)
+    overwrite: bool = False  # start output_dir (a qanchor pretraining run) afresh instead of refusing
+
+    def __post_init__(self) -> None:
+        if self.resume and self.overwrite:
+            raise ConfigError("resume=true and overwrite=true contradict each other; choose one")
+
+
+@dataclass
+class DataOverrides:
+    """Packing settings that override a checkpoint's own (None = as in pretraining)."""
+
+    path: str = ""  # dataset directory
+    cache_dir: str | None = None
+    max_events: dict[str, int] | None = None
+    default_max_events: int | None = None
+
+    def apply(self, base: DataConfig) -> DataConfig:
+        """``base`` (the checkpoint's data section) with the keys set here replacing its own."""
+        changes = {k: v for k, v in (("path", self.path), ("cache_dir", self.cache_dir), ("max_events", self.max_events),
+                                     ("default_max_events", self.default_max_events)) if v not in (None, "")}
+        return replace(base, **changes)
+
+
+@dataclass
+class PromptTuneConfig:
+    """``qanchor prompt-tune``: cluster-based soft prompt tuning of one scenario head per task (DESIGN section 5).
+
+    Users are packed exactly as in pretraining (the checkpoint's data section) unless ``data`` says
+    otherwise; the text encoder is always the checkpoint's.
+    """
+
+    checkpoint: str = ""  # pretrained checkpoint directory (or a pretraining output_dir)
+    data: DataOverrides = field(default_factory=DataOverrides)
+    task: str = "all"  # a task name of the dataset, a comma-separated list, or "all"
+    output_dir: str = "runs/heads"
+    num_prompt_tokens: int = 6
+    prototypes_per_class: int = 4
+    # ...but fewer where a class is small: each prototype needs this many training users behind it.
+    # Measured on the synthetic tasks (~1,200 training users): 4 prototypes for a class of 50-400 users
+    # fit noise and cost ~0.03 test AUC against 1 prototype per class.
+    min_users_per_prototype: int = 500
+    temperature: float = 0.1
+    steps: int = 500
+    batch_size: int = 64
+    lr: float = 1e-3  # Adam, for the prompt vectors
+    prototype_lr: float = 1e-3  # Adam, for the prototypes (unit vectors: a different scale from the prompt)
+    eval_every: int = 25  # validation AUC every this many steps; the best step is kept
+    val_fraction: float = 0.2
+    test_fraction: float = 0.2
+    seed: int = 0
+    prompt_init: Literal["query", "random"] = "query"  # query = the query's own token embeddings, cycled
+    balanced: bool = True  # class-balanced batches (half positives): rare positives still shape the prompt
+    # Whiten embeddings inside the head before the cosine (ridge eps relative to the top eigenvalue);
+    # null = raw cosine on the embedding, the paper's literal form. See qanchor.tune.head.fit_whitening.
+    whitening_eps: float | None = 1e-6
+    prefix_chunk: int = 256  # users per prefix-encoding / evaluation batch
+    device: str = "cpu"
+
+    def __post_init__(self) -> None:
+        if self.num_prompt_tokens < 1 or self.prototypes_per_class < 1 or self.min_users_per_prototype < 1:
+            raise ConfigError("num_prompt_tokens, prototypes_per_class and min_users_per_prototype must be >= 1")
+        if self.temperature <= 0 or self.lr <= 0 or self.prototype_lr < 0:
+            raise ConfigError("temperature and lr must be > 0, prototype_lr >= 0")
+        if self.whitening_eps is not None and self.whitening_eps <= 0:
+            raise ConfigError("whitening_eps must be > 0, or null for no whitening")
+        if self.steps < 0 or self.batch_size < 2 or self.eval_every < 1 or self.prefix_chunk < 1:
+            raise ConfigError("steps must be >= 0, batch_size >= 2, eval_every and prefix_chunk >= 1")
+        if not (0 < self.val_fraction < 1 and 0 < self.test_fraction < 1 and self.val_fraction + self.test_fraction < 1):
+            raise ConfigError(f"val_fraction ({self.val_fraction}) and test_fraction ({self.test_fraction}) must be in "
+                              "(0, 1) and sum to less than 1: training needs users too")
+
+
+@dataclass
+class BenchConfig:
+    """``qanchor bench``: AUC / KS of Q-Anchor and peers under the same stratified k-fold split.
+
+    Either the dataset's own tasks (``tasks``) or one custom task (``labels`` + ``query``) is judged.
+    """
+
+    checkpoint: str | None = None  # checkpoint dir (or a pretraining output_dir); None = peers only
+    data: DataConfig = field(default_factory=DataConfig)
+    tasks: list[str] = field(default_factory=list)  # empty = every task of the dataset
+    folds: int = 5
+    seed: int = 0  # fixes the folds, the classifiers and any subsampling
+    generic_query: str = "What kind of user is this?"  # the static-embedding baseline's one query
+    methods: list[str] = field(default_factory=lambda: ["qanchor_task", "qanchor_generic", "qanchor_head", "rfm_lgbm",
+                                                        "text_mean_lr", "coles"])
+    heads_dir: str | None = None  # `qanchor prompt-tune` output_dir: <heads_dir>/<task>/head.yaml
+    ablations: bool = False  # retrain ablated models under <output_dir>/ablations/ (slow: pretraining runs)
+    output_dir: str = "results/bench"
+    labels: str | None = None  # custom task: a Parquet with user_id, label (0/1); needs `query`
+    query: str | None = None  # custom task: the question that anchors it
+    max_users: int | None = None  # random subsample of every task's users (quick looks); None = all
+    n_jobs: int = 1  # threads (torch, BLAS, LightGBM) for the run; 1 is safest on shared cores, 2 on 2 idle ones
+    pca_tasks: list[str] = field(default_factory=list)  # tasks for the before/after-tuning PCA plot; [] = first with a head
+    coles_epochs: int = 4  # CoLES is a peer, kept small so the demo stays within minutes on CPU
+    coles_hidden: int = 64
+    coles_max_events: int = 256  # most recent events per user fed to CoLES
+    ablation_pretrain_overrides: list[str] = field(default_factory=list)  # extra key=value for ablation pretraining
+    ablation_prompt_tokens: list[int] = field(default_factory=lambda: [1, 2, 4, 6, 8])
+    prompt_tune_config: str | None = None  # prompt-tune YAML for the prompt-token ablation; None = defaults
+
+    def __post_init__(self) -> None:
+        if self.folds < 2:
+            raise ConfigError(f"folds must be >= 2, got {self.folds}")
+        if (self.labels is None) != (self.query is None):
+            raise ConfigError("a custom task needs both labels=<user_id,label Parquet> and query=<text>")
+        if self.max_users is not None and self.max_users < 10:
+            raise ConfigError(f"max_users must be >= 10 (or null), got {self.max_users}")
+        if not self.methods:
+            raise ConfigError("methods is empty; name at least one method")
+
+
+@dataclass
+class InferConfig:
+    """Loading a checkpoint for inference: what every inference command (and ``QAnchor.from_config``) reads."""
+
+    checkpoint: str = ""  # checkpoint dir (or a pretraining output_dir)
+    device: str = "cpu"
+    batch_size: int = 32  # users per prefix pass
+    max_rows: int = 512  # (user, query) suffixes per forward
+    text_cache_dir: str | None = None  # event-text vectors; default: the dataset's cache, else ~/.cache/qanchor/text
+
+    def __post_init__(self) -> None:
+        if self.batch_size < 1 or self.max_rows < 1:
+            raise ConfigError(f"batch_size and max_rows must be >= 1, got {self.batch_size} and {self.max_rows}")
+
+
+@dataclass
+class EmbedConfig(InferConfig):
+    """``qanchor embed``: every user of a dataset x every query (and head) -> resumable Parquet shards."""
+
+    data: DataConfig = field(default_factory=DataConfig)  # data.path: the dataset to embed
+    queries: str | None = None  # a YAML / text / Parquet file of queries, or "tasks" (the dataset's task queries)
+    heads: list[str] = field(default_factory=list)  # prompt-tune output dirs or head folders: rows head:<task>
+    out: str = ""  # output directory (resumes a partial export of the same settings)
+    shard_users: int | None = None  # users per shard (default: one dataset partition)
+    cutoff: str | None = None  # ISO time event ages count from (default: the dataset cutoff)
+    use_prefix_cache: bool = True  # false = reference path: one full forward per user x query
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.shard_users is not None and self.shard_users < 1:
+            raise ConfigError(f"shard_users must be >= 1 (or null), got {self.shard_users}")
+
+
+@dataclass
+class UpdateConfig(InferConfig):
+    """``qanchor update``: build a first state from a dataset, or apply a day of events to yesterday's state."""
+
+    data: DataConfig = field(default_factory=DataConfig)  # data.path: build the first state from this dataset
+    state: str | None = None  # yesterday's state directory
+    events: list[str] = field(default_factory=list)  # Parquet file(s) of new events (dataset event format)
+    out: str = ""  # today's state directory (never inside --state or the dataset)
+    queries: str | None = None  # queries file (default: the state's); new queries re-embed everyone
+    as_of: str | None = None  # ISO time of the new state (default: midnight after the newest event)
+    full: bool = False  # re-encode every modality of every user at the new as_of
+
+
+@dataclass
+class IndexBuildConfig:
+    """``qanchor index build``: a faiss look-alike index over one query's exported embeddings."""
+
+    embeddings: str = ""  # an export directory (qanchor embed) or an update state
+    query_id: str = ""
+    out: str = ""  # index file (FILE.users.parquet and FILE.json are written beside it)
+    ivf_min_size: int = 50_000  # from this many users on, an IVF index (else exact)
+    nprobe: int | None = None  # IVF cells searched (default nlist / 8)
+
+
+@dataclass
+class IndexSearchConfig:
+    """``qanchor index search``: the k users most like a user or a vector."""
+
+    index: str = ""
+    user: str | None = None
+    vector: str | None = None  # comma-separated numbers or a .npy file
+    k: int = 10
+    json: bool = False
+
+    def __post_init__(self) -> None:
+        if self.k < 1:
+            raise ConfigError(f"k must be >= 1, got {self.k}")
+
+
+@dataclass
+class SynthConfig:
+    """``qanchor data synth``: the synthetic six-modality world (tasks know their true probability)."""
+
+    out: str = ""
+    users: int = 2000
+    seed: int = 1
+
+    def __post_init__(self) -> None:
+        if self.users < 1:
+            raise ConfigError(f"users must be >= 1, got {self.users}")
+
+
+@dataclass
+class CompleteJourneyConfig:
+    """``qanchor data completejourney``: the Complete Journey grocery panel as a qanchor dataset."""
+
+    out: str = ""
+    cutoff: str = "2017-09-30"  # inputs strictly before, labels after (ISO date or datetime)
+
+
+@dataclass
+class UserUConfig:
+    """``qanchor data userU DIR``: UserU pretraining pairs (future + uqa) into ``DIR/userU.parquet``."""
+
+    seed: int = 0
+    future_cutoffs: int = 3  # internal cutoffs per user for `future` pairs
+    future_window_days: int = 30
+    min_history_days: int = 14
+
+    def __post_init__(self) -> None:
+        if self.seed < 0 or self.future_cutoffs < 0 or self.future_window_days < 1 or self.min_history_days < 0:
+            raise ConfigError("seed, future_cutoffs and min_history_days must be >= 0 and future_window_days >= 1")

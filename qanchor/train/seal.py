@@ -1,0 +1,85 @@
+"""Seal DeepSpeed resume state so that ``resume=true`` only ever unpickles state this user wrote.
+
+DeepSpeed saves optimizer and scheduler state with ``torch.save`` and reads it back with pickle, which
+can execute code. Model weights never travel that way in qanchor (they are safetensors), but resuming
+a run reads ``ds_state/``. A run directory received from someone else must not be resumed, so each
+saved tag gets a seal: the SHA-256 of every file in it, authenticated with an HMAC keyed by a secret
+that lives only in this user's cache (``~/.cache/qanchor/resume.key``, mode 0600). On resume, a tag
+whose seal is missing, forged or stale (a file changed) is refused before DeepSpeed touches it.
+
+Example:
+    >>> seal_tag(Path("runs/x/ds_state/step-0000100"))  # doctest: +SKIP
+    >>> verify_tag(Path("runs/x/ds_state/step-0000100"))  # raises CheckpointError if not ours  # doctest: +SKIP
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import json
+import os
+import secrets
+from pathlib import Path
+
+from qanchor.data.io import write_text
+from qanchor.errors import CheckpointError
+
+__all__ = ["SEAL_FILE", "seal_tag", "verify_tag", "resume_key"]
+
+SEAL_FILE = "qanchor-seal.json"
+
+
+def _cache_root() -> Path:
+    return Path(os.environ.get("QANCHOR_CACHE", Path.home() / ".cache" / "qanchor"))
+
+
+def resume_key() -> bytes:
+    """This user's secret (created on first use, readable by this user only)."""
+    path = _cache_root() / "resume.key"
+    if not path.exists():
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        with os.fdopen(fd, "wb") as fh:
+            fh.write(secrets.token_bytes(32))
+    return path.read_bytes()
+
+
+def _digests(tag: Path) -> dict[str, str]:
+    out = {}
+    for path in sorted(p for p in tag.rglob("*") if p.is_file() and p.name != SEAL_FILE):
+        h = hashlib.sha256()
+        with open(path, "rb") as fh:
+            for block in iter(lambda: fh.read(1 << 20), b""):
+                h.update(block)
+        out[path.relative_to(tag).as_posix()] = h.hexdigest()
+    return out
+
+
+def _mac(files: dict[str, str]) -> str:
+    return hmac.new(resume_key(), json.dumps(files, sort_keys=True).encode(), hashlib.sha256).hexdigest()
+
+
+def seal_tag(tag: Path) -> None:
+    """Write ``tag/qanchor-seal.json``: the digest of every file in the tag, authenticated for this user."""
+    files = _digests(tag)
+    write_text(json.dumps({"files": files, "mac": _mac(files)}, indent=1), tag / SEAL_FILE)
+
+
+def verify_tag(tag: Path) -> None:
+    """Raise CheckpointError unless ``tag`` carries this user's valid seal over exactly its current files."""
+    path = tag / SEAL_FILE
+    why = None
+    try:
+        seal = json.loads(path.read_text())
+        files = seal["files"]
+        if not hmac.compare_digest(str(seal["mac"]), _mac(files)):
+            why = "its seal was not made by this user"
+        elif files != _digests(tag):
+            why = "its files changed after they were sealed"
+    except (OSError, ValueError, KeyError, TypeError):
+        why = "it carries no valid qanchor seal"
+    if why:
+        raise CheckpointError(
+            f"refusing to resume from {tag}: {why}. DeepSpeed reads resume state with pickle, which can run code, so "
+            "qanchor only resumes runs this user wrote on this machine. Use the run's checkpoint/ (safetensors) for "
+            "inference or prompt tuning, or start a new run (resume=false in a new output_dir)")
