@@ -1,6 +1,10 @@
 """qanchor: query-conditioned user embeddings (Q-Anchor).
 
 Public entry points are imported lazily so that ``import qanchor`` stays cheap and does no work.
+
+Layers (each imports only those before it; ``tests/test_layers.py`` enforces it)::
+
+    base (errors, config, logs, metrics) -> data -> model -> train | infer -> tune -> bench -> cli
 """
 
 from __future__ import annotations
@@ -23,6 +27,7 @@ _LAZY = {
     "DataValidationError": "qanchor.errors",
     "ModelInputError": "qanchor.errors",
     "CheckpointError": "qanchor.errors",
+    "OutputError": "qanchor.errors",
 }
 
 __all__ = ["__version__", *_LAZY]

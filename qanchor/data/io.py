@@ -40,6 +40,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import yaml
 
+import qanchor
 from qanchor.errors import OutputError
 
 __all__ = ["MARKER_FILE", "OutputKind", "output_kind", "mark_output", "check_output_dir", "claim_output_dir",
@@ -76,10 +77,8 @@ def output_kind(directory: str | os.PathLike) -> str | None:
 
 def mark_output(directory: str | os.PathLike, kind: OutputKind) -> None:
     """Write ``directory``'s marker (the directory must exist)."""
-    from qanchor import __version__
-
     # No timestamp: outputs built from the same inputs and seed stay byte-identical.
-    write_text(json.dumps({"kind": kind.value, "qanchor_version": __version__}) + "\n", Path(directory) / MARKER_FILE)
+    write_text(json.dumps({"kind": kind.value, "qanchor_version": qanchor.__version__}) + "\n", Path(directory) / MARKER_FILE)
 
 
 def _within(inner: Path, outer: Path) -> bool:

@@ -37,6 +37,7 @@ from qanchor.data.dataset import Dataset, EventSeq, UserRecord
 from qanchor.data.io import OutputKind, atomic_dir
 from qanchor.data.pipeline import batched
 from qanchor.data.schema import TS_TYPE
+from qanchor.data.validate import check_event_file
 from qanchor.errors import CheckpointError, ConfigError, ModelInputError
 from qanchor.infer.api import QAnchor
 from qanchor.infer.export import embeddings_table
@@ -167,8 +168,6 @@ def init_state(q: QAnchor, ds: Dataset, queries: list[tuple[str, str]], out_dir:
 
 def read_events(files: Sequence[str | Path], q: QAnchor, as_of_us: int | None) -> pa.Table:
     """Read and validate a day of events (the dataset event format); events must precede ``as_of``."""
-    from qanchor.data.validate import check_event_file
-
     limit = datetime(9999, 1, 1, tzinfo=timezone.utc) if as_of_us is None else datetime.fromisoformat(_iso(as_of_us))
     manifest = dataclasses.replace(q.manifest, cutoff=limit)  # the validator's "before the cutoff" rule = before as_of
     tables = []

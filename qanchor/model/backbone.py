@@ -23,6 +23,7 @@ from torch import nn
 
 from qanchor.config import BackboneConfig
 from qanchor.data.io import OutputKind, atomic_dir
+from qanchor.data.text_cache import default_encoder_path
 from qanchor.errors import CheckpointError, ConfigError
 
 __all__ = ["load_tokenizer", "build_backbone", "add_special_tokens", "smollm2_dir", "resolve_attn_implementation",
@@ -90,8 +91,6 @@ def load_tokenizer(cfg: BackboneConfig):
     from transformers import AutoTokenizer
 
     if cfg.tokenizer == "minilm":
-        from qanchor.data.text_cache import default_encoder_path
-
         source = str(default_encoder_path())
     else:
         source = _resolve(cfg.tokenizer)
@@ -132,8 +131,6 @@ def _arch_config(cfg: BackboneConfig, vocab_size: int, attn: str):
 def _minilm_embedding_init(hidden: int, vocab: int) -> torch.Tensor:
     """MiniLM's word embeddings projected to ``hidden`` dims by PCA, rescaled to std 0.02."""
     from safetensors.torch import load_file
-
-    from qanchor.data.text_cache import default_encoder_path
 
     weights = load_file(str(default_encoder_path() / "model.safetensors"))
     key = next(k for k in weights if k.endswith("word_embeddings.weight"))

@@ -14,6 +14,7 @@ Example:
 
 from __future__ import annotations
 
+import hashlib
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -120,8 +121,6 @@ def resolve_checkpoint_dir(ckpt: str | Path) -> Path:
 
 def checkpoint_hash(ckpt: str | Path) -> str:
     """SHA-256 of a checkpoint's weights: scenario heads record it and refuse any other checkpoint."""
-    import hashlib
-
     path = resolve_checkpoint_dir(ckpt) / "model.safetensors"
     if not path.exists():
         raise CheckpointError(f"{path} not found; is {ckpt} a qanchor checkpoint?")

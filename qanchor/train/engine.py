@@ -11,6 +11,7 @@ import json
 import math
 import os
 import socket
+from contextlib import nullcontext
 from pathlib import Path
 from typing import Any
 
@@ -111,8 +112,6 @@ def initialize(model: torch.nn.Module, cfg: TrainConfig, world: int):
 
 def gathered_parameters(model: torch.nn.Module, zero_stage: int):
     """Context in which every parameter is whole on every rank (only ZeRO-3 partitions weights)."""
-    from contextlib import nullcontext
-
     if zero_stage < 3:
         return nullcontext()
     import deepspeed

@@ -39,6 +39,7 @@ from qanchor.model.factory import ModelMeta, checkpoint_hash, load_checkpoint
 from qanchor.model.layout import tokenize_query
 from qanchor.model.prefix_cache import PrefixStore
 from qanchor.model.qanchor_model import QAnchorModel
+from qanchor.tune.head import HEAD_META, HEAD_WEIGHTS
 from qanchor.tune.trainer import frozen_logistic, split_users, tune_task
 
 __all__ = ["run_prompt_tune", "resolve_data_config", "select_tasks", "encode_users", "format_summary"]
@@ -153,8 +154,6 @@ def _task_key(cfg: PromptTuneConfig, data: DataConfig, ckpt_hash: str, dataset_f
 
 def _finished(task_dir: Path, key: str) -> dict | None:
     """A task's record if ``task_dir`` holds a head tuned under ``key``, else None (it is tuned again)."""
-    from qanchor.tune.head import HEAD_META, HEAD_WEIGHTS
-
     path = task_dir / RECORD
     if not (path.exists() and (task_dir / HEAD_META).exists() and (task_dir / HEAD_WEIGHTS).exists()):
         return None
