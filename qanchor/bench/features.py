@@ -18,10 +18,10 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
-from tqdm.auto import tqdm
 
 from qanchor.data.dataset import Dataset, EventSeq, UserRecord
 from qanchor.data.text_cache import TextVectorCache
+from qanchor.logs import progress as progress_iter
 
 __all__ = ["PeerFeatures", "modality_features", "modality_feature_names", "extract_features"]
 
@@ -122,8 +122,8 @@ def extract_features(ds: Dataset, user_ids: Sequence[str], text_cache: TextVecto
     ids = np.array(sorted(set(user_ids)), dtype=object)
     rfm = np.zeros((len(ids), len(names)), np.float32)
     text = np.zeros((len(ids), text_cache.dim), np.float32) if text_cache is not None else None
-    for i, record in enumerate(tqdm(ds.users(ids), total=len(ids), desc="peer features", unit="user",
-                                    disable=not progress or None)):
+    for i, record in enumerate(progress_iter(ds.users(ids), total=len(ids), desc="peer features", unit="user",
+                                             enabled=progress)):
         record = _before_cutoff(record, cutoff_us)
         rfm[i] = _user_rfm(record, specs, cutoff_us, len(ds.tabular_columns))
         if text is not None:

@@ -21,7 +21,6 @@ from typing import Any
 import numpy as np
 import torch
 from threadpoolctl import threadpool_limits
-from tqdm.auto import tqdm
 
 import qanchor
 from qanchor.bench.ablations import run_ablations
@@ -33,6 +32,7 @@ from qanchor.config import BenchConfig, require, to_yaml
 from qanchor.data.dataset import Dataset, Task, load_dataset
 from qanchor.data.io import OutputKind, claim_output_dir
 from qanchor.errors import ConfigError, DataValidationError
+from qanchor.logs import Progress
 from qanchor.metrics import auc_score
 from qanchor.tune.head import HeadEntry, load_heads
 
@@ -158,7 +158,7 @@ def _run(cfg: BenchConfig, embedder: Embedder | None, heads: dict[str, Any] | No
     ctx = _make_context(cfg, ds, tasks, embedder, heads, progress)
     result = BenchResult(_run_info(cfg, ds), {})
     folds_by_task: dict[str, list] = {}
-    bar = tqdm(total=len(tasks) * len(cfg.methods), desc="bench", unit="run", disable=not progress or None)
+    bar = Progress(len(tasks) * len(cfg.methods), "bench", "run", enabled=progress)
     for task in tasks:
         k = fold_count(task.labels, cfg.folds)
         tr = TaskResult(task.name, task.query, len(task.labels), float(task.labels.mean()), k)
@@ -172,7 +172,7 @@ def _run(cfg: BenchConfig, embedder: Embedder | None, heads: dict[str, Any] | No
         folds = folds_by_task[task.name] = stratified_folds(task.labels, k, cfg.seed)
         tr.oracle, tr.oracle_auc = _oracle(task, folds)
         for method in cfg.methods:
-            bar.set_postfix_str(f"{task.name}/{method}")
+            bar.set_postfix(f"{task.name}/{method}")
             tr.methods[method] = evaluate_task(ctx, task, method, folds)
             bar.update(1)
         result.tasks[task.name] = tr

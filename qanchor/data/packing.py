@@ -18,12 +18,12 @@ from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 
 import numpy as np
-from tqdm.auto import tqdm
 
 from qanchor.config import DataConfig
 from qanchor.data.dataset import EventSeq, UserRecord
 from qanchor.data.manifest import Manifest, ModalitySpec
 from qanchor.data.text_cache import TextVectorCache
+from qanchor.logs import progress as progress_iter
 
 __all__ = ["BASE_NUMERIC_FEATURES", "numeric_width", "event_numeric_features", "PackedModality", "PackedUser",
            "UserPacker", "tabular_stats"]
@@ -132,7 +132,7 @@ class UserPacker:
         """
         pending: set[str] = set()
         n_events = 0
-        for record in tqdm(records, desc="collect event texts", disable=not progress or None, unit="user"):
+        for record in progress_iter(records, desc="collect event texts", unit="user", enabled=progress):
             for seq in (record.events if all_events else self.recent(record)).values():
                 n_events += len(seq)
                 pending.update(t for t in seq.text if t not in self.cache._row)

@@ -24,10 +24,10 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
-from tqdm.auto import tqdm
 
 from qanchor.config import TextEncoderConfig
 from qanchor.data.io import OutputKind, claim_output_dir, write_parquet
+from qanchor.logs import progress as progress_iter
 
 __all__ = ["default_encoder_path", "SentenceEncoder", "TextVectorCache"]
 
@@ -71,7 +71,7 @@ class SentenceEncoder:
         bs = self.cfg.batch_size
         # Sorting by length keeps padding (and so wasted compute) small within a batch.
         order = np.argsort([len(t) for t in texts], kind="stable")
-        for start in tqdm(range(0, len(texts), bs), desc="encode event texts", disable=not progress or None, unit="batch"):
+        for start in progress_iter(range(0, len(texts), bs), desc="encode event texts", unit="batch", enabled=progress):
             idx = order[start : start + bs]
             batch = self.tokenizer([texts[i] for i in idx], padding=True, truncation=True,
                                    max_length=self.cfg.max_length, return_tensors="pt").to(self.device)

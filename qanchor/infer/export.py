@@ -36,7 +36,6 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import yaml
-from tqdm.auto import tqdm
 
 from qanchor.data.dataset import Dataset
 from qanchor.data.io import OutputKind, claim_output_dir, write_parquet, write_text
@@ -44,6 +43,7 @@ from qanchor.data.manifest import Manifest
 from qanchor.errors import ConfigError, ModelInputError
 from qanchor.infer.api import Head, QAnchor, head_scores
 from qanchor.infer.user_input import record_adapter
+from qanchor.logs import Progress
 
 __all__ = ["head_name", "head_digest", "ExportReport", "read_queries", "task_queries", "rank_and_world", "embeddings_table", "read_embeddings",
            "plan_shards", "export_embeddings", "report_json"]
@@ -238,8 +238,8 @@ def export_embeddings(model: QAnchor, ds: Dataset, queries: list[tuple[str, str]
     mine = list(range(rank, len(shards), world))
     done = [i for i in mine if (out / f"part-{i:05d}.done").exists()]
     size = lambda i: shards[i][2] - shards[i][1]  # noqa: E731
-    bar = tqdm(total=sum(size(i) for i in mine), initial=sum(size(i) for i in done), unit="user",
-               desc=f"embed rank {rank}/{world}", disable=not progress or None)
+    bar = Progress(sum(size(i) for i in mine), f"embed rank {rank}/{world}", "user", enabled=progress,
+                   initial=sum(size(i) for i in done))
     start, users = time.perf_counter(), 0
     for i in mine:
         if i in done:

@@ -31,7 +31,6 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
-from tqdm.auto import tqdm
 
 from qanchor.data.dataset import Dataset, EventSeq, UserRecord
 from qanchor.data.io import OutputKind, atomic_dir
@@ -54,6 +53,7 @@ from qanchor.infer.state import (
     write_tables,
 )
 from qanchor.infer.user_input import record_adapter, to_microseconds
+from qanchor.logs import progress as progress_iter
 
 __all__ = ["UpdateReport", "init_state", "update_state", "read_events"]
 
@@ -146,7 +146,7 @@ def init_state(q: QAnchor, ds: Dataset, queries: list[tuple[str, str]], out_dir:
     names = set(q.model.user_encoder.names)
     n_users = ran = 0
     with atomic_dir(out_dir, OutputKind.STATE) as tmp:
-        for s, p in enumerate(tqdm(shards, desc="init state", unit="shard", disable=not progress or None)):
+        for s, p in enumerate(progress_iter(shards, desc="init state", unit="shard", enabled=progress)):
             records = [adapt(r) for r in ds.users(parts.ids_of(p))]
             encodings, n = {}, 0
             for chunk in batched(records, q.batch_size):
@@ -214,7 +214,7 @@ def update_state(q: QAnchor, state_dir: str | Path, event_files: Sequence[str | 
     suffixes, query_ids = q.suffixes([(t, None) for _, t in queries]), [i for i, _ in queries]
     totals = dict(users=0, changed=0, new=0, ran=0, prefixes=0, rewritten=0, linked=0)
     with atomic_dir(out_dir, OutputKind.STATE) as tmp:
-        for s in tqdm(range(meta.shards), desc="update state", unit="shard", disable=not progress or None):
+        for s in progress_iter(range(meta.shards), desc="update state", unit="shard", enabled=progress):
             mine = {u: r for u, r in new.items() if shard_of[u] == s}
             _update_shard(q, state_dir, tmp, s, mine, as_of_us, suffixes, query_ids, requery or full, full, totals)
         m = len(q.model.user_encoder.names)

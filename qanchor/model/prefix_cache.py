@@ -25,9 +25,9 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 
 import torch
-from tqdm.auto import tqdm
 
 from qanchor.data.batch import UserBatch
+from qanchor.logs import progress as progress_iter
 from qanchor.model.layout import pad_right
 from qanchor.model.qanchor_model import QAnchorModel
 
@@ -132,7 +132,7 @@ class PrefixStore:
     def encode(cls, model: QAnchorModel, batches: Iterable[UserBatch], progress: bool = False) -> PrefixStore:
         """Run every batch's prefixes once through the frozen model and keep the keys/values."""
         chunks, ids = [], []
-        for users in tqdm(batches, desc="encode prefixes", unit="chunk", disable=not progress or None):
+        for users in progress_iter(batches, desc="encode prefixes", unit="chunk", enabled=progress):
             prefix = encode_prefixes(model, users)
             chunks.append(([k for k, _, _ in prefix.cache], [v for _, v, _ in prefix.cache], prefix.lengths))
             ids += list(users.user_ids)

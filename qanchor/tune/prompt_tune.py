@@ -132,8 +132,6 @@ def run_prompt_tune(cfg: PromptTuneConfig, progress: bool = True) -> dict:
         write_text(json.dumps(summary, indent=2), out / "summary.json")
     summary["total_seconds"] = time.perf_counter() - started
     write_text(json.dumps(summary, indent=2), out / "summary.json")
-    if progress:
-        print(format_summary(summary))
     return summary
 
 

@@ -22,9 +22,9 @@ from sklearn.linear_model import LogisticRegression
 from sklearn.model_selection import train_test_split
 from sklearn.pipeline import make_pipeline
 from sklearn.preprocessing import StandardScaler
-from tqdm.auto import tqdm
 
 from qanchor.config import PromptTuneConfig
+from qanchor.logs import Progress
 from qanchor.metrics import auc_ks
 from qanchor.model.prefix_cache import PrefixStore
 from qanchor.model.qanchor_model import QAnchorModel
@@ -124,9 +124,9 @@ def tune_task(model: QAnchorModel, store: PrefixStore, query_ids: torch.Tensor, 
     rng = np.random.default_rng(cfg.seed)
     best = (frozen["val"]["auc"], 0, head.state())
     history = [{"step": 0, "loss": None, "val_auc": frozen["val"]["auc"]}]
-    bar = tqdm(range(1, cfg.steps + 1), desc=f"tune {task}", unit="step", disable=not progress or None, leave=False)
+    bar = Progress(cfg.steps, f"tune {task}", "step", enabled=progress)
     window: list[float] = []  # batch losses since the last evaluation: one batch's loss is too noisy to read
-    for step in bar:
+    for step in range(1, cfg.steps + 1):
         idx = _batch(rng, y_train, cfg.batch_size, cfg.balanced)
         rows, labels = split.rows["train"][idx], split.labels["train"][idx]
         suffix = model.suffix(query_ids, head.prompt)  # (k + Lq + 1, H): gradients reach the prompt
@@ -136,13 +136,14 @@ def tune_task(model: QAnchorModel, store: PrefixStore, query_ids: torch.Tensor, 
         loss.backward()
         opt.step()
         window.append(float(loss.detach()))
+        bar.update(1)
         if step % cfg.eval_every == 0 or step == cfg.steps:
             val_auc = _evaluate(model, store, query_ids, head, split, ("val",), cfg.prefix_chunk)["val"]["auc"]
             history.append({"step": step, "loss": float(np.mean(window)), "val_auc": val_auc})
             window = []
             if val_auc > best[0]:  # strictly better: ties keep the earlier (less tuned) step
                 best = (val_auc, step, head.state())
-            bar.set_postfix(loss=f"{history[-1]['loss']:.3f}", val_auc=f"{val_auc:.3f}", best=f"{best[0]:.3f}@{best[1]}")
+            bar.set_postfix(f"loss {history[-1]['loss']:.3f} val_auc {val_auc:.3f} best {best[0]:.3f}@{best[1]}")
     bar.close()
     head.load_state(best[2])
     tuned = _evaluate(model, store, query_ids, head, split, SPLITS[1:], cfg.prefix_chunk)

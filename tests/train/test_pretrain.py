@@ -99,3 +99,20 @@ def test_two_ranks_match_one_rank(prepared, tmp_path):
     assert one.keys() == two.keys() and len(one) > 20
     worst = max((one[k] - two[k]).abs().max().item() / (one[k].abs().max().item() + 1e-8) for k in one if k != "losses")
     assert worst < 1e-4, worst
+
+
+def test_log_file_gets_start_step_and_summary_lines_and_no_warnings(prepared, tmp_path):
+    """Redirected to a file (no terminal), a run logs like a cluster job: start, every log_every steps, summary."""
+    out = tmp_path / "run"
+    done = subprocess.run(_pretrain_cmd(prepared, out, "train.max_steps=4", "train.log_every=2"), cwd=ROOT, env=ENV,
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    lines = done.stdout.splitlines()
+    start = [ln for ln in lines if "pretrain: start" in ln]
+    assert len(start) == 1 and "ZeRO-0" in start[0] and "world size 1" in start[0] and "trainable" in start[0]
+    steps = [ln for ln in lines if "pretrain: step " in ln]
+    assert [ln.split("pretrain: step ")[1].split()[0] for ln in steps] == ["1/4", "2/4", "4/4"]
+    assert all("loss" in ln and "samples/s" in ln and "ETA" in ln for ln in steps)
+    assert any("pretrain: done, 4 steps" in ln for ln in lines)
+    assert "\r" not in done.stdout + done.stderr  # no progress bar redrawn into the log
+    assert "Warning" not in done.stdout + done.stderr and "Loading weights" not in done.stdout + done.stderr
