@@ -113,8 +113,9 @@ def main(argv=None) -> int:
     print(f"{report['mode']}: {done:,} users x {len(queries)} queries, {report['users_per_s']:.0f} users/s; "
           f"RSS before {base:.0f} MiB")
     print("| users | RSS (MiB) | s |\n|---|---|---|")
-    for s in samples:
-        if s["users"] in marks:
+    for mark in sorted(marks):
+        s = next((x for x in samples if x["users"] >= mark), None)  # the first sample at or past the mark
+        if s is not None:
             print(f"| {s['users']:,} | {s['rss_mb']:.0f} | {s['seconds']:.0f} |")
     if args.out:
         args.out.parent.mkdir(parents=True, exist_ok=True)

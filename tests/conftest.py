@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import os
+import shutil
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import pyarrow as pa
@@ -79,6 +81,34 @@ def build_tiny_dataset(out: Path, n_users: int = 40, seed: int = 0) -> Path:
 @pytest.fixture(scope="session")
 def tiny_dataset(tmp_path_factory) -> Path:
     return build_tiny_dataset(tmp_path_factory.mktemp("tiny") / "ds")
+
+
+QUERIES = ["Will this user stop paying?", "Will this user redeem a coupon?", "Does this user search for loans?"]
+
+
+@pytest.fixture(scope="session")
+def infer_env(tiny_dataset, tmp_path_factory) -> SimpleNamespace:
+    """A tiny randomly initialised model saved as a checkpoint, over a copy of the hand-written dataset."""
+    import torch
+
+    from qanchor.data.dataset import load_dataset
+    from qanchor.data.text_cache import TextVectorCache
+    from qanchor.infer.api import QAnchor
+    from qanchor.model.factory import ModelMeta, build_model, save_checkpoint
+    from tests.model.helpers import encoder, tiny_cfg
+
+    root = tmp_path_factory.mktemp("infer")
+    ds_dir = root / "ds"
+    shutil.copytree(tiny_dataset, ds_dir, ignore=shutil.ignore_patterns(".qanchor_cache"))
+    ds = load_dataset(ds_dir)
+    cache = TextVectorCache(ds.text_cache_dir, encoder())
+    cfg = tiny_cfg(["model.max_query_tokens=16"])
+    torch.manual_seed(0)
+    model, tokenizer = build_model(cfg.model, ds.manifest, cache.dim, ds.tabular_columns)
+    meta = ModelMeta(ds.manifest.to_dict(), cache.dim, {}, list(ds.tabular_columns))
+    ckpt = save_checkpoint(root / "ckpt", model, tokenizer, cfg, meta)
+    qa = QAnchor.from_pretrained(ckpt, text_cache=cache, batch_size=8)
+    return SimpleNamespace(root=root, ds=ds, ds_dir=ds_dir, qa=qa, ckpt=ckpt, cache=cache, cfg=cfg)
 
 
 def pytest_collection_modifyitems(config, items):

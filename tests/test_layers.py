@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
-RANK = {"errors": 0, "config": 0.5, "logs": 0.5, "metrics": 0.5, "": 0.5, "data": 1, "model": 2, "train": 3, "infer": 3,
+RANK = {"errors": 0, "faults": 0, "config": 0.5, "logs": 0.5, "metrics": 0.5, "": 0.5, "data": 1, "model": 2, "train": 3, "infer": 3,
         "tune": 4, "bench": 5, "cli": 6}
 
 

@@ -44,7 +44,10 @@ def build_parser() -> Parser:
 
 def main(argv: list[str] | None = None) -> int:
     quiet_third_party()
-    args = parse(build_parser(), argv)
+    try:
+        args = parse(build_parser(), argv)
+    except SystemExit as exc:  # --help, or a usage error already printed as one line
+        return int(exc.code or 0)
     try:
         args.func(args)
     except QAnchorError as exc:

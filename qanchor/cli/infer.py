@@ -67,7 +67,7 @@ def _cmd_embed(args: argparse.Namespace) -> None:
     model = _model(cfg, ds)
     heads = [e.head for e in load_heads(cfg.heads, checkpoint_hash=model.checkpoint_hash, require=True).values()]
     report = export_embeddings(model, ds, queries, cfg.out, shard_users=cfg.shard_users, use_cache=cfg.use_prefix_cache,
-                               cutoff=cfg.cutoff, progress=not args.quiet, heads=heads)
+                               cutoff=cfg.cutoff, progress=not args.quiet, heads=heads, overwrite=cfg.overwrite)
     print(report_json(report))
 
 

@@ -173,6 +173,7 @@ class EmbedConfig(InferConfig):
     shard_users: int | None = None  # users per shard (default: one dataset partition)
     cutoff: str | None = None  # ISO time event ages count from (default: the dataset cutoff)
     use_prefix_cache: bool = True  # false = reference path: one full forward per user x query
+    overwrite: bool = False  # replace an export of other settings in `out` (still only a qanchor export)
 
     def __post_init__(self) -> None:
         super().__post_init__()

@@ -42,6 +42,7 @@ import yaml
 
 import qanchor
 from qanchor.errors import OutputError
+from qanchor.faults import failpoint
 
 __all__ = ["MARKER_FILE", "OutputKind", "output_kind", "mark_output", "check_output_dir", "claim_output_dir",
            "check_not_inside", "check_replaceable",
@@ -241,6 +242,7 @@ def atomic_path(target: str | os.PathLike) -> Iterator[Path]:
         yield tmp
         with open(tmp, "rb") as fh:
             os.fsync(fh.fileno())
+        failpoint("atomic-file")
         os.replace(tmp, target)
         _fsync_dir(target.parent)
     finally:
@@ -265,6 +267,7 @@ def atomic_dir(target: str | os.PathLike, kind: OutputKind) -> Iterator[Path]:
         mark_output(tmp, kind)
         yield tmp
         fsync_tree(tmp)
+        failpoint("atomic-dir")
         _publish(tmp, target, kind)
     finally:
         if tmp.exists():
@@ -293,6 +296,7 @@ def _publish(tmp: Path, target: Path, kind: OutputKind) -> None:
     if not target.exists():
         os.replace(tmp, target)
     elif _exchange(tmp, target):
+        failpoint("dir-exchanged")
         shutil.rmtree(tmp)  # tmp now holds the previous output
     else:
         old = _temp_name(target, _OLD)

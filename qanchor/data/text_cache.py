@@ -27,6 +27,7 @@ import torch
 
 from qanchor.config import TextEncoderConfig
 from qanchor.data.io import OutputKind, claim_output_dir, write_parquet
+from qanchor.errors import ConfigError
 from qanchor.logs import progress as progress_iter
 
 __all__ = ["default_encoder_path", "SentenceEncoder", "TextVectorCache"]
@@ -50,10 +51,29 @@ class SentenceEncoder:
 
         self.cfg = cfg or TextEncoderConfig()
         self.path = str(self.cfg.path or default_encoder_path())
-        self.tokenizer = AutoTokenizer.from_pretrained(self.path)
-        self.model = AutoModel.from_pretrained(self.path).to(device).eval().requires_grad_(False)
+        try:
+            self.tokenizer = AutoTokenizer.from_pretrained(self.path)
+            self.model = AutoModel.from_pretrained(self.path).to(device).eval().requires_grad_(False)
+        except (OSError, ValueError) as exc:  # no such directory / hub id, or not an encoder
+            raise ConfigError(f"data.text_encoder.path={self.cfg.path!r}: cannot load a sentence encoder there "
+                              f"({str(exc).splitlines()[0][:160]}); give a local HF encoder directory, or null for the "
+                              "bundled all-MiniLM-L6-v2") from None
         self.device = torch.device(device)
         self.dim = int(self.model.config.hidden_size)
+
+    @staticmethod
+    def check(cfg: TextEncoderConfig) -> None:
+        """Fail fast (ConfigError) on an encoder path that cannot load, before minutes of other work."""
+        if cfg.path is None:
+            return
+        from transformers import AutoTokenizer  # heavy: only when a custom encoder is configured
+
+        try:
+            AutoTokenizer.from_pretrained(cfg.path)
+        except (OSError, ValueError) as exc:
+            raise ConfigError(f"data.text_encoder.path={cfg.path!r}: cannot load a sentence encoder there "
+                              f"({str(exc).splitlines()[0][:160]}); give a local HF encoder directory, or null for the "
+                              "bundled all-MiniLM-L6-v2") from None
 
     @property
     def key(self) -> str:

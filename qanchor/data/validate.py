@@ -132,8 +132,15 @@ def _check_event_file(path: Path, manifest: Manifest, report: ValidationReport, 
             _require(path, schema, col, "number")
     known = {m.name for m in manifest.sequence_modalities}
     cutoff_us = int(manifest.cutoff.timestamp() * 1_000_000)
+    numeric = [c for c in dict.fromkeys(["value", *(c for m in manifest.sequence_modalities for c in m.numeric_columns)])
+               if c in schema.names]
     offset = 0
-    for batch in pf.iter_batches(batch_size=_BATCH_ROWS, columns=["user_id", "modality", "ts", "text"]):
+    for batch in pf.iter_batches(batch_size=_BATCH_ROWS, columns=["user_id", "modality", "ts", "text", *numeric]):
+        for col in numeric:  # NaN / null mean "missing"; an infinity is a broken export
+            values = batch.column(col).to_numpy(zero_copy_only=False).astype(np.float64)
+            bad = _first(np.isinf(values))
+            if bad is not None:
+                raise DataValidationError(str(path), "infinite value; use null for missing", column=col, row=offset + bad)
         for col in ("user_id", "modality", "ts", "text"):
             _no_nulls(path, batch, col, offset)
         empty = _first(pc.equal(pc.utf8_length(batch.column("user_id")), 0))

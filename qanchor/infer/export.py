@@ -41,6 +41,7 @@ from qanchor.data.dataset import Dataset
 from qanchor.data.io import OutputKind, claim_output_dir, write_parquet, write_text
 from qanchor.data.manifest import Manifest
 from qanchor.errors import ConfigError, ModelInputError
+from qanchor.faults import failpoint
 from qanchor.infer.api import Head, QAnchor, head_scores
 from qanchor.infer.user_input import record_adapter
 from qanchor.logs import Progress
@@ -95,7 +96,11 @@ def read_queries(path: str | Path) -> list[tuple[str, str]]:
     if not path.is_file():
         raise ModelInputError(f"queries file {path} not found")
     if path.suffix == ".parquet":
-        table = pq.read_table(path)
+        try:
+            table = pq.read_table(path)
+        except Exception as exc:  # pyarrow raises several types for a file that is not Parquet
+            raise ModelInputError(f"{path}: not a readable Parquet file ({str(exc).splitlines()[0][:100]}); give a "
+                                  "Parquet with columns query_id, query, or a .yaml / .txt file") from None
         if not {"query_id", "query"} <= set(table.column_names):
             raise ModelInputError(f"{path}: a queries Parquet needs columns query_id and query")
         return _check_queries(list(zip(table.column("query_id").to_pylist(), table.column("query").to_pylist())), str(path))
@@ -194,22 +199,32 @@ def plan_shards(ds: Dataset, shard_users: int | None = None) -> list[tuple[int, 
     return shards
 
 
-def _check_manifest(out: Path, expected: dict) -> None:
+def _check_manifest(out: Path, expected: dict, overwrite: bool, world: int) -> None:
     path = out / "export.json"
     if path.exists():
-        found = json.loads(path.read_text())
+        try:
+            found = json.loads(path.read_text())
+        except ValueError:
+            found = {}
         diff = [k for k in expected if found.get(k) != expected[k]]
-        if diff:
+        if diff and not overwrite:
             raise ConfigError(f"{out} holds an export with a different {diff[0]} ({found.get(diff[0])!r} != "
-                              f"{expected[diff[0]]!r}); choose another --out or delete it")
-    else:
-        write_text(json.dumps(expected, indent=2), path)  # every rank writes identical content: the race is benign
+                              f"{expected[diff[0]]!r}); choose another out=, or pass overwrite=true to replace it")
+        if diff:
+            if world > 1:
+                raise ConfigError("overwrite=true replaces an export from a single process; run it without torchrun first")
+            for p in [path, *out.glob("part-*.parquet"), *out.glob("part-*.done")]:
+                p.unlink()  # only the export's own files: the directory is a marked qanchor export
+        else:
+            return
+    write_text(json.dumps(expected, indent=2), path)  # every rank writes identical content: the race is benign
 
 
 def export_embeddings(model: QAnchor, ds: Dataset, queries: list[tuple[str, str]], out_dir: str | Path,
                       rank: int | None = None, world: int | None = None, shard_users: int | None = None,
                       use_cache: bool = True, cutoff: str | None = None, progress: bool = True,
-                      on_shard_done: Callable[[int], None] | None = None, heads: Sequence[Head] = ()) -> ExportReport:
+                      on_shard_done: Callable[[int], None] | None = None, heads: Sequence[Head] = (),
+                      overwrite: bool = False) -> ExportReport:
     """Embed every user of ``ds`` under ``queries`` (and ``heads``) into Parquet shards under ``out_dir``; resumable.
 
     ``cutoff`` defaults to the dataset's own cutoff (ages count from there). ``on_shard_done(i)`` is
@@ -232,7 +247,7 @@ def export_embeddings(model: QAnchor, ds: Dataset, queries: list[tuple[str, str]
     _check_manifest(out, {"format": FORMAT, "checkpoint": model.checkpoint_hash, "dataset": ds.partitions.directory.name,
                           "queries": [list(q) for q in queries], "heads": [[head_name(h), head_digest(h)] for h in heads],
                           "shards": [list(s) for s in shards], "cutoff": cutoff, "embedding_dim": model.embedding_dim,
-                          "use_cache": use_cache})
+                          "use_cache": use_cache}, overwrite, world)
     adapt = record_adapter(ds.manifest, ds.tabular_columns, model.manifest, model.tabular_columns)
     query_ids = [qid for qid, _ in queries] + [f"head:{head_name(h)}" for h in heads]
     mine = list(range(rank, len(shards), world))
@@ -254,6 +269,7 @@ def export_embeddings(model: QAnchor, ds: Dataset, queries: list[tuple[str, str]
         scores = np.full(emb.shape[:2], np.nan, np.float32)  # (U, Q + n_heads)
         scores[:, len(queries):] = head_scores(heads, emb[:, len(queries):], model.device)
         write_parquet(embeddings_table(ids, query_ids, emb, scores), out / f"part-{i:05d}.parquet")
+        failpoint("shard-written")
         write_text(json.dumps({"users": len(ids), "rows": len(ids) * len(requests)}), out / f"part-{i:05d}.done")
         users += len(ids)
         bar.update(len(ids))

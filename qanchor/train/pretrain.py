@@ -31,7 +31,9 @@ from qanchor.data.io import OutputKind, check_output_dir, claim_output_dir, writ
 from qanchor.data.packing import tabular_stats
 from qanchor.data.pipeline import UserPipeline
 from qanchor.data.schema import USERU_FILE
+from qanchor.data.text_cache import SentenceEncoder
 from qanchor.errors import CheckpointError, ConfigError, DataValidationError
+from qanchor.faults import failpoint
 from qanchor.logs import Progress, format_seconds, interactive, log
 from qanchor.model.backbone import check_device, load_tokenizer
 from qanchor.model.factory import ModelMeta, build_model, save_checkpoint
@@ -80,6 +82,7 @@ def preflight(cfg: PretrainConfig, world: int = 1) -> None:
                           f"(train.batch_size={cfg.train.batch_size} x {world} rank(s)); lower train.batch_size")
     _check_run_dir(cfg)
     _check_queries(cfg, sorted(set(pairs.column("query").to_pylist())))
+    SentenceEncoder.check(cfg.data.text_encoder)
 
 
 def _check_run_dir(cfg: PretrainConfig) -> None:
@@ -237,6 +240,7 @@ def _train_loop(cfg: PretrainConfig, engine, stream: PretrainStream, start: int,
                 f"lr {record['lr']:.3g} {record['samples_per_s']:.1f} samples/s ETA {format_seconds(remaining)}")
         if (step + 1) % tc.save_every == 0 or step + 1 == tc.max_steps:
             save(step + 1)
+        failpoint("train-step")
     bar.close()
     return record
 
@@ -245,6 +249,7 @@ def _save(cfg: PretrainConfig, engine, model, tokenizer, meta: ModelMeta, out: P
     state = out / "ds_state"
     tag = f"step-{step:07d}"
     engine.save_checkpoint(str(state), tag=tag, client_state={"step": step, "torch_rng": torch.get_rng_state()})
+    failpoint("ds-saved")
     if torch.distributed.is_initialized():
         torch.distributed.barrier()  # every rank's shard of the tag is on disk before it is sealed
     with gathered_parameters(model, cfg.train.zero_stage):

@@ -34,6 +34,7 @@ from qanchor.data.dataset import Dataset, load_dataset
 from qanchor.data.io import OutputKind, claim_output_dir, write_text
 from qanchor.data.pipeline import UserPipeline, batched
 from qanchor.errors import CheckpointError, ConfigError
+from qanchor.faults import failpoint
 from qanchor.metrics import auc_ks
 from qanchor.model.factory import ModelMeta, checkpoint_hash, load_checkpoint
 from qanchor.model.layout import tokenize_query
@@ -127,6 +128,7 @@ def run_prompt_tune(cfg: PromptTuneConfig, progress: bool = True) -> dict:
             continue
         record = _tune_one(model, tokenizer, store, row_of, ds, name, cfg, ckpt_hash, out, progress)
         record["key"] = keys[name]
+        failpoint("head-saved")
         write_text(json.dumps(record), out / name / RECORD)  # last: its presence marks the task as finished
         summary["tasks"][name] = record
         write_text(json.dumps(summary, indent=2), out / "summary.json")

@@ -10,7 +10,7 @@ import torch
 
 from qanchor.errors import CheckpointError, ModelInputError
 from qanchor.infer.api import QAnchor, embed
-from tests.infer.conftest import QUERIES
+from tests.conftest import QUERIES
 
 CUTOFF = datetime(2024, 6, 30, tzinfo=timezone.utc)
 

@@ -17,7 +17,7 @@ import torch
 
 from qanchor.errors import ConfigError, ModelInputError
 from qanchor.infer.export import export_embeddings, read_embeddings, read_queries
-from tests.infer.conftest import QUERIES
+from tests.conftest import QUERIES
 
 PAIRS = [(f"q{i}", q) for i, q in enumerate(QUERIES)]
 

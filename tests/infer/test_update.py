@@ -16,7 +16,7 @@ from qanchor.errors import CheckpointError, ConfigError, DataValidationError
 from qanchor.infer.export import read_embeddings
 from qanchor.infer.state import records_from_events
 from qanchor.infer.update import init_state, update_state
-from tests.infer.conftest import QUERIES
+from tests.conftest import QUERIES
 
 PAIRS = [(f"q{i}", q) for i, q in enumerate(QUERIES)]
 CUTOFF_US = int(np.datetime64("2024-06-30T00:00:00", "us").astype(np.int64))

@@ -1,0 +1,276 @@
+"""The bad-input corpus: every user mistake ends in one ``error:`` line, exit 2, and touches nothing.
+
+Each case builds what a user might hand qanchor (a wrong path, a damaged file, an output inside an input,
+a directory full of someone else's files) and runs the real command line. The contract, checked for
+every case: exit code 2; stderr is exactly one line starting with ``error:`` and naming what is wrong;
+no traceback; the dataset, the checkpoint and every file the case marks as protected are byte-identical
+afterwards (qanchor's own ``.qanchor_cache`` inside a dataset is the only thing it may add there).
+A new command inherits the contract by adding rows here.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import shutil
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+import torch
+
+from qanchor.cli import main
+from qanchor.data.io import OutputKind, claim_output_dir
+from qanchor.data.userU import build_userU
+from qanchor.infer.export import export_embeddings
+from qanchor.infer.index import LookalikeIndex
+from qanchor.tune.head import ScenarioHead
+
+
+@dataclass
+class Case:
+    name: str
+    argv: Callable[[Path, object], list[str]]  # (case dir, workspace) -> arguments after `qanchor`
+    match: str  # a fragment the one error line must contain
+    protect: Callable[[Path, object], list[Path]] = field(default=lambda d, w: [])  # extra paths that must not change
+
+
+def _tree_digest(path: Path) -> str:
+    h = hashlib.sha256()
+    if path.is_file():
+        h.update(path.read_bytes())
+        return h.hexdigest()
+    for p in sorted(path.rglob("*")):
+        rel = p.relative_to(path)
+        if rel.parts and rel.parts[0] == ".qanchor_cache":
+            continue  # qanchor's own cache inside a dataset: allowed to grow
+        h.update(str(rel).encode())
+        if p.is_file():
+            h.update(p.read_bytes())
+    return h.hexdigest()
+
+
+@pytest.fixture(scope="module")
+def ws(infer_env, tmp_path_factory):
+    """Dataset (with UserU pairs), checkpoint, a head, an export and an index of the tiny model."""
+    root = tmp_path_factory.mktemp("bad")
+    ds = root / "ds"
+    shutil.copytree(infer_env.ds_dir, ds, ignore=shutil.ignore_patterns(".qanchor_cache"))
+    build_userU(ds, progress=False)
+    shutil.copytree(infer_env.ds_dir / ".qanchor_cache" / "text", ds / ".qanchor_cache" / "text", dirs_exist_ok=True)
+    ckpt = infer_env.ckpt
+    head = ScenarioHead("churn", "Will this user stop paying?", torch.zeros(2, infer_env.qa.model.hidden_size),
+                        torch.nn.functional.normalize(torch.randn(2, 128), dim=-1), torch.tensor([0, 1]), 0.1,
+                        infer_env.qa.checkpoint_hash)
+    head.save(root / "heads" / "churn")
+    export_embeddings(infer_env.qa, infer_env.ds, [("churn", "Will this user stop paying?")], root / "emb", progress=False)
+    LookalikeIndex.from_embeddings(root / "emb", "churn").save(root / "churn.faiss")
+    foreign = root / "mine"
+    foreign.mkdir()
+    (foreign / "notes.txt").write_text("my own work\n")
+    (root / "a_file").write_text("not a directory\n")
+    return type("W", (), {"root": root, "ds": ds, "ckpt": ckpt, "foreign": foreign, "file": root / "a_file",
+                          "heads": root / "heads", "emb": root / "emb", "index": root / "churn.faiss"})
+
+
+def _copy_ckpt(d: Path, w) -> Path:
+    out = d / "ckpt"
+    shutil.copytree(w.ckpt, out)
+    return out
+
+
+def _damaged_ckpt(how: str) -> Callable[[Path, object], list[str]]:
+    def argv(d: Path, w) -> list[str]:
+        ck = _copy_ckpt(d, w)
+        weights = ck / "model.safetensors"
+        if how == "truncated":
+            weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])
+        elif how == "random":
+            weights.write_bytes(np.random.default_rng(0).bytes(4096))
+        elif how == "meta":
+            (ck / "qanchor.json").write_text("{not json")
+        return ["embed", f"checkpoint={ck}", f"data.path={w.ds}", "queries=tasks", f"out={d / 'e'}"]
+    return argv
+
+
+def _damaged_head(how: str) -> Callable[[Path, object], list[str]]:
+    def argv(d: Path, w) -> list[str]:
+        heads = d / "heads"
+        shutil.copytree(w.heads, heads)
+        if how == "yaml":
+            (heads / "churn" / "head.yaml").write_text("task: [unclosed\n")
+        else:
+            f = heads / "churn" / "head.safetensors"
+            f.write_bytes(f.read_bytes()[:100])
+        return ["embed", f"checkpoint={w.ckpt}", f"data.path={w.ds}", f"heads={heads}", f"out={d / 'e'}"]
+    return argv
+
+
+def _damaged_index(how: str) -> Callable[[Path, object], list[str]]:
+    def argv(d: Path, w) -> list[str]:
+        idx = d / "x.faiss"
+        for suffix in ("", ".users.parquet", ".json"):
+            shutil.copy(f"{w.index}{suffix}", f"{idx}{suffix}")
+        if how == "truncated":
+            idx.write_bytes(idx.read_bytes()[:64])
+        else:  # users of another (shorter) index
+            pq.write_table(pa.table({"user_id": ["u001", "u002"]}), f"{idx}.users.parquet")
+        return ["index", "search", f"index={idx}", "user=u001"]
+    return argv
+
+
+def _queries_file(d: Path, text: str, name: str) -> Path:
+    path = d / name
+    path.write_text(text)
+    return path
+
+
+def _labels_one_positive(d: Path, w) -> list[str]:
+    ids = [f"u{u:03d}" for u in range(1, 30)]
+    pq.write_table(pa.table({"user_id": ids, "label": [1] + [0] * 28}), d / "labels.parquet")
+    return ["bench", f"data.path={w.ds}", f"labels={d / 'labels.parquet'}", "query=Will it?", "methods=[rfm_lgbm]",
+            f"output_dir={d / 'b'}"]
+
+
+def _inf_dataset(d: Path, w) -> list[str]:
+    ds = d / "ds"
+    shutil.copytree(w.ds, ds, ignore=shutil.ignore_patterns(".qanchor_cache"))
+    part = sorted((ds / "events").glob("*.parquet"))[0]
+    table = pq.read_table(part)
+    value = table.column("value").to_numpy(zero_copy_only=False).astype(np.float32)
+    value[3] = np.inf
+    pq.write_table(table.set_column(table.schema.get_field_index("value"), "value", pa.array(value)), part)
+    return ["data", "validate", str(ds)]
+
+
+def _forged_resume(d: Path, w) -> list[str]:
+    run = d / "run"
+    claim_output_dir(run, OutputKind.RUN)
+    tag = run / "ds_state" / "step-0000002"
+    tag.mkdir(parents=True)
+    (tag / "mp_rank_00_model_states.pt").write_bytes(b"pickled by someone else")
+    (run / "ds_state" / "latest").write_text("step-0000002")
+    (run / "metrics.jsonl").write_text('{"step": 2}\n')
+    return ["pretrain", "--config", "configs/pretrain/tiny-synth.yaml", f"data.path={w.ds}", f"output_dir={run}",
+            "resume=true", "train.batch_size=4"]
+
+
+def _existing_export(d: Path, w) -> list[str]:
+    out = d / "emb"
+    shutil.copytree(w.emb, out)
+    return ["embed", f"checkpoint={w.ckpt}", f"data.path={w.ds}", "queries=tasks", f"out={out}"]
+
+
+def _foreign_userU(d: Path, w) -> list[str]:
+    ds = d / "ds"
+    shutil.copytree(w.ds, ds, ignore=shutil.ignore_patterns(".qanchor_cache", "userU.parquet"))
+    pq.write_table(pq.read_table(w.ds / "userU.parquet").replace_schema_metadata({}), ds / "userU.parquet")
+    return ["data", "userU", str(ds)]
+
+
+CSV = "query_id,query\nq,Will it?\n"
+
+
+def _pretrain(w, *extra: str) -> list[str]:
+    return ["pretrain", "--config", "configs/pretrain/tiny-synth.yaml", f"data.path={w.ds}", "train.batch_size=4", *extra]
+
+
+CASES = [
+    # data loss: outputs inside inputs, inputs inside outputs, someone else's directory
+    Case("update-out-is-dataset", lambda d, w: ["update", f"checkpoint={w.ckpt}", f"data.path={w.ds}", "queries=tasks",
+                                               f"out={w.ds}"], "is inside the input data.path"),
+    Case("update-out-contains-state", lambda d, w: ["update", f"checkpoint={w.ckpt}", f"state={d / 'parent' / 'state0'}",
+                                                   f"out={d / 'parent'}"], "contains the input state"),
+    Case("synth-into-foreign-dir", lambda d, w: ["data", "synth", f"out={w.foreign}", "users=20"], "qanchor did not create",
+         lambda d, w: [w.foreign]),
+    Case("completejourney-into-foreign-dir", lambda d, w: ["data", "completejourney", f"out={w.foreign}"],
+         "qanchor did not create", lambda d, w: [w.foreign]),
+    Case("embed-out-inside-dataset", lambda d, w: ["embed", f"checkpoint={w.ckpt}", f"data.path={w.ds}", "queries=tasks",
+                                                  f"out={w.ds / 'events'}"], "inside the input data.path"),
+    Case("embed-into-foreign-dir", lambda d, w: ["embed", f"checkpoint={w.ckpt}", f"data.path={w.ds}", "queries=tasks",
+                                                f"out={w.foreign}"], "qanchor did not create", lambda d, w: [w.foreign]),
+    Case("bench-out-is-dataset", lambda d, w: ["bench", f"data.path={w.ds}", "methods=[rfm_lgbm]", f"output_dir={w.ds}"],
+         "inside the input data.path"),
+    Case("prompt-tune-out-is-checkpoint", lambda d, w: ["prompt-tune", f"checkpoint={w.ckpt}", f"data.path={w.ds}",
+                                                       f"output_dir={w.ckpt / 'heads'}"], "inside the input checkpoint"),
+    Case("pretrain-out-is-foreign", lambda d, w: _pretrain(w, f"output_dir={w.foreign}"), "qanchor did not create",
+         lambda d, w: [w.foreign]),
+    Case("userU-over-foreign-pairs", _foreign_userU, "was not written by `qanchor data userU`"),
+    Case("embed-over-other-export", _existing_export, "overwrite=true"),
+    # checked before any long work
+    Case("pretrain-missing-dataset", lambda d, w: ["pretrain", f"data.path={w.ds / 'missing'}"],
+         "dataset directory not found"),
+    Case("pretrain-without-pairs", lambda d, w: (shutil.copytree(w.ds, d / "ds", ignore=shutil.ignore_patterns(
+        "userU.parquet", ".qanchor_cache")), _pretrain(w, f"data.path={d / 'ds'}"))[1], "needs UserU pairs"),
+    Case("pretrain-batch-bigger-than-pairs", lambda d, w: _pretrain(w, "train.batch_size=100000"), "fewer than one global batch"),
+    Case("pretrain-out-is-file", lambda d, w: _pretrain(w, f"output_dir={w.file}"), "is a file", lambda d, w: [w.file]),
+    Case("pretrain-unknown-modality-cap", lambda d, w: _pretrain(w, "data.max_events={purchase: 48}"), "does not have"),
+    Case("pretrain-bad-encoder-path", lambda d, w: _pretrain(w, "data.text_encoder.path=/nonexistent/encoder"),
+         "cannot load a sentence encoder"),
+    Case("pretrain-bf16-on-cpu", lambda d, w: _pretrain(w, "train.precision=bf16"), "needs CUDA"),
+    Case("pretrain-forged-resume-state", _forged_resume, "refusing to resume"),
+    Case("embed-device-cuda", lambda d, w: ["embed", f"checkpoint={w.ckpt}", f"data.path={w.ds}", "queries=tasks",
+                                           f"out={d / 'e'}", "device=cuda"], "no CUDA GPU"),
+    Case("embed-bad-cutoff", lambda d, w: ["embed", f"checkpoint={w.ckpt}", f"data.path={w.ds}", "queries=tasks",
+                                          f"out={d / 'e'}", "cutoff=tomorrow"], "not an ISO datetime"),
+    Case("embed-out-is-file", lambda d, w: ["embed", f"checkpoint={w.ckpt}", f"data.path={w.ds}", "queries=tasks",
+                                           f"out={w.file}"], "is a file", lambda d, w: [w.file]),
+    Case("queries-csv-named-parquet", lambda d, w: ["embed", f"checkpoint={w.ckpt}", f"data.path={w.ds}",
+                                                   "queries=" + str(_queries_file(d, CSV, "q.parquet")),
+                                                   f"out={d / 'e'}"], "not a readable Parquet file"),
+    Case("query-too-long", lambda d, w: ["embed", f"checkpoint={w.ckpt}", f"data.path={w.ds}",
+                                        f"queries={_queries_file(d, 'word ' * 5000, 'q.txt')}", f"out={d / 'e'}"],
+         "more than model.max_query_tokens"),
+    # damaged files
+    Case("checkpoint-truncated-weights", _damaged_ckpt("truncated"), "truncated"),
+    Case("checkpoint-random-weights", _damaged_ckpt("random"), "not a safetensors file"),
+    Case("checkpoint-garbage-meta", _damaged_ckpt("meta"), "not valid JSON"),
+    Case("head-garbage-yaml", _damaged_head("yaml"), "not valid YAML"),
+    Case("head-truncated-weights", _damaged_head("weights"), "truncated"),
+    Case("index-truncated", _damaged_index("truncated"), "not a faiss index"),
+    Case("index-mismatched-files", _damaged_index("mismatched"), "do not belong together"),
+    Case("index-build-out-is-dir", lambda d, w: ["index", "build", f"embeddings={w.emb}", "query_id=churn",
+                                                f"out={w.foreign}"], "is a directory", lambda d, w: [w.foreign]),
+    Case("index-build-over-foreign-file", lambda d, w: ["index", "build", f"embeddings={w.emb}", "query_id=churn",
+                                                       f"out={w.file}"], "not part of a qanchor index",
+         lambda d, w: [w.file]),
+    Case("inf-event-value", _inf_dataset, "infinite value"),
+    # silent or surprising results made loud
+    Case("bench-single-positive", _labels_one_positive, "fewer than 2 users in its minority class"),
+    Case("index-search-k0", lambda d, w: ["index", "search", f"index={w.index}", "user=u001", "k=0"], "k must be >= 1"),
+    Case("index-search-nan-vector", lambda d, w: ["index", "search", f"index={w.index}", "vector=" + ",".join(["nan"] * 128)],
+         "NaN"),
+    Case("synth-zero-users", lambda d, w: ["data", "synth", f"out={d / 's'}", "users=0"], "users must be >= 1"),
+    Case("completejourney-bad-cutoff", lambda d, w: ["data", "completejourney", f"out={d / 'c'}", "cutoff=notadate"],
+         "not an ISO date"),
+    # the convention itself
+    Case("flags-instead-of-settings", lambda d, w: ["embed", "--model", str(w.ckpt)], "key=value"),
+    Case("unknown-setting", lambda d, w: ["embed", f"checkpoint={w.ckpt}", "queriez=tasks"], "unknown key 'queriez'"),
+    Case("missing-required-setting", lambda d, w: ["embed", f"data.path={w.ds}", f"out={d / 'e'}"], "checkpoint is not set"),
+]
+
+
+@pytest.mark.parametrize("case", CASES, ids=[c.name for c in CASES])
+def test_bad_input_is_one_error_line_and_touches_nothing(case: Case, ws, tmp_path, capsys, monkeypatch):
+    monkeypatch.chdir(Path(__file__).resolve().parent.parent)  # configs/ paths resolve from the repository
+    argv = case.argv(tmp_path, ws)
+    protected = [ws.ds, ws.ckpt, ws.heads, ws.emb, *case.protect(tmp_path, ws)]
+    before = {p: _tree_digest(p) for p in protected}
+    capsys.readouterr()
+    code = main(argv)
+    err = capsys.readouterr().err
+    lines = [ln for ln in err.splitlines() if ln.strip()]
+    assert code == 2, f"exit {code}, stderr: {err[-2000:]}"
+    assert len(lines) == 1 and lines[0].startswith("error: "), err[-2000:]
+    assert "Traceback" not in err and case.match in lines[0], lines[0]
+    assert {p: _tree_digest(p) for p in protected} == before, "an input or foreign file changed"
+
+
+def test_failed_embed_does_not_block_its_corrected_rerun(ws, tmp_path, capsys):
+    base = ["embed", f"checkpoint={ws.ckpt}", f"data.path={ws.ds}", "queries=tasks", f"out={tmp_path / 'e'}", "--quiet"]
+    assert main([*base, "cutoff=tomorrow"]) == 2
+    assert main(base) == 0
+    capsys.readouterr()
