@@ -16,21 +16,29 @@ from __future__ import annotations
 import time
 from collections.abc import Callable
 from contextlib import contextmanager
+from dataclasses import replace
 from functools import cached_property
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 
 from qanchor.bench.coles import coles_embeddings
-from qanchor.bench.embedder import Embedder
+from qanchor.bench.embedder import Embedder, QAnchorEmbedder
 from qanchor.bench.features import PeerFeatures, extract_features
 from qanchor.bench.peers import Classifier, MethodInput, MethodResult, Skip, evaluate_folds
-from qanchor.config import BenchConfig
+from qanchor.bench.retrain import pretrain_ablation
+from qanchor.config import BenchConfig, PromptTuneConfig, load_config
 from qanchor.data.dataset import Dataset, Task
 from qanchor.data.pipeline import UserPipeline
 from qanchor.data.text_cache import TextVectorCache
+from qanchor.infer.api import QAnchor
+from qanchor.model.layout import tokenize_query
+from qanchor.model.prefix_cache import PrefixStore
 from qanchor.tune.head import HeadEntry
+from qanchor.tune.prompt_tune import encode_users
+from qanchor.tune.trainer import fold_split, head_scores, tune_task
 
 __all__ = ["BenchContext", "METHODS", "DEFAULT_METHODS", "head_eval_mask", "evaluate_task"]
 
@@ -39,8 +47,9 @@ class BenchContext:
     """Shared, lazily computed inputs of one benchmark run over every task's users (``user_ids``, sorted)."""
 
     def __init__(self, cfg: BenchConfig, ds: Dataset, tasks: list[Task], embedder: Embedder | None = None,
-                 heads: dict[str, HeadEntry] | None = None, progress: bool = False):
+                 heads: dict[str, HeadEntry] | None = None, progress: bool = False, tune_overrides: dict | None = None):
         self.cfg, self.ds, self.tasks, self.embedder, self.progress = cfg, ds, tasks, embedder, progress
+        self.tune_overrides = dict(tune_overrides or {})
         self.user_ids = np.asarray(sorted({u for t in tasks for u in t.user_ids}), dtype=object)
         self.heads = heads or {}
         self._row = {u: i for i, u in enumerate(self.user_ids)}
@@ -62,6 +71,7 @@ class BenchContext:
         for task in self.tasks:
             keys.append(("query", task.query))
             requests.append((task.query, None))
+        # qanchor_swapped_query reads other tasks' queries: already among the task queries
         if "qanchor_generic" in self.cfg.methods:
             keys.append(("query", self.cfg.generic_query))
             requests.append((self.cfg.generic_query, None))
@@ -102,11 +112,55 @@ class BenchContext:
             pipe.prime(self.ds.users(self.user_ids), progress=self.progress, all_events=True)
         return pipe.cache
 
+    def store_rows(self, user_ids: np.ndarray) -> np.ndarray:
+        row = {u: i for i, u in enumerate(self.prefix_store.user_ids)}
+        return np.fromiter((row[u] for u in user_ids), dtype=np.int64, count=len(user_ids))
+
     @cached_property
     def peer_features(self) -> PeerFeatures:
-        cache = self.text_cache if "text_mean_lr" in self.cfg.methods else None
+        cache = self.text_cache if {"text_mean_lr", "union_lgbm"} & set(self.cfg.methods) else None
         with self._timed("peer features"):
             return extract_features(self.ds, self.user_ids, cache, self.progress)
+
+    @cached_property
+    def prefix_store(self) -> PrefixStore:
+        """Every benchmarked user's prefix keys / values under the checkpoint (for per-fold head tuning)."""
+        model = getattr(self.embedder, "model", None)
+        if not isinstance(model, QAnchor):
+            raise Skip("per-fold heads need a real checkpoint (checkpoint=<dir>)")
+        with self._timed("prefix store"):
+            return encode_users(model.model, self.ds, model.pipeline, list(self.user_ids), 256, self.progress)
+
+    @cached_property
+    def tune_config(self) -> PromptTuneConfig:
+        """Settings of the per-fold heads: the prompt-tune config (or defaults) with ``head_steps`` steps."""
+        base = load_config(self.cfg.prompt_tune_config, schema=PromptTuneConfig) if self.cfg.prompt_tune_config \
+            else PromptTuneConfig()
+        steps = base.steps if self.cfg.head_steps is None else self.cfg.head_steps
+        return replace(base, steps=steps, seed=self.cfg.seed, eval_every=min(base.eval_every, max(steps // 6, 1)),
+                       **self.tune_overrides)
+
+    @cached_property
+    def random_init(self) -> Embedder:
+        """The checkpoint's architecture and recipe with its initial weights (pretraining skipped): the floor."""
+        if not self.cfg.checkpoint:
+            raise Skip("no checkpoint given (checkpoint=<dir>): nothing to re-initialise")
+        with self._timed("random-init model"):
+            ckpt = pretrain_ablation(self.cfg, "no_pretraining", Path(self.cfg.output_dir) / "random_init", self.progress)
+            return QAnchorEmbedder.open(ckpt, self.ds)
+
+    @cached_property
+    def random_init_embedded(self) -> dict[str, np.ndarray]:
+        queries = list(dict.fromkeys(t.query for t in self.tasks))
+        emb = self.random_init.embed_many(list(self.user_ids), [(q, None) for q in queries])  # (U, Q, D)
+        return {q: emb[:, i] for i, q in enumerate(queries)}
+
+    def swapped_query(self, task: Task) -> str:
+        """Another task's query (the next task in the run whose query differs): does the query matter?"""
+        others = [t.query for t in self.tasks[self.tasks.index(task) + 1:] + self.tasks if t.query != task.query]
+        if not others:
+            raise Skip("needs a second task with another query")
+        return others[0]
 
     @cached_property
     def coles_vectors(self) -> np.ndarray:
@@ -138,15 +192,38 @@ def _qanchor_generic(ctx: BenchContext, task: Task) -> MethodInput:
     return MethodInput(features=ctx.embedding(ctx.cfg.generic_query)[ctx.rows(task.user_ids)], classifier=Classifier.LR)
 
 
-def _qanchor_head(ctx: BenchContext, task: Task) -> MethodInput:
-    entry = ctx.heads.get(task.name)
-    if entry is None:
-        raise Skip("no prompt-tuned head for this task" + ("" if ctx.cfg.heads_dir else " (heads_dir not set)"))
-    emb = torch.from_numpy(ctx.head_embedding(task.name)[ctx.rows(task.user_ids)])  # (n, D)
-    with torch.inference_mode():
-        scores = entry.head.score(emb).detach().double().cpu().numpy()
-    mask, note = head_eval_mask(entry, task.user_ids)
-    return MethodInput(scores=scores, eval_mask=mask, note=note)
+def _qanchor_head(ctx: BenchContext, task: Task, folds: list) -> MethodInput:
+    """A scenario head tuned per fold on that fold's training users (its validation split among them), scored
+    on the fold's test users: comparable with every other row, on the same users and folds."""
+    store = ctx.prefix_store  # Skip without a real checkpoint
+    model, cfg = ctx.embedder.model, ctx.tune_config
+    rows = ctx.store_rows(task.user_ids)
+    labels = task.labels.astype(np.int64)
+    query_ids = torch.tensor(tokenize_query(model.tokenizer, task.query, model.run_cfg.model.max_query_tokens))
+    scores = np.full(len(labels), np.nan)
+    for i, (train, test) in enumerate(folds):
+        split = fold_split(rows, labels, train, test, cfg.val_fraction, cfg.seed + i)
+        result = tune_task(model.model, store, query_ids, split, cfg, task.name, task.query, model.checkpoint_hash or "")
+        scores[test] = head_scores(model.model, store, query_ids, result.head, split.rows["test"], cfg.prefix_chunk)
+    return MethodInput(scores=scores, note=f"head tuned per fold on its training users ({cfg.steps} steps, best "
+                                            "step by a validation split of them), scored on the fold's test users")
+
+
+def _qanchor_swapped_query(ctx: BenchContext, task: Task) -> MethodInput:
+    return MethodInput(features=ctx.embedding(ctx.swapped_query(task))[ctx.rows(task.user_ids)], classifier=Classifier.LR,
+                       note=f"embedding under another task's query: {ctx.swapped_query(task)!r}")
+
+
+def _qanchor_random_init(ctx: BenchContext, task: Task) -> MethodInput:
+    return MethodInput(features=ctx.random_init_embedded[task.query][ctx.rows(task.user_ids)], classifier=Classifier.LR,
+                       note="same architecture and recipe, initial weights (no pretraining), task query")
+
+
+def _union_lgbm(ctx: BenchContext, task: Task) -> MethodInput:
+    feats = ctx.peer_features
+    rows = feats.rows(task.user_ids)
+    return MethodInput(features=np.concatenate([feats.rfm[rows], feats.text_mean[rows]], axis=1), classifier=Classifier.LGBM,
+                       note="RFM / counts + tabular + mean event-text vector, LightGBM")
 
 
 def _rfm_lgbm(ctx: BenchContext, task: Task) -> MethodInput:
@@ -164,14 +241,18 @@ def _coles(ctx: BenchContext, task: Task) -> MethodInput:
                        note="self-supervised on every user's events before the cutoff (no labels)")
 
 
-METHODS: dict[str, Callable[[BenchContext, Task], MethodInput]] = {
+METHODS: dict[str, Callable[..., MethodInput]] = {
     "qanchor_task": _qanchor_task,
     "qanchor_generic": _qanchor_generic,
+    "qanchor_swapped_query": _qanchor_swapped_query,
+    "qanchor_random_init": _qanchor_random_init,
     "qanchor_head": _qanchor_head,
+    "union_lgbm": _union_lgbm,
     "rfm_lgbm": _rfm_lgbm,
     "text_mean_lr": _text_mean_lr,
     "coles": _coles,
 }
+FOLD_METHODS = {"qanchor_head"}  # methods that fit something per fold themselves (their scores are out-of-fold)
 DEFAULT_METHODS = list(METHODS)
 
 
@@ -179,7 +260,7 @@ def evaluate_task(ctx: BenchContext, task: Task, method: str, folds: list) -> Me
     """One method on one task over ``folds``; a :class:`Skip` becomes a skipped result."""
     start = time.perf_counter()
     try:
-        inp = METHODS[method](ctx, task)
+        inp = METHODS[method](ctx, task, folds) if method in FOLD_METHODS else METHODS[method](ctx, task)
     except Skip as exc:
         return MethodResult(skipped=str(exc))
     result = evaluate_folds(inp, task.labels, folds, ctx.cfg.seed, ctx.cfg.n_jobs)

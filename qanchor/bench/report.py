@@ -30,9 +30,12 @@ __all__ = ["METHOD_LABELS", "markdown_table", "task_table", "average_table", "ma
 METHOD_LABELS = {
     "qanchor_task": "Q-Anchor, task query + LR",
     "qanchor_generic": "Q-Anchor, generic query + LR",
-    "qanchor_head": "Q-Anchor, prompt-tuned head",
+    "qanchor_swapped_query": "control: Q-Anchor under another task's query + LR",
+    "qanchor_random_init": "control: same model, no pretraining, task query + LR",
+    "qanchor_head": "Q-Anchor, prompt-tuned head (tuned per fold)",
     "rfm_lgbm": "RFM + counts + LightGBM",
     "text_mean_lr": "mean event-text vector + LR",
+    "union_lgbm": "RFM + counts + tabular + mean text vector + LightGBM",
     "coles": "CoLES (pytorch-lifestream) + LR",
     "no_contrastive": "pretrained without contrastive loss (NTP only), task query + LR",
     "no_ntp": "pretrained without next-token loss (contrastive only), task query + LR",
@@ -147,14 +150,17 @@ _NOTES = """## How to read this
 
 - `qanchor_task` / `qanchor_generic`: the pretrained model's 128-d embedding under the task's own query /
   under one generic query, then a logistic regression fitted on the training folds.
-- `qanchor_head`: the prompt-tuned scenario head's own score, no fitting. Heads are tuned once on their own
-  train / validation split, not per fold, so a head is scored only on the users of each test fold that
-  belong to its own held-out test split (see "test users / fold": fewer users, hence wider spread). When a
-  head records no split it is scored on every test user and the note says the number is optimistic.
-  KS is biased upward on small samples (the maximum of a noisy curve), most with rare positives: compare a
-  head's KS with the other rows only loosely, and by AUC first.
+- `qanchor_swapped_query`: a control: each task scored with the embedding under *another* task's query. If it
+  matches `qanchor_task`, the query does not condition the embedding.
+- `qanchor_random_init`: a control, the floor: the same architecture and recipe with pretraining skipped
+  (initial weights, built by the same code), task query + logistic regression.
+- `qanchor_head`: a scenario head (soft prompt + class prototypes, DESIGN section 5) tuned per fold on that
+  fold's training users only (its best step chosen on a validation split of them), then its own score on the
+  fold's test users: the same users and folds as every other row, so AUC and KS compare directly.
 - `rfm_lgbm`: recency / frequency / monetary statistics and counts per modality (plus tabular columns) with
   LightGBM; `text_mean_lr`: the mean event-text vector (frozen sentence encoder) with logistic regression;
+  `union_lgbm`: the strongest peer, LightGBM on the union of the RFM / count / tabular features and the mean
+  text vector;
   `coles`: CoLES (contrastive self-supervised GRU over the event sequence, pytorch-lifestream) trained on
   every user's events before the cutoff without labels, then logistic regression.
 - Every logistic regression standardises its inputs and picks its L2 strength (C in 0.01, 0.1, 1) by a 3-fold

@@ -38,7 +38,7 @@ from qanchor.tune.head import HeadEntry, load_heads
 
 __all__ = ["TaskResult", "BenchResult", "run_bench", "prepare"]
 
-_QANCHOR_METHODS = ("qanchor_task", "qanchor_generic", "qanchor_head")
+_QANCHOR_METHODS = ("qanchor_task", "qanchor_generic", "qanchor_swapped_query", "qanchor_head", "qanchor_random_init")
 
 
 @dataclass
@@ -124,7 +124,7 @@ def _make_context(cfg: BenchConfig, ds: Dataset, tasks: list[Task], embedder: Em
         embedder = QAnchorEmbedder.open(cfg.checkpoint, ds, progress)
     if heads is None:
         ckpt_hash = getattr(embedder, "checkpoint_hash", None)
-        heads = load_heads(cfg.heads_dir, [t.name for t in tasks], ckpt_hash) if "qanchor_head" in cfg.methods else {}
+        heads = load_heads(cfg.heads_dir, [t.name for t in tasks], ckpt_hash)  # saved heads: the PCA plot
     heads = {t: h if isinstance(h, HeadEntry) else HeadEntry(h) for t, h in heads.items()}
     return BenchContext(cfg, ds, tasks, embedder, heads, progress)
 

@@ -119,9 +119,10 @@ class BenchConfig:
     folds: int = 5
     seed: int = 0  # fixes the folds, the classifiers and any subsampling
     generic_query: str = "What kind of user is this?"  # the static-embedding baseline's one query
-    methods: list[str] = field(default_factory=lambda: ["qanchor_task", "qanchor_generic", "qanchor_head", "rfm_lgbm",
-                                                        "text_mean_lr", "coles"])
-    heads_dir: str | None = None  # `qanchor prompt-tune` output_dir: <heads_dir>/<task>/head.yaml
+    methods: list[str] = field(default_factory=lambda: ["qanchor_task", "qanchor_generic", "qanchor_swapped_query",
+                                                        "qanchor_random_init", "qanchor_head", "rfm_lgbm", "text_mean_lr",
+                                                        "union_lgbm", "coles"])
+    heads_dir: str | None = None  # `qanchor prompt-tune` output_dir, for the before / after tuning PCA plot
     ablations: bool = False  # retrain ablated models under <output_dir>/ablations/ (slow: pretraining runs)
     output_dir: str = "results/bench"
     labels: str | None = None  # custom task: a Parquet with user_id, label (0/1); needs `query`
@@ -134,7 +135,8 @@ class BenchConfig:
     coles_max_events: int = 256  # most recent events per user fed to CoLES
     ablation_pretrain_overrides: list[str] = field(default_factory=list)  # extra key=value for ablation pretraining
     ablation_prompt_tokens: list[int] = field(default_factory=lambda: [1, 2, 4, 6, 8])
-    prompt_tune_config: str | None = None  # prompt-tune YAML for the prompt-token ablation; None = defaults
+    prompt_tune_config: str | None = None  # prompt-tune YAML for per-fold heads and the prompt-token ablation
+    head_steps: int | None = 150  # steps of each per-fold head (qanchor_head); None = the prompt-tune config's
 
     def __post_init__(self) -> None:
         if self.folds < 2:

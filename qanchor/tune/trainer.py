@@ -37,7 +37,7 @@ from qanchor.tune.head import (
 )
 from qanchor.tune.losses import prototype_loss
 
-__all__ = ["Split", "split_users", "tune_task", "frozen_logistic", "TuneResult"]
+__all__ = ["Split", "split_users", "fold_split", "tune_task", "frozen_logistic", "TuneResult", "head_scores"]
 
 SPLITS = ("train", "val", "test")
 
@@ -62,6 +62,16 @@ def split_users(rows: np.ndarray, labels: np.ndarray, val_fraction: float, test_
     train, val = train_test_split(rest, test_size=val_fraction / (1 - test_fraction), stratify=labels[rest],
                                   random_state=seed)
     parts = {"train": np.sort(train), "val": np.sort(val), "test": np.sort(test)}
+    return Split({k: torch.as_tensor(rows[v], dtype=torch.long) for k, v in parts.items()},
+                 {k: torch.as_tensor(labels[v], dtype=torch.long) for k, v in parts.items()})
+
+
+def fold_split(rows: np.ndarray, labels: np.ndarray, train: np.ndarray, test: np.ndarray, val_fraction: float,
+               seed: int) -> Split:
+    """A :class:`Split` whose test users are a benchmark fold's (``test`` indices) and whose train / val users
+    split that fold's training users (``train`` indices), stratified: tuning never sees the fold's test users."""
+    idx_train, idx_val = train_test_split(train, test_size=val_fraction, stratify=labels[train], random_state=seed)
+    parts = {"train": np.sort(idx_train), "val": np.sort(idx_val), "test": np.sort(test)}
     return Split({k: torch.as_tensor(rows[v], dtype=torch.long) for k, v in parts.items()},
                  {k: torch.as_tensor(labels[v], dtype=torch.long) for k, v in parts.items()})
 
@@ -168,3 +178,11 @@ def frozen_logistic(model: QAnchorModel, store: PrefixStore, query_ids: torch.Te
             best = (val, clf)
     val, clf = best
     return {"val": val, "test": auc_ks(y["test"], clf.decision_function(x["test"])), "C": float(clf[-1].C)}
+
+
+@torch.no_grad()
+def head_scores(model: QAnchorModel, store: PrefixStore, query_ids: torch.Tensor, head: ScenarioHead, rows: torch.Tensor,
+                chunk: int = 256) -> np.ndarray:
+    """The head's scores (float64 [n]) of store rows ``rows``: its prompt + query on their cached prefixes."""
+    emb = store.embed(model, model.suffix(query_ids, head.prompt.detach()), rows, chunk)
+    return head.score(emb).double().cpu().numpy()

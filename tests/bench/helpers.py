@@ -34,7 +34,7 @@ class FakeHead:
 class FakeEmbedder:
     """Deterministic 16-d vectors per (user, query); the task query (and its head) carry the label."""
 
-    def __init__(self, tasks: list[Task], strength: float = 1.5):
+    def __init__(self, tasks: list[Task], strength: float = 4.0):
         self.signal = {t.query: dict(zip(t.user_ids, t.labels)) for t in tasks}
         self.strength = strength
         self.calls: list[tuple[int, int]] = []  # (users, requests) per call

@@ -49,12 +49,16 @@ def test_bench_with_real_model_and_head(env, tmp_path):
     heads = load_heads(root / "heads", ["churn", "coupon"], checkpoint_hash(ckpt))
     assert list(heads) == ["churn"] and len(heads["churn"].test_users) == 8  # 20 % of 40 users never seen in tuning
     cfg = BenchConfig(checkpoint=str(ckpt), data=DataConfig(path=str(ds_dir)), folds=3, heads_dir=str(root / "heads"),
-                      methods=["qanchor_task", "qanchor_generic", "qanchor_head"], output_dir=str(tmp_path))
+                      methods=["qanchor_task", "qanchor_generic", "qanchor_swapped_query", "qanchor_random_init",
+                               "qanchor_head", "union_lgbm"], output_dir=str(tmp_path), head_steps=6)
     result = run_bench(cfg, progress=False)
     churn = result.tasks["churn"]
-    assert churn.methods["qanchor_task"].ok and churn.methods["qanchor_generic"].ok
+    assert all(churn.methods[m].ok for m in cfg.methods), {m: r.skipped for m, r in churn.methods.items()}
     head = churn.methods["qanchor_head"]
-    assert head.ok and sum(head.n_test) <= 8 and "held-out" in head.note
+    # per-fold heads: every user is scored once, by the head of the fold it was a test user in
+    assert sum(head.n_test) == 40 and "tuned per fold" in head.note
+    assert "another task's query" in churn.methods["qanchor_swapped_query"].note
+    assert (tmp_path / "random_init" / "checkpoint" / "qanchor.json").exists()  # the floor: initial weights, saved
     assert result.extras["pca"][0]["after"].shape == (40, 128)
 
 
@@ -77,4 +81,3 @@ def test_ablation_sub_runs(env, tmp_path):
     assert "## Ablations (average over tasks)" in report and "head tuned with 2 prompt token(s)" in report
     subs = Path(cfg.output_dir) / "ablations"
     assert (subs / "no_contrastive" / "checkpoint" / "qanchor.json").exists()
-    assert (subs / "prompt_tokens_2" / "churn" / "head.yaml").exists()

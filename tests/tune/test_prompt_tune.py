@@ -22,7 +22,7 @@ from qanchor.model.layout import tokenize_query
 from qanchor.model.prefix_cache import anchor_hidden_uncached
 from qanchor.tune.head import ScenarioHead, query_prompt_init
 from qanchor.tune.prompt_tune import encode_users, run_prompt_tune
-from qanchor.tune.trainer import split_users, tune_task
+from qanchor.tune.trainer import fold_split, split_users, tune_task
 from tests.model.helpers import encoder, model_and_stream
 
 FAST = ["steps=6", "eval_every=3", "batch_size=8", "prefix_chunk=16", "prototypes_per_class=2"]
@@ -176,3 +176,14 @@ def test_rerun_reuses_finished_heads_and_retunes_changed_or_unfinished(ckpt, tmp
     changed = run_prompt_tune(load_config(None, [*args, "steps=4", "eval_every=2"], schema=PromptTuneConfig),
                               progress=False)  # other settings: retune all
     assert changed["n_users"] > 0 and all(r["history"][-1]["step"] == 4 for r in changed["tasks"].values())
+
+
+def test_fold_split_keeps_the_fold_test_users_out_of_tuning():
+    labels = np.array([0, 1] * 20)
+    rows = np.arange(100, 140)
+    train, test = np.arange(0, 30), np.arange(30, 40)
+    split = fold_split(rows, labels, train, test, 0.25, seed=0)
+    tuned = set(split.rows["train"].tolist()) | set(split.rows["val"].tolist())
+    assert set(split.rows["test"].tolist()) == set(rows[test].tolist()) and not tuned & set(rows[test].tolist())
+    assert tuned == set(rows[train].tolist()) and not set(split.rows["train"].tolist()) & set(split.rows["val"].tolist())
+    assert split.labels["val"].sum() > 0  # stratified: both classes in validation

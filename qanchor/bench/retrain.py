@@ -1,0 +1,53 @@
+"""Retrained sub-runs of a benchmark: a checkpoint's recipe pretrained again with one change, or heads tuned with
+other settings. Used by the ablations and by the ``qanchor_random_init`` control (the recipe with pretraining
+skipped). A sub-run whose output already exists is reused (a killed one resumes).
+
+Example:
+    >>> ckpt = pretrain_ablation(cfg, "no_pretraining", Path("results/cj/random_init"), progress=False)  # doctest: +SKIP
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import replace
+from pathlib import Path
+
+from qanchor.config import BenchConfig, PretrainConfig, load_config, with_overrides
+from qanchor.errors import ConfigError
+from qanchor.model.factory import resolve_checkpoint_dir
+from qanchor.train.pretrain import run_pretrain
+
+__all__ = ["PRETRAIN_ABLATIONS", "checkpoint_run_config", "pretrain_ablation"]
+
+
+def _loss_mode(mode: str) -> Callable[[PretrainConfig], PretrainConfig]:
+    return lambda c: replace(c, loss=replace(c.loss, mode=mode))
+
+
+PRETRAIN_ABLATIONS: dict[str, Callable[[PretrainConfig], PretrainConfig]] = {
+    "no_contrastive": _loss_mode("ntp"),
+    "no_ntp": _loss_mode("contrastive"),
+    "no_summary_tokens": lambda c: replace(c, model=replace(c.model, user_encoder=replace(c.model.user_encoder,
+                                                                                         summary_tokens=False))),
+    # One optimiser step at lr 0: the checkpoint is the initialised model, built and saved by the same code.
+    "no_pretraining": lambda c: replace(c, train=replace(c.train, max_steps=1, lr=0.0, save_every=1)),
+}
+
+
+def checkpoint_run_config(checkpoint: str) -> PretrainConfig:
+    """The resolved pretraining config a checkpoint was trained with (its ``config.yaml``)."""
+    path = resolve_checkpoint_dir(checkpoint) / "config.yaml"
+    if not path.exists():
+        raise ConfigError(f"ablations need the main checkpoint's config.yaml; {path} not found")
+    return load_config(path, schema=PretrainConfig)
+
+
+def pretrain_ablation(cfg: BenchConfig, name: str, out: Path, progress: bool) -> Path:
+    """Pretrain (or reuse) the ``name`` ablation of ``cfg.checkpoint`` into ``out``; return its checkpoint dir."""
+    if (out / "checkpoint" / "qanchor.json").exists():
+        return out / "checkpoint"
+    base = with_overrides(checkpoint_run_config(cfg.checkpoint), cfg.ablation_pretrain_overrides)
+    run = replace(PRETRAIN_ABLATIONS[name](base), data=replace(base.data, path=cfg.data.path), output_dir=str(out),
+                  resume=True, overwrite=False)  # a killed sub-run continues
+    run_pretrain(run, progress=progress)
+    return out / "checkpoint"
