@@ -175,6 +175,9 @@ def load_checkpoint(ckpt: str | Path, device: str | torch.device = "cpu") -> tup
     weights = ckpt / "model.safetensors"
     try:
         missing, unexpected = load_model(model, str(weights), strict=False)
+    except RuntimeError as exc:  # torch: tensors of other shapes than this qanchor builds from the config
+        raise CheckpointError(f"{weights}: the weights do not fit the model its config describes "
+                              f"({str(exc).splitlines()[-1].strip()[:160]}); was it saved by another qanchor version?") from None
     except Exception as exc:  # safetensors raises its own error types for a damaged header or payload
         raise CheckpointError(f"{weights}: not a safetensors file, or truncated / damaged ({str(exc).splitlines()[0]}); "
                               "re-copy or re-save the checkpoint") from None

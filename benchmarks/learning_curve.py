@@ -1,0 +1,92 @@
+"""Learning curve: is the gap to the peers a matter of budget or of recipe?
+
+Pretrains the recipe for several step budgets (each its own run: the cosine schedule depends on the
+budget) and probes every checkpoint with ``benchmarks/quality_probe.py`` (task / generic / swapped query
+AUC on the benchmark's folds and probe). Writes ``<root>/curve.json``, a Markdown table and a PNG of mean
+task-query AUC against pretraining samples, with the peers' AUC as horizontal lines when given.
+
+Example (about an hour on 2 CPU cores for both datasets)::
+
+    python benchmarks/learning_curve.py --pretrain configs/pretrain/tiny-cj.yaml --data data/completejourney \\
+        --steps 300,1000,3000 --root results/curve/cj --peer rfm_lgbm=0.692 --peer union_lgbm=0.700
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--pretrain", required=True)
+    ap.add_argument("--data", required=True)
+    ap.add_argument("--steps", default="300,1000,3000")
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--root", type=Path, required=True)
+    ap.add_argument("--generic-query", default="What kind of user is this?")
+    ap.add_argument("--peer", action="append", default=[], help="name=AUC drawn as a reference line (repeatable)")
+    ap.add_argument("--set", action="append", default=[], help="key=value pretraining setting (repeatable)")
+    args = ap.parse_args(argv)
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    rows = []
+    for steps in [int(s) for s in args.steps.split(",")]:
+        run = args.root / f"steps{steps}"
+        probe = run / "probe.json"
+        if not probe.exists():
+            subprocess.run([sys.executable, "-m", "qanchor.cli", "pretrain", "--config", args.pretrain, "--quiet",
+                            f"data.path={args.data}", f"output_dir={run}", f"train.max_steps={steps}",
+                            f"train.save_every={steps}", f"train.seed={args.seed}", "resume=true", *args.set],
+                           check=True, cwd=ROOT, env=env)
+            subprocess.run([sys.executable, str(ROOT / "benchmarks/quality_probe.py"), "--checkpoint", str(run),
+                            "--data", args.data, "--generic-query", args.generic_query, "--out", str(probe)],
+                           check=True, cwd=ROOT, env=env, stdout=subprocess.DEVNULL)
+        p = json.loads(probe.read_text())
+        metrics = [json.loads(ln) for ln in (run / "metrics.jsonl").read_text().splitlines()]
+        rows.append({"steps": steps, "task_auc": p["task"]["auc"], "generic_auc": p["generic"]["auc"],
+                     "swapped_auc": p["swapped"]["auc"], "hidden_auc": p["hidden"]["auc"], "task_ks": p["task"]["ks"],
+                     "top_pc_share": p["geometry_generic"]["top_pc_share"], "final_loss": metrics[-1]["loss"],
+                     "final_contrastive": metrics[-1]["loss_contrastive"]})
+    peers = {k: float(v) for k, v in (s.split("=", 1) for s in args.peer)}
+    (args.root / "curve.json").write_text(json.dumps({"rows": rows, "peers": peers, "set": args.set}, indent=1))
+    lines = ["| steps | task AUC | generic AUC | swapped AUC | task KS | top-PC share | final contrastive |",
+             "|---|---|---|---|---|---|---|"]
+    lines += [f"| {r['steps']:,} | {r['task_auc']:.4f} | {r['generic_auc']:.4f} | {r['swapped_auc']:.4f} | "
+              f"{r['task_ks']:.4f} | {r['top_pc_share']:.2f} | {r['final_contrastive']:.3f} |" for r in rows]
+    (args.root / "curve.md").write_text("\n".join(lines) + "\n")
+    print("\n".join(lines))
+    _plot(rows, peers, args.root / "curve.png", Path(args.data).name)
+    return 0
+
+
+def _plot(rows: list[dict], peers: dict[str, float], path: Path, title: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 4))
+    steps = [r["steps"] for r in rows]
+    for key, label in (("task_auc", "task query"), ("generic_auc", "generic query"), ("swapped_auc", "swapped query")):
+        ax.plot(steps, [r[key] for r in rows], marker="o", label=label)
+    for name, auc in peers.items():
+        ax.axhline(auc, linestyle="--", linewidth=1, color="grey")
+        ax.text(steps[0], auc, f" {name}", va="bottom", fontsize=8, color="grey")
+    ax.set_xscale("log")
+    ax.set_xlabel("pretraining steps")
+    ax.set_ylabel("mean AUC (5-fold, LR probe)")
+    ax.set_title(f"Learning curve: {title}")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,173 @@
+"""Cheap diagnostics of what a checkpoint's embedding carries, on the benchmark's own folds and probe.
+
+For every labelled user of a dataset, mean AUC / KS over the tasks (stratified 5-fold, standardise + LR with C
+by inner CV: the same ``evaluate_folds`` as ``qanchor bench``) of:
+
+- ``task``: the anchor embedding under each task's own query (``qanchor_task``);
+- ``generic``: under one generic query (``qanchor_generic``);
+- ``swapped``: each task scored with another task's query (``qanchor_swapped_query``: below ``task`` if the
+  query matters);
+- ``hidden``: the pre-projection hidden state at ``<|user_emb|>`` under the task query (does the projection
+  lose what the LLM holds?);
+- ``seen_text_mean``: the mean text vector of exactly the events the model saw (its raw input, no model).
+
+Geometry: the share of variance on the embedding's top principal component, its correlation with
+log(1 + events kept), and the effective rank (a collapsed embedding is one number: the user's activity).
+Use of the user: the contrastive loss on pretraining batches as they are, and with the user prefixes
+shuffled within each batch (if it barely moves, the model ignores the user). Cosines: one user under two
+queries vs two users under one query.
+
+Example::
+
+    python benchmarks/quality_probe.py --checkpoint runs/demo/pretrain --data data/completejourney \\
+        --generic-query "What kind of household is this?" --out results/probe/demo.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+
+from qanchor.bench.peers import Classifier, MethodInput, evaluate_folds, stratified_folds  # noqa: E402
+from qanchor.bench.tasks import dataset_tasks, fold_count  # noqa: E402
+from qanchor.config import LossConfig  # noqa: E402
+from qanchor.data.dataset import load_dataset  # noqa: E402
+from qanchor.data.pipeline import batched  # noqa: E402
+from qanchor.infer.api import QAnchor  # noqa: E402
+from qanchor.logs import quiet_third_party  # noqa: E402
+from qanchor.model.prefix_cache import anchor_hidden, encode_prefixes  # noqa: E402
+from qanchor.train.pairs import PretrainStream  # noqa: E402
+
+KEYS = ("task", "generic", "swapped", "hidden", "seen_text_mean")
+
+
+def _mean(xs) -> float:
+    xs = [x for x in xs if x is not None and np.isfinite(x)]
+    return float(np.mean(xs)) if xs else float("nan")
+
+
+@torch.inference_mode()
+def embed_all(q: QAnchor, ds, user_ids, queries: list[str], chunk: int = 128):
+    """(U, Q, H) hidden, (U, Q, D) embeddings, (U, T) seen-text mean, (U,) events kept; rows in ``user_ids`` order."""
+    suffixes = q.suffixes([(x, None) for x in queries])
+    cutoff_us = q.cutoff_us(ds.manifest.cutoff)
+    hid, emb, seen, kept, ids = [], [], [], [], []
+    for records in batched(ds.users(user_ids), chunk):
+        packed = q.pack(records, cutoff_us)
+        prefix = encode_prefixes(q.model, q.pipeline.collate(packed))
+        b, r = len(records), len(suffixes)
+        h = anchor_hidden(q.model, prefix, torch.arange(b).repeat_interleave(r), [s for _ in range(b) for s in suffixes])
+        hid.append(h.view(b, r, -1).float().numpy())
+        emb.append(q.model.project(h).view(b, r, -1).numpy())
+        seen += [q.pipeline.seen_text_mean(p) for p in packed]
+        kept += [sum(len(m.text_rows) for m in p.modalities.values()) for p in packed]
+        ids += [r.user_id for r in records]
+    order = {u: i for i, u in enumerate(ids)}
+    idx = [order[u] for u in user_ids]
+    return np.concatenate(hid)[idx], np.concatenate(emb)[idx], np.stack(seen)[idx], np.asarray(kept)[idx]
+
+
+def probe(features: np.ndarray, labels: np.ndarray, folds) -> tuple[float, float]:
+    r = evaluate_folds(MethodInput(features=features, classifier=Classifier.LR), labels, folds, seed=0)
+    return _mean(r.auc), _mean(r.ks)
+
+
+def geometry(emb: np.ndarray, kept: np.ndarray) -> dict:
+    x = emb - emb.mean(0)
+    _, s, vt = np.linalg.svd(x, full_matrices=False)
+    p = s**2 / (s**2).sum()
+    return {"top_pc_share": float(p[0]), "pc1_corr_log_events": float(np.corrcoef(x @ vt[0], np.log1p(kept))[0, 1]),
+            "effective_rank": float(np.exp(-(p @ np.log(p + 1e-12))))}
+
+
+@torch.no_grad()
+def use_of_user(q: QAnchor, ds, n_batches: int, batch_size: int = 32, seed: int = 0) -> dict:
+    """Contrastive loss on pretraining batches as they are vs with user prefixes permuted within each batch."""
+    cfg = q.run_cfg
+    stream = PretrainStream(ds, q.pipeline, q.tokenizer, q.model.token_ids, cfg.model, seed=1234 + seed,
+                            uqa_fraction=cfg.train.uqa_fraction)
+    loss_cfg = LossConfig(mode="contrastive", temperature=cfg.loss.temperature, margin=cfg.loss.margin)
+    rng = np.random.default_rng(seed)
+    real, shuffled = [], []
+    for step in range(n_batches):
+        batch = stream.batch(step, batch_size)
+        real.append(float(q.model(batch, loss_cfg).loss_contrastive))
+        ids = stream.pair_ids(step, batch_size)
+        packed = [stream.pipe.packer.pack(stream._record(stream.user_ids[i], int(stream.partition_of[i])),
+                                          int(stream.cutoff_us[i])) for i in ids]
+        batch.users = q.pipeline.collate([packed[j] for j in rng.permutation(batch_size)])
+        shuffled.append(float(q.model(batch, loss_cfg).loss_contrastive))
+    return {"contrastive": _mean(real), "contrastive_users_shuffled": _mean(shuffled)}
+
+
+def run_probe(checkpoint: str, data: str, generic_query: str, folds: int = 5, seed: int = 0, batches: int = 8) -> dict:
+    ds = load_dataset(data)
+    tasks = [t for t in dataset_tasks(ds, [], None, seed) if fold_count(t.labels, folds) >= 2]
+    fold_of = {t.name: stratified_folds(t.labels, fold_count(t.labels, folds), seed) for t in tasks}
+    user_ids = sorted({u for t in tasks for u in t.user_ids})
+    row = {u: i for i, u in enumerate(user_ids)}
+    q = QAnchor.from_pretrained(checkpoint, text_cache_dir=ds.text_cache_dir)
+    q.model.eval()
+    queries = [t.query for t in tasks] + [generic_query]
+    hid, emb, seen, kept = embed_all(q, ds, user_ids, queries)
+    per = {}
+    for i, t in enumerate(tasks):
+        r = np.fromiter((row[u] for u in t.user_ids), np.int64)
+        other = next((j for j in [*range(i + 1, len(tasks)), *range(i)] if tasks[j].query != t.query), len(tasks))
+        f = fold_of[t.name]
+        per[t.name] = {"task": probe(emb[r, i], t.labels, f), "generic": probe(emb[r, -1], t.labels, f),
+                       "swapped": probe(emb[r, other], t.labels, f), "hidden": probe(hid[r, i], t.labels, f),
+                       "seen_text_mean": probe(seen[r], t.labels, f)}
+    out: dict = {"checkpoint": checkpoint, "data": data, "tasks": [t.name for t in tasks]}
+    for key in KEYS:
+        out[key] = {"auc": _mean(v[key][0] for v in per.values()), "ks": _mean(v[key][1] for v in per.values())}
+    e = emb / np.linalg.norm(emb, axis=-1, keepdims=True)
+    out.update(per_task=per, geometry_generic=geometry(emb[:, -1], kept), geometry_task=geometry(emb[:, 0], kept),
+               cos_same_user_other_query=float(np.mean(np.sum(e[:, 0] * e[:, -1], -1))),
+               cos_other_user_same_query=float(np.mean(np.sum(e[:, 0] * e[np.random.default_rng(0).permutation(len(e)), 0], -1))))
+    if batches and (ds.root / "userU.parquet").exists():
+        out["use_of_user"] = use_of_user(q, ds, batches)
+    return out
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--checkpoint", required=True, help="checkpoint dir (or pretraining output_dir)")
+    ap.add_argument("--data", required=True)
+    ap.add_argument("--generic-query", default="What kind of user is this?")
+    ap.add_argument("--folds", type=int, default=5)
+    ap.add_argument("--shuffle-batches", type=int, default=8, help="batches for the shuffled-user contrastive test")
+    ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--out", type=Path, default=None)
+    args = ap.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    quiet_third_party()
+    start = time.perf_counter()
+    result = run_probe(args.checkpoint, args.data, args.generic_query, args.folds, batches=args.shuffle_batches)
+    result["seconds"] = round(time.perf_counter() - start, 1)
+    if args.out:
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(json.dumps(result, indent=1))
+    print(" ".join(f"{k}={result[k]['auc']:.4f}" for k in KEYS) + f"  ks_task={result['task']['ks']:.4f}")
+    g = result["geometry_generic"]
+    print(f"top-PC share {g['top_pc_share']:.3f}, corr(PC1, log events) {g['pc1_corr_log_events']:.2f}, "
+          f"effective rank {g['effective_rank']:.2f}; cos(same user, other query) {result['cos_same_user_other_query']:.3f}, "
+          f"cos(other user, same query) {result['cos_other_user_same_query']:.3f}")
+    if "use_of_user" in result:
+        u = result["use_of_user"]
+        print(f"contrastive loss {u['contrastive']:.3f}, users shuffled within the batch {u['contrastive_users_shuffled']:.3f}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
