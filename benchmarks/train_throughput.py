@@ -63,12 +63,11 @@ def _config(preset: str | None, data: Path, steps: int, batch: int, sets: list[s
 # ------------------------------------------------------------------------------------------- worker
 def run_worker(preset: str, data: Path, steps: int, batch: int, warmup: int, sets: list[str]) -> dict:
     """Train ``steps`` steps of ``preset`` in this process and measure them (the first ``warmup`` untimed)."""
-    from qanchor.data.packing import tabular_stats
     from qanchor.model.factory import build_model
     from qanchor.train.distributed import gather_with_grad, global_mean_loss
     from qanchor.train.engine import device_of, init_distributed, initialize
     from qanchor.train.pairs import PretrainStream
-    from qanchor.train.pretrain import prepare_inputs
+    from qanchor.train.pretrain import answer_cache, fit_input_stats, prepare_inputs
 
     cfg = _config(preset, data, steps, batch, sets)
     if cfg.train.grad_accum_steps != 1:  # one step = one micro-batch here, so per-step counts stay exact
@@ -80,10 +79,9 @@ def run_worker(preset: str, data: Path, steps: int, batch: int, warmup: int, set
     tick = time.perf_counter()
     torch.manual_seed(cfg.train.seed)  # the same set-up sequence as run_pretrain
     model, tokenizer = build_model(cfg.model, ds.manifest, pipe.cache.dim, ds.tabular_columns)
-    if model.user_encoder.tabular is not None:
-        mean, std = tabular_stats(ds.users(), len(ds.tabular_columns))
-        model.user_encoder.tabular.set_stats(torch.from_numpy(mean), torch.from_numpy(std))
-    stream = PretrainStream(ds, pipe, tokenizer, model.token_ids, cfg.model, cfg.train.seed, cfg.train.uqa_fraction)
+    fit_input_stats(model, ds, pipe)
+    stream = PretrainStream(ds, pipe, tokenizer, model.token_ids, cfg.model, cfg.train.seed, cfg.train.uqa_fraction,
+                            cfg.train.query_group_size, answer_cache(cfg, ds, rank, progress=False))
     engine, _ = initialize(model, cfg.train, world)
     build_s = time.perf_counter() - tick
     rss_model = _rss_mb()

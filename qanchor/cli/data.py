@@ -69,8 +69,9 @@ def _cmd_userU(args: argparse.Namespace) -> None:
     cfg: UserUConfig = settings(args)
     stats = build_userU(args.dir, seed=cfg.seed, n_future_cutoffs=cfg.future_cutoffs,
                         future_window_days=cfg.future_window_days, min_history_days=cfg.min_history_days,
-                        progress=not args.quiet)
-    print(f"wrote {Path(args.dir) / 'userU.parquet'}: {stats.pairs['future']} future + {stats.pairs['uqa']} uqa pairs "
+                        progress=not args.quiet, forecast=cfg.forecast)
+    print(f"wrote {Path(args.dir) / 'userU.parquet'}: {stats.pairs['future']} future + {stats.pairs['uqa']} uqa + "
+          f"{stats.pairs['forecast']} forecast pairs "
           f"for {stats.users_with_pairs} of {stats.users} users, {stats.dropped_unverified} dropped by verification "
           f"({stats.seconds:.1f}s)")
 

@@ -251,6 +251,7 @@ class UserUConfig:
     future_cutoffs: int = 3  # internal cutoffs per user for `future` pairs
     future_window_days: int = 30
     min_history_days: int = 14
+    forecast: bool = True  # also write `forecast` pairs (yes / no questions about the next window)
 
     def __post_init__(self) -> None:
         if self.seed < 0 or self.future_cutoffs < 0 or self.future_window_days < 1 or self.min_history_days < 0:

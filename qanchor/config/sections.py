@@ -86,6 +86,9 @@ class UserEncoderConfig:
     tabular_tokens: int = 2  # the tabular modality becomes this many LLM tokens
     dropout: float = 0.1
     summary_tokens: bool = True  # False = ablation without the user and modality summary tokens
+    # Modality tokens from the raw text-vector mean + window statistics ("text", the authors' choice) or from
+    # the mean of the adapted event tokens ("tokens"); see qanchor.model.user_encoder.
+    summary_input: Literal["text", "tokens"] = "text"
 
 
 @dataclass
@@ -97,13 +100,21 @@ class ModelConfig:
     embedding_dim: int = 128
     max_query_tokens: int = 64
     max_answer_tokens: int = 64
+    # The semantic tower: the backbone reads the answer ("backbone", the paper's), or the frozen sentence encoder
+    # of the event texts embeds it ("text_encoder"; a trainable projection maps it to the embedding space).
+    answer_tower: Literal["backbone", "text_encoder"] = "backbone"
+    answer_pooling: Literal["last", "mean"] = "last"  # backbone tower: its last token (the paper's) or the mean
+    answer_max_length: int = 256  # text_encoder tower: answer tokens the sentence encoder reads
 
 
 @dataclass
 class LossConfig:
     mode: Literal["both", "contrastive", "ntp"] = "both"
     temperature: float = 0.07
-    margin: float = 0.1  # negatives above positive + margin are masked as likely false negatives
+    # Negatives above positive + margin are masked as likely false negatives (GTE / the paper: 0.1); null = no
+    # masking. From a randomly initialised model every anchor looks alike, so the mask removes exactly the
+    # negatives that would teach it to tell users apart (see the README's quality section).
+    margin: float | None = 0.1
     ntp_weight: float = 1.0  # total = contrastive + ntp_weight * ntp
 
     def __post_init__(self) -> None:
@@ -129,10 +140,16 @@ class TrainConfig:
     zero_stage: int = 0
     deepspeed_config: str | None = None  # a JSON in configs/deepspeed/; its keys win over the above
     precision: Literal["fp32", "bf16"] = "fp32"
-    uqa_fraction: float = 0.5  # share of `uqa` pairs among sampled pairs (rest `future`)
+    uqa_fraction: float = 0.5  # share of `uqa` pairs among sampled pairs (the rest: `future` and `forecast`)
+    # Batches made of groups of this many pairs that share one query: within a group only the user tells the
+    # answers apart, so the model cannot solve the contrastive task from the question alone. 1 = uniform shuffle.
+    query_group_size: int = 1
 
     def __post_init__(self) -> None:
         if self.max_steps < 1 or self.batch_size < 2:
             raise ConfigError("train: max_steps must be >= 1 and batch_size >= 2 (contrastive needs negatives)")
+        if self.query_group_size < 1 or self.batch_size % self.query_group_size:
+            raise ConfigError(f"train.query_group_size ({self.query_group_size}) must be >= 1 and divide train.batch_size "
+                              f"({self.batch_size})")
         if self.zero_stage not in (0, 1, 2, 3):
             raise ConfigError(f"train.zero_stage must be 0, 1, 2 or 3, got {self.zero_stage}")

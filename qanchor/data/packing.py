@@ -25,10 +25,11 @@ from qanchor.data.manifest import Manifest, ModalitySpec
 from qanchor.data.text_cache import TextVectorCache
 from qanchor.logs import progress as progress_iter
 
-__all__ = ["BASE_NUMERIC_FEATURES", "numeric_width", "event_numeric_features", "PackedModality", "PackedUser",
+__all__ = ["BASE_NUMERIC_FEATURES", "AGE_FEATURE", "numeric_width", "numeric_stats", "event_numeric_features", "PackedModality", "PackedUser",
            "UserPacker", "tabular_stats"]
 
 BASE_NUMERIC_FEATURES = 7
+AGE_FEATURE = 2  # log1p(age in days before the cutoff) / 5
 _US_PER_DAY = 86_400 * 1_000_000
 _EPOCH_WEEKDAY = 3  # 1970-01-01 was a Thursday (Monday = 0)
 
@@ -165,3 +166,21 @@ def tabular_stats(records: Iterable[UserRecord], n_features: int) -> tuple[np.nd
     var = np.divide(total_sq, count, out=np.ones(n_features), where=count > 0) - mean**2
     std = np.sqrt(np.maximum(var, 0.0))
     return mean.astype(np.float32), np.where(std > 1e-6, std, 1.0).astype(np.float32)
+
+
+def numeric_stats(packed: Iterable[PackedUser], manifest: Manifest) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+    """Per sequence modality, mean and std of each numeric event feature over the kept events of ``packed``
+    (float64 sums; a constant feature gets std 1): what the event adapters standardise with."""
+    sums = {m.name: [np.zeros(numeric_width(m)), np.zeros(numeric_width(m)), 0] for m in manifest.sequence_modalities}
+    for user in packed:
+        for name, acc in sums.items():
+            x = user.modalities[name].numeric.astype(np.float64)
+            acc[0] += x.sum(0)
+            acc[1] += (x**2).sum(0)
+            acc[2] += len(x)
+    out = {}
+    for name, (total, total_sq, n) in sums.items():
+        mean = total / max(n, 1)
+        std = np.sqrt(np.maximum(total_sq / max(n, 1) - mean**2, 0.0))
+        out[name] = (mean.astype(np.float32), np.where(std > 1e-6, std, 1.0).astype(np.float32))
+    return out

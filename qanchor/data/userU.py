@@ -1,6 +1,6 @@
 """Build UserU pretraining pairs (DESIGN section 6) into ``<dataset>/userU.parquet``.
 
-Two sources, as in the paper:
+Three sources: the paper's two, and forecast questions asked the way scenario tasks ask:
 
 - ``future``: at a few internal cutoffs ``c`` inside a user's history, the profile is the events before
   ``c`` and the answer summarises what the user does in ``[c, c + window)``: the most frequent items,
@@ -12,6 +12,10 @@ Two sources, as in the paper:
   answer carries claims that :func:`qanchor.data.userU_topics.verify` recomputes; pairs that fail are
   dropped and counted (the paper's reflection step). Templates by default; any :class:`QAGenerator`
   (an LLM wrapper, say) can replace them and is held to the same check.
+
+- ``forecast``: yes / no questions about the next window at the same kind of internal cutoffs (will the user
+  be active, less active, use modality *m*, touch a category again or for the first time, spend less), with
+  the counts behind the answer; see :mod:`qanchor.data.forecast`. Windows without events are kept.
 
 No pair looks past the dataset cutoff: uqa pairs use it as their cutoff and future windows end by it.
 Users stream from :meth:`Dataset.users` one partition at a time; only the output rows are kept.
@@ -41,6 +45,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from qanchor.data.dataset import load_dataset
+from qanchor.data.forecast import category_vocabulary, forecast_pairs
 from qanchor.data.io import write_parquet
 from qanchor.data.schema import TS_TYPE, USERU_FILE, USERU_SCHEMA
 from qanchor.data.userU_topics import (
@@ -87,7 +92,7 @@ class UserUStats:
 
     users: int = 0  # users streamed, with or without events
     users_with_pairs: int = 0
-    pairs: dict[str, int] = field(default_factory=lambda: {"future": 0, "uqa": 0})
+    pairs: dict[str, int] = field(default_factory=lambda: {"future": 0, "uqa": 0, "forecast": 0})
     dropped_unverified: int = 0  # uqa pairs whose claims did not hold
     seconds: float = 0.0
     path: Path | None = None  # None when no user yielded a pair (no file is written then)
@@ -99,7 +104,7 @@ class UserUStats:
 
 def build_userU(dataset_dir: str | Path, seed: int = 0, n_future_cutoffs: int = 3, future_window_days: int = 30,
                 min_history_days: int = 14, generator: QAGenerator | None = None,
-                progress: bool = True) -> UserUStats:
+                progress: bool = True, forecast: bool = True) -> UserUStats:
     """Write ``<dataset_dir>/userU.parquet`` (atomically) and return the counts.
 
     Deterministic for a ``seed``: each user's draws come from ``(seed, crc32(user_id))``.
@@ -117,6 +122,7 @@ def build_userU(dataset_dir: str | Path, seed: int = 0, n_future_cutoffs: int = 
     extra_names = {m.name: m.numeric_columns for m in ds.manifest.sequence_modalities}
     query = FUTURE_QUERY.format(days=future_window_days)
     stats, rows = UserUStats(), _Rows()
+    vocab = category_vocabulary(History(u.events, cutoff_us, extra_names) for u in ds.users()) if forecast else {}
     for user in progress_iter(ds.users(), total=ds.num_users, desc="userU", unit="user", enabled=progress):
         h = History(user.events, cutoff_us, extra_names)
         rng_future, rng_uqa = (np.random.default_rng([seed, zlib.crc32(user.user_id.encode()), s]) for s in (0, 1))
@@ -125,6 +131,12 @@ def build_userU(dataset_dir: str | Path, seed: int = 0, n_future_cutoffs: int = 
             rows.add(user.user_id, c, query, answer, "future")
         for qa in uqa_pairs(h, rng_uqa, generator, stats):
             rows.add(user.user_id, cutoff_us, qa.question, qa.answer, "uqa")
+        if forecast and len(h.all):
+            rng_fc = np.random.default_rng([seed, zlib.crc32(user.user_id.encode()), 2])
+            cuts = _pick_cutoffs(int(h.all.ts.min()), h.cutoff_us, rng_fc, n_future_cutoffs, future_window_days,
+                                 min_history_days)
+            for c, q, a in forecast_pairs(h, cuts, rng_fc, vocab, future_window_days):
+                rows.add(user.user_id, c, q, a, "forecast")
         stats.users += 1
         stats.users_with_pairs += len(rows) > before
     table = rows.table()

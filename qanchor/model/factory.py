@@ -40,7 +40,7 @@ from qanchor.model.qanchor_model import QAnchorModel
 __all__ = ["FORMAT_VERSION", "ModelMeta", "build_model", "save_checkpoint", "load_checkpoint", "checkpoint_hash",
            "resolve_checkpoint_dir", "read_meta"]
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: <|answer|> marker, separately normalised event inputs, raw-text modality summaries
 
 
 @dataclass

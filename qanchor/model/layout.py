@@ -2,7 +2,8 @@
 
     prefix: [bos] <|user|> u  <|mod_1|> m_1 .. <|mod_M|> m_M  (<|m_start|> e_1 .. e_n <|m_end|>) x M
     suffix: [soft prompt x k] query tokens <|user_emb|>
-    (pretraining appends the answer tokens + end token for the next-token loss)
+    (pretraining appends <|answer|>, the answer tokens and the end token for the next-token loss: the
+    marker keeps <|user_emb|> from being a prediction position; it summarises the user, it guesses no word)
 
 Everything a scenario changes lives in the suffix, so one cached prefix serves every query and head.
 """
@@ -16,10 +17,10 @@ import torch
 from qanchor.errors import ModelInputError
 from qanchor.model.user_encoder import UserTokens
 
-__all__ = ["USER", "USER_EMB", "M_START", "M_END", "modality_token", "special_token_names", "TokenIds", "build_prefixes",
+__all__ = ["USER", "USER_EMB", "M_START", "M_END", "ANSWER", "modality_token", "special_token_names", "TokenIds", "build_prefixes",
            "pad_right", "tokenize_query", "tokenize_answer"]
 
-USER, USER_EMB, M_START, M_END = "<|user|>", "<|user_emb|>", "<|m_start|>", "<|m_end|>"
+USER, USER_EMB, M_START, M_END, ANSWER = "<|user|>", "<|user_emb|>", "<|m_start|>", "<|m_end|>", "<|answer|>"
 
 
 def modality_token(name: str) -> str:
@@ -27,7 +28,7 @@ def modality_token(name: str) -> str:
 
 
 def special_token_names(modalities: list[str]) -> list[str]:
-    return [USER, USER_EMB, M_START, M_END, *[modality_token(m) for m in modalities]]
+    return [USER, USER_EMB, M_START, M_END, ANSWER, *[modality_token(m) for m in modalities]]
 
 
 @dataclass(frozen=True)
@@ -42,6 +43,7 @@ class TokenIds:
     bos: int | None  # the tokenizer's own begin token, if it has one
     end: int  # closes an answer: the tokenizer's eos (or sep) token
     pad: int
+    answer: int  # opens an answer, after <|user_emb|>
 
     @classmethod
     def from_tokenizer(cls, tokenizer, modalities: list[str]) -> TokenIds:
@@ -56,7 +58,7 @@ class TokenIds:
         return cls(
             lookup(USER), lookup(USER_EMB), lookup(M_START), lookup(M_END),
             tuple(lookup(modality_token(m)) for m in modalities),
-            lookup(bos) if bos else None, lookup(end_token), int(tokenizer.pad_token_id),
+            lookup(bos) if bos else None, lookup(end_token), int(tokenizer.pad_token_id), lookup(ANSWER),
         )
 
 

@@ -22,7 +22,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-__all__ = ["masked_infonce", "next_token_loss", "LossTerms", "combine"]
+__all__ = ["masked_infonce", "next_token_loss", "token_cross_entropy", "LossTerms", "combine"]
 
 
 def _float32_at_least(x: Tensor) -> Tensor:
@@ -31,13 +31,13 @@ def _float32_at_least(x: Tensor) -> Tensor:
 
 
 def masked_infonce(anchors: Tensor, answers: Tensor, rows: slice | None = None, temperature: float = 0.07,
-                   margin: float = 0.1, same_answer: Tensor | None = None) -> tuple[Tensor, Tensor]:
+                   margin: float | None = 0.1, same_answer: Tensor | None = None) -> tuple[Tensor, Tensor]:
     """Improved (GTE-style) contrastive loss with false-negative masking, summed over ``rows``.
 
     ``anchors`` and ``answers`` are the L2-normalised embeddings of the whole (gathered) batch, [N, D];
     row i's positive is ``answers[i]``. Its negatives are <a_i, v_j>, <a_i, a_j> and <v_i, a_j> for j != i,
     minus those more similar than ``s_pos + margin`` (likely false negatives) and those with
-    ``same_answer[i, j]`` set (optional bool [N, N]). ``margin=float("inf")`` disables the margin mask.
+    ``same_answer[i, j]`` set (optional bool [N, N]). ``margin=None`` (or ``inf``) disables the margin mask.
 
     Returns ``(sum of -log softmax(pos) over rows, number of rows)``, both float tensors.
 
@@ -57,7 +57,9 @@ def masked_infonce(anchors: Tensor, answers: Tensor, rows: slice | None = None, 
         drop = idx[:, None] == torch.arange(n_all, device=a.device)[None, :]  # j == i
         if same_answer is not None:
             drop = drop | same_answer.to(device=a.device, dtype=torch.bool)[rows]
-        drop = drop.repeat(1, 3) | (neg > pos[:, None] + margin)
+        drop = drop.repeat(1, 3)
+        if margin is not None:
+            drop = drop | (neg > pos[:, None] + margin)
     logits = torch.cat([pos[:, None], neg.masked_fill(drop, float("-inf"))], dim=1) / temperature
     # -log(e^{p/t} / (e^{p/t} + sum e^{s/t})) = logsumexp(all/t) - p/t; the positive keeps it finite.
     loss = torch.logsumexp(logits, dim=1) - logits[:, 0]
@@ -77,9 +79,19 @@ def next_token_loss(logits: Tensor, labels: Tensor, ignore_index: int = -100) ->
     tgt = labels[:, 1:]
     keep = tgt != ignore_index
     # Select the target positions *before* upcasting: [B, T, V] in fp32 would be huge for a real vocab.
-    picked = _float32_at_least(logits[:, :-1][keep])
-    total = F.cross_entropy(picked, tgt[keep], reduction="sum")
-    return total, keep.sum().to(total.dtype)
+    return token_cross_entropy(logits[:, :-1][keep], tgt[keep])
+
+
+def token_cross_entropy(logits: Tensor, targets: Tensor) -> tuple[Tensor, Tensor]:
+    """Summed cross-entropy of already selected target positions: ``logits`` [N, V], ``targets`` [N].
+
+    Returns ``(sum of token losses, N)``; the model selects the answer positions before its LM head.
+
+        >>> s, n = token_cross_entropy(torch.zeros(2, 4), torch.tensor([1, 3])); (round(s.item(), 4), n.item())
+        (2.7726, 2.0)
+    """
+    total = F.cross_entropy(_float32_at_least(logits), targets, reduction="sum")
+    return total, torch.tensor(float(targets.shape[0]), dtype=total.dtype, device=total.device)
 
 
 @dataclass

@@ -19,7 +19,7 @@ from qanchor.data.batch import TextBatch, UserBatch
 from qanchor.data.manifest import Manifest
 from qanchor.model.backbone import cache_argument
 from qanchor.model.layout import TokenIds, build_prefixes, pad_right
-from qanchor.model.losses import combine, masked_infonce, next_token_loss
+from qanchor.model.losses import combine, masked_infonce, token_cross_entropy
 from qanchor.model.user_encoder import HierarchicalUserEncoder
 
 __all__ = ["PretrainBatch", "QAnchorOutput", "QAnchorModel"]
@@ -34,9 +34,12 @@ class PretrainBatch:
     queries: TextBatch  # token ids without specials, right-padded
     answers: TextBatch  # answer token ids ending with the end token, right-padded
     answer_hash: torch.Tensor  # long [B]: equal answers share a hash; masked as negatives of each other
+    answer_vec: torch.Tensor | None = None  # float32 [B, T]: frozen sentence vectors of the answers (text tower)
 
     def to(self, device) -> PretrainBatch:
-        return PretrainBatch(self.users.to(device), self.queries.to(device), self.answers.to(device), self.answer_hash.to(device))
+        vec = None if self.answer_vec is None else self.answer_vec.to(device)
+        return PretrainBatch(self.users.to(device), self.queries.to(device), self.answers.to(device),
+                             self.answer_hash.to(device), vec)
 
 
 @dataclass
@@ -61,6 +64,10 @@ class QAnchorModel(nn.Module):
         self.hidden_size = hidden
         self.user_encoder = HierarchicalUserEncoder(manifest, cfg.user_encoder, text_dim, hidden, n_tabular)
         self.projection = nn.Sequential(nn.Linear(hidden, cfg.projection_hidden), nn.GELU(), nn.Linear(cfg.projection_hidden, cfg.embedding_dim))
+        # The text tower's answers are frozen sentence vectors: a projection of their own maps them to the space.
+        self.answer_projection = (nn.Sequential(nn.Linear(text_dim, cfg.projection_hidden), nn.GELU(),
+                                                nn.Linear(cfg.projection_hidden, cfg.embedding_dim))
+                                  if cfg.answer_tower == "text_encoder" else None)
 
     # ------------------------------------------------------------------------------ building blocks
     @property
@@ -88,6 +95,25 @@ class QAnchorModel(nn.Module):
         emb = self.embed_tokens(ids)
         return emb if prompt is None else torch.cat([prompt.to(emb.dtype), emb], dim=0)
 
+    def sequence(self, prefix: torch.Tensor, suffix: torch.Tensor, answer_ids: torch.Tensor | None
+                 ) -> tuple[torch.Tensor, torch.Tensor, int]:
+        """One pretraining row: prefix (Lp, H) + suffix (Ls, H) [+ <|answer|> + answer tokens] -> (L, H) embeddings,
+        next-token labels long (L,) (-100 = no target) and the anchor position.
+
+        ``labels[t]`` is the token position ``t - 1`` must predict. The marker follows the anchor, so the anchor
+        (``<|user_emb|>``) predicts nothing: it summarises the user for the query, it does not guess a word.
+        """
+        anchor = prefix.shape[0] + suffix.shape[0] - 1
+        parts = [prefix, suffix]
+        if answer_ids is not None:
+            marker = answer_ids.new_tensor([self.token_ids.answer])
+            parts.append(self.embed_tokens(torch.cat([marker, answer_ids])))  # (1 + La, H)
+        row = torch.cat(parts, dim=0)  # (L, H)
+        labels = torch.full((row.shape[0],), -100, dtype=torch.long, device=row.device)
+        if answer_ids is not None:
+            labels[anchor + 2 :] = answer_ids  # the marker (anchor + 1) predicts the first answer token
+        return row, labels, anchor
+
     # ------------------------------------------------------------------------------------ forward
     def forward(self, batch: PretrainBatch, loss_cfg: LossConfig | None = None, gather: Gather | None = None,
                 normalise: Normalise | None = None, rank: int = 0, prompt: torch.Tensor | None = None) -> QAnchorOutput:
@@ -105,14 +131,10 @@ class QAnchorModel(nn.Module):
         for b, prefix in enumerate(self.prefixes(batch.users)):
             q = batch.queries.ids[b, : batch.queries.lengths[b]]
             a = batch.answers.ids[b, : batch.answers.lengths[b]]
-            suffix = self.suffix(q, prompt)
-            answer = self.embed_tokens(a) if want_ntp else suffix[:0]
-            rows.append(torch.cat([prefix, suffix, answer], dim=0))  # (L_b, H)
-            anchor_pos.append(prefix.shape[0] + suffix.shape[0] - 1)
-            lab = torch.full((rows[-1].shape[0],), -100, dtype=torch.long, device=a.device)
-            if want_ntp:
-                lab[anchor_pos[-1] + 1 :] = a  # only answer tokens are targets
+            row, lab, pos = self.sequence(prefix, self.suffix(q, prompt), a if want_ntp else None)
+            rows.append(row)
             labels.append(lab)
+            anchor_pos.append(pos)
         embeds, mask, _ = pad_right(rows)
         hidden = self.decoder(embeds, mask).last_hidden_state  # (B, L, H)
         pos = torch.tensor(anchor_pos, device=hidden.device)
@@ -120,13 +142,14 @@ class QAnchorModel(nn.Module):
         zero = hidden.new_zeros((), dtype=torch.float32)
         ntp = cl = None
         if want_ntp:
-            start = min(anchor_pos)  # logits only over the answer window: the vocabulary is large
-            logits = self.backbone.get_output_embeddings()(hidden[:, start:])  # (B, L - start, V)
-            lab = torch.nn.utils.rnn.pad_sequence(labels, batch_first=True, padding_value=-100)[:, start:]
-            ntp = normalise(*next_token_loss(logits, lab))
+            lab = torch.nn.utils.rnn.pad_sequence(labels, batch_first=True, padding_value=-100)  # (B, L)
+            keep = lab[:, 1:] != -100  # (B, L - 1): positions whose next token is a target
+            # The LM head only where a target follows: [B, L, V] logits would dwarf the rest of the step.
+            logits = self.backbone.get_output_embeddings()(hidden[:, :-1][keep])  # (N, V)
+            ntp = normalise(*token_cross_entropy(logits, lab[:, 1:][keep]))
         answer_emb = None
         if want_cl:
-            answer_emb = self.encode_answers(batch.answers)
+            answer_emb = self.encode_answers(batch.answers, batch.answer_vec)
             anchors_all, answers_all = gather(anchor), gather(answer_emb)
             hashes = gather(batch.answer_hash)
             offset = rank * len(rows)
@@ -138,10 +161,18 @@ class QAnchorModel(nn.Module):
         return QAnchorOutput(anchor, answer_emb, terms.total,
                              terms.contrastive if cl is not None else zero, terms.ntp if ntp is not None else zero)
 
-    def encode_answers(self, answers: TextBatch) -> torch.Tensor:
-        """Semantic tower: the backbone reads each answer; its last real token is pooled -> (B, D)."""
+    def encode_answers(self, answers: TextBatch, answer_vec: torch.Tensor | None = None) -> torch.Tensor:
+        """Semantic tower -> (B, D) unit vectors: the backbone reads each answer (last token or mean pooled),
+        or, with ``answer_tower="text_encoder"``, the answers' frozen sentence vectors (B, T) are projected."""
+        if self.answer_projection is not None:
+            if answer_vec is None:
+                raise ValueError("answer_tower=text_encoder needs the batch's answer_vec (PretrainStream sets it)")
+            return F.normalize(self.answer_projection(answer_vec.to(self.answer_projection[0].weight.dtype)).float(), dim=-1)
         embeds = self.embed_tokens(answers.ids)  # (B, La, H)
         mask = torch.arange(answers.ids.shape[1], device=embeds.device)[None, :] < answers.lengths[:, None]
         hidden = self.decoder(embeds, mask.long()).last_hidden_state  # (B, La, H)
+        if self.cfg.answer_pooling == "mean":  # a small causal model's last token sees little of a long answer
+            w = mask.to(hidden.dtype).unsqueeze(-1)  # (B, La, 1)
+            return self.project((hidden * w).sum(1) / w.sum(1).clamp_min(1.0))
         last = hidden[torch.arange(len(answers.lengths), device=hidden.device), answers.lengths - 1]
         return self.project(last)

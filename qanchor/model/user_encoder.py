@@ -4,6 +4,13 @@ Built from the manifest: one event adapter per sequence modality (the authors co
 modality; here it is one class, instantiated per modality), a tabular encoder giving ``tabular_tokens``
 tokens, one shared modal adapter, one user adapter and a learned "empty" token per modality.
 
+Event input: the text vector and the numeric features are normalised *separately* (a LayerNorm on the
+text vector, a standardisation with statistics stored at pretraining on the numeric features), so
+neither drowns the other: raw, the log amounts (2-8) carried most of the energy and the unit-norm text
+vector (components ~0.05) was lost. Modality tokens (``summary_input="text"``, the authors' choice) come
+from the masked mean of the modality's *raw* text vectors plus window statistics of its kept events
+(log count, newest and oldest age, mean numeric features), not from already adapted event tokens.
+
 Example:
     >>> enc = HierarchicalUserEncoder(manifest, cfg.user_encoder, text_dim=384, hidden=64, n_tabular=38)  # doctest: +SKIP
     >>> out = enc(user_batch)  # doctest: +SKIP
@@ -21,9 +28,10 @@ from torch import nn
 from qanchor.config import UserEncoderConfig
 from qanchor.data.batch import UserBatch
 from qanchor.data.manifest import Manifest
-from qanchor.data.packing import numeric_width
+from qanchor.data.packing import AGE_FEATURE, BASE_NUMERIC_FEATURES, numeric_width
 
-__all__ = ["Adapter", "TabularEncoder", "ModalityEncoding", "UserTokens", "HierarchicalUserEncoder"]
+__all__ = ["Adapter", "EventAdapter", "TabularEncoder", "ModalityEncoding", "UserTokens", "HierarchicalUserEncoder",
+           "window_summary", "SUMMARY_STATS"]
 
 
 class Adapter(nn.Sequential):
@@ -31,6 +39,48 @@ class Adapter(nn.Sequential):
 
     def __init__(self, d_in: int, d_hidden: int, d_out: int, dropout: float = 0.0):
         super().__init__(nn.LayerNorm(d_in), nn.Linear(d_in, d_hidden), nn.GELU(), nn.Dropout(dropout), nn.Linear(d_hidden, d_out))
+
+
+class EventAdapter(nn.Module):
+    """[LayerNorm(text vector) ; standardised numeric features] -> two-layer GELU MLP -> hidden size."""
+
+    def __init__(self, text_dim: int, numeric_dim: int, d_hidden: int, d_out: int, dropout: float = 0.0):
+        super().__init__()
+        self.text_norm = nn.LayerNorm(text_dim)
+        # Set from training data by set_stats(); saved with the weights so inference normalises identically.
+        self.register_buffer("numeric_mean", torch.zeros(numeric_dim))
+        self.register_buffer("numeric_std", torch.ones(numeric_dim))
+        self.mlp = nn.Sequential(nn.Linear(text_dim + numeric_dim, d_hidden), nn.GELU(), nn.Dropout(dropout),
+                                 nn.Linear(d_hidden, d_out))
+
+    def set_stats(self, mean: torch.Tensor, std: torch.Tensor) -> None:
+        self.numeric_mean.copy_(mean)
+        self.numeric_std.copy_(std)
+
+    def forward(self, text_vec: torch.Tensor, numeric: torch.Tensor) -> torch.Tensor:
+        z = ((numeric - self.numeric_mean) / self.numeric_std).clamp(-10, 10)  # (B, E, F)
+        return self.mlp(torch.cat([self.text_norm(text_vec), z], dim=-1))  # (B, E, H)
+
+
+SUMMARY_STATS = 3 + BASE_NUMERIC_FEATURES  # log count, newest age, oldest age, mean of the base numeric features
+
+
+def window_summary(text_vec: torch.Tensor, numeric: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """A modality's raw summary: (B, E, T), (B, E, F), (B, E) -> (B, T + SUMMARY_STATS).
+
+    The masked mean text vector (scaled to unit-variance components), then log1p(events kept) / 3, the
+    newest and the oldest event's age feature, and the mean of the modality-independent numeric features.
+    """
+    w = mask.to(text_vec.dtype).unsqueeze(-1)  # (B, E, 1)
+    count = w.sum(1)  # (B, 1)
+    mean_text = (text_vec * w).sum(1) / count.clamp_min(1.0) * text_vec.shape[-1] ** 0.5  # (B, T)
+    age = numeric[..., AGE_FEATURE]  # (B, E): log1p(age days) / 5 of each kept event
+    newest = age.masked_fill(~mask, float("inf")).min(1, keepdim=True).values
+    oldest = age.masked_fill(~mask, float("-inf")).max(1, keepdim=True).values
+    present = count > 0
+    newest, oldest = torch.where(present, newest, 0.0), torch.where(present, oldest, 0.0)
+    base = (numeric[..., :BASE_NUMERIC_FEATURES] * w).sum(1) / count.clamp_min(1.0)  # (B, 7)
+    return torch.cat([mean_text, torch.log1p(count) / 3, newest, oldest, base], dim=-1)
 
 
 class TabularEncoder(nn.Module):
@@ -79,13 +129,14 @@ class HierarchicalUserEncoder(nn.Module):
         self.names = [m.name for m in manifest.modalities]
         self.sequence_names = [m.name for m in manifest.sequence_modalities]
         self.tabular_name = manifest.tabular.name if manifest.tabular is not None else None
-        self.event_adapters = nn.ModuleDict(
-            {m.name: Adapter(text_dim + numeric_width(m), cfg.adapter_hidden, hidden, cfg.dropout) for m in manifest.sequence_modalities}
-        )
+        self.summary_input = cfg.summary_input
+        self.event_adapters = nn.ModuleDict({m.name: EventAdapter(text_dim, numeric_width(m), cfg.adapter_hidden, hidden,
+                                                                  cfg.dropout) for m in manifest.sequence_modalities})
         self.tabular = (
             TabularEncoder(n_tabular, cfg.tabular_tokens, cfg.adapter_hidden, hidden, cfg.dropout) if self.tabular_name else None
         )
-        self.modal_adapter = Adapter(hidden, cfg.adapter_hidden, hidden, cfg.dropout)
+        summary_dim = text_dim + SUMMARY_STATS if cfg.summary_input == "text" else hidden
+        self.modal_adapter = Adapter(summary_dim, cfg.adapter_hidden, hidden, cfg.dropout)
         self.user_adapter = Adapter(hidden, cfg.adapter_hidden, hidden, cfg.dropout)
         self.empty = nn.Parameter(torch.randn(len(self.names), hidden) * 0.02)  # one per modality
 
@@ -95,7 +146,7 @@ class HierarchicalUserEncoder(nn.Module):
             tokens = self.tabular(batch.tabular, batch.tabular_missing)  # (B, n_tab, H)
             return tokens, batch.has_tabular[:, None].expand(-1, tokens.shape[1])  # (B, n_tab)
         mb = batch.modalities[name]
-        return self.event_adapters[name](torch.cat([mb.text_vec, mb.numeric], dim=-1)), mb.mask  # (B, E, H), (B, E)
+        return self.event_adapters[name](mb.text_vec, mb.numeric), mb.mask  # (B, E, H), (B, E)
 
     @staticmethod
     def masked_mean(tokens: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
@@ -110,7 +161,13 @@ class HierarchicalUserEncoder(nn.Module):
         (user, modality) and re-encodes only modalities that received events.
         """
         tokens, mask = self.modality_tokens(name, batch)  # (B, E, H), (B, E)
-        summary = self.modal_adapter(self.masked_mean(tokens, mask))  # (B, H)
+        if name == self.tabular_name:
+            summary = self.masked_mean(tokens, mask)  # the tabular tokens are already adapted
+        elif self.summary_input == "text":
+            mb = batch.modalities[name]
+            summary = self.modal_adapter(window_summary(mb.text_vec, mb.numeric, mask))  # (B, H)
+        else:
+            summary = self.modal_adapter(self.masked_mean(tokens, mask))  # (B, H)
         empty = self.empty[self.names.index(name)].to(summary.dtype)
         return ModalityEncoding(tokens, mask, torch.where(mask.any(dim=1, keepdim=True), summary, empty))
 

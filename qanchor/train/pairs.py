@@ -1,7 +1,9 @@
 """UserU pairs -> PretrainBatch stream: deterministic per (seed, step), resumable, partition-local.
 
 Each epoch shuffles the order of user partitions and the pairs inside each partition, so a batch's
-users come from one or two partitions and only those are held in memory. The pairs of step ``s`` are
+users come from one or two partitions and only those are held in memory. With ``group_size`` g > 1 a
+partition's pairs are cut into groups of g pairs that share one query (then the groups are shuffled): in
+a group only the users tell the answers apart, so the contrastive task cannot be solved from the question. The pairs of step ``s`` are
 a pure function of (seed, s): resuming at step ``s`` needs no replay, and rank ``r`` of ``W`` takes
 rows ``[r*B, (r+1)*B)`` of the global batch.
 
@@ -23,6 +25,7 @@ from qanchor.config import ModelConfig
 from qanchor.data.batch import pad_token_ids
 from qanchor.data.dataset import Dataset, UserRecord
 from qanchor.data.pipeline import UserPipeline
+from qanchor.data.text_cache import TextVectorCache
 from qanchor.model.layout import TokenIds, tokenize_answer, tokenize_query
 from qanchor.model.qanchor_model import PretrainBatch
 
@@ -31,9 +34,9 @@ __all__ = ["PretrainStream"]
 
 class PretrainStream:
     def __init__(self, ds: Dataset, pipe: UserPipeline, tokenizer, token_ids: TokenIds, model_cfg: ModelConfig,
-                 seed: int, uqa_fraction: float = 0.5):
+                 seed: int, uqa_fraction: float = 0.5, group_size: int = 1, answer_cache: TextVectorCache | None = None):
         self.ds, self.pipe, self.tokenizer, self.token_ids, self.model_cfg = ds, pipe, tokenizer, token_ids, model_cfg
-        self.seed = seed
+        self.seed, self.group_size, self.answer_cache = seed, group_size, answer_cache
         table = ds.userU().sort_by([("user_id", "ascending"), ("cutoff", "ascending"), ("source", "ascending"), ("query", "ascending")])
         self.user_ids = table.column("user_id").to_numpy(zero_copy_only=False).astype(object)
         self.cutoff_us = table.column("cutoff").cast("int64").to_numpy()
@@ -71,14 +74,37 @@ class PretrainStream:
         if self._epoch_cache is not None and self._epoch_cache[0] == epoch:
             return self._epoch_cache[1]
         rng = np.random.default_rng([self.seed, epoch])
-        chunks = []
+        chunks, remainders = [], []
         for part in rng.permutation(sorted(self._epoch_plan)):
             fut, uqa, k = self._epoch_plan[int(part)]
             chosen = np.concatenate([fut, rng.choice(uqa, size=k, replace=False) if k < len(uqa) else uqa])
-            chunks.append(rng.permutation(chosen))
-        order = np.concatenate(chunks) if chunks else np.zeros(0, np.int64)
+            if self.group_size > 1:
+                groups, rest = self._grouped(chosen, rng)
+                chunks.append(groups)
+                remainders.append(rest)
+            else:
+                chunks.append(rng.permutation(chosen))
+        # fewer than group_size pairs per partition are left over: last in the epoch, so groups stay batch-aligned
+        order = np.concatenate(chunks + remainders) if chunks else np.zeros(0, np.int64)
         self._epoch_cache = (epoch, order)
         return order
+
+    def _grouped(self, ids: np.ndarray, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+        """``ids`` as shuffled groups of ``group_size`` pairs sharing a query (pairs of queries too rare to fill a
+        group form mixed groups), and the fewer than ``group_size`` pairs left over."""
+        g = self.group_size
+        queries = np.asarray([self.queries[i] for i in ids], dtype=object)
+        groups, rest = [], []
+        for q in sorted(set(queries.tolist())):
+            members = rng.permutation(ids[queries == q])
+            full = len(members) // g * g
+            groups += [members[i : i + g] for i in range(0, full, g)]
+            rest.append(members[full:])
+        rest = rng.permutation(np.concatenate(rest)) if rest else np.zeros(0, np.int64)
+        full = len(rest) // g * g
+        groups += [rest[i : i + g] for i in range(0, full, g)]
+        order = np.concatenate([groups[i] for i in rng.permutation(len(groups))]) if groups else rest[:0]
+        return order, rest[full:]
 
     def pair_ids(self, step: int, batch_size: int, rank: int = 0, world: int = 1) -> np.ndarray:
         n = len(self)
@@ -105,4 +131,8 @@ class PretrainStream:
         queries = pad_token_ids([self._tok_query(self.queries[i]) for i in ids], self.token_ids.pad)
         answers = pad_token_ids([self._tok_answer(self.answers[i]) for i in ids], self.token_ids.pad, [self.answers[i] for i in ids])
         hashes = torch.tensor([zlib.crc32(self.answers[i].encode()) for i in ids], dtype=torch.long)
-        return PretrainBatch(users, queries, answers, hashes)
+        vec = None
+        if self.answer_cache is not None:  # frozen sentence vectors of the answers: the text tower's targets
+            rows = self.answer_cache.ensure([self.answers[i] for i in ids])  # first: it may add rows to the matrix
+            vec = torch.from_numpy(self.answer_cache.vectors[rows])
+        return PretrainBatch(users, queries, answers, hashes, vec)

@@ -21,6 +21,8 @@ import json
 import os
 import shutil
 import time
+from dataclasses import replace
+from itertools import islice
 from pathlib import Path
 
 import torch
@@ -28,10 +30,10 @@ import torch
 from qanchor.config import PretrainConfig, require
 from qanchor.data.dataset import Dataset, load_dataset
 from qanchor.data.io import OutputKind, check_output_dir, claim_output_dir, write_text
-from qanchor.data.packing import tabular_stats
+from qanchor.data.packing import numeric_stats, tabular_stats
 from qanchor.data.pipeline import UserPipeline
 from qanchor.data.schema import USERU_FILE
-from qanchor.data.text_cache import SentenceEncoder
+from qanchor.data.text_cache import SentenceEncoder, TextVectorCache
 from qanchor.errors import CheckpointError, ConfigError, DataValidationError
 from qanchor.faults import failpoint
 from qanchor.logs import Progress, format_seconds, interactive, log
@@ -130,11 +132,10 @@ def run_pretrain(cfg: PretrainConfig, progress: bool = True) -> Path:
     ds, pipe = prepare_inputs(cfg, rank, progress and rank == 0)
     torch.manual_seed(cfg.train.seed)  # identical initial weights on every rank
     model, tokenizer = build_model(cfg.model, ds.manifest, pipe.cache.dim, ds.tabular_columns)
-    if model.user_encoder.tabular is not None:
-        mean, std = tabular_stats(ds.users(), len(ds.tabular_columns))
-        model.user_encoder.tabular.set_stats(torch.from_numpy(mean), torch.from_numpy(std))
+    fit_input_stats(model, ds, pipe)
     meta = ModelMeta(ds.manifest.to_dict(), pipe.cache.dim, cfg.data.text_encoder.__dict__, list(ds.tabular_columns))
-    stream = PretrainStream(ds, pipe, tokenizer, model.token_ids, cfg.model, cfg.train.seed, cfg.train.uqa_fraction)
+    stream = PretrainStream(ds, pipe, tokenizer, model.token_ids, cfg.model, cfg.train.seed, cfg.train.uqa_fraction,
+                            cfg.train.query_group_size, answer_cache(cfg, ds, rank, progress))
     engine, _ = initialize(model, cfg.train, world)
     torch.manual_seed(cfg.train.seed * 1000 + rank)  # dropout streams differ per rank
     start = _maybe_resume(engine, out, cfg.resume)
@@ -148,6 +149,31 @@ def run_pretrain(cfg: PretrainConfig, progress: bool = True) -> Path:
             + (f"; last step loss {last['loss']:.4f} (contrastive {last['loss_contrastive']:.4f}, ntp "
                f"{last['loss_ntp']:.4f})" if last else "") + f"; checkpoint {out / 'checkpoint'}")
     return out
+
+
+def fit_input_stats(model, ds: Dataset, pipe: UserPipeline, sample: int = 4096) -> None:
+    """Store the standardisation of the tabular features (every user) and of each modality's numeric event
+    features (the kept events of the first ``sample`` users) in the model, as inference will apply them."""
+    if model.user_encoder.tabular is not None:
+        mean, std = tabular_stats(ds.users(), len(ds.tabular_columns))
+        model.user_encoder.tabular.set_stats(torch.from_numpy(mean), torch.from_numpy(std))
+    packed = (pipe.packer.pack(r) for r in islice(ds.users(), sample))
+    for name, (mean, std) in numeric_stats(packed, ds.manifest).items():
+        model.user_encoder.event_adapters[name].set_stats(torch.from_numpy(mean), torch.from_numpy(std))
+
+
+def answer_cache(cfg: PretrainConfig, ds: Dataset, rank: int, progress: bool) -> TextVectorCache | None:
+    """The text tower's answer vectors: every unique answer encoded once (rank 0 first), cached on disk."""
+    if cfg.model.answer_tower != "text_encoder":
+        return None
+    enc = replace(cfg.data.text_encoder, max_length=cfg.model.answer_max_length)
+    cache = TextVectorCache(ds.text_cache_dir, SentenceEncoder(enc))
+    if rank == 0:
+        cache.ensure(sorted(set(ds.userU().column("answer").to_pylist())), progress=progress)
+    if torch.distributed.is_initialized():
+        torch.distributed.barrier()
+        cache = TextVectorCache(ds.text_cache_dir, cache.encoder)  # the other ranks read rank 0's shards
+    return cache
 
 
 def output_has_run(out: Path) -> bool:

@@ -6,6 +6,7 @@ import re
 import shutil
 from collections import Counter
 from dataclasses import replace
+from datetime import timedelta
 from pathlib import Path
 
 import numpy as np
@@ -87,7 +88,7 @@ def test_both_sources_written_and_valid(built):
     root, stats, table = built
     assert table.schema.equals(USERU_SCHEMA)
     counts = Counter(table.column("source").to_pylist())
-    assert counts["future"] > 0 and counts["uqa"] > 0
+    assert counts["future"] > 0 and counts["uqa"] > 0 and counts["forecast"] > 0
     assert stats.pairs == dict(counts) and stats.total == table.num_rows
     assert stats.users == 40 and stats.users_with_pairs == 39 and stats.dropped_unverified == 0
     assert validate_dataset(root).n_userU_pairs == table.num_rows
@@ -99,6 +100,33 @@ def test_no_pair_looks_past_the_cutoff(built):
     for r in table.to_pylist():
         assert r["cutoff"] <= cutoff
         assert (r["cutoff"] == cutoff) == (r["source"] == "uqa")
+        if r["source"] != "uqa":  # the answered window [c, c + 30 days) ends by the dataset cutoff
+            assert r["cutoff"] + timedelta(days=30) <= cutoff
+
+
+def test_forecast_answers_match_the_events(built):
+    """Every activity / modality forecast recounts from the raw events of its window."""
+    root, _, table = built
+    ds = load_dataset(root)
+    checked = 0
+    for r in _rows(table, "forecast"):
+        events = ds.user(r["user_id"]).events
+        lo = int(np.datetime64(r["cutoff"].replace(tzinfo=None), "us").astype(np.int64))
+        hi = lo + 30 * DAY_US
+        in_window = {m: int(((s.ts >= lo) & (s.ts < hi)).sum()) for m, s in events.items()}
+        if r["query"].startswith("Will this user be active"):
+            n = sum(in_window.values())
+            assert r["answer"].startswith(f"Yes: {n} events on ") if n else r["answer"] == "No: no activity."
+            checked += 1
+        elif r["query"].startswith("Will this user have ") and r["query"].endswith(" events in the next 30 days?") \
+                and " again " not in r["query"] and "first time" not in r["query"]:
+            m = r["query"][len("Will this user have "):].split(" events")[0]
+            n = in_window.get(m, 0)
+            assert r["answer"] == (f"Yes: {n} {m} events." if n else f"No {m} events.")
+            checked += 1
+    assert checked > 20
+    answers = [r["answer"] for r in _rows(table, "forecast")]
+    assert 0.2 < np.mean([a.startswith("Yes") for a in answers]) < 0.9  # both answers occur
 
 
 def test_future_answers_match_the_events(built):
@@ -187,7 +215,7 @@ def test_generator_pairs_are_verified(built, tmp_path, lie):
     assert gen.calls == stats.pairs["uqa"] + stats.dropped_unverified > 0
     if lie:
         assert stats.pairs["uqa"] == 0 and stats.dropped_unverified == gen.calls
-        assert set(pq.read_table(root / USERU_FILE).column("source").to_pylist()) == {"future"}
+        assert set(pq.read_table(root / USERU_FILE).column("source").to_pylist()) == {"future", "forecast"}
     else:
         assert stats.dropped_unverified == 0
 

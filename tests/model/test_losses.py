@@ -57,6 +57,7 @@ def test_matches_reference(t, margin):
 def test_margin_mask_changes_value_only_when_it_removes_a_negative():
     assert run(margin=0.1)[0] < run(margin=math.inf)[0] - 1e-3  # masks two negatives: strictly easier
     assert run(margin=0.25)[0] == pytest.approx(run(margin=math.inf)[0], abs=1e-12)  # masks none
+    assert run(margin=None)[0] == run(margin=math.inf)[0]  # None: no false-negative masking at all
 
 
 def test_rows_split_sums_to_whole():

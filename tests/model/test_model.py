@@ -12,7 +12,7 @@ from qanchor.data.batch import TextBatch
 from qanchor.data.manifest import Manifest
 from qanchor.model.factory import ModelMeta, build_model, load_checkpoint, save_checkpoint
 from qanchor.model.layout import special_token_names
-from tests.model.helpers import model_and_stream
+from tests.model.helpers import model_and_stream, tiny_cfg
 
 
 @pytest.fixture(scope="module")
@@ -159,3 +159,65 @@ def test_encoder_built_from_any_manifest(n_modalities):
     out = enc(UserBatch(["a", "b", "c"], mods))
     assert out.modality.shape == (3, n_modalities, 12) and out.user.shape == (3, 12)
     assert len(out.events) == n_modalities
+
+
+def test_anchor_is_never_a_prediction_position(setup):
+    """<|user_emb|> is followed by <|answer|>: the anchor predicts nothing, the marker predicts the answer."""
+    model, *_ = setup
+    prefix, suffix = torch.zeros(5, model.hidden_size), torch.zeros(3, model.hidden_size)
+    answer = torch.tensor([11, 12, 13])
+    row, labels, anchor = model.sequence(prefix, suffix, answer)
+    assert anchor == 7 and row.shape[0] == 5 + 3 + 1 + 3
+    assert labels[anchor + 1] == -100  # the token after the anchor (the marker) is no target of the anchor
+    assert labels[anchor + 2 :].tolist() == [11, 12, 13] and (labels[: anchor + 2] == -100).all()
+    assert torch.equal(row[anchor + 1], model.embed_tokens(torch.tensor(model.token_ids.answer)))
+    row, labels, _ = model.sequence(prefix, suffix, None)
+    assert row.shape[0] == 8 and (labels == -100).all()
+
+
+def test_event_inputs_are_normalised_separately(setup):
+    """A 100x larger amount moves the standardised numeric part, but the text part keeps its own scale."""
+    model, *_ = setup
+    adapter = model.user_encoder.event_adapters["bill"]
+    adapter.set_stats(torch.full_like(adapter.numeric_mean, 2.0), torch.full_like(adapter.numeric_std, 4.0))
+    text = torch.nn.functional.normalize(torch.randn(1, 1, 384), dim=-1)
+    numeric = torch.full((1, 1, adapter.numeric_mean.shape[0]), 6.0)
+    x = torch.cat([adapter.text_norm(text), ((numeric - 2.0) / 4.0)], dim=-1)
+    assert torch.allclose(adapter.mlp(x), adapter(text, numeric))
+    assert adapter.text_norm(text).std().item() == pytest.approx(1.0, rel=0.05)  # unit-norm text lifted to unit scale
+
+
+def test_window_summary_by_hand():
+    from qanchor.model.user_encoder import window_summary
+
+    text = torch.tensor([[[1.0, 0.0], [0.0, 1.0], [9.0, 9.0]]])  # (1, 3, 2); the third event is padding
+    numeric = torch.zeros(1, 3, 7)
+    numeric[0, :, 2] = torch.tensor([0.2, 0.6, 5.0])  # ages (log1p(days) / 5)
+    numeric[0, :, 0] = torch.tensor([1.0, 3.0, 7.0])  # signed log values
+    mask = torch.tensor([[True, True, False]])
+    out = window_summary(text, numeric, mask)[0]
+    assert out[:2].tolist() == pytest.approx([0.5 * 2**0.5, 0.5 * 2**0.5])  # mean text, scaled by sqrt(T)
+    assert out[2].item() == pytest.approx(float(torch.log1p(torch.tensor(2.0))) / 3)
+    assert out[3:5].tolist() == pytest.approx([0.2, 0.6])  # newest and oldest kept event's age
+    assert out[5].item() == pytest.approx(2.0) and out[7].item() == pytest.approx(0.4)  # mean value, mean age
+    empty = window_summary(text, numeric, torch.zeros(1, 3, dtype=torch.bool))[0]
+    assert torch.isfinite(empty).all() and empty.abs().sum() == 0
+
+
+def test_text_answer_tower_projects_frozen_vectors(tiny_dataset, tmp_path):
+    """answer_tower=text_encoder: answers are frozen sentence vectors through a projection of their own."""
+    import shutil
+
+    ds_dir = tmp_path / "ds"
+    shutil.copytree(tiny_dataset, ds_dir, ignore=shutil.ignore_patterns(".qanchor_cache"))
+    cfg = tiny_cfg(["model.answer_tower=text_encoder", "loss.margin=null"])
+    model, _, stream, ds, pipe, _ = model_and_stream(ds_dir, cfg)
+    stream.answer_cache = pipe.cache  # the event-text cache serves: only the answers' vectors are needed
+    batch = stream.batch(0, 4)
+    assert batch.answer_vec.shape == (4, 384)
+    out = model(batch, LossConfig(mode="contrastive", margin=None))
+    out.loss.backward()
+    assert model.answer_projection[0].weight.grad.abs().sum() > 0
+    assert torch.allclose(out.answer.norm(dim=-1), torch.ones(4))
+    with pytest.raises(ValueError, match="answer_vec"):
+        model.encode_answers(batch.answers, None)

@@ -1,0 +1,88 @@
+"""UserU ``forecast`` pairs: yes/no questions about a user's next 30 days, asked at internal cutoffs.
+
+Scenario tasks are forward-looking binary questions ("will this household stop shopping?", "will it buy
+seafood?", "will it redeem a coupon?"). ``future`` pairs summarise the next window as a list of items;
+``forecast`` pairs ask the window the way tasks do, on any manifest:
+
+- activity: will the user be active at all; will it be less active than in the previous window;
+- modality: will the user have events of modality *m* (one drawn per cutoff);
+- category again: will it touch a category it had before the cutoff (one drawn from its own history);
+- category first time: will it touch a category of the dataset it never touched before (one drawn).
+- amount: will its total amount fall versus the previous window (datasets with values).
+
+Answers start with "Yes" or "No" and give the counts behind them, all computed from events inside
+``[cutoff, cutoff + window)``; the windows end by the dataset cutoff, so no pair looks past it. Cutoffs
+whose window is empty are kept (an inactive month is exactly what churn-like tasks ask about).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+import numpy as np
+
+from qanchor.data.userU_topics import DAY_US, History, category
+
+__all__ = ["forecast_pairs", "category_vocabulary"]
+
+
+def _label(cat: str) -> str:
+    return cat.split("/", 1)[1] or cat
+
+
+def category_vocabulary(histories: Iterable[History]) -> dict[str, list[str]]:
+    """Per modality, every category (``category(m, text)``) any user touched: the pool of first-time questions."""
+    vocab: dict[str, set[str]] = {}
+    for h in histories:
+        for m in h.modalities:
+            vocab.setdefault(m, set()).update(category(m, t) for t in set(h.events[m].text))
+    return {m: sorted(v) for m, v in vocab.items()}
+
+
+def _window(h: History, m: str, lo: int, hi: int) -> tuple[np.ndarray, list[str], np.ndarray]:
+    s = h.events[m]
+    sel = (s.ts >= lo) & (s.ts < hi)
+    return s.ts[sel], [t for t, k in zip(s.text, sel) if k], s.value[sel]
+
+
+def forecast_pairs(h: History, cutoffs: list[int], rng: np.random.Generator, vocab: dict[str, list[str]],
+                   window_days: int = 30) -> list[tuple[int, str, str]]:
+    """``(cutoff_us, question, answer)`` pairs at each internal cutoff (see the module docstring)."""
+    out: list[tuple[int, str, str]] = []
+    w = window_days * DAY_US
+    for c in cutoffs:
+        assert c + w <= h.cutoff_us, "a forecast window must end by the dataset cutoff"
+        nxt = {m: _window(h, m, c, c + w) for m in h.modalities}
+        prev = {m: _window(h, m, c - w, c) for m in h.modalities}
+        before = {m: {category(m, t) for t, ts in zip(h.events[m].text, h.events[m].ts) if ts < c} for m in h.modalities}
+        n_next = sum(len(v[0]) for v in nxt.values())
+        n_prev = sum(len(v[0]) for v in prev.values())
+        days = len({int(t) // DAY_US for v in nxt.values() for t in v[0]})
+        q = f"Will this user be active in the next {window_days} days?"
+        out.append((c, q, f"Yes: {n_next} events on {days} days." if n_next else "No: no activity."))
+        q = f"Will this user be less active in the next {window_days} days than in the previous {window_days}?"
+        out.append((c, q, f"{'Yes' if n_next < n_prev else 'No'}: {n_next} events after {n_prev}."))
+        m = h.modalities[int(rng.integers(len(h.modalities)))] if h.modalities else None
+        if m is not None:
+            k = len(nxt[m][0])
+            out.append((c, f"Will this user have {m} events in the next {window_days} days?",
+                        f"Yes: {k} {m} events." if k else f"No {m} events."))
+            own = sorted(before[m])
+            if own:
+                cat = own[int(rng.integers(len(own)))]
+                k = sum(category(m, t) == cat for t in nxt[m][1])
+                out.append((c, f"Will this user have {_label(cat)} {m} events again in the next {window_days} days?",
+                            f"Yes: {k} times." if k else "No."))
+            new = [x for x in vocab.get(m, []) if x not in before[m]]
+            if new:
+                cat = new[int(rng.integers(len(new)))]
+                k = sum(category(m, t) == cat for t in nxt[m][1])
+                out.append((c, f"Will this user have {_label(cat)} {m} events for the first time in the next "
+                               f"{window_days} days?", f"Yes: {k} times." if k else "No."))
+        values = [np.nansum(v[2]) for v in nxt.values() if np.isfinite(v[2]).any()]
+        past = [np.nansum(v[2]) for v in prev.values() if np.isfinite(v[2]).any()]
+        if values or past:
+            a, b = float(sum(values)), float(sum(past))
+            out.append((c, f"Will this user's amounts in the next {window_days} days be lower than in the previous "
+                           f"{window_days}?", f"{'Yes' if a < b else 'No'}: {a:,.0f} after {b:,.0f}."))
+    return out
