@@ -48,6 +48,17 @@ def summarise(results: list[dict]) -> dict:
     return out
 
 
+def probe_summary(probes: list[dict]) -> dict:
+    """quality_probe results over seeds, in the shape of :func:`summarise` (rows: task / generic / swapped ...)."""
+    out = {}
+    for key in ("task", "generic", "swapped", "hidden", "seen_text_mean"):
+        auc, ks = [p[key]["auc"] for p in probes], [p[key]["ks"] for p in probes]
+        out[f"probe_{key}"] = {"auc_mean": float(np.mean(auc)), "auc_std_over_seeds": float(np.std(auc)),
+                               "ks_mean": float(np.mean(ks)), "ks_std_over_seeds": float(np.std(ks)),
+                               "seeds": len(probes), "auc_per_seed": auc, "ks_per_seed": ks}
+    return out
+
+
 def table(summary: dict) -> str:
     lines = ["| method | AUC (mean over seeds ± std) | KS (mean ± std) | seeds |", "|---|---|---|---|"]
     best_auc = max(v["auc_mean"] for v in summary.values())
@@ -69,18 +80,25 @@ def main(argv=None) -> int:
     ap.add_argument("--root", type=Path, required=True)
     ap.add_argument("--set", action="append", default=[], help="key=value pretraining setting (repeatable)")
     ap.add_argument("--bench-set", action="append", default=[], help="key=value bench setting (repeatable)")
+    ap.add_argument("--probe", action="store_true", help="quick look: benchmarks/quality_probe.py instead of the bench")
+    ap.add_argument("--generic-query", default="What kind of user is this?", help="with --probe")
     args = ap.parse_args(argv)
     results = []
     for seed in [int(s) for s in args.seeds.split(",")]:
         run = args.root / f"seed{seed}"
-        bench = run / "bench"
-        if not (bench / "results.json").exists():
-            _qanchor("pretrain", "--config", args.pretrain, f"data.path={args.data}", f"output_dir={run}",
+        done = run / ("probe.json" if args.probe else "bench/results.json")
+        if not done.exists():
+            _qanchor("pretrain", "--config", args.pretrain, "--quiet", f"data.path={args.data}", f"output_dir={run}",
                      f"train.seed={seed}", "resume=true", *args.set)
-            _qanchor("bench", "--config", args.bench, f"checkpoint={run}", f"data.path={args.data}", f"output_dir={bench}",
-                     "heads_dir=null", *args.bench_set)
-        results.append(json.loads((bench / "results.json").read_text()))
-    summary = summarise(results)
+            if args.probe:
+                subprocess.run([sys.executable, str(ROOT / "benchmarks/quality_probe.py"), "--checkpoint", str(run),
+                                "--data", args.data, "--generic-query", args.generic_query, "--out", str(done)],
+                               check=True, cwd=ROOT, env={**os.environ, "HF_HUB_OFFLINE": "1"})
+            else:
+                _qanchor("bench", "--config", args.bench, "--quiet", f"checkpoint={run}", f"data.path={args.data}",
+                         f"output_dir={run / 'bench'}", "heads_dir=null", *args.bench_set)
+        results.append(json.loads(done.read_text()))
+    summary = probe_summary(results) if args.probe else summarise(results)
     (args.root / "summary.json").write_text(json.dumps({"seeds": args.seeds, "pretrain": args.pretrain,
                                                         "set": args.set, "methods": summary}, indent=1))
     text = table(summary)

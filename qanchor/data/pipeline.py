@@ -27,8 +27,9 @@ from qanchor.data.dataset import Dataset, UserRecord
 from qanchor.data.manifest import Manifest
 from qanchor.data.packing import PackedUser, UserPacker
 from qanchor.data.text_cache import SentenceEncoder, TextVectorCache
+from qanchor.errors import ConfigError
 
-__all__ = ["UserPipeline", "batched"]
+__all__ = ["UserPipeline", "batched", "check_caps"]
 
 T = TypeVar("T")
 
@@ -46,6 +47,16 @@ def batched(items: Iterable[T], n: int) -> Iterator[list[T]]:
         yield chunk
 
 
+def check_caps(data_cfg: DataConfig, manifest: Manifest) -> None:
+    """ConfigError when ``data.max_events`` names a modality the dataset does not have: a typo there would
+    otherwise silently leave the real modality at ``default_max_events``."""
+    known = [m.name for m in manifest.sequence_modalities]
+    unknown = sorted(set(data_cfg.max_events) - set(known))
+    if unknown:
+        raise ConfigError(f"data.max_events names {unknown}, which dataset '{manifest.name}' does not have (its sequence "
+                          f"modalities: {known}); remove or rename them")
+
+
 @dataclass
 class UserPipeline:
     """Packs users of one manifest with one data config, gathering text vectors from one cache."""
@@ -57,6 +68,7 @@ class UserPipeline:
     packer: UserPacker = field(init=False)
 
     def __post_init__(self) -> None:
+        check_caps(self.data_cfg, self.manifest)
         self.packer = UserPacker(self.manifest, self.data_cfg, self.cache)
 
     @classmethod

@@ -31,7 +31,7 @@ from qanchor.config import PretrainConfig, require
 from qanchor.data.dataset import Dataset, load_dataset
 from qanchor.data.io import OutputKind, check_output_dir, claim_output_dir, write_text
 from qanchor.data.packing import numeric_stats, tabular_stats
-from qanchor.data.pipeline import UserPipeline
+from qanchor.data.pipeline import UserPipeline, check_caps
 from qanchor.data.schema import USERU_FILE
 from qanchor.data.text_cache import SentenceEncoder, TextVectorCache
 from qanchor.errors import CheckpointError, ConfigError, DataValidationError
@@ -71,10 +71,7 @@ def preflight(cfg: PretrainConfig, world: int = 1) -> None:
     require(cfg.data.path, "data.path", "<dataset dir>")
     check_device("cuda" if torch.cuda.is_available() else "cpu", cfg.train.precision)
     ds = load_dataset(cfg.data.path, cfg.data.cache_dir)
-    unknown = sorted(set(cfg.data.max_events) - {m.name for m in ds.manifest.sequence_modalities})
-    if unknown:
-        raise ConfigError(f"data.max_events names {unknown}, which dataset {ds.root} does not have (its sequence "
-                          f"modalities: {[m.name for m in ds.manifest.sequence_modalities]}); remove or rename them")
+    check_caps(cfg.data, ds.manifest)
     if not (ds.root / USERU_FILE).exists():
         raise DataValidationError(str(ds.root / USERU_FILE), f"pretraining needs UserU pairs; build them with "
                                   f"`qanchor data userU {ds.root}`")
