@@ -42,7 +42,14 @@ class Adapter(nn.Sequential):
 
 
 class EventAdapter(nn.Module):
-    """[LayerNorm(text vector) ; standardised numeric features] -> two-layer GELU MLP -> hidden size."""
+    """A text vector and numeric features -> hidden size, each normalised and projected on its own.
+
+    ``GELU(W_t LayerNorm(text) + W_n z(numeric)) -> Linear``, where ``z`` standardises with statistics stored
+    at pretraining. Two input projections, summed, give both parts the same scale at initialisation whatever
+    their widths (384 text dimensions against a handful of numeric ones), so neither drowns the other: in one
+    LayerNorm over the concatenation the raw log amounts (2-8) carried most of the energy and the unit-norm
+    text vector (components ~0.05) was lost.
+    """
 
     def __init__(self, text_dim: int, numeric_dim: int, d_hidden: int, d_out: int, dropout: float = 0.0):
         super().__init__()
@@ -50,37 +57,38 @@ class EventAdapter(nn.Module):
         # Set from training data by set_stats(); saved with the weights so inference normalises identically.
         self.register_buffer("numeric_mean", torch.zeros(numeric_dim))
         self.register_buffer("numeric_std", torch.ones(numeric_dim))
-        self.mlp = nn.Sequential(nn.Linear(text_dim + numeric_dim, d_hidden), nn.GELU(), nn.Dropout(dropout),
-                                 nn.Linear(d_hidden, d_out))
+        self.text_in = nn.Linear(text_dim, d_hidden)
+        self.numeric_in = nn.Linear(numeric_dim, d_hidden, bias=False)
+        self.out = nn.Sequential(nn.GELU(), nn.Dropout(dropout), nn.Linear(d_hidden, d_out))
 
     def set_stats(self, mean: torch.Tensor, std: torch.Tensor) -> None:
         self.numeric_mean.copy_(mean)
         self.numeric_std.copy_(std)
 
     def forward(self, text_vec: torch.Tensor, numeric: torch.Tensor) -> torch.Tensor:
-        z = ((numeric - self.numeric_mean) / self.numeric_std).clamp(-10, 10)  # (B, E, F)
-        return self.mlp(torch.cat([self.text_norm(text_vec), z], dim=-1))  # (B, E, H)
+        z = ((numeric - self.numeric_mean) / self.numeric_std).clamp(-10, 10)  # (..., F)
+        return self.out(self.text_in(self.text_norm(text_vec)) + self.numeric_in(z))  # (..., H)
 
 
 SUMMARY_STATS = 3 + BASE_NUMERIC_FEATURES  # log count, newest age, oldest age, mean of the base numeric features
 
 
-def window_summary(text_vec: torch.Tensor, numeric: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """A modality's raw summary: (B, E, T), (B, E, F), (B, E) -> (B, T + SUMMARY_STATS).
+def window_summary(text_vec: torch.Tensor, numeric: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """A modality's raw summary: (B, E, T), (B, E, F), (B, E) -> mean text vector (B, T), statistics (B, S).
 
-    The masked mean text vector (scaled to unit-variance components), then log1p(events kept) / 3, the
-    newest and the oldest event's age feature, and the mean of the modality-independent numeric features.
+    The statistics: log1p(events kept) / 3, the newest and the oldest kept event's age feature, and the mean of
+    the modality-independent numeric features (value, missing flag, age, hour and weekday sin / cos).
     """
     w = mask.to(text_vec.dtype).unsqueeze(-1)  # (B, E, 1)
     count = w.sum(1)  # (B, 1)
-    mean_text = (text_vec * w).sum(1) / count.clamp_min(1.0) * text_vec.shape[-1] ** 0.5  # (B, T)
+    mean_text = (text_vec * w).sum(1) / count.clamp_min(1.0)  # (B, T)
     age = numeric[..., AGE_FEATURE]  # (B, E): log1p(age days) / 5 of each kept event
     newest = age.masked_fill(~mask, float("inf")).min(1, keepdim=True).values
     oldest = age.masked_fill(~mask, float("-inf")).max(1, keepdim=True).values
     present = count > 0
     newest, oldest = torch.where(present, newest, 0.0), torch.where(present, oldest, 0.0)
     base = (numeric[..., :BASE_NUMERIC_FEATURES] * w).sum(1) / count.clamp_min(1.0)  # (B, 7)
-    return torch.cat([mean_text, torch.log1p(count) / 3, newest, oldest, base], dim=-1)
+    return mean_text, torch.cat([torch.log1p(count) / 3, newest, oldest, base], dim=-1)
 
 
 class TabularEncoder(nn.Module):
@@ -135,8 +143,8 @@ class HierarchicalUserEncoder(nn.Module):
         self.tabular = (
             TabularEncoder(n_tabular, cfg.tabular_tokens, cfg.adapter_hidden, hidden, cfg.dropout) if self.tabular_name else None
         )
-        summary_dim = text_dim + SUMMARY_STATS if cfg.summary_input == "text" else hidden
-        self.modal_adapter = Adapter(summary_dim, cfg.adapter_hidden, hidden, cfg.dropout)
+        self.modal_adapter = (EventAdapter(text_dim, SUMMARY_STATS, cfg.adapter_hidden, hidden, cfg.dropout)
+                              if cfg.summary_input == "text" else Adapter(hidden, cfg.adapter_hidden, hidden, cfg.dropout))
         self.user_adapter = Adapter(hidden, cfg.adapter_hidden, hidden, cfg.dropout)
         self.empty = nn.Parameter(torch.randn(len(self.names), hidden) * 0.02)  # one per modality
 
@@ -165,7 +173,7 @@ class HierarchicalUserEncoder(nn.Module):
             summary = self.masked_mean(tokens, mask)  # the tabular tokens are already adapted
         elif self.summary_input == "text":
             mb = batch.modalities[name]
-            summary = self.modal_adapter(window_summary(mb.text_vec, mb.numeric, mask))  # (B, H)
+            summary = self.modal_adapter(*window_summary(mb.text_vec, mb.numeric, mask))  # (B, H)
         else:
             summary = self.modal_adapter(self.masked_mean(tokens, mask))  # (B, H)
         empty = self.empty[self.names.index(name)].to(summary.dtype)

@@ -176,14 +176,14 @@ def test_anchor_is_never_a_prediction_position(setup):
 
 
 def test_event_inputs_are_normalised_separately(setup):
-    """A 100x larger amount moves the standardised numeric part, but the text part keeps its own scale."""
+    """Text and numeric parts are normalised and projected separately, then summed."""
     model, *_ = setup
     adapter = model.user_encoder.event_adapters["bill"]
     adapter.set_stats(torch.full_like(adapter.numeric_mean, 2.0), torch.full_like(adapter.numeric_std, 4.0))
     text = torch.nn.functional.normalize(torch.randn(1, 1, 384), dim=-1)
     numeric = torch.full((1, 1, adapter.numeric_mean.shape[0]), 6.0)
-    x = torch.cat([adapter.text_norm(text), ((numeric - 2.0) / 4.0)], dim=-1)
-    assert torch.allclose(adapter.mlp(x), adapter(text, numeric))
+    expected = adapter.out(adapter.text_in(adapter.text_norm(text)) + adapter.numeric_in((numeric - 2.0) / 4.0))
+    assert torch.allclose(expected, adapter(text, numeric))
     assert adapter.text_norm(text).std().item() == pytest.approx(1.0, rel=0.05)  # unit-norm text lifted to unit scale
 
 
@@ -195,12 +195,12 @@ def test_window_summary_by_hand():
     numeric[0, :, 2] = torch.tensor([0.2, 0.6, 5.0])  # ages (log1p(days) / 5)
     numeric[0, :, 0] = torch.tensor([1.0, 3.0, 7.0])  # signed log values
     mask = torch.tensor([[True, True, False]])
-    out = window_summary(text, numeric, mask)[0]
-    assert out[:2].tolist() == pytest.approx([0.5 * 2**0.5, 0.5 * 2**0.5])  # mean text, scaled by sqrt(T)
-    assert out[2].item() == pytest.approx(float(torch.log1p(torch.tensor(2.0))) / 3)
-    assert out[3:5].tolist() == pytest.approx([0.2, 0.6])  # newest and oldest kept event's age
-    assert out[5].item() == pytest.approx(2.0) and out[7].item() == pytest.approx(0.4)  # mean value, mean age
-    empty = window_summary(text, numeric, torch.zeros(1, 3, dtype=torch.bool))[0]
+    mean_text, stats = (x[0] for x in window_summary(text, numeric, mask))
+    assert mean_text.tolist() == pytest.approx([0.5, 0.5])  # the padded event does not count
+    assert stats[0].item() == pytest.approx(float(torch.log1p(torch.tensor(2.0))) / 3)
+    assert stats[1:3].tolist() == pytest.approx([0.2, 0.6])  # newest and oldest kept event's age
+    assert stats[3].item() == pytest.approx(2.0) and stats[5].item() == pytest.approx(0.4)  # mean value, mean age
+    empty = torch.cat(window_summary(text, numeric, torch.zeros(1, 3, dtype=torch.bool)), dim=-1)
     assert torch.isfinite(empty).all() and empty.abs().sum() == 0
 
 
