@@ -47,6 +47,7 @@ from qanchor.infer.api import QAnchor  # noqa: E402
 from qanchor.logs import quiet_third_party  # noqa: E402
 from qanchor.model.prefix_cache import anchor_hidden, encode_prefixes  # noqa: E402
 from qanchor.train.pairs import PretrainStream  # noqa: E402
+from qanchor.train.pretrain import answer_cache  # noqa: E402
 
 KEYS = ("task", "generic", "swapped", "hidden", "seen_text_mean")
 
@@ -95,7 +96,7 @@ def use_of_user(q: QAnchor, ds, n_batches: int, batch_size: int = 32, seed: int 
     """Contrastive loss on pretraining batches as they are vs with user prefixes permuted within each batch."""
     cfg = q.run_cfg
     stream = PretrainStream(ds, q.pipeline, q.tokenizer, q.model.token_ids, cfg.model, seed=1234 + seed,
-                            uqa_fraction=cfg.train.uqa_fraction)
+                            uqa_fraction=cfg.train.uqa_fraction, answer_cache=answer_cache(cfg, ds, 0, progress=False))
     loss_cfg = LossConfig(mode="contrastive", temperature=cfg.loss.temperature, margin=cfg.loss.margin)
     rng = np.random.default_rng(seed)
     real, shuffled = [], []
