@@ -24,8 +24,8 @@ from torch import nn
 from qanchor.config import BackboneConfig
 from qanchor.data.io import OutputKind, atomic_dir
 from qanchor.data.text_cache import default_encoder_path
-from qanchor.model.qwen_tokenizer import qwen25_tokenizer
 from qanchor.errors import CheckpointError, ConfigError
+from qanchor.model.qwen_tokenizer import qwen25_tokenizer
 
 __all__ = ["load_tokenizer", "build_backbone", "add_special_tokens", "smollm2_dir", "resolve_attn_implementation",
            "cache_argument", "check_device"]
