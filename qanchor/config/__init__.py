@@ -186,9 +186,25 @@ def load_config(path: str | Path | None, overrides: list[str] | tuple[str, ...] 
         if schema is PretrainConfig or schema is ModelConfig:
             layers.append(_preset_layer(schema, file_cfg, cli_cfg))
         merged = OmegaConf.merge(*layers, file_cfg, cli_cfg)
+        _replace_mappings(merged, cli_layer)
         return OmegaConf.to_object(merged)
     except OmegaConfBaseException as exc:
         raise _wrap(exc, source) from None
+
+
+def _replace_mappings(cfg: Any, layer: dict, prefix: str = "") -> None:
+    """A mapping given on the command line replaces the file's (``data.max_events={}`` clears it) rather than
+    merging into it, as a list or a number does."""
+    for key, value in layer.items():
+        path = f"{prefix}{key}"
+        node = OmegaConf.select(cfg, path)
+        if isinstance(value, dict) and value and node is not None and OmegaConf.is_dict(node) and \
+                OmegaConf.get_type(node) is dict:
+            OmegaConf.update(cfg, path, value, merge=False)
+        elif isinstance(value, dict) and not value:
+            OmegaConf.update(cfg, path, {}, merge=False)
+        elif isinstance(value, dict):
+            _replace_mappings(cfg, value, f"{path}.")
 
 
 def with_overrides(cfg: Any, overrides: list[str] | tuple[str, ...]) -> Any:

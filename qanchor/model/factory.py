@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors.torch import load_model, save_model
+from safetensors.torch import load_model, save_file
 
 import qanchor
 from qanchor.config import ModelConfig, PretrainConfig, TextEncoderConfig, load_config, to_yaml
@@ -38,7 +38,7 @@ from qanchor.model.layout import TokenIds, special_token_names
 from qanchor.model.qanchor_model import QAnchorModel
 
 __all__ = ["FORMAT_VERSION", "ModelMeta", "build_model", "save_checkpoint", "load_checkpoint", "checkpoint_hash",
-           "resolve_checkpoint_dir", "read_meta"]
+           "resolve_checkpoint_dir", "read_meta", "shared_duplicates", "unique_state"]
 
 FORMAT_VERSION = 2  # 2: <|answer|> marker, separately normalised event inputs, raw-text modality summaries
 
@@ -91,6 +91,33 @@ def build_model(cfg: ModelConfig, manifest: Manifest, text_dim: int, tabular_col
     return model, tokenizer
 
 
+def shared_duplicates(state: dict[str, torch.Tensor]) -> set[str]:
+    """Names that are the very same tensor as another name of ``state`` (tied embeddings and LM head, peft's
+    token deltas shared by both): saved once under one name, refilled through it on load.
+
+    Identity means the same memory, shape and strides: DeepSpeed also makes parameters views into one flat
+    buffer, and those disjoint views are of course all kept.
+    """
+    first: dict[tuple, str] = {}
+    out = set()
+    for name, t in state.items():
+        key = (t.data_ptr(), tuple(t.shape), tuple(t.stride()), t.dtype)
+        if key in first:
+            out.add(name)
+        else:
+            first[key] = name
+    return out
+
+
+def unique_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """The state dict without :func:`shared_duplicates`, each tensor an own contiguous CPU copy (safetensors
+    stores no views of shared buffers)."""
+    state = model.state_dict()
+    skip = shared_duplicates(state)
+    return {k: (v.detach().cpu() if v.is_cuda else v.detach().clone()).contiguous() for k, v in state.items()
+            if k not in skip}
+
+
 def _base_config(model: QAnchorModel):
     backbone = model.backbone
     return backbone.get_base_model().config if hasattr(backbone, "get_base_model") else backbone.config
@@ -105,7 +132,7 @@ def save_checkpoint(out_dir: str | Path, model: QAnchorModel, tokenizer: Any, ru
         (tmp / "qanchor.json").write_text(json.dumps(meta.__dict__, indent=2, default=str))
         (tmp / "backbone_config.json").write_text(_base_config(model).to_json_string())
         tokenizer.save_pretrained(tmp)
-        save_model(model, str(tmp / "model.safetensors"))  # handles tied embeddings without pickling
+        save_file(unique_state(model), str(tmp / "model.safetensors"))  # no pickle; tied tensors stored once
         for name, text in (extra_files or {}).items():
             (tmp / name).write_text(text)
     return out_dir
@@ -181,7 +208,7 @@ def load_checkpoint(ckpt: str | Path, device: str | torch.device = "cpu") -> tup
     except Exception as exc:  # safetensors raises its own error types for a damaged header or payload
         raise CheckpointError(f"{weights}: not a safetensors file, or truncated / damaged ({str(exc).splitlines()[0]}); "
                               "re-copy or re-save the checkpoint") from None
-    tied = {k for k in missing if k.endswith("lm_head.weight")}  # tied to the input embeddings
+    tied = shared_duplicates(model.state_dict())  # stored once under another name; loading that one fills them
     if set(missing) - tied or unexpected:
         raise CheckpointError(f"{ckpt}: weights do not match the model (missing {sorted(set(missing) - tied)[:3]}, "
                               f"unexpected {sorted(unexpected)[:3]})")
