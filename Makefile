@@ -12,7 +12,7 @@ CONFIG ?=
 ARGS ?=
 PYTEST_ARGS ?=
 
-.PHONY: help install test lint demo demo-synth data data-cj data-synth pretrain prompt-tune bench clean
+.PHONY: help install test lint demo demo-synth data data-cj data-synth pretrain prompt-tune bench gpu-check clean
 
 help: ## list the targets
 	@grep -E '^[a-zA-Z_-]+:.*## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*## "} {printf "  make %-12s %s\n", $$1, $$2}'
@@ -75,6 +75,9 @@ demo-synth: install data-synth ## the same on the synthetic world, whose tasks k
 	$(MAKE) --no-print-directory pretrain CONFIG=configs/pretrain/tiny-synth.yaml ARGS="data.path=$(SYNTH) output_dir=runs/synth/pretrain resume=true $(ARGS)"
 	$(MAKE) --no-print-directory prompt-tune CONFIG=configs/prompt_tune/tiny-synth.yaml ARGS="checkpoint=runs/synth/pretrain data.path=$(SYNTH) output_dir=runs/synth/heads"
 	$(MAKE) --no-print-directory bench CONFIG=configs/bench/tiny-synth.yaml ARGS="checkpoint=runs/synth/pretrain data.path=$(SYNTH) heads_dir=runs/synth/heads output_dir=results/synth"
+
+gpu-check: install ## on a GPU: gpu tests, 0.5B-shape pretraining, 10k users x 10 queries (DEVICE=cpu SMALL=1 anywhere)
+	PY=$(PY) bash benchmarks/gpu_check.sh $(ARGS)
 
 clean: ## remove built data, runs and results (keeps .venv)
 	rm -rf $(DATA_DIR) runs results

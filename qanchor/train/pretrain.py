@@ -252,6 +252,8 @@ def _train_loop(cfg: PretrainConfig, engine, stream: PretrainStream, start: int,
         elapsed = time.perf_counter() - tick
         record = {"step": step + 1, "loss": loss, "loss_contrastive": cl, "loss_ntp": ntp,
                   "lr": engine.get_lr()[0], "samples_per_s": tc.batch_size * tc.grad_accum_steps * world / elapsed}
+        if device.type == "cuda":  # peak since the start of the run, this rank
+            record["gpu_memory_gb"] = torch.cuda.max_memory_allocated(device) / 1e9
         logged = (step + 1) % tc.log_every == 0 or step == start or step + 1 == tc.max_steps
         if metrics is not None and logged:
             metrics.write(record)
