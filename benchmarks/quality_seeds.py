@@ -2,7 +2,7 @@
 
 For each seed: ``qanchor pretrain`` (resumed if a run already exists) into ``<root>/seed<k>``, then
 ``qanchor bench`` (every method on the same users and folds, seed-independent) into
-``<root>/seed<k>/bench``. The summary gives, per method, the mean and the standard deviation over seeds of
+``<root>/bench-seed<k>``. The summary gives, per method, the mean and the standard deviation over seeds of
 its task-averaged AUC and KS, plus the per-task means; it is printed as a Markdown table and written to
 ``<root>/summary.json`` and ``<root>/summary.md``. Peers do not depend on the pretraining seed, so their
 spread is 0: it is the model's run-to-run noise that the seeds measure.
@@ -86,7 +86,8 @@ def main(argv=None) -> int:
     results = []
     for seed in [int(s) for s in args.seeds.split(",")]:
         run = args.root / f"seed{seed}"
-        done = run / ("probe.json" if args.probe else "bench/results.json")
+        bench = args.root / f"bench-seed{seed}"  # beside the run: an output inside its checkpoint is refused
+        done = run / "probe.json" if args.probe else bench / "results.json"
         if not done.exists():
             _qanchor("pretrain", "--config", args.pretrain, "--quiet", f"data.path={args.data}", f"output_dir={run}",
                      f"train.seed={seed}", "resume=true", *args.set)
@@ -96,7 +97,7 @@ def main(argv=None) -> int:
                                check=True, cwd=ROOT, env={**os.environ, "HF_HUB_OFFLINE": "1"})
             else:
                 _qanchor("bench", "--config", args.bench, "--quiet", f"checkpoint={run}", f"data.path={args.data}",
-                         f"output_dir={run / 'bench'}", "heads_dir=null", *args.bench_set)
+                         f"output_dir={bench}", "heads_dir=null", *args.bench_set)
         results.append(json.loads(done.read_text()))
     summary = probe_summary(results) if args.probe else summarise(results)
     (args.root / "summary.json").write_text(json.dumps({"seeds": args.seeds, "pretrain": args.pretrain,

@@ -10,7 +10,7 @@ from __future__ import annotations
 import json
 import math
 import os
-import socket
+import tempfile
 from contextlib import nullcontext
 from pathlib import Path
 from typing import Any
@@ -23,28 +23,29 @@ from qanchor.errors import ConfigError
 __all__ = ["init_distributed", "deepspeed_config", "lr_lambda", "initialize", "device_of", "gathered_parameters"]
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def init_distributed() -> tuple[int, int]:
     """Initialise torch.distributed through DeepSpeed (nccl on CUDA, gloo on CPU); return (rank, world)."""
     if not torch.cuda.is_available():
         os.environ.setdefault("DS_ACCELERATOR", "cpu")  # must be set before deepspeed is imported
     import deepspeed
 
-    if "RANK" not in os.environ:  # a plain `python` / `qanchor` process: a world of one
-        os.environ.update({"RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "1", "MASTER_ADDR": "127.0.0.1",
-                           "MASTER_PORT": os.environ.get("MASTER_PORT", str(_free_port()))})
+    alone = "RANK" not in os.environ  # a plain `python` / `qanchor` process: a world of one
+    if alone:
+        os.environ.update({"RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "1"})
     if not torch.cuda.is_available():
         # DeepSpeed's CPU backend JIT-compiles a shared-memory all-reduce (used only for inference all-reduce,
         # never by gloo training) under a file lock in ~/.cache/torch_extensions. A process killed mid-compile
         # (a preempted job, Ctrl-C) leaves that lock behind and every later run then waits on it forever.
         deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
-    if not torch.distributed.is_initialized():
-        backend = "nccl" if torch.cuda.is_available() else "gloo"
+    backend = "nccl" if torch.cuda.is_available() else "gloo"
+    if alone and not torch.distributed.is_initialized():
+        # A world of one needs no network rendezvous: a file store cannot collide with another process the way a
+        # "free" TCP port picked before binding can (two jobs starting together once got the same port).
+        fd, store = tempfile.mkstemp(prefix="qanchor-dist-")
+        os.close(fd)
+        os.unlink(store)
+        torch.distributed.init_process_group(backend, init_method=f"file://{store}", rank=0, world_size=1)
+    if not torch.distributed.is_initialized() or not deepspeed.comm.is_initialized():
         deepspeed.init_distributed(dist_backend=backend, auto_mpi_discovery=False, verbose=False)
     if torch.cuda.is_available():
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
