@@ -173,7 +173,9 @@ def main(argv=None) -> int:
     ap.add_argument("--out", type=Path, default=Path(os.environ.get("OUT", "results/gpu_check.json")))
     args = ap.parse_args(argv)
     quiet_third_party()
-    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    # The commands it runs are worlds of their own: no rank variables of a process that started this one.
+    env = {**{k: v for k, v in os.environ.items() if k not in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR",
+                                                               "MASTER_PORT")}, "HF_HUB_OFFLINE": "1"}
     report: dict = {"device": args.device, "small": args.small}
     try:
         import torch

@@ -29,7 +29,8 @@ def init_distributed() -> tuple[int, int]:
         os.environ.setdefault("DS_ACCELERATOR", "cpu")  # must be set before deepspeed is imported
     import deepspeed
 
-    alone = "RANK" not in os.environ  # a plain `python` / `qanchor` process: a world of one
+    # A plain `python` / `qanchor` process (launchers always set MASTER_ADDR): a world of one.
+    alone = "MASTER_ADDR" not in os.environ and os.environ.get("WORLD_SIZE", "1") == "1"
     if alone:
         os.environ.update({"RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "1"})
     if not torch.cuda.is_available():
