@@ -24,10 +24,10 @@ import torch
 
 from qanchor.cli import main
 from qanchor.data.io import OutputKind, claim_output_dir
-from qanchor.data.userU import build_userU
 from qanchor.infer.export import export_embeddings
 from qanchor.infer.index import LookalikeIndex
 from qanchor.tune.head import ScenarioHead
+from tests.helpers import copy_dataset
 
 
 @dataclass
@@ -58,9 +58,7 @@ def ws(infer_env, tmp_path_factory):
     """Dataset (with UserU pairs), checkpoint, a head, an export and an index of the tiny model."""
     root = tmp_path_factory.mktemp("bad")
     ds = root / "ds"
-    shutil.copytree(infer_env.ds_dir, ds, ignore=shutil.ignore_patterns(".qanchor_cache"))
-    build_userU(ds, progress=False)
-    shutil.copytree(infer_env.ds_dir / ".qanchor_cache" / "text", ds / ".qanchor_cache" / "text", dirs_exist_ok=True)
+    copy_dataset(infer_env.ds_dir, ds, with_userU=True)
     ckpt = infer_env.ckpt
     head = ScenarioHead("churn", "Will this user stop paying?", torch.zeros(2, infer_env.qa.model.hidden_size),
                         torch.nn.functional.normalize(torch.randn(2, 128), dim=-1), torch.tensor([0, 1]), 0.1,

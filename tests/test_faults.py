@@ -14,7 +14,6 @@ import hashlib
 import json
 import os
 import random
-import shutil
 import signal
 import subprocess
 import sys
@@ -24,8 +23,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from qanchor.data.userU import build_userU
 from qanchor.infer.export import read_embeddings
+from tests.helpers import copy_dataset
 
 ROOT = Path(__file__).resolve().parent.parent
 ENV = {**{k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_PORT",
@@ -73,9 +72,7 @@ def _kill_then_finish(args: list[str], failpoint: str | None = None, kill_after:
 def env(infer_env, tmp_path_factory):
     root = tmp_path_factory.mktemp("faults")
     ds = root / "ds"
-    shutil.copytree(infer_env.ds_dir, ds, ignore=shutil.ignore_patterns(".qanchor_cache"))
-    build_userU(ds, progress=False)
-    shutil.copytree(infer_env.ds_dir / ".qanchor_cache" / "text", ds / ".qanchor_cache" / "text", dirs_exist_ok=True)
+    copy_dataset(infer_env.ds_dir, ds, with_userU=True)
     return type("E", (), {"root": root, "ds": ds, "ckpt": infer_env.ckpt,
                           "inputs": {"ds": _digest(ds), "ckpt": _digest(infer_env.ckpt)}})
 
