@@ -39,6 +39,9 @@ class PretrainConfig:
     def __post_init__(self) -> None:
         if self.resume and self.overwrite:
             raise ConfigError("resume=true and overwrite=true contradict each other; choose one")
+        if self.loss.answer_bank and self.model.answer_tower != "text_encoder":
+            raise ConfigError("loss.answer_bank needs model.answer_tower=text_encoder (only frozen answer vectors can "
+                              "be re-projected with the current weights); set loss.answer_bank=0 or change the tower")
 
 
 @dataclass

@@ -116,10 +116,17 @@ class LossConfig:
     # negatives that would teach it to tell users apart (see the README's quality section).
     margin: float | None = 0.1
     ntp_weight: float = 1.0  # total = contrastive + ntp_weight * ntp
+    # Extra anchor->answer negatives: the frozen sentence vectors of the last `answer_bank` training answers,
+    # re-projected with the current weights every step (so never stale). Needs model.answer_tower=text_encoder.
+    # A small batch gives each anchor only B - 1 negatives, which a few directions already separate; the paper's
+    # global batch of 2,048 gives 2,047. 0 = in-batch negatives only.
+    answer_bank: int = 0
 
     def __post_init__(self) -> None:
         if self.temperature <= 0:
             raise ConfigError("loss.temperature must be > 0")
+        if self.answer_bank < 0:
+            raise ConfigError(f"loss.answer_bank must be >= 0 (got {self.answer_bank})")
 
 
 @dataclass

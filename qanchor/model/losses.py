@@ -31,13 +31,17 @@ def _float32_at_least(x: Tensor) -> Tensor:
 
 
 def masked_infonce(anchors: Tensor, answers: Tensor, rows: slice | None = None, temperature: float = 0.07,
-                   margin: float | None = 0.1, same_answer: Tensor | None = None) -> tuple[Tensor, Tensor]:
+                   margin: float | None = 0.1, same_answer: Tensor | None = None, bank: Tensor | None = None,
+                   same_bank: Tensor | None = None) -> tuple[Tensor, Tensor]:
     """Improved (GTE-style) contrastive loss with false-negative masking, summed over ``rows``.
 
     ``anchors`` and ``answers`` are the L2-normalised embeddings of the whole (gathered) batch, [N, D];
     row i's positive is ``answers[i]``. Its negatives are <a_i, v_j>, <a_i, a_j> and <v_i, a_j> for j != i,
     minus those more similar than ``s_pos + margin`` (likely false negatives) and those with
     ``same_answer[i, j]`` set (optional bool [N, N]). ``margin=None`` (or ``inf``) disables the margin mask.
+    ``bank`` (optional [K, D] unit vectors: answers of earlier batches) adds <a_i, bank_k> negatives, minus
+    those with ``same_bank[i, k]`` set (bool [rows, K]: the same answer text as row i's positive) and, with a
+    margin, those above it.
 
     Returns ``(sum of -log softmax(pos) over rows, number of rows)``, both float tensors.
 
@@ -51,13 +55,20 @@ def masked_infonce(anchors: Tensor, answers: Tensor, rows: slice | None = None, 
     a_loc, v_loc = a[rows], v[rows]
     idx = torch.arange(n_all, device=a.device)[rows]  # global indices of the local rows
     pos = (a_loc * v_loc).sum(-1)  # [B]
-    # Three blocks of negatives per row, [B, 3N]: anchor->answer, anchor->anchor, answer->anchor.
-    neg = torch.cat([a_loc @ v.T, a_loc @ a.T, v_loc @ a.T], dim=1)
+    # Three blocks of negatives per row, [B, 3N]: anchor->answer, anchor->anchor, answer->anchor (+ the bank, [B, K]).
+    blocks = [a_loc @ v.T, a_loc @ a.T, v_loc @ a.T]
+    if bank is not None:
+        blocks.append(a_loc @ _float32_at_least(bank).T)  # [B, K]
+    neg = torch.cat(blocks, dim=1)
     with torch.no_grad():  # masking is a discrete choice: no gradient through the decision itself
         drop = idx[:, None] == torch.arange(n_all, device=a.device)[None, :]  # j == i
         if same_answer is not None:
             drop = drop | same_answer.to(device=a.device, dtype=torch.bool)[rows]
         drop = drop.repeat(1, 3)
+        if bank is not None:
+            bank_drop = (torch.zeros((drop.shape[0], bank.shape[0]), dtype=torch.bool, device=a.device)
+                         if same_bank is None else same_bank.to(device=a.device, dtype=torch.bool))
+            drop = torch.cat([drop, bank_drop], dim=1)
         if margin is not None:
             drop = drop | (neg > pos[:, None] + margin)
     logits = torch.cat([pos[:, None], neg.masked_fill(drop, float("-inf"))], dim=1) / temperature

@@ -22,7 +22,7 @@ from qanchor.model.layout import TokenIds, build_prefixes, pad_right
 from qanchor.model.losses import combine, masked_infonce, token_cross_entropy
 from qanchor.model.user_encoder import HierarchicalUserEncoder
 
-__all__ = ["PretrainBatch", "QAnchorOutput", "QAnchorModel"]
+__all__ = ["PretrainBatch", "QAnchorOutput", "QAnchorModel", "AnswerBank"]
 
 Gather = Callable[[torch.Tensor], torch.Tensor]
 Normalise = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
@@ -49,6 +49,38 @@ class QAnchorOutput:
     loss: torch.Tensor
     loss_contrastive: torch.Tensor
     loss_ntp: torch.Tensor
+
+
+class AnswerBank:
+    """The frozen sentence vectors and hashes of the most recent training answers (newest first), extra negatives.
+
+    Only the text tower's inputs are kept, never embeddings: each step re-projects them with the current
+    weights, so a bank negative is exactly what that answer would be in today's batch. Every rank pushes the
+    gathered batch, so all ranks hold the same bank and N ranks x B rows equal one process with N x B rows.
+    Its contents are part of the resume state (:meth:`state_dict`): a resumed run sees the same negatives as
+    an uninterrupted one.
+    """
+
+    def __init__(self, size: int):
+        self.size = size
+        self.vec: torch.Tensor | None = None  # float32 [K, T]
+        self.hash: torch.Tensor | None = None  # long [K]
+
+    def __len__(self) -> int:
+        return 0 if self.hash is None else int(self.hash.shape[0])
+
+    def push(self, vec: torch.Tensor, hashes: torch.Tensor) -> None:
+        vec, hashes = vec.detach().float(), hashes.detach().long()
+        if self.vec is not None:
+            vec, hashes = torch.cat([vec, self.vec.to(vec.device)]), torch.cat([hashes, self.hash.to(hashes.device)])
+        self.vec, self.hash = vec[: self.size], hashes[: self.size]
+
+    def state_dict(self) -> dict:
+        return {"size": self.size, "vec": None if self.vec is None else self.vec.cpu(),
+                "hash": None if self.hash is None else self.hash.cpu()}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.size, self.vec, self.hash = int(state["size"]), state["vec"], state["hash"]
 
 
 def _local_mean(total: torch.Tensor, count: torch.Tensor) -> torch.Tensor:
@@ -116,11 +148,14 @@ class QAnchorModel(nn.Module):
 
     # ------------------------------------------------------------------------------------ forward
     def forward(self, batch: PretrainBatch, loss_cfg: LossConfig | None = None, gather: Gather | None = None,
-                normalise: Normalise | None = None, rank: int = 0, prompt: torch.Tensor | None = None) -> QAnchorOutput:
+                normalise: Normalise | None = None, rank: int = 0, prompt: torch.Tensor | None = None,
+                answer_bank: AnswerBank | None = None) -> QAnchorOutput:
         """Anchor tower with the answer appended (next-token loss) plus the semantic tower.
 
         ``gather`` all-gathers embeddings across ranks with gradients and ``normalise(sum, count)`` turns a
         local loss sum into this rank's share of the global mean; both default to single-process versions.
+        ``answer_bank`` (text tower only; the training loop owns it) adds its answers as negatives, then
+        receives this batch's.
         Ranks hold equal-sized batches, so this rank's rows start at ``rank * B`` in the gathered batch.
         """
         loss_cfg = loss_cfg or LossConfig()
@@ -154,12 +189,26 @@ class QAnchorModel(nn.Module):
             hashes = gather(batch.answer_hash)
             offset = rank * len(rows)
             same = hashes[:, None] == hashes[None, :]
-            total, count = masked_infonce(anchors_all, answers_all, rows=slice(offset, offset + len(rows)),
-                                          temperature=loss_cfg.temperature, margin=loss_cfg.margin, same_answer=same)
+            local = slice(offset, offset + len(rows))
+            bank = bank_same = None
+            if answer_bank is not None:
+                if self.answer_projection is None:
+                    raise ValueError("an answer bank needs model.answer_tower=text_encoder")
+                if len(answer_bank):
+                    bank = self._project_answer_vec(answer_bank.vec.to(anchor.device))
+                    bank_same = hashes[local, None] == answer_bank.hash.to(hashes.device)[None, :]
+            total, count = masked_infonce(anchors_all, answers_all, rows=local, temperature=loss_cfg.temperature,
+                                          margin=loss_cfg.margin, same_answer=same, bank=bank, same_bank=bank_same)
             cl = normalise(total, count)
+            if answer_bank is not None:  # after the loss: this batch's answers are already its in-batch negatives
+                answer_bank.push(gather(batch.answer_vec.float()).detach(), hashes)
         terms = combine(cl, ntp, loss_cfg.ntp_weight)
         return QAnchorOutput(anchor, answer_emb, terms.total,
                              terms.contrastive if cl is not None else zero, terms.ntp if ntp is not None else zero)
+
+    def _project_answer_vec(self, answer_vec: torch.Tensor) -> torch.Tensor:
+        """Text tower: frozen sentence vectors (N, T) -> (N, D) unit vectors."""
+        return F.normalize(self.answer_projection(answer_vec.to(self.answer_projection[0].weight.dtype)).float(), dim=-1)
 
     def encode_answers(self, answers: TextBatch, answer_vec: torch.Tensor | None = None) -> torch.Tensor:
         """Semantic tower -> (B, D) unit vectors: the backbone reads each answer (last token or mean pooled),
@@ -167,7 +216,7 @@ class QAnchorModel(nn.Module):
         if self.answer_projection is not None:
             if answer_vec is None:
                 raise ValueError("answer_tower=text_encoder needs the batch's answer_vec (PretrainStream sets it)")
-            return F.normalize(self.answer_projection(answer_vec.to(self.answer_projection[0].weight.dtype)).float(), dim=-1)
+            return self._project_answer_vec(answer_vec)
         embeds = self.embed_tokens(answers.ids)  # (B, La, H)
         mask = torch.arange(answers.ids.shape[1], device=embeds.device)[None, :] < answers.lengths[:, None]
         hidden = self.decoder(embeds, mask.long()).last_hidden_state  # (B, La, H)

@@ -40,6 +40,7 @@ from qanchor.logs import Progress, format_seconds, interactive, log
 from qanchor.model.backbone import check_device, load_tokenizer
 from qanchor.model.factory import ModelMeta, build_model, save_checkpoint
 from qanchor.model.layout import tokenize_query
+from qanchor.model.qanchor_model import AnswerBank
 from qanchor.train.distributed import all_reduce_sum, gather_with_grad, global_mean_loss
 from qanchor.train.engine import device_of, gathered_parameters, init_distributed, initialize
 from qanchor.train.pairs import PretrainStream
@@ -135,12 +136,13 @@ def run_pretrain(cfg: PretrainConfig, progress: bool = True) -> Path:
                             cfg.train.query_group_size, answer_cache(cfg, ds, rank, progress))
     engine, _ = initialize(model, cfg.train, world)
     torch.manual_seed(cfg.train.seed * 1000 + rank)  # dropout streams differ per rank
-    start = _maybe_resume(engine, out, cfg.resume)
+    bank = AnswerBank(cfg.loss.answer_bank) if cfg.loss.answer_bank else None
+    start = _maybe_resume(engine, bank, out, cfg.resume)
     metrics = MetricsLog(out / "metrics.jsonl", start if cfg.resume else None) if rank == 0 else None
     if rank == 0 and progress:
         _log_start(cfg, model, ds, stream, world, start)
-    last = _train_loop(cfg, engine, stream, start, rank, world, metrics, progress,
-                       save=lambda step: _save(cfg, engine, model, tokenizer, meta, out, step, rank))
+    last = _train_loop(cfg, engine, stream, start, rank, world, metrics, progress, bank,
+                       save=lambda step: _save(cfg, engine, model, tokenizer, meta, out, step, rank, bank))
     if rank == 0 and progress:
         log(f"pretrain: done, {cfg.train.max_steps - start} steps in {format_seconds(time.perf_counter() - started)}"
             + (f"; last step loss {last['loss']:.4f} (contrastive {last['loss_contrastive']:.4f}, ntp "
@@ -217,7 +219,7 @@ def resume_tag(state: Path) -> str | None:
     return None
 
 
-def _maybe_resume(engine, out: Path, resume: bool) -> int:
+def _maybe_resume(engine, bank: AnswerBank | None, out: Path, resume: bool) -> int:
     state = out / "ds_state"
     tag = resume_tag(state) if resume else None
     if tag is None:
@@ -225,11 +227,13 @@ def _maybe_resume(engine, out: Path, resume: bool) -> int:
     # only sealed state reaches DeepSpeed's pickle-based loader
     _, client = engine.load_checkpoint(str(state), tag=tag, load_optimizer_states=True, load_lr_scheduler_states=True)
     torch.set_rng_state(client["torch_rng"])  # dropout continues exactly where the killed run was
+    if bank is not None and client.get("answer_bank") is not None:  # the negatives the killed run had collected
+        bank.load_state_dict(client["answer_bank"])
     return int(client["step"])
 
 
 def _train_loop(cfg: PretrainConfig, engine, stream: PretrainStream, start: int, rank: int, world: int,
-                metrics: MetricsLog | None, progress: bool, save) -> dict | None:
+                metrics: MetricsLog | None, progress: bool, bank: AnswerBank | None, save) -> dict | None:
     device = device_of()
     tc = cfg.train
     bar = Progress(tc.max_steps, "pretrain", "step", enabled=progress and rank == 0 and interactive(), initial=start)
@@ -241,7 +245,7 @@ def _train_loop(cfg: PretrainConfig, engine, stream: PretrainStream, start: int,
         sums = torch.zeros(3)
         for micro in range(tc.grad_accum_steps):
             batch = stream.batch(step * tc.grad_accum_steps + micro, tc.batch_size, rank, world).to(device)
-            out = engine(batch, cfg.loss, gather=gather_with_grad, normalise=global_mean_loss, rank=rank)
+            out = engine(batch, cfg.loss, gather=gather_with_grad, normalise=global_mean_loss, rank=rank, answer_bank=bank)
             engine.backward(out.loss)
             engine.step()
             sums += torch.stack([out.loss.detach(), out.loss_contrastive.detach(), out.loss_ntp.detach()]).float().cpu()
@@ -270,10 +274,12 @@ def _train_loop(cfg: PretrainConfig, engine, stream: PretrainStream, start: int,
     return record
 
 
-def _save(cfg: PretrainConfig, engine, model, tokenizer, meta: ModelMeta, out: Path, step: int, rank: int) -> None:
+def _save(cfg: PretrainConfig, engine, model, tokenizer, meta: ModelMeta, out: Path, step: int, rank: int,
+          bank: AnswerBank | None) -> None:
     state = out / "ds_state"
     tag = f"step-{step:07d}"
-    engine.save_checkpoint(str(state), tag=tag, client_state={"step": step, "torch_rng": torch.get_rng_state()})
+    engine.save_checkpoint(str(state), tag=tag, client_state={"step": step, "torch_rng": torch.get_rng_state(),
+                                                              "answer_bank": None if bank is None else bank.state_dict()})
     failpoint("ds-saved")
     if torch.distributed.is_initialized():
         torch.distributed.barrier()  # every rank's shard of the tag is on disk before it is sealed

@@ -17,7 +17,7 @@ A = np.array([[1.0, 0.0], [0.0, 1.0], [0.6, 0.8]])
 V = np.array([[0.8, 0.6], [0.6, 0.8], [0.0, 1.0]])
 
 
-def reference(a, v, t, margin, same=None):
+def reference(a, v, t, margin, same=None, bank=(), same_bank=None):
     """Per-row losses with explicit loops: the definition, written out."""
     n = len(a)
     out = []
@@ -30,6 +30,9 @@ def reference(a, v, t, margin, same=None):
             for s in (a[i] @ v[j], a[i] @ a[j], v[i] @ a[j]):
                 if s <= pos + margin:
                     terms.append(math.exp(s / t))
+        for k, b in enumerate(bank):  # answers of earlier batches: anchor -> answer only
+            if (same_bank is None or not same_bank[i][k]) and a[i] @ b <= pos + margin:
+                terms.append(math.exp(a[i] @ b / t))
         out.append(-math.log(terms[0] / sum(terms)))
     return np.array(out)
 
@@ -126,3 +129,22 @@ def test_combine_modes():
     assert (only_t.total.item(), only_t.contrastive.item()) == (6.0, 0.0)
     with pytest.raises(ValueError):
         combine(None, None)
+
+
+# Two earlier answers: one close to row 0's anchor (0.96 > its positive 0.8 + 0.1), one orthogonal-ish.
+BANK = np.array([[0.96, 0.28], [-0.6, 0.8]])
+
+
+@pytest.mark.parametrize("margin", [0.1, math.inf])
+def test_answer_bank_negatives_match_reference(margin):
+    same_bank = np.zeros((3, 2), dtype=bool)
+    same_bank[1, 1] = True  # row 1's answer text equals bank answer 1: not a negative for it
+    s, n = masked_infonce(torch.tensor(A), torch.tensor(V), temperature=0.5, margin=margin,
+                          bank=torch.tensor(BANK), same_bank=torch.tensor(same_bank))
+    assert n.item() == 3
+    assert s.item() == pytest.approx(reference(A, V, 0.5, margin, bank=BANK, same_bank=same_bank).sum(), rel=1e-10)
+    without = masked_infonce(torch.tensor(A), torch.tensor(V), temperature=0.5, margin=margin)[0].item()
+    assert s.item() > without + 1e-3  # more negatives: a harder task
+    masked_all = masked_infonce(torch.tensor(A), torch.tensor(V), temperature=0.5, margin=margin,
+                                bank=torch.tensor(BANK), same_bank=torch.ones(3, 2, dtype=torch.bool))[0].item()
+    assert masked_all == pytest.approx(without, abs=1e-12)

@@ -10,8 +10,11 @@ import torch
 from qanchor.config import LossConfig, load_config
 from qanchor.data.batch import TextBatch
 from qanchor.data.manifest import Manifest
+from qanchor.errors import ConfigError
 from qanchor.model.factory import ModelMeta, build_model, load_checkpoint, save_checkpoint
 from qanchor.model.layout import special_token_names
+from qanchor.model.losses import masked_infonce
+from qanchor.model.qanchor_model import AnswerBank
 from tests.model.helpers import model_and_stream, tiny_cfg
 
 
@@ -221,3 +224,42 @@ def test_text_answer_tower_projects_frozen_vectors(tiny_dataset, tmp_path):
     assert torch.allclose(out.answer.norm(dim=-1), torch.ones(4))
     with pytest.raises(ValueError, match="answer_vec"):
         model.encode_answers(batch.answers, None)
+
+
+def test_answer_bank_adds_reprojected_earlier_answers_as_negatives(tiny_dataset, tmp_path):
+    """loss.answer_bank: earlier answers' frozen vectors, projected with today's weights, are extra negatives."""
+    ds_dir = tmp_path / "ds"
+    shutil.copytree(tiny_dataset, ds_dir, ignore=shutil.ignore_patterns(".qanchor_cache"))
+    model, _, stream, ds, pipe, _ = model_and_stream(ds_dir, tiny_cfg(["model.answer_tower=text_encoder"]))
+    stream.answer_cache = pipe.cache
+    model.eval()  # no dropout: the same function twice
+    loss_cfg = LossConfig(mode="contrastive", margin=None)
+    first, second = stream.batch(0, 4), stream.batch(1, 4)
+    bank = AnswerBank(6)
+    model(first, loss_cfg, answer_bank=bank)  # an empty bank: nothing to add, then it receives this batch
+    assert len(bank) == 4 and torch.equal(bank.vec, first.answer_vec) and torch.equal(bank.hash, first.answer_hash)
+    out = model(second, loss_cfg, answer_bank=bank)
+    # The loss is masked InfoNCE with the first batch's answers, re-projected now, as anchor->answer negatives.
+    earlier = model.encode_answers(first.answers, first.answer_vec)
+    same_bank = second.answer_hash[:, None] == first.answer_hash[None, :]
+    expected, n = masked_infonce(out.anchor, out.answer, margin=None, same_answer=second.answer_hash[:, None]
+                                 == second.answer_hash[None, :], bank=earlier, same_bank=same_bank)
+    assert out.loss_contrastive.item() == pytest.approx((expected / n).item(), rel=1e-6)
+    plain = model(second, loss_cfg)
+    assert out.loss_contrastive.item() > plain.loss_contrastive.item()
+    # Newest first, the oldest dropped at the size limit.
+    assert len(bank) == 6 and torch.equal(bank.vec[:4], second.answer_vec) and torch.equal(bank.vec[4:], first.answer_vec[:2])
+    restored = AnswerBank(0)
+    restored.load_state_dict(bank.state_dict())
+    assert restored.size == 6 and torch.equal(restored.vec, bank.vec) and torch.equal(restored.hash, bank.hash)
+    backbone_tower, *_ = model_and_stream(ds_dir, tiny_cfg())
+    with pytest.raises(ValueError, match="answer_tower=text_encoder"):
+        backbone_tower(second, loss_cfg, answer_bank=AnswerBank(4))
+
+
+def test_answer_bank_needs_the_text_tower():
+    with pytest.raises(ConfigError, match="loss.answer_bank needs model.answer_tower=text_encoder"):
+        tiny_cfg(["loss.answer_bank=64"])
+    with pytest.raises(ConfigError, match="loss.answer_bank must be >= 0"):
+        tiny_cfg(["model.answer_tower=text_encoder", "loss.answer_bank=-1"])
+    assert tiny_cfg(["model.answer_tower=text_encoder", "loss.answer_bank=64"]).loss.answer_bank == 64

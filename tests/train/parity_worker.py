@@ -1,6 +1,7 @@
 """Run under torchrun (1 or 2 processes): one DeepSpeed step of the tiny model on a global batch of 4.
 
-Writes the global loss and every averaged gradient to ``<out>`` (safetensors) from rank 0.
+Writes the global loss and every averaged gradient to ``<out>`` (safetensors) from rank 0. With a third
+argument ``bank``: the text answer tower, with an answer bank holding an earlier global batch.
 """
 
 from __future__ import annotations
@@ -14,25 +15,34 @@ from qanchor.config import DataConfig, LossConfig, ModelConfig, TrainConfig, loa
 from qanchor.data.dataset import load_dataset
 from qanchor.data.pipeline import UserPipeline
 from qanchor.model.factory import build_model
+from qanchor.model.qanchor_model import AnswerBank
 from qanchor.train.distributed import all_reduce_sum, gather_with_grad, global_mean_loss
 from qanchor.train.engine import init_distributed, initialize
 from qanchor.train.pairs import PretrainStream
 
 
-def main(dataset_dir: str, out: str) -> None:
+def main(dataset_dir: str, out: str, mode: str = "plain") -> None:
     rank, world = init_distributed()
     ds = load_dataset(dataset_dir)
     data_cfg = DataConfig(default_max_events=8)
     pipe = UserPipeline.for_dataset(ds, data_cfg)
-    model_cfg: ModelConfig = load_config("configs/model/tiny.yaml", ["user_encoder.dropout=0.0"])
+    tower = ["answer_tower=text_encoder"] if mode == "bank" else []
+    model_cfg: ModelConfig = load_config("configs/model/tiny.yaml", ["user_encoder.dropout=0.0", *tower])
     torch.manual_seed(0)
     model, tokenizer = build_model(model_cfg, ds.manifest, pipe.cache.dim, ds.tabular_columns)
     model.eval()  # no dropout anywhere: the two runs must see the same function
-    stream = PretrainStream(ds, pipe, tokenizer, model.token_ids, model_cfg, seed=0)
+    stream = PretrainStream(ds, pipe, tokenizer, model.token_ids, model_cfg, seed=0,
+                            answer_cache=pipe.cache if mode == "bank" else None)
     per_rank = 4 // world
     engine, _ = initialize(model, TrainConfig(batch_size=per_rank, max_steps=1, warmup_steps=0), world)
     batch = stream.batch(0, per_rank, rank, world)
-    output = engine(batch, LossConfig(), gather=gather_with_grad, normalise=global_mean_loss, rank=rank)
+    bank = None
+    if mode == "bank":  # every rank holds the same bank: an earlier global batch, as training leaves it
+        earlier = stream.batch(1, 4, 0, 1)
+        bank = AnswerBank(8)
+        bank.push(earlier.answer_vec, earlier.answer_hash)
+    output = engine(batch, LossConfig(), gather=gather_with_grad, normalise=global_mean_loss, rank=rank,
+                    answer_bank=bank)
     engine.backward(output.loss)
     losses = all_reduce_sum(torch.stack([output.loss, output.loss_contrastive, output.loss_ntp]).detach()) / world
     if rank == 0:
@@ -41,4 +51,4 @@ def main(dataset_dir: str, out: str) -> None:
 
 
 if __name__ == "__main__":
-    main(sys.argv[1], sys.argv[2])
+    main(*sys.argv[1:])

@@ -42,7 +42,8 @@ def _pretrain_cmd(ds_dir: Path, out: Path, *extra: str) -> list[str]:
     return [sys.executable, "-m", "qanchor.cli", "pretrain", "--config", str(ROOT / "configs/pretrain/tiny-synth.yaml"),
             f"data.path={ds_dir}", f"output_dir={out}", "data.default_max_events=8", "data.max_events={}",
             "train.batch_size=4", "train.log_every=1", "train.warmup_steps=2",
-            "train.schedule=constant", *extra]  # constant LR: the schedule must not depend on max_steps here
+            "train.schedule=constant", "loss.answer_bank=8",  # the bank (2 batches) is part of the resume state
+            *extra]  # constant LR: the schedule must not depend on max_steps here
 
 
 def _metrics(out: Path) -> list[dict]:
@@ -81,19 +82,20 @@ def test_kill_and_resume(prepared, tmp_path):
     assert {r["step"]: r["loss"] for r in _metrics(straight)} == resumed_losses
 
 
-def _torchrun(n: int, ds_dir: Path, out: Path) -> None:
+def _torchrun(n: int, ds_dir: Path, out: Path, mode: str) -> None:
     with socket.socket() as sock:  # torchrun's static rendezvous needs a real free port
         sock.bind(("127.0.0.1", 0))
         port = sock.getsockname()[1]
     cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={n}", f"--master_port={port}",
-           str(ROOT / "tests/train/parity_worker.py"), str(ds_dir), str(out)]
+           str(ROOT / "tests/train/parity_worker.py"), str(ds_dir), str(out), mode]
     proc = subprocess.run(cmd, cwd=ROOT, env={**ENV, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
 
 
-def test_two_ranks_match_one_rank(prepared, tmp_path):
-    _torchrun(1, prepared, tmp_path / "one.safetensors")
-    _torchrun(2, prepared, tmp_path / "two.safetensors")
+@pytest.mark.parametrize("mode", ["plain", "bank"])  # bank: text answer tower + an answer bank of extra negatives
+def test_two_ranks_match_one_rank(prepared, tmp_path, mode):
+    _torchrun(1, prepared, tmp_path / "one.safetensors", mode)
+    _torchrun(2, prepared, tmp_path / "two.safetensors", mode)
     one, two = load_file(tmp_path / "one.safetensors"), load_file(tmp_path / "two.safetensors")
     assert torch.allclose(one["losses"], two["losses"], atol=1e-5), (one["losses"], two["losses"])
     assert one.keys() == two.keys() and len(one) > 20
