@@ -121,6 +121,10 @@ class LossConfig:
     # A small batch gives each anchor only B - 1 negatives, which a few directions already separate; the paper's
     # global batch of 2,048 gives 2,047. 0 = in-batch negatives only.
     answer_bank: int = 0
+    # Which bank answers are negatives: all of them, or only other users' answers to the anchor's own query (the
+    # distinction a query-conditioned embedding exists to make; answers to other queries are told apart by the
+    # query alone).
+    answer_bank_scope: Literal["all", "same_query"] = "all"
 
     def __post_init__(self) -> None:
         if self.temperature <= 0:

@@ -35,11 +35,13 @@ class PretrainBatch:
     answers: TextBatch  # answer token ids ending with the end token, right-padded
     answer_hash: torch.Tensor  # long [B]: equal answers share a hash; masked as negatives of each other
     answer_vec: torch.Tensor | None = None  # float32 [B, T]: frozen sentence vectors of the answers (text tower)
+    query_hash: torch.Tensor | None = None  # long [B]: equal query texts share a hash (answer-bank scope)
 
     def to(self, device) -> PretrainBatch:
         vec = None if self.answer_vec is None else self.answer_vec.to(device)
+        qh = None if self.query_hash is None else self.query_hash.to(device)
         return PretrainBatch(self.users.to(device), self.queries.to(device), self.answers.to(device),
-                             self.answer_hash.to(device), vec)
+                             self.answer_hash.to(device), vec, qh)
 
 
 @dataclass
@@ -65,22 +67,25 @@ class AnswerBank:
         self.size = size
         self.vec: torch.Tensor | None = None  # float32 [K, T]
         self.hash: torch.Tensor | None = None  # long [K]
+        self.query_hash: torch.Tensor | None = None  # long [K]: the query each answer answered
 
     def __len__(self) -> int:
         return 0 if self.hash is None else int(self.hash.shape[0])
 
-    def push(self, vec: torch.Tensor, hashes: torch.Tensor) -> None:
+    def push(self, vec: torch.Tensor, hashes: torch.Tensor, query_hashes: torch.Tensor | None = None) -> None:
         vec, hashes = vec.detach().float(), hashes.detach().long()
+        qh = torch.zeros_like(hashes) if query_hashes is None else query_hashes.detach().long()
         if self.vec is not None:
             vec, hashes = torch.cat([vec, self.vec.to(vec.device)]), torch.cat([hashes, self.hash.to(hashes.device)])
-        self.vec, self.hash = vec[: self.size], hashes[: self.size]
+            qh = torch.cat([qh, self.query_hash.to(qh.device)])
+        self.vec, self.hash, self.query_hash = vec[: self.size], hashes[: self.size], qh[: self.size]
 
     def state_dict(self) -> dict:
-        return {"size": self.size, "vec": None if self.vec is None else self.vec.cpu(),
-                "hash": None if self.hash is None else self.hash.cpu()}
+        return {"size": self.size, **{k: None if getattr(self, k) is None else getattr(self, k).cpu()
+                                      for k in ("vec", "hash", "query_hash")}}
 
     def load_state_dict(self, state: dict) -> None:
-        self.size, self.vec, self.hash = int(state["size"]), state["vec"], state["hash"]
+        self.size, self.vec, self.hash, self.query_hash = int(state["size"]), state["vec"], state["hash"], state["query_hash"]
 
 
 def _local_mean(total: torch.Tensor, count: torch.Tensor) -> torch.Tensor:
@@ -197,11 +202,17 @@ class QAnchorModel(nn.Module):
                 if len(answer_bank):
                     bank = self._project_answer_vec(answer_bank.vec.to(anchor.device))
                     bank_same = hashes[local, None] == answer_bank.hash.to(hashes.device)[None, :]
+                    if loss_cfg.answer_bank_scope == "same_query":  # only other users' answers to this query
+                        if batch.query_hash is None:
+                            raise ValueError("answer_bank_scope=same_query needs the batch's query_hash")
+                        queries_all = gather(batch.query_hash)[local]
+                        bank_same = bank_same | (queries_all[:, None] != answer_bank.query_hash.to(hashes.device)[None, :])
             total, count = masked_infonce(anchors_all, answers_all, rows=local, temperature=loss_cfg.temperature,
                                           margin=loss_cfg.margin, same_answer=same, bank=bank, same_bank=bank_same)
             cl = normalise(total, count)
             if answer_bank is not None:  # after the loss: this batch's answers are already its in-batch negatives
-                answer_bank.push(gather(batch.answer_vec.float()).detach(), hashes)
+                answer_bank.push(gather(batch.answer_vec.float()).detach(), hashes,
+                                 None if batch.query_hash is None else gather(batch.query_hash))
         terms = combine(cl, ntp, loss_cfg.ntp_weight)
         return QAnchorOutput(anchor, answer_emb, terms.total,
                              terms.contrastive if cl is not None else zero, terms.ntp if ntp is not None else zero)

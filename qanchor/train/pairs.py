@@ -135,4 +135,5 @@ class PretrainStream:
         if self.answer_cache is not None:  # frozen sentence vectors of the answers: the text tower's targets
             rows = self.answer_cache.ensure([self.answers[i] for i in ids])  # first: it may add rows to the matrix
             vec = torch.from_numpy(self.answer_cache.vectors[rows])
-        return PretrainBatch(users, queries, answers, hashes, vec)
+        query_hashes = torch.tensor([zlib.crc32(self.queries[i].encode()) for i in ids], dtype=torch.long)
+        return PretrainBatch(users, queries, answers, hashes, vec, query_hashes)
