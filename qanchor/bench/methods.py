@@ -27,7 +27,7 @@ import torch
 from qanchor.bench.coles import coles_embeddings
 from qanchor.bench.embedder import Embedder, QAnchorEmbedder
 from qanchor.bench.features import PeerFeatures, extract_features
-from qanchor.bench.peers import Classifier, MethodInput, MethodResult, Skip, evaluate_folds
+from qanchor.bench.peers import Classifier, MethodInput, MethodResult, Skip, evaluate_folds, fit_predict
 from qanchor.bench.retrain import pretrain_ablation
 from qanchor.config import BenchConfig, PromptTuneConfig, load_config
 from qanchor.data.dataset import Dataset, Task
@@ -36,9 +36,9 @@ from qanchor.data.text_cache import TextVectorCache
 from qanchor.infer.api import QAnchor
 from qanchor.model.layout import tokenize_query
 from qanchor.model.prefix_cache import PrefixStore
-from qanchor.tune.head import HeadEntry
+from qanchor.tune.head import HeadEntry, ScenarioHead
 from qanchor.tune.prompt_tune import encode_users
-from qanchor.tune.trainer import fold_split, head_scores, tune_task
+from qanchor.tune.trainer import Split, fold_split, head_scores, tune_task
 
 __all__ = ["BenchContext", "METHODS", "DEFAULT_METHODS", "head_eval_mask", "evaluate_task"]
 
@@ -53,6 +53,7 @@ class BenchContext:
         self.user_ids = np.asarray(sorted({u for t in tasks for u in t.user_ids}), dtype=object)
         self.heads = heads or {}
         self._row = {u: i for i, u in enumerate(self.user_ids)}
+        self.fold_heads: dict[tuple[str, int], list] = {}  # (task, n folds) -> [(split, head)] per fold
         self.seconds: dict[str, float] = {}  # wall time of each shared input, for the report
 
     @contextmanager
@@ -192,21 +193,55 @@ def _qanchor_generic(ctx: BenchContext, task: Task) -> MethodInput:
     return MethodInput(features=ctx.embedding(ctx.cfg.generic_query)[ctx.rows(task.user_ids)], classifier=Classifier.LR)
 
 
+def _fold_heads(ctx: BenchContext, task: Task, folds: list) -> list[tuple[Split, ScenarioHead]]:
+    """One scenario head per fold, tuned on that fold's training users only (best step by a validation split of
+    them); computed once per task and shared by ``qanchor_head`` and ``qanchor_head_lr``."""
+    key = (task.name, len(folds))
+    if key not in ctx.fold_heads:
+        store = ctx.prefix_store  # Skip without a real checkpoint
+        model, cfg = ctx.embedder.model, ctx.tune_config
+        rows, labels = ctx.store_rows(task.user_ids), task.labels.astype(np.int64)
+        query_ids = _query_ids(model, task.query)
+        heads = []
+        for i, (train, test) in enumerate(folds):
+            split = fold_split(rows, labels, train, test, cfg.val_fraction, cfg.seed + i)
+            result = tune_task(model.model, store, query_ids, split, cfg, task.name, task.query, model.checkpoint_hash or "")
+            heads.append((split, result.head))
+        ctx.fold_heads[key] = heads
+    return ctx.fold_heads[key]
+
+
+def _query_ids(model: QAnchor, query: str) -> torch.Tensor:
+    return torch.tensor(tokenize_query(model.tokenizer, query, model.run_cfg.model.max_query_tokens))
+
+
 def _qanchor_head(ctx: BenchContext, task: Task, folds: list) -> MethodInput:
-    """A scenario head tuned per fold on that fold's training users (its validation split among them), scored
-    on the fold's test users: comparable with every other row, on the same users and folds."""
-    store = ctx.prefix_store  # Skip without a real checkpoint
+    """The per-fold head's own score (prototypes) on the fold's test users: the same users and folds as every row."""
+    heads = _fold_heads(ctx, task, folds)  # Skip without a real checkpoint
     model, cfg = ctx.embedder.model, ctx.tune_config
-    rows = ctx.store_rows(task.user_ids)
-    labels = task.labels.astype(np.int64)
-    query_ids = torch.tensor(tokenize_query(model.tokenizer, task.query, model.run_cfg.model.max_query_tokens))
-    scores = np.full(len(labels), np.nan)
-    for i, (train, test) in enumerate(folds):
-        split = fold_split(rows, labels, train, test, cfg.val_fraction, cfg.seed + i)
-        result = tune_task(model.model, store, query_ids, split, cfg, task.name, task.query, model.checkpoint_hash or "")
-        scores[test] = head_scores(model.model, store, query_ids, result.head, split.rows["test"], cfg.prefix_chunk)
+    scores = np.full(len(task.labels), np.nan)
+    for (split, head), (_, test) in zip(heads, folds):
+        scores[test] = head_scores(model.model, ctx.prefix_store, _query_ids(model, task.query), head,
+                                   split.rows["test"], cfg.prefix_chunk)
     return MethodInput(scores=scores, note=f"head tuned per fold on its training users ({cfg.steps} steps, best "
                                             "step by a validation split of them), scored on the fold's test users")
+
+
+def _qanchor_head_lr(ctx: BenchContext, task: Task, folds: list) -> MethodInput:
+    """The per-fold head's embedding (its soft prompt + the task query) with the same LR probe as every LR row,
+    fitted on the fold's training users: does prompt tuning improve the representation, whatever the scorer?"""
+    heads = _fold_heads(ctx, task, folds)  # Skip without a real checkpoint
+    model, cfg = ctx.embedder.model, ctx.tune_config
+    rows, labels = ctx.store_rows(task.user_ids), task.labels.astype(np.int64)
+    index = torch.as_tensor(rows, dtype=torch.long)
+    scores = np.full(len(labels), np.nan)
+    for i, ((_, head), (train, test)) in enumerate(zip(heads, folds)):
+        suffix = model.model.suffix(_query_ids(model, task.query), head.prompt.detach())
+        with torch.no_grad():
+            emb = ctx.prefix_store.embed(model.model, suffix, index, cfg.prefix_chunk).float().cpu().numpy()
+        scores[test] = fit_predict(Classifier.LR, emb[train], labels[train], emb[test], ctx.cfg.seed + i, ctx.cfg.n_jobs)
+    return MethodInput(scores=scores, note="per-fold head's embedding (soft prompt + task query) + LR on the fold's "
+                                            "training users")
 
 
 def _qanchor_swapped_query(ctx: BenchContext, task: Task) -> MethodInput:
@@ -247,12 +282,13 @@ METHODS: dict[str, Callable[..., MethodInput]] = {
     "qanchor_swapped_query": _qanchor_swapped_query,
     "qanchor_random_init": _qanchor_random_init,
     "qanchor_head": _qanchor_head,
+    "qanchor_head_lr": _qanchor_head_lr,
     "union_lgbm": _union_lgbm,
     "rfm_lgbm": _rfm_lgbm,
     "text_mean_lr": _text_mean_lr,
     "coles": _coles,
 }
-FOLD_METHODS = {"qanchor_head"}  # methods that fit something per fold themselves (their scores are out-of-fold)
+FOLD_METHODS = {"qanchor_head", "qanchor_head_lr"}  # methods that fit something per fold themselves (their scores are out-of-fold)
 DEFAULT_METHODS = list(METHODS)
 
 

@@ -33,6 +33,7 @@ METHOD_LABELS = {
     "qanchor_swapped_query": "control: Q-Anchor under another task's query + LR",
     "qanchor_random_init": "control: same model, no pretraining, task query + LR",
     "qanchor_head": "Q-Anchor, prompt-tuned head (tuned per fold)",
+    "qanchor_head_lr": "Q-Anchor, per-fold head's embedding + LR",
     "rfm_lgbm": "RFM + counts + LightGBM",
     "text_mean_lr": "mean event-text vector + LR",
     "union_lgbm": "RFM + counts + tabular + mean text vector + LightGBM",
@@ -157,6 +158,9 @@ _NOTES = """## How to read this
 - `qanchor_head`: a scenario head (soft prompt + class prototypes, DESIGN section 5) tuned per fold on that
   fold's training users only (its best step chosen on a validation split of them), then its own score on the
   fold's test users: the same users and folds as every other row, so AUC and KS compare directly.
+- `qanchor_head_lr`: the same per-fold heads, but their embedding (soft prompt + task query) scored by the
+  logistic regression every LR row uses, fitted on the fold's training users: whether prompt tuning improves
+  the representation, separately from the prototype scorer.
 - `rfm_lgbm`: recency / frequency / monetary statistics and counts per modality (plus tabular columns) with
   LightGBM; `text_mean_lr`: the mean event-text vector (frozen sentence encoder) with logistic regression;
   `union_lgbm`: the strongest peer, LightGBM on the union of the RFM / count / tabular features and the mean

@@ -38,7 +38,7 @@ from qanchor.tune.head import HeadEntry, load_heads
 
 __all__ = ["TaskResult", "BenchResult", "run_bench", "prepare"]
 
-_QANCHOR_METHODS = ("qanchor_task", "qanchor_generic", "qanchor_swapped_query", "qanchor_head", "qanchor_random_init")
+_QANCHOR_METHODS = ("qanchor_task", "qanchor_generic", "qanchor_swapped_query", "qanchor_head", "qanchor_head_lr", "qanchor_random_init")
 
 
 @dataclass

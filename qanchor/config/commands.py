@@ -123,8 +123,8 @@ class BenchConfig:
     seed: int = 0  # fixes the folds, the classifiers and any subsampling
     generic_query: str = "What kind of user is this?"  # the static-embedding baseline's one query
     methods: list[str] = field(default_factory=lambda: ["qanchor_task", "qanchor_generic", "qanchor_swapped_query",
-                                                        "qanchor_random_init", "qanchor_head", "rfm_lgbm", "text_mean_lr",
-                                                        "union_lgbm", "coles"])
+                                                        "qanchor_random_init", "qanchor_head", "qanchor_head_lr", "rfm_lgbm",
+                                                        "text_mean_lr", "union_lgbm", "coles"])
     heads_dir: str | None = None  # `qanchor prompt-tune` output_dir, for the before / after tuning PCA plot
     ablations: bool = False  # retrain ablated models under <output_dir>/ablations/ (slow: pretraining runs)
     output_dir: str = "results/bench"

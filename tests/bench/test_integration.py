@@ -9,9 +9,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from qanchor.bench import methods as bench_methods
 from qanchor.bench.embedder import QAnchorEmbedder
+from qanchor.bench.peers import Classifier, fit_predict, stratified_folds
 from qanchor.bench.report import write_report
-from qanchor.bench.runner import run_bench
+from qanchor.bench.runner import _make_context, prepare, run_bench
 from qanchor.config import BenchConfig, DataConfig, PromptTuneConfig, load_config
 from qanchor.data.dataset import load_dataset
 from qanchor.model.factory import ModelMeta, checkpoint_hash, save_checkpoint
@@ -50,7 +52,7 @@ def test_bench_with_real_model_and_head(env, tmp_path):
     assert list(heads) == ["churn"] and len(heads["churn"].test_users) == 8  # 20 % of 40 users never seen in tuning
     cfg = BenchConfig(checkpoint=str(ckpt), data=DataConfig(path=str(ds_dir)), folds=3, heads_dir=str(root / "heads"),
                       methods=["qanchor_task", "qanchor_generic", "qanchor_swapped_query", "qanchor_random_init",
-                               "qanchor_head", "union_lgbm"], output_dir=str(tmp_path), head_steps=6)
+                               "qanchor_head", "qanchor_head_lr", "union_lgbm"], output_dir=str(tmp_path), head_steps=6)
     result = run_bench(cfg, progress=False)
     churn = result.tasks["churn"]
     assert all(churn.methods[m].ok for m in cfg.methods), {m: r.skipped for m, r in churn.methods.items()}
@@ -60,6 +62,34 @@ def test_bench_with_real_model_and_head(env, tmp_path):
     assert "another task's query" in churn.methods["qanchor_swapped_query"].note
     assert (tmp_path / "random_init" / "checkpoint" / "qanchor.json").exists()  # the floor: initial weights, saved
     assert result.extras["pca"][0]["after"].shape == (40, 128)
+    assert sum(churn.methods["qanchor_head_lr"].n_test) == 40
+
+
+def test_head_lr_is_the_lr_probe_on_each_fold_heads_embedding(env, tmp_path, monkeypatch):
+    """qanchor_head_lr reuses qanchor_head's per-fold heads (tuned once) and equals, fold by fold, the LR probe
+    fitted on the training users' embeddings under that head, computed through the public inference API."""
+    _, ds_dir, ckpt = env
+    cfg = BenchConfig(checkpoint=str(ckpt), data=DataConfig(path=str(ds_dir)), folds=3, tasks=["churn"],
+                      methods=["qanchor_head", "qanchor_head_lr"], output_dir=str(tmp_path), head_steps=6)
+    ds, tasks = prepare(cfg)
+    ctx = _make_context(cfg, ds, tasks, None, {}, progress=False)
+    task = tasks[0]
+    folds = stratified_folds(task.labels, 3, cfg.seed)
+    tuned = []
+    real_tune = bench_methods.tune_task
+    monkeypatch.setattr(bench_methods, "tune_task", lambda *a, **k: tuned.append(1) or real_tune(*a, **k))
+    bench_methods.METHODS["qanchor_head"](ctx, task, folds)
+    scores = bench_methods.METHODS["qanchor_head_lr"](ctx, task, folds).scores
+    assert len(tuned) == 3  # one head per fold, shared by both rows
+    records = {r.user_id: r for r in ds.users()}
+    users = [records[u] for u in task.user_ids]
+    labels = task.labels.astype(np.int64)
+    plain = ctx.embedder.model.embed(users, [task.query])[:, 0]
+    for i, ((_, head), (train, test)) in enumerate(zip(ctx.fold_heads[("churn", 3)], folds)):
+        emb = ctx.embedder.model.embed(users, [head.query], head=head)[:, 0]
+        assert not np.allclose(emb, plain, atol=1e-3)  # the soft prompt changes the embedding
+        expected = fit_predict(Classifier.LR, emb[train], labels[train], emb[test], cfg.seed + i)
+        assert np.allclose(scores[test], expected, atol=1e-4)
 
 
 @pytest.mark.slow
