@@ -96,7 +96,8 @@ def use_of_user(q: QAnchor, ds, n_batches: int, batch_size: int = 32, seed: int 
     """Contrastive loss on pretraining batches as they are vs with user prefixes permuted within each batch."""
     cfg = q.run_cfg
     stream = PretrainStream(ds, q.pipeline, q.tokenizer, q.model.token_ids, cfg.model, seed=1234 + seed,
-                            uqa_fraction=cfg.train.uqa_fraction, answer_cache=answer_cache(cfg, ds, 0, progress=False))
+                            uqa_fraction=cfg.train.uqa_fraction)
+    stream.answer_cache = answer_cache(cfg, ds, 0, False, stream.answers_for_steps(n_batches, batch_size))
     loss_cfg = LossConfig(mode="contrastive", temperature=cfg.loss.temperature, margin=cfg.loss.margin)
     rng = np.random.default_rng(seed)
     real, shuffled = [], []

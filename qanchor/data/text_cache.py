@@ -85,13 +85,13 @@ class SentenceEncoder:
         return f"{name}-{hashlib.sha256(raw.encode()).hexdigest()[:12]}"
 
     @torch.inference_mode()
-    def encode(self, texts: list[str], progress: bool = False) -> np.ndarray:
-        """Encode ``texts`` to float32 unit vectors ``[len(texts), dim]``."""
+    def encode(self, texts: list[str], progress: bool = False, what: str = "event texts") -> np.ndarray:
+        """Encode ``texts`` to float32 unit vectors ``[len(texts), dim]``; ``what`` names them in progress lines."""
         out = np.zeros((len(texts), self.dim), dtype=np.float32)
         bs = self.cfg.batch_size
         # Sorting by length keeps padding (and so wasted compute) small within a batch.
         order = np.argsort([len(t) for t in texts], kind="stable")
-        for start in progress_iter(range(0, len(texts), bs), desc="encode event texts", unit="batch", enabled=progress):
+        for start in progress_iter(range(0, len(texts), bs), desc=f"encode {what}", unit="batch", enabled=progress):
             idx = order[start : start + bs]
             batch = self.tokenizer([texts[i] for i in idx], padding=True, truncation=True,
                                    max_length=self.cfg.max_length, return_tensors="pt").to(self.device)
@@ -146,13 +146,13 @@ class TextVectorCache:
         except KeyError as exc:
             raise KeyError(f"text {exc.args[0]!r} is not in the cache; call ensure() first") from None
 
-    def ensure(self, texts: Iterable[str], progress: bool = False) -> np.ndarray:
+    def ensure(self, texts: Iterable[str], progress: bool = False, what: str = "event texts") -> np.ndarray:
         """Make sure every text is stored (encoding only new unique ones); return their rows."""
         texts = list(texts)
         self.lookups += len(texts)
         new = sorted({t for t in texts if t not in self._row})
         if new:
-            vectors = self.encoder.encode(new, progress=progress)
+            vectors = self.encoder.encode(new, progress=progress, what=what)
             shard = self.dir / f"shard-{len(list(self.dir.glob('shard-*.parquet'))):05d}-{os.getpid()}.parquet"
             flat = pa.array(vectors.reshape(-1), pa.float32())
             write_parquet(pa.table({"text": new, "vector": pa.FixedSizeListArray.from_arrays(flat, self.dim)}), shard)

@@ -115,6 +115,22 @@ class PretrainStream:
         start = within * batch_size * world + rank * batch_size
         return self.epoch_order(epoch)[start : start + batch_size]
 
+    def pair_ids_for_steps(self, steps: int, global_batch: int) -> np.ndarray:
+        """Every pair id that global batches ``0 .. steps - 1`` of ``global_batch`` pairs use, over all ranks (the
+        union of :meth:`pair_ids` over ranks, epoch by epoch)."""
+        per_epoch = len(self) // global_batch
+        if per_epoch == 0 or steps <= 0:
+            return np.zeros(0, np.int64)
+        chunks = []
+        for epoch in range(-(-steps // per_epoch)):
+            n = min(per_epoch, steps - epoch * per_epoch)
+            chunks.append(self.epoch_order(epoch)[: n * global_batch])
+        return np.concatenate(chunks)
+
+    def answers_for_steps(self, steps: int, global_batch: int) -> list[str]:
+        """The distinct answer texts of :meth:`pair_ids_for_steps`, sorted."""
+        return sorted({self.answers[i] for i in self.pair_ids_for_steps(steps, global_batch)})
+
     def _record(self, user_id: str, part: int) -> UserRecord:
         if part not in self._records:
             if len(self._records) >= 2:  # a batch spans at most two partitions

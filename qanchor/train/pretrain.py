@@ -133,7 +133,10 @@ def run_pretrain(cfg: PretrainConfig, progress: bool = True) -> Path:
     fit_input_stats(model, ds, pipe)
     meta = ModelMeta(ds.manifest.to_dict(), pipe.cache.dim, cfg.data.text_encoder.__dict__, list(ds.tabular_columns))
     stream = PretrainStream(ds, pipe, tokenizer, model.token_ids, cfg.model, cfg.train.seed, cfg.train.uqa_fraction,
-                            cfg.train.query_group_size, answer_cache(cfg, ds, rank, progress))
+                            cfg.train.query_group_size)
+    tc = cfg.train
+    stream.answer_cache = answer_cache(cfg, ds, rank, progress,
+                                       stream.answers_for_steps(tc.max_steps * tc.grad_accum_steps, tc.batch_size * world))
     engine, _ = initialize(model, cfg.train, world)
     torch.manual_seed(cfg.train.seed * 1000 + rank)  # dropout streams differ per rank
     bank = AnswerBank(cfg.loss.answer_bank) if cfg.loss.answer_bank else None
@@ -161,14 +164,17 @@ def fit_input_stats(model, ds: Dataset, pipe: UserPipeline, sample: int = 4096) 
         model.user_encoder.event_adapters[name].set_stats(torch.from_numpy(mean), torch.from_numpy(std))
 
 
-def answer_cache(cfg: PretrainConfig, ds: Dataset, rank: int, progress: bool) -> TextVectorCache | None:
-    """The text tower's answer vectors: every unique answer encoded once (rank 0 first), cached on disk."""
+def answer_cache(cfg: PretrainConfig, ds: Dataset, rank: int, progress: bool,
+                 answers: list[str] | None = None) -> TextVectorCache | None:
+    """The text tower's answer vectors, cached on disk; rank 0 encodes ``answers`` before training (the distinct
+    answers of the pairs a run will use, :meth:`PretrainStream.answers_for_steps`: the demo's 300 steps use 4,800
+    of Complete Journey's 69,516 pairs). A batch meeting an answer not yet cached encodes it then."""
     if cfg.model.answer_tower != "text_encoder":
         return None
     enc = replace(cfg.data.text_encoder, max_length=cfg.model.answer_max_length)
     cache = TextVectorCache(ds.text_cache_dir, SentenceEncoder(enc))
-    if rank == 0:
-        cache.ensure(sorted(set(ds.userU().column("answer").to_pylist())), progress=progress)
+    if rank == 0 and answers:
+        cache.ensure(answers, progress=progress, what="answers")
     if torch.distributed.is_initialized():
         torch.distributed.barrier()
         cache = TextVectorCache(ds.text_cache_dir, cache.encoder)  # the other ranks read rank 0's shards

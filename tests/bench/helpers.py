@@ -15,7 +15,7 @@ class HashEncoder:
 
     key, dim = "hash-test", 8
 
-    def encode(self, texts: list[str], progress: bool = False) -> np.ndarray:
+    def encode(self, texts: list[str], progress: bool = False, what: str = "event texts") -> np.ndarray:
         out = np.stack([np.random.default_rng(int(hashlib.md5(t.encode()).hexdigest()[:8], 16)).normal(size=self.dim)
                         for t in texts]) if texts else np.zeros((0, self.dim))
         return (out / np.linalg.norm(out, axis=1, keepdims=True)).astype(np.float32)

@@ -42,3 +42,18 @@ def test_stream_is_a_pure_function_of_seed_and_step(stream):
     a, b = _grouped(stream, 2, seed=3), _grouped(stream, 2, seed=3)
     assert np.array_equal(a.pair_ids(5, 4), b.pair_ids(5, 4))
     assert not np.array_equal(_grouped(stream, 2, seed=4).epoch_order(0), a.epoch_order(0))
+
+
+@pytest.mark.parametrize("world", [1, 2])
+def test_answers_for_steps_are_exactly_the_answers_the_steps_use(stream, world):
+    batch = 4
+    per_epoch = len(stream) // (batch * world)
+    steps = per_epoch + 3  # crosses an epoch boundary
+    used = [i for step in range(steps) for rank in range(world) for i in stream.pair_ids(step, batch, rank, world)]
+    assert sorted(stream.pair_ids_for_steps(steps, batch * world).tolist()) == sorted(used)
+    assert stream.answers_for_steps(steps, batch * world) == sorted({stream.answers[i] for i in used})
+    few = stream.answers_for_steps(2, batch * world)  # a short run primes only what it will meet
+    assert few == sorted({stream.answers[i] for step in range(2) for r in range(world)
+                          for i in stream.pair_ids(step, batch, r, world)})
+    assert len(few) < len(set(stream.answers))
+    assert stream.pair_ids_for_steps(0, batch).size == 0
