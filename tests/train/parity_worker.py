@@ -1,7 +1,8 @@
 """Run under torchrun (1 or 2 processes): one DeepSpeed step of the tiny model on a global batch of 4.
 
-Writes the global loss and every averaged gradient to ``<out>`` (safetensors) from rank 0. With a third
-argument ``bank``: the text answer tower, with an answer bank holding an earlier global batch.
+Writes the global loss and every averaged gradient to ``<out>.<mode>`` (safetensors) from rank 0, for two modes
+in one process (each launch costs seconds): ``plain`` (the backbone answer tower) and ``bank`` (the text answer
+tower with an answer bank holding an earlier global batch).
 """
 
 from __future__ import annotations
@@ -21,11 +22,15 @@ from qanchor.train.engine import init_distributed, initialize
 from qanchor.train.pairs import PretrainStream
 
 
-def main(dataset_dir: str, out: str, mode: str = "plain") -> None:
+def main(dataset_dir: str, out: str) -> None:
     rank, world = init_distributed()
     ds = load_dataset(dataset_dir)
-    data_cfg = DataConfig(default_max_events=8)
-    pipe = UserPipeline.for_dataset(ds, data_cfg)
+    pipe = UserPipeline.for_dataset(ds, DataConfig(default_max_events=8))
+    for mode in ("plain", "bank"):
+        one_step(ds, pipe, rank, world, mode, f"{out}.{mode}")
+
+
+def one_step(ds, pipe: UserPipeline, rank: int, world: int, mode: str, out: str) -> None:
     tower = ["answer_tower=text_encoder"] if mode == "bank" else []
     model_cfg: ModelConfig = load_config("configs/model/tiny.yaml", ["user_encoder.dropout=0.0", *tower])
     torch.manual_seed(0)
