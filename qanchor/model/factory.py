@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -65,7 +66,11 @@ def _apply_lora(backbone: torch.nn.Module, cfg: ModelConfig, new_token_ids: list
     lora = cfg.backbone.lora
     peft_cfg = LoraConfig(r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout, target_modules=list(lora.target_modules),
                           task_type="CAUSAL_LM", trainable_token_indices={"embed_tokens": new_token_ids})
-    return get_peft_model(backbone, peft_cfg)
+    with warnings.catch_warnings():
+        # peft reads transformers' deprecated `is_gradient_checkpointing` alias: a notice for peft's authors,
+        # printed into every LoRA user's log. Only that one message is silenced.
+        warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
+        return get_peft_model(backbone, peft_cfg)
 
 
 def build_model(cfg: ModelConfig, manifest: Manifest, text_dim: int, tabular_columns: list[str],
