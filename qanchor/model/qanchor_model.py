@@ -1,8 +1,9 @@
 """Q-Anchor: hierarchical user tokens + a query anchored at the end, read by one causal LM twice.
 
 Anchor tower: prefix + [soft prompt] + query + <|user_emb|>; the hidden state at <|user_emb|> is the
-query-conditioned user embedding. Semantic tower: the same backbone reads the answer text; its last
-token is pooled. Both go through one projection MLP (hidden -> 512 -> 128) and L2 normalisation.
+query-conditioned user embedding. Semantic tower (``model.answer_tower``): the same backbone reads the
+answer text (last or mean-pooled token, through the shared projection MLP hidden -> 512 -> 128), or the
+answer's frozen sentence vector goes through a projection of its own; both are L2-normalised.
 """
 
 from __future__ import annotations
