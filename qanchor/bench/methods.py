@@ -219,10 +219,10 @@ def _qanchor_head(ctx: BenchContext, task: Task, folds: list) -> MethodInput:
     """The per-fold head's own score (prototypes) on the fold's test users: the same users and folds as every row."""
     heads = _fold_heads(ctx, task, folds)  # Skip without a real checkpoint
     model, cfg = ctx.embedder.model, ctx.tune_config
+    query_ids = _query_ids(model, task.query)
     scores = np.full(len(task.labels), np.nan)
     for (split, head), (_, test) in zip(heads, folds):
-        scores[test] = head_scores(model.model, ctx.prefix_store, _query_ids(model, task.query), head,
-                                   split.rows["test"], cfg.prefix_chunk)
+        scores[test] = head_scores(model.model, ctx.prefix_store, query_ids, head, split.rows["test"], cfg.prefix_chunk)
     return MethodInput(scores=scores, note=f"head tuned per fold on its training users ({cfg.steps} steps, best "
                                             "step by a validation split of them), scored on the fold's test users")
 
@@ -233,10 +233,10 @@ def _qanchor_head_lr(ctx: BenchContext, task: Task, folds: list) -> MethodInput:
     heads = _fold_heads(ctx, task, folds)  # Skip without a real checkpoint
     model, cfg = ctx.embedder.model, ctx.tune_config
     rows, labels = ctx.store_rows(task.user_ids), task.labels.astype(np.int64)
-    index = torch.as_tensor(rows, dtype=torch.long)
+    index, query_ids = torch.as_tensor(rows, dtype=torch.long), _query_ids(model, task.query)
     scores = np.full(len(labels), np.nan)
     for i, ((_, head), (train, test)) in enumerate(zip(heads, folds)):
-        suffix = model.model.suffix(_query_ids(model, task.query), head.prompt.detach())
+        suffix = model.model.suffix(query_ids, head.prompt.detach())
         with torch.no_grad():
             emb = ctx.prefix_store.embed(model.model, suffix, index, cfg.prefix_chunk).float().cpu().numpy()
         scores[test] = fit_predict(Classifier.LR, emb[train], labels[train], emb[test], ctx.cfg.seed + i, ctx.cfg.n_jobs)

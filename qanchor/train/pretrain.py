@@ -134,9 +134,10 @@ def run_pretrain(cfg: PretrainConfig, progress: bool = True) -> Path:
     meta = ModelMeta(ds.manifest.to_dict(), pipe.cache.dim, cfg.data.text_encoder.__dict__, list(ds.tabular_columns))
     stream = PretrainStream(ds, pipe, tokenizer, model.token_ids, cfg.model, cfg.train.seed, cfg.train.uqa_fraction,
                             cfg.train.query_group_size)
-    tc = cfg.train
-    stream.answer_cache = answer_cache(cfg, ds, rank, progress,
-                                       stream.answers_for_steps(tc.max_steps * tc.grad_accum_steps, tc.batch_size * world))
+    if cfg.model.answer_tower == "text_encoder":  # only that tower reads answer vectors
+        tc = cfg.train
+        stream.answer_cache = answer_cache(cfg, ds, rank, progress, stream.answers_for_steps(
+            tc.max_steps * tc.grad_accum_steps, tc.batch_size * world))
     engine, _ = initialize(model, cfg.train, world)
     torch.manual_seed(cfg.train.seed * 1000 + rank)  # dropout streams differ per rank
     bank = AnswerBank(cfg.loss.answer_bank) if cfg.loss.answer_bank else None
