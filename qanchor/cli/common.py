@@ -35,6 +35,10 @@ def add_settings(p: argparse.ArgumentParser, schema: type, example: str) -> None
 def parse(parser: argparse.ArgumentParser, argv: list[str] | None) -> argparse.Namespace:
     """Parse flags and positionals; every remaining word must be a ``key=value`` setting of the command."""
     args, extras = parser.parse_known_args(argv)
+    words = [e for e in extras if not e.startswith("-") and "=" not in e]
+    if getattr(args, "positional", None) and len(words) == 1:  # a command's one free-text argument (ask's question)
+        setattr(args, args.positional, words[0])
+        extras = [e for e in extras if e is not words[0]]
     bad = [e for e in extras if e.startswith("-") or "=" not in e]
     if bad or (extras and not hasattr(args, "schema")):
         parser.error(f"unrecognized arguments: {' '.join(bad or extras)}")

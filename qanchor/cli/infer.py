@@ -6,6 +6,8 @@
     qanchor update checkpoint=CKPT state=STATE0 events=[day1.parquet] out=STATE1 [as_of=ISO] [full=true]
     qanchor index build embeddings=DIR query_id=churn out=churn.faiss
     qanchor index search index=churn.faiss user=u000042 k=10
+    qanchor ask checkpoint=CKPT data.path=DIR user=ID "How recently was this user active?" [options=[a,b,c]]
+    qanchor describe checkpoint=CKPT data.path=DIR user=ID [aspects=[recency,trend]]
 """
 
 from __future__ import annotations
@@ -18,6 +20,8 @@ import numpy as np
 
 from qanchor.cli.common import add_settings, settings
 from qanchor.config import (
+    AskConfig,
+    DescribeConfig,
     EmbedConfig,
     IndexBuildConfig,
     IndexSearchConfig,
@@ -137,14 +141,68 @@ def _cmd_index_search(args: argparse.Namespace) -> None:
         print(f"{rank:>3}  {user}  {score:.4f}")
 
 
+def _user(cfg: AskConfig | DescribeConfig):
+    """The dataset and the one user a question is about (an unknown id is one clear error)."""
+    require(cfg.checkpoint, "checkpoint", "<checkpoint dir>")
+    require(cfg.data.path, "data.path", "<dataset dir>")
+    require(cfg.user, "user", "<user id>")
+    check_device(cfg.device)
+    ds = load_dataset(cfg.data.path, cfg.data.cache_dir)
+    if cfg.user not in set(ds.user_ids.tolist()):
+        raise ModelInputError(f"user {cfg.user!r} is not in dataset {cfg.data.path} ({ds.num_users} users); "
+                              f"e.g. user={ds.user_ids[0]}")
+    model = _model(cfg, ds)
+    model.check_language_head()  # before any work: a checkpoint that cannot answer is refused first
+    return ds, ds.user(cfg.user), model
+
+
+def _cmd_ask(args: argparse.Namespace) -> None:
+    cfg: AskConfig = settings(args)
+    question = cfg.question or args.question or ""
+    if args.question and cfg.question:
+        raise ModelInputError("give the question once: as the positional argument or as question=...")
+    if not question.strip():
+        raise ModelInputError('no question given; e.g. qanchor ask ... user=ID "How recently was this user active?"')
+    _, user, model = _user(cfg)
+    if cfg.options:
+        choice = model.choose(user, question, cfg.options, cutoff=cfg.cutoff)[0]
+        if cfg.json:
+            print(json.dumps({"user_id": cfg.user, "question": question, "choice": choice.option, "scores": choice.scores}))
+            return
+        for option, score in sorted(choice.scores.items(), key=lambda kv: -kv[1]):
+            print(f"{'*' if option == choice.option else ' '} {score:9.4f}  {option}")
+        return
+    text = model.answer(user, [question], max_new_tokens=cfg.max_new_tokens, cutoff=cfg.cutoff)[0][0]
+    print(json.dumps({"user_id": cfg.user, "question": question, "answer": text}) if cfg.json else text)
+
+
+def _cmd_describe(args: argparse.Namespace) -> None:
+    cfg: DescribeConfig = settings(args)
+    _, user, model = _user(cfg)
+    profile = model.describe(user, cfg.aspects or None, cutoff=cfg.cutoff)
+    if cfg.json:
+        print(json.dumps({"user_id": profile.user_id, "profile": profile.sentences, "dropped": profile.dropped,
+                          "answers": {a: {"text": t, "verified": ok} for a, (t, ok) in profile.answers.items()}}))
+        return
+    print(profile.text or "(no statement of the model could be verified against this user's events)")
+    print(f"[{len(profile.sentences)} verified statements kept, {profile.dropped} dropped as unverifiable]")
+
+
 def register(subparsers) -> None:
-    """Add ``embed``, ``update`` and ``index`` to the ``qanchor`` command line."""
+    """Add ``embed``, ``update``, ``ask``, ``describe`` and ``index`` to the ``qanchor`` command line."""
     p = subparsers.add_parser("embed", help="export embeddings of every user x query to Parquet shards (resumable)")
     add_settings(p, EmbedConfig, "checkpoint=runs/cj data.path=data/cj queries=tasks out=emb/cj")
     p.set_defaults(func=_cmd_embed)
     p = subparsers.add_parser("update", help="daily incremental update of a state (or build the first one)")
     add_settings(p, UpdateConfig, "checkpoint=runs/cj state=state/d0 events=[day1.parquet] out=state/d1")
     p.set_defaults(func=_cmd_update)
+    p = subparsers.add_parser("ask", help="the model's answer to a question about one user (or its pick of options=[...])")
+    p.set_defaults(positional="question", question=None)  # the one free-text word: the question (or question=...)
+    add_settings(p, AskConfig, 'checkpoint=runs/cj data.path=data/cj user=hh_0001 "How recently was this user active?"')
+    p.set_defaults(func=_cmd_ask)
+    p = subparsers.add_parser("describe", help="a short profile of one user; every statement verified against its events")
+    add_settings(p, DescribeConfig, "checkpoint=runs/cj data.path=data/cj user=hh_0001")
+    p.set_defaults(func=_cmd_describe)
     index = subparsers.add_parser("index", help="faiss look-alike search over exported embeddings")
     sub = index.add_subparsers(dest="index_command", required=True, parser_class=type(index))
     p = sub.add_parser("build", help="build an index over one query's embeddings")

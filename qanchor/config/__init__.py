@@ -29,9 +29,11 @@ from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from qanchor.config.commands import (
+    AskConfig,
     BenchConfig,
     CompleteJourneyConfig,
     DataOverrides,
+    DescribeConfig,
     EmbedConfig,
     IndexBuildConfig,
     IndexSearchConfig,
@@ -58,7 +60,7 @@ from qanchor.errors import ConfigError
 __all__ = [
     "TextEncoderConfig", "DataConfig", "LoraConfig", "BackboneConfig", "UserEncoderConfig", "ModelConfig",
     "LossConfig", "TrainConfig", "PretrainConfig", "DataOverrides", "PromptTuneConfig", "BenchConfig", "InferConfig",
-    "EmbedConfig", "UpdateConfig", "IndexBuildConfig", "IndexSearchConfig", "SynthConfig", "CompleteJourneyConfig",
+    "EmbedConfig", "UpdateConfig", "AskConfig", "DescribeConfig", "IndexBuildConfig", "IndexSearchConfig", "SynthConfig", "CompleteJourneyConfig",
     "UserUConfig", "SCHEMAS", "configs_root", "load_config", "with_overrides", "to_yaml", "require",
 ]
 

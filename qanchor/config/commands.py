@@ -14,7 +14,7 @@ from qanchor.config.sections import DataConfig, LossConfig, ModelConfig, TrainCo
 from qanchor.errors import ConfigError
 
 __all__ = ["PretrainConfig", "DataOverrides", "PromptTuneConfig", "BenchConfig", "InferConfig", "EmbedConfig",
-           "UpdateConfig", "IndexBuildConfig", "IndexSearchConfig", "SynthConfig", "CompleteJourneyConfig",
+           "UpdateConfig", "AskConfig", "DescribeConfig", "IndexBuildConfig", "IndexSearchConfig", "SynthConfig", "CompleteJourneyConfig",
            "UserUConfig", "require"]
 
 
@@ -208,6 +208,35 @@ class IndexBuildConfig:
     out: str = ""  # index file (FILE.users.parquet and FILE.json are written beside it)
     ivf_min_size: int = 50_000  # from this many users on, an IVF index (else exact)
     nprobe: int | None = None  # IVF cells searched (default nlist / 8)
+
+
+@dataclass
+class AskConfig(InferConfig):
+    """``qanchor ask``: the model's answer to a question about one user of a dataset."""
+
+    data: DataOverrides = field(default_factory=DataOverrides)  # data.path: the dataset the user is in
+    user: str = ""  # user id
+    question: str = ""  # or the command's positional argument
+    options: list[str] = field(default_factory=list)  # given: score these and pick one instead of writing an answer
+    max_new_tokens: int = 48
+    cutoff: str | None = None  # ISO time event ages count from (default: the dataset cutoff)
+    json: bool = False
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.max_new_tokens < 1:
+            raise ConfigError(f"max_new_tokens must be >= 1, got {self.max_new_tokens}")
+
+
+@dataclass
+class DescribeConfig(InferConfig):
+    """``qanchor describe``: a verified profile of one user, from the model's own answers."""
+
+    data: DataOverrides = field(default_factory=DataOverrides)
+    user: str = ""
+    aspects: list[str] = field(default_factory=list)  # default: every aspect of qanchor.data.profile
+    cutoff: str | None = None
+    json: bool = False
 
 
 @dataclass

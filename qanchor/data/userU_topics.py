@@ -30,13 +30,13 @@ import numpy as np
 
 from qanchor.data.dataset import EventSeq
 
-__all__ = ["DAY_US", "Claim", "QA", "History", "METRICS", "TOPICS", "TOPIC_BRIEFS", "category", "verify",
+__all__ = ["BUCKETS", "DAY_US", "Claim", "QA", "History", "METRICS", "TOPICS", "TOPIC_BRIEFS", "category", "verify",
            "summarize"]
 
 DAY_US = 86_400_000_000
 _WEEK_US, _HOUR_US = 7 * DAY_US, 3_600_000_000
 _SEP = re.compile(r" / | > ")
-_BUCKETS = (("night", 0, 6), ("morning", 6, 12), ("afternoon", 12, 18), ("evening", 18, 24))
+BUCKETS = (("night", 0, 6), ("morning", 6, 12), ("afternoon", 12, 18), ("evening", 18, 24))
 
 
 @dataclass(frozen=True)
@@ -145,7 +145,7 @@ def _extra(h: History, m: str, col: str) -> np.ndarray:
 
 def _bucket_counts(h: History, m: str) -> Counter:
     hours = _hours(h, m)
-    return Counter({b: int(((hours >= lo) & (hours < hi)).sum()) for b, lo, hi in _BUCKETS})
+    return Counter({b: int(((hours >= lo) & (hours < hi)).sum()) for b, lo, hi in BUCKETS})
 
 
 def _max_mask(h: History, m: str) -> np.ndarray:
@@ -197,7 +197,8 @@ def _holds(claimed: float | str, true: float | frozenset, how: str) -> bool:
         return c == t
     if how == "percent":
         return abs(c - t) <= 0.5 + 1e-9  # shown as whole percents
-    return abs(c - t) <= max(0.06, 0.01 * abs(t))  # amounts are shown rounded (see _amount)
+    # amounts are shown rounded (see _amount, per-week rates to 0.1): off by at most half the last shown digit
+    return abs(c - t) <= (0.5 if abs(t) >= 999.5 else 0.05) + 1e-6
 
 
 def verify(claims: list[Claim], h: History, answer: str | None = None) -> bool:
@@ -321,8 +322,8 @@ def _time_of_day(h: History, rng: np.random.Generator) -> QA | None:
     if n < 5:
         return None
     counts = _bucket_counts(h, "")
-    (b1, k1), (b2, k2) = sorted(counts.items(), key=lambda kv: (-kv[1], [b for b, *_ in _BUCKETS].index(kv[0])))[:2]
-    hours = {b: f"{lo:02d}:00-{hi:02d}:00" for b, lo, hi in _BUCKETS}
+    (b1, k1), (b2, k2) = sorted(counts.items(), key=lambda kv: (-kv[1], [b for b, *_ in BUCKETS].index(kv[0])))[:2]
+    hours = {b: f"{lo:02d}:00-{hi:02d}:00" for b, lo, hi in BUCKETS}
     s1, s2 = round(_pct(k1, n)), round(_pct(k2, n))
     q = _ask(rng, ("At what time of day is this user most active?", "Is this user a morning or an evening person?",
                    "When during the day does this user usually act?"))

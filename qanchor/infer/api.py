@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import warnings
 from collections.abc import Iterable, Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
 from datetime import datetime
 from functools import cached_property
 from pathlib import Path
@@ -26,11 +27,13 @@ import numpy as np
 import torch
 
 from qanchor.config import InferConfig, PretrainConfig, require
-from qanchor.data.dataset import Dataset, UserRecord
+from qanchor.data.dataset import Dataset, EventSeq, UserRecord
 from qanchor.data.manifest import Manifest
 from qanchor.data.packing import PackedUser
 from qanchor.data.pipeline import UserPipeline, batched
+from qanchor.data.profile import ASPECTS, PROFILE_QUESTIONS, check_sentence, tidy
 from qanchor.data.text_cache import SentenceEncoder, TextVectorCache
+from qanchor.data.userU_topics import History
 from qanchor.errors import CheckpointError, ModelInputError
 from qanchor.infer.user_input import record_adapter, to_microseconds, to_record
 from qanchor.model.backbone import check_device
@@ -41,11 +44,19 @@ from qanchor.model.factory import (
     resolve_checkpoint_dir,
     text_encoder_config,
 )
+from qanchor.model.generation import (
+    answer_suffix,
+    greedy_generate,
+    greedy_generate_uncached,
+    language_head,
+    option_logprobs,
+    option_logprobs_uncached,
+)
 from qanchor.model.layout import tokenize_query
 from qanchor.model.prefix_cache import anchor_hidden, anchor_hidden_uncached, encode_prefix_embeddings
 from qanchor.model.qanchor_model import QAnchorModel
 
-__all__ = ["Head", "QAnchor", "embed", "head_scores", "default_text_cache_dir"]
+__all__ = ["Head", "QAnchor", "Choice", "Profile", "embed", "head_scores", "default_text_cache_dir"]
 
 User = UserRecord | Mapping[str, Any]
 Users = User | Iterable[User] | Dataset
@@ -64,6 +75,32 @@ class Head(Protocol):
 def default_text_cache_dir() -> Path:
     """Where event-text vectors are cached when no dataset cache is given: ``~/.cache/qanchor/text``."""
     return Path.home() / ".cache" / "qanchor" / "text"
+
+
+@dataclass(frozen=True)
+class Choice:
+    """What :meth:`QAnchor.choose` picked for one user: the option and every option's score (mean log-probability
+    of its tokens after the user prefix and the question; higher is more likely)."""
+
+    option: str
+    scores: dict[str, float]
+
+
+@dataclass
+class Profile:
+    """A readable profile (:meth:`QAnchor.describe`): only sentences whose every fact recomputes from the events.
+
+    ``answers`` holds every aspect's generated answer and whether it was kept; ``dropped`` counts the rest.
+    """
+
+    user_id: str
+    sentences: list[str]
+    dropped: int
+    answers: dict[str, tuple[str, bool]] = field(default_factory=dict)
+
+    @property
+    def text(self) -> str:
+        return " ".join(self.sentences)
 
 
 class QAnchor:
@@ -297,6 +334,187 @@ class QAnchor:
                             for i in range(0, len(rows), self.max_rows)])  # (B*R, H)
         return self.model.project(hidden).view(b, r, -1).cpu().numpy()  # (B*R, D) -> (B, R, D)
 
+    # ----------------------------------------------------------------------------------- in words
+    def check_language_head(self) -> None:
+        """CheckpointError unless this checkpoint's next-token tower was trained (answer / choose / describe need it)."""
+        if self.run_cfg.loss.mode == "contrastive":
+            raise CheckpointError(f"{self.checkpoint_dir or 'this model'} was pretrained with loss.mode=contrastive: its "
+                                  "language head never learned to answer; use a checkpoint pretrained with loss.mode=both")
+        language_head(self.model)
+
+    def _question_suffix(self, question: object) -> torch.Tensor:
+        if not isinstance(question, str) or not question.strip():
+            raise ModelInputError(f"a question must be non-empty text, got {question!r}")
+        ids = tokenize_query(self.tokenizer, question.strip(), self.run_cfg.model.max_query_tokens)
+        with torch.inference_mode():
+            return answer_suffix(self.model, torch.tensor(ids, dtype=torch.long, device=self.device))
+
+    def _options(self, options: object) -> tuple[list[str], list[list[int]]]:
+        """Option texts and their token ids; at least two distinct, non-empty options the model can have written."""
+        if isinstance(options, str) or not isinstance(options, Sequence) or len(options) < 2:
+            raise ModelInputError(f"options must be a list of at least 2 answers to choose from, got {options!r}")
+        texts = []
+        for o in options:
+            if not isinstance(o, str) or not o.strip():
+                raise ModelInputError(f"every option must be non-empty text, got {o!r}")
+            texts.append(o.strip())
+        if len(set(texts)) < len(texts):
+            raise ModelInputError(f"options repeat: {texts}; give distinct options")
+        limit = self.run_cfg.model.max_answer_tokens - 1
+        ids = [self.tokenizer(t, add_special_tokens=False, verbose=False)["input_ids"] for t in texts]
+        for t, i in zip(texts, ids):
+            if len(i) > limit:
+                raise ModelInputError(f"option {t[:60]!r} has {len(i)} tokens, more than the {limit} answer tokens this model "
+                                      "was trained to write (model.max_answer_tokens - 1); shorten it")
+        return texts, ids
+
+    def decode(self, ids: Sequence[int]) -> str:
+        """Generated ids -> readable text (special tokens dropped, WordPiece spacing tidied)."""
+        return tidy(self.tokenizer.decode(list(ids), skip_special_tokens=True))
+
+    def _user_batches(self, users: Users, cutoff: datetime | str | None
+                      ) -> Iterator[tuple[list[UserRecord], list[torch.Tensor]]]:
+        """Stream users as (records, prefix embeddings) of ``batch_size`` users, packed as :meth:`iter_embed` packs."""
+        cutoff_us = self.cutoff_us(cutoff)
+        for records in batched(self.records(users), self.stream_users):
+            packed = self.pack(records, cutoff_us)
+            for start in range(0, len(packed), self.batch_size):
+                with torch.inference_mode():
+                    prefixes = self.model.prefixes(self.pipeline.collate(packed[start : start + self.batch_size]).to(self.device))
+                yield records[start : start + self.batch_size], prefixes
+
+    def _chunks(self, rows: list[tuple[int, torch.Tensor]]) -> Iterator[tuple[torch.Tensor, list[torch.Tensor], slice]]:
+        for i in range(0, len(rows), self.max_rows):
+            part = rows[i : i + self.max_rows]
+            yield torch.tensor([u for u, _ in part], device=self.device), [s for _, s in part], slice(i, i + len(part))
+
+    def _generate(self, prefixes: list[torch.Tensor], rows: list[tuple[int, torch.Tensor]], max_new_tokens: int,
+                  use_cache: bool) -> list[list[int]]:
+        out: list[list[int]] = []
+        with torch.inference_mode():
+            cache = encode_prefix_embeddings(self.model, prefixes) if use_cache else None  # each prefix runs once
+            for index, suffixes, _ in self._chunks(rows):
+                out += (greedy_generate(self.model, cache, index, suffixes, max_new_tokens) if cache is not None
+                        else greedy_generate_uncached(self.model, prefixes, index, suffixes, max_new_tokens))
+        return out
+
+    def answer(self, users: Users, questions: str | Sequence[str], max_new_tokens: int = 48, use_cache: bool = True,
+               cutoff: datetime | str | None = None) -> list[list[str]]:
+        """Greedy answer to every question about every user -> ``[U][Q]`` texts.
+
+        The user's prefix is the one :meth:`embed` caches; each question runs on it in the pretraining layout
+        ``question <|user_emb|> <|answer|>``. ``use_cache=False`` re-runs every full sequence (the reference).
+
+        Example:
+            >>> model.answer(ds.user("1234"), ["How recently was this user active?"])  # doctest: +SKIP
+            [['Last event by modality: purchase 3 days ago, visit 3 days ago.']]
+        """
+        self.check_language_head()
+        questions = [questions] if isinstance(questions, str) else list(questions)
+        if not questions:
+            raise ModelInputError("no question given; pass at least one question")
+        if max_new_tokens < 1:
+            raise ModelInputError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
+        suffixes = [self._question_suffix(q) for q in questions]
+        out: list[list[str]] = []
+        for records, prefixes in self._user_batches(users, cutoff):
+            ids = self._generate(prefixes, [(b, s) for b in range(len(records)) for s in suffixes], max_new_tokens, use_cache)
+            texts = [self.decode(t) for t in ids]
+            out += [texts[b * len(suffixes) : (b + 1) * len(suffixes)] for b in range(len(records))]
+        return out
+
+    def choose(self, users: Users, question: str | Sequence[str], options: Sequence[str] | Sequence[Sequence[str]],
+               use_cache: bool = True, cutoff: datetime | str | None = None) -> list[Choice]:
+        """Multiple choice: per user, the option with the highest mean log-probability of its tokens (and the end
+        token) after the user prefix and the question -> one :class:`Choice` per user.
+
+        ``question`` and ``options`` are shared by every user, or given per user (a list of questions, a list of
+        option lists, in the users' order).
+
+        Example:
+            >>> model.choose(user, "Which categories does this user engage with most?",
+            ...              ["Top categories: purchase/grocery", "Top categories: purchase/produce"])[0].option  # doctest: +SKIP
+            'Top categories: purchase/grocery'
+        """
+        self.check_language_head()
+        shared_q = isinstance(question, str)
+        shared_o = isinstance(options, Sequence) and not isinstance(options, str) and all(isinstance(o, str) for o in options)
+        fixed_q = self._question_suffix(question) if shared_q else None
+        fixed_o = self._options(options) if shared_o else None
+
+        def spec(i: int) -> tuple[torch.Tensor, list[str], list[list[int]]]:
+            for name, per_user, shared in (("question", question, shared_q), ("options", options, shared_o)):
+                if not shared and i >= len(per_user):  # type: ignore[arg-type]
+                    raise ModelInputError(f"{name} is given per user but has {len(per_user)} entries for more users")  # type: ignore[arg-type]
+            suffix = fixed_q if fixed_q is not None else self._question_suffix(question[i])
+            texts, ids = fixed_o if fixed_o is not None else self._options(options[i])  # type: ignore[index]
+            return suffix, texts, ids
+
+        out: list[Choice] = []
+        for records, prefixes in self._user_batches(users, cutoff):
+            specs = [spec(len(out) + b) for b in range(len(records))]
+            rows = [(b, s, o) for b, (s, _, ids) in enumerate(specs) for o in ids]
+            scores = self._option_scores(prefixes, rows, use_cache).tolist()
+            at = 0
+            for _, texts, _ in specs:
+                own = scores[at : at + len(texts)]
+                at += len(texts)
+                out.append(Choice(texts[int(np.argmax(own))], dict(zip(texts, own))))
+        for name, per_user, shared in (("question", question, shared_q), ("options", options, shared_o)):
+            if not shared and len(per_user) != len(out):  # type: ignore[arg-type]
+                raise ModelInputError(f"{name} is given per user: {len(per_user)} entries for {len(out)} users")  # type: ignore[arg-type]
+        return out
+
+    def _option_scores(self, prefixes: list[torch.Tensor], rows: list[tuple[int, torch.Tensor, list[int]]],
+                       use_cache: bool) -> np.ndarray:
+        options = [o for _, _, o in rows]
+        out = []
+        with torch.inference_mode():
+            cache = encode_prefix_embeddings(self.model, prefixes) if use_cache else None
+            for index, suffixes, part in self._chunks([(u, s) for u, s, _ in rows]):
+                out.append(option_logprobs(self.model, cache, index, suffixes, options[part]) if cache is not None
+                           else option_logprobs_uncached(self.model, prefixes, index, suffixes, options[part]))
+        return torch.cat(out).cpu().numpy().astype(np.float64) if out else np.zeros(0)
+
+    def describe(self, user: User, aspects: Sequence[str] | None = None, cutoff: datetime | str | None = None,
+                 use_cache: bool = True) -> Profile:
+        """A short profile from the model's own answers to the profile questions (``qanchor.data.profile``), keeping
+        only sentences whose every fact recomputes from the user's events before the cutoff.
+
+        Example:
+            >>> p = model.describe(ds.user("1234"))  # doctest: +SKIP
+            >>> p.text, p.dropped  # doctest: +SKIP
+            ('Most active in the afternoon (12:00-18:00 UTC, 53% of events). ...', 6)
+        """
+        if isinstance(user, Dataset) or not isinstance(user, (UserRecord, Mapping)):
+            raise ModelInputError("describe takes one user (a record or a dict); use describe_many for several")
+        return self.describe_many([user], aspects, cutoff, use_cache)[0]
+
+    def describe_many(self, users: Users, aspects: Sequence[str] | None = None, cutoff: datetime | str | None = None,
+                      use_cache: bool = True) -> list[Profile]:
+        """:meth:`describe` for many users, each batch of users sharing one prefix pass."""
+        self.check_language_head()
+        aspects = list(ASPECTS if aspects is None else aspects)
+        unknown = [a for a in aspects if a not in PROFILE_QUESTIONS]
+        if unknown or not aspects:
+            raise ModelInputError(f"unknown profile aspects {unknown}; choose from {', '.join(ASPECTS)}")
+        suffixes = [self._question_suffix(PROFILE_QUESTIONS[a]) for a in aspects]
+        cutoff_us = self.cutoff_us(cutoff)
+        extra = {m.name: m.numeric_columns for m in self.manifest.sequence_modalities}
+        out = []
+        for records, prefixes in self._user_batches(users, cutoff):
+            ids = self._generate(prefixes, [(b, s) for b in range(len(records)) for s in suffixes],
+                                 self.run_cfg.model.max_answer_tokens, use_cache)
+            for b, record in enumerate(records):
+                history = History(events_before(record.events, cutoff_us), cutoff_us, extra)
+                answers = {}
+                for a, t in zip(aspects, ids[b * len(aspects) : (b + 1) * len(aspects)]):
+                    text = self.decode(t)
+                    answers[a] = (text, check_sentence(a, text, history))
+                kept = [t for t, ok in answers.values() if ok]
+                out.append(Profile(record.user_id, kept, len(answers) - len(kept), answers))
+        return out
+
 
 def head_scores(heads: Sequence[Head], embeddings: np.ndarray, device: torch.device | str = "cpu") -> np.ndarray:
     """Each head's score of its own column of ``embeddings`` [U, n_heads, D] -> float32 ``[U, n_heads]``."""
@@ -324,3 +542,13 @@ def embed(user: User, query: str, model: QAnchor | str | Path, head: Head | None
     if not isinstance(query, str):
         raise ModelInputError("qanchor.embed takes one query string; use QAnchor.embed for several")
     return model.embed([user], [query], head=head, cutoff=cutoff)[0, 0]
+
+
+def events_before(events: Mapping[str, EventSeq], cutoff_us: int) -> dict[str, EventSeq]:
+    """Each modality's events strictly before ``cutoff_us`` (modalities left empty are dropped)."""
+    out = {}
+    for m, seq in events.items():
+        keep = seq.ts < cutoff_us
+        if keep.any():
+            out[m] = EventSeq(seq.ts[keep], [t for t, k in zip(seq.text, keep) if k], seq.value[keep], seq.extras[keep])
+    return out

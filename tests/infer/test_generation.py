@@ -1,0 +1,187 @@
+"""answer / choose / describe: cached == uncached, batch invariance, hand-computed scores, verified profiles, errors."""
+
+from __future__ import annotations
+
+import math
+import re
+from datetime import timedelta, timezone
+
+import numpy as np
+import pytest
+import torch
+
+from qanchor.cli import main
+from qanchor.data.profile import ASPECTS, PROFILE_QUESTIONS, check_sentence, claims_of, tidy
+from qanchor.data.userU_topics import TOPICS, History
+from qanchor.errors import CheckpointError, ModelInputError
+from qanchor.infer.api import QAnchor, events_before
+from qanchor.model.factory import save_checkpoint
+from tests.model.helpers import tiny_cfg
+
+QUESTIONS = ["How recently was this user active?", "What does this user do most often?"]
+
+
+@pytest.fixture(scope="module")
+def users(infer_env):
+    return list(infer_env.ds.users())[:5]
+
+
+def _history(qa: QAnchor, record) -> History:
+    cutoff = qa.cutoff_us(None)
+    extra = {m.name: m.numeric_columns for m in qa.manifest.sequence_modalities}
+    return History(events_before(record.events, cutoff), cutoff, extra)
+
+
+def test_answer_cached_equals_uncached_and_batch_invariant(infer_env, users):
+    qa = infer_env.qa
+    cached = qa.answer(users, QUESTIONS, max_new_tokens=12)
+    assert len(cached) == len(users) and all(len(row) == len(QUESTIONS) for row in cached)
+    assert all(isinstance(t, str) and t for row in cached for t in row)  # random weights: some text, never empty
+    assert cached == qa.answer(users, QUESTIONS, max_new_tokens=12, use_cache=False)
+    alone = [qa.answer(u, QUESTIONS, max_new_tokens=12)[0] for u in users]
+    assert alone == cached
+    small = QAnchor(qa.model, qa.tokenizer, qa.meta, qa.run_cfg, text_cache=infer_env.cache, batch_size=2, max_rows=3)
+    assert small.answer(users, QUESTIONS, max_new_tokens=12) == cached
+
+
+def test_choose_scores_match_a_hand_computed_forward(infer_env, users):
+    qa = infer_env.qa
+    options = ["coffee shop", "online casino weekly", "fuel"]
+    choices = qa.choose(users, QUESTIONS[0], options)
+    reference = qa.choose(users, QUESTIONS[0], options, use_cache=False)
+    for c, r in zip(choices, reference):
+        assert c.option == r.option == max(c.scores, key=c.scores.get)
+        assert max(abs(c.scores[o] - r.scores[o]) for o in options) < 1e-4
+    # by hand: one full forward through the backbone's own LM head, mean log-probability of option + end token
+    model, tok = qa.model, qa.tokenizer
+    with torch.inference_mode():
+        prefix = model.prefixes(qa.pipeline.collate(qa.pack([users[2]], qa.cutoff_us(None))))[0]
+        q = tok(QUESTIONS[0], add_special_tokens=False)["input_ids"]
+        o = tok(options[1], add_special_tokens=False)["input_ids"]
+        ids = model.token_ids
+        tail = torch.tensor([*q, ids.user_emb, ids.answer, *o])
+        seq = torch.cat([prefix, model.embed_tokens(tail)])[None]
+        logits = model.backbone(inputs_embeds=seq, attention_mask=torch.ones(seq.shape[:2], dtype=torch.long)).logits[0]
+        logp = torch.log_softmax(logits.float(), -1)
+        start = prefix.shape[0] + len(q) + 2  # first option token
+        targets = [*o, ids.end]
+        expected = float(np.mean([float(logp[start - 1 + j, t]) for j, t in enumerate(targets)]))
+    assert abs(choices[2].scores[options[1]] - expected) < 1e-4
+
+
+def test_choose_per_user_questions_and_options(infer_env, users):
+    qa = infer_env.qa
+    opts = [["a b", "c d"], ["fuel", "cinema", "casino"], ["x", "y"]]
+    per_user = qa.choose(users[:3], QUESTIONS[:1] * 3, opts)
+    assert [list(c.scores) for c in per_user] == opts
+    for u, o, c in zip(users[:3], opts, per_user):
+        assert qa.choose(u, QUESTIONS[0], o)[0].scores == pytest.approx(c.scores, abs=1e-5)
+    with pytest.raises(ModelInputError, match="per user"):
+        qa.choose(users[:3], QUESTIONS[0], opts[:2])
+
+
+@pytest.mark.parametrize("call, match", [
+    (lambda qa, u: qa.answer(u, ["  "]), "non-empty"),
+    (lambda qa, u: qa.answer(u, []), "no question"),
+    (lambda qa, u: qa.choose(u, "Which?", ["only one"]), "at least 2"),
+    (lambda qa, u: qa.choose(u, "Which?", "yes"), "at least 2"),
+    (lambda qa, u: qa.choose(u, "Which?", ["same", "same "]), "repeat"),
+    (lambda qa, u: qa.choose(u, "Which?", ["ok", "word " * 60]), "answer tokens"),
+    (lambda qa, u: qa.describe(u, ["favourites", "horoscope"]), "horoscope"),
+])
+def test_bad_requests_are_clear_errors(infer_env, users, call, match):
+    with pytest.raises(ModelInputError, match=match):
+        call(infer_env.qa, users[0])
+
+
+def test_template_answers_verify_and_wrong_facts_do_not(infer_env):
+    qa = infer_env.qa
+    checked = 0
+    for i, record in enumerate(infer_env.ds.users()):
+        h = _history(qa, record)
+        for aspect in ASPECTS:
+            truth = TOPICS[aspect](h, np.random.default_rng(i)) if len(h.all) else None
+            if truth is None:
+                continue
+            spaced = re.sub(r"([(),;:%'/.])", r" \1 ", truth.answer.lower())  # how a WordPiece decode spaces it
+            assert check_sentence(aspect, truth.answer, h) and check_sentence(aspect, tidy(spaced), h), truth.answer
+            wrong = re.sub(r"\d+", lambda m: str(int(m.group()) + 3), truth.answer, count=1)
+            assert not check_sentence(aspect, wrong, h), wrong
+            assert claims_of(aspect, truth.answer + " Also loves casinos.", h) is None  # unread words: unverifiable
+            checked += 1
+    assert checked > 100
+
+
+def test_tidy_undoes_wordpiece_spacing():
+    assert tidy("most active in the evening ( 18 : 00 - 24 : 00 utc, 53 % of events ).") == \
+        "Most active in the evening (18:00-24:00 utc, 53% of events)."
+    assert tidy("about 6. 5 events ; total 1, 484 ' grocery / milk '") == "About 6.5 events; total 1,484 'grocery / milk'"
+
+
+def test_describe_keeps_only_verified_sentences(infer_env, users, monkeypatch):
+    qa = infer_env.qa
+    user = max(users, key=lambda u: sum(len(s) for s in u.events.values()))
+    profile = qa.describe(user)
+    assert set(profile.answers) == set(ASPECTS) and len(profile.sentences) + profile.dropped == len(ASPECTS)
+    h = _history(qa, user)
+    assert len(h.all) >= 5
+    assert all(check_sentence(a, t, h) for a, (t, ok) in profile.answers.items() if ok)
+    assert qa.describe(user, use_cache=False).answers == profile.answers
+    # a model that answers with the true template for half the aspects and a wrong count for the rest
+    truth = {a: TOPICS[a](h, np.random.default_rng(0)) for a in ASPECTS}
+    truth = {a: t.answer for a, t in truth.items() if t is not None}
+    aspects = list(truth)
+    said = [t if k % 2 == 0 else re.sub(r"\d+", lambda m: str(int(m.group()) + 1), t, count=1)
+            for k, t in enumerate(truth.values())]
+    replies = iter(said)
+    monkeypatch.setattr(qa, "decode", lambda ids: next(replies))
+    profile = qa.describe(user, aspects)
+    assert len(said) >= 6 and profile.sentences == said[::2] and profile.dropped == len(said) // 2
+
+
+def test_describe_questions_are_the_trained_wording():
+    for aspect, question in PROFILE_QUESTIONS.items():
+        templates = TOPICS[aspect].__code__.co_consts
+        assert any(isinstance(c, tuple) and question in c for c in templates), aspect
+
+
+def test_ask_and_describe_commands(infer_env, tmp_path, capsys):
+    common = [f"checkpoint={infer_env.ckpt}", f"data.path={infer_env.ds_dir}", "user=u003", "--quiet"]
+    assert main(["ask", *common, "How recently was this user active?", "max_new_tokens=6"]) == 0
+    written = capsys.readouterr().out.strip()
+    assert written == infer_env.qa.answer(infer_env.ds.user("u003"), [QUESTIONS[0]], max_new_tokens=6)[0][0]
+    assert main(["ask", *common, "question=Which one?", "options=[coffee,fuel]", "json=true"]) == 0
+    out = capsys.readouterr().out
+    assert '"choice"' in out and '"scores"' in out
+    assert main(["describe", *common]) == 0
+    assert "verified statements kept" in capsys.readouterr().out
+    for args, msg in [(["user=nobody"], "not in dataset"), (['question=" "'], "no question"),
+                      (["question=Which?", "options=[one]"], "at least 2")]:
+        cmd = ["ask", *[c for c in common if not c.startswith("user=") or args[0].startswith("question")], *args]
+        if args[0].startswith("user="):
+            cmd.append("How?")
+        assert main(cmd) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and msg in err[0], err
+
+
+def test_checkpoint_without_a_trained_language_head_is_refused(infer_env, tmp_path, capsys):
+    cfg = tiny_cfg(["model.max_query_tokens=16", "loss.mode=contrastive"])
+    ckpt = save_checkpoint(tmp_path / "ckpt", infer_env.qa.model, infer_env.qa.tokenizer, cfg, infer_env.qa.meta)
+    qa = QAnchor.from_pretrained(ckpt, text_cache=infer_env.cache)
+    with pytest.raises(CheckpointError, match="contrastive"):
+        qa.answer(infer_env.ds.user("u003"), QUESTIONS)
+    assert qa.embed(infer_env.ds.user("u003"), QUESTIONS).shape == (1, 2, 128)  # it still embeds
+    assert main(["describe", f"checkpoint={ckpt}", f"data.path={infer_env.ds_dir}", "user=u003"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "loss.mode=contrastive" in err[0]
+
+
+def test_events_before_cuts_at_the_cutoff(infer_env):
+    record = infer_env.ds.user("u003")
+    cutoff = infer_env.qa.cutoff_us(infer_env.qa.cutoff - timedelta(days=10))
+    kept = events_before(record.events, cutoff)
+    for m, seq in kept.items():
+        assert (seq.ts < cutoff).all() and len(seq.text) == len(seq.ts) == len(seq.value) == len(seq.extras)
+        assert (record.events[m].ts < cutoff).sum() == len(seq)
+    assert math.isfinite(float(infer_env.qa.cutoff.replace(tzinfo=timezone.utc).timestamp()))
