@@ -17,7 +17,7 @@ from qanchor.errors import ConfigError
 from qanchor.model.factory import resolve_checkpoint_dir
 from qanchor.train.pretrain import run_pretrain
 
-__all__ = ["PRETRAIN_ABLATIONS", "checkpoint_run_config", "pretrain_ablation"]
+__all__ = ["PRETRAIN_ABLATIONS", "checkpoint_run_config", "pretrain_ablation", "pretrain_variant"]
 
 
 def _loss_mode(mode: str) -> Callable[[PretrainConfig], PretrainConfig]:
@@ -44,10 +44,18 @@ def checkpoint_run_config(checkpoint: str) -> PretrainConfig:
 
 def pretrain_ablation(cfg: BenchConfig, name: str, out: Path, progress: bool) -> Path:
     """Pretrain (or reuse) the ``name`` ablation of ``cfg.checkpoint`` into ``out``; return its checkpoint dir."""
+    return pretrain_variant(cfg.checkpoint, cfg.data.path, PRETRAIN_ABLATIONS[name], out, progress,
+                            cfg.ablation_pretrain_overrides)
+
+
+def pretrain_variant(checkpoint: str, data_path: str, change: Callable[[PretrainConfig], PretrainConfig], out: Path,
+                     progress: bool, overrides: list[str] | tuple[str, ...] = ()) -> Path:
+    """Pretrain (or reuse) ``checkpoint``'s own recipe with ``change`` applied, on ``data_path``, into ``out``:
+    the same pairs, budget and seed, one difference. Returns the checkpoint dir; a killed sub-run continues."""
     if (out / "checkpoint" / "qanchor.json").exists():
         return out / "checkpoint"
-    base = with_overrides(checkpoint_run_config(cfg.checkpoint), cfg.ablation_pretrain_overrides)
-    run = replace(PRETRAIN_ABLATIONS[name](base), data=replace(base.data, path=cfg.data.path), output_dir=str(out),
-                  resume=True, overwrite=False)  # a killed sub-run continues
+    base = with_overrides(checkpoint_run_config(checkpoint), overrides)
+    run = replace(change(base), data=replace(change(base).data, path=data_path), output_dir=str(out),
+                  resume=True, overwrite=False)
     run_pretrain(run, progress=progress)
     return out / "checkpoint"

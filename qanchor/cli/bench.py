@@ -1,8 +1,9 @@
-"""``qanchor bench``: AUC / KS of Q-Anchor against peers, k-fold over users.
+"""``qanchor bench``: AUC / KS of Q-Anchor against peers, k-fold over users; ``qanchor uqa``: multiple choice.
 
     qanchor bench --config configs/bench/tiny-cj.yaml checkpoint=runs/demo/pretrain heads_dir=runs/demo/heads
     qanchor bench checkpoint=runs/demo/pretrain data.path=data/completejourney labels=my_labels.parquet \\
         query="Will this household buy wine next month?"
+    qanchor uqa checkpoint=runs/uqa/pretrain data.path=data/completejourney output_dir=results/uqa
 """
 
 from __future__ import annotations
@@ -12,8 +13,9 @@ from dataclasses import replace
 from pathlib import Path
 
 from qanchor.bench.report import average_table, bench_and_report
+from qanchor.bench.uqa import run_uqa, uqa_table, write_uqa
 from qanchor.cli.common import add_settings, settings
-from qanchor.config import BenchConfig
+from qanchor.config import BenchConfig, UqaConfig
 
 __all__ = ["register"]
 
@@ -36,7 +38,20 @@ def _cmd_bench(args: argparse.Namespace) -> None:
     print(f"\nreport: {out / 'report.md'}\nresults: {out / 'results.json'}")
 
 
+def _cmd_uqa(args: argparse.Namespace) -> None:
+    cfg: UqaConfig = settings(args)
+    result = run_uqa(cfg, progress=not args.quiet)
+    report = write_uqa(result, cfg.output_dir)
+    print(f"\n{result.questions} questions about {result.run['held_out_users']} held-out users "
+          f"({result.run['seconds']:.0f}s):\n")
+    print(uqa_table(result))
+    print(f"\nreport: {report}\nresults: {Path(cfg.output_dir) / 'results.json'}")
+
+
 def register(subparsers) -> None:
+    p = subparsers.add_parser("uqa", help="multiple-choice questions about held-out users: Q-Anchor vs TextN vs prior")
+    add_settings(p, UqaConfig, "checkpoint=runs/uqa/pretrain data.path=data/completejourney output_dir=results/uqa")
+    p.set_defaults(func=_cmd_uqa)
     p = subparsers.add_parser("bench", help="AUC / KS benchmark of Q-Anchor against peers (k-fold over users)")
     add_settings(p, BenchConfig, "checkpoint=runs/cj data.path=data/cj heads_dir=runs/cj-heads output_dir=results/cj")
     p.set_defaults(func=_cmd_bench)

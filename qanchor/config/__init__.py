@@ -42,6 +42,7 @@ from qanchor.config.commands import (
     PromptTuneConfig,
     SynthConfig,
     UpdateConfig,
+    UqaConfig,
     UserUConfig,
     require,
 )
@@ -60,7 +61,7 @@ from qanchor.errors import ConfigError
 __all__ = [
     "TextEncoderConfig", "DataConfig", "LoraConfig", "BackboneConfig", "UserEncoderConfig", "ModelConfig",
     "LossConfig", "TrainConfig", "PretrainConfig", "DataOverrides", "PromptTuneConfig", "BenchConfig", "InferConfig",
-    "EmbedConfig", "UpdateConfig", "AskConfig", "DescribeConfig", "IndexBuildConfig", "IndexSearchConfig", "SynthConfig", "CompleteJourneyConfig",
+    "EmbedConfig", "UpdateConfig", "AskConfig", "DescribeConfig", "UqaConfig", "IndexBuildConfig", "IndexSearchConfig", "SynthConfig", "CompleteJourneyConfig",
     "UserUConfig", "SCHEMAS", "configs_root", "load_config", "with_overrides", "to_yaml", "require",
 ]
 

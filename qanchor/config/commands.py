@@ -14,7 +14,7 @@ from qanchor.config.sections import DataConfig, LossConfig, ModelConfig, TrainCo
 from qanchor.errors import ConfigError
 
 __all__ = ["PretrainConfig", "DataOverrides", "PromptTuneConfig", "BenchConfig", "InferConfig", "EmbedConfig",
-           "UpdateConfig", "AskConfig", "DescribeConfig", "IndexBuildConfig", "IndexSearchConfig", "SynthConfig", "CompleteJourneyConfig",
+           "UpdateConfig", "UqaConfig", "AskConfig", "DescribeConfig", "IndexBuildConfig", "IndexSearchConfig", "SynthConfig", "CompleteJourneyConfig",
            "UserUConfig", "require"]
 
 
@@ -39,6 +39,9 @@ class PretrainConfig:
     def __post_init__(self) -> None:
         if self.resume and self.overwrite:
             raise ConfigError("resume=true and overwrite=true contradict each other; choose one")
+        if self.data.text_events and self.model.user_input != "text":
+            raise ConfigError(f"data.text_events={self.data.text_events} is read only by model.user_input=text; "
+                              "set data.text_events=0 or model.user_input=text")
         if self.loss.answer_bank and self.model.answer_tower != "text_encoder":
             raise ConfigError("loss.answer_bank needs model.answer_tower=text_encoder (only frozen answer vectors can "
                               "be re-projected with the current weights); set loss.answer_bank=0 or change the tower")
@@ -208,6 +211,29 @@ class IndexBuildConfig:
     out: str = ""  # index file (FILE.users.parquet and FILE.json are written beside it)
     ivf_min_size: int = 50_000  # from this many users on, an IVF index (else exact)
     nprobe: int | None = None  # IVF cells searched (default nlist / 8)
+
+
+@dataclass
+class UqaConfig:
+    """``qanchor uqa``: multiple-choice questions about held-out users; Q-Anchor vs TextN vs the prior vs random."""
+
+    checkpoint: str = ""  # a Q-Anchor checkpoint pretrained with train.holdout_users > 0
+    data: DataOverrides = field(default_factory=DataOverrides)  # data.path: the dataset it was pretrained on
+    text_events: list[int] = field(default_factory=lambda: [8, 32, 128])  # TextN rows (each retrained: slow)
+    prior: bool = True  # the no-user row (retrained with the same recipe)
+    max_users: int | None = None  # at most this many held-out users (drawn with seed); None = all
+    window_days: int = 30  # action prediction: the window after the internal cutoff
+    seed: int = 0
+    batch_size: int = 16  # users per prefix pass while scoring
+    output_dir: str = "results/uqa"
+
+    def __post_init__(self) -> None:
+        if any(n < 1 for n in self.text_events):
+            raise ConfigError(f"text_events must be >= 1 each (the prior row is prior=true), got {self.text_events}")
+        if self.max_users is not None and self.max_users < 4:
+            raise ConfigError(f"max_users must be >= 4 (3 distractors come from other users), got {self.max_users}")
+        if self.window_days < 1 or self.batch_size < 1:
+            raise ConfigError("window_days and batch_size must be >= 1")
 
 
 @dataclass

@@ -31,11 +31,16 @@ class DataConfig:
     default_max_events: int = 64  # cap for modalities not named in max_events
     cache_dir: str | None = None  # text vectors and user partitions; default <dataset>/.qanchor_cache
     text_encoder: TextEncoderConfig = field(default_factory=TextEncoderConfig)
+    # model.user_input=text only: how many of the user's most recent kept events (all modalities, by time) are
+    # written out as plain text lines for the backbone to read (the TextN baseline; 0 = no user at all: the prior)
+    text_events: int = 0
 
     def __post_init__(self) -> None:
         bad = {k: v for k, v in self.max_events.items() if v < 1}
         if bad or self.default_max_events < 1:
             raise ConfigError(f"data.max_events: every cap must be >= 1, got {bad or self.default_max_events}")
+        if self.text_events < 0:
+            raise ConfigError(f"data.text_events must be >= 0, got {self.text_events}")
 
     def cap(self, modality: str) -> int:
         """How many of a modality's most recent events are kept."""
@@ -105,6 +110,9 @@ class ModelConfig:
     answer_tower: Literal["backbone", "text_encoder"] = "backbone"
     answer_pooling: Literal["last", "mean"] = "last"  # backbone tower: its last token (the paper's) or the mean
     answer_max_length: int = 256  # text_encoder tower: answer tokens the sentence encoder reads
+    # What the backbone reads about the user: hierarchical user tokens (Q-Anchor), or the user's last
+    # data.text_events events written as plain text (the TextN baseline of UQABench; 0 events = the prior).
+    user_input: Literal["tokens", "text"] = "tokens"
 
 
 @dataclass
@@ -155,6 +163,9 @@ class TrainConfig:
     # Batches made of groups of this many pairs that share one query: within a group only the user tells the
     # answers apart, so the model cannot solve the contrastive task from the question alone. 1 = uniform shuffle.
     query_group_size: int = 1
+    # Share of users (a fixed hash of the id decides) whose pairs never enter pretraining: `qanchor uqa` asks
+    # about them. 0 = every user's pairs are used.
+    holdout_users: float = 0.0
 
     def __post_init__(self) -> None:
         if self.max_steps < 1 or self.batch_size < 2:
@@ -162,5 +173,7 @@ class TrainConfig:
         if self.query_group_size < 1 or self.batch_size % self.query_group_size:
             raise ConfigError(f"train.query_group_size ({self.query_group_size}) must be >= 1 and divide train.batch_size "
                               f"({self.batch_size})")
+        if not 0.0 <= self.holdout_users < 1.0:
+            raise ConfigError(f"train.holdout_users must be in [0, 1), got {self.holdout_users}")
         if self.zero_stage not in (0, 1, 2, 3):
             raise ConfigError(f"train.zero_stage must be 0, 1, 2 or 3, got {self.zero_stage}")

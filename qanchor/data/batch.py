@@ -41,6 +41,7 @@ class UserBatch:
     tabular: torch.Tensor | None = None
     tabular_missing: torch.Tensor | None = None
     has_tabular: torch.Tensor | None = None
+    event_lines: list[list[str]] | None = None  # a text-prefix model's input (data.text_events > 0)
 
     def __len__(self) -> int:
         return len(self.user_ids)
@@ -49,7 +50,7 @@ class UserBatch:
         def move(t):
             return (t.to(device) if t is not None else None)
         return UserBatch(self.user_ids, {k: v.to(device) for k, v in self.modalities.items()},
-                         move(self.tabular), move(self.tabular_missing), move(self.has_tabular))
+                         move(self.tabular), move(self.tabular_missing), move(self.has_tabular), self.event_lines)
 
 
 def collate_users(users: list[PackedUser], manifest: Manifest, vectors: np.ndarray, n_tabular: int) -> UserBatch:
@@ -79,7 +80,8 @@ def collate_users(users: list[PackedUser], manifest: Manifest, vectors: np.ndarr
                 raw[i] = np.nan_to_num(u.tabular, nan=0.0)
         tabular, missing = torch.from_numpy(raw), torch.from_numpy(missing_np)
         has = torch.tensor([u.tabular is not None for u in users], dtype=torch.bool)
-    return UserBatch([u.user_id for u in users], modalities, tabular, missing, has)
+    lines = [u.event_lines or [] for u in users] if any(u.event_lines is not None for u in users) else None
+    return UserBatch([u.user_id for u in users], modalities, tabular, missing, has, lines)
 
 
 @dataclass

@@ -25,7 +25,7 @@ from qanchor.data.manifest import Manifest, ModalitySpec
 from qanchor.data.text_cache import TextVectorCache
 from qanchor.logs import progress as progress_iter
 
-__all__ = ["BASE_NUMERIC_FEATURES", "AGE_FEATURE", "numeric_width", "numeric_stats", "event_numeric_features", "PackedModality", "PackedUser",
+__all__ = ["BASE_NUMERIC_FEATURES", "AGE_FEATURE", "numeric_width", "numeric_stats", "event_numeric_features", "PackedModality", "PackedUser", "event_lines",
            "UserPacker", "tabular_stats"]
 
 BASE_NUMERIC_FEATURES = 7
@@ -78,10 +78,23 @@ class PackedUser:
     user_id: str
     modalities: dict[str, PackedModality]
     tabular: np.ndarray | None  # float32 [n_features], NaN = missing; None = no tabular row
+    event_lines: list[str] | None = None  # data.text_events > 0: the most recent events as text, oldest first
 
     @property
     def num_events(self) -> int:
         return sum(len(m.text_rows) for m in self.modalities.values())
+
+
+def event_lines(kept: dict[str, EventSeq], cutoff_us: int, n: int) -> list[str]:
+    """The ``n`` most recent of the ``kept`` events (all modalities, by time; oldest first) as plain text lines,
+    ``"<age>d ago <modality>: <text> (<value>)"``: what a text-prefix model (TextN) reads instead of user tokens."""
+    events = [(int(s.ts[i]), m, s.text[i], float(s.value[i])) for m, s in kept.items() for i in range(len(s))]
+    events.sort(key=lambda e: e[0])  # stable: equal times keep the manifest's modality order
+    lines = []
+    for ts, m, text, value in events[-n:]:
+        age = max(0, (cutoff_us - ts) // _US_PER_DAY)
+        lines.append(f"{age}d ago {m}: {text}" + (f" ({value:.2f})" if np.isfinite(value) else ""))
+    return lines
 
 
 class UserPacker:
@@ -122,7 +135,8 @@ class UserPacker:
                 modalities[spec.name] = PackedModality(np.zeros(0, np.int64), np.zeros((0, numeric_width(spec)), np.float32))
             else:
                 modalities[spec.name] = PackedModality(self.cache.ensure(seq.text), event_numeric_features(seq, cutoff_us))
-        return PackedUser(record.user_id, modalities, record.tabular)
+        lines = event_lines(kept, cutoff_us, self.data_cfg.text_events) if self.data_cfg.text_events else None
+        return PackedUser(record.user_id, modalities, record.tabular, lines)
 
     def prime(self, records: Iterable[UserRecord], progress: bool = True, flush_every: int = 50_000,
               all_events: bool = False) -> int:

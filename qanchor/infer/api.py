@@ -349,7 +349,17 @@ class QAnchor:
         with torch.inference_mode():
             return answer_suffix(self.model, torch.tensor(ids, dtype=torch.long, device=self.device))
 
-    def _options(self, options: object) -> tuple[list[str], list[list[int]]]:
+    def option_ids(self, text: str, truncate: bool = False) -> list[int]:
+        """Token ids of an option as an answer: at most the ``model.max_answer_tokens - 1`` tokens the model learned to
+        write (pretraining cut longer answers there, then closed them); longer is an error unless ``truncate``."""
+        ids = self.tokenizer(text, add_special_tokens=False, verbose=False)["input_ids"]
+        limit = self.run_cfg.model.max_answer_tokens - 1
+        if len(ids) > limit and not truncate:
+            raise ModelInputError(f"option {text[:60]!r} has {len(ids)} tokens, more than the {limit} answer tokens this "
+                                  "model was trained to write (model.max_answer_tokens - 1); shorten it or pass truncate=True")
+        return ids[:limit]
+
+    def _options(self, options: object, truncate: bool = False) -> tuple[list[str], list[list[int]]]:
         """Option texts and their token ids; at least two distinct, non-empty options the model can have written."""
         if isinstance(options, str) or not isinstance(options, Sequence) or len(options) < 2:
             raise ModelInputError(f"options must be a list of at least 2 answers to choose from, got {options!r}")
@@ -358,14 +368,10 @@ class QAnchor:
             if not isinstance(o, str) or not o.strip():
                 raise ModelInputError(f"every option must be non-empty text, got {o!r}")
             texts.append(o.strip())
-        if len(set(texts)) < len(texts):
-            raise ModelInputError(f"options repeat: {texts}; give distinct options")
-        limit = self.run_cfg.model.max_answer_tokens - 1
-        ids = [self.tokenizer(t, add_special_tokens=False, verbose=False)["input_ids"] for t in texts]
-        for t, i in zip(texts, ids):
-            if len(i) > limit:
-                raise ModelInputError(f"option {t[:60]!r} has {len(i)} tokens, more than the {limit} answer tokens this model "
-                                      "was trained to write (model.max_answer_tokens - 1); shorten it")
+        ids = [self.option_ids(t, truncate) for t in texts]
+        if len(set(map(tuple, ids))) < len(texts):
+            raise ModelInputError(f"options repeat{' once cut to the answer length' if truncate else ''}: {texts}; "
+                                  "give distinct options")
         return texts, ids
 
     def decode(self, ids: Sequence[int]) -> str:
@@ -382,6 +388,10 @@ class QAnchor:
                 with torch.inference_mode():
                     prefixes = self.model.prefixes(self.pipeline.collate(packed[start : start + self.batch_size]).to(self.device))
                 yield records[start : start + self.batch_size], prefixes
+
+    def prefix_lengths(self, users: Users, cutoff: datetime | str | None = None) -> np.ndarray:
+        """How many positions each user's prefix takes in the LLM (the prompt cost of reading the user) -> ``[U]``."""
+        return np.array([p.shape[0] for _, prefixes in self._user_batches(users, cutoff) for p in prefixes], np.int64)
 
     def _chunks(self, rows: list[tuple[int, torch.Tensor]]) -> Iterator[tuple[torch.Tensor, list[torch.Tensor], slice]]:
         for i in range(0, len(rows), self.max_rows):
@@ -424,12 +434,13 @@ class QAnchor:
         return out
 
     def choose(self, users: Users, question: str | Sequence[str], options: Sequence[str] | Sequence[Sequence[str]],
-               use_cache: bool = True, cutoff: datetime | str | None = None) -> list[Choice]:
+               use_cache: bool = True, cutoff: datetime | str | None = None, truncate: bool = False) -> list[Choice]:
         """Multiple choice: per user, the option with the highest mean log-probability of its tokens (and the end
         token) after the user prefix and the question -> one :class:`Choice` per user.
 
         ``question`` and ``options`` are shared by every user, or given per user (a list of questions, a list of
-        option lists, in the users' order).
+        option lists, in the users' order). ``truncate`` scores only the first ``model.max_answer_tokens - 1`` tokens
+        of a longer option (what pretraining taught the model to write) instead of refusing it.
 
         Example:
             >>> model.choose(user, "Which categories does this user engage with most?",
@@ -440,14 +451,14 @@ class QAnchor:
         shared_q = isinstance(question, str)
         shared_o = isinstance(options, Sequence) and not isinstance(options, str) and all(isinstance(o, str) for o in options)
         fixed_q = self._question_suffix(question) if shared_q else None
-        fixed_o = self._options(options) if shared_o else None
+        fixed_o = self._options(options, truncate) if shared_o else None
 
         def spec(i: int) -> tuple[torch.Tensor, list[str], list[list[int]]]:
             for name, per_user, shared in (("question", question, shared_q), ("options", options, shared_o)):
                 if not shared and i >= len(per_user):  # type: ignore[arg-type]
                     raise ModelInputError(f"{name} is given per user but has {len(per_user)} entries for more users")  # type: ignore[arg-type]
             suffix = fixed_q if fixed_q is not None else self._question_suffix(question[i])
-            texts, ids = fixed_o if fixed_o is not None else self._options(options[i])  # type: ignore[index]
+            texts, ids = fixed_o if fixed_o is not None else self._options(options[i], truncate)  # type: ignore[index]
             return suffix, texts, ids
 
         out: list[Choice] = []

@@ -92,7 +92,7 @@ def build_model(cfg: ModelConfig, manifest: Manifest, text_dim: int, tabular_col
     if cfg.backbone.lora.enabled:
         backbone = _apply_lora(backbone, cfg, sorted(ids.values()))
     token_ids = TokenIds.from_tokenizer(tokenizer, modalities)
-    model = QAnchorModel(cfg, manifest, backbone, token_ids, text_dim, len(tabular_columns))
+    model = QAnchorModel(cfg, manifest, backbone, token_ids, text_dim, len(tabular_columns), tokenizer)
     return model, tokenizer
 
 

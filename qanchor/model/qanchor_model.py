@@ -94,9 +94,12 @@ def _local_mean(total: torch.Tensor, count: torch.Tensor) -> torch.Tensor:
 
 
 class QAnchorModel(nn.Module):
-    def __init__(self, cfg: ModelConfig, manifest: Manifest, backbone: nn.Module, token_ids: TokenIds, text_dim: int, n_tabular: int):
+    def __init__(self, cfg: ModelConfig, manifest: Manifest, backbone: nn.Module, token_ids: TokenIds, text_dim: int, n_tabular: int,
+                 tokenizer: object = None):
         super().__init__()
         self.cfg, self.manifest, self.token_ids = cfg, manifest, token_ids
+        self.tokenizer = tokenizer  # only a text-prefix model (user_input=text) tokenises inside forward
+        self._line_ids: dict[str, list[int]] = {}  # event line -> token ids (lines repeat across steps)
         self.backbone = backbone
         hidden = backbone.get_input_embeddings().weight.shape[1]
         self.hidden_size = hidden
@@ -124,8 +127,27 @@ class QAnchorModel(nn.Module):
         return F.normalize(self.projection(hidden.to(self.projection[0].weight.dtype)).float(), dim=-1)
 
     def prefixes(self, users: UserBatch) -> list[torch.Tensor]:
+        """Each user's prefix embeddings (L_b, H): user tokens, or with ``user_input=text`` the event lines."""
+        if self.cfg.user_input == "text":
+            return self._text_prefixes(users)
         tokens = self.user_encoder(users)
         return build_prefixes(tokens, self.token_ids, self.embed_tokens, self.cfg.user_encoder.summary_tokens)
+
+    def _text_prefixes(self, users: UserBatch) -> list[torch.Tensor]:
+        """TextN: ``[bos] <|user|>`` and the user's last events as plain text, each line closed by ``;``."""
+        if self.tokenizer is None:
+            raise ValueError("model.user_input=text needs the model's tokenizer (build_model sets it)")
+        head = ([self.token_ids.bos] if self.token_ids.bos is not None else []) + [self.token_ids.user]
+        device = next(self.parameters()).device
+        out = []
+        for lines in users.event_lines or [[] for _ in range(len(users))]:
+            ids = list(head)
+            for line in lines:
+                if line not in self._line_ids:
+                    self._line_ids[line] = self.tokenizer(f"{line} ;", add_special_tokens=False, verbose=False)["input_ids"]
+                ids += self._line_ids[line]
+            out.append(self.embed_tokens(torch.tensor(ids, dtype=torch.long, device=device)))
+        return out
 
     def suffix(self, query_ids: torch.Tensor, prompt: torch.Tensor | None) -> torch.Tensor:
         """(Lq,) query ids -> (k + Lq + 1, H) suffix embeddings: [soft prompt] query <|user_emb|>."""

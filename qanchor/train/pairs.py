@@ -18,6 +18,7 @@ import zlib
 from functools import lru_cache
 
 import numpy as np
+import pyarrow as pa
 import pyarrow.compute as pc
 import torch
 
@@ -29,15 +30,27 @@ from qanchor.data.text_cache import TextVectorCache
 from qanchor.model.layout import TokenIds, tokenize_answer, tokenize_query
 from qanchor.model.qanchor_model import PretrainBatch
 
-__all__ = ["PretrainStream"]
+__all__ = ["PretrainStream", "is_held_out"]
+
+_HOLDOUT_BUCKETS = 1_000_000
+
+
+def is_held_out(user_id: str, fraction: float) -> bool:
+    """Whether ``user_id`` is among the ``fraction`` of users kept out of pretraining (a fixed hash of the id, so
+    the same users on every machine and in every run with the same fraction)."""
+    return fraction > 0 and zlib.crc32(user_id.encode()) % _HOLDOUT_BUCKETS < fraction * _HOLDOUT_BUCKETS
 
 
 class PretrainStream:
     def __init__(self, ds: Dataset, pipe: UserPipeline, tokenizer, token_ids: TokenIds, model_cfg: ModelConfig,
-                 seed: int, uqa_fraction: float = 0.5, group_size: int = 1, answer_cache: TextVectorCache | None = None):
+                 seed: int, uqa_fraction: float = 0.5, group_size: int = 1, answer_cache: TextVectorCache | None = None,
+                 holdout_users: float = 0.0):
         self.ds, self.pipe, self.tokenizer, self.token_ids, self.model_cfg = ds, pipe, tokenizer, token_ids, model_cfg
         self.seed, self.group_size, self.answer_cache = seed, group_size, answer_cache
         table = ds.userU().sort_by([("user_id", "ascending"), ("cutoff", "ascending"), ("source", "ascending"), ("query", "ascending")])
+        if holdout_users > 0:  # held-out users' pairs never enter pretraining (qanchor uqa asks about them)
+            users = table.column("user_id").to_pylist()
+            table = table.filter(pa.array([not is_held_out(u, holdout_users) for u in users]))
         self.user_ids = table.column("user_id").to_numpy(zero_copy_only=False).astype(object)
         self.cutoff_us = table.column("cutoff").cast("int64").to_numpy()
         self.queries = table.column("query").to_pylist()

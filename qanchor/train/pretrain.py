@@ -133,7 +133,7 @@ def run_pretrain(cfg: PretrainConfig, progress: bool = True) -> Path:
     fit_input_stats(model, ds, pipe)
     meta = ModelMeta(ds.manifest.to_dict(), pipe.cache.dim, cfg.data.text_encoder.__dict__, list(ds.tabular_columns))
     stream = PretrainStream(ds, pipe, tokenizer, model.token_ids, cfg.model, cfg.train.seed, cfg.train.uqa_fraction,
-                            cfg.train.query_group_size)
+                            cfg.train.query_group_size, holdout_users=cfg.train.holdout_users)
     if cfg.model.answer_tower == "text_encoder":  # only that tower reads answer vectors
         tc = cfg.train
         stream.answer_cache = answer_cache(cfg, ds, rank, progress, stream.answers_for_steps(

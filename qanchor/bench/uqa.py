@@ -1,0 +1,337 @@
+"""``qanchor uqa``: a UQABench-style multiple-choice benchmark on held-out users, read from user tokens or text.
+
+Questions (:func:`build_questions`) are asked only about users whose pairs never entered pretraining
+(``train.holdout_users`` of the checkpoint), in the three UQABench families:
+
+- ``sequence`` (sequence understanding): what the history holds: activity counts, recency per modality,
+  most frequent items, modality mix, largest single amount;
+- ``interest`` (interest perception): top categories, time-of-day and weekend habits, rising or falling;
+- ``action`` (action prediction): what the user does in the 30 days after an internal cutoff, the model
+  reading only events before it (the dataset holds no events after its own cutoff).
+
+Each question has 4 options: the user's own answer, recomputed from the events (claims verified with
+:func:`~qanchor.data.userU_topics.verify`; a future window summarised from the events in it), and 3 answers
+of other held-out users to the same question that are verified *wrong* for this user: every option is
+written in the dataset's own vocabulary, so a model that knows nothing of the user is at chance (25%).
+
+Rows, each scored by :meth:`QAnchor.choose` (mean log-probability of an option's tokens):
+``qanchor`` (the checkpoint, reading user tokens); ``text<N>`` (the same recipe, pairs, budget and seed,
+retrained to read the user's last N events as plain text: UQABench's TextN); ``prior`` (the same, retrained
+with no user at all); ``random`` (25%). Accuracy per family with a 95% Wilson interval, and the prompt
+positions each row spends per question.
+
+Example:
+    >>> result = run_uqa(UqaConfig(checkpoint="runs/uqa/pretrain", data=DataOverrides(path="data/completejourney")))  # doctest: +SKIP
+"""
+
+from __future__ import annotations
+
+import math
+import time
+import zlib
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, replace
+from datetime import datetime, timedelta, timezone
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+import qanchor
+from qanchor.bench.plots import _pyplot
+from qanchor.bench.report import markdown_table
+from qanchor.bench.retrain import checkpoint_run_config, pretrain_variant
+from qanchor.config import PretrainConfig, UqaConfig, require, to_yaml
+from qanchor.data.dataset import Dataset, UserRecord, load_dataset
+from qanchor.data.io import OutputKind, claim_output_dir, write_json, write_text
+from qanchor.data.userU import FUTURE_QUERY, summarize_future
+from qanchor.data.userU_topics import DAY_US, QA, TOPICS, History, verify
+from qanchor.errors import ConfigError, DataValidationError
+from qanchor.infer.api import QAnchor, events_before
+from qanchor.logs import format_seconds, log
+from qanchor.train.pairs import is_held_out
+
+__all__ = ["FAMILIES", "Question", "UqaResult", "build_questions", "held_out_users", "run_uqa", "wilson", "write_uqa"]
+
+FAMILIES: dict[str, tuple[str, ...]] = {
+    "sequence": ("activity", "recency", "favourites", "mix", "largest"),
+    "interest": ("categories", "time_of_day", "weekend", "trend"),
+    "action": ("future",),
+}
+N_OPTIONS = 4
+_EPOCH = datetime(1970, 1, 1, tzinfo=timezone.utc)
+
+
+@dataclass(frozen=True)
+class Question:
+    user_id: str
+    family: str
+    topic: str
+    question: str
+    options: tuple[str, ...]
+    answer: int  # index of the right option
+    cutoff_us: int  # the model reads only events before this moment
+
+
+def wilson(correct: int, n: int, z: float = 1.96) -> tuple[float, float]:
+    """95% Wilson score interval of a proportion (stays inside [0, 1] for small n and extreme rates)."""
+    if n == 0:
+        return math.nan, math.nan
+    p = correct / n
+    centre = (p + z * z / (2 * n)) / (1 + z * z / n)
+    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / (1 + z * z / n)
+    return max(0.0, centre - half), min(1.0, centre + half)
+
+
+def held_out_users(ds: Dataset, fraction: float, limit: int | None, seed: int) -> list[str]:
+    """The dataset's held-out users (sorted), at most ``limit`` of them drawn with ``seed``."""
+    users = [u for u in ds.user_ids.tolist() if is_held_out(u, fraction)]
+    if limit is not None and len(users) > limit:
+        users = sorted(np.random.default_rng(seed).choice(users, limit, replace=False).tolist())
+    return users
+
+
+def _truths(record: UserRecord, cutoff_us: int, extra: dict, seed: int, window_days: int
+            ) -> tuple[dict[str, QA], History, int]:
+    """The user's verified answers per topic (and the histories they are checked against)."""
+    h = History(events_before(record.events, cutoff_us), cutoff_us, extra)
+    rng = np.random.default_rng([seed, zlib.crc32(record.user_id.encode())])
+    out: dict[str, QA] = {}
+    for topic in (t for topics in FAMILIES.values() for t in topics):
+        if topic == "future" or not len(h.all):
+            continue
+        qa = TOPICS[topic](h, rng)
+        if qa is not None and verify(qa.claims, h, qa.answer):
+            out[topic] = qa
+    start = (cutoff_us - window_days * DAY_US) // DAY_US * DAY_US  # a whole UTC day, the window ends by the cutoff
+    if events_before(record.events, start):  # the model must have something to read before the window
+        future = summarize_future(h, start, window_days)
+        if future is not None:
+            out["future"] = QA(FUTURE_QUERY.format(days=window_days), future, [])
+    return out, h, start
+
+
+def build_questions(ds: Dataset, user_ids: list[str], seed: int = 0, window_days: int = 30,
+                    scored_as: Callable[[str], object] = str) -> list[Question]:
+    """4-option questions about ``user_ids`` (see the module doc); the same list for the same inputs and seed.
+
+    ``scored_as`` maps an option to what a model scores of it (e.g. its first answer-length tokens): a distractor
+    that would be scored the same as the right option or another distractor is not used.
+    """
+    cutoff_us = (ds.manifest.cutoff - _EPOCH) // timedelta(microseconds=1)
+    extra = {m.name: m.numeric_columns for m in ds.manifest.sequence_modalities}
+    truths: dict[str, dict[str, QA]] = {t: {} for ts in FAMILIES.values() for t in ts}
+    histories: dict[str, History] = {}
+    future_start = cutoff_us
+    for record in ds.users(user_ids):
+        answers, h, future_start = _truths(record, cutoff_us, extra, seed, window_days)
+        histories[record.user_id] = h
+        for topic, qa in answers.items():
+            truths[topic][record.user_id] = qa
+    family_of = {t: f for f, ts in FAMILIES.items() for t in ts}
+    out = []
+    for topic, by_user in truths.items():
+        pool = sorted(by_user)
+        for user in pool:
+            rng = np.random.default_rng([seed, zlib.crc32(f"{topic}/{user}".encode())])
+            true = by_user[user]
+            distractors: list[str] = []
+            seen = {scored_as(true.answer)}
+            for other in rng.permutation(pool).tolist():
+                text = by_user[other].answer
+                if other == user or scored_as(text) in seen:
+                    continue
+                wrong = (summarize_future(histories[user], future_start, window_days) != text if topic == "future"
+                         else not verify(by_user[other].claims, histories[user], text))
+                if wrong:
+                    distractors.append(text)
+                    seen.add(scored_as(text))
+                if len(distractors) == N_OPTIONS - 1:
+                    break
+            if len(distractors) < N_OPTIONS - 1:
+                continue  # too few other users with a different answer: no fair question
+            options = [true.answer, *distractors]
+            order = rng.permutation(N_OPTIONS)
+            out.append(Question(user, family_of[topic], topic, true.question, tuple(options[i] for i in order),
+                                int(np.flatnonzero(order == 0)[0]), future_start if topic == "future" else cutoff_us))
+    return sorted(out, key=lambda q: (q.user_id, list(family_of).index(q.topic)))
+
+
+@dataclass
+class UqaResult:
+    run: dict[str, Any]
+    questions: int
+    by_family: dict[str, int]  # questions per family
+    rows: dict[str, dict[str, Any]]  # row -> {"accuracy": {family: [acc, lo, hi]}, "prompt_tokens": mean, ...}
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def _as_time(us: int) -> datetime:
+    return datetime.fromtimestamp(us / 1e6, tz=timezone.utc)
+
+
+def score(model: QAnchor, ds: Dataset, questions: list[Question]) -> tuple[np.ndarray, np.ndarray]:
+    """Whether ``model`` picks the right option of each question, and the prompt positions it spends on each
+    (user prefix + question + the two markers an answer follows)."""
+    correct = np.zeros(len(questions), bool)
+    tokens = np.zeros(len(questions), np.int64)
+    records = {r.user_id: r for r in ds.users(sorted({q.user_id for q in questions}))}
+    for cutoff in sorted({q.cutoff_us for q in questions}):
+        idx = [i for i, q in enumerate(questions) if q.cutoff_us == cutoff]
+        users = [UserRecord(questions[i].user_id, events_before(records[questions[i].user_id].events, cutoff),
+                            records[questions[i].user_id].tabular) for i in idx]
+        when = _as_time(cutoff)
+        choices = model.choose(users, [questions[i].question for i in idx], [list(questions[i].options) for i in idx],
+                               cutoff=when, truncate=True)
+        prefix = model.prefix_lengths(users, cutoff=when)
+        for k, i in enumerate(idx):
+            correct[i] = choices[k].option == questions[i].options[questions[i].answer]
+            n_question = len(model.tokenizer(questions[i].question, add_special_tokens=False)["input_ids"])
+            tokens[i] = prefix[k] + n_question + 2
+    return correct, tokens
+
+
+def _text_variant(n_events: int):
+    """The checkpoint's recipe reading the last ``n_events`` events as text (0 = no user: the prior)."""
+    def change(cfg: PretrainConfig) -> PretrainConfig:
+        caps = {m: max(c, n_events) for m, c in cfg.data.max_events.items()}
+        data = replace(cfg.data, text_events=n_events, max_events=caps,
+                       default_max_events=max(cfg.data.default_max_events, n_events))
+        return replace(cfg, data=data, model=replace(cfg.model, user_input="text"))
+    return change
+
+
+def run_uqa(cfg: UqaConfig, progress: bool = True) -> UqaResult:
+    """Build the questions, train (or reuse) the text rows, score every row; nothing is written here."""
+    start = time.perf_counter()
+    require(cfg.checkpoint, "checkpoint", "<checkpoint dir pretrained with train.holdout_users > 0>")
+    require(cfg.data.path, "data.path", "<dataset dir>")
+    base = checkpoint_run_config(cfg.checkpoint)
+    if base.model.user_input != "tokens":
+        raise ConfigError(f"{cfg.checkpoint} reads users as text (model.user_input=text); give a Q-Anchor checkpoint")
+    if base.train.holdout_users <= 0:
+        raise ConfigError(f"{cfg.checkpoint} was pretrained on every user's pairs (train.holdout_users=0), so no user is "
+                          "held out to ask about; pretrain with train.holdout_users=0.1 (make uqa does)")
+    ds = load_dataset(cfg.data.path, cfg.data.cache_dir)
+    users = held_out_users(ds, base.train.holdout_users, cfg.max_users, cfg.seed)
+    reference = QAnchor.from_pretrained(cfg.checkpoint, text_cache_dir=ds.text_cache_dir)  # every row shares its tokenizer
+    questions = build_questions(ds, users, cfg.seed, cfg.window_days,
+                                scored_as=lambda text: tuple(reference.option_ids(text, truncate=True)))
+    if not questions:
+        raise DataValidationError(cfg.data.path, f"none of the {len(users)} held-out users yields a question with "
+                                  f"{N_OPTIONS} distinct options; the dataset needs more users with events")
+    if progress:
+        log(f"uqa: {len(questions)} questions about {len(users)} held-out users "
+            f"({', '.join(f'{f} {sum(q.family == f for q in questions)}' for f in FAMILIES)})")
+    out = Path(cfg.output_dir)
+    claim_output_dir(out, OutputKind.RESULTS, {"data.path": cfg.data.path, "checkpoint": cfg.checkpoint}, key="output_dir")
+    models = {"qanchor": cfg.checkpoint}
+    for n in sorted(set(cfg.text_events)):
+        models[f"text{n}"] = str(pretrain_variant(cfg.checkpoint, cfg.data.path, _text_variant(n), out / "variants" / f"text{n}",
+                                                  progress))
+    if cfg.prior:
+        models["prior"] = str(pretrain_variant(cfg.checkpoint, cfg.data.path, _text_variant(0), out / "variants" / "prior",
+                                               progress))
+    families = {f: np.array([q.family == f for q in questions]) for f in FAMILIES}
+    rows: dict[str, dict[str, Any]] = {}
+    for name, path in models.items():
+        t0 = time.perf_counter()
+        model = QAnchor.from_pretrained(path, text_cache_dir=ds.text_cache_dir, batch_size=cfg.batch_size)
+        correct, tokens = score(model, ds, questions)
+        rows[name] = _row(correct, tokens, families, time.perf_counter() - t0)
+        if progress:
+            log(f"uqa: {name}: accuracy {correct.mean():.3f} over {len(correct)} questions, {tokens.mean():.0f} prompt "
+                f"positions per question ({format_seconds(time.perf_counter() - t0)})")
+    n_all = len(questions)
+    rows["random"] = {"accuracy": {f: [1 / N_OPTIONS, *wilson(round(m.sum() / N_OPTIONS), int(m.sum()))]
+                                   for f, m in {**families, "all": np.ones(n_all, bool)}.items()},
+                      "prompt_tokens": 0.0, "seconds": 0.0, "correct": None}
+    run = {"dataset": ds.manifest.name, "data_path": cfg.data.path, "checkpoint": cfg.checkpoint,
+           "held_out_users": len(users), "holdout_fraction": base.train.holdout_users, "seed": cfg.seed,
+           "qanchor_version": qanchor.__version__, "seconds": time.perf_counter() - start, "config_yaml": to_yaml(cfg),
+           "pretrain_steps": base.train.max_steps, "pretrain_batch": base.train.batch_size}
+    return UqaResult(run, n_all, {f: int(m.sum()) for f, m in families.items()}, rows)
+
+
+def _row(correct: np.ndarray, tokens: np.ndarray, families: dict[str, np.ndarray], seconds: float) -> dict[str, Any]:
+    acc = {}
+    for f, m in {**families, "all": np.ones(len(correct), bool)}.items():
+        k, n = int(correct[m].sum()), int(m.sum())
+        acc[f] = [k / n if n else math.nan, *wilson(k, n)]
+    return {"accuracy": acc, "prompt_tokens": float(tokens.mean()), "seconds": seconds, "correct": correct.tolist()}
+
+
+_LABELS = {"qanchor": "Q-Anchor user tokens", "prior": "prior: same recipe, no user", "random": "random (1 in 4)"}
+
+
+def _label(row: str) -> str:
+    return _LABELS.get(row, f"TextN: last {row[4:]} events as text" if row.startswith("text") else row)
+
+
+def uqa_table(result: UqaResult) -> str:
+    """Accuracy per family (95% interval) and prompt positions per question, one line per row."""
+    header = ["row", *[f"{f} (n={result.by_family[f]})" for f in FAMILIES], f"all (n={result.questions})", "prompt tokens"]
+    lines = []
+    for name, row in result.rows.items():
+        cells = [f"{a:.3f} [{lo:.3f}, {hi:.3f}]" for a, lo, hi in (row["accuracy"][f] for f in [*FAMILIES, "all"])]
+        lines.append([_label(name), *cells, f"{row['prompt_tokens']:.0f}" if name != "random" else "-"])
+    return markdown_table(header, lines)
+
+
+def uqa_plot(result: UqaResult, path: Path) -> Path:
+    """Accuracy per family, one bar per row, 95% intervals; the dashed line is chance."""
+    plt = _pyplot()
+    rows = [r for r in result.rows if r != "random"]
+    fams = [*FAMILIES, "all"]
+    fig, ax = plt.subplots(figsize=(8, 4))
+    width = 0.8 / max(len(rows), 1)
+    x = np.arange(len(fams))
+    for j, r in enumerate(rows):
+        acc = np.array([result.rows[r]["accuracy"][f] for f in fams], dtype=float)  # (F, 3)
+        err = np.stack([acc[:, 0] - acc[:, 1], acc[:, 2] - acc[:, 0]])
+        ax.bar(x + (j - (len(rows) - 1) / 2) * width, acc[:, 0], width, yerr=err, capsize=2, label=_label(r))
+    ax.axhline(1 / N_OPTIONS, color="black", linestyle="--", linewidth=1, label="chance")
+    ax.set_xticks(x, [f"{f}\n(n={result.by_family.get(f, result.questions)})" for f in fams])
+    ax.set_ylim(0, 1)
+    ax.set_ylabel("accuracy (4 options)")
+    ax.set_title(f"{result.run['dataset']}: multiple choice about {result.run['held_out_users']} held-out users")
+    ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0))
+    ax.grid(axis="y", alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def write_uqa(result: UqaResult, out_dir: str | Path, questions: list[Question] | None = None) -> Path:
+    """``report.md``, ``results.json`` and ``uqa.png`` into ``out_dir``; returns the report's path."""
+    out = Path(out_dir)
+    plot = uqa_plot(result, out / "uqa.png")
+    write_json(result.to_dict(), out / "results.json")
+    r = result.run
+    lines = [f"# UQA benchmark: {r['dataset']}", "",
+             f"Checkpoint `{r['checkpoint']}`, {r['held_out_users']} held-out users (share {r['holdout_fraction']} of the "
+             f"dataset, never in pretraining pairs), {result.questions} questions of {N_OPTIONS} options; every row "
+             f"pretrained with the same recipe: {r['pretrain_steps']} steps x {r['pretrain_batch']} pairs. "
+             f"Run time {format_seconds(r['seconds'])}.", "",
+             "## Accuracy (95% Wilson interval) and prompt positions per question", "", uqa_table(result), "",
+             f"![accuracy per family]({plot.name})", "", _NOTES]
+    path = out / "report.md"
+    write_text("\n".join(lines), path)
+    return path
+
+
+_NOTES = """## How to read this
+
+- Families (UQABench): *sequence* = what the history holds (activity counts, recency, most frequent items,
+  modality mix, largest amount); *interest* = top categories, time-of-day and weekend habits, trend; *action* =
+  what the user does in the 30 days after an internal cutoff, the model reading only the events before it.
+- Options: the user's own answer, recomputed from the events, and 3 other held-out users' answers to the same
+  question that are verified wrong for this user; every option is in the dataset's own words, so a row that
+  ignores the user is at chance. The row picks the option whose tokens it finds most likely (mean log-probability).
+- Rows: *TextN* is the same recipe, pairs, budget and seed, pretrained to read the user's last N events as plain
+  text instead of user tokens; *prior* is the same with no user at all. Prompt tokens: the positions the user
+  prefix and the question take in the LLM (Q-Anchor: user, modality and event tokens; TextN: the event lines).
+"""

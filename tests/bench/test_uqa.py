@@ -1,0 +1,173 @@
+"""qanchor uqa: held-out users, verified questions, text-prefix rows, the report; the text-prefix model itself."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from collections import Counter
+from datetime import datetime, timedelta, timezone
+
+import numpy as np
+import pytest
+import torch
+
+from qanchor.bench.uqa import FAMILIES, N_OPTIONS, build_questions, held_out_users, run_uqa, score, wilson, write_uqa
+from qanchor.cli import main
+from qanchor.config import DataOverrides, UqaConfig
+from qanchor.data.dataset import load_dataset
+from qanchor.data.packing import event_lines
+from qanchor.data.userU import summarize_future
+from qanchor.data.userU_topics import TOPICS, History, verify
+from qanchor.errors import ConfigError
+from qanchor.infer.api import QAnchor, events_before
+from qanchor.model.factory import ModelMeta, build_model, save_checkpoint
+from qanchor.train.pairs import PretrainStream, is_held_out
+from tests.model.helpers import encoder, model_and_stream, tiny_cfg
+
+
+@pytest.fixture(scope="module")
+def env(tiny_dataset, tmp_path_factory):
+    """The tiny dataset with UserU pairs, and a saved (untrained) checkpoint whose recipe holds 30% of users out."""
+    root = tmp_path_factory.mktemp("uqa")
+    ds_dir = root / "ds"
+    shutil.copytree(tiny_dataset, ds_dir, ignore=shutil.ignore_patterns(".qanchor_cache"))
+    cfg = tiny_cfg(["train.holdout_users=0.3", "train.max_steps=2", "model.max_answer_tokens=24"])
+    model, tokenizer, _, ds, pipe, _ = model_and_stream(ds_dir, cfg)
+    meta = ModelMeta(ds.manifest.to_dict(), pipe.cache.dim, {}, list(ds.tabular_columns))
+    ckpt = save_checkpoint(root / "ckpt", model, tokenizer, cfg, meta)
+    return root, ds_dir, ckpt
+
+
+def test_holdout_is_a_fixed_share_and_never_reaches_pretraining(env):
+    _, ds_dir, _ = env
+    ids = [f"user{i}" for i in range(20_000)]
+    assert abs(np.mean([is_held_out(u, 0.1) for u in ids]) - 0.1) < 0.01
+    assert not any(is_held_out(u, 0.0) for u in ids)
+    assert all(is_held_out(u, 0.3) for u in ids if is_held_out(u, 0.1))  # nested: a larger share keeps the smaller
+    ds = load_dataset(ds_dir)
+    model, tokenizer, _, _, pipe, cfg = model_and_stream(ds_dir)
+    full = PretrainStream(ds, pipe, tokenizer, model.token_ids, cfg.model, seed=0)
+    kept = PretrainStream(ds, pipe, tokenizer, model.token_ids, cfg.model, seed=0, holdout_users=0.3)
+    held = {u for u in ds.user_ids.tolist() if is_held_out(u, 0.3)}
+    assert held and not held & set(kept.user_ids.tolist())
+    assert len(kept.user_ids) == sum(u not in held for u in full.user_ids.tolist())
+
+
+def test_questions_are_verified_and_fair(env):
+    _, ds_dir, _ = env
+    ds = load_dataset(ds_dir)
+    users = ds.user_ids.tolist()
+    questions = build_questions(ds, users, seed=0)
+    assert questions == build_questions(ds, users, seed=0)
+    assert {q.family for q in questions} == set(FAMILIES)
+    cutoff = (ds.manifest.cutoff - datetime(1970, 1, 1, tzinfo=timezone.utc)) // timedelta(microseconds=1)
+    extra = {m.name: m.numeric_columns for m in ds.manifest.sequence_modalities}
+    records = {r.user_id: r for r in ds.users()}
+    by_topic = Counter(q.topic for q in questions)
+    assert by_topic["future"] > 0 and by_topic["recency"] > 0
+    for q in questions:
+        assert len(set(q.options)) == N_OPTIONS and 0 <= q.answer < N_OPTIONS
+        h = History(events_before(records[q.user_id].events, cutoff), cutoff, extra)
+        if q.topic == "future":
+            assert q.cutoff_us < cutoff and (cutoff - q.cutoff_us) == 30 * 86_400_000_000
+            truth = summarize_future(h, q.cutoff_us, 30)
+            assert q.options[q.answer] == truth and sum(o == truth for o in q.options) == 1
+            continue
+        # the right option recomputes; each distractor is some other user's answer that does not hold here
+        for k, option in enumerate(q.options):
+            claims = _claims_of_option(q.topic, option, records, cutoff, extra, q.user_id if k == q.answer else None)
+            assert claims is not None, option
+            assert verify(claims, h, option) == (k == q.answer), (q.topic, option)
+
+
+def _claims_of_option(topic, option, records, cutoff, extra, user=None):
+    """The claims behind an option: recompute the topic's answer for every user until one writes ``option``."""
+    ids = [user] if user else list(records)
+    for u in ids:
+        h = History(events_before(records[u].events, cutoff), cutoff, extra)
+        qa = TOPICS[topic](h, np.random.default_rng(0)) if len(h.all) else None  # the draw picks only the wording
+        if qa is not None and qa.answer == option:
+            return qa.claims
+    return None
+
+
+def test_wilson_interval():
+    lo, hi = wilson(50, 100)
+    assert lo == pytest.approx(0.4038, abs=1e-3) and hi == pytest.approx(0.5962, abs=1e-3)
+    assert wilson(0, 10)[0] == 0.0 and wilson(10, 10)[1] == 1.0
+
+
+def test_event_lines_are_the_most_recent_events_as_text():
+    from qanchor.data.dataset import EventSeq
+
+    day = 86_400_000_000
+    kept = {"bill": EventSeq(np.array([1, 5]) * day, ["Coffee", "Rent"], np.array([4.5, np.nan], np.float32),
+                             np.zeros((2, 0), np.float32)),
+            "app": EventSeq(np.array([3]) * day, ["Opened bank app"], np.array([np.nan], np.float32), np.zeros((1, 0), np.float32))}
+    assert event_lines(kept, 6 * day, 2) == ["3d ago app: Opened bank app", "1d ago bill: Rent"]
+    assert event_lines(kept, 6 * day, 5) == ["5d ago bill: Coffee (4.50)", "3d ago app: Opened bank app", "1d ago bill: Rent"]
+
+
+def test_text_prefix_model_reads_the_event_lines(env, tmp_path):
+    _, ds_dir, _ = env
+    ds = load_dataset(ds_dir)
+    cfg = tiny_cfg(["model.user_input=text", "data.text_events=3"])
+    model, tokenizer = build_model(cfg.model, ds.manifest, encoder().dim, ds.tabular_columns)
+    meta = ModelMeta(ds.manifest.to_dict(), encoder().dim, {}, list(ds.tabular_columns))
+    ckpt = save_checkpoint(tmp_path / "ckpt", model, tokenizer, cfg, meta)
+    qa = QAnchor.from_pretrained(ckpt, text_cache_dir=ds.text_cache_dir)
+    user = max(ds.users(), key=lambda u: sum(len(s) for s in u.events.values()))
+    packed = qa.pack([user], qa.cutoff_us(None))[0]
+    assert len(packed.event_lines) == 3
+    with torch.inference_mode():
+        prefix = qa.model.prefixes(qa.pipeline.collate([packed]))[0]
+        ids = qa.model.token_ids
+        expected = [ids.bos] if ids.bos is not None else []
+        expected += [ids.user]
+        for line in packed.event_lines:
+            expected += tokenizer(f"{line} ;", add_special_tokens=False)["input_ids"]
+        assert torch.equal(prefix, qa.model.embed_tokens(torch.tensor(expected)))
+    assert qa.answer(user, ["How recently was this user active?"], max_new_tokens=6) == \
+        qa.answer(user, ["How recently was this user active?"], max_new_tokens=6, use_cache=False)
+    assert qa.prefix_lengths([user])[0] == len(expected)
+
+
+def test_text_events_need_a_text_model():
+    with pytest.raises(ConfigError, match="user_input=text"):
+        tiny_cfg(["data.text_events=8"])
+
+
+def test_uqa_end_to_end(env, tmp_path, capsys):
+    _, ds_dir, ckpt = env
+    cfg = UqaConfig(checkpoint=str(ckpt), data=DataOverrides(path=str(ds_dir)), text_events=[4], output_dir=str(tmp_path / "u"))
+    result = run_uqa(cfg, progress=False)
+    write_uqa(result, cfg.output_dir)
+    assert list(result.rows) == ["qanchor", "text4", "prior", "random"]
+    ds = load_dataset(ds_dir)
+    held = held_out_users(ds, 0.3, None, 0)
+    assert result.run["held_out_users"] == len(held) >= N_OPTIONS
+    for name in ("qanchor", "text4", "prior"):
+        acc = result.rows[name]["accuracy"]
+        assert acc["all"][1] <= acc["all"][0] <= acc["all"][2]
+        assert sum(result.by_family.values()) == result.questions == len(result.rows[name]["correct"])
+    # prompt cost: the prior reads [bos] <|user|> only, TextN its lines, Q-Anchor its user and event tokens
+    assert result.rows["prior"]["prompt_tokens"] < result.rows["text4"]["prompt_tokens"]
+    # the scored picks are what the public API picks, question by question
+    model = QAnchor.from_pretrained(ckpt, text_cache_dir=ds.text_cache_dir)
+    questions = build_questions(ds, held, 0, 30, scored_as=lambda t: tuple(model.option_ids(t, True)))
+    correct, _ = score(model, ds, questions[:6])
+    assert correct.tolist() == result.rows["qanchor"]["correct"][:6]
+    # the sub-runs were pretrained with the checkpoint's recipe: text rows, same steps and holdout
+    sub = json.loads((tmp_path / "u" / "results.json").read_text())
+    assert sub["rows"]["text4"]["accuracy"]["all"][0] == result.rows["text4"]["accuracy"]["all"][0]
+    report = (tmp_path / "u" / "report.md").read_text()
+    assert "TextN: last 4 events as text" in report and (tmp_path / "u" / "uqa.png").stat().st_size > 1000
+    # a checkpoint pretrained on every user is refused in one line
+    open_cfg = tiny_cfg()
+    model0, tok0 = build_model(open_cfg.model, ds.manifest, encoder().dim, ds.tabular_columns)
+    plain = save_checkpoint(tmp_path / "plain", model0, tok0, open_cfg,
+                            ModelMeta(ds.manifest.to_dict(), encoder().dim, {}, list(ds.tabular_columns)))
+    capsys.readouterr()
+    assert main(["uqa", f"checkpoint={plain}", f"data.path={ds_dir}", f"output_dir={tmp_path / 'v'}"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "holdout_users" in err[0]
