@@ -38,7 +38,8 @@ def checkpoint_run_config(checkpoint: str) -> PretrainConfig:
     """The resolved pretraining config a checkpoint was trained with (its ``config.yaml``)."""
     path = resolve_checkpoint_dir(checkpoint) / "config.yaml"
     if not path.exists():
-        raise ConfigError(f"ablations need the main checkpoint's config.yaml; {path} not found")
+        raise ConfigError(f"checkpoint {checkpoint}: no pretraining config at {path} (not a qanchor checkpoint, or not "
+                          "pretrained yet); retrained rows copy its recipe from there")
     return load_config(path, schema=PretrainConfig)
 
 

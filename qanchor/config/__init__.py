@@ -71,6 +71,7 @@ SCHEMAS: dict[str, type] = {
     "pretrain": PretrainConfig,
     "prompt_tune": PromptTuneConfig,
     "bench": BenchConfig,
+    "uqa": UqaConfig,
     "data": DataConfig,
     "embed": EmbedConfig,
     "update": UpdateConfig,

@@ -11,7 +11,16 @@ import numpy as np
 import pytest
 import torch
 
-from qanchor.bench.uqa import FAMILIES, N_OPTIONS, build_questions, held_out_users, run_uqa, score, wilson, write_uqa
+from qanchor.bench.uqa import (
+    FAMILIES,
+    N_OPTIONS,
+    build_questions,
+    held_out_users,
+    run_uqa,
+    score,
+    wilson,
+    write_uqa,
+)
 from qanchor.cli import main
 from qanchor.config import DataOverrides, UqaConfig
 from qanchor.data.dataset import load_dataset
