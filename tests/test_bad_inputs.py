@@ -244,6 +244,18 @@ CASES = [
     Case("synth-zero-users", lambda d, w: ["data", "synth", f"out={d / 's'}", "users=0"], "users must be >= 1"),
     Case("completejourney-bad-cutoff", lambda d, w: ["data", "completejourney", f"out={d / 'c'}", "cutoff=notadate"],
          "not an ISO date"),
+    # asking the model in words
+    Case("ask-unknown-user", lambda d, w: ["ask", f"checkpoint={w.ckpt}", f"data.path={w.ds}", "user=nobody", "Why?"],
+         "not in dataset"),
+    Case("ask-empty-question", lambda d, w: ["ask", f"checkpoint={w.ckpt}", f"data.path={w.ds}", "user=u001", "question= "],
+         "no question given"),
+    Case("ask-one-option", lambda d, w: ["ask", f"checkpoint={w.ckpt}", f"data.path={w.ds}", "user=u001", "Which?",
+                                        "options=[only]"], "at least 2"),
+    Case("describe-unknown-aspect", lambda d, w: ["describe", f"checkpoint={w.ckpt}", f"data.path={w.ds}", "user=u001",
+                                                 "aspects=[horoscope]"], "unknown profile aspects"),
+    Case("uqa-checkpoint-without-holdout", lambda d, w: ["uqa", f"checkpoint={w.ckpt}", f"data.path={w.ds}",
+                                                        f"output_dir={d / 'u'}"], "train.holdout_users=0"),
+    Case("pretrain-text-events-for-token-model", lambda d, w: _pretrain(w, "data.text_events=8"), "model.user_input=text"),
     # the convention itself
     Case("flags-instead-of-settings", lambda d, w: ["embed", "--model", str(w.ckpt)], "key=value"),
     Case("unknown-setting", lambda d, w: ["embed", f"checkpoint={w.ckpt}", "queriez=tasks"], "unknown key 'queriez'"),

@@ -143,6 +143,8 @@ class QAnchorModel(nn.Module):
         for lines in users.event_lines or [[] for _ in range(len(users))]:
             ids = list(head)
             for line in lines:
+                if len(self._line_ids) >= 500_000:  # a bound for long runs over many users; lines are cheap to redo
+                    self._line_ids.clear()
                 if line not in self._line_ids:
                     self._line_ids[line] = self.tokenizer(f"{line} ;", add_special_tokens=False, verbose=False)["input_ids"]
                 ids += self._line_ids[line]
