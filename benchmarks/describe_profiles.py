@@ -1,11 +1,12 @@
 """``QAnchor.describe`` on many users: how many statements survive verification, and the time per user.
 
 For each user (held-out users of the checkpoint's recipe when it holds some out, else the first users), the
-model answers the profile questions (``qanchor.data.profile``) from the user's cached prefix; a sentence is
-kept only when every fact in it recomputes from the user's events. The script re-checks every kept sentence
-with the verifier independently of ``describe`` (the count of unverifiable statements kept must be 0), reports
-kept / dropped per aspect, the median seconds per user (one user at a time, as ``qanchor describe`` runs),
-and writes the profiles with the most kept statements as examples. Example (about a minute on 2 CPU cores)::
+model answers the profile questions (``qanchor.data.profile``) from the user's cached prefix and ``describe``
+keeps the facts that recompute from the user's events. The script re-checks every kept fact by recomputing its
+metrics here (``METRICS``, compared to the shown precision), outside ``verify``: the count of unverifiable facts
+kept must be 0 (exit 1 otherwise). It reports kept / dropped facts per aspect, the median seconds per user (one
+user at a time, as ``qanchor describe`` runs), and the profiles with the most kept facts as examples.
+Example (about two minutes on 2 CPU cores)::
 
     python benchmarks/describe_profiles.py --checkpoint runs/uqa/cj-pretrain --data data/completejourney \\
         --users 100 --out results/describe/cj.json
@@ -27,10 +28,28 @@ import numpy as np  # noqa: E402
 
 from qanchor.bench.uqa import held_out_users  # noqa: E402
 from qanchor.data.dataset import load_dataset  # noqa: E402
-from qanchor.data.profile import ASPECTS, check_sentence  # noqa: E402
-from qanchor.data.userU_topics import History  # noqa: E402
+from qanchor.data.profile import ASPECTS, Fact, facts_of  # noqa: E402
+from qanchor.data.userU_topics import METRICS, History  # noqa: E402
 from qanchor.infer.api import QAnchor, events_before  # noqa: E402
 from qanchor.logs import quiet_third_party  # noqa: E402
+
+
+def recheck(fact: Fact, h: History) -> bool:
+    """Recompute each claim of a kept fact from the events and compare it as it is shown (whole counts exactly,
+    percentages to the whole percent, amounts to the last shown digit, names by membership)."""
+    for c in fact.claims:
+        fn, how = METRICS[c.metric]
+        true = fn(h, c.modality, c.arg)
+        if how == "member":
+            ok = c.value in true
+        elif how == "exact":
+            ok = float(c.value) == float(true)
+        else:
+            tol = 0.5 if how == "percent" or abs(true) >= 999.5 else 0.05
+            ok = abs(float(c.value) - float(true)) <= tol + 1e-6
+        if not ok:
+            return False
+    return fact.check is None or fact.check(h)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -50,32 +69,37 @@ def main(argv: list[str] | None = None) -> int:
     extra = {m.name: m.numeric_columns for m in model.manifest.sequence_modalities}
     seconds, profiles, unverified_kept = [], [], 0
     kept_by = dict.fromkeys(ASPECTS, 0)
+    dropped_by = dict.fromkeys(ASPECTS, 0)
     model.describe(next(ds.users(ids[:1])))  # warm-up: the first call loads the text encoder and caches
     for record in ds.users(ids):
         start = time.perf_counter()
         profile = model.describe(record)
         seconds.append(time.perf_counter() - start)
         h = History(events_before(record.events, cutoff), cutoff, extra)
-        for aspect, (text, ok) in profile.answers.items():
-            kept_by[aspect] += ok
-            unverified_kept += ok and not check_sentence(aspect, text, h)
+        for aspect, (text, _) in profile.answers.items():
+            slots = facts_of(aspect, text, h)
+            kept = [f for f in slots if f is not None and f.holds(h)]
+            kept_by[aspect] += len(kept)
+            dropped_by[aspect] += len(slots) - len(kept)
+            unverified_kept += sum(not recheck(f, h) for f in kept)
         profiles.append(profile)
-    statements = len(profiles) * len(ASPECTS)
-    kept = sum(len(p.sentences) for p in profiles)
+    kept, dropped = sum(p.kept for p in profiles), sum(p.dropped for p in profiles)
     summary = {
         "checkpoint": args.checkpoint, "data": args.data, "users": len(profiles), "held_out": fraction > 0,
-        "statements": statements, "kept": kept, "dropped": statements - kept, "unverifiable_kept": unverified_kept,
-        "kept_by_aspect": kept_by, "users_with_a_kept_statement": sum(bool(p.sentences) for p in profiles),
+        "facts_read": kept + dropped, "kept": kept, "dropped": dropped, "unverifiable_kept": unverified_kept,
+        "kept_by_aspect": kept_by, "dropped_by_aspect": dropped_by,
+        "users_with_a_kept_fact": sum(bool(p.sentences) for p in profiles),
         "median_seconds_per_user": float(np.median(seconds)), "p90_seconds_per_user": float(np.percentile(seconds, 90)),
-        "examples": [{"user_id": p.user_id, "profile": p.sentences, "dropped": p.dropped,
-                      "answers": {a: {"text": t, "verified": ok} for a, (t, ok) in p.answers.items()}}
-                     for p in sorted(profiles, key=lambda p: (-len(p.sentences), p.user_id))[: args.examples]],
+        "examples": [{"user_id": p.user_id, "profile": p.sentences, "kept": p.kept, "dropped": p.dropped,
+                      "answers": {a: {"generated": t, "kept": k} for a, (t, k) in p.answers.items()}}
+                     for p in sorted(profiles, key=lambda p: (-p.kept, p.user_id))[: args.examples]],
     }
-    print(f"describe: {summary['users']} users, {kept} of {statements} statements kept ({statements - kept} dropped as "
-          f"unverifiable), unverifiable kept: {unverified_kept}; median {summary['median_seconds_per_user']:.3f} s per user")
-    print("kept by aspect: " + ", ".join(f"{a} {k}" for a, k in kept_by.items()))
+    print(f"describe: {summary['users']} users, {kept} facts kept, {dropped} dropped (wrong or unreadable); "
+          f"unverifiable kept: {unverified_kept}; users with a kept fact: {summary['users_with_a_kept_fact']}; "
+          f"median {summary['median_seconds_per_user']:.3f} s per user")
+    print("kept / dropped by aspect: " + ", ".join(f"{a} {kept_by[a]}/{dropped_by[a]}" for a in ASPECTS))
     for ex in summary["examples"]:
-        print(f"  {ex['user_id']}: {' '.join(ex['profile']) or '(nothing verified)'} [{ex['dropped']} dropped]")
+        print(f"  {ex['user_id']}: {' '.join(ex['profile']) or '(nothing verified)'} [{ex['kept']} kept, {ex['dropped']} dropped]")
     if args.out:
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)
         Path(args.out).write_text(json.dumps(summary, indent=2) + "\n")

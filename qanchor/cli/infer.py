@@ -181,11 +181,12 @@ def _cmd_describe(args: argparse.Namespace) -> None:
     _, user, model = _user(cfg)
     profile = model.describe(user, cfg.aspects or None, cutoff=cfg.cutoff)
     if cfg.json:
-        print(json.dumps({"user_id": profile.user_id, "profile": profile.sentences, "dropped": profile.dropped,
-                          "answers": {a: {"text": t, "verified": ok} for a, (t, ok) in profile.answers.items()}}))
+        print(json.dumps({"user_id": profile.user_id, "profile": profile.sentences, "kept": profile.kept,
+                          "dropped": profile.dropped,
+                          "answers": {a: {"generated": t, "kept": k} for a, (t, k) in profile.answers.items()}}))
         return
-    print(profile.text or "(no statement of the model could be verified against this user's events)")
-    print(f"[{len(profile.sentences)} verified statements kept, {profile.dropped} dropped as unverifiable]")
+    print(profile.text or "(no fact the model stated could be verified against this user's events)")
+    print(f"[{profile.kept} verified facts kept, {profile.dropped} dropped as wrong or unreadable]")
 
 
 def register(subparsers) -> None:

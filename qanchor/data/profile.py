@@ -1,17 +1,20 @@
-"""Profile aspects: fixed questions, and parsers that turn a written answer back into checkable claims.
+"""Profile aspects: fixed questions, and the reading of a written answer as facts that are each checked.
 
 ``QAnchor.describe`` asks the model these questions (the UserU topics' own wording, so the model answers in
-the form it was trained on) and keeps a sentence only when :func:`claims_of` reads every number, name and
-word of it as :class:`~qanchor.data.userU_topics.Claim` objects that :func:`verify` recomputes from the
-user's events. A sentence the parser cannot read completely is dropped too: nothing unchecked is shown.
+the form it was trained on). :func:`facts_of` reads an answer clause by clause as :class:`Fact` objects: each
+fact carries the :class:`~qanchor.data.userU_topics.Claim` objects behind its numbers and names (or, for a
+word derived from numbers such as "rising", a recomputation of that word). :func:`verify_answer` keeps the
+facts whose claims recompute from the user's events and writes the sentence from those alone, in the
+aspect's own template with the user's own names: a clause that cannot be read, or a fact that does not
+hold, is dropped and counted, so nothing unchecked is ever shown.
 
 Parsing works on a squeezed form (lower case, no whitespace), so the spacing a WordPiece tokenizer puts
 around punctuation (``"( 26 % )"``) does not matter; names are matched back to the user's own texts.
 
 Example:
-    >>> h = History(user.events, cutoff_us)                                       # doctest: +SKIP
-    >>> claims_of("time_of_day", "Most active in the evening (18:00-24:00 UTC, 53% of events).", h)  # doctest: +SKIP
-    [Claim(metric='top_hour_bucket', value='evening'), Claim(metric='hour_share', value=53.0, arg='evening')]
+    >>> h = History(user.events, cutoff_us)                                                          # doctest: +SKIP
+    >>> verify_answer("time_of_day", "Most active in the evening (18:00-24:00 UTC, 12% of events).", h)  # doctest: +SKIP
+    Verified(sentence='Time of day: most active in the evening, 18:00-24:00 UTC.', kept=1, dropped=1)
 """
 
 from __future__ import annotations
@@ -19,10 +22,11 @@ from __future__ import annotations
 import re
 from collections import Counter
 from collections.abc import Callable
+from dataclasses import dataclass
 
-from qanchor.data.userU_topics import BUCKETS, Claim, History, category, verify
+from qanchor.data.userU_topics import BUCKETS, METRICS, Claim, History, category, verify
 
-__all__ = ["ASPECTS", "PROFILE_QUESTIONS", "claims_of", "check_sentence", "tidy"]
+__all__ = ["ASPECTS", "PROFILE_QUESTIONS", "Fact", "Verified", "facts_of", "verify_answer", "squeeze", "tidy"]
 
 # aspect -> the question the model is asked (what the user does most, when, how much, what changed recently)
 PROFILE_QUESTIONS: dict[str, str] = {
@@ -37,9 +41,38 @@ PROFILE_QUESTIONS: dict[str, str] = {
     "trend": "Is this user becoming more or less active?",
 }
 ASPECTS = tuple(PROFILE_QUESTIONS)
+# how an aspect's kept facts are introduced in the profile
+_LEADS = {"favourites": "Most frequent", "categories": "Top categories", "time_of_day": "Time of day",
+          "weekend": "Weekends", "activity": "On record", "frequency": "Events per week", "spending": "Amounts",
+          "recency": "Last event", "trend": "Trend"}
 
 _NUM = r"(-?[\d,]+(?:\.\d+)?)"
 _INT = r"(\d+)"
+_HOURS = {b: f"{lo:02d}:00-{hi:02d}:00" for b, lo, hi in BUCKETS}
+
+
+@dataclass(frozen=True)
+class Fact:
+    """One checkable statement: shown as ``text`` when every claim recomputes (and ``check``, if any, holds)."""
+
+    text: str
+    claims: tuple[Claim, ...] = ()
+    check: Callable[[History], bool] | None = None  # a recomputation beyond the claims (a word derived from counts)
+    detail: str | None = None  # shown as "(detail)" after the fact just before it when that one is kept too
+
+    def holds(self, h: History) -> bool:
+        if not self.claims and self.check is None:
+            return False  # nothing to check: never shown
+        return (not self.claims or verify(list(self.claims), h)) and (self.check is None or self.check(h))
+
+
+@dataclass(frozen=True)
+class Verified:
+    """An answer after checking: the sentence of its kept facts (None when none holds) and the counts."""
+
+    sentence: str | None
+    kept: int
+    dropped: int  # facts that do not hold plus clauses that could not be read
 
 
 def squeeze(text: str) -> str:
@@ -68,153 +101,200 @@ def _modality(h: History, name: str) -> str | None:
     return next((m for m in h.events if squeeze(m) == name), None)
 
 
-def _items(body: str, pattern: str, sep: str) -> list[re.Match] | None:
-    """Every ``sep``-separated part of ``body`` fully matched by ``pattern``, or None if any part is not."""
-    parts = [p for p in body.split(sep)]
-    matches = [re.fullmatch(pattern, p) for p in parts]
-    return None if not parts or any(m is None for m in matches) else matches  # type: ignore[return-value]
+def _n(k: int | str, word: str) -> str:
+    return f"{k} {word}" if str(k) == "1" else f"{k} {word}s"
 
 
-def _body(text: str, head: str) -> str | None:
+def _clauses(text: str, head: str, sep: str) -> list[str] | None:
+    """The ``sep``-separated clauses after ``head`` (squeezed), or None when the answer does not open with it."""
     s = squeeze(text).rstrip(".")
-    return s[len(head) :] if s.startswith(head) else None
+    return s[len(head) :].split(sep) if s.startswith(head) else None
 
 
-def _activity(text: str, h: History) -> list[Claim] | None:
-    m = re.fullmatch(rf"{_INT}events?on{_INT}activedays?across{_INT}modalit(?:y|ies)\(([^()]*)\)", squeeze(text).rstrip("."))
-    if m is None or m.group(4).split(",") != [squeeze(x) for x in h.modalities]:
-        return None
-    return [Claim("count", int(m.group(1))), Claim("active_days", int(m.group(2))), Claim("n_modalities", int(m.group(3)))]
+Slots = list[Fact | None]  # None: a clause that could not be read (counted as dropped, never shown)
 
 
-def _spending(text: str, h: History) -> list[Claim] | None:
-    parts = _items(squeeze(text).rstrip("."), rf"(\w+)amountstotal{_NUM}over{_INT}events?", ";")
-    if parts is None:
-        return None
-    claims = []
-    for p in parts:
-        mod = _modality(h, p.group(1))
+def _activity(text: str, h: History) -> Slots:
+    s = squeeze(text)
+    slots: Slots = []
+    m = re.match(rf"{_INT}events?on", s)
+    slots.append(Fact(_n(m.group(1), "event"), (Claim("count", int(m.group(1))),)) if m else None)
+    m = re.search(rf"on{_INT}activedays?", s)
+    slots.append(Fact(_n(m.group(1), "active day"), (Claim("active_days", int(m.group(1))),)) if m else None)
+    m = re.search(rf"across{_INT}modalit(?:y|ies)\(([^()]*)\)", s)
+    if m:
+        names = m.group(2).split(",")
+        same = names == [squeeze(x) for x in h.modalities]
+        word = "modality" if m.group(1) == "1" else "modalities"
+        slots.append(Fact(f"{m.group(1)} {word} ({', '.join(h.modalities)})",
+                          (Claim("n_modalities", int(m.group(1))),), lambda _h, same=same: same))
+    else:
+        slots.append(None)
+    return slots
+
+
+def _spending(text: str, h: History) -> Slots:
+    slots: Slots = []
+    for part in squeeze(text).rstrip(".").split(";"):
+        m = re.fullmatch(rf"(\w+?)amountstotal{_NUM}over{_INT}events?", part)
+        mod = _modality(h, m.group(1)) if m else None
         if mod is None:
-            return None
-        claims += [Claim("value_sum", _number(p.group(2)), mod), Claim("value_count", int(p.group(3)), mod)]
-    return claims
+            slots.append(None)
+            continue
+        slots.append(Fact(f"{mod} total {m.group(2)}", (Claim("value_sum", _number(m.group(2)), mod),)))
+        slots.append(Fact(f"{_n(m.group(3), mod + ' event')} with an amount", (Claim("value_count", int(m.group(3)), mod),),
+                          detail=f"over {_n(m.group(3), 'event')}"))
+    return slots
 
 
-def _categories(text: str, h: History) -> list[Claim] | None:
-    body = _body(text, "topcategories:")
-    parts = None if body is None else _items(body, rf"(\w+)/([^(),]+)\({_INT}events?\)", ",")
+def _categories(text: str, h: History) -> Slots:
+    parts = _clauses(text, "topcategories:", ",")
     if parts is None:
-        return None
+        return [None]
     counts = Counter(category(m, t) for m in h.modalities for t in h.seq(m).text)
     by_squeezed = {squeeze(c): c for c in counts}
-    claims, named = [], set()
-    for p in parts:
-        cat = by_squeezed.get(f"{p.group(1)}/{p.group(2)}")
+    named = [by_squeezed.get(m.group(1)) if (m := re.fullmatch(rf"(\w+/[^(),]+)\({_INT}events?\)", p)) else None
+             for p in parts]
+    top = sorted(counts.values(), reverse=True)
+    cutoff = top[len(parts) - 1] if len(top) >= len(parts) else 0
+
+    def among_top(cat: str) -> Callable[[History], bool]:  # one of the len(parts) largest categories (ties count)
+        return lambda _h: counts[cat] >= cutoff > 0
+
+    slots: Slots = []
+    for p, cat in zip(parts, named):
         if cat is None:
-            return None
-        named.add(cat)
-        claims.append(Claim("category_count", int(p.group(3)), cat.split("/", 1)[0], cat))
-    # "top": no category left out may have more events than one that is named
-    if max((k for c, k in counts.items() if c not in named), default=0) > min(counts[c] for c in named):
-        return None
-    return claims
+            slots.append(None)
+            continue
+        k = int(re.fullmatch(rf".*\({_INT}events?\)", p).group(1))
+        slots.append(Fact(cat, check=among_top(cat)))
+        slots.append(Fact(f"{cat}: {_n(k, 'event')}", (Claim("category_count", k, cat.split("/", 1)[0], cat),),
+                          detail=_n(k, "event")))
+    return slots
 
 
-def _recency(text: str, h: History) -> list[Claim] | None:
-    body = _body(text, "lasteventbymodality:")
-    parts = None if body is None else _items(body, r"(\w+?)(today|(\d+)days?ago)", ",")
+def _recency(text: str, h: History) -> Slots:
+    parts = _clauses(text, "lasteventbymodality:", ",")
     if parts is None:
-        return None
-    claims = []
+        return [None]
+    slots: Slots = []
     for p in parts:
-        mod = _modality(h, p.group(1))
+        m = re.fullmatch(r"(\w+?)(today|(\d+)days?ago)", p)
+        mod = _modality(h, m.group(1)) if m else None
         if mod is None:
-            return None
-        claims.append(Claim("days_since_last", 0 if p.group(2) == "today" else int(p.group(3)), mod))
-    return claims
+            slots.append(None)
+            continue
+        days = 0 if m.group(2) == "today" else int(m.group(3))
+        slots.append(Fact(f"{mod} {'today' if days == 0 else _n(days, 'day') + ' ago'}",
+                          (Claim("days_since_last", days, mod),)))
+    return slots
 
 
-def _frequency(text: str, h: History) -> list[Claim] | None:
+def _frequency(text: str, h: History) -> Slots:
     m = re.fullmatch(rf"about{_NUM}eventsperweekoverall\((.*)perweek\)", squeeze(text).rstrip("."))
-    parts = None if m is None else _items(m.group(2), rf"(\w+?){_NUM}", ",")
-    if parts is None:
-        return None
-    claims = [Claim("per_week", _number(m.group(1)))]
-    for p in parts:
-        mod = _modality(h, p.group(1))
-        if mod is None:
-            return None
-        claims.append(Claim("per_week", _number(p.group(2)), mod))
-    return claims
+    if m is None:
+        return [None]
+    slots: Slots = [Fact(f"{m.group(1)} overall", (Claim("per_week", _number(m.group(1))),))]
+    for p in m.group(2).split(","):
+        pm = re.fullmatch(rf"(\w+?){_NUM}", p)
+        mod = _modality(h, pm.group(1)) if pm else None
+        slots.append(Fact(f"{mod} {pm.group(2)}", (Claim("per_week", _number(pm.group(2)), mod),)) if mod else None)
+    return slots
 
 
-def _favourites(text: str, h: History) -> list[Claim] | None:
-    body = _body(text, "mostfrequent:")
-    parts = None if body is None else _items(body, rf"(\w+?)'(.+)'\({_INT}times?\)", ";")
+def _favourites(text: str, h: History) -> Slots:
+    parts = _clauses(text, "mostfrequent:", ";")
     if parts is None:
-        return None
-    claims = []
+        return [None]
+    slots: Slots = []
     for p in parts:
-        mod = _modality(h, p.group(1))
-        item = None if mod is None else next((t for t in h.seq(mod).text if squeeze(t) == p.group(2)), None)
+        m = re.fullmatch(rf"(\w+?)'(.+)'\({_INT}times?\)", p)
+        mod = _modality(h, m.group(1)) if m else None
+        item = None if mod is None else next((t for t in h.seq(mod).text if squeeze(t) == m.group(2)), None)
         if item is None:
-            return None
-        claims += [Claim("top_item", item, mod), Claim("item_count", int(p.group(3)), mod, item)]
-    return claims
+            slots.append(None)  # unreadable, or an item this user never had: nothing to check it against
+            continue
+        slots.append(Fact(f"{mod} '{item}'", (Claim("top_item", item, mod),)))
+        slots.append(Fact(f"'{item}' {_n(m.group(3), 'time')}", (Claim("item_count", int(m.group(3)), mod, item),),
+                          detail=_n(m.group(3), "time")))
+    return slots
 
 
 def _lean(share: float) -> str:
     lean = "weekends" if share > 100 * 2 / 7 + 10 else "weekdays" if share < 100 * 2 / 7 - 10 else None
-    return squeeze(f"this user leans towards {lean}" if lean else "activity is spread evenly over the week")
+    return f"this user leans towards {lean}" if lean else "activity is spread evenly over the week"
 
 
-def _weekend(text: str, h: History) -> list[Claim] | None:
+def _weekend(text: str, h: History) -> Slots:
     m = re.fullmatch(rf"{_INT}of{_INT}events\({_INT}%\)fallonweekends,so(.+)", squeeze(text).rstrip("."))
-    if m is None or m.group(4) != _lean(int(m.group(3))):
-        return None
-    return [Claim("weekend_count", int(m.group(1))), Claim("count", int(m.group(2))), Claim("weekend_share", int(m.group(3)))]
+    if m is None:
+        return [None]
+    k, n, share = int(m.group(1)), int(m.group(2)), int(m.group(3))
+    word = next((w for w in (_lean(100), _lean(0), _lean(100 * 2 / 7)) if squeeze(w) == m.group(4)), None)
+    true_word = lambda hh: word == _lean(METRICS["weekend_share"][0](hh, "", ""))  # noqa: E731
+    return [Fact(f"{k} of {_n(n, 'event')} on weekends", (Claim("weekend_count", k), Claim("count", n))),
+            Fact(f"{share}% of events on weekends", (Claim("weekend_share", share),), detail=f"{share}%"),
+            Fact(word, check=true_word) if word else None]
 
 
-def _time_of_day(text: str, h: History) -> list[Claim] | None:
-    hours = {b: f"{lo:02d}:00-{hi:02d}:00utc" for b, lo, hi in BUCKETS}
-    names = "|".join(hours)
-    m = re.fullmatch(rf"mostactiveinthe({names})\(([^,]*),{_INT}%ofevents\)(?:,thenthe({names})\({_INT}%\))?",
+def _time_of_day(text: str, h: History) -> Slots:
+    names = "|".join(_HOURS)
+    m = re.fullmatch(rf"mostactiveinthe({names})\(([^,]*)utc,{_INT}%ofevents\)(?:,thenthe({names})\({_INT}%\))?",
                      squeeze(text).rstrip("."))
-    if m is None or m.group(2) != hours[m.group(1)]:
-        return None
-    claims = [Claim("top_hour_bucket", m.group(1)), Claim("hour_share", int(m.group(3)), "", m.group(1))]
+    if m is None:
+        return [None]
+    b1 = m.group(1)
+    slots: Slots = [Fact(f"most active in the {b1}, {_HOURS[b1]} UTC", (Claim("top_hour_bucket", b1),))
+                    if m.group(2) == _HOURS[b1] else None,
+                    Fact(f"{m.group(3)}% of events in the {b1}", (Claim("hour_share", int(m.group(3)), "", b1),),
+                         detail=f"{m.group(3)}% of events")]
     if m.group(4):
-        claims.append(Claim("hour_share", int(m.group(5)), "", m.group(4)))
-    return claims
+        slots.append(Fact(f"{m.group(5)}% in the {m.group(4)}", (Claim("hour_share", int(m.group(5)), "", m.group(4)),)))
+    return slots
 
 
-def _trend(text: str, h: History) -> list[Claim] | None:
+def _trend_word(first: float, second: float) -> str:
+    return "rising" if second > 1.25 * first else "falling" if second < 0.8 * first else "steady"
+
+
+def _trend(text: str, h: History) -> Slots:
     m = re.fullmatch(rf"activityis(rising|falling|steady):{_INT}events?inthefirsthalfofthehistory,{_INT}inthesecondhalf",
                      squeeze(text).rstrip("."))
     if m is None:
-        return None
-    first, second = int(m.group(2)), int(m.group(3))
-    word = "rising" if second > 1.25 * first else "falling" if second < 0.8 * first else "steady"
-    if word != m.group(1):
-        return None
-    return [Claim("half_count", first, "", "first"), Claim("half_count", second, "", "second")]
+        return [None]
+    word, first, second = m.group(1), int(m.group(2)), int(m.group(3))
+    half = METRICS["half_count"][0]
+    return [Fact(f"activity is {word}", check=lambda hh: _trend_word(half(hh, "", "first"), half(hh, "", "second")) == word),
+            Fact(f"{_n(first, 'event')} in the first half of the history", (Claim("half_count", first, "", "first"),)),
+            Fact(f"{_n(second, 'event')} in the second half", (Claim("half_count", second, "", "second"),))]
 
 
-_PARSERS: dict[str, Callable[[str, History], list[Claim] | None]] = {
+_PARSERS: dict[str, Callable[[str, History], Slots]] = {
     "favourites": _favourites, "categories": _categories, "time_of_day": _time_of_day, "weekend": _weekend,
     "activity": _activity, "frequency": _frequency, "spending": _spending, "recency": _recency, "trend": _trend,
 }
 
 
-def claims_of(aspect: str, text: str, h: History) -> list[Claim] | None:
-    """The claims behind every fact of ``text`` (an answer to ``PROFILE_QUESTIONS[aspect]``), or None when the
-    text is not fully in the aspect's form (so it cannot be checked)."""
+def facts_of(aspect: str, text: str, h: History) -> Slots:
+    """The facts of ``text`` (an answer to ``PROFILE_QUESTIONS[aspect]``) in reading order; ``None`` marks a clause
+    that could not be read as the aspect's template (so it cannot be checked)."""
     if aspect not in _PARSERS:
         raise KeyError(f"unknown profile aspect {aspect!r}; choose from {', '.join(ASPECTS)}")
     return _PARSERS[aspect](text, h)
 
 
-def check_sentence(aspect: str, text: str, h: History) -> bool:
-    """True when every fact of ``text`` is read as a claim and every claim recomputes from ``h``."""
-    claims = claims_of(aspect, text, h)
-    return claims is not None and verify(claims, h)
+def verify_answer(aspect: str, text: str, h: History) -> Verified:
+    """Keep the facts of ``text`` that hold for ``h`` and write them as one sentence; count the rest as dropped."""
+    slots = facts_of(aspect, text, h)
+    shown: list[str] = []
+    kept, previous_kept = 0, False
+    for fact in slots:
+        holds = fact is not None and fact.holds(h)
+        if holds and fact.detail is not None and previous_kept:
+            shown[-1] += f" ({fact.detail})"  # e.g. "purchase/grocery (459 events)"
+        elif holds:
+            shown.append(fact.text)
+        kept += holds
+        previous_kept = holds and fact.detail is None  # a detail attaches to its own fact, never to another detail
+    sentence = f"{_LEADS[aspect]}: {'; '.join(shown)}." if shown else None
+    return Verified(sentence, kept, len(slots) - kept)

@@ -31,7 +31,7 @@ from qanchor.data.dataset import Dataset, EventSeq, UserRecord
 from qanchor.data.manifest import Manifest
 from qanchor.data.packing import PackedUser
 from qanchor.data.pipeline import UserPipeline, batched
-from qanchor.data.profile import ASPECTS, PROFILE_QUESTIONS, check_sentence, tidy
+from qanchor.data.profile import ASPECTS, PROFILE_QUESTIONS, tidy, verify_answer
 from qanchor.data.text_cache import SentenceEncoder, TextVectorCache
 from qanchor.data.userU_topics import History
 from qanchor.errors import CheckpointError, ModelInputError
@@ -88,15 +88,18 @@ class Choice:
 
 @dataclass
 class Profile:
-    """A readable profile (:meth:`QAnchor.describe`): only sentences whose every fact recomputes from the events.
+    """A readable profile (:meth:`QAnchor.describe`): one sentence per aspect, made only of facts that recompute
+    from the user's events.
 
-    ``answers`` holds every aspect's generated answer and whether it was kept; ``dropped`` counts the rest.
+    ``kept`` / ``dropped`` count facts (a clause that could not be read counts as dropped); ``answers`` holds each
+    aspect's generated answer and the sentence kept from it (None when no fact of it held).
     """
 
     user_id: str
     sentences: list[str]
+    kept: int
     dropped: int
-    answers: dict[str, tuple[str, bool]] = field(default_factory=dict)
+    answers: dict[str, tuple[str, str | None]] = field(default_factory=dict)
 
     @property
     def text(self) -> str:
@@ -489,13 +492,14 @@ class QAnchor:
 
     def describe(self, user: User, aspects: Sequence[str] | None = None, cutoff: datetime | str | None = None,
                  use_cache: bool = True) -> Profile:
-        """A short profile from the model's own answers to the profile questions (``qanchor.data.profile``), keeping
-        only sentences whose every fact recomputes from the user's events before the cutoff.
+        """A short profile from the model's own answers to the profile questions (``qanchor.data.profile``): each
+        answer is read fact by fact, and only facts that recompute from the user's events before the cutoff are
+        written out (in the aspect's template, with the user's own names); the rest are counted as dropped.
 
         Example:
-            >>> p = model.describe(ds.user("1234"))  # doctest: +SKIP
-            >>> p.text, p.dropped  # doctest: +SKIP
-            ('Most active in the afternoon (12:00-18:00 UTC, 53% of events). ...', 6)
+            >>> p = model.describe(ds.user("hh_0841"))  # doctest: +SKIP
+            >>> p.text, p.kept, p.dropped  # doctest: +SKIP
+            ('Time of day: most active in the evening, 18:00-24:00 UTC. Last event: purchase 1 day ago.', 2, 19)
         """
         if isinstance(user, Dataset) or not isinstance(user, (UserRecord, Mapping)):
             raise ModelInputError("describe takes one user (a record or a dict); use describe_many for several")
@@ -518,12 +522,14 @@ class QAnchor:
                                  self.run_cfg.model.max_answer_tokens, use_cache)
             for b, record in enumerate(records):
                 history = History(events_before(record.events, cutoff_us), cutoff_us, extra)
-                answers = {}
+                answers, kept, dropped = {}, 0, 0
                 for a, t in zip(aspects, ids[b * len(aspects) : (b + 1) * len(aspects)]):
                     text = self.decode(t)
-                    answers[a] = (text, check_sentence(a, text, history))
-                kept = [t for t, ok in answers.values() if ok]
-                out.append(Profile(record.user_id, kept, len(answers) - len(kept), answers))
+                    checked = verify_answer(a, text, history)
+                    answers[a] = (text, checked.sentence)
+                    kept, dropped = kept + checked.kept, dropped + checked.dropped
+                sentences = [s for _, s in answers.values() if s is not None]
+                out.append(Profile(record.user_id, sentences, kept, dropped, answers))
         return out
 
 

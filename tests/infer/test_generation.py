@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from qanchor.cli import main
-from qanchor.data.profile import ASPECTS, PROFILE_QUESTIONS, check_sentence, claims_of, tidy
+from qanchor.data.profile import ASPECTS, PROFILE_QUESTIONS, Verified, tidy, verify_answer
 from qanchor.data.userU_topics import TOPICS, History
 from qanchor.errors import CheckpointError, ModelInputError
 from qanchor.infer.api import QAnchor, events_before
@@ -103,13 +103,40 @@ def test_template_answers_verify_and_wrong_facts_do_not(infer_env):
             truth = TOPICS[aspect](h, np.random.default_rng(i)) if len(h.all) else None
             if truth is None:
                 continue
+            full = verify_answer(aspect, truth.answer, h)
+            assert full.dropped == 0 and full.kept >= 1 and full.sentence, (aspect, truth.answer)
             spaced = re.sub(r"([(),;:%'/.])", r" \1 ", truth.answer.lower())  # how a WordPiece decode spaces it
-            assert check_sentence(aspect, truth.answer, h) and check_sentence(aspect, tidy(spaced), h), truth.answer
+            assert verify_answer(aspect, tidy(spaced), h) == full, truth.answer
+            # one number off: that fact is dropped, the others stay, and the wrong number is never shown
             wrong = re.sub(r"\d+", lambda m: str(int(m.group()) + 3), truth.answer, count=1)
-            assert not check_sentence(aspect, wrong, h), wrong
-            assert claims_of(aspect, truth.answer + " Also loves casinos.", h) is None  # unread words: unverifiable
+            bad = verify_answer(aspect, wrong, h)
+            assert bad.dropped >= 1 and bad.kept <= full.kept - 1 + (bad.kept == 0), (wrong, bad)
+            first = re.search(r"\d+", wrong).group()
+            assert bad.sentence is None or first not in re.findall(r"\d+", bad.sentence) or \
+                re.findall(r"\d+", truth.answer).count(first) > 0, (wrong, bad)
+            # words the template does not have are not read, so never shown
+            extra = verify_answer(aspect, truth.answer.rstrip(".") + " and loves zebras.", h)
+            assert extra.sentence is None or "zebra" not in extra.sentence
             checked += 1
     assert checked > 100
+
+
+def test_fact_level_profile_keeps_what_holds():
+    from qanchor.data.dataset import EventSeq
+    from qanchor.data.userU_topics import History
+
+    day, hour = 86_400_000_000, 3_600_000_000
+    ts = np.array([d * day + 20 * hour for d in (1, 2, 3, 9)] + [4 * day + 8 * hour])  # 4 evenings, 1 morning
+    h = History({"bill": EventSeq(np.sort(ts), ["Coffee"] * 5, np.ones(5, np.float32), np.zeros((5, 0), np.float32))},
+                10 * day)
+    said = "Most active in the evening (18:00-24:00 UTC, 55% of events), then the morning (20%)."
+    out = verify_answer("time_of_day", said, h)
+    assert out == Verified("Time of day: most active in the evening, 18:00-24:00 UTC; 20% in the morning.", 2, 1)
+    right = verify_answer("time_of_day", "Most active in the evening (18:00-24:00 UTC, 80% of events), then the morning (20%).", h)
+    assert right == Verified("Time of day: most active in the evening, 18:00-24:00 UTC (80% of events); 20% in the morning.", 3, 0)
+    assert verify_answer("time_of_day", "Most active at lunch.", h) == Verified(None, 0, 1)
+    out = verify_answer("recency", "Last event by modality: bill today, app 3 days ago.", h)
+    assert out == Verified("Last event: bill today.", 1, 1)  # a modality the user does not have is not read
 
 
 def test_tidy_undoes_wordpiece_spacing():
@@ -118,26 +145,29 @@ def test_tidy_undoes_wordpiece_spacing():
     assert tidy("about 6. 5 events ; total 1, 484 ' grocery / milk '") == "About 6.5 events; total 1,484 'grocery / milk'"
 
 
-def test_describe_keeps_only_verified_sentences(infer_env, users, monkeypatch):
+def test_describe_keeps_only_verified_facts(infer_env, users, monkeypatch):
     qa = infer_env.qa
     user = max(users, key=lambda u: sum(len(s) for s in u.events.values()))
     profile = qa.describe(user)
-    assert set(profile.answers) == set(ASPECTS) and len(profile.sentences) + profile.dropped == len(ASPECTS)
     h = _history(qa, user)
-    assert len(h.all) >= 5
-    assert all(check_sentence(a, t, h) for a, (t, ok) in profile.answers.items() if ok)
+    assert len(h.all) >= 5 and set(profile.answers) == set(ASPECTS)
+    for aspect, (text, sentence) in profile.answers.items():
+        assert verify_answer(aspect, text, h).sentence == sentence
+    assert profile.sentences == [s for _, s in profile.answers.values() if s is not None]
     uncached = qa.describe(user, ["recency", "trend"], use_cache=False).answers  # the reference path, two aspects
     assert uncached == {a: profile.answers[a] for a in ("recency", "trend")}
-    # a model that answers with the true template for half the aspects and a wrong count for the rest
+    # a model that answers with the true template for half the aspects and a wrong first number for the rest
     truth = {a: TOPICS[a](h, np.random.default_rng(0)) for a in ASPECTS}
     truth = {a: t.answer for a, t in truth.items() if t is not None}
-    aspects = list(truth)
     said = [t if k % 2 == 0 else re.sub(r"\d+", lambda m: str(int(m.group()) + 1), t, count=1)
             for k, t in enumerate(truth.values())]
     replies = iter(said)
     monkeypatch.setattr(qa, "decode", lambda ids: next(replies))
-    profile = qa.describe(user, aspects)
-    assert len(said) >= 6 and profile.sentences == said[::2] and profile.dropped == len(said) // 2
+    profile = qa.describe(user, list(truth))
+    checks = [verify_answer(a, t, h) for a, t in zip(truth, said)]
+    assert len(said) >= 6 and profile.kept == sum(c.kept for c in checks) and profile.dropped == sum(c.dropped for c in checks)
+    assert all(c.dropped == 0 for c in checks[::2]) and all(c.dropped >= 1 for c in checks[1::2])
+    assert profile.sentences == [c.sentence for c in checks if c.sentence is not None]
 
 
 def test_describe_questions_are_the_trained_wording():
@@ -155,7 +185,7 @@ def test_ask_and_describe_commands(infer_env, tmp_path, capsys):
     out = capsys.readouterr().out
     assert '"choice"' in out and '"scores"' in out
     assert main(["describe", *common]) == 0
-    assert "verified statements kept" in capsys.readouterr().out
+    assert "verified facts kept" in capsys.readouterr().out
     for args, msg in [(["user=nobody"], "not in dataset"), (['question=" "'], "no question"),
                       (["question=Which?", "options=[one]"], "at least 2")]:
         cmd = ["ask", *[c for c in common if not c.startswith("user=") or args[0].startswith("question")], *args]
