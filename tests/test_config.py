@@ -57,3 +57,12 @@ def test_post_init_validation(tmp_path):
     f.write_text("train:\n  batch_size: 1\n")
     with pytest.raises(ConfigError, match="batch_size"):
         load_config(f)
+
+
+def test_text_lists_keep_words_yaml_would_turn_into_booleans_or_numbers():
+    from qanchor.config import AskConfig
+
+    cfg = load_config(None, ["options=[yes, no, 1.50, null]", "question=Which?"], schema=AskConfig)
+    assert cfg.options == ["yes", "no", "1.50", "null"]
+    assert load_config(None, ["options=yes"], schema=AskConfig).options == ["yes"]
+    assert load_config(None, ["train.max_steps=7"], schema=PretrainConfig).train.max_steps == 7

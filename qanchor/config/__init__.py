@@ -144,8 +144,13 @@ def _typed_value(tp: Any, raw: str, item: str) -> Any:
     if tp is str or typing.get_origin(tp) is Literal:
         quoted = len(raw) >= 2 and raw[0] == raw[-1] and raw[0] in "'\""
         return raw[1:-1] if quoted else raw  # one layer of quotes a Makefile or script kept
-    if typing.get_origin(tp) is list and typing.get_args(tp) == (str,) and not raw.lstrip().startswith("["):
-        return [raw] if raw else []
+    if typing.get_origin(tp) is list and typing.get_args(tp) == (str,):
+        if not raw.lstrip().startswith("["):
+            return [raw] if raw else []
+        try:  # every item is text: `options=[yes,no]` means the words, not YAML 1.1's booleans
+            return yaml.load(raw, Loader=yaml.BaseLoader)
+        except yaml.YAMLError:
+            raise ConfigError(f"override '{item}': cannot read '{raw}' as a list of text") from None
     try:
         return yaml.safe_load(raw)
     except yaml.YAMLError:
