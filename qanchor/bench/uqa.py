@@ -315,7 +315,7 @@ def write_uqa(result: UqaResult, out_dir: str | Path, questions: list[Question] 
              f"Checkpoint `{r['checkpoint']}`, {r['held_out_users']} held-out users (share {r['holdout_fraction']} of the "
              f"dataset, never in pretraining pairs), {result.questions} questions of {N_OPTIONS} options; every row "
              f"pretrained with the same recipe: {r['pretrain_steps']} steps x {r['pretrain_batch']} pairs. "
-             f"Run time {format_seconds(r['seconds'])}.", "",
+             f"This run took {format_seconds(r['seconds'])} (rows an earlier run trained in `variants/` are reused).", "",
              "## Accuracy (95% Wilson interval) and prompt positions per question", "", uqa_table(result), "",
              f"![accuracy per family]({plot.name})", "", _NOTES]
     path = out / "report.md"
