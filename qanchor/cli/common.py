@@ -8,7 +8,7 @@ from typing import Any, NoReturn
 
 from qanchor.config import load_config
 
-__all__ = ["EXIT_USER_ERROR", "Parser", "add_settings", "parse", "settings"]
+__all__ = ["EXIT_USER_ERROR", "Parser", "add_settings", "parse", "settings", "print_record"]
 
 EXIT_USER_ERROR = 2
 
@@ -49,3 +49,14 @@ def parse(parser: argparse.ArgumentParser, argv: list[str] | None) -> argparse.N
 def settings(args: argparse.Namespace) -> Any:
     """The command's typed config: defaults, then ``--config``, then ``key=value`` settings."""
     return load_config(args.config, list(args.settings), schema=args.schema)
+
+
+def print_record(line: str) -> None:
+    """Print one machine-read line in a single write, so the lines of torchrun ranks sharing stdout never interleave.
+
+    ``print`` writes the text and its newline separately, and unbuffered (``PYTHONUNBUFFERED``, ``-u``) each is
+    its own system call: two ranks then produce ``{rank 0}{rank 1}`` on one line. One write of a line shorter than
+    the pipe's atomic size (4 KiB on Linux) reaches the reader whole.
+    """
+    sys.stdout.write(line + "\n")
+    sys.stdout.flush()

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import numpy as np
 
-from qanchor.cli.common import add_settings, settings
+from qanchor.cli.common import add_settings, print_record, settings
 from qanchor.config import (
     AskConfig,
     DescribeConfig,
@@ -72,7 +72,7 @@ def _cmd_embed(args: argparse.Namespace) -> None:
     heads = [e.head for e in load_heads(cfg.heads, checkpoint_hash=model.checkpoint_hash, require=True).values()]
     report = export_embeddings(model, ds, queries, cfg.out, shard_users=cfg.shard_users, use_cache=cfg.use_prefix_cache,
                                cutoff=cfg.cutoff, progress=not args.quiet, heads=heads, overwrite=cfg.overwrite)
-    print(report_json(report))
+    print_record(report_json(report))  # one line per rank, and ranks share stdout
 
 
 def _cmd_update(args: argparse.Namespace) -> None:

@@ -133,11 +133,30 @@ def check_output_dir(target: str | os.PathLike, kind: OutputKind, inputs: Mappin
 def claim_output_dir(target: str | os.PathLike, kind: OutputKind, inputs: Mapping[str, str | os.PathLike | None] = (),
                      key: str = "--out") -> bool:
     """:func:`check_output_dir`, then create and mark ``target``; True if it already held an output of ``kind``."""
-    existed = check_output_dir(target, kind, inputs, key)
-    if not existed:
-        Path(target).mkdir(parents=True, exist_ok=True)
-        mark_output(target, kind)
-    return existed
+    if check_output_dir(target, kind, inputs, key):
+        return True
+    # The marked directory appears in one rename, never half-claimed: torchrun ranks claim the same
+    # directory at once, and one that saw another's marker still being written inside it would take
+    # that temporary for foreign content (and a claim killed mid-write would leave the directory
+    # foreign for good).
+    target = Path(target)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    _recover(target)
+    tmp = _temp_name(target, _TMP)
+    tmp.mkdir()
+    try:
+        mark_output(tmp, kind)
+        try:
+            os.rename(tmp, target)  # replaces only an absent target or an empty directory
+        except OSError as e:
+            if e.errno not in (errno.ENOTEMPTY, errno.EEXIST):
+                raise
+            return check_output_dir(target, kind, inputs, key)  # another process claimed it first
+        _fsync_dir(target.parent)
+        return False
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp)
 
 
 # ----------------------------------------------------------------------------------- temporaries

@@ -15,6 +15,7 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 
+from qanchor.cli.common import print_record
 from qanchor.errors import ConfigError, ModelInputError
 from qanchor.infer.export import export_embeddings, read_embeddings, read_queries
 from tests.conftest import QUERIES
@@ -88,7 +89,8 @@ def test_torchrun_two_ranks_equal_one_rank(infer_env, full_export, tmp_path):
     cmd = [str(torchrun), "--nproc_per_node", "2", "-m", "qanchor.cli", "embed", f"checkpoint={infer_env.ckpt}",
            f"data.path={infer_env.ds_dir}", f"queries={queries}", f"out={out}", "shard_users=7",
            "batch_size=8", "--quiet"]
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
+    # Unbuffered on purpose (CI's setting): each rank's report must still arrive as one whole line.
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "PYTHONUNBUFFERED": "1"}
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     ranks = sorted(json.loads(line)["rank"] for line in proc.stdout.splitlines() if line.startswith("{"))
@@ -168,3 +170,20 @@ def test_export_with_heads_matches_api_and_cli(infer_env, tmp_path, capsys):
     assert main([*args, f"out={tmp_path / 'cli3'}"]) == 2
     err = capsys.readouterr().err
     assert "tuned on checkpoint" in err and "queries=" in err
+
+
+def test_rank_report_is_one_write(monkeypatch):
+    """Two ranks share stdout: a report split into two writes (text, then newline) interleaves with the other's."""
+    writes: list[str] = []
+
+    class Recorder:
+        def write(self, text: str) -> int:
+            writes.append(text)
+            return len(text)
+
+        def flush(self) -> None:
+            pass
+
+    monkeypatch.setattr(sys, "stdout", Recorder())
+    print_record('{"rank": 1}')
+    assert writes == ['{"rank": 1}\n']

@@ -1,0 +1,81 @@
+"""Claiming an output directory: atomic, safe when several processes (torchrun ranks) claim it at once."""
+
+from __future__ import annotations
+
+import multiprocessing as mp
+import os
+import signal
+import subprocess
+import sys
+
+import pytest
+
+import qanchor.data.io as io
+from qanchor.data.io import MARKER_FILE, OutputKind, claim_output_dir, output_kind
+from qanchor.errors import OutputError
+
+
+def test_second_claim_while_first_marker_is_being_written(tmp_path, monkeypatch):
+    """The torchrun race CI once hit: rank 1 looked while rank 0's marker was still a temporary."""
+    target = tmp_path / "out"
+    results: list[bool] = []
+    started: list[bool] = []
+
+    def other_rank_claims(name: str) -> None:
+        if name == "atomic-file" and not started:
+            started.append(True)
+            results.append(claim_output_dir(target, OutputKind.EXPORT))
+
+    monkeypatch.setattr(io, "failpoint", other_rank_claims)
+    first = claim_output_dir(target, OutputKind.EXPORT)
+    assert results == [False] and first is True  # the inner claim won; the outer one found it ready
+    assert output_kind(target) == "embedding export"
+    assert sorted(p.name for p in target.iterdir()) == [MARKER_FILE]
+    assert [p.name for p in tmp_path.iterdir()] == ["out"]  # no temporaries left beside it
+
+
+def _claim(target: str) -> str:
+    try:
+        return str(claim_output_dir(target, OutputKind.EXPORT))
+    except OutputError as e:
+        return f"error: {e}"
+
+
+def test_many_processes_claim_at_once(tmp_path):
+    ctx = mp.get_context("spawn")
+    with ctx.Pool(6) as pool:
+        for round_ in range(4):
+            target = str(tmp_path / f"out{round_}")
+            outcomes = pool.map(_claim, [target] * 12)
+            assert not [o for o in outcomes if o.startswith("error")], outcomes
+            assert output_kind(target) == "embedding export"
+            assert sorted(os.listdir(target)) == [MARKER_FILE]
+    assert sorted(os.listdir(tmp_path)) == [f"out{i}" for i in range(4)]
+
+
+def test_claim_killed_mid_marker_leaves_target_claimable(tmp_path):
+    target = tmp_path / "out"
+    code = subprocess.run([sys.executable, "-c", "import sys; from qanchor.data.io import OutputKind, claim_output_dir; "
+                           "claim_output_dir(sys.argv[1], OutputKind.EXPORT)", str(target)],
+                          env={**os.environ, "QANCHOR_FAILPOINT": "atomic-file:1"}).returncode
+    assert code == -signal.SIGKILL
+    assert not target.exists()  # nothing half-claimed at the target itself
+    assert claim_output_dir(target, OutputKind.EXPORT) is False
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]  # the dead claim's temporary was removed
+
+
+def test_claim_keeps_refusing_foreign_and_other_kinds(tmp_path):
+    foreign = tmp_path / "foreign"
+    foreign.mkdir()
+    (foreign / "notes.txt").write_text("mine")
+    with pytest.raises(OutputError, match="did not create.*notes.txt"):
+        claim_output_dir(foreign, OutputKind.EXPORT)
+    assert (foreign / "notes.txt").read_text() == "mine"
+    run = tmp_path / "run"
+    assert claim_output_dir(run, OutputKind.RUN) is False
+    with pytest.raises(OutputError, match="pretraining run, not a embedding export"):
+        claim_output_dir(run, OutputKind.EXPORT)
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    assert claim_output_dir(empty, OutputKind.EXPORT) is False and output_kind(empty) == "embedding export"
+    assert claim_output_dir(empty, OutputKind.EXPORT) is True
