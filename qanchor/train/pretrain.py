@@ -43,7 +43,7 @@ from qanchor.model.layout import tokenize_query
 from qanchor.model.qanchor_model import AnswerBank
 from qanchor.train.distributed import all_reduce_sum, gather_with_grad, global_mean_loss
 from qanchor.train.engine import device_of, gathered_parameters, init_distributed, initialize
-from qanchor.train.pairs import PretrainStream
+from qanchor.train.pairs import PretrainStream, is_held_out
 from qanchor.train.seal import seal_tag, verify_tag
 
 __all__ = ["run_pretrain", "prepare_inputs", "preflight", "MetricsLog"]
@@ -130,7 +130,7 @@ def run_pretrain(cfg: PretrainConfig, progress: bool = True) -> Path:
     ds, pipe = prepare_inputs(cfg, rank, progress and rank == 0)
     torch.manual_seed(cfg.train.seed)  # identical initial weights on every rank
     model, tokenizer = build_model(cfg.model, ds.manifest, pipe.cache.dim, ds.tabular_columns)
-    fit_input_stats(model, ds, pipe)
+    fit_input_stats(model, ds, pipe, holdout_users=cfg.train.holdout_users)
     meta = ModelMeta(ds.manifest.to_dict(), pipe.cache.dim, cfg.data.text_encoder.__dict__, list(ds.tabular_columns))
     stream = PretrainStream(ds, pipe, tokenizer, model.token_ids, cfg.model, cfg.train.seed, cfg.train.uqa_fraction,
                             cfg.train.query_group_size, holdout_users=cfg.train.holdout_users)
@@ -154,13 +154,17 @@ def run_pretrain(cfg: PretrainConfig, progress: bool = True) -> Path:
     return out
 
 
-def fit_input_stats(model, ds: Dataset, pipe: UserPipeline, sample: int = 4096) -> None:
-    """Store the standardisation of the tabular features (every user) and of each modality's numeric event
-    features (the kept events of the first ``sample`` users) in the model, as inference will apply them."""
+def fit_input_stats(model, ds: Dataset, pipe: UserPipeline, sample: int = 4096, holdout_users: float = 0.0) -> None:
+    """Store the standardisation of the tabular features (every training user) and of each modality's numeric
+    event features (the kept events of the first ``sample`` training users) in the model, as inference will
+    apply them. Users held out (``train.holdout_users``) are left out: nothing of theirs shapes the model."""
+    def training_users():
+        return (r for r in ds.users() if not is_held_out(r.user_id, holdout_users))
+
     if model.user_encoder.tabular is not None:
-        mean, std = tabular_stats(ds.users(), len(ds.tabular_columns))
+        mean, std = tabular_stats(training_users(), len(ds.tabular_columns))
         model.user_encoder.tabular.set_stats(torch.from_numpy(mean), torch.from_numpy(std))
-    packed = (pipe.packer.pack(r) for r in islice(ds.users(), sample))
+    packed = (pipe.packer.pack(r) for r in islice(training_users(), sample))
     for name, (mean, std) in numeric_stats(packed, ds.manifest).items():
         model.user_encoder.event_adapters[name].set_stats(torch.from_numpy(mean), torch.from_numpy(std))
 

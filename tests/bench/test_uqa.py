@@ -24,13 +24,14 @@ from qanchor.bench.uqa import (
 from qanchor.cli import main
 from qanchor.config import DataOverrides, UqaConfig
 from qanchor.data.dataset import load_dataset
-from qanchor.data.packing import event_lines
+from qanchor.data.packing import event_lines, numeric_stats, tabular_stats
 from qanchor.data.userU import summarize_future
 from qanchor.data.userU_topics import TOPICS, History, verify
 from qanchor.errors import ConfigError
 from qanchor.infer.api import QAnchor, events_before
 from qanchor.model.factory import ModelMeta, build_model, save_checkpoint
 from qanchor.train.pairs import PretrainStream, is_held_out
+from qanchor.train.pretrain import fit_input_stats
 from tests.model.helpers import encoder, model_and_stream, tiny_cfg
 
 
@@ -60,6 +61,27 @@ def test_holdout_is_a_fixed_share_and_never_reaches_pretraining(env):
     held = {u for u in ds.user_ids.tolist() if is_held_out(u, 0.3)}
     assert held and not held & set(kept.user_ids.tolist())
     assert len(kept.user_ids) == sum(u not in held for u in full.user_ids.tolist())
+
+
+def test_held_out_users_do_not_shape_the_input_statistics(env):
+    """The standardisation a checkpoint stores comes from training users only (inputs of held-out users are
+    what the uqa benchmark asks about)."""
+    _, ds_dir, _ = env
+    model, _, _, ds, pipe, _ = model_and_stream(ds_dir)
+    training = [r for r in ds.users() if not is_held_out(r.user_id, 0.3)]
+    assert 0 < len(training) < ds.num_users
+    fit_input_stats(model, ds, pipe, holdout_users=0.3)
+    got = {n: (a.numeric_mean.clone(), a.numeric_std.clone()) for n, a in model.user_encoder.event_adapters.items()}
+    want = numeric_stats((pipe.packer.pack(r) for r in training), ds.manifest)
+    assert want and got.keys() == want.keys()
+    for name, (mean, std) in want.items():
+        assert torch.allclose(got[name][0], torch.from_numpy(mean).to(got[name][0].dtype))
+        assert torch.allclose(got[name][1], torch.from_numpy(std).to(got[name][1].dtype))
+    if model.user_encoder.tabular is not None:
+        mean, _ = tabular_stats(training, len(ds.tabular_columns))
+        assert torch.allclose(model.user_encoder.tabular.mean, torch.from_numpy(mean).to(model.user_encoder.tabular.mean.dtype))
+    fit_input_stats(model, ds, pipe)  # every user: different numbers, so the split above was real
+    assert any(not torch.allclose(got[n][0], a.numeric_mean) for n, a in model.user_encoder.event_adapters.items())
 
 
 def test_questions_are_verified_and_fair(env):
