@@ -30,7 +30,7 @@ import math
 import time
 import zlib
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, dataclass, field, replace
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
 from typing import Any
@@ -163,6 +163,8 @@ class UqaResult:
     questions: int
     by_family: dict[str, int]  # questions per family
     rows: dict[str, dict[str, Any]]  # row -> {"accuracy": {family: [acc, lo, hi]}, "prompt_tokens": mean, ...}
+    # per question, in the order of each row's "correct": who and what was asked (pools seeds, resamples users)
+    asked: list[dict[str, str]] = field(default_factory=list)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -252,7 +254,8 @@ def run_uqa(cfg: UqaConfig, progress: bool = True) -> UqaResult:
            "held_out_users": len(users), "holdout_fraction": base.train.holdout_users, "seed": cfg.seed,
            "qanchor_version": qanchor.__version__, "seconds": time.perf_counter() - start, "config_yaml": to_yaml(cfg),
            "pretrain_steps": base.train.max_steps, "pretrain_batch": base.train.batch_size}
-    return UqaResult(run, n_all, {f: int(m.sum()) for f, m in families.items()}, rows)
+    asked = [{"user_id": q.user_id, "family": q.family, "topic": q.topic} for q in questions]
+    return UqaResult(run, n_all, {f: int(m.sum()) for f, m in families.items()}, rows, asked)
 
 
 def _row(correct: np.ndarray, tokens: np.ndarray, families: dict[str, np.ndarray], seconds: float) -> dict[str, Any]:

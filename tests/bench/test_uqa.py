@@ -188,6 +188,7 @@ def test_uqa_end_to_end(env, tmp_path, capsys):
     questions = build_questions(ds, held, 0, 30, scored_as=lambda t: tuple(model.option_ids(t, True)))
     correct, _ = score(model, ds, questions[:6])
     assert correct.tolist() == result.rows["qanchor"]["correct"][:6]
+    assert result.asked == [{"user_id": q.user_id, "family": q.family, "topic": q.topic} for q in questions]
     # the sub-runs were pretrained with the checkpoint's recipe: text rows, same steps and holdout
     sub = json.loads((tmp_path / "u" / "results.json").read_text())
     assert sub["rows"]["text4"]["accuracy"]["all"][0] == result.rows["text4"]["accuracy"]["all"][0]

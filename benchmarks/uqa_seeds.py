@@ -1,0 +1,152 @@
+"""`qanchor uqa` over pretraining seeds: mean and spread per row and family, and each gap with a user bootstrap.
+
+One `qanchor uqa` run is one pretraining seed, and the run-to-run noise of a 3,000-step CPU pretraining is as large
+as the gaps the issue asks for. For each seed this script pretrains the recipe (resumed if the run exists) into
+``<root>/seed<k>`` with ``train.seed=<k>``, then runs ``qanchor uqa`` on it into ``<root>/uqa-seed<k>`` (the prior
+and TextN rows are retrained there with the same seed). Every seed is asked the same questions (same held-out users,
+same question seed), so the summary can pair them:
+
+- per row and family: accuracy per seed, its mean and standard deviation over seeds;
+- per row against Q-Anchor: the gap (Q-Anchor minus the row) per family, mean and spread over seeds, and a 95%
+  interval for the seed-averaged gap from resampling held-out users (each user's questions move together);
+
+printed as Markdown and written to ``<root>/summary.md`` and ``<root>/summary.json``. ``--results DIR ...``
+summarises finished ``qanchor uqa`` output directories instead of running anything.
+
+Example (Complete Journey, Q-Anchor and the prior, 3 seeds: about 1 h 20 min on 2 CPU cores)::
+
+    python benchmarks/uqa_seeds.py --data data/completejourney --seeds 0,1,2 --root results/uqa-seeds/cj \\
+        --uqa-set "text_events=[]" --uqa-set prior=true
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from qanchor.bench.uqa import FAMILIES  # noqa: E402
+from qanchor.data.io import write_json, write_text  # noqa: E402
+
+# The `make uqa` recipe: users held out of pretraining and a budget at which the next-token tower reads the user.
+UQA_PRETRAIN = ["train.holdout_users=0.1", "train.max_steps=3000", "train.log_every=500", "train.save_every=500"]
+
+
+def _qanchor(*args: str) -> None:
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    subprocess.run([sys.executable, "-m", "qanchor.cli", *args], check=True, cwd=ROOT, env=env)
+
+
+def _same_questions(results: list[dict], names: list[str]) -> list[dict]:
+    asked = results[0].get("asked")
+    if not asked:
+        raise SystemExit(f"error: {names[0]}/results.json has no per-question record ('asked'); rerun it with this "
+                         "version of qanchor uqa")
+    for r, name in zip(results[1:], names[1:]):
+        if r.get("asked") != asked:
+            raise SystemExit(f"error: {name} asked other questions than {names[0]} (another dataset, holdout share or "
+                             "question seed): seeds can only be compared on the same questions")
+    return asked
+
+
+def summarise(results: list[dict], names: list[str], bootstrap: int = 2000, seed: int = 0) -> dict:
+    """Per row x family: accuracy per seed, mean, std; per row: the Q-Anchor gap with a user-bootstrap 95% interval."""
+    asked = _same_questions(results, names)
+    family = np.array([a["family"] for a in asked])
+    users, user_index = np.unique([a["user_id"] for a in asked], return_inverse=True)
+    masks = {f: family == f for f in FAMILIES if (family == f).any()} | {"all": np.ones(len(asked), bool)}
+    rows = [r for r in results[0]["rows"] if results[0]["rows"][r]["correct"] is not None]
+    correct = {r: np.array([res["rows"][r]["correct"] for res in results], dtype=float) for r in rows}  # (S, Q)
+    out: dict = {"seeds": len(results), "questions": len(asked), "users": len(users),
+                 "by_family": {f: int(m.sum()) for f, m in masks.items()}, "rows": {}, "gaps": {}}
+    for r in rows:
+        per_seed = {f: [float(c[m].mean()) for c in correct[r]] for f, m in masks.items()}
+        out["rows"][r] = {"prompt_tokens": float(np.mean([res["rows"][r]["prompt_tokens"] for res in results])),
+                          **{f: {"mean": float(np.mean(v)), "std": float(np.std(v)), "per_seed": v}
+                             for f, v in per_seed.items()}}
+    rng = np.random.default_rng(seed)
+    draws = rng.integers(0, len(users), size=(bootstrap, len(users)))  # resampled users, shared by every gap
+    weights = np.stack([np.bincount(d, minlength=len(users)) for d in draws])[:, user_index]  # (B, Q)
+    for r in rows:
+        if r == "qanchor":
+            continue
+        diff = (correct["qanchor"] - correct[r]).mean(axis=0)  # (Q,) seed-averaged, paired question by question
+        gaps = {}
+        for f, m in masks.items():
+            per_seed = [float(a[m].mean() - b[m].mean()) for a, b in zip(correct["qanchor"], correct[r])]
+            w = weights[:, m]
+            boot = (w * diff[m]).sum(axis=1) / np.maximum(w.sum(axis=1), 1)
+            lo, hi = np.quantile(boot, [0.025, 0.975])
+            gaps[f] = {"mean": float(diff[m].mean()), "std_over_seeds": float(np.std(per_seed)),
+                       "per_seed": per_seed, "ci95_users": [float(lo), float(hi)]}
+        out["gaps"][r] = gaps
+    return out
+
+
+def table(summary: dict) -> str:
+    fams = list(summary["by_family"])  # the families asked, then "all"
+    head = "| row | " + " | ".join(f"{f} (n={summary['by_family'][f]})" for f in fams) + " | prompt tokens |"
+    lines = [f"Accuracy, mean ± std over {summary['seeds']} pretraining seeds ({summary['questions']} questions about "
+             f"{summary['users']} held-out users):", "", head, "|---" * (len(fams) + 2) + "|"]
+    for r, v in summary["rows"].items():
+        lines.append(f"| {r} | " + " | ".join(f"{v[f]['mean']:.3f} ± {v[f]['std']:.3f}" for f in fams)
+                     + f" | {v['prompt_tokens']:.0f} |")
+    if summary["gaps"]:
+        lines += ["", "Q-Anchor minus each row, accuracy points: seed-averaged gap [95% interval, users resampled] "
+                  "(min .. max over seeds):", "", "| row | " + " | ".join(fams) + " |", "|---" * (len(fams) + 1) + "|"]
+        for r, g in summary["gaps"].items():
+            cells = [f"{100 * g[f]['mean']:+.1f} [{100 * g[f]['ci95_users'][0]:+.1f}, {100 * g[f]['ci95_users'][1]:+.1f}] "
+                     f"({100 * min(g[f]['per_seed']):+.1f} .. {100 * max(g[f]['per_seed']):+.1f})" for f in fams]
+            lines.append(f"| {r} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--pretrain", default="configs/pretrain/tiny-cj.yaml", help="configs/pretrain/*.yaml")
+    ap.add_argument("--uqa", default="configs/uqa/tiny-cj.yaml", help="configs/uqa/*.yaml")
+    ap.add_argument("--data", default="data/completejourney")
+    ap.add_argument("--seeds", default="0,1,2")
+    ap.add_argument("--root", type=Path, help="where the runs and the summary go")
+    ap.add_argument("--set", action="append", default=[], help="key=value pretraining setting (repeatable; after "
+                    f"the uqa recipe: {' '.join(UQA_PRETRAIN)})")
+    ap.add_argument("--uqa-set", action="append", default=[], help="key=value `qanchor uqa` setting (repeatable)")
+    ap.add_argument("--results", nargs="+", type=Path, help="summarise these finished `qanchor uqa` outputs only")
+    args = ap.parse_args(argv)
+    if args.results:
+        dirs = args.results
+    else:
+        if args.root is None:
+            ap.error("give --root (to run the seeds) or --results (to summarise finished runs)")
+        dirs = []
+        for seed in [int(s) for s in args.seeds.split(",")]:
+            run, out = args.root / f"seed{seed}", args.root / f"uqa-seed{seed}"  # beside the run, not inside it
+            if not (out / "results.json").exists():
+                _qanchor("pretrain", "--config", args.pretrain, f"data.path={args.data}", f"output_dir={run}",
+                         f"train.seed={seed}", "resume=true", *UQA_PRETRAIN, *args.set)
+                _qanchor("uqa", "--config", args.uqa, f"checkpoint={run}", f"data.path={args.data}",
+                         f"output_dir={out}", *args.uqa_set)
+            dirs.append(out)
+    missing = [str(d) for d in dirs if not (d / "results.json").exists()]
+    if missing:
+        raise SystemExit(f"error: no results.json in {', '.join(missing)}: run `qanchor uqa` there first")
+    results = [json.loads((d / "results.json").read_text()) for d in dirs]
+    summary = summarise(results, [str(d) for d in dirs])
+    text = table(summary)
+    print(text)
+    if args.root is not None:
+        write_json({"results": [str(d) for d in dirs], **summary}, args.root / "summary.json")
+        write_text(text + "\n", args.root / "summary.md")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

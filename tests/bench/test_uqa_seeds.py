@@ -1,0 +1,76 @@
+"""benchmarks/uqa_seeds.py: the seed summary pairs seeds question by question and resamples users."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+@pytest.fixture(scope="module")
+def uqa_seeds():
+    spec = importlib.util.spec_from_file_location("uqa_seeds", ROOT / "benchmarks" / "uqa_seeds.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+ASKED = [{"user_id": u, "family": f, "topic": "t"} for u in ("a", "b", "c", "d") for f in ("sequence", "interest")]
+
+
+def _result(qanchor: list[int], prior: list[int]) -> dict:
+    return {"asked": ASKED, "rows": {"qanchor": {"correct": [bool(x) for x in qanchor], "prompt_tokens": 100.0},
+                                     "prior": {"correct": [bool(x) for x in prior], "prompt_tokens": 14.0},
+                                     "random": {"correct": None, "prompt_tokens": 0.0}}}
+
+
+def test_means_spread_and_paired_gaps(uqa_seeds):
+    #            a: seq int   b: seq int   c: seq int   d: seq int
+    seeds = [_result([1, 1, 1, 0, 1, 1, 0, 0], [0, 1, 0, 0, 0, 0, 0, 0]),
+             _result([1, 1, 1, 1, 1, 0, 0, 0], [0, 0, 0, 0, 1, 0, 0, 0]),
+             _result([1, 0, 1, 1, 1, 1, 0, 1], [1, 0, 0, 0, 0, 0, 0, 1])]
+    s = uqa_seeds.summarise(seeds, ["s0", "s1", "s2"], bootstrap=500)
+    assert s["users"] == 4 and s["by_family"] == {"sequence": 4, "interest": 4, "all": 8}  # no action question asked
+    assert s["rows"]["qanchor"]["sequence"]["per_seed"] == [0.75, 0.75, 0.75]
+    assert s["rows"]["qanchor"]["all"]["mean"] == pytest.approx(np.mean([5 / 8, 5 / 8, 6 / 8]))
+    assert s["rows"]["prior"]["interest"]["std"] == pytest.approx(np.std([0.25, 0.0, 0.25]))
+    gap = s["gaps"]["prior"]["sequence"]
+    assert gap["per_seed"] == pytest.approx([0.75 - 0.0, 0.75 - 0.25, 0.75 - 0.25])
+    assert gap["mean"] == pytest.approx(np.mean(gap["per_seed"]))
+    assert gap["ci95_users"][0] <= gap["mean"] <= gap["ci95_users"][1]
+    assert "qanchor" not in s["gaps"] and "random" not in s["rows"]
+
+
+def test_same_gap_for_every_user_gives_a_point_interval(uqa_seeds):
+    s = uqa_seeds.summarise([_result([1] * 8, [0, 1] * 4)] * 3, ["s0", "s1", "s2"], bootstrap=200)
+    assert s["gaps"]["prior"]["sequence"]["ci95_users"] == [1.0, 1.0]
+    assert s["gaps"]["prior"]["interest"]["ci95_users"] == [0.0, 0.0]
+
+
+def test_seeds_asked_other_questions_are_refused(uqa_seeds):
+    other = _result([1] * 8, [0] * 8)
+    other["asked"] = list(reversed(ASKED))
+    with pytest.raises(SystemExit, match="s1 asked other questions than s0"):
+        uqa_seeds.summarise([_result([1] * 8, [0] * 8), other], ["s0", "s1"])
+    old = _result([1] * 8, [0] * 8)
+    del old["asked"]
+    with pytest.raises(SystemExit, match="no per-question record"):
+        uqa_seeds.summarise([old], ["s0"])
+
+
+def test_results_mode_writes_the_summary(uqa_seeds, tmp_path, capsys):
+    dirs = []
+    for i, r in enumerate([_result([1] * 8, [0] * 8), _result([1, 0] * 4, [0] * 8)]):
+        d = tmp_path / f"u{i}"
+        d.mkdir()
+        (d / "results.json").write_text(json.dumps(r))
+        dirs.append(str(d))
+    assert uqa_seeds.main(["--results", *dirs, "--root", str(tmp_path / "sum")]) == 0
+    text = (tmp_path / "sum" / "summary.md").read_text()
+    assert "| qanchor | 1.000 ± 0.000 | 0.500 ± 0.500 | 0.750 ± 0.250 | 100 |" in text and "| prior | +100.0" in text and text.strip() in capsys.readouterr().out
+    assert json.loads((tmp_path / "sum" / "summary.json").read_text())["seeds"] == 2
