@@ -140,6 +140,8 @@ def claim_output_dir(target: str | os.PathLike, kind: OutputKind, inputs: Mappin
     # that temporary for foreign content (and a claim killed mid-write would leave the directory
     # foreign for good).
     target = Path(target)
+    if target.is_symlink() and target.is_dir():
+        target = target.resolve()  # a link to an empty directory: claim the directory, keep the link
     target.parent.mkdir(parents=True, exist_ok=True)
     _recover(target)
     tmp = _temp_name(target, _TMP)

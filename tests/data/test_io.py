@@ -79,3 +79,13 @@ def test_claim_keeps_refusing_foreign_and_other_kinds(tmp_path):
     empty.mkdir()
     assert claim_output_dir(empty, OutputKind.EXPORT) is False and output_kind(empty) == "embedding export"
     assert claim_output_dir(empty, OutputKind.EXPORT) is True
+
+
+def test_claim_through_a_link_to_an_empty_directory(tmp_path):
+    real = tmp_path / "real"
+    real.mkdir()
+    link = tmp_path / "link"
+    link.symlink_to(real)
+    assert claim_output_dir(link, OutputKind.EXPORT) is False
+    assert link.is_symlink() and output_kind(real) == "embedding export"
+    assert claim_output_dir(link, OutputKind.EXPORT) is True
