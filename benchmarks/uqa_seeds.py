@@ -58,30 +58,39 @@ def _same_questions(results: list[dict], names: list[str]) -> list[dict]:
 
 
 def summarise(results: list[dict], names: list[str], bootstrap: int = 2000, seed: int = 0) -> dict:
-    """Per row x family: accuracy per seed, mean, std; per row: the Q-Anchor gap with a user-bootstrap 95% interval."""
+    """Per row x family: accuracy per seed, mean, std; per row: the Q-Anchor gap with a user-bootstrap 95% interval.
+
+    A row missing from some runs (say the prior, retrained for one seed only) is summarised over the runs that have
+    it, and its gap to Q-Anchor over the runs that have both.
+    """
     asked = _same_questions(results, names)
     family = np.array([a["family"] for a in asked])
     users, user_index = np.unique([a["user_id"] for a in asked], return_inverse=True)
     masks = {f: family == f for f in FAMILIES if (family == f).any()} | {"all": np.ones(len(asked), bool)}
-    rows = [r for r in results[0]["rows"] if results[0]["rows"][r]["correct"] is not None]
-    correct = {r: np.array([res["rows"][r]["correct"] for res in results], dtype=float) for r in rows}  # (S, Q)
+    rows = list(dict.fromkeys(r for res in results for r, v in res["rows"].items() if v["correct"] is not None))
+    have = {r: [i for i, res in enumerate(results) if res["rows"].get(r, {}).get("correct") is not None] for r in rows}
+    correct = {r: np.array([results[i]["rows"][r]["correct"] for i in have[r]], dtype=float) for r in rows}  # (S_r, Q)
     out: dict = {"seeds": len(results), "questions": len(asked), "users": len(users),
                  "by_family": {f: int(m.sum()) for f, m in masks.items()}, "rows": {}, "gaps": {}}
     for r in rows:
         per_seed = {f: [float(c[m].mean()) for c in correct[r]] for f, m in masks.items()}
-        out["rows"][r] = {"prompt_tokens": float(np.mean([res["rows"][r]["prompt_tokens"] for res in results])),
+        out["rows"][r] = {"seeds": len(have[r]), "runs": [names[i] for i in have[r]],
+                          "prompt_tokens": float(np.mean([results[i]["rows"][r]["prompt_tokens"] for i in have[r]])),
                           **{f: {"mean": float(np.mean(v)), "std": float(np.std(v)), "per_seed": v}
                              for f, v in per_seed.items()}}
     rng = np.random.default_rng(seed)
     draws = rng.integers(0, len(users), size=(bootstrap, len(users)))  # resampled users, shared by every gap
     weights = np.stack([np.bincount(d, minlength=len(users)) for d in draws])[:, user_index]  # (B, Q)
     for r in rows:
-        if r == "qanchor":
+        both = [i for i in have[r] if i in have.get("qanchor", [])]
+        if r == "qanchor" or not both:
             continue
-        diff = (correct["qanchor"] - correct[r]).mean(axis=0)  # (Q,) seed-averaged, paired question by question
-        gaps = {}
+        ours = np.array([results[i]["rows"]["qanchor"]["correct"] for i in both], dtype=float)  # (S, Q)
+        theirs = np.array([results[i]["rows"][r]["correct"] for i in both], dtype=float)
+        diff = (ours - theirs).mean(axis=0)  # (Q,) seed-averaged, paired question by question
+        gaps = {"seeds": len(both)}
         for f, m in masks.items():
-            per_seed = [float(a[m].mean() - b[m].mean()) for a, b in zip(correct["qanchor"], correct[r])]
+            per_seed = [float(a[m].mean() - b[m].mean()) for a, b in zip(ours, theirs)]
             w = weights[:, m]
             boot = (w * diff[m]).sum(axis=1) / np.maximum(w.sum(axis=1), 1)
             lo, hi = np.quantile(boot, [0.025, 0.975])
@@ -94,18 +103,19 @@ def summarise(results: list[dict], names: list[str], bootstrap: int = 2000, seed
 def table(summary: dict) -> str:
     fams = list(summary["by_family"])  # the families asked, then "all"
     head = "| row | " + " | ".join(f"{f} (n={summary['by_family'][f]})" for f in fams) + " | prompt tokens |"
-    lines = [f"Accuracy, mean ± std over {summary['seeds']} pretraining seeds ({summary['questions']} questions about "
-             f"{summary['users']} held-out users):", "", head, "|---" * (len(fams) + 2) + "|"]
+    lines = [f"Accuracy, mean ± std over pretraining seeds ({summary['questions']} questions about "
+             f"{summary['users']} held-out users):", "", head.replace("| row |", "| row (seeds) |"),
+             "|---" * (len(fams) + 2) + "|"]
     for r, v in summary["rows"].items():
-        lines.append(f"| {r} | " + " | ".join(f"{v[f]['mean']:.3f} ± {v[f]['std']:.3f}" for f in fams)
+        lines.append(f"| {r} ({v['seeds']}) | " + " | ".join(f"{v[f]['mean']:.3f} ± {v[f]['std']:.3f}" for f in fams)
                      + f" | {v['prompt_tokens']:.0f} |")
     if summary["gaps"]:
         lines += ["", "Q-Anchor minus each row, accuracy points: seed-averaged gap [95% interval, users resampled] "
-                  "(min .. max over seeds):", "", "| row | " + " | ".join(fams) + " |", "|---" * (len(fams) + 1) + "|"]
+                  "(min .. max over seeds):", "", "| row (seeds) | " + " | ".join(fams) + " |", "|---" * (len(fams) + 1) + "|"]
         for r, g in summary["gaps"].items():
             cells = [f"{100 * g[f]['mean']:+.1f} [{100 * g[f]['ci95_users'][0]:+.1f}, {100 * g[f]['ci95_users'][1]:+.1f}] "
                      f"({100 * min(g[f]['per_seed']):+.1f} .. {100 * max(g[f]['per_seed']):+.1f})" for f in fams]
-            lines.append(f"| {r} | " + " | ".join(cells) + " |")
+            lines.append(f"| {r} ({g['seeds']}) | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 

@@ -52,6 +52,18 @@ def test_same_gap_for_every_user_gives_a_point_interval(uqa_seeds):
     assert s["gaps"]["prior"]["interest"]["ci95_users"] == [0.0, 0.0]
 
 
+def test_a_row_from_some_seeds_only_is_paired_on_those(uqa_seeds):
+    one = _result([1, 1, 1, 1, 0, 0, 0, 0], [0] * 8)
+    two, three = _result([1] * 8, [0] * 8), _result([0, 0, 0, 0, 1, 1, 1, 1], [0] * 8)
+    for r in (two, three):
+        del r["rows"]["prior"]  # Q-Anchor only: the prior was retrained for the first seed
+    s = uqa_seeds.summarise([one, two, three], ["s0", "s1", "s2"], bootstrap=200)
+    assert s["rows"]["qanchor"]["seeds"] == 3 and s["rows"]["prior"]["seeds"] == 1
+    assert s["rows"]["qanchor"]["all"]["per_seed"] == [0.5, 1.0, 0.5]
+    assert s["gaps"]["prior"]["seeds"] == 1 and s["gaps"]["prior"]["all"]["per_seed"] == [0.5]
+    assert s["gaps"]["prior"]["all"]["mean"] == pytest.approx(0.5)
+
+
 def test_seeds_asked_other_questions_are_refused(uqa_seeds):
     other = _result([1] * 8, [0] * 8)
     other["asked"] = list(reversed(ASKED))
@@ -72,5 +84,5 @@ def test_results_mode_writes_the_summary(uqa_seeds, tmp_path, capsys):
         dirs.append(str(d))
     assert uqa_seeds.main(["--results", *dirs, "--root", str(tmp_path / "sum")]) == 0
     text = (tmp_path / "sum" / "summary.md").read_text()
-    assert "| qanchor | 1.000 ± 0.000 | 0.500 ± 0.500 | 0.750 ± 0.250 | 100 |" in text and "| prior | +100.0" in text and text.strip() in capsys.readouterr().out
+    assert "| qanchor (2) | 1.000 ± 0.000 | 0.500 ± 0.500 | 0.750 ± 0.250 | 100 |" in text and "| prior (2) | +100.0" in text and text.strip() in capsys.readouterr().out
     assert json.loads((tmp_path / "sum" / "summary.json").read_text())["seeds"] == 2
