@@ -69,9 +69,9 @@ def _cmd_userU(args: argparse.Namespace) -> None:
     cfg: UserUConfig = settings(args)
     stats = build_userU(args.dir, seed=cfg.seed, n_future_cutoffs=cfg.future_cutoffs,
                         future_window_days=cfg.future_window_days, min_history_days=cfg.min_history_days,
-                        progress=not args.quiet, forecast=cfg.forecast)
-    print(f"wrote {Path(args.dir) / 'userU.parquet'}: {stats.pairs['future']} future + {stats.pairs['uqa']} uqa + "
-          f"{stats.pairs['forecast']} forecast pairs "
+                        progress=not args.quiet, forecast=cfg.forecast, signature=cfg.signature)
+    sources = " + ".join(f"{n} {source}" for source, n in stats.pairs.items())
+    print(f"wrote {Path(args.dir) / 'userU.parquet'}: {sources} pairs "
           f"for {stats.users_with_pairs} of {stats.users} users, {stats.dropped_unverified} dropped by verification "
           f"({stats.seconds:.1f}s)")
 
@@ -99,7 +99,7 @@ def register(subparsers) -> None:
     p = sub.add_parser("validate", help="check a dataset directory against the format")
     p.add_argument("dir")
     p.set_defaults(func=_cmd_validate)
-    p = sub.add_parser("userU", help="build UserU pretraining pairs (future + uqa) into DIR/userU.parquet")
+    p = sub.add_parser("userU", help="build UserU pretraining pairs (future + uqa + forecast [+ signature]) into DIR/userU.parquet")
     p.add_argument("dir")
     add_settings(p, UserUConfig, "seed=0")
     p.set_defaults(func=_cmd_userU)

@@ -303,13 +303,16 @@ class CompleteJourneyConfig:
 
 @dataclass
 class UserUConfig:
-    """``qanchor data userU DIR``: UserU pretraining pairs (future + uqa) into ``DIR/userU.parquet``."""
+    """``qanchor data userU DIR``: UserU pretraining pairs (future + uqa + forecast [+ signature]) into ``DIR/userU.parquet``."""
 
     seed: int = 0
     future_cutoffs: int = 3  # internal cutoffs per user for `future` pairs
     future_window_days: int = 30
     min_history_days: int = 14
     forecast: bool = True  # also write `forecast` pairs (yes / no questions about the next window)
+    # also write `signature` pairs: "what sets this user apart?", answered with the items it repeats that few
+    # other users have (at the dataset cutoff and each future cutoff)
+    signature: bool = False
 
     def __post_init__(self) -> None:
         if self.seed < 0 or self.future_cutoffs < 0 or self.future_window_days < 1 or self.min_history_days < 0:

@@ -6,7 +6,7 @@ Layout::
     <dataset>/events/part-00000.parquet   user_id, modality, ts (UTC), text, value, <extra numeric columns>
     <dataset>/tabular.parquet             user_id + numeric feature columns          [optional]
     <dataset>/tasks/<task>.parquet        user_id, label:int8 (+ optional prob:float64, the true P(label=1))
-    <dataset>/userU.parquet               user_id, cutoff, query, answer, source (future | uqa | forecast)
+    <dataset>/userU.parquet               user_id, cutoff, query, answer, source (future | uqa | forecast | signature)
                                           [built by `qanchor data userU`]
 """
 
@@ -37,7 +37,7 @@ __all__ = [
 TS_TYPE = pa.timestamp("us", tz="UTC")
 EVENTS_DIR, TASKS_DIR, TABULAR_FILE, USERU_FILE = "events", "tasks", "tabular.parquet", "userU.parquet"
 EVENT_CORE_COLUMNS = ("user_id", "modality", "ts", "text", "value")
-USERU_SOURCES = ("future", "uqa", "forecast")
+USERU_SOURCES = ("future", "uqa", "forecast", "signature")
 USERU_SCHEMA = pa.schema(
     [
         ("user_id", pa.string()),

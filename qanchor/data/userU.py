@@ -1,6 +1,6 @@
 """Build UserU pretraining pairs (DESIGN section 6) into ``<dataset>/userU.parquet``.
 
-Three sources: the paper's two, and forecast questions asked the way scenario tasks ask:
+The paper's two sources, forecast questions asked the way scenario tasks ask, and distinctive items:
 
 - ``future``: at a few internal cutoffs ``c`` inside a user's history, the profile is the events before
   ``c`` and the answer summarises what the user does in ``[c, c + window)``: the most frequent items,
@@ -16,6 +16,9 @@ Three sources: the paper's two, and forecast questions asked the way scenario ta
 - ``forecast``: yes / no questions about the next window at the same kind of internal cutoffs (will the user
   be active, less active, use modality *m*, touch a category again or for the first time, spend less), with
   the counts behind the answer; see :mod:`qanchor.data.forecast`. Windows without events are kept.
+- ``signature`` (``signature=True``): "what sets this user apart?", at the dataset cutoff and at each future
+  pair's cutoff, answered with the items the user repeats that few other users have (tf-idf over users; see
+  :func:`qanchor.data.userU_topics.signature`), each count verified.
 
 No pair looks past the dataset cutoff: uqa pairs use it as their cutoff and future windows end by it.
 Users stream from :meth:`Dataset.users` one partition at a time; only the output rows are kept.
@@ -45,7 +48,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from qanchor.data.dataset import load_dataset
-from qanchor.data.forecast import category_vocabulary, forecast_pairs
+from qanchor.data.forecast import forecast_pairs
 from qanchor.data.io import write_parquet
 from qanchor.data.schema import TS_TYPE, USERU_FILE, USERU_SCHEMA
 from qanchor.data.userU_topics import (
@@ -56,9 +59,11 @@ from qanchor.data.userU_topics import (
     Claim,
     History,
     category,
+    item_user_counts,
     summarize,
     verify,
 )
+from qanchor.data.userU_topics import signature as signature_topic
 from qanchor.errors import OutputError
 from qanchor.logs import progress as progress_iter
 
@@ -104,7 +109,7 @@ class UserUStats:
 
 def build_userU(dataset_dir: str | Path, seed: int = 0, n_future_cutoffs: int = 3, future_window_days: int = 30,
                 min_history_days: int = 14, generator: QAGenerator | None = None,
-                progress: bool = True, forecast: bool = True) -> UserUStats:
+                progress: bool = True, forecast: bool = True, signature: bool = False) -> UserUStats:
     """Write ``<dataset_dir>/userU.parquet`` (atomically) and return the counts.
 
     Deterministic for a ``seed``: each user's draws come from ``(seed, crc32(user_id))``.
@@ -122,13 +127,25 @@ def build_userU(dataset_dir: str | Path, seed: int = 0, n_future_cutoffs: int = 
     extra_names = {m.name: m.numeric_columns for m in ds.manifest.sequence_modalities}
     query = FUTURE_QUERY.format(days=future_window_days)
     stats, rows = UserUStats(), _Rows()
-    vocab = category_vocabulary(History(u.events, cutoff_us, extra_names) for u in ds.users()) if forecast else {}
+    # one pass over every user: how many users have each text (signature pairs), and from those texts each
+    # modality's category vocabulary (the pool of forecast's first-time questions)
+    item_users, n_users = (item_user_counts(History(u.events, cutoff_us, extra_names) for u in ds.users())
+                           if forecast or signature else ({}, 0))
+    vocab = {m: sorted({category(m, t) for t in texts}) for m, texts in item_users.items()} if forecast else {}
     for user in progress_iter(ds.users(), total=ds.num_users, desc="userU", unit="user", enabled=progress):
         h = History(user.events, cutoff_us, extra_names)
         rng_future, rng_uqa = (np.random.default_rng([seed, zlib.crc32(user.user_id.encode()), s]) for s in (0, 1))
         before = len(rows)
-        for c, answer in future_pairs(h, rng_future, n_future_cutoffs, future_window_days, min_history_days):
+        future = future_pairs(h, rng_future, n_future_cutoffs, future_window_days, min_history_days)
+        for c, answer in future:
             rows.add(user.user_id, c, query, answer, "future")
+        if signature and len(h.all):  # at the dataset cutoff and at each future pair's internal cutoff
+            rng_sig = np.random.default_rng([seed, zlib.crc32(user.user_id.encode()), 3])
+            for c in [cutoff_us, *(c for c, _ in future)]:
+                hc = h if c == cutoff_us else h.before(c)
+                qa = signature_topic(hc, rng_sig, item_users, n_users)
+                if qa is not None and verify(qa.claims, hc, qa.answer):
+                    rows.add(user.user_id, c, qa.question, qa.answer, "signature")
         for qa in uqa_pairs(h, rng_uqa, generator, stats):
             rows.add(user.user_id, cutoff_us, qa.question, qa.answer, "uqa")
         if forecast and len(h.all):

@@ -20,18 +20,19 @@ from __future__ import annotations
 import math
 import re
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from functools import lru_cache
+from itertools import compress
 from typing import NamedTuple
 
 import numpy as np
 
 from qanchor.data.dataset import EventSeq
 
-__all__ = ["BUCKETS", "DAY_US", "Claim", "QA", "History", "METRICS", "TOPICS", "TOPIC_BRIEFS", "category", "verify",
-           "summarize"]
+__all__ = ["BUCKETS", "DAY_US", "Claim", "QA", "History", "METRICS", "SIGNATURE_QUESTIONS", "TOPICS", "TOPIC_BRIEFS",
+           "category", "item_user_counts", "signature", "verify", "summarize"]
 
 DAY_US = 86_400_000_000
 _WEEK_US, _HOUR_US = 7 * DAY_US, 3_600_000_000
@@ -91,6 +92,17 @@ class History:
 
     def seq(self, modality: str = "") -> EventSeq:
         return self.all if not modality else self.events.get(modality) or _empty_seq()
+
+    def before(self, cutoff_us: int) -> History:
+        """The same user's events before an earlier ``cutoff_us`` (an internal cutoff)."""
+        if cutoff_us > self.cutoff_us:
+            raise ValueError("History.before needs a cutoff no later than the history's own")
+
+        def cut(s: EventSeq) -> EventSeq:
+            keep = s.ts < cutoff_us
+            return s if keep.all() else EventSeq(s.ts[keep], list(compress(s.text, keep)), s.value[keep], s.extras[keep])
+
+        return History({m: cut(s) for m, s in self.events.items()}, cutoff_us, self.extra_names)
 
     @property
     def weeks(self) -> float:
@@ -398,6 +410,61 @@ TOPIC_BRIEFS = {
     "mix": "share of events per modality", "largest": "largest single amount",
     "trend": "first half versus second half of the history", "extras": "extra numeric fields such as discounts",
 }
+
+
+SIGNATURE_QUESTIONS = ("What sets this user apart from other users?", "What is distinctive about this user's activity?",
+                       "Which items characterise this user?")
+
+
+def item_user_counts(histories: Iterable[History]) -> tuple[dict[str, Counter], int]:
+    """Per modality, how many users have each event text; and how many users there are (for :func:`signature`)."""
+    counts: dict[str, Counter] = {}
+    n = 0
+    for h in histories:
+        n += 1
+        for m in h.modalities:
+            counts.setdefault(m, Counter()).update(set(h.events[m].text))
+    return counts, n
+
+
+def signature(h: History, rng: np.random.Generator, item_users: dict[str, Counter], n_users: int,
+              max_items: int = 6, max_per_category: int = 2, max_words: int = 55) -> QA | None:
+    """What tells this user apart: the items it repeats that few other users have.
+
+    Each distinct text scores ``count x log((1 + n_users) / (1 + users with it))`` (tf-idf over users), so an
+    item every user has scores 0 and is never named. At most ``max_per_category`` items of one category, then
+    items are shed (lowest score first) until the answer fits ``max_words``. Every other topic asks about
+    amounts, times and counts, which an activity level largely answers; this one can only be told apart from
+    another user's answer by what the user's events are about, which is what scenario tasks hinge on.
+    None when nothing scores above 0.
+    """
+    scored = []
+    for i, m in enumerate(h.modalities):
+        users = item_users.get(m, Counter())
+        for text, k in Counter(h.seq(m).text).items():
+            score = k * math.log((1 + n_users) / (1 + users.get(text, 0)))
+            if score > 1e-9:
+                scored.append((-score, i, text, k))
+    per_category: Counter = Counter()
+    chosen = []
+    for _, i, text, k in sorted(scored):
+        cat = category(h.modalities[i], text)
+        if per_category[cat] < max_per_category:
+            per_category[cat] += 1
+            chosen.append((i, text, k))
+            if len(chosen) == max_items:
+                break
+    if not chosen:
+        return None
+    q = _ask(rng, SIGNATURE_QUESTIONS)
+    while True:
+        groups: dict[int, list[str]] = {}
+        for i, text, k in sorted(chosen, key=lambda c: c[0]):  # stable: score order within a modality
+            groups.setdefault(i, []).append(f"{text} (x{k})")
+        a = "Distinctive: " + "; ".join(f"{h.modalities[i]}: {', '.join(items)}" for i, items in groups.items()) + "."
+        if len(a.split()) <= max_words or len(chosen) == 1:
+            return QA(q, a, [Claim("item_count", k, h.modalities[i], text) for i, text, k in chosen])
+        chosen = chosen[:-1]
 
 
 def summarize(h: History) -> str:

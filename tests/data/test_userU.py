@@ -24,7 +24,16 @@ from qanchor.data.userU import (
     summarize_future,
     uqa_pairs,
 )
-from qanchor.data.userU_topics import DAY_US, TOPICS, Claim, History, category, verify
+from qanchor.data.userU_topics import (
+    DAY_US,
+    SIGNATURE_QUESTIONS,
+    TOPICS,
+    Claim,
+    History,
+    category,
+    signature,
+    verify,
+)
 from qanchor.data.validate import validate_dataset
 
 WINDOW = 30
@@ -266,3 +275,76 @@ def test_synthetic_users(tmp_path):
     table = pq.read_table(root / USERU_FILE)
     _check_future_against_data(root, _rows(table, "future")[:150])
     assert validate_dataset(root).n_userU_pairs == table.num_rows
+
+
+# ------------------------------------------------------------------------------------ signature pairs
+def _app_history(texts: list[str], cutoff_days: int = 100) -> History:
+    ts = np.arange(len(texts), dtype=np.int64) * DAY_US
+    n = len(texts)
+    return History({"app": EventSeq(ts, texts, np.full(n, np.nan, np.float32), np.zeros((n, 0), np.float32))},
+                   cutoff_days * DAY_US)
+
+
+def test_signature_names_what_few_users_share():
+    """tf-idf over users: an item every user has is never named, a rare repeated one comes first, counts are
+    recounted, one category holds at most two places, and the answer verifies."""
+    h = _app_history(["Opened Mail"] * 9 + ["Opened Chess"] * 3 + ["Installed Go"] * 2 + ["Opened Maps"] * 4
+                     + ["Opened Chat"] * 5)
+    item_users = {"app": Counter({"Opened Mail": 100, "Opened Chess": 2, "Installed Go": 5, "Opened Maps": 40,
+                                  "Opened Chat": 10})}
+    qa = signature(h, np.random.default_rng(0), item_users, n_users=100)
+    assert qa.question in SIGNATURE_QUESTIONS
+    # scores: chess 3*log(101/3)=10.6, chat 5*log(101/11)=11.1, go 2*log(101/6)=5.6, maps 4*log(101/41)=3.6;
+    # mail 9*log(101/101)=0 is never named, maps is the third "Opened" item (two per category)
+    assert qa.answer == "Distinctive: app: Opened Chat (x5), Opened Chess (x3), Installed Go (x2)."
+    assert verify(qa.claims, h, qa.answer)
+    assert [c.value for c in qa.claims] == [5, 3, 2] and all(c.metric == "item_count" for c in qa.claims)
+    everyone = {"app": Counter({t: 100 for t in set(h.all.text)})}
+    assert signature(h, np.random.default_rng(0), everyone, n_users=100) is None
+
+
+def test_signature_sheds_items_to_fit_the_word_budget():
+    texts = [f"Opened app number {i} with a rather long descriptive name" for i in range(6)]
+    h = _app_history([t for i, t in enumerate(texts) for _ in range(6 - i)])
+    qa = signature(h, np.random.default_rng(0), {"app": Counter()}, n_users=50, max_per_category=6, max_words=25)
+    assert len(qa.answer.split()) <= 25 and qa.answer.startswith("Distinctive: app: Opened app number 0 ")
+    assert len(qa.claims) == 2 and verify(qa.claims, h, qa.answer)
+
+
+def test_history_before_an_internal_cutoff():
+    h = _app_history(["a", "b", "c", "d"])
+    early = h.before(2 * DAY_US)
+    assert early.all.text == ["a", "b"] and early.cutoff_us == 2 * DAY_US and len(early.events["app"].extras) == 2
+    assert h.before(h.cutoff_us).all.text == h.all.text
+    with pytest.raises(ValueError, match="no later"):
+        h.before(h.cutoff_us + 1)
+
+
+def test_signature_pairs_in_build(built, tmp_path):
+    """signature=True adds verified pairs at the dataset cutoff and at each future cutoff, recounted from the
+    events before each pair's own cutoff, and leaves every other source's rows as they were."""
+    root, _, table = built
+    other = _copy(root, tmp_path / "sig")
+    stats = build_userU(other, seed=0, progress=False, signature=True)
+    with_sig = pq.read_table(other / USERU_FILE)
+    assert [r for r in with_sig.to_pylist() if r["source"] != "signature"] == table.to_pylist()
+    rows = _rows(with_sig, "signature")
+    assert stats.pairs["signature"] == len(rows) > 0 and stats.dropped_unverified == 0
+    ds = load_dataset(other)
+    future_cuts = {(r["user_id"], r["cutoff"]) for r in _rows(table, "future")}
+    item_users, n_users = Counter(), 0
+    for u in ds.users():
+        n_users += 1
+        item_users.update({(m, t) for m, s in u.events.items() for t in s.text if len(s)})
+    for r in rows:
+        assert r["cutoff"] == ds.manifest.cutoff or (r["user_id"], r["cutoff"]) in future_cuts
+        assert r["query"] in SIGNATURE_QUESTIONS and r["answer"].startswith("Distinctive: ")
+        c = int(np.datetime64(r["cutoff"].replace(tzinfo=None), "us").astype(np.int64))
+        events = ds.user(r["user_id"]).events
+        truth = Counter((m, t) for m, s in events.items() for t, ts in zip(s.text, s.ts) if ts < c)
+        items = [(grp.split(": ", 1)[0], text, int(k)) for grp in r["answer"][len("Distinctive: "):-1].split("; ")
+                 for text, k in re.findall(r"(.+?) \(x(\d+)\)(?:, |$)", grp.split(": ", 1)[1])]
+        assert items, r["answer"]
+        for m, text, k in items:
+            assert truth[(m, text)] == k, (r["answer"], m, text)
+            assert item_users[(m, text)] < n_users  # an item every user has carries no information
