@@ -101,7 +101,7 @@ class ModelConfig:
     preset: str | None = None  # name of a file in configs/model/ (or a path) merged under this section
     backbone: BackboneConfig = field(default_factory=BackboneConfig)
     user_encoder: UserEncoderConfig = field(default_factory=UserEncoderConfig)
-    projection_hidden: int = 512
+    projection_hidden: int = 512  # width of the MLP heads that map to the embedding space; 0 = linear heads
     embedding_dim: int = 128
     max_query_tokens: int = 64
     max_answer_tokens: int = 64
@@ -113,6 +113,11 @@ class ModelConfig:
     # What the backbone reads about the user: hierarchical user tokens (Q-Anchor), or the user's last
     # data.text_events events written as plain text (the TextN baseline of UQABench; 0 events = the prior).
     user_input: Literal["tokens", "text"] = "tokens"
+
+    def __post_init__(self) -> None:
+        if self.projection_hidden < 0 or self.embedding_dim < 1:
+            raise ConfigError(f"model.projection_hidden must be >= 0 (0 = linear heads) and model.embedding_dim >= 1, "
+                              f"got {self.projection_hidden} and {self.embedding_dim}")
 
 
 @dataclass

@@ -93,6 +93,14 @@ def _local_mean(total: torch.Tensor, count: torch.Tensor) -> torch.Tensor:
     return total / count.clamp_min(1)
 
 
+def _projection(in_dim: int, hidden: int, out_dim: int) -> nn.Sequential:
+    """The paper's MLP head (Linear, GELU, Linear); ``hidden`` 0 = one linear map, so the embedding is a linear
+    image of the anchor's hidden state and a linear probe can read from it whatever it could read from that state."""
+    if hidden == 0:
+        return nn.Sequential(nn.Linear(in_dim, out_dim))
+    return nn.Sequential(nn.Linear(in_dim, hidden), nn.GELU(), nn.Linear(hidden, out_dim))
+
+
 class QAnchorModel(nn.Module):
     def __init__(self, cfg: ModelConfig, manifest: Manifest, backbone: nn.Module, token_ids: TokenIds, text_dim: int, n_tabular: int,
                  tokenizer: object = None):
@@ -104,10 +112,9 @@ class QAnchorModel(nn.Module):
         hidden = backbone.get_input_embeddings().weight.shape[1]
         self.hidden_size = hidden
         self.user_encoder = HierarchicalUserEncoder(manifest, cfg.user_encoder, text_dim, hidden, n_tabular)
-        self.projection = nn.Sequential(nn.Linear(hidden, cfg.projection_hidden), nn.GELU(), nn.Linear(cfg.projection_hidden, cfg.embedding_dim))
+        self.projection = _projection(hidden, cfg.projection_hidden, cfg.embedding_dim)
         # The text tower's answers are frozen sentence vectors: a projection of their own maps them to the space.
-        self.answer_projection = (nn.Sequential(nn.Linear(text_dim, cfg.projection_hidden), nn.GELU(),
-                                                nn.Linear(cfg.projection_hidden, cfg.embedding_dim))
+        self.answer_projection = (_projection(text_dim, cfg.projection_hidden, cfg.embedding_dim)
                                   if cfg.answer_tower == "text_encoder" else None)
 
     # ------------------------------------------------------------------------------ building blocks

@@ -274,3 +274,21 @@ def test_answer_bank_needs_the_text_tower():
     with pytest.raises(ConfigError, match="loss.answer_bank must be >= 0"):
         tiny_cfg(["model.answer_tower=text_encoder", "loss.answer_bank=-1"])
     assert tiny_cfg(["model.answer_tower=text_encoder", "loss.answer_bank=64"]).loss.answer_bank == 64
+
+
+def test_projection_hidden_zero_makes_linear_heads(tiny_dataset, tmp_path):
+    """model.projection_hidden=0: both heads are one linear map, so the embedding is normalize(W h + b) of the
+    anchor's hidden state; the default keeps the paper's MLP; a negative width is a config error."""
+    ds_dir = tmp_path / "ds"
+    shutil.copytree(tiny_dataset, ds_dir, ignore=shutil.ignore_patterns(".qanchor_cache"))
+    model, *_ = model_and_stream(ds_dir, tiny_cfg(["model.answer_tower=text_encoder", "model.projection_hidden=0"]))
+    for head in (model.projection, model.answer_projection):
+        assert len(head) == 1 and isinstance(head[0], torch.nn.Linear)
+    assert model.projection[0].weight.shape == (128, model.hidden_size)
+    h = torch.randn(5, model.hidden_size)
+    expected = torch.nn.functional.normalize(h @ model.projection[0].weight.T + model.projection[0].bias, dim=-1)
+    assert torch.allclose(model.project(h), expected, atol=1e-6)
+    default, *_ = model_and_stream(ds_dir, tiny_cfg(["model.answer_tower=text_encoder"]))
+    assert [type(m) for m in default.projection] == [torch.nn.Linear, torch.nn.GELU, torch.nn.Linear]
+    with pytest.raises(ConfigError, match="projection_hidden"):
+        tiny_cfg(["model.projection_hidden=-1"])
