@@ -17,7 +17,7 @@ whose window is empty are kept (an inactive month is exactly what churn-like tas
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 
 import numpy as np
 
@@ -30,13 +30,10 @@ def _label(cat: str) -> str:
     return cat.split("/", 1)[1] or cat
 
 
-def category_vocabulary(histories: Iterable[History]) -> dict[str, list[str]]:
-    """Per modality, every category (``category(m, text)``) any user touched: the pool of first-time questions."""
-    vocab: dict[str, set[str]] = {}
-    for h in histories:
-        for m in h.modalities:
-            vocab.setdefault(m, set()).update(category(m, t) for t in set(h.events[m].text))
-    return {m: sorted(v) for m, v in vocab.items()}
+def category_vocabulary(texts: Mapping[str, Iterable[str]]) -> dict[str, list[str]]:
+    """Per modality, every category (``category(m, text)``) of the texts users touched: the pool of first-time
+    questions. ``texts``: modality -> texts (e.g. :func:`~qanchor.data.userU_topics.item_user_counts`'s keys)."""
+    return {m: sorted({category(m, t) for t in ts}) for m, ts in texts.items()}
 
 
 def _window(h: History, m: str, lo: int, hi: int) -> tuple[np.ndarray, list[str], np.ndarray]:

@@ -36,7 +36,7 @@ from __future__ import annotations
 import logging
 import time
 import zlib
-from collections import Counter, defaultdict
+from collections import Counter
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta, timezone
 from itertools import compress
@@ -48,7 +48,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from qanchor.data.dataset import load_dataset
-from qanchor.data.forecast import forecast_pairs
+from qanchor.data.forecast import category_vocabulary, forecast_pairs
 from qanchor.data.io import write_parquet
 from qanchor.data.schema import TS_TYPE, USERU_FILE, USERU_SCHEMA
 from qanchor.data.userU_topics import (
@@ -59,6 +59,7 @@ from qanchor.data.userU_topics import (
     Claim,
     History,
     category,
+    item_groups,
     item_user_counts,
     summarize,
     verify,
@@ -131,7 +132,7 @@ def build_userU(dataset_dir: str | Path, seed: int = 0, n_future_cutoffs: int = 
     # modality's category vocabulary (the pool of forecast's first-time questions)
     item_users, n_users = (item_user_counts(History(u.events, cutoff_us, extra_names) for u in ds.users())
                            if forecast or signature else ({}, 0))
-    vocab = {m: sorted({category(m, t) for t in texts}) for m, texts in item_users.items()} if forecast else {}
+    vocab = category_vocabulary(item_users) if forecast else {}
     for user in progress_iter(ds.users(), total=ds.num_users, desc="userU", unit="user", enabled=progress):
         h = History(user.events, cutoff_us, extra_names)
         rng_future, rng_uqa = (np.random.default_rng([seed, zlib.crc32(user.user_id.encode()), s]) for s in (0, 1))
@@ -207,10 +208,7 @@ def summarize_future(h: History, start_us: int, window_days: int) -> str | None:
         return None
     chosen = _diverse_top(counts, h.modalities)
     while True:
-        groups: dict[int, list[str]] = defaultdict(list)
-        for (i, text), k in sorted(chosen, key=lambda item: item[0][0]):  # stable: frequency order per modality
-            groups[i].append(f"{text} (x{k})")
-        body = "; ".join(f"{h.modalities[i]}: {', '.join(items)}" for i, items in groups.items())
+        body = item_groups([(i, text, k) for (i, text), k in chosen], h.modalities)  # frequency order per modality
         day_word = "active day" if len(days) == 1 else "active days"
         answer = f"Next {window_days} days: {body}; {len(days)} {day_word}."
         if len(answer.split()) <= MAX_WORDS or len(chosen) == 1:

@@ -32,7 +32,7 @@ import numpy as np
 from qanchor.data.dataset import EventSeq
 
 __all__ = ["BUCKETS", "DAY_US", "Claim", "QA", "History", "METRICS", "SIGNATURE_QUESTIONS", "TOPICS", "TOPIC_BRIEFS",
-           "category", "item_user_counts", "signature", "verify", "summarize"]
+           "category", "item_groups", "item_user_counts", "signature", "verify", "summarize"]
 
 DAY_US = 86_400_000_000
 _WEEK_US, _HOUR_US = 7 * DAY_US, 3_600_000_000
@@ -412,6 +412,15 @@ TOPIC_BRIEFS = {
 }
 
 
+def item_groups(items: list[tuple[int, str, int]], modalities: list[str]) -> str:
+    """``(modality index, text, count)`` as ``"bill: A (x5), B (x2); app: C (x1)"``: groups in manifest order,
+    items in the given order within each group."""
+    groups: dict[int, list[str]] = {}
+    for i, text, k in sorted(items, key=lambda item: item[0]):  # stable
+        groups.setdefault(i, []).append(f"{text} (x{k})")
+    return "; ".join(f"{modalities[i]}: {', '.join(texts)}" for i, texts in groups.items())
+
+
 SIGNATURE_QUESTIONS = ("What sets this user apart from other users?", "What is distinctive about this user's activity?",
                        "Which items characterise this user?")
 
@@ -458,10 +467,7 @@ def signature(h: History, rng: np.random.Generator, item_users: dict[str, Counte
         return None
     q = _ask(rng, SIGNATURE_QUESTIONS)
     while True:
-        groups: dict[int, list[str]] = {}
-        for i, text, k in sorted(chosen, key=lambda c: c[0]):  # stable: score order within a modality
-            groups.setdefault(i, []).append(f"{text} (x{k})")
-        a = "Distinctive: " + "; ".join(f"{h.modalities[i]}: {', '.join(items)}" for i, items in groups.items()) + "."
+        a = f"Distinctive: {item_groups(chosen, h.modalities)}."
         if len(a.split()) <= max_words or len(chosen) == 1:
             return QA(q, a, [Claim("item_count", k, h.modalities[i], text) for i, text, k in chosen])
         chosen = chosen[:-1]
