@@ -119,7 +119,7 @@ class BenchContext:
 
     @cached_property
     def peer_features(self) -> PeerFeatures:
-        cache = self.text_cache if {"text_mean_lr", "union_lgbm"} & set(self.cfg.methods) else None
+        cache = self.text_cache if {"text_mean_lr", "union_lgbm", "union_lr"} & set(self.cfg.methods) else None
         with self._timed("peer features"):
             return extract_features(self.ds, self.user_ids, cache, self.progress)
 
@@ -261,6 +261,19 @@ def _union_lgbm(ctx: BenchContext, task: Task) -> MethodInput:
                        note="RFM / counts + tabular + mean event-text vector, LightGBM")
 
 
+def _union_lr(ctx: BenchContext, task: Task) -> MethodInput:
+    feats = ctx.peer_features
+    rows = feats.rows(task.user_ids)
+    return MethodInput(features=np.concatenate([feats.rfm_log[rows], feats.text_mean[rows]], axis=1), classifier=Classifier.LR,
+                       note="signed-log RFM / counts + tabular and the mean event-text vector, the LR probe")
+
+
+def _rfm_lr(ctx: BenchContext, task: Task) -> MethodInput:
+    feats = ctx.peer_features
+    return MethodInput(features=feats.rfm_log[feats.rows(task.user_ids)], classifier=Classifier.LR,
+                       note="signed-log RFM / counts + tabular, the LR probe")
+
+
 def _rfm_lgbm(ctx: BenchContext, task: Task) -> MethodInput:
     feats = ctx.peer_features
     return MethodInput(features=feats.rfm[feats.rows(task.user_ids)], classifier=Classifier.LGBM)
@@ -285,6 +298,8 @@ METHODS: dict[str, Callable[..., MethodInput]] = {
     "qanchor_head_lr": _qanchor_head_lr,
     "union_lgbm": _union_lgbm,
     "rfm_lgbm": _rfm_lgbm,
+    "union_lr": _union_lr,
+    "rfm_lr": _rfm_lr,
     "text_mean_lr": _text_mean_lr,
     "coles": _coles,
 }

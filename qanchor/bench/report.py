@@ -37,6 +37,8 @@ METHOD_LABELS = {
     "rfm_lgbm": "RFM + counts + LightGBM",
     "text_mean_lr": "mean event-text vector + LR",
     "union_lgbm": "RFM + counts + tabular + mean text vector + LightGBM",
+    "rfm_lr": "signed-log RFM + counts + LR",
+    "union_lr": "signed-log RFM + counts + tabular + mean text vector + LR",
     "coles": "CoLES (pytorch-lifestream) + LR",
     "no_contrastive": "pretrained without contrastive loss (NTP only), task query + LR",
     "no_ntp": "pretrained without next-token loss (contrastive only), task query + LR",
@@ -163,8 +165,10 @@ _NOTES = """## How to read this
   the representation, separately from the prototype scorer.
 - `rfm_lgbm`: recency / frequency / monetary statistics and counts per modality (plus tabular columns) with
   LightGBM; `text_mean_lr`: the mean event-text vector (frozen sentence encoder) with logistic regression;
-  `union_lgbm`: the strongest peer, LightGBM on the union of the RFM / count / tabular features and the mean
-  text vector;
+  `union_lgbm`: LightGBM on the union of the RFM / count / tabular features and the mean text vector;
+  `rfm_lr` and `union_lr`: the same features through the logistic regression every embedding row uses, after a
+  signed log (sign(x) log(1 + |x|): counts and amounts are heavy-tailed); on a few thousand users these linear
+  peers are often stronger than the trees;
   `coles`: CoLES (contrastive self-supervised GRU over the event sequence, pytorch-lifestream) trained on
   every user's events before the cutoff without labels, then logistic regression.
 - Every logistic regression standardises its inputs and picks its L2 strength (C in 0.01, 0.1, 1) by a 3-fold

@@ -127,7 +127,7 @@ class BenchConfig:
     generic_query: str = "What kind of user is this?"  # the static-embedding baseline's one query
     methods: list[str] = field(default_factory=lambda: ["qanchor_task", "qanchor_generic", "qanchor_swapped_query",
                                                         "qanchor_random_init", "qanchor_head", "qanchor_head_lr", "rfm_lgbm",
-                                                        "text_mean_lr", "union_lgbm", "coles"])
+                                                        "rfm_lr", "text_mean_lr", "union_lgbm", "union_lr", "coles"])
     heads_dir: str | None = None  # `qanchor prompt-tune` output_dir, for the before / after tuning PCA plot
     ablations: bool = False  # retrain ablated models under <output_dir>/ablations/ (slow: pretraining runs)
     output_dir: str = "results/bench"

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from qanchor.bench.features import extract_features, modality_feature_names, modality_features
+from qanchor.bench.features import extract_features, modality_feature_names, modality_features, signed_log
 from qanchor.config import DataConfig
 from qanchor.data.dataset import EventSeq, load_dataset
 from qanchor.data.packing import UserPacker
@@ -38,6 +38,13 @@ def test_no_events_zero_counts_undefined_recency():
     assert np.isnan(f["m_recency_days"]) and np.isnan(f["m_value_mean"])
 
 
+def test_signed_log_by_hand_keeps_nan_and_sign():
+    x = np.array([[0.0, 9.0, -99.0, np.nan]], np.float32)
+    out = signed_log(x)
+    assert out.dtype == np.float32 and out[0, 0] == 0 and np.isnan(out[0, 3])
+    assert out[0, 1] == pytest.approx(np.log(10)) and out[0, 2] == pytest.approx(-np.log(100))
+
+
 def test_extract_on_tiny_dataset(tiny_dataset, tmp_path):
     ds = load_dataset(tiny_dataset, cache_dir=tmp_path / "cache")
     cache = TextVectorCache(tmp_path / "text", HashEncoder())
@@ -53,6 +60,9 @@ def test_extract_on_tiny_dataset(tiny_dataset, tmp_path):
     assert feats.rfm[u1, col["search_count"]] == 0 and feats.rfm[u2, col["search_count"]] == 2  # odd users lack search
     assert feats.rfm[u1, col["bill_count"]] == 6 + 1 % 5 and feats.rfm[u1, col["app_count"]] == 3
     assert feats.rfm[u2, col["tab_income"]] == pytest.approx(ds.user("u002").tabular[1])
+    log = feats.rfm_log  # the linear peers' input: same NaN cells, each value sign(x) log(1 + |x|)
+    assert np.array_equal(np.isnan(log), np.isnan(feats.rfm))
+    assert log[u1, col["bill_count"]] == pytest.approx(np.log1p(7))
     record = ds.user("u003")
     texts = [t for s in record.events.values() for t in s.text]
     assert np.allclose(feats.text_mean[feats.rows(["u003"])[0]], cache.vectors[cache.rows(texts)].mean(0))

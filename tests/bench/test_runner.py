@@ -8,10 +8,13 @@ import json
 import numpy as np
 import pytest
 
+from qanchor.bench.features import extract_features, signed_log
+from qanchor.bench.peers import Classifier, MethodInput, evaluate_folds, stratified_folds
 from qanchor.bench.plots import write_plots
 from qanchor.bench.report import average_table, write_report, write_results
 from qanchor.bench.runner import prepare, run_bench
 from qanchor.config import BenchConfig, DataConfig
+from qanchor.data.dataset import load_dataset
 from qanchor.errors import ConfigError
 from qanchor.tune.head import HeadEntry
 from tests.bench.helpers import FakeEmbedder, FakeHead
@@ -20,7 +23,7 @@ from tests.bench.helpers import FakeEmbedder, FakeHead
 def _cfg(tiny_dataset, tmp_path, **kw) -> BenchConfig:
     base = dict(data=DataConfig(path=str(tiny_dataset)), folds=3, output_dir=str(tmp_path / "out"),
                 methods=["qanchor_task", "qanchor_generic", "qanchor_swapped_query", "qanchor_head", "rfm_lgbm",
-                         "union_lgbm", "coles"])
+                         "rfm_lr", "union_lgbm", "union_lr", "coles"])
     return BenchConfig(**{**base, **kw})
 
 
@@ -58,6 +61,22 @@ def test_task_query_beats_generic_and_swapped_and_head_needs_a_model(bench):
     assert task > churn.methods["qanchor_swapped_query"].auc_mean_std[0] + 0.1  # the fake's signal is in its own query
     assert churn.methods["qanchor_head"].skipped.startswith("per-fold heads need a real checkpoint")
     assert churn.methods["union_lgbm"].ok
+
+
+def test_linear_peers_are_the_lr_probe_on_signed_log_features(bench, tiny_dataset, tmp_path):
+    """rfm_lr / union_lr: exactly the LR probe on signed-log RFM features (and the text mean), same folds."""
+    cfg, result, _, _ = bench
+    _, tasks = prepare(cfg)
+    churn = next(t for t in tasks if t.name == "churn")
+    feats = extract_features(load_dataset(tiny_dataset, cache_dir=tmp_path / "cache"), churn.user_ids, None)
+    rows = feats.rows(churn.user_ids)
+    folds = stratified_folds(churn.labels, 3, cfg.seed)
+    rfm = evaluate_folds(MethodInput(features=signed_log(feats.rfm[rows]), classifier=Classifier.LR), churn.labels, folds,
+                         cfg.seed)
+    got = result.tasks["churn"].methods
+    assert got["rfm_lr"].auc == pytest.approx(rfm.auc) and got["rfm_lr"].ks == pytest.approx(rfm.ks)
+    assert got["union_lr"].ok and len(got["union_lr"].auc) == 3
+    assert got["rfm_lr"].auc != pytest.approx(got["rfm_lgbm"].auc)  # a different classifier, not an alias
 
 
 def test_coles_runs_or_says_why(bench):
