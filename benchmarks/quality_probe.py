@@ -9,7 +9,10 @@ by inner CV: the same ``evaluate_folds`` as ``qanchor bench``) of:
   query matters);
 - ``hidden``: the pre-projection hidden state at ``<|user_emb|>`` under the task query (does the projection
   lose what the LLM holds?);
-- ``seen_text_mean``: the mean text vector of exactly the events the model saw (its raw input, no model).
+- ``seen_text_mean``: the mean text vector of exactly the events the model saw (its raw input, no model);
+- ``input_profile``: the statistics of the same input (each modality's window statistics: log count, newest and
+  oldest age, mean numeric features; the tabular values and missing flags), no model: what the embedding should
+  at least keep.
 
 Geometry: the share of variance on the embedding's top principal component, its correlation with
 log(1 + events kept), and the effective rank (a collapsed embedding is one number: the user's activity).
@@ -49,7 +52,7 @@ from qanchor.model.prefix_cache import anchor_hidden, encode_prefixes  # noqa: E
 from qanchor.train.pairs import PretrainStream  # noqa: E402
 from qanchor.train.pretrain import answer_cache  # noqa: E402
 
-KEYS = ("task", "generic", "swapped", "hidden", "seen_text_mean")
+KEYS = ("task", "generic", "swapped", "hidden", "seen_text_mean", "input_profile")
 
 
 def _mean(xs) -> float:
@@ -59,13 +62,16 @@ def _mean(xs) -> float:
 
 @torch.inference_mode()
 def embed_all(q: QAnchor, ds, user_ids, queries: list[str], chunk: int = 128):
-    """(U, Q, H) hidden, (U, Q, D) embeddings, (U, T) seen-text mean, (U,) events kept; rows in ``user_ids`` order."""
+    """(U, Q, H) hidden, (U, Q, D) embeddings, (U, T) seen-text mean, (U, P) input profile, (U,) events kept; rows
+    in ``user_ids`` order."""
     suffixes = q.suffixes([(x, None) for x in queries])
     cutoff_us = q.cutoff_us(ds.manifest.cutoff)
-    hid, emb, seen, kept, ids = [], [], [], [], []
+    hid, emb, seen, profile, kept, ids = [], [], [], [], [], []
     for records in batched(ds.users(user_ids), chunk):
         packed = q.pack(records, cutoff_us)
-        prefix = encode_prefixes(q.model, q.pipeline.collate(packed))
+        users = q.pipeline.collate(packed)
+        profile.append(q.model.user_encoder.profile(users).numpy())
+        prefix = encode_prefixes(q.model, users)
         b, r = len(records), len(suffixes)
         h = anchor_hidden(q.model, prefix, torch.arange(b).repeat_interleave(r), [s for _ in range(b) for s in suffixes])
         hid.append(h.view(b, r, -1).float().numpy())
@@ -75,7 +81,8 @@ def embed_all(q: QAnchor, ds, user_ids, queries: list[str], chunk: int = 128):
         ids += [r.user_id for r in records]
     order = {u: i for i, u in enumerate(ids)}
     idx = [order[u] for u in user_ids]
-    return np.concatenate(hid)[idx], np.concatenate(emb)[idx], np.stack(seen)[idx], np.asarray(kept)[idx]
+    return (np.concatenate(hid)[idx], np.concatenate(emb)[idx], np.stack(seen)[idx], np.concatenate(profile)[idx],
+            np.asarray(kept)[idx])
 
 
 def probe(features: np.ndarray, labels: np.ndarray, folds) -> tuple[float, float]:
@@ -121,7 +128,7 @@ def run_probe(checkpoint: str, data: str, generic_query: str, folds: int = 5, se
     q = QAnchor.from_pretrained(checkpoint, text_cache_dir=ds.text_cache_dir)
     q.model.eval()
     queries = [t.query for t in tasks] + [generic_query]
-    hid, emb, seen, kept = embed_all(q, ds, user_ids, queries)
+    hid, emb, seen, profile, kept = embed_all(q, ds, user_ids, queries)
     per = {}
     for i, t in enumerate(tasks):
         r = np.fromiter((row[u] for u in t.user_ids), np.int64)
@@ -129,7 +136,7 @@ def run_probe(checkpoint: str, data: str, generic_query: str, folds: int = 5, se
         f = fold_of[t.name]
         per[t.name] = {"task": probe(emb[r, i], t.labels, f), "generic": probe(emb[r, -1], t.labels, f),
                        "swapped": probe(emb[r, other], t.labels, f), "hidden": probe(hid[r, i], t.labels, f),
-                       "seen_text_mean": probe(seen[r], t.labels, f)}
+                       "seen_text_mean": probe(seen[r], t.labels, f), "input_profile": probe(profile[r], t.labels, f)}
     out: dict = {"checkpoint": checkpoint, "data": data, "tasks": [t.name for t in tasks]}
     for key in KEYS:
         out[key] = {"auc": _mean(v[key][0] for v in per.values()), "ks": _mean(v[key][1] for v in per.values())}

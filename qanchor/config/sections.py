@@ -94,6 +94,16 @@ class UserEncoderConfig:
     # Modality tokens from the raw text-vector mean + window statistics ("text", the authors' choice) or from
     # the mean of the adapted event tokens ("tokens"); see qanchor.model.user_encoder.
     summary_input: Literal["text", "tokens"] = "text"
+    # The modality token's statistics: "basic" (log count, newest / oldest age, mean numeric features) or "rfm"
+    # (those plus recency / frequency / monetary statistics of the kept events: counts in the last 7 / 30 / 90
+    # days, active days, distinct texts, value sum / max / std; see user_encoder.window_rfm), standardised on
+    # the training users. Only with summary_input="text".
+    summary_stats: Literal["basic", "rfm"] = "basic"
+
+    def __post_init__(self) -> None:
+        if self.summary_stats == "rfm" and self.summary_input != "text":
+            raise ConfigError('model.user_encoder.summary_stats="rfm" needs summary_input="text" (the statistics feed '
+                              'the modality token built from the raw text mean)')
 
 
 @dataclass
@@ -138,8 +148,14 @@ class LossConfig:
     # distinction a query-conditioned embedding exists to make; answers to other queries are told apart by the
     # query alone).
     answer_bank_scope: Literal["all", "same_query"] = "all"
+    # A linear decoder from the embedding to the user's standardised input profile (each modality's window
+    # statistics, the tabular values), trained with this weight on the mean squared error: pretraining must not
+    # squeeze out what the user's own counts say. 0 = off (no decoder is built).
+    profile_weight: float = 0.0
 
     def __post_init__(self) -> None:
+        if self.profile_weight < 0:
+            raise ConfigError(f"loss.profile_weight must be >= 0 (got {self.profile_weight})")
         if self.temperature <= 0:
             raise ConfigError("loss.temperature must be > 0")
         if self.answer_bank < 0:

@@ -52,6 +52,7 @@ class QAnchorOutput:
     loss: torch.Tensor
     loss_contrastive: torch.Tensor
     loss_ntp: torch.Tensor
+    loss_profile: torch.Tensor  # zero when loss.profile_weight is 0
 
 
 class AnswerBank:
@@ -101,9 +102,36 @@ def _projection(in_dim: int, hidden: int, out_dim: int) -> nn.Sequential:
     return nn.Sequential(nn.Linear(in_dim, hidden), nn.GELU(), nn.Linear(hidden, out_dim))
 
 
+class ProfileDecoder(nn.Module):
+    """Embedding (N, D) -> the user's standardised input profile (N, P), a training aid (``loss.profile_weight``).
+
+    Linear, so whatever it decodes a linear probe on the embedding can read too. It reads the unit embedding
+    times sqrt(D), components of order 1 like its standardised targets: from the unit vector (components ~D^-1/2)
+    a default-initialised layer would need weights ~10x larger, which a few hundred steps never reach. The
+    profile's mean and std are set from training users before pretraining (:meth:`set_stats`) and saved with
+    the weights.
+    """
+
+    def __init__(self, embedding_dim: int, width: int):
+        super().__init__()
+        self.linear = nn.Linear(embedding_dim, width)
+        self.register_buffer("mean", torch.zeros(width))
+        self.register_buffer("std", torch.ones(width))
+
+    def set_stats(self, mean: torch.Tensor, std: torch.Tensor) -> None:
+        self.mean.copy_(mean)
+        self.std.copy_(std)
+
+    def loss_sum(self, embedding: torch.Tensor, profile: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Sum over rows of the per-row mean squared error, and the row count (for a global mean across ranks)."""
+        target = (profile.float() - self.mean) / self.std
+        err = (self.linear(embedding.float() * embedding.shape[-1] ** 0.5) - target).pow(2).mean(-1)  # (N,)
+        return err.sum(), torch.tensor(float(len(err)), device=err.device)
+
+
 class QAnchorModel(nn.Module):
     def __init__(self, cfg: ModelConfig, manifest: Manifest, backbone: nn.Module, token_ids: TokenIds, text_dim: int, n_tabular: int,
-                 tokenizer: object = None):
+                 tokenizer: object = None, profile_decoder: bool = False):
         super().__init__()
         self.cfg, self.manifest, self.token_ids = cfg, manifest, token_ids
         self.tokenizer = tokenizer  # only a text-prefix model (user_input=text) tokenises inside forward
@@ -116,6 +144,8 @@ class QAnchorModel(nn.Module):
         # The text tower's answers are frozen sentence vectors: a projection of their own maps them to the space.
         self.answer_projection = (_projection(text_dim, cfg.projection_hidden, cfg.embedding_dim)
                                   if cfg.answer_tower == "text_encoder" else None)
+        self.profile_decoder = (ProfileDecoder(cfg.embedding_dim, self.user_encoder.profile_width())
+                                if profile_decoder else None)
 
     # ------------------------------------------------------------------------------ building blocks
     @property
@@ -246,8 +276,14 @@ class QAnchorModel(nn.Module):
                 answer_bank.push(gather(batch.answer_vec.float()).detach(), hashes,
                                  None if batch.query_hash is None else gather(batch.query_hash))
         terms = combine(cl, ntp, loss_cfg.ntp_weight)
-        return QAnchorOutput(anchor, answer_emb, terms.total,
-                             terms.contrastive if cl is not None else zero, terms.ntp if ntp is not None else zero)
+        total, profile = terms.total, zero
+        if loss_cfg.profile_weight > 0:
+            if self.profile_decoder is None:
+                raise ValueError("loss.profile_weight > 0 needs a model built with its profile decoder")
+            profile = normalise(*self.profile_decoder.loss_sum(anchor, self.user_encoder.profile(batch.users)))
+            total = total + loss_cfg.profile_weight * profile
+        return QAnchorOutput(anchor, answer_emb, total, terms.contrastive if cl is not None else zero,
+                             terms.ntp if ntp is not None else zero, profile)
 
     def _project_answer_vec(self, answer_vec: torch.Tensor) -> torch.Tensor:
         """Text tower: frozen sentence vectors (N, T) -> (N, D) unit vectors."""

@@ -31,7 +31,7 @@ from qanchor.data.manifest import Manifest
 from qanchor.data.packing import AGE_FEATURE, BASE_NUMERIC_FEATURES, numeric_width
 
 __all__ = ["Adapter", "EventAdapter", "TabularEncoder", "ModalityEncoding", "UserTokens", "HierarchicalUserEncoder",
-           "window_summary", "SUMMARY_STATS"]
+           "window_summary", "window_rfm", "SUMMARY_STATS", "RFM_STATS"]
 
 
 class Adapter(nn.Sequential):
@@ -91,6 +91,51 @@ def window_summary(text_vec: torch.Tensor, numeric: torch.Tensor, mask: torch.Te
     return mean_text, torch.cat([torch.log1p(count) / 3, newest, oldest, base], dim=-1)
 
 
+RFM_STATS = 10  # window_rfm's statistics
+_RFM_WINDOWS_DAYS = (7.0, 30.0, 90.0)
+
+
+def _signed_log(x: torch.Tensor) -> torch.Tensor:
+    return torch.sign(x) * torch.log1p(x.abs())
+
+
+def window_rfm(text_vec: torch.Tensor, numeric: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Recency / frequency / monetary statistics of a modality's kept events: (B, E, T), (B, E, F), (B, E) -> (B, 10).
+
+    What a practitioner computes from a log, here over the events the model keeps (so a daily update, which keeps
+    the same rolling window, computes them alike): log1p of the events in the last 7 / 30 / 90 days, of the active
+    days, of the events per active day and of the distinct event texts; signed logs of the value sum, maximum,
+    standard deviation and sum over the last 30 days (raw values, missing ones left out). Days count back from
+    the cutoff, recovered from the age feature.
+    """
+    w = mask.to(numeric.dtype)  # (B, E)
+    age_days = torch.expm1(numeric[..., AGE_FEATURE].clamp_min(0) * 5.0)  # (B, E), inverts log1p(days) / 5
+    windows = [torch.log1p(((age_days <= d).to(w.dtype) * w).sum(1)) for d in _RFM_WINDOWS_DAYS]  # 3 x (B,)
+    # Active days: distinct day indices among kept events (+1e-3 day absorbs float error at exact midnights).
+    day = torch.floor(age_days + 1e-3).masked_fill(~mask, -1.0)  # (B, E)
+    ordered = day.sort(dim=1).values
+    starts = torch.cat([ordered[:, :1] >= 0, (ordered[:, 1:] != ordered[:, :-1]) & (ordered[:, 1:] >= 0)], dim=1)
+    active = starts.to(w.dtype).sum(1)  # (B,)
+    count = w.sum(1)
+    # Distinct texts: an event counts unless an earlier kept event has the same text vector.
+    same = torch.cdist(text_vec.float(), text_vec.float()) < 1e-4  # (B, E, E)
+    same = same & mask[:, :, None] & mask[:, None, :]
+    earlier = torch.ones_like(same[0]).tril(diagonal=-1)  # (E, E): j < i
+    distinct = (mask & ~(same & earlier).any(-1)).to(w.dtype).sum(1)  # (B,)
+    known = mask & (numeric[..., 1] < 0.5)  # the value-missing flag
+    raw = torch.where(known, torch.sign(numeric[..., 0]) * torch.expm1(numeric[..., 0].abs()), 0.0)  # (B, E)
+    n_known = known.to(w.dtype).sum(1)
+    total = raw.sum(1)
+    mean = total / n_known.clamp_min(1.0)
+    std = torch.sqrt(((raw - mean[:, None]) ** 2 * known).sum(1) / n_known.clamp_min(1.0))
+    peak = raw.masked_fill(~known, float("-inf")).max(1).values
+    peak = torch.where(n_known > 0, peak, 0.0)
+    recent = (raw * (age_days <= 30.0)).sum(1)
+    stats = [*windows, torch.log1p(active), torch.log1p(count / active.clamp_min(1.0)), torch.log1p(distinct),
+             _signed_log(total), _signed_log(peak), _signed_log(std), _signed_log(recent)]
+    return torch.stack(stats, dim=-1)  # (B, 10)
+
+
 class TabularEncoder(nn.Module):
     """Normalised values with missing-value flags -> ``n_tokens`` tokens of width ``hidden``."""
 
@@ -138,12 +183,14 @@ class HierarchicalUserEncoder(nn.Module):
         self.sequence_names = [m.name for m in manifest.sequence_modalities]
         self.tabular_name = manifest.tabular.name if manifest.tabular is not None else None
         self.summary_input = cfg.summary_input
+        self.summary_stats = cfg.summary_stats
+        self.summary_width = SUMMARY_STATS + (RFM_STATS if cfg.summary_stats == "rfm" else 0)
         self.event_adapters = nn.ModuleDict({m.name: EventAdapter(text_dim, numeric_width(m), cfg.adapter_hidden, hidden,
                                                                   cfg.dropout) for m in manifest.sequence_modalities})
         self.tabular = (
             TabularEncoder(n_tabular, cfg.tabular_tokens, cfg.adapter_hidden, hidden, cfg.dropout) if self.tabular_name else None
         )
-        self.modal_adapter = (EventAdapter(text_dim, SUMMARY_STATS, cfg.adapter_hidden, hidden, cfg.dropout)
+        self.modal_adapter = (EventAdapter(text_dim, self.summary_width, cfg.adapter_hidden, hidden, cfg.dropout)
                               if cfg.summary_input == "text" else Adapter(hidden, cfg.adapter_hidden, hidden, cfg.dropout))
         self.user_adapter = Adapter(hidden, cfg.adapter_hidden, hidden, cfg.dropout)
         self.empty = nn.Parameter(torch.randn(len(self.names), hidden) * 0.02)  # one per modality
@@ -172,8 +219,7 @@ class HierarchicalUserEncoder(nn.Module):
         if name == self.tabular_name:
             summary = self.masked_mean(tokens, mask)  # the tabular tokens are already adapted
         elif self.summary_input == "text":
-            mb = batch.modalities[name]
-            summary = self.modal_adapter(*window_summary(mb.text_vec, mb.numeric, mask))  # (B, H)
+            summary = self.modal_adapter(*self.summary_inputs(name, batch))  # (B, H)
         else:
             summary = self.modal_adapter(self.masked_mean(tokens, mask))  # (B, H)
         empty = self.empty[self.names.index(name)].to(summary.dtype)
@@ -187,3 +233,25 @@ class HierarchicalUserEncoder(nn.Module):
 
     def forward(self, batch: UserBatch) -> UserTokens:
         return self.tokens_from_encodings([self.encode_modality(name, batch) for name in self.names])
+
+    def summary_inputs(self, name: str, batch: UserBatch) -> tuple[torch.Tensor, torch.Tensor]:
+        """Sequence modality ``name``'s raw summary: mean text vector (B, T) and statistics (B, summary_width):
+        :func:`window_summary`'s, then with ``summary_stats="rfm"`` :func:`window_rfm`'s."""
+        mb = batch.modalities[name]
+        mean_text, stats = window_summary(mb.text_vec, mb.numeric, mb.mask)
+        if self.summary_stats == "rfm":
+            stats = torch.cat([stats, window_rfm(mb.text_vec, mb.numeric, mb.mask)], dim=-1)
+        return mean_text, stats
+
+    def profile(self, batch: UserBatch) -> torch.Tensor:
+        """The user's input profile, (B, P): each sequence modality's summary statistics (:meth:`summary_inputs`),
+        then the tabular values standardised as the tabular encoder sees them and their missing flags."""
+        parts = [self.summary_inputs(n, batch)[1] for n in self.sequence_names]  # M x (B, S)
+        if self.tabular is not None:
+            tab = self.tabular
+            z = ((batch.tabular - tab.mean) / tab.std).clamp(-10, 10).masked_fill(batch.tabular_missing, 0.0)
+            parts += [z, batch.tabular_missing.to(z.dtype)]
+        return torch.cat(parts, dim=-1)
+
+    def profile_width(self) -> int:
+        return len(self.sequence_names) * self.summary_width + (2 * self.tabular.mean.numel() if self.tabular is not None else 0)

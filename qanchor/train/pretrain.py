@@ -31,7 +31,7 @@ from qanchor.config import PretrainConfig, require
 from qanchor.data.dataset import Dataset, load_dataset
 from qanchor.data.io import OutputKind, check_output_dir, claim_output_dir, write_text
 from qanchor.data.packing import numeric_stats, tabular_stats
-from qanchor.data.pipeline import UserPipeline, check_caps
+from qanchor.data.pipeline import UserPipeline, batched, check_caps
 from qanchor.data.schema import USERU_FILE
 from qanchor.data.text_cache import SentenceEncoder, TextVectorCache
 from qanchor.errors import CheckpointError, ConfigError, DataValidationError
@@ -129,7 +129,8 @@ def run_pretrain(cfg: PretrainConfig, progress: bool = True) -> Path:
         claim_output_dir(out, OutputKind.RUN, {"data.path": cfg.data.path}, key="output_dir")
     ds, pipe = prepare_inputs(cfg, rank, progress and rank == 0)
     torch.manual_seed(cfg.train.seed)  # identical initial weights on every rank
-    model, tokenizer = build_model(cfg.model, ds.manifest, pipe.cache.dim, ds.tabular_columns)
+    model, tokenizer = build_model(cfg.model, ds.manifest, pipe.cache.dim, ds.tabular_columns,
+                                   profile_decoder=cfg.loss.profile_weight > 0)
     fit_input_stats(model, ds, pipe, holdout_users=cfg.train.holdout_users)
     meta = ModelMeta(ds.manifest.to_dict(), pipe.cache.dim, cfg.data.text_encoder.__dict__, list(ds.tabular_columns))
     stream = PretrainStream(ds, pipe, tokenizer, model.token_ids, cfg.model, cfg.train.seed, cfg.train.uqa_fraction,
@@ -155,18 +156,37 @@ def run_pretrain(cfg: PretrainConfig, progress: bool = True) -> Path:
 
 
 def fit_input_stats(model, ds: Dataset, pipe: UserPipeline, sample: int = 4096, holdout_users: float = 0.0) -> None:
-    """Store the standardisation of the tabular features (every training user) and of each modality's numeric
-    event features (the kept events of the first ``sample`` training users) in the model, as inference will
-    apply them. Users held out (``train.holdout_users``) are left out: nothing of theirs shapes the model."""
+    """Store the standardisation of the tabular features (every training user), of each modality's numeric
+    event features (the kept events of the first ``sample`` training users), of the modality tokens' RFM
+    statistics and of the profile decoder's targets (same users) in the model, as inference will apply them.
+    Users held out (``train.holdout_users``) are left out: nothing of theirs shapes the model."""
     def training_users():
         return (r for r in ds.users() if not is_held_out(r.user_id, holdout_users))
 
     if model.user_encoder.tabular is not None:
         mean, std = tabular_stats(training_users(), len(ds.tabular_columns))
         model.user_encoder.tabular.set_stats(torch.from_numpy(mean), torch.from_numpy(std))
-    packed = (pipe.packer.pack(r) for r in islice(training_users(), sample))
+    packed = [pipe.packer.pack(r) for r in islice(training_users(), sample)]
     for name, (mean, std) in numeric_stats(packed, ds.manifest).items():
         model.user_encoder.event_adapters[name].set_stats(torch.from_numpy(mean), torch.from_numpy(std))
+    enc = model.user_encoder
+    if enc.summary_stats == "rfm":  # one modal adapter for every modality: pooled over modalities with events
+        with torch.no_grad():
+            rows = []
+            for chunk in batched(packed, 256):
+                users = pipe.collate(chunk)
+                for name in enc.sequence_names:
+                    stats = enc.summary_inputs(name, users)[1]
+                    rows.append(stats[users.modalities[name].mask.any(1)].double())
+        rows = torch.cat(rows) if rows else torch.zeros(0, enc.summary_width, dtype=torch.float64)
+        if len(rows):
+            std = rows.std(0, unbiased=False)
+            enc.modal_adapter.set_stats(rows.mean(0).float(), torch.where(std > 1e-6, std, 1.0).float())
+    if getattr(model, "profile_decoder", None) is not None:  # after the other stats: the profile uses them
+        with torch.no_grad():
+            profiles = torch.cat([enc.profile(pipe.collate(chunk)) for chunk in batched(packed, 256)])
+        std = profiles.double().std(0, unbiased=False)
+        model.profile_decoder.set_stats(profiles.double().mean(0).float(), torch.where(std > 1e-6, std, 1.0).float())
 
 
 def answer_cache(cfg: PretrainConfig, ds: Dataset, rank: int, progress: bool,
@@ -253,19 +273,21 @@ def _train_loop(cfg: PretrainConfig, engine, stream: PretrainStream, start: int,
     record = None
     for step in range(start, tc.max_steps):
         tick = time.perf_counter()
-        sums = torch.zeros(3)
+        sums = torch.zeros(4)
         for micro in range(tc.grad_accum_steps):
             batch = stream.batch(step * tc.grad_accum_steps + micro, tc.batch_size, rank, world).to(device)
             out = engine(batch, cfg.loss, gather=gather_with_grad, normalise=global_mean_loss, rank=rank, answer_bank=bank)
             engine.backward(out.loss)
             engine.step()
-            sums += torch.stack([out.loss.detach(), out.loss_contrastive.detach(), out.loss_ntp.detach()]).float().cpu()
+            sums += torch.stack([out.loss.detach(), out.loss_contrastive.detach(), out.loss_ntp.detach(),
+                                 out.loss_profile.detach()]).float().cpu()
         # Each rank's loss is its share of the global mean scaled by world: their average is the global loss.
-        loss, cl, ntp = (all_reduce_sum(sums) / (world * tc.grad_accum_steps)).tolist()
+        loss, cl, ntp, prof = (all_reduce_sum(sums) / (world * tc.grad_accum_steps)).tolist()
         if not torch.isfinite(torch.tensor(loss)):
             raise FloatingPointError(f"loss became {loss} at step {step}; lower train.lr or check the data")
         elapsed = time.perf_counter() - tick
         record = {"step": step + 1, "loss": loss, "loss_contrastive": cl, "loss_ntp": ntp,
+                  **({"loss_profile": prof} if cfg.loss.profile_weight > 0 else {}),
                   "lr": engine.get_lr()[0], "samples_per_s": tc.batch_size * tc.grad_accum_steps * world / elapsed}
         if device.type == "cuda":  # peak since the start of the run, this rank
             record["gpu_memory_gb"] = torch.cuda.max_memory_allocated(device) / 1e9
@@ -277,7 +299,8 @@ def _train_loop(cfg: PretrainConfig, engine, stream: PretrainStream, start: int,
         if logged and lines:
             remaining = (tc.max_steps - step - 1) * (time.perf_counter() - loop_start) / max(step + 1 - start, 1)
             log(f"pretrain: step {step + 1}/{tc.max_steps} loss {loss:.4f} contrastive {cl:.4f} ntp {ntp:.4f} "
-                f"lr {record['lr']:.3g} {record['samples_per_s']:.1f} samples/s ETA {format_seconds(remaining)}")
+                + (f"profile {prof:.4f} " if cfg.loss.profile_weight > 0 else "")
+                + f"lr {record['lr']:.3g} {record['samples_per_s']:.1f} samples/s ETA {format_seconds(remaining)}")
         if (step + 1) % tc.save_every == 0 or step + 1 == tc.max_steps:
             save(step + 1)
         failpoint("train-step")

@@ -39,7 +39,8 @@ def model_and_stream(dataset_dir: Path, cfg: PretrainConfig | None = None, seed:
     pipe = UserPipeline.for_dataset(ds, cfg.data, encoder())
     pipe.prime(ds.users(), progress=False, all_events=True)
     torch.manual_seed(seed)
-    model, tokenizer = build_model(cfg.model, ds.manifest, pipe.cache.dim, ds.tabular_columns)
+    model, tokenizer = build_model(cfg.model, ds.manifest, pipe.cache.dim, ds.tabular_columns,
+                                   profile_decoder=cfg.loss.profile_weight > 0)
     stream = PretrainStream(ds, pipe, tokenizer, model.token_ids, cfg.model, seed=0)
     return model, tokenizer, stream, ds, pipe, cfg
 

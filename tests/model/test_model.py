@@ -292,3 +292,90 @@ def test_projection_hidden_zero_makes_linear_heads(tiny_dataset, tmp_path):
     assert [type(m) for m in default.projection] == [torch.nn.Linear, torch.nn.GELU, torch.nn.Linear]
     with pytest.raises(ConfigError, match="projection_hidden"):
         tiny_cfg(["model.projection_hidden=-1"])
+
+
+def test_profile_loss_decodes_the_standardised_input_profile(tiny_dataset, tmp_path):
+    """loss.profile_weight: a linear decoder from the embedding to each modality's window statistics and the
+    standardised tabular values (stats fitted on the training users), its MSE added with the weight; the decoder
+    is saved and reloaded with the checkpoint; weight 0 builds none; a negative weight is a config error."""
+    from qanchor.model.user_encoder import SUMMARY_STATS, window_summary
+    from qanchor.train.pretrain import fit_input_stats
+
+    ds_dir = tmp_path / "ds"
+    shutil.copytree(tiny_dataset, ds_dir, ignore=shutil.ignore_patterns(".qanchor_cache"))
+    cfg = tiny_cfg(["loss.profile_weight=0.5"])
+    model, tokenizer, stream, ds, pipe, _ = model_and_stream(ds_dir, cfg)
+    enc = model.user_encoder
+    n_seq, n_tab = len(ds.manifest.sequence_modalities), len(ds.tabular_columns)
+    assert n_tab > 0 and model.profile_decoder.linear.weight.shape == (n_seq * SUMMARY_STATS + 2 * n_tab, 128)
+    fit_input_stats(model, ds, pipe)
+    everyone = pipe.collate(pipe.pack_many(list(ds.users())))
+    with torch.no_grad():
+        profile = enc.profile(everyone)
+    z = (profile - model.profile_decoder.mean) / model.profile_decoder.std
+    varied = profile.std(0) > 1e-6
+    assert torch.allclose(z.mean(0), torch.zeros_like(z[0]), atol=1e-4)  # standardised on these (training) users
+    assert torch.allclose(z.std(0, unbiased=False)[varied], torch.ones(int(varied.sum())), atol=1e-4)
+    first = ds.manifest.sequence_modalities[0].name
+    mb = everyone.modalities[first]
+    assert torch.equal(profile[:, :SUMMARY_STATS], window_summary(mb.text_vec, mb.numeric, mb.mask)[1])
+    tab = profile[:, n_seq * SUMMARY_STATS:]
+    expect = ((everyone.tabular - enc.tabular.mean) / enc.tabular.std).clamp(-10, 10).masked_fill(everyone.tabular_missing, 0)
+    assert torch.equal(tab[:, :n_tab], expect) and torch.equal(tab[:, n_tab:], everyone.tabular_missing.float())
+
+    model.eval()
+    batch = stream.batch(0, 4)
+    out = model(batch, cfg.loss)
+    with torch.no_grad():
+        target = (enc.profile(batch.users) - model.profile_decoder.mean) / model.profile_decoder.std
+        by_hand = (model.profile_decoder.linear(out.anchor * 128**0.5) - target).pow(2).mean()
+    assert torch.allclose(out.loss_profile, by_hand, atol=1e-6) and out.loss_profile > 0
+    assert torch.allclose(out.loss, out.loss_contrastive + out.loss_ntp + 0.5 * out.loss_profile, atol=1e-6)
+    model.zero_grad()
+    out.loss_profile.backward()  # it reaches the encoder through the embedding, not only the decoder
+    assert model.projection[-1].weight.grad.abs().sum() > 0 and model.profile_decoder.linear.weight.grad.abs().sum() > 0
+
+    meta = ModelMeta(ds.manifest.to_dict(), pipe.cache.dim, {}, list(ds.tabular_columns))
+    save_checkpoint(tmp_path / "ck", model, tokenizer, cfg, meta)
+    loaded, *_ = load_checkpoint(tmp_path / "ck")
+    assert torch.equal(loaded.profile_decoder.mean, model.profile_decoder.mean)
+    assert torch.equal(loaded.profile_decoder.linear.weight, model.profile_decoder.linear.weight)
+    plain, *_ = model_and_stream(ds_dir)
+    assert plain.profile_decoder is None and plain(batch).loss_profile == 0
+    with pytest.raises(ValueError, match="profile decoder"):
+        plain(batch, LossConfig(profile_weight=1.0))
+    with pytest.raises(ConfigError, match="profile_weight"):
+        tiny_cfg(["loss.profile_weight=-1"])
+
+
+def test_window_rfm_equals_the_bench_rfm_features_of_the_kept_events():
+    """window_rfm from the batch tensors == signed logs of the peers' RFM features (qanchor.bench.features) computed
+    from the raw events: counts by window, active days, distinct texts, value sum / max / std / 30-day sum."""
+    import numpy as np
+
+    from qanchor.bench.features import modality_feature_names, modality_features
+    from qanchor.data.dataset import EventSeq
+    from qanchor.data.packing import event_numeric_features
+    from qanchor.model.user_encoder import window_rfm
+
+    day = 86_400 * 1_000_000
+    cutoff = 1000 * day
+    days_before = [120.0, 45.5, 29.0, 29.0, 6.25, 3.0, 0.5]  # two events on one day; one exactly at midnight
+    ts = np.array([cutoff - int(d * day) for d in days_before], np.int64)
+    values = np.array([5.0, -2.0, np.nan, 40.0, 7.5, 7.5, 1.0], np.float32)
+    texts = ["a", "b", "a", "c", "b", "d", "a"]
+    seq = EventSeq(ts, texts, values, np.zeros((len(ts), 0), np.float32))
+    numeric = torch.from_numpy(event_numeric_features(seq, cutoff))[None]  # (1, 7, 7)
+    vocab = {t: i for i, t in enumerate(sorted(set(texts)))}
+    text_vec = torch.nn.functional.one_hot(torch.tensor([vocab[t] for t in texts]), 8).float()[None]
+    pad = lambda x, v: torch.cat([x, torch.full_like(x[:, :1], v)], 1)  # noqa: E731  a padded slot must not count
+    got = window_rfm(pad(text_vec, 0.0), pad(numeric, 0.0), torch.tensor([[True] * 7 + [False]]))[0].double()
+    f = dict(zip(modality_feature_names("m", []), modality_features(seq, cutoff, 0)))
+    slog = lambda x: float(np.sign(x) * np.log1p(abs(x)))  # noqa: E731
+    expected = [np.log1p(f["m_count_7d"]), np.log1p(f["m_count_30d"]), np.log1p(f["m_count_90d"]),
+                np.log1p(f["m_active_days"]), np.log1p(f["m_events_per_active_day"]), np.log1p(f["m_distinct_texts"]),
+                slog(f["m_value_sum"]), slog(f["m_value_max"]), slog(f["m_value_std"]), slog(f["m_value_sum_30d"])]
+    assert (f["m_count_30d"], f["m_active_days"], f["m_distinct_texts"]) == (5, 6, 4)  # the case covers each path
+    assert got.tolist() == pytest.approx(expected, abs=1e-5)
+    empty = window_rfm(text_vec, numeric, torch.zeros(1, 7, dtype=torch.bool))
+    assert torch.isfinite(empty).all() and empty.abs().sum() == 0

@@ -2,7 +2,7 @@
 
 Writes the global loss and every averaged gradient to ``<out>.<mode>`` (safetensors) from rank 0, for two modes
 in one process (each launch costs seconds): ``plain`` (the backbone answer tower) and ``bank`` (the text answer
-tower with an answer bank holding an earlier global batch).
+tower with an answer bank holding an earlier global batch, and the profile loss).
 """
 
 from __future__ import annotations
@@ -34,7 +34,8 @@ def one_step(ds, pipe: UserPipeline, rank: int, world: int, mode: str, out: str)
     tower = ["answer_tower=text_encoder"] if mode == "bank" else []
     model_cfg: ModelConfig = load_config("configs/model/tiny.yaml", ["user_encoder.dropout=0.0", *tower])
     torch.manual_seed(0)
-    model, tokenizer = build_model(model_cfg, ds.manifest, pipe.cache.dim, ds.tabular_columns)
+    model, tokenizer = build_model(model_cfg, ds.manifest, pipe.cache.dim, ds.tabular_columns,
+                                   profile_decoder=mode == "bank")
     model.eval()  # no dropout anywhere: the two runs must see the same function
     stream = PretrainStream(ds, pipe, tokenizer, model.token_ids, model_cfg, seed=0,
                             answer_cache=pipe.cache if mode == "bank" else None)
@@ -46,10 +47,12 @@ def one_step(ds, pipe: UserPipeline, rank: int, world: int, mode: str, out: str)
         earlier = stream.batch(1, 4, 0, 1)
         bank = AnswerBank(8)
         bank.push(earlier.answer_vec, earlier.answer_hash)
-    output = engine(batch, LossConfig(), gather=gather_with_grad, normalise=global_mean_loss, rank=rank,
+    loss_cfg = LossConfig(profile_weight=2.0 if mode == "bank" else 0.0)
+    output = engine(batch, loss_cfg, gather=gather_with_grad, normalise=global_mean_loss, rank=rank,
                     answer_bank=bank)
     engine.backward(output.loss)
-    losses = all_reduce_sum(torch.stack([output.loss, output.loss_contrastive, output.loss_ntp]).detach()) / world
+    terms = [output.loss, output.loss_contrastive, output.loss_ntp, output.loss_profile]
+    losses = all_reduce_sum(torch.stack(terms).detach()) / world
     if rank == 0:
         grads = {f"grad.{n}": p.grad.detach().clone().contiguous() for n, p in model.named_parameters() if p.grad is not None}
         save_file({"losses": losses.contiguous(), **grads}, out)

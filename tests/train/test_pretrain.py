@@ -72,7 +72,7 @@ def test_kill_and_resume(prepared, tmp_path):
     assert steps == sorted(set(steps)) and steps[-1] == 10  # no step logged twice, ends at max_steps
     assert all(torch.isfinite(torch.tensor(r["loss"])) for r in _metrics(out))
     assert (out / "checkpoint" / "STEP").read_text().strip() == "10"
-    assert {"step", "loss", "loss_contrastive", "loss_ntp", "lr", "samples_per_s"} <= set(_metrics(out)[-1])
+    assert {"step", "loss", "loss_contrastive", "loss_ntp", "loss_profile", "lr", "samples_per_s"} <= set(_metrics(out)[-1])
     # Weights, optimizer, schedule, data position and RNG all resume: the losses equal an uninterrupted run's.
     straight = tmp_path / "straight"
     done = subprocess.run(_pretrain_cmd(prepared, straight, "train.max_steps=10", "train.save_every=3"),
@@ -95,10 +95,13 @@ def _torchrun(n: int, ds_dir: Path, out: Path) -> None:
 def test_two_ranks_match_one_rank(prepared, tmp_path):
     _torchrun(1, prepared, tmp_path / "one")
     _torchrun(2, prepared, tmp_path / "two")
-    # plain: the backbone answer tower; bank: the text tower with an answer bank of extra negatives
+    # plain: the backbone answer tower; bank: the text tower with an answer bank of extra negatives and the
+    # profile loss (its decoder's gradient must be the global batch's too)
     for mode in ("plain", "bank"):
         one, two = load_file(tmp_path / f"one.{mode}"), load_file(tmp_path / f"two.{mode}")
         assert torch.allclose(one["losses"], two["losses"], atol=1e-5), (mode, one["losses"], two["losses"])
+        assert (one["losses"][3] > 0) == (mode == "bank")
+        assert ("grad.profile_decoder.linear.weight" in one) == (mode == "bank")
         assert one.keys() == two.keys() and len(one) > 20
         worst = max((one[k] - two[k]).abs().max().item() / (one[k].abs().max().item() + 1e-8) for k in one if k != "losses")
         assert worst < 1e-4, (mode, worst)
