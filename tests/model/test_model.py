@@ -379,3 +379,27 @@ def test_window_rfm_equals_the_bench_rfm_features_of_the_kept_events():
     assert got.tolist() == pytest.approx(expected, abs=1e-5)
     empty = window_rfm(text_vec, numeric, torch.zeros(1, 7, dtype=torch.bool))
     assert torch.isfinite(empty).all() and empty.abs().sum() == 0
+
+
+def test_rfm_summary_stats_widen_and_standardise_the_modality_token_input(tiny_dataset, tmp_path):
+    """user_encoder.summary_stats=rfm: the modality token reads window_summary's and window_rfm's statistics,
+    standardised on the training users by fit_input_stats; the profile carries both; only with summary_input=text."""
+    from qanchor.model.user_encoder import RFM_STATS, SUMMARY_STATS
+    from qanchor.train.pretrain import fit_input_stats
+
+    ds_dir = tmp_path / "ds"
+    shutil.copytree(tiny_dataset, ds_dir, ignore=shutil.ignore_patterns(".qanchor_cache"))
+    cfg = tiny_cfg(["model.user_encoder.summary_stats=rfm", "loss.profile_weight=1"])
+    model, _, stream, ds, pipe, _ = model_and_stream(ds_dir, cfg)
+    enc, width = model.user_encoder, SUMMARY_STATS + RFM_STATS
+    assert enc.modal_adapter.numeric_in.in_features == width and enc.summary_width == width
+    n_tab = len(ds.tabular_columns)
+    assert model.profile_decoder.linear.out_features == len(ds.manifest.sequence_modalities) * width + 2 * n_tab
+    fit_input_stats(model, ds, pipe)
+    users = pipe.collate(pipe.pack_many(list(ds.users())))
+    rows = torch.cat([enc.summary_inputs(n, users)[1][users.modalities[n].mask.any(1)] for n in enc.sequence_names])
+    assert torch.allclose(enc.modal_adapter.numeric_mean, rows.mean(0), atol=1e-5)
+    assert not torch.equal(enc.modal_adapter.numeric_std, torch.ones(width))
+    assert torch.isfinite(model(stream.batch(0, 4), cfg.loss).loss)
+    with pytest.raises(ConfigError, match="summary_input"):
+        tiny_cfg(["model.user_encoder.summary_stats=rfm", "model.user_encoder.summary_input=tokens"])
