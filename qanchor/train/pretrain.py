@@ -166,10 +166,12 @@ def fit_input_stats(model, ds: Dataset, pipe: UserPipeline, sample: int = 4096, 
     if model.user_encoder.tabular is not None:
         mean, std = tabular_stats(training_users(), len(ds.tabular_columns))
         model.user_encoder.tabular.set_stats(torch.from_numpy(mean), torch.from_numpy(std))
-    packed = [pipe.packer.pack(r) for r in islice(training_users(), sample)]
-    for name, (mean, std) in numeric_stats(packed, ds.manifest).items():
-        model.user_encoder.event_adapters[name].set_stats(torch.from_numpy(mean), torch.from_numpy(std))
     enc = model.user_encoder
+    packed = (pipe.packer.pack(r) for r in islice(training_users(), sample))
+    if enc.summary_stats == "rfm" or model.profile_decoder is not None:  # the same users serve three passes
+        packed = list(packed)
+    for name, (mean, std) in numeric_stats(packed, ds.manifest).items():
+        enc.event_adapters[name].set_stats(torch.from_numpy(mean), torch.from_numpy(std))
     if enc.summary_stats == "rfm":  # one modal adapter for every modality: pooled over modalities with events
         with torch.no_grad():
             rows = []
@@ -182,7 +184,7 @@ def fit_input_stats(model, ds: Dataset, pipe: UserPipeline, sample: int = 4096, 
         if len(rows):
             std = rows.std(0, unbiased=False)
             enc.modal_adapter.set_stats(rows.mean(0).float(), torch.where(std > 1e-6, std, 1.0).float())
-    if getattr(model, "profile_decoder", None) is not None:  # after the other stats: the profile uses them
+    if model.profile_decoder is not None:  # after the other stats: the profile uses them
         with torch.no_grad():
             profiles = torch.cat([enc.profile(pipe.collate(chunk)) for chunk in batched(packed, 256)])
         std = profiles.double().std(0, unbiased=False)
