@@ -151,7 +151,8 @@ def run_pretrain(cfg: PretrainConfig, progress: bool = True) -> Path:
     if rank == 0 and progress:
         log(f"pretrain: done, {cfg.train.max_steps - start} steps in {format_seconds(time.perf_counter() - started)}"
             + (f"; last step loss {last['loss']:.4f} (contrastive {last['loss_contrastive']:.4f}, ntp "
-               f"{last['loss_ntp']:.4f})" if last else "") + f"; checkpoint {out / 'checkpoint'}")
+               f"{last['loss_ntp']:.4f}" + (f", profile {last['loss_profile']:.4f}" if "loss_profile" in last else "")
+               + ")" if last else "") + f"; checkpoint {out / 'checkpoint'}")
     return out
 
 
