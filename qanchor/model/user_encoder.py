@@ -11,6 +11,9 @@ vector (components ~0.05) was lost. Modality tokens (``summary_input="text"``, t
 from the masked mean of the modality's *raw* text vectors plus window statistics of its kept events
 (log count, newest and oldest age, mean numeric features), not from already adapted event tokens.
 
+:meth:`HierarchicalUserEncoder.profile` gathers those statistics and the standardised tabular values into one
+vector per user: the target of the profile loss (``loss.profile_weight``), which keeps them in the embedding.
+
 Example:
     >>> enc = HierarchicalUserEncoder(manifest, cfg.user_encoder, text_dim=384, hidden=64, n_tabular=38)  # doctest: +SKIP
     >>> out = enc(user_batch)  # doctest: +SKIP
@@ -151,8 +154,12 @@ class TabularEncoder(nn.Module):
         self.mean.copy_(mean)
         self.std.copy_(std)
 
+    def standardise(self, values: torch.Tensor, missing: torch.Tensor) -> torch.Tensor:
+        """(B, T) raw values -> z-scores with the stored statistics, clamped to +-10, 0 where missing."""
+        return ((values - self.mean) / self.std).clamp(-10, 10).masked_fill(missing, 0.0)
+
     def forward(self, values: torch.Tensor, missing: torch.Tensor) -> torch.Tensor:
-        z = ((values - self.mean) / self.std).clamp(-10, 10).masked_fill(missing, 0.0)  # (B, T)
+        z = self.standardise(values, missing)  # (B, T)
         x = torch.cat([z, missing.to(z.dtype)], dim=-1)  # (B, 2T)
         return self.mlp(x).view(-1, self.n_tokens, self.hidden)  # (B, n_tokens, H)
 
@@ -248,10 +255,10 @@ class HierarchicalUserEncoder(nn.Module):
         then the tabular values standardised as the tabular encoder sees them and their missing flags."""
         parts = [self.summary_inputs(n, batch)[1] for n in self.sequence_names]  # M x (B, S)
         if self.tabular is not None:
-            tab = self.tabular
-            z = ((batch.tabular - tab.mean) / tab.std).clamp(-10, 10).masked_fill(batch.tabular_missing, 0.0)
+            z = self.tabular.standardise(batch.tabular, batch.tabular_missing)
             parts += [z, batch.tabular_missing.to(z.dtype)]
         return torch.cat(parts, dim=-1)
 
     def profile_width(self) -> int:
+        """Width P of :meth:`profile`."""
         return len(self.sequence_names) * self.summary_width + (2 * self.tabular.mean.numel() if self.tabular is not None else 0)
