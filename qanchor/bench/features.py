@@ -16,10 +16,12 @@ from __future__ import annotations
 import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
+from functools import cached_property
 
 import numpy as np
 
 from qanchor.data.dataset import Dataset, EventSeq, UserRecord
+from qanchor.data.packing import signed_log
 from qanchor.data.text_cache import TextVectorCache
 from qanchor.logs import progress as progress_iter
 
@@ -38,26 +40,16 @@ class PeerFeatures:
     rfm_names: list[str]
     text_mean: np.ndarray | None  # float32 [U, D] mean event-text vector; None when not asked for
 
-    @property
+    @cached_property
     def rfm_log(self) -> np.ndarray:
-        """float32 [U, F]: :attr:`rfm` through :func:`signed_log` (the linear peers' input), NaN kept."""
+        """float32 [U, F]: :attr:`rfm` through :func:`signed_log` (the linear peers' input, the transform the
+        model's own numeric inputs get), NaN kept; computed once, every task reads its rows."""
         return signed_log(self.rfm)
 
     def rows(self, user_ids: Sequence[str]) -> np.ndarray:
         """Row indices of ``user_ids`` (every id must be present)."""
         index = {u: i for i, u in enumerate(self.user_ids)}
         return np.fromiter((index[u] for u in user_ids), dtype=np.int64, count=len(user_ids))
-
-
-def signed_log(x: np.ndarray) -> np.ndarray:
-    """sign(x) * log1p(|x|), NaN kept: counts, amounts and durations are heavy-tailed, and a linear model on them
-    raw is ruled by the few largest users (the same transform the model's own numeric inputs get).
-
-    Example:
-        >>> signed_log(np.array([0.0, np.e - 1, -(np.e - 1), np.nan])).round(6).tolist()[:3]
-        [0.0, 1.0, -1.0]
-    """
-    return (np.sign(x) * np.log1p(np.abs(x))).astype(x.dtype)
 
 
 def modality_feature_names(modality: str, extra_columns: Sequence[str]) -> list[str]:

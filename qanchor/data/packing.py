@@ -25,7 +25,7 @@ from qanchor.data.manifest import Manifest, ModalitySpec
 from qanchor.data.text_cache import TextVectorCache
 from qanchor.logs import progress as progress_iter
 
-__all__ = ["BASE_NUMERIC_FEATURES", "AGE_FEATURE", "numeric_width", "numeric_stats", "event_numeric_features", "PackedModality", "PackedUser", "event_lines",
+__all__ = ["BASE_NUMERIC_FEATURES", "AGE_FEATURE", "numeric_width", "signed_log", "numeric_stats", "event_numeric_features", "PackedModality", "PackedUser", "event_lines",
            "UserPacker", "tabular_stats"]
 
 BASE_NUMERIC_FEATURES = 7
@@ -39,8 +39,14 @@ def numeric_width(spec: ModalitySpec) -> int:
     return BASE_NUMERIC_FEATURES + 2 * len(spec.numeric_columns)
 
 
-def _signed_log(x: np.ndarray) -> np.ndarray:
-    return np.sign(x) * np.log1p(np.abs(x))
+def signed_log(x: np.ndarray) -> np.ndarray:
+    """sign(x) * log1p(|x|) in ``x``'s dtype, NaN kept: counts, amounts and durations are heavy-tailed.
+
+    Example:
+        >>> signed_log(np.array([0.0, np.e - 1, -(np.e - 1), np.nan])).round(6).tolist()[:3]
+        [0.0, 1.0, -1.0]
+    """
+    return (np.sign(x) * np.log1p(np.abs(x))).astype(x.dtype, copy=False)
 
 
 def event_numeric_features(seq: EventSeq, cutoff_us: int) -> np.ndarray:
@@ -51,7 +57,7 @@ def event_numeric_features(seq: EventSeq, cutoff_us: int) -> np.ndarray:
     day_frac = (seq.ts % _US_PER_DAY) / _US_PER_DAY
     weekday = ((seq.ts // _US_PER_DAY) + _EPOCH_WEEKDAY) % 7
     cols = [
-        np.where(missing, 0.0, _signed_log(np.nan_to_num(value))),
+        np.where(missing, 0.0, signed_log(np.nan_to_num(value))),
         missing.astype(np.float64),
         np.log1p(np.maximum(age_days, 0.0)) / 5.0,  # 5 ~ log1p(150 days): keeps the scale near 1
         np.sin(2 * np.pi * day_frac),
@@ -61,7 +67,7 @@ def event_numeric_features(seq: EventSeq, cutoff_us: int) -> np.ndarray:
     ]
     for j in range(seq.extras.shape[1]):
         x = seq.extras[:, j].astype(np.float64)
-        cols += [np.where(np.isnan(x), 0.0, _signed_log(np.nan_to_num(x))), np.isnan(x).astype(np.float64)]
+        cols += [np.where(np.isnan(x), 0.0, signed_log(np.nan_to_num(x))), np.isnan(x).astype(np.float64)]
     return np.stack(cols, axis=1).astype(np.float32) if len(seq) else np.zeros((0, len(cols)), np.float32)
 
 
