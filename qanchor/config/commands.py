@@ -82,6 +82,10 @@ class PromptTuneConfig:
     # fit noise and cost ~0.03 test AUC against 1 prototype per class.
     min_users_per_prototype: int = 500
     temperature: float = 0.1
+    # Where the prototypes start: k-means centres inside each class (the paper's cluster-based tuning), or
+    # "logistic": one per class, placed so that the head's score ranks users as a logistic regression on
+    # the step-0 embeddings does (prototypes_per_class is then unused). See qanchor.tune.head.logistic_prototypes.
+    prototype_init: Literal["kmeans", "logistic"] = "kmeans"
     steps: int = 500
     batch_size: int = 64
     lr: float = 1e-3  # Adam, for the prompt vectors

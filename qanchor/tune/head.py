@@ -16,6 +16,7 @@ Example:
 from __future__ import annotations
 
 import json
+import warnings
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -35,7 +36,7 @@ from qanchor.errors import CheckpointError
 from qanchor.tune.losses import prototype_score
 
 __all__ = ["ScenarioHead", "HeadEntry", "find_heads", "load_heads", "apply_whitening", "fit_whitening", "kmeans_prototypes",
-           "query_prompt_init", "HEAD_WEIGHTS", "HEAD_META", "SPLIT_FILE"]
+           "logistic_prototypes", "query_prompt_init", "HEAD_WEIGHTS", "HEAD_META", "SPLIT_FILE"]
 
 HEAD_WEIGHTS, HEAD_META, SPLIT_FILE = "head.safetensors", "head.yaml", "split.json"
 
@@ -260,6 +261,64 @@ def kmeans_prototypes(embeddings: np.ndarray, labels: np.ndarray, per_class: int
         plabels += [int(cls_id)] * k
     centres = torch.from_numpy(np.concatenate(protos)).float()
     return F.normalize(centres, dim=-1), torch.tensor(plabels, dtype=torch.long)
+
+
+def logistic_prototypes(points: np.ndarray, labels: np.ndarray, temperature: float, seed: int,
+                        cs: Sequence[float] = (0.01, 0.1, 1.0, 10.0)) -> tuple[torch.Tensor, torch.Tensor]:
+    """One prototype per class placed so that the head's score ranks users as a logistic regression does.
+
+    k-means centres summarise where each class *lies*, not what tells the classes apart: when positives
+    and negatives overlap (the usual case for a 10% churn class), the centres of both classes sit almost
+    on top of each other and the soft nearest-prototype score starts far below a linear probe on the same
+    embedding (measured on Complete Journey: validation AUC 0.59 vs 0.68 on spend_drop). Here a class-balanced
+    L2 logistic regression is fitted on the head's unit ``points`` (N, D) (the strength by inner 3-fold CV
+    AUC on these users, or C = 0.1 when a class has fewer than 2 users) and its weight direction w is
+    written into two unit prototypes ``p1/0 = c * u +/- s * w`` (u a unit vector orthogonal to w, c^2 + s^2 = 1).
+    Then ``cos(e, p1) - cos(e, p0) = 2 s (e . w)``: the prototype score is the regression's decision function
+    up to scale and offset (same AUC), and ``s`` is chosen so that ``2 s / temperature`` matches the
+    regression's own logit scale (capped at s = 1). Tuning then starts from the probe instead of below it.
+
+    Returns unit prototypes (2, D) and their labels [0, 1]. Example:
+        >>> x = np.array([[1.0, 0.1], [1.0, -0.1], [0.9, 0.4], [0.9, -0.4]]); y = np.array([1, 0, 1, 0])
+        >>> protos, plabels = logistic_prototypes(x, y, temperature=0.1, seed=0)
+        >>> plabels.tolist(), bool((torch.from_numpy(x).float() @ (protos[1] - protos[0]) > 0).eq(torch.tensor(y) == 1).all())
+        ([0, 1], True)
+    """
+    from sklearn.linear_model import LogisticRegression, LogisticRegressionCV
+    from sklearn.preprocessing import StandardScaler
+
+    x = np.asarray(points, dtype=np.float64)
+    y = np.asarray(labels)
+    if np.unique(y).size != 2:
+        raise ValueError("logistic_prototypes needs users of both classes")
+    scaler = StandardScaler().fit(x)
+    inner = min(3, int(min(y.sum(), len(y) - y.sum())))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # lbfgs convergence chatter on nearly separable folds
+        if inner < 2:
+            clf = LogisticRegression(C=0.1, class_weight="balanced", max_iter=2000).fit(scaler.transform(x), y)
+        else:
+            clf = LogisticRegressionCV(Cs=list(cs), cv=inner, scoring="roc_auc", class_weight="balanced", max_iter=2000,
+                                       random_state=seed).fit(scaler.transform(x), y)
+    # Standardising is affine, so its decision function is (coef / scale) . x + const in the points' own space.
+    w = clf.coef_[0] / scaler.scale_  # (D,)
+    norm = float(np.linalg.norm(w))
+    if norm == 0.0:  # everything regularised away: no direction to encode, so start from the class means
+        w, norm = x[y == 1].mean(0) - x[y == 0].mean(0), 1.0
+        norm = float(np.linalg.norm(w)) or 1.0
+    w_unit = w / norm
+    # u: the points' mean direction with w projected out (keeps the prototypes near the data; it cancels in
+    # the score); any unit vector orthogonal to w when the mean is parallel to w.
+    mean = x.mean(0)
+    u = mean - (mean @ w_unit) * w_unit
+    if np.linalg.norm(u) < 1e-8:
+        u = np.eye(len(w_unit))[int(np.argmin(np.abs(w_unit)))]
+        u = u - (u @ w_unit) * w_unit
+    u = u / np.linalg.norm(u)
+    s = min(norm * temperature / 2.0, 1.0)
+    c = float(np.sqrt(max(1.0 - s * s, 0.0)))
+    protos = np.stack([c * u - s * w_unit, c * u + s * w_unit])  # (2, D): negatives first, as kmeans_prototypes
+    return F.normalize(torch.from_numpy(protos).float(), dim=-1), torch.tensor([0, 1], dtype=torch.long)
 
 
 @contextmanager

@@ -33,6 +33,7 @@ from qanchor.tune.head import (
     apply_whitening,
     fit_whitening,
     kmeans_prototypes,
+    logistic_prototypes,
     query_prompt_init,
 )
 from qanchor.tune.losses import prototype_loss
@@ -115,7 +116,7 @@ def _evaluate(model, store, query_ids, head: ScenarioHead, split: Split, names, 
 
 def tune_task(model: QAnchorModel, store: PrefixStore, query_ids: torch.Tensor, split: Split, cfg: PromptTuneConfig,
               task: str, query: str, checkpoint_hash: str, progress: bool = False) -> TuneResult:
-    """Initialise a head (query-token prompt, k-means prototypes) and tune it; keep the best-val step."""
+    """Initialise a head (query-token prompt; k-means or logistic prototypes) and tune it; keep the best-val step."""
     start = time.perf_counter()
     y_train = split.labels["train"].numpy()
     if np.unique(y_train).size < 2:
@@ -125,8 +126,11 @@ def tune_task(model: QAnchorModel, store: PrefixStore, query_ids: torch.Tensor, 
         emb0 = store.embed(model, model.suffix(query_ids, prompt), split.rows["train"], cfg.prefix_chunk)  # (n, D)
     whitening = None if cfg.whitening_eps is None else fit_whitening(emb0, cfg.whitening_eps)
     points = F.normalize(apply_whitening(emb0, whitening), dim=-1)  # what the cosine compares, (n, D)
-    protos, plabels = kmeans_prototypes(points.numpy(), y_train, cfg.prototypes_per_class, cfg.seed,
-                                        min_users=cfg.min_users_per_prototype)
+    if cfg.prototype_init == "logistic":
+        protos, plabels = logistic_prototypes(points.numpy(), y_train, cfg.temperature, cfg.seed)
+    else:
+        protos, plabels = kmeans_prototypes(points.numpy(), y_train, cfg.prototypes_per_class, cfg.seed,
+                                            min_users=cfg.min_users_per_prototype)
     head = ScenarioHead(task, query, prompt, protos, plabels, cfg.temperature, checkpoint_hash, whitening=whitening)
     frozen = _evaluate(model, store, query_ids, head, split, SPLITS[1:], cfg.prefix_chunk)
     opt = torch.optim.Adam([{"params": [head.prompt], "lr": cfg.lr},
@@ -159,7 +163,7 @@ def tune_task(model: QAnchorModel, store: PrefixStore, query_ids: torch.Tensor, 
     tuned = _evaluate(model, store, query_ids, head, split, SPLITS[1:], cfg.prefix_chunk)
     head.extra.update(best_step=best[1], steps=cfg.steps, seed=cfg.seed, prompt_init=cfg.prompt_init,
                       val_auc=tuned["val"]["auc"], val_fraction=cfg.val_fraction, test_fraction=cfg.test_fraction,
-                      whitening_eps=cfg.whitening_eps)
+                      whitening_eps=cfg.whitening_eps, prototype_init=cfg.prototype_init)
     return TuneResult(head, {"frozen_proto": frozen, "tuned": tuned}, best[1], time.perf_counter() - start, history)
 
 

@@ -1,4 +1,4 @@
-"""Scenario head: k-means initialisation, save -> load parity, refusal on another checkpoint."""
+"""Scenario head: k-means and logistic initialisation, save -> load parity, refusal on another checkpoint."""
 
 from __future__ import annotations
 
@@ -7,9 +7,18 @@ import pytest
 import torch
 import yaml
 from sklearn.cluster import KMeans
+from sklearn.linear_model import LogisticRegression
+from sklearn.metrics import roc_auc_score
 
 from qanchor.errors import CheckpointError
-from qanchor.tune.head import HEAD_META, ScenarioHead, kmeans_prototypes, query_prompt_init
+from qanchor.tune.head import (
+    HEAD_META,
+    ScenarioHead,
+    kmeans_prototypes,
+    logistic_prototypes,
+    query_prompt_init,
+)
+from qanchor.tune.losses import prototype_score
 
 
 def _blobs(rng: np.random.Generator, centres: np.ndarray, per_blob: int, noise: float) -> np.ndarray:
@@ -52,6 +61,48 @@ def test_kmeans_small_classes_get_fewer_prototypes_and_runs_are_deterministic():
     protos, _ = kmeans_prototypes(x, y, per_class=4, seed=3, min_users=100)  # one prototype = the class mean
     means = np.stack([x[y == c].mean(0) for c in (0, 1)])
     assert np.allclose(protos.numpy(), means / np.linalg.norm(means, axis=1, keepdims=True), atol=1e-5)
+
+
+def _overlapping_classes(rng: np.random.Generator, n: int = 600, d: int = 12) -> tuple[np.ndarray, np.ndarray]:
+    """Unit points whose class shows only along one weak direction, under a large shared spread (the regime
+    where k-means centres of both classes nearly coincide)."""
+    y = (rng.random(n) < 0.15).astype(int)
+    x = rng.standard_normal((n, d)) * np.linspace(3.0, 0.5, d) + np.eye(d)[0] * 4.0
+    x[:, d - 1] += 0.8 * y
+    return x / np.linalg.norm(x, axis=1, keepdims=True), y
+
+
+def test_logistic_prototypes_score_ranks_like_the_regression():
+    x, y = _overlapping_classes(np.random.default_rng(0))
+    # The same regression by hand (balanced classes, standardised inputs, C = 1).
+    mu, sd = x.mean(0), x.std(0)
+    ref = LogisticRegression(C=1.0, class_weight="balanced", max_iter=2000).fit((x - mu) / sd, y)
+    decision = ref.decision_function((x - mu) / sd)
+    w_norm = float(np.linalg.norm(ref.coef_[0] / sd))  # the regression's weight on the unit points themselves
+    for temperature in (0.5 / w_norm, 4.0 / w_norm):  # 2 s / t = |w| with s = 0.25; then capped at s = 1
+        protos, plabels = logistic_prototypes(x, y, temperature=temperature, seed=0, cs=(1.0,))
+        assert plabels.tolist() == [0, 1] and torch.allclose(protos.norm(dim=1), torch.ones(2), atol=1e-6)
+        score = prototype_score(torch.from_numpy(x).float(), protos, plabels, temperature).numpy()
+        # Identical ranking of every user (float32 scores: near-ties may flip), at the regression's logit scale
+        # until the prototypes are opposite (s = 1), then at 2 / t.
+        assert np.corrcoef(np.argsort(np.argsort(score)), np.argsort(np.argsort(decision)))[0, 1] > 0.9999
+        assert abs(roc_auc_score(y, score) - roc_auc_score(y, decision)) < 1e-4
+        slope = np.polyfit(decision, score, 1)[0]
+        assert abs(slope - min(1.0, 2.0 / (temperature * w_norm))) < 1e-3, (temperature, slope)
+
+
+def test_logistic_prototypes_beat_kmeans_when_the_classes_overlap():
+    x, y = _overlapping_classes(np.random.default_rng(1))
+    t = torch.from_numpy(x).float()
+    km_protos, km_labels = kmeans_prototypes(x.astype(np.float32), y, per_class=4, seed=0)
+    lr_protos, lr_labels = logistic_prototypes(x, y, temperature=0.1, seed=0)
+    auc_km = roc_auc_score(y, prototype_score(t, km_protos, km_labels, 0.1).numpy())
+    auc_lr = roc_auc_score(y, prototype_score(t, lr_protos, lr_labels, 0.1).numpy())
+    assert auc_lr > auc_km + 0.05, (auc_lr, auc_km)
+    with pytest.raises(ValueError, match="both classes"):
+        logistic_prototypes(x, np.zeros(len(x), int), temperature=0.1, seed=0)
+    again, _ = logistic_prototypes(x, y, temperature=0.1, seed=0)
+    assert torch.equal(lr_protos, again)
 
 
 def test_query_prompt_init_cycles_query_tokens():

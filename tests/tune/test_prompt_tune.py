@@ -9,6 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from sklearn.linear_model import LogisticRegression, LogisticRegressionCV
 
 from qanchor.cli import main
 from qanchor.config import PromptTuneConfig, load_config
@@ -187,3 +188,31 @@ def test_fold_split_keeps_the_fold_test_users_out_of_tuning():
     assert set(split.rows["test"].tolist()) == set(rows[test].tolist()) and not tuned & set(rows[test].tolist())
     assert tuned == set(rows[train].tolist()) and not set(split.rows["train"].tolist()) & set(split.rows["val"].tolist())
     assert split.labels["val"].sum() > 0  # stratified: both classes in validation
+
+
+def test_logistic_prototype_init_starts_from_the_regression_on_step0_embeddings(loaded):
+    model, store, query_ids, split, cfg, task = _task_inputs(loaded)
+    cfg.prototype_init, cfg.steps = "logistic", 0
+    result = tune_task(model, store, query_ids, split, cfg, "churn", task.spec.query, "h")
+    head = result.head
+    assert head.prototype_labels.tolist() == [0, 1] and head.extra["prototype_init"] == "logistic"
+    # The step-0 head ranks the training users as the regression on their unit (whitened) embeddings does.
+    with torch.no_grad():
+        emb = store.embed(model, model.suffix(query_ids, head.prompt.detach()), split.rows["train"], 16)
+    points = torch.nn.functional.normalize(head.transform(emb), dim=-1).numpy().astype(np.float64)
+    y = split.labels["train"].numpy()
+    mu, sd = points.mean(0), points.std(0)
+    ref = LogisticRegression(C=head_c(points, y), class_weight="balanced", max_iter=2000).fit((points - mu) / sd, y)
+    decision = ref.decision_function((points - mu) / sd)
+    score = head.score(emb).detach().numpy()
+    assert np.corrcoef(np.argsort(np.argsort(score)), np.argsort(np.argsort(decision)))[0, 1] > 0.999
+
+
+def head_c(points: np.ndarray, y: np.ndarray) -> float:
+    """The C that logistic_prototypes' inner CV picks (same grid, folds and scoring)."""
+    mu, sd = points.mean(0), points.std(0)
+    inner = min(3, int(min(y.sum(), len(y) - y.sum())))
+    if inner < 2:
+        return 0.1
+    return float(LogisticRegressionCV(Cs=[0.01, 0.1, 1.0, 10.0], cv=inner, scoring="roc_auc", class_weight="balanced",
+                                      max_iter=2000, random_state=0).fit((points - mu) / sd, y).C_[0])
