@@ -196,7 +196,7 @@ def test_logistic_prototype_init_starts_from_the_regression_on_step0_embeddings(
     result = tune_task(model, store, query_ids, split, cfg, "churn", task.spec.query, "h")
     head = result.head
     assert head.prototype_labels.tolist() == [0, 1] and head.extra["prototype_init"] == "logistic"
-    # The step-0 head ranks the training users as the regression on their unit (whitened) embeddings does.
+    # The step-0 head ranks the training users as the regression on their unit embeddings does.
     with torch.no_grad():
         emb = store.embed(model, model.suffix(query_ids, head.prompt.detach()), split.rows["train"], 16)
     points = torch.nn.functional.normalize(head.transform(emb), dim=-1).numpy().astype(np.float64)
