@@ -269,8 +269,8 @@ def logistic_prototypes(points: np.ndarray, labels: np.ndarray, temperature: flo
 
     k-means centres summarise where each class *lies*, not what tells the classes apart: when positives
     and negatives overlap (the usual case for a 10% churn class), the centres of both classes sit almost
-    on top of each other and the soft nearest-prototype score starts far below a linear probe on the same
-    embedding (measured on Complete Journey: validation AUC 0.59 vs 0.68 on spend_drop). Here a class-balanced
+    on top of each other and the soft nearest-prototype score starts below a linear probe on the same
+    embedding (measured at step 0 on the synthetic world, unwhitened: 0.698 vs 0.730 AUC). Here a class-balanced
     L2 logistic regression is fitted on the head's unit ``points`` (N, D) (the strength by inner 3-fold CV
     AUC on these users, or C = 0.1 when a class has fewer than 2 users) and its weight direction w is
     written into two unit prototypes ``p1/0 = c * u +/- s * w`` (u a unit vector orthogonal to w, c^2 + s^2 = 1).
@@ -304,7 +304,7 @@ def logistic_prototypes(points: np.ndarray, labels: np.ndarray, temperature: flo
     w = clf.coef_[0] / scaler.scale_  # (D,)
     norm = float(np.linalg.norm(w))
     if norm == 0.0:  # everything regularised away: no direction to encode, so start from the class means
-        w, norm = x[y == 1].mean(0) - x[y == 0].mean(0), 1.0
+        w = x[y == 1].mean(0) - x[y == 0].mean(0)
         norm = float(np.linalg.norm(w)) or 1.0
     w_unit = w / norm
     # u: the points' mean direction with w projected out (keeps the prototypes near the data; it cancels in
