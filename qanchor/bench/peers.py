@@ -23,8 +23,7 @@ import numpy as np
 from threadpoolctl import threadpool_limits
 
 from qanchor.metrics import auc_score, ks_score, mean_std
-
-_LR_CS = [0.01, 0.1, 1.0]
+from qanchor.probe import logistic_probe
 
 __all__ = ["Skip", "Classifier", "MethodInput", "MethodResult", "stratified_folds", "fit_predict", "evaluate_folds"]
 
@@ -111,7 +110,7 @@ def fit_predict(classifier: Classifier, x_train: np.ndarray, y_train: np.ndarray
         True
     """
     if classifier is Classifier.LR:
-        model = _logistic(y_train, seed)
+        model = logistic_probe(y_train, seed)  # every LR method is tuned alike, ours and the peers'
         x_train, x_test = np.nan_to_num(x_train), np.nan_to_num(x_test)  # LR has no notion of missing
     else:
         from lightgbm import LGBMClassifier
@@ -126,23 +125,6 @@ def fit_predict(classifier: Classifier, x_train: np.ndarray, y_train: np.ndarray
         warnings.simplefilter("ignore")  # lbfgs convergence / feature-name chatter would drown the progress bar
         model.fit(x_train, y_train)
         return model.predict_proba(x_test)[:, 1]
-
-
-def _logistic(y_train: np.ndarray, seed: int):
-    """Standardise + L2 logistic regression whose strength is picked by inner CV on the training users.
-
-    Every LR method is tuned alike: embeddings of different width and spread would otherwise be judged
-    under one arbitrary C. With too few minority users for an inner split, C falls back to 0.1.
-    """
-    from sklearn.linear_model import LogisticRegression, LogisticRegressionCV
-    from sklearn.pipeline import make_pipeline
-    from sklearn.preprocessing import StandardScaler
-
-    inner = min(3, int(min(y_train.sum(), len(y_train) - y_train.sum())))
-    if inner < 2:
-        return make_pipeline(StandardScaler(), LogisticRegression(C=0.1, max_iter=2000))
-    return make_pipeline(StandardScaler(), LogisticRegressionCV(Cs=_LR_CS, cv=inner, scoring="roc_auc", max_iter=2000,
-                                                                random_state=seed))
 
 
 def evaluate_folds(method: MethodInput, labels: np.ndarray, folds: list[tuple[np.ndarray, np.ndarray]],

@@ -33,6 +33,7 @@ from torch import nn
 import qanchor
 from qanchor.data.io import OutputKind, atomic_dir, to_plain
 from qanchor.errors import CheckpointError
+from qanchor.probe import logistic_probe
 from qanchor.tune.losses import prototype_score
 
 __all__ = ["ScenarioHead", "HeadEntry", "find_heads", "load_heads", "apply_whitening", "fit_whitening", "kmeans_prototypes",
@@ -284,22 +285,15 @@ def logistic_prototypes(points: np.ndarray, labels: np.ndarray, temperature: flo
         >>> plabels.tolist(), bool((torch.from_numpy(x).float() @ (protos[1] - protos[0]) > 0).eq(torch.tensor(y) == 1).all())
         ([0, 1], True)
     """
-    from sklearn.linear_model import LogisticRegression, LogisticRegressionCV
-    from sklearn.preprocessing import StandardScaler
-
     x = np.asarray(points, dtype=np.float64)
     y = np.asarray(labels)
     if np.unique(y).size != 2:
         raise ValueError("logistic_prototypes needs users of both classes")
-    scaler = StandardScaler().fit(x)
-    inner = min(3, int(min(y.sum(), len(y) - y.sum())))
+    probe = logistic_probe(y, seed, cs, class_weight="balanced")
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # lbfgs convergence chatter on nearly separable folds
-        if inner < 2:
-            clf = LogisticRegression(C=0.1, class_weight="balanced", max_iter=2000).fit(scaler.transform(x), y)
-        else:
-            clf = LogisticRegressionCV(Cs=list(cs), cv=inner, scoring="roc_auc", class_weight="balanced", max_iter=2000,
-                                       random_state=seed).fit(scaler.transform(x), y)
+        probe.fit(x, y)
+    scaler, clf = probe[0], probe[-1]
     # Standardising is affine, so its decision function is (coef / scale) . x + const in the points' own space.
     w = clf.coef_[0] / scaler.scale_  # (D,)
     norm = float(np.linalg.norm(w))

@@ -9,7 +9,6 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from sklearn.linear_model import LogisticRegression, LogisticRegressionCV
 
 from qanchor.cli import main
 from qanchor.config import PromptTuneConfig, load_config
@@ -21,6 +20,7 @@ from qanchor.metrics import auc_ks
 from qanchor.model.factory import ModelMeta, checkpoint_hash, load_checkpoint, save_checkpoint
 from qanchor.model.layout import tokenize_query
 from qanchor.model.prefix_cache import anchor_hidden_uncached
+from qanchor.probe import logistic_probe
 from qanchor.tune.head import ScenarioHead, query_prompt_init
 from qanchor.tune.prompt_tune import encode_users, run_prompt_tune
 from qanchor.tune.trainer import fold_split, split_users, tune_task
@@ -201,18 +201,8 @@ def test_logistic_prototype_init_starts_from_the_regression_on_step0_embeddings(
         emb = store.embed(model, model.suffix(query_ids, head.prompt.detach()), split.rows["train"], 16)
     points = torch.nn.functional.normalize(head.transform(emb), dim=-1).numpy().astype(np.float64)
     y = split.labels["train"].numpy()
-    mu, sd = points.mean(0), points.std(0)
-    ref = LogisticRegression(C=head_c(points, y), class_weight="balanced", max_iter=2000).fit((points - mu) / sd, y)
-    decision = ref.decision_function((points - mu) / sd)
+    # The shared probe with the head's grid and class weights (the same C choice as logistic_prototypes makes).
+    ref = logistic_probe(y, seed=0, cs=(0.01, 0.1, 1.0, 10.0), class_weight="balanced").fit(points, y)
+    decision = ref.decision_function(points)
     score = head.score(emb).detach().numpy()
     assert np.corrcoef(np.argsort(np.argsort(score)), np.argsort(np.argsort(decision)))[0, 1] > 0.999
-
-
-def head_c(points: np.ndarray, y: np.ndarray) -> float:
-    """The C that logistic_prototypes' inner CV picks (same grid, folds and scoring)."""
-    mu, sd = points.mean(0), points.std(0)
-    inner = min(3, int(min(y.sum(), len(y) - y.sum())))
-    if inner < 2:
-        return 0.1
-    return float(LogisticRegressionCV(Cs=[0.01, 0.1, 1.0, 10.0], cv=inner, scoring="roc_auc", class_weight="balanced",
-                                      max_iter=2000, random_state=0).fit((points - mu) / sd, y).C_[0])

@@ -1,0 +1,38 @@
+"""The linear probe every logistic-regression reader in qanchor shares: standardise, then L2 logistic regression
+whose strength is picked by inner cross-validated AUC on the training users.
+
+Used by the benchmark's LR rows (ours and the peers') and by the scenario head's logistic prototypes, so both
+read an embedding the same way. Example:
+    >>> import numpy as np
+    >>> x = np.array([[0.0], [1.0], [0.1], [0.9]] * 3); y = np.array([0, 1, 0, 1] * 3)
+    >>> bool(logistic_probe(y, seed=0).fit(x, y).decision_function([[1.0]])[0] > 0)
+    True
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import numpy as np
+
+__all__ = ["LR_CS", "logistic_probe"]
+
+LR_CS = (0.01, 0.1, 1.0)  # the benchmark's grid of inverse regularisation strengths
+
+
+def logistic_probe(y_train: np.ndarray, seed: int, cs: Sequence[float] = LR_CS, class_weight: str | None = None):
+    """An unfitted ``StandardScaler -> LogisticRegression(CV)`` pipeline for labels ``y_train``.
+
+    C is chosen from ``cs`` by inner CV (up to 3 folds, scored by AUC); with fewer than 2 users in the
+    minority class there is no inner split and C falls back to 0.1.
+    """
+    from sklearn.linear_model import LogisticRegression, LogisticRegressionCV
+    from sklearn.pipeline import make_pipeline
+    from sklearn.preprocessing import StandardScaler
+
+    y = np.asarray(y_train)
+    inner = min(3, int(min(y.sum(), len(y) - y.sum())))
+    if inner < 2:
+        return make_pipeline(StandardScaler(), LogisticRegression(C=0.1, class_weight=class_weight, max_iter=2000))
+    return make_pipeline(StandardScaler(), LogisticRegressionCV(Cs=list(cs), cv=inner, scoring="roc_auc", max_iter=2000,
+                                                                class_weight=class_weight, random_state=seed))
