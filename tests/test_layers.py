@@ -1,6 +1,6 @@
 """The package's layers import only downward, with no cycles and no hidden in-function imports of our own code.
 
-    base (errors, config, logs, metrics) -> data -> model -> train | infer -> tune -> bench -> cli
+    base (errors, config, logs, metrics, probe) -> data -> model -> train | infer -> tune -> bench -> cli
 
 ``train`` and ``infer`` are siblings: neither imports the other. ``data_tools`` (dataset builders) sits
 beside ``data`` and may import only the base and ``data``. Third-party packages are free to be imported
@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
-RANK = {"errors": 0, "faults": 0, "config": 0.5, "logs": 0.5, "metrics": 0.5, "": 0.5, "data": 1, "model": 2, "train": 3, "infer": 3,
+RANK = {"errors": 0, "faults": 0, "config": 0.5, "logs": 0.5, "metrics": 0.5, "probe": 0.5, "": 0.5, "data": 1, "model": 2, "train": 3, "infer": 3,
         "tune": 4, "bench": 5, "cli": 6}
 
 
