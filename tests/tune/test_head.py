@@ -11,6 +11,7 @@ from sklearn.linear_model import LogisticRegression
 from sklearn.metrics import roc_auc_score
 
 from qanchor.errors import CheckpointError
+from qanchor.probe import logistic_probe
 from qanchor.tune.head import (
     HEAD_META,
     ScenarioHead,
@@ -74,9 +75,9 @@ def _overlapping_classes(rng: np.random.Generator, n: int = 600, d: int = 12) ->
 
 def test_logistic_prototypes_score_ranks_like_the_regression():
     x, y = _overlapping_classes(np.random.default_rng(0))
-    # The same regression by hand (balanced classes, standardised inputs, C = 1).
+    # The same regression by hand (standardised inputs, C = 1, classes unweighted as in the benchmark's probe).
     mu, sd = x.mean(0), x.std(0)
-    ref = LogisticRegression(C=1.0, class_weight="balanced", max_iter=2000).fit((x - mu) / sd, y)
+    ref = LogisticRegression(C=1.0, max_iter=2000).fit((x - mu) / sd, y)
     decision = ref.decision_function((x - mu) / sd)
     w_norm = float(np.linalg.norm(ref.coef_[0] / sd))  # the regression's weight on the unit points themselves
     for temperature in (0.5 / w_norm, 4.0 / w_norm):  # 2 s / t = |w| with s = 0.25; then capped at s = 1
@@ -103,6 +104,22 @@ def test_logistic_prototypes_beat_kmeans_when_the_classes_overlap():
         logistic_prototypes(x, np.zeros(len(x), int), temperature=0.1, seed=0)
     again, _ = logistic_prototypes(x, y, temperature=0.1, seed=0)
     assert torch.equal(lr_protos, again)
+
+
+def test_logistic_prototypes_start_from_the_benchmarks_probe_on_a_rare_class():
+    # 5% positives, weak signal: the step-0 head must score held-out users exactly as the probe it is compared
+    # with (qanchor.probe.logistic_probe, the bench's grid, unweighted classes). Class-balanced weights fitted
+    # the 30 positives far harder and ranked held-out users differently.
+    rng = np.random.default_rng(3)
+    n, d = 1200, 32
+    y = (rng.random(n) < 0.05).astype(int)
+    x = rng.standard_normal((n, d)) + np.outer(y, np.r_[0.6, 0.4, np.zeros(d - 2)])
+    x /= np.linalg.norm(x, axis=1, keepdims=True)
+    train, test = np.arange(n) < 600, np.arange(n) >= 600
+    protos, plabels = logistic_prototypes(x[train], y[train], temperature=0.1, seed=0)
+    score = prototype_score(torch.from_numpy(x[test]).float(), protos, plabels, 0.1).numpy()
+    probe = logistic_probe(y[train], seed=0).fit(x[train], y[train])
+    assert abs(roc_auc_score(y[test], score) - roc_auc_score(y[test], probe.decision_function(x[test]))) < 1e-4
 
 
 def test_query_prompt_init_cycles_query_tokens():

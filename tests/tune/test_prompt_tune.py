@@ -201,8 +201,8 @@ def test_logistic_prototype_init_starts_from_the_regression_on_step0_embeddings(
         emb = store.embed(model, model.suffix(query_ids, head.prompt.detach()), split.rows["train"], 16)
     points = torch.nn.functional.normalize(head.transform(emb), dim=-1).numpy().astype(np.float64)
     y = split.labels["train"].numpy()
-    # The shared probe with the head's grid and class weights (the same C choice as logistic_prototypes makes).
-    ref = logistic_probe(y, seed=0, cs=(0.01, 0.1, 1.0, 10.0), class_weight="balanced").fit(points, y)
+    # The benchmark's probe, exactly (the same C choice as logistic_prototypes makes).
+    ref = logistic_probe(y, seed=0).fit(points, y)
     decision = ref.decision_function(points)
     score = head.score(emb).detach().numpy()
     assert np.corrcoef(np.argsort(np.argsort(score)), np.argsort(np.argsort(decision)))[0, 1] > 0.999
