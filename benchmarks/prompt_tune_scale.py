@@ -70,20 +70,23 @@ def aggregate(per_seed: list[dict]) -> dict:
     return agg
 
 
+def _pm(agg: dict, key: str) -> str:
+    return f"{agg[key][0]:.4f} ± {agg[key][1]:.4f}"
+
+
 def table(results: dict[str, dict]) -> str:
     lines = ["| dataset | train / test users per task | frozen LR AUC | step-0 head AUC | tuned head AUC | tuned - frozen LR AUC "
              "(per seed) | tuned - step-0 head AUC | frozen LR KS | tuned KS | tuned - frozen LR KS | tasks tuned > LR "
              "| oracle AUC |",
              "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for name, a in results.items():
-        pm = lambda k: f"{a[k][0]:.4f} ± {a[k][1]:.4f}"  # noqa: E731
         seeds = " / ".join(f"{d:+.4f}" for d in a["gain_auc_per_seed"])
         oracle = f"{a['oracle_auc'][0]:.4f}" if "oracle_auc" in a else "-"
         wins = " / ".join(f"{w}/{a['n_tasks']}" for w in a["tuned_wins"])
-        lines.append(f"| {name} | {a['n_train'][0]:,.0f} / {a['n_test'][0]:,.0f} | {pm('frozen_lr_auc')} | "
-                     f"{pm('frozen_proto_auc')} | {pm('tuned_auc')} | {pm('gain_auc')} ({seeds}) | {pm('gain_over_step0_auc')} | "
-                     f"{pm('frozen_lr_ks')} | "
-                     f"{pm('tuned_ks')} | {pm('gain_ks')} | {wins} | "
+        lines.append(f"| {name} | {a['n_train'][0]:,.0f} / {a['n_test'][0]:,.0f} | {_pm(a, 'frozen_lr_auc')} | "
+                     f"{_pm(a, 'frozen_proto_auc')} | {_pm(a, 'tuned_auc')} | {_pm(a, 'gain_auc')} ({seeds}) | {_pm(a, 'gain_over_step0_auc')} | "
+                     f"{_pm(a, 'frozen_lr_ks')} | "
+                     f"{_pm(a, 'tuned_ks')} | {_pm(a, 'gain_ks')} | {wins} | "
                      f"{oracle} |")
     return "\n".join(lines)
 

@@ -1,9 +1,21 @@
-"""Helpers shared by the suites that need a writable dataset of their own."""
+"""Helpers shared by the suites: a writable copy of a dataset, a benchmark script loaded as a module."""
 
 from __future__ import annotations
 
+import importlib.util
 import shutil
 from pathlib import Path
+from types import ModuleType
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def load_benchmark(name: str) -> ModuleType:
+    """``benchmarks/<name>.py`` as a module (the scripts are not a package), so a test can call its functions."""
+    spec = importlib.util.spec_from_file_location(name, ROOT / "benchmarks" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
 
 
 def copy_dataset(src: Path, dst: Path, *, with_userU: bool = False) -> Path:

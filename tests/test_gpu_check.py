@@ -7,6 +7,8 @@ import os
 import subprocess
 from pathlib import Path
 
+from tests.helpers import load_benchmark
+
 ROOT = Path(__file__).resolve().parent.parent
 
 
@@ -27,14 +29,10 @@ def test_cpu_path_reports_every_figure(tmp_path):
 
 
 def test_mismatch_and_missing_gpu_fail_loudly(tmp_path, capsys):
-    import importlib.util
-
     import numpy as np
     import pytest
 
-    spec = importlib.util.spec_from_file_location("gpu_check", ROOT / "benchmarks" / "gpu_check.py")
-    gpu_check = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(gpu_check)
+    gpu_check = load_benchmark("gpu_check")
     a = np.zeros((2, 3, 4), np.float32)
     assert gpu_check.compare(a, a + 1e-5, 1e-4) == pytest.approx(1e-5)
     with pytest.raises(gpu_check.CheckFailed, match="cached vs uncached embeddings differ by 1.00e-02"):

@@ -2,20 +2,14 @@
 
 from __future__ import annotations
 
-import importlib.util
-from pathlib import Path
-
 import pytest
 
-ROOT = Path(__file__).resolve().parents[2]
+from tests.helpers import load_benchmark
 
 
 @pytest.fixture(scope="module")
 def scale():
-    spec = importlib.util.spec_from_file_location("prompt_tune_scale", ROOT / "benchmarks" / "prompt_tune_scale.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_benchmark("prompt_tune_scale")
 
 
 def _task(lr: float, step0: float, tuned: float, best_step: int, oracle: float | None = 0.9) -> dict:

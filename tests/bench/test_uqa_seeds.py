@@ -2,22 +2,17 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
-from pathlib import Path
 
 import numpy as np
 import pytest
 
-ROOT = Path(__file__).resolve().parents[2]
+from tests.helpers import load_benchmark
 
 
 @pytest.fixture(scope="module")
 def uqa_seeds():
-    spec = importlib.util.spec_from_file_location("uqa_seeds", ROOT / "benchmarks" / "uqa_seeds.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_benchmark("uqa_seeds")
 
 
 ASKED = [{"user_id": u, "family": f, "topic": "t"} for u in ("a", "b", "c", "d") for f in ("sequence", "interest")]
