@@ -31,9 +31,12 @@ import json
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
+
+from qanchor.data.io import write_json, write_text
 
 ROOT = Path(__file__).resolve().parent.parent
 ROWS = ("frozen_lr", "frozen_proto", "tuned")
@@ -128,16 +131,19 @@ def main(argv=None) -> int:
         per_seed = []
         for i, ckpt in enumerate(args.checkpoint):
             out = args.root / Path(data).name / f"ckpt{i}"
+            started = time.perf_counter()
+            print(f"prompt-tune {data} with {ckpt}: start -> {out}", flush=True)
             subprocess.run([sys.executable, "-m", "qanchor.cli", "prompt-tune", "--config", args.config, "--quiet",
                             f"checkpoint={ckpt}", f"data.path={data}", f"output_dir={out}", "task=all", *args.set],
                            check=True, cwd=ROOT, env=env, stdout=subprocess.DEVNULL)
             per_seed.append(run_mean(json.loads((out / "summary.json").read_text())))
+            print(f"prompt-tune {data} with {ckpt}: done in {time.perf_counter() - started:.0f} s, mean tuned AUC "
+                  f"{per_seed[-1]['tuned_auc']:.4f} (frozen LR {per_seed[-1]['frozen_lr_auc']:.4f})", flush=True)
         results[Path(data).name] = aggregate(per_seed)
-    args.root.mkdir(parents=True, exist_ok=True)
-    (args.root / "scale.json").write_text(json.dumps({"checkpoints": args.checkpoint, "config": args.config,
-                                                      "set": args.set, "results": results}, indent=1))
+    write_json({"checkpoints": args.checkpoint, "config": args.config, "set": args.set, "results": results},
+               args.root / "scale.json", indent=1)
     md = table(results)
-    (args.root / "scale.md").write_text(md + "\n")
+    write_text(md + "\n", args.root / "scale.md")
     print(md)
     plot(results, args.root / "scale.png")
     return 0

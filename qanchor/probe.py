@@ -20,7 +20,7 @@ __all__ = ["LR_CS", "logistic_probe"]
 LR_CS = (0.01, 0.1, 1.0)  # the benchmark's grid of inverse regularisation strengths
 
 
-def logistic_probe(y_train: np.ndarray, seed: int, cs: Sequence[float] = LR_CS, class_weight: str | None = None):
+def logistic_probe(y_train: np.ndarray, seed: int, cs: Sequence[float] = LR_CS):
     """An unfitted ``StandardScaler -> LogisticRegression(CV)`` pipeline for labels ``y_train``.
 
     C is chosen from ``cs`` by inner CV (up to 3 folds, scored by AUC); with fewer than 2 users in the
@@ -33,6 +33,6 @@ def logistic_probe(y_train: np.ndarray, seed: int, cs: Sequence[float] = LR_CS, 
     y = np.asarray(y_train)
     inner = min(3, int(min(y.sum(), len(y) - y.sum())))
     if inner < 2:
-        return make_pipeline(StandardScaler(), LogisticRegression(C=0.1, class_weight=class_weight, max_iter=2000))
+        return make_pipeline(StandardScaler(), LogisticRegression(C=0.1, max_iter=2000))
     return make_pipeline(StandardScaler(), LogisticRegressionCV(Cs=list(cs), cv=inner, scoring="roc_auc", max_iter=2000,
-                                                                class_weight=class_weight, random_state=seed))
+                                                                random_state=seed))
