@@ -98,6 +98,11 @@ class PromptTuneConfig:
     seed: int = 0
     prompt_init: Literal["query", "random"] = "query"  # query = the query's own token embeddings, cycled
     balanced: bool = True  # class-balanced batches (half positives): rare positives still shape the prompt
+    # Learn the head's logit scale (temperature) and a class bias beside the prompt and prototypes. Unit-vector
+    # cosines have a bounded range and no offset, so with a fixed temperature the loss can only fit a base rate or
+    # a confident regression by tilting the prototypes off the direction that separates the classes. With a
+    # logistic start both begin where the regression's logits are. false = the paper's fixed-temperature form.
+    learn_calibration: bool = True
     # Whiten embeddings inside the head before the cosine (ridge eps relative to the top eigenvalue); null =
     # raw cosine on the embedding, the paper's literal form (default). Whitening helped when the embedding was
     # one direction; on an embedding spread over a dozen directions, whitening then normalising lets the

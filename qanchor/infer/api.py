@@ -306,7 +306,7 @@ class QAnchor:
 
     def score_many(self, users: Users, heads: Sequence[Head], cutoff: datetime | str | None = None) -> np.ndarray:
         """Scores of several heads from one prefix pass per user -> ``[U, n_heads]``."""
-        return head_scores(heads, self.embed_many(users, [(h.query, h) for h in heads], cutoff=cutoff), self.device)
+        return head_scores(heads, self.embed_many(users, [(h.query, h) for h in heads], cutoff=cutoff))
 
     @torch.inference_mode()
     def embed_packed(self, packed: Sequence[PackedUser], suffixes: Sequence[torch.Tensor], use_cache: bool = True) -> np.ndarray:
@@ -533,10 +533,13 @@ class QAnchor:
         return out
 
 
-def head_scores(heads: Sequence[Head], embeddings: np.ndarray, device: torch.device | str = "cpu") -> np.ndarray:
-    """Each head's score of its own column of ``embeddings`` [U, n_heads, D] -> float32 ``[U, n_heads]``."""
+def head_scores(heads: Sequence[Head], embeddings: np.ndarray) -> np.ndarray:
+    """Each head's score of its own column of ``embeddings`` [U, n_heads, D] -> float32 ``[U, n_heads]``.
+
+    Scored where the head's tensors are (its prompt's device): a head loaded on the CPU scores a GPU model's
+    embeddings without being moved, since the embeddings are host arrays already."""
     with torch.inference_mode():
-        cols = [h.score(torch.from_numpy(embeddings[:, i]).to(device)).detach().float().cpu().numpy()
+        cols = [h.score(torch.from_numpy(embeddings[:, i]).to(h.prompt.device)).detach().float().cpu().numpy()
                 for i, h in enumerate(heads)]
     return np.stack(cols, axis=1) if cols else np.zeros((embeddings.shape[0], 0), np.float32)
 

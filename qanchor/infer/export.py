@@ -267,7 +267,7 @@ def export_embeddings(model: QAnchor, ds: Dataset, queries: list[tuple[str, str]
             chunks.append(chunk)
         emb = np.concatenate(chunks) if chunks else np.zeros((0, len(requests), model.embedding_dim), np.float32)  # (U, Q, D)
         scores = np.full(emb.shape[:2], np.nan, np.float32)  # (U, Q + n_heads)
-        scores[:, len(queries):] = head_scores(heads, emb[:, len(queries):], model.device)
+        scores[:, len(queries):] = head_scores(heads, emb[:, len(queries):])
         write_parquet(embeddings_table(ids, query_ids, emb, scores), out / f"part-{i:05d}.parquet")
         failpoint("shard-written")
         write_text(json.dumps({"users": len(ids), "rows": len(ids) * len(requests)}), out / f"part-{i:05d}.done")

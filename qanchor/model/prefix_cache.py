@@ -153,7 +153,7 @@ class PrefixStore:
         lengths = self.lengths[index]  # (B,)
         width = int(lengths.max())
         data = [(k[index, :, :width], v[index, :, :width]) for k, v in zip(self.keys, self.values)]  # (B, kvh, W, hd)
-        mask = (torch.arange(width)[None, :] < lengths[:, None]).long()  # (B, W)
+        mask = (torch.arange(width, device=lengths.device)[None, :] < lengths[:, None]).long()  # (B, W)
         return PrefixCache(_new_cache(data), mask, lengths)
 
     def hidden(self, model: QAnchorModel, suffixes: list[torch.Tensor], index: torch.Tensor) -> torch.Tensor:

@@ -1,6 +1,7 @@
 """A scenario head: soft prompt + class prototypes for one task, saved as a small file pair.
 
-    <dir>/head.safetensors   prompt (k, H), prototypes (P, D) unit rows, prototype_labels (P,) int64
+    <dir>/head.safetensors   prompt (k, H), prototypes (P, D) unit rows, prototype_labels (P,) int64,
+                             log_scale and bias (scalars; absent in heads written before they existed = 0)
     <dir>/head.yaml          task, query, k, C, temperature, checkpoint hash, qanchor version, ...
 
 The prompt is read by the frozen LLM at the start of the suffix (``model.suffix(query_ids, head.prompt)``);
@@ -21,7 +22,7 @@ from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 import torch
@@ -34,10 +35,10 @@ import qanchor
 from qanchor.data.io import OutputKind, atomic_dir, to_plain
 from qanchor.errors import CheckpointError
 from qanchor.probe import LR_CS, logistic_probe
-from qanchor.tune.losses import prototype_score
+from qanchor.tune.losses import prototype_loss, prototype_score
 
 __all__ = ["ScenarioHead", "HeadEntry", "find_heads", "load_heads", "apply_whitening", "fit_whitening", "kmeans_prototypes",
-           "logistic_prototypes", "query_prompt_init", "HEAD_WEIGHTS", "HEAD_META", "SPLIT_FILE"]
+           "LogisticStart", "logistic_prototypes", "query_prompt_init", "HEAD_WEIGHTS", "HEAD_META", "SPLIT_FILE"]
 
 HEAD_WEIGHTS, HEAD_META, SPLIT_FILE = "head.safetensors", "head.yaml", "split.json"
 
@@ -48,29 +49,42 @@ class ScenarioHead(nn.Module):
     ``prototypes`` is always the unit-normalised view of the trainable ``prototype_weights``, so the
     loss reads cosine similarities and a saved head holds unit rows. ``extra`` is free-form metadata
     (best step, validation AUC, split) that travels in ``head.yaml``.
+
+    The logits are ``cos / temperature`` (+ ``bias`` on the positive prototypes), with
+    ``temperature = base_temperature * exp(-log_scale)``: ``log_scale`` and ``bias`` are scalars a tuning
+    run may learn (see ``PromptTuneConfig.learn_calibration``); at 0 and 0 the head is the paper's form, and
+    the temperature is exactly ``base_temperature``.
     """
 
     def __init__(self, task: str, query: str, prompt: torch.Tensor, prototypes: torch.Tensor,
                  prototype_labels: torch.Tensor, temperature: float, checkpoint_hash: str, extra: dict | None = None,
-                 whitening: tuple[torch.Tensor, torch.Tensor] | None = None):
+                 whitening: tuple[torch.Tensor, torch.Tensor] | None = None,
+                 log_scale: float | torch.Tensor = 0.0, bias: float | torch.Tensor = 0.0):
         super().__init__()
         if prototypes.shape[0] != prototype_labels.shape[0]:
             raise ValueError(f"{prototypes.shape[0]} prototypes but {prototype_labels.shape[0]} labels")
         # Fixed (never trained) affine map applied to embeddings before the cosine: mean (D,), matrix (D, D').
         self.register_buffer("whiten_mean", None if whitening is None else _own(whitening[0]))
         self.register_buffer("whiten_matrix", None if whitening is None else _own(whitening[1]))
-        self.task, self.query, self.temperature, self.checkpoint_hash = task, query, float(temperature), checkpoint_hash
+        self.task, self.query, self.base_temperature, self.checkpoint_hash = task, query, float(temperature), checkpoint_hash
         self.extra = dict(extra or {})
         self.prompt = nn.Parameter(_own(prompt))  # (k, H)
         # Kept as given (unit rows after k-means or tuning): normalising again on every load would move
         # the last bit, and a saved head must score bit-identically after loading.
         self.prototype_weights = nn.Parameter(_own(prototypes))  # (P, D)
         self.register_buffer("prototype_labels", prototype_labels.detach().clone().long())  # (P,)
+        self.log_scale = nn.Parameter(torch.as_tensor(log_scale, dtype=torch.float32).detach().clone().reshape(()))
+        self.bias = nn.Parameter(torch.as_tensor(bias, dtype=torch.float32).detach().clone().reshape(()))
 
     @property
     def prototypes(self) -> torch.Tensor:
         """Unit-norm prototypes (P, D)."""
         return F.normalize(self.prototype_weights, dim=-1)
+
+    @property
+    def temperature(self) -> torch.Tensor:
+        """The effective temperature (a scalar tensor; gradients reach ``log_scale``)."""
+        return self.base_temperature * torch.exp(-self.log_scale)
 
     @property
     def num_prompt_tokens(self) -> int:
@@ -86,21 +100,28 @@ class ScenarioHead(nn.Module):
 
     def score(self, embeddings: torch.Tensor) -> torch.Tensor:
         """(N, D) user embeddings (made with this head's prompt) -> (N,) positive-vs-negative log-odds."""
-        return prototype_score(self.transform(embeddings), self.prototypes, self.prototype_labels, self.temperature)
+        return prototype_score(self.transform(embeddings), self.prototypes, self.prototype_labels, self.temperature,
+                               self.bias)
 
-    def state(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """Detached copies of (prompt, unit prototypes): what best-step selection keeps and restores."""
-        return self.prompt.detach().clone(), self.prototypes.detach().clone()
+    def loss(self, embeddings: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        """(N, D) embeddings (made with this head's prompt), (N,) class ids -> the prototypical loss (scalar)."""
+        return prototype_loss(self.transform(embeddings), self.prototypes, self.prototype_labels, labels,
+                              self.temperature, bias=self.bias)
+
+    def state(self) -> tuple[torch.Tensor, ...]:
+        """Detached copies of (prompt, unit prototypes, log_scale, bias): what best-step selection keeps and restores."""
+        return tuple(t.detach().clone() for t in (self.prompt, self.prototypes, self.log_scale, self.bias))
 
     @torch.no_grad()
-    def load_state(self, state: tuple[torch.Tensor, torch.Tensor]) -> None:
-        self.prompt.copy_(state[0])
-        self.prototype_weights.copy_(state[1])
+    def load_state(self, state: tuple[torch.Tensor, ...]) -> None:
+        for param, value in zip((self.prompt, self.prototype_weights, self.log_scale, self.bias), state, strict=True):
+            param.copy_(value)
 
     # ------------------------------------------------------------------------------------------ files
     def metadata(self) -> dict[str, Any]:
         return {"task": self.task, "query": self.query, "num_prompt_tokens": self.num_prompt_tokens,
-                "prototypes_per_class": self.prototypes_per_class, "temperature": self.temperature,
+                "prototypes_per_class": self.prototypes_per_class, "temperature": self.base_temperature,
+                "effective_temperature": float(self.temperature.detach()), "bias": float(self.bias.detach()),
                 "hidden_size": int(self.prompt.shape[1]), "embedding_dim": int(self.prototype_weights.shape[1]),
                 "checkpoint_hash": self.checkpoint_hash, "qanchor_version": qanchor.__version__, **self.extra}
 
@@ -108,7 +129,8 @@ class ScenarioHead(nn.Module):
         """Write ``head.safetensors`` + ``head.yaml`` into ``directory`` (replaced atomically)."""
         directory = Path(directory)
         tensors = {"prompt": self.prompt.detach().contiguous(), "prototypes": self.prototype_weights.detach().contiguous(),
-                   "prototype_labels": self.prototype_labels.contiguous()}
+                   "prototype_labels": self.prototype_labels.contiguous(), "log_scale": self.log_scale.detach().contiguous(),
+                   "bias": self.bias.detach().contiguous()}
         if self.whiten_matrix is not None:
             tensors.update(whiten_mean=self.whiten_mean.contiguous(), whiten_matrix=self.whiten_matrix.contiguous())
         with atomic_dir(directory, OutputKind.HEAD) as tmp:
@@ -142,12 +164,14 @@ class ScenarioHead(nn.Module):
                                   f"({str(exc).splitlines()[0]}); re-run `qanchor prompt-tune`") from None
         if not {"prompt", "prototypes", "prototype_labels"} <= set(t):
             raise CheckpointError(f"{directory / HEAD_WEIGHTS}: missing prompt / prototypes tensors")
-        known = {"task", "query", "num_prompt_tokens", "prototypes_per_class", "temperature", "hidden_size",
-                 "embedding_dim", "checkpoint_hash", "qanchor_version"}
+        known = {"task", "query", "num_prompt_tokens", "prototypes_per_class", "temperature", "effective_temperature",
+                 "bias", "hidden_size", "embedding_dim", "checkpoint_hash", "qanchor_version"}
         extra = {k: v for k, v in meta.items() if k not in known}
         whitening = (t["whiten_mean"], t["whiten_matrix"]) if "whiten_matrix" in t else None
+        # Heads saved before the scale and bias existed scored with exactly these values.
+        log_scale, bias = t.get("log_scale", 0.0), t.get("bias", 0.0)
         return cls(meta["task"], meta["query"], t["prompt"], t["prototypes"], t["prototype_labels"],
-                   meta["temperature"], meta["checkpoint_hash"], extra, whitening)
+                   meta["temperature"], meta["checkpoint_hash"], extra, whitening, log_scale, bias)
 
 
 @dataclass
@@ -264,8 +288,18 @@ def kmeans_prototypes(embeddings: np.ndarray, labels: np.ndarray, per_class: int
     return F.normalize(centres, dim=-1), torch.tensor(plabels, dtype=torch.long)
 
 
+class LogisticStart(NamedTuple):
+    """Where :func:`logistic_prototypes` starts a head: prototypes (2, D), their labels [0, 1], and the
+    ``log_scale`` and ``bias`` that make the head's logit equal the regression's decision function."""
+
+    prototypes: torch.Tensor
+    labels: torch.Tensor
+    log_scale: float
+    bias: float
+
+
 def logistic_prototypes(points: np.ndarray, labels: np.ndarray, temperature: float, seed: int,
-                        cs: Sequence[float] = LR_CS) -> tuple[torch.Tensor, torch.Tensor]:
+                        cs: Sequence[float] = LR_CS) -> LogisticStart:
     """One prototype per class placed so that the head's score ranks users as a logistic regression does.
 
     k-means centres summarise where each class *lies*, not what tells the classes apart: when positives
@@ -279,10 +313,13 @@ def logistic_prototypes(points: np.ndarray, labels: np.ndarray, temperature: flo
     Then ``cos(e, p1) - cos(e, p0) = 2 s (e . w)``: the prototype score is the regression's decision function
     up to scale and offset (same AUC), and ``s`` is chosen so that ``2 s / temperature`` matches the
     regression's own logit scale (capped at s = 1). Tuning then starts from the probe instead of below it.
+    Where the cap binds (a regression weight norm above ``2 / temperature``), ``log_scale`` makes up the rest, and
+    ``bias`` is the regression's offset: a head that uses both (``ScenarioHead(..., log_scale=, bias=)``) has
+    exactly the regression's logits, so its loss starts at the regression's own optimum (up to the L2 penalty).
 
-    Returns unit prototypes (2, D) and their labels [0, 1]. Example:
+    Returns a :class:`LogisticStart` (unpacks as prototypes, labels, log_scale, bias). Example:
         >>> x = np.array([[1.0, 0.1], [1.0, -0.1], [0.9, 0.4], [0.9, -0.4]]); y = np.array([1, 0, 1, 0])
-        >>> protos, plabels = logistic_prototypes(x, y, temperature=0.1, seed=0)
+        >>> protos, plabels, _, _ = logistic_prototypes(x, y, temperature=0.1, seed=0)
         >>> plabels.tolist(), bool((torch.from_numpy(x).float() @ (protos[1] - protos[0]) > 0).eq(torch.tensor(y) == 1).all())
         ([0, 1], True)
     """
@@ -301,8 +338,10 @@ def logistic_prototypes(points: np.ndarray, labels: np.ndarray, temperature: flo
     scaler, clf = probe[0], probe[-1]
     # Standardising is affine, so its decision function is (coef / scale) . x + const in the points' own space.
     w = clf.coef_[0] / scaler.scale_  # (D,)
+    bias = float(clf.intercept_[0] - w @ scaler.mean_)  # decision(x) = w . x + bias
     norm = float(np.linalg.norm(w))
-    if norm == 0.0:  # everything regularised away: no direction to encode, so start from the class means
+    regularised_away = norm == 0.0
+    if regularised_away:  # no direction to encode, so start from the class means (and no scale to match)
         w = x[y == 1].mean(0) - x[y == 0].mean(0)
         norm = float(np.linalg.norm(w)) or 1.0
     w_unit = w / norm
@@ -314,10 +353,15 @@ def logistic_prototypes(points: np.ndarray, labels: np.ndarray, temperature: flo
         u = np.eye(len(w_unit))[int(np.argmin(np.abs(w_unit)))]
         u = u - (u @ w_unit) * w_unit
     u = u / np.linalg.norm(u)
-    s = min(norm * temperature / 2.0, 1.0)
+    capped = norm * temperature / 2.0 > 1.0
+    s = 1.0 if capped else norm * temperature / 2.0
+    # The logit is (2 s / temperature) * exp(log_scale) * (e . w_unit); it equals e . w when exp(log_scale) makes up
+    # what the cap left out (exactly 0 when uncapped, so such a head's temperature is exactly the configured one).
+    log_scale = float(np.log(norm * temperature / 2.0)) if capped and not regularised_away else 0.0
     c = float(np.sqrt(max(1.0 - s * s, 0.0)))
     protos = np.stack([c * u - s * w_unit, c * u + s * w_unit])  # (2, D): negatives first, as kmeans_prototypes
-    return F.normalize(torch.from_numpy(protos).float(), dim=-1), torch.tensor([0, 1], dtype=torch.long)
+    return LogisticStart(F.normalize(torch.from_numpy(protos).float(), dim=-1), torch.tensor([0, 1], dtype=torch.long),
+                         log_scale, bias)
 
 
 @contextmanager

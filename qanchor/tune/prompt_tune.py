@@ -80,7 +80,8 @@ def encode_users(model: QAnchorModel, ds: Dataset, pipe: UserPipeline, user_ids:
                  progress: bool) -> PrefixStore:
     """Pack, collate and encode the prefixes of ``user_ids`` (sorted), ``chunk`` users at a time."""
     pipe.prime(ds.users(user_ids), progress=progress)  # encode any missing event text once, in big batches
-    batches = (pipe.collate(pipe.pack_many(records)) for records in batched(ds.users(user_ids), chunk))
+    device = next(model.parameters()).device  # the store lives where the model runs
+    batches = (pipe.collate(pipe.pack_many(records)).to(device) for records in batched(ds.users(user_ids), chunk))
     return PrefixStore.encode(model, batches, progress=progress)
 
 

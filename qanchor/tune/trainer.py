@@ -36,7 +36,6 @@ from qanchor.tune.head import (
     logistic_prototypes,
     query_prompt_init,
 )
-from qanchor.tune.losses import prototype_loss
 
 __all__ = ["Split", "split_users", "fold_split", "tune_task", "frozen_logistic", "TuneResult", "head_scores"]
 
@@ -104,13 +103,13 @@ def _initial_prompt(model: QAnchorModel, query_ids: torch.Tensor, cfg: PromptTun
         return query_prompt_init(tokens, cfg.num_prompt_tokens)
     # Small random vectors at the token-embedding scale: a control for the query initialisation.
     gen = torch.Generator().manual_seed(cfg.seed)
-    return torch.randn(cfg.num_prompt_tokens, tokens.shape[1], generator=gen) * tokens.std()
+    return torch.randn(cfg.num_prompt_tokens, tokens.shape[1], generator=gen).to(tokens.device) * tokens.std()
 
 
 def _evaluate(model, store, query_ids, head: ScenarioHead, split: Split, names, chunk: int) -> dict[str, dict]:
     suffix = model.suffix(query_ids, head.prompt.detach())
     with torch.no_grad():
-        return {k: auc_ks(split.labels[k].numpy(), head.score(store.embed(model, suffix, split.rows[k], chunk)).numpy())
+        return {k: auc_ks(split.labels[k].numpy(), head.score(store.embed(model, suffix, split.rows[k], chunk)).float().cpu().numpy())
                 for k in names}
 
 
@@ -125,16 +124,26 @@ def tune_task(model: QAnchorModel, store: PrefixStore, query_ids: torch.Tensor, 
     with torch.no_grad():
         emb0 = store.embed(model, model.suffix(query_ids, prompt), split.rows["train"], cfg.prefix_chunk)  # (n, D)
     whitening = None if cfg.whitening_eps is None else fit_whitening(emb0, cfg.whitening_eps)
-    points = F.normalize(apply_whitening(emb0, whitening), dim=-1)  # what the cosine compares, (n, D)
+    points = F.normalize(apply_whitening(emb0, whitening), dim=-1).float().cpu()  # what the cosine compares, (n, D)
+    log_scale, bias = 0.0, 0.0
     if cfg.prototype_init == "logistic":
-        protos, plabels = logistic_prototypes(points.numpy(), y_train, cfg.temperature, cfg.seed)
+        protos, plabels, start_log_scale, start_bias = logistic_prototypes(points.numpy(), y_train, cfg.temperature, cfg.seed)
+        if cfg.learn_calibration:
+            # The regression's offset is for the training users' base rate; balanced batches train at 50/50, whose
+            # optimal log-odds are higher by log(n0 / n1) (the prior-shift correction), so start there.
+            n_neg, n_pos = int((y_train == 0).sum()), int((y_train == 1).sum())
+            log_scale, bias = start_log_scale, start_bias + (float(np.log(n_neg / n_pos)) if cfg.balanced else 0.0)
     else:
         protos, plabels = kmeans_prototypes(points.numpy(), y_train, cfg.prototypes_per_class, cfg.seed,
                                             min_users=cfg.min_users_per_prototype)
-    head = ScenarioHead(task, query, prompt, protos, plabels, cfg.temperature, checkpoint_hash, whitening=whitening)
+    # On the model's device (prototypes and calibration are made on the host), before the optimiser sees them.
+    head = ScenarioHead(task, query, prompt, protos, plabels, cfg.temperature, checkpoint_hash, whitening=whitening,
+                        log_scale=log_scale, bias=bias).to(prompt.device)
     frozen = _evaluate(model, store, query_ids, head, split, SPLITS[1:], cfg.prefix_chunk)
-    opt = torch.optim.Adam([{"params": [head.prompt], "lr": cfg.lr},
-                            {"params": [head.prototype_weights], "lr": cfg.prototype_lr}])
+    groups = [{"params": [head.prompt], "lr": cfg.lr}, {"params": [head.prototype_weights], "lr": cfg.prototype_lr}]
+    if cfg.learn_calibration:  # two scalars, moved at the prototypes' pace
+        groups.append({"params": [head.log_scale, head.bias], "lr": cfg.prototype_lr})
+    opt = torch.optim.Adam(groups)
     rng = np.random.default_rng(cfg.seed)
     best = (frozen["val"]["auc"], 0, head.state())
     history = [{"step": 0, "loss": None, "val_auc": frozen["val"]["auc"]}]
@@ -142,10 +151,10 @@ def tune_task(model: QAnchorModel, store: PrefixStore, query_ids: torch.Tensor, 
     window: list[float] = []  # batch losses since the last evaluation: one batch's loss is too noisy to read
     for step in range(1, cfg.steps + 1):
         idx = _batch(rng, y_train, cfg.batch_size, cfg.balanced)
-        rows, labels = split.rows["train"][idx], split.labels["train"][idx]
+        rows, labels = split.rows["train"][idx], split.labels["train"][idx].to(prompt.device)
         suffix = model.suffix(query_ids, head.prompt)  # (k + Lq + 1, H): gradients reach the prompt
         emb = model.project(store.hidden(model, [suffix] * len(idx), rows))  # (B, D)
-        loss = prototype_loss(head.transform(emb), head.prototypes, head.prototype_labels, labels, cfg.temperature)
+        loss = head.loss(emb, labels)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
@@ -163,7 +172,8 @@ def tune_task(model: QAnchorModel, store: PrefixStore, query_ids: torch.Tensor, 
     tuned = _evaluate(model, store, query_ids, head, split, SPLITS[1:], cfg.prefix_chunk)
     head.extra.update(best_step=best[1], steps=cfg.steps, seed=cfg.seed, prompt_init=cfg.prompt_init,
                       val_auc=tuned["val"]["auc"], val_fraction=cfg.val_fraction, test_fraction=cfg.test_fraction,
-                      whitening_eps=cfg.whitening_eps, prototype_init=cfg.prototype_init)
+                      whitening_eps=cfg.whitening_eps, prototype_init=cfg.prototype_init,
+                      learn_calibration=cfg.learn_calibration)
     return TuneResult(head, {"frozen_proto": frozen, "tuned": tuned}, best[1], time.perf_counter() - start, history)
 
 
@@ -171,7 +181,7 @@ def frozen_logistic(model: QAnchorModel, store: PrefixStore, query_ids: torch.Te
                     chunk: int = 256, grid: tuple[float, ...] = (0.01, 0.1, 1.0, 10.0)) -> dict[str, dict]:
     """Baseline: logistic regression on frozen task-query embeddings (no prompt), C picked by val AUC."""
     suffix = model.suffix(query_ids, None)
-    x = {k: store.embed(model, suffix, split.rows[k], chunk).numpy() for k in SPLITS}  # (n_k, D)
+    x = {k: store.embed(model, suffix, split.rows[k], chunk).float().cpu().numpy() for k in SPLITS}  # (n_k, D)
     y = {k: split.labels[k].numpy() for k in SPLITS}
     best = None
     for c in grid:

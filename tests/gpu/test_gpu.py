@@ -63,3 +63,24 @@ def test_flash_attention_backbone_builds():
     model = build_backbone(cfg, vocab_size=1000).cuda()
     out = model(input_ids=torch.randint(0, 1000, (2, 16), device="cuda"))
     assert torch.isfinite(out.logits.float()).all()
+
+
+def test_prompt_tune_on_cuda_matches_cpu(ds_dir, tmp_path):
+    """`qanchor prompt-tune device=cuda`: prefixes, prototypes, calibration and batches all on the GPU; the
+    step-0 head scores as on the CPU and the tuned head saves and loads on the host."""
+    from qanchor.config import PromptTuneConfig, load_config
+    from qanchor.model.factory import ModelMeta, save_checkpoint
+    from qanchor.tune.head import ScenarioHead
+    from qanchor.tune.prompt_tune import run_prompt_tune
+
+    model, tokenizer, _, ds, packer, cfg = model_and_stream(ds_dir)
+    save_checkpoint(tmp_path / "ck", model, tokenizer, cfg,
+                    ModelMeta(ds.manifest.to_dict(), packer.cache.dim, {}, list(ds.tabular_columns)))
+    records = {}
+    for device in ("cpu", "cuda"):
+        args = [f"checkpoint={tmp_path / 'ck'}", f"data.path={ds_dir}", f"output_dir={tmp_path / device}", "task=churn",
+                f"device={device}", "steps=6", "eval_every=3", "batch_size=8", "prefix_chunk=16"]
+        records[device] = run_prompt_tune(load_config(None, args, schema=PromptTuneConfig), progress=False)["tasks"]["churn"]
+    assert abs(records["cpu"]["frozen_proto"]["test"]["auc"] - records["cuda"]["frozen_proto"]["test"]["auc"]) < 1e-3
+    head = ScenarioHead.load(tmp_path / "cuda" / "churn")
+    assert head.prompt.device.type == "cpu" and torch.isfinite(head.prototypes).all()

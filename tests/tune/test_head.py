@@ -81,7 +81,7 @@ def test_logistic_prototypes_score_ranks_like_the_regression():
     decision = ref.decision_function((x - mu) / sd)
     w_norm = float(np.linalg.norm(ref.coef_[0] / sd))  # the regression's weight on the unit points themselves
     for temperature in (0.5 / w_norm, 4.0 / w_norm):  # 2 s / t = |w| with s = 0.25; then capped at s = 1
-        protos, plabels = logistic_prototypes(x, y, temperature=temperature, seed=0, cs=(1.0,))
+        protos, plabels, log_scale, bias = logistic_prototypes(x, y, temperature=temperature, seed=0, cs=(1.0,))
         assert plabels.tolist() == [0, 1] and torch.allclose(protos.norm(dim=1), torch.ones(2), atol=1e-6)
         score = prototype_score(torch.from_numpy(x).float(), protos, plabels, temperature).numpy()
         # Identical ranking of every user (float32 scores: near-ties may flip), at the regression's logit scale
@@ -90,20 +90,30 @@ def test_logistic_prototypes_score_ranks_like_the_regression():
         assert abs(roc_auc_score(y, score) - roc_auc_score(y, decision)) < 1e-4
         slope = np.polyfit(decision, score, 1)[0]
         assert abs(slope - min(1.0, 2.0 / (temperature * w_norm))) < 1e-3, (temperature, slope)
+        # With the start's log_scale and bias, a head's logits *are* the regression's decision function.
+        capped = temperature * w_norm / 2.0 > 1.0
+        assert (log_scale == 0.0) != capped and log_scale == pytest.approx(max(np.log(temperature * w_norm / 2), 0.0), abs=1e-3)
+        head = ScenarioHead("t", "q", torch.zeros(1, 4), protos, plabels, temperature, "a" * 64, log_scale=log_scale, bias=bias)
+        with torch.no_grad():
+            calibrated = head.score(torch.from_numpy(x).float()).numpy()
+        # (float32 cosines over a small temperature: agreement to ~0.1% of the logits' spread)
+        slope, offset = np.polyfit(decision, calibrated, 1)
+        assert abs(slope - 1.0) < 2e-3 and abs(offset) < 1e-2, (temperature, slope, offset)
+        assert np.abs(calibrated - decision).max() < 0.01 * np.ptp(decision)
 
 
 def test_logistic_prototypes_beat_kmeans_when_the_classes_overlap():
     x, y = _overlapping_classes(np.random.default_rng(1))
     t = torch.from_numpy(x).float()
     km_protos, km_labels = kmeans_prototypes(x.astype(np.float32), y, per_class=4, seed=0)
-    lr_protos, lr_labels = logistic_prototypes(x, y, temperature=0.1, seed=0)
+    lr_protos, lr_labels, _, _ = logistic_prototypes(x, y, temperature=0.1, seed=0)
     auc_km = roc_auc_score(y, prototype_score(t, km_protos, km_labels, 0.1).numpy())
     auc_lr = roc_auc_score(y, prototype_score(t, lr_protos, lr_labels, 0.1).numpy())
     assert auc_lr > auc_km + 0.05, (auc_lr, auc_km)
     with pytest.raises(ValueError, match="both classes"):
         logistic_prototypes(x, np.zeros(len(x), int), temperature=0.1, seed=0)
-    again, _ = logistic_prototypes(x, y, temperature=0.1, seed=0)
-    assert torch.equal(lr_protos, again)
+    again = logistic_prototypes(x, y, temperature=0.1, seed=0)
+    assert torch.equal(lr_protos, again.prototypes)
 
 
 def test_logistic_prototypes_start_from_the_benchmarks_probe_on_a_rare_class():
@@ -116,7 +126,7 @@ def test_logistic_prototypes_start_from_the_benchmarks_probe_on_a_rare_class():
     x = rng.standard_normal((n, d)) + np.outer(y, np.r_[0.6, 0.4, np.zeros(d - 2)])
     x /= np.linalg.norm(x, axis=1, keepdims=True)
     train, test = np.arange(n) < 600, np.arange(n) >= 600
-    protos, plabels = logistic_prototypes(x[train], y[train], temperature=0.1, seed=0)
+    protos, plabels, _, _ = logistic_prototypes(x[train], y[train], temperature=0.1, seed=0)
     score = prototype_score(torch.from_numpy(x[test]).float(), protos, plabels, 0.1).numpy()
     probe = logistic_probe(y[train], seed=0).fit(x[train], y[train])
     assert abs(roc_auc_score(y[test], score) - roc_auc_score(y[test], probe.decision_function(x[test]))) < 1e-4
@@ -132,7 +142,7 @@ def _head() -> ScenarioHead:
     gen = torch.Generator().manual_seed(0)
     return ScenarioHead("churn", "Will this user stop paying?", torch.randn(6, 32, generator=gen),
                         torch.randn(8, 16, generator=gen), torch.tensor([0] * 4 + [1] * 4), 0.1, "a" * 64,
-                        extra={"best_step": 25})
+                        extra={"best_step": 25}, log_scale=0.3, bias=-1.2)
 
 
 def test_save_load_scores_identically(tmp_path):
@@ -147,7 +157,28 @@ def test_save_load_scores_identically(tmp_path):
     assert torch.equal(loaded.prompt, head.prompt) and torch.equal(loaded.prototypes, head.prototypes)
     assert torch.equal(loaded.prototype_labels, head.prototype_labels)
     assert torch.equal(loaded.score(emb), head.score(emb))
-    assert (loaded.task, loaded.query, loaded.temperature) == (head.task, head.query, head.temperature)
+    assert (loaded.task, loaded.query, loaded.base_temperature) == (head.task, head.query, head.base_temperature)
+    assert torch.equal(loaded.log_scale, head.log_scale) and torch.equal(loaded.bias, head.bias)
+    assert meta["effective_temperature"] == pytest.approx(0.1 * np.exp(-0.3)) and meta["bias"] == pytest.approx(-1.2)
+
+
+def test_scale_and_bias_enter_the_score_and_old_heads_load_without_them(tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    head = _head()
+    emb = torch.nn.functional.normalize(torch.randn(50, 16), dim=-1)
+    plain = prototype_score(emb, head.prototypes, head.prototype_labels, 0.1)
+    # exp(0.3) times the logits, then + bias on the positive side: the score is affine in the plain one here
+    # only with one prototype per class, so compare against the explicit form.
+    expected = prototype_score(emb, head.prototypes, head.prototype_labels, 0.1 * np.exp(-0.3)) - 1.2
+    assert torch.allclose(head.score(emb), expected, atol=1e-5) and not torch.allclose(head.score(emb), plain)
+    # A head written before the scale and bias existed has neither tensor: it scores exactly as it did.
+    head.save(tmp_path / "h")
+    tensors = load_file(str(tmp_path / "h" / "head.safetensors"))
+    save_file({k: v for k, v in tensors.items() if k not in ("log_scale", "bias")}, str(tmp_path / "h" / "head.safetensors"))
+    old = ScenarioHead.load(tmp_path / "h")
+    assert old.log_scale.item() == 0.0 and old.bias.item() == 0.0 and old.temperature.item() == pytest.approx(0.1)
+    assert torch.equal(old.score(emb), plain)
 
 
 def test_refuses_other_checkpoint_and_missing_files(tmp_path):

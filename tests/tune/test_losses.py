@@ -50,6 +50,20 @@ def test_loss_is_softplus_of_score_with_one_prototype_per_class():
     assert torch.allclose(prototype_loss(emb, protos, plabels, labels, 0.1), expected, atol=1e-5)
 
 
+def test_bias_shifts_the_score_and_the_loss_stays_its_logistic_loss():
+    gen = torch.Generator().manual_seed(1)
+    emb, protos = torch.randn(16, 8, generator=gen), torch.randn(4, 8, generator=gen)
+    plabels, labels = torch.tensor([0, 0, 1, 1]), torch.randint(0, 2, (16,), generator=gen)
+    score = prototype_score(emb, protos, plabels, 0.1, bias=0.7)
+    assert torch.allclose(score, prototype_score(emb, protos, plabels, 0.1) + 0.7, atol=1e-5)
+    expected = torch.nn.functional.softplus(torch.where(labels == 1, -score, score)).mean()
+    assert torch.allclose(prototype_loss(emb, protos, plabels, labels, 0.1, bias=0.7), expected, atol=1e-5)
+    # Learnable: a tensor temperature and bias get gradients.
+    t, b = torch.tensor(0.1, requires_grad=True), torch.tensor(0.0, requires_grad=True)
+    prototype_loss(emb, protos, plabels, labels, t, bias=b).backward()
+    assert t.grad.abs() > 0 and b.grad.abs() > 0
+
+
 def test_loss_gradients_reach_embeddings_and_prototypes():
     emb, protos = EMB.clone().requires_grad_(True), PROTOS.clone().requires_grad_(True)
     prototype_loss(emb, protos, PROTO_LABELS, LABELS, T).backward()

@@ -206,3 +206,11 @@ def test_logistic_prototype_init_starts_from_the_regression_on_step0_embeddings(
     decision = ref.decision_function(points)
     score = head.score(emb).detach().numpy()
     assert np.corrcoef(np.argsort(np.argsort(score)), np.argsort(np.argsort(decision)))[0, 1] > 0.999
+    # ...and, with the learned calibration (the default), at the regression's own logits, shifted by the prior
+    # correction for class-balanced batches: the loss starts at the regression's optimum, not below it.
+    assert cfg.learn_calibration and cfg.balanced and head.extra["learn_calibration"]
+    slope, offset = np.polyfit(decision, score, 1)
+    assert abs(slope - 1.0) < 0.01 and abs(offset - np.log((y == 0).sum() / (y == 1).sum())) < 0.02, (slope, offset)
+    cfg.learn_calibration = False  # the paper's form: fixed temperature, no bias
+    plain = tune_task(model, store, query_ids, split, cfg, "churn", task.spec.query, "h").head
+    assert plain.log_scale.item() == 0.0 and plain.bias.item() == 0.0 and torch.equal(plain.prototypes, head.prototypes)
