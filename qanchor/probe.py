@@ -35,4 +35,15 @@ def logistic_probe(y_train: np.ndarray, seed: int, cs: Sequence[float] = LR_CS):
     if inner < 2:
         return make_pipeline(StandardScaler(), LogisticRegression(C=0.1, max_iter=2000))
     return make_pipeline(StandardScaler(), LogisticRegressionCV(Cs=list(cs), cv=inner, scoring="roc_auc", max_iter=2000,
-                                                                random_state=seed))
+                                                                random_state=seed, **_settled_cv_defaults()))
+
+
+def _settled_cv_defaults() -> dict:
+    """scikit-learn >= 1.9 warns on every fit that two LogisticRegressionCV defaults will change; pass the new values
+    (the same L2 model: ``l1_ratios=(0.0,)``; only the layout of the CV bookkeeping attributes, which nothing here
+    reads, differs). Older versions lack ``use_legacy_attributes`` and would warn about ``l1_ratios`` instead."""
+    from sklearn.linear_model import LogisticRegressionCV
+
+    if "use_legacy_attributes" not in LogisticRegressionCV().get_params():
+        return {}
+    return {"l1_ratios": (0.0,), "use_legacy_attributes": False}
