@@ -223,8 +223,10 @@ def _qanchor_head(ctx: BenchContext, task: Task, folds: list) -> MethodInput:
     scores = np.full(len(task.labels), np.nan)
     for (split, head), (_, test) in zip(heads, folds):
         scores[test] = head_scores(model.model, ctx.prefix_store, query_ids, head, split.rows["test"], cfg.prefix_chunk)
+    kept = ", ".join(str(head.extra.get("best_step", "?")) for _, head in heads)
     return MethodInput(scores=scores, note=f"head tuned per fold on its training users ({cfg.steps} steps, best "
-                                            "step by a validation split of them), scored on the fold's test users")
+                                            f"step by a validation split of them; kept steps {kept}), scored on the "
+                                            "fold's test users")
 
 
 def _qanchor_head_lr(ctx: BenchContext, task: Task, folds: list) -> MethodInput:

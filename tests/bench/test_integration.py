@@ -59,6 +59,8 @@ def test_bench_with_real_model_and_head(env, tmp_path):
     head = churn.methods["qanchor_head"]
     # per-fold heads: every user is scored once, by the head of the fold it was a test user in
     assert sum(head.n_test) == 40 and "tuned per fold" in head.note
+    kept = head.note.split("kept steps ")[1].split(")")[0].split(", ")  # the step each fold's head kept, in order
+    assert len(kept) == 3 and all(0 <= int(s) <= 6 for s in kept), head.note
     assert "another task's query" in churn.methods["qanchor_swapped_query"].note
     assert (tmp_path / "random_init" / "checkpoint" / "qanchor.json").exists()  # the floor: initial weights, saved
     assert result.extras["pca"][0]["after"].shape == (40, 128)
