@@ -34,8 +34,8 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
 from qanchor.data.dataset import load_dataset  # noqa: E402
-from qanchor.infer.api import QAnchor  # noqa: E402
 from qanchor.data.io import atomic_path  # noqa: E402
+from qanchor.infer.api import QAnchor  # noqa: E402
 from qanchor.logs import quiet_third_party  # noqa: E402
 from qanchor.train.pairs import PretrainStream  # noqa: E402
 from qanchor.train.pretrain import answer_cache  # noqa: E402
