@@ -25,7 +25,6 @@ import argparse
 import json
 import os
 import sys
-from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
@@ -55,11 +54,6 @@ def parameter_groups(model) -> dict[str, list[torch.nn.Parameter]]:
     return groups
 
 
-def _flat(grads, params) -> torch.Tensor:
-    # float64: a float32 norm over millions of entries drifts in the 4th digit, which would hide small terms
-    return torch.cat([(g if g is not None else torch.zeros_like(p)).reshape(-1).double() for g, p in zip(grads, params)])
-
-
 def gradient_balance(q: QAnchor, ds, batches: int, batch_size: int, seed: int = 0,
                      profile_weight: float | None = None) -> dict:
     """Per batch, the weighted gradient of each loss term per parameter group; means over batches.
@@ -67,6 +61,7 @@ def gradient_balance(q: QAnchor, ds, batches: int, batch_size: int, seed: int = 
     ``profile_weight`` overrides the checkpoint's (to see what another weight would do to the same state)."""
     cfg = q.run_cfg
     model = q.model
+    torch.manual_seed(seed)  # the pair stream draws from torch's RNG: each checkpoint sees the same batches
     model.train()  # as in pretraining (the tiny preset has no dropout; a preset with dropout gets its noise)
     weights = {"contrastive": 1.0, "ntp": cfg.loss.ntp_weight,
                "profile": cfg.loss.profile_weight if profile_weight is None else profile_weight}
@@ -78,47 +73,35 @@ def gradient_balance(q: QAnchor, ds, batches: int, batch_size: int, seed: int = 
     stream.answer_cache = answer_cache(cfg, ds, 0, False, stream.answers_for_steps(batches, batch_size))
     groups = parameter_groups(model)
     params = groups["all"]
-    start = 0  # each group's slice of the flat gradient, in named_parameters order
-    offsets = {}
-    for p in params:
-        offsets[id(p)] = (start, start + p.numel())
-        start += p.numel()
-    masks = {}
-    for g, ps in groups.items():
-        m = torch.zeros(start, dtype=torch.bool)
-        for p in ps:
-            a, b = offsets[id(p)]
-            m[a:b] = True
-        masks[g] = m
+    index = {id(p): i for i, p in enumerate(params)}
+    members = {g: [index[id(p)] for p in ps] for g, ps in groups.items()}
     rows = []
     for step in range(batches):
-        batch = stream.batch(step, batch_size)
-        out = model(batch, cfg.loss)
+        out = model(stream.batch(step, batch_size), cfg.loss)
         values = {"contrastive": out.loss_contrastive, "ntp": out.loss_ntp, "profile": out.loss_profile}
-        flat = {}
+        grads = {}  # term -> per-parameter weighted gradient, float64: float32 sums over millions of entries drift
         for term in TERMS:
             if weights[term] == 0 or not values[term].requires_grad:
                 continue
-            grads = torch.autograd.grad(weights[term] * values[term], params, retain_graph=True, allow_unused=True)
-            flat[term] = _flat(grads, params)
-        total = sum(flat.values())
+            g = torch.autograd.grad(weights[term] * values[term], params, retain_graph=True, allow_unused=True)
+            grads[term] = [torch.zeros((), dtype=torch.float64) if x is None else x.double() for x in g]
+        names = list(grads)
         row = {"loss_" + t: float(values[t].detach()) for t in TERMS}
-        for g, m in masks.items():
-            row[f"{g}/total"] = float(total[m].norm())
-            for t, v in flat.items():
-                row[f"{g}/{t}"] = float(v[m].norm())
-            names = list(flat)
+        for g, idx in members.items():
+            # every norm and cosine of the group from the terms' inner products: ||sum_t g_t||^2 = sum_ab <g_a, g_b>
+            dot = {(a, b): sum(float((grads[a][i] * grads[b][i]).sum()) for i in idx) for a in names for b in names}
+            for t in names:
+                row[f"{g}/{t}"] = dot[t, t] ** 0.5
+            row[f"{g}/total"] = max(sum(dot.values()), 0.0) ** 0.5
             for i, a in enumerate(names):
                 for b in names[i + 1:]:
-                    row[f"{g}/cos({a},{b})"] = float(torch.nn.functional.cosine_similarity(flat[a][m], flat[b][m], dim=0))
+                    row[f"{g}/cos({a},{b})"] = dot[a, b] / max(row[f"{g}/{a}"] * row[f"{g}/{b}"], 1e-30)
         clip = cfg.train.grad_clip
         row["clip_factor"] = min(1.0, clip / max(row["all/total"], 1e-12)) if clip > 0 else 1.0
         rows.append(row)
-        model.zero_grad(set_to_none=True)
-    keys = rows[0].keys()
-    return {"checkpoint_step": None, "profile_weight": weights["profile"], "grad_clip": cfg.train.grad_clip,
-            "batches": batches, "batch_size": batch_size,
-            "mean": {k: float(np.mean([r[k] for r in rows])) for k in keys}, "per_batch": rows}
+    return {"profile_weight": weights["profile"], "grad_clip": cfg.train.grad_clip, "batches": batches,
+            "batch_size": batch_size, "mean": {k: float(np.mean([r[k] for r in rows])) for k in rows[0]},
+            "per_batch": rows}
 
 
 def markdown(results: dict[str, dict]) -> str:
@@ -147,7 +130,6 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--out", help="write the results here (JSON)")
     args = ap.parse_args(argv)
     quiet_third_party()
-    torch.manual_seed(0)
     ds = load_dataset(args.data)
     results = {}
     for ckpt in args.checkpoint:
@@ -155,7 +137,6 @@ def main(argv: list[str] | None = None) -> int:
         results[ckpt] = gradient_balance(q, ds, args.batches, args.batch_size, profile_weight=args.profile_weight)
     print(markdown(results))
     if args.out:
-        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
         with atomic_path(args.out) as tmp:
             tmp.write_text(json.dumps(results, indent=1))
     return 0
