@@ -132,12 +132,12 @@ def quiet_third_party() -> None:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
     os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
-    try:
-        import transformers
-
+    # transformers reads these two when it is first imported; setting them instead of importing it here keeps
+    # commands that never load a model (``qanchor --help``, ``qanchor data validate``) from paying ~1 s for it.
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    if "transformers" in sys.modules:  # already imported (a library caller): set it directly
+        transformers = sys.modules["transformers"]
         transformers.utils.logging.set_verbosity_error()
         transformers.utils.logging.disable_progress_bar()
-    except ImportError:
-        pass
     for name in ("DeepSpeed", "deepspeed", "torch.distributed", "lightning", "pytorch_lightning", "lightning.pytorch"):
         logging.getLogger(name).setLevel(logging.WARNING)

@@ -19,33 +19,53 @@ result. Long jobs show a progress bar on a terminal and log lines in a log file.
     qanchor update checkpoint=runs/cj state=state/d0 events=[day1.parquet] out=state/d1
     qanchor index build embeddings=emb/cj query_id=churn out=churn.faiss
 
-Layer: the top (imports every other package; nothing imports it).
+Layer: the top (its commands import every other package; nothing imports it). Only the module of the command being
+run is imported (`qanchor.cli.common.COMMANDS`).
 """
 
 from __future__ import annotations
 
+import importlib
 import sys
 
-from qanchor.cli import bench, data, infer, train, tune
-from qanchor.cli.common import EXIT_USER_ERROR, Parser, parse
+from qanchor.cli.common import COMMANDS, EXIT_USER_ERROR, Parser, parse
 from qanchor.errors import QAnchorError
 from qanchor.logs import quiet_third_party
 
 __all__ = ["main", "build_parser", "EXIT_USER_ERROR"]
 
 
-def build_parser() -> Parser:
+def _command_word(argv: list[str]) -> str | None:
+    """The command ``argv`` names (its first word that is not a flag), if any."""
+    return next((a for a in argv if not a.startswith("-")), None)
+
+
+def build_parser(argv: list[str] | None = None) -> Parser:
+    """The ``qanchor`` parser, with full sub-parsers for the command ``argv`` names (every command if ``argv`` is None).
+
+    Commands ``argv`` does not name get a help-only stub, so ``qanchor --help`` lists them all without importing their
+    stacks (see :data:`~qanchor.cli.common.COMMANDS`).
+    """
     parser = Parser(prog="qanchor", description="Query-conditioned user embeddings (Q-Anchor).")
     sub = parser.add_subparsers(dest="command", required=True, parser_class=Parser)
-    for module in (data, train, tune, infer, bench):
-        module.register(sub)
+    named = None if argv is None else _command_word(argv)
+    if argv is None:
+        modules = list(dict.fromkeys(module for module, _ in COMMANDS.values()))
+    else:
+        modules = [COMMANDS[named][0]] if named in COMMANDS else []
+    for module in modules:
+        importlib.import_module(module).register(sub)
+    for name, (_, help_text) in COMMANDS.items():
+        if name not in sub.choices:
+            sub.add_parser(name, help=help_text)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
     quiet_third_party()
     try:
-        args = parse(build_parser(), argv)
+        argv = sys.argv[1:] if argv is None else list(argv)
+        args = parse(build_parser(argv), argv)
     except SystemExit as exc:  # --help, or a usage error already printed as one line
         return int(exc.code or 0)
     try:

@@ -14,7 +14,7 @@ from pathlib import Path
 
 from qanchor.bench.report import average_table, bench_and_report
 from qanchor.bench.uqa import run_uqa, uqa_table, write_uqa
-from qanchor.cli.common import add_settings, settings
+from qanchor.cli.common import add_command, add_settings, settings
 from qanchor.config import BenchConfig, UqaConfig
 
 __all__ = ["register"]
@@ -49,9 +49,9 @@ def _cmd_uqa(args: argparse.Namespace) -> None:
 
 
 def register(subparsers) -> None:
-    p = subparsers.add_parser("uqa", help="multiple-choice questions about held-out users: Q-Anchor vs TextN vs prior")
+    p = add_command(subparsers, "uqa")
     add_settings(p, UqaConfig, "checkpoint=runs/uqa/pretrain data.path=data/completejourney output_dir=results/uqa")
     p.set_defaults(func=_cmd_uqa)
-    p = subparsers.add_parser("bench", help="AUC / KS benchmark of Q-Anchor against peers (k-fold over users)")
+    p = add_command(subparsers, "bench")
     add_settings(p, BenchConfig, "checkpoint=runs/cj data.path=data/cj heads_dir=runs/cj-heads output_dir=results/cj")
     p.set_defaults(func=_cmd_bench)

@@ -8,9 +8,25 @@ from typing import Any, NoReturn
 
 from qanchor.config import load_config
 
-__all__ = ["EXIT_USER_ERROR", "Parser", "add_settings", "parse", "settings", "print_record"]
+__all__ = ["COMMANDS", "EXIT_USER_ERROR", "Parser", "add_command", "add_settings", "parse", "settings", "print_record"]
 
 EXIT_USER_ERROR = 2
+
+# command -> (the module that implements it, its one-line help). The command line imports only the module of
+# the command it runs: each module pulls its own stack (torch, transformers, scikit-learn: about 5 s for all of
+# them on 2 CPU cores), which `qanchor --help` or `qanchor data validate` should not wait for.
+COMMANDS: dict[str, tuple[str, str]] = {
+    "data": ("qanchor.cli.data", "build, check and prepare datasets"),
+    "pretrain": ("qanchor.cli.train", "pretrain Q-Anchor under DeepSpeed (resumable)"),
+    "prompt-tune": ("qanchor.cli.tune", "cluster-based soft prompt tuning of scenario heads (one per task)"),
+    "embed": ("qanchor.cli.infer", "export embeddings of every user x query to Parquet shards (resumable)"),
+    "update": ("qanchor.cli.infer", "daily incremental update of a state (or build the first one)"),
+    "ask": ("qanchor.cli.infer", "the model's answer to a question about one user (or its pick of options=[...])"),
+    "describe": ("qanchor.cli.infer", "a short profile of one user; every statement verified against its events"),
+    "index": ("qanchor.cli.infer", "faiss look-alike search over exported embeddings"),
+    "uqa": ("qanchor.cli.bench", "multiple-choice questions about held-out users: Q-Anchor vs TextN vs prior"),
+    "bench": ("qanchor.cli.bench", "AUC / KS benchmark of Q-Anchor against peers (k-fold over users)"),
+}
 
 
 class Parser(argparse.ArgumentParser):
@@ -22,6 +38,11 @@ class Parser(argparse.ArgumentParser):
             hint = "; settings are key=value (e.g. checkpoint=DIR), not --flags"
         print(f"error: {self.prog}: {message}{hint} (see `{self.prog} --help`)", file=sys.stderr)
         sys.exit(EXIT_USER_ERROR)
+
+
+def add_command(subparsers: Any, name: str) -> argparse.ArgumentParser:
+    """The sub-parser of one top-level command, with its help from :data:`COMMANDS`."""
+    return subparsers.add_parser(name, help=COMMANDS[name][1])
 
 
 def add_settings(p: argparse.ArgumentParser, schema: type, example: str) -> None:

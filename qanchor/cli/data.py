@@ -16,7 +16,7 @@ from pathlib import Path
 
 from data_tools.completejourney import build_completejourney
 from data_tools.synth import build_synthetic
-from qanchor.cli.common import add_settings, settings
+from qanchor.cli.common import add_command, add_settings, settings
 from qanchor.config import CompleteJourneyConfig, DataConfig, SynthConfig, UserUConfig, require
 from qanchor.data.dataset import load_dataset
 from qanchor.data.io import OutputKind, check_replaceable
@@ -88,7 +88,7 @@ def _cmd_encode(args: argparse.Namespace) -> None:
 
 def register(subparsers) -> None:
     """Add ``qanchor data synth|completejourney|validate|userU|encode``."""
-    data = subparsers.add_parser("data", help="build, check and prepare datasets")
+    data = add_command(subparsers, "data")
     sub = data.add_subparsers(dest="data_command", required=True, parser_class=type(data))
     p = sub.add_parser("synth", help="generate the synthetic six-modality world")
     add_settings(p, SynthConfig, "out=data/synth users=2000 seed=1")

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import numpy as np
 
-from qanchor.cli.common import add_settings, print_record, settings
+from qanchor.cli.common import add_command, add_settings, print_record, settings
 from qanchor.config import (
     AskConfig,
     DescribeConfig,
@@ -191,20 +191,20 @@ def _cmd_describe(args: argparse.Namespace) -> None:
 
 def register(subparsers) -> None:
     """Add ``embed``, ``update``, ``ask``, ``describe`` and ``index`` to the ``qanchor`` command line."""
-    p = subparsers.add_parser("embed", help="export embeddings of every user x query to Parquet shards (resumable)")
+    p = add_command(subparsers, "embed")
     add_settings(p, EmbedConfig, "checkpoint=runs/cj data.path=data/cj queries=tasks out=emb/cj")
     p.set_defaults(func=_cmd_embed)
-    p = subparsers.add_parser("update", help="daily incremental update of a state (or build the first one)")
+    p = add_command(subparsers, "update")
     add_settings(p, UpdateConfig, "checkpoint=runs/cj state=state/d0 events=[day1.parquet] out=state/d1")
     p.set_defaults(func=_cmd_update)
-    p = subparsers.add_parser("ask", help="the model's answer to a question about one user (or its pick of options=[...])")
+    p = add_command(subparsers, "ask")
     p.set_defaults(positional="question", question=None)  # the one free-text word: the question (or question=...)
     add_settings(p, AskConfig, 'checkpoint=runs/cj data.path=data/cj user=hh_0001 "How recently was this user active?"')
     p.set_defaults(func=_cmd_ask)
-    p = subparsers.add_parser("describe", help="a short profile of one user; every statement verified against its events")
+    p = add_command(subparsers, "describe")
     add_settings(p, DescribeConfig, "checkpoint=runs/cj data.path=data/cj user=hh_0001")
     p.set_defaults(func=_cmd_describe)
-    index = subparsers.add_parser("index", help="faiss look-alike search over exported embeddings")
+    index = add_command(subparsers, "index")
     sub = index.add_subparsers(dest="index_command", required=True, parser_class=type(index))
     p = sub.add_parser("build", help="build an index over one query's embeddings")
     add_settings(p, IndexBuildConfig, "embeddings=emb/cj query_id=churn out=churn.faiss")

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import argparse
 
-from qanchor.cli.common import add_settings, settings
+from qanchor.cli.common import add_command, add_settings, settings
 from qanchor.config import PretrainConfig
 from qanchor.train.pretrain import run_pretrain
 
@@ -20,6 +20,6 @@ def _cmd_pretrain(args: argparse.Namespace) -> None:
 
 
 def register(subparsers) -> None:
-    p = subparsers.add_parser("pretrain", help="pretrain Q-Anchor under DeepSpeed (resumable)")
+    p = add_command(subparsers, "pretrain")
     add_settings(p, PretrainConfig, "data.path=data/cj output_dir=runs/cj train.max_steps=300")
     p.set_defaults(func=_cmd_pretrain)

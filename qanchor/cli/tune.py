@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import argparse
 
-from qanchor.cli.common import add_settings, settings
+from qanchor.cli.common import add_command, add_settings, settings
 from qanchor.config import PromptTuneConfig
 from qanchor.tune.prompt_tune import format_summary, run_prompt_tune
 
@@ -21,6 +21,6 @@ def _cmd_prompt_tune(args: argparse.Namespace) -> None:
 
 
 def register(subparsers) -> None:
-    p = subparsers.add_parser("prompt-tune", help="cluster-based soft prompt tuning of scenario heads (one per task)")
+    p = add_command(subparsers, "prompt-tune")
     add_settings(p, PromptTuneConfig, "checkpoint=runs/cj data.path=data/cj task=churn steps=200")
     p.set_defaults(func=_cmd_prompt_tune)

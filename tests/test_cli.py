@@ -1,0 +1,41 @@
+"""The command line imports only the module of the command it runs, and its table of commands is complete."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+from qanchor.cli import build_parser
+from qanchor.cli.common import COMMANDS
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def _subcommands(parser) -> dict:
+    return next(a for a in parser._actions if a.dest == "command").choices
+
+
+def test_every_listed_command_is_registered_by_its_module():
+    full = _subcommands(build_parser())
+    assert set(full) == set(COMMANDS)
+    for name in COMMANDS:
+        assert full[name].get_default("func") is not None or name in ("data", "index"), name  # groups hold sub-commands
+    # a named command gets its real parser; the others are help-only stubs that never run
+    only_train = _subcommands(build_parser(["pretrain", "train.max_steps=3"]))
+    assert set(only_train) == set(COMMANDS)
+    assert only_train["pretrain"].get_default("func") is not None and only_train["embed"].get_default("func") is None
+
+
+def _modules_after(args: list[str]) -> set[str]:
+    code = ("import sys; from qanchor.cli import main; code = main(sys.argv[1:]); "
+            "print(' '.join(sorted(m.split('.')[0] for m in sys.modules)))")
+    done = subprocess.run([sys.executable, "-c", code, *args], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    return set(done.stdout.splitlines()[-1].split())  # the last line: the top-level packages imported
+
+
+def test_help_and_a_usage_error_import_no_heavy_stack():
+    for args in (["--help"], ["bogus-command"]):
+        loaded = _modules_after(args)
+        assert not loaded & {"torch", "transformers", "sklearn"}, (args, sorted(loaded & {"torch", "transformers", "sklearn"}))
+    assert "torch" in _modules_after(["pretrain", "--help"])  # the named command's stack is loaded
