@@ -11,6 +11,9 @@ SYNTH := $(DATA_DIR)/synth
 CONFIG ?=
 ARGS ?=
 PYTEST_ARGS ?=
+# pytest-xdist workers for `make test`, whole test files per worker (so a file's shared fixtures are built once); each
+# worker runs torch on one thread. 2 on a 2-core machine; TEST_WORKERS=0 runs the suite in one process.
+TEST_WORKERS ?= 2
 
 .PHONY: help install test lint demo demo-synth uqa data data-cj data-synth pretrain prompt-tune bench gpu-check clean
 
@@ -31,7 +34,7 @@ $(VENV)/.installed: pyproject.toml
 	touch $@
 
 test: install $(VENV)/.coles ## run the test suite (gpu tests skip without CUDA)
-	HF_HUB_OFFLINE=1 $(PY) -m pytest -q $(PYTEST_ARGS)
+	HF_HUB_OFFLINE=1 $(PY) -m pytest -q -n $(TEST_WORKERS) --dist loadfile $(PYTEST_ARGS)
 
 lint: install ## ruff
 	$(VENV)/bin/ruff check qanchor data_tools benchmarks tests

@@ -13,6 +13,13 @@ import pytest
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # nothing in the suite may reach a model hub
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    # `make test` runs one pytest-xdist worker per core: each worker (and the commands it starts) takes one thread,
+    # since two workers each spinning two torch threads on two cores run several times slower than one each.
+    os.environ["OMP_NUM_THREADS"] = "1"
+    import torch
+
+    torch.set_num_threads(1)
 
 from qanchor.data.manifest import Manifest  # noqa: E402
 from qanchor.data.schema import events_table, write_dataset  # noqa: E402
