@@ -66,6 +66,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         argv = sys.argv[1:] if argv is None else list(argv)
         args = parse(build_parser(argv), argv)
+        if not hasattr(args, "func"):  # the command was not the first plain word: parse again with every command
+            args = parse(build_parser(), argv)
     except SystemExit as exc:  # --help, or a usage error already printed as one line
         return int(exc.code or 0)
     try:
