@@ -48,10 +48,10 @@ def build_parser(argv: list[str] | None = None) -> Parser:
     """
     parser = Parser(prog="qanchor", description="Query-conditioned user embeddings (Q-Anchor).")
     sub = parser.add_subparsers(dest="command", required=True, parser_class=Parser)
-    named = None if argv is None else _command_word(argv)
     if argv is None:
         modules = list(dict.fromkeys(module for module, _ in COMMANDS.values()))
     else:
+        named = _command_word(argv)
         modules = [COMMANDS[named][0]] if named in COMMANDS else []
     for module in modules:
         importlib.import_module(module).register(sub)
