@@ -13,6 +13,8 @@ Example:
 from __future__ import annotations
 
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -113,9 +115,36 @@ def _evaluate(model, store, query_ids, head: ScenarioHead, split: Split, names, 
                 for k in names}
 
 
+@contextmanager
+def frozen(model: torch.nn.Module) -> Iterator[None]:
+    """No parameter of ``model`` requires a gradient inside the block; each one's flag is restored after it.
+
+    A head's backward pass must reach only its prompt and prototypes. With the model's weights still trainable
+    (a model opened for inference, as the benchmark's is) every step would also compute and accumulate gradients
+    for the whole backbone, the 30k-row token embedding included: wasted time and memory, same result.
+    """
+    flags = [(p, p.requires_grad) for p in model.parameters()]
+    try:
+        for p, _ in flags:
+            p.requires_grad_(False)
+        yield
+    finally:
+        for p, flag in flags:
+            p.requires_grad_(flag)
+
+
 def tune_task(model: QAnchorModel, store: PrefixStore, query_ids: torch.Tensor, split: Split, cfg: PromptTuneConfig,
               task: str, query: str, checkpoint_hash: str, progress: bool = False) -> TuneResult:
-    """Initialise a head (query-token prompt; k-means or logistic prototypes) and tune it; keep the best-val step."""
+    """Initialise a head (query-token prompt; k-means or logistic prototypes) and tune it; keep the best-val step.
+
+    Only the head trains: the model is frozen for the call (see :func:`frozen`) whatever its flags were.
+    """
+    with frozen(model):
+        return _tune_task(model, store, query_ids, split, cfg, task, query, checkpoint_hash, progress)
+
+
+def _tune_task(model: QAnchorModel, store: PrefixStore, query_ids: torch.Tensor, split: Split, cfg: PromptTuneConfig,
+               task: str, query: str, checkpoint_hash: str, progress: bool) -> TuneResult:
     start = time.perf_counter()
     y_train = split.labels["train"].numpy()
     if np.unique(y_train).size < 2:

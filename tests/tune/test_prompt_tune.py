@@ -90,6 +90,25 @@ def test_pretrained_weights_bit_identical_and_tuning_deterministic(loaded):
     assert [h["step"] for h in first.history] == [0, 3, 6]
 
 
+def test_tuning_a_trainable_model_trains_only_the_head(loaded):
+    """The benchmark tunes heads on a model opened for inference, whose weights still require gradients: the
+    backward pass must not reach them (no gradient kept), the result must equal the frozen model's, and every
+    parameter's flag must be as it was afterwards."""
+    model, store, query_ids, split, cfg, task = _task_inputs(loaded)
+    reference = tune_task(model, store, query_ids, split, cfg, "churn", task.spec.query, "h")
+    flags = [i % 2 == 0 for i, _ in enumerate(model.parameters())]  # a mix, to see each one restored
+    try:
+        for p, flag in zip(model.parameters(), flags):
+            p.requires_grad_(flag)
+        result = tune_task(model, store, query_ids, split, cfg, "churn", task.spec.query, "h")
+        assert [p.requires_grad for p in model.parameters()] == flags
+        assert all(p.grad is None for p in model.parameters())
+    finally:
+        model.requires_grad_(False)
+    assert torch.equal(result.head.prompt, reference.head.prompt)
+    assert result.metrics == reference.metrics and result.best_step == reference.best_step
+
+
 def test_training_moves_the_prompt_and_lowers_the_loss(loaded):
     model, store, query_ids, split, cfg, task = _task_inputs(loaded)
     cfg.steps, cfg.eval_every, cfg.lr, cfg.prototype_lr = 60, 20, 1e-2, 1e-2
