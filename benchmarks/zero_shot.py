@@ -1,7 +1,7 @@
 """Does the answering tower read the task's question? Zero-shot yes/no scores under each task's query and the others'.
 
 For every labelled user and every task query, the checkpoint answers the query by multiple choice between "Yes" and
-"No" (:meth:`QAnchor.choose`, the same reader `qanchor uqa` uses) and the user's score is ``log p(Yes) - log p(No)``
+"No" (:meth:`QAnchor.choose_many`, the same reader `qanchor uqa` uses) and the user's score is ``log p(Yes) - log p(No)``
 (length-normalised, end token included). No label is used: the AUC of that score on a task's labels says how much of
 the task the model's own answer carries, and the matrix (rows: the task whose labels judge, columns: the query
 asked) says whether that depends on *which* question was asked:
@@ -50,12 +50,11 @@ def labelled_users(ds: Dataset, max_users: int | None, seed: int) -> list[str]:
 
 
 def yes_no_scores(model: QAnchor, ds: Dataset, user_ids: list[str], queries: list[str]) -> np.ndarray:
-    """``[len(queries), len(user_ids)]`` of log p(Yes) - log p(No) for each user under each query."""
-    users = list(ds.users(user_ids))
-    out = np.zeros((len(queries), len(users)))
-    for q, query in enumerate(queries):
-        out[q] = [c.scores[OPTIONS[0]] - c.scores[OPTIONS[1]] for c in model.choose(users, query, list(OPTIONS))]
-    return out
+    """``[len(queries), len(user_ids)]`` of log p(Yes) - log p(No) for each user under each query (each user's
+    prefix runs once for all the queries)."""
+    choices = model.choose_many(list(ds.users(user_ids)), [(query, list(OPTIONS)) for query in queries])  # [U][Q]
+    return np.array([[c.scores[OPTIONS[0]] - c.scores[OPTIONS[1]] for c in row] for row in choices]).T.reshape(
+        len(queries), len(user_ids))
 
 
 def auc_matrix(ds: Dataset, user_ids: list[str], scores: np.ndarray) -> dict:

@@ -176,22 +176,26 @@ def _as_time(us: int) -> datetime:
 
 def score(model: QAnchor, ds: Dataset, questions: list[Question]) -> tuple[np.ndarray, np.ndarray]:
     """Whether ``model`` picks the right option of each question, and the prompt positions it spends on each
-    (user prefix + question + the two markers an answer follows)."""
+    (user prefix + question + the two markers an answer follows). Each user is read once per cutoff and all their
+    questions at it are scored on that reading (:meth:`QAnchor.choose_many`)."""
     correct = np.zeros(len(questions), bool)
     tokens = np.zeros(len(questions), np.int64)
     records = {r.user_id: r for r in ds.users(sorted({q.user_id for q in questions}))}
     for cutoff in sorted({q.cutoff_us for q in questions}):
-        idx = [i for i, q in enumerate(questions) if q.cutoff_us == cutoff]
-        users = [UserRecord(questions[i].user_id, events_before(records[questions[i].user_id].events, cutoff),
-                            records[questions[i].user_id].tabular) for i in idx]
+        asked: dict[str, list[int]] = {}  # user -> their questions at this cutoff: each user is read once for all
+        for i, q in enumerate(questions):
+            if q.cutoff_us == cutoff:
+                asked.setdefault(q.user_id, []).append(i)
+        users = [UserRecord(u, events_before(records[u].events, cutoff), records[u].tabular) for u in asked]
         when = _as_time(cutoff)
-        choices = model.choose(users, [questions[i].question for i in idx], [list(questions[i].options) for i in idx],
-                               cutoff=when, truncate=True)
+        choices = model.choose_many(users, [[(questions[i].question, list(questions[i].options)) for i in idx]
+                                            for idx in asked.values()], cutoff=when, truncate=True)
         prefix = model.prefix_lengths(users, cutoff=when)
-        for k, i in enumerate(idx):
-            correct[i] = choices[k].option == questions[i].options[questions[i].answer]
-            n_question = len(model.tokenizer(questions[i].question, add_special_tokens=False)["input_ids"])
-            tokens[i] = prefix[k] + n_question + 2
+        for k, idx in enumerate(asked.values()):
+            for choice, i in zip(choices[k], idx):
+                correct[i] = choice.option == questions[i].options[questions[i].answer]
+                n_question = len(model.tokenizer(questions[i].question, add_special_tokens=False)["input_ids"])
+                tokens[i] = prefix[k] + n_question + 2
     return correct, tokens
 
 

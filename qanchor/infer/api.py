@@ -16,7 +16,7 @@ Example:
 from __future__ import annotations
 
 import warnings
-from collections.abc import Iterable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
 from functools import cached_property
@@ -60,6 +60,7 @@ __all__ = ["Head", "QAnchor", "Choice", "Profile", "embed", "head_scores", "defa
 
 User = UserRecord | Mapping[str, Any]
 Users = User | Iterable[User] | Dataset
+_OptionSpec = tuple[torch.Tensor, list[str], list[list[int]]]  # a question's suffix, its option texts and their ids
 
 
 class Head(Protocol):
@@ -456,27 +457,78 @@ class QAnchor:
         fixed_q = self._question_suffix(question) if shared_q else None
         fixed_o = self._options(options, truncate) if shared_o else None
 
-        def spec(i: int) -> tuple[torch.Tensor, list[str], list[list[int]]]:
+        def specs(i: int) -> list[_OptionSpec]:
             for name, per_user, shared in (("question", question, shared_q), ("options", options, shared_o)):
                 if not shared and i >= len(per_user):  # type: ignore[arg-type]
                     raise ModelInputError(f"{name} is given per user but has {len(per_user)} entries for more users")  # type: ignore[arg-type]
             suffix = fixed_q if fixed_q is not None else self._question_suffix(question[i])
             texts, ids = fixed_o if fixed_o is not None else self._options(options[i], truncate)  # type: ignore[index]
-            return suffix, texts, ids
+            return [(suffix, texts, ids)]
 
-        out: list[Choice] = []
-        for records, prefixes in self._user_batches(users, cutoff):
-            specs = [spec(len(out) + b) for b in range(len(records))]
-            rows = [(b, s, o) for b, (s, _, ids) in enumerate(specs) for o in ids]
-            scores = self._option_scores(prefixes, rows, use_cache).tolist()
-            at = 0
-            for _, texts, _ in specs:
-                own = scores[at : at + len(texts)]
-                at += len(texts)
-                out.append(Choice(texts[int(np.argmax(own))], dict(zip(texts, own))))
+        out = [row[0] for row in self._choose_rows(users, specs, use_cache, cutoff)]
         for name, per_user, shared in (("question", question, shared_q), ("options", options, shared_o)):
             if not shared and len(per_user) != len(out):  # type: ignore[arg-type]
                 raise ModelInputError(f"{name} is given per user: {len(per_user)} entries for {len(out)} users")  # type: ignore[arg-type]
+        return out
+
+    def choose_many(self, users: Users, questions: Sequence[tuple[str, Sequence[str]]] | Sequence[Sequence[tuple[str, Sequence[str]]]],
+                    use_cache: bool = True, cutoff: datetime | str | None = None, truncate: bool = False
+                    ) -> list[list[Choice]]:
+        """Several multiple-choice questions per user on one reading of the user -> ``[U][Q]`` :class:`Choice` s.
+
+        ``questions`` is a list of ``(question, options)`` pairs asked of every user, or one such list per user (in
+        the users' order; the lists may differ in length). Each user's prefix runs through the model once, and every
+        question and option of that user is scored on it, where :meth:`choose` would re-read the user for each
+        question. Each result equals :meth:`choose` of that question alone (tested).
+
+        Example:
+            >>> model.choose_many(users, [("Will this household redeem a coupon?", ["Yes", "No"]),
+            ...                           ("Will this household churn?", ["Yes", "No"])])[0][1].option  # doctest: +SKIP
+            'No'
+        """
+        self.check_language_head()
+        if isinstance(questions, str) or not isinstance(questions, Sequence) or not questions:
+            raise ModelInputError(f"questions must be a non-empty list of (question, options) pairs, got {questions!r}")
+
+        def is_pair(item: object) -> bool:
+            return (isinstance(item, Sequence) and not isinstance(item, str) and len(item) == 2
+                    and isinstance(item[0], str))
+
+        def parse(pairs: object, where: str) -> list[_OptionSpec]:
+            if isinstance(pairs, str) or not isinstance(pairs, Sequence) or not pairs or not all(map(is_pair, pairs)):
+                raise ModelInputError(f"{where}: expected a non-empty list of (question, options) pairs, got {pairs!r}")
+            return [(self._question_suffix(q), *self._options(o, truncate)) for q, o in pairs]  # type: ignore[misc]
+
+        if is_pair(questions[0]):
+            shared = parse(questions, "questions")
+            return self._choose_rows(users, lambda i: shared, use_cache, cutoff)
+
+        def per_user(i: int) -> list[_OptionSpec]:
+            if i >= len(questions):
+                raise ModelInputError(f"questions are given per user but have {len(questions)} entries for more users")
+            return parse(questions[i], f"questions for user {i}")
+
+        out = self._choose_rows(users, per_user, use_cache, cutoff)
+        if len(questions) != len(out):
+            raise ModelInputError(f"questions are given per user: {len(questions)} entries for {len(out)} users")
+        return out
+
+    def _choose_rows(self, users: Users, specs: Callable[[int], list[_OptionSpec]], use_cache: bool,
+                     cutoff: datetime | str | None) -> list[list[Choice]]:
+        """``specs(i)``: user ``i``'s (question suffix, option texts, option ids) -> per user, one Choice per spec."""
+        out: list[list[Choice]] = []
+        for records, prefixes in self._user_batches(users, cutoff):
+            asked = [specs(len(out) + b) for b in range(len(records))]
+            rows = [(b, s, o) for b, user_specs in enumerate(asked) for s, _, ids in user_specs for o in ids]
+            scores = self._option_scores(prefixes, rows, use_cache).tolist()
+            at = 0
+            for user_specs in asked:
+                row = []
+                for _, texts, _ in user_specs:
+                    own = scores[at : at + len(texts)]
+                    at += len(texts)
+                    row.append(Choice(texts[int(np.argmax(own))], dict(zip(texts, own))))
+                out.append(row)
         return out
 
     def _option_scores(self, prefixes: list[torch.Tensor], rows: list[tuple[int, torch.Tensor, list[int]]],

@@ -80,6 +80,32 @@ def test_choose_per_user_questions_and_options(infer_env, users):
         qa.choose(users[:3], QUESTIONS[0], opts[:2])
 
 
+def test_choose_many_reads_each_user_once_and_equals_choose(infer_env, users, monkeypatch):
+    qa = infer_env.qa
+    pairs = [(QUESTIONS[0], ["coffee shop", "fuel"]), (QUESTIONS[1], ["a b", "c d", "online casino weekly"])]
+    encoded = []  # users whose prefix went through the model, per call of model.prefixes
+    real = qa.model.prefixes
+    monkeypatch.setattr(qa.model, "prefixes", lambda batch: encoded.append(len(batch.user_ids)) or real(batch))
+    many = qa.choose_many(users, pairs)
+    assert sum(encoded) == len(users)  # once per user, for both questions
+    assert [[list(c.scores) for c in row] for row in many] == [[o for _, o in pairs]] * len(users)
+    for k, (question, options) in enumerate(pairs):
+        for row, alone in zip(many, qa.choose(users, question, options)):
+            assert row[k].option == alone.option
+            assert row[k].scores == pytest.approx(alone.scores, abs=1e-5)
+    for row, ref in zip(many, qa.choose_many(users, pairs, use_cache=False)):
+        assert all(c.scores == pytest.approx(r.scores, abs=1e-4) for c, r in zip(row, ref))
+    per_user = qa.choose_many(users[:3], [pairs[:1], pairs, pairs[1:]])  # per user, lists of any length
+    assert [len(row) for row in per_user] == [1, 2, 1]
+    assert per_user[2][0].scores == pytest.approx(many[2][1].scores, abs=1e-5)
+    with pytest.raises(ModelInputError, match="per user"):
+        qa.choose_many(users[:3], [pairs, pairs])
+    with pytest.raises(ModelInputError, match="non-empty list"):
+        qa.choose_many(users[0], [])
+    with pytest.raises(ModelInputError, match="at least 2"):
+        qa.choose_many(users[0], [("Which?", ["only one"])])
+
+
 @pytest.mark.parametrize("call, match", [
     (lambda qa, u: qa.answer(u, ["  "]), "non-empty"),
     (lambda qa, u: qa.answer(u, []), "no question"),
