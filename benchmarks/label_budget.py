@@ -1,0 +1,207 @@
+"""Does the query matter when labels are few? Probe AUC of each query's embedding against the number of labelled users.
+
+The bench fits every LR row on a fold's whole training split (1,600-2,000 users), where a linear probe finds a
+task's direction in any embedding that holds it, whichever query made it. A query earns its place where a
+scenario has few labels: an embedding that already points at the task needs fewer users to find it. For each
+budget ``n`` this script draws ``n`` labelled users from each fold's training split (class ratio kept, at least 2
+of each class; the same draw for every row, so rows compare paired), fits the bench's LR probe
+(:func:`qanchor.bench.peers.fit_predict`, the same C grid for every row) and scores the fold's test users. Rows:
+
+- ``task``, ``generic``, ``swapped``: the checkpoint's embedding under the task's own query, the generic query, and
+  another task's query (the bench's ``qanchor_task`` / ``qanchor_generic`` / ``qanchor_swapped_query``);
+- ``rfm_lr``, ``union_lr``: the bench's linear peers on the same users (signed-log RFM / counts + tabular; and with
+  the mean event-text vector).
+
+Budget ``all`` is the whole training split: it reproduces the bench's rows (same folds, probe and seed). Means over
+tasks, folds and draws per checkpoint; over checkpoints (pretraining seeds) the mean, the spread and the paired
+difference task - generic / task - swapped.
+
+Example::
+
+    python benchmarks/label_budget.py --checkpoint results/pw/cj-probe-w10-ntp3/seed{0,1,2} \\
+        --data data/completejourney --generic-query "What kind of household is this?" \\
+        --budgets 50,100,200,all --out results/label_budget/cj.json --plot docs/label_budget_cj.png
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+from pathlib import Path
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+import numpy as np  # noqa: E402
+
+from qanchor.bench.embedder import QAnchorEmbedder  # noqa: E402
+from qanchor.bench.features import extract_features  # noqa: E402
+from qanchor.bench.peers import Classifier, fit_predict, stratified_folds  # noqa: E402
+from qanchor.bench.tasks import dataset_tasks, fold_count  # noqa: E402
+from qanchor.config import DataConfig  # noqa: E402
+from qanchor.data.dataset import Dataset, load_dataset  # noqa: E402
+from qanchor.data.io import write_json  # noqa: E402
+from qanchor.data.pipeline import UserPipeline  # noqa: E402
+from qanchor.infer.api import QAnchor  # noqa: E402
+from qanchor.logs import log, quiet_third_party  # noqa: E402
+from qanchor.metrics import auc_score  # noqa: E402
+
+ROWS = ("task", "generic", "swapped", "rfm_lr", "union_lr")
+QUERY_ROWS = ROWS[:3]
+
+
+def draw(train: np.ndarray, labels: np.ndarray, n: int | None, rng: np.random.Generator) -> np.ndarray:
+    """``n`` of the ``train`` indices with their class ratio (at least 2 of each class; all of them when ``n`` is None
+    or covers them), sorted."""
+    if n is None or n >= len(train):
+        return train
+    pos, neg = train[labels[train] == 1], train[labels[train] == 0]
+    n_pos = min(len(pos), max(2, round(n * len(pos) / len(train))))
+    n_neg = min(len(neg), max(2, n - n_pos))
+    return np.sort(np.concatenate([rng.choice(pos, n_pos, replace=False), rng.choice(neg, n_neg, replace=False)]))
+
+
+def peer_features(ds: Dataset, user_ids: list[str]) -> dict[str, np.ndarray]:
+    """The bench's linear peers' inputs, rows in ``user_ids`` order."""
+    pipe = UserPipeline.for_dataset(ds, DataConfig())
+    pipe.prime(ds.users(user_ids), progress=False, all_events=True)  # every event text, as the bench's text cache
+    feats = extract_features(ds, user_ids, pipe.cache)
+    return {"rfm_lr": feats.rfm_log, "union_lr": np.concatenate([feats.rfm_log, feats.text_mean], axis=1)}
+
+
+def query_embeddings(model: QAnchor, ds: Dataset, user_ids: list[str], queries: list[str]) -> np.ndarray:
+    """float32 ``[U, Q, D]``: every user under every query, at the dataset's cutoff (the bench's own path)."""
+    return QAnchorEmbedder(model, ds).embed_many(user_ids, [(q, None) for q in queries])
+
+
+def budget_curve(ds: Dataset, emb: np.ndarray | None, peers: dict[str, np.ndarray], user_ids: list[str],
+                 budgets: list[int | None], draws: int, folds: int = 5, seed: int = 0) -> dict:
+    """Mean AUC per budget and row over tasks, folds and draws (see the module doc); ``emb`` from
+    :func:`query_embeddings` with the tasks' queries then the generic query last (None: the peers only; they do not
+    depend on the checkpoint, so they are fitted once). A row without features is None."""
+    tasks = [t for t in dataset_tasks(ds, [], None, seed) if fold_count(t.labels, folds) >= 2]
+    row_of = {u: i for i, u in enumerate(user_ids)}
+    queries = list(dict.fromkeys(t.query for t in tasks))
+    col = {q: i for i, q in enumerate(queries)}
+    aucs: dict[str, dict[str, list[float]]] = {_name(b): {r: [] for r in ROWS} for b in budgets}
+    for k, task in enumerate(tasks):
+        rows = np.fromiter((row_of[u] for u in task.user_ids), np.int64)
+        other = next((t.query for t in tasks[k + 1:] + tasks if t.query != task.query), None)
+        features = {} if emb is None else {"task": emb[rows, col[task.query]], "generic": emb[rows, -1],
+                                           "swapped": emb[rows, col[other]] if other is not None else None}
+        features.update({name: x[rows] for name, x in peers.items()})
+        labels = task.labels.astype(np.int64)
+        for f, (train, test) in enumerate(stratified_folds(labels, fold_count(labels, folds), seed)):
+            for b in budgets:
+                for d in range(draws if b is not None else 1):
+                    rng = np.random.default_rng([seed, k, f, d, b or 0])
+                    fit = draw(train, labels, b, rng)
+                    for name, x in features.items():
+                        if x is not None:
+                            scores = fit_predict(Classifier.LR, x[fit], labels[fit], x[test], seed)  # as the bench
+                            aucs[_name(b)][name].append(auc_score(labels[test], scores))
+    return {"tasks": [t.name for t in tasks],
+            "auc": {b: {r: float(np.mean(v)) if v else None for r, v in rows_.items()} for b, rows_ in aucs.items()}}
+
+
+def _name(budget: int | None) -> str:
+    return "all" if budget is None else str(budget)
+
+
+def summarise(curves: list[dict]) -> dict:
+    """Over checkpoints: mean and std of each row per budget, and the paired query differences."""
+    out: dict = {}
+    for b in curves[0]["auc"]:
+        rows = {r: [c["auc"][b][r] for c in curves] for r in ROWS if curves[0]["auc"][b][r] is not None}
+        entry = {r: [float(np.mean(v)), float(np.std(v))] for r, v in rows.items()}
+        for other in ("generic", "swapped"):
+            if other in rows:
+                diff = np.subtract(rows["task"], rows[other])
+                entry[f"task-{other}"] = [float(diff.mean()), float(diff.std()), [round(float(x), 4) for x in diff]]
+        out[b] = entry
+    return out
+
+
+def markdown(summary: dict, n_checkpoints: int) -> str:
+    head = "| labelled users per fold | " + " | ".join(ROWS) + " | task - generic | task - swapped |"
+    lines = [head, "|" + "---|" * (len(ROWS) + 3)]
+    for b, e in summary.items():
+        cells = [f"{e[r][0]:.4f} ± {e[r][1]:.4f}" if r in e else "-" for r in ROWS]
+        diffs = [f"{e[k][0]:+.4f} ± {e[k][1]:.4f}" if k in e else "-" for k in ("task-generic", "task-swapped")]
+        lines.append(f"| {b} | " + " | ".join(cells + diffs) + " |")
+    return "\n".join(lines) + f"\n\nmean ± std over {n_checkpoints} checkpoint(s); AUC averaged over tasks, folds and draws"
+
+
+def plot(summary: dict, path: Path, title: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    budgets = list(summary)
+    xs = np.arange(len(budgets))
+    fig, ax = plt.subplots(figsize=(6.4, 4.0))
+    for r in ROWS:
+        if all(r in summary[b] for b in budgets):
+            ax.errorbar(xs, [summary[b][r][0] for b in budgets], yerr=[summary[b][r][1] for b in budgets], marker="o",
+                        capsize=3, label=r, linestyle="-" if r in QUERY_ROWS else "--")
+    ax.set_xticks(xs, budgets)
+    ax.set_xlabel("labelled users per fold (training)")
+    ax.set_ylabel("mean AUC (test users of each fold)")
+    ax.set_title(title)
+    ax.legend(fontsize=8)
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp.png")
+    fig.savefig(tmp, dpi=110)
+    plt.close(fig)
+    os.replace(tmp, path)
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--checkpoint", nargs="+", required=True, help="one or more pretraining output dirs (seeds)")
+    ap.add_argument("--data", required=True)
+    ap.add_argument("--generic-query", default="What kind of user is this?")
+    ap.add_argument("--budgets", default="50,100,200,all", help="labelled training users per fold; 'all' = the fold's")
+    ap.add_argument("--draws", type=int, default=3, help="random draws per budget and fold")
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--out", type=Path, default=None, help="JSON of every checkpoint's curve and the summary")
+    ap.add_argument("--plot", type=Path, default=None, help="PNG of AUC against the budget")
+    args = ap.parse_args(argv)
+    quiet_third_party()
+    budgets = [None if b.strip() == "all" else int(b) for b in args.budgets.split(",")]
+    if any(b is not None and b < 4 for b in budgets):
+        ap.error("--budgets: each budget must be 'all' or at least 4 users (2 of each class)")
+    ds = load_dataset(args.data)
+    tasks = [t for t in dataset_tasks(ds, [], None, args.seed) if fold_count(t.labels, 5) >= 2]
+    user_ids = sorted({u for t in tasks for u in t.user_ids})
+    queries = [*dict.fromkeys(t.query for t in tasks), args.generic_query]
+    start = time.perf_counter()
+    peers = budget_curve(ds, None, peer_features(ds, user_ids), user_ids, budgets, args.draws, seed=args.seed)
+    curves = []
+    for ckpt in args.checkpoint:
+        model = QAnchor.from_pretrained(ckpt, text_cache_dir=ds.text_cache_dir)
+        curve = budget_curve(ds, query_embeddings(model, ds, user_ids, queries), {}, user_ids, budgets, args.draws,
+                             seed=args.seed)
+        for b, rows in curve["auc"].items():  # the peers' draws are the same users as every checkpoint's
+            rows.update({r: v for r, v in peers["auc"][b].items() if v is not None})
+        curves.append({"checkpoint": ckpt, **curve})
+        log(f"label_budget: {ckpt}: " + ", ".join(f"{b} task {v['task']:.4f} generic {v['generic']:.4f}"
+                                                  for b, v in curve["auc"].items()))
+    summary = summarise(curves)
+    print(markdown(summary, len(curves)))
+    if args.out is not None:
+        write_json({"data": args.data, "generic_query": args.generic_query, "draws": args.draws, "seed": args.seed,
+                    "users": len(user_ids), "seconds": round(time.perf_counter() - start, 1), "curves": curves,
+                    "summary": summary}, args.out)
+    if args.plot is not None:
+        plot(summary, args.plot, f"{ds.manifest.name}: probe AUC vs labelled users ({len(curves)} checkpoint(s))")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

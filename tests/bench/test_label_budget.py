@@ -1,0 +1,60 @@
+"""benchmarks/label_budget.py: paired label-budget draws, and budget 'all' reproduces the bench's LR rows."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from qanchor.bench.features import extract_features
+from qanchor.bench.peers import Classifier, MethodInput, evaluate_folds, stratified_folds
+from qanchor.bench.tasks import dataset_tasks, fold_count
+from tests.helpers import load_benchmark
+
+GENERIC = "What kind of user is this?"
+
+
+@pytest.fixture(scope="module")
+def lb():
+    return load_benchmark("label_budget")
+
+
+def test_draw_keeps_the_class_ratio_and_both_classes(lb):
+    labels = np.array([1] * 10 + [0] * 90)
+    train = np.arange(0, 100, 1)
+    rng = np.random.default_rng(0)
+    fit = lb.draw(train, labels, 20, rng)
+    assert len(fit) == 20 and labels[fit].sum() == 2 and len(set(fit)) == 20 and set(fit) <= set(train)
+    fit = lb.draw(train, labels, 5, np.random.default_rng(1))  # 10% of 5 rounds to 0: at least 2 positives anyway
+    assert labels[fit].sum() == 2 and (labels[fit] == 0).sum() == 3
+    assert lb.draw(train, labels, None, rng) is train and lb.draw(train, labels, 500, rng) is train
+    assert np.array_equal(lb.draw(train, labels, 20, np.random.default_rng(7)), lb.draw(train, labels, 20, np.random.default_rng(7)))
+
+
+def test_curve_all_reproduces_the_bench_and_rows_are_paired(lb, infer_env):
+    ds, qa = infer_env.ds, infer_env.qa
+    tasks = [t for t in dataset_tasks(ds, [], None, 0) if fold_count(t.labels, 5) >= 2]
+    user_ids = sorted({u for t in tasks for u in t.user_ids})
+    queries = [*dict.fromkeys(t.query for t in tasks), GENERIC]
+    emb = lb.query_embeddings(qa, ds, user_ids, queries)
+    assert emb.shape == (len(user_ids), len(queries), qa.embedding_dim)
+    rfm = extract_features(ds, user_ids, None).rfm_log
+    # a peer equal to the generic-query embedding must score exactly as the generic row, draw for draw
+    peers = {"rfm_lr": rfm, "union_lr": emb[:, -1]}
+    curve = lb.budget_curve(ds, emb, peers, user_ids, [8, None], draws=2)
+    alone = lb.budget_curve(ds, None, peers, user_ids, [8, None], draws=2)  # the peers fitted once, on their own
+    assert alone["auc"]["8"]["task"] is None and alone["auc"]["8"]["rfm_lr"] == curve["auc"]["8"]["rfm_lr"]
+    assert set(curve["auc"]) == {"8", "all"}
+    for b in ("8", "all"):
+        assert curve["auc"][b]["union_lr"] == curve["auc"][b]["generic"]
+    row = {u: i for i, u in enumerate(user_ids)}
+    col = {q: i for i, q in enumerate(queries)}
+    bench = []  # the bench's qanchor_task: evaluate_folds with the LR probe on every fold's whole training split
+    for t in tasks:
+        r = np.array([row[u] for u in t.user_ids])
+        folds = stratified_folds(t.labels, fold_count(t.labels, 5), 0)
+        bench += evaluate_folds(MethodInput(features=emb[r, col[t.query]], classifier=Classifier.LR), t.labels, folds, 0).auc
+    assert curve["auc"]["all"]["task"] == pytest.approx(np.mean(bench), abs=1e-12)
+    summary = lb.summarise([{"checkpoint": "a", **curve}, {"checkpoint": "b", **curve}])
+    assert summary["all"]["task-generic"][0] == pytest.approx(curve["auc"]["all"]["task"] - curve["auc"]["all"]["generic"])
+    assert summary["8"]["task"][1] == 0.0  # two identical checkpoints: no spread
+    assert "| 8 |" in lb.markdown(summary, 2)
