@@ -87,6 +87,7 @@ def budget_curve(ds: Dataset, emb: np.ndarray | None, peers: dict[str, np.ndarra
     col = {q: i for i, q in enumerate(queries)}
     aucs: dict[str, dict[str, list[float]]] = {_name(b): {r: [] for r in ROWS} for b in budgets}
     for k, task in enumerate(tasks):
+        log(f"label_budget: task {k + 1}/{len(tasks)} {task.name} ({'query rows' if emb is not None else 'peers'})")
         rows = np.fromiter((row_of[u] for u in task.user_ids), np.int64)
         other = next((t.query for t in tasks[k + 1:] + tasks if t.query != task.query), None)
         features = {} if emb is None else {"task": emb[rows, col[task.query]], "generic": emb[rows, -1],
