@@ -39,6 +39,7 @@ import numpy as np  # noqa: E402
 from qanchor.bench.embedder import QAnchorEmbedder  # noqa: E402
 from qanchor.bench.features import extract_features  # noqa: E402
 from qanchor.bench.peers import Classifier, fit_predict, stratified_folds  # noqa: E402
+from qanchor.bench.plots import _pyplot  # noqa: E402
 from qanchor.bench.tasks import dataset_tasks, fold_count  # noqa: E402
 from qanchor.config import DataConfig  # noqa: E402
 from qanchor.data.dataset import Dataset, load_dataset  # noqa: E402
@@ -136,11 +137,7 @@ def markdown(summary: dict, n_checkpoints: int) -> str:
 
 
 def plot(summary: dict, path: Path, title: str) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = _pyplot()
     budgets = list(summary)
     xs = np.arange(len(budgets))
     fig, ax = plt.subplots(figsize=(6.4, 4.0))
