@@ -77,12 +77,36 @@ def query_embeddings(model: QAnchor, ds: Dataset, user_ids: list[str], queries: 
     return QAnchorEmbedder(model, ds).embed_many(user_ids, [(q, None) for q in queries])
 
 
-def budget_curve(ds: Dataset, emb: np.ndarray | None, peers: dict[str, np.ndarray], user_ids: list[str],
+def eligible_tasks(ds: Dataset, folds: int = 5, seed: int = 0) -> list:
+    """The bench's tasks that have at least 2 folds (a class with one user cannot be split)."""
+    return [t for t in dataset_tasks(ds, [], None, seed) if fold_count(t.labels, folds) >= 2]
+
+
+def parse_budgets(text: str) -> list[int | None]:
+    """``"50,100,all"`` -> ``[50, 100, None]``; ValueError naming the bad entry otherwise."""
+    budgets: list[int | None] = []
+    for entry in (e.strip() for e in text.split(",")):
+        if entry == "all":
+            budgets.append(None)
+            continue
+        try:
+            n = int(entry)
+        except ValueError:
+            raise ValueError(f"--budgets: {entry!r} is neither 'all' nor a whole number of users") from None
+        if n < 4:
+            raise ValueError(f"--budgets: {n} users is too few; each budget must be 'all' or at least 4 users "
+                             "(2 of each class)")
+        budgets.append(n)
+    if len(set(budgets)) != len(budgets):
+        raise ValueError(f"--budgets: {text!r} names a budget twice")
+    return budgets
+
+
+def budget_curve(tasks: list, emb: np.ndarray | None, peers: dict[str, np.ndarray], user_ids: list[str],
                  budgets: list[int | None], draws: int, folds: int = 5, seed: int = 0) -> dict:
-    """Mean AUC per budget and row over tasks, folds and draws (see the module doc); ``emb`` from
-    :func:`query_embeddings` with the tasks' queries then the generic query last (None: the peers only; they do not
-    depend on the checkpoint, so they are fitted once). A row without features is None."""
-    tasks = [t for t in dataset_tasks(ds, [], None, seed) if fold_count(t.labels, folds) >= 2]
+    """Mean AUC per budget and row over ``tasks`` (from :func:`eligible_tasks`), folds and draws (see the module doc);
+    ``emb`` from :func:`query_embeddings` with the tasks' queries then the generic query last (None: the peers only;
+    they do not depend on the checkpoint, so they are fitted once). A row without features is None."""
     row_of = {u: i for i, u in enumerate(user_ids)}
     queries = list(dict.fromkeys(t.query for t in tasks))
     col = {q: i for i, q in enumerate(queries)}
@@ -171,19 +195,20 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--plot", type=Path, default=None, help="PNG of AUC against the budget")
     args = ap.parse_args(argv)
     quiet_third_party()
-    budgets = [None if b.strip() == "all" else int(b) for b in args.budgets.split(",")]
-    if any(b is not None and b < 4 for b in budgets):
-        ap.error("--budgets: each budget must be 'all' or at least 4 users (2 of each class)")
+    try:
+        budgets = parse_budgets(args.budgets)
+    except ValueError as e:
+        ap.error(str(e))
     ds = load_dataset(args.data)
-    tasks = [t for t in dataset_tasks(ds, [], None, args.seed) if fold_count(t.labels, 5) >= 2]
+    tasks = eligible_tasks(ds, seed=args.seed)
     user_ids = sorted({u for t in tasks for u in t.user_ids})
     queries = [*dict.fromkeys(t.query for t in tasks), args.generic_query]
     start = time.perf_counter()
-    peers = budget_curve(ds, None, peer_features(ds, user_ids), user_ids, budgets, args.draws, seed=args.seed)
+    peers = budget_curve(tasks, None, peer_features(ds, user_ids), user_ids, budgets, args.draws, seed=args.seed)
     curves = []
     for ckpt in args.checkpoint:
         model = QAnchor.from_pretrained(ckpt, text_cache_dir=ds.text_cache_dir)
-        curve = budget_curve(ds, query_embeddings(model, ds, user_ids, queries), {}, user_ids, budgets, args.draws,
+        curve = budget_curve(tasks, query_embeddings(model, ds, user_ids, queries), {}, user_ids, budgets, args.draws,
                              seed=args.seed)
         for b, rows in curve["auc"].items():  # the peers' draws are the same users as every checkpoint's
             rows.update({r: v for r, v in peers["auc"][b].items() if v is not None})

@@ -32,7 +32,8 @@ def test_draw_keeps_the_class_ratio_and_both_classes(lb):
 
 def test_curve_all_reproduces_the_bench_and_rows_are_paired(lb, infer_env):
     ds, qa = infer_env.ds, infer_env.qa
-    tasks = [t for t in dataset_tasks(ds, [], None, 0) if fold_count(t.labels, 5) >= 2]
+    tasks = lb.eligible_tasks(ds)
+    assert [t.name for t in tasks] == [t.name for t in dataset_tasks(ds, [], None, 0) if fold_count(t.labels, 5) >= 2]
     user_ids = sorted({u for t in tasks for u in t.user_ids})
     queries = [*dict.fromkeys(t.query for t in tasks), GENERIC]
     emb = lb.query_embeddings(qa, ds, user_ids, queries)
@@ -40,8 +41,8 @@ def test_curve_all_reproduces_the_bench_and_rows_are_paired(lb, infer_env):
     rfm = extract_features(ds, user_ids, None).rfm_log
     # a peer equal to the generic-query embedding must score exactly as the generic row, draw for draw
     peers = {"rfm_lr": rfm, "union_lr": emb[:, -1]}
-    curve = lb.budget_curve(ds, emb, peers, user_ids, [8, None], draws=2)
-    alone = lb.budget_curve(ds, None, peers, user_ids, [8, None], draws=2)  # the peers fitted once, on their own
+    curve = lb.budget_curve(tasks, emb, peers, user_ids, [8, None], draws=2)
+    alone = lb.budget_curve(tasks, None, peers, user_ids, [8, None], draws=2)  # the peers fitted once, on their own
     assert alone["auc"]["8"]["task"] is None and alone["auc"]["8"]["rfm_lr"] == curve["auc"]["8"]["rfm_lr"]
     assert set(curve["auc"]) == {"8", "all"}
     for b in ("8", "all"):
@@ -58,3 +59,13 @@ def test_curve_all_reproduces_the_bench_and_rows_are_paired(lb, infer_env):
     assert summary["all"]["task-generic"][0] == pytest.approx(curve["auc"]["all"]["task"] - curve["auc"]["all"]["generic"])
     assert summary["8"]["task"][1] == 0.0  # two identical checkpoints: no spread
     assert "| 8 |" in lb.markdown(summary, 2)
+
+
+def test_budgets_parse_with_errors_that_name_the_entry(lb):
+    assert lb.parse_budgets("50, 100,all") == [50, 100, None]
+    for bad, says in (("50,lots", "'lots'"), ("2,all", "2 users is too few"), ("50,50", "twice"), ("", "''")):
+        with pytest.raises(ValueError, match=says):
+            lb.parse_budgets(bad)
+    with pytest.raises(SystemExit) as exit_:
+        lb.main(["--checkpoint", "x", "--data", "y", "--budgets", "50,lots"])
+    assert exit_.value.code == 2  # argparse's usage error, before any data is read
