@@ -9,6 +9,8 @@ same question seed), so the summary can pair them:
 - per row and family: accuracy per seed, its mean and standard deviation over seeds;
 - per row against Q-Anchor: the gap (Q-Anchor minus the row) per family, mean and spread over seeds, and a 95%
   interval for the seed-averaged gap from resampling held-out users (each user's questions move together);
+- per row and question topic: the mean and spread over seeds, and the gap to Q-Anchor (a family's accuracy can hide
+  a topic at chance behind others far above it);
 
 printed as Markdown and written to ``<root>/summary.md`` and ``<root>/summary.json``. ``--results DIR ...``
 summarises finished ``qanchor uqa`` output directories instead of running anything.
@@ -67,17 +69,23 @@ def summarise(results: list[dict], names: list[str], bootstrap: int = 2000, seed
     family = np.array([a["family"] for a in asked])
     users, user_index = np.unique([a["user_id"] for a in asked], return_inverse=True)
     masks = {f: family == f for f in FAMILIES if (family == f).any()} | {"all": np.ones(len(asked), bool)}
+    topic = np.array([a["topic"] for a in asked])
+    topic_masks = {t: topic == t for ts in FAMILIES.values() for t in ts if (topic == t).any()}
     rows = list(dict.fromkeys(r for res in results for r, v in res["rows"].items() if v["correct"] is not None))
     have = {r: [i for i, res in enumerate(results) if res["rows"].get(r, {}).get("correct") is not None] for r in rows}
     correct = {r: np.array([results[i]["rows"][r]["correct"] for i in have[r]], dtype=float) for r in rows}  # (S_r, Q)
     out: dict = {"seeds": len(results), "questions": len(asked), "users": len(users),
-                 "by_family": {f: int(m.sum()) for f, m in masks.items()}, "rows": {}, "gaps": {}}
+                 "by_family": {f: int(m.sum()) for f, m in masks.items()},
+                 "by_topic": {t: int(m.sum()) for t, m in topic_masks.items()}, "rows": {}, "gaps": {}, "topics": {}}
     for r in rows:
         per_seed = {f: [float(c[m].mean()) for c in correct[r]] for f, m in masks.items()}
         out["rows"][r] = {"seeds": len(have[r]), "runs": [names[i] for i in have[r]],
                           "prompt_tokens": float(np.mean([results[i]["rows"][r]["prompt_tokens"] for i in have[r]])),
                           **{f: {"mean": float(np.mean(v)), "std": float(np.std(v)), "per_seed": v}
                              for f, v in per_seed.items()}}
+        by_topic = {t: [float(c[m].mean()) for c in correct[r]] for t, m in topic_masks.items()}
+        out["topics"][r] = {t: {"mean": float(np.mean(v)), "std": float(np.std(v)), "per_seed": v}
+                            for t, v in by_topic.items()}
     rng = np.random.default_rng(seed)
     draws = rng.integers(0, len(users), size=(bootstrap, len(users)))  # resampled users, shared by every gap
     weights = np.stack([np.bincount(d, minlength=len(users)) for d in draws])[:, user_index]  # (B, Q)
@@ -96,6 +104,9 @@ def summarise(results: list[dict], names: list[str], bootstrap: int = 2000, seed
             lo, hi = np.quantile(boot, [0.025, 0.975])
             gaps[f] = {"mean": float(diff[m].mean()), "std_over_seeds": float(np.std(per_seed)),
                        "per_seed": per_seed, "ci95_users": [float(lo), float(hi)]}
+        gaps["topics"] = {t: {"mean": float(diff[m].mean()),
+                              "per_seed": [float(a[m].mean() - b[m].mean()) for a, b in zip(ours, theirs)]}
+                          for t, m in topic_masks.items()}
         out["gaps"][r] = gaps
     return out
 
@@ -116,6 +127,20 @@ def table(summary: dict) -> str:
             cells = [f"{100 * g[f]['mean']:+.1f} [{100 * g[f]['ci95_users'][0]:+.1f}, {100 * g[f]['ci95_users'][1]:+.1f}] "
                      f"({100 * min(g[f]['per_seed']):+.1f} .. {100 * max(g[f]['per_seed']):+.1f})" for f in fams]
             lines.append(f"| {r} ({g['seeds']}) | " + " | ".join(cells) + " |")
+    if summary.get("topics"):
+        family_of = {t: f for f, ts in FAMILIES.items() for t in ts}
+        topics = list(summary["by_topic"])
+        lines += ["", "Per question topic, accuracy mean ± std over seeds; the last lines: Q-Anchor minus the row, points "
+                  "(min .. max over seeds):", "", "| row (seeds) | " + " | ".join(
+                      f"{family_of[t]}: {t} (n={summary['by_topic'][t]})" for t in topics) + " |",
+                  "|---" * (len(topics) + 1) + "|"]
+        for r, v in summary["topics"].items():
+            lines.append(f"| {r} ({summary['rows'][r]['seeds']}) | "
+                         + " | ".join(f"{v[t]['mean']:.3f} ± {v[t]['std']:.3f}" for t in topics) + " |")
+        for r, g in summary["gaps"].items():
+            lines.append(f"| Q-Anchor - {r} ({g['seeds']}) | " + " | ".join(
+                f"{100 * g['topics'][t]['mean']:+.1f} ({100 * min(g['topics'][t]['per_seed']):+.1f} .. "
+                f"{100 * max(g['topics'][t]['per_seed']):+.1f})" for t in topics) + " |")
     return "\n".join(lines)
 
 

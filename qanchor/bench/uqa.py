@@ -51,7 +51,8 @@ from qanchor.infer.api import QAnchor, events_before
 from qanchor.logs import format_seconds, log
 from qanchor.train.pairs import is_held_out
 
-__all__ = ["FAMILIES", "Question", "UqaResult", "build_questions", "held_out_users", "run_uqa", "wilson", "write_uqa"]
+__all__ = ["FAMILIES", "Question", "UqaResult", "build_questions", "held_out_users", "run_uqa", "topic_table", "wilson",
+           "write_uqa"]
 
 FAMILIES: dict[str, tuple[str, ...]] = {
     "sequence": ("activity", "recency", "favourites", "mix", "largest"),
@@ -287,6 +288,26 @@ def uqa_table(result: UqaResult) -> str:
     return markdown_table(header, lines)
 
 
+def topic_table(result: UqaResult) -> str:
+    """Accuracy per question topic, one line per row (random: chance): which questions a row can answer at all.
+
+    Needs the per-question record (``asked``) and each row's ``correct``; a family's accuracy can hide a topic at
+    chance behind others far above it.
+    """
+    topics = [t for ts in FAMILIES.values() for t in ts if any(a["topic"] == t for a in result.asked)]
+    masks = {t: np.array([a["topic"] == t for a in result.asked]) for t in topics}
+    family_of = {t: f for f, ts in FAMILIES.items() for t in ts}
+    header = ["row", *[f"{family_of[t]}: {t} (n={int(masks[t].sum())})" for t in topics]]
+    lines = []
+    for name, row in result.rows.items():
+        if row["correct"] is None:
+            lines.append([_label(name), *[f"{1 / N_OPTIONS:.3f}" for _ in topics]])
+            continue
+        correct = np.asarray(row["correct"], dtype=float)
+        lines.append([_label(name), *[f"{correct[masks[t]].mean():.3f}" for t in topics]])
+    return markdown_table(header, lines)
+
+
 def uqa_plot(result: UqaResult, path: Path) -> Path:
     """Accuracy per family, one bar per row, 95% intervals; the dashed line is chance."""
     plt = _pyplot()
@@ -324,7 +345,7 @@ def write_uqa(result: UqaResult, out_dir: str | Path, questions: list[Question] 
              f"pretrained with the same recipe: {r['pretrain_steps']} steps x {r['pretrain_batch']} pairs. "
              f"This run took {format_seconds(r['seconds'])} (rows an earlier run trained in `variants/` are reused).", "",
              "## Accuracy (95% Wilson interval) and prompt positions per question", "", uqa_table(result), "",
-             f"![accuracy per family]({plot.name})", "", _NOTES]
+             f"![accuracy per family]({plot.name})", "", "## Accuracy per topic", "", topic_table(result), "", _NOTES]
     path = out / "report.md"
     write_text("\n".join(lines), path)
     return path

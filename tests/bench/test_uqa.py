@@ -14,10 +14,12 @@ import torch
 from qanchor.bench.uqa import (
     FAMILIES,
     N_OPTIONS,
+    UqaResult,
     build_questions,
     held_out_users,
     run_uqa,
     score,
+    topic_table,
     wilson,
     write_uqa,
 )
@@ -128,6 +130,20 @@ def test_wilson_interval():
     assert wilson(0, 10)[0] == 0.0 and wilson(10, 10)[1] == 1.0
 
 
+def test_topic_table_splits_a_family_by_topic():
+    asked = [{"user_id": u, "family": "interest", "topic": t} for u, t in
+             [("a", "categories"), ("b", "categories"), ("a", "time_of_day"), ("b", "time_of_day"), ("c", "time_of_day")]]
+    asked.append({"user_id": "a", "family": "sequence", "topic": "activity"})
+    rows = {"qanchor": {"correct": [True, True, False, True, False, True]}, "prior": {"correct": [0, 1, 0, 0, 0, 0]},
+            "random": {"correct": None}}
+    table = topic_table(UqaResult({}, len(asked), {}, rows, asked)).splitlines()
+    # topics in family order (sequence before interest), each with its question count
+    assert table[0] == "| row | sequence: activity (n=1) | interest: categories (n=2) | interest: time_of_day (n=3) |"
+    assert table[2] == "| Q-Anchor user tokens | 1.000 | 1.000 | 0.333 |"
+    assert table[3] == "| prior: same recipe, no user | 0.000 | 0.500 | 0.000 |"
+    assert table[4] == "| random (1 in 4) | 0.250 | 0.250 | 0.250 |"
+
+
 def test_event_lines_are_the_most_recent_events_as_text():
     from qanchor.data.dataset import EventSeq
 
@@ -193,7 +209,7 @@ def test_uqa_end_to_end(env, tmp_path, capsys):
     sub = json.loads((tmp_path / "u" / "results.json").read_text())
     assert sub["rows"]["text4"]["accuracy"]["all"][0] == result.rows["text4"]["accuracy"]["all"][0]
     report = (tmp_path / "u" / "report.md").read_text()
-    assert "TextN: last 4 events as text" in report and (tmp_path / "u" / "uqa.png").stat().st_size > 1000
+    assert "TextN: last 4 events as text" in report and "## Accuracy per topic" in report and (tmp_path / "u" / "uqa.png").stat().st_size > 1000
     # a checkpoint pretrained on every user is refused in one line
     open_cfg = tiny_cfg()
     model0, tok0 = build_model(open_cfg.model, ds.manifest, encoder().dim, ds.tabular_columns)

@@ -81,3 +81,20 @@ def test_results_mode_writes_the_summary(uqa_seeds, tmp_path, capsys):
     text = (tmp_path / "sum" / "summary.md").read_text()
     assert "| qanchor (2) | 1.000 ± 0.000 | 0.500 ± 0.500 | 0.750 ± 0.250 | 100 |" in text and "| prior (2) | +100.0" in text and text.strip() in capsys.readouterr().out
     assert json.loads((tmp_path / "sum" / "summary.json").read_text())["seeds"] == 2
+
+
+def test_topics_split_a_family(uqa_seeds):
+    asked = [{"user_id": u, "family": "interest", "topic": t} for u in ("a", "b") for t in ("categories", "time_of_day")]
+    run = lambda q, p: {"asked": asked, "rows": {"qanchor": {"correct": q, "prompt_tokens": 100.0},  # noqa: E731
+                                                 "prior": {"correct": p, "prompt_tokens": 14.0}}}
+    #        a: cat tod  b: cat tod
+    seeds = [run([1, 0, 1, 1], [0, 0, 1, 0]), run([1, 0, 1, 0], [0, 1, 0, 0])]
+    s = uqa_seeds.summarise(seeds, ["s0", "s1"], bootstrap=100)
+    assert s["by_topic"] == {"categories": 2, "time_of_day": 2}
+    assert s["topics"]["qanchor"]["categories"]["per_seed"] == [1.0, 1.0]
+    assert s["topics"]["qanchor"]["time_of_day"]["per_seed"] == [0.5, 0.0]
+    assert s["gaps"]["prior"]["topics"]["categories"]["per_seed"] == [0.5, 1.0]
+    assert s["gaps"]["prior"]["topics"]["time_of_day"]["mean"] == pytest.approx(0.0)  # (0.5 - 0) and (0 - 0.5)
+    text = uqa_seeds.table(s)
+    assert "| qanchor (2) | 1.000 ± 0.000 | 0.250 ± 0.250 |" in text
+    assert "| Q-Anchor - prior (2) | +75.0 (+50.0 .. +100.0) | +0.0 (-50.0 .. +50.0) |" in text
