@@ -10,11 +10,14 @@ of each class; the same draw for every row, so rows compare paired), fits the be
 - ``task``, ``generic``, ``swapped``: the checkpoint's embedding under the task's own query, the generic query, and
   another task's query (the bench's ``qanchor_task`` / ``qanchor_generic`` / ``qanchor_swapped_query``);
 - ``rfm_lr``, ``union_lr``: the bench's linear peers on the same users (signed-log RFM / counts + tabular; and with
-  the mean event-text vector).
+  the mean event-text vector);
+- ``rfm_lgbm``, ``union_lgbm``: the bench's LightGBM peers (raw RFM / counts + tabular; and with the mean event-text
+  vector), with the bench's own settings, on the same draws.
 
 Budget ``all`` is the whole training split: it reproduces the bench's rows (same folds, probe and seed). Means over
 tasks, folds and draws per checkpoint; over checkpoints (pretraining seeds) the mean, the spread and the paired
-difference task - generic / task - swapped.
+difference task - generic / task - swapped. Without ``--checkpoint`` only the peers are fitted (they do not depend on a
+checkpoint, and their draws are the same users as any checkpoint's run with the same ``--seed``).
 
 Example::
 
@@ -49,7 +52,7 @@ from qanchor.infer.api import QAnchor  # noqa: E402
 from qanchor.logs import log, quiet_third_party  # noqa: E402
 from qanchor.metrics import auc_score  # noqa: E402
 
-ROWS = ("task", "generic", "swapped", "rfm_lr", "union_lr")
+ROWS = ("task", "generic", "swapped", "rfm_lr", "union_lr", "rfm_lgbm", "union_lgbm")
 QUERY_ROWS = ROWS[:3]
 
 
@@ -65,11 +68,12 @@ def draw(train: np.ndarray, labels: np.ndarray, n: int | None, rng: np.random.Ge
 
 
 def peer_features(ds: Dataset, user_ids: list[str]) -> dict[str, np.ndarray]:
-    """The bench's linear peers' inputs, rows in ``user_ids`` order."""
+    """The bench's peers' inputs, rows in ``user_ids`` order (a ``_lgbm`` row is fitted with LightGBM, as in the bench)."""
     pipe = UserPipeline.for_dataset(ds, DataConfig())
     pipe.prime(ds.users(user_ids), progress=False, all_events=True)  # every event text, as the bench's text cache
     feats = extract_features(ds, user_ids, pipe.cache)
-    return {"rfm_lr": feats.rfm_log, "union_lr": np.concatenate([feats.rfm_log, feats.text_mean], axis=1)}
+    return {"rfm_lr": feats.rfm_log, "union_lr": np.concatenate([feats.rfm_log, feats.text_mean], axis=1),
+            "rfm_lgbm": feats.rfm, "union_lgbm": np.concatenate([feats.rfm, feats.text_mean], axis=1)}
 
 
 def query_embeddings(model: QAnchor, ds: Dataset, user_ids: list[str], queries: list[str]) -> np.ndarray:
@@ -126,7 +130,8 @@ def budget_curve(tasks: list, emb: np.ndarray | None, peers: dict[str, np.ndarra
                     fit = draw(train, labels, b, rng)
                     for name, x in features.items():
                         if x is not None:
-                            scores = fit_predict(Classifier.LR, x[fit], labels[fit], x[test], seed)  # as the bench
+                            kind = Classifier.LGBM if name.endswith("_lgbm") else Classifier.LR
+                            scores = fit_predict(kind, x[fit], labels[fit], x[test], seed)  # as the bench
                             aucs[_name(b)][name].append(auc_score(labels[test], scores))
     return {"tasks": [t.name for t in tasks],
             "auc": {b: {r: float(np.mean(v)) if v else None for r, v in rows_.items()} for b, rows_ in aucs.items()}}
@@ -140,10 +145,10 @@ def summarise(curves: list[dict]) -> dict:
     """Over checkpoints: mean and std of each row per budget, and the paired query differences."""
     out: dict = {}
     for b in curves[0]["auc"]:
-        rows = {r: [c["auc"][b][r] for c in curves] for r in ROWS if curves[0]["auc"][b][r] is not None}
+        rows = {r: [c["auc"][b][r] for c in curves] for r in ROWS if curves[0]["auc"][b].get(r) is not None}
         entry = {r: [float(np.mean(v)), float(np.std(v))] for r, v in rows.items()}
         for other in ("generic", "swapped"):
-            if other in rows:
+            if other in rows and "task" in rows:
                 diff = np.subtract(rows["task"], rows[other])
                 entry[f"task-{other}"] = [float(diff.mean()), float(diff.std()), [round(float(x), 4) for x in diff]]
         out[b] = entry
@@ -157,7 +162,8 @@ def markdown(summary: dict, n_checkpoints: int) -> str:
         cells = [f"{e[r][0]:.4f} ± {e[r][1]:.4f}" if r in e else "-" for r in ROWS]
         diffs = [f"{e[k][0]:+.4f} ± {e[k][1]:.4f}" if k in e else "-" for k in ("task-generic", "task-swapped")]
         lines.append(f"| {b} | " + " | ".join(cells + diffs) + " |")
-    return "\n".join(lines) + f"\n\nmean ± std over {n_checkpoints} checkpoint(s); AUC averaged over tasks, folds and draws"
+    over = f"mean ± std over {n_checkpoints} checkpoint(s)" if n_checkpoints else "peers only (no checkpoint)"
+    return "\n".join(lines) + f"\n\n{over}; AUC averaged over tasks, folds and draws"
 
 
 def plot(summary: dict, path: Path, title: str) -> None:
@@ -185,7 +191,7 @@ def plot(summary: dict, path: Path, title: str) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--checkpoint", nargs="+", required=True, help="one or more pretraining output dirs (seeds)")
+    ap.add_argument("--checkpoint", nargs="*", default=[], help="pretraining output dirs (seeds); none: the peers only")
     ap.add_argument("--data", required=True)
     ap.add_argument("--generic-query", default="What kind of user is this?")
     ap.add_argument("--budgets", default="50,100,200,all", help="labelled training users per fold; 'all' = the fold's")
@@ -215,14 +221,18 @@ def main(argv: list[str] | None = None) -> int:
         curves.append({"checkpoint": ckpt, **curve})
         log(f"label_budget: {ckpt}: " + ", ".join(f"{b} task {v['task']:.4f} generic {v['generic']:.4f}"
                                                   for b, v in curve["auc"].items()))
+    if not curves:  # peers only
+        curves.append({"checkpoint": None, **peers})
     summary = summarise(curves)
-    print(markdown(summary, len(curves)))
+    print(markdown(summary, len(args.checkpoint)))
     if args.out is not None:
         write_json({"data": args.data, "generic_query": args.generic_query, "draws": args.draws, "seed": args.seed,
                     "users": len(user_ids), "seconds": round(time.perf_counter() - start, 1), "curves": curves,
                     "summary": summary}, args.out)
     if args.plot is not None:
-        plot(summary, args.plot, f"{ds.manifest.name}: probe AUC vs labelled users ({len(curves)} checkpoint(s))")
+        n = len(args.checkpoint)
+        plot(summary, args.plot, f"{ds.manifest.name}: AUC vs labelled users ({n} checkpoint(s))" if n else
+             f"{ds.manifest.name}: peers' AUC vs labelled users")
     return 0
 
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import pytest
 
@@ -38,9 +40,10 @@ def test_curve_all_reproduces_the_bench_and_rows_are_paired(lb, infer_env):
     queries = [*dict.fromkeys(t.query for t in tasks), GENERIC]
     emb = lb.query_embeddings(qa, ds, user_ids, queries)
     assert emb.shape == (len(user_ids), len(queries), qa.embedding_dim)
-    rfm = extract_features(ds, user_ids, None).rfm_log
+    feats = extract_features(ds, user_ids, None)
+    rfm = feats.rfm_log
     # a peer equal to the generic-query embedding must score exactly as the generic row, draw for draw
-    peers = {"rfm_lr": rfm, "union_lr": emb[:, -1]}
+    peers = {"rfm_lr": rfm, "union_lr": emb[:, -1], "rfm_lgbm": feats.rfm}
     curve = lb.budget_curve(tasks, emb, peers, user_ids, [8, None], draws=2)
     alone = lb.budget_curve(tasks, None, peers, user_ids, [8, None], draws=2)  # the peers fitted once, on their own
     assert alone["auc"]["8"]["task"] is None and alone["auc"]["8"]["rfm_lr"] == curve["auc"]["8"]["rfm_lr"]
@@ -55,6 +58,13 @@ def test_curve_all_reproduces_the_bench_and_rows_are_paired(lb, infer_env):
         folds = stratified_folds(t.labels, fold_count(t.labels, 5), 0)
         bench += evaluate_folds(MethodInput(features=emb[r, col[t.query]], classifier=Classifier.LR), t.labels, folds, 0).auc
     assert curve["auc"]["all"]["task"] == pytest.approx(np.mean(bench), abs=1e-12)
+    lgbm = []  # a _lgbm peer is fitted as the bench fits rfm_lgbm: LightGBM on the raw features
+    for t in tasks:
+        r = np.array([row[u] for u in t.user_ids])
+        folds = stratified_folds(t.labels, fold_count(t.labels, 5), 0)
+        lgbm += evaluate_folds(MethodInput(features=feats.rfm[r], classifier=Classifier.LGBM), t.labels, folds, 0).auc
+    assert curve["auc"]["all"]["rfm_lgbm"] == pytest.approx(np.mean(lgbm), abs=1e-12)
+    assert curve["auc"]["all"]["rfm_lgbm"] != curve["auc"]["all"]["rfm_lr"]
     summary = lb.summarise([{"checkpoint": "a", **curve}, {"checkpoint": "b", **curve}])
     assert summary["all"]["task-generic"][0] == pytest.approx(curve["auc"]["all"]["task"] - curve["auc"]["all"]["generic"])
     assert summary["8"]["task"][1] == 0.0  # two identical checkpoints: no spread
@@ -69,3 +79,12 @@ def test_budgets_parse_with_errors_that_name_the_entry(lb):
     with pytest.raises(SystemExit) as exit_:
         lb.main(["--checkpoint", "x", "--data", "y", "--budgets", "50,lots"])
     assert exit_.value.code == 2  # argparse's usage error, before any data is read
+
+
+def test_without_checkpoints_the_peers_alone_are_fitted(lb, tiny_dataset, tmp_path, capsys):
+    assert lb.main(["--data", str(tiny_dataset), "--budgets", "8,all", "--draws", "1", "--out", str(tmp_path / "p.json")]) == 0
+    summary = json.loads((tmp_path / "p.json").read_text())["summary"]
+    assert set(summary) == {"8", "all"}
+    for b in summary.values():  # every peer row, no query row and no query difference
+        assert set(b) == {"rfm_lr", "union_lr", "rfm_lgbm", "union_lgbm"} and b["rfm_lgbm"][1] == 0.0
+    assert "peers only" in capsys.readouterr().out
