@@ -79,6 +79,8 @@ def _plot(rows: list[dict], peers: dict[str, float], path: Path, title: str) -> 
         ax.axhline(auc, linestyle="--", linewidth=1, color="grey")
         ax.text(steps[0], auc, f" {name}", va="bottom", fontsize=8, color="grey")
     ax.set_xscale("log")
+    ax.set_xticks(steps, [f"{s:,}" for s in steps])  # the budgets themselves, not log-scale minor labels
+    ax.minorticks_off()
     ax.set_xlabel("pretraining steps")
     ax.set_ylabel("mean AUC (5-fold, LR probe)")
     ax.set_title(f"Learning curve: {title}")
