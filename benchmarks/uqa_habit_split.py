@@ -29,7 +29,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from qanchor.bench.report import markdown_table  # noqa: E402
-from qanchor.bench.uqa import Question, build_questions, held_out_users  # noqa: E402
+from qanchor.bench.uqa import Question, asked_record, build_questions, held_out_users  # noqa: E402
 from qanchor.data.dataset import load_dataset  # noqa: E402
 from qanchor.infer.api import QAnchor  # noqa: E402
 from qanchor.logs import quiet_third_party  # noqa: E402
@@ -52,16 +52,21 @@ def habit(topic: str, answer: str) -> str:
     return found.group(1)
 
 
+def distractors_sharing_habit(question: Question) -> int:
+    """How many distractors name the same habit as the right answer."""
+    truth = habit(question.topic, question.options[question.answer])
+    return sum(habit(question.topic, o) == truth for i, o in enumerate(question.options) if i != question.answer)
+
+
 def habit_only(question: Question) -> bool:
     """True when every distractor names another habit than the right answer."""
-    truth = habit(question.topic, question.options[question.answer])
-    return all(habit(question.topic, o) != truth for i, o in enumerate(question.options) if i != question.answer)
+    return distractors_sharing_habit(question) == 0
 
 
 def split(questions: list[Question], results: list[dict]) -> dict:
     """Per interest topic: question counts, mean distractors sharing the habit, and each row's accuracy on the
     habit-only questions and the rest (pooled over ``results``, which must have asked ``questions``)."""
-    asked = [{"user_id": q.user_id, "family": q.family, "topic": q.topic} for q in questions]
+    asked = asked_record(questions)
     for k, r in enumerate(results):
         if r.get("asked") != asked:
             raise SystemExit(f"error: results #{k + 1} asked other questions than the rebuilt ones (another dataset, "
@@ -72,9 +77,8 @@ def split(questions: list[Question], results: list[dict]) -> dict:
         idx = [i for i, q in enumerate(questions) if q.topic == topic]
         if not idx:
             continue
-        only = np.array([habit_only(questions[i]) for i in idx])
-        sharing = [sum(habit(topic, o) == habit(topic, questions[i].options[questions[i].answer])
-                       for j, o in enumerate(questions[i].options) if j != questions[i].answer) for i in idx]
+        sharing = np.array([distractors_sharing_habit(questions[i]) for i in idx])
+        only = sharing == 0
         entry = {"questions": len(idx), "habit_only": int(only.sum()), "distractors_sharing_habit": float(np.mean(sharing)),
                  "rows": {}}
         for row in rows:

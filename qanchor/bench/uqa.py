@@ -51,7 +51,7 @@ from qanchor.infer.api import QAnchor, events_before
 from qanchor.logs import format_seconds, log
 from qanchor.train.pairs import is_held_out
 
-__all__ = ["FAMILIES", "Question", "UqaResult", "build_questions", "held_out_users", "run_uqa", "topic_table", "wilson",
+__all__ = ["FAMILIES", "Question", "UqaResult", "asked_record", "build_questions", "held_out_users", "run_uqa", "topic_table", "wilson",
            "write_uqa"]
 
 FAMILIES: dict[str, tuple[str, ...]] = {
@@ -259,8 +259,12 @@ def run_uqa(cfg: UqaConfig, progress: bool = True) -> UqaResult:
            "held_out_users": len(users), "holdout_fraction": base.train.holdout_users, "seed": cfg.seed,
            "qanchor_version": qanchor.__version__, "seconds": time.perf_counter() - start, "config_yaml": to_yaml(cfg),
            "pretrain_steps": base.train.max_steps, "pretrain_batch": base.train.batch_size}
-    asked = [{"user_id": q.user_id, "family": q.family, "topic": q.topic} for q in questions]
-    return UqaResult(run, n_all, {f: int(m.sum()) for f, m in families.items()}, rows, asked)
+    return UqaResult(run, n_all, {f: int(m.sum()) for f, m in families.items()}, rows, asked_record(questions))
+
+
+def asked_record(questions: list[Question]) -> list[dict[str, str]]:
+    """What ``results.json`` keeps of each question (``UqaResult.asked``): enough to pair runs and split by topic."""
+    return [{"user_id": q.user_id, "family": q.family, "topic": q.topic} for q in questions]
 
 
 def _row(correct: np.ndarray, tokens: np.ndarray, families: dict[str, np.ndarray], seconds: float) -> dict[str, Any]:
