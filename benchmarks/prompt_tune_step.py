@@ -53,7 +53,7 @@ def _tile(user: PackedUser, n: int) -> PackedUser:
         rows = m.text_rows if len(m.text_rows) else np.zeros(1, np.int64)
         num = m.numeric if len(m.numeric) else np.zeros((1, m.numeric.shape[1]), np.float32)
         idx = np.arange(n) % len(rows)
-        mods[name] = PackedModality(rows[idx], num[idx])
+        mods[name] = PackedModality(rows[idx], num[idx], m.history)
     return PackedUser(user.user_id, mods, user.tabular)
 
 

@@ -79,7 +79,8 @@ def run_worker(preset: str, data: Path, steps: int, batch: int, warmup: int, set
     tick = time.perf_counter()
     torch.manual_seed(cfg.train.seed)  # the same set-up sequence as run_pretrain
     model, tokenizer = build_model(cfg.model, ds.manifest, pipe.cache.dim, ds.tabular_columns,
-                                   profile_decoder=cfg.loss.profile_weight > 0)
+                                   profile_decoder=cfg.loss.profile_weight > 0,
+                                   profile_whitening=cfg.loss.profile_whitening)
     fit_input_stats(model, ds, pipe)
     stream = PretrainStream(ds, pipe, tokenizer, model.token_ids, cfg.model, cfg.train.seed, cfg.train.uqa_fraction,
                             cfg.train.query_group_size, holdout_users=cfg.train.holdout_users)

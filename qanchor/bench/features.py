@@ -13,23 +13,19 @@ Example:
 
 from __future__ import annotations
 
-import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
 from functools import cached_property
 
 import numpy as np
 
-from qanchor.data.dataset import Dataset, EventSeq, UserRecord
+from qanchor.data.dataset import Dataset, UserRecord
+from qanchor.data.history import events_before, modality_feature_names, modality_features
 from qanchor.data.packing import signed_log
 from qanchor.data.text_cache import TextVectorCache
 from qanchor.logs import progress as progress_iter
 
 __all__ = ["PeerFeatures", "modality_features", "modality_feature_names", "extract_features", "signed_log"]
-
-_US_PER_DAY = 86_400 * 1_000_000
-_WINDOWS_DAYS = (7, 30, 90)
-
 
 @dataclass
 class PeerFeatures:
@@ -52,45 +48,6 @@ class PeerFeatures:
         return np.fromiter((index[u] for u in user_ids), dtype=np.int64, count=len(user_ids))
 
 
-def modality_feature_names(modality: str, extra_columns: Sequence[str]) -> list[str]:
-    """Names of :func:`modality_features`' outputs, in order."""
-    names = ["count", "log_count", *(f"count_{w}d" for w in _WINDOWS_DAYS), "recency_days", "tenure_days",
-             "active_days", "events_per_active_day", "distinct_texts", "value_sum", "value_mean", "value_max",
-             "value_std", "value_sum_30d", *(f"{c}_mean" for c in extra_columns)]
-    return [f"{modality}_{n}" for n in names]
-
-
-def modality_features(seq: EventSeq | None, cutoff_us: int, n_extra: int) -> np.ndarray:
-    """RFM features of one modality's events (all before ``cutoff_us``) -> float64 ``[15 + n_extra]``.
-
-    Example:
-        >>> ts = np.array([0, 86_400_000_000]); seq = EventSeq(ts, ["a", "a"], np.array([1.0, 3.0], np.float32),
-        ...                                                    np.zeros((2, 0), np.float32))
-        >>> modality_features(seq, 2 * 86_400_000_000, 0)[[0, 5, 6, 10]].tolist()
-        [2.0, 1.0, 2.0, 4.0]
-    """
-    if seq is None or not len(seq):
-        # Counts are truly zero; recency, tenure and value statistics are undefined, not zero.
-        out = np.full(15 + n_extra, np.nan)
-        out[[0, 1, 2, 3, 4, 7, 9, 10, 14]] = 0.0
-        return out
-    age_days = (cutoff_us - seq.ts) / _US_PER_DAY  # (n,), > 0 for events before the cutoff
-    days = np.unique(seq.ts // _US_PER_DAY)
-    value = seq.value.astype(np.float64)
-    known = ~np.isnan(value)
-    v = value[known]
-    recent_30 = known & (age_days <= 30)
-    n = len(seq)
-    stats = [n, np.log1p(n), *((age_days <= w).sum() for w in _WINDOWS_DAYS), age_days.min(), age_days.max(),
-             len(days), n / len(days), len(set(seq.text)),
-             v.sum() if v.size else np.nan, v.mean() if v.size else np.nan, v.max() if v.size else np.nan,
-             v.std() if v.size > 1 else np.nan, value[recent_30].sum()]
-    with warnings.catch_warnings():  # an all-NaN extra column has no mean: NaN is the right answer
-        warnings.simplefilter("ignore", RuntimeWarning)
-        extras = np.nanmean(seq.extras.astype(np.float64), axis=0) if n_extra else np.zeros(0)
-    return np.concatenate([np.asarray(stats, dtype=np.float64), extras])
-
-
 def _user_rfm(record: UserRecord, specs, cutoff_us: int, n_tabular: int) -> np.ndarray:
     parts = [modality_features(record.events.get(m.name), cutoff_us, len(m.numeric_columns)) for m in specs]
     counts = np.array([p[0] for p in parts])
@@ -109,12 +66,8 @@ def _text_mean(record: UserRecord, cache: TextVectorCache) -> np.ndarray:
 
 def _before_cutoff(record: UserRecord, cutoff_us: int) -> UserRecord:
     """Drop any event at or after the cutoff: peers must not see the label window."""
-    events = {}
-    for name, seq in record.events.items():
-        n = int(np.searchsorted(seq.ts, cutoff_us, side="left"))
-        if n:
-            events[name] = EventSeq(seq.ts[:n], seq.text[:n], seq.value[:n], seq.extras[:n])
-    return UserRecord(record.user_id, events, record.tabular)
+    events = {name: events_before(seq, cutoff_us) for name, seq in record.events.items()}
+    return UserRecord(record.user_id, {name: seq for name, seq in events.items() if len(seq)}, record.tabular)
 
 
 def extract_features(ds: Dataset, user_ids: Sequence[str], text_cache: TextVectorCache | None,

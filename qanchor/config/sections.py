@@ -97,13 +97,19 @@ class UserEncoderConfig:
     # The modality token's statistics: "basic" (log count, newest / oldest age, mean numeric features) or "rfm"
     # (those plus recency / frequency / monetary statistics of the kept events: counts in the last 7 / 30 / 90
     # days, active days, distinct texts, value sum / max / std; see user_encoder.window_rfm), standardised on
-    # the training users. Only with summary_input="text".
-    summary_stats: Literal["basic", "rfm"] = "basic"
+    # the training users. "history": the basic ones plus the same RFM statistics of the modality's *whole* history
+    # before the cutoff (qanchor.data.history), not only of the kept events: the counts the peers read. Both only
+    # with summary_input="text".
+    summary_stats: Literal["basic", "rfm", "history"] = "basic"
+    # What the input profile (the profile loss's target, loss.profile_weight) holds of each modality: "summary" =
+    # every statistic the modality token reads (summary_stats), "window" = only the basic window statistics, so
+    # extra statistics feed the modality token without becoming something the embedding must reconstruct.
+    profile_stats: Literal["summary", "window"] = "summary"
 
     def __post_init__(self) -> None:
-        if self.summary_stats == "rfm" and self.summary_input != "text":
-            raise ConfigError('model.user_encoder.summary_stats="rfm" needs summary_input="text" (the statistics feed '
-                              'the modality token built from the raw text mean)')
+        if self.summary_stats != "basic" and self.summary_input != "text":
+            raise ConfigError(f'model.user_encoder.summary_stats="{self.summary_stats}" needs summary_input="text" (the '
+                              'statistics feed the modality token built from the raw text mean)')
 
 
 @dataclass
@@ -152,6 +158,11 @@ class LossConfig:
     # statistics, the tabular values), trained with this weight on the mean squared error: pretraining must not
     # squeeze out what the user's own counts say. 0 = off (no decoder is built).
     profile_weight: float = 0.0
+    # Decorrelate the profile's targets before the squared error (shrunk PCA whitening, fitted on the training
+    # users with the other input statistics): each independent direction of the profile then counts about once,
+    # however many statistics restate it (a dozen counts, windows and active days all restate activity), with
+    # the loss's total scale unchanged. False = the plain standardised targets.
+    profile_whitening: bool = False
 
     def __post_init__(self) -> None:
         if self.profile_weight < 0:

@@ -6,6 +6,7 @@ F_m numeric features of modality m, T tabular features):
 - ``ModalityBatch.text_vec``  float32 [B, E_m, D]   frozen sentence vectors of the event texts
 - ``ModalityBatch.numeric``   float32 [B, E_m, F_m] numeric event features (see packing.py)
 - ``ModalityBatch.mask``      bool    [B, E_m]      True at real events
+- ``ModalityBatch.history``   float32 [B, S]        whole-history statistics (qanchor.data.history), 0 without events
 - ``UserBatch.tabular``       float32 [B, T]        raw values, 0 where missing
 - ``UserBatch.tabular_missing`` bool  [B, T]        True where a value is missing
 - ``UserBatch.has_tabular``   bool    [B]           False for users without a tabular row
@@ -18,6 +19,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
+from qanchor.data.history import HISTORY_STATS
 from qanchor.data.manifest import Manifest
 from qanchor.data.packing import PackedUser, numeric_width
 
@@ -29,9 +31,11 @@ class ModalityBatch:
     text_vec: torch.Tensor
     numeric: torch.Tensor
     mask: torch.Tensor
+    history: torch.Tensor | None = None
 
     def to(self, device: torch.device | str) -> ModalityBatch:
-        return ModalityBatch(self.text_vec.to(device), self.numeric.to(device), self.mask.to(device))
+        return ModalityBatch(self.text_vec.to(device), self.numeric.to(device), self.mask.to(device),
+                             None if self.history is None else self.history.to(device))
 
 
 @dataclass
@@ -63,13 +67,16 @@ def collate_users(users: list[PackedUser], manifest: Manifest, vectors: np.ndarr
         text_vec = np.zeros((b, e, dim), np.float32)
         numeric = np.zeros((b, e, numeric_width(spec)), np.float32)
         mask = np.zeros((b, e), bool)
+        history = np.zeros((b, HISTORY_STATS), np.float32)
         for i, u in enumerate(users):
             pm, n = u.modalities[spec.name], lengths[i]
             if n:
                 text_vec[i, :n] = vectors[pm.text_rows]
                 numeric[i, :n] = pm.numeric
                 mask[i, :n] = True
-        modalities[spec.name] = ModalityBatch(torch.from_numpy(text_vec), torch.from_numpy(numeric), torch.from_numpy(mask))
+                history[i] = pm.history
+        modalities[spec.name] = ModalityBatch(torch.from_numpy(text_vec), torch.from_numpy(numeric), torch.from_numpy(mask),
+                                              torch.from_numpy(history))
     tabular = missing = has = None
     if manifest.tabular is not None:
         raw = np.zeros((b, n_tabular), np.float32)

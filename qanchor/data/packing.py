@@ -3,7 +3,8 @@
 Each event becomes [text vector ; numeric features]. The numeric part is, in order:
 signed log1p(value), value-missing flag, log1p(age in days before the cutoff) / 5, hour sin/cos,
 weekday sin/cos, then for every extra numeric column of the modality signed log1p(x) and a missing flag.
-Only the ``max_events[m]`` most recent events of a modality are kept.
+Only the ``max_events[m]`` most recent events of a modality are kept; what the older ones say reaches the model
+as the modality's whole-history statistics (:func:`qanchor.data.history.history_stats`).
 
 Example:
     >>> packer = UserPacker(ds.manifest, cfg.data, cache)  # doctest: +SKIP
@@ -15,12 +16,13 @@ Example:
 from __future__ import annotations
 
 from collections.abc import Iterable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 
 from qanchor.config import DataConfig
 from qanchor.data.dataset import EventSeq, UserRecord
+from qanchor.data.history import HISTORY_STATS, history_stats
 from qanchor.data.manifest import Manifest, ModalitySpec
 from qanchor.data.text_cache import TextVectorCache
 from qanchor.logs import progress as progress_iter
@@ -75,6 +77,9 @@ def event_numeric_features(seq: EventSeq, cutoff_us: int) -> np.ndarray:
 class PackedModality:
     text_rows: np.ndarray  # int64 [n], rows of the TextVectorCache
     numeric: np.ndarray  # float32 [n, numeric_width]
+    # float32 [HISTORY_STATS]: the whole history's RFM statistics before the cutoff (qanchor.data.history), not
+    # only the kept events'; read by the modality token with model.user_encoder.summary_stats=history
+    history: np.ndarray = field(default_factory=lambda: np.zeros(HISTORY_STATS, np.float32))
 
 
 @dataclass
@@ -140,7 +145,8 @@ class UserPacker:
             if seq is None or not len(seq):
                 modalities[spec.name] = PackedModality(np.zeros(0, np.int64), np.zeros((0, numeric_width(spec)), np.float32))
             else:
-                modalities[spec.name] = PackedModality(self.cache.ensure(seq.text), event_numeric_features(seq, cutoff_us))
+                modalities[spec.name] = PackedModality(self.cache.ensure(seq.text), event_numeric_features(seq, cutoff_us),
+                                                       history_stats(record.events.get(spec.name), cutoff_us))
         lines = event_lines(kept, cutoff_us, self.data_cfg.text_events) if self.data_cfg.text_events else None
         return PackedUser(record.user_id, modalities, record.tabular, lines)
 

@@ -23,7 +23,7 @@ from qanchor.model.layout import TokenIds, build_prefixes, pad_right
 from qanchor.model.losses import combine, masked_infonce, token_cross_entropy
 from qanchor.model.user_encoder import HierarchicalUserEncoder
 
-__all__ = ["PretrainBatch", "QAnchorOutput", "QAnchorModel", "AnswerBank"]
+__all__ = ["PretrainBatch", "QAnchorOutput", "QAnchorModel", "AnswerBank", "ProfileDecoder", "shrunk_whitening"]
 
 Gather = Callable[[torch.Tensor], torch.Tensor]
 Normalise = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
@@ -102,6 +102,34 @@ def _projection(in_dim: int, hidden: int, out_dim: int) -> nn.Sequential:
     return nn.Sequential(nn.Linear(in_dim, hidden), nn.GELU(), nn.Linear(hidden, out_dim))
 
 
+def shrunk_whitening(z: torch.Tensor, shrink: float = 1.0) -> torch.Tensor:
+    """A (P, P) matrix W for standardised profiles ``z`` (N, P): ``z @ W`` has uncorrelated columns, the principal
+    direction of variance ``lam`` scaled to variance ``lam / (lam + shrink)`` and the whole rescaled so the total
+    variance stays P (that of ``z``).
+
+    ``shrink`` is in units of one standardised statistic: a direction restated by twenty statistics (variance ~20)
+    counts about once, like one independent statistic (variance 1 -> 1/2 before the rescale), while near-empty
+    directions (variance << shrink) stay near zero instead of being blown up into noise as full whitening would.
+
+    Example:
+        >>> g = torch.Generator().manual_seed(0)
+        >>> z = torch.cat([torch.randn(4000, 1, generator=g).repeat(1, 4), torch.randn(4000, 2, generator=g)], 1)
+        >>> v = (z @ shrunk_whitening(z)).var(0)  # one direction restated 4 times, then two independent ones
+        >>> v.sum().round().item(), (v.max() / v[v > 0.1].min()).item() < 1.7  # total kept; restated ~ single
+        (6.0, True)
+    """
+    z = z.double()
+    cov = z.T @ z / max(len(z), 1)  # (P, P); z is standardised, so its mean is ~0
+    lam, vec = torch.linalg.eigh(cov)
+    lam = lam.clamp_min(0.0)
+    scale = (lam + shrink).rsqrt()
+    kept = lam / (lam + shrink)  # each direction's variance after the scaling
+    total = float(cov.diagonal().sum())
+    if float(kept.sum()) <= 0:  # every profile identical: nothing to weigh
+        return torch.eye(len(cov))
+    return (vec * scale * (total / float(kept.sum())) ** 0.5).float()  # column k: direction k, rescaled
+
+
 class ProfileDecoder(nn.Module):
     """Embedding (N, D) -> the user's standardised input profile (N, P), a training aid (``loss.profile_weight``).
 
@@ -110,28 +138,44 @@ class ProfileDecoder(nn.Module):
     a default-initialised layer would need weights ~10x larger, which a few hundred steps never reach. The
     profile's mean and std are set from training users before pretraining (:meth:`set_stats`) and saved with
     the weights.
+
+    With ``whitening`` the standardised targets are rotated and rescaled by a fixed (P, P) matrix
+    (:func:`shrunk_whitening`, set with the statistics) before the error: an invertible linear map of the target,
+    so the decoder stays linear and what it decodes is the same information, weighted per independent direction.
     """
 
-    def __init__(self, embedding_dim: int, width: int):
+    def __init__(self, embedding_dim: int, width: int, whitening: bool = False):
         super().__init__()
         self.linear = nn.Linear(embedding_dim, width)
         self.register_buffer("mean", torch.zeros(width))
         self.register_buffer("std", torch.ones(width))
+        self.whitening = whitening
+        if whitening:  # only then: checkpoints saved without it load unchanged
+            self.register_buffer("whiten", torch.eye(width))
 
-    def set_stats(self, mean: torch.Tensor, std: torch.Tensor) -> None:
+    def set_stats(self, mean: torch.Tensor, std: torch.Tensor, whiten: torch.Tensor | None = None) -> None:
         self.mean.copy_(mean)
         self.std.copy_(std)
+        if self.whitening:
+            if whiten is None:
+                raise ValueError("a whitening profile decoder needs its whitening matrix (shrunk_whitening)")
+            self.whiten.copy_(whiten)
+
+    def target(self, profile: torch.Tensor) -> torch.Tensor:
+        """(N, P) raw profiles -> what the decoder must output: standardised, then whitened if asked."""
+        z = (profile.float() - self.mean) / self.std
+        return z @ self.whiten if self.whitening else z
 
     def loss_sum(self, embedding: torch.Tensor, profile: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Sum over rows of the per-row mean squared error, and the row count (for a global mean across ranks)."""
-        target = (profile.float() - self.mean) / self.std
+        target = self.target(profile)
         err = (self.linear(embedding.float() * embedding.shape[-1] ** 0.5) - target).pow(2).mean(-1)  # (N,)
         return err.sum(), torch.tensor(float(len(err)), device=err.device)
 
 
 class QAnchorModel(nn.Module):
     def __init__(self, cfg: ModelConfig, manifest: Manifest, backbone: nn.Module, token_ids: TokenIds, text_dim: int, n_tabular: int,
-                 tokenizer: object = None, profile_decoder: bool = False):
+                 tokenizer: object = None, profile_decoder: bool = False, profile_whitening: bool = False):
         super().__init__()
         self.cfg, self.manifest, self.token_ids = cfg, manifest, token_ids
         self.tokenizer = tokenizer  # only a text-prefix model (user_input=text) tokenises inside forward
@@ -144,7 +188,7 @@ class QAnchorModel(nn.Module):
         # The text tower's answers are frozen sentence vectors: a projection of their own maps them to the space.
         self.answer_projection = (_projection(text_dim, cfg.projection_hidden, cfg.embedding_dim)
                                   if cfg.answer_tower == "text_encoder" else None)
-        self.profile_decoder = (ProfileDecoder(cfg.embedding_dim, self.user_encoder.profile_width())
+        self.profile_decoder = (ProfileDecoder(cfg.embedding_dim, self.user_encoder.profile_width(), profile_whitening)
                                 if profile_decoder else None)
 
     # ------------------------------------------------------------------------------ building blocks

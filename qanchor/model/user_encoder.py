@@ -9,7 +9,9 @@ text vector, a standardisation with statistics stored at pretraining on the nume
 neither drowns the other: raw, the log amounts (2-8) carried most of the energy and the unit-norm text
 vector (components ~0.05) was lost. Modality tokens (``summary_input="text"``, the authors' choice) come
 from the masked mean of the modality's *raw* text vectors plus window statistics of its kept events
-(log count, newest and oldest age, mean numeric features), not from already adapted event tokens.
+(log count, newest and oldest age, mean numeric features), not from already adapted event tokens; with
+``summary_stats="history"`` also the RFM statistics of the modality's whole history before the cutoff, which the
+kept events (the most recent ``max_events``) cannot tell.
 
 :meth:`HierarchicalUserEncoder.profile` gathers those statistics and the standardised tabular values into one
 vector per user: the target of the profile loss (``loss.profile_weight``), which keeps them in the embedding.
@@ -30,6 +32,7 @@ from torch import nn
 
 from qanchor.config import UserEncoderConfig
 from qanchor.data.batch import UserBatch
+from qanchor.data.history import HISTORY_STATS
 from qanchor.data.manifest import Manifest
 from qanchor.data.packing import AGE_FEATURE, BASE_NUMERIC_FEATURES, numeric_width
 
@@ -191,7 +194,8 @@ class HierarchicalUserEncoder(nn.Module):
         self.tabular_name = manifest.tabular.name if manifest.tabular is not None else None
         self.summary_input = cfg.summary_input
         self.summary_stats = cfg.summary_stats
-        self.summary_width = SUMMARY_STATS + (RFM_STATS if cfg.summary_stats == "rfm" else 0)
+        self.summary_width = SUMMARY_STATS + {"basic": 0, "rfm": RFM_STATS, "history": HISTORY_STATS}[cfg.summary_stats]
+        self.profile_stats_width = self.summary_width if cfg.profile_stats == "summary" else SUMMARY_STATS
         self.event_adapters = nn.ModuleDict({m.name: EventAdapter(text_dim, numeric_width(m), cfg.adapter_hidden, hidden,
                                                                   cfg.dropout) for m in manifest.sequence_modalities})
         self.tabular = (
@@ -243,17 +247,24 @@ class HierarchicalUserEncoder(nn.Module):
 
     def summary_inputs(self, name: str, batch: UserBatch) -> tuple[torch.Tensor, torch.Tensor]:
         """Sequence modality ``name``'s raw summary: mean text vector (B, T) and statistics (B, summary_width):
-        :func:`window_summary`'s, then with ``summary_stats="rfm"`` :func:`window_rfm`'s."""
+        :func:`window_summary`'s, then with ``summary_stats="rfm"`` :func:`window_rfm`'s (kept events), with
+        ``summary_stats="history"`` the whole history's (``ModalityBatch.history``, computed when packing)."""
         mb = batch.modalities[name]
         mean_text, stats = window_summary(mb.text_vec, mb.numeric, mb.mask)
         if self.summary_stats == "rfm":
             stats = torch.cat([stats, window_rfm(mb.text_vec, mb.numeric, mb.mask)], dim=-1)
+        elif self.summary_stats == "history":
+            if mb.history is None:
+                raise ValueError(f"modality {name!r}: summary_stats='history' needs the whole-history statistics, and "
+                                 "this batch has none; build batches with qanchor.data.batch.collate_users")
+            stats = torch.cat([stats, mb.history.to(stats.dtype)], dim=-1)
         return mean_text, stats
 
     def profile(self, batch: UserBatch) -> torch.Tensor:
-        """The user's input profile, (B, P): each sequence modality's summary statistics (:meth:`summary_inputs`),
-        then the tabular values standardised as the tabular encoder sees them and their missing flags."""
-        parts = [self.summary_inputs(n, batch)[1] for n in self.sequence_names]  # M x (B, S)
+        """The user's input profile, (B, P): each sequence modality's summary statistics (:meth:`summary_inputs`;
+        only :func:`window_summary`'s with ``profile_stats="window"``), then the tabular values standardised as the
+        tabular encoder sees them and their missing flags."""
+        parts = [self.summary_inputs(n, batch)[1][:, :self.profile_stats_width] for n in self.sequence_names]
         if self.tabular is not None:
             z = self.tabular.standardise(batch.tabular, batch.tabular_missing)
             parts += [z, batch.tabular_missing.to(z.dtype)]
@@ -261,4 +272,4 @@ class HierarchicalUserEncoder(nn.Module):
 
     def profile_width(self) -> int:
         """Width P of :meth:`profile`."""
-        return len(self.sequence_names) * self.summary_width + (2 * self.tabular.mean.numel() if self.tabular is not None else 0)
+        return len(self.sequence_names) * self.profile_stats_width + (2 * self.tabular.mean.numel() if self.tabular is not None else 0)

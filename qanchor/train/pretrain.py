@@ -40,7 +40,7 @@ from qanchor.logs import Progress, format_seconds, interactive, log
 from qanchor.model.backbone import check_device, load_tokenizer
 from qanchor.model.factory import ModelMeta, build_model, save_checkpoint
 from qanchor.model.layout import tokenize_query
-from qanchor.model.qanchor_model import AnswerBank
+from qanchor.model.qanchor_model import AnswerBank, shrunk_whitening
 from qanchor.train.distributed import all_reduce_sum, gather_with_grad, global_mean_loss
 from qanchor.train.engine import device_of, gathered_parameters, init_distributed, initialize
 from qanchor.train.pairs import PretrainStream, is_held_out
@@ -130,7 +130,8 @@ def run_pretrain(cfg: PretrainConfig, progress: bool = True) -> Path:
     ds, pipe = prepare_inputs(cfg, rank, progress and rank == 0)
     torch.manual_seed(cfg.train.seed)  # identical initial weights on every rank
     model, tokenizer = build_model(cfg.model, ds.manifest, pipe.cache.dim, ds.tabular_columns,
-                                   profile_decoder=cfg.loss.profile_weight > 0)
+                                   profile_decoder=cfg.loss.profile_weight > 0,
+                                   profile_whitening=cfg.loss.profile_whitening)
     fit_input_stats(model, ds, pipe, holdout_users=cfg.train.holdout_users)
     meta = ModelMeta(ds.manifest.to_dict(), pipe.cache.dim, cfg.data.text_encoder.__dict__, list(ds.tabular_columns))
     stream = PretrainStream(ds, pipe, tokenizer, model.token_ids, cfg.model, cfg.train.seed, cfg.train.uqa_fraction,
@@ -169,11 +170,11 @@ def fit_input_stats(model, ds: Dataset, pipe: UserPipeline, sample: int = 4096, 
         model.user_encoder.tabular.set_stats(torch.from_numpy(mean), torch.from_numpy(std))
     enc = model.user_encoder
     packed = (pipe.packer.pack(r) for r in islice(training_users(), sample))
-    if enc.summary_stats == "rfm" or model.profile_decoder is not None:  # the same users serve three passes
+    if enc.summary_stats != "basic" or model.profile_decoder is not None:  # the same users serve three passes
         packed = list(packed)
     for name, (mean, std) in numeric_stats(packed, ds.manifest).items():
         enc.event_adapters[name].set_stats(torch.from_numpy(mean), torch.from_numpy(std))
-    if enc.summary_stats == "rfm":  # one modal adapter for every modality: pooled over modalities with events
+    if enc.summary_stats != "basic":  # one modal adapter for every modality: pooled over modalities with events
         with torch.no_grad():
             rows = []
             for chunk in batched(packed, 256):
@@ -188,8 +189,10 @@ def fit_input_stats(model, ds: Dataset, pipe: UserPipeline, sample: int = 4096, 
     if model.profile_decoder is not None:  # after the other stats: the profile uses them
         with torch.no_grad():
             profiles = torch.cat([enc.profile(pipe.collate(chunk)) for chunk in batched(packed, 256)])
-        std = profiles.double().std(0, unbiased=False)
-        model.profile_decoder.set_stats(profiles.double().mean(0).float(), torch.where(std > 1e-6, std, 1.0).float())
+        mean, std = profiles.double().mean(0), profiles.double().std(0, unbiased=False)
+        std = torch.where(std > 1e-6, std, 1.0)
+        whiten = shrunk_whitening((profiles.double() - mean) / std) if model.profile_decoder.whitening else None
+        model.profile_decoder.set_stats(mean.float(), std.float(), whiten)
 
 
 def answer_cache(cfg: PretrainConfig, ds: Dataset, rank: int, progress: bool,

@@ -69,3 +69,31 @@ def test_tabular_stats(tiny_dataset):
     mean, std = tabular_stats(ds.users(), 2)
     ages = np.array([20 + i for i in range(20) if i % 3], dtype=float)
     assert mean[0] == pytest.approx(ages.mean(), rel=1e-5) and std[0] == pytest.approx(ages.std(), rel=1e-4)
+
+
+def test_history_stats_read_the_whole_history_before_the_cutoff(tiny_dataset, tmp_path, encoder):
+    """The kept events are the most recent cap; the history statistics count every event before the cutoff (the
+    peers' RFM features, signed logs, 0 where undefined), and never one at or after it."""
+    from qanchor.bench.features import modality_features
+    from qanchor.data.history import HISTORY_STATS
+
+    ds = qanchor.load_dataset(tiny_dataset)
+    packer = UserPacker(ds.manifest, DataConfig(max_events={"bill": 3}, default_max_events=2),
+                        TextVectorCache(tmp_path / "text", encoder))
+    record = ds.user("u004")
+    bill = record.events["bill"]
+    assert len(bill) > 3
+    packed = packer.pack(record).modalities["bill"]
+    assert packed.text_rows.shape == (3,) and packed.history.shape == (HISTORY_STATS,)
+    raw = modality_features(bill, packer.cutoff_us, 0)
+    assert packed.history[0] == pytest.approx(np.log1p(len(bill)), rel=1e-6)  # every event, not the 3 kept
+    expected = np.nan_to_num(np.sign(raw) * np.log1p(np.abs(raw)), nan=0.0)
+    assert np.allclose(packed.history, expected, rtol=1e-6)
+    # At an earlier cutoff (a pretraining pair's) the later events do not exist yet, and days count from there.
+    cut = int(bill.ts[len(bill) // 2])
+    earlier = packer.pack(record, cut).modalities["bill"]
+    n_before = int((bill.ts < cut).sum())
+    assert 0 < n_before < len(bill) and earlier.history[0] == pytest.approx(np.log1p(n_before), rel=1e-6)
+    assert earlier.history[5] == pytest.approx(np.log1p((cut - bill.ts[n_before - 1]) / 86_400e6), rel=1e-5)
+    # A modality without events reads zeros (its token is the learned empty token anyway).
+    assert not packer.pack(ds.user("u000")).modalities["bill"].history.any()

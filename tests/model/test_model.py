@@ -348,6 +348,47 @@ def test_profile_loss_decodes_the_standardised_input_profile(tiny_dataset, tmp_p
         tiny_cfg(["loss.profile_weight=-1"])
 
 
+def test_profile_whitening_decorrelates_the_targets_and_keeps_their_scale(tiny_dataset, tmp_path):
+    """loss.profile_whitening: the decoder's targets are the standardised profile times a shrunk PCA whitening fitted
+    on the training users: uncorrelated there, total variance that of the standardised profile (so profile_weight
+    keeps its meaning), a restated statistic no longer counted twice; the matrix is saved with the checkpoint."""
+    from qanchor.model.qanchor_model import shrunk_whitening
+    from qanchor.train.pretrain import fit_input_stats
+
+    ds_dir = tmp_path / "ds"
+    shutil.copytree(tiny_dataset, ds_dir, ignore=shutil.ignore_patterns(".qanchor_cache"))
+    cfg = tiny_cfg(["loss.profile_weight=0.5", "loss.profile_whitening=true"])
+    model, tokenizer, stream, ds, pipe, _ = model_and_stream(ds_dir, cfg)
+    fit_input_stats(model, ds, pipe)
+    dec = model.profile_decoder
+    with torch.no_grad():
+        profile = model.user_encoder.profile(pipe.collate(pipe.pack_many(list(ds.users())))).double()
+    z = (profile - dec.mean.double()) / dec.std.double()
+    t = dec.target(profile.float()).double()
+    cov = t.T @ t / len(t)
+    off = cov - torch.diag(cov.diagonal())
+    assert off.abs().max() < 1e-3 * cov.diagonal().max()  # uncorrelated on the users it was fitted on
+    assert cov.diagonal().sum().item() == pytest.approx((z**2).mean(0).sum().item(), rel=1e-3)  # same total
+    # Restating one statistic three times moves less weight to it than plain standardisation does (3x).
+    g = torch.Generator().manual_seed(0)
+    a, b = torch.randn(5000, 1, generator=g), torch.randn(5000, 1, generator=g)
+    w = shrunk_whitening(torch.cat([a, a, a, b], 1))
+    share = (torch.cat([a, a, a], 1) @ w[:3]).pow(2).mean() / (b @ w[3:]).pow(2).mean()
+    assert 1.0 < share < 2.0
+    model.eval()
+    batch = stream.batch(0, 4)
+    out = model(batch, cfg.loss)
+    with torch.no_grad():
+        by_hand = (dec.linear(out.anchor * 128**0.5) - dec.target(model.user_encoder.profile(batch.users))).pow(2).mean()
+    assert torch.allclose(out.loss_profile, by_hand, atol=1e-6)
+    meta = ModelMeta(ds.manifest.to_dict(), pipe.cache.dim, {}, list(ds.tabular_columns))
+    save_checkpoint(tmp_path / "ck", model, tokenizer, cfg, meta)
+    loaded, *_ = load_checkpoint(tmp_path / "ck")
+    assert loaded.profile_decoder.whitening and torch.equal(loaded.profile_decoder.whiten, dec.whiten)
+    with pytest.raises(ValueError, match="whitening matrix"):
+        dec.set_stats(dec.mean, dec.std)
+
+
 def test_window_rfm_equals_the_bench_rfm_features_of_the_kept_events():
     """window_rfm from the batch tensors == signed logs of the peers' RFM features (qanchor.bench.features) computed
     from the raw events: counts by window, active days, distinct texts, value sum / max / std / 30-day sum."""
@@ -381,17 +422,22 @@ def test_window_rfm_equals_the_bench_rfm_features_of_the_kept_events():
     assert torch.isfinite(empty).all() and empty.abs().sum() == 0
 
 
-def test_rfm_summary_stats_widen_and_standardise_the_modality_token_input(tiny_dataset, tmp_path):
-    """user_encoder.summary_stats=rfm: the modality token reads window_summary's and window_rfm's statistics,
-    standardised on the training users by fit_input_stats; the profile carries both; only with summary_input=text."""
+@pytest.mark.parametrize("stats", ["rfm", "history"])
+def test_summary_stats_widen_and_standardise_the_modality_token_input(tiny_dataset, tmp_path, stats):
+    """user_encoder.summary_stats=rfm / history: the modality token reads window_summary's statistics and then
+    window_rfm's (kept events) / the packed whole-history statistics, standardised on the training users by
+    fit_input_stats; the profile carries both; only with summary_input=text."""
+    from dataclasses import replace
+
+    from qanchor.data.history import HISTORY_STATS
     from qanchor.model.user_encoder import RFM_STATS, SUMMARY_STATS
     from qanchor.train.pretrain import fit_input_stats
 
     ds_dir = tmp_path / "ds"
     shutil.copytree(tiny_dataset, ds_dir, ignore=shutil.ignore_patterns(".qanchor_cache"))
-    cfg = tiny_cfg(["model.user_encoder.summary_stats=rfm", "loss.profile_weight=1"])
+    cfg = tiny_cfg([f"model.user_encoder.summary_stats={stats}", "loss.profile_weight=1"])
     model, _, stream, ds, pipe, _ = model_and_stream(ds_dir, cfg)
-    enc, width = model.user_encoder, SUMMARY_STATS + RFM_STATS
+    enc, width = model.user_encoder, SUMMARY_STATS + {"rfm": RFM_STATS, "history": HISTORY_STATS}[stats]
     assert enc.modal_adapter.numeric_in.in_features == width and enc.summary_width == width
     n_tab = len(ds.tabular_columns)
     assert model.profile_decoder.linear.out_features == len(ds.manifest.sequence_modalities) * width + 2 * n_tab
@@ -401,5 +447,21 @@ def test_rfm_summary_stats_widen_and_standardise_the_modality_token_input(tiny_d
     assert torch.allclose(enc.modal_adapter.numeric_mean, rows.mean(0), atol=1e-5)
     assert not torch.equal(enc.modal_adapter.numeric_std, torch.ones(width))
     assert torch.isfinite(model(stream.batch(0, 4), cfg.loss).loss)
+    if stats == "history":
+        bill = users.modalities["bill"]
+        assert torch.equal(enc.summary_inputs("bill", users)[1][:, SUMMARY_STATS:], bill.history)
+        users.modalities["bill"] = replace(bill, history=None)
+        with pytest.raises(ValueError, match="'bill'.*collate_users"):
+            enc.summary_inputs("bill", users)
+        users.modalities["bill"] = bill
     with pytest.raises(ConfigError, match="summary_input"):
-        tiny_cfg(["model.user_encoder.summary_stats=rfm", "model.user_encoder.summary_input=tokens"])
+        tiny_cfg([f"model.user_encoder.summary_stats={stats}", "model.user_encoder.summary_input=tokens"])
+    # profile_stats=window: the extra statistics feed the modality token but are not reconstruction targets.
+    cfg = tiny_cfg([f"model.user_encoder.summary_stats={stats}", "model.user_encoder.profile_stats=window",
+                    "loss.profile_weight=1"])
+    lean, *_ = model_and_stream(ds_dir, cfg)
+    assert lean.user_encoder.modal_adapter.numeric_in.in_features == width
+    assert lean.profile_decoder.linear.out_features == len(ds.manifest.sequence_modalities) * SUMMARY_STATS + 2 * n_tab
+    fit_input_stats(lean, ds, pipe)
+    full = lean.user_encoder.profile(users)
+    assert torch.equal(full[:, :SUMMARY_STATS], lean.user_encoder.summary_inputs(enc.sequence_names[0], users)[1][:, :SUMMARY_STATS])
