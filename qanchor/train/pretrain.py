@@ -188,10 +188,10 @@ def fit_input_stats(model, ds: Dataset, pipe: UserPipeline, sample: int = 4096, 
             enc.modal_adapter.set_stats(rows.mean(0).float(), torch.where(std > 1e-6, std, 1.0).float())
     if model.profile_decoder is not None:  # after the other stats: the profile uses them
         with torch.no_grad():
-            profiles = torch.cat([enc.profile(pipe.collate(chunk)) for chunk in batched(packed, 256)])
-        mean, std = profiles.double().mean(0), profiles.double().std(0, unbiased=False)
+            profiles = torch.cat([enc.profile(pipe.collate(chunk)) for chunk in batched(packed, 256)]).double()
+        mean, std = profiles.mean(0), profiles.std(0, unbiased=False)
         std = torch.where(std > 1e-6, std, 1.0)
-        whiten = shrunk_whitening((profiles.double() - mean) / std) if model.profile_decoder.whitening else None
+        whiten = shrunk_whitening((profiles - mean) / std) if model.profile_decoder.whitening else None
         model.profile_decoder.set_stats(mean.float(), std.float(), whiten)
 
 
