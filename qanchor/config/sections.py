@@ -98,9 +98,10 @@ class UserEncoderConfig:
     # (those plus recency / frequency / monetary statistics of the kept events: counts in the last 7 / 30 / 90
     # days, active days, distinct texts, value sum / max / std; see user_encoder.window_rfm), standardised on
     # the training users. "history": the basic ones plus the same RFM statistics of the modality's *whole* history
-    # before the cutoff (qanchor.data.history), not only of the kept events: the counts the peers read. Both only
-    # with summary_input="text".
-    summary_stats: Literal["basic", "rfm", "history"] = "basic"
+    # before the cutoff (qanchor.data.history), not only of the kept events: the counts the peers read.
+    # "history_timing": those plus the whole history's timing habit (shares of events in each 6-hour UTC block of
+    # the day and on weekends; qanchor.data.history.timing_features). All but "basic" only with summary_input="text".
+    summary_stats: Literal["basic", "rfm", "history", "history_timing"] = "basic"
     # What the input profile (the profile loss's target, loss.profile_weight) holds of each modality: "summary" =
     # every statistic the modality token reads (summary_stats), "window" = only the basic window statistics, so
     # extra statistics feed the modality token without becoming something the embedding must reconstruct.

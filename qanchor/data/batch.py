@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-from qanchor.data.history import HISTORY_STATS
+from qanchor.data.history import PACKED_HISTORY
 from qanchor.data.manifest import Manifest
 from qanchor.data.packing import PackedUser, numeric_width
 
@@ -67,7 +67,7 @@ def collate_users(users: list[PackedUser], manifest: Manifest, vectors: np.ndarr
         text_vec = np.zeros((b, e, dim), np.float32)
         numeric = np.zeros((b, e, numeric_width(spec)), np.float32)
         mask = np.zeros((b, e), bool)
-        history = np.zeros((b, HISTORY_STATS), np.float32)
+        history = np.zeros((b, PACKED_HISTORY), np.float32)
         for i, u in enumerate(users):
             pm, n = u.modalities[spec.name], lengths[i]
             if n:

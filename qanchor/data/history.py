@@ -23,11 +23,17 @@ import numpy as np
 
 from qanchor.data.dataset import EventSeq
 
-__all__ = ["HISTORY_STATS", "modality_features", "modality_feature_names", "events_before", "history_stats"]
+__all__ = ["HISTORY_STATS", "TIMING_STATS", "PACKED_HISTORY", "modality_features", "modality_feature_names", "events_before",
+           "timing_features", "history_stats"]
 
 _US_PER_DAY = 86_400 * 1_000_000
 _WINDOWS_DAYS = (7, 30, 90)
 HISTORY_STATS = 15  # modality_features' width without the extra numeric columns' means
+# When in the day and the week the events fall: the shares of events in each 6-hour UTC block (the time-of-day
+# buckets of qanchor.data.userU_topics: night 0-6, morning 6-12, afternoon 12-18, evening 18-24) and the weekend share
+_HOUR_BLOCKS = 4
+TIMING_STATS = _HOUR_BLOCKS + 1
+PACKED_HISTORY = HISTORY_STATS + TIMING_STATS  # history_stats' width
 
 
 def modality_feature_names(modality: str, extra_columns: Sequence[str]) -> list[str]:
@@ -68,16 +74,37 @@ def events_before(seq: EventSeq, cutoff_us: int) -> EventSeq:
     return seq if n == len(seq) else EventSeq(seq.ts[:n], seq.text[:n], seq.value[:n], seq.extras[:n])
 
 
+def timing_features(seq: EventSeq | None) -> np.ndarray:
+    """Shares of ``seq``'s events in each 6-hour UTC block of the day, then on Saturday or Sunday: float64
+    ``[5]``, zeros without events. The per-event hour (sin / cos in the event tokens) covers only the kept events;
+    a habit ("shops in the mornings", "mostly on weekends") is a property of the whole history.
+
+    Example:
+        >>> ts = np.array([2 * 3_600_000_000, 86_400_000_000 * 2 + 13 * 3_600_000_000])  # Thu 02:00, Sat 13:00
+        >>> timing_features(EventSeq(ts, ["a", "b"], np.ones(2, np.float32), np.zeros((2, 0), np.float32))).tolist()
+        [0.5, 0.0, 0.5, 0.0, 0.5]
+    """
+    if seq is None or not len(seq):
+        return np.zeros(TIMING_STATS)
+    block = (seq.ts % _US_PER_DAY) * _HOUR_BLOCKS // _US_PER_DAY  # 0..3
+    weekend = (seq.ts // _US_PER_DAY + 3) % 7 >= 5  # 1970-01-01 was a Thursday (Monday = 0)
+    shares = np.bincount(block.astype(np.int64), minlength=_HOUR_BLOCKS) / len(seq)
+    return np.append(shares, weekend.mean())
+
+
 def history_stats(seq: EventSeq | None, cutoff_us: int) -> np.ndarray:
-    """What the model reads of a modality's whole history before ``cutoff_us``: float32 ``[15]``, the signed logs
-    of :func:`modality_features` (the linear peers' transform), 0 where a statistic is undefined (no event with a
-    value, a single value's spread). A user without events of the modality never reads them (its modality token
-    is the learned empty token).
+    """What the model reads of a modality's whole history before ``cutoff_us``: float32 ``[15 + 5]``, the signed
+    logs of :func:`modality_features` (the linear peers' transform), 0 where a statistic is undefined (no event
+    with a value, a single value's spread), then :func:`timing_features` (shares, as they are). A user without
+    events of the modality never reads them (its modality token is the learned empty token).
+    ``model.user_encoder.summary_stats="history"`` reads the first 15, ``"history_timing"`` all 20.
 
     Example:
         >>> seq = EventSeq(np.array([0]), ["a"], np.array([np.nan], np.float32), np.zeros((1, 0), np.float32))
-        >>> history_stats(seq, 86_400_000_000)[[0, 10]].tolist()  # log1p(1 event); no value sum
-        [0.6931471824645996, 0.0]
+        >>> history_stats(seq, 86_400_000_000)[[0, 10, 15, 19]].tolist()  # log1p(1 event); no value sum; night; Thu
+        [0.6931471824645996, 0.0, 1.0, 0.0]
     """
-    raw = modality_features(None if seq is None else events_before(seq, cutoff_us), cutoff_us, 0)
-    return np.nan_to_num(np.sign(raw) * np.log1p(np.abs(raw)), nan=0.0).astype(np.float32)
+    before = None if seq is None else events_before(seq, cutoff_us)
+    raw = modality_features(before, cutoff_us, 0)
+    rfm = np.nan_to_num(np.sign(raw) * np.log1p(np.abs(raw)), nan=0.0)
+    return np.concatenate([rfm, timing_features(before)]).astype(np.float32)

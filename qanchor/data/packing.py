@@ -22,7 +22,7 @@ import numpy as np
 
 from qanchor.config import DataConfig
 from qanchor.data.dataset import EventSeq, UserRecord
-from qanchor.data.history import HISTORY_STATS, history_stats
+from qanchor.data.history import PACKED_HISTORY, history_stats
 from qanchor.data.manifest import Manifest, ModalitySpec
 from qanchor.data.text_cache import TextVectorCache
 from qanchor.logs import progress as progress_iter
@@ -77,9 +77,10 @@ def event_numeric_features(seq: EventSeq, cutoff_us: int) -> np.ndarray:
 class PackedModality:
     text_rows: np.ndarray  # int64 [n], rows of the TextVectorCache
     numeric: np.ndarray  # float32 [n, numeric_width]
-    # float32 [HISTORY_STATS]: the whole history's RFM statistics before the cutoff (qanchor.data.history), not
-    # only the kept events'; read by the modality token with model.user_encoder.summary_stats=history
-    history: np.ndarray = field(default_factory=lambda: np.zeros(HISTORY_STATS, np.float32))
+    # float32 [PACKED_HISTORY]: the whole history's RFM and timing statistics before the cutoff
+    # (qanchor.data.history), not only the kept events'; read by the modality token with
+    # model.user_encoder.summary_stats=history (RFM) or history_timing (both)
+    history: np.ndarray = field(default_factory=lambda: np.zeros(PACKED_HISTORY, np.float32))
 
 
 @dataclass

@@ -11,7 +11,7 @@ vector (components ~0.05) was lost. Modality tokens (``summary_input="text"``, t
 from the masked mean of the modality's *raw* text vectors plus window statistics of its kept events
 (log count, newest and oldest age, mean numeric features), not from already adapted event tokens; with
 ``summary_stats="history"`` also the RFM statistics of the modality's whole history before the cutoff, which the
-kept events (the most recent ``max_events``) cannot tell.
+kept events (the most recent ``max_events``) cannot tell, and with ``"history_timing"`` its timing habit too.
 
 :meth:`HierarchicalUserEncoder.profile` gathers those statistics and the standardised tabular values into one
 vector per user: the target of the profile loss (``loss.profile_weight``), which keeps them in the embedding.
@@ -32,7 +32,7 @@ from torch import nn
 
 from qanchor.config import UserEncoderConfig
 from qanchor.data.batch import UserBatch
-from qanchor.data.history import HISTORY_STATS
+from qanchor.data.history import HISTORY_STATS, PACKED_HISTORY
 from qanchor.data.manifest import Manifest
 from qanchor.data.packing import AGE_FEATURE, BASE_NUMERIC_FEATURES, numeric_width
 
@@ -194,7 +194,9 @@ class HierarchicalUserEncoder(nn.Module):
         self.tabular_name = manifest.tabular.name if manifest.tabular is not None else None
         self.summary_input = cfg.summary_input
         self.summary_stats = cfg.summary_stats
-        self.summary_width = SUMMARY_STATS + {"basic": 0, "rfm": RFM_STATS, "history": HISTORY_STATS}[cfg.summary_stats]
+        # how many of ModalityBatch.history's statistics the modality token reads: the RFM ones, or those and timing
+        self.history_width = {"history": HISTORY_STATS, "history_timing": PACKED_HISTORY}.get(cfg.summary_stats, 0)
+        self.summary_width = SUMMARY_STATS + (RFM_STATS if cfg.summary_stats == "rfm" else self.history_width)
         self.profile_stats_width = self.summary_width if cfg.profile_stats == "summary" else SUMMARY_STATS
         self.event_adapters = nn.ModuleDict({m.name: EventAdapter(text_dim, numeric_width(m), cfg.adapter_hidden, hidden,
                                                                   cfg.dropout) for m in manifest.sequence_modalities})
@@ -248,16 +250,17 @@ class HierarchicalUserEncoder(nn.Module):
     def summary_inputs(self, name: str, batch: UserBatch) -> tuple[torch.Tensor, torch.Tensor]:
         """Sequence modality ``name``'s raw summary: mean text vector (B, T) and statistics (B, summary_width):
         :func:`window_summary`'s, then with ``summary_stats="rfm"`` :func:`window_rfm`'s (kept events), with
-        ``summary_stats="history"`` the whole history's (``ModalityBatch.history``, computed when packing)."""
+        ``summary_stats="history"`` the whole history's (``ModalityBatch.history``, computed when packing), with
+        ``"history_timing"`` also its timing habit."""
         mb = batch.modalities[name]
         mean_text, stats = window_summary(mb.text_vec, mb.numeric, mb.mask)
         if self.summary_stats == "rfm":
             stats = torch.cat([stats, window_rfm(mb.text_vec, mb.numeric, mb.mask)], dim=-1)
-        elif self.summary_stats == "history":
+        elif self.history_width:
             if mb.history is None:
-                raise ValueError(f"modality {name!r}: summary_stats='history' needs the whole-history statistics, and "
-                                 "this batch has none; build batches with qanchor.data.batch.collate_users")
-            stats = torch.cat([stats, mb.history.to(stats.dtype)], dim=-1)
+                raise ValueError(f"modality {name!r}: summary_stats={self.summary_stats!r} needs the whole-history "
+                                 "statistics, and this batch has none; build batches with qanchor.data.batch.collate_users")
+            stats = torch.cat([stats, mb.history[:, :self.history_width].to(stats.dtype)], dim=-1)
         return mean_text, stats
 
     def profile(self, batch: UserBatch) -> torch.Tensor:

@@ -1,5 +1,7 @@
 from __future__ import annotations
 
+from datetime import datetime, timezone
+
 import numpy as np
 import pytest
 
@@ -75,7 +77,7 @@ def test_history_stats_read_the_whole_history_before_the_cutoff(tiny_dataset, tm
     """The kept events are the most recent cap; the history statistics count every event before the cutoff (the
     peers' RFM features, signed logs, 0 where undefined), and never one at or after it."""
     from qanchor.bench.features import modality_features
-    from qanchor.data.history import HISTORY_STATS
+    from qanchor.data.history import HISTORY_STATS, PACKED_HISTORY
 
     ds = qanchor.load_dataset(tiny_dataset)
     packer = UserPacker(ds.manifest, DataConfig(max_events={"bill": 3}, default_max_events=2),
@@ -84,11 +86,17 @@ def test_history_stats_read_the_whole_history_before_the_cutoff(tiny_dataset, tm
     bill = record.events["bill"]
     assert len(bill) > 3
     packed = packer.pack(record).modalities["bill"]
-    assert packed.text_rows.shape == (3,) and packed.history.shape == (HISTORY_STATS,)
+    assert packed.text_rows.shape == (3,) and packed.history.shape == (PACKED_HISTORY,)
     raw = modality_features(bill, packer.cutoff_us, 0)
     assert packed.history[0] == pytest.approx(np.log1p(len(bill)), rel=1e-6)  # every event, not the 3 kept
     expected = np.nan_to_num(np.sign(raw) * np.log1p(np.abs(raw)), nan=0.0)
-    assert np.allclose(packed.history, expected, rtol=1e-6)
+    assert np.allclose(packed.history[:HISTORY_STATS], expected, rtol=1e-6)
+    # Timing habit of every event, recomputed from the timestamps here: 6-hour UTC blocks, then Saturday / Sunday.
+    hours = (bill.ts % 86_400_000_000) // 3_600_000_000
+    blocks = [np.mean((hours >= lo) & (hours < lo + 6)) for lo in (0, 6, 12, 18)]
+    weekdays = [datetime.fromtimestamp(t / 1e6, tz=timezone.utc).weekday() for t in bill.ts]
+    assert np.allclose(packed.history[HISTORY_STATS:], [*blocks, np.mean(np.array(weekdays) >= 5)], atol=1e-6)
+    assert packed.history[HISTORY_STATS:HISTORY_STATS + 4].sum() == pytest.approx(1.0, abs=1e-6)
     # At an earlier cutoff (a pretraining pair's) the later events do not exist yet, and days count from there.
     cut = int(bill.ts[len(bill) // 2])
     earlier = packer.pack(record, cut).modalities["bill"]

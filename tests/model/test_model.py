@@ -422,14 +422,14 @@ def test_window_rfm_equals_the_bench_rfm_features_of_the_kept_events():
     assert torch.isfinite(empty).all() and empty.abs().sum() == 0
 
 
-@pytest.mark.parametrize("stats", ["rfm", "history"])
+@pytest.mark.parametrize("stats", ["rfm", "history", "history_timing"])
 def test_summary_stats_widen_and_standardise_the_modality_token_input(tiny_dataset, tmp_path, stats):
     """user_encoder.summary_stats=rfm / history: the modality token reads window_summary's statistics and then
     window_rfm's (kept events) / the packed whole-history statistics, standardised on the training users by
     fit_input_stats; the profile carries both; only with summary_input=text."""
     from dataclasses import replace
 
-    from qanchor.data.history import HISTORY_STATS
+    from qanchor.data.history import HISTORY_STATS, PACKED_HISTORY
     from qanchor.model.user_encoder import RFM_STATS, SUMMARY_STATS
     from qanchor.train.pretrain import fit_input_stats
 
@@ -437,7 +437,8 @@ def test_summary_stats_widen_and_standardise_the_modality_token_input(tiny_datas
     shutil.copytree(tiny_dataset, ds_dir, ignore=shutil.ignore_patterns(".qanchor_cache"))
     cfg = tiny_cfg([f"model.user_encoder.summary_stats={stats}", "loss.profile_weight=1"])
     model, _, stream, ds, pipe, _ = model_and_stream(ds_dir, cfg)
-    enc, width = model.user_encoder, SUMMARY_STATS + {"rfm": RFM_STATS, "history": HISTORY_STATS}[stats]
+    enc, width = model.user_encoder, SUMMARY_STATS + {"rfm": RFM_STATS, "history": HISTORY_STATS,
+                                                    "history_timing": PACKED_HISTORY}[stats]
     assert enc.modal_adapter.numeric_in.in_features == width and enc.summary_width == width
     n_tab = len(ds.tabular_columns)
     assert model.profile_decoder.linear.out_features == len(ds.manifest.sequence_modalities) * width + 2 * n_tab
@@ -447,9 +448,9 @@ def test_summary_stats_widen_and_standardise_the_modality_token_input(tiny_datas
     assert torch.allclose(enc.modal_adapter.numeric_mean, rows.mean(0), atol=1e-5)
     assert not torch.equal(enc.modal_adapter.numeric_std, torch.ones(width))
     assert torch.isfinite(model(stream.batch(0, 4), cfg.loss).loss)
-    if stats == "history":
+    if stats != "rfm":  # history reads the packed RFM statistics, history_timing those and the timing shares
         bill = users.modalities["bill"]
-        assert torch.equal(enc.summary_inputs("bill", users)[1][:, SUMMARY_STATS:], bill.history)
+        assert torch.equal(enc.summary_inputs("bill", users)[1][:, SUMMARY_STATS:], bill.history[:, :width - SUMMARY_STATS])
         users.modalities["bill"] = replace(bill, history=None)
         with pytest.raises(ValueError, match="'bill'.*collate_users"):
             enc.summary_inputs("bill", users)
