@@ -30,10 +30,8 @@ Example (the README's table, the three Complete Journey seeds of the held-out mu
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
-from datetime import timedelta
 from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -57,8 +55,10 @@ from uqa_habit_split import habit  # noqa: E402
 from qanchor.bench.report import markdown_table  # noqa: E402
 from qanchor.data.dataset import load_dataset  # noqa: E402
 from qanchor.data.history import timing_features  # noqa: E402
+from qanchor.data.io import write_json, write_text  # noqa: E402
 from qanchor.data.userU_topics import TOPICS, History, verify  # noqa: E402
 from qanchor.infer.api import QAnchor, events_before  # noqa: E402
+from qanchor.infer.user_input import to_microseconds  # noqa: E402
 from qanchor.logs import quiet_third_party  # noqa: E402
 
 HABIT_TOPICS = ("time_of_day", "weekend", "trend")
@@ -112,7 +112,7 @@ def usable(labels: dict[str, str], n_folds: int) -> dict[str, str]:
 
 def run(checkpoints: list[str], data: str, n_folds: int = 5, seed: int = 0) -> dict:
     ds = load_dataset(data)
-    cutoff_us = (ds.manifest.cutoff - ds.manifest.cutoff.replace(year=1970, month=1, day=1)) // timedelta(microseconds=1)
+    cutoff_us = to_microseconds(ds.manifest.cutoff)
     labels, timing = habit_labels(ds, cutoff_us)
     labels = {t: usable(v, n_folds) for t, v in labels.items()}
     topics = [t for t in HABIT_TOPICS if len(set(labels[t].values())) >= 2]
@@ -166,10 +166,8 @@ def main(argv=None) -> int:
     table = report(result)
     if args.out:
         args.out.parent.mkdir(parents=True, exist_ok=True)
-        tmp = args.out.with_suffix(".tmp")
-        tmp.write_text(json.dumps(result, indent=1))
-        tmp.replace(args.out)
-        args.out.with_suffix(".md").write_text(table + "\n")
+        write_json(result, args.out, indent=1)  # atomic: a temp file, then a rename
+        write_text(table + "\n", args.out.with_suffix(".md"))
     print(table)
     return 0
 

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-from datetime import timedelta
 
 import numpy as np
 import pytest
@@ -11,6 +10,7 @@ import pytest
 from qanchor.data.dataset import load_dataset
 from qanchor.data.userU_topics import TOPICS, History
 from qanchor.infer.api import events_before
+from qanchor.infer.user_input import to_microseconds
 from tests.helpers import load_benchmark
 
 
@@ -19,13 +19,9 @@ def hp():
     return load_benchmark("uqa_habit_probe")
 
 
-def _cutoff_us(ds) -> int:
-    return (ds.manifest.cutoff - ds.manifest.cutoff.replace(year=1970, month=1, day=1)) // timedelta(microseconds=1)
-
-
 def test_labels_are_the_habits_the_topics_answer_and_timing_is_per_modality(hp, tiny_dataset):
     ds = load_dataset(tiny_dataset)
-    cutoff = _cutoff_us(ds)
+    cutoff = to_microseconds(ds.manifest.cutoff)
     labels, timing = hp.habit_labels(ds, cutoff)
     n_modalities = len(ds.manifest.sequence_modalities)
     assert set(timing) == set(ds.user_ids.tolist())
