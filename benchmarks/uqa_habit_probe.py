@@ -20,7 +20,7 @@ Rows report accuracy and balanced accuracy (the mean recall over habits: on Comp
 households are most active in the evening, so plain accuracy flatters a model that always says "evening"). Pretrain
 users are included: the question is what the representation holds, not whether it generalises to new users.
 
-Example (the README's table, the three Complete Journey seeds of the held-out multiple-choice runs, ~2 min each)::
+Example (the README's table, the three Complete Journey seeds of the held-out multiple-choice runs, ~30 s each on 2 cores)::
 
     python benchmarks/uqa_habit_probe.py --data data/completejourney \\
         --checkpoints results/uqa-seeds/cj-history/seed0 results/uqa-seeds/cj-history/seed1 \\
@@ -32,6 +32,7 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+from collections import Counter
 from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -121,9 +122,7 @@ def run(checkpoints: list[str], data: str, n_folds: int = 5, seed: int = 0) -> d
     user_ids = sorted({u for t in topics for u in labels[t]})
     row = {u: i for i, u in enumerate(user_ids)}
     out: dict = {"data": data, "folds": n_folds, "checkpoints": checkpoints,
-                 "habits": {t: dict(zip(*np.unique(list(labels[t].values()), return_counts=True), strict=True))
-                            for t in topics}, "per_checkpoint": []}
-    out["habits"] = {t: {k: int(v) for k, v in c.items()} for t, c in out["habits"].items()}
+                 "habits": {t: dict(sorted(Counter(labels[t].values()).items())) for t in topics}, "per_checkpoint": []}
     for ckpt in checkpoints:
         q = QAnchor.from_pretrained(ckpt, text_cache_dir=ds.text_cache_dir)
         q.model.eval()
