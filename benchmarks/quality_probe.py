@@ -14,6 +14,12 @@ by inner CV: the same ``evaluate_folds`` as ``qanchor bench``) of:
   oldest age, mean numeric features; the tabular values and missing flags), no model: what the embedding should
   at least keep.
 
+Few directions (``top_directions``): the same probe on only the top-k principal directions (k = 1, 2, 4, 8) of
+the embedding under each query, fitted on all of the task's users without labels. A full-rank linear probe reads
+whatever is linearly there under any query; with k directions it reads only where the embedding puts its main
+variation. If the query steers what the embedding emphasises, the task query's few directions score above the
+generic and another task's query's.
+
 Geometry: the share of variance on the embedding's top principal component, its correlation with
 log(1 + events kept), and the effective rank (a collapsed embedding is one number: the user's activity).
 Use of the user: the contrastive loss on pretraining batches as they are, and with the user prefixes
@@ -53,6 +59,7 @@ from qanchor.train.pairs import PretrainStream  # noqa: E402
 from qanchor.train.pretrain import answer_cache  # noqa: E402
 
 KEYS = ("task", "generic", "swapped", "hidden", "seen_text_mean", "input_profile")
+TOP_DIRECTIONS = (1, 2, 4, 8)
 
 
 def _mean(xs) -> float:
@@ -88,6 +95,13 @@ def embed_all(q: QAnchor, ds, user_ids, queries: list[str], chunk: int = 128):
 def probe(features: np.ndarray, labels: np.ndarray, folds) -> tuple[float, float]:
     r = evaluate_folds(MethodInput(features=features, classifier=Classifier.LR), labels, folds, seed=0)
     return _mean(r.auc), _mean(r.ks)
+
+
+def top_directions(features: np.ndarray, k: int) -> np.ndarray:
+    """``features`` (n, D) projected on their top-``k`` principal directions (centred; no labels involved)."""
+    x = features - features.mean(0)
+    _, _, vt = np.linalg.svd(x, full_matrices=False)
+    return x @ vt[:k].T
 
 
 def geometry(emb: np.ndarray, kept: np.ndarray) -> dict:
@@ -136,10 +150,15 @@ def run_probe(checkpoint: str, data: str, generic_query: str, folds: int = 5, se
         f = fold_of[t.name]
         per[t.name] = {"task": probe(emb[r, i], t.labels, f), "generic": probe(emb[r, -1], t.labels, f),
                        "swapped": probe(emb[r, other], t.labels, f), "hidden": probe(hid[r, i], t.labels, f),
-                       "seen_text_mean": probe(seen[r], t.labels, f), "input_profile": probe(profile[r], t.labels, f)}
+                       "seen_text_mean": probe(seen[r], t.labels, f), "input_profile": probe(profile[r], t.labels, f),
+                       "top_directions": {k: {name: probe(top_directions(emb[r, col], k), t.labels, f)[0]
+                                              for name, col in (("task", i), ("generic", -1), ("swapped", other))}
+                                          for k in TOP_DIRECTIONS}}
     out: dict = {"checkpoint": checkpoint, "data": data, "tasks": [t.name for t in tasks]}
     for key in KEYS:
         out[key] = {"auc": _mean(v[key][0] for v in per.values()), "ks": _mean(v[key][1] for v in per.values())}
+    out["top_directions"] = {str(k): {name: _mean(v["top_directions"][k][name] for v in per.values())
+                                      for name in ("task", "generic", "swapped")} for k in TOP_DIRECTIONS}
     e = emb / np.linalg.norm(emb, axis=-1, keepdims=True)
     out.update(per_task=per, geometry_generic=geometry(emb[:, -1], kept), geometry_task=geometry(emb[:, 0], kept),
                cos_same_user_other_query=float(np.mean(np.sum(e[:, 0] * e[:, -1], -1))),
@@ -168,6 +187,8 @@ def main(argv=None) -> int:
         args.out.parent.mkdir(parents=True, exist_ok=True)
         args.out.write_text(json.dumps(result, indent=1))
     print(" ".join(f"{k}={result[k]['auc']:.4f}" for k in KEYS) + f"  ks_task={result['task']['ks']:.4f}")
+    print("few directions (task / generic / swapped AUC): " + ", ".join(
+        f"k={k} {v['task']:.4f} / {v['generic']:.4f} / {v['swapped']:.4f}" for k, v in result["top_directions"].items()))
     g = result["geometry_generic"]
     print(f"top-PC share {g['top_pc_share']:.3f}, corr(PC1, log events) {g['pc1_corr_log_events']:.2f}, "
           f"effective rank {g['effective_rank']:.2f}; cos(same user, other query) {result['cos_same_user_other_query']:.3f}, "
