@@ -35,7 +35,6 @@ Example::
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 import time
@@ -51,6 +50,7 @@ from qanchor.bench.peers import Classifier, MethodInput, evaluate_folds, stratif
 from qanchor.bench.tasks import dataset_tasks, fold_count  # noqa: E402
 from qanchor.config import LossConfig  # noqa: E402
 from qanchor.data.dataset import load_dataset  # noqa: E402
+from qanchor.data.io import write_json  # noqa: E402
 from qanchor.data.pipeline import batched  # noqa: E402
 from qanchor.infer.api import QAnchor  # noqa: E402
 from qanchor.logs import quiet_third_party  # noqa: E402
@@ -183,9 +183,9 @@ def main(argv=None) -> int:
     start = time.perf_counter()
     result = run_probe(args.checkpoint, args.data, args.generic_query, args.folds, batches=args.shuffle_batches)
     result["seconds"] = round(time.perf_counter() - start, 1)
-    if args.out:
+    if args.out:  # atomic: quality_seeds.py takes an existing file as a finished probe
         args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(json.dumps(result, indent=1))
+        write_json(result, args.out)
     print(" ".join(f"{k}={result[k]['auc']:.4f}" for k in KEYS) + f"  ks_task={result['task']['ks']:.4f}")
     print("few directions (task / generic / swapped AUC): " + ", ".join(
         f"k={k} {v['task']:.4f} / {v['generic']:.4f} / {v['swapped']:.4f}" for k, v in result["top_directions"].items()))

@@ -25,6 +25,9 @@ from pathlib import Path
 import numpy as np
 
 ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from qanchor.data.io import write_json, write_text  # noqa: E402
 
 
 def _qanchor(*args: str) -> None:
@@ -59,6 +62,31 @@ def probe_summary(probes: list[dict]) -> dict:
                                "ks_mean": float(np.mean(ks)), "ks_std_over_seeds": float(np.std(ks)),
                                "seeds": len(probes), "auc_per_seed": auc, "ks_per_seed": ks}
     return out
+
+
+def top_directions_summary(probes: list[dict]) -> dict:
+    """quality_probe's few-directions rows over seeds: k -> query -> AUC mean, std over seeds, per seed (only probes
+    that have them)."""
+    probes = [p for p in probes if "top_directions" in p]
+    if not probes:
+        return {}
+    out: dict = {}
+    for k in probes[0]["top_directions"]:
+        out[k] = {}
+        for query in probes[0]["top_directions"][k]:
+            auc = [p["top_directions"][k][query] for p in probes]
+            out[k][query] = {"auc_mean": float(np.mean(auc)), "auc_std_over_seeds": float(np.std(auc)), "auc_per_seed": auc}
+    return out
+
+
+def top_directions_table(summary: dict) -> str:
+    queries = list(next(iter(summary.values())))
+    lines = ["| top principal directions | " + " | ".join(f"{q} query AUC" for q in queries) + " |",
+             "|---" * (len(queries) + 1) + "|"]
+    for k, row in summary.items():
+        lines.append(f"| {k} | " + " | ".join(f"{row[q]['auc_mean']:.4f} ± {row[q]['auc_std_over_seeds']:.4f}"
+                                               for q in queries) + " |")
+    return "\n".join(lines)
 
 
 def table(summary: dict) -> str:
@@ -102,10 +130,11 @@ def main(argv=None) -> int:
                          f"output_dir={bench}", "heads_dir=null", *args.bench_set)
         results.append(json.loads(done.read_text()))
     summary = probe_summary(results) if args.probe else summarise(results)
-    (args.root / "summary.json").write_text(json.dumps({"seeds": args.seeds, "pretrain": args.pretrain,
-                                                        "set": args.set, "methods": summary}, indent=1))
-    text = table(summary)
-    (args.root / "summary.md").write_text(text + "\n")
+    few = top_directions_summary(results) if args.probe else {}
+    write_json({"seeds": args.seeds, "pretrain": args.pretrain, "set": args.set, "methods": summary,
+                **({"top_directions": few} if few else {})}, args.root / "summary.json", indent=1)
+    text = table(summary) + ("\n\n" + top_directions_table(few) if few else "")
+    write_text(text + "\n", args.root / "summary.md")
     print(text)
     return 0
 

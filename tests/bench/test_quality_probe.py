@@ -56,3 +56,18 @@ def test_run_reports_few_directions_for_every_query(qp, infer_env, tmp_path):
         assert all(0.0 <= v <= 1.0 for v in row.values()), (k, row)
     for task in result["tasks"]:
         assert set(result["per_task"][task]["top_directions"]) == {str(k) for k in qp.TOP_DIRECTIONS}
+
+
+def test_seed_summary_of_few_directions():
+    qs = load_benchmark("quality_seeds")
+    probes = [{"top_directions": {"1": {"task": 0.6, "generic": 0.5}, "8": {"task": 0.7, "generic": 0.7}}},
+              {"top_directions": {"1": {"task": 0.8, "generic": 0.5}, "8": {"task": 0.7, "generic": 0.9}}},
+              {"task": {"auc": 0.7, "ks": 0.3}}]  # written before the rows existed: left out
+    few = qs.top_directions_summary(probes)
+    assert few["1"]["task"] == {"auc_mean": pytest.approx(0.7), "auc_std_over_seeds": pytest.approx(0.1),
+                                "auc_per_seed": [0.6, 0.8]}
+    assert few["8"]["generic"]["auc_mean"] == pytest.approx(0.8)
+    table = qs.top_directions_table(few).splitlines()
+    assert table[0] == "| top principal directions | task query AUC | generic query AUC |"
+    assert table[2] == "| 1 | 0.7000 ± 0.1000 | 0.5000 ± 0.0000 |"
+    assert qs.top_directions_summary(probes[2:]) == {}
