@@ -82,11 +82,13 @@ demo-synth: install data-synth ## pretrain + bench on the synthetic world, whose
 	$(MAKE) --no-print-directory bench CONFIG=configs/bench/tiny-synth.yaml ARGS="checkpoint=runs/synth/pretrain data.path=$(SYNTH) heads_dir=null output_dir=results/synth" && \
 	echo "demo-synth: pretrain + bench took $$(( $$(date +%s) - start )) s; report: results/synth/report.md"
 
-# The held-out multiple-choice benchmark: pretrain the tiny-cj recipe with 10% of households held out (3,000 steps),
-# then TextN and prior rows retrained with the same recipe; about 1.5 hours on 2 CPU cores (resumable: re-run it).
+# The held-out multiple-choice benchmark: pretrain the tiny-cj recipe with 10% of households held out (6,000 steps:
+# at 3,000 the tower's interest answers fall short of the +15 points over the prior the project asks for; README,
+# "Budget"), then TextN and prior rows retrained with the same recipe; about 1.5 hours on 2 idle CPU cores
+# (resumable: re-run it). ARGS="train.max_steps=3000" gives the earlier, shorter run.
 uqa: install data-cj ## ask held-out households multiple-choice questions: Q-Anchor vs TextN vs prior (slow)
 	@start=$$(date +%s); \
-	$(MAKE) --no-print-directory pretrain CONFIG=configs/pretrain/tiny-cj.yaml ARGS="data.path=$(CJ) output_dir=runs/uqa/pretrain train.holdout_users=0.1 train.max_steps=3000 train.log_every=100 train.save_every=500 resume=true $(ARGS)" && \
+	$(MAKE) --no-print-directory pretrain CONFIG=configs/pretrain/tiny-cj.yaml ARGS="data.path=$(CJ) output_dir=runs/uqa/pretrain train.holdout_users=0.1 train.max_steps=6000 train.log_every=100 train.save_every=500 resume=true $(ARGS)" && \
 	$(QA) uqa --config configs/uqa/tiny-cj.yaml data.path=$(CJ) && \
 	echo "uqa: took $$(( $$(date +%s) - start )) s; report: results/uqa/report.md"
 

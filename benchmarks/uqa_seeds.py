@@ -1,7 +1,7 @@
 """`qanchor uqa` over pretraining seeds: mean and spread per row and family, and each gap with a user bootstrap.
 
-One `qanchor uqa` run is one pretraining seed, and the run-to-run noise of a 3,000-step CPU pretraining is as large
-as the gaps the issue asks for. For each seed this script pretrains the recipe (resumed if the run exists) into
+One `qanchor uqa` run is one pretraining seed, and the run-to-run noise of a few-thousand-step CPU pretraining is as
+large as the gaps the issue asks for. For each seed this script pretrains the recipe (resumed if the run exists) into
 ``<root>/seed<k>`` with ``train.seed=<k>``, then runs ``qanchor uqa`` on it into ``<root>/uqa-seed<k>`` (the prior
 and TextN rows are retrained there with the same seed). Every seed is asked the same questions (same held-out users,
 same question seed), so the summary can pair them:
@@ -15,7 +15,7 @@ same question seed), so the summary can pair them:
 printed as Markdown and written to ``<root>/summary.md`` and ``<root>/summary.json``. ``--results DIR ...``
 summarises finished ``qanchor uqa`` output directories instead of running anything.
 
-Example (Complete Journey, Q-Anchor and the prior, 3 seeds: about 1 h 20 min on 2 CPU cores)::
+Example (Complete Journey, Q-Anchor and the prior, 3 seeds: about 1 h 40 min on 2 idle CPU cores at 6,000 steps)::
 
     python benchmarks/uqa_seeds.py --data data/completejourney --seeds 0,1,2 --root results/uqa-seeds/cj \\
         --uqa-set "text_events=[]" --uqa-set prior=true
@@ -39,7 +39,8 @@ from qanchor.bench.uqa import FAMILIES  # noqa: E402
 from qanchor.data.io import write_json, write_text  # noqa: E402
 
 # The `make uqa` recipe: users held out of pretraining and a budget at which the next-token tower reads the user.
-UQA_PRETRAIN = ["train.holdout_users=0.1", "train.max_steps=3000", "train.log_every=500", "train.save_every=500"]
+# `make uqa`'s pretraining (6,000 steps since 2026-12-04; `--set train.max_steps=3000` for the earlier runs).
+UQA_PRETRAIN = ["train.holdout_users=0.1", "train.max_steps=6000", "train.log_every=500", "train.save_every=500"]
 
 
 def _qanchor(*args: str) -> None:
