@@ -1,6 +1,7 @@
 """Retrained sub-runs of a benchmark: a checkpoint's recipe pretrained again with one change, or heads tuned with
 other settings. Used by the ablations and by the ``qanchor_random_init`` control (the recipe with pretraining
-skipped). A sub-run whose output already exists is reused (a killed one resumes).
+skipped). A sub-run finished with the same recipe is reused, a killed one resumes, and one trained with another recipe
+(say, for a checkpoint with a shorter budget) is retrained.
 
 Example:
     >>> ckpt = pretrain_ablation(cfg, "no_pretraining", Path("results/cj/random_init"), progress=False)  # doctest: +SKIP
@@ -14,8 +15,9 @@ from pathlib import Path
 
 from qanchor.config import BenchConfig, PretrainConfig, load_config, with_overrides
 from qanchor.errors import ConfigError
+from qanchor.logs import log
 from qanchor.model.factory import resolve_checkpoint_dir
-from qanchor.train.pretrain import run_pretrain
+from qanchor.train.pretrain import checkpoint_step, recipe_differences, run_pretrain
 
 __all__ = ["PRETRAIN_ABLATIONS", "checkpoint_run_config", "pretrain_ablation", "pretrain_variant"]
 
@@ -53,10 +55,16 @@ def pretrain_variant(checkpoint: str, data_path: str, change: Callable[[Pretrain
                      progress: bool, overrides: list[str] | tuple[str, ...] = ()) -> Path:
     """Pretrain (or reuse) ``checkpoint``'s own recipe with ``change`` applied, on ``data_path``, into ``out``:
     the same pairs, budget and seed, one difference. Returns the checkpoint dir; a killed sub-run continues."""
-    if (out / "checkpoint" / "qanchor.json").exists():
-        return out / "checkpoint"
     base = with_overrides(checkpoint_run_config(checkpoint), overrides)
     run = replace(change(base), data=replace(change(base).data, path=data_path), output_dir=str(out),
                   resume=True, overwrite=False)
-    run_pretrain(run, progress=progress)
-    return out / "checkpoint"
+    ckpt = out / "checkpoint"
+    if (ckpt / "config.yaml").exists():
+        diffs = recipe_differences(load_config(ckpt / "config.yaml", schema=PretrainConfig), run)
+        if not diffs and checkpoint_step(ckpt) == run.train.max_steps:
+            return ckpt  # finished with this very recipe: reuse it
+        if diffs:  # trained for another checkpoint's recipe (say a shorter budget): stale, so retrain it
+            log(f"{out}: trained with other settings ({'; '.join(diffs)}); retraining it")
+            run = replace(run, resume=False, overwrite=True)
+    run_pretrain(run, progress=progress)  # else a killed sub-run continues where it stopped
+    return ckpt

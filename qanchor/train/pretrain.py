@@ -26,8 +26,9 @@ from itertools import islice
 from pathlib import Path
 
 import torch
+import yaml
 
-from qanchor.config import PretrainConfig, require
+from qanchor.config import PretrainConfig, load_config, require, to_yaml
 from qanchor.data.dataset import Dataset, load_dataset
 from qanchor.data.io import OutputKind, check_output_dir, claim_output_dir, write_text
 from qanchor.data.packing import numeric_stats, tabular_stats
@@ -85,6 +86,40 @@ def preflight(cfg: PretrainConfig, world: int = 1) -> None:
     SentenceEncoder.check(cfg.data.text_encoder)
 
 
+# Settings that say where and how often a run writes, not what it trains: a run may be resumed (or a retrained
+# sub-run reused) with other values of these. Any other difference would mix two recipes in one run.
+BOOKKEEPING_KEYS = frozenset({"output_dir", "resume", "overwrite", "train.log_every", "train.save_every",
+                              "data.cache_dir"})
+
+
+def _flatten(tree: dict, prefix: str = "") -> dict:
+    out = {}
+    for k, v in tree.items():
+        key = f"{prefix}{k}"
+        out.update(_flatten(v, key + ".") if isinstance(v, dict) else {key: v})
+    return out
+
+
+def recipe_differences(saved: PretrainConfig, new: PretrainConfig) -> list[str]:
+    """``"key: saved -> new"`` for each setting that differs between two run configs and shapes what is trained
+    (every key but :data:`BOOKKEEPING_KEYS`; ``data.path`` compared as a resolved path)."""
+    a, b = (_flatten(yaml.safe_load(to_yaml(c))) for c in (saved, new))
+    for flat in (a, b):
+        flat["data.path"] = str(Path(flat["data.path"]).resolve()) if flat.get("data.path") else flat.get("data.path")
+    ignored = set(BOOKKEEPING_KEYS)
+    if a.get("train.schedule") == b.get("train.schedule") == "constant":
+        ignored.add("train.max_steps")  # a constant rate does not depend on the budget: extending a run is sound
+    return [f"{k}: {a.get(k)} -> {b.get(k)}" for k in sorted(set(a) | set(b)) if k not in ignored and a.get(k) != b.get(k)]
+
+
+def checkpoint_step(checkpoint_dir: Path) -> int | None:
+    """The step a pretraining run's checkpoint was saved at (its ``STEP`` file), or None if it has none."""
+    try:
+        return int((checkpoint_dir / "STEP").read_text())
+    except (FileNotFoundError, ValueError):
+        return None
+
+
 def _check_run_dir(cfg: PretrainConfig) -> None:
     out = Path(cfg.output_dir)
     held = check_output_dir(out, OutputKind.RUN, {"data.path": cfg.data.path}, key="output_dir")
@@ -94,6 +129,13 @@ def _check_run_dir(cfg: PretrainConfig) -> None:
                           "overwrite=true to start it afresh, or choose another output_dir")
     if cfg.resume:
         resume_tag(out / "ds_state")  # refuses resume state this user did not write, before any work
+        saved = out / "checkpoint" / "config.yaml"
+        if saved.exists():  # a longer train.max_steps, say, would continue a schedule built for the shorter run
+            diffs = recipe_differences(load_config(saved, schema=PretrainConfig), cfg)
+            if diffs:
+                raise ConfigError(f"output_dir {out} holds a run trained with other settings ({'; '.join(diffs)}): "
+                                  "resuming it would mix two recipes in one run. Pass resume=false overwrite=true to "
+                                  "start it afresh with these settings, or choose another output_dir")
 
 
 def _check_queries(cfg: PretrainConfig, queries: list[str]) -> None:

@@ -80,6 +80,11 @@ def test_kill_and_resume(prepared, tmp_path):
     assert done.returncode == 0, done.stderr[-3000:]
     resumed_losses = {r["step"]: r["loss"] for r in _metrics(out)}
     assert {r["step"]: r["loss"] for r in _metrics(straight)} == resumed_losses
+    # Resuming under another recipe would mix two in one run: refused before any work, naming what differs.
+    other = subprocess.run(_pretrain_cmd(prepared, out, "train.max_steps=12", "train.lr=0.01", "resume=true"),
+                           cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=120)
+    assert other.returncode == 2 and "train.lr: 0.001 -> 0.01" in other.stderr and "overwrite=true" in other.stderr
+    assert (out / "checkpoint" / "STEP").read_text().strip() == "10"  # untouched
 
 
 def _torchrun(n: int, ds_dir: Path, out: Path) -> None:

@@ -1,0 +1,77 @@
+"""What a resumed run or a reused retrained sub-run may differ in: where and how often it writes, nothing else."""
+
+from __future__ import annotations
+
+from dataclasses import replace
+from pathlib import Path
+
+import pytest
+
+from qanchor.bench import retrain
+from qanchor.config import PretrainConfig, load_config, to_yaml
+from qanchor.train.pretrain import checkpoint_step, recipe_differences
+
+CONFIG = Path(__file__).resolve().parents[2] / "configs/pretrain/tiny-synth.yaml"
+
+
+@pytest.fixture()
+def cfg(tmp_path) -> PretrainConfig:
+    return load_config(CONFIG, [f"data.path={tmp_path / 'ds'}", f"output_dir={tmp_path / 'run'}"], schema=PretrainConfig)
+
+
+def test_bookkeeping_is_not_a_recipe_change(cfg, tmp_path, monkeypatch):
+    moved = replace(cfg, output_dir=str(tmp_path / "elsewhere"), resume=True,
+                    train=replace(cfg.train, log_every=7, save_every=9), data=replace(cfg.data, cache_dir="/tmp/c"))
+    assert recipe_differences(cfg, moved) == []
+    monkeypatch.chdir(tmp_path)  # the same dataset named relatively
+    assert recipe_differences(cfg, replace(cfg, data=replace(cfg.data, path="ds"))) == []
+
+
+def test_budget_rate_and_model_are(cfg):
+    assert cfg.train.schedule == "cosine"
+    longer = replace(cfg, train=replace(cfg.train, max_steps=cfg.train.max_steps * 2))
+    assert recipe_differences(cfg, longer) == [f"train.max_steps: {cfg.train.max_steps} -> {cfg.train.max_steps * 2}"]
+    wider = replace(cfg, model=replace(cfg.model, embedding_dim=16), loss=replace(cfg.loss, ntp_weight=1.0))
+    assert recipe_differences(cfg, wider) == [f"loss.ntp_weight: {cfg.loss.ntp_weight} -> 1.0",
+                                              f"model.embedding_dim: {cfg.model.embedding_dim} -> 16"]
+    # A constant rate does not depend on the budget, so a longer run only extends it.
+    constant = replace(cfg, train=replace(cfg.train, schedule="constant"))
+    assert recipe_differences(constant, replace(constant, train=replace(constant.train, max_steps=99))) == []
+
+
+def _fake_run(out: Path, run_cfg: PretrainConfig, step: int) -> None:
+    (out / "checkpoint").mkdir(parents=True)
+    (out / "checkpoint" / "config.yaml").write_text(to_yaml(run_cfg))
+    (out / "checkpoint" / "qanchor.json").write_text("{}")
+    (out / "checkpoint" / "STEP").write_text(f"{step}\n")
+
+
+def test_a_sub_run_is_reused_only_finished_and_with_the_same_recipe(cfg, tmp_path, monkeypatch):
+    """``pretrain_variant`` reuses a finished sub-run of the same recipe, continues a killed one, and retrains one
+    trained for another recipe (a checkpoint pretrained longer than the sub-run, say)."""
+    base = tmp_path / "base"
+    _fake_run(base, cfg, cfg.train.max_steps)
+    calls: list[PretrainConfig] = []
+    monkeypatch.setattr(retrain, "run_pretrain", lambda run, progress: calls.append(run))
+    same = lambda c: c  # noqa: E731  (the recipe itself)
+    sub = tmp_path / "sub"
+    expected = replace(cfg, output_dir=str(sub), resume=True, overwrite=False)
+
+    assert retrain.pretrain_variant(str(base), cfg.data.path, same, sub, False) == sub / "checkpoint"
+    assert len(calls) == 1 and calls[-1].resume and not calls[-1].overwrite  # nothing there: trained
+
+    _fake_run(sub, expected, cfg.train.max_steps)
+    retrain.pretrain_variant(str(base), cfg.data.path, same, sub, False)
+    assert len(calls) == 1  # finished with this recipe: reused
+
+    (sub / "checkpoint" / "STEP").write_text(f"{cfg.train.max_steps // 2}\n")
+    assert checkpoint_step(sub / "checkpoint") == cfg.train.max_steps // 2
+    retrain.pretrain_variant(str(base), cfg.data.path, same, sub, False)
+    assert len(calls) == 2 and calls[-1].resume  # killed half way: continued, not taken as finished
+
+    longer = replace(cfg, train=replace(cfg.train, max_steps=cfg.train.max_steps * 2))
+    (base / "checkpoint" / "config.yaml").write_text(to_yaml(longer))  # the checkpoint now has a longer budget
+    (sub / "checkpoint" / "STEP").write_text(f"{cfg.train.max_steps}\n")
+    retrain.pretrain_variant(str(base), cfg.data.path, same, sub, False)
+    assert len(calls) == 3 and calls[-1].overwrite and not calls[-1].resume  # stale: retrained afresh
+    assert calls[-1].train.max_steps == cfg.train.max_steps * 2
