@@ -84,7 +84,7 @@ demo-synth: install data-synth ## pretrain + bench on the synthetic world, whose
 
 # The held-out multiple-choice benchmark: pretrain the tiny-cj recipe with 10% of households held out (6,000 steps:
 # at 3,000 the tower's interest answers fall short of the +15 points over the prior the project asks for; README,
-# "Budget"), then TextN and prior rows retrained with the same recipe; about 1.5 hours on 2 idle CPU cores
+# "Budget"), then TextN and prior rows retrained with the same recipe; about 1 h 20 min on 2 idle CPU cores
 # (resumable: re-run it). ARGS="train.max_steps=3000" gives the earlier, shorter run.
 uqa: install data-cj ## ask held-out households multiple-choice questions: Q-Anchor vs TextN vs prior (slow)
 	@start=$$(date +%s); \
