@@ -151,9 +151,11 @@ def run_probe(checkpoint: str, data: str, generic_query: str, folds: int = 5, se
         per[t.name] = {"task": probe(emb[r, i], t.labels, f), "generic": probe(emb[r, -1], t.labels, f),
                        "swapped": probe(emb[r, other], t.labels, f), "hidden": probe(hid[r, i], t.labels, f),
                        "seen_text_mean": probe(seen[r], t.labels, f), "input_profile": probe(profile[r], t.labels, f),
-                       "top_directions": {k: {name: probe(top_directions(emb[r, col], k), t.labels, f)[0]
-                                              for name, col in (("task", i), ("generic", -1), ("swapped", other))}
-                                          for k in TOP_DIRECTIONS}}
+                       "top_directions": {}}
+        for name, col in (("task", i), ("generic", -1), ("swapped", other)):
+            leading = top_directions(emb[r, col], max(TOP_DIRECTIONS))  # one SVD per query; each k is a prefix
+            for k in TOP_DIRECTIONS:
+                per[t.name]["top_directions"].setdefault(k, {})[name] = probe(leading[:, :k], t.labels, f)[0]
     out: dict = {"checkpoint": checkpoint, "data": data, "tasks": [t.name for t in tasks]}
     for key in KEYS:
         out[key] = {"auc": _mean(v[key][0] for v in per.values()), "ks": _mean(v[key][1] for v in per.values())}

@@ -26,9 +26,9 @@ from itertools import islice
 from pathlib import Path
 
 import torch
-import yaml
+from omegaconf import OmegaConf
 
-from qanchor.config import PretrainConfig, load_config, require, to_yaml
+from qanchor.config import PretrainConfig, load_config, require
 from qanchor.data.dataset import Dataset, load_dataset
 from qanchor.data.io import OutputKind, check_output_dir, claim_output_dir, write_text
 from qanchor.data.packing import numeric_stats, tabular_stats
@@ -103,9 +103,10 @@ def _flatten(tree: dict, prefix: str = "") -> dict:
 def recipe_differences(saved: PretrainConfig, new: PretrainConfig) -> list[str]:
     """``"key: saved -> new"`` for each setting that differs between two run configs and shapes what is trained
     (every key but :data:`BOOKKEEPING_KEYS`; ``data.path`` compared as a resolved path)."""
-    a, b = (_flatten(yaml.safe_load(to_yaml(c))) for c in (saved, new))
+    a, b = (_flatten(OmegaConf.to_container(OmegaConf.structured(c))) for c in (saved, new))
     for flat in (a, b):
-        flat["data.path"] = str(Path(flat["data.path"]).resolve()) if flat.get("data.path") else flat.get("data.path")
+        if flat.get("data.path"):
+            flat["data.path"] = str(Path(flat["data.path"]).resolve())
     ignored = set(BOOKKEEPING_KEYS)
     if a.get("train.schedule") == b.get("train.schedule") == "constant":
         ignored.add("train.max_steps")  # a constant rate does not depend on the budget: extending a run is sound
