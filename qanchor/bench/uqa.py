@@ -51,8 +51,8 @@ from qanchor.infer.api import QAnchor, events_before
 from qanchor.logs import format_seconds, log
 from qanchor.train.pairs import is_held_out
 
-__all__ = ["FAMILIES", "Question", "UqaResult", "asked_record", "build_questions", "held_out_users", "run_uqa", "topic_table", "wilson",
-           "write_uqa"]
+__all__ = ["FAMILIES", "Question", "UqaResult", "asked_record", "build_questions", "held_out_users", "merge_results", "run_uqa",
+           "topic_table", "wilson", "write_uqa"]
 
 FAMILIES: dict[str, tuple[str, ...]] = {
     "sequence": ("activity", "recency", "favourites", "mix", "largest"),
@@ -267,6 +267,44 @@ def asked_record(questions: list[Question]) -> list[dict[str, str]]:
     return [{"user_id": q.user_id, "family": q.family, "topic": q.topic} for q in questions]
 
 
+def merge_results(results: list[dict[str, Any]], names: list[str]) -> tuple[UqaResult, dict[str, int]]:
+    """The rows of several ``qanchor uqa`` runs (``results.json`` dicts, named ``names``) asked the same questions,
+    as one result: rows trained on another machine (TextN-128 on a GPU, say) beside the rest of a table.
+
+    Runs that asked other questions (another dataset, holdout share or question seed) are refused (ValueError).
+    A row scored by several runs (each run scores its checkpoint's ``qanchor`` row) is kept from the first run that
+    has it; the second value counts, per such row, the questions on which a later copy picked differently from the
+    kept one (0 when the runs agree). Rows come out in the report's order: Q-Anchor, TextN by N, the prior, random.
+    """
+    if not results:
+        raise ValueError("no uqa results to merge")
+    asked = results[0].get("asked")
+    if not asked:
+        raise ValueError(f"{names[0]}: results.json has no per-question record ('asked'); rerun it with this qanchor")
+    rows: dict[str, dict[str, Any]] = {}
+    differ: dict[str, int] = {}
+    for result, name in zip(results, names):
+        if result.get("asked") != asked:
+            raise ValueError(f"{name} asked other questions than {names[0]} (another dataset, holdout share or question "
+                             "seed): rows can only be merged on the same questions")
+        for row, value in result["rows"].items():
+            if row not in rows:
+                rows[row] = value
+            elif value.get("correct") is not None:
+                kept = rows[row]["correct"]
+                differ[row] = differ.get(row, 0) + sum(a != b for a, b in zip(kept, value["correct"]))
+
+    def order(row: str) -> tuple[int, int]:
+        if row.startswith("text") and row[4:].isdigit():
+            return 1, int(row[4:])
+        return {"qanchor": 0, "prior": 2, "random": 3}.get(row, 4), 0
+
+    first = results[0]
+    run = {**first["run"], "merged_from": list(names)}
+    merged = UqaResult(run, first["questions"], first["by_family"], {r: rows[r] for r in sorted(rows, key=order)}, asked)
+    return merged, differ
+
+
 def _row(correct: np.ndarray, tokens: np.ndarray, families: dict[str, np.ndarray], seconds: float) -> dict[str, Any]:
     acc = {}
     for f, m in {**families, "all": np.ones(len(correct), bool)}.items():
@@ -337,19 +375,57 @@ def uqa_plot(result: UqaResult, path: Path) -> Path:
     return path
 
 
+def uqa_cost_plot(result: UqaResult, path: Path) -> Path:
+    """Accuracy against prompt positions per question (log scale), one marker per row and family: what each way of
+    giving the model the user costs (UQABench's efficiency view). The dashed line is chance."""
+    plt = _pyplot()
+    rows = [r for r in result.rows if r != "random"]
+    fig, ax = plt.subplots(figsize=(7, 4))
+    for f, marker in zip([*FAMILIES, "all"], ["o", "s", "^", "D"]):
+        tokens = [result.rows[r]["prompt_tokens"] for r in rows]
+        acc = [result.rows[r]["accuracy"][f][0] for r in rows]
+        ax.plot(tokens, acc, marker=marker, linestyle="none", label=f, markersize=7 if f == "all" else 5,
+                color="black" if f == "all" else None)
+    for r in rows:
+        ax.annotate(_label(r).replace("TextN: last ", "Text-").replace(" events as text", ""),
+                    (result.rows[r]["prompt_tokens"], result.rows[r]["accuracy"]["all"][0]), fontsize=7,
+                    xytext=(4, 4), textcoords="offset points")
+    ax.axhline(1 / N_OPTIONS, color="black", linestyle="--", linewidth=1)
+    ax.set_xscale("log")
+    spent = [result.rows[r]["prompt_tokens"] for r in rows]
+    ticks = [t for t in (10, 30, 100, 300, 1000, 3000, 10000) if min(spent) / 2 <= t <= max(spent) * 2]
+    ax.set_xticks(ticks, [str(t) for t in ticks])
+    ax.xaxis.set_minor_formatter(lambda *_: "")
+    ax.set_xlabel("prompt positions per question (user + question)")
+    ax.set_ylabel("accuracy (4 options)")
+    ax.set_ylim(0, 1)
+    ax.set_title(f"{result.run['dataset']}: accuracy against prompt cost")
+    ax.legend(fontsize=7)
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
 def write_uqa(result: UqaResult, out_dir: str | Path, questions: list[Question] | None = None) -> Path:
-    """``report.md``, ``results.json`` and ``uqa.png`` into ``out_dir``; returns the report's path."""
+    """``report.md``, ``results.json``, ``uqa.png`` and ``uqa_cost.png`` into ``out_dir``; returns the report's path."""
     out = Path(out_dir)
     plot = uqa_plot(result, out / "uqa.png")
+    cost = uqa_cost_plot(result, out / "uqa_cost.png")
     write_json(result.to_dict(), out / "results.json")
     r = result.run
     lines = [f"# UQA benchmark: {r['dataset']}", "",
              f"Checkpoint `{r['checkpoint']}`, {r['held_out_users']} held-out users (share {r['holdout_fraction']} of the "
              f"dataset, never in pretraining pairs), {result.questions} questions of {N_OPTIONS} options; every row "
              f"pretrained with the same recipe: {r['pretrain_steps']} steps x {r['pretrain_batch']} pairs. "
-             f"This run took {format_seconds(r['seconds'])} (rows an earlier run trained in `variants/` are reused).", "",
+             + (f"Rows merged from {len(r['merged_from'])} runs on the same questions: "
+                f"{', '.join(f'`{m}`' for m in r['merged_from'])}." if r.get("merged_from") else
+                f"This run took {format_seconds(r['seconds'])} (rows an earlier run trained in `variants/` are reused)."),
+             "",
              "## Accuracy (95% Wilson interval) and prompt positions per question", "", uqa_table(result), "",
-             f"![accuracy per family]({plot.name})", "", "## Accuracy per topic", "", topic_table(result), "", _NOTES]
+             f"![accuracy per family]({plot.name}) ![accuracy against prompt cost]({cost.name})", "",
+             "## Accuracy per topic", "", topic_table(result), "", _NOTES]
     path = out / "report.md"
     write_text("\n".join(lines), path)
     return path

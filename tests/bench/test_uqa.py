@@ -210,6 +210,7 @@ def test_uqa_end_to_end(env, tmp_path, capsys):
     assert sub["rows"]["text4"]["accuracy"]["all"][0] == result.rows["text4"]["accuracy"]["all"][0]
     report = (tmp_path / "u" / "report.md").read_text()
     assert "TextN: last 4 events as text" in report and "## Accuracy per topic" in report and (tmp_path / "u" / "uqa.png").stat().st_size > 1000
+    assert (tmp_path / "u" / "uqa_cost.png").stat().st_size > 1000 and "uqa_cost.png" in report
     # a checkpoint pretrained on every user is refused in one line
     open_cfg = tiny_cfg()
     model0, tok0 = build_model(open_cfg.model, ds.manifest, encoder().dim, ds.tabular_columns)
