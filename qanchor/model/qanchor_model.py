@@ -163,13 +163,14 @@ class ProfileDecoder(nn.Module):
 
     def target(self, profile: torch.Tensor) -> torch.Tensor:
         """(N, P) raw profiles -> what the decoder must output: standardised, then whitened if asked."""
-        z = (profile.float() - self.mean) / self.std
-        return z @ self.whiten if self.whitening else z
+        z = (profile.float() - self.mean.float()) / self.std.float()  # float32 targets, also under bf16 weights
+        return z @ self.whiten.float() if self.whitening else z
 
     def loss_sum(self, embedding: torch.Tensor, profile: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Sum over rows of the per-row mean squared error, and the row count (for a global mean across ranks)."""
         target = self.target(profile)
-        err = (self.linear(embedding.float() * embedding.shape[-1] ** 0.5) - target).pow(2).mean(-1)  # (N,)
+        decoded = self.linear((embedding.float() * embedding.shape[-1] ** 0.5).to(self.linear.weight.dtype)).float()
+        err = (decoded - target).pow(2).mean(-1)  # (N,)
         return err.sum(), torch.tensor(float(len(err)), device=err.device)
 
 

@@ -72,8 +72,11 @@ class EventAdapter(nn.Module):
         self.numeric_std.copy_(std)
 
     def forward(self, text_vec: torch.Tensor, numeric: torch.Tensor) -> torch.Tensor:
-        z = ((numeric - self.numeric_mean) / self.numeric_std).clamp(-10, 10)  # (..., F)
-        return self.out(self.text_in(self.text_norm(text_vec)) + self.numeric_in(z))  # (..., H)
+        # Batches stay float32 whatever the weights are (DeepSpeed's bf16 engine casts the weights only): the
+        # statistics are standardised in float32, and each input meets its layer in that layer's dtype.
+        dtype = self.text_in.weight.dtype
+        z = ((numeric.float() - self.numeric_mean.float()) / self.numeric_std.float()).clamp(-10, 10)  # (..., F)
+        return self.out(self.text_in(self.text_norm(text_vec.to(dtype))) + self.numeric_in(z.to(dtype)))  # (..., H)
 
 
 SUMMARY_STATS = 3 + BASE_NUMERIC_FEATURES  # log count, newest age, oldest age, mean of the base numeric features
@@ -159,12 +162,12 @@ class TabularEncoder(nn.Module):
 
     def standardise(self, values: torch.Tensor, missing: torch.Tensor) -> torch.Tensor:
         """(B, T) raw values -> z-scores with the stored statistics, clamped to +-10, 0 where missing."""
-        return ((values - self.mean) / self.std).clamp(-10, 10).masked_fill(missing, 0.0)
+        return ((values.float() - self.mean.float()) / self.std.float()).clamp(-10, 10).masked_fill(missing, 0.0)
 
     def forward(self, values: torch.Tensor, missing: torch.Tensor) -> torch.Tensor:
         z = self.standardise(values, missing)  # (B, T)
         x = torch.cat([z, missing.to(z.dtype)], dim=-1)  # (B, 2T)
-        return self.mlp(x).view(-1, self.n_tokens, self.hidden)  # (B, n_tokens, H)
+        return self.mlp(x.to(self.mlp[0].weight.dtype)).view(-1, self.n_tokens, self.hidden)  # (B, n_tokens, H)
 
 
 @dataclass

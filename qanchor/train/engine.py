@@ -7,6 +7,7 @@ the environment; started as a plain process it acts as a world of one.
 
 from __future__ import annotations
 
+import atexit
 import json
 import math
 import os
@@ -24,8 +25,9 @@ __all__ = ["init_distributed", "deepspeed_config", "lr_lambda", "initialize", "d
 
 
 def init_distributed() -> tuple[int, int]:
-    """Initialise torch.distributed through DeepSpeed (nccl on CUDA, gloo on CPU); return (rank, world)."""
-    if not torch.cuda.is_available():
+    """Initialise torch.distributed (nccl on CUDA, gloo on CPU) and DeepSpeed's view of it; return (rank, world)."""
+    cuda = torch.cuda.is_available()
+    if not cuda:
         os.environ.setdefault("DS_ACCELERATOR", "cpu")  # must be set before deepspeed is imported
     import deepspeed
 
@@ -33,24 +35,35 @@ def init_distributed() -> tuple[int, int]:
     alone = "MASTER_ADDR" not in os.environ and os.environ.get("WORLD_SIZE", "1") == "1"
     if alone:
         os.environ.update({"RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "1"})
-    if not torch.cuda.is_available():
+    if not cuda:
         # DeepSpeed's CPU backend JIT-compiles a shared-memory all-reduce (used only for inference all-reduce,
         # never by gloo training) under a file lock in ~/.cache/torch_extensions. A process killed mid-compile
         # (a preempted job, Ctrl-C) leaves that lock behind and every later run then waits on it forever.
         deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
-    backend = "nccl" if torch.cuda.is_available() else "gloo"
-    if alone and not torch.distributed.is_initialized():
-        # A world of one needs no network rendezvous: a file store cannot collide with another process the way a
-        # "free" TCP port picked before binding can (two jobs starting together once got the same port).
-        fd, store = tempfile.mkstemp(prefix="qanchor-dist-")
-        os.close(fd)
-        os.unlink(store)
-        torch.distributed.init_process_group(backend, init_method=f"file://{store}", rank=0, world_size=1)
-    if not torch.distributed.is_initialized() or not deepspeed.comm.is_initialized():
-        deepspeed.init_distributed(dist_backend=backend, auto_mpi_discovery=False, verbose=False)
-    if torch.cuda.is_available():
-        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
+    device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0))) if cuda else None
+    if device is not None:
+        torch.cuda.set_device(device)
+    if not torch.distributed.is_initialized():
+        if alone:
+            # A world of one needs no network rendezvous: a file store cannot collide with another process the way
+            # a "free" TCP port picked before binding can (two jobs starting together once got the same port).
+            fd, store = tempfile.mkstemp(prefix="qanchor-dist-")
+            os.close(fd)
+            os.unlink(store)
+            where = {"init_method": f"file://{store}", "rank": 0, "world_size": 1}
+        else:
+            where = {"init_method": "env://"}  # the launcher's MASTER_ADDR / MASTER_PORT / RANK / WORLD_SIZE
+        # device_id binds NCCL to this rank's GPU up front; without it every barrier warns that it guesses the device.
+        torch.distributed.init_process_group("nccl" if cuda else "gloo", device_id=device, **where)
+        atexit.register(_destroy_process_group)  # NCCL warns at exit about a group nobody destroyed
+    if not deepspeed.comm.is_initialized():
+        deepspeed.init_distributed(dist_backend="nccl" if cuda else "gloo", auto_mpi_discovery=False, verbose=False)
     return torch.distributed.get_rank(), torch.distributed.get_world_size()
+
+
+def _destroy_process_group() -> None:
+    if torch.distributed.is_initialized():
+        torch.distributed.destroy_process_group()
 
 
 def device_of() -> torch.device:
@@ -67,9 +80,11 @@ def deepspeed_config(cfg: TrainConfig, world: int) -> dict[str, Any]:
         "train_batch_size": cfg.batch_size * cfg.grad_accum_steps * world,
         "gradient_clipping": cfg.grad_clip,
         "zero_optimization": {"stage": cfg.zero_stage},
+        # torch's AdamW on every device: DeepSpeed's FusedAdam is JIT-built with nvcc at the first step, which a
+        # runtime-only CUDA image lacks, and on an H200 image (TORCH_CUDA_ARCH_LIST with "9.0a") DeepSpeed 0.19
+        # failed to parse the architectures before building anything. A deepspeed_config file can still ask for it.
         "optimizer": {"type": "AdamW", "params": {"lr": cfg.lr, "betas": list(cfg.betas), "eps": cfg.eps,
-                                                   "weight_decay": cfg.weight_decay,
-                                                   "torch_adam": not torch.cuda.is_available()}},
+                                                   "weight_decay": cfg.weight_decay, "torch_adam": True}},
         "bf16": {"enabled": cfg.precision == "bf16"},
         "steps_per_print": 10**9,  # qanchor logs its own metrics
         "wall_clock_breakdown": False,

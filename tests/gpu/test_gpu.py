@@ -11,7 +11,6 @@ import pytest
 import torch
 
 from qanchor.config import LossConfig, TrainConfig
-from qanchor.data.batch import collate_users
 from qanchor.model.prefix_cache import anchor_hidden, anchor_hidden_uncached, encode_prefixes
 from tests.model.helpers import model_and_stream, tiny_cfg
 
@@ -40,10 +39,9 @@ def test_bf16_deepspeed_step_is_finite(ds_dir):
 
 
 def test_cached_equals_uncached_on_cuda(ds_dir):
-    model, tokenizer, stream, ds, packer, _ = model_and_stream(ds_dir)
+    model, tokenizer, stream, ds, pipe, _ = model_and_stream(ds_dir)
     model = model.cuda().eval()
-    users = collate_users([packer.pack(ds.user(u)) for u in ("u001", "u002", "u003")], ds.manifest,
-                          packer.cache.vectors, len(ds.tabular_columns)).to("cuda")
+    users = pipe.collate(pipe.pack_many([ds.user(u) for u in ("u001", "u002", "u003")])).to("cuda")
     query = torch.tensor(tokenizer("will this user churn?", add_special_tokens=False)["input_ids"], device="cuda")
     index = torch.tensor([0, 1, 2, 1], device="cuda")
     with torch.no_grad():
