@@ -98,17 +98,23 @@ def run_worker(preset: str, data: Path, steps: int, batch: int, warmup: int, set
 
     hook = model.backbone.get_decoder().register_forward_pre_hook(count, with_kwargs=True)
     device = device_of()
+    # CUDA runs asynchronously: without a sync each phase's clock would stop at its last launch, not its end.
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
     rows = []
     for step in range(steps):
         calls.clear()
+        sync()
         t0 = time.perf_counter()
         b = stream.batch(step, batch, rank, world)
         t1 = time.perf_counter()
         out = engine(b.to(device), cfg.loss, gather=gather_with_grad, normalise=global_mean_loss, rank=rank)
+        sync()
         t2 = time.perf_counter()
         engine.backward(out.loss)
+        sync()
         t3 = time.perf_counter()
         engine.step()  # gradient clipping + AdamW: on CPU a full pass over 4 fp32 copies of the weights
+        sync()
         t4 = time.perf_counter()
         suffix = int(b.queries.lengths.sum()) + len(b.queries.lengths)  # query tokens + <|user_emb|>, soft prompt none
         answer = int(b.answers.lengths.sum()) if cfg.loss.mode != "contrastive" else 0
