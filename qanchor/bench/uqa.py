@@ -290,7 +290,7 @@ def merge_results(results: list[dict[str, Any]], names: list[str]) -> tuple[UqaR
         for row, value in result["rows"].items():
             if row not in rows:
                 rows[row] = value
-            elif value.get("correct") is not None:
+            elif value.get("correct") is not None and rows[row].get("correct") is not None:
                 kept = rows[row]["correct"]
                 differ[row] = differ.get(row, 0) + sum(a != b for a, b in zip(kept, value["correct"]))
 
@@ -393,8 +393,9 @@ def uqa_cost_plot(result: UqaResult, path: Path) -> Path:
     ax.axhline(1 / N_OPTIONS, color="black", linestyle="--", linewidth=1)
     ax.set_xscale("log")
     spent = [result.rows[r]["prompt_tokens"] for r in rows]
-    ticks = [t for t in (10, 30, 100, 300, 1000, 3000, 10000) if min(spent) / 2 <= t <= max(spent) * 2]
-    ax.set_xticks(ticks, [str(t) for t in ticks])
+    ticks = [t for t in (10, 30, 100, 300, 1000, 3000, 10000) if spent and min(spent) / 2 <= t <= max(spent) * 2]
+    if ticks:
+        ax.set_xticks(ticks, [str(t) for t in ticks])
     ax.xaxis.set_minor_formatter(lambda *_: "")
     ax.set_xlabel("prompt positions per question (user + question)")
     ax.set_ylabel("accuracy (4 options)")
