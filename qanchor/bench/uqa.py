@@ -271,7 +271,8 @@ def merge_results(results: list[dict[str, Any]], names: list[str]) -> tuple[UqaR
     """The rows of several ``qanchor uqa`` runs (``results.json`` dicts, named ``names``) asked the same questions,
     as one result: rows trained on another machine (TextN-128 on a GPU, say) beside the rest of a table.
 
-    Runs that asked other questions (another dataset, holdout share or question seed) are refused (ValueError).
+    Runs that asked other questions (another dataset, holdout share or question seed), or trained their rows for another
+    budget (steps x pairs), are refused (ValueError).
     A row scored by several runs (each run scores its checkpoint's ``qanchor`` row) is kept from the first run that
     has it; the second value counts, per such row, the questions on which a later copy picked differently from the
     kept one (0 when the runs agree). Rows come out in the report's order: Q-Anchor, TextN by N, the prior, random.
@@ -287,6 +288,12 @@ def merge_results(results: list[dict[str, Any]], names: list[str]) -> tuple[UqaR
         if result.get("asked") != asked:
             raise ValueError(f"{name} asked other questions than {names[0]} (another dataset, holdout share or question "
                              "seed): rows can only be merged on the same questions")
+        budget = {k: result["run"].get(k) for k in ("pretrain_steps", "pretrain_batch")}
+        first_budget = {k: results[0]["run"].get(k) for k in budget}
+        if budget != first_budget:  # a 3,000-step TextN row beside 6,000-step rows would not be a fair comparison
+            raise ValueError(f"{name} trained its rows for {budget['pretrain_steps']} steps x {budget['pretrain_batch']} "
+                             f"pairs, {names[0]} for {first_budget['pretrain_steps']} x {first_budget['pretrain_batch']}: "
+                             "rows can only be merged at the same budget")
         for row, value in result["rows"].items():
             if row not in rows:
                 rows[row] = value

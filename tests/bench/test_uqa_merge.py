@@ -39,11 +39,15 @@ def test_rows_of_several_runs_merge_in_report_order_and_disagreement_is_counted(
     assert merged.run["merged_from"] == ["cpu", "gpu128", "gpu32"] and merged.asked == ASKED
 
 
-def test_runs_that_asked_other_questions_are_refused():
+def test_runs_that_asked_other_questions_or_trained_another_budget_are_refused():
     other = _run({"qanchor": ([1] * 8, 103.0)})
     other["asked"] = list(reversed(ASKED))
     with pytest.raises(ValueError, match="b asked other questions than a"):
         merge_results([_run({"qanchor": ([1] * 8, 103.0)}), other], ["a", "b"])
+    shorter = _run({"text32": ([1] * 8, 768.0)})
+    shorter["run"]["pretrain_steps"] = 3000
+    with pytest.raises(ValueError, match="b trained its rows for 3000 steps x 16 pairs, a for 6000 x 16"):
+        merge_results([_run({"qanchor": ([1] * 8, 103.0)}), shorter], ["a", "b"])
     old = _run({"qanchor": ([1] * 8, 103.0)})
     del old["asked"]
     with pytest.raises(ValueError, match="no per-question record"):
