@@ -202,6 +202,8 @@ class QAnchorModel(nn.Module):
         decoder = self.backbone.get_decoder()
         if cache is not None:
             kwargs[cache_argument(type(decoder))] = cache
+        # The user tokens come from float32 adapters; a bfloat16 / float16 backbone (model.backbone.dtype) reads its own.
+        inputs_embeds = inputs_embeds.to(self.embed_tokens.weight.dtype)
         return decoder(inputs_embeds=inputs_embeds, attention_mask=attention_mask, **kwargs)
 
     def project(self, hidden: torch.Tensor) -> torch.Tensor:

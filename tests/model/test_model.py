@@ -14,6 +14,7 @@ from qanchor.errors import ConfigError
 from qanchor.model.factory import ModelMeta, build_model, load_checkpoint, save_checkpoint
 from qanchor.model.layout import special_token_names
 from qanchor.model.losses import masked_infonce
+from qanchor.model.prefix_cache import anchor_hidden, anchor_hidden_uncached, encode_prefixes
 from qanchor.model.qanchor_model import AnswerBank
 from tests.model.helpers import model_and_stream, tiny_cfg
 
@@ -485,3 +486,25 @@ def test_a_bfloat16_model_reads_a_float32_batch(tiny_dataset, tmp_path, text_tow
     assert out.loss.dtype == torch.float32 and torch.isfinite(out.loss)
     assert abs(out.loss.item() - reference.loss.item()) < 0.05 * abs(reference.loss.item())  # bf16 rounding only
     assert all(p.grad is None or torch.isfinite(p.grad.float()).all() for p in model.parameters())
+
+
+def test_a_bfloat16_backbone_beside_float32_adapters(tiny_dataset, tmp_path):
+    """`model.backbone.dtype=bfloat16` builds the LLM in bfloat16 while the user encoder stays float32: the user tokens
+    must enter the backbone in its dtype, cached and uncached alike, in serving and in a training step."""
+    ds_dir = tmp_path / "ds"
+    shutil.copytree(tiny_dataset, ds_dir, ignore=shutil.ignore_patterns(".qanchor_cache"))
+    model, tokenizer, stream, ds, pipe, _ = model_and_stream(ds_dir, tiny_cfg(["model.backbone.dtype=bfloat16"]))
+    assert model.embed_tokens.weight.dtype == torch.bfloat16
+    assert next(model.user_encoder.parameters()).dtype == torch.float32
+    out = model(stream.batch(0, 4))
+    out.loss.backward()
+    assert torch.isfinite(out.loss)
+    model.eval()
+    users = pipe.collate(pipe.pack_many([ds.user(u) for u in ("u001", "u002", "u003")]))
+    query = torch.tensor(tokenizer("will this user churn?", add_special_tokens=False)["input_ids"])
+    index = torch.tensor([0, 1, 2, 1])
+    with torch.no_grad():
+        suffixes = [model.suffix(query, None)] * 4
+        cached = anchor_hidden(model, encode_prefixes(model, users), index, suffixes)
+        full = anchor_hidden_uncached(model, users, index, suffixes)
+    assert (cached.float() - full.float()).abs().max() < 5e-2
