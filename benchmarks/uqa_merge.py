@@ -1,11 +1,11 @@
 """One `qanchor uqa` table from rows scored in several runs on the same questions.
 
 A TextN row with many events (TextN-128: about 3,000 prompt positions per pretraining pair) takes most of a day
-to retrain on 2 CPU cores and about 23 minutes on an H200 (measured rate, 6,000 steps), so such rows can be trained and scored elsewhere, each by its own
-`qanchor uqa` run from the same checkpoint, and merged here with the rest. Runs that asked other questions
-(another dataset, holdout share or question seed) or trained their rows for another budget are refused. Each run scores the checkpoint's Q-Anchor row, so
-the merge also says on how many questions the copies of a row disagree (0: the runs saw the same model; a few,
-from another machine's last bits).
+to retrain on 2 CPU cores and about 23 minutes on an H200 (measured rate, 6,000 steps), so such rows can be
+trained and scored elsewhere, each by its own `qanchor uqa` run from the same checkpoint, and merged here with the
+rest. Runs that asked other questions (another dataset, holdout share or question seed) or trained their rows for
+another budget are refused. Each run scores the checkpoint's Q-Anchor row, so the merge also says on how many
+questions the copies of a row disagree (0: the runs saw the same model; a few, from another machine's last bits).
 
 Writes ``report.md``, ``results.json``, ``uqa.png`` and ``uqa_cost.png`` (accuracy against prompt positions) into
 ``--out``, as `qanchor uqa` does::

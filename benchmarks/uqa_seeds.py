@@ -35,7 +35,7 @@ import numpy as np
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from qanchor.bench.uqa import FAMILIES  # noqa: E402
+from qanchor.bench.uqa import FAMILIES, same_questions  # noqa: E402
 from qanchor.data.io import write_json, write_text  # noqa: E402
 
 # The `make uqa` recipe: users held out of pretraining and a budget at which the next-token tower reads the user.
@@ -49,15 +49,10 @@ def _qanchor(*args: str) -> None:
 
 
 def _same_questions(results: list[dict], names: list[str]) -> list[dict]:
-    asked = results[0].get("asked")
-    if not asked:
-        raise SystemExit(f"error: {names[0]}/results.json has no per-question record ('asked'); rerun it with this "
-                         "version of qanchor uqa")
-    for r, name in zip(results[1:], names[1:]):
-        if r.get("asked") != asked:
-            raise SystemExit(f"error: {name} asked other questions than {names[0]} (another dataset, holdout share or "
-                             "question seed): seeds can only be compared on the same questions")
-    return asked
+    try:
+        return same_questions(results, names)
+    except ValueError as exc:
+        raise SystemExit(f"error: {exc}") from None
 
 
 def summarise(results: list[dict], names: list[str], bootstrap: int = 2000, seed: int = 0) -> dict:

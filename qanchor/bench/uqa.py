@@ -52,7 +52,7 @@ from qanchor.logs import format_seconds, log
 from qanchor.train.pairs import is_held_out
 
 __all__ = ["FAMILIES", "Question", "UqaResult", "asked_record", "build_questions", "held_out_users", "merge_results", "run_uqa",
-           "topic_table", "wilson", "write_uqa"]
+           "same_questions", "topic_table", "wilson", "write_uqa"]
 
 FAMILIES: dict[str, tuple[str, ...]] = {
     "sequence": ("activity", "recency", "favourites", "mix", "largest"),
@@ -267,29 +267,37 @@ def asked_record(questions: list[Question]) -> list[dict[str, str]]:
     return [{"user_id": q.user_id, "family": q.family, "topic": q.topic} for q in questions]
 
 
+def same_questions(results: list[dict[str, Any]], names: list[str]) -> list[dict[str, str]]:
+    """The per-question record (``asked``) that every run (``results.json`` dicts, named ``names``) shares; ValueError
+    when the first has none or a run asked other questions (another dataset, holdout share or question seed)."""
+    asked = results[0].get("asked") if results else None
+    if not asked:
+        raise ValueError(f"{names[0] if names else 'no run'}/results.json has no per-question record ('asked'); rerun "
+                         "it with this version of qanchor uqa")
+    for result, name in zip(results[1:], names[1:]):
+        if result.get("asked") != asked:
+            raise ValueError(f"{name} asked other questions than {names[0]} (another dataset, holdout share or question "
+                             "seed): runs can only be compared on the same questions")
+    return asked
+
+
 def merge_results(results: list[dict[str, Any]], names: list[str]) -> tuple[UqaResult, dict[str, int]]:
     """The rows of several ``qanchor uqa`` runs (``results.json`` dicts, named ``names``) asked the same questions,
     as one result: rows trained on another machine (TextN-128 on a GPU, say) beside the rest of a table.
 
-    Runs that asked other questions (another dataset, holdout share or question seed), or trained their rows for another
-    budget (steps x pairs), are refused (ValueError).
-    A row scored by several runs (each run scores its checkpoint's ``qanchor`` row) is kept from the first run that
-    has it; the second value counts, per such row, the questions on which a later copy picked differently from the
-    kept one (0 when the runs agree). Rows come out in the report's order: Q-Anchor, TextN by N, the prior, random.
+    Runs that asked other questions (:func:`same_questions`), or trained their rows for another budget (steps x
+    pairs), are refused (ValueError). A row scored by several runs (each run scores its checkpoint's ``qanchor`` row)
+    is kept from the first run that has it; the second value counts, per such row, the questions on which a later copy
+    picked differently from the kept one (0 when the runs agree). Rows come out in the report's order: Q-Anchor, TextN
+    by N, the prior, random.
     """
-    if not results:
-        raise ValueError("no uqa results to merge")
-    asked = results[0].get("asked")
-    if not asked:
-        raise ValueError(f"{names[0]}: results.json has no per-question record ('asked'); rerun it with this qanchor")
+    asked = same_questions(results, names)
+    budget_keys = ("pretrain_steps", "pretrain_batch")
+    first_budget = {k: results[0]["run"].get(k) for k in budget_keys}
     rows: dict[str, dict[str, Any]] = {}
     differ: dict[str, int] = {}
     for result, name in zip(results, names):
-        if result.get("asked") != asked:
-            raise ValueError(f"{name} asked other questions than {names[0]} (another dataset, holdout share or question "
-                             "seed): rows can only be merged on the same questions")
-        budget = {k: result["run"].get(k) for k in ("pretrain_steps", "pretrain_batch")}
-        first_budget = {k: results[0]["run"].get(k) for k in budget}
+        budget = {k: result["run"].get(k) for k in budget_keys}
         if budget != first_budget:  # a 3,000-step TextN row beside 6,000-step rows would not be a fair comparison
             raise ValueError(f"{name} trained its rows for {budget['pretrain_steps']} steps x {budget['pretrain_batch']} "
                              f"pairs, {names[0]} for {first_budget['pretrain_steps']} x {first_budget['pretrain_batch']}: "
