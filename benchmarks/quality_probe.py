@@ -76,13 +76,14 @@ def embed_all(q: QAnchor, ds, user_ids, queries: list[str], chunk: int = 128):
     hid, emb, seen, profile, kept, ids = [], [], [], [], [], []
     for records in batched(ds.users(user_ids), chunk):
         packed = q.pack(records, cutoff_us)
-        users = q.pipeline.collate(packed)
-        profile.append(q.model.user_encoder.profile(users).numpy())
+        users = q.pipeline.collate(packed).to(q.device)
+        profile.append(q.model.user_encoder.profile(users).float().cpu().numpy())
         prefix = encode_prefixes(q.model, users)
         b, r = len(records), len(suffixes)
-        h = anchor_hidden(q.model, prefix, torch.arange(b).repeat_interleave(r), [s for _ in range(b) for s in suffixes])
-        hid.append(h.view(b, r, -1).float().numpy())
-        emb.append(q.model.project(h).view(b, r, -1).numpy())
+        h = anchor_hidden(q.model, prefix, torch.arange(b, device=q.device).repeat_interleave(r),
+                          [s for _ in range(b) for s in suffixes])
+        hid.append(h.view(b, r, -1).float().cpu().numpy())
+        emb.append(q.model.project(h).view(b, r, -1).float().cpu().numpy())
         seen += [q.pipeline.seen_text_mean(p) for p in packed]
         kept += [sum(len(m.text_rows) for m in p.modalities.values()) for p in packed]
         ids += [r.user_id for r in records]
@@ -123,30 +124,38 @@ def use_of_user(q: QAnchor, ds, n_batches: int, batch_size: int = 32, seed: int 
     rng = np.random.default_rng(seed)
     real, shuffled = [], []
     for step in range(n_batches):
-        batch = stream.batch(step, batch_size)
+        batch = stream.batch(step, batch_size).to(q.device)
         real.append(float(q.model(batch, loss_cfg).loss_contrastive))
         ids = stream.pair_ids(step, batch_size)
         packed = [stream.pipe.packer.pack(stream._record(stream.user_ids[i], int(stream.partition_of[i])),
                                           int(stream.cutoff_us[i])) for i in ids]
-        batch.users = q.pipeline.collate([packed[j] for j in rng.permutation(batch_size)])
+        batch.users = q.pipeline.collate([packed[j] for j in rng.permutation(batch_size)]).to(q.device)
         shuffled.append(float(q.model(batch, loss_cfg).loss_contrastive))
     return {"contrastive": _mean(real), "contrastive_users_shuffled": _mean(shuffled)}
 
 
-def run_probe(checkpoint: str, data: str, generic_query: str, folds: int = 5, seed: int = 0, batches: int = 8) -> dict:
+def run_probe(checkpoint: str, data: str, generic_query: str, folds: int = 5, seed: int = 0, batches: int = 8,
+              device: str = "cpu", task_queries: dict[str, str] | None = None) -> dict:
+    """``task_queries``: task name -> the question its ``task`` row asks instead of the manifest's (the other rows
+    follow: ``swapped`` asks another task's replacement)."""
     ds = load_dataset(data)
     tasks = [t for t in dataset_tasks(ds, [], None, seed) if fold_count(t.labels, folds) >= 2]
+    task_queries = task_queries or {}
+    unknown = sorted(set(task_queries) - {t.name for t in tasks})
+    if unknown:
+        raise SystemExit(f"--task-query: unknown task(s) {unknown}; {data} has {[t.name for t in tasks]}")
+    asked = [task_queries.get(t.name, t.query) for t in tasks]
     fold_of = {t.name: stratified_folds(t.labels, fold_count(t.labels, folds), seed) for t in tasks}
     user_ids = sorted({u for t in tasks for u in t.user_ids})
     row = {u: i for i, u in enumerate(user_ids)}
-    q = QAnchor.from_pretrained(checkpoint, text_cache_dir=ds.text_cache_dir)
+    q = QAnchor.from_pretrained(checkpoint, device=device, text_cache_dir=ds.text_cache_dir)
     q.model.eval()
-    queries = [t.query for t in tasks] + [generic_query]
+    queries = asked + [generic_query]
     hid, emb, seen, profile, kept = embed_all(q, ds, user_ids, queries)
     per = {}
     for i, t in enumerate(tasks):
         r = np.fromiter((row[u] for u in t.user_ids), np.int64)
-        other = next((j for j in [*range(i + 1, len(tasks)), *range(i)] if tasks[j].query != t.query), len(tasks))
+        other = next((j for j in [*range(i + 1, len(tasks)), *range(i)] if asked[j] != asked[i]), len(tasks))
         f = fold_of[t.name]
         per[t.name] = {"task": probe(emb[r, i], t.labels, f), "generic": probe(emb[r, -1], t.labels, f),
                        "swapped": probe(emb[r, other], t.labels, f), "hidden": probe(hid[r, i], t.labels, f),
@@ -156,7 +165,8 @@ def run_probe(checkpoint: str, data: str, generic_query: str, folds: int = 5, se
             leading = top_directions(emb[r, col], max(TOP_DIRECTIONS))  # one SVD per query; each k is a prefix
             for k in TOP_DIRECTIONS:
                 per[t.name]["top_directions"].setdefault(k, {})[name] = probe(leading[:, :k], t.labels, f)[0]
-    out: dict = {"checkpoint": checkpoint, "data": data, "tasks": [t.name for t in tasks]}
+    out: dict = {"checkpoint": checkpoint, "data": data, "tasks": [t.name for t in tasks],
+                 "queries": dict(zip((t.name for t in tasks), asked))}
     for key in KEYS:
         out[key] = {"auc": _mean(v[key][0] for v in per.values()), "ks": _mean(v[key][1] for v in per.values())}
     out["top_directions"] = {str(k): {name: _mean(v["top_directions"][k][name] for v in per.values())
@@ -178,12 +188,23 @@ def main(argv=None) -> int:
     ap.add_argument("--folds", type=int, default=5)
     ap.add_argument("--shuffle-batches", type=int, default=8, help="batches for the shuffled-user contrastive test")
     ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--task-query", action="append", default=[], metavar="TASK=QUESTION",
+                    help="ask TASK's row this question instead of the manifest's (repeatable): e.g. the pretraining "
+                         "question closest to the task, to see whether a question the model was trained on steers it")
+    ap.add_argument("--device", default="cpu", help="where the model embeds (cpu, cuda, cuda:1); the probes run on CPU")
     ap.add_argument("--out", type=Path, default=None)
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
     quiet_third_party()
     start = time.perf_counter()
-    result = run_probe(args.checkpoint, args.data, args.generic_query, args.folds, batches=args.shuffle_batches)
+    task_queries = {}
+    for item in args.task_query:
+        name, sep, question = item.partition("=")
+        if not sep or not name.strip() or not question.strip():
+            raise SystemExit(f"--task-query {item!r}: expected TASK=QUESTION")
+        task_queries[name.strip()] = question.strip()
+    result = run_probe(args.checkpoint, args.data, args.generic_query, args.folds, batches=args.shuffle_batches,
+                       device=args.device, task_queries=task_queries)
     result["seconds"] = round(time.perf_counter() - start, 1)
     if args.out:  # atomic: quality_seeds.py takes an existing file as a finished probe
         args.out.parent.mkdir(parents=True, exist_ok=True)

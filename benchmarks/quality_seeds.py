@@ -112,6 +112,8 @@ def main(argv=None) -> int:
     ap.add_argument("--bench-set", action="append", default=[], help="key=value bench setting (repeatable)")
     ap.add_argument("--probe", action="store_true", help="quick look: benchmarks/quality_probe.py instead of the bench")
     ap.add_argument("--generic-query", default="What kind of user is this?", help="with --probe")
+    ap.add_argument("--log", action="store_true", help="pretraining log lines (start, every log_every steps, summary)")
+    ap.add_argument("--probe-device", default="cpu", help="with --probe: where the checkpoint embeds (cpu, cuda)")
     args = ap.parse_args(argv)
     results = []
     for seed in [int(s) for s in args.seeds.split(",")]:
@@ -119,11 +121,13 @@ def main(argv=None) -> int:
         bench = args.root / f"bench-seed{seed}"  # beside the run: an output inside its checkpoint is refused
         done = run / "probe.json" if args.probe else bench / "results.json"
         if not done.exists():
-            _qanchor("pretrain", "--config", args.pretrain, "--quiet", f"data.path={args.data}", f"output_dir={run}",
+            _qanchor("pretrain", "--config", args.pretrain, *([] if args.log else ["--quiet"]), f"data.path={args.data}",
+                     f"output_dir={run}",
                      f"train.seed={seed}", "resume=true", *args.set)
             if args.probe:
                 subprocess.run([sys.executable, str(ROOT / "benchmarks/quality_probe.py"), "--checkpoint", str(run),
-                                "--data", args.data, "--generic-query", args.generic_query, "--out", str(done)],
+                                "--data", args.data, "--generic-query", args.generic_query, "--device", args.probe_device,
+                                "--out", str(done)],
                                check=True, cwd=ROOT, env={**os.environ, "HF_HUB_OFFLINE": "1"})
             else:
                 _qanchor("bench", "--config", args.bench, "--quiet", f"checkpoint={run}", f"data.path={args.data}",

@@ -71,3 +71,22 @@ def test_seed_summary_of_few_directions():
     assert table[0] == "| top principal directions | task query AUC | generic query AUC |"
     assert table[2] == "| 1 | 0.7000 ± 0.1000 | 0.5000 ± 0.0000 |"
     assert qs.top_directions_summary(probes[2:]) == {}
+
+
+def test_task_query_replaces_the_question_a_task_row_asks(qp, infer_env, tmp_path):
+    """Asked the generic question, a task's row is the generic row exactly; the other tasks keep their own."""
+    from qanchor.data.dataset import load_dataset
+
+    ds = load_dataset(infer_env.ds_dir)
+    name = sorted(ds.tasks)[0]
+    generic = "What kind of user is this?"
+    out = tmp_path / "probe.json"
+    assert qp.main(["--checkpoint", str(infer_env.ckpt), "--data", str(infer_env.ds_dir), "--folds", "2",
+                    "--shuffle-batches", "0", "--generic-query", generic, "--task-query", f"{name}={generic}",
+                    "--out", str(out)]) == 0
+    result = json.loads(out.read_text())
+    assert result["queries"][name] == generic
+    assert all(result["queries"][t] == ds.tasks[t].query for t in result["tasks"] if t != name)
+    assert result["per_task"][name]["task"] == result["per_task"][name]["generic"]
+    with pytest.raises(SystemExit, match="unknown task"):
+        qp.main(["--checkpoint", str(infer_env.ckpt), "--data", str(infer_env.ds_dir), "--task-query", "no_such_task=Why?"])
