@@ -15,7 +15,9 @@ from __future__ import annotations
 import importlib.util
 import inspect
 import os
-from functools import cache
+from collections.abc import Iterator
+from contextlib import contextmanager
+from functools import cache, partial
 from pathlib import Path
 
 import torch
@@ -25,6 +27,7 @@ from qanchor.config import BackboneConfig
 from qanchor.data.io import OutputKind, atomic_dir
 from qanchor.data.text_cache import default_encoder_path
 from qanchor.errors import CheckpointError, ConfigError
+from qanchor.logs import interactive, log
 from qanchor.model.qwen_tokenizer import qwen25_tokenizer
 
 __all__ = ["load_tokenizer", "build_backbone", "add_special_tokens", "smollm2_dir", "resolve_attn_implementation",
@@ -62,15 +65,47 @@ def _gguf_load_kwargs() -> dict:
     return {"quantization_config": GgufConfig(dequantize=True)}
 
 
+@contextmanager
+def _no_conversion_bars() -> Iterator[None]:
+    """Off a terminal, no progress bars while the GGUF is converted (they would fill a job's log): transformers'
+    own (weight loading, shard writing) through its switch, restored afterwards, and the per-tensor bars of its GGUF
+    loader, which calls tqdm.auto directly and ignores that switch."""
+    if interactive():
+        yield
+        return
+    from transformers.utils import logging as hf_logging
+
+    try:
+        import transformers.modeling_gguf_pytorch_utils as gguf_loader
+    except ImportError:
+        gguf_loader = None
+    bar = getattr(gguf_loader, "tqdm", None)
+    if bar is not None:
+        gguf_loader.tqdm = partial(bar, disable=True)
+    bars_were_on = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        if bar is not None:
+            gguf_loader.tqdm = bar
+        if bars_were_on:
+            hf_logging.enable_progress_bar()
+
+
 def smollm2_dir() -> Path:
     """Dequantise the packaged SmolLM2 GGUF once into a safetensors HF directory; return it."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
     out = _cache_root() / "smollm2-135m"
     if (out / "model.safetensors").exists():
         return out
     gguf = _smollm2_gguf()
-    with atomic_dir(out, OutputKind.MODEL_CACHE) as tmp:  # a half-converted directory is never picked up
+    if not torch.cuda.is_available():
+        # save_pretrained imports DeepSpeed, which then warns that it fell back to the CPU (what the engine also sets)
+        os.environ.setdefault("DS_ACCELERATOR", "cpu")
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    log(f"smollm2-135m: dequantising {gguf.name} once into {out}")
+    with atomic_dir(out, OutputKind.MODEL_CACHE) as tmp, _no_conversion_bars():  # a half-converted directory is never picked up
         tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
         model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32,
                                                      **_gguf_load_kwargs())
