@@ -20,6 +20,10 @@ whatever is linearly there under any query; with k directions it reads only wher
 variation. If the query steers what the embedding emphasises, the task query's few directions score above the
 generic and another task's query's.
 
+Asked in other words (``--task-query TASK=QUESTION``): a task's row asks the given question instead of the manifest's,
+e.g. the pretraining question closest to the task, to see whether a question the model was trained on steers the
+embedding where the task's own wording does not. ``--device cuda`` embeds on a GPU (the probes stay on the CPU).
+
 Geometry: the share of variance on the embedding's top principal component, its correlation with
 log(1 + events kept), and the effective rank (a collapsed embedding is one number: the user's activity).
 Use of the user: the contrastive loss on pretraining batches as they are, and with the user prefixes

@@ -122,8 +122,7 @@ def main(argv=None) -> int:
         done = run / "probe.json" if args.probe else bench / "results.json"
         if not done.exists():
             _qanchor("pretrain", "--config", args.pretrain, *([] if args.log else ["--quiet"]), f"data.path={args.data}",
-                     f"output_dir={run}",
-                     f"train.seed={seed}", "resume=true", *args.set)
+                     f"output_dir={run}", f"train.seed={seed}", "resume=true", *args.set)
             if args.probe:
                 subprocess.run([sys.executable, str(ROOT / "benchmarks/quality_probe.py"), "--checkpoint", str(run),
                                 "--data", args.data, "--generic-query", args.generic_query, "--device", args.probe_device,
