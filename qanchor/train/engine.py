@@ -40,7 +40,7 @@ def init_distributed() -> tuple[int, int]:
         # never by gloo training) under a file lock in ~/.cache/torch_extensions. A process killed mid-compile
         # (a preempted job, Ctrl-C) leaves that lock behind and every later run then waits on it forever.
         deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
-    device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0))) if cuda else None
+    device = device_of() if cuda else None  # after LOCAL_RANK is set for a world of one
     if device is not None:
         torch.cuda.set_device(device)
     if not torch.distributed.is_initialized():
