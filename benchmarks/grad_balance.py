@@ -67,9 +67,7 @@ def gradient_balance(q: QAnchor, ds, batches: int, batch_size: int, seed: int = 
                "profile": cfg.loss.profile_weight if profile_weight is None else profile_weight}
     if weights["profile"] > 0 and model.profile_decoder is None:
         raise SystemExit("error: this checkpoint has no profile decoder (it was pretrained with loss.profile_weight 0)")
-    stream = PretrainStream(ds, q.pipeline, q.tokenizer, model.token_ids, cfg.model, seed=4321 + seed,
-                            uqa_fraction=cfg.train.uqa_fraction, group_size=cfg.train.query_group_size,
-                            holdout_users=cfg.train.holdout_users)
+    stream = PretrainStream.for_run(ds, q.pipeline, q.tokenizer, model.token_ids, cfg, seed=4321 + seed)
     stream.answer_cache = answer_cache(cfg, ds, 0, False, stream.answers_for_steps(batches, batch_size))
     groups = parameter_groups(model)
     params = groups["all"]

@@ -82,8 +82,7 @@ def run_worker(preset: str, data: Path, steps: int, batch: int, warmup: int, set
                                    profile_decoder=cfg.loss.profile_weight > 0,
                                    profile_whitening=cfg.loss.profile_whitening)
     fit_input_stats(model, ds, pipe)
-    stream = PretrainStream(ds, pipe, tokenizer, model.token_ids, cfg.model, cfg.train.seed, cfg.train.uqa_fraction,
-                            cfg.train.query_group_size, holdout_users=cfg.train.holdout_users)
+    stream = PretrainStream.for_run(ds, pipe, tokenizer, model.token_ids, cfg)
     stream.answer_cache = answer_cache(cfg, ds, rank, False, stream.answers_for_steps(
         cfg.train.max_steps * cfg.train.grad_accum_steps, cfg.train.batch_size * world))
     engine, _ = initialize(model, cfg.train, world)

@@ -164,10 +164,17 @@ class LossConfig:
     # however many statistics restate it (a dozen counts, windows and active days all restate activity), with
     # the loss's total scale unchanged. False = the plain standardised targets.
     profile_whitening: bool = False
+    # The UserU sources (future, uqa, forecast, signature) whose pairs' embeddings the profile loss applies to;
+    # null = every pair. [uqa] keeps the user's statistics in the embedding where the question asks about the
+    # history and leaves the forecast questions' embeddings free to carry what predicts the future instead.
+    profile_sources: list[str] | None = None
 
     def __post_init__(self) -> None:
         if self.profile_weight < 0:
             raise ConfigError(f"loss.profile_weight must be >= 0 (got {self.profile_weight})")
+        if self.profile_sources is not None and not self.profile_sources:  # the names are checked against the data
+            raise ConfigError("loss.profile_sources is empty: name the UserU sources whose pairs get the profile loss "
+                              "(e.g. [uqa]), or null for every pair")
         if self.temperature <= 0:
             raise ConfigError("loss.temperature must be > 0")
         if self.answer_bank < 0:

@@ -37,12 +37,13 @@ class PretrainBatch:
     answer_hash: torch.Tensor  # long [B]: equal answers share a hash; masked as negatives of each other
     answer_vec: torch.Tensor | None = None  # float32 [B, T]: frozen sentence vectors of the answers (text tower)
     query_hash: torch.Tensor | None = None  # long [B]: equal query texts share a hash (answer-bank scope)
+    # bool [B]: the rows the profile loss applies to (loss.profile_sources); None = every row
+    profile_rows: torch.Tensor | None = None
 
     def to(self, device) -> PretrainBatch:
-        vec = None if self.answer_vec is None else self.answer_vec.to(device)
-        qh = None if self.query_hash is None else self.query_hash.to(device)
+        vec, qh, rows = (None if t is None else t.to(device) for t in (self.answer_vec, self.query_hash, self.profile_rows))
         return PretrainBatch(self.users.to(device), self.queries.to(device), self.answers.to(device),
-                             self.answer_hash.to(device), vec, qh)
+                             self.answer_hash.to(device), vec, qh, rows)
 
 
 @dataclass
@@ -327,7 +328,12 @@ class QAnchorModel(nn.Module):
         if loss_cfg.profile_weight > 0:
             if self.profile_decoder is None:
                 raise ValueError("loss.profile_weight > 0 needs a model built with its profile decoder")
-            profile = normalise(*self.profile_decoder.loss_sum(anchor, self.user_encoder.profile(batch.users)))
+            profile_in = self.user_encoder.profile(batch.users)
+            rows = batch.profile_rows
+            if rows is None:
+                profile = normalise(*self.profile_decoder.loss_sum(anchor, profile_in))
+            else:  # a mean over the chosen rows of every rank (a rank may hold none)
+                profile = normalise(*self.profile_decoder.loss_sum(anchor[rows], profile_in[rows]))
             total = total + loss_cfg.profile_weight * profile
         return QAnchorOutput(anchor, answer_emb, total, terms.contrastive if cl is not None else zero,
                              terms.ntp if ntp is not None else zero, profile)

@@ -22,11 +22,13 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import torch
 
-from qanchor.config import ModelConfig
+from qanchor.config import ModelConfig, PretrainConfig
 from qanchor.data.batch import pad_token_ids
 from qanchor.data.dataset import Dataset, UserRecord
 from qanchor.data.pipeline import UserPipeline
+from qanchor.data.schema import USERU_FILE
 from qanchor.data.text_cache import TextVectorCache
+from qanchor.errors import ConfigError
 from qanchor.model.layout import TokenIds, tokenize_answer, tokenize_query
 from qanchor.model.qanchor_model import PretrainBatch
 
@@ -44,7 +46,7 @@ def is_held_out(user_id: str, fraction: float) -> bool:
 class PretrainStream:
     def __init__(self, ds: Dataset, pipe: UserPipeline, tokenizer, token_ids: TokenIds, model_cfg: ModelConfig,
                  seed: int, uqa_fraction: float = 0.5, group_size: int = 1, answer_cache: TextVectorCache | None = None,
-                 holdout_users: float = 0.0):
+                 holdout_users: float = 0.0, profile_sources: list[str] | None = None):
         self.ds, self.pipe, self.tokenizer, self.token_ids, self.model_cfg = ds, pipe, tokenizer, token_ids, model_cfg
         self.seed, self.group_size, self.answer_cache = seed, group_size, answer_cache
         table = ds.userU().sort_by([("user_id", "ascending"), ("cutoff", "ascending"), ("source", "ascending"), ("query", "ascending")])
@@ -56,6 +58,14 @@ class PretrainStream:
         self.queries = table.column("query").to_pylist()
         self.answers = table.column("answer").to_pylist()
         is_uqa = pc.equal(table.column("source"), "uqa").to_numpy(zero_copy_only=False)
+        self.profile_rows = None  # bool per pair: does the profile loss apply (loss.profile_sources)?
+        if profile_sources is not None:
+            present = set(pc.unique(table.column("source")).to_pylist())
+            missing = sorted(set(profile_sources) - present)
+            if missing:
+                raise ConfigError(f"loss.profile_sources names {missing}, which {ds.root / USERU_FILE} does not hold "
+                                 f"(its sources: {sorted(present)}); name sources it holds, or null for every pair")
+            self.profile_rows = pc.is_in(table.column("source"), pa.array(sorted(profile_sources))).to_numpy(zero_copy_only=False)
         parts = ds.partitions
         self.partition_of = np.searchsorted(parts.bounds, np.searchsorted(parts.user_ids, self.user_ids), side="right") - 1
         self._epoch_plan = self._plan(is_uqa, uqa_fraction)
@@ -64,6 +74,15 @@ class PretrainStream:
         self._tok_query = lru_cache(maxsize=65536)(lambda q: tokenize_query(tokenizer, q, model_cfg.max_query_tokens))
         self._tok_answer = lru_cache(maxsize=65536)(
             lambda a: tokenize_answer(tokenizer, a, model_cfg.max_answer_tokens, token_ids.end))
+
+    @classmethod
+    def for_run(cls, ds: Dataset, pipe: UserPipeline, tokenizer, token_ids: TokenIds, cfg: PretrainConfig,
+                seed: int | None = None) -> PretrainStream:
+        """The stream a pretraining run with ``cfg`` reads (``seed`` defaults to ``train.seed``)."""
+        tc = cfg.train
+        return cls(ds, pipe, tokenizer, token_ids, cfg.model, tc.seed if seed is None else seed, tc.uqa_fraction,
+                   tc.query_group_size, holdout_users=tc.holdout_users,
+                   profile_sources=cfg.loss.profile_sources if cfg.loss.profile_weight > 0 else None)
 
     def __len__(self) -> int:
         """Pairs per epoch (after balancing the two sources)."""
@@ -168,4 +187,5 @@ class PretrainStream:
             rows = self.answer_cache.ensure([self.answers[i] for i in ids])  # first: it may add rows to the matrix
             vec = torch.from_numpy(self.answer_cache.vectors[rows])
         query_hashes = torch.tensor([zlib.crc32(self.queries[i].encode()) for i in ids], dtype=torch.long)
-        return PretrainBatch(users, queries, answers, hashes, vec, query_hashes)
+        rows = None if self.profile_rows is None else torch.from_numpy(self.profile_rows[ids].copy())
+        return PretrainBatch(users, queries, answers, hashes, vec, query_hashes, rows)

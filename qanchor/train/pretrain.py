@@ -177,8 +177,7 @@ def run_pretrain(cfg: PretrainConfig, progress: bool = True) -> Path:
                                    profile_whitening=cfg.loss.profile_whitening)
     fit_input_stats(model, ds, pipe, holdout_users=cfg.train.holdout_users)
     meta = ModelMeta(ds.manifest.to_dict(), pipe.cache.dim, cfg.data.text_encoder.__dict__, list(ds.tabular_columns))
-    stream = PretrainStream(ds, pipe, tokenizer, model.token_ids, cfg.model, cfg.train.seed, cfg.train.uqa_fraction,
-                            cfg.train.query_group_size, holdout_users=cfg.train.holdout_users)
+    stream = PretrainStream.for_run(ds, pipe, tokenizer, model.token_ids, cfg)
     if cfg.model.answer_tower == "text_encoder":  # only that tower reads answer vectors
         tc = cfg.train
         stream.answer_cache = answer_cache(cfg, ds, rank, progress, stream.answers_for_steps(

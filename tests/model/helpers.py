@@ -42,7 +42,7 @@ def model_and_stream(dataset_dir: Path, cfg: PretrainConfig | None = None, seed:
     model, tokenizer = build_model(cfg.model, ds.manifest, pipe.cache.dim, ds.tabular_columns,
                                    profile_decoder=cfg.loss.profile_weight > 0,
                                    profile_whitening=cfg.loss.profile_whitening)
-    stream = PretrainStream(ds, pipe, tokenizer, model.token_ids, cfg.model, seed=0)
+    stream = PretrainStream.for_run(ds, pipe, tokenizer, model.token_ids, cfg, seed=0)
     return model, tokenizer, stream, ds, pipe, cfg
 
 

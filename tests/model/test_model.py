@@ -349,6 +349,40 @@ def test_profile_loss_decodes_the_standardised_input_profile(tiny_dataset, tmp_p
         tiny_cfg(["loss.profile_weight=-1"])
 
 
+def test_profile_sources_restrict_the_profile_loss_to_their_pairs(tiny_dataset, tmp_path):
+    """loss.profile_sources=[uqa]: the profile loss is the mean over the batch's uqa pairs only (the forecast
+    questions' embeddings are left free); a batch without one adds nothing; a source the dataset's pairs lack
+    and an empty list are config errors that say what to do."""
+    import pyarrow.parquet as pq
+
+    ds_dir = tmp_path / "ds"
+    shutil.copytree(tiny_dataset, ds_dir, ignore=shutil.ignore_patterns(".qanchor_cache"))
+    cfg = tiny_cfg(["loss.profile_weight=0.5", "loss.profile_sources=[uqa]"])
+    model, _, stream, ds, pipe, _ = model_and_stream(ds_dir, cfg)
+    sources = pq.read_table(ds_dir / "userU.parquet").column("source").to_pylist()
+    assert stream.profile_rows.sum() == sources.count("uqa") > 0 and (~stream.profile_rows).sum() > 0
+    model.eval()
+    step = next(s for s in range(50) if 0 < int(stream.batch(s, 8).profile_rows.sum()) < 8)  # a mixed batch
+    batch = stream.batch(step, 8)
+    rows = batch.profile_rows
+    assert rows.tolist() == [stream.profile_rows[i] for i in stream.pair_ids(step, 8)]
+    out = model(batch, cfg.loss)
+    with torch.no_grad():
+        target = (model.user_encoder.profile(batch.users) - model.profile_decoder.mean) / model.profile_decoder.std
+        err = (model.profile_decoder.linear(out.anchor * 128**0.5) - target).pow(2).mean(-1)
+    assert torch.allclose(out.loss_profile, err[rows].mean(), atol=1e-6)
+    assert not torch.allclose(out.loss_profile, err.mean(), atol=1e-6)  # the other pairs do not count
+    assert torch.allclose(model(batch.to("cpu"), cfg.loss).loss_profile, out.loss_profile)  # .to keeps the rows
+    batch.profile_rows = torch.zeros_like(rows)
+    none = model(batch, cfg.loss)
+    assert none.loss_profile == 0 and torch.allclose(none.loss, none.loss_contrastive + none.loss_ntp, atol=1e-6)
+    missing = sorted({"future", "uqa", "forecast", "signature"} - set(sources))[0]
+    with pytest.raises(ConfigError, match=rf"profile_sources names \['{missing}'\].*userU.parquet"):
+        model_and_stream(ds_dir, tiny_cfg(["loss.profile_weight=0.5", f"loss.profile_sources=[{missing}]"]))
+    with pytest.raises(ConfigError, match="profile_sources is empty"):
+        tiny_cfg(["loss.profile_sources=[]"])
+
+
 def test_profile_whitening_decorrelates_the_targets_and_keeps_their_scale(tiny_dataset, tmp_path):
     """loss.profile_whitening: the decoder's targets are the standardised profile times a shrunk PCA whitening fitted
     on the training users: uncorrelated there, total variance that of the standardised profile (so profile_weight
