@@ -79,8 +79,7 @@ def run_worker(preset: str, data: Path, steps: int, batch: int, warmup: int, set
     tick = time.perf_counter()
     torch.manual_seed(cfg.train.seed)  # the same set-up sequence as run_pretrain
     model, tokenizer = build_model(cfg.model, ds.manifest, pipe.cache.dim, ds.tabular_columns,
-                                   profile_decoder=cfg.loss.profile_weight > 0,
-                                   profile_whitening=cfg.loss.profile_whitening)
+                                   training_aids=cfg.loss)
     fit_input_stats(model, ds, pipe)
     stream = PretrainStream.for_run(ds, pipe, tokenizer, model.token_ids, cfg)
     stream.answer_cache = answer_cache(cfg, ds, rank, False, stream.answers_for_steps(

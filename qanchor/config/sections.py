@@ -168,10 +168,20 @@ class LossConfig:
     # null = every pair. [uqa] keeps the user's statistics in the embedding where the question asks about the
     # history and leaves the forecast questions' embeddings free to carry what predicts the future instead.
     profile_sources: list[str] | None = None
+    # A second linear decoder, from the embedding to what the user does in the `future_days` after the pair's
+    # cutoff (per modality: events, active days, distinct texts, value sum; signed logs, standardised on training
+    # pairs), trained with this weight on the mean squared error of every pair whose window ends by the dataset's
+    # cutoff (forecast and future pairs; uqa pairs sit at the cutoff and have none). A dense forecasting signal:
+    # the text answers of forecast pairs carry about a bit each. 0 = off (no decoder is built).
+    future_weight: float = 0.0
+    future_days: int = 30
 
     def __post_init__(self) -> None:
         if self.profile_weight < 0:
             raise ConfigError(f"loss.profile_weight must be >= 0 (got {self.profile_weight})")
+        if self.future_weight < 0 or self.future_days < 1:
+            raise ConfigError(f"loss.future_weight must be >= 0 and loss.future_days >= 1 (got {self.future_weight}, "
+                              f"{self.future_days})")
         if self.profile_sources is not None and not self.profile_sources:  # the names are checked against the data
             raise ConfigError("loss.profile_sources is empty: name the UserU sources whose pairs get the profile loss "
                               "(e.g. [uqa]), or null for every pair")

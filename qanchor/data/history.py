@@ -23,8 +23,8 @@ import numpy as np
 
 from qanchor.data.dataset import EventSeq
 
-__all__ = ["HISTORY_STATS", "TIMING_STATS", "PACKED_HISTORY", "modality_features", "modality_feature_names", "events_before",
-           "timing_features", "history_stats"]
+__all__ = ["HISTORY_STATS", "TIMING_STATS", "PACKED_HISTORY", "WINDOW_STATS", "modality_features", "modality_feature_names",
+           "events_before", "timing_features", "history_stats", "window_stats"]
 
 _US_PER_DAY = 86_400 * 1_000_000
 _WINDOWS_DAYS = (7, 30, 90)
@@ -42,6 +42,10 @@ def modality_feature_names(modality: str, extra_columns: Sequence[str]) -> list[
              "active_days", "events_per_active_day", "distinct_texts", "value_sum", "value_mean", "value_max",
              "value_std", "value_sum_30d", *(f"{c}_mean" for c in extra_columns)]
     return [f"{modality}_{n}" for n in names]
+
+
+# What :func:`window_stats` reports of a window of days: how much the user did, on how many days, how varied, for how much
+WINDOW_STATS = ("count", "active_days", "distinct_texts", "value_sum")
 
 
 def modality_features(seq: EventSeq | None, cutoff_us: int, n_extra: int) -> np.ndarray:
@@ -108,3 +112,27 @@ def history_stats(seq: EventSeq | None, cutoff_us: int) -> np.ndarray:
     raw = modality_features(before, cutoff_us, 0)
     rfm = np.nan_to_num(np.sign(raw) * np.log1p(np.abs(raw)), nan=0.0)
     return np.concatenate([rfm, timing_features(before)]).astype(np.float32)
+
+
+_WINDOW_INDEX = [modality_feature_names("m", ()).index(f"m_{name}") for name in WINDOW_STATS]
+
+
+def window_stats(seq: EventSeq | None, start_us: int, days: int) -> np.ndarray:
+    """A modality's activity in ``[start_us, start_us + days)``: float32 ``[4]``, the signed logs of
+    :data:`WINDOW_STATS` as :func:`modality_features` computes them (events, active days, distinct texts, value sum),
+    zeros without events or without values. The future-profile loss's target (``loss.future_weight``).
+
+    Example:
+        >>> day = 86_400_000_000
+        >>> seq = EventSeq(np.array([0, day, 40 * day]), ["a", "b", "a"], np.array([1.0, 2.0, 5.0], np.float32),
+        ...                np.zeros((3, 0), np.float32))
+        >>> np.expm1(window_stats(seq, 0, 30)).round(3).tolist()  # the third event falls after the window
+        [2.0, 2.0, 2.0, 3.0]
+    """
+    end_us = start_us + days * _US_PER_DAY
+    window = None
+    if seq is not None:
+        lo, hi = np.searchsorted(seq.ts, [start_us, end_us], side="left")
+        window = EventSeq(seq.ts[lo:hi], seq.text[lo:hi], seq.value[lo:hi], seq.extras[lo:hi])
+    raw = modality_features(window, end_us, 0)[_WINDOW_INDEX]
+    return np.nan_to_num(np.sign(raw) * np.log1p(np.abs(raw)), nan=0.0).astype(np.float32)

@@ -25,7 +25,7 @@ import torch
 from safetensors.torch import load_model, save_file
 
 import qanchor
-from qanchor.config import ModelConfig, PretrainConfig, TextEncoderConfig, load_config, to_yaml
+from qanchor.config import LossConfig, ModelConfig, PretrainConfig, TextEncoderConfig, load_config, to_yaml
 from qanchor.data.io import OutputKind, atomic_dir
 from qanchor.data.manifest import Manifest
 from qanchor.errors import CheckpointError, ConfigError, QAnchorError
@@ -75,9 +75,9 @@ def _apply_lora(backbone: torch.nn.Module, cfg: ModelConfig, new_token_ids: list
 
 def build_model(cfg: ModelConfig, manifest: Manifest, text_dim: int, tabular_columns: list[str],
                 load_weights: bool = True, hf_config: Any = None, tokenizer: Any = None,
-                profile_decoder: bool = False, profile_whitening: bool = False) -> tuple[QAnchorModel, Any]:
+                training_aids: LossConfig | None = None) -> tuple[QAnchorModel, Any]:
     """The model and its tokenizer. ``hf_config`` (from a checkpoint) fixes the backbone's exact shape;
-    ``profile_decoder`` adds the training aid of ``loss.profile_weight`` (whitened: ``loss.profile_whitening``)."""
+    ``training_aids`` (a run's loss config) adds the decoders its ``profile_weight`` / ``future_weight`` train."""
     from transformers import AutoModelForCausalLM
 
     tokenizer = tokenizer or load_tokenizer(cfg.backbone)
@@ -94,8 +94,7 @@ def build_model(cfg: ModelConfig, manifest: Manifest, text_dim: int, tabular_col
     if cfg.backbone.lora.enabled:
         backbone = _apply_lora(backbone, cfg, sorted(ids.values()))
     token_ids = TokenIds.from_tokenizer(tokenizer, modalities)
-    model = QAnchorModel(cfg, manifest, backbone, token_ids, text_dim, len(tabular_columns), tokenizer, profile_decoder,
-                         profile_whitening)
+    model = QAnchorModel(cfg, manifest, backbone, token_ids, text_dim, len(tabular_columns), tokenizer, training_aids)
     return model, tokenizer
 
 
@@ -206,8 +205,7 @@ def load_checkpoint(ckpt: str | Path, device: str | torch.device = "cpu") -> tup
     except (OSError, ValueError) as exc:
         raise CheckpointError(f"{ckpt}: damaged backbone config or tokenizer files ({str(exc).splitlines()[0]})") from None
     model, tokenizer = build_model(run_cfg.model, meta.manifest_obj, meta.text_dim, meta.tabular_columns,
-                                   hf_config=hf_config, tokenizer=tokenizer, profile_decoder=run_cfg.loss.profile_weight > 0,
-                                   profile_whitening=run_cfg.loss.profile_whitening)
+                                   hf_config=hf_config, tokenizer=tokenizer, training_aids=run_cfg.loss)
     weights = ckpt / "model.safetensors"
     try:
         missing, unexpected = load_model(model, str(weights), strict=False)

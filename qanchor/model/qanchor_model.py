@@ -17,6 +17,7 @@ from torch import nn
 
 from qanchor.config import LossConfig, ModelConfig
 from qanchor.data.batch import TextBatch, UserBatch
+from qanchor.data.history import WINDOW_STATS
 from qanchor.data.manifest import Manifest
 from qanchor.model.backbone import cache_argument
 from qanchor.model.layout import TokenIds, build_prefixes, pad_right
@@ -39,11 +40,16 @@ class PretrainBatch:
     query_hash: torch.Tensor | None = None  # long [B]: equal query texts share a hash (answer-bank scope)
     # bool [B]: the rows the profile loss applies to (loss.profile_sources); None = every row
     profile_rows: torch.Tensor | None = None
+    # float32 [B, F]: each pair's window statistics of the days after its cutoff (loss.future_weight), and bool [B]:
+    # the rows whose window ends by the dataset's cutoff (the others hold zeros and are not targets)
+    future: torch.Tensor | None = None
+    future_rows: torch.Tensor | None = None
 
     def to(self, device) -> PretrainBatch:
-        vec, qh, rows = (None if t is None else t.to(device) for t in (self.answer_vec, self.query_hash, self.profile_rows))
+        vec, qh, rows, fut, fut_rows = (None if t is None else t.to(device) for t in (
+            self.answer_vec, self.query_hash, self.profile_rows, self.future, self.future_rows))
         return PretrainBatch(self.users.to(device), self.queries.to(device), self.answers.to(device),
-                             self.answer_hash.to(device), vec, qh, rows)
+                             self.answer_hash.to(device), vec, qh, rows, fut, fut_rows)
 
 
 @dataclass
@@ -54,6 +60,7 @@ class QAnchorOutput:
     loss_contrastive: torch.Tensor
     loss_ntp: torch.Tensor
     loss_profile: torch.Tensor  # zero when loss.profile_weight is 0
+    loss_future: torch.Tensor  # zero when loss.future_weight is 0
 
 
 class AnswerBank:
@@ -177,7 +184,9 @@ class ProfileDecoder(nn.Module):
 
 class QAnchorModel(nn.Module):
     def __init__(self, cfg: ModelConfig, manifest: Manifest, backbone: nn.Module, token_ids: TokenIds, text_dim: int, n_tabular: int,
-                 tokenizer: object = None, profile_decoder: bool = False, profile_whitening: bool = False):
+                 tokenizer: object = None, training_aids: LossConfig | None = None):
+        """``training_aids``: the loss config whose decoders to build (the profile decoder when
+        ``profile_weight`` > 0, the future decoder when ``future_weight`` > 0); None builds neither."""
         super().__init__()
         self.cfg, self.manifest, self.token_ids = cfg, manifest, token_ids
         self.tokenizer = tokenizer  # only a text-prefix model (user_input=text) tokenises inside forward
@@ -190,8 +199,14 @@ class QAnchorModel(nn.Module):
         # The text tower's answers are frozen sentence vectors: a projection of their own maps them to the space.
         self.answer_projection = (_projection(text_dim, cfg.projection_hidden, cfg.embedding_dim)
                                   if cfg.answer_tower == "text_encoder" else None)
-        self.profile_decoder = (ProfileDecoder(cfg.embedding_dim, self.user_encoder.profile_width(), profile_whitening)
-                                if profile_decoder else None)
+        aids = training_aids or LossConfig()
+        self.profile_decoder = (ProfileDecoder(cfg.embedding_dim, self.user_encoder.profile_width(), aids.profile_whitening)
+                                if aids.profile_weight > 0 else None)
+        self.future_decoder = (ProfileDecoder(cfg.embedding_dim, self.future_width()) if aids.future_weight > 0 else None)
+
+    def future_width(self) -> int:
+        """Width of the future-profile target: :data:`WINDOW_STATS` per sequence modality, in manifest order."""
+        return len(self.user_encoder.sequence_names) * len(WINDOW_STATS)
 
     # ------------------------------------------------------------------------------ building blocks
     @property
@@ -335,8 +350,16 @@ class QAnchorModel(nn.Module):
             else:  # a mean over the chosen rows of every rank (a rank may hold none)
                 profile = normalise(*self.profile_decoder.loss_sum(anchor[rows], profile_in[rows]))
             total = total + loss_cfg.profile_weight * profile
+        future = zero
+        if loss_cfg.future_weight > 0:
+            if self.future_decoder is None or batch.future is None or batch.future_rows is None:
+                raise ValueError("loss.future_weight > 0 needs a model built with its future decoder and batches with "
+                                 "future targets (PretrainStream future_days)")
+            rows = batch.future_rows
+            future = normalise(*self.future_decoder.loss_sum(anchor[rows], batch.future[rows]))
+            total = total + loss_cfg.future_weight * future
         return QAnchorOutput(anchor, answer_emb, total, terms.contrastive if cl is not None else zero,
-                             terms.ntp if ntp is not None else zero, profile)
+                             terms.ntp if ntp is not None else zero, profile, future)
 
     def _project_answer_vec(self, answer_vec: torch.Tensor) -> torch.Tensor:
         """Text tower: frozen sentence vectors (N, T) -> (N, D) unit vectors."""

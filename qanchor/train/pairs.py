@@ -25,6 +25,7 @@ import torch
 from qanchor.config import ModelConfig, PretrainConfig
 from qanchor.data.batch import pad_token_ids
 from qanchor.data.dataset import Dataset, UserRecord
+from qanchor.data.history import WINDOW_STATS, window_stats
 from qanchor.data.pipeline import UserPipeline
 from qanchor.data.schema import USERU_FILE
 from qanchor.data.text_cache import TextVectorCache
@@ -35,6 +36,7 @@ from qanchor.model.qanchor_model import PretrainBatch
 __all__ = ["PretrainStream", "is_held_out"]
 
 _HOLDOUT_BUCKETS = 1_000_000
+_US_PER_DAY = 86_400 * 1_000_000
 
 
 def is_held_out(user_id: str, fraction: float) -> bool:
@@ -46,7 +48,7 @@ def is_held_out(user_id: str, fraction: float) -> bool:
 class PretrainStream:
     def __init__(self, ds: Dataset, pipe: UserPipeline, tokenizer, token_ids: TokenIds, model_cfg: ModelConfig,
                  seed: int, uqa_fraction: float = 0.5, group_size: int = 1, answer_cache: TextVectorCache | None = None,
-                 holdout_users: float = 0.0, profile_sources: list[str] | None = None):
+                 holdout_users: float = 0.0, profile_sources: list[str] | None = None, future_days: int | None = None):
         self.ds, self.pipe, self.tokenizer, self.token_ids, self.model_cfg = ds, pipe, tokenizer, token_ids, model_cfg
         self.seed, self.group_size, self.answer_cache = seed, group_size, answer_cache
         table = ds.userU().sort_by([("user_id", "ascending"), ("cutoff", "ascending"), ("source", "ascending"), ("query", "ascending")])
@@ -67,6 +69,13 @@ class PretrainStream:
                                  f"(its sources: {sorted(present)}); name sources it holds, or null for every pair")
             self.profile_rows = pc.is_in(table.column("source"), pa.array(sorted(profile_sources))).to_numpy(zero_copy_only=False)
         parts = ds.partitions
+        # Future targets (loss.future_weight): the pairs whose window of future_days after their cutoff ends by the
+        # dataset's cutoff, so every event of it is in the dataset (forecast / future pairs; uqa pairs sit at the cutoff)
+        self.future_days = future_days
+        self.future_complete = None
+        if future_days is not None:
+            dataset_cutoff_us = int(ds.manifest.cutoff.timestamp()) * 1_000_000
+            self.future_complete = self.cutoff_us + future_days * _US_PER_DAY <= dataset_cutoff_us
         self.partition_of = np.searchsorted(parts.bounds, np.searchsorted(parts.user_ids, self.user_ids), side="right") - 1
         self._epoch_plan = self._plan(is_uqa, uqa_fraction)
         self._epoch_cache: tuple[int, np.ndarray] | None = None
@@ -75,6 +84,22 @@ class PretrainStream:
         self._tok_answer = lru_cache(maxsize=65536)(
             lambda a: tokenize_answer(tokenizer, a, model_cfg.max_answer_tokens, token_ids.end))
 
+    def future_targets(self, ids: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
+        """Pairs ``ids`` -> float32 [n, F] window statistics of the ``future_days`` after each pair's cutoff
+        (:func:`window_stats` per sequence modality, manifest order; zeros where the window is incomplete) and bool
+        [n]: whether the window is complete (a target)."""
+        if self.future_days is None:
+            raise ValueError("this stream was built without future_days (loss.future_weight is 0)")
+        names = [m.name for m in self.ds.manifest.sequence_modalities]
+        out = np.zeros((len(ids), len(names) * len(WINDOW_STATS)), np.float32)
+        complete = self.future_complete[ids]
+        for row, i in enumerate(ids):
+            if complete[row]:
+                events = self._record(self.user_ids[i], int(self.partition_of[i])).events
+                out[row] = np.concatenate([window_stats(events.get(n), int(self.cutoff_us[i]), self.future_days)
+                                           for n in names])
+        return torch.from_numpy(out), torch.from_numpy(complete.copy())
+
     @classmethod
     def for_run(cls, ds: Dataset, pipe: UserPipeline, tokenizer, token_ids: TokenIds, cfg: PretrainConfig,
                 seed: int | None = None) -> PretrainStream:
@@ -82,7 +107,8 @@ class PretrainStream:
         tc = cfg.train
         return cls(ds, pipe, tokenizer, token_ids, cfg.model, tc.seed if seed is None else seed, tc.uqa_fraction,
                    tc.query_group_size, holdout_users=tc.holdout_users,
-                   profile_sources=cfg.loss.profile_sources if cfg.loss.profile_weight > 0 else None)
+                   profile_sources=cfg.loss.profile_sources if cfg.loss.profile_weight > 0 else None,
+                   future_days=cfg.loss.future_days if cfg.loss.future_weight > 0 else None)
 
     def __len__(self) -> int:
         """Pairs per epoch (after balancing the two sources)."""
@@ -188,4 +214,5 @@ class PretrainStream:
             vec = torch.from_numpy(self.answer_cache.vectors[rows])
         query_hashes = torch.tensor([zlib.crc32(self.queries[i].encode()) for i in ids], dtype=torch.long)
         rows = None if self.profile_rows is None else torch.from_numpy(self.profile_rows[ids].copy())
-        return PretrainBatch(users, queries, answers, hashes, vec, query_hashes, rows)
+        future, future_rows = self.future_targets(ids) if self.future_days is not None else (None, None)
+        return PretrainBatch(users, queries, answers, hashes, vec, query_hashes, rows, future, future_rows)

@@ -173,11 +173,12 @@ def run_pretrain(cfg: PretrainConfig, progress: bool = True) -> Path:
     ds, pipe = prepare_inputs(cfg, rank, progress and rank == 0)
     torch.manual_seed(cfg.train.seed)  # identical initial weights on every rank
     model, tokenizer = build_model(cfg.model, ds.manifest, pipe.cache.dim, ds.tabular_columns,
-                                   profile_decoder=cfg.loss.profile_weight > 0,
-                                   profile_whitening=cfg.loss.profile_whitening)
+                                   training_aids=cfg.loss)
     fit_input_stats(model, ds, pipe, holdout_users=cfg.train.holdout_users)
     meta = ModelMeta(ds.manifest.to_dict(), pipe.cache.dim, cfg.data.text_encoder.__dict__, list(ds.tabular_columns))
     stream = PretrainStream.for_run(ds, pipe, tokenizer, model.token_ids, cfg)
+    if model.future_decoder is not None:
+        fit_future_stats(model, stream, cfg.train.batch_size * world, cfg.train.max_steps * cfg.train.grad_accum_steps)
     if cfg.model.answer_tower == "text_encoder":  # only that tower reads answer vectors
         tc = cfg.train
         stream.answer_cache = answer_cache(cfg, ds, rank, progress, stream.answers_for_steps(
@@ -195,7 +196,7 @@ def run_pretrain(cfg: PretrainConfig, progress: bool = True) -> Path:
         log(f"pretrain: done, {cfg.train.max_steps - start} steps in {format_seconds(time.perf_counter() - started)}"
             + (f"; last step loss {last['loss']:.4f} (contrastive {last['loss_contrastive']:.4f}, ntp "
                f"{last['loss_ntp']:.4f}" + (f", profile {last['loss_profile']:.4f}" if "loss_profile" in last else "")
-               + ")" if last else "") + f"; checkpoint {out / 'checkpoint'}")
+               + (f", future {last['loss_future']:.4f}" if "loss_future" in last else "") + ")" if last else "") + f"; checkpoint {out / 'checkpoint'}")
     return out
 
 
@@ -235,6 +236,19 @@ def fit_input_stats(model, ds: Dataset, pipe: UserPipeline, sample: int = 4096, 
         std = torch.where(std > 1e-6, std, 1.0)
         whiten = shrunk_whitening((profiles - mean) / std) if model.profile_decoder.whitening else None
         model.profile_decoder.set_stats(mean.float(), std.float(), whiten)
+
+
+def fit_future_stats(model, stream: PretrainStream, global_batch: int, steps: int, sample: int = 4096) -> None:
+    """Standardise the future decoder's targets on the first ``sample`` pairs with a complete window among those
+    the run will train on (``steps`` global batches; the stream leaves held-out users out)."""
+    ids = stream.pair_ids_for_steps(steps, global_batch)
+    ids = ids[stream.future_complete[ids]][:sample]
+    if not len(ids):
+        raise ValueError(f"loss.future_weight > 0, but no pretraining pair has {stream.future_days} days of data after "
+                         "its cutoff (forecast and future pairs do); lower loss.future_days or set future_weight 0")
+    targets = stream.future_targets(ids)[0].double()
+    mean, std = targets.mean(0), targets.std(0, unbiased=False)
+    model.future_decoder.set_stats(mean.float(), torch.where(std > 1e-6, std, 1.0).float())
 
 
 def answer_cache(cfg: PretrainConfig, ds: Dataset, rank: int, progress: bool,
@@ -321,21 +335,22 @@ def _train_loop(cfg: PretrainConfig, engine, stream: PretrainStream, start: int,
     record = None
     for step in range(start, tc.max_steps):
         tick = time.perf_counter()
-        sums = torch.zeros(4)
+        sums = torch.zeros(5)
         for micro in range(tc.grad_accum_steps):
             batch = stream.batch(step * tc.grad_accum_steps + micro, tc.batch_size, rank, world).to(device)
             out = engine(batch, cfg.loss, gather=gather_with_grad, normalise=global_mean_loss, rank=rank, answer_bank=bank)
             engine.backward(out.loss)
             engine.step()
             sums += torch.stack([out.loss.detach(), out.loss_contrastive.detach(), out.loss_ntp.detach(),
-                                 out.loss_profile.detach()]).float().cpu()
+                                 out.loss_profile.detach(), out.loss_future.detach()]).float().cpu()
         # Each rank's loss is its share of the global mean scaled by world: their average is the global loss.
-        loss, cl, ntp, prof = (all_reduce_sum(sums) / (world * tc.grad_accum_steps)).tolist()
+        loss, cl, ntp, prof, fut = (all_reduce_sum(sums) / (world * tc.grad_accum_steps)).tolist()
         if not torch.isfinite(torch.tensor(loss)):
             raise FloatingPointError(f"loss became {loss} at step {step}; lower train.lr or check the data")
         elapsed = time.perf_counter() - tick
         record = {"step": step + 1, "loss": loss, "loss_contrastive": cl, "loss_ntp": ntp,
                   **({"loss_profile": prof} if cfg.loss.profile_weight > 0 else {}),
+                  **({"loss_future": fut} if cfg.loss.future_weight > 0 else {}),
                   "lr": engine.get_lr()[0], "samples_per_s": tc.batch_size * tc.grad_accum_steps * world / elapsed}
         if device.type == "cuda":  # peak since the start of the run, this rank
             record["gpu_memory_gb"] = torch.cuda.max_memory_allocated(device) / 1e9
@@ -348,6 +363,7 @@ def _train_loop(cfg: PretrainConfig, engine, stream: PretrainStream, start: int,
             remaining = (tc.max_steps - step - 1) * (time.perf_counter() - loop_start) / max(step + 1 - start, 1)
             log(f"pretrain: step {step + 1}/{tc.max_steps} loss {loss:.4f} contrastive {cl:.4f} ntp {ntp:.4f} "
                 + (f"profile {prof:.4f} " if cfg.loss.profile_weight > 0 else "")
+                + (f"future {fut:.4f} " if cfg.loss.future_weight > 0 else "")
                 + f"lr {record['lr']:.3g} {record['samples_per_s']:.1f} samples/s ETA {format_seconds(remaining)}")
         if (step + 1) % tc.save_every == 0 or step + 1 == tc.max_steps:
             save(step + 1)

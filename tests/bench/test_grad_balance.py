@@ -12,6 +12,7 @@ from tests.helpers import copy_dataset, load_benchmark
 
 @pytest.fixture(scope="module")
 def env(tiny_dataset, tmp_path_factory):
+    from qanchor.config import LossConfig
     from qanchor.data.dataset import load_dataset
     from qanchor.data.text_cache import TextVectorCache
     from qanchor.infer.api import QAnchor
@@ -24,7 +25,7 @@ def env(tiny_dataset, tmp_path_factory):
     cache = TextVectorCache(ds.text_cache_dir, encoder())
     cfg = tiny_cfg(["loss.profile_weight=3", "loss.ntp_weight=0.5"])
     torch.manual_seed(0)
-    model, tokenizer = build_model(cfg.model, ds.manifest, cache.dim, ds.tabular_columns, profile_decoder=True)
+    model, tokenizer = build_model(cfg.model, ds.manifest, cache.dim, ds.tabular_columns, training_aids=LossConfig(profile_weight=1.0))
     ckpt = save_checkpoint(root / "ckpt", model, tokenizer, cfg,
                            ModelMeta(ds.manifest.to_dict(), cache.dim, {}, list(ds.tabular_columns)))
     return load_benchmark("grad_balance"), QAnchor.from_pretrained(ckpt, text_cache=cache, batch_size=8), ds

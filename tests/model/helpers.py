@@ -40,8 +40,7 @@ def model_and_stream(dataset_dir: Path, cfg: PretrainConfig | None = None, seed:
     pipe.prime(ds.users(), progress=False, all_events=True)
     torch.manual_seed(seed)
     model, tokenizer = build_model(cfg.model, ds.manifest, pipe.cache.dim, ds.tabular_columns,
-                                   profile_decoder=cfg.loss.profile_weight > 0,
-                                   profile_whitening=cfg.loss.profile_whitening)
+                                   training_aids=cfg.loss)
     stream = PretrainStream.for_run(ds, pipe, tokenizer, model.token_ids, cfg, seed=0)
     return model, tokenizer, stream, ds, pipe, cfg
 

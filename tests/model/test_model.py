@@ -542,3 +542,69 @@ def test_a_bfloat16_backbone_beside_float32_adapters(tiny_dataset, tmp_path):
         cached = anchor_hidden(model, encode_prefixes(model, users), index, suffixes)
         full = anchor_hidden_uncached(model, users, index, suffixes)
     assert (cached.float() - full.float()).abs().max() < 5e-2
+
+
+def test_future_loss_decodes_each_pairs_next_days(tiny_dataset, tmp_path):
+    """loss.future_weight: a linear decoder from the embedding to the window statistics of the future_days after
+    each pair's cutoff, standardised on training pairs, on the pairs whose window ends by the dataset's cutoff only
+    (never past the data: uqa pairs at the cutoff have no target); saved with the checkpoint; 0 builds none."""
+    import numpy as np
+
+    from qanchor.data.history import WINDOW_STATS, window_stats
+    from qanchor.train.pretrain import fit_future_stats
+
+    ds_dir = tmp_path / "ds"
+    shutil.copytree(tiny_dataset, ds_dir, ignore=shutil.ignore_patterns(".qanchor_cache"))
+    cfg = tiny_cfg(["loss.future_weight=0.5", "loss.future_days=20"])
+    model, tokenizer, stream, ds, pipe, _ = model_and_stream(ds_dir, cfg)
+    names = [m.name for m in ds.manifest.sequence_modalities]
+    assert model.future_decoder.linear.weight.shape == (len(names) * len(WINDOW_STATS), 128)
+    end_us = int(ds.manifest.cutoff.timestamp()) * 1_000_000
+    complete = stream.cutoff_us + 20 * 86_400_000_000 <= end_us
+    assert np.array_equal(stream.future_complete, complete) and 0 < complete.sum() < len(complete)
+    table = ds.userU().sort_by([("user_id", "ascending"), ("cutoff", "ascending"), ("source", "ascending"),
+                                ("query", "ascending")])  # the stream's pair order
+    sources = np.asarray(table.column("source").to_pylist())
+    assert np.array_equal(table.column("cutoff").cast("int64").to_numpy(), stream.cutoff_us)
+    assert not complete[sources == "uqa"].any()  # asked at the dataset's cutoff: nothing after it is known
+
+    fit_future_stats(model, stream, global_batch=8, steps=50)
+    ids = stream.pair_ids_for_steps(50, 8)
+    sample = stream.future_targets(ids[complete[ids]])[0]
+    assert torch.allclose(model.future_decoder.mean, sample.double().mean(0).float(), atol=1e-5)
+    step = next(s for s in range(50) if 0 < int(stream.batch(s, 8).future_rows.sum()) < 8)  # a mixed batch
+    batch = stream.batch(step, 8)
+    ids = stream.pair_ids(step, 8)
+    row = int(torch.nonzero(batch.future_rows)[0])
+    events = ds.users([stream.user_ids[ids[row]]])
+    record = next(iter(events))
+    by_hand = np.concatenate([window_stats(record.events.get(n), int(stream.cutoff_us[ids[row]]), 20) for n in names])
+    assert np.array_equal(batch.future[row].numpy(), by_hand) and by_hand.any()
+    assert not batch.future[~batch.future_rows].any()
+
+    model.eval()
+    out = model(batch, cfg.loss)
+    with torch.no_grad():
+        target = (batch.future - model.future_decoder.mean) / model.future_decoder.std
+        err = (model.future_decoder.linear(out.anchor * 128**0.5) - target).pow(2).mean(-1)
+    keep = batch.future_rows
+    assert torch.allclose(out.loss_future, err[keep].mean(), atol=1e-6) and out.loss_future > 0
+    assert torch.allclose(out.loss, out.loss_contrastive + out.loss_ntp + 0.5 * out.loss_future, atol=1e-6)
+    model.zero_grad()
+    out.loss_future.backward()  # it shapes the embedding, not only the decoder
+    assert model.projection[-1].weight.grad.abs().sum() > 0
+
+    meta = ModelMeta(ds.manifest.to_dict(), pipe.cache.dim, {}, list(ds.tabular_columns))
+    save_checkpoint(tmp_path / "ck", model, tokenizer, cfg, meta)
+    loaded, *_ = load_checkpoint(tmp_path / "ck")
+    assert torch.equal(loaded.future_decoder.linear.weight, model.future_decoder.linear.weight)
+    assert torch.equal(loaded.future_decoder.std, model.future_decoder.std)
+    plain, _, plain_stream, *_ = model_and_stream(ds_dir)
+    assert plain.future_decoder is None and plain_stream.future_complete is None
+    assert plain_stream.batch(0, 4).future is None
+    with pytest.raises(ValueError, match="future decoder"):
+        plain(plain_stream.batch(0, 4), LossConfig(future_weight=1.0))
+    with pytest.raises(ConfigError, match="future_weight"):
+        tiny_cfg(["loss.future_weight=-1"])
+    with pytest.raises(ConfigError, match="future_days"):
+        tiny_cfg(["loss.future_weight=1", "loss.future_days=0"])

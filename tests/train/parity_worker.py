@@ -35,7 +35,7 @@ def one_step(ds, pipe: UserPipeline, rank: int, world: int, mode: str, out: str)
     model_cfg: ModelConfig = load_config("configs/model/tiny.yaml", ["user_encoder.dropout=0.0", *tower])
     torch.manual_seed(0)
     model, tokenizer = build_model(model_cfg, ds.manifest, pipe.cache.dim, ds.tabular_columns,
-                                   profile_decoder=mode == "bank")
+                                   training_aids=LossConfig(profile_weight=1.0) if mode == "bank" else None)
     model.eval()  # no dropout anywhere: the two runs must see the same function
     stream = PretrainStream(ds, pipe, tokenizer, model.token_ids, model_cfg, seed=0,
                             answer_cache=pipe.cache if mode == "bank" else None)
