@@ -74,8 +74,7 @@ class PretrainStream:
         self.future_days = future_days
         self.future_complete = None
         if future_days is not None:
-            dataset_cutoff_us = int(ds.manifest.cutoff.timestamp()) * 1_000_000
-            self.future_complete = self.cutoff_us + future_days * _US_PER_DAY <= dataset_cutoff_us
+            self.future_complete = self.cutoff_us + future_days * _US_PER_DAY <= pipe.packer.cutoff_us
         self.partition_of = np.searchsorted(parts.bounds, np.searchsorted(parts.user_ids, self.user_ids), side="right") - 1
         self._epoch_plan = self._plan(is_uqa, uqa_fraction)
         self._epoch_cache: tuple[int, np.ndarray] | None = None
