@@ -16,7 +16,7 @@ training pairs):
 - ``stats_embedding_ridge``: ridge on both: what the embedding adds to the linear read (the gap to ``stats_ridge``);
 - ``decoder``: the checkpoint's own future decoder (only when it was pretrained with ``loss.future_weight``).
 
-Example (about a minute per checkpoint on 2 cores)::
+Example (under a minute per checkpoint on 2 idle cores)::
 
     python benchmarks/forecast_check.py --checkpoint results/future/cj-w1/seed0 --data data/completejourney
 """
