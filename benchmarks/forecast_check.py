@@ -158,8 +158,11 @@ def main(argv=None) -> int:
           f"{results[0]['targets']} targets), mean over targets")
     print("| checkpoint | " + " | ".join(ROWS) + " |")
     print("|---" * (len(ROWS) + 1) + "|")
-    for r in results:
-        print(f"| {Path(r['checkpoint']).name} | " + " | ".join(f"{r[k]:.3f}" if k in r else "-" for k in ROWS) + " |")
+    names = [Path(r["checkpoint"]).name for r in results]
+    if len(set(names)) < len(names):  # e.g. .../seed1/steps1500: the parent tells them apart
+        names = [f"{Path(r['checkpoint']).parent.name}/{n}" for r, n in zip(results, names)]
+    for name, r in zip(names, results):
+        print(f"| {name} | " + " | ".join(f"{r[k]:.3f}" if k in r else "-" for k in ROWS) + " |")
     if len(results) > 1:
         cells = []
         for k in ROWS:
