@@ -2,7 +2,8 @@
 
 Writes the global loss and every averaged gradient to ``<out>.<mode>`` (safetensors) from rank 0, for two modes
 in one process (each launch costs seconds): ``plain`` (the backbone answer tower) and ``bank`` (the text answer
-tower with an answer bank holding an earlier global batch, and the profile loss).
+tower with an answer bank holding an earlier global batch, the profile loss on the uqa pairs only and the future
+loss on the pairs with a complete window: row-masked means that each rank holds a different share of).
 """
 
 from __future__ import annotations
@@ -35,10 +36,11 @@ def one_step(ds, pipe: UserPipeline, rank: int, world: int, mode: str, out: str)
     model_cfg: ModelConfig = load_config("configs/model/tiny.yaml", ["user_encoder.dropout=0.0", *tower])
     torch.manual_seed(0)
     model, tokenizer = build_model(model_cfg, ds.manifest, pipe.cache.dim, ds.tabular_columns,
-                                   training_aids=LossConfig(profile_weight=1.0) if mode == "bank" else None)
+                                   training_aids=LossConfig(profile_weight=1.0, future_weight=1.0) if mode == "bank" else None)
     model.eval()  # no dropout anywhere: the two runs must see the same function
     stream = PretrainStream(ds, pipe, tokenizer, model.token_ids, model_cfg, seed=0,
-                            answer_cache=pipe.cache if mode == "bank" else None)
+                            answer_cache=pipe.cache if mode == "bank" else None,
+                            profile_sources=["uqa"] if mode == "bank" else None, future_days=20 if mode == "bank" else None)
     per_rank = 4 // world
     engine, _ = initialize(model, TrainConfig(batch_size=per_rank, max_steps=1, warmup_steps=0), world)
     batch = stream.batch(0, per_rank, rank, world)
@@ -47,15 +49,20 @@ def one_step(ds, pipe: UserPipeline, rank: int, world: int, mode: str, out: str)
         earlier = stream.batch(1, 4, 0, 1)
         bank = AnswerBank(8)
         bank.push(earlier.answer_vec, earlier.answer_hash)
-    loss_cfg = LossConfig(profile_weight=2.0 if mode == "bank" else 0.0)
+    loss_cfg = (LossConfig(profile_weight=2.0, profile_sources=["uqa"], future_weight=1.5, future_days=20) if mode == "bank"
+                else LossConfig())
     output = engine(batch, loss_cfg, gather=gather_with_grad, normalise=global_mean_loss, rank=rank,
                     answer_bank=bank)
     engine.backward(output.loss)
-    terms = [output.loss, output.loss_contrastive, output.loss_ntp, output.loss_profile]
+    terms = [output.loss, output.loss_contrastive, output.loss_ntp, output.loss_profile, output.loss_future]
     losses = all_reduce_sum(torch.stack(terms).detach()) / world
     if rank == 0:
         grads = {f"grad.{n}": p.grad.detach().clone().contiguous() for n, p in model.named_parameters() if p.grad is not None}
-        save_file({"losses": losses.contiguous(), **grads}, out)
+        extra = {}
+        if mode == "bank":  # which rows of the global batch the masked losses read (the test checks they are mixed)
+            whole = stream.batch(0, 4, 0, 1)
+            extra = {"profile_rows": whole.profile_rows.to(torch.uint8), "future_rows": whole.future_rows.to(torch.uint8)}
+        save_file({"losses": losses.contiguous(), **grads, **extra}, out)
 
 
 if __name__ == "__main__":

@@ -100,15 +100,23 @@ def _torchrun(n: int, ds_dir: Path, out: Path) -> None:
 def test_two_ranks_match_one_rank(prepared, tmp_path):
     _torchrun(1, prepared, tmp_path / "one")
     _torchrun(2, prepared, tmp_path / "two")
-    # plain: the backbone answer tower; bank: the text tower with an answer bank of extra negatives and the
-    # profile loss (its decoder's gradient must be the global batch's too)
+    # plain: the backbone answer tower; bank: the text tower with an answer bank of extra negatives, the profile
+    # loss on the uqa pairs only and the future loss on the pairs with a complete window (their decoders' gradients
+    # and their means over the rows they keep must be the global batch's, however the rows fall across the ranks)
     for mode in ("plain", "bank"):
         one, two = load_file(tmp_path / f"one.{mode}"), load_file(tmp_path / f"two.{mode}")
         assert torch.allclose(one["losses"], two["losses"], atol=1e-5), (mode, one["losses"], two["losses"])
-        assert (one["losses"][3] > 0) == (mode == "bank")
+        assert (one["losses"][3] > 0) == (mode == "bank") and (one["losses"][4] > 0) == (mode == "bank")
         assert ("grad.profile_decoder.linear.weight" in one) == (mode == "bank")
+        assert ("grad.future_decoder.linear.weight" in one) == (mode == "bank")
         assert one.keys() == two.keys() and len(one) > 20
-        worst = max((one[k] - two[k]).abs().max().item() / (one[k].abs().max().item() + 1e-8) for k in one if k != "losses")
+        if mode == "bank":  # the row masks are exercised: each keeps some rows and drops others
+            for rows in (one["profile_rows"], one["future_rows"]):
+                assert 0 < int(rows.sum()) < 4, rows
+            # and the two ranks hold different shares of one of them, so a mean of per-rank means would differ
+            assert any(int(r[:2].sum()) != int(r[2:].sum()) for r in (one["profile_rows"], one["future_rows"]))
+        masks = ("losses", "profile_rows", "future_rows")
+        worst = max((one[k] - two[k]).abs().max().item() / (one[k].abs().max().item() + 1e-8) for k in one if k not in masks)
         assert worst < 1e-4, (mode, worst)
 
 
