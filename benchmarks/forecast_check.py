@@ -45,11 +45,11 @@ ROWS = ("stats_ridge", "stats_lgbm", "embedding_ridge", "stats_embedding_ridge",
 _ALPHAS = np.logspace(-2, 4, 13)
 
 
-def held_out_pairs(stream: PretrainStream, cfg, n: int, seed: int) -> np.ndarray:
-    """Up to ``n`` pair ids with a complete future window that the checkpoint's run never trained on, ascending
-    (so the stream reads each partition once)."""
+def held_out_pairs(stream: PretrainStream, cfg, n: int, seed: int, world: int = 1) -> np.ndarray:
+    """Up to ``n`` pair ids with a complete future window that the checkpoint's run (on ``world`` ranks) never
+    trained on, ascending (so the stream reads each partition once)."""
     tc = cfg.train
-    trained = stream.pair_ids_for_steps(tc.max_steps * tc.grad_accum_steps, tc.batch_size)
+    trained = stream.pair_ids_for_steps(tc.max_steps * tc.grad_accum_steps, tc.batch_size * world)
     free = np.ones(len(stream.user_ids), bool)
     free[trained] = False
     candidates = np.flatnonzero(free & stream.future_complete)
@@ -124,7 +124,7 @@ def evaluate(stats: np.ndarray, emb: np.ndarray, y: np.ndarray, decoded: np.ndar
     return {k: float(np.mean(v)) for k, v in scores.items() if v}
 
 
-def run(checkpoint: str, data: str, days: int, pairs: int, seed: int = 0) -> dict:
+def run(checkpoint: str, data: str, days: int, pairs: int, seed: int = 0, world: int = 1) -> dict:
     ds = load_dataset(data)
     q = QAnchor.from_pretrained(checkpoint, text_cache_dir=ds.text_cache_dir)
     q.model.eval()
@@ -132,7 +132,7 @@ def run(checkpoint: str, data: str, days: int, pairs: int, seed: int = 0) -> dic
     stream = PretrainStream(ds, q.pipeline, q.tokenizer, q.model.token_ids, cfg.model, cfg.train.seed,
                             cfg.train.uqa_fraction, cfg.train.query_group_size, holdout_users=cfg.train.holdout_users,
                             future_days=days)
-    ids = held_out_pairs(stream, cfg, pairs, seed)
+    ids = held_out_pairs(stream, cfg, pairs, seed, world)
     stats, emb, y, decoded = pair_features(q, stream, ids)
     if decoded is not None and cfg.loss.future_days != days:
         decoded = None  # the decoder forecasts another window
@@ -149,11 +149,13 @@ def main(argv=None) -> int:
     ap.add_argument("--days", type=int, default=30, help="the future window (UserU's forecast pairs: 30)")
     ap.add_argument("--pairs", type=int, default=3000, help="held-out pairs to score")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--world", type=int, default=1,
+                    help="ranks the checkpoints were pretrained on (their global batches' pairs are left out)")
     ap.add_argument("--out", help="JSON with every checkpoint's rows")
     args = ap.parse_args(argv)
     quiet_third_party()
     torch.manual_seed(0)
-    results = [run(c, args.data, args.days, args.pairs, args.seed) for c in args.checkpoint]
+    results = [run(c, args.data, args.days, args.pairs, args.seed, args.world) for c in args.checkpoint]
     print(f"R^2 of the next {args.days} days' statistics on held-out users ({results[0]['pairs']} pairs, "
           f"{results[0]['targets']} targets), mean over targets")
     print("| checkpoint | " + " | ".join(ROWS) + " |")
