@@ -129,9 +129,7 @@ def run(checkpoint: str, data: str, days: int, pairs: int, seed: int = 0, world:
     q = QAnchor.from_pretrained(checkpoint, text_cache_dir=ds.text_cache_dir)
     q.model.eval()
     cfg = q.run_cfg
-    stream = PretrainStream(ds, q.pipeline, q.tokenizer, q.model.token_ids, cfg.model, cfg.train.seed,
-                            cfg.train.uqa_fraction, cfg.train.query_group_size, holdout_users=cfg.train.holdout_users,
-                            future_days=days)
+    stream = PretrainStream.for_run(ds, q.pipeline, q.tokenizer, q.model.token_ids, cfg, future_days=days)
     ids = held_out_pairs(stream, cfg, pairs, seed, world)
     stats, emb, y, decoded = pair_features(q, stream, ids)
     if decoded is not None and cfg.loss.future_days != days:

@@ -343,12 +343,10 @@ class QAnchorModel(nn.Module):
         if loss_cfg.profile_weight > 0:
             if self.profile_decoder is None:
                 raise ValueError("loss.profile_weight > 0 needs a model built with its profile decoder")
-            profile_in = self.user_encoder.profile(batch.users)
-            rows = batch.profile_rows
-            if rows is None:
-                profile = normalise(*self.profile_decoder.loss_sum(anchor, profile_in))
-            else:  # a mean over the chosen rows of every rank (a rank may hold none)
-                profile = normalise(*self.profile_decoder.loss_sum(anchor[rows], profile_in[rows]))
+            embedded, profile_in = anchor, self.user_encoder.profile(batch.users)
+            if batch.profile_rows is not None:  # a mean over the chosen rows of every rank (a rank may hold none)
+                embedded, profile_in = anchor[batch.profile_rows], profile_in[batch.profile_rows]
+            profile = normalise(*self.profile_decoder.loss_sum(embedded, profile_in))
             total = total + loss_cfg.profile_weight * profile
         future = zero
         if loss_cfg.future_weight > 0:

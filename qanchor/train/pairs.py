@@ -101,13 +101,15 @@ class PretrainStream:
 
     @classmethod
     def for_run(cls, ds: Dataset, pipe: UserPipeline, tokenizer, token_ids: TokenIds, cfg: PretrainConfig,
-                seed: int | None = None) -> PretrainStream:
-        """The stream a pretraining run with ``cfg`` reads (``seed`` defaults to ``train.seed``)."""
-        tc = cfg.train
+                seed: int | None = None, future_days: int | None = None) -> PretrainStream:
+        """The stream a pretraining run with ``cfg`` reads (``seed`` defaults to ``train.seed``). ``future_days``
+        adds future targets of that window whatever the run's ``loss.future_weight`` (a diagnostic's)."""
+        tc, loss = cfg.train, cfg.loss
+        if future_days is None and loss.future_weight > 0:
+            future_days = loss.future_days
         return cls(ds, pipe, tokenizer, token_ids, cfg.model, tc.seed if seed is None else seed, tc.uqa_fraction,
                    tc.query_group_size, holdout_users=tc.holdout_users,
-                   profile_sources=cfg.loss.profile_sources if cfg.loss.profile_weight > 0 else None,
-                   future_days=cfg.loss.future_days if cfg.loss.future_weight > 0 else None)
+                   profile_sources=loss.profile_sources if loss.profile_weight > 0 else None, future_days=future_days)
 
     def __len__(self) -> int:
         """Pairs per epoch (after balancing the two sources)."""
