@@ -1,8 +1,8 @@
 """Daily incremental update: yesterday's state + a day of events -> today's state.
 
 Only users with new events are touched, and for them only the modalities that received events are
-re-encoded (rolling buffer of the most recent ``max_events``); the other modality encodings come from
-the state. The user token is recomputed, and the LLM prefix and every query suffix re-run for each
+re-encoded (rolling buffer of the most recent ``max_events``; every event for a model whose modality tokens read
+whole-history statistics); the other modality encodings come from the state. The user token is recomputed, and the LLM prefix and every query suffix re-run for each
 touched user: the prefix reads every modality's tokens, so it cannot be reused once any changed.
 Users without new events keep yesterday's embeddings (their state files are hard-linked).
 
@@ -83,8 +83,15 @@ def _iso(us: int) -> str:
     return (datetime(1970, 1, 1, tzinfo=timezone.utc) + timedelta(microseconds=int(us))).isoformat()
 
 
+def _buffer(q: QAnchor, record: UserRecord) -> dict[str, EventSeq]:
+    """What the state keeps of a user's events: each modality's most recent ``max_events``, or every event when the
+    model's modality tokens read whole-history statistics (``model.user_encoder.summary_stats: history``): counts,
+    tenure and active days over the whole history cannot be recomputed from the last ``max_events`` events."""
+    return dict(record.events) if q.model.user_encoder.history_width else q.pipeline.packer.recent(record)
+
+
 def _merge(old: UserRecord | None, new: UserRecord, q: QAnchor) -> UserRecord:
-    """Old buffer + new events, per modality the most recent ``max_events`` (oldest first)."""
+    """Old buffer + new events, cut as :func:`_buffer` keeps them (oldest first)."""
     events = dict(old.events) if old is not None else {}
     for name, seq in new.events.items():
         if name in events:
@@ -94,7 +101,7 @@ def _merge(old: UserRecord | None, new: UserRecord, q: QAnchor) -> UserRecord:
             seq = EventSeq(ts[order], [(a.text + seq.text)[i] for i in order],
                            np.concatenate([a.value, seq.value])[order], np.concatenate([a.extras, seq.extras])[order])
         events[name] = seq
-    return UserRecord(new.user_id, q.pipeline.packer.recent(UserRecord(new.user_id, events, None)), None)
+    return UserRecord(new.user_id, _buffer(q, UserRecord(new.user_id, events, None)), None)
 
 
 def _encode_users(q: QAnchor, records: list[UserRecord], touched: list[set[str]], as_of_us: int,
@@ -154,7 +161,7 @@ def init_state(q: QAnchor, ds: Dataset, queries: list[tuple[str, str]], out_dir:
                 encodings.update(enc)
                 n += n_run
             emb = _embed(q, encodings, [r.user_id for r in records], suffixes)
-            buffers = [UserRecord(r.user_id, q.pipeline.packer.recent(r), None) for r in records]
+            buffers = [UserRecord(r.user_id, _buffer(q, r), None) for r in records]
             _write_shard(q, tmp, s, buffers, encodings, emb, query_ids, {})
             n_users, ran = n_users + len(records), ran + n
         report = UpdateReport(_iso(as_of_us), 0.0, n_users, n_users, n_users, 0, ran, 0, n_users, len(shards), 0,

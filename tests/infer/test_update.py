@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import shutil
+from types import SimpleNamespace
 
 import numpy as np
 import pyarrow as pa
@@ -15,8 +17,12 @@ from qanchor.data.schema import events_table
 from qanchor.errors import CheckpointError, ConfigError, DataValidationError
 from qanchor.infer.export import read_embeddings
 from qanchor.infer.state import records_from_events
+from qanchor.infer.api import QAnchor
 from qanchor.infer.update import init_state, update_state
+from qanchor.model.factory import ModelMeta, save_checkpoint
+from qanchor.train.pretrain import fit_input_stats
 from tests.conftest import QUERIES
+from tests.model.helpers import model_and_stream, tiny_cfg
 
 PAIRS = [(f"q{i}", q) for i, q in enumerate(QUERIES)]
 CUTOFF_US = int(np.datetime64("2024-06-30T00:00:00", "us").astype(np.int64))
@@ -119,3 +125,37 @@ def test_no_events_links_shards_and_bad_inputs_refused(infer_env, state0, tmp_pa
     (tmp_path / "s1" / "state.json").write_text(json.dumps({**meta, "checkpoint": "f" * 64}))
     with pytest.raises(CheckpointError, match="rebuild the state"):
         update_state(infer_env.qa, tmp_path / "s1", [], tmp_path / "s3", progress=False)
+
+
+@pytest.fixture(scope="module")
+def history_env(tiny_dataset, tmp_path_factory) -> SimpleNamespace:
+    """A checkpoint whose modality tokens read whole-history statistics (and a query-gated statistics path)."""
+    root = tmp_path_factory.mktemp("history")
+    ds_dir = root / "ds"
+    shutil.copytree(tiny_dataset, ds_dir, ignore=shutil.ignore_patterns(".qanchor_cache"))
+    cfg = tiny_cfg(["model.user_encoder.summary_stats=history"])
+    model, tokenizer, _, ds, pipe, _ = model_and_stream(ds_dir, cfg)
+    fit_input_stats(model, ds, pipe)
+    meta = ModelMeta(ds.manifest.to_dict(), pipe.cache.dim, {}, list(ds.tabular_columns))
+    ckpt = save_checkpoint(root / "ck", model, tokenizer, cfg, meta)
+    return SimpleNamespace(ds=ds, ds_dir=ds_dir, qa=QAnchor.from_pretrained(ckpt, text_cache_dir=ds.text_cache_dir, batch_size=4))
+
+
+def test_a_whole_history_model_keeps_every_event(history_env, tmp_path):
+    """Counts, tenure and active days over the whole history cannot come from the last max_events events: for a model
+    that reads them the state keeps every event, so a day of late events gives what a full recompute gives."""
+    env = history_env
+    uid, modality, n = max(((r.user_id, m, len(seq)) for r in env.ds.users() for m, seq in r.events.items()),
+                           key=lambda x: x[2])
+    assert n >= 8 and uid != "u002"  # beyond the cap (data.default_max_events=8) once a late event arrives
+    new = day_events(env, [(uid, modality, CUTOFF_US - 2 * HOUR, "Bookshop"), ("u002", "search", CUTOFF_US - HOUR, "loan")])
+    pq.write_table(new, tmp_path / "day.parquet")
+    init_state(env.qa, env.ds, PAIRS, tmp_path / "s0", progress=False)
+    first = np.stack(list(embeddings(tmp_path / "s0").values()))
+    assert np.abs(first - env.qa.embed(env.ds.users(), QUERIES)).max() < 1e-5
+    update_state(env.qa, tmp_path / "s0", [tmp_path / "day.parquet"], tmp_path / "s1", progress=False)
+    got, want = embeddings(tmp_path / "s1"), expected(env, new, [uid, "u002"])
+    assert max(np.abs(got[u] - want[i]).max() for i, u in enumerate([uid, "u002"])) < 1e-5
+    buffer = pq.read_table(tmp_path / "s1" / "buffer" / "part-00000.parquet")
+    kept = buffer.filter(pc.and_(pc.equal(buffer.column("user_id"), uid), pc.equal(buffer.column("modality"), modality)))
+    assert kept.num_rows == n + 1  # every event, not the cap of 8
