@@ -76,7 +76,7 @@ def pair_features(q: QAnchor, stream: PretrainStream, ids: np.ndarray, chunk: in
         stats.append(torch.cat(parts, -1).float().cpu().numpy())
         suffixes = q.suffixes([(stream.queries[i], None) for i in part])
         h = anchor_hidden(model, encode_prefixes(model, users), torch.arange(len(part), device=q.device), suffixes)
-        e = model.project(h).float()
+        e = model.project(h, model.user_statistics(users)).float()
         emb.append(e.cpu().numpy())
         targets.append(stream.future_targets(part)[0].numpy())
         if model.future_decoder is not None:

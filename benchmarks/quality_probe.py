@@ -87,7 +87,8 @@ def embed_all(q: QAnchor, ds, user_ids, queries: list[str], chunk: int = 128):
         h = anchor_hidden(q.model, prefix, torch.arange(b, device=q.device).repeat_interleave(r),
                           [s for _ in range(b) for s in suffixes])
         hid.append(h.view(b, r, -1).float().cpu().numpy())
-        emb.append(q.model.project(h).view(b, r, -1).float().cpu().numpy())
+        stats = q.model.user_statistics(users)
+        emb.append(q.model.project(h, None if stats is None else stats.repeat_interleave(r, 0)).view(b, r, -1).float().cpu().numpy())
         seen += [q.pipeline.seen_text_mean(p) for p in packed]
         kept += [sum(len(m.text_rows) for m in p.modalities.values()) for p in packed]
         ids += [r.user_id for r in records]

@@ -130,11 +130,20 @@ class ModelConfig:
     # What the backbone reads about the user: hierarchical user tokens (Q-Anchor), or the user's last
     # data.text_events events written as plain text (the TextN baseline of UQABench; 0 events = the prior).
     user_input: Literal["tokens", "text"] = "tokens"
+    # A wide path from the user's input statistics straight to the embedding (qanchor.model.qanchor_model.
+    # StatisticsPath): "add" = the projection of the anchor's hidden state plus a linear map of the standardised
+    # statistics the user tokens are built from (each modality's summary statistics, the tabular values), so the
+    # embedding cannot lose what a linear read of its inputs holds; "gated" = the same, each statistic first scaled
+    # by a gate read from the anchor's hidden state, so the query chooses which statistics enter; "none" = off.
+    statistics_path: Literal["none", "add", "gated"] = "none"
 
     def __post_init__(self) -> None:
         if self.projection_hidden < 0 or self.embedding_dim < 1:
             raise ConfigError(f"model.projection_hidden must be >= 0 (0 = linear heads) and model.embedding_dim >= 1, "
                               f"got {self.projection_hidden} and {self.embedding_dim}")
+        if self.statistics_path != "none" and self.user_input != "tokens":
+            raise ConfigError(f'model.statistics_path="{self.statistics_path}" reads the user encoder\'s statistics, which '
+                              'model.user_input="text" does not build; set statistics_path: none for a text-prefix model')
 
 
 @dataclass

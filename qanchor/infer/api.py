@@ -321,12 +321,15 @@ class QAnchor:
             rows = [s for _ in range(b) for s in suffixes]
             hidden = torch.cat([anchor_hidden_uncached(self.model, batch, user_index[i : i + self.max_rows],
                                                        rows[i : i + self.max_rows]) for i in range(0, len(rows), self.max_rows)])
-            return self.model.project(hidden).view(b, r, -1).cpu().numpy()
-        return self.embed_prefixes(self.model.prefixes(batch), suffixes)
+            stats = self.model.user_statistics(batch)
+            return self.model.project(hidden, None if stats is None else stats[user_index]).view(b, r, -1).cpu().numpy()
+        return self.embed_prefixes(self.model.prefixes(batch), suffixes, self.model.user_statistics(batch))
 
     @torch.inference_mode()
-    def embed_prefixes(self, prefixes: list[torch.Tensor], suffixes: Sequence[torch.Tensor]) -> np.ndarray:
+    def embed_prefixes(self, prefixes: list[torch.Tensor], suffixes: Sequence[torch.Tensor],
+                       statistics: torch.Tensor | None = None) -> np.ndarray:
         """Built prefix embeddings ((L_b, H) each) x suffixes -> float32 ``[B, R, D]``: each prefix runs once.
+        ``statistics`` (B, S): the users' :meth:`QAnchorModel.user_statistics`, required with a statistics path.
 
         The daily update builds prefixes from cached modality encodings and embeds them here too.
         """
@@ -336,7 +339,8 @@ class QAnchor:
         rows = [s for _ in range(b) for s in suffixes]  # B*R suffixes in the same order
         hidden = torch.cat([anchor_hidden(self.model, prefix, user_index[i : i + self.max_rows], rows[i : i + self.max_rows])
                             for i in range(0, len(rows), self.max_rows)])  # (B*R, H)
-        return self.model.project(hidden).view(b, r, -1).cpu().numpy()  # (B*R, D) -> (B, R, D)
+        stats = None if statistics is None else statistics[user_index]
+        return self.model.project(hidden, stats).view(b, r, -1).cpu().numpy()  # (B*R, D) -> (B, R, D)
 
     # ----------------------------------------------------------------------------------- in words
     def check_language_head(self) -> None:

@@ -16,12 +16,13 @@ Example:
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 import torch
 
 from qanchor.data.packing import PackedModality, PackedUser, numeric_width
+from qanchor.errors import CheckpointError
 from qanchor.infer.api import QAnchor
 from qanchor.model.layout import build_prefixes
 from qanchor.model.user_encoder import ModalityEncoding, UserTokens
@@ -31,11 +32,13 @@ __all__ = ["Encoding", "encode_modalities", "embed_from_encodings"]
 
 @dataclass
 class Encoding:
-    """One (user, modality) encoding: event tokens float32 (n, H), modality token (H,), when computed."""
+    """One (user, modality) encoding: event tokens float32 (n, H), modality token (H,), when computed, and the
+    modality's block of the statistics path's input (float32 (S_m,); empty for a model without that path)."""
 
     events: np.ndarray
     token: np.ndarray
     encoded_at: int  # microseconds since the epoch: ages inside ``events`` count from this moment
+    statistics: np.ndarray = field(default_factory=lambda: np.zeros(0, np.float32))
 
 
 def _only(user: PackedUser, name: str, q: QAnchor) -> PackedUser:
@@ -53,8 +56,10 @@ def encode_modalities(q: QAnchor, packed: Sequence[PackedUser], names: Sequence[
     for name in names:
         batch = q.pipeline.collate([_only(u, name, q) for u in packed]).to(q.device)
         enc = q.model.user_encoder.encode_modality(name, batch)  # the model's own modality step
+        stats = (q.model.user_encoder.modality_statistics(name, batch).cpu().numpy() if q.model.statistics_path is not None
+                 else np.zeros((len(packed), 0), np.float32))
         out[name] = [Encoding(enc.events[b][enc.mask[b]].float().cpu().numpy(), enc.token[b].float().cpu().numpy(),
-                              encoded_at) for b in range(len(packed))]
+                              encoded_at, stats[b]) for b in range(len(packed))]
     return out
 
 
@@ -78,4 +83,17 @@ def embed_from_encodings(q: QAnchor, users: Sequence[dict[str, Encoding]], suffi
     with torch.inference_mode():
         tokens = _user_tokens(q, users)
         prefixes = build_prefixes(tokens, q.model.token_ids, q.model.embed_tokens, q.model.cfg.user_encoder.summary_tokens)
-    return q.embed_prefixes(prefixes, suffixes)  # the prefix still runs for every changed user
+    return q.embed_prefixes(prefixes, suffixes, _statistics(q, users))  # the prefix still runs for every changed user
+
+
+def _statistics(q: QAnchor, users: Sequence[dict[str, Encoding]]) -> torch.Tensor | None:
+    """(B, S) the statistics path's input, assembled from the cached blocks; None without that path."""
+    if q.model.statistics_path is None:
+        return None
+    rows = [np.concatenate([u[name].statistics for name in q.model.user_encoder.names]) for u in users]
+    width = q.model.user_encoder.statistics_width()
+    if any(r.shape != (width,) for r in rows):
+        raise CheckpointError(f"this model's statistics path reads {width} statistics per user, but cached modality "
+                              "encodings hold other counts (a state written by another model?); build a first state "
+                              "again: `qanchor update checkpoint=... data.path=DATASET queries=... out=DIR`")
+    return torch.from_numpy(np.stack(rows)).to(q.device)

@@ -3,10 +3,13 @@
 Layout (users split into shards by contiguous id ranges; ``bounds`` in state.json)::
 
     state.json                   checkpoint hash, as_of, queries, shard bounds, caps, update history
-    buffer/part-00000.parquet    rolling buffer: each user's most recent max_events per modality, in the
-                                 dataset's long event format (user_id, modality, ts, text, value, extras)
+    buffer/part-00000.parquet    rolling buffer: each user's most recent max_events per modality (every event
+                                 when the model reads whole-history statistics), in the dataset's long event
+                                 format (user_id, modality, ts, text, value, extras)
     encodings/part-00000.parquet one row per (user, modality): n, event_tokens (n*H floats),
-                                 modality_token (H floats), encoded_at (when its ages were computed)
+                                 modality_token (H floats), encoded_at (when its ages were computed),
+                                 statistics (the modality's block of the statistics path's input;
+                                 empty without model.statistics_path)
     embeddings/part-00000.parquet user_id, query_id, embedding: the same format as `qanchor embed`
 
 Files are only ever replaced whole (atomic writes), so an untouched shard is hard-linked, not copied.
@@ -125,7 +128,7 @@ def events_from_records(records: list[UserRecord], manifest: Manifest) -> pa.Tab
 
 def encodings_table(encodings: dict[str, dict[str, Encoding]], hidden: int) -> pa.Table:
     """user -> modality -> Encoding  ->  one row per (user, modality)."""
-    users, mods, ns, flat, tokens, at = [], [], [], [], [], []
+    users, mods, ns, flat, tokens, at, stats = [], [], [], [], [], [], []
     for uid in sorted(encodings):
         for name, e in encodings[uid].items():
             users.append(uid)
@@ -134,17 +137,22 @@ def encodings_table(encodings: dict[str, dict[str, Encoding]], hidden: int) -> p
             flat.append(e.events.reshape(-1))  # (n*H,)
             tokens.append(e.token)
             at.append(e.encoded_at)
+            stats.append(np.asarray(e.statistics, np.float32))
     token_flat = pa.array(np.concatenate(tokens) if tokens else np.zeros(0, np.float32), pa.float32())
-    offsets = pa.array(np.r_[0, np.cumsum([len(f) for f in flat])].astype(np.int32))
-    events = pa.ListArray.from_arrays(offsets, pa.array(np.concatenate(flat) if flat else np.zeros(0, np.float32), pa.float32()))
     return pa.table({
         "user_id": pa.array(users, pa.string()),
         "modality": pa.array(mods, pa.string()),
         "n": pa.array(ns, pa.int32()),
-        "event_tokens": events,
+        "event_tokens": _list_column(flat),
         "modality_token": pa.FixedSizeListArray.from_arrays(token_flat, hidden),
         "encoded_at": pa.array(at, pa.int64()).cast(TS_TYPE),
+        "statistics": _list_column(stats),  # the statistics path's block (empty lists without that path)
     })
+
+
+def _list_column(rows: list[np.ndarray]) -> pa.ListArray:
+    offsets = pa.array(np.r_[0, np.cumsum([len(r) for r in rows])].astype(np.int32))
+    return pa.ListArray.from_arrays(offsets, pa.array(np.concatenate(rows) if rows else np.zeros(0, np.float32), pa.float32()))
 
 
 def decode_encodings(table: pa.Table, user_ids: set[str]) -> dict[str, dict[str, Encoding]]:
@@ -158,9 +166,15 @@ def decode_encodings(table: pa.Table, user_ids: set[str]) -> dict[str, dict[str,
     flat = np.asarray(events.flatten())  # (sum n * H,)
     offsets = np.asarray(events.offsets)
     offsets = offsets - offsets[0]  # a filtered array may start past zero
+    stats = stat_offsets = None
+    if "statistics" in table.column_names:  # states written before the statistics path have none
+        column = table.column("statistics").combine_chunks()
+        stats, stat_offsets = np.asarray(column.flatten()), np.asarray(column.offsets)
+        stat_offsets = stat_offsets - stat_offsets[0]
     for i, (uid, name) in enumerate(zip(table.column("user_id").to_pylist(), table.column("modality").to_pylist())):
         ev = flat[offsets[i] : offsets[i + 1]].reshape(-1, hidden)  # (n, H)
-        out.setdefault(uid, {})[name] = Encoding(ev.copy(), tokens[i].copy(), int(at[i]))
+        block = np.zeros(0, np.float32) if stats is None else stats[stat_offsets[i] : stat_offsets[i + 1]].copy()
+        out.setdefault(uid, {})[name] = Encoding(ev.copy(), tokens[i].copy(), int(at[i]), block)
     return out
 
 

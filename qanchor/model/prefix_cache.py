@@ -119,6 +119,7 @@ class PrefixStore:
     values: list[torch.Tensor]
     lengths: torch.Tensor
     user_ids: list[str]
+    statistics: torch.Tensor | None = None  # (N, S) the statistics path's input (model.statistics_path), else None
 
     def __len__(self) -> int:
         return len(self.user_ids)
@@ -131,11 +132,12 @@ class PrefixStore:
     @torch.no_grad()  # not inference_mode: these tensors later enter autograd graphs as constants
     def encode(cls, model: QAnchorModel, batches: Iterable[UserBatch], progress: bool = False) -> PrefixStore:
         """Run every batch's prefixes once through the frozen model and keep the keys/values."""
-        chunks, ids = [], []
+        chunks, ids, stats = [], [], []
         for users in progress_iter(batches, desc="encode prefixes", unit="chunk", enabled=progress):
             prefix = encode_prefixes(model, users)
             chunks.append(([k for k, _, _ in prefix.cache], [v for _, v, _ in prefix.cache], prefix.lengths))
             ids += list(users.user_ids)
+            stats.append(model.user_statistics(users))
         if not chunks:
             raise ValueError("PrefixStore.encode: no users given")
         width = max(int(c[2].max()) for c in chunks)
@@ -146,7 +148,7 @@ class PrefixStore:
 
         n_layers = len(chunks[0][0])
         return cls([stack(i, 0) for i in range(n_layers)], [stack(i, 1) for i in range(n_layers)],
-                   torch.cat([c[2] for c in chunks]), ids)
+                   torch.cat([c[2] for c in chunks]), ids, None if stats[0] is None else torch.cat(stats))
 
     def rows(self, index: torch.Tensor) -> PrefixCache:
         """A fresh cache holding rows ``index`` (repeats allowed), cut to their longest prefix."""
@@ -160,11 +162,16 @@ class PrefixStore:
         """Hidden state at the last token of ``suffixes[n]`` run on row ``index[n]`` -> (N, H); differentiable."""
         return anchor_hidden(model, self.rows(index), torch.arange(len(index)), suffixes)
 
+    def anchor_embedding(self, model: QAnchorModel, suffixes: list[torch.Tensor], index: torch.Tensor) -> torch.Tensor:
+        """Unit embedding of ``suffixes[n]`` run on row ``index[n]`` -> (N, D); differentiable."""
+        stats = None if self.statistics is None else self.statistics[index]
+        return model.project(self.hidden(model, suffixes, index), stats)
+
     @torch.no_grad()
     def embed(self, model: QAnchorModel, suffix: torch.Tensor, index: torch.Tensor, batch_size: int = 256) -> torch.Tensor:
         """One suffix (Ls, H) on every row of ``index`` -> unit embeddings (N, D), in batches, no gradient."""
         out = []
         for start in range(0, len(index), batch_size):
             part = index[start : start + batch_size]
-            out.append(model.project(self.hidden(model, [suffix] * len(part), part)))
+            out.append(self.anchor_embedding(model, [suffix] * len(part), part))
         return torch.cat(out) if out else suffix.new_zeros((0, model.cfg.embedding_dim))

@@ -24,7 +24,8 @@ from qanchor.model.layout import TokenIds, build_prefixes, pad_right
 from qanchor.model.losses import combine, masked_infonce, token_cross_entropy
 from qanchor.model.user_encoder import HierarchicalUserEncoder
 
-__all__ = ["PretrainBatch", "QAnchorOutput", "QAnchorModel", "AnswerBank", "ProfileDecoder", "shrunk_whitening"]
+__all__ = ["PretrainBatch", "QAnchorOutput", "QAnchorModel", "AnswerBank", "ProfileDecoder", "StatisticsPath",
+           "shrunk_whitening"]
 
 Gather = Callable[[torch.Tensor], torch.Tensor]
 Normalise = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
@@ -182,6 +183,32 @@ class ProfileDecoder(nn.Module):
         return err.sum(), torch.tensor(float(len(err)), device=err.device)
 
 
+class StatisticsPath(nn.Module):
+    """The wide path (``model.statistics_path``): the user's standardised input statistics (N, S) -> (N, D), added
+    to the projection of the anchor's hidden state before the embedding is normalised.
+
+    The user tokens are built from these statistics, yet a small backbone passes on less than a linear read of them
+    holds (``benchmarks/forecast_check.py``); this path hands them to the embedding directly, as a wide-and-deep
+    model's wide part does. ``gated``: each statistic is first scaled by ``2 sigmoid(W h)`` of the anchor's hidden
+    state ``h``, which depends on the query, so the query chooses which statistics enter. ``W`` starts at zero, so
+    a gated path starts as the plain linear one (every gate 1).
+    """
+
+    def __init__(self, hidden: int, width: int, embedding_dim: int, gated: bool):
+        super().__init__()
+        self.linear = nn.Linear(width, embedding_dim)
+        self.gate = nn.Linear(hidden, width) if gated else None
+        if self.gate is not None:
+            nn.init.zeros_(self.gate.weight)
+            nn.init.zeros_(self.gate.bias)
+
+    def forward(self, hidden: torch.Tensor, statistics: torch.Tensor) -> torch.Tensor:
+        x = statistics.to(self.linear.weight.dtype)
+        if self.gate is not None:
+            x = x * 2 * torch.sigmoid(self.gate(hidden.to(self.gate.weight.dtype)))
+        return self.linear(x)
+
+
 class QAnchorModel(nn.Module):
     def __init__(self, cfg: ModelConfig, manifest: Manifest, backbone: nn.Module, token_ids: TokenIds, text_dim: int, n_tabular: int,
                  tokenizer: object = None, training_aids: LossConfig | None = None):
@@ -196,6 +223,9 @@ class QAnchorModel(nn.Module):
         self.hidden_size = hidden
         self.user_encoder = HierarchicalUserEncoder(manifest, cfg.user_encoder, text_dim, hidden, n_tabular)
         self.projection = _projection(hidden, cfg.projection_hidden, cfg.embedding_dim)
+        self.statistics_path = (StatisticsPath(hidden, self.user_encoder.statistics_width(), cfg.embedding_dim,
+                                               gated=cfg.statistics_path == "gated")
+                                if cfg.statistics_path != "none" else None)
         # The text tower's answers are frozen sentence vectors: a projection of their own maps them to the space.
         self.answer_projection = (_projection(text_dim, cfg.projection_hidden, cfg.embedding_dim)
                                   if cfg.answer_tower == "text_encoder" else None)
@@ -222,8 +252,25 @@ class QAnchorModel(nn.Module):
         inputs_embeds = inputs_embeds.to(self.embed_tokens.weight.dtype)
         return decoder(inputs_embeds=inputs_embeds, attention_mask=attention_mask, **kwargs)
 
-    def project(self, hidden: torch.Tensor) -> torch.Tensor:
-        """(N, H) hidden states -> (N, D) unit vectors, in float32."""
+    def user_statistics(self, users: UserBatch) -> torch.Tensor | None:
+        """(B, S) what the statistics path reads of each user (:meth:`HierarchicalUserEncoder.statistics`); None
+        without a statistics path. Pass its rows to :meth:`project`, one per hidden state."""
+        return None if self.statistics_path is None else self.user_encoder.statistics(users)
+
+    def project(self, hidden: torch.Tensor, statistics: torch.Tensor | None = None) -> torch.Tensor:
+        """(N, H) anchor hidden states -> (N, D) unit embeddings, in float32. With a statistics path
+        (``model.statistics_path``) ``statistics`` (N, S) are the users' rows of :meth:`user_statistics`, one per
+        hidden state, and are required."""
+        z = self.projection(hidden.to(self.projection[0].weight.dtype))
+        if self.statistics_path is not None:
+            if statistics is None:
+                raise ValueError(f"model.statistics_path={self.cfg.statistics_path!r}: project() needs each row's user "
+                                 "statistics (model.user_statistics(users), indexed like the hidden states)")
+            z = z + self.statistics_path(hidden, statistics.to(z.device))
+        return F.normalize(z.float(), dim=-1)
+
+    def _project_text(self, hidden: torch.Tensor) -> torch.Tensor:
+        """The backbone answer tower: an answer's hidden state through the shared projection, no user statistics."""
         return F.normalize(self.projection(hidden.to(self.projection[0].weight.dtype)).float(), dim=-1)
 
     def prefixes(self, users: UserBatch) -> list[torch.Tensor]:
@@ -303,7 +350,8 @@ class QAnchorModel(nn.Module):
         embeds, mask, _ = pad_right(rows)
         hidden = self.decoder(embeds, mask).last_hidden_state  # (B, L, H)
         pos = torch.tensor(anchor_pos, device=hidden.device)
-        anchor = self.project(hidden[torch.arange(len(rows), device=hidden.device), pos])  # (B, D)
+        anchor = self.project(hidden[torch.arange(len(rows), device=hidden.device), pos],
+                              self.user_statistics(batch.users))  # (B, D)
         zero = hidden.new_zeros((), dtype=torch.float32)
         ntp = cl = None
         if want_ntp:
@@ -375,6 +423,6 @@ class QAnchorModel(nn.Module):
         hidden = self.decoder(embeds, mask.long()).last_hidden_state  # (B, La, H)
         if self.cfg.answer_pooling == "mean":  # a small causal model's last token sees little of a long answer
             w = mask.to(hidden.dtype).unsqueeze(-1)  # (B, La, 1)
-            return self.project((hidden * w).sum(1) / w.sum(1).clamp_min(1.0))
+            return self._project_text((hidden * w).sum(1) / w.sum(1).clamp_min(1.0))
         last = hidden[torch.arange(len(answers.lengths), device=hidden.device), answers.lengths - 1]
-        return self.project(last)
+        return self._project_text(last)

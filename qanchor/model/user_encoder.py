@@ -276,6 +276,31 @@ class HierarchicalUserEncoder(nn.Module):
             parts += [z, batch.tabular_missing.to(z.dtype)]
         return torch.cat(parts, dim=-1)
 
+    def modality_statistics(self, name: str, batch: UserBatch) -> torch.Tensor:
+        """Modality ``name``'s block of :meth:`statistics`, float32: a sequence modality's summary statistics
+        (:meth:`summary_inputs`) standardised as the modal adapter standardises them (zeros for a user without
+        events there) and a presence flag, (B, summary_width + 1); the tabular modality's values standardised as
+        the tabular encoder sees them and their missing flags, (B, 2 T). It depends on that modality alone, so
+        the daily update caches it with the modality's encoding."""
+        if name == self.tabular_name:
+            z = self.tabular.standardise(batch.tabular, batch.tabular_missing)
+            return torch.cat([z, batch.tabular_missing.float()], dim=-1)
+        stats = self.summary_inputs(name, batch)[1].float()  # (B, S_m)
+        present = batch.modalities[name].mask.any(1, keepdim=True)  # (B, 1)
+        if self.summary_input == "text":  # the modal adapter's stored standardisation (identity for "basic")
+            adapter = self.modal_adapter
+            stats = ((stats - adapter.numeric_mean.float()) / adapter.numeric_std.float()).clamp(-10, 10)
+        return torch.cat([torch.where(present, stats, 0.0), present.float()], dim=-1)
+
+    def statistics(self, batch: UserBatch) -> torch.Tensor:
+        """What the statistics path reads (``model.statistics_path``), (B, S): :meth:`modality_statistics` of
+        every modality, manifest order."""
+        return torch.cat([self.modality_statistics(name, batch) for name in self.names], dim=-1)
+
+    def statistics_width(self) -> int:
+        """Width S of :meth:`statistics`."""
+        return len(self.sequence_names) * (self.summary_width + 1) + (2 * self.tabular.mean.numel() if self.tabular is not None else 0)
+
     def profile_width(self) -> int:
         """Width P of :meth:`profile`."""
         return len(self.sequence_names) * self.profile_stats_width + (2 * self.tabular.mean.numel() if self.tabular is not None else 0)

@@ -182,7 +182,7 @@ def _tune_task(model: QAnchorModel, store: PrefixStore, query_ids: torch.Tensor,
         idx = _batch(rng, y_train, cfg.batch_size, cfg.balanced)
         rows, labels = split.rows["train"][idx], split.labels["train"][idx].to(prompt.device)
         suffix = model.suffix(query_ids, head.prompt)  # (k + Lq + 1, H): gradients reach the prompt
-        emb = model.project(store.hidden(model, [suffix] * len(idx), rows))  # (B, D)
+        emb = store.anchor_embedding(model, [suffix] * len(idx), rows)  # (B, D)
         loss = head.loss(emb, labels)
         opt.zero_grad(set_to_none=True)
         loss.backward()

@@ -11,13 +11,14 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import pytest
+import torch
 
 from qanchor.data.dataset import UserRecord
 from qanchor.data.schema import events_table
 from qanchor.errors import CheckpointError, ConfigError, DataValidationError
+from qanchor.infer.api import QAnchor
 from qanchor.infer.export import read_embeddings
 from qanchor.infer.state import records_from_events
-from qanchor.infer.api import QAnchor
 from qanchor.infer.update import init_state, update_state
 from qanchor.model.factory import ModelMeta, save_checkpoint
 from qanchor.train.pretrain import fit_input_stats
@@ -129,13 +130,15 @@ def test_no_events_links_shards_and_bad_inputs_refused(infer_env, state0, tmp_pa
 
 @pytest.fixture(scope="module")
 def history_env(tiny_dataset, tmp_path_factory) -> SimpleNamespace:
-    """A checkpoint whose modality tokens read whole-history statistics (and a query-gated statistics path)."""
+    """A checkpoint whose modality tokens read whole-history statistics, with a query-gated statistics path."""
     root = tmp_path_factory.mktemp("history")
     ds_dir = root / "ds"
     shutil.copytree(tiny_dataset, ds_dir, ignore=shutil.ignore_patterns(".qanchor_cache"))
-    cfg = tiny_cfg(["model.user_encoder.summary_stats=history"])
+    cfg = tiny_cfg(["model.user_encoder.summary_stats=history", "model.statistics_path=gated"])
     model, tokenizer, _, ds, pipe, _ = model_and_stream(ds_dir, cfg)
     fit_input_stats(model, ds, pipe)
+    with torch.no_grad():  # a trained gate is not the identity
+        model.statistics_path.gate.weight.normal_(0.0, 0.5)
     meta = ModelMeta(ds.manifest.to_dict(), pipe.cache.dim, {}, list(ds.tabular_columns))
     ckpt = save_checkpoint(root / "ck", model, tokenizer, cfg, meta)
     return SimpleNamespace(ds=ds, ds_dir=ds_dir, qa=QAnchor.from_pretrained(ckpt, text_cache_dir=ds.text_cache_dir, batch_size=4))
@@ -159,3 +162,7 @@ def test_a_whole_history_model_keeps_every_event(history_env, tmp_path):
     buffer = pq.read_table(tmp_path / "s1" / "buffer" / "part-00000.parquet")
     kept = buffer.filter(pc.and_(pc.equal(buffer.column("user_id"), uid), pc.equal(buffer.column("modality"), modality)))
     assert kept.num_rows == n + 1  # every event, not the cap of 8
+    # the statistics path's input is cached per (user, modality) with the encodings, and read back for the prefix
+    table = pq.read_table(tmp_path / "s1" / "encodings" / "part-00000.parquet")
+    widths = {len(x) for x in table.column("statistics").to_pylist()}
+    assert widths == {env.qa.model.user_encoder.summary_width + 1, 2 * len(env.ds.tabular_columns)}
