@@ -81,9 +81,9 @@ def _setup(data: Path, ckpt: str | None, users: int, seed: int):
 
 
 def _step_fn(model, query_ids, prompt, opt, labels, protos, plabels):
-    def step(hidden_fn) -> None:
+    def step(embed_fn) -> None:
         suffix = model.suffix(query_ids, prompt)
-        emb = model.project(hidden_fn(suffix))  # (B, D)
+        emb = embed_fn(suffix)  # (B, D)
         loss = prototype_loss(emb, protos, plabels, labels, 0.1)
         opt.zero_grad(set_to_none=True)
         loss.backward()
@@ -121,9 +121,15 @@ def bench_one(model, tokenizer, packed, cache, n_tab: int, n: int, batch: int, s
     tick = time.perf_counter()
     store = PrefixStore.encode(model, (collate(range(s, min(s + 64, len(users)))) for s in range(0, len(users), 64)))
     encode_s = time.perf_counter() - tick
-    cached = _time(lambda i: step(lambda s: store.hidden(model, [s] * batch, torch.as_tensor(batches[i]))), steps, warmup)
-    uncached = _time(lambda i: step(lambda s: anchor_hidden_uncached(model, collate(batches[i]), torch.arange(batch), [s] * batch)),
-                     steps, warmup)
+    cached = _time(lambda i: step(lambda s: store.anchor_embedding(model, [s] * batch, torch.as_tensor(batches[i]))),
+                   steps, warmup)
+
+    def uncached_embedding(i: int, suffix: torch.Tensor) -> torch.Tensor:
+        users = collate(batches[i])
+        return model.project(anchor_hidden_uncached(model, users, torch.arange(batch), [suffix] * batch),
+                             model.user_statistics(users))
+
+    uncached = _time(lambda i: step(lambda s: uncached_embedding(i, s)), steps, warmup)
     lp = int(store.lengths.float().mean())
     return {"max_events": n, "prefix_tokens": lp, "suffix_tokens": int(model.suffix(query_ids, prompt).shape[0]),
             "cached_ms": 1e3 * float(np.mean(cached)), "cached_ms_std": 1e3 * float(np.std(cached)),
