@@ -503,14 +503,17 @@ def test_summary_stats_widen_and_standardise_the_modality_token_input(tiny_datas
     assert torch.equal(full[:, :SUMMARY_STATS], lean.user_encoder.summary_inputs(enc.sequence_names[0], users)[1][:, :SUMMARY_STATS])
 
 
-@pytest.mark.parametrize("text_tower", ["backbone", "text_encoder"])
-def test_a_bfloat16_model_reads_a_float32_batch(tiny_dataset, tmp_path, text_tower):
+@pytest.mark.parametrize("text_tower,extra", [("backbone", []), ("text_encoder", []),
+                                              ("text_encoder", ["model.user_encoder.summary_stats=history",
+                                                                "model.statistics_path=gated"])])
+def test_a_bfloat16_model_reads_a_float32_batch(tiny_dataset, tmp_path, text_tower, extra):
     """DeepSpeed's bf16 engine casts every weight to bfloat16 and leaves the batch as collated (float32 text
     vectors, numerics, statistics): each float input must meet its layer in that layer's dtype. Found on an H200
     (`pytest -m gpu`, the bf16 DeepSpeed step); checked here on the CPU, which runs bfloat16 too."""
     ds_dir = tmp_path / "ds"
     shutil.copytree(tiny_dataset, ds_dir, ignore=shutil.ignore_patterns(".qanchor_cache"))
-    model, _, stream, _, pipe, _ = model_and_stream(ds_dir, tiny_cfg([f"model.answer_tower={text_tower}", "loss.profile_weight=1"]))
+    model, _, stream, _, pipe, _ = model_and_stream(ds_dir, tiny_cfg([f"model.answer_tower={text_tower}", "loss.profile_weight=1",
+                                                                      *extra]))
     stream.answer_cache = pipe.cache  # the text tower reads the answers' vectors (ignored by the backbone tower)
     batch = stream.batch(0, 4)
     reference = model(batch, LossConfig(profile_weight=1.0))
