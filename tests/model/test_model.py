@@ -149,7 +149,7 @@ def test_large_presets_build_without_weights(preset, hidden, layers):
     assert model.user_encoder.tabular.n_tokens == cfg.user_encoder.tabular_tokens
 
 
-@pytest.mark.parametrize("n_modalities", [2, 8])
+@pytest.mark.parametrize("n_modalities", [1, 2, 8])
 def test_encoder_built_from_any_manifest(n_modalities):
     from qanchor.config import UserEncoderConfig
     from qanchor.data.batch import ModalityBatch, UserBatch
@@ -163,6 +163,8 @@ def test_encoder_built_from_any_manifest(n_modalities):
     out = enc(UserBatch(["a", "b", "c"], mods))
     assert out.modality.shape == (3, n_modalities, 12) and out.user.shape == (3, 12)
     assert len(out.events) == n_modalities
+    stats = enc.statistics(UserBatch(["a", "b", "c"], mods))  # the statistics path's input, no tabular modality
+    assert stats.shape == (3, enc.statistics_width()) == (3, n_modalities * (enc.summary_width + 1))
 
 
 def test_anchor_is_never_a_prediction_position(setup):
