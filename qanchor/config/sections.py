@@ -184,6 +184,12 @@ class LossConfig:
     # the text answers of forecast pairs carry about a bit each. 0 = off (no decoder is built).
     future_weight: float = 0.0
     future_days: int = 30
+    # With model.statistics_path: the contrastive and profile losses are applied once more, with this weight, to
+    # the embedding made without the path (the projection of the anchor's hidden state alone). The path hands the
+    # statistics to the embedding for free, so without this term the losses stop asking the backbone to carry the
+    # user, and the longer it trains the less its hidden state holds (deep supervision of a wide-and-deep model's
+    # deep part). 0 = off.
+    path_free_weight: float = 0.0
 
     def __post_init__(self) -> None:
         if self.profile_weight < 0:
@@ -194,6 +200,8 @@ class LossConfig:
         if self.profile_sources is not None and not self.profile_sources:  # the names are checked against the data
             raise ConfigError("loss.profile_sources is empty: name the UserU sources whose pairs get the profile loss "
                               "(e.g. [uqa]), or null for every pair")
+        if self.path_free_weight < 0:
+            raise ConfigError(f"loss.path_free_weight must be >= 0 (got {self.path_free_weight})")
         if self.temperature <= 0:
             raise ConfigError("loss.temperature must be > 0")
         if self.answer_bank < 0:

@@ -62,6 +62,9 @@ class QAnchorOutput:
     loss_ntp: torch.Tensor
     loss_profile: torch.Tensor  # zero when loss.profile_weight is 0
     loss_future: torch.Tensor  # zero when loss.future_weight is 0
+    # The contrastive + profile_weight x profile loss of the embedding without the statistics path (before
+    # loss.path_free_weight); zero when that weight is 0.
+    loss_path_free: torch.Tensor
 
 
 class AnswerBank:
@@ -350,8 +353,13 @@ class QAnchorModel(nn.Module):
         embeds, mask, _ = pad_right(rows)
         hidden = self.decoder(embeds, mask).last_hidden_state  # (B, L, H)
         pos = torch.tensor(anchor_pos, device=hidden.device)
-        anchor = self.project(hidden[torch.arange(len(rows), device=hidden.device), pos],
-                              self.user_statistics(batch.users))  # (B, D)
+        anchor_hidden = hidden[torch.arange(len(rows), device=hidden.device), pos]  # (B, H)
+        anchor = self.project(anchor_hidden, self.user_statistics(batch.users))  # (B, D)
+        path_free = None  # the same anchor without the statistics path: what the backbone alone carries
+        if loss_cfg.path_free_weight > 0:
+            if self.statistics_path is None:
+                raise ValueError("loss.path_free_weight > 0 needs a model with a statistics path (model.statistics_path)")
+            path_free = self._project_text(anchor_hidden)
         zero = hidden.new_zeros((), dtype=torch.float32)
         ntp = cl = None
         if want_ntp:
@@ -380,22 +388,36 @@ class QAnchorModel(nn.Module):
                             raise ValueError("answer_bank_scope=same_query needs the batch's query_hash")
                         queries_all = gather(batch.query_hash)[local]
                         bank_same = bank_same | (queries_all[:, None] != answer_bank.query_hash.to(hashes.device)[None, :])
-            total, count = masked_infonce(anchors_all, answers_all, rows=local, temperature=loss_cfg.temperature,
-                                          margin=loss_cfg.margin, same_answer=same, bank=bank, same_bank=bank_same)
-            cl = normalise(total, count)
+            def contrastive(anchors: torch.Tensor) -> torch.Tensor:
+                total, count = masked_infonce(anchors, answers_all, rows=local, temperature=loss_cfg.temperature,
+                                              margin=loss_cfg.margin, same_answer=same, bank=bank, same_bank=bank_same)
+                return normalise(total, count)
+
+            cl = contrastive(anchors_all)
+            if path_free is not None:
+                path_free_cl = contrastive(gather(path_free))
             if answer_bank is not None:  # after the loss: this batch's answers are already its in-batch negatives
                 answer_bank.push(gather(batch.answer_vec.float()).detach(), hashes,
                                  None if batch.query_hash is None else gather(batch.query_hash))
         terms = combine(cl, ntp, loss_cfg.ntp_weight)
-        total, profile = terms.total, zero
+        total, profile, path_free_loss = terms.total, zero, zero
+        if path_free is not None and want_cl:
+            path_free_loss = path_free_cl
         if loss_cfg.profile_weight > 0:
             if self.profile_decoder is None:
                 raise ValueError("loss.profile_weight > 0 needs a model built with its profile decoder")
-            embedded, profile_in = anchor, self.user_encoder.profile(batch.users)
-            if batch.profile_rows is not None:  # a mean over the chosen rows of every rank (a rank may hold none)
-                embedded, profile_in = anchor[batch.profile_rows], profile_in[batch.profile_rows]
-            profile = normalise(*self.profile_decoder.loss_sum(embedded, profile_in))
+            profile_in = self.user_encoder.profile(batch.users)
+            chosen = slice(None) if batch.profile_rows is None else batch.profile_rows  # a rank may hold none
+
+            def profile_error(embedded: torch.Tensor) -> torch.Tensor:
+                return normalise(*self.profile_decoder.loss_sum(embedded[chosen], profile_in[chosen]))
+
+            profile = profile_error(anchor)
             total = total + loss_cfg.profile_weight * profile
+            if path_free is not None:
+                path_free_loss = path_free_loss + loss_cfg.profile_weight * profile_error(path_free)
+        if path_free is not None:
+            total = total + loss_cfg.path_free_weight * path_free_loss
         future = zero
         if loss_cfg.future_weight > 0:
             if self.future_decoder is None or batch.future is None or batch.future_rows is None:
@@ -405,7 +427,7 @@ class QAnchorModel(nn.Module):
             future = normalise(*self.future_decoder.loss_sum(anchor[rows], batch.future[rows]))
             total = total + loss_cfg.future_weight * future
         return QAnchorOutput(anchor, answer_emb, total, terms.contrastive if cl is not None else zero,
-                             terms.ntp if ntp is not None else zero, profile, future)
+                             terms.ntp if ntp is not None else zero, profile, future, path_free_loss)
 
     def _project_answer_vec(self, answer_vec: torch.Tensor) -> torch.Tensor:
         """Text tower: frozen sentence vectors (N, T) -> (N, D) unit vectors."""

@@ -196,7 +196,8 @@ def run_pretrain(cfg: PretrainConfig, progress: bool = True) -> Path:
         log(f"pretrain: done, {cfg.train.max_steps - start} steps in {format_seconds(time.perf_counter() - started)}"
             + (f"; last step loss {last['loss']:.4f} (contrastive {last['loss_contrastive']:.4f}, ntp "
                f"{last['loss_ntp']:.4f}" + (f", profile {last['loss_profile']:.4f}" if "loss_profile" in last else "")
-               + (f", future {last['loss_future']:.4f}" if "loss_future" in last else "") + ")" if last else "") + f"; checkpoint {out / 'checkpoint'}")
+               + (f", future {last['loss_future']:.4f}" if "loss_future" in last else "")
+               + (f", path-free {last['loss_path_free']:.4f}" if "loss_path_free" in last else "") + ")" if last else "") + f"; checkpoint {out / 'checkpoint'}")
     return out
 
 
@@ -335,22 +336,24 @@ def _train_loop(cfg: PretrainConfig, engine, stream: PretrainStream, start: int,
     record = None
     for step in range(start, tc.max_steps):
         tick = time.perf_counter()
-        sums = torch.zeros(5)
+        sums = torch.zeros(6)
         for micro in range(tc.grad_accum_steps):
             batch = stream.batch(step * tc.grad_accum_steps + micro, tc.batch_size, rank, world).to(device)
             out = engine(batch, cfg.loss, gather=gather_with_grad, normalise=global_mean_loss, rank=rank, answer_bank=bank)
             engine.backward(out.loss)
             engine.step()
             sums += torch.stack([out.loss.detach(), out.loss_contrastive.detach(), out.loss_ntp.detach(),
-                                 out.loss_profile.detach(), out.loss_future.detach()]).float().cpu()
+                                 out.loss_profile.detach(), out.loss_future.detach(),
+                                 out.loss_path_free.detach()]).float().cpu()
         # Each rank's loss is its share of the global mean scaled by world: their average is the global loss.
-        loss, cl, ntp, prof, fut = (all_reduce_sum(sums) / (world * tc.grad_accum_steps)).tolist()
+        loss, cl, ntp, prof, fut, path_free = (all_reduce_sum(sums) / (world * tc.grad_accum_steps)).tolist()
         if not torch.isfinite(torch.tensor(loss)):
             raise FloatingPointError(f"loss became {loss} at step {step}; lower train.lr or check the data")
         elapsed = time.perf_counter() - tick
         record = {"step": step + 1, "loss": loss, "loss_contrastive": cl, "loss_ntp": ntp,
                   **({"loss_profile": prof} if cfg.loss.profile_weight > 0 else {}),
                   **({"loss_future": fut} if cfg.loss.future_weight > 0 else {}),
+                  **({"loss_path_free": path_free} if cfg.loss.path_free_weight > 0 else {}),
                   "lr": engine.get_lr()[0], "samples_per_s": tc.batch_size * tc.grad_accum_steps * world / elapsed}
         if device.type == "cuda":  # peak since the start of the run, this rank
             record["gpu_memory_gb"] = torch.cuda.max_memory_allocated(device) / 1e9

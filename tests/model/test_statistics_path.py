@@ -141,3 +141,37 @@ def test_a_text_prefix_model_has_no_statistics_path():
     with pytest.raises(ConfigError, match="statistics_path.*user_input"):
         tiny_cfg(["model.statistics_path=add", "model.user_input=text"])
 
+
+
+def test_the_path_free_loss_is_what_a_model_without_the_path_would_pay(env):
+    """loss.path_free_weight: the contrastive and profile losses once more on the embedding without the path. That
+    term equals the loss of a model without a path holding the same other weights, and it enters the total with its
+    weight; without a path to leave out, the config refuses."""
+    aids = ["loss.profile_weight=2"]
+    with_path, *_ = model_and_stream(env.ds_dir, tiny_cfg(["model.statistics_path=add", *aids]))
+    plain, *_ = model_and_stream(env.ds_dir, tiny_cfg(aids))
+    with torch.no_grad():  # a path that changes the anchors, so leaving it out matters
+        with_path.statistics_path.linear.weight.normal_(0.0, 0.5)
+    missing, unexpected = plain.load_state_dict(with_path.state_dict(), strict=False)
+    assert not missing and all(k.startswith("statistics_path.") for k in unexpected)
+    with_path.eval()
+    plain.eval()
+    batch = env.stream.batch(3, 4)
+    off = tiny_cfg(["model.statistics_path=add", *aids]).loss
+    on = tiny_cfg(["model.statistics_path=add", "loss.path_free_weight=0.5", *aids]).loss
+    with torch.no_grad():
+        base, out, alone = with_path(batch, off), with_path(batch, on), plain(batch, off)
+    assert not torch.allclose(out.anchor, alone.anchor, atol=1e-3)  # the path is on in the served embedding
+    assert float(base.loss_path_free) == 0.0
+    expected = alone.loss_contrastive + 2 * alone.loss_profile
+    assert torch.allclose(out.loss_path_free, expected, atol=1e-5)
+    assert torch.allclose(out.loss, base.loss + 0.5 * expected, atol=1e-5)
+    with_path.train()
+    with_path.zero_grad()
+    with_path(batch, on).loss_path_free.backward()  # trains the backbone and leaves the path alone
+    assert all(p.grad is None for p in with_path.statistics_path.parameters())
+    assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in with_path.backbone.parameters())
+    with pytest.raises(ConfigError, match="path_free_weight.*statistics_path"):
+        tiny_cfg(["loss.path_free_weight=0.5"])
+    with pytest.raises(ConfigError, match="path_free_weight must be >= 0"):
+        tiny_cfg(["model.statistics_path=add", "loss.path_free_weight=-1"])
