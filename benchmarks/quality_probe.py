@@ -63,6 +63,9 @@ from qanchor.train.pairs import PretrainStream  # noqa: E402
 from qanchor.train.pretrain import answer_cache  # noqa: E402
 
 KEYS = ("task", "generic", "swapped", "hidden", "seen_text_mean", "input_profile")
+# With a statistics path (model.statistics_path): the task query's embedding split into its two summands, each
+# normalised and probed alone: the projection of the anchor's hidden state, and the path's map of the statistics.
+PATH_KEYS = ("deep_part", "path_part")
 TOP_DIRECTIONS = (1, 2, 4, 8)
 
 
@@ -73,11 +76,13 @@ def _mean(xs) -> float:
 
 @torch.inference_mode()
 def embed_all(q: QAnchor, ds, user_ids, queries: list[str], chunk: int = 128):
-    """(U, Q, H) hidden, (U, Q, D) embeddings, (U, T) seen-text mean, (U, P) input profile, (U,) events kept; rows
-    in ``user_ids`` order."""
+    """(U, Q, H) hidden, (U, Q, D) embeddings, (U, T) seen-text mean, (U, P) input profile, (U,) events kept, and
+    with a statistics path (U, Q, 2, D) the embeddings' two summands before normalisation (projection of the hidden
+    state, the path's map of the statistics; None without a path); rows in ``user_ids`` order."""
     suffixes = q.suffixes([(x, None) for x in queries])
     cutoff_us = q.cutoff_us(ds.manifest.cutoff)
-    hid, emb, seen, profile, kept, ids = [], [], [], [], [], []
+    model = q.model
+    hid, emb, seen, profile, kept, ids, parts = [], [], [], [], [], [], []
     for records in batched(ds.users(user_ids), chunk):
         packed = q.pack(records, cutoff_us)
         users = q.pipeline.collate(packed).to(q.device)
@@ -88,14 +93,19 @@ def embed_all(q: QAnchor, ds, user_ids, queries: list[str], chunk: int = 128):
                           [s for _ in range(b) for s in suffixes])
         hid.append(h.view(b, r, -1).float().cpu().numpy())
         stats = q.model.user_statistics(users)
-        emb.append(q.model.project(h, None if stats is None else stats.repeat_interleave(r, 0)).view(b, r, -1).float().cpu().numpy())
+        stats = None if stats is None else stats.repeat_interleave(r, 0)
+        emb.append(q.model.project(h, stats).view(b, r, -1).float().cpu().numpy())
+        if model.statistics_path is not None:
+            deep = model.projection(h.to(model.projection[0].weight.dtype)).float()
+            wide = model.statistics_path(h, stats).float()
+            parts.append(torch.stack([deep, wide], 1).view(b, r, 2, -1).cpu().numpy())
         seen += [q.pipeline.seen_text_mean(p) for p in packed]
         kept += [sum(len(m.text_rows) for m in p.modalities.values()) for p in packed]
         ids += [r.user_id for r in records]
     order = {u: i for i, u in enumerate(ids)}
     idx = [order[u] for u in user_ids]
     return (np.concatenate(hid)[idx], np.concatenate(emb)[idx], np.stack(seen)[idx], np.concatenate(profile)[idx],
-            np.asarray(kept)[idx])
+            np.asarray(kept)[idx], np.concatenate(parts)[idx] if parts else None)
 
 
 def probe(features: np.ndarray, labels: np.ndarray, folds) -> tuple[float, float]:
@@ -156,7 +166,10 @@ def run_probe(checkpoint: str, data: str, generic_query: str, folds: int = 5, se
     q = QAnchor.from_pretrained(checkpoint, device=device, text_cache_dir=ds.text_cache_dir)
     q.model.eval()
     queries = asked + [generic_query]
-    hid, emb, seen, profile, kept = embed_all(q, ds, user_ids, queries)
+    hid, emb, seen, profile, kept, parts = embed_all(q, ds, user_ids, queries)
+    parts_raw = parts
+    if parts is not None:
+        parts = parts / np.linalg.norm(parts, axis=-1, keepdims=True).clip(1e-12)
     per = {}
     for i, t in enumerate(tasks):
         r = np.fromiter((row[u] for u in t.user_ids), np.int64)
@@ -166,13 +179,16 @@ def run_probe(checkpoint: str, data: str, generic_query: str, folds: int = 5, se
                        "swapped": probe(emb[r, other], t.labels, f), "hidden": probe(hid[r, i], t.labels, f),
                        "seen_text_mean": probe(seen[r], t.labels, f), "input_profile": probe(profile[r], t.labels, f),
                        "top_directions": {}}
+        if parts is not None:
+            per[t.name]["deep_part"] = probe(parts[r, i, 0], t.labels, f)
+            per[t.name]["path_part"] = probe(parts[r, i, 1], t.labels, f)
         for name, col in (("task", i), ("generic", -1), ("swapped", other)):
             leading = top_directions(emb[r, col], max(TOP_DIRECTIONS))  # one SVD per query; each k is a prefix
             for k in TOP_DIRECTIONS:
                 per[t.name]["top_directions"].setdefault(k, {})[name] = probe(leading[:, :k], t.labels, f)[0]
     out: dict = {"checkpoint": checkpoint, "data": data, "tasks": [t.name for t in tasks],
                  "queries": dict(zip((t.name for t in tasks), asked))}
-    for key in KEYS:
+    for key in KEYS + (PATH_KEYS if parts is not None else ()):
         out[key] = {"auc": _mean(v[key][0] for v in per.values()), "ks": _mean(v[key][1] for v in per.values())}
     out["top_directions"] = {str(k): {name: _mean(v["top_directions"][k][name] for v in per.values())
                                       for name in ("task", "generic", "swapped")} for k in TOP_DIRECTIONS}
@@ -180,6 +196,9 @@ def run_probe(checkpoint: str, data: str, generic_query: str, folds: int = 5, se
     out.update(per_task=per, geometry_generic=geometry(emb[:, -1], kept), geometry_task=geometry(emb[:, 0], kept),
                cos_same_user_other_query=float(np.mean(np.sum(e[:, 0] * e[:, -1], -1))),
                cos_other_user_same_query=float(np.mean(np.sum(e[:, 0] * e[np.random.default_rng(0).permutation(len(e)), 0], -1))))
+    if parts is not None:  # before normalisation: how much of the embedding each summand is
+        raw_hidden, raw_path = (np.linalg.norm(x, axis=-1) for x in (parts_raw[:, :, 0], parts_raw[:, :, 1]))
+        out["path_to_deep_norm_ratio"] = float(np.mean(raw_path / raw_hidden.clip(1e-12)))
     if batches and (ds.root / "userU.parquet").exists():
         out["use_of_user"] = use_of_user(q, ds, batches)
     return out
@@ -215,6 +234,10 @@ def main(argv=None) -> int:
         args.out.parent.mkdir(parents=True, exist_ok=True)
         write_json(result, args.out)
     print(" ".join(f"{k}={result[k]['auc']:.4f}" for k in KEYS) + f"  ks_task={result['task']['ks']:.4f}")
+    if "path_part" in result:
+        print(f"statistics path: task query's projection of the hidden state alone {result['deep_part']['auc']:.4f}, "
+              f"the path's part alone {result['path_part']['auc']:.4f}; |path| / |projection| "
+              f"{result['path_to_deep_norm_ratio']:.2f}")
     print("few directions (task / generic / swapped AUC): " + ", ".join(
         f"k={k} {v['task']:.4f} / {v['generic']:.4f} / {v['swapped']:.4f}" for k, v in result["top_directions"].items()))
     g = result["geometry_generic"]

@@ -56,6 +56,7 @@ def test_run_reports_few_directions_for_every_query(qp, infer_env, tmp_path):
         assert all(0.0 <= v <= 1.0 for v in row.values()), (k, row)
     for task in result["tasks"]:
         assert set(result["per_task"][task]["top_directions"]) == {str(k) for k in qp.TOP_DIRECTIONS}
+    assert "path_part" not in result and "path_to_deep_norm_ratio" not in result  # no statistics path here
 
 
 def test_seed_summary_of_few_directions():

@@ -17,6 +17,7 @@ from qanchor.model.factory import ModelMeta, load_checkpoint, save_checkpoint
 from qanchor.model.prefix_cache import PrefixStore
 from qanchor.train.pretrain import fit_input_stats
 from tests.conftest import QUERIES
+from tests.helpers import load_benchmark
 from tests.model.helpers import model_and_stream, tiny_cfg
 
 GATED = ["model.user_encoder.summary_stats=history", "model.statistics_path=gated"]
@@ -175,3 +176,14 @@ def test_the_path_free_loss_is_what_a_model_without_the_path_would_pay(env):
         tiny_cfg(["loss.path_free_weight=0.5"])
     with pytest.raises(ConfigError, match="path_free_weight must be >= 0"):
         tiny_cfg(["model.statistics_path=add", "loss.path_free_weight=-1"])
+
+
+def test_the_quality_probe_splits_the_embedding_into_its_two_summands(env):
+    """benchmarks/quality_probe.py's path rows read the two parts the embedding is the normalised sum of."""
+    qp = load_benchmark("quality_probe")
+    user_ids = [r.user_id for r in list(env.ds.users())[:5]]
+    _, emb, _, _, _, parts = qp.embed_all(env.qa, env.ds, user_ids, QUERIES[:2])
+    assert parts.shape == (5, 2, 2, emb.shape[-1])
+    summed = parts.sum(2)
+    np.testing.assert_allclose(summed / np.linalg.norm(summed, axis=-1, keepdims=True), emb, atol=1e-5)
+    assert not np.allclose(parts[:, 0, 1], parts[:, 1, 1])  # a gated path: the query reweights the statistics
