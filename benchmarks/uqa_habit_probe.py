@@ -126,7 +126,7 @@ def run(checkpoints: list[str], data: str, n_folds: int = 5, seed: int = 0) -> d
     for ckpt in checkpoints:
         q = QAnchor.from_pretrained(ckpt, text_cache_dir=ds.text_cache_dir)
         q.model.eval()
-        hid, emb, _, profile, _ = embed_all(q, ds, user_ids, [QUESTIONS[t] for t in topics])
+        hid, emb, _, profile, _, _ = embed_all(q, ds, user_ids, [QUESTIONS[t] for t in topics])
         result = {}
         for i, t in enumerate(topics):
             users = sorted(labels[t])
