@@ -134,8 +134,10 @@ class ModelConfig:
     # StatisticsPath): "add" = the projection of the anchor's hidden state plus a linear map of the standardised
     # statistics the user tokens are built from (each modality's summary statistics, the tabular values), so the
     # embedding cannot lose what a linear read of its inputs holds; "gated" = the same, each statistic first scaled
-    # by a gate read from the anchor's hidden state, so the query chooses which statistics enter; "none" = off.
-    statistics_path: Literal["none", "add", "gated"] = "none"
+    # by a gate read from the anchor's hidden state, so the query chooses which statistics enter; "principal" = a
+    # fixed map that training cannot reshape: the statistics' principal directions on the training users (fitted
+    # with the input standardisation), scaled to unit mean norm, times one learned gain; "none" = off.
+    statistics_path: Literal["none", "add", "gated", "principal"] = "none"
 
     def __post_init__(self) -> None:
         if self.projection_hidden < 0 or self.embedding_dim < 1:

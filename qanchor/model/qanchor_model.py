@@ -197,15 +197,46 @@ class StatisticsPath(nn.Module):
     a gated path starts as the plain linear one (every gate 1).
     """
 
-    def __init__(self, hidden: int, width: int, embedding_dim: int, gated: bool):
+    def __init__(self, hidden: int, width: int, embedding_dim: int, gated: bool = False, principal: bool = False):
         super().__init__()
+        if gated and principal:
+            raise ValueError("a statistics path is gated or principal, not both")
+        self.principal = principal
+        if principal:
+            # Fixed: set by :meth:`set_principal` from the training users (zeros until then: the path adds nothing).
+            self.register_buffer("center", torch.zeros(width))
+            self.register_buffer("basis", torch.zeros(embedding_dim, width))
+            self.gain = nn.Parameter(torch.ones(()))
+            self.linear = self.gate = None
+            return
         self.linear = nn.Linear(width, embedding_dim)
         self.gate = nn.Linear(hidden, width) if gated else None
         if self.gate is not None:
             nn.init.zeros_(self.gate.weight)
             nn.init.zeros_(self.gate.bias)
 
+    @torch.no_grad()
+    def set_principal(self, statistics: torch.Tensor) -> None:
+        """Fit the fixed map of a ``principal`` path on the training users' statistics (N, S): their mean, and their
+        top principal directions (as many as the embedding has dimensions) scaled so that a training user's mapped
+        statistics have unit mean squared norm. Directions are kept unwhitened: a quiet statistic stays quiet."""
+        if not self.principal:
+            raise ValueError("set_principal: this statistics path is not principal")
+        x = statistics.double()
+        center = x.mean(0)
+        _, sv, vt = torch.linalg.svd(x - center, full_matrices=False)
+        k = min(self.basis.shape[0], len(sv))
+        variance = float((sv[:k] ** 2).sum()) / max(len(x), 1)
+        basis = torch.zeros_like(self.basis, dtype=torch.float64)
+        if variance > 0:
+            basis[:k] = vt[:k] / variance**0.5
+        self.center.copy_(center.to(self.center.dtype))
+        self.basis.copy_(basis.to(self.basis.dtype))
+
     def forward(self, hidden: torch.Tensor, statistics: torch.Tensor) -> torch.Tensor:
+        if self.principal:
+            x = statistics.to(self.basis.dtype) - self.center
+            return self.gain.to(x.dtype) * (x @ self.basis.T)
         x = statistics.to(self.linear.weight.dtype)
         if self.gate is not None:
             x = x * 2 * torch.sigmoid(self.gate(hidden.to(self.gate.weight.dtype)))
@@ -227,7 +258,8 @@ class QAnchorModel(nn.Module):
         self.user_encoder = HierarchicalUserEncoder(manifest, cfg.user_encoder, text_dim, hidden, n_tabular)
         self.projection = _projection(hidden, cfg.projection_hidden, cfg.embedding_dim)
         self.statistics_path = (StatisticsPath(hidden, self.user_encoder.statistics_width(), cfg.embedding_dim,
-                                               gated=cfg.statistics_path == "gated")
+                                               gated=cfg.statistics_path == "gated",
+                                               principal=cfg.statistics_path == "principal")
                                 if cfg.statistics_path != "none" else None)
         # The text tower's answers are frozen sentence vectors: a projection of their own maps them to the space.
         self.answer_projection = (_projection(text_dim, cfg.projection_hidden, cfg.embedding_dim)

@@ -214,7 +214,8 @@ def fit_input_stats(model, ds: Dataset, pipe: UserPipeline, sample: int = 4096, 
         model.user_encoder.tabular.set_stats(torch.from_numpy(mean), torch.from_numpy(std))
     enc = model.user_encoder
     packed = (pipe.packer.pack(r) for r in islice(training_users(), sample))
-    if enc.summary_stats != "basic" or model.profile_decoder is not None:  # the same users serve three passes
+    principal = model.statistics_path is not None and model.statistics_path.principal
+    if enc.summary_stats != "basic" or model.profile_decoder is not None or principal:  # the same users, several passes
         packed = list(packed)
     for name, (mean, std) in numeric_stats(packed, ds.manifest).items():
         enc.event_adapters[name].set_stats(torch.from_numpy(mean), torch.from_numpy(std))
@@ -230,6 +231,10 @@ def fit_input_stats(model, ds: Dataset, pipe: UserPipeline, sample: int = 4096, 
         if len(rows):
             std = rows.std(0, unbiased=False)
             enc.modal_adapter.set_stats(rows.mean(0).float(), torch.where(std > 1e-6, std, 1.0).float())
+    if principal:  # after the other stats: the path reads them standardised
+        with torch.no_grad():
+            stats = torch.cat([enc.statistics(pipe.collate(chunk)) for chunk in batched(packed, 256)])
+        model.statistics_path.set_principal(stats)
     if model.profile_decoder is not None:  # after the other stats: the profile uses them
         with torch.no_grad():
             profiles = torch.cat([enc.profile(pipe.collate(chunk)) for chunk in batched(packed, 256)]).double()

@@ -187,3 +187,35 @@ def test_the_quality_probe_splits_the_embedding_into_its_two_summands(env):
     summed = parts.sum(2)
     np.testing.assert_allclose(summed / np.linalg.norm(summed, axis=-1, keepdims=True), emb, atol=1e-5)
     assert not np.allclose(parts[:, 0, 1], parts[:, 1, 1])  # a gated path: the query reweights the statistics
+
+
+def test_a_principal_path_is_a_fixed_faithful_map_with_one_learned_gain(env, tmp_path):
+    """statistics_path=principal: fitted with the input standardisation, the map centres the training users'
+    statistics and keeps their geometry (distances scaled by one constant where the statistics have no more
+    dimensions than the embedding, as here), at unit mean squared norm; training moves only its gain; the checkpoint keeps it."""
+    cfg = tiny_cfg(["model.statistics_path=principal"])
+    model, tokenizer, stream, ds, pipe, _ = model_and_stream(env.ds_dir, cfg)
+    path = model.statistics_path
+    assert path.linear is None and not path.basis.any()  # unfitted: adds nothing
+    fit_input_stats(model, ds, pipe)
+    users = pipe.collate([pipe.packer.pack(r) for r in ds.users()])
+    with torch.no_grad():
+        stats = model.user_encoder.statistics(users)
+        mapped = path(None, stats)
+    assert mapped.shape == (len(stats), cfg.model.embedding_dim)
+    assert torch.allclose(mapped.mean(0), torch.zeros(mapped.shape[1]), atol=1e-4)
+    assert mapped.pow(2).sum(-1).mean().item() == pytest.approx(1.0, rel=1e-4)
+    assert stats.shape[1] <= min(cfg.model.embedding_dim, len(stats) - 1), stats.shape  # room for every direction
+    scale = (torch.cdist(mapped, mapped) / torch.cdist(stats, stats).clamp_min(1e-6))[~torch.eye(len(stats), dtype=bool)]
+    assert scale.std() / scale.mean() < 1e-3
+    model.train()
+    model(stream.batch(0, 4), cfg.loss).loss.backward()
+    assert path.gain.grad is not None and path.gain.grad.abs() > 0
+    assert [n for n, p in path.named_parameters()] == ["gain"]
+    model.eval()
+    meta = ModelMeta(ds.manifest.to_dict(), pipe.cache.dim, {}, list(ds.tabular_columns))
+    loaded, *_ = load_checkpoint(save_checkpoint(tmp_path / "ck", model, tokenizer, cfg, meta))
+    assert torch.equal(loaded.statistics_path.basis, path.basis) and torch.equal(loaded.statistics_path.center, path.center)
+    batch = stream.batch(1, 4)
+    with torch.no_grad():
+        assert torch.equal(loaded(batch).anchor, model(batch).anchor)
