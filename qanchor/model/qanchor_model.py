@@ -206,7 +206,7 @@ class StatisticsPath(nn.Module):
             # Fixed: set by :meth:`set_principal` from the training users (zeros until then: the path adds nothing).
             self.register_buffer("center", torch.zeros(width))
             self.register_buffer("basis", torch.zeros(embedding_dim, width))
-            self.gain = nn.Parameter(torch.ones(()))
+            self.gain = nn.Parameter(torch.ones(1))  # not 0-d: DeepSpeed broadcasts parameters as byte views
             self.linear = self.gate = None
             return
         self.linear = nn.Linear(width, embedding_dim)

@@ -135,3 +135,19 @@ def test_log_file_gets_start_step_and_summary_lines_and_no_warnings(prepared, tm
     assert any("pretrain: done, 4 steps" in ln for ln in lines)
     assert "\r" not in done.stdout + done.stderr  # no progress bar redrawn into the log
     assert "Warning" not in done.stdout + done.stderr and "Loading weights" not in done.stdout + done.stderr
+
+
+def test_a_principal_path_and_the_path_free_loss_train_under_deepspeed(prepared, tmp_path):
+    """The engine takes the principal path's one-element gain (a 0-d parameter broke its parameter broadcast), the
+    fitted map reaches the checkpoint, and the path-free loss is logged every step and in the summary."""
+    out = tmp_path / "run"
+    done = subprocess.run(_pretrain_cmd(prepared, out, "train.max_steps=3", "model.statistics_path=principal",
+                                        "loss.path_free_weight=1"), cwd=ROOT, env=ENV, capture_output=True, text=True,
+                          timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    records = _metrics(out)
+    assert [r["step"] for r in records] == [1, 2, 3] and all(r["loss_path_free"] > 0 for r in records)
+    assert any("path-free" in ln for ln in done.stdout.splitlines() if "pretrain: done" in ln)
+    weights = load_file(out / "checkpoint" / "model.safetensors")
+    assert weights["statistics_path.basis"].abs().sum() > 0 and weights["statistics_path.gain"].shape == (1,)
+    assert "statistics_path.linear.weight" not in weights
