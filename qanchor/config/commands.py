@@ -44,7 +44,7 @@ class PretrainConfig:
                               "set data.text_events=0 or model.user_input=text")
         if self.loss.path_free_weight > 0 and self.model.statistics_path == "none":
             raise ConfigError("loss.path_free_weight > 0 trains the embedding made without the statistics path, and "
-                              "model.statistics_path is none; set model.statistics_path=add (or gated) or "
+                              "model.statistics_path is none; set model.statistics_path=add (or gated, principal) or "
                               "loss.path_free_weight=0")
         if self.loss.answer_bank and self.model.answer_tower != "text_encoder":
             raise ConfigError("loss.answer_bank needs model.answer_tower=text_encoder (only frozen answer vectors can "

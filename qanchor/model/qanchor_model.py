@@ -194,7 +194,9 @@ class StatisticsPath(nn.Module):
     holds (``benchmarks/forecast_check.py``); this path hands them to the embedding directly, as a wide-and-deep
     model's wide part does. ``gated``: each statistic is first scaled by ``2 sigmoid(W h)`` of the anchor's hidden
     state ``h``, which depends on the query, so the query chooses which statistics enter. ``W`` starts at zero, so
-    a gated path starts as the plain linear one (every gate 1).
+    a gated path starts as the plain linear one (every gate 1). ``principal``: a fixed map instead, the statistics'
+    principal directions on the training users (:meth:`set_principal`, called by ``fit_input_stats``) times one
+    learned gain, so training cannot reshape what the path passes on.
     """
 
     def __init__(self, hidden: int, width: int, embedding_dim: int, gated: bool = False, principal: bool = False):

@@ -204,7 +204,8 @@ def run_pretrain(cfg: PretrainConfig, progress: bool = True) -> Path:
 def fit_input_stats(model, ds: Dataset, pipe: UserPipeline, sample: int = 4096, holdout_users: float = 0.0) -> None:
     """Store the standardisation of the tabular features (every training user), of each modality's numeric
     event features (the kept events of the first ``sample`` training users), of the modality tokens' RFM
-    statistics and of the profile decoder's targets (same users) in the model, as inference will apply them.
+    statistics and of the profile decoder's targets (same users) in the model, as inference will apply them; a
+    ``principal`` statistics path fits its fixed map on the same users.
     Users held out (``train.holdout_users``) are left out: nothing of theirs shapes the model."""
     def training_users():
         return (r for r in ds.users() if not is_held_out(r.user_id, holdout_users))
