@@ -93,12 +93,11 @@ def embed_all(q: QAnchor, ds, user_ids, queries: list[str], chunk: int = 128):
                           [s for _ in range(b) for s in suffixes])
         hid.append(h.view(b, r, -1).float().cpu().numpy())
         stats = q.model.user_statistics(users)
-        stats = None if stats is None else stats.repeat_interleave(r, 0)
-        emb.append(q.model.project(h, stats).view(b, r, -1).float().cpu().numpy())
-        if model.statistics_path is not None:
-            deep = model.projection(h.to(model.projection[0].weight.dtype)).float()
-            wide = model.statistics_path(h, stats).float()
-            parts.append(torch.stack([deep, wide], 1).view(b, r, 2, -1).cpu().numpy())
+        deep, wide = model.embedding_parts(h, None if stats is None else stats.repeat_interleave(r, 0))
+        emb.append(torch.nn.functional.normalize((deep if wide is None else deep + wide).float(), dim=-1)
+                   .view(b, r, -1).cpu().numpy())
+        if wide is not None:
+            parts.append(torch.stack([deep.float(), wide.float()], 1).view(b, r, 2, -1).cpu().numpy())
         seen += [q.pipeline.seen_text_mean(p) for p in packed]
         kept += [sum(len(m.text_rows) for m in p.modalities.values()) for p in packed]
         ids += [r.user_id for r in records]
@@ -167,9 +166,8 @@ def run_probe(checkpoint: str, data: str, generic_query: str, folds: int = 5, se
     q.model.eval()
     queries = asked + [generic_query]
     hid, emb, seen, profile, kept, parts = embed_all(q, ds, user_ids, queries)
-    parts_raw = parts
-    if parts is not None:
-        parts = parts / np.linalg.norm(parts, axis=-1, keepdims=True).clip(1e-12)
+    part_norms = None if parts is None else np.linalg.norm(parts, axis=-1)  # (U, Q, 2)
+    unit_parts = None if parts is None else parts / part_norms[..., None].clip(1e-12)
     per = {}
     for i, t in enumerate(tasks):
         r = np.fromiter((row[u] for u in t.user_ids), np.int64)
@@ -179,9 +177,9 @@ def run_probe(checkpoint: str, data: str, generic_query: str, folds: int = 5, se
                        "swapped": probe(emb[r, other], t.labels, f), "hidden": probe(hid[r, i], t.labels, f),
                        "seen_text_mean": probe(seen[r], t.labels, f), "input_profile": probe(profile[r], t.labels, f),
                        "top_directions": {}}
-        if parts is not None:
-            per[t.name]["deep_part"] = probe(parts[r, i, 0], t.labels, f)
-            per[t.name]["path_part"] = probe(parts[r, i, 1], t.labels, f)
+        if unit_parts is not None:
+            per[t.name]["deep_part"] = probe(unit_parts[r, i, 0], t.labels, f)
+            per[t.name]["path_part"] = probe(unit_parts[r, i, 1], t.labels, f)
         for name, col in (("task", i), ("generic", -1), ("swapped", other)):
             leading = top_directions(emb[r, col], max(TOP_DIRECTIONS))  # one SVD per query; each k is a prefix
             for k in TOP_DIRECTIONS:
@@ -196,9 +194,8 @@ def run_probe(checkpoint: str, data: str, generic_query: str, folds: int = 5, se
     out.update(per_task=per, geometry_generic=geometry(emb[:, -1], kept), geometry_task=geometry(emb[:, 0], kept),
                cos_same_user_other_query=float(np.mean(np.sum(e[:, 0] * e[:, -1], -1))),
                cos_other_user_same_query=float(np.mean(np.sum(e[:, 0] * e[np.random.default_rng(0).permutation(len(e)), 0], -1))))
-    if parts is not None:  # before normalisation: how much of the embedding each summand is
-        raw_hidden, raw_path = (np.linalg.norm(x, axis=-1) for x in (parts_raw[:, :, 0], parts_raw[:, :, 1]))
-        out["path_to_deep_norm_ratio"] = float(np.mean(raw_path / raw_hidden.clip(1e-12)))
+    if part_norms is not None:  # before normalisation: how much of the embedding each summand is
+        out["path_to_deep_norm_ratio"] = float(np.mean(part_norms[..., 1] / part_norms[..., 0].clip(1e-12)))
     if batches and (ds.root / "userU.parquet").exists():
         out["use_of_user"] = use_of_user(q, ds, batches)
     return out

@@ -298,13 +298,20 @@ class QAnchorModel(nn.Module):
         """(N, H) anchor hidden states -> (N, D) unit embeddings, in float32. With a statistics path
         (``model.statistics_path``) ``statistics`` (N, S) are the users' rows of :meth:`user_statistics`, one per
         hidden state, and are required."""
-        z = self.projection(hidden.to(self.projection[0].weight.dtype))
-        if self.statistics_path is not None:
-            if statistics is None:
-                raise ValueError(f"model.statistics_path={self.cfg.statistics_path!r}: project() needs each row's user "
-                                 "statistics (model.user_statistics(users), indexed like the hidden states)")
-            z = z + self.statistics_path(hidden, statistics.to(z.device))
-        return F.normalize(z.float(), dim=-1)
+        deep, wide = self.embedding_parts(hidden, statistics)
+        return F.normalize((deep if wide is None else deep + wide).float(), dim=-1)
+
+    def embedding_parts(self, hidden: torch.Tensor, statistics: torch.Tensor | None = None
+                        ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """The two (N, D) summands :meth:`project` normalises, before normalisation: the projection of the hidden
+        states, and the statistics path's map of ``statistics`` (None without a path)."""
+        deep = self.projection(hidden.to(self.projection[0].weight.dtype))
+        if self.statistics_path is None:
+            return deep, None
+        if statistics is None:
+            raise ValueError(f"model.statistics_path={self.cfg.statistics_path!r}: project() needs each row's user "
+                             "statistics (model.user_statistics(users), indexed like the hidden states)")
+        return deep, self.statistics_path(hidden, statistics.to(deep.device))
 
     def _project_text(self, hidden: torch.Tensor) -> torch.Tensor:
         """The backbone answer tower: an answer's hidden state through the shared projection, no user statistics."""
@@ -387,15 +394,17 @@ class QAnchorModel(nn.Module):
         embeds, mask, _ = pad_right(rows)
         hidden = self.decoder(embeds, mask).last_hidden_state  # (B, L, H)
         pos = torch.tensor(anchor_pos, device=hidden.device)
-        anchor_hidden = hidden[torch.arange(len(rows), device=hidden.device), pos]  # (B, H)
-        anchor = self.project(anchor_hidden, self.user_statistics(batch.users))  # (B, D)
+        deep, wide = self.embedding_parts(hidden[torch.arange(len(rows), device=hidden.device), pos],
+                                          self.user_statistics(batch.users))  # (B, D) each
+        anchor = F.normalize((deep if wide is None else deep + wide).float(), dim=-1)
         path_free = None  # the same anchor without the statistics path: what the backbone alone carries
         if loss_cfg.path_free_weight > 0:
-            if self.statistics_path is None:
+            if wide is None:
                 raise ValueError("loss.path_free_weight > 0 needs a model with a statistics path (model.statistics_path)")
-            path_free = self._project_text(anchor_hidden)
+            path_free = F.normalize(deep.float(), dim=-1)
         zero = hidden.new_zeros((), dtype=torch.float32)
         ntp = cl = None
+        path_free_loss = zero  # contrastive + profile_weight x profile of the path-free anchors
         if want_ntp:
             lab = torch.nn.utils.rnn.pad_sequence(labels, batch_first=True, padding_value=-100)  # (B, L)
             keep = lab[:, 1:] != -100  # (B, L - 1): positions whose next token is a target
@@ -429,14 +438,12 @@ class QAnchorModel(nn.Module):
 
             cl = contrastive(anchors_all)
             if path_free is not None:
-                path_free_cl = contrastive(gather(path_free))
+                path_free_loss = contrastive(gather(path_free))
             if answer_bank is not None:  # after the loss: this batch's answers are already its in-batch negatives
                 answer_bank.push(gather(batch.answer_vec.float()).detach(), hashes,
                                  None if batch.query_hash is None else gather(batch.query_hash))
         terms = combine(cl, ntp, loss_cfg.ntp_weight)
-        total, profile, path_free_loss = terms.total, zero, zero
-        if path_free is not None and want_cl:
-            path_free_loss = path_free_cl
+        total, profile = terms.total, zero
         if loss_cfg.profile_weight > 0:
             if self.profile_decoder is None:
                 raise ValueError("loss.profile_weight > 0 needs a model built with its profile decoder")
