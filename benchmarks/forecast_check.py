@@ -67,16 +67,15 @@ def pair_features(q: QAnchor, stream: PretrainStream, ids: np.ndarray, chunk: in
     stats, emb, targets, decoded = [], [], [], []
     for start in range(0, len(ids), chunk):
         part = ids[start : start + chunk]
-        packed = [stream.pipe.packer.pack(stream._record(stream.user_ids[i], int(stream.partition_of[i])),
-                                          int(stream.cutoff_us[i])) for i in part]
-        users = q.pipeline.collate(packed).to(q.device)
+        users = q.pipeline.collate(stream.pack_pairs(part)).to(q.device)
         parts = [enc.summary_inputs(n, users)[1] for n in enc.sequence_names]
         tabular_from = len(enc.sequence_names) * enc.profile_stats_width
         parts.append(enc.profile(users)[:, tabular_from:])  # the tabular values and missing flags, if any
         stats.append(torch.cat(parts, -1).float().cpu().numpy())
-        suffixes = q.suffixes([(stream.queries[i], None) for i in part])
-        h = anchor_hidden(model, encode_prefixes(model, users), torch.arange(len(part), device=q.device), suffixes)
-        e = model.project(h, model.user_statistics(users)).float()
+        texts = [stream.queries[i] for i in part]
+        every = torch.arange(len(part), device=q.device)
+        h = anchor_hidden(model, encode_prefixes(model, users), every, q.suffixes([(t, None) for t in texts]))
+        e = model.project(h, model.user_statistics(users), model.evidence(users, every, q.query_vectors(texts))).float()
         emb.append(e.cpu().numpy())
         targets.append(stream.future_targets(part)[0].numpy())
         if model.future_decoder is not None:

@@ -80,6 +80,7 @@ def embed_all(q: QAnchor, ds, user_ids, queries: list[str], chunk: int = 128):
     with a statistics path (U, Q, 2, D) the embeddings' two summands before normalisation (projection of the hidden
     state, the path's map of the statistics; None without a path); rows in ``user_ids`` order."""
     suffixes = q.suffixes([(x, None) for x in queries])
+    query_vectors = q.query_vectors(queries)  # None without model.query_evidence
     cutoff_us = q.cutoff_us(ds.manifest.cutoff)
     model = q.model
     hid, emb, seen, profile, kept, ids, parts = [], [], [], [], [], [], []
@@ -93,7 +94,9 @@ def embed_all(q: QAnchor, ds, user_ids, queries: list[str], chunk: int = 128):
                           [s for _ in range(b) for s in suffixes])
         hid.append(h.view(b, r, -1).float().cpu().numpy())
         stats = q.model.user_statistics(users)
-        deep, wide = model.embedding_parts(h, None if stats is None else stats.repeat_interleave(r, 0))
+        user_index = torch.arange(b, device=q.device).repeat_interleave(r)
+        evidence = model.evidence(users, user_index, None if query_vectors is None else query_vectors.repeat(b, 1))
+        deep, wide = model.embedding_parts(h, None if stats is None else stats[user_index], evidence)
         emb.append(torch.nn.functional.normalize((deep if wide is None else deep + wide).float(), dim=-1)
                    .view(b, r, -1).cpu().numpy())
         if wide is not None:
@@ -141,8 +144,7 @@ def use_of_user(q: QAnchor, ds, n_batches: int, batch_size: int = 32, seed: int 
         batch = stream.batch(step, batch_size).to(q.device)
         real.append(float(q.model(batch, loss_cfg).loss_contrastive))
         ids = stream.pair_ids(step, batch_size)
-        packed = [stream.pipe.packer.pack(stream._record(stream.user_ids[i], int(stream.partition_of[i])),
-                                          int(stream.cutoff_us[i])) for i in ids]
+        packed = stream.pack_pairs(ids)
         batch.users = q.pipeline.collate([packed[j] for j in rng.permutation(batch_size)]).to(q.device)
         shuffled.append(float(q.model(batch, loss_cfg).loss_contrastive))
     return {"contrastive": _mean(real), "contrastive_users_shuffled": _mean(shuffled)}

@@ -130,7 +130,8 @@ class BenchContext:
         if not isinstance(model, QAnchor):
             raise Skip("per-fold heads need a real checkpoint (checkpoint=<dir>)")
         with self._timed("prefix store"):
-            return encode_users(model.model, self.ds, model.pipeline, list(self.user_ids), 256, self.progress)
+            return encode_users(model.model, self.ds, model.pipeline, list(self.user_ids), 256, self.progress,
+                                [t.query for t in self.tasks])
 
     @cached_property
     def tune_config(self) -> PromptTuneConfig:
@@ -198,7 +199,7 @@ def _fold_heads(ctx: BenchContext, task: Task, folds: list) -> list[tuple[Split,
     them); computed once per task and shared by ``qanchor_head`` and ``qanchor_head_lr``."""
     key = (task.name, len(folds))
     if key not in ctx.fold_heads:
-        store = ctx.prefix_store  # Skip without a real checkpoint
+        store = ctx.prefix_store.at_query(task.query)  # Skip without a real checkpoint
         model, cfg = ctx.embedder.model, ctx.tune_config
         rows, labels = ctx.store_rows(task.user_ids), task.labels.astype(np.int64)
         query_ids = _query_ids(model, task.query)
@@ -222,7 +223,8 @@ def _qanchor_head(ctx: BenchContext, task: Task, folds: list) -> MethodInput:
     query_ids = _query_ids(model, task.query)
     scores = np.full(len(task.labels), np.nan)
     for (split, head), (_, test) in zip(heads, folds):
-        scores[test] = head_scores(model.model, ctx.prefix_store, query_ids, head, split.rows["test"], cfg.prefix_chunk)
+        scores[test] = head_scores(model.model, ctx.prefix_store.at_query(task.query), query_ids, head, split.rows["test"],
+                                   cfg.prefix_chunk)
     kept = ", ".join(str(head.extra.get("best_step", "?")) for _, head in heads)
     return MethodInput(scores=scores, note=f"head tuned per fold on its training users ({cfg.steps} steps, best "
                                             f"step by a validation split of them; kept steps {kept}), scored on the "
@@ -240,7 +242,7 @@ def _qanchor_head_lr(ctx: BenchContext, task: Task, folds: list) -> MethodInput:
     for i, ((_, head), (train, test)) in enumerate(zip(heads, folds)):
         suffix = model.model.suffix(query_ids, head.prompt.detach())
         with torch.no_grad():
-            emb = ctx.prefix_store.embed(model.model, suffix, index, cfg.prefix_chunk).float().cpu().numpy()
+            emb = ctx.prefix_store.at_query(task.query).embed(model.model, suffix, index, cfg.prefix_chunk).float().cpu().numpy()
         scores[test] = fit_predict(Classifier.LR, emb[train], labels[train], emb[test], ctx.cfg.seed + i, ctx.cfg.n_jobs)
     return MethodInput(scores=scores, note="per-fold head's embedding (soft prompt + task query) + LR on the fold's "
                                             "training users")

@@ -42,10 +42,10 @@ class PretrainConfig:
         if self.data.text_events and self.model.user_input != "text":
             raise ConfigError(f"data.text_events={self.data.text_events} is read only by model.user_input=text; "
                               "set data.text_events=0 or model.user_input=text")
-        if self.loss.path_free_weight > 0 and self.model.statistics_path == "none":
-            raise ConfigError("loss.path_free_weight > 0 trains the embedding made without the statistics path, and "
-                              "model.statistics_path is none; set model.statistics_path=add (or gated, principal) or "
-                              "loss.path_free_weight=0")
+        if self.loss.path_free_weight > 0 and self.model.statistics_path == "none" and not self.model.query_evidence:
+            raise ConfigError("loss.path_free_weight > 0 trains the embedding made without the statistics path and the "
+                              "query evidence, and the model has neither; set model.statistics_path=add (or gated, "
+                              "principal), model.query_evidence=true or loss.path_free_weight=0")
         if self.loss.answer_bank and self.model.answer_tower != "text_encoder":
             raise ConfigError("loss.answer_bank needs model.answer_tower=text_encoder (only frozen answer vectors can "
                               "be re-projected with the current weights); set loss.answer_bank=0 or change the tower")

@@ -138,8 +138,16 @@ class ModelConfig:
     # fixed map that training cannot reshape: the statistics' principal directions on the training users (fitted
     # with the input standardisation), scaled to unit mean norm, times one learned gain; "none" = off.
     statistics_path: Literal["none", "add", "gated", "principal"] = "none"
+    # Query evidence (qanchor.model.query_evidence): how strongly the user's kept events match the question, from the
+    # frozen sentence vectors of both (each event's standardised cosine to the question; per modality the strongest,
+    # the top five, the mean, the share and number of clearly relevant events), mapped linearly into the embedding
+    # beside the projection of the anchor's hidden state. The look-up a question should trigger, without training.
+    query_evidence: bool = False
 
     def __post_init__(self) -> None:
+        if self.query_evidence and self.user_input != "tokens":
+            raise ConfigError('model.query_evidence reads the user encoder\'s event text vectors, which model.user_input="text" '
+                              'does not build; set query_evidence: false for a text-prefix model')
         if self.projection_hidden < 0 or self.embedding_dim < 1:
             raise ConfigError(f"model.projection_hidden must be >= 0 (0 = linear heads) and model.embedding_dim >= 1, "
                               f"got {self.projection_hidden} and {self.embedding_dim}")

@@ -240,6 +240,14 @@ class QAnchor:
                 out.append(self.model.suffix(torch.tensor(ids, dtype=torch.long, device=self.device), prompt))
         return out
 
+    def query_vectors(self, queries: Sequence[str]) -> torch.Tensor | None:
+        """(R, T) the frozen sentence encoder's vectors of ``queries`` (the event texts' encoder), which a model with
+        ``model.query_evidence`` compares with the user's events; None for a model without it."""
+        if self.model.query_evidence is None:
+            return None
+        vectors = self.pipeline.cache.encoder.encode([q.strip() for q in queries])
+        return torch.from_numpy(vectors).to(self.device)
+
     def _check_head(self, head: Head) -> torch.Tensor:
         for attr in ("prompt", "checkpoint_hash", "query", "score"):
             if not hasattr(head, attr):
@@ -266,12 +274,13 @@ class QAnchor:
             ...     write(ids, emb)
         """
         suffixes = self.suffixes(requests)
+        query_vectors = self.query_vectors([q for q, _ in requests])
         cutoff_us = self.cutoff_us(cutoff)
         for records in batched(self.records(users), self.stream_users):
             packed = self.pack(records, cutoff_us)
             for start in range(0, len(packed), self.batch_size):
                 part = packed[start : start + self.batch_size]
-                yield [p.user_id for p in part], self.embed_packed(part, suffixes, use_cache)
+                yield [p.user_id for p in part], self.embed_packed(part, suffixes, use_cache, query_vectors)
 
     def embed_many(self, users: Users, requests: Sequence[tuple[str, Head | None]],
                    use_cache: bool = True, cutoff: datetime | str | None = None) -> np.ndarray:
@@ -310,26 +319,34 @@ class QAnchor:
         return head_scores(heads, self.embed_many(users, [(h.query, h) for h in heads], cutoff=cutoff))
 
     @torch.inference_mode()
-    def embed_packed(self, packed: Sequence[PackedUser], suffixes: Sequence[torch.Tensor], use_cache: bool = True) -> np.ndarray:
-        """Packed users x suffixes -> float32 ``[B, R, D]`` (the step inside :meth:`iter_embed`)."""
+    def embed_packed(self, packed: Sequence[PackedUser], suffixes: Sequence[torch.Tensor], use_cache: bool = True,
+                     query_vectors: torch.Tensor | None = None) -> np.ndarray:
+        """Packed users x suffixes -> float32 ``[B, R, D]`` (the step inside :meth:`iter_embed`). ``query_vectors``
+        (R, T): :meth:`query_vectors` of the suffixes' queries, required by a model with ``model.query_evidence``."""
         if not packed:
             return np.zeros((0, len(suffixes), self.embedding_dim), np.float32)
         batch = self.pipeline.collate(packed).to(self.device)
+        b, r = len(packed), len(suffixes)
+        user_index = torch.arange(b, device=self.device).repeat_interleave(r)  # (B*R,): requests fastest
+        if self.model.query_evidence is not None and (query_vectors is None or len(query_vectors) != r):
+            raise ModelInputError(f"this model weighs the user's events by the query (model.query_evidence): pass "
+                                  f"query_vectors, one per suffix ({r}), from QAnchor.query_vectors(queries)")
+        evidence = self.model.evidence(batch, user_index, None if query_vectors is None else query_vectors.repeat(b, 1))
         if not use_cache:
-            b, r = len(packed), len(suffixes)
-            user_index = torch.arange(b, device=self.device).repeat_interleave(r)  # (B*R,): requests fastest
             rows = [s for _ in range(b) for s in suffixes]
             hidden = torch.cat([anchor_hidden_uncached(self.model, batch, user_index[i : i + self.max_rows],
                                                        rows[i : i + self.max_rows]) for i in range(0, len(rows), self.max_rows)])
             stats = self.model.user_statistics(batch)
-            return self.model.project(hidden, None if stats is None else stats[user_index]).view(b, r, -1).cpu().numpy()
-        return self.embed_prefixes(self.model.prefixes(batch), suffixes, self.model.user_statistics(batch))
+            return self.model.project(hidden, None if stats is None else stats[user_index], evidence).view(b, r, -1).cpu().numpy()
+        return self.embed_prefixes(self.model.prefixes(batch), suffixes, self.model.user_statistics(batch), evidence)
 
     @torch.inference_mode()
     def embed_prefixes(self, prefixes: list[torch.Tensor], suffixes: Sequence[torch.Tensor],
-                       statistics: torch.Tensor | None = None) -> np.ndarray:
+                       statistics: torch.Tensor | None = None, evidence: torch.Tensor | None = None) -> np.ndarray:
         """Built prefix embeddings ((L_b, H) each) x suffixes -> float32 ``[B, R, D]``: each prefix runs once.
-        ``statistics`` (B, S): the users' :meth:`QAnchorModel.user_statistics`, required with a statistics path.
+        ``statistics`` (B, S): the users' :meth:`QAnchorModel.user_statistics`, required with a statistics path;
+        ``evidence`` (B*R, F), requests fastest: :meth:`QAnchorModel.evidence` of each (user, query), required with
+        ``model.query_evidence``.
 
         The daily update builds prefixes from cached modality encodings and embeds them here too.
         """
@@ -340,7 +357,7 @@ class QAnchor:
         hidden = torch.cat([anchor_hidden(self.model, prefix, user_index[i : i + self.max_rows], rows[i : i + self.max_rows])
                             for i in range(0, len(rows), self.max_rows)])  # (B*R, H)
         stats = None if statistics is None else statistics[user_index]
-        return self.model.project(hidden, stats).view(b, r, -1).cpu().numpy()  # (B*R, D) -> (B, R, D)
+        return self.model.project(hidden, stats, evidence).view(b, r, -1).cpu().numpy()  # (B*R, D) -> (B, R, D)
 
     # ----------------------------------------------------------------------------------- in words
     def check_language_head(self) -> None:

@@ -9,7 +9,8 @@ Layout (users split into shards by contiguous id ranges; ``bounds`` in state.jso
     encodings/part-00000.parquet one row per (user, modality): n, event_tokens (n*H floats),
                                  modality_token (H floats), encoded_at (when its ages were computed),
                                  statistics (the modality's block of the statistics path's input;
-                                 empty without model.statistics_path)
+                                 empty without model.statistics_path), text_vectors (the kept events'
+                                 text vectors, n*T floats; empty without model.query_evidence)
     embeddings/part-00000.parquet user_id, query_id, embedding: the same format as `qanchor embed`
 
 Files are only ever replaced whole (atomic writes), so an untouched shard is hard-linked, not copied.
@@ -128,7 +129,7 @@ def events_from_records(records: list[UserRecord], manifest: Manifest) -> pa.Tab
 
 def encodings_table(encodings: dict[str, dict[str, Encoding]], hidden: int) -> pa.Table:
     """user -> modality -> Encoding  ->  one row per (user, modality)."""
-    users, mods, ns, flat, tokens, at, stats = [], [], [], [], [], [], []
+    users, mods, ns, flat, tokens, at, stats, texts = [], [], [], [], [], [], [], []
     for uid in sorted(encodings):
         for name, e in encodings[uid].items():
             users.append(uid)
@@ -138,6 +139,7 @@ def encodings_table(encodings: dict[str, dict[str, Encoding]], hidden: int) -> p
             tokens.append(e.token)
             at.append(e.encoded_at)
             stats.append(np.asarray(e.statistics, np.float32))
+            texts.append(np.asarray(e.text, np.float32).reshape(-1))
     token_flat = pa.array(np.concatenate(tokens) if tokens else np.zeros(0, np.float32), pa.float32())
     return pa.table({
         "user_id": pa.array(users, pa.string()),
@@ -147,6 +149,7 @@ def encodings_table(encodings: dict[str, dict[str, Encoding]], hidden: int) -> p
         "modality_token": pa.FixedSizeListArray.from_arrays(token_flat, hidden),
         "encoded_at": pa.array(at, pa.int64()).cast(TS_TYPE),
         "statistics": _list_column(stats),  # the statistics path's block (empty lists without that path)
+        "text_vectors": _list_column(texts),  # the kept events' text vectors (empty lists without query evidence)
     })
 
 
@@ -166,16 +169,23 @@ def decode_encodings(table: pa.Table, user_ids: set[str]) -> dict[str, dict[str,
     flat = np.asarray(events.flatten())  # (sum n * H,)
     offsets = np.asarray(events.offsets)
     offsets = offsets - offsets[0]  # a filtered array may start past zero
-    stats = stat_offsets = None
-    if "statistics" in table.column_names:  # states written before the statistics path have none
-        column = table.column("statistics").combine_chunks()
-        stats, stat_offsets = np.asarray(column.flatten()), np.asarray(column.offsets)
-        stat_offsets = stat_offsets - stat_offsets[0]
+    stats, stat_offsets = _list_rows(table, "statistics")  # states written before the statistics path have none
+    texts, text_offsets = _list_rows(table, "text_vectors")  # nor before query evidence
     for i, (uid, name) in enumerate(zip(table.column("user_id").to_pylist(), table.column("modality").to_pylist())):
         ev = flat[offsets[i] : offsets[i + 1]].reshape(-1, hidden)  # (n, H)
         block = np.zeros(0, np.float32) if stats is None else stats[stat_offsets[i] : stat_offsets[i + 1]].copy()
-        out.setdefault(uid, {})[name] = Encoding(ev.copy(), tokens[i].copy(), int(at[i]), block)
+        text = np.zeros(0, np.float32) if texts is None else texts[text_offsets[i] : text_offsets[i + 1]].copy()
+        out.setdefault(uid, {})[name] = Encoding(ev.copy(), tokens[i].copy(), int(at[i]), block, text)
     return out
+
+
+def _list_rows(table: pa.Table, name: str) -> tuple[np.ndarray | None, np.ndarray | None]:
+    """A float list column's flat values and row offsets (starting at 0); (None, None) if the table lacks it."""
+    if name not in table.column_names:
+        return None, None
+    column = table.column(name).combine_chunks()
+    offsets = np.asarray(column.offsets)
+    return np.asarray(column.flatten()), offsets - offsets[0]
 
 
 def write_tables(directory: Path, shard: int, tables: dict[str, pa.Table]) -> None:

@@ -31,6 +31,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
+import torch
 
 from qanchor.data.dataset import Dataset, EventSeq, UserRecord
 from qanchor.data.io import OutputKind, atomic_dir
@@ -119,8 +120,15 @@ def _encode_users(q: QAnchor, records: list[UserRecord], touched: list[set[str]]
     return out, ran
 
 
-def _embed(q: QAnchor, encodings: dict[str, dict[str, Encoding]], users: list[str], suffixes) -> np.ndarray:
-    chunks = [embed_from_encodings(q, [encodings[u] for u in part], suffixes) for part in batched(users, q.batch_size)]
+def _asked(q: QAnchor, queries: list[tuple[str, str]]) -> tuple[list, torch.Tensor | None]:
+    """The queries' suffixes and (for a model with query evidence) their sentence vectors."""
+    texts = [t for _, t in queries]
+    return q.suffixes([(t, None) for t in texts]), q.query_vectors(texts)
+
+
+def _embed(q: QAnchor, encodings: dict[str, dict[str, Encoding]], users: list[str], asked) -> np.ndarray:
+    suffixes, vectors = asked
+    chunks = [embed_from_encodings(q, [encodings[u] for u in part], suffixes, vectors) for part in batched(users, q.batch_size)]
     return np.concatenate(chunks) if chunks else np.zeros((0, len(suffixes), q.embedding_dim), np.float32)  # (U, Q, D)
 
 
@@ -147,7 +155,7 @@ def init_state(q: QAnchor, ds: Dataset, queries: list[tuple[str, str]], out_dir:
     start = time.perf_counter()
     as_of_us = q.cutoff_us(as_of or ds.manifest.cutoff.isoformat())
     adapt = record_adapter(ds.manifest, ds.tabular_columns, q.manifest, q.tabular_columns)
-    suffixes, query_ids = q.suffixes([(t, None) for _, t in queries]), [i for i, _ in queries]
+    asked, query_ids = _asked(q, queries), [i for i, _ in queries]
     parts = ds.partitions
     shards = [p for p in range(parts.count) if len(parts.ids_of(p))]
     names = set(q.model.user_encoder.names)
@@ -160,7 +168,7 @@ def init_state(q: QAnchor, ds: Dataset, queries: list[tuple[str, str]], out_dir:
                 enc, n_run = _encode_users(q, chunk, [names] * len(chunk), as_of_us, {})
                 encodings.update(enc)
                 n += n_run
-            emb = _embed(q, encodings, [r.user_id for r in records], suffixes)
+            emb = _embed(q, encodings, [r.user_id for r in records], asked)
             buffers = [UserRecord(r.user_id, _buffer(q, r), None) for r in records]
             _write_shard(q, tmp, s, buffers, encodings, emb, query_ids, {})
             n_users, ran = n_users + len(records), ran + n
@@ -218,12 +226,12 @@ def update_state(q: QAnchor, state_dir: str | Path, event_files: Sequence[str | 
     requery = [list(x) for x in queries] != meta.queries
     new = records_from_events(table, q.manifest)
     shard_of = dict(zip(new, meta.shard_of(np.array(list(new), dtype=object)))) if new else {}
-    suffixes, query_ids = q.suffixes([(t, None) for _, t in queries]), [i for i, _ in queries]
+    asked, query_ids = _asked(q, queries), [i for i, _ in queries]
     totals = dict(users=0, changed=0, new=0, ran=0, prefixes=0, rewritten=0, linked=0)
     with atomic_dir(out_dir, OutputKind.STATE) as tmp:
         for s in progress_iter(range(meta.shards), desc="update state", unit="shard", enabled=progress):
             mine = {u: r for u, r in new.items() if shard_of[u] == s}
-            _update_shard(q, state_dir, tmp, s, mine, as_of_us, suffixes, query_ids, requery or full, full, totals)
+            _update_shard(q, state_dir, tmp, s, mine, as_of_us, asked, query_ids, requery or full, full, totals)
         m = len(q.model.user_encoder.names)
         report = UpdateReport(_iso(as_of_us), (as_of_us - to_microseconds(meta.as_of)) / _DAY_US, totals["users"],
                               totals["changed"], totals["new"], table.num_rows, totals["ran"],
@@ -235,7 +243,7 @@ def update_state(q: QAnchor, state_dir: str | Path, event_files: Sequence[str | 
 
 
 def _update_shard(q: QAnchor, src: Path, dst: Path, shard: int, new: dict[str, UserRecord], as_of_us: int,
-                  suffixes, query_ids: list[str], reembed_all: bool, full: bool, totals: dict) -> None:
+                  asked, query_ids: list[str], reembed_all: bool, full: bool, totals: dict) -> None:
     path = shard_path(src, "encodings", shard)
     n_old = pq.ParquetFile(path).metadata.num_rows // len(q.model.user_encoder.names) if path.exists() else 0
     if not new and not reembed_all:
@@ -264,7 +272,7 @@ def _update_shard(q: QAnchor, src: Path, dst: Path, shard: int, new: dict[str, U
         enc, n = _encode_users(q, chunk, [touched[r.user_id] for r in chunk], as_of_us, cached)
         encodings.update(enc)
         ran += n
-    emb = _embed(q, encodings, targets, suffixes)
+    emb = _embed(q, encodings, targets, asked)
     _write_shard(q, dst, shard, recs, encodings, emb, query_ids, old)
     totals.update(users=totals["users"] + len(known | set(new)), changed=totals["changed"] + len(new),
                   new=totals["new"] + len(set(new) - known), ran=totals["ran"] + ran,

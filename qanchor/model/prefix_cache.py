@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import copy
 from collections.abc import Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 
@@ -120,6 +120,10 @@ class PrefixStore:
     lengths: torch.Tensor
     user_ids: list[str]
     statistics: torch.Tensor | None = None  # (N, S) the statistics path's input (model.statistics_path), else None
+    # model.query_evidence: query text -> (N, F) each user's evidence for it (queries given to encode), and the
+    # query whose evidence the embeddings use (:meth:`at_query`)
+    evidence: dict[str, torch.Tensor] | None = None
+    query: str | None = None
 
     def __len__(self) -> int:
         return len(self.user_ids)
@@ -130,14 +134,25 @@ class PrefixStore:
 
     @classmethod
     @torch.no_grad()  # not inference_mode: these tensors later enter autograd graphs as constants
-    def encode(cls, model: QAnchorModel, batches: Iterable[UserBatch], progress: bool = False) -> PrefixStore:
-        """Run every batch's prefixes once through the frozen model and keep the keys/values."""
+    def encode(cls, model: QAnchorModel, batches: Iterable[UserBatch], progress: bool = False,
+               queries: dict[str, torch.Tensor] | None = None) -> PrefixStore:
+        """Run every batch's prefixes once through the frozen model and keep the keys/values. A model with
+        ``model.query_evidence`` also needs ``queries`` (query text -> its (T,) sentence vector, ``QAnchor.
+        query_vectors``): each user's evidence for each is kept, and :meth:`at_query` picks one."""
+        if model.query_evidence is not None and not queries:
+            raise ValueError("PrefixStore.encode: this model weighs the user's events by the query (model.query_evidence); "
+                             "pass queries={text: vector} for the queries the store will embed")
         chunks, ids, stats = [], [], []
+        wanted = dict(queries or {}) if model.query_evidence is not None else {}  # a model without evidence ignores them
+        evidence: dict[str, list[torch.Tensor]] = {q: [] for q in wanted}
         for users in progress_iter(batches, desc="encode prefixes", unit="chunk", enabled=progress):
             prefix = encode_prefixes(model, users)
             chunks.append(([k for k, _, _ in prefix.cache], [v for _, v, _ in prefix.cache], prefix.lengths))
             ids += list(users.user_ids)
             stats.append(model.user_statistics(users))
+            every = torch.arange(len(users), device=prefix.lengths.device)
+            for text, vector in wanted.items():
+                evidence[text].append(model.evidence(users, every, vector.to(every.device).expand(len(users), -1)))
         if not chunks:
             raise ValueError("PrefixStore.encode: no users given")
         width = max(int(c[2].max()) for c in chunks)
@@ -148,7 +163,18 @@ class PrefixStore:
 
         n_layers = len(chunks[0][0])
         return cls([stack(i, 0) for i in range(n_layers)], [stack(i, 1) for i in range(n_layers)],
-                   torch.cat([c[2] for c in chunks]), ids, None if stats[0] is None else torch.cat(stats))
+                   torch.cat([c[2] for c in chunks]), ids, None if stats[0] is None else torch.cat(stats),
+                   {q: torch.cat(parts) for q, parts in evidence.items()} or None)
+
+    def at_query(self, query: str) -> PrefixStore:
+        """The same store, its embeddings using each user's evidence for ``query`` (``model.query_evidence``; a
+        store without evidence returns itself)."""
+        if self.evidence is None:
+            return self
+        if query not in self.evidence:
+            raise KeyError(f"this prefix store holds query evidence for {sorted(self.evidence)}, not {query!r}; "
+                           "pass the query to PrefixStore.encode")
+        return replace(self, query=query)
 
     def rows(self, index: torch.Tensor) -> PrefixCache:
         """A fresh cache holding rows ``index`` (repeats allowed), cut to their longest prefix."""
@@ -165,7 +191,13 @@ class PrefixStore:
     def anchor_embedding(self, model: QAnchorModel, suffixes: list[torch.Tensor], index: torch.Tensor) -> torch.Tensor:
         """Unit embedding of ``suffixes[n]`` run on row ``index[n]`` -> (N, D); differentiable."""
         stats = None if self.statistics is None else self.statistics[index]
-        return model.project(self.hidden(model, suffixes, index), stats)
+        evidence = None
+        if model.query_evidence is not None:
+            if self.evidence is None or self.query is None:
+                raise ValueError("this model weighs the user's events by the query (model.query_evidence): embed "
+                                 "through store.at_query(query), from a store encoded with that query")
+            evidence = self.evidence[self.query][index]
+        return model.project(self.hidden(model, suffixes, index), stats, evidence)
 
     @torch.no_grad()
     def embed(self, model: QAnchorModel, suffix: torch.Tensor, index: torch.Tensor, batch_size: int = 256) -> torch.Tensor:

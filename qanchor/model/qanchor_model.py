@@ -22,6 +22,7 @@ from qanchor.data.manifest import Manifest
 from qanchor.model.backbone import cache_argument
 from qanchor.model.layout import TokenIds, build_prefixes, pad_right
 from qanchor.model.losses import combine, masked_infonce, token_cross_entropy
+from qanchor.model.query_evidence import QueryEvidence
 from qanchor.model.user_encoder import HierarchicalUserEncoder
 
 __all__ = ["PretrainBatch", "QAnchorOutput", "QAnchorModel", "AnswerBank", "ProfileDecoder", "StatisticsPath",
@@ -45,12 +46,13 @@ class PretrainBatch:
     # the rows whose window ends by the dataset's cutoff (the others hold zeros and are not targets)
     future: torch.Tensor | None = None
     future_rows: torch.Tensor | None = None
+    query_vec: torch.Tensor | None = None  # float32 [B, T]: frozen sentence vectors of the queries (model.query_evidence)
 
     def to(self, device) -> PretrainBatch:
-        vec, qh, rows, fut, fut_rows = (None if t is None else t.to(device) for t in (
-            self.answer_vec, self.query_hash, self.profile_rows, self.future, self.future_rows))
+        vec, qh, rows, fut, fut_rows, qvec = (None if t is None else t.to(device) for t in (
+            self.answer_vec, self.query_hash, self.profile_rows, self.future, self.future_rows, self.query_vec))
         return PretrainBatch(self.users.to(device), self.queries.to(device), self.answers.to(device),
-                             self.answer_hash.to(device), vec, qh, rows, fut, fut_rows)
+                             self.answer_hash.to(device), vec, qh, rows, fut, fut_rows, qvec)
 
 
 @dataclass
@@ -263,6 +265,8 @@ class QAnchorModel(nn.Module):
                                                gated=cfg.statistics_path == "gated",
                                                principal=cfg.statistics_path == "principal")
                                 if cfg.statistics_path != "none" else None)
+        self.query_evidence = (QueryEvidence(self.user_encoder.sequence_names, text_dim, cfg.embedding_dim)
+                               if cfg.query_evidence else None)
         # The text tower's answers are frozen sentence vectors: a projection of their own maps them to the space.
         self.answer_projection = (_projection(text_dim, cfg.projection_hidden, cfg.embedding_dim)
                                   if cfg.answer_tower == "text_encoder" else None)
@@ -294,24 +298,45 @@ class QAnchorModel(nn.Module):
         without a statistics path. Pass its rows to :meth:`project`, one per hidden state."""
         return None if self.statistics_path is None else self.user_encoder.statistics(users)
 
-    def project(self, hidden: torch.Tensor, statistics: torch.Tensor | None = None) -> torch.Tensor:
+    def evidence(self, users: UserBatch, index: torch.Tensor, query_vectors: torch.Tensor | None) -> torch.Tensor | None:
+        """(N, F) query evidence of row ``n``'s query (``query_vectors`` (N, T): the frozen sentence encoder's
+        vectors of the query texts) in the events of user ``index[n]``; None without ``model.query_evidence``.
+        Pass the rows to :meth:`project`, one per hidden state."""
+        if self.query_evidence is None:
+            return None
+        if query_vectors is None:
+            raise ValueError("model.query_evidence: the embedding needs each row's query vector (the sentence "
+                             "encoder's vector of the query text)")
+        return self.query_evidence.features(users, index.to(query_vectors.device), query_vectors)
+
+    def project(self, hidden: torch.Tensor, statistics: torch.Tensor | None = None,
+                evidence: torch.Tensor | None = None) -> torch.Tensor:
         """(N, H) anchor hidden states -> (N, D) unit embeddings, in float32. With a statistics path
         (``model.statistics_path``) ``statistics`` (N, S) are the users' rows of :meth:`user_statistics`, one per
-        hidden state, and are required."""
-        deep, wide = self.embedding_parts(hidden, statistics)
+        hidden state, and are required; with ``model.query_evidence`` so are ``evidence`` (N, F), the rows of
+        :meth:`evidence`."""
+        deep, wide = self.embedding_parts(hidden, statistics, evidence)
         return F.normalize((deep if wide is None else deep + wide).float(), dim=-1)
 
-    def embedding_parts(self, hidden: torch.Tensor, statistics: torch.Tensor | None = None
-                        ) -> tuple[torch.Tensor, torch.Tensor | None]:
+    def embedding_parts(self, hidden: torch.Tensor, statistics: torch.Tensor | None = None,
+                        evidence: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
         """The two (N, D) summands :meth:`project` normalises, before normalisation: the projection of the hidden
-        states, and the statistics path's map of ``statistics`` (None without a path)."""
+        states, and what reaches the embedding without the backbone (the statistics path's map of ``statistics``
+        plus the query evidence's map of ``evidence``; None with neither)."""
         deep = self.projection(hidden.to(self.projection[0].weight.dtype))
-        if self.statistics_path is None:
-            return deep, None
-        if statistics is None:
-            raise ValueError(f"model.statistics_path={self.cfg.statistics_path!r}: project() needs each row's user "
-                             "statistics (model.user_statistics(users), indexed like the hidden states)")
-        return deep, self.statistics_path(hidden, statistics.to(deep.device))
+        wide = None
+        if self.statistics_path is not None:
+            if statistics is None:
+                raise ValueError(f"model.statistics_path={self.cfg.statistics_path!r}: project() needs each row's user "
+                                 "statistics (model.user_statistics(users), indexed like the hidden states)")
+            wide = self.statistics_path(hidden, statistics.to(deep.device))
+        if self.query_evidence is not None:
+            if evidence is None:
+                raise ValueError("model.query_evidence: project() needs each row's query evidence (model.evidence(users, "
+                                 "index, query_vectors), indexed like the hidden states)")
+            mapped = self.query_evidence(evidence.to(deep.device))
+            wide = mapped if wide is None else wide + mapped
+        return deep, wide
 
     def _project_text(self, hidden: torch.Tensor) -> torch.Tensor:
         """The backbone answer tower: an answer's hidden state through the shared projection, no user statistics."""
@@ -394,13 +419,15 @@ class QAnchorModel(nn.Module):
         embeds, mask, _ = pad_right(rows)
         hidden = self.decoder(embeds, mask).last_hidden_state  # (B, L, H)
         pos = torch.tensor(anchor_pos, device=hidden.device)
-        deep, wide = self.embedding_parts(hidden[torch.arange(len(rows), device=hidden.device), pos],
-                                          self.user_statistics(batch.users))  # (B, D) each
+        every = torch.arange(len(rows), device=hidden.device)
+        deep, wide = self.embedding_parts(hidden[every, pos], self.user_statistics(batch.users),
+                                          self.evidence(batch.users, every, batch.query_vec))  # (B, D) each
         anchor = F.normalize((deep if wide is None else deep + wide).float(), dim=-1)
         path_free = None  # the same anchor without the statistics path: what the backbone alone carries
         if loss_cfg.path_free_weight > 0:
             if wide is None:
-                raise ValueError("loss.path_free_weight > 0 needs a model with a statistics path (model.statistics_path)")
+                raise ValueError("loss.path_free_weight > 0 needs a model with a statistics path (model.statistics_path) "
+                                 "or query evidence (model.query_evidence)")
             path_free = F.normalize(deep.float(), dim=-1)
         zero = hidden.new_zeros((), dtype=torch.float32)
         ntp = cl = None

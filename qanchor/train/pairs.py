@@ -26,6 +26,7 @@ from qanchor.config import ModelConfig, PretrainConfig
 from qanchor.data.batch import pad_token_ids
 from qanchor.data.dataset import Dataset, UserRecord
 from qanchor.data.history import WINDOW_STATS, window_stats
+from qanchor.data.packing import PackedUser
 from qanchor.data.pipeline import UserPipeline
 from qanchor.data.schema import USERU_FILE
 from qanchor.data.text_cache import TextVectorCache
@@ -79,6 +80,7 @@ class PretrainStream:
         self._epoch_plan = self._plan(is_uqa, uqa_fraction)
         self._epoch_cache: tuple[int, np.ndarray] | None = None
         self._records: dict[int, dict[str, UserRecord]] = {}
+        self._query_vectors: dict[str, np.ndarray] = {}  # query text -> sentence vector (model.query_evidence)
         self._tok_query = lru_cache(maxsize=65536)(lambda q: tokenize_query(tokenizer, q, model_cfg.max_query_tokens))
         self._tok_answer = lru_cache(maxsize=65536)(
             lambda a: tokenize_answer(tokenizer, a, model_cfg.max_answer_tokens, token_ids.end))
@@ -193,6 +195,22 @@ class PretrainStream:
             return sorted(set(self.answers))
         return sorted({self.answers[i] for i in self.pair_ids_for_steps(steps, global_batch)})
 
+    def encode_queries(self, queries: list[str], progress: bool = False) -> np.ndarray:
+        """float32 [n, T]: the sentence vectors of ``queries`` (``model.query_evidence``), from the event texts'
+        encoder so that the questions and the events share one space; each distinct text is encoded once per
+        stream and kept in memory (a run's questions are a few thousand short texts)."""
+        new = sorted({q for q in queries if q not in self._query_vectors})
+        if new:
+            for text, vec in zip(new, self.pipe.cache.encoder.encode(new, progress=progress, what="queries")):
+                self._query_vectors[text] = vec
+        return np.stack([self._query_vectors[q] for q in queries]) if queries else np.zeros((0, self.pipe.cache.dim), np.float32)
+
+    def queries_for_steps(self, steps: int, global_batch: int) -> list[str]:
+        """The distinct query texts of :meth:`pair_ids_for_steps`, sorted (as :meth:`answers_for_steps`)."""
+        if steps * global_batch >= len(self):
+            return sorted(set(self.queries))
+        return sorted({self.queries[i] for i in self.pair_ids_for_steps(steps, global_batch)})
+
     def _record(self, user_id: str, part: int) -> UserRecord:
         if part not in self._records:
             if len(self._records) >= 2:  # a batch spans at most two partitions
@@ -201,11 +219,14 @@ class PretrainStream:
             self._records[part] = {r.user_id: r for r in self.ds.read_partition(part, ids)}
         return self._records[part][user_id]
 
+    def pack_pairs(self, ids: np.ndarray) -> list[PackedUser]:
+        """Pairs ``ids`` -> each pair's user packed at the pair's cutoff."""
+        return [self.pipe.packer.pack(self._record(self.user_ids[i], int(self.partition_of[i])), int(self.cutoff_us[i]))
+                for i in ids]
+
     def batch(self, step: int, batch_size: int, rank: int = 0, world: int = 1) -> PretrainBatch:
         ids = self.pair_ids(step, batch_size, rank, world)
-        packed = [self.pipe.packer.pack(self._record(self.user_ids[i], int(self.partition_of[i])), int(self.cutoff_us[i]))
-                  for i in ids]
-        users = self.pipe.collate(packed)
+        users = self.pipe.collate(self.pack_pairs(ids))
         queries = pad_token_ids([self._tok_query(self.queries[i]) for i in ids], self.token_ids.pad)
         answers = pad_token_ids([self._tok_answer(self.answers[i]) for i in ids], self.token_ids.pad, [self.answers[i] for i in ids])
         hashes = torch.tensor([zlib.crc32(self.answers[i].encode()) for i in ids], dtype=torch.long)
@@ -216,4 +237,7 @@ class PretrainStream:
         query_hashes = torch.tensor([zlib.crc32(self.queries[i].encode()) for i in ids], dtype=torch.long)
         rows = None if self.profile_rows is None else torch.from_numpy(self.profile_rows[ids].copy())
         future, future_rows = self.future_targets(ids) if self.future_days is not None else (None, None)
-        return PretrainBatch(users, queries, answers, hashes, vec, query_hashes, rows, future, future_rows)
+        query_vec = None
+        if self.model_cfg.query_evidence:
+            query_vec = torch.from_numpy(self.encode_queries([self.queries[i] for i in ids]))
+        return PretrainBatch(users, queries, answers, hashes, vec, query_hashes, rows, future, future_rows, query_vec)

@@ -179,10 +179,14 @@ def run_pretrain(cfg: PretrainConfig, progress: bool = True) -> Path:
     stream = PretrainStream.for_run(ds, pipe, tokenizer, model.token_ids, cfg)
     if model.future_decoder is not None:
         fit_future_stats(model, stream, cfg.train.batch_size * world, cfg.train.max_steps * cfg.train.grad_accum_steps)
+    tc = cfg.train
     if cfg.model.answer_tower == "text_encoder":  # only that tower reads answer vectors
-        tc = cfg.train
         stream.answer_cache = answer_cache(cfg, ds, rank, progress, stream.answers_for_steps(
             tc.max_steps * tc.grad_accum_steps, tc.batch_size * world))
+    if cfg.model.query_evidence:  # the run's questions, encoded once up front (every rank: no files, no barrier)
+        stream.encode_queries(stream.queries_for_steps(tc.max_steps * tc.grad_accum_steps, tc.batch_size * world),
+                              progress and rank == 0)
+        fit_evidence_stats(model, stream, tc.batch_size * world, tc.max_steps * tc.grad_accum_steps)
     engine, _ = initialize(model, cfg.train, world)
     torch.manual_seed(cfg.train.seed * 1000 + rank)  # dropout streams differ per rank
     bank = AnswerBank(cfg.loss.answer_bank) if cfg.loss.answer_bank else None
@@ -205,7 +209,7 @@ def fit_input_stats(model, ds: Dataset, pipe: UserPipeline, sample: int = 4096, 
     """Store the standardisation of the tabular features (every training user), of each modality's numeric
     event features (the kept events of the first ``sample`` training users), of the modality tokens' RFM
     statistics and of the profile decoder's targets (same users) in the model, as inference will apply them; a
-    ``principal`` statistics path fits its fixed map on the same users.
+    ``principal`` statistics path fits its fixed map, and query evidence its reference of event texts, on the same users.
     Users held out (``train.holdout_users``) are left out: nothing of theirs shapes the model."""
     def training_users():
         return (r for r in ds.users() if not is_held_out(r.user_id, holdout_users))
@@ -216,7 +220,9 @@ def fit_input_stats(model, ds: Dataset, pipe: UserPipeline, sample: int = 4096, 
     enc = model.user_encoder
     packed = (pipe.packer.pack(r) for r in islice(training_users(), sample))
     principal = model.statistics_path is not None and model.statistics_path.principal
-    if enc.summary_stats != "basic" or model.profile_decoder is not None or principal:  # the same users, several passes
+    evidence = model.query_evidence
+    if enc.summary_stats != "basic" or model.profile_decoder is not None or principal or evidence is not None:
+        # the same users, several passes
         packed = list(packed)
     for name, (mean, std) in numeric_stats(packed, ds.manifest).items():
         enc.event_adapters[name].set_stats(torch.from_numpy(mean), torch.from_numpy(std))
@@ -236,6 +242,14 @@ def fit_input_stats(model, ds: Dataset, pipe: UserPipeline, sample: int = 4096, 
         with torch.no_grad():
             stats = torch.cat([enc.statistics(pipe.collate(chunk)) for chunk in batched(packed, 256)])
         model.statistics_path.set_principal(stats)
+    if evidence is not None:  # each modality's kept event texts: what a query's relevance is measured against
+        kept = {name: [] for name in evidence.names}
+        for chunk in batched(packed, 256):
+            users = pipe.collate(chunk)
+            for name in evidence.names:
+                kept[name].append(users.modalities[name].text_vec[users.modalities[name].mask])
+        for name, parts in kept.items():
+            evidence.set_reference(name, torch.cat(parts) if parts else torch.zeros(0, pipe.cache.dim))
     if model.profile_decoder is not None:  # after the other stats: the profile uses them
         with torch.no_grad():
             profiles = torch.cat([enc.profile(pipe.collate(chunk)) for chunk in batched(packed, 256)]).double()
@@ -256,6 +270,22 @@ def fit_future_stats(model, stream: PretrainStream, global_batch: int, steps: in
     targets = stream.future_targets(ids)[0].double()
     mean, std = targets.mean(0), targets.std(0, unbiased=False)
     model.future_decoder.set_stats(mean.float(), torch.where(std > 1e-6, std, 1.0).float())
+
+
+def fit_evidence_stats(model, stream: PretrainStream, global_batch: int, steps: int, sample: int = 4096) -> None:
+    """Standardise the query evidence (``model.query_evidence``) on the first ``sample`` pairs the run will train on
+    (``steps`` global batches): each pair's user packed at the pair's cutoff, under the pair's question."""
+    ids = stream.pair_ids_for_steps(steps, global_batch)[:sample]
+    if not len(ids):
+        raise ValueError("model.query_evidence: the run trains on no pairs to standardise the evidence on")
+    features = []
+    with torch.no_grad():
+        for start in range(0, len(ids), 256):
+            chunk = ids[start : start + 256]
+            users = stream.pipe.collate(stream.pack_pairs(chunk))
+            vectors = torch.from_numpy(stream.encode_queries([stream.queries[i] for i in chunk]))
+            features.append(model.evidence(users, torch.arange(len(chunk)), vectors))
+    model.query_evidence.set_feature_stats(torch.cat(features))
 
 
 def answer_cache(cfg: PretrainConfig, ds: Dataset, rank: int, progress: bool,

@@ -77,12 +77,18 @@ def _check_compatible(ds: Dataset, model: QAnchorModel, meta: ModelMeta) -> None
 
 
 def encode_users(model: QAnchorModel, ds: Dataset, pipe: UserPipeline, user_ids: list[str], chunk: int,
-                 progress: bool) -> PrefixStore:
-    """Pack, collate and encode the prefixes of ``user_ids`` (sorted), ``chunk`` users at a time."""
+                 progress: bool, queries: list[str] | None = None) -> PrefixStore:
+    """Pack, collate and encode the prefixes of ``user_ids`` (sorted), ``chunk`` users at a time. A model with
+    ``model.query_evidence`` keeps each user's evidence for each of ``queries`` (``store.at_query`` picks one)."""
     pipe.prime(ds.users(user_ids), progress=progress)  # encode any missing event text once, in big batches
     device = next(model.parameters()).device  # the store lives where the model runs
+    vectors = None
+    if model.query_evidence is not None:
+        texts = sorted(set(queries or []))
+        encoded = torch.from_numpy(pipe.cache.encoder.encode([q.strip() for q in texts])).to(device)
+        vectors = dict(zip(texts, encoded))
     batches = (pipe.collate(pipe.pack_many(records)).to(device) for records in batched(ds.users(user_ids), chunk))
-    return PrefixStore.encode(model, batches, progress=progress)
+    return PrefixStore.encode(model, batches, progress=progress, queries=vectors)
 
 
 def _write_split(path: Path, store: PrefixStore, split) -> None:
@@ -117,7 +123,7 @@ def run_prompt_tune(cfg: PromptTuneConfig, progress: bool = True) -> dict:
         # Every chosen task's users, not only the unfinished ones': the same store as an uninterrupted run,
         # so a task tuned after a restart comes out bit-identical (batch composition moves float rounding).
         user_ids = sorted(set().union(*(ds.tasks[t].user_ids.tolist() for t in tasks)))
-        store = encode_users(model, ds, pipe, user_ids, cfg.prefix_chunk, progress)
+        store = encode_users(model, ds, pipe, user_ids, cfg.prefix_chunk, progress, [ds.tasks[t].spec.query for t in tasks])
         row_of = {u: i for i, u in enumerate(store.user_ids)}
     summary = {"checkpoint": str(cfg.checkpoint), "checkpoint_hash": ckpt_hash, "dataset": str(ds.root),
                "n_users": len(store) if store else 0, "prefix_mb": store.nbytes / 2**20 if store else 0.0,
@@ -168,6 +174,7 @@ def _finished(task_dir: Path, key: str) -> dict | None:
 def _tune_one(model, tokenizer, store: PrefixStore, row_of: dict, ds: Dataset, name: str, cfg: PromptTuneConfig,
               ckpt_hash: str, out: Path, progress: bool) -> dict:
     task = ds.tasks[name]
+    store = store.at_query(task.spec.query)
     rows = np.array([row_of[u] for u in task.user_ids])
     split = split_users(rows, task.labels.astype(np.int64), cfg.val_fraction, cfg.test_fraction, cfg.seed)
     query_ids = torch.tensor(tokenize_query(tokenizer, task.spec.query, model.cfg.max_query_tokens), device=cfg.device)

@@ -21,7 +21,7 @@ from qanchor.infer.export import read_embeddings
 from qanchor.infer.state import records_from_events
 from qanchor.infer.update import init_state, update_state
 from qanchor.model.factory import ModelMeta, save_checkpoint
-from qanchor.train.pretrain import fit_input_stats
+from qanchor.train.pretrain import fit_evidence_stats, fit_input_stats
 from tests.conftest import QUERIES
 from tests.model.helpers import model_and_stream, tiny_cfg
 
@@ -130,13 +130,15 @@ def test_no_events_links_shards_and_bad_inputs_refused(infer_env, state0, tmp_pa
 
 @pytest.fixture(scope="module")
 def history_env(tiny_dataset, tmp_path_factory) -> SimpleNamespace:
-    """A checkpoint whose modality tokens read whole-history statistics, with a query-gated statistics path."""
+    """A checkpoint whose modality tokens read whole-history statistics, with a query-gated statistics path and
+    query evidence (so the state must also keep the kept events' text vectors)."""
     root = tmp_path_factory.mktemp("history")
     ds_dir = root / "ds"
     shutil.copytree(tiny_dataset, ds_dir, ignore=shutil.ignore_patterns(".qanchor_cache"))
-    cfg = tiny_cfg(["model.user_encoder.summary_stats=history", "model.statistics_path=gated"])
-    model, tokenizer, _, ds, pipe, _ = model_and_stream(ds_dir, cfg)
+    cfg = tiny_cfg(["model.user_encoder.summary_stats=history", "model.statistics_path=gated", "model.query_evidence=true"])
+    model, tokenizer, stream, ds, pipe, _ = model_and_stream(ds_dir, cfg)
     fit_input_stats(model, ds, pipe)
+    fit_evidence_stats(model, stream, 4, 8)
     with torch.no_grad():  # a trained gate is not the identity
         model.statistics_path.gate.weight.normal_(0.0, 0.5)
     meta = ModelMeta(ds.manifest.to_dict(), pipe.cache.dim, {}, list(ds.tabular_columns))
@@ -166,3 +168,7 @@ def test_a_whole_history_model_keeps_every_event(history_env, tmp_path):
     table = pq.read_table(tmp_path / "s1" / "encodings" / "part-00000.parquet")
     widths = {len(x) for x in table.column("statistics").to_pylist()}
     assert widths == {env.qa.model.user_encoder.summary_width + 1, 2 * len(env.ds.tabular_columns)}
+    # and so are the kept events' text vectors, which the query evidence compares each query with
+    dim = env.qa.pipeline.cache.dim
+    for row in table.filter(pc.equal(table.column("user_id"), uid)).to_pylist():
+        assert len(row["text_vectors"]) == (row["n"] * dim if row["modality"] != "tabular" else 0)

@@ -16,6 +16,7 @@ from qanchor.model.layout import special_token_names
 from qanchor.model.losses import masked_infonce
 from qanchor.model.prefix_cache import anchor_hidden, anchor_hidden_uncached, encode_prefixes
 from qanchor.model.qanchor_model import AnswerBank
+from qanchor.train.pretrain import fit_evidence_stats, fit_input_stats
 from tests.model.helpers import model_and_stream, tiny_cfg
 
 
@@ -507,7 +508,8 @@ def test_summary_stats_widen_and_standardise_the_modality_token_input(tiny_datas
 
 @pytest.mark.parametrize("text_tower,extra", [("backbone", []), ("text_encoder", []),
                                               ("text_encoder", ["model.user_encoder.summary_stats=history",
-                                                                "model.statistics_path=gated"])])
+                                                                "model.statistics_path=gated"]),
+                                              ("text_encoder", ["model.query_evidence=true"])])
 def test_a_bfloat16_model_reads_a_float32_batch(tiny_dataset, tmp_path, text_tower, extra):
     """DeepSpeed's bf16 engine casts every weight to bfloat16 and leaves the batch as collated (float32 text
     vectors, numerics, statistics): each float input must meet its layer in that layer's dtype. Found on an H200
@@ -517,6 +519,9 @@ def test_a_bfloat16_model_reads_a_float32_batch(tiny_dataset, tmp_path, text_tow
     model, _, stream, _, pipe, _ = model_and_stream(ds_dir, tiny_cfg([f"model.answer_tower={text_tower}", "loss.profile_weight=1",
                                                                       *extra]))
     stream.answer_cache = pipe.cache  # the text tower reads the answers' vectors (ignored by the backbone tower)
+    if model.query_evidence is not None:  # its reference and standardisation, as pretraining sets them
+        fit_input_stats(model, stream.ds, pipe)
+        fit_evidence_stats(model, stream, 4, 4)
     batch = stream.batch(0, 4)
     reference = model(batch, LossConfig(profile_weight=1.0))
     model = model.to(torch.bfloat16)

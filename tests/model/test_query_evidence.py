@@ -1,0 +1,231 @@
+"""model.query_evidence: each kept event's standardised relevance to the question (frozen sentence vectors of both),
+summarised per modality and mapped linearly into the embedding, on every path that makes an embedding: the training
+forward, cached and uncached serving, the quality probe; fitted on the training users and saved with the checkpoint."""
+
+from __future__ import annotations
+
+import shutil
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+import torch
+
+from qanchor.config import PromptTuneConfig, load_config
+from qanchor.errors import ConfigError, ModelInputError
+from qanchor.infer.api import QAnchor
+from qanchor.model.factory import ModelMeta, load_checkpoint, save_checkpoint
+from qanchor.model.layout import tokenize_query
+from qanchor.model.query_evidence import EVIDENCE_FEATURES
+from qanchor.train.pretrain import fit_evidence_stats, fit_input_stats
+from qanchor.tune.head import ScenarioHead
+from qanchor.tune.prompt_tune import encode_users, run_prompt_tune
+from tests.conftest import QUERIES
+from tests.helpers import load_benchmark
+from tests.model.helpers import model_and_stream, tiny_cfg
+
+EVIDENCE = ["model.query_evidence=true", "model.statistics_path=add", "model.user_encoder.summary_stats=history"]
+
+
+@pytest.fixture(scope="module")
+def env(tiny_dataset, tmp_path_factory):
+    root = tmp_path_factory.mktemp("query_evidence")
+    ds_dir = root / "ds"
+    shutil.copytree(tiny_dataset, ds_dir, ignore=shutil.ignore_patterns(".qanchor_cache"))
+    cfg = tiny_cfg(EVIDENCE)
+    model, tokenizer, stream, ds, pipe, _ = model_and_stream(ds_dir, cfg)
+    fit_input_stats(model, ds, pipe)
+    fit_evidence_stats(model, stream, 4, 8)
+    with torch.no_grad():  # a trained gain is not 1
+        model.query_evidence.gain.fill_(1.7)
+    model.eval()
+    meta = ModelMeta(ds.manifest.to_dict(), pipe.cache.dim, {}, list(ds.tabular_columns))
+    ckpt = save_checkpoint(root / "ck", model, tokenizer, cfg, meta)
+    qa = QAnchor.from_pretrained(ckpt, text_cache_dir=ds.text_cache_dir, batch_size=4)
+    return SimpleNamespace(root=root, ds_dir=ds_dir, cfg=cfg, model=model, stream=stream, ds=ds, pipe=pipe, ckpt=ckpt, qa=qa)
+
+
+def _by_hand(vectors: np.ndarray, query: np.ndarray, mean: np.ndarray, cov: np.ndarray) -> np.ndarray:
+    """The 7 summaries of one user's events in one modality, written out in numpy (float64)."""
+    if not len(vectors):
+        return np.zeros(len(EVIDENCE_FEATURES))
+    v = vectors / np.linalg.norm(vectors, axis=1, keepdims=True)
+    q = query / np.linalg.norm(query)
+    z = (v @ q - q @ mean) / np.sqrt(q @ cov @ q)
+    w = np.exp(2 * (z - z.max()))
+    w /= w.sum()
+    return np.array([z.max(), np.sort(z)[::-1][:5].mean(), z.mean(), (z > 1).mean(), (z > 2).mean(),
+                     np.log1p((z > 2).sum()), (w * z).sum()])
+
+
+def test_the_reference_is_the_training_users_kept_events(env):
+    """fit_input_stats sets each modality's reference: the mean and covariance of its kept events' unit text vectors."""
+    ev = env.model.query_evidence
+    packed = [env.pipe.packer.pack(r) for r in env.ds.users()]
+    users = env.pipe.collate(packed)
+    for i, name in enumerate(ev.names):
+        m = users.modalities[name]
+        x = torch.nn.functional.normalize(m.text_vec[m.mask].double(), dim=-1).numpy()
+        assert len(x) > 2
+        np.testing.assert_allclose(ev.text_mean[i].numpy(), x.mean(0), atol=1e-6)
+        np.testing.assert_allclose(ev.text_cov[i].numpy(), np.cov(x.T, bias=True), atol=1e-6)
+
+
+def test_features_are_the_standardised_relevances_summarised(env):
+    """Per modality, from z = (cos(event, query) - q.m) / sqrt(q^T C q): the maximum, the top-5 mean, the mean, the
+    shares above 1 and 2, log(1 + the number above 2) and the softmax(2z)-weighted mean; zeros without events."""
+    ev, qa = env.model.query_evidence, env.qa
+    records = list(env.ds.users())[:4]
+    users = qa.pipeline.collate(qa.pack(records, qa.cutoff_us(None)))
+    queries = qa.query_vectors(QUERIES[:2])
+    index = torch.tensor([0, 1, 2, 3, 1])
+    qv = queries[torch.tensor([0, 0, 1, 1, 1])]
+    feats = env.model.evidence(users, index, qv)
+    k = len(EVIDENCE_FEATURES)
+    assert feats.shape == (5, len(ev.names) * k)
+    empty = 0
+    for n in range(5):
+        for i, name in enumerate(ev.names):
+            m = users.modalities[name]
+            vectors = m.text_vec[index[n]][m.mask[index[n]]].double().numpy()
+            empty += not len(vectors)
+            expected = _by_hand(vectors, qv[n].double().numpy(), ev.text_mean[i].double().numpy(), ev.text_cov[i].double().numpy())
+            np.testing.assert_allclose(feats[n, i * k : (i + 1) * k].numpy(), expected, atol=1e-4)
+    assert empty  # the hand-written users include one without events in a modality
+    # one user, two questions: different evidence (rows 1 and 4 are user 1 under queries 0 and 1)
+    assert (feats[1] - feats[4]).abs().max() > 1e-3
+
+
+def test_the_evidence_is_standardised_on_the_runs_pairs_through_a_fixed_orthonormal_map(env):
+    """fit_evidence_stats: the features' mean and std over the first pairs the run trains on (each user at the
+    pair's cutoff, under the pair's question); the map's columns are orthonormal, the same for every model of one
+    shape, and a standardised feature vector keeps its length (times the gain)."""
+    ev, stream = env.model.query_evidence, env.stream
+    ids = stream.pair_ids_for_steps(8, 4)
+    users = stream.pipe.collate(stream.pack_pairs(ids))
+    vectors = torch.from_numpy(stream.encode_queries([stream.queries[i] for i in ids]))
+    feats = env.model.evidence(users, torch.arange(len(ids)), vectors).double()
+    assert torch.allclose(ev.feature_mean.double(), feats.mean(0), atol=1e-5)
+    std = feats.std(0, unbiased=False)
+    assert torch.allclose(ev.feature_std.double(), torch.where(std > 1e-6, std, 1.0), atol=1e-5)
+    basis = ev.basis.double()
+    assert torch.allclose(basis.T @ basis, torch.eye(ev.width, dtype=torch.float64), atol=1e-5)
+    again, *_ = model_and_stream(env.ds_dir, tiny_cfg(EVIDENCE), seed=3)
+    assert torch.equal(again.query_evidence.basis, ev.basis)
+    with torch.no_grad():
+        mapped = ev(feats.float())
+        assert torch.allclose(mapped.norm(dim=-1), 1.7 * ev.standardise(feats.float()).norm(dim=-1), rtol=1e-4)
+
+
+def test_project_adds_the_mapped_evidence_and_needs_it(env):
+    model, ev = env.model, env.model.query_evidence
+    h = torch.randn(3, model.hidden_size)
+    s = torch.randn(3, model.user_encoder.statistics_width())
+    e = torch.randn(3, ev.width)
+    with torch.no_grad():
+        mapped = 1.7 * ((e - ev.feature_mean) / ev.feature_std) @ ev.basis.T
+        by_hand = model.projection(h) + model.statistics_path(h, s) + mapped
+        assert torch.allclose(model.project(h, s, e), torch.nn.functional.normalize(by_hand, dim=-1), atol=1e-5)
+    with pytest.raises(ValueError, match="query_evidence.*evidence"):
+        model.project(h, s)
+
+
+def test_at_gain_zero_the_evidence_adds_nothing(env):
+    """With its gain at 0 a model with evidence embeds exactly as one without it holding the same other weights;
+    a fresh one starts at gain 1, so the evidence counts from the first step."""
+    fresh, *_ = model_and_stream(env.ds_dir, tiny_cfg(EVIDENCE))
+    assert float(fresh.query_evidence.gain.detach()) == 1.0
+    plain, *_ = model_and_stream(env.ds_dir, tiny_cfg(EVIDENCE[1:]))
+    assert plain.query_evidence is None
+    fit_input_stats(plain, env.ds, env.pipe)
+    missing, unexpected = fresh.load_state_dict(plain.state_dict(), strict=False)
+    assert not unexpected and missing and all(k.startswith("query_evidence.") for k in missing)
+    batch = env.stream.batch(0, 4)
+    assert batch.query_vec is not None and batch.query_vec.shape == (4, env.pipe.cache.dim)
+    fresh.eval()
+    plain.eval()
+    with torch.no_grad():
+        assert not torch.allclose(fresh(batch).anchor, plain(batch).anchor, atol=1e-3)
+        fresh.query_evidence.gain.zero_()
+        assert torch.allclose(fresh(batch).anchor, plain(batch).anchor, atol=1e-6)
+
+
+def test_training_reaches_the_map_and_the_checkpoint_keeps_it(env):
+    model = env.model
+    model.train()
+    model.zero_grad()
+    model(env.stream.batch(1, 4), env.cfg.loss).loss.backward()
+    grad = model.query_evidence.gain.grad
+    assert grad is not None and grad.abs().sum() > 0
+    model.zero_grad()
+    model.eval()
+    loaded, *_ = load_checkpoint(env.ckpt)
+    for key in ("text_mean", "text_cov", "feature_mean", "feature_std", "basis", "gain"):
+        assert torch.equal(loaded.query_evidence.state_dict()[key], model.query_evidence.state_dict()[key])
+    batch = env.stream.batch(2, 4)
+    with torch.no_grad():
+        assert torch.equal(loaded(batch).anchor, model(batch).anchor)
+
+
+def test_serving_cached_uncached_and_the_quality_probe_agree(env):
+    """QAnchor.embed cached == uncached; each query gets its own evidence (so the query changes the embedding
+    through it); the quality probe's two parts sum to the served embedding; embed_packed refuses without the
+    query vectors."""
+    qa = env.qa
+    records = list(env.ds.users())[:5]
+    cached = qa.embed(records, QUERIES)
+    assert np.abs(cached - qa.embed(records, QUERIES, use_cache=False)).max() < 1e-4
+    qp = load_benchmark("quality_probe")
+    user_ids = [r.user_id for r in records]
+    _, emb, _, _, _, parts = qp.embed_all(qa, env.ds, user_ids, QUERIES)
+    assert np.abs(emb - cached).max() < 1e-4
+    summed = parts.sum(2)
+    np.testing.assert_allclose(summed / np.linalg.norm(summed, axis=-1, keepdims=True), emb, atol=1e-5)
+    # the wide part under two queries differs only through the evidence (the statistics are the user's)
+    assert np.abs(parts[:, 0, 1] - parts[:, 1, 1]).max() > 1e-3
+    packed = qa.pack(records, qa.cutoff_us(None))
+    with pytest.raises(ModelInputError, match="query_vectors"):
+        qa.embed_packed(packed, qa.suffixes([(QUERIES[0], None)]))
+
+
+def test_a_text_prefix_model_has_no_query_evidence():
+    with pytest.raises(ConfigError, match="query_evidence.*user_input"):
+        tiny_cfg(["model.query_evidence=true", "model.user_input=text"])
+
+
+def test_the_prefix_store_embeds_as_serving_does_under_each_query(env):
+    """The prompt tuner's store keeps each user's evidence for the queries it was encoded with; at_query picks one,
+    and the store's embeddings then equal serving's under that query."""
+    qa = env.qa
+    user_ids = sorted(env.ds.user_ids)[:6]
+    store = encode_users(qa.model, env.ds, qa.pipeline, user_ids, 4, False, QUERIES)
+    served = qa.embed(env.ds.users(user_ids), QUERIES)
+    for k, query in enumerate(QUERIES):
+        suffix = qa.suffixes([(query, None)])[0]
+        from_store = store.at_query(query).embed(qa.model, suffix, torch.arange(6)).numpy()
+        assert np.abs(from_store - served[:, k]).max() < 1e-4
+    with pytest.raises(ValueError, match="at_query"):
+        store.embed(qa.model, qa.suffixes([(QUERIES[0], None)])[0], torch.arange(2))
+    with pytest.raises(KeyError, match="not 'Who"):
+        store.at_query("Who is this?")
+    with pytest.raises(ValueError, match="queries="):
+        encode_users(qa.model, env.ds, qa.pipeline, user_ids, 4, False)
+
+
+def test_prompt_tuning_and_scoring_run_on_a_query_evidence_checkpoint(env, tmp_path):
+    """qanchor prompt-tune end to end: the head is tuned on the store's evidence for its task's query, and scoring it
+    through serving gives the score the tuner's own store gives."""
+    cfg = load_config(None, [f"checkpoint={env.ckpt}", f"data.path={env.ds_dir}", f"output_dir={tmp_path / 'heads'}",
+                             "task=churn", "steps=4", "eval_every=2", "batch_size=8", "prefix_chunk=16",
+                             "prototypes_per_class=2"], schema=PromptTuneConfig)
+    summary = run_prompt_tune(cfg, progress=False)
+    assert "churn" in summary["tasks"]
+    head = ScenarioHead.load(tmp_path / "heads" / "churn")
+    qa, task = env.qa, env.ds.tasks["churn"]
+    user_ids = sorted(task.user_ids.tolist())
+    served = qa.score(env.ds.users(user_ids), head)
+    store = encode_users(qa.model, env.ds, qa.pipeline, user_ids, 16, False, [task.spec.query])
+    query_ids = torch.tensor(tokenize_query(qa.tokenizer, task.spec.query, qa.run_cfg.model.max_query_tokens))
+    emb = store.at_query(task.spec.query).embed(qa.model, qa.model.suffix(query_ids, head.prompt.detach()),
+                                                 torch.arange(len(user_ids)))
+    assert np.abs(head.score(emb).detach().numpy() - served).max() < 1e-3
