@@ -118,16 +118,21 @@ def bench_one(model, tokenizer, packed, cache, n_tab: int, n: int, batch: int, s
     def collate(idx):
         return collate_users([users[i] for i in idx], model.manifest, cache.vectors, n_tab)
 
+    # A checkpoint with query evidence (model.query_evidence) weighs the events by the query: its sentence vector.
+    vector = torch.from_numpy(cache.encoder.encode([QUERY]))[0] if model.query_evidence is not None else None
     tick = time.perf_counter()
-    store = PrefixStore.encode(model, (collate(range(s, min(s + 64, len(users)))) for s in range(0, len(users), 64)))
+    store = PrefixStore.encode(model, (collate(range(s, min(s + 64, len(users)))) for s in range(0, len(users), 64)),
+                               queries=None if vector is None else {QUERY: vector}).at_query(QUERY)
     encode_s = time.perf_counter() - tick
     cached = _time(lambda i: step(lambda s: store.anchor_embedding(model, [s] * batch, torch.as_tensor(batches[i]))),
                    steps, warmup)
 
     def uncached_embedding(i: int, suffix: torch.Tensor) -> torch.Tensor:
         users = collate(batches[i])
-        return model.project(anchor_hidden_uncached(model, users, torch.arange(batch), [suffix] * batch),
-                             model.user_statistics(users))
+        every = torch.arange(batch)
+        evidence = model.evidence(users, every, None if vector is None else vector.expand(batch, -1))
+        return model.project(anchor_hidden_uncached(model, users, every, [suffix] * batch), model.user_statistics(users),
+                             evidence)
 
     uncached = _time(lambda i: step(lambda s: uncached_embedding(i, s)), steps, warmup)
     lp = int(store.lengths.float().mean())

@@ -9,7 +9,9 @@ modality's events of the training users (mean ``q . m``, variance ``q^T C q`` fo
 covariance ``C``, so a question whose words resemble every event does not count as evidence everywhere). A few
 fixed summaries of those relevances (the strongest, the top five, the mean, the share and number of clearly
 relevant events, a soft maximum), standardised on the run's own pretraining pairs, enter the embedding through a
-fixed map with orthonormal columns times one learned gain, beside the projection of the anchor's hidden state. They
+fixed map with orthonormal columns, scaled so that each modality's seven summaries together weigh as much as one
+standardised statistic (they restate one quantity: how relevant that modality's events are to the question), times
+one learned gain, beside the projection of the anchor's hidden state. They
 depend on the question, so the same user gets different evidence under "Will this user buy a mutual fund?" and "Will
 this user accept a travel offer?", which the generic question cannot stand in for.
 
@@ -33,6 +35,10 @@ __all__ = ["QueryEvidence", "EVIDENCE_FEATURES"]
 EVIDENCE_FEATURES = ("max", "top5_mean", "mean", "share_above_1", "share_above_2", "log_count_above_2", "soft_max")
 TOP = 5
 SOFT_MAX_SHARPNESS = 2.0  # weights softmax(2 z): between the mean (0) and the maximum (inf)
+# A modality's summaries restate one quantity; together they weigh as much as one standardised statistic. At one
+# statistic each, the evidence of the tiny runs made up most of the embedding's variance and cost the tasks it says
+# nothing about (README, "Query evidence").
+PER_MODALITY_SCALE = len(EVIDENCE_FEATURES) ** -0.5
 
 
 class QueryEvidence(nn.Module):
@@ -44,7 +50,8 @@ class QueryEvidence(nn.Module):
     std over the run's first pretraining pairs, each user at the pair's cutoff under the pair's question;
     :meth:`set_feature_stats`, from ``fit_evidence_stats``). The map: the standardised features times a fixed
     (D, F) matrix with orthonormal columns (rows where F > D; drawn from a fixed seed, so every model of one shape
-    has the same), times a learned gain that starts at 1: each feature enters like one standardised statistic.
+    has the same), divided by sqrt(7) so that a modality's seven summaries (one quantity restated seven ways) enter
+    with the squared norm of one standardised statistic, times a learned gain that starts at 1.
     """
 
     def __init__(self, names: list[str], text_dim: int, embedding_dim: int):
@@ -106,8 +113,9 @@ class QueryEvidence(nn.Module):
             return torch.cat(out, dim=-1)
 
     def forward(self, evidence: torch.Tensor) -> torch.Tensor:
-        """(N, M x 7) features of :meth:`features` -> (N, D): standardised, through the fixed map, times the gain."""
-        return self.gain.to(self.basis.dtype) * (self.standardise(evidence) @ self.basis.T)
+        """(N, M x 7) features of :meth:`features` -> (N, D): standardised, through the fixed map, each modality's
+        block at the weight of one statistic, times the gain."""
+        return self.gain.to(self.basis.dtype) * (self.standardise(evidence) @ self.basis.T) * PER_MODALITY_SCALE
 
 
 def _orthonormal(rows: int, cols: int, seed: int = 0) -> torch.Tensor:

@@ -99,7 +99,8 @@ def test_features_are_the_standardised_relevances_summarised(env):
 def test_the_evidence_is_standardised_on_the_runs_pairs_through_a_fixed_orthonormal_map(env):
     """fit_evidence_stats: the features' mean and std over the first pairs the run trains on (each user at the
     pair's cutoff, under the pair's question); the map's columns are orthonormal, the same for every model of one
-    shape, and a standardised feature vector keeps its length (times the gain)."""
+    shape, and a standardised feature vector keeps its length, times the gain over sqrt(7) (a modality's seven
+    summaries weigh as one statistic)."""
     ev, stream = env.model.query_evidence, env.stream
     ids = stream.pair_ids_for_steps(8, 4)
     users = stream.pipe.collate(stream.pack_pairs(ids))
@@ -114,7 +115,8 @@ def test_the_evidence_is_standardised_on_the_runs_pairs_through_a_fixed_orthonor
     assert torch.equal(again.query_evidence.basis, ev.basis)
     with torch.no_grad():
         mapped = ev(feats.float())
-        assert torch.allclose(mapped.norm(dim=-1), 1.7 * ev.standardise(feats.float()).norm(dim=-1), rtol=1e-4)
+        expected = 1.7 * ev.standardise(feats.float()).norm(dim=-1) / len(EVIDENCE_FEATURES) ** 0.5
+        assert torch.allclose(mapped.norm(dim=-1), expected, rtol=1e-4)
 
 
 def test_project_adds_the_mapped_evidence_and_needs_it(env):
@@ -123,7 +125,7 @@ def test_project_adds_the_mapped_evidence_and_needs_it(env):
     s = torch.randn(3, model.user_encoder.statistics_width())
     e = torch.randn(3, ev.width)
     with torch.no_grad():
-        mapped = 1.7 * ((e - ev.feature_mean) / ev.feature_std) @ ev.basis.T
+        mapped = 1.7 * ((e - ev.feature_mean) / ev.feature_std) @ ev.basis.T / 7**0.5
         by_hand = model.projection(h) + model.statistics_path(h, s) + mapped
         assert torch.allclose(model.project(h, s, e), torch.nn.functional.normalize(by_hand, dim=-1), atol=1e-5)
     with pytest.raises(ValueError, match="query_evidence.*evidence"):
