@@ -80,7 +80,6 @@ class PretrainStream:
         self._epoch_plan = self._plan(is_uqa, uqa_fraction)
         self._epoch_cache: tuple[int, np.ndarray] | None = None
         self._records: dict[int, dict[str, UserRecord]] = {}
-        self._query_vectors: dict[str, np.ndarray] = {}  # query text -> sentence vector (model.query_evidence)
         self._tok_query = lru_cache(maxsize=65536)(lambda q: tokenize_query(tokenizer, q, model_cfg.max_query_tokens))
         self._tok_answer = lru_cache(maxsize=65536)(
             lambda a: tokenize_answer(tokenizer, a, model_cfg.max_answer_tokens, token_ids.end))
@@ -197,13 +196,13 @@ class PretrainStream:
 
     def encode_queries(self, queries: list[str], progress: bool = False) -> np.ndarray:
         """float32 [n, T]: the sentence vectors of ``queries`` (``model.query_evidence``), from the event texts'
-        encoder so that the questions and the events share one space; each distinct text is encoded once per
-        stream and kept in memory (a run's questions are a few thousand short texts)."""
-        new = sorted({q for q in queries if q not in self._query_vectors})
-        if new:
-            for text, vec in zip(new, self.pipe.cache.encoder.encode(new, progress=progress, what="queries")):
-                self._query_vectors[text] = vec
-        return np.stack([self._query_vectors[q] for q in queries]) if queries else np.zeros((0, self.pipe.cache.dim), np.float32)
+        encoder so that the questions and the events share one space. They are stored in the dataset's text cache
+        like the event texts: a question is encoded once, and every later run (a resumed one, another budget)
+        reads the very same vector, whichever other questions it was encoded beside."""
+        if not queries:
+            return np.zeros((0, self.pipe.cache.dim), np.float32)
+        rows = self.pipe.cache.ensure(queries, progress=progress, what="queries")  # first: it may add rows
+        return self.pipe.cache.vectors[rows]
 
     def queries_for_steps(self, steps: int, global_batch: int) -> list[str]:
         """The distinct query texts of :meth:`pair_ids_for_steps`, sorted (as :meth:`answers_for_steps`)."""

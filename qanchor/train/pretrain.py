@@ -183,10 +183,10 @@ def run_pretrain(cfg: PretrainConfig, progress: bool = True) -> Path:
     if cfg.model.answer_tower == "text_encoder":  # only that tower reads answer vectors
         stream.answer_cache = answer_cache(cfg, ds, rank, progress, stream.answers_for_steps(
             tc.max_steps * tc.grad_accum_steps, tc.batch_size * world))
-    if cfg.model.query_evidence:  # the run's questions, encoded once up front (every rank: no files, no barrier)
+    if cfg.model.query_evidence:  # the run's questions, encoded up front and stored with the event texts
         stream.encode_queries(stream.queries_for_steps(tc.max_steps * tc.grad_accum_steps, tc.batch_size * world),
                               progress and rank == 0)
-        fit_evidence_stats(model, stream, tc.batch_size * world, tc.max_steps * tc.grad_accum_steps)
+        fit_evidence_stats(model, stream, tc.batch_size * world)
     engine, _ = initialize(model, cfg.train, world)
     torch.manual_seed(cfg.train.seed * 1000 + rank)  # dropout streams differ per rank
     bank = AnswerBank(cfg.loss.answer_bank) if cfg.loss.answer_bank else None
@@ -272,10 +272,11 @@ def fit_future_stats(model, stream: PretrainStream, global_batch: int, steps: in
     model.future_decoder.set_stats(mean.float(), torch.where(std > 1e-6, std, 1.0).float())
 
 
-def fit_evidence_stats(model, stream: PretrainStream, global_batch: int, steps: int, sample: int = 4096) -> None:
-    """Standardise the query evidence (``model.query_evidence``) on the first ``sample`` pairs the run will train on
-    (``steps`` global batches): each pair's user packed at the pair's cutoff, under the pair's question."""
-    ids = stream.pair_ids_for_steps(steps, global_batch)[:sample]
+def fit_evidence_stats(model, stream: PretrainStream, global_batch: int, sample: int = 4096) -> None:
+    """Standardise the query evidence (``model.query_evidence``) on the first ``sample`` pairs of the run's order
+    (whatever its budget, so a run resumed with another ``max_steps`` standardises as it did): each pair's user
+    packed at the pair's cutoff, under the pair's question."""
+    ids = stream.pair_ids_for_steps(-(-sample // global_batch), global_batch)[:sample]
     if not len(ids):
         raise ValueError("model.query_evidence: the run trains on no pairs to standardise the evidence on")
     features = []

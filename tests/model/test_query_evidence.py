@@ -35,7 +35,7 @@ def env(tiny_dataset, tmp_path_factory):
     cfg = tiny_cfg(EVIDENCE)
     model, tokenizer, stream, ds, pipe, _ = model_and_stream(ds_dir, cfg)
     fit_input_stats(model, ds, pipe)
-    fit_evidence_stats(model, stream, 4, 8)
+    fit_evidence_stats(model, stream, 4, 32)  # the first 32 pairs of the run's order
     with torch.no_grad():  # a trained gain is not 1
         model.query_evidence.gain.fill_(1.7)
     model.eval()
@@ -97,7 +97,7 @@ def test_features_are_the_standardised_relevances_summarised(env):
 
 
 def test_the_evidence_is_standardised_on_the_runs_pairs_through_a_fixed_orthonormal_map(env):
-    """fit_evidence_stats: the features' mean and std over the first pairs the run trains on (each user at the
+    """fit_evidence_stats: the features' mean and std over the first pairs of the run's order (each user at the
     pair's cutoff, under the pair's question); the map's columns are orthonormal, the same for every model of one
     shape, and a standardised feature vector keeps its length, times the gain over sqrt(7) (a modality's seven
     summaries weigh as one statistic)."""
