@@ -96,6 +96,10 @@ class PromptTuneConfig:
     batch_size: int = 64
     lr: float = 1e-3  # Adam, for the prompt vectors
     prototype_lr: float = 1e-3  # Adam, for the prototypes (unit vectors: a different scale from the prompt)
+    # Adam, for the head's look-up vector on a model with model.query_evidence: which of the user's events count as
+    # evidence for this scenario (it starts at the query text's sentence vector; see ScenarioHead). 0 = keep the
+    # query's own vector (the frozen look-up).
+    lookup_lr: float = 0.0
     eval_every: int = 25  # validation AUC every this many steps; the best step is kept
     val_fraction: float = 0.2
     test_fraction: float = 0.2
@@ -118,8 +122,8 @@ class PromptTuneConfig:
     def __post_init__(self) -> None:
         if self.num_prompt_tokens < 1 or self.prototypes_per_class < 1 or self.min_users_per_prototype < 1:
             raise ConfigError("num_prompt_tokens, prototypes_per_class and min_users_per_prototype must be >= 1")
-        if self.temperature <= 0 or self.lr <= 0 or self.prototype_lr < 0:
-            raise ConfigError("temperature and lr must be > 0, prototype_lr >= 0")
+        if self.temperature <= 0 or self.lr <= 0 or self.prototype_lr < 0 or self.lookup_lr < 0:
+            raise ConfigError("temperature and lr must be > 0, prototype_lr and lookup_lr >= 0")
         if self.whitening_eps is not None and self.whitening_eps <= 0:
             raise ConfigError("whitening_eps must be > 0, or null for no whitening")
         if self.steps < 0 or self.batch_size < 2 or self.eval_every < 1 or self.prefix_chunk < 1:

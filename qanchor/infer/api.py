@@ -248,6 +248,22 @@ class QAnchor:
         vectors = self.pipeline.cache.encoder.encode([q.strip() for q in queries])
         return torch.from_numpy(vectors).to(self.device)
 
+    def request_vectors(self, requests: Sequence[tuple[str, Head | None]]) -> torch.Tensor | None:
+        """(R, T) what each (query, head) request looks up in the user's events (``model.query_evidence``): the
+        head's tuned look-up vector where it has one (``ScenarioHead.lookup``), else the query's sentence vector;
+        None for a model without query evidence."""
+        vectors = self.query_vectors([q for q, _ in requests])
+        if vectors is None:
+            return None
+        for i, (_, head) in enumerate(requests):
+            lookup = getattr(head, "lookup", None)
+            if lookup is not None:
+                if lookup.shape != vectors[i].shape:
+                    raise CheckpointError(f"head for query {head.query!r} has a look-up vector of shape "
+                                          f"{tuple(lookup.shape)}; this model's event texts are {tuple(vectors[i].shape)}")
+                vectors[i] = lookup.detach().to(vectors.device, vectors.dtype)
+        return vectors
+
     def _check_head(self, head: Head) -> torch.Tensor:
         for attr in ("prompt", "checkpoint_hash", "query", "score"):
             if not hasattr(head, attr):
@@ -274,7 +290,7 @@ class QAnchor:
             ...     write(ids, emb)
         """
         suffixes = self.suffixes(requests)
-        query_vectors = self.query_vectors([q for q, _ in requests])
+        query_vectors = self.request_vectors(requests)
         cutoff_us = self.cutoff_us(cutoff)
         for records in batched(self.records(users), self.stream_users):
             packed = self.pack(records, cutoff_us)

@@ -178,9 +178,10 @@ def head_name(head: Head) -> str:
 
 
 def head_digest(head: Head) -> str:
-    """A short hash of a head's weights: a resumed export must use the very heads it started with."""
+    """A short hash of a head's weights: a resumed export must use the very heads it started with (everything that
+    moves its embedding or score: prompt, prototypes, calibration, look-up)."""
     h = hashlib.sha256()
-    for t in (head.prompt, getattr(head, "prototypes", None)):
+    for t in (head.prompt, *(getattr(head, k, None) for k in ("prototypes", "log_scale", "bias", "lookup"))):
         if t is not None:
             h.update(t.detach().float().cpu().contiguous().numpy().tobytes())
     return h.hexdigest()[:16]

@@ -124,6 +124,12 @@ class PrefixStore:
     # query whose evidence the embeddings use (:meth:`at_query`)
     evidence: dict[str, torch.Tensor] | None = None
     query: str | None = None
+    # model.query_evidence, for a head that learns what to look up (PromptTuneConfig.lookup_lr): every kept event's
+    # text vector, deduplicated (V, T), and per sequence modality each user's kept events as rows of it (N, E), -1 where
+    # a user has fewer; the query vectors given to encode (text -> (T,)), where a head's look-up starts
+    event_vectors: torch.Tensor | None = None
+    event_rows: dict[str, torch.Tensor] | None = None
+    query_vectors: dict[str, torch.Tensor] | None = None
 
     def __len__(self) -> int:
         return len(self.user_ids)
@@ -145,6 +151,7 @@ class PrefixStore:
         chunks, ids, stats = [], [], []
         wanted = dict(queries or {}) if model.query_evidence is not None else {}  # a model without evidence ignores them
         evidence: dict[str, list[torch.Tensor]] = {q: [] for q in wanted}
+        events = _EventTable(model.query_evidence.names, model.query_evidence.text_mean.shape[1]) if model.query_evidence is not None else None
         for users in progress_iter(batches, desc="encode prefixes", unit="chunk", enabled=progress):
             prefix = encode_prefixes(model, users)
             chunks.append(([k for k, _, _ in prefix.cache], [v for _, v, _ in prefix.cache], prefix.lengths))
@@ -153,6 +160,8 @@ class PrefixStore:
             every = torch.arange(len(users), device=prefix.lengths.device)
             for text, vector in wanted.items():
                 evidence[text].append(model.evidence(users, every, vector.to(every.device).expand(len(users), -1)))
+            if events is not None:
+                events.add(users)
         if not chunks:
             raise ValueError("PrefixStore.encode: no users given")
         width = max(int(c[2].max()) for c in chunks)
@@ -162,9 +171,27 @@ class PrefixStore:
             return torch.cat([torch.nn.functional.pad(p, (0, 0, 0, width - p.shape[2])) for p in parts])  # (N, kvh, W, hd)
 
         n_layers = len(chunks[0][0])
+        vectors, rows = events.build() if events is not None else (None, None)
         return cls([stack(i, 0) for i in range(n_layers)], [stack(i, 1) for i in range(n_layers)],
                    torch.cat([c[2] for c in chunks]), ids, None if stats[0] is None else torch.cat(stats),
-                   {q: torch.cat(parts) for q, parts in evidence.items()} or None)
+                   {q: torch.cat(parts) for q, parts in evidence.items()} or None, None, vectors, rows,
+                   {q: v.detach().clone() for q, v in wanted.items()} or None)
+
+    def query_vector(self, query: str) -> torch.Tensor:
+        """The (T,) sentence vector ``query`` was encoded with (where a head's look-up starts)."""
+        if self.query_vectors is None or query not in self.query_vectors:
+            raise KeyError(f"this prefix store holds query vectors for {sorted(self.query_vectors or {})}, not {query!r}; "
+                           "pass the query to PrefixStore.encode")
+        return self.query_vectors[query]
+
+    def lookup_evidence(self, model: QAnchorModel, index: torch.Tensor, lookup: torch.Tensor) -> torch.Tensor:
+        """(N, F) the query evidence of rows ``index`` under the look-up vector ``lookup`` (T,) instead of a query
+        text's vector: the same features as :meth:`at_query`'s for that query's vector, differentiable in ``lookup``."""
+        if model.query_evidence is None or self.event_rows is None:
+            raise ValueError("lookup_evidence needs a model with model.query_evidence and a store encoded with it")
+        events = {name: (self.event_vectors[rows[index].clamp_min(0)], rows[index] >= 0)
+                  for name, rows in self.event_rows.items()}
+        return model.query_evidence.features_of(events, lookup)
 
     def at_query(self, query: str) -> PrefixStore:
         """The same store, its embeddings using each user's evidence for ``query`` (``model.query_evidence``; a
@@ -188,11 +215,15 @@ class PrefixStore:
         """Hidden state at the last token of ``suffixes[n]`` run on row ``index[n]`` -> (N, H); differentiable."""
         return anchor_hidden(model, self.rows(index), torch.arange(len(index)), suffixes)
 
-    def anchor_embedding(self, model: QAnchorModel, suffixes: list[torch.Tensor], index: torch.Tensor) -> torch.Tensor:
-        """Unit embedding of ``suffixes[n]`` run on row ``index[n]`` -> (N, D); differentiable."""
+    def anchor_embedding(self, model: QAnchorModel, suffixes: list[torch.Tensor], index: torch.Tensor,
+                         lookup: torch.Tensor | None = None) -> torch.Tensor:
+        """Unit embedding of ``suffixes[n]`` run on row ``index[n]`` -> (N, D); differentiable. With ``lookup`` (T,),
+        a head's look-up vector, the query evidence is that vector's (:meth:`lookup_evidence`), not the query text's."""
         stats = None if self.statistics is None else self.statistics[index]
         evidence = None
-        if model.query_evidence is not None:
+        if model.query_evidence is not None and lookup is not None:
+            evidence = self.lookup_evidence(model, index, lookup)
+        elif model.query_evidence is not None:
             if self.evidence is None or self.query is None:
                 raise ValueError("this model weighs the user's events by the query (model.query_evidence): embed "
                                  "through store.at_query(query), from a store encoded with that query")
@@ -200,10 +231,49 @@ class PrefixStore:
         return model.project(self.hidden(model, suffixes, index), stats, evidence)
 
     @torch.no_grad()
-    def embed(self, model: QAnchorModel, suffix: torch.Tensor, index: torch.Tensor, batch_size: int = 256) -> torch.Tensor:
+    def embed(self, model: QAnchorModel, suffix: torch.Tensor, index: torch.Tensor, batch_size: int = 256,
+              lookup: torch.Tensor | None = None) -> torch.Tensor:
         """One suffix (Ls, H) on every row of ``index`` -> unit embeddings (N, D), in batches, no gradient."""
         out = []
         for start in range(0, len(index), batch_size):
             part = index[start : start + batch_size]
-            out.append(self.anchor_embedding(model, [suffix] * len(part), part))
+            out.append(self.anchor_embedding(model, [suffix] * len(part), part, lookup))
         return torch.cat(out) if out else suffix.new_zeros((0, model.cfg.embedding_dim))
+
+
+class _EventTable:
+    """Collects every user's kept event text vectors per sequence modality as rows of one deduplicated table: a
+    user's events repeat the same few thousand texts, so the table is far smaller than (users x events x T)."""
+
+    def __init__(self, names: list[str], text_dim: int):
+        self.names, self.text_dim = list(names), text_dim
+        self.index: dict[bytes, int] = {}
+        self.vectors: list[torch.Tensor] = []
+        self.rows: dict[str, list[torch.Tensor]] = {name: [] for name in self.names}
+
+    def add(self, users: UserBatch) -> None:
+        for name in self.names:
+            batch = users.modalities[name]
+            rows = torch.full(batch.mask.shape, -1, dtype=torch.long, device=batch.mask.device)  # (b, E)
+            valid = batch.text_vec[batch.mask]  # (n, T)
+            if len(valid):
+                unique, inverse = torch.unique(valid.detach().cpu().float(), dim=0, return_inverse=True)
+                ids = torch.tensor([self._id(u) for u in unique], dtype=torch.long)
+                rows[batch.mask] = ids[inverse].to(rows.device)
+            self.rows[name].append(rows)
+
+    def _id(self, vector: torch.Tensor) -> int:
+        key = vector.numpy().tobytes()
+        if key not in self.index:
+            self.index[key] = len(self.vectors)
+            self.vectors.append(vector)
+        return self.index[key]
+
+    def build(self) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        device = self.rows[self.names[0]][0].device if self.names else torch.device("cpu")
+        vectors = torch.stack(self.vectors).to(device) if self.vectors else torch.zeros((1, self.text_dim), device=device)
+        out = {}
+        for name, parts in self.rows.items():
+            width = max(max(p.shape[1] for p in parts), 1)
+            out[name] = torch.cat([torch.nn.functional.pad(p, (0, width - p.shape[1]), value=-1) for p in parts])
+        return vectors, out

@@ -100,17 +100,25 @@ class QueryEvidence(nn.Module):
         """(N, M x 7) evidence of query ``n`` (``query_vectors`` (N, T), the frozen encoder's vectors of the query
         texts) in the kept events of user ``index[n]``; float32, no gradient (nothing here is learned)."""
         with torch.no_grad():
-            q = F.normalize(query_vectors.float(), dim=-1)  # (N, T)
-            out = []
-            for i, name in enumerate(self.names):
-                batch = users.modalities[name]
-                text = F.normalize(batch.text_vec[index].float(), dim=-1)  # (N, E, T)
-                mask = batch.mask[index]  # (N, E)
-                center = q @ self.text_mean[i].float()  # (N,)
-                spread = torch.einsum("nt,ts,ns->n", q, self.text_cov[i].float(), q).clamp_min(1e-8).sqrt()
-                z = (torch.einsum("net,nt->ne", text, q) - center[:, None]) / spread[:, None]  # (N, E)
-                out.append(_summaries(z, mask))
-            return torch.cat(out, dim=-1)
+            return self.features_of(
+                {name: (users.modalities[name].text_vec[index], users.modalities[name].mask[index]) for name in self.names},
+                query_vectors)
+
+    def features_of(self, events: dict[str, tuple[torch.Tensor, torch.Tensor]], query_vectors: torch.Tensor) -> torch.Tensor:
+        """(N, M x 7) evidence of ``query_vectors`` (N, T) or one vector (T,) shared by every row, in ``events``: per
+        modality name, the text vectors (N, E, T) of row ``n``'s kept events and their mask (N, E). Differentiable
+        in the query vectors, so a scenario head can learn what to look up (``PromptTuneConfig.lookup_lr``)."""
+        q = F.normalize(query_vectors.float(), dim=-1)  # (N, T) or (T,)
+        out = []
+        for i, name in enumerate(self.names):
+            vectors, mask = events[name]
+            text = F.normalize(vectors.float(), dim=-1)  # (N, E, T)
+            q_rows = q.expand(len(text), -1) if q.dim() == 1 else q  # (N, T)
+            center = q_rows @ self.text_mean[i].float()  # (N,)
+            spread = torch.einsum("nt,ts,ns->n", q_rows, self.text_cov[i].float(), q_rows).clamp_min(1e-8).sqrt()
+            z = (torch.einsum("net,nt->ne", text, q_rows) - center[:, None]) / spread[:, None]  # (N, E)
+            out.append(_summaries(z, mask))
+        return torch.cat(out, dim=-1)
 
     def forward(self, evidence: torch.Tensor) -> torch.Tensor:
         """(N, M x 7) features of :meth:`features` -> (N, D): standardised, through the fixed map, each modality's

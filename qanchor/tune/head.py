@@ -1,7 +1,8 @@
 """A scenario head: soft prompt + class prototypes for one task, saved as a small file pair.
 
     <dir>/head.safetensors   prompt (k, H), prototypes (P, D) unit rows, prototype_labels (P,) int64,
-                             log_scale and bias (scalars; absent in heads written before they existed = 0)
+                             log_scale and bias (scalars; absent in heads written before they existed = 0),
+                             lookup (T,) on a model with query evidence (absent: the query text's own vector)
     <dir>/head.yaml          task, query, k, C, temperature, checkpoint hash, qanchor version, ...
 
 The prompt is read by the frozen LLM at the start of the suffix (``model.suffix(query_ids, head.prompt)``);
@@ -54,12 +55,18 @@ class ScenarioHead(nn.Module):
     ``temperature = base_temperature * exp(-log_scale)``: ``log_scale`` and ``bias`` are scalars a tuning
     run may learn (see ``PromptTuneConfig.learn_calibration``); at 0 and 0 the head is the paper's form, and
     the temperature is exactly ``base_temperature``.
+
+    ``lookup`` (T,), on a model with ``model.query_evidence``: the vector whose relevance to each of the user's events
+    makes the embedding's query evidence, in place of the query text's sentence vector (where it starts). A head
+    may learn it (``PromptTuneConfig.lookup_lr``): the soft prompt adapts what the backbone reads of the question,
+    the look-up adapts which of the user's events count as evidence for the scenario. None: the query text's vector.
     """
 
     def __init__(self, task: str, query: str, prompt: torch.Tensor, prototypes: torch.Tensor,
                  prototype_labels: torch.Tensor, temperature: float, checkpoint_hash: str, extra: dict | None = None,
                  whitening: tuple[torch.Tensor, torch.Tensor] | None = None,
-                 log_scale: float | torch.Tensor = 0.0, bias: float | torch.Tensor = 0.0):
+                 log_scale: float | torch.Tensor = 0.0, bias: float | torch.Tensor = 0.0,
+                 lookup: torch.Tensor | None = None):
         super().__init__()
         if prototypes.shape[0] != prototype_labels.shape[0]:
             raise ValueError(f"{prototypes.shape[0]} prototypes but {prototype_labels.shape[0]} labels")
@@ -75,6 +82,7 @@ class ScenarioHead(nn.Module):
         self.register_buffer("prototype_labels", prototype_labels.detach().clone().long())  # (P,)
         self.log_scale = nn.Parameter(torch.as_tensor(log_scale, dtype=torch.float32).detach().clone().reshape(()))
         self.bias = nn.Parameter(torch.as_tensor(bias, dtype=torch.float32).detach().clone().reshape(()))
+        self.lookup = None if lookup is None else nn.Parameter(_own(lookup).float().reshape(-1))  # (T,)
 
     @property
     def prototypes(self) -> torch.Tensor:
@@ -108,13 +116,17 @@ class ScenarioHead(nn.Module):
         return prototype_loss(self.transform(embeddings), self.prototypes, self.prototype_labels, labels,
                               self.temperature, bias=self.bias)
 
+    def _tuned(self) -> tuple[torch.Tensor, ...]:
+        return (self.prompt, self.prototype_weights, self.log_scale, self.bias) + (() if self.lookup is None else (self.lookup,))
+
     def state(self) -> tuple[torch.Tensor, ...]:
-        """Detached copies of (prompt, unit prototypes, log_scale, bias): what best-step selection keeps and restores."""
-        return tuple(t.detach().clone() for t in (self.prompt, self.prototypes, self.log_scale, self.bias))
+        """Detached copies of (prompt, unit prototypes, log_scale, bias[, lookup]): what best-step selection keeps and
+        restores."""
+        return tuple(t.detach().clone() for t in (self.prompt, self.prototypes, *self._tuned()[2:]))
 
     @torch.no_grad()
     def load_state(self, state: tuple[torch.Tensor, ...]) -> None:
-        for param, value in zip((self.prompt, self.prototype_weights, self.log_scale, self.bias), state, strict=True):
+        for param, value in zip(self._tuned(), state, strict=True):
             param.copy_(value)
 
     # ------------------------------------------------------------------------------------------ files
@@ -133,6 +145,8 @@ class ScenarioHead(nn.Module):
                    "bias": self.bias.detach().contiguous()}
         if self.whiten_matrix is not None:
             tensors.update(whiten_mean=self.whiten_mean.contiguous(), whiten_matrix=self.whiten_matrix.contiguous())
+        if self.lookup is not None:
+            tensors["lookup"] = self.lookup.detach().contiguous()
         with atomic_dir(directory, OutputKind.HEAD) as tmp:
             save_file(tensors, str(tmp / HEAD_WEIGHTS))
             (tmp / HEAD_META).write_text(yaml.safe_dump(to_plain(self.metadata()), sort_keys=False))
@@ -171,7 +185,7 @@ class ScenarioHead(nn.Module):
         # Heads saved before the scale and bias existed scored with exactly these values.
         log_scale, bias = t.get("log_scale", 0.0), t.get("bias", 0.0)
         return cls(meta["task"], meta["query"], t["prompt"], t["prototypes"], t["prototype_labels"],
-                   meta["temperature"], meta["checkpoint_hash"], extra, whitening, log_scale, bias)
+                   meta["temperature"], meta["checkpoint_hash"], extra, whitening, log_scale, bias, t.get("lookup"))
 
 
 @dataclass

@@ -108,10 +108,15 @@ def _initial_prompt(model: QAnchorModel, query_ids: torch.Tensor, cfg: PromptTun
     return torch.randn(cfg.num_prompt_tokens, tokens.shape[1], generator=gen).to(tokens.device) * tokens.std()
 
 
+def _lookup(head: ScenarioHead) -> torch.Tensor | None:
+    return None if head.lookup is None else head.lookup.detach()
+
+
 def _evaluate(model, store, query_ids, head: ScenarioHead, split: Split, names, chunk: int) -> dict[str, dict]:
     suffix = model.suffix(query_ids, head.prompt.detach())
     with torch.no_grad():
-        return {k: auc_ks(split.labels[k].numpy(), head.score(store.embed(model, suffix, split.rows[k], chunk)).float().cpu().numpy())
+        return {k: auc_ks(split.labels[k].numpy(),
+                          head.score(store.embed(model, suffix, split.rows[k], chunk, _lookup(head))).float().cpu().numpy())
                 for k in names}
 
 
@@ -150,8 +155,11 @@ def _tune_task(model: QAnchorModel, store: PrefixStore, query_ids: torch.Tensor,
     if np.unique(y_train).size < 2:
         raise ValueError(f"task {task}: the training split holds one class only")
     prompt = _initial_prompt(model, query_ids, cfg)
+    # A model with query evidence: the head's look-up starts at the query text's vector (the evidence the frozen
+    # embedding has); with lookup_lr > 0 it learns which of the users' events count as evidence for this task.
+    lookup = store.query_vector(query).float().clone() if store.event_rows is not None else None
     with torch.no_grad():
-        emb0 = store.embed(model, model.suffix(query_ids, prompt), split.rows["train"], cfg.prefix_chunk)  # (n, D)
+        emb0 = store.embed(model, model.suffix(query_ids, prompt), split.rows["train"], cfg.prefix_chunk, lookup)  # (n, D)
     whitening = None if cfg.whitening_eps is None else fit_whitening(emb0, cfg.whitening_eps)
     points = F.normalize(apply_whitening(emb0, whitening), dim=-1).float().cpu()  # what the cosine compares, (n, D)
     log_scale, bias = 0.0, 0.0
@@ -167,11 +175,16 @@ def _tune_task(model: QAnchorModel, store: PrefixStore, query_ids: torch.Tensor,
                                             min_users=cfg.min_users_per_prototype)
     # On the model's device (prototypes and calibration are made on the host), before the optimiser sees them.
     head = ScenarioHead(task, query, prompt, protos, plabels, cfg.temperature, checkpoint_hash, whitening=whitening,
-                        log_scale=log_scale, bias=bias).to(prompt.device)
+                        log_scale=log_scale, bias=bias, lookup=lookup).to(prompt.device)
+    learn_lookup = head.lookup is not None and cfg.lookup_lr > 0
+    if head.lookup is not None:
+        head.lookup.requires_grad_(learn_lookup)
     frozen = _evaluate(model, store, query_ids, head, split, SPLITS[1:], cfg.prefix_chunk)
     groups = [{"params": [head.prompt], "lr": cfg.lr}, {"params": [head.prototype_weights], "lr": cfg.prototype_lr}]
     if cfg.learn_calibration:  # two scalars, moved at the prototypes' pace
         groups.append({"params": [head.log_scale, head.bias], "lr": cfg.prototype_lr})
+    if learn_lookup:
+        groups.append({"params": [head.lookup], "lr": cfg.lookup_lr})
     opt = torch.optim.Adam(groups)
     rng = np.random.default_rng(cfg.seed)
     best = (frozen["val"]["auc"], 0, head.state())
@@ -182,7 +195,7 @@ def _tune_task(model: QAnchorModel, store: PrefixStore, query_ids: torch.Tensor,
         idx = _batch(rng, y_train, cfg.batch_size, cfg.balanced)
         rows, labels = split.rows["train"][idx], split.labels["train"][idx].to(prompt.device)
         suffix = model.suffix(query_ids, head.prompt)  # (k + Lq + 1, H): gradients reach the prompt
-        emb = store.anchor_embedding(model, [suffix] * len(idx), rows)  # (B, D)
+        emb = store.anchor_embedding(model, [suffix] * len(idx), rows, head.lookup)  # (B, D); gradients reach the look-up
         loss = head.loss(emb, labels)
         opt.zero_grad(set_to_none=True)
         loss.backward()
@@ -203,6 +216,8 @@ def _tune_task(model: QAnchorModel, store: PrefixStore, query_ids: torch.Tensor,
                       val_auc=tuned["val"]["auc"], val_fraction=cfg.val_fraction, test_fraction=cfg.test_fraction,
                       whitening_eps=cfg.whitening_eps, prototype_init=cfg.prototype_init,
                       learn_calibration=cfg.learn_calibration)
+    if lookup is not None:  # how far the look-up moved from the query text's vector (1 = not at all)
+        head.extra.update(lookup_lr=cfg.lookup_lr, lookup_cosine=float(F.cosine_similarity(head.lookup.detach(), lookup, dim=0)))
     return TuneResult(head, {"frozen_proto": frozen, "tuned": tuned}, best[1], time.perf_counter() - start, history)
 
 
@@ -227,5 +242,5 @@ def frozen_logistic(model: QAnchorModel, store: PrefixStore, query_ids: torch.Te
 def head_scores(model: QAnchorModel, store: PrefixStore, query_ids: torch.Tensor, head: ScenarioHead, rows: torch.Tensor,
                 chunk: int = 256) -> np.ndarray:
     """The head's scores (float64 [n]) of store rows ``rows``: its prompt + query on their cached prefixes."""
-    emb = store.embed(model, model.suffix(query_ids, head.prompt.detach()), rows, chunk)
+    emb = store.embed(model, model.suffix(query_ids, head.prompt.detach()), rows, chunk, _lookup(head))
     return head.score(emb).double().cpu().numpy()
