@@ -242,8 +242,7 @@ def _qanchor_head_lr(ctx: BenchContext, task: Task, folds: list) -> MethodInput:
     for i, ((_, head), (train, test)) in enumerate(zip(heads, folds)):
         suffix = model.model.suffix(query_ids, head.prompt.detach())
         with torch.no_grad():
-            emb = ctx.prefix_store.at_query(task.query).embed(model.model, suffix, index, cfg.prefix_chunk,
-                                                              None if head.lookup is None else head.lookup.detach())
+            emb = ctx.prefix_store.at_query(task.query).embed(model.model, suffix, index, cfg.prefix_chunk, head.lookup)
             emb = emb.float().cpu().numpy()
         scores[test] = fit_predict(Classifier.LR, emb[train], labels[train], emb[test], ctx.cfg.seed + i, ctx.cfg.n_jobs)
     return MethodInput(scores=scores, note="per-fold head's embedding (soft prompt + task query) + LR on the fold's "

@@ -123,9 +123,21 @@ class TextVectorCache:
         self._matrix: np.ndarray | None = None
         self.encoded_count = 0  # texts this object sent through the encoder
         self.lookups = 0  # texts asked for through ensure(), repeats included
+        self._read: set[str] = set()  # shard file names already loaded
+        self.refresh()
+
+    def refresh(self) -> int:
+        """Load the shards another process stored since this cache was opened (a rank-0 writer, before a barrier);
+        returns how many texts that added."""
+        before = len(self._row)
         for shard in sorted(self.dir.glob("shard-*.parquet")):
+            if shard.name in self._read:
+                continue
             table = pq.read_table(shard)
-            self._add(table.column("text").to_pylist(), np.asarray(table.column("vector").combine_chunks().flatten()).reshape(-1, encoder.dim))
+            self._add(table.column("text").to_pylist(),
+                      np.asarray(table.column("vector").combine_chunks().flatten()).reshape(-1, self.encoder.dim))
+            self._read.add(shard.name)
+        return len(self._row) - before
 
     def __len__(self) -> int:
         return len(self._row)
@@ -160,6 +172,7 @@ class TextVectorCache:
             flat = pa.array(vectors.reshape(-1), pa.float32())
             write_parquet(pa.table({"text": new, "vector": pa.FixedSizeListArray.from_arrays(flat, self.dim)}), shard)
             self._add(new, vectors)
+            self._read.add(shard.name)
             self.encoded_count += len(new)
         return self.rows(texts)
 

@@ -184,8 +184,12 @@ def run_pretrain(cfg: PretrainConfig, progress: bool = True) -> Path:
         stream.answer_cache = answer_cache(cfg, ds, rank, progress, stream.answers_for_steps(
             tc.max_steps * tc.grad_accum_steps, tc.batch_size * world))
     if cfg.model.query_evidence:  # the run's questions, encoded up front and stored with the event texts
-        stream.encode_queries(stream.queries_for_steps(tc.max_steps * tc.grad_accum_steps, tc.batch_size * world),
-                              progress and rank == 0)
+        questions = stream.queries_for_steps(tc.max_steps * tc.grad_accum_steps, tc.batch_size * world)
+        if rank == 0:  # one writer (as for the event texts); the other ranks then read its shard
+            stream.encode_queries(questions, progress)
+        if torch.distributed.is_initialized():
+            torch.distributed.barrier()
+            pipe.cache.refresh()
         fit_evidence_stats(model, stream, tc.batch_size * world)
     engine, _ = initialize(model, cfg.train, world)
     torch.manual_seed(cfg.train.seed * 1000 + rank)  # dropout streams differ per rank

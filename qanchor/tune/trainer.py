@@ -108,15 +108,11 @@ def _initial_prompt(model: QAnchorModel, query_ids: torch.Tensor, cfg: PromptTun
     return torch.randn(cfg.num_prompt_tokens, tokens.shape[1], generator=gen).to(tokens.device) * tokens.std()
 
 
-def _lookup(head: ScenarioHead) -> torch.Tensor | None:
-    return None if head.lookup is None else head.lookup.detach()
-
-
 def _evaluate(model, store, query_ids, head: ScenarioHead, split: Split, names, chunk: int) -> dict[str, dict]:
     suffix = model.suffix(query_ids, head.prompt.detach())
     with torch.no_grad():
         return {k: auc_ks(split.labels[k].numpy(),
-                          head.score(store.embed(model, suffix, split.rows[k], chunk, _lookup(head))).float().cpu().numpy())
+                          head.score(store.embed(model, suffix, split.rows[k], chunk, head.lookup)).float().cpu().numpy())
                 for k in names}
 
 
@@ -242,5 +238,5 @@ def frozen_logistic(model: QAnchorModel, store: PrefixStore, query_ids: torch.Te
 def head_scores(model: QAnchorModel, store: PrefixStore, query_ids: torch.Tensor, head: ScenarioHead, rows: torch.Tensor,
                 chunk: int = 256) -> np.ndarray:
     """The head's scores (float64 [n]) of store rows ``rows``: its prompt + query on their cached prefixes."""
-    emb = store.embed(model, model.suffix(query_ids, head.prompt.detach()), rows, chunk, _lookup(head))
+    emb = store.embed(model, model.suffix(query_ids, head.prompt.detach()), rows, chunk, head.lookup)
     return head.score(emb).double().cpu().numpy()

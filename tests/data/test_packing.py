@@ -61,6 +61,17 @@ def test_cache_encodes_each_unique_text_once(tiny_dataset, tmp_path, encoder):
     assert np.allclose(np.linalg.norm(direct, axis=1), 1.0, atol=1e-5)
 
 
+def test_a_cache_opened_earlier_reads_what_another_writer_stored_after_it(tmp_path, encoder):
+    """refresh(): a rank that opened the cache before rank 0 stored new texts (the pretraining questions) loads
+    exactly those rows, once, and encodes nothing itself."""
+    writer, reader = TextVectorCache(tmp_path / "text", encoder), TextVectorCache(tmp_path / "text", encoder)
+    writer.ensure(["Will this user churn?", "Who is this?"])
+    assert reader.refresh() == 2 and reader.refresh() == 0 and writer.refresh() == 0
+    rows = reader.ensure(["Who is this?", "Will this user churn?"])
+    assert reader.encoded_count == 0 and len(reader) == len(writer) == 2
+    assert np.array_equal(reader.vectors[rows], writer.vectors[writer.rows(["Who is this?", "Will this user churn?"])])
+
+
 def test_encoder_is_semantic(encoder):
     v = encoder.encode(["coffee shop", "cafe espresso bar", "car insurance payment"])
     assert v[0] @ v[1] > v[0] @ v[2] + 0.1
