@@ -13,6 +13,14 @@ by inner CV: the same ``evaluate_folds`` as ``qanchor bench``) of:
 - ``input_profile``: the statistics of the same input (each modality's window statistics: log count, newest and
   oldest age, mean numeric features; the tabular values and missing flags), no model: what the embedding should
   at least keep.
+- ``statistics`` (models with a statistics path): exactly what the wide path reads (each modality's window and
+  whole-history statistics, the tabular values), no model.
+- ``peer_rfm``: the ``rfm_lr`` peer's own features (``qanchor bench``'s RFM / count features, signed logs) on the
+  same probe: the bar the embedding is measured against.
+- ``peer_rfm_widened``: the same features plus columns of pure noise (standard normal, fixed seed) up to the
+  embedding's width, when the embedding is the wider: what width alone costs this probe at the dataset's label
+  budget. If the embedding trails ``peer_rfm`` by about as much as ``peer_rfm_widened`` does, it holds what the
+  peer holds and pays only for its extra columns.
 
 Few directions (``top_directions``): the same probe on only the top-k principal directions (k = 1, 2, 4, 8) of
 the embedding under each query, fitted on all of the task's users without labels. A full-rank linear probe reads
@@ -50,6 +58,7 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
+from qanchor.bench.features import extract_features  # noqa: E402
 from qanchor.bench.peers import Classifier, MethodInput, evaluate_folds, stratified_folds  # noqa: E402
 from qanchor.bench.tasks import dataset_tasks, fold_count  # noqa: E402
 from qanchor.config import LossConfig  # noqa: E402
@@ -62,10 +71,11 @@ from qanchor.model.prefix_cache import anchor_hidden, encode_prefixes  # noqa: E
 from qanchor.train.pairs import PretrainStream  # noqa: E402
 from qanchor.train.pretrain import answer_cache  # noqa: E402
 
-KEYS = ("task", "generic", "swapped", "hidden", "seen_text_mean", "input_profile")
+KEYS = ("task", "generic", "swapped", "hidden", "seen_text_mean", "input_profile", "peer_rfm", "peer_rfm_widened")
 # With a statistics path (model.statistics_path): the task query's embedding split into its two summands, each
 # normalised and probed alone: the projection of the anchor's hidden state, and the path's map of the statistics.
-PATH_KEYS = ("deep_part", "path_part")
+PATH_KEYS = ("deep_part", "path_part", "statistics")
+WIDENING_SEED = 0  # the noise columns of ``peer_rfm_widened``: one draw per task, from this seed and the task's index
 TOP_DIRECTIONS = (1, 2, 4, 8)
 
 
@@ -108,6 +118,31 @@ def embed_all(q: QAnchor, ds, user_ids, queries: list[str], chunk: int = 128):
     idx = [order[u] for u in user_ids]
     return (np.concatenate(hid)[idx], np.concatenate(emb)[idx], np.stack(seen)[idx], np.concatenate(profile)[idx],
             np.asarray(kept)[idx], np.concatenate(parts)[idx] if parts else None)
+
+
+@torch.inference_mode()
+def path_statistics(q: QAnchor, ds, user_ids, chunk: int = 256) -> np.ndarray | None:
+    """(U, S) what the statistics path reads of each user (``model.user_statistics``), rows in ``user_ids`` order;
+    None without a statistics path."""
+    if q.model.statistics_path is None:
+        return None
+    cutoff_us = q.cutoff_us(ds.manifest.cutoff)
+    rows, ids = [], []
+    for records in batched(ds.users(user_ids), chunk):
+        users = q.pipeline.collate(q.pack(records, cutoff_us)).to(q.device)
+        rows.append(q.model.user_statistics(users).float().cpu().numpy())
+        ids += [r.user_id for r in records]
+    order = {u: i for i, u in enumerate(ids)}
+    return np.concatenate(rows)[[order[u] for u in user_ids]]
+
+
+def widened(features: np.ndarray, width: int, seed: int) -> np.ndarray:
+    """``features`` (n, F) with ``width - F`` columns of standard normal noise appended (none if F >= width)."""
+    extra = width - features.shape[1]
+    if extra <= 0:
+        return features
+    noise = np.random.default_rng(seed).standard_normal((len(features), extra)).astype(features.dtype)
+    return np.concatenate([features, noise], axis=1)
 
 
 def probe(features: np.ndarray, labels: np.ndarray, folds) -> tuple[float, float]:
@@ -168,6 +203,9 @@ def run_probe(checkpoint: str, data: str, generic_query: str, folds: int = 5, se
     q.model.eval()
     queries = asked + [generic_query]
     hid, emb, seen, profile, kept, parts = embed_all(q, ds, user_ids, queries)
+    statistics = path_statistics(q, ds, user_ids)
+    peers = extract_features(ds, user_ids, None)
+    rfm = peers.rfm_log[peers.rows(user_ids)]
     part_norms = None if parts is None else np.linalg.norm(parts, axis=-1)  # (U, Q, 2)
     unit_parts = None if parts is None else parts / part_norms[..., None].clip(1e-12)
     per = {}
@@ -178,16 +216,22 @@ def run_probe(checkpoint: str, data: str, generic_query: str, folds: int = 5, se
         per[t.name] = {"task": probe(emb[r, i], t.labels, f), "generic": probe(emb[r, -1], t.labels, f),
                        "swapped": probe(emb[r, other], t.labels, f), "hidden": probe(hid[r, i], t.labels, f),
                        "seen_text_mean": probe(seen[r], t.labels, f), "input_profile": probe(profile[r], t.labels, f),
+                       "peer_rfm": probe(rfm[r], t.labels, f),
+                       "peer_rfm_widened": probe(widened(rfm[r], emb.shape[-1], WIDENING_SEED + i), t.labels, f),
                        "top_directions": {}}
         if unit_parts is not None:
             per[t.name]["deep_part"] = probe(unit_parts[r, i, 0], t.labels, f)
             per[t.name]["path_part"] = probe(unit_parts[r, i, 1], t.labels, f)
+            per[t.name]["statistics"] = probe(statistics[r], t.labels, f)
         for name, col in (("task", i), ("generic", -1), ("swapped", other)):
             leading = top_directions(emb[r, col], max(TOP_DIRECTIONS))  # one SVD per query; each k is a prefix
             for k in TOP_DIRECTIONS:
                 per[t.name]["top_directions"].setdefault(k, {})[name] = probe(leading[:, :k], t.labels, f)[0]
     out: dict = {"checkpoint": checkpoint, "data": data, "tasks": [t.name for t in tasks],
-                 "queries": dict(zip((t.name for t in tasks), asked))}
+                 "queries": dict(zip((t.name for t in tasks), asked)),
+                 "widths": {"embedding": int(emb.shape[-1]), "peer_rfm": int(rfm.shape[1]),
+                            "noise_columns": max(0, int(emb.shape[-1] - rfm.shape[1])),
+                            **({} if statistics is None else {"statistics": int(statistics.shape[1])})}}
     for key in KEYS + (PATH_KEYS if parts is not None else ()):
         out[key] = {"auc": _mean(v[key][0] for v in per.values()), "ks": _mean(v[key][1] for v in per.values())}
     out["top_directions"] = {str(k): {name: _mean(v["top_directions"][k][name] for v in per.values())
@@ -233,10 +277,14 @@ def main(argv=None) -> int:
         args.out.parent.mkdir(parents=True, exist_ok=True)
         write_json(result, args.out)
     print(" ".join(f"{k}={result[k]['auc']:.4f}" for k in KEYS) + f"  ks_task={result['task']['ks']:.4f}")
+    w = result["widths"]
+    print(f"the rfm_lr peer's {w['peer_rfm']} features on this probe {result['peer_rfm']['auc']:.4f}; with "
+          f"{w['noise_columns']} noise columns (the embedding's width, {w['embedding']}) {result['peer_rfm_widened']['auc']:.4f}")
     if "path_part" in result:
         print(f"statistics path: task query's projection of the hidden state alone {result['deep_part']['auc']:.4f}, "
               f"the path's part alone {result['path_part']['auc']:.4f}; |path| / |projection| "
-              f"{result['path_to_deep_norm_ratio']:.2f}")
+              f"{result['path_to_deep_norm_ratio']:.2f}; the {w['statistics']} statistics it reads "
+              f"{result['statistics']['auc']:.4f}")
     print("few directions (task / generic / swapped AUC): " + ", ".join(
         f"k={k} {v['task']:.4f} / {v['generic']:.4f} / {v['swapped']:.4f}" for k, v in result["top_directions"].items()))
     g = result["geometry_generic"]

@@ -45,6 +45,29 @@ def test_few_directions_miss_a_signal_in_a_quiet_direction(qp):
     assert both_auc == pytest.approx(full_auc, abs=0.01)  # 2 of 2 directions: everything again
 
 
+def test_widened_appends_fixed_noise_up_to_the_width(qp):
+    x = np.arange(12, dtype=np.float32).reshape(4, 3)
+    w = qp.widened(x, 7, seed=3)
+    assert w.shape == (4, 7) and w.dtype == x.dtype
+    np.testing.assert_array_equal(w[:, :3], x)
+    np.testing.assert_array_equal(w, qp.widened(x, 7, seed=3))  # one draw per seed
+    assert not np.array_equal(w[:, 3:], qp.widened(x, 7, seed=4)[:, 3:])
+    assert qp.widened(x, 3, seed=0) is x and qp.widened(x, 2, seed=0) is x  # already as wide: unchanged
+
+
+def test_noise_columns_cost_the_probe_at_a_small_label_budget(qp):
+    """What ``peer_rfm_widened`` measures: the same signal, read by the same probe, scores lower with 125 columns of
+    pure noise beside it when only a few hundred users are labelled, and the same with no noise to add."""
+    rng = np.random.default_rng(2)
+    n = 300
+    signal = rng.normal(size=(n, 3))
+    y = (signal @ np.array([1.0, 0.5, 0.25]) + rng.normal(size=n) > 0).astype(int)
+    folds = _folds(n, 5, rng)
+    alone, _ = qp.probe(signal, y, folds)
+    wide, _ = qp.probe(qp.widened(signal, 128, seed=0), y, folds)
+    assert alone - wide > 0.01, (alone, wide)
+
+
 def test_run_reports_few_directions_for_every_query(qp, infer_env, tmp_path):
     out = tmp_path / "probe.json"
     assert qp.main(["--checkpoint", str(infer_env.ckpt), "--data", str(infer_env.ds_dir), "--folds", "2",
@@ -57,6 +80,35 @@ def test_run_reports_few_directions_for_every_query(qp, infer_env, tmp_path):
     for task in result["tasks"]:
         assert set(result["per_task"][task]["top_directions"]) == {str(k) for k in qp.TOP_DIRECTIONS}
     assert "path_part" not in result and "path_to_deep_norm_ratio" not in result  # no statistics path here
+    assert "statistics" not in result and "statistics" not in result["widths"]
+
+
+def test_peer_rows_probe_the_rfm_peer_features_and_their_widened_copy(qp, infer_env, tmp_path):
+    """``peer_rfm`` is the bench's RFM features on the same folds and probe (recomputed here task by task), and
+    ``peer_rfm_widened`` the same plus noise columns up to the embedding's width."""
+    from qanchor.bench.features import extract_features
+    from qanchor.bench.peers import stratified_folds
+    from qanchor.bench.tasks import dataset_tasks, fold_count
+    from qanchor.data.dataset import load_dataset
+
+    out = tmp_path / "probe.json"
+    assert qp.main(["--checkpoint", str(infer_env.ckpt), "--data", str(infer_env.ds_dir), "--folds", "2",
+                    "--shuffle-batches", "0", "--out", str(out)]) == 0
+    result = json.loads(out.read_text())
+    ds = load_dataset(infer_env.ds_dir)
+    tasks = [t for t in dataset_tasks(ds, [], None, 0) if fold_count(t.labels, 2) >= 2]
+    assert [t.name for t in tasks] == result["tasks"]
+    user_ids = sorted({u for t in tasks for u in t.user_ids})
+    peers = extract_features(ds, user_ids, None)
+    width = result["widths"]["embedding"]
+    assert result["widths"]["peer_rfm"] == peers.rfm.shape[1]
+    assert result["widths"]["noise_columns"] == width - peers.rfm.shape[1] > 0
+    for i, t in enumerate(tasks):
+        rfm = peers.rfm_log[peers.rows(t.user_ids)]
+        folds = stratified_folds(t.labels, fold_count(t.labels, 2), 0)
+        assert result["per_task"][t.name]["peer_rfm"] == list(qp.probe(rfm, t.labels, folds))
+        widened = qp.widened(rfm, width, qp.WIDENING_SEED + i)
+        assert result["per_task"][t.name]["peer_rfm_widened"] == list(qp.probe(widened, t.labels, folds))
 
 
 def test_seed_summary_of_few_directions():

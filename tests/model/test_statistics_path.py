@@ -189,6 +189,21 @@ def test_the_quality_probe_splits_the_embedding_into_its_two_summands(env):
     assert not np.allclose(parts[:, 0, 1], parts[:, 1, 1])  # a gated path: the query reweights the statistics
 
 
+def test_the_quality_probe_reads_exactly_what_the_path_reads(env):
+    """The probe's ``statistics`` row: each user's row of ``model.user_statistics``, in the order asked for."""
+    qp = load_benchmark("quality_probe")
+    records = list(env.ds.users())[:5]
+    user_ids = [r.user_id for r in records]
+    stats = qp.path_statistics(env.qa, env.ds, user_ids, chunk=2)  # several chunks
+    with torch.no_grad():
+        users = env.qa.pipeline.collate(env.qa.pack(records, env.qa.cutoff_us(env.ds.manifest.cutoff)))
+        direct = env.qa.model.user_statistics(users).float().numpy()
+    assert stats.shape == (5, env.qa.model.user_encoder.statistics_width())
+    np.testing.assert_allclose(stats, direct, atol=1e-6)
+    np.testing.assert_allclose(qp.path_statistics(env.qa, env.ds, user_ids[::-1]), direct[::-1], atol=1e-6)
+    assert np.abs(stats).sum() > 0
+
+
 def test_a_principal_path_is_a_fixed_faithful_map_with_one_learned_gain(env, tmp_path):
     """statistics_path=principal: fitted with the input standardisation, the map centres the training users'
     statistics and keeps their geometry (distances scaled by one constant where the statistics have no more
