@@ -17,8 +17,8 @@ by inner CV: the same ``evaluate_folds`` as ``qanchor bench``) of:
   whole-history statistics, the tabular values), no model.
 - ``peer_rfm``: the ``rfm_lr`` peer's own features (``qanchor bench``'s RFM / count features, signed logs) on the
   same probe: the bar the embedding is measured against.
-- ``peer_rfm_widened``: the same features plus columns of pure noise (standard normal, fixed seed) up to the
-  embedding's width, when the embedding is the wider: what width alone costs this probe at the dataset's label
+- ``peer_rfm_widened``: the same features plus columns of pure noise (standard normal, fixed seeds; mean over three
+  draws) up to the embedding's width, when the embedding is the wider: what width alone costs this probe at the dataset's label
   budget. If the embedding trails ``peer_rfm`` by about as much as ``peer_rfm_widened`` does, it holds what the
   peer holds and pays only for its extra columns.
 
@@ -75,7 +75,9 @@ KEYS = ("task", "generic", "swapped", "hidden", "seen_text_mean", "input_profile
 # With a statistics path (model.statistics_path): the task query's embedding split into its two summands, each
 # normalised and probed alone: the projection of the anchor's hidden state, and the path's map of the statistics.
 PATH_KEYS = ("deep_part", "path_part", "statistics")
-WIDENING_SEED = 0  # the noise columns of ``peer_rfm_widened``: one draw per task, from this seed and the task's index
+# ``peer_rfm_widened``: the mean over WIDENING_DRAWS draws of noise columns (one draw moves a small task by +-0.02),
+# drawn from WIDENING_SEED, the draw and the task's index.
+WIDENING_SEED, WIDENING_DRAWS = 0, 3
 TOP_DIRECTIONS = (1, 2, 4, 8)
 
 
@@ -143,6 +145,16 @@ def widened(features: np.ndarray, width: int, seed: int) -> np.ndarray:
         return features
     noise = np.random.default_rng(seed).standard_normal((len(features), extra)).astype(features.dtype)
     return np.concatenate([features, noise], axis=1)
+
+
+def widening_seed(task_index: int, draw: int) -> int:
+    return WIDENING_SEED + 1000 * draw + task_index
+
+
+def widened_probe(features: np.ndarray, width: int, labels: np.ndarray, folds, task_index: int) -> tuple[float, float]:
+    """Mean AUC and KS of :func:`probe` on ``features`` widened to ``width`` by :data:`WIDENING_DRAWS` noise draws."""
+    scores = [probe(widened(features, width, widening_seed(task_index, d)), labels, folds) for d in range(WIDENING_DRAWS)]
+    return _mean(a for a, _ in scores), _mean(k for _, k in scores)
 
 
 def probe(features: np.ndarray, labels: np.ndarray, folds) -> tuple[float, float]:
@@ -217,7 +229,7 @@ def run_probe(checkpoint: str, data: str, generic_query: str, folds: int = 5, se
                        "swapped": probe(emb[r, other], t.labels, f), "hidden": probe(hid[r, i], t.labels, f),
                        "seen_text_mean": probe(seen[r], t.labels, f), "input_profile": probe(profile[r], t.labels, f),
                        "peer_rfm": probe(rfm[r], t.labels, f),
-                       "peer_rfm_widened": probe(widened(rfm[r], emb.shape[-1], WIDENING_SEED + i), t.labels, f),
+                       "peer_rfm_widened": widened_probe(rfm[r], emb.shape[-1], t.labels, f, i),
                        "top_directions": {}}
         if unit_parts is not None:
             per[t.name]["deep_part"] = probe(unit_parts[r, i, 0], t.labels, f)

@@ -107,8 +107,9 @@ def test_peer_rows_probe_the_rfm_peer_features_and_their_widened_copy(qp, infer_
         rfm = peers.rfm_log[peers.rows(t.user_ids)]
         folds = stratified_folds(t.labels, fold_count(t.labels, 2), 0)
         assert result["per_task"][t.name]["peer_rfm"] == list(qp.probe(rfm, t.labels, folds))
-        widened = qp.widened(rfm, width, qp.WIDENING_SEED + i)
-        assert result["per_task"][t.name]["peer_rfm_widened"] == list(qp.probe(widened, t.labels, folds))
+        draws = [qp.probe(qp.widened(rfm, width, qp.widening_seed(i, d)), t.labels, folds) for d in range(qp.WIDENING_DRAWS)]
+        assert qp.WIDENING_DRAWS >= 2 and len({qp.widening_seed(i, d) for d in range(qp.WIDENING_DRAWS)}) == qp.WIDENING_DRAWS
+        assert result["per_task"][t.name]["peer_rfm_widened"] == pytest.approx(np.mean(draws, axis=0).tolist(), abs=1e-12)
 
 
 def test_seed_summary_of_few_directions():
