@@ -143,11 +143,18 @@ class ModelConfig:
     # the top five, the mean, the share and number of clearly relevant events), mapped linearly into the embedding
     # beside the projection of the anchor's hidden state. The look-up a question should trigger, without training.
     query_evidence: bool = False
+    # The evidence's weight in the embedding: "learned" = one gain trained with the model (starts at 1); "fixed" =
+    # held at 1, each modality's summaries at the weight of one standardised statistic. Pretraining questions ask
+    # about counts and times, which the look-up does not answer, so a long run drives a learned gain toward zero
+    # (1 -> 0.24 over 1,500 tiny steps) and the question stops mattering downstream (README, "Query evidence").
+    query_evidence_gain: Literal["learned", "fixed"] = "learned"
 
     def __post_init__(self) -> None:
         if self.query_evidence and self.user_input != "tokens":
             raise ConfigError('model.query_evidence reads the user encoder\'s event text vectors, which model.user_input="text" '
                               'does not build; set query_evidence: false for a text-prefix model')
+        if self.query_evidence_gain not in ("learned", "fixed"):
+            raise ConfigError(f'model.query_evidence_gain must be "learned" or "fixed", got {self.query_evidence_gain!r}')
         if self.projection_hidden < 0 or self.embedding_dim < 1:
             raise ConfigError(f"model.projection_hidden must be >= 0 (0 = linear heads) and model.embedding_dim >= 1, "
                               f"got {self.projection_hidden} and {self.embedding_dim}")

@@ -265,7 +265,8 @@ class QAnchorModel(nn.Module):
                                                gated=cfg.statistics_path == "gated",
                                                principal=cfg.statistics_path == "principal")
                                 if cfg.statistics_path != "none" else None)
-        self.query_evidence = (QueryEvidence(self.user_encoder.sequence_names, text_dim, cfg.embedding_dim)
+        self.query_evidence = (QueryEvidence(self.user_encoder.sequence_names, text_dim, cfg.embedding_dim,
+                                             learn_gain=cfg.query_evidence_gain == "learned")
                                if cfg.query_evidence else None)
         # The text tower's answers are frozen sentence vectors: a projection of their own maps them to the space.
         self.answer_projection = (_projection(text_dim, cfg.projection_hidden, cfg.embedding_dim)

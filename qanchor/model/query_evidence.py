@@ -51,10 +51,10 @@ class QueryEvidence(nn.Module):
     :meth:`set_feature_stats`, from ``fit_evidence_stats``). The map: the standardised features times a fixed
     (D, F) matrix with orthonormal columns (rows where F > D; drawn from a fixed seed, so every model of one shape
     has the same), divided by sqrt(7) so that a modality's seven summaries (one quantity restated seven ways) enter
-    with the squared norm of one standardised statistic, times a learned gain that starts at 1.
+    with the squared norm of one standardised statistic, times a gain: learned from 1 (``learn_gain``), or held at 1.
     """
 
-    def __init__(self, names: list[str], text_dim: int, embedding_dim: int):
+    def __init__(self, names: list[str], text_dim: int, embedding_dim: int, learn_gain: bool = True):
         super().__init__()
         self.names = list(names)
         width = len(self.names) * len(EVIDENCE_FEATURES)
@@ -63,7 +63,10 @@ class QueryEvidence(nn.Module):
         self.register_buffer("feature_mean", torch.zeros(width))
         self.register_buffer("feature_std", torch.ones(width))
         self.register_buffer("basis", _orthonormal(embedding_dim, width))
-        self.gain = nn.Parameter(torch.ones(1))  # not 0-d: DeepSpeed broadcasts parameters as byte views
+        if learn_gain:
+            self.gain = nn.Parameter(torch.ones(1))  # not 0-d: DeepSpeed broadcasts parameters as byte views
+        else:  # model.query_evidence_gain: fixed; a buffer under the same name, so either checkpoint loads into either
+            self.register_buffer("gain", torch.ones(1))
 
     @property
     def width(self) -> int:

@@ -153,6 +153,35 @@ def test_at_gain_zero_the_evidence_adds_nothing(env):
         assert torch.allclose(fresh(batch).anchor, plain(batch).anchor, atol=1e-6)
 
 
+def test_a_fixed_gain_stays_at_one_and_either_checkpoint_loads_into_either_model(env):
+    """model.query_evidence_gain=fixed: the gain is a buffer at 1 that no optimiser sees and a training step leaves
+    alone, while the rest of the model trains; it sits under the same key, so a learned-gain model's weights load
+    into a fixed-gain model (taking its gain) and back, and both embed alike with the same weights."""
+    fixed, *_ = model_and_stream(env.ds_dir, tiny_cfg([*EVIDENCE, "model.query_evidence_gain=fixed"]))
+    assert "query_evidence.gain" not in dict(fixed.named_parameters())
+    assert float(fixed.query_evidence.gain) == 1.0 and not fixed.query_evidence.gain.requires_grad
+    fixed.load_state_dict(env.model.state_dict())  # strict: same keys
+    assert float(fixed.query_evidence.gain) == pytest.approx(1.7)  # the learned model's trained gain
+    fixed.eval()
+    batch = env.stream.batch(2, 4)
+    with torch.no_grad():
+        assert torch.equal(fixed(batch).anchor, env.model(batch).anchor)
+    with torch.no_grad():
+        fixed.query_evidence.gain.fill_(1.0)
+    fixed.train()
+    opt = torch.optim.Adam([p for p in fixed.parameters() if p.requires_grad], lr=1e-2)
+    before = fixed.statistics_path.linear.weight.detach().clone()
+    fixed(env.stream.batch(1, 4), env.cfg.loss).loss.backward()
+    opt.step()
+    assert float(fixed.query_evidence.gain) == 1.0
+    assert not torch.equal(before, fixed.statistics_path.linear.weight)  # the rest trained
+    learned, *_ = model_and_stream(env.ds_dir, tiny_cfg(EVIDENCE))
+    learned.load_state_dict(fixed.state_dict())
+    assert isinstance(learned.query_evidence.gain, torch.nn.Parameter) and float(learned.query_evidence.gain.detach()) == 1.0
+    with pytest.raises(ConfigError, match="query_evidence_gain"):
+        tiny_cfg([*EVIDENCE, "model.query_evidence_gain=frozen"])
+
+
 def test_training_reaches_the_map_and_the_checkpoint_keeps_it(env):
     model = env.model
     model.train()
