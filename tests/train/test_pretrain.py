@@ -153,14 +153,18 @@ def test_a_principal_path_and_the_path_free_loss_train_under_deepspeed(prepared,
     assert "statistics_path.linear.weight" not in weights
 
 
-def test_query_evidence_trains_under_deepspeed(prepared, tmp_path):
+@pytest.mark.parametrize("gain", ["learned", "fixed"])
+def test_query_evidence_trains_under_deepspeed(prepared, tmp_path, gain):
     """A run with query evidence encodes its questions up front, fits the evidence's reference and standardisation
-    before the first step, trains the gain through the engine, and the checkpoint keeps all of it."""
+    before the first step, trains a learned gain through the engine (a fixed one stays at 1: a buffer the engine
+    never optimises), and the checkpoint keeps all of it."""
     out = tmp_path / "run"
-    done = subprocess.run(_pretrain_cmd(prepared, out, "train.max_steps=3", "model.query_evidence=true"), cwd=ROOT,
+    done = subprocess.run(_pretrain_cmd(prepared, out, "train.max_steps=3", "model.query_evidence=true",
+                                        f"model.query_evidence_gain={gain}"), cwd=ROOT,
                           env=ENV, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-2000:]
     weights = load_file(out / "checkpoint" / "model.safetensors")
     assert weights["query_evidence.text_cov"].abs().sum() > 0 and weights["query_evidence.feature_mean"].abs().sum() > 0
     assert not torch.equal(weights["query_evidence.feature_std"], torch.ones_like(weights["query_evidence.feature_std"]))
-    assert weights["query_evidence.gain"].shape == (1,) and float(weights["query_evidence.gain"]) != 1.0  # it trained
+    assert weights["query_evidence.gain"].shape == (1,)
+    assert (float(weights["query_evidence.gain"]) != 1.0) == (gain == "learned")  # a learned gain trained
