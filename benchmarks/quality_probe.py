@@ -74,7 +74,7 @@ from qanchor.train.pretrain import answer_cache  # noqa: E402
 KEYS = ("task", "generic", "swapped", "hidden", "seen_text_mean", "input_profile", "peer_rfm", "peer_rfm_widened")
 # With a statistics path (model.statistics_path): the task query's embedding split into its two summands, each
 # normalised and probed alone: the projection of the anchor's hidden state, and the path's map of the statistics.
-PATH_KEYS = ("deep_part", "path_part", "statistics")
+PATH_KEYS = ("deep_part", "path_part")
 # ``peer_rfm_widened``: the mean over WIDENING_DRAWS draws of noise columns (one draw moves a small task by +-0.02),
 # drawn from WIDENING_SEED, the draw and the task's index.
 WIDENING_SEED, WIDENING_DRAWS = 0, 3
@@ -234,6 +234,7 @@ def run_probe(checkpoint: str, data: str, generic_query: str, folds: int = 5, se
         if unit_parts is not None:
             per[t.name]["deep_part"] = probe(unit_parts[r, i, 0], t.labels, f)
             per[t.name]["path_part"] = probe(unit_parts[r, i, 1], t.labels, f)
+        if statistics is not None:  # a statistics path (query evidence alone also makes a wide summand: no statistics)
             per[t.name]["statistics"] = probe(statistics[r], t.labels, f)
         for name, col in (("task", i), ("generic", -1), ("swapped", other)):
             leading = top_directions(emb[r, col], max(TOP_DIRECTIONS))  # one SVD per query; each k is a prefix
@@ -244,7 +245,7 @@ def run_probe(checkpoint: str, data: str, generic_query: str, folds: int = 5, se
                  "widths": {"embedding": int(emb.shape[-1]), "peer_rfm": int(rfm.shape[1]),
                             "noise_columns": max(0, int(emb.shape[-1] - rfm.shape[1])),
                             **({} if statistics is None else {"statistics": int(statistics.shape[1])})}}
-    for key in KEYS + (PATH_KEYS if parts is not None else ()):
+    for key in KEYS + (PATH_KEYS if parts is not None else ()) + (("statistics",) if statistics is not None else ()):
         out[key] = {"auc": _mean(v[key][0] for v in per.values()), "ks": _mean(v[key][1] for v in per.values())}
     out["top_directions"] = {str(k): {name: _mean(v["top_directions"][k][name] for v in per.values())
                                       for name in ("task", "generic", "swapped")} for k in TOP_DIRECTIONS}
@@ -295,8 +296,9 @@ def main(argv=None) -> int:
     if "path_part" in result:
         print(f"statistics path: task query's projection of the hidden state alone {result['deep_part']['auc']:.4f}, "
               f"the path's part alone {result['path_part']['auc']:.4f}; |path| / |projection| "
-              f"{result['path_to_deep_norm_ratio']:.2f}; the {w['statistics']} statistics it reads "
-              f"{result['statistics']['auc']:.4f}")
+              f"{result['path_to_deep_norm_ratio']:.2f}")
+    if "statistics" in result:
+        print(f"the {w['statistics']} statistics the wide path reads: {result['statistics']['auc']:.4f}")
     print("few directions (task / generic / swapped AUC): " + ", ".join(
         f"k={k} {v['task']:.4f} / {v['generic']:.4f} / {v['swapped']:.4f}" for k, v in result["top_directions"].items()))
     g = result["geometry_generic"]

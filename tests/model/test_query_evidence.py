@@ -182,6 +182,23 @@ def test_a_fixed_gain_stays_at_one_and_either_checkpoint_loads_into_either_model
         tiny_cfg([*EVIDENCE, "model.query_evidence_gain=frozen"])
 
 
+def test_the_quality_probe_runs_on_evidence_without_a_statistics_path(env, tmp_path):
+    """Query evidence alone also makes a wide summand: the probe splits the embedding into its two parts, and has no
+    statistics row to report (no path reads any)."""
+    cfg = tiny_cfg(["model.query_evidence=true"])
+    model, tokenizer, stream, ds, pipe, _ = model_and_stream(env.ds_dir, cfg)
+    assert model.statistics_path is None
+    fit_input_stats(model, ds, pipe)
+    fit_evidence_stats(model, stream, 4, 32)
+    meta = ModelMeta(ds.manifest.to_dict(), pipe.cache.dim, {}, list(ds.tabular_columns))
+    ckpt = save_checkpoint(tmp_path / "ck", model, tokenizer, cfg, meta)
+    result = load_benchmark("quality_probe").run_probe(str(ckpt), str(env.ds_dir), "What kind of user is this?",
+                                                       folds=2, batches=0)
+    assert 0.0 <= result["path_part"]["auc"] <= 1.0 and result["path_to_deep_norm_ratio"] > 0
+    assert "statistics" not in result and "statistics" not in result["widths"]
+    assert 0.0 <= result["peer_rfm"]["auc"] <= 1.0
+
+
 def test_training_reaches_the_map_and_the_checkpoint_keeps_it(env):
     model = env.model
     model.train()
