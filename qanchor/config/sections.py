@@ -153,8 +153,6 @@ class ModelConfig:
         if self.query_evidence and self.user_input != "tokens":
             raise ConfigError('model.query_evidence reads the user encoder\'s event text vectors, which model.user_input="text" '
                               'does not build; set query_evidence: false for a text-prefix model')
-        if self.query_evidence_gain not in ("learned", "fixed"):
-            raise ConfigError(f'model.query_evidence_gain must be "learned" or "fixed", got {self.query_evidence_gain!r}')
         if self.projection_hidden < 0 or self.embedding_dim < 1:
             raise ConfigError(f"model.projection_hidden must be >= 0 (0 = linear heads) and model.embedding_dim >= 1, "
                               f"got {self.projection_hidden} and {self.embedding_dim}")
