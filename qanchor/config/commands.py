@@ -303,7 +303,8 @@ class IndexSearchConfig:
 
 @dataclass
 class SynthConfig:
-    """``qanchor data synth``: the synthetic six-modality world (tasks know their true probability)."""
+    """``qanchor data synth``: the synthetic six-modality world (tasks know their true probability); also
+    ``qanchor data ratings``, the synthetic ratings world (``data_tools.ratings``), with the same settings."""
 
     out: str = ""
     users: int = 2000
