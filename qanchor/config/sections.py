@@ -106,8 +106,17 @@ class UserEncoderConfig:
     # every statistic the modality token reads (summary_stats), "window" = only the basic window statistics, so
     # extra statistics feed the modality token without becoming something the embedding must reconstruct.
     profile_stats: Literal["summary", "window"] = "summary"
+    # What the kept events are about: the top principal components of each modality's mean event-text vector (fitted
+    # on the training users, each standardised), as this many statistics per sequence modality beside the counts: in
+    # the wide path's input (model.statistics_path) and in the profile loss's target. 0 = off. Counts alone leave a
+    # user's content to the backbone, which from random weights learns to drop it where pretraining questions ask
+    # about counts (README, "What the events are about").
+    content_components: int = 0
 
     def __post_init__(self) -> None:
+        if self.content_components < 0:
+            raise ConfigError(f"model.user_encoder.content_components={self.content_components}: must be 0 (off) or a "
+                              "positive number of principal components per sequence modality")
         if self.summary_stats != "basic" and self.summary_input != "text":
             raise ConfigError(f'model.user_encoder.summary_stats="{self.summary_stats}" needs summary_input="text" (the '
                               'statistics feed the modality token built from the raw text mean)')

@@ -210,6 +210,13 @@ class HierarchicalUserEncoder(nn.Module):
                               if cfg.summary_input == "text" else Adapter(hidden, cfg.adapter_hidden, hidden, cfg.dropout))
         self.user_adapter = Adapter(hidden, cfg.adapter_hidden, hidden, cfg.dropout)
         self.empty = nn.Parameter(torch.randn(len(self.names), hidden) * 0.02)  # one per modality
+        self.content_components = cfg.content_components
+        if self.content_components:  # only then: checkpoints saved without content load unchanged
+            # Per sequence modality, set on the training users (set_content_basis) and saved with the weights: the
+            # mean of their mean event-text vectors and the top principal directions, scaled to unit variance.
+            n_seq = len(self.sequence_names)
+            self.register_buffer("content_center", torch.zeros(n_seq, text_dim))
+            self.register_buffer("content_basis", torch.zeros(n_seq, self.content_components, text_dim))
 
     def modality_tokens(self, name: str, batch: UserBatch) -> tuple[torch.Tensor, torch.Tensor]:
         """Event tokens (B, E, H) and their mask (B, E) of modality ``name``; tabular gives its n_tokens tokens."""
@@ -266,14 +273,48 @@ class HierarchicalUserEncoder(nn.Module):
             stats = torch.cat([stats, mb.history[:, :self.history_width].to(stats.dtype)], dim=-1)
         return mean_text, stats
 
+    @torch.no_grad()
+    def set_content_basis(self, name: str, mean_text: torch.Tensor) -> None:
+        """Fit sequence modality ``name``'s content components on the training users' mean event-text vectors
+        (n, T) (users with events there only): their mean, and their top ``content_components`` principal
+        directions, each scaled so that its component has unit variance over those users. Directions beyond the
+        data's rank stay zero (their components are 0)."""
+        if not self.content_components:
+            raise ValueError("set_content_basis: model.user_encoder.content_components is 0 (no content components)")
+        i = self.sequence_names.index(name)
+        x = mean_text.double()
+        basis = torch.zeros(self.content_basis.shape[1:], dtype=torch.float64)
+        center = x.mean(0) if len(x) else torch.zeros(basis.shape[1], dtype=torch.float64)
+        if len(x) >= 2:
+            _, sv, vt = torch.linalg.svd(x - center, full_matrices=False)
+            std = sv / len(x) ** 0.5  # each direction's standard deviation over the users
+            k = int(min(len(std), basis.shape[0], int((std > 1e-6).sum())))
+            basis[:k] = vt[:k] / std[:k, None]
+        self.content_center[i].copy_(center.to(self.content_center.dtype))
+        self.content_basis[i].copy_(basis.to(self.content_basis.dtype))
+
+    def content(self, name: str, batch: UserBatch) -> torch.Tensor:
+        """What sequence modality ``name``'s kept events are about, (B, content_components) float32: their mean
+        text vector's standardised principal components (:meth:`set_content_basis`), clamped to +-10; zeros for a
+        user without events there."""
+        mb = batch.modalities[name]
+        i = self.sequence_names.index(name)
+        w = mb.mask.float().unsqueeze(-1)  # (B, E, 1)
+        mean_text = (mb.text_vec.float() * w).sum(1) / w.sum(1).clamp_min(1.0)  # (B, T)
+        z = ((mean_text - self.content_center[i].float()) @ self.content_basis[i].float().T).clamp(-10, 10)
+        return torch.where(mb.mask.any(1, keepdim=True), z, 0.0)
+
     def profile(self, batch: UserBatch) -> torch.Tensor:
         """The user's input profile, (B, P): each sequence modality's summary statistics (:meth:`summary_inputs`;
         only :func:`window_summary`'s with ``profile_stats="window"``), then the tabular values standardised as the
-        tabular encoder sees them and their missing flags."""
+        tabular encoder sees them and their missing flags, then (``content_components``) each sequence modality's
+        :meth:`content`."""
         parts = [self.summary_inputs(n, batch)[1][:, :self.profile_stats_width] for n in self.sequence_names]
         if self.tabular is not None:
             z = self.tabular.standardise(batch.tabular, batch.tabular_missing)
             parts += [z, batch.tabular_missing.to(z.dtype)]
+        if self.content_components:
+            parts += [self.content(n, batch).to(parts[0].dtype) for n in self.sequence_names]
         return torch.cat(parts, dim=-1)
 
     def modality_statistics(self, name: str, batch: UserBatch) -> torch.Tensor:
@@ -303,4 +344,5 @@ class HierarchicalUserEncoder(nn.Module):
 
     def profile_width(self) -> int:
         """Width P of :meth:`profile`."""
-        return len(self.sequence_names) * self.profile_stats_width + (2 * self.tabular.mean.numel() if self.tabular is not None else 0)
+        return (len(self.sequence_names) * (self.profile_stats_width + self.content_components)
+                + (2 * self.tabular.mean.numel() if self.tabular is not None else 0))

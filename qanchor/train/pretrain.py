@@ -42,6 +42,7 @@ from qanchor.model.backbone import check_device, load_tokenizer
 from qanchor.model.factory import ModelMeta, build_model, save_checkpoint
 from qanchor.model.layout import tokenize_query
 from qanchor.model.qanchor_model import AnswerBank, shrunk_whitening
+from qanchor.model.user_encoder import window_summary
 from qanchor.train.distributed import all_reduce_sum, gather_with_grad, global_mean_loss
 from qanchor.train.engine import device_of, gathered_parameters, init_distributed, initialize
 from qanchor.train.pairs import PretrainStream, is_held_out
@@ -213,7 +214,8 @@ def fit_input_stats(model, ds: Dataset, pipe: UserPipeline, sample: int = 4096, 
     """Store the standardisation of the tabular features (every training user), of each modality's numeric
     event features (the kept events of the first ``sample`` training users), of the modality tokens' RFM
     statistics and of the profile decoder's targets (same users) in the model, as inference will apply them; a
-    ``principal`` statistics path fits its fixed map, and query evidence its reference of event texts, on the same users.
+    ``principal`` statistics path fits its fixed map, query evidence its reference of event texts and the content
+    components (``content_components``) their principal directions, on the same users.
     Users held out (``train.holdout_users``) are left out: nothing of theirs shapes the model."""
     def training_users():
         return (r for r in ds.users() if not is_held_out(r.user_id, holdout_users))
@@ -225,7 +227,8 @@ def fit_input_stats(model, ds: Dataset, pipe: UserPipeline, sample: int = 4096, 
     packed = (pipe.packer.pack(r) for r in islice(training_users(), sample))
     principal = model.statistics_path is not None and model.statistics_path.principal
     evidence = model.query_evidence
-    if enc.summary_stats != "basic" or model.profile_decoder is not None or principal or evidence is not None:
+    content = enc.content_components > 0
+    if enc.summary_stats != "basic" or model.profile_decoder is not None or principal or evidence is not None or content:
         # the same users, several passes
         packed = list(packed)
     for name, (mean, std) in numeric_stats(packed, ds.manifest).items():
@@ -242,6 +245,17 @@ def fit_input_stats(model, ds: Dataset, pipe: UserPipeline, sample: int = 4096, 
         if len(rows):
             std = rows.std(0, unbiased=False)
             enc.modal_adapter.set_stats(rows.mean(0).float(), torch.where(std > 1e-6, std, 1.0).float())
+    if content:  # before the path's and the profile's: both read the content components
+        means = {name: [] for name in enc.sequence_names}
+        with torch.no_grad():
+            for chunk in batched(packed, 256):
+                users = pipe.collate(chunk)
+                for name in enc.sequence_names:
+                    mb = users.modalities[name]
+                    mean_text = window_summary(mb.text_vec, mb.numeric, mb.mask)[0]
+                    means[name].append(mean_text[mb.mask.any(1)])
+        for name, parts in means.items():
+            enc.set_content_basis(name, torch.cat(parts) if parts else torch.zeros(0, pipe.cache.dim))
     if principal:  # after the other stats: the path reads them standardised
         with torch.no_grad():
             stats = torch.cat([enc.statistics(pipe.collate(chunk)) for chunk in batched(packed, 256)])
