@@ -46,6 +46,10 @@ class PretrainConfig:
             raise ConfigError("loss.path_free_weight > 0 trains the embedding made without the statistics path and the "
                               "query evidence, and the model has neither; set model.statistics_path=add (or gated, "
                               "principal), model.query_evidence=true or loss.path_free_weight=0")
+        if self.model.user_encoder.content_components and self.loss.profile_weight <= 0:
+            raise ConfigError(f"model.user_encoder.content_components={self.model.user_encoder.content_components} "
+                              "adds targets to the profile loss, which loss.profile_weight=0 turns off; set "
+                              "model.user_encoder.content_components=0 or a positive loss.profile_weight")
         if self.loss.answer_bank and self.model.answer_tower != "text_encoder":
             raise ConfigError("loss.answer_bank needs model.answer_tower=text_encoder (only frozen answer vectors can "
                               "be re-projected with the current weights); set loss.answer_bank=0 or change the tower")

@@ -107,10 +107,9 @@ class UserEncoderConfig:
     # extra statistics feed the modality token without becoming something the embedding must reconstruct.
     profile_stats: Literal["summary", "window"] = "summary"
     # What the kept events are about: the top principal components of each modality's mean event-text vector (fitted
-    # on the training users, each standardised), as this many statistics per sequence modality beside the counts: in
-    # the wide path's input (model.statistics_path) and in the profile loss's target. 0 = off. Counts alone leave a
-    # user's content to the backbone, which from random weights learns to drop it where pretraining questions ask
-    # about counts (README, "What the events are about").
+    # on the training users, each standardised), as this many targets per sequence modality of the profile loss
+    # (loss.profile_weight > 0), beside the counts. 0 = off. With counts alone as targets, pretraining taught the
+    # embedding to drop the content where its questions ask about counts (README, "What the events are about").
     content_components: int = 0
 
     def __post_init__(self) -> None:

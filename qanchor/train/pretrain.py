@@ -245,7 +245,7 @@ def fit_input_stats(model, ds: Dataset, pipe: UserPipeline, sample: int = 4096, 
         if len(rows):
             std = rows.std(0, unbiased=False)
             enc.modal_adapter.set_stats(rows.mean(0).float(), torch.where(std > 1e-6, std, 1.0).float())
-    if content:  # before the path's and the profile's: both read the content components
+    if content:  # before the profile's standardisation: the profile ends with the content components
         means = {name: [] for name in enc.sequence_names}
         with torch.no_grad():
             for chunk in batched(packed, 256):

@@ -139,6 +139,9 @@ def test_the_checkpoint_keeps_the_basis(env):
     assert not hasattr(plain.user_encoder, "content_basis")
 
 
-def test_a_negative_count_is_a_config_error():
+def test_a_negative_count_or_no_profile_loss_is_a_config_error():
     with pytest.raises(ConfigError, match="content_components"):
         load_config(None, ["model.preset=tiny", "model.user_encoder.content_components=-1"], schema=PretrainConfig)
+    with pytest.raises(ConfigError, match="loss.profile_weight"):  # targets of a loss that is off: a setting that does nothing
+        load_config(None, ["model.preset=tiny", "model.user_encoder.content_components=4", "loss.profile_weight=0"],
+                    schema=PretrainConfig)
