@@ -299,8 +299,7 @@ class HierarchicalUserEncoder(nn.Module):
         user without events there."""
         mb = batch.modalities[name]
         i = self.sequence_names.index(name)
-        w = mb.mask.float().unsqueeze(-1)  # (B, E, 1)
-        mean_text = (mb.text_vec.float() * w).sum(1) / w.sum(1).clamp_min(1.0)  # (B, T)
+        mean_text = self.masked_mean(mb.text_vec.float(), mb.mask)  # (B, T)
         z = ((mean_text - self.content_center[i].float()) @ self.content_basis[i].float().T).clamp(-10, 10)
         return torch.where(mb.mask.any(1, keepdim=True), z, 0.0)
 

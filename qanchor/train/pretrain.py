@@ -42,7 +42,6 @@ from qanchor.model.backbone import check_device, load_tokenizer
 from qanchor.model.factory import ModelMeta, build_model, save_checkpoint
 from qanchor.model.layout import tokenize_query
 from qanchor.model.qanchor_model import AnswerBank, shrunk_whitening
-from qanchor.model.user_encoder import window_summary
 from qanchor.train.distributed import all_reduce_sum, gather_with_grad, global_mean_loss
 from qanchor.train.engine import device_of, gathered_parameters, init_distributed, initialize
 from qanchor.train.pairs import PretrainStream, is_held_out
@@ -252,8 +251,7 @@ def fit_input_stats(model, ds: Dataset, pipe: UserPipeline, sample: int = 4096, 
                 users = pipe.collate(chunk)
                 for name in enc.sequence_names:
                     mb = users.modalities[name]
-                    mean_text = window_summary(mb.text_vec, mb.numeric, mb.mask)[0]
-                    means[name].append(mean_text[mb.mask.any(1)])
+                    means[name].append(enc.masked_mean(mb.text_vec, mb.mask)[mb.mask.any(1)])
         for name, parts in means.items():
             enc.set_content_basis(name, torch.cat(parts) if parts else torch.zeros(0, pipe.cache.dim))
     if principal:  # after the other stats: the path reads them standardised
