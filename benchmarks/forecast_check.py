@@ -70,7 +70,8 @@ def pair_features(q: QAnchor, stream: PretrainStream, ids: np.ndarray, chunk: in
         users = q.pipeline.collate(stream.pack_pairs(part)).to(q.device)
         parts = [enc.summary_inputs(n, users)[1] for n in enc.sequence_names]
         tabular_from = len(enc.sequence_names) * enc.profile_stats_width
-        tabular_to = enc.profile_width() - len(enc.sequence_names) * enc.content_components  # content comes last
+        content = enc.content_components if enc.content_target else 0  # content targets come last
+        tabular_to = enc.profile_width() - len(enc.sequence_names) * content
         parts.append(enc.profile(users)[:, tabular_from:tabular_to])  # the tabular values and missing flags, if any
         stats.append(torch.cat(parts, -1).float().cpu().numpy())
         texts = [stream.queries[i] for i in part]

@@ -11,10 +11,10 @@ by inner CV: the same ``evaluate_folds`` as ``qanchor bench``) of:
   lose what the LLM holds?);
 - ``seen_text_mean``: the mean text vector of exactly the events the model saw (its raw input, no model);
 - ``input_profile``: the statistics of the same input (each modality's window statistics: log count, newest and
-  oldest age, mean numeric features; the tabular values and missing flags; with ``content_components`` also each
-  modality's content components), no model: what the embedding should at least keep.
+  oldest age, mean numeric features; the tabular values and missing flags; with ``content_components`` as targets
+  also each modality's content components), no model: what the embedding should at least keep.
 - ``statistics`` (models with a statistics path): exactly what the wide path reads (each modality's window and
-  whole-history statistics, the tabular values), no model.
+  whole-history statistics, with ``content_use="path"`` its content components, the tabular values), no model.
 - ``peer_rfm``: the ``rfm_lr`` peer's own features (``qanchor bench``'s RFM / count features, signed logs) on the
   same probe: the bar the embedding is measured against.
 - ``peer_rfm_widened``: the same features plus columns of pure noise (standard normal, fixed seeds; mean over three

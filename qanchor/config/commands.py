@@ -42,14 +42,22 @@ class PretrainConfig:
         if self.data.text_events and self.model.user_input != "text":
             raise ConfigError(f"data.text_events={self.data.text_events} is read only by model.user_input=text; "
                               "set data.text_events=0 or model.user_input=text")
+        reads_history_text = self.model.user_encoder.summary_text == "history"
+        if reads_history_text != self.data.history_text:
+            raise ConfigError(f"model.user_encoder.summary_text={self.model.user_encoder.summary_text} with "
+                              f"data.history_text={str(self.data.history_text).lower()}: the whole history's text vector "
+                              "is packed (data.history_text) exactly when the model reads it (summary_text=history); "
+                              "set both or neither")
         if self.loss.path_free_weight > 0 and self.model.statistics_path == "none" and not self.model.query_evidence:
             raise ConfigError("loss.path_free_weight > 0 trains the embedding made without the statistics path and the "
                               "query evidence, and the model has neither; set model.statistics_path=add (or gated, "
                               "principal), model.query_evidence=true or loss.path_free_weight=0")
-        if self.model.user_encoder.content_components and self.loss.profile_weight <= 0:
-            raise ConfigError(f"model.user_encoder.content_components={self.model.user_encoder.content_components} "
+        enc = self.model.user_encoder
+        if enc.content_components and enc.content_use == "target" and self.loss.profile_weight <= 0:
+            raise ConfigError(f"model.user_encoder.content_components={enc.content_components} with content_use=target "
                               "adds targets to the profile loss, which loss.profile_weight=0 turns off; set "
-                              "model.user_encoder.content_components=0 or a positive loss.profile_weight")
+                              "model.user_encoder.content_components=0, a positive loss.profile_weight or "
+                              "model.user_encoder.content_use=path")
         if self.loss.answer_bank and self.model.answer_tower != "text_encoder":
             raise ConfigError("loss.answer_bank needs model.answer_tower=text_encoder (only frozen answer vectors can "
                               "be re-projected with the current weights); set loss.answer_bank=0 or change the tower")

@@ -34,6 +34,10 @@ class DataConfig:
     # model.user_input=text only: how many of the user's most recent kept events (all modalities, by time) are
     # written out as plain text lines for the backbone to read (the TextN baseline; 0 = no user at all: the prior)
     text_events: int = 0
+    # Pack each sequence modality's whole-history mean event-text vector (every event before the cutoff, not only
+    # the kept max_events), which model.user_encoder.summary_text=history reads. Off: nothing older than the kept
+    # events is encoded for it.
+    history_text: bool = False
 
     def __post_init__(self) -> None:
         bad = {k: v for k, v in self.max_events.items() if v < 1}
@@ -111,8 +115,20 @@ class UserEncoderConfig:
     # (loss.profile_weight > 0), beside the counts. 0 = off. With counts alone as targets, pretraining taught the
     # embedding to drop the content where its questions ask about counts (README, "What the events are about").
     content_components: int = 0
+    # Which mean event-text vector the modality token reads and the content components summarise: "kept" = of the
+    # kept events (the most recent max_events), "history" = of the modality's whole history before the cutoff
+    # (needs data.history_text=true), as summary_stats=history does for the counts: what the older events were
+    # about reaches the model too (README, "The whole history's content").
+    summary_text: Literal["kept", "history"] = "kept"
+    # Where the content components go: "target" = targets of the profile loss (loss.profile_weight > 0), which ask
+    # the embedding to carry them; "path" = inputs of the wide statistics path (model.statistics_path), beside the
+    # counts, which hands them to the embedding (README, "The whole history's content").
+    content_use: Literal["target", "path"] = "target"
 
     def __post_init__(self) -> None:
+        if self.summary_text == "history" and self.summary_input != "text":
+            raise ConfigError('model.user_encoder.summary_text="history" needs summary_input="text" (the whole '
+                              "history's text vector feeds the modality token built from the raw text mean)")
         if self.content_components < 0:
             raise ConfigError(f"model.user_encoder.content_components={self.content_components}: must be 0 (off) or a "
                               "positive number of principal components per sequence modality")
@@ -167,6 +183,10 @@ class ModelConfig:
         if self.statistics_path != "none" and self.user_input != "tokens":
             raise ConfigError(f'model.statistics_path="{self.statistics_path}" reads the user encoder\'s statistics, which '
                               'model.user_input="text" does not build; set statistics_path: none for a text-prefix model')
+        if self.user_encoder.content_components and self.user_encoder.content_use == "path" and self.statistics_path == "none":
+            raise ConfigError("model.user_encoder.content_use=path feeds the content components to the statistics path, "
+                              "and model.statistics_path=none builds none; set statistics_path: add (or gated, principal) "
+                              "or content_use: target")
 
 
 @dataclass

@@ -7,6 +7,7 @@ F_m numeric features of modality m, T tabular features):
 - ``ModalityBatch.numeric``   float32 [B, E_m, F_m] numeric event features (see packing.py)
 - ``ModalityBatch.mask``      bool    [B, E_m]      True at real events
 - ``ModalityBatch.history``   float32 [B, S]        whole-history statistics (qanchor.data.history), 0 without events
+- ``ModalityBatch.history_text`` float32 [B, D]     whole-history mean text vector (data.history_text), else None
 - ``UserBatch.tabular``       float32 [B, T]        raw values, 0 where missing
 - ``UserBatch.tabular_missing`` bool  [B, T]        True where a value is missing
 - ``UserBatch.has_tabular``   bool    [B]           False for users without a tabular row
@@ -32,10 +33,13 @@ class ModalityBatch:
     numeric: torch.Tensor
     mask: torch.Tensor
     history: torch.Tensor | None = None
+    history_text: torch.Tensor | None = None
 
     def to(self, device: torch.device | str) -> ModalityBatch:
-        return ModalityBatch(self.text_vec.to(device), self.numeric.to(device), self.mask.to(device),
-                             None if self.history is None else self.history.to(device))
+        def move(t):
+            return None if t is None else t.to(device)
+        return ModalityBatch(self.text_vec.to(device), self.numeric.to(device), self.mask.to(device), move(self.history),
+                             move(self.history_text))
 
 
 @dataclass
@@ -68,6 +72,10 @@ def collate_users(users: list[PackedUser], manifest: Manifest, vectors: np.ndarr
         numeric = np.zeros((b, e, numeric_width(spec)), np.float32)
         mask = np.zeros((b, e), bool)
         history = np.zeros((b, PACKED_HISTORY), np.float32)
+        # the whole history's text vector only when every user carries it (data.history_text): a mixed batch would
+        # read zeros as content
+        packed_text = all(u.modalities[spec.name].history_text is not None for u in users if u.modalities[spec.name].text_rows.size)
+        history_text = np.zeros((b, dim), np.float32) if packed_text else None
         for i, u in enumerate(users):
             pm, n = u.modalities[spec.name], lengths[i]
             if n:
@@ -75,8 +83,11 @@ def collate_users(users: list[PackedUser], manifest: Manifest, vectors: np.ndarr
                 numeric[i, :n] = pm.numeric
                 mask[i, :n] = True
                 history[i] = pm.history
+                if history_text is not None:
+                    history_text[i] = pm.history_text
         modalities[spec.name] = ModalityBatch(torch.from_numpy(text_vec), torch.from_numpy(numeric), torch.from_numpy(mask),
-                                              torch.from_numpy(history))
+                                              torch.from_numpy(history),
+                                              None if history_text is None else torch.from_numpy(history_text))
     tabular = missing = has = None
     if manifest.tabular is not None:
         raw = np.zeros((b, n_tabular), np.float32)

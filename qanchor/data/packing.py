@@ -22,7 +22,7 @@ import numpy as np
 
 from qanchor.config import DataConfig
 from qanchor.data.dataset import EventSeq, UserRecord
-from qanchor.data.history import PACKED_HISTORY, history_stats
+from qanchor.data.history import PACKED_HISTORY, events_before, history_stats
 from qanchor.data.manifest import Manifest, ModalitySpec
 from qanchor.data.text_cache import TextVectorCache
 from qanchor.logs import progress as progress_iter
@@ -81,6 +81,9 @@ class PackedModality:
     # (qanchor.data.history), not only the kept events'; read by the modality token with
     # model.user_encoder.summary_stats=history (RFM) or history_timing (both)
     history: np.ndarray = field(default_factory=lambda: np.zeros(PACKED_HISTORY, np.float32))
+    # float32 [D] with data.history_text: the mean text vector of every event before the cutoff (the whole history,
+    # not only the kept events), read by model.user_encoder.summary_text=history; None when not packed
+    history_text: np.ndarray | None = None
 
 
 @dataclass
@@ -146,18 +149,36 @@ class UserPacker:
             if seq is None or not len(seq):
                 modalities[spec.name] = PackedModality(np.zeros(0, np.int64), np.zeros((0, numeric_width(spec)), np.float32))
             else:
+                whole = record.events.get(spec.name)
                 modalities[spec.name] = PackedModality(self.cache.ensure(seq.text), event_numeric_features(seq, cutoff_us),
-                                                       history_stats(record.events.get(spec.name), cutoff_us))
+                                                       history_stats(whole, cutoff_us),
+                                                       self.history_text(whole, cutoff_us) if self.data_cfg.history_text else None)
         lines = event_lines(kept, cutoff_us, self.data_cfg.text_events) if self.data_cfg.text_events else None
         return PackedUser(record.user_id, modalities, record.tabular, lines)
+
+    def history_texts(self, record: UserRecord, cutoff_us: int) -> list[str]:
+        """Every event text of ``record`` before ``cutoff_us``, all sequence modalities (what
+        :meth:`history_text` reads)."""
+        return [t for seq in record.events.values() for t in events_before(seq, cutoff_us).text]
+
+    def history_text(self, seq: EventSeq | None, cutoff_us: int) -> np.ndarray:
+        """The mean text vector of every event of ``seq`` before ``cutoff_us``: float32 [D], zeros without events.
+        Each distinct text's vector is gathered once and weighted by how often it occurs."""
+        before = None if seq is None else events_before(seq, cutoff_us)
+        if before is None or not len(before):
+            return np.zeros(self.cache.dim, np.float32)
+        rows, counts = np.unique(self.cache.ensure(before.text), return_counts=True)
+        return (counts.astype(np.float64) @ self.cache.vectors[rows].astype(np.float64) / len(before)).astype(np.float32)
 
     def prime(self, records: Iterable[UserRecord], progress: bool = True, flush_every: int = 50_000,
               all_events: bool = False) -> int:
         """Encode every unique kept text of ``records`` in large batches; return how many events were seen.
 
         ``all_events`` covers every event, not only the most recent ``cap``: pretraining packs users at
-        earlier internal cutoffs, whose kept events are older.
+        earlier internal cutoffs, whose kept events are older. With ``data.history_text`` every event is covered
+        anyway (the whole history's mean text vector reads them all).
         """
+        all_events = all_events or self.data_cfg.history_text
         pending: set[str] = set()
         n_events = 0
         for record in progress_iter(records, desc="collect event texts", unit="user", enabled=progress):

@@ -98,7 +98,10 @@ class UserPipeline:
 
     def pack_kept(self, records: Sequence[UserRecord], kept: Sequence[dict], cutoff_us: int) -> list[PackedUser]:
         """Pack the chosen events ``kept[i]`` of ``records[i]`` (ages from ``cutoff_us``); one encoder pass."""
-        self.cache.ensure(sorted({t for k in kept for s in k.values() for t in s.text}))
+        texts = {t for k in kept for s in k.values() for t in s.text}
+        if self.data_cfg.history_text:  # the whole history's mean text vector reads every older event too
+            texts.update(t for r in records for t in self.packer.history_texts(r, cutoff_us))
+        self.cache.ensure(sorted(texts))
         return [self.packer.pack_kept(r, k, cutoff_us) for r, k in zip(records, kept)]
 
     def collate(self, packed: Sequence[PackedUser]) -> UserBatch:

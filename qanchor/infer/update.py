@@ -86,9 +86,12 @@ def _iso(us: int) -> str:
 
 def _buffer(q: QAnchor, record: UserRecord) -> dict[str, EventSeq]:
     """What the state keeps of a user's events: each modality's most recent ``max_events``, or every event when the
-    model's modality tokens read whole-history statistics (``model.user_encoder.summary_stats: history``): counts,
-    tenure and active days over the whole history cannot be recomputed from the last ``max_events`` events."""
-    return dict(record.events) if q.model.user_encoder.history_width else q.pipeline.packer.recent(record)
+    model's modality tokens read whole-history statistics (``model.user_encoder.summary_stats: history``) or the
+    whole history's mean text vector (``summary_text: history``): counts, tenure, active days and what the older
+    events were about cannot be recomputed from the last ``max_events`` events."""
+    enc = q.model.user_encoder
+    whole = enc.history_width or enc.summary_text == "history"
+    return dict(record.events) if whole else q.pipeline.packer.recent(record)
 
 
 def _merge(old: UserRecord | None, new: UserRecord, q: QAnchor) -> UserRecord:

@@ -12,6 +12,7 @@ from the masked mean of the modality's *raw* text vectors plus window statistics
 (log count, newest and oldest age, mean numeric features), not from already adapted event tokens; with
 ``summary_stats="history"`` also the RFM statistics of the modality's whole history before the cutoff, which the
 kept events (the most recent ``max_events``) cannot tell, and with ``"history_timing"`` its timing habit too.
+With ``summary_text="history"`` the raw text mean is likewise the whole history's (``data.history_text``).
 
 :meth:`HierarchicalUserEncoder.profile` gathers those statistics and the standardised tabular values into one
 vector per user: the target of the profile loss (``loss.profile_weight``), which keeps them in the embedding.
@@ -197,6 +198,7 @@ class HierarchicalUserEncoder(nn.Module):
         self.tabular_name = manifest.tabular.name if manifest.tabular is not None else None
         self.summary_input = cfg.summary_input
         self.summary_stats = cfg.summary_stats
+        self.summary_text = cfg.summary_text
         # how many of ModalityBatch.history's statistics the modality token reads: the RFM ones, or those and timing
         self.history_width = {"history": HISTORY_STATS, "history_timing": PACKED_HISTORY}.get(cfg.summary_stats, 0)
         self.summary_width = SUMMARY_STATS + (RFM_STATS if cfg.summary_stats == "rfm" else self.history_width)
@@ -211,6 +213,9 @@ class HierarchicalUserEncoder(nn.Module):
         self.user_adapter = Adapter(hidden, cfg.adapter_hidden, hidden, cfg.dropout)
         self.empty = nn.Parameter(torch.randn(len(self.names), hidden) * 0.02)  # one per modality
         self.content_components = cfg.content_components
+        # where the content components go: the profile's targets ("target") or the statistics path's input ("path")
+        self.content_target = bool(cfg.content_components) and cfg.content_use == "target"
+        self.content_in_path = bool(cfg.content_components) and cfg.content_use == "path"
         if self.content_components:  # only then: checkpoints saved without content load unchanged
             # Per sequence modality, set on the training users (set_content_basis) and saved with the weights: the
             # mean of their mean event-text vectors and the top principal directions, scaled to unit variance.
@@ -261,9 +266,11 @@ class HierarchicalUserEncoder(nn.Module):
         """Sequence modality ``name``'s raw summary: mean text vector (B, T) and statistics (B, summary_width):
         :func:`window_summary`'s, then with ``summary_stats="rfm"`` :func:`window_rfm`'s (kept events), with
         ``summary_stats="history"`` the whole history's (``ModalityBatch.history``, computed when packing), with
-        ``"history_timing"`` also its timing habit."""
+        ``"history_timing"`` also its timing habit. The mean text vector is :meth:`summary_text_mean`'s."""
         mb = batch.modalities[name]
         mean_text, stats = window_summary(mb.text_vec, mb.numeric, mb.mask)
+        if self.summary_text == "history":
+            mean_text = self.history_text(name, batch).to(mean_text.dtype)
         if self.summary_stats == "rfm":
             stats = torch.cat([stats, window_rfm(mb.text_vec, mb.numeric, mb.mask)], dim=-1)
         elif self.history_width:
@@ -272,6 +279,23 @@ class HierarchicalUserEncoder(nn.Module):
                                  "statistics, and this batch has none; build batches with qanchor.data.batch.collate_users")
             stats = torch.cat([stats, mb.history[:, :self.history_width].to(stats.dtype)], dim=-1)
         return mean_text, stats
+
+    def history_text(self, name: str, batch: UserBatch) -> torch.Tensor:
+        """Sequence modality ``name``'s whole-history mean text vector (B, T), packed with ``data.history_text``."""
+        mb = batch.modalities[name]
+        if mb.history_text is None:
+            raise ValueError(f"modality {name!r}: summary_text='history' reads each modality's whole-history mean text "
+                             "vector, and this batch has none; pack with data.history_text=true (the checkpoint's "
+                             "config sets it) and build batches with qanchor.data.batch.collate_users")
+        return mb.history_text
+
+    def summary_text_mean(self, name: str, batch: UserBatch) -> torch.Tensor:
+        """The mean text vector that sequence modality ``name``'s token reads and its content components summarise,
+        (B, T) float32: the kept events' (``summary_text="kept"``) or the whole history's (``"history"``)."""
+        if self.summary_text == "history":
+            return self.history_text(name, batch).float()
+        mb = batch.modalities[name]
+        return self.masked_mean(mb.text_vec.float(), mb.mask)
 
     @torch.no_grad()
     def set_content_basis(self, name: str, mean_text: torch.Tensor) -> None:
@@ -294,32 +318,33 @@ class HierarchicalUserEncoder(nn.Module):
         self.content_basis[i].copy_(basis.to(self.content_basis.dtype))
 
     def content(self, name: str, batch: UserBatch) -> torch.Tensor:
-        """What sequence modality ``name``'s kept events are about, (B, content_components) float32: their mean
-        text vector's standardised principal components (:meth:`set_content_basis`), clamped to +-10; zeros for a
-        user without events there."""
+        """What sequence modality ``name``'s events are about, (B, content_components) float32: the standardised
+        principal components (:meth:`set_content_basis`) of :meth:`summary_text_mean` (the kept events' or the
+        whole history's mean text vector), clamped to +-10; zeros for a user without events there."""
         mb = batch.modalities[name]
         i = self.sequence_names.index(name)
-        mean_text = self.masked_mean(mb.text_vec.float(), mb.mask)  # (B, T)
+        mean_text = self.summary_text_mean(name, batch)  # (B, T)
         z = ((mean_text - self.content_center[i].float()) @ self.content_basis[i].float().T).clamp(-10, 10)
         return torch.where(mb.mask.any(1, keepdim=True), z, 0.0)
 
     def profile(self, batch: UserBatch) -> torch.Tensor:
         """The user's input profile, (B, P): each sequence modality's summary statistics (:meth:`summary_inputs`;
         only :func:`window_summary`'s with ``profile_stats="window"``), then the tabular values standardised as the
-        tabular encoder sees them and their missing flags, then (``content_components``) each sequence modality's
+        tabular encoder sees them and their missing flags, then (``content_use="target"``) each sequence modality's
         :meth:`content`."""
         parts = [self.summary_inputs(n, batch)[1][:, :self.profile_stats_width] for n in self.sequence_names]
         if self.tabular is not None:
             z = self.tabular.standardise(batch.tabular, batch.tabular_missing)
             parts += [z, batch.tabular_missing.to(z.dtype)]
-        if self.content_components:
+        if self.content_target:
             parts += [self.content(n, batch).to(parts[0].dtype) for n in self.sequence_names]
         return torch.cat(parts, dim=-1)
 
     def modality_statistics(self, name: str, batch: UserBatch) -> torch.Tensor:
         """Modality ``name``'s block of :meth:`statistics`, float32: a sequence modality's summary statistics
         (:meth:`summary_inputs`) standardised as the modal adapter standardises them (zeros for a user without
-        events there) and a presence flag, (B, summary_width + 1); the tabular modality's values standardised as
+        events there) and a presence flag, (B, summary_width + 1), then with ``content_use="path"`` its
+        :meth:`content` (B, content_components); the tabular modality's values standardised as
         the tabular encoder sees them and their missing flags, (B, 2 T). It depends on that modality alone, so
         the daily update caches it with the modality's encoding."""
         if name == self.tabular_name:
@@ -330,7 +355,10 @@ class HierarchicalUserEncoder(nn.Module):
         if self.summary_input == "text":  # the modal adapter's stored standardisation (identity for "basic")
             adapter = self.modal_adapter
             stats = ((stats - adapter.numeric_mean.float()) / adapter.numeric_std.float()).clamp(-10, 10)
-        return torch.cat([torch.where(present, stats, 0.0), present.float()], dim=-1)
+        block = [torch.where(present, stats, 0.0), present.float()]
+        if self.content_in_path:
+            block.append(self.content(name, batch))
+        return torch.cat(block, dim=-1)
 
     def statistics(self, batch: UserBatch) -> torch.Tensor:
         """What the statistics path reads (``model.statistics_path``), (B, S): :meth:`modality_statistics` of
@@ -339,9 +367,10 @@ class HierarchicalUserEncoder(nn.Module):
 
     def statistics_width(self) -> int:
         """Width S of :meth:`statistics`."""
-        return len(self.sequence_names) * (self.summary_width + 1) + (2 * self.tabular.mean.numel() if self.tabular is not None else 0)
+        per_modality = self.summary_width + 1 + (self.content_components if self.content_in_path else 0)
+        return len(self.sequence_names) * per_modality + (2 * self.tabular.mean.numel() if self.tabular is not None else 0)
 
     def profile_width(self) -> int:
         """Width P of :meth:`profile`."""
-        return (len(self.sequence_names) * (self.profile_stats_width + self.content_components)
+        return (len(self.sequence_names) * (self.profile_stats_width + (self.content_components if self.content_target else 0))
                 + (2 * self.tabular.mean.numel() if self.tabular is not None else 0))

@@ -250,8 +250,7 @@ def fit_input_stats(model, ds: Dataset, pipe: UserPipeline, sample: int = 4096, 
             for chunk in batched(packed, 256):
                 users = pipe.collate(chunk)
                 for name in enc.sequence_names:
-                    mb = users.modalities[name]
-                    means[name].append(enc.masked_mean(mb.text_vec, mb.mask)[mb.mask.any(1)])
+                    means[name].append(enc.summary_text_mean(name, users)[users.modalities[name].mask.any(1)])
         for name, parts in means.items():
             enc.set_content_basis(name, torch.cat(parts) if parts else torch.zeros(0, pipe.cache.dim))
     if principal:  # after the other stats: the path reads them standardised

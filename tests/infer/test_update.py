@@ -128,14 +128,21 @@ def test_no_events_links_shards_and_bad_inputs_refused(infer_env, state0, tmp_pa
         update_state(infer_env.qa, tmp_path / "s1", [], tmp_path / "s3", progress=False)
 
 
-@pytest.fixture(scope="module")
-def history_env(tiny_dataset, tmp_path_factory) -> SimpleNamespace:
-    """A checkpoint whose modality tokens read whole-history statistics, with a query-gated statistics path and
-    query evidence (so the state must also keep the kept events' text vectors)."""
+# What the modality tokens read of the whole history: its statistics, or (with the window statistics) its mean text
+# vector, whose content components the statistics path then reads too
+WHOLE_HISTORY = {"statistics": ["model.user_encoder.summary_stats=history"],
+                 "text": ["model.user_encoder.summary_text=history", "data.history_text=true",
+                          "model.user_encoder.content_components=4", "model.user_encoder.content_use=path"]}
+
+
+@pytest.fixture(scope="module", params=sorted(WHOLE_HISTORY))
+def history_env(tiny_dataset, tmp_path_factory, request) -> SimpleNamespace:
+    """A checkpoint whose modality tokens read the whole history (its statistics, or its mean text vector), with a
+    query-gated statistics path and query evidence (so the state must also keep the kept events' text vectors)."""
     root = tmp_path_factory.mktemp("history")
     ds_dir = root / "ds"
     shutil.copytree(tiny_dataset, ds_dir, ignore=shutil.ignore_patterns(".qanchor_cache"))
-    cfg = tiny_cfg(["model.user_encoder.summary_stats=history", "model.statistics_path=gated", "model.query_evidence=true"])
+    cfg = tiny_cfg([*WHOLE_HISTORY[request.param], "model.statistics_path=gated", "model.query_evidence=true"])
     model, tokenizer, stream, ds, pipe, _ = model_and_stream(ds_dir, cfg)
     fit_input_stats(model, ds, pipe)
     fit_evidence_stats(model, stream, 4, 8)
@@ -147,8 +154,9 @@ def history_env(tiny_dataset, tmp_path_factory) -> SimpleNamespace:
 
 
 def test_a_whole_history_model_keeps_every_event(history_env, tmp_path):
-    """Counts, tenure and active days over the whole history cannot come from the last max_events events: for a model
-    that reads them the state keeps every event, so a day of late events gives what a full recompute gives."""
+    """Counts, tenure and active days over the whole history, and what its events were about, cannot come from the last
+    max_events events: for a model that reads them the state keeps every event, so a day of late events gives what a
+    full recompute gives."""
     env = history_env
     uid, modality, n = max(((r.user_id, m, len(seq)) for r in env.ds.users() for m, seq in r.events.items()),
                            key=lambda x: x[2])
@@ -167,7 +175,9 @@ def test_a_whole_history_model_keeps_every_event(history_env, tmp_path):
     # the statistics path's input is cached per (user, modality) with the encodings, and read back for the prefix
     table = pq.read_table(tmp_path / "s1" / "encodings" / "part-00000.parquet")
     widths = {len(x) for x in table.column("statistics").to_pylist()}
-    assert widths == {env.qa.model.user_encoder.summary_width + 1, 2 * len(env.ds.tabular_columns)}
+    enc = env.qa.model.user_encoder
+    sequence_width = enc.summary_width + 1 + (enc.content_components if enc.content_in_path else 0)
+    assert widths == {sequence_width, 2 * len(env.ds.tabular_columns)}
     # and so are the kept events' text vectors, which the query evidence compares each query with
     dim = env.qa.pipeline.cache.dim
     for row in table.filter(pc.equal(table.column("user_id"), uid)).to_pylist():
