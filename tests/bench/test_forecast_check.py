@@ -6,6 +6,7 @@ import json
 
 import numpy as np
 import pytest
+import torch
 
 from tests.helpers import copy_dataset, load_benchmark
 
@@ -43,8 +44,6 @@ def test_rows_tell_a_linear_read_a_nonlinear_one_and_an_empty_embedding_apart(fc
 
 
 def test_run_scores_untrained_pairs_with_a_complete_window(fc, tiny_dataset, tmp_path):
-    import torch
-
     from qanchor.model.factory import ModelMeta, save_checkpoint
     from qanchor.train.pretrain import fit_future_stats
     from tests.model.helpers import model_and_stream, tiny_cfg
@@ -66,3 +65,32 @@ def test_run_scores_untrained_pairs_with_a_complete_window(fc, tiny_dataset, tmp
     assert run["pairs"] == min(80, len(ids)) and run["targets"] == 4 * len(ds.manifest.sequence_modalities)
     assert set(fc.ROWS) <= set(run)  # the decoder row too: the checkpoint forecasts 20 days
     assert all(v <= 1.0 for k, v in run.items() if k in fc.ROWS)
+
+
+@pytest.mark.parametrize("content_use", ["target", "path"])
+def test_the_statistics_hold_each_modalitys_summary_then_exactly_the_tabular_block(fc, tiny_dataset, tmp_path, content_use):
+    """pair_features' statistics: each sequence modality's summary statistics, then the tabular values and missing
+    flags cut from the profile, whether the content components are among the profile's targets (they come last
+    there) or go to the wide path (the profile then holds none)."""
+    from qanchor.infer.api import QAnchor
+    from qanchor.model.factory import ModelMeta, save_checkpoint
+    from qanchor.train.pretrain import fit_future_stats, fit_input_stats
+    from tests.model.helpers import model_and_stream, tiny_cfg
+
+    ds_dir = copy_dataset(tiny_dataset, tmp_path / "ds", with_userU=True)
+    cfg = tiny_cfg(["model.statistics_path=add", "loss.profile_weight=1", "model.user_encoder.content_components=4",
+                    f"model.user_encoder.content_use={content_use}", "loss.future_weight=1", "loss.future_days=20"])
+    model, tokenizer, stream, ds, pipe, _ = model_and_stream(ds_dir, cfg)
+    fit_input_stats(model, ds, pipe)
+    fit_future_stats(model, stream, global_batch=4, steps=3)
+    ckpt = save_checkpoint(tmp_path / "ck", model, tokenizer, cfg,
+                           ModelMeta(ds.manifest.to_dict(), pipe.cache.dim, {}, list(ds.tabular_columns)))
+    q = QAnchor.from_pretrained(ckpt, text_cache_dir=ds.text_cache_dir)
+    ids = np.arange(min(6, len(stream.user_ids)))
+    stats, *_ = fc.pair_features(q, stream, ids)
+    enc = q.model.user_encoder
+    n_seq, n_tab = len(enc.sequence_names), len(ds.tabular_columns)
+    assert stats.shape == (len(ids), n_seq * enc.summary_width + 2 * n_tab)
+    users = q.pipeline.collate(stream.pack_pairs(ids))
+    tabular = torch.cat([enc.tabular.standardise(users.tabular, users.tabular_missing), users.tabular_missing.float()], -1)
+    np.testing.assert_allclose(stats[:, -2 * n_tab:], tabular.numpy(), atol=1e-6)
