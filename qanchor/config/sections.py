@@ -124,6 +124,11 @@ class UserEncoderConfig:
     # the embedding to carry them; "path" = inputs of the wide statistics path (model.statistics_path), beside the
     # counts, which hands them to the embedding (README, "The whole history's content").
     content_use: Literal["target", "path"] = "target"
+    # How the content components are scaled: "unit" = each to unit variance over the training users (whitened: a
+    # direction that holds 0.1% of the variance counts as much as the top one); "spectrum" = one scale per modality,
+    # so its components keep their relative spread and their mean variance is 1 (the modality's total weight as with
+    # "unit"; a quiet direction stays quiet, as statistics_path=principal keeps it).
+    content_scale: Literal["unit", "spectrum"] = "unit"
 
     def __post_init__(self) -> None:
         if self.summary_text == "history" and self.summary_input != "text":

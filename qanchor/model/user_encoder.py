@@ -213,6 +213,7 @@ class HierarchicalUserEncoder(nn.Module):
         self.user_adapter = Adapter(hidden, cfg.adapter_hidden, hidden, cfg.dropout)
         self.empty = nn.Parameter(torch.randn(len(self.names), hidden) * 0.02)  # one per modality
         self.content_components = cfg.content_components
+        self.content_scale = cfg.content_scale
         # where the content components go: the profile's targets ("target") or the statistics path's input ("path")
         self.content_target = bool(cfg.content_components) and cfg.content_use == "target"
         self.content_in_path = bool(cfg.content_components) and cfg.content_use == "path"
@@ -301,8 +302,9 @@ class HierarchicalUserEncoder(nn.Module):
     def set_content_basis(self, name: str, mean_text: torch.Tensor) -> None:
         """Fit sequence modality ``name``'s content components on the training users' mean event-text vectors
         (n, T) (users with events there only): their mean, and their top ``content_components`` principal
-        directions, each scaled so that its component has unit variance over those users. Directions beyond the
-        data's rank stay zero (their components are 0)."""
+        directions, each scaled so that its component has unit variance over those users (``content_scale="unit"``),
+        or all by one factor so that the components keep their relative spread and their mean variance is 1
+        (``"spectrum"``). Directions beyond the data's rank stay zero (their components are 0)."""
         if not self.content_components:
             raise ValueError("set_content_basis: model.user_encoder.content_components is 0 (no content components)")
         i = self.sequence_names.index(name)
@@ -313,7 +315,10 @@ class HierarchicalUserEncoder(nn.Module):
             _, sv, vt = torch.linalg.svd(x - center, full_matrices=False)
             std = sv / len(x) ** 0.5  # each direction's standard deviation over the users
             k = int(min(len(std), basis.shape[0], int((std > 1e-6).sum())))
-            basis[:k] = vt[:k] / std[:k, None]
+            if self.content_scale == "spectrum":
+                basis[:k] = vt[:k] / (std[:k] ** 2).mean().sqrt()
+            else:
+                basis[:k] = vt[:k] / std[:k, None]
         self.content_center[i].copy_(center.to(self.content_center.dtype))
         self.content_basis[i].copy_(basis.to(self.content_basis.dtype))
 

@@ -64,6 +64,33 @@ def test_components_are_standardised_and_uncorrelated_on_the_training_users(env)
     assert max(ranks) == K  # at least one modality has K full components
 
 
+def test_spectrum_scaling_keeps_each_modalitys_relative_spread(env, tmp_path):
+    """content_scale=spectrum: the same principal directions, one scale per modality, so the components stay
+    uncorrelated with variances in the data's own proportions (descending, the quiet ones quiet), their mean over the
+    fitted directions 1 (the modality's total weight as with unit scaling)."""
+    cfg = tiny_cfg([*CONTENT, "model.user_encoder.content_scale=spectrum"])
+    model, _, _, ds, pipe, _ = model_and_stream(env.ds.root, cfg)
+    fit_input_stats(model, ds, pipe)
+    enc, unit = model.user_encoder, env.model.user_encoder
+    spread = []
+    for name in enc.sequence_names:
+        i = enc.sequence_names.index(name)
+        rank = int((enc.content_basis[i].abs().sum(-1) > 0).sum())
+        assert rank == int((unit.content_basis[i].abs().sum(-1) > 0).sum())
+        directions = torch.nn.functional.normalize(enc.content_basis[i, :rank].double(), dim=-1)
+        assert torch.allclose(directions, torch.nn.functional.normalize(unit.content_basis[i, :rank].double(), dim=-1),
+                              atol=1e-6)
+        _, present = _mean_text(env.users, name)
+        z = enc.content(name, env.users).double()[present]
+        cov = (z - z.mean(0)).T @ (z - z.mean(0)) / len(z)
+        variances = torch.diagonal(cov)[:rank]
+        assert torch.allclose(cov[:rank, :rank], torch.diag(variances), atol=1e-3)  # still uncorrelated
+        assert float(variances.mean()) == pytest.approx(1.0, abs=1e-3)
+        assert torch.all(variances[:-1] >= variances[1:] - 1e-6)
+        spread.append(float(variances[0] / variances[-1]))
+    assert max(spread) > 1.5  # unequal: with unit scaling every ratio is 1
+
+
 def test_the_components_are_the_principal_directions(env):
     """The first component is the mean text vector's projection on its top principal direction: it explains more of
     the users' variance than any other unit direction (compared against the other directions the basis holds)."""
