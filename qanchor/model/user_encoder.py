@@ -219,7 +219,7 @@ class HierarchicalUserEncoder(nn.Module):
         self.content_in_path = bool(cfg.content_components) and cfg.content_use == "path"
         if self.content_components:  # only then: checkpoints saved without content load unchanged
             # Per sequence modality, set on the training users (set_content_basis) and saved with the weights: the
-            # mean of their mean event-text vectors and the top principal directions, scaled to unit variance.
+            # mean of their mean event-text vectors and the top principal directions, scaled as content_scale says.
             n_seq = len(self.sequence_names)
             self.register_buffer("content_center", torch.zeros(n_seq, text_dim))
             self.register_buffer("content_basis", torch.zeros(n_seq, self.content_components, text_dim))
