@@ -48,7 +48,9 @@ from qanchor.config import PretrainConfig, load_config  # noqa: E402
 from qanchor.data.dataset import load_dataset  # noqa: E402
 from qanchor.data.history import events_before  # noqa: E402
 from qanchor.data.io import write_json  # noqa: E402
+from qanchor.data.pipeline import check_caps  # noqa: E402
 from qanchor.data.text_cache import SentenceEncoder, TextVectorCache  # noqa: E402
+from qanchor.errors import ConfigError  # noqa: E402
 from qanchor.logs import progress, quiet_third_party  # noqa: E402
 from qanchor.model.query_evidence import EVIDENCE_FEATURES, QueryEvidence  # noqa: E402
 
@@ -131,6 +133,10 @@ def run(data: str, config: str | None, generic_query: str, folds: int = 5, seed:
         encoder: SentenceEncoder | None = None) -> dict:
     ds = load_dataset(data)
     cfg = load_config(config, schema=PretrainConfig)
+    try:
+        check_caps(cfg.data, ds.manifest)  # a cap for a modality the data lacks: the kept scope would be wrong
+    except ConfigError as err:
+        raise SystemExit(f"{config}: {err}") from None
     tasks = [t for t in dataset_tasks(ds, [], None, seed) if fold_count(t.labels, folds) >= 2]
     if not tasks:
         raise SystemExit(f"{data}: no task has enough positives and negatives for {folds}-fold CV")

@@ -89,3 +89,10 @@ def test_main_reads_the_caps_from_the_config_and_scores_every_task(ec, tiny_data
     monkeypatch.setattr(ec, "run", lambda *a, **k: result)  # main's own plumbing, without encoding the dataset twice
     assert ec.main(["--data", str(ds_dir), "--config", str(config), "--out", str(out)]) == 0
     assert json.loads(out.read_text())["caps"] == result["caps"]
+
+
+def test_a_cap_for_a_modality_the_data_lacks_is_refused(ec, tiny_dataset, tmp_path):
+    config = tmp_path / "pretrain.yaml"
+    config.write_text("data:\n  max_events: {purchase: 48}\n")
+    with pytest.raises(SystemExit, match=r"purchase.*does not have"):
+        ec.run(str(tiny_dataset), str(config), "What kind of user is this?")
