@@ -131,6 +131,8 @@ def compare(rfm: np.ndarray, kept: np.ndarray, whole: np.ndarray, generic: np.nd
 
 def run(data: str, config: str | None, generic_query: str, folds: int = 5, seed: int = 0,
         encoder: SentenceEncoder | None = None) -> dict:
+    """Every task's :data:`ROWS` and their means over tasks; ``config``: the pretrain config whose caps define the
+    kept events (None: the built-in data defaults); ``encoder``: the sentence encoder (default: the config's)."""
     ds = load_dataset(data)
     cfg = load_config(config, schema=PretrainConfig)
     try:
