@@ -59,22 +59,17 @@ ROWS = ("rfm", "rfm_evidence_kept", "rfm_evidence_whole", "rfm_evidence_generic"
 
 def user_event_rows(ds, user_ids, cache: TextVectorCache) -> dict[str, dict[str, np.ndarray]]:
     """user -> sequence modality -> the cache rows of the user's events before the cutoff, oldest first (the
-    order the model's caps count from: the last ``max_events`` are the kept ones)."""
+    order the model's caps count from: the last ``max_events`` are the kept ones). Texts not yet in the cache are
+    encoded in one pass, not one per user."""
     cutoff_us = int(ds.manifest.cutoff.timestamp() * 1_000_000)
     names = [m.name for m in ds.manifest.sequence_modalities]
-    out: dict[str, dict[str, np.ndarray]] = {}
+    texts: dict[str, dict[str, list[str]]] = {}
     for record in progress(ds.users(user_ids), total=len(user_ids), desc="events", unit="user"):
-        rows = {}
-        for name in names:
-            seq = record.events.get(name)
-            seq = events_before(seq, cutoff_us) if seq is not None else None
-            if seq is None or not len(seq):
-                rows[name] = np.zeros(0, np.int64)
-                continue
-            order = np.argsort(seq.ts, kind="stable")
-            rows[name] = cache.ensure([seq.text[i] for i in order])
-        out[record.user_id] = rows
-    return out
+        seqs = {name: record.events.get(name) for name in names}
+        texts[record.user_id] = {name: [] if seq is None else list(events_before(seq, cutoff_us).text)
+                                 for name, seq in seqs.items()}
+    cache.ensure(sorted({t for by_name in texts.values() for ts in by_name.values() for t in ts}), what="event texts")
+    return {u: {name: cache.rows(ts) for name, ts in by_name.items()} for u, by_name in texts.items()}
 
 
 def scoped(rows: np.ndarray, cap: int | None) -> np.ndarray:
