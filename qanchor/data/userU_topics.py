@@ -36,7 +36,8 @@ __all__ = ["BUCKETS", "DAY_US", "Claim", "QA", "History", "METRICS", "SIGNATURE_
 
 DAY_US = 86_400_000_000
 _WEEK_US, _HOUR_US = 7 * DAY_US, 3_600_000_000
-_SEP = re.compile(r" / | > ")
+_SEP = re.compile(r" / | > |\s*\|\s*")  # path separators: "a / b", "Home > Wealth", "Comedy|Drama"
+_FIELD = ", "  # "Midnight Harbour (1987), crime / drama": a name, then its attributes
 BUCKETS = (("night", 0, 6), ("morning", 6, 12), ("afternoon", 12, 18), ("evening", 18, 24))
 
 
@@ -62,7 +63,23 @@ class QA(NamedTuple):
 
 @lru_cache(maxsize=1 << 16)  # texts repeat heavily (merchants, apps) and this runs per event per claim
 def category(modality: str, text: str) -> str:
-    """``modality/head``: head = the first segment of a ``" / "`` or ``" > "`` path, else the first word."""
+    """``modality/head``: what kind of thing the event is, read from the text's structure alone (so generation,
+    verification and serving agree without a vocabulary).
+
+    A text of comma-separated fields names a thing and then its attributes: the category is the first path segment
+    (``" / "``, ``" > "``, ``"|"``) of the last field after the first that starts with a letter, since a title is a
+    name, not a kind, and a trailing quantity ("53 days") is not a kind either. Any other text's head is the first
+    segment of its path, else its first word.
+
+    Example:
+        >>> category("rating", "Midnight Harbour (1987), science fiction / drama"), category("purchase", "GROCERY / BREAD")
+        ('rating/science fiction', 'purchase/grocery')
+        >>> category("campaign", "campaign type b, 53 days"), category("app", "Opened Alipay")
+        ('campaign/campaign', 'app/opened')
+    """
+    attributes = [f.strip() for f in text.split(_FIELD)[1:] if f.strip()[:1].isalpha()]
+    if attributes:  # an attribute is short already: its first path segment, however many words
+        return f"{modality}/{_SEP.split(attributes[-1], maxsplit=1)[0].strip().lower()}"
     parts = _SEP.split(text, maxsplit=1)
     head = parts[0] if len(parts) > 1 else (text.split() or [""])[0]
     return f"{modality}/{head.strip().lower()}"

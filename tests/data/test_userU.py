@@ -229,6 +229,21 @@ def test_generator_pairs_are_verified(built, tmp_path, lie):
         assert stats.dropped_unverified == 0
 
 
+# ------------------------------------------------------------------------------------- categories
+@pytest.mark.parametrize(("modality", "text", "expected"), [
+    ("purchase", "grocery / cheese / grated cheese / national", "purchase/grocery"),  # a path: its head
+    ("coupon", "coupon: grocery / yogurt", "coupon/coupon: grocery"),
+    ("spm", "Home > Wealth > Fund detail > Buy", "spm/home"),
+    ("app", "Opened Alipay", "app/opened"),  # no structure: the first word
+    ("campaign", "campaign type b, 53 days", "campaign/campaign"),  # a trailing quantity is not a kind
+    ("rating", "Silent History (1954), drama / documentary", "rating/drama"),  # a title is a name, not a kind
+    ("rating", "Galactic Colony (1999), science fiction", "rating/science fiction"),
+    ("rating", "American President, The (1995), Comedy|Romance", "rating/comedy"),
+])
+def test_category_reads_a_names_attributes_not_its_first_word(modality, text, expected):
+    assert category(modality, text) == expected
+
+
 # ------------------------------------------------------------------------- diversity, other manifests
 def test_diversity_caps_one_category():
     text = ["Opened A"] * 5 + ["Opened B"] * 4 + ["Opened C"] * 3 + ["Installed D"]

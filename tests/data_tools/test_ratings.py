@@ -3,6 +3,7 @@ answers and the counts do not."""
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import numpy as np
@@ -14,6 +15,8 @@ from sklearn.model_selection import cross_val_score
 
 from data_tools.ratings import GENRES, TASKS, build_ratings
 from qanchor.data.manifest import Manifest, ModalityKind, TaskDomain
+from qanchor.data.schema import USERU_FILE
+from qanchor.data.userU import build_userU
 from qanchor.data.validate import validate_dataset
 
 N_USERS = 1500
@@ -76,3 +79,18 @@ def test_the_titles_answer_the_profile_tasks_and_the_counts_do_not(world):
                                     scoring="roc_auc").mean()
         assert auc_content > 0.7, (name, auc_content)
         assert abs(auc_count - 0.5) < 0.08, (name, auc_count)
+
+
+def test_pretraining_questions_name_genres_not_title_words(tmp_path):
+    """UserU's category questions ("top categories", "X events again / for the first time") read each title's genres:
+    the first word of "Midnight Harbour (1987), crime" named a title word, so no category question was about taste."""
+    root = build_ratings(tmp_path / "small", n_users=80, seed=5)
+    stats = build_userU(root, seed=0, progress=False)
+    assert stats.dropped_unverified == 0
+    answers = " ".join(pq.read_table(root / USERU_FILE).column("answer").to_pylist())
+    queries = pq.read_table(root / USERU_FILE).column("query").to_pylist()
+    named = set(re.findall(r"rating/([^(),]+?) \(\d+ events?\)", answers))
+    asked = {m.group(1) for q in queries if (m := re.search(r"have ([^?]+?) rating events (?:again|for the first time)", q))}
+    genres = {g for g, *_ in GENRES}
+    assert len(named) >= 5 and named <= genres
+    assert len(asked) >= 5 and asked <= genres
