@@ -102,7 +102,7 @@ class PromptTuneConfig:
     # logistic regression on the step-0 embeddings does (prototypes_per_class is then unused; see
     # qanchor.tune.head.logistic_prototypes), or "kmeans", centres inside each class (the paper's cluster-based
     # tuning). k-means centres of overlapping classes say where each class lies, not what separates them:
-    # per-fold heads scored 0.04 AUC below the linear probe on the same embeddings (README, Quality).
+    # per-fold heads scored 0.04 AUC below the linear probe on the same embeddings (docs/quality.md, "The scenario head").
     prototype_init: Literal["kmeans", "logistic"] = "logistic"
     steps: int = 500
     batch_size: int = 64
@@ -126,7 +126,7 @@ class PromptTuneConfig:
     # Whiten embeddings inside the head before the cosine (ridge eps relative to the top eigenvalue); null =
     # raw cosine on the embedding, the paper's literal form (default). Whitening helped when the embedding was
     # one direction; on an embedding spread over a dozen directions, whitening then normalising lets the
-    # whitened noise directions dominate the norm and cost 0.04 AUC (README, Quality). See fit_whitening.
+    # whitened noise directions dominate the norm and cost 0.04 AUC (docs/quality.md, "The scenario head"). See fit_whitening.
     whitening_eps: float | None = None
     prefix_chunk: int = 256  # users per prefix-encoding / evaluation batch
     device: str = "cpu"

@@ -113,16 +113,16 @@ class UserEncoderConfig:
     # What the kept events are about: the top principal components of each modality's mean event-text vector (fitted
     # on the training users, each standardised), as this many targets per sequence modality of the profile loss
     # (loss.profile_weight > 0), beside the counts. 0 = off. With counts alone as targets, pretraining taught the
-    # embedding to drop the content where its questions ask about counts (README, "What the events are about").
+    # embedding to drop the content where its questions ask about counts (docs/quality.md, "What the events are about").
     content_components: int = 0
     # Which mean event-text vector the modality token reads and the content components summarise: "kept" = of the
     # kept events (the most recent max_events), "history" = of the modality's whole history before the cutoff
     # (needs data.history_text=true), as summary_stats=history does for the counts: what the older events were
-    # about reaches the model too (README, "The whole history's content").
+    # about reaches the model too (docs/quality.md, "The whole history's content").
     summary_text: Literal["kept", "history"] = "kept"
     # Where the content components go: "target" = targets of the profile loss (loss.profile_weight > 0), which ask
     # the embedding to carry them; "path" = inputs of the wide statistics path (model.statistics_path), beside the
-    # counts, which hands them to the embedding (README, "The whole history's content").
+    # counts, which hands them to the embedding (docs/quality.md, "The whole history's content").
     content_use: Literal["target", "path"] = "target"
     # How the content components are scaled: "unit" = each to unit variance over the training users (whitened: a
     # direction that holds 0.1% of the variance counts as much as the top one); "spectrum" = one scale per modality,
@@ -175,7 +175,7 @@ class ModelConfig:
     # The evidence's weight in the embedding: "learned" = one gain trained with the model (starts at 1); "fixed" =
     # held at 1, each modality's summaries at the weight of one standardised statistic. Pretraining questions ask
     # about counts and times, which the look-up does not answer, so a long run drives a learned gain toward zero
-    # (1 -> 0.24 over 1,500 tiny steps) and the question stops mattering downstream (README, "Query evidence").
+    # (1 -> 0.24 over 1,500 tiny steps) and the question stops mattering downstream (docs/quality.md, "Query evidence").
     query_evidence_gain: Literal["learned", "fixed"] = "learned"
 
     def __post_init__(self) -> None:

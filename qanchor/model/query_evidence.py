@@ -37,7 +37,7 @@ TOP = 5
 SOFT_MAX_SHARPNESS = 2.0  # weights softmax(2 z): between the mean (0) and the maximum (inf)
 # A modality's summaries restate one quantity; together they weigh as much as one standardised statistic. At one
 # statistic each, the evidence of the tiny runs made up most of the embedding's variance and cost the tasks it says
-# nothing about (README, "Query evidence").
+# nothing about (docs/quality.md, "Query evidence").
 PER_MODALITY_SCALE = len(EVIDENCE_FEATURES) ** -0.5
 
 
