@@ -181,11 +181,30 @@ def _run(cfg: BenchConfig, embedder: Embedder | None, heads: dict[str, Any] | No
     if cfg.ablations:
         run_ablations(cfg, ds, tasks, folds_by_task, result, progress)
     result.extras["pca"] = _pca_inputs(ctx, tasks, cfg)
+    result.run["model_content"] = content_reading(ctx.embedder)
     result.run["seconds"] = round(time.perf_counter() - start, 1)
     result.run["shared_seconds"] = dict(ctx.seconds)
     result.run["method_seconds"] = {m: round(sum(t.methods[m].seconds for t in result.tasks.values() if m in t.methods), 2)
                                     for m in cfg.methods}
     return result
+
+
+def content_reading(embedder: Embedder | None) -> str | None:
+    """How the checkpoint behind ``embedder`` reads what the events are (its ``model.user_encoder`` content settings),
+    in words for the report; None without a real checkpoint.
+
+    Example:
+        >>> content_reading(None) is None
+        True
+    """
+    run_cfg = getattr(getattr(embedder, "model", None), "run_cfg", None)
+    if run_cfg is None:
+        return None
+    enc = run_cfg.model.user_encoder
+    if not enc.content_components:
+        return "no content components"
+    scope = "the whole history's" if enc.summary_text == "history" else "the kept events'"
+    return f"{scope} content {'in the wide path' if enc.content_use == 'path' else 'as profile targets'}"
 
 
 def _pca_inputs(ctx: BenchContext, tasks: list[Task], cfg: BenchConfig) -> list[dict[str, Any]]:

@@ -12,7 +12,7 @@ import argparse
 from dataclasses import replace
 from pathlib import Path
 
-from qanchor.bench.report import average_table, bench_and_report
+from qanchor.bench.report import average_table, bench_and_report, data_kind_note
 from qanchor.bench.uqa import run_uqa, uqa_table, write_uqa
 from qanchor.cli.common import add_command, add_settings, settings
 from qanchor.config import BenchConfig, UqaConfig
@@ -35,6 +35,8 @@ def _cmd_bench(args: argparse.Namespace) -> None:
                 skipped[(m, r.skipped)] = skipped.get((m, r.skipped), 0) + 1
     for (m, why), n in skipped.items():
         print(f"  {m}: skipped on {n} task(s): {why}")
+    if (kind := data_kind_note(result)) is not None:
+        print(f"\ndata kind: {kind}")
     print(f"\nreport: {out / 'report.md'}\nresults: {out / 'results.json'}")
 
 

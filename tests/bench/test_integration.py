@@ -65,6 +65,7 @@ def test_bench_with_real_model_and_head(env, tmp_path):
     assert (tmp_path / "random_init" / "checkpoint" / "qanchor.json").exists()  # the floor: initial weights, saved
     assert result.extras["pca"][0]["after"].shape == (40, 128)
     assert sum(churn.methods["qanchor_head_lr"].n_test) == 40
+    assert result.run["model_content"] == "no content components"  # the test checkpoint's config has none
 
 
 def test_head_lr_is_the_lr_probe_on_each_fold_heads_embedding(env, tmp_path, monkeypatch):

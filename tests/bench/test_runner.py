@@ -4,16 +4,18 @@ honest head evaluation, oracle rows, report, results and plots."""
 from __future__ import annotations
 
 import json
+from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
 
 from qanchor.bench.features import extract_features, signed_log
-from qanchor.bench.peers import Classifier, MethodInput, evaluate_folds, stratified_folds
+from qanchor.bench.peers import Classifier, MethodInput, MethodResult, evaluate_folds, stratified_folds
 from qanchor.bench.plots import write_plots
-from qanchor.bench.report import average_table, write_report, write_results
-from qanchor.bench.runner import prepare, run_bench
-from qanchor.config import BenchConfig, DataConfig
+from qanchor.bench.report import HISTORY_IN_PATH, average_table, data_kind_note, write_report, write_results
+from qanchor.bench.runner import BenchResult, TaskResult, content_reading, prepare, run_bench
+from qanchor.config import BenchConfig, DataConfig, PretrainConfig, load_config
 from qanchor.data.dataset import load_dataset
 from qanchor.errors import ConfigError
 from qanchor.tune.head import HeadEntry
@@ -120,3 +122,45 @@ def test_unknown_method_and_missing_data(tiny_dataset, tmp_path):
         run_bench(_cfg(tiny_dataset, tmp_path, methods=["gpt5"]), progress=False)
     with pytest.raises(ConfigError, match="data.path"):
         run_bench(BenchConfig(), progress=False)
+
+
+# ------------------------------------------------------------------------------------------- data kind
+CONFIGS = Path(__file__).resolve().parents[2] / "configs" / "pretrain"
+
+
+@pytest.mark.parametrize(("config", "reads"), [("tiny-ratings.yaml", HISTORY_IN_PATH),
+                                               ("tiny-cj.yaml", "the kept events' content as profile targets")])
+def test_content_reading_names_the_checkpoints_content_settings(config, reads):
+    run_cfg = load_config(str(CONFIGS / config), schema=PretrainConfig)
+    assert content_reading(SimpleNamespace(model=SimpleNamespace(run_cfg=run_cfg))) == reads
+    assert content_reading(None) is None
+
+
+def _peers_only(text_mean_auc: float, rfm_auc: float, model_content: str | None) -> BenchResult:
+    def peer(auc: float) -> MethodResult:
+        return MethodResult(auc=[auc - 0.01, auc + 0.01], ks=[0.2, 0.2], n_test=[50, 50])
+
+    run = {"dataset": "d", "data_path": "d", "cutoff": "2024-01-01", "checkpoint": "ckpt", "heads_dir": None, "folds": 2,
+           "seed": 0, "generic_query": "q?", "qanchor_version": "0", "started": "now", "model_content": model_content}
+    task = TaskResult("t", "q?", 100, 0.5, 2, methods={"rfm_lr": peer(rfm_auc), "text_mean_lr": peer(text_mean_auc)})
+    return BenchResult(run, {"t": task})
+
+
+def test_data_kind_note_tells_content_from_count_data_and_names_a_mismatched_recipe(tmp_path):
+    kept = "the kept events' content as profile targets"
+    content = data_kind_note(_peers_only(0.86, 0.57, kept))  # the ratings world's peers
+    assert "about what the events are" in content and "tiny-ratings.yaml" in content
+    assert f"This checkpoint reads {kept}" in content
+    assert "This checkpoint" not in data_kind_note(_peers_only(0.86, 0.57, HISTORY_IN_PATH))
+    counts = data_kind_note(_peers_only(0.62, 0.725, HISTORY_IN_PATH))  # Complete Journey's peers
+    assert "how many events" in counts and "tiny-cj.yaml" in counts and "This checkpoint reads the whole" in counts
+    assert "This checkpoint" not in data_kind_note(_peers_only(0.62, 0.725, kept))
+    assert "This checkpoint" not in data_kind_note(_peers_only(0.86, 0.57, None))  # peers only: no checkpoint to judge
+    assert data_kind_note(_peers_only(0.60, 0.57, kept)) is None  # the text ahead by less than the margin: no advice
+    report = write_report(_peers_only(0.86, 0.57, kept), tmp_path).read_text()
+    assert "**Data kind.** The tasks are about what the events are (`text_mean_lr` 0.8600 against `rfm_lr` 0.5700" in report
+
+
+def test_no_data_kind_note_without_both_peers(bench):
+    _, result, _, _ = bench  # rfm_lr ran, text_mean_lr did not
+    assert "rfm_lr" in result.average() and data_kind_note(result) is None
