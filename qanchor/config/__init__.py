@@ -32,6 +32,7 @@ from qanchor.config.commands import (
     AskConfig,
     BenchConfig,
     CompleteJourneyConfig,
+    CompleteJourneyProfileConfig,
     DataOverrides,
     DescribeConfig,
     EmbedConfig,
@@ -62,6 +63,7 @@ __all__ = [
     "TextEncoderConfig", "DataConfig", "LoraConfig", "BackboneConfig", "UserEncoderConfig", "ModelConfig",
     "LossConfig", "TrainConfig", "PretrainConfig", "DataOverrides", "PromptTuneConfig", "BenchConfig", "InferConfig",
     "EmbedConfig", "UpdateConfig", "AskConfig", "DescribeConfig", "UqaConfig", "IndexBuildConfig", "IndexSearchConfig", "SynthConfig", "CompleteJourneyConfig",
+           "CompleteJourneyProfileConfig",
     "UserUConfig", "SCHEMAS", "configs_root", "load_config", "with_overrides", "to_yaml", "require",
 ]
 

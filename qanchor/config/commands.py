@@ -15,6 +15,7 @@ from qanchor.errors import ConfigError
 
 __all__ = ["PretrainConfig", "DataOverrides", "PromptTuneConfig", "BenchConfig", "InferConfig", "EmbedConfig",
            "UpdateConfig", "UqaConfig", "AskConfig", "DescribeConfig", "IndexBuildConfig", "IndexSearchConfig", "SynthConfig", "CompleteJourneyConfig",
+           "CompleteJourneyProfileConfig",
            "UserUConfig", "require"]
 
 
@@ -333,6 +334,14 @@ class CompleteJourneyConfig:
 
     out: str = ""
     cutoff: str = "2017-09-30"  # inputs strictly before, labels after (ISO date or datetime)
+
+
+@dataclass
+class CompleteJourneyProfileConfig:
+    """``qanchor data cj-profile``: Complete Journey households' purchases, with their demographics as profile tasks."""
+
+    out: str = ""
+    cutoff: str = "2018-01-01"  # purchases strictly before (the default keeps all of 2017); labels are fixed attributes
 
 
 @dataclass

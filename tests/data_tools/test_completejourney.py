@@ -10,8 +10,15 @@ import pandas as pd
 import pyarrow.parquet as pq
 import pytest
 
-from data_tools.completejourney import build_completejourney, check_no_leak
+from data_tools.completejourney import (
+    PROFILE_TASKS,
+    _data_dir,
+    build_completejourney,
+    build_completejourney_profile,
+    check_no_leak,
+)
 from qanchor.data.manifest import Manifest
+from qanchor.data.validate import validate_dataset
 
 CUTOFF = pd.Timestamp("2017-09-30", tz="UTC")
 MODALITIES = {"purchase", "coupon", "campaign", "visit"}
@@ -151,4 +158,36 @@ def test_bad_cutoff_raises(tmp_path):
         build_completejourney(tmp_path / "x", cutoff="2017-11-15")
     with pytest.raises(ValueError, match="days of data before"):
         build_completejourney(tmp_path / "x", cutoff="2017-02-01")
+    assert not (tmp_path / "x").exists()
+
+
+# ------------------------------------------------------------------------------------------ profile variant
+@pytest.fixture(scope="module")
+def profile(tmp_path_factory) -> Path:
+    return build_completejourney_profile(tmp_path_factory.mktemp("cjp") / "cj-profile")
+
+
+def test_profile_dataset_has_purchases_only_and_demographic_tasks(profile):
+    report = validate_dataset(profile)
+    manifest = Manifest.load(profile)
+    assert [m.name for m in manifest.modalities] == ["purchase"] and report.n_tabular_users == 0
+    assert [t.name for t in manifest.tasks] == [name for name, *_ in PROFILE_TASKS]
+    assert report.n_users == 2469 and report.task_counts["has_kids"] == (801, 288)
+    assert report.task_counts["married"][0] == 664  # only where the status is known
+    events = pq.read_table(profile / "events", columns=["ts"]).column("ts").to_numpy()
+    assert len(events) == 1_468_773 and events.max() < np.datetime64("2018-01-01")  # every purchase of 2017
+
+
+def test_profile_labels_are_the_households_demographics(profile):
+    demo = pd.read_parquet(_data_dir() / "demographics.parquet").set_index("household_id")
+    kids = _task(profile, "has_kids").set_index("user_id")["label"]
+    truth = {f"hh_{h:04d}": int(v != "0") for h, v in demo["kids_count"].items()}
+    assert kids.to_dict() == truth
+    age = _task(profile, "age_55_plus").set_index("user_id")["label"]
+    assert age.to_dict() == {f"hh_{h:04d}": int(v in ("55-64", "65+")) for h, v in demo["age"].items()}
+
+
+def test_profile_bad_cutoff_raises(tmp_path):
+    with pytest.raises(ValueError, match="no transaction before it"):
+        build_completejourney_profile(tmp_path / "x", cutoff="2016-01-01")
     assert not (tmp_path / "x").exists()
