@@ -20,7 +20,7 @@ TEST_WORKERS ?= 2
 .PHONY: help install test lint demo demo-synth demo-ratings demo-profile uqa data data-cj data-synth data-ratings data-cj-profile pretrain prompt-tune bench gpu-check clean
 
 help: ## list the targets
-	@grep -E '^[a-zA-Z_-]+:.*## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*## "} {printf "  make %-12s %s\n", $$1, $$2}'
+	@grep -E '^[a-zA-Z_-]+:.*## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*## "} {printf "  make %-16s %s\n", $$1, $$2}'
 	@echo "  Variables: CONFIG=<yaml>  ARGS=\"key=value ...\"  DATA_DIR=$(DATA_DIR)  TORCH_SPEC=$(TORCH_SPEC)"
 
 install: $(VENV)/.installed ## create .venv and install torch (first), qanchor (editable) and dev tools
