@@ -56,36 +56,29 @@ def _cmd_ratings(args: argparse.Namespace) -> None:
     print(f"wrote ratings dataset to {out} ({cfg.users} users, seed {cfg.seed}) in {time.perf_counter() - start:.1f}s")
 
 
-def _cmd_completejourney(args: argparse.Namespace) -> None:
-    cfg: CompleteJourneyConfig = settings(args)
-    require(cfg.out, "out", "data/completejourney")
+def _build_cj(args: argparse.Namespace, default_out: str, example_cutoff: str, build, what: str) -> None:
+    """Both Complete Journey builds: check the cutoff, refuse to replace what is not a qanchor dataset, build."""
+    cfg = settings(args)
+    require(cfg.out, "out", default_out)
     try:
         datetime.fromisoformat(cfg.cutoff)
     except ValueError:
-        raise ConfigError(f"cutoff={cfg.cutoff!r} is not an ISO date such as 2017-09-30") from None
+        raise ConfigError(f"cutoff={cfg.cutoff!r} is not an ISO date such as {example_cutoff}") from None
     check_replaceable(cfg.out, OutputKind.DATASET)
     start = time.perf_counter()
     try:
-        out = build_completejourney(cfg.out, cutoff=cfg.cutoff)
-    except ValueError as exc:  # a cutoff the data cannot serve (label window past its end, too little history)
+        out = build(cfg.out, cutoff=cfg.cutoff)
+    except ValueError as exc:  # a cutoff the data cannot serve (label window past its end, no history before it)
         raise ConfigError(str(exc)) from None
-    print(f"wrote Complete Journey dataset to {out} in {time.perf_counter() - start:.1f}s")
+    print(f"wrote {what} to {out} in {time.perf_counter() - start:.1f}s")
+
+
+def _cmd_completejourney(args: argparse.Namespace) -> None:
+    _build_cj(args, "data/completejourney", "2017-09-30", build_completejourney, "Complete Journey dataset")
 
 
 def _cmd_cj_profile(args: argparse.Namespace) -> None:
-    cfg: CompleteJourneyProfileConfig = settings(args)
-    require(cfg.out, "out", "data/cj-profile")
-    try:
-        datetime.fromisoformat(cfg.cutoff)
-    except ValueError:
-        raise ConfigError(f"cutoff={cfg.cutoff!r} is not an ISO date such as 2018-01-01") from None
-    check_replaceable(cfg.out, OutputKind.DATASET)
-    start = time.perf_counter()
-    try:
-        out = build_completejourney_profile(cfg.out, cutoff=cfg.cutoff)
-    except ValueError as exc:  # a cutoff before the first purchase
-        raise ConfigError(str(exc)) from None
-    print(f"wrote Complete Journey profile dataset to {out} in {time.perf_counter() - start:.1f}s")
+    _build_cj(args, "data/cj-profile", "2018-01-01", build_completejourney_profile, "Complete Journey profile dataset")
 
 
 def _cmd_validate(args: argparse.Namespace) -> None:
