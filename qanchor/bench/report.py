@@ -70,8 +70,8 @@ def data_kind_note(result: BenchResult) -> str | None:
         note = (f"The tasks are about what the events are ({peers}). `configs/pretrain/tiny-ratings.yaml` is the recipe "
                 "for such data: it hands the whole history's content to the wide path.")
         if reads is not None and reads != HISTORY_IN_PATH:
-            note += (f" This checkpoint reads {reads}; that recipe scored 0.028 AUC below the tiny-ratings one on the "
-                     "ratings world and 0.082 below it on Complete Journey's demographics.")
+            note += (f" This checkpoint reads {reads}; that recipe scored 0.03 AUC below the tiny-ratings one on the "
+                     "ratings world and 0.08 below it on Complete Journey's demographics.")
         return note
     if content <= counts:
         note = (f"The tasks are about how many events there are ({peers}). `configs/pretrain/tiny-cj.yaml` and "

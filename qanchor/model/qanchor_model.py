@@ -8,6 +8,7 @@ answer's frozen sentence vector goes through a projection of its own; both are L
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -201,10 +202,13 @@ class StatisticsPath(nn.Module):
     learned gain, so training cannot reshape what the path passes on.
     """
 
-    def __init__(self, hidden: int, width: int, embedding_dim: int, gated: bool = False, principal: bool = False):
+    def __init__(self, hidden: int, width: int, embedding_dim: int, gated: bool = False, principal: bool = False,
+                 orthogonal: bool = False):
         super().__init__()
         if gated and principal:
             raise ValueError("a statistics path is gated or principal, not both")
+        if principal and orthogonal:
+            raise ValueError("a principal statistics path has a fixed map: it has no initialisation to choose")
         self.principal = principal
         if principal:
             # Fixed: set by :meth:`set_principal` from the training users (zeros until then: the path adds nothing).
@@ -214,6 +218,11 @@ class StatisticsPath(nn.Module):
             self.linear = self.gate = None
             return
         self.linear = nn.Linear(width, embedding_dim)
+        if orthogonal:
+            # Semi-orthogonal (equal singular values), scaled to torch's default expected squared norm (each weight's
+            # variance 1 / (3 width), so embedding_dim / 3 in all): the same share of the embedding, no input
+            # direction squashed.
+            nn.init.orthogonal_(self.linear.weight, gain=math.sqrt(embedding_dim / 3 / min(width, embedding_dim)))
         self.gate = nn.Linear(hidden, width) if gated else None
         if self.gate is not None:
             nn.init.zeros_(self.gate.weight)
@@ -263,7 +272,8 @@ class QAnchorModel(nn.Module):
         self.projection = _projection(hidden, cfg.projection_hidden, cfg.embedding_dim)
         self.statistics_path = (StatisticsPath(hidden, self.user_encoder.statistics_width(), cfg.embedding_dim,
                                                gated=cfg.statistics_path == "gated",
-                                               principal=cfg.statistics_path == "principal")
+                                               principal=cfg.statistics_path == "principal",
+                                               orthogonal=cfg.statistics_path_init == "orthogonal")
                                 if cfg.statistics_path != "none" else None)
         self.query_evidence = (QueryEvidence(self.user_encoder.sequence_names, text_dim, cfg.embedding_dim,
                                              learn_gain=cfg.query_evidence_gain == "learned")

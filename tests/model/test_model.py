@@ -15,7 +15,7 @@ from qanchor.model.factory import ModelMeta, build_model, load_checkpoint, save_
 from qanchor.model.layout import special_token_names
 from qanchor.model.losses import masked_infonce
 from qanchor.model.prefix_cache import anchor_hidden, anchor_hidden_uncached, encode_prefixes
-from qanchor.model.qanchor_model import AnswerBank
+from qanchor.model.qanchor_model import AnswerBank, StatisticsPath
 from qanchor.train.pretrain import fit_evidence_stats, fit_input_stats
 from tests.model.helpers import model_and_stream, tiny_cfg
 
@@ -618,3 +618,26 @@ def test_future_loss_decodes_each_pairs_next_days(tiny_dataset, tmp_path):
         tiny_cfg(["loss.future_weight=-1"])
     with pytest.raises(ConfigError, match="future_days"):
         tiny_cfg(["loss.future_weight=1", "loss.future_days=0"])
+
+
+@pytest.mark.parametrize("width", [90, 300])  # fewer inputs than embedding columns, and more
+def test_an_orthogonal_path_keeps_every_input_direction_at_one_scale(width):
+    """``statistics_path_init=orthogonal``: equal singular values (no input direction squashed), at the default
+    start's expected squared norm (the path's share of the embedding unchanged); the default spreads them."""
+    torch.manual_seed(0)
+    ortho = StatisticsPath(16, width, 128, orthogonal=True).linear.weight.detach()
+    uniform = StatisticsPath(16, width, 128).linear.weight.detach()
+    sv, sv_uniform = torch.linalg.svdvals(ortho), torch.linalg.svdvals(uniform)
+    assert torch.allclose(sv, sv[0].expand_as(sv), rtol=1e-4)
+    assert sv_uniform.max() / sv_uniform.min() > 3
+    assert (ortho ** 2).sum().item() == pytest.approx(128 / 3, rel=1e-4)
+    assert (uniform ** 2).sum().item() == pytest.approx(128 / 3, rel=0.05)
+    with pytest.raises(ValueError, match="fixed map"):
+        StatisticsPath(16, width, 128, principal=True, orthogonal=True)
+
+
+def test_orthogonal_start_needs_a_learned_path():
+    with pytest.raises(ConfigError, match='statistics_path="principal" has none to start'):
+        tiny_cfg(["model.statistics_path=principal", "model.statistics_path_init=orthogonal"])
+    cfg = tiny_cfg(["model.statistics_path=add", "model.statistics_path_init=orthogonal"])
+    assert cfg.model.statistics_path_init == "orthogonal"
