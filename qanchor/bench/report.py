@@ -20,7 +20,7 @@ import numpy as np
 
 from qanchor.bench.peers import MethodResult
 from qanchor.bench.plots import write_plots
-from qanchor.bench.runner import BenchResult, TaskResult, run_bench
+from qanchor.bench.runner import HISTORY_IN_PATH, BenchResult, TaskResult, run_bench
 from qanchor.config import BenchConfig
 from qanchor.data.io import write_json, write_text
 
@@ -51,7 +51,6 @@ METHOD_LABELS = {
 # there are: the ratings world +0.29, against Complete Journey -0.10 and the synthetic world -0.02 (README, "Which tiny
 # config for your data").
 CONTENT_MARGIN = 0.05
-HISTORY_IN_PATH = "the whole history's content in the wide path"
 
 
 def data_kind_note(result: BenchResult) -> str | None:

@@ -189,6 +189,10 @@ def _run(cfg: BenchConfig, embedder: Embedder | None, heads: dict[str, Any] | No
     return result
 
 
+# content_reading's phrase for tiny-ratings.yaml's recipe, which the report's data-kind note compares against
+HISTORY_IN_PATH = "the whole history's content in the wide path"
+
+
 def content_reading(embedder: Embedder | None) -> str | None:
     """How the checkpoint behind ``embedder`` reads what the events are (its ``model.user_encoder`` content settings),
     in words for the report; None without a real checkpoint.
@@ -203,6 +207,8 @@ def content_reading(embedder: Embedder | None) -> str | None:
     enc = run_cfg.model.user_encoder
     if not enc.content_components:
         return "no content components"
+    if enc.summary_text == "history" and enc.content_use == "path":
+        return HISTORY_IN_PATH
     scope = "the whole history's" if enc.summary_text == "history" else "the kept events'"
     return f"{scope} content {'in the wide path' if enc.content_use == 'path' else 'as profile targets'}"
 
