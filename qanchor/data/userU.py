@@ -69,7 +69,7 @@ from qanchor.errors import OutputError
 from qanchor.logs import progress as progress_iter
 
 __all__ = ["build_userU", "UserUStats", "QAGenerator", "future_pairs", "uqa_pairs", "summarize_future",
-           "FUTURE_QUERY", "MAX_ITEMS", "MAX_PER_CATEGORY", "MAX_TOPICS"]
+           "FUTURE_QUERY", "MAX_ITEMS", "MAX_PER_CATEGORY", "MAX_TOPICS", "stale_userU", "USERU_VERSION"]
 
 log = logging.getLogger(__name__)
 
@@ -80,6 +80,13 @@ MAX_TOPICS = 10  # the paper asks for ten topics per user
 _EPOCH = datetime(1970, 1, 1, tzinfo=timezone.utc)
 _FLUSH_ROWS = 65_536
 USERU_OWNER_KEY, USERU_OWNER_VALUE = "qanchor", "userU pairs"  # Parquet schema metadata: written by us  # rows kept as Python strings before they are packed into Arrow
+# Which pairs this generator writes, stamped in the file's metadata beside the owner key. Bump it (and add the reason
+# to USERU_CHANGES) when a change alters the pairs a dataset gets, so that pretraining on an older file says so.
+USERU_VERSION_KEY, USERU_VERSION = "qanchor_userU_version", 2
+USERU_CHANGES = {
+    2: 'a "name, attributes" text\'s category comes from its attributes, not the title\'s first word ("rating/horror", '
+       'not "rating/quiet")',
+}
 
 
 class QAGenerator(Protocol):
@@ -315,11 +322,35 @@ def check_userU_target(target: Path) -> None:
                           "replace it: move it away first if it should be rebuilt")
 
 
+def stale_userU(target: Path) -> str | None:
+    """Why ``target``, a ``userU.parquet`` that ``qanchor data userU`` wrote, holds older pairs than this generator
+    writes (one line naming the file, what changed since and the command that rebuilds it), or None: current, not
+    ours (pairs of the user's own are theirs to keep) or absent.
+
+    Files written before the stamp existed count as version 1.
+    """
+    try:
+        meta = pq.read_schema(target).metadata or {}
+    except Exception:  # absent or not Parquet: the validator and the loaders say so
+        return None
+    if meta.get(USERU_OWNER_KEY.encode()) != USERU_OWNER_VALUE.encode():
+        return None
+    try:
+        version = int(meta.get(USERU_VERSION_KEY.encode(), b"1"))
+    except ValueError:
+        version = 1
+    if version >= USERU_VERSION:
+        return None
+    changes = "; ".join(USERU_CHANGES[v] for v in sorted(USERU_CHANGES) if v > version)
+    return (f"{target} holds UserU pairs of an older qanchor (version {version}, now {USERU_VERSION}: {changes}); "
+            f"rebuild them with `qanchor data userU {target.parent}` (it replaces only its own file)")
+
+
 def _write(table: pa.Table, target: Path) -> Path | None:
     if table.num_rows == 0:
         # the validator refuses an empty userU file, and a stale one would describe other data
         target.unlink(missing_ok=True)  # ours: check_userU_target ran before any work
         log.warning("no user in %s has events to build UserU pairs from; %s not written", target.parent, target.name)
         return None
-    write_parquet(table, target, metadata={USERU_OWNER_KEY: USERU_OWNER_VALUE})
+    write_parquet(table, target, metadata={USERU_OWNER_KEY: USERU_OWNER_VALUE, USERU_VERSION_KEY: str(USERU_VERSION)})
     return target

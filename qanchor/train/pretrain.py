@@ -35,6 +35,7 @@ from qanchor.data.packing import numeric_stats, tabular_stats
 from qanchor.data.pipeline import UserPipeline, batched, check_caps
 from qanchor.data.schema import USERU_FILE
 from qanchor.data.text_cache import SentenceEncoder, TextVectorCache
+from qanchor.data.userU import stale_userU
 from qanchor.errors import CheckpointError, ConfigError, DataValidationError
 from qanchor.faults import failpoint
 from qanchor.logs import Progress, format_seconds, interactive, log
@@ -77,6 +78,8 @@ def preflight(cfg: PretrainConfig, world: int = 1) -> None:
     if not (ds.root / USERU_FILE).exists():
         raise DataValidationError(str(ds.root / USERU_FILE), f"pretraining needs UserU pairs; build them with "
                                   f"`qanchor data userU {ds.root}`")
+    if (stale := stale_userU(ds.root / USERU_FILE)) is not None:
+        log(f"warning: {stale}")  # the pairs are still valid training pairs: say so, and train on them
     pairs = ds.userU()
     if pairs.num_rows < cfg.train.batch_size * world:
         raise ConfigError(f"{ds.root / USERU_FILE} holds {pairs.num_rows} pairs, fewer than one global batch "

@@ -13,14 +13,17 @@ import numpy as np
 import pyarrow.parquet as pq
 import pytest
 
+from qanchor.config import PretrainConfig, load_config
 from qanchor.data.dataset import EventSeq, load_dataset
 from qanchor.data.manifest import Manifest
 from qanchor.data.schema import USERU_FILE, USERU_SCHEMA, events_table, write_dataset
 from qanchor.data.userU import (
     MAX_PER_CATEGORY,
+    USERU_VERSION,
     UserUStats,
     build_userU,
     future_pairs,
+    stale_userU,
     summarize_future,
     uqa_pairs,
 )
@@ -35,6 +38,7 @@ from qanchor.data.userU_topics import (
     verify,
 )
 from qanchor.data.validate import validate_dataset
+from qanchor.train.pretrain import preflight
 
 WINDOW = 30
 _FUTURE_RE = re.compile(r"Next (\d+) days: (.*); (\d+) active days?\.")
@@ -363,3 +367,25 @@ def test_signature_pairs_in_build(built, tmp_path):
         for m, text, k in items:
             assert truth[(m, text)] == k, (r["answer"], m, text)
             assert item_users[(m, text)] < n_users  # an item every user has carries no information
+
+
+def test_an_older_userU_file_says_what_changed_and_how_to_rebuild(built, tmp_path, capsys):
+    """A file the generator wrote before its pairs changed is named when pretraining reads it (with the change and the
+    command that rebuilds it), and training goes on; a current file or pairs of the user's own are never called stale."""
+    root, _, table = built
+    meta = pq.read_schema(root / USERU_FILE).metadata
+    assert meta[b"qanchor_userU_version"] == str(USERU_VERSION).encode() and stale_userU(root / USERU_FILE) is None
+    old = _copy(root, tmp_path / "ds")
+    unstamped = {k: v for k, v in meta.items() if k != b"qanchor_userU_version"}  # as written before the stamp
+    pq.write_table(table.replace_schema_metadata(unstamped), old / USERU_FILE)
+    why = stale_userU(old / USERU_FILE)
+    assert why is not None and f"version 1, now {USERU_VERSION}" in why and "rating/horror" in why
+    assert f"`qanchor data userU {old}`" in why and str(old / USERU_FILE) in why
+    cfg = load_config(str(Path(__file__).resolve().parents[2] / "configs/pretrain/tiny-synth.yaml"),
+                      [f"data.path={old}", f"output_dir={tmp_path / 'run'}", "data.max_events={}", "train.batch_size=4"],
+                      schema=PretrainConfig)
+    capsys.readouterr()
+    preflight(cfg)  # a warning line in the run's log, not a refusal: the pairs are still valid training pairs
+    assert [line.split(" ", 2)[2] for line in capsys.readouterr().out.splitlines()] == [f"warning: {why}"]
+    pq.write_table(table.replace_schema_metadata({}), old / USERU_FILE)  # someone's own pairs: theirs to keep
+    assert stale_userU(old / USERU_FILE) is None and stale_userU(tmp_path / "absent.parquet") is None
