@@ -335,15 +335,19 @@ def stale_userU(target: Path) -> str | None:
         return None
     if meta.get(USERU_OWNER_KEY.encode()) != USERU_OWNER_VALUE.encode():
         return None
+    stamp = meta.get(USERU_VERSION_KEY.encode())
     try:
-        version = int(meta.get(USERU_VERSION_KEY.encode(), b"1"))
+        version = 1 if stamp is None else int(stamp)
     except ValueError:
         version = 1
     if version >= USERU_VERSION:
         return None
-    changes = "; ".join(USERU_CHANGES[v] for v in sorted(USERU_CHANGES) if v > version)
-    return (f"{target} holds UserU pairs of an older qanchor (version {version}, now {USERU_VERSION}: {changes}); "
-            f"rebuild them with `qanchor data userU {target.parent}` (it replaces only its own file)")
+    changes = "; ".join(f"version {v}: {USERU_CHANGES[v]}" for v in sorted(USERU_CHANGES) if v > version)
+    # An unstamped file may also have been written just after the last change and before the stamp: say both.
+    written = ("carries no UserU version (written before qanchor stamped it, so perhaps before these changes)"
+               if stamp is None else f"holds UserU pairs of version {version}, before these changes")
+    return (f"{target} {written}: {changes}; rebuild them with `qanchor data userU {target.parent}` (it replaces only "
+            "its own file) to train on the current pairs")
 
 
 def _write(table: pa.Table, target: Path) -> Path | None:

@@ -379,7 +379,7 @@ def test_an_older_userU_file_says_what_changed_and_how_to_rebuild(built, tmp_pat
     unstamped = {k: v for k, v in meta.items() if k != b"qanchor_userU_version"}  # as written before the stamp
     pq.write_table(table.replace_schema_metadata(unstamped), old / USERU_FILE)
     why = stale_userU(old / USERU_FILE)
-    assert why is not None and f"version 1, now {USERU_VERSION}" in why and "rating/horror" in why
+    assert why is not None and "carries no UserU version" in why and "version 2: " in why and "rating/horror" in why
     assert f"`qanchor data userU {old}`" in why and str(old / USERU_FILE) in why
     cfg = load_config(str(Path(__file__).resolve().parents[2] / "configs/pretrain/tiny-synth.yaml"),
                       [f"data.path={old}", f"output_dir={tmp_path / 'run'}", "data.max_events={}", "train.batch_size=4"],
@@ -387,5 +387,8 @@ def test_an_older_userU_file_says_what_changed_and_how_to_rebuild(built, tmp_pat
     capsys.readouterr()
     preflight(cfg)  # a warning line in the run's log, not a refusal: the pairs are still valid training pairs
     assert [line.split(" ", 2)[2] for line in capsys.readouterr().out.splitlines()] == [f"warning: {why}"]
+    pq.write_table(table.replace_schema_metadata({**unstamped, b"qanchor_userU_version": b"1"}), old / USERU_FILE)
+    stamped = stale_userU(old / USERU_FILE)
+    assert stamped is not None and "holds UserU pairs of version 1, before these changes" in stamped
     pq.write_table(table.replace_schema_metadata({}), old / USERU_FILE)  # someone's own pairs: theirs to keep
     assert stale_userU(old / USERU_FILE) is None and stale_userU(tmp_path / "absent.parquet") is None
