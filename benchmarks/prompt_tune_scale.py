@@ -6,9 +6,11 @@ more. This script runs ``qanchor prompt-tune`` (its config unchanged: the same s
 validation-picked step) with several pretraining seeds' checkpoints on datasets of different sizes, and compares
 on each run's own held-out test split (``test_fraction`` of the users, never used to fit or pick anything):
 
-- ``frozen_lr``: logistic regression on the frozen task-query embeddings (C picked on the validation split);
-- ``frozen_proto``: the head at step 0 (logistic prototypes, no tuning);
-- ``tuned``: the head after tuning (soft prompt + prototypes, best validation step).
+- ``frozen_lr``: logistic regression on the frozen task-query embeddings (C picked on the validation split, then
+  fitted on the train + val users);
+- ``frozen_proto``: the head at step 0 (logistic prototypes on the training users, no tuning);
+- ``tuned``: the head after tuning (soft prompt + prototypes, best validation step; with ``refit_readout``, the
+  default, its readout fitted again on the train + val users under the chosen prompt).
 
 It writes ``<root>/scale.json``, ``scale.md`` (mean over tasks per run, then mean ± std over seeds, and the
 paired tuned - frozen_lr difference) and ``scale.png``. Runs are resumable: prompt-tune reuses finished heads.

@@ -226,9 +226,10 @@ def _qanchor_head(ctx: BenchContext, task: Task, folds: list) -> MethodInput:
         scores[test] = head_scores(model.model, ctx.prefix_store.at_query(task.query), query_ids, head, split.rows["test"],
                                    cfg.prefix_chunk)
     kept = ", ".join(str(head.extra.get("best_step", "?")) for _, head in heads)
+    readout = ", its readout then fitted on all of them" if cfg.refit_readout else ""
     return MethodInput(scores=scores, note=f"head tuned per fold on its training users ({cfg.steps} steps, best "
-                                            f"step by a validation split of them; kept steps {kept}), scored on the "
-                                            "fold's test users")
+                                            f"step by a validation split of them; kept steps {kept}){readout}, scored "
+                                            "on the fold's test users")
 
 
 def _qanchor_head_lr(ctx: BenchContext, task: Task, folds: list) -> MethodInput:

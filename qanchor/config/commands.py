@@ -114,6 +114,11 @@ class PromptTuneConfig:
     # query's own vector (the frozen look-up).
     lookup_lr: float = 0.0
     eval_every: int = 25  # validation AUC every this many steps; the best step is kept
+    # After the best step is chosen, fit the head's readout (its logistic prototypes and calibration) again on the
+    # training *and* validation users under the chosen prompt: validation only picks the step, and a readout fitted
+    # on 80% of the labelled users scored up to 0.013 AUC below one on all of them. Needs prototype_init: logistic
+    # (tuned k-means prototypes have no refit that keeps what tuning learned).
+    refit_readout: bool = True
     val_fraction: float = 0.2
     test_fraction: float = 0.2
     seed: int = 0
@@ -144,6 +149,9 @@ class PromptTuneConfig:
         if not (0 < self.val_fraction < 1 and 0 < self.test_fraction < 1 and self.val_fraction + self.test_fraction < 1):
             raise ConfigError(f"val_fraction ({self.val_fraction}) and test_fraction ({self.test_fraction}) must be in "
                               "(0, 1) and sum to less than 1: training needs users too")
+        if self.refit_readout and self.prototype_init != "logistic":
+            raise ConfigError(f"refit_readout needs prototype_init: logistic (got {self.prototype_init}); "
+                              "set refit_readout=false to keep the tuned k-means prototypes")
 
 
 @dataclass

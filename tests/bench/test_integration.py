@@ -58,7 +58,7 @@ def test_bench_with_real_model_and_head(env, tmp_path):
     assert all(churn.methods[m].ok for m in cfg.methods), {m: r.skipped for m, r in churn.methods.items()}
     head = churn.methods["qanchor_head"]
     # per-fold heads: every user is scored once, by the head of the fold it was a test user in
-    assert sum(head.n_test) == 40 and "tuned per fold" in head.note
+    assert sum(head.n_test) == 40 and "tuned per fold" in head.note and "readout then fitted on all of them" in head.note
     kept = head.note.split("kept steps ")[1].split(")")[0].split(", ")  # the step each fold's head kept, in order
     assert len(kept) == 3 and all(0 <= int(s) <= 6 for s in kept), head.note
     assert "another task's query" in churn.methods["qanchor_swapped_query"].note

@@ -389,7 +389,7 @@ def test_a_head_tunes_its_lookup_only_with_lookup_lr_and_keeps_it_when_saved(env
 
     def tune(lookup_lr):
         cfg = PromptTuneConfig(steps=20, eval_every=5, batch_size=16, lookup_lr=lookup_lr, prototype_init="kmeans",
-                               prototypes_per_class=1, learn_calibration=False)
+                               prototypes_per_class=1, learn_calibration=False, refit_readout=False)
         return tune_task(qa.model, at_query, query_ids, split, cfg, "planted", query, qa.checkpoint_hash)
 
     start = store.query_vector(query)

@@ -14,7 +14,7 @@ from qanchor.cli import main
 from qanchor.config import PromptTuneConfig, load_config
 from qanchor.data.dataset import load_dataset
 from qanchor.data.pipeline import UserPipeline
-from qanchor.errors import CheckpointError
+from qanchor.errors import CheckpointError, ConfigError
 from qanchor.infer.api import QAnchor
 from qanchor.metrics import auc_ks
 from qanchor.model.factory import ModelMeta, checkpoint_hash, load_checkpoint, save_checkpoint
@@ -23,7 +23,7 @@ from qanchor.model.prefix_cache import anchor_hidden_uncached
 from qanchor.probe import logistic_probe
 from qanchor.tune.head import ScenarioHead, query_prompt_init
 from qanchor.tune.prompt_tune import encode_users, run_prompt_tune
-from qanchor.tune.trainer import fold_split, split_users, tune_task
+from qanchor.tune.trainer import fold_split, frozen_logistic, head_scores, split_users, tune_task
 from tests.model.helpers import encoder, model_and_stream
 
 FAST = ["steps=6", "eval_every=3", "batch_size=8", "prefix_chunk=16", "prototypes_per_class=2"]
@@ -211,7 +211,7 @@ def test_fold_split_keeps_the_fold_test_users_out_of_tuning():
 
 def test_logistic_prototype_init_starts_from_the_regression_on_step0_embeddings(loaded):
     model, store, query_ids, split, cfg, task = _task_inputs(loaded)
-    cfg.prototype_init, cfg.steps = "logistic", 0
+    cfg.prototype_init, cfg.steps, cfg.refit_readout = "logistic", 0, False  # the start itself, before any refit
     result = tune_task(model, store, query_ids, split, cfg, "churn", task.spec.query, "h")
     head = result.head
     assert head.prototype_labels.tolist() == [0, 1] and head.extra["prototype_init"] == "logistic"
@@ -233,3 +233,58 @@ def test_logistic_prototype_init_starts_from_the_regression_on_step0_embeddings(
     cfg.learn_calibration = False  # the paper's form: fixed temperature, no bias
     plain = tune_task(model, store, query_ids, split, cfg, "churn", task.spec.query, "h").head
     assert plain.log_scale.item() == 0.0 and plain.bias.item() == 0.0 and torch.equal(plain.prototypes, head.prototypes)
+
+
+def test_refit_readout_fits_the_chosen_prompts_readout_on_train_and_val_users(loaded):
+    """After the step is chosen, the kept head is the regression on the train + val users under the chosen prompt,
+    at their own base rate; "tuned" keeps the chosen step's held-out validation AUC, "before_refit" the head before."""
+    model, store, query_ids, split, cfg, task = _task_inputs(loaded)
+    cfg.steps, cfg.eval_every = 6, 2
+    assert cfg.refit_readout  # the default
+    result = tune_task(model, store, query_ids, split, cfg, "churn", task.spec.query, "h")
+    head = result.head
+    cfg.refit_readout = False
+    unrefit = tune_task(model, store, query_ids, split, cfg, "churn", task.spec.query, "h")
+    # Same tuning, same chosen step and prompt: only the readout differs.
+    assert result.best_step == unrefit.best_step and torch.equal(head.prompt, unrefit.head.prompt)
+    assert result.metrics["before_refit"] == unrefit.metrics["tuned"]
+    assert result.metrics["tuned"]["val"] == unrefit.metrics["tuned"]["val"]  # held out when the step was chosen
+    assert head.extra["val_auc"] == unrefit.head.extra["val_auc"] and head.extra["refit_readout"]
+    fit_rows = torch.cat([split.rows["train"], split.rows["val"]])
+    y = torch.cat([split.labels["train"], split.labels["val"]]).numpy()
+    with torch.no_grad():
+        emb = store.embed(model, model.suffix(query_ids, head.prompt.detach()), fit_rows, 16)
+    points = torch.nn.functional.normalize(head.transform(emb), dim=-1).numpy().astype(np.float64)
+    decision = logistic_probe(y, seed=0).fit(points, y).decision_function(points)
+    score = head.score(emb).detach().numpy()
+    slope, offset = np.polyfit(decision, score, 1)  # the regression's own logits: no prior-shift offset
+    assert abs(slope - 1.0) < 0.01 and abs(offset) < 0.02, (slope, offset)
+    assert not torch.equal(head.prototypes, unrefit.head.prototypes)
+    # The test users are scored by the refit head.
+    test_score = head_scores(model, store, query_ids, head, split.rows["test"], 16)
+    assert result.metrics["tuned"]["test"] == auc_ks(split.labels["test"].numpy(), test_score)
+
+
+def test_refit_readout_needs_logistic_prototypes():
+    with pytest.raises(ConfigError, match="refit_readout needs prototype_init: logistic"):
+        PromptTuneConfig(prototype_init="kmeans")
+    assert PromptTuneConfig(prototype_init="kmeans", refit_readout=False).prototype_init == "kmeans"
+
+
+def test_frozen_logistic_picks_c_on_val_then_fits_train_and_val(loaded):
+    """The frozen baseline gets the labelled users a refit head gets: C chosen on the validation users, the test
+    scored by the regression at that C fitted on the train + val users."""
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.pipeline import make_pipeline
+    from sklearn.preprocessing import StandardScaler
+
+    model, store, query_ids, split, _, _ = _task_inputs(loaded)
+    out = frozen_logistic(model, store, query_ids, split, seed=0, chunk=16)
+    x = {k: store.embed(model, model.suffix(query_ids, None), split.rows[k], 16).float().numpy() for k in ("train", "val", "test")}
+    y = {k: split.labels[k].numpy() for k in ("train", "val", "test")}
+    clf = make_pipeline(StandardScaler(), LogisticRegression(C=out["C"], max_iter=2000, random_state=0))
+    clf.fit(np.concatenate([x["train"], x["val"]]), np.concatenate([y["train"], y["val"]]))
+    assert out["test"] == auc_ks(y["test"], clf.decision_function(x["test"]))
+    only_train = make_pipeline(StandardScaler(), LogisticRegression(C=out["C"], max_iter=2000, random_state=0))
+    only_train.fit(x["train"], y["train"])
+    assert out["val"] == auc_ks(y["val"], only_train.decision_function(x["val"]))  # the held-out number C was chosen by
