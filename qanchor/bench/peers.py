@@ -25,7 +25,8 @@ from threadpoolctl import threadpool_limits
 from qanchor.metrics import auc_score, ks_score, mean_std
 from qanchor.probe import logistic_probe
 
-__all__ = ["Skip", "Classifier", "MethodInput", "MethodResult", "stratified_folds", "fit_predict", "evaluate_folds"]
+__all__ = ["Skip", "Classifier", "MethodInput", "MethodResult", "stratified_folds", "fit_predict", "evaluate_folds",
+           "lgbm_params"]
 
 
 class Skip(Exception):
@@ -100,6 +101,23 @@ def stratified_folds(labels: np.ndarray, k: int, seed: int) -> list[tuple[np.nda
     return [(tr, te) for tr, te in skf.split(np.zeros(len(labels)), labels)]
 
 
+def lgbm_params(seed: int, n_jobs: int) -> dict:
+    """The LightGBM peers' settings (``rfm_lgbm``, ``union_lgbm``).
+
+    Small and regularised: a few thousand users, and the whole bench must run in minutes on 2 cores. Left to itself,
+    LightGBM picks col-wise or row-wise histograms by timing both on the first fit, so a busy machine could pick the
+    other one and print other numbers for the same seed (two `make demo-ratings` runs on the same data, one beside a
+    test run, printed `union_lgbm` 0.8685 and 0.8682); ``force_col_wise`` + ``deterministic`` fix the choice and the
+    summation order.
+
+        >>> p = lgbm_params(0, 2); p["deterministic"], p["force_col_wise"], p["n_jobs"]
+        (True, True, 2)
+    """
+    return dict(n_estimators=150, learning_rate=0.05, num_leaves=15, min_child_samples=10, subsample=0.8,
+                subsample_freq=1, colsample_bytree=0.8, reg_lambda=1.0, random_state=seed, n_jobs=n_jobs,
+                deterministic=True, force_col_wise=True, verbose=-1)
+
+
 def fit_predict(classifier: Classifier, x_train: np.ndarray, y_train: np.ndarray, x_test: np.ndarray,
                 seed: int, n_jobs: int = 1) -> np.ndarray:
     """Fit ``classifier`` on the training rows and return P(positive) for the test rows.
@@ -115,10 +133,7 @@ def fit_predict(classifier: Classifier, x_train: np.ndarray, y_train: np.ndarray
     else:
         from lightgbm import LGBMClassifier
 
-        # Small and regularised: a few thousand users, and the whole bench must run in minutes on 2 cores.
-        model = LGBMClassifier(n_estimators=150, learning_rate=0.05, num_leaves=15, min_child_samples=10,
-                               subsample=0.8, subsample_freq=1, colsample_bytree=0.8, reg_lambda=1.0,
-                               random_state=seed, n_jobs=n_jobs, verbose=-1)
+        model = LGBMClassifier(**lgbm_params(seed, n_jobs))
     # One BLAS thread: these problems are small, and on a busy 2-core machine BLAS threads spin against
     # LightGBM's and each other (measured 10x slower fits under load).
     with warnings.catch_warnings(), threadpool_limits(1, user_api="blas"):
