@@ -117,7 +117,8 @@ def evaluate(stats: np.ndarray, emb: np.ndarray, y: np.ndarray, decoded: np.ndar
             scores[name].append(r2(RidgeCV(alphas=_ALPHAS).fit(x_train, y_train).predict(x_test), y_test))
         pred = np.column_stack([
             LGBMRegressor(n_estimators=200, learning_rate=0.05, num_leaves=15, min_child_samples=20, random_state=seed,
-                          n_jobs=2, verbose=-1).fit(stats[train], y_train[:, j]).predict(stats[test])
+                          n_jobs=2, deterministic=True, force_col_wise=True,  # as the bench's peers: see lgbm_params
+                          verbose=-1).fit(stats[train], y_train[:, j]).predict(stats[test])
             for j in range(y.shape[1])])
         scores["stats_lgbm"].append(r2(pred, y_test))
         if decoded is not None:
