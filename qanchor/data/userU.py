@@ -309,15 +309,19 @@ class _Rows:
         return pa.concat_tables(self._tables).combine_chunks()
 
 
-def check_userU_target(target: Path) -> None:
-    """Refuse to replace a ``userU.parquet`` that ``qanchor data userU`` did not write (someone's own pairs)."""
-    if not target.exists():
-        return
+def _our_metadata(target: Path) -> dict[bytes, bytes] | None:
+    """The Parquet metadata of ``target`` if ``qanchor data userU`` wrote it; None if absent, not Parquet (certainly
+    not ours) or someone's own pairs."""
     try:
         meta = pq.read_schema(target).metadata or {}
-    except Exception:  # not Parquet at all: certainly not ours
-        meta = {}
-    if meta.get(USERU_OWNER_KEY.encode()) != USERU_OWNER_VALUE.encode():
+    except Exception:
+        return None
+    return meta if meta.get(USERU_OWNER_KEY.encode()) == USERU_OWNER_VALUE.encode() else None
+
+
+def check_userU_target(target: Path) -> None:
+    """Refuse to replace a ``userU.parquet`` that ``qanchor data userU`` did not write (someone's own pairs)."""
+    if target.exists() and _our_metadata(target) is None:
         raise OutputError(f"{target} was not written by `qanchor data userU` (pairs of your own?); qanchor does not "
                           "replace it: move it away first if it should be rebuilt")
 
@@ -329,11 +333,7 @@ def stale_userU(target: Path) -> str | None:
 
     Files written before the stamp existed count as version 1.
     """
-    try:
-        meta = pq.read_schema(target).metadata or {}
-    except Exception:  # absent or not Parquet: the validator and the loaders say so
-        return None
-    if meta.get(USERU_OWNER_KEY.encode()) != USERU_OWNER_VALUE.encode():
+    if (meta := _our_metadata(target)) is None:  # absent or not Parquet (the loaders say so), or the user's own
         return None
     stamp = meta.get(USERU_VERSION_KEY.encode())
     try:

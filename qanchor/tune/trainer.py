@@ -160,12 +160,8 @@ def _tune_task(model: QAnchorModel, store: PrefixStore, query_ids: torch.Tensor,
     points = F.normalize(apply_whitening(emb0, whitening), dim=-1).float().cpu()  # what the cosine compares, (n, D)
     log_scale, bias = 0.0, 0.0
     if cfg.prototype_init == "logistic":
-        protos, plabels, start_log_scale, start_bias = logistic_prototypes(points.numpy(), y_train, cfg.temperature, cfg.seed)
-        if cfg.learn_calibration:
-            # The regression's offset is for the training users' base rate; balanced batches train at 50/50, whose
-            # optimal log-odds are higher by log(n0 / n1) (the prior-shift correction), so start there.
-            n_neg, n_pos = int((y_train == 0).sum()), int((y_train == 1).sum())
-            log_scale, bias = start_log_scale, start_bias + (float(np.log(n_neg / n_pos)) if cfg.balanced else 0.0)
+        # Balanced batches train at 50/50, so the step-0 head starts at their prior (see _logistic_readout).
+        protos, plabels, log_scale, bias = _logistic_readout(points.numpy(), y_train, cfg, prior_shift=cfg.balanced)
     else:
         protos, plabels = kmeans_prototypes(points.numpy(), y_train, cfg.prototypes_per_class, cfg.seed,
                                             min_users=cfg.min_users_per_prototype)
@@ -241,11 +237,27 @@ def _refit_readout(model: QAnchorModel, store: PrefixStore, query_ids: torch.Ten
     labels = torch.cat([split.labels["train"], split.labels["val"]]).numpy()
     emb = store.embed(model, model.suffix(query_ids, head.prompt.detach()), rows, cfg.prefix_chunk, head.lookup)
     points = F.normalize(head.transform(emb), dim=-1).float().cpu().numpy()
-    protos, _, log_scale, bias = logistic_prototypes(points, labels, cfg.temperature, cfg.seed)
+    protos, _, log_scale, bias = _logistic_readout(points, labels, cfg, prior_shift=False)
     head.prototype_weights.copy_(protos.to(head.prototype_weights))
-    if cfg.learn_calibration:  # without it the head's scale and offset stay fixed, as in tuning
-        head.log_scale.fill_(log_scale)
-        head.bias.fill_(bias)
+    head.log_scale.fill_(log_scale)
+    head.bias.fill_(bias)
+
+
+def _logistic_readout(points: np.ndarray, labels: np.ndarray, cfg: PromptTuneConfig,
+                      prior_shift: bool) -> tuple[torch.Tensor, torch.Tensor, float, float]:
+    """Logistic prototypes of unit ``points`` (N, D) with 0/1 ``labels``, and the head's log_scale and bias: the
+    regression's own with ``learn_calibration``, else 0 (the paper's fixed temperature and no offset).
+
+    The regression's offset is for these users' base rate. ``prior_shift`` is for a head that class-balanced batches
+    will train next: they train at 50/50, whose optimal log-odds are higher by log(n0 / n1), so it starts there.
+    """
+    protos, plabels, log_scale, bias = logistic_prototypes(points, labels, cfg.temperature, cfg.seed)
+    if not cfg.learn_calibration:
+        return protos, plabels, 0.0, 0.0
+    if prior_shift:
+        n_neg, n_pos = int((labels == 0).sum()), int((labels == 1).sum())
+        bias += float(np.log(n_neg / n_pos))
+    return protos, plabels, log_scale, bias
 
 
 def frozen_logistic(model: QAnchorModel, store: PrefixStore, query_ids: torch.Tensor, split: Split, seed: int,
