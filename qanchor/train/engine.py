@@ -11,7 +11,6 @@ import atexit
 import json
 import math
 import os
-import tempfile
 from contextlib import nullcontext
 from pathlib import Path
 from typing import Any
@@ -45,12 +44,10 @@ def init_distributed() -> tuple[int, int]:
         torch.cuda.set_device(device)
     if not torch.distributed.is_initialized():
         if alone:
-            # A world of one needs no network rendezvous: a file store cannot collide with another process the way
-            # a "free" TCP port picked before binding can (two jobs starting together once got the same port).
-            fd, store = tempfile.mkstemp(prefix="qanchor-dist-")
-            os.close(fd)
-            os.unlink(store)
-            where = {"init_method": f"file://{store}", "rank": 0, "world_size": 1}
+            # A world of one needs no rendezvous at all: an in-process store cannot collide with another job the
+            # way a "free" TCP port picked before binding can (two jobs starting together once got the same port),
+            # and unlike a file store it leaves nothing behind in /tmp when the process is killed.
+            where = {"store": torch.distributed.HashStore(), "rank": 0, "world_size": 1}
         else:
             where = {"init_method": "env://"}  # the launcher's MASTER_ADDR / MASTER_PORT / RANK / WORLD_SIZE
         # device_id binds NCCL to this rank's GPU up front; without it every barrier warns that it guesses the device.

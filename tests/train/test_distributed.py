@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import datetime
+import os
+import subprocess
+import sys
 
 import torch
 import torch.distributed as dist
@@ -102,3 +105,20 @@ def test_single_process_helpers_are_identity():
     assert all_reduce_sum(n).item() == 4.0 and not all_reduce_sum(x).requires_grad
     assert global_mean_loss(torch.tensor(10.0), n).item() == 2.5
     assert global_mean_loss(torch.tensor(0.0), torch.tensor(0.0)).item() == 0.0  # no items: no NaN
+
+
+def test_a_killed_world_of_one_leaves_nothing_in_the_temp_dir(tmp_path):
+    """A plain process is a world of one; a preempted job (SIGKILL, no atexit) must not leave a rendezvous file
+    behind in $TMPDIR: a file store did, one per killed run."""
+    scratch = tmp_path / "tmp"
+    scratch.mkdir()
+    script = ("import os, signal, torch\n"
+              "from qanchor.train.engine import init_distributed\n"
+              "assert init_distributed() == (0, 1)\n"
+              "torch.distributed.barrier()\n"
+              "os.kill(os.getpid(), signal.SIGKILL)\n")
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")}
+    done = subprocess.run([sys.executable, "-c", script], env={**env, "TMPDIR": str(scratch)}, capture_output=True,
+                          text=True, timeout=240)
+    assert done.returncode == -9, done.stderr[-2000:]  # it got as far as the kill
+    assert sorted(p.name for p in scratch.iterdir()) == []
