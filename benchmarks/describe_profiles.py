@@ -19,7 +19,6 @@ import json
 import os
 import sys
 import time
-from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
@@ -28,6 +27,7 @@ import numpy as np  # noqa: E402
 
 from qanchor.bench.uqa import held_out_users  # noqa: E402
 from qanchor.data.dataset import load_dataset  # noqa: E402
+from qanchor.data.io import write_text  # noqa: E402
 from qanchor.data.profile import ASPECTS, Fact, facts_of  # noqa: E402
 from qanchor.data.userU_topics import METRICS, History  # noqa: E402
 from qanchor.infer.api import QAnchor, events_before  # noqa: E402
@@ -101,8 +101,7 @@ def main(argv: list[str] | None = None) -> int:
     for ex in summary["examples"]:
         print(f"  {ex['user_id']}: {' '.join(ex['profile']) or '(nothing verified)'} [{ex['kept']} kept, {ex['dropped']} dropped]")
     if args.out:
-        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.out).write_text(json.dumps(summary, indent=2) + "\n")
+        write_text(json.dumps(summary, indent=2) + "\n", args.out)
     return 0 if unverified_kept == 0 else 1
 
 

@@ -34,6 +34,7 @@ import torch  # noqa: E402
 from data_tools.synth import build_synthetic  # noqa: E402
 from qanchor.config import PretrainConfig, load_config  # noqa: E402
 from qanchor.data.dataset import load_dataset  # noqa: E402
+from qanchor.data.io import write_text  # noqa: E402
 from qanchor.data.pipeline import UserPipeline  # noqa: E402
 from qanchor.infer.api import QAnchor  # noqa: E402
 from qanchor.logs import quiet_third_party  # noqa: E402
@@ -118,8 +119,7 @@ def main(argv=None) -> int:
         if s is not None:
             print(f"| {s['users']:,} | {s['rss_mb']:.0f} | {s['seconds']:.0f} |")
     if args.out:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(json.dumps(report, indent=1))
+        write_text(json.dumps(report, indent=1), args.out)
     return 0
 
 

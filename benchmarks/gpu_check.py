@@ -31,6 +31,7 @@ from pathlib import Path
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 from qanchor.config import PretrainConfig, load_config  # noqa: E402
+from qanchor.data.io import write_text  # noqa: E402
 from qanchor.logs import quiet_third_party  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -207,8 +208,7 @@ def main(argv=None) -> int:
 
 
 def _write(path: Path, report: dict) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(report, indent=1, default=str))
+    write_text(json.dumps(report, indent=1, default=str), path)
 
 
 if __name__ == "__main__":

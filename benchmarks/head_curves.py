@@ -54,6 +54,8 @@ def plot(runs: dict[str, dict[str, dict]], path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    from qanchor.bench.plots import save_figure
+
     tasks = list(next(iter(runs.values())))
     fig, axes = plt.subplots(1, len(tasks), figsize=(4 * len(tasks), 3.4), squeeze=False)
     for ax, task in zip(axes[0], tasks):
@@ -66,11 +68,7 @@ def plot(runs: dict[str, dict[str, dict]], path: Path) -> None:
     axes[0][0].set_ylabel("validation AUC")
     axes[0][0].legend(fontsize=8)
     fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp.png")  # atomic: a reader never sees half a PNG
-    fig.savefig(tmp, dpi=110)
-    plt.close(fig)
-    tmp.replace(path)
+    save_figure(fig, path)
 
 
 def main(argv=None) -> int:

@@ -39,6 +39,8 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
+from qanchor.data.io import write_text  # noqa: E402
+
 EXTRA_QUERIES = [  # with the synthetic dataset's 10 task queries: 20 distinct questions
     "What does this user spend most on?", "How often does this user open the app?",
     "Is this user price sensitive?", "Does this user travel abroad?", "Is this user a student?",
@@ -141,9 +143,9 @@ def export_worker(ckpt: Path, data: Path, out: Path, n_queries: int, result: Pat
     rss: list[float] = []
     report = export_embeddings(qa, ds, queries, out, rank=0, world=1, progress=False,
                                on_shard_done=lambda i: rss.append(_rss_mb()))
-    result.write_text(json.dumps({"users": report.users, "queries": len(queries), "shards": report.shards_written,
-                                  "seconds": report.seconds, "users_per_s": report.users_per_s,
-                                  "rss_after_shard_mb": rss, "peak_rss_mb": _rss_mb("VmHWM")}))
+    write_text(json.dumps({"users": report.users, "queries": len(queries), "shards": report.shards_written,
+                           "seconds": report.seconds, "users_per_s": report.users_per_s,
+                           "rss_after_shard_mb": rss, "peak_rss_mb": _rss_mb("VmHWM")}), result)
 
 
 def export_bench(ckpt: Path, data: Path, work: Path, n_queries: int) -> dict:
@@ -216,8 +218,7 @@ def main(argv: list[str] | None = None) -> int:
     print(markdown(report))
     print(f"\n1-min load average {load:.1f} before, {report['load_after']:.1f} after, on {os.cpu_count()} CPUs.")
     if args.out:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(json.dumps(report, indent=2))
+        write_text(json.dumps(report, indent=2), args.out)
         print(f"wrote {args.out}", file=sys.stderr)
     return 0
 

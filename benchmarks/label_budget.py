@@ -42,7 +42,7 @@ import numpy as np  # noqa: E402
 from qanchor.bench.embedder import QAnchorEmbedder  # noqa: E402
 from qanchor.bench.features import extract_features  # noqa: E402
 from qanchor.bench.peers import Classifier, fit_predict, stratified_folds  # noqa: E402
-from qanchor.bench.plots import _pyplot  # noqa: E402
+from qanchor.bench.plots import _pyplot, save_figure  # noqa: E402
 from qanchor.bench.tasks import dataset_tasks, fold_count  # noqa: E402
 from qanchor.config import DataConfig  # noqa: E402
 from qanchor.data.dataset import Dataset, load_dataset  # noqa: E402
@@ -182,11 +182,7 @@ def plot(summary: dict, path: Path, title: str) -> None:
     ax.legend(fontsize=8)
     ax.grid(alpha=0.3)
     fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp.png")
-    fig.savefig(tmp, dpi=110)
-    plt.close(fig)
-    os.replace(tmp, path)
+    save_figure(fig, path)
 
 
 def main(argv: list[str] | None = None) -> int:

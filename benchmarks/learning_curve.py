@@ -20,6 +20,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+from qanchor.data.io import write_text
+
 ROOT = Path(__file__).resolve().parent.parent
 
 
@@ -54,12 +56,12 @@ def main(argv=None) -> int:
                      "top_pc_share": p["geometry_generic"]["top_pc_share"], "final_loss": metrics[-1]["loss"],
                      "final_contrastive": metrics[-1]["loss_contrastive"]})
     peers = {k: float(v) for k, v in (s.split("=", 1) for s in args.peer)}
-    (args.root / "curve.json").write_text(json.dumps({"rows": rows, "peers": peers, "set": args.set}, indent=1))
+    write_text(json.dumps({"rows": rows, "peers": peers, "set": args.set}, indent=1), args.root / "curve.json")
     lines = ["| steps | task AUC | generic AUC | swapped AUC | task KS | top-PC share | final contrastive |",
              "|---|---|---|---|---|---|---|"]
     lines += [f"| {r['steps']:,} | {r['task_auc']:.4f} | {r['generic_auc']:.4f} | {r['swapped_auc']:.4f} | "
               f"{r['task_ks']:.4f} | {r['top_pc_share']:.2f} | {r['final_contrastive']:.3f} |" for r in rows]
-    (args.root / "curve.md").write_text("\n".join(lines) + "\n")
+    write_text("\n".join(lines) + "\n", args.root / "curve.md")
     print("\n".join(lines))
     _plot(rows, peers, args.root / "curve.png", Path(args.data).name)
     return 0
@@ -70,6 +72,8 @@ def _plot(rows: list[dict], peers: dict[str, float], path: Path, title: str) -> 
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+
+    from qanchor.bench.plots import save_figure
 
     fig, ax = plt.subplots(figsize=(6, 4))
     steps = [r["steps"] for r in rows]
@@ -86,8 +90,7 @@ def _plot(rows: list[dict], peers: dict[str, float], path: Path, title: str) -> 
     ax.set_title(f"Learning curve: {title}")
     ax.legend(fontsize=8)
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    save_figure(fig, path, dpi=120)
 
 
 if __name__ == "__main__":

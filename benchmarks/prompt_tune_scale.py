@@ -102,6 +102,8 @@ def plot(results: dict[str, dict], path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    from qanchor.bench.plots import save_figure
+
     fig, ax = plt.subplots(figsize=(6, 4))
     n = [a["n_train"][0] for a in results.values()]
     for m, label in (("auc", "AUC"), ("ks", "KS")):
@@ -115,8 +117,7 @@ def plot(results: dict[str, dict], path: Path) -> None:
     ax.set_title("Prompt tuning vs the frozen probe, by scenario size")
     ax.legend(fontsize=8)
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    save_figure(fig, path, dpi=120)
 
 
 def main(argv=None) -> int:

@@ -35,6 +35,7 @@ import torch  # noqa: E402
 
 from qanchor.config import PretrainConfig, load_config  # noqa: E402
 from qanchor.data.batch import collate_users  # noqa: E402
+from qanchor.data.io import write_text  # noqa: E402
 from qanchor.data.packing import PackedModality, PackedUser  # noqa: E402
 from qanchor.model.prefix_cache import (
     PrefixStore,  # noqa: E402
@@ -185,7 +186,7 @@ def main() -> None:
         args.out.parent.mkdir(parents=True, exist_ok=True)
         meta = {"platform": platform.platform(), "cpu_count": os.cpu_count(), "torch": torch.__version__,
                 "threads": torch.get_num_threads(), "args": {k: str(v) for k, v in vars(args).items()}}
-        args.out.write_text(json.dumps({"meta": meta, "rows": rows}, indent=2))
+        write_text(json.dumps({"meta": meta, "rows": rows}, indent=2), args.out)
 
 
 if __name__ == "__main__":

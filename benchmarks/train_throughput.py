@@ -43,6 +43,7 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
 from qanchor.config import PretrainConfig, load_config  # noqa: E402
+from qanchor.data.io import write_text  # noqa: E402
 
 PAPER_SAMPLES = 102_400_000  # the paper's pretraining: 50k steps x global batch 2,048
 
@@ -300,7 +301,7 @@ def main(argv: list[str] | None = None) -> int:
 
     if args.worker:
         res = run_worker(args.worker, args.data, int(args.steps), int(args.batch_size), args.warmup, args.set)
-        args.result.write_text(json.dumps(res))
+        write_text(json.dumps(res), args.result)
         return 0
 
     presets = [p for p in args.presets.split(",") if p]
@@ -336,8 +337,7 @@ def main(argv: list[str] | None = None) -> int:
     print(markdown(report))
     print(f"\n1-min load average {load_before:.1f} before, {os.getloadavg()[0]:.1f} after, on {os.cpu_count()} CPUs.")
     if args.out:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(json.dumps(report, indent=1))
+        write_text(json.dumps(report, indent=1), args.out)
         print(f"\nwrote {args.out}", file=sys.stderr)
     return 1 if any("error" in r for r in runs) else 0
 

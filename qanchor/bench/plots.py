@@ -15,8 +15,9 @@ from pathlib import Path
 import numpy as np
 
 from qanchor.bench.runner import BenchResult
+from qanchor.data.io import atomic_path
 
-__all__ = ["bar_plot", "pca_plot", "pca_2d", "write_plots"]
+__all__ = ["bar_plot", "pca_plot", "pca_2d", "save_figure", "write_plots"]
 
 
 def _pyplot():
@@ -26,6 +27,17 @@ def _pyplot():
     import matplotlib.pyplot as plt
 
     return plt
+
+
+def save_figure(fig, path: str | Path, dpi: int = 110) -> Path:
+    """Write ``fig`` to ``path`` as a PNG, atomically (a run killed mid-write never leaves half an image in place
+    of the last good one), and close it."""
+    try:
+        with atomic_path(path) as tmp:
+            fig.savefig(tmp, dpi=dpi, format="png")  # the temporary's name has no .png suffix to infer it from
+    finally:
+        _pyplot().close(fig)
+    return Path(path)
 
 
 def bar_plot(result: BenchResult, path: str | Path) -> Path:
@@ -53,9 +65,7 @@ def bar_plot(result: BenchResult, path: str | Path) -> Path:
     axes[0].legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0))  # outside: bars and oracle stay visible
     axes[0].set_title(f"{result.run['dataset']}: AUC and KS per task (mean ± std over folds)")
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return Path(path)
+    return save_figure(fig, path)
 
 
 def _stat(r, metric: str) -> tuple[float, float]:
@@ -94,9 +104,7 @@ def pca_plot(task: str, labels: np.ndarray, before: np.ndarray, after: np.ndarra
         ax.legend(fontsize=8)
     fig.suptitle(f"{task}: user embeddings, first two principal components")
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return Path(path)
+    return save_figure(fig, path)
 
 
 def write_plots(result: BenchResult, out_dir: str | Path) -> list[Path]:

@@ -38,7 +38,7 @@ from typing import Any
 import numpy as np
 
 import qanchor
-from qanchor.bench.plots import _pyplot
+from qanchor.bench.plots import _pyplot, save_figure
 from qanchor.bench.report import markdown_table
 from qanchor.bench.retrain import checkpoint_run_config, pretrain_variant
 from qanchor.config import PretrainConfig, UqaConfig, require, to_yaml
@@ -385,9 +385,7 @@ def uqa_plot(result: UqaResult, path: Path) -> Path:
     ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0))
     ax.grid(axis="y", alpha=0.3)
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path)
 
 
 def uqa_cost_plot(result: UqaResult, path: Path) -> Path:
@@ -419,9 +417,7 @@ def uqa_cost_plot(result: UqaResult, path: Path) -> Path:
     ax.legend(fontsize=7)
     ax.grid(alpha=0.3)
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path)
 
 
 def write_uqa(result: UqaResult, out_dir: str | Path, questions: list[Question] | None = None) -> Path:

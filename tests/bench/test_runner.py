@@ -12,7 +12,7 @@ import pytest
 
 from qanchor.bench.features import extract_features, signed_log
 from qanchor.bench.peers import Classifier, MethodInput, MethodResult, evaluate_folds, stratified_folds
-from qanchor.bench.plots import write_plots
+from qanchor.bench.plots import _pyplot, save_figure, write_plots
 from qanchor.bench.report import HISTORY_IN_PATH, average_table, data_kind_note, write_report, write_results
 from qanchor.bench.runner import BenchResult, TaskResult, content_reading, prepare, run_bench
 from qanchor.config import BenchConfig, DataConfig, PretrainConfig, load_config
@@ -108,6 +108,26 @@ def test_results_json_report_and_plots(bench, tmp_path):
     table = average_table(result)
     best = max(a["auc_mean"] for a in result.average().values())
     assert f"**{best:.4f}" in table  # the best average AUC is bold
+
+
+def test_a_figure_replaces_the_last_good_one_whole_or_not_at_all(tmp_path, monkeypatch):
+    plt = _pyplot()
+    path = tmp_path / "auc_ks.png"
+    fig, ax = plt.subplots()
+    ax.plot([0, 1], [0, 1])
+    assert save_figure(fig, path) == path and path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    good = path.read_bytes()
+    fig, ax = plt.subplots()
+    ax.plot([0, 1], [1, 0])
+
+    def dies_mid_write(self, fname, **kwargs):  # a run killed half way through the PNG
+        Path(fname).write_bytes(b"\x89PNG half")
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(type(fig), "savefig", dies_mid_write)
+    with pytest.raises(KeyboardInterrupt):
+        save_figure(fig, path)
+    assert path.read_bytes() == good and sorted(p.name for p in tmp_path.iterdir()) == ["auc_ks.png"]
 
 
 def test_peers_only_without_model(tiny_dataset, tmp_path):
