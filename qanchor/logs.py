@@ -4,7 +4,8 @@ A cluster job writes to a file: a tqdm bar there is one growing line of carriage
 for minutes looks like a hang. So on a terminal long loops show a bar; otherwise they print a start
 line, a line every ``every_s`` seconds (done / total, rate, ETA) and a last line when done. Third-party
 chatter (transformers' weight-loading bars and notices, DeepSpeed's info logs) is kept out of our
-output by :func:`quiet_third_party`; warnings and errors still pass.
+output by :func:`quiet_third_party` (the CLI) and, for a library caller, by :func:`hf_bars_off_terminal` around
+every model qanchor loads itself; warnings and errors still pass.
 
 Example:
     >>> for record in progress(ds.users(), total=ds.num_users, desc="embed", unit="user"):  # doctest: +SKIP
@@ -19,9 +20,10 @@ import os
 import sys
 import time
 from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
 from typing import TypeVar
 
-__all__ = ["interactive", "log", "progress", "Progress", "quiet_third_party", "format_seconds"]
+__all__ = ["interactive", "log", "progress", "Progress", "quiet_third_party", "hf_bars_off_terminal", "format_seconds"]
 
 T = TypeVar("T")
 
@@ -29,6 +31,29 @@ T = TypeVar("T")
 def interactive() -> bool:
     """True when progress bars make sense: stderr (where bars go) is a terminal."""
     return sys.stderr.isatty() and os.environ.get("QANCHOR_NO_BARS") is None
+
+
+@contextmanager
+def hf_bars_off_terminal() -> Iterator[None]:
+    """Off a terminal, no transformers progress bars (weight loading, shard writing) inside this block.
+
+    The CLI silences them for the whole process (:func:`quiet_third_party`), but a pipeline that calls
+    ``QAnchor.from_pretrained`` from Python got a "Loading weights" bar in its job log for the sentence encoder
+    qanchor loads on its behalf. Only the models qanchor loads itself are wrapped, and transformers' switch is
+    restored afterwards, so the caller's own loads keep the bars they chose.
+    """
+    if interactive():
+        yield
+        return
+    from transformers.utils import logging as hf_logging
+
+    bars_were_on = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        if bars_were_on:
+            hf_logging.enable_progress_bar()
 
 
 def log(message: str) -> None:

@@ -28,6 +28,7 @@ import torch
 from qanchor.config import TextEncoderConfig
 from qanchor.data.io import OutputKind, claim_output_dir, write_parquet
 from qanchor.errors import ConfigError
+from qanchor.logs import hf_bars_off_terminal
 from qanchor.logs import progress as progress_iter
 
 __all__ = ["default_encoder_path", "SentenceEncoder", "TextVectorCache"]
@@ -55,8 +56,9 @@ class SentenceEncoder:
         self.cfg = cfg or TextEncoderConfig()
         self.path = str(self.cfg.path or default_encoder_path())
         try:
-            self.tokenizer = AutoTokenizer.from_pretrained(self.path)
-            self.model = AutoModel.from_pretrained(self.path).to(device).eval().requires_grad_(False)
+            with hf_bars_off_terminal():
+                self.tokenizer = AutoTokenizer.from_pretrained(self.path)
+                self.model = AutoModel.from_pretrained(self.path).to(device).eval().requires_grad_(False)
         except (OSError, ValueError) as exc:  # no such directory / hub id, or not an encoder
             raise ConfigError(f"data.text_encoder.path={self.cfg.path!r}: cannot load a sentence encoder there "
                               f"({str(exc).splitlines()[0][:160]}); give a local HF encoder directory, or null for the "

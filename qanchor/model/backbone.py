@@ -27,7 +27,7 @@ from qanchor.config import BackboneConfig
 from qanchor.data.io import OutputKind, atomic_dir
 from qanchor.data.text_cache import default_encoder_path
 from qanchor.errors import CheckpointError, ConfigError
-from qanchor.logs import interactive, log
+from qanchor.logs import hf_bars_off_terminal, interactive, log
 from qanchor.model.qwen_tokenizer import qwen25_tokenizer
 
 __all__ = ["load_tokenizer", "build_backbone", "add_special_tokens", "smollm2_dir", "resolve_attn_implementation",
@@ -73,8 +73,6 @@ def _no_conversion_bars() -> Iterator[None]:
     if interactive():
         yield
         return
-    from transformers.utils import logging as hf_logging
-
     try:
         import transformers.modeling_gguf_pytorch_utils as gguf_loader
     except ImportError:
@@ -82,15 +80,12 @@ def _no_conversion_bars() -> Iterator[None]:
     bar = getattr(gguf_loader, "tqdm", None)
     if bar is not None:
         gguf_loader.tqdm = partial(bar, disable=True)
-    bars_were_on = hf_logging.is_progress_bar_enabled()
-    hf_logging.disable_progress_bar()
     try:
-        yield
+        with hf_bars_off_terminal():
+            yield
     finally:
         if bar is not None:
             gguf_loader.tqdm = bar
-        if bars_were_on:
-            hf_logging.enable_progress_bar()
 
 
 def smollm2_dir() -> Path:
@@ -203,7 +198,8 @@ def build_backbone(cfg: BackboneConfig, vocab_size: int, load_weights: bool = Tr
     else:
         source = _resolve(cfg.name_or_path)
         try:
-            model = AutoModelForCausalLM.from_pretrained(source, dtype=dtype, attn_implementation=attn)
+            with hf_bars_off_terminal():
+                model = AutoModelForCausalLM.from_pretrained(source, dtype=dtype, attn_implementation=attn)
         except OSError as exc:
             raise CheckpointError(f"model.backbone.name_or_path: cannot load '{cfg.name_or_path}' ({exc}). "
                                   "Point it at a local directory with config.json and safetensors weights.") from None

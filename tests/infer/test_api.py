@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
 from datetime import datetime, timedelta, timezone
 
 import numpy as np
@@ -160,3 +163,21 @@ def test_heads_share_one_prefix_and_are_checked(infer_env, users):
         qa.embed(users, QUERIES[:1], head=stale)
     with pytest.raises(ModelInputError, match="has no 'prompt'"):
         qa.embed(users, QUERIES[:1], head=object())
+
+
+def test_a_library_caller_gets_no_weight_loading_bar_in_its_log(infer_env):
+    """A pipeline calling qanchor from Python, logging to a file (stderr not a terminal), must not get transformers'
+    "Loading weights" bar for the sentence encoder qanchor loads on its behalf; the caller's own bar switch is kept."""
+    script = (f"from qanchor.infer.api import QAnchor\n"
+              f"from transformers.utils import logging as hf_logging\n"
+              f"qa = QAnchor.from_pretrained({str(infer_env.ckpt)!r})\n"
+              f"user = {{'user_id': 'u', 'events': {{'bill': [{{'ts': '2024-06-01T00:00:00+00:00', 'text': 'a text no cache holds'}}]}}}}\n"
+              f"qa.embed(user, 'Will this user travel?')\n"
+              f"print('bars on:', hf_logging.is_progress_bar_enabled())\n")
+    quiet = ("HF_HUB_DISABLE_PROGRESS_BARS", "TRANSFORMERS_VERBOSITY", "TRANSFORMERS_NO_ADVISORY_WARNINGS", "QANCHOR_NO_BARS")
+    env = {k: v for k, v in os.environ.items() if k not in quiet}
+    done = subprocess.run([sys.executable, "-c", script], env={**env, "HF_HUB_OFFLINE": "1"}, capture_output=True,
+                          text=True, timeout=240)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "bars on: True" in done.stdout  # transformers' own default, untouched for the caller
+    assert "Loading weights" not in done.stderr and "\r" not in done.stderr
