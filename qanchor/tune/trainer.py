@@ -108,11 +108,12 @@ def _initial_prompt(model: QAnchorModel, query_ids: torch.Tensor, cfg: PromptTun
     return torch.randn(cfg.num_prompt_tokens, tokens.shape[1], generator=gen).to(tokens.device) * tokens.std()
 
 
-def _evaluate(model, store, query_ids, head: ScenarioHead, split: Split, names, chunk: int) -> dict[str, dict]:
+def _evaluate(model, store, query_ids, head: ScenarioHead, split: Split, names, chunk: int,
+              lookup: torch.Tensor | None) -> dict[str, dict]:
     suffix = model.suffix(query_ids, head.prompt.detach())
     with torch.no_grad():
         return {k: auc_ks(split.labels[k].numpy(),
-                          head.score(store.embed(model, suffix, split.rows[k], chunk, head.lookup)).float().cpu().numpy())
+                          head.score(store.embed(model, suffix, split.rows[k], chunk, lookup)).float().cpu().numpy())
                 for k in names}
 
 
@@ -154,8 +155,13 @@ def _tune_task(model: QAnchorModel, store: PrefixStore, query_ids: torch.Tensor,
     # A model with query evidence: the head's look-up starts at the query text's vector (the evidence the frozen
     # embedding has); with lookup_lr > 0 it learns which of the users' events count as evidence for this task.
     lookup = store.query_vector(query).float().clone() if store.event_rows is not None else None
+    learn_lookup = lookup is not None and cfg.lookup_lr > 0
+    if lookup is not None and not learn_lookup:
+        # The same evidence at every step: computed once for every user, and the store embeds with it.
+        store = store.with_lookup(model, lookup)
     with torch.no_grad():
-        emb0 = store.embed(model, model.suffix(query_ids, prompt), split.rows["train"], cfg.prefix_chunk, lookup)  # (n, D)
+        emb0 = store.embed(model, model.suffix(query_ids, prompt), split.rows["train"], cfg.prefix_chunk,
+                           lookup if learn_lookup else None)  # (n, D)
     whitening = None if cfg.whitening_eps is None else fit_whitening(emb0, cfg.whitening_eps)
     points = F.normalize(apply_whitening(emb0, whitening), dim=-1).float().cpu()  # what the cosine compares, (n, D)
     log_scale, bias = 0.0, 0.0
@@ -168,10 +174,10 @@ def _tune_task(model: QAnchorModel, store: PrefixStore, query_ids: torch.Tensor,
     # On the model's device (prototypes and calibration are made on the host), before the optimiser sees them.
     head = ScenarioHead(task, query, prompt, protos, plabels, cfg.temperature, checkpoint_hash, whitening=whitening,
                         log_scale=log_scale, bias=bias, lookup=lookup).to(prompt.device)
-    learn_lookup = head.lookup is not None and cfg.lookup_lr > 0
     if head.lookup is not None:
         head.lookup.requires_grad_(learn_lookup)
-    frozen = _evaluate(model, store, query_ids, head, split, SPLITS[1:], cfg.prefix_chunk)
+    step_lookup = head.lookup if learn_lookup else None  # None: the store's fixed look-up evidence
+    frozen = _evaluate(model, store, query_ids, head, split, SPLITS[1:], cfg.prefix_chunk, step_lookup)
     groups = [{"params": [head.prompt], "lr": cfg.lr}, {"params": [head.prototype_weights], "lr": cfg.prototype_lr}]
     if cfg.learn_calibration:  # two scalars, moved at the prototypes' pace
         groups.append({"params": [head.log_scale, head.bias], "lr": cfg.prototype_lr})
@@ -187,7 +193,7 @@ def _tune_task(model: QAnchorModel, store: PrefixStore, query_ids: torch.Tensor,
         idx = _batch(rng, y_train, cfg.batch_size, cfg.balanced)
         rows, labels = split.rows["train"][idx], split.labels["train"][idx].to(prompt.device)
         suffix = model.suffix(query_ids, head.prompt)  # (k + Lq + 1, H): gradients reach the prompt
-        emb = store.anchor_embedding(model, [suffix] * len(idx), rows, head.lookup)  # (B, D); gradients reach the look-up
+        emb = store.anchor_embedding(model, [suffix] * len(idx), rows, step_lookup)  # (B, D); gradients reach a learned look-up
         loss = head.loss(emb, labels)
         opt.zero_grad(set_to_none=True)
         loss.backward()
@@ -195,7 +201,7 @@ def _tune_task(model: QAnchorModel, store: PrefixStore, query_ids: torch.Tensor,
         window.append(float(loss.detach()))
         bar.update(1)
         if step % cfg.eval_every == 0 or step == cfg.steps:
-            val_auc = _evaluate(model, store, query_ids, head, split, ("val",), cfg.prefix_chunk)["val"]["auc"]
+            val_auc = _evaluate(model, store, query_ids, head, split, ("val",), cfg.prefix_chunk, step_lookup)["val"]["auc"]
             history.append({"step": step, "loss": float(np.mean(window)), "val_auc": val_auc})
             window = []
             if val_auc > best[0]:  # strictly better: ties keep the earlier (less tuned) step
@@ -203,14 +209,15 @@ def _tune_task(model: QAnchorModel, store: PrefixStore, query_ids: torch.Tensor,
             bar.set_postfix(f"loss {history[-1]['loss']:.3f} val_auc {val_auc:.3f} best {best[0]:.3f}@{best[1]}")
     bar.close()
     head.load_state(best[2])
-    tuned = _evaluate(model, store, query_ids, head, split, SPLITS[1:], cfg.prefix_chunk)
+    tuned = _evaluate(model, store, query_ids, head, split, SPLITS[1:], cfg.prefix_chunk, step_lookup)
     metrics = {"frozen_proto": frozen, "tuned": tuned}
     if cfg.refit_readout:
         # The validation users only chose the step; the readout the head keeps is fitted on them too. "tuned" keeps
         # the chosen step's held-out validation AUC (after the refit they are training users) and the refit's test.
         metrics["before_refit"] = tuned
-        _refit_readout(model, store, query_ids, head, split, cfg)
-        tuned = {"val": tuned["val"], **_evaluate(model, store, query_ids, head, split, ("test",), cfg.prefix_chunk)}
+        _refit_readout(model, store, query_ids, head, split, cfg, step_lookup)
+        tuned = {"val": tuned["val"], **_evaluate(model, store, query_ids, head, split, ("test",), cfg.prefix_chunk,
+                                                  step_lookup)}
         metrics["tuned"] = tuned
     head.extra.update(best_step=best[1], steps=cfg.steps, seed=cfg.seed, prompt_init=cfg.prompt_init,
                       val_auc=tuned["val"]["auc"], val_fraction=cfg.val_fraction, test_fraction=cfg.test_fraction,
@@ -223,7 +230,7 @@ def _tune_task(model: QAnchorModel, store: PrefixStore, query_ids: torch.Tensor,
 
 @torch.no_grad()
 def _refit_readout(model: QAnchorModel, store: PrefixStore, query_ids: torch.Tensor, head: ScenarioHead, split: Split,
-                   cfg: PromptTuneConfig) -> None:
+                   cfg: PromptTuneConfig, lookup: torch.Tensor | None) -> None:
     """Re-place the head's logistic prototypes (and calibration) by the regression on the train + val users' embeddings
     under its chosen prompt.
 
@@ -235,7 +242,7 @@ def _refit_readout(model: QAnchorModel, store: PrefixStore, query_ids: torch.Ten
     """
     rows = torch.cat([split.rows["train"], split.rows["val"]])
     labels = torch.cat([split.labels["train"], split.labels["val"]]).numpy()
-    emb = store.embed(model, model.suffix(query_ids, head.prompt.detach()), rows, cfg.prefix_chunk, head.lookup)
+    emb = store.embed(model, model.suffix(query_ids, head.prompt.detach()), rows, cfg.prefix_chunk, lookup)
     points = F.normalize(head.transform(emb), dim=-1).float().cpu().numpy()
     protos, _, log_scale, bias = _logistic_readout(points, labels, cfg, prior_shift=False)
     head.prototype_weights.copy_(protos.to(head.prototype_weights))

@@ -370,6 +370,32 @@ def test_the_evidence_is_differentiable_in_the_lookup_and_its_gradient_finds_the
     assert fit_auc(lookup.detach()) > max(fit_auc(start) + 0.05, 0.98)
 
 
+def test_a_fixed_lookup_computed_once_is_the_per_batch_one(env):
+    """A head whose look-up does not learn reads the evidence computed once for every user (``with_lookup``): each
+    user's features and embedding must equal what the per-batch look-up gives in any batch, up to float rounding
+    (a batch of one takes another kernel path: 1e-5 apart at most)."""
+    from qanchor.model.prefix_cache import LOOKUP_KEY
+
+    qa = env.qa
+    user_ids = sorted(env.ds.user_ids)
+    store = encode_users(qa.model, env.ds, qa.pipeline, user_ids, 16, False, QUERIES)
+    lookup = store.query_vector(QUERIES[2]).float().clone()
+    fixed = store.with_lookup(qa.model, lookup, chunk=5)  # several chunks, as a large store is computed
+    assert set(store.evidence) == set(QUERIES) and fixed.query == LOOKUP_KEY  # the original store is untouched
+    suffix = qa.model.suffix(torch.tensor(tokenize_query(qa.tokenizer, QUERIES[0], qa.run_cfg.model.max_query_tokens)),
+                             None)
+    at_query = store.at_query(QUERIES[0])
+    g = torch.Generator().manual_seed(0)
+    for size in (1, 7, len(user_ids), 3 * len(user_ids)):  # a training batch draws rows with repeats
+        index = torch.randint(0, len(user_ids), (size,), generator=g)
+        torch.testing.assert_close(fixed.evidence[LOOKUP_KEY][index], store.lookup_evidence(qa.model, index, lookup),
+                                   atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(fixed.embed(qa.model, suffix, index),
+                                   at_query.embed(qa.model, suffix, index, lookup=lookup), atol=1e-6, rtol=1e-5)
+    # and it is the look-up's evidence, not the query's the store was asked for
+    assert not torch.allclose(fixed.evidence[LOOKUP_KEY], store.evidence[QUERIES[0]], atol=1e-3)
+
+
 def test_a_head_tunes_its_lookup_only_with_lookup_lr_and_keeps_it_when_saved(env, tmp_path):
     """lookup_lr 0: the head keeps its query's vector; > 0: the kept step's look-up has moved, and a saved head
     loads with the same look-up and scores as the tuner's store does."""
