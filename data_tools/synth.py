@@ -34,7 +34,7 @@ from qanchor.data.manifest import Manifest, ModalityKind, ModalitySpec, TaskDoma
 from qanchor.data.schema import events_table, write_dataset
 from qanchor.logs import progress as progress_iter
 
-__all__ = ["build_synthetic", "TRAITS", "MODALITIES", "FEATURES", "TASKS"]
+__all__ = ["build_synthetic", "latent_traits", "user_ids", "traits_of", "TRAITS", "MODALITIES", "FEATURES", "TASKS"]
 
 TRAITS = ("aff", "risk", "deal", "act", "travel", "invest", "digital", "stress")
 _CORR = (("aff", "invest", .4), ("aff", "stress", -.4), ("risk", "stress", .3), ("deal", "aff", -.25),
@@ -381,6 +381,31 @@ def _manifest(cutoff: datetime, seed: int, n_users: int, days: int) -> Manifest:
     return Manifest("synth", cutoff, tuple(mods), tasks, prov)
 
 
+def latent_traits(seed: int, n_users: int) -> np.ndarray:
+    """(n_users, 8) the users' latent :data:`TRAITS` in a world drawn with ``seed``, in :func:`user_ids` order: what
+    every observable and every task's true probability is drawn from."""
+    return _rng(seed, 0).multivariate_normal(np.zeros(len(TRAITS)), SIGMA, n_users, method="cholesky")
+
+
+def user_ids(n_users: int) -> list[str]:
+    """The user ids of a world of ``n_users`` users: u000001, u000002, ... (wider for more than 999,999 users)."""
+    width = max(6, len(str(n_users)))
+    return [f"u{i:0{width}d}" for i in range(1, n_users + 1)]
+
+
+def traits_of(dataset_dir: str | Path) -> dict[str, np.ndarray]:
+    """user id -> latent traits (8,) of a world written by :func:`build_synthetic`, redrawn from the seed and size its
+    manifest records (no file holds them). Raises ValueError for a dataset this generator did not write."""
+    manifest = Manifest.load(dataset_dir)
+    prov = manifest.provenance or {}
+    if prov.get("generator") != "data_tools.synth" or "seed" not in prov or "n_users" not in prov:
+        raise ValueError(f"{dataset_dir}: its manifest's provenance ({prov or 'none'}) does not name data_tools.synth "
+                         "with a seed and a size: latent traits exist only for a synthetic world built by "
+                         "`qanchor data synth`")
+    n = int(prov["n_users"])
+    return dict(zip(user_ids(n), latent_traits(int(prov["seed"]), n)))
+
+
 def build_synthetic(out_dir: str | Path, n_users: int, seed: int,
                     cutoff: str = "2024-06-30T00:00:00+00:00", history_days: int = 180, progress: bool = True) -> Path:
     """Write a synthetic dataset of ``n_users`` users to ``out_dir`` (replaced whole) and return it."""
@@ -389,9 +414,8 @@ def build_synthetic(out_dir: str | Path, n_users: int, seed: int,
     cut = datetime.fromisoformat(cutoff)
     cut = (cut if cut.tzinfo else cut.replace(tzinfo=timezone.utc)).astimezone(timezone.utc)
     cut_us = (cut - datetime(1970, 1, 1, tzinfo=timezone.utc)) // timedelta(microseconds=1)
-    traits = _rng(seed, 0).multivariate_normal(np.zeros(len(TRAITS)), SIGMA, n_users, method="cholesky")
-    width = max(6, len(str(n_users)))
-    ids = pa.array([f"u{i:0{width}d}" for i in range(1, n_users + 1)], pa.string())
+    traits = latent_traits(seed, n_users)
+    ids = pa.array(user_ids(n_users), pa.string())
     manifest = _manifest(cut, seed, n_users, history_days)
     n_parts = -(-n_users // PART_USERS)
     # a generator, not a list: each part is built as write_dataset writes it, so one part is in memory

@@ -126,6 +126,29 @@ def test_task_rates_and_prob_give_the_oracle_auc(world):
     assert min(rates) < 0.06 and max(rates) > 0.30  # rare and common tasks both present
 
 
+def test_the_redrawn_traits_are_the_ones_every_task_probability_was_drawn_from(world, tmp_path):
+    """traits_of(world) recovers the hidden traits: each task's logit(prob) is exactly its bias + traits . weights, for
+    every user; another seed's traits do not fit."""
+    traits = synth.traits_of(world)
+    assert len(traits) == N_USERS and all(v.shape == (len(synth.TRAITS),) for v in traits.values())
+    wrong = dict(zip(synth.user_ids(N_USERS), synth.latent_traits(8, N_USERS)))
+    for task in synth.TASKS:
+        t = pq.read_table(world / "tasks" / f"{task.name}.parquet")
+        ids, prob = t["user_id"].to_pylist(), t["prob"].to_numpy()
+        w = synth._vec(task.weights)
+        expected = synth._bias_for_rate(w, task.rate) + np.stack([traits[u] for u in ids]) @ w
+        np.testing.assert_allclose(np.log(prob / (1 - prob)), expected, atol=1e-6, err_msg=task.name)
+        off = synth._bias_for_rate(w, task.rate) + np.stack([wrong[u] for u in ids]) @ w
+        assert np.abs(np.log(prob / (1 - prob)) - off).mean() > 0.1, task.name
+    other = tmp_path / "not-synth"
+    other.mkdir()
+    manifest = Manifest.load(world)
+    (other / "manifest.yaml").write_text((world / "manifest.yaml").read_text().replace("data_tools.synth", "elsewhere"))
+    assert manifest.provenance["generator"] == "data_tools.synth"
+    with pytest.raises(ValueError, match="not-synth.*data_tools.synth"):
+        synth.traits_of(other)
+
+
 def test_bias_tuning_hits_the_target_rate_in_expectation():
     for task in synth.TASKS:
         w = synth._vec(task.weights)
