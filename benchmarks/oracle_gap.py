@@ -70,10 +70,13 @@ def observables(ds, user_ids: list[str], cache: TextVectorCache) -> np.ndarray:
     log(1 + count) of each distinct event text."""
     cutoff_us = int(ds.manifest.cutoff.timestamp() * 1_000_000)
     names = [m.name for m in ds.manifest.sequence_modalities]
-    texts, timing = [], np.zeros((len(user_ids), len(names), TIMING_STATS + 2))
-    for i, record in enumerate(progress(ds.users(user_ids), total=len(user_ids), desc="bags of events", unit="user")):
+    row = {u: i for i, u in enumerate(user_ids)}
+    texts: list[list[str]] = [[] for _ in user_ids]
+    timing = np.zeros((len(user_ids), len(names), TIMING_STATS + 2))
+    for record in progress(ds.users(user_ids), total=len(user_ids), desc="bags of events", unit="user"):
+        i = row[record.user_id]  # records come in sorted id order, whatever the order of user_ids
         seqs = {name: events_before(seq, cutoff_us) for name, seq in record.events.items()}
-        texts.append([t for seq in seqs.values() for t in seq.text])
+        texts[i] = [t for seq in seqs.values() for t in seq.text]
         for j, name in enumerate(names):
             timing[i, j] = when(seqs.get(name))
     vocabulary = {t: j for j, t in enumerate(sorted({t for ts in texts for t in ts}))}
