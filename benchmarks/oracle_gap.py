@@ -124,6 +124,17 @@ def r_squared(predicted: np.ndarray, truth: np.ndarray) -> dict[str, float]:
     return {name: float(v) for name, v in zip(TRAITS, r2)}
 
 
+def lr(features: np.ndarray) -> MethodInput:
+    """``features`` through the bench's LR probe (standardised, C by inner CV), as every LR row reads them."""
+    return MethodInput(features=features.astype(np.float32), classifier=Classifier.LR)
+
+
+def score(method: MethodInput, labels: np.ndarray, folds, seed: int) -> tuple[float, float]:
+    """Mean AUC and KS of ``method`` over the bench's folds."""
+    out = evaluate_folds(method, labels, folds, seed=seed)
+    return float(np.mean(out.auc)), float(np.mean(out.ks))
+
+
 def task_means(per_task: dict[str, dict[str, tuple[float, float]]], key: str) -> dict[str, float]:
     return {"auc": float(np.mean([v[key][0] for v in per_task.values()])),
             "ks": float(np.mean([v[key][1] for v in per_task.values()]))}
@@ -164,17 +175,12 @@ def run(data: str, checkpoints: list[str], generic_query: str, lgbm: bool = True
     for i, t in enumerate(progress(tasks, desc="tasks", unit="task")):
         r = np.fromiter((row[u] for u in t.user_ids), np.int64)
         f = stratified_folds(t.labels, fold_count(t.labels, folds), seed)
-
-        def probe(x: np.ndarray) -> tuple[float, float]:
-            out = evaluate_folds(MethodInput(features=x.astype(np.float32), classifier=Classifier.LR), t.labels, f, seed=seed)  # noqa: B023
-            return float(np.mean(out.auc)), float(np.mean(out.ks))
-
-        oracle = evaluate_folds(MethodInput(scores=t.prob), t.labels, f, seed=seed)
-        per = {"oracle": (float(np.mean(oracle.auc)), float(np.mean(oracle.ks))), "true_traits": probe(traits[r])}
-        per.update({key: probe(x[r]) for key, x in readings.items()})
+        per = {"oracle": score(MethodInput(scores=t.prob), t.labels, f, seed),
+               "true_traits": score(lr(traits[r]), t.labels, f, seed)}
+        per.update({key: score(lr(x[r]), t.labels, f, seed) for key, x in readings.items()})
         for c in checkpoints:
-            per[f"embedding:{c}"] = probe(embedded[c][r, i])
-            per[f"embedding_traits:{c}"] = probe(embedding_traits[c][r])
+            per[f"embedding:{c}"] = score(lr(embedded[c][r, i]), t.labels, f, seed)
+            per[f"embedding_traits:{c}"] = score(lr(embedding_traits[c][r]), t.labels, f, seed)
         per_task[t.name] = per
     rows = list(next(iter(per_task.values())))
     out = {"data": data, "generic_query": generic_query, "checkpoints": checkpoints, "per_task": per_task,
