@@ -256,6 +256,12 @@ CASES = [
     Case("uqa-checkpoint-without-holdout", lambda d, w: ["uqa", f"checkpoint={w.ckpt}", f"data.path={w.ds}",
                                                         f"output_dir={d / 'u'}"], "train.holdout_users=0"),
     Case("pretrain-text-events-for-token-model", lambda d, w: _pretrain(w, "data.text_events=8"), "model.user_input=text"),
+    # a setting that names another config file
+    Case("bench-missing-prompt-tune-config", lambda d, w: ["bench", f"checkpoint={w.ckpt}", f"data.path={w.ds}",
+                                                          f"prompt_tune_config={d / 'none.yaml'}", f"output_dir={d / 'b'}"],
+         "prompt_tune_config:"),
+    Case("pretrain-missing-deepspeed-config", lambda d, w: _pretrain(w, f"train.deepspeed_config={d / 'none.json'}",
+                                                                    f"output_dir={d / 'p'}"), "train.deepspeed_config:"),
     # the convention itself
     Case("flags-instead-of-settings", lambda d, w: ["embed", "--model", str(w.ckpt)], "key=value"),
     Case("unknown-setting", lambda d, w: ["embed", f"checkpoint={w.ckpt}", "queriez=tasks"], "unknown key 'queriez'"),

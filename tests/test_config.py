@@ -4,7 +4,8 @@ from pathlib import Path
 
 import pytest
 
-from qanchor.config import SCHEMAS, ModelConfig, PretrainConfig, configs_root, load_config
+from qanchor.cli import main
+from qanchor.config import SCHEMAS, ModelConfig, PretrainConfig, configs_root, load_config, require_file
 from qanchor.errors import ConfigError
 
 ALL_YAML = sorted(p for p in configs_root().rglob("*.yaml"))
@@ -66,3 +67,52 @@ def test_text_lists_keep_words_yaml_would_turn_into_booleans_or_numbers():
     assert cfg.options == ["yes", "no", "1.50", "null"]
     assert load_config(None, ["options=yes"], schema=AskConfig).options == ["yes"]
     assert load_config(None, ["train.max_steps=7"], schema=PretrainConfig).train.max_steps == 7
+
+
+# ------------------------------------------------------------------ settings that name another config file
+def test_a_config_file_a_shipped_config_names_is_found_from_any_working_directory(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # a user's project, not the repository: `configs/...` does not exist here
+    bench = load_config(configs_root() / "bench" / "tiny-cj.yaml")
+    assert bench.prompt_tune_config == str(configs_root() / "prompt_tune" / "tiny-cj.yaml")
+    paper = load_config(configs_root() / "pretrain" / "qwen2.5-0.5b.yaml")
+    assert paper.train.deepspeed_config == str(configs_root() / "deepspeed" / "zero2.json")
+    monkeypatch.chdir(configs_root().parent)  # from the repository root the path stays as written
+    assert load_config(configs_root() / "bench" / "tiny-cj.yaml").prompt_tune_config == "configs/prompt_tune/tiny-cj.yaml"
+
+
+def test_a_relative_config_file_is_read_from_the_working_directory_first_then_beside_the_config(tmp_path, monkeypatch):
+    mine = tmp_path / "project" / "bench"
+    mine.mkdir(parents=True)
+    (mine / "heads.yaml").write_text("steps: 7\n")
+    (mine / "run.yaml").write_text("prompt_tune_config: heads.yaml\n")
+    work = tmp_path / "work"
+    work.mkdir()
+    monkeypatch.chdir(work)
+    assert load_config(mine / "run.yaml").prompt_tune_config == str(mine / "heads.yaml")
+    (work / "heads.yaml").write_text("steps: 9\n")  # the working directory's file wins, as for every path
+    assert load_config(mine / "run.yaml").prompt_tune_config == "heads.yaml"
+    (work / "heads.yaml").unlink()
+    # a value given on the command line is the user's own typing: relative to the working directory only
+    given = load_config(mine / "run.yaml", ["prompt_tune_config=heads.yaml"]).prompt_tune_config
+    assert given == "heads.yaml"
+    with pytest.raises(ConfigError, match=r"prompt_tune_config: heads\.yaml not found .*prompt_tune_config=null"):
+        require_file(given, "prompt_tune_config")
+    (work / "heads.yaml").mkdir()
+    with pytest.raises(ConfigError, match="is not a file"):
+        require_file("heads.yaml", "prompt_tune_config")
+    require_file(None, "prompt_tune_config")  # unset: nothing to check
+
+
+def test_a_missing_config_file_stops_bench_and_pretrain_before_any_work(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    runs = [(["bench", "--config", str(configs_root() / "bench" / "tiny-cj.yaml"), "data.path=nowhere",
+              "prompt_tune_config=heads.yaml", f"output_dir={tmp_path / 'r'}"], "prompt_tune_config: heads.yaml not found"),
+            (["pretrain", "--config", str(configs_root() / "pretrain" / "tiny-cj.yaml"), "data.path=nowhere",
+              "train.deepspeed_config=zero9.json", f"output_dir={tmp_path / 'p'}"], "train.deepspeed_config: zero9.json not found")]
+    for argv, message in runs:
+        capsys.readouterr()
+        assert main(argv) == 2
+        err = [ln for ln in capsys.readouterr().err.splitlines() if ln.strip()]
+        # the first check that fails: before the (missing) dataset is opened, nothing written
+        assert len(err) == 1 and err[0].startswith("error: ") and message in err[0], err
+    assert list(tmp_path.iterdir()) == []

@@ -28,7 +28,7 @@ from qanchor.bench.embedder import Embedder, QAnchorEmbedder
 from qanchor.bench.methods import METHODS, BenchContext, evaluate_task
 from qanchor.bench.peers import MethodInput, MethodResult, evaluate_folds, stratified_folds
 from qanchor.bench.tasks import custom_task, dataset_tasks, fold_count, subsample
-from qanchor.config import BenchConfig, require, to_yaml
+from qanchor.config import BenchConfig, require, require_file, to_yaml
 from qanchor.data.dataset import Dataset, Task, load_dataset
 from qanchor.data.io import OutputKind, claim_output_dir
 from qanchor.errors import ConfigError, DataValidationError
@@ -97,6 +97,7 @@ def prepare(cfg: BenchConfig) -> tuple[Dataset, list[Task]]:
     """Open the dataset and pick the tasks (the custom one if ``cfg.labels`` is set)."""
     require(cfg.data.path, "data.path", "<dataset dir>")
     _check_methods(cfg.methods)
+    require_file(cfg.prompt_tune_config, "prompt_tune_config")  # before any embedding: the heads read it last
     ds = load_dataset(cfg.data.path, cfg.data.cache_dir)
     if cfg.labels is not None:
         return ds, subsample([custom_task(ds, cfg.labels, cfg.query or "")], cfg.max_users, cfg.seed)

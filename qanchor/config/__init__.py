@@ -64,7 +64,8 @@ __all__ = [
     "LossConfig", "TrainConfig", "PretrainConfig", "DataOverrides", "PromptTuneConfig", "BenchConfig", "InferConfig",
     "EmbedConfig", "UpdateConfig", "AskConfig", "DescribeConfig", "UqaConfig", "IndexBuildConfig", "IndexSearchConfig", "SynthConfig", "CompleteJourneyConfig",
            "CompleteJourneyProfileConfig",
-    "UserUConfig", "SCHEMAS", "configs_root", "load_config", "with_overrides", "to_yaml", "require",
+    "UserUConfig", "SCHEMAS", "FILE_KEYS", "configs_root", "load_config", "with_overrides", "to_yaml", "require",
+    "require_file",
 ]
 
 # Which schema a YAML follows is given by its folder under configs/.
@@ -77,6 +78,15 @@ SCHEMAS: dict[str, type] = {
     "data": DataConfig,
     "embed": EmbedConfig,
     "update": UpdateConfig,
+}
+
+
+# Settings that name another config file. Relative paths in them are read from the working directory, as every path
+# is; one written in a config file that is not there is then looked up from that file's folder and the folders above it,
+# so the shipped configs (`prompt_tune_config: configs/prompt_tune/tiny-cj.yaml`) work from any working directory.
+FILE_KEYS: dict[type, tuple[str, ...]] = {
+    BenchConfig: ("prompt_tune_config",),
+    PretrainConfig: ("train.deepspeed_config",),
 }
 
 
@@ -198,9 +208,44 @@ def load_config(path: str | Path | None, overrides: list[str] | tuple[str, ...] 
             layers.append(_preset_layer(schema, file_cfg, cli_cfg))
         merged = OmegaConf.merge(*layers, file_cfg, cli_cfg)
         _replace_mappings(merged, cli_layer)
-        return OmegaConf.to_object(merged)
+        cfg = OmegaConf.to_object(merged)
     except OmegaConfBaseException as exc:
         raise _wrap(exc, source) from None
+    if path is not None:
+        _resolve_file_keys(cfg, schema, path, cli_layer)
+    return cfg
+
+
+def _resolve_file_keys(cfg: Any, schema: type, config_path: Path, cli_layer: dict) -> None:
+    """Point each :data:`FILE_KEYS` setting that ``config_path`` wrote as a relative path, and that does not exist
+    from the working directory, at the file it names relative to that config's folder or a folder above it.
+
+    A value given on the command line stays as given (relative to the working directory), as does one found nowhere:
+    :func:`require_file` refuses it where it is needed, with where it looked.
+    """
+    for key in FILE_KEYS.get(schema, ()):
+        *parents, name = key.split(".")
+        node, layer = cfg, cli_layer
+        for part in parents:
+            node, layer = getattr(node, part), layer.get(part, {})
+        value = getattr(node, name)
+        if value is None or name in layer or Path(value).is_absolute() or Path(value).exists():
+            continue
+        folder = config_path.resolve().parent
+        for base in (folder, *folder.parents):
+            if (base / value).is_file():
+                setattr(node, name, str(base / value))
+                break
+
+
+def require_file(value: str | None, key: str) -> None:
+    """ConfigError naming ``key`` when it names a file that is not there (``None``: nothing to check)."""
+    if value is None or Path(value).is_file():
+        return
+    where = (f"{Path(value).resolve()} is not a file" if Path(value).exists() else
+             f"looked from the working directory {Path.cwd()} and, for a path written in a config file, from that file's "
+             "folder and the folders above it")
+    raise ConfigError(f"{key}: {value} not found ({where}); give the file's path, or {key}=null")
 
 
 def _replace_mappings(cfg: Any, layer: dict, prefix: str = "") -> None:

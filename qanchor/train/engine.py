@@ -17,7 +17,7 @@ from typing import Any
 
 import torch
 
-from qanchor.config import TrainConfig
+from qanchor.config import TrainConfig, require_file
 from qanchor.errors import ConfigError
 
 __all__ = ["init_distributed", "deepspeed_config", "lr_lambda", "initialize", "device_of", "gathered_parameters"]
@@ -87,10 +87,8 @@ def deepspeed_config(cfg: TrainConfig, world: int) -> dict[str, Any]:
         "wall_clock_breakdown": False,
     }
     if cfg.deepspeed_config:
-        path = Path(cfg.deepspeed_config)
-        if not path.is_file():
-            raise ConfigError(f"train.deepspeed_config: {path} not found")
-        overrides = json.loads(path.read_text())
+        require_file(cfg.deepspeed_config, "train.deepspeed_config")
+        overrides = json.loads(Path(cfg.deepspeed_config).read_text())
         for key, value in overrides.items():
             if value == "auto":
                 continue  # "auto" keeps the value derived from the train section

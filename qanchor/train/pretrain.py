@@ -28,7 +28,7 @@ from pathlib import Path
 import torch
 from omegaconf import OmegaConf
 
-from qanchor.config import PretrainConfig, load_config, require
+from qanchor.config import PretrainConfig, load_config, require, require_file
 from qanchor.data.dataset import Dataset, load_dataset
 from qanchor.data.io import OutputKind, check_output_dir, claim_output_dir, write_text
 from qanchor.data.packing import numeric_stats, tabular_stats
@@ -72,6 +72,7 @@ class MetricsLog:
 def preflight(cfg: PretrainConfig, world: int = 1) -> None:
     """Every check that needs no model and no text encoder: refuse a mistake in seconds, touching nothing."""
     require(cfg.data.path, "data.path", "<dataset dir>")
+    require_file(cfg.train.deepspeed_config, "train.deepspeed_config")
     check_device("cuda" if torch.cuda.is_available() else "cpu", cfg.train.precision)
     ds = load_dataset(cfg.data.path, cfg.data.cache_dir)
     check_caps(cfg.data, ds.manifest)
