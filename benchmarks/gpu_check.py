@@ -30,7 +30,7 @@ from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-from qanchor.config import PretrainConfig, load_config  # noqa: E402
+from qanchor.config import load_run_config  # noqa: E402
 from qanchor.data.io import write_text  # noqa: E402
 from qanchor.logs import quiet_third_party  # noqa: E402
 
@@ -85,7 +85,7 @@ def pretrain(work: Path, device: str, small: bool, steps: int, env: dict) -> dic
     sps = sum(m["samples_per_s"] for m in timed) / len(timed)
     with open(out / "checkpoint" / "backbone_config.json") as fh:
         n_params = _param_count(json.load(fh))
-    run_cfg = load_config(out / "checkpoint" / "config.yaml", schema=PretrainConfig)
+    run_cfg = load_run_config(out / "checkpoint" / "config.yaml")
     tokens_per_sample = _tokens_per_sample(run_cfg)
     tps = sps * tokens_per_sample
     peak = _peak_flops(device)

@@ -13,7 +13,7 @@ from collections.abc import Callable
 from dataclasses import replace
 from pathlib import Path
 
-from qanchor.config import BenchConfig, PretrainConfig, load_config, with_overrides
+from qanchor.config import BenchConfig, PretrainConfig, load_run_config, with_overrides
 from qanchor.errors import ConfigError
 from qanchor.logs import log
 from qanchor.model.factory import resolve_checkpoint_dir
@@ -42,7 +42,7 @@ def checkpoint_run_config(checkpoint: str) -> PretrainConfig:
     if not path.exists():
         raise ConfigError(f"checkpoint {checkpoint}: no pretraining config at {path} (not a qanchor checkpoint, or not "
                           "pretrained yet); retrained rows copy its recipe from there")
-    return load_config(path, schema=PretrainConfig)
+    return load_run_config(path)
 
 
 def pretrain_ablation(cfg: BenchConfig, name: str, out: Path, progress: bool) -> Path:
@@ -60,7 +60,7 @@ def pretrain_variant(checkpoint: str, data_path: str, change: Callable[[Pretrain
                   resume=True, overwrite=False)
     ckpt = out / "checkpoint"
     if (ckpt / "config.yaml").exists():
-        diffs = recipe_differences(load_config(ckpt / "config.yaml", schema=PretrainConfig), run)
+        diffs = recipe_differences(load_run_config(ckpt / "config.yaml"), run)
         if not diffs and checkpoint_step(ckpt) == run.train.max_steps:
             return ckpt  # finished with this very recipe: reuse it
         if diffs:  # trained for another checkpoint's recipe (say a shorter budget): stale, so retrain it

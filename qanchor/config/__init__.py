@@ -65,7 +65,7 @@ __all__ = [
     "EmbedConfig", "UpdateConfig", "AskConfig", "DescribeConfig", "UqaConfig", "IndexBuildConfig", "IndexSearchConfig", "SynthConfig", "CompleteJourneyConfig",
            "CompleteJourneyProfileConfig",
     "UserUConfig", "SCHEMAS", "FILE_KEYS", "configs_root", "load_config", "with_overrides", "to_yaml", "require",
-    "require_file",
+    "require_file", "load_run_config",
 ]
 
 # Which schema a YAML follows is given by its folder under configs/.
@@ -185,7 +185,8 @@ def _overrides_layer(schema: type, overrides: list[str] | tuple[str, ...]) -> di
     return layer
 
 
-def load_config(path: str | Path | None, overrides: list[str] | tuple[str, ...] = (), schema: type | None = None):
+def load_config(path: str | Path | None, overrides: list[str] | tuple[str, ...] = (), schema: type | None = None,
+                *, _resolved: bool = False):
     """Load a YAML config into its dataclass, applying ``key=value`` overrides.
 
     The schema follows from the file's folder under ``configs/`` (``pretrain``, ``model``, ...) unless
@@ -204,7 +205,7 @@ def load_config(path: str | Path | None, overrides: list[str] | tuple[str, ...] 
         file_cfg = _load_yaml(path) if path is not None else OmegaConf.create({})
         cli_cfg = OmegaConf.create(cli_layer)
         layers = [base]
-        if schema is PretrainConfig or schema is ModelConfig:
+        if (schema is PretrainConfig or schema is ModelConfig) and not _resolved:
             layers.append(_preset_layer(schema, file_cfg, cli_cfg))
         merged = OmegaConf.merge(*layers, file_cfg, cli_cfg)
         _replace_mappings(merged, cli_layer)
@@ -214,6 +215,16 @@ def load_config(path: str | Path | None, overrides: list[str] | tuple[str, ...] 
     if path is not None:
         _resolve_file_keys(cfg, schema, path, cli_layer)
     return cfg
+
+
+def load_run_config(path: str | Path) -> PretrainConfig:
+    """The resolved pretraining config a run saved (a checkpoint's ``config.yaml``: :func:`to_yaml` of every key).
+
+    Its ``model.preset`` is a record of where the model section came from, not merged again: the file already holds
+    every key the preset gave, and the preset file may not exist where the checkpoint is read (another machine, another
+    working directory, a preset edited since).
+    """
+    return load_config(path, schema=PretrainConfig, _resolved=True)
 
 
 def _resolve_file_keys(cfg: Any, schema: type, config_path: Path, cli_layer: dict) -> None:

@@ -25,7 +25,14 @@ import torch
 from safetensors.torch import load_model, save_file
 
 import qanchor
-from qanchor.config import LossConfig, ModelConfig, PretrainConfig, TextEncoderConfig, load_config, to_yaml
+from qanchor.config import (
+    LossConfig,
+    ModelConfig,
+    PretrainConfig,
+    TextEncoderConfig,
+    load_run_config,
+    to_yaml,
+)
 from qanchor.data.io import OutputKind, atomic_dir
 from qanchor.data.manifest import Manifest
 from qanchor.errors import CheckpointError, ConfigError, QAnchorError
@@ -196,7 +203,7 @@ def load_checkpoint(ckpt: str | Path, device: str | torch.device = "cpu") -> tup
         if not (ckpt / name).exists():
             raise CheckpointError(f"{ckpt}: incomplete checkpoint, {name} is missing")
     try:
-        run_cfg = load_config(ckpt / "config.yaml", schema=PretrainConfig)
+        run_cfg = load_run_config(ckpt / "config.yaml")
     except ConfigError as exc:
         raise CheckpointError(f"{ckpt / 'config.yaml'}: damaged run config ({exc})") from None
     try:

@@ -28,7 +28,7 @@ from pathlib import Path
 import torch
 from omegaconf import OmegaConf
 
-from qanchor.config import PretrainConfig, load_config, require, require_file
+from qanchor.config import PretrainConfig, load_run_config, require, require_file
 from qanchor.data.dataset import Dataset, load_dataset
 from qanchor.data.io import OutputKind, check_output_dir, claim_output_dir, write_text
 from qanchor.data.packing import numeric_stats, tabular_stats
@@ -136,7 +136,7 @@ def _check_run_dir(cfg: PretrainConfig) -> None:
         resume_tag(out / "ds_state")  # refuses resume state this user did not write, before any work
         saved = out / "checkpoint" / "config.yaml"
         if saved.exists():  # a longer train.max_steps, say, would continue a schedule built for the shorter run
-            diffs = recipe_differences(load_config(saved, schema=PretrainConfig), cfg)
+            diffs = recipe_differences(load_run_config(saved), cfg)
             if diffs:
                 raise ConfigError(f"output_dir {out} holds a run trained with other settings ({'; '.join(diffs)}): "
                                   "resuming it would mix two recipes in one run. Pass resume=false overwrite=true to "

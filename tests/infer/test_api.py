@@ -132,6 +132,24 @@ def test_incompatible_checkpoint_refused(infer_env, tmp_path):
         QAnchor.from_pretrained(tmp_path / "missing")
 
 
+def test_a_checkpoint_reads_without_the_preset_file_it_was_trained_from(infer_env, users, tmp_path):
+    """A checkpoint is self-describing: its config.yaml holds every model key, so the preset file named in it (a
+    user's own YAML on the training machine) need not exist where the checkpoint is read."""
+    import shutil
+
+    import yaml
+
+    moved = tmp_path / "ck"
+    shutil.copytree(infer_env.ckpt, moved)
+    run = yaml.safe_load((moved / "config.yaml").read_text())
+    run["model"]["preset"] = str(tmp_path / "gone" / "my_model.yaml")  # trained from a file that is not here
+    (moved / "config.yaml").write_text(yaml.safe_dump(run, sort_keys=False))
+    qa = QAnchor.from_pretrained(moved, text_cache=infer_env.cache, batch_size=8)
+    assert qa.run_cfg.model == infer_env.qa.run_cfg.model.__class__(**{**infer_env.qa.run_cfg.model.__dict__,
+                                                                          "preset": run["model"]["preset"]})
+    np.testing.assert_array_equal(qa.embed(users[:3], QUERIES), infer_env.qa.embed(users[:3], QUERIES))
+
+
 class FakeHead:
     """Duck-typed scenario head: a prompt, a query, the checkpoint it was tuned on, a linear score."""
 
