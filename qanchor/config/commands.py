@@ -217,7 +217,7 @@ class EmbedConfig(InferConfig):
     """``qanchor embed``: every user of a dataset x every query (and head) -> resumable Parquet shards."""
 
     data: DataConfig = field(default_factory=DataConfig)  # data.path: the dataset to embed
-    queries: str | None = None  # a YAML / text / Parquet file of queries, or "tasks" (the dataset's task queries)
+    queries: str | None = None  # a YAML / CSV / text / Parquet file of queries (qanchor.infer.export.read_queries), or "tasks" (the dataset's task queries)
     heads: list[str] = field(default_factory=list)  # prompt-tune output dirs or head folders: rows head:<task>
     out: str = ""  # output directory (resumes a partial export of the same settings)
     shard_users: int | None = None  # users per shard (default: one dataset partition)

@@ -23,6 +23,7 @@ Example:
 
 from __future__ import annotations
 
+import csv
 import hashlib
 import json
 import os
@@ -82,11 +83,12 @@ def _check_queries(pairs: list[tuple[str, str]], source: str) -> list[tuple[str,
 
 
 def read_queries(path: str | Path) -> list[tuple[str, str]]:
-    """Read (query_id, query) pairs from YAML, Parquet or a text file.
+    """Read (query_id, query) pairs from YAML, CSV, Parquet or a text file.
 
     YAML: a list of questions (ids q0, q1, ...), a list of {query_id, query}, or a mapping id -> question.
-    Parquet: columns query_id, query. Text: one question per line (``id<TAB>question`` names it;
-    blank lines and ``#`` comments are skipped).
+    CSV (``.csv``, ``.tsv``): a header row naming a ``query`` column and optionally ``query_id`` (else ids q0, q1,
+    ...); a question holding the separator is quoted. Parquet: columns query_id, query. Text (any other suffix): one
+    question per line (``id<TAB>question`` names it; blank lines and ``#`` comments are skipped).
 
     Example:
         >>> read_queries("queries.yaml")  # doctest: +SKIP
@@ -116,10 +118,32 @@ def read_queries(path: str | Path) -> list[tuple[str, str]]:
         if isinstance(raw, list) and all(isinstance(x, dict) and {"query_id", "query"} <= set(x) for x in raw):
             return _check_queries([(x["query_id"], x["query"]) for x in raw], str(path))
         raise ModelInputError(f"{path}: expected a list of questions, a list of {{query_id, query}} or a mapping id -> question")
+    if path.suffix in (".csv", ".tsv"):
+        return _read_csv_queries(path)
     lines = [ln.strip() for ln in path.read_text(encoding="utf-8").splitlines()]
     lines = [ln for ln in lines if ln and not ln.startswith("#")]
     pairs = [tuple(ln.split("\t", 1)) if "\t" in ln else (f"q{i}", ln) for i, ln in enumerate(lines)]
     return _check_queries([(a.strip(), b) for a, b in pairs], str(path))
+
+
+def _read_csv_queries(path: Path) -> list[tuple[str, str]]:
+    """A CSV / TSV of queries with a header row (read as text lines, its header would become a question)."""
+    with open(path, newline="", encoding="utf-8-sig") as fh:  # -sig: a spreadsheet's byte-order mark
+        rows = list(csv.reader(fh, delimiter="\t" if path.suffix == ".tsv" else ","))
+    rows = [r for r in rows if any(cell.strip() for cell in r)]
+    header = [cell.strip() for cell in rows[0]] if rows else []
+    if "query" not in header:
+        raise ModelInputError(f"{path}: a queries {path.suffix[1:].upper()} needs a header row naming a 'query' column "
+                              f"(and optionally 'query_id'); its first row is {header!r}")
+    q = header.index("query")
+    qid = header.index("query_id") if "query_id" in header else None
+    pairs = []
+    for line, row in enumerate(rows[1:], start=2):
+        if len(row) != len(header):
+            raise ModelInputError(f"{path}, row {line}: {len(row)} fields where the header has {len(header)}; quote a "
+                                  "question that holds the separator")
+        pairs.append((row[qid] if qid is not None else f"q{line - 2}", row[q]))
+    return _check_queries(pairs, str(path))
 
 
 def task_queries(manifest: Manifest) -> list[tuple[str, str]]:

@@ -126,6 +126,26 @@ def test_read_queries_formats(tmp_path):
         read_queries(tmp_path / "empty.txt")
 
 
+def test_read_queries_from_a_csv_with_its_header(tmp_path):
+    """A CSV is what a spreadsheet or pandas writes; read as text lines, its header became a question and each id
+    part of its question, silently."""
+    (tmp_path / "q.csv").write_bytes("\ufeffquery_id,query\nchurn,Will this user churn?\n\n"
+                                      'spend,"Will this user spend more, or less?"\n'.encode())
+    assert read_queries(tmp_path / "q.csv") == [("churn", "Will this user churn?"),
+                                                 ("spend", "Will this user spend more, or less?")]
+    (tmp_path / "q.tsv").write_text("query\tnote\nWill this user pay?\tfirst\nIs this user rich?\tsecond\n")
+    assert read_queries(tmp_path / "q.tsv") == [("q0", "Will this user pay?"), ("q1", "Is this user rich?")]
+    (tmp_path / "headless.csv").write_text("Will this user churn?\nWill this user pay?\n")
+    with pytest.raises(ModelInputError, match=r"headless\.csv: a queries CSV needs a header row naming a 'query' column"):
+        read_queries(tmp_path / "headless.csv")
+    (tmp_path / "ragged.csv").write_text("query_id,query\nspend,Will this user spend more, or less?\n")
+    with pytest.raises(ModelInputError, match=r"ragged\.csv, row 2: 3 fields where the header has 2"):
+        read_queries(tmp_path / "ragged.csv")
+    (tmp_path / "blank.csv").write_text("query_id,query\nx, \n")
+    with pytest.raises(ModelInputError, match="is empty"):
+        read_queries(tmp_path / "blank.csv")
+
+
 def _head(qa, task: str, query: str, seed: int):
     from qanchor.tune.head import ScenarioHead
 
