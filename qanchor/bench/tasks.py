@@ -14,7 +14,9 @@ import re
 from pathlib import Path
 
 import numpy as np
+import pyarrow as pa
 import pyarrow.parquet as pq
+from pyarrow import csv as pacsv
 
 from qanchor.data.dataset import Dataset, Task
 from qanchor.data.manifest import TaskDomain, TaskSpec
@@ -53,17 +55,16 @@ def _task_name(path: Path) -> str:
 
 
 def custom_task(ds: Dataset, labels_path: str | Path, query: str) -> Task:
-    """A task from any ``user_id,label`` Parquet; raises DataValidationError naming what is wrong."""
+    """A task from any ``user_id,label`` Parquet, or CSV / TSV with that header; raises DataValidationError naming
+    what is wrong."""
     path = Path(labels_path)
     if not path.is_file():
-        raise DataValidationError(str(path), "labels file not found; give a Parquet with columns user_id, label")
+        raise DataValidationError(str(path), "labels file not found; give a Parquet (or a CSV with a header row) with "
+                                  "columns user_id, label")
     if not query or not query.strip():
         raise ConfigError("query is empty; a custom task needs the question that anchors it, e.g. "
                           "--query 'Will this user buy a bike next month?'")
-    try:
-        table = pq.read_table(path)
-    except Exception as exc:  # pyarrow raises several types for a non-Parquet file
-        raise DataValidationError(str(path), f"not a readable Parquet file ({exc})") from None
+    table = _read_labels_table(path)
     for col in ("user_id", "label"):
         if col not in table.column_names:
             raise DataValidationError(str(path), f"required column missing (found {table.column_names}); "
@@ -74,6 +75,21 @@ def custom_task(ds: Dataset, labels_path: str | Path, query: str) -> Task:
     order = np.argsort(user_ids.astype(str), kind="stable")
     spec = TaskSpec(_task_name(path), TaskDomain.PROFILE, query.strip(), 0, description=f"custom labels from {path}")
     return Task(spec, user_ids[order], labels[order])
+
+
+def _read_labels_table(path: Path) -> pa.Table:
+    if path.suffix in (".csv", ".tsv"):
+        try:  # ids stay text ("0042" is not 42), as in the dataset
+            return pacsv.read_csv(path, parse_options=pacsv.ParseOptions(delimiter="\t" if path.suffix == ".tsv" else ","),
+                                  convert_options=pacsv.ConvertOptions(column_types={"user_id": pa.string()}))
+        except (pa.ArrowInvalid, UnicodeDecodeError) as exc:
+            raise DataValidationError(str(path), f"not a readable {path.suffix[1:].upper()} ({str(exc).splitlines()[0]}); "
+                                      "give a header row user_id,label and one user per row") from None
+    try:
+        return pq.read_table(path)
+    except Exception as exc:  # pyarrow raises several types for a non-Parquet file
+        raise DataValidationError(str(path), f"not a readable Parquet file ({str(exc).splitlines()[0]}); give a Parquet, "
+                                  "or a .csv with a header row user_id,label") from None
 
 
 def _check_labels(path: Path, raw: list) -> np.ndarray:

@@ -50,10 +50,29 @@ def test_missing_or_unreadable_file_and_empty_query(ds, tmp_path):
         custom_task(ds, tmp_path / "none.parquet", "q?")
     bad = tmp_path / "bad.parquet"
     bad.write_text("user_id,label\nu001,1\n")
-    with pytest.raises(DataValidationError, match="not a readable Parquet"):
+    with pytest.raises(DataValidationError, match="not a readable Parquet.*or a .csv with a header row"):
         custom_task(ds, bad, "q?")
     with pytest.raises(ConfigError, match="query is empty"):
         custom_task(ds, _write(tmp_path, user_id=["u001", "u002"], label=[0, 1]), " ")
+
+
+def test_custom_labels_from_a_csv_keep_their_ids_as_text(ds, tmp_path, tiny_dataset):
+    from qanchor.data.dataset import load_dataset as load
+
+    parquet = custom_task(ds, _write(tmp_path, user_id=["u005", "u001", "u003"], label=[1, 0, 1]), "q?")
+    (tmp_path / "labels.csv").write_text("user_id,label\nu005,1\nu001,0\nu003,1\n")
+    from_csv = custom_task(ds, tmp_path / "labels.csv", "q?")
+    assert from_csv.user_ids.tolist() == parquet.user_ids.tolist() and from_csv.labels.tolist() == parquet.labels.tolist()
+    (tmp_path / "labels.tsv").write_text("label\tuser_id\n1\tu005\n0\tu001\n")
+    assert custom_task(ds, tmp_path / "labels.tsv", "q?").user_ids.tolist() == ["u001", "u005"]
+    (tmp_path / "ragged.csv").write_text("user_id,label\nu001,1,extra\n")
+    with pytest.raises(DataValidationError, match=r"ragged\.csv.*not a readable CSV.*header row user_id,label"):
+        custom_task(ds, tmp_path / "ragged.csv", "q?")
+    # numeric-looking ids are text: '007' must not be read as 7 and miss the user
+    numeric = tmp_path / "numeric.csv"
+    numeric.write_text("user_id,label\nu001,0\n007,1\n")
+    with pytest.raises(DataValidationError, match=r"user '007' is not in dataset"):
+        custom_task(load(tiny_dataset), numeric, "q?")
 
 
 def test_dataset_tasks_select_and_subsample(ds):
