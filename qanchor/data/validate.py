@@ -91,7 +91,10 @@ def _require(path: Path, schema: pa.Schema, column: str, kind: str) -> None:
         "integer": pa.types.is_integer(typ),
     }[kind]
     if not ok:
-        hint = " (parse the timestamps before writing, as UTC)" if kind == "timestamp" else ""
+        hint = {"timestamp": " (parse the timestamps before writing, as UTC)",
+                "number": " (write a yes/no column as 0/1, a category as one 0/1 column per value or a code)"
+                if pa.types.is_boolean(typ) or pa.types.is_string(typ) or pa.types.is_large_string(typ) else "",
+                "integer": " (write labels as 0/1 integers)" if pa.types.is_boolean(typ) else ""}.get(kind, "")
         raise DataValidationError(str(path), f"has type {typ}, expected {kind}{hint}", column=column)
 
 

@@ -52,6 +52,9 @@ CORRUPTIONS = {
     "not parquet": (lambda ds: _events(ds).write_bytes(b"user_id,modality\nu1,bill\n"), ["part-00000.parquet", "not a readable Parquet"]),
     "infinite tabular value": (lambda ds: _rewrite(ds / "tabular.parquet", lambda t: _set_col(t, "income", pa.array([float("inf")] + t.column("income").to_pylist()[1:]))), ["'income'", "row 0", "infinite"]),
     "missing extra column": (lambda ds: _rewrite(_events(ds), lambda t: t.drop_columns(["discount"])), ["'discount'", "missing"]),
+    "yes/no tabular column": (lambda ds: _rewrite(ds / "tabular.parquet", lambda t: t.append_column("vip", pa.array([True, False] * (t.num_rows // 2) + [True] * (t.num_rows % 2)))), ["'vip'", "has type bool, expected number", "as 0/1"]),
+    "text tabular column": (lambda ds: _rewrite(ds / "tabular.parquet", lambda t: t.append_column("city", pa.array(["Paris"] * t.num_rows))), ["'city'", "expected number", "one 0/1 column per value"]),
+    "yes/no labels": (lambda ds: _rewrite(ds / "tasks/churn.parquet", lambda t: _set_col(t, "label", pa.array([v == 1 for v in t.column("label").to_pylist()]))), ["churn.parquet", "'label'", "has type bool", "0/1 integers"]),
 }
 
 
