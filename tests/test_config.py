@@ -67,6 +67,11 @@ def test_text_lists_keep_words_yaml_would_turn_into_booleans_or_numbers():
     assert cfg.options == ["yes", "no", "1.50", "null"]
     assert load_config(None, ["options=yes"], schema=AskConfig).options == ["yes"]
     assert load_config(None, ["train.max_steps=7"], schema=PretrainConfig).train.max_steps == 7
+    # an item holding ': ' is a YAML mapping unless quoted: refused with how to quote, never passed on as a dict
+    with pytest.raises(ConfigError, match=r"item \{'Film 0': 'drama'\} is not text; quote an item"):
+        load_config(None, ["options=[Film 0: drama, Film 6: drama]"], schema=AskConfig)
+    quoted = load_config(None, ['options=["Film 0: drama", "Film 6, drama"]'], schema=AskConfig).options
+    assert quoted == ["Film 0: drama", "Film 6, drama"]
 
 
 # ------------------------------------------------------------------ settings that name another config file

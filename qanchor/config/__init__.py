@@ -160,9 +160,14 @@ def _typed_value(tp: Any, raw: str, item: str) -> Any:
         if not raw.lstrip().startswith("["):
             return [raw] if raw else []
         try:  # every item is text: `options=[yes,no]` means the words, not YAML 1.1's booleans
-            return yaml.load(raw, Loader=yaml.BaseLoader)
+            items = yaml.load(raw, Loader=yaml.BaseLoader)
         except yaml.YAMLError:
             raise ConfigError(f"override '{item}': cannot read '{raw}' as a list of text") from None
+        odd = next((x for x in items if not isinstance(x, str)), None) if isinstance(items, list) else items
+        if odd is not None:  # `[Film 0: drama]` is a YAML mapping, `[[a]]` a list: not what a list of text means
+            raise ConfigError(f"override '{item}': item {odd!r} is not text; quote an item that holds ': ', ',' or "
+                              f"brackets, e.g. {item.split('=', 1)[0]}=[\"first: item\", \"second, item\"]")
+        return items
     try:
         return yaml.safe_load(raw)
     except yaml.YAMLError:
