@@ -162,6 +162,17 @@ def _existing_export(d: Path, w) -> list[str]:
     return ["embed", f"checkpoint={w.ckpt}", f"data.path={w.ds}", "queries=tasks", f"out={out}"]
 
 
+def _no_tasks(d: Path, w) -> list[str]:
+    import yaml
+
+    ds = copy_dataset(w.ds, d / "ds")
+    manifest = yaml.safe_load((ds / "manifest.yaml").read_text())
+    manifest.pop("tasks", None)
+    (ds / "manifest.yaml").write_text(yaml.safe_dump(manifest, sort_keys=False))
+    shutil.rmtree(ds / "tasks")
+    return ["embed", f"checkpoint={w.ckpt}", f"data.path={ds}", "queries=tasks", f"out={d / 'e'}"]
+
+
 def _foreign_userU(d: Path, w) -> list[str]:
     ds = d / "ds"
     shutil.copytree(w.ds, ds, ignore=shutil.ignore_patterns(".qanchor_cache", "userU.parquet"))
@@ -198,6 +209,7 @@ CASES = [
          lambda d, w: [w.foreign]),
     Case("userU-over-foreign-pairs", _foreign_userU, "was not written by `qanchor data userU`"),
     Case("embed-over-other-export", _existing_export, "overwrite=true"),
+    Case("embed-task-queries-of-a-dataset-without-tasks", _no_tasks, "declares no tasks; give queries="),
     # checked before any long work
     Case("pretrain-missing-dataset", lambda d, w: ["pretrain", f"data.path={w.ds / 'missing'}"],
          "dataset directory not found"),

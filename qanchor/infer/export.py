@@ -148,6 +148,9 @@ def _read_csv_queries(path: Path) -> list[tuple[str, str]]:
 
 def task_queries(manifest: Manifest) -> list[tuple[str, str]]:
     """The dataset's task queries, named by task: ``--queries tasks``."""
+    if not manifest.tasks:
+        raise ModelInputError(f"queries=tasks: dataset '{manifest.name}' declares no tasks; give queries=<a YAML, CSV, "
+                              "text or Parquet file of questions>")
     return _check_queries([(t.name, t.query) for t in manifest.tasks], "manifest tasks")
 
 
