@@ -16,6 +16,7 @@ from __future__ import annotations
 import time
 from dataclasses import asdict, dataclass, field
 from datetime import datetime, timezone
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -31,7 +32,7 @@ from qanchor.bench.tasks import custom_task, dataset_tasks, fold_count, subsampl
 from qanchor.config import BenchConfig, require, require_file, to_yaml
 from qanchor.data.dataset import Dataset, Task, load_dataset
 from qanchor.data.io import OutputKind, claim_output_dir
-from qanchor.errors import ConfigError, DataValidationError
+from qanchor.errors import CheckpointError, ConfigError, DataValidationError
 from qanchor.logs import Progress
 from qanchor.metrics import auc_score
 from qanchor.tune.head import HeadEntry, load_heads
@@ -98,6 +99,8 @@ def prepare(cfg: BenchConfig) -> tuple[Dataset, list[Task]]:
     require(cfg.data.path, "data.path", "<dataset dir>")
     _check_methods(cfg.methods)
     require_file(cfg.prompt_tune_config, "prompt_tune_config")  # before any embedding: the heads read it last
+    if cfg.checkpoint and any(m in _QANCHOR_METHODS for m in cfg.methods) and not Path(cfg.checkpoint).is_dir():
+        raise CheckpointError(f"{cfg.checkpoint}: no such checkpoint directory")  # before output_dir is claimed
     ds = load_dataset(cfg.data.path, cfg.data.cache_dir)
     if cfg.labels is not None:
         return ds, subsample([custom_task(ds, cfg.labels, cfg.query or "")], cfg.max_users, cfg.seed)

@@ -184,3 +184,18 @@ def test_data_kind_note_tells_content_from_count_data_and_names_a_mismatched_rec
 def test_no_data_kind_note_without_both_peers(bench):
     _, result, _, _ = bench  # rfm_lr ran, text_mean_lr did not
     assert "rfm_lr" in result.average() and data_kind_note(result) is None
+
+
+def test_a_missing_checkpoint_is_refused_before_the_output_dir_is_claimed(tiny_dataset, tmp_path, capsys):
+    from qanchor.cli import main
+
+    out = tmp_path / "results"
+    argv = ["bench", f"data.path={tiny_dataset}", f"checkpoint={tmp_path / 'nothere'}", f"output_dir={out}",
+            "methods=[qanchor_task,rfm_lr]"]
+    assert main(argv) == 2
+    assert "no such checkpoint directory" in capsys.readouterr().err
+    assert not out.exists()  # a failed start leaves no empty results directory behind
+    # peers alone need no checkpoint: the same setting is not an error there
+    cfg = load_config(None, [f"data.path={tiny_dataset}", f"checkpoint={tmp_path / 'nothere'}", "methods=[rfm_lr]"],
+                      schema=BenchConfig)
+    assert prepare(cfg)[1]
