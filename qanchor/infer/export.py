@@ -142,7 +142,7 @@ def _read_csv_queries(path: Path) -> list[tuple[str, str]]:
         if len(row) != len(header):
             raise ModelInputError(f"{path}, row {line}: {len(row)} fields where the header has {len(header)}; quote a "
                                   "question that holds the separator")
-        pairs.append((row[qid] if qid is not None else f"q{line - 2}", row[q]))
+        pairs.append((row[qid].strip() if qid is not None else f"q{line - 2}", row[q]))
     return _check_queries(pairs, str(path))
 
 
