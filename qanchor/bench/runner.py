@@ -98,7 +98,8 @@ def prepare(cfg: BenchConfig) -> tuple[Dataset, list[Task]]:
     """Open the dataset and pick the tasks (the custom one if ``cfg.labels`` is set)."""
     require(cfg.data.path, "data.path", "<dataset dir>")
     _check_methods(cfg.methods)
-    require_file(cfg.prompt_tune_config, "prompt_tune_config")  # before any embedding: the heads read it last
+    if {"qanchor_head", "qanchor_head_lr"} & set(cfg.methods) or (cfg.ablations and cfg.ablation_prompt_tokens):
+        require_file(cfg.prompt_tune_config, "prompt_tune_config")  # before any embedding: the heads read it last
     if cfg.checkpoint and any(m in _QANCHOR_METHODS for m in cfg.methods) and not Path(cfg.checkpoint).is_dir():
         raise CheckpointError(f"{cfg.checkpoint}: no such checkpoint directory")  # before output_dir is claimed
     ds = load_dataset(cfg.data.path, cfg.data.cache_dir)

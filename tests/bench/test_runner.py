@@ -199,3 +199,13 @@ def test_a_missing_checkpoint_is_refused_before_the_output_dir_is_claimed(tiny_d
     cfg = load_config(None, [f"data.path={tiny_dataset}", f"checkpoint={tmp_path / 'nothere'}", "methods=[rfm_lr]"],
                       schema=BenchConfig)
     assert prepare(cfg)[1]
+
+
+def test_a_prompt_tune_config_is_required_only_where_heads_are_tuned(tiny_dataset, tmp_path):
+    missing = f"prompt_tune_config={tmp_path / 'none.yaml'}"
+    peers = load_config(None, [f"data.path={tiny_dataset}", missing, "methods=[rfm_lr]"], schema=BenchConfig)
+    assert prepare(peers)[1]  # a copied bench config whose tuning file is elsewhere still runs the peers
+    for needs in (["methods=[qanchor_head]"], ["methods=[rfm_lr]", "ablations=true"]):
+        cfg = load_config(None, [f"data.path={tiny_dataset}", missing, *needs], schema=BenchConfig)
+        with pytest.raises(ConfigError, match="prompt_tune_config: .*none.yaml not found"):
+            prepare(cfg)
