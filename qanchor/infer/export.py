@@ -177,8 +177,8 @@ def embeddings_table(user_ids: list[str], query_ids: list[str], emb: np.ndarray,
     })
 
 
-def read_embeddings(directory: str | Path, query_id: str | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Finished shards of an export (or ``embeddings/`` of an update state) -> (user_ids, query_ids, [N, D])."""
+def _finished_shards(directory: str | Path) -> list[Path]:
+    """The finished ``part-*.parquet`` shards of an export (or ``embeddings/`` of an update state)."""
     directory = Path(directory)
     if (directory / "embeddings").is_dir():
         directory = directory / "embeddings"
@@ -187,6 +187,17 @@ def read_embeddings(directory: str | Path, query_id: str | None = None) -> tuple
         files = [p for p in files if p.with_suffix(".done").exists()]
     if not files:
         raise ModelInputError(f"{directory}: no finished embedding shards (part-*.parquet)")
+    return files
+
+
+def stored_query_ids(directory: str | Path) -> list[str]:
+    """The query ids an export (or update state) holds: every shard holds every query of its users."""
+    return sorted(set(pq.read_table(_finished_shards(directory)[0], columns=["query_id"]).column("query_id").to_pylist()))
+
+
+def read_embeddings(directory: str | Path, query_id: str | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Finished shards of an export (or ``embeddings/`` of an update state) -> (user_ids, query_ids, [N, D])."""
+    files = _finished_shards(directory)
     users, queries, vecs = [], [], []
     for path in files:
         table = pq.read_table(path)

@@ -23,7 +23,7 @@ import pyarrow.parquet as pq
 
 from qanchor.data.io import atomic_path, check_not_inside, write_parquet, write_text
 from qanchor.errors import ModelInputError, OutputError
-from qanchor.infer.export import read_embeddings
+from qanchor.infer.export import read_embeddings, stored_query_ids
 
 __all__ = ["LookalikeIndex", "IVF_MIN_SIZE", "INDEX_FORMAT", "check_index_target"]
 
@@ -99,7 +99,8 @@ class LookalikeIndex:
         """Index the ``query_id`` embeddings of an export directory (or an update state)."""
         users, _, vectors = read_embeddings(directory, query_id)
         if not len(users):
-            raise ModelInputError(f"{directory}: no embeddings for query id {query_id!r}")
+            raise ModelInputError(f"{directory}: no embeddings for query id {query_id!r}; it holds "
+                                  f"{stored_query_ids(directory)} (query_id=<one of them>)")
         return cls.build(users, vectors, query_id=query_id, source=str(directory), **kwargs)
 
     def save(self, path: str | Path) -> Path:

@@ -50,7 +50,7 @@ def test_from_exported_embeddings(tmp_path):
     index = LookalikeIndex.from_embeddings(tmp_path, "b")
     top = index.search(emb[3, 1], k=1)[0][0]
     assert top[0] == "u3" and top[1] == pytest.approx(1.0, abs=1e-5)
-    with pytest.raises(ModelInputError, match="no embeddings for query id"):
+    with pytest.raises(ModelInputError, match=r"no embeddings for query id 'zzz'; it holds \['a', 'b'\]"):
         LookalikeIndex.from_embeddings(tmp_path, "zzz")
     with pytest.raises(ModelInputError, match="not in this index"):
         index.search_user("nobody")
