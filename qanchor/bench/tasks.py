@@ -63,7 +63,7 @@ def custom_task(ds: Dataset, labels_path: str | Path, query: str) -> Task:
                                   "columns user_id, label")
     if not query or not query.strip():
         raise ConfigError("query is empty; a custom task needs the question that anchors it, e.g. "
-                          "--query 'Will this user buy a bike next month?'")
+                          "query='Will this user buy a bike next month?'")
     table = _read_labels_table(path)
     for col in ("user_id", "label"):
         if col not in table.column_names:

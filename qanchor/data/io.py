@@ -16,7 +16,7 @@ read-only, and nothing qanchor did not create is ever deleted or overwritten.
 Example:
     >>> with atomic_dir("runs/x/checkpoint", OutputKind.CHECKPOINT) as tmp:  # doctest: +SKIP
     ...     (tmp / "model.safetensors").write_bytes(blob)
-    >>> claim_output_dir("emb/", OutputKind.EXPORT, inputs={"--data": "data/cj"})  # doctest: +SKIP
+    >>> claim_output_dir("emb/", OutputKind.EXPORT, inputs={"data.path": "data/cj"})  # doctest: +SKIP
 """
 
 from __future__ import annotations
@@ -107,7 +107,7 @@ def _foreign_example(directory: Path) -> str:
 
 
 def check_output_dir(target: str | os.PathLike, kind: OutputKind, inputs: Mapping[str, str | os.PathLike | None] = (),
-                     key: str = "--out") -> bool:
+                     key: str = "out") -> bool:
     """Check, touching nothing, that ``target`` may receive an output of ``kind``; True if it already holds one.
 
     Refused with :class:`OutputError`: a file in the way, a target inside / containing an input, a
@@ -131,7 +131,7 @@ def check_output_dir(target: str | os.PathLike, kind: OutputKind, inputs: Mappin
 
 
 def claim_output_dir(target: str | os.PathLike, kind: OutputKind, inputs: Mapping[str, str | os.PathLike | None] = (),
-                     key: str = "--out") -> bool:
+                     key: str = "out") -> bool:
     """:func:`check_output_dir`, then create and mark ``target``; True if it already held an output of ``kind``."""
     if check_output_dir(target, kind, inputs, key):
         return True

@@ -78,7 +78,7 @@ class LookalikeIndex:
         if n == 0:
             raise ModelInputError("no embeddings to index")
         if len(set(user_ids)) != n:
-            raise ModelInputError("user ids repeat: index one query's embeddings (pass --query-id)")
+            raise ModelInputError("user ids repeat: index one query's embeddings (pass query_id=<one query id>)")
         if n < ivf_min_size:
             index, kind = faiss.IndexFlatIP(d), "flat"
         else:

@@ -215,7 +215,7 @@ def update_state(q: QAnchor, state_dir: str | Path, event_files: Sequence[str | 
     start = time.perf_counter()
     state_dir, out_dir = Path(state_dir), Path(out_dir)
     if state_dir.resolve() == out_dir.resolve():
-        raise ConfigError("--out must differ from --state: yesterday's state stays intact until today's is complete")
+        raise ConfigError("out must differ from state: yesterday's state stays intact until today's is complete")
     meta = StateMeta.load(state_dir)
     if meta.checkpoint and q.checkpoint_hash and meta.checkpoint != q.checkpoint_hash:
         raise CheckpointError(f"{state_dir} was built with checkpoint {meta.checkpoint[:12]}, not this one "
