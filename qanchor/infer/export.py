@@ -12,7 +12,7 @@ Users stream one dataset partition at a time (bounded memory). A shard is a slic
 where it stopped. Under ``torchrun --nproc_per_node N`` rank r takes shards r, r+N, ...; shards and
 their batches do not depend on N, so any N writes the same embeddings.
 
-Scenario heads (``--heads``, a ``qanchor prompt-tune`` output) add one row per user and head, query id
+Scenario heads (``heads=``, a ``qanchor prompt-tune`` output) add one row per user and head, query id
 ``head:<task>``, embedded under the head's query with its soft prompt on the same cached prefix.
 
 Example:
@@ -147,7 +147,7 @@ def _read_csv_queries(path: Path) -> list[tuple[str, str]]:
 
 
 def task_queries(manifest: Manifest) -> list[tuple[str, str]]:
-    """The dataset's task queries, named by task: ``--queries tasks``."""
+    """The dataset's task queries, named by task: ``queries=tasks``."""
     if not manifest.tasks:
         raise ModelInputError(f"queries=tasks: dataset '{manifest.name}' declares no tasks; give queries=<a YAML, CSV, "
                               "text or Parquet file of questions>")

@@ -8,7 +8,7 @@ Users without new events keep yesterday's embeddings (their state files are hard
 
 Honest caveat: event ages are a model input. A skipped encoding keeps the ages of the day it was
 computed (``encoded_at``), and an untouched user keeps yesterday's embedding, so as days pass they
-drift from a full recompute; ``full=True`` (``--full``) re-encodes every modality at the new as_of.
+drift from a full recompute; ``full=True`` (``full=true`` on the command line) re-encodes every modality at the new as_of.
 With as_of unchanged (late events for the same day) the update equals a full recompute.
 
 Example:
