@@ -133,15 +133,18 @@ def _labels_one_positive(d: Path, w) -> list[str]:
             f"output_dir={d / 'b'}"]
 
 
-def _inf_dataset(d: Path, w) -> list[str]:
-    ds = d / "ds"
-    shutil.copytree(w.ds, ds, ignore=shutil.ignore_patterns(".qanchor_cache"))
-    part = sorted((ds / "events").glob("*.parquet"))[0]
-    table = pq.read_table(part)
-    value = table.column("value").to_numpy(zero_copy_only=False).astype(np.float32)
-    value[3] = np.inf
-    pq.write_table(table.set_column(table.schema.get_field_index("value"), "value", pa.array(value)), part)
-    return ["data", "validate", str(ds)]
+def _bad_event_value(bad: float):
+    """A dataset whose 4th event value is ``bad``, in a float64 column (1e300 is finite there, not in float32)."""
+    def make(d: Path, w) -> list[str]:
+        ds = d / "ds"
+        shutil.copytree(w.ds, ds, ignore=shutil.ignore_patterns(".qanchor_cache"))
+        part = sorted((ds / "events").glob("*.parquet"))[0]
+        table = pq.read_table(part)
+        value = table.column("value").to_numpy(zero_copy_only=False).astype(np.float64)
+        value[3] = bad
+        pq.write_table(table.set_column(table.schema.get_field_index("value"), "value", pa.array(value)), part)
+        return ["data", "validate", str(ds)]
+    return make
 
 
 def _forged_resume(d: Path, w) -> list[str]:
@@ -247,7 +250,8 @@ CASES = [
     Case("index-build-over-foreign-file", lambda d, w: ["index", "build", f"embeddings={w.emb}", "query_id=churn",
                                                        f"out={w.file}"], "not part of a qanchor index",
          lambda d, w: [w.file]),
-    Case("inf-event-value", _inf_dataset, "infinite value"),
+    Case("inf-event-value", _bad_event_value(np.inf), "infinite value"),
+    Case("event-value-beyond-float32", _bad_event_value(1e300), "beyond float32 range"),
     # silent or surprising results made loud
     Case("bench-single-positive", _labels_one_positive, "fewer than 2 users in its minority class"),
     Case("index-search-k0", lambda d, w: ["index", "search", f"index={w.index}", "user=u001", "k=0"], "k must be >= 1"),

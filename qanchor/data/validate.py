@@ -27,6 +27,7 @@ from qanchor.errors import DataValidationError
 __all__ = ["ValidationReport", "validate_dataset", "event_files", "check_event_file"]
 
 _BATCH_ROWS = 262_144
+_FLOAT32_MAX = float(np.finfo(np.float32).max)  # events and tabular values are stored as float32
 
 
 @dataclass
@@ -98,6 +99,15 @@ def _require(path: Path, schema: pa.Schema, column: str, kind: str) -> None:
         raise DataValidationError(str(path), f"has type {typ}, expected {kind}{hint}", column=column)
 
 
+_NOT_STORABLE = "infinite value, or beyond float32 range (about 3.4e38); use null for missing"
+
+
+def _not_storable(values: np.ndarray) -> np.ndarray:
+    """Infinities, and finite float64 values that float32 would turn into infinities (NaN = missing, allowed)."""
+    with np.errstate(invalid="ignore"):
+        return np.isinf(values) | (np.abs(values) > _FLOAT32_MAX)
+
+
 def _first(mask: pa.Array | np.ndarray) -> int | None:
     arr = mask.to_numpy(zero_copy_only=False) if isinstance(mask, (pa.Array, pa.ChunkedArray)) else mask
     idx = np.flatnonzero(arr)
@@ -141,9 +151,9 @@ def _check_event_file(path: Path, manifest: Manifest, report: ValidationReport, 
     for batch in pf.iter_batches(batch_size=_BATCH_ROWS, columns=["user_id", "modality", "ts", "text", *numeric]):
         for col in numeric:  # NaN / null mean "missing"; an infinity is a broken export
             values = batch.column(col).to_numpy(zero_copy_only=False).astype(np.float64)
-            bad = _first(np.isinf(values))
+            bad = _first(_not_storable(values))
             if bad is not None:
-                raise DataValidationError(str(path), "infinite value; use null for missing", column=col, row=offset + bad)
+                raise DataValidationError(str(path), _NOT_STORABLE, column=col, row=offset + bad)
         for col in ("user_id", "modality", "ts", "text"):
             _no_nulls(path, batch, col, offset)
         empty = _first(pc.equal(pc.utf8_length(batch.column("user_id")), 0))
@@ -208,9 +218,9 @@ def _check_tabular(root: Path, manifest: Manifest, report: ValidationReport, use
     _check_unique_users(path, table.column("user_id"))
     for name in features:
         values = table.column(name).to_numpy(zero_copy_only=False).astype(np.float64)
-        bad = _first(np.isinf(values))
+        bad = _first(_not_storable(values))
         if bad is not None:
-            raise DataValidationError(str(path), "infinite value; use null for missing", column=name, row=bad)
+            raise DataValidationError(str(path), _NOT_STORABLE, column=name, row=bad)
     report.n_tabular_users = table.num_rows
     users.update(table.column("user_id").to_pylist())
 

@@ -20,6 +20,7 @@ Example:
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Mapping
 from datetime import datetime, timezone
 from numbers import Real
@@ -34,6 +35,7 @@ __all__ = ["to_record", "record_adapter", "to_microseconds"]
 
 _EPOCH = datetime(1970, 1, 1, tzinfo=timezone.utc)
 _CORE_KEYS = {"ts", "text", "value"}
+_FLOAT32_MAX = float(np.finfo(np.float32).max)
 
 
 def to_microseconds(ts: object) -> int:
@@ -63,7 +65,12 @@ def _number(x: object, where: str) -> float:
         return float("nan")
     if isinstance(x, bool) or not isinstance(x, Real):
         raise ModelInputError(f"{where}: expected a number or None, got {x!r}")
-    return float(x)
+    value = float(x)
+    # As a dataset's validation does: NaN means missing, an infinity is a broken value. Values are stored as float32,
+    # so a finite number beyond its range would arrive as an infinity and poison every statistic of the user.
+    if math.isinf(value) or (math.isfinite(value) and abs(value) > _FLOAT32_MAX):
+        raise ModelInputError(f"{where}: {x!r} is infinite or beyond float32 range; give None for a missing value")
+    return value
 
 
 def _events(uid: str, spec: ModalitySpec, raw: object) -> EventSeq:
@@ -117,6 +124,17 @@ def _check_record(rec: UserRecord, manifest: Manifest, columns: list[str]) -> Us
                                   f"expects {len(specs[name].numeric_columns)} ({', '.join(specs[name].numeric_columns)})")
     if rec.tabular is not None and len(rec.tabular) != len(columns):
         raise ModelInputError(f"user {rec.user_id!r}: {len(rec.tabular)} tabular values, the model expects {len(columns)}")
+    for name, seq in rec.events.items():
+        for field, values in (("value", seq.value), *((c, seq.extras[:, j]) for j, c in enumerate(specs[name].numeric_columns))):
+            bad = np.flatnonzero(np.isinf(np.asarray(values, np.float32)))
+            if bad.size:
+                raise ModelInputError(f"user {rec.user_id!r}, modality {name!r}, event {int(bad[0])}, field {field!r}: infinite "
+                                      "(or beyond float32 range); use NaN for a missing value")
+    if rec.tabular is not None:
+        bad = np.flatnonzero(np.isinf(np.asarray(rec.tabular, np.float32)))
+        if bad.size:
+            raise ModelInputError(f"user {rec.user_id!r}, tabular feature {columns[int(bad[0])]!r}: infinite (or beyond "
+                                  "float32 range); use NaN for a missing value")
     return rec
 
 

@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 import torch
 
+from qanchor.data.dataset import EventSeq, UserRecord
 from qanchor.errors import CheckpointError, ModelInputError
 from qanchor.infer.api import QAnchor, embed
 from tests.conftest import QUERIES
@@ -104,12 +105,24 @@ def test_cutoff_changes_ages_and_late_events_warn(infer_env):
     ({"user_id": "x", "events": {"bill": [{"ts": "2024-01-01", "text": "a", "price": 1}]}}, "unknown field 'price'"),
     ({"user_id": "x", "events": {"bill": ["coffee"]}}, "must be a dict"),
     ({"user_id": "x", "events": {}, "tabular": {"height": 1.8}}, "unknown tabular feature 'height'"),
+    ({"user_id": "x", "events": {"bill": [{"ts": "2024-01-01", "text": "a", "value": float("inf")}]}}, "event 0, field 'value'.*infinite"),
+    ({"user_id": "x", "events": {"bill": [{"ts": "2024-01-01", "text": "a", "value": -1e39}]}}, "beyond float32 range"),
     ({"user_id": "", "events": {}}, "user_id"),
     ({"id": "x"}, "unknown user field"),
 ])
 def test_bad_users_raise(infer_env, user, message):
     with pytest.raises(ModelInputError, match=message):
         infer_env.qa.embed(user, QUERIES[:1])
+
+
+def test_a_record_with_an_infinite_value_is_refused_and_nan_means_missing(infer_env):
+    """A UserRecord built in code skips the dict checks: an infinity would reach every statistic of the user."""
+    seq = EventSeq(np.array([1_700_000_000_000_000, 1_700_000_100_000_000]), ["Coffee shop", "Taxi"],
+                   np.array([3.0, np.inf], np.float32), np.full((2, 1), np.nan, np.float32))
+    with pytest.raises(ModelInputError, match="user 'x', modality 'bill', event 1, field 'value': infinite"):
+        infer_env.qa.embed(UserRecord("x", {"bill": seq}, None), QUERIES[:1])
+    seq.value[1] = np.nan  # missing: allowed, as in a dataset
+    assert np.isfinite(infer_env.qa.embed(UserRecord("x", {"bill": seq}, None), QUERIES[:1])).all()
 
 
 @pytest.mark.parametrize("queries", [[""], ["   "], [], [None]])
