@@ -134,6 +134,8 @@ class QAnchor:
         Example:
             >>> model = QAnchor.from_pretrained("runs/synth", text_cache_dir="data/synth/.qanchor_cache/text")  # doctest: +SKIP
         """
+        if not isinstance(path, (str, Path)) or not str(path):
+            raise CheckpointError(f"a checkpoint is a directory path (a pretraining output_dir or its checkpoint/), got {path!r}")
         ckpt = resolve_checkpoint_dir(path)
         if not ckpt.is_dir():
             raise CheckpointError(f"{path}: no such checkpoint directory")

@@ -143,6 +143,8 @@ def test_incompatible_checkpoint_refused(infer_env, tmp_path):
         QAnchor.from_pretrained(bad)
     with pytest.raises(CheckpointError, match="no such checkpoint"):
         QAnchor.from_pretrained(tmp_path / "missing")
+    with pytest.raises(CheckpointError, match="a checkpoint is a directory path"):
+        embed({"user_id": "x", "events": {}}, QUERIES[0], model=None)
 
 
 def test_a_checkpoint_reads_without_the_preset_file_it_was_trained_from(infer_env, users, tmp_path):
