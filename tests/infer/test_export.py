@@ -81,6 +81,16 @@ def test_rank_split_equals_one_rank(infer_env, full_export, tmp_path):
     assert _table(out).equals(_table(full_export[0]))
 
 
+def test_a_rank_without_a_shard_says_how_to_split(infer_env, tmp_path, capsys):
+    """Shards never depend on the world size, so a rank beyond the shard count idles: it must say so, not stay silent."""
+    users = sum(len(infer_env.ds.partitions.ids_of(p)) for p in range(infer_env.ds.partitions.count))
+    report = export_embeddings(infer_env.qa, infer_env.ds, PAIRS[:1], tmp_path / "idle", rank=1, world=2, progress=True)
+    assert report.shards_mine == 0 and report.shards_total == 1
+    out = capsys.readouterr().out
+    assert "warning: embed rank 1/2 has no shard: the export has 1 shard(s)" in out
+    assert f"pass shard_users={-(-users // 2)} or fewer" in out
+
+
 def test_torchrun_two_ranks_equal_one_rank(infer_env, full_export, tmp_path):
     out = tmp_path / "torchrun"
     queries = tmp_path / "q.txt"
