@@ -22,6 +22,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import time
+from collections import Counter
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from datetime import datetime, timedelta, timezone
@@ -54,6 +55,7 @@ from qanchor.infer.state import (
     write_tables,
 )
 from qanchor.infer.user_input import record_adapter, to_microseconds
+from qanchor.logs import log
 from qanchor.logs import progress as progress_iter
 
 __all__ = ["UpdateReport", "init_state", "update_state", "read_events"]
@@ -75,6 +77,8 @@ class UpdateReport:
     shards_rewritten: int
     shards_linked: int
     seconds: float
+    # received events the state already held (a day applied twice, a retried job): skipped, so a replay changes nothing
+    events_already_in_state: int = 0
 
     def to_json(self) -> str:
         return json.dumps(asdict(self))
@@ -92,6 +96,41 @@ def _buffer(q: QAnchor, record: UserRecord) -> dict[str, EventSeq]:
     enc = q.model.user_encoder
     whole = enc.history_width or enc.summary_text == "history"
     return dict(record.events) if whole else q.pipeline.packer.recent(record)
+
+
+def _event_key(seq: EventSeq, i: int) -> tuple:
+    def number(x: float) -> float | None:
+        return None if np.isnan(x) else float(x)
+    return int(seq.ts[i]), seq.text[i], number(seq.value[i]), tuple(number(x) for x in seq.extras[i])
+
+
+def _without_replayed(old: UserRecord | None, new: UserRecord) -> tuple[UserRecord | None, int]:
+    """``new`` less the events the state already holds -> (what is left, or None; how many were dropped).
+
+    A daily job retried, or a day's file given again, must not count its events twice. Identical events count as a
+    multiset: a day's two identical purchases are both kept the first time and both dropped on a replay. An event
+    older than a capped buffer's kept window is not found, and is cut again by :func:`_buffer`, so a replay changes
+    nothing either way."""
+    if old is None:
+        return new, 0
+    events, dropped = {}, 0
+    for name, seq in new.events.items():
+        held = old.events.get(name)
+        if held is None:
+            events[name] = seq
+            continue
+        counts = Counter(_event_key(held, i) for i in range(len(held)))
+        keep = []
+        for i in range(len(seq)):
+            key = _event_key(seq, i)
+            if counts[key]:
+                counts[key] -= 1
+                dropped += 1
+            else:
+                keep.append(i)
+        if keep:
+            events[name] = EventSeq(seq.ts[keep], [seq.text[i] for i in keep], seq.value[keep], seq.extras[keep])
+    return (UserRecord(new.user_id, events, new.tabular) if events else None), dropped
 
 
 def _merge(old: UserRecord | None, new: UserRecord, q: QAnchor) -> UserRecord:
@@ -188,10 +227,13 @@ def read_events(files: Sequence[str | Path], q: QAnchor, as_of_us: int | None) -
     """Read and validate a day of events (the dataset event format); events must precede ``as_of``."""
     limit = datetime(9999, 1, 1, tzinfo=timezone.utc) if as_of_us is None else datetime.fromisoformat(_iso(as_of_us))
     manifest = dataclasses.replace(q.manifest, cutoff=limit)  # the validator's "before the cutoff" rule = before as_of
-    tables = []
+    tables, seen = [], set()
     for path in map(Path, files):
         if not path.is_file():
             raise ModelInputError(f"events file {path} not found")
+        if path.resolve() in seen:
+            raise ModelInputError(f"events file {path} is given twice: its events would count twice; give each file once")
+        seen.add(path.resolve())
         check_event_file(path, manifest)
         table = pq.read_table(path)
         ts = table.schema.get_field_index("ts")
@@ -230,7 +272,7 @@ def update_state(q: QAnchor, state_dir: str | Path, event_files: Sequence[str | 
     new = records_from_events(table, q.manifest)
     shard_of = dict(zip(new, meta.shard_of(np.array(list(new), dtype=object)))) if new else {}
     asked, query_ids = _asked(q, queries), [i for i, _ in queries]
-    totals = dict(users=0, changed=0, new=0, ran=0, prefixes=0, rewritten=0, linked=0)
+    totals = dict(users=0, changed=0, new=0, ran=0, prefixes=0, rewritten=0, linked=0, replayed=0)
     with atomic_dir(out_dir, OutputKind.STATE) as tmp:
         for s in progress_iter(range(meta.shards), desc="update state", unit="shard", enabled=progress):
             mine = {u: r for u, r in new.items() if shard_of[u] == s}
@@ -239,7 +281,10 @@ def update_state(q: QAnchor, state_dir: str | Path, event_files: Sequence[str | 
         report = UpdateReport(_iso(as_of_us), (as_of_us - to_microseconds(meta.as_of)) / _DAY_US, totals["users"],
                               totals["changed"], totals["new"], table.num_rows, totals["ran"],
                               totals["users"] * m - totals["ran"], totals["prefixes"], totals["rewritten"],
-                              totals["linked"], time.perf_counter() - start)
+                              totals["linked"], time.perf_counter() - start, totals["replayed"])
+        if report.events_already_in_state and progress:
+            log(f"warning: {report.events_already_in_state} of the {report.events_received} events received were already "
+                f"in {state_dir} (a day applied twice, or a retried job?) and were skipped")
         StateMeta(meta.checkpoint or q.checkpoint_hash, report.as_of, [list(x) for x in queries], meta.bounds, meta.caps,
                   totals["users"], [*meta.history, asdict(report)]).save(tmp)
     return report
@@ -255,6 +300,17 @@ def _update_shard(q: QAnchor, src: Path, dst: Path, shard: int, new: dict[str, U
         return
     old = {k: read_table(src, k, shard) for k in ("buffer", "encodings", "embeddings")}
     buffers = records_from_events(old["buffer"], q.manifest) if old["buffer"] is not None else {}
+    fresh = {}
+    for uid, rec in new.items():
+        left, dropped = _without_replayed(buffers.get(uid), rec)
+        totals["replayed"] += dropped
+        if left is not None:
+            fresh[uid] = left
+    new = fresh
+    if not new and not reembed_all:  # every event was already in the state
+        link_shard(src, dst, shard)
+        totals.update(users=totals["users"] + n_old, linked=totals["linked"] + 1)
+        return
     known = set(pc.unique(old["encodings"].column("user_id")).to_pylist()) if old["encodings"] is not None else set()
     names = set(q.model.user_encoder.names)
     sequence = {m.name for m in q.manifest.sequence_modalities}  # tabular values are not kept: never re-encoded

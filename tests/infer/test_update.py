@@ -15,7 +15,7 @@ import torch
 
 from qanchor.data.dataset import UserRecord
 from qanchor.data.schema import events_table
-from qanchor.errors import CheckpointError, ConfigError, DataValidationError
+from qanchor.errors import CheckpointError, ConfigError, DataValidationError, ModelInputError
 from qanchor.infer.api import QAnchor
 from qanchor.infer.export import read_embeddings
 from qanchor.infer.state import records_from_events
@@ -126,6 +126,39 @@ def test_no_events_links_shards_and_bad_inputs_refused(infer_env, state0, tmp_pa
     (tmp_path / "s1" / "state.json").write_text(json.dumps({**meta, "checkpoint": "f" * 64}))
     with pytest.raises(CheckpointError, match="rebuild the state"):
         update_state(infer_env.qa, tmp_path / "s1", [], tmp_path / "s3", progress=False)
+
+
+def test_a_replayed_day_changes_nothing(infer_env, state0, tmp_path):
+    """A retried daily job, or a day's file given again, must not count its events twice; identical events of one day
+    (two identical purchases) are both kept the first time and both skipped on the replay."""
+    rows = [("u001", "bill", CUTOFF_US + 2 * HOUR, "Bookshop"), ("u001", "bill", CUTOFF_US + 2 * HOUR, "Bookshop"),
+            ("u004", "app", CUTOFF_US + 3 * HOUR, "Opened Alipay")]
+    pq.write_table(day_events(infer_env, rows), tmp_path / "day.parquet")
+    first = update_state(infer_env.qa, state0[0], [tmp_path / "day.parquet"], tmp_path / "s1", progress=False)
+    assert (first.users_changed, first.events_already_in_state) == (2, 0)
+
+    def bill_texts(state) -> list[str]:
+        buffer = pq.read_table(state / "buffer" / "part-00000.parquet")
+        keep = pc.and_(pc.equal(buffer.column("user_id"), "u001"), pc.equal(buffer.column("modality"), "bill"))
+        return buffer.filter(keep).column("text").to_pylist()
+
+    assert bill_texts(tmp_path / "s1")[-2:] == ["Bookshop", "Bookshop"]
+    replay = update_state(infer_env.qa, tmp_path / "s1", [tmp_path / "day.parquet"], tmp_path / "s2", progress=False)
+    assert (replay.events_received, replay.events_already_in_state, replay.users_changed) == (3, 3, 0)
+    assert replay.shards_linked == 1 and replay.modality_encodings_run == 0
+    assert pq.read_table(tmp_path / "s2" / "buffer" / "part-00000.parquet").equals(
+        pq.read_table(tmp_path / "s1" / "buffer" / "part-00000.parquet"))
+    before, after = embeddings(tmp_path / "s1"), embeddings(tmp_path / "s2")
+    assert all(np.array_equal(after[u], before[u]) for u in before)
+    # a file that repeats one event and brings one new: only the new one counts
+    more = [rows[0], ("u001", "bill", CUTOFF_US + 5 * HOUR, "Taxi")]
+    pq.write_table(day_events(infer_env, more), tmp_path / "more.parquet")
+    mixed = update_state(infer_env.qa, tmp_path / "s1", [tmp_path / "more.parquet"], tmp_path / "s3", progress=False)
+    assert (mixed.events_already_in_state, mixed.users_changed) == (1, 1)
+    assert bill_texts(tmp_path / "s3")[-3:] == ["Bookshop", "Bookshop", "Taxi"]
+    with pytest.raises(ModelInputError, match="given twice"):
+        update_state(infer_env.qa, state0[0], [tmp_path / "day.parquet", tmp_path / "." / "day.parquet"], tmp_path / "s4",
+                     progress=False)
 
 
 # What the modality tokens read of the whole history: its statistics, or (with the window statistics) its mean text
