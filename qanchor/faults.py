@@ -17,7 +17,8 @@ import signal
 
 __all__ = ["failpoint", "FAILPOINTS"]
 
-FAILPOINTS = ("atomic-file", "atomic-dir", "dir-exchanged", "shard-written", "train-step", "ds-saved", "head-saved")
+FAILPOINTS = ("atomic-file", "atomic-dir", "dir-exchanged", "shard-written", "train-step", "ds-saved", "head-saved",
+              "bench-row-saved")
 
 # Hits per point in this process. Module state on purpose: the count must survive across call sites, and
 # it only ever matters in a test process that set QANCHOR_FAILPOINT.

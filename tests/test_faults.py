@@ -159,3 +159,37 @@ def test_prompt_tune(env, tmp_path):
             assert (out / task / name).read_bytes() == (ref / task / name).read_bytes(), (task, name)
     _no_temporaries(out)
     _inputs_untouched(env)
+
+
+def _bench_args(env, out: Path) -> list[str]:
+    return ["bench", f"checkpoint={env.ckpt}", f"data.path={env.ds}", f"output_dir={out}", "folds=2",
+            "methods=[rfm_lr,qanchor_task,qanchor_generic]"]
+
+
+def test_bench(env, tmp_path):
+    """A bench killed after its second finished (task, method) row resumes from its journal: the finished rows are
+    read back, not recomputed, and the results equal an uninterrupted run's."""
+    ref, out = tmp_path / "ref", tmp_path / "out"
+    assert _run(_bench_args(env, ref)) == 0
+    assert _run(_bench_args(env, out), failpoint="bench-row-saved:2") == -signal.SIGKILL
+    assert len(list((out / "partial").glob("row-*.json"))) == 2
+    kept = {p.name: json.loads(p.read_text())["result"]["seconds"] for p in (out / "partial").glob("row-*.json")}
+    done = subprocess.run([sys.executable, "-m", "qanchor.cli", *_bench_args(env, out)], cwd=ROOT, env=ENV,
+                          capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "bench: resuming: 2 of 6 (task, method) rows" in done.stdout
+    assert not (out / "partial").exists() and not (ref / "partial").exists()  # dropped once the report is written
+
+    def rows(run: Path) -> dict:
+        tasks = json.loads((run / "results.json").read_text())["tasks"]
+        return {(t, m): {k: v for k, v in r.items() if k != "seconds"} for t, task in tasks.items()
+                for m, r in task["methods"].items()}
+
+    assert rows(out) == rows(ref) and len(rows(ref)) == 6
+    tasks = json.loads((out / "results.json").read_text())["tasks"]
+    first = sorted(kept)  # row-0000-rfm_lr, row-0000-qanchor_task: their times are the killed run's, read back
+    assert [tasks[next(iter(tasks))]["methods"][name.split("-", 2)[2][:-5]]["seconds"] for name in first] == \
+        [kept[name] for name in first]
+    _no_temporaries(out)
+    _inputs_untouched(env)
+

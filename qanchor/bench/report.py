@@ -18,6 +18,7 @@ from pathlib import Path
 
 import numpy as np
 
+from qanchor.bench.journal import remove_journal
 from qanchor.bench.peers import MethodResult
 from qanchor.bench.plots import write_plots
 from qanchor.bench.runner import HISTORY_IN_PATH, BenchResult, TaskResult, run_bench
@@ -250,10 +251,14 @@ def write_results(result: BenchResult, out_dir: str | Path) -> Path:
 
 
 def bench_and_report(cfg: BenchConfig, progress: bool = True) -> tuple[BenchResult, Path]:
-    """Run the benchmark; write ``report.md``, ``results.json`` and the plots into ``cfg.output_dir``."""
+    """Run the benchmark; write ``report.md``, ``results.json`` and the plots into ``cfg.output_dir``.
+
+    A run killed before its report resumes from its finished (task, method) rows (:mod:`qanchor.bench.journal`),
+    which are dropped once the report is written."""
     result = run_bench(cfg, progress=progress)
     out = Path(cfg.output_dir)
     plots = write_plots(result, out)
     write_results(result, out)
     write_report(result, out, [str(p) for p in plots])
+    remove_journal(out)
     return result, out

@@ -26,6 +26,7 @@ from threadpoolctl import threadpool_limits
 import qanchor
 from qanchor.bench.ablations import run_ablations
 from qanchor.bench.embedder import Embedder, QAnchorEmbedder
+from qanchor.bench.journal import BenchJournal, journal_key
 from qanchor.bench.methods import METHODS, BenchContext, evaluate_task
 from qanchor.bench.peers import MethodInput, MethodResult, evaluate_folds, stratified_folds
 from qanchor.bench.tasks import custom_task, dataset_tasks, fold_count, subsample
@@ -33,7 +34,7 @@ from qanchor.config import BenchConfig, require, require_file, to_yaml
 from qanchor.data.dataset import Dataset, Task, load_dataset
 from qanchor.data.io import OutputKind, claim_output_dir
 from qanchor.errors import CheckpointError, ConfigError, DataValidationError
-from qanchor.logs import Progress
+from qanchor.logs import Progress, log
 from qanchor.metrics import auc_score
 from qanchor.tune.head import HeadEntry, load_heads
 
@@ -162,10 +163,18 @@ def _run(cfg: BenchConfig, embedder: Embedder | None, heads: dict[str, Any] | No
     inputs = {"data.path": cfg.data.path, "checkpoint": cfg.checkpoint, "heads_dir": cfg.heads_dir, "labels": cfg.labels}
     claim_output_dir(cfg.output_dir, OutputKind.RESULTS, inputs, key="output_dir")
     ctx = _make_context(cfg, ds, tasks, embedder, heads, progress)
+    checkpoint_hash = getattr(ctx.embedder, "checkpoint_hash", None)
+    if ctx.embedder is not None and checkpoint_hash is None:  # an embedder handed in code: no key names its model
+        journal = BenchJournal.disabled()
+    else:
+        journal = BenchJournal.open(cfg.output_dir, journal_key(cfg, ds, tasks, checkpoint_hash, ctx.heads))
+    if len(journal) and progress:
+        log(f"bench: resuming: {len(journal)} of {len(tasks) * len(cfg.methods)} (task, method) rows were finished by an "
+            f"earlier run of the same settings ({journal.directory})")
     result = BenchResult(_run_info(cfg, ds), {})
     folds_by_task: dict[str, list] = {}
     bar = Progress(len(tasks) * len(cfg.methods), "bench", "run", enabled=progress)
-    for task in tasks:
+    for index, task in enumerate(tasks):
         k = fold_count(task.labels, cfg.folds)
         tr = TaskResult(task.name, task.query, len(task.labels), float(task.labels.mean()), k)
         if k < 2:
@@ -179,7 +188,9 @@ def _run(cfg: BenchConfig, embedder: Embedder | None, heads: dict[str, Any] | No
         tr.oracle, tr.oracle_auc = _oracle(task, folds)
         for method in cfg.methods:
             bar.set_postfix(f"{task.name}/{method}")
-            tr.methods[method] = evaluate_task(ctx, task, method, folds)
+            done = journal.get(index, task.name, method)
+            tr.methods[method] = (done if done is not None else
+                                  journal.put(index, task.name, method, evaluate_task(ctx, task, method, folds)))
             bar.update(1)
         result.tasks[task.name] = tr
     bar.close()

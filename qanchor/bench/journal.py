@@ -1,0 +1,128 @@
+"""Finished (task, method) rows of a benchmark run, kept so that a killed run resumes where it stopped.
+
+A bench with per-fold heads, a retrained control and LightGBM peers runs for minutes on the demo datasets and for
+hours on a large one; a run killed near its end (a pre-empted node, an OOM kill, Ctrl-C) must not start over::
+
+    <output_dir>/partial/
+        key.json               what the rows are valid for (see :func:`journal_key`)
+        row-0003-rfm_lr.json   one finished row: task 3 of the run (its name inside), method rfm_lr
+
+Each row is written atomically the moment its method finishes on its task. A re-run with the same key takes the
+rows it finds and computes the rest; the methods are deterministic for a given key (same folds, seeds and threads),
+so the resumed results equal an uninterrupted run's (``tests/test_faults.py`` kills a bench after its rows and
+compares). Any other key (another checkpoint, dataset, label set or setting) starts afresh: the old rows are this
+run's own files and are removed. :func:`qanchor.bench.report.bench_and_report` removes ``partial/`` once the
+report is written. Ablation sub-runs are not journalled here (their pretraining runs resume on their own).
+
+Example:
+    >>> journal = BenchJournal.open(Path("results/bench"), journal_key(cfg, ds, tasks, ctx))  # doctest: +SKIP
+    >>> journal.get(0, "churn", "rfm_lr") or journal.put(0, "churn", "rfm_lr", evaluate_task(...))  # doctest: +SKIP
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import shutil
+from dataclasses import asdict, fields, replace
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+import qanchor
+from qanchor.bench.peers import MethodResult
+from qanchor.config import BenchConfig, to_yaml
+from qanchor.data.dataset import Dataset, Task
+from qanchor.data.io import to_plain, write_text
+from qanchor.faults import failpoint
+from qanchor.infer.export import head_digest
+
+__all__ = ["BenchJournal", "journal_key", "remove_journal"]
+
+_DIR = "partial"
+_ROW_FIELDS = {f.name for f in fields(MethodResult)}
+
+
+def journal_key(cfg: BenchConfig, ds: Dataset, tasks: list[Task], checkpoint_hash: str | None,
+                heads: dict[str, Any]) -> str:
+    """A hash of everything a row's numbers depend on: every bench setting but ``output_dir``, each task's query,
+    users and labels, the dataset's files, the checkpoint's weights, the saved heads and qanchor's version."""
+    h = hashlib.sha256()
+    h.update(to_yaml(replace(cfg, output_dir="")).encode())
+    h.update(json.dumps([ds.fingerprint, checkpoint_hash, qanchor.__version__,
+                         sorted((t, head_digest(e.head)) for t, e in heads.items())]).encode())
+    for task in tasks:
+        h.update(json.dumps([task.name, task.query]).encode())
+        h.update("\0".join(map(str, task.user_ids)).encode())
+        h.update(np.ascontiguousarray(task.labels, dtype=np.int64).tobytes())
+    return h.hexdigest()
+
+
+class BenchJournal:
+    """The finished rows of one bench run under ``<output_dir>/partial/``."""
+
+    def __init__(self, directory: Path | None, key: str, rows: dict[tuple[int, str, str], MethodResult]):
+        self.directory, self.key, self._rows = directory, key, rows
+
+    @classmethod
+    def disabled(cls) -> BenchJournal:
+        """A journal that keeps nothing: for a run whose model no key can name (an embedder passed in code)."""
+        return cls(None, "", {})
+
+    @classmethod
+    def open(cls, out_dir: str | Path, key: str) -> BenchJournal:
+        """The journal under ``out_dir`` (a claimed bench output): its rows if they were made under ``key``, else
+        an empty one (rows made under another key are removed)."""
+        directory = Path(out_dir) / _DIR
+        rows: dict[tuple[int, str, str], MethodResult] = {}
+        if directory.is_dir():
+            try:
+                same = json.loads((directory / "key.json").read_text())["key"] == key
+            except (OSError, ValueError, KeyError, TypeError):
+                same = False  # no key, or a damaged one: the rows cannot be trusted
+            if same:
+                rows = _read_rows(directory)
+            else:
+                shutil.rmtree(directory)  # rows of another run of this bench output: its own files
+        if not rows:
+            directory.mkdir(parents=True, exist_ok=True)
+            write_text(json.dumps({"key": key}) + "\n", directory / "key.json")
+        return cls(directory, key, rows)
+
+    def __len__(self) -> int:
+        return len(self._rows)
+
+    def get(self, index: int, task: str, method: str) -> MethodResult | None:
+        """The finished row of ``method`` on task ``index`` (named ``task``), or None."""
+        return self._rows.get((index, task, method))
+
+    def put(self, index: int, task: str, method: str, result: MethodResult) -> MethodResult:
+        """Keep ``result`` (atomically) and return it."""
+        if self.directory is None:
+            return result
+        row = {"task": task, "method": method, "result": to_plain(asdict(result))}
+        write_text(json.dumps(row) + "\n", self.directory / f"row-{index:04d}-{method}.json")
+        self._rows[(index, task, method)] = result
+        failpoint("bench-row-saved")
+        return result
+
+
+def remove_journal(out_dir: str | Path) -> None:
+    """Drop ``out_dir``'s journal: the run's results are written."""
+    directory = Path(out_dir) / _DIR
+    if directory.is_dir():
+        shutil.rmtree(directory)
+
+
+def _read_rows(directory: Path) -> dict[tuple[int, str, str], MethodResult]:
+    rows = {}
+    for path in sorted(directory.glob("row-*.json")):
+        try:
+            index = int(path.name.split("-")[1])
+            row = json.loads(path.read_text())
+            result = MethodResult(**{k: v for k, v in row["result"].items() if k in _ROW_FIELDS})
+        except (OSError, ValueError, KeyError, TypeError, IndexError):
+            continue  # an unreadable row is recomputed
+        rows[(index, row["task"], row["method"])] = result
+    return rows

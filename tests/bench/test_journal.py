@@ -1,0 +1,35 @@
+"""The bench journal: finished rows come back only under the key they were made with; damaged rows are recomputed."""
+
+from __future__ import annotations
+
+import json
+
+from qanchor.bench.journal import BenchJournal, remove_journal
+from qanchor.bench.peers import MethodResult
+
+
+def test_rows_come_back_under_their_key_only(tmp_path):
+    row = MethodResult(auc=[0.61, 0.7234567890123], ks=[0.2, 0.31], n_test=[50, 49], note="probe C=1", seconds=1.25)
+    journal = BenchJournal.open(tmp_path, "key-a")
+    assert len(journal) == 0 and journal.get(0, "churn", "rfm_lr") is None
+    journal.put(0, "churn", "rfm_lr", row)
+    journal.put(1, "coupon", "rfm_lr", MethodResult(skipped="no tabular features"))
+    again = BenchJournal.open(tmp_path, "key-a")
+    assert len(again) == 2 and again.get(0, "churn", "rfm_lr") == row  # floats round-trip exactly
+    assert again.get(1, "coupon", "rfm_lr").skipped == "no tabular features"
+    assert again.get(0, "coupon", "rfm_lr") is None  # the index and the name must both match
+    other = BenchJournal.open(tmp_path, "key-b")  # another checkpoint, dataset or setting: start afresh
+    assert len(other) == 0 and not list((tmp_path / "partial").glob("row-*.json"))
+    assert json.loads((tmp_path / "partial" / "key.json").read_text()) == {"key": "key-b"}
+    remove_journal(tmp_path)
+    assert not (tmp_path / "partial").exists()
+
+
+def test_a_damaged_row_or_key_is_not_trusted(tmp_path):
+    journal = BenchJournal.open(tmp_path, "k")
+    journal.put(0, "churn", "rfm_lr", MethodResult(auc=[0.6], ks=[0.2], n_test=[10]))
+    journal.put(0, "churn", "text_mean_lr", MethodResult(auc=[0.7], ks=[0.3], n_test=[10]))
+    (tmp_path / "partial" / "row-0000-text_mean_lr.json").write_text('{"task": "churn", "meth')  # torn by hand
+    assert [m for m in ("rfm_lr", "text_mean_lr") if BenchJournal.open(tmp_path, "k").get(0, "churn", m)] == ["rfm_lr"]
+    (tmp_path / "partial" / "key.json").write_text("not json")
+    assert len(BenchJournal.open(tmp_path, "k")) == 0
