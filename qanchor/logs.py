@@ -110,29 +110,30 @@ class Progress:
         if self._bar is not None:
             self._bar.set_postfix_str(text)
 
-    def _line(self, done: bool = False) -> str:
+    def _line(self, done: bool = False, stopped: bool = False) -> str:
         elapsed = time.perf_counter() - self._start
         rate = (self.n - self._initial) / elapsed if elapsed > 0 else 0.0
         where = f"{self.n}/{self.total}" if self.total else str(self.n)
         eta = ""
         if not done and self.total and rate > 0:
             eta = f", ETA {format_seconds((self.total - self.n) / rate)}"
-        head = f"{self.desc}: {'done, ' if done else ''}{where} {self.unit}"
+        head = f"{self.desc}: {'stopped, ' if stopped else 'done, ' if done else ''}{where} {self.unit}"
         return f"{head} in {format_seconds(elapsed)} ({rate:.1f} {self.unit}/s{eta})" + (f"; {self.postfix}" if self.postfix else "")
 
-    def close(self) -> None:
+    def close(self, stopped: bool = False) -> None:
+        """End the bar; ``stopped``: the work was cut short (an error, Ctrl-C), so the last line must not say done."""
         if self._bar is not None:
             self._bar.close()
             self._bar = None
         elif self._logging:
             self._logging = False
-            log(self._line(done=True))
+            log(self._line(done=not stopped, stopped=stopped))
 
     def __enter__(self) -> Progress:
         return self
 
-    def __exit__(self, *exc) -> None:
-        self.close()
+    def __exit__(self, exc_type, *exc) -> None:
+        self.close(stopped=exc_type is not None)
 
 
 def progress(items: Iterable[T], total: int | None = None, desc: str = "", unit: str = "it", enabled: bool = True,
@@ -144,12 +145,14 @@ def progress(items: Iterable[T], total: int | None = None, desc: str = "", unit:
     if total is None and hasattr(items, "__len__"):
         total = len(items)  # type: ignore[arg-type]
     bar = Progress(total, desc, unit, enabled, every_s)
+    finished = False
     try:
         for item in items:
             yield item
             bar.update(1)
+        finished = True
     finally:
-        bar.close()
+        bar.close(stopped=not finished)  # an exception, or a consumer that stopped early
 
 
 def quiet_third_party() -> None:
