@@ -28,13 +28,12 @@ from dataclasses import asdict, fields, replace
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-
 import qanchor
 from qanchor.bench.peers import MethodResult
 from qanchor.config import BenchConfig, to_yaml
 from qanchor.data.dataset import Dataset, Task
 from qanchor.data.io import to_plain, write_text
+from qanchor.data.labels import task_digest
 from qanchor.faults import failpoint
 from qanchor.infer.export import head_digest
 
@@ -52,10 +51,7 @@ def journal_key(cfg: BenchConfig, ds: Dataset, tasks: list[Task], checkpoint_has
     h.update(to_yaml(replace(cfg, output_dir="")).encode())
     h.update(json.dumps([ds.fingerprint, checkpoint_hash, qanchor.__version__,
                          sorted((t, head_digest(e.head)) for t, e in heads.items())]).encode())
-    for task in tasks:
-        h.update(json.dumps([task.name, task.query]).encode())
-        h.update("\0".join(map(str, task.user_ids)).encode())
-        h.update(np.ascontiguousarray(task.labels, dtype=np.int64).tobytes())
+    h.update(json.dumps([task_digest(t) for t in tasks]).encode())
     return h.hexdigest()
 
 

@@ -91,6 +91,10 @@ class PromptTuneConfig:
     checkpoint: str = ""  # pretrained checkpoint directory (or a pretraining output_dir)
     data: DataOverrides = field(default_factory=DataOverrides)
     task: str = "all"  # a task name of the dataset, a comma-separated list, or "all"
+    # Your own scenario instead of the dataset's tasks: a user_id,label Parquet / CSV / TSV and the question that
+    # anchors it (as in qanchor bench); the head is named after the file
+    labels: str | None = None
+    query: str | None = None
     output_dir: str = "runs/heads"
     num_prompt_tokens: int = 6
     prototypes_per_class: int = 4
@@ -152,6 +156,10 @@ class PromptTuneConfig:
         if self.refit_readout and self.prototype_init != "logistic":
             raise ConfigError(f"refit_readout needs prototype_init: logistic (got {self.prototype_init}); "
                               "set refit_readout=false to keep the tuned k-means prototypes")
+        if (self.labels is None) != (self.query is None):
+            raise ConfigError("a custom scenario needs both labels=<user_id,label file> and query=<text>")
+        if self.labels is not None and self.task != "all":
+            raise ConfigError(f"task={self.task} and labels= both name what to tune: give one of them")
 
 
 @dataclass

@@ -13,9 +13,14 @@ costs only suffix forwards, whatever the users' history lengths. A re-run (after
 ``make demo``) reuses every task whose head was tuned with the same checkpoint, dataset files, packing
 and settings, and tunes the rest: heads are deterministic, so a reused head is the one it would redo.
 
+``labels=`` + ``query=`` tune one head for the user's own scenario instead (a ``user_id,label`` file, read by
+:func:`qanchor.data.labels.custom_task`); its re-run key holds the labels themselves, not the file's path.
+
 Example:
-    $ qanchor prompt-tune --config configs/prompt_tune/tiny-cj.yaml model=runs/demo/pretrain \\
+    $ qanchor prompt-tune --config configs/prompt_tune/tiny-cj.yaml checkpoint=runs/demo/pretrain \\
           data.path=data/completejourney task=all output_dir=runs/demo/heads
+    $ qanchor prompt-tune checkpoint=runs/demo/pretrain data.path=data/completejourney labels=wine.csv \\
+          query="Will this household buy wine next month?" output_dir=runs/wine-head
 """
 
 from __future__ import annotations
@@ -30,8 +35,9 @@ import torch
 from omegaconf import OmegaConf
 
 from qanchor.config import DataConfig, DataOverrides, PromptTuneConfig, TextEncoderConfig, require
-from qanchor.data.dataset import Dataset, load_dataset
+from qanchor.data.dataset import Dataset, Task, load_dataset
 from qanchor.data.io import OutputKind, claim_output_dir, write_text
+from qanchor.data.labels import custom_task, task_digest
 from qanchor.data.pipeline import UserPipeline, batched
 from qanchor.errors import CheckpointError, ConfigError
 from qanchor.faults import failpoint
@@ -43,7 +49,7 @@ from qanchor.model.qanchor_model import QAnchorModel
 from qanchor.tune.head import HEAD_META, HEAD_WEIGHTS
 from qanchor.tune.trainer import frozen_logistic, split_users, tune_task
 
-__all__ = ["run_prompt_tune", "resolve_data_config", "select_tasks", "encode_users", "format_summary"]
+__all__ = ["run_prompt_tune", "resolve_data_config", "select_tasks", "chosen_tasks", "encode_users", "format_summary"]
 
 
 def resolve_data_config(overrides: DataOverrides, checkpoint_data: DataConfig, meta: ModelMeta) -> DataConfig:
@@ -60,11 +66,22 @@ def resolve_data_config(overrides: DataOverrides, checkpoint_data: DataConfig, m
 
 def select_tasks(ds: Dataset, task: str) -> list[str]:
     """``all``, one task name, or a comma-separated list -> task names (unknown names raise ConfigError)."""
+    if task == "all" and not ds.tasks:
+        raise ConfigError(f"dataset {ds.root} declares no tasks; tune a head for your own scenario with "
+                          "labels=<user_id,label file> query=<text>")
     names = list(ds.tasks) if task == "all" else [t.strip() for t in task.split(",") if t.strip()]
     unknown = [t for t in names if t not in ds.tasks]
     if unknown or not names:
         raise ConfigError(f"task={task}: unknown task(s) {unknown}; dataset {ds.root} has {sorted(ds.tasks)} (or use task=all)")
     return names
+
+
+def chosen_tasks(ds: Dataset, cfg: PromptTuneConfig) -> dict[str, Task]:
+    """The tasks to tune: the dataset's (``task``), or the one scenario of ``labels`` + ``query``."""
+    if cfg.labels is not None:
+        task = custom_task(ds, cfg.labels, cfg.query or "")
+        return {task.name: task}
+    return {name: ds.tasks[name] for name in select_tasks(ds, cfg.task)}
 
 
 def _check_compatible(ds: Dataset, model: QAnchorModel, meta: ModelMeta) -> None:
@@ -107,12 +124,14 @@ def run_prompt_tune(cfg: PromptTuneConfig, progress: bool = True) -> dict:
     data_cfg = resolve_data_config(cfg.data, run_cfg.data, meta)
     ds = load_dataset(data_cfg.path, data_cfg.cache_dir)
     _check_compatible(ds, model, meta)
-    tasks = select_tasks(ds, cfg.task)
+    views = chosen_tasks(ds, cfg)
+    tasks = list(views)
     pipe = UserPipeline.for_dataset(ds, data_cfg)
     out = Path(cfg.output_dir)
-    claim_output_dir(out, OutputKind.HEADS, {"checkpoint": cfg.checkpoint, "data.path": data_cfg.path}, key="output_dir")
+    claim_output_dir(out, OutputKind.HEADS, {"checkpoint": cfg.checkpoint, "data.path": data_cfg.path,
+                                             "labels": cfg.labels}, key="output_dir")
     fingerprint = ds.fingerprint  # stats every dataset file: once, not per task
-    keys = {name: _task_key(cfg, data_cfg, ckpt_hash, fingerprint, name) for name in tasks}
+    keys = {name: _task_key(cfg, data_cfg, ckpt_hash, fingerprint, views[name]) for name in tasks}
     finished = {name: rec for name in tasks if (rec := _finished(out / name, keys[name])) is not None}
     if finished and progress:
         print(f"reusing {len(finished)} head(s) already tuned in {out} with the same checkpoint, data and "
@@ -122,8 +141,8 @@ def run_prompt_tune(cfg: PromptTuneConfig, progress: bool = True) -> dict:
     if todo:
         # Every chosen task's users, not only the unfinished ones': the same store as an uninterrupted run,
         # so a task tuned after a restart comes out bit-identical (batch composition moves float rounding).
-        user_ids = sorted(set().union(*(ds.tasks[t].user_ids.tolist() for t in tasks)))
-        store = encode_users(model, ds, pipe, user_ids, cfg.prefix_chunk, progress, [ds.tasks[t].spec.query for t in tasks])
+        user_ids = sorted(set().union(*(views[t].user_ids.tolist() for t in tasks)))
+        store = encode_users(model, ds, pipe, user_ids, cfg.prefix_chunk, progress, [views[t].query for t in tasks])
         row_of = {u: i for i, u in enumerate(store.user_ids)}
     summary = {"checkpoint": str(cfg.checkpoint), "checkpoint_hash": ckpt_hash, "dataset": str(ds.root),
                "n_users": len(store) if store else 0, "prefix_mb": store.nbytes / 2**20 if store else 0.0,
@@ -133,7 +152,7 @@ def run_prompt_tune(cfg: PromptTuneConfig, progress: bool = True) -> dict:
         if name in finished:
             summary["tasks"][name] = finished[name]
             continue
-        record = _tune_one(model, tokenizer, store, row_of, ds, name, cfg, ckpt_hash, out, progress)
+        record = _tune_one(model, tokenizer, store, row_of, views[name], cfg, ckpt_hash, out, progress)
         record["key"] = keys[name]
         failpoint("head-saved")
         write_text(json.dumps(record), out / name / RECORD)  # last: its presence marks the task as finished
@@ -147,15 +166,17 @@ def run_prompt_tune(cfg: PromptTuneConfig, progress: bool = True) -> dict:
 RECORD = "record.json"  # per task: the summary record and the key it was tuned under
 
 
-def _task_key(cfg: PromptTuneConfig, data: DataConfig, ckpt_hash: str, dataset_fingerprint: str, task: str) -> str:
-    """What a task's head depends on: checkpoint, dataset files, packing and tuning settings (not paths/device)."""
+def _task_key(cfg: PromptTuneConfig, data: DataConfig, ckpt_hash: str, dataset_fingerprint: str, task: Task) -> str:
+    """What a task's head depends on: checkpoint, dataset files, the task's question, users and labels, packing and
+    tuning settings (not paths/device: a custom labels file is keyed by what it holds)."""
     settings = OmegaConf.to_container(OmegaConf.structured(cfg))
-    for k in ("checkpoint", "output_dir", "task", "device", "data"):
+    for k in ("checkpoint", "output_dir", "task", "device", "data", "labels", "query"):
         settings.pop(k, None)
     packing = OmegaConf.to_container(OmegaConf.structured(data))
     packing.pop("path", None)
     packing.pop("cache_dir", None)
-    blob = json.dumps([ckpt_hash, dataset_fingerprint, task, settings, packing], sort_keys=True, default=str)
+    blob = json.dumps([ckpt_hash, dataset_fingerprint, task.name, task_digest(task), settings, packing], sort_keys=True,
+                      default=str)
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 
@@ -171,9 +192,9 @@ def _finished(task_dir: Path, key: str) -> dict | None:
     return record if record.get("key") == key else None
 
 
-def _tune_one(model, tokenizer, store: PrefixStore, row_of: dict, ds: Dataset, name: str, cfg: PromptTuneConfig,
+def _tune_one(model, tokenizer, store: PrefixStore, row_of: dict, task: Task, cfg: PromptTuneConfig,
               ckpt_hash: str, out: Path, progress: bool) -> dict:
-    task = ds.tasks[name]
+    name = task.name
     store = store.at_query(task.spec.query)
     rows = np.array([row_of[u] for u in task.user_ids])
     split = split_users(rows, task.labels.astype(np.int64), cfg.val_fraction, cfg.test_fraction, cfg.seed)

@@ -198,6 +198,35 @@ def test_rerun_reuses_finished_heads_and_retunes_changed_or_unfinished(ckpt, tmp
     assert changed["n_users"] > 0 and all(r["history"][-1]["step"] == 4 for r in changed["tasks"].values())
 
 
+def test_a_head_for_your_own_labels(ckpt, tmp_path):
+    """labels= + query= tune one head for a scenario the dataset does not declare; it is named after the file, keeps
+    the question, equals the dataset task's head when the labels and question are the same, and a re-run retunes it
+    only when the file's content changes."""
+    ck, ds_dir = ckpt
+    ds = load_dataset(ds_dir)
+    churn = ds.tasks["churn"]
+    labels = tmp_path / "My Churn.csv"
+    labels.write_text("user_id,label\n" + "".join(f"{u},{int(y)}\n" for u, y in zip(churn.user_ids, churn.labels)))
+    base = [f"checkpoint={ck}", f"data.path={ds_dir}", *FAST]
+    own = [*base, f"output_dir={tmp_path / 'own'}", f"labels={labels}", f"query={churn.query}"]
+    summary = run_prompt_tune(load_config(None, own, schema=PromptTuneConfig), progress=False)
+    assert list(summary["tasks"]) == ["my_churn"]
+    head = ScenarioHead.load(tmp_path / "own" / "my_churn", checkpoint_hash=checkpoint_hash(ck))
+    assert head.query == churn.query
+    run_prompt_tune(load_config(None, [*base, f"output_dir={tmp_path / 'ds'}", "task=churn"], schema=PromptTuneConfig),
+                    progress=False)
+    ref = ScenarioHead.load(tmp_path / "ds" / "churn", checkpoint_hash=checkpoint_hash(ck))
+    assert torch.equal(head.prompt, ref.prompt)  # same users, labels and question: the same head
+    again = run_prompt_tune(load_config(None, own, schema=PromptTuneConfig), progress=False)
+    assert again["n_users"] == 0  # reused
+    flipped = labels.read_text().splitlines()
+    flipped[1] = flipped[1][:-1] + ("0" if flipped[1].endswith("1") else "1")
+    labels.write_text("\n".join(flipped) + "\n")  # same path, other labels: tuned again
+    assert run_prompt_tune(load_config(None, own, schema=PromptTuneConfig), progress=False)["n_users"] > 0
+    with pytest.raises(ConfigError, match="both labels"):
+        load_config(None, [*base, f"labels={labels}"], schema=PromptTuneConfig)
+
+
 def test_fold_split_keeps_the_fold_test_users_out_of_tuning():
     labels = np.array([0, 1] * 20)
     rows = np.arange(100, 140)
