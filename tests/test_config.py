@@ -39,6 +39,18 @@ def test_mistyped_value_and_override():
     assert isinstance(cfg, ModelConfig) and cfg.backbone.num_layers == 3
 
 
+def test_a_mistyped_value_names_where_it_was_written(tmp_path):
+    """A bad value given on the command line is not blamed on the config file, and the reverse."""
+    path = configs_root() / "model" / "tiny.yaml"
+    with pytest.raises(ConfigError, match=r"^<command line>: key 'backbone\.num_layers'"):
+        load_config(path, ["backbone.num_layers=two"])
+    bad = tmp_path / "model" / "bad.yaml"
+    bad.parent.mkdir()
+    bad.write_text("backbone:\n  num_layers: two\n")
+    with pytest.raises(ConfigError, match=rf"^{bad}: key 'backbone\.num_layers'"):
+        load_config(bad, ["backbone.num_layers=3"])  # the file is broken, whatever overrides it
+
+
 def test_preset_merged_under_model_and_overridable(tmp_path):
     f = tmp_path / "pretrain" / "p.yaml"
     f.parent.mkdir()

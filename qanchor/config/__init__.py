@@ -124,6 +124,16 @@ def _wrap(exc: OmegaConfBaseException, source: str) -> ConfigError:
     return ConfigError(f"{source}: {where}: {msg}")
 
 
+def _in_layer(layer: dict, dotted: str) -> bool:
+    """Whether the overrides ``layer`` sets the dotted key ``dotted`` (or a key above it)."""
+    node: Any = layer
+    for part in dotted.split("."):
+        if not isinstance(node, dict) or part not in node:
+            return False
+        node = node[part]
+    return True
+
+
 def _strip_optional(tp: Any) -> tuple[Any, bool]:
     if typing.get_origin(tp) in (typing.Union, types.UnionType):
         args = [a for a in typing.get_args(tp) if a is not type(None)]
@@ -212,11 +222,16 @@ def load_config(path: str | Path | None, overrides: list[str] | tuple[str, ...] 
         layers = [base]
         if (schema is PretrainConfig or schema is ModelConfig) and not _resolved:
             layers.append(_preset_layer(schema, file_cfg, cli_cfg))
-        merged = OmegaConf.merge(*layers, file_cfg, cli_cfg)
+        merged = OmegaConf.merge(*layers, file_cfg)
+    except OmegaConfBaseException as exc:
+        raise _wrap(exc, source) from None
+    try:  # apart from the file's layer: a bad value given on the command line is not the file's fault
+        merged = OmegaConf.merge(merged, cli_cfg)
         _replace_mappings(merged, cli_layer)
         cfg = OmegaConf.to_object(merged)
     except OmegaConfBaseException as exc:
-        raise _wrap(exc, source) from None
+        key = getattr(exc, "full_key", None)
+        raise _wrap(exc, "<command line>" if key and _in_layer(cli_layer, str(key)) else source) from None
     if path is not None:
         _resolve_file_keys(cfg, schema, path, cli_layer)
     return cfg
