@@ -206,6 +206,8 @@ CASES = [
                                                 f"out={w.foreign}"], "qanchor did not create", lambda d, w: [w.foreign]),
     Case("bench-out-is-dataset", lambda d, w: ["bench", f"data.path={w.ds}", "methods=[rfm_lgbm]", f"output_dir={w.ds}"],
          "inside the input data.path"),
+    Case("prompt-tune-missing-checkpoint", lambda d, w: ["prompt-tune", f"checkpoint={d / 'no-such-run'}", f"data.path={w.ds}",
+                                                        f"output_dir={d / 'heads'}"], "no such checkpoint directory"),
     Case("prompt-tune-out-is-checkpoint", lambda d, w: ["prompt-tune", f"checkpoint={w.ckpt}", f"data.path={w.ds}",
                                                        f"output_dir={w.ckpt / 'heads'}"], "inside the input checkpoint"),
     Case("pretrain-out-is-foreign", lambda d, w: _pretrain(w, f"output_dir={w.foreign}"), "qanchor did not create",

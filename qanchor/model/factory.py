@@ -174,6 +174,8 @@ def checkpoint_hash(ckpt: str | Path) -> str:
 
 def read_meta(ckpt: Path) -> ModelMeta:
     path = ckpt / "qanchor.json"
+    if not ckpt.is_dir():
+        raise CheckpointError(f"{ckpt}: no such checkpoint directory")
     if not path.exists():
         raise CheckpointError(f"{ckpt}: not a qanchor checkpoint (qanchor.json missing)")
     try:
