@@ -53,6 +53,7 @@ from qanchor.logs import log, quiet_third_party  # noqa: E402
 from qanchor.metrics import auc_score  # noqa: E402
 
 ROWS = ("task", "generic", "swapped", "rfm_lr", "union_lr", "rfm_lgbm", "union_lgbm")
+PEER_ROWS = ROWS[3:]
 QUERY_ROWS = ROWS[:3]
 
 
@@ -104,6 +105,17 @@ def parse_budgets(text: str) -> list[int | None]:
     if len(set(budgets)) != len(budgets):
         raise ValueError(f"--budgets: {text!r} names a budget twice")
     return budgets
+
+
+def parse_peers(text: str) -> list[str]:
+    """``--peers``: 'none', or peer row names -> names (ValueError naming an unknown one)."""
+    if text.strip() == "none":
+        return []
+    names = [t.strip() for t in text.split(",") if t.strip()]
+    unknown = [n for n in names if n not in PEER_ROWS]
+    if unknown or not names:
+        raise ValueError(f"--peers: unknown row(s) {unknown or [text]}; choose from {', '.join(PEER_ROWS)}, or none")
+    return names
 
 
 def budget_curve(tasks: list, emb: np.ndarray | None, peers: dict[str, np.ndarray], user_ids: list[str],
@@ -193,20 +205,27 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--budgets", default="50,100,200,all", help="labelled training users per fold; 'all' = the fold's")
     ap.add_argument("--draws", type=int, default=3, help="random draws per budget and fold")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--peers", default=",".join(PEER_ROWS),
+                    help="peer rows to fit, comma-separated, or 'none' (LightGBM on 16,000 users per fold is slow: "
+                         "--peers rfm_lr,union_lr keeps the linear ones)")
     ap.add_argument("--out", type=Path, default=None, help="JSON of every checkpoint's curve and the summary")
     ap.add_argument("--plot", type=Path, default=None, help="PNG of AUC against the budget")
     args = ap.parse_args(argv)
     quiet_third_party()
     try:
         budgets = parse_budgets(args.budgets)
+        peer_rows = parse_peers(args.peers)
     except ValueError as e:
         ap.error(str(e))
+    if not peer_rows and not args.checkpoint:
+        ap.error("--peers none without --checkpoint leaves nothing to fit")
     ds = load_dataset(args.data)
     tasks = eligible_tasks(ds, seed=args.seed)
     user_ids = sorted({u for t in tasks for u in t.user_ids})
     queries = [*dict.fromkeys(t.query for t in tasks), args.generic_query]
     start = time.perf_counter()
-    peers = budget_curve(tasks, None, peer_features(ds, user_ids), user_ids, budgets, args.draws, seed=args.seed)
+    features = {name: x for name, x in peer_features(ds, user_ids).items() if name in peer_rows} if peer_rows else {}
+    peers = budget_curve(tasks, None, features, user_ids, budgets, args.draws, seed=args.seed)
     curves = []
     for ckpt in args.checkpoint:
         model = QAnchor.from_pretrained(ckpt, text_cache_dir=ds.text_cache_dir)

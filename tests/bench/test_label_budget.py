@@ -88,3 +88,14 @@ def test_without_checkpoints_the_peers_alone_are_fitted(lb, tiny_dataset, tmp_pa
     for b in summary.values():  # every peer row, no query row and no query difference
         assert set(b) == {"rfm_lr", "union_lr", "rfm_lgbm", "union_lgbm"} and b["rfm_lgbm"][1] == 0.0
     assert "peers only" in capsys.readouterr().out
+
+
+def test_peers_can_be_limited(lb, tiny_dataset, tmp_path):
+    """--peers keeps only the named peer rows (LightGBM on many users is the slow part); unknown names are refused."""
+    assert lb.main(["--data", str(tiny_dataset), "--budgets", "all", "--draws", "1", "--peers", "rfm_lr,union_lr",
+                    "--out", str(tmp_path / "p.json")]) == 0
+    assert set(json.loads((tmp_path / "p.json").read_text())["summary"]["all"]) == {"rfm_lr", "union_lr"}
+    for bad in (["--peers", "rfm_xgb"], ["--peers", "none"]):  # an unknown row; nothing left to fit
+        with pytest.raises(SystemExit):
+            lb.main(["--data", str(tiny_dataset), *bad])
+
