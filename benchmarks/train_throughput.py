@@ -122,7 +122,7 @@ def run_worker(preset: str, data: Path, steps: int, batch: int, warmup: int, set
         rows.append({
             "step": step + 1, "data_s": t1 - t0, "forward_s": t2 - t1, "backward_s": t3 - t2, "optimizer_s": t4 - t3,
             "total_s": t4 - t0,
-            "loss": float(out.loss), "prefix_tokens": anchor_real - suffix - answer, "suffix_tokens": suffix,
+            "loss": float(out.loss.detach()), "prefix_tokens": anchor_real - suffix - answer, "suffix_tokens": suffix,
             "answer_tokens": answer, "semantic_tokens": semantic_real, "tokens": anchor_real + semantic_real,
             "padded_tokens": anchor_padded + semantic_padded,
             "events": int(sum(int(m.mask.sum()) for m in b.users.modalities.values())),
