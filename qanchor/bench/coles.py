@@ -137,5 +137,13 @@ def coles_embeddings(ds: Dataset, user_ids: Sequence[str], cfg: BenchConfig, pro
     encoder = _encoder(len(ds.manifest.sequence_modalities), cfg.coles_hidden)
     module = CoLESModule(seq_encoder=encoder, optimizer_partial=partial(torch.optim.Adam, lr=2e-3),
                          lr_scheduler_partial=partial(torch.optim.lr_scheduler.StepLR, step_size=10, gamma=0.9))
-    _train(module, data, cfg.coles_epochs, progress)  # threads: run_bench sets cfg.n_jobs for the whole run
-    return _infer(module.seq_encoder, data)
+    # With 2+ threads some CPU kernel of the training step sums in an order that varies from run to run: the same seed
+    # gave embeddings 5e-7 apart and the demo's coles row moved in the 4th decimal. Deterministic kernels make a
+    # peer's numbers repeatable, as every other row's are (at no measurable cost at this size).
+    deterministic, warn_only = torch.are_deterministic_algorithms_enabled(), torch.is_deterministic_algorithms_warn_only_enabled()
+    torch.use_deterministic_algorithms(True, warn_only=True)  # warn_only: an op without a deterministic kernel still runs
+    try:
+        _train(module, data, cfg.coles_epochs, progress)  # threads: run_bench sets cfg.n_jobs for the whole run
+        return _infer(module.seq_encoder, data)
+    finally:
+        torch.use_deterministic_algorithms(deterministic, warn_only=warn_only)

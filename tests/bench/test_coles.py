@@ -6,7 +6,10 @@ import builtins
 
 import numpy as np
 import pytest
+import torch
+from threadpoolctl import threadpool_limits
 
+from data_tools.synth import build_synthetic
 from qanchor.bench.coles import INSTALL_HINT, coles_embeddings, require_ptls, user_sequences
 from qanchor.bench.peers import Skip
 from qanchor.config import BenchConfig, DataConfig
@@ -44,3 +47,22 @@ def test_tiny_coles_run(tiny_dataset):
     cfg = BenchConfig(data=DataConfig(path=str(tiny_dataset)), coles_epochs=1, coles_hidden=16)
     vecs = coles_embeddings(ds, list(ds.user_ids), cfg)
     assert vecs.shape == (40, 16) and np.isfinite(vecs).all()
+
+
+def test_coles_is_repeatable_with_two_threads(tmp_path):
+    """With 2 threads some training kernel summed in a varying order (embeddings 1e-7 apart between runs of the same
+    seed); deterministic kernels make the peer's numbers repeatable, and the process's own setting is restored."""
+    pytest.importorskip("ptls.frames.coles", reason="pytorch-lifestream not installed (" + INSTALL_HINT + ")")
+    build_synthetic(tmp_path / "synth", n_users=300, seed=3, progress=False)
+    ds = load_dataset(tmp_path / "synth")
+    cfg = BenchConfig(data=DataConfig(path=str(tmp_path / "synth")), coles_epochs=1)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        with threadpool_limits(2):
+            runs = [coles_embeddings(ds, sorted(ds.user_ids), cfg) for _ in range(3)]
+    finally:
+        torch.set_num_threads(threads)
+    assert all(np.array_equal(r, runs[0]) for r in runs[1:])
+    assert not torch.are_deterministic_algorithms_enabled()
+
