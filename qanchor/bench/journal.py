@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import shutil
 from dataclasses import asdict, fields, replace
 from pathlib import Path
 from typing import Any
@@ -80,7 +79,7 @@ class BenchJournal:
             if same:
                 rows = _read_rows(directory)
             else:
-                shutil.rmtree(directory)  # rows of another run of this bench output: its own files
+                remove_journal(out_dir)  # rows of another run of this bench output
         if not rows:
             directory.mkdir(parents=True, exist_ok=True)
             write_text(json.dumps({"key": key}) + "\n", directory / "key.json")
@@ -105,10 +104,15 @@ class BenchJournal:
 
 
 def remove_journal(out_dir: str | Path) -> None:
-    """Drop ``out_dir``'s journal: the run's results are written."""
+    """Drop ``out_dir``'s journal (the run's results are written, or its rows are stale): only the files it writes,
+    and the folder once empty; anything else a person put there stays."""
     directory = Path(out_dir) / _DIR
-    if directory.is_dir():
-        shutil.rmtree(directory)
+    if not directory.is_dir():
+        return
+    for path in [directory / "key.json", *directory.glob("row-*.json"), *directory.glob("*.qanchor-tmp*")]:
+        path.unlink(missing_ok=True)
+    if not any(directory.iterdir()):
+        directory.rmdir()
 
 
 def _read_rows(directory: Path) -> dict[tuple[int, str, str], MethodResult]:

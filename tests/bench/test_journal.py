@@ -33,3 +33,14 @@ def test_a_damaged_row_or_key_is_not_trusted(tmp_path):
     assert [m for m in ("rfm_lr", "text_mean_lr") if BenchJournal.open(tmp_path, "k").get(0, "churn", m)] == ["rfm_lr"]
     (tmp_path / "partial" / "key.json").write_text("not json")
     assert len(BenchJournal.open(tmp_path, "k")) == 0
+
+
+def test_removal_keeps_what_the_journal_did_not_write(tmp_path):
+    journal = BenchJournal.open(tmp_path, "k")
+    journal.put(0, "churn", "rfm_lr", MethodResult(auc=[0.6], ks=[0.2], n_test=[10]))
+    (tmp_path / "partial" / "notes.txt").write_text("mine")
+    BenchJournal.open(tmp_path, "other")  # stale rows go, the note stays
+    assert sorted(p.name for p in (tmp_path / "partial").iterdir()) == ["key.json", "notes.txt"]
+    remove_journal(tmp_path)
+    assert [p.name for p in (tmp_path / "partial").iterdir()] == ["notes.txt"]
+
