@@ -115,7 +115,7 @@ class Progress:
         rate = (self.n - self._initial) / elapsed if elapsed > 0 else 0.0
         where = f"{self.n}/{self.total}" if self.total else str(self.n)
         eta = ""
-        if not done and self.total and rate > 0:
+        if not done and not stopped and self.total and rate > 0:
             eta = f", ETA {format_seconds((self.total - self.n) / rate)}"
         head = f"{self.desc}: {'stopped, ' if stopped else 'done, ' if done else ''}{where} {self.unit}"
         return f"{head} in {format_seconds(elapsed)} ({rate:.1f} {self.unit}/s{eta})" + (f"; {self.postfix}" if self.postfix else "")

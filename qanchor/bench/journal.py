@@ -15,7 +15,7 @@ run's own files and are removed. :func:`qanchor.bench.report.bench_and_report` r
 report is written. Ablation sub-runs are not journalled here (their pretraining runs resume on their own).
 
 Example:
-    >>> journal = BenchJournal.open(Path("results/bench"), journal_key(cfg, ds, tasks, ctx))  # doctest: +SKIP
+    >>> journal = BenchJournal.open(Path("results/bench"), journal_key(cfg, ds, tasks, ckpt_hash, heads))  # doctest: +SKIP
     >>> journal.get(0, "churn", "rfm_lr") or journal.put(0, "churn", "rfm_lr", evaluate_task(...))  # doctest: +SKIP
 """
 

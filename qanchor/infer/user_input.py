@@ -126,16 +126,22 @@ def _check_record(rec: UserRecord, manifest: Manifest, columns: list[str]) -> Us
         raise ModelInputError(f"user {rec.user_id!r}: {len(rec.tabular)} tabular values, the model expects {len(columns)}")
     for name, seq in rec.events.items():
         for field, values in (("value", seq.value), *((c, seq.extras[:, j]) for j, c in enumerate(specs[name].numeric_columns))):
-            bad = np.flatnonzero(np.isinf(np.asarray(values, np.float32)))
+            bad = _infinite(values)
             if bad.size:
                 raise ModelInputError(f"user {rec.user_id!r}, modality {name!r}, event {int(bad[0])}, field {field!r}: infinite "
                                       "(or beyond float32 range); use NaN for a missing value")
     if rec.tabular is not None:
-        bad = np.flatnonzero(np.isinf(np.asarray(rec.tabular, np.float32)))
+        bad = _infinite(rec.tabular)
         if bad.size:
             raise ModelInputError(f"user {rec.user_id!r}, tabular feature {columns[int(bad[0])]!r}: infinite (or beyond "
                                   "float32 range); use NaN for a missing value")
     return rec
+
+
+def _infinite(values: np.ndarray) -> np.ndarray:
+    """Positions of values that are infinite as float32 (a float64 array built in code may hold 1e300)."""
+    with np.errstate(over="ignore"):  # the cast of a too-large value is what is being checked, not a surprise
+        return np.flatnonzero(np.isinf(np.asarray(values, np.float32)))
 
 
 def to_record(user: UserRecord | Mapping, manifest: Manifest, tabular_columns: list[str]) -> UserRecord:
