@@ -107,4 +107,4 @@ def _check_users(path: Path, user_ids: np.ndarray, ds: Dataset) -> None:
         row = int(np.argmin(known))
         raise DataValidationError(
             str(path), f"user '{user_ids[row]}' is not in dataset {ds.root} ({int((~known).sum())} of {len(user_ids)} "
-            "users unknown); labels must be for users of --data", column="user_id", row=row)
+            "users unknown); labels must be for users of the dataset given as data.path=", column="user_id", row=row)
