@@ -39,7 +39,7 @@ from qanchor.data.dataset import Dataset, Task, load_dataset
 from qanchor.data.io import OutputKind, claim_output_dir, write_text
 from qanchor.data.labels import custom_task, task_digest
 from qanchor.data.pipeline import UserPipeline, batched
-from qanchor.errors import CheckpointError, ConfigError
+from qanchor.errors import CheckpointError, ConfigError, DataValidationError
 from qanchor.faults import failpoint
 from qanchor.metrics import auc_ks
 from qanchor.model.factory import ModelMeta, checkpoint_hash, load_checkpoint
@@ -49,7 +49,7 @@ from qanchor.model.qanchor_model import QAnchorModel
 from qanchor.tune.head import HEAD_META, HEAD_WEIGHTS
 from qanchor.tune.trainer import frozen_logistic, split_users, tune_task
 
-__all__ = ["run_prompt_tune", "resolve_data_config", "select_tasks", "chosen_tasks", "encode_users", "format_summary"]
+__all__ = ["run_prompt_tune", "resolve_data_config", "select_tasks", "chosen_tasks", "check_splittable", "encode_users", "format_summary"]
 
 
 def resolve_data_config(overrides: DataOverrides, checkpoint_data: DataConfig, meta: ModelMeta) -> DataConfig:
@@ -82,6 +82,24 @@ def chosen_tasks(ds: Dataset, cfg: PromptTuneConfig) -> dict[str, Task]:
         task = custom_task(ds, cfg.labels, cfg.query or "")
         return {task.name: task}
     return {name: ds.tasks[name] for name in select_tasks(ds, cfg.task)}
+
+
+def check_splittable(task: Task, cfg: PromptTuneConfig) -> None:
+    """DataValidationError unless ``task``'s train / val / test split holds both classes in each part: tuning keeps
+    the step with the best validation AUC and reports test AUC, and neither exists for one class."""
+    labels = task.labels.astype(np.int64)
+    smaller = int(min(labels.sum(), len(labels) - labels.sum()))
+    advice = (f"{smaller} user(s) of its smaller class among {len(labels)} labelled; give more labelled users (at least "
+              f"{int(np.ceil(1 / min(cfg.val_fraction, cfg.test_fraction)))} of each class), or raise val_fraction / "
+              "test_fraction")
+    try:
+        split = split_users(np.arange(len(labels)), labels, cfg.val_fraction, cfg.test_fraction, cfg.seed)
+    except ValueError:  # scikit-learn: a class too small to stratify
+        raise DataValidationError(f"task {task.name}", f"too few users to split into train / val / test: {advice}") from None
+    for part, y in split.labels.items():
+        if len(y) == 0 or int(y.min()) == int(y.max()):
+            raise DataValidationError(f"task {task.name}", f"its {part} split ({len(y)} users) holds one class only: "
+                                      f"{advice}")
 
 
 def _check_compatible(ds: Dataset, model: QAnchorModel, meta: ModelMeta) -> None:
@@ -126,6 +144,8 @@ def run_prompt_tune(cfg: PromptTuneConfig, progress: bool = True) -> dict:
     _check_compatible(ds, model, meta)
     views = chosen_tasks(ds, cfg)
     tasks = list(views)
+    for task in views.values():  # before any encoding: a task too small to split fails the run at once
+        check_splittable(task, cfg)
     pipe = UserPipeline.for_dataset(ds, data_cfg)
     out = Path(cfg.output_dir)
     claim_output_dir(out, OutputKind.HEADS, {"checkpoint": cfg.checkpoint, "data.path": data_cfg.path,

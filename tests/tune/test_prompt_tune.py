@@ -14,7 +14,7 @@ from qanchor.cli import main
 from qanchor.config import PromptTuneConfig, load_config
 from qanchor.data.dataset import load_dataset
 from qanchor.data.pipeline import UserPipeline
-from qanchor.errors import CheckpointError, ConfigError
+from qanchor.errors import CheckpointError, ConfigError, DataValidationError
 from qanchor.infer.api import QAnchor
 from qanchor.metrics import auc_ks
 from qanchor.model.factory import ModelMeta, checkpoint_hash, load_checkpoint, save_checkpoint
@@ -225,6 +225,23 @@ def test_a_head_for_your_own_labels(ckpt, tmp_path):
     assert run_prompt_tune(load_config(None, own, schema=PromptTuneConfig), progress=False)["n_users"] > 0
     with pytest.raises(ConfigError, match="both labels"):
         load_config(None, [*base, f"labels={labels}"], schema=PromptTuneConfig)
+
+
+def test_a_task_too_small_to_split_is_refused_before_any_work(ckpt, tmp_path):
+    """Tuning picks its step by validation AUC and reports test AUC: a split part holding one class made them NaN and
+    saved a head anyway. Now the run stops first, naming the task, the split and what to give."""
+    ck, ds_dir = ckpt
+    ds = load_dataset(ds_dir)
+    churn = ds.tasks["churn"]
+    pos, neg = churn.user_ids[churn.labels == 1], churn.user_ids[churn.labels == 0]
+    small = tmp_path / "few.csv"
+    small.write_text("user_id,label\n" + "".join(f"{u},1\n" for u in pos[:2]) + "".join(f"{u},0\n" for u in neg[:8]))
+    args = [f"checkpoint={ck}", f"data.path={ds_dir}", f"labels={small}", "query=Will they leave?",
+            f"output_dir={tmp_path / 'out'}", *FAST]
+    with pytest.raises(DataValidationError, match=r"task few: its (train|val|test) split \(\d+ users\) holds one class only: "
+                                                  r"2 user\(s\) of its smaller class among 10 labelled"):
+        run_prompt_tune(load_config(None, args, schema=PromptTuneConfig), progress=False)
+    assert not (tmp_path / "out").exists()
 
 
 def test_fold_split_keeps_the_fold_test_users_out_of_tuning():
