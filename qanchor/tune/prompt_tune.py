@@ -145,7 +145,13 @@ def run_prompt_tune(cfg: PromptTuneConfig, progress: bool = True) -> dict:
     views = chosen_tasks(ds, cfg)
     tasks = list(views)
     for task in views.values():  # before any encoding: a task too small to split fails the run at once
-        check_splittable(task, cfg)
+        try:
+            check_splittable(task, cfg)
+        except DataValidationError as exc:
+            if len(views) == 1:
+                raise
+            others = ",".join(t for t in views if t != task.name)
+            raise DataValidationError(exc.file, f"{exc.rule}; or leave it out: task={others}") from None
     pipe = UserPipeline.for_dataset(ds, data_cfg)
     out = Path(cfg.output_dir)
     claim_output_dir(out, OutputKind.HEADS, {"checkpoint": cfg.checkpoint, "data.path": data_cfg.path,
