@@ -204,6 +204,7 @@ CASES = [
                                                   f"out={w.ds / 'events'}"], "inside the input data.path"),
     Case("embed-into-foreign-dir", lambda d, w: ["embed", f"checkpoint={w.ckpt}", f"data.path={w.ds}", "queries=tasks",
                                                 f"out={w.foreign}"], "qanchor did not create", lambda d, w: [w.foreign]),
+    Case("bench-mistyped-method", lambda d, w: ["bench", "methods=[rfm_lr, qanchor_taks]"], "methods: unknown ['qanchor_taks']"),
     Case("bench-out-is-dataset", lambda d, w: ["bench", f"data.path={w.ds}", "methods=[rfm_lgbm]", f"output_dir={w.ds}"],
          "inside the input data.path"),
     Case("prompt-tune-missing-checkpoint", lambda d, w: ["prompt-tune", f"checkpoint={d / 'no-such-run'}", f"data.path={w.ds}",

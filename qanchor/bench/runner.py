@@ -97,8 +97,8 @@ def _check_methods(methods: list[str]) -> None:
 
 def prepare(cfg: BenchConfig) -> tuple[Dataset, list[Task]]:
     """Open the dataset and pick the tasks (the custom one if ``cfg.labels`` is set)."""
+    _check_methods(cfg.methods)  # first: a mistyped method is the mistake to report, whatever else is missing
     require(cfg.data.path, "data.path", "<dataset dir>")
-    _check_methods(cfg.methods)
     if {"qanchor_head", "qanchor_head_lr"} & set(cfg.methods) or (cfg.ablations and cfg.ablation_prompt_tokens):
         require_file(cfg.prompt_tune_config, "prompt_tune_config")  # before any embedding: the heads read it last
     if cfg.checkpoint and any(m in _QANCHOR_METHODS for m in cfg.methods) and not Path(cfg.checkpoint).is_dir():
