@@ -168,12 +168,12 @@ def _run(cfg: BenchConfig, embedder: Embedder | None, heads: dict[str, Any] | No
         journal = BenchJournal.disabled()
     else:
         journal = BenchJournal.open(cfg.output_dir, journal_key(cfg, ds, tasks, checkpoint_hash, ctx.heads))
-    if len(journal) and progress:
-        log(f"bench: resuming: {len(journal)} of {len(tasks) * len(cfg.methods)} (task, method) rows were finished by an "
-            f"earlier run of the same settings ({journal.directory})")
     result = BenchResult(_run_info(cfg, ds), {})
     folds_by_task: dict[str, list] = {}
     bar = Progress(len(tasks) * len(cfg.methods), "bench", "run", enabled=progress)
+    if len(journal) and progress:
+        log(f"bench: resuming: {len(journal)} of {len(tasks) * len(cfg.methods)} (task, method) rows were finished by an "
+            f"earlier run of the same settings ({journal.directory})")
     for index, task in enumerate(tasks):
         k = fold_count(task.labels, cfg.folds)
         tr = TaskResult(task.name, task.query, len(task.labels), float(task.labels.mean()), k)
