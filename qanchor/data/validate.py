@@ -24,7 +24,7 @@ from qanchor.data.manifest import Manifest
 from qanchor.data.schema import EVENTS_DIR, TABULAR_FILE, TASKS_DIR, USERU_FILE, USERU_SOURCES
 from qanchor.errors import DataValidationError
 
-__all__ = ["ValidationReport", "validate_dataset", "event_files", "check_event_file"]
+__all__ = ["ValidationReport", "validate_dataset", "event_files", "check_event_file", "not_storable"]
 
 _BATCH_ROWS = 262_144
 _FLOAT32_MAX = float(np.finfo(np.float32).max)  # events and tabular values are stored as float32
@@ -102,8 +102,10 @@ def _require(path: Path, schema: pa.Schema, column: str, kind: str) -> None:
 _NOT_STORABLE = "infinite value, or beyond float32 range (about 3.4e38); use null for missing"
 
 
-def _not_storable(values: np.ndarray) -> np.ndarray:
-    """Infinities, and finite float64 values that float32 would turn into infinities (NaN = missing, allowed)."""
+def not_storable(values: np.ndarray) -> np.ndarray:
+    """Infinities, and finite values that float32 would turn into infinities (NaN = missing, allowed); a mask of
+    ``values`` read as float64, so a too-large value is found without an overflow warning."""
+    values = np.asarray(values, np.float64)
     with np.errstate(invalid="ignore"):
         return np.isinf(values) | (np.abs(values) > _FLOAT32_MAX)
 
@@ -151,7 +153,7 @@ def _check_event_file(path: Path, manifest: Manifest, report: ValidationReport, 
     for batch in pf.iter_batches(batch_size=_BATCH_ROWS, columns=["user_id", "modality", "ts", "text", *numeric]):
         for col in numeric:  # NaN / null mean "missing"; an infinity is a broken export
             values = batch.column(col).to_numpy(zero_copy_only=False).astype(np.float64)
-            bad = _first(_not_storable(values))
+            bad = _first(not_storable(values))
             if bad is not None:
                 raise DataValidationError(str(path), _NOT_STORABLE, column=col, row=offset + bad)
         for col in ("user_id", "modality", "ts", "text"):
@@ -218,7 +220,7 @@ def _check_tabular(root: Path, manifest: Manifest, report: ValidationReport, use
     _check_unique_users(path, table.column("user_id"))
     for name in features:
         values = table.column(name).to_numpy(zero_copy_only=False).astype(np.float64)
-        bad = _first(_not_storable(values))
+        bad = _first(not_storable(values))
         if bad is not None:
             raise DataValidationError(str(path), _NOT_STORABLE, column=name, row=bad)
     report.n_tabular_users = table.num_rows

@@ -294,10 +294,13 @@ def _update_shard(q: QAnchor, src: Path, dst: Path, shard: int, new: dict[str, U
                   asked, query_ids: list[str], reembed_all: bool, full: bool, totals: dict) -> None:
     path = shard_path(src, "encodings", shard)
     n_old = pq.ParquetFile(path).metadata.num_rows // len(q.model.user_encoder.names) if path.exists() else 0
-    if not new and not reembed_all:
+
+    def carry_over() -> None:  # the shard unchanged: yesterday's files, hard-linked
         link_shard(src, dst, shard)
         totals.update(users=totals["users"] + n_old, linked=totals["linked"] + 1)
-        return
+
+    if not new and not reembed_all:
+        return carry_over()
     old = {k: read_table(src, k, shard) for k in ("buffer", "encodings", "embeddings")}
     buffers = records_from_events(old["buffer"], q.manifest) if old["buffer"] is not None else {}
     fresh = {}
@@ -308,9 +311,7 @@ def _update_shard(q: QAnchor, src: Path, dst: Path, shard: int, new: dict[str, U
             fresh[uid] = left
     new = fresh
     if not new and not reembed_all:  # every event was already in the state
-        link_shard(src, dst, shard)
-        totals.update(users=totals["users"] + n_old, linked=totals["linked"] + 1)
-        return
+        return carry_over()
     known = set(pc.unique(old["encodings"].column("user_id")).to_pylist()) if old["encodings"] is not None else set()
     names = set(q.model.user_encoder.names)
     sequence = {m.name for m in q.manifest.sequence_modalities}  # tabular values are not kept: never re-encoded

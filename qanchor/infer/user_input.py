@@ -20,7 +20,6 @@ Example:
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable, Mapping
 from datetime import datetime, timezone
 from numbers import Real
@@ -29,13 +28,13 @@ import numpy as np
 
 from qanchor.data.dataset import EventSeq, UserRecord
 from qanchor.data.manifest import Manifest, ModalitySpec
+from qanchor.data.validate import not_storable
 from qanchor.errors import ModelInputError
 
 __all__ = ["to_record", "record_adapter", "to_microseconds"]
 
 _EPOCH = datetime(1970, 1, 1, tzinfo=timezone.utc)
 _CORE_KEYS = {"ts", "text", "value"}
-_FLOAT32_MAX = float(np.finfo(np.float32).max)
 
 
 def to_microseconds(ts: object) -> int:
@@ -68,7 +67,7 @@ def _number(x: object, where: str) -> float:
     value = float(x)
     # As a dataset's validation does: NaN means missing, an infinity is a broken value. Values are stored as float32,
     # so a finite number beyond its range would arrive as an infinity and poison every statistic of the user.
-    if math.isinf(value) or (math.isfinite(value) and abs(value) > _FLOAT32_MAX):
+    if not_storable(value):
         raise ModelInputError(f"{where}: {x!r} is infinite or beyond float32 range; give None for a missing value")
     return value
 
@@ -126,22 +125,17 @@ def _check_record(rec: UserRecord, manifest: Manifest, columns: list[str]) -> Us
         raise ModelInputError(f"user {rec.user_id!r}: {len(rec.tabular)} tabular values, the model expects {len(columns)}")
     for name, seq in rec.events.items():
         for field, values in (("value", seq.value), *((c, seq.extras[:, j]) for j, c in enumerate(specs[name].numeric_columns))):
-            bad = _infinite(values)
+            bad = np.flatnonzero(not_storable(values))
             if bad.size:
                 raise ModelInputError(f"user {rec.user_id!r}, modality {name!r}, event {int(bad[0])}, field {field!r}: infinite "
                                       "(or beyond float32 range); use NaN for a missing value")
     if rec.tabular is not None:
-        bad = _infinite(rec.tabular)
+        bad = np.flatnonzero(not_storable(rec.tabular))
         if bad.size:
             raise ModelInputError(f"user {rec.user_id!r}, tabular feature {columns[int(bad[0])]!r}: infinite (or beyond "
                                   "float32 range); use NaN for a missing value")
     return rec
 
-
-def _infinite(values: np.ndarray) -> np.ndarray:
-    """Positions of values that are infinite as float32 (a float64 array built in code may hold 1e300)."""
-    with np.errstate(over="ignore"):  # the cast of a too-large value is what is being checked, not a surprise
-        return np.flatnonzero(np.isinf(np.asarray(values, np.float32)))
 
 
 def to_record(user: UserRecord | Mapping, manifest: Manifest, tabular_columns: list[str]) -> UserRecord:
