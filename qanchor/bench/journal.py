@@ -35,6 +35,7 @@ from qanchor.data.io import to_plain, write_text
 from qanchor.data.labels import task_digest
 from qanchor.faults import failpoint
 from qanchor.infer.export import head_digest
+from qanchor.probe import LR_CS
 
 __all__ = ["BenchJournal", "journal_key", "remove_journal"]
 
@@ -45,10 +46,11 @@ _ROW_FIELDS = {f.name for f in fields(MethodResult)}
 def journal_key(cfg: BenchConfig, ds: Dataset, tasks: list[Task], checkpoint_hash: str | None,
                 heads: dict[str, Any]) -> str:
     """A hash of everything a row's numbers depend on: every bench setting but ``output_dir``, each task's query,
-    users and labels, the dataset's files, the checkpoint's weights, the saved heads and qanchor's version."""
+    users and labels, the dataset's files, the checkpoint's weights, the saved heads, qanchor's version and the LR
+    probe's C grid."""
     h = hashlib.sha256()
     h.update(to_yaml(replace(cfg, output_dir="")).encode())
-    h.update(json.dumps([ds.fingerprint, checkpoint_hash, qanchor.__version__,
+    h.update(json.dumps([ds.fingerprint, checkpoint_hash, qanchor.__version__, list(LR_CS),
                          sorted((t, head_digest(e.head)) for t, e in heads.items())]).encode())
     h.update(json.dumps([task_digest(t) for t in tasks]).encode())
     return h.hexdigest()

@@ -23,10 +23,10 @@ import numpy as np
 from threadpoolctl import threadpool_limits
 
 from qanchor.metrics import auc_score, ks_score, mean_std
-from qanchor.probe import logistic_probe
+from qanchor.probe import LR_CS, chosen_c, logistic_probe
 
 __all__ = ["Skip", "Classifier", "MethodInput", "MethodResult", "stratified_folds", "fit_predict", "evaluate_folds",
-           "lgbm_params"]
+           "grid_edge_note", "lgbm_params"]
 
 
 class Skip(Exception):
@@ -70,6 +70,7 @@ class MethodResult:
     note: str = ""
     skipped: str | None = None  # why the method did not run on this task
     seconds: float = 0.0
+    probe_c: list[float] = field(default_factory=list)  # the LR probe's C per fold (its inner CV's pick); LR only
 
     @property
     def ok(self) -> bool:
@@ -127,6 +128,12 @@ def fit_predict(classifier: Classifier, x_train: np.ndarray, y_train: np.ndarray
         >>> bool(fit_predict(Classifier.LR, x, y, np.array([[1.0]]), seed=0)[0] > 0.5)
         True
     """
+    return _fit_scores(classifier, x_train, y_train, x_test, seed, n_jobs)[0]
+
+
+def _fit_scores(classifier: Classifier, x_train: np.ndarray, y_train: np.ndarray, x_test: np.ndarray,
+                seed: int, n_jobs: int = 1) -> tuple[np.ndarray, float | None]:
+    """:func:`fit_predict`'s scores and, for the LR probe, the C it chose (None for LightGBM)."""
     if classifier is Classifier.LR:
         model = logistic_probe(y_train, seed)  # every LR method is tuned alike, ours and the peers'
         x_train, x_test = np.nan_to_num(x_train), np.nan_to_num(x_test)  # LR has no notion of missing
@@ -139,7 +146,8 @@ def fit_predict(classifier: Classifier, x_train: np.ndarray, y_train: np.ndarray
     with warnings.catch_warnings(), threadpool_limits(1, user_api="blas"):
         warnings.simplefilter("ignore")  # lbfgs convergence / feature-name chatter would drown the progress bar
         model.fit(x_train, y_train)
-        return model.predict_proba(x_test)[:, 1]
+        scores = model.predict_proba(x_test)[:, 1]
+    return scores, (chosen_c(model) if classifier is Classifier.LR else None)
 
 
 def evaluate_folds(method: MethodInput, labels: np.ndarray, folds: list[tuple[np.ndarray, np.ndarray]],
@@ -150,8 +158,10 @@ def evaluate_folds(method: MethodInput, labels: np.ndarray, folds: list[tuple[np
         if method.scores is not None:
             scores = method.scores[test]
         else:
-            scores = fit_predict(method.classifier, method.features[train], labels[train], method.features[test],
-                                 seed, n_jobs)
+            scores, c = _fit_scores(method.classifier, method.features[train], labels[train], method.features[test],
+                                    seed, n_jobs)
+            if c is not None:
+                out.probe_c.append(c)
         keep = method.eval_mask[test] if method.eval_mask is not None else np.ones(len(test), bool)
         y, s = labels[test][keep], scores[keep]
         if y.size == 0 or y.min() == y.max():
@@ -162,6 +172,18 @@ def evaluate_folds(method: MethodInput, labels: np.ndarray, folds: list[tuple[np
         out.n_test.append(int(y.size))
     if out.skipped_folds:
         out.note = (out.note + "; " if out.note else "") + f"{out.skipped_folds} fold(s) had one class among scored users"
+    if (edge := grid_edge_note(out.probe_c)) is not None:
+        out.note = (out.note + "; " if out.note else "") + edge
     if not out.auc:
         out.skipped = "no fold had both classes among the users it may be scored on"
     return out
+
+
+def grid_edge_note(picks: list[float]) -> str | None:
+    """A note when the LR probe's inner CV picked the grid's smallest C in more than half of the folds: the best
+    regularisation then lies outside the grid, and the method reads as weaker than it is."""
+    lowest = sum(c <= LR_CS[0] for c in picks)
+    if not picks or 2 * lowest <= len(picks):
+        return None
+    return (f"the LR probe picked its smallest C ({LR_CS[0]:g}) in {lowest} of {len(picks)} folds: it wanted more "
+            "regularisation than its grid (qanchor.probe.LR_CS) allows")

@@ -24,6 +24,7 @@ from qanchor.bench.plots import write_plots
 from qanchor.bench.runner import HISTORY_IN_PATH, BenchResult, TaskResult, run_bench
 from qanchor.config import BenchConfig
 from qanchor.data.io import write_json, write_text
+from qanchor.probe import LR_CS
 
 __all__ = ["METHOD_LABELS", "CONTENT_MARGIN", "markdown_table", "task_table", "average_table", "matrix_table", "data_kind_note",
            "write_report", "write_results", "bench_and_report"]
@@ -207,9 +208,10 @@ _NOTES = """## How to read this
   peers are often stronger than the trees;
   `coles`: CoLES (contrastive self-supervised GRU over the event sequence, pytorch-lifestream) trained on
   every user's events before the cutoff without labels, then logistic regression.
-- Every logistic regression standardises its inputs and picks its L2 strength (C in 0.01, 0.1, 1) by a 3-fold
+- Every logistic regression standardises its inputs and picks its L2 strength (C in {grid}) by a 3-fold
   inner cross-validation on the training folds only. Peers read every event before the cutoff; the model reads
-  each modality's most recent events up to the caps it was pretrained with.
+  each modality's most recent events up to the caps it was pretrained with. A task's note says when a method's
+  C was the grid's smallest in most folds (it wanted more regularisation than the grid allows).
 - Ablation rows (when run) come from models retrained under `ablations/` and are judged on the same folds.
 """
 
@@ -237,7 +239,7 @@ def write_report(result: BenchResult, out_dir: str | Path, plots: list[str] | No
             lines += [f"Ablations on `{task.name}`:", "", task_table(task, ablations=True), ""]
     if plots:
         lines += ["## Plots", ""] + [f"![{Path(p).stem}]({Path(p).name})" for p in plots] + [""]
-    lines += [_NOTES]
+    lines += [_NOTES.replace("{grid}", ", ".join(f"{c:g}" for c in LR_CS))]
     path = out_dir / "report.md"
     write_text("\n".join(lines), path)
     return path

@@ -30,6 +30,7 @@ from qanchor.logs import Progress
 from qanchor.metrics import auc_ks
 from qanchor.model.prefix_cache import PrefixStore
 from qanchor.model.qanchor_model import QAnchorModel
+from qanchor.probe import LR_CS
 from qanchor.tune.head import (
     ScenarioHead,
     apply_whitening,
@@ -268,9 +269,10 @@ def _logistic_readout(points: np.ndarray, labels: np.ndarray, cfg: PromptTuneCon
 
 
 def frozen_logistic(model: QAnchorModel, store: PrefixStore, query_ids: torch.Tensor, split: Split, seed: int,
-                    chunk: int = 256, grid: tuple[float, ...] = (0.01, 0.1, 1.0, 10.0)) -> dict[str, dict]:
-    """Baseline: logistic regression on frozen task-query embeddings (no prompt), C picked by val AUC, then fitted
-    again at that C on the train + val users (as a head's readout is, ``refit_readout``) before the test."""
+                    chunk: int = 256, grid: tuple[float, ...] = LR_CS) -> dict[str, dict]:
+    """Baseline: logistic regression on frozen task-query embeddings (no prompt), C picked by val AUC from the
+    benchmark probe's grid, then fitted again at that C on the train + val users (as a head's readout is,
+    ``refit_readout``) before the test."""
     suffix = model.suffix(query_ids, None)
     x = {k: store.embed(model, suffix, split.rows[k], chunk).float().cpu().numpy() for k in SPLITS}  # (n_k, D)
     y = {k: split.labels[k].numpy() for k in SPLITS}

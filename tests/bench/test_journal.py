@@ -4,8 +4,11 @@ from __future__ import annotations
 
 import json
 
+import qanchor.bench.journal as journal_module
 from qanchor.bench.journal import BenchJournal, remove_journal
 from qanchor.bench.peers import MethodResult
+from qanchor.config import BenchConfig
+from qanchor.data.dataset import load_dataset
 
 
 def test_rows_come_back_under_their_key_only(tmp_path):
@@ -44,3 +47,12 @@ def test_removal_keeps_what_the_journal_did_not_write(tmp_path):
     remove_journal(tmp_path)
     assert [p.name for p in (tmp_path / "partial").iterdir()] == ["notes.txt"]
 
+
+
+def test_the_key_changes_with_the_probe_grid(tiny_dataset, monkeypatch):
+    # Rows made with another C grid (an upgraded qanchor) must not be mixed with this run's.
+    ds = load_dataset(tiny_dataset)
+    key = journal_module.journal_key(BenchConfig(), ds, [], "ckpt-hash", {})
+    assert journal_module.journal_key(BenchConfig(), ds, [], "ckpt-hash", {}) == key
+    monkeypatch.setattr(journal_module, "LR_CS", (0.01, 0.1, 1.0))
+    assert journal_module.journal_key(BenchConfig(), ds, [], "ckpt-hash", {}) != key

@@ -20,7 +20,7 @@ from qanchor.metrics import auc_ks
 from qanchor.model.factory import ModelMeta, checkpoint_hash, load_checkpoint, save_checkpoint
 from qanchor.model.layout import tokenize_query
 from qanchor.model.prefix_cache import anchor_hidden_uncached
-from qanchor.probe import logistic_probe
+from qanchor.probe import LR_CS, logistic_probe
 from qanchor.tune.head import ScenarioHead, query_prompt_init
 from qanchor.tune.prompt_tune import encode_users, run_prompt_tune
 from qanchor.tune.trainer import fold_split, frozen_logistic, head_scores, split_users, tune_task
@@ -326,6 +326,7 @@ def test_frozen_logistic_picks_c_on_val_then_fits_train_and_val(loaded):
 
     model, store, query_ids, split, _, _ = _task_inputs(loaded)
     out = frozen_logistic(model, store, query_ids, split, seed=0, chunk=16)
+    assert out["C"] in LR_CS  # the benchmark probe's grid
     x = {k: store.embed(model, model.suffix(query_ids, None), split.rows[k], 16).float().numpy() for k in ("train", "val", "test")}
     y = {k: split.labels[k].numpy() for k in ("train", "val", "test")}
     clf = make_pipeline(StandardScaler(), LogisticRegression(C=out["C"], max_iter=2000, random_state=0))
