@@ -23,10 +23,10 @@ import numpy as np
 from threadpoolctl import threadpool_limits
 
 from qanchor.metrics import auc_score, ks_score, mean_std
-from qanchor.probe import LR_CS, chosen_c, logistic_probe
+from qanchor.probe import chosen_c, logistic_probe
 
 __all__ = ["Skip", "Classifier", "MethodInput", "MethodResult", "stratified_folds", "fit_predict", "evaluate_folds",
-           "grid_edge_note", "lgbm_params"]
+           "lgbm_params"]
 
 
 class Skip(Exception):
@@ -172,18 +172,7 @@ def evaluate_folds(method: MethodInput, labels: np.ndarray, folds: list[tuple[np
         out.n_test.append(int(y.size))
     if out.skipped_folds:
         out.note = (out.note + "; " if out.note else "") + f"{out.skipped_folds} fold(s) had one class among scored users"
-    if (edge := grid_edge_note(out.probe_c)) is not None:
-        out.note = (out.note + "; " if out.note else "") + edge
     if not out.auc:
         out.skipped = "no fold had both classes among the users it may be scored on"
     return out
 
-
-def grid_edge_note(picks: list[float]) -> str | None:
-    """A note when the LR probe's inner CV picked the grid's smallest C in more than half of the folds: the best
-    regularisation then lies outside the grid, and the method reads as weaker than it is."""
-    lowest = sum(c <= LR_CS[0] for c in picks)
-    if not picks or 2 * lowest <= len(picks):
-        return None
-    return (f"the LR probe picked its smallest C ({LR_CS[0]:g}) in {lowest} of {len(picks)} folds: it wanted more "
-            "regularisation than its grid (qanchor.probe.LR_CS) allows")

@@ -210,8 +210,9 @@ _NOTES = """## How to read this
   every user's events before the cutoff without labels, then logistic regression.
 - Every logistic regression standardises its inputs and picks its L2 strength (C in {grid}) by a 3-fold
   inner cross-validation on the training folds only. Peers read every event before the cutoff; the model reads
-  each modality's most recent events up to the caps it was pretrained with. A task's note says when a method's
-  C was the grid's smallest in most folds (it wanted more regularisation than the grid allows).
+  each modality's most recent events up to the caps it was pretrained with. The grid reaches down to the
+  regression's most regularised form (its ranking is then the classes' mean difference); each fold's pick is in
+  results.json (`probe_c`).
 - Ablation rows (when run) come from models retrained under `ablations/` and are judged on the same folds.
 """
 
