@@ -302,6 +302,11 @@ def kmeans_prototypes(embeddings: np.ndarray, labels: np.ndarray, per_class: int
     return F.normalize(centres, dim=-1), torch.tensor(plabels, dtype=torch.long)
 
 
+# The smallest scale of the regression's direction in the logistic prototypes: a float32 cosine resolves about 1e-7,
+# so a score of 2 s (e . w_unit) with s >= 0.01 keeps users' order to about 1e-5 of its spread.
+MIN_PROTOTYPE_SPREAD = 0.01
+
+
 class LogisticStart(NamedTuple):
     """Where :func:`logistic_prototypes` starts a head: prototypes (2, D), their labels [0, 1], and the
     ``log_scale`` and ``bias`` that make the head's logit equal the regression's decision function."""
@@ -326,8 +331,9 @@ def logistic_prototypes(points: np.ndarray, labels: np.ndarray, temperature: flo
     written into two unit prototypes ``p1/0 = c * u +/- s * w`` (u a unit vector orthogonal to w, c^2 + s^2 = 1).
     Then ``cos(e, p1) - cos(e, p0) = 2 s (e . w)``: the prototype score is the regression's decision function
     up to scale and offset (same AUC), and ``s`` is chosen so that ``2 s / temperature`` matches the
-    regression's own logit scale (capped at s = 1). Tuning then starts from the probe instead of below it.
-    Where the cap binds (a regression weight norm above ``2 / temperature``), ``log_scale`` makes up the rest, and
+    regression's own logit scale (kept within [MIN_PROTOTYPE_SPREAD, 1]). Tuning then starts from the probe instead
+    of below it. Where the clip binds (a regression weight norm above ``2 / temperature``, or one so small that
+    float32 cosines could not resolve it), ``log_scale`` makes up the difference, and
     ``bias`` is the regression's offset: a head that uses both (``ScenarioHead(..., log_scale=, bias=)``) has
     exactly the regression's logits, so its loss starts at the regression's own optimum (up to the L2 penalty).
 
@@ -367,11 +373,14 @@ def logistic_prototypes(points: np.ndarray, labels: np.ndarray, temperature: flo
         u = np.eye(len(w_unit))[int(np.argmin(np.abs(w_unit)))]
         u = u - (u @ w_unit) * w_unit
     u = u / np.linalg.norm(u)
-    capped = norm * temperature / 2.0 > 1.0
-    s = 1.0 if capped else norm * temperature / 2.0
+    # s is the regression's scale in the prototypes, kept within [MIN_PROTOTYPE_SPREAD, 1]: above 1 no unit
+    # prototype can reach it; below the floor (a regression near its mean-difference limit, C ~ 1e-6, whose weight
+    # norm is ~1e-4) the score is a difference of two nearly equal float32 cosines and loses its ranking to rounding.
+    natural = norm * temperature / 2.0
+    s = min(max(natural, MIN_PROTOTYPE_SPREAD), 1.0)
     # The logit is (2 s / temperature) * exp(log_scale) * (e . w_unit); it equals e . w when exp(log_scale) makes up
-    # what the cap left out (exactly 0 when uncapped, so such a head's temperature is exactly the configured one).
-    log_scale = float(np.log(norm * temperature / 2.0)) if capped and not regularised_away else 0.0
+    # what the clip changed (exactly 0 in between, so such a head's temperature is exactly the configured one).
+    log_scale = float(np.log(natural / s)) if s != natural and not regularised_away else 0.0
     c = float(np.sqrt(max(1.0 - s * s, 0.0)))
     protos = np.stack([c * u - s * w_unit, c * u + s * w_unit])  # (2, D): negatives first, as kmeans_prototypes
     return LogisticStart(F.normalize(torch.from_numpy(protos).float(), dim=-1), torch.tensor([0, 1], dtype=torch.long),

@@ -11,7 +11,7 @@ from sklearn.linear_model import LogisticRegression
 from sklearn.metrics import roc_auc_score
 
 from qanchor.errors import CheckpointError
-from qanchor.probe import logistic_probe
+from qanchor.probe import LR_CS, logistic_probe
 from qanchor.tune.head import (
     HEAD_META,
     ScenarioHead,
@@ -100,6 +100,26 @@ def test_logistic_prototypes_score_ranks_like_the_regression():
         slope, offset = np.polyfit(decision, calibrated, 1)
         assert abs(slope - 1.0) < 2e-3 and abs(offset) < 1e-2, (temperature, slope, offset)
         assert np.abs(calibrated - decision).max() < 0.01 * np.ptp(decision)
+
+
+def test_logistic_prototypes_of_a_regression_at_its_mean_difference_limit():
+    # At the probe grid's smallest C the regression's weight norm is ~1e-4: written into the prototypes at its own
+    # scale, the score would be a difference of two nearly equal float32 cosines and rank users by rounding. The
+    # start keeps the direction at a resolvable spread and moves the scale into log_scale.
+    x, y = _overlapping_classes(np.random.default_rng(0))
+    mu, sd = x.mean(0), x.std(0)
+    ref = LogisticRegression(C=LR_CS[0], max_iter=2000).fit((x - mu) / sd, y)
+    decision = ref.decision_function((x - mu) / sd)
+    protos, plabels, log_scale, bias = logistic_prototypes(x, y, temperature=0.1, seed=0, cs=(LR_CS[0],))
+    score = prototype_score(torch.from_numpy(x).float(), protos, plabels, 0.1).numpy()
+    assert abs(roc_auc_score(y, score) - roc_auc_score(y, decision)) < 1e-4
+    assert np.corrcoef(np.argsort(np.argsort(score)), np.argsort(np.argsort(decision)))[0, 1] > 0.9999
+    assert log_scale < np.log(0.1)  # the regression's scale is far below the floor's
+    head = ScenarioHead("t", "q", torch.zeros(1, 4), protos, plabels, 0.1, "a" * 64, log_scale=log_scale, bias=bias)
+    with torch.no_grad():
+        calibrated = head.score(torch.from_numpy(x).float()).numpy()
+    slope, offset = np.polyfit(decision, calibrated, 1)
+    assert abs(slope - 1.0) < 2e-3 and abs(offset) < 1e-2, (slope, offset)
 
 
 def test_logistic_prototypes_beat_kmeans_when_the_classes_overlap():
