@@ -175,4 +175,3 @@ def evaluate_folds(method: MethodInput, labels: np.ndarray, folds: list[tuple[np
     if not out.auc:
         out.skipped = "no fold had both classes among the users it may be scored on"
     return out
-

@@ -303,7 +303,7 @@ def kmeans_prototypes(embeddings: np.ndarray, labels: np.ndarray, per_class: int
 
 
 # The smallest scale of the regression's direction in the logistic prototypes: a float32 cosine resolves about 1e-7,
-# so a score of 2 s (e . w_unit) with s >= 0.01 keeps users' order to about 1e-5 of its spread.
+# so a score of 2 s (e . w_unit) with s >= 0.01 keeps users' order to about 1e-4 of its spread (tested).
 MIN_PROTOTYPE_SPREAD = 0.01
 
 
