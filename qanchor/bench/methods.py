@@ -27,7 +27,7 @@ import torch
 from qanchor.bench.coles import coles_embeddings
 from qanchor.bench.embedder import Embedder, QAnchorEmbedder
 from qanchor.bench.features import PeerFeatures, extract_features
-from qanchor.bench.peers import Classifier, MethodInput, MethodResult, Skip, evaluate_folds, fit_predict
+from qanchor.bench.peers import Classifier, MethodInput, MethodResult, Skip, evaluate_folds, fit_scores
 from qanchor.bench.retrain import pretrain_ablation
 from qanchor.config import BenchConfig, PromptTuneConfig, load_config
 from qanchor.data.dataset import Dataset, Task
@@ -239,15 +239,16 @@ def _qanchor_head_lr(ctx: BenchContext, task: Task, folds: list) -> MethodInput:
     model, cfg = ctx.embedder.model, ctx.tune_config
     rows, labels = ctx.store_rows(task.user_ids), task.labels.astype(np.int64)
     index, query_ids = torch.as_tensor(rows, dtype=torch.long), _query_ids(model, task.query)
-    scores = np.full(len(labels), np.nan)
+    scores, picks = np.full(len(labels), np.nan), []
     for i, ((_, head), (train, test)) in enumerate(zip(heads, folds)):
         suffix = model.model.suffix(query_ids, head.prompt.detach())
         with torch.no_grad():
             emb = ctx.prefix_store.at_query(task.query).embed(model.model, suffix, index, cfg.prefix_chunk, head.lookup)
             emb = emb.float().cpu().numpy()
-        scores[test] = fit_predict(Classifier.LR, emb[train], labels[train], emb[test], ctx.cfg.seed + i, ctx.cfg.n_jobs)
-    return MethodInput(scores=scores, note="per-fold head's embedding (soft prompt + task query) + LR on the fold's "
-                                            "training users")
+        scores[test], c = fit_scores(Classifier.LR, emb[train], labels[train], emb[test], ctx.cfg.seed + i, ctx.cfg.n_jobs)
+        picks.append(c)
+    return MethodInput(scores=scores, probe_c=picks, note="per-fold head's embedding (soft prompt + task query) + LR on "
+                                                          "the fold's training users")
 
 
 def _qanchor_swapped_query(ctx: BenchContext, task: Task) -> MethodInput:

@@ -25,7 +25,7 @@ from threadpoolctl import threadpool_limits
 from qanchor.metrics import auc_score, ks_score, mean_std
 from qanchor.probe import chosen_c, logistic_probe
 
-__all__ = ["Skip", "Classifier", "MethodInput", "MethodResult", "stratified_folds", "fit_predict", "evaluate_folds",
+__all__ = ["Skip", "Classifier", "MethodInput", "MethodResult", "stratified_folds", "fit_predict", "fit_scores", "evaluate_folds",
            "lgbm_params"]
 
 
@@ -51,6 +51,9 @@ class MethodInput:
     scores: np.ndarray | None = None  # float64 [n], higher = positive
     eval_mask: np.ndarray | None = None  # bool [n]
     note: str = ""
+    # With ``scores`` from a method that fits the LR probe per fold itself (``qanchor_head_lr``): the C each fold's
+    # inner CV chose, in fold order, so results.json records it as it does for ``features`` methods.
+    probe_c: list[float] = field(default_factory=list)
 
     def __post_init__(self) -> None:
         if (self.features is None) == (self.scores is None):
@@ -128,10 +131,10 @@ def fit_predict(classifier: Classifier, x_train: np.ndarray, y_train: np.ndarray
         >>> bool(fit_predict(Classifier.LR, x, y, np.array([[1.0]]), seed=0)[0] > 0.5)
         True
     """
-    return _fit_scores(classifier, x_train, y_train, x_test, seed, n_jobs)[0]
+    return fit_scores(classifier, x_train, y_train, x_test, seed, n_jobs)[0]
 
 
-def _fit_scores(classifier: Classifier, x_train: np.ndarray, y_train: np.ndarray, x_test: np.ndarray,
+def fit_scores(classifier: Classifier, x_train: np.ndarray, y_train: np.ndarray, x_test: np.ndarray,
                 seed: int, n_jobs: int = 1) -> tuple[np.ndarray, float | None]:
     """:func:`fit_predict`'s scores and, for the LR probe, the C it chose (None for LightGBM)."""
     if classifier is Classifier.LR:
@@ -153,12 +156,12 @@ def _fit_scores(classifier: Classifier, x_train: np.ndarray, y_train: np.ndarray
 def evaluate_folds(method: MethodInput, labels: np.ndarray, folds: list[tuple[np.ndarray, np.ndarray]],
                    seed: int, n_jobs: int = 1) -> MethodResult:
     """AUC and KS of ``method`` on each fold's test users (restricted to ``eval_mask`` if set)."""
-    out = MethodResult(note=method.note)
+    out = MethodResult(note=method.note, probe_c=list(method.probe_c) if method.scores is not None else [])
     for train, test in folds:
         if method.scores is not None:
             scores = method.scores[test]
         else:
-            scores, c = _fit_scores(method.classifier, method.features[train], labels[train], method.features[test],
+            scores, c = fit_scores(method.classifier, method.features[train], labels[train], method.features[test],
                                     seed, n_jobs)
             if c is not None:
                 out.probe_c.append(c)

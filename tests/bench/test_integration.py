@@ -11,12 +11,13 @@ import pytest
 
 from qanchor.bench import methods as bench_methods
 from qanchor.bench.embedder import QAnchorEmbedder
-from qanchor.bench.peers import Classifier, fit_predict, stratified_folds
+from qanchor.bench.peers import Classifier, evaluate_folds, fit_predict, stratified_folds
 from qanchor.bench.report import write_report
 from qanchor.bench.runner import _make_context, prepare, run_bench
 from qanchor.config import BenchConfig, DataConfig, PromptTuneConfig, load_config
 from qanchor.data.dataset import load_dataset
 from qanchor.model.factory import ModelMeta, checkpoint_hash, save_checkpoint
+from qanchor.probe import chosen_c, logistic_probe
 from qanchor.tune.head import load_heads
 from qanchor.tune.prompt_tune import run_prompt_tune
 from tests.model.helpers import model_and_stream
@@ -82,7 +83,8 @@ def test_head_lr_is_the_lr_probe_on_each_fold_heads_embedding(env, tmp_path, mon
     real_tune = bench_methods.tune_task
     monkeypatch.setattr(bench_methods, "tune_task", lambda *a, **k: tuned.append(1) or real_tune(*a, **k))
     bench_methods.METHODS["qanchor_head"](ctx, task, folds)
-    scores = bench_methods.METHODS["qanchor_head_lr"](ctx, task, folds).scores
+    head_lr = bench_methods.METHODS["qanchor_head_lr"](ctx, task, folds)
+    scores = head_lr.scores
     assert len(tuned) == 3  # one head per fold, shared by both rows
     records = {r.user_id: r for r in ds.users()}
     users = [records[u] for u in task.user_ids]
@@ -93,6 +95,9 @@ def test_head_lr_is_the_lr_probe_on_each_fold_heads_embedding(env, tmp_path, mon
         assert not np.allclose(emb, plain, atol=1e-3)  # the soft prompt changes the embedding
         expected = fit_predict(Classifier.LR, emb[train], labels[train], emb[test], cfg.seed + i)
         assert np.allclose(scores[test], expected, atol=1e-4)
+        # each fold's C is kept, as for every other LR row, and reaches the result
+        assert head_lr.probe_c[i] == chosen_c(logistic_probe(labels[train], cfg.seed + i).fit(emb[train], labels[train]))
+    assert evaluate_folds(head_lr, task.labels, folds, cfg.seed).probe_c == head_lr.probe_c
 
 
 @pytest.mark.slow
