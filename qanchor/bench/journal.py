@@ -12,7 +12,8 @@ rows it finds and computes the rest; the methods are deterministic for a given k
 so the resumed results equal an uninterrupted run's (``tests/test_faults.py`` kills a bench after its rows and
 compares). Any other key (another checkpoint, dataset, label set or setting) starts afresh: the old rows are this
 run's own files and are removed. :func:`qanchor.bench.report.bench_and_report` removes ``partial/`` once the
-report is written. Ablation sub-runs are not journalled here (their pretraining runs resume on their own).
+report is written. Ablation sub-runs keep their judged rows here too (method ``ablation-<name>``); their
+pretraining runs resume on their own.
 
 Example:
     >>> journal = BenchJournal.open(Path("results/bench"), journal_key(cfg, ds, tasks, ckpt_hash, heads))  # doctest: +SKIP
@@ -46,10 +47,13 @@ _ROW_FIELDS = {f.name for f in fields(MethodResult)}
 def journal_key(cfg: BenchConfig, ds: Dataset, tasks: list[Task], checkpoint_hash: str | None,
                 heads: dict[str, Any]) -> str:
     """A hash of everything a row's numbers depend on: every bench setting but ``output_dir``, each task's query,
-    users and labels, the dataset's files, the checkpoint's weights, the saved heads, qanchor's version and the LR
-    probe's C grid."""
+    users and labels, the dataset's files, the checkpoint's weights, the saved heads, qanchor's version, the LR
+    probe's C grid and the text of ``prompt_tune_config`` (the per-fold heads' settings live in that file, not in
+    ``cfg``: an edited file must not resume heads tuned under the old one)."""
     h = hashlib.sha256()
     h.update(to_yaml(replace(cfg, output_dir="")).encode())
+    tune_file = Path(cfg.prompt_tune_config) if cfg.prompt_tune_config else None
+    h.update(tune_file.read_bytes() if tune_file is not None and tune_file.is_file() else b"")
     h.update(json.dumps([ds.fingerprint, checkpoint_hash, qanchor.__version__, list(LR_CS),
                          sorted((t, head_digest(e.head)) for t, e in heads.items())]).encode())
     h.update(json.dumps([task_digest(t) for t in tasks]).encode())

@@ -195,7 +195,7 @@ def _run(cfg: BenchConfig, embedder: Embedder | None, heads: dict[str, Any] | No
         result.tasks[task.name] = tr
     bar.close()
     if cfg.ablations:
-        run_ablations(cfg, ds, tasks, folds_by_task, result, progress)
+        run_ablations(cfg, ds, tasks, folds_by_task, result, progress, journal)
     result.extras["pca"] = _pca_inputs(ctx, tasks, cfg)
     result.run["model_content"] = content_reading(ctx.embedder)
     result.run["seconds"] = round(time.perf_counter() - start, 1)

@@ -9,6 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from qanchor.bench import ablations as ablations_module
 from qanchor.bench import methods as bench_methods
 from qanchor.bench.embedder import QAnchorEmbedder
 from qanchor.bench.peers import Classifier, evaluate_folds, fit_predict, stratified_folds
@@ -101,7 +102,7 @@ def test_head_lr_is_the_lr_probe_on_each_fold_heads_embedding(env, tmp_path, mon
 
 
 @pytest.mark.slow
-def test_ablation_sub_runs(env, tmp_path):
+def test_ablation_sub_runs(env, tmp_path, monkeypatch):
     root, ds_dir, ckpt = env
     tune_yaml = tmp_path / "tune.yaml"
     tune_yaml.write_text("\n".join(s.replace("=", ": ") for s in FAST_TUNE) + "\n")
@@ -119,3 +120,15 @@ def test_ablation_sub_runs(env, tmp_path):
     assert "## Ablations (average over tasks)" in report and "head tuned with 2 prompt token(s)" in report
     subs = Path(cfg.output_dir) / "ablations"
     assert (subs / "no_contrastive" / "checkpoint" / "qanchor.json").exists()
+    # Each judged row is journalled: a re-run (a killed bench resumed) neither retrains nor re-judges a sub-run,
+    # and gives the same rows.
+    kept = sorted(p.name for p in (Path(cfg.output_dir) / "partial").glob("row-*-ablation-*.json"))
+    assert kept == sorted(f"row-0000-ablation-{name}.json" for name in rows)
+
+    def must_not_run(*args, **kwargs):
+        raise AssertionError("a journalled ablation row was computed again")
+
+    monkeypatch.setattr(ablations_module, "evaluate_task", must_not_run)
+    monkeypatch.setattr(ablations_module, "pretrain_ablation", must_not_run)
+    again = run_bench(cfg, progress=False).tasks["churn"].ablations
+    assert {k: (r.auc, r.ks) for k, r in again.items()} == {k: (r.auc, r.ks) for k, r in rows.items()}

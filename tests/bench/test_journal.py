@@ -56,3 +56,15 @@ def test_the_key_changes_with_the_probe_grid(tiny_dataset, monkeypatch):
     assert journal_module.journal_key(BenchConfig(), ds, [], "ckpt-hash", {}) == key
     monkeypatch.setattr(journal_module, "LR_CS", (0.01, 0.1, 1.0))
     assert journal_module.journal_key(BenchConfig(), ds, [], "ckpt-hash", {}) != key
+
+
+def test_the_key_changes_with_the_prompt_tune_files_text(tiny_dataset, tmp_path):
+    # The per-fold heads' settings are in the prompt-tune YAML that cfg only names: editing it must start afresh.
+    ds = load_dataset(tiny_dataset)
+    tune = tmp_path / "tune.yaml"
+    tune.write_text("steps: 100\n")
+    cfg = BenchConfig(prompt_tune_config=str(tune))
+    key = journal_module.journal_key(cfg, ds, [], "ckpt-hash", {})
+    assert journal_module.journal_key(cfg, ds, [], "ckpt-hash", {}) == key
+    tune.write_text("steps: 200\n")
+    assert journal_module.journal_key(cfg, ds, [], "ckpt-hash", {}) != key
