@@ -25,8 +25,8 @@ from threadpoolctl import threadpool_limits
 from qanchor.metrics import auc_score, ks_score, mean_std
 from qanchor.probe import chosen_c, logistic_probe
 
-__all__ = ["Skip", "Classifier", "MethodInput", "MethodResult", "stratified_folds", "fit_predict", "fit_scores", "evaluate_folds",
-           "lgbm_params"]
+__all__ = ["Skip", "Classifier", "MethodInput", "MethodResult", "stratified_folds", "fit_predict", "fit_scores",
+           "evaluate_folds", "lgbm_params"]
 
 
 class Skip(Exception):
@@ -135,7 +135,7 @@ def fit_predict(classifier: Classifier, x_train: np.ndarray, y_train: np.ndarray
 
 
 def fit_scores(classifier: Classifier, x_train: np.ndarray, y_train: np.ndarray, x_test: np.ndarray,
-                seed: int, n_jobs: int = 1) -> tuple[np.ndarray, float | None]:
+               seed: int, n_jobs: int = 1) -> tuple[np.ndarray, float | None]:
     """:func:`fit_predict`'s scores and, for the LR probe, the C it chose (None for LightGBM)."""
     if classifier is Classifier.LR:
         model = logistic_probe(y_train, seed)  # every LR method is tuned alike, ours and the peers'
@@ -162,7 +162,7 @@ def evaluate_folds(method: MethodInput, labels: np.ndarray, folds: list[tuple[np
             scores = method.scores[test]
         else:
             scores, c = fit_scores(method.classifier, method.features[train], labels[train], method.features[test],
-                                    seed, n_jobs)
+                                   seed, n_jobs)
             if c is not None:
                 out.probe_c.append(c)
         keep = method.eval_mask[test] if method.eval_mask is not None else np.ones(len(test), bool)
