@@ -53,7 +53,7 @@ def run_ablations(cfg: BenchConfig, ds: Dataset, tasks: list[Task], folds_by_tas
     (the main run's, whose key covers every setting a sub-run depends on) are taken from it."""
     if not cfg.checkpoint:
         raise ConfigError("ablations=true needs checkpoint=<dir>: ablations retrain that checkpoint's recipe")
-    journal = journal or BenchJournal.disabled()
+    journal = BenchJournal.disabled() if journal is None else journal  # not `or`: an empty journal has len 0
     root = Path(cfg.output_dir) / "ablations"
     runs = [*PRETRAIN_ABLATIONS, *(f"prompt_tokens_{k}" for k in cfg.ablation_prompt_tokens)]
     main_model = None

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import json
+from types import SimpleNamespace
 
+import qanchor.bench.ablations as ablations_module
 import qanchor.bench.journal as journal_module
 from qanchor.bench.journal import BenchJournal, remove_journal
 from qanchor.bench.peers import MethodResult
@@ -68,3 +70,23 @@ def test_the_key_changes_with_the_prompt_tune_files_text(tiny_dataset, tmp_path)
     assert journal_module.journal_key(cfg, ds, [], "ckpt-hash", {}) == key
     tune.write_text("steps: 200\n")
     assert journal_module.journal_key(cfg, ds, [], "ckpt-hash", {}) != key
+
+
+def test_ablation_rows_go_into_a_journal_that_is_still_empty(tmp_path, monkeypatch):
+    # A journal with no rows yet (every main row skipped, or none run) has len 0; it must still keep ablation rows.
+    calls = []
+    monkeypatch.setattr(ablations_module, "pretrain_ablation", lambda cfg, name, out, progress: out)
+    monkeypatch.setattr(ablations_module, "QAnchorEmbedder", SimpleNamespace(open=lambda ckpt, ds: None))
+    monkeypatch.setattr(ablations_module, "BenchContext", lambda *a, **k: None)
+    monkeypatch.setattr(ablations_module, "evaluate_task",
+                        lambda ctx, task, method, folds: calls.append(task.name) or MethodResult(auc=[0.6], ks=[0.2], n_test=[10]))
+    journal = BenchJournal.open(tmp_path, "k")
+    assert len(journal) == 0
+    cfg = BenchConfig(checkpoint="ck", output_dir=str(tmp_path), ablation_prompt_tokens=[])
+    result = SimpleNamespace(tasks={"churn": SimpleNamespace(ablations={})})
+    tasks = [SimpleNamespace(name="churn")]
+    ablations_module.run_ablations(cfg, None, tasks, {"churn": []}, result, progress=False, journal=journal)
+    names = set(result.tasks["churn"].ablations)
+    assert names and len(calls) == len(names)
+    assert sorted(p.name for p in (tmp_path / "partial").glob("row-*.json")) == sorted(
+        f"row-0000-ablation-{n}.json" for n in names)
