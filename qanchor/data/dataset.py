@@ -27,8 +27,8 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from qanchor.data.io import OutputKind, atomic_dir, claim_output_dir, write_text
-from qanchor.data.manifest import Manifest, TaskSpec
-from qanchor.data.schema import TABULAR_FILE, TASKS_DIR, USERU_FILE, event_schema
+from qanchor.data.manifest import MANIFEST_FILE, Manifest, TaskSpec
+from qanchor.data.schema import TABULAR_FILE, TASKS_DIR, USERU_FILE, event_schema, utc_micros
 from qanchor.data.validate import ValidationReport, event_files, validate_dataset
 
 __all__ = ["EventSeq", "UserRecord", "Task", "Dataset", "load_dataset", "records_from_table", "default_cache_dir",
@@ -99,7 +99,7 @@ class Dataset:
     # ------------------------------------------------------------------------------------- users
     @property
     def fingerprint(self) -> str:
-        """Changes whenever an event, tabular or task file is added, removed, resized or rewritten."""
+        """Changes whenever an event, tabular or task file is added, removed, resized or rewritten, or the manifest changes."""
         return _fingerprint(self.root, event_files(self.root))
 
     @property
@@ -150,7 +150,10 @@ class Dataset:
         path = self.root / USERU_FILE
         if not path.exists():
             raise FileNotFoundError(f"{path} not found; build it with `qanchor data userU {self.root}`")
-        return pq.read_table(path)
+        table = pq.read_table(path)
+        # Pairs of the user's own may store their cutoffs in another unit or naive; readers take them as microseconds.
+        at = table.schema.get_field_index("cutoff")
+        return table if at < 0 else table.set_column(at, "cutoff", utc_micros(table.column(at)))
 
     # ---------------------------------------------------------------------------------- internals
     def _read_tabular(self) -> None:
@@ -270,8 +273,13 @@ class _Partitions:
 
 
 def _fingerprint(root: Path, files: list[Path]) -> str:
-    """Changes whenever an event file is added, removed, resized or rewritten."""
+    """Changes whenever an event, tabular or task file is added, removed, resized or rewritten, and whenever the
+    manifest's text changes (it says what the files mean: a newly declared numeric column is read into the user
+    partitions, a new cutoff changes every window)."""
     h = hashlib.sha256()
+    manifest = root / MANIFEST_FILE
+    if manifest.is_file():
+        h.update(hashlib.sha256(manifest.read_bytes()).digest())
     for path in [*files, root / TABULAR_FILE, *sorted((root / TASKS_DIR).glob("*.parquet"))]:
         if path.exists():
             st = path.stat()
@@ -290,16 +298,14 @@ def _all_user_ids(ds: Dataset, files: list[Path]) -> np.ndarray:
 
 
 def _canonical(table: pa.Table, schema: pa.Schema) -> pa.Table:
-    """Same columns and types for every file: naive timestamps become UTC, absent optional columns null."""
+    """Same columns and types for every file: timestamps microseconds in UTC, absent optional columns null."""
     columns = []
     for f in schema:
         if f.name not in table.column_names:
             columns.append(pa.nulls(table.num_rows, f.type))
             continue
         col = table.column(f.name)
-        if f.name == "ts" and col.type.tz is None:
-            col = col.cast(pa.timestamp("us")).cast(pa.int64()).cast(f.type)
-        columns.append(col.cast(f.type))
+        columns.append(utc_micros(col) if f.name == "ts" else col.cast(f.type))
     return pa.Table.from_arrays(columns, schema=schema)
 
 

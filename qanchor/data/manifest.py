@@ -126,6 +126,9 @@ class Manifest:
             raise DataValidationError(str(path), "file not found; every dataset directory needs a manifest.yaml")
         try:
             raw = yaml.safe_load(path.read_text(encoding="utf-8"))
+        except UnicodeDecodeError as exc:
+            raise DataValidationError(str(path), f"not UTF-8 text (byte {exc.object[exc.start]:#04x} at offset {exc.start}); "
+                                      "save the file as UTF-8") from None
         except yaml.YAMLError as exc:
             raise DataValidationError(str(path), f"not valid YAML ({exc.__class__.__name__}: {exc})") from None
         return cls.from_dict(raw, source=str(path))

@@ -16,6 +16,7 @@ from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 
 from qanchor.data.io import OutputKind, atomic_dir, write_parquet
 from qanchor.data.manifest import Manifest
@@ -31,11 +32,28 @@ __all__ = [
     "USERU_SOURCES",
     "TASKS_DIR",
     "events_table",
+    "utc_micros",
     "write_dataset",
 ]
 
 TS_TYPE = pa.timestamp("us", tz="UTC")
 EVENTS_DIR, TASKS_DIR, TABULAR_FILE, USERU_FILE = "events", "tasks", "tabular.parquet", "userU.parquet"
+
+
+def utc_micros(col: pa.Array | pa.ChunkedArray) -> pa.Array | pa.ChunkedArray:
+    """Timestamps as ``TS_TYPE`` (microseconds, UTC), the one type qanchor computes with. Naive timestamps are read as
+    UTC. A finer unit (pandas writes nanoseconds) is floored to the microsecond: a cutoff is a whole microsecond and
+    only events strictly before it count, so flooring never moves an event to the other side of one.
+
+    Example:
+        >>> utc_micros(pa.array([1_000_000_999], pa.timestamp("ns"))).cast(pa.int64()).to_pylist()
+        [1000000]
+    """
+    if col.type.unit == "ns":
+        col = pc.floor_temporal(col, unit="microsecond")  # the remainder is 0 now, so the casts below are exact
+    if col.type.tz is None:
+        return col.cast(pa.timestamp("us")).cast(pa.int64()).cast(TS_TYPE)
+    return col.cast(TS_TYPE)
 EVENT_CORE_COLUMNS = ("user_id", "modality", "ts", "text", "value")
 USERU_SOURCES = ("future", "uqa", "forecast", "signature")
 USERU_SCHEMA = pa.schema(

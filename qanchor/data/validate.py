@@ -21,7 +21,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from qanchor.data.manifest import Manifest
-from qanchor.data.schema import EVENTS_DIR, TABULAR_FILE, TASKS_DIR, USERU_FILE, USERU_SOURCES
+from qanchor.data.schema import EVENTS_DIR, TABULAR_FILE, TASKS_DIR, USERU_FILE, USERU_SOURCES, utc_micros
 from qanchor.errors import DataValidationError
 
 __all__ = ["ValidationReport", "validate_dataset", "event_files", "check_event_file", "not_storable"]
@@ -124,8 +124,8 @@ def _no_nulls(path: Path, batch: pa.RecordBatch, column: str, offset: int) -> No
 
 
 def _utc_micros(col: pa.Array) -> np.ndarray:
-    """Timestamps as int64 microseconds since the epoch (UTC); naive timestamps are read as UTC."""
-    return col.cast(pa.timestamp("us", tz=col.type.tz)).cast(pa.int64()).to_numpy(zero_copy_only=False)
+    """Timestamps as int64 microseconds since the epoch (UTC); naive timestamps are read as UTC (:func:`utc_micros`)."""
+    return utc_micros(col).cast(pa.int64()).to_numpy(zero_copy_only=False)
 
 
 def check_event_file(path: str | Path, manifest: Manifest) -> None:

@@ -37,7 +37,7 @@ import torch
 from qanchor.data.dataset import Dataset, EventSeq, UserRecord
 from qanchor.data.io import OutputKind, atomic_dir
 from qanchor.data.pipeline import batched
-from qanchor.data.schema import TS_TYPE
+from qanchor.data.schema import TS_TYPE, utc_micros
 from qanchor.data.validate import check_event_file
 from qanchor.errors import CheckpointError, ConfigError, ModelInputError
 from qanchor.infer.api import QAnchor
@@ -237,7 +237,7 @@ def read_events(files: Sequence[str | Path], q: QAnchor, as_of_us: int | None) -
         check_event_file(path, manifest)
         table = pq.read_table(path)
         ts = table.schema.get_field_index("ts")
-        tables.append(table.set_column(ts, "ts", pc.cast(table.column(ts), TS_TYPE, safe=False)))  # naive = UTC
+        tables.append(table.set_column(ts, "ts", utc_micros(table.column(ts))))  # naive = UTC
     return pa.concat_tables(tables, promote_options="permissive") if tables else pa.table({"ts": pa.array([], TS_TYPE)})
 
 

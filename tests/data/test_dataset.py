@@ -73,3 +73,65 @@ def test_select_users_and_unknown(tiny_dataset):
     assert got == ["u003", "u010"]
     with pytest.raises(KeyError, match="nobody"):
         list(ds.users(["nobody"]))
+
+
+def test_a_manifest_edit_refreshes_the_user_partitions(tmp_path):
+    """The partitions are written with the manifest's columns: declaring a column the files already hold must not
+    keep serving partitions cut before it (where it would read as all NaN)."""
+    import pyarrow as pa
+    import yaml
+
+    from tests.conftest import build_tiny_dataset
+
+    root = build_tiny_dataset(tmp_path / "ds", n_users=6)
+    for path in sorted((root / "events").glob("*.parquet")):
+        table = pq.read_table(path)
+        pq.write_table(table.append_column("quantity", pa.array(np.arange(table.num_rows, dtype=np.float32) + 1)), path)
+    before = qanchor.load_dataset(root).user("u001").events["app"].extras
+    manifest = yaml.safe_load((root / "manifest.yaml").read_text())
+    app = next(m for m in manifest["modalities"] if m["name"] == "app")
+    app["numeric_columns"] = ["quantity"]
+    (root / "manifest.yaml").write_text(yaml.safe_dump(manifest))
+    after = qanchor.load_dataset(root).user("u001").events["app"].extras
+    assert before.shape[1] == 0 and after.shape[1] == 1
+    assert np.all(np.isfinite(after[:, 0])) and np.all(after[:, 0] >= 1)
+
+
+@pytest.mark.parametrize("tz", ["UTC", None])
+def test_nanosecond_timestamps_are_read_at_microsecond_precision(tmp_path, tz):
+    """pandas writes timestamp[ns]; a sub-microsecond part is floored, never an error or a traceback."""
+    import pyarrow as pa
+
+    from qanchor.data.validate import validate_dataset
+    from tests.conftest import build_tiny_dataset
+
+    root = build_tiny_dataset(tmp_path / "ds", n_users=6)
+    reference = {u.user_id: {m: s.ts.copy() for m, s in u.events.items()} for u in qanchor.load_dataset(root).users()}
+    for path in sorted((root / "events").glob("*.parquet")):
+        table = pq.read_table(path)
+        ns = table.column("ts").cast(pa.int64()).to_numpy() * 1000 + 999  # 0.999 us past each original instant
+        pq.write_table(table.set_column(table.schema.get_field_index("ts"), "ts", pa.array(ns, pa.timestamp("ns", tz=tz))), path)
+    validate_dataset(root)
+    got = {u.user_id: {m: s.ts for m, s in u.events.items()} for u in qanchor.load_dataset(root).users()}
+    assert got.keys() == reference.keys()
+    for user, seqs in reference.items():
+        assert got[user].keys() == seqs.keys()
+        for modality, ts in seqs.items():
+            np.testing.assert_array_equal(got[user][modality], ts)
+
+
+def test_user_pairs_with_cutoffs_in_another_unit_are_read_as_microseconds(tmp_path):
+    """Pairs of the user's own may store cutoffs in milliseconds or naive; pretraining reads them as UTC us."""
+    import pyarrow as pa
+
+    from qanchor.data.schema import TS_TYPE
+    from tests.conftest import build_tiny_dataset
+
+    root = build_tiny_dataset(tmp_path / "ds", n_users=6)
+    cutoff_ms = int(np.datetime64("2024-06-01T12:00:00", "ms").astype(np.int64))
+    pq.write_table(pa.table({"user_id": ["u001", "u002"], "cutoff": pa.array([cutoff_ms, cutoff_ms], pa.timestamp("ms")),
+                             "query": ["Is this user active?"] * 2, "answer": ["Yes", "No"], "source": ["uqa", "uqa"]}),
+                   root / "userU.parquet")
+    cutoff = qanchor.load_dataset(root).userU().column("cutoff")
+    assert cutoff.type == TS_TYPE
+    assert cutoff.cast(pa.int64()).to_pylist() == [cutoff_ms * 1000] * 2
