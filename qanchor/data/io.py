@@ -115,6 +115,7 @@ def check_output_dir(target: str | os.PathLike, kind: OutputKind, inputs: Mappin
     """
     target = Path(target)
     check_not_inside(target, dict(inputs), key)
+    target = _through_link(target)
     if target.exists() and not target.is_dir():
         raise OutputError(f"{key} {target} is a file, not a directory; give a directory path")
     if not target.is_dir():
@@ -139,9 +140,7 @@ def claim_output_dir(target: str | os.PathLike, kind: OutputKind, inputs: Mappin
     # directory at once, and one that saw another's marker still being written inside it would take
     # that temporary for foreign content (and a claim killed mid-write would leave the directory
     # foreign for good).
-    target = Path(target)
-    if target.is_symlink() and target.is_dir():
-        target = target.resolve()  # a link to an empty directory: claim the directory, keep the link
+    target = _through_link(Path(target))  # a link to an empty directory: claim the directory, keep the link
     target.parent.mkdir(parents=True, exist_ok=True)
     _recover(target)
     tmp = _temp_name(target, _TMP)
@@ -278,7 +277,7 @@ def atomic_dir(target: str | os.PathLike, kind: OutputKind) -> Iterator[Path]:
     ``target`` must be absent, an empty directory, or a qanchor output of the same ``kind`` (else
     :class:`OutputError` before anything is written). The new directory carries the ``kind`` marker.
     """
-    target = Path(target)
+    target = _through_link(Path(target))
     check_replaceable(target, kind)
     target.parent.mkdir(parents=True, exist_ok=True)
     _recover(target)
@@ -295,10 +294,22 @@ def atomic_dir(target: str | os.PathLike, kind: OutputKind) -> Iterator[Path]:
             shutil.rmtree(tmp)
 
 
+def _through_link(target: Path) -> Path:
+    """A symbolic link stands for the directory it points at, which is replaced while the link is kept (as
+    :func:`claim_output_dir` claims it); a link to nothing is refused before any work, not found dangling at the end."""
+    if not target.is_symlink():
+        return target
+    resolved = target.resolve()
+    if not resolved.exists():
+        raise OutputError(f"{target} is a link to {resolved}, which does not exist; create that directory (or mount "
+                          "its disk) or choose another path")
+    return resolved
+
+
 def check_replaceable(target: str | os.PathLike, kind: OutputKind) -> None:
     """Refuse (OutputError) a ``target`` that :func:`atomic_dir` could not replace: a file, foreign content,
     or a qanchor output of another kind. Commands call it before long work, ``atomic_dir`` again at the end."""
-    target = Path(target)
+    target = _through_link(Path(target))
     if not target.exists():
         return
     if not target.is_dir():

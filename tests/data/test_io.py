@@ -89,3 +89,30 @@ def test_claim_through_a_link_to_an_empty_directory(tmp_path):
     assert claim_output_dir(link, OutputKind.EXPORT) is False
     assert link.is_symlink() and output_kind(real) == "embedding export"
     assert claim_output_dir(link, OutputKind.EXPORT) is True
+
+
+def test_a_whole_directory_output_through_a_link_replaces_the_directory_and_keeps_the_link(tmp_path):
+    real, link = tmp_path / "real", tmp_path / "link"
+    link.symlink_to(real, target_is_directory=True)
+    real.mkdir()
+    for version in ("v1", "v2"):
+        with io.atomic_dir(link, OutputKind.DATASET) as tmp:
+            (tmp / "a.txt").write_text(version)
+    assert link.is_symlink() and link.resolve() == real.resolve()
+    assert (real / "a.txt").read_text() == "v2" and output_kind(real) == "dataset"
+    assert not [p for p in tmp_path.iterdir() if p.name not in ("real", "link")]  # no temporaries left
+
+
+@pytest.mark.parametrize("how", ["check", "atomic_dir", "claim"])
+def test_a_link_to_nothing_is_refused_before_any_work(tmp_path, how):
+    link = tmp_path / "link"
+    link.symlink_to(tmp_path / "unmounted" / "data", target_is_directory=True)
+    with pytest.raises(OutputError, match="is a link to .* which does not exist"):
+        if how == "check":
+            io.check_replaceable(link, OutputKind.DATASET)
+        elif how == "claim":
+            claim_output_dir(link, OutputKind.EXPORT)
+        else:
+            with io.atomic_dir(link, OutputKind.DATASET):
+                raise AssertionError("the work must not start")
+    assert link.is_symlink() and not (tmp_path / "unmounted").exists()
