@@ -183,6 +183,18 @@ def _foreign_userU(d: Path, w) -> list[str]:
     return ["data", "userU", str(ds)]
 
 
+def _synth_over_own_pairs(d: Path, w) -> list[str]:
+    """A qanchor dataset holding pairs of the user's own: rebuilding it would replace the directory, pairs and all."""
+    _foreign_userU(d, w)
+    return ["data", "synth", f"out={d / 'ds'}", "users=20"]
+
+
+def _manifest_not_utf8(d: Path, w) -> list[str]:
+    ds = copy_dataset(w.ds, d / "ds")
+    (ds / "manifest.yaml").write_bytes("# Caf\u00e9 data\n".encode("latin-1") + (ds / "manifest.yaml").read_bytes())
+    return ["data", "validate", str(ds)]
+
+
 CSV = "query_id,query\nq,Will it?\n"
 
 
@@ -214,6 +226,9 @@ CASES = [
     Case("pretrain-out-is-foreign", lambda d, w: _pretrain(w, f"output_dir={w.foreign}"), "qanchor did not create",
          lambda d, w: [w.foreign]),
     Case("userU-over-foreign-pairs", _foreign_userU, "was not written by `qanchor data userU`"),
+    Case("dataset-rebuild-over-own-pairs", _synth_over_own_pairs, "was not written by `qanchor data userU`",
+         lambda d, w: [d / "ds"]),
+    Case("manifest-not-utf8", _manifest_not_utf8, "not UTF-8 text (byte 0xe9", lambda d, w: [d / "ds"]),
     Case("embed-over-other-export", _existing_export, "overwrite=true"),
     Case("embed-task-queries-of-a-dataset-without-tasks", _no_tasks, "declares no tasks; give queries="),
     # checked before any long work

@@ -29,8 +29,8 @@ from qanchor.config import (
     require,
 )
 from qanchor.data.dataset import load_dataset
-from qanchor.data.io import OutputKind, check_replaceable
 from qanchor.data.pipeline import UserPipeline
+from qanchor.data.schema import check_dataset_target
 from qanchor.data.userU import build_userU
 from qanchor.data.validate import validate_dataset
 from qanchor.errors import ConfigError
@@ -41,7 +41,7 @@ __all__ = ["register"]
 def _cmd_synth(args: argparse.Namespace) -> None:
     cfg: SynthConfig = settings(args)
     require(cfg.out, "out", "data/synth")
-    check_replaceable(cfg.out, OutputKind.DATASET)  # before minutes of generation, not after
+    check_dataset_target(cfg.out)  # before minutes of generation, not after
     start = time.perf_counter()
     out = build_synthetic(cfg.out, n_users=cfg.users, seed=cfg.seed, progress=not args.quiet)
     print(f"wrote synthetic dataset to {out} ({cfg.users} users, seed {cfg.seed}) in {time.perf_counter() - start:.1f}s")
@@ -50,7 +50,7 @@ def _cmd_synth(args: argparse.Namespace) -> None:
 def _cmd_ratings(args: argparse.Namespace) -> None:
     cfg: SynthConfig = settings(args)
     require(cfg.out, "out", "data/ratings")
-    check_replaceable(cfg.out, OutputKind.DATASET)
+    check_dataset_target(cfg.out)
     start = time.perf_counter()
     out = build_ratings(cfg.out, n_users=cfg.users, seed=cfg.seed)
     print(f"wrote ratings dataset to {out} ({cfg.users} users, seed {cfg.seed}) in {time.perf_counter() - start:.1f}s")
@@ -64,7 +64,7 @@ def _build_cj(args: argparse.Namespace, default_out: str, example_cutoff: str, b
         datetime.fromisoformat(cfg.cutoff)
     except ValueError:
         raise ConfigError(f"cutoff={cfg.cutoff!r} is not an ISO date such as {example_cutoff}") from None
-    check_replaceable(cfg.out, OutputKind.DATASET)
+    check_dataset_target(cfg.out)
     start = time.perf_counter()
     try:
         out = build(cfg.out, cutoff=cfg.cutoff)

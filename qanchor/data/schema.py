@@ -17,9 +17,11 @@ from pathlib import Path
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
+import pyarrow.parquet as pq
 
-from qanchor.data.io import OutputKind, atomic_dir, write_parquet
+from qanchor.data.io import OutputKind, atomic_dir, check_replaceable, write_parquet
 from qanchor.data.manifest import Manifest
+from qanchor.errors import OutputError
 
 __all__ = [
     "TS_TYPE",
@@ -33,11 +35,15 @@ __all__ = [
     "TASKS_DIR",
     "events_table",
     "utc_micros",
+    "userU_metadata",
+    "check_userU_target",
+    "check_dataset_target",
     "write_dataset",
 ]
 
 TS_TYPE = pa.timestamp("us", tz="UTC")
 EVENTS_DIR, TASKS_DIR, TABULAR_FILE, USERU_FILE = "events", "tasks", "tabular.parquet", "userU.parquet"
+USERU_OWNER_KEY, USERU_OWNER_VALUE = "qanchor", "userU pairs"  # Parquet schema metadata: written by `qanchor data userU`
 
 
 def utc_micros(col: pa.Array | pa.ChunkedArray) -> pa.Array | pa.ChunkedArray:
@@ -121,6 +127,7 @@ def write_dataset(
     user then time for good compression). ``tasks`` maps task name -> table(user_id, label[, prob]).
     """
     out_dir = Path(out_dir)
+    check_dataset_target(out_dir)
     with atomic_dir(out_dir, OutputKind.DATASET) as tmp:
         manifest.save(tmp)
         for i, part in enumerate(event_parts):
@@ -132,3 +139,28 @@ def write_dataset(
             table = table.set_column(table.schema.get_field_index("label"), "label", label)
             write_parquet(table, tmp / TASKS_DIR / f"{name}.parquet")
     return out_dir
+
+
+def userU_metadata(target: Path) -> dict[bytes, bytes] | None:
+    """The Parquet metadata of ``target`` if ``qanchor data userU`` wrote it; None if absent, not Parquet (certainly
+    not ours) or someone's own pairs."""
+    try:
+        meta = pq.read_schema(target).metadata or {}
+    except Exception:
+        return None
+    return meta if meta.get(USERU_OWNER_KEY.encode()) == USERU_OWNER_VALUE.encode() else None
+
+
+def check_userU_target(target: Path) -> None:
+    """Refuse to replace a ``userU.parquet`` that ``qanchor data userU`` did not write (someone's own pairs)."""
+    if target.exists() and userU_metadata(target) is None:
+        raise OutputError(f"{target} was not written by `qanchor data userU` (pairs of your own?); qanchor does not "
+                          "replace it: move it away first if it should be rebuilt")
+
+
+def check_dataset_target(out_dir: str | Path) -> None:
+    """Refuse (OutputError) an ``out_dir`` a dataset build may not replace: what :func:`check_replaceable` refuses,
+    and a dataset of ours holding pairs of the user's own (a rebuild replaces the directory whole, pairs included)."""
+    check_replaceable(out_dir, OutputKind.DATASET)
+    if Path(out_dir).is_dir():
+        check_userU_target(Path(out_dir).resolve() / USERU_FILE)

@@ -45,12 +45,19 @@ from typing import Protocol
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.parquet as pq
 
 from qanchor.data.dataset import load_dataset
 from qanchor.data.forecast import category_vocabulary, forecast_pairs
 from qanchor.data.io import write_parquet
-from qanchor.data.schema import TS_TYPE, USERU_FILE, USERU_SCHEMA
+from qanchor.data.schema import (
+    TS_TYPE,
+    USERU_FILE,
+    USERU_OWNER_KEY,
+    USERU_OWNER_VALUE,
+    USERU_SCHEMA,
+    check_userU_target,
+    userU_metadata,
+)
 from qanchor.data.userU_topics import (
     DAY_US,
     QA,
@@ -65,7 +72,6 @@ from qanchor.data.userU_topics import (
     verify,
 )
 from qanchor.data.userU_topics import signature as signature_topic
-from qanchor.errors import OutputError
 from qanchor.logs import progress as progress_iter
 
 __all__ = ["build_userU", "UserUStats", "QAGenerator", "future_pairs", "uqa_pairs", "summarize_future",
@@ -79,7 +85,6 @@ MAX_WORDS = 55  # long item texts (product paths) shed items until the answer fi
 MAX_TOPICS = 10  # the paper asks for ten topics per user
 _EPOCH = datetime(1970, 1, 1, tzinfo=timezone.utc)
 _FLUSH_ROWS = 65_536
-USERU_OWNER_KEY, USERU_OWNER_VALUE = "qanchor", "userU pairs"  # Parquet schema metadata: written by us  # rows kept as Python strings before they are packed into Arrow
 # Which pairs this generator writes, stamped in the file's metadata beside the owner key. Bump it (and add the reason
 # to USERU_CHANGES) when a change alters the pairs a dataset gets, so that pretraining on an older file says so.
 USERU_VERSION_KEY, USERU_VERSION = "qanchor_userU_version", 2
@@ -309,23 +314,6 @@ class _Rows:
         return pa.concat_tables(self._tables).combine_chunks()
 
 
-def _our_metadata(target: Path) -> dict[bytes, bytes] | None:
-    """The Parquet metadata of ``target`` if ``qanchor data userU`` wrote it; None if absent, not Parquet (certainly
-    not ours) or someone's own pairs."""
-    try:
-        meta = pq.read_schema(target).metadata or {}
-    except Exception:
-        return None
-    return meta if meta.get(USERU_OWNER_KEY.encode()) == USERU_OWNER_VALUE.encode() else None
-
-
-def check_userU_target(target: Path) -> None:
-    """Refuse to replace a ``userU.parquet`` that ``qanchor data userU`` did not write (someone's own pairs)."""
-    if target.exists() and _our_metadata(target) is None:
-        raise OutputError(f"{target} was not written by `qanchor data userU` (pairs of your own?); qanchor does not "
-                          "replace it: move it away first if it should be rebuilt")
-
-
 def stale_userU(target: Path) -> str | None:
     """Why ``target``, a ``userU.parquet`` that ``qanchor data userU`` wrote, holds older pairs than this generator
     writes (one line naming the file, what changed since and the command that rebuilds it), or None: current, not
@@ -333,7 +321,7 @@ def stale_userU(target: Path) -> str | None:
 
     Files written before the stamp existed count as version 1.
     """
-    if (meta := _our_metadata(target)) is None:  # absent or not Parquet (the loaders say so), or the user's own
+    if (meta := userU_metadata(target)) is None:  # absent or not Parquet (the loaders say so), or the user's own
         return None
     stamp = meta.get(USERU_VERSION_KEY.encode())
     try:
