@@ -130,7 +130,8 @@ def write_dataset(
     check_dataset_target(out_dir)
     with atomic_dir(out_dir, OutputKind.DATASET) as tmp:
         manifest.save(tmp)
-        for i, part in enumerate(event_parts):
+        # a part without rows (all its users silent) is left out: the validator refuses an events file with no rows
+        for i, part in enumerate(p for p in event_parts if p.num_rows):
             write_parquet(part, tmp / EVENTS_DIR / f"part-{i:05d}.parquet")
         if tabular is not None:
             write_parquet(tabular, tmp / TABULAR_FILE)

@@ -167,3 +167,16 @@ def test_the_dataset_validator_accepts_the_world(world):
     report = validate(world)
     assert set(report.events_per_modality) == SEQUENCE and min(report.events_per_modality.values()) > 0
     assert len(report.task_counts) == 10
+
+
+def test_an_events_part_whose_users_are_all_silent_is_left_out_and_the_world_stays_valid(tmp_path, monkeypatch):
+    """One user per part; seed 23 draws the third of four users with no events. That part has no rows, and the
+    validator refuses an events file without rows: it is left out, the others are kept."""
+    from qanchor.data.validate import validate_dataset
+
+    monkeypatch.setattr(synth, "PART_USERS", 1)
+    path = build_synthetic(tmp_path / "w", n_users=4, seed=23)
+    rows = [pq.read_metadata(f).num_rows for f in sorted((path / "events").glob("*.parquet"))]
+    assert len(rows) == 3 and min(rows) > 0
+    report = validate_dataset(path)
+    assert sum(report.events_per_modality.values()) == sum(rows)
