@@ -165,6 +165,37 @@ def test_fact_level_profile_keeps_what_holds():
     assert out == Verified("Last event: bill today.", 1, 1)  # a modality the user does not have is not read
 
 
+def test_template_answers_about_modalities_named_with_digits_verify_whole():
+    """Squeezed, "web2 10 days ago" reads "web210daysago": a lazy name read it as "web", 210 days, and dropped it."""
+    from qanchor.data.dataset import EventSeq
+    from qanchor.data.userU_topics import DAY_US, verify
+
+    def seq(days):
+        ts = np.array(sorted(days), np.int64) * DAY_US
+        return EventSeq(ts, ["x"] * len(ts), np.ones(len(ts), np.float32), np.zeros((len(ts), 0), np.float32))
+
+    h = History({"web2": seq([1, 5, 90]), "bill": seq([2, 3])}, 100 * DAY_US)
+    for aspect in ("recency", "frequency", "spending"):
+        truth = TOPICS[aspect](h, np.random.default_rng(0))
+        assert verify(truth.claims, h, truth.answer), truth.answer
+        out = verify_answer(aspect, truth.answer, h)
+        assert out.dropped == 0 and "web2" in out.sentence, (truth.answer, out)
+
+
+def test_the_weekend_word_is_checked_on_the_share_the_answer_states():
+    """42 of 109 events (38.53%, stated as 39%) lean towards weekends by the topic's rounded share: the check agrees."""
+    from qanchor.data.dataset import EventSeq
+    from qanchor.data.userU_topics import DAY_US
+
+    saturday, monday, hour = 2 * DAY_US, 4 * DAY_US, 3_600_000_000  # 1970-01-03 was a Saturday
+    ts = np.sort(np.array([saturday + hour * i for i in range(42)] + [monday + hour * i for i in range(67)], np.int64))
+    h = History({"app": EventSeq(ts, ["x"] * len(ts), np.ones(len(ts), np.float32), np.zeros((len(ts), 0), np.float32))},
+                400 * DAY_US)
+    truth = TOPICS["weekend"](h, np.random.default_rng(0))
+    assert "(39%)" in truth.answer and "leans towards weekends" in truth.answer
+    assert verify_answer("weekend", truth.answer, h).dropped == 0
+
+
 def test_tidy_undoes_wordpiece_spacing():
     assert tidy("most active in the evening ( 18 : 00 - 24 : 00 utc, 53 % of events ).") == \
         "Most active in the evening (18:00-24:00 utc, 53% of events)."
