@@ -98,8 +98,11 @@ def _cmd_userU(args: argparse.Namespace) -> None:
     stats = build_userU(args.dir, seed=cfg.seed, n_future_cutoffs=cfg.future_cutoffs,
                         future_window_days=cfg.future_window_days, min_history_days=cfg.min_history_days,
                         progress=not args.quiet, forecast=cfg.forecast, signature=cfg.signature)
+    if stats.path is None:  # no user had events to ask about (the builder logged why); nothing was written
+        print(f"wrote no {Path(args.dir) / 'userU.parquet'}: no pairs for any of {stats.users} users ({stats.seconds:.1f}s)")
+        return
     sources = " + ".join(f"{n} {source}" for source, n in stats.pairs.items())
-    print(f"wrote {Path(args.dir) / 'userU.parquet'}: {sources} pairs "
+    print(f"wrote {stats.path}: {sources} pairs "
           f"for {stats.users_with_pairs} of {stats.users} users, {stats.dropped_unverified} dropped by verification "
           f"({stats.seconds:.1f}s)")
 

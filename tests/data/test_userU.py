@@ -392,3 +392,19 @@ def test_an_older_userU_file_says_what_changed_and_how_to_rebuild(built, tmp_pat
     assert stamped is not None and "holds UserU pairs of version 1, before these changes" in stamped
     pq.write_table(table.replace_schema_metadata({}), old / USERU_FILE)  # someone's own pairs: theirs to keep
     assert stale_userU(old / USERU_FILE) is None and stale_userU(tmp_path / "absent.parquet") is None
+
+
+def test_a_dataset_without_events_gets_no_pairs_and_the_command_does_not_claim_it_wrote_them(tmp_path, capsys):
+    import pyarrow as pa
+
+    from qanchor.cli import main
+
+    manifest = Manifest.from_dict({"name": "t", "cutoff": "2024-01-01", "modalities": [{"name": "tabular", "kind": "tabular"}],
+                                   "tasks": [{"name": "churn", "domain": "risk", "query": "Will it churn?",
+                                              "label_window_days": 30}]})
+    root = write_dataset(tmp_path / "tab", manifest, [], pa.table({"user_id": ["a", "b"], "x": [1.0, 2.0]}),
+                         {"churn": pa.table({"user_id": ["a", "b"], "label": pa.array([0, 1], pa.int8())})})
+    assert main(["data", "userU", str(root), "--quiet"]) == 0
+    out = capsys.readouterr().out
+    assert not (root / "userU.parquet").exists()
+    assert out.startswith("wrote no ") and "no pairs for any of 2 users" in out
