@@ -72,7 +72,9 @@ def encode_modalities(q: QAnchor, packed: Sequence[PackedUser], names: Sequence[
 
 
 def _user_tokens(q: QAnchor, users: Sequence[dict[str, Encoding]]) -> UserTokens:
-    enc, dtype, device = q.model.user_encoder, q.model.embed_tokens.weight.dtype, q.device
+    # the user encoder's dtype (float32 beside a bfloat16 backbone); the decoder casts the user tokens to the backbone's
+    enc, device = q.model.user_encoder, q.device
+    dtype = next(enc.parameters()).dtype
     encodings = []
     for name in enc.names:
         rows = [torch.from_numpy(u[name].events) for u in users]

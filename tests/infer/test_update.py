@@ -161,6 +161,23 @@ def test_a_replayed_day_changes_nothing(infer_env, state0, tmp_path):
                      progress=False)
 
 
+def test_a_bfloat16_backbone_keeps_a_state_that_equals_embed(tiny_dataset, tmp_path):
+    """`model.backbone.dtype=bfloat16` (the usual GPU setting) with float32 adapters: the cached encodings go back
+    into the float32 user encoder, not in the backbone's dtype (which failed: "mat1 and mat2 must have the same
+    dtype")."""
+    ds_dir = tmp_path / "ds"
+    shutil.copytree(tiny_dataset, ds_dir, ignore=shutil.ignore_patterns(".qanchor_cache"))
+    cfg = tiny_cfg(["model.backbone.dtype=bfloat16"])
+    model, tokenizer, stream, ds, pipe, _ = model_and_stream(ds_dir, cfg)
+    meta = ModelMeta(ds.manifest.to_dict(), pipe.cache.dim, {}, list(ds.tabular_columns))
+    qa = QAnchor.from_pretrained(save_checkpoint(tmp_path / "ck", model, tokenizer, cfg, meta),
+                                 text_cache_dir=ds.text_cache_dir, batch_size=4)
+    assert qa.model.embed_tokens.weight.dtype == torch.bfloat16
+    init_state(qa, ds, PAIRS, tmp_path / "s0", progress=False)
+    got = np.stack(list(embeddings(tmp_path / "s0").values()))
+    assert np.abs(got - qa.embed(ds.users(), QUERIES)).max() < 2e-2  # bfloat16: both read the same prefix
+
+
 # What the modality tokens read of the whole history: its statistics, or (with the window statistics) its mean text
 # vector, whose content components the statistics path then reads too
 WHOLE_HISTORY = {"statistics": ["model.user_encoder.summary_stats=history"],
