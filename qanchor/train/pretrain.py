@@ -46,7 +46,7 @@ from qanchor.model.qanchor_model import AnswerBank, shrunk_whitening
 from qanchor.train.distributed import all_reduce_sum, gather_with_grad, global_mean_loss
 from qanchor.train.engine import device_of, gathered_parameters, init_distributed, initialize
 from qanchor.train.pairs import PretrainStream, is_held_out
-from qanchor.train.seal import seal_tag, verify_tag
+from qanchor.train.seal import clear_saving, mark_saving, saving_marked, seal_tag, verify_tag
 
 __all__ = ["run_pretrain", "prepare_inputs", "preflight", "MetricsLog"]
 
@@ -198,12 +198,12 @@ def run_pretrain(cfg: PretrainConfig, progress: bool = True) -> Path:
     engine, _ = initialize(model, cfg.train, world)
     torch.manual_seed(cfg.train.seed * 1000 + rank)  # dropout streams differ per rank
     bank = AnswerBank(cfg.loss.answer_bank) if cfg.loss.answer_bank else None
-    start = _maybe_resume(engine, bank, out, cfg.resume)
+    start = _maybe_resume(engine, bank, out, cfg.resume, rank, world)
     metrics = MetricsLog(out / "metrics.jsonl", start if cfg.resume else None) if rank == 0 else None
     if rank == 0 and progress:
         _log_start(cfg, model, ds, stream, world, start)
     last = _train_loop(cfg, engine, stream, start, rank, world, metrics, progress, bank,
-                       save=lambda step: _save(cfg, engine, model, tokenizer, meta, out, step, rank, bank))
+                       save=lambda step: _save(cfg, engine, model, tokenizer, meta, out, step, rank, world, bank))
     if rank == 0 and progress:
         log(f"pretrain: done, {cfg.train.max_steps - start} steps in {format_seconds(time.perf_counter() - started)}"
             + (f"; last step loss {last['loss']:.4f} (contrastive {last['loss_contrastive']:.4f}, ntp "
@@ -353,8 +353,10 @@ def _log_start(cfg: PretrainConfig, model, ds: Dataset, stream: PretrainStream, 
 def resume_tag(state: Path) -> str | None:
     """The newest DeepSpeed tag in ``state`` that carries this user's seal; None when there is no state.
 
-    A newer unsealed tag is a save that was killed before it finished (ours, incomplete): it is skipped.
-    State with tags but no valid seal at all was not written by this user: refused (CheckpointError).
+    A newer unsealed tag is a save that was killed before it finished (ours, incomplete): it is skipped. With no
+    sealed tag at all, the state is ours only if every tag is a save this run announced (:func:`mark_saving`) and
+    never sealed, a first save killed half-way: None, the run starts afresh (nothing unsealed is ever read). Other
+    state was not written by this user: refused (CheckpointError).
     """
     tags = sorted((p for p in state.glob("step-*") if p.is_dir()), reverse=True)
     if not tags:
@@ -365,18 +367,29 @@ def resume_tag(state: Path) -> str | None:
             return tag.name
         except CheckpointError:
             continue
-    verify_tag(tags[0])  # raises, naming why the newest one is refused
+    foreign = [tag for tag in tags if not saving_marked(state, tag.name)]
+    if foreign:
+        verify_tag(foreign[0])  # raises, naming why the newest one is refused
     return None
 
 
-def _maybe_resume(engine, bank: AnswerBank | None, out: Path, resume: bool) -> int:
+def _maybe_resume(engine, bank: AnswerBank | None, out: Path, resume: bool, rank: int, world: int) -> int:
     state = out / "ds_state"
     tag = resume_tag(state) if resume else None
     if tag is None:
         return 0
     # only sealed state reaches DeepSpeed's pickle-based loader
     _, client = engine.load_checkpoint(str(state), tag=tag, load_optimizer_states=True, load_lr_scheduler_states=True)
-    torch.set_rng_state(client["torch_rng"])  # dropout continues exactly where the killed run was
+    saved_world = client.get("world", world)  # states saved before the world was recorded: unknown, accepted
+    if saved_world != world:  # each rank reads its own slice of every global batch: another world reads other pairs
+        raise ConfigError(f"{state / tag} was saved by a run of {saved_world} process(es) and this one has {world}: "
+                          f"resume it with {saved_world} (torchrun --nproc_per_node={saved_world}), or start a new run")
+    # dropout continues exactly where the killed run was, on every rank (states saved before there were per-rank ones:
+    # rank 0's, the only one those kept)
+    rng = client.get("rng_by_rank", [{"cpu": client["torch_rng"]}] * world)[rank]
+    torch.set_rng_state(rng["cpu"])
+    if rng.get("cuda") is not None and torch.cuda.is_available():
+        torch.cuda.set_rng_state(rng["cuda"])
     if bank is not None and client.get("answer_bank") is not None:  # the negatives the killed run had collected
         bank.load_state_dict(client["answer_bank"])
     return int(client["step"])
@@ -392,7 +405,8 @@ def _train_loop(cfg: PretrainConfig, engine, stream: PretrainStream, start: int,
     record = None
     for step in range(start, tc.max_steps):
         tick = time.perf_counter()
-        sums = torch.zeros(6)
+        lr = engine.get_lr()[0]  # the rate this step uses (engine.step advances the schedule)
+        sums = torch.zeros(6, device=device)  # on the device: NCCL reduces CUDA tensors only
         for micro in range(tc.grad_accum_steps):
             batch = stream.batch(step * tc.grad_accum_steps + micro, tc.batch_size, rank, world).to(device)
             out = engine(batch, cfg.loss, gather=gather_with_grad, normalise=global_mean_loss, rank=rank, answer_bank=bank)
@@ -400,7 +414,7 @@ def _train_loop(cfg: PretrainConfig, engine, stream: PretrainStream, start: int,
             engine.step()
             sums += torch.stack([out.loss.detach(), out.loss_contrastive.detach(), out.loss_ntp.detach(),
                                  out.loss_profile.detach(), out.loss_future.detach(),
-                                 out.loss_path_free.detach()]).float().cpu()
+                                 out.loss_path_free.detach()]).float()
         # Each rank's loss is its share of the global mean scaled by world: their average is the global loss.
         loss, cl, ntp, prof, fut, path_free = (all_reduce_sum(sums) / (world * tc.grad_accum_steps)).tolist()
         if not torch.isfinite(torch.tensor(loss)):
@@ -410,10 +424,10 @@ def _train_loop(cfg: PretrainConfig, engine, stream: PretrainStream, start: int,
                   **({"loss_profile": prof} if cfg.loss.profile_weight > 0 else {}),
                   **({"loss_future": fut} if cfg.loss.future_weight > 0 else {}),
                   **({"loss_path_free": path_free} if cfg.loss.path_free_weight > 0 else {}),
-                  "lr": engine.get_lr()[0], "samples_per_s": tc.batch_size * tc.grad_accum_steps * world / elapsed}
+                  "lr": lr, "samples_per_s": tc.batch_size * tc.grad_accum_steps * world / elapsed}
         if device.type == "cuda":  # peak since the start of the run, this rank
             record["gpu_memory_gb"] = torch.cuda.max_memory_allocated(device) / 1e9
-        logged = (step + 1) % tc.log_every == 0 or step == start or step + 1 == tc.max_steps
+        logged = (step + 1) % tc.log_every == 0 or step == 0 or step + 1 == tc.max_steps
         if metrics is not None and logged:
             metrics.write(record)
         bar.update(1)
@@ -431,11 +445,23 @@ def _train_loop(cfg: PretrainConfig, engine, stream: PretrainStream, start: int,
     return record
 
 
-def _save(cfg: PretrainConfig, engine, model, tokenizer, meta: ModelMeta, out: Path, step: int, rank: int,
+def _save(cfg: PretrainConfig, engine, model, tokenizer, meta: ModelMeta, out: Path, step: int, rank: int, world: int,
           bank: AnswerBank | None) -> None:
     state = out / "ds_state"
     tag = f"step-{step:07d}"
-    engine.save_checkpoint(str(state), tag=tag, client_state={"step": step, "torch_rng": torch.get_rng_state(),
+    # every rank's random state: rank 0 alone writes the client state, and each rank's dropout stream differs
+    rng = {"cpu": torch.get_rng_state(), "cuda": torch.cuda.get_rng_state() if torch.cuda.is_available() else None}
+    rng_by_rank = [rng]
+    if torch.distributed.is_initialized():
+        rng_by_rank = [None] * world
+        torch.distributed.all_gather_object(rng_by_rank, rng)
+    if rank == 0:
+        state.mkdir(parents=True, exist_ok=True)
+        mark_saving(state, tag)
+    if torch.distributed.is_initialized():
+        torch.distributed.barrier()  # the note is down before any rank writes the tag
+    engine.save_checkpoint(str(state), tag=tag, client_state={"step": step, "torch_rng": rng["cpu"], "world": world,
+                                                              "rng_by_rank": rng_by_rank,
                                                               "answer_bank": None if bank is None else bank.state_dict()})
     failpoint("ds-saved")
     if torch.distributed.is_initialized():
@@ -445,8 +471,10 @@ def _save(cfg: PretrainConfig, engine, model, tokenizer, meta: ModelMeta, out: P
             save_checkpoint(out / "checkpoint", model, tokenizer, cfg, meta, extra_files={"STEP": f"{step}\n"})
     if rank == 0:
         seal_tag(state / tag)
+        clear_saving(state, tag)
         tags = sorted(p for p in state.glob("step-*") if p.is_dir())
         for old in tags[:-_KEEP_DS_TAGS]:
             shutil.rmtree(old, ignore_errors=True)
+            clear_saving(state, old.name)
     if torch.distributed.is_initialized():
         torch.distributed.barrier()

@@ -24,7 +24,7 @@ from pathlib import Path
 from qanchor.data.io import write_text
 from qanchor.errors import CheckpointError
 
-__all__ = ["SEAL_FILE", "seal_tag", "verify_tag", "resume_key"]
+__all__ = ["SEAL_FILE", "seal_tag", "verify_tag", "resume_key", "mark_saving", "saving_marked", "clear_saving"]
 
 SEAL_FILE = "qanchor-seal.json"
 
@@ -38,10 +38,26 @@ def resume_key() -> bytes:
     path = _cache_root() / "resume.key"
     if not path.exists():
         path.parent.mkdir(parents=True, exist_ok=True)
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-        with os.fdopen(fd, "wb") as fh:
-            fh.write(secrets.token_bytes(32))
-    return path.read_bytes()
+        # written whole under a temporary name, then linked into place: a kill never leaves an empty (forgeable) key,
+        # and of several processes creating it at once the first link wins and every one reads that key
+        tmp = path.with_name(f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}")
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        try:
+            with os.fdopen(fd, "wb") as fh:
+                fh.write(secrets.token_bytes(32))
+                fh.flush()
+                os.fsync(fh.fileno())
+            try:
+                os.link(tmp, path)
+            except FileExistsError:
+                pass
+        finally:
+            tmp.unlink(missing_ok=True)
+    key = path.read_bytes()
+    if len(key) < 32:
+        raise CheckpointError(f"{path} holds {len(key)} bytes, not a 32-byte key (damaged); remove it: runs sealed with it "
+                              "can then no longer be resumed, only restarted")
+    return key
 
 
 def _digests(tag: Path) -> dict[str, str]:
@@ -83,3 +99,27 @@ def verify_tag(tag: Path) -> None:
             f"refusing to resume from {tag}: {why}. DeepSpeed reads resume state with pickle, which can run code, so "
             "qanchor only resumes runs this user wrote on this machine. Use the run's checkpoint/ (safetensors) for "
             "inference or prompt tuning, or start a new run (resume=false in a new output_dir)")
+
+
+def _saving_note(state: Path, tag: str) -> Path:
+    return state / f"saving-{tag}.json"
+
+
+def mark_saving(state: Path, tag: str) -> None:
+    """Before DeepSpeed writes ``tag`` into ``state``: a note, authenticated for this user, that the save is this
+    run's own. A save killed before its seal is then known as ours and incomplete (skipped on resume, the run starting
+    afresh if it was the first), not taken for state someone else put there (refused)."""
+    write_text(json.dumps({"tag": tag, "mac": _mac({"saving": tag})}), _saving_note(state, tag))
+
+
+def saving_marked(state: Path, tag: str) -> bool:
+    """Whether ``state`` holds this user's valid :func:`mark_saving` note for ``tag``."""
+    try:
+        note = json.loads(_saving_note(state, tag).read_text())
+        return note["tag"] == tag and hmac.compare_digest(str(note["mac"]), _mac({"saving": tag}))
+    except (OSError, ValueError, KeyError, TypeError):
+        return False
+
+
+def clear_saving(state: Path, tag: str) -> None:
+    _saving_note(state, tag).unlink(missing_ok=True)

@@ -120,6 +120,52 @@ def test_two_ranks_match_one_rank(prepared, tmp_path):
         assert worst < 1e-4, (mode, worst)
 
 
+def _torchrun_pretrain(n: int, ds_dir: Path, out: Path, *extra: str, failpoint: str | None = None):
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={n}", f"--master_port={port}",
+           *_pretrain_cmd(ds_dir, out, "train.max_steps=4", "train.save_every=2", "resume=true", *extra)[1:]]
+    env = {**ENV, "OMP_NUM_THREADS": "1", **({"QANCHOR_FAILPOINT": failpoint} if failpoint else {})}
+    return subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+
+
+def test_two_ranks_killed_and_resumed_equal_an_uninterrupted_run(prepared, tmp_path):
+    """Each rank has its own dropout stream; rank 0 alone writes the resume state, so it must carry every rank's
+    random state (it carried rank 0's, which every rank then took). A resumed run logs only its log_every steps,
+    and resuming with another number of processes (another slice of every batch) is refused."""
+    straight = _torchrun_pretrain(2, prepared, tmp_path / "straight", "train.log_every=3")
+    assert straight.returncode == 0, straight.stderr[-3000:]
+    killed = _torchrun_pretrain(2, prepared, tmp_path / "run", "train.log_every=3", failpoint="train-step:3")
+    assert killed.returncode != 0 and (tmp_path / "run" / "ds_state" / "step-0000002").is_dir()
+    resumed = _torchrun_pretrain(2, prepared, tmp_path / "run", "train.log_every=3")
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert [r["step"] for r in _metrics(tmp_path / "run")] == [1, 3, 4]
+    drop = lambda rows: [{k: v for k, v in r.items() if k != "samples_per_s"} for r in rows]  # noqa: E731
+    assert drop(_metrics(tmp_path / "run")) == drop(_metrics(tmp_path / "straight"))  # losses and lr, bit for bit
+    one = subprocess.run(_pretrain_cmd(prepared, tmp_path / "straight", "train.max_steps=6", "train.save_every=2",
+                                       "resume=true"), cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=300)
+    assert one.returncode == 2 and "saved by a run of 2 process(es) and this one has 1" in one.stderr, one.stderr[-2000:]
+
+
+def test_a_first_save_killed_before_its_seal_restarts_the_run(prepared, tmp_path):
+    """Killed after DeepSpeed wrote the first tag and before qanchor sealed it: the run announced that save, so the
+    tag is its own, incomplete; resume starts afresh (it read nothing unsealed), and ends as an uninterrupted run."""
+    out = tmp_path / "run"
+    env = {**ENV, "QANCHOR_FAILPOINT": "ds-saved:1"}
+    args = ("train.max_steps=4", "train.save_every=2", "resume=true")
+    killed = subprocess.run(_pretrain_cmd(prepared, out, *args), cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert killed.returncode == -signal.SIGKILL and (out / "ds_state" / "step-0000002").is_dir()
+    again = subprocess.run(_pretrain_cmd(prepared, out, *args), cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=300)
+    assert again.returncode == 0, again.stderr[-3000:]
+    straight = subprocess.run(_pretrain_cmd(prepared, tmp_path / "straight", *args), cwd=ROOT, env=ENV, capture_output=True,
+                              text=True, timeout=300)
+    assert straight.returncode == 0
+    drop = lambda rows: [{k: v for k, v in r.items() if k != "samples_per_s"} for r in rows]  # noqa: E731
+    assert drop(_metrics(out)) == drop(_metrics(tmp_path / "straight"))
+    assert not list((out / "ds_state").glob("saving-*"))  # every announced save was sealed
+
+
 def test_log_file_gets_start_step_and_summary_lines_and_no_warnings(prepared, tmp_path):
     """Redirected to a file (no terminal), a run logs like a cluster job: start, every log_every steps, summary."""
     out = tmp_path / "run"
