@@ -237,6 +237,8 @@ CASES = [
     Case("pretrain-without-pairs", lambda d, w: (shutil.copytree(w.ds, d / "ds", ignore=shutil.ignore_patterns(
         "userU.parquet", ".qanchor_cache")), _pretrain(w, f"data.path={d / 'ds'}"))[1], "needs UserU pairs"),
     Case("pretrain-batch-bigger-than-pairs", lambda d, w: _pretrain(w, "train.batch_size=100000"), "fewer than one global batch"),
+    Case("pretrain-future-window-past-the-data", lambda d, w: _pretrain(w, "loss.future_weight=1", "loss.future_days=100000",
+                                                                       f"output_dir={d / 'p'}"), "lower loss.future_days"),
     Case("pretrain-out-is-file", lambda d, w: _pretrain(w, f"output_dir={w.file}"), "is a file", lambda d, w: [w.file]),
     Case("pretrain-unknown-modality-cap", lambda d, w: _pretrain(w, "data.max_events={purchase: 48}"), "does not have"),
     Case("pretrain-bad-encoder-path", lambda d, w: _pretrain(w, "data.text_encoder.path=/nonexistent/encoder"),

@@ -72,6 +72,22 @@ def test_post_init_validation(tmp_path):
         load_config(f)
 
 
+@pytest.mark.parametrize("setting, match", [("save_every: 0", "train.save_every must be >= 1"),
+                                            ("log_every: 0", "train.log_every must be >= 1"),
+                                            ("grad_accum_steps: 0", "train.grad_accum_steps must be >= 1"),
+                                            ("uqa_fraction: 1.5", "train.uqa_fraction is a share"),
+                                            ("uqa_fraction: -0.5", "train.uqa_fraction is a share"),
+                                            ("lr: -0.001", "lr must be >= 0"), ("warmup_steps: -1", "warmup_steps >= 0")])
+def test_nonsense_train_settings_stop_before_any_work(tmp_path, setting, match):
+    """They used to end in a ZeroDivisionError or DeepSpeed's assertion after the model was built, or (uqa_fraction)
+    train silently as if 1 or 0."""
+    f = tmp_path / "pretrain" / "p.yaml"
+    f.parent.mkdir()
+    f.write_text(f"train:\n  {setting}\n")
+    with pytest.raises(ConfigError, match=match):
+        load_config(f)
+
+
 def test_text_lists_keep_words_yaml_would_turn_into_booleans_or_numbers():
     from qanchor.config import AskConfig
 

@@ -301,5 +301,12 @@ class TrainConfig:
                               f"({self.batch_size})")
         if not 0.0 <= self.holdout_users < 1.0:
             raise ConfigError(f"train.holdout_users must be in [0, 1), got {self.holdout_users}")
+        for key in ("save_every", "log_every", "grad_accum_steps"):
+            if getattr(self, key) < 1:
+                raise ConfigError(f"train.{key} must be >= 1, got {getattr(self, key)}")
+        if not 0.0 <= self.uqa_fraction <= 1.0:
+            raise ConfigError(f"train.uqa_fraction is a share of the sampled pairs: it must be in [0, 1], got {self.uqa_fraction}")
+        if not self.lr >= 0 or self.warmup_steps < 0:  # lr 0: the untrained model the bench's control reads
+            raise ConfigError(f"train: lr must be >= 0 and warmup_steps >= 0, got lr {self.lr}, warmup_steps {self.warmup_steps}")
         if self.zero_stage not in (0, 1, 2, 3):
             raise ConfigError(f"train.zero_stage must be 0, 1, 2 or 3, got {self.zero_stage}")

@@ -181,6 +181,10 @@ def run_pretrain(cfg: PretrainConfig, progress: bool = True) -> Path:
     fit_input_stats(model, ds, pipe, holdout_users=cfg.train.holdout_users)
     meta = ModelMeta(ds.manifest.to_dict(), pipe.cache.dim, cfg.data.text_encoder.__dict__, list(ds.tabular_columns))
     stream = PretrainStream.for_run(ds, pipe, tokenizer, model.token_ids, cfg)
+    if len(stream) < cfg.train.batch_size * world:  # preflight counted every pair; held-out users and balancing take some
+        raise ConfigError(f"only {len(stream)} pretraining pairs per epoch (train.holdout_users={cfg.train.holdout_users}, "
+                          f"train.uqa_fraction={cfg.train.uqa_fraction}), fewer than one global batch "
+                          f"(train.batch_size={cfg.train.batch_size} x {world} rank(s)); lower train.batch_size")
     if model.future_decoder is not None:
         fit_future_stats(model, stream, cfg.train.batch_size * world, cfg.train.max_steps * cfg.train.grad_accum_steps)
     tc = cfg.train
@@ -284,7 +288,7 @@ def fit_future_stats(model, stream: PretrainStream, global_batch: int, steps: in
     ids = stream.pair_ids_for_steps(steps, global_batch)
     ids = ids[stream.future_complete[ids]][:sample]
     if not len(ids):
-        raise ValueError(f"loss.future_weight > 0, but no pretraining pair has {stream.future_days} days of data after "
+        raise ConfigError(f"loss.future_weight > 0, but no pretraining pair has {stream.future_days} days of data after "
                          "its cutoff (forecast and future pairs do); lower loss.future_days or set future_weight 0")
     targets = stream.future_targets(ids)[0].double()
     mean, std = targets.mean(0), targets.std(0, unbiased=False)
@@ -297,7 +301,7 @@ def fit_evidence_stats(model, stream: PretrainStream, global_batch: int, sample:
     packed at the pair's cutoff, under the pair's question."""
     ids = stream.pair_ids_for_steps(-(-sample // global_batch), global_batch)[:sample]
     if not len(ids):
-        raise ValueError("model.query_evidence: the run trains on no pairs to standardise the evidence on")
+        raise ConfigError("model.query_evidence: the run trains on no pairs to standardise the evidence on")
     features = []
     with torch.no_grad():
         for start in range(0, len(ids), 256):
@@ -418,7 +422,8 @@ def _train_loop(cfg: PretrainConfig, engine, stream: PretrainStream, start: int,
         # Each rank's loss is its share of the global mean scaled by world: their average is the global loss.
         loss, cl, ntp, prof, fut, path_free = (all_reduce_sum(sums) / (world * tc.grad_accum_steps)).tolist()
         if not torch.isfinite(torch.tensor(loss)):
-            raise FloatingPointError(f"loss became {loss} at step {step}; lower train.lr or check the data")
+            raise ConfigError(f"loss became {loss} at step {step + 1}; lower train.lr (now {tc.lr:g}) and start the run again "
+                              "(overwrite=true), or check the data")
         elapsed = time.perf_counter() - tick
         record = {"step": step + 1, "loss": loss, "loss_contrastive": cl, "loss_ntp": ntp,
                   **({"loss_profile": prof} if cfg.loss.profile_weight > 0 else {}),
