@@ -36,6 +36,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
+import torch
 import yaml
 
 from qanchor.data.dataset import Dataset
@@ -216,12 +217,16 @@ def head_name(head: Head) -> str:
 
 
 def head_digest(head: Head) -> str:
-    """A short hash of a head's weights: a resumed export must use the very heads it started with (everything that
-    moves its embedding or score: prompt, prototypes, calibration, look-up)."""
-    h = hashlib.sha256()
-    for t in (head.prompt, *(getattr(head, k, None) for k in ("prototypes", "log_scale", "bias", "lookup"))):
-        if t is not None:
-            h.update(t.detach().float().cpu().contiguous().numpy().tobytes())
+    """A short hash of everything in a head that moves its embedding or score, so that a resumed export uses the very
+    heads it started with: its query, every tensor it holds (prompt, prototypes and their labels, calibration, whitening,
+    look-up) and its base temperature."""
+    h = hashlib.sha256(str(head.query).encode())
+    tensors = head.state_dict() if hasattr(head, "state_dict") else {"prompt": head.prompt}
+    for name in sorted(tensors):
+        t = tensors[name].detach().cpu().contiguous()
+        h.update(f"{name}:{t.dtype}:{tuple(t.shape)};".encode())
+        h.update(t.numpy().tobytes() if t.dtype != torch.bfloat16 else t.float().numpy().tobytes())
+    h.update(repr(getattr(head, "base_temperature", None)).encode())
     return h.hexdigest()[:16]
 
 
@@ -240,6 +245,15 @@ def plan_shards(ds: Dataset, shard_users: int | None = None) -> list[tuple[int, 
 
 def _check_manifest(out: Path, expected: dict, overwrite: bool, world: int) -> None:
     path = out / "export.json"
+    # done markers first: a kill part-way through a removal never leaves a shard marked done beside a new manifest
+    shard_files = [*out.glob("part-*.done"), *out.glob("part-*.parquet")]
+    if not path.exists() and shard_files:
+        # shards without a manifest (an overwrite killed after removing it): what they hold is unknown, never reused
+        if world > 1:
+            raise ConfigError(f"{out} holds shards but no export.json (a replacement killed part-way?); run the export "
+                              "once without torchrun to clear them")
+        for p in shard_files:
+            p.unlink()
     if path.exists():
         try:
             found = json.loads(path.read_text())
@@ -252,8 +266,8 @@ def _check_manifest(out: Path, expected: dict, overwrite: bool, world: int) -> N
         if diff:
             if world > 1:
                 raise ConfigError("overwrite=true replaces an export from a single process; run it without torchrun first")
-            for p in [path, *out.glob("part-*.parquet"), *out.glob("part-*.done")]:
-                p.unlink()  # only the export's own files: the directory is a marked qanchor export
+            for p in [*shard_files, path]:  # the manifest last (above); only the export's own files: a marked export
+                p.unlink()
         else:
             return
     write_text(json.dumps(expected, indent=2), path)  # every rank writes identical content: the race is benign

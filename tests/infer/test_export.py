@@ -217,3 +217,40 @@ def test_rank_report_is_one_write(monkeypatch):
     monkeypatch.setattr(sys, "stdout", Recorder())
     print_record('{"rank": 1}')
     assert writes == ['{"rank": 1}\n']
+
+
+def test_shards_left_without_their_manifest_are_never_reused(infer_env, full_export, tmp_path):
+    """An overwrite killed after it removed export.json and before it removed the shards: the next export under other
+    queries must not take those shards (marked done) for its own."""
+    import shutil
+
+    out = tmp_path / "export"
+    shutil.copytree(full_export[0], out)
+    (out / "export.json").unlink()
+    report = export_embeddings(infer_env.qa, infer_env.ds, PAIRS[:1], out, rank=0, world=1, shard_users=7, progress=False)
+    assert report.shards_skipped == 0
+    assert set(_table(out).column("query_id").to_pylist()) == {PAIRS[0][0]}
+    with pytest.raises(ConfigError, match="no export.json"):
+        (out / "export.json").unlink()
+        export_embeddings(infer_env.qa, infer_env.ds, PAIRS[:1], out, rank=0, world=2, shard_users=7, progress=False)
+
+
+def test_the_head_digest_sees_everything_that_moves_a_score(infer_env):
+    """A resumed export keeps the heads it started with only if their digest covers the temperature, the whitening,
+    the prototypes' labels and the query too (it covered prompt, prototypes, calibration and look-up)."""
+    from qanchor.infer.export import head_digest
+    from qanchor.tune.head import ScenarioHead
+
+    qa, d = infer_env.qa, infer_env.qa.embedding_dim
+    base = _head(qa, "churn", QUERIES[0], seed=1)
+
+    def variant(**change):
+        kw = dict(task="churn", query=QUERIES[0], prompt=base.prompt.detach(), prototypes=base.prototype_weights.detach(),
+                  prototype_labels=base.prototype_labels, temperature=0.1, checkpoint_hash=qa.checkpoint_hash)
+        return ScenarioHead(**{**kw, **change})
+
+    assert head_digest(variant()) == head_digest(base)
+    others = [variant(temperature=0.01), variant(whitening=(torch.zeros(d), -torch.eye(d))),
+              variant(prototype_labels=torch.tensor([0, 1, 1])), variant(query=QUERIES[1])]
+    digests = {head_digest(h) for h in others}
+    assert len(digests) == len(others) and head_digest(base) not in digests
