@@ -174,8 +174,11 @@ class QAnchor:
 
     @cached_property
     def checkpoint_hash(self) -> str | None:
-        """SHA-256 of the weights file, or None for a model built in memory."""
-        return checkpoint_hash(self.checkpoint_dir) if self.checkpoint_dir is not None else None
+        """SHA-256 of the weights this object loaded (taken as they were read, not later from a file a running
+        pretraining may have replaced since), or None for a model built in memory."""
+        if self.checkpoint_dir is None:
+            return None
+        return getattr(self.model, "weights_hash", None) or checkpoint_hash(self.checkpoint_dir)
 
     @cached_property
     def pipeline(self) -> UserPipeline:

@@ -165,6 +165,10 @@ def checkpoint_hash(ckpt: str | Path) -> str:
     path = resolve_checkpoint_dir(ckpt) / "model.safetensors"
     if not path.exists():
         raise CheckpointError(f"{path} not found; is {ckpt} a qanchor checkpoint?")
+    return _file_sha256(path)
+
+
+def _file_sha256(path: Path) -> str:
     h = hashlib.sha256()
     with open(path, "rb") as fh:
         for block in iter(lambda: fh.read(1 << 20), b""):
@@ -216,6 +220,9 @@ def load_checkpoint(ckpt: str | Path, device: str | torch.device = "cpu") -> tup
     model, tokenizer = build_model(run_cfg.model, meta.manifest_obj, meta.text_dim, meta.tabular_columns,
                                    hf_config=hf_config, tokenizer=tokenizer, training_aids=run_cfg.loss)
     weights = ckpt / "model.safetensors"
+    # The hash of exactly the weights loaded (heads, exports and states record it): a run still saving into ``ckpt``
+    # may publish new weights at any moment, so the file is hashed before and after it is read.
+    weights_hash = _file_sha256(weights)
     try:
         missing, unexpected = load_model(model, str(weights), strict=False)
     except RuntimeError as exc:  # torch: tensors of other shapes than this qanchor builds from the config
@@ -228,6 +235,9 @@ def load_checkpoint(ckpt: str | Path, device: str | torch.device = "cpu") -> tup
     if set(missing) - tied or unexpected:
         raise CheckpointError(f"{ckpt}: weights do not match the model (missing {sorted(set(missing) - tied)[:3]}, "
                               f"unexpected {sorted(unexpected)[:3]})")
+    if _file_sha256(weights) != weights_hash:
+        raise CheckpointError(f"{weights} changed while it was being loaded (a run still saving into {ckpt}?); load it again")
+    model.weights_hash = weights_hash
     return model.to(device).eval(), tokenizer, meta, run_cfg
 
 

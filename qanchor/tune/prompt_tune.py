@@ -42,7 +42,7 @@ from qanchor.data.pipeline import UserPipeline, batched
 from qanchor.errors import CheckpointError, ConfigError, DataValidationError
 from qanchor.faults import failpoint
 from qanchor.metrics import auc_ks
-from qanchor.model.factory import ModelMeta, checkpoint_hash, load_checkpoint
+from qanchor.model.factory import ModelMeta, load_checkpoint
 from qanchor.model.layout import tokenize_query
 from qanchor.model.prefix_cache import PrefixStore
 from qanchor.model.qanchor_model import QAnchorModel
@@ -138,7 +138,7 @@ def run_prompt_tune(cfg: PromptTuneConfig, progress: bool = True) -> dict:
     torch.set_grad_enabled(True)
     model, tokenizer, meta, run_cfg = load_checkpoint(cfg.checkpoint, device=cfg.device)
     model.requires_grad_(False)  # frozen: only the head's prompt and prototypes get gradients
-    ckpt_hash = checkpoint_hash(cfg.checkpoint)
+    ckpt_hash = model.weights_hash  # of the weights loaded above, not of a file replaced since
     data_cfg = resolve_data_config(cfg.data, run_cfg.data, meta)
     ds = load_dataset(data_cfg.path, data_cfg.cache_dir)
     _check_compatible(ds, model, meta)

@@ -214,3 +214,26 @@ def test_a_library_caller_gets_no_weight_loading_bar_in_its_log(infer_env):
     assert done.returncode == 0, done.stderr[-2000:]
     assert "bars on: True" in done.stdout  # transformers' own default, untouched for the caller
     assert "Loading weights" not in done.stderr and "\r" not in done.stderr
+
+
+def test_the_checkpoint_hash_is_of_the_weights_loaded_not_of_a_file_published_since(infer_env, tmp_path):
+    """A pretraining run keeps publishing checkpoint/ while a model read from it serves: the hash that heads, exports
+    and states record must name the weights the object holds (it was read from the file on first use)."""
+    import shutil
+
+    from qanchor.model.factory import checkpoint_hash, save_checkpoint
+
+    ckpt = tmp_path / "ckpt"
+    shutil.copytree(infer_env.ckpt, ckpt)
+    qa = QAnchor.from_pretrained(ckpt, text_cache=infer_env.cache)
+    loaded = checkpoint_hash(ckpt)
+    with torch.no_grad():
+        for p in qa.model.parameters():
+            newer = p.detach().clone().mul_(1.01)
+            break
+    other = QAnchor.from_pretrained(ckpt, text_cache=infer_env.cache).model
+    with torch.no_grad():
+        next(other.parameters()).copy_(newer)
+    save_checkpoint(ckpt, other, qa.tokenizer, qa.run_cfg, qa.meta)  # the run publishes newer weights
+    assert checkpoint_hash(ckpt) != loaded
+    assert qa.checkpoint_hash == loaded
