@@ -195,6 +195,23 @@ def _manifest_not_utf8(d: Path, w) -> list[str]:
     return ["data", "validate", str(ds)]
 
 
+def _head_with_bad_value(d: Path, w) -> list[str]:
+    import yaml
+
+    heads = d / "heads"
+    shutil.copytree(w.heads, heads)
+    meta = yaml.safe_load((heads / "churn" / "head.yaml").read_text())
+    (heads / "churn" / "head.yaml").write_text(yaml.safe_dump({**meta, "temperature": "abc"}))
+    return ["embed", f"checkpoint={w.ckpt}", f"data.path={w.ds}", f"heads={heads}", f"out={d / 'e'}"]
+
+
+def _damaged_state(d: Path, w) -> list[str]:
+    state = d / "state"
+    claim_output_dir(state, OutputKind.STATE)
+    (state / "state.json").write_text('{"format": 1, "checkpoint": "unterminated')
+    return ["update", f"checkpoint={w.ckpt}", f"state={state}", f"out={d / 's1'}"]
+
+
 CSV = "query_id,query\nq,Will it?\n"
 
 
@@ -231,6 +248,11 @@ CASES = [
     Case("manifest-not-utf8", _manifest_not_utf8, "not UTF-8 text (byte 0xe9", lambda d, w: [d / "ds"]),
     Case("embed-over-other-export", _existing_export, "overwrite=true"),
     Case("embed-task-queries-of-a-dataset-without-tasks", _no_tasks, "declares no tasks; give queries="),
+    Case("embed-out-inside-a-head", lambda d, w: ["embed", f"checkpoint={w.ckpt}", f"data.path={w.ds}",
+                                                  f"heads={w.heads / 'churn'}", f"out={w.heads / 'churn' / 'emb'}"],
+         "is inside the input heads[0]"),
+    Case("embed-head-with-a-bad-value", _head_with_bad_value, "damaged head"),
+    Case("update-damaged-state", _damaged_state, "not valid JSON; the state is damaged"),
     # checked before any long work
     Case("pretrain-missing-dataset", lambda d, w: ["pretrain", f"data.path={w.ds / 'missing'}"],
          "dataset directory not found"),

@@ -63,7 +63,11 @@ def _cmd_embed(args: argparse.Namespace) -> None:
     require(cfg.data.path, "data.path", "<dataset dir>")
     require(cfg.out, "out", "<output dir>")
     check_device(cfg.device)
-    check_output_dir(cfg.out, OutputKind.EXPORT, {"data.path": cfg.data.path, "checkpoint": cfg.checkpoint}, key="out")
+    # the heads are inputs too: an export inside a head folder would go with it when the head is tuned again
+    inputs = {"data.path": cfg.data.path, "checkpoint": cfg.checkpoint,
+              **{f"heads[{i}]": h for i, h in enumerate(cfg.heads)},
+              **({"queries": cfg.queries} if cfg.queries not in (None, "tasks") else {})}
+    check_output_dir(cfg.out, OutputKind.EXPORT, inputs, key="out")
     ds = load_dataset(cfg.data.path, cfg.data.cache_dir)
     queries = _queries(cfg.queries, ds) or []
     if not queries and not cfg.heads:

@@ -77,10 +77,18 @@ class StateMeta:
         if not path.exists():
             raise ModelInputError(f"{directory} is not an update state (state.json missing); build one with "
                                   "`qanchor update --model CKPT --data DATASET --queries FILE --out DIR`")
-        raw = json.loads(path.read_text())
+        try:
+            raw = json.loads(path.read_text(encoding="utf-8"))
+        except (ValueError, UnicodeDecodeError):
+            raise ModelInputError(f"{path}: not valid JSON; the state is damaged (rebuild it with `qanchor update`)") from None
+        if not isinstance(raw, dict):
+            raise ModelInputError(f"{path}: expected a JSON object; the state is damaged (rebuild it)")
         if raw.get("format") != STATE_FORMAT:
             raise ModelInputError(f"{path}: state format {raw.get('format')}, this qanchor reads {STATE_FORMAT}; rebuild it")
-        return cls(**raw)
+        try:
+            return cls(**raw)
+        except TypeError as exc:  # keys missing or unknown
+            raise ModelInputError(f"{path}: not a state description ({exc}); rebuild it") from None
 
 
 def shard_path(directory: Path, kind: str, shard: int) -> Path:

@@ -184,8 +184,20 @@ class ScenarioHead(nn.Module):
         whitening = (t["whiten_mean"], t["whiten_matrix"]) if "whiten_matrix" in t else None
         # Heads saved before the scale and bias existed scored with exactly these values.
         log_scale, bias = t.get("log_scale", 0.0), t.get("bias", 0.0)
-        return cls(meta["task"], meta["query"], t["prompt"], t["prototypes"], t["prototype_labels"],
-                   meta["temperature"], meta["checkpoint_hash"], extra, whitening, log_scale, bias, t.get("lookup"))
+        if ("whiten_mean" in t) != ("whiten_matrix" in t):
+            raise CheckpointError(f"{directory / HEAD_WEIGHTS}: holds one of whiten_mean / whiten_matrix without the "
+                                  "other; the head is damaged (re-run `qanchor prompt-tune`)")
+        try:
+            head = cls(meta["task"], meta["query"], t["prompt"], t["prototypes"], t["prototype_labels"],
+                       float(meta["temperature"]), meta["checkpoint_hash"], extra, whitening, log_scale, bias, t.get("lookup"))
+        except (ValueError, TypeError, RuntimeError) as exc:  # values of the wrong kind or shape
+            raise CheckpointError(f"{directory}: damaged head ({str(exc).splitlines()[0][:160]}); re-run "
+                                  "`qanchor prompt-tune`") from None
+        if head.prompt.ndim != 2 or head.prototype_weights.ndim != 2:
+            raise CheckpointError(f"{directory / HEAD_WEIGHTS}: prompt {tuple(head.prompt.shape)} and prototypes "
+                                  f"{tuple(head.prototype_weights.shape)} must be matrices; the head is damaged "
+                                  "(re-run `qanchor prompt-tune`)")
+        return head
 
 
 @dataclass
