@@ -118,6 +118,15 @@ def _check_record(rec: UserRecord, manifest: Manifest, columns: list[str]) -> Us
     for name, seq in rec.events.items():
         if name not in specs:
             raise ModelInputError(f"user {rec.user_id!r}: unknown modality {name!r}; the model knows: {', '.join(specs)}")
+        lengths = {"ts": len(seq.ts), "text": len(seq.text), "value": len(seq.value), "extras": len(seq.extras)}
+        if len(set(lengths.values())) > 1:
+            raise ModelInputError(f"user {rec.user_id!r}, modality {name!r}: its arrays differ in length ({lengths}); "
+                                  "give one ts, text, value and extras row per event")
+        late = np.flatnonzero(np.diff(np.asarray(seq.ts, dtype=np.int64)) < 0)
+        if late.size:  # packing keeps the newest max_events from the end: an unsorted sequence keeps the wrong ones
+            raise ModelInputError(f"user {rec.user_id!r}, modality {name!r}: event {int(late[0]) + 1} is older than the one "
+                                  "before it; a UserRecord's events are oldest first (sort them by ts, or pass a dict user, "
+                                  "which qanchor sorts)")
         if seq.extras.shape[1] != len(specs[name].numeric_columns):
             raise ModelInputError(f"user {rec.user_id!r}, modality {name!r}: {seq.extras.shape[1]} extra columns, the model "
                                   f"expects {len(specs[name].numeric_columns)} ({', '.join(specs[name].numeric_columns)})")

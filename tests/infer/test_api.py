@@ -125,6 +125,20 @@ def test_a_record_with_an_infinite_value_is_refused_and_nan_means_missing(infer_
     assert np.isfinite(infer_env.qa.embed(UserRecord("x", {"bill": seq}, None), QUERIES[:1])).all()
 
 
+def test_a_record_out_of_order_or_with_ragged_arrays_is_refused(infer_env):
+    """Packing keeps a sequence's newest events from its end: an unsorted UserRecord silently kept the wrong ones
+    (0.1 off the sorted user's embedding), and ragged arrays failed deep inside with numpy's message."""
+    t0, t1 = 1_700_000_000_000_000, 1_700_000_100_000_000
+    unsorted = EventSeq(np.array([t1, t0]), ["Taxi", "Coffee shop"], np.array([3.0, 1.0], np.float32),
+                        np.full((2, 1), np.nan, np.float32))
+    with pytest.raises(ModelInputError, match="user 'x', modality 'bill': event 1 is older than the one before it"):
+        infer_env.qa.embed(UserRecord("x", {"bill": unsorted}, None), QUERIES[:1])
+    ragged = EventSeq(np.array([t0]), ["Coffee shop", "Taxi"], np.array([3.0, 1.0], np.float32),
+                      np.full((2, 1), np.nan, np.float32))
+    with pytest.raises(ModelInputError, match="its arrays differ in length"):
+        infer_env.qa.embed(UserRecord("x", {"bill": ragged}, None), QUERIES[:1])
+
+
 @pytest.mark.parametrize("queries", [[""], ["   "], [], [None]])
 def test_bad_queries_raise(infer_env, queries):
     with pytest.raises(ModelInputError, match="quer"):
