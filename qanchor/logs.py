@@ -19,6 +19,7 @@ import logging
 import os
 import sys
 import time
+import warnings
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from typing import TypeVar
@@ -155,6 +156,11 @@ def progress(items: Iterable[T], total: int | None = None, desc: str = "", unit:
         bar.close(stopped=not finished)  # an exception, or a consumer that stopped early
 
 
+class _UnseenOutputsFilter(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "unknown inputs or outputs type" not in record.getMessage()
+
+
 def quiet_third_party() -> None:
     """Keep transformers / DeepSpeed / tokenizers notices and weight-loading bars out of our output."""
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
@@ -169,3 +175,12 @@ def quiet_third_party() -> None:
         transformers.utils.logging.disable_progress_bar()
     for name in ("DeepSpeed", "deepspeed", "torch.distributed", "lightning", "pytorch_lightning", "lightning.pytorch"):
         logging.getLogger(name).setLevel(logging.WARNING)
+    # ZeRO-3: DeepSpeed calls collectives torch has deprecated, and warns that its hooks cannot see into the user
+    # encoder's dataclass outputs, which is harmless (every weight of the encoder sits in a submodule that returns
+    # tensors, qanchor.model.user_encoder.EmptyTokens): nothing a user can act on
+    warnings.filterwarnings("ignore", message=r"`torch\.distributed\.(all_gather_into_tensor|reduce_scatter_tensor)` is "
+                            "deprecated", category=FutureWarning)
+    for name in ("DeepSpeed", "deepspeed"):
+        logger = logging.getLogger(name)
+        if not any(isinstance(f, _UnseenOutputsFilter) for f in logger.filters):
+            logger.addFilter(_UnseenOutputsFilter())

@@ -171,6 +171,12 @@ class TabularEncoder(nn.Module):
         return self.mlp(x.to(self.mlp[0].weight.dtype)).view(-1, self.n_tokens, self.hidden)  # (B, n_tokens, H)
 
 
+def _old_empty_key(state_dict: dict, prefix: str, *args) -> None:
+    """Checkpoints saved before EmptyTokens held the empty tokens as ``<prefix>empty``."""
+    if prefix + "empty" in state_dict:
+        state_dict[prefix + "empty.weight"] = state_dict.pop(prefix + "empty")
+
+
 @dataclass
 class ModalityEncoding:
     """One modality of B users: event tokens (B, E, H), their mask (B, E), the modality token (B, H)."""
@@ -190,10 +196,27 @@ class UserTokens:
     event_mask: list[torch.Tensor]  # M bool tensors (B, E_m)
 
 
+class EmptyTokens(nn.Module):
+    """The learned token (H,) of each modality for a user without events there. A module of its own (not a bare
+    parameter of the encoder) so that DeepSpeed ZeRO-3, which gathers a module's weights around its forward and
+    backward, finds it: the encoder's outputs are dataclasses, which its hooks do not see into."""
+
+    def __init__(self, n: int, hidden: int):
+        super().__init__()
+        self.weight = nn.Parameter(torch.empty(n, hidden))  # filled by the encoder, in its random-number order
+
+    def forward(self, index: int) -> torch.Tensor:
+        return self.weight[index]
+
+
 class HierarchicalUserEncoder(nn.Module):
     def __init__(self, manifest: Manifest, cfg: UserEncoderConfig, text_dim: int, hidden: int, n_tabular: int):
         super().__init__()
         self.names = [m.name for m in manifest.modalities]
+        # registered first, where the bare parameter it replaces stood in the parameter order (the optimizer's and the
+        # gradient norm's summation order, so a run's numbers stay what they were); old checkpoints' key is mapped
+        self.empty = EmptyTokens(len(self.names), hidden)
+        self._register_load_state_dict_pre_hook(_old_empty_key)
         self.sequence_names = [m.name for m in manifest.sequence_modalities]
         self.tabular_name = manifest.tabular.name if manifest.tabular is not None else None
         self.summary_input = cfg.summary_input
@@ -211,7 +234,7 @@ class HierarchicalUserEncoder(nn.Module):
         self.modal_adapter = (EventAdapter(text_dim, self.summary_width, cfg.adapter_hidden, hidden, cfg.dropout)
                               if cfg.summary_input == "text" else Adapter(hidden, cfg.adapter_hidden, hidden, cfg.dropout))
         self.user_adapter = Adapter(hidden, cfg.adapter_hidden, hidden, cfg.dropout)
-        self.empty = nn.Parameter(torch.randn(len(self.names), hidden) * 0.02)  # one per modality
+        self.empty.weight = nn.Parameter(torch.randn(len(self.names), hidden) * 0.02)  # one per modality
         self.content_components = cfg.content_components
         self.content_scale = cfg.content_scale
         # where the content components go: the profile's targets ("target") or the statistics path's input ("path")
@@ -251,7 +274,7 @@ class HierarchicalUserEncoder(nn.Module):
             summary = self.modal_adapter(*self.summary_inputs(name, batch))  # (B, H)
         else:
             summary = self.modal_adapter(self.masked_mean(tokens, mask))  # (B, H)
-        empty = self.empty[self.names.index(name)].to(summary.dtype)
+        empty = self.empty(self.names.index(name)).to(summary.dtype)
         return ModalityEncoding(tokens, mask, torch.where(mask.any(dim=1, keepdim=True), summary, empty))
 
     def tokens_from_encodings(self, encodings: list[ModalityEncoding]) -> UserTokens:

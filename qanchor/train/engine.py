@@ -96,6 +96,10 @@ def deepspeed_config(cfg: TrainConfig, world: int) -> dict[str, Any]:
                 ds[key] = {**ds[key], **{k: v for k, v in value.items() if v != "auto"}}
             else:
                 ds[key] = value
+        stage = ds.get("zero_optimization", {}).get("stage", cfg.zero_stage)
+        if stage != cfg.zero_stage:  # qanchor gathers ZeRO-3's partitioned weights to save them by train.zero_stage
+            raise ConfigError(f"train.deepspeed_config {cfg.deepspeed_config} asks for ZeRO stage {stage} and "
+                              f"train.zero_stage is {cfg.zero_stage}; set train.zero_stage={stage} (or \"stage\": \"auto\")")
     return ds
 
 

@@ -166,6 +166,56 @@ def test_a_first_save_killed_before_its_seal_restarts_the_run(prepared, tmp_path
     assert not list((out / "ds_state").glob("saving-*"))  # every announced save was sealed
 
 
+def test_zero3_trains_as_zero0_and_saves_whole_weights(prepared, tmp_path):
+    """ZeRO-3 partitions every weight and gathers a module's around its forward and backward: the encoder's empty
+    tokens, a bare parameter of a module whose outputs are dataclasses, failed in the first backward. One process:
+    the same losses as ZeRO-0, whole weights in the checkpoint, no third-party warnings. And a DeepSpeed config file
+    whose stage disagrees with train.zero_stage (which decides how the weights are gathered to save) is refused."""
+    from safetensors.torch import load_file
+
+    runs = {}
+    for stage in (0, 3):
+        done = subprocess.run(_pretrain_cmd(prepared, tmp_path / f"z{stage}", "train.max_steps=2", "train.save_every=2",
+                                            f"train.zero_stage={stage}"), cwd=ROOT, env=ENV, capture_output=True, text=True,
+                              timeout=300)
+        assert done.returncode == 0, done.stderr[-3000:]
+        assert "Warning" not in done.stdout + done.stderr and "WARNING" not in done.stdout + done.stderr, done.stderr[-2000:]
+        runs[stage] = done
+    for a, b in zip(_metrics(tmp_path / "z0"), _metrics(tmp_path / "z3")):
+        assert abs(a["loss"] - b["loss"]) < 1e-4 * abs(a["loss"]), (a, b)
+    w0, w3 = (load_file(tmp_path / f"z{s}" / "checkpoint" / "model.safetensors") for s in (0, 3))
+    assert w0.keys() == w3.keys() and all(w0[k].shape == w3[k].shape for k in w0)
+    assert max((w0[k].float() - w3[k].float()).abs().max().item() for k in w0) < 1e-4
+    mismatch = subprocess.run(_pretrain_cmd(prepared, tmp_path / "mm", "train.max_steps=2",
+                                            f"train.deepspeed_config={ROOT / 'configs/deepspeed/zero3.json'}"),
+                              cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=300)
+    assert mismatch.returncode == 2 and "asks for ZeRO stage 3 and train.zero_stage is 0" in mismatch.stderr
+
+
+def test_a_checkpoint_saved_before_the_empty_tokens_had_a_module_still_loads(tmp_path):
+    """The empty tokens were saved as ``user_encoder.empty``; they are ``user_encoder.empty.weight`` now."""
+    import torch
+    from safetensors.torch import load_file, save_file
+
+    from qanchor.data.dataset import load_dataset
+    from qanchor.infer.api import QAnchor
+    from qanchor.model.factory import ModelMeta, build_model, save_checkpoint
+    from tests.conftest import build_tiny_dataset
+    from tests.model.helpers import encoder, tiny_cfg
+
+    ds = load_dataset(build_tiny_dataset(tmp_path / "ds", n_users=6))
+    cfg = tiny_cfg([])
+    torch.manual_seed(0)
+    model, tokenizer = build_model(cfg.model, ds.manifest, encoder().dim, ds.tabular_columns)
+    ckpt = save_checkpoint(tmp_path / "ck", model, tokenizer, cfg, ModelMeta(ds.manifest.to_dict(), encoder().dim, {},
+                                                                              list(ds.tabular_columns)))
+    weights = load_file(ckpt / "model.safetensors")
+    weights["user_encoder.empty"] = weights.pop("user_encoder.empty.weight")
+    save_file(weights, str(ckpt / "model.safetensors"), metadata={"format": "pt"})
+    loaded = QAnchor.from_pretrained(ckpt).model.user_encoder.empty.weight
+    assert torch.equal(loaded, model.user_encoder.empty.weight)
+
+
 def test_log_file_gets_start_step_and_summary_lines_and_no_warnings(prepared, tmp_path):
     """Redirected to a file (no terminal), a run logs like a cluster job: start, every log_every steps, summary."""
     out = tmp_path / "run"
