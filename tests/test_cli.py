@@ -6,6 +6,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 from qanchor.cli import build_parser
 from qanchor.cli.common import COMMANDS
 
@@ -39,3 +41,23 @@ def test_help_and_a_usage_error_import_no_heavy_stack():
         loaded = _modules_after(args)
         assert not loaded & {"torch", "transformers", "sklearn"}, (args, sorted(loaded & {"torch", "transformers", "sklearn"}))
     assert "torch" in _modules_after(["pretrain", "--help"])  # the named command's stack is loaded
+
+
+@pytest.mark.parametrize("code, hint", [(13, "check the permissions"), (28, "free some disk space")])
+def test_a_machine_refusing_a_write_is_one_error_line_and_another_os_error_keeps_its_traceback(monkeypatch, capsys,
+                                                                                             tmp_path, code, hint):
+    import os
+
+    import qanchor.cli.data as data_cli
+    from qanchor.cli import main
+
+    def refuse(*args, **kwargs):
+        raise OSError(code, os.strerror(code), str(tmp_path / "out" / "part-00000.parquet"))
+
+    monkeypatch.setattr(data_cli, "validate_dataset", refuse)
+    assert main(["data", "validate", str(tmp_path)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith(f"error: {tmp_path / 'out' / 'part-00000.parquet'}: ") and hint in err[0]
+    monkeypatch.setattr(data_cli, "validate_dataset", lambda *a, **k: (_ for _ in ()).throw(OSError(5, "I/O error")))
+    with pytest.raises(OSError, match="I/O error"):
+        main(["data", "validate", str(tmp_path)])

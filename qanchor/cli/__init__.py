@@ -25,6 +25,7 @@ run is imported (`qanchor.cli.common.COMMANDS`).
 
 from __future__ import annotations
 
+import errno
 import importlib
 import sys
 
@@ -61,6 +62,17 @@ def build_parser(argv: list[str] | None = None) -> Parser:
     return parser
 
 
+# What the machine refused, not a bug of qanchor's: one error line saying what to do, not a traceback. Every write
+# is atomic, so what was there before is intact.
+_ENVIRONMENT_ERRORS = {
+    errno.EACCES: "check the permissions of that path, or choose another one",
+    errno.EPERM: "check the permissions of that path, or choose another one",
+    errno.EROFS: "the file system is read-only: choose a writable path",
+    errno.ENOSPC: "free some disk space (or choose a path on another disk) and run the command again",
+    errno.EDQUOT: "the disk quota is used up: free some space and run the command again",
+}
+
+
 def main(argv: list[str] | None = None) -> int:
     quiet_third_party()
     try:
@@ -74,6 +86,12 @@ def main(argv: list[str] | None = None) -> int:
         args.func(args)
     except QAnchorError as exc:
         print(f"error: {exc}", file=sys.stderr)
+        return EXIT_USER_ERROR
+    except OSError as exc:
+        if exc.errno not in _ENVIRONMENT_ERRORS:
+            raise  # anything else is a bug: keep its traceback
+        where = f"{exc.filename}: " if exc.filename else ""
+        print(f"error: {where}{exc.strerror}; {_ENVIRONMENT_ERRORS[exc.errno]}", file=sys.stderr)
         return EXIT_USER_ERROR
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
