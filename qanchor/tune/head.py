@@ -243,6 +243,7 @@ def load_heads(directories: str | Path | Sequence[str | Path] | None, tasks: Seq
         return {}
     dirs = [directories] if isinstance(directories, (str, Path)) else list(directories)
     out: dict[str, HeadEntry] = {}
+    where: dict[str, Path] = {}
     for d in map(Path, dirs):
         found = find_heads(d)
         if require and not found:
@@ -251,7 +252,9 @@ def load_heads(directories: str | Path | Sequence[str | Path] | None, tasks: Seq
         for folder in found.values():
             head = ScenarioHead.load(folder, checkpoint_hash)
             if tasks is None or head.task in tasks:
-                out[head.task] = HeadEntry(head, _test_users(folder))
+                if head.task in out:  # one would silently replace the other: rows are named head:<task>
+                    raise CheckpointError(f"two heads for task '{head.task}': {where[head.task]} and {folder}; give one")
+                out[head.task], where[head.task] = HeadEntry(head, _test_users(folder)), folder
     return out
 
 

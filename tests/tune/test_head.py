@@ -238,3 +238,16 @@ def test_whitening_equalises_variance_and_round_trips(tmp_path):
     whitened = apply_whitening(x, (head.whiten_mean, head.whiten_matrix))
     expected = prototype_score(whitened, head.prototypes, head.prototype_labels, 0.1)
     assert torch.equal(head.score(x), expected)
+
+
+def test_two_heads_for_one_task_are_refused_not_one_dropped(tmp_path):
+    """Rows are named head:<task>: a second head of the same task silently replaced the first."""
+    from qanchor.tune.head import load_heads
+
+    for name in ("a", "b"):
+        ScenarioHead("churn", "Will this user stop paying?", torch.zeros(2, 8),
+                     torch.nn.functional.normalize(torch.ones(2, 4), dim=-1), torch.tensor([0, 1]), 0.1,
+                     "a" * 64).save(tmp_path / name / "churn")
+    assert list(load_heads(tmp_path / "a")) == ["churn"]
+    with pytest.raises(CheckpointError, match="two heads for task 'churn'"):
+        load_heads([tmp_path / "a", tmp_path / "b"])
