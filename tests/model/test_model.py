@@ -105,9 +105,9 @@ def test_empty_modality_uses_learned_empty_token(setup):
         tokens = model.user_encoder(batch)
     names = model.user_encoder.names
     search = names.index("search")
-    assert torch.equal(tokens.modality[1, search], model.user_encoder.empty[search])
-    assert torch.equal(tokens.modality[0, names.index("bill")], model.user_encoder.empty[names.index("bill")])
-    assert not torch.equal(tokens.modality[1, names.index("bill")], model.user_encoder.empty[names.index("bill")])
+    assert torch.equal(tokens.modality[1, search], model.user_encoder.empty.weight[search])
+    assert torch.equal(tokens.modality[0, names.index("bill")], model.user_encoder.empty.weight[names.index("bill")])
+    assert not torch.equal(tokens.modality[1, names.index("bill")], model.user_encoder.empty.weight[names.index("bill")])
 
 
 def _int_literals() -> set[int]:
