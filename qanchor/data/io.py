@@ -46,7 +46,8 @@ from qanchor.faults import failpoint
 
 __all__ = ["MARKER_FILE", "OutputKind", "output_kind", "mark_output", "check_output_dir", "claim_output_dir",
            "check_not_inside", "check_replaceable",
-           "atomic_path", "atomic_dir", "write_parquet", "write_yaml", "write_text", "write_json", "fsync_tree", "to_plain"]
+           "atomic_path", "atomic_dir", "write_parquet", "write_yaml", "write_text", "write_json", "read_json_object",
+           "fsync_tree", "to_plain"]
 
 MARKER_FILE = ".qanchor-output"
 _TMP, _OLD = "qanchor-tmp", "qanchor-old"
@@ -356,6 +357,18 @@ def write_text(text: str, target: str | os.PathLike) -> None:
     """Write ``text`` to ``target`` atomically."""
     with atomic_path(target) as tmp:
         tmp.write_text(text, encoding="utf-8")
+
+
+def read_json_object(path: Path, error: type[Exception], fix: str) -> dict:
+    """The JSON object stored in ``path`` (a file qanchor wrote); ``error`` naming the path, what is wrong and ``fix``
+    (what to do) when it is not UTF-8 JSON or not an object: a damaged file is an error line, not a traceback."""
+    try:
+        raw = json.loads(Path(path).read_text(encoding="utf-8"))
+    except (ValueError, UnicodeDecodeError):
+        raise error(f"{path}: not valid JSON; {fix}") from None
+    if not isinstance(raw, dict):
+        raise error(f"{path}: expected a JSON object; {fix}")
+    return raw
 
 
 def write_json(data, target: str | os.PathLike, indent: int | None = 2) -> None:

@@ -36,7 +36,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from qanchor.data.dataset import UserRecord, records_from_table
-from qanchor.data.io import write_parquet, write_text
+from qanchor.data.io import read_json_object, write_parquet, write_text
 from qanchor.data.manifest import Manifest
 from qanchor.data.schema import TS_TYPE, events_table
 from qanchor.errors import ModelInputError
@@ -77,12 +77,7 @@ class StateMeta:
         if not path.exists():
             raise ModelInputError(f"{directory} is not an update state (state.json missing); build one with "
                                   "`qanchor update --model CKPT --data DATASET --queries FILE --out DIR`")
-        try:
-            raw = json.loads(path.read_text(encoding="utf-8"))
-        except (ValueError, UnicodeDecodeError):
-            raise ModelInputError(f"{path}: not valid JSON; the state is damaged (rebuild it with `qanchor update`)") from None
-        if not isinstance(raw, dict):
-            raise ModelInputError(f"{path}: expected a JSON object; the state is damaged (rebuild it)")
+        raw = read_json_object(path, ModelInputError, "the state is damaged (rebuild it with `qanchor update`)")
         if raw.get("format") != STATE_FORMAT:
             raise ModelInputError(f"{path}: state format {raw.get('format')}, this qanchor reads {STATE_FORMAT}; rebuild it")
         try:

@@ -33,7 +33,7 @@ from qanchor.config import (
     load_run_config,
     to_yaml,
 )
-from qanchor.data.io import OutputKind, atomic_dir
+from qanchor.data.io import OutputKind, atomic_dir, read_json_object
 from qanchor.data.manifest import Manifest
 from qanchor.errors import CheckpointError, ConfigError, QAnchorError
 from qanchor.model.backbone import (
@@ -182,12 +182,7 @@ def read_meta(ckpt: Path) -> ModelMeta:
         raise CheckpointError(f"{ckpt}: no such checkpoint directory")
     if not path.exists():
         raise CheckpointError(f"{ckpt}: not a qanchor checkpoint (qanchor.json missing)")
-    try:
-        raw = json.loads(path.read_text(encoding="utf-8"))
-    except (ValueError, UnicodeDecodeError):
-        raise CheckpointError(f"{path}: not valid JSON; the checkpoint is damaged (re-save or re-train it)") from None
-    if not isinstance(raw, dict):
-        raise CheckpointError(f"{path}: expected a JSON object of checkpoint metadata")
+    raw = read_json_object(path, CheckpointError, "the checkpoint is damaged (re-save or re-train it)")
     if raw.get("format_version") != FORMAT_VERSION:
         raise CheckpointError(f"{ckpt}: checkpoint format {raw.get('format_version')} but this qanchor reads format "
                               f"{FORMAT_VERSION}; re-export it with qanchor {raw.get('qanchor_version')}")
