@@ -25,11 +25,13 @@ import ctypes
 import ctypes.util
 import errno
 import glob
+import hashlib
 import json
 import math
 import os
 import secrets
 import shutil
+import socket
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from enum import Enum
@@ -172,16 +174,26 @@ def _pid_alive(pid: int) -> bool:
     return True
 
 
+def _host() -> str:
+    """This machine, as a short tag in temporary names: a pid means nothing on another machine."""
+    return hashlib.sha256(socket.gethostname().encode()).hexdigest()[:8]
+
+
 def _temp_name(target: Path, tag: str) -> Path:
-    return target.with_name(f".{target.name}.{tag}.{os.getpid()}.{secrets.token_hex(4)}")
+    return target.with_name(f".{target.name}.{tag}.{os.getpid()}-{_host()}.{secrets.token_hex(4)}")
 
 
 def _stale(target: Path, tag: str) -> list[Path]:
-    """Temporaries of ``target`` left by processes that no longer run (killed mid-write)."""
+    """Temporaries of ``target`` left by processes of this machine that no longer run (killed mid-write). On a file
+    system shared by several machines (the ranks of a multi-node job) another machine's temporary is left alone: its
+    pid says nothing here, and removing a live writer's temporary would break its rename."""
     out = []
     for p in target.parent.glob(glob.escape(f".{target.name}.{tag}.") + "*"):
         parts = p.name[len(target.name) + 2 :].split(".")
-        if len(parts) == 3 and parts[1].isdigit() and not _pid_alive(int(parts[1])):
+        if len(parts) != 3:
+            continue
+        pid, _, host = parts[1].partition("-")  # names written before the host tag: this machine's
+        if pid.isdigit() and (not host or host == _host()) and not _pid_alive(int(pid)):
             out.append(p)
     return out
 

@@ -116,3 +116,20 @@ def test_a_link_to_nothing_is_refused_before_any_work(tmp_path, how):
             with io.atomic_dir(link, OutputKind.DATASET):
                 raise AssertionError("the work must not start")
     assert link.is_symlink() and not (tmp_path / "unmounted").exists()
+
+
+def test_a_temporary_of_another_machine_is_left_alone_and_a_dead_local_one_is_removed(tmp_path):
+    """On a file system shared by the nodes of a job, a pid says nothing about another machine's writer: removing its
+    temporary (a live rank's partition build, say) would break its rename."""
+    target = tmp_path / "users-abc"
+    dead = 2 ** 22 + 12345  # above the default pid_max: no process of this machine has it
+    assert not io._pid_alive(dead)
+    other = tmp_path / f".users-abc.qanchor-tmp.{dead}-ffffffff.0a1b2c3d"
+    local = tmp_path / f".users-abc.qanchor-tmp.{dead}-{io._host()}.0a1b2c3d"
+    older = tmp_path / f".users-abc.qanchor-tmp.{dead}.0a1b2c3d"  # written before names carried the machine
+    for p in (other, local, older):
+        p.mkdir()
+    assert io._host() != "ffffffff"
+    io._recover(target)
+    assert other.exists() and not local.exists() and not older.exists()
+    assert io._temp_name(target, "qanchor-tmp").name.split(".")[-2] == f"{os.getpid()}-{io._host()}"
