@@ -167,10 +167,7 @@ class ScenarioHead(nn.Module):
         if not isinstance(meta, dict) or not required <= set(meta):
             raise CheckpointError(f"{directory / HEAD_META}: not a head description (needs {sorted(required)}); "
                                   "re-run `qanchor prompt-tune`")
-        if checkpoint_hash is not None and meta["checkpoint_hash"] != checkpoint_hash:
-            raise CheckpointError(
-                f"{directory}: head for task '{meta['task']}' was tuned on checkpoint {str(meta['checkpoint_hash'])[:12]}, "
-                f"not on this one ({checkpoint_hash[:12]}); re-run `qanchor prompt-tune` with this checkpoint")
+        check_tuned_on(directory, meta["task"], meta["checkpoint_hash"], checkpoint_hash)
         try:
             t = load_file(str(directory / HEAD_WEIGHTS))
         except Exception as exc:  # safetensors' own error types: damaged header or payload
@@ -232,6 +229,13 @@ def _test_users(head_dir: Path) -> np.ndarray | None:
     return None if test is None else np.asarray(test, dtype=object)
 
 
+def check_tuned_on(directory: Path, task: str, tuned_on: str, checkpoint_hash: str | None) -> None:
+    """Refuse (CheckpointError) a head tuned on other weights than ``checkpoint_hash`` (None: no check)."""
+    if checkpoint_hash is not None and tuned_on != checkpoint_hash:
+        raise CheckpointError(f"{directory}: head for task '{task}' was tuned on checkpoint {str(tuned_on)[:12]}, not on "
+                              f"this one ({checkpoint_hash[:12]}); re-run `qanchor prompt-tune` with this checkpoint")
+
+
 def load_heads(directories: str | Path | Sequence[str | Path] | None, tasks: Sequence[str] | None = None,
                checkpoint_hash: str | None = None, require: bool = False) -> dict[str, HeadEntry]:
     """Heads found in ``directories`` (each a head folder or a ``qanchor prompt-tune`` output), by task.
@@ -250,8 +254,9 @@ def load_heads(directories: str | Path | Sequence[str | Path] | None, tasks: Seq
             raise CheckpointError(f"{d}: no {HEAD_META} there or in its subfolders; point it at a `qanchor prompt-tune` "
                                   "output_dir or one task's folder")
         for folder in found.values():
-            head = ScenarioHead.load(folder, checkpoint_hash)
-            if tasks is None or head.task in tasks:
+            head = ScenarioHead.load(folder)
+            if tasks is None or head.task in tasks:  # a head nobody asked for is not checked, so it cannot stop the load
+                check_tuned_on(folder, head.task, head.checkpoint_hash, checkpoint_hash)
                 if head.task in out:  # one would silently replace the other: rows are named head:<task>
                     raise CheckpointError(f"two heads for task '{head.task}': {where[head.task]} and {folder}; give one")
                 out[head.task], where[head.task] = HeadEntry(head, _test_users(folder)), folder

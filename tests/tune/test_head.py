@@ -251,3 +251,16 @@ def test_two_heads_for_one_task_are_refused_not_one_dropped(tmp_path):
     assert list(load_heads(tmp_path / "a")) == ["churn"]
     with pytest.raises(CheckpointError, match="two heads for task 'churn'"):
         load_heads([tmp_path / "a", tmp_path / "b"])
+
+
+def test_a_head_nobody_asked_for_does_not_stop_the_load_of_the_others(tmp_path):
+    """load_heads(tasks=...) checked every head's checkpoint before keeping the asked ones: a stale head of another task
+    in the same prompt-tune output aborted the load of the one asked for."""
+    from qanchor.tune.head import load_heads
+
+    protos, labels = torch.nn.functional.normalize(torch.ones(2, 4), dim=-1), torch.tensor([0, 1])
+    ScenarioHead("churn", "Will this user stop paying?", torch.zeros(2, 8), protos, labels, 0.1, "a" * 64).save(tmp_path / "churn")
+    ScenarioHead("coupon", "Will this user redeem?", torch.zeros(2, 8), protos, labels, 0.1, "b" * 64).save(tmp_path / "coupon")
+    assert list(load_heads(tmp_path, tasks=["churn"], checkpoint_hash="a" * 64)) == ["churn"]
+    with pytest.raises(CheckpointError, match="head for task 'coupon' was tuned on checkpoint bbbbbbbbbbbb"):
+        load_heads(tmp_path, checkpoint_hash="a" * 64)
