@@ -80,6 +80,8 @@ def test_kill_and_resume(prepared, tmp_path):
     assert done.returncode == 0, done.stderr[-3000:]
     resumed_losses = {r["step"]: r["loss"] for r in _metrics(out)}
     assert {r["step"]: r["loss"] for r in _metrics(straight)} == resumed_losses
+    # the rate each step used (warm-up 1/2, 2/2, then constant), not the next step's, which engine.step had set
+    assert [r["lr"] for r in _metrics(straight)][:3] == pytest.approx([5e-4, 1e-3, 1e-3])
     # Resuming under another recipe would mix two in one run: refused before any work, naming what differs.
     other = subprocess.run(_pretrain_cmd(prepared, out, "train.max_steps=12", "train.lr=0.01", "resume=true"),
                            cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=120)
@@ -134,13 +136,13 @@ def test_two_ranks_killed_and_resumed_equal_an_uninterrupted_run(prepared, tmp_p
     """Each rank has its own dropout stream; rank 0 alone writes the resume state, so it must carry every rank's
     random state (it carried rank 0's, which every rank then took). A resumed run logs only its log_every steps,
     and resuming with another number of processes (another slice of every batch) is refused."""
-    straight = _torchrun_pretrain(2, prepared, tmp_path / "straight", "train.log_every=3")
+    straight = _torchrun_pretrain(2, prepared, tmp_path / "straight", "train.log_every=4")
     assert straight.returncode == 0, straight.stderr[-3000:]
-    killed = _torchrun_pretrain(2, prepared, tmp_path / "run", "train.log_every=3", failpoint="train-step:3")
+    killed = _torchrun_pretrain(2, prepared, tmp_path / "run", "train.log_every=4", failpoint="train-step:3")
     assert killed.returncode != 0 and (tmp_path / "run" / "ds_state" / "step-0000002").is_dir()
-    resumed = _torchrun_pretrain(2, prepared, tmp_path / "run", "train.log_every=3")
+    resumed = _torchrun_pretrain(2, prepared, tmp_path / "run", "train.log_every=4")
     assert resumed.returncode == 0, resumed.stderr[-3000:]
-    assert [r["step"] for r in _metrics(tmp_path / "run")] == [1, 3, 4]
+    assert [r["step"] for r in _metrics(tmp_path / "run")] == [1, 4]  # a resumed run logged its first step too
     drop = lambda rows: [{k: v for k, v in r.items() if k != "samples_per_s"} for r in rows]  # noqa: E731
     assert drop(_metrics(tmp_path / "run")) == drop(_metrics(tmp_path / "straight"))  # losses and lr, bit for bit
     one = subprocess.run(_pretrain_cmd(prepared, tmp_path / "straight", "train.max_steps=6", "train.save_every=2",
