@@ -24,6 +24,7 @@ from __future__ import annotations
 import ctypes
 import ctypes.util
 import errno
+import functools
 import glob
 import hashlib
 import json
@@ -174,6 +175,7 @@ def _pid_alive(pid: int) -> bool:
     return True
 
 
+@functools.cache
 def _host() -> str:
     """This machine, as a short tag in temporary names: a pid means nothing on another machine."""
     return hashlib.sha256(socket.gethostname().encode()).hexdigest()[:8]

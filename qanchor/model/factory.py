@@ -168,6 +168,11 @@ def checkpoint_hash(ckpt: str | Path) -> str:
     return _file_sha256(path)
 
 
+def _file_identity(path: Path) -> tuple[int, int, int, int]:
+    st = path.stat()
+    return st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns
+
+
 def _file_sha256(path: Path) -> str:
     h = hashlib.sha256()
     with open(path, "rb") as fh:
@@ -216,7 +221,9 @@ def load_checkpoint(ckpt: str | Path, device: str | torch.device = "cpu") -> tup
                                    hf_config=hf_config, tokenizer=tokenizer, training_aids=run_cfg.loss)
     weights = ckpt / "model.safetensors"
     # The hash of exactly the weights loaded (heads, exports and states record it): a run still saving into ``ckpt``
-    # may publish new weights at any moment, so the file is hashed before and after it is read.
+    # may publish new weights at any moment (a new file renamed into place), so the file must be the same one, unchanged,
+    # from before it is hashed to after it is read; its identity is compared, not its bytes read a second time.
+    identity = _file_identity(weights)
     weights_hash = _file_sha256(weights)
     try:
         missing, unexpected = load_model(model, str(weights), strict=False)
@@ -230,7 +237,7 @@ def load_checkpoint(ckpt: str | Path, device: str | torch.device = "cpu") -> tup
     if set(missing) - tied or unexpected:
         raise CheckpointError(f"{ckpt}: weights do not match the model (missing {sorted(set(missing) - tied)[:3]}, "
                               f"unexpected {sorted(unexpected)[:3]})")
-    if _file_sha256(weights) != weights_hash:
+    if _file_identity(weights) != identity:
         raise CheckpointError(f"{weights} changed while it was being loaded (a run still saving into {ckpt}?); load it again")
     model.weights_hash = weights_hash
     return model.to(device).eval(), tokenizer, meta, run_cfg
