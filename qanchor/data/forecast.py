@@ -13,6 +13,12 @@ seafood?", "will it redeem a coupon?"). ``future`` pairs summarise the next wind
 Answers start with "Yes" or "No" and give the counts behind them, all computed from events inside
 ``[cutoff, cutoff + window)``; the windows end by the dataset cutoff, so no pair looks past it. Cutoffs
 whose window is empty are kept (an inactive month is exactly what churn-like tasks ask about).
+
+Which questions a cutoff gets depends on nothing after it: the modality is drawn from the dataset's modalities
+(a user who has never used *m*, or starts only after the cutoff, is asked too: a task asks every user), the
+categories from the user's events before the cutoff and the dataset's vocabulary, and the amount question is asked
+of users with values before the cutoff. Had the choice looked at the whole history, the question alone would
+tell the model something of the answer (asked about *m* only if the user uses *m* some day).
 """
 
 from __future__ import annotations
@@ -37,21 +43,25 @@ def category_vocabulary(texts: Mapping[str, Iterable[str]]) -> dict[str, list[st
 
 
 def _window(h: History, m: str, lo: int, hi: int) -> tuple[np.ndarray, list[str], np.ndarray]:
-    s = h.events[m]
+    s = h.seq(m)  # empty for a modality the user has no events of
     sel = (s.ts >= lo) & (s.ts < hi)
     return s.ts[sel], [t for t, k in zip(s.text, sel) if k], s.value[sel]
 
 
 def forecast_pairs(h: History, cutoffs: list[int], rng: np.random.Generator, vocab: dict[str, list[str]],
-                   window_days: int = 30) -> list[tuple[int, str, str]]:
-    """``(cutoff_us, question, answer)`` pairs at each internal cutoff (see the module docstring)."""
+                   modalities: list[str], window_days: int = 30) -> list[tuple[int, str, str]]:
+    """``(cutoff_us, question, answer)`` pairs at each internal cutoff (see the module docstring).
+
+    ``modalities``: the dataset's sequence modalities (manifest order), the pool of the modality question; a user's
+    own modalities would make the question depend on events after the cutoff.
+    """
     out: list[tuple[int, str, str]] = []
     w = window_days * DAY_US
     for c in cutoffs:
         assert c + w <= h.cutoff_us, "a forecast window must end by the dataset cutoff"
-        nxt = {m: _window(h, m, c, c + w) for m in h.modalities}
-        prev = {m: _window(h, m, c - w, c) for m in h.modalities}
-        before = {m: {category(m, t) for t, ts in zip(h.events[m].text, h.events[m].ts) if ts < c} for m in h.modalities}
+        nxt = {m: _window(h, m, c, c + w) for m in modalities}
+        prev = {m: _window(h, m, c - w, c) for m in modalities}
+        before = {m: {category(m, t) for t, ts in zip(h.seq(m).text, h.seq(m).ts) if ts < c} for m in modalities}
         n_next = sum(len(v[0]) for v in nxt.values())
         n_prev = sum(len(v[0]) for v in prev.values())
         days = len({int(t) // DAY_US for v in nxt.values() for t in v[0]})
@@ -59,7 +69,7 @@ def forecast_pairs(h: History, cutoffs: list[int], rng: np.random.Generator, voc
         out.append((c, q, f"Yes: {n_next} events on {days} days." if n_next else "No: no activity."))
         q = f"Will this user be less active in the next {window_days} days than in the previous {window_days}?"
         out.append((c, q, f"{'Yes' if n_next < n_prev else 'No'}: {n_next} events after {n_prev}."))
-        m = h.modalities[int(rng.integers(len(h.modalities)))] if h.modalities else None
+        m = modalities[int(rng.integers(len(modalities)))] if modalities else None
         if m is not None:
             k = len(nxt[m][0])
             out.append((c, f"Will this user have {m} events in the next {window_days} days?",
@@ -76,10 +86,9 @@ def forecast_pairs(h: History, cutoffs: list[int], rng: np.random.Generator, voc
                 k = sum(category(m, t) == cat for t in nxt[m][1])
                 out.append((c, f"Will this user have {_label(cat)} {m} events for the first time in the next "
                                f"{window_days} days?", f"Yes: {k} times." if k else "No."))
-        values = [np.nansum(v[2]) for v in nxt.values() if np.isfinite(v[2]).any()]
-        past = [np.nansum(v[2]) for v in prev.values() if np.isfinite(v[2]).any()]
-        if values or past:
-            a, b = float(sum(values)), float(sum(past))
+        if any(np.isfinite(h.seq(m).value[h.seq(m).ts < c]).any() for m in modalities):  # values before c
+            a = float(sum(np.nansum(v[2]) for v in nxt.values()))
+            b = float(sum(np.nansum(v[2]) for v in prev.values()))
             out.append((c, f"Will this user's amounts in the next {window_days} days be lower than in the previous "
                            f"{window_days}?", f"{'Yes' if a < b else 'No'}: {a:,.0f} after {b:,.0f}."))
     return out

@@ -87,10 +87,13 @@ _EPOCH = datetime(1970, 1, 1, tzinfo=timezone.utc)
 _FLUSH_ROWS = 65_536
 # Which pairs this generator writes, stamped in the file's metadata beside the owner key. Bump it (and add the reason
 # to USERU_CHANGES) when a change alters the pairs a dataset gets, so that pretraining on an older file says so.
-USERU_VERSION_KEY, USERU_VERSION = "qanchor_userU_version", 2
+USERU_VERSION_KEY, USERU_VERSION = "qanchor_userU_version", 3
 USERU_CHANGES = {
     2: 'a "name, attributes" text\'s category comes from its attributes, not the title\'s first word ("rating/horror", '
        'not "rating/quiet")',
+    3: "a forecast pair's question depends on nothing after its cutoff (the modality asked about is drawn from the "
+       "dataset's modalities, not the ones the user has by the dataset cutoff; the amount question is asked of users "
+       "with values before the cutoff)",
 }
 
 
@@ -165,7 +168,7 @@ def build_userU(dataset_dir: str | Path, seed: int = 0, n_future_cutoffs: int = 
             rng_fc = np.random.default_rng([seed, zlib.crc32(user.user_id.encode()), 2])
             cuts = _pick_cutoffs(int(h.all.ts.min()), h.cutoff_us, rng_fc, n_future_cutoffs, future_window_days,
                                  min_history_days)
-            for c, q, a in forecast_pairs(h, cuts, rng_fc, vocab, future_window_days):
+            for c, q, a in forecast_pairs(h, cuts, rng_fc, vocab, list(extra_names), future_window_days):
                 rows.add(user.user_id, c, q, a, "forecast")
         stats.users += 1
         stats.users_with_pairs += len(rows) > before

@@ -15,6 +15,7 @@ import pytest
 
 from qanchor.config import PretrainConfig, load_config
 from qanchor.data.dataset import EventSeq, load_dataset
+from qanchor.data.forecast import forecast_pairs
 from qanchor.data.manifest import Manifest
 from qanchor.data.schema import USERU_FILE, USERU_SCHEMA, events_table, write_dataset
 from qanchor.data.userU import (
@@ -140,6 +141,42 @@ def test_forecast_answers_match_the_events(built):
     assert checked > 20
     answers = [r["answer"] for r in _rows(table, "forecast")]
     assert 0.2 < np.mean([a.startswith("Yes") for a in answers]) < 0.9  # both answers occur
+
+
+def _seq(days: list[float], texts: list[str], values: list[float] | None = None) -> EventSeq:
+    n = len(days)
+    value = np.full(n, np.nan, np.float32) if values is None else np.asarray(values, np.float32)
+    return EventSeq((np.asarray(days) * DAY_US).astype(np.int64), texts, value, np.zeros((n, 0), np.float32))
+
+
+def test_forecast_questions_depend_on_nothing_after_the_cutoff():
+    """Which questions a forecast cutoff gets reads only events before it and the dataset's modalities.
+
+    The user has purchases all along, app events only after the window and values only inside it. Cutting the
+    history at the window's end must leave every pair as it was (the old generator drew the modality among the
+    user's own, app included only if used some day, and asked the amount question when the window held values),
+    a modality the user never used is asked about too, and no amount question is asked of a user without values
+    before the cutoff.
+    """
+    c, w = 60 * DAY_US, WINDOW * DAY_US
+    events = {"purchase": _seq([float(d) for d in range(0, 100, 3)], ["GROCERY / BREAD"] * 34,
+                               [np.nan] * 20 + [5.0] * 10 + [np.nan] * 4),  # values on days 60-87 only
+              "app": _seq([95.0, 96.0], ["Opened Mail"] * 2)}
+    full, cut = History(events, 100 * DAY_US), History(events, 100 * DAY_US).before(c + w)
+    assert "app" in full.modalities and "app" not in cut.modalities
+    modalities, asked = ["purchase", "app", "web"], Counter()
+    for seed in range(40):
+        pairs = forecast_pairs(full, [c], np.random.default_rng(seed), {}, modalities, WINDOW)
+        assert pairs == forecast_pairs(cut, [c], np.random.default_rng(seed), {}, modalities, WINDOW), seed
+        asked.update(q.split(" events in")[0].split()[-1] for _, q, _ in pairs if q.endswith(f"events in the next {WINDOW} days?"))
+        assert not any("amounts" in q for _, q, _ in pairs)
+    assert set(asked) == set(modalities)  # every modality of the dataset, whether the user has it or not
+    app = forecast_pairs(full, [c], np.random.default_rng(1), {}, ["app"], WINDOW)
+    assert (c, f"Will this user have app events in the next {WINDOW} days?", "No app events.") in app
+    valued = {"purchase": _seq([10.0, 70.0], ["GROCERY / BREAD"] * 2, [4.0, 6.0])}
+    amount = [a for _, q, a in forecast_pairs(History(valued, 100 * DAY_US), [c], np.random.default_rng(0), {},
+                                              ["purchase"], WINDOW) if "amounts" in q]
+    assert amount == ["No: 6 after 0."]
 
 
 def test_future_answers_match_the_events(built):
