@@ -33,6 +33,8 @@ Example:
 
 from __future__ import annotations
 
+import hashlib
+import json
 import logging
 import time
 import zlib
@@ -46,7 +48,7 @@ from typing import Protocol
 import numpy as np
 import pyarrow as pa
 
-from qanchor.data.dataset import load_dataset
+from qanchor.data.dataset import Dataset, load_dataset
 from qanchor.data.forecast import category_vocabulary, forecast_pairs
 from qanchor.data.io import write_parquet
 from qanchor.data.schema import (
@@ -72,10 +74,11 @@ from qanchor.data.userU_topics import (
     verify,
 )
 from qanchor.data.userU_topics import signature as signature_topic
+from qanchor.data.validate import event_files
 from qanchor.logs import progress as progress_iter
 
 __all__ = ["build_userU", "UserUStats", "QAGenerator", "future_pairs", "uqa_pairs", "summarize_future",
-           "FUTURE_QUERY", "MAX_ITEMS", "MAX_PER_CATEGORY", "MAX_TOPICS", "stale_userU", "USERU_VERSION"]
+           "FUTURE_QUERY", "MAX_ITEMS", "MAX_PER_CATEGORY", "MAX_TOPICS", "stale_userU", "USERU_VERSION", "events_digest"]
 
 log = logging.getLogger(__name__)
 
@@ -88,6 +91,7 @@ _FLUSH_ROWS = 65_536
 # Which pairs this generator writes, stamped in the file's metadata beside the owner key. Bump it (and add the reason
 # to USERU_CHANGES) when a change alters the pairs a dataset gets, so that pretraining on an older file says so.
 USERU_VERSION_KEY, USERU_VERSION = "qanchor_userU_version", 3
+USERU_EVENTS_KEY = "qanchor_userU_events"  # events_digest of the data the pairs were computed from
 USERU_CHANGES = {
     2: 'a "name, attributes" text\'s category comes from its attributes, not the title\'s first word ("rating/horror", '
        'not "rating/quiet")',
@@ -175,7 +179,7 @@ def build_userU(dataset_dir: str | Path, seed: int = 0, n_future_cutoffs: int = 
     table = rows.table()
     for source, n in zip(*np.unique(table.column("source").to_numpy(zero_copy_only=False), return_counts=True)):
         stats.pairs[str(source)] = int(n)
-    stats.path = _write(table, Path(dataset_dir) / USERU_FILE)
+    stats.path = _write(table, Path(dataset_dir) / USERU_FILE, events_digest(ds))
     stats.seconds = time.perf_counter() - start
     return stats
 
@@ -317,35 +321,54 @@ class _Rows:
         return pa.concat_tables(self._tables).combine_chunks()
 
 
-def stale_userU(target: Path) -> str | None:
-    """Why ``target``, a ``userU.parquet`` that ``qanchor data userU`` wrote, holds older pairs than this generator
-    writes (one line naming the file, what changed since and the command that rebuilds it), or None: current, not
-    ours (pairs of the user's own are theirs to keep) or absent.
+def events_digest(ds: Dataset) -> str:
+    """What a dataset's UserU pairs are computed from, cheaply: the cutoff, the sequence modalities with their
+    columns, and each event file's name and size. Not the files' times, so that a copy of the dataset still matches;
+    a rewrite that keeps every file's size to the byte escapes it (hashing every event at each pretraining start
+    would cost a read of the whole dataset)."""
+    m = ds.manifest
+    blob = json.dumps([m.cutoff.isoformat(), [[s.name, list(s.numeric_columns)] for s in m.sequence_modalities],
+                       [[f.name, f.stat().st_size] for f in event_files(ds.root)]])
+    return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
-    Files written before the stamp existed count as version 1.
+
+def stale_userU(target: Path, ds: Dataset | None = None) -> str | None:
+    """Why ``target``, a ``userU.parquet`` that ``qanchor data userU`` wrote, holds pairs this generator would not
+    write today (one line naming the file, what changed since and the command that rebuilds it), or None: current,
+    not ours (pairs of the user's own are theirs to keep) or absent.
+
+    Stale means an older generator version (files written before the stamp existed count as version 1) or, with
+    ``ds`` (the dataset the file belongs to), other events than the dataset holds now (:func:`events_digest`;
+    files written before that stamp are not checked).
     """
     if (meta := userU_metadata(target)) is None:  # absent or not Parquet (the loaders say so), or the user's own
         return None
+    rebuild = (f"rebuild them with `qanchor data userU {target.parent}` (it replaces only its own file) to train on "
+               "the current pairs")
     stamp = meta.get(USERU_VERSION_KEY.encode())
     try:
         version = 1 if stamp is None else int(stamp)
     except ValueError:
         version = 1
     if version >= USERU_VERSION:
-        return None
+        built_from = meta.get(USERU_EVENTS_KEY.encode())
+        if ds is None or built_from is None or built_from.decode(errors="replace") == events_digest(ds):
+            return None
+        return (f"{target} holds UserU pairs built from other events than {ds.root} holds now (its event files, "
+                f"cutoff or modalities changed since), so their answers may not match what the model reads; {rebuild}")
     changes = "; ".join(f"version {v}: {USERU_CHANGES[v]}" for v in sorted(USERU_CHANGES) if v > version)
     # An unstamped file may also have been written just after the last change and before the stamp: say both.
     written = ("carries no UserU version (written before qanchor stamped it, so perhaps before these changes)"
                if stamp is None else f"holds UserU pairs of version {version}, before these changes")
-    return (f"{target} {written}: {changes}; rebuild them with `qanchor data userU {target.parent}` (it replaces only "
-            "its own file) to train on the current pairs")
+    return f"{target} {written}: {changes}; {rebuild}"
 
 
-def _write(table: pa.Table, target: Path) -> Path | None:
+def _write(table: pa.Table, target: Path, built_from: str) -> Path | None:
     if table.num_rows == 0:
         # the validator refuses an empty userU file, and a stale one would describe other data
         target.unlink(missing_ok=True)  # ours: check_userU_target ran before any work
         log.warning("no user in %s has events to build UserU pairs from; %s not written", target.parent, target.name)
         return None
-    write_parquet(table, target, metadata={USERU_OWNER_KEY: USERU_OWNER_VALUE, USERU_VERSION_KEY: str(USERU_VERSION)})
+    write_parquet(table, target, metadata={USERU_OWNER_KEY: USERU_OWNER_VALUE, USERU_VERSION_KEY: str(USERU_VERSION),
+                                           USERU_EVENTS_KEY: built_from})
     return target

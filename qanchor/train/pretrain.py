@@ -79,7 +79,7 @@ def preflight(cfg: PretrainConfig, world: int = 1) -> None:
     if not (ds.root / USERU_FILE).exists():
         raise DataValidationError(str(ds.root / USERU_FILE), f"pretraining needs UserU pairs; build them with "
                                   f"`qanchor data userU {ds.root}`")
-    if (stale := stale_userU(ds.root / USERU_FILE)) is not None:
+    if (stale := stale_userU(ds.root / USERU_FILE, ds)) is not None:
         log(f"warning: {stale}")  # the pairs are still valid training pairs: say so, and train on them
     pairs = ds.userU()
     if pairs.num_rows < cfg.train.batch_size * world:

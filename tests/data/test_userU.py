@@ -23,6 +23,7 @@ from qanchor.data.userU import (
     USERU_VERSION,
     UserUStats,
     build_userU,
+    events_digest,
     future_pairs,
     stale_userU,
     summarize_future,
@@ -429,6 +430,31 @@ def test_an_older_userU_file_says_what_changed_and_how_to_rebuild(built, tmp_pat
     assert stamped is not None and "holds UserU pairs of version 1, before these changes" in stamped
     pq.write_table(table.replace_schema_metadata({}), old / USERU_FILE)  # someone's own pairs: theirs to keep
     assert stale_userU(old / USERU_FILE) is None and stale_userU(tmp_path / "absent.parquet") is None
+
+
+def test_pairs_built_from_other_events_are_named_when_pretraining_reads_them(built, tmp_path, capsys):
+    """The file records what its pairs were computed from: a copy of the dataset (new file times) still matches, and
+    after an event file changes pretraining names the file and the rebuild command (a warning: training goes on)."""
+    root, _, _ = built
+    copy = _copy(root, tmp_path / "ds")
+    shutil.copy2(root / USERU_FILE, copy / USERU_FILE)
+    assert pq.read_schema(copy / USERU_FILE).metadata[b"qanchor_userU_events"] == events_digest(load_dataset(root)).encode()
+    assert stale_userU(copy / USERU_FILE, load_dataset(copy)) is None
+    part = sorted((copy / "events").glob("*.parquet"))[0]
+    events = pq.read_table(part)
+    pq.write_table(events.slice(0, events.num_rows - 1), part)  # one event fewer
+    ds = load_dataset(copy)
+    why = stale_userU(copy / USERU_FILE, ds)
+    assert why is not None and f"{copy / USERU_FILE} holds UserU pairs built from other events than {copy} holds now" in why
+    assert f"`qanchor data userU {copy}`" in why and stale_userU(copy / USERU_FILE) is None  # no dataset, no check
+    cfg = load_config(str(Path(__file__).resolve().parents[2] / "configs/pretrain/tiny-synth.yaml"),
+                      [f"data.path={copy}", f"output_dir={tmp_path / 'run'}", "data.max_events={}", "train.batch_size=4"],
+                      schema=PretrainConfig)
+    capsys.readouterr()
+    preflight(cfg)
+    assert [line.split(" ", 2)[2] for line in capsys.readouterr().out.splitlines()] == [f"warning: {why}"]
+    build_userU(copy, seed=0, progress=False)  # rebuilt: current again
+    assert stale_userU(copy / USERU_FILE, load_dataset(copy)) is None
 
 
 def test_a_dataset_without_events_gets_no_pairs_and_the_command_does_not_claim_it_wrote_them(tmp_path, capsys):
