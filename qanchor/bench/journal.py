@@ -99,8 +99,9 @@ class BenchJournal:
         return self._rows.get((index, task, method))
 
     def put(self, index: int, task: str, method: str, result: MethodResult) -> MethodResult:
-        """Keep ``result`` (atomically) and return it."""
-        if self.directory is None:
+        """Keep ``result`` (atomically) and return it. A skipped row is not kept: why a method did not run (a package
+        not installed, say) may have changed by the next run, and a skip costs nothing to find again."""
+        if self.directory is None or result.skipped is not None:
             return result
         row = {"task": task, "method": method, "result": to_plain(asdict(result))}
         write_text(json.dumps(row) + "\n", self.directory / f"row-{index:04d}-{method}.json")

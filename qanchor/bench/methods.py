@@ -199,9 +199,15 @@ def _fold_heads(ctx: BenchContext, task: Task, folds: list) -> list[tuple[Split,
     them); computed once per task and shared by ``qanchor_head`` and ``qanchor_head_lr``."""
     key = (task.name, len(folds))
     if key not in ctx.fold_heads:
+        labels = task.labels.astype(np.int64)
+        # a head's validation split is stratified over the fold's training users: each class needs two of them there
+        fewest = min(int(min(labels[train].sum(), len(train) - labels[train].sum())) for train, _ in folds)
+        if fewest < 2:
+            raise Skip(f"per-fold heads need at least 2 users of each class among every fold's training users (one to "
+                       f"tune on, one to pick the step by); a fold of task {task.name} has {fewest}")
         store = ctx.prefix_store.at_query(task.query)  # Skip without a real checkpoint
         model, cfg = ctx.embedder.model, ctx.tune_config
-        rows, labels = ctx.store_rows(task.user_ids), task.labels.astype(np.int64)
+        rows = ctx.store_rows(task.user_ids)
         query_ids = _query_ids(model, task.query)
         heads = []
         for i, (train, test) in enumerate(folds):

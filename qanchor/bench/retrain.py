@@ -1,7 +1,7 @@
 """Retrained sub-runs of a benchmark: a checkpoint's recipe pretrained again with one change, or heads tuned with
 other settings. Used by the ablations and by the ``qanchor_random_init`` control (the recipe with pretraining
-skipped). A sub-run finished with the same recipe is reused, a killed one resumes, and one trained with another recipe
-(say, for a checkpoint with a shorter budget) is retrained.
+skipped). A sub-run finished with the same recipe on the same data is reused, a killed one resumes, and one trained with
+another recipe (say, for a checkpoint with a shorter budget) or on data changed since is retrained.
 
 Example:
     >>> ckpt = pretrain_ablation(cfg, "no_pretraining", Path("results/cj/random_init"), progress=False)  # doctest: +SKIP
@@ -14,10 +14,17 @@ from dataclasses import replace
 from pathlib import Path
 
 from qanchor.config import BenchConfig, PretrainConfig, load_run_config, with_overrides
+from qanchor.data.dataset import load_dataset
 from qanchor.errors import ConfigError
 from qanchor.logs import log
 from qanchor.model.factory import resolve_checkpoint_dir
-from qanchor.train.pretrain import checkpoint_step, recipe_differences, run_pretrain
+from qanchor.train.pretrain import (
+    checkpoint_data_id,
+    checkpoint_step,
+    recipe_differences,
+    run_pretrain,
+    trained_data_id,
+)
 
 __all__ = ["PRETRAIN_ABLATIONS", "checkpoint_run_config", "pretrain_ablation", "pretrain_variant"]
 
@@ -61,6 +68,9 @@ def pretrain_variant(checkpoint: str, data_path: str, change: Callable[[Pretrain
     ckpt = out / "checkpoint"
     if (ckpt / "config.yaml").exists():
         diffs = recipe_differences(load_run_config(ckpt / "config.yaml"), run)
+        saved_on = checkpoint_data_id(ckpt)  # None: saved before qanchor recorded it, so not compared
+        if saved_on is not None and saved_on != trained_data_id(load_dataset(data_path, run.data.cache_dir)):
+            diffs.append(f"the data at {data_path} (its files or UserU pairs changed since)")
         if not diffs and checkpoint_step(ckpt) == run.train.max_steps:
             return ckpt  # finished with this very recipe: reuse it
         if diffs:  # trained for another checkpoint's recipe (say a shorter budget): stale, so retrain it

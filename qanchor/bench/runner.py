@@ -36,7 +36,7 @@ from qanchor.data.io import OutputKind, claim_output_dir
 from qanchor.errors import CheckpointError, ConfigError, DataValidationError
 from qanchor.logs import Progress, log
 from qanchor.metrics import auc_score
-from qanchor.tune.head import HeadEntry, load_heads
+from qanchor.tune.head import HEAD_META, HeadEntry, find_heads, load_heads
 
 __all__ = ["TaskResult", "BenchResult", "run_bench", "prepare"]
 
@@ -103,6 +103,10 @@ def prepare(cfg: BenchConfig) -> tuple[Dataset, list[Task]]:
         require_file(cfg.prompt_tune_config, "prompt_tune_config")  # before any embedding: the heads read it last
     if cfg.checkpoint and any(m in _QANCHOR_METHODS for m in cfg.methods) and not Path(cfg.checkpoint).is_dir():
         raise CheckpointError(f"{cfg.checkpoint}: no such checkpoint directory")  # before output_dir is claimed
+    if cfg.heads_dir is not None and not find_heads(cfg.heads_dir):  # a mistyped path, not "no heads"
+        raise ConfigError(f"heads_dir={cfg.heads_dir}: no prompt-tuned heads there (no {HEAD_META} in it or its "
+                          "subfolders); point it at a `qanchor prompt-tune` output_dir, or pass heads_dir=null (saved "
+                          "heads only add the before / after tuning PCA plot)")
     ds = load_dataset(cfg.data.path, cfg.data.cache_dir)
     if cfg.labels is not None:
         return ds, subsample([custom_task(ds, cfg.labels, cfg.query or "")], cfg.max_users, cfg.seed)

@@ -17,6 +17,7 @@ Example:
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import shutil
@@ -117,6 +118,27 @@ def recipe_differences(saved: PretrainConfig, new: PretrainConfig) -> list[str]:
     return [f"{k}: {a.get(k)} -> {b.get(k)}" for k in sorted(set(a) | set(b)) if k not in ignored and a.get(k) != b.get(k)]
 
 
+DATA_FILE = "DATA"  # in a run's checkpoint: trained_data_id of the data it was trained on
+
+
+def trained_data_id(ds: Dataset) -> str:
+    """Which data a run trains on: the dataset's fingerprint (event, tabular and task files, the manifest) and its
+    ``userU.parquet`` (size and time), which the fingerprint leaves out. Stored in each checkpoint (:data:`DATA_FILE`)
+    so that reusing or resuming a run on data changed since can be told apart."""
+    pairs = ds.root / USERU_FILE
+    st = pairs.stat() if pairs.exists() else None
+    blob = f"{ds.fingerprint}:{st.st_size if st else '-'}:{st.st_mtime_ns if st else '-'}"
+    return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+def checkpoint_data_id(checkpoint_dir: Path) -> str | None:
+    """The :func:`trained_data_id` a checkpoint was saved with, or None (saved before qanchor recorded it)."""
+    try:
+        return (checkpoint_dir / DATA_FILE).read_text().strip() or None
+    except (FileNotFoundError, UnicodeDecodeError):
+        return None
+
+
 def checkpoint_step(checkpoint_dir: Path) -> int | None:
     """The step a pretraining run's checkpoint was saved at (its ``STEP`` file), or None if it has none."""
     try:
@@ -175,6 +197,12 @@ def run_pretrain(cfg: PretrainConfig, progress: bool = True) -> Path:
             _clear_run(out)
         claim_output_dir(out, OutputKind.RUN, {"data.path": cfg.data.path}, key="output_dir")
     ds, pipe = prepare_inputs(cfg, rank, progress and rank == 0)
+    data_id = trained_data_id(ds)
+    saved_on = checkpoint_data_id(out / "checkpoint") if cfg.resume else None
+    if rank == 0 and saved_on is not None and saved_on != data_id:
+        log(f"warning: {out} was trained so far on other data than {ds.root} holds now (its files or UserU pairs "
+            "changed since); the resumed steps train on the data as it is now. Pass resume=false overwrite=true to "
+            "train on it from the start")
     torch.manual_seed(cfg.train.seed)  # identical initial weights on every rank
     model, tokenizer = build_model(cfg.model, ds.manifest, pipe.cache.dim, ds.tabular_columns,
                                    training_aids=cfg.loss)
@@ -207,7 +235,8 @@ def run_pretrain(cfg: PretrainConfig, progress: bool = True) -> Path:
     if rank == 0 and progress:
         _log_start(cfg, model, ds, stream, world, start)
     last = _train_loop(cfg, engine, stream, start, rank, world, metrics, progress, bank,
-                       save=lambda step: _save(cfg, engine, model, tokenizer, meta, out, step, rank, world, bank))
+                       save=lambda step: _save(cfg, engine, model, tokenizer, meta, out, step, rank, world, bank,
+                                                 data_id))
     if rank == 0 and progress:
         log(f"pretrain: done, {cfg.train.max_steps - start} steps in {format_seconds(time.perf_counter() - started)}"
             + (f"; last step loss {last['loss']:.4f} (contrastive {last['loss_contrastive']:.4f}, ntp "
@@ -451,7 +480,7 @@ def _train_loop(cfg: PretrainConfig, engine, stream: PretrainStream, start: int,
 
 
 def _save(cfg: PretrainConfig, engine, model, tokenizer, meta: ModelMeta, out: Path, step: int, rank: int, world: int,
-          bank: AnswerBank | None) -> None:
+          bank: AnswerBank | None, data_id: str) -> None:
     state = out / "ds_state"
     tag = f"step-{step:07d}"
     # every rank's random state: rank 0 alone writes the client state, and each rank's dropout stream differs
@@ -473,7 +502,8 @@ def _save(cfg: PretrainConfig, engine, model, tokenizer, meta: ModelMeta, out: P
         torch.distributed.barrier()  # every rank's shard of the tag is on disk before it is sealed
     with gathered_parameters(model, cfg.train.zero_stage):
         if rank == 0:
-            save_checkpoint(out / "checkpoint", model, tokenizer, cfg, meta, extra_files={"STEP": f"{step}\n"})
+            save_checkpoint(out / "checkpoint", model, tokenizer, cfg, meta,
+                            extra_files={"STEP": f"{step}\n", DATA_FILE: f"{data_id}\n"})
     if rank == 0:
         seal_tag(state / tag)
         clear_saving(state, tag)

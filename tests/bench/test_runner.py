@@ -209,3 +209,27 @@ def test_a_prompt_tune_config_is_required_only_where_heads_are_tuned(tiny_datase
         cfg = load_config(None, [f"data.path={tiny_dataset}", missing, *needs], schema=BenchConfig)
         with pytest.raises(ConfigError, match="prompt_tune_config: .*none.yaml not found"):
             prepare(cfg)
+
+
+def test_per_fold_heads_are_skipped_not_crashed_where_a_fold_trains_on_one_user_of_a_class(tiny_dataset, tmp_path):
+    """Two positives give two folds, each training on one: a head's validation split cannot be stratified then, and
+    the row says so instead of stopping the whole bench with a traceback."""
+    from dataclasses import replace
+
+    from qanchor.bench import methods
+    from qanchor.bench.peers import Skip
+
+    _, tasks = prepare(_cfg(tiny_dataset, tmp_path))
+    labels = np.zeros(len(tasks[0].labels), np.int8)
+    labels[:2] = 1
+    task = replace(tasks[0], labels=labels)
+    folds = stratified_folds(labels, 2, 0)
+    with pytest.raises(Skip, match=f"a fold of task {task.name} has 1"):
+        methods._fold_heads(SimpleNamespace(fold_heads={}), task, folds)
+
+
+def test_a_heads_dir_without_heads_is_refused_before_the_output_dir_is_claimed(tiny_dataset, tmp_path):
+    cfg = _cfg(tiny_dataset, tmp_path, heads_dir=str(tmp_path / "heads-typo"), methods=["rfm_lr"])
+    with pytest.raises(ConfigError, match=r"heads_dir=.*heads-typo: no prompt-tuned heads there.*heads_dir=null"):
+        run_bench(cfg, progress=False)
+    assert not (tmp_path / "out").exists()

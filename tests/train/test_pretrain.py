@@ -16,6 +16,8 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from qanchor.data.dataset import load_dataset
+from qanchor.train.pretrain import checkpoint_data_id, trained_data_id
 from tests.model.helpers import model_and_stream
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -72,6 +74,7 @@ def test_kill_and_resume(prepared, tmp_path):
     assert steps == sorted(set(steps)) and steps[-1] == 10  # no step logged twice, ends at max_steps
     assert all(torch.isfinite(torch.tensor(r["loss"])) for r in _metrics(out))
     assert (out / "checkpoint" / "STEP").read_text().strip() == "10"
+    assert checkpoint_data_id(out / "checkpoint") == trained_data_id(load_dataset(prepared))  # what it trained on
     assert {"step", "loss", "loss_contrastive", "loss_ntp", "loss_profile", "lr", "samples_per_s"} <= set(_metrics(out)[-1])
     # Weights, optimizer, schedule, data position and RNG all resume: the losses equal an uninterrupted run's.
     straight = tmp_path / "straight"

@@ -2,14 +2,23 @@
 
 from __future__ import annotations
 
+import shutil
 from dataclasses import replace
 from pathlib import Path
 
+import pyarrow.parquet as pq
 import pytest
 
 from qanchor.bench import retrain
 from qanchor.config import PretrainConfig, load_config, to_yaml
-from qanchor.train.pretrain import checkpoint_step, recipe_differences
+from qanchor.data.dataset import load_dataset
+from qanchor.train.pretrain import (
+    DATA_FILE,
+    checkpoint_data_id,
+    checkpoint_step,
+    recipe_differences,
+    trained_data_id,
+)
 
 CONFIG = Path(__file__).resolve().parents[2] / "configs/pretrain/tiny-synth.yaml"
 
@@ -75,3 +84,29 @@ def test_a_sub_run_is_reused_only_finished_and_with_the_same_recipe(cfg, tmp_pat
     retrain.pretrain_variant(str(base), cfg.data.path, same, sub, False)
     assert len(calls) == 3 and calls[-1].overwrite and not calls[-1].resume  # stale: retrained afresh
     assert calls[-1].train.max_steps == cfg.train.max_steps * 2
+
+
+def test_a_sub_run_trained_on_data_changed_since_is_retrained(tiny_dataset, tmp_path, monkeypatch):
+    """A finished sub-run of the same recipe is reused only on the data it was trained on: after an event file or the
+    UserU pairs change, the random-init control and the ablations are retrained, not served from the old data."""
+    ds_dir = tmp_path / "ds"
+    shutil.copytree(tiny_dataset, ds_dir, ignore=shutil.ignore_patterns(".qanchor_cache"))
+    cfg = load_config(CONFIG, [f"data.path={ds_dir}", f"output_dir={tmp_path / 'run'}"], schema=PretrainConfig)
+    base, sub = tmp_path / "base", tmp_path / "sub"
+    _fake_run(base, cfg, cfg.train.max_steps)
+    _fake_run(sub, replace(cfg, output_dir=str(sub), resume=True, overwrite=False), cfg.train.max_steps)
+    (sub / "checkpoint" / DATA_FILE).write_text(trained_data_id(load_dataset(ds_dir)) + "\n")
+    calls: list[PretrainConfig] = []
+    monkeypatch.setattr(retrain, "run_pretrain", lambda run, progress: calls.append(run))
+    same = lambda c: c  # noqa: E731
+    retrain.pretrain_variant(str(base), str(ds_dir), same, sub, False)
+    assert calls == []  # the same recipe on the same data: reused
+    part = sorted((ds_dir / "events").glob("*.parquet"))[0]
+    table = pq.read_table(part)
+    pq.write_table(table.slice(0, table.num_rows - 1), part)  # one event fewer
+    retrain.pretrain_variant(str(base), str(ds_dir), same, sub, False)
+    assert len(calls) == 1 and calls[-1].overwrite and not calls[-1].resume  # retrained afresh
+    assert checkpoint_data_id(sub / "checkpoint") != trained_data_id(load_dataset(ds_dir))
+    (sub / "checkpoint" / DATA_FILE).unlink()  # saved before qanchor recorded its data: not compared
+    retrain.pretrain_variant(str(base), str(ds_dir), same, sub, False)
+    assert len(calls) == 1
