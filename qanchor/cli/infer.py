@@ -35,6 +35,7 @@ from qanchor.errors import ModelInputError
 from qanchor.infer.api import QAnchor
 from qanchor.infer.export import export_embeddings, read_queries, report_json, task_queries
 from qanchor.infer.index import LookalikeIndex, check_index_target
+from qanchor.infer.state import StateMeta
 from qanchor.infer.update import init_state, update_state
 from qanchor.model.backbone import check_device
 from qanchor.tune.head import load_heads
@@ -96,6 +97,8 @@ def _cmd_update(args: argparse.Namespace) -> None:
             raise ModelInputError("building a first state needs queries=FILE (or queries=tasks)")
         report = init_state(_model(cfg, ds), ds, queries, cfg.out, as_of=cfg.as_of, progress=not args.quiet)
     else:
+        if cfg.data.max_events is None and cfg.data.default_max_events is None:  # the caps the state was built with
+            cfg.data.max_events = StateMeta.load(cfg.state).caps
         report = update_state(_model(cfg, None), cfg.state, cfg.events, cfg.out, queries=_queries(cfg.queries, None),
                               as_of=cfg.as_of, full=cfg.full, progress=not args.quiet)
     print(report.to_json())
@@ -157,6 +160,8 @@ def _user(cfg: AskConfig | DescribeConfig):
                               f"e.g. user={ds.user_ids[0]}")
     model = _model(cfg, ds)
     model.check_language_head()  # before any work: a checkpoint that cannot answer is refused first
+    if cfg.cutoff is None:  # event ages count from the dataset's cutoff, as `qanchor embed`'s do
+        cfg.cutoff = ds.manifest.cutoff.isoformat()
     return ds, ds.user(cfg.user), model
 
 

@@ -224,7 +224,7 @@ class InferConfig:
 class EmbedConfig(InferConfig):
     """``qanchor embed``: every user of a dataset x every query (and head) -> resumable Parquet shards."""
 
-    data: DataConfig = field(default_factory=DataConfig)  # data.path: the dataset to embed
+    data: DataOverrides = field(default_factory=DataOverrides)  # data.path: the dataset to embed (caps: the checkpoint's)
     queries: str | None = None  # a YAML / CSV / text / Parquet file of queries (qanchor.infer.export.read_queries), or "tasks" (the dataset's task queries)
     heads: list[str] = field(default_factory=list)  # prompt-tune output dirs or head folders: rows head:<task>
     out: str = ""  # output directory (resumes a partial export of the same settings)
@@ -243,7 +243,9 @@ class EmbedConfig(InferConfig):
 class UpdateConfig(InferConfig):
     """``qanchor update``: build a first state from a dataset, or apply a day of events to yesterday's state."""
 
-    data: DataConfig = field(default_factory=DataConfig)  # data.path: build the first state from this dataset
+    # data.path: build the first state from this dataset; data.max_events / default_max_events: the checkpoint's unless
+    # set (a state keeps the caps it was built with, and its updates pack with them)
+    data: DataOverrides = field(default_factory=DataOverrides)
     state: str | None = None  # yesterday's state directory
     events: list[str] = field(default_factory=list)  # Parquet file(s) of new events (dataset event format)
     out: str = ""  # today's state directory (never inside --state or the dataset)

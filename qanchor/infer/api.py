@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import warnings
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import datetime
 from functools import cached_property
 from pathlib import Path
@@ -26,15 +26,15 @@ from typing import Any, Protocol
 import numpy as np
 import torch
 
-from qanchor.config import InferConfig, PretrainConfig, require
+from qanchor.config import DataOverrides, InferConfig, PretrainConfig, require
 from qanchor.data.dataset import Dataset, EventSeq, UserRecord
 from qanchor.data.manifest import Manifest
 from qanchor.data.packing import PackedUser
-from qanchor.data.pipeline import UserPipeline, batched
+from qanchor.data.pipeline import UserPipeline, batched, check_caps
 from qanchor.data.profile import ASPECTS, PROFILE_QUESTIONS, tidy, verify_answer
 from qanchor.data.text_cache import SentenceEncoder, TextVectorCache
 from qanchor.data.userU_topics import History
-from qanchor.errors import CheckpointError, ModelInputError
+from qanchor.errors import CheckpointError, ConfigError, ModelInputError
 from qanchor.infer.user_input import record_adapter, to_microseconds, to_record
 from qanchor.model.backbone import check_device
 from qanchor.model.factory import (
@@ -147,8 +147,28 @@ class QAnchor:
         """Load ``cfg.checkpoint`` on ``cfg.device`` with its batch sizes (what every inference command does)."""
         require(cfg.checkpoint, "checkpoint", "<checkpoint dir>")
         kwargs.setdefault("text_cache_dir", cfg.text_cache_dir)
-        return cls.from_pretrained(cfg.checkpoint, device=check_device(cfg.device), batch_size=cfg.batch_size,
-                                   max_rows=cfg.max_rows, **kwargs)
+        model = cls.from_pretrained(cfg.checkpoint, device=check_device(cfg.device), batch_size=cfg.batch_size,
+                                    max_rows=cfg.max_rows, **kwargs)
+        if isinstance(getattr(cfg, "data", None), DataOverrides):  # the command's data.max_events etc.
+            model.use_packing(cfg.data)
+        return model
+
+    def use_packing(self, overrides: DataOverrides) -> None:
+        """Pack users with the checkpoint's data section as ``overrides`` changes it (its event caps; the text
+        encoder is always the checkpoint's). Only before the first user is packed: one object packs one way."""
+        if "pipeline" in self.__dict__:
+            raise ModelInputError("use_packing: this model has packed users already; set the event caps first")
+        data = overrides.apply(self.run_cfg.data)
+        check_caps(data, self.manifest)  # a cap for a modality the model does not have is a typo, not a no-op
+        if data.default_max_events < 1 or any(v < 1 for v in data.max_events.values()):
+            raise ConfigError(f"data.max_events / default_max_events must be >= 1, got {data.max_events} / "
+                              f"{data.default_max_events}")
+        self.run_cfg = replace(self.run_cfg, data=data)
+
+    @property
+    def event_caps(self) -> dict[str, int]:
+        """How many of each sequence modality's most recent events a user is packed with."""
+        return {m.name: self.run_cfg.data.cap(m.name) for m in self.manifest.sequence_modalities}
 
     # ----------------------------------------------------------------------------------- properties
     @property

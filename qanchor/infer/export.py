@@ -2,7 +2,7 @@
 
 Output directory::
 
-    export.json            checkpoint hash, dataset fingerprint, queries, heads, shard layout (checked on resume)
+    export.json            checkpoint hash, dataset fingerprint, queries, heads, shard layout, event caps (checked on resume)
     part-00000.parquet     user_id:string, query_id:string, embedding:fixed_size_list<float32>[D],
                            score:float32 (the head's score on rows ``head:<task>``; null for plain queries)
     part-00000.done        JSON marker written after its shard: a shard with a marker is never redone
@@ -300,7 +300,7 @@ def export_embeddings(model: QAnchor, ds: Dataset, queries: list[tuple[str, str]
     _check_manifest(out, {"format": FORMAT, "checkpoint": model.checkpoint_hash, "dataset": ds.partitions.directory.name,
                           "queries": [list(q) for q in queries], "heads": [[head_name(h), head_digest(h)] for h in heads],
                           "shards": [list(s) for s in shards], "cutoff": cutoff, "embedding_dim": model.embedding_dim,
-                          "use_cache": use_cache}, overwrite, world)
+                          "use_cache": use_cache, "event_caps": model.event_caps}, overwrite, world)
     adapt = record_adapter(ds.manifest, ds.tabular_columns, model.manifest, model.tabular_columns)
     query_ids = [qid for qid, _ in queries] + [f"head:{head_name(h)}" for h in heads]
     mine = list(range(rank, len(shards), world))

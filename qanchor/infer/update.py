@@ -217,7 +217,7 @@ def init_state(q: QAnchor, ds: Dataset, queries: list[tuple[str, str]], out_dir:
         report = UpdateReport(_iso(as_of_us), 0.0, n_users, n_users, n_users, 0, ran, 0, n_users, len(shards), 0,
                               time.perf_counter() - start)
         bounds = [str(parts.ids_of(p)[0]) for p in shards[1:]]
-        caps = {m.name: q.run_cfg.data.cap(m.name) for m in q.manifest.sequence_modalities}
+        caps = q.event_caps
         StateMeta(q.checkpoint_hash, _iso(as_of_us), [list(x) for x in queries], bounds, caps, n_users,
                   [asdict(report)]).save(tmp)
     return report
@@ -262,6 +262,10 @@ def update_state(q: QAnchor, state_dir: str | Path, event_files: Sequence[str | 
     if meta.checkpoint and q.checkpoint_hash and meta.checkpoint != q.checkpoint_hash:
         raise CheckpointError(f"{state_dir} was built with checkpoint {meta.checkpoint[:12]}, not this one "
                               f"({q.checkpoint_hash[:12]}); rebuild the state with this model")
+    if q.event_caps != meta.caps:  # the buffer holds each modality's most recent caps[m] events
+        raise ConfigError(f"{state_dir} was built packing {meta.caps} most recent events per modality, and this model "
+                          f"packs {q.event_caps}; update it with the state's caps (data.max_events={meta.caps}) or "
+                          "build a new state")
     as_of_us = q.cutoff_us(as_of) if as_of else None
     table = read_events(event_files, q, as_of_us)
     as_of_us = as_of_us or _default_as_of(meta, table)

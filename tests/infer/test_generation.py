@@ -253,6 +253,27 @@ def test_ask_and_describe_commands(infer_env, tmp_path, capsys):
         assert len(err) == 1 and msg in err[0], err
 
 
+def test_ask_counts_event_ages_from_the_datasets_cutoff_as_embed_does(infer_env, tmp_path, capsys):
+    """On a dataset whose cutoff is later than the model's, `ask` answers about the dataset's moment by default
+    (its setting says so, and `embed` does the same), not the moment the model was trained at."""
+    import json
+    import shutil
+
+    later = tmp_path / "later"
+    shutil.copytree(infer_env.ds_dir, later, ignore=shutil.ignore_patterns(".qanchor_cache"))
+    manifest = (later / "manifest.yaml").read_text()
+    assert "2024-06-30T00:00:00+00:00" in manifest
+    (later / "manifest.yaml").write_text(manifest.replace("2024-06-30T00:00:00+00:00", "2024-12-31T00:00:00+00:00"))
+    common = ["ask", f"checkpoint={infer_env.ckpt}", f"data.path={later}", "user=u003", "--quiet", "json=true",
+              "question=How recently was this user active?", "options=[yes,no]", f"text_cache_dir={tmp_path / 'text'}"]
+    scores = {}
+    for name, extra in [("default", []), ("dataset", ["cutoff=2024-12-31T00:00:00+00:00"]),
+                        ("model", ["cutoff=2024-06-30T00:00:00+00:00"])]:
+        assert main([*common, *extra]) == 0
+        scores[name] = json.loads(capsys.readouterr().out)["scores"]
+    assert scores["default"] == scores["dataset"] and scores["default"] != scores["model"]
+
+
 def test_checkpoint_without_a_trained_language_head_is_refused(infer_env, tmp_path, capsys):
     cfg = tiny_cfg(["model.max_query_tokens=16", "loss.mode=contrastive"])
     ckpt = save_checkpoint(tmp_path / "ckpt", infer_env.qa.model, infer_env.qa.tokenizer, cfg, infer_env.qa.meta)
