@@ -191,9 +191,19 @@ def _write_shard(q: QAnchor, out: Path, shard: int, records: list[UserRecord], e
     write_tables(out, shard, tables)
 
 
+def _check_token_model(q: QAnchor) -> None:
+    """A state keeps each modality's encoding, the user tokens; a model that reads its users as lines of event text
+    has none, and prefixes built from its untrained user encoder would be wrong embeddings."""
+    if q.run_cfg.model.user_input != "tokens":
+        raise CheckpointError(f"{q.checkpoint_dir or 'this model'} reads users as event text (model.user_input="
+                              f"{q.run_cfg.model.user_input}), so a daily-update state, which keeps user-token "
+                              "encodings, cannot serve it; embed its users with `qanchor embed` instead")
+
+
 def init_state(q: QAnchor, ds: Dataset, queries: list[tuple[str, str]], out_dir: str | Path,
                as_of: str | None = None, progress: bool = True) -> UpdateReport:
     """Build the first state from a dataset: buffers, every modality encoding, embeddings."""
+    _check_token_model(q)
     start = time.perf_counter()
     as_of_us = q.cutoff_us(as_of or ds.manifest.cutoff.isoformat())
     adapt = record_adapter(ds.manifest, ds.tabular_columns, q.manifest, q.tabular_columns)
@@ -258,6 +268,7 @@ def update_state(q: QAnchor, state_dir: str | Path, event_files: Sequence[str | 
     state_dir, out_dir = Path(state_dir), Path(out_dir)
     if state_dir.resolve() == out_dir.resolve():
         raise ConfigError("out must differ from state: yesterday's state stays intact until today's is complete")
+    _check_token_model(q)
     meta = StateMeta.load(state_dir)
     if meta.checkpoint and q.checkpoint_hash and meta.checkpoint != q.checkpoint_hash:
         raise CheckpointError(f"{state_dir} was built with checkpoint {meta.checkpoint[:12]}, not this one "

@@ -232,3 +232,18 @@ def test_a_whole_history_model_keeps_every_event(history_env, tmp_path):
     dim = env.qa.pipeline.cache.dim
     for row in table.filter(pc.equal(table.column("user_id"), uid)).to_pylist():
         assert len(row["text_vectors"]) == (row["n"] * dim if row["modality"] != "tabular" else 0)
+
+
+def test_a_model_that_reads_event_text_is_refused_a_state(infer_env, state0, tmp_path):
+    """A `model.user_input=text` model reads users as lines of event text: a state of user-token encodings cannot
+    serve it (its prefixes came out 0.36 away from `embed`), so building or updating one is refused by name."""
+    from dataclasses import replace as dc_replace
+
+    text = tiny_cfg(["model.max_query_tokens=16", "model.user_input=text", "data.text_events=5"])
+    qa = QAnchor(infer_env.qa.model, infer_env.qa.tokenizer, infer_env.qa.meta,
+                 dc_replace(infer_env.qa.run_cfg, model=text.model), text_cache=infer_env.cache)
+    with pytest.raises(CheckpointError, match="reads users as event text.*qanchor embed"):
+        init_state(qa, infer_env.ds, PAIRS, tmp_path / "s", progress=False)
+    with pytest.raises(CheckpointError, match="reads users as event text"):
+        update_state(qa, state0[0], [], tmp_path / "s1", progress=False)
+    assert not (tmp_path / "s").exists() and not (tmp_path / "s1").exists()
