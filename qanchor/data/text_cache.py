@@ -58,11 +58,13 @@ class SentenceEncoder:
         try:
             with hf_bars_off_terminal():
                 self.tokenizer = AutoTokenizer.from_pretrained(self.path)
-                self.model = AutoModel.from_pretrained(self.path).to(device).eval().requires_grad_(False)
+                # safetensors only: a pytorch_model.bin is a pickle, and unpickling a file can run its code
+                self.model = (AutoModel.from_pretrained(self.path, use_safetensors=True).to(device).eval()
+                              .requires_grad_(False))
         except (OSError, ValueError) as exc:  # no such directory / hub id, or not an encoder
             raise ConfigError(f"data.text_encoder.path={self.cfg.path!r}: cannot load a sentence encoder there "
-                              f"({str(exc).splitlines()[0][:160]}); give a local HF encoder directory, or null for the "
-                              "bundled all-MiniLM-L6-v2") from None
+                              f"({str(exc).splitlines()[0][:160]}); give a local HF encoder directory with safetensors weights, "
+                              "or null for the bundled all-MiniLM-L6-v2") from None
         self.device = torch.device(device)
         self.dim = int(self.model.config.hidden_size)
 

@@ -199,7 +199,9 @@ def build_backbone(cfg: BackboneConfig, vocab_size: int, load_weights: bool = Tr
         source = _resolve(cfg.name_or_path)
         try:
             with hf_bars_off_terminal():
-                model = AutoModelForCausalLM.from_pretrained(source, dtype=dtype, attn_implementation=attn)
+                # safetensors only: a pytorch_model.bin is a pickle, and unpickling a file can run its code
+                model = AutoModelForCausalLM.from_pretrained(source, dtype=dtype, attn_implementation=attn,
+                                                             use_safetensors=True)
         except OSError as exc:
             raise CheckpointError(f"model.backbone.name_or_path: cannot load '{cfg.name_or_path}' ({exc}). "
                                   "Point it at a local directory with config.json and safetensors weights.") from None

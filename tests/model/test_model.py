@@ -641,3 +641,40 @@ def test_orthogonal_start_needs_a_learned_path():
         tiny_cfg(["model.statistics_path=principal", "model.statistics_path_init=orthogonal"])
     cfg = tiny_cfg(["model.statistics_path=add", "model.statistics_path_init=orthogonal"])
     assert cfg.model.statistics_path_init == "orthogonal"
+
+
+@pytest.mark.parametrize("kind", ["backbone", "sentence encoder"])
+def test_weights_are_never_unpickled(kind, tmp_path, monkeypatch):
+    """A directory whose weights are only a pickle (pytorch_model.bin) is refused with an error that asks for
+    safetensors, and torch.load is never called on it: unpickling a file can run its code."""
+    from transformers import AutoModel, BertConfig, Qwen2Config
+
+    from qanchor.config import BackboneConfig, TextEncoderConfig
+    from qanchor.data.text_cache import SentenceEncoder
+    from qanchor.errors import CheckpointError
+    from qanchor.model.backbone import build_backbone
+
+    if kind == "backbone":
+        hf = Qwen2Config(vocab_size=128, hidden_size=32, num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=1,
+                         intermediate_size=48)
+        model = __import__("transformers").AutoModelForCausalLM.from_config(hf)
+    else:
+        hf = BertConfig(vocab_size=128, hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=48)
+        model = AutoModel.from_config(hf)
+    hf.save_pretrained(tmp_path)
+    torch.save(model.state_dict(), tmp_path / "pytorch_model.bin")
+    if kind == "sentence encoder":  # a tokenizer that loads, so that the weights are what is refused
+        from qanchor.data.text_cache import default_encoder_path
+
+        for name in ("vocab.txt", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"):
+            shutil.copy(default_encoder_path() / name, tmp_path / name)
+    loads = []
+    monkeypatch.setattr(torch, "load", lambda *a, **k: loads.append(a) or (_ for _ in ()).throw(AssertionError("unpickled")))
+    if kind == "backbone":
+        with pytest.raises(CheckpointError, match="safetensors"):
+            build_backbone(BackboneConfig(name_or_path=str(tmp_path), hidden_size=32, num_layers=1, num_heads=2,
+                                          num_kv_heads=1), 128)
+    else:
+        with pytest.raises(ConfigError, match="safetensors"):
+            SentenceEncoder(TextEncoderConfig(path=str(tmp_path)), device="cpu")
+    assert loads == []
