@@ -15,6 +15,7 @@ from __future__ import annotations
 import importlib.util
 import inspect
 import os
+import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
 from functools import cache, partial
@@ -142,17 +143,30 @@ def load_tokenizer(cfg: BackboneConfig):
     return tok
 
 
-def resolve_attn_implementation(cfg: BackboneConfig) -> str:
-    """flash_attention_2 only when asked for (or auto) with CUDA and the package present; else sdpa/eager."""
-    if cfg.attn_implementation != "auto":
-        return cfg.attn_implementation
+def _has_flash_attention() -> bool:
     try:
         import flash_attn  # noqa: F401
-
-        has_flash = torch.cuda.is_available()
     except ImportError:
-        has_flash = False
-    return "flash_attention_2" if has_flash and cfg.dtype != "float32" else "sdpa"
+        return False
+    return torch.cuda.is_available()
+
+
+def resolve_attn_implementation(cfg: BackboneConfig, loading: bool = False) -> str:
+    """flash_attention_2 only when asked for (or auto) with CUDA and the package present; else sdpa/eager.
+
+    Asked for by name where it cannot run: a ConfigError when training, and sdpa when ``loading`` a checkpoint (a
+    model trained with flash attention on a GPU computes the same function with sdpa on a CPU)."""
+    if cfg.attn_implementation == "flash_attention_2" and not _has_flash_attention():
+        if not loading:
+            raise ConfigError("model.backbone.attn_implementation=flash_attention_2 needs a CUDA GPU and the flash-attn "
+                              "package; set it to auto (flash attention where it can run, else sdpa) or sdpa")
+        # a warning (stderr), not a log line: the commands that load checkpoints print machine-read lines on stdout
+        warnings.warn("this checkpoint was trained with flash_attention_2, which cannot run here (no CUDA GPU or no "
+                      "flash-attn package); it runs with sdpa", stacklevel=2)
+        return "sdpa"
+    if cfg.attn_implementation != "auto":
+        return cfg.attn_implementation
+    return "flash_attention_2" if _has_flash_attention() and cfg.dtype != "float32" else "sdpa"
 
 
 def _arch_config(cfg: BackboneConfig, vocab_size: int, attn: str):

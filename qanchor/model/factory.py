@@ -90,7 +90,7 @@ def build_model(cfg: ModelConfig, manifest: Manifest, text_dim: int, tabular_col
     tokenizer = tokenizer or load_tokenizer(cfg.backbone)
     if hf_config is not None:
         backbone = AutoModelForCausalLM.from_config(hf_config, dtype=getattr(torch, cfg.backbone.dtype),
-                                                    attn_implementation=resolve_attn_implementation(cfg.backbone))
+                                                    attn_implementation=resolve_attn_implementation(cfg.backbone, loading=True))
     else:
         backbone = build_backbone(cfg.backbone, len(tokenizer), load_weights=load_weights)
     modalities = [m.name for m in manifest.modalities]

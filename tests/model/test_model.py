@@ -678,3 +678,28 @@ def test_weights_are_never_unpickled(kind, tmp_path, monkeypatch):
         with pytest.raises(ConfigError, match="safetensors"):
             SentenceEncoder(TextEncoderConfig(path=str(tmp_path)), device="cpu")
     assert loads == []
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="flash attention may run where there is a GPU")
+def test_a_flash_attention_checkpoint_loads_on_a_cpu_with_sdpa(infer_env, tmp_path):
+    """A checkpoint trained with flash_attention_2 on a GPU is served on a CPU with sdpa, the same function (it was a
+    traceback: flash-attn not installed); training with it where it cannot run is a ConfigError naming the key."""
+    import numpy as np
+
+    from qanchor.config import BackboneConfig
+    from qanchor.infer.api import QAnchor
+    from qanchor.model.backbone import build_backbone
+
+    ckpt = tmp_path / "ckpt"
+    shutil.copytree(infer_env.ckpt, ckpt)
+    text = (ckpt / "config.yaml").read_text()
+    assert "attn_implementation: eager" in text
+    (ckpt / "config.yaml").write_text(text.replace("attn_implementation: eager", "attn_implementation: flash_attention_2"))
+    with pytest.warns(UserWarning, match="flash_attention_2, which cannot run here.*sdpa"):
+        qa = QAnchor.from_pretrained(ckpt, text_cache=infer_env.cache)
+    users = list(infer_env.ds.users())[:4]
+    query = ["Will this user stop paying?"]
+    np.testing.assert_allclose(qa.embed(users, query), infer_env.qa.embed(users, query), atol=1e-5)
+    with pytest.raises(ConfigError, match="attn_implementation=flash_attention_2 needs a CUDA GPU"):
+        build_backbone(BackboneConfig(attn_implementation="flash_attention_2", hidden_size=32, num_layers=1,
+                                      num_heads=2, num_kv_heads=1), 128)
