@@ -45,7 +45,11 @@ def to_microseconds(ts: object) -> int:
         1000000
     """
     if isinstance(ts, np.datetime64):
+        if np.isnat(ts):  # as an integer NaT is the oldest moment there is, and its age overflows
+            raise ValueError("the timestamp is missing (NaT); drop the event or give its time")
         return int(ts.astype("datetime64[us]").astype(np.int64))
+    if isinstance(ts, datetime) and ts != ts:  # pandas' NaT is a datetime that equals nothing, itself included
+        raise ValueError("the timestamp is missing (NaT); drop the event or give its time")
     if isinstance(ts, str):
         try:
             ts = datetime.fromisoformat(ts.strip().replace("Z", "+00:00"))  # py3.10 does not read "Z"

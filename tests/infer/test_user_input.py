@@ -50,3 +50,15 @@ def test_dict_events_sorted_and_times_parsed():
     assert rec.events["app"].text == ["early", "late"] and rec.tabular is None
     assert to_microseconds("2024-01-01T01:00:00+01:00") == to_microseconds("2024-01-01T00:00:00Z")
     assert to_microseconds(np.datetime64("1970-01-01T00:00:02")) == 2_000_000
+
+
+@pytest.mark.parametrize("missing", [np.datetime64("NaT"), "pandas"])
+def test_a_missing_timestamp_is_refused_by_event(missing):
+    """NaT was stored as the smallest int64: the event sorted first, its age overflowed to 0 and it counted as
+    happening at the cutoff, silently."""
+    if missing == "pandas":
+        missing = __import__("pandas").NaT
+    user = {"user_id": "x", "events": {"app": [{"ts": "2024-01-01T00:00:00Z", "text": "ok"},
+                                               {"ts": missing, "text": "when?"}]}}
+    with pytest.raises(ModelInputError, match=r"user 'x', modality 'app', event 1: the timestamp is missing \(NaT\)"):
+        to_record(user, tiny_manifest(), ["age", "income"])
