@@ -102,6 +102,21 @@ def test_text_lists_keep_words_yaml_would_turn_into_booleans_or_numbers():
     assert quoted == ["Film 0: drama", "Film 6, drama"]
 
 
+def test_text_settings_in_a_config_file_are_read_as_written(tmp_path):
+    """A config file's unquoted `options: [yes, no]` are words and `user: 0012` is the text 0012, as on the command
+    line; before, YAML 1.1 made them the booleans True / False and the octal number 10. Numbers, booleans, nulls and
+    mappings of typed settings are unchanged."""
+    from qanchor.config import AskConfig, DescribeConfig
+
+    (tmp_path / "ask.yaml").write_text("options: [yes, no, 1.50, off]\nuser: 0012\njson: yes\nmax_new_tokens: 0x10\n"
+                                       "question: on\ncutoff: null\ndata: {max_events: {app: 010}}\n")
+    cfg = load_config(tmp_path / "ask.yaml", schema=AskConfig)
+    assert cfg.options == ["yes", "no", "1.50", "off"] and cfg.user == "0012" and cfg.question == "on"
+    assert cfg.json is True and cfg.max_new_tokens == 16 and cfg.cutoff is None and cfg.data.max_events == {"app": 8}
+    (tmp_path / "d.yaml").write_text("user: 0012\naspects: [activity]\n")
+    assert load_config(tmp_path / "d.yaml", schema=DescribeConfig).user == "0012"
+
+
 # ------------------------------------------------------------------ settings that name another config file
 def test_a_config_file_a_shipped_config_names_is_found_from_any_working_directory(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)  # a user's project, not the repository: `configs/...` does not exist here

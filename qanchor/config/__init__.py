@@ -25,7 +25,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from omegaconf import OmegaConf
+from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from qanchor.config.commands import (
@@ -115,6 +115,32 @@ def _load_yaml(path: Path) -> Any:
         raise ConfigError(f"config file not found: {path}") from None
     except Exception as exc:  # yaml.YAMLError and friends: say which file
         raise ConfigError(f"{path}: not valid YAML ({str(exc).splitlines()[0]})") from None
+
+
+def _is_text(tp: Any) -> bool:
+    return tp is str or typing.get_origin(tp) is Literal
+
+
+def _text_as_written(typed: Any, raw: Any, tp: Any) -> Any:
+    """``typed`` (a YAML file's values as YAML 1.1 types them) with every value of a text setting taken as written
+    (``raw``: the same file read with every scalar as text). Unquoted, `options: [yes, no]` would be booleans and
+    `user: 0012` the number 10, which the schema then turns into the texts "True" and "10"."""
+    tp, _ = _strip_optional(tp)
+    if typed is None or raw is None:
+        return typed
+    if _is_text(tp):
+        return typed if isinstance(typed, str) or not isinstance(raw, str) else raw
+    if typing.get_origin(tp) is list and isinstance(typed, list) and isinstance(raw, list) and len(raw) == len(typed):
+        (item,) = typing.get_args(tp) or (Any,)
+        return [_text_as_written(t, r, item) for t, r in zip(typed, raw)]
+    if isinstance(typed, dict) and isinstance(raw, dict):
+        if dataclasses.is_dataclass(tp):
+            hints = typing.get_type_hints(tp)
+            return {k: _text_as_written(v, raw.get(str(k)), hints[k]) if k in hints else v for k, v in typed.items()}
+        if typing.get_origin(tp) is dict:
+            value_type = typing.get_args(tp)[1]
+            return {k: _text_as_written(v, raw.get(str(k)), value_type) for k, v in typed.items()}
+    return typed
 
 
 def _wrap(exc: OmegaConfBaseException, source: str) -> ConfigError:
@@ -218,6 +244,10 @@ def load_config(path: str | Path | None, overrides: list[str] | tuple[str, ...] 
     try:
         base = OmegaConf.structured(schema)
         file_cfg = _load_yaml(path) if path is not None else OmegaConf.create({})
+        if path is not None and isinstance(file_cfg, DictConfig):
+            with path.open() as fh:
+                raw = yaml.load(fh, Loader=yaml.BaseLoader)  # every scalar as the text it was written as
+            file_cfg = OmegaConf.create(_text_as_written(OmegaConf.to_container(file_cfg), raw, schema))
         cli_cfg = OmegaConf.create(cli_layer)
         layers = [base]
         if (schema is PretrainConfig or schema is ModelConfig) and not _resolved:
