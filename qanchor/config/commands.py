@@ -264,6 +264,11 @@ class IndexBuildConfig:
     ivf_min_size: int = 50_000  # from this many users on, an IVF index (else exact)
     nprobe: int | None = None  # IVF cells searched (default nlist / 8)
 
+    def __post_init__(self) -> None:
+        if self.ivf_min_size < 1 or (self.nprobe is not None and self.nprobe < 1):
+            raise ConfigError(f"ivf_min_size and nprobe must be >= 1 (nprobe: or null), got {self.ivf_min_size} and "
+                              f"{self.nprobe}")
+
 
 @dataclass
 class UqaConfig:

@@ -76,11 +76,15 @@ def _check_queries(pairs: list[tuple[str, str]], source: str) -> list[tuple[str,
     for qid, q in pairs:
         if not isinstance(q, str) or not q.strip() or not str(qid).strip():
             raise ModelInputError(f"{source}: query {qid!r} is empty; every entry needs an id and a question")
-    ids = [qid for qid, _ in pairs]
+    ids = [str(qid).strip() for qid, _ in pairs]
     dup = sorted({i for i in ids if ids.count(i) > 1})
     if dup:
         raise ModelInputError(f"{source}: query id {dup[0]!r} appears twice; ids must be unique")
-    return [(str(qid), q.strip()) for qid, q in pairs]
+    reserved = next((i for i in ids if i.startswith("head:")), None)
+    if reserved is not None:  # a head's rows are named head:<task>: the two would be one query id in the export
+        raise ModelInputError(f"{source}: query id {reserved!r} starts with 'head:', which names a scenario head's rows; "
+                              "rename it")
+    return [(qid, q.strip()) for qid, (_, q) in zip(ids, pairs)]
 
 
 def read_queries(path: str | Path) -> list[tuple[str, str]]:
@@ -121,10 +125,20 @@ def read_queries(path: str | Path) -> list[tuple[str, str]]:
         raise ModelInputError(f"{path}: expected a list of questions, a list of {{query_id, query}} or a mapping id -> question")
     if path.suffix in (".csv", ".tsv"):
         return _read_csv_queries(path)
-    lines = [ln.strip() for ln in path.read_text(encoding="utf-8").splitlines()]
-    lines = [ln for ln in lines if ln and not ln.startswith("#")]
-    pairs = [tuple(ln.split("\t", 1)) if "\t" in ln else (f"q{i}", ln) for i, ln in enumerate(lines)]
-    return _check_queries([(a.strip(), b) for a, b in pairs], str(path))
+    pairs, n = [], 0
+    for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
+        if not line.strip() or line.strip().startswith("#"):
+            continue
+        if "\t" in line:  # split before stripping: "churn<TAB>" is an id without its question, not the question "churn"
+            qid, question = line.split("\t", 1)
+            if not question.strip() or not qid.strip():
+                raise ModelInputError(f"{path}, line {number}: 'id<TAB>question' with an empty "
+                                      f"{'question' if qid.strip() else 'id'}; give both, or the question alone")
+            pairs.append((qid.strip(), question))
+        else:
+            pairs.append((f"q{n}", line))
+        n += 1
+    return _check_queries(pairs, str(path))
 
 
 def _read_csv_queries(path: Path) -> list[tuple[str, str]]:

@@ -134,6 +134,14 @@ def test_read_queries_formats(tmp_path):
     (tmp_path / "empty.txt").write_text("# nothing\n")
     with pytest.raises(ModelInputError, match="no queries"):
         read_queries(tmp_path / "empty.txt")
+    # "churn<TAB>" is an id whose question is missing, not the question "churn"
+    (tmp_path / "tab.txt").write_text("Will this user pay?\nchurn\t\n")
+    with pytest.raises(ModelInputError, match=r"tab.txt, line 2: 'id<TAB>question' with an empty question"):
+        read_queries(tmp_path / "tab.txt")
+    # a head's rows are named head:<task>: a query of that id would be the same query id in an export
+    (tmp_path / "head.yaml").write_text("head:churn: Will this user churn?\n")
+    with pytest.raises(ModelInputError, match="'head:churn' starts with 'head:'"):
+        read_queries(tmp_path / "head.yaml")
 
 
 def test_read_queries_from_a_csv_with_its_header(tmp_path):

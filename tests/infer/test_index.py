@@ -56,3 +56,13 @@ def test_from_exported_embeddings(tmp_path):
         index.search_user("nobody")
     with pytest.raises(ModelInputError, match="dimensions"):
         index.search(np.ones(3))
+
+
+def test_index_build_settings_are_checked_before_any_work():
+    from qanchor.config import IndexBuildConfig, load_config
+    from qanchor.errors import ConfigError
+
+    for bad in ("nprobe=-3", "nprobe=0", "ivf_min_size=0"):
+        with pytest.raises(ConfigError, match="must be >= 1"):
+            load_config(None, [bad], schema=IndexBuildConfig)
+    assert load_config(None, ["nprobe=4"], schema=IndexBuildConfig).nprobe == 4
