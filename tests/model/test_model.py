@@ -258,15 +258,21 @@ def test_answer_bank_adds_reprojected_earlier_answers_as_negatives(tiny_dataset,
     assert restored.size == 6 and torch.equal(restored.vec, bank.vec) and torch.equal(restored.hash, bank.hash)
     assert torch.equal(restored.query_hash[:4], second.query_hash)
     # scope same_query: only other users' answers to the anchor's own query are negatives.
-    scoped = AnswerBank(4)
-    scoped.push(first.answer_vec, first.answer_hash, first.query_hash)
-    out_q = model(second, LossConfig(mode="contrastive", margin=None, answer_bank_scope="same_query"), answer_bank=scoped)
-    other_query = second.query_hash[:, None] != first.query_hash[None, :]
-    assert 0 < other_query.sum() < other_query.numel()  # the batches share some queries, not all
-    expected_q, _ = masked_infonce(out.anchor, out.answer, margin=None, same_answer=second.answer_hash[:, None]
-                                   == second.answer_hash[None, :], bank=earlier, same_bank=same_bank | other_query)
-    assert out_q.loss_contrastive.item() == pytest.approx((expected_q / n).item(), rel=1e-6)
-    assert out_q.loss_contrastive.item() < out.loss_contrastive.item()
+    # a later batch that shares some of the first batch's queries, not all
+    later = next(b for b in (stream.batch(i, 4) for i in range(1, 64))
+                 if 0 < (b.query_hash[:, None] != first.query_hash[None, :]).sum() < 16)
+    banks = {scope: AnswerBank(4) for scope in ("all", "same_query")}
+    for bank_q in banks.values():
+        bank_q.push(first.answer_vec, first.answer_hash, first.query_hash)
+    out_q = model(later, LossConfig(mode="contrastive", margin=None, answer_bank_scope="same_query"),
+                  answer_bank=banks["same_query"])
+    out_all = model(later, loss_cfg, answer_bank=banks["all"])
+    other_query = later.query_hash[:, None] != first.query_hash[None, :]
+    expected_q, n_q = masked_infonce(out_q.anchor, out_q.answer, margin=None, same_answer=later.answer_hash[:, None]
+                                     == later.answer_hash[None, :], bank=earlier,
+                                     same_bank=(later.answer_hash[:, None] == first.answer_hash[None, :]) | other_query)
+    assert out_q.loss_contrastive.item() == pytest.approx((expected_q / n_q).item(), rel=1e-6)
+    assert out_q.loss_contrastive.item() < out_all.loss_contrastive.item()
     backbone_tower, *_ = model_and_stream(ds_dir, tiny_cfg())
     with pytest.raises(ValueError, match="answer_tower=text_encoder"):
         backbone_tower(second, loss_cfg, answer_bank=AnswerBank(4))
