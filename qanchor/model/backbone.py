@@ -207,6 +207,10 @@ def build_backbone(cfg: BackboneConfig, vocab_size: int, load_weights: bool = Tr
     if cfg.name_or_path is None or not load_weights:
         model = AutoModelForCausalLM.from_config(_arch_config(cfg, vocab_size, attn), dtype=dtype)
         if cfg.name_or_path is None and cfg.init_embeddings_from_minilm:
+            if cfg.tokenizer != "minilm":  # the rows are copied by token id: another vocabulary gets unrelated rows
+                raise ConfigError(f"model.backbone.init_embeddings_from_minilm starts each token's embedding from "
+                                  f"MiniLM's row of the same id, which fits only tokenizer=minilm, not "
+                                  f"'{cfg.tokenizer}'; set model.backbone.init_embeddings_from_minilm=false")
             with torch.no_grad():
                 model.get_input_embeddings().weight.copy_(_minilm_embedding_init(cfg.hidden_size, vocab_size))
     else:

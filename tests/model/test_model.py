@@ -709,3 +709,17 @@ def test_a_flash_attention_checkpoint_loads_on_a_cpu_with_sdpa(infer_env, tmp_pa
     with pytest.raises(ConfigError, match="attn_implementation=flash_attention_2 needs a CUDA GPU"):
         build_backbone(BackboneConfig(attn_implementation="flash_attention_2", hidden_size=32, num_layers=1,
                                       num_heads=2, num_kv_heads=1), 128)
+
+
+def test_minilm_rows_start_only_a_minilm_vocabulary():
+    """The MiniLM start copies rows by token id: under another tokenizer each token would start from an unrelated
+    word's row, so that combination is refused by name."""
+    from qanchor.config import BackboneConfig
+    from qanchor.model.backbone import build_backbone
+
+    with pytest.raises(ConfigError, match="init_embeddings_from_minilm .* fits only tokenizer=minilm, not 'qwen2.5'"):
+        build_backbone(BackboneConfig(tokenizer="qwen2.5", init_embeddings_from_minilm=True, hidden_size=32,
+                                      num_layers=1, num_heads=2, num_kv_heads=1, attn_implementation="eager"), 128)
+    built = build_backbone(BackboneConfig(tokenizer="qwen2.5", init_embeddings_from_minilm=False, hidden_size=32,
+                                          num_layers=1, num_heads=2, num_kv_heads=1, attn_implementation="eager"), 128)
+    assert built.get_input_embeddings().weight.shape == (128, 32)
