@@ -223,8 +223,17 @@ def build_backbone(cfg: BackboneConfig, vocab_size: int, load_weights: bool = Tr
         except OSError as exc:
             raise CheckpointError(f"model.backbone.name_or_path: cannot load '{cfg.name_or_path}' ({exc}). "
                                   "Point it at a local directory with config.json and safetensors weights.") from None
-        if model.config.hidden_size != cfg.hidden_size:
-            raise ConfigError(f"model.backbone.hidden_size={cfg.hidden_size} but '{cfg.name_or_path}' has {model.config.hidden_size}")
+        hf = model.config  # the loaded model's shape rules; the config's numbers are its record in every checkpoint
+        shape = {"hidden_size": (cfg.hidden_size, hf.hidden_size), "num_layers": (cfg.num_layers, hf.num_hidden_layers),
+                 "num_heads": (cfg.num_heads, hf.num_attention_heads),
+                 "num_kv_heads": (cfg.num_kv_heads, getattr(hf, "num_key_value_heads", None) or hf.num_attention_heads),
+                 "intermediate_size": (cfg.intermediate_size, hf.intermediate_size),
+                 "architecture": (cfg.architecture, hf.model_type)}
+        wrong = [f"model.backbone.{key}={mine} but '{cfg.name_or_path}' has {theirs}"
+                 for key, (mine, theirs) in shape.items() if mine != theirs]
+        if wrong:
+            raise ConfigError("; ".join(wrong) + " (set them to the loaded model's: the config is what every checkpoint "
+                              "records of its backbone)")
     if cfg.gradient_checkpointing:  # transformers 5 renamed the switch; keep both working
         enable = getattr(model, "activation_checkpointing_enable", None) or model.gradient_checkpointing_enable
         enable()

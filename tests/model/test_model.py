@@ -723,3 +723,22 @@ def test_minilm_rows_start_only_a_minilm_vocabulary():
     built = build_backbone(BackboneConfig(tokenizer="qwen2.5", init_embeddings_from_minilm=False, hidden_size=32,
                                           num_layers=1, num_heads=2, num_kv_heads=1, attn_implementation="eager"), 128)
     assert built.get_input_embeddings().weight.shape == (128, 32)
+
+
+def test_a_pretrained_backbone_must_match_the_shape_its_config_records(tmp_path):
+    """With name_or_path set the loaded model's shape rules; a config that says otherwise (a preset copied for another
+    model) is refused by key, since every checkpoint records it as the backbone's shape."""
+    from transformers import AutoModelForCausalLM, Qwen2Config
+
+    from qanchor.config import BackboneConfig
+    from qanchor.model.backbone import build_backbone
+
+    hf = Qwen2Config(vocab_size=128, hidden_size=32, num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=1,
+                     intermediate_size=48)
+    AutoModelForCausalLM.from_config(hf).save_pretrained(tmp_path)  # safetensors
+    shape = dict(name_or_path=str(tmp_path), hidden_size=32, num_layers=2, num_heads=2, num_kv_heads=1,
+                 intermediate_size=48, attn_implementation="eager", init_embeddings_from_minilm=False)
+    assert build_backbone(BackboneConfig(**shape), 128).config.num_hidden_layers == 2
+    with pytest.raises(ConfigError, match=r"model.backbone.num_layers=24 but .* has 2; model.backbone.architecture=llama "
+                                          r"but .* has qwen2"):
+        build_backbone(BackboneConfig(**{**shape, "num_layers": 24, "architecture": "llama"}), 128)
