@@ -114,6 +114,13 @@ def test_other_queries_into_same_dir_refused(infer_env, full_export):
         export_embeddings(infer_env.qa, infer_env.ds, PAIRS[:1], full_export[0], rank=0, world=1, shard_users=7, progress=False)
 
 
+def _refused(tmp_path: Path, name: str, text: str, match: str) -> None:
+    """A queries file holding ``text`` is refused with an error matching ``match``."""
+    (tmp_path / name).write_text(text)
+    with pytest.raises(ModelInputError, match=match):
+        read_queries(tmp_path / name)
+
+
 def test_read_queries_formats(tmp_path):
     (tmp_path / "a.yaml").write_text("- Will this user churn?\n- Will this user pay?\n")
     (tmp_path / "b.yaml").write_text("churn: Will this user churn?\ncoupon: Will this user redeem a coupon?\n")
@@ -125,23 +132,13 @@ def test_read_queries_formats(tmp_path):
     assert read_queries(tmp_path / "c.yml") == [("x", "Is this user rich?")]
     assert read_queries(tmp_path / "d.txt") == [("q0", "Will this user churn?"), ("coupon", "Will this user redeem a coupon?")]
     assert read_queries(tmp_path / "e.parquet") == [("p", "Will they pay?")]
-    (tmp_path / "dup.yaml").write_text("- query_id: x\n  query: a?\n- query_id: x\n  query: b?\n")
-    with pytest.raises(ModelInputError, match="appears twice"):
-        read_queries(tmp_path / "dup.yaml")
-    (tmp_path / "bad.yaml").write_text("- {a: b?}\n")
-    with pytest.raises(ModelInputError, match="not valid YAML"):
-        read_queries(tmp_path / "bad.yaml")
-    (tmp_path / "empty.txt").write_text("# nothing\n")
-    with pytest.raises(ModelInputError, match="no queries"):
-        read_queries(tmp_path / "empty.txt")
+    _refused(tmp_path, "dup.yaml", "- query_id: x\n  query: a?\n- query_id: x\n  query: b?\n", "appears twice")
+    _refused(tmp_path, "bad.yaml", "- {a: b?}\n", "not valid YAML")
+    _refused(tmp_path, "empty.txt", "# nothing\n", "no queries")
     # "churn<TAB>" is an id whose question is missing, not the question "churn"
-    (tmp_path / "tab.txt").write_text("Will this user pay?\nchurn\t\n")
-    with pytest.raises(ModelInputError, match=r"tab.txt, line 2: 'id<TAB>question' with an empty question"):
-        read_queries(tmp_path / "tab.txt")
+    _refused(tmp_path, "tab.txt", "Will this user pay?\nchurn\t\n", r"tab.txt, line 2: 'id<TAB>question' with an empty question")
     # a head's rows are named head:<task>: a query of that id would be the same query id in an export
-    (tmp_path / "head.yaml").write_text("head:churn: Will this user churn?\n")
-    with pytest.raises(ModelInputError, match="'head:churn' starts with 'head:'"):
-        read_queries(tmp_path / "head.yaml")
+    _refused(tmp_path, "head.yaml", "head:churn: Will this user churn?\n", "'head:churn' starts with 'head:'")
 
 
 def test_read_queries_from_a_csv_with_its_header(tmp_path):
@@ -153,12 +150,8 @@ def test_read_queries_from_a_csv_with_its_header(tmp_path):
                                                  ("spend", "Will this user spend more, or less?")]
     (tmp_path / "q.tsv").write_text("query\tnote\nWill this user pay?\tfirst\nIs this user rich?\tsecond\n")
     assert read_queries(tmp_path / "q.tsv") == [("q0", "Will this user pay?"), ("q1", "Is this user rich?")]
-    (tmp_path / "headless.csv").write_text("Will this user churn?\nWill this user pay?\n")
-    with pytest.raises(ModelInputError, match=r"headless\.csv: a queries CSV needs a header row naming a 'query' column"):
-        read_queries(tmp_path / "headless.csv")
-    (tmp_path / "ragged.csv").write_text("query_id,query\nspend,Will this user spend more, or less?\n")
-    with pytest.raises(ModelInputError, match=r"ragged\.csv, row 2: 3 fields where the header has 2"):
-        read_queries(tmp_path / "ragged.csv")
+    _refused(tmp_path, "headless.csv", "Will this user churn?\nWill this user pay?\n", r"headless\.csv: a queries CSV needs a header row naming a 'query' column")
+    _refused(tmp_path, "ragged.csv", "query_id,query\nspend,Will this user spend more, or less?\n", r"ragged\.csv, row 2: 3 fields where the header has 2")
     (tmp_path / "blank.csv").write_text("query_id,query\nx, \n")
     with pytest.raises(ModelInputError, match="is empty"):
         read_queries(tmp_path / "blank.csv")
