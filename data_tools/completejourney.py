@@ -360,8 +360,11 @@ def build_completejourney(
     cut, end = _window(cutoff, tx["transaction_timestamp"])
     products = _read("products", "product_id department product_category product_type brand")
     redemptions = _read("coupon_redemptions", "household_id coupon_upc redemption_date")
-    users = np.unique(tx["household_id"].to_numpy())
-    step(f"read {len(tx):,} transactions of {len(users):,} households; window {cut.date()} .. {end.date()}")
+    # the households that shopped before the cutoff: one first seen after it would be chosen by the future its labels
+    # describe (no events, so never "stopped shopping" and no coupon redeemed), a pattern any method could learn
+    users = np.unique(tx.loc[tx["transaction_timestamp"] < cut, "household_id"].to_numpy())
+    step(f"read {len(tx):,} transactions; {len(users):,} households shopped before the cutoff; window {cut.date()} .. "
+         f"{end.date()}")
     tx = tx.merge(products[["product_id", "department"]], on="product_id", how="left", sort=False)
     specs, tasks = _tasks(tx, redemptions, users, cut, end)
     step(f"labelled {len(tasks)} tasks")

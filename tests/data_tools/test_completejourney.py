@@ -77,6 +77,15 @@ def test_users_and_tasks(built):
         assert len(t) >= 300 and t["label"].mean() >= 0.05, name
 
 
+def test_every_labelled_household_shopped_before_the_cutoff(built, events):
+    """A household first seen after the cutoff would be chosen by the future its labels describe: no events, so never
+    "stopped shopping" and no coupon redeemed (23 such households were in every task, all labelled 0 for churn)."""
+    shoppers = set(events.loc[events["modality"] == "purchase", "user_id"].astype(str))
+    for task in Manifest.load(built).tasks:
+        users = set(_task(built, task.name)["user_id"])
+        assert users <= shoppers, (task.name, sorted(users - shoppers)[:3])
+
+
 def test_dept_population_never_bought_before(built, events):
     """A dept_ task's users have no purchase from that department before the cutoff."""
     m = Manifest.load(built)
