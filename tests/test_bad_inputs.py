@@ -133,6 +133,12 @@ def _labels_one_positive(d: Path, w) -> list[str]:
             f"output_dir={d / 'b'}"]
 
 
+def _labels_with_two_label_columns(d: Path, w) -> list[str]:
+    (d / "labels.csv").write_text("user_id,label,label\n" + "".join(f"u{u:03d},{u % 2},1\n" for u in range(1, 30)))
+    return ["bench", f"data.path={w.ds}", f"labels={d / 'labels.csv'}", "query=Will it?", "methods=[rfm_lgbm]",
+            f"output_dir={d / 'b'}"]
+
+
 def _bad_event_value(bad: float):
     """A dataset whose 4th event value is ``bad``, in a float64 column (1e300 is finite there, not in float32)."""
     def make(d: Path, w) -> list[str]:
@@ -267,6 +273,11 @@ CASES = [
          "cannot load a sentence encoder"),
     Case("pretrain-bf16-on-cpu", lambda d, w: _pretrain(w, "train.precision=bf16"), "needs CUDA"),
     Case("pretrain-forged-resume-state", _forged_resume, "refusing to resume"),
+    Case("labels-column-twice", _labels_with_two_label_columns, "column 'label' appears 2 times"),
+    Case("prompt-tune-device-gpu", lambda d, w: ["prompt-tune", f"checkpoint={w.ckpt}", f"data.path={w.ds}",
+                                                f"output_dir={d / 'heads'}", "device=gpu"], "device"),
+    Case("prompt-tune-device-cuda", lambda d, w: ["prompt-tune", f"checkpoint={w.ckpt}", f"data.path={w.ds}",
+                                                 f"output_dir={d / 'heads'}", "device=cuda"], "no CUDA GPU"),
     Case("embed-device-cuda", lambda d, w: ["embed", f"checkpoint={w.ckpt}", f"data.path={w.ds}", "queries=tasks",
                                            f"out={d / 'e'}", "device=cuda"], "no CUDA GPU"),
     Case("embed-bad-cutoff", lambda d, w: ["embed", f"checkpoint={w.ckpt}", f"data.path={w.ds}", "queries=tasks",

@@ -54,6 +54,9 @@ def custom_task(ds: Dataset, labels_path: str | Path, query: str) -> Task:
                           "query='Will this user buy a bike next month?'")
     table = _read_labels_table(path)
     for col in ("user_id", "label"):
+        if table.column_names.count(col) > 1:
+            raise DataValidationError(str(path), f"column {col!r} appears {table.column_names.count(col)} times; keep one",
+                                      column=col)
         if col not in table.column_names:
             raise DataValidationError(str(path), f"required column missing (found {table.column_names}); "
                                       "the file needs user_id (string) and label (0/1)", column=col)

@@ -36,17 +36,19 @@ from omegaconf import OmegaConf
 
 from qanchor.config import DataConfig, DataOverrides, PromptTuneConfig, TextEncoderConfig, require
 from qanchor.data.dataset import Dataset, Task, load_dataset
-from qanchor.data.io import OutputKind, claim_output_dir, write_text
+from qanchor.data.io import OutputKind, check_replaceable, claim_output_dir, write_text
 from qanchor.data.labels import custom_task, task_digest
 from qanchor.data.pipeline import UserPipeline, batched
 from qanchor.errors import CheckpointError, ConfigError, DataValidationError
 from qanchor.faults import failpoint
+from qanchor.logs import log
 from qanchor.metrics import auc_ks
+from qanchor.model.backbone import check_device
 from qanchor.model.factory import ModelMeta, load_checkpoint
 from qanchor.model.layout import tokenize_query
 from qanchor.model.prefix_cache import PrefixStore
 from qanchor.model.qanchor_model import QAnchorModel
-from qanchor.tune.head import HEAD_META, HEAD_WEIGHTS
+from qanchor.tune.head import HEAD_META, HEAD_WEIGHTS, find_heads
 from qanchor.tune.trainer import frozen_logistic, split_users, tune_task
 
 __all__ = ["run_prompt_tune", "resolve_data_config", "select_tasks", "chosen_tasks", "check_splittable", "encode_users", "format_summary"]
@@ -136,7 +138,7 @@ def run_prompt_tune(cfg: PromptTuneConfig, progress: bool = True) -> dict:
     require(cfg.checkpoint, "checkpoint", "<pretrained checkpoint dir>")
     started = time.perf_counter()
     torch.set_grad_enabled(True)
-    model, tokenizer, meta, run_cfg = load_checkpoint(cfg.checkpoint, device=cfg.device)
+    model, tokenizer, meta, run_cfg = load_checkpoint(cfg.checkpoint, device=check_device(cfg.device))
     model.requires_grad_(False)  # frozen: only the head's prompt and prototypes get gradients
     ckpt_hash = model.weights_hash  # of the weights loaded above, not of a file replaced since
     data_cfg = resolve_data_config(cfg.data, run_cfg.data, meta)
@@ -156,8 +158,14 @@ def run_prompt_tune(cfg: PromptTuneConfig, progress: bool = True) -> dict:
     out = Path(cfg.output_dir)
     claim_output_dir(out, OutputKind.HEADS, {"checkpoint": cfg.checkpoint, "data.path": data_cfg.path,
                                              "labels": cfg.labels}, key="output_dir")
+    for name in tasks:  # a folder of someone else's under output_dir is refused before the work, not after it
+        check_replaceable(out / name, OutputKind.HEAD)
     fingerprint = ds.fingerprint  # stats every dataset file: once, not per task
-    keys = {name: _task_key(cfg, data_cfg, ckpt_hash, fingerprint, views[name]) for name in tasks}
+    # The store holds every chosen task's users (see below), so which tasks are chosen moves a head's float rounding:
+    # a head tuned beside other tasks is reused only beside the same ones.
+    cohort = hashlib.sha256(json.dumps(sorted(set().union(*(views[t].user_ids.tolist() for t in tasks))))
+                            .encode()).hexdigest()[:16]
+    keys = {name: _task_key(cfg, data_cfg, ckpt_hash, fingerprint, views[name], cohort) for name in tasks}
     finished = {name: rec for name in tasks if (rec := _finished(out / name, keys[name])) is not None}
     if finished and progress:
         print(f"reusing {len(finished)} head(s) already tuned in {out} with the same checkpoint, data and "
@@ -186,13 +194,18 @@ def run_prompt_tune(cfg: PromptTuneConfig, progress: bool = True) -> dict:
         write_text(json.dumps(summary, indent=2), out / "summary.json")
     summary["total_seconds"] = time.perf_counter() - started
     write_text(json.dumps(summary, indent=2), out / "summary.json")
+    others = sorted(set(find_heads(out)) - set(tasks))
+    if others and progress:
+        log(f"note: {out} also holds heads of {', '.join(others)} from an earlier run (not in this run's summary.json); "
+            f"`heads={out}` loads them too: move them out, or tune them again with task={','.join([*tasks, *others])}")
     return summary
 
 
 RECORD = "record.json"  # per task: the summary record and the key it was tuned under
 
 
-def _task_key(cfg: PromptTuneConfig, data: DataConfig, ckpt_hash: str, dataset_fingerprint: str, task: Task) -> str:
+def _task_key(cfg: PromptTuneConfig, data: DataConfig, ckpt_hash: str, dataset_fingerprint: str, task: Task,
+              cohort: str = "") -> str:
     """What a task's head depends on: checkpoint, dataset files, the task's question, users and labels, packing and
     tuning settings (not paths/device: a custom labels file is keyed by what it holds)."""
     settings = OmegaConf.to_container(OmegaConf.structured(cfg))
@@ -201,8 +214,8 @@ def _task_key(cfg: PromptTuneConfig, data: DataConfig, ckpt_hash: str, dataset_f
     packing = OmegaConf.to_container(OmegaConf.structured(data))
     packing.pop("path", None)
     packing.pop("cache_dir", None)
-    blob = json.dumps([ckpt_hash, dataset_fingerprint, task.name, task_digest(task), settings, packing], sort_keys=True,
-                      default=str)
+    blob = json.dumps([ckpt_hash, dataset_fingerprint, task.name, task_digest(task), settings, packing, cohort],
+                      sort_keys=True, default=str)
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 

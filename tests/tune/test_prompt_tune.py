@@ -198,6 +198,39 @@ def test_rerun_reuses_finished_heads_and_retunes_changed_or_unfinished(ckpt, tmp
     assert changed["n_users"] > 0 and all(r["history"][-1]["step"] == 4 for r in changed["tasks"].values())
 
 
+def test_a_head_tuned_beside_other_tasks_is_reused_only_beside_them(ckpt, tmp_path, capsys):
+    """The prefix store holds every chosen task's users, which moves a head's float rounding: a head tuned alone is
+    not reused for a run of every task (it was, and came out a few ulp away from the one that run would tune). A run
+    that leaves heads of other tasks in output_dir says so, since `heads=` loads them too."""
+    ck, ds_dir = ckpt
+    out = tmp_path / "heads"
+    base = [f"checkpoint={ck}", f"data.path={ds_dir}", f"output_dir={out}", *FAST]
+    alone = run_prompt_tune(load_config(None, [*base, "task=coupon"], schema=PromptTuneConfig), progress=False)
+    both = run_prompt_tune(load_config(None, [*base, "task=all"], schema=PromptTuneConfig), progress=False)
+    assert both["tasks"]["coupon"]["key"] != alone["tasks"]["coupon"]["key"]  # tuned again, beside churn
+    fresh = run_prompt_tune(load_config(None, [*base, f"output_dir={tmp_path / 'fresh'}", "task=all"],
+                                        schema=PromptTuneConfig), progress=False)
+    assert (out / "coupon" / "head.safetensors").read_bytes() == (tmp_path / "fresh" / "coupon" / "head.safetensors").read_bytes()
+    assert fresh["tasks"]["coupon"]["key"] == both["tasks"]["coupon"]["key"]
+    capsys.readouterr()
+    run_prompt_tune(load_config(None, [*base, "task=churn"], schema=PromptTuneConfig), progress=True)
+    assert "also holds heads of coupon from an earlier run" in capsys.readouterr().out
+
+
+def test_a_foreign_folder_under_output_dir_is_refused_before_any_tuning(ckpt, tmp_path, monkeypatch):
+    ck, ds_dir = ckpt
+    out = tmp_path / "heads"
+    (out / "coupon").mkdir(parents=True)
+    (out / "coupon" / "my_notes.txt").write_text("mine")
+    import qanchor.tune.prompt_tune as prompt_tune_module
+
+    monkeypatch.setattr(prompt_tune_module, "encode_users", lambda *a, **k: pytest.fail("encoded before refusing"))
+    args = [f"checkpoint={ck}", f"data.path={ds_dir}", f"output_dir={out}", "task=all", *FAST]
+    with pytest.raises(Exception, match="qanchor did not create"):
+        run_prompt_tune(load_config(None, args, schema=PromptTuneConfig), progress=False)
+    assert (out / "coupon" / "my_notes.txt").read_text() == "mine" and not (out / "churn").exists()
+
+
 def test_a_head_for_your_own_labels(ckpt, tmp_path):
     """labels= + query= tune one head for a scenario the dataset does not declare; it is named after the file, keeps
     the question, equals the dataset task's head when the labels and question are the same, and a re-run retunes it
