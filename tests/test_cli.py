@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from qanchor.cli import build_parser
+from qanchor.cli import build_parser, main
 from qanchor.cli.common import COMMANDS
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -61,3 +61,14 @@ def test_a_machine_refusing_a_write_is_one_error_line_and_another_os_error_keeps
     monkeypatch.setattr(data_cli, "validate_dataset", lambda *a, **k: (_ for _ in ()).throw(OSError(5, "I/O error")))
     with pytest.raises(OSError, match="I/O error"):
         main(["data", "validate", str(tmp_path)])
+
+
+def test_the_deepspeed_launchers_local_rank_flag_is_dropped(tiny_dataset, capsys):
+    """`deepspeed --module qanchor.cli pretrain ...` starts each rank as `python -m qanchor.cli --local_rank=N pretrain
+    ...`; the rank is read from LOCAL_RANK, so the flag must not stop the command (it was "unrecognized arguments")."""
+    assert main(["data", "validate", str(tiny_dataset)]) == 0
+    plain = capsys.readouterr().out
+    for flag in (["--local_rank=3"], ["--local_rank", "3"]):
+        assert main([*flag, "data", "validate", str(tiny_dataset)]) == 0
+        assert capsys.readouterr().out == plain
+    assert main(["data", "validate", str(tiny_dataset), "--local_rank=0"]) == 0

@@ -164,3 +164,16 @@ def test_a_missing_config_file_stops_bench_and_pretrain_before_any_work(tmp_path
         # the first check that fails: before the (missing) dataset is opened, nothing written
         assert len(err) == 1 and err[0].startswith("error: ") and message in err[0], err
     assert list(tmp_path.iterdir()) == []
+
+
+def test_a_section_given_one_value_is_an_error_line(tmp_path):
+    """`model=tiny` (or `model: tiny` in a file) crashed with an AttributeError; it is a section, and the error says
+    which key was meant."""
+    with pytest.raises(ConfigError, match=r"'model' is a section of settings, not a value; set its keys, e\.g\. "
+                                          r"model\.preset=tiny"):
+        load_config(None, ["model=tiny"], schema=PretrainConfig)
+    (tmp_path / "p.yaml").write_text("model: tiny\n")
+    with pytest.raises(ConfigError, match=r"model\.preset=tiny"):
+        load_config(tmp_path / "p.yaml", schema=PretrainConfig)
+    with pytest.raises(ConfigError, match=r"'train' is a section of settings.*train\.\w+=\.\.\."):
+        load_config(None, ["train=fast"], schema=PretrainConfig)

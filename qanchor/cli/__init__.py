@@ -77,6 +77,10 @@ def main(argv: list[str] | None = None) -> int:
     quiet_third_party()
     try:
         argv = sys.argv[1:] if argv is None else list(argv)
+        # The `deepspeed` launcher hands each rank `--local_rank=N` (before the command under --module); the rank is in
+        # LOCAL_RANK as well, which is what qanchor reads, so the flag is dropped rather than refused.
+        argv = [a for i, a in enumerate(argv) if not a.startswith("--local_rank=")
+                and not (a == "--local_rank" or (i > 0 and argv[i - 1] == "--local_rank"))]
         args = parse(build_parser(argv), argv)
         if not hasattr(args, "func"):  # the command was not the first plain word: parse again with every command
             args = parse(build_parser(), argv)

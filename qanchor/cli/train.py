@@ -1,7 +1,7 @@
 """``qanchor pretrain``: contrastive + next-token pretraining under DeepSpeed.
 
     qanchor pretrain --config configs/pretrain/tiny-cj.yaml data.path=data/completejourney output_dir=runs/cj
-    deepspeed --num_gpus 8 -m qanchor.cli pretrain --config configs/pretrain/qwen2.5-0.5b.yaml data.path=...
+    deepspeed --num_gpus 8 --module qanchor.cli pretrain --config configs/pretrain/qwen2.5-0.5b.yaml data.path=...
 """
 
 from __future__ import annotations

@@ -185,8 +185,16 @@ def _field_type(schema: type, path: list[str], item: str) -> Any:
     return tp
 
 
+def _section_error(key: str, tp: Any, where: str) -> ConfigError:
+    hint = f"{key}.preset={{value}}" if tp is ModelConfig else f"{key}.{dataclasses.fields(tp)[0].name}=..."
+    return ConfigError(f"{where}: '{key}' is a section of settings, not a value; set its keys, e.g. {hint}")
+
+
 def _typed_value(tp: Any, raw: str, item: str) -> Any:
     tp, optional = _strip_optional(tp)
+    if dataclasses.is_dataclass(tp):  # `model=tiny`: a section given one value
+        key = item.split("=", 1)[0].strip()
+        raise ConfigError(str(_section_error(key, tp, f"override '{item}'")).replace("{value}", raw))
     if optional and raw in ("null", "None", "~"):
         return None
     if tp is str or typing.get_origin(tp) is Literal:
@@ -337,6 +345,8 @@ def with_overrides(cfg: Any, overrides: list[str] | tuple[str, ...]) -> Any:
 def _preset_layer(schema: type, file_cfg: Any, cli_cfg: Any) -> Any:
     def pick(cfg: Any) -> str | None:
         node = cfg.get("model", {}) if schema is PretrainConfig else cfg
+        if node is not None and not isinstance(node, (DictConfig, dict)):  # `model: tiny` in a file
+            raise ConfigError(str(_section_error("model", ModelConfig, "config")).replace("{value}", str(node)))
         return node.get("preset") if node is not None else None
 
     preset = pick(cli_cfg) or pick(file_cfg)

@@ -36,3 +36,16 @@ def test_round_trip_and_selection_by_name(tok, tmp_path, monkeypatch):
     bare.mkdir()
     (bare / "config.json").write_text("{}")
     assert load_tokenizer(BackboneConfig(tokenizer=str(bare)))("user")["input_ids"] == [872]
+
+
+def test_the_presets_hub_tokenizer_beside_local_weights_never_reaches_the_hub(tmp_path, monkeypatch):
+    """The paper-scale preset names the hub id as its tokenizer; pointed at local weights (name_or_path=/models/...),
+    the tokenizer comes from that folder, or, without tokenizer files there, the offline Qwen2.5 one. It used to load
+    the hub id and fail offline."""
+    monkeypatch.setenv("QANCHOR_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    weights = tmp_path / "Qwen2.5-0.5B-Instruct"
+    weights.mkdir()
+    (weights / "config.json").write_text("{}")
+    cfg = BackboneConfig(name_or_path=str(weights), tokenizer="Qwen/Qwen2.5-0.5B-Instruct", architecture="qwen2")
+    assert load_tokenizer(cfg)("user")["input_ids"] == [872]
