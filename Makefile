@@ -43,11 +43,11 @@ lint: install ## ruff
 
 data: data-cj data-synth ## build Complete Journey and a 2,000-user synthetic dataset, with UserU pairs
 
-data-cj: install
+data-cj: install ## build Complete Journey (households that shopped before 2017-09-30), with UserU pairs
 	test -f $(CJ)/manifest.yaml || $(QA) data completejourney out=$(CJ)
 	test -f $(CJ)/userU.parquet || $(QA) data userU $(CJ)
 
-data-synth: install
+data-synth: install ## build the 2,000-user synthetic world (generator seed 1), with UserU pairs
 	test -f $(SYNTH)/manifest.yaml || $(QA) data synth out=$(SYNTH) users=2000 seed=1
 	test -f $(SYNTH)/userU.parquet || $(QA) data userU $(SYNTH)
 

@@ -72,3 +72,14 @@ def test_the_deepspeed_launchers_local_rank_flag_is_dropped(tiny_dataset, capsys
         assert main([*flag, "data", "validate", str(tiny_dataset)]) == 0
         assert capsys.readouterr().out == plain
     assert main(["data", "validate", str(tiny_dataset), "--local_rank=0"]) == 0
+
+
+def test_help_lists_every_setting_with_its_default(capsys):
+    from qanchor.cli.common import settings_listing
+    from qanchor.config import PretrainConfig
+
+    assert main(["pretrain", "--help"]) == 0
+    text = capsys.readouterr().out
+    keys = settings_listing(PretrainConfig)
+    assert len(keys) > 50 and all(f"  {key}={value}\n" in text for key, value in keys)
+    assert "  train.max_steps=" in text and "  model.backbone.init_embeddings_from_minilm=true\n" in text

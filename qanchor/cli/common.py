@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import sys
 from typing import Any, NoReturn
 
@@ -50,7 +51,27 @@ def add_settings(p: argparse.ArgumentParser, schema: type, example: str) -> None
     p.add_argument("--config", default=None, help=f"a YAML file of {schema.__name__} settings (optional)")
     p.add_argument("--quiet", action="store_true", help="print only the result: no progress, no log lines")
     p.set_defaults(schema=schema)
-    p.epilog = f"settings: key=value ... of {schema.__name__} (qanchor.config), anywhere on the line, e.g. {example}"
+    p.formatter_class = argparse.RawDescriptionHelpFormatter  # the settings list keeps its lines
+    p.epilog = (f"settings: key=value ... of {schema.__name__} (qanchor.config), anywhere on the line, e.g.\n  {example}\n\n"
+                "every setting, with its default (before a --config file):\n" + "\n".join(f"  {key}={value}" for key, value in settings_listing(schema)))
+
+
+def settings_listing(schema: type, prefix: str = "") -> list[tuple[str, str]]:
+    """``(dotted key, default)`` for every setting of a config dataclass, sections flattened (``train.lr``)."""
+    out = []
+    for f in dataclasses.fields(schema):
+        if f.default is not dataclasses.MISSING:
+            value = f.default
+        elif f.default_factory is not dataclasses.MISSING:
+            value = f.default_factory()
+        else:
+            value = "(required)"
+        if dataclasses.is_dataclass(value):
+            out += settings_listing(type(value), f"{prefix}{f.name}.")
+        else:
+            text = "null" if value is None else str(value).lower() if isinstance(value, bool) else str(value)
+            out.append((f"{prefix}{f.name}", text))
+    return out
 
 
 def parse(parser: argparse.ArgumentParser, argv: list[str] | None) -> argparse.Namespace:

@@ -3,7 +3,7 @@
     <dir>/head.safetensors   prompt (k, H), prototypes (P, D) unit rows, prototype_labels (P,) int64,
                              log_scale and bias (scalars; absent in heads written before they existed = 0),
                              lookup (T,) on a model with query evidence (absent: the query text's own vector)
-    <dir>/head.yaml          task, query, k, C, temperature, checkpoint hash, qanchor version, ...
+    <dir>/head.yaml          task, query, k, temperature, checkpoint hash, qanchor version, ...
 
 The prompt is read by the frozen LLM at the start of the suffix (``model.suffix(query_ids, head.prompt)``);
 the prototypes score the resulting embedding. A head only makes sense on the exact weights it was
