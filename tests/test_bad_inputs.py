@@ -195,6 +195,17 @@ def _synth_over_own_pairs(d: Path, w) -> list[str]:
     return ["data", "synth", f"out={d / 'ds'}", "users=20"]
 
 
+def _synth_over_own_files(d: Path, w) -> list[str]:
+    """A qanchor dataset holding a labels file, a task file and notes of the user's own: a rebuild replaced the
+    directory whole and they were gone."""
+    ds = copy_dataset(w.ds, d / "ds")
+    (ds / "wine_labels.csv").write_text("user_id,label\nu001,1\n")
+    (ds / "tasks" / "my_task.parquet").write_bytes((ds / "tasks" / "churn.parquet").read_bytes())
+    (ds / "notes").mkdir()
+    (ds / "notes" / "README.txt").write_text("mine")
+    return ["data", "synth", f"out={ds}", "users=20"]
+
+
 def _manifest_not_utf8(d: Path, w) -> list[str]:
     ds = copy_dataset(w.ds, d / "ds")
     (ds / "manifest.yaml").write_bytes("# Caf\u00e9 data\n".encode("latin-1") + (ds / "manifest.yaml").read_bytes())
@@ -250,6 +261,9 @@ CASES = [
          lambda d, w: [w.foreign]),
     Case("userU-over-foreign-pairs", _foreign_userU, "was not written by `qanchor data userU`"),
     Case("dataset-rebuild-over-own-pairs", _synth_over_own_pairs, "was not written by `qanchor data userU`",
+         lambda d, w: [d / "ds"]),
+    Case("dataset-rebuild-over-own-files", _synth_over_own_files,
+         "holds files a dataset build does not write ('notes', 'tasks/my_task.parquet', 'wine_labels.csv')",
          lambda d, w: [d / "ds"]),
     Case("manifest-not-utf8", _manifest_not_utf8, "not UTF-8 text (byte 0xe9", lambda d, w: [d / "ds"]),
     Case("embed-over-other-export", _existing_export, "overwrite=true"),

@@ -28,13 +28,12 @@ import pyarrow.parquet as pq
 
 from qanchor.data.io import OutputKind, atomic_dir, claim_output_dir, write_text
 from qanchor.data.manifest import MANIFEST_FILE, Manifest, TaskSpec
-from qanchor.data.schema import TABULAR_FILE, TASKS_DIR, USERU_FILE, event_schema, utc_micros
+from qanchor.data.schema import CACHE_DIR, TABULAR_FILE, TASKS_DIR, USERU_FILE, event_schema, utc_micros
 from qanchor.data.validate import ValidationReport, event_files, validate_dataset
 
 __all__ = ["EventSeq", "UserRecord", "Task", "Dataset", "load_dataset", "records_from_table", "default_cache_dir",
            "CACHE_DIR"]
 
-CACHE_DIR = ".qanchor_cache"
 _PARTITION_USERS = 4096
 _MAX_PARTITIONS = 512
 

@@ -19,8 +19,8 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from qanchor.data.io import OutputKind, atomic_dir, check_replaceable, write_parquet
-from qanchor.data.manifest import Manifest
+from qanchor.data.io import MARKER_FILE, OutputKind, atomic_dir, check_replaceable, write_parquet
+from qanchor.data.manifest import MANIFEST_FILE, Manifest
 from qanchor.errors import OutputError
 
 __all__ = [
@@ -43,6 +43,7 @@ __all__ = [
 
 TS_TYPE = pa.timestamp("us", tz="UTC")
 EVENTS_DIR, TASKS_DIR, TABULAR_FILE, USERU_FILE = "events", "tasks", "tabular.parquet", "userU.parquet"
+CACHE_DIR = ".qanchor_cache"  # a dataset's own cache (user partitions, text vectors), unless data.cache_dir says elsewhere
 USERU_OWNER_KEY, USERU_OWNER_VALUE = "qanchor", "userU pairs"  # Parquet schema metadata: written by `qanchor data userU`
 
 
@@ -161,7 +162,35 @@ def check_userU_target(target: Path) -> None:
 
 def check_dataset_target(out_dir: str | Path) -> None:
     """Refuse (OutputError) an ``out_dir`` a dataset build may not replace: what :func:`check_replaceable` refuses,
-    and a dataset of ours holding pairs of the user's own (a rebuild replaces the directory whole, pairs included)."""
+    and a dataset of ours holding files of the user's own (a rebuild replaces the directory whole): pairs, a labels
+    file, a task or events file the build did not write, notes."""
     check_replaceable(out_dir, OutputKind.DATASET)
-    if Path(out_dir).is_dir():
-        check_userU_target(Path(out_dir).resolve() / USERU_FILE)
+    root = Path(out_dir).resolve()
+    if not root.is_dir():
+        return
+    check_userU_target(root / USERU_FILE)
+    if foreign := _not_built(root):
+        shown = ", ".join(repr(name) for name in foreign[:3]) + (f" and {len(foreign) - 3} more" if len(foreign) > 3 else "")
+        raise OutputError(f"{root} holds files a dataset build does not write ({shown}); rebuilding replaces the "
+                          "directory whole, so move them out of it first, or build into another directory")
+
+
+def _not_built(root: Path) -> list[str]:
+    """What in a dataset directory a build did not write: anything but the manifest, ``events/part-*.parquet``, the
+    tabular file, the manifest's task files, the UserU pairs, the cache and the output marker."""
+    try:
+        tasks = {t.name for t in Manifest.load(root).tasks}
+    except Exception:  # an unreadable manifest: no task file is known to be the build's
+        tasks = set()
+    out = []
+    for path in sorted(root.iterdir()):
+        if path.name in (MANIFEST_FILE, TABULAR_FILE, USERU_FILE, CACHE_DIR, MARKER_FILE):
+            continue
+        if path.name == EVENTS_DIR and path.is_dir():
+            out += [f"{EVENTS_DIR}/{q.name}" for q in sorted(path.iterdir())
+                    if not (q.name.startswith("part-") and q.suffix == ".parquet")]
+        elif path.name == TASKS_DIR and path.is_dir():
+            out += [f"{TASKS_DIR}/{q.name}" for q in sorted(path.iterdir()) if not (q.suffix == ".parquet" and q.stem in tasks)]
+        else:
+            out.append(path.name)
+    return out
