@@ -47,7 +47,7 @@ import qanchor
 from qanchor.errors import OutputError
 from qanchor.faults import failpoint
 
-__all__ = ["MARKER_FILE", "OutputKind", "output_kind", "mark_output", "check_output_dir", "claim_output_dir",
+__all__ = ["MARKER_FILE", "is_temporary", "OutputKind", "output_kind", "mark_output", "check_output_dir", "claim_output_dir",
            "check_not_inside", "check_replaceable",
            "atomic_path", "atomic_dir", "write_parquet", "write_yaml", "write_text", "write_json", "read_json_object",
            "fsync_tree", "to_plain"]
@@ -179,6 +179,11 @@ def _pid_alive(pid: int) -> bool:
 def _host() -> str:
     """This machine, as a short tag in temporary names: a pid means nothing on another machine."""
     return hashlib.sha256(socket.gethostname().encode()).hexdigest()[:8]
+
+
+def is_temporary(path: Path) -> bool:
+    """Whether ``path`` is one of qanchor's own temporaries (a write in progress, or one a killed writer left)."""
+    return path.name.startswith(".") and any(f".{tag}." in path.name for tag in (_TMP, _OLD))
 
 
 def _temp_name(target: Path, tag: str) -> Path:

@@ -19,7 +19,14 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from qanchor.data.io import MARKER_FILE, OutputKind, atomic_dir, check_replaceable, write_parquet
+from qanchor.data.io import (
+    MARKER_FILE,
+    OutputKind,
+    atomic_dir,
+    check_replaceable,
+    is_temporary,
+    write_parquet,
+)
 from qanchor.data.manifest import MANIFEST_FILE, Manifest
 from qanchor.errors import OutputError
 
@@ -184,7 +191,7 @@ def _not_built(root: Path) -> list[str]:
         tasks = set()
     out = []
     for path in sorted(root.iterdir()):
-        if path.name in (MANIFEST_FILE, TABULAR_FILE, USERU_FILE, CACHE_DIR, MARKER_FILE):
+        if path.name in (MANIFEST_FILE, TABULAR_FILE, USERU_FILE, CACHE_DIR, MARKER_FILE) or is_temporary(path):
             continue
         if path.name == EVENTS_DIR and path.is_dir():
             out += [f"{EVENTS_DIR}/{q.name}" for q in sorted(path.iterdir())

@@ -130,11 +130,12 @@ def load_tokenizer(cfg: BackboneConfig):
     if cfg.tokenizer == "qwen2.5":
         return qwen25_tokenizer()
     source = str(default_encoder_path()) if cfg.tokenizer == "minilm" else _resolve(cfg.tokenizer)
-    weights = Path(_resolve(cfg.name_or_path)) if cfg.name_or_path else None
-    if cfg.tokenizer != "minilm" and not Path(source).exists() and weights is not None and weights.is_dir():
-        # a hub id (the preset's) beside local weights: the weights folder's own tokenizer, so that a run pointed at a
-        # local copy never reaches for the hub (and one without tokenizer files gets the offline Qwen2.5 one below)
-        source = str(weights)
+    if cfg.tokenizer != "minilm" and cfg.name_or_path and not Path(source).exists():
+        weights = Path(_resolve(cfg.name_or_path))
+        if weights.is_dir():
+            # a hub id (the preset's) beside local weights: the weights folder's own tokenizer, so that a run pointed at
+            # a local copy never reaches for the hub (and one without tokenizer files gets the offline Qwen2.5 one below)
+            source = str(weights)
     local = Path(source)
     if local.is_dir() and not any((local / f).exists() for f in _TOKENIZER_FILES) and cfg.architecture == "qwen2":
         return qwen25_tokenizer()

@@ -1,5 +1,7 @@
 from __future__ import annotations
 
+import shutil
+
 import numpy as np
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
@@ -135,3 +137,19 @@ def test_user_pairs_with_cutoffs_in_another_unit_are_read_as_microseconds(tmp_pa
     cutoff = qanchor.load_dataset(root).userU().column("cutoff")
     assert cutoff.type == TS_TYPE
     assert cutoff.cast(pa.int64()).to_pylist() == [cutoff_ms * 1000] * 2
+
+
+def test_a_rebuild_passes_over_what_qanchor_wrote_and_stops_at_what_it_did_not(tiny_dataset, tmp_path):
+    """A dataset directory holding only what builds write (and a temporary a killed `data userU` left) may be rebuilt;
+    one holding a file of the user's own may not, and keeps it."""
+    from qanchor.data.schema import check_dataset_target
+    from qanchor.errors import OutputError
+
+    ds = tmp_path / "ds"
+    shutil.copytree(tiny_dataset, ds)
+    (ds / ".userU.parquet.qanchor-tmp.12345-abcdef.0badc0de").write_bytes(b"half")
+    check_dataset_target(ds)
+    (ds / "events" / "mine.csv").write_text("user_id\n")
+    with pytest.raises(OutputError, match=r"holds files a dataset build does not write \('events/mine.csv'\)"):
+        check_dataset_target(ds)
+    assert (ds / "events" / "mine.csv").exists()
