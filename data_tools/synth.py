@@ -354,6 +354,8 @@ def _feature(rng, f: Feature, traits: np.ndarray) -> np.ndarray:
 def _tabular(traits: np.ndarray, ids: pa.Array, seed: int) -> pa.Table:
     rng = _rng(seed, 2)
     keep = np.flatnonzero(rng.random(len(traits)) >= NO_TABULAR_RATE)
+    if not len(keep) and len(traits):  # a tiny world whose every user drew "no row": the format needs one row
+        keep = np.array([0])
     cols = {"user_id": ids.take(keep)}
     for f in FEATURES:
         values = _feature(rng, f, traits[keep])

@@ -162,6 +162,16 @@ def test_rejects_an_empty_world(tmp_path):
         build_synthetic(tmp_path / "x", n_users=0, seed=0)
 
 
+def test_a_world_of_one_user_is_a_valid_dataset(tmp_path):
+    """Each user misses its tabular row with some probability: a one-user world whose user drew "no row" wrote a
+    tabular file with no rows, which the validator refuses (seed 0 is such a draw)."""
+    from qanchor.data.validate import validate_dataset
+
+    for seed in range(3):
+        out = build_synthetic(tmp_path / f"one-{seed}", n_users=1, seed=seed)
+        assert validate_dataset(out).n_tabular_users == 1
+
+
 def test_the_dataset_validator_accepts_the_world(world):
     validate = pytest.importorskip("qanchor.data.validate").validate_dataset
     report = validate(world)
