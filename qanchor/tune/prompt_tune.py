@@ -161,10 +161,11 @@ def run_prompt_tune(cfg: PromptTuneConfig, progress: bool = True) -> dict:
     for name in tasks:  # a folder of someone else's under output_dir is refused before the work, not after it
         check_replaceable(out / name, OutputKind.HEAD)
     fingerprint = ds.fingerprint  # stats every dataset file: once, not per task
-    # The store holds every chosen task's users (see below), so which tasks are chosen moves a head's float rounding:
-    # a head tuned beside other tasks is reused only beside the same ones.
-    cohort = hashlib.sha256(json.dumps(sorted(set().union(*(views[t].user_ids.tolist() for t in tasks))))
-                            .encode()).hexdigest()[:16]
+    # The store holds every chosen task's users, not only the unfinished ones': the same store as an uninterrupted run,
+    # so a task tuned after a restart comes out bit-identical. Batch composition moves float rounding, so a head tuned
+    # beside other tasks is reused only beside the same ones (the users are part of its key).
+    user_ids = sorted(set().union(*(views[t].user_ids.tolist() for t in tasks)))
+    cohort = hashlib.sha256(json.dumps(user_ids).encode()).hexdigest()[:16]
     keys = {name: _task_key(cfg, data_cfg, ckpt_hash, fingerprint, views[name], cohort) for name in tasks}
     finished = {name: rec for name in tasks if (rec := _finished(out / name, keys[name])) is not None}
     if finished and progress:
@@ -173,9 +174,6 @@ def run_prompt_tune(cfg: PromptTuneConfig, progress: bool = True) -> dict:
     todo = [t for t in tasks if t not in finished]
     store, row_of = None, {}
     if todo:
-        # Every chosen task's users, not only the unfinished ones': the same store as an uninterrupted run,
-        # so a task tuned after a restart comes out bit-identical (batch composition moves float rounding).
-        user_ids = sorted(set().union(*(views[t].user_ids.tolist() for t in tasks)))
         store = encode_users(model, ds, pipe, user_ids, cfg.prefix_chunk, progress, [views[t].query for t in tasks])
         row_of = {u: i for i, u in enumerate(store.user_ids)}
     summary = {"checkpoint": str(cfg.checkpoint), "checkpoint_hash": ckpt_hash, "dataset": str(ds.root),
