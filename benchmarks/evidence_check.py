@@ -61,7 +61,7 @@ def user_event_rows(ds, user_ids, cache: TextVectorCache) -> dict[str, dict[str,
     """user -> sequence modality -> the cache rows of the user's events before the cutoff, oldest first (the
     order the model's caps count from: the last ``max_events`` are the kept ones). Texts not yet in the cache are
     encoded in one pass, not one per user."""
-    cutoff_us = int(ds.manifest.cutoff.timestamp() * 1_000_000)
+    cutoff_us = ds.manifest.cutoff_us
     names = [m.name for m in ds.manifest.sequence_modalities]
     texts: dict[str, dict[str, list[str]]] = {}
     for record in progress(ds.users(user_ids), total=len(user_ids), desc="events", unit="user"):

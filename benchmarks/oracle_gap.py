@@ -68,7 +68,7 @@ def observables(ds, user_ids: list[str], cache: TextVectorCache) -> np.ndarray:
     """(U, F) what the data show of each user before the cutoff, standardised: ``rfm_lr``'s features (NaN -> 0, plus a
     missing flag for each column that has any), each modality's :func:`when`, the mean event-text vector, and
     log(1 + count) of each distinct event text."""
-    cutoff_us = int(ds.manifest.cutoff.timestamp() * 1_000_000)
+    cutoff_us = ds.manifest.cutoff_us
     names = [m.name for m in ds.manifest.sequence_modalities]
     row = {u: i for i, u in enumerate(user_ids)}
     texts: list[list[str]] = [[] for _ in user_ids]

@@ -71,7 +71,7 @@ def user_sequences(ds: Dataset, user_ids: Sequence[str], cap: int) -> list[dict[
     A user without events gets one padding event (ids 0), so every user has an embedding.
     """
     modalities = [m.name for m in ds.manifest.sequence_modalities]
-    cutoff_us = int(ds.manifest.cutoff.timestamp() * 1_000_000)
+    cutoff_us = ds.manifest.cutoff_us
     by_id = {r.user_id: _merged(r, modalities, cutoff_us, cap) for r in ds.users(user_ids)}
     counts = Counter(t for s in by_id.values() for t in s["text"])
     vocab = {t: i for i, (t, _) in enumerate(counts.most_common(_VOCAB), start=1)}  # 0 = padding, _VOCAB + 1 = rare

@@ -77,7 +77,7 @@ def extract_features(ds: Dataset, user_ids: Sequence[str], text_cache: TextVecto
     The text cache must already hold every event text of these users (see ``UserPacker.prime``).
     """
     specs = ds.manifest.sequence_modalities
-    cutoff_us = int(ds.manifest.cutoff.timestamp() * 1_000_000)
+    cutoff_us = ds.manifest.cutoff_us
     names = [n for m in specs for n in modality_feature_names(m.name, m.numeric_columns)]
     names += ["all_count", "modalities_present", "all_recency_days", *(f"tab_{c}" for c in ds.tabular_columns)]
     ids = np.array(sorted(set(user_ids)), dtype=object)

@@ -31,7 +31,7 @@ import time
 import zlib
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field, replace
-from datetime import datetime, timedelta, timezone
+from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
@@ -60,7 +60,6 @@ FAMILIES: dict[str, tuple[str, ...]] = {
     "action": ("future",),
 }
 N_OPTIONS = 4
-_EPOCH = datetime(1970, 1, 1, tzinfo=timezone.utc)
 
 
 @dataclass(frozen=True)
@@ -119,7 +118,7 @@ def build_questions(ds: Dataset, user_ids: list[str], seed: int = 0, window_days
     ``scored_as`` maps an option to what a model scores of it (e.g. its first answer-length tokens): a distractor
     that would be scored the same as the right option or another distractor is not used.
     """
-    cutoff_us = (ds.manifest.cutoff - _EPOCH) // timedelta(microseconds=1)
+    cutoff_us = ds.manifest.cutoff_us
     extra = {m.name: m.numeric_columns for m in ds.manifest.sequence_modalities}
     truths: dict[str, dict[str, QA]] = {t: {} for ts in FAMILIES.values() for t in ts}
     histories: dict[str, History] = {}

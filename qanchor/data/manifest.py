@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import re
 from dataclasses import asdict, dataclass, field
-from datetime import datetime, timezone
+from datetime import datetime, timedelta, timezone
 from enum import Enum
 from pathlib import Path
 from typing import Any
@@ -27,6 +27,8 @@ import yaml
 
 from qanchor.data.io import write_yaml
 from qanchor.errors import DataValidationError
+
+_EPOCH = datetime(1970, 1, 1, tzinfo=timezone.utc)
 
 __all__ = ["ModalityKind", "TaskDomain", "ModalitySpec", "TaskSpec", "Manifest", "MANIFEST_FILE"]
 
@@ -74,6 +76,18 @@ class Manifest:
     modalities: tuple[ModalitySpec, ...]
     tasks: tuple[TaskSpec, ...] = ()
     provenance: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def cutoff_us(self) -> int:
+        """The cutoff in whole microseconds since the epoch, computed exactly: ``int(cutoff.timestamp() * 1e6)`` goes
+        through a float and is 1 us off for some cutoffs with a fractional second, which lets an event at the cutoff
+        through (before 1970) or refuses one just before it.
+
+        Example:
+            >>> Manifest("x", datetime(2005, 4, 19, 15, 17, 4, 547000, tzinfo=timezone.utc), ()).cutoff_us
+            1113923824547000
+        """
+        return (self.cutoff - _EPOCH) // timedelta(microseconds=1)
 
     @property
     def sequence_modalities(self) -> tuple[ModalitySpec, ...]:

@@ -117,7 +117,7 @@ class UserPacker:
 
     def __init__(self, manifest: Manifest, data_cfg: DataConfig, cache: TextVectorCache):
         self.manifest, self.data_cfg, self.cache = manifest, data_cfg, cache
-        self.cutoff_us = int(manifest.cutoff.timestamp() * 1_000_000)
+        self.cutoff_us = manifest.cutoff_us
 
     def recent(self, record: UserRecord, cutoff_us: int | None = None) -> dict[str, EventSeq]:
         """The kept (most recent ``cap``, and before ``cutoff_us`` if given) events of each modality."""

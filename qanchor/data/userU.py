@@ -40,7 +40,6 @@ import time
 import zlib
 from collections import Counter
 from dataclasses import dataclass, field
-from datetime import datetime, timedelta, timezone
 from itertools import compress
 from pathlib import Path
 from typing import Protocol
@@ -86,7 +85,6 @@ FUTURE_QUERY = "What will this user do in the next {days} days?"
 MAX_ITEMS, MAX_PER_CATEGORY = 6, 2  # a future answer names at most 6 items, at most 2 from one category
 MAX_WORDS = 55  # long item texts (product paths) shed items until the answer fits
 MAX_TOPICS = 10  # the paper asks for ten topics per user
-_EPOCH = datetime(1970, 1, 1, tzinfo=timezone.utc)
 _FLUSH_ROWS = 65_536
 # Which pairs this generator writes, stamped in the file's metadata beside the owner key. Bump it (and add the reason
 # to USERU_CHANGES) when a change alters the pairs a dataset gets, so that pretraining on an older file says so.
@@ -143,7 +141,7 @@ def build_userU(dataset_dir: str | Path, seed: int = 0, n_future_cutoffs: int = 
     start = time.perf_counter()
     check_userU_target(Path(dataset_dir) / USERU_FILE)
     ds = load_dataset(dataset_dir)
-    cutoff_us = (ds.manifest.cutoff - _EPOCH) // timedelta(microseconds=1)
+    cutoff_us = ds.manifest.cutoff_us
     extra_names = {m.name: m.numeric_columns for m in ds.manifest.sequence_modalities}
     query = FUTURE_QUERY.format(days=future_window_days)
     stats, rows = UserUStats(), _Rows()

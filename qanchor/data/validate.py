@@ -146,7 +146,7 @@ def _check_event_file(path: Path, manifest: Manifest, report: ValidationReport, 
         for col in m.numeric_columns:
             _require(path, schema, col, "number")
     known = {m.name for m in manifest.sequence_modalities}
-    cutoff_us = int(manifest.cutoff.timestamp() * 1_000_000)
+    cutoff_us = manifest.cutoff_us
     numeric = [c for c in dict.fromkeys(["value", *(c for m in manifest.sequence_modalities for c in m.numeric_columns)])
                if c in schema.names]
     offset = 0
@@ -274,7 +274,7 @@ def _check_userU(root: Path, manifest: Manifest, report: ValidationReport) -> No
     bad = _first(pc.invert(pc.is_in(table.column("source"), value_set=pa.array(USERU_SOURCES))))
     if bad is not None:
         raise DataValidationError(str(path), f"source must be one of {', '.join(USERU_SOURCES)}", column="source", row=bad)
-    late = _first(_utc_micros(table.column("cutoff").combine_chunks()) > int(manifest.cutoff.timestamp() * 1_000_000))
+    late = _first(_utc_micros(table.column("cutoff").combine_chunks()) > manifest.cutoff_us)
     if late is not None:
         raise DataValidationError(str(path), "pair cutoff lies after the dataset cutoff (it would look into the label window)", column="cutoff", row=late)
     report.n_userU_pairs = table.num_rows

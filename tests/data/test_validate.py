@@ -89,3 +89,52 @@ def test_console_script_exit_code(tmp_path):
                           capture_output=True, text=True)
     assert proc.returncode == 2
     assert proc.stderr.strip() == f"error: {tmp_path / 'nope'}: dataset directory not found"
+
+
+def _shift_to_cutoff(ds: Path, cutoff: str, last_offset_us: int) -> None:
+    """Move the dataset to ``cutoff``: every event keeps its distance to the cutoff (in whole microseconds), and the
+    latest event lands ``last_offset_us`` before it (0: exactly at the cutoff)."""
+    from datetime import datetime, timedelta, timezone
+
+    def exact_us(value) -> int:
+        dt = value if isinstance(value, datetime) else datetime.fromisoformat(str(value))
+        return (dt.replace(tzinfo=dt.tzinfo or timezone.utc) - datetime(1970, 1, 1, tzinfo=timezone.utc)) // timedelta(microseconds=1)
+
+    new = exact_us(cutoff)
+    shift = new - exact_us(yaml.safe_load((ds / "manifest.yaml").read_text())["cutoff"])
+    files = sorted((ds / "events").glob("*.parquet"))
+    latest = max(max(pq.read_table(f).column("ts").cast(pa.int64()).to_pylist()) for f in files)
+
+    def move(t: pa.Table) -> pa.Table:
+        ts = [new - last_offset_us if v == latest else v + shift for v in t.column("ts").cast(pa.int64()).to_pylist()]
+        return _set_col(t, "ts", pa.array(ts, pa.int64()).cast(t.schema.field("ts").type))
+
+    for f in files:
+        _rewrite(f, move)
+    _edit_manifest(ds, lambda m: m.update(cutoff=cutoff))
+
+
+# Cutoffs whose float timestamp() * 1e6 is 1 us off the exact count (found by search): a float conversion let an
+# event at the 1952 cutoff through and refused one 1 us before the 2005 cutoff.
+FRACTIONAL_CUTOFFS = ["1952-05-06T03:55:03.784368+00:00", "2005-04-19T15:17:04.547000+00:00"]
+
+
+@pytest.mark.parametrize("cutoff", FRACTIONAL_CUTOFFS)
+def test_cutoff_is_exact_to_the_microsecond(cutoff, tiny_dataset, tmp_path, capsys):
+    from datetime import datetime, timedelta, timezone
+
+    from qanchor.data.dataset import load_dataset
+
+    exact = (datetime.fromisoformat(cutoff) - datetime(1970, 1, 1, tzinfo=timezone.utc)) // timedelta(microseconds=1)
+    assert int(datetime.fromisoformat(cutoff).timestamp() * 1_000_000) != exact  # the case the float got wrong
+    just_before, at = tmp_path / "before", tmp_path / "at"
+    for ds, offset in ((just_before, 1), (at, 0)):
+        shutil.copytree(tiny_dataset, ds, ignore=shutil.ignore_patterns(".qanchor_cache"))
+        _shift_to_cutoff(ds, cutoff, offset)
+    assert load_dataset(just_before).manifest.cutoff_us == exact
+    assert main(["data", "validate", str(just_before)]) == 0, capsys.readouterr().err
+    latest = max(int(s.ts.max()) for r in load_dataset(just_before).users() for s in r.events.values() if len(s.ts))
+    assert latest == exact - 1  # the event 1 us before the cutoff is kept
+    capsys.readouterr()
+    assert main(["data", "validate", str(at)]) == 2
+    assert "not before the dataset cutoff" in capsys.readouterr().err
