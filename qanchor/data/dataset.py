@@ -211,7 +211,9 @@ def _sorted_by_user_time(table: pa.Table) -> bool:
 def _floats(table: pa.Table, name: str) -> np.ndarray:
     if name not in table.column_names:
         return np.full(table.num_rows, np.nan, dtype=np.float32)
-    return table.column(name).cast(pa.float32()).to_numpy(zero_copy_only=False).astype(np.float32)
+    # safe=False: Arrow's checked cast refuses integers beyond 2**24 (amounts in cents), which float32 holds to its
+    # precision; the validator has already refused values beyond float32's range
+    return table.column(name).cast(pa.float32(), safe=False).to_numpy(zero_copy_only=False).astype(np.float32)
 
 
 def _float_matrix(table: pa.Table, names: tuple[str, ...]) -> np.ndarray:
@@ -304,7 +306,10 @@ def _canonical(table: pa.Table, schema: pa.Schema) -> pa.Table:
             columns.append(pa.nulls(table.num_rows, f.type))
             continue
         col = table.column(f.name)
-        columns.append(utc_micros(col) if f.name == "ts" else col.cast(f.type))
+        if f.name == "ts":
+            columns.append(utc_micros(col))
+        else:  # numbers as in _floats: an integer amount beyond 2**24 is a float32 to its precision, not an error
+            columns.append(col.cast(f.type, safe=not pa.types.is_floating(f.type)))
     return pa.Table.from_arrays(columns, schema=schema)
 
 

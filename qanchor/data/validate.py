@@ -45,8 +45,28 @@ class ValidationReport:
 
 
 def event_files(dataset_dir: str | Path) -> list[Path]:
-    """The event Parquet files of a dataset, in name order (the order users and rows are read in)."""
-    return sorted((Path(dataset_dir) / EVENTS_DIR).glob("*.parquet"))
+    """The event Parquet files of a dataset, in name order (the order users and rows are read in).
+
+    Every other entry of ``events/`` is refused rather than skipped, so that no event is silently lost: a
+    partitioned folder (``events/day=2024-01-01/part-0.parquet``) or a file named ``part-1.PARQUET`` holds events
+    too. Hidden and underscore names (``.DS_Store``, ``_SUCCESS``, writers' temporaries) and ``*.crc`` checksums
+    are not data and are passed over.
+    """
+    folder = Path(dataset_dir) / EVENTS_DIR
+    if not folder.is_dir():
+        return []
+    files = []
+    for path in sorted(folder.iterdir()):
+        if path.name.startswith((".", "_")) or path.name.endswith(".crc"):
+            continue
+        if path.suffix != ".parquet" or not path.is_file():
+            what = "a folder" if path.is_dir() else "not named *.parquet"
+            raise DataValidationError(str(path), f"{what}: qanchor reads only the Parquet files directly in {EVENTS_DIR}/ "
+                                      f"(*.parquet); move its events into {EVENTS_DIR}/ as flat *.parquet files "
+                                      "(e.g. pyarrow.parquet.write_table(table, 'events/part-00001.parquet')) or "
+                                      "remove it from the dataset")
+        files.append(path)
+    return files
 
 
 def validate_dataset(dataset_dir: str | Path) -> ValidationReport:

@@ -153,3 +153,30 @@ def test_a_rebuild_passes_over_what_qanchor_wrote_and_stops_at_what_it_did_not(t
     with pytest.raises(OutputError, match=r"holds files a dataset build does not write \('events/mine.csv'\)"):
         check_dataset_target(ds)
     assert (ds / "events" / "mine.csv").exists()
+
+
+def test_integer_amounts_beyond_float32_integers_load(tiny_dataset, tmp_path):
+    """Amounts in cents are integers; above 2**24 Arrow's checked cast to float32 refused them after validation had
+    passed, and every command failed with a traceback. They load as float32, to float32's precision."""
+    import pyarrow as pa
+
+    from qanchor.cli import main
+
+    ds = tmp_path / "ds"
+    shutil.copytree(tiny_dataset, ds, ignore=shutil.ignore_patterns(".qanchor_cache"))
+    path = sorted((ds / "events").glob("*.parquet"))[0]
+    table = pq.read_table(path)
+    cents = [None if v is None else round(v * 100) for v in table.column("value").to_pylist()]
+    first = next(i for i, v in enumerate(cents) if v is not None)
+    cents[first] = 2**24 + 1
+    discounts = [None if v is None else 2**25 + 3 for v in table.column("discount").to_pylist()]
+    table = table.set_column(table.schema.get_field_index("value"), "value", pa.array(cents, pa.int64()))
+    table = table.set_column(table.schema.get_field_index("discount"), "discount", pa.array(discounts, pa.int64()))
+    pq.write_table(table, path)
+    assert main(["data", "validate", str(ds)]) == 0
+    record = dataset_mod.load_dataset(ds).user(table.column("user_id")[first].as_py())
+    seq = record.events[table.column("modality")[first].as_py()]
+    assert np.float32(2**24 + 1) in seq.value  # float32 rounds it to 2**24: loaded, not refused
+    assert np.isfinite(seq.value[~np.isnan(seq.value)]).all()
+    extras = seq.extras[~np.isnan(seq.extras)]
+    assert np.float32(2**25 + 3) in extras

@@ -54,6 +54,8 @@ CORRUPTIONS = {
     "missing extra column": (lambda ds: _rewrite(_events(ds), lambda t: t.drop_columns(["discount"])), ["'discount'", "missing"]),
     "yes/no tabular column": (lambda ds: _rewrite(ds / "tabular.parquet", lambda t: t.append_column("vip", pa.array([True, False] * (t.num_rows // 2) + [True] * (t.num_rows % 2)))), ["'vip'", "has type bool, expected number", "as 0/1"]),
     "text tabular column": (lambda ds: _rewrite(ds / "tabular.parquet", lambda t: t.append_column("city", pa.array(["Paris"] * t.num_rows))), ["'city'", "expected number", "one 0/1 column per value"]),
+    "partitioned events folder": (lambda ds: (ds / "events/day=2024-01-01").mkdir() or shutil.move(_events(ds), ds / "events/day=2024-01-01/part-0.parquet"), ["day=2024-01-01", "a folder", "flat *.parquet"]),
+    "events file not named .parquet": (lambda ds: shutil.move(_events(ds), ds / "events/part-9.PARQUET"), ["part-9.PARQUET", "not named *.parquet"]),
     "yes/no labels": (lambda ds: _rewrite(ds / "tasks/churn.parquet", lambda t: _set_col(t, "label", pa.array([v == 1 for v in t.column("label").to_pylist()]))), ["churn.parquet", "'label'", "has type bool", "0/1 integers"]),
 }
 
@@ -74,7 +76,8 @@ def test_corruption_fails_with_clear_message(name, tiny_dataset, tmp_path, capsy
         assert fragment in err, f"{fragment!r} not in {err!r}"
     # validation reads only: the (corrupted) files are exactly as the user left them
     assert after == {p: p.read_bytes() for p in ds.rglob("*") if p.is_file()}
-    assert before.keys() >= after.keys() - {ds / "tasks/extra.parquet"}
+    made = {ds / "tasks/extra.parquet", ds / "events/day=2024-01-01/part-0.parquet", ds / "events/part-9.PARQUET"}
+    assert before.keys() >= after.keys() - made
 
 
 def test_valid_dataset_passes_and_counts(tiny_dataset, capsys):
@@ -138,3 +141,13 @@ def test_cutoff_is_exact_to_the_microsecond(cutoff, tiny_dataset, tmp_path, caps
     capsys.readouterr()
     assert main(["data", "validate", str(at)]) == 2
     assert "not before the dataset cutoff" in capsys.readouterr().err
+
+
+def test_writer_markers_beside_event_files_are_passed_over(tiny_dataset, tmp_path, capsys):
+    """Spark / Hadoop leave _SUCCESS and .crc files, macOS .DS_Store: none is data, and none stops a dataset."""
+    ds = tmp_path / "ds"
+    shutil.copytree(tiny_dataset, ds, ignore=shutil.ignore_patterns(".qanchor_cache"))
+    for name in ("_SUCCESS", ".DS_Store", ".part-00000.parquet.crc", "part-00000.parquet.crc"):
+        (ds / "events" / name).write_bytes(b"")
+    assert main(["data", "validate", str(ds)]) == 0
+    assert "events: 469" in capsys.readouterr().out
