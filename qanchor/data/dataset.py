@@ -335,15 +335,16 @@ def _write_partitions(out: Path, files: list[Path], user_ids: np.ndarray, per_pa
         src.unlink()
 
 
-def load_dataset(path: str | Path, cache_dir: str | Path | None = None) -> Dataset:
-    """Validate and open a dataset directory. Raises DataValidationError on a broken dataset.
+def load_dataset(path: str | Path, cache_dir: str | Path | None = None, pairs: bool = True) -> Dataset:
+    """Validate and open a dataset directory. Raises DataValidationError on a broken dataset. ``pairs=False``: leave
+    ``userU.parquet`` unchecked (``qanchor data userU``, about to replace it).
 
     Example:
         >>> ds = load_dataset("data/completejourney")  # doctest: +SKIP
         >>> ds.tasks["churn"].positive_rate  # doctest: +SKIP
     """
     root = Path(path)
-    report = validate_dataset(root)
+    report = validate_dataset(root, pairs)
     return Dataset(root, report.manifest, report, Path(cache_dir) if cache_dir else default_cache_dir(root))
 
 

@@ -140,7 +140,7 @@ def build_userU(dataset_dir: str | Path, seed: int = 0, n_future_cutoffs: int = 
         raise ValueError("seed, n_future_cutoffs and min_history_days must be >= 0 and future_window_days >= 1")
     start = time.perf_counter()
     check_userU_target(Path(dataset_dir) / USERU_FILE)
-    ds = load_dataset(dataset_dir)
+    ds = load_dataset(dataset_dir, pairs=False)  # the pairs it replaces may not fit a dataset changed since
     cutoff_us = ds.manifest.cutoff_us
     extra_names = {m.name: m.numeric_columns for m in ds.manifest.sequence_modalities}
     query = FUTURE_QUERY.format(days=future_window_days)

@@ -21,7 +21,15 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from qanchor.data.manifest import Manifest
-from qanchor.data.schema import EVENTS_DIR, TABULAR_FILE, TASKS_DIR, USERU_FILE, USERU_SOURCES, utc_micros
+from qanchor.data.schema import (
+    EVENTS_DIR,
+    TABULAR_FILE,
+    TASKS_DIR,
+    USERU_FILE,
+    USERU_SOURCES,
+    userU_metadata,
+    utc_micros,
+)
 from qanchor.errors import DataValidationError
 
 __all__ = ["ValidationReport", "validate_dataset", "event_files", "check_event_file", "not_storable"]
@@ -69,8 +77,11 @@ def event_files(dataset_dir: str | Path) -> list[Path]:
     return files
 
 
-def validate_dataset(dataset_dir: str | Path) -> ValidationReport:
-    """Check a dataset directory against the format; return counts, or raise DataValidationError."""
+def validate_dataset(dataset_dir: str | Path, pairs: bool = True) -> ValidationReport:
+    """Check a dataset directory against the format; return counts, or raise DataValidationError.
+
+    ``pairs=False`` leaves ``userU.parquet`` unread: ``qanchor data userU`` replaces its own pairs, which may no
+    longer fit a dataset whose cutoff or users changed since they were built."""
     root = Path(dataset_dir)
     if not root.is_dir():
         raise DataValidationError(str(root), "dataset directory not found")
@@ -85,7 +96,8 @@ def validate_dataset(dataset_dir: str | Path) -> ValidationReport:
     report.n_event_files = len(files)
     _check_tabular(root, manifest, report, users)
     _check_tasks(root, manifest, report, users)
-    _check_userU(root, manifest, report)
+    if pairs:
+        _check_userU(root, manifest, report, users)
     report.n_users = len(users)
     return report
 
@@ -210,6 +222,9 @@ def _check_event_file(path: Path, manifest: Manifest, report: ValidationReport, 
 def _check_unique_users(path: Path, col: pa.ChunkedArray) -> None:
     if col.null_count:
         raise DataValidationError(str(path), "null user_id", column="user_id", row=_first(col.is_null()))
+    empty = _first(pc.equal(pc.utf8_length(col), 0))
+    if empty is not None:  # the events' rule: an empty id is no user
+        raise DataValidationError(str(path), "empty user_id", column="user_id", row=empty)
     values = col.to_numpy(zero_copy_only=False)
     _, first_idx, counts = np.unique(values, return_index=True, return_counts=True)
     if (counts > 1).any():
@@ -269,6 +284,7 @@ def _check_tasks(root: Path, manifest: Manifest, report: ValidationReport, users
         if bad is not None:
             raise DataValidationError(str(path), f"label {values[bad]} is not 0 or 1", column="label", row=bad)
         if "prob" in table.column_names:
+            _require(path, pf.schema_arrow, "prob", "number")
             prob = table.column("prob").to_numpy(zero_copy_only=False).astype(np.float64)
             bad = _first(~((prob >= 0) & (prob <= 1)))
             if bad is not None:
@@ -277,7 +293,7 @@ def _check_tasks(root: Path, manifest: Manifest, report: ValidationReport, users
         users.update(table.column("user_id").to_pylist())  # a labelled user with no events is still a user
 
 
-def _check_userU(root: Path, manifest: Manifest, report: ValidationReport) -> None:
+def _check_userU(root: Path, manifest: Manifest, report: ValidationReport, users: set[str]) -> None:
     path = root / USERU_FILE
     if not path.exists():
         return
@@ -294,7 +310,15 @@ def _check_userU(root: Path, manifest: Manifest, report: ValidationReport) -> No
     bad = _first(pc.invert(pc.is_in(table.column("source"), value_set=pa.array(USERU_SOURCES))))
     if bad is not None:
         raise DataValidationError(str(path), f"source must be one of {', '.join(USERU_SOURCES)}", column="source", row=bad)
+    # qanchor's own pairs were built for this dataset as it was then: say how to rebuild them
+    rebuild = (f"; these pairs were built by `qanchor data userU` before the dataset changed: rebuild them with "
+               f"`qanchor data userU {root}`" if userU_metadata(path) is not None else "")
     late = _first(_utc_micros(table.column("cutoff").combine_chunks()) > manifest.cutoff_us)
     if late is not None:
-        raise DataValidationError(str(path), "pair cutoff lies after the dataset cutoff (it would look into the label window)", column="cutoff", row=late)
+        raise DataValidationError(str(path), "pair cutoff lies after the dataset cutoff (it would look into the label "
+                                  f"window){rebuild}", column="cutoff", row=late)
+    stranger = _first(pc.invert(pc.is_in(table.column("user_id"), value_set=pa.array(sorted(users), pa.string()))))
+    if stranger is not None:
+        raise DataValidationError(str(path), f"user '{table.column('user_id')[stranger].as_py()}' is not a user of this "
+                                  f"dataset (no events, tabular row or label){rebuild}", column="user_id", row=stranger)
     report.n_userU_pairs = table.num_rows

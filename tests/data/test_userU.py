@@ -471,3 +471,49 @@ def test_a_dataset_without_events_gets_no_pairs_and_the_command_does_not_claim_i
     out = capsys.readouterr().out
     assert not (root / "userU.parquet").exists()
     assert out.startswith("wrote no ") and "no pairs for any of 2 users" in out
+
+
+def test_own_pairs_are_rebuilt_after_the_cutoff_moves_earlier(built, tmp_path, capsys):
+    """The stale-pairs fix the error names works: `qanchor data userU DIR` replaces its own pairs even when they no
+    longer fit the dataset (built before its cutoff moved earlier), instead of refusing to load the dataset."""
+    import pyarrow as pa
+    import pyarrow.compute as pc
+    import yaml
+
+    from qanchor.cli import main
+    from qanchor.errors import DataValidationError
+
+    root = tmp_path / "ds"
+    shutil.copytree(built[0], root, ignore=shutil.ignore_patterns(".qanchor_cache"))
+    manifest = yaml.safe_load((root / "manifest.yaml").read_text())
+    earlier = load_dataset(root).manifest.cutoff - timedelta(days=20)
+    manifest["cutoff"] = earlier.isoformat()
+    (root / "manifest.yaml").write_text(yaml.safe_dump(manifest))
+    for path in (root / "events").glob("*.parquet"):  # the events of the last 20 days are now the label window
+        table = pq.read_table(path)
+        pq.write_table(table.filter(pc.less(table.column("ts"), pa.scalar(earlier, table.schema.field("ts").type))), path)
+    with pytest.raises(DataValidationError, match=r"pair cutoff lies after the dataset cutoff .*rebuild them with "
+                                                  r"`qanchor data userU"):
+        validate_dataset(root)
+    assert main(["data", "userU", str(root)]) == 0, capsys.readouterr().err
+    report = validate_dataset(root)
+    cutoffs = pq.read_table(root / USERU_FILE).column("cutoff").cast(pa.int64()).to_numpy()
+    assert report.n_userU_pairs > 0 and cutoffs.max() <= _cutoff_us(load_dataset(root))
+
+
+def test_pairs_of_a_user_the_dataset_lacks_are_refused(built, tmp_path):
+    """Hand-made pairs for a user with no events, tabular row or label passed validation, then pretraining stopped on
+    a bare KeyError."""
+    import pyarrow as pa
+
+    from qanchor.errors import DataValidationError
+
+    root = _copy(built[0], tmp_path / "ds")
+    pairs = pq.read_table(built[0] / USERU_FILE)
+    ids = pairs.column("user_id").to_pylist()
+    ids[3] = ids[3].upper() + " "
+    pq.write_table(pairs.set_column(0, "user_id", pa.array(ids, pa.string())).replace_schema_metadata(None),
+                   root / USERU_FILE)
+    with pytest.raises(DataValidationError, match=rf"userU.parquet, column 'user_id', row 3: user '{re.escape(ids[3])}' "
+                                                  r"is not a user of this dataset"):
+        validate_dataset(root)

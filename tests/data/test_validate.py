@@ -56,6 +56,8 @@ CORRUPTIONS = {
     "text tabular column": (lambda ds: _rewrite(ds / "tabular.parquet", lambda t: t.append_column("city", pa.array(["Paris"] * t.num_rows))), ["'city'", "expected number", "one 0/1 column per value"]),
     "partitioned events folder": (lambda ds: (ds / "events/day=2024-01-01").mkdir() or shutil.move(_events(ds), ds / "events/day=2024-01-01/part-0.parquet"), ["day=2024-01-01", "a folder", "flat *.parquet"]),
     "events file not named .parquet": (lambda ds: shutil.move(_events(ds), ds / "events/part-9.PARQUET"), ["part-9.PARQUET", "not named *.parquet"]),
+    "empty tabular user id": (lambda ds: _rewrite(ds / "tabular.parquet", lambda t: _set_col(t, "user_id", pa.array([""] + t.column("user_id").to_pylist()[1:]))), ["tabular.parquet", "'user_id'", "row 0", "empty user_id"]),
+    "text prob column": (lambda ds: _rewrite(ds / "tasks/churn.parquet", lambda t: t.append_column("prob", pa.array(["0.5"] * t.num_rows))), ["churn.parquet", "'prob'", "expected number"]),
     "yes/no labels": (lambda ds: _rewrite(ds / "tasks/churn.parquet", lambda t: _set_col(t, "label", pa.array([v == 1 for v in t.column("label").to_pylist()]))), ["churn.parquet", "'label'", "has type bool", "0/1 integers"]),
 }
 
