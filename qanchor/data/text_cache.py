@@ -84,12 +84,24 @@ class SentenceEncoder:
 
     @property
     def key(self) -> str:
-        """Identifies the encoder's weights and settings: vectors from another key are never mixed in."""
-        config = json.dumps(self.model.config.to_dict(), sort_keys=True, default=str)
+        """Identifies the encoder's weights, tokenizer and settings: vectors from another key are never mixed in.
+
+        The tokenizer is part of it (its full serialised state: vocabulary, lower-casing, splitting): an encoder folder
+        whose tokenizer files were changed beside the same weights reads texts differently. Where the encoder lies on
+        disk is not (``_name_or_path``): moving the folder does not make every text new.
+        """
+        settings = {k: v for k, v in self.model.config.to_dict().items() if k != "_name_or_path"}
+        config = json.dumps(settings, sort_keys=True, default=str)
         weights = sum(float(p.double().sum()) for p in self.model.parameters())
-        raw = f"{config}|{weights:.6e}|{self.cfg.max_length}|mean|l2"
+        raw = f"{config}|{weights:.6e}|{self.cfg.max_length}|mean|l2|{self._tokenizer_digest()}"
         name = "all-MiniLM-L6-v2" if self.cfg.path is None else Path(self.path).name
         return f"{name}-{hashlib.sha256(raw.encode()).hexdigest()[:12]}"
+
+    def _tokenizer_digest(self) -> str:
+        backend = getattr(self.tokenizer, "backend_tokenizer", None)  # a fast tokenizer's whole state, as JSON
+        state = backend.to_str() if backend is not None else json.dumps(
+            [sorted(self.tokenizer.get_vocab().items()), self.tokenizer.init_kwargs], sort_keys=True, default=str)
+        return hashlib.sha256(state.encode()).hexdigest()
 
     @torch.inference_mode()
     def encode(self, texts: list[str], progress: bool = False, what: str = "event texts") -> np.ndarray:

@@ -116,3 +116,29 @@ def test_history_stats_read_the_whole_history_before_the_cutoff(tiny_dataset, tm
     assert earlier.history[5] == pytest.approx(np.log1p((cut - bill.ts[n_before - 1]) / 86_400e6), rel=1e-5)
     # A modality without events reads zeros (its token is the learned empty token anyway).
     assert not packer.pack(ds.user("u000")).modalities["bill"].history.any()
+
+
+def test_cache_key_follows_the_tokenizer_not_the_folder(tmp_path, encoder):
+    """The same weights beside a changed tokenizer read texts differently: their cached vectors must not be served.
+    The same encoder in another folder reads them the same: its vectors are not re-encoded."""
+    import json
+    import shutil
+
+    from qanchor.config import TextEncoderConfig
+    from qanchor.data.text_cache import default_encoder_path
+
+    same, cased = tmp_path / "a" / "minilm", tmp_path / "b" / "minilm"
+    for folder in (same, cased):
+        shutil.copytree(default_encoder_path(), folder)
+    for name, edit in (("tokenizer_config.json", lambda c: c.update(do_lower_case=False)),
+                       ("tokenizer.json", lambda t: t["normalizer"].update(lowercase=False))):
+        raw = json.loads((cased / name).read_text())
+        edit(raw)
+        (cased / name).write_text(json.dumps(raw))
+    moved = SentenceEncoder(TextEncoderConfig(path=str(same)), device="cpu")
+    relowered = SentenceEncoder(TextEncoderConfig(path=str(cased)), device="cpu")
+    text = "GROCERY / FROZEN PIZZA"
+    original = SentenceEncoder(TextEncoderConfig(path=str(default_encoder_path())), device="cpu")
+    assert moved.key.rsplit("-", 1)[1] == original.key.rsplit("-", 1)[1]  # the folder's name is only a label
+    assert relowered.key != moved.key
+    assert float(relowered.encode([text])[0] @ moved.encode([text])[0]) < 0.9  # they do read it differently
