@@ -90,6 +90,14 @@ def _damaged_ckpt(how: str) -> Callable[[Path, object], list[str]]:
             weights.write_bytes(np.random.default_rng(0).bytes(4096))
         elif how == "meta":
             (ck / "qanchor.json").write_text("{not json")
+        elif how == "no-tokenizer-json":  # a tokenizer rebuilt without its vocabulary loaded and numbered every token anew
+            (ck / "tokenizer.json").unlink()
+        elif how == "no-tokenizer-config":
+            (ck / "tokenizer_config.json").unlink()
+        elif how == "foreign-tokenizer":  # the sentence encoder's tokenizer: same words, none of qanchor's tokens
+            from qanchor.data.text_cache import default_encoder_path
+            for name in ("tokenizer.json", "tokenizer_config.json"):
+                shutil.copy(default_encoder_path() / name, ck / name)
         return ["embed", f"checkpoint={ck}", f"data.path={w.ds}", "queries=tasks", f"out={d / 'e'}"]
     return argv
 
@@ -308,6 +316,9 @@ CASES = [
     Case("checkpoint-truncated-weights", _damaged_ckpt("truncated"), "truncated"),
     Case("checkpoint-random-weights", _damaged_ckpt("random"), "not a safetensors file"),
     Case("checkpoint-garbage-meta", _damaged_ckpt("meta"), "not valid JSON"),
+    Case("checkpoint-without-tokenizer-vocabulary", _damaged_ckpt("no-tokenizer-json"), "the tokenizer's vocabulary is missing"),
+    Case("checkpoint-without-tokenizer-config", _damaged_ckpt("no-tokenizer-config"), "tokenizer_config.json is missing"),
+    Case("checkpoint-with-another-models-tokenizer", _damaged_ckpt("foreign-tokenizer"), "the model was saved with"),
     Case("head-garbage-yaml", _damaged_head("yaml"), "not valid YAML"),
     Case("head-truncated-weights", _damaged_head("weights"), "truncated"),
     Case("index-truncated", _damaged_index("truncated"), "not a faiss index"),

@@ -194,7 +194,8 @@ def score(model: QAnchor, ds: Dataset, questions: list[Question]) -> tuple[np.nd
         for k, idx in enumerate(asked.values()):
             for choice, i in zip(choices[k], idx):
                 correct[i] = choice.option == questions[i].options[questions[i].answer]
-                n_question = len(model.tokenizer(questions[i].question, add_special_tokens=False)["input_ids"])
+                n_question = len(model.tokenizer(questions[i].question, add_special_tokens=False,
+                                                     split_special_tokens=True)["input_ids"])
                 tokens[i] = prefix[k] + n_question + 2
     return correct, tokens
 

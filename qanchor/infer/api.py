@@ -418,7 +418,7 @@ class QAnchor:
     def option_ids(self, text: str, truncate: bool = False) -> list[int]:
         """Token ids of an option as an answer: at most the ``model.max_answer_tokens - 1`` tokens the model learned to
         write (pretraining cut longer answers there, then closed them); longer is an error unless ``truncate``."""
-        ids = self.tokenizer(text, add_special_tokens=False, verbose=False)["input_ids"]
+        ids = self.tokenizer(text, add_special_tokens=False, split_special_tokens=True, verbose=False)["input_ids"]
         limit = self.run_cfg.model.max_answer_tokens - 1
         if len(ids) > limit and not truncate:
             raise ModelInputError(f"option {text[:60]!r} has {len(ids)} tokens, more than the {limit} answer tokens this "

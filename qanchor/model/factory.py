@@ -17,7 +17,7 @@ from __future__ import annotations
 import hashlib
 import json
 import warnings
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -59,6 +59,9 @@ class ModelMeta:
     text_dim: int
     text_encoder: dict[str, Any] = field(default_factory=dict)  # TextEncoderConfig fields
     tabular_columns: list[str] = field(default_factory=list)
+    # len(tokenizer) when saved: a tokenizer rebuilt from damaged or missing files numbers its tokens differently
+    # (<|user_emb|> and every word land on other rows of the embedding table) yet loads; None in older checkpoints
+    tokenizer_size: int | None = None
     format_version: int = FORMAT_VERSION
     qanchor_version: str = qanchor.__version__
 
@@ -143,6 +146,7 @@ def save_checkpoint(out_dir: str | Path, model: QAnchorModel, tokenizer: Any, ru
     out_dir = Path(out_dir)
     with atomic_dir(out_dir, OutputKind.CHECKPOINT) as tmp:
         (tmp / "config.yaml").write_text(to_yaml(run_cfg))
+        meta = replace(meta, tokenizer_size=len(tokenizer))
         (tmp / "qanchor.json").write_text(json.dumps(meta.__dict__, indent=2, default=str))
         (tmp / "backbone_config.json").write_text(_base_config(model).to_json_string())
         tokenizer.save_pretrained(tmp)
@@ -199,15 +203,23 @@ def read_meta(ckpt: Path) -> ModelMeta:
     return meta
 
 
+# A saved tokenizer's vocabulary: a fast tokenizer's tokenizer.json, or a slow one's own files (BERT, GPT-2 / Qwen,
+# SentencePiece)
+_VOCABULARY_FILES = ("tokenizer.json", "vocab.txt", "vocab.json", "tokenizer.model", "spiece.model")
+
+
 def load_checkpoint(ckpt: str | Path, device: str | torch.device = "cpu") -> tuple[QAnchorModel, Any, ModelMeta, PretrainConfig]:
     """Rebuild model, tokenizer, metadata and run config from a checkpoint directory (safetensors only)."""
     from transformers import AutoConfig, AutoTokenizer
 
     ckpt = resolve_checkpoint_dir(ckpt)
     meta = read_meta(ckpt)
-    for name in ("config.yaml", "backbone_config.json", "model.safetensors"):
+    for name in ("config.yaml", "backbone_config.json", "model.safetensors", "tokenizer_config.json"):
         if not (ckpt / name).exists():
             raise CheckpointError(f"{ckpt}: incomplete checkpoint, {name} is missing")
+    if not any((ckpt / name).exists() for name in _VOCABULARY_FILES):
+        raise CheckpointError(f"{ckpt}: incomplete checkpoint, the tokenizer's vocabulary is missing (none of "
+                              f"{', '.join(_VOCABULARY_FILES)}); re-copy the checkpoint folder whole")
     try:
         run_cfg = load_run_config(ckpt / "config.yaml")
     except ConfigError as exc:
@@ -215,8 +227,12 @@ def load_checkpoint(ckpt: str | Path, device: str | torch.device = "cpu") -> tup
     try:
         hf_config = AutoConfig.from_pretrained(ckpt / "backbone_config.json")
         tokenizer = AutoTokenizer.from_pretrained(ckpt)
-    except (OSError, ValueError) as exc:
+    except (OSError, ValueError, TypeError) as exc:
         raise CheckpointError(f"{ckpt}: damaged backbone config or tokenizer files ({str(exc).splitlines()[0]})") from None
+    if meta.tokenizer_size is not None and len(tokenizer) != meta.tokenizer_size:
+        raise CheckpointError(f"{ckpt}: the tokenizer files hold {len(tokenizer)} tokens, the model was saved with "
+                              f"{meta.tokenizer_size}: they are damaged or from another model (every token would read "
+                              "another row of the embedding table); re-copy the checkpoint folder whole")
     model, tokenizer = build_model(run_cfg.model, meta.manifest_obj, meta.text_dim, meta.tabular_columns,
                                    hf_config=hf_config, tokenizer=tokenizer, training_aids=run_cfg.loss)
     weights = ckpt / "model.safetensors"

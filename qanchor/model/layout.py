@@ -97,7 +97,11 @@ def tokenize_query(tokenizer, text: str, max_tokens: int) -> list[int]:
         >>> tokenize_query(tok, "Will this user churn?", 32)  # doctest: +SKIP
         [2097, 2023, 5310, 26765, 1029]
     """
-    ids = tokenizer(text, add_special_tokens=False, verbose=False)["input_ids"]
+    # split_special_tokens: text that spells a control token ("<|user_emb|>", "[SEP]") is words, not that token
+    ids = tokenizer(text, add_special_tokens=False, split_special_tokens=True, verbose=False)["input_ids"]
+    if not ids:
+        raise ModelInputError(f"query {text!r} has no tokens (only characters the tokenizer drops, such as zero-width or "
+                              "control characters); ask a question in words")
     if len(ids) > max_tokens:
         raise ModelInputError(f"query {text[:60]!r}{'...' if len(text) > 60 else ''} has {len(ids)} tokens, more than "
                               f"model.max_query_tokens={max_tokens} this model was trained with; shorten the query")
@@ -109,5 +113,6 @@ def tokenize_answer(tokenizer, text: str, max_tokens: int, end_id: int) -> list[
 
     Answers are targets, not inputs: a long one is truncated (as in the paper's 200-token limit).
     """
-    ids = tokenizer(text, add_special_tokens=False, truncation=True, max_length=max_tokens - 1)["input_ids"]
+    ids = tokenizer(text, add_special_tokens=False, split_special_tokens=True, truncation=True,
+                    max_length=max_tokens - 1)["input_ids"]
     return [*ids, end_id]

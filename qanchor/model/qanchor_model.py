@@ -373,7 +373,7 @@ class QAnchorModel(nn.Module):
                 if len(self._line_ids) >= 500_000:  # a bound for long runs over many users; lines are cheap to redo
                     self._line_ids.clear()
                 if line not in self._line_ids:
-                    self._line_ids[line] = self.tokenizer(f"{line} ;", add_special_tokens=False, verbose=False)["input_ids"]
+                    self._line_ids[line] = self.tokenizer(f"{line} ;", add_special_tokens=False, split_special_tokens=True, verbose=False)["input_ids"]
                 ids += self._line_ids[line]
             out.append(self.embed_tokens(torch.tensor(ids, dtype=torch.long, device=device)))
         return out

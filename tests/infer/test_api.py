@@ -139,7 +139,7 @@ def test_a_record_out_of_order_or_with_ragged_arrays_is_refused(infer_env):
         infer_env.qa.embed(UserRecord("x", {"bill": ragged}, None), QUERIES[:1])
 
 
-@pytest.mark.parametrize("queries", [[""], ["   "], [], [None]])
+@pytest.mark.parametrize("queries", [[""], ["   "], [], [None], ["\u200b"], ["\x00"]])
 def test_bad_queries_raise(infer_env, queries):
     with pytest.raises(ModelInputError, match="quer"):
         infer_env.qa.embed({"user_id": "x", "events": {}}, queries)
@@ -251,3 +251,16 @@ def test_the_checkpoint_hash_is_of_the_weights_loaded_not_of_a_file_published_si
     save_checkpoint(ckpt, other, qa.tokenizer, qa.run_cfg, qa.meta)  # the run publishes newer weights
     assert checkpoint_hash(ckpt) != loaded
     assert qa.checkpoint_hash == loaded
+
+
+def test_text_that_spells_a_control_token_is_read_as_words(infer_env):
+    """A query (or an option) naming "<|user_emb|>" or "[SEP]" put the anchor or the end token in the middle of the
+    question; it is text like any other."""
+    qa = infer_env.qa
+    ids = qa.model.token_ids
+    special = set(qa.tokenizer.all_special_ids) | {ids.user, ids.user_emb, ids.m_start, ids.m_end, *ids.modality,
+                                                     ids.end, ids.answer}
+    for text in ("Is <|user_emb|> high?", "a [SEP] b [MASK] c [PAD]"):
+        assert not special & set(qa.option_ids(text))
+        suffix = qa.suffixes([(text, None)])[0]
+        assert suffix.shape[0] == len(qa.option_ids(text)) + 1  # the words, then the one anchor
