@@ -98,10 +98,13 @@ class SentenceEncoder:
         return f"{name}-{hashlib.sha256(raw.encode()).hexdigest()[:12]}"
 
     def _tokenizer_digest(self) -> str:
-        backend = getattr(self.tokenizer, "backend_tokenizer", None)  # a fast tokenizer's whole state, as JSON
-        state = backend.to_str() if backend is not None else json.dumps(
-            [sorted(self.tokenizer.get_vocab().items()), self.tokenizer.init_kwargs], sort_keys=True, default=str)
-        return hashlib.sha256(state.encode()).hexdigest()
+        backend = getattr(self.tokenizer, "backend_tokenizer", None)
+        if backend is not None:  # a fast tokenizer's whole state, as JSON, less what each call sets (encode pads and
+            # truncates per batch: with those the key would change once the encoder had been used)
+            state = {k: v for k, v in json.loads(backend.to_str()).items() if k not in ("truncation", "padding")}
+        else:
+            state = [sorted(self.tokenizer.get_vocab().items()), self.tokenizer.init_kwargs]
+        return hashlib.sha256(json.dumps(state, sort_keys=True, default=str).encode()).hexdigest()
 
     @torch.inference_mode()
     def encode(self, texts: list[str], progress: bool = False, what: str = "event texts") -> np.ndarray:
