@@ -177,3 +177,33 @@ def test_a_section_given_one_value_is_an_error_line(tmp_path):
         load_config(tmp_path / "p.yaml", schema=PretrainConfig)
     with pytest.raises(ConfigError, match=r"'train' is a section of settings.*train\.\w+=\.\.\."):
         load_config(None, ["train=fast"], schema=PretrainConfig)
+
+
+def test_a_deepspeed_config_file_merges_key_by_key_and_cannot_change_the_step_count(tmp_path):
+    """"auto" at any depth keeps the train section's value; a file's batch shape that differs from the train section's
+    would make DeepSpeed step every k micro-batches while qanchor's loop counts steps: refused by name."""
+    import json
+
+    from qanchor.config import TrainConfig
+    from qanchor.errors import ConfigError
+    from qanchor.train.engine import deepspeed_config
+
+    def with_file(overrides, **train) -> dict:
+        path = tmp_path / "ds.json"
+        path.write_text(overrides if isinstance(overrides, str) else json.dumps(overrides))
+        return deepspeed_config(TrainConfig(deepspeed_config=str(path), **train), world=2)
+
+    merged = with_file({"optimizer": {"params": {"lr": "auto", "weight_decay": 0.1}}, "train_batch_size": "auto",
+                        "zero_optimization": {"stage": "auto", "overlap_comm": True}})
+    params = merged["optimizer"]["params"]
+    assert params["lr"] == TrainConfig().lr and params["weight_decay"] == 0.1 and params["torch_adam"] is True
+    assert merged["train_batch_size"] == TrainConfig().batch_size * 2
+    assert merged["zero_optimization"] == {"stage": 0, "overlap_comm": True}
+    assert with_file({"gradient_accumulation_steps": 2}, grad_accum_steps=2)["gradient_accumulation_steps"] == 2
+    with pytest.raises(ConfigError, match=r"gradient_accumulation_steps=2, and the train section gives 1 "
+                                          r"\(train.grad_accum_steps\)"):
+        with_file({"gradient_accumulation_steps": 2, "train_batch_size": 8})
+    with pytest.raises(ConfigError, match=r"ds.json: not valid JSON"):
+        with_file('{"zero_optimization": ')
+    with pytest.raises(ConfigError, match="must hold a JSON object"):
+        with_file("[1, 2]")

@@ -67,6 +67,28 @@ def device_of() -> torch.device:
     return torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0))) if torch.cuda.is_available() else torch.device("cpu")
 
 
+# DeepSpeed's batch-shape keys and the train settings they come from
+_BATCH_SHAPE = {"train_micro_batch_size_per_gpu": "train.batch_size",
+                "gradient_accumulation_steps": "train.grad_accum_steps",
+                "train_batch_size": "train.batch_size x train.grad_accum_steps x world size"}
+
+
+def _merged(base: dict[str, Any], overrides: dict[str, Any]) -> dict[str, Any]:
+    """``base`` with ``overrides`` merged in, nested objects key by key; ``"auto"`` at any depth keeps the value
+    derived from the train section (or leaves the key out where there is none)."""
+    out = dict(base)
+    for key, value in overrides.items():
+        if value == "auto":
+            continue
+        out[key] = _merged(base[key], value) if isinstance(value, dict) and isinstance(base.get(key), dict) else (
+            _without_auto(value) if isinstance(value, dict) else value)
+    return out
+
+
+def _without_auto(tree: dict[str, Any]) -> dict[str, Any]:
+    return {k: _without_auto(v) if isinstance(v, dict) else v for k, v in tree.items() if v != "auto"}
+
+
 def deepspeed_config(cfg: TrainConfig, world: int) -> dict[str, Any]:
     """DeepSpeed's JSON config from the train section; a ``deepspeed_config`` file's keys win."""
     if cfg.precision == "bf16" and not torch.cuda.is_available():
@@ -88,14 +110,22 @@ def deepspeed_config(cfg: TrainConfig, world: int) -> dict[str, Any]:
     }
     if cfg.deepspeed_config:
         require_file(cfg.deepspeed_config, "train.deepspeed_config")
-        overrides = json.loads(Path(cfg.deepspeed_config).read_text())
-        for key, value in overrides.items():
-            if value == "auto":
-                continue  # "auto" keeps the value derived from the train section
-            if isinstance(value, dict) and isinstance(ds.get(key), dict):
-                ds[key] = {**ds[key], **{k: v for k, v in value.items() if v != "auto"}}
-            else:
-                ds[key] = value
+        path = Path(cfg.deepspeed_config)
+        try:
+            overrides = json.loads(path.read_text())
+        except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+            raise ConfigError(f"train.deepspeed_config {path}: not valid JSON ({exc}); fix the file") from None
+        if not isinstance(overrides, dict):
+            raise ConfigError(f"train.deepspeed_config {path}: must hold a JSON object of DeepSpeed settings, got "
+                              f"{type(overrides).__name__}")
+        for key, option in _BATCH_SHAPE.items():  # the training loop counts steps and micro-batches by the train section
+            value = overrides.get(key, "auto")
+            if value != "auto" and value != ds[key]:
+                raise ConfigError(f"train.deepspeed_config {path}: {key}={value!r}, and the train section gives "
+                                  f"{ds[key]} ({option}); qanchor's loop steps by the train section, so a different "
+                                  f"value would change how many optimizer steps a run takes. Set {option} instead and "
+                                  f'write "{key}": "auto" (or leave it out)')
+        ds = _merged(ds, overrides)
         stage = ds.get("zero_optimization", {}).get("stage", cfg.zero_stage)
         if stage != cfg.zero_stage:  # qanchor gathers ZeRO-3's partitioned weights to save them by train.zero_stage
             raise ConfigError(f"train.deepspeed_config {cfg.deepspeed_config} asks for ZeRO stage {stage} and "

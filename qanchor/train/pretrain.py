@@ -26,6 +26,7 @@ from dataclasses import replace
 from itertools import islice
 from pathlib import Path
 
+import pyarrow.compute as pc
 import torch
 from omegaconf import OmegaConf
 
@@ -45,7 +46,13 @@ from qanchor.model.factory import ModelMeta, build_model, save_checkpoint
 from qanchor.model.layout import tokenize_query
 from qanchor.model.qanchor_model import AnswerBank, shrunk_whitening
 from qanchor.train.distributed import all_reduce_sum, gather_with_grad, global_mean_loss
-from qanchor.train.engine import device_of, gathered_parameters, init_distributed, initialize
+from qanchor.train.engine import (
+    deepspeed_config,
+    device_of,
+    gathered_parameters,
+    init_distributed,
+    initialize,
+)
 from qanchor.train.pairs import PretrainStream, is_held_out
 from qanchor.train.seal import clear_saving, mark_saving, saving_marked, seal_tag, verify_tag
 
@@ -75,6 +82,7 @@ def preflight(cfg: PretrainConfig, world: int = 1) -> None:
     require(cfg.data.path, "data.path", "<dataset dir>")
     require_file(cfg.train.deepspeed_config, "train.deepspeed_config")
     check_device("cuda" if torch.cuda.is_available() else "cpu", cfg.train.precision)
+    deepspeed_config(cfg.train, world)  # a damaged or conflicting deepspeed_config file fails here, not after setup
     ds = load_dataset(cfg.data.path, cfg.data.cache_dir)
     check_caps(cfg.data, ds.manifest)
     if not (ds.root / USERU_FILE).exists():
@@ -86,6 +94,11 @@ def preflight(cfg: PretrainConfig, world: int = 1) -> None:
     if pairs.num_rows < cfg.train.batch_size * world:
         raise ConfigError(f"{ds.root / USERU_FILE} holds {pairs.num_rows} pairs, fewer than one global batch "
                           f"(train.batch_size={cfg.train.batch_size} x {world} rank(s)); lower train.batch_size")
+    if cfg.train.holdout_users > 0:  # users held out of pretraining: some must be left to train on
+        pair_users = pc.unique(pairs.column("user_id")).to_pylist()
+        if not any(not is_held_out(u, cfg.train.holdout_users) for u in pair_users):
+            raise ConfigError(f"train.holdout_users={cfg.train.holdout_users} holds out every one of the "
+                              f"{len(pair_users)} users with pretraining pairs; lower it (0.1 keeps a tenth aside)")
     _check_run_dir(cfg)
     _check_queries(cfg, sorted(set(pairs.column("query").to_pylist())))
     SentenceEncoder.check(cfg.data.text_encoder)
@@ -193,8 +206,6 @@ def run_pretrain(cfg: PretrainConfig, progress: bool = True) -> Path:
     rank, world = init_distributed()
     out = Path(cfg.output_dir)
     if rank == 0:
-        if cfg.overwrite and output_has_run(out):
-            _clear_run(out)
         claim_output_dir(out, OutputKind.RUN, {"data.path": cfg.data.path}, key="output_dir")
     ds, pipe = prepare_inputs(cfg, rank, progress and rank == 0)
     data_id = trained_data_id(ds)
@@ -228,6 +239,9 @@ def run_pretrain(cfg: PretrainConfig, progress: bool = True) -> Path:
             pipe.cache.refresh()
         fit_evidence_stats(model, stream, tc.batch_size * world)
     engine, _ = initialize(model, cfg.train, world)
+    if rank == 0 and cfg.overwrite and output_has_run(out):
+        # only now, after every check of the setup has passed: a run refused on the way leaves the old one whole
+        _clear_run(out)
     torch.manual_seed(cfg.train.seed * 1000 + rank)  # dropout streams differ per rank
     bank = AnswerBank(cfg.loss.answer_bank) if cfg.loss.answer_bank else None
     start = _maybe_resume(engine, bank, out, cfg.resume, rank, world)

@@ -90,6 +90,14 @@ def test_kill_and_resume(prepared, tmp_path):
                            cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=120)
     assert other.returncode == 2 and "train.lr: 0.001 -> 0.01" in other.stderr and "overwrite=true" in other.stderr
     assert (out / "checkpoint" / "STEP").read_text().strip() == "10"  # untouched
+    # overwrite=true removes the old run only once the new one's setup has passed every check: a run refused on the
+    # way (here: no pair has the future window the future loss asks for) leaves it whole
+    before = {p: p.read_bytes() for p in out.rglob("*") if p.is_file()}
+    refused = subprocess.run(_pretrain_cmd(prepared, out, "train.max_steps=10", "overwrite=true", "loss.future_weight=1",
+                                           "loss.future_days=100000"), cwd=ROOT, env=ENV, capture_output=True, text=True,
+                             timeout=300)
+    assert refused.returncode == 2 and "loss.future_days" in refused.stderr, refused.stderr[-2000:]
+    assert {p: p.read_bytes() for p in out.rglob("*") if p.is_file()} == before
 
 
 def _torchrun(n: int, ds_dir: Path, out: Path) -> None:
