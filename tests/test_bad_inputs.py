@@ -11,6 +11,7 @@ A new command inherits the contract by adding rows here.
 from __future__ import annotations
 
 import hashlib
+import json
 import shutil
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -126,6 +127,12 @@ def _damaged_index(how: str) -> Callable[[Path, object], list[str]]:
             pq.write_table(pa.table({"user_id": ["u001", "u002"]}), f"{idx}.users.parquet")
         return ["index", "search", f"index={idx}", "user=u001"]
     return argv
+
+
+def _json_file(d: Path, content: object) -> Path:
+    path = d / "settings.json"
+    path.write_text(json.dumps(content))
+    return path
 
 
 def _queries_file(d: Path, text: str, name: str) -> Path:
@@ -354,6 +361,11 @@ CASES = [
     Case("bench-missing-prompt-tune-config", lambda d, w: ["bench", f"checkpoint={w.ckpt}", f"data.path={w.ds}",
                                                           f"prompt_tune_config={d / 'none.yaml'}", f"output_dir={d / 'b'}"],
          "prompt_tune_config:"),
+    Case("pretrain-holding-out-every-user", lambda d, w: _pretrain(w, "train.holdout_users=0.999999", f"output_dir={d / 'p'}"),
+         "holds out every one"),
+    Case("pretrain-deepspeed-config-with-other-accumulation",
+         lambda d, w: _pretrain(w, f"train.deepspeed_config={_json_file(d, {'gradient_accumulation_steps': 2})}",
+                                f"output_dir={d / 'p'}"), "gradient_accumulation_steps=2"),
     Case("pretrain-missing-deepspeed-config", lambda d, w: _pretrain(w, f"train.deepspeed_config={d / 'none.json'}",
                                                                     f"output_dir={d / 'p'}"), "train.deepspeed_config:"),
     # the convention itself
