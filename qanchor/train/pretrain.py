@@ -67,14 +67,43 @@ class MetricsLog:
     def __init__(self, path: Path, resume_step: int | None):
         self.path = path
         if resume_step is not None and path.exists():
-            kept = [line for line in path.read_text().splitlines() if line and json.loads(line)["step"] <= resume_step]
+            records = self._records(path)
+            kept = [line for line, record in records if record["step"] <= resume_step]
             write_text("".join(line + "\n" for line in kept), path)
         elif path.exists():
             path.unlink()
 
+    @staticmethod
+    def _records(path: Path) -> list[tuple[str, dict]]:
+        """(line, record) of each line. A killed writer (a preempted node, a power loss) can leave the last lines torn
+        or filled with NUL bytes: those are dropped with a warning, as the steps they logged are redone. A damaged
+        line before a whole one is not a torn tail: refused, naming it."""
+        lines = path.read_text(encoding="utf-8", errors="replace").splitlines()
+        parsed: list[tuple[str, dict | None]] = []
+        for line in lines:
+            try:
+                record = json.loads(line) if line.strip("\x00 \t") else None
+            except json.JSONDecodeError:
+                record = None
+            parsed.append((line, record if isinstance(record, dict) and isinstance(record.get("step"), int) else None))
+        torn = 0
+        while parsed and parsed[-1][1] is None:
+            parsed.pop()
+            torn += 1
+        if torn:
+            log(f"warning: {path}: dropped {torn} torn line(s) at its end (a run killed while writing); their steps are "
+                "trained again")
+        bad = next((i for i, (_, record) in enumerate(parsed) if record is None), None)
+        if bad is not None:
+            raise CheckpointError(f"{path}, line {bad + 1}: not a metrics record ({parsed[bad][0][:80]!r}) though whole "
+                                  "lines follow it; the file is damaged: move it away to resume without the old metrics")
+        return parsed  # type: ignore[return-value]
+
     def write(self, record: dict) -> None:
         with open(self.path, "a", encoding="utf-8") as fh:
             fh.write(json.dumps(record) + "\n")
+            fh.flush()
+            os.fsync(fh.fileno())  # a step's line reaches the disk with it, not minutes later in a lost page cache
 
 
 def preflight(cfg: PretrainConfig, world: int = 1) -> None:

@@ -277,3 +277,22 @@ def test_query_evidence_trains_under_deepspeed(prepared, tmp_path, gain):
     assert not torch.equal(weights["query_evidence.feature_std"], torch.ones_like(weights["query_evidence.feature_std"]))
     assert weights["query_evidence.gain"].shape == (1,)
     assert (float(weights["query_evidence.gain"]) != 1.0) == (gain == "learned")  # a learned gain trained
+
+
+def test_metrics_of_a_killed_run_resume_past_a_torn_tail_and_refuse_damage_inside(tmp_path, capsys):
+    """A preempted node can leave metrics.jsonl's last line half written or NUL-filled: resume drops it (its step is
+    trained again) instead of failing with a JSON traceback after minutes of setup. Damage before whole lines is not
+    a torn tail: refused, naming the line."""
+    from qanchor.errors import CheckpointError
+    from qanchor.train.pretrain import MetricsLog
+
+    path = tmp_path / "metrics.jsonl"
+    whole = [json.dumps({"step": k, "loss": 1.0 / k}) for k in (1, 2, 3)]
+    path.write_text("\n".join(whole) + '\n{"step": 4, "lo' + "\n\x00\x00\x00\x00")
+    MetricsLog(path, resume_step=2)
+    assert path.read_text().splitlines() == whole[:2]
+    assert "dropped 2 torn line(s)" in capsys.readouterr().out
+    path.write_text(whole[0] + "\n{garbage\n" + whole[2] + "\n")
+    with pytest.raises(CheckpointError, match=r"metrics.jsonl, line 2: not a metrics record"):
+        MetricsLog(path, resume_step=3)
+    assert path.read_text() == whole[0] + "\n{garbage\n" + whole[2] + "\n"  # left as it was
