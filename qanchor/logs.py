@@ -24,7 +24,7 @@ from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from typing import TypeVar
 
-__all__ = ["interactive", "log", "progress", "Progress", "quiet_third_party", "hf_bars_off_terminal", "format_seconds"]
+__all__ = ["interactive", "progress_lines", "log", "progress", "Progress", "quiet_third_party", "hf_bars_off_terminal", "format_seconds"]
 
 T = TypeVar("T")
 
@@ -32,6 +32,13 @@ T = TypeVar("T")
 def interactive() -> bool:
     """True when progress bars make sense: stderr (where bars go) is a terminal."""
     return sys.stderr.isatty() and os.environ.get("QANCHOR_NO_BARS") is None
+
+
+def progress_lines() -> bool:
+    """True when long work should write progress lines: no bar shows it, or stdout (where lines go) is a file, as in
+    ``qanchor pretrain ... > train.log`` run from a terminal (the bar then shows on the terminal, the lines go to the
+    file)."""
+    return not interactive() or not sys.stdout.isatty()
 
 
 @contextmanager
@@ -80,29 +87,29 @@ class Progress:
     """A bar on a terminal, log lines elsewhere; ``update(n)`` as work is done, ``close()`` at the end.
 
     Without a terminal it logs when it starts, then at most every ``every_s`` seconds, and when closed.
-    ``enabled=False`` is silent (``--quiet``).
+    ``enabled=False`` is silent (``--quiet``). With stdout a file and stderr a terminal it does both.
     """
 
     def __init__(self, total: int | None = None, desc: str = "", unit: str = "it", enabled: bool = True,
-                 every_s: float = 30.0, initial: int = 0):
+                 every_s: float = 30.0, initial: int = 0, lines: bool = True):
         self.total, self.desc, self.unit, self.every_s = total, desc, unit, every_s
         self.n, self.postfix = initial, ""
         self._start = self._last = time.perf_counter()
         self._initial = initial
         self._bar = None
-        self._logging = enabled and not interactive()
-        if enabled and not self._logging:
+        self._logging = enabled and lines and progress_lines()  # lines=False: the caller writes its own
+        if enabled and interactive():
             from tqdm.auto import tqdm
 
             self._bar = tqdm(total=total, initial=initial, desc=desc, unit=unit, leave=False, dynamic_ncols=True)
-        elif self._logging:
+        if self._logging:
             log(f"{desc}: start" + (f", {total} {unit}" if total is not None else ""))
 
     def update(self, n: int = 1) -> None:
         self.n += n
         if self._bar is not None:
             self._bar.update(n)
-        elif self._logging and time.perf_counter() - self._last >= self.every_s:
+        if self._logging and time.perf_counter() - self._last >= self.every_s:
             self._last = time.perf_counter()
             log(self._line())
 
@@ -126,7 +133,7 @@ class Progress:
         if self._bar is not None:
             self._bar.close()
             self._bar = None
-        elif self._logging:
+        if self._logging:
             self._logging = False
             log(self._line(done=not stopped, stopped=stopped))
 

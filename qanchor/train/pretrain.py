@@ -40,7 +40,7 @@ from qanchor.data.text_cache import SentenceEncoder, TextVectorCache
 from qanchor.data.userU import stale_userU
 from qanchor.errors import CheckpointError, ConfigError, DataValidationError
 from qanchor.faults import failpoint
-from qanchor.logs import Progress, format_seconds, interactive, log
+from qanchor.logs import Progress, format_seconds, interactive, log, progress_lines
 from qanchor.model.backbone import check_device, load_tokenizer
 from qanchor.model.factory import ModelMeta, build_model, save_checkpoint
 from qanchor.model.layout import tokenize_query
@@ -475,8 +475,9 @@ def _train_loop(cfg: PretrainConfig, engine, stream: PretrainStream, start: int,
                 metrics: MetricsLog | None, progress: bool, bank: AnswerBank | None, save) -> dict | None:
     device = device_of()
     tc = cfg.train
-    bar = Progress(tc.max_steps, "pretrain", "step", enabled=progress and rank == 0 and interactive(), initial=start)
-    lines = progress and rank == 0 and not interactive()  # a log file gets step lines instead of a bar
+    bar = Progress(tc.max_steps, "pretrain", "step", enabled=progress and rank == 0 and interactive(), initial=start,
+                   lines=False)
+    lines = progress and rank == 0 and progress_lines()  # a log file gets step lines (a terminal's bar may show too)
     loop_start = time.perf_counter()
     record = None
     for step in range(start, tc.max_steps):
