@@ -128,7 +128,7 @@ def preflight(cfg: PretrainConfig, world: int = 1) -> None:
         if not any(not is_held_out(u, cfg.train.holdout_users) for u in pair_users):
             raise ConfigError(f"train.holdout_users={cfg.train.holdout_users} holds out every one of the "
                               f"{len(pair_users)} users with pretraining pairs; lower it (0.1 keeps a tenth aside)")
-    _check_run_dir(cfg)
+    _check_run_dir(cfg, ds)
     _check_queries(cfg, sorted(set(pairs.column("query").to_pylist())))
     SentenceEncoder.check(cfg.data.text_encoder)
 
@@ -189,7 +189,7 @@ def checkpoint_step(checkpoint_dir: Path) -> int | None:
         return None
 
 
-def _check_run_dir(cfg: PretrainConfig) -> None:
+def _check_run_dir(cfg: PretrainConfig, ds: Dataset) -> None:
     out = Path(cfg.output_dir)
     held = check_output_dir(out, OutputKind.RUN, {"data.path": cfg.data.path}, key="output_dir")
     started = held and any(p.name != ".qanchor-output" for p in out.iterdir())
@@ -198,9 +198,17 @@ def _check_run_dir(cfg: PretrainConfig) -> None:
                           "overwrite=true to start it afresh, or choose another output_dir")
     if cfg.resume:
         resume_tag(out / "ds_state")  # refuses resume state this user did not write, before any work
+        reached = checkpoint_step(out / "checkpoint")
+        if reached is not None and reached > cfg.train.max_steps:
+            raise ConfigError(f"output_dir {out} is already at step {reached}, past train.max_steps={cfg.train.max_steps}: "
+                              f"nothing to resume; pass train.max_steps above {reached} to train it further")
         saved = out / "checkpoint" / "config.yaml"
         if saved.exists():  # a longer train.max_steps, say, would continue a schedule built for the shorter run
             diffs = recipe_differences(load_run_config(saved), cfg)
+            if checkpoint_data_id(out / "checkpoint") == trained_data_id(ds):
+                # the very data it trained on, named by another path (a relative data.path given from another
+                # working directory): not another recipe
+                diffs = [d for d in diffs if not d.startswith("data.path:")]
             if diffs:
                 raise ConfigError(f"output_dir {out} holds a run trained with other settings ({'; '.join(diffs)}): "
                                   "resuming it would mix two recipes in one run. Pass resume=false overwrite=true to "

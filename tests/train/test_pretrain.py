@@ -90,6 +90,21 @@ def test_kill_and_resume(prepared, tmp_path):
                            cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=120)
     assert other.returncode == 2 and "train.lr: 0.001 -> 0.01" in other.stderr and "overwrite=true" in other.stderr
     assert (out / "checkpoint" / "STEP").read_text().strip() == "10"  # untouched
+    # The same data named by a relative path from another working directory is not another recipe; a budget below
+    # the step the run has reached is refused, not answered with "done, -2 steps".
+    by_relative_path = tmp_path / "relative"
+    started = subprocess.run([a if not a.startswith("data.path=") else f"data.path={prepared.name}"
+                              for a in _pretrain_cmd(prepared, by_relative_path, "train.max_steps=2")],
+                             cwd=prepared.parent, env={**ENV, "PYTHONPATH": str(ROOT)}, capture_output=True, text=True,
+                             timeout=300)
+    assert started.returncode == 0, started.stderr[-2000:]
+    resumed_elsewhere = subprocess.run(_pretrain_cmd(prepared, by_relative_path, "train.max_steps=3", "resume=true"),
+                                       cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=300)
+    assert resumed_elsewhere.returncode == 0, resumed_elsewhere.stderr[-2000:]
+    assert (by_relative_path / "checkpoint" / "STEP").read_text().strip() == "3"
+    shorter = subprocess.run(_pretrain_cmd(prepared, out, "train.max_steps=8", "resume=true"), cwd=ROOT, env=ENV,
+                             capture_output=True, text=True, timeout=120)
+    assert shorter.returncode == 2 and "already at step 10, past train.max_steps=8" in shorter.stderr, shorter.stderr
     # overwrite=true removes the old run only once the new one's setup has passed every check: a run refused on the
     # way (here: no pair has the future window the future loss asks for) leaves it whole
     before = {p: p.read_bytes() for p in out.rglob("*") if p.is_file()}
