@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import re
 import sys
 from typing import Any, NoReturn
 
@@ -74,14 +75,18 @@ def settings_listing(schema: type, prefix: str = "") -> list[tuple[str, str]]:
     return out
 
 
+# A key=value setting: a dotted name, then "=". Text with an "=" elsewhere ("Did this user spend >= 100?") is not one.
+_SETTING = re.compile(r"[A-Za-z_][A-Za-z0-9_.]*=")
+
+
 def parse(parser: argparse.ArgumentParser, argv: list[str] | None) -> argparse.Namespace:
     """Parse flags and positionals; every remaining word must be a ``key=value`` setting of the command."""
     args, extras = parser.parse_known_args(argv)
-    words = [e for e in extras if not e.startswith("-") and "=" not in e]
+    words = [e for e in extras if not e.startswith("-") and not _SETTING.match(e)]
     if getattr(args, "positional", None) and len(words) == 1:  # a command's one free-text argument (ask's question)
         setattr(args, args.positional, words[0])
         extras = [e for e in extras if e is not words[0]]
-    bad = [e for e in extras if e.startswith("-") or "=" not in e]
+    bad = [e for e in extras if e.startswith("-") or not _SETTING.match(e)]
     if bad or (extras and not hasattr(args, "schema")):
         parser.error(f"unrecognized arguments: {' '.join(bad or extras)}")
     args.settings = extras

@@ -240,6 +240,10 @@ def test_ask_and_describe_commands(infer_env, tmp_path, capsys):
     assert written == infer_env.qa.answer(infer_env.ds.user("u003"), [QUESTIONS[0]], max_new_tokens=6)[0][0]
     assert main(["ask", *common, "question=Which one?", "options=[coffee,fuel]", "json=true"]) == 0
     out = capsys.readouterr().out
+    # a question with "=" in it is the question, not a setting named "Did this user spend >"
+    assert main(["ask", *common, "Did this user spend >= 100?", "max_new_tokens=2"]) == 0
+    assert capsys.readouterr().out.strip() == infer_env.qa.answer(infer_env.ds.user("u003"), ["Did this user spend >= 100?"],
+                                                                  max_new_tokens=2)[0][0]
     assert '"choice"' in out and '"scores"' in out
     assert main(["describe", *common]) == 0
     assert "verified facts kept" in capsys.readouterr().out
