@@ -122,6 +122,8 @@ class PretrainStream:
         for part in np.unique(self.partition_of):
             idx = np.flatnonzero(self.partition_of == part)
             fut, uqa = idx[~is_uqa[idx]], idx[is_uqa[idx]]
+            if uqa_fraction == 1:  # uqa pairs only (0: future and forecast pairs only)
+                fut = fut[:0]
             if 0 < uqa_fraction < 1 and len(fut):
                 k = min(len(uqa), int(round(len(fut) * uqa_fraction / (1 - uqa_fraction))))
             else:

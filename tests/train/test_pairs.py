@@ -58,3 +58,14 @@ def test_answers_for_steps_are_exactly_the_answers_the_steps_use(stream, world):
     assert len(few) < len(set(stream.answers))
     assert stream.pair_ids_for_steps(0, batch).size == 0
     assert stream.answers_for_steps(10**9, batch) == sorted(set(stream.answers))  # an epoch or more: every answer
+
+
+@pytest.mark.parametrize("fraction, sources", [(0.0, {"future", "forecast"}), (1.0, {"uqa"})])
+def test_a_uqa_fraction_of_0_or_1_trains_on_one_kind_of_pair(stream, fraction, sources):
+    """uqa_fraction=1 used to add every uqa pair to every future and forecast pair (a share of 0.6 here)."""
+    only = PretrainStream(stream.ds, stream.pipe, stream.tokenizer, stream.token_ids, stream.model_cfg, seed=0,
+                          uqa_fraction=fraction)
+    source = stream.ds.userU().sort_by([("user_id", "ascending"), ("cutoff", "ascending"), ("source", "ascending"),
+                                        ("query", "ascending")]).column("source").to_pylist()  # the stream's pair order
+    drawn = {source[i] for i in only.epoch_order(0)}
+    assert drawn <= sources and len(only) == sum(s in sources for s in source)
