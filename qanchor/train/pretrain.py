@@ -197,8 +197,11 @@ def _check_run_dir(cfg: PretrainConfig, ds: Dataset) -> None:
         raise ConfigError(f"output_dir {out} already holds a pretraining run; pass resume=true to continue it, "
                           "overwrite=true to start it afresh, or choose another output_dir")
     if cfg.resume:
-        resume_tag(out / "ds_state")  # refuses resume state this user did not write, before any work
+        tag = resume_tag(out / "ds_state")  # refuses resume state this user did not write, before any work
         reached = checkpoint_step(out / "checkpoint")
+        if tag is None and reached:  # a first save killed before its seal, or ds_state removed: said, not silent
+            log(f"warning: {out} holds a checkpoint at step {reached} but no complete resume state in {out / 'ds_state'}: "
+                "the run starts again from step 0 and will replace that checkpoint (stop now and copy it away to keep it)")
         if reached is not None and reached > cfg.train.max_steps:
             raise ConfigError(f"output_dir {out} is already at step {reached}, past train.max_steps={cfg.train.max_steps}: "
                               f"nothing to resume; pass train.max_steps above {reached} to train it further")
@@ -559,8 +562,11 @@ def _save(cfg: PretrainConfig, engine, model, tokenizer, meta: ModelMeta, out: P
     if rank == 0:
         seal_tag(state / tag)
         clear_saving(state, tag)
-        tags = sorted(p for p in state.glob("step-*") if p.is_dir())
-        for old in tags[:-_KEEP_DS_TAGS]:
+        # keep this tag and the newest older ones; a tag past this step is an attempt a killed run abandoned (this run
+        # resumed from an older one): it would otherwise outlive, and crowd out, the tags this run seals
+        tags = sorted(p for p in state.glob("step-*") if p.is_dir())  # names sort by step
+        older, newer = [t for t in tags if t.name < tag], [t for t in tags if t.name > tag]
+        for old in newer + older[: max(len(older) - (_KEEP_DS_TAGS - 1), 0)]:
             shutil.rmtree(old, ignore_errors=True)
             clear_saving(state, old.name)
     if torch.distributed.is_initialized():
