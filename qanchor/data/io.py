@@ -47,7 +47,7 @@ import qanchor
 from qanchor.errors import OutputError
 from qanchor.faults import failpoint
 
-__all__ = ["MARKER_FILE", "is_temporary", "OutputKind", "output_kind", "mark_output", "check_output_dir", "claim_output_dir",
+__all__ = ["MARKER_FILE", "file_sha256", "is_temporary", "OutputKind", "output_kind", "mark_output", "check_output_dir", "claim_output_dir",
            "check_not_inside", "check_replaceable",
            "atomic_path", "atomic_dir", "write_parquet", "write_yaml", "write_text", "write_json", "read_json_object",
            "fsync_tree", "to_plain"]
@@ -414,3 +414,12 @@ def to_plain(obj, nan_to_none: bool = False):
     if nan_to_none and isinstance(obj, float) and not math.isfinite(obj):
         return None  # JSON has no NaN
     return obj
+
+
+def file_sha256(path: str | os.PathLike) -> str:
+    """SHA-256 of a file's bytes, read in 1 MiB blocks."""
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()

@@ -21,7 +21,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from qanchor.data.io import atomic_path, check_not_inside, write_parquet, write_text
+from qanchor.data.io import atomic_path, check_not_inside, file_sha256, write_parquet, write_text
 from qanchor.errors import ModelInputError, OutputError
 from qanchor.infer.export import read_embeddings, stored_query_ids
 
@@ -111,7 +111,10 @@ class LookalikeIndex:
         with atomic_path(path) as tmp:
             faiss.write_index(self.index, str(tmp))
         write_parquet(pa.table({"user_id": pa.array(self.user_ids.tolist(), pa.string())}), f"{path}.users.parquet")
-        write_text(json.dumps(self.meta, indent=2), f"{path}.json")
+        # the description last, holding the hashes of the other two: each file is replaced atomically, but not the
+        # three together, and a build killed between them must not pair new vectors with old user ids
+        files = {"index": file_sha256(path), "users": file_sha256(f"{path}.users.parquet")}
+        write_text(json.dumps({**self.meta, "files": files}, indent=2), f"{path}.json")
         return path
 
     @classmethod
@@ -139,6 +142,12 @@ class LookalikeIndex:
         except RuntimeError as exc:  # faiss reports a damaged or truncated file as RuntimeError
             raise ModelInputError(f"{path}: not a faiss index, or truncated ({str(exc).splitlines()[0][:120]}); "
                                   "rebuild it with `qanchor index build`") from None
+        files = meta.get("files")  # absent in indexes built before qanchor recorded it
+        if isinstance(files, dict) and (files.get("index") != file_sha256(path)
+                                        or files.get("users") != file_sha256(f"{path}.users.parquet")):
+            raise ModelInputError(f"{path}: the index, its user list and {meta_path.name} were not written by one build "
+                                  "(a build stopped half way, or files copied from several); the three files do not "
+                                  "belong together: rebuild the index")
         if index.ntotal != len(ids) or index.d != meta.get("dim"):
             raise ModelInputError(f"{path}: the index holds {index.ntotal} vectors of {index.d} dims but its files "
                                   f"list {len(ids)} users of {meta.get('dim')} dims; the three files do not belong "

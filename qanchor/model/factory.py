@@ -14,7 +14,6 @@ Example:
 
 from __future__ import annotations
 
-import hashlib
 import json
 import warnings
 from dataclasses import dataclass, field, replace
@@ -33,7 +32,7 @@ from qanchor.config import (
     load_run_config,
     to_yaml,
 )
-from qanchor.data.io import OutputKind, atomic_dir, read_json_object
+from qanchor.data.io import OutputKind, atomic_dir, file_sha256, read_json_object
 from qanchor.data.manifest import Manifest
 from qanchor.errors import CheckpointError, ConfigError, QAnchorError
 from qanchor.model.backbone import (
@@ -169,20 +168,12 @@ def checkpoint_hash(ckpt: str | Path) -> str:
     path = resolve_checkpoint_dir(ckpt) / "model.safetensors"
     if not path.exists():
         raise CheckpointError(f"{path} not found; is {ckpt} a qanchor checkpoint?")
-    return _file_sha256(path)
+    return file_sha256(path)
 
 
 def _file_identity(path: Path) -> tuple[int, int, int, int]:
     st = path.stat()
     return st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns
-
-
-def _file_sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for block in iter(lambda: fh.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 def read_meta(ckpt: Path) -> ModelMeta:
@@ -240,7 +231,7 @@ def load_checkpoint(ckpt: str | Path, device: str | torch.device = "cpu") -> tup
     # may publish new weights at any moment (a new file renamed into place), so the file must be the same one, unchanged,
     # from before it is hashed to after it is read; its identity is compared, not its bytes read a second time.
     identity = _file_identity(weights)
-    weights_hash = _file_sha256(weights)
+    weights_hash = file_sha256(weights)
     try:
         missing, unexpected = load_model(model, str(weights), strict=False)
     except RuntimeError as exc:  # torch: tensors of other shapes than this qanchor builds from the config

@@ -66,3 +66,17 @@ def test_index_build_settings_are_checked_before_any_work():
         with pytest.raises(ConfigError, match="must be >= 1"):
             load_config(None, [bad], schema=IndexBuildConfig)
     assert load_config(None, ["nprobe=4"], schema=IndexBuildConfig).nprobe == 4
+
+
+def test_a_rebuild_stopped_between_its_files_is_refused(data, tmp_path):
+    """Each of the three files is replaced atomically, not the three together: a rebuild killed after its faiss file
+    paired the new vectors with the old user ids (same count, same width) and searches answered with wrong users."""
+    import shutil
+
+    ids, vecs = data
+    LookalikeIndex.build(ids[:100], vecs[:100]).save(tmp_path / "old.faiss")
+    LookalikeIndex.build(np.array([f"new{i}" for i in range(100)], dtype=object), vecs[100:200]).save(tmp_path / "new.faiss")
+    shutil.copy(tmp_path / "new.faiss", tmp_path / "old.faiss")  # the new vectors are in place, the rest is old
+    with pytest.raises(ModelInputError, match="not written by one build"):
+        LookalikeIndex.load(tmp_path / "old.faiss")
+    assert LookalikeIndex.load(tmp_path / "new.faiss").search(vecs[100], 1)[0][0][0] == "new0"
