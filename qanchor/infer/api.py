@@ -241,14 +241,17 @@ class QAnchor:
     def pack(self, records: Sequence[UserRecord], cutoff_us: int) -> list[PackedUser]:
         """Keep each modality's most recent ``max_events``, encode new texts in one pass, build features.
 
-        Unlike training packing, events at or after the cutoff are kept (with age 0): at inference the
-        caller decides the moment the embedding describes.
+        Unlike training packing, events at or after the cutoff are kept, as events of the last moment before it
+        (age 0): at inference the caller decides the moment the embedding describes. They are moved there before
+        anything reads them, so the event tokens and every statistic (the whole history's included, which counts only
+        events before the cutoff) see the same events.
         """
-        kept = [self.pipeline.packer.recent(r) for r in records]
-        late = sum(int((s.ts > cutoff_us).sum()) for k in kept for s in k.values())
+        late = sum(int((s.ts >= cutoff_us).sum()) for r in records for s in r.events.values())
         if late:
-            warnings.warn(f"{late} events are after the cutoff and count as age 0; pass cutoff= the moment the "
-                          "embedding should describe (e.g. now)", stacklevel=3)
+            warnings.warn(f"{late} events are at or after the cutoff and count as events of its last moment (age 0); "
+                          "pass cutoff= the moment the embedding should describe (e.g. now)", stacklevel=3)
+            records = [_moved_before(r, cutoff_us) for r in records]
+        kept = [self.pipeline.packer.recent(r) for r in records]
         return self.pipeline.pack_kept(records, kept, cutoff_us)
 
     def suffixes(self, requests: Sequence[tuple[str, Head | None]]) -> list[torch.Tensor]:
@@ -686,3 +689,12 @@ def events_before(events: Mapping[str, EventSeq], cutoff_us: int) -> dict[str, E
         if keep.any():
             out[m] = EventSeq(seq.ts[keep], [t for t, k in zip(seq.text, keep) if k], seq.value[keep], seq.extras[keep])
     return out
+
+
+def _moved_before(record: UserRecord, cutoff_us: int) -> UserRecord:
+    """``record`` with its events at or after ``cutoff_us`` moved to the microsecond before it (order kept)."""
+    if not any(len(s.ts) and s.ts[-1] >= cutoff_us for s in record.events.values()):
+        return record
+    events = {m: s if not len(s.ts) or s.ts[-1] < cutoff_us else
+              EventSeq(np.minimum(s.ts, cutoff_us - 1), s.text, s.value, s.extras) for m, s in record.events.items()}
+    return UserRecord(record.user_id, events, record.tabular)

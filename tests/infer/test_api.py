@@ -264,3 +264,20 @@ def test_text_that_spells_a_control_token_is_read_as_words(infer_env):
         assert not special & set(qa.option_ids(text))
         suffix = qa.suffixes([(text, None)])[0]
         assert suffix.shape[0] == len(qa.option_ids(text)) + 1  # the words, then the one anchor
+
+
+def test_events_after_the_cutoff_count_as_its_last_moment_everywhere(infer_env):
+    """They were kept as event tokens but left out of the whole history's statistics, which count events before the
+    cutoff: a user whose events all came after it read as one with tokens and no history (a combination training
+    never makes). Now every part of the model sees them as events of the cutoff's last microsecond."""
+    qa = infer_env.qa
+    cutoff = datetime(2024, 6, 30, tzinfo=timezone.utc)
+    texts = ["Coffee shop", "Taxi", "Paid rent"]
+    late = {"user_id": "x", "events": {"bill": [{"ts": cutoff + timedelta(hours=h), "text": t, "value": 3.0}
+                                                for h, t in zip((0, 5, 30), texts)]}}
+    at_last_moment = {"user_id": "x", "events": {"bill": [{"ts": cutoff - timedelta(microseconds=1), "text": t,
+                                                          "value": 3.0} for t in texts]}}
+    with pytest.warns(UserWarning, match="3 events are at or after the cutoff"):
+        moved = qa.embed(late, QUERIES, cutoff=cutoff)
+    assert np.array_equal(moved, qa.embed(at_last_moment, QUERIES, cutoff=cutoff))
+    assert np.abs(moved - qa.embed({"user_id": "x", "events": {}}, QUERIES, cutoff=cutoff)).max() > 1e-3
