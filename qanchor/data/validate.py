@@ -116,6 +116,8 @@ def _open(path: Path) -> pq.ParquetFile:
 def _require(path: Path, schema: pa.Schema, column: str, kind: str) -> None:
     if column not in schema.names:
         raise DataValidationError(str(path), f"required column is missing (expected {kind})", column=column)
+    if (copies := len(schema.get_all_field_indices(column))) > 1:
+        raise DataValidationError(str(path), f"{copies} columns have this name; keep one", column=column)
     typ = schema.field(column).type
     ok = {
         "string": pa.types.is_string(typ) or pa.types.is_large_string(typ),
@@ -126,7 +128,8 @@ def _require(path: Path, schema: pa.Schema, column: str, kind: str) -> None:
     if not ok:
         hint = {"timestamp": " (parse the timestamps before writing, as UTC)",
                 "number": " (write a yes/no column as 0/1, a category as one 0/1 column per value or a code)"
-                if pa.types.is_boolean(typ) or pa.types.is_string(typ) or pa.types.is_large_string(typ) else "",
+                if pa.types.is_boolean(typ) or pa.types.is_string(typ) or pa.types.is_large_string(typ) else
+                " (cast decimal amounts to float64 before writing)" if pa.types.is_decimal(typ) else "",
                 "integer": " (write labels as 0/1 integers)" if pa.types.is_boolean(typ) else ""}.get(kind, "")
         raise DataValidationError(str(path), f"has type {typ}, expected {kind}{hint}", column=column)
 
@@ -182,7 +185,9 @@ def _check_event_file(path: Path, manifest: Manifest, report: ValidationReport, 
     numeric = [c for c in dict.fromkeys(["value", *(c for m in manifest.sequence_modalities for c in m.numeric_columns)])
                if c in schema.names]
     offset = 0
-    for batch in pf.iter_batches(batch_size=_BATCH_ROWS, columns=["user_id", "modality", "ts", "text", *numeric]):
+    for batch in _batches(path, pf, ["user_id", "modality", "ts", "text", *numeric]):
+        for col in ("user_id", "modality", "text"):
+            _valid_text(path, batch.column(col), col, offset)
         for col in numeric:  # NaN / null mean "missing"; an infinity is a broken export
             values = batch.column(col).to_numpy(zero_copy_only=False).astype(np.float64)
             bad = _first(not_storable(values))
@@ -202,7 +207,12 @@ def _check_event_file(path: Path, manifest: Manifest, report: ValidationReport, 
                 column="modality",
                 row=offset + bad,
             )
-        late = _first(_utc_micros(batch.column("ts")) >= cutoff_us)
+        try:
+            ts = _utc_micros(batch.column("ts"))
+        except pa.ArrowInvalid as exc:  # seconds or milliseconds beyond what microseconds can hold
+            raise DataValidationError(str(path), f"a timestamp out of range ({str(exc).splitlines()[0][:120]}); check "
+                                      "the unit the timestamps were written in", column="ts") from None
+        late = _first(ts >= cutoff_us)
         if late is not None:
             raise DataValidationError(
                 str(path),
@@ -219,7 +229,52 @@ def _check_event_file(path: Path, manifest: Manifest, report: ValidationReport, 
     report.n_events += offset
 
 
+def _batches(path: Path, pf: pq.ParquetFile, columns: list[str]):
+    """``pf``'s record batches of ``columns``; a file that breaks while being read is a DataValidationError."""
+    reader = pf.iter_batches(batch_size=_BATCH_ROWS, columns=columns)
+    while True:
+        try:
+            batch = next(reader)
+        except StopIteration:
+            return
+        except (pa.ArrowException, OSError) as exc:
+            raise DataValidationError(str(path), f"unreadable ({str(exc).splitlines()[0][:160]}); export the file "
+                                      "again") from None
+        yield batch
+
+
+def _read(path: Path, pf: pq.ParquetFile) -> pa.Table:
+    try:
+        return pf.read()
+    except (pa.ArrowException, OSError) as exc:
+        raise DataValidationError(str(path), f"unreadable ({str(exc).splitlines()[0][:160]}); export the file "
+                                  "again") from None
+
+
+def _valid_text(path: Path, col: pa.Array | pa.ChunkedArray, name: str, offset: int = 0) -> None:
+    """Strings must be UTF-8 (Arrow stores whatever bytes a writer gave it, and fails later, deep inside)."""
+    start = 0
+    for chunk in col.chunks if isinstance(col, pa.ChunkedArray) else [col]:
+        try:
+            chunk.validate(full=True)
+        except pa.ArrowInvalid:
+            raw = chunk.view(pa.large_binary() if pa.types.is_large_string(chunk.type) else pa.binary()).to_pylist()
+            bad = next((i for i, b in enumerate(raw) if b is not None and not _decodes(b)), 0)
+            raise DataValidationError(str(path), "text that is not valid UTF-8; write the column as UTF-8 text",
+                                      column=name, row=offset + start + bad) from None
+        start += len(chunk)
+
+
+def _decodes(raw: bytes) -> bool:
+    try:
+        raw.decode("utf-8")
+        return True
+    except UnicodeDecodeError:
+        return False
+
+
 def _check_unique_users(path: Path, col: pa.ChunkedArray) -> None:
+    _valid_text(path, col, "user_id")
     if col.null_count:
         raise DataValidationError(str(path), "null user_id", column="user_id", row=_first(col.is_null()))
     empty = _first(pc.equal(pc.utf8_length(col), 0))
@@ -251,7 +306,7 @@ def _check_tabular(root: Path, manifest: Manifest, report: ValidationReport, use
         raise DataValidationError(str(path), "no feature columns besides user_id")
     for name in features:
         _require(path, pf.schema_arrow, name, "number")
-    table = pf.read()
+    table = _read(path, pf)
     _check_unique_users(path, table.column("user_id"))
     for name in features:
         values = table.column(name).to_numpy(zero_copy_only=False).astype(np.float64)
@@ -274,7 +329,7 @@ def _check_tasks(root: Path, manifest: Manifest, report: ValidationReport, users
         pf = _open(path)
         _require(path, pf.schema_arrow, "user_id", "string")
         _require(path, pf.schema_arrow, "label", "integer")
-        table = pf.read()
+        table = _read(path, pf)
         _check_unique_users(path, table.column("user_id"))
         label = table.column("label")
         if label.null_count:
@@ -300,7 +355,7 @@ def _check_userU(root: Path, manifest: Manifest, report: ValidationReport, users
     pf = _open(path)
     for col, kind in (("user_id", "string"), ("cutoff", "timestamp"), ("query", "string"), ("answer", "string"), ("source", "string")):
         _require(path, pf.schema_arrow, col, kind)
-    table = pf.read()
+    table = _read(path, pf)
     for col in ("user_id", "cutoff", "query", "answer", "source"):
         _no_nulls(path, table.combine_chunks().to_batches()[0], col, 0)
     for col in ("query", "answer"):

@@ -58,6 +58,10 @@ CORRUPTIONS = {
     "events file not named .parquet": (lambda ds: shutil.move(_events(ds), ds / "events/part-9.PARQUET"), ["part-9.PARQUET", "not named *.parquet"]),
     "empty tabular user id": (lambda ds: _rewrite(ds / "tabular.parquet", lambda t: _set_col(t, "user_id", pa.array([""] + t.column("user_id").to_pylist()[1:]))), ["tabular.parquet", "'user_id'", "row 0", "empty user_id"]),
     "text prob column": (lambda ds: _rewrite(ds / "tasks/churn.parquet", lambda t: t.append_column("prob", pa.array(["0.5"] * t.num_rows))), ["churn.parquet", "'prob'", "expected number"]),
+    "duplicate column": (lambda ds: _rewrite(_events(ds), lambda t: pa.Table.from_arrays([*t.columns, t.column("text")], names=[*t.column_names, "text"])), ["'text'", "2 columns have this name"]),
+    "timestamps in seconds out of range": (lambda ds: _rewrite(_events(ds), lambda t: _set_col(t, "ts", pa.array([10**15] * t.num_rows, pa.timestamp("s")))), ["'ts'", "out of range", "unit"]),
+    "text not UTF-8": (lambda ds: _rewrite(_events(ds), lambda t: _set_col(t, "text", pa.array([b"ok", b"\xff\xfe bad"] + [b"x"] * (t.num_rows - 2), pa.binary()).view(pa.string()))), ["'text'", "row 1", "not valid UTF-8"]),
+    "decimal amounts": (lambda ds: _rewrite(_events(ds), lambda t: _set_col(t, "value", pa.array([None] * t.num_rows, pa.decimal128(10, 2)))), ["'value'", "decimal128", "float64"]),
     "yes/no labels": (lambda ds: _rewrite(ds / "tasks/churn.parquet", lambda t: _set_col(t, "label", pa.array([v == 1 for v in t.column("label").to_pylist()]))), ["churn.parquet", "'label'", "has type bool", "0/1 integers"]),
 }
 
