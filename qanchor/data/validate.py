@@ -177,8 +177,17 @@ def _check_event_file(path: Path, manifest: Manifest, report: ValidationReport, 
         _require(path, schema, col, kind)
     if "value" in schema.names:
         _require(path, schema, "value", "number")
+    held = None  # the modalities this file holds, read only if a declared column is absent
     for m in manifest.sequence_modalities:
         for col in m.numeric_columns:
+            if col not in schema.names:  # fine in a file without that modality's events (one file per modality)
+                if held is None:
+                    held = set(pc.unique(_read(path, pf, ["modality"]).column(0)).to_pylist())
+                if m.name not in held:
+                    continue
+                raise DataValidationError(str(path), f"required column is missing (expected number): the manifest "
+                                          f"declares it for modality '{m.name}', whose events this file holds; add it "
+                                          "(null where unknown)", column=col)
             _require(path, schema, col, "number")
     known = {m.name for m in manifest.sequence_modalities}
     cutoff_us = manifest.cutoff_us
@@ -243,9 +252,9 @@ def _batches(path: Path, pf: pq.ParquetFile, columns: list[str]):
         yield batch
 
 
-def _read(path: Path, pf: pq.ParquetFile) -> pa.Table:
+def _read(path: Path, pf: pq.ParquetFile, columns: list[str] | None = None) -> pa.Table:
     try:
-        return pf.read()
+        return pf.read(columns=columns)
     except (pa.ArrowException, OSError) as exc:
         raise DataValidationError(str(path), f"unreadable ({str(exc).splitlines()[0][:160]}); export the file "
                                   "again") from None
