@@ -352,7 +352,7 @@ def default_cache_dir(root: Path) -> Path:
     """``<dataset>/.qanchor_cache``, or, for a dataset directory this user cannot write (a read-only mount,
     someone else's export), ``~/.cache/qanchor/datasets/<hash of its path>``: an input is never written."""
     local = root / CACHE_DIR
-    if local.is_dir() or os.access(root, os.W_OK):
-        return local
+    if os.access(local, os.W_OK) if local.is_dir() else os.access(root, os.W_OK):
+        return local  # a cache shipped with a dataset on a read-only mount is not written into either
     key = hashlib.sha256(str(root.resolve()).encode()).hexdigest()[:16]
     return Path(os.environ.get("QANCHOR_CACHE", Path.home() / ".cache" / "qanchor")) / "datasets" / key

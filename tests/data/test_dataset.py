@@ -180,3 +180,17 @@ def test_integer_amounts_beyond_float32_integers_load(tiny_dataset, tmp_path):
     assert np.isfinite(seq.value[~np.isnan(seq.value)]).all()
     extras = seq.extras[~np.isnan(seq.extras)]
     assert np.float32(2**25 + 3) in extras
+
+
+def test_a_cache_folder_this_user_cannot_write_is_not_chosen(tmp_path, monkeypatch):
+    """A dataset shipped with its .qanchor_cache on a read-only mount: the cache goes to the user's own folder
+    instead of failing at the first write (only an unwritable dataset root was detected)."""
+    import os
+
+    root = tmp_path / "ds"
+    (root / ".qanchor_cache").mkdir(parents=True)
+    monkeypatch.setenv("QANCHOR_CACHE", str(tmp_path / "home-cache"))
+    assert dataset_mod.default_cache_dir(root) == root / ".qanchor_cache"
+    writable = os.access
+    monkeypatch.setattr(os, "access", lambda p, mode: False if str(p).endswith(".qanchor_cache") else writable(p, mode))
+    assert dataset_mod.default_cache_dir(root).parent == tmp_path / "home-cache" / "datasets"
