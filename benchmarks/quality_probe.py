@@ -15,6 +15,9 @@ by inner CV: the same ``evaluate_folds`` as ``qanchor bench``) of:
   also each modality's content components), no model: what the embedding should at least keep.
 - ``statistics`` (models with a statistics path): exactly what the wide path reads (each modality's window and
   whole-history statistics, with ``content_use="path"`` its content components, the tabular values), no model.
+- ``all_inputs``: every input the embedding is built from side by side (what the wide path reads, the input profile,
+  the task query's evidence), no model: a linear read of all the model is given. Wider than the embedding, so not a
+  ceiling: the probe pays for its width (on the synthetic world the input profile alone reads more).
 - ``peer_rfm``: the ``rfm_lr`` peer's own features (``qanchor bench``'s RFM / count features, signed logs) on the
   same probe: the bar the embedding is measured against.
 - ``peer_rfm_widened``: the same features plus columns of pure noise (standard normal, fixed seeds; mean over three
@@ -71,7 +74,8 @@ from qanchor.model.prefix_cache import anchor_hidden, encode_prefixes  # noqa: E
 from qanchor.train.pairs import PretrainStream  # noqa: E402
 from qanchor.train.pretrain import answer_cache  # noqa: E402
 
-KEYS = ("task", "generic", "swapped", "hidden", "seen_text_mean", "input_profile", "peer_rfm", "peer_rfm_widened")
+KEYS = ("task", "generic", "swapped", "hidden", "seen_text_mean", "input_profile", "all_inputs", "peer_rfm",
+        "peer_rfm_widened")
 # With a statistics path (model.statistics_path): the task query's embedding split into its two summands, each
 # normalised and probed alone: the projection of the anchor's hidden state, and the path's map of the statistics.
 PATH_KEYS = ("deep_part", "path_part")
@@ -134,6 +138,25 @@ def path_statistics(q: QAnchor, ds, user_ids, chunk: int = 256) -> np.ndarray | 
         users = q.pipeline.collate(q.pack(records, cutoff_us)).to(q.device)
         rows.append(q.model.user_statistics(users).float().cpu().numpy())
         ids += [r.user_id for r in records]
+    order = {u: i for i, u in enumerate(ids)}
+    return np.concatenate(rows)[[order[u] for u in user_ids]]
+
+
+@torch.inference_mode()
+def evidence_rows(q: QAnchor, ds, user_ids, queries: list[str], chunk: int = 128) -> np.ndarray | None:
+    """(U, Q, F) the query evidence of each query in each user's kept events (``model.query_evidence``), rows in
+    ``user_ids`` order; None for a model without it."""
+    query_vectors = q.query_vectors(queries)
+    if query_vectors is None:
+        return None
+    cutoff_us = q.cutoff_us(ds.manifest.cutoff)
+    rows, ids = [], []
+    for records in batched(ds.users(user_ids), chunk):
+        users = q.pipeline.collate(q.pack(records, cutoff_us)).to(q.device)
+        b, r = len(records), len(queries)
+        index = torch.arange(b, device=q.device).repeat_interleave(r)
+        rows.append(q.model.evidence(users, index, query_vectors.repeat(b, 1)).view(b, r, -1).float().cpu().numpy())
+        ids += [x.user_id for x in records]
     order = {u: i for i, u in enumerate(ids)}
     return np.concatenate(rows)[[order[u] for u in user_ids]]
 
@@ -216,6 +239,7 @@ def run_probe(checkpoint: str, data: str, generic_query: str, folds: int = 5, se
     queries = asked + [generic_query]
     hid, emb, seen, profile, kept, parts = embed_all(q, ds, user_ids, queries)
     statistics = path_statistics(q, ds, user_ids)
+    evidence = evidence_rows(q, ds, user_ids, queries)
     peers = extract_features(ds, user_ids, None)
     rfm = peers.rfm_log[peers.rows(user_ids)]
     part_norms = None if parts is None else np.linalg.norm(parts, axis=-1)  # (U, Q, 2)
@@ -236,6 +260,11 @@ def run_probe(checkpoint: str, data: str, generic_query: str, folds: int = 5, se
             per[t.name]["path_part"] = probe(unit_parts[r, i, 1], t.labels, f)
         if statistics is not None:  # a statistics path (query evidence alone also makes a wide summand: no statistics)
             per[t.name]["statistics"] = probe(statistics[r], t.labels, f)
+        # every input the embedding is built from, read linearly: what the wide path reads, the input profile (the
+        # profile loss's targets) and the task query's evidence; an embedding below it loses some of what it is given
+        inputs = [x for x in (None if statistics is None else statistics[r], profile[r],
+                              None if evidence is None else evidence[r, i]) if x is not None]
+        per[t.name]["all_inputs"] = probe(np.concatenate(inputs, axis=1), t.labels, f)
         for name, col in (("task", i), ("generic", -1), ("swapped", other)):
             leading = top_directions(emb[r, col], max(TOP_DIRECTIONS))  # one SVD per query; each k is a prefix
             for k in TOP_DIRECTIONS:

@@ -54,8 +54,8 @@ def summarise(results: list[dict]) -> dict:
 def probe_summary(probes: list[dict]) -> dict:
     """quality_probe results over seeds, in the shape of :func:`summarise` (rows: task / generic / swapped ...)."""
     out = {}
-    for key in ("task", "generic", "swapped", "hidden", "seen_text_mean", "input_profile", "peer_rfm", "peer_rfm_widened",
-                "deep_part", "path_part", "statistics"):
+    for key in ("task", "generic", "swapped", "hidden", "seen_text_mean", "input_profile", "all_inputs", "peer_rfm",
+                "peer_rfm_widened", "deep_part", "path_part", "statistics"):
         if not all(key in p for p in probes):  # probes written before the key existed
             continue
         auc, ks = [p[key]["auc"] for p in probes], [p[key]["ks"] for p in probes]

@@ -81,6 +81,8 @@ def test_run_reports_few_directions_for_every_query(qp, infer_env, tmp_path):
         assert set(result["per_task"][task]["top_directions"]) == {str(k) for k in qp.TOP_DIRECTIONS}
     assert "path_part" not in result and "path_to_deep_norm_ratio" not in result  # no statistics path here
     assert "statistics" not in result and "statistics" not in result["widths"]
+    for task in result["tasks"]:  # no path, no evidence: every input of this model is its input profile
+        assert result["per_task"][task]["all_inputs"] == result["per_task"][task]["input_profile"]
 
 
 def test_peer_rows_probe_the_rfm_peer_features_and_their_widened_copy(qp, infer_env, tmp_path):

@@ -232,6 +232,12 @@ def test_serving_cached_uncached_and_the_quality_probe_agree(env):
     np.testing.assert_allclose(summed / np.linalg.norm(summed, axis=-1, keepdims=True), emb, atol=1e-5)
     # the wide part under two queries differs only through the evidence (the statistics are the user's)
     assert np.abs(parts[:, 0, 1] - parts[:, 1, 1]).max() > 1e-3
+    # the probe's all_inputs row reads the same evidence the embedding adds: mapped, it is the wide part's difference
+    evidence = qp.evidence_rows(qa, env.ds, list(reversed(user_ids)), QUERIES)[::-1].copy()  # rows in the order asked
+    assert evidence.shape[:2] == (len(records), len(QUERIES))
+    with torch.no_grad():
+        mapped = qa.model.query_evidence(torch.from_numpy(evidence).float()).numpy()
+    np.testing.assert_allclose(mapped[:, 0] - mapped[:, 1], parts[:, 0, 1] - parts[:, 1, 1], atol=1e-5)
     packed = qa.pack(records, qa.cutoff_us(None))
     with pytest.raises(ModelInputError, match="query_vectors"):
         qa.embed_packed(packed, qa.suffixes([(QUERIES[0], None)]))
