@@ -240,6 +240,10 @@ def build_backbone(cfg: BackboneConfig, vocab_size: int, load_weights: bool = Tr
         if wrong:
             raise ConfigError("; ".join(wrong) + " (set them to the loaded model's: the config is what every checkpoint "
                               "records of its backbone)")
+    # from_pretrained returns a model in eval mode, and a layer checkpoints (and drops out) only in training mode: a
+    # loaded backbone trained with gradient checkpointing silently off. Built for training, as from_config's is;
+    # loading a checkpoint for inference sets eval mode on the whole model.
+    model.train()
     if cfg.gradient_checkpointing:  # transformers 5 renamed the switch; keep both working
         enable = getattr(model, "activation_checkpointing_enable", None) or model.gradient_checkpointing_enable
         enable()

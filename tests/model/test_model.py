@@ -742,3 +742,33 @@ def test_a_pretrained_backbone_must_match_the_shape_its_config_records(tmp_path)
     with pytest.raises(ConfigError, match=r"model.backbone.num_layers=24 but .* has 2; model.backbone.architecture=llama "
                                           r"but .* has qwen2"):
         build_backbone(BackboneConfig(**{**shape, "num_layers": 24, "architecture": "llama"}), 128)
+
+
+def test_a_loaded_backbone_trains_in_training_mode_with_checkpointing_on(tmp_path):
+    """from_pretrained returns eval mode, where a layer neither checkpoints nor drops out: the pretrained presets
+    (gradient_checkpointing: true) kept every activation, 14x the memory, without a word."""
+    import torch
+    from transformers import AutoModelForCausalLM, Qwen2Config
+
+    from qanchor.config import BackboneConfig
+    from qanchor.model.backbone import build_backbone
+
+    hf = Qwen2Config(vocab_size=128, hidden_size=32, num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=1,
+                     intermediate_size=48)
+    AutoModelForCausalLM.from_config(hf).save_pretrained(tmp_path)
+    built = build_backbone(BackboneConfig(name_or_path=str(tmp_path), hidden_size=32, num_layers=2, num_heads=2,
+                                          num_kv_heads=1, intermediate_size=48, attn_implementation="eager",
+                                          init_embeddings_from_minilm=False, gradient_checkpointing=True), 128)
+    assert all(m.training for m in built.modules())
+
+    def saved_bytes() -> int:  # what autograd keeps for backward
+        kept = []
+        with torch.autograd.graph.saved_tensors_hooks(lambda t: kept.append(t.numel() * t.element_size()) or t,
+                                                      lambda t: t):
+            out = built(input_ids=torch.randint(0, 128, (2, 64)), use_cache=False)
+        out.logits.sum().backward()
+        return sum(kept)
+
+    as_built = saved_bytes()
+    built.eval()
+    assert as_built * 3 < saved_bytes()  # checkpointed layers keep a fraction of what eval mode keeps
