@@ -260,14 +260,16 @@ def add_special_tokens(tokenizer, model: nn.Module | None, names: list[str]) -> 
     if missing:
         tokenizer.add_tokens(missing, special_tokens=True)
     ids = {n: tokenizer.convert_tokens_to_ids(n) for n in names}
-    if model is not None:
-        emb = model.get_input_embeddings()
-        old = emb.weight.shape[0]
-        if len(tokenizer) > old:
+    if model is not None and missing:
+        if len(tokenizer) > model.get_input_embeddings().weight.shape[0]:
             model.resize_token_embeddings(len(tokenizer), mean_resizing=False)
-            with torch.no_grad():
-                w = model.get_input_embeddings().weight
-                w[old:] = w[:old].mean(0, keepdim=True).to(w.dtype)
+        # The new tokens' rows start at the mean of the rows of the tokens there were. Also without a resize: Qwen2.5's
+        # table has 151,936 rows for 151,665 tokens, so its new tokens land on spare rows that training never shaped.
+        added = [ids[n] for n in missing]
+        before = len(tokenizer) - len(missing)
+        with torch.no_grad():
+            w = model.get_input_embeddings().weight
+            w[added] = w[:before].mean(0, keepdim=True).to(w.dtype)
     return ids
 
 

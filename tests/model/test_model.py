@@ -772,3 +772,27 @@ def test_a_loaded_backbone_trains_in_training_mode_with_checkpointing_on(tmp_pat
     as_built = saved_bytes()
     built.eval()
     assert as_built * 3 < saved_bytes()  # checkpointed layers keep a fraction of what eval mode keeps
+
+
+def test_new_tokens_start_at_the_mean_row_also_on_spare_rows_of_the_table():
+    """Qwen2.5's embedding table has spare rows past its tokenizer: qanchor's tokens land there without a resize and
+    kept whatever the rows held (zeros), instead of the mean of the trained rows."""
+    import torch
+    from transformers import AutoModelForCausalLM, Qwen2Config
+
+    from qanchor.config import BackboneConfig
+    from qanchor.model.backbone import add_special_tokens, load_tokenizer
+
+    tokenizer = load_tokenizer(BackboneConfig())
+    n = len(tokenizer)
+    model = AutoModelForCausalLM.from_config(Qwen2Config(vocab_size=n + 16, hidden_size=32, num_hidden_layers=1,
+                                                         num_attention_heads=2, num_key_value_heads=1, intermediate_size=48))
+    with torch.no_grad():
+        w = model.get_input_embeddings().weight
+        w[:n] = torch.randn(n, 32) + 3.0  # trained rows, mean about 3
+        w[n:] = 0.0  # spare rows
+    ids = add_special_tokens(tokenizer, model, ["<|a|>", "<|b|>"])
+    w = model.get_input_embeddings().weight
+    assert w.shape[0] == n + 16  # no resize was needed
+    for i in ids.values():
+        torch.testing.assert_close(w[i], w[:n].mean(0))
