@@ -118,8 +118,12 @@ class QueryEvidence(nn.Module):
             text = F.normalize(vectors.float(), dim=-1)  # (N, E, T)
             q_rows = q.expand(len(text), -1) if q.dim() == 1 else q  # (N, T)
             center = q_rows @ self.text_mean[i].float()  # (N,)
-            spread = torch.einsum("nt,ts,ns->n", q_rows, self.text_cov[i].float(), q_rows).clamp_min(1e-8).sqrt()
+            variance = torch.einsum("nt,ts,ns->n", q_rows, self.text_cov[i].float(), q_rows)
+            spread = variance.clamp_min(SPREAD_FLOOR**2).sqrt()
             z = (torch.einsum("net,nt->ne", text, q_rows) - center[:, None]) / spread[:, None]  # (N, E)
+            # A modality whose training texts barely vary along the question (no events, one fixed text such as
+            # "login"): its relevances would be rounding noise magnified 10^4 times. Nothing there is evidence.
+            z = torch.where((variance > SPREAD_FLOOR**2)[:, None], z, torch.zeros_like(z))
             out.append(_summaries(z, mask))
         return torch.cat(out, dim=-1)
 
@@ -127,6 +131,11 @@ class QueryEvidence(nn.Module):
         """(N, M x 7) features of :meth:`features` -> (N, D): standardised, through the fixed map, each modality's
         block at the weight of one statistic, times the gain."""
         return self.gain.to(self.basis.dtype) * (self.standardise(evidence) @ self.basis.T) * PER_MODALITY_SCALE
+
+
+# The least spread of a modality's event texts along a question (std of their cosine to it over the training events)
+# that relevance is measured against; the bundled datasets' smallest is 0.023 (Complete Journey's visits).
+SPREAD_FLOOR = 1e-3
 
 
 def _orthonormal(rows: int, cols: int, seed: int = 0) -> torch.Tensor:

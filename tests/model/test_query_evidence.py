@@ -434,3 +434,24 @@ def test_a_head_tunes_its_lookup_only_with_lookup_lr_and_keeps_it_when_saved(env
                           head_scores(qa.model, at_query, query_ids, learned.head, index))
     served = qa.score(env.ds.users(user_ids), saved)
     assert np.abs(served - head_scores(qa.model, at_query, query_ids, saved, index)).max() < 1e-3
+
+
+def test_a_modality_whose_texts_never_vary_is_no_evidence():
+    """Every training event with one text ("login"), or none at all: the texts' spread along any question is 0, and
+    the relevances were rounding noise divided by 1e-4, which standardisation then blew up into the embedding."""
+    from qanchor.model.query_evidence import QueryEvidence
+
+    ev = QueryEvidence(["login", "empty", "shop"], text_dim=8, embedding_dim=16)
+    rng = np.random.default_rng(0)
+    login = torch.tensor(rng.normal(size=8)).repeat(50, 1)
+    ev.set_reference("login", login + 1e-9 * torch.tensor(rng.normal(size=(50, 8))))  # float noise only
+    ev.set_reference("empty", torch.zeros(0, 8))
+    ev.set_reference("shop", torch.tensor(rng.normal(size=(50, 8))))
+    events = {name: (torch.tensor(rng.normal(size=(3, 4, 8))).float(), torch.ones(3, 4, dtype=torch.bool))
+              for name in ev.names}
+    events["login"] = (login[:12].view(3, 4, 8).float(), torch.ones(3, 4, dtype=torch.bool))
+    feats = ev.features_of(events, torch.tensor(rng.normal(size=(3, 8))).float())
+    k = feats.shape[1] // 3
+    quiet = torch.cat([feats[:, :k], feats[:, k : 2 * k]], 1)
+    assert torch.equal(quiet, torch.cat([feats[:1, :k], feats[:1, k : 2 * k]], 1).expand(3, -1))  # the same for all
+    assert quiet.abs().max() < 5 and (feats[:, 2 * k :] - feats[0, 2 * k :]).abs().max() > 1e-3
