@@ -128,7 +128,9 @@ def window_rfm(text_vec: torch.Tensor, numeric: torch.Tensor, mask: torch.Tensor
     active = starts.to(w.dtype).sum(1)  # (B,)
     count = w.sum(1)
     # Distinct texts: an event counts unless an earlier kept event has the same text vector.
-    same = torch.cdist(text_vec.float(), text_vec.float()) < 1e-4  # (B, E, E)
+    # the direct distance: cdist's default switches to a matrix product past 25 events, which puts identical vectors
+    # up to 3.5e-4 apart, so the count depended on how wide other users in the batch padded the modality
+    same = torch.cdist(text_vec.float(), text_vec.float(), compute_mode="donot_use_mm_for_euclid_dist") < 1e-4
     same = same & mask[:, :, None] & mask[:, None, :]
     earlier = torch.ones_like(same[0]).tril(diagonal=-1)  # (E, E): j < i
     distinct = (mask & ~(same & earlier).any(-1)).to(w.dtype).sum(1)  # (B,)

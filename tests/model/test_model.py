@@ -796,3 +796,25 @@ def test_new_tokens_start_at_the_mean_row_also_on_spare_rows_of_the_table():
     assert w.shape[0] == n + 16  # no resize was needed
     for i in ids.values():
         torch.testing.assert_close(w[i], w[:n].mean(0))
+
+
+def test_distinct_texts_do_not_depend_on_how_wide_the_batch_pads():
+    """window_rfm counts a user's distinct texts; padded to more than 25 events (another user in the batch had more),
+    cdist's matrix-product path put identical vectors apart and counted repeats as distinct."""
+    import torch
+
+    from qanchor.model.user_encoder import window_rfm
+
+    torch.manual_seed(0)
+    texts = torch.nn.functional.normalize(torch.randn(4, 384), dim=-1)
+    vectors = texts[torch.tensor([0, 1, 2, 3, 0, 1, 2, 3, 0, 1])]  # 10 events, 4 distinct texts
+    numeric = torch.zeros(10, 3)
+    rows = []
+    for width in (10, 25, 26, 64):
+        pad = width - 10
+        rows.append(window_rfm(torch.cat([vectors, torch.zeros(pad, 384)])[None],
+                               torch.cat([numeric, torch.zeros(pad, 3)])[None],
+                               torch.cat([torch.ones(10, dtype=torch.bool), torch.zeros(pad, dtype=torch.bool)])[None]))
+    for row in rows[1:]:
+        torch.testing.assert_close(row, rows[0])
+    assert torch.expm1(rows[0][0, 5]).round() == 4  # log1p(distinct texts)
