@@ -115,8 +115,9 @@ def _check_compatible(ds: Dataset, model: QAnchorModel, meta: ModelMeta) -> None
 
 def encode_users(model: QAnchorModel, ds: Dataset, pipe: UserPipeline, user_ids: list[str], chunk: int,
                  progress: bool, queries: list[str] | None = None) -> PrefixStore:
-    """Pack, collate and encode the prefixes of ``user_ids`` (sorted), ``chunk`` users at a time. A model with
-    ``model.query_evidence`` keeps each user's evidence for each of ``queries`` (``store.at_query`` picks one)."""
+    """Pack, collate and encode the prefixes of ``user_ids`` (sorted), ``chunk`` users at a time, at ``ds``'s cutoff
+    (``pipe`` may be a checkpoint's, whose own cutoff is another dataset's). A model with ``model.query_evidence``
+    keeps each user's evidence for each of ``queries`` (``store.at_query`` picks one)."""
     pipe.prime(ds.users(user_ids), progress=progress)  # encode any missing event text once, in big batches
     device = next(model.parameters()).device  # the store lives where the model runs
     vectors = None
@@ -124,7 +125,8 @@ def encode_users(model: QAnchorModel, ds: Dataset, pipe: UserPipeline, user_ids:
         texts = sorted(set(queries or []))
         encoded = torch.from_numpy(pipe.cache.encoder.encode([q.strip() for q in texts])).to(device)
         vectors = dict(zip(texts, encoded))
-    batches = (pipe.collate(pipe.pack_many(records)).to(device) for records in batched(ds.users(user_ids), chunk))
+    batches = (pipe.collate(pipe.pack_many(records, ds.manifest.cutoff_us)).to(device)
+               for records in batched(ds.users(user_ids), chunk))
     return PrefixStore.encode(model, batches, progress=progress, queries=vectors)
 
 

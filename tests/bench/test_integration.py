@@ -132,3 +132,32 @@ def test_ablation_sub_runs(env, tmp_path, monkeypatch):
     monkeypatch.setattr(ablations_module, "pretrain_ablation", must_not_run)
     again = run_bench(cfg, progress=False).tasks["churn"].ablations
     assert {k: (r.auc, r.ks) for k, r in again.items()} == {k: (r.auc, r.ks) for k, r in rows.items()}
+
+
+def test_per_fold_heads_read_the_users_at_the_benchmarked_datasets_cutoff(env, tmp_path):
+    """Bench a checkpoint on a dataset with a later cutoff: the task rows read its users at that cutoff, and the
+    per-fold heads' prefix store read them at the checkpoint's own (other ages, other windows): their embedding under
+    the task's query and no prompt differed from the task rows' by up to 0.17."""
+    import torch
+    import yaml
+
+    from qanchor.infer.api import QAnchor
+    from qanchor.model.layout import tokenize_query
+    from qanchor.tune.prompt_tune import encode_users
+
+    _, ds_dir, ckpt = env
+    later = tmp_path / "later"
+    shutil.copytree(ds_dir, later, ignore=shutil.ignore_patterns(".qanchor_cache"))
+    manifest = yaml.safe_load((later / "manifest.yaml").read_text())
+    manifest["cutoff"] = "2024-08-29T00:00:00+00:00"  # 60 days after the checkpoint's
+    (later / "manifest.yaml").write_text(yaml.safe_dump(manifest))
+    ds = load_dataset(later)
+    q = QAnchor.from_pretrained(ckpt, text_cache_dir=ds.text_cache_dir)
+    task = ds.tasks["churn"]
+    users = sorted(task.user_ids.tolist())[:12]
+    rows = QAnchorEmbedder(q, ds).embed_many(users, [(task.query, None)])[:, 0]
+    store = encode_users(q.model, ds, q.pipeline, users, 256, False, [task.query]).at_query(task.query)
+    ids = torch.tensor(tokenize_query(q.tokenizer, task.query, q.run_cfg.model.max_query_tokens))
+    with torch.no_grad():
+        heads_read = store.embed(q.model, q.model.suffix(ids, None), torch.arange(len(users)), 256).float().numpy()
+    assert np.abs(rows - heads_read).max() < 1e-4
