@@ -20,7 +20,12 @@ import subprocess
 import sys
 from pathlib import Path
 
-from qanchor.data.io import write_text
+from qanchor.data.dataset import load_dataset
+from qanchor.data.io import file_sha256, write_json, write_text
+from qanchor.train.pretrain import trained_data_id
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from quality_seeds import check_reusable  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -38,10 +43,16 @@ def main(argv=None) -> int:
     args = ap.parse_args(argv)
     env = {**os.environ, "HF_HUB_OFFLINE": "1"}
     rows = []
+    data_id = trained_data_id(load_dataset(args.data))
     for steps in [int(s) for s in args.steps.split(",")]:
         run = args.root / f"steps{steps}"
         probe = run / "probe.json"
-        if not probe.exists():
+        # a finished budget is reused only if the same settings made it (see quality_seeds.py)
+        wanted = {"steps": steps, "seed": args.seed, "pretrain_config": file_sha256(args.pretrain), "set": list(args.set),
+                  "data": data_id, "generic_query": args.generic_query}
+        if probe.exists():
+            check_reusable(probe, wanted)
+        else:
             subprocess.run([sys.executable, "-m", "qanchor.cli", "pretrain", "--config", args.pretrain, "--quiet",
                             f"data.path={args.data}", f"output_dir={run}", f"train.max_steps={steps}",
                             f"train.save_every={steps}", f"train.seed={args.seed}", "resume=true", *args.set],
@@ -49,6 +60,7 @@ def main(argv=None) -> int:
             subprocess.run([sys.executable, str(ROOT / "benchmarks/quality_probe.py"), "--checkpoint", str(run),
                             "--data", args.data, "--generic-query", args.generic_query, "--out", str(probe)],
                            check=True, cwd=ROOT, env=env, stdout=subprocess.DEVNULL)
+            write_json(wanted, probe.with_name(probe.name + ".settings.json"))
         p = json.loads(probe.read_text())
         metrics = [json.loads(ln) for ln in (run / "metrics.jsonl").read_text().splitlines()]
         rows.append({"steps": steps, "task_auc": p["task"]["auc"], "generic_auc": p["generic"]["auc"],

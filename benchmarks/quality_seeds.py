@@ -5,7 +5,14 @@ For each seed: ``qanchor pretrain`` (resumed if a run already exists) into ``<ro
 ``<root>/bench-seed<k>``. The summary gives, per method, the mean and the standard deviation over seeds of
 its task-averaged AUC and KS, plus the per-task means; it is printed as a Markdown table and written to
 ``<root>/summary.json`` and ``<root>/summary.md``. Peers do not depend on the pretraining seed, so their
-spread is 0: it is the model's run-to-run noise that the seeds measure.
+spread is 0: it is the model's run-to-run noise that the seeds measure. The spread is the population standard
+deviation over the seeds (numpy's default, ddof=0; the sample one is 1.22x larger for three seeds), as in every
+"± over seeds" the README and docs/quality.md quote.
+
+A finished seed (its ``probe.json`` or ``results.json``) is reused, so an interrupted root resumes; beside it a
+``.settings.json`` records what produced it (the pretrain and bench config files' contents, ``--set``,
+``--bench-set``, ``--generic-query``, the dataset's identity, the seed), and a root whose results came from other
+settings is refused rather than mixed into the summary.
 
 Example (about 25 minutes on 2 CPU cores for Complete Journey)::
 
@@ -27,7 +34,9 @@ import numpy as np
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from qanchor.data.io import write_json, write_text  # noqa: E402
+from qanchor.data.dataset import load_dataset  # noqa: E402
+from qanchor.data.io import file_sha256, write_json, write_text  # noqa: E402
+from qanchor.train.pretrain import trained_data_id  # noqa: E402
 
 
 def _qanchor(*args: str) -> None:
@@ -90,8 +99,33 @@ def top_directions_table(summary: dict) -> str:
     return "\n".join(lines)
 
 
+def settings_of(args: argparse.Namespace, seed: int, data_id: str) -> dict:
+    """What a seed's result depends on: a result made under any other is not reused."""
+    out = {"seed": seed, "probe": bool(args.probe), "pretrain_config": file_sha256(args.pretrain), "set": list(args.set),
+           "data": data_id}
+    if args.probe:
+        out["generic_query"] = args.generic_query
+    else:
+        out.update(bench_config=file_sha256(args.bench), bench_set=list(args.bench_set))
+    return out
+
+
+def check_reusable(done: Path, wanted: dict) -> None:
+    """Refuse a finished result made under other settings than ``wanted`` (SystemExit naming what differs)."""
+    record = done.with_name(done.name + ".settings.json")
+    if not record.exists():
+        print(f"warning: {done} has no record of the settings that produced it (made before quality_seeds.py kept "
+              "one); reused as it is", file=sys.stderr)
+        return
+    had = json.loads(record.read_text())
+    differ = [f"{k}: {had.get(k)!r} -> {wanted.get(k)!r}" for k in sorted(set(had) | set(wanted)) if had.get(k) != wanted.get(k)]
+    if differ:
+        raise SystemExit(f"{done} was made with other settings ({'; '.join(differ)}); use another --root, or delete "
+                         f"{done.parent} to redo that seed")
+
+
 def table(summary: dict) -> str:
-    lines = ["| method | AUC (mean over seeds ± std) | KS (mean ± std) | seeds |", "|---|---|---|---|"]
+    lines = ["| method | AUC (mean over seeds ± population std) | KS (mean ± std) | seeds |", "|---|---|---|---|"]
     best_auc = max(v["auc_mean"] for v in summary.values())
     best_ks = max(v["ks_mean"] for v in summary.values())
     for m, v in summary.items():
@@ -117,11 +151,15 @@ def main(argv=None) -> int:
     ap.add_argument("--probe-device", default="cpu", help="with --probe: where the checkpoint embeds (cpu, cuda)")
     args = ap.parse_args(argv)
     results = []
+    data_id = trained_data_id(load_dataset(args.data))  # the dataset's files and its UserU pairs
     for seed in [int(s) for s in args.seeds.split(",")]:
         run = args.root / f"seed{seed}"
         bench = args.root / f"bench-seed{seed}"  # beside the run: an output inside its checkpoint is refused
         done = run / "probe.json" if args.probe else bench / "results.json"
-        if not done.exists():
+        wanted = settings_of(args, seed, data_id)
+        if done.exists():
+            check_reusable(done, wanted)
+        else:
             _qanchor("pretrain", "--config", args.pretrain, *([] if args.log else ["--quiet"]), f"data.path={args.data}",
                      f"output_dir={run}", f"train.seed={seed}", "resume=true", *args.set)
             if args.probe:
@@ -132,6 +170,7 @@ def main(argv=None) -> int:
             else:
                 _qanchor("bench", "--config", args.bench, "--quiet", f"checkpoint={run}", f"data.path={args.data}",
                          f"output_dir={bench}", "heads_dir=null", *args.bench_set)
+            write_json(wanted, done.with_name(done.name + ".settings.json"))
         results.append(json.loads(done.read_text()))
     summary = probe_summary(results) if args.probe else summarise(results)
     few = top_directions_summary(results) if args.probe else {}

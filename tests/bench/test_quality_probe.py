@@ -146,3 +146,31 @@ def test_task_query_replaces_the_question_a_task_row_asks(qp, infer_env, tmp_pat
     assert result["per_task"][name]["task"] == result["per_task"][name]["generic"]
     with pytest.raises(SystemExit, match="unknown task"):
         qp.main(["--checkpoint", str(infer_env.ckpt), "--data", str(infer_env.ds_dir), "--task-query", "no_such_task=Why?"])
+
+
+def test_a_seed_result_made_under_other_settings_is_refused_not_mixed_in(tmp_path, capsys):
+    """quality_seeds.py reuses a finished seed (an interrupted root resumes); a result another --set, config or
+    dataset produced was reused too, and the summary labelled with today's settings."""
+    import argparse
+
+    qs = load_benchmark("quality_seeds")
+    config = tmp_path / "pretrain.yaml"
+    config.write_text("train:\n  max_steps: 3\n")
+    args = argparse.Namespace(probe=True, pretrain=str(config), bench=str(config), set=["loss.profile_weight=0"],
+                              bench_set=[], generic_query="What kind of user is this?")
+    done = tmp_path / "seed0" / "probe.json"
+    done.parent.mkdir()
+    done.write_text("{}")
+    wanted = qs.settings_of(args, 0, "data-a")
+    qs.check_reusable(done, wanted)  # no record (an older root): reused, with a warning
+    assert "no record of the settings" in capsys.readouterr().err
+    (done.parent / "probe.json.settings.json").write_text(json.dumps(wanted))
+    qs.check_reusable(done, qs.settings_of(args, 0, "data-a"))  # the same settings: reused
+    for changed in (argparse.Namespace(**{**vars(args), "set": []}), ):
+        with pytest.raises(SystemExit, match=r"other settings \(set: \['loss.profile_weight=0'\] -> \[\]\)"):
+            qs.check_reusable(done, qs.settings_of(changed, 0, "data-a"))
+    with pytest.raises(SystemExit, match=r"data: 'data-a' -> 'data-b'"):
+        qs.check_reusable(done, qs.settings_of(args, 0, "data-b"))
+    config.write_text("train:\n  max_steps: 30\n")  # the config file edited in place
+    with pytest.raises(SystemExit, match="pretrain_config"):
+        qs.check_reusable(done, qs.settings_of(args, 0, "data-a"))
