@@ -247,10 +247,12 @@ def run_probe(checkpoint: str, data: str, generic_query: str, folds: int = 5, se
     per = {}
     for i, t in enumerate(tasks):
         r = np.fromiter((row[u] for u in t.user_ids), np.int64)
-        other = next((j for j in [*range(i + 1, len(tasks)), *range(i)] if asked[j] != asked[i]), len(tasks))
+        # another task's question; none where every task asks the same one (the generic query's column is not one)
+        other = next((j for j in [*range(i + 1, len(tasks)), *range(i)] if asked[j] != asked[i]), None)
         f = fold_of[t.name]
         per[t.name] = {"task": probe(emb[r, i], t.labels, f), "generic": probe(emb[r, -1], t.labels, f),
-                       "swapped": probe(emb[r, other], t.labels, f), "hidden": probe(hid[r, i], t.labels, f),
+                       "swapped": (float("nan"),) * 2 if other is None else probe(emb[r, other], t.labels, f),
+                       "hidden": probe(hid[r, i], t.labels, f),
                        "seen_text_mean": probe(seen[r], t.labels, f), "input_profile": probe(profile[r], t.labels, f),
                        "peer_rfm": probe(rfm[r], t.labels, f),
                        "peer_rfm_widened": widened_probe(rfm[r], emb.shape[-1], t.labels, f, i),
@@ -265,7 +267,7 @@ def run_probe(checkpoint: str, data: str, generic_query: str, folds: int = 5, se
         inputs = [x for x in (None if statistics is None else statistics[r], profile[r],
                               None if evidence is None else evidence[r, i]) if x is not None]
         per[t.name]["all_inputs"] = probe(np.concatenate(inputs, axis=1), t.labels, f)
-        for name, col in (("task", i), ("generic", -1), ("swapped", other)):
+        for name, col in (("task", i), ("generic", -1), *(() if other is None else (("swapped", other),))):
             leading = top_directions(emb[r, col], max(TOP_DIRECTIONS))  # one SVD per query; each k is a prefix
             for k in TOP_DIRECTIONS:
                 per[t.name]["top_directions"].setdefault(k, {})[name] = probe(leading[:, :k], t.labels, f)[0]
@@ -276,7 +278,7 @@ def run_probe(checkpoint: str, data: str, generic_query: str, folds: int = 5, se
                             **({} if statistics is None else {"statistics": int(statistics.shape[1])})}}
     for key in KEYS + (PATH_KEYS if parts is not None else ()) + (("statistics",) if statistics is not None else ()):
         out[key] = {"auc": _mean(v[key][0] for v in per.values()), "ks": _mean(v[key][1] for v in per.values())}
-    out["top_directions"] = {str(k): {name: _mean(v["top_directions"][k][name] for v in per.values())
+    out["top_directions"] = {str(k): {name: _mean(v["top_directions"][k].get(name) for v in per.values())
                                       for name in ("task", "generic", "swapped")} for k in TOP_DIRECTIONS}
     e = emb / np.linalg.norm(emb, axis=-1, keepdims=True)
     out.update(per_task=per, geometry_generic=geometry(emb[:, -1], kept), geometry_task=geometry(emb[:, 0], kept),

@@ -67,7 +67,8 @@ def probe_summary(probes: list[dict]) -> dict:
                 "peer_rfm_widened", "deep_part", "path_part", "statistics"):
         if not all(key in p for p in probes):  # probes written before the key existed
             continue
-        auc, ks = [p[key]["auc"] for p in probes], [p[key]["ks"] for p in probes]
+        # null: a row with nothing to probe (no other task's question where every task asks the same)
+        auc, ks = ([float("nan") if p[key][m] is None else p[key][m] for p in probes] for m in ("auc", "ks"))
         out[f"probe_{key}"] = {"auc_mean": float(np.mean(auc)), "auc_std_over_seeds": float(np.std(auc)),
                                "ks_mean": float(np.mean(ks)), "ks_std_over_seeds": float(np.std(ks)),
                                "seeds": len(probes), "auc_per_seed": auc, "ks_per_seed": ks}

@@ -174,3 +174,23 @@ def test_a_seed_result_made_under_other_settings_is_refused_not_mixed_in(tmp_pat
     config.write_text("train:\n  max_steps: 30\n")  # the config file edited in place
     with pytest.raises(SystemExit, match="pretrain_config"):
         qs.check_reusable(done, qs.settings_of(args, 0, "data-a"))
+
+
+def test_with_one_question_for_every_task_there_is_no_other_tasks_query(qp, infer_env, tmp_path):
+    """The swapped row fell back to the generic query's column when no task asked another question, and reported the
+    generic query's numbers as another task's; now it is left empty, as the bench leaves out the method."""
+    import math
+
+    from qanchor.data.dataset import load_dataset
+
+    same = "Will this user be active next month?"
+    out = tmp_path / "probe.json"
+    argv = ["--checkpoint", str(infer_env.ckpt), "--data", str(infer_env.ds_dir), "--folds", "2", "--shuffle-batches",
+            "0", "--out", str(out)]
+    for task in sorted(load_dataset(infer_env.ds_dir).tasks):
+        argv += ["--task-query", f"{task}={same}"]
+    assert qp.main(argv) == 0
+    result = json.loads(out.read_text())
+    empty = lambda x: x is None or math.isnan(x)  # noqa: E731  (written as null or NaN)
+    assert empty(result["swapped"]["auc"]) and not empty(result["generic"]["auc"])
+    assert all(empty(row["swapped"]) and not empty(row["generic"]) for row in result["top_directions"].values())
