@@ -133,11 +133,14 @@ def _test_sizes(r: MethodResult) -> str:
 
 
 def average_table(result: BenchResult, ablations: bool = False) -> str:
-    """Per method: AUC and KS averaged over tasks (mean of fold means ± mean of fold stds)."""
+    """Per method: AUC and KS averaged over tasks (mean of fold means ± mean of fold stds); the best among the methods
+    that ran on the most tasks in bold (the "tasks" column says how many each ran on)."""
     avg = result.average(ablations)
     n_tasks = sum(1 for t in result.tasks.values() if t.methods)
-    best_auc = _best([a["auc_mean"] for a in avg.values()])
-    best_ks = _best([a["ks_mean"] for a in avg.values()])
+    # bold only among the methods that ran on the most tasks: a method skipped on a hard task averages over easier ones
+    most = max((a["n_tasks"] for a in avg.values()), default=0)
+    best_auc = _best([a["auc_mean"] for a in avg.values() if a["n_tasks"] == most])
+    best_ks = _best([a["ks_mean"] for a in avg.values() if a["n_tasks"] == most])
     rows = [[f"`{m}`", _label(m), _fmt(a["auc_mean"], a["auc_std"], a["auc_mean"] == best_auc),
              _fmt(a["ks_mean"], a["ks_std"], a["ks_mean"] == best_ks), f"{a['n_tasks']}/{n_tasks}"]
             for m, a in avg.items()]

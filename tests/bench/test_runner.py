@@ -110,6 +110,16 @@ def test_results_json_report_and_plots(bench, tmp_path):
     assert f"**{best:.4f}" in table  # the best average AUC is bold
 
 
+def test_a_method_skipped_on_a_task_cannot_take_the_bold(bench, monkeypatch):
+    """Averaged over fewer (easier) tasks, a method could out-score those that ran on all of them."""
+    _, result, _, _ = bench
+    row = lambda auc, ks, n: {"auc_mean": auc, "auc_std": 0.01, "ks_mean": ks, "ks_std": 0.01, "n_tasks": n}  # noqa: E731
+    monkeypatch.setattr(result, "average", lambda ablations=False: {"qanchor_head": row(0.95, 0.9, 1),
+                                                                   "rfm_lr": row(0.70, 0.3, 2), "union_lr": row(0.69, 0.4, 2)})
+    table = average_table(result)
+    assert "**0.7000" in table and "**0.4000" in table and "**0.95" not in table and "**0.9000" not in table
+
+
 def test_a_figure_replaces_the_last_good_one_whole_or_not_at_all(tmp_path, monkeypatch):
     plt = _pyplot()
     path = tmp_path / "auc_ks.png"
