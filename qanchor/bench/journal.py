@@ -25,6 +25,7 @@ from __future__ import annotations
 import hashlib
 import json
 from dataclasses import asdict, fields, replace
+from functools import cache
 from pathlib import Path
 from typing import Any
 
@@ -44,17 +45,35 @@ _DIR = "partial"
 _ROW_FIELDS = {f.name for f in fields(MethodResult)}
 
 
+@cache
+def code_digest() -> str:
+    """What computed the rows: qanchor's own source (its version string stays put between commits) and the versions of
+    the libraries that fit and score them. A row made by other code is made again, never mixed with new ones."""
+    from importlib import metadata
+
+    h = hashlib.sha256()
+    package = Path(qanchor.__file__).parent
+    for path in sorted(package.rglob("*.py")):
+        h.update(str(path.relative_to(package)).encode() + b"\0" + path.read_bytes())
+    for lib in ("numpy", "scikit-learn", "lightgbm", "torch", "transformers", "pytorch-lifestream", "faiss-cpu"):
+        try:
+            h.update(f"{lib}={metadata.version(lib)}".encode())
+        except metadata.PackageNotFoundError:
+            h.update(f"{lib}=-".encode())
+    return h.hexdigest()
+
+
 def journal_key(cfg: BenchConfig, ds: Dataset, tasks: list[Task], checkpoint_hash: str | None,
                 heads: dict[str, Any]) -> str:
     """A hash of everything a row's numbers depend on: every bench setting but ``output_dir``, each task's query,
     users and labels, the dataset's files, the checkpoint's weights, the saved heads, qanchor's version, the LR
-    probe's C grid and the text of ``prompt_tune_config`` (the per-fold heads' settings live in that file, not in
+    probe's C grid, the code that computes them (:func:`code_digest`) and the text of ``prompt_tune_config`` (the per-fold heads' settings live in that file, not in
     ``cfg``: an edited file must not resume heads tuned under the old one)."""
     h = hashlib.sha256()
     h.update(to_yaml(replace(cfg, output_dir="")).encode())
     tune_file = Path(cfg.prompt_tune_config) if cfg.prompt_tune_config else None
     h.update(tune_file.read_bytes() if tune_file is not None and tune_file.is_file() else b"")
-    h.update(json.dumps([ds.fingerprint, checkpoint_hash, qanchor.__version__, list(LR_CS),
+    h.update(json.dumps([ds.fingerprint, checkpoint_hash, qanchor.__version__, code_digest(), list(LR_CS),
                          sorted((t, head_digest(e.head)) for t, e in heads.items())]).encode())
     h.update(json.dumps([task_digest(t) for t in tasks]).encode())
     return h.hexdigest()

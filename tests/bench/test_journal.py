@@ -62,6 +62,17 @@ def test_the_key_changes_with_the_probe_grid(tiny_dataset, monkeypatch):
     assert journal_module.journal_key(BenchConfig(), ds, [], "ckpt-hash", {}) != key
 
 
+def test_the_key_changes_with_the_code_that_computes_the_rows(tiny_dataset, monkeypatch):
+    """qanchor's version string stays 0.1.0 between commits: a changed peer, feature or probe (or an upgraded
+    scikit-learn) must not resume rows the old code made."""
+    ds = load_dataset(tiny_dataset)
+    key = journal_module.journal_key(BenchConfig(), ds, [], "ckpt-hash", {})
+    digest = journal_module.code_digest()
+    assert len(digest) == 64 and journal_module.code_digest() == digest
+    monkeypatch.setattr(journal_module, "code_digest", lambda: "other code")
+    assert journal_module.journal_key(BenchConfig(), ds, [], "ckpt-hash", {}) != key
+
+
 def test_the_key_changes_with_the_prompt_tune_files_text(tiny_dataset, tmp_path):
     # The per-fold heads' settings are in the prompt-tune YAML that cfg only names: editing it must start afresh.
     ds = load_dataset(tiny_dataset)
