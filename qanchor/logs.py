@@ -87,7 +87,7 @@ class Progress:
     """A bar on a terminal, log lines elsewhere; ``update(n)`` as work is done, ``close()`` at the end.
 
     Without a terminal it logs when it starts, then at most every ``every_s`` seconds, and when closed.
-    ``enabled=False`` is silent (``--quiet``). With stdout a file and stderr a terminal it does both.
+    ``enabled=False`` is silent (``--quiet``); ``lines=False`` never writes lines (the caller writes its own).
     """
 
     def __init__(self, total: int | None = None, desc: str = "", unit: str = "it", enabled: bool = True,
@@ -97,7 +97,10 @@ class Progress:
         self._start = self._last = time.perf_counter()
         self._initial = initial
         self._bar = None
-        self._logging = enabled and lines and progress_lines()  # lines=False: the caller writes its own
+        # Lines only where no bar shows: a command run from a terminal with its stdout redirected may be printing its
+        # result there (`qanchor update ... > report.json`). Pretraining, whose stdout is a log, writes its own step
+        # lines whenever stdout is a file (progress_lines()).
+        self._logging = enabled and lines and not interactive()
         if enabled and interactive():
             from tqdm.auto import tqdm
 

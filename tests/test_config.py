@@ -203,6 +203,11 @@ def test_a_deepspeed_config_file_merges_key_by_key_and_cannot_change_the_step_co
     with pytest.raises(ConfigError, match=r"gradient_accumulation_steps=2, and the train section gives 1 "
                                           r"\(train.grad_accum_steps\)"):
         with_file({"gradient_accumulation_steps": 2, "train_batch_size": 8})
+    # another optimizer takes the file's params as given (AdamW's torch_adam and betas are not its keywords)
+    lamb = with_file({"optimizer": {"type": "Lamb", "params": {"lr": "auto", "weight_decay": 0.01}}})["optimizer"]
+    assert lamb == {"type": "Lamb", "params": {"lr": TrainConfig().lr, "weight_decay": 0.01}}
+    fused = with_file({"optimizer": {"params": {"torch_adam": False, "lr": "auto"}}})["optimizer"]
+    assert fused == {"type": "AdamW", "params": {"torch_adam": False, "lr": TrainConfig().lr}}
     with pytest.raises(ConfigError, match=r"ds.json: not valid JSON"):
         with_file('{"zero_optimization": ')
     with pytest.raises(ConfigError, match="must hold a JSON object"):

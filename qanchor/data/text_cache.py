@@ -102,8 +102,9 @@ class SentenceEncoder:
         if backend is not None:  # a fast tokenizer's whole state, as JSON, less what each call sets (encode pads and
             # truncates per batch: with those the key would change once the encoder had been used)
             state = {k: v for k, v in json.loads(backend.to_str()).items() if k not in ("truncation", "padding")}
-        else:
-            state = [sorted(self.tokenizer.get_vocab().items()), self.tokenizer.init_kwargs]
+        else:  # a slow tokenizer: its vocabulary and settings, less where its files lie (name_or_path, vocab_file)
+            settings = {k: v for k, v in self.tokenizer.init_kwargs.items() if k != "name_or_path" and not k.endswith("_file")}
+            state = [sorted(self.tokenizer.get_vocab().items()), settings]
         return hashlib.sha256(json.dumps(state, sort_keys=True, default=str).encode()).hexdigest()
 
     @torch.inference_mode()

@@ -260,16 +260,19 @@ def add_special_tokens(tokenizer, model: nn.Module | None, names: list[str]) -> 
     if missing:
         tokenizer.add_tokens(missing, special_tokens=True)
     ids = {n: tokenizer.convert_tokens_to_ids(n) for n in names}
-    if model is not None and missing:
-        if len(tokenizer) > model.get_input_embeddings().weight.shape[0]:
+    if model is not None:
+        rows = model.get_input_embeddings().weight.shape[0]
+        grown = list(range(rows, len(tokenizer)))  # rows a resize creates (a tokenizer that had the tokens already too)
+        if grown:
             model.resize_token_embeddings(len(tokenizer), mean_resizing=False)
-        # The new tokens' rows start at the mean of the rows of the tokens there were. Also without a resize: Qwen2.5's
-        # table has 151,936 rows for 151,665 tokens, so its new tokens land on spare rows that training never shaped.
-        added = [ids[n] for n in missing]
-        before = len(tokenizer) - len(missing)
-        with torch.no_grad():
-            w = model.get_input_embeddings().weight
-            w[added] = w[:before].mean(0, keepdim=True).to(w.dtype)
+        # New rows, and the rows of tokens added here, start at the mean of the rows of the tokens there were. The
+        # latter also without a resize: Qwen2.5's table has 151,936 rows for 151,665 tokens, so its new tokens land on
+        # spare rows that training never shaped.
+        fresh = sorted(set(grown) | {ids[n] for n in missing})
+        if fresh:
+            with torch.no_grad():
+                w = model.get_input_embeddings().weight
+                w[fresh] = w[: min(rows, len(tokenizer) - len(missing))].mean(0, keepdim=True).to(w.dtype)
     return ids
 
 

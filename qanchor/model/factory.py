@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import json
 import warnings
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
 
@@ -35,6 +35,7 @@ from qanchor.config import (
 from qanchor.data.io import OutputKind, atomic_dir, file_sha256, read_json_object
 from qanchor.data.manifest import Manifest
 from qanchor.errors import CheckpointError, ConfigError, QAnchorError
+from qanchor.logs import log
 from qanchor.model.backbone import (
     add_special_tokens,
     build_backbone,
@@ -186,6 +187,11 @@ def read_meta(ckpt: Path) -> ModelMeta:
     if raw.get("format_version") != FORMAT_VERSION:
         raise CheckpointError(f"{ckpt}: checkpoint format {raw.get('format_version')} but this qanchor reads format "
                               f"{FORMAT_VERSION}; re-export it with qanchor {raw.get('qanchor_version')}")
+    known = {f.name for f in fields(ModelMeta)}
+    if unknown := sorted(set(raw) - known):  # written by a newer qanchor of the same format: what it adds is unread
+        log(f"warning: {path}: entries this qanchor does not know ({', '.join(unknown)}), written by a newer one; "
+            "ignored")
+        raw = {k: v for k, v in raw.items() if k in known}
     try:
         meta = ModelMeta(**raw)
         meta.manifest_obj  # noqa: B018  (parses: a damaged manifest fails here, not mid-inference)

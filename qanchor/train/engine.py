@@ -125,6 +125,17 @@ def deepspeed_config(cfg: TrainConfig, world: int) -> dict[str, Any]:
                                   f"{ds[key]} ({option}); qanchor's loop steps by the train section, so a different "
                                   f"value would change how many optimizer steps a run takes. Set {option} instead and "
                                   f'write "{key}": "auto" (or leave it out)')
+        optimizer = overrides.get("optimizer")
+        if isinstance(optimizer, dict) and isinstance(optimizer.get("params"), dict) and (
+                optimizer.get("type", ds["optimizer"]["type"]) != ds["optimizer"]["type"]
+                or "torch_adam" in optimizer["params"]):
+            # Another optimizer (Lamb, FusedAdam...) takes the file's params as given: the train section's AdamW
+            # settings (torch_adam, betas) would be keywords it does not take. "auto" still reads the train section.
+            ours = ds["optimizer"]["params"]
+            params = {k: ours[k] for k, v in optimizer["params"].items() if v == "auto" and k in ours}
+            params.update(_without_auto(optimizer["params"]))
+            overrides = {**overrides, "optimizer": {**optimizer, "params": params}}
+            ds = {**ds, "optimizer": {"type": ds["optimizer"]["type"]}}
         ds = _merged(ds, overrides)
         stage = ds.get("zero_optimization", {}).get("stage", cfg.zero_stage)
         if stage != cfg.zero_stage:  # qanchor gathers ZeRO-3's partitioned weights to save them by train.zero_stage

@@ -281,3 +281,19 @@ def test_events_after_the_cutoff_count_as_its_last_moment_everywhere(infer_env):
         moved = qa.embed(late, QUERIES, cutoff=cutoff)
     assert np.array_equal(moved, qa.embed(at_last_moment, QUERIES, cutoff=cutoff))
     assert np.abs(moved - qa.embed({"user_id": "x", "events": {}}, QUERIES, cutoff=cutoff)).max() > 1e-3
+
+
+def test_a_checkpoint_with_metadata_a_newer_qanchor_added_loads_with_a_warning(infer_env, tmp_path, capsys):
+    """A newer qanchor of the same checkpoint format may record more (as tokenizer_size was added): an older one read
+    its qanchor.json into ModelMeta(**raw) and called the checkpoint damaged."""
+    import json
+    import shutil
+
+    ckpt = tmp_path / "ckpt"
+    shutil.copytree(infer_env.ckpt, ckpt)
+    meta = json.loads((ckpt / "qanchor.json").read_text())
+    (ckpt / "qanchor.json").write_text(json.dumps({**meta, "something_new": 1}))
+    loaded = QAnchor.from_pretrained(ckpt)
+    assert "entries this qanchor does not know (something_new)" in capsys.readouterr().out
+    assert np.array_equal(loaded.embed({"user_id": "x", "events": {}}, QUERIES[:1]),
+                          infer_env.qa.embed({"user_id": "x", "events": {}}, QUERIES[:1]))

@@ -796,6 +796,13 @@ def test_new_tokens_start_at_the_mean_row_also_on_spare_rows_of_the_table():
     assert w.shape[0] == n + 16  # no resize was needed
     for i in ids.values():
         torch.testing.assert_close(w[i], w[:n].mean(0))
+    # a tokenizer that holds the tokens already (saved by a run) beside a fresh backbone: the table still grows
+    small = AutoModelForCausalLM.from_config(Qwen2Config(vocab_size=n, hidden_size=32, num_hidden_layers=1,
+                                                         num_attention_heads=2, num_key_value_heads=1, intermediate_size=48))
+    assert add_special_tokens(tokenizer, small, ["<|a|>", "<|b|>"]) == ids
+    w = small.get_input_embeddings().weight
+    assert w.shape[0] == len(tokenizer) == n + 2
+    torch.testing.assert_close(w[n:], w[:n].mean(0, keepdim=True).expand(2, -1))
 
 
 def test_distinct_texts_do_not_depend_on_how_wide_the_batch_pads():
