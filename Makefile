@@ -43,21 +43,33 @@ lint: install ## ruff
 
 data: data-cj data-synth ## build Complete Journey and a 2,000-user synthetic dataset, with UserU pairs
 
-data-cj: install ## build Complete Journey (households that shopped before 2017-09-30), with UserU pairs
-	test -f $(CJ)/manifest.yaml || $(QA) data completejourney out=$(CJ)
-	test -f $(CJ)/userU.parquet || $(QA) data userU $(CJ)
+# Each dataset is rebuilt when the code that builds it is newer than the dataset (a pull that changed how its users,
+# labels or pairs are chosen), and only then: a dataset built before such a change is never benchmarked by mistake.
+USERU_CODE := qanchor/data/userU.py qanchor/data/userU_topics.py qanchor/data/forecast.py qanchor/data/history.py
 
-data-synth: install ## build the 2,000-user synthetic world (generator seed 1), with UserU pairs
-	test -f $(SYNTH)/manifest.yaml || $(QA) data synth out=$(SYNTH) users=2000 seed=1
-	test -f $(SYNTH)/userU.parquet || $(QA) data userU $(SYNTH)
+data-cj: install $(CJ)/userU.parquet ## build Complete Journey (households that shopped before 2017-09-30), with UserU pairs
+$(CJ)/manifest.yaml: data_tools/completejourney.py | install
+	$(QA) data completejourney out=$(CJ)
+$(CJ)/userU.parquet: $(CJ)/manifest.yaml $(USERU_CODE) | install
+	$(QA) data userU $(CJ)
 
-data-ratings: install ## build the 2,000-user synthetic ratings world (one modality; profile tasks), with UserU pairs
-	test -f $(RATINGS)/manifest.yaml || $(QA) data ratings out=$(RATINGS) users=2000 seed=0
-	test -f $(RATINGS)/userU.parquet || $(QA) data userU $(RATINGS)
+data-synth: install $(SYNTH)/userU.parquet ## build the 2,000-user synthetic world (generator seed 1), with UserU pairs
+$(SYNTH)/manifest.yaml: data_tools/synth.py | install
+	$(QA) data synth out=$(SYNTH) users=2000 seed=1
+$(SYNTH)/userU.parquet: $(SYNTH)/manifest.yaml $(USERU_CODE) | install
+	$(QA) data userU $(SYNTH)
 
-data-cj-profile: install ## build Complete Journey's purchases with its demographics as profile tasks, with UserU pairs
-	test -f $(CJP)/manifest.yaml || $(QA) data cj-profile out=$(CJP)
-	test -f $(CJP)/userU.parquet || $(QA) data userU $(CJP)
+data-ratings: install $(RATINGS)/userU.parquet ## build the 2,000-user synthetic ratings world (one modality; profile tasks), with UserU pairs
+$(RATINGS)/manifest.yaml: data_tools/ratings.py | install
+	$(QA) data ratings out=$(RATINGS) users=2000 seed=0
+$(RATINGS)/userU.parquet: $(RATINGS)/manifest.yaml $(USERU_CODE) | install
+	$(QA) data userU $(RATINGS)
+
+data-cj-profile: install $(CJP)/userU.parquet ## build Complete Journey's purchases with its demographics as profile tasks, with UserU pairs
+$(CJP)/manifest.yaml: data_tools/completejourney.py | install
+	$(QA) data cj-profile out=$(CJP)
+$(CJP)/userU.parquet: $(CJP)/manifest.yaml $(USERU_CODE) | install
+	$(QA) data userU $(CJP)
 
 pretrain: install ## pretrain (CONFIG defaults to configs/pretrain/tiny-cj.yaml)
 	$(QA) pretrain --config $(or $(CONFIG),configs/pretrain/tiny-cj.yaml) $(ARGS)
