@@ -61,9 +61,13 @@ def _build_cj(args: argparse.Namespace, default_out: str, example_cutoff: str, b
     cfg = settings(args)
     require(cfg.out, "out", default_out)
     try:
-        datetime.fromisoformat(cfg.cutoff)
+        when = datetime.fromisoformat(cfg.cutoff)
     except ValueError:
         raise ConfigError(f"cutoff={cfg.cutoff!r} is not an ISO date such as {example_cutoff}") from None
+    if when.time() != datetime.min.time() or (when.tzinfo is not None and when.utcoffset()):
+        # the builder counts whole UTC days: a time of day or another offset was floored to midnight UTC in silence
+        raise ConfigError(f"cutoff={cfg.cutoff!r}: Complete Journey's cutoff is a date (midnight UTC), such as "
+                          f"{example_cutoff}; its windows count whole days")
     check_dataset_target(cfg.out)
     start = time.perf_counter()
     try:

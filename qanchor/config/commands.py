@@ -349,6 +349,8 @@ class SynthConfig:
     def __post_init__(self) -> None:
         if self.users < 1:
             raise ConfigError(f"users must be >= 1, got {self.users}")
+        if self.seed < 0:
+            raise ConfigError(f"seed must be >= 0 (the generator's random streams are seeded by it), got {self.seed}")
 
 
 @dataclass
@@ -356,7 +358,7 @@ class CompleteJourneyConfig:
     """``qanchor data completejourney``: the Complete Journey grocery panel as a qanchor dataset."""
 
     out: str = ""
-    cutoff: str = "2017-09-30"  # inputs strictly before, labels after (ISO date or datetime)
+    cutoff: str = "2017-09-30"  # inputs strictly before, labels after (an ISO date: midnight UTC)
 
 
 @dataclass
