@@ -326,6 +326,8 @@ def _event_part(manifest: Manifest, traits: np.ndarray, ids: pa.Array, k: int, s
     lo, hi = k * PART_USERS, min(len(traits), (k + 1) * PART_USERS)
     rng = _rng(seed, 1, k)
     silent = rng.random(hi - lo) < NO_EVENTS_RATE  # users with no sequence events at all
+    if k == 0 and silent.all():  # a tiny world whose every user drew "no events": the format needs some events
+        silent[0] = False
     parts = [_modality_events(rng, c, traits[lo:hi], silent, cut_us, days) for c in COMPILED]
     cols = {key: np.concatenate([p[key] for p in parts]) for key in parts[0]}
     mod = np.repeat(np.arange(len(parts)), [len(p["user"]) for p in parts])

@@ -163,13 +163,15 @@ def test_rejects_an_empty_world(tmp_path):
 
 
 def test_a_world_of_one_user_is_a_valid_dataset(tmp_path):
-    """Each user misses its tabular row with some probability: a one-user world whose user drew "no row" wrote a
-    tabular file with no rows, which the validator refuses (seed 0 is such a draw)."""
+    """Each user misses its tabular row, or all its events, with some probability: a one-user world whose user drew
+    "no row" wrote a tabular file with no rows (seed 0), and one whose user drew "no events" wrote no events file
+    (seed 25); the validator refuses both."""
     from qanchor.data.validate import validate_dataset
 
-    for seed in range(3):
+    for seed in (0, 1, 2, 25):
         out = build_synthetic(tmp_path / f"one-{seed}", n_users=1, seed=seed)
-        assert validate_dataset(out).n_tabular_users == 1
+        report = validate_dataset(out)
+        assert report.n_tabular_users == 1 and report.n_events > 0
 
 
 def test_the_dataset_validator_accepts_the_world(world):
