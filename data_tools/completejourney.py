@@ -18,7 +18,7 @@ Example (about 5 s, 1.1 GB peak memory)::
     >>> from qanchor.data.validate import validate_dataset
     >>> path = build_completejourney("data/completejourney")  # doctest: +SKIP
     >>> validate_dataset(path).task_counts["churn"]  # doctest: +SKIP
-    (2469, 141)
+    (2446, 141)
 """
 
 from __future__ import annotations
