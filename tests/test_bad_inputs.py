@@ -129,6 +129,20 @@ def _damaged_index(how: str) -> Callable[[Path, object], list[str]]:
     return argv
 
 
+def _dataset_in_a_cache(d: Path, w) -> list[str]:
+    """A qanchor output inside another dataset's cache folder (built there before such a place was refused):
+    rebuilding the outer dataset replaced the directory whole, the inner one and its notes with it."""
+    from data_tools.synth import build_synthetic
+    from qanchor.data.io import OutputKind, mark_output
+
+    build_synthetic(d / "outer", n_users=5, seed=0, progress=False)
+    inner = d / "outer" / ".qanchor_cache" / "mine"
+    inner.mkdir(parents=True)
+    mark_output(inner, OutputKind.DATASET)
+    (inner / "NOTES.txt").write_text("mine\n")
+    return ["data", "synth", f"out={d / 'outer'}", "users=5", "seed=2"]
+
+
 def _json_file(d: Path, content: object) -> Path:
     path = d / "settings.json"
     path.write_text(json.dumps(content))
@@ -259,6 +273,10 @@ CASES = [
                                                    f"out={d / 'parent'}"], "contains the input state"),
     Case("synth-into-foreign-dir", lambda d, w: ["data", "synth", f"out={w.foreign}", "users=20"], "qanchor did not create",
          lambda d, w: [w.foreign]),
+    Case("synth-inside-another-dataset", lambda d, w: ["data", "synth", f"out={w.ds / '.qanchor_cache' / 'mine'}",
+                                                       "users=5"], "lies inside"),
+    Case("synth-over-a-dataset-holding-another-in-its-cache", _dataset_in_a_cache, ".qanchor_cache/mine",
+         protect=lambda d, w: [d / "outer"]),
     Case("synth-negative-seed", lambda d, w: ["data", "synth", f"out={d / 's'}", "users=5", "seed=-1"], "seed must be >= 0"),
     Case("completejourney-cutoff-with-a-time-of-day", lambda d, w: ["data", "completejourney", f"out={d / 'cj'}",
                                                                     "cutoff=2017-09-30T18:00"], "is a date (midnight UTC)"),

@@ -173,6 +173,10 @@ def check_dataset_target(out_dir: str | Path) -> None:
     file, a task or events file the build did not write, notes."""
     check_replaceable(out_dir, OutputKind.DATASET)
     root = Path(out_dir).resolve()
+    holder = next((p for p in root.parents if (p / MARKER_FILE).is_file()), None)
+    if holder is not None:  # rebuilding or removing that output would take this dataset with it, unasked
+        raise OutputError(f"{root} lies inside {holder}, a qanchor output of its own; build the dataset beside it, "
+                          "not in it")
     if not root.is_dir():
         return
     check_userU_target(root / USERU_FILE)
@@ -191,7 +195,10 @@ def _not_built(root: Path) -> list[str]:
         tasks = set()
     out = []
     for path in sorted(root.iterdir()):
-        if path.name in (MANIFEST_FILE, TABULAR_FILE, USERU_FILE, CACHE_DIR, MARKER_FILE) or is_temporary(path):
+        if path.name == CACHE_DIR and path.is_dir():  # qanchor's cache, unless someone's output was put inside it
+            out += [f"{CACHE_DIR}/{m.parent.relative_to(path)}" for m in sorted(path.rglob(MARKER_FILE))]
+            continue
+        if path.name in (MANIFEST_FILE, TABULAR_FILE, USERU_FILE, MARKER_FILE) or is_temporary(path):
             continue
         if path.name == EVENTS_DIR and path.is_dir():
             out += [f"{EVENTS_DIR}/{q.name}" for q in sorted(path.iterdir())
