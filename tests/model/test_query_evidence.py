@@ -141,6 +141,7 @@ def test_at_gain_zero_the_evidence_adds_nothing(env):
     plain, *_ = model_and_stream(env.ds_dir, tiny_cfg(EVIDENCE[1:]))
     assert plain.query_evidence is None
     fit_input_stats(plain, env.ds, env.pipe)
+    fit_input_stats(fresh, env.ds, env.pipe)  # the evidence's reference (an unfitted one has no spread: no evidence)
     missing, unexpected = fresh.load_state_dict(plain.state_dict(), strict=False)
     assert not unexpected and missing and all(k.startswith("query_evidence.") for k in missing)
     batch = env.stream.batch(0, 4)
