@@ -25,6 +25,7 @@ from qanchor.data.io import (
     atomic_dir,
     check_replaceable,
     is_temporary,
+    output_kind,
     write_parquet,
 )
 from qanchor.data.manifest import MANIFEST_FILE, Manifest
@@ -195,8 +196,9 @@ def _not_built(root: Path) -> list[str]:
         tasks = set()
     out = []
     for path in sorted(root.iterdir()):
-        if path.name == CACHE_DIR and path.is_dir():  # qanchor's cache, unless someone's output was put inside it
-            out += [f"{CACHE_DIR}/{m.parent.relative_to(path)}" for m in sorted(path.rglob(MARKER_FILE))]
+        if path.name == CACHE_DIR and path.is_dir():  # qanchor's cache, unless an output was put inside it
+            out += [f"{CACHE_DIR}/{m.parent.relative_to(path)}" for m in sorted(path.rglob(MARKER_FILE))
+                    if output_kind(m.parent) not in (OutputKind.CACHE.value, OutputKind.MODEL_CACHE.value)]
             continue
         if path.name in (MANIFEST_FILE, TABULAR_FILE, USERU_FILE, MARKER_FILE) or is_temporary(path):
             continue
