@@ -189,6 +189,18 @@ def test_a_first_save_killed_before_its_seal_restarts_the_run(prepared, tmp_path
     drop = lambda rows: [{k: v for k, v in r.items() if k != "samples_per_s"} for r in rows]  # noqa: E731
     assert drop(_metrics(out)) == drop(_metrics(tmp_path / "straight"))
     assert not list((out / "ds_state").glob("saving-*"))  # every announced save was sealed
+    # Tags past the step a run resumed from are attempts a killed run abandoned. Pruning kept "the newest two" by
+    # name, so two such tags outlived, and deleted, every tag the resumed run sealed: the next resume restarted at 0.
+    from qanchor.train.seal import mark_saving
+
+    for abandoned in ("step-0000008", "step-0000010"):  # saves announced and never sealed, as a kill leaves them
+        mark_saving(out / "ds_state", abandoned)
+        (out / "ds_state" / abandoned).mkdir()
+    resumed = subprocess.run(_pretrain_cmd(prepared, out, "train.max_steps=6", "train.save_every=2", "resume=true"),
+                             cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=300)
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    assert sorted(p.name for p in (out / "ds_state").glob("step-*")) == ["step-0000004", "step-0000006"]
+    assert resume_tag(out / "ds_state") == "step-0000006"  # where the next resume starts
 
 
 def test_zero3_trains_as_zero0_and_saves_whole_weights(prepared, tmp_path):
@@ -308,22 +320,3 @@ def test_metrics_of_a_killed_run_resume_past_a_torn_tail_and_refuse_damage_insid
     with pytest.raises(CheckpointError, match=r"metrics.jsonl, line 2: not a metrics record"):
         MetricsLog(path, resume_step=3)
     assert path.read_text() == whole[0] + "\n{garbage\n" + whole[2] + "\n"  # left as it was
-
-
-def test_resume_prunes_saves_a_killed_attempt_left_past_its_step(prepared, tmp_path):
-    """Tags past the step a run resumed from are attempts a killed run abandoned. Pruning kept "the newest two" by
-    name, so two such tags outlived, and deleted, every tag the resumed run sealed: the next resume restarted at 0."""
-    from qanchor.train.seal import mark_saving
-
-    out = tmp_path / "run"
-    first = subprocess.run(_pretrain_cmd(prepared, out, "train.max_steps=4", "train.save_every=2"), cwd=ROOT, env=ENV,
-                           capture_output=True, text=True, timeout=300)
-    assert first.returncode == 0, first.stderr[-2000:]
-    for abandoned in ("step-0000008", "step-0000010"):  # saves announced and never sealed, as a kill leaves them
-        mark_saving(out / "ds_state", abandoned)
-        (out / "ds_state" / abandoned).mkdir()
-    resumed = subprocess.run(_pretrain_cmd(prepared, out, "train.max_steps=6", "train.save_every=2", "resume=true"),
-                             cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=300)
-    assert resumed.returncode == 0, resumed.stderr[-2000:]
-    assert sorted(p.name for p in (out / "ds_state").glob("step-*")) == ["step-0000004", "step-0000006"]
-    assert resume_tag(out / "ds_state") == "step-0000006"  # where the next resume starts
