@@ -206,8 +206,11 @@ def test_a_deepspeed_config_file_merges_key_by_key_and_cannot_change_the_step_co
     # another optimizer takes the file's params as given (AdamW's torch_adam and betas are not its keywords)
     lamb = with_file({"optimizer": {"type": "Lamb", "params": {"lr": "auto", "weight_decay": 0.01}}})["optimizer"]
     assert lamb == {"type": "Lamb", "params": {"lr": TrainConfig().lr, "weight_decay": 0.01}}
+    bare = with_file({"optimizer": {"type": "Lamb"}})["optimizer"]  # no params: the train section's lr and decay only
+    assert bare == {"type": "Lamb", "params": {"lr": TrainConfig().lr, "weight_decay": TrainConfig().weight_decay}}
     fused = with_file({"optimizer": {"params": {"torch_adam": False, "lr": "auto"}}})["optimizer"]
-    assert fused == {"type": "AdamW", "params": {"torch_adam": False, "lr": TrainConfig().lr}}
+    assert fused == {"type": "AdamW", "params": {"torch_adam": False, "lr": TrainConfig().lr,
+                                                 "weight_decay": TrainConfig().weight_decay}}
     with pytest.raises(ConfigError, match=r"ds.json: not valid JSON"):
         with_file('{"zero_optimization": ')
     with pytest.raises(ConfigError, match="must hold a JSON object"):

@@ -126,14 +126,16 @@ def deepspeed_config(cfg: TrainConfig, world: int) -> dict[str, Any]:
                                   f"value would change how many optimizer steps a run takes. Set {option} instead and "
                                   f'write "{key}": "auto" (or leave it out)')
         optimizer = overrides.get("optimizer")
-        if isinstance(optimizer, dict) and isinstance(optimizer.get("params"), dict) and (
+        if isinstance(optimizer, dict) and isinstance(optimizer.get("params", {}), dict) and (
                 optimizer.get("type", ds["optimizer"]["type"]) != ds["optimizer"]["type"]
-                or "torch_adam" in optimizer["params"]):
-            # Another optimizer (Lamb, FusedAdam...) takes the file's params as given: the train section's AdamW
-            # settings (torch_adam, betas) would be keywords it does not take. "auto" still reads the train section.
-            ours = ds["optimizer"]["params"]
-            params = {k: ours[k] for k, v in optimizer["params"].items() if v == "auto" and k in ours}
-            params.update(_without_auto(optimizer["params"]))
+                or "torch_adam" in optimizer.get("params", {})):
+            # Another optimizer (Lamb, FusedAdam...) takes the file's params as given, with the train section's lr and
+            # weight decay where the file names none: AdamW's own settings (torch_adam, betas, eps) would be keywords
+            # it does not take. "auto" still reads the train section.
+            ours, given = ds["optimizer"]["params"], optimizer.get("params", {})
+            params = {k: ours[k] for k in ("lr", "weight_decay") if k not in given}
+            params.update({k: ours[k] for k, v in given.items() if v == "auto" and k in ours})
+            params.update(_without_auto(given))
             overrides = {**overrides, "optimizer": {**optimizer, "params": params}}
             ds = {**ds, "optimizer": {"type": ds["optimizer"]["type"]}}
         ds = _merged(ds, overrides)
