@@ -246,7 +246,9 @@ class QAnchor:
         anything reads them, so the event tokens and every statistic (the whole history's included, which counts only
         events before the cutoff) see the same events.
         """
-        late = sum(int((s.ts >= cutoff_us).sum()) for r in records for s in r.events.values())
+        # sequences are oldest first: only one whose newest event is late holds late events (no scan on the usual path)
+        late = sum(int((s.ts >= cutoff_us).sum()) for r in records for s in r.events.values()
+                   if len(s.ts) and s.ts[-1] >= cutoff_us)
         if late:
             warnings.warn(f"{late} events are at or after the cutoff and count as events of its last moment (age 0); "
                           "pass cutoff= the moment the embedding should describe (e.g. now)", stacklevel=3)
