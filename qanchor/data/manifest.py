@@ -50,12 +50,19 @@ class TaskDomain(str, Enum):
 
 @dataclass(frozen=True)
 class ModalitySpec:
-    """One modality. ``numeric_columns`` are extra float columns of the event files for this modality."""
+    """One modality. ``numeric_columns`` are extra float columns of the event files for this modality.
+
+    ``time_varying`` (tabular only): the values are a snapshot taken at the dataset's cutoff that changes over time
+    (e.g. "logins in the last 30 days", an account balance), not a fixed attribute (demographics, sign-up channel).
+    Pretraining pairs cut at an earlier time then see the tabular modality as missing: the snapshot describes the
+    very window their answers are about.
+    """
 
     name: str
     kind: ModalityKind
     numeric_columns: tuple[str, ...] = ()
     description: str = ""
+    time_varying: bool = False
 
 
 @dataclass(frozen=True)
@@ -120,6 +127,8 @@ class Manifest:
                     d[k] = v.value
                 elif isinstance(v, tuple):
                     d[k] = list(v)
+            if d.get("time_varying") is False:
+                del d["time_varying"]  # the default: manifests written before the key existed stay byte-identical
             return {k: v for k, v in d.items() if v not in ("", [], ())}
 
         return {
@@ -200,9 +209,10 @@ def _parse_modality(raw: Any, i: int, fail) -> ModalitySpec:
     key = f"modalities[{i}]"
     if not isinstance(raw, dict):
         raise fail(key, "must be a mapping with name and kind")
-    unknown = set(raw) - {"name", "kind", "numeric_columns", "description"}
+    unknown = set(raw) - {"name", "kind", "numeric_columns", "description", "time_varying"}
     if unknown:
-        raise fail(f"{key}.{sorted(unknown)[0]}", "unknown key; allowed: name, kind, numeric_columns, description")
+        raise fail(f"{key}.{sorted(unknown)[0]}",
+                   "unknown key; allowed: name, kind, numeric_columns, description, time_varying")
     name = raw.get("name")
     if not isinstance(name, str) or not _NAME_RE.match(name):
         raise fail(f"{key}.name", f"'{name}' is not a valid modality name (lowercase letters, digits, _; max 40)")
@@ -216,7 +226,12 @@ def _parse_modality(raw: Any, i: int, fail) -> ModalitySpec:
     reserved = {"user_id", "modality", "ts", "text", "value"}
     if reserved & set(cols):
         raise fail(f"{key}.numeric_columns", f"'{sorted(reserved & set(cols))[0]}' is a core column, not an extra")
-    return ModalitySpec(name, kind, tuple(cols), str(raw.get("description", "")))
+    time_varying = raw.get("time_varying", False)
+    if not isinstance(time_varying, bool):
+        raise fail(f"{key}.time_varying", f"must be true or false, not {time_varying!r}")
+    if time_varying and kind is not ModalityKind.TABULAR:
+        raise fail(f"{key}.time_varying", "applies to the tabular modality only (a sequence's events carry their times)")
+    return ModalitySpec(name, kind, tuple(cols), str(raw.get("description", "")), time_varying)
 
 
 def _parse_task(raw: Any, i: int, fail) -> TaskSpec:

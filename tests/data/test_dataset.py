@@ -194,3 +194,20 @@ def test_a_cache_folder_this_user_cannot_write_is_not_chosen(tmp_path, monkeypat
     writable = os.access
     monkeypatch.setattr(os, "access", lambda p, mode: False if str(p).endswith(".qanchor_cache") else writable(p, mode))
     assert dataset_mod.default_cache_dir(root).parent == tmp_path / "home-cache" / "datasets"
+
+
+def test_manifest_time_varying_tabular_round_trips_and_is_checked():
+    from qanchor.data.manifest import Manifest
+    from qanchor.errors import DataValidationError
+
+    raw = {"name": "x", "cutoff": "2024-01-01T00:00:00+00:00",
+           "modalities": [{"name": "app", "kind": "sequence"}, {"name": "tabular", "kind": "tabular", "time_varying": True}]}
+    m = Manifest.from_dict(raw)
+    assert m.tabular.time_varying and not m.modality("app").time_varying
+    assert Manifest.from_dict(m.to_dict()) == m
+    static = Manifest.from_dict({**raw, "modalities": [raw["modalities"][0], {"name": "tabular", "kind": "tabular"}]})
+    assert "time_varying" not in static.to_dict()["modalities"][1]  # the default is not written: old manifests stay as they were
+    with pytest.raises(DataValidationError, match=r"modalities\[0\]\.time_varying.*tabular modality only"):
+        Manifest.from_dict({**raw, "modalities": [{"name": "app", "kind": "sequence", "time_varying": True}]})
+    with pytest.raises(DataValidationError, match=r"time_varying.*true or false"):
+        Manifest.from_dict({**raw, "modalities": [{"name": "tabular", "kind": "tabular", "time_varying": "yes"}]})

@@ -69,3 +69,25 @@ def test_a_uqa_fraction_of_0_or_1_trains_on_one_kind_of_pair(stream, fraction, s
                                         ("query", "ascending")]).column("source").to_pylist()  # the stream's pair order
     drawn = {source[i] for i in only.epoch_order(0)}
     assert drawn <= sources and len(only) == sum(s in sources for s in source)
+
+
+def test_a_time_varying_tabular_snapshot_is_withheld_from_pairs_cut_before_the_dataset_cutoff(stream, monkeypatch):
+    """The tabular values are taken at the dataset's cutoff; "logins in the last 30 days" there describes the window a
+    pair cut 30 days earlier asks about. Static values (the default: demographics) reach every pair."""
+    from dataclasses import replace
+
+    earlier = [i for i in range(len(stream)) if stream.cutoff_us[i] < stream.pipe.packer.cutoff_us][:40]
+    assert earlier
+    static = stream.pack_pairs(np.array(earlier))
+    with_tabular = [k for k, p in enumerate(static) if p.tabular is not None]
+    assert with_tabular  # the tiny dataset has tabular rows: the static default hands them on
+    manifest = stream.ds.manifest
+    varying = replace(manifest, modalities=tuple(replace(m, time_varying=m.kind.value == "tabular")
+                                                 for m in manifest.modalities))
+    monkeypatch.setattr(stream.ds, "manifest", varying)
+    withheld = stream.pack_pairs(np.array(earlier))
+    assert all(p.tabular is None for p in withheld)
+    for a, b in zip(static, withheld):  # only the snapshot is withheld: the events are packed alike
+        assert a.user_id == b.user_id
+        for name in a.modalities:
+            assert np.array_equal(a.modalities[name].text_rows, b.modalities[name].text_rows)
