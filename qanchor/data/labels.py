@@ -69,12 +69,13 @@ def custom_task(ds: Dataset, labels_path: str | Path, query: str) -> Task:
 
 
 def _read_labels_table(path: Path) -> pa.Table:
-    if path.suffix in (".csv", ".tsv"):
+    suffix = path.suffix.lower()  # "Labels.CSV" is a CSV too
+    if suffix in (".csv", ".tsv"):
         try:  # ids stay text ("0042" is not 42), as in the dataset
-            return pacsv.read_csv(path, parse_options=pacsv.ParseOptions(delimiter="\t" if path.suffix == ".tsv" else ","),
+            return pacsv.read_csv(path, parse_options=pacsv.ParseOptions(delimiter="\t" if suffix == ".tsv" else ","),
                                   convert_options=pacsv.ConvertOptions(column_types={"user_id": pa.string()}))
         except (pa.ArrowInvalid, UnicodeDecodeError) as exc:
-            raise DataValidationError(str(path), f"not a readable {path.suffix[1:].upper()} ({str(exc).splitlines()[0]}); "
+            raise DataValidationError(str(path), f"not a readable {suffix[1:].upper()} ({str(exc).splitlines()[0]}); "
                                       "give a header row user_id,label and one user per row") from None
     try:
         return pq.read_table(path)

@@ -32,7 +32,7 @@ import numpy as np
 from qanchor.data.dataset import EventSeq
 
 __all__ = ["BUCKETS", "DAY_US", "Claim", "QA", "History", "METRICS", "SIGNATURE_QUESTIONS", "TOPICS", "TOPIC_BRIEFS",
-           "category", "item_groups", "item_user_counts", "signature", "verify", "summarize"]
+           "category", "item_groups", "item_user_counts", "signature", "unbacked_numbers", "verify", "summarize"]
 
 DAY_US = 86_400_000_000
 _WEEK_US, _HOUR_US = 7 * DAY_US, 3_600_000_000
@@ -231,8 +231,9 @@ def _holds(claimed: float | str, true: float | frozenset, how: str) -> bool:
 
 
 def verify(claims: list[Claim], h: History, answer: str | None = None) -> bool:
-    """True when ``claims`` is non-empty and each recomputes from ``h``; with ``answer``, every claimed
-    text (item, bucket) must also appear in it, so an answer cannot name things its claims do not back."""
+    """True when ``claims`` is non-empty and each recomputes from ``h``. With ``answer``, the two must also say the same:
+    every claimed text (item, bucket) appears in it, and every number it states is one of the claims' values, so an
+    answer cannot name counts or amounts its claims do not back (an LLM's true claims beside an invented answer)."""
     if not claims:
         return False  # an answer with nothing to check cannot be called grounded
     for c in claims:
@@ -243,7 +244,33 @@ def verify(claims: list[Claim], h: History, answer: str | None = None) -> bool:
             return False
         if answer is not None and isinstance(c.value, str) and c.value.lower() not in answer.lower():
             return False
-    return True
+    return answer is None or not unbacked_numbers(claims, answer, h.modalities)
+
+
+_NUMBER = re.compile(r"(?<![\w.])\d[\d,]*(?:\.\d+)?")
+_CLOCK = re.compile(r"\b\d{2}:\d{2}\b")  # the time-of-day buckets' fixed hours ("06:00-12:00 UTC")
+
+
+def unbacked_numbers(claims: list[Claim], answer: str, modalities: Iterable[str] = ()) -> list[str]:
+    """The numbers ``answer`` states that no claim's value backs (as shown: whole counts, rounded amounts, whole
+    percents). Digits inside claimed texts (item names, categories, days) and modality names are not numbers the
+    answer states; nor are clock times."""
+    text = answer.lower()
+    named = {str(v).lower() for c in claims if isinstance(c, Claim) for v in (c.value, c.arg) if isinstance(v, str) and v}
+    for name in sorted(named | {m.lower() for m in modalities}, key=len, reverse=True):
+        text = text.replace(name, " ")
+    values = []
+    for c in claims:
+        try:
+            values.append(float(c.value))
+        except (TypeError, ValueError):
+            continue
+    unbacked = []
+    for shown in _NUMBER.findall(_CLOCK.sub(" ", text)):
+        x = float(shown.replace(",", "").rstrip("."))
+        if not any(math.isclose(x, v, rel_tol=1e-9, abs_tol=1e-9) for v in values):
+            unbacked.append(shown)
+    return unbacked
 
 
 # ---------------------------------------------------------------------------------------- topics

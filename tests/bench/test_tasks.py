@@ -65,6 +65,8 @@ def test_custom_labels_from_a_csv_keep_their_ids_as_text(ds, tmp_path, tiny_data
     assert from_csv.user_ids.tolist() == parquet.user_ids.tolist() and from_csv.labels.tolist() == parquet.labels.tolist()
     (tmp_path / "labels.tsv").write_text("label\tuser_id\n1\tu005\n0\tu001\n")
     assert custom_task(ds, tmp_path / "labels.tsv", "q?").user_ids.tolist() == ["u001", "u005"]
+    (tmp_path / "Labels.CSV").write_text("user_id,label\nu005,1\nu001,0\nu003,1\n")  # the suffix in capitals: a CSV too
+    assert custom_task(ds, tmp_path / "Labels.CSV", "q?").labels.tolist() == parquet.labels.tolist()
     (tmp_path / "ragged.csv").write_text("user_id,label\nu001,1,extra\n")
     with pytest.raises(DataValidationError, match=r"ragged\.csv.*not a readable CSV.*header row user_id,label"):
         custom_task(ds, tmp_path / "ragged.csv", "q?")

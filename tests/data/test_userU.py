@@ -37,6 +37,7 @@ from qanchor.data.userU_topics import (
     History,
     category,
     signature,
+    unbacked_numbers,
     verify,
 )
 from qanchor.data.validate import validate_dataset
@@ -256,6 +257,23 @@ class _Generator:
         self.calls += 1
         n = int(re.search(r": (\d+) events?", user_summary).group(1))
         return f"About {topic.split(':')[0]}?", f"{n + self.lie} events.", [Claim("count", n + self.lie)]
+
+
+def test_verify_rejects_an_answer_whose_numbers_its_claims_do_not_back(built):
+    """True claims beside an invented answer used to pass: only claimed texts were looked for in the answer."""
+    root, _, _ = built
+    h = _history(root, "u002")
+    n = len(h.all)
+    assert verify([Claim("count", n)], h, f"This user logged {n} events.")
+    assert not verify([Claim("count", n)], h, f"This user logged {n + 991} events on 300 active days.")
+    assert not verify([Claim("count", n)], h, f"{n} events, about 2.5 per week.")  # a rate no claim backs
+    fav = TOPICS["favourites"](h, np.random.default_rng(0))
+    top = fav.claims[0]
+    assert verify(fav.claims, h, fav.answer)
+    # a second item with a count that no claim backs
+    assert not verify([top], h, f"Most frequent: '{top.value}'; 'CASINO CHIPS' (40 times).")
+    assert unbacked_numbers([Claim("count", 1234)], "1,234 events at 06:00-12:00 UTC in app2", ["app2"]) == []
+    assert unbacked_numbers([Claim("count", 12)], "12 events, 13 days") == ["13"]
 
 
 @pytest.mark.parametrize("lie", [0, 3])
