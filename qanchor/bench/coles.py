@@ -104,6 +104,8 @@ def _train(module, data: list[dict], epochs: int, progress: bool) -> None:
     from ptls.frames.coles.split_strategy import SampleSlices
 
     trainable = [d for d in data if len(d["event_time"]) >= 2]
+    if not trainable:  # a tabular-only dataset, or a cold-start task whose users have 0-1 events each
+        raise Skip("no user has 2 or more events before the cutoff: CoLES has no sequence to learn from")
     dataset = ColesDataset(trainable, splitter=SampleSlices(split_count=4, cnt_min=10, cnt_max=80))
     loader = torch.utils.data.DataLoader(dataset, batch_size=64, shuffle=True, collate_fn=ColesDataset.collate_fn)
     trainer = pl.Trainer(max_epochs=epochs, accelerator="cpu", devices=1, logger=False, enable_checkpointing=False,

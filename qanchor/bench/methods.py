@@ -13,6 +13,7 @@ Example:
 
 from __future__ import annotations
 
+import math
 import time
 from collections.abc import Callable
 from contextlib import contextmanager
@@ -205,6 +206,13 @@ def _fold_heads(ctx: BenchContext, task: Task, folds: list) -> list[tuple[Split,
         if fewest < 2:
             raise Skip(f"per-fold heads need at least 2 users of each class among every fold's training users (one to "
                        f"tune on, one to pick the step by); a fold of task {task.name} has {fewest}")
+        # the validation split (val_fraction of the training users, rounded up) and what is left must each hold both classes
+        smallest = min(len(train) for train, _ in folds)
+        n_val = math.ceil(ctx.tune_config.val_fraction * smallest)
+        if n_val < 2 or smallest - n_val < 2:
+            raise Skip(f"per-fold heads split each fold's training users into tuning and validation users "
+                       f"(val_fraction={ctx.tune_config.val_fraction}), each holding both classes; a fold of task "
+                       f"{task.name} trains on {smallest} users, too few for that")
         store = ctx.prefix_store.at_query(task.query)  # Skip without a real checkpoint
         model, cfg = ctx.embedder.model, ctx.tune_config
         rows = ctx.store_rows(task.user_ids)
@@ -294,7 +302,10 @@ def _rfm_lgbm(ctx: BenchContext, task: Task) -> MethodInput:
 
 def _text_mean_lr(ctx: BenchContext, task: Task) -> MethodInput:
     feats = ctx.peer_features
-    return MethodInput(features=feats.text_mean[feats.rows(task.user_ids)], classifier=Classifier.LR)
+    x = feats.text_mean[feats.rows(task.user_ids)]
+    if not np.any(x):  # every vector is the no-events zero: a score of 0.5 would read as a result
+        raise Skip("no user of this task has an event text before the cutoff")
+    return MethodInput(features=x, classifier=Classifier.LR)
 
 
 def _coles(ctx: BenchContext, task: Task) -> MethodInput:

@@ -66,3 +66,13 @@ def test_coles_is_repeatable_with_two_threads(tmp_path):
     assert all(np.array_equal(r, runs[0]) for r in runs[1:])
     assert not torch.are_deterministic_algorithms_enabled()
 
+
+
+def test_no_user_with_two_events_is_a_skip_not_a_crash():
+    """A tabular-only dataset or a cold-start task: the DataLoader raised on an empty dataset and the bench stopped."""
+    pytest.importorskip("ptls.frames.coles", reason="pytorch-lifestream not installed (" + INSTALL_HINT + ")")
+    from qanchor.bench.coles import _train
+
+    one_event = [{"event_time": torch.tensor([1.0])}, {"event_time": torch.tensor([], dtype=torch.float32)}]
+    with pytest.raises(Skip, match="no user has 2 or more events"):
+        _train(None, one_event, epochs=1, progress=False)

@@ -238,6 +238,37 @@ def test_per_fold_heads_are_skipped_not_crashed_where_a_fold_trains_on_one_user_
         methods._fold_heads(SimpleNamespace(fold_heads={}), task, folds)
 
 
+def test_per_fold_heads_are_skipped_where_a_fold_has_too_few_users_for_a_validation_split(tiny_dataset, tmp_path):
+    """Six labelled users in three folds: each trains on four, and val_fraction=0.2 of four is one validation user,
+    which cannot hold both classes (sklearn raised a traceback and the bench lost every later row)."""
+    from dataclasses import replace
+
+    from qanchor.bench import methods
+    from qanchor.bench.peers import Skip
+
+    _, tasks = prepare(_cfg(tiny_dataset, tmp_path))
+    task = replace(tasks[0], user_ids=tasks[0].user_ids[:6], labels=np.array([1, 0, 1, 0, 1, 0], np.int8))
+    folds = stratified_folds(task.labels, 3, 0)
+    ctx = SimpleNamespace(fold_heads={}, tune_config=SimpleNamespace(val_fraction=0.2))
+    with pytest.raises(Skip, match=r"val_fraction=0.2.*trains on 4 users"):
+        methods._fold_heads(ctx, task, folds)
+
+
+def test_text_peer_is_skipped_without_event_texts(tiny_dataset, tmp_path):
+    """Every user's text vector is the no-events zero: 0.5000 would read as a result (and feed the data-kind note)."""
+    from qanchor.bench import methods
+    from qanchor.bench.peers import Skip
+
+    _, tasks = prepare(_cfg(tiny_dataset, tmp_path))
+    task = tasks[0]
+    feats = SimpleNamespace(text_mean=np.zeros((len(task.user_ids), 4), np.float32),
+                            rows=lambda ids: np.arange(len(ids)))
+    with pytest.raises(Skip, match="no user of this task has an event text"):
+        methods._text_mean_lr(SimpleNamespace(peer_features=feats), task)
+    feats.text_mean[1, 2] = 0.5
+    assert methods._text_mean_lr(SimpleNamespace(peer_features=feats), task).features.shape == (len(task.user_ids), 4)
+
+
 def test_a_heads_dir_without_heads_is_refused_before_the_output_dir_is_claimed(tiny_dataset, tmp_path):
     cfg = _cfg(tiny_dataset, tmp_path, heads_dir=str(tmp_path / "heads-typo"), methods=["rfm_lr"])
     with pytest.raises(ConfigError, match=r"heads_dir=.*heads-typo: no prompt-tuned heads there.*heads_dir=null"):
