@@ -51,7 +51,7 @@ class QAnchorEmbedder:
     def embed_many(self, user_ids: Sequence[str], requests: Sequence[tuple[str, Any]]) -> np.ndarray:
         """Every user under every request through :meth:`QAnchor.iter_embed`, rows in ``user_ids``' order."""
         ids, parts = [], []
-        records = progress(self.ds.users(user_ids), total=len(user_ids), desc="embed users", unit="user",
+        records = progress(self.model.dataset_records(self.ds, user_ids), total=len(user_ids), desc="embed users", unit="user",
                            enabled=self.progress)
         for chunk_ids, emb in self.model.iter_embed(records, list(requests), cutoff=self.ds.manifest.cutoff):
             ids += chunk_ids

@@ -35,6 +35,7 @@ from qanchor.data.dataset import Dataset, Task
 from qanchor.data.pipeline import UserPipeline
 from qanchor.data.text_cache import TextVectorCache
 from qanchor.infer.api import QAnchor
+from qanchor.infer.user_input import record_adapter
 from qanchor.model.layout import tokenize_query
 from qanchor.model.prefix_cache import PrefixStore
 from qanchor.tune.head import HeadEntry, ScenarioHead
@@ -131,8 +132,9 @@ class BenchContext:
         if not isinstance(model, QAnchor):
             raise Skip("per-fold heads need a real checkpoint (checkpoint=<dir>)")
         with self._timed("prefix store"):
+            adapt = record_adapter(self.ds.manifest, self.ds.tabular_columns, model.manifest, model.tabular_columns)
             return encode_users(model.model, self.ds, model.pipeline, list(self.user_ids), 256, self.progress,
-                                [t.query for t in self.tasks])
+                                [t.query for t in self.tasks], adapt)
 
     @cached_property
     def tune_config(self) -> PromptTuneConfig:

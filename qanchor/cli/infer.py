@@ -162,7 +162,7 @@ def _user(cfg: AskConfig | DescribeConfig):
     model.check_language_head()  # before any work: a checkpoint that cannot answer is refused first
     if cfg.cutoff is None:  # event ages count from the dataset's cutoff, as `qanchor embed`'s do
         cfg.cutoff = ds.manifest.cutoff.isoformat()
-    return ds, ds.user(cfg.user), model
+    return ds, next(model.dataset_records(ds, [cfg.user])), model  # in the model's column layout, matched by name
 
 
 def _cmd_ask(args: argparse.Namespace) -> None:

@@ -225,11 +225,17 @@ class QAnchor:
         (``record_adapter``); records and dicts are validated one by one as they stream.
         """
         if isinstance(users, Dataset):
-            adapt = record_adapter(users.manifest, users.tabular_columns, self.manifest, self.tabular_columns)
-            return (adapt(r) for r in users.users())
+            return self.dataset_records(users)
         if isinstance(users, (UserRecord, Mapping)):
             users = [users]
         return (to_record(u, self.manifest, self.tabular_columns) for u in users)
+
+    def dataset_records(self, ds: Dataset, user_ids: Sequence[str] | None = None) -> Iterator[UserRecord]:
+        """``ds``'s users (all, or ``user_ids`` in the dataset's order) in the model's layout: extra numeric columns and
+        tabular features matched by name (``record_adapter``). A dataset's records read directly hold its own column
+        order, which the model would read by position."""
+        adapt = record_adapter(ds.manifest, ds.tabular_columns, self.manifest, self.tabular_columns)
+        return (adapt(r) for r in ds.users(user_ids))
 
     def cutoff_us(self, cutoff: datetime | str | None) -> int:
         """The moment ages count from, in microseconds since the epoch: ``cutoff`` or the model's cutoff."""

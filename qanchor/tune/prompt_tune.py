@@ -28,6 +28,7 @@ from __future__ import annotations
 import hashlib
 import json
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -35,7 +36,7 @@ import torch
 from omegaconf import OmegaConf
 
 from qanchor.config import DataConfig, DataOverrides, PromptTuneConfig, TextEncoderConfig, require
-from qanchor.data.dataset import Dataset, Task, load_dataset
+from qanchor.data.dataset import Dataset, Task, UserRecord, load_dataset
 from qanchor.data.io import OutputKind, check_replaceable, claim_output_dir, write_text
 from qanchor.data.labels import custom_task, task_digest
 from qanchor.data.pipeline import UserPipeline, batched
@@ -107,17 +108,23 @@ def check_splittable(task: Task, cfg: PromptTuneConfig) -> None:
 def _check_compatible(ds: Dataset, model: QAnchorModel, meta: ModelMeta) -> None:
     ours = [(m.name, m.kind) for m in model.manifest.modalities]
     theirs = [(m.name, m.kind) for m in ds.manifest.modalities]
-    if ours != theirs or list(ds.tabular_columns) != list(meta.tabular_columns):
+    # the extra numeric columns too: the packed events are read by position
+    same_extras = [m.numeric_columns for m in model.manifest.modalities] == [m.numeric_columns for m in ds.manifest.modalities]
+    if ours != theirs or not same_extras or list(ds.tabular_columns) != list(meta.tabular_columns):
         raise CheckpointError(f"dataset {ds.root} has modalities {theirs} and tabular columns {ds.tabular_columns[:5]}..., "
                               f"but the checkpoint was pretrained on {ours} / {meta.tabular_columns[:5]}...; "
                               "tune on a dataset with the checkpoint's layout")
 
 
 def encode_users(model: QAnchorModel, ds: Dataset, pipe: UserPipeline, user_ids: list[str], chunk: int,
-                 progress: bool, queries: list[str] | None = None) -> PrefixStore:
+                 progress: bool, queries: list[str] | None = None,
+                 adapt: Callable[[UserRecord], UserRecord] | None = None) -> PrefixStore:
     """Pack, collate and encode the prefixes of ``user_ids`` (sorted), ``chunk`` users at a time, at ``ds``'s cutoff
     (``pipe`` may be a checkpoint's, whose own cutoff is another dataset's). A model with ``model.query_evidence``
-    keeps each user's evidence for each of ``queries`` (``store.at_query`` picks one)."""
+    keeps each user's evidence for each of ``queries`` (``store.at_query`` picks one). ``adapt``
+    remaps a dataset's records into the checkpoint's column layout (``record_adapter``; the bench's datasets may order
+    their columns otherwise)."""
+    adapt = adapt or (lambda record: record)
     pipe.prime(ds.users(user_ids), progress=progress)  # encode any missing event text once, in big batches
     device = next(model.parameters()).device  # the store lives where the model runs
     vectors = None
@@ -126,7 +133,7 @@ def encode_users(model: QAnchorModel, ds: Dataset, pipe: UserPipeline, user_ids:
         encoded = torch.from_numpy(pipe.cache.encoder.encode([q.strip() for q in texts])).to(device)
         vectors = dict(zip(texts, encoded))
     batches = (pipe.collate(pipe.pack_many(records, ds.manifest.cutoff_us)).to(device)
-               for records in batched(ds.users(user_ids), chunk))
+               for records in batched(map(adapt, ds.users(user_ids)), chunk))
     return PrefixStore.encode(model, batches, progress=progress, queries=vectors)
 
 

@@ -257,6 +257,38 @@ def test_ask_and_describe_commands(infer_env, tmp_path, capsys):
         assert len(err) == 1 and msg in err[0], err
 
 
+def test_ask_and_the_bench_read_a_datasets_columns_by_name_not_position(infer_env, tmp_path, capsys):
+    """The same data with its tabular columns in another order: `ask` and the bench's embedder read the columns by
+    position, so the user's age went where the model reads income (`embed` remapped them by name)."""
+    import json
+    import shutil
+
+    import pyarrow.parquet as pq
+
+    from qanchor.bench.embedder import QAnchorEmbedder
+    from qanchor.data.dataset import load_dataset
+
+    other = tmp_path / "reordered"
+    shutil.copytree(infer_env.ds_dir, other, ignore=shutil.ignore_patterns(".qanchor_cache"))
+    table = pq.read_table(other / "tabular.parquet")
+    pq.write_table(table.select(["user_id", *reversed(table.column_names[1:])]), other / "tabular.parquet")
+    reordered = load_dataset(other)
+    assert reordered.tabular_columns == list(reversed(infer_env.ds.tabular_columns))
+
+    def scores(path) -> dict:
+        assert main(["ask", f"checkpoint={infer_env.ckpt}", f"data.path={path}", "user=u002", "--quiet",
+                     "question=Which one?", "options=[coffee,fuel]", "json=true"]) == 0
+        return json.loads(capsys.readouterr().out)["scores"]
+
+    np.testing.assert_array_equal(next(infer_env.qa.dataset_records(reordered, ["u002"])).tabular,
+                                  infer_env.ds.user("u002").tabular)  # what `ask` and `describe` now read
+    same, moved = scores(infer_env.ds_dir), scores(other)
+    assert moved == pytest.approx(same, abs=1e-5)
+    ids, requests = ["u000", "u002", "u004"], [("Will this user stop paying?", None)]
+    np.testing.assert_allclose(QAnchorEmbedder(infer_env.qa, reordered).embed_many(ids, requests),
+                               QAnchorEmbedder(infer_env.qa, infer_env.ds).embed_many(ids, requests), atol=1e-5)
+
+
 def test_ask_counts_event_ages_from_the_datasets_cutoff_as_embed_does(infer_env, tmp_path, capsys):
     """On a dataset whose cutoff is later than the model's, `ask` answers about the dataset's moment by default
     (its setting says so, and `embed` does the same), not the moment the model was trained at."""
