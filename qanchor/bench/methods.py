@@ -215,13 +215,19 @@ def _fold_heads(ctx: BenchContext, task: Task, folds: list) -> list[tuple[Split,
             raise Skip(f"per-fold heads split each fold's training users into tuning and validation users "
                        f"(val_fraction={ctx.tune_config.val_fraction}), each holding both classes; a fold of task "
                        f"{task.name} trains on {smallest} users, too few for that")
-        store = ctx.prefix_store.at_query(task.query)  # Skip without a real checkpoint
-        model, cfg = ctx.embedder.model, ctx.tune_config
+        cfg = ctx.tune_config
         rows = ctx.store_rows(task.user_ids)
+        splits = [fold_split(rows, labels, train, test, cfg.val_fraction, cfg.seed + i) for i, (train, test) in enumerate(folds)]
+        for i, split in enumerate(splits):  # before any tuning: a stratified share of 2-3 users of a class can round to none
+            for part in ("train", "val"):
+                if len(split.labels[part].unique()) < 2:
+                    raise Skip(f"fold {i + 1}'s {part} users ({len(split.labels[part])}, val_fraction={cfg.val_fraction}) "
+                               f"hold one class of task {task.name}: a head could not pick its step there")
+        store = ctx.prefix_store.at_query(task.query)  # Skip without a real checkpoint
+        model = ctx.embedder.model
         query_ids = _query_ids(model, task.query)
         heads = []
-        for i, (train, test) in enumerate(folds):
-            split = fold_split(rows, labels, train, test, cfg.val_fraction, cfg.seed + i)
+        for split in splits:
             result = tune_task(model.model, store, query_ids, split, cfg, task.name, task.query, model.checkpoint_hash or "")
             heads.append((split, result.head))
         ctx.fold_heads[key] = heads

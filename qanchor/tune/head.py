@@ -218,6 +218,16 @@ def find_heads(directory: str | Path) -> dict[str, Path]:
     return {p.parent.name: p.parent for p in sorted(directory.glob(f"*/{HEAD_META}"))}
 
 
+def _declared_task(folder: Path, fallback: str) -> str:
+    """The task ``folder``'s description names, read without the weights (``fallback``, its folder's name, where the
+    description cannot be read: :meth:`ScenarioHead.load` then says what is wrong if that task is asked for)."""
+    try:
+        meta = yaml.safe_load((folder / HEAD_META).read_text(encoding="utf-8"))
+    except (OSError, yaml.YAMLError, UnicodeDecodeError):
+        return fallback
+    return str(meta["task"]) if isinstance(meta, dict) and "task" in meta else fallback
+
+
 def _test_users(head_dir: Path) -> np.ndarray | None:
     path = head_dir / SPLIT_FILE  # written by `qanchor prompt-tune`: {"train": [...], "val": [...], "test": [...]}
     if not path.exists():
@@ -253,9 +263,11 @@ def load_heads(directories: str | Path | Sequence[str | Path] | None, tasks: Seq
         if require and not found:
             raise CheckpointError(f"{d}: no {HEAD_META} there or in its subfolders; point it at a `qanchor prompt-tune` "
                                   "output_dir or one task's folder")
-        for folder in found.values():
+        for name, folder in found.items():
+            if tasks is not None and _declared_task(folder, name) not in tasks:
+                continue  # a head nobody asked for is not read, so a damaged one cannot stop the load
             head = ScenarioHead.load(folder)
-            if tasks is None or head.task in tasks:  # a head nobody asked for is not checked, so it cannot stop the load
+            if tasks is None or head.task in tasks:
                 check_tuned_on(folder, head.task, head.checkpoint_hash, checkpoint_hash)
                 if head.task in out:  # one would silently replace the other: rows are named head:<task>
                     raise CheckpointError(f"two heads for task '{head.task}': {where[head.task]} and {folder}; give one")

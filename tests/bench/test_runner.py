@@ -254,6 +254,25 @@ def test_per_fold_heads_are_skipped_where_a_fold_has_too_few_users_for_a_validat
         methods._fold_heads(ctx, task, folds)
 
 
+def test_per_fold_heads_are_skipped_where_a_folds_validation_split_holds_one_class(tiny_dataset, tmp_path):
+    """Three positives among 40 users: a fold trains on two, and a 20% stratified validation split rounds them to none;
+    every evaluation's AUC was NaN and the head silently kept its untuned step 0."""
+    from dataclasses import replace
+
+    from qanchor.bench import methods
+    from qanchor.bench.peers import Skip
+
+    _, tasks = prepare(_cfg(tiny_dataset, tmp_path))
+    labels = np.zeros(len(tasks[0].labels), np.int8)
+    labels[:3] = 1
+    task = replace(tasks[0], labels=labels)
+    folds = stratified_folds(labels, 3, 0)
+    ctx = SimpleNamespace(fold_heads={}, tune_config=SimpleNamespace(val_fraction=0.2, seed=0),
+                          store_rows=lambda ids: np.arange(len(ids)))
+    with pytest.raises(Skip, match=r"fold 1's val users .* hold one class"):
+        methods._fold_heads(ctx, task, folds)
+
+
 def test_text_peer_is_skipped_without_event_texts(tiny_dataset, tmp_path):
     """Every user's text vector is the no-events zero: 0.5000 would read as a result (and feed the data-kind note)."""
     from qanchor.bench import methods

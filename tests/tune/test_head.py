@@ -264,3 +264,7 @@ def test_a_head_nobody_asked_for_does_not_stop_the_load_of_the_others(tmp_path):
     assert list(load_heads(tmp_path, tasks=["churn"], checkpoint_hash="a" * 64)) == ["churn"]
     with pytest.raises(CheckpointError, match="head for task 'coupon' was tuned on checkpoint bbbbbbbbbbbb"):
         load_heads(tmp_path, checkpoint_hash="a" * 64)
+    (tmp_path / "coupon" / "head.safetensors").write_bytes(b"damaged")  # nor may its damaged weights
+    assert list(load_heads(tmp_path, tasks=["churn"], checkpoint_hash="a" * 64)) == ["churn"]
+    with pytest.raises(CheckpointError, match="not a safetensors file"):
+        load_heads(tmp_path, tasks=["coupon"])
