@@ -215,3 +215,52 @@ def test_a_deepspeed_config_file_merges_key_by_key_and_cannot_change_the_step_co
         with_file('{"zero_optimization": ')
     with pytest.raises(ConfigError, match="must hold a JSON object"):
         with_file("[1, 2]")
+
+
+def test_one_modalitys_cap_on_the_command_line_keeps_the_others():
+    """`data.max_events.mini=10` replaced tiny-synth's whole {bill: 32} mapping (bill fell back to the default cap);
+    a mapping written whole still replaces, and {} clears, on load and in with_overrides alike."""
+    from qanchor.config import DataOverrides, DataConfig, with_overrides
+
+    path = Path(__file__).resolve().parents[1] / "configs/pretrain/tiny-synth.yaml"
+    assert load_config(path).data.max_events == {"bill": 32}
+    assert load_config(path, ["data.max_events.mini=10"]).data.max_events == {"bill": 32, "mini": 10}
+    assert load_config(path, ["data.max_events={mini: 10}"]).data.max_events == {"mini": 10}
+    assert load_config(path, ["data.max_events={}"]).data.max_events == {}
+    assert load_config(path, ["data.max_events={}", "data.max_events.app=4"]).data.max_events == {"app": 4}
+    cfg = load_config(path)
+    assert with_overrides(cfg, ["data.max_events={}"]).data.max_events == {}
+    assert with_overrides(cfg, ["data.max_events.mini=10"]).data.max_events == {"bill": 32, "mini": 10}
+    trained = DataConfig(path="d", max_events={"bill": 32})
+    assert DataOverrides(max_events={"mini": 10}).apply(trained).max_events == {"bill": 32, "mini": 10}
+    assert DataOverrides(max_events={}).apply(trained).max_events == {}
+    assert DataOverrides().apply(trained).max_events == {"bill": 32}
+
+
+@pytest.mark.parametrize("override, message", [
+    ("train.betas={a: 1}", "train.betas takes a list"),
+    ("data.max_events=[bill]", "data.max_events takes a mapping"),
+    ("train.lr=[1]", "train.lr takes one value"),
+    ("train.betas=[0.9]", r"train.betas is Adam's two decay rates.*got \[0.9\]"),
+    ("train.betas=[0.9, 1.5]", "each in \\[0, 1\\)"),
+    ("model.backbone.num_heads=0", "num_heads and num_kv_heads must be >= 1"),
+    ("model.backbone.num_kv_heads=0", "num_heads and num_kv_heads must be >= 1"),
+])
+def test_a_value_of_the_wrong_shape_is_a_config_error_not_a_traceback(override, message):
+    """A list for a mapping gave OmegaConf's TypeError; num_heads=0 a ZeroDivisionError; one beta an IndexError in
+    Adam 40 seconds into pretraining."""
+    path = Path(__file__).resolve().parents[1] / "configs/pretrain/tiny-synth.yaml"
+    with pytest.raises(ConfigError, match=message):
+        load_config(path, [override])
+
+
+def test_a_bare_value_is_a_list_of_one_for_every_list_and_a_list_config_file_is_refused(tmp_path):
+    path = Path(__file__).resolve().parents[1] / "configs/bench/tiny-synth.yaml"
+    assert load_config(path, ["ablation_prompt_tokens=4"]).ablation_prompt_tokens == [4]
+    (tmp_path / "bench").mkdir()
+    (tmp_path / "bench" / "list.yaml").write_text("- a\n- b\n")
+    with pytest.raises(ConfigError, match="list.yaml: a config file is a mapping of settings"):
+        load_config(tmp_path / "bench" / "list.yaml")
+    (tmp_path / "bench" / "mixed.yaml").write_text("methods: {a: 1}\n")
+    with pytest.raises(ConfigError, match="mixed.yaml"):
+        load_config(tmp_path / "bench" / "mixed.yaml")

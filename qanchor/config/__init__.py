@@ -213,9 +213,17 @@ def _typed_value(tp: Any, raw: str, item: str) -> Any:
                               f"brackets, e.g. {item.split('=', 1)[0]}=[\"first: item\", \"second, item\"]")
         return items
     try:
-        return yaml.safe_load(raw)
+        value = yaml.safe_load(raw)
     except yaml.YAMLError:
         raise ConfigError(f"override '{item}': cannot read '{raw}' as a value of type {tp}") from None
+    origin, key = typing.get_origin(tp), item.split("=", 1)[0].strip()
+    if origin is list and value is not None and not isinstance(value, (list, dict)):
+        return [value]  # one bare value is a list of one, as for lists of text
+    want = "a list, e.g. [1, 2]" if origin is list else "a mapping, e.g. {name: 1}" if origin is dict else None
+    if (origin is list and isinstance(value, dict)) or (origin is dict and value is not None and not isinstance(value, dict)) \
+            or (want is None and isinstance(value, (list, dict))):
+        raise ConfigError(f"override '{item}': {key} takes {want or 'one value, not a list or mapping'}")
+    return value
 
 
 def _overrides_layer(schema: type, overrides: list[str] | tuple[str, ...]) -> dict:
@@ -252,6 +260,9 @@ def load_config(path: str | Path | None, overrides: list[str] | tuple[str, ...] 
     try:
         base = OmegaConf.structured(schema)
         file_cfg = _load_yaml(path) if path is not None else OmegaConf.create({})
+        if not isinstance(file_cfg, DictConfig):
+            raise ConfigError(f"{source}: a config file is a mapping of settings (key: value), not a "
+                              f"{type(OmegaConf.to_container(file_cfg)).__name__}")
         if path is not None and isinstance(file_cfg, DictConfig):
             with path.open() as fh:
                 raw = yaml.load(fh, Loader=yaml.BaseLoader)  # every scalar as the text it was written as
@@ -263,13 +274,17 @@ def load_config(path: str | Path | None, overrides: list[str] | tuple[str, ...] 
         merged = OmegaConf.merge(*layers, file_cfg)
     except OmegaConfBaseException as exc:
         raise _wrap(exc, source) from None
+    except TypeError as exc:  # OmegaConf: a list where the schema has a mapping, or the other way round
+        raise ConfigError(f"{source}: {exc} (a list where a mapping belongs, or the other way round)") from None
     try:  # apart from the file's layer: a bad value given on the command line is not the file's fault
         merged = OmegaConf.merge(merged, cli_cfg)
-        _replace_mappings(merged, cli_layer)
+        _replace_mappings(merged, cli_layer, _mapping_literals(schema, overrides))
         cfg = OmegaConf.to_object(merged)
     except OmegaConfBaseException as exc:
         key = getattr(exc, "full_key", None)
         raise _wrap(exc, "<command line>" if key and _in_layer(cli_layer, str(key)) else source) from None
+    except TypeError as exc:
+        raise ConfigError(f"<command line>: {exc} (a list where a mapping belongs, or the other way round)") from None
     if path is not None:
         _resolve_file_keys(cfg, schema, path, cli_layer)
     return cfg
@@ -317,26 +332,39 @@ def require_file(value: str | None, key: str) -> None:
     raise ConfigError(f"{key}: {value} not found ({where}); give the file's path, or {key}=null")
 
 
-def _replace_mappings(cfg: Any, layer: dict, prefix: str = "") -> None:
-    """A mapping given on the command line replaces the file's (``data.max_events={}`` clears it) rather than
-    merging into it, as a list or a number does."""
-    for key, value in layer.items():
-        path = f"{prefix}{key}"
-        node = OmegaConf.select(cfg, path)
-        if isinstance(value, dict) and value and node is not None and OmegaConf.is_dict(node) and \
-                OmegaConf.get_type(node) is dict:
-            OmegaConf.update(cfg, path, value, merge=False)
-        elif isinstance(value, dict) and not value:
-            OmegaConf.update(cfg, path, {}, merge=False)
-        elif isinstance(value, dict):
-            _replace_mappings(cfg, value, f"{path}.")
+def _mapping_literals(schema: type, overrides: list[str] | tuple[str, ...]) -> list[str]:
+    """The keys of ``overrides`` whose value is written as a whole mapping (``data.max_events={bill: 8}``, ``{}``)."""
+    out = []
+    for item in overrides:
+        key, raw = item.split("=", 1)
+        path = key.strip().split(".")
+        if isinstance(_typed_value(_field_type(schema, path, item), raw, item), dict):
+            out.append(key.strip())
+    return out
+
+
+def _replace_mappings(cfg: Any, layer: dict, literal_keys: list[str]) -> None:
+    """A mapping given whole on the command line (``data.max_events={bill: 8}``; ``{}`` clears it) replaces the file's
+    rather than merging into it, as a list or a number does; a dotted key (``data.max_events.bill=8``) sets that one
+    entry and keeps the others."""
+    for key in literal_keys:
+        node = OmegaConf.select(cfg, key)
+        if node is None or not OmegaConf.is_dict(node) or OmegaConf.get_type(node) is not dict:
+            continue  # a section of the schema (model={...}) merges key by key
+        value = layer
+        for part in key.split("."):
+            value = value[part]
+        OmegaConf.update(cfg, key, value, merge=False)  # the layer's whole mapping: later dotted keys joined it
 
 
 def with_overrides(cfg: Any, overrides: list[str] | tuple[str, ...]) -> Any:
-    """A copy of the typed config ``cfg`` with ``key=value`` overrides applied (validated like on load)."""
+    """A copy of the typed config ``cfg`` with ``key=value`` overrides applied (validated, and mappings replaced or
+    merged, as on load)."""
     schema = type(cfg)
     try:
-        merged = OmegaConf.merge(OmegaConf.structured(cfg), OmegaConf.create(_overrides_layer(schema, overrides)))
+        layer = _overrides_layer(schema, overrides)
+        merged = OmegaConf.merge(OmegaConf.structured(cfg), OmegaConf.create(layer))
+        _replace_mappings(merged, layer, _mapping_literals(schema, overrides))
         return OmegaConf.to_object(merged)
     except OmegaConfBaseException as exc:
         raise _wrap(exc, "<overrides>") from None

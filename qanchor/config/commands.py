@@ -74,9 +74,13 @@ class DataOverrides:
     default_max_events: int | None = None
 
     def apply(self, base: DataConfig) -> DataConfig:
-        """``base`` (the checkpoint's data section) with the keys set here replacing its own."""
-        changes = {k: v for k, v in (("path", self.path), ("cache_dir", self.cache_dir), ("max_events", self.max_events),
+        """``base`` (the checkpoint's data section) with the keys set here replacing its own. A modality's cap given
+        here replaces the checkpoint's cap for that modality and keeps the others (``data.max_events.mini=10`` on a
+        checkpoint trained with ``{bill: 32}`` packs with ``{bill: 32, mini: 10}``); ``data.max_events={}`` clears them."""
+        changes = {k: v for k, v in (("path", self.path), ("cache_dir", self.cache_dir),
                                      ("default_max_events", self.default_max_events)) if v not in (None, "")}
+        if self.max_events is not None:
+            changes["max_events"] = {**base.max_events, **self.max_events} if self.max_events else {}
         return replace(base, **changes)
 
 

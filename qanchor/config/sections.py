@@ -83,6 +83,9 @@ class BackboneConfig:
     lora: LoraConfig = field(default_factory=LoraConfig)
 
     def __post_init__(self) -> None:
+        if self.num_heads < 1 or self.num_kv_heads < 1:
+            raise ConfigError(f"model.backbone: num_heads and num_kv_heads must be >= 1 (got {self.num_heads}, "
+                              f"{self.num_kv_heads})")
         if self.hidden_size % self.num_heads or self.num_heads % self.num_kv_heads:
             raise ConfigError("model.backbone: hidden_size must divide by num_heads, num_heads by num_kv_heads")
 
@@ -299,6 +302,8 @@ class TrainConfig:
     def __post_init__(self) -> None:
         if self.max_steps < 1 or self.batch_size < 2:
             raise ConfigError("train: max_steps must be >= 1 and batch_size >= 2 (contrastive needs negatives)")
+        if len(self.betas) != 2 or not all(0.0 <= b < 1.0 for b in self.betas):
+            raise ConfigError(f"train.betas is Adam's two decay rates, each in [0, 1), e.g. [0.9, 0.98]; got {self.betas}")
         if self.query_group_size < 1 or self.batch_size % self.query_group_size:
             raise ConfigError(f"train.query_group_size ({self.query_group_size}) must be >= 1 and divide train.batch_size "
                               f"({self.batch_size})")
