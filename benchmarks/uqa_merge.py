@@ -43,7 +43,7 @@ def main(argv: list[str] | None = None) -> int:
         loaded.append(json.loads(path.read_text(encoding="utf-8")))
     try:
         merged, differ = merge_results(loaded, list(args.results))
-        claim_output_dir(args.out, OutputKind.RESULTS, {f"--results {d}": d for d in args.results}, key="--out")
+        claim_output_dir(args.out, OutputKind.UQA_RESULTS, {f"--results {d}": d for d in args.results}, key="--out")
     except (ValueError, QAnchorError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

@@ -29,8 +29,9 @@ from qanchor.bench.embedder import Embedder, QAnchorEmbedder
 from qanchor.bench.journal import BenchJournal, journal_key
 from qanchor.bench.methods import METHODS, BenchContext, evaluate_task
 from qanchor.bench.peers import MethodInput, MethodResult, evaluate_folds, stratified_folds
+from qanchor.bench.retrain import checkpoint_run_config
 from qanchor.bench.tasks import custom_task, dataset_tasks, fold_count, subsample
-from qanchor.config import BenchConfig, require, require_file, to_yaml
+from qanchor.config import BenchConfig, require, require_file, to_yaml, with_overrides
 from qanchor.data.dataset import Dataset, Task, load_dataset
 from qanchor.data.io import OutputKind, claim_output_dir
 from qanchor.errors import CheckpointError, ConfigError, DataValidationError
@@ -107,6 +108,11 @@ def prepare(cfg: BenchConfig) -> tuple[Dataset, list[Task]]:
         raise ConfigError(f"heads_dir={cfg.heads_dir}: no prompt-tuned heads there (no {HEAD_META} in it or its "
                           "subfolders); point it at a `qanchor prompt-tune` output_dir, or pass heads_dir=null (saved "
                           "heads only add the before / after tuning PCA plot)")
+    if cfg.checkpoint and cfg.ablation_pretrain_overrides and Path(cfg.checkpoint).is_dir():
+        try:  # before any embedding: the ablations pretrain only after the main rows (README: mistakes fail first)
+            with_overrides(checkpoint_run_config(cfg.checkpoint), cfg.ablation_pretrain_overrides)
+        except ConfigError as exc:
+            raise ConfigError(f"ablation_pretrain_overrides: {exc}") from None
     ds = load_dataset(cfg.data.path, cfg.data.cache_dir)
     if cfg.labels is not None:
         return ds, subsample([custom_task(ds, cfg.labels, cfg.query or "")], cfg.max_users, cfg.seed)

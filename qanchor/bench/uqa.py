@@ -43,7 +43,7 @@ from qanchor.bench.report import markdown_table
 from qanchor.bench.retrain import checkpoint_run_config, pretrain_variant
 from qanchor.config import PretrainConfig, UqaConfig, require, to_yaml
 from qanchor.data.dataset import Dataset, UserRecord, load_dataset
-from qanchor.data.io import OutputKind, claim_output_dir, write_json, write_text
+from qanchor.data.io import OutputKind, claim_output_dir, mark_output, output_kind, write_json, write_text
 from qanchor.data.userU import FUTURE_QUERY, summarize_future
 from qanchor.data.userU_topics import DAY_US, QA, TOPICS, History, verify
 from qanchor.errors import ConfigError, DataValidationError
@@ -233,7 +233,9 @@ def run_uqa(cfg: UqaConfig, progress: bool = True) -> UqaResult:
         log(f"uqa: {len(questions)} questions about {len(users)} held-out users "
             f"({', '.join(f'{f} {sum(q.family == f for q in questions)}' for f in FAMILIES)})")
     out = Path(cfg.output_dir)
-    claim_output_dir(out, OutputKind.RESULTS, {"data.path": cfg.data.path, "checkpoint": cfg.checkpoint}, key="output_dir")
+    if output_kind(out) == OutputKind.RESULTS.value and (out / "variants").is_dir():
+        mark_output(out, OutputKind.UQA_RESULTS)  # a uqa output marked before uqa had a kind of its own (its variants/)
+    claim_output_dir(out, OutputKind.UQA_RESULTS, {"data.path": cfg.data.path, "checkpoint": cfg.checkpoint}, key="output_dir")
     models = {"qanchor": cfg.checkpoint}
     for n in sorted(set(cfg.text_events)):
         models[f"text{n}"] = str(pretrain_variant(cfg.checkpoint, cfg.data.path, _text_variant(n), out / "variants" / f"text{n}",

@@ -22,8 +22,10 @@ __all__ = ["register"]
 
 def _cmd_bench(args: argparse.Namespace) -> None:
     cfg: BenchConfig = settings(args)
-    chose_out = args.config is not None or any(s.startswith("output_dir=") for s in args.settings)
-    if cfg.labels is not None and not chose_out:  # a custom task gets its own folder, not results/bench
+    # A custom task gets its own folder unless output_dir= is given here: a config file's output_dir is its own tasks'
+    # (`--config configs/bench/tiny-cj.yaml labels=wine.csv` would replace the demo's report with the wine task's).
+    chose_out = any(s.startswith("output_dir=") for s in args.settings)
+    if cfg.labels is not None and not chose_out:
         cfg = replace(cfg, output_dir=str(Path("results") / f"custom-{Path(cfg.labels).stem}"))
     result, out = bench_and_report(cfg, progress=not args.quiet)
     print(f"\nAverage over {len(result.tasks)} task(s), {cfg.folds}-fold CV ({result.run['seconds']:.0f}s):\n")

@@ -207,6 +207,12 @@ class BenchConfig:
             raise ConfigError(f"max_users must be >= 10 (or null), got {self.max_users}")
         if not self.methods:
             raise ConfigError("methods is empty; name at least one method")
+        default = DataConfig()
+        unused = [k for k in ("max_events", "default_max_events", "text_events", "history_text")
+                  if getattr(self.data, k) != getattr(default, k)]
+        if unused:  # accepted and ignored, a misspelled modality included, until 2026-12-06
+            raise ConfigError(f"data.{unused[0]}: the bench packs users as the checkpoint was pretrained (its own caps) "
+                              "and its peers read every event before the cutoff; the setting would be ignored, drop it")
 
 
 @dataclass
@@ -295,6 +301,10 @@ class UqaConfig:
             raise ConfigError(f"max_users must be >= 4 (3 distractors come from other users), got {self.max_users}")
         if self.window_days < 1 or self.batch_size < 1:
             raise ConfigError("window_days and batch_size must be >= 1")
+        for key in ("max_events", "default_max_events"):
+            if getattr(self.data, key) is not None:  # accepted and ignored until 2026-12-06
+                raise ConfigError(f"data.{key}: uqa reads users as the checkpoint was pretrained (each TextN row with "
+                                  "the caps its N needs); the setting would be ignored, drop it")
 
 
 @dataclass

@@ -68,6 +68,7 @@ class OutputKind(str, Enum):
     HEADS = "prompt-tune output"
     HEAD = "scenario head"
     RESULTS = "benchmark results"
+    UQA_RESULTS = "multiple-choice results"  # `qanchor uqa` (a bench's report there would be replaced, and mixed)
     MODEL_CACHE = "model cache"
 
 

@@ -17,6 +17,7 @@ from qanchor.bench.report import HISTORY_IN_PATH, average_table, data_kind_note,
 from qanchor.bench.runner import BenchResult, TaskResult, content_reading, prepare, run_bench
 from qanchor.config import BenchConfig, DataConfig, PretrainConfig, load_config
 from qanchor.data.dataset import load_dataset
+from qanchor.data.io import OutputKind
 from qanchor.errors import ConfigError
 from qanchor.tune.head import HeadEntry
 from tests.bench.helpers import FakeEmbedder, FakeHead
@@ -293,3 +294,57 @@ def test_a_heads_dir_without_heads_is_refused_before_the_output_dir_is_claimed(t
     with pytest.raises(ConfigError, match=r"heads_dir=.*heads-typo: no prompt-tuned heads there.*heads_dir=null"):
         run_bench(cfg, progress=False)
     assert not (tmp_path / "out").exists()
+
+
+def test_bench_and_uqa_refuse_data_caps_they_would_ignore(tiny_dataset):
+    """`data.max_events={bil: 3}` (a typo, and caps the bench never uses) was accepted in silence."""
+    from qanchor.config import DataConfig, DataOverrides, UqaConfig
+
+    with pytest.raises(ConfigError, match="data.max_events: the bench packs users as the checkpoint was pretrained"):
+        BenchConfig(data=DataConfig(path=str(tiny_dataset), max_events={"bil": 3}))
+    with pytest.raises(ConfigError, match="data.default_max_events"):
+        BenchConfig(data=DataConfig(path=str(tiny_dataset), default_max_events=1))
+    with pytest.raises(ConfigError, match="data.max_events: uqa reads users as the checkpoint was pretrained"):
+        UqaConfig(checkpoint="c", data=DataOverrides(path="d", max_events={"bil": 3}))
+    BenchConfig(data=DataConfig(path=str(tiny_dataset)))  # path (and cache_dir) are what it reads
+
+
+def test_a_bad_ablation_override_is_refused_before_any_work(infer_env, tmp_path):
+    cfg = _cfg(infer_env.ds_dir, tmp_path, checkpoint=str(infer_env.ckpt), methods=["qanchor_task", "qanchor_random_init"],
+               ablation_pretrain_overrides=["train.max_stepz=1"])
+    with pytest.raises(ConfigError, match="ablation_pretrain_overrides: .*unknown key 'train.max_stepz'"):
+        prepare(cfg)
+    assert not (tmp_path / "out").exists()
+
+
+def test_a_custom_task_with_a_shipped_config_gets_its_own_folder(tiny_dataset, tmp_path, monkeypatch):
+    """`--config configs/bench/tiny-cj.yaml labels=wine.csv` wrote into the config's output_dir, replacing the demo's
+    report with the wine task's."""
+    from qanchor.cli import bench as bench_cli
+    from qanchor.cli import main
+
+    seen = {}
+
+    def stop(cfg, progress):
+        seen["out"] = cfg.output_dir
+        raise SystemExit(0)
+
+    monkeypatch.setattr(bench_cli, "bench_and_report", stop)
+    config = Path(__file__).resolve().parents[2] / "configs/bench/tiny-synth.yaml"
+    common = ["bench", "--config", str(config), f"data.path={tiny_dataset}", f"labels={tmp_path / 'wine.csv'}", "query=Q?"]
+    with pytest.raises(SystemExit):
+        main(common)
+    assert seen["out"] == str(Path("results") / "custom-wine")
+    with pytest.raises(SystemExit):
+        main([*common, f"output_dir={tmp_path / 'mine'}"])
+    assert seen["out"] == str(tmp_path / "mine")
+
+
+def test_uqa_results_are_a_kind_of_their_own(tmp_path):
+    """uqa replaced a bench's report.md and results.json in a folder the bench had marked as its own."""
+    from qanchor.data.io import check_output_dir, claim_output_dir
+    from qanchor.errors import OutputError
+
+    claim_output_dir(tmp_path / "bench", OutputKind.RESULTS)
+    with pytest.raises(OutputError):
+        check_output_dir(tmp_path / "bench", OutputKind.UQA_RESULTS)
