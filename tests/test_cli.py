@@ -72,6 +72,9 @@ def test_the_deepspeed_launchers_local_rank_flag_is_dropped(tiny_dataset, capsys
         assert main([*flag, "data", "validate", str(tiny_dataset)]) == 0
         assert capsys.readouterr().out == plain
     assert main(["data", "validate", str(tiny_dataset), "--local_rank=0"]) == 0
+    capsys.readouterr()
+    assert main(["data", "validate", str(tiny_dataset), "--quiet"]) == 0  # the one convention: every command takes it
+    assert capsys.readouterr().out == plain.splitlines(keepends=True)[0]
 
 
 def test_help_lists_every_setting_with_its_default(capsys):

@@ -264,3 +264,17 @@ def test_a_bare_value_is_a_list_of_one_for_every_list_and_a_list_config_file_is_
     (tmp_path / "bench" / "mixed.yaml").write_text("methods: {a: 1}\n")
     with pytest.raises(ConfigError, match="mixed.yaml"):
         load_config(tmp_path / "bench" / "mixed.yaml")
+
+
+def test_errors_name_the_layer_at_fault_and_preset_null_turns_the_preset_off(tmp_path):
+    path = Path(__file__).resolve().parents[1] / "configs/pretrain/tiny-synth.yaml"
+    with pytest.raises(ConfigError, match=r"^<command line>.*train.betas"):  # not tiny-synth.yaml's fault
+        load_config(path, ["train.betas=[a, 0.9]"])
+    preset = tmp_path / "mypreset.yaml"
+    preset.write_text("hidden_sise: 8\n")
+    with pytest.raises(ConfigError, match=r"mypreset.yaml.*hidden_sise"):
+        load_config(path, [f"model.preset={preset}"])
+    tiny = load_config(path)
+    bare = load_config(path, ["model.preset=null"])
+    assert tiny.model.preset == "tiny" and bare.model.preset is None
+    assert bare.model.max_query_tokens == ModelConfig().max_query_tokens != tiny.model.max_query_tokens

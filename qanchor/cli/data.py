@@ -88,6 +88,8 @@ def _cmd_cj_profile(args: argparse.Namespace) -> None:
 def _cmd_validate(args: argparse.Namespace) -> None:
     r = validate_dataset(args.dir)
     print(f"ok: {args.dir} ({r.manifest.name}), cutoff {r.manifest.cutoff.isoformat()}")
+    if args.quiet:  # the verdict only
+        return
     print(f"  users: {r.n_users}   events: {r.n_events} in {r.n_event_files} file(s)   tabular rows: {r.n_tabular_users}")
     for name, count in r.events_per_modality.items():
         print(f"  modality {name:<12} {count:>10} events")
@@ -139,6 +141,7 @@ def register(subparsers) -> None:
     p.set_defaults(func=_cmd_cj_profile)
     p = sub.add_parser("validate", help="check a dataset directory against the format")
     p.add_argument("dir")
+    p.add_argument("--quiet", action="store_true", help="print the verdict only, not the counts")
     p.set_defaults(func=_cmd_validate)
     p = sub.add_parser("userU", help="build UserU pretraining pairs (future + uqa + forecast [+ signature]) into DIR/userU.parquet")
     p.add_argument("dir")

@@ -19,6 +19,7 @@ Example:
 from __future__ import annotations
 
 import dataclasses
+import re
 import types
 import typing
 from pathlib import Path
@@ -153,7 +154,7 @@ def _wrap(exc: OmegaConfBaseException, source: str) -> ConfigError:
 def _in_layer(layer: dict, dotted: str) -> bool:
     """Whether the overrides ``layer`` sets the dotted key ``dotted`` (or a key above it)."""
     node: Any = layer
-    for part in dotted.split("."):
+    for part in re.sub(r"\[\d+\]", "", dotted).split("."):  # "train.betas[0]": an item of the list the layer sets
         if not isinstance(node, dict) or part not in node:
             return False
         node = node[part]
@@ -377,11 +378,18 @@ def _preset_layer(schema: type, file_cfg: Any, cli_cfg: Any) -> Any:
             raise ConfigError(str(_section_error("model", ModelConfig, "config")).replace("{value}", str(node)))
         return node.get("preset") if node is not None else None
 
-    preset = pick(cli_cfg) or pick(file_cfg)
+    cli_node = cli_cfg.get("model", {}) if schema is PretrainConfig else cli_cfg
+    given_here = isinstance(cli_node, (DictConfig, dict)) and "preset" in cli_node
+    preset = pick(cli_cfg) if given_here else pick(file_cfg)  # model.preset=null on the command line: no preset
     if not preset:
         return OmegaConf.create({})
-    layer = _load_yaml(_preset_path(preset))
+    path = _preset_path(preset)
+    layer = _load_yaml(path)
     layer.preset = preset
+    try:  # a bad key in the preset file is the preset's fault, not the config file's
+        OmegaConf.merge(OmegaConf.structured(ModelConfig), layer)
+    except OmegaConfBaseException as exc:
+        raise _wrap(exc, str(path)) from None
     return OmegaConf.create({"model": layer}) if schema is PretrainConfig else layer
 
 
