@@ -288,6 +288,10 @@ class TrainConfig:
     zero_stage: int = 0
     deepspeed_config: str | None = None  # a JSON in configs/deepspeed/; its keys win over the above
     precision: Literal["fp32", "bf16"] = "fp32"
+    # How long a rank waits at a barrier (multi-GPU): rank 0 alone builds the partitions and encodes every event text
+    # first, which on a large dataset outlasts NCCL's 10-minute default (the waiting ranks were then killed, and again on
+    # each relaunch). `qanchor data encode` before a cluster run does that work once.
+    dist_timeout_minutes: float = 120.0
     # Share of `uqa` pairs among sampled pairs (the rest: `future` and `forecast`); 1 = uqa pairs only, 0 = none. An
     # epoch takes every future and forecast pair and samples uqa pairs up to this share: where there are fewer, it
     # takes them all and the share is lower (0.34 on the bundled datasets at 0.5, which every measurement used).
@@ -302,6 +306,8 @@ class TrainConfig:
     def __post_init__(self) -> None:
         if self.max_steps < 1 or self.batch_size < 2:
             raise ConfigError("train: max_steps must be >= 1 and batch_size >= 2 (contrastive needs negatives)")
+        if self.dist_timeout_minutes <= 0:
+            raise ConfigError(f"train.dist_timeout_minutes must be > 0, got {self.dist_timeout_minutes}")
         if len(self.betas) != 2 or not all(0.0 <= b < 1.0 for b in self.betas):
             raise ConfigError(f"train.betas is Adam's two decay rates, each in [0, 1), e.g. [0.9, 0.98]; got {self.betas}")
         if self.query_group_size < 1 or self.batch_size % self.query_group_size:

@@ -12,6 +12,7 @@ import json
 import math
 import os
 from contextlib import nullcontext
+from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
@@ -23,15 +24,21 @@ from qanchor.errors import ConfigError
 __all__ = ["init_distributed", "deepspeed_config", "lr_lambda", "initialize", "device_of", "gathered_parameters"]
 
 
-def init_distributed() -> tuple[int, int]:
-    """Initialise torch.distributed (nccl on CUDA, gloo on CPU) and DeepSpeed's view of it; return (rank, world)."""
+def init_distributed(timeout_minutes: float = 120.0) -> tuple[int, int]:
+    """Initialise torch.distributed (nccl on CUDA, gloo on CPU) and DeepSpeed's view of it; return (rank, world).
+    ``timeout_minutes``: how long a collective (a barrier while rank 0 prepares the data) may wait."""
     cuda = torch.cuda.is_available()
     if not cuda:
         os.environ.setdefault("DS_ACCELERATOR", "cpu")  # must be set before deepspeed is imported
     import deepspeed
 
-    # A plain `python` / `qanchor` process (launchers always set MASTER_ADDR): a world of one.
-    alone = "MASTER_ADDR" not in os.environ and os.environ.get("WORLD_SIZE", "1") == "1"
+    # A plain `python` / `qanchor` process: a world of one. Launchers (torchrun, deepspeed) set RANK and WORLD_SIZE; a
+    # job script may export MASTER_ADDR alone, which does not make a run distributed.
+    world_size = os.environ.get("WORLD_SIZE", "1")
+    alone = world_size == "1" and os.environ.get("RANK", "0") == "0"
+    if not alone and "RANK" not in os.environ:
+        raise ConfigError(f"WORLD_SIZE={world_size} but RANK is not set: start a multi-process run with a launcher "
+                          "(torchrun, deepspeed) that sets RANK, LOCAL_RANK, MASTER_ADDR and MASTER_PORT for each process")
     if alone:
         os.environ.update({"RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "1"})
     if not cuda:
@@ -51,7 +58,8 @@ def init_distributed() -> tuple[int, int]:
         else:
             where = {"init_method": "env://"}  # the launcher's MASTER_ADDR / MASTER_PORT / RANK / WORLD_SIZE
         # device_id binds NCCL to this rank's GPU up front; without it every barrier warns that it guesses the device.
-        torch.distributed.init_process_group("nccl" if cuda else "gloo", device_id=device, **where)
+        torch.distributed.init_process_group("nccl" if cuda else "gloo", device_id=device,
+                                             timeout=timedelta(minutes=timeout_minutes), **where)
         atexit.register(_destroy_process_group)  # NCCL warns at exit about a group nobody destroyed
     if not deepspeed.comm.is_initialized():
         deepspeed.init_distributed(dist_backend="nccl" if cuda else "gloo", auto_mpi_discovery=False, verbose=False)

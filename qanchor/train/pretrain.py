@@ -136,7 +136,7 @@ def preflight(cfg: PretrainConfig, world: int = 1) -> None:
 # Settings that say where and how often a run writes, not what it trains: a run may be resumed (or a retrained
 # sub-run reused) with other values of these. Any other difference would mix two recipes in one run.
 BOOKKEEPING_KEYS = frozenset({"output_dir", "resume", "overwrite", "train.log_every", "train.save_every",
-                              "data.cache_dir"})
+                              "data.cache_dir", "train.dist_timeout_minutes"})
 
 
 def _flatten(tree: dict, prefix: str = "") -> dict:
@@ -243,7 +243,7 @@ def run_pretrain(cfg: PretrainConfig, progress: bool = True) -> Path:
     """Pretrain under ``cfg``; return the output directory."""
     started = time.perf_counter()
     preflight(cfg, int(os.environ.get("WORLD_SIZE", 1)))
-    rank, world = init_distributed()
+    rank, world = init_distributed(cfg.train.dist_timeout_minutes)
     out = Path(cfg.output_dir)
     if rank == 0:
         claim_output_dir(out, OutputKind.RUN, {"data.path": cfg.data.path}, key="output_dir")

@@ -122,3 +122,26 @@ def test_a_killed_world_of_one_leaves_nothing_in_the_temp_dir(tmp_path):
                           text=True, timeout=240)
     assert done.returncode == -9, done.stderr[-2000:]  # it got as far as the kill
     assert sorted(p.name for p in scratch.iterdir()) == []
+
+
+def test_a_job_scripts_master_addr_alone_is_a_world_of_one_and_a_rankless_world_is_refused(tmp_path):
+    """MASTER_ADDR exported by a SLURM script without RANK made a plain `qanchor pretrain` try env:// and die with a
+    ValueError traceback; WORLD_SIZE > 1 without RANK now says what a launcher must set. The group gets the timeout."""
+    script = ("import datetime, torch\n"
+              "from qanchor.errors import ConfigError\n"
+              "from qanchor.train.engine import init_distributed\n"
+              "seen, init = {}, torch.distributed.init_process_group\n"
+              "torch.distributed.init_process_group = lambda *a, **kw: (seen.update(kw), init(*a, **kw))[1]\n"
+              "try:\n"
+              "    print(init_distributed(0.5))\n"
+              "except ConfigError as exc:\n"
+              "    print('refused:', exc)\n"
+              "else:\n"
+              "    print(seen['timeout'] == datetime.timedelta(seconds=30))\n")
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")}
+    run = lambda extra: subprocess.run([sys.executable, "-c", script], env={**env, **extra}, capture_output=True,  # noqa: E731
+                                       text=True, timeout=240)
+    alone = run({"MASTER_ADDR": "127.0.0.1"})
+    assert alone.returncode == 0 and alone.stdout.split() == ["(0,", "1)", "True"], alone.stderr[-2000:]
+    rankless = run({"MASTER_ADDR": "127.0.0.1", "WORLD_SIZE": "2"})
+    assert "refused: WORLD_SIZE=2 but RANK is not set" in rankless.stdout, rankless.stderr[-2000:]
