@@ -157,12 +157,14 @@ def _has_flash_attention() -> bool:
     return torch.cuda.is_available()
 
 
-def resolve_attn_implementation(cfg: BackboneConfig, loading: bool = False) -> str:
+def resolve_attn_implementation(cfg: BackboneConfig, loading: bool = False, device: str | torch.device | None = None) -> str:
     """flash_attention_2 only when asked for (or auto) with CUDA and the package present; else sdpa/eager.
 
     Asked for by name where it cannot run: a ConfigError when training, and sdpa when ``loading`` a checkpoint (a
-    model trained with flash attention on a GPU computes the same function with sdpa on a CPU)."""
-    if cfg.attn_implementation == "flash_attention_2" and not _has_flash_attention():
+    model trained with flash attention on a GPU computes the same function with sdpa on a CPU). ``device``: where the
+    loaded model will run; flash attention's kernels run on CUDA only, so a CPU load on a GPU node gets sdpa too."""
+    on_cuda = device is None or torch.device(device).type == "cuda"
+    if cfg.attn_implementation == "flash_attention_2" and not (_has_flash_attention() and on_cuda):
         if not loading:
             raise ConfigError("model.backbone.attn_implementation=flash_attention_2 needs a CUDA GPU and the flash-attn "
                               "package; set it to auto (flash attention where it can run, else sdpa) or sdpa")
@@ -172,7 +174,7 @@ def resolve_attn_implementation(cfg: BackboneConfig, loading: bool = False) -> s
         return "sdpa"
     if cfg.attn_implementation != "auto":
         return cfg.attn_implementation
-    return "flash_attention_2" if _has_flash_attention() and cfg.dtype != "float32" else "sdpa"
+    return "flash_attention_2" if _has_flash_attention() and on_cuda and cfg.dtype != "float32" else "sdpa"
 
 
 def _arch_config(cfg: BackboneConfig, vocab_size: int, attn: str):

@@ -85,7 +85,7 @@ def _apply_lora(backbone: torch.nn.Module, cfg: ModelConfig, new_token_ids: list
 
 def build_model(cfg: ModelConfig, manifest: Manifest, text_dim: int, tabular_columns: list[str],
                 load_weights: bool = True, hf_config: Any = None, tokenizer: Any = None,
-                training_aids: LossConfig | None = None) -> tuple[QAnchorModel, Any]:
+                training_aids: LossConfig | None = None, device: str | torch.device | None = None) -> tuple[QAnchorModel, Any]:
     """The model and its tokenizer. ``hf_config`` (from a checkpoint) fixes the backbone's exact shape;
     ``training_aids`` (a run's loss config) adds the decoders its ``profile_weight`` / ``future_weight`` train."""
     from transformers import AutoModelForCausalLM
@@ -93,7 +93,8 @@ def build_model(cfg: ModelConfig, manifest: Manifest, text_dim: int, tabular_col
     tokenizer = tokenizer or load_tokenizer(cfg.backbone)
     if hf_config is not None:
         backbone = AutoModelForCausalLM.from_config(hf_config, dtype=getattr(torch, cfg.backbone.dtype),
-                                                    attn_implementation=resolve_attn_implementation(cfg.backbone, loading=True))
+                                                    attn_implementation=resolve_attn_implementation(cfg.backbone, loading=True,
+                                                                                                    device=device))
     else:
         backbone = build_backbone(cfg.backbone, len(tokenizer), load_weights=load_weights)
     modalities = [m.name for m in manifest.modalities]
@@ -231,7 +232,7 @@ def load_checkpoint(ckpt: str | Path, device: str | torch.device = "cpu") -> tup
                               f"{meta.tokenizer_size}: they are damaged or from another model (every token would read "
                               "another row of the embedding table); re-copy the checkpoint folder whole")
     model, tokenizer = build_model(run_cfg.model, meta.manifest_obj, meta.text_dim, meta.tabular_columns,
-                                   hf_config=hf_config, tokenizer=tokenizer, training_aids=run_cfg.loss)
+                                   hf_config=hf_config, tokenizer=tokenizer, training_aids=run_cfg.loss, device=device)
     weights = ckpt / "model.safetensors"
     # The hash of exactly the weights loaded (heads, exports and states record it): a run still saving into ``ckpt``
     # may publish new weights at any moment (a new file renamed into place), so the file must be the same one, unchanged,

@@ -825,3 +825,20 @@ def test_distinct_texts_do_not_depend_on_how_wide_the_batch_pads():
     for row in rows[1:]:
         torch.testing.assert_close(row, rows[0])
     assert torch.expm1(rows[0][0, 5]).round() == 4  # log1p(distinct texts)
+
+
+def test_a_gpu_node_loading_a_checkpoint_onto_its_cpu_gets_sdpa(monkeypatch):
+    """flash-attn installed and CUDA present, but the model is loaded with device=cpu (every inference command's
+    default): flash attention was chosen and its kernels fail on CPU tensors at the first forward."""
+    from qanchor.config import BackboneConfig
+    from qanchor.model import backbone
+
+    monkeypatch.setattr(backbone, "_has_flash_attention", lambda: True)
+    named = BackboneConfig(attn_implementation="flash_attention_2", dtype="bfloat16")
+    auto = BackboneConfig(attn_implementation="auto", dtype="bfloat16")
+    assert backbone.resolve_attn_implementation(named, loading=True, device="cuda:0") == "flash_attention_2"
+    assert backbone.resolve_attn_implementation(auto, loading=True, device="cuda") == "flash_attention_2"
+    assert backbone.resolve_attn_implementation(auto, loading=True, device="cpu") == "sdpa"
+    with pytest.warns(UserWarning, match="cannot run here.*sdpa"):
+        assert backbone.resolve_attn_implementation(named, loading=True, device=torch.device("cpu")) == "sdpa"
+    assert backbone.resolve_attn_implementation(auto) == "flash_attention_2"  # training: the device is CUDA's
