@@ -220,7 +220,7 @@ def test_a_deepspeed_config_file_merges_key_by_key_and_cannot_change_the_step_co
 def test_one_modalitys_cap_on_the_command_line_keeps_the_others():
     """`data.max_events.mini=10` replaced tiny-synth's whole {bill: 32} mapping (bill fell back to the default cap);
     a mapping written whole still replaces, and {} clears, on load and in with_overrides alike."""
-    from qanchor.config import DataOverrides, DataConfig, with_overrides
+    from qanchor.config import DataConfig, DataOverrides, with_overrides
 
     path = Path(__file__).resolve().parents[1] / "configs/pretrain/tiny-synth.yaml"
     assert load_config(path).data.max_events == {"bill": 32}
