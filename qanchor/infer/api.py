@@ -431,6 +431,9 @@ class QAnchor:
         write (pretraining cut longer answers there, then closed them); longer is an error unless ``truncate``."""
         ids = self.tokenizer(text, add_special_tokens=False, split_special_tokens=True, verbose=False)["input_ids"]
         limit = self.run_cfg.model.max_answer_tokens - 1
+        if not ids:  # it would be scored on the end token alone, and could win
+            raise ModelInputError(f"option {text!r} has no tokens (only characters the tokenizer drops, such as zero-width "
+                                  "spaces); write the answer in words")
         if len(ids) > limit and not truncate:
             raise ModelInputError(f"option {text[:60]!r} has {len(ids)} tokens, more than the {limit} answer tokens this "
                                   "model was trained to write (model.max_answer_tokens - 1); shorten it or pass truncate=True")
@@ -646,7 +649,8 @@ class QAnchor:
             ids = self._generate(prefixes, [(b, s) for b in range(len(records)) for s in suffixes],
                                  self.run_cfg.model.max_answer_tokens, use_cache)
             for b, record in enumerate(records):
-                history = History(events_before(record.events, cutoff_us), cutoff_us, extra)
+                # the events the model read: late ones count as the cutoff's last moment (pack), not dropped
+                history = History(_moved_before(record, cutoff_us).events, cutoff_us, extra)
                 answers, kept, dropped = {}, 0, 0
                 for a, t in zip(aspects, ids[b * len(aspects) : (b + 1) * len(aspects)]):
                     text = self.decode(t)

@@ -110,6 +110,7 @@ def test_choose_many_reads_each_user_once_and_equals_choose(infer_env, users, mo
     (lambda qa, u: qa.answer(u, ["  "]), "non-empty"),
     (lambda qa, u: qa.answer(u, []), "no question"),
     (lambda qa, u: qa.choose(u, "Which?", ["only one"]), "at least 2"),
+    (lambda qa, u: qa.choose(u, "Which?", ["\u200b", "yes"]), "has no tokens"),  # it could win
     (lambda qa, u: qa.choose(u, "Which?", "yes"), "at least 2"),
     (lambda qa, u: qa.choose(u, "Which?", ["same", "same "]), "repeat"),
     (lambda qa, u: qa.choose(u, "Which?", ["ok", "word " * 60]), "answer tokens"),
@@ -330,3 +331,27 @@ def test_events_before_cuts_at_the_cutoff(infer_env):
         assert (seq.ts < cutoff).all() and len(seq.text) == len(seq.ts) == len(seq.value) == len(seq.extras)
         assert (record.events[m].ts < cutoff).sum() == len(seq)
     assert math.isfinite(float(infer_env.qa.cutoff.replace(tzinfo=timezone.utc).timestamp()))
+
+
+def test_describe_checks_facts_against_the_events_the_model_read(infer_env, monkeypatch):
+    """describe(cutoff=T) moves events at or after T to T's last moment for the model, but verified the facts against
+    the history without them: a fact stating exactly what the model read was dropped as wrong."""
+    import warnings
+
+    from qanchor.infer.api import _moved_before
+
+    qa = infer_env.qa
+    record = infer_env.ds.user("u002")
+    newest = max(int(s.ts[-1]) for s in record.events.values() if len(s.ts))
+    cutoff_us = newest - 3 * 86_400_000_000  # three days before the user's newest event: some events are late
+    assert any((s.ts >= cutoff_us).any() for s in record.events.values())
+    extra = {m.name: m.numeric_columns for m in qa.manifest.sequence_modalities}
+    read = History(_moved_before(record, cutoff_us).events, cutoff_us, extra)
+    truth = TOPICS["activity"](read, np.random.default_rng(0)).answer  # a perfect reading of the model's own input
+    ids = qa.tokenizer(truth, add_special_tokens=False)["input_ids"]
+    monkeypatch.setattr(qa, "_generate", lambda prefixes, rows, n, use_cache: [ids for _ in rows])
+    when = (infer_env.ds.manifest.cutoff + timedelta(microseconds=cutoff_us - infer_env.ds.manifest.cutoff_us))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # "events at or after the cutoff count as its last moment"
+        profile = qa.describe(record, ["activity"], cutoff=when.isoformat())
+    assert profile.kept >= 2 and profile.dropped == 0
