@@ -156,9 +156,12 @@ def encodings_table(encodings: dict[str, dict[str, Encoding]], hidden: int) -> p
     })
 
 
-def _list_column(rows: list[np.ndarray]) -> pa.ListArray:
-    offsets = pa.array(np.r_[0, np.cumsum([len(r) for r in rows])].astype(np.int32))
-    return pa.ListArray.from_arrays(offsets, pa.array(np.concatenate(rows) if rows else np.zeros(0, np.float32), pa.float32()))
+def _list_column(rows: list[np.ndarray]) -> pa.LargeListArray:
+    """Float lists with 64-bit offsets: a shard's event tokens (users x kept events x hidden size) pass 2^31 floats
+    at the paper's width (int32 offsets wrapped negative and the shard could not be written)."""
+    offsets = pa.array(np.r_[0, np.cumsum([len(r) for r in rows], dtype=np.int64)], pa.int64())
+    return pa.LargeListArray.from_arrays(offsets, pa.array(np.concatenate(rows) if rows else np.zeros(0, np.float32),
+                                                           pa.float32()))
 
 
 def decode_encodings(table: pa.Table, user_ids: set[str]) -> dict[str, dict[str, Encoding]]:

@@ -185,6 +185,8 @@ def _write_shard(q: QAnchor, out: Path, shard: int, records: list[UserRecord], e
     for kind, table in new.items():
         if old.get(kind) is not None:
             kept = old[kind].filter(pc.invert(pc.is_in(old[kind].column("user_id"), users)))
+            if kind == "encodings":  # a state written with 32-bit list offsets takes the new 64-bit ones
+                kept = kept.cast(table.schema)
             table = pa.concat_tables([kept, table.cast(kept.schema)])
         keys = [("user_id", "ascending")] + ([("ts", "ascending")] if kind == "buffer" else [])
         tables[kind] = table.sort_by(keys)  # a stable sort: queries and modalities keep their order per user

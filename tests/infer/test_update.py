@@ -247,3 +247,24 @@ def test_a_model_that_reads_event_text_is_refused_a_state(infer_env, state0, tmp
     with pytest.raises(CheckpointError, match="reads users as event text"):
         update_state(qa, state0[0], [], tmp_path / "s1", progress=False)
     assert not (tmp_path / "s").exists() and not (tmp_path / "s1").exists()
+
+
+def test_state_lists_have_64_bit_offsets_and_older_32_bit_states_still_read():
+    """A shard's event tokens (users x kept events x hidden size) pass 2^31 floats at the paper's width: int32 offsets
+    wrapped negative and `qanchor update` could not write the shard."""
+    from qanchor.infer.modality_cache import Encoding
+    from qanchor.infer.state import decode_encodings, encodings_table
+
+    rng = np.random.default_rng(0)
+    enc = {u: {"app": Encoding(rng.normal(size=(n, 4)).astype(np.float32), rng.normal(size=4).astype(np.float32), 7,
+                               rng.normal(size=3).astype(np.float32), np.zeros(0, np.float32))}
+           for u, n in (("a", 2), ("b", 0), ("c", 5))}
+    table = encodings_table(enc, 4)
+    assert table.schema.field("event_tokens").type == pa.large_list(pa.float32())
+    old = table.cast(pa.schema([f.with_type(pa.list_(pa.float32())) if pa.types.is_large_list(f.type) else f
+                                for f in table.schema]))  # as states were written before
+    for t in (table, old, pa.concat_tables([old.cast(table.schema), table])):  # the update path upgrades old rows
+        back = decode_encodings(t, {"a", "c"})
+        for u in ("a", "c"):
+            np.testing.assert_array_equal(back[u]["app"].events, enc[u]["app"].events)
+            np.testing.assert_array_equal(back[u]["app"].statistics, enc[u]["app"].statistics)
