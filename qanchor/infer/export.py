@@ -74,7 +74,7 @@ def _check_queries(pairs: list[tuple[str, str]], source: str) -> list[tuple[str,
     if not pairs:
         raise ModelInputError(f"{source}: no queries found")
     for qid, q in pairs:
-        if not isinstance(q, str) or not q.strip() or not str(qid).strip():
+        if not isinstance(q, str) or not q.strip() or qid is None or not str(qid).strip():  # null is no id, not "None"
             raise ModelInputError(f"{source}: query {qid!r} is empty; every entry needs an id and a question")
     ids = [str(qid).strip() for qid, _ in pairs]
     dup = sorted({i for i in ids if ids.count(i) > 1})

@@ -95,6 +95,7 @@ def _events(uid: str, spec: ModalitySpec, raw: object) -> EventSeq:
             ts[i] = to_microseconds(event["ts"])
         except ValueError as exc:
             raise ModelInputError(f"{where}: {exc}") from None
+        _check_utf8(event["text"], f"{where}, field 'text'")
         text.append(event["text"])
         value[i] = _number(event.get("value"), f"{where}, field 'value'")
         for j, col in enumerate(spec.numeric_columns):
@@ -117,11 +118,34 @@ def _tabular(uid: str, raw: object, columns: list[str]) -> np.ndarray | None:
     return np.array([_number(raw.get(c), f"user {uid!r}, tabular feature {c!r}") for c in columns], np.float32)
 
 
+def _check_utf8(text: str, where: str) -> None:
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as exc:  # a lone surrogate ("surrogateescape" decoding): the tokenizer raised a TypeError
+        raise ModelInputError(f"{where}: not valid Unicode text (character {exc.start}); decode the source as UTF-8 "
+                              "(replacing bad bytes) before passing it") from None
+
+
 def _check_record(rec: UserRecord, manifest: Manifest, columns: list[str]) -> UserRecord:
     specs = {m.name: m for m in manifest.sequence_modalities}
     for name, seq in rec.events.items():
         if name not in specs:
             raise ModelInputError(f"user {rec.user_id!r}: unknown modality {name!r}; the model knows: {', '.join(specs)}")
+        where = f"user {rec.user_id!r}, modality {name!r}"
+        if not isinstance(seq, EventSeq):
+            raise ModelInputError(f"{where}: events must be an EventSeq, got {type(seq).__name__}")
+        for field_name, array, kinds, ndim in (("ts", seq.ts, "iu", 1), ("value", seq.value, "fiu", 1),
+                                               ("extras", seq.extras, "fiu", 2)):
+            if not isinstance(array, np.ndarray) or array.dtype.kind not in kinds or array.ndim != ndim:
+                what = f"a {array.ndim}-d {array.dtype} array" if isinstance(array, np.ndarray) else type(array).__name__
+                raise ModelInputError(f"{where}: {field_name} must be a {ndim}-d numpy array of "
+                                      f"{'integer microseconds' if field_name == 'ts' else 'numbers'}, got {what} (a dict "
+                                      "user takes lists and datetimes)")
+        bad = next((i for i, t in enumerate(seq.text) if not isinstance(t, str)), None)
+        if bad is not None:
+            raise ModelInputError(f"{where}, event {bad}: text must be a string, got {type(seq.text[bad]).__name__}")
+        for i, t in enumerate(seq.text):
+            _check_utf8(t, f"{where}, event {i}, field 'text'")
         lengths = {"ts": len(seq.ts), "text": len(seq.text), "value": len(seq.value), "extras": len(seq.extras)}
         if len(set(lengths.values())) > 1:
             raise ModelInputError(f"user {rec.user_id!r}, modality {name!r}: its arrays differ in length ({lengths}); "
@@ -161,7 +185,9 @@ def to_record(user: UserRecord | Mapping, manifest: Manifest, tabular_columns: l
     if isinstance(user, UserRecord):
         return _check_record(user, manifest, tabular_columns)
     if not isinstance(user, Mapping):
-        raise ModelInputError(f"a user must be a UserRecord or a dict with user_id and events, got {type(user).__name__}")
+        raise ModelInputError(f"a user must be a UserRecord or a dict with user_id and events, got {type(user).__name__}"
+                              + (" (iterating a DataFrame gives its column names: pass one dict per user, or the Dataset)"
+                                 if isinstance(user, str) else ""))
     unknown = set(user) - {"user_id", "events", "tabular"}
     if unknown:
         raise ModelInputError(f"unknown user field '{sorted(unknown)[0]}'; allowed: user_id, events, tabular")

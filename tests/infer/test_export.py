@@ -139,6 +139,7 @@ def test_read_queries_formats(tmp_path):
     _refused(tmp_path, "tab.txt", "Will this user pay?\nchurn\t\n", r"tab.txt, line 2: 'id<TAB>question' with an empty question")
     # a head's rows are named head:<task>: a query of that id would be the same query id in an export
     _refused(tmp_path, "head.yaml", "head:churn: Will this user churn?\n", "'head:churn' starts with 'head:'")
+    _refused(tmp_path, "null.yaml", "- query_id: null\n  query: Will this user churn?\n", "query None is empty")  # not id 'None'
 
 
 def test_read_queries_from_a_csv_with_its_header(tmp_path):

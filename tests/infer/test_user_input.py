@@ -62,3 +62,25 @@ def test_a_missing_timestamp_is_refused_by_event(missing):
                                                {"ts": missing, "text": "when?"}]}}
     with pytest.raises(ModelInputError, match=r"user 'x', modality 'app', event 1: the timestamp is missing \(NaT\)"):
         to_record(user, tiny_manifest(), ["age", "income"])
+
+
+@pytest.mark.parametrize("events, match", [
+    (EventSeq([1, 2], ["a", "b"], np.zeros(2, np.float32), np.zeros((2, 1), np.float32)), "ts must be a 1-d numpy array"),
+    (EventSeq(np.array([1, 2]), ["a", "b"], np.zeros(2, np.float32), np.zeros(2, np.float32)), "extras must be a 2-d"),
+    (EventSeq(np.array([1, 2]), ["a", 7], np.zeros(2, np.float32), np.zeros((2, 1), np.float32)),
+     "event 1: text must be a string, got int"),
+    (EventSeq(np.array([1, 2]), ["a", "caf\udce9"], np.zeros(2, np.float32), np.zeros((2, 1), np.float32)),
+     "event 1, field 'text': not valid Unicode"),
+])
+def test_a_badly_shaped_record_is_a_clear_error(events, match):
+    """A list for ts, 1-d extras, a number for a text and a lone surrogate gave tracebacks from numpy or the tokenizer."""
+    with pytest.raises(ModelInputError, match=match):
+        to_record(UserRecord("x", {"bill": events}), tiny_manifest(), ["age", "income"])
+
+
+def test_dict_users_with_broken_text_and_a_dataframe_as_users_are_clear_errors():
+    user = {"user_id": "x", "events": {"app": [{"ts": "2024-01-01T00:00:00Z", "text": "caf\udce9"}]}}
+    with pytest.raises(ModelInputError, match=r"user 'x', modality 'app', event 0, field 'text': not valid Unicode"):
+        to_record(user, tiny_manifest(), ["age", "income"])
+    with pytest.raises(ModelInputError, match="iterating a DataFrame gives its column names"):
+        to_record("user_id", tiny_manifest(), ["age", "income"])
