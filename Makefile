@@ -88,10 +88,14 @@ $(VENV)/.coles: $(VENV)/.installed
 bench: install $(VENV)/.coles ## AUC/KS benchmark with peers (installs the CoLES peer first)
 	$(QA) bench --config $(or $(CONFIG),configs/bench/tiny-cj.yaml) $(ARGS)
 
-# resume=true: a re-run (or a run after an interruption) continues the pretraining instead of refusing it.
+# resume=true: a re-run (or a run after an interruption) continues the pretraining instead of refusing it; a run
+# older than its dataset's UserU pairs (the data rebuilt after a pull changed how they are chosen) starts over
+# (overwrite=true) rather than resuming, or finishing at once, on data it was not trained on.
+RUN_MODE = $$( [ -e $(2)/checkpoint/model.safetensors ] && [ $(1) -nt $(2)/checkpoint/model.safetensors ] && echo overwrite=true || echo resume=true )
+
 demo: install data-cj ## end to end on Complete Journey: data, pretrain, prompt-tune, bench
 	@start=$$(date +%s); \
-	$(MAKE) --no-print-directory pretrain CONFIG=configs/pretrain/tiny-cj.yaml ARGS="data.path=$(CJ) output_dir=runs/demo/pretrain resume=true $(ARGS)" && \
+	$(MAKE) --no-print-directory pretrain CONFIG=configs/pretrain/tiny-cj.yaml ARGS="data.path=$(CJ) output_dir=runs/demo/pretrain $(call RUN_MODE,$(CJ)/userU.parquet,runs/demo/pretrain) $(ARGS)" && \
 	$(MAKE) --no-print-directory prompt-tune CONFIG=configs/prompt_tune/tiny-cj.yaml ARGS="checkpoint=runs/demo/pretrain data.path=$(CJ) output_dir=runs/demo/heads" && \
 	$(MAKE) --no-print-directory bench CONFIG=configs/bench/tiny-cj.yaml ARGS="checkpoint=runs/demo/pretrain data.path=$(CJ) heads_dir=runs/demo/heads output_dir=results/demo" && \
 	echo "demo: pretrain + prompt-tune + bench took $$(( $$(date +%s) - start )) s; report: results/demo/report.md"
@@ -100,21 +104,21 @@ demo: install data-cj ## end to end on Complete Journey: data, pretrain, prompt-
 # reports), and skipping the saved heads (only used for a PCA plot) keeps it under 15 minutes on 2 cores.
 demo-synth: install data-synth ## pretrain + bench on the synthetic world, whose tasks know their oracle AUC
 	@start=$$(date +%s); \
-	$(MAKE) --no-print-directory pretrain CONFIG=configs/pretrain/tiny-synth.yaml ARGS="data.path=$(SYNTH) output_dir=runs/synth/pretrain resume=true $(ARGS)" && \
+	$(MAKE) --no-print-directory pretrain CONFIG=configs/pretrain/tiny-synth.yaml ARGS="data.path=$(SYNTH) output_dir=runs/synth/pretrain $(call RUN_MODE,$(SYNTH)/userU.parquet,runs/synth/pretrain) $(ARGS)" && \
 	$(MAKE) --no-print-directory bench CONFIG=configs/bench/tiny-synth.yaml ARGS="checkpoint=runs/synth/pretrain data.path=$(SYNTH) heads_dir=null output_dir=results/synth" && \
 	echo "demo-synth: pretrain + bench took $$(( $$(date +%s) - start )) s; report: results/synth/report.md"
 
 # demo-ratings: the same on a world whose signal is in the event texts (what users rated), not in the counts.
 demo-ratings: install data-ratings ## pretrain + bench on the synthetic ratings world (profile tasks)
 	@start=$$(date +%s); \
-	$(MAKE) --no-print-directory pretrain CONFIG=configs/pretrain/tiny-ratings.yaml ARGS="data.path=$(RATINGS) output_dir=runs/ratings/pretrain resume=true $(ARGS)" && \
+	$(MAKE) --no-print-directory pretrain CONFIG=configs/pretrain/tiny-ratings.yaml ARGS="data.path=$(RATINGS) output_dir=runs/ratings/pretrain $(call RUN_MODE,$(RATINGS)/userU.parquet,runs/ratings/pretrain) $(ARGS)" && \
 	$(MAKE) --no-print-directory bench CONFIG=configs/bench/tiny-ratings.yaml ARGS="checkpoint=runs/ratings/pretrain data.path=$(RATINGS) heads_dir=null output_dir=results/ratings" && \
 	echo "demo-ratings: pretrain + bench took $$(( $$(date +%s) - start )) s; report: results/ratings/report.md"
 
 # demo-profile: real item texts with tasks about who the household is (Complete Journey's demographics, 801 households).
 demo-profile: install data-cj-profile ## pretrain (tiny-ratings recipe) + bench on Complete Journey's demographics
 	@start=$$(date +%s); \
-	$(MAKE) --no-print-directory pretrain CONFIG=configs/pretrain/tiny-ratings.yaml ARGS="data.path=$(CJP) output_dir=runs/cj-profile/pretrain resume=true $(ARGS)" && \
+	$(MAKE) --no-print-directory pretrain CONFIG=configs/pretrain/tiny-ratings.yaml ARGS="data.path=$(CJP) output_dir=runs/cj-profile/pretrain $(call RUN_MODE,$(CJP)/userU.parquet,runs/cj-profile/pretrain) $(ARGS)" && \
 	$(MAKE) --no-print-directory bench CONFIG=configs/bench/cj-profile.yaml ARGS="checkpoint=runs/cj-profile/pretrain data.path=$(CJP) heads_dir=null output_dir=results/cj-profile" && \
 	echo "demo-profile: pretrain + bench took $$(( $$(date +%s) - start )) s; report: results/cj-profile/report.md"
 
@@ -124,7 +128,7 @@ demo-profile: install data-cj-profile ## pretrain (tiny-ratings recipe) + bench 
 # (resumable: re-run it). ARGS="train.max_steps=3000" gives the earlier, shorter run.
 uqa: install data-cj ## ask held-out households multiple-choice questions: Q-Anchor vs TextN vs prior (slow)
 	@start=$$(date +%s); \
-	$(MAKE) --no-print-directory pretrain CONFIG=configs/pretrain/tiny-cj.yaml ARGS="data.path=$(CJ) output_dir=runs/uqa/pretrain train.holdout_users=0.1 train.max_steps=6000 train.log_every=100 train.save_every=500 resume=true $(ARGS)" && \
+	$(MAKE) --no-print-directory pretrain CONFIG=configs/pretrain/tiny-cj.yaml ARGS="data.path=$(CJ) output_dir=runs/uqa/pretrain train.holdout_users=0.1 train.max_steps=6000 train.log_every=100 train.save_every=500 $(call RUN_MODE,$(CJ)/userU.parquet,runs/uqa/pretrain) $(ARGS)" && \
 	$(QA) uqa --config configs/uqa/tiny-cj.yaml data.path=$(CJ) && \
 	echo "uqa: took $$(( $$(date +%s) - start )) s; report: results/uqa/report.md"
 

@@ -24,8 +24,8 @@ from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-from qanchor.bench.uqa import merge_results, uqa_table, write_uqa  # noqa: E402
-from qanchor.data.io import OutputKind, claim_output_dir  # noqa: E402
+from qanchor.bench.uqa import is_legacy_uqa_output, merge_results, uqa_table, write_uqa  # noqa: E402
+from qanchor.data.io import OutputKind, claim_output_dir, mark_output  # noqa: E402
 from qanchor.errors import QAnchorError  # noqa: E402
 
 
@@ -43,6 +43,8 @@ def main(argv: list[str] | None = None) -> int:
         loaded.append(json.loads(path.read_text(encoding="utf-8")))
     try:
         merged, differ = merge_results(loaded, list(args.results))
+        if is_legacy_uqa_output(args.out):
+            mark_output(args.out, OutputKind.UQA_RESULTS)  # merged before uqa results had a kind of their own
         claim_output_dir(args.out, OutputKind.UQA_RESULTS, {f"--results {d}": d for d in args.results}, key="--out")
     except (ValueError, QAnchorError) as exc:
         print(f"error: {exc}", file=sys.stderr)

@@ -86,3 +86,17 @@ def test_help_lists_every_setting_with_its_default(capsys):
     keys = settings_listing(PretrainConfig)
     assert len(keys) > 50 and all(f"  {key}={value}\n" in text for key, value in keys)
     assert "  train.max_steps=" in text and "  model.backbone.init_embeddings_from_minilm=true\n" in text
+
+
+def test_building_into_the_working_directory_is_refused_before_any_work(tmp_path, monkeypatch, capsys):
+    """`out=.` in an empty folder ran the whole build, then failed with a traceback (a rename onto the working directory
+    would have left the shell in a deleted folder)."""
+    here = tmp_path / "e2"
+    here.mkdir()
+    monkeypatch.chdir(here)
+    for builder in ("synth", "ratings"):
+        assert main(["data", builder, "out=.", "users=3"]) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and "is (or holds) the working directory" in err[0] and "out=mydata" in err[0], err
+    assert main(["data", "synth", f"out={tmp_path}", "users=3"]) == 2  # a folder holding it, too
+    assert sorted(p.name for p in here.iterdir()) == [] and sorted(p.name for p in tmp_path.iterdir()) == ["e2"]

@@ -26,6 +26,7 @@ Example:
 
 from __future__ import annotations
 
+import json
 import math
 import time
 import zlib
@@ -174,19 +175,37 @@ def _as_time(us: int) -> datetime:
     return datetime.fromtimestamp(us / 1e6, tz=timezone.utc)
 
 
+def is_legacy_uqa_output(directory: Path) -> bool:
+    """Whether ``directory`` is a uqa (or uqa_merge) output marked before uqa had an output kind of its own: marked as
+    benchmark results, with a uqa ``results.json`` (its ``asked`` / ``by_family`` keys; a bench's has neither)."""
+    if output_kind(directory) != OutputKind.RESULTS.value:
+        return False
+    try:
+        saved = json.loads((Path(directory) / "results.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return False
+    return isinstance(saved, dict) and {"by_family", "rows"} <= set(saved)
+
+
 def score(model: QAnchor, ds: Dataset, questions: list[Question]) -> tuple[np.ndarray, np.ndarray]:
     """Whether ``model`` picks the right option of each question, and the prompt positions it spends on each
     (user prefix + question + the two markers an answer follows). Each user is read once per cutoff and all their
     questions at it are scored on that reading (:meth:`QAnchor.choose_many`)."""
     correct = np.zeros(len(questions), bool)
     tokens = np.zeros(len(questions), np.int64)
-    records = {r.user_id: r for r in ds.users(sorted({q.user_id for q in questions}))}
+    # in the model's column layout (by name), and without a time_varying tabular snapshot at an earlier cutoff (it
+    # describes the window an action question asks about), as pretraining pairs are read
+    records = {r.user_id: r for r in model.dataset_records(ds, sorted({q.user_id for q in questions}))}
+    tabular = ds.manifest.tabular
+    snapshot_until = ds.manifest.cutoff_us if tabular is not None and tabular.time_varying else None
     for cutoff in sorted({q.cutoff_us for q in questions}):
         asked: dict[str, list[int]] = {}  # user -> their questions at this cutoff: each user is read once for all
         for i, q in enumerate(questions):
             if q.cutoff_us == cutoff:
                 asked.setdefault(q.user_id, []).append(i)
-        users = [UserRecord(u, events_before(records[u].events, cutoff), records[u].tabular) for u in asked]
+        withheld = snapshot_until is not None and cutoff < snapshot_until
+        users = [UserRecord(u, events_before(records[u].events, cutoff), None if withheld else records[u].tabular)
+                 for u in asked]
         when = _as_time(cutoff)
         choices = model.choose_many(users, [[(questions[i].question, list(questions[i].options)) for i in idx]
                                             for idx in asked.values()], cutoff=when, truncate=True)
@@ -233,8 +252,8 @@ def run_uqa(cfg: UqaConfig, progress: bool = True) -> UqaResult:
         log(f"uqa: {len(questions)} questions about {len(users)} held-out users "
             f"({', '.join(f'{f} {sum(q.family == f for q in questions)}' for f in FAMILIES)})")
     out = Path(cfg.output_dir)
-    if output_kind(out) == OutputKind.RESULTS.value and (out / "variants").is_dir():
-        mark_output(out, OutputKind.UQA_RESULTS)  # a uqa output marked before uqa had a kind of its own (its variants/)
+    if is_legacy_uqa_output(out):
+        mark_output(out, OutputKind.UQA_RESULTS)
     claim_output_dir(out, OutputKind.UQA_RESULTS, {"data.path": cfg.data.path, "checkpoint": cfg.checkpoint}, key="output_dir")
     models = {"qanchor": cfg.checkpoint}
     for n in sorted(set(cfg.text_events)):

@@ -292,6 +292,15 @@ def atomic_path(target: str | os.PathLike) -> Iterator[Path]:
 
 
 @contextmanager
+def refuse_working_directory(target: str | os.PathLike) -> None:
+    """OutputError for a ``target`` that is (or holds) the working directory: replacing it whole by a rename would leave
+    this shell in a deleted directory (``out=.`` failed with a traceback after the whole build)."""
+    root, here = Path(target).resolve(), Path.cwd().resolve()
+    if root == here or root in here.parents:
+        raise OutputError(f"{target} is (or holds) the working directory {here}; it is replaced whole when written, so "
+                          "name a new folder, e.g. out=mydata")
+
+
 def atomic_dir(target: str | os.PathLike, kind: OutputKind) -> Iterator[Path]:
     """Yield a temporary directory next to ``target``; on success it replaces ``target`` whole.
 
@@ -300,6 +309,7 @@ def atomic_dir(target: str | os.PathLike, kind: OutputKind) -> Iterator[Path]:
     """
     target = _through_link(Path(target))
     check_replaceable(target, kind)
+    refuse_working_directory(target)
     target.parent.mkdir(parents=True, exist_ok=True)
     _recover(target)
     tmp = _temp_name(target, _TMP)

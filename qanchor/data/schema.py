@@ -26,6 +26,7 @@ from qanchor.data.io import (
     check_replaceable,
     is_temporary,
     output_kind,
+    refuse_working_directory,
     write_parquet,
 )
 from qanchor.data.manifest import MANIFEST_FILE, Manifest
@@ -173,6 +174,7 @@ def check_dataset_target(out_dir: str | Path) -> None:
     and a dataset of ours holding files of the user's own (a rebuild replaces the directory whole): pairs, a labels
     file, a task or events file the build did not write, notes."""
     check_replaceable(out_dir, OutputKind.DATASET)
+    refuse_working_directory(out_dir)
     root = Path(out_dir).resolve()
     holder = next((p for p in root.parents if (p / MARKER_FILE).is_file()), None)
     if holder is not None:  # rebuilding or removing that output would take this dataset with it, unasked

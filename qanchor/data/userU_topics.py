@@ -247,7 +247,7 @@ def verify(claims: list[Claim], h: History, answer: str | None = None) -> bool:
     return answer is None or not unbacked_numbers(claims, answer, h.modalities)
 
 
-_NUMBER = re.compile(r"(?<![\w.])\d[\d,]*(?:\.\d+)?")
+_NUMBER = re.compile(r"(?<![\w.])-?\d[\d,]*(?:\.\d+)?")  # signed: refunds and money out are negative amounts
 _CLOCK = re.compile(r"\b\d{2}:\d{2}\b")  # the time-of-day buckets' fixed hours ("06:00-12:00 UTC")
 
 
@@ -257,8 +257,10 @@ def unbacked_numbers(claims: list[Claim], answer: str, modalities: Iterable[str]
     answer states; nor are clock times."""
     text = answer.lower()
     named = {str(v).lower() for c in claims if isinstance(c, Claim) for v in (c.value, c.arg) if isinstance(v, str) and v}
+    named |= {n.replace("_", " ") for n in named}  # a column "tax_2" is shown as "tax 2"
     for name in sorted(named | {m.lower() for m in modalities}, key=len, reverse=True):
-        text = text.replace(name, " ")
+        # whole words only: an item text "5" must not cut "15 times" down to "1 times"
+        text = re.sub(rf"(?<!\w){re.escape(name)}(?!\w)", " ", text)
     values = []
     for c in claims:
         try:

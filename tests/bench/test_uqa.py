@@ -211,6 +211,12 @@ def test_uqa_end_to_end(env, tmp_path, capsys):
     report = (tmp_path / "u" / "report.md").read_text()
     assert "TextN: last 4 events as text" in report and "## Accuracy per topic" in report and (tmp_path / "u" / "uqa.png").stat().st_size > 1000
     assert (tmp_path / "u" / "uqa_cost.png").stat().st_size > 1000 and "uqa_cost.png" in report
+    # a uqa folder marked before uqa results had a kind of their own (as benchmark results) is re-marked, not refused
+    from qanchor.data.io import OutputKind, mark_output, output_kind
+
+    mark_output(tmp_path / "u", OutputKind.RESULTS)
+    assert run_uqa(cfg, progress=False).rows["qanchor"]["correct"] == result.rows["qanchor"]["correct"]
+    assert output_kind(tmp_path / "u") == OutputKind.UQA_RESULTS.value
     # a checkpoint pretrained on every user is refused in one line
     open_cfg = tiny_cfg()
     model0, tok0 = build_model(open_cfg.model, ds.manifest, encoder().dim, ds.tabular_columns)
@@ -220,3 +226,43 @@ def test_uqa_end_to_end(env, tmp_path, capsys):
     assert main(["uqa", f"checkpoint={plain}", f"data.path={ds_dir}", f"output_dir={tmp_path / 'v'}"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "holdout_users" in err[0]
+
+
+def test_score_reads_users_by_column_name_and_withholds_a_time_varying_snapshot_before_the_cutoff(env, tmp_path):
+    """uqa's scoring built records straight from the dataset: columns by position, and a time_varying tabular snapshot
+    (taken at the dataset's cutoff) handed to the model for questions asked 30 days earlier."""
+    from types import SimpleNamespace
+
+    import yaml
+
+    from qanchor.bench.uqa import Question
+
+    _, ds_dir, _ = env
+    varying = tmp_path / "ds"
+    shutil.copytree(ds_dir, varying, ignore=shutil.ignore_patterns(".qanchor_cache"))
+    manifest = yaml.safe_load((varying / "manifest.yaml").read_text())
+    next(m for m in manifest["modalities"] if m["kind"] == "tabular")["time_varying"] = True
+    (varying / "manifest.yaml").write_text(yaml.safe_dump(manifest))
+    ds = load_dataset(varying)
+    user = next(r.user_id for r in ds.users() if r.tabular is not None)
+    seen, remapped = [], []
+
+    def choose_many(users, asked, cutoff, truncate):
+        seen.extend((cutoff, u.tabular) for u in users)
+        return [[SimpleNamespace(option=q[1][0]) for q in per_user] for per_user in asked]
+
+    def dataset_records(d, ids):
+        remapped.append(list(ids))
+        return d.users(ids)
+
+    model = SimpleNamespace(dataset_records=dataset_records, choose_many=choose_many,
+                            prefix_lengths=lambda users, cutoff: [0] * len(users),
+                            tokenizer=lambda text, **kw: {"input_ids": [1]})
+    day = 86_400_000_000
+    questions = [Question(user, "action", "t", "Will it?", ("yes", "no"), 0, ds.manifest.cutoff_us - 30 * day),
+                 Question(user, "profile", "t", "What?", ("a", "b"), 0, ds.manifest.cutoff_us)]
+    correct, _ = score(model, ds, questions)
+    assert correct.tolist() == [True, True] and remapped == [[user]]  # read through the model's layout
+    by_cutoff = dict((c.timestamp(), t) for c, t in seen)
+    earlier, at_cutoff = sorted(by_cutoff)
+    assert by_cutoff[earlier] is None and by_cutoff[at_cutoff] is not None

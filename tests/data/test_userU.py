@@ -274,6 +274,15 @@ def test_verify_rejects_an_answer_whose_numbers_its_claims_do_not_back(built):
     assert not verify([top], h, f"Most frequent: '{top.value}'; 'CASINO CHIPS' (40 times).")
     assert unbacked_numbers([Claim("count", 1234)], "1,234 events at 06:00-12:00 UTC in app2", ["app2"]) == []
     assert unbacked_numbers([Claim("count", 12)], "12 events, 13 days") == ["13"]
+    # signed amounts, an item text that is a number, a column shown with spaces: all backed
+    assert unbacked_numbers([Claim("value_sum", -75.0, "bill"), Claim("value_count", 6, "bill")],
+                            "Bill amounts total -75.0 over 6 events.", ["bill"]) == []
+    assert unbacked_numbers([Claim("value_sum", 75.0, "bill")], "Bill amounts total -75.0.", ["bill"]) == ["-75.0"]
+    assert unbacked_numbers([Claim("top_item", "5", "rating"), Claim("item_count", 15, "rating", "5")],
+                            "Most frequent: rating '5' (15 times).", ["rating"]) == []
+    assert unbacked_numbers([Claim("extra_count", 6, "bill", "tax_2"), Claim("count", 6, "bill"),
+                             Claim("extra_sum", 12.0, "bill", "tax_2")],
+                            "A tax 2 appears on 6 of 6 bill events, 12.0 in total.", ["bill"]) == []
 
 
 @pytest.mark.parametrize("lie", [0, 3])
