@@ -135,5 +135,8 @@ uqa: install data-cj ## ask held-out households multiple-choice questions: Q-Anc
 gpu-check: install ## on a GPU: gpu tests, 0.5B-shape pretraining, 10k users x 10 queries (DEVICE=cpu SMALL=1 anywhere)
 	PY=$(PY) bash benchmarks/gpu_check.sh $(ARGS)
 
-clean: ## remove built data, runs and results (keeps .venv)
-	rm -rf $(DATA_DIR) runs results
+# Only what qanchor built (a folder carrying its output marker): your own datasets under data/ and other files stay.
+clean: ## remove the built datasets, runs and results (qanchor outputs only; keeps .venv)
+	@for d in $(CJ) $(SYNTH) $(RATINGS) $(CJP) runs/* runs/*/* results/*; do \
+	  if [ -f "$$d/.qanchor-output" ]; then echo "rm -rf $$d"; rm -rf "$$d"; fi; \
+	done; rmdir runs/* runs results 2>/dev/null || true

@@ -84,8 +84,9 @@ def _frame(hh, modality: str, ts, text, value, **extra) -> pd.DataFrame:
 def _window(cutoff: str, tx_ts: pd.Series) -> tuple[pd.Timestamp, pd.Timestamp]:
     """Cutoff (midnight of its date) and label-window end: three calendar months, month-end aligned.
 
-    The window ends three months after the day *following* the cutoff, minus a day, so a month-end
-    cutoff gives a month-end window (2017-09-30 -> 2017-12-31, 92 days).
+    The window ends three months after the day *following* the cutoff, minus a day, and is half-open,
+    [cutoff, end): the cutoff 2017-09-30 gives 2017-09-30 up to (not including) 2017-12-31, 92 days, so the
+    data's last day (2017-12-31: 5,546 transaction lines, 1 redemption) lies in no label window.
     """
     cut = pd.Timestamp(cutoff)
     cut = (cut.tz_convert("UTC").tz_localize(None) if cut.tzinfo else cut).normalize()
