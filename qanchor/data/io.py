@@ -291,7 +291,6 @@ def atomic_path(target: str | os.PathLike) -> Iterator[Path]:
             tmp.unlink()
 
 
-@contextmanager
 def refuse_working_directory(target: str | os.PathLike) -> None:
     """OutputError for a ``target`` that is (or holds) the working directory: replacing it whole by a rename would leave
     this shell in a deleted directory (``out=.`` failed with a traceback after the whole build)."""
@@ -301,6 +300,7 @@ def refuse_working_directory(target: str | os.PathLike) -> None:
                           "name a new folder, e.g. out=mydata")
 
 
+@contextmanager
 def atomic_dir(target: str | os.PathLike, kind: OutputKind) -> Iterator[Path]:
     """Yield a temporary directory next to ``target``; on success it replaces ``target`` whole.
 
