@@ -120,14 +120,16 @@ def parse_peers(text: str) -> list[str]:
 
 def budget_curve(tasks: list, emb: np.ndarray | None, peers: dict[str, np.ndarray], user_ids: list[str],
                  budgets: list[int | None], draws: int, folds: int = 5, seed: int = 0) -> dict:
-    """Mean AUC per budget and row over ``tasks`` (from :func:`eligible_tasks`), folds and draws (see the module doc);
+    """Mean AUC per budget and row over ``tasks`` (from :func:`eligible_tasks`): each task's mean over its folds and
+    draws, then the mean over tasks, as the bench averages (a task with fewer folds weighs as much as any other);
     ``emb`` from :func:`query_embeddings` with the tasks' queries then the generic query last (None: the peers only;
     they do not depend on the checkpoint, so they are fitted once). A row without features is None."""
     row_of = {u: i for i, u in enumerate(user_ids)}
     queries = list(dict.fromkeys(t.query for t in tasks))
     col = {q: i for i, q in enumerate(queries)}
-    aucs: dict[str, dict[str, list[float]]] = {_name(b): {r: [] for r in ROWS} for b in budgets}
+    aucs: dict[str, dict[str, list[float]]] = {_name(b): {r: [] for r in ROWS} for b in budgets}  # per task: its mean
     for k, task in enumerate(tasks):
+        per_task: dict[str, dict[str, list[float]]] = {_name(b): {r: [] for r in ROWS} for b in budgets}
         log(f"label_budget: task {k + 1}/{len(tasks)} {task.name} ({'query rows' if emb is not None else 'peers'})")
         rows = np.fromiter((row_of[u] for u in task.user_ids), np.int64)
         other = next((t.query for t in tasks[k + 1:] + tasks if t.query != task.query), None)
@@ -144,7 +146,11 @@ def budget_curve(tasks: list, emb: np.ndarray | None, peers: dict[str, np.ndarra
                         if x is not None:
                             kind = Classifier.LGBM if name.endswith("_lgbm") else Classifier.LR
                             scores = fit_predict(kind, x[fit], labels[fit], x[test], seed)  # as the bench
-                            aucs[_name(b)][name].append(auc_score(labels[test], scores))
+                            per_task[_name(b)][name].append(auc_score(labels[test], scores))
+        for b, rows_ in per_task.items():
+            for name, values in rows_.items():
+                if values:
+                    aucs[b][name].append(float(np.mean(values)))
     return {"tasks": [t.name for t in tasks],
             "auc": {b: {r: float(np.mean(v)) if v else None for r, v in rows_.items()} for b, rows_ in aucs.items()}}
 

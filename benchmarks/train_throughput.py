@@ -290,7 +290,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--warmup", type=int, default=1, help="first steps left out of the rates")
     ap.add_argument("--users", type=int, default=300, help="synthetic users to generate")
     ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--data", type=Path, help="dataset dir: reused if it holds userU.parquet, else built there")
+    ap.add_argument("--data", type=Path, help="a dataset dir with userU.parquet (default: a synthetic world built in a "
+                    "temporary folder)")
     ap.add_argument("--encoder-texts", type=int, default=2048, help="event texts to time the sentence encoder on")
     ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                     help="pretrain config override for every run, e.g. data.default_max_events=24 (repeatable)")
@@ -313,6 +314,10 @@ def main(argv: list[str] | None = None) -> int:
     with tempfile.TemporaryDirectory(prefix="qanchor-bench-") as tmp:
         work = Path(tmp)
         data = args.data or work / "synth"
+        if args.data is not None and not (data / "userU.parquet").exists():  # never build into a folder the user named
+            print(f"error: --data {data} holds no userU.parquet; run `qanchor data userU {data}` first (or leave --data "
+                  "out: a synthetic world is built in a temporary folder)", file=sys.stderr)
+            return 2
         if not (data / "userU.parquet").exists():
             from data_tools.synth import build_synthetic
             from qanchor.data.userU import build_userU

@@ -56,13 +56,15 @@ def test_curve_all_reproduces_the_bench_and_rows_are_paired(lb, infer_env):
     for t in tasks:
         r = np.array([row[u] for u in t.user_ids])
         folds = stratified_folds(t.labels, fold_count(t.labels, 5), 0)
-        bench += evaluate_folds(MethodInput(features=emb[r, col[t.query]], classifier=Classifier.LR), t.labels, folds, 0).auc
-    assert curve["auc"]["all"]["task"] == pytest.approx(np.mean(bench), abs=1e-12)
+        bench.append(np.mean(evaluate_folds(MethodInput(features=emb[r, col[t.query]], classifier=Classifier.LR), t.labels,
+                                            folds, 0).auc))
+    assert curve["auc"]["all"]["task"] == pytest.approx(np.mean(bench), abs=1e-12)  # per task over folds, then over tasks
     lgbm = []  # a _lgbm peer is fitted as the bench fits rfm_lgbm: LightGBM on the raw features
     for t in tasks:
         r = np.array([row[u] for u in t.user_ids])
         folds = stratified_folds(t.labels, fold_count(t.labels, 5), 0)
-        lgbm += evaluate_folds(MethodInput(features=feats.rfm[r], classifier=Classifier.LGBM), t.labels, folds, 0).auc
+        lgbm.append(np.mean(evaluate_folds(MethodInput(features=feats.rfm[r], classifier=Classifier.LGBM), t.labels, folds,
+                                           0).auc))
     assert curve["auc"]["all"]["rfm_lgbm"] == pytest.approx(np.mean(lgbm), abs=1e-12)
     assert curve["auc"]["all"]["rfm_lgbm"] != curve["auc"]["all"]["rfm_lr"]
     summary = lb.summarise([{"checkpoint": "a", **curve}, {"checkpoint": "b", **curve}])
@@ -99,3 +101,27 @@ def test_peers_can_be_limited(lb, tiny_dataset, tmp_path):
         with pytest.raises(SystemExit):
             lb.main(["--data", str(tiny_dataset), *bad])
 
+
+
+def test_a_task_with_fewer_folds_weighs_as_much_as_any_other_as_in_the_bench(lb, infer_env):
+    """The curve took one flat mean over every (task, fold) AUC: a task with 3 folds weighed less than one with 5, and
+    the `all` budget did not reproduce the bench's rows."""
+    from dataclasses import replace
+
+    ds = infer_env.ds
+    tasks = lb.eligible_tasks(ds)
+    few = np.zeros(len(tasks[1].labels), np.int8)
+    few[[1, 5, 9]] = 1  # three positives: three folds
+    tasks = [tasks[0], replace(tasks[1], labels=few)]
+    assert [fold_count(t.labels, 5) for t in tasks] == [5, 3]
+    user_ids = sorted({u for t in tasks for u in t.user_ids})
+    rfm = extract_features(ds, user_ids, None).rfm_log
+    curve = lb.budget_curve(tasks, None, {"rfm_lr": rfm}, user_ids, [None], draws=1)
+    row = {u: i for i, u in enumerate(user_ids)}
+    per_task = []
+    for t in tasks:
+        r = np.array([row[u] for u in t.user_ids])
+        folds = stratified_folds(t.labels, fold_count(t.labels, 5), 0)
+        per_task.append(evaluate_folds(MethodInput(features=rfm[r], classifier=Classifier.LR), t.labels, folds, 0).auc)
+    assert curve["auc"]["all"]["rfm_lr"] == pytest.approx(np.mean([np.mean(a) for a in per_task]), abs=1e-12)
+    assert curve["auc"]["all"]["rfm_lr"] != pytest.approx(np.mean(np.concatenate(per_task)), abs=1e-9)
