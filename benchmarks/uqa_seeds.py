@@ -36,7 +36,12 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from qanchor.bench.uqa import FAMILIES, same_questions  # noqa: E402
-from qanchor.data.io import write_json, write_text  # noqa: E402
+from qanchor.data.dataset import load_dataset  # noqa: E402
+from qanchor.data.io import file_sha256, write_json, write_text  # noqa: E402
+from qanchor.train.pretrain import trained_data_id  # noqa: E402
+
+sys.path.insert(0, str(ROOT / "benchmarks"))
+from quality_seeds import check_reusable  # noqa: E402
 
 # The `make uqa` recipe: users held out of pretraining and a budget at which the next-token tower reads the user.
 # `make uqa`'s pretraining (6,000 steps since 2026-12-04; `--set train.max_steps=3000` for the earlier runs).
@@ -158,13 +163,21 @@ def main(argv=None) -> int:
         if args.root is None:
             ap.error("give --root (to run the seeds) or --results (to summarise finished runs)")
         dirs = []
+        data_id = trained_data_id(load_dataset(args.data))
         for seed in [int(s) for s in args.seeds.split(",")]:
             run, out = args.root / f"seed{seed}", args.root / f"uqa-seed{seed}"  # beside the run, not inside it
-            if not (out / "results.json").exists():
+            # what the seed's result depends on: a result made under other settings is refused, not summarised
+            wanted = {"seed": seed, "pretrain_config": file_sha256(args.pretrain), "uqa_config": file_sha256(args.uqa),
+                      "set": list(args.set), "uqa_set": list(args.uqa_set), "data": data_id}
+            record = out / "results.json.settings.json"
+            if (out / "results.json").exists():
+                check_reusable(out / "results.json", wanted)
+            else:
                 _qanchor("pretrain", "--config", args.pretrain, f"data.path={args.data}", f"output_dir={run}",
                          f"train.seed={seed}", "resume=true", *UQA_PRETRAIN, *args.set)
                 _qanchor("uqa", "--config", args.uqa, f"checkpoint={run}", f"data.path={args.data}",
                          f"output_dir={out}", *args.uqa_set)
+                write_json(wanted, record)
             dirs.append(out)
     missing = [str(d) for d in dirs if not (d / "results.json").exists()]
     if missing:

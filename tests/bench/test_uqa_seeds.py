@@ -98,3 +98,19 @@ def test_topics_split_a_family(uqa_seeds):
     text = uqa_seeds.table(s)
     assert "| qanchor (2) | 1.000 ± 0.000 | 0.250 ± 0.250 |" in text
     assert "| Q-Anchor - prior (2) | +75.0 (+50.0 .. +100.0) | +0.0 (-50.0 .. +50.0) |" in text
+
+
+def test_a_seed_made_with_other_settings_is_refused_not_summarised(uqa_seeds, tiny_dataset, tmp_path):
+    """A root's uqa-seed<k>/results.json was reused whatever made it: another --set was summarised as this one."""
+    root = tmp_path / "root"
+    out = root / "uqa-seed0"
+    out.mkdir(parents=True)
+    (out / "results.json").write_text(json.dumps(_result([1] * 8, [0] * 8)))
+    args = ["--root", str(root), "--seeds", "0", "--data", str(tiny_dataset)]
+    wanted = {"seed": 0, "pretrain_config": uqa_seeds.file_sha256("configs/pretrain/tiny-cj.yaml"),
+              "uqa_config": uqa_seeds.file_sha256("configs/uqa/tiny-cj.yaml"), "set": ["train.max_steps=6000"],
+              "uqa_set": [], "data": uqa_seeds.trained_data_id(uqa_seeds.load_dataset(tiny_dataset))}
+    (out / "results.json.settings.json").write_text(json.dumps(wanted))
+    with pytest.raises(SystemExit, match=r"other settings \(set: \['train.max_steps=6000'\] -> \['train.max_steps=3000'\]\)"):
+        uqa_seeds.main([*args, "--set", "train.max_steps=3000"])
+    assert uqa_seeds.main([*args, "--set", "train.max_steps=6000"]) == 0  # the same settings: reused
