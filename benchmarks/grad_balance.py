@@ -1,6 +1,7 @@
 """How the pretraining losses share one gradient step: per-term gradient norms and the angles between them.
 
-The total loss is ``contrastive + ntp_weight * ntp + profile_weight * profile`` and the step clips the *total*
+The total loss is ``contrastive + ntp_weight * ntp + profile_weight * profile + future_weight * future +
+path_free_weight * path_free`` (the last two only where the recipe sets their weights) and the step clips the *total*
 gradient to ``train.grad_clip``. When one term's gradient is much larger than the others', clipping shrinks
 every term by the same factor and that term sets the direction: the others learn at a fraction of the
 learning rate. When two terms' gradients point against each other (negative cosine) on the shared backbone,
@@ -39,7 +40,7 @@ from qanchor.logs import quiet_third_party  # noqa: E402
 from qanchor.train.pairs import PretrainStream  # noqa: E402
 from qanchor.train.pretrain import answer_cache  # noqa: E402
 
-TERMS = ("contrastive", "ntp", "profile")
+TERMS = ("contrastive", "ntp", "profile", "future", "path_free")
 GROUPS = ("backbone", "user_encoder", "heads", "all")
 
 
@@ -64,7 +65,8 @@ def gradient_balance(q: QAnchor, ds, batches: int, batch_size: int, seed: int = 
     torch.manual_seed(seed)  # the pair stream draws from torch's RNG: each checkpoint sees the same batches
     model.train()  # as in pretraining (the tiny preset has no dropout; a preset with dropout gets its noise)
     weights = {"contrastive": 1.0, "ntp": cfg.loss.ntp_weight,
-               "profile": cfg.loss.profile_weight if profile_weight is None else profile_weight}
+               "profile": cfg.loss.profile_weight if profile_weight is None else profile_weight,
+               "future": cfg.loss.future_weight, "path_free": cfg.loss.path_free_weight}  # every term of the step's total
     if weights["profile"] > 0 and model.profile_decoder is None:
         raise SystemExit("error: this checkpoint has no profile decoder (it was pretrained with loss.profile_weight 0)")
     stream = PretrainStream.for_run(ds, q.pipeline, q.tokenizer, model.token_ids, cfg, seed=4321 + seed)
@@ -76,7 +78,8 @@ def gradient_balance(q: QAnchor, ds, batches: int, batch_size: int, seed: int = 
     rows = []
     for step in range(batches):
         out = model(stream.batch(step, batch_size), cfg.loss)
-        values = {"contrastive": out.loss_contrastive, "ntp": out.loss_ntp, "profile": out.loss_profile}
+        values = {"contrastive": out.loss_contrastive, "ntp": out.loss_ntp, "profile": out.loss_profile,
+                  "future": out.loss_future, "path_free": out.loss_path_free}
         grads = {}  # term -> per-parameter weighted gradient, float64: float32 sums over millions of entries drift
         for term in TERMS:
             if weights[term] == 0 or not values[term].requires_grad:
@@ -104,7 +107,7 @@ def gradient_balance(q: QAnchor, ds, batches: int, batch_size: int, seed: int = 
 
 def markdown(results: dict[str, dict]) -> str:
     lines = ["| checkpoint | group | " + " | ".join(f"‖∇ {t}‖" for t in TERMS) + " | ‖∇ total‖ | cos(ntp, profile) "
-             "| cos(contrastive, profile) | cos(contrastive, ntp) |", "|---|---|" + "---|" * 7]
+             "| cos(contrastive, profile) | cos(contrastive, ntp) |", "|---|---|" + "---|" * (len(TERMS) + 4)]
     for name, r in results.items():
         m = r["mean"]
         for g in GROUPS:

@@ -177,6 +177,9 @@ def main() -> None:
 
             data = build_synthetic(Path(tmp) / "synth", n_users=args.users_data, seed=1)
         model, tokenizer, packed, cache, n_tab = _setup(data, args.ckpt, args.users, args.seed)
+        if len(packed) < args.batch_size:  # each batch draws distinct users from the pool
+            p.error(f"--batch-size {args.batch_size} is more than the {len(packed)} users in the pool (--users "
+                    f"{args.users}, the dataset's users); lower it or give more users")
         rows = []
         for n in [int(x) for x in args.max_events.split(",")]:
             rows.append(bench_one(model, tokenizer, packed, cache, n_tab, n, args.batch_size, args.steps, args.warmup, args.seed))

@@ -71,3 +71,32 @@ def test_profile_weight_override_scales_only_its_term(env):
     assert "all/profile" not in off and off["all/total"] < base["all/total"]
     table = gb.markdown({"ckpt": gb.gradient_balance(q, ds, batches=1, batch_size=4)})
     assert "| ckpt | backbone |" in table and "Clip factor" in table
+
+
+def test_the_total_holds_every_weighted_term_of_the_step(tiny_dataset, tmp_path):
+    """With loss.future_weight set, the script's total and clip factor left the future term out: not the step's."""
+    from qanchor.data.dataset import load_dataset
+    from qanchor.data.text_cache import TextVectorCache
+    from qanchor.infer.api import QAnchor
+    from qanchor.model.factory import ModelMeta, build_model, save_checkpoint
+    from qanchor.train.pairs import PretrainStream
+    from tests.model.helpers import encoder, tiny_cfg
+
+    ds_dir = copy_dataset(tiny_dataset, tmp_path / "ds", with_userU=True)
+    ds = load_dataset(ds_dir)
+    cache = TextVectorCache(ds.text_cache_dir, encoder())
+    cfg = tiny_cfg(["loss.profile_weight=1", "loss.future_weight=5"])
+    torch.manual_seed(0)
+    model, tokenizer = build_model(cfg.model, ds.manifest, cache.dim, ds.tabular_columns, training_aids=cfg.loss)
+    ckpt = save_checkpoint(tmp_path / "ckpt", model, tokenizer, cfg,
+                           ModelMeta(ds.manifest.to_dict(), cache.dim, {}, list(ds.tabular_columns)))
+    q = QAnchor.from_pretrained(ckpt, text_cache=cache, batch_size=8)
+    row = load_benchmark("grad_balance").gradient_balance(q, ds, batches=1, batch_size=4)["per_batch"][0]
+    assert row["all/future"] > 0
+    stream = PretrainStream.for_run(ds, q.pipeline, q.tokenizer, q.model.token_ids, q.run_cfg, seed=4321)
+    torch.manual_seed(0)
+    q.model.train()
+    q.model.zero_grad(set_to_none=True)
+    q.model(stream.batch(0, 4), q.run_cfg.loss).loss.backward()
+    step_norm = math.sqrt(sum(float(p.grad.pow(2).sum()) for p in q.model.parameters() if p.grad is not None))
+    assert row["all/total"] == pytest.approx(step_norm, rel=1e-4)
