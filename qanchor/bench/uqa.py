@@ -42,7 +42,7 @@ import qanchor
 from qanchor.bench.plots import _pyplot, save_figure
 from qanchor.bench.report import markdown_table
 from qanchor.bench.retrain import checkpoint_run_config, pretrain_variant
-from qanchor.config import PretrainConfig, UqaConfig, require, to_yaml
+from qanchor.config import ModelConfig, PretrainConfig, UqaConfig, require, to_yaml
 from qanchor.data.dataset import Dataset, UserRecord, load_dataset
 from qanchor.data.io import OutputKind, claim_output_dir, mark_output, output_kind, write_json, write_text
 from qanchor.data.userU import FUTURE_QUERY, summarize_future
@@ -225,7 +225,14 @@ def _text_variant(n_events: int):
         caps = {m: max(c, n_events) for m, c in cfg.data.max_events.items()}
         data = replace(cfg.data, text_events=n_events, max_events=caps,
                        default_max_events=max(cfg.data.default_max_events, n_events))
-        return replace(cfg, data=data, model=replace(cfg.model, user_input="text"))
+        # a text-prefix model reads lines of event text: no user encoder, so none of its statistics or text vectors
+        # (the wide statistics path, query evidence), whichever the checkpoint's recipe used
+        encoder = cfg.model.user_encoder
+        if encoder.content_use == "path":  # content components join the profile loss's targets instead
+            encoder = replace(encoder, content_use="target")
+        return replace(cfg, data=data, model=replace(cfg.model, user_input="text", query_evidence=False,
+                                                     statistics_path="none", user_encoder=encoder,
+                                                     statistics_path_init=ModelConfig().statistics_path_init))
     return change
 
 

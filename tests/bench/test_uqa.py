@@ -266,3 +266,20 @@ def test_score_reads_users_by_column_name_and_withholds_a_time_varying_snapshot_
     by_cutoff = dict((c.timestamp(), t) for c, t in seen)
     earlier, at_cutoff = sorted(by_cutoff)
     assert by_cutoff[earlier] is None and by_cutoff[at_cutoff] is not None
+
+
+@pytest.mark.parametrize("config", ["tiny-cj", "tiny-synth", "tiny-ratings", "qwen2.5-0.5b"])
+def test_the_text_rows_can_be_built_from_every_shipped_recipe(config):
+    """A text-prefix variant kept the recipe's query evidence and statistics path, which a text model cannot have:
+    `make uqa` failed after its 17-minute pretraining."""
+    from pathlib import Path
+
+    from qanchor.bench.uqa import _text_variant
+    from qanchor.config import load_config
+
+    cfg = load_config(Path(__file__).resolve().parents[2] / f"configs/pretrain/{config}.yaml", ["train.holdout_users=0.1"])
+    for n in (0, 8):
+        variant = _text_variant(n)(cfg)
+        assert variant.model.user_input == "text" and variant.data.text_events == n
+        assert not variant.model.query_evidence and variant.model.statistics_path == "none"
+        assert variant.train == cfg.train and variant.loss == cfg.loss  # the same recipe otherwise
