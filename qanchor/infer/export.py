@@ -200,6 +200,13 @@ def _finished_shards(directory: str | Path) -> list[Path]:
     files = sorted(directory.glob("part-*.parquet"))
     if (directory / "export.json").exists():  # an export: only shards whose marker says they are final
         files = [p for p in files if p.with_suffix(".done").exists()]
+        try:
+            planned = len(json.loads((directory / "export.json").read_text())["shards"])
+        except (OSError, ValueError, KeyError, TypeError):
+            raise ModelInputError(f"{directory / 'export.json'}: damaged; re-run `qanchor embed` into a new out=") from None
+        if len(files) < planned:  # killed, or other ranks still writing: an index of it would lack users, silently
+            raise ModelInputError(f"{directory}: the export is unfinished ({len(files)} of {planned} shards done); re-run "
+                                  "the same `qanchor embed` command to finish it")
     if not files:
         raise ModelInputError(f"{directory}: no finished embedding shards (part-*.parquet)")
     return files

@@ -66,6 +66,9 @@ def test_killed_export_resumes_without_redoing_shards(infer_env, full_export, tm
     with pytest.raises(Killed):
         _export(infer_env, out, on_shard_done=die_after_two)
     assert sorted(p.name for p in out.glob("*.done")) == ["part-00000.done", "part-00001.done"]
+    # an unfinished export is not read (an index of it lacked 4 of 6 shards' users, silently)
+    with pytest.raises(ModelInputError, match=r"the export is unfinished \(2 of 6 shards done\)"):
+        read_embeddings(out)
     before = {p.name: p.stat().st_mtime_ns for p in out.glob("part-0000[01].parquet")}
     redone: list[int] = []
     report = _export(infer_env, out, on_shard_done=redone.append)
