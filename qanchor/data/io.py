@@ -206,6 +206,22 @@ def _stale(target: Path, tag: str) -> list[Path]:
     return out
 
 
+def remove_dead_temporaries(directory: str | os.PathLike) -> int:
+    """Remove the temporaries in ``directory`` (not below it) that processes of this machine left when killed; return
+    how many. For files whose names a writer makes unique (its pid in the name), which no later write of the same name
+    would ever clear; another machine's temporaries are left alone, as in :func:`_stale`."""
+    removed = 0
+    for p in Path(directory).glob(f".*.{_TMP}.*"):
+        parts = p.name.split(".")
+        if len(parts) < 5 or parts[-3] != _TMP:
+            continue
+        pid, _, host = parts[-2].partition("-")
+        if pid.isdigit() and (not host or host == _host()) and not _pid_alive(int(pid)):
+            _remove(p)
+            removed += 1
+    return removed
+
+
 def _remove(path: Path) -> None:
     if path.is_dir() and not path.is_symlink():
         shutil.rmtree(path)

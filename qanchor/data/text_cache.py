@@ -26,8 +26,8 @@ import pyarrow.parquet as pq
 import torch
 
 from qanchor.config import TextEncoderConfig
-from qanchor.data.io import OutputKind, claim_output_dir, write_parquet
-from qanchor.errors import ConfigError
+from qanchor.data.io import OutputKind, claim_output_dir, remove_dead_temporaries, write_parquet
+from qanchor.errors import ConfigError, DataValidationError
 from qanchor.logs import hf_bars_off_terminal
 from qanchor.logs import progress as progress_iter
 
@@ -137,6 +137,7 @@ class TextVectorCache:
         claim_output_dir(root, OutputKind.CACHE, key="text cache dir")
         self.dir = Path(root) / encoder.key
         self.dir.mkdir(exist_ok=True)
+        remove_dead_temporaries(self.dir)  # a writer killed mid-shard: its name held its pid, so no rewrite clears it
         self._row: dict[str, int] = {}
         self._n_rows = 0  # rows stored; can exceed len(_row) if two writers stored the same text
         self._chunks: list[np.ndarray] = []
@@ -153,7 +154,11 @@ class TextVectorCache:
         for shard in sorted(self.dir.glob("shard-*.parquet")):
             if shard.name in self._read:
                 continue
-            table = pq.read_table(shard)
+            try:
+                table = pq.read_table(shard)
+            except (OSError, pa.ArrowException) as exc:  # truncated or overwritten from outside (a bad copy, a disk fault)
+                raise DataValidationError(str(shard), f"a damaged text-vector cache shard ({str(exc).splitlines()[0]}); "
+                                          "delete it: its texts are encoded again on the next run") from None
             self._add(table.column("text").to_pylist(),
                       np.asarray(table.column("vector").combine_chunks().flatten()).reshape(-1, self.encoder.dim))
             self._read.add(shard.name)

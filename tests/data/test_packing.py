@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import os
 from datetime import datetime, timezone
 
 import numpy as np
@@ -144,3 +145,29 @@ def test_cache_key_follows_the_tokenizer_not_the_folder(tmp_path, encoder):
     key = moved.key
     assert float(relowered.encode([text])[0] @ moved.encode([text])[0]) < 0.9  # they do read it differently
     assert moved.key == key  # encoding sets the tokenizer's padding and truncation: not part of what it is
+
+
+def test_a_killed_writers_shard_temporary_is_cleared_and_a_damaged_shard_named(tmp_path, encoder):
+    """A shard's name holds its writer's pid, so a writer killed mid-write left a full-size temporary no later write
+    would ever clear; a truncated shard crashed every command with pyarrow's traceback."""
+    import subprocess
+    import sys
+
+    from qanchor.errors import DataValidationError
+
+    cache = TextVectorCache(tmp_path / "text", encoder)
+    cache.ensure(["a", "b"])
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    pid = int(dead.stdout)  # a process that has exited
+    from qanchor.data.io import _host
+
+    left = cache.dir / f".shard-00001-{pid}.parquet.qanchor-tmp.{pid}-{_host()}.abcd1234"
+    left.write_bytes(b"x" * 1000)
+    alive = cache.dir / f".shard-00002-1.parquet.qanchor-tmp.{os.getpid()}-{_host()}.abcd1234"  # a live writer's
+    alive.write_bytes(b"y")
+    again = TextVectorCache(tmp_path / "text", encoder)
+    assert not left.exists() and alive.exists() and len(again) == 2
+    shard = next(cache.dir.glob("shard-*.parquet"))
+    shard.write_bytes(shard.read_bytes()[:40])
+    with pytest.raises(DataValidationError, match=r"shard-.*damaged text-vector cache shard.*delete it"):
+        TextVectorCache(tmp_path / "text", encoder)
