@@ -46,6 +46,14 @@ def check_index_target(out: str | Path, embeddings: str | Path | None = None) ->
                           "replace it: choose another path")
 
 
+def _building(path: Path) -> bool:
+    """Whether ``path`` (an index description) is the mark a first build writes before its data files."""
+    try:
+        return bool(json.loads(path.read_text()).get("building"))
+    except (OSError, ValueError, AttributeError):
+        return False
+
+
 def _meta_format(path: Path) -> str | None:
     try:
         return json.loads(path.read_text()).get("format")
@@ -109,6 +117,10 @@ class LookalikeIndex:
 
         path = Path(path)
         check_index_target(path)
+        if not Path(f"{path}.json").exists():
+            # a first build marks the path as a qanchor index before any data file: one killed before its description
+            # (written last) is then re-run over its own files instead of refused as someone else's
+            write_text(json.dumps({"format": INDEX_FORMAT, "building": True}), f"{path}.json")
         with atomic_path(path) as tmp:
             faiss.write_index(self.index, str(tmp))
         write_parquet(pa.table({"user_id": pa.array(self.user_ids.tolist(), pa.string())}), f"{path}.users.parquet")
@@ -124,6 +136,8 @@ class LookalikeIndex:
         import faiss
 
         path = Path(path)
+        if _building(Path(f"{path}.json")):
+            raise ModelInputError(f"{path}: its build stopped before it finished; run `qanchor index build` again")
         for p in (path, Path(f"{path}.users.parquet"), Path(f"{path}.json")):
             if not p.is_file():
                 raise ModelInputError(f"{p} not found; build the index with `qanchor index build`")

@@ -80,3 +80,25 @@ def test_a_rebuild_stopped_between_its_files_is_refused(data, tmp_path):
     with pytest.raises(ModelInputError, match="not written by one build"):
         LookalikeIndex.load(tmp_path / "old.faiss")
     assert LookalikeIndex.load(tmp_path / "new.faiss").search(vecs[100], 1)[0][0][0] == "new0"
+
+
+def test_a_first_build_stopped_between_its_files_can_be_run_again(data, tmp_path, monkeypatch):
+    """A first build killed after its faiss file (before its description) left a file the re-run called "not part of a
+    qanchor index", and refused to replace its own output."""
+    from qanchor.infer import index as index_mod
+
+    ids, vecs = data
+    built = LookalikeIndex.build(ids[:100], vecs[:100])
+
+    def killed(*args, **kwargs):
+        raise KeyboardInterrupt  # the process dies after the faiss file, before the user list and the description
+
+    monkeypatch.setattr(index_mod, "write_parquet", killed)
+    with pytest.raises(KeyboardInterrupt):
+        built.save(tmp_path / "i.faiss")
+    monkeypatch.undo()
+    assert (tmp_path / "i.faiss").exists()
+    with pytest.raises(ModelInputError, match="its build stopped before it finished"):
+        LookalikeIndex.load(tmp_path / "i.faiss")
+    built.save(tmp_path / "i.faiss")  # the re-run replaces its own files
+    assert LookalikeIndex.load(tmp_path / "i.faiss").search(vecs[3], 1)[0][0][0] == ids[3]
