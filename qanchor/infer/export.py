@@ -343,6 +343,7 @@ def export_embeddings(model: QAnchor, ds: Dataset, queries: list[tuple[str, str]
         for chunk_ids, chunk in model.iter_embed(records, requests, use_cache, cutoff):
             ids += chunk_ids
             chunks.append(chunk)
+            bar.update(len(chunk_ids))  # per batch: a shard is a whole partition, minutes at the paper's width
         emb = np.concatenate(chunks) if chunks else np.zeros((0, len(requests), model.embedding_dim), np.float32)  # (U, Q, D)
         scores = np.full(emb.shape[:2], np.nan, np.float32)  # (U, Q + n_heads)
         scores[:, len(queries):] = head_scores(heads, emb[:, len(queries):])
@@ -350,7 +351,6 @@ def export_embeddings(model: QAnchor, ds: Dataset, queries: list[tuple[str, str]
         failpoint("shard-written")
         write_text(json.dumps({"users": len(ids), "rows": len(ids) * len(requests)}), out / f"part-{i:05d}.done")
         users += len(ids)
-        bar.update(len(ids))
         if on_shard_done is not None:
             on_shard_done(i)
     bar.close()

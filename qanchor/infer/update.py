@@ -55,7 +55,7 @@ from qanchor.infer.state import (
     write_tables,
 )
 from qanchor.infer.user_input import record_adapter, to_microseconds
-from qanchor.logs import log
+from qanchor.logs import Progress, log
 from qanchor.logs import progress as progress_iter
 
 __all__ = ["UpdateReport", "init_state", "update_state", "read_events"]
@@ -214,18 +214,22 @@ def init_state(q: QAnchor, ds: Dataset, queries: list[tuple[str, str]], out_dir:
     shards = [p for p in range(parts.count) if len(parts.ids_of(p))]
     names = set(q.model.user_encoder.names)
     n_users = ran = 0
+    # counted in users, per batch: a shard is a whole partition (up to 4,096 users), minutes at the paper's width
+    bar = Progress(sum(len(parts.ids_of(p)) for p in shards), "init state", "user", enabled=progress)
     with atomic_dir(out_dir, OutputKind.STATE) as tmp:
-        for s, p in enumerate(progress_iter(shards, desc="init state", unit="shard", enabled=progress)):
+        for s, p in enumerate(shards):
             records = [adapt(r) for r in ds.users(parts.ids_of(p))]
             encodings, n = {}, 0
             for chunk in batched(records, q.batch_size):
                 enc, n_run = _encode_users(q, chunk, [names] * len(chunk), as_of_us, {})
                 encodings.update(enc)
                 n += n_run
+                bar.update(len(chunk))
             emb = _embed(q, encodings, [r.user_id for r in records], asked)
             buffers = [UserRecord(r.user_id, _buffer(q, r), None) for r in records]
             _write_shard(q, tmp, s, buffers, encodings, emb, query_ids, {})
             n_users, ran = n_users + len(records), ran + n
+        bar.close()
         report = UpdateReport(_iso(as_of_us), 0.0, n_users, n_users, n_users, 0, ran, 0, n_users, len(shards), 0,
                               time.perf_counter() - start)
         bounds = [str(parts.ids_of(p)[0]) for p in shards[1:]]

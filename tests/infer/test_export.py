@@ -259,3 +259,22 @@ def test_the_head_digest_sees_everything_that_moves_a_score(infer_env):
               variant(prototype_labels=torch.tensor([0, 1, 1])), variant(query=QUERIES[1])]
     digests = {head_digest(h) for h in others}
     assert len(digests) == len(others) and head_digest(base) not in digests
+
+
+def test_progress_moves_per_batch_not_per_shard(infer_env, tmp_path, monkeypatch):
+    """The counter moved only when a whole shard (a partition of up to 4,096 users) was done: on a cluster log a long
+    shard ran silent for minutes, which reads as a hang."""
+    from qanchor.infer import export as export_mod
+
+    steps = []
+
+    class Counting(export_mod.Progress):
+        def update(self, n: int = 1) -> None:
+            steps.append(n)
+            super().update(n)
+
+    monkeypatch.setattr(export_mod, "Progress", Counting)
+    report = export_embeddings(infer_env.qa, infer_env.ds, PAIRS, tmp_path / "one", rank=0, world=1, shard_users=1000,
+                               progress=False)
+    assert report.shards_written == 1 and sum(steps) == report.users  # every user counted once
+    assert len(steps) >= report.users // infer_env.qa.batch_size > 1  # in batches, within the one shard
