@@ -46,27 +46,29 @@ data: data-cj data-synth ## build Complete Journey and a 2,000-user synthetic da
 # Each dataset is rebuilt when the code that builds it is newer than the dataset (a pull that changed how its users,
 # labels or pairs are chosen), and only then: a dataset built before such a change is never benchmarked by mistake.
 USERU_CODE := qanchor/data/userU.py qanchor/data/userU_topics.py qanchor/data/forecast.py qanchor/data/history.py
+# what writes every dataset's files and manifest, beside each builder
+WRITER_CODE := qanchor/data/schema.py qanchor/data/manifest.py
 
 data-cj: install $(CJ)/userU.parquet ## build Complete Journey (households that shopped before 2017-09-30), with UserU pairs
-$(CJ)/manifest.yaml: data_tools/completejourney.py | install
+$(CJ)/manifest.yaml: data_tools/completejourney.py $(WRITER_CODE) | install
 	$(QA) data completejourney out=$(CJ)
 $(CJ)/userU.parquet: $(CJ)/manifest.yaml $(USERU_CODE) | install
 	$(QA) data userU $(CJ)
 
 data-synth: install $(SYNTH)/userU.parquet ## build the 2,000-user synthetic world (generator seed 1), with UserU pairs
-$(SYNTH)/manifest.yaml: data_tools/synth.py | install
+$(SYNTH)/manifest.yaml: data_tools/synth.py $(WRITER_CODE) | install
 	$(QA) data synth out=$(SYNTH) users=2000 seed=1
 $(SYNTH)/userU.parquet: $(SYNTH)/manifest.yaml $(USERU_CODE) | install
 	$(QA) data userU $(SYNTH)
 
 data-ratings: install $(RATINGS)/userU.parquet ## build the 2,000-user synthetic ratings world (one modality; profile tasks), with UserU pairs
-$(RATINGS)/manifest.yaml: data_tools/ratings.py | install
+$(RATINGS)/manifest.yaml: data_tools/ratings.py $(WRITER_CODE) | install
 	$(QA) data ratings out=$(RATINGS) users=2000 seed=0
 $(RATINGS)/userU.parquet: $(RATINGS)/manifest.yaml $(USERU_CODE) | install
 	$(QA) data userU $(RATINGS)
 
 data-cj-profile: install $(CJP)/userU.parquet ## build Complete Journey's purchases with its demographics as profile tasks, with UserU pairs
-$(CJP)/manifest.yaml: data_tools/completejourney.py | install
+$(CJP)/manifest.yaml: data_tools/completejourney.py $(WRITER_CODE) | install
 	$(QA) data cj-profile out=$(CJP)
 $(CJP)/userU.parquet: $(CJP)/manifest.yaml $(USERU_CODE) | install
 	$(QA) data userU $(CJP)
