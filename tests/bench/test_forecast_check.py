@@ -41,6 +41,10 @@ def test_rows_tell_a_linear_read_a_nonlinear_one_and_an_empty_embedding_apart(fc
     squared = fc.evaluate(stats, emb, y[:, 1:], y[:, 1:], groups)
     assert squared["stats_lgbm"] > 0.8 and squared["stats_ridge"] < 0.05
     assert squared["decoder"] == pytest.approx(1.0)  # a decoder that outputs the truth
+    # a noisy decoder reads less than the truth, a decoder of noise nothing: the row scores the decoder's output
+    noisy = fc.evaluate(stats, emb, y[:, 1:], y[:, 1:] + 0.5 * rng.normal(size=(n, 1)) * y[:, 1:].std(), groups)
+    assert 0.5 < noisy["decoder"] < 0.95  # about 1 - 0.5^2
+    assert fc.evaluate(stats, emb, y[:, 1:], rng.normal(size=(n, 1)), groups)["decoder"] < 0.05
 
 
 def test_run_scores_untrained_pairs_with_a_complete_window(fc, tiny_dataset, tmp_path):

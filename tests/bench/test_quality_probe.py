@@ -83,6 +83,25 @@ def test_run_reports_few_directions_for_every_query(qp, infer_env, tmp_path):
     assert "statistics" not in result and "statistics" not in result["widths"]
     for task in result["tasks"]:  # no path, no evidence: every input of this model is its input profile
         assert result["per_task"][task]["all_inputs"] == result["per_task"][task]["input_profile"]
+    # the rows read what they say: the probe on the top-k principal directions of the task query's embedding
+    from qanchor.bench.peers import stratified_folds
+    from qanchor.bench.tasks import dataset_tasks, fold_count
+    from qanchor.data.dataset import load_dataset
+    from qanchor.infer.api import QAnchor
+
+    ds = load_dataset(infer_env.ds_dir)
+    tasks = [t for t in dataset_tasks(ds, [], None, 0) if fold_count(t.labels, 2) >= 2]
+    user_ids = sorted({u for t in tasks for u in t.user_ids})
+    q = QAnchor.from_pretrained(infer_env.ckpt, text_cache_dir=ds.text_cache_dir)
+    q.model.eval()
+    emb = qp.embed_all(q, ds, user_ids, [t.query for t in tasks] + ["What kind of user is this?"])[1]
+    row = {u: i for i, u in enumerate(user_ids)}
+    t = tasks[0]
+    r = np.array([row[u] for u in t.user_ids])
+    folds = stratified_folds(t.labels, fold_count(t.labels, 2), 0)
+    got = {k: result["per_task"][t.name]["top_directions"][str(k)]["task"] for k in (1, 8)}
+    for k in (1, 8):
+        assert got[k] == pytest.approx(qp.probe(qp.top_directions(emb[r, 0], k), t.labels, folds)[0], abs=1e-6), k
 
 
 def test_peer_rows_probe_the_rfm_peer_features_and_their_widened_copy(qp, infer_env, tmp_path):

@@ -43,12 +43,21 @@ def bench(tiny_dataset, tmp_path_factory):
     return cfg, result, embedder, held_out
 
 
-def test_every_method_same_folds_and_users(bench):
-    _, result, _, _ = bench
+def test_every_method_same_folds_and_users(bench, tiny_dataset, tmp_path):
+    cfg, result, _, _ = bench
     for task in result.tasks.values():
         sizes = {m: r.n_test for m, r in task.methods.items() if r.ok and m != "qanchor_head"}
         assert len(set(map(tuple, sizes.values()))) == 1, sizes  # identical test folds for every fitted method
         assert sum(next(iter(sizes.values()))) == task.n_users and task.folds == 3
+    # equal sizes are not equal users (stratified folds always have the same sizes): LightGBM refitted on the
+    # bench's own split of each task reproduces the row fold by fold, as the LR peers do in the next test
+    _, tasks = prepare(cfg)
+    for t in tasks:
+        feats = extract_features(load_dataset(tiny_dataset, cache_dir=tmp_path / "cache"), t.user_ids, None)
+        folds = stratified_folds(t.labels, 3, cfg.seed)
+        lgbm = evaluate_folds(MethodInput(features=feats.rfm[feats.rows(t.user_ids)], classifier=Classifier.LGBM),
+                              t.labels, folds, cfg.seed)
+        assert result.tasks[t.name].methods["rfm_lgbm"].auc == pytest.approx(lgbm.auc, abs=1e-12), t.name
 
 
 def test_one_embedding_call_for_all_queries_and_heads(bench):
@@ -92,6 +101,14 @@ def test_oracle_only_where_prob_exists(bench):
     coupon, churn = result.tasks["coupon"], result.tasks["churn"]
     assert churn.oracle is None and churn.oracle_auc is None
     assert coupon.oracle.ok and 0 <= coupon.oracle_auc <= 1 and len(coupon.oracle.auc) == 3
+    _, tasks = prepare(bench[0])
+    task = next(t for t in tasks if t.name == "coupon")
+    from qanchor.metrics import auc_score
+
+    assert coupon.oracle_auc == pytest.approx(auc_score(task.labels, task.prob), abs=1e-12)  # the generator's own P
+    folds = stratified_folds(task.labels, 3, bench[0].seed)
+    assert coupon.oracle.auc == pytest.approx(evaluate_folds(MethodInput(scores=task.prob), task.labels, folds, 0).auc,
+                                              abs=1e-12)
 
 
 def test_results_json_report_and_plots(bench, tmp_path):

@@ -62,11 +62,26 @@ def test_streaming_partitions_bound_memory(tiny_dataset, tmp_path, monkeypatch):
     assert small == full and read_sizes == [0, 1, 2, 3, 4]
 
 
-def test_partition_cache_reused_and_refreshed(tiny_dataset, tmp_path):
-    ds = qanchor.load_dataset(tiny_dataset, cache_dir=tmp_path / "c")
+def test_partition_cache_reused_and_refreshed(tiny_dataset, tmp_path, monkeypatch):
+    """Reused while the files are unchanged (built once for two loads); cut again when an events file changes, so the
+    loader never serves events the files no longer hold."""
+    import pyarrow.parquet as pq
+
+    data = tmp_path / "ds"
+    shutil.copytree(tiny_dataset, data, ignore=shutil.ignore_patterns(".qanchor_cache"))
+    built = []
+    real = dataset_mod._write_partitions
+    monkeypatch.setattr(dataset_mod, "_write_partitions", lambda *a, **k: (built.append(1), real(*a, **k))[1])
+    ds = qanchor.load_dataset(data, cache_dir=tmp_path / "c")
     first = ds.partitions.directory
-    again = qanchor.load_dataset(tiny_dataset, cache_dir=tmp_path / "c")
-    assert again.partitions.directory == first and (first / "index.json").exists()
+    again = qanchor.load_dataset(data, cache_dir=tmp_path / "c")
+    assert again.partitions.directory == first and (first / "index.json").exists() and len(built) == 1
+    part = sorted((data / "events").glob("*.parquet"))[0]
+    table = pq.read_table(part)
+    pq.write_table(table.slice(0, table.num_rows - 5), part)  # five events fewer
+    raw = sum(pq.read_metadata(p).num_rows for p in (data / "events").glob("*.parquet"))
+    fresh = qanchor.load_dataset(data, cache_dir=tmp_path / "c")
+    assert sum(len(s) for u in fresh.users() for s in u.events.values()) == raw and len(built) == 2
 
 
 def test_select_users_and_unknown(tiny_dataset):
