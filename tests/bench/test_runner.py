@@ -96,6 +96,28 @@ def test_coles_runs_or_says_why(bench):
     assert coles.ok or "pip install --no-deps pytorch-lifestream" in coles.skipped
 
 
+def test_the_coles_row_is_the_lr_probe_on_the_coles_vectors(tiny_dataset, tmp_path, monkeypatch):
+    """Without pytorch-lifestream the row above is only ever skipped: with known vectors in place of CoLES's, the row
+    is exactly the LR probe on each task user's own vector, on the bench's folds."""
+    from qanchor.bench import methods
+
+    cfg = _cfg(tiny_dataset, tmp_path, methods=["coles"], tasks=["churn"])
+    seen = {}
+
+    def vectors(ds, user_ids, cfg, progress=False):
+        seen["ids"] = list(user_ids)
+        return np.random.default_rng(0).normal(size=(len(user_ids), 6)).astype(np.float32)
+
+    monkeypatch.setattr(methods, "coles_embeddings", vectors)
+    result = run_bench(cfg, progress=False)
+    _, tasks = prepare(cfg)
+    churn = tasks[0]
+    x = vectors(None, seen["ids"], cfg)[[seen["ids"].index(u) for u in churn.user_ids]]
+    expected = evaluate_folds(MethodInput(features=x, classifier=Classifier.LR), churn.labels,
+                              stratified_folds(churn.labels, 3, cfg.seed), cfg.seed)
+    assert result.tasks["churn"].methods["coles"].auc == pytest.approx(expected.auc, abs=1e-12)
+
+
 def test_oracle_only_where_prob_exists(bench):
     _, result, _, _ = bench
     coupon, churn = result.tasks["coupon"], result.tasks["churn"]
