@@ -44,11 +44,21 @@ def test_auc_matrix_reads_own_swapped_and_negated(zs, infer_env):
 
 
 def test_command_writes_every_checkpoint(zs, infer_env, tmp_path, capsys):
+    import shutil
+
     out = tmp_path / "zs.json"
-    assert zs.main(["--checkpoint", str(infer_env.ckpt), "--data", str(infer_env.ds_dir), "--users", "12",
+    other = tmp_path / "ckpt2"
+    shutil.copytree(infer_env.ckpt, other)  # a second checkpoint: every one given gets its own matrix
+    assert zs.main(["--checkpoint", str(infer_env.ckpt), str(other), "--data", str(infer_env.ds_dir), "--users", "12",
                     "--out", str(out)]) == 0
     saved = json.loads(out.read_text())
+    assert set(saved["results"]) == {str(infer_env.ckpt), str(other)}
     r = saved["results"][str(infer_env.ckpt)]
     assert saved["users"] == 12 and set(r["tasks"]) <= {"churn", "coupon"} and r["tasks"]
-    assert all(0.0 <= a <= 1.0 for t in r["tasks"].values() for a in t["auc"].values())
+    # the matrix is the AUC of the model's own yes/no margins, as the functions above compute it
+    ds = infer_env.ds
+    ids = zs.labelled_users(ds, 12, 0)
+    expected = zs.auc_matrix(ds, ids, zs.yes_no_scores(infer_env.qa, ds, ids, [t.query for t in ds.tasks.values()]))
+    for name, t in r["tasks"].items():
+        assert t["auc"] == pytest.approx(expected["tasks"][name]["auc"], abs=1e-4), name
     assert "own-query AUC" in capsys.readouterr().out
