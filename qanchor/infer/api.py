@@ -436,7 +436,7 @@ class QAnchor:
                                   "spaces); write the answer in words")
         if len(ids) > limit and not truncate:
             raise ModelInputError(f"option {text[:60]!r} has {len(ids)} tokens, more than the {limit} answer tokens this "
-                                  "model was trained to write (model.max_answer_tokens - 1); shorten it or pass truncate=True")
+                                  "model was trained to write (model.max_answer_tokens - 1); shorten it (in Python, truncate=True cuts it)")
         return ids[:limit]
 
     def _options(self, options: object, truncate: bool = False) -> tuple[list[str], list[list[int]]]:
