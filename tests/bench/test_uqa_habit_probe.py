@@ -36,6 +36,14 @@ def test_labels_are_the_habits_the_topics_answer_and_timing_is_per_modality(hp, 
     # Each modality's block shares (the first 4 of its 5) sum to 1 where it has events, 0 where it has none.
     block_sums = timing["u001"].reshape(n_modalities, 5)[:, :4].sum(1)
     assert np.all(np.isclose(block_sums, 1.0) | np.isclose(block_sums, 0.0)) and block_sums.max() == pytest.approx(1.0)
+    # each block is that modality's own timing, not the user's events pooled; the labels vary from user to user
+    from qanchor.data.history import timing_features
+
+    for user in ("u001", "u004"):
+        before = events_before(ds.user(user).events, cutoff)
+        for k, m in enumerate(ds.manifest.sequence_modalities):
+            np.testing.assert_allclose(timing[user].reshape(n_modalities, 5)[k], timing_features(before.get(m.name)))
+    assert len(set(labels["time_of_day"].values())) > 1
 
 
 def test_probe_reads_informative_features_and_majority_is_the_floor(hp):
