@@ -211,12 +211,18 @@ def test_uqa_end_to_end(env, tmp_path, capsys):
     report = (tmp_path / "u" / "report.md").read_text()
     assert "TextN: last 4 events as text" in report and "## Accuracy per topic" in report and (tmp_path / "u" / "uqa.png").stat().st_size > 1000
     assert (tmp_path / "u" / "uqa_cost.png").stat().st_size > 1000 and "uqa_cost.png" in report
-    # a uqa folder marked before uqa results had a kind of their own (as benchmark results) is re-marked, not refused
-    from qanchor.data.io import OutputKind, mark_output, output_kind
+    # a uqa folder marked before uqa results had a kind of their own (as benchmark results) is recognised by its
+    # results.json (and re-marked by run_uqa before it claims the folder); a bench's is not
+    from qanchor.bench.uqa import is_legacy_uqa_output
+    from qanchor.data.io import OutputKind, mark_output
 
+    assert not is_legacy_uqa_output(tmp_path / "u")  # marked as uqa's own already
     mark_output(tmp_path / "u", OutputKind.RESULTS)
-    assert run_uqa(cfg, progress=False).rows["qanchor"]["correct"] == result.rows["qanchor"]["correct"]
-    assert output_kind(tmp_path / "u") == OutputKind.UQA_RESULTS.value
+    assert is_legacy_uqa_output(tmp_path / "u")
+    (tmp_path / "b").mkdir()
+    mark_output(tmp_path / "b", OutputKind.RESULTS)
+    (tmp_path / "b" / "results.json").write_text(json.dumps({"tasks": {}, "run": {}}))
+    assert not is_legacy_uqa_output(tmp_path / "b")
     # a checkpoint pretrained on every user is refused in one line
     open_cfg = tiny_cfg()
     model0, tok0 = build_model(open_cfg.model, ds.manifest, encoder().dim, ds.tabular_columns)
