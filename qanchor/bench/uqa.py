@@ -196,15 +196,13 @@ def score(model: QAnchor, ds: Dataset, questions: list[Question]) -> tuple[np.nd
     # in the model's column layout (by name), and without a time_varying tabular snapshot at an earlier cutoff (it
     # describes the window an action question asks about), as pretraining pairs are read
     records = {r.user_id: r for r in model.dataset_records(ds, sorted({q.user_id for q in questions}))}
-    tabular = ds.manifest.tabular
-    snapshot_until = ds.manifest.cutoff_us if tabular is not None and tabular.time_varying else None
     for cutoff in sorted({q.cutoff_us for q in questions}):
         asked: dict[str, list[int]] = {}  # user -> their questions at this cutoff: each user is read once for all
         for i, q in enumerate(questions):
             if q.cutoff_us == cutoff:
                 asked.setdefault(q.user_id, []).append(i)
-        withheld = snapshot_until is not None and cutoff < snapshot_until
-        users = [UserRecord(u, events_before(records[u].events, cutoff), None if withheld else records[u].tabular)
+        readable = ds.manifest.tabular_readable_at(cutoff)
+        users = [UserRecord(u, events_before(records[u].events, cutoff), records[u].tabular if readable else None)
                  for u in asked]
         when = _as_time(cutoff)
         choices = model.choose_many(users, [[(questions[i].question, list(questions[i].options)) for i in idx]

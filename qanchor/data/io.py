@@ -198,12 +198,16 @@ def _stale(target: Path, tag: str) -> list[Path]:
     out = []
     for p in target.parent.glob(glob.escape(f".{target.name}.{tag}.") + "*"):
         parts = p.name[len(target.name) + 2 :].split(".")
-        if len(parts) != 3:
-            continue
-        pid, _, host = parts[1].partition("-")  # names written before the host tag: this machine's
-        if pid.isdigit() and (not host or host == _host()) and not _pid_alive(int(pid)):
+        if len(parts) == 3 and _writer_dead(parts[1]):
             out.append(p)
     return out
+
+
+def _writer_dead(writer: str) -> bool:
+    """Whether the ``<pid>-<host>`` of a temporary's name is a process of this machine that no longer runs (names
+    written before the host tag: this machine's)."""
+    pid, _, host = writer.partition("-")
+    return pid.isdigit() and (not host or host == _host()) and not _pid_alive(int(pid))
 
 
 def remove_dead_temporaries(directory: str | os.PathLike) -> int:
@@ -213,10 +217,7 @@ def remove_dead_temporaries(directory: str | os.PathLike) -> int:
     removed = 0
     for p in Path(directory).glob(f".*.{_TMP}.*"):
         parts = p.name.split(".")
-        if len(parts) < 5 or parts[-3] != _TMP:
-            continue
-        pid, _, host = parts[-2].partition("-")
-        if pid.isdigit() and (not host or host == _host()) and not _pid_alive(int(pid)):
+        if len(parts) >= 5 and parts[-3] == _TMP and _writer_dead(parts[-2]):
             _remove(p)
             removed += 1
     return removed

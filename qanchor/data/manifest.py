@@ -104,6 +104,13 @@ class Manifest:
     def tabular(self) -> ModalitySpec | None:
         return next((m for m in self.modalities if m.kind is ModalityKind.TABULAR), None)
 
+    def tabular_readable_at(self, cutoff_us: int) -> bool:
+        """Whether a user seen at ``cutoff_us`` may read the tabular snapshot: always for fixed attributes; for a
+        ``time_varying`` one (taken at the dataset's cutoff) only from that cutoff on, since before it the snapshot
+        describes the very window that follows."""
+        tabular = self.tabular
+        return tabular is None or not tabular.time_varying or cutoff_us >= self.cutoff_us
+
     def modality(self, name: str) -> ModalitySpec:
         for m in self.modalities:
             if m.name == name:

@@ -46,19 +46,17 @@ def check_index_target(out: str | Path, embeddings: str | Path | None = None) ->
                           "replace it: choose another path")
 
 
-def _building(path: Path) -> bool:
-    """Whether ``path`` (an index description) is the mark a first build writes before its data files."""
+def _description(path: Path) -> dict:
+    """An index description's keys ({} where it is missing or unreadable)."""
     try:
-        return bool(json.loads(path.read_text()).get("building"))
-    except (OSError, ValueError, AttributeError):
-        return False
+        meta = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return {}
+    return meta if isinstance(meta, dict) else {}
 
 
 def _meta_format(path: Path) -> str | None:
-    try:
-        return json.loads(path.read_text()).get("format")
-    except (OSError, ValueError, AttributeError):
-        return None
+    return _description(path).get("format")
 
 
 def _unit(x: np.ndarray) -> np.ndarray:
@@ -136,7 +134,7 @@ class LookalikeIndex:
         import faiss
 
         path = Path(path)
-        if _building(Path(f"{path}.json")):
+        if _description(Path(f"{path}.json")).get("building"):  # the mark a first build writes before its data files
             raise ModelInputError(f"{path}: its build stopped before it finished; run `qanchor index build` again")
         for p in (path, Path(f"{path}.users.parquet"), Path(f"{path}.json")):
             if not p.is_file():

@@ -141,10 +141,9 @@ def _check_record(rec: UserRecord, manifest: Manifest, columns: list[str]) -> Us
                 raise ModelInputError(f"{where}: {field_name} must be a {ndim}-d numpy array of "
                                       f"{'integer microseconds' if field_name == 'ts' else 'numbers'}, got {what} (a dict "
                                       "user takes lists and datetimes)")
-        bad = next((i for i, t in enumerate(seq.text) if not isinstance(t, str)), None)
-        if bad is not None:
-            raise ModelInputError(f"{where}, event {bad}: text must be a string, got {type(seq.text[bad]).__name__}")
         for i, t in enumerate(seq.text):
+            if not isinstance(t, str):
+                raise ModelInputError(f"{where}, event {i}: text must be a string, got {type(t).__name__}")
             _check_utf8(t, f"{where}, event {i}, field 'text'")
         lengths = {"ts": len(seq.ts), "text": len(seq.text), "value": len(seq.value), "extras": len(seq.extras)}
         if len(set(lengths.values())) > 1:

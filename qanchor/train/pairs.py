@@ -224,15 +224,12 @@ class PretrainStream:
     def pack_pairs(self, ids: np.ndarray) -> list[PackedUser]:
         """Pairs ``ids`` -> each pair's user packed at the pair's cutoff. A ``time_varying`` tabular snapshot (taken at
         the dataset's cutoff) is withheld from pairs cut earlier: it would describe the window their answers ask about."""
-        packer = self.pipe.packer
-        tabular = self.ds.manifest.tabular
-        withhold = tabular is not None and tabular.time_varying
         out = []
         for i in ids:
             record, cutoff_us = self._record(self.user_ids[i], int(self.partition_of[i])), int(self.cutoff_us[i])
-            if withhold and cutoff_us < packer.cutoff_us and record.tabular is not None:
+            if record.tabular is not None and not self.ds.manifest.tabular_readable_at(cutoff_us):
                 record = replace(record, tabular=None)
-            out.append(packer.pack(record, cutoff_us))
+            out.append(self.pipe.packer.pack(record, cutoff_us))
         return out
 
     def batch(self, step: int, batch_size: int, rank: int = 0, world: int = 1) -> PretrainBatch:
