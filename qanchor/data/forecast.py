@@ -16,30 +16,23 @@ whose window is empty are kept (an inactive month is exactly what churn-like tas
 
 Which questions a cutoff gets depends on nothing after it: the modality is drawn from the dataset's modalities
 (a user who has never used *m*, or starts only after the cutoff, is asked too: a task asks every user), the
-categories from the user's events before the cutoff and the dataset's vocabulary, and the amount question is asked
-of users with values before the cutoff. Had the choice looked at the whole history, the question alone would
-tell the model something of the answer (asked about *m* only if the user uses *m* some day).
+categories from the user's events before the cutoff and from the categories some user of the dataset had before it,
+and the amount question is asked of users with values before the cutoff. Had the choice looked at the whole
+history, the question alone would tell the model something of the answer (asked about *m* only if the user uses *m*
+some day; asked about a category no one had yet, almost always "No").
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping
-
 import numpy as np
 
-from qanchor.data.userU_topics import DAY_US, History, category
+from qanchor.data.userU_topics import DAY_US, History, ItemAdoption, category
 
-__all__ = ["forecast_pairs", "category_vocabulary"]
+__all__ = ["forecast_pairs"]
 
 
 def _label(cat: str) -> str:
     return cat.split("/", 1)[1] or cat
-
-
-def category_vocabulary(texts: Mapping[str, Iterable[str]]) -> dict[str, list[str]]:
-    """Per modality, every category (``category(m, text)``) of the texts users touched: the pool of first-time
-    questions. ``texts``: modality -> texts (e.g. :func:`~qanchor.data.userU_topics.item_user_counts`'s keys)."""
-    return {m: sorted({category(m, t) for t in ts}) for m, ts in texts.items()}
 
 
 def _window(h: History, m: str, lo: int, hi: int) -> tuple[np.ndarray, list[str], np.ndarray]:
@@ -48,10 +41,12 @@ def _window(h: History, m: str, lo: int, hi: int) -> tuple[np.ndarray, list[str]
     return s.ts[sel], [t for t, k in zip(s.text, sel) if k], s.value[sel]
 
 
-def forecast_pairs(h: History, cutoffs: list[int], rng: np.random.Generator, vocab: dict[str, list[str]],
+def forecast_pairs(h: History, cutoffs: list[int], rng: np.random.Generator, adoption: ItemAdoption | None,
                    modalities: list[str], window_days: int = 30) -> list[tuple[int, str, str]]:
     """``(cutoff_us, question, answer)`` pairs at each internal cutoff (see the module docstring).
 
+    ``adoption``: when every user first had each text, the pool of the first-time question as of each cutoff (None:
+    no first-time questions).
     ``modalities``: the dataset's sequence modalities (manifest order), the pool of the modality question; a user's
     own modalities would make the question depend on events after the cutoff.
     """
@@ -59,6 +54,7 @@ def forecast_pairs(h: History, cutoffs: list[int], rng: np.random.Generator, voc
     w = window_days * DAY_US
     for c in cutoffs:
         assert c + w <= h.cutoff_us, "a forecast window must end by the dataset cutoff"
+        vocab = adoption.categories(c) if adoption is not None else {}
         nxt = {m: _window(h, m, c, c + w) for m in modalities}
         prev = {m: _window(h, m, c - w, c) for m in modalities}
         before = {m: {category(m, t) for t, ts in zip(h.seq(m).text, h.seq(m).ts) if ts < c} for m in modalities}

@@ -48,7 +48,7 @@ import numpy as np
 import pyarrow as pa
 
 from qanchor.data.dataset import Dataset, load_dataset
-from qanchor.data.forecast import category_vocabulary, forecast_pairs
+from qanchor.data.forecast import forecast_pairs
 from qanchor.data.io import write_parquet
 from qanchor.data.schema import (
     TS_TYPE,
@@ -66,9 +66,9 @@ from qanchor.data.userU_topics import (
     TOPICS,
     Claim,
     History,
+    ItemAdoption,
     category,
     item_groups,
-    item_user_counts,
     summarize,
     verify,
 )
@@ -88,7 +88,7 @@ MAX_TOPICS = 10  # the paper asks for ten topics per user
 _FLUSH_ROWS = 65_536
 # Which pairs this generator writes, stamped in the file's metadata beside the owner key. Bump it (and add the reason
 # to USERU_CHANGES) when a change alters the pairs a dataset gets, so that pretraining on an older file says so.
-USERU_VERSION_KEY, USERU_VERSION = "qanchor_userU_version", 3
+USERU_VERSION_KEY, USERU_VERSION = "qanchor_userU_version", 4
 USERU_EVENTS_KEY = "qanchor_userU_events"  # events_digest of the data the pairs were computed from
 USERU_CHANGES = {
     2: 'a "name, attributes" text\'s category comes from its attributes, not the title\'s first word ("rating/horror", '
@@ -96,6 +96,10 @@ USERU_CHANGES = {
     3: "a forecast pair's question depends on nothing after its cutoff (the modality asked about is drawn from the "
        "dataset's modalities, not the ones the user has by the dataset cutoff; the amount question is asked of users "
        "with values before the cutoff)",
+    4: "a pair at an internal cutoff counts only what had happened by then: forecast's first-time questions ask about "
+       "categories some user had before the cutoff, and signature answers weigh items by the users who had them "
+       "before it (both counted at the dataset cutoff before, so a later event of another user changed the pair); each "
+       "cutoff's signature question is drawn on its own",
 }
 
 
@@ -145,11 +149,10 @@ def build_userU(dataset_dir: str | Path, seed: int = 0, n_future_cutoffs: int = 
     extra_names = {m.name: m.numeric_columns for m in ds.manifest.sequence_modalities}
     query = FUTURE_QUERY.format(days=future_window_days)
     stats, rows = UserUStats(), _Rows()
-    # one pass over every user: how many users have each text (signature pairs), and from those texts each
-    # modality's category vocabulary (the pool of forecast's first-time questions)
-    item_users, n_users = (item_user_counts(History(u.events, cutoff_us, extra_names) for u in ds.users())
-                           if forecast or signature else ({}, 0))
-    vocab = category_vocabulary(item_users) if forecast else {}
+    # one pass over every user: when each user first had each text, so that a pair at any cutoff counts only what
+    # had happened by then (signature pairs' weights; the categories of forecast's first-time questions)
+    adoption = (ItemAdoption((History(u.events, cutoff_us, extra_names) for u in ds.users()), per_user=signature)
+                if forecast or signature else None)
     for user in progress_iter(ds.users(), total=ds.num_users, desc="userU", unit="user", enabled=progress):
         h = History(user.events, cutoff_us, extra_names)
         rng_future, rng_uqa = (np.random.default_rng([seed, zlib.crc32(user.user_id.encode()), s]) for s in (0, 1))
@@ -158,10 +161,11 @@ def build_userU(dataset_dir: str | Path, seed: int = 0, n_future_cutoffs: int = 
         for c, answer in future:
             rows.add(user.user_id, c, query, answer, "future")
         if signature and len(h.all):  # at the dataset cutoff and at each future pair's internal cutoff
-            rng_sig = np.random.default_rng([seed, zlib.crc32(user.user_id.encode()), 3])
             for c in [cutoff_us, *(c for c, _ in future)]:
                 hc = h if c == cutoff_us else h.before(c)
-                qa = signature_topic(hc, rng_sig, item_users, n_users)
+                # a draw of its own per cutoff: a shared stream would let the pair at a later cutoff decide this one's
+                rng_sig = np.random.default_rng([seed, zlib.crc32(user.user_id.encode()), 3, c])
+                qa = signature_topic(hc, rng_sig, adoption.users_as_of(c), adoption.n_users(c))
                 if qa is not None and verify(qa.claims, hc, qa.answer):
                     rows.add(user.user_id, c, qa.question, qa.answer, "signature")
         for qa in uqa_pairs(h, rng_uqa, generator, stats):
@@ -170,7 +174,7 @@ def build_userU(dataset_dir: str | Path, seed: int = 0, n_future_cutoffs: int = 
             rng_fc = np.random.default_rng([seed, zlib.crc32(user.user_id.encode()), 2])
             cuts = _pick_cutoffs(int(h.all.ts.min()), h.cutoff_us, rng_fc, n_future_cutoffs, future_window_days,
                                  min_history_days)
-            for c, q, a in forecast_pairs(h, cuts, rng_fc, vocab, list(extra_names), future_window_days):
+            for c, q, a in forecast_pairs(h, cuts, rng_fc, adoption, list(extra_names), future_window_days):
                 rows.add(user.user_id, c, q, a, "forecast")
         stats.users += 1
         stats.users_with_pairs += len(rows) > before

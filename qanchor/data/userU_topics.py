@@ -20,7 +20,7 @@ from __future__ import annotations
 import math
 import re
 from collections import Counter
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from functools import lru_cache
@@ -32,7 +32,7 @@ import numpy as np
 from qanchor.data.dataset import EventSeq
 
 __all__ = ["BUCKETS", "DAY_US", "Claim", "QA", "History", "METRICS", "SIGNATURE_QUESTIONS", "TOPICS", "TOPIC_BRIEFS",
-           "category", "item_groups", "item_user_counts", "signature", "unbacked_numbers", "verify", "summarize"]
+           "category", "item_groups", "ItemAdoption", "signature", "unbacked_numbers", "verify", "summarize"]
 
 DAY_US = 86_400_000_000
 _WEEK_US, _HOUR_US = 7 * DAY_US, 3_600_000_000
@@ -471,18 +471,79 @@ SIGNATURE_QUESTIONS = ("What sets this user apart from other users?", "What is d
                        "Which items characterise this user?")
 
 
-def item_user_counts(histories: Iterable[History]) -> tuple[dict[str, Counter], int]:
-    """Per modality, how many users have each event text; and how many users there are (for :func:`signature`)."""
-    counts: dict[str, Counter] = {}
-    n = 0
-    for h in histories:
-        n += 1
-        for m in h.modalities:
-            counts.setdefault(m, Counter()).update(set(h.events[m].text))
-    return counts, n
+class _UsersAsOf:
+    """How many users had each text of one modality before a cutoff (``.get(text, 0)``, as a Counter answers)."""
+
+    def __init__(self, first_seen: dict[str, np.ndarray], cutoff_us: int):
+        self._first_seen, self._cutoff_us = first_seen, cutoff_us
+
+    def get(self, text: str, default: int = 0) -> int:
+        times = self._first_seen.get(text)
+        return default if times is None else int(np.searchsorted(times, self._cutoff_us, side="left"))
 
 
-def signature(h: History, rng: np.random.Generator, item_users: dict[str, Counter], n_users: int,
+class ItemAdoption:
+    """When each user first had each event text, per modality, so that a pair at an internal cutoff counts only
+    what had happened by then: how many users had a text (:func:`signature`'s weights) and which categories the
+    dataset held (forecast's first-time questions). Counted at the dataset cutoff instead, one user's event after
+    the pair's cutoff would change another user's pair (a category first seen later would be asked about, almost
+    always answered "No", a shortcut the served cutoff never offers).
+
+    ``per_user=False`` keeps only each text's first time (enough for :meth:`categories`, a fraction of the memory);
+    :meth:`users_as_of` then refuses.
+    """
+
+    def __init__(self, histories: Iterable[History], per_user: bool = True):
+        self.per_user = per_user
+        collected: dict[str, dict[str, list[int]]] = {}
+        starts: list[int] = []
+        for h in histories:
+            if len(h.all):
+                starts.append(int(h.all.ts.min()))
+            for m in h.modalities:
+                firsts = _first_times(h.events[m])
+                texts = collected.setdefault(m, {})
+                for text, t in firsts.items():
+                    if per_user:
+                        texts.setdefault(text, []).append(t)
+                    elif t < texts.get(text, [np.iinfo(np.int64).max])[0]:
+                        texts[text] = [t]
+        self._first_seen = {m: {text: np.sort(np.asarray(ts, np.int64)) for text, ts in texts.items()}
+                            for m, texts in collected.items()}
+        self._user_starts = np.sort(np.asarray(starts, np.int64))
+        category_first: dict[str, dict[str, int]] = {}
+        for m, texts in self._first_seen.items():
+            cats = category_first.setdefault(m, {})
+            for text, ts in texts.items():
+                c = category(m, text)
+                cats[c] = min(cats.get(c, int(ts[0])), int(ts[0]))
+        self._category_first = {m: dict(sorted(cats.items())) for m, cats in category_first.items()}
+
+    def n_users(self, cutoff_us: int) -> int:
+        """Users with an event before ``cutoff_us``."""
+        return int(np.searchsorted(self._user_starts, cutoff_us, side="left"))
+
+    def users_as_of(self, cutoff_us: int) -> dict[str, _UsersAsOf]:
+        """Per modality, how many users had each text before ``cutoff_us`` (:func:`signature`'s ``item_users``)."""
+        if not self.per_user:
+            raise ValueError("ItemAdoption(per_user=False) keeps no per-user times; build it with per_user=True")
+        return {m: _UsersAsOf(texts, cutoff_us) for m, texts in self._first_seen.items()}
+
+    def categories(self, cutoff_us: int) -> dict[str, list[str]]:
+        """Per modality, the categories (``category(m, text)``) some user had before ``cutoff_us``, sorted."""
+        return {m: [c for c, t in cats.items() if t < cutoff_us] for m, cats in self._category_first.items()}
+
+
+def _first_times(seq: EventSeq) -> dict[str, int]:
+    """Each distinct text's earliest timestamp in one sequence."""
+    first: dict[str, int] = {}
+    for text, t in zip(seq.text, seq.ts.tolist()):
+        if t < first.get(text, t + 1):
+            first[text] = t
+    return first
+
+
+def signature(h: History, rng: np.random.Generator, item_users: Mapping[str, Mapping[str, int]], n_users: int,
               max_items: int = 6, max_per_category: int = 2, max_words: int = 55) -> QA | None:
     """What tells this user apart: the items it repeats that few other users have.
 
@@ -491,7 +552,8 @@ def signature(h: History, rng: np.random.Generator, item_users: dict[str, Counte
     items are shed (lowest score first) until the answer fits ``max_words``. Every other topic asks about
     amounts, times and counts, which an activity level largely answers; this one can only be told apart from
     another user's answer by what the user's events are about, which is what scenario tasks hinge on.
-    None when nothing scores above 0.
+    None when nothing scores above 0. ``item_users``: per modality, how many users had each text and ``n_users``
+    how many users there were, both by ``h``'s cutoff (:meth:`ItemAdoption.users_as_of`, :meth:`ItemAdoption.n_users`).
     """
     scored = []
     for i, m in enumerate(h.modalities):

@@ -35,6 +35,7 @@ from qanchor.data.userU_topics import (
     TOPICS,
     Claim,
     History,
+    ItemAdoption,
     category,
     signature,
     unbacked_numbers,
@@ -168,15 +169,15 @@ def test_forecast_questions_depend_on_nothing_after_the_cutoff():
     assert "app" in full.modalities and "app" not in cut.modalities
     modalities, asked = ["purchase", "app", "web"], Counter()
     for seed in range(40):
-        pairs = forecast_pairs(full, [c], np.random.default_rng(seed), {}, modalities, WINDOW)
-        assert pairs == forecast_pairs(cut, [c], np.random.default_rng(seed), {}, modalities, WINDOW), seed
+        pairs = forecast_pairs(full, [c], np.random.default_rng(seed), None, modalities, WINDOW)
+        assert pairs == forecast_pairs(cut, [c], np.random.default_rng(seed), None, modalities, WINDOW), seed
         asked.update(q.split(" events in")[0].split()[-1] for _, q, _ in pairs if q.endswith(f"events in the next {WINDOW} days?"))
         assert not any("amounts" in q for _, q, _ in pairs)
     assert set(asked) == set(modalities)  # every modality of the dataset, whether the user has it or not
-    app = forecast_pairs(full, [c], np.random.default_rng(1), {}, ["app"], WINDOW)
+    app = forecast_pairs(full, [c], np.random.default_rng(1), None, ["app"], WINDOW)
     assert (c, f"Will this user have app events in the next {WINDOW} days?", "No app events.") in app
     valued = {"purchase": _seq([10.0, 70.0], ["GROCERY / BREAD"] * 2, [4.0, 6.0])}
-    amount = [a for _, q, a in forecast_pairs(History(valued, 100 * DAY_US), [c], np.random.default_rng(0), {},
+    amount = [a for _, q, a in forecast_pairs(History(valued, 100 * DAY_US), [c], np.random.default_rng(0), None,
                                               ["purchase"], WINDOW) if "amounts" in q]
     assert amount == ["No: 6 after 0."]
 
@@ -402,6 +403,63 @@ def test_history_before_an_internal_cutoff():
     assert h.before(h.cutoff_us).all.text == h.all.text
     with pytest.raises(ValueError, match="no later"):
         h.before(h.cutoff_us + 1)
+
+
+def test_item_adoption_counts_only_what_happened_by_each_cutoff():
+    """Users per text, users in all and the dataset's categories as of any cutoff: a user counts for a text from its
+    first event of it on, and a category exists from the first event of it by anyone."""
+    a = History({"app": _seq([1, 2, 5], ["Opened Chess", "Opened Chess", "Installed Go"])}, 100 * DAY_US)
+    b = History({"app": _seq([90, 4], ["Played Zebra", "Opened Chess"])}, 100 * DAY_US)  # unsorted on purpose
+    adoption = ItemAdoption([a, b, History({}, 100 * DAY_US)])
+    days = (1, 2, 4, 5, 100)
+    assert [adoption.users_as_of(d * DAY_US)["app"].get("Opened Chess") for d in days] == [0, 1, 1, 2, 2]
+    assert [adoption.n_users(d * DAY_US) for d in days] == [0, 1, 1, 2, 2]  # the user without events never counts
+    assert adoption.users_as_of(90 * DAY_US)["app"].get("Played Zebra") == 0
+    assert adoption.users_as_of(91 * DAY_US)["app"].get("Played Zebra") == 1
+    assert adoption.users_as_of(91 * DAY_US)["app"].get("Never seen", 0) == 0
+    assert adoption.categories(5 * DAY_US) == {"app": ["app/opened"]}
+    assert adoption.categories(100 * DAY_US) == {"app": ["app/installed", "app/opened", "app/played"]}
+    lean = ItemAdoption([a, b], per_user=False)  # first times only: the same categories, no per-user counts
+    assert all(lean.categories(d * DAY_US) == adoption.categories(d * DAY_US) for d in (1, 3, 6, 91))
+    with pytest.raises(ValueError, match="per_user=True"):
+        lean.users_as_of(DAY_US)
+
+
+def test_pairs_at_an_internal_cutoff_ignore_other_users_later_events(tmp_path):
+    """Another user's events after a pair's cutoff must not change the pair: before UserU version 4 a category first
+    seen after it was asked about ("first time" questions, almost always "No"), and items adopted by others after it
+    lost their weight in the user's signature answer."""
+    manifest = Manifest.from_dict({"name": "late", "cutoff": "2024-06-30T00:00:00+00:00",
+                                   "modalities": [{"name": "bill", "kind": "sequence"}]})
+    cut = int(np.datetime64("2024-06-30", "us").astype(np.int64))
+    cats = ["Food / a", "Food / b", "Fuel / x", "Books / y", "Travel / z"]
+
+    def build(name: str, late: bool) -> list[dict]:
+        rng = np.random.default_rng(0)
+        cols = {k: [] for k in ("user_id", "modality", "ts", "text", "value")}
+
+        def add(user: str, ts: int, text: str) -> None:
+            for key, v in zip(cols, (user, "bill", ts, text, 1.0)):
+                cols[key].append(v)
+        for u in "ABC":
+            for d in sorted(rng.integers(1, 180, 40)):
+                add(u, cut - int(d) * DAY_US, cats[int(rng.integers(len(cats)))])
+        for d in (170, 165, 160, 150):
+            add("A", cut - d * DAY_US, "Rare shop / corner")
+        if late:  # the day before the dataset cutoff: after every internal cutoff of A's
+            for u in "BC":
+                add(u, cut - DAY_US, "Rare shop / corner")
+                add(u, cut - DAY_US // 2, "Zebra club / membership")
+        root = write_dataset(tmp_path / name, manifest, [events_table(manifest, cols)])
+        build_userU(root, seed=0, progress=False, signature=True)
+        rows = pq.read_table(root / USERU_FILE).to_pylist()
+        return [r for r in rows if r["user_id"] == "A" and r["cutoff"] < manifest.cutoff]
+
+    early, with_late = build("early", False), build("late", True)
+    assert with_late == early
+    sources = Counter(r["source"] for r in early)
+    assert sources["forecast"] and sources["signature"]  # both kinds of pair are there to be changed
+    assert all("zebra" not in r["query"] for r in with_late)
 
 
 def test_signature_pairs_in_build(built, tmp_path):
