@@ -33,7 +33,7 @@ import os
 import secrets
 import shutil
 import socket
-from collections.abc import Iterator, Mapping
+from collections.abc import Collection, Iterator, Mapping
 from contextlib import contextmanager
 from enum import Enum
 from pathlib import Path
@@ -104,6 +104,13 @@ def check_not_inside(target: str | os.PathLike, inputs: Mapping[str, str | os.Pa
         if _within(src, out):
             raise OutputError(f"{key} {target} contains the input {name} {path}: qanchor would replace it; "
                               "choose an output directory that does not hold the inputs")
+
+
+def enclosing_output(path: str | os.PathLike) -> Path | None:
+    """The nearest directory above ``path`` that holds a qanchor output marker, or None: rebuilding, updating or
+    cleaning that output replaces it whole, and would take whatever was written inside it along."""
+    root = Path(path).resolve()
+    return next((p for p in root.parents if (p / MARKER_FILE).is_file()), None)
 
 
 def _foreign_example(directory: Path) -> str:
@@ -318,14 +325,15 @@ def refuse_working_directory(target: str | os.PathLike) -> None:
 
 
 @contextmanager
-def atomic_dir(target: str | os.PathLike, kind: OutputKind) -> Iterator[Path]:
+def atomic_dir(target: str | os.PathLike, kind: OutputKind, layout: Collection[str] | None = None) -> Iterator[Path]:
     """Yield a temporary directory next to ``target``; on success it replaces ``target`` whole.
 
     ``target`` must be absent, an empty directory, or a qanchor output of the same ``kind`` (else
-    :class:`OutputError` before anything is written). The new directory carries the ``kind`` marker.
+    :class:`OutputError` before anything is written); with ``layout`` (the names such an output holds at its top
+    level), one that holds anything else too is refused. The new directory carries the ``kind`` marker.
     """
     target = _through_link(Path(target))
-    check_replaceable(target, kind)
+    check_replaceable(target, kind, layout)
     refuse_working_directory(target)
     target.parent.mkdir(parents=True, exist_ok=True)
     _recover(target)
@@ -336,7 +344,7 @@ def atomic_dir(target: str | os.PathLike, kind: OutputKind) -> Iterator[Path]:
         yield tmp
         fsync_tree(tmp)
         failpoint("atomic-dir")
-        _publish(tmp, target, kind)
+        _publish(tmp, target, kind, layout)
     finally:
         if tmp.exists():
             shutil.rmtree(tmp)
@@ -354,15 +362,23 @@ def _through_link(target: Path) -> Path:
     return resolved
 
 
-def check_replaceable(target: str | os.PathLike, kind: OutputKind) -> None:
+def check_replaceable(target: str | os.PathLike, kind: OutputKind, layout: Collection[str] | None = None) -> None:
     """Refuse (OutputError) a ``target`` that :func:`atomic_dir` could not replace: a file, foreign content,
-    or a qanchor output of another kind. Commands call it before long work, ``atomic_dir`` again at the end."""
+    a qanchor output of another kind, or (given its ``layout``) one of this kind that also holds what it does not
+    write. Commands call it before long work, ``atomic_dir`` again at the end."""
     target = _through_link(Path(target))
     if not target.exists():
         return
     if not target.is_dir():
         raise OutputError(f"{target} is a file, not a directory; give a directory path for the {kind.value}")
     found = output_kind(target)
+    if found == kind.value and layout is not None:
+        extra = sorted(p.name for p in target.iterdir() if p.name not in {*layout, MARKER_FILE})
+        if extra:  # the user's notes, an index built into it: replacing the directory whole would delete them
+            shown = ", ".join(repr(n) for n in extra[:3]) + (f" and {len(extra) - 3} more" if len(extra) > 3 else "")
+            raise OutputError(f"{target} holds a qanchor {kind.value} and also {shown}, which a {kind.value} does not "
+                              "hold; replacing it would delete them: move them out of it first, or write to another "
+                              "directory")
     if found == kind.value or (found is None and not any(target.iterdir())):
         return
     if found is not None:
@@ -371,8 +387,8 @@ def check_replaceable(target: str | os.PathLike, kind: OutputKind) -> None:
                       f"only replaces its own {kind.value} directories: choose another path")
 
 
-def _publish(tmp: Path, target: Path, kind: OutputKind) -> None:
-    check_replaceable(target, kind)  # again: another process may have written there meanwhile
+def _publish(tmp: Path, target: Path, kind: OutputKind, layout: Collection[str] | None = None) -> None:
+    check_replaceable(target, kind, layout)  # again: another process may have written there meanwhile
     if not target.exists():
         os.replace(tmp, target)
     elif _exchange(tmp, target):

@@ -24,6 +24,7 @@ from qanchor.data.io import (
     OutputKind,
     atomic_dir,
     check_replaceable,
+    enclosing_output,
     is_temporary,
     output_kind,
     refuse_working_directory,
@@ -176,8 +177,7 @@ def check_dataset_target(out_dir: str | Path) -> None:
     check_replaceable(out_dir, OutputKind.DATASET)
     refuse_working_directory(out_dir)
     root = Path(out_dir).resolve()
-    holder = next((p for p in root.parents if (p / MARKER_FILE).is_file()), None)
-    if holder is not None:  # rebuilding or removing that output would take this dataset with it, unasked
+    if (holder := enclosing_output(root)) is not None:  # rebuilding or removing that output would take this dataset with it, unasked
         raise OutputError(f"{root} lies inside {holder}, a qanchor output of its own; build the dataset beside it, "
                           "not in it")
     if not root.is_dir():

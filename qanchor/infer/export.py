@@ -16,9 +16,9 @@ Scenario heads (``heads=``, a ``qanchor prompt-tune`` output) add one row per us
 ``head:<task>``, embedded under the head's query with its soft prompt on the same cached prefix.
 
 Example:
-    $ qanchor embed --model runs/synth --data data/synth --queries queries.yaml --out emb/
-    $ qanchor embed --model runs/demo/pretrain --data data/completejourney --heads runs/demo/heads --out scores/
-    $ torchrun --nproc_per_node 2 -m qanchor.cli embed --model runs/synth --data data/synth --queries q.txt --out emb/
+    $ qanchor embed checkpoint=runs/synth data.path=data/synth queries=queries.yaml out=emb/
+    $ qanchor embed checkpoint=runs/demo/pretrain data.path=data/completejourney heads=runs/demo/heads out=scores/
+    $ torchrun --nproc_per_node 2 -m qanchor.cli embed checkpoint=runs/synth data.path=data/synth queries=q.txt out=emb/
 """
 
 from __future__ import annotations

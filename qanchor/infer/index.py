@@ -22,7 +22,15 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from qanchor.data.io import atomic_path, check_not_inside, file_sha256, write_parquet, write_text
+from qanchor.data.io import (
+    atomic_path,
+    check_not_inside,
+    enclosing_output,
+    file_sha256,
+    output_kind,
+    write_parquet,
+    write_text,
+)
 from qanchor.errors import ModelInputError, OutputError
 from qanchor.infer.export import read_embeddings, stored_query_ids
 
@@ -40,6 +48,9 @@ def check_index_target(out: str | Path, embeddings: str | Path | None = None) ->
         raise OutputError(f"out={out} is a directory; give the index file's path, e.g. {out / 'index.faiss'}")
     if embeddings is not None:
         check_not_inside(out, {"embeddings": embeddings}, key="out")
+    if (holder := enclosing_output(out)) is not None:  # replacing that output (a state's next day) would delete it
+        raise OutputError(f"out={out} lies inside {holder}, a qanchor {output_kind(holder)} that qanchor replaces "
+                          "whole when it is rebuilt or updated; put the index beside it, not in it")
     existing = [p for p in (out, Path(f"{out}.users.parquet"), Path(f"{out}.json")) if p.exists()]
     if existing and _meta_format(Path(f"{out}.json")) != INDEX_FORMAT:
         raise OutputError(f"out={out}: {existing[0]} exists and is not part of a qanchor index; qanchor does not "

@@ -47,6 +47,8 @@ __all__ = ["STATE_FORMAT", "StateMeta", "records_from_events", "events_from_reco
 
 STATE_FORMAT = 1
 KINDS = ("buffer", "encodings", "embeddings")
+STATE_FILE = "state.json"
+LAYOUT = (*KINDS, STATE_FILE)  # all a state holds (beside the output marker): anything else in it is the user's
 
 
 @dataclass
@@ -69,14 +71,14 @@ class StateMeta:
         return np.searchsorted(np.asarray(self.bounds, dtype=object), np.asarray(user_ids, dtype=object), side="right")
 
     def save(self, directory: Path) -> None:
-        write_text(json.dumps(asdict(self), indent=2), directory / "state.json")
+        write_text(json.dumps(asdict(self), indent=2), directory / STATE_FILE)
 
     @classmethod
     def load(cls, directory: str | Path) -> StateMeta:
-        path = Path(directory) / "state.json"
+        path = Path(directory) / STATE_FILE
         if not path.exists():
             raise ModelInputError(f"{directory} is not an update state (state.json missing); build one with "
-                                  "`qanchor update --model CKPT --data DATASET --queries FILE --out DIR`")
+                                  "`qanchor update checkpoint=CKPT data.path=DATASET queries=FILE out=DIR`")
         raw = read_json_object(path, ModelInputError, "the state is damaged (rebuild it with `qanchor update`)")
         if raw.get("format") != STATE_FORMAT:
             raise ModelInputError(f"{path}: state format {raw.get('format')}, this qanchor reads {STATE_FORMAT}; rebuild it")

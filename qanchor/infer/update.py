@@ -23,7 +23,7 @@ import dataclasses
 import json
 import time
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import asdict, dataclass
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
@@ -35,6 +35,7 @@ import pyarrow.parquet as pq
 import torch
 
 from qanchor.data.dataset import Dataset, EventSeq, UserRecord
+from qanchor.data.history import events_before
 from qanchor.data.io import OutputKind, atomic_dir
 from qanchor.data.pipeline import batched
 from qanchor.data.schema import TS_TYPE, utc_micros
@@ -44,6 +45,7 @@ from qanchor.infer.api import QAnchor
 from qanchor.infer.export import embeddings_table
 from qanchor.infer.modality_cache import Encoding, embed_from_encodings, encode_modalities
 from qanchor.infer.state import (
+    LAYOUT,
     StateMeta,
     decode_encodings,
     encodings_table,
@@ -79,6 +81,11 @@ class UpdateReport:
     seconds: float
     # received events the state already held (a day applied twice, a retried job): skipped, so a replay changes nothing
     events_already_in_state: int = 0
+    # received events older than a full capped buffer's oldest kept event: the state could never keep them, skipped
+    events_before_kept_window: int = 0
+    # users first seen in this update, of a model with tabular features: an update reads events only, so their
+    # tabular values are missing (a full recompute from a dataset holding their row would differ)
+    users_new_without_tabular: int = 0
 
     def to_json(self) -> str:
         return json.dumps(asdict(self))
@@ -93,9 +100,12 @@ def _buffer(q: QAnchor, record: UserRecord) -> dict[str, EventSeq]:
     model's modality tokens read whole-history statistics (``model.user_encoder.summary_stats: history``) or the
     whole history's mean text vector (``summary_text: history``): counts, tenure, active days and what the older
     events were about cannot be recomputed from the last ``max_events`` events."""
+    return dict(record.events) if _keeps_every_event(q) else q.pipeline.packer.recent(record)
+
+
+def _keeps_every_event(q: QAnchor) -> bool:
     enc = q.model.user_encoder
-    whole = enc.history_width or enc.summary_text == "history"
-    return dict(record.events) if whole else q.pipeline.packer.recent(record)
+    return bool(enc.history_width or enc.summary_text == "history")
 
 
 def _event_key(seq: EventSeq, i: int) -> tuple:
@@ -104,33 +114,40 @@ def _event_key(seq: EventSeq, i: int) -> tuple:
     return int(seq.ts[i]), seq.text[i], number(seq.value[i]), tuple(number(x) for x in seq.extras[i])
 
 
-def _without_replayed(old: UserRecord | None, new: UserRecord) -> tuple[UserRecord | None, int]:
-    """``new`` less the events the state already holds -> (what is left, or None; how many were dropped).
+def _without_replayed(old: UserRecord | None, new: UserRecord,
+                      caps: dict[str, int] | None) -> tuple[UserRecord | None, int, int]:
+    """``new`` less the events the state already holds, and less those it could never keep -> (what is left, or None;
+    how many were already held; how many were older than a full buffer's oldest kept event).
 
     A daily job retried, or a day's file given again, must not count its events twice. Identical events count as a
-    multiset: a day's two identical purchases are both kept the first time and both dropped on a replay. An event
-    older than a capped buffer's kept window is not found, and is cut again by :func:`_buffer`, so a replay changes
-    nothing either way."""
+    multiset: a day's two identical purchases are both kept the first time and both dropped on a replay. With capped
+    buffers (``caps``; None when the state keeps every event) an event older than a full buffer's oldest is not
+    found there, as an old day replayed after the cap pushed it out, or one that arrives that late: merging would cut
+    it again, so it is dropped here rather than marking its user as changed (which re-encodes the user at a later
+    as_of). So a replay changes nothing either way."""
     if old is None:
-        return new, 0
-    events, dropped = {}, 0
+        return new, 0, 0
+    events, dropped, too_old = {}, 0, 0
     for name, seq in new.events.items():
         held = old.events.get(name)
         if held is None:
             events[name] = seq
             continue
         counts = Counter(_event_key(held, i) for i in range(len(held)))
+        full = caps is not None and len(held) >= caps.get(name, len(held) + 1)
         keep = []
         for i in range(len(seq)):
             key = _event_key(seq, i)
             if counts[key]:
                 counts[key] -= 1
                 dropped += 1
+            elif full and seq.ts[i] < held.ts[0]:
+                too_old += 1
             else:
                 keep.append(i)
         if keep:
             events[name] = EventSeq(seq.ts[keep], [seq.text[i] for i in keep], seq.value[keep], seq.extras[keep])
-    return (UserRecord(new.user_id, events, new.tabular) if events else None), dropped
+    return (UserRecord(new.user_id, events, new.tabular) if events else None), dropped, too_old
 
 
 def _merge(old: UserRecord | None, new: UserRecord, q: QAnchor) -> UserRecord:
@@ -145,6 +162,17 @@ def _merge(old: UserRecord | None, new: UserRecord, q: QAnchor) -> UserRecord:
                            np.concatenate([a.value, seq.value])[order], np.concatenate([a.extras, seq.extras])[order])
         events[name] = seq
     return UserRecord(new.user_id, _buffer(q, UserRecord(new.user_id, events, None)), None)
+
+
+def _before(records: Iterable[UserRecord], as_of_us: int) -> tuple[list[UserRecord], int]:
+    """Each user's events before ``as_of_us`` (a user keeps its place, with no events if none is left) -> (users,
+    how many events were left out)."""
+    out, left_out = [], 0
+    for r in records:
+        events = {name: events_before(seq, as_of_us) for name, seq in r.events.items()}
+        left_out += sum(len(seq) - len(events[name]) for name, seq in r.events.items())
+        out.append(UserRecord(r.user_id, {name: seq for name, seq in events.items() if len(seq)}, r.tabular))
+    return out, left_out
 
 
 def _encode_users(q: QAnchor, records: list[UserRecord], touched: list[set[str]], as_of_us: int,
@@ -216,9 +244,13 @@ def init_state(q: QAnchor, ds: Dataset, queries: list[tuple[str, str]], out_dir:
     n_users = ran = 0
     # counted in users, per batch: a shard is a whole partition (up to 4,096 users), minutes at the paper's width
     bar = Progress(sum(len(parts.ids_of(p)) for p in shards), "init state", "user", enabled=progress)
-    with atomic_dir(out_dir, OutputKind.STATE) as tmp:
+    left_out = 0
+    with atomic_dir(out_dir, OutputKind.STATE, LAYOUT) as tmp:
         for s, p in enumerate(shards):
-            records = [adapt(r) for r in ds.users(parts.ids_of(p))]
+            # a state as of T holds what happened before T: later events are for `qanchor update` to apply (a state
+            # that kept them would skip those days as "already in the state", and describe its users as of later)
+            records, n_late = _before(map(adapt, ds.users(parts.ids_of(p))), as_of_us)
+            left_out += n_late
             encodings, n = {}, 0
             for chunk in batched(records, q.batch_size):
                 enc, n_run = _encode_users(q, chunk, [names] * len(chunk), as_of_us, {})
@@ -230,6 +262,9 @@ def init_state(q: QAnchor, ds: Dataset, queries: list[tuple[str, str]], out_dir:
             _write_shard(q, tmp, s, buffers, encodings, emb, query_ids, {})
             n_users, ran = n_users + len(records), ran + n
         bar.close()
+        if left_out and progress:
+            log(f"{left_out} events of {ds.root} at or after as_of={_iso(as_of_us)} were left out of the state; apply "
+                "them with `qanchor update` (events=...) to bring it forward")
         report = UpdateReport(_iso(as_of_us), 0.0, n_users, n_users, n_users, 0, ran, 0, n_users, len(shards), 0,
                               time.perf_counter() - start)
         bounds = [str(parts.ids_of(p)[0]) for p in shards[1:]]
@@ -293,8 +328,8 @@ def update_state(q: QAnchor, state_dir: str | Path, event_files: Sequence[str | 
     new = records_from_events(table, q.manifest)
     shard_of = dict(zip(new, meta.shard_of(np.array(list(new), dtype=object)))) if new else {}
     asked, query_ids = _asked(q, queries), [i for i, _ in queries]
-    totals = dict(users=0, changed=0, new=0, ran=0, prefixes=0, rewritten=0, linked=0, replayed=0)
-    with atomic_dir(out_dir, OutputKind.STATE) as tmp:
+    totals = dict(users=0, changed=0, new=0, ran=0, prefixes=0, rewritten=0, linked=0, replayed=0, too_old=0)
+    with atomic_dir(out_dir, OutputKind.STATE, LAYOUT) as tmp:
         for s in progress_iter(range(meta.shards), desc="update state", unit="shard", enabled=progress):
             mine = {u: r for u, r in new.items() if shard_of[u] == s}
             _update_shard(q, state_dir, tmp, s, mine, as_of_us, asked, query_ids, requery or full, full, totals)
@@ -302,10 +337,18 @@ def update_state(q: QAnchor, state_dir: str | Path, event_files: Sequence[str | 
         report = UpdateReport(_iso(as_of_us), (as_of_us - to_microseconds(meta.as_of)) / _DAY_US, totals["users"],
                               totals["changed"], totals["new"], table.num_rows, totals["ran"],
                               totals["users"] * m - totals["ran"], totals["prefixes"], totals["rewritten"],
-                              totals["linked"], time.perf_counter() - start, totals["replayed"])
+                              totals["linked"], time.perf_counter() - start, totals["replayed"], totals["too_old"],
+                              totals["new"] if q.tabular_columns else 0)
         if report.events_already_in_state and progress:
             log(f"warning: {report.events_already_in_state} of the {report.events_received} events received were already "
                 f"in {state_dir} (a day applied twice, or a retried job?) and were skipped")
+        if report.users_new_without_tabular and progress:
+            log(f"warning: {report.users_new_without_tabular} users first seen in this update have no tabular values "
+                "(an update reads events only), so their embeddings read those features as missing; to include them, "
+                "build a new state from a dataset that holds their rows")
+        if report.events_before_kept_window and progress:
+            log(f"{report.events_before_kept_window} of the {report.events_received} events received were older than "
+                f"every event their user's buffer keeps (the most recent {meta.caps} per modality) and were skipped")
         StateMeta(meta.checkpoint or q.checkpoint_hash, report.as_of, [list(x) for x in queries], meta.bounds, meta.caps,
                   totals["users"], [*meta.history, asdict(report)]).save(tmp)
     return report
@@ -325,9 +368,11 @@ def _update_shard(q: QAnchor, src: Path, dst: Path, shard: int, new: dict[str, U
     old = {k: read_table(src, k, shard) for k in ("buffer", "encodings", "embeddings")}
     buffers = records_from_events(old["buffer"], q.manifest) if old["buffer"] is not None else {}
     fresh = {}
+    caps = None if _keeps_every_event(q) else q.event_caps
     for uid, rec in new.items():
-        left, dropped = _without_replayed(buffers.get(uid), rec)
+        left, dropped, too_old = _without_replayed(buffers.get(uid), rec, caps)
         totals["replayed"] += dropped
+        totals["too_old"] += too_old
         if left is not None:
             fresh[uid] = left
     new = fresh

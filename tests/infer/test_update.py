@@ -14,10 +14,12 @@ import pytest
 import torch
 
 from qanchor.data.dataset import UserRecord
+from qanchor.data.history import events_before
 from qanchor.data.schema import events_table
-from qanchor.errors import CheckpointError, ConfigError, DataValidationError, ModelInputError
+from qanchor.errors import CheckpointError, ConfigError, DataValidationError, ModelInputError, OutputError
 from qanchor.infer.api import QAnchor
 from qanchor.infer.export import read_embeddings
+from qanchor.infer.index import check_index_target
 from qanchor.infer.state import records_from_events
 from qanchor.infer.update import init_state, update_state
 from qanchor.model.factory import ModelMeta, save_checkpoint
@@ -83,6 +85,7 @@ def test_late_events_reencode_only_touched_modalities(infer_env, state0, tmp_pat
     report = update_state(infer_env.qa, state0[0], [tmp_path / "day.parquet"], tmp_path / "s1", progress=False)
     n_mod = 4  # bill, app, search, tabular
     assert (report.users_changed, report.users_new, report.llm_prefixes_run) == (4, 1, 4)
+    assert report.users_new_without_tabular == 1  # u999: an update reads events only; the report says so
     assert report.modality_encodings_run == 1 + 2 + 1 + n_mod and report.age_shift_days == 0
     assert report.modality_encodings_skipped == (infer_env.ds.num_users + 1) * n_mod - report.modality_encodings_run
     before, after = embeddings(state0[0]), embeddings(tmp_path / "s1")
@@ -159,6 +162,64 @@ def test_a_replayed_day_changes_nothing(infer_env, state0, tmp_path):
     with pytest.raises(ModelInputError, match="given twice"):
         update_state(infer_env.qa, state0[0], [tmp_path / "day.parquet", tmp_path / "." / "day.parquet"], tmp_path / "s4",
                      progress=False)
+
+
+def test_an_old_day_replayed_after_the_cap_pushed_it_out_changes_nothing(infer_env, state0, tmp_path):
+    """With capped buffers (8 bill events here) a day's oldest event can be pushed out by its own later ones; replayed
+    after the date moved on, that event is not found in the buffer, and counting it as new re-encoded the user at the
+    later as_of. It can never be kept, so it is skipped and counted."""
+    day1 = [("u001", "bill", CUTOFF_US + (i + 1) * HOUR, f"Shop {i}") for i in range(9)]
+    pq.write_table(day_events(infer_env, day1), tmp_path / "day1.parquet")
+    update_state(infer_env.qa, state0[0], [tmp_path / "day1.parquet"], tmp_path / "s1", progress=False)
+    pq.write_table(day_events(infer_env, [("u004", "app", CUTOFF_US + 30 * HOUR, "Opened Alipay")]), tmp_path / "day2.parquet")
+    moved = update_state(infer_env.qa, tmp_path / "s1", [tmp_path / "day2.parquet"], tmp_path / "s2", progress=False)
+    assert moved.age_shift_days == 1.0
+    replay = update_state(infer_env.qa, tmp_path / "s2", [tmp_path / "day1.parquet"], tmp_path / "s3", progress=False)
+    assert (replay.events_already_in_state, replay.events_before_kept_window, replay.users_changed) == (8, 1, 0)
+    before, after = embeddings(tmp_path / "s2"), embeddings(tmp_path / "s3")
+    assert all(np.array_equal(after[u], before[u]) for u in before)
+
+
+def test_a_first_state_as_of_an_earlier_day_holds_only_what_happened_before_it(infer_env, state0, tmp_path):
+    """A state as of T keeps no later event (it used to keep them, describe its users as of later, and skip those
+    days as already held when they were applied); applying them brings it to the dataset's state."""
+    as_of_us = CUTOFF_US - 5 * 24 * HOUR
+    report = init_state(infer_env.qa, infer_env.ds, PAIRS, tmp_path / "s0", as_of="2024-06-25T00:00:00+00:00",
+                        progress=False)
+    assert report.users_total == infer_env.ds.num_users
+    buffer = pq.read_table(tmp_path / "s0" / "buffer" / "part-00000.parquet")
+    assert pc.max(buffer.column("ts").cast(pa.int64())).as_py() < as_of_us
+    cut = [UserRecord(r.user_id, {m: s for m, s in ((m, events_before(s, as_of_us)) for m, s in r.events.items()) if len(s)},
+                      r.tabular) for r in infer_env.ds.users()]
+    want, got = infer_env.qa.embed(cut, QUERIES, cutoff="2024-06-25T00:00:00+00:00"), embeddings(tmp_path / "s0")
+    assert max(np.abs(got[u] - want[i]).max() for i, u in enumerate(infer_env.ds.user_ids)) < 1e-5
+    events = pa.concat_tables([pq.read_table(p) for p in sorted((infer_env.ds_dir / "events").glob("*.parquet"))])
+    later = events.filter(pc.greater_equal(events.column("ts").cast(pa.int64()), as_of_us))
+    assert later.num_rows > 0
+    pq.write_table(later, tmp_path / "later.parquet")
+    caught_up = update_state(infer_env.qa, tmp_path / "s0", [tmp_path / "later.parquet"], tmp_path / "s1",
+                             as_of="2024-06-30T00:00:00+00:00", full=True, progress=False)
+    assert caught_up.events_already_in_state == 0
+    assert caught_up.users_changed == len(set(later.column("user_id").to_pylist()))
+    now, direct = embeddings(tmp_path / "s1"), embeddings(state0[0])
+    assert max(np.abs(now[u] - direct[u]).max() for u in direct) < 1e-5
+
+
+def test_an_update_never_replaces_a_state_holding_files_of_the_users(infer_env, state0, tmp_path):
+    """A state is replaced whole: one that also holds the user's notes, or an index built into it, is refused (they
+    were deleted without a word), and an index may not be built inside a state (tomorrow's update replaces it)."""
+    target = tmp_path / "s1"
+    shutil.copytree(state0[0], target)
+    (target / "notes.txt").write_text("mine")
+    with pytest.raises(OutputError, match="notes.txt"):
+        update_state(infer_env.qa, state0[0], [], target, progress=False)
+    assert (target / "notes.txt").read_text() == "mine"
+    with pytest.raises(OutputError, match="inside"):
+        check_index_target(target / "churn.faiss")
+    (target / "notes.txt").unlink()
+    assert update_state(infer_env.qa, state0[0], [], target, progress=False).users_total == infer_env.ds.num_users
+    with pytest.raises(ModelInputError, match="checkpoint=CKPT data.path=DATASET queries=FILE out=DIR"):
+        update_state(infer_env.qa, tmp_path, [], tmp_path / "s2", progress=False)  # not a state: says how to build one
 
 
 def test_a_bfloat16_backbone_keeps_a_state_that_equals_embed(tiny_dataset, tmp_path):
