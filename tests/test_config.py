@@ -215,6 +215,8 @@ def test_a_deepspeed_config_file_merges_key_by_key_and_cannot_change_the_step_co
         with_file('{"zero_optimization": ')
     with pytest.raises(ConfigError, match="must hold a JSON object"):
         with_file("[1, 2]")
+    with pytest.raises(ConfigError, match=r"a \"scheduler\" section would be ignored .* train.schedule"):
+        with_file({"scheduler": {"type": "WarmupLR", "params": {"warmup_max_lr": 0.05}}})
 
 
 def test_one_modalitys_cap_on_the_command_line_keeps_the_others():

@@ -126,6 +126,10 @@ def deepspeed_config(cfg: TrainConfig, world: int) -> dict[str, Any]:
         if not isinstance(overrides, dict):
             raise ConfigError(f"train.deepspeed_config {path}: must hold a JSON object of DeepSpeed settings, got "
                               f"{type(overrides).__name__}")
+        if "scheduler" in overrides:  # qanchor passes its own schedule, which DeepSpeed prefers: the file's would be dropped
+            raise ConfigError(f"train.deepspeed_config {path}: a \"scheduler\" section would be ignored (qanchor steps the "
+                              "learning rate itself); remove it and set train.schedule (cosine or constant), "
+                              "train.warmup_steps and train.lr instead")
         for key, option in _BATCH_SHAPE.items():  # the training loop counts steps and micro-batches by the train section
             value = overrides.get(key, "auto")
             if value != "auto" and value != ds[key]:

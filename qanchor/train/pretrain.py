@@ -32,7 +32,7 @@ from omegaconf import OmegaConf
 
 from qanchor.config import PretrainConfig, load_run_config, require, require_file
 from qanchor.data.dataset import Dataset, load_dataset
-from qanchor.data.io import OutputKind, check_output_dir, claim_output_dir, write_text
+from qanchor.data.io import OutputKind, check_output_dir, claim_output_dir, file_sha256, write_text
 from qanchor.data.packing import numeric_stats, tabular_stats
 from qanchor.data.pipeline import UserPipeline, batched, check_caps
 from qanchor.data.schema import USERU_FILE
@@ -173,6 +173,31 @@ def trained_data_id(ds: Dataset) -> str:
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 
+DEEPSPEED_FILE = "DEEPSPEED"  # in a run's checkpoint: deepspeed_file_digest of the train.deepspeed_config it used
+
+
+def deepspeed_file_digest(cfg: PretrainConfig) -> str:
+    """SHA-256 of the ``train.deepspeed_config`` file's contents ("-" without one): what a run trained with, whatever
+    path named it."""
+    path = cfg.train.deepspeed_config
+    return file_sha256(path) if path and Path(path).is_file() else "-"
+
+
+def with_deepspeed_compared(diffs: list[str], checkpoint_dir: Path, cfg: PretrainConfig) -> list[str]:
+    """:func:`recipe_differences`' ``diffs`` with ``train.deepspeed_config`` compared by the file's contents the run
+    trained with (:data:`DEEPSPEED_FILE`), not by its path: the same file named from another working directory is the
+    same recipe, and a file edited since is another. A checkpoint saved before qanchor recorded it keeps the paths'."""
+    try:
+        recorded = (checkpoint_dir / DEEPSPEED_FILE).read_text().strip()
+    except OSError:
+        return diffs
+    diffs = [d for d in diffs if not d.startswith("train.deepspeed_config:")]
+    if recorded != deepspeed_file_digest(cfg):
+        diffs.append(f"train.deepspeed_config: {cfg.train.deepspeed_config} holds other DeepSpeed settings than the "
+                     "run trained with (the file was edited, or another one is named)")
+    return diffs
+
+
 def checkpoint_data_id(checkpoint_dir: Path) -> str | None:
     """The :func:`trained_data_id` a checkpoint was saved with, or None (saved before qanchor recorded it)."""
     try:
@@ -207,7 +232,7 @@ def _check_run_dir(cfg: PretrainConfig, ds: Dataset) -> None:
                               f"nothing to resume; pass train.max_steps above {reached} to train it further")
         saved = out / "checkpoint" / "config.yaml"
         if saved.exists():  # a longer train.max_steps, say, would continue a schedule built for the shorter run
-            diffs = recipe_differences(load_run_config(saved), cfg)
+            diffs = with_deepspeed_compared(recipe_differences(load_run_config(saved), cfg), out / "checkpoint", cfg)
             if checkpoint_data_id(out / "checkpoint") == trained_data_id(ds):
                 # the very data it trained on, named by another path (a relative data.path given from another
                 # working directory): not another recipe
@@ -249,6 +274,7 @@ def run_pretrain(cfg: PretrainConfig, progress: bool = True) -> Path:
         claim_output_dir(out, OutputKind.RUN, {"data.path": cfg.data.path}, key="output_dir")
     ds, pipe = prepare_inputs(cfg, rank, progress and rank == 0)
     data_id = trained_data_id(ds)
+    notes = {DATA_FILE: f"{data_id}\n", DEEPSPEED_FILE: f"{deepspeed_file_digest(cfg)}\n"}  # in every checkpoint
     saved_on = checkpoint_data_id(out / "checkpoint") if cfg.resume else None
     if rank == 0 and saved_on is not None and saved_on != data_id:
         log(f"warning: {out} was trained so far on other data than {ds.root} holds now (its files or UserU pairs "
@@ -265,7 +291,7 @@ def run_pretrain(cfg: PretrainConfig, progress: bool = True) -> Path:
                           f"train.uqa_fraction={cfg.train.uqa_fraction}), fewer than one global batch "
                           f"(train.batch_size={cfg.train.batch_size} x {world} rank(s)); lower train.batch_size")
     if model.future_decoder is not None:
-        fit_future_stats(model, stream, cfg.train.batch_size * world, cfg.train.max_steps * cfg.train.grad_accum_steps)
+        fit_future_stats(model, stream, cfg.train.batch_size * world)
     tc = cfg.train
     if cfg.model.answer_tower == "text_encoder":  # only that tower reads answer vectors
         stream.answer_cache = answer_cache(cfg, ds, rank, progress, stream.answers_for_steps(
@@ -290,7 +316,7 @@ def run_pretrain(cfg: PretrainConfig, progress: bool = True) -> Path:
         _log_start(cfg, model, ds, stream, world, start)
     last = _train_loop(cfg, engine, stream, start, rank, world, metrics, progress, bank,
                        save=lambda step: _save(cfg, engine, model, tokenizer, meta, out, step, rank, world, bank,
-                                                 data_id))
+                                                 notes))
     if rank == 0 and progress:
         log(f"pretrain: done, {cfg.train.max_steps - start} steps in {format_seconds(time.perf_counter() - started)}"
             + (f"; last step loss {last['loss']:.4f} (contrastive {last['loss_contrastive']:.4f}, ntp "
@@ -365,11 +391,19 @@ def fit_input_stats(model, ds: Dataset, pipe: UserPipeline, sample: int = 4096, 
         model.profile_decoder.set_stats(mean.float(), std.float(), whiten)
 
 
-def fit_future_stats(model, stream: PretrainStream, global_batch: int, steps: int, sample: int = 4096) -> None:
-    """Standardise the future decoder's targets on the first ``sample`` pairs with a complete window among those
-    the run will train on (``steps`` global batches; the stream leaves held-out users out)."""
-    ids = stream.pair_ids_for_steps(steps, global_batch)
-    ids = ids[stream.future_complete[ids]][:sample]
+def fit_future_stats(model, stream: PretrainStream, global_batch: int, sample: int = 4096) -> None:
+    """Standardise the future decoder's targets on the first ``sample`` pairs with a complete window in the run's
+    order (the first epoch's; the stream leaves held-out users out), whatever its budget: a run resumed or extended
+    with another ``max_steps`` (sound under a constant schedule) standardises as it did, and trains as a straight run."""
+    per_epoch = len(stream) // global_batch
+    steps = min(per_epoch, -(-sample // global_batch))
+    while True:  # the order's prefix, grown until it holds ``sample`` complete pairs or the epoch ends
+        ids = stream.pair_ids_for_steps(steps, global_batch)
+        ids = ids[stream.future_complete[ids]]
+        if len(ids) >= sample or steps >= per_epoch:
+            break
+        steps = min(per_epoch, steps * 4)
+    ids = ids[:sample]
     if not len(ids):
         raise ConfigError(f"loss.future_weight > 0, but no pretraining pair has {stream.future_days} days of data after "
                          "its cutoff (forecast and future pairs do); lower loss.future_days or set future_weight 0")
@@ -535,7 +569,7 @@ def _train_loop(cfg: PretrainConfig, engine, stream: PretrainStream, start: int,
 
 
 def _save(cfg: PretrainConfig, engine, model, tokenizer, meta: ModelMeta, out: Path, step: int, rank: int, world: int,
-          bank: AnswerBank | None, data_id: str) -> None:
+          bank: AnswerBank | None, notes: dict[str, str]) -> None:
     state = out / "ds_state"
     tag = f"step-{step:07d}"
     # every rank's random state: rank 0 alone writes the client state, and each rank's dropout stream differs
@@ -558,7 +592,7 @@ def _save(cfg: PretrainConfig, engine, model, tokenizer, meta: ModelMeta, out: P
     with gathered_parameters(model, cfg.train.zero_stage):
         if rank == 0:
             save_checkpoint(out / "checkpoint", model, tokenizer, cfg, meta,
-                            extra_files={"STEP": f"{step}\n", DATA_FILE: f"{data_id}\n"})
+                            extra_files={"STEP": f"{step}\n", **notes})
     if rank == 0:
         seal_tag(state / tag)
         clear_saving(state, tag)

@@ -55,7 +55,7 @@ def test_run_scores_untrained_pairs_with_a_complete_window(fc, tiny_dataset, tmp
     ds_dir = copy_dataset(tiny_dataset, tmp_path / "ds", with_userU=True)
     cfg = tiny_cfg(["loss.future_weight=1", "loss.future_days=20", "train.max_steps=3", "train.batch_size=4"])
     model, tokenizer, stream, ds, pipe, _ = model_and_stream(ds_dir, cfg)
-    fit_future_stats(model, stream, global_batch=4, steps=3)
+    fit_future_stats(model, stream, global_batch=4)
     ckpt = save_checkpoint(tmp_path / "ck", model, tokenizer, cfg,
                            ModelMeta(ds.manifest.to_dict(), pipe.cache.dim, {}, list(ds.tabular_columns)))
     ids = fc.held_out_pairs(stream, cfg, 10_000, seed=0)
@@ -86,7 +86,7 @@ def test_the_statistics_hold_each_modalitys_summary_then_exactly_the_tabular_blo
                     f"model.user_encoder.content_use={content_use}", "loss.future_weight=1", "loss.future_days=20"])
     model, tokenizer, stream, ds, pipe, _ = model_and_stream(ds_dir, cfg)
     fit_input_stats(model, ds, pipe)
-    fit_future_stats(model, stream, global_batch=4, steps=3)
+    fit_future_stats(model, stream, global_batch=4)
     ckpt = save_checkpoint(tmp_path / "ck", model, tokenizer, cfg,
                            ModelMeta(ds.manifest.to_dict(), pipe.cache.dim, {}, list(ds.tabular_columns)))
     q = QAnchor.from_pretrained(ckpt, text_cache_dir=ds.text_cache_dir)

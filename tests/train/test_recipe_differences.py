@@ -14,10 +14,13 @@ from qanchor.config import PretrainConfig, load_config, to_yaml
 from qanchor.data.dataset import load_dataset
 from qanchor.train.pretrain import (
     DATA_FILE,
+    DEEPSPEED_FILE,
     checkpoint_data_id,
     checkpoint_step,
+    deepspeed_file_digest,
     recipe_differences,
     trained_data_id,
+    with_deepspeed_compared,
 )
 
 CONFIG = Path(__file__).resolve().parents[2] / "configs/pretrain/tiny-synth.yaml"
@@ -46,6 +49,29 @@ def test_budget_rate_and_model_are(cfg):
     # A constant rate does not depend on the budget, so a longer run only extends it.
     constant = replace(cfg, train=replace(cfg.train, schedule="constant"))
     assert recipe_differences(constant, replace(constant, train=replace(constant.train, max_steps=99))) == []
+
+
+def test_a_deepspeed_file_is_compared_by_what_it_holds(cfg, tmp_path, monkeypatch):
+    """The same file named from another working directory is the same recipe (it was refused); the file edited since
+    the run trained with it is another (it resumed silently, with the new clipping)."""
+    (tmp_path / "cfg").mkdir()
+    (tmp_path / "cfg" / "zero0.json").write_text('{"gradient_clipping": 1.0}')
+    ckpt = tmp_path / "run" / "checkpoint"
+    ckpt.mkdir(parents=True)
+    monkeypatch.chdir(tmp_path / "cfg")
+    trained = replace(cfg, train=replace(cfg.train, deepspeed_config="zero0.json"))
+    (ckpt / DEEPSPEED_FILE).write_text(f"{deepspeed_file_digest(trained)}\n")  # as the run's save wrote it
+    monkeypatch.chdir(tmp_path)
+    elsewhere = replace(cfg, train=replace(cfg.train, deepspeed_config=str(tmp_path / "cfg" / "zero0.json")))
+    diffs = recipe_differences(trained, elsewhere)
+    assert diffs and diffs[0].startswith("train.deepspeed_config:")  # the paths differ...
+    assert with_deepspeed_compared(diffs, ckpt, elsewhere) == []  # ...the settings do not
+    (tmp_path / "cfg" / "zero0.json").write_text('{"gradient_clipping": 0.001}')
+    edited = with_deepspeed_compared(recipe_differences(elsewhere, elsewhere), ckpt, elsewhere)
+    assert len(edited) == 1 and "other DeepSpeed settings than the run trained with" in edited[0]
+    assert with_deepspeed_compared([], ckpt, cfg)  # a run with a file resumed without one
+    (ckpt / DEEPSPEED_FILE).unlink()  # saved before qanchor recorded it: the paths, as given
+    assert with_deepspeed_compared(diffs, ckpt, elsewhere) == diffs
 
 
 def _fake_run(out: Path, run_cfg: PretrainConfig, step: int) -> None:

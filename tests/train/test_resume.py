@@ -40,6 +40,7 @@ def test_kill_and_resume(prepared, tmp_path):
     assert all(torch.isfinite(torch.tensor(r["loss"])) for r in _metrics(out))
     assert (out / "checkpoint" / "STEP").read_text().strip() == "10"
     assert checkpoint_data_id(out / "checkpoint") == trained_data_id(load_dataset(prepared))  # what it trained on
+    assert (out / "checkpoint" / "DEEPSPEED").read_text() == "-\n"  # no train.deepspeed_config file: none to compare
     assert {"step", "loss", "loss_contrastive", "loss_ntp", "loss_profile", "lr", "samples_per_s"} <= set(_metrics(out)[-1])
     # Weights, optimizer, schedule, data position and RNG all resume: the losses equal an uninterrupted run's.
     straight = tmp_path / "straight"
