@@ -102,9 +102,10 @@ class PackedUser:
 
 def event_lines(kept: dict[str, EventSeq], cutoff_us: int, n: int) -> list[str]:
     """The ``n`` most recent of the ``kept`` events (all modalities, by time; oldest first) as plain text lines,
-    ``"<age>d ago <modality>: <text> (<value>)"``: what a text-prefix model (TextN) reads instead of user tokens."""
+    ``"<age>d ago <modality>: <text> (<value>)"``: what a text-prefix model (TextN) reads instead of user tokens.
+    ``kept`` in the manifest's modality order, which events of equal times keep."""
     events = [(int(s.ts[i]), m, s.text[i], float(s.value[i])) for m, s in kept.items() for i in range(len(s))]
-    events.sort(key=lambda e: e[0])  # stable: equal times keep the manifest's modality order
+    events.sort(key=lambda e: e[0])  # stable: equal times keep kept's modality order
     lines = []
     for ts, m, text, value in events[-n:]:
         age = max(0, (cutoff_us - ts) // _US_PER_DAY)
@@ -153,7 +154,9 @@ class UserPacker:
                 modalities[spec.name] = PackedModality(self.cache.ensure(seq.text), event_numeric_features(seq, cutoff_us),
                                                        history_stats(whole, cutoff_us),
                                                        self.history_text(whole, cutoff_us) if self.data_cfg.history_text else None)
-        lines = event_lines(kept, cutoff_us, self.data_cfg.text_events) if self.data_cfg.text_events else None
+        # in the manifest's modality order, not the record's (a caller's dict user may list them in any order)
+        ordered = {m.name: kept[m.name] for m in self.manifest.sequence_modalities if m.name in kept}
+        lines = event_lines(ordered, cutoff_us, self.data_cfg.text_events) if self.data_cfg.text_events else None
         return PackedUser(record.user_id, modalities, record.tabular, lines)
 
     def history_texts(self, record: UserRecord, cutoff_us: int) -> list[str]:

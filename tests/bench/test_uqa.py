@@ -25,7 +25,7 @@ from qanchor.bench.uqa import (
 )
 from qanchor.cli import main
 from qanchor.config import DataOverrides, UqaConfig
-from qanchor.data.dataset import load_dataset
+from qanchor.data.dataset import EventSeq, UserRecord, load_dataset
 from qanchor.data.packing import event_lines, numeric_stats, tabular_stats
 from qanchor.data.userU import summarize_future
 from qanchor.data.userU_topics import TOPICS, History, verify
@@ -177,6 +177,14 @@ def test_text_prefix_model_reads_the_event_lines(env, tmp_path):
     assert qa.answer(user, ["How recently was this user active?"], max_new_tokens=6) == \
         qa.answer(user, ["How recently was this user active?"], max_new_tokens=6, use_cache=False)
     assert qa.prefix_lengths([user])[0] == len(expected)
+    # a caller's user may list its modalities in any order: events at one time keep the manifest's order
+    first, second = [m.name for m in ds.manifest.sequence_modalities if m.name in user.events][:2]
+    at = int(user.events[first].ts[-1])
+    last = {m: user.events[m] for m in (first, second)}
+    last = {m: EventSeq(np.array([at]), s.text[-1:], s.value[-1:], s.extras[-1:]) for m, s in last.items()}
+    lines = [qa.pack([UserRecord("x", dict(order), None)], qa.cutoff_us(None))[0].event_lines
+             for order in (last.items(), reversed(last.items()))]
+    assert lines[0] == lines[1] and lines[0][0].split(": ")[0].endswith(first)
 
 
 def test_text_events_need_a_text_model():
