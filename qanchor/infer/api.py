@@ -281,7 +281,9 @@ class QAnchor:
         ``model.query_evidence`` compares with the user's events; None for a model without it."""
         if self.model.query_evidence is None:
             return None
-        vectors = self.pipeline.cache.encoder.encode([q.strip() for q in queries])
+        texts = [q.strip() for q in queries]
+        self.pipeline.cache.encoder.refuse_cut(texts, "query")
+        vectors = self.pipeline.cache.encoder.encode(texts)
         return torch.from_numpy(vectors).to(self.device)
 
     def request_vectors(self, requests: Sequence[tuple[str, Head | None]]) -> torch.Tensor | None:

@@ -36,7 +36,7 @@ from qanchor.data.io import OutputKind, check_output_dir, claim_output_dir, file
 from qanchor.data.packing import numeric_stats, tabular_stats
 from qanchor.data.pipeline import UserPipeline, batched, check_caps
 from qanchor.data.schema import USERU_FILE
-from qanchor.data.text_cache import SentenceEncoder, TextVectorCache
+from qanchor.data.text_cache import SentenceEncoder, TextVectorCache, default_encoder_path, refuse_cut
 from qanchor.data.userU import stale_userU
 from qanchor.errors import CheckpointError, ConfigError, DataValidationError
 from qanchor.faults import failpoint
@@ -247,6 +247,12 @@ def _check_queries(cfg: PretrainConfig, queries: list[str]) -> None:
     tokenizer = load_tokenizer(cfg.model.backbone)
     for q in queries:
         tokenize_query(tokenizer, q, cfg.model.max_query_tokens)  # raises on a query longer than the limit
+    if cfg.model.query_evidence:  # the questions' sentence vectors must read them whole, as serving will
+        from transformers import AutoTokenizer
+
+        encoder_tokenizer = AutoTokenizer.from_pretrained(str(cfg.data.text_encoder.path or default_encoder_path()))
+        refuse_cut(encoder_tokenizer, cfg.data.text_encoder.max_length, [q.strip() for q in queries],
+                   "a pretraining pair's question")
 
 
 def prepare_inputs(cfg: PretrainConfig, rank: int, progress: bool = True) -> tuple[Dataset, UserPipeline]:

@@ -244,6 +244,24 @@ def test_serving_cached_uncached_and_the_quality_probe_agree(env):
         qa.embed_packed(packed, qa.suffixes([(QUERIES[0], None)]))
 
 
+def test_a_question_longer_than_the_sentence_encoder_reads_is_refused_not_cut(env):
+    """The encoder reads data.text_encoder.max_length (48) tokens; a longer question's end, often what it asks about,
+    was cut, and two questions that differ only there looked up the same events. Serving and pretraining refuse."""
+    from qanchor.train.pretrain import _check_queries
+
+    preamble = "Considering everything this user did over the whole period before the cutoff, and " * 3
+    asked = [preamble + "will it buy a mutual fund?", preamble + "will it accept a travel offer?"]
+    with pytest.raises(ModelInputError, match=r"sentence-encoder tokens, more than the data.text_encoder.max_length=48"):
+        env.qa.query_vectors(asked)
+    fits = "Will this user buy a mutual fund in the next 30 days?"
+    assert env.qa.query_vectors([fits]).shape == (1, env.pipe.cache.dim)
+    cfg = tiny_cfg([*EVIDENCE, "model.max_query_tokens=200"])
+    _check_queries(cfg, [fits])
+    with pytest.raises(ModelInputError, match="a pretraining pair's question"):
+        _check_queries(cfg, [fits, asked[0]])
+    _check_queries(tiny_cfg(["model.max_query_tokens=200"]), [asked[0]])  # no evidence: the encoder never reads it
+
+
 def test_a_text_prefix_model_has_no_query_evidence():
     with pytest.raises(ConfigError, match="query_evidence.*user_input"):
         tiny_cfg(["model.query_evidence=true", "model.user_input=text"])
