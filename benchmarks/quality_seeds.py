@@ -34,6 +34,7 @@ import numpy as np
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from qanchor.config import BenchConfig, load_config  # noqa: E402
 from qanchor.data.dataset import load_dataset  # noqa: E402
 from qanchor.data.io import file_sha256, write_json, write_text  # noqa: E402
 from qanchor.train.pretrain import trained_data_id  # noqa: E402
@@ -51,12 +52,17 @@ def summarise(results: list[dict]) -> dict:
     for m in methods:
         rows = [r["average"][m] for r in results if m in r["average"]]
         auc, ks = [x["auc_mean"] for x in rows], [x["ks_mean"] for x in rows]
-        tasks = {t: float(np.mean([r["tasks"][t]["methods"][m]["auc_mean"] for r in results
-                                   if m in r["tasks"][t]["methods"] and r["tasks"][t]["methods"][m]["auc_mean"] is not None]))
-                 for t in results[0]["tasks"] if any(m in r["tasks"][t]["methods"] for r in results)}
+        tasks = {}
+        for t in results[0]["tasks"]:  # a task the method was skipped on (auc null) has no mean to take
+            ran = [r["tasks"][t]["methods"][m]["auc_mean"] for r in results if m in r["tasks"][t]["methods"]]
+            if any(a is not None for a in ran):
+                tasks[t] = float(np.mean([a for a in ran if a is not None]))
+        # how many tasks each seed's average covers (a method skipped on a hard task averages over easier ones);
+        # results written before the bench counted them give None
+        n_tasks = min((x.get("n_tasks", -1) for x in rows), default=-1)
         out[m] = {"auc_mean": float(np.mean(auc)), "auc_std_over_seeds": float(np.std(auc)), "ks_mean": float(np.mean(ks)),
                   "ks_std_over_seeds": float(np.std(ks)), "seeds": len(rows), "auc_per_seed": auc, "ks_per_seed": ks,
-                  "auc_by_task": tasks}
+                  "auc_by_task": tasks, "n_tasks": None if n_tasks < 0 else n_tasks}
     return out
 
 
@@ -108,6 +114,9 @@ def settings_of(args: argparse.Namespace, seed: int, data_id: str) -> dict:
         out["generic_query"] = args.generic_query
     else:
         out.update(bench_config=file_sha256(args.bench), bench_set=list(args.bench_set))
+        # the per-fold heads' recipe lives in the file the bench config names: an edit there changes their rows
+        heads = load_config(args.bench, list(args.bench_set), schema=BenchConfig).prompt_tune_config
+        out["prompt_tune_config"] = file_sha256(heads) if heads and Path(heads).is_file() else None
     return out
 
 
@@ -126,14 +135,20 @@ def check_reusable(done: Path, wanted: dict) -> None:
 
 
 def table(summary: dict) -> str:
-    lines = ["| method | AUC (mean over seeds ± population std) | KS (mean ± std) | seeds |", "|---|---|---|---|"]
-    best_auc = max(v["auc_mean"] for v in summary.values())
-    best_ks = max(v["ks_mean"] for v in summary.values())
+    """Per method: AUC and KS over seeds and the tasks averaged; as the bench's own table, the best in bold only among
+    the methods that ran on the most tasks."""
+    lines = ["| method | AUC (mean over seeds ± population std) | KS (mean ± std) | tasks | seeds |",
+             "|---|---|---|---|---|"]
+    most = max((v.get("n_tasks") or 0 for v in summary.values()), default=0)
+    full = [v for v in summary.values() if (v.get("n_tasks") or 0) == most]
+    best_auc, best_ks = max(v["auc_mean"] for v in full), max(v["ks_mean"] for v in full)
     for m, v in summary.items():
         auc = f"{v['auc_mean']:.4f} ± {v['auc_std_over_seeds']:.4f}"
         ks = f"{v['ks_mean']:.4f} ± {v['ks_std_over_seeds']:.4f}"
-        lines.append(f"| `{m}` | {'**' + auc + '**' if v['auc_mean'] == best_auc else auc} | "
-                     f"{'**' + ks + '**' if v['ks_mean'] == best_ks else ks} | {v['seeds']} |")
+        bold = (v.get("n_tasks") or 0) == most
+        tasks = "?" if v.get("n_tasks") is None else str(v["n_tasks"])
+        lines.append(f"| `{m}` | {'**' + auc + '**' if bold and v['auc_mean'] == best_auc else auc} | "
+                     f"{'**' + ks + '**' if bold and v['ks_mean'] == best_ks else ks} | {tasks} | {v['seeds']} |")
     return "\n".join(lines)
 
 

@@ -58,13 +58,17 @@ CONTENT_MARGIN = 0.05
 def data_kind_note(result: BenchResult) -> str | None:
     """What the two model-free peers say about the data's kind, and whether the checkpoint's recipe suits it.
 
-    None unless both ``rfm_lr`` and ``text_mean_lr`` ran, or when they are within ``CONTENT_MARGIN`` of each other with
-    the text vector ahead (a mixed signal: no advice).
+    None unless both ``rfm_lr`` and ``text_mean_lr`` ran on a task, or when they are within ``CONTENT_MARGIN`` of each
+    other with the text vector ahead (a mixed signal: no advice). Both are averaged over the tasks both ran on: a peer
+    skipped on a task (``text_mean_lr`` where no user has event texts) would be compared over other tasks.
     """
-    avg = result.average()
-    if "rfm_lr" not in avg or "text_mean_lr" not in avg:
+    both = [(t.methods["rfm_lr"].auc_mean_std[0], t.methods["text_mean_lr"].auc_mean_std[0])
+            for t in result.tasks.values()
+            if t.methods.get("rfm_lr") is not None and t.methods["rfm_lr"].ok
+            and t.methods.get("text_mean_lr") is not None and t.methods["text_mean_lr"].ok]
+    if not both:
         return None
-    counts, content = avg["rfm_lr"]["auc_mean"], avg["text_mean_lr"]["auc_mean"]
+    counts, content = (float(np.mean(x)) for x in zip(*both))
     reads = result.run.get("model_content")
     peers = f"`text_mean_lr` {content:.4f} against `rfm_lr` {counts:.4f} mean AUC"
     if content - counts >= CONTENT_MARGIN:

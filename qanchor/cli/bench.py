@@ -28,8 +28,14 @@ def _cmd_bench(args: argparse.Namespace) -> None:
     if cfg.labels is not None and not chose_out:
         cfg = replace(cfg, output_dir=str(Path("results") / f"custom-{Path(cfg.labels).stem}"))
     result, out = bench_and_report(cfg, progress=not args.quiet)
-    print(f"\nAverage over {len(result.tasks)} task(s), {cfg.folds}-fold CV ({result.run['seconds']:.0f}s):\n")
+    ran = [t for t in result.tasks.values() if t.methods]
+    folds = sorted({t.folds for t in ran})  # a task with few positives gets fewer folds than cfg.folds
+    cv = f"{folds[0]}-fold CV" if len(folds) == 1 else f"{'/'.join(map(str, folds))}-fold CV (by task)"
+    print(f"\nAverage over {len(ran)} task(s), {cv} ({result.run['seconds']:.0f}s):\n")
     print(average_table(result))
+    for task in result.tasks.values():
+        if not task.methods:
+            print(f"  task {task.name}: {task.note or 'skipped: no method ran'}")
     skipped: dict[tuple[str, str], int] = {}
     for task in result.tasks.values():
         for m, r in task.methods.items():

@@ -27,9 +27,17 @@ def test_custom_labels_end_to_end(tiny_dataset, tmp_path, capsys):
     assert code == 0
     printed = capsys.readouterr().out
     assert "| `rfm_lgbm` |" in printed and f"report: {out / 'report.md'}" in printed
+    assert "Average over 1 task(s), 3-fold CV (" in printed
     results = json.loads((out / "results.json").read_text())
     assert results["tasks"]["bikes"]["query"] == query and len(results["tasks"]["bikes"]["methods"]["rfm_lgbm"]["auc"]) == 3
     assert (out / "auc_ks.png").exists() and "Task `bikes`" in (out / "report.md").read_text()
+
+
+def test_the_summary_line_counts_the_folds_each_task_got(tiny_dataset, tmp_path, capsys):
+    """With 12 users churn has 4 positives, so 4 folds; the line said "5-fold CV" whatever each task got."""
+    assert main(["bench", f"data.path={tiny_dataset}", "methods=[rfm_lr]", "max_users=12", "--quiet",
+                 f"output_dir={tmp_path / 'o'}"]) == 0
+    assert "Average over 2 task(s), 4/5-fold CV (by task) (" in capsys.readouterr().out
 
 
 @pytest.mark.parametrize("ids,labels,column,match", [

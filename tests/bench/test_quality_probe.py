@@ -195,6 +195,47 @@ def test_a_seed_result_made_under_other_settings_is_refused_not_mixed_in(tmp_pat
         qs.check_reusable(done, qs.settings_of(args, 0, "data-a"))
 
 
+def test_a_bench_seed_is_redone_when_the_heads_prompt_tune_file_changes(tmp_path):
+    """The per-fold heads' recipe is the prompt-tune file the bench config names; editing it left finished seeds'
+    head rows reused as if they were the new recipe's."""
+    import argparse
+
+    qs = load_benchmark("quality_seeds")
+    tune = tmp_path / "tune.yaml"
+    tune.write_text("lr: 0.01\n")
+    bench = tmp_path / "bench.yaml"
+    bench.write_text(f"prompt_tune_config: {tune}\n")
+    args = argparse.Namespace(probe=False, pretrain=str(bench), bench=str(bench), set=[], bench_set=[], generic_query=None)
+    done = tmp_path / "bench-seed0" / "results.json"
+    done.parent.mkdir()
+    done.write_text("{}")
+    (done.parent / "results.json.settings.json").write_text(json.dumps(qs.settings_of(args, 0, "d")))
+    qs.check_reusable(done, qs.settings_of(args, 0, "d"))
+    tune.write_text("lr: 0.5\n")
+    with pytest.raises(SystemExit, match="prompt_tune_config"):
+        qs.check_reusable(done, qs.settings_of(args, 0, "d"))
+
+
+def test_the_seed_summary_bolds_only_among_methods_that_ran_on_every_task():
+    """A method skipped on a hard task averages over easier ones: the summary bolded it as the winner, with no task
+    count, and its skipped task's mean was a mean of nothing."""
+    qs = load_benchmark("quality_seeds")
+
+    def result(head: float) -> dict:
+        tasks = {"a": {"methods": {"qanchor_head": {"auc_mean": head}, "rfm_lr": {"auc_mean": 0.70}}},
+                 "b": {"methods": {"qanchor_head": {"auc_mean": None}, "rfm_lr": {"auc_mean": 0.60}}}}
+        return {"tasks": tasks, "average": {"qanchor_head": {"auc_mean": head, "ks_mean": 0.5, "n_tasks": 1},
+                                            "rfm_lr": {"auc_mean": 0.65, "ks_mean": 0.3, "n_tasks": 2}}}
+
+    summary = qs.summarise([result(0.80), result(0.90)])
+    assert summary["qanchor_head"]["n_tasks"] == 1 and summary["rfm_lr"]["n_tasks"] == 2
+    assert summary["qanchor_head"]["auc_by_task"] == {"a": pytest.approx(0.85)}  # b: skipped, no mean of nothing
+    lines = qs.table(summary).splitlines()
+    assert lines[0] == "| method | AUC (mean over seeds ± population std) | KS (mean ± std) | tasks | seeds |"
+    assert lines[2] == "| `qanchor_head` | 0.8500 ± 0.0500 | 0.5000 ± 0.0000 | 1 | 2 |"
+    assert lines[3] == "| `rfm_lr` | **0.6500 ± 0.0000** | **0.3000 ± 0.0000** | 2 | 2 |"
+
+
 def test_with_one_question_for_every_task_there_is_no_other_tasks_query(qp, infer_env, tmp_path):
     """The swapped row fell back to the generic query's column when no task asked another question, and reported the
     generic query's numbers as another task's; now it is left empty, as the bench leaves out the method."""

@@ -231,6 +231,17 @@ def test_data_kind_note_tells_content_from_count_data_and_names_a_mismatched_rec
     assert "**Data kind.** The tasks are about what the events are (`text_mean_lr` 0.8600 against `rfm_lr` 0.5700" in report
 
 
+def test_the_data_kind_note_compares_the_peers_on_the_tasks_both_ran_on():
+    """`text_mean_lr` is skipped on a task without event texts; averaged over the tasks each ran on, the note read
+    0.66 against 0.61 (content data) where on the one task both ran the counts won 0.70 to 0.66."""
+    result = _peers_only(0.66, 0.70, None)
+    result.tasks["u"] = TaskResult("u", "q?", 100, 0.5, 2, methods={
+        "rfm_lr": MethodResult(auc=[0.51, 0.53], ks=[0.1, 0.1], n_test=[50, 50]),
+        "text_mean_lr": MethodResult(auc=[], ks=[], n_test=[], skipped="no user has event texts")})
+    note = data_kind_note(result)
+    assert "how many events" in note and "`text_mean_lr` 0.6600 against `rfm_lr` 0.7000" in note
+
+
 def test_no_data_kind_note_without_both_peers(bench):
     _, result, _, _ = bench  # rfm_lr ran, text_mean_lr did not
     assert "rfm_lr" in result.average() and data_kind_note(result) is None
