@@ -86,9 +86,11 @@ def _cmd_update(args: argparse.Namespace) -> None:
     require(cfg.out, "out", "<state dir>")
     if bool(cfg.data.path) == bool(cfg.state):
         raise ModelInputError("give either data.path=DATASET (build the first state) or state=DIR events=[FILE, ...]")
+    if cfg.data.path and cfg.tabular:
+        raise ModelInputError("tabular= is for an update (state=...): a first state reads the dataset's own tabular.parquet")
     check_device(cfg.device)
     check_not_inside(cfg.out, {"state": cfg.state, "data.path": cfg.data.path or None, "checkpoint": cfg.checkpoint,
-                               **{f"events[{i}]": e for i, e in enumerate(cfg.events)}}, key="out")
+                               "tabular": cfg.tabular, **{f"events[{i}]": e for i, e in enumerate(cfg.events)}}, key="out")
     check_replaceable(cfg.out, OutputKind.STATE)
     if cfg.data.path:
         ds = load_dataset(cfg.data.path, cfg.data.cache_dir)
@@ -100,7 +102,7 @@ def _cmd_update(args: argparse.Namespace) -> None:
         if cfg.data.max_events is None and cfg.data.default_max_events is None:  # the caps the state was built with
             cfg.data.max_events = StateMeta.load(cfg.state).caps
         report = update_state(_model(cfg, None), cfg.state, cfg.events, cfg.out, queries=_queries(cfg.queries, None),
-                              as_of=cfg.as_of, full=cfg.full, progress=not args.quiet)
+                              as_of=cfg.as_of, full=cfg.full, tabular=cfg.tabular, progress=not args.quiet)
     print(report.to_json())
 
 

@@ -262,6 +262,7 @@ class UpdateConfig(InferConfig):
     queries: str | None = None  # queries file (default: the state's); new queries re-embed everyone
     as_of: str | None = None  # ISO time of the new state (default: midnight after the newest event)
     full: bool = False  # re-encode every modality of every user at the new as_of
+    tabular: str | None = None  # Parquet of tabular rows (user_id + the model's tabular columns): new users' or changed
 
 
 @dataclass

@@ -32,7 +32,7 @@ from qanchor.data.schema import (
 )
 from qanchor.errors import DataValidationError
 
-__all__ = ["ValidationReport", "validate_dataset", "event_files", "check_event_file", "not_storable"]
+__all__ = ["ValidationReport", "validate_dataset", "event_files", "check_event_file", "check_tabular_file", "not_storable"]
 
 _BATCH_ROWS = 262_144
 _FLOAT32_MAX = float(np.finfo(np.float32).max)  # events and tabular values are stored as float32
@@ -308,6 +308,14 @@ def _check_tabular(root: Path, manifest: Manifest, report: ValidationReport, use
         return
     if not path.exists():
         raise DataValidationError(str(path), "file not found, but the manifest declares a tabular modality")
+    table = check_tabular_file(path)
+    report.n_tabular_users = table.num_rows
+    users.update(table.column("user_id").to_pylist())
+
+
+def check_tabular_file(path: Path) -> pa.Table:
+    """Read a tabular file (``user_id`` + numeric feature columns, one row per user) after checking it, as a dataset's
+    ``tabular.parquet`` is checked (DataValidationError naming the column and row)."""
     pf = _open(path)
     _require(path, pf.schema_arrow, "user_id", "string")
     features = [n for n in pf.schema_arrow.names if n != "user_id"]
@@ -322,8 +330,7 @@ def _check_tabular(root: Path, manifest: Manifest, report: ValidationReport, use
         bad = _first(not_storable(values))
         if bad is not None:
             raise DataValidationError(str(path), _NOT_STORABLE, column=name, row=bad)
-    report.n_tabular_users = table.num_rows
-    users.update(table.column("user_id").to_pylist())
+    return table
 
 
 def _check_tasks(root: Path, manifest: Manifest, report: ValidationReport, users: set[str]) -> None:

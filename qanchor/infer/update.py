@@ -39,8 +39,8 @@ from qanchor.data.history import events_before
 from qanchor.data.io import OutputKind, atomic_dir
 from qanchor.data.pipeline import batched
 from qanchor.data.schema import TS_TYPE, utc_micros
-from qanchor.data.validate import check_event_file
-from qanchor.errors import CheckpointError, ConfigError, ModelInputError
+from qanchor.data.validate import check_event_file, check_tabular_file
+from qanchor.errors import CheckpointError, ConfigError, DataValidationError, ModelInputError
 from qanchor.infer.api import QAnchor
 from qanchor.infer.export import embeddings_table
 from qanchor.infer.modality_cache import Encoding, embed_from_encodings, encode_modalities
@@ -60,7 +60,7 @@ from qanchor.infer.user_input import record_adapter, to_microseconds
 from qanchor.logs import Progress, log
 from qanchor.logs import progress as progress_iter
 
-__all__ = ["UpdateReport", "init_state", "update_state", "read_events"]
+__all__ = ["UpdateReport", "init_state", "update_state", "read_events", "read_tabular"]
 
 _DAY_US = 86_400 * 1_000_000
 
@@ -70,7 +70,7 @@ class UpdateReport:
     as_of: str
     age_shift_days: float  # as_of minus the previous state's: how stale skipped encodings' ages are
     users_total: int
-    users_changed: int  # users with new events
+    users_changed: int  # users with new events or given tabular values
     users_new: int
     events_received: int
     modality_encodings_run: int
@@ -83,8 +83,8 @@ class UpdateReport:
     events_already_in_state: int = 0
     # received events older than a full capped buffer's oldest kept event: the state could never keep them, skipped
     events_before_kept_window: int = 0
-    # users first seen in this update, of a model with tabular features: an update reads events only, so their
-    # tabular values are missing (a full recompute from a dataset holding their row would differ)
+    # users first seen in this update without a row in tabular=, of a model with tabular features: their tabular
+    # values are missing (a full recompute from a dataset holding their row would differ)
     users_new_without_tabular: int = 0
 
     def to_json(self) -> str:
@@ -292,6 +292,24 @@ def read_events(files: Sequence[str | Path], q: QAnchor, as_of_us: int | None) -
     return pa.concat_tables(tables, promote_options="permissive") if tables else pa.table({"ts": pa.array([], TS_TYPE)})
 
 
+def read_tabular(path: str | Path, q: QAnchor) -> dict[str, np.ndarray]:
+    """A tabular file (the dataset's ``tabular.parquet`` format: ``user_id`` + the model's tabular columns, matched by
+    name) -> each user's values in the model's column order (NaN where missing)."""
+    path = Path(path)
+    if not q.tabular_columns:
+        raise ModelInputError(f"tabular={path}: this model reads no tabular features; leave tabular= out")
+    if not path.is_file():
+        raise ModelInputError(f"tabular file {path} not found")
+    table = check_tabular_file(path)
+    given = [c for c in table.column_names if c != "user_id"]
+    missing, unknown = [c for c in q.tabular_columns if c not in given], [c for c in given if c not in q.tabular_columns]
+    if missing or unknown:
+        raise DataValidationError(str(path), f"its columns must be the model's tabular columns {q.tabular_columns}"
+                                  + (f"; missing {missing}" if missing else "") + (f"; not the model's {unknown}" if unknown else ""))
+    values = np.stack([table.column(c).to_numpy(zero_copy_only=False).astype(np.float32) for c in q.tabular_columns], 1)
+    return dict(zip(table.column("user_id").to_pylist(), values))
+
+
 def _default_as_of(meta: StateMeta, table: pa.Table) -> int:
     """The state's as_of, moved to the midnight (UTC) after the newest new event if that is later."""
     prev = to_microseconds(meta.as_of)
@@ -303,8 +321,11 @@ def _default_as_of(meta: StateMeta, table: pa.Table) -> int:
 
 def update_state(q: QAnchor, state_dir: str | Path, event_files: Sequence[str | Path], out_dir: str | Path,
                  queries: list[tuple[str, str]] | None = None, as_of: str | None = None, full: bool = False,
-                 progress: bool = True) -> UpdateReport:
-    """Apply a day of events to the state in ``state_dir``, writing today's state to ``out_dir``."""
+                 tabular: str | Path | None = None, progress: bool = True) -> UpdateReport:
+    """Apply a day of events to the state in ``state_dir``, writing today's state to ``out_dir``.
+
+    ``tabular``: a file of tabular rows (:func:`read_tabular`) for users first seen today, whose values no event file
+    carries, or for users whose values changed; their tabular encoding is recomputed."""
     start = time.perf_counter()
     state_dir, out_dir = Path(state_dir), Path(out_dir)
     if state_dir.resolve() == out_dir.resolve():
@@ -326,26 +347,30 @@ def update_state(q: QAnchor, state_dir: str | Path, event_files: Sequence[str | 
     queries = queries or [tuple(x) for x in meta.queries]
     requery = [list(x) for x in queries] != meta.queries
     new = records_from_events(table, q.manifest)
-    shard_of = dict(zip(new, meta.shard_of(np.array(list(new), dtype=object)))) if new else {}
+    rows = read_tabular(tabular, q) if tabular is not None else {}
+    seen = sorted(set(new) | set(rows))
+    shard_of = dict(zip(seen, meta.shard_of(np.array(seen, dtype=object)))) if seen else {}
     asked, query_ids = _asked(q, queries), [i for i, _ in queries]
-    totals = dict(users=0, changed=0, new=0, ran=0, prefixes=0, rewritten=0, linked=0, replayed=0, too_old=0)
+    totals = dict(users=0, changed=0, new=0, ran=0, prefixes=0, rewritten=0, linked=0, replayed=0, too_old=0,
+                  untabled=0)
     with atomic_dir(out_dir, OutputKind.STATE, LAYOUT) as tmp:
         for s in progress_iter(range(meta.shards), desc="update state", unit="shard", enabled=progress):
             mine = {u: r for u, r in new.items() if shard_of[u] == s}
-            _update_shard(q, state_dir, tmp, s, mine, as_of_us, asked, query_ids, requery or full, full, totals)
+            values = {u: v for u, v in rows.items() if shard_of[u] == s}
+            _update_shard(q, state_dir, tmp, s, mine, values, as_of_us, asked, query_ids, requery or full, full, totals)
         m = len(q.model.user_encoder.names)
         report = UpdateReport(_iso(as_of_us), (as_of_us - to_microseconds(meta.as_of)) / _DAY_US, totals["users"],
                               totals["changed"], totals["new"], table.num_rows, totals["ran"],
                               totals["users"] * m - totals["ran"], totals["prefixes"], totals["rewritten"],
                               totals["linked"], time.perf_counter() - start, totals["replayed"], totals["too_old"],
-                              totals["new"] if q.tabular_columns else 0)
+                              totals["untabled"] if q.tabular_columns else 0)
         if report.events_already_in_state and progress:
             log(f"warning: {report.events_already_in_state} of the {report.events_received} events received were already "
                 f"in {state_dir} (a day applied twice, or a retried job?) and were skipped")
         if report.users_new_without_tabular and progress:
             log(f"warning: {report.users_new_without_tabular} users first seen in this update have no tabular values "
-                "(an update reads events only), so their embeddings read those features as missing; to include them, "
-                "build a new state from a dataset that holds their rows")
+                "(no row in tabular=), so their embeddings read those features as missing; give their rows with "
+                "tabular=FILE (user_id + the model's tabular columns)")
         if report.events_before_kept_window and progress:
             log(f"{report.events_before_kept_window} of the {report.events_received} events received were older than "
                 f"every event their user's buffer keeps (the most recent {meta.caps} per modality) and were skipped")
@@ -354,8 +379,9 @@ def update_state(q: QAnchor, state_dir: str | Path, event_files: Sequence[str | 
     return report
 
 
-def _update_shard(q: QAnchor, src: Path, dst: Path, shard: int, new: dict[str, UserRecord], as_of_us: int,
-                  asked, query_ids: list[str], reembed_all: bool, full: bool, totals: dict) -> None:
+def _update_shard(q: QAnchor, src: Path, dst: Path, shard: int, new: dict[str, UserRecord],
+                  tabular: dict[str, np.ndarray], as_of_us: int, asked, query_ids: list[str], reembed_all: bool,
+                  full: bool, totals: dict) -> None:
     path = shard_path(src, "encodings", shard)
     n_old = pq.ParquetFile(path).metadata.num_rows // len(q.model.user_encoder.names) if path.exists() else 0
 
@@ -363,7 +389,7 @@ def _update_shard(q: QAnchor, src: Path, dst: Path, shard: int, new: dict[str, U
         link_shard(src, dst, shard)
         totals.update(users=totals["users"] + n_old, linked=totals["linked"] + 1)
 
-    if not new and not reembed_all:
+    if not new and not tabular and not reembed_all:
         return carry_over()
     old = {k: read_table(src, k, shard) for k in ("buffer", "encodings", "embeddings")}
     buffers = records_from_events(old["buffer"], q.manifest) if old["buffer"] is not None else {}
@@ -376,7 +402,7 @@ def _update_shard(q: QAnchor, src: Path, dst: Path, shard: int, new: dict[str, U
         if left is not None:
             fresh[uid] = left
     new = fresh
-    if not new and not reembed_all:  # every event was already in the state
+    if not new and not tabular and not reembed_all:  # every event was already in the state
         return carry_over()
     known = set(pc.unique(old["encodings"].column("user_id")).to_pylist()) if old["encodings"] is not None else set()
     names = set(q.model.user_encoder.names)
@@ -386,7 +412,15 @@ def _update_shard(q: QAnchor, src: Path, dst: Path, shard: int, new: dict[str, U
         records[uid] = _merge(buffers.get(uid), rec, q)
         # a new user: every modality (the empty ones too); --full: every sequence modality, at the new as_of
         touched[uid] = names if uid not in known else sequence if full else set(rec.events)
-    targets = sorted(known | set(new)) if reembed_all else sorted(new)
+    table_name = q.manifest.tabular.name if q.manifest.tabular is not None else None
+    for uid, values in tabular.items():  # given values (a new user's, or changed ones): the tabular encoding re-runs
+        if uid not in records:
+            records[uid] = UserRecord(uid, buffers[uid].events if uid in buffers else {}, None)
+            touched[uid] = names if uid not in known else sequence if full else set()
+        records[uid].tabular = values
+        touched[uid] = touched[uid] | {table_name}
+    changed = set(new) | set(tabular)
+    targets = sorted(known | changed) if reembed_all else sorted(changed)
     for uid in targets:
         if uid not in records:
             records[uid] = UserRecord(uid, buffers.get(uid, UserRecord(uid, {})).events, None)
@@ -400,6 +434,7 @@ def _update_shard(q: QAnchor, src: Path, dst: Path, shard: int, new: dict[str, U
         ran += n
     emb = _embed(q, encodings, targets, asked)
     _write_shard(q, dst, shard, recs, encodings, emb, query_ids, old)
-    totals.update(users=totals["users"] + len(known | set(new)), changed=totals["changed"] + len(new),
-                  new=totals["new"] + len(set(new) - known), ran=totals["ran"] + ran,
+    totals.update(users=totals["users"] + len(known | changed), changed=totals["changed"] + len(changed),
+                  new=totals["new"] + len(changed - known), untabled=totals["untabled"] + len(changed - known - set(tabular)),
+                  ran=totals["ran"] + ran,
                   prefixes=totals["prefixes"] + len(targets), rewritten=totals["rewritten"] + 1)

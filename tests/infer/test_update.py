@@ -164,6 +164,31 @@ def test_a_replayed_day_changes_nothing(infer_env, state0, tmp_path):
                      progress=False)
 
 
+def test_tabular_rows_reach_new_users_and_refresh_known_ones(infer_env, state0, tmp_path, capsys):
+    """An update read events only: a user first seen in it had no tabular values, for good. tabular=FILE gives them
+    (and new values for a known user): the update then equals a recompute with those values."""
+    rows = [("u999", "bill", CUTOFF_US - 5 * HOUR, "Coffee shop"), ("u998", "app", CUTOFF_US - 4 * HOUR, "Opened Alipay")]
+    new = day_events(infer_env, rows)
+    pq.write_table(new, tmp_path / "day.parquet")
+    table = pa.table({"user_id": ["u999", "u002"], "income": [61.0, 12.5], "age": pa.array([33.0, None])})  # by name
+    pq.write_table(table, tmp_path / "tab.parquet")
+    report = update_state(infer_env.qa, state0[0], [tmp_path / "day.parquet"], tmp_path / "s1", tabular=tmp_path / "tab.parquet")
+    assert (report.users_new, report.users_changed, report.users_new_without_tabular) == (2, 3, 1)  # u998: no row
+    assert "1 users first seen in this update have no tabular values" in capsys.readouterr().out
+    got = embeddings(tmp_path / "s1")
+    recs = records_from_events(new, infer_env.ds.manifest)
+    u002 = infer_env.ds.user("u002")
+    want = infer_env.qa.embed([UserRecord("u999", recs["u999"].events, np.array([33.0, 61.0], np.float32)),
+                               UserRecord("u998", recs["u998"].events, None),
+                               UserRecord("u002", u002.events, np.array([np.nan, 12.5], np.float32))], QUERIES)
+    assert list(infer_env.ds.tabular_columns) == ["age", "income"]
+    assert max(np.abs(got[u] - want[i]).max() for i, u in enumerate(["u999", "u998", "u002"])) < 1e-5
+    assert np.abs(got["u002"] - embeddings(state0[0])["u002"]).max() > 1e-4  # the new values did change it
+    pq.write_table(pa.table({"user_id": ["u999"], "income": [1.0]}), tmp_path / "short.parquet")
+    with pytest.raises(DataValidationError, match=r"short.parquet.*missing \['age'\]"):
+        update_state(infer_env.qa, state0[0], [], tmp_path / "s2", tabular=tmp_path / "short.parquet", progress=False)
+
+
 def test_an_old_day_replayed_after_the_cap_pushed_it_out_changes_nothing(infer_env, state0, tmp_path):
     """With capped buffers (8 bill events here) a day's oldest event can be pushed out by its own later ones; replayed
     after the date moved on, that event is not found in the buffer, and counting it as new re-encoded the user at the
