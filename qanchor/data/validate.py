@@ -163,14 +163,16 @@ def _utc_micros(col: pa.Array) -> np.ndarray:
     return utc_micros(col).cast(pa.int64()).to_numpy(zero_copy_only=False)
 
 
-def check_event_file(path: str | Path, manifest: Manifest) -> None:
+def check_event_file(path: str | Path, manifest: Manifest, cutoff_name: str = "the dataset cutoff") -> None:
     """Check one events Parquet file against ``manifest`` alone (columns, types, modalities, timestamps before
-    the manifest's cutoff, ...); raise DataValidationError naming the file, column and first bad row."""
+    the manifest's cutoff, which errors call ``cutoff_name``, ...); raise DataValidationError naming the file, column
+    and first bad row."""
     report = ValidationReport(manifest, events_per_modality={m.name: 0 for m in manifest.sequence_modalities})
-    _check_event_file(Path(path), manifest, report, set())
+    _check_event_file(Path(path), manifest, report, set(), cutoff_name)
 
 
-def _check_event_file(path: Path, manifest: Manifest, report: ValidationReport, users: set[str]) -> None:
+def _check_event_file(path: Path, manifest: Manifest, report: ValidationReport, users: set[str],
+                      cutoff_name: str = "the dataset cutoff") -> None:
     pf = _open(path)
     schema = pf.schema_arrow
     for col, kind in (("user_id", "string"), ("modality", "string"), ("ts", "timestamp"), ("text", "string")):
@@ -225,8 +227,8 @@ def _check_event_file(path: Path, manifest: Manifest, report: ValidationReport, 
         if late is not None:
             raise DataValidationError(
                 str(path),
-                f"event at {batch.column('ts')[late].as_py()} is not before the dataset cutoff "
-                f"{manifest.cutoff.isoformat()}; inputs must come from before the cutoff",
+                f"event at {batch.column('ts')[late].as_py()} is not before {cutoff_name} "
+                f"{manifest.cutoff.isoformat()}; inputs must come from before it",
                 column="ts",
                 row=offset + late,
             )

@@ -285,7 +285,7 @@ def read_events(files: Sequence[str | Path], q: QAnchor, as_of_us: int | None) -
         if path.resolve() in seen:
             raise ModelInputError(f"events file {path} is given twice: its events would count twice; give each file once")
         seen.add(path.resolve())
-        check_event_file(path, manifest)
+        check_event_file(path, manifest, cutoff_name="as_of")
         table = pq.read_table(path)
         ts = table.schema.get_field_index("ts")
         tables.append(table.set_column(ts, "ts", utc_micros(table.column(ts))))  # naive = UTC

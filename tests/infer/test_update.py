@@ -121,7 +121,7 @@ def test_no_events_links_shards_and_bad_inputs_refused(infer_env, state0, tmp_pa
     assert report.shards_linked == 1 and report.modality_encodings_run == 0
     late = day_events(infer_env, [("u001", "bill", CUTOFF_US + 30 * HOUR, "Bookshop")])
     pq.write_table(late, tmp_path / "late.parquet")
-    with pytest.raises(DataValidationError, match="not before"):
+    with pytest.raises(DataValidationError, match="not before as_of 2024-07-01"):
         update_state(infer_env.qa, state0[0], [tmp_path / "late.parquet"], tmp_path / "s2", as_of="2024-07-01", progress=False)
     with pytest.raises(ConfigError, match="must differ"):
         update_state(infer_env.qa, state0[0], [], state0[0], progress=False)
