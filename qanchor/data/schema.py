@@ -67,6 +67,8 @@ def utc_micros(col: pa.Array | pa.ChunkedArray) -> pa.Array | pa.ChunkedArray:
         [1000000]
     """
     if col.type.unit == "ns":
+        if col.type.tz is not None:  # floored in UTC: in local time a daylight-saving fall-back hour is ambiguous
+            col = col.cast(pa.timestamp("ns", "UTC"))  # the same instants (only the zone label changes)
         col = pc.floor_temporal(col, unit="microsecond")  # the remainder is 0 now, so the casts below are exact
     if col.type.tz is None:
         return col.cast(pa.timestamp("us")).cast(pa.int64()).cast(TS_TYPE)

@@ -137,6 +137,18 @@ def test_nanosecond_timestamps_are_read_at_microsecond_precision(tmp_path, tz):
             np.testing.assert_array_equal(got[user][modality], ts)
 
 
+def test_zoned_nanoseconds_in_a_daylight_saving_fall_back_hour_are_two_instants():
+    """pandas writes datetime64[ns, America/New_York]; 01:30 EDT and 01:30 EST (one local hour, twice) were refused as
+    "ambiguous" by flooring in local time. They are two UTC instants, an hour apart."""
+    import pyarrow as pa
+
+    from qanchor.data.schema import utc_micros
+
+    utc = [int(np.datetime64(t, "ns").astype(np.int64)) + 999 for t in ("2023-11-05T05:30:00", "2023-11-05T06:30:00")]
+    got = utc_micros(pa.array(utc, pa.timestamp("ns", tz="America/New_York"))).cast(pa.int64()).to_pylist()
+    assert got == [(t - 999) // 1000 for t in utc] and got[1] - got[0] == 3_600_000_000
+
+
 def test_user_pairs_with_cutoffs_in_another_unit_are_read_as_microseconds(tmp_path):
     """Pairs of the user's own may store cutoffs in milliseconds or naive; pretraining reads them as UTC us."""
     import pyarrow as pa
