@@ -93,8 +93,12 @@ def _cmd_validate(args: argparse.Namespace) -> None:
     print(f"  users: {r.n_users}   events: {r.n_events} in {r.n_event_files} file(s)   tabular rows: {r.n_tabular_users}")
     for name, count in r.events_per_modality.items():
         print(f"  modality {name:<12} {count:>10} events")
+    if r.tabular_columns:
+        print(f"  tabular features: {', '.join(r.tabular_columns)}")
     for name, (n, pos) in r.task_counts.items():
-        print(f"  task {name:<22} {n:>7} users  {pos / max(n, 1):6.1%} positive")
+        without = r.task_users_without_data.get(name, 0)
+        print(f"  task {name:<22} {n:>7} users  {pos / max(n, 1):6.1%} positive"
+              + (f"  ({without} without an event or a tabular row)" if without else ""))
     if r.n_userU_pairs:
         print(f"  userU pairs: {r.n_userU_pairs}")
 

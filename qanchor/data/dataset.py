@@ -28,7 +28,15 @@ import pyarrow.parquet as pq
 
 from qanchor.data.io import OutputKind, atomic_dir, claim_output_dir, write_text
 from qanchor.data.manifest import MANIFEST_FILE, Manifest, TaskSpec
-from qanchor.data.schema import CACHE_DIR, TABULAR_FILE, TASKS_DIR, USERU_FILE, event_schema, utc_micros
+from qanchor.data.schema import (
+    CACHE_DIR,
+    TABULAR_FILE,
+    TASKS_DIR,
+    USERU_FILE,
+    event_schema,
+    tabular_feature_columns,
+    utc_micros,
+)
 from qanchor.data.validate import ValidationReport, event_files, validate_dataset
 
 __all__ = ["EventSeq", "UserRecord", "Task", "Dataset", "load_dataset", "records_from_table", "default_cache_dir",
@@ -157,7 +165,7 @@ class Dataset:
     # ---------------------------------------------------------------------------------- internals
     def _read_tabular(self) -> None:
         table = pq.read_table(self.root / TABULAR_FILE)
-        self.tabular_columns = [c for c in table.column_names if c != "user_id"]
+        self.tabular_columns = tabular_feature_columns(table.schema)  # not a pandas index written beside them
         matrix = np.stack(
             [table.column(c).to_numpy(zero_copy_only=False).astype(np.float32) for c in self.tabular_columns], axis=1
         )  # (n_users, n_features); nulls arrive as NaN

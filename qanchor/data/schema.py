@@ -12,6 +12,7 @@ Layout::
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import numpy as np
@@ -55,6 +56,16 @@ TS_TYPE = pa.timestamp("us", tz="UTC")
 EVENTS_DIR, TASKS_DIR, TABULAR_FILE, USERU_FILE = "events", "tasks", "tabular.parquet", "userU.parquet"
 CACHE_DIR = ".qanchor_cache"  # a dataset's own cache (user partitions, text vectors), unless data.cache_dir says elsewhere
 USERU_OWNER_KEY, USERU_OWNER_VALUE = "qanchor", "userU pairs"  # Parquet schema metadata: written by `qanchor data userU`
+
+
+def tabular_feature_columns(schema: pa.Schema) -> list[str]:
+    """A tabular file's feature columns: every column but ``user_id`` and a pandas index (``to_parquet`` writes a
+    DataFrame's index as ``__index_level_0__``, or under its name, beside the data; the row numbers of a sorted or
+    filtered frame would otherwise become a feature, and can carry the very order a label was made from)."""
+    meta = schema.pandas_metadata or {}
+    index = {c for c in meta.get("index_columns", []) if isinstance(c, str)}  # a RangeIndex is stored as a dict, no column
+    return [n for n in schema.names
+            if n != "user_id" and n not in index and not re.fullmatch(r"__index_level_\d+__", n)]
 
 
 def utc_micros(col: pa.Array | pa.ChunkedArray) -> pa.Array | pa.ChunkedArray:

@@ -27,6 +27,7 @@ from qanchor.data.schema import (
     TASKS_DIR,
     USERU_FILE,
     USERU_SOURCES,
+    tabular_feature_columns,
     userU_metadata,
     utc_micros,
 )
@@ -48,7 +49,9 @@ class ValidationReport:
     events_per_modality: dict[str, int] = field(default_factory=dict)
     n_users: int = 0
     n_tabular_users: int = 0
+    tabular_columns: list[str] = field(default_factory=list)  # the features read (a pandas index left out)
     task_counts: dict[str, tuple[int, int]] = field(default_factory=dict)  # name -> (users, positives)
+    task_users_without_data: dict[str, int] = field(default_factory=dict)  # name -> labelled users with no event or row
     n_userU_pairs: int = 0
 
 
@@ -311,21 +314,22 @@ def _check_tabular(root: Path, manifest: Manifest, report: ValidationReport, use
     if not path.exists():
         raise DataValidationError(str(path), "file not found, but the manifest declares a tabular modality")
     table = check_tabular_file(path)
-    report.n_tabular_users = table.num_rows
+    report.n_tabular_users, report.tabular_columns = table.num_rows, table.column_names[1:]
     users.update(table.column("user_id").to_pylist())
 
 
 def check_tabular_file(path: Path) -> pa.Table:
     """Read a tabular file (``user_id`` + numeric feature columns, one row per user) after checking it, as a dataset's
-    ``tabular.parquet`` is checked (DataValidationError naming the column and row)."""
+    ``tabular.parquet`` is checked (DataValidationError naming the column and row); a pandas index written beside the
+    features is left out (:func:`~qanchor.data.schema.tabular_feature_columns`)."""
     pf = _open(path)
     _require(path, pf.schema_arrow, "user_id", "string")
-    features = [n for n in pf.schema_arrow.names if n != "user_id"]
+    features = tabular_feature_columns(pf.schema_arrow)
     if not features:
         raise DataValidationError(str(path), "no feature columns besides user_id")
     for name in features:
         _require(path, pf.schema_arrow, name, "number")
-    table = _read(path, pf)
+    table = _read(path, pf, ["user_id", *features])
     _check_unique_users(path, table.column("user_id"))
     for name in features:
         values = table.column(name).to_numpy(zero_copy_only=False).astype(np.float64)
@@ -337,6 +341,7 @@ def check_tabular_file(path: Path) -> pa.Table:
 
 def _check_tasks(root: Path, manifest: Manifest, report: ValidationReport, users: set[str]) -> None:
     declared = {t.name for t in manifest.tasks}
+    with_data = set(users)  # the users with events or a tabular row (labelled ones join below)
     for path in sorted((root / TASKS_DIR).glob("*.parquet")):
         if path.stem not in declared:
             raise DataValidationError(str(path), f"task file for '{path.stem}', which the manifest does not declare; add it to manifest.yaml tasks or remove the file")
@@ -363,7 +368,15 @@ def _check_tasks(root: Path, manifest: Manifest, report: ValidationReport, users
             if bad is not None:
                 raise DataValidationError(str(path), "prob must lie in [0, 1]", column="prob", row=bad)
         report.task_counts[task.name] = (table.num_rows, int(values.sum()))
-        users.update(table.column("user_id").to_pylist())  # a labelled user with no events is still a user
+        ids = table.column("user_id").to_pylist()
+        without = sum(u not in with_data for u in ids)
+        if with_data and without == len(ids):  # every method would score these users alike: AUC 0.5, no warning
+            raise DataValidationError(str(path), f"none of its {len(ids)} users has an event or a tabular row (task user "
+                                      f"{ids[0]!r}; the events name users such as {min(with_data)!r}): write its "
+                                      "user ids as the events do (an id read as a number, '1001.0' for '1001'?)",
+                                      column="user_id")
+        report.task_users_without_data[task.name] = without
+        users.update(ids)  # a labelled user with no events is still a user
 
 
 def _check_userU(root: Path, manifest: Manifest, report: ValidationReport, users: set[str]) -> None:

@@ -63,6 +63,7 @@ CORRUPTIONS = {
     "timestamps in seconds out of range": (lambda ds: _rewrite(_events(ds), lambda t: _set_col(t, "ts", pa.array([10**15] * t.num_rows, pa.timestamp("s")))), ["'ts'", "out of range", "unit"]),
     "text not UTF-8": (lambda ds: _rewrite(_events(ds), lambda t: _set_col(t, "text", pa.array([b"ok", b"\xff\xfe bad"] + [b"x"] * (t.num_rows - 2), pa.binary()).view(pa.string()))), ["'text'", "row 1", "not valid UTF-8"]),
     "decimal amounts": (lambda ds: _rewrite(_events(ds), lambda t: _set_col(t, "value", pa.array([None] * t.num_rows, pa.decimal128(10, 2)))), ["'value'", "decimal128", "float64"]),
+    "task ids written otherwise": (lambda ds: _rewrite(ds / "tasks/churn.parquet", lambda t: _set_col(t, "user_id", pa.array([u + ".0" for u in t.column("user_id").to_pylist()]))), ["churn.parquet", "'user_id'", "none of its 40 users has an event or a tabular row", "'u000.0'"]),
     "yes/no labels": (lambda ds: _rewrite(ds / "tasks/churn.parquet", lambda t: _set_col(t, "label", pa.array([v == 1 for v in t.column("label").to_pylist()]))), ["churn.parquet", "'label'", "has type bool", "0/1 integers"]),
 }
 
@@ -92,6 +93,31 @@ def test_valid_dataset_passes_and_counts(tiny_dataset, capsys):
     out = capsys.readouterr().out
     assert "users: 40" in out and "events: 469" in out
     assert "task churn" in out and "25.0% positive" in out
+
+
+def test_a_pandas_index_is_no_feature_and_labelled_users_without_data_are_counted(tiny_dataset, tmp_path, capsys):
+    """to_parquet writes a sorted or filtered frame's row numbers as __index_level_0__ (or a named index): they were
+    read as a tabular feature (and can carry the order a label was made from). Labelled users with neither an event
+    nor a tabular row are counted beside their task."""
+    import pandas as pd
+
+    from qanchor.data.dataset import load_dataset
+
+    ds = tmp_path / "ds"
+    shutil.copytree(tiny_dataset, ds, ignore=shutil.ignore_patterns(".qanchor_cache"))
+    frame = pq.read_table(ds / "tabular.parquet").to_pandas().sort_values("income")
+    frame.to_parquet(ds / "tabular.parquet")  # the index of a sorted frame is kept
+    assert "__index_level_0__" in pq.read_schema(ds / "tabular.parquet").names
+    assert load_dataset(ds).tabular_columns == ["age", "income"]
+    frame.set_index(pd.Index([i * i for i in range(len(frame))], name="row")).to_parquet(ds / "tabular.parquet")  # a named index
+    assert "row" in pq.read_schema(ds / "tabular.parquet").names
+    churn = pq.read_table(ds / "tasks/churn.parquet")
+    pq.write_table(pa.concat_tables([churn, pa.table({"user_id": ["ghost"], "label": pa.array([1], pa.int8())})]),
+                   ds / "tasks/churn.parquet")
+    assert main(["data", "validate", str(ds)]) == 0
+    out = capsys.readouterr().out
+    assert "tabular features: age, income\n" in out and "(1 without an event or a tabular row)" in out
+    assert load_dataset(ds).tabular_columns == ["age", "income"]
 
 
 def test_console_script_exit_code(tmp_path):
