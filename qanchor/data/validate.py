@@ -129,11 +129,19 @@ def _require(path: Path, schema: pa.Schema, column: str, kind: str) -> None:
         "integer": pa.types.is_integer(typ),
     }[kind]
     if not ok:
-        hint = {"timestamp": " (parse the timestamps before writing, as UTC)",
-                "number": " (write a yes/no column as 0/1, a category as one 0/1 column per value or a code)"
-                if pa.types.is_boolean(typ) or pa.types.is_string(typ) or pa.types.is_large_string(typ) else
-                " (cast decimal amounts to float64 before writing)" if pa.types.is_decimal(typ) else "",
-                "integer": " (write labels as 0/1 integers)" if pa.types.is_boolean(typ) else ""}.get(kind, "")
+        if pa.types.is_dictionary(typ):  # pandas writes its 'category' dtype so
+            hint = f" (a pandas 'category' column: write it with df['{column}'].astype(str))"
+        elif pa.types.is_null(typ) and kind == "number":  # pandas writes an object column holding only None so
+            hint = (" (a column with no value at all, as pandas writes one that holds only None: write it with "
+                    f"df['{column}'].astype('float64'), null where unknown)")
+        elif kind == "string" and pa.types.is_integer(typ):
+            hint = f" (ids that are numbers: write them as text, df['{column}'].astype(str), the same way in every file)"
+        else:
+            hint = {"timestamp": " (parse the timestamps before writing, as UTC)",
+                    "number": " (write a yes/no column as 0/1, a category as one 0/1 column per value or a code)"
+                    if pa.types.is_boolean(typ) or pa.types.is_string(typ) or pa.types.is_large_string(typ) else
+                    " (cast decimal amounts to float64 before writing)" if pa.types.is_decimal(typ) else "",
+                    "integer": " (write labels as 0/1 integers)" if pa.types.is_boolean(typ) else ""}.get(kind, "")
         raise DataValidationError(str(path), f"has type {typ}, expected {kind}{hint}", column=column)
 
 

@@ -285,6 +285,8 @@ def read_events(files: Sequence[str | Path], q: QAnchor, as_of_us: int | None) -
         if path.resolve() in seen:
             raise ModelInputError(f"events file {path} is given twice: its events would count twice; give each file once")
         seen.add(path.resolve())
+        if _rows_in(path) == 0:  # a quiet day: no events, nothing to check or apply
+            continue
         check_event_file(path, manifest, cutoff_name="as_of")
         table = pq.read_table(path)
         ts = table.schema.get_field_index("ts")
@@ -308,6 +310,14 @@ def read_tabular(path: str | Path, q: QAnchor) -> dict[str, np.ndarray]:
                                   + (f"; missing {missing}" if missing else "") + (f"; not the model's {unknown}" if unknown else ""))
     values = np.stack([table.column(c).to_numpy(zero_copy_only=False).astype(np.float32) for c in q.tabular_columns], 1)
     return dict(zip(table.column("user_id").to_pylist(), values))
+
+
+def _rows_in(path: Path) -> int | None:
+    """How many rows a Parquet file holds (None: not readable as Parquet, which the validator then says)."""
+    try:
+        return pq.ParquetFile(path).metadata.num_rows
+    except (pa.ArrowInvalid, OSError):
+        return None
 
 
 def _default_as_of(meta: StateMeta, table: pa.Table) -> int:

@@ -64,6 +64,9 @@ CORRUPTIONS = {
     "text not UTF-8": (lambda ds: _rewrite(_events(ds), lambda t: _set_col(t, "text", pa.array([b"ok", b"\xff\xfe bad"] + [b"x"] * (t.num_rows - 2), pa.binary()).view(pa.string()))), ["'text'", "row 1", "not valid UTF-8"]),
     "decimal amounts": (lambda ds: _rewrite(_events(ds), lambda t: _set_col(t, "value", pa.array([None] * t.num_rows, pa.decimal128(10, 2)))), ["'value'", "decimal128", "float64"]),
     "task ids written otherwise": (lambda ds: _rewrite(ds / "tasks/churn.parquet", lambda t: _set_col(t, "user_id", pa.array([u + ".0" for u in t.column("user_id").to_pylist()]))), ["churn.parquet", "'user_id'", "none of its 40 users has an event or a tabular row", "'u000.0'"]),
+    "category modality": (lambda ds: _rewrite(_events(ds), lambda t: _set_col(t, "modality", t.column("modality").dictionary_encode())), ["'modality'", "dictionary<values=string", "'category' column", "astype(str)"]),
+    "all-null value column": (lambda ds: _rewrite(_events(ds), lambda t: _set_col(t, "value", pa.nulls(t.num_rows))), ["'value'", "has type null", "astype('float64')"]),
+    "integer user ids": (lambda ds: _rewrite(ds / "tabular.parquet", lambda t: _set_col(t, "user_id", pa.array(range(t.num_rows)))), ["tabular.parquet", "'user_id'", "has type int64", "write them as text"]),
     "yes/no labels": (lambda ds: _rewrite(ds / "tasks/churn.parquet", lambda t: _set_col(t, "label", pa.array([v == 1 for v in t.column("label").to_pylist()]))), ["churn.parquet", "'label'", "has type bool", "0/1 integers"]),
 }
 

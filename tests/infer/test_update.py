@@ -117,8 +117,10 @@ def test_next_day_full_refresh_equals_recompute(infer_env, state0, tmp_path):
 
 
 def test_no_events_links_shards_and_bad_inputs_refused(infer_env, state0, tmp_path):
-    report = update_state(infer_env.qa, state0[0], [], tmp_path / "s1", progress=False)  # a day without events
-    assert report.shards_linked == 1 and report.modality_encodings_run == 0
+    quiet = day_events(infer_env, [])  # a quiet day's file holds no rows: zero events, not "export it again"
+    pq.write_table(quiet, tmp_path / "quiet.parquet")
+    report = update_state(infer_env.qa, state0[0], [tmp_path / "quiet.parquet"], tmp_path / "s1", progress=False)
+    assert report.shards_linked == 1 and report.modality_encodings_run == 0 and report.events_received == 0
     late = day_events(infer_env, [("u001", "bill", CUTOFF_US + 30 * HOUR, "Bookshop")])
     pq.write_table(late, tmp_path / "late.parquet")
     with pytest.raises(DataValidationError, match="not before as_of 2024-07-01"):
