@@ -48,9 +48,10 @@ from qanchor.config import PretrainConfig, load_config  # noqa: E402
 from qanchor.data.dataset import load_dataset  # noqa: E402
 from qanchor.data.history import events_before  # noqa: E402
 from qanchor.data.io import write_json  # noqa: E402
+from qanchor.data.labels import custom_task  # noqa: E402
 from qanchor.data.pipeline import check_caps  # noqa: E402
 from qanchor.data.text_cache import SentenceEncoder, TextVectorCache  # noqa: E402
-from qanchor.errors import ConfigError  # noqa: E402
+from qanchor.errors import ConfigError, QAnchorError  # noqa: E402
 from qanchor.logs import progress, quiet_third_party  # noqa: E402
 from qanchor.model.query_evidence import EVIDENCE_FEATURES, QueryEvidence  # noqa: E402
 
@@ -125,16 +126,21 @@ def compare(rfm: np.ndarray, kept: np.ndarray, whole: np.ndarray, generic: np.nd
 
 
 def run(data: str, config: str | None, generic_query: str, folds: int = 5, seed: int = 0,
-        encoder: SentenceEncoder | None = None) -> dict:
+        encoder: SentenceEncoder | None = None, labels: str | None = None, query: str | None = None) -> dict:
     """Every task's :data:`ROWS` and their means over tasks; ``config``: the pretrain config whose caps define the
-    kept events (None: the built-in data defaults); ``encoder``: the sentence encoder (default: the config's)."""
+    kept events (None: the built-in data defaults); ``encoder``: the sentence encoder (default: the config's);
+    ``labels`` and ``query``: a task of your own (a ``user_id,label`` file, as ``qanchor bench labels=``) instead of
+    the dataset's."""
+    if (labels is None) != (query is None):
+        raise SystemExit("give --labels and --query together (a task of your own), or neither (the dataset's tasks)")
     ds = load_dataset(data)
     cfg = load_config(config, schema=PretrainConfig)
     try:
         check_caps(cfg.data, ds.manifest)  # a cap for a modality the data lacks: the kept scope would be wrong
     except ConfigError as err:
         raise SystemExit(f"{config}: {err}") from None
-    tasks = [t for t in dataset_tasks(ds, [], None, seed) if fold_count(t.labels, folds) >= 2]
+    chosen = [custom_task(ds, labels, query)] if labels is not None else dataset_tasks(ds, [], None, seed)
+    tasks = [t for t in chosen if fold_count(t.labels, folds) >= 2]
     if not tasks:
         raise SystemExit(f"{data}: no task has enough positives and negatives for {folds}-fold CV")
     names = [m.name for m in ds.manifest.sequence_modalities]
@@ -171,10 +177,16 @@ def main(argv=None) -> int:
     ap.add_argument("--generic-query", default="What kind of user is this?")
     ap.add_argument("--folds", type=int, default=5)
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--labels", help="a user_id,label file: a task of your own, as `qanchor bench labels=` (with --query)")
+    ap.add_argument("--query", help="the question of the --labels task")
     ap.add_argument("--out", help="JSON with every task's rows")
     args = ap.parse_args(argv)
     quiet_third_party()
-    result = run(args.data, args.config, args.generic_query, args.folds, args.seed)
+    try:
+        result = run(args.data, args.config, args.generic_query, args.folds, args.seed, labels=args.labels,
+                     query=args.query)
+    except QAnchorError as err:  # bad data, labels or settings: one line, as the qanchor commands say it
+        raise SystemExit(f"error: {err}") from None
     width = max(len(n) for n in result["per_task"])
     print(f"{'task':{width}}  " + "  ".join(f"{k:>21}" for k in ROWS))
     for name, rows in [*result["per_task"].items(), ("mean", {k: (result[k]["auc"], result[k]["ks"]) for k in ROWS})]:

@@ -96,3 +96,29 @@ def test_a_cap_for_a_modality_the_data_lacks_is_refused(ec, tiny_dataset, tmp_pa
     config.write_text("data:\n  max_events: {purchase: 48}\n")
     with pytest.raises(SystemExit, match=r"purchase.*does not have"):
         ec.run(str(tiny_dataset), str(config), "What kind of user is this?")
+
+
+def test_a_task_of_your_own_and_a_dataset_without_tasks(ec, tiny_dataset, tmp_path):
+    """On own data with only a labels file the README's check ended in a traceback ("pass labels= and query=", options
+    the script lacked); it takes --labels / --query, and a refusal is one error line."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    import yaml
+
+    from tests.model.helpers import encoder
+
+    ds_dir = copy_dataset(tiny_dataset, tmp_path / "ds")
+    manifest = yaml.safe_load((ds_dir / "manifest.yaml").read_text())
+    manifest.pop("tasks")
+    (ds_dir / "manifest.yaml").write_text(yaml.safe_dump(manifest))
+    for path in (ds_dir / "tasks").glob("*.parquet"):
+        path.unlink()
+    with pytest.raises(SystemExit, match="^error: dataset .* declares no tasks"):
+        ec.main(["--data", str(ds_dir)])
+    ids = [f"u{u:03d}" for u in range(1, 40)]
+    pq.write_table(pa.table({"user_id": ids, "label": [u % 2 for u in range(1, 40)]}), tmp_path / "bikes.parquet")
+    result = ec.run(str(ds_dir), None, "What kind of user is this?", folds=3, encoder=encoder(),
+                    labels=str(tmp_path / "bikes.parquet"), query="Will this user buy a bike?")
+    assert list(result["per_task"]) == ["bikes"] and result["queries"] == {"bikes": "Will this user buy a bike?"}
+    with pytest.raises(SystemExit, match="--labels and --query together"):
+        ec.run(str(ds_dir), None, "q?", labels=str(tmp_path / "bikes.parquet"))
