@@ -33,7 +33,7 @@ from qanchor.bench.retrain import checkpoint_run_config
 from qanchor.bench.tasks import custom_task, dataset_tasks, fold_count, subsample
 from qanchor.config import BenchConfig, require, require_file, to_yaml, with_overrides
 from qanchor.data.dataset import Dataset, Task, load_dataset
-from qanchor.data.io import OutputKind, claim_output_dir
+from qanchor.data.io import OutputKind, claim_output_dir, hold_output, releasing_outputs
 from qanchor.errors import CheckpointError, ConfigError, DataValidationError
 from qanchor.logs import Progress, log
 from qanchor.metrics import auc_score
@@ -162,6 +162,7 @@ def run_bench(cfg: BenchConfig, embedder: Embedder | None = None, heads: dict[st
         torch.set_num_threads(threads)
 
 
+@releasing_outputs
 def _run(cfg: BenchConfig, embedder: Embedder | None, heads: dict[str, Any] | None, progress: bool) -> BenchResult:
     start = time.perf_counter()
     ds, tasks = prepare(cfg)
@@ -172,6 +173,7 @@ def _run(cfg: BenchConfig, embedder: Embedder | None, heads: dict[str, Any] | No
                                   "least 2 users of each class; give more labelled users")
     inputs = {"data.path": cfg.data.path, "checkpoint": cfg.checkpoint, "heads_dir": cfg.heads_dir, "labels": cfg.labels}
     claim_output_dir(cfg.output_dir, OutputKind.RESULTS, inputs, key="output_dir")
+    hold_output(cfg.output_dir, "benchmark")  # a second bench there would resume, and report, the first one's rows
     ctx = _make_context(cfg, ds, tasks, embedder, heads, progress)
     checkpoint_hash = getattr(ctx.embedder, "checkpoint_hash", None)
     if ctx.embedder is not None and checkpoint_hash is None:  # an embedder handed in code: no key names its model

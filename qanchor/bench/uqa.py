@@ -44,7 +44,16 @@ from qanchor.bench.report import markdown_table
 from qanchor.bench.retrain import checkpoint_run_config, pretrain_variant
 from qanchor.config import ModelConfig, PretrainConfig, UqaConfig, require, to_yaml
 from qanchor.data.dataset import Dataset, UserRecord, load_dataset
-from qanchor.data.io import OutputKind, claim_output_dir, mark_output, output_kind, write_json, write_text
+from qanchor.data.io import (
+    OutputKind,
+    claim_output_dir,
+    hold_output,
+    mark_output,
+    output_kind,
+    releasing_outputs,
+    write_json,
+    write_text,
+)
 from qanchor.data.userU import FUTURE_QUERY, summarize_future
 from qanchor.data.userU_topics import DAY_US, QA, TOPICS, History, verify
 from qanchor.errors import ConfigError, DataValidationError
@@ -234,6 +243,7 @@ def _text_variant(n_events: int):
     return change
 
 
+@releasing_outputs
 def run_uqa(cfg: UqaConfig, progress: bool = True) -> UqaResult:
     """Build the questions, train (or reuse) the text rows, score every row; nothing is written here."""
     start = time.perf_counter()
@@ -260,6 +270,7 @@ def run_uqa(cfg: UqaConfig, progress: bool = True) -> UqaResult:
     if is_legacy_uqa_output(out):
         mark_output(out, OutputKind.UQA_RESULTS)
     claim_output_dir(out, OutputKind.UQA_RESULTS, {"data.path": cfg.data.path, "checkpoint": cfg.checkpoint}, key="output_dir")
+    hold_output(out, "multiple-choice evaluation")
     models = {"qanchor": cfg.checkpoint}
     for n in sorted(set(cfg.text_events)):
         models[f"text{n}"] = str(pretrain_variant(cfg.checkpoint, cfg.data.path, _text_variant(n), out / "variants" / f"text{n}",

@@ -38,6 +38,7 @@ from qanchor.data.schema import (
     utc_micros,
 )
 from qanchor.data.validate import ValidationReport, event_files, validate_dataset
+from qanchor.errors import DataValidationError
 
 __all__ = ["EventSeq", "UserRecord", "Task", "Dataset", "load_dataset", "records_from_table", "default_cache_dir",
            "CACHE_DIR"]
@@ -244,8 +245,9 @@ def _read_task(root: Path, spec: TaskSpec) -> Task:
 class _Partitions:
     """Events range-partitioned by user id, each partition sorted by (user_id, ts)."""
 
-    def __init__(self, directory: Path, user_ids: np.ndarray, bounds: np.ndarray):
-        self.directory, self.user_ids, self.bounds = directory, user_ids, bounds
+    def __init__(self, directory: Path, user_ids: np.ndarray, bounds: np.ndarray, written: set[int] | None = None):
+        # written: the partitions that hold events (None: an index from before qanchor listed them)
+        self.directory, self.user_ids, self.bounds, self.written = directory, user_ids, bounds, written
 
     @property
     def count(self) -> int:
@@ -256,6 +258,12 @@ class _Partitions:
 
     def read(self, part: int) -> pa.Table:
         path = self.directory / f"part-{part:05d}.parquet"
+        if not path.exists() and self.written is not None and part in self.written:
+            # not "users without events": the dataset was rebuilt (its cache goes with it) or the cache was cleared
+            # while this command read it, and its users would silently have no events
+            raise DataValidationError(str(path), "this partition of the dataset's events is gone since the command "
+                                      "opened the dataset (was the dataset rebuilt, or its cache removed, meanwhile?); "
+                                      "run the command again")
         if not path.exists():  # a partition whose users have no events
             return pa.table({"user_id": pa.array([], pa.string()), "modality": pa.array([], pa.string()),
                              "ts": pa.array([], pa.timestamp("us", tz="UTC")), "text": pa.array([], pa.string())})
@@ -269,16 +277,17 @@ class _Partitions:
         if index_path.exists():
             index = json.loads(index_path.read_text())
             user_ids = pq.read_table(directory / "user_ids.parquet").column("user_id").to_numpy(zero_copy_only=False)
-            return cls(directory, user_ids.astype(object), np.asarray(index["bounds"], dtype=np.int64))
+            written = set(index["written"]) if "written" in index else None
+            return cls(directory, user_ids.astype(object), np.asarray(index["bounds"], dtype=np.int64), written)
         user_ids = _all_user_ids(ds, files)
         per_part = max(_PARTITION_USERS, -(-len(user_ids) // _MAX_PARTITIONS))
         bounds = np.append(np.arange(0, len(user_ids), per_part), len(user_ids)).astype(np.int64)
         claim_output_dir(ds.cache_dir, OutputKind.CACHE, key="data.cache_dir")
         with atomic_dir(directory, OutputKind.CACHE) as tmp:
-            _write_partitions(tmp, files, user_ids, per_part, event_schema(ds.manifest))
+            written = _write_partitions(tmp, files, user_ids, per_part, event_schema(ds.manifest))
             pq.write_table(pa.table({"user_id": pa.array(user_ids.tolist(), pa.string())}), tmp / "user_ids.parquet")
-            write_text(json.dumps({"bounds": bounds.tolist()}), tmp / "index.json")
-        return cls(directory, user_ids, bounds)
+            write_text(json.dumps({"bounds": bounds.tolist(), "written": sorted(written)}), tmp / "index.json")
+        return cls(directory, user_ids, bounds, written)
 
 
 def _fingerprint(root: Path, files: list[Path]) -> str:
@@ -321,7 +330,8 @@ def _canonical(table: pa.Table, schema: pa.Schema) -> pa.Table:
     return pa.Table.from_arrays(columns, schema=schema)
 
 
-def _write_partitions(out: Path, files: list[Path], user_ids: np.ndarray, per_part: int, schema: pa.Schema) -> None:
+def _write_partitions(out: Path, files: list[Path], user_ids: np.ndarray, per_part: int, schema: pa.Schema) -> set[int]:
+    """Write each partition's events, sorted by (user_id, ts); return the partitions written (those with events)."""
     writers: dict[int, pq.ParquetWriter] = {}
     try:
         for path in files:
@@ -341,6 +351,7 @@ def _write_partitions(out: Path, files: list[Path], user_ids: np.ndarray, per_pa
         table = pq.read_table(src).sort_by([("user_id", "ascending"), ("ts", "ascending")])
         pq.write_table(table, out / f"part-{part:05d}.parquet")
         src.unlink()
+    return {int(part) for part in writers}
 
 
 def load_dataset(path: str | Path, cache_dir: str | Path | None = None, pairs: bool = True) -> Dataset:

@@ -24,6 +24,7 @@ from __future__ import annotations
 import ctypes
 import ctypes.util
 import errno
+import fcntl
 import functools
 import glob
 import hashlib
@@ -170,6 +171,46 @@ def claim_output_dir(target: str | os.PathLike, kind: OutputKind, inputs: Mappin
     finally:
         if tmp.exists():
             shutil.rmtree(tmp)
+
+
+# ----------------------------------------------------------------------------------- one writer at a time
+_HELD: dict[Path, int] = {}  # output directories this process writes, each with the descriptor that holds its lock
+
+
+def hold_output(directory: str | os.PathLike, what: str) -> None:
+    """Hold an advisory lock (``flock``) on an output ``directory`` that this process writes, until the command that
+    took it returns (:func:`releasing_outputs`): a second process that would write it too (a resumed run, an export
+    started twice, a bench into the same folder, a cron job overlapping the last) is refused at once, where both
+    used to finish and leave one output mixed from the two. Taken twice by one process, it is held once. Where the
+    file system cannot lock (some network mounts), nothing is held."""
+    path = Path(directory).resolve()
+    if path in _HELD:
+        return
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        os.close(fd)
+        raise OutputError(f"{directory} is being written by another running qanchor {what}; wait for it to finish (or "
+                          "stop it), or write to another directory") from None
+    except OSError:  # locks not supported here
+        os.close(fd)
+        return
+    _HELD[path] = fd
+
+
+def releasing_outputs(fn):
+    """Decorate a command: the output locks :func:`hold_output` took during the call are released when it returns or
+    fails (a long-lived process, a notebook, must not keep its last run's folder locked)."""
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        before = set(_HELD)
+        try:
+            return fn(*args, **kwargs)
+        finally:
+            for path in set(_HELD) - before:
+                os.close(_HELD.pop(path))
+    return wrapper
 
 
 # ----------------------------------------------------------------------------------- temporaries

@@ -210,6 +210,10 @@ class TextVectorCache:
         new = sorted({t for t in texts if t not in self._row})
         if new:
             vectors = self.encoder.encode(new, progress=progress, what=what)
+            if not self.dir.is_dir():  # writing now would create an unmarked cache that every later run refuses
+                raise DataValidationError(str(self.dir), "the text-vector cache is gone since this command opened it "
+                                          "(was the dataset rebuilt, or its cache removed, meanwhile?); run the "
+                                          "command again")
             shard = self.dir / f"shard-{len(list(self.dir.glob('shard-*.parquet'))):05d}-{os.getpid()}.parquet"
             flat = pa.array(vectors.reshape(-1), pa.float32())
             write_parquet(pa.table({"text": new, "vector": pa.FixedSizeListArray.from_arrays(flat, self.dim)}), shard)

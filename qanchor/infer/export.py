@@ -40,7 +40,14 @@ import torch
 import yaml
 
 from qanchor.data.dataset import Dataset
-from qanchor.data.io import OutputKind, claim_output_dir, write_parquet, write_text
+from qanchor.data.io import (
+    OutputKind,
+    claim_output_dir,
+    hold_output,
+    releasing_outputs,
+    write_parquet,
+    write_text,
+)
 from qanchor.data.manifest import Manifest
 from qanchor.errors import ConfigError, ModelInputError
 from qanchor.faults import failpoint
@@ -294,6 +301,7 @@ def _check_manifest(out: Path, expected: dict, overwrite: bool, world: int) -> N
     write_text(json.dumps(expected, indent=2), path)  # every rank writes identical content: the race is benign
 
 
+@releasing_outputs
 def export_embeddings(model: QAnchor, ds: Dataset, queries: list[tuple[str, str]], out_dir: str | Path,
                       rank: int | None = None, world: int | None = None, shard_users: int | None = None,
                       use_cache: bool = True, cutoff: str | None = None, progress: bool = True,
@@ -318,6 +326,8 @@ def export_embeddings(model: QAnchor, ds: Dataset, queries: list[tuple[str, str]
     requests = [(q, None) for _, q in queries] + [(h.query, h) for h in heads]
     model.cutoff_us(cutoff), model.suffixes(requests)  # a bad cutoff, query or head fails before anything is written
     claim_output_dir(out, OutputKind.EXPORT, {"data.path": ds.root, "checkpoint": model.checkpoint_dir}, key="out")
+    if rank == 0:  # one export at a time (its ranks share it): another, say with overwrite=true, would mix the two
+        hold_output(out, "embedding export")
     _check_manifest(out, {"format": FORMAT, "checkpoint": model.checkpoint_hash, "dataset": ds.partitions.directory.name,
                           "queries": [list(q) for q in queries], "heads": [[head_name(h), head_digest(h)] for h in heads],
                           "shards": [list(s) for s in shards], "cutoff": cutoff, "embedding_dim": model.embedding_dim,

@@ -32,7 +32,15 @@ from omegaconf import OmegaConf
 
 from qanchor.config import PretrainConfig, load_run_config, require, require_file
 from qanchor.data.dataset import Dataset, load_dataset
-from qanchor.data.io import OutputKind, check_output_dir, claim_output_dir, file_sha256, write_text
+from qanchor.data.io import (
+    OutputKind,
+    check_output_dir,
+    claim_output_dir,
+    file_sha256,
+    hold_output,
+    releasing_outputs,
+    write_text,
+)
 from qanchor.data.packing import numeric_stats, tabular_stats
 from qanchor.data.pipeline import UserPipeline, batched, check_caps
 from qanchor.data.schema import USERU_FILE
@@ -270,6 +278,7 @@ def prepare_inputs(cfg: PretrainConfig, rank: int, progress: bool = True) -> tup
     return ds, pipe
 
 
+@releasing_outputs
 def run_pretrain(cfg: PretrainConfig, progress: bool = True) -> Path:
     """Pretrain under ``cfg``; return the output directory."""
     started = time.perf_counter()
@@ -278,6 +287,7 @@ def run_pretrain(cfg: PretrainConfig, progress: bool = True) -> Path:
     out = Path(cfg.output_dir)
     if rank == 0:
         claim_output_dir(out, OutputKind.RUN, {"data.path": cfg.data.path}, key="output_dir")
+        hold_output(out, "pretraining run")  # before overwrite=true clears anything: another live run is refused
     ds, pipe = prepare_inputs(cfg, rank, progress and rank == 0)
     data_id = trained_data_id(ds)
     notes = {DATA_FILE: f"{data_id}\n", DEEPSPEED_FILE: f"{deepspeed_file_digest(cfg)}\n"}  # in every checkpoint

@@ -33,6 +33,26 @@ def test_custom_labels_end_to_end(tiny_dataset, tmp_path, capsys):
     assert (out / "auc_ks.png").exists() and "Task `bikes`" in (out / "report.md").read_text()
 
 
+def test_a_bench_into_a_folder_another_bench_is_writing_is_refused(tiny_dataset, tmp_path, capsys):
+    """A second bench into one output_dir resumed the first one's rows under its own settings and reported the mix."""
+    import fcntl
+    import os
+
+    from qanchor.data.io import OutputKind, claim_output_dir
+
+    out = tmp_path / "o"
+    claim_output_dir(out, OutputKind.RESULTS)  # the first bench's folder, claimed ...
+    running = os.open(out, os.O_RDONLY)  # ... and locked, as that other process holds it
+    fcntl.flock(running, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    try:
+        assert main(["bench", f"data.path={tiny_dataset}", "methods=[rfm_lr]", f"output_dir={out}", "--quiet"]) == 2
+        assert "is being written by another running qanchor benchmark" in capsys.readouterr().err
+        assert not (out / "results.json").exists()
+    finally:
+        os.close(running)
+    assert main(["bench", f"data.path={tiny_dataset}", "methods=[rfm_lr]", f"output_dir={out}", "--quiet"]) == 0
+
+
 def test_the_summary_line_counts_the_folds_each_task_got(tiny_dataset, tmp_path, capsys):
     """With 12 users churn has 4 positives, so 4 folds; the line said "5-fold CV" whatever each task got."""
     assert main(["bench", f"data.path={tiny_dataset}", "methods=[rfm_lr]", "max_users=12", "--quiet",

@@ -238,3 +238,29 @@ def test_manifest_time_varying_tabular_round_trips_and_is_checked():
         Manifest.from_dict({**raw, "modalities": [{"name": "app", "kind": "sequence", "time_varying": True}]})
     with pytest.raises(DataValidationError, match=r"time_varying.*true or false"):
         Manifest.from_dict({**raw, "modalities": [{"name": "tabular", "kind": "tabular", "time_varying": "yes"}]})
+
+
+def test_events_and_text_cache_gone_while_reading_are_an_error_not_users_without_events(tiny_dataset, tmp_path):
+    """A dataset rebuilt (or its cache cleared) while a command read it: the partitions it had opened read as users with
+    no events, silently (an embed exported half its users empty), and its text cache wrote into an unmarked folder that
+    every later run refused."""
+    import shutil
+
+    from qanchor.data.text_cache import TextVectorCache
+    from qanchor.errors import DataValidationError
+    from tests.model.helpers import encoder
+
+    root = tmp_path / "ds"
+    shutil.copytree(tiny_dataset, root, ignore=shutil.ignore_patterns(".qanchor_cache"))
+    ds = qanchor.load_dataset(root)
+    parts = ds.partitions
+    assert parts.written and all((parts.directory / f"part-{p:05d}.parquet").exists() for p in parts.written)
+    cache = TextVectorCache(ds.text_cache_dir, encoder())
+    cache.ensure(["Coffee shop"])
+    shutil.rmtree(ds.cache_dir)  # what a rebuild does to an open dataset's cache
+    with pytest.raises(DataValidationError, match="gone since the command opened the dataset"):
+        list(ds.users())
+    with pytest.raises(DataValidationError, match="text-vector cache is gone"):
+        cache.ensure(["Bookshop"])
+    assert not ds.cache_dir.exists()
+    assert sum(1 for _ in qanchor.load_dataset(root).users()) == ds.num_users  # opened again: rebuilt, every user

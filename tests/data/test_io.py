@@ -133,3 +133,43 @@ def test_a_temporary_of_another_machine_is_left_alone_and_a_dead_local_one_is_re
     io._recover(target)
     assert other.exists() and not local.exists() and not older.exists()
     assert io._temp_name(target, "qanchor-tmp").name.split(".")[-2] == f"{os.getpid()}-{io._host()}"
+
+
+def test_a_second_writer_of_an_output_is_refused_and_the_lock_ends_with_the_command(tmp_path):
+    """Two processes writing one output (an export started twice, one with overwrite=true; two benches; a resumed
+    pretraining while the first still runs) both finished and left it mixed. The first holds a lock; the second is
+    refused at once; the lock ends with the command, not the process (a notebook runs the next one)."""
+    import fcntl
+    import os
+
+    from qanchor.data.io import hold_output, releasing_outputs
+    from qanchor.errors import OutputError
+
+    out = tmp_path / "out"
+    out.mkdir()
+
+    def locked_elsewhere() -> bool:  # as another process sees it: a lock of its own on the directory
+        fd = os.open(out, os.O_RDONLY)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            return False
+        except BlockingIOError:
+            return True
+        finally:
+            os.close(fd)
+
+    @releasing_outputs
+    def command() -> bool:
+        hold_output(out, "benchmark")
+        hold_output(out, "benchmark")  # taken twice by one process (a nested step): held once, no self-refusal
+        return locked_elsewhere()
+
+    assert command() is True and locked_elsewhere() is False
+    other = os.open(out, os.O_RDONLY)
+    fcntl.flock(other, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    try:
+        with pytest.raises(OutputError, match="being written by another running qanchor benchmark"):
+            command()
+    finally:
+        os.close(other)
+    assert command() is True
