@@ -28,7 +28,6 @@ from qanchor.data.io import (
     enclosing_output,
     file_sha256,
     output_kind,
-    write_parquet,
     write_text,
 )
 from qanchor.errors import ModelInputError, OutputError
@@ -130,12 +129,17 @@ class LookalikeIndex:
             # a first build marks the path as a qanchor index before any data file: one killed before its description
             # (written last) is then re-run over its own files instead of refused as someone else's
             write_text(json.dumps({"format": INDEX_FORMAT, "building": True}), f"{path}.json")
+        # each file's digest is taken from what this build wrote, before it is put in place: taken from the path
+        # afterwards, it could be another build's file of the same name, written meanwhile, and the mix would load
         with atomic_path(path) as tmp:
             faiss.write_index(self.index, str(tmp))
-        write_parquet(pa.table({"user_id": pa.array(self.user_ids.tolist(), pa.string())}), f"{path}.users.parquet")
+            index_digest = _sampled_digest(tmp)
+        with atomic_path(Path(f"{path}.users.parquet")) as tmp:
+            pq.write_table(pa.table({"user_id": pa.array(self.user_ids.tolist(), pa.string())}), tmp, compression="zstd")
+            users_digest = file_sha256(tmp)
         # the description last, holding the hashes of the other two: each file is replaced atomically, but not the
         # three together, and a build killed between them must not pair new vectors with old user ids
-        files = {"index": _sampled_digest(path), "users": file_sha256(f"{path}.users.parquet")}
+        files = {"index": index_digest, "users": users_digest}
         write_text(json.dumps({**self.meta, "files": files}, indent=2), f"{path}.json")
         return path
 

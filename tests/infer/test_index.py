@@ -93,7 +93,7 @@ def test_a_first_build_stopped_between_its_files_can_be_run_again(data, tmp_path
     def killed(*args, **kwargs):
         raise KeyboardInterrupt  # the process dies after the faiss file, before the user list and the description
 
-    monkeypatch.setattr(index_mod, "write_parquet", killed)
+    monkeypatch.setattr(index_mod.pq, "write_table", killed)  # the user list's write
     with pytest.raises(KeyboardInterrupt):
         built.save(tmp_path / "i.faiss")
     monkeypatch.undo()
@@ -102,3 +102,32 @@ def test_a_first_build_stopped_between_its_files_can_be_run_again(data, tmp_path
         LookalikeIndex.load(tmp_path / "i.faiss")
     built.save(tmp_path / "i.faiss")  # the re-run replaces its own files
     assert LookalikeIndex.load(tmp_path / "i.faiss").search(vecs[3], 1)[0][0][0] == ids[3]
+
+
+def test_two_builds_of_one_path_at_once_never_load_as_one(data, tmp_path, monkeypatch):
+    """Build A's files went in place, then build B ran whole, then A described the files by hashing what lay at the
+    paths (B's): the index loaded with A's description and B's vectors. The digests are now those of the files each
+    build wrote, taken before they are put in place, so what loads is one build's (or is refused)."""
+    from qanchor.infer import index as index_mod
+
+    ids, vecs = data
+    a = LookalikeIndex.build(ids[:100], vecs[:100])
+    b = LookalikeIndex.build(ids[:100], vecs[100:200])
+    real, raced = index_mod._sampled_digest, []
+
+    def b_runs_meanwhile(path):
+        if not raced:  # A hashes its faiss file: B's whole build happens now
+            raced.append(True)
+            b.save(tmp_path / "i.faiss")
+        return real(path)
+
+    monkeypatch.setattr(index_mod, "_sampled_digest", b_runs_meanwhile)
+    a.save(tmp_path / "i.faiss")  # A finishes last
+    monkeypatch.undo()
+    try:
+        loaded = LookalikeIndex.load(tmp_path / "i.faiss")
+    except ModelInputError as err:
+        assert "not written by one build" in str(err)
+        return
+    (user, score), = loaded.search(vecs[0], 1)[0]  # A's vectors under A's description, or nothing
+    assert user == ids[0] and score == pytest.approx(1.0, abs=1e-5)
