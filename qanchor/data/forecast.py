@@ -35,6 +35,17 @@ def _label(cat: str) -> str:
     return cat.split("/", 1)[1] or cat
 
 
+# A category is a short name ("bakery", "coupon: meat-pckgd"); a longer "category" (a URL, a review's first words) is
+# not one, and a question naming it could outgrow a model's query budget (model.max_query_tokens, 32 in the tiny
+# presets; the sentence encoder's 48 tokens), which pretraining then refuses for a pair the user never wrote.
+MAX_LABEL_CHARS, MAX_LABEL_WORDS = 40, 5
+
+
+def _askable(cat: str) -> bool:
+    label = cat.split("/", 1)[1].strip() if "/" in cat else cat.strip()
+    return 0 < len(label) <= MAX_LABEL_CHARS and len(label.split()) <= MAX_LABEL_WORDS
+
+
 def _window(h: History, m: str, lo: int, hi: int) -> tuple[np.ndarray, list[str], np.ndarray]:
     s = h.seq(m)  # empty for a modality the user has no events of
     sel = (s.ts >= lo) & (s.ts < hi)
@@ -70,21 +81,21 @@ def forecast_pairs(h: History, cutoffs: list[int], rng: np.random.Generator, ado
             k = len(nxt[m][0])
             out.append((c, f"Will this user have {m} events in the next {window_days} days?",
                         f"Yes: {k} {m} events." if k else f"No {m} events."))
-            own = sorted(before[m])
+            own = sorted(c for c in before[m] if _askable(c))
             if own:
                 cat = own[int(rng.integers(len(own)))]
                 k = sum(category(m, t) == cat for t in nxt[m][1])
                 out.append((c, f"Will this user have {_label(cat)} {m} events again in the next {window_days} days?",
                             f"Yes: {k} times." if k else "No."))
-            new = [x for x in vocab.get(m, []) if x not in before[m]]
+            new = [x for x in vocab.get(m, []) if x not in before[m] and _askable(x)]
             if new:
                 cat = new[int(rng.integers(len(new)))]
                 k = sum(category(m, t) == cat for t in nxt[m][1])
                 out.append((c, f"Will this user have {_label(cat)} {m} events for the first time in the next "
                                f"{window_days} days?", f"Yes: {k} times." if k else "No."))
         if any(np.isfinite(h.seq(m).value[h.seq(m).ts < c]).any() for m in modalities):  # values before c
-            a = float(sum(np.nansum(v[2]) for v in nxt.values()))
-            b = float(sum(np.nansum(v[2]) for v in prev.values()))
+            a = float(sum(np.nansum(v[2], dtype=np.float64) for v in nxt.values()))  # float32 sums lose digits
+            b = float(sum(np.nansum(v[2], dtype=np.float64) for v in prev.values()))
             out.append((c, f"Will this user's amounts in the next {window_days} days be lower than in the previous "
                            f"{window_days}?", f"{'Yes' if a < b else 'No'}: {a:,.0f} after {b:,.0f}."))
     return out

@@ -216,7 +216,10 @@ def tabular_stats(records: Iterable[UserRecord], n_features: int) -> tuple[np.nd
     mean = np.divide(total, count, out=np.zeros(n_features), where=count > 0)
     var = np.divide(total_sq, count, out=np.ones(n_features), where=count > 0) - mean**2
     std = np.sqrt(np.maximum(var, 0.0))
-    return mean.astype(np.float32), np.where(std > 1e-6, std, 1.0).astype(np.float32)
+    # constant: no spread relative to the column's own scale (an absolute 1e-6 floor made a column of rates or
+    # probabilities around 1e-7, informative to every peer, a constant the model never saw)
+    constant = std <= 1e-6 * np.maximum(np.abs(mean), 1e-12)
+    return mean.astype(np.float32), np.where(constant, 1.0, std).astype(np.float32)
 
 
 def numeric_stats(packed: Iterable[PackedUser], manifest: Manifest) -> dict[str, tuple[np.ndarray, np.ndarray]]:

@@ -135,16 +135,18 @@ def window_rfm(text_vec: torch.Tensor, numeric: torch.Tensor, mask: torch.Tensor
     earlier = torch.ones_like(same[0]).tril(diagonal=-1)  # (E, E): j < i
     distinct = (mask & ~(same & earlier).any(-1)).to(w.dtype).sum(1)  # (B,)
     known = mask & (numeric[..., 1] < 0.5)  # the value-missing flag
-    raw = torch.where(known, torch.sign(numeric[..., 0]) * torch.expm1(numeric[..., 0].abs()), 0.0)  # (B, E)
-    n_known = known.to(w.dtype).sum(1)
+    # raw amounts in float64: legal values (up to float32's 3.4e38; 1e18-1e21 for wei) overflow a float32 sum or square
+    logged = numeric[..., 0].double()
+    raw = torch.where(known, torch.sign(logged) * torch.expm1(logged.abs()), 0.0)  # (B, E)
+    n_known = known.to(raw.dtype).sum(1)
     total = raw.sum(1)
     mean = total / n_known.clamp_min(1.0)
     std = torch.sqrt(((raw - mean[:, None]) ** 2 * known).sum(1) / n_known.clamp_min(1.0))
     peak = raw.masked_fill(~known, float("-inf")).max(1).values
     peak = torch.where(n_known > 0, peak, 0.0)
     recent = (raw * (age_days <= 30.0)).sum(1)
-    stats = [*windows, torch.log1p(active), torch.log1p(count / active.clamp_min(1.0)), torch.log1p(distinct),
-             _signed_log(total), _signed_log(peak), _signed_log(std), _signed_log(recent)]
+    money = [_signed_log(x).to(w.dtype) for x in (total, peak, std, recent)]
+    stats = [*windows, torch.log1p(active), torch.log1p(count / active.clamp_min(1.0)), torch.log1p(distinct), *money]
     return torch.stack(stats, dim=-1)  # (B, 10)
 
 

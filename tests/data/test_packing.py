@@ -171,3 +171,17 @@ def test_a_killed_writers_shard_temporary_is_cleared_and_a_damaged_shard_named(t
     shard.write_bytes(shard.read_bytes()[:40])
     with pytest.raises(DataValidationError, match=r"shard-.*damaged text-vector cache shard.*delete it"):
         TextVectorCache(tmp_path / "text", encoder)
+
+
+def test_a_tabular_column_of_small_numbers_keeps_its_spread():
+    """An absolute 1e-6 floor on the std made a column of rates around 1e-7 a constant (std 1: every z-score about
+    1e-7), informative to every peer and invisible to the model; a constant column, at any scale, still gets std 1."""
+    from qanchor.data.dataset import UserRecord
+
+    rates = np.array([1e-7, 3e-7, 2e-7, 5e-7])
+    records = [UserRecord(f"u{i}", {}, np.array([r, 1e6, 0.0, 7.0], np.float32)) for i, r in enumerate(rates)]
+    mean, std = tabular_stats(records, 4)
+    assert std[0] == pytest.approx(rates.std(), rel=1e-3)
+    assert std[1:].tolist() == [1.0, 1.0, 1.0]  # constants: 1e6 (float32), 0 and 7
+    z = (rates.astype(np.float32) - mean[0]) / std[0]
+    assert z.std() == pytest.approx(1.0, rel=1e-2)

@@ -182,6 +182,25 @@ def test_forecast_questions_depend_on_nothing_after_the_cutoff():
     assert amount == ["No: 6 after 0."]
 
 
+def test_forecast_names_only_short_categories_and_sums_amounts_in_float64():
+    """A "category" that is a URL or a review (a text's first word, or its attributes) made a question longer than a
+    model's query budget, and pretraining refused pairs the user never wrote; amounts summed in float32 lost digits."""
+    long_url = "https://shop.example.com/women/shoes/running?size=38&colour=blue"
+    events = {"page": _seq([1.0, 2.0, 70.0], [long_url, "Home", "Home"])}
+    other = {"page": _seq([1.0], ["A review that goes on and on, far longer than any category name"])}
+    adoption = ItemAdoption([History(events, 100 * DAY_US), History(other, 100 * DAY_US)])
+    asked = [q for seed in range(30) for _, q, _ in forecast_pairs(History(events, 100 * DAY_US), [60 * DAY_US],
+                                                                   np.random.default_rng(seed), adoption, ["page"], WINDOW)]
+    assert any("home page events again" in q for q in asked)
+    assert not any("https" in q or "far longer" in q for q in asked)  # a URL; six words after a comma
+    big = np.array([1.7e9, 3.3e9, 9.1e9, 2.9e9, 4.4e9, 7.7e9], np.float32)
+    valued = {"bill": _seq([35.0, 45.0, 61.0, 70.0, 80.0, 85.0], ["Rent"] * 6, big.tolist())}
+    amount = [a for _, q, a in forecast_pairs(History(valued, 100 * DAY_US), [60 * DAY_US], np.random.default_rng(0),
+                                              None, ["bill"], WINDOW) if "amounts" in q]
+    after, before = big[2:].astype(np.float64).sum(), big[:2].astype(np.float64).sum()
+    assert amount == [f"No: {after:,.0f} after {before:,.0f}."]
+
+
 def test_future_answers_match_the_events(built):
     root, _, table = built
     rows = _rows(table, "future")

@@ -464,6 +464,14 @@ def test_window_rfm_equals_the_bench_rfm_features_of_the_kept_events():
     assert got.tolist() == pytest.approx(expected, abs=1e-5)
     empty = window_rfm(text_vec, numeric, torch.zeros(1, 7, dtype=torch.bool))
     assert torch.isfinite(empty).all() and empty.abs().sum() == 0
+    # amounts legal in the format but past float32's square (wei: 1e18-1e21) gave an infinite std, and a NaN loss
+    huge = EventSeq(ts[:3], texts[:3], np.array([1e20, 3e20, 2e20], np.float32), np.zeros((3, 0), np.float32))
+    wide = window_rfm(text_vec[:, :3], torch.from_numpy(event_numeric_features(huge, cutoff))[None],
+                      torch.ones(1, 3, dtype=torch.bool))[0].double()
+    f = dict(zip(modality_feature_names("m", []), modality_features(huge, cutoff, 0)))
+    assert torch.isfinite(wide).all() and wide.dtype == torch.float64
+    assert wide[-4:].tolist() == pytest.approx([slog(f["m_value_sum"]), slog(f["m_value_max"]), slog(f["m_value_std"]),
+                                                slog(f["m_value_sum_30d"])], rel=1e-5)
 
 
 @pytest.mark.parametrize("stats", ["rfm", "history", "history_timing"])
