@@ -99,7 +99,8 @@ USERU_CHANGES = {
     4: "a pair at an internal cutoff counts only what had happened by then: forecast's first-time questions ask about "
        "categories some user had before the cutoff, and signature answers weigh items by the users who had them "
        "before it (both counted at the dataset cutoff before, so a later event of another user changed the pair); each "
-       "cutoff's signature question is drawn on its own",
+       "cutoff's signature question is drawn on its own; a category longer than a short name (a URL) is never asked about; "
+       "amounts are summed in float64",
 }
 
 
