@@ -137,8 +137,8 @@ def preflight(cfg: PretrainConfig, world: int = 1) -> None:
             raise ConfigError(f"train.holdout_users={cfg.train.holdout_users} holds out every one of the "
                               f"{len(pair_users)} users with pretraining pairs; lower it (0.1 keeps a tenth aside)")
     _check_run_dir(cfg, ds)
+    SentenceEncoder.check(cfg.data.text_encoder)  # before the questions, which its tokenizer may read
     _check_queries(cfg, sorted(set(pairs.column("query").to_pylist())))
-    SentenceEncoder.check(cfg.data.text_encoder)
 
 
 # Settings that say where and how often a run writes, not what it trains: a run may be resumed (or a retrained
