@@ -128,7 +128,12 @@ def check_reusable(done: Path, wanted: dict) -> None:
               "one); reused as it is", file=sys.stderr)
         return
     had = json.loads(record.read_text())
-    differ = [f"{k}: {had.get(k)!r} -> {wanted.get(k)!r}" for k in sorted(set(had) | set(wanted)) if had.get(k) != wanted.get(k)]
+    unknown = sorted(k for k in wanted if k not in had)  # recorded before the key was kept: not known to differ
+    if unknown:
+        print(f"warning: {record} does not record {', '.join(unknown)} (written before quality_seeds.py kept it); "
+              "the result is reused as it is", file=sys.stderr)
+    differ = [f"{k}: {had.get(k)!r} -> {wanted.get(k)!r}" for k in sorted(set(had) | set(wanted))
+              if k not in unknown and had.get(k) != wanted.get(k)]
     if differ:
         raise SystemExit(f"{done} was made with other settings ({'; '.join(differ)}); use another --root, or delete "
                          f"{done.parent} to redo that seed")

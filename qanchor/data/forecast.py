@@ -24,6 +24,8 @@ some day; asked about a category no one had yet, almost always "No").
 
 from __future__ import annotations
 
+from functools import cache, lru_cache
+
 import numpy as np
 
 from qanchor.data.userU_topics import DAY_US, History, ItemAdoption, category
@@ -35,15 +37,36 @@ def _label(cat: str) -> str:
     return cat.split("/", 1)[1] or cat
 
 
-# A category is a short name ("bakery", "coupon: meat-pckgd"); a longer "category" (a URL, a review's first words) is
-# not one, and a question naming it could outgrow a model's query budget (model.max_query_tokens, 32 in the tiny
-# presets; the sentence encoder's 48 tokens), which pretraining then refuses for a pair the user never wrote.
-MAX_LABEL_CHARS, MAX_LABEL_WORDS = 40, 5
+# A category is a short name ("bakery", "coupon: meat-pckgd"). A question naming a long one (a URL, a review's words,
+# a search term in a script of one token per character) could outgrow a model's query budget, and pretraining would
+# refuse a pair the user never wrote: a question is asked only if it fits the tiny presets' model.max_query_tokens,
+# counted with their vocabulary (the bundled MiniLM's; the sentence encoder reads 48 of its tokens, larger presets
+# 64 of theirs).
+MAX_QUESTION_TOKENS = 32
 
 
-def _askable(cat: str) -> bool:
-    label = cat.split("/", 1)[1].strip() if "/" in cat else cat.strip()
-    return 0 < len(label) <= MAX_LABEL_CHARS and len(label.split()) <= MAX_LABEL_WORDS
+@cache
+def _question_tokenizer():
+    from transformers import AutoTokenizer
+
+    from qanchor.data.text_cache import default_encoder_path
+
+    return AutoTokenizer.from_pretrained(str(default_encoder_path()))
+
+
+@lru_cache(maxsize=65_536)
+def _fits(question: str) -> bool:
+    ids = _question_tokenizer()(question, add_special_tokens=False, verbose=False)["input_ids"]
+    return len(ids) <= MAX_QUESTION_TOKENS
+
+
+def _category_question(cat: str, m: str, window_days: int, first: bool) -> str | None:
+    """The again / first-time question about ``cat``, or None where it has no name or would not fit."""
+    if not cat.split("/", 1)[-1].strip():  # an empty or blank text's category ("app/"): nothing to name
+        return None
+    when = "for the first time in the next" if first else "again in the next"
+    question = f"Will this user have {_label(cat)} {m} events {when} {window_days} days?"
+    return question if _fits(question) else None
 
 
 def _window(h: History, m: str, lo: int, hi: int) -> tuple[np.ndarray, list[str], np.ndarray]:
@@ -81,18 +104,17 @@ def forecast_pairs(h: History, cutoffs: list[int], rng: np.random.Generator, ado
             k = len(nxt[m][0])
             out.append((c, f"Will this user have {m} events in the next {window_days} days?",
                         f"Yes: {k} {m} events." if k else f"No {m} events."))
-            own = sorted(c for c in before[m] if _askable(c))
+            own = [(x, q) for x in sorted(before[m]) if (q := _category_question(x, m, window_days, False))]
             if own:
-                cat = own[int(rng.integers(len(own)))]
+                cat, question = own[int(rng.integers(len(own)))]
                 k = sum(category(m, t) == cat for t in nxt[m][1])
-                out.append((c, f"Will this user have {_label(cat)} {m} events again in the next {window_days} days?",
-                            f"Yes: {k} times." if k else "No."))
-            new = [x for x in vocab.get(m, []) if x not in before[m] and _askable(x)]
+                out.append((c, question, f"Yes: {k} times." if k else "No."))
+            new = [(x, q) for x in vocab.get(m, []) if x not in before[m]
+                   and (q := _category_question(x, m, window_days, True))]
             if new:
-                cat = new[int(rng.integers(len(new)))]
+                cat, question = new[int(rng.integers(len(new)))]
                 k = sum(category(m, t) == cat for t in nxt[m][1])
-                out.append((c, f"Will this user have {_label(cat)} {m} events for the first time in the next "
-                               f"{window_days} days?", f"Yes: {k} times." if k else "No."))
+                out.append((c, question, f"Yes: {k} times." if k else "No."))
         if any(np.isfinite(h.seq(m).value[h.seq(m).ts < c]).any() for m in modalities):  # values before c
             a = float(sum(np.nansum(v[2], dtype=np.float64) for v in nxt.values()))  # float32 sums lose digits
             b = float(sum(np.nansum(v[2], dtype=np.float64) for v in prev.values()))

@@ -99,7 +99,7 @@ USERU_CHANGES = {
     4: "a pair at an internal cutoff counts only what had happened by then: forecast's first-time questions ask about "
        "categories some user had before the cutoff, and signature answers weigh items by the users who had them "
        "before it (both counted at the dataset cutoff before, so a later event of another user changed the pair); each "
-       "cutoff's signature question is drawn on its own; a category longer than a short name (a URL) is never asked about; "
+       "cutoff's signature question is drawn on its own; a category question that would not fit the tiny presets' 32-token query budget (a URL's) is never asked; "
        "amounts are summed in float64",
 }
 
@@ -165,7 +165,7 @@ def build_userU(dataset_dir: str | Path, seed: int = 0, n_future_cutoffs: int = 
             for c in [cutoff_us, *(c for c, _ in future)]:
                 hc = h if c == cutoff_us else h.before(c)
                 # a draw of its own per cutoff: a shared stream would let the pair at a later cutoff decide this one's
-                rng_sig = np.random.default_rng([seed, zlib.crc32(user.user_id.encode()), 3, c])
+                rng_sig = np.random.default_rng([seed, zlib.crc32(user.user_id.encode()), 3, c & 0xFFFF_FFFF_FFFF_FFFF])
                 qa = signature_topic(hc, rng_sig, adoption.users_as_of(c), adoption.n_users(c))
                 if qa is not None and verify(qa.claims, hc, qa.answer):
                     rows.add(user.user_id, c, qa.question, qa.answer, "signature")

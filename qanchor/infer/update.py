@@ -302,6 +302,8 @@ def read_tabular(path: str | Path, q: QAnchor) -> dict[str, np.ndarray]:
         raise ModelInputError(f"tabular={path}: this model reads no tabular features; leave tabular= out")
     if not path.is_file():
         raise ModelInputError(f"tabular file {path} not found")
+    if _rows_in(path) == 0:  # a day without new or changed rows
+        return {}
     table = check_tabular_file(path)
     given = [c for c in table.column_names if c != "user_id"]
     missing, unknown = [c for c in q.tabular_columns if c not in given], [c for c in given if c not in q.tabular_columns]

@@ -214,6 +214,9 @@ def test_a_bench_seed_is_redone_when_the_heads_prompt_tune_file_changes(tmp_path
     tune.write_text("lr: 0.5\n")
     with pytest.raises(SystemExit, match="prompt_tune_config"):
         qs.check_reusable(done, qs.settings_of(args, 0, "d"))
+    older = {k: v for k, v in qs.settings_of(args, 0, "d").items() if k != "prompt_tune_config"}
+    (done.parent / "results.json.settings.json").write_text(json.dumps(older))  # recorded before the key was kept
+    qs.check_reusable(done, qs.settings_of(args, 0, "d"))  # not known to differ: reused, with a warning
 
 
 def test_the_seed_summary_bolds_only_among_methods_that_ran_on_every_task():

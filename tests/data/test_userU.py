@@ -183,16 +183,17 @@ def test_forecast_questions_depend_on_nothing_after_the_cutoff():
 
 
 def test_forecast_names_only_short_categories_and_sums_amounts_in_float64():
-    """A "category" that is a URL or a review (a text's first word, or its attributes) made a question longer than a
-    model's query budget, and pretraining refused pairs the user never wrote; amounts summed in float32 lost digits."""
+    """A "category" that is a URL or a long search term (a text's first word) made a question longer than the tiny
+    presets' query budget, and pretraining refused pairs the user never wrote; amounts summed in float32 lost digits."""
     long_url = "https://shop.example.com/women/shoes/running?size=38&colour=blue"
     events = {"page": _seq([1.0, 2.0, 70.0], [long_url, "Home", "Home"])}
-    other = {"page": _seq([1.0], ["A review that goes on and on, far longer than any category name"])}
+    other = {"page": _seq([1.0, 2.0], ["低风险理财产品推荐和收益率比较分析", "Opened Mail"])}  # one token per character
     adoption = ItemAdoption([History(events, 100 * DAY_US), History(other, 100 * DAY_US)])
     asked = [q for seed in range(30) for _, q, _ in forecast_pairs(History(events, 100 * DAY_US), [60 * DAY_US],
                                                                    np.random.default_rng(seed), adoption, ["page"], WINDOW)]
     assert any("home page events again" in q for q in asked)
-    assert not any("https" in q or "far longer" in q for q in asked)  # a URL; six words after a comma
+    assert not any("https" in q or "低" in q for q in asked)  # each would make a question of over 32 tokens
+    assert any("opened page events for the first time" in q for q in asked)  # a short category is asked
     big = np.array([1.7e9, 3.3e9, 9.1e9, 2.9e9, 4.4e9, 7.7e9], np.float32)
     valued = {"bill": _seq([35.0, 45.0, 61.0, 70.0, 80.0, 85.0], ["Rent"] * 6, big.tolist())}
     amount = [a for _, q, a in forecast_pairs(History(valued, 100 * DAY_US), [60 * DAY_US], np.random.default_rng(0),
@@ -475,6 +476,10 @@ def test_pairs_at_an_internal_cutoff_ignore_other_users_later_events(tmp_path):
         return [r for r in rows if r["user_id"] == "A" and r["cutoff"] < manifest.cutoff]
 
     early, with_late = build("early", False), build("late", True)
+    manifest = Manifest.from_dict({"name": "old", "cutoff": "1960-06-30T00:00:00+00:00",  # cutoffs before 1970 seed too
+                                   "modalities": [{"name": "bill", "kind": "sequence"}]})
+    cut = int(np.datetime64("1960-06-30", "us").astype(np.int64))
+    assert build("old", False)
     assert with_late == early
     sources = Counter(r["source"] for r in early)
     assert sources["forecast"] and sources["signature"]  # both kinds of pair are there to be changed

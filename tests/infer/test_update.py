@@ -15,6 +15,7 @@ import torch
 
 from qanchor.data.dataset import UserRecord
 from qanchor.data.history import events_before
+from qanchor.data.io import OutputKind, claim_output_dir
 from qanchor.data.schema import events_table
 from qanchor.errors import CheckpointError, ConfigError, DataValidationError, ModelInputError, OutputError
 from qanchor.infer.api import QAnchor
@@ -186,6 +187,9 @@ def test_tabular_rows_reach_new_users_and_refresh_known_ones(infer_env, state0, 
     assert list(infer_env.ds.tabular_columns) == ["age", "income"]
     assert max(np.abs(got[u] - want[i]).max() for i, u in enumerate(["u999", "u998", "u002"])) < 1e-5
     assert np.abs(got["u002"] - embeddings(state0[0])["u002"]).max() > 1e-4  # the new values did change it
+    pq.write_table(table.slice(0, 0), tmp_path / "none.parquet")  # a day without new or changed rows
+    quiet = update_state(infer_env.qa, tmp_path / "s1", [], tmp_path / "s3", tabular=tmp_path / "none.parquet")
+    assert quiet.users_changed == 0 and quiet.shards_linked == 1
     pq.write_table(pa.table({"user_id": ["u999"], "income": [1.0]}), tmp_path / "short.parquet")
     with pytest.raises(DataValidationError, match=r"short.parquet.*missing \['age'\]"):
         update_state(infer_env.qa, state0[0], [], tmp_path / "s2", tabular=tmp_path / "short.parquet", progress=False)
@@ -243,6 +247,8 @@ def test_an_update_never_replaces_a_state_holding_files_of_the_users(infer_env, 
     assert (target / "notes.txt").read_text() == "mine"
     with pytest.raises(OutputError, match="inside"):
         check_index_target(target / "churn.faiss")
+    claim_output_dir(tmp_path / "run", OutputKind.RUN)  # a run or a bench folder is written into, never replaced whole
+    check_index_target(tmp_path / "run" / "ix" / "churn.faiss")
     (target / "notes.txt").unlink()
     assert update_state(infer_env.qa, state0[0], [], target, progress=False).users_total == infer_env.ds.num_users
     with pytest.raises(ModelInputError, match="checkpoint=CKPT data.path=DATASET queries=FILE out=DIR"):
