@@ -25,7 +25,6 @@ from __future__ import annotations
 import hashlib
 import json
 from dataclasses import asdict, fields, replace
-from functools import cache
 from pathlib import Path
 from typing import Any
 
@@ -33,7 +32,7 @@ import qanchor
 from qanchor.bench.peers import MethodResult
 from qanchor.config import BenchConfig, to_yaml
 from qanchor.data.dataset import Dataset, Task
-from qanchor.data.io import to_plain, write_text
+from qanchor.data.io import code_digest, to_plain, write_text
 from qanchor.data.labels import task_digest
 from qanchor.faults import failpoint
 from qanchor.infer.export import head_digest
@@ -43,24 +42,6 @@ __all__ = ["BenchJournal", "journal_key", "remove_journal"]
 
 _DIR = "partial"
 _ROW_FIELDS = {f.name for f in fields(MethodResult)}
-
-
-@cache
-def code_digest() -> str:
-    """What computed the rows: qanchor's own source (its version string stays put between commits) and the versions of
-    the libraries that fit and score them. A row made by other code is made again, never mixed with new ones."""
-    from importlib import metadata
-
-    h = hashlib.sha256()
-    package = Path(qanchor.__file__).parent
-    for path in sorted(package.rglob("*.py")):
-        h.update(str(path.relative_to(package)).encode() + b"\0" + path.read_bytes())
-    for lib in ("numpy", "scikit-learn", "lightgbm", "torch", "transformers", "pytorch-lifestream", "faiss-cpu"):
-        try:
-            h.update(f"{lib}={metadata.version(lib)}".encode())
-        except metadata.PackageNotFoundError:
-            h.update(f"{lib}=-".encode())
-    return h.hexdigest()
 
 
 def journal_key(cfg: BenchConfig, ds: Dataset, tasks: list[Task], checkpoint_hash: str | None,

@@ -37,6 +37,7 @@ import socket
 from collections.abc import Collection, Iterator, Mapping
 from contextlib import contextmanager
 from enum import Enum
+from functools import cache
 from pathlib import Path
 
 import numpy as np
@@ -499,6 +500,25 @@ def to_plain(obj, nan_to_none: bool = False):
     if nan_to_none and isinstance(obj, float) and not math.isfinite(obj):
         return None  # JSON has no NaN
     return obj
+
+
+@cache
+def code_digest() -> str:
+    """What computes qanchor's results: its own source (its version string stays put between commits) and the
+    versions of the libraries that fit and score. A bench row or a scenario head made by other code is made again,
+    never mixed with new ones."""
+    from importlib import metadata
+
+    h = hashlib.sha256()
+    package = Path(qanchor.__file__).parent
+    for path in sorted(package.rglob("*.py")):
+        h.update(str(path.relative_to(package)).encode() + b"\0" + path.read_bytes())
+    for lib in ("numpy", "scikit-learn", "lightgbm", "torch", "transformers", "pytorch-lifestream", "faiss-cpu"):
+        try:
+            h.update(f"{lib}={metadata.version(lib)}".encode())
+        except metadata.PackageNotFoundError:
+            h.update(f"{lib}=-".encode())
+    return h.hexdigest()
 
 
 def file_sha256(path: str | os.PathLike) -> str:

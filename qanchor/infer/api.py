@@ -309,6 +309,11 @@ class QAnchor:
         if self.checkpoint_hash is not None and head.checkpoint_hash != self.checkpoint_hash:
             raise CheckpointError(f"head for query {head.query!r} was tuned on checkpoint {head.checkpoint_hash[:12]}, "
                                   f"not this one ({self.checkpoint_hash[:12]}); re-run prompt-tune on this checkpoint")
+        caps = getattr(head, "extra", {}).get("event_caps")  # None: a head saved before heads recorded them
+        if caps is not None and dict(caps) != self.event_caps:  # its readout was fitted on users packed otherwise
+            raise CheckpointError(f"head for query {head.query!r} was tuned on users packed with {dict(caps)} most recent "
+                                  f"events per modality, and this model packs {self.event_caps}: serve it with the "
+                                  f"caps it was tuned with (data.max_events={dict(caps)}), or tune it again")
         prompt = head.prompt.detach().to(self.device)
         if prompt.ndim != 2 or prompt.shape[1] != self.model.hidden_size:
             raise CheckpointError(f"head prompt has shape {tuple(prompt.shape)}, expected (k, {self.model.hidden_size})")

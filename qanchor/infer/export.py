@@ -364,8 +364,23 @@ def export_embeddings(model: QAnchor, ds: Dataset, queries: list[tuple[str, str]
         if on_shard_done is not None:
             on_shard_done(i)
     bar.close()
+    if rank == 0 and world > 1:
+        _await_other_ranks(out, len(shards), progress)
     return ExportReport(rank, world, len(shards), len(mine), len(done), len(mine) - len(done), users,
                         time.perf_counter() - start)
+
+
+def _await_other_ranks(out: Path, n_shards: int, progress: bool, poll_s: float = 1.0) -> None:
+    """Rank 0 holds the export's lock, and the other ranks write on after rank 0's own shards: were it released then,
+    a second export (one with overwrite=true) could start and mix with them. So rank 0 returns once every shard is
+    done (under torchrun a failing rank stops every rank, rank 0 too)."""
+    said = time.monotonic()
+    while left := [i for i in range(n_shards) if not (out / f"part-{i:05d}.done").exists()]:
+        if progress and time.monotonic() - said >= 60:
+            log(f"embed rank 0: waiting for the other ranks ({n_shards - len(left)} of {n_shards} shards done); the "
+                "export stays locked until they finish")
+            said = time.monotonic()
+        time.sleep(poll_s)
 
 
 def report_json(report: ExportReport) -> str:

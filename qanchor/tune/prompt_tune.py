@@ -37,7 +37,15 @@ from omegaconf import OmegaConf
 
 from qanchor.config import DataConfig, DataOverrides, PromptTuneConfig, TextEncoderConfig, require
 from qanchor.data.dataset import Dataset, Task, UserRecord, load_dataset
-from qanchor.data.io import OutputKind, check_replaceable, claim_output_dir, write_text
+from qanchor.data.io import (
+    OutputKind,
+    check_replaceable,
+    claim_output_dir,
+    code_digest,
+    hold_output,
+    releasing_outputs,
+    write_text,
+)
 from qanchor.data.labels import custom_task, task_digest
 from qanchor.data.pipeline import UserPipeline, batched
 from qanchor.errors import CheckpointError, ConfigError, DataValidationError
@@ -142,6 +150,7 @@ def _write_split(path: Path, store: PrefixStore, split) -> None:
     write_text(json.dumps(ids), path)
 
 
+@releasing_outputs
 def run_prompt_tune(cfg: PromptTuneConfig, progress: bool = True) -> dict:
     """Tune the configured task(s); write heads and ``summary.json`` under ``output_dir``; return the summary."""
     require(cfg.checkpoint, "checkpoint", "<pretrained checkpoint dir>")
@@ -167,6 +176,7 @@ def run_prompt_tune(cfg: PromptTuneConfig, progress: bool = True) -> dict:
     out = Path(cfg.output_dir)
     claim_output_dir(out, OutputKind.HEADS, {"checkpoint": cfg.checkpoint, "data.path": data_cfg.path,
                                              "labels": cfg.labels}, key="output_dir")
+    hold_output(out, "prompt tuning")  # a second run there would pair one run's head with the other's record
     for name in tasks:  # a folder of someone else's under output_dir is refused before the work, not after it
         check_replaceable(out / name, OutputKind.HEAD)
     fingerprint = ds.fingerprint  # stats every dataset file: once, not per task
@@ -176,6 +186,7 @@ def run_prompt_tune(cfg: PromptTuneConfig, progress: bool = True) -> dict:
     user_ids = sorted(set().union(*(views[t].user_ids.tolist() for t in tasks)))
     cohort = hashlib.sha256(json.dumps(user_ids).encode()).hexdigest()[:16]
     keys = {name: _task_key(cfg, data_cfg, ckpt_hash, fingerprint, views[name], cohort) for name in tasks}
+    caps = {m.name: data_cfg.cap(m.name) for m in ds.manifest.sequence_modalities}  # how its users are packed
     finished = {name: rec for name in tasks if (rec := _finished(out / name, keys[name])) is not None}
     if finished and progress:
         print(f"reusing {len(finished)} head(s) already tuned in {out} with the same checkpoint, data and "
@@ -193,7 +204,7 @@ def run_prompt_tune(cfg: PromptTuneConfig, progress: bool = True) -> dict:
         if name in finished:
             summary["tasks"][name] = finished[name]
             continue
-        record = _tune_one(model, tokenizer, store, row_of, views[name], cfg, ckpt_hash, out, progress)
+        record = _tune_one(model, tokenizer, store, row_of, views[name], cfg, ckpt_hash, out, progress, caps)
         record["key"] = keys[name]
         failpoint("head-saved")
         write_text(json.dumps(record), out / name / RECORD)  # last: its presence marks the task as finished
@@ -214,15 +225,17 @@ RECORD = "record.json"  # per task: the summary record and the key it was tuned 
 def _task_key(cfg: PromptTuneConfig, data: DataConfig, ckpt_hash: str, dataset_fingerprint: str, task: Task,
               cohort: str = "") -> str:
     """What a task's head depends on: checkpoint, dataset files, the task's question, users and labels, packing and
-    tuning settings (not paths/device: a custom labels file is keyed by what it holds)."""
+    tuning settings (not paths/device: a custom labels file is keyed by what it holds), and the code and libraries
+    that tune it."""
     settings = OmegaConf.to_container(OmegaConf.structured(cfg))
     for k in ("checkpoint", "output_dir", "task", "device", "data", "labels", "query"):
         settings.pop(k, None)
     packing = OmegaConf.to_container(OmegaConf.structured(data))
     packing.pop("path", None)
     packing.pop("cache_dir", None)
-    blob = json.dumps([ckpt_hash, dataset_fingerprint, task.name, task_digest(task), settings, packing, cohort],
-                      sort_keys=True, default=str)
+    # code_digest: a head tuned by other code (a pull that changed tuning) is tuned again, as the bench redoes its rows
+    blob = json.dumps([ckpt_hash, dataset_fingerprint, task.name, task_digest(task), settings, packing, cohort,
+                       code_digest()], sort_keys=True, default=str)
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 
@@ -239,7 +252,7 @@ def _finished(task_dir: Path, key: str) -> dict | None:
 
 
 def _tune_one(model, tokenizer, store: PrefixStore, row_of: dict, task: Task, cfg: PromptTuneConfig,
-              ckpt_hash: str, out: Path, progress: bool) -> dict:
+              ckpt_hash: str, out: Path, progress: bool, caps: dict[str, int]) -> dict:
     name = task.name
     store = store.at_query(task.spec.query)
     rows = np.array([row_of[u] for u in task.user_ids])
@@ -247,6 +260,7 @@ def _tune_one(model, tokenizer, store: PrefixStore, row_of: dict, task: Task, cf
     query_ids = torch.tensor(tokenize_query(tokenizer, task.spec.query, model.cfg.max_query_tokens), device=cfg.device)
     lr = frozen_logistic(model, store, query_ids, split, cfg.seed, cfg.prefix_chunk)
     result = tune_task(model, store, query_ids, split, cfg, name, task.spec.query, ckpt_hash, progress)
+    result.head.extra["event_caps"] = caps  # serving must pack its users alike (QAnchor refuses other caps)
     result.head.save(out / name)
     _write_split(out / name / "split.json", store, split)
     record = {"query": task.spec.query, "n": {k: len(v) for k, v in split.rows.items()},

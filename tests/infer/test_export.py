@@ -84,6 +84,24 @@ def test_rank_split_equals_one_rank(infer_env, full_export, tmp_path):
     assert _table(out).equals(_table(full_export[0]))
 
 
+def test_rank_0_holds_the_export_until_every_rank_is_done(infer_env, full_export, tmp_path):
+    """Under torchrun rank 0 holds the export's lock; it returned after its own shards, so a second export (one with
+    overwrite=true) could start while the other ranks still wrote, and mix with them. It now waits for every shard."""
+    import threading
+    import time
+
+    out = tmp_path / "ranks"
+    rank0 = threading.Thread(target=_export, args=(infer_env, out), kwargs={"rank": 0, "world": 2})
+    rank0.start()
+    while len(list(out.glob("part-*.done"))) < 3:  # rank 0's own three shards
+        time.sleep(0.05)
+    time.sleep(1.5)
+    assert rank0.is_alive()  # waiting for rank 1's shards, its lock held
+    _export(infer_env, out, rank=1, world=2)
+    rank0.join(timeout=30)
+    assert not rank0.is_alive() and _table(out).equals(_table(full_export[0]))
+
+
 def test_a_rank_without_a_shard_says_how_to_split(infer_env, tmp_path, capsys):
     """Shards never depend on the world size, so a rank beyond the shard count idles: it must say so, not stay silent."""
     users = sum(len(infer_env.ds.partitions.ids_of(p)) for p in range(infer_env.ds.partitions.count))

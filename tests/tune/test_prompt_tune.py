@@ -150,6 +150,12 @@ def test_run_writes_heads_that_reload_and_score_identically(ckpt, loaded, tmp_pa
     assert np.abs(served - head.score(emb).detach().numpy()).max() < 1e-4
     with pytest.raises(CheckpointError, match="tuned on checkpoint"):
         ScenarioHead.load(out / "churn", checkpoint_hash="0" * 64)
+    # the head records how its users were packed; served with other caps its readout would read other embeddings
+    caps = head.extra["event_caps"]
+    assert caps == QAnchor.from_pretrained(ck, text_cache_dir=ds.text_cache_dir).event_caps
+    head.extra["event_caps"] = {m: n + 1 for m, n in caps.items()}
+    with pytest.raises(CheckpointError, match="tuned on users packed with"):
+        QAnchor.from_pretrained(ck, text_cache_dir=ds.text_cache_dir).score([ds.user(split["test"][0])], head)
 
 
 def test_head_refuses_a_different_checkpoint(ckpt, tmp_path):
@@ -179,7 +185,9 @@ def test_cli_runs_and_reports_unknown_task(ckpt, tmp_path, capsys):
     assert "unknown task" in capsys.readouterr().err
 
 
-def test_rerun_reuses_finished_heads_and_retunes_changed_or_unfinished(ckpt, tmp_path):
+def test_rerun_reuses_finished_heads_and_retunes_changed_or_unfinished(ckpt, tmp_path, monkeypatch):
+    import qanchor.tune.prompt_tune as prompt_tune_module
+
     ck, ds_dir = ckpt
     out = tmp_path / "heads"
     args = [f"checkpoint={ck}", f"data.path={ds_dir}", f"output_dir={out}", "task=all", *FAST]
@@ -196,6 +204,10 @@ def test_rerun_reuses_finished_heads_and_retunes_changed_or_unfinished(ckpt, tmp
     changed = run_prompt_tune(load_config(None, [*args, "steps=4", "eval_every=2"], schema=PromptTuneConfig),
                               progress=False)  # other settings: retune all
     assert changed["n_users"] > 0 and all(r["history"][-1]["step"] == 4 for r in changed["tasks"].values())
+    monkeypatch.setattr(prompt_tune_module, "code_digest", lambda: "other code")  # after a pull that changed tuning
+    pulled = run_prompt_tune(load_config(None, [*args, "steps=4", "eval_every=2"], schema=PromptTuneConfig),
+                             progress=False)
+    assert pulled["n_users"] > 0  # tuned again: heads of other code are not reused
 
 
 def test_a_head_tuned_beside_other_tasks_is_reused_only_beside_them(ckpt, tmp_path, capsys):
