@@ -28,6 +28,7 @@ from functools import cache, lru_cache
 
 import numpy as np
 
+from qanchor.data.text_cache import default_encoder_path
 from qanchor.data.userU_topics import DAY_US, History, ItemAdoption, category
 
 __all__ = ["forecast_pairs"]
@@ -48,8 +49,6 @@ MAX_QUESTION_TOKENS = 32
 @cache
 def _question_tokenizer():
     from transformers import AutoTokenizer
-
-    from qanchor.data.text_cache import default_encoder_path
 
     return AutoTokenizer.from_pretrained(str(default_encoder_path()))
 
