@@ -118,10 +118,23 @@ def infer_env(tiny_dataset, tmp_path_factory) -> SimpleNamespace:
     return SimpleNamespace(root=root, ds=ds, ds_dir=ds_dir, qa=qa, ckpt=ckpt, cache=cache, cfg=cfg)
 
 
+# The longest test files (whole pretraining runs in subprocesses, kills and resumes), longest first. `make test` hands
+# files to its workers in collection order (xdist --dist loadfile); collected last, as their folders sort, they left
+# one worker running them alone at the end. Handed out first, the short files fill in around them.
+LONGEST_FIRST = ("test_faults.py", "train/test_pretrain.py", "train/test_resume.py", "train/test_paper_scale.py",
+                 "bench/test_integration.py", "bench/test_quality_probe.py", "model/test_model.py")
+
+
 def pytest_collection_modifyitems(config, items):
-    """`gpu` tests need CUDA: skip them, with the reason, on machines without it."""
+    """The longest files first (see LONGEST_FIRST); `gpu` tests need CUDA: skip them, with the reason, on machines
+    without it."""
     import torch
 
+    def rank(item) -> int:
+        path = item.nodeid.split("::")[0].removeprefix("tests/")
+        return LONGEST_FIRST.index(path) if path in LONGEST_FIRST else len(LONGEST_FIRST)
+
+    items.sort(key=rank)  # stable: every other file keeps its place, and every test its place in its file
     if torch.cuda.is_available():
         return
     skip = pytest.mark.skip(reason="needs CUDA (marked gpu)")
