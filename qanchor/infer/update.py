@@ -35,13 +35,12 @@ import pyarrow.parquet as pq
 import torch
 
 from qanchor.data.dataset import Dataset, EventSeq, UserRecord
-from qanchor.data.history import events_before
 from qanchor.data.io import OutputKind, atomic_dir
 from qanchor.data.pipeline import batched
 from qanchor.data.schema import TS_TYPE, utc_micros
 from qanchor.data.validate import check_event_file, check_tabular_file
 from qanchor.errors import CheckpointError, ConfigError, DataValidationError, ModelInputError
-from qanchor.infer.api import QAnchor
+from qanchor.infer.api import QAnchor, events_before
 from qanchor.infer.export import embeddings_table
 from qanchor.infer.modality_cache import Encoding, embed_from_encodings, encode_modalities
 from qanchor.infer.state import (
@@ -169,9 +168,9 @@ def _before(records: Iterable[UserRecord], as_of_us: int) -> tuple[list[UserReco
     how many events were left out)."""
     out, left_out = [], 0
     for r in records:
-        events = {name: events_before(seq, as_of_us) for name, seq in r.events.items()}
-        left_out += sum(len(seq) - len(events[name]) for name, seq in r.events.items())
-        out.append(UserRecord(r.user_id, {name: seq for name, seq in events.items() if len(seq)}, r.tabular))
+        events = events_before(r.events, as_of_us)
+        left_out += sum(map(len, r.events.values())) - sum(map(len, events.values()))
+        out.append(UserRecord(r.user_id, events, r.tabular))
     return out, left_out
 
 
