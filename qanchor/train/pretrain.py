@@ -49,7 +49,7 @@ from qanchor.data.userU import stale_userU
 from qanchor.errors import CheckpointError, ConfigError, DataValidationError
 from qanchor.faults import failpoint
 from qanchor.logs import Progress, format_seconds, interactive, log, progress_lines
-from qanchor.model.backbone import check_device, load_tokenizer
+from qanchor.model.backbone import check_backbone_weights, check_device, load_tokenizer
 from qanchor.model.factory import ModelMeta, build_model, save_checkpoint
 from qanchor.model.layout import tokenize_query
 from qanchor.model.qanchor_model import AnswerBank, shrunk_whitening
@@ -138,7 +138,9 @@ def preflight(cfg: PretrainConfig, world: int = 1) -> None:
                               f"{len(pair_users)} users with pretraining pairs; lower it (0.1 keeps a tenth aside)")
     _check_run_dir(cfg, ds)
     SentenceEncoder.check(cfg.data.text_encoder)  # before the questions, which its tokenizer may read
-    _check_queries(cfg, sorted(set(pairs.column("query").to_pylist())))
+    tokenizer = load_tokenizer(cfg.model.backbone)
+    check_backbone_weights(cfg.model.backbone, len(tokenizer))  # not after hours of encoding event texts
+    _check_queries(cfg, tokenizer, sorted(set(pairs.column("query").to_pylist())))
 
 
 # Settings that say where and how often a run writes, not what it trains: a run may be resumed (or a retrained
@@ -251,10 +253,15 @@ def _check_run_dir(cfg: PretrainConfig, ds: Dataset) -> None:
                                   "start it afresh with these settings, or choose another output_dir")
 
 
-def _check_queries(cfg: PretrainConfig, queries: list[str]) -> None:
-    tokenizer = load_tokenizer(cfg.model.backbone)
-    for q in queries:
-        tokenize_query(tokenizer, q, cfg.model.max_query_tokens)  # raises on a query longer than the limit
+def _check_queries(cfg: PretrainConfig, tokenizer, queries: list[str]) -> None:
+    limit = cfg.model.max_query_tokens
+    lengths = {q: len(tokenize_query(tokenizer, q, 1 << 30)) for q in queries}
+    longest = max(lengths, key=lengths.__getitem__, default=None)
+    if longest is not None and (n := lengths[longest]) > limit:
+        # the pairs' questions are the dataset's, not the user's to shorten: the limit is what to change
+        raise ConfigError(f"a pretraining pair's question has {n} tokens under this tokenizer, more than "
+                          f"model.max_query_tokens={limit}: {longest[:80]!r}; raise model.max_query_tokens to at least {n} "
+                          "(questions served later must fit it too)")
     if cfg.model.query_evidence:  # the questions' sentence vectors must read them whole, as serving will
         from transformers import AutoTokenizer
 

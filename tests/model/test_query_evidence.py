@@ -15,6 +15,7 @@ from qanchor.config import PromptTuneConfig, load_config
 from qanchor.errors import ConfigError, ModelInputError
 from qanchor.infer.api import QAnchor
 from qanchor.infer.export import head_digest
+from qanchor.model.backbone import load_tokenizer
 from qanchor.model.factory import ModelMeta, load_checkpoint, save_checkpoint
 from qanchor.model.layout import tokenize_query
 from qanchor.model.query_evidence import EVIDENCE_FEATURES
@@ -256,10 +257,11 @@ def test_a_question_longer_than_the_sentence_encoder_reads_is_refused_not_cut(en
     fits = "Will this user buy a mutual fund in the next 30 days?"
     assert env.qa.query_vectors([fits]).shape == (1, env.pipe.cache.dim)
     cfg = tiny_cfg([*EVIDENCE, "model.max_query_tokens=200"])
-    _check_queries(cfg, [fits])
+    tokenizer = load_tokenizer(cfg.model.backbone)
+    _check_queries(cfg, tokenizer, [fits])
     with pytest.raises(ModelInputError, match="a pretraining pair's question"):
-        _check_queries(cfg, [fits, asked[0]])
-    _check_queries(tiny_cfg(["model.max_query_tokens=200"]), [asked[0]])  # no evidence: the encoder never reads it
+        _check_queries(cfg, tokenizer, [fits, asked[0]])
+    _check_queries(tiny_cfg(["model.max_query_tokens=200"]), tokenizer, [asked[0]])  # no evidence: the encoder never reads it
 
 
 def test_a_text_prefix_model_has_no_query_evidence():
