@@ -24,7 +24,7 @@ from qanchor.train.pretrain import (
     recipe_differences,
     run_pretrain,
     trained_data_id,
-    with_deepspeed_compared,
+    with_files_compared,
 )
 
 __all__ = ["PRETRAIN_ABLATIONS", "checkpoint_run_config", "pretrain_ablation", "pretrain_variant"]
@@ -68,7 +68,7 @@ def pretrain_variant(checkpoint: str, data_path: str, change: Callable[[Pretrain
                   resume=True, overwrite=False)
     ckpt = out / "checkpoint"
     if (ckpt / "config.yaml").exists():
-        diffs = with_deepspeed_compared(recipe_differences(load_run_config(ckpt / "config.yaml"), run), ckpt, run)
+        diffs = with_files_compared(recipe_differences(load_run_config(ckpt / "config.yaml"), run), ckpt, run)
         saved_on = checkpoint_data_id(ckpt)  # None: saved before qanchor recorded it, so not compared
         if saved_on is not None and saved_on != trained_data_id(load_dataset(data_path, run.data.cache_dir)):
             diffs.append(f"the data at {data_path} (its files or UserU pairs changed since)")

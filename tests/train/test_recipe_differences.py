@@ -13,14 +13,16 @@ from qanchor.bench import retrain
 from qanchor.config import PretrainConfig, load_config, to_yaml
 from qanchor.data.dataset import load_dataset
 from qanchor.train.pretrain import (
+    BACKBONE_FILE,
     DATA_FILE,
     DEEPSPEED_FILE,
+    backbone_file_text,
     checkpoint_data_id,
     checkpoint_step,
     deepspeed_file_digest,
     recipe_differences,
     trained_data_id,
-    with_deepspeed_compared,
+    with_files_compared,
 )
 
 CONFIG = Path(__file__).resolve().parents[2] / "configs/pretrain/tiny-synth.yaml"
@@ -65,13 +67,48 @@ def test_a_deepspeed_file_is_compared_by_what_it_holds(cfg, tmp_path, monkeypatc
     elsewhere = replace(cfg, train=replace(cfg.train, deepspeed_config=str(tmp_path / "cfg" / "zero0.json")))
     diffs = recipe_differences(trained, elsewhere)
     assert diffs and diffs[0].startswith("train.deepspeed_config:")  # the paths differ...
-    assert with_deepspeed_compared(diffs, ckpt, elsewhere) == []  # ...the settings do not
+    assert with_files_compared(diffs, ckpt, elsewhere) == []  # ...the settings do not
     (tmp_path / "cfg" / "zero0.json").write_text('{"gradient_clipping": 0.001}')
-    edited = with_deepspeed_compared(recipe_differences(elsewhere, elsewhere), ckpt, elsewhere)
+    edited = with_files_compared(recipe_differences(elsewhere, elsewhere), ckpt, elsewhere)
     assert len(edited) == 1 and "other DeepSpeed settings than the run trained with" in edited[0]
-    assert with_deepspeed_compared([], ckpt, cfg)  # a run with a file resumed without one
+    assert with_files_compared([], ckpt, cfg)  # a run with a file resumed without one
     (ckpt / DEEPSPEED_FILE).unlink()  # saved before qanchor recorded it: the paths, as given
-    assert with_deepspeed_compared(diffs, ckpt, elsewhere) == diffs
+    assert with_files_compared(diffs, ckpt, elsewhere) == diffs
+
+
+def test_a_backbone_is_compared_by_its_weights_and_vocabulary_not_its_path(cfg, tmp_path):
+    """Weights copied to node-local storage (a new path) are the same recipe: resuming was refused and the advice was
+    to start afresh. Weights or a tokenizer that changed since are another recipe, whatever the path."""
+    from transformers import AutoModelForCausalLM, Qwen2Config
+
+    from qanchor.data.text_cache import default_encoder_path
+
+    first = tmp_path / "shared" / "weights"
+    AutoModelForCausalLM.from_config(Qwen2Config(vocab_size=128, hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
+                                                 num_key_value_heads=1, intermediate_size=48)).save_pretrained(first)
+    for name in ("vocab.txt", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"):
+        shutil.copy(default_encoder_path() / name, first / name)
+
+    def on(weights: Path, tokenizer: str | None = None) -> PretrainConfig:
+        backbone = replace(cfg.model.backbone, name_or_path=str(weights), tokenizer=tokenizer or str(weights))
+        return replace(cfg, model=replace(cfg.model, backbone=backbone))
+
+    ckpt = tmp_path / "run" / "checkpoint"
+    ckpt.mkdir(parents=True)
+    (ckpt / BACKBONE_FILE).write_text(backbone_file_text(on(first)))  # as the run's save wrote it
+    local = tmp_path / "scratch" / "weights"
+    shutil.copytree(first, local)
+    diffs = recipe_differences(on(first), on(local))
+    assert [d.split(":")[0] for d in diffs] == ["model.backbone.name_or_path", "model.backbone.tokenizer"]
+    assert with_files_compared(diffs, ckpt, on(local)) == []
+    other_vocabulary = with_files_compared(recipe_differences(on(first), on(local, "qwen2.5")), ckpt, on(local, "qwen2.5"))
+    assert other_vocabulary == ["model.backbone.tokenizer: qwen2.5 holds other vocabulary than the run started from"]
+    config = (local / "config.json").read_text()
+    (local / "config.json").write_text(config.replace('"rope_theta"', '"rope_scaling": null, "rope_theta"'))
+    assert with_files_compared(diffs, ckpt, on(local)) == [
+        f"model.backbone.name_or_path: {local} holds other weights than the run started from"]
+    (ckpt / BACKBONE_FILE).unlink()  # saved before qanchor recorded it: the paths, as given
+    assert with_files_compared(diffs, ckpt, on(local)) == diffs
 
 
 def _fake_run(out: Path, run_cfg: PretrainConfig, step: int) -> None:
