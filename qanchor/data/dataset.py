@@ -18,7 +18,7 @@ import hashlib
 import json
 import os
 from collections.abc import Iterable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -40,7 +40,7 @@ from qanchor.data.schema import (
 from qanchor.data.validate import ValidationReport, event_files, validate_dataset
 from qanchor.errors import DataValidationError
 
-__all__ = ["EventSeq", "UserRecord", "Task", "Dataset", "load_dataset", "records_from_table", "default_cache_dir",
+__all__ = ["EventSeq", "UserRecord", "RecordLayout", "Task", "Dataset", "load_dataset", "records_from_table", "default_cache_dir",
            "CACHE_DIR"]
 
 _PARTITION_USERS = 4096
@@ -60,6 +60,20 @@ class EventSeq:
         return len(self.text)
 
 
+@dataclass(frozen=True)
+class RecordLayout:
+    """The column names a record's numbers are in: each modality's numeric columns (``EventSeq.extras``) and the
+    tabular features (``UserRecord.tabular``). A dataset's records carry theirs, so that a model trained with another
+    column order reads them by name, not by position."""
+
+    numeric_columns: tuple[tuple[str, tuple[str, ...]], ...]  # (modality, its numeric columns), manifest order
+    tabular_columns: tuple[str, ...]
+
+    @classmethod
+    def of(cls, manifest: Manifest, tabular_columns: Iterable[str]) -> RecordLayout:
+        return cls(tuple((m.name, tuple(m.numeric_columns)) for m in manifest.sequence_modalities), tuple(tabular_columns))
+
+
 @dataclass
 class UserRecord:
     """Everything known about one user before the cutoff. Modalities without events are absent."""
@@ -67,6 +81,8 @@ class UserRecord:
     user_id: str
     events: dict[str, EventSeq]
     tabular: np.ndarray | None = None  # float32 [n_features], NaN where missing; None = no tabular row
+    # The columns ``tabular`` and each modality's ``extras`` are in (a dataset's records say; None = the model's own)
+    layout: RecordLayout | None = field(default=None, compare=False, repr=False)
 
 
 @dataclass
@@ -100,6 +116,7 @@ class Dataset:
         if manifest.tabular is not None:
             self._read_tabular()
         self._partitions: _Partitions | None = None
+        self._layout: RecordLayout | None = None
 
     def __repr__(self) -> str:
         return f"Dataset({self.manifest.name!r}, users={self.num_users}, tasks={list(self.tasks)})"
@@ -153,6 +170,13 @@ class Dataset:
     def user(self, user_id: str) -> UserRecord:
         return next(self.users([user_id]))
 
+    @property
+    def layout(self) -> RecordLayout:
+        """The column layout its records carry (:class:`RecordLayout`)."""
+        if self._layout is None:
+            self._layout = RecordLayout.of(self.manifest, self.tabular_columns)
+        return self._layout
+
     def userU(self) -> pa.Table:
         """The UserU pretraining pairs (built by ``qanchor data userU``)."""
         path = self.root / USERU_FILE
@@ -175,9 +199,10 @@ class Dataset:
     def read_partition(self, part: int, ids: np.ndarray) -> Iterator[UserRecord]:
         """Records of ``ids`` (sorted, all in range partition ``part``), in order; for callers that group
         users by partition themselves (pretraining pairs) rather than stream with :meth:`users`."""
-        tabular = self._tabular.get
+        tabular, layout = self._tabular.get, self.layout
         for record in records_from_table(self.partitions.read(part), self.manifest, ids):
             record.tabular = tabular(record.user_id)
+            record.layout = layout
             yield record
 
 

@@ -221,8 +221,9 @@ class QAnchor:
     def records(self, users: Users) -> Iterator[UserRecord]:
         """Users (records, dicts, a :class:`Dataset` or one user) as records in the model's layout, lazily.
 
-        A dataset whose columns are laid out differently from the model's is remapped by name
-        (``record_adapter``); records and dicts are validated one by one as they stream.
+        A dataset, or records read from one (which carry its :class:`RecordLayout`), whose columns are laid out
+        differently from the model's is remapped by name (``record_adapter``); records built by hand are read in the
+        model's column order. Records and dicts are validated one by one as they stream.
         """
         if isinstance(users, Dataset):
             return self.dataset_records(users)
@@ -232,8 +233,7 @@ class QAnchor:
 
     def dataset_records(self, ds: Dataset, user_ids: Sequence[str] | None = None) -> Iterator[UserRecord]:
         """``ds``'s users (all, or ``user_ids`` in the dataset's order) in the model's layout: extra numeric columns and
-        tabular features matched by name (``record_adapter``). A dataset's records read directly hold its own column
-        order, which the model would read by position."""
+        tabular features matched by name (``record_adapter``)."""
         adapt = record_adapter(ds.manifest, ds.tabular_columns, self.manifest, self.tabular_columns)
         return (adapt(r) for r in ds.users(user_ids))
 

@@ -22,11 +22,12 @@ from __future__ import annotations
 
 from collections.abc import Callable, Mapping
 from datetime import datetime, timezone
+from functools import lru_cache
 from numbers import Real
 
 import numpy as np
 
-from qanchor.data.dataset import EventSeq, UserRecord
+from qanchor.data.dataset import EventSeq, RecordLayout, UserRecord
 from qanchor.data.manifest import Manifest, ModalitySpec
 from qanchor.data.validate import not_storable
 from qanchor.errors import ModelInputError
@@ -182,6 +183,8 @@ def to_record(user: UserRecord | Mapping, manifest: Manifest, tabular_columns: l
         ModelInputError: user 'u1': unknown modality 'sms'; the model knows: bill, app, search
     """
     if isinstance(user, UserRecord):
+        if user.layout is not None:  # a dataset's record: its columns by name, whatever order the model has them in
+            user = _layout_adapter(user.layout, RecordLayout.of(manifest, tabular_columns))(user)
         return _check_record(user, manifest, tabular_columns)
     if not isinstance(user, Mapping):
         raise ModelInputError(f"a user must be a UserRecord or a dict with user_id and events, got {type(user).__name__}"
@@ -214,20 +217,25 @@ def record_adapter(data_manifest: Manifest, data_columns: list[str], model_manif
     Extra numeric columns and tabular features are matched by name; ones the model has but the dataset
     lacks become missing values. A modality or feature the model does not know raises ModelInputError.
     """
-    model_specs = {m.name: m for m in model_manifest.sequence_modalities}
+    return _layout_adapter(RecordLayout.of(data_manifest, data_columns), RecordLayout.of(model_manifest, model_columns))
+
+
+@lru_cache(maxsize=16)  # one per (dataset, model) pair in use: to_record asks for it once per record
+def _layout_adapter(data: RecordLayout, model: RecordLayout) -> Callable[[UserRecord], UserRecord]:
+    model_numeric = dict(model.numeric_columns)
     extra_index = {}
-    for spec in data_manifest.sequence_modalities:
-        if spec.name not in model_specs:
-            raise ModelInputError(f"dataset modality {spec.name!r} is unknown to the model, which knows: {', '.join(model_specs)}")
-        extra_index[spec.name] = [spec.numeric_columns.index(c) if c in spec.numeric_columns else -1
-                                  for c in model_specs[spec.name].numeric_columns]
-    unknown = set(data_columns) - set(model_columns)
+    for name, columns in data.numeric_columns:
+        if name not in model_numeric:
+            raise ModelInputError(f"dataset modality {name!r} is unknown to the model, which knows: {', '.join(model_numeric)}")
+        extra_index[name] = [columns.index(c) if c in columns else -1 for c in model_numeric[name]]
+    data_columns = list(data.tabular_columns)
+    unknown = set(data_columns) - set(model.tabular_columns)
     if unknown:
         raise ModelInputError(f"dataset tabular feature {sorted(unknown)[0]!r} is unknown to the model; "
                               "drop it from tabular.parquet or use a model trained with it")
-    tab_index = [data_columns.index(c) if c in data_columns else -1 for c in model_columns]
-    same_extras = all(idx == list(range(len(idx))) and len(idx) == len(data_manifest.modality(n).numeric_columns)
-                      for n, idx in extra_index.items())
+    tab_index = [data_columns.index(c) if c in data_columns else -1 for c in model.tabular_columns]
+    numeric = dict(data.numeric_columns)
+    same_extras = all(idx == list(range(len(idx))) and len(idx) == len(numeric[n]) for n, idx in extra_index.items())
     if same_extras and tab_index == list(range(len(data_columns))):
         return lambda rec: rec
 
@@ -238,6 +246,6 @@ def record_adapter(data_manifest: Manifest, data_columns: list[str], model_manif
     def adapt(rec: UserRecord) -> UserRecord:
         events = {n: EventSeq(s.ts, s.text, s.value, take(s.extras, extra_index[n])) for n, s in rec.events.items()}
         tab = take(rec.tabular, tab_index) if rec.tabular is not None else None
-        return UserRecord(rec.user_id, events, tab)
+        return UserRecord(rec.user_id, events, tab)  # now in the model's layout
 
     return adapt

@@ -84,3 +84,37 @@ def test_dict_users_with_broken_text_and_a_dataframe_as_users_are_clear_errors()
         to_record(user, tiny_manifest(), ["age", "income"])
     with pytest.raises(ModelInputError, match="iterating a DataFrame gives its column names"):
         to_record("user_id", tiny_manifest(), ["age", "income"])
+
+
+def test_a_records_layout_travels_with_it_into_the_model(infer_env, tmp_path):
+    """The README's pattern, `model.embed([... ds.users()], q)`, read a dataset's records by position: with the
+    tabular columns written in another order the model read income as age (embeddings 0.34 apart for a trained model),
+    while the same dataset passed whole was remapped by name. A dataset's records now carry their layout."""
+    import shutil
+
+    import pyarrow.parquet as pq
+
+    from qanchor.data.dataset import RecordLayout, load_dataset
+
+    other = tmp_path / "reordered"
+    shutil.copytree(infer_env.ds_dir, other, ignore=shutil.ignore_patterns(".qanchor_cache"))
+    table = pq.read_table(other / "tabular.parquet")
+    pq.write_table(table.select(["user_id", *reversed(table.column_names[1:])]), other / "tabular.parquet")
+    reordered = load_dataset(other)
+    assert reordered.tabular_columns == list(reversed(infer_env.ds.tabular_columns)) == ["income", "age"]
+    ids, query = ["u002", "u004", "u006"], ["Will this user stop paying?"]
+    records = list(reordered.users(ids))
+    assert records[0].layout == RecordLayout.of(reordered.manifest, ["income", "age"]) == reordered.user("u002").layout
+    qa = infer_env.qa
+    expected = qa.embed(list(infer_env.ds.users(ids)), query)
+    np.testing.assert_allclose(qa.embed(records, query), expected, atol=1e-6)
+    np.testing.assert_allclose(qa.embed(reordered.user("u002"), query), expected[:1], atol=1e-6)
+    np.testing.assert_allclose(qa.embed(reordered, query)[[qa_i for qa_i, u in enumerate(reordered.user_ids) if u in ids]],
+                               expected, atol=1e-6)
+    np.testing.assert_array_equal(to_record(records[0], qa.manifest, qa.tabular_columns).tabular,
+                                  infer_env.ds.user("u002").tabular)
+    # a record built by hand has no layout: it is read in the model's own order, as documented
+    bare = UserRecord("u002", records[0].events, records[0].tabular)
+    assert bare.layout is None and bare == records[0]  # the layout is not part of what a record holds
+    np.testing.assert_array_equal(to_record(bare, qa.manifest, qa.tabular_columns).tabular,
+                                  infer_env.ds.user("u002").tabular[::-1])
