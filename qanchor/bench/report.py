@@ -14,6 +14,7 @@ Example:
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import numpy as np
@@ -27,7 +28,7 @@ from qanchor.data.io import write_json, write_text
 from qanchor.probe import LR_CS
 
 __all__ = ["METHOD_LABELS", "CONTENT_MARGIN", "markdown_table", "task_table", "average_table", "matrix_table", "data_kind_note",
-           "write_report", "write_results", "bench_and_report"]
+           "write_report", "write_results", "bench_and_report", "labels_of_report"]
 
 METHOD_LABELS = {
     "qanchor_task": "Q-Anchor, task query + LR",
@@ -258,6 +259,17 @@ def write_results(result: BenchResult, out_dir: str | Path) -> Path:
     path = Path(out_dir) / "results.json"
     write_json(result.to_dict(), path)
     return path
+
+
+def labels_of_report(out_dir: str | Path) -> str | None:
+    """The labels file (resolved path) whose custom task the report in ``out_dir`` scores; None where there is no
+    readable report or it names none (a dataset's own tasks, or a report written before qanchor recorded it)."""
+    try:
+        run = json.loads((Path(out_dir) / "results.json").read_text()).get("run", {})
+    except (OSError, ValueError, AttributeError):
+        return None
+    labels = run.get("labels") if isinstance(run, dict) else None
+    return labels if isinstance(labels, str) else None
 
 
 def bench_and_report(cfg: BenchConfig, progress: bool = True) -> tuple[BenchResult, Path]:

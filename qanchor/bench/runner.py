@@ -128,6 +128,7 @@ def _oracle(task: Task, folds: list) -> tuple[MethodResult | None, float | None]
 
 def _run_info(cfg: BenchConfig, ds: Dataset) -> dict[str, Any]:
     return {"dataset": ds.manifest.name, "data_path": str(cfg.data.path), "cutoff": ds.manifest.cutoff.isoformat(),
+            "labels": str(Path(cfg.labels).resolve()) if cfg.labels else None,
             "checkpoint": cfg.checkpoint, "heads_dir": cfg.heads_dir, "folds": cfg.folds, "seed": cfg.seed,
             "methods": list(cfg.methods), "generic_query": cfg.generic_query, "qanchor_version": qanchor.__version__,
             "started": datetime.now(timezone.utc).isoformat(timespec="seconds"), "config_yaml": to_yaml(cfg)}

@@ -9,10 +9,11 @@
 from __future__ import annotations
 
 import argparse
+import itertools
 from dataclasses import replace
 from pathlib import Path
 
-from qanchor.bench.report import average_table, bench_and_report, data_kind_note
+from qanchor.bench.report import average_table, bench_and_report, data_kind_note, labels_of_report
 from qanchor.bench.uqa import run_uqa, uqa_table, write_uqa
 from qanchor.cli.common import add_command, add_settings, settings
 from qanchor.config import BenchConfig, UqaConfig
@@ -20,13 +21,36 @@ from qanchor.config import BenchConfig, UqaConfig
 __all__ = ["register"]
 
 
+def _file_sets(config: str | None, *keys: str) -> bool:
+    """Whether the ``--config`` file itself sets every one of ``keys`` (top level)."""
+    if not config:
+        return False
+    from omegaconf import OmegaConf
+
+    raw = OmegaConf.to_container(OmegaConf.load(config))  # settings() has read it already: it parses
+    return isinstance(raw, dict) and all(raw.get(k) is not None for k in keys)
+
+
+def _custom_output_dir(labels: str) -> str:
+    """``results/custom-<stem>``, or ``custom-<stem>-2``, ... where that folder holds the report of another labels
+    file of the same name (``wine.csv`` and ``alt/wine.csv``), which it would otherwise replace without a word."""
+    mine = str(Path(labels).resolve())
+    stem = Path(labels).stem
+    for n in itertools.count(1):
+        out = Path("results") / (f"custom-{stem}" if n == 1 else f"custom-{stem}-{n}")
+        if labels_of_report(out) in (None, mine):
+            return str(out)
+    raise AssertionError("unreachable")
+
+
 def _cmd_bench(args: argparse.Namespace) -> None:
     cfg: BenchConfig = settings(args)
-    # A custom task gets its own folder unless output_dir= is given here: a config file's output_dir is its own tasks'
-    # (`--config configs/bench/tiny-cj.yaml labels=wine.csv` would replace the demo's report with the wine task's).
-    chose_out = any(s.startswith("output_dir=") for s in args.settings)
+    # A custom task gets its own folder unless output_dir= is chosen for it, here or beside labels in the config file:
+    # a config file's output_dir is otherwise its own tasks' (`--config configs/bench/tiny-cj.yaml labels=wine.csv`
+    # would replace the demo's report with the wine task's).
+    chose_out = any(s.startswith("output_dir=") for s in args.settings) or _file_sets(args.config, "labels", "output_dir")
     if cfg.labels is not None and not chose_out:
-        cfg = replace(cfg, output_dir=str(Path("results") / f"custom-{Path(cfg.labels).stem}"))
+        cfg = replace(cfg, output_dir=_custom_output_dir(cfg.labels))
     result, out = bench_and_report(cfg, progress=not args.quiet)
     ran = [t for t in result.tasks.values() if t.methods]
     folds = sorted({t.folds for t in ran})  # a task with few positives gets fewer folds than cfg.folds

@@ -91,6 +91,10 @@ def chosen_tasks(ds: Dataset, cfg: PromptTuneConfig) -> dict[str, Task]:
     """The tasks to tune: the dataset's (``task``), or the one scenario of ``labels`` + ``query``."""
     if cfg.labels is not None:
         task = custom_task(ds, cfg.labels, cfg.query or "")
+        if task.name in ds.tasks:  # its head would replace the dataset task's, and be served under that task's name
+            raise ConfigError(f"labels={cfg.labels} names its head '{task.name}', the name of the dataset's own task "
+                              f"{task.name} (asked as {ds.tasks[task.name].query!r}); rename the labels file, or tune "
+                              f"the dataset's task with task={task.name}")
         return {task.name: task}
     return {name: ds.tasks[name] for name in select_tasks(ds, cfg.task)}
 

@@ -388,6 +388,39 @@ def test_a_custom_task_with_a_shipped_config_gets_its_own_folder(tiny_dataset, t
     with pytest.raises(SystemExit):
         main([*common, f"output_dir={tmp_path / 'mine'}"])
     assert seen["out"] == str(tmp_path / "mine")
+    # A config file of the user's own that sets labels and output_dir together: its folder is this task's.
+    own = tmp_path / "mybench.yaml"
+    own.write_text(f"labels: {tmp_path / 'wine.csv'}\noutput_dir: {tmp_path / 'my-wine-bench'}\nquery: Q?\n")
+    with pytest.raises(SystemExit):
+        main(["bench", "--config", str(own), f"data.path={tiny_dataset}"])
+    assert seen["out"] == str(tmp_path / "my-wine-bench")
+
+
+def test_two_label_files_of_one_name_get_two_folders(tiny_dataset, tmp_path, monkeypatch):
+    """`labels=wine.csv`, then `labels=alt/wine.csv`: both went to results/custom-wine, and the second replaced the
+    first's report without a word. Another file of the same name now gets the next free folder; the same file its own."""
+    import json
+
+    from qanchor.cli import bench as bench_cli
+    from qanchor.cli import main
+
+    seen = []
+
+    def report(cfg, progress):  # what the report records of its labels, written where the run was sent
+        out = Path(cfg.output_dir)
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "results.json").write_text(json.dumps({"run": {"labels": str(Path(cfg.labels).resolve())}}))
+        seen.append(cfg.output_dir)
+        raise SystemExit(0)
+
+    monkeypatch.setattr(bench_cli, "bench_and_report", report)
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "alt").mkdir()
+    for labels in ("wine.csv", "alt/wine.csv", "wine.csv", str(tmp_path / "alt" / "wine.csv"), "beer.csv"):
+        with pytest.raises(SystemExit):
+            main(["bench", f"data.path={tiny_dataset}", f"labels={labels}", "query=Q?"])
+    custom = str(Path("results") / "custom-wine")
+    assert seen == [custom, f"{custom}-2", custom, f"{custom}-2", str(Path("results") / "custom-beer")]
 
 
 def test_uqa_results_are_a_kind_of_their_own(tmp_path):

@@ -270,6 +270,13 @@ def test_a_head_for_your_own_labels(ckpt, tmp_path):
     assert run_prompt_tune(load_config(None, own, schema=PromptTuneConfig), progress=False)["n_users"] > 0
     with pytest.raises(ConfigError, match="both labels"):
         load_config(None, [*base, f"labels={labels}"], schema=PromptTuneConfig)
+    # a file named after a dataset task would have replaced that task's head, served under its name with another question
+    shadow = tmp_path / "churn.csv"
+    shadow.write_text(labels.read_text())
+    with pytest.raises(ConfigError, match=r"names its head 'churn', the name of the dataset's own task churn .*rename"):
+        run_prompt_tune(load_config(None, [*base, f"output_dir={tmp_path / 'ds'}", f"labels={shadow}", "query=Wine?"],
+                                    schema=PromptTuneConfig), progress=False)
+    assert ScenarioHead.load(tmp_path / "ds" / "churn", checkpoint_hash=checkpoint_hash(ck)).query == churn.query
 
 
 def test_a_task_too_small_to_split_is_refused_before_any_work(ckpt, tmp_path):
