@@ -100,3 +100,22 @@ def test_building_into_the_working_directory_is_refused_before_any_work(tmp_path
         assert len(err) == 1 and "is (or holds) the working directory" in err[0] and "out=mydata" in err[0], err
     assert main(["data", "synth", f"out={tmp_path}", "users=3"]) == 2  # a folder holding it, too
     assert sorted(p.name for p in here.iterdir()) == [] and sorted(p.name for p in tmp_path.iterdir()) == ["e2"]
+
+
+def test_data_encode_does_the_encoding_pretraining_waits_for(tiny_dataset, tmp_path, capsys):
+    """Pretraining's rank 0 encodes every event's text (the whole history feeds its statistics) while the other ranks
+    wait at a barrier; `data encode`, meant to do that work before a cluster run, encoded only the kept events'."""
+    from qanchor.config import DataConfig
+    from qanchor.data.dataset import load_dataset
+    from qanchor.data.pipeline import UserPipeline
+    from tests.helpers import copy_dataset
+
+    ds_dir = copy_dataset(tiny_dataset, tmp_path / "ds")
+    assert main(["data", "encode", str(ds_dir), "default_max_events=1", "--quiet"]) == 0
+    ds = load_dataset(ds_dir)
+    n_events = sum(len(s) for r in ds.users() for s in r.events.values())
+    assert capsys.readouterr().out.startswith(f"events: {n_events}   unique texts stored: ")
+    pipe = UserPipeline.for_dataset(ds, DataConfig(default_max_events=1))
+    pipe.prime(ds.users(), all_events=True)  # what pretraining does first
+    assert pipe.cache.encoded_count == 0 and len(pipe.cache) == len({t for r in ds.users() for s in r.events.values()
+                                                                    for t in s.text})

@@ -122,8 +122,9 @@ def _cmd_encode(args: argparse.Namespace) -> None:
     ds = load_dataset(args.dir, cache_dir=data_cfg.cache_dir)
     pipe = UserPipeline.for_dataset(ds, data_cfg)
     start = time.perf_counter()
-    n_events = pipe.prime(ds.users(), progress=not args.quiet)
-    print(f"kept events: {n_events}   unique texts stored: {len(pipe.cache)}   "
+    # every event's text, not only the kept ones': pretraining's rank 0 encodes all of them while the other ranks wait
+    n_events = pipe.prime(ds.users(), progress=not args.quiet, all_events=True)
+    print(f"events: {n_events}   unique texts stored: {len(pipe.cache)}   "
           f"encoded now: {pipe.cache.encoded_count}   ({time.perf_counter() - start:.1f}s)")
 
 
@@ -151,7 +152,7 @@ def register(subparsers) -> None:
     p.add_argument("dir")
     add_settings(p, UserUConfig, "seed=0")
     p.set_defaults(func=_cmd_userU)
-    p = sub.add_parser("encode", help="encode every unique kept event text once into the on-disk cache")
+    p = sub.add_parser("encode", help="encode every unique event text once into the on-disk cache (all that pretraining, bench and embed read)")
     p.add_argument("dir")
     add_settings(p, DataConfig, "default_max_events=24 max_events={purchase: 48}")
     p.set_defaults(func=_cmd_encode)
