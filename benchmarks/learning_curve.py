@@ -25,7 +25,7 @@ from qanchor.data.io import file_sha256, write_json, write_text
 from qanchor.train.pretrain import trained_data_id
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from quality_seeds import check_reusable  # noqa: E402
+from quality_seeds import absolute_paths, check_reusable  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -40,7 +40,7 @@ def main(argv=None) -> int:
     ap.add_argument("--generic-query", default="What kind of user is this?")
     ap.add_argument("--peer", action="append", default=[], help="name=AUC drawn as a reference line (repeatable)")
     ap.add_argument("--set", action="append", default=[], help="key=value pretraining setting (repeatable)")
-    args = ap.parse_args(argv)
+    args = absolute_paths(ap.parse_args(argv), "pretrain", "data", "root")
     env = {**os.environ, "HF_HUB_OFFLINE": "1"}
     rows = []
     data_id = trained_data_id(load_dataset(args.data))

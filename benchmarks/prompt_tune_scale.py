@@ -40,6 +40,9 @@ import numpy as np
 
 from qanchor.data.io import write_json, write_text
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from quality_seeds import absolute_paths  # noqa: E402
+
 ROOT = Path(__file__).resolve().parent.parent
 ROWS = ("frozen_lr", "frozen_proto", "tuned")
 
@@ -127,7 +130,7 @@ def main(argv=None) -> int:
     ap.add_argument("--checkpoint", action="append", required=True, help="pretrained checkpoint, one per seed (repeatable)")
     ap.add_argument("--root", type=Path, required=True)
     ap.add_argument("--set", action="append", default=[], help="key=value prompt-tune setting (repeatable)")
-    args = ap.parse_args(argv)
+    args = absolute_paths(ap.parse_args(argv), "config", "data", "checkpoint", "root")
     env = {**os.environ, "HF_HUB_OFFLINE": "1"}
     results = {}
     for data in args.data:

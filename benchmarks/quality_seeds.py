@@ -45,6 +45,21 @@ def _qanchor(*args: str) -> None:
     subprocess.run([sys.executable, "-m", "qanchor.cli", *args], check=True, cwd=ROOT, env=env)
 
 
+def absolute_paths(args: argparse.Namespace, *names: str) -> argparse.Namespace:
+    """``args`` with each named path argument (a str or Path, a list of them, or None) made absolute against the
+    caller's working directory, keeping its type. The scripts read these paths here but run ``qanchor`` in the
+    repository root (``cwd=ROOT``), where a relative path names another file: a config not found, or runs written
+    under the repository's ``results/``. Not resolved through symlinks: a dataset's folder name labels the results."""
+    def absolute(value):
+        if value is None:
+            return None
+        if isinstance(value, list):
+            return [absolute(v) for v in value]
+        return type(value)(os.path.abspath(value))
+
+    return argparse.Namespace(**{**vars(args), **{name: absolute(getattr(args, name)) for name in names}})
+
+
 def summarise(results: list[dict]) -> dict:
     """Per method: mean / std over seeds of the task-averaged AUC and KS, and per-task AUC means."""
     methods = list(dict.fromkeys(m for r in results for m in r["average"]))
@@ -116,7 +131,9 @@ def settings_of(args: argparse.Namespace, seed: int, data_id: str) -> dict:
         out.update(bench_config=file_sha256(args.bench), bench_set=list(args.bench_set))
         # the per-fold heads' recipe lives in the file the bench config names: an edit there changes their rows
         heads = load_config(args.bench, list(args.bench_set), schema=BenchConfig).prompt_tune_config
-        out["prompt_tune_config"] = file_sha256(heads) if heads and Path(heads).is_file() else None
+        # the bench runs in the repository root (cwd=ROOT), so a relative path there is read from the root
+        heads_file = ROOT / heads if heads else None
+        out["prompt_tune_config"] = file_sha256(heads_file) if heads_file and heads_file.is_file() else None
     return out
 
 
@@ -170,7 +187,7 @@ def main(argv=None) -> int:
     ap.add_argument("--generic-query", default="What kind of user is this?", help="with --probe")
     ap.add_argument("--log", action="store_true", help="pretraining log lines (start, every log_every steps, summary)")
     ap.add_argument("--probe-device", default="cpu", help="with --probe: where the checkpoint embeds (cpu, cuda)")
-    args = ap.parse_args(argv)
+    args = absolute_paths(ap.parse_args(argv), "pretrain", "bench", "data", "root")
     results = []
     data_id = trained_data_id(load_dataset(args.data))  # the dataset's files and its UserU pairs
     for seed in [int(s) for s in args.seeds.split(",")]:

@@ -41,7 +41,7 @@ from qanchor.data.io import file_sha256, write_json, write_text  # noqa: E402
 from qanchor.train.pretrain import trained_data_id  # noqa: E402
 
 sys.path.insert(0, str(ROOT / "benchmarks"))
-from quality_seeds import check_reusable  # noqa: E402
+from quality_seeds import absolute_paths, check_reusable  # noqa: E402
 
 # The `make uqa` recipe: users held out of pretraining and a budget at which the next-token tower reads the user.
 # `make uqa`'s pretraining (6,000 steps since 2026-12-04; `--set train.max_steps=3000` for the earlier runs).
@@ -156,7 +156,7 @@ def main(argv=None) -> int:
                     f"the uqa recipe: {' '.join(UQA_PRETRAIN)})")
     ap.add_argument("--uqa-set", action="append", default=[], help="key=value `qanchor uqa` setting (repeatable)")
     ap.add_argument("--results", nargs="+", type=Path, help="summarise these finished `qanchor uqa` outputs only")
-    args = ap.parse_args(argv)
+    args = absolute_paths(ap.parse_args(argv), "pretrain", "uqa", "data", "root", "results")
     if args.results:
         dirs = args.results
     else:

@@ -1,0 +1,158 @@
+"""The multi-run scripts read their path arguments in the caller's directory but run ``qanchor`` in the repository root
+(``cwd=ROOT``): run from elsewhere, a relative ``--pretrain mycfg.yaml`` was "config file not found" in the child, and
+an absolute config sent the runs' output_dir under the repository's results/. Each script is run here from a scratch
+directory with relative paths, its child processes faked (no pretraining): every path a child is handed must name,
+from the child's own directory, the file the caller meant."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from qanchor.data.io import file_sha256
+from tests.helpers import ROOT, load_benchmark
+
+# the arguments of `qanchor ...` and benchmarks/quality_probe.py that name a file or folder
+PATH_FLAGS = ("--config", "--checkpoint", "--data", "--out")
+PATH_KEYS = ("data.path", "output_dir", "checkpoint")
+
+PROBE = {row: {"auc": 0.7, "ks": 0.3} for row in ("task", "generic", "swapped", "hidden")} | {
+    "geometry_generic": {"top_pc_share": 0.1}}
+BENCH = {"tasks": {"a": {"methods": {"m": {"auc_mean": 0.7}}}},
+         "average": {"m": {"auc_mean": 0.7, "ks_mean": 0.3, "n_tasks": 1}}}
+UQA = {"asked": [{"user_id": "u", "family": "sequence", "topic": "t"}],
+       "rows": {"qanchor": {"correct": [True], "prompt_tokens": 10.0}}}
+TUNED = {"tasks": {"a": {"frozen_lr": {"test": {"auc": 0.7, "ks": 0.3}}, "frozen_proto": {"test": {"auc": 0.7, "ks": 0.3}},
+                         "tuned": {"test": {"auc": 0.7, "ks": 0.3}}, "best_step": 0,
+                         "n": {"train": 60, "val": 20, "test": 20}}}}
+
+
+def _path_arguments(cmd: list[str]) -> list[tuple[str, str]]:
+    found = [(flag, value) for flag, value in zip(cmd, cmd[1:]) if flag in PATH_FLAGS]
+    return found + [tuple(a.split("=", 1)) for a in cmd if "=" in a and a.split("=", 1)[0] in PATH_KEYS]
+
+
+class FakeChildren:
+    """Stands in for subprocess.run: checks each command's paths as the child reads them, from the directory it runs
+    in, and only then writes the file the script reads back next (a wrong path writes nothing into the repository)."""
+
+    def __init__(self, caller_dir: Path):
+        self.caller_dir = caller_dir
+        self.commands: list[list[str]] = []
+
+    def __call__(self, cmd, *, cwd=None, **kwargs):
+        child_dir = Path(cwd or os.getcwd())
+        self.commands.append(cmd)
+        args = _path_arguments(cmd)
+        for name, value in args:
+            assert Path(value).is_absolute(), f"{name} {value} is relative: the child, in {child_dir}, reads another path"
+            assert (child_dir / value).is_relative_to(self.caller_dir), f"{name} {value} is outside {self.caller_dir}"
+        args = dict(args)
+        if "--config" in args:
+            assert (child_dir / args["--config"]).is_file(), f"the child finds no config at {args['--config']}"
+        if "--out" in args:  # benchmarks/quality_probe.py
+            self._write(child_dir / args["--out"], PROBE)
+        elif cmd[3] == "pretrain":
+            self._write(child_dir / args["output_dir"] / "metrics.jsonl", {"loss": 1.0, "loss_contrastive": 0.5})
+        else:
+            written = {"bench": ("results.json", BENCH), "uqa": ("results.json", UQA), "prompt-tune": ("summary.json", TUNED)}
+            name, content = written[cmd[3]]
+            self._write(child_dir / args["output_dir"] / name, content)
+        return subprocess.CompletedProcess(cmd, 0)
+
+    @staticmethod
+    def _write(path: Path, content: dict) -> None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(content))
+
+
+@pytest.fixture
+def caller_dir(tmp_path, monkeypatch):
+    """A scratch working directory holding the configs and dataset folder the scripts are given relatively."""
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "mycfg.yaml").write_text("train:\n  max_steps: 3\n")
+    # a relative prompt_tune_config inside a bench config is read by the bench, in the repository root
+    (tmp_path / "bench.yaml").write_text("prompt_tune_config: configs/prompt_tune/tiny-cj.yaml\n")
+    (tmp_path / "d").mkdir()
+    return tmp_path
+
+
+@pytest.fixture
+def children(caller_dir, monkeypatch):
+    fake = FakeChildren(caller_dir)
+    monkeypatch.setattr(subprocess, "run", fake)
+    return fake
+
+
+def _no_dataset(module, monkeypatch) -> list:
+    """The dataset's identity without a dataset: the paths it is loaded from are kept for the test."""
+    loaded = []
+    monkeypatch.setattr(module, "load_dataset", lambda path: loaded.append(path) or path)
+    monkeypatch.setattr(module, "trained_data_id", lambda ds: "data-id")
+    return loaded
+
+
+def test_absolute_paths_keeps_types_and_names(tmp_path, monkeypatch):
+    import argparse
+
+    qs = load_benchmark("quality_seeds")
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "elsewhere").mkdir()
+    (tmp_path / "d").symlink_to(tmp_path / "elsewhere")
+    args = argparse.Namespace(data="d", root=Path("results/x"), many=["a", "/abs/b"], none=None, seeds="0,1")
+    out = qs.absolute_paths(args, "data", "root", "many", "none")
+    assert out.data == str(tmp_path / "d")  # the link's own name, not its target's: a folder name labels results
+    assert out.root == tmp_path / "results/x" and isinstance(out.root, Path)
+    assert out.many == [str(tmp_path / "a"), "/abs/b"] and out.none is None and out.seeds == "0,1"
+    assert args.data == "d"  # the parsed arguments are left as they were
+
+
+@pytest.mark.parametrize("probe", [False, True], ids=["bench", "probe"])
+def test_quality_seeds_from_another_directory(caller_dir, children, monkeypatch, probe):
+    qs = load_benchmark("quality_seeds")
+    loaded = _no_dataset(qs, monkeypatch)
+    argv = ["--pretrain", "mycfg.yaml", "--bench", "bench.yaml", "--data", "d", "--seeds", "0", "--root", "results/seeds"]
+    assert qs.main(argv + (["--probe"] if probe else [])) == 0
+    assert [c[3] if c[1] == "-m" else Path(c[1]).name for c in children.commands] == (
+        ["pretrain", "quality_probe.py"] if probe else ["pretrain", "bench"])
+    assert dict(_path_arguments(children.commands[0]))["output_dir"] == str(caller_dir / "results/seeds/seed0")
+    assert loaded == [str(caller_dir / "d")]
+    assert (caller_dir / "results/seeds/summary.md").is_file()
+    if not probe:  # the heads' file hashed is the one the bench reads, from the repository root
+        record = json.loads((caller_dir / "results/seeds/bench-seed0/results.json.settings.json").read_text())
+        assert record["prompt_tune_config"] == file_sha256(ROOT / "configs/prompt_tune/tiny-cj.yaml")
+
+
+def test_uqa_seeds_from_another_directory(caller_dir, children, monkeypatch):
+    us = load_benchmark("uqa_seeds")
+    _no_dataset(us, monkeypatch)
+    assert us.main(["--pretrain", "mycfg.yaml", "--uqa", "mycfg.yaml", "--data", "d", "--seeds", "0",
+                    "--root", "results/uqa"]) == 0
+    assert [c[3] for c in children.commands] == ["pretrain", "uqa"]
+    assert dict(_path_arguments(children.commands[1]))["checkpoint"] == str(caller_dir / "results/uqa/seed0")
+    assert (caller_dir / "results/uqa/summary.json").is_file()
+
+
+def test_learning_curve_from_another_directory(caller_dir, children, monkeypatch):
+    lc = load_benchmark("learning_curve")
+    _no_dataset(lc, monkeypatch)
+    plotted = []
+    monkeypatch.setattr(lc, "_plot", lambda rows, peers, path, title: plotted.append((path, title)))
+    assert lc.main(["--pretrain", "mycfg.yaml", "--data", "d", "--steps", "3", "--root", "results/curve"]) == 0
+    assert len(children.commands) == 2  # pretrain, then the probe
+    assert plotted == [(caller_dir / "results/curve/curve.png", "d")]
+    assert json.loads((caller_dir / "results/curve/curve.json").read_text())["rows"][0]["task_auc"] == 0.7
+
+
+def test_prompt_tune_scale_from_another_directory(caller_dir, children, monkeypatch):
+    pts = load_benchmark("prompt_tune_scale")
+    (caller_dir / "ckpt").mkdir()
+    monkeypatch.setattr(pts, "plot", lambda results, path: None)
+    assert pts.main(["--config", "mycfg.yaml", "--data", "d", "--checkpoint", "ckpt", "--root", "results/scale"]) == 0
+    assert [c[3] for c in children.commands] == ["prompt-tune"]
+    assert dict(_path_arguments(children.commands[0]))["output_dir"] == str(caller_dir / "results/scale/d/ckpt0")
+    assert list(json.loads((caller_dir / "results/scale/scale.json").read_text())["results"]) == ["d"]
