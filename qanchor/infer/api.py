@@ -52,7 +52,7 @@ from qanchor.model.generation import (
     option_logprobs,
     option_logprobs_uncached,
 )
-from qanchor.model.layout import tokenize_query
+from qanchor.model.layout import check_utf8, tokenize_query
 from qanchor.model.prefix_cache import anchor_hidden, anchor_hidden_uncached, encode_prefix_embeddings
 from qanchor.model.qanchor_model import QAnchorModel
 
@@ -436,6 +436,9 @@ class QAnchor:
     def option_ids(self, text: str, truncate: bool = False) -> list[int]:
         """Token ids of an option as an answer: at most the ``model.max_answer_tokens - 1`` tokens the model learned to
         write (pretraining cut longer answers there, then closed them); longer is an error unless ``truncate``."""
+        if not isinstance(text, str):
+            raise ModelInputError(f"an option must be text, got {type(text).__name__} {text!r}")
+        check_utf8(text, f"option {text[:60]!r}")
         ids = self.tokenizer(text, add_special_tokens=False, split_special_tokens=True, verbose=False)["input_ids"]
         limit = self.run_cfg.model.max_answer_tokens - 1
         if not ids:  # it would be scored on the end token alone, and could win

@@ -31,6 +31,7 @@ from qanchor.data.dataset import EventSeq, RecordLayout, UserRecord
 from qanchor.data.manifest import Manifest, ModalitySpec
 from qanchor.data.validate import not_storable
 from qanchor.errors import ModelInputError
+from qanchor.model.layout import check_utf8
 
 __all__ = ["to_record", "record_adapter", "to_microseconds"]
 
@@ -96,7 +97,7 @@ def _events(uid: str, spec: ModalitySpec, raw: object) -> EventSeq:
             ts[i] = to_microseconds(event["ts"])
         except ValueError as exc:
             raise ModelInputError(f"{where}: {exc}") from None
-        _check_utf8(event["text"], f"{where}, field 'text'")
+        check_utf8(event["text"], f"{where}, field 'text'")
         text.append(event["text"])
         value[i] = _number(event.get("value"), f"{where}, field 'value'")
         for j, col in enumerate(spec.numeric_columns):
@@ -119,14 +120,6 @@ def _tabular(uid: str, raw: object, columns: list[str]) -> np.ndarray | None:
     return np.array([_number(raw.get(c), f"user {uid!r}, tabular feature {c!r}") for c in columns], np.float32)
 
 
-def _check_utf8(text: str, where: str) -> None:
-    try:
-        text.encode("utf-8")
-    except UnicodeEncodeError as exc:  # a lone surrogate ("surrogateescape" decoding): the tokenizer raised a TypeError
-        raise ModelInputError(f"{where}: not valid Unicode text (character {exc.start}); decode the source as UTF-8 "
-                              "(replacing bad bytes) before passing it") from None
-
-
 def _check_record(rec: UserRecord, manifest: Manifest, columns: list[str]) -> UserRecord:
     specs = {m.name: m for m in manifest.sequence_modalities}
     for name, seq in rec.events.items():
@@ -145,7 +138,7 @@ def _check_record(rec: UserRecord, manifest: Manifest, columns: list[str]) -> Us
         for i, t in enumerate(seq.text):
             if not isinstance(t, str):
                 raise ModelInputError(f"{where}, event {i}: text must be a string, got {type(t).__name__}")
-            _check_utf8(t, f"{where}, event {i}, field 'text'")
+            check_utf8(t, f"{where}, event {i}, field 'text'")
         lengths = {"ts": len(seq.ts), "text": len(seq.text), "value": len(seq.value), "extras": len(seq.extras)}
         if len(set(lengths.values())) > 1:
             raise ModelInputError(f"user {rec.user_id!r}, modality {name!r}: its arrays differ in length ({lengths}); "

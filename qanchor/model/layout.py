@@ -17,7 +17,7 @@ import torch
 from qanchor.errors import ModelInputError
 from qanchor.model.user_encoder import UserTokens
 
-__all__ = ["USER", "USER_EMB", "M_START", "M_END", "ANSWER", "modality_token", "special_token_names", "TokenIds", "build_prefixes",
+__all__ = ["check_utf8", "USER", "USER_EMB", "M_START", "M_END", "ANSWER", "modality_token", "special_token_names", "TokenIds", "build_prefixes",
            "pad_right", "tokenize_query", "tokenize_answer"]
 
 USER, USER_EMB, M_START, M_END, ANSWER = "<|user|>", "<|user_emb|>", "<|m_start|>", "<|m_end|>", "<|answer|>"
@@ -90,6 +90,16 @@ def pad_right(rows: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor, tor
     return embeds, mask, lengths
 
 
+def check_utf8(text: str, where: str) -> None:
+    """ModelInputError unless ``text`` is valid Unicode: a lone surrogate (text decoded with "surrogateescape", as
+    Python decodes bytes that are not UTF-8 in argv) made the tokenizer raise a bare TypeError."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as exc:
+        raise ModelInputError(f"{where}: not valid Unicode text (character {exc.start}); decode the source as UTF-8 "
+                              "(replacing bad bytes) before passing it") from None
+
+
 def tokenize_query(tokenizer, text: str, max_tokens: int) -> list[int]:
     """Token ids of a query (no special tokens). A query longer than ``max_tokens`` (the model's
     ``max_query_tokens``) is refused, never silently cut: the model was not trained on longer ones.
@@ -97,6 +107,7 @@ def tokenize_query(tokenizer, text: str, max_tokens: int) -> list[int]:
         >>> tokenize_query(tok, "Will this user churn?", 32)  # doctest: +SKIP
         [2097, 2023, 5310, 26765, 1029]
     """
+    check_utf8(text, f"query {text[:60]!r}")
     # split_special_tokens: text that spells a control token ("<|user_emb|>", "[SEP]") is words, not that token
     ids = tokenizer(text, add_special_tokens=False, split_special_tokens=True, verbose=False)["input_ids"]
     if not ids:

@@ -118,3 +118,17 @@ def test_a_records_layout_travels_with_it_into_the_model(infer_env, tmp_path):
     assert bare.layout is None and bare == records[0]  # the layout is not part of what a record holds
     np.testing.assert_array_equal(to_record(bare, qa.manifest, qa.tabular_columns).tabular,
                                   infer_env.ds.user("u002").tabular[::-1])
+
+
+def test_a_question_or_option_with_a_lone_surrogate_is_one_clear_error(infer_env):
+    """Event texts were checked, questions not: `qanchor ask "question=$(printf 'caf\\xe9?')"` (argv decoded with
+    surrogateescape) and the same in embed / answer / choose ended in the tokenizer's TypeError."""
+    qa, user = infer_env.qa, infer_env.ds.user("u002")
+    bad = "Does this user buy caf\udce9?"
+    with pytest.raises(ModelInputError, match=r"query 'Does this user buy caf\\udce9\?': not valid Unicode text \(character 22\)"):
+        qa.embed([user], [bad])
+    with pytest.raises(ModelInputError, match="not valid Unicode text"):
+        qa.option_ids(bad)
+    with pytest.raises(ModelInputError, match="an option must be text, got int"):
+        qa.option_ids(3)
+    assert qa.embed([user], ["Does this user buy café?"]).shape == (1, 1, 128)
