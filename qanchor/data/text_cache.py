@@ -17,6 +17,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import threading
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 
@@ -157,8 +158,12 @@ class TextVectorCache:
         remove_dead_temporaries(self.dir)  # a writer killed mid-shard: its name held its pid, so no rewrite clears it
         self._row: dict[str, int] = {}
         self._n_rows = 0  # rows stored; can exceed len(_row) if two writers stored the same text
-        self._chunks: list[np.ndarray] = []
-        self._matrix: np.ndarray | None = None
+        # Rows live in a buffer that doubles when full: a call that adds a few texts to a large cache copies nothing
+        # (re-concatenating every stored vector per call made each call slower as the cache grew)
+        self._buffer = np.zeros((0, encoder.dim), np.float32)
+        # One thread at a time: a server's threads share one model's cache, and interleaved adds mapped texts to other
+        # texts' rows for the rest of the process
+        self._lock = threading.RLock()
         self.encoded_count = 0  # texts this object sent through the encoder
         self.lookups = 0  # texts asked for through ensure(), repeats included
         self._read: set[str] = set()  # shard file names already loaded
@@ -167,6 +172,10 @@ class TextVectorCache:
     def refresh(self) -> int:
         """Load the shards another process stored since this cache was opened (a rank-0 writer, before a barrier);
         returns how many texts that added."""
+        with self._lock:
+            return self._refresh()
+
+    def _refresh(self) -> int:
         before = len(self._row)
         for shard in sorted(self.dir.glob("shard-*.parquet")):
             if shard.name in self._read:
@@ -190,22 +199,27 @@ class TextVectorCache:
 
     @property
     def vectors(self) -> np.ndarray:
-        """All stored vectors, ``[len(self), dim]`` float32, row ``i`` for the ``i``-th stored text."""
-        if self._matrix is None or len(self._matrix) != self._n_rows:
-            self._matrix = np.concatenate(self._chunks) if self._chunks else np.zeros((0, self.dim), np.float32)
-            self._chunks = [self._matrix]
-        return self._matrix
+        """All stored vectors, ``[len(self), dim]`` float32, row ``i`` for the ``i``-th stored text (a read-only view:
+        rows once stored never change, and later rows never show up in a view already taken)."""
+        with self._lock:
+            view = self._buffer[: self._n_rows]
+        view.flags.writeable = False
+        return view
 
     def rows(self, texts: Iterable[str]) -> np.ndarray:
         """Row indices of already-stored texts (KeyError names a text that was never ensured)."""
-        try:
-            return np.fromiter((self._row[t] for t in texts), dtype=np.int64)
-        except KeyError as exc:
-            raise KeyError(f"text {exc.args[0]!r} is not in the cache; call ensure() first") from None
+        with self._lock:
+            try:
+                return np.fromiter((self._row[t] for t in texts), dtype=np.int64)
+            except KeyError as exc:
+                raise KeyError(f"text {exc.args[0]!r} is not in the cache; call ensure() first") from None
 
     def ensure(self, texts: Iterable[str], progress: bool = False, what: str = "event texts") -> np.ndarray:
         """Make sure every text is stored (encoding only new unique ones); return their rows."""
-        texts = list(texts)
+        with self._lock:
+            return self._ensure(list(texts), progress, what)
+
+    def _ensure(self, texts: list[str], progress: bool, what: str) -> np.ndarray:
         self.lookups += len(texts)
         new = sorted({t for t in texts if t not in self._row})
         if new:
@@ -223,8 +237,12 @@ class TextVectorCache:
         return self.rows(texts)
 
     def _add(self, texts: list[str], vectors: np.ndarray) -> None:
-        start = self._n_rows
+        start, end = self._n_rows, self._n_rows + len(texts)
+        if end > len(self._buffer):
+            grown = np.zeros((max(end, 2 * len(self._buffer), 1024), self.dim), np.float32)
+            grown[:start] = self._buffer[:start]
+            self._buffer = grown  # views handed out earlier keep the old buffer, whose rows are the same
+        self._buffer[start:end] = vectors
         for i, t in enumerate(texts):
             self._row.setdefault(t, start + i)
-        self._n_rows += len(texts)
-        self._chunks.append(vectors.astype(np.float32, copy=False))
+        self._n_rows = end

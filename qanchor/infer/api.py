@@ -26,13 +26,13 @@ from typing import Any, Protocol
 import numpy as np
 import torch
 
-from qanchor.config import DataOverrides, InferConfig, PretrainConfig, require
+from qanchor.config import DataOverrides, InferConfig, PretrainConfig, TextEncoderConfig, require
 from qanchor.data.dataset import Dataset, EventSeq, UserRecord
 from qanchor.data.manifest import Manifest
 from qanchor.data.packing import PackedUser
 from qanchor.data.pipeline import UserPipeline, batched, check_caps
 from qanchor.data.profile import ASPECTS, PROFILE_QUESTIONS, tidy, verify_answer
-from qanchor.data.text_cache import SentenceEncoder, TextVectorCache
+from qanchor.data.text_cache import SentenceEncoder, TextVectorCache, default_encoder_path
 from qanchor.data.userU_topics import History
 from qanchor.errors import CheckpointError, ConfigError, ModelInputError
 from qanchor.infer.user_input import record_adapter, to_microseconds, to_record
@@ -208,6 +208,7 @@ class QAnchor:
             pipe = UserPipeline.at(self.manifest, self.run_cfg.data, self._text_cache_dir, len(self.tabular_columns),
                                    SentenceEncoder(text_encoder_config(self.meta)))
         else:
+            _check_cache_encoder(cache, text_encoder_config(self.meta), self.checkpoint_dir)
             pipe = UserPipeline(self.manifest, self.run_cfg.data, cache, len(self.tabular_columns))
         if pipe.cache.dim != self.meta.text_dim:
             raise CheckpointError(f"text vectors are {pipe.cache.dim}-d but the checkpoint expects {self.meta.text_dim}-d")
@@ -701,6 +702,24 @@ def embed(user: User, query: str, model: QAnchor | str | Path, head: Head | None
     if not isinstance(query, str):
         raise ModelInputError("qanchor.embed takes one query string; use QAnchor.embed for several")
     return model.embed([user], [query], head=head, cutoff=cutoff)[0, 0]
+
+
+def _check_cache_encoder(cache: TextVectorCache, trained: TextEncoderConfig, checkpoint: Path | None) -> None:
+    """A text cache handed in must hold the vectors of the encoder the model was trained with: the same encoder and
+    token limit (a cache built with ``max_length=5`` moved embeddings by 0.2 without a word). Its dimension is checked
+    apart; an encoder object without a config (a stand-in) is taken as it is."""
+    given = getattr(cache.encoder, "cfg", None)
+    if given is None:
+        return
+
+    def where(cfg: TextEncoderConfig) -> Path:
+        return Path(cfg.path or default_encoder_path()).expanduser().resolve()
+
+    if (given.max_length, where(given)) != (trained.max_length, where(trained)):
+        raise CheckpointError(f"the text cache given holds vectors of encoder {given.path or 'all-MiniLM-L6-v2'} with "
+                              f"max_length={given.max_length}, but {checkpoint or 'this model'} was trained with "
+                              f"{trained.path or 'all-MiniLM-L6-v2'} and max_length={trained.max_length}; open the cache "
+                              "with the checkpoint's settings (or pass none: the model opens its own)")
 
 
 def events_before(events: Mapping[str, EventSeq], cutoff_us: int) -> dict[str, EventSeq]:

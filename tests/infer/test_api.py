@@ -297,3 +297,21 @@ def test_a_checkpoint_with_metadata_a_newer_qanchor_added_loads_with_a_warning(i
     assert "entries this qanchor does not know (something_new)" in capsys.readouterr().out
     assert np.array_equal(loaded.embed({"user_id": "x", "events": {}}, QUERIES[:1]),
                           infer_env.qa.embed({"user_id": "x", "events": {}}, QUERIES[:1]))
+
+
+def test_a_text_cache_of_other_encoder_settings_is_refused(infer_env, tmp_path):
+    """Only the vectors' width was compared: a cache opened with max_length=5 (the checkpoint's is 48) moved embeddings
+    by up to 0.2 without a word."""
+    from qanchor.config import TextEncoderConfig
+    from qanchor.data.text_cache import SentenceEncoder, TextVectorCache
+    from qanchor.errors import CheckpointError
+    from qanchor.infer.api import QAnchor
+
+    short = TextVectorCache(tmp_path / "text", SentenceEncoder(TextEncoderConfig(max_length=5)))
+    qa = QAnchor.from_pretrained(infer_env.ckpt, text_cache=short)
+    with pytest.raises(CheckpointError, match=r"encoder all-MiniLM-L6-v2 with max_length=5, but .* was trained with "
+                                              r"all-MiniLM-L6-v2 and max_length=48"):
+        qa.embed([infer_env.ds.user("u002")], ["Will this user stop paying?"])
+    same = TextVectorCache(tmp_path / "text", SentenceEncoder(TextEncoderConfig()))
+    assert QAnchor.from_pretrained(infer_env.ckpt, text_cache=same).embed([infer_env.ds.user("u002")],
+                                                                          ["Will this user stop paying?"]).shape == (1, 1, 128)
