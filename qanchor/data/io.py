@@ -49,7 +49,7 @@ import qanchor
 from qanchor.errors import OutputError
 from qanchor.faults import failpoint
 
-__all__ = ["MARKER_FILE", "file_sha256", "is_temporary", "OutputKind", "output_kind", "mark_output", "check_output_dir", "claim_output_dir",
+__all__ = ["MARKER_FILE", "file_sha256", "as_umask_allows", "is_temporary", "OutputKind", "output_kind", "mark_output", "check_output_dir", "claim_output_dir",
            "check_not_inside", "check_replaceable",
            "atomic_path", "atomic_dir", "write_parquet", "write_yaml", "write_text", "write_json", "read_json_object",
            "fsync_tree", "to_plain"]
@@ -519,6 +519,25 @@ def code_digest() -> str:
         except metadata.PackageNotFoundError:
             h.update(f"{lib}=-".encode())
     return h.hexdigest()
+
+
+def _umask() -> int:
+    """The process's umask, read where it can be without changing it (os.umask sets one to read it)."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                return int(line.split()[1], 8)
+    except (OSError, ValueError):
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def as_umask_allows(path: str | os.PathLike) -> None:
+    """Give a file the permissions a plain ``open`` would have given it (0666 less the umask): safetensors writes its
+    files 0600, which left a checkpoint or head shared in a group's folder unreadable to the rest of the group."""
+    os.chmod(path, 0o666 & ~_umask())
 
 
 def file_sha256(path: str | os.PathLike) -> str:

@@ -32,7 +32,7 @@ from qanchor.config import (
     load_run_config,
     to_yaml,
 )
-from qanchor.data.io import OutputKind, atomic_dir, file_sha256, read_json_object
+from qanchor.data.io import OutputKind, as_umask_allows, atomic_dir, file_sha256, read_json_object
 from qanchor.data.manifest import Manifest
 from qanchor.errors import CheckpointError, ConfigError, QAnchorError
 from qanchor.logs import log
@@ -152,6 +152,7 @@ def save_checkpoint(out_dir: str | Path, model: QAnchorModel, tokenizer: Any, ru
         (tmp / "backbone_config.json").write_text(_base_config(model).to_json_string())
         tokenizer.save_pretrained(tmp)
         save_file(unique_state(model), str(tmp / "model.safetensors"))  # no pickle; tied tensors stored once
+        as_umask_allows(tmp / "model.safetensors")
         for name, text in (extra_files or {}).items():
             (tmp / name).write_text(text)
     return out_dir

@@ -33,7 +33,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 import qanchor
-from qanchor.data.io import OutputKind, atomic_dir, to_plain
+from qanchor.data.io import OutputKind, as_umask_allows, atomic_dir, to_plain
 from qanchor.errors import CheckpointError
 from qanchor.probe import LR_CS, logistic_probe
 from qanchor.tune.losses import prototype_loss, prototype_score
@@ -149,6 +149,7 @@ class ScenarioHead(nn.Module):
             tensors["lookup"] = self.lookup.detach().contiguous()
         with atomic_dir(directory, OutputKind.HEAD) as tmp:
             save_file(tensors, str(tmp / HEAD_WEIGHTS))
+            as_umask_allows(tmp / HEAD_WEIGHTS)
             (tmp / HEAD_META).write_text(yaml.safe_dump(to_plain(self.metadata()), sort_keys=False))
         return directory
 

@@ -173,3 +173,25 @@ def test_a_second_writer_of_an_output_is_refused_and_the_lock_ends_with_the_comm
     finally:
         os.close(other)
     assert command() is True
+
+
+def test_weights_files_get_the_permissions_the_umask_allows(infer_env, tmp_path):
+    """safetensors writes 0600: a checkpoint or head in a group's shared folder was unreadable to the rest of the group,
+    while every other file beside it was readable."""
+    import stat
+
+    from qanchor.data.io import as_umask_allows
+
+    def mode(path) -> int:
+        return stat.S_IMODE(os.stat(path).st_mode)
+
+    umask = os.umask(0o027)
+    try:
+        weights = tmp_path / "w.safetensors"
+        weights.write_bytes(b"x")
+        os.chmod(weights, 0o600)
+        as_umask_allows(weights)
+        assert mode(weights) == 0o640
+    finally:
+        os.umask(umask)
+    assert mode(infer_env.ckpt / "model.safetensors") == mode(infer_env.ckpt / "config.yaml") == 0o666 & ~umask
