@@ -122,6 +122,13 @@ def _tabular(uid: str, raw: object, columns: list[str]) -> np.ndarray | None:
 
 def _check_record(rec: UserRecord, manifest: Manifest, columns: list[str]) -> UserRecord:
     specs = {m.name: m for m in manifest.sequence_modalities}
+    if not isinstance(rec.events, Mapping):
+        raise ModelInputError(f"user {rec.user_id!r}: events must be a dict modality -> EventSeq (an empty dict for a "
+                              f"user without events), got {type(rec.events).__name__}")
+    if rec.tabular is not None and (not isinstance(rec.tabular, np.ndarray) or rec.tabular.dtype.kind not in "fiu"):
+        what = f"a {rec.tabular.dtype} array" if isinstance(rec.tabular, np.ndarray) else type(rec.tabular).__name__
+        raise ModelInputError(f"user {rec.user_id!r}: tabular must be a numpy array of numbers (NaN where missing), got "
+                              f"{what}")
     for name, seq in rec.events.items():
         if name not in specs:
             raise ModelInputError(f"user {rec.user_id!r}: unknown modality {name!r}; the model knows: {', '.join(specs)}")

@@ -132,3 +132,14 @@ def test_a_question_or_option_with_a_lone_surrogate_is_one_clear_error(infer_env
     with pytest.raises(ModelInputError, match="an option must be text, got int"):
         qa.option_ids(3)
     assert qa.embed([user], ["Does this user buy café?"]).shape == (1, 1, 128)
+
+
+def test_malformed_arguments_are_one_clear_error(infer_env):
+    """Each ended in a bare TypeError or AttributeError from numpy or Python."""
+    qa, user = infer_env.qa, infer_env.ds.user("u002")
+    with pytest.raises(ModelInputError, match="queries must be a question or a list of questions, got NoneType"):
+        qa.embed([user], None)
+    with pytest.raises(ModelInputError, match=r"user 'u002': events must be a dict modality -> EventSeq .*got NoneType"):
+        qa.embed([UserRecord("u002", None)], ["Will this user stop paying?"])
+    with pytest.raises(ModelInputError, match=r"user 'u002': tabular must be a numpy array of numbers .*got a object array"):
+        qa.embed([UserRecord("u002", user.events, np.array([1.0, None], dtype=object))], ["Will this user stop paying?"])
