@@ -15,18 +15,21 @@ Example:
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
 import sys
 import time
 import warnings
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
-from typing import TypeVar
+from typing import ParamSpec, TypeVar
 
-__all__ = ["interactive", "progress_lines", "log", "progress", "Progress", "quiet_third_party", "hf_bars_off_terminal", "format_seconds"]
+__all__ = ["interactive", "progress_lines", "log", "warn", "results_on_stdout", "progress", "Progress", "quiet_third_party", "hf_bars_off_terminal", "format_seconds"]
 
 T = TypeVar("T")
+P = ParamSpec("P")
+R = TypeVar("R")
 
 
 def interactive() -> bool:
@@ -64,9 +67,35 @@ def hf_bars_off_terminal() -> Iterator[None]:
             hf_logging.enable_progress_bar()
 
 
+_LOG_TO_STDERR = False  # while a command whose stdout carries its result runs (results_on_stdout)
+
+
 def log(message: str) -> None:
-    """One timestamped line on stdout, flushed (a log file shows it at once)."""
-    print(f"{time.strftime('%Y-%m-%d %H:%M:%S')} {message}", flush=True)
+    """One timestamped line, flushed (a log file shows it at once): on stdout, or on stderr while a command whose
+    stdout is its result runs (:func:`results_on_stdout`)."""
+    print(f"{time.strftime('%Y-%m-%d %H:%M:%S')} {message}", file=sys.stderr if _LOG_TO_STDERR else sys.stdout,
+          flush=True)
+
+
+def warn(message: str) -> None:
+    """A timestamped ``warning:`` line on stderr, always: a warning must never land in a result read from stdout
+    (``qanchor ask ... json=true``, a library caller's own output)."""
+    print(f"{time.strftime('%Y-%m-%d %H:%M:%S')} warning: {message}", file=sys.stderr, flush=True)
+
+
+def results_on_stdout(command: Callable[P, R]) -> Callable[P, R]:
+    """Run ``command`` with every log line on stderr: its stdout carries only its result (JSON that a script reads,
+    ``> report.json`` from cron)."""
+    @functools.wraps(command)
+    def run(*args: P.args, **kwargs: P.kwargs) -> R:
+        global _LOG_TO_STDERR
+        before, _LOG_TO_STDERR = _LOG_TO_STDERR, True
+        try:
+            return command(*args, **kwargs)
+        finally:
+            _LOG_TO_STDERR = before
+
+    return run
 
 
 def format_seconds(seconds: float) -> str:

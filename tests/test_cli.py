@@ -119,3 +119,37 @@ def test_data_encode_does_the_encoding_pretraining_waits_for(tiny_dataset, tmp_p
     pipe.prime(ds.users(), all_events=True)  # what pretraining does first
     assert pipe.cache.encoded_count == 0 and len(pipe.cache) == len({t for r in ds.users() for s in r.events.values()
                                                                     for t in s.text})
+
+
+def test_a_commands_result_on_stdout_never_carries_log_or_warning_lines(infer_env, tmp_path, capsys):
+    """`qanchor ask ... json=true` printed a warning line before its JSON (json.loads: "Extra data"), and `embed`'s
+    progress lines went before its report whenever stdout was not a terminal (cron, `> report.json`). Log lines of the
+    commands whose stdout is their result now go to stderr; warnings always do."""
+    import json
+    import shutil
+
+    ckpt = tmp_path / "newer"
+    shutil.copytree(infer_env.ckpt, ckpt)
+    meta = json.loads((ckpt / "qanchor.json").read_text())
+    (ckpt / "qanchor.json").write_text(json.dumps({**meta, "added_in_newer": 1}))  # as a newer qanchor writes it
+    assert main(["ask", f"checkpoint={ckpt}", f"data.path={infer_env.ds_dir}", "user=u002", "question=Which one?",
+                 "options=[coffee,fuel]", "json=true"]) == 0
+    out, err = capsys.readouterr()
+    assert json.loads(out)["user_id"] == "u002"
+    assert "warning: " in err and "entries this qanchor does not know (added_in_newer)" in err
+    queries = tmp_path / "queries.txt"
+    queries.write_text("Will this user stop paying?\n")
+    assert main(["embed", f"checkpoint={infer_env.ckpt}", f"data.path={infer_env.ds_dir}", f"queries={queries}",
+                 f"out={tmp_path / 'emb'}"]) == 0
+    out, err = capsys.readouterr()
+    assert json.loads(out)["users"] > 0 and len(out.splitlines()) == 1
+    assert "embed" in err  # its progress lines, on stderr
+
+
+def test_index_search_takes_a_user_id_verbatim():
+    """A user whose id is "None" or "null" could not be looked up: the setting read as absent."""
+    from qanchor.config import IndexSearchConfig, load_config
+
+    assert [load_config(None, [f"user={u}"], schema=IndexSearchConfig).user for u in ("None", "null", "u1")] == \
+        ["None", "null", "u1"]
+    assert load_config(None, [], schema=IndexSearchConfig).user == ""

@@ -282,6 +282,8 @@ def run_uqa(cfg: UqaConfig, progress: bool = True) -> UqaResult:
     rows: dict[str, dict[str, Any]] = {}
     for name, path in models.items():
         t0 = time.perf_counter()
+        if progress:  # a row takes about a minute on Complete Journey's held-out users, more for long TextN prompts
+            log(f"uqa: {name}: scoring {len(questions)} questions")
         model = QAnchor.from_pretrained(path, text_cache_dir=ds.text_cache_dir, batch_size=cfg.batch_size)
         correct, tokens = score(model, ds, questions)
         rows[name] = _row(correct, tokens, families, time.perf_counter() - t0)

@@ -123,7 +123,7 @@ def _cmd_encode(args: argparse.Namespace) -> None:
     pipe = UserPipeline.for_dataset(ds, data_cfg)
     start = time.perf_counter()
     # every event's text, not only the kept ones': pretraining's rank 0 encodes all of them while the other ranks wait
-    n_events = pipe.prime(ds.users(), progress=not args.quiet, all_events=True)
+    n_events = pipe.prime(ds.users(), progress=not args.quiet, all_events=True, total=ds.num_users)
     print(f"events: {n_events}   unique texts stored: {len(pipe.cache)}   "
           f"encoded now: {pipe.cache.encoded_count}   ({time.perf_counter() - start:.1f}s)")
 

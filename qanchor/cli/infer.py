@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import time
 from pathlib import Path
 
 import numpy as np
@@ -37,6 +38,7 @@ from qanchor.infer.export import export_embeddings, read_queries, report_json, t
 from qanchor.infer.index import LookalikeIndex, check_index_target
 from qanchor.infer.state import StateMeta
 from qanchor.infer.update import init_state, update_state
+from qanchor.logs import format_seconds, log, results_on_stdout
 from qanchor.model.backbone import check_device
 from qanchor.tune.head import load_heads
 
@@ -58,6 +60,7 @@ def _queries(arg: str | None, ds: Dataset | None):
     return read_queries(arg)
 
 
+@results_on_stdout  # stdout is the result (JSON a script reads); log lines go to stderr
 def _cmd_embed(args: argparse.Namespace) -> None:
     cfg: EmbedConfig = settings(args)
     require(cfg.checkpoint, "checkpoint", "<checkpoint dir>")
@@ -80,6 +83,7 @@ def _cmd_embed(args: argparse.Namespace) -> None:
     print_record(report_json(report))  # one line per rank, and ranks share stdout
 
 
+@results_on_stdout
 def _cmd_update(args: argparse.Namespace) -> None:
     cfg: UpdateConfig = settings(args)
     require(cfg.checkpoint, "checkpoint", "<checkpoint dir>")
@@ -125,24 +129,32 @@ def _vector(arg: str) -> np.ndarray:
     return vec
 
 
+@results_on_stdout
 def _cmd_index_build(args: argparse.Namespace) -> None:
     cfg: IndexBuildConfig = settings(args)
     require(cfg.embeddings, "embeddings", "<export dir>")
     require(cfg.query_id, "query_id", "<a query id of the export>")
     require(cfg.out, "out", "<index file>")
     check_index_target(cfg.out, cfg.embeddings)
+    start = time.perf_counter()
+    if not args.quiet:  # training an IVF index over millions of users takes minutes
+        log(f"index build: start; query {cfg.query_id} of {cfg.embeddings}")
     index = LookalikeIndex.from_embeddings(cfg.embeddings, cfg.query_id, ivf_min_size=cfg.ivf_min_size, nprobe=cfg.nprobe)
     index.save(cfg.out)
+    if not args.quiet:
+        log(f"index build: done, {index.meta['kind']} index of {index.meta['n']:,} vectors in "
+            f"{format_seconds(time.perf_counter() - start)}; {cfg.out}")
     print(json.dumps({"out": str(cfg.out), **index.meta}))
 
 
+@results_on_stdout
 def _cmd_index_search(args: argparse.Namespace) -> None:
     cfg: IndexSearchConfig = settings(args)
     require(cfg.index, "index", "<index file>")
-    if (cfg.user is None) == (cfg.vector is None):
+    if (cfg.user == "") == (cfg.vector is None):
         raise ModelInputError("give exactly one of user=ID or vector=V")
     index = LookalikeIndex.load(cfg.index)
-    hits = index.search_user(cfg.user, cfg.k) if cfg.user is not None else index.search(_vector(cfg.vector), cfg.k)[0]
+    hits = index.search_user(cfg.user, cfg.k) if cfg.user else index.search(_vector(cfg.vector), cfg.k)[0]
     if cfg.json:
         print(json.dumps([{"user_id": u, "score": s} for u, s in hits]))
         return
@@ -167,6 +179,7 @@ def _user(cfg: AskConfig | DescribeConfig):
     return ds, next(model.dataset_records(ds, [cfg.user])), model  # in the model's column layout, matched by name
 
 
+@results_on_stdout
 def _cmd_ask(args: argparse.Namespace) -> None:
     cfg: AskConfig = settings(args)
     question = cfg.question or args.question or ""
@@ -187,6 +200,7 @@ def _cmd_ask(args: argparse.Namespace) -> None:
     print(json.dumps({"user_id": cfg.user, "question": question, "answer": text}) if cfg.json else text)
 
 
+@results_on_stdout
 def _cmd_describe(args: argparse.Namespace) -> None:
     cfg: DescribeConfig = settings(args)
     _, user, model = _user(cfg)

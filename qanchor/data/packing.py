@@ -174,7 +174,7 @@ class UserPacker:
         return (counts.astype(np.float64) @ self.cache.vectors[rows].astype(np.float64) / len(before)).astype(np.float32)
 
     def prime(self, records: Iterable[UserRecord], progress: bool = True, flush_every: int = 50_000,
-              all_events: bool = False) -> int:
+              all_events: bool = False, total: int | None = None) -> int:
         """Encode every unique kept text of ``records`` in large batches; return how many events were seen.
 
         ``all_events`` covers every event, not only the most recent ``cap``: pretraining packs users at
@@ -184,10 +184,10 @@ class UserPacker:
         all_events = all_events or self.data_cfg.history_text
         pending: set[str] = set()
         n_events = 0
-        for record in progress_iter(records, desc="collect event texts", unit="user", enabled=progress):
+        for record in progress_iter(records, total=total, desc="collect event texts", unit="user", enabled=progress):
             for seq in (record.events if all_events else self.recent(record)).values():
                 n_events += len(seq)
-                pending.update(t for t in seq.text if t not in self.cache._row)
+                pending.update(t for t in seq.text if t not in self.cache)
             if len(pending) >= flush_every:
                 self.cache.ensure(sorted(pending), progress=progress)
                 pending.clear()

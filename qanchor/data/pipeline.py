@@ -84,9 +84,11 @@ class UserPipeline:
         cache = TextVectorCache(cache_dir, encoder or SentenceEncoder(data_cfg.text_encoder))
         return cls(manifest, data_cfg, cache, n_tabular)
 
-    def prime(self, records: Iterable[UserRecord], progress: bool = False, all_events: bool = False) -> int:
-        """Encode every not yet cached text the records keep (all their events if ``all_events``)."""
-        return self.packer.prime(records, progress=progress, all_events=all_events)
+    def prime(self, records: Iterable[UserRecord], progress: bool = False, all_events: bool = False,
+              total: int | None = None) -> int:
+        """Encode every not yet cached text the records keep (all their events if ``all_events``); ``total``: how many
+        records there are, for the progress lines."""
+        return self.packer.prime(records, progress=progress, all_events=all_events, total=total)
 
     def pack_many(self, records: Sequence[UserRecord], cutoff_us: int | None = None) -> list[PackedUser]:
         """Pack records at ``cutoff_us`` (default: the dataset cutoff), encoding their new texts in one pass.

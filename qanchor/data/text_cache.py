@@ -193,6 +193,10 @@ class TextVectorCache:
     def __len__(self) -> int:
         return len(self._row)
 
+    def __contains__(self, text: str) -> bool:
+        with self._lock:
+            return text in self._row
+
     @property
     def dim(self) -> int:
         return self.encoder.dim

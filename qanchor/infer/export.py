@@ -53,7 +53,7 @@ from qanchor.errors import ConfigError, ModelInputError
 from qanchor.faults import failpoint
 from qanchor.infer.api import Head, QAnchor, head_scores
 from qanchor.infer.user_input import record_adapter
-from qanchor.logs import Progress, log
+from qanchor.logs import Progress, log, warn
 
 __all__ = ["head_name", "head_digest", "ExportReport", "read_queries", "task_queries", "rank_and_world", "embeddings_table", "read_embeddings",
            "plan_shards", "export_embeddings", "report_json"]
@@ -337,8 +337,8 @@ def export_embeddings(model: QAnchor, ds: Dataset, queries: list[tuple[str, str]
     mine = list(range(rank, len(shards), world))
     if not mine and progress:  # shards never depend on the world size, so extra ranks idle: say how to split
         n_users = sum(hi - lo for _, lo, hi in shards)
-        log(f"warning: embed rank {rank}/{world} has no shard: the export has {len(shards)} shard(s) (by default one "
-            f"per dataset partition); pass shard_users={max(1, -(-n_users // world))} or fewer to give every rank work")
+        warn(f"embed rank {rank}/{world} has no shard: the export has {len(shards)} shard(s) (by default one "
+             f"per dataset partition); pass shard_users={max(1, -(-n_users // world))} or fewer to give every rank work")
     done = [i for i in mine if (out / f"part-{i:05d}.done").exists()]
     size = lambda i: shards[i][2] - shards[i][1]  # noqa: E731
     bar = Progress(sum(size(i) for i in mine), f"embed rank {rank}/{world}", "user", enabled=progress,

@@ -56,7 +56,7 @@ from qanchor.infer.state import (
     write_tables,
 )
 from qanchor.infer.user_input import record_adapter, to_microseconds
-from qanchor.logs import Progress, log
+from qanchor.logs import Progress, log, warn
 from qanchor.logs import progress as progress_iter
 
 __all__ = ["UpdateReport", "init_state", "update_state", "read_events", "read_tabular"]
@@ -376,12 +376,12 @@ def update_state(q: QAnchor, state_dir: str | Path, event_files: Sequence[str | 
                               totals["linked"], time.perf_counter() - start, totals["replayed"], totals["too_old"],
                               totals["untabled"] if q.tabular_columns else 0)
         if report.events_already_in_state and progress:
-            log(f"warning: {report.events_already_in_state} of the {report.events_received} events received were already "
-                f"in {state_dir} (a day applied twice, or a retried job?) and were skipped")
+            warn(f"{report.events_already_in_state} of the {report.events_received} events received were already "
+                 f"in {state_dir} (a day applied twice, or a retried job?) and were skipped")
         if report.users_new_without_tabular and progress:
-            log(f"warning: {report.users_new_without_tabular} users first seen in this update have no tabular values "
-                "(no row in tabular=), so their embeddings read those features as missing; give their rows with "
-                "tabular=FILE (user_id + the model's tabular columns)")
+            warn(f"{report.users_new_without_tabular} users first seen in this update have no tabular values "
+                 "(no row in tabular=), so their embeddings read those features as missing; give their rows with "
+                 "tabular=FILE (user_id + the model's tabular columns)")
         if report.events_before_kept_window and progress:
             log(f"{report.events_before_kept_window} of the {report.events_received} events received were older than "
                 f"every event their user's buffer keeps (the most recent {meta.caps} per modality) and were skipped")

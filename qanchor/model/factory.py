@@ -35,7 +35,7 @@ from qanchor.config import (
 from qanchor.data.io import OutputKind, as_umask_allows, atomic_dir, file_sha256, read_json_object
 from qanchor.data.manifest import Manifest
 from qanchor.errors import CheckpointError, ConfigError, QAnchorError
-from qanchor.logs import log
+from qanchor.logs import warn
 from qanchor.model.backbone import (
     add_special_tokens,
     build_backbone,
@@ -191,8 +191,8 @@ def read_meta(ckpt: Path) -> ModelMeta:
                               f"{FORMAT_VERSION}; re-export it with qanchor {raw.get('qanchor_version')}")
     known = {f.name for f in fields(ModelMeta)}
     if unknown := sorted(set(raw) - known):  # written by a newer qanchor of the same format: what it adds is unread
-        log(f"warning: {path}: entries this qanchor does not know ({', '.join(unknown)}), written by a newer one; "
-            "ignored")
+        warn(f"{path}: entries this qanchor does not know ({', '.join(unknown)}), written by a newer one; "
+             "ignored")
         raw = {k: v for k, v in raw.items() if k in known}
     try:
         meta = ModelMeta(**raw)

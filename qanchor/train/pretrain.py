@@ -49,7 +49,7 @@ from qanchor.data.text_cache import SentenceEncoder, TextVectorCache, default_en
 from qanchor.data.userU import stale_userU
 from qanchor.errors import CheckpointError, ConfigError, DataValidationError
 from qanchor.faults import failpoint
-from qanchor.logs import Progress, format_seconds, interactive, log, progress_lines
+from qanchor.logs import Progress, format_seconds, interactive, log, progress_lines, warn
 from qanchor.model.backbone import check_backbone_weights, check_device, load_tokenizer
 from qanchor.model.factory import ModelMeta, build_model, save_checkpoint
 from qanchor.model.layout import tokenize_query
@@ -100,8 +100,8 @@ class MetricsLog:
             parsed.pop()
             torn += 1
         if torn:
-            log(f"warning: {path}: dropped {torn} torn line(s) at its end (a run killed while writing); their steps are "
-                "trained again")
+            warn(f"{path}: dropped {torn} torn line(s) at its end (a run killed while writing); their steps are "
+                 "trained again")
         bad = next((i for i, (_, record) in enumerate(parsed) if record is None), None)
         if bad is not None:
             raise CheckpointError(f"{path}, line {bad + 1}: not a metrics record ({parsed[bad][0][:80]!r}) though whole "
@@ -124,10 +124,14 @@ def preflight(cfg: PretrainConfig, world: int = 1) -> None:
     ds = load_dataset(cfg.data.path, cfg.data.cache_dir)
     check_caps(cfg.data, ds.manifest)
     if not (ds.root / USERU_FILE).exists():
+        if not ds.report.n_events:  # `data userU` writes no pairs then: naming it would send the user round
+            raise DataValidationError(str(ds.root), "the dataset has no sequence events, so there is nothing to pretrain "
+                                      "on (UserU pairs are asked about events); its tabular features can still be "
+                                      f"benchmarked with the peers: `qanchor bench checkpoint=null data.path={ds.root}`")
         raise DataValidationError(str(ds.root / USERU_FILE), f"pretraining needs UserU pairs; build them with "
                                   f"`qanchor data userU {ds.root}`")
     if (stale := stale_userU(ds.root / USERU_FILE, ds)) is not None:
-        log(f"warning: {stale}")  # the pairs are still valid training pairs: say so, and train on them
+        warn(stale)  # the pairs are still valid training pairs: say so, and train on them
     pairs = ds.userU()
     if pairs.num_rows < cfg.train.batch_size * world:
         raise ConfigError(f"{ds.root / USERU_FILE} holds {pairs.num_rows} pairs, fewer than one global batch "
@@ -286,8 +290,8 @@ def _check_run_dir(cfg: PretrainConfig, ds: Dataset) -> None:
         tag = resume_tag(out / "ds_state")  # refuses resume state this user did not write, before any work
         reached = checkpoint_step(out / "checkpoint")
         if tag is None and reached:  # a first save killed before its seal, or ds_state removed: said, not silent
-            log(f"warning: {out} holds a checkpoint at step {reached} but no complete resume state in {out / 'ds_state'}: "
-                "the run starts again from step 0 and will replace that checkpoint (stop now and copy it away to keep it)")
+            warn(f"{out} holds a checkpoint at step {reached} but no complete resume state in {out / 'ds_state'}: "
+                 "the run starts again from step 0 and will replace that checkpoint (stop now and copy it away to keep it)")
         if reached is not None and reached > cfg.train.max_steps:
             raise ConfigError(f"output_dir {out} is already at step {reached}, past train.max_steps={cfg.train.max_steps}: "
                               f"nothing to resume; pass train.max_steps above {reached} to train it further")
@@ -328,7 +332,7 @@ def prepare_inputs(cfg: PretrainConfig, rank: int, progress: bool = True) -> tup
         ds = load_dataset(cfg.data.path, cfg.data.cache_dir)
         _ = ds.partitions  # built once, by rank 0
         pipe = UserPipeline.for_dataset(ds, cfg.data)
-        pipe.prime(ds.users(), progress=progress, all_events=True)
+        pipe.prime(ds.users(), progress=progress, all_events=True, total=ds.num_users)
     barrier()
     if rank != 0:
         ds = load_dataset(cfg.data.path, cfg.data.cache_dir)
@@ -352,9 +356,11 @@ def run_pretrain(cfg: PretrainConfig, progress: bool = True) -> Path:
              BACKBONE_FILE: backbone_file_text(cfg)}
     saved_on = checkpoint_data_id(out / "checkpoint") if cfg.resume else None
     if rank == 0 and saved_on is not None and saved_on != data_id:
-        log(f"warning: {out} was trained so far on other data than {ds.root} holds now (its files or UserU pairs "
-            "changed since); the resumed steps train on the data as it is now. Pass resume=false overwrite=true to "
-            "train on it from the start")
+        warn(f"{out} was trained so far on other data than {ds.root} holds now (its files or UserU pairs "
+             "changed since); the resumed steps train on the data as it is now. Pass resume=false overwrite=true to "
+             "train on it from the start")
+    if rank == 0 and progress:  # minutes on a large dataset: said, not silent
+        log(f"pretrain: setup: building the model and fitting its input statistics on {ds.num_users:,} users")
     torch.manual_seed(cfg.train.seed)  # identical initial weights on every rank
     model, tokenizer = build_model(cfg.model, ds.manifest, pipe.cache.dim, ds.tabular_columns,
                                    training_aids=cfg.loss)
@@ -388,7 +394,7 @@ def run_pretrain(cfg: PretrainConfig, progress: bool = True) -> Path:
     start = _maybe_resume(engine, bank, out, cfg.resume, rank, world)
     metrics = MetricsLog(out / "metrics.jsonl", start if cfg.resume else None) if rank == 0 else None
     if rank == 0 and progress:
-        _log_start(cfg, model, ds, stream, world, start)
+        _log_start(cfg, model, ds, stream, world, start, time.perf_counter() - started)
     last = _train_loop(cfg, engine, stream, start, rank, world, metrics, progress, bank,
                        save=lambda step: _save(cfg, engine, model, tokenizer, meta, out, step, rank, world, bank,
                                                  notes))
@@ -535,11 +541,16 @@ def _clear_run(out: Path) -> None:
             path.unlink()
 
 
-def _log_start(cfg: PretrainConfig, model, ds: Dataset, stream: PretrainStream, world: int, start: int) -> None:
-    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    total = sum(p.numel() for p in model.parameters())
+def _log_start(cfg: PretrainConfig, model, ds: Dataset, stream: PretrainStream, world: int, start: int,
+               setup_s: float) -> None:
+    def size(p: torch.Tensor) -> int:  # ZeRO-3 has partitioned each weight to an empty tensor by now
+        return getattr(p, "ds_numel", None) or p.numel()
+
+    trainable = sum(size(p) for p in model.parameters() if p.requires_grad)
+    total = sum(size(p) for p in model.parameters())
     tc = cfg.train
-    log(f"pretrain: start{' (resumed at step ' + str(start) + ')' if start else ''}; engine DeepSpeed ZeRO-{tc.zero_stage}, "
+    log(f"pretrain: start{' (resumed at step ' + str(start) + ')' if start else ''} after {format_seconds(setup_s)} of "
+        f"setup; engine DeepSpeed ZeRO-{tc.zero_stage}, "
         f"world size {world}, device {device_of()}, dtype {tc.precision}, parameters {trainable:,} trainable / "
         f"{total:,} total; data {ds.root}: {ds.num_users:,} users, {len(stream):,} pairs per epoch; "
         f"{tc.max_steps} steps x {tc.batch_size * tc.grad_accum_steps * world} samples, lr {tc.lr:g}; "

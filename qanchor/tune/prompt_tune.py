@@ -168,14 +168,20 @@ def run_prompt_tune(cfg: PromptTuneConfig, progress: bool = True) -> dict:
     _check_compatible(ds, model, meta)
     views = chosen_tasks(ds, cfg)
     tasks = list(views)
-    for task in views.values():  # before any encoding: a task too small to split fails the run at once
+    refused = {}  # before any encoding: a task too small to split fails the run at once
+    for task in views.values():
         try:
             check_splittable(task, cfg)
         except DataValidationError as exc:
-            if len(views) == 1:
-                raise
-            others = ",".join(t for t in views if t != task.name)
-            raise DataValidationError(exc.file, f"{exc.rule}; or leave it out: task={others}") from None
+            refused[task.name] = exc
+    if refused:
+        first = next(iter(refused.values()))
+        if len(views) == 1:
+            raise first
+        fit = [t for t in views if t not in refused]  # only tasks that would pass: naming failing ones sends users round
+        rest = f"or leave it out: task={','.join(fit)}" if fit else "no task of this run can be split"
+        also = f" ({len(refused) - 1} more task(s) too small: {', '.join(list(refused)[1:])})" if len(refused) > 1 else ""
+        raise DataValidationError(first.file, f"{first.rule}{also}; {rest}")
     pipe = UserPipeline.for_dataset(ds, data_cfg)
     out = Path(cfg.output_dir)
     claim_output_dir(out, OutputKind.HEADS, {"checkpoint": cfg.checkpoint, "data.path": data_cfg.path,
@@ -193,8 +199,8 @@ def run_prompt_tune(cfg: PromptTuneConfig, progress: bool = True) -> dict:
     caps = {m.name: data_cfg.cap(m.name) for m in ds.manifest.sequence_modalities}  # how its users are packed
     finished = {name: rec for name in tasks if (rec := _finished(out / name, keys[name])) is not None}
     if finished and progress:
-        print(f"reusing {len(finished)} head(s) already tuned in {out} with the same checkpoint, data and "
-              f"settings: {', '.join(finished)}")
+        log(f"reusing {len(finished)} head(s) already tuned in {out} with the same checkpoint, data and "
+            f"settings: {', '.join(finished)}")
     todo = [t for t in tasks if t not in finished]
     store, row_of = None, {}
     if todo:
@@ -262,6 +268,8 @@ def _tune_one(model, tokenizer, store: PrefixStore, row_of: dict, task: Task, cf
     rows = np.array([row_of[u] for u in task.user_ids])
     split = split_users(rows, task.labels.astype(np.int64), cfg.val_fraction, cfg.test_fraction, cfg.seed)
     query_ids = torch.tensor(tokenize_query(tokenizer, task.spec.query, model.cfg.max_query_tokens), device=cfg.device)
+    if progress:  # the frozen readout and the step-0 evaluation come before the step bar: seconds to minutes
+        log(f"tune {name}: fitting the frozen readout on {len(rows):,} users")
     lr = frozen_logistic(model, store, query_ids, split, cfg.seed, cfg.prefix_chunk)
     result = tune_task(model, store, query_ids, split, cfg, name, task.spec.query, ckpt_hash, progress)
     result.head.extra["event_caps"] = caps  # serving must pack its users alike (QAnchor refuses other caps)

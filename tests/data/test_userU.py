@@ -533,7 +533,7 @@ def test_an_older_userU_file_says_what_changed_and_how_to_rebuild(built, tmp_pat
                       schema=PretrainConfig)
     capsys.readouterr()
     preflight(cfg)  # a warning line in the run's log, not a refusal: the pairs are still valid training pairs
-    assert [line.split(" ", 2)[2] for line in capsys.readouterr().out.splitlines()] == [f"warning: {why}"]
+    assert [line.split(" ", 2)[2] for line in capsys.readouterr().err.splitlines()] == [f"warning: {why}"]
     pq.write_table(table.replace_schema_metadata({**unstamped, b"qanchor_userU_version": b"1"}), old / USERU_FILE)
     stamped = stale_userU(old / USERU_FILE)
     assert stamped is not None and "holds UserU pairs of version 1, before these changes" in stamped
@@ -561,7 +561,7 @@ def test_pairs_built_from_other_events_are_named_when_pretraining_reads_them(bui
                       schema=PretrainConfig)
     capsys.readouterr()
     preflight(cfg)
-    assert [line.split(" ", 2)[2] for line in capsys.readouterr().out.splitlines()] == [f"warning: {why}"]
+    assert [line.split(" ", 2)[2] for line in capsys.readouterr().err.splitlines()] == [f"warning: {why}"]
     build_userU(copy, seed=0, progress=False)  # rebuilt: current again
     assert stale_userU(copy / USERU_FILE, load_dataset(copy)) is None
 
@@ -626,3 +626,22 @@ def test_pairs_of_a_user_the_dataset_lacks_are_refused(built, tmp_path):
     with pytest.raises(DataValidationError, match=rf"userU.parquet, column 'user_id', row 3: user '{re.escape(ids[3])}' "
                                                   r"is not a user of this dataset"):
         validate_dataset(root)
+
+
+def test_pretraining_a_dataset_without_events_says_what_can_run_instead(tiny_dataset, tmp_path):
+    """`data userU` writes no pairs for a dataset without sequence events, and pretraining then told the user to run
+    `data userU`: round and round. It now says there is nothing to pretrain on and what can run."""
+    from qanchor.errors import DataValidationError
+
+    import yaml
+
+    ds_dir = tmp_path / "ds"
+    shutil.copytree(tiny_dataset, ds_dir, ignore=shutil.ignore_patterns(".qanchor_cache", "events"))
+    manifest = yaml.safe_load((ds_dir / "manifest.yaml").read_text())
+    manifest["modalities"] = [m for m in manifest["modalities"] if m["kind"] == "tabular"]  # tabular features only
+    (ds_dir / "manifest.yaml").write_text(yaml.safe_dump(manifest))
+    cfg = load_config(str(Path(__file__).resolve().parents[2] / "configs/pretrain/tiny-synth.yaml"),
+                      [f"data.path={ds_dir}", f"output_dir={tmp_path / 'run'}", "data.max_events={}"], schema=PretrainConfig)
+    with pytest.raises(DataValidationError, match=r"the dataset has no sequence events, so there is nothing to pretrain "
+                                                  r"on .*`qanchor bench checkpoint=null data.path="):
+        preflight(cfg)

@@ -294,7 +294,8 @@ def test_a_checkpoint_with_metadata_a_newer_qanchor_added_loads_with_a_warning(i
     meta = json.loads((ckpt / "qanchor.json").read_text())
     (ckpt / "qanchor.json").write_text(json.dumps({**meta, "something_new": 1}))
     loaded = QAnchor.from_pretrained(ckpt)
-    assert "entries this qanchor does not know (something_new)" in capsys.readouterr().out
+    out, err = capsys.readouterr()
+    assert "entries this qanchor does not know (something_new)" in err and out == ""  # a library caller's stdout is its own
     assert np.array_equal(loaded.embed({"user_id": "x", "events": {}}, QUERIES[:1]),
                           infer_env.qa.embed({"user_id": "x", "events": {}}, QUERIES[:1]))
 

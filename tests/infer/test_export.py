@@ -107,7 +107,7 @@ def test_a_rank_without_a_shard_says_how_to_split(infer_env, tmp_path, capsys):
     users = sum(len(infer_env.ds.partitions.ids_of(p)) for p in range(infer_env.ds.partitions.count))
     report = export_embeddings(infer_env.qa, infer_env.ds, PAIRS[:1], tmp_path / "idle", rank=1, world=2, progress=True)
     assert report.shards_mine == 0 and report.shards_total == 1
-    out = capsys.readouterr().out
+    out = capsys.readouterr().err  # a warning: on stderr, never in the export's result on stdout
     assert "warning: embed rank 1/2 has no shard: the export has 1 shard(s)" in out
     assert f"pass shard_users={-(-users // 2)} or fewer" in out
 

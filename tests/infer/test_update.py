@@ -177,7 +177,7 @@ def test_tabular_rows_reach_new_users_and_refresh_known_ones(infer_env, state0, 
     pq.write_table(table, tmp_path / "tab.parquet")
     report = update_state(infer_env.qa, state0[0], [tmp_path / "day.parquet"], tmp_path / "s1", tabular=tmp_path / "tab.parquet")
     assert (report.users_new, report.users_changed, report.users_new_without_tabular) == (2, 3, 1)  # u998: no row
-    assert "1 users first seen in this update have no tabular values" in capsys.readouterr().out
+    assert "1 users first seen in this update have no tabular values" in capsys.readouterr().err
     got = embeddings(tmp_path / "s1")
     recs = records_from_events(new, infer_env.ds.manifest)
     u002 = infer_env.ds.user("u002")

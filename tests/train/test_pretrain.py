@@ -92,6 +92,9 @@ def test_zero3_trains_as_zero0_and_saves_whole_weights(prepared, tmp_path):
         runs[stage] = done
     for a, b in zip(_metrics(tmp_path / "z0"), _metrics(tmp_path / "z3")):
         assert abs(a["loss"] - b["loss"]) < 1e-4 * abs(a["loss"]), (a, b)
+    # ZeRO-3 had partitioned the weights to empty tensors when they were counted: "parameters 0 trainable / 0 total"
+    counts = {stage: done.stdout.split("parameters ")[1].split(";")[0] for stage, done in runs.items()}
+    assert counts[3] == counts[0] and not counts[0].startswith("0 "), counts
     w0, w3 = (load_file(tmp_path / f"z{s}" / "checkpoint" / "model.safetensors") for s in (0, 3))
     assert w0.keys() == w3.keys() and all(w0[k].shape == w3[k].shape for k in w0)
     assert max((w0[k].float() - w3[k].float()).abs().max().item() for k in w0) < 1e-4
@@ -133,6 +136,10 @@ def test_log_file_gets_start_step_and_summary_lines_and_no_warnings(prepared, tm
     lines = done.stdout.splitlines()
     start = [ln for ln in lines if "pretrain: start" in ln]
     assert len(start) == 1 and "ZeRO-0" in start[0] and "world size 1" in start[0] and "trainable" in start[0]
+    assert "s of setup;" in start[0]  # the setup before it is said, then timed
+    setup = [ln.split(" ", 2)[2] for ln in lines if "pretrain: setup" in ln]
+    assert len(setup) == 1 and setup[0].startswith("pretrain: setup: building the model and fitting its input "
+                                                   "statistics on ") and setup[0].endswith(" users")
     steps = [ln for ln in lines if "pretrain: step " in ln]
     assert [ln.split("pretrain: step ")[1].split()[0] for ln in steps] == ["1/4", "2/4", "4/4"]
     assert all("loss" in ln and "samples/s" in ln and "ETA" in ln for ln in steps)

@@ -387,3 +387,29 @@ def test_frozen_logistic_picks_c_on_val_then_fits_train_and_val(loaded):
     only_train = make_pipeline(StandardScaler(), LogisticRegression(C=out["C"], max_iter=2000, random_state=0))
     only_train.fit(x["train"], y["train"])
     assert out["val"] == auc_ks(y["val"], only_train.decision_function(x["val"]))  # the held-out number C was chosen by
+
+
+def test_the_advice_to_leave_a_task_out_names_only_tasks_that_pass(ckpt, tmp_path, monkeypatch):
+    """`task=all` with one task too small said "or leave it out: task=<every other>", though those failed too: the
+    user went round, one refusal at a time. The advice now names only tasks that pass, and counts the others."""
+    from qanchor.tune import prompt_tune as pt
+
+    ck, ds_dir = ckpt
+    real = pt.check_splittable
+
+    def failing(names: set[str]):
+        def check(task, cfg):
+            if task.name in names:
+                raise DataValidationError(f"task {task.name}", "too few users to split")
+            return real(task, cfg)
+        return check
+
+    args = [f"checkpoint={ck}", f"data.path={ds_dir}", "task=all", f"output_dir={tmp_path / 'out'}", *FAST]
+    monkeypatch.setattr(pt, "check_splittable", failing({"coupon"}))
+    with pytest.raises(DataValidationError, match=r"task coupon: too few users to split; or leave it out: task=churn$"):
+        run_prompt_tune(load_config(None, args, schema=PromptTuneConfig), progress=False)
+    monkeypatch.setattr(pt, "check_splittable", failing({"churn", "coupon"}))
+    with pytest.raises(DataValidationError, match=r"task churn: too few users to split \(1 more task\(s\) too small: "
+                                                  r"coupon\); no task of this run can be split$"):
+        run_prompt_tune(load_config(None, args, schema=PromptTuneConfig), progress=False)
+    assert not (tmp_path / "out").exists()
