@@ -23,6 +23,7 @@ Example (about 25 minutes on 2 CPU cores for Complete Journey)::
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import subprocess
@@ -130,9 +131,11 @@ def settings_of(args: argparse.Namespace, seed: int, data_id: str) -> dict:
     else:
         out.update(bench_config=file_sha256(args.bench), bench_set=list(args.bench_set))
         # the per-fold heads' recipe lives in the file the bench config names: an edit there changes their rows
-        heads = load_config(args.bench, list(args.bench_set), schema=BenchConfig).prompt_tune_config
-        # the bench runs in the repository root (cwd=ROOT), so a relative path there is read from the root
-        heads_file = ROOT / heads if heads else None
+        # found as the bench finds it: it runs in the repository root (cwd=ROOT), where a relative path is read from the
+        # root first and then from the bench config's folder and those above it
+        with contextlib.chdir(ROOT):
+            heads = load_config(args.bench, list(args.bench_set), schema=BenchConfig).prompt_tune_config
+            heads_file = Path(heads).resolve() if heads else None
         out["prompt_tune_config"] = file_sha256(heads_file) if heads_file and heads_file.is_file() else None
     return out
 

@@ -61,7 +61,9 @@ def _text_mean(record: UserRecord, cache: TextVectorCache) -> np.ndarray:
     texts = [t for seq in record.events.values() for t in seq.text]
     if not texts:
         return np.zeros(cache.dim, np.float32)
-    return cache.vectors[cache.rows(texts)].mean(axis=0)  # (D,), weighted by how often each text occurs
+    # (D,), weighted by how often each text occurs; summed in float64, so that users of one same text get one same
+    # vector whatever their event count (float32 sums left a 1e-9 trace of the count, which standardising revealed)
+    return cache.vectors[cache.rows(texts)].mean(axis=0, dtype=np.float64).astype(np.float32)
 
 
 def _before_cutoff(record: UserRecord, cutoff_us: int) -> UserRecord:

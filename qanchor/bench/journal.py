@@ -60,6 +60,15 @@ def journal_key(cfg: BenchConfig, ds: Dataset, tasks: list[Task], checkpoint_has
     return h.hexdigest()
 
 
+def labels_of_journal(out_dir: str | Path) -> str | None:
+    """The labels file recorded by the unfinished bench run under ``out_dir`` (None: no journal, or none recorded)."""
+    try:
+        labels = json.loads((Path(out_dir) / _DIR / "key.json").read_text()).get("labels")
+    except (OSError, ValueError, AttributeError):
+        return None
+    return labels if isinstance(labels, str) else None
+
+
 class BenchJournal:
     """The finished rows of one bench run under ``<output_dir>/partial/``."""
 
@@ -72,9 +81,10 @@ class BenchJournal:
         return cls(None, "", {})
 
     @classmethod
-    def open(cls, out_dir: str | Path, key: str) -> BenchJournal:
+    def open(cls, out_dir: str | Path, key: str, labels: str | None = None) -> BenchJournal:
         """The journal under ``out_dir`` (a claimed bench output): its rows if they were made under ``key``, else
-        an empty one (rows made under another key are removed)."""
+        an empty one (rows made under another key are removed). ``labels``: the custom task's labels file, recorded
+        beside the key so that a folder an interrupted run left is known as that file's (:func:`labels_of_journal`)."""
         directory = Path(out_dir) / _DIR
         rows: dict[tuple[int, str, str], MethodResult] = {}
         if directory.is_dir():
@@ -88,7 +98,7 @@ class BenchJournal:
                 remove_journal(out_dir)  # rows of another run of this bench output
         if not rows:
             directory.mkdir(parents=True, exist_ok=True)
-            write_text(json.dumps({"key": key}) + "\n", directory / "key.json")
+            write_text(json.dumps({"key": key, "labels": labels}) + "\n", directory / "key.json")
         return cls(directory, key, rows)
 
     def __len__(self) -> int:

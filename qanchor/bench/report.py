@@ -19,7 +19,7 @@ from pathlib import Path
 
 import numpy as np
 
-from qanchor.bench.journal import remove_journal
+from qanchor.bench.journal import labels_of_journal, remove_journal
 from qanchor.bench.peers import MethodResult
 from qanchor.bench.plots import write_plots
 from qanchor.bench.runner import HISTORY_IN_PATH, BenchResult, TaskResult, run_bench
@@ -262,14 +262,15 @@ def write_results(result: BenchResult, out_dir: str | Path) -> Path:
 
 
 def labels_of_report(out_dir: str | Path) -> str | None:
-    """The labels file (resolved path) whose custom task the report in ``out_dir`` scores; None where there is no
-    readable report or it names none (a dataset's own tasks, or a report written before qanchor recorded it)."""
+    """The labels file (resolved path) whose custom task the bench in ``out_dir`` scores: its report's, or that of
+    the unfinished run whose rows wait there; None where neither names one (a dataset's own tasks, or a report
+    written before qanchor recorded it)."""
     try:
         run = json.loads((Path(out_dir) / "results.json").read_text()).get("run", {})
     except (OSError, ValueError, AttributeError):
-        return None
+        run = {}
     labels = run.get("labels") if isinstance(run, dict) else None
-    return labels if isinstance(labels, str) else None
+    return labels_of_journal(out_dir) or (labels if isinstance(labels, str) else None)
 
 
 def bench_and_report(cfg: BenchConfig, progress: bool = True) -> tuple[BenchResult, Path]:

@@ -180,7 +180,8 @@ def _run(cfg: BenchConfig, embedder: Embedder | None, heads: dict[str, Any] | No
     if ctx.embedder is not None and checkpoint_hash is None:  # an embedder handed in code: no key names its model
         journal = BenchJournal.disabled()
     else:
-        journal = BenchJournal.open(cfg.output_dir, journal_key(cfg, ds, tasks, checkpoint_hash, ctx.heads))
+        journal = BenchJournal.open(cfg.output_dir, journal_key(cfg, ds, tasks, checkpoint_hash, ctx.heads),
+                                    labels=str(Path(cfg.labels).resolve()) if cfg.labels else None)
     result = BenchResult(_run_info(cfg, ds), {})
     folds_by_task: dict[str, list] = {}
     bar = Progress(len(tasks) * len(cfg.methods), "bench", "run", enabled=progress)

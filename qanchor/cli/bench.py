@@ -48,7 +48,8 @@ def _cmd_bench(args: argparse.Namespace) -> None:
     # A custom task gets its own folder unless output_dir= is chosen for it, here or beside labels in the config file:
     # a config file's output_dir is otherwise its own tasks' (`--config configs/bench/tiny-cj.yaml labels=wine.csv`
     # would replace the demo's report with the wine task's).
-    chose_out = any(s.startswith("output_dir=") for s in args.settings) or _file_sets(args.config, "labels", "output_dir")
+    given = [s.split("=", 1)[0] for s in args.settings]
+    chose_out = "output_dir" in given or ("labels" not in given and _file_sets(args.config, "labels", "output_dir"))
     if cfg.labels is not None and not chose_out:
         cfg = replace(cfg, output_dir=_custom_output_dir(cfg.labels))
     result, out = bench_and_report(cfg, progress=not args.quiet)

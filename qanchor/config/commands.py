@@ -342,7 +342,7 @@ class IndexSearchConfig:
     """``qanchor index search``: the k users most like a user or a vector."""
 
     index: str = ""
-    user: str | None = None
+    user: str = ""  # a user id, verbatim ("None" is an id like any other); empty: not given
     vector: str | None = None  # comma-separated numbers or a .npy file
     k: int = 10
     json: bool = False

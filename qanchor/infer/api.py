@@ -367,7 +367,7 @@ class QAnchor:
             >>> model.embed(load_dataset("data/synth"), ["Will this user redeem a coupon?"]).shape  # doctest: +SKIP
             (2000, 1, 128)
         """
-        if not isinstance(queries, (str, Sequence)):  # None, a number, a set: no order of queries to return
+        if not isinstance(queries, Iterable):  # None, a number: a list of questions (any iterable) or one question
             raise ModelInputError(f"queries must be a question or a list of questions, got {type(queries).__name__}")
         queries = [queries] if isinstance(queries, str) else list(queries)
         return self.embed_many(users, [(q, head) for q in queries], use_cache=use_cache, cutoff=cutoff)

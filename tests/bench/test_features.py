@@ -66,3 +66,16 @@ def test_extract_on_tiny_dataset(tiny_dataset, tmp_path):
     record = ds.user("u003")
     texts = [t for s in record.events.values() for t in s.text]
     assert np.allclose(feats.text_mean[feats.rows(["u003"])[0]], cache.vectors[cache.rows(texts)].mean(0))
+
+
+def test_one_text_gives_one_mean_vector_whatever_the_event_count(tmp_path):
+    """Averaged in float32, users who read one same text got means 1e-9 apart by their event count; standardised by the
+    probe, that trace read the count (`text_mean_lr` 0.60 on a world where every user has the same one text)."""
+    from qanchor.bench.features import _text_mean
+    from qanchor.data.dataset import UserRecord
+
+    cache = TextVectorCache(tmp_path / "text", HashEncoder())
+    cache.ensure(["Coffee shop"])
+    means = np.stack([_text_mean(UserRecord(f"u{n}", {"bill": _seq([1.0] * n, [1.0] * n, ["Coffee shop"] * n, DAY)}),
+                                 cache) for n in (1, 3, 7, 11, 1000)])
+    assert (means == cache.vectors[0]).all()

@@ -394,6 +394,10 @@ def test_a_custom_task_with_a_shipped_config_gets_its_own_folder(tiny_dataset, t
     with pytest.raises(SystemExit):
         main(["bench", "--config", str(own), f"data.path={tiny_dataset}"])
     assert seen["out"] == str(tmp_path / "my-wine-bench")
+    # ...but not for other labels named on the command line: those would replace the wine report
+    with pytest.raises(SystemExit):
+        main(["bench", "--config", str(own), f"data.path={tiny_dataset}", f"labels={tmp_path / 'beer.csv'}"])
+    assert seen["out"] == str(Path("results") / "custom-beer")
 
 
 def test_two_label_files_of_one_name_get_two_folders(tiny_dataset, tmp_path, monkeypatch):
@@ -421,6 +425,13 @@ def test_two_label_files_of_one_name_get_two_folders(tiny_dataset, tmp_path, mon
             main(["bench", f"data.path={tiny_dataset}", f"labels={labels}", "query=Q?"])
     custom = str(Path("results") / "custom-wine")
     assert seen == [custom, f"{custom}-2", custom, f"{custom}-2", str(Path("results") / "custom-beer")]
+    # a folder an interrupted run left (its rows in partial/, no report yet) is that run's labels file's too
+    from qanchor.bench.journal import BenchJournal
+
+    BenchJournal.open(tmp_path / "results" / "custom-cider", "some-key", labels=str(tmp_path / "alt" / "cider.csv"))
+    with pytest.raises(SystemExit):
+        main(["bench", f"data.path={tiny_dataset}", "labels=cider.csv", "query=Q?"])
+    assert seen[-1] == str(Path("results") / "custom-cider-2")
 
 
 def test_uqa_results_are_a_kind_of_their_own(tmp_path):

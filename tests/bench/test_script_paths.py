@@ -127,6 +127,19 @@ def test_quality_seeds_from_another_directory(caller_dir, children, monkeypatch,
         assert record["prompt_tune_config"] == file_sha256(ROOT / "configs/prompt_tune/tiny-cj.yaml")
 
 
+def test_a_prompt_tune_file_beside_the_callers_bench_config_is_the_one_hashed(caller_dir, children, monkeypatch):
+    """`prompt_tune_config: mypt.yaml` next to the caller's own bench config: the bench (run in the repository root)
+    finds it from the config's folder, and the record must hash that file, or an edit to it reuses stale heads' rows."""
+    qs = load_benchmark("quality_seeds")
+    _no_dataset(qs, monkeypatch)
+    (caller_dir / "mypt.yaml").write_text("steps: 7\n")
+    (caller_dir / "bench.yaml").write_text("prompt_tune_config: mypt.yaml\n")
+    assert qs.main(["--pretrain", "mycfg.yaml", "--bench", "bench.yaml", "--data", "d", "--seeds", "0",
+                    "--root", "results/seeds"]) == 0
+    record = json.loads((caller_dir / "results/seeds/bench-seed0/results.json.settings.json").read_text())
+    assert record["prompt_tune_config"] == file_sha256(caller_dir / "mypt.yaml")
+
+
 def test_uqa_seeds_from_another_directory(caller_dir, children, monkeypatch):
     us = load_benchmark("uqa_seeds")
     _no_dataset(us, monkeypatch)

@@ -139,6 +139,10 @@ def test_malformed_arguments_are_one_clear_error(infer_env):
     qa, user = infer_env.qa, infer_env.ds.user("u002")
     with pytest.raises(ModelInputError, match="queries must be a question or a list of questions, got NoneType"):
         qa.embed([user], None)
+    asked = ["Will this user stop paying?", "Will this user redeem a coupon?"]
+    want = qa.embed([user], asked)
+    for queries in (np.array(asked), (q for q in asked), dict.fromkeys(asked).keys()):  # any iterable of questions
+        np.testing.assert_array_equal(qa.embed([user], queries), want)
     with pytest.raises(ModelInputError, match=r"user 'u002': events must be a dict modality -> EventSeq .*got NoneType"):
         qa.embed([UserRecord("u002", None)], ["Will this user stop paying?"])
     with pytest.raises(ModelInputError, match=r"user 'u002': tabular must be a numpy array of numbers .*got a object array"):

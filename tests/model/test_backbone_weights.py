@@ -112,3 +112,15 @@ def test_pretraining_refuses_a_bad_backbone_before_encoding_event_texts(tiny_dat
                                           r"model.max_query_tokens=4: .*raise model.max_query_tokens to at least \d+"):
         preflight(cfg)
     assert not (tmp_path / "run").exists()
+
+
+def test_a_home_relative_weights_path_is_read_where_it_points(weights, tmp_path, monkeypatch):
+    """`~/models/x` passed the preflight (which expanded it) and then failed to load after every event text was
+    encoded (loading did not): both now read the same folder."""
+    home = tmp_path / "home"
+    (home / "models").mkdir(parents=True)
+    shutil.copytree(weights, home / "models" / "small")
+    monkeypatch.setenv("HOME", str(home))
+    cfg = BackboneConfig(name_or_path="~/models/small", tokenizer="Qwen/Qwen2.5-0.5B-Instruct", **SHAPE)
+    check_backbone_weights(cfg, 100)
+    assert build_backbone(cfg, 100).get_input_embeddings().weight.shape == (128, 32)

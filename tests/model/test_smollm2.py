@@ -76,6 +76,8 @@ def test_converted_once_into_the_cache(smollm2, monkeypatch):
     cache, out, _, _, printed = smollm2
     assert out == cache / "smollm2-135m"
     assert (out / "model.safetensors").is_file() and (out / "config.json").is_file()
+    # readable as its config is: safetensors wrote the weights 0600, closed to a group sharing QANCHOR_CACHE
+    assert (out / "model.safetensors").stat().st_mode & 0o777 == (out / "config.json").stat().st_mode & 0o777
     assert not list(cache.glob("*.tmp*")), "a temporary conversion directory was left behind"
     config = (out / "config.json").read_text()
     assert "quantization_config" not in config, "the saved config must describe a plain float model"
