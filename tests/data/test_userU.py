@@ -631,9 +631,9 @@ def test_pairs_of_a_user_the_dataset_lacks_are_refused(built, tmp_path):
 def test_pretraining_a_dataset_without_events_says_what_can_run_instead(tiny_dataset, tmp_path):
     """`data userU` writes no pairs for a dataset without sequence events, and pretraining then told the user to run
     `data userU`: round and round. It now says there is nothing to pretrain on and what can run."""
-    from qanchor.errors import DataValidationError
-
     import yaml
+
+    from qanchor.errors import DataValidationError
 
     ds_dir = tmp_path / "ds"
     shutil.copytree(tiny_dataset, ds_dir, ignore=shutil.ignore_patterns(".qanchor_cache", "events"))
