@@ -122,6 +122,17 @@ def top_directions_table(summary: dict) -> str:
     return "\n".join(lines)
 
 
+@contextlib.contextmanager
+def _working_directory(path: Path):
+    """contextlib.chdir, which Python 3.10 lacks."""
+    before = os.getcwd()
+    os.chdir(path)
+    try:
+        yield
+    finally:
+        os.chdir(before)
+
+
 def settings_of(args: argparse.Namespace, seed: int, data_id: str) -> dict:
     """What a seed's result depends on: a result made under any other is not reused."""
     out = {"seed": seed, "probe": bool(args.probe), "pretrain_config": file_sha256(args.pretrain), "set": list(args.set),
@@ -133,7 +144,7 @@ def settings_of(args: argparse.Namespace, seed: int, data_id: str) -> dict:
         # the per-fold heads' recipe lives in the file the bench config names: an edit there changes their rows
         # found as the bench finds it: it runs in the repository root (cwd=ROOT), where a relative path is read from the
         # root first and then from the bench config's folder and those above it
-        with contextlib.chdir(ROOT):
+        with _working_directory(ROOT):
             heads = load_config(args.bench, list(args.bench_set), schema=BenchConfig).prompt_tune_config
             heads_file = Path(heads).resolve() if heads else None
         out["prompt_tune_config"] = file_sha256(heads_file) if heads_file and heads_file.is_file() else None

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import warnings
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from collections.abc import Set as AbstractSet
 from dataclasses import dataclass, field, replace
 from datetime import datetime
 from functools import cached_property
@@ -367,7 +368,9 @@ class QAnchor:
             >>> model.embed(load_dataset("data/synth"), ["Will this user redeem a coupon?"]).shape  # doctest: +SKIP
             (2000, 1, 128)
         """
-        if not isinstance(queries, Iterable):  # None, a number: a list of questions (any iterable) or one question
+        # one question, or questions in an order (any iterable but a set or mapping, whose order the caller cannot
+        # know, and bytes, which iterate as numbers); the result's query axis follows it
+        if not isinstance(queries, Iterable) or isinstance(queries, (AbstractSet, Mapping, bytes, bytearray)):
             raise ModelInputError(f"queries must be a question or a list of questions, got {type(queries).__name__}")
         queries = [queries] if isinstance(queries, str) else list(queries)
         return self.embed_many(users, [(q, head) for q in queries], use_cache=use_cache, cutoff=cutoff)

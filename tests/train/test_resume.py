@@ -138,7 +138,7 @@ def test_metrics_of_a_killed_run_resume_past_a_torn_tail_and_refuse_damage_insid
     path.write_text("\n".join(whole) + '\n{"step": 4, "lo' + "\n\x00\x00\x00\x00")
     MetricsLog(path, resume_step=2)
     assert path.read_text().splitlines() == whole[:2]
-    assert "dropped 2 torn line(s)" in capsys.readouterr().out
+    assert "dropped 2 torn line(s)" in capsys.readouterr().err
     path.write_text(whole[0] + "\n{garbage\n" + whole[2] + "\n")
     with pytest.raises(CheckpointError, match=r"metrics.jsonl, line 2: not a metrics record"):
         MetricsLog(path, resume_step=3)
