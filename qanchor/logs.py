@@ -25,7 +25,7 @@ from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from typing import ParamSpec, TypeVar
 
-__all__ = ["interactive", "progress_lines", "log", "warn", "results_on_stdout", "progress", "Progress", "quiet_third_party", "hf_bars_off_terminal", "format_seconds"]
+__all__ = ["interactive", "progress_lines", "log", "warn", "caller_stacklevel", "results_on_stdout", "progress", "Progress", "quiet_third_party", "hf_bars_off_terminal", "format_seconds"]
 
 T = TypeVar("T")
 P = ParamSpec("P")
@@ -75,6 +75,16 @@ def log(message: str) -> None:
     stdout is its result runs (:func:`results_on_stdout`)."""
     print(f"{time.strftime('%Y-%m-%d %H:%M:%S')} {message}", file=sys.stderr if _LOG_TO_STDERR else sys.stdout,
           flush=True)
+
+
+def caller_stacklevel() -> int:
+    """The ``stacklevel`` for ``warnings.warn`` that names the first caller outside qanchor (the user's own line,
+    whichever public function it called), counted from the function that calls this one."""
+    package = os.path.dirname(os.path.abspath(__file__))
+    frame, level = sys._getframe(1), 1
+    while frame is not None and os.path.abspath(frame.f_code.co_filename).startswith(package + os.sep):
+        frame, level = frame.f_back, level + 1
+    return level
 
 
 def warn(message: str) -> None:

@@ -37,6 +37,7 @@ from qanchor.data.text_cache import SentenceEncoder, TextVectorCache, default_en
 from qanchor.data.userU_topics import History
 from qanchor.errors import CheckpointError, ConfigError, ModelInputError
 from qanchor.infer.user_input import record_adapter, to_microseconds, to_record
+from qanchor.logs import caller_stacklevel
 from qanchor.model.backbone import check_device
 from qanchor.model.factory import (
     ModelMeta,
@@ -259,7 +260,7 @@ class QAnchor:
                    if len(s.ts) and s.ts[-1] >= cutoff_us)
         if late:
             warnings.warn(f"{late} events are at or after the cutoff and count as events of its last moment (age 0); "
-                          "pass cutoff= the moment the embedding should describe (e.g. now)", stacklevel=3)
+                          "pass cutoff= the moment the embedding should describe (e.g. now)", stacklevel=caller_stacklevel())
             records = [_moved_before(r, cutoff_us) for r in records]
         kept = [self.pipeline.packer.recent(r) for r in records]
         return self.pipeline.pack_kept(records, kept, cutoff_us)

@@ -277,8 +277,9 @@ def test_events_after_the_cutoff_count_as_its_last_moment_everywhere(infer_env):
                                                 for h, t in zip((0, 5, 30), texts)]}}
     at_last_moment = {"user_id": "x", "events": {"bill": [{"ts": cutoff - timedelta(microseconds=1), "text": t,
                                                           "value": 3.0} for t in texts]}}
-    with pytest.warns(UserWarning, match="3 events are at or after the cutoff"):
+    with pytest.warns(UserWarning, match="3 events are at or after the cutoff") as caught:
         moved = qa.embed(late, QUERIES, cutoff=cutoff)
+    assert [w.filename for w in caught] == [__file__]  # the caller's own line, not one inside qanchor
     assert np.array_equal(moved, qa.embed(at_last_moment, QUERIES, cutoff=cutoff))
     assert np.abs(moved - qa.embed({"user_id": "x", "events": {}}, QUERIES, cutoff=cutoff)).max() > 1e-3
 
