@@ -144,10 +144,11 @@ class PrefixStore:
     @classmethod
     @torch.no_grad()  # not inference_mode: these tensors later enter autograd graphs as constants
     def encode(cls, model: QAnchorModel, batches: Iterable[UserBatch], progress: bool = False,
-               queries: dict[str, torch.Tensor] | None = None) -> PrefixStore:
+               queries: dict[str, torch.Tensor] | None = None, total: int | None = None) -> PrefixStore:
         """Run every batch's prefixes once through the frozen model and keep the keys/values. A model with
         ``model.query_evidence`` also needs ``queries`` (query text -> its (T,) sentence vector, ``QAnchor.
-        query_vectors``): each user's evidence for each is kept, and :meth:`at_query` picks one."""
+        query_vectors``): each user's evidence for each is kept, and :meth:`at_query` picks one. ``total``: how many
+        batches there are, for the progress lines."""
         if model.query_evidence is not None and not queries:
             raise ValueError("PrefixStore.encode: this model weighs the user's events by the query (model.query_evidence); "
                              "pass queries={text: vector} for the queries the store will embed")
@@ -155,7 +156,7 @@ class PrefixStore:
         wanted = dict(queries or {}) if model.query_evidence is not None else {}  # a model without evidence ignores them
         evidence: dict[str, list[torch.Tensor]] = {q: [] for q in wanted}
         events = _EventTable(model.query_evidence.names, model.query_evidence.text_mean.shape[1]) if model.query_evidence is not None else None
-        for users in progress_iter(batches, desc="encode prefixes", unit="chunk", enabled=progress):
+        for users in progress_iter(batches, total=total, desc="encode prefixes", unit="chunk", enabled=progress):
             prefix = encode_prefixes(model, users)
             chunks.append(([k for k, _, _ in prefix.cache], [v for _, v, _ in prefix.cache], prefix.lengths))
             ids += list(users.user_ids)

@@ -137,7 +137,7 @@ def encode_users(model: QAnchorModel, ds: Dataset, pipe: UserPipeline, user_ids:
     remaps a dataset's records into the checkpoint's column layout (``record_adapter``; the bench's datasets may order
     their columns otherwise)."""
     adapt = adapt or (lambda record: record)
-    pipe.prime(ds.users(user_ids), progress=progress)  # encode any missing event text once, in big batches
+    pipe.prime(ds.users(user_ids), progress=progress, total=len(user_ids))  # any missing event text, once, in big batches
     device = next(model.parameters()).device  # the store lives where the model runs
     vectors = None
     if model.query_evidence is not None:
@@ -146,7 +146,7 @@ def encode_users(model: QAnchorModel, ds: Dataset, pipe: UserPipeline, user_ids:
         vectors = dict(zip(texts, encoded))
     batches = (pipe.collate(pipe.pack_many(records, ds.manifest.cutoff_us)).to(device)
                for records in batched(map(adapt, ds.users(user_ids)), chunk))
-    return PrefixStore.encode(model, batches, progress=progress, queries=vectors)
+    return PrefixStore.encode(model, batches, progress=progress, queries=vectors, total=-(-len(user_ids) // chunk))
 
 
 def _write_split(path: Path, store: PrefixStore, split) -> None:
