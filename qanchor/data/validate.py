@@ -395,6 +395,8 @@ def _check_userU(root: Path, manifest: Manifest, report: ValidationReport, users
     for col, kind in (("user_id", "string"), ("cutoff", "timestamp"), ("query", "string"), ("answer", "string"), ("source", "string")):
         _require(path, pf.schema_arrow, col, kind)
     table = _read(path, pf)
+    for col in ("user_id", "query", "answer", "source"):  # a user's own pairs file: checked as every text is
+        _valid_text(path, table.column(col), col)
     for col in ("user_id", "cutoff", "query", "answer", "source"):
         _no_nulls(path, table.combine_chunks().to_batches()[0], col, 0)
     for col in ("query", "answer"):

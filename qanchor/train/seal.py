@@ -4,7 +4,8 @@ DeepSpeed saves optimizer and scheduler state with ``torch.save`` and reads it b
 can execute code. Model weights never travel that way in qanchor (they are safetensors), but resuming
 a run reads ``ds_state/``. A run directory received from someone else must not be resumed, so each
 saved tag gets a seal: the SHA-256 of every file in it, authenticated with an HMAC keyed by a secret
-that lives only in this user's cache (``~/.cache/qanchor/resume.key``, mode 0600). On resume, a tag
+that only this user can read or write (``~/.cache/qanchor/resume.key``, mode 0600, or ``$QANCHOR_RESUME_KEY``; never
+under a shared ``$QANCHOR_CACHE``, and refused when others could read or replace it). On resume, a tag
 whose seal is missing, forged or stale (a file changed) is refused before DeepSpeed touches it.
 
 Example:
@@ -24,20 +25,31 @@ from pathlib import Path
 from qanchor.data.io import write_text
 from qanchor.errors import CheckpointError
 
-__all__ = ["SEAL_FILE", "seal_tag", "verify_tag", "resume_key", "mark_saving", "saving_marked", "clear_saving"]
+__all__ = ["SEAL_FILE", "seal_tag", "verify_tag", "resume_key", "key_path", "mark_saving", "saving_marked", "clear_saving"]
 
 SEAL_FILE = "qanchor-seal.json"
 
 
-def _cache_root() -> Path:
-    return Path(os.environ.get("QANCHOR_CACHE", Path.home() / ".cache" / "qanchor"))
+def key_path() -> Path:
+    """Where this user's resume key lives: ``$QANCHOR_RESUME_KEY``, else ``~/.cache/qanchor/resume.key``. Never under
+    ``$QANCHOR_CACHE``, which a group may share: whoever could write a key there could seal a pickle of their own."""
+    given = os.environ.get("QANCHOR_RESUME_KEY")
+    return Path(given).expanduser() if given else Path.home() / ".cache" / "qanchor" / "resume.key"
+
+
+def _refuse_unless_private(path: Path, st: os.stat_result, what: str, bits: int) -> None:
+    if st.st_uid != os.getuid() or st.st_mode & bits:
+        raise CheckpointError(f"{what} {path} is {'owned by another user' if st.st_uid != os.getuid() else 'open to other users'} "
+                              f"(mode {oct(st.st_mode & 0o777)}): anyone who can write the resume key can make this "
+                              "user unpickle their files. Fix it (chmod go-rwx on the key, go-w on its folder) or point "
+                              "QANCHOR_RESUME_KEY at a private path (runs sealed with another key can then only be restarted)")
 
 
 def resume_key() -> bytes:
-    """This user's secret (created on first use, readable by this user only)."""
-    path = _cache_root() / "resume.key"
+    """This user's secret (created on first use, readable by this user only; refused when it is not private)."""
+    path = key_path()
     if not path.exists():
-        path.parent.mkdir(parents=True, exist_ok=True)
+        path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
         # written whole under a temporary name, then linked into place: a kill never leaves an empty (forgeable) key,
         # and of several processes creating it at once the first link wins and every one reads that key
         tmp = path.with_name(f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}")
@@ -53,7 +65,15 @@ def resume_key() -> bytes:
                 pass
         finally:
             tmp.unlink(missing_ok=True)
-    key = path.read_bytes()
+    # the folder first: in a folder others can write, the key could be swapped after it was checked
+    _refuse_unless_private(path.parent, path.parent.stat(), "the folder of the resume key", 0o022)
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW)  # a link to someone else's file is not this user's key
+    except OSError as exc:
+        raise CheckpointError(f"cannot read the resume key {path} ({exc.strerror}; a symbolic link is refused)") from None
+    with os.fdopen(fd, "rb") as fh:
+        _refuse_unless_private(path, os.fstat(fh.fileno()), "the resume key", 0o077)
+        key = fh.read()
     if len(key) < 32:
         raise CheckpointError(f"{path} holds {len(key)} bytes, not a 32-byte key (damaged); remove it: runs sealed with it "
                               "can then no longer be resumed, only restarted")

@@ -10,6 +10,7 @@ from datetime import timedelta
 from pathlib import Path
 
 import numpy as np
+import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
@@ -645,3 +646,19 @@ def test_pretraining_a_dataset_without_events_says_what_can_run_instead(tiny_dat
     with pytest.raises(DataValidationError, match=r"the dataset has no sequence events, so there is nothing to pretrain "
                                                   r"on .*`qanchor bench checkpoint=null data.path="):
         preflight(cfg)
+
+
+def test_pairs_text_that_is_not_utf8_is_refused_at_the_door(built, tmp_path):
+    """Events, tabular and task files were checked for UTF-8, the pairs file not: a bad byte in an answer passed
+    validation and every pre-flight check, then ended pretraining in a rank-0 UnicodeDecodeError naming nothing."""
+    from qanchor.errors import DataValidationError
+
+    root = tmp_path / "ds"
+    shutil.copytree(built[0], root, ignore=shutil.ignore_patterns(".qanchor_cache"))
+    table = pq.read_table(root / USERU_FILE)
+    raw = table.column("answer").cast(pa.binary()).to_pylist()
+    raw[3] = b"caf\xff answer"
+    broken = table.set_column(table.schema.get_field_index("answer"), "answer", pa.array(raw, pa.binary()).view(pa.string()))
+    pq.write_table(broken, root / USERU_FILE)
+    with pytest.raises(DataValidationError, match=r"userU.parquet.*'answer'.*row 3.*not valid UTF-8"):
+        validate_dataset(root)

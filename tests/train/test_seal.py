@@ -1,0 +1,57 @@
+"""The resume key must be this user's alone: whoever can write it can seal a pickle that resume=true then loads."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+from qanchor.errors import CheckpointError
+from qanchor.train.seal import key_path, resume_key, seal_tag, verify_tag
+
+
+@pytest.fixture
+def tag(tmp_path, monkeypatch):
+    monkeypatch.setenv("QANCHOR_RESUME_KEY", str(tmp_path / "private" / "resume.key"))
+    out = tmp_path / "run" / "ds_state" / "step-0000002"
+    out.mkdir(parents=True)
+    (out / "mp_rank_00_model_states.pt").write_bytes(b"state")
+    return out
+
+
+def test_a_key_in_a_shared_cache_is_never_used(tmp_path, monkeypatch):
+    """The key lived under $QANCHOR_CACHE, which a group may share: a member who planted resume.key there sealed a
+    pickle of their own, and the victim's resume ran it."""
+    monkeypatch.setenv("QANCHOR_CACHE", str(tmp_path / "shared"))
+    monkeypatch.delenv("QANCHOR_RESUME_KEY", raising=False)
+    assert key_path() == Path.home() / ".cache" / "qanchor" / "resume.key"
+
+
+def test_a_key_others_could_read_or_replace_is_refused(tag, tmp_path):
+    seal_tag(tag)  # creates the key, private
+    key = key_path()
+    assert (key.stat().st_mode & 0o777, key.parent.stat().st_mode & 0o077) == (0o600, 0)
+    verify_tag(tag)
+    key.chmod(0o644)  # readable by others: they can forge seals
+    with pytest.raises(CheckpointError, match=r"the resume key .* is open to other users \(mode 0o644\)"):
+        verify_tag(tag)
+    key.chmod(0o600)
+    key.parent.chmod(0o777)  # a folder others can write: the key could be swapped for theirs
+    with pytest.raises(CheckpointError, match=r"the folder of the resume key .* is open to other users"):
+        resume_key()
+    key.parent.chmod(0o700)
+    try:
+        os.chown(key, os.getuid() + 1, -1)  # someone else's key, private to them
+    except PermissionError:  # only root can give a file away; elsewhere the modes above are what is checked
+        pass
+    else:
+        with pytest.raises(CheckpointError, match=r"the resume key .* is owned by another user"):
+            resume_key()
+    planted = tmp_path / "planted.key"
+    planted.write_bytes(b"A" * 32)
+    planted.chmod(0o600)
+    key.unlink()
+    key.symlink_to(planted)  # a link to a file someone else knows
+    with pytest.raises(CheckpointError, match="cannot read the resume key .*a symbolic link is refused"):
+        verify_tag(tag)
