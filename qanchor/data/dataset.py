@@ -19,6 +19,7 @@ import json
 import os
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
+from functools import cached_property
 from pathlib import Path
 
 import numpy as np
@@ -116,7 +117,6 @@ class Dataset:
         if manifest.tabular is not None:
             self._read_tabular()
         self._partitions: _Partitions | None = None
-        self._layout: RecordLayout | None = None
 
     def __repr__(self) -> str:
         return f"Dataset({self.manifest.name!r}, users={self.num_users}, tasks={list(self.tasks)})"
@@ -170,12 +170,10 @@ class Dataset:
     def user(self, user_id: str) -> UserRecord:
         return next(self.users([user_id]))
 
-    @property
+    @cached_property
     def layout(self) -> RecordLayout:
         """The column layout its records carry (:class:`RecordLayout`)."""
-        if self._layout is None:
-            self._layout = RecordLayout.of(self.manifest, self.tabular_columns)
-        return self._layout
+        return RecordLayout.of(self.manifest, self.tabular_columns)
 
     def userU(self) -> pa.Table:
         """The UserU pretraining pairs (built by ``qanchor data userU``)."""

