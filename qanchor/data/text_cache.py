@@ -14,10 +14,12 @@ Example:
 
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import json
 import os
 import threading
+import time
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 
@@ -143,11 +145,42 @@ class SentenceEncoder:
         return out
 
 
+# Shards a cache may hold before a writer merges the small ones. Each call that encodes new texts adds a shard, so a
+# service embedding users one request at a time would otherwise grow a file per request: every process start read
+# them all, and every write listed them all.
+COMPACT_AT = 64
+
+
+def _shard_name() -> str:
+    """A shard file name no other write ever takes again (time, then pid): a process remembers the names it has read,
+    so a name reused after a merge removed the first file would hide the second one's texts from it."""
+    return f"shard-{time.time_ns():020d}-{os.getpid()}.parquet"
+
+
+def _merge_plan(sizes: list[tuple[int, Path]]) -> list[Path]:
+    """The shards one merge rewrites, from ``(rows, path)`` pairs: all of them, less each largest shard that holds more
+    rows than all smaller ones together. A row is rewritten only when its merged shard at least doubles, so the
+    merges cost O(log n) writes per row, and the shards left after a merge are at most about log2(rows) + 1.
+
+        >>> [p.name for p in _merge_plan([(1, Path("a")), (1, Path("b")), (100, Path("c"))])]
+        ['a', 'b']
+        >>> [p.name for p in _merge_plan([(1, Path("a")), (2, Path("b")), (3, Path("c"))])]
+        ['a', 'b', 'c']
+    """
+    chosen = sorted(sizes, key=lambda s: (s[0], s[1].name))
+    while len(chosen) > 1 and chosen[-1][0] > sum(n for n, _ in chosen[:-1]):
+        chosen.pop()
+    return [p for _, p in chosen] if len(chosen) > 1 else []
+
+
 class TextVectorCache:
     """Append-only store of (text, vector) rows for one encoder, in Parquet shards under ``root``.
 
     ``ensure(texts)`` encodes only texts not yet stored and returns their row indices. Each call that
-    encodes something adds one shard, written atomically, so an interrupted run loses nothing stored.
+    encodes something adds one shard, written atomically, so an interrupted run loses nothing stored. Past
+    :data:`COMPACT_AT` shards the writer merges the small ones into one (:meth:`compact`); a shard is removed only
+    after a merged shard that holds all its texts is in place, so readers, other writers and a kill at any point
+    lose nothing.
     """
 
     def __init__(self, root: str | Path, encoder: SentenceEncoder):
@@ -157,7 +190,7 @@ class TextVectorCache:
         self.dir.mkdir(exist_ok=True)
         remove_dead_temporaries(self.dir)  # a writer killed mid-shard: its name held its pid, so no rewrite clears it
         self._row: dict[str, int] = {}
-        self._n_rows = 0  # rows stored; can exceed len(_row) if two writers stored the same text
+        self._n_rows = 0  # rows stored, one per text
         # Rows live in a buffer that doubles when full: a call that adds a few texts to a large cache copies nothing
         # (re-concatenating every stored vector per call made each call slower as the cache grew)
         self._buffer = np.zeros((0, encoder.dim), np.float32)
@@ -177,18 +210,94 @@ class TextVectorCache:
 
     def _refresh(self) -> int:
         before = len(self._row)
-        for shard in sorted(self.dir.glob("shard-*.parquet")):
-            if shard.name in self._read:
-                continue
-            try:
-                table = pq.read_table(shard)
-            except (OSError, pa.ArrowException) as exc:  # truncated or overwritten from outside (a bad copy, a disk fault)
-                raise DataValidationError(str(shard), f"a damaged text-vector cache shard ({str(exc).splitlines()[0]}); "
-                                          "delete it: its texts are encoded again on the next run") from None
-            self._add(table.column("text").to_pylist(),
-                      np.asarray(table.column("vector").combine_chunks().flatten()).reshape(-1, self.encoder.dim))
-            self._read.add(shard.name)
+        vanished = True
+        while vanished:  # a shard merged away by another writer between the listing and the read: its merged shard,
+            vanished = False  # written before the removal, is in the next listing
+            for shard in sorted(self.dir.glob("shard-*.parquet")):
+                if shard.name in self._read:
+                    continue
+                table = self._read_shard(shard)
+                if table is None:
+                    vanished = True
+                    continue
+                self._add(*self._columns(table))
+                self._read.add(shard.name)
         return len(self._row) - before
+
+    def _read_shard(self, shard: Path) -> pa.Table | None:
+        """One shard's table; None if it is gone (merged away meanwhile)."""
+        try:
+            return pq.read_table(shard)
+        except (OSError, pa.ArrowException) as exc:  # truncated or overwritten from outside (a bad copy, a disk fault)
+            if not shard.exists():
+                return None
+            raise DataValidationError(str(shard), f"a damaged text-vector cache shard ({str(exc).splitlines()[0]}); "
+                                      "delete it: its texts are encoded again on the next run") from None
+
+    def _columns(self, table: pa.Table) -> tuple[list[str], np.ndarray]:
+        return (table.column("text").to_pylist(),
+                np.asarray(table.column("vector").combine_chunks().flatten()).reshape(-1, self.encoder.dim))
+
+    def _write_shard(self, texts: list[str], vectors: np.ndarray) -> Path:
+        if not self.dir.is_dir():  # writing now would create an unmarked cache that every later run refuses
+            raise DataValidationError(str(self.dir), "the text-vector cache is gone since this command opened it "
+                                      "(was the dataset rebuilt, or its cache removed, meanwhile?); run the "
+                                      "command again")
+        shard = self.dir / _shard_name()
+        flat = pa.array(np.ascontiguousarray(vectors, np.float32).reshape(-1), pa.float32())
+        write_parquet(pa.table({"text": texts, "vector": pa.FixedSizeListArray.from_arrays(flat, self.dim)}), shard)
+        return shard
+
+    def compact(self, at: int | None = None) -> int:
+        """Merge the cache's small shards into one when it holds at least ``at`` shards (default
+        :data:`COMPACT_AT`; 2 merges whatever can be merged); return how many shards were merged (0: none).
+
+        Another process merging the same cache at the same time makes this one skip; where the file system cannot
+        lock, two merges at once only store some texts twice. A shard is removed only after the merged shard that
+        holds its texts is written, and only if it was read in full."""
+        at = COMPACT_AT if at is None else max(2, at)
+        with self._lock:
+            if len(list(self.dir.glob("shard-*.parquet"))) < at:
+                return 0
+            fd = os.open(self.dir / ".compact.lock", os.O_CREAT | os.O_RDWR, 0o644)
+            try:
+                try:
+                    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                except BlockingIOError:
+                    return 0  # another process is merging this cache now
+                except OSError:
+                    pass  # no locks on this file system: merging anyway is safe, see above
+                return self._compact()
+            finally:
+                os.close(fd)
+
+    def _compact(self) -> int:
+        sizes = []
+        for shard in self.dir.glob("shard-*.parquet"):
+            try:
+                sizes.append((pq.ParquetFile(shard).metadata.num_rows, shard))
+            except (OSError, pa.ArrowException):  # gone (merged by another writer), or damaged: left where it
+                continue  # is, for refresh() to name
+        tables, merged_from = [], []
+        for shard in _merge_plan(sizes):
+            table = self._read_shard(shard)
+            if table is not None:
+                tables.append(table)
+                merged_from.append(shard)
+        if len(merged_from) < 2:
+            return 0
+        table = pa.concat_tables(tables)
+        texts, vectors = self._columns(table)
+        first = {}
+        for i, t in enumerate(texts):  # two writers may have stored one text: keep its first row
+            first.setdefault(t, i)
+        keep = np.fromiter(first.values(), np.int64, count=len(first))
+        merged = self._write_shard([texts[i] for i in keep], vectors[keep])
+        self._add([texts[i] for i in keep], vectors[keep])  # texts this process had not read yet
+        self._read.add(merged.name)
+        for shard in merged_from:
+            shard.unlink(missing_ok=True)
+        return len(merged_from)
 
     def __len__(self) -> int:
         return len(self._row)
@@ -228,19 +337,19 @@ class TextVectorCache:
         new = sorted({t for t in texts if t not in self._row})
         if new:
             vectors = self.encoder.encode(new, progress=progress, what=what)
-            if not self.dir.is_dir():  # writing now would create an unmarked cache that every later run refuses
-                raise DataValidationError(str(self.dir), "the text-vector cache is gone since this command opened it "
-                                          "(was the dataset rebuilt, or its cache removed, meanwhile?); run the "
-                                          "command again")
-            shard = self.dir / f"shard-{len(list(self.dir.glob('shard-*.parquet'))):05d}-{os.getpid()}.parquet"
-            flat = pa.array(vectors.reshape(-1), pa.float32())
-            write_parquet(pa.table({"text": new, "vector": pa.FixedSizeListArray.from_arrays(flat, self.dim)}), shard)
+            shard = self._write_shard(new, vectors)
             self._add(new, vectors)
             self._read.add(shard.name)
             self.encoded_count += len(new)
+            self.compact()
         return self.rows(texts)
 
     def _add(self, texts: list[str], vectors: np.ndarray) -> None:
+        """Append the rows of the texts not stored yet (a merged shard repeats texts read from its parts)."""
+        seen = set()
+        fresh = [i for i, t in enumerate(texts) if t not in self._row and not (t in seen or seen.add(t))]
+        if len(fresh) < len(texts):
+            texts, vectors = [texts[i] for i in fresh], vectors[fresh]
         start, end = self._n_rows, self._n_rows + len(texts)
         if end > len(self._buffer):
             grown = np.zeros((max(end, 2 * len(self._buffer), 1024), self.dim), np.float32)
@@ -248,5 +357,5 @@ class TextVectorCache:
             self._buffer = grown  # views handed out earlier keep the old buffer, whose rows are the same
         self._buffer[start:end] = vectors
         for i, t in enumerate(texts):
-            self._row.setdefault(t, start + i)
+            self._row[t] = start + i
         self._n_rows = end

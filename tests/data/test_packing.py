@@ -73,6 +73,101 @@ def test_a_cache_opened_earlier_reads_what_another_writer_stored_after_it(tmp_pa
     assert np.array_equal(reader.vectors[rows], writer.vectors[writer.rows(["Who is this?", "Will this user churn?"])])
 
 
+def _shards(cache: TextVectorCache) -> list:
+    return sorted(cache.dir.glob("shard-*.parquet"))
+
+
+def _rows_on_disk(cache: TextVectorCache) -> list[str]:
+    import pyarrow.parquet as pq
+
+    return [t for s in _shards(cache) for t in pq.read_table(s).column("text").to_pylist()]
+
+
+def test_a_cache_fed_one_text_per_call_keeps_few_shards_and_every_vector(tmp_path, encoder, monkeypatch):
+    """A service embedding one user per request wrote a shard per request: every process start read them all. Past
+    COMPACT_AT shards the small ones are merged; every text stays stored once, with the vector it was given."""
+    from qanchor.data import text_cache
+
+    monkeypatch.setattr(text_cache, "COMPACT_AT", 6)
+    cache = TextVectorCache(tmp_path / "text", encoder)
+    texts = [f"merchant number {i}" for i in range(60)]
+    counts = []
+    for t in texts:
+        cache.ensure([t])
+        counts.append(len(_shards(cache)))
+    assert max(counts) < 6 and min(counts[10:]) >= 1  # bounded, and merges really happened (60 calls, < 6 files)
+    assert sorted(_rows_on_disk(cache)) == sorted(texts)  # each text once on disk
+    assert cache.encoded_count == 60 and len(cache) == 60
+    fresh = TextVectorCache(tmp_path / "text", encoder)
+    assert fresh.encoded_count == 0 and len(fresh) == 60
+    assert np.array_equal(fresh.vectors[fresh.rows(texts)], cache.vectors[cache.rows(texts)])
+    # rows handed out before the merges still name the same texts
+    assert np.allclose(cache.vectors[cache.rows(texts[:3])], encoder.encode(texts[:3]), atol=1e-6)
+
+
+def test_a_large_shard_is_not_rewritten_by_merges_of_small_ones(tmp_path, encoder, monkeypatch):
+    """Merging rewrites a row only when its shard at least doubles: a big shard stays as it is while small ones
+    are merged beside it."""
+    from qanchor.data import text_cache
+
+    cache = TextVectorCache(tmp_path / "text", encoder)
+    cache.ensure([f"product {i}" for i in range(40)])
+    big = _shards(cache)[0]
+    stamp = big.stat().st_mtime_ns
+    monkeypatch.setattr(text_cache, "COMPACT_AT", 4)
+    for i in range(6):
+        cache.ensure([f"new text {i}"])
+    assert big.exists() and big.stat().st_mtime_ns == stamp and len(_shards(cache)) < 4
+    assert sorted(_rows_on_disk(cache)) == sorted([f"product {i}" for i in range(40)] + [f"new text {i}" for i in range(6)])
+
+
+def test_a_reader_whose_shard_is_merged_away_mid_read_finds_it_in_the_merged_shard(tmp_path, encoder, monkeypatch):
+    """A process listing the shards while another merges them read a removed file: it must neither crash (it used to
+    call the shard damaged) nor miss its texts."""
+    from qanchor.data import text_cache
+
+    writer = TextVectorCache(tmp_path / "text", encoder)
+    reader = TextVectorCache(tmp_path / "text", encoder)
+    for t in ("a", "b", "c"):
+        writer.ensure([t])
+    real_read, merged = text_cache.pq.read_table, []
+
+    def read_after_a_merge(path, *args, **kwargs):
+        if not merged:
+            merged.append(None)  # the merge reads the shards through here too
+            merged[0] = writer.compact(at=2)  # removes the very shard the reader is about to open
+        return real_read(path, *args, **kwargs)
+
+    monkeypatch.setattr(text_cache.pq, "read_table", read_after_a_merge)
+    assert reader.refresh() == 3 and merged == [3] and len(_shards(writer)) == 1
+    assert np.array_equal(reader.vectors[reader.rows(["a", "b", "c"])], writer.vectors[writer.rows(["a", "b", "c"])])
+
+
+def test_a_text_two_writers_stored_is_read_once_and_merged_to_one_row(tmp_path, encoder):
+    """Two processes that opened the cache before either stored a text both store it (and a merge killed before it
+    removed its parts leaves texts twice): readers keep one row per text, and the next merge drops the repeat."""
+    first, second = TextVectorCache(tmp_path / "text", encoder), TextVectorCache(tmp_path / "text", encoder)
+    first.ensure(["same", "x"])
+    second.ensure(["same", "y"])
+    both = TextVectorCache(tmp_path / "text", encoder)
+    assert len(both) == 3 and both.vectors.shape == (3, encoder.dim)
+    assert both.compact(at=2) == 2 and sorted(_rows_on_disk(both)) == ["same", "x", "y"]
+    assert TextVectorCache(tmp_path / "text", encoder).vectors.shape == (3, encoder.dim)
+
+
+def test_merge_plan_keeps_shards_larger_than_all_smaller_ones_together():
+    from pathlib import Path
+
+    from qanchor.data.text_cache import _merge_plan
+
+    names = lambda sizes: [p.name for p in _merge_plan([(n, Path(str(n))) for n in sizes])]  # noqa: E731
+    assert names([1, 1, 100]) == ["1", "1"]
+    assert names([1, 2, 100]) == []  # merging would rewrite the 2 into a shard of 3, less than double
+    assert names([1, 2, 3]) == ["1", "2", "3"]
+    assert names([5, 100]) == [] and names([7]) == []
+    assert names([1, 1, 3, 100, 1000]) == ["1", "1"]  # 3 > 1 + 1: kept too
+
+
 def test_encoder_is_semantic(encoder):
     v = encoder.encode(["coffee shop", "cafe espresso bar", "car insurance payment"])
     assert v[0] @ v[1] > v[0] @ v[2] + 0.1
