@@ -412,6 +412,21 @@ def test_bad_input_is_one_error_line_and_touches_nothing(case: Case, ws, tmp_pat
     assert {p: _tree_digest(p) for p in protected} == before, "an input or foreign file changed"
 
 
+def test_a_resume_key_others_could_replace_stops_pretraining_before_it_trains(ws, tmp_path, capsys, monkeypatch):
+    """The key is read at the first save: a refused one stopped the run after save_every steps (1,000 in the paper's
+    config) and the training was lost. Preflight reads it first."""
+    monkeypatch.chdir(Path(__file__).resolve().parent.parent)
+    shared = tmp_path / "shared"
+    shared.mkdir()
+    shared.chmod(0o777)
+    monkeypatch.setenv("QANCHOR_RESUME_KEY", str(shared / "resume.key"))
+    capsys.readouterr()
+    assert main(_pretrain(ws, f"output_dir={tmp_path / 'run'}", "train.max_steps=2")) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: the folder of the resume key") and "open to other users" in err, err[-2000:]
+    assert not (tmp_path / "run").exists()
+
+
 def test_failed_embed_does_not_block_its_corrected_rerun(ws, tmp_path, capsys):
     base = ["embed", f"checkpoint={ws.ckpt}", f"data.path={ws.ds}", "queries=tasks", f"out={tmp_path / 'e'}", "--quiet"]
     assert main([*base, "cutoff=tomorrow"]) == 2

@@ -63,7 +63,7 @@ from qanchor.train.engine import (
     initialize,
 )
 from qanchor.train.pairs import PretrainStream, is_held_out
-from qanchor.train.seal import clear_saving, mark_saving, saving_marked, seal_tag, verify_tag
+from qanchor.train.seal import clear_saving, mark_saving, resume_key, saving_marked, seal_tag, verify_tag
 
 __all__ = ["run_pretrain", "prepare_inputs", "preflight", "MetricsLog"]
 
@@ -142,6 +142,7 @@ def preflight(cfg: PretrainConfig, world: int = 1) -> None:
             raise ConfigError(f"train.holdout_users={cfg.train.holdout_users} holds out every one of the "
                               f"{len(pair_users)} users with pretraining pairs; lower it (0.1 keeps a tenth aside)")
     _check_run_dir(cfg, ds)
+    resume_key()  # the first save seals with it: a key that is refused must stop the run now, not after save_every steps
     SentenceEncoder.check(cfg.data.text_encoder)  # before the questions, which its tokenizer may read
     tokenizer = load_tokenizer(cfg.model.backbone)
     check_backbone_weights(cfg.model.backbone, len(tokenizer))  # not after hours of encoding event texts

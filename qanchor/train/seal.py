@@ -4,8 +4,8 @@ DeepSpeed saves optimizer and scheduler state with ``torch.save`` and reads it b
 can execute code. Model weights never travel that way in qanchor (they are safetensors), but resuming
 a run reads ``ds_state/``. A run directory received from someone else must not be resumed, so each
 saved tag gets a seal: the SHA-256 of every file in it, authenticated with an HMAC keyed by a secret
-that only this user can read or write (``~/.cache/qanchor/resume.key``, mode 0600, or ``$QANCHOR_RESUME_KEY``; never
-under a shared ``$QANCHOR_CACHE``, and refused when others could read or replace it). On resume, a tag
+that only this user can read or write (``~/.cache/qanchor/keys/resume.key``, mode 0600 in a folder of mode 0700, or
+``$QANCHOR_RESUME_KEY``; never under a shared ``$QANCHOR_CACHE``, and refused when others could read or replace it). On resume, a tag
 whose seal is missing, forged or stale (a file changed) is refused before DeepSpeed touches it.
 
 Example:
@@ -20,6 +20,7 @@ import hmac
 import json
 import os
 import secrets
+import stat
 from pathlib import Path
 
 from qanchor.data.io import write_text
@@ -31,10 +32,36 @@ SEAL_FILE = "qanchor-seal.json"
 
 
 def key_path() -> Path:
-    """Where this user's resume key lives: ``$QANCHOR_RESUME_KEY``, else ``~/.cache/qanchor/resume.key``. Never under
-    ``$QANCHOR_CACHE``, which a group may share: whoever could write a key there could seal a pickle of their own."""
+    """Where this user's resume key lives: ``$QANCHOR_RESUME_KEY``, else ``~/.cache/qanchor/keys/resume.key``. Never
+    under ``$QANCHOR_CACHE``, which a group may share: whoever could write a key there could seal a pickle of their own.
+    The default has a folder of its own, which qanchor creates private: ``~/.cache/qanchor`` also holds the serving
+    text cache and converted weights, made with the user's umask (group-writable under the common 002)."""
     given = os.environ.get("QANCHOR_RESUME_KEY")
-    return Path(given).expanduser() if given else Path.home() / ".cache" / "qanchor" / "resume.key"
+    return Path(given).expanduser() if given else _qanchor_home() / "keys" / "resume.key"
+
+
+def _qanchor_home() -> Path:
+    return Path.home() / ".cache" / "qanchor"
+
+
+def _adopt_earlier_key(path: Path) -> None:
+    """Runs sealed before the key had its own folder were sealed with ``~/.cache/qanchor/resume.key``: take that key
+    over (linked, so both name one file) when it is still private to this user, so those runs keep resuming. One
+    that others could have replaced is left alone (its runs can then only be restarted)."""
+    earlier = _qanchor_home() / "resume.key"
+    if os.environ.get("QANCHOR_RESUME_KEY") or path.exists():
+        return
+    try:
+        folder, st = earlier.parent.stat(), os.lstat(earlier)
+    except OSError:
+        return
+    private = (folder.st_uid == st.st_uid == os.getuid() and not folder.st_mode & 0o022 and stat.S_ISREG(st.st_mode)
+               and not st.st_mode & 0o077)
+    if private:
+        try:
+            os.link(earlier, path)
+        except OSError:  # another process adopted it first, or no hard links here: a new key then
+            pass
 
 
 def _refuse_unless_private(path: Path, st: os.stat_result, what: str, bits: int) -> None:
@@ -50,6 +77,8 @@ def resume_key() -> bytes:
     path = key_path()
     if not path.exists():
         path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+        _adopt_earlier_key(path)
+    if not path.exists():
         # written whole under a temporary name, then linked into place: a kill never leaves an empty (forgeable) key,
         # and of several processes creating it at once the first link wins and every one reads that key
         tmp = path.with_name(f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}")

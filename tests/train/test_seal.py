@@ -25,7 +25,31 @@ def test_a_key_in_a_shared_cache_is_never_used(tmp_path, monkeypatch):
     pickle of their own, and the victim's resume ran it."""
     monkeypatch.setenv("QANCHOR_CACHE", str(tmp_path / "shared"))
     monkeypatch.delenv("QANCHOR_RESUME_KEY", raising=False)
-    assert key_path() == Path.home() / ".cache" / "qanchor" / "resume.key"
+    assert key_path() == Path.home() / ".cache" / "qanchor" / "keys" / "resume.key"
+
+
+def test_the_default_key_gets_a_private_folder_under_a_group_writable_cache(tmp_path, monkeypatch):
+    """Under umask 002 ~/.cache/qanchor is 0775 (the serving text cache and converted weights create it): a key kept
+    there was refused at the first save, after save_every steps of training. It has a folder of its own, made 0700;
+    a private key from before that folder existed is taken over, so runs it sealed still resume."""
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    monkeypatch.delenv("QANCHOR_RESUME_KEY", raising=False)
+    cache = tmp_path / "home" / ".cache" / "qanchor"
+    cache.mkdir(parents=True)
+    earlier = cache / "resume.key"
+    earlier.write_bytes(b"K" * 32)
+    earlier.chmod(0o600)
+    old = os.umask(0o002)
+    try:
+        cache.chmod(0o700)  # the earlier key's folder was private: its key is this user's, taken over
+        assert resume_key() == b"K" * 32 and key_path().parent.stat().st_mode & 0o777 == 0o700
+        key_path().unlink()
+        cache.chmod(0o775)  # group-writable: the earlier key could have been swapped, so a new one is made
+        key = resume_key()
+        assert key != b"K" * 32 and len(key) == 32 and resume_key() == key
+        assert (key_path().stat().st_mode & 0o777, key_path().parent.stat().st_mode & 0o777) == (0o600, 0o700)
+    finally:
+        os.umask(old)
 
 
 def test_a_key_others_could_read_or_replace_is_refused(tag, tmp_path):
