@@ -110,12 +110,18 @@ class SentenceEncoder:
         whose tokenizer files were changed beside the same weights reads texts differently. Where the encoder lies on
         disk is not (``_name_or_path``): moving the folder does not make every text new.
         """
+        name = "all-MiniLM-L6-v2" if self.cfg.path is None else Path(self.path).name
+        return f"{name}-{self.digest}"
+
+    @property
+    def digest(self) -> str:
+        """The part of :attr:`key` that says what the encoder computes (12 hex digits), without its folder's name:
+        equal for one encoder in two folders (a checkpoint records it to recognise its encoder after a move)."""
         settings = {k: v for k, v in self.model.config.to_dict().items() if k != "_name_or_path"}
         config = json.dumps(settings, sort_keys=True, default=str)
         weights = sum(float(p.double().sum()) for p in self.model.parameters())
         raw = f"{config}|{weights:.6e}|{self.cfg.max_length}|mean|l2|{self._tokenizer_digest()}"
-        name = "all-MiniLM-L6-v2" if self.cfg.path is None else Path(self.path).name
-        return f"{name}-{hashlib.sha256(raw.encode()).hexdigest()[:12]}"
+        return hashlib.sha256(raw.encode()).hexdigest()[:12]
 
     def _tokenizer_digest(self) -> str:
         backend = getattr(self.tokenizer, "backend_tokenizer", None)

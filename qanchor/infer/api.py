@@ -210,7 +210,7 @@ class QAnchor:
             pipe = UserPipeline.at(self.manifest, self.run_cfg.data, self._text_cache_dir, len(self.tabular_columns),
                                    SentenceEncoder(text_encoder_config(self.meta)))
         else:
-            _check_cache_encoder(cache, text_encoder_config(self.meta), self.checkpoint_dir)
+            _check_cache_encoder(cache, text_encoder_config(self.meta), self.meta.text_encoder_digest, self.checkpoint_dir)
             pipe = UserPipeline(self.manifest, self.run_cfg.data, cache, len(self.tabular_columns))
         if pipe.cache.dim != self.meta.text_dim:
             raise CheckpointError(f"text vectors are {pipe.cache.dim}-d but the checkpoint expects {self.meta.text_dim}-d")
@@ -710,10 +710,14 @@ def embed(user: User, query: str, model: QAnchor | str | Path, head: Head | None
     return model.embed([user], [query], head=head, cutoff=cutoff)[0, 0]
 
 
-def _check_cache_encoder(cache: TextVectorCache, trained: TextEncoderConfig, checkpoint: Path | None) -> None:
+def _check_cache_encoder(cache: TextVectorCache, trained: TextEncoderConfig, trained_digest: str | None,
+                         checkpoint: Path | None) -> None:
     """A text cache handed in must hold the vectors of the encoder the model was trained with: the same encoder and
-    token limit (a cache built with ``max_length=5`` moved embeddings by 0.2 without a word). Its dimension is checked
-    apart; an encoder object without a config (a stand-in) is taken as it is."""
+    token limit (a cache built with ``max_length=5`` moved embeddings by 0.2 without a word). The encoder is compared by
+    content (:attr:`SentenceEncoder.digest`: weights, tokenizer, settings), not by where it lies, so a checkpoint whose
+    encoder folder has moved is served through a cache opened on the new place. A checkpoint from before the key was
+    recorded is compared by path, and by the digest of the encoder at its recorded path where that still exists. Its
+    dimension is checked apart; an encoder object without a config (a stand-in) is taken as it is."""
     given = getattr(cache.encoder, "cfg", None)
     if given is None:
         return
@@ -721,11 +725,21 @@ def _check_cache_encoder(cache: TextVectorCache, trained: TextEncoderConfig, che
     def where(cfg: TextEncoderConfig) -> Path:
         return Path(cfg.path or default_encoder_path()).expanduser().resolve()
 
-    if (given.max_length, where(given)) != (trained.max_length, where(trained)):
+    def refuse(why: str) -> None:
         raise CheckpointError(f"the text cache given holds vectors of encoder {given.path or 'all-MiniLM-L6-v2'} with "
                               f"max_length={given.max_length}, but {checkpoint or 'this model'} was trained with "
-                              f"{trained.path or 'all-MiniLM-L6-v2'} and max_length={trained.max_length}; open the cache "
-                              "with the checkpoint's settings (or pass none: the model opens its own)")
+                              f"{trained.path or 'all-MiniLM-L6-v2'} and max_length={trained.max_length}{why}; open the "
+                              "cache with the checkpoint's encoder (or pass none: the model opens its own)")
+
+    if given.max_length != trained.max_length:
+        refuse("")
+    if trained_digest is not None:
+        if cache.encoder.digest != trained_digest:
+            refuse(f" (its weights, tokenizer or settings differ: digest {cache.encoder.digest}, trained {trained_digest})")
+        return
+    if where(given) != where(trained) and where(trained).exists() and \
+            cache.encoder.digest != SentenceEncoder(trained, device=getattr(cache.encoder, "device", None)).digest:
+        refuse(" (a checkpoint that did not record its encoder's digest: compared with the encoder at its recorded path)")
 
 
 def events_before(events: Mapping[str, EventSeq], cutoff_us: int) -> dict[str, EventSeq]:

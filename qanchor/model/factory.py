@@ -62,6 +62,9 @@ class ModelMeta:
     # len(tokenizer) when saved: a tokenizer rebuilt from damaged or missing files numbers its tokens differently
     # (<|user_emb|> and every word land on other rows of the embedding table) yet loads; None in older checkpoints
     tokenizer_size: int | None = None
+    # SentenceEncoder.digest of the text encoder pretraining read (its weights, tokenizer and settings, not where it
+    # lay): a text cache opened on the encoder at another place is accepted when its digest is this. None in older ones
+    text_encoder_digest: str | None = None
     format_version: int = FORMAT_VERSION
     qanchor_version: str = qanchor.__version__
 

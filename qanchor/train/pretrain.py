@@ -366,7 +366,8 @@ def run_pretrain(cfg: PretrainConfig, progress: bool = True) -> Path:
     model, tokenizer = build_model(cfg.model, ds.manifest, pipe.cache.dim, ds.tabular_columns,
                                    training_aids=cfg.loss)
     fit_input_stats(model, ds, pipe, holdout_users=cfg.train.holdout_users)
-    meta = ModelMeta(ds.manifest.to_dict(), pipe.cache.dim, cfg.data.text_encoder.__dict__, list(ds.tabular_columns))
+    meta = ModelMeta(ds.manifest.to_dict(), pipe.cache.dim, cfg.data.text_encoder.__dict__, list(ds.tabular_columns),
+                     text_encoder_digest=pipe.cache.encoder.digest)
     stream = PretrainStream.for_run(ds, pipe, tokenizer, model.token_ids, cfg)
     if len(stream) < cfg.train.batch_size * world:  # preflight counted every pair; held-out users and balancing take some
         raise ConfigError(f"only {len(stream)} pretraining pairs per epoch (train.holdout_users={cfg.train.holdout_users}, "

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -146,7 +147,6 @@ def test_bad_queries_raise(infer_env, queries):
 
 
 def test_incompatible_checkpoint_refused(infer_env, tmp_path):
-    import json
     import shutil
 
     bad = tmp_path / "ck"
@@ -287,7 +287,6 @@ def test_events_after_the_cutoff_count_as_its_last_moment_everywhere(infer_env):
 def test_a_checkpoint_with_metadata_a_newer_qanchor_added_loads_with_a_warning(infer_env, tmp_path, capsys):
     """A newer qanchor of the same checkpoint format may record more (as tokenizer_size was added): an older one read
     its qanchor.json into ModelMeta(**raw) and called the checkpoint damaged."""
-    import json
     import shutil
 
     ckpt = tmp_path / "ckpt"
@@ -299,6 +298,37 @@ def test_a_checkpoint_with_metadata_a_newer_qanchor_added_loads_with_a_warning(i
     assert "entries this qanchor does not know (something_new)" in err and out == ""  # a library caller's stdout is its own
     assert np.array_equal(loaded.embed({"user_id": "x", "events": {}}, QUERIES[:1]),
                           infer_env.qa.embed({"user_id": "x", "events": {}}, QUERIES[:1]))
+
+
+def test_a_checkpoint_whose_encoder_folder_moved_is_served_through_a_cache_opened_on_the_new_place(infer_env, tmp_path):
+    """The cache's encoder was compared by path: once the encoder folder a checkpoint was trained with had moved (a
+    cluster's /shared/models to a server's /opt/models), neither the model's own pipeline (the old path) nor a cache on
+    the new place could serve it. The checkpoint records what the encoder computes, and that is compared."""
+    import shutil
+
+    from qanchor.config import TextEncoderConfig
+    from qanchor.data.text_cache import SentenceEncoder, TextVectorCache, default_encoder_path
+    from qanchor.errors import CheckpointError
+    from qanchor.infer.api import QAnchor
+
+    first = tmp_path / "models" / "minilm"
+    shutil.copytree(default_encoder_path(), first)
+    ckpt = tmp_path / "ckpt"
+    shutil.copytree(infer_env.ckpt, ckpt)
+    meta = json.loads((ckpt / "qanchor.json").read_text())
+    meta["text_encoder"] = {**meta["text_encoder"], "path": str(first)}
+    meta["text_encoder_digest"] = SentenceEncoder(TextEncoderConfig(path=str(first))).digest
+    (ckpt / "qanchor.json").write_text(json.dumps(meta))
+    moved = tmp_path / "elsewhere" / "encoder"
+    moved.parent.mkdir()
+    first.rename(moved)
+    user, query = [infer_env.ds.user("u002")], ["Will this user stop paying?"]
+    cache = TextVectorCache(tmp_path / "text", SentenceEncoder(TextEncoderConfig(path=str(moved))))
+    served = QAnchor.from_pretrained(ckpt, text_cache=cache).embed(user, query)
+    assert np.allclose(served, infer_env.qa.embed(user, query), atol=1e-5)
+    (ckpt / "qanchor.json").write_text(json.dumps({**meta, "text_encoder_digest": "0" * 12}))  # trained on another encoder
+    with pytest.raises(CheckpointError, match=r"its weights, tokenizer or settings differ: digest [0-9a-f]{12}, trained 0{12}"):
+        QAnchor.from_pretrained(ckpt, text_cache=cache).embed(user, query)
 
 
 def test_a_text_cache_of_other_encoder_settings_is_refused(infer_env, tmp_path):

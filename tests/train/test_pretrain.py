@@ -146,6 +146,11 @@ def test_log_file_gets_start_step_and_summary_lines_and_no_warnings(prepared, tm
     assert any("pretrain: done, 4 steps" in ln for ln in lines)
     assert "\r" not in done.stdout + done.stderr  # no progress bar redrawn into the log
     assert "Warning" not in done.stdout + done.stderr and "Loading weights" not in done.stdout + done.stderr
+    # the checkpoint records what its text encoder computes, so that a cache on a moved copy of it is recognised
+    from qanchor.data.text_cache import SentenceEncoder
+    from qanchor.model.factory import read_meta
+
+    assert read_meta(out / "checkpoint").text_encoder_digest == SentenceEncoder().digest
 
 
 def test_a_principal_path_and_the_path_free_loss_train_under_deepspeed(prepared, tmp_path):
