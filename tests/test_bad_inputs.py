@@ -293,6 +293,15 @@ CASES = [
                                                         f"output_dir={d / 'heads'}"], "no such checkpoint directory"),
     Case("prompt-tune-out-is-checkpoint", lambda d, w: ["prompt-tune", f"checkpoint={w.ckpt}", f"data.path={w.ds}",
                                                        f"output_dir={w.ckpt / 'heads'}"], "inside the input checkpoint"),
+    # a question in bytes that are not UTF-8 (Python decodes argv with surrogates): a TypeError deep in the tokenizer
+    # after the output folder was claimed (prompt-tune), a UnicodeEncodeError writing the journal's key (bench)
+    Case("prompt-tune-query-not-unicode", lambda d, w: ["prompt-tune", f"checkpoint={w.ckpt}", f"data.path={w.ds}",
+                                                       f"labels={_labels_one_positive(d, w)[2].split('=', 1)[1]}",
+                                                       "query=Will it \udcff?", f"output_dir={d / 'heads'}"],
+         "query: the value given is not valid Unicode text (character 8)"),
+    Case("bench-query-not-unicode", lambda d, w: [*_labels_one_positive(d, w)[:3], "query=Will it \udcff?",
+                                                 "methods=[rfm_lgbm]", f"output_dir={d / 'b'}"],
+         "query: the value given is not valid Unicode text"),
     Case("pretrain-out-is-foreign", lambda d, w: _pretrain(w, f"output_dir={w.foreign}"), "qanchor did not create",
          lambda d, w: [w.foreign]),
     Case("userU-over-foreign-pairs", _foreign_userU, "was not written by `qanchor data userU`"),

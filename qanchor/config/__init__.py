@@ -234,6 +234,11 @@ def _overrides_layer(schema: type, overrides: list[str] | tuple[str, ...]) -> di
             hint = " (settings are key=value, not --flags)" if item.startswith("--") else ""
             raise ConfigError(f"override '{item}' is not of the form key=value{hint}")
         key, raw = item.split("=", 1)
+        try:  # a lone surrogate: bytes that are not UTF-8 on the command line, as Python decodes argv
+            raw.encode("utf-8")
+        except UnicodeEncodeError as exc:
+            raise ConfigError(f"{key.strip()}: the value given is not valid Unicode text (character {exc.start}); pass "
+                              "it as UTF-8") from None
         path = key.strip().split(".")
         value = _typed_value(_field_type(schema, path, item), raw, item)
         node = layer

@@ -282,9 +282,11 @@ class QAnchor:
     def query_vectors(self, queries: Sequence[str]) -> torch.Tensor | None:
         """(R, T) the frozen sentence encoder's vectors of ``queries`` (the event texts' encoder), which a model with
         ``model.query_evidence`` compares with the user's events; None for a model without it."""
+        texts = [q.strip() for q in queries]
+        for i, text in enumerate(texts):
+            check_utf8(text, f"query {i}")
         if self.model.query_evidence is None:
             return None
-        texts = [q.strip() for q in queries]
         self.pipeline.cache.encoder.refuse_cut(texts, "query")
         vectors = self.pipeline.cache.encoder.encode(texts)
         return torch.from_numpy(vectors).to(self.device)

@@ -129,6 +129,8 @@ def test_a_question_or_option_with_a_lone_surrogate_is_one_clear_error(infer_env
         qa.embed([user], [bad])
     with pytest.raises(ModelInputError, match="not valid Unicode text"):
         qa.option_ids(bad)
+    with pytest.raises(ModelInputError, match=r"query 1: not valid Unicode text \(character 22\)"):
+        qa.query_vectors(["Will it churn?", bad])  # public: a TypeError from the sentence encoder's tokenizer
     with pytest.raises(ModelInputError, match="an option must be text, got int"):
         qa.option_ids(3)
     assert qa.embed([user], ["Does this user buy café?"]).shape == (1, 1, 128)
