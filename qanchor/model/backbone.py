@@ -170,15 +170,19 @@ def load_tokenizer(cfg: BackboneConfig):
         # a path the user typed: never replaced by another tokenizer that would load without a word
         raise ConfigError(f"model.backbone.tokenizer: no such directory '{cfg.tokenizer}'; give the tokenizer's "
                           "directory (or a hub id such as Qwen/Qwen2.5-0.5B-Instruct)")
-    if cfg.tokenizer != "minilm" and cfg.name_or_path and not Path(source).exists():
-        weights = Path(_resolve(cfg.name_or_path))
-        if weights.is_dir():
-            # a hub id (the preset's) beside local weights: the weights folder's own tokenizer, so that a run pointed at
-            # a local copy never reaches for the hub (and one without tokenizer files gets the offline Qwen2.5 one below)
-            source = str(weights)
+    weights = Path(_resolve(cfg.name_or_path)) if cfg.name_or_path else None
+    if cfg.tokenizer != "minilm" and weights is not None and not Path(source).exists() and weights.is_dir():
+        # a hub id (the preset's) beside local weights: the weights folder's own tokenizer, so that a run pointed at
+        # a local copy never reaches for the hub (and one without tokenizer files gets the offline Qwen2.5 one below)
+        source = str(weights)
     local = Path(source)
-    if local.is_dir() and not any((local / f).exists() for f in _TOKENIZER_FILES) and cfg.architecture == "qwen2":
-        return qwen25_tokenizer()
+    if local.is_dir() and not any((local / f).exists() for f in _TOKENIZER_FILES):
+        if weights is not None and local.resolve() == weights.resolve() and cfg.architecture == "qwen2":
+            return qwen25_tokenizer()  # Qwen2 weights saved without their tokenizer: the Qwen2.5 one, built offline
+        # a tokenizer folder given apart (a parent folder, a copy that failed) is refused, not replaced by another
+        raise ConfigError(f"model.backbone.tokenizer: no tokenizer files in '{cfg.tokenizer}' (none of "
+                          f"{', '.join(_TOKENIZER_FILES)}); give the folder that holds them, or tokenizer=qwen2.5 for the "
+                          "Qwen2.5 tokenizer built offline")
     try:
         tok = AutoTokenizer.from_pretrained(source)
     except OSError as exc:

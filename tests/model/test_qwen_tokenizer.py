@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 
 from qanchor.config import BackboneConfig
+from qanchor.errors import ConfigError
 from qanchor.model.backbone import load_tokenizer
 from qanchor.model.qwen_tokenizer import build_qwen25_tokenizer
 
@@ -35,7 +36,12 @@ def test_round_trip_and_selection_by_name(tok, tmp_path, monkeypatch):
     bare = tmp_path / "backbone"  # a Qwen2 weights directory without tokenizer files
     bare.mkdir()
     (bare / "config.json").write_text("{}")
-    assert load_tokenizer(BackboneConfig(tokenizer=str(bare)))("user")["input_ids"] == [872]
+    assert load_tokenizer(BackboneConfig(name_or_path=str(bare), tokenizer=str(bare)))("user")["input_ids"] == [872]
+    # named as the tokenizer alone it is a folder without tokenizer files (a parent folder, a failed copy): refused,
+    # where the 151,665-token Qwen2.5 vocabulary used to stand in for it without a word
+    with pytest.raises(ConfigError, match=r"model.backbone.tokenizer: no tokenizer files in '.*backbone' \(none of "
+                                          r"tokenizer.json, .*tokenizer=qwen2.5"):
+        load_tokenizer(BackboneConfig(tokenizer=str(bare)))
 
 
 def test_the_presets_hub_tokenizer_beside_local_weights_never_reaches_the_hub(tmp_path, monkeypatch):
