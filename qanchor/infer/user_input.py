@@ -31,6 +31,7 @@ from qanchor.data.dataset import EventSeq, RecordLayout, UserRecord
 from qanchor.data.manifest import Manifest, ModalitySpec
 from qanchor.data.validate import not_storable
 from qanchor.errors import ModelInputError
+from qanchor.logs import warn
 from qanchor.model.layout import check_utf8
 
 __all__ = ["to_record", "record_adapter", "to_microseconds"]
@@ -220,6 +221,20 @@ def record_adapter(data_manifest: Manifest, data_columns: list[str], model_manif
     return _layout_adapter(RecordLayout.of(data_manifest, data_columns), RecordLayout.of(model_manifest, model_columns))
 
 
+def _warn_missing_inputs(data: RecordLayout, model: RecordLayout) -> None:
+    """Say which of the model's inputs the data lack (read as missing for every user, so every embedding and head score
+    moves): a monthly re-export that dropped a log source or renamed a column is otherwise scored without a word."""
+    numeric = dict(data.numeric_columns)
+    missing = [f"modality {name!r}" for name, _ in model.numeric_columns if name not in numeric]
+    missing += [f"{name} column {c!r}" for name, columns in model.numeric_columns if name in numeric
+                for c in columns if c not in numeric[name]]
+    missing += [f"tabular feature {c!r}" for c in model.tabular_columns if c not in data.tabular_columns]
+    if missing:
+        warn(f"the data lack {len(missing)} of the model's inputs ({', '.join(missing[:8])}"
+             f"{', ...' if len(missing) > 8 else ''}): they are read as missing for every user, so embeddings and head "
+             "scores differ from ones on complete data. If a column was renamed or a log source dropped, restore it")
+
+
 @lru_cache(maxsize=16)  # one per (dataset, model) pair in use: to_record asks for it once per record
 def _layout_adapter(data: RecordLayout, model: RecordLayout) -> Callable[[UserRecord], UserRecord]:
     model_numeric = dict(model.numeric_columns)
@@ -234,6 +249,7 @@ def _layout_adapter(data: RecordLayout, model: RecordLayout) -> Callable[[UserRe
         raise ModelInputError(f"dataset tabular feature {sorted(unknown)[0]!r} is unknown to the model; "
                               "drop it from tabular.parquet or use a model trained with it")
     tab_index = [data_columns.index(c) if c in data_columns else -1 for c in model.tabular_columns]
+    _warn_missing_inputs(data, model)
     numeric = dict(data.numeric_columns)
     same_extras = all(idx == list(range(len(idx))) and len(idx) == len(numeric[n]) for n, idx in extra_index.items())
     if same_extras and tab_index == list(range(len(data_columns))):

@@ -36,6 +36,25 @@ def test_adapter_remaps_columns_by_name():
     assert np.isnan(out.tabular[0]) and out.tabular[1] == 42.0
 
 
+def test_data_lacking_some_of_the_models_inputs_is_said_once_per_layout(capsys):
+    """A modality, numeric column or tabular feature the model was trained with and the data lack is read as missing
+    for every user: a re-export that dropped a log source moved every score without a word."""
+    from qanchor.infer.user_input import _layout_adapter
+
+    _layout_adapter.cache_clear()  # each pair is said once per process: earlier tests used this one
+    model = _manifest(["discount", "tip"])
+    record_adapter(_manifest(["tip"]), ["income"], model, ["age", "income"])
+    err = capsys.readouterr().err
+    assert "warning: the data lack 2 of the model's inputs (bill column 'discount', tabular feature 'age')" in err
+    record_adapter(_manifest(["tip"]), ["income"], model, ["age", "income"])  # the same pair again: said once
+    record_adapter(model, ["age", "income"], model, ["age", "income"])  # complete data: nothing to say
+    assert capsys.readouterr().err == ""
+    without_app = Manifest.from_dict({**model.to_dict(), "modalities": [m for m in model.to_dict()["modalities"]
+                                                                           if m["name"] != "app"]})
+    record_adapter(without_app, ["age", "income"], model, ["age", "income"])
+    assert "the data lack 1 of the model's inputs (modality 'app')" in capsys.readouterr().err
+
+
 def test_adapter_refuses_what_the_model_does_not_know():
     with pytest.raises(ModelInputError, match="modality 'sms' is unknown"):
         record_adapter(_manifest(["discount"], extra_modality=True), [], tiny_manifest(), [])
