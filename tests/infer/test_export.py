@@ -161,6 +161,13 @@ def test_read_queries_formats(tmp_path):
     # a head's rows are named head:<task>: a query of that id would be the same query id in an export
     _refused(tmp_path, "head.yaml", "head:churn: Will this user churn?\n", "'head:churn' starts with 'head:'")
     _refused(tmp_path, "null.yaml", "- query_id: null\n  query: Will this user churn?\n", "query None is empty")  # not id 'None'
+    # ids as written: YAML 1.1 typing read 010 as 8, 007 as 7, yes as True and 1_000 as 1000, so `index build
+    # query_id=010` found no such query in the export
+    (tmp_path / "ids.yaml").write_text("007: Will it churn?\n010: Will it pay?\nyes: Is it rich?\n1_000: Will it buy?\n")
+    assert [i for i, _ in read_queries(tmp_path / "ids.yaml")] == ["007", "010", "yes", "1_000"]
+    (tmp_path / "ids2.yaml").write_text("- {query_id: 010, query: 'Will it pay?'}\n- {query_id: on, query: yes}\n")
+    assert read_queries(tmp_path / "ids2.yaml") == [("010", "Will it pay?"), ("on", "yes")]
+    _refused(tmp_path, "tilde.yaml", "churn: ~\n", "query 'churn' is empty")
 
 
 def test_read_queries_from_a_csv_with_its_header(tmp_path):
