@@ -96,15 +96,17 @@ def _number(s: str) -> float:
     return float(s.replace(",", ""))
 
 
-def _modality_clause(h: History, clause: str, rest: str) -> tuple[str, re.Match] | None:
-    """The user's modality whose squeezed name opens ``clause`` and the match of ``rest`` (a pattern) on what follows
-    it; None if no modality of the user's reads that way. Longer names are tried first: a lazy ``\\w+?`` read the
-    squeezed "web2 10 days ago" as "web" 210 days ago. Either reading is only a candidate: its claim is checked."""
-    for mod in sorted(h.events, key=lambda m: (-len(squeeze(m)), m)):
-        name = squeeze(mod)
-        if clause.startswith(name) and (m := re.fullmatch(rest, clause[len(name):])):
-            return mod, m
-    return None
+def _modality_clause(h: History, clause: str, rest: str, facts: Callable[[str, re.Match], Slots]) -> Slots | None:
+    """The facts ``facts(modality, match)`` of ``clause``: ``clause`` opens with the squeezed name of one of the user's
+    modalities and ``rest`` (a pattern) matches what follows it; None when no modality of the user's reads that way.
+    Every name that opens the clause is a candidate reading (a lazy ``\\w+?`` read the squeezed "web2 10 days ago" as
+    "web" 210 days ago, and trying only the longest name read "web 25 days ago" as "web2" 5 days ago beside a modality
+    "web2"): the first reading, longest name first, whose facts all hold is taken, else the first (then dropped)."""
+    readings = [facts(mod, m) for mod in sorted(h.events, key=lambda m: (-len(squeeze(m)), m))
+                if clause.startswith(squeeze(mod)) and (m := re.fullmatch(rest, clause[len(squeeze(mod)):]))]
+    if not readings:
+        return None
+    return _first_holding(h, readings)
 
 
 def _n(k: int | str, word: str) -> str:
@@ -112,9 +114,10 @@ def _n(k: int | str, word: str) -> str:
 
 
 def _clauses(text: str, head: str, sep: str) -> list[str] | None:
-    """The ``sep``-separated clauses after ``head`` (squeezed), or None when the answer does not open with it."""
+    """The clauses after ``head`` (squeezed), or None when the answer does not open with it. ``sep`` is a pattern:
+    one that only matches after a clause's closing "(... times)" keeps an item named "Milk; 2l" in one clause."""
     s = squeeze(text).rstrip(".")
-    return s[len(head) :].split(sep) if s.startswith(head) else None
+    return re.split(sep, s[len(head) :]) if s.startswith(head) else None
 
 
 Slots = list[Fact | None]  # None: a clause that could not be read (counted as dropped, never shown)
@@ -142,25 +145,21 @@ def _activity(text: str, h: History) -> Slots:
 def _spending(text: str, h: History) -> Slots:
     slots: Slots = []
     for part in squeeze(text).rstrip(".").split(";"):
-        hit = _modality_clause(h, part, rf"amountstotal{_NUM}over{_INT}events?")
-        if hit is None:
-            slots.append(None)
-            continue
-        mod, m = hit
-        slots.append(Fact(f"{mod} total {m.group(1)}", (Claim("value_sum", _number(m.group(1)), mod),)))
-        slots.append(Fact(f"{_n(m.group(2), mod + ' event')} with an amount", (Claim("value_count", int(m.group(2)), mod),),
-                          detail=f"over {_n(m.group(2), 'event')}"))
+        read = _modality_clause(h, part, rf"amountstotal{_NUM}over{_INT}events?", lambda mod, m: [
+            Fact(f"{mod} total {m.group(1)}", (Claim("value_sum", _number(m.group(1)), mod),)),
+            Fact(f"{_n(m.group(2), mod + ' event')} with an amount", (Claim("value_count", int(m.group(2)), mod),),
+                 detail=f"over {_n(m.group(2), 'event')}")])
+        slots.extend(read if read is not None else [None])
     return slots
 
 
-def _categories(text: str, h: History) -> Slots:
-    parts = _clauses(text, "topcategories:", ",")
+def _categories(text: str, h: History, as_read: Callable[[str], str] | None = None) -> Slots:
+    parts = _clauses(text, "topcategories:", r"(?<=events\)),|(?<=event\)),")
     if parts is None:
         return [None]
     counts = Counter(category(m, t) for m in h.modalities for t in h.seq(m).text)
-    by_squeezed = {squeeze(c): c for c in counts}
-    named = [by_squeezed.get(m.group(1)) if (m := re.fullmatch(rf"(\w+/[^(),]+)\({_INT}events?\)", p)) else None
-             for p in parts]
+    by_read = _by_reading(counts, as_read)
+    named = [by_read.get(m.group(1)) if (m := re.fullmatch(rf"(\w+/.+)\({_INT}events?\)", p)) else None for p in parts]
     top = sorted(counts.values(), reverse=True)
     cutoff = top[len(parts) - 1] if len(top) >= len(parts) else 0
 
@@ -168,14 +167,14 @@ def _categories(text: str, h: History) -> Slots:
         return lambda _h: counts[cat] >= cutoff > 0
 
     slots: Slots = []
-    for p, cat in zip(parts, named):
-        if cat is None:
+    for p, cats in zip(parts, named):
+        if not cats:
             slots.append(None)
             continue
         k = int(re.fullmatch(rf".*\({_INT}events?\)", p).group(1))
-        slots.append(Fact(cat, check=among_top(cat)))
-        slots.append(Fact(f"{cat}: {_n(k, 'event')}", (Claim("category_count", k, cat.split("/", 1)[0], cat),),
-                          detail=_n(k, "event")))
+        slots.extend(_first_holding(h, [[Fact(cat, check=among_top(cat)),
+                                         Fact(f"{cat}: {_n(k, 'event')}", (Claim("category_count", k, cat.split("/", 1)[0], cat),),
+                                              detail=_n(k, "event"))] for cat in cats]))
     return slots
 
 
@@ -185,14 +184,12 @@ def _recency(text: str, h: History) -> Slots:
         return [None]
     slots: Slots = []
     for p in parts:
-        hit = _modality_clause(h, p, r"today|(\d+)days?ago")
-        if hit is None:
-            slots.append(None)
-            continue
-        mod, m = hit
-        days = 0 if m.group(1) is None else int(m.group(1))
-        slots.append(Fact(f"{mod} {'today' if days == 0 else _n(days, 'day') + ' ago'}",
-                          (Claim("days_since_last", days, mod),)))
+        def said(mod: str, m: re.Match) -> Slots:
+            days = 0 if m.group(1) is None else int(m.group(1))
+            return [Fact(f"{mod} {'today' if days == 0 else _n(days, 'day') + ' ago'}", (Claim("days_since_last", days, mod),))]
+
+        read = _modality_clause(h, p, r"today|(\d+)days?ago", said)
+        slots.extend(read if read is not None else [None])
     return slots
 
 
@@ -202,28 +199,44 @@ def _frequency(text: str, h: History) -> Slots:
         return [None]
     slots: Slots = [Fact(f"{m.group(1)} overall", (Claim("per_week", _number(m.group(1))),))]
     for p in m.group(2).split(","):
-        hit = _modality_clause(h, p, _NUM)
-        slots.append(None if hit is None else
-                     Fact(f"{hit[0]} {hit[1].group(1)}", (Claim("per_week", _number(hit[1].group(1)), hit[0]),)))
+        read = _modality_clause(h, p, _NUM, lambda mod, n: [Fact(f"{mod} {n.group(1)}",
+                                                                (Claim("per_week", _number(n.group(1)), mod),))])
+        slots.extend(read if read is not None else [None])
     return slots
 
 
-def _favourites(text: str, h: History) -> Slots:
-    parts = _clauses(text, "mostfrequent:", ";")
+def _favourites(text: str, h: History, as_read: Callable[[str], str] | None = None) -> Slots:
+    parts = _clauses(text, "mostfrequent:", r"(?<=times\));|(?<=time\));")
     if parts is None:
         return [None]
     slots: Slots = []
     for p in parts:
-        hit = _modality_clause(h, p, rf"'(.+)'\({_INT}times?\)")
-        mod, m = hit if hit is not None else (None, None)
-        item = None if mod is None else next((t for t in h.seq(mod).text if squeeze(t) == m.group(1)), None)
-        if item is None:
-            slots.append(None)  # unreadable, or an item this user never had: nothing to check it against
-            continue
-        slots.append(Fact(f"{mod} '{item}'", (Claim("top_item", item, mod),)))
-        slots.append(Fact(f"'{item}' {_n(m.group(2), 'time')}", (Claim("item_count", int(m.group(2)), mod, item),),
-                          detail=_n(m.group(2), "time")))
+        def said(mod: str, m: re.Match) -> Slots:
+            items = _by_reading(h.seq(mod).text, as_read).get(m.group(1))
+            if not items:  # an item this user never had: nothing to check it against
+                return [None]
+            return _first_holding(h, [[Fact(f"{mod} '{item}'", (Claim("top_item", item, mod),)),
+                                       Fact(f"'{item}' {_n(m.group(2), 'time')}", (Claim("item_count", int(m.group(2)), mod, item),),
+                                            detail=_n(m.group(2), "time"))] for item in items])
+
+        read = _modality_clause(h, p, rf"'(.+)'\({_INT}times?\)", said)
+        slots.extend(read if read is not None else [None])
     return slots
+
+
+def _by_reading(names, as_read: Callable[[str], str] | None) -> dict[str, list[str]]:
+    """The user's own ``names`` by the squeezed form an answer can hold them in: ``as_read`` (the model's tokenizer,
+    encoded and decoded: an uncased WordPiece writes "Café crème" as "cafe creme", CJK and emoji as [UNK]) or as they
+    are. Names that read alike share a form: each is a candidate, and only one whose claims hold is shown."""
+    out: dict[str, list[str]] = {}
+    for name in dict.fromkeys(names):
+        out.setdefault(squeeze(as_read(name) if as_read is not None else name), []).append(name)
+    return out
+
+
+def _first_holding(h: History, readings: list[Slots]) -> Slots:
+    """The first of several candidate readings of one clause whose facts all hold, else the first (then dropped)."""
+    return next((r for r in readings if all(f is not None and f.holds(h) for f in r)), readings[0])
 
 
 def _lean(share: float) -> str:
@@ -276,23 +289,27 @@ def _trend(text: str, h: History) -> Slots:
             Fact(f"{_n(second, 'event')} in the second half", (Claim("half_count", second, "", "second"),))]
 
 
-_PARSERS: dict[str, Callable[[str, History], Slots]] = {
+_PARSERS: dict[str, Callable[..., Slots]] = {
     "favourites": _favourites, "categories": _categories, "time_of_day": _time_of_day, "weekend": _weekend,
     "activity": _activity, "frequency": _frequency, "spending": _spending, "recency": _recency, "trend": _trend,
 }
 
 
-def facts_of(aspect: str, text: str, h: History) -> Slots:
+def facts_of(aspect: str, text: str, h: History, as_read: Callable[[str], str] | None = None) -> Slots:
     """The facts of ``text`` (an answer to ``PROFILE_QUESTIONS[aspect]``) in reading order; ``None`` marks a clause
-    that could not be read as the aspect's template (so it cannot be checked)."""
+    that could not be read as the aspect's template (so it cannot be checked). ``as_read``: how the model's tokenizer
+    gives back a text (encoded, then decoded), so that the user's item and category names are found in the answer in
+    that form and shown as the user's own."""
     if aspect not in _PARSERS:
         raise KeyError(f"unknown profile aspect {aspect!r}; choose from {', '.join(ASPECTS)}")
+    if aspect in ("favourites", "categories"):
+        return _PARSERS[aspect](text, h, as_read)
     return _PARSERS[aspect](text, h)
 
 
-def verify_answer(aspect: str, text: str, h: History) -> Verified:
+def verify_answer(aspect: str, text: str, h: History, as_read: Callable[[str], str] | None = None) -> Verified:
     """Keep the facts of ``text`` that hold for ``h`` and write them as one sentence; count the rest as dropped."""
-    slots = facts_of(aspect, text, h)
+    slots = facts_of(aspect, text, h, as_read)
     shown: list[str] = []
     kept, previous_kept = 0, False
     for fact in slots:

@@ -20,7 +20,7 @@ from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from collections.abc import Set as AbstractSet
 from dataclasses import dataclass, field, replace
 from datetime import datetime
-from functools import cached_property
+from functools import cached_property, lru_cache
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -663,6 +663,12 @@ class QAnchor:
         suffixes = [self._question_suffix(PROFILE_QUESTIONS[a]) for a in aspects]
         cutoff_us = self.cutoff_us(cutoff)
         extra = {m.name: m.numeric_columns for m in self.manifest.sequence_modalities}
+
+        @lru_cache(maxsize=65_536)
+        def as_read(text: str) -> str:  # a user's item as an answer can spell it (an uncased WordPiece: "cafe", [UNK])
+            return tidy(self.tokenizer.decode(self.tokenizer(text, add_special_tokens=False)["input_ids"],
+                                              skip_special_tokens=True))  # as decode() writes an answer
+
         out = []
         for records, prefixes in self._user_batches(users, cutoff):
             ids = self._generate(prefixes, [(b, s) for b in range(len(records)) for s in suffixes],
@@ -673,7 +679,7 @@ class QAnchor:
                 answers, kept, dropped = {}, 0, 0
                 for a, t in zip(aspects, ids[b * len(aspects) : (b + 1) * len(aspects)]):
                     text = self.decode(t)
-                    checked = verify_answer(a, text, history)
+                    checked = verify_answer(a, text, history, as_read)
                     answers[a] = (text, checked.sentence)
                     kept, dropped = kept + checked.kept, dropped + checked.dropped
                 sentences = [s for _, s in answers.values() if s is not None]
