@@ -194,6 +194,16 @@ def _forged_resume(d: Path, w) -> list[str]:
             "resume=true", "train.batch_size=4"]
 
 
+def _resume_state_without_its_checkpoint(d: Path, w) -> list[str]:
+    """Sealed resume state whose checkpoint/ was moved away (to serve it), or that overwrite=true, killed between the
+    two removals, left: resumed under any settings, since only checkpoint/config.yaml was compared."""
+    from qanchor.train.seal import seal_tag
+
+    argv = _forged_resume(d, w)
+    seal_tag(d / "run" / "ds_state" / "step-0000002")
+    return [*argv, "train.lr=0.5"]
+
+
 def _existing_export(d: Path, w) -> list[str]:
     out = d / "emb"
     shutil.copytree(w.emb, out)
@@ -332,6 +342,8 @@ CASES = [
          "cannot load a sentence encoder"),
     Case("pretrain-bf16-on-cpu", lambda d, w: _pretrain(w, "train.precision=bf16"), "needs CUDA"),
     Case("pretrain-forged-resume-state", _forged_resume, "refusing to resume"),
+    Case("pretrain-resume-state-without-its-checkpoint", _resume_state_without_its_checkpoint,
+         "but not the checkpoint/ saved with it"),
     Case("labels-column-twice", _labels_with_two_label_columns, "column 'label' appears 2 times"),
     Case("prompt-tune-device-gpu", lambda d, w: ["prompt-tune", f"checkpoint={w.ckpt}", f"data.path={w.ds}",
                                                 f"output_dir={d / 'heads'}", "device=gpu"], "device"),

@@ -36,7 +36,9 @@ from qanchor.data.io import code_digest, to_plain, write_text
 from qanchor.data.labels import task_digest
 from qanchor.faults import failpoint
 from qanchor.infer.export import head_digest
+from qanchor.logs import log
 from qanchor.probe import LR_CS
+from qanchor.train.pretrain import trained_data_id
 
 __all__ = ["BenchJournal", "journal_key", "remove_journal"]
 
@@ -51,13 +53,28 @@ def journal_key(cfg: BenchConfig, ds: Dataset, tasks: list[Task], checkpoint_has
     probe's C grid, the code that computes them (:func:`code_digest`) and the text of ``prompt_tune_config`` (the per-fold heads' settings live in that file, not in
     ``cfg``: an edited file must not resume heads tuned under the old one)."""
     h = hashlib.sha256()
-    h.update(to_yaml(replace(cfg, output_dir="")).encode())
+    h.update(to_yaml(_paths_resolved(replace(cfg, output_dir=""))).encode())
     tune_file = Path(cfg.prompt_tune_config) if cfg.prompt_tune_config else None
     h.update(tune_file.read_bytes() if tune_file is not None and tune_file.is_file() else b"")
     h.update(json.dumps([ds.fingerprint, checkpoint_hash, qanchor.__version__, code_digest(), list(LR_CS),
                          sorted((t, head_digest(e.head)) for t, e in heads.items())]).encode())
     h.update(json.dumps([task_digest(t) for t in tasks]).encode())
+    if cfg.ablations:  # the sub-runs pretrain on the UserU pairs, which the dataset's fingerprint leaves out
+        h.update(trained_data_id(ds).encode())
     return h.hexdigest()
+
+
+def _paths_resolved(cfg: BenchConfig) -> BenchConfig:
+    """``cfg`` with each path that names an existing file or folder made absolute: the same bench given the same inputs
+    by a relative path, from another working directory or with a trailing slash keeps its journal (what the paths hold
+    is hashed apart: the dataset's files, the checkpoint's weights, the heads, the labels, the prompt-tune file)."""
+    def resolved(value: str | None) -> str | None:
+        return str(Path(value).expanduser().resolve()) if value and Path(value).expanduser().exists() else value
+
+    data = replace(cfg.data, path=resolved(cfg.data.path), cache_dir=resolved(cfg.data.cache_dir),
+                   text_encoder=replace(cfg.data.text_encoder, path=resolved(cfg.data.text_encoder.path)))
+    return replace(cfg, data=data, checkpoint=resolved(cfg.checkpoint), heads_dir=resolved(cfg.heads_dir),
+                   labels=resolved(cfg.labels), prompt_tune_config=resolved(cfg.prompt_tune_config))
 
 
 def labels_of_journal(out_dir: str | Path) -> str | None:
@@ -95,7 +112,11 @@ class BenchJournal:
             if same:
                 rows = _read_rows(directory)
             else:
+                stale = len(list(directory.glob("row-*.json")))
                 remove_journal(out_dir)  # rows of another run of this bench output
+                if stale > 0:
+                    log(f"bench: {out_dir} held {stale} finished rows of a run with other settings or inputs; "
+                        "they are computed again")
         if not rows:
             directory.mkdir(parents=True, exist_ok=True)
             write_text(json.dumps({"key": key, "labels": labels}) + "\n", directory / "key.json")
@@ -103,6 +124,10 @@ class BenchJournal:
 
     def __len__(self) -> int:
         return len(self._rows)
+
+    def finished(self, methods: list[str]) -> int:
+        """How many of the rows are of ``methods`` (the rest: ablation sub-runs' rows)."""
+        return sum(1 for _, _, method in self._rows if method in methods)
 
     def get(self, index: int, task: str, method: str) -> MethodResult | None:
         """The finished row of ``method`` on task ``index`` (named ``task``), or None."""

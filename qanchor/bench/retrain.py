@@ -72,6 +72,10 @@ def pretrain_variant(checkpoint: str, data_path: str, change: Callable[[Pretrain
         saved_on = checkpoint_data_id(ckpt)  # None: saved before qanchor recorded it, so not compared
         if saved_on is not None and saved_on != trained_data_id(load_dataset(data_path, run.data.cache_dir)):
             diffs.append(f"the data at {data_path} (its files or UserU pairs changed since)")
+        reached = checkpoint_step(ckpt)
+        if reached is not None and reached > run.train.max_steps:  # under a constant schedule not a recipe difference,
+            # but a run past its budget cannot resume (and the user has no setting of the sub-run's to raise)
+            diffs.append(f"train.max_steps: trained to step {reached}, the recipe now stops at {run.train.max_steps}")
         if not diffs and checkpoint_step(ckpt) == run.train.max_steps:
             return ckpt  # finished with this very recipe: reuse it
         if diffs:  # trained for another checkpoint's recipe (say a shorter budget): stale, so retrain it

@@ -186,7 +186,9 @@ def _run(cfg: BenchConfig, embedder: Embedder | None, heads: dict[str, Any] | No
     folds_by_task: dict[str, list] = {}
     bar = Progress(len(tasks) * len(cfg.methods), "bench", "run", enabled=progress)
     if len(journal) and progress:
-        log(f"bench: resuming: {len(journal)} of {len(tasks) * len(cfg.methods)} (task, method) rows were finished by an "
+        main = journal.finished(cfg.methods)
+        sub = f" and {len(journal) - main} ablation rows" if len(journal) > main else ""
+        log(f"bench: resuming: {main} of {len(tasks) * len(cfg.methods)} (task, method) rows{sub} were finished by an "
             f"earlier run of the same settings ({journal.directory})")
     for index, task in enumerate(tasks):
         k = fold_count(task.labels, cfg.folds)

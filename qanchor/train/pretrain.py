@@ -293,6 +293,12 @@ def _check_run_dir(cfg: PretrainConfig, ds: Dataset) -> None:
         if tag is None and reached:  # a first save killed before its seal, or ds_state removed: said, not silent
             warn(f"{out} holds a checkpoint at step {reached} but no complete resume state in {out / 'ds_state'}: "
                  "the run starts again from step 0 and will replace that checkpoint (stop now and copy it away to keep it)")
+        if tag is not None and not (out / "checkpoint" / "config.yaml").exists():
+            # every sealed tag was saved with its checkpoint/ (the seal comes after it): without its config there is no
+            # recipe, data or step to compare this run with, and resuming would mix whatever settings it is given
+            raise ConfigError(f"output_dir {out} holds resume state ({out / 'ds_state' / tag}) but not the checkpoint/ "
+                              "saved with it, whose config.yaml says how it was trained: put the run's checkpoint/ back to "
+                              "resume it, or pass resume=false overwrite=true to start it afresh")
         if reached is not None and reached > cfg.train.max_steps:
             raise ConfigError(f"output_dir {out} is already at step {reached}, past train.max_steps={cfg.train.max_steps}: "
                               f"nothing to resume; pass train.max_steps above {reached} to train it further")
@@ -535,7 +541,9 @@ def output_has_run(out: Path) -> bool:
 
 def _clear_run(out: Path) -> None:
     """overwrite=true: remove what a previous run left in a directory marked as a qanchor run (nothing else)."""
-    for name in ("metrics.jsonl", "checkpoint", "ds_state"):
+    # the resume state first: a kill part-way leaves a checkpoint without resume state (a restart, said as such), never
+    # resume state without the checkpoint whose config a resume is checked against
+    for name in ("ds_state", "metrics.jsonl", "checkpoint"):
         path = out / name
         if path.is_dir():
             shutil.rmtree(path)

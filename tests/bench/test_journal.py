@@ -103,3 +103,56 @@ def test_ablation_rows_go_into_a_journal_that_is_still_empty(tmp_path, monkeypat
     assert names and len(calls) == len(names)
     assert sorted(p.name for p in (tmp_path / "partial").glob("row-*.json")) == sorted(
         f"row-0000-ablation-{n}.json" for n in names)
+
+
+
+def test_the_key_is_the_same_for_the_same_inputs_named_by_other_paths(tiny_dataset, tmp_path, monkeypatch):
+    """The key hashed the settings' text: the same bench re-run with a relative data.path, from another working
+    directory or with a trailing slash dropped every finished row without a word."""
+    import os
+    from dataclasses import replace
+
+    ds = load_dataset(tiny_dataset)
+    tune = tmp_path / "tune.yaml"
+    tune.write_text("steps: 10\n")
+
+    def cfg(path: str, tune_file: str, checkpoint: str, **kw) -> BenchConfig:
+        return BenchConfig(data=replace(BenchConfig().data, path=path), prompt_tune_config=tune_file,
+                           checkpoint=checkpoint, **kw)
+
+    key = journal_module.journal_key(cfg(str(tiny_dataset), str(tune), str(tmp_path)), ds, [], "ckpt-hash", {})
+    monkeypatch.chdir(tiny_dataset.parent)
+    relative = cfg(tiny_dataset.name + "/", os.path.relpath(tune), os.path.relpath(tmp_path) + "/")
+    assert journal_module.journal_key(relative, ds, [], "ckpt-hash", {}) == key
+    other = cfg(str(tiny_dataset), str(tune), str(tmp_path), folds=3)
+    assert journal_module.journal_key(other, ds, [], "ckpt-hash", {}) != key  # a setting is still a setting
+
+
+def test_with_ablations_the_key_follows_the_pretraining_pairs_and_stale_rows_are_said(tiny_dataset, tmp_path, capsys):
+    """Ablation sub-runs pretrain on userU.parquet, which the dataset's fingerprint leaves out: rows of sub-runs trained
+    on the old pairs were mixed with sub-runs retrained on the new ones."""
+    import os
+
+    from qanchor.data.userU import build_userU
+    from qanchor.train.pretrain import trained_data_id
+    from tests.helpers import copy_dataset
+
+    ds_dir = tmp_path / "ds"
+    copy_dataset(tiny_dataset, ds_dir)
+    build_userU(ds_dir, progress=False)
+    ds = load_dataset(ds_dir)
+    with_ablations, without = BenchConfig(ablations=True), BenchConfig()
+    keys = [journal_module.journal_key(c, ds, [], "ckpt-hash", {}) for c in (with_ablations, without)]
+    before = trained_data_id(ds)
+    pairs = ds_dir / "userU.parquet"
+    os.utime(pairs, ns=(pairs.stat().st_atime_ns, pairs.stat().st_mtime_ns + 10**9))  # the pairs rebuilt
+    assert trained_data_id(ds) != before
+    assert journal_module.journal_key(with_ablations, ds, [], "ckpt-hash", {}) != keys[0]
+    assert journal_module.journal_key(without, ds, [], "ckpt-hash", {}) == keys[1]  # no sub-run reads them
+    journal = BenchJournal.open(tmp_path / "out", "k1")
+    journal.put(0, "churn", "rfm_lr", MethodResult(auc=[0.6], ks=[0.2], n_test=[10]))
+    journal.put(0, "churn", "ablation-no_ntp", MethodResult(auc=[0.6], ks=[0.2], n_test=[10]))
+    assert journal.finished(["rfm_lr", "text_mean_lr"]) == 1 and len(journal) == 2
+    capsys.readouterr()
+    BenchJournal.open(tmp_path / "out", "k2")
+    assert "held 2 finished rows of a run with other settings or inputs; they are computed again" in capsys.readouterr().out

@@ -148,6 +148,14 @@ def test_a_sub_run_is_reused_only_finished_and_with_the_same_recipe(cfg, tmp_pat
     assert len(calls) == 3 and calls[-1].overwrite and not calls[-1].resume  # stale: retrained afresh
     assert calls[-1].train.max_steps == cfg.train.max_steps * 2
 
+    # the checkpoint pretrained again, shorter, under a constant schedule (max_steps is then no recipe difference): the
+    # sub-run is past its budget, which a resume refuses with advice (raise train.max_steps) no sub-run can take
+    constant = replace(cfg, train=replace(cfg.train, schedule="constant"))
+    (base / "checkpoint" / "config.yaml").write_text(to_yaml(replace(constant, train=replace(constant.train, max_steps=5))))
+    _fake_run(sub2 := tmp_path / "sub2", replace(constant, output_dir=str(tmp_path / "sub2"), resume=True, overwrite=False), 8)
+    retrain.pretrain_variant(str(base), cfg.data.path, same, sub2, False)
+    assert len(calls) == 4 and calls[-1].overwrite and not calls[-1].resume and calls[-1].train.max_steps == 5
+
 
 def test_a_sub_run_trained_on_data_changed_since_is_retrained(tiny_dataset, tmp_path, monkeypatch):
     """A finished sub-run of the same recipe is reused only on the data it was trained on: after an event file or the
