@@ -31,7 +31,7 @@ import torch
 from qanchor.config import TextEncoderConfig
 from qanchor.data.io import OutputKind, claim_output_dir, remove_dead_temporaries, write_parquet
 from qanchor.errors import ConfigError, DataValidationError, ModelInputError
-from qanchor.logs import hf_bars_off_terminal
+from qanchor.logs import hf_bars_off_terminal, warn
 from qanchor.logs import progress as progress_iter
 
 __all__ = ["default_encoder_path", "refuse_cut", "SentenceEncoder", "TextVectorCache"]
@@ -206,6 +206,7 @@ class TextVectorCache:
         self.encoded_count = 0  # texts this object sent through the encoder
         self.lookups = 0  # texts asked for through ensure(), repeats included
         self._read: set[str] = set()  # shard file names already loaded
+        self._merging = True  # off once a merge failed on the file system (see _ensure)
         self.refresh()
 
     def refresh(self) -> int:
@@ -347,7 +348,13 @@ class TextVectorCache:
             self._add(new, vectors)
             self._read.add(shard.name)
             self.encoded_count += len(new)
-            self.compact()
+            if self._merging:
+                try:
+                    self.compact()
+                except OSError as exc:  # a shard another user wrote into a shared cache, say: the texts are stored,
+                    self._merging = False  # only the merge failed, and would fail again on every call
+                    warn(f"text cache {self.dir}: its shards cannot be merged ({exc.strerror or exc}); this process "
+                         "stops merging them (each call that meets new texts still adds one shard)")
         return self.rows(texts)
 
     def _add(self, texts: list[str], vectors: np.ndarray) -> None:

@@ -155,6 +155,27 @@ def test_a_text_two_writers_stored_is_read_once_and_merged_to_one_row(tmp_path, 
     assert TextVectorCache(tmp_path / "text", encoder).vectors.shape == (3, encoder.dim)
 
 
+def test_a_merge_the_file_system_refuses_stores_the_texts_and_is_not_retried(tmp_path, encoder, monkeypatch, capsys):
+    """A cache shared by two users: a shard the other one wrote cannot be removed here. The texts are stored all the
+    same, and the merge, which would fail again on every call, is said once and left off."""
+    from qanchor.data import text_cache
+
+    monkeypatch.setattr(text_cache, "COMPACT_AT", 2)
+    cache = TextVectorCache(tmp_path / "text", encoder)
+    tries = []
+
+    def refused(self):
+        tries.append(1)
+        raise PermissionError(13, "Permission denied")
+
+    monkeypatch.setattr(TextVectorCache, "_compact", refused)
+    for t in ("a", "b", "c"):
+        rows = cache.ensure([t])
+        assert cache.vectors[rows].shape == (1, encoder.dim)
+    assert len(tries) == 1 and capsys.readouterr().err.count("its shards cannot be merged (Permission denied)") == 1
+    assert len(TextVectorCache(tmp_path / "text", encoder)) == 3
+
+
 def test_merge_plan_keeps_shards_larger_than_all_smaller_ones_together():
     from pathlib import Path
 
