@@ -267,7 +267,10 @@ def remove_dead_temporaries(directory: str | os.PathLike) -> int:
     for p in Path(directory).glob(f".*.{_TMP}.*"):
         parts = p.name.split(".")
         if len(parts) >= 5 and parts[-3] == _TMP and _writer_dead(parts[-2]):
-            _remove(p)
+            try:
+                _remove(p)
+            except PermissionError:  # a folder this user only reads (a shared cache): harmless left where it is
+                continue
             removed += 1
     return removed
 

@@ -18,6 +18,7 @@ import fcntl
 import hashlib
 import json
 import os
+import re
 import threading
 import time
 from collections.abc import Iterable, Sequence
@@ -163,6 +164,12 @@ def _shard_name() -> str:
     return f"shard-{time.time_ns():020d}-{os.getpid()}.parquet"
 
 
+# How shards were named before merging existed (their writer's count of shards, then its pid): a process of such a
+# qanchor that shares the cache names its next shard by the count, which drops after a merge, so a merge never leaves one
+# of these names in place for it to overwrite (every one is merged, whatever its size)
+_COUNTED_NAME = re.compile(r"shard-\d{5}-\d+\.parquet")
+
+
 def _merge_plan(sizes: list[tuple[int, Path]]) -> list[Path]:
     """The shards one merge rewrites, from ``(rows, path)`` pairs: all of them, less each largest shard that holds more
     rows than all smaller ones together. A row is rewritten only when its merged shard at least doubles, so the
@@ -236,7 +243,7 @@ class TextVectorCache:
         try:
             return pq.read_table(shard)
         except (OSError, pa.ArrowException) as exc:  # truncated or overwritten from outside (a bad copy, a disk fault)
-            if not shard.exists():
+            if not os.path.lexists(shard):  # not exists(): a dangling link is no merged-away shard, and was retried forever
                 return None
             raise DataValidationError(str(shard), f"a damaged text-vector cache shard ({str(exc).splitlines()[0]}); "
                                       "delete it: its texts are encoded again on the next run") from None
@@ -252,7 +259,12 @@ class TextVectorCache:
                                       "command again")
         shard = self.dir / _shard_name()
         flat = pa.array(np.ascontiguousarray(vectors, np.float32).reshape(-1), pa.float32())
-        write_parquet(pa.table({"text": texts, "vector": pa.FixedSizeListArray.from_arrays(flat, self.dim)}), shard)
+        try:
+            write_parquet(pa.table({"text": texts, "vector": pa.FixedSizeListArray.from_arrays(flat, self.dim)}), shard)
+        except PermissionError:
+            raise DataValidationError(str(self.dir), f"{len(texts)} new text(s) to store, but this user cannot write the "
+                                      "text-vector cache; give a cache folder of your own (text_cache_dir=, "
+                                      "data.cache_dir=) or ask its owner to add them") from None
         return shard
 
     def compact(self, at: int | None = None) -> int:
@@ -266,7 +278,10 @@ class TextVectorCache:
         with self._lock:
             if len(list(self.dir.glob("shard-*.parquet"))) < at:
                 return 0
-            fd = os.open(self.dir / ".compact.lock", os.O_CREAT | os.O_RDWR, 0o644)
+            try:  # read-only is all flock needs: another user of a shared cache can open the lock this one made
+                fd = os.open(self.dir / ".compact.lock", os.O_CREAT | os.O_RDONLY, 0o666)
+            except PermissionError:
+                return 0  # no lock to be had here (a folder this user cannot write): no merge
             try:
                 try:
                     fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -285,13 +300,17 @@ class TextVectorCache:
                 sizes.append((pq.ParquetFile(shard).metadata.num_rows, shard))
             except (OSError, pa.ArrowException):  # gone (merged by another writer), or damaged: left where it
                 continue  # is, for refresh() to name
+        counted = [p for _, p in sizes if _COUNTED_NAME.fullmatch(p.name)]
+        plan = _merge_plan([(n, p) for n, p in sizes if p not in counted]) + counted
+        if counted and len(plan) == 1:  # a lone shard of the old naming: rewritten under a new name
+            plan = [*plan, *(p for _, p in sorted(sizes, key=lambda s: (s[0], s[1].name)) if p not in plan)][:2]
         tables, merged_from = [], []
-        for shard in _merge_plan(sizes):
+        for shard in plan:
             table = self._read_shard(shard)
             if table is not None:
                 tables.append(table)
                 merged_from.append(shard)
-        if len(merged_from) < 2:
+        if len(merged_from) < 2 and not any(_COUNTED_NAME.fullmatch(p.name) for p in merged_from):
             return 0
         table = pa.concat_tables(tables)
         texts, vectors = self._columns(table)

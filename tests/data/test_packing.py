@@ -11,6 +11,7 @@ from qanchor.config import DataConfig
 from qanchor.data.dataset import EventSeq
 from qanchor.data.packing import UserPacker, event_numeric_features, numeric_width, tabular_stats
 from qanchor.data.text_cache import SentenceEncoder, TextVectorCache
+from qanchor.errors import DataValidationError
 
 
 @pytest.fixture(scope="module")
@@ -174,6 +175,32 @@ def test_a_merge_the_file_system_refuses_stores_the_texts_and_is_not_retried(tmp
         assert cache.vectors[rows].shape == (1, encoder.dim)
     assert len(tries) == 1 and capsys.readouterr().err.count("its shards cannot be merged (Permission denied)") == 1
     assert len(TextVectorCache(tmp_path / "text", encoder)) == 3
+
+
+def test_shards_named_the_old_way_never_survive_a_merge_and_a_dangling_link_is_named(tmp_path, encoder):
+    """A process of the qanchor before merging named its next shard by the count of shards, which drops after a merge:
+    it overwrote the big shard a merge had kept under such a name. And a dangling link named like a shard (a cache
+    whose shards linked into another cache that merged) was taken for a merged-away shard and re-listed forever."""
+    import os
+
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    cache = TextVectorCache(tmp_path / "text", encoder)
+    cache.ensure([f"small {i}" for i in range(2)])
+    cache.ensure(["one more"])
+    big = [f"old big {i}" for i in range(50)]
+    vectors = encoder.encode(big)
+    flat = pa.array(vectors.reshape(-1), pa.float32())
+    pq.write_table(pa.table({"text": big, "vector": pa.FixedSizeListArray.from_arrays(flat, encoder.dim)}),
+                   cache.dir / "shard-00000-4242.parquet")  # the old naming, and the largest shard by far
+    assert TextVectorCache(tmp_path / "text", encoder).compact(at=2) == 2  # the old-named one with the smallest
+    names = [p.name for p in _shards(cache)]
+    assert len(names) == 2 and not any(n.startswith("shard-00000-") for n in names)
+    assert sorted(_rows_on_disk(cache)) == sorted(big + ["small 0", "small 1", "one more"])
+    os.symlink(tmp_path / "gone.parquet", cache.dir / "shard-99999999999999999999-1.parquet")
+    with pytest.raises(DataValidationError, match="damaged text-vector cache shard"):
+        TextVectorCache(tmp_path / "text", encoder)
 
 
 def test_merge_plan_keeps_shards_larger_than_all_smaller_ones_together():
