@@ -31,7 +31,7 @@ from qanchor.bench.features import PeerFeatures, extract_features
 from qanchor.bench.peers import Classifier, MethodInput, MethodResult, Skip, evaluate_folds, fit_scores
 from qanchor.bench.retrain import pretrain_ablation
 from qanchor.config import BenchConfig, PromptTuneConfig, load_config
-from qanchor.data.dataset import Dataset, Task
+from qanchor.data.dataset import Dataset, Task, isin_ids
 from qanchor.data.pipeline import UserPipeline
 from qanchor.data.text_cache import TextVectorCache
 from qanchor.infer.api import QAnchor
@@ -186,7 +186,7 @@ def head_eval_mask(entry: HeadEntry, user_ids: np.ndarray) -> tuple[np.ndarray, 
     """
     if entry.test_users is None:
         return np.ones(len(user_ids), bool), "head split unknown: scored on all fold-test users (optimistic)"
-    return np.isin(user_ids, entry.test_users), "scored only on users in the head's own held-out test split"
+    return isin_ids(user_ids, entry.test_users), "scored only on users in the head's own held-out test split"
 
 
 def _qanchor_task(ctx: BenchContext, task: Task) -> MethodInput:

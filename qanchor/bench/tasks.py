@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from qanchor.data.dataset import Dataset, Task
+from qanchor.data.dataset import Dataset, Task, isin_ids
 from qanchor.data.labels import custom_task
 from qanchor.errors import ConfigError
 
@@ -36,7 +36,7 @@ def subsample(views: list[Task], max_users: int | None, seed: int) -> list[Task]
     keep = np.random.default_rng(seed).choice(everyone, size=max_users, replace=False)
     out = []
     for v in views:
-        sel = np.isin(v.user_ids, keep)
+        sel = isin_ids(v.user_ids, keep)
         out.append(Task(v.spec, v.user_ids[sel], v.labels[sel], None if v.prob is None else v.prob[sel]))
     return out
 

@@ -24,7 +24,8 @@ some day; asked about a category no one had yet, almost always "No").
 
 from __future__ import annotations
 
-from functools import cache, lru_cache
+import weakref
+from functools import cache
 
 import numpy as np
 
@@ -53,8 +54,8 @@ def _question_tokenizer():
     return AutoTokenizer.from_pretrained(str(default_encoder_path()))
 
 
-@lru_cache(maxsize=65_536)
-def _fits(question: str) -> bool:
+@cache  # one entry per distinct question the data can ask (a bounded LRU thrashed past 65,536 categories: every miss a
+def _fits(question: str) -> bool:  # tokenizer call)
     ids = _question_tokenizer()(question, add_special_tokens=False, verbose=False)["input_ids"]
     return len(ids) <= MAX_QUESTION_TOKENS
 
@@ -66,6 +67,38 @@ def _category_question(cat: str, m: str, window_days: int, first: bool) -> str |
     when = "for the first time in the next" if first else "again in the next"
     question = f"Will this user have {_label(cat)} {m} events {when} {window_days} days?"
     return question if _fits(question) else None
+
+
+# Per adoption table, modality and window: which categories a first-time question can name (in the sorted order of
+# ItemAdoption.category_firsts). Built once: per user and cutoff it cost a question and a look-up for every category the
+# dataset holds, which made the pairs quadratic on data whose categories grow with the users (search terms, URLs).
+_ASKABLE: weakref.WeakKeyDictionary[ItemAdoption, dict[tuple[str, int], np.ndarray]] = weakref.WeakKeyDictionary()
+
+
+def _askable_first_time(adoption: ItemAdoption, m: str, window_days: int) -> np.ndarray:
+    by_key = _ASKABLE.setdefault(adoption, {})
+    if (m, window_days) not in by_key:
+        names, _ = adoption.category_firsts(m)
+        by_key[(m, window_days)] = np.fromiter((_category_question(x, m, window_days, True) is not None for x in names),
+                                               bool, count=len(names))
+    return by_key[(m, window_days)]
+
+
+def _first_time_pick(adoption: ItemAdoption, m: str, c: int, own: set[str], window_days: int,
+                     rng: np.random.Generator) -> tuple[str, str] | None:
+    """A category some user had before ``c`` and this user had not (``own``), whose first-time question can be asked,
+    drawn uniformly in name order, with its question: the draw a list of every such category made, one mask apart."""
+    names, firsts = adoption.category_firsts(m)
+    if not names:
+        return None
+    mask = (firsts < c) & _askable_first_time(adoption, m, window_days)
+    index = adoption.category_index(m)
+    mask[[index[x] for x in own if x in index]] = False
+    candidates = np.flatnonzero(mask)
+    if not len(candidates):
+        return None
+    cat = names[int(candidates[int(rng.integers(len(candidates)))])]
+    return cat, _category_question(cat, m, window_days, True)
 
 
 def _window(h: History, m: str, lo: int, hi: int) -> tuple[np.ndarray, list[str], np.ndarray]:
@@ -87,7 +120,6 @@ def forecast_pairs(h: History, cutoffs: list[int], rng: np.random.Generator, ado
     w = window_days * DAY_US
     for c in cutoffs:
         assert c + w <= h.cutoff_us, "a forecast window must end by the dataset cutoff"
-        vocab = adoption.categories(c) if adoption is not None else {}
         nxt = {m: _window(h, m, c, c + w) for m in modalities}
         prev = {m: _window(h, m, c - w, c) for m in modalities}
         before = {m: {category(m, t) for t, ts in zip(h.seq(m).text, h.seq(m).ts) if ts < c} for m in modalities}
@@ -108,10 +140,9 @@ def forecast_pairs(h: History, cutoffs: list[int], rng: np.random.Generator, ado
                 cat, question = own[int(rng.integers(len(own)))]
                 k = sum(category(m, t) == cat for t in nxt[m][1])
                 out.append((c, question, f"Yes: {k} times." if k else "No."))
-            new = [(x, q) for x in vocab.get(m, []) if x not in before[m]
-                   and (q := _category_question(x, m, window_days, True))]
-            if new:
-                cat, question = new[int(rng.integers(len(new)))]
+            picked = _first_time_pick(adoption, m, c, before[m], window_days, rng) if adoption is not None else None
+            if picked is not None:
+                cat, question = picked
                 k = sum(category(m, t) == cat for t in nxt[m][1])
                 out.append((c, question, f"Yes: {k} times." if k else "No."))
         if any(np.isfinite(h.seq(m).value[h.seq(m).ts < c]).any() for m in modalities):  # values before c

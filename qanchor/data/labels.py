@@ -22,7 +22,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from pyarrow import csv as pacsv
 
-from qanchor.data.dataset import Dataset, Task
+from qanchor.data.dataset import Dataset, Task, isin_ids
 from qanchor.data.manifest import TaskDomain, TaskSpec
 from qanchor.errors import ConfigError, DataValidationError
 
@@ -106,7 +106,7 @@ def _check_users(path: Path, user_ids: np.ndarray, ds: Dataset) -> None:
         row = int(first[np.argmax(counts > 1)])
         raise DataValidationError(str(path), f"user '{user_ids[row]}' appears more than once; give one label per user",
                                   column="user_id", row=row)
-    known = np.isin(user_ids, ds.user_ids)
+    known = isin_ids(user_ids, ds.user_ids)
     if not known.all():
         row = int(np.argmin(known))
         raise DataValidationError(

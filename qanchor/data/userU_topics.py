@@ -518,6 +518,8 @@ class ItemAdoption:
                 c = category(m, text)
                 cats[c] = min(cats.get(c, int(ts[0])), int(ts[0]))
         self._category_first = {m: dict(sorted(cats.items())) for m, cats in category_first.items()}
+        self._firsts_arrays: dict[str, tuple[list[str], np.ndarray]] = {}
+        self._index: dict[str, dict[str, int]] = {}
 
     def n_users(self, cutoff_us: int) -> int:
         """Users with an event before ``cutoff_us``."""
@@ -532,6 +534,20 @@ class ItemAdoption:
     def categories(self, cutoff_us: int) -> dict[str, list[str]]:
         """Per modality, the categories (``category(m, text)``) some user had before ``cutoff_us``, sorted."""
         return {m: [c for c, t in cats.items() if t < cutoff_us] for m, cats in self._category_first.items()}
+
+    def category_firsts(self, modality: str) -> tuple[list[str], np.ndarray]:
+        """``modality``'s categories, sorted, and when some user first had each (int64 microseconds): what
+        :meth:`categories` filters, as arrays a caller asking at many cutoffs can mask at once."""
+        if modality not in self._firsts_arrays:
+            cats = self._category_first.get(modality, {})
+            self._firsts_arrays[modality] = (list(cats), np.fromiter(cats.values(), np.int64, count=len(cats)))
+        return self._firsts_arrays[modality]
+
+    def category_index(self, modality: str) -> dict[str, int]:
+        """Each of ``modality``'s categories -> its position in :meth:`category_firsts`."""
+        if modality not in self._index:
+            self._index[modality] = {c: i for i, c in enumerate(self.category_firsts(modality)[0])}
+        return self._index[modality]
 
 
 def _first_times(seq: EventSeq) -> dict[str, int]:

@@ -157,7 +157,8 @@ def _merge(old: UserRecord | None, new: UserRecord, q: QAnchor) -> UserRecord:
             a = events[name]
             ts = np.concatenate([a.ts, seq.ts])
             order = np.argsort(ts, kind="stable")  # buffer first on ties: a replayed day keeps its order
-            seq = EventSeq(ts[order], [(a.text + seq.text)[i] for i in order],
+            texts = a.text + seq.text  # once: joined per index, a heavy user's whole-history buffer cost O(n^2)
+            seq = EventSeq(ts[order], [texts[i] for i in order],
                            np.concatenate([a.value, seq.value])[order], np.concatenate([a.extras, seq.extras])[order])
         events[name] = seq
     return UserRecord(new.user_id, _buffer(q, UserRecord(new.user_id, events, None)), None)

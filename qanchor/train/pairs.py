@@ -156,10 +156,12 @@ class PretrainStream:
         """``ids`` as shuffled groups of ``group_size`` pairs sharing a query (pairs of queries too rare to fill a
         group form mixed groups), and the fewer than ``group_size`` pairs left over."""
         g = self.group_size
-        queries = np.asarray([self.queries[i] for i in ids], dtype=object)
+        by_query: dict[str, list[int]] = {}  # in ids' order, as a mask per query kept them; one pass, where a mask per
+        for i in ids:  # distinct query cost pairs x queries (forecast questions name categories: thousands of them)
+            by_query.setdefault(self.queries[i], []).append(i)
         groups, rest = [], []
-        for q in sorted(set(queries.tolist())):
-            members = rng.permutation(ids[queries == q])
+        for q in sorted(by_query):
+            members = rng.permutation(np.asarray(by_query[q], dtype=ids.dtype))
             full = len(members) // g * g
             groups += [members[i : i + g] for i in range(0, full, g)]
             rest.append(members[full:])

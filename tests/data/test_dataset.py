@@ -264,3 +264,16 @@ def test_events_and_text_cache_gone_while_reading_are_an_error_not_users_without
         cache.ensure(["Bookshop"])
     assert not ds.cache_dir.exists()
     assert sum(1 for _ in qanchor.load_dataset(root).users()) == ds.num_users  # opened again: rebuilt, every user
+
+
+def test_isin_ids_is_set_membership_of_text_ids():
+    """Reading given users compared object arrays pair by pair (quadratic); the string comparison must agree with plain
+    membership, ids of other types matching nothing."""
+    from qanchor.data.dataset import isin_ids
+
+    rng = np.random.default_rng(0)
+    among = np.array([f"u{i:05d}" for i in rng.choice(20_000, 5_000, replace=False)] + ["007", "", "é"], object)
+    values = np.array([f"u{i:05d}" for i in rng.choice(20_000, 3_000)] + ["7", "007", "", "é", 7, None], object)
+    members = set(among.tolist())
+    assert isin_ids(values, among).tolist() == [isinstance(v, str) and v in members for v in values]
+    assert isin_ids(np.array([], object), among).tolist() == [] and not isin_ids(values, np.array([], object)).any()
