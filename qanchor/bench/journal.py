@@ -65,14 +65,17 @@ def journal_key(cfg: BenchConfig, ds: Dataset, tasks: list[Task], checkpoint_has
 
 
 def _paths_resolved(cfg: BenchConfig) -> BenchConfig:
-    """``cfg`` with each path that names an existing file or folder made absolute: the same bench given the same inputs
-    by a relative path, from another working directory or with a trailing slash keeps its journal (what the paths hold
-    is hashed apart: the dataset's files, the checkpoint's weights, the heads, the labels, the prompt-tune file)."""
+    """``cfg`` with its paths made absolute: the same bench given the same inputs by a relative path, from another
+    working directory or with a trailing slash keeps its journal (what the paths hold is hashed apart: the dataset's
+    files, the checkpoint's weights, the heads, the labels, the prompt-tune file). Resolved whether or not they exist
+    yet (a cache folder the first run creates); the text encoder's only where it is a local folder, not a hub id."""
     def resolved(value: str | None) -> str | None:
-        return str(Path(value).expanduser().resolve()) if value and Path(value).expanduser().exists() else value
+        return str(Path(value).expanduser().resolve()) if value else value
 
+    encoder = cfg.data.text_encoder.path
     data = replace(cfg.data, path=resolved(cfg.data.path), cache_dir=resolved(cfg.data.cache_dir),
-                   text_encoder=replace(cfg.data.text_encoder, path=resolved(cfg.data.text_encoder.path)))
+                   text_encoder=replace(cfg.data.text_encoder, path=resolved(encoder) if encoder and
+                                        Path(encoder).expanduser().exists() else encoder))
     return replace(cfg, data=data, checkpoint=resolved(cfg.checkpoint), heads_dir=resolved(cfg.heads_dir),
                    labels=resolved(cfg.labels), prompt_tune_config=resolved(cfg.prompt_tune_config))
 

@@ -112,13 +112,19 @@ class SentenceEncoder:
         disk is not (``_name_or_path``): moving the folder does not make every text new.
         """
         name = "all-MiniLM-L6-v2" if self.cfg.path is None else Path(self.path).name
-        return f"{name}-{self.digest}"
+        return f"{name}-{self._fingerprint(with_library=True)}"
 
     @property
     def digest(self) -> str:
-        """The part of :attr:`key` that says what the encoder computes (12 hex digits), without its folder's name:
-        equal for one encoder in two folders (a checkpoint records it to recognise its encoder after a move)."""
-        settings = {k: v for k, v in self.model.config.to_dict().items() if k != "_name_or_path"}
+        """What the encoder computes (12 hex digits), without its folder's name or the transformers version that loaded
+        it: equal for one encoder in two folders or two environments (a checkpoint records it to recognise its encoder
+        after a move or an upgrade)."""
+        return self._fingerprint(with_library=False)
+
+    def _fingerprint(self, with_library: bool) -> str:
+        # the cache's key keeps the library version it always had (a changed key re-encodes every cached text)
+        settings = {k: v for k, v in self.model.config.to_dict().items()
+                    if k != "_name_or_path" and (with_library or k != "transformers_version")}
         config = json.dumps(settings, sort_keys=True, default=str)
         weights = sum(float(p.double().sum()) for p in self.model.parameters())
         raw = f"{config}|{weights:.6e}|{self.cfg.max_length}|mean|l2|{self._tokenizer_digest()}"

@@ -724,7 +724,7 @@ def _check_cache_encoder(cache: TextVectorCache, trained: TextEncoderConfig, tra
     token limit (a cache built with ``max_length=5`` moved embeddings by 0.2 without a word). The encoder is compared by
     content (:attr:`SentenceEncoder.digest`: weights, tokenizer, settings), not by where it lies, so a checkpoint whose
     encoder folder has moved is served through a cache opened on the new place. A checkpoint from before the key was
-    recorded is compared by path, and by the digest of the encoder at its recorded path where that still exists. Its
+    recorded is compared by path, and by the digest of the encoder at its recorded path (refused where that is gone). Its
     dimension is checked apart; an encoder object without a config (a stand-in) is taken as it is."""
     given = getattr(cache.encoder, "cfg", None)
     if given is None:
@@ -745,9 +745,12 @@ def _check_cache_encoder(cache: TextVectorCache, trained: TextEncoderConfig, tra
         if cache.encoder.digest != trained_digest:
             refuse(f" (its weights, tokenizer or settings differ: digest {cache.encoder.digest}, trained {trained_digest})")
         return
-    if where(given) != where(trained) and where(trained).exists() and \
-            cache.encoder.digest != SentenceEncoder(trained, device=getattr(cache.encoder, "device", None)).digest:
-        refuse(" (a checkpoint that did not record its encoder's digest: compared with the encoder at its recorded path)")
+    if where(given) != where(trained):
+        if not where(trained).exists():  # nothing left to compare with: another encoder of the same width would pass
+            refuse(" (a checkpoint that did not record what its encoder computes, and whose encoder folder is gone: "
+                   "put the encoder back at its recorded path)")
+        if cache.encoder.digest != SentenceEncoder(trained, device=getattr(cache.encoder, "device", None)).digest:
+            refuse(" (a checkpoint that did not record its encoder's digest: compared with the encoder at its recorded path)")
 
 
 def events_before(events: Mapping[str, EventSeq], cutoff_us: int) -> dict[str, EventSeq]:

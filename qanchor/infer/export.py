@@ -94,9 +94,16 @@ def _check_queries(pairs: list[tuple[str, str]], source: str) -> list[tuple[str,
     return [(qid, q.strip()) for qid, (_, q) in zip(ids, pairs)]
 
 
-def _yaml_text(value):
-    """A scalar read by YAML's base loader as written, or None where YAML means no value (``null``, ``~``, nothing)."""
-    return None if value in ("", "~", "null", "Null", "NULL") else value
+class _TextLoader(yaml.SafeLoader):
+    """YAML as written: a plain scalar stays text (YAML 1.1 typing read the id 010 as 8, 007 as 7, yes as True, and
+    ``index build query_id=010`` then found nothing); null, quoting, anchors and merge keys keep their meaning."""
+
+
+_TextLoader.yaml_implicit_resolvers = {
+    first: [(tag, pattern) for tag, pattern in resolvers
+            if tag not in ("tag:yaml.org,2002:bool", "tag:yaml.org,2002:int", "tag:yaml.org,2002:float",
+                           "tag:yaml.org,2002:timestamp")]
+    for first, resolvers in yaml.SafeLoader.yaml_implicit_resolvers.items()}
 
 
 def read_queries(path: str | Path) -> list[tuple[str, str]]:
@@ -124,16 +131,16 @@ def read_queries(path: str | Path) -> list[tuple[str, str]]:
             raise ModelInputError(f"{path}: a queries Parquet needs columns query_id and query")
         return _check_queries(list(zip(table.column("query_id").to_pylist(), table.column("query").to_pylist())), str(path))
     if path.suffix in (".yaml", ".yml"):
-        try:  # every scalar as the text it was written as: YAML 1.1 typing read the id 010 as 8, 007 as 7, yes as True
-            raw = yaml.load(path.read_text(encoding="utf-8"), Loader=yaml.BaseLoader)
+        try:
+            raw = yaml.load(path.read_text(encoding="utf-8"), Loader=_TextLoader)
         except yaml.YAMLError as exc:
             raise ModelInputError(f"{path}: not valid YAML ({exc.__class__.__name__}); quote questions that contain ':' or '?'") from None
         if isinstance(raw, dict):
-            return _check_queries([(_yaml_text(k), _yaml_text(q)) for k, q in raw.items()], str(path))
+            return _check_queries(list(raw.items()), str(path))
         if isinstance(raw, list) and all(isinstance(x, str) for x in raw):
-            return _check_queries([(f"q{i}", _yaml_text(q)) for i, q in enumerate(raw)], str(path))
+            return _check_queries([(f"q{i}", q) for i, q in enumerate(raw)], str(path))
         if isinstance(raw, list) and all(isinstance(x, dict) and {"query_id", "query"} <= set(x) for x in raw):
-            return _check_queries([(_yaml_text(x["query_id"]), _yaml_text(x["query"])) for x in raw], str(path))
+            return _check_queries([(x["query_id"], x["query"]) for x in raw], str(path))
         raise ModelInputError(f"{path}: expected a list of questions, a list of {{query_id, query}} or a mapping id -> question")
     if path.suffix in (".csv", ".tsv"):
         return _read_csv_queries(path)

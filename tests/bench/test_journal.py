@@ -126,6 +126,14 @@ def test_the_key_is_the_same_for_the_same_inputs_named_by_other_paths(tiny_datas
     assert journal_module.journal_key(relative, ds, [], "ckpt-hash", {}) == key
     other = cfg(str(tiny_dataset), str(tune), str(tmp_path), folds=3)
     assert journal_module.journal_key(other, ds, [], "ckpt-hash", {}) != key  # a setting is still a setting
+    # a relative cache folder the first run creates: the same key before and after it exists
+    cached = replace(relative, data=replace(relative.data, cache_dir="vcache"))
+    first = journal_module.journal_key(cached, ds, [], "ckpt-hash", {})
+    (tiny_dataset.parent / "vcache").mkdir()
+    try:
+        assert journal_module.journal_key(cached, ds, [], "ckpt-hash", {}) == first
+    finally:
+        (tiny_dataset.parent / "vcache").rmdir()
 
 
 def test_with_ablations_the_key_follows_the_pretraining_pairs_and_stale_rows_are_said(tiny_dataset, tmp_path, capsys):

@@ -272,8 +272,9 @@ def test_isin_ids_is_set_membership_of_text_ids():
     from qanchor.data.dataset import isin_ids
 
     rng = np.random.default_rng(0)
-    among = np.array([f"u{i:05d}" for i in rng.choice(20_000, 5_000, replace=False)] + ["007", "", "é"], object)
-    values = np.array([f"u{i:05d}" for i in rng.choice(20_000, 3_000)] + ["7", "007", "", "é", 7, None], object)
+    among = np.array([f"u{i:05d}" for i in rng.choice(20_000, 5_000, replace=False)] + ["007", "", "é", "a"], object)
+    values = np.array([f"u{i:05d}" for i in rng.choice(20_000, 3_000)] + ["7", "007", "", "é", 7, None, "a\x00",
+                                                                        "caf\udce9"], object)
     members = set(among.tolist())
     assert isin_ids(values, among).tolist() == [isinstance(v, str) and v in members for v in values]
     assert isin_ids(np.array([], object), among).tolist() == [] and not isin_ids(values, np.array([], object)).any()

@@ -329,6 +329,23 @@ def test_a_checkpoint_whose_encoder_folder_moved_is_served_through_a_cache_opene
     (ckpt / "qanchor.json").write_text(json.dumps({**meta, "text_encoder_digest": "0" * 12}))  # trained on another encoder
     with pytest.raises(CheckpointError, match=r"its weights, tokenizer or settings differ: digest [0-9a-f]{12}, trained 0{12}"):
         QAnchor.from_pretrained(ckpt, text_cache=cache).embed(user, query)
+    # a checkpoint from before the digest, whose encoder folder is gone: nothing to check a cache against, so refused
+    (ckpt / "qanchor.json").write_text(json.dumps({k: v for k, v in meta.items() if k != "text_encoder_digest"}))
+    with pytest.raises(CheckpointError, match="did not record what its encoder computes, and whose encoder folder is gone"):
+        QAnchor.from_pretrained(ckpt, text_cache=cache).embed(user, query)
+
+
+def test_the_encoder_digest_outlives_a_transformers_upgrade(monkeypatch):
+    """The digest hashed the config's transformers_version: after an upgrade every checkpoint was refused its own
+    encoder's cache. The cache's key keeps it (an upgrade re-encodes the cached texts, as it always did)."""
+    import transformers.configuration_utils as configuration_utils
+
+    from qanchor.data.text_cache import SentenceEncoder
+
+    encoder = SentenceEncoder()
+    digest, key = encoder.digest, encoder.key
+    monkeypatch.setattr(configuration_utils, "__version__", "99.0.0")
+    assert encoder.digest == digest and encoder.key != key
 
 
 def test_a_text_cache_of_other_encoder_settings_is_refused(infer_env, tmp_path):

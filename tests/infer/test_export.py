@@ -168,6 +168,11 @@ def test_read_queries_formats(tmp_path):
     (tmp_path / "ids2.yaml").write_text("- {query_id: 010, query: 'Will it pay?'}\n- {query_id: on, query: yes}\n")
     assert read_queries(tmp_path / "ids2.yaml") == [("010", "Will it pay?"), ("on", "yes")]
     _refused(tmp_path, "tilde.yaml", "churn: ~\n", "query 'churn' is empty")
+    # quoting, anchors and merge keys keep YAML's meaning: "null" quoted is text, a merged entry is one more query
+    (tmp_path / "yaml.yaml").write_text('na: "null"\n"null": Will this user buy?\n')
+    assert read_queries(tmp_path / "yaml.yaml") == [("na", "null"), ("null", "Will this user buy?")]
+    (tmp_path / "merge.yaml").write_text("- &base {query_id: a, query: 'Will it pay?'}\n- <<: *base\n  query_id: b\n")
+    assert read_queries(tmp_path / "merge.yaml") == [("a", "Will it pay?"), ("b", "Will it pay?")]
 
 
 def test_read_queries_from_a_csv_with_its_header(tmp_path):
