@@ -31,6 +31,7 @@ import pyarrow.csv as pacsv  # noqa: E402
 
 from data_tools.synth import build_synthetic  # noqa: E402
 from qanchor.data.dataset import load_dataset  # noqa: E402
+from qanchor.data.forecast import _fits, _question_tokenizer  # noqa: E402
 from qanchor.data.io import write_json  # noqa: E402
 from qanchor.data.labels import custom_task  # noqa: E402
 from qanchor.data.userU import build_userU  # noqa: E402
@@ -59,6 +60,8 @@ def measure(root: Path, n_users: int, pairs: bool, seed: int = 0) -> dict[str, f
            "users_by_id": _timed(lambda: sum(1 for _ in ds.users(ids))),
            "labels_check": _timed(lambda: custom_task(ds, labels, "Will this user buy a bike?"))}
     if pairs:
+        _question_tokenizer()  # loaded once per process: the first size alone would pay it
+        _fits.cache_clear()  # each size asks its own questions afresh, not the cache the size before filled
         out["userU_pairs"] = _timed(lambda: build_userU(ds_dir, progress=False))
     return out
 
@@ -76,10 +79,16 @@ def main(argv=None) -> int:
     ap.add_argument("--pairs", action="store_true", help="also time building the UserU pairs")
     ap.add_argument("--out", help="write the figures as JSON here")
     args = ap.parse_args(argv)
-    sizes = sorted({int(s) for s in args.users.split(",") if s.strip()})
-    if len(sizes) < 2:
-        raise SystemExit("--users needs at least two sizes, e.g. 10000,40000")
+    try:
+        sizes = sorted({int(s) for s in args.users.split(",") if s.strip()})
+    except ValueError:
+        ap.error(f"--users {args.users}: give whole numbers of users, e.g. 10000,40000")
+    if len(sizes) < 2 or sizes[0] < 20:
+        ap.error(f"--users {args.users}: give at least two sizes of 20 users or more, e.g. 10000,40000 (a labels file "
+                 "needs both classes)")
     root = Path(args.root)
+    if root.exists() and not root.is_dir():
+        ap.error(f"--root {root} is a file; give a folder for the datasets")
     root.mkdir(parents=True, exist_ok=True)
     rows = {n: measure(root, n, args.pairs) for n in sizes}
     steps = [s for s in STEPS if s in rows[sizes[0]]]

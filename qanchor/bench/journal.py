@@ -32,7 +32,7 @@ import qanchor
 from qanchor.bench.peers import MethodResult
 from qanchor.config import BenchConfig, to_yaml
 from qanchor.data.dataset import Dataset, Task
-from qanchor.data.io import code_digest, to_plain, write_text
+from qanchor.data.io import code_digest, local_path, to_plain, write_text
 from qanchor.data.labels import task_digest
 from qanchor.faults import failpoint
 from qanchor.infer.export import head_digest
@@ -70,12 +70,12 @@ def _paths_resolved(cfg: BenchConfig) -> BenchConfig:
     files, the checkpoint's weights, the heads, the labels, the prompt-tune file). Resolved whether or not they exist
     yet (a cache folder the first run creates); the text encoder's only where it is a local folder, not a hub id."""
     def resolved(value: str | None) -> str | None:
-        return str(Path(value).expanduser().resolve()) if value else value
+        return str(local_path(value).resolve()) if value else value
 
     encoder = cfg.data.text_encoder.path
     data = replace(cfg.data, path=resolved(cfg.data.path), cache_dir=resolved(cfg.data.cache_dir),
                    text_encoder=replace(cfg.data.text_encoder, path=resolved(encoder) if encoder and
-                                        Path(encoder).expanduser().exists() else encoder))
+                                        local_path(encoder).exists() else encoder))
     return replace(cfg, data=data, checkpoint=resolved(cfg.checkpoint), heads_dir=resolved(cfg.heads_dir),
                    labels=resolved(cfg.labels), prompt_tune_config=resolved(cfg.prompt_tune_config))
 

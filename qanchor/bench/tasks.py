@@ -30,7 +30,8 @@ def dataset_tasks(ds: Dataset, names: list[str], max_users: int | None, seed: in
 
 def subsample(views: list[Task], max_users: int | None, seed: int) -> list[Task]:
     """Keep one random set of at most ``max_users`` users (shared by every task, so methods still align)."""
-    everyone = np.unique(np.concatenate([v.user_ids for v in views]).astype(str)).astype(object)
+    # sorted as Python strings: numpy's fixed-width ones drop trailing NULs, and "u1\x00" would become "u1"
+    everyone = np.array(sorted({u for v in views for u in v.user_ids.tolist()}), dtype=object)
     if max_users is None or len(everyone) <= max_users:
         return views
     keep = np.random.default_rng(seed).choice(everyone, size=max_users, replace=False)

@@ -27,7 +27,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from qanchor.data.io import OutputKind, atomic_dir, claim_output_dir, write_text
+from qanchor.data.io import OutputKind, atomic_dir, claim_output_dir, local_path, write_text
 from qanchor.data.manifest import MANIFEST_FILE, Manifest, TaskSpec
 from qanchor.data.schema import (
     CACHE_DIR,
@@ -39,7 +39,7 @@ from qanchor.data.schema import (
     utc_micros,
 )
 from qanchor.data.validate import ValidationReport, event_files, validate_dataset
-from qanchor.errors import DataValidationError
+from qanchor.errors import ConfigError, DataValidationError
 
 __all__ = ["EventSeq", "isin_ids", "UserRecord", "RecordLayout", "Task", "Dataset", "load_dataset", "records_from_table", "default_cache_dir",
            "CACHE_DIR"]
@@ -400,9 +400,11 @@ def load_dataset(path: str | Path, cache_dir: str | Path | None = None, pairs: b
         >>> ds = load_dataset("data/completejourney")  # doctest: +SKIP
         >>> ds.tasks["churn"].positive_rate  # doctest: +SKIP
     """
-    root = Path(path)
+    root = local_path(path)
     report = validate_dataset(root, pairs)
-    return Dataset(root, report.manifest, report, Path(cache_dir) if cache_dir else default_cache_dir(root))
+    if cache_dir and str(local_path(cache_dir)).startswith("~"):  # an unknown user's home: never a folder named "~"
+        raise ConfigError(f"data.cache_dir={cache_dir}: no such user's home directory; give a path")
+    return Dataset(root, report.manifest, report, local_path(cache_dir) if cache_dir else default_cache_dir(root))
 
 
 def default_cache_dir(root: Path) -> Path:

@@ -52,7 +52,7 @@ from qanchor.faults import failpoint
 __all__ = ["MARKER_FILE", "file_sha256", "as_umask_allows", "is_temporary", "OutputKind", "output_kind", "mark_output", "check_output_dir", "claim_output_dir",
            "check_not_inside", "check_replaceable",
            "atomic_path", "atomic_dir", "write_parquet", "write_yaml", "write_text", "write_json", "read_json_object",
-           "fsync_tree", "to_plain"]
+           "fsync_tree", "to_plain", "local_path"]
 
 MARKER_FILE = ".qanchor-output"
 _TMP, _OLD = "qanchor-tmp", "qanchor-old"
@@ -172,6 +172,15 @@ def claim_output_dir(target: str | os.PathLike, kind: OutputKind, inputs: Mappin
     finally:
         if tmp.exists():
             shutil.rmtree(tmp)
+
+
+def local_path(name: str | os.PathLike) -> Path:
+    """``name`` as a local path, ``~/...`` expanded; "~nosuchuser/..." is left as given, for the "no such directory"
+    checks to name it (expanding it raises)."""
+    try:
+        return Path(name).expanduser()
+    except RuntimeError:
+        return Path(name)
 
 
 # ----------------------------------------------------------------------------------- one writer at a time

@@ -101,9 +101,10 @@ def _check_users(path: Path, user_ids: np.ndarray, ds: Dataset) -> None:
     for row, u in enumerate(user_ids):
         if u is None or not isinstance(u, str):
             raise DataValidationError(str(path), f"user_id must be a non-null string, got {u!r}", column="user_id", row=row)
-    _, first, counts = np.unique(user_ids.astype(str), return_index=True, return_counts=True)
-    if (counts > 1).any():
-        row = int(first[np.argmax(counts > 1)])
+    first: dict[str, int] = {}  # exact: numpy's fixed-width strings would make "u1\x00" a repeat of "u1"
+    repeated = [first[u] for row, u in enumerate(user_ids.tolist()) if first.setdefault(u, row) != row]
+    if repeated:
+        row = min(repeated)
         raise DataValidationError(str(path), f"user '{user_ids[row]}' appears more than once; give one label per user",
                                   column="user_id", row=row)
     known = isin_ids(user_ids, ds.user_ids)

@@ -742,13 +742,14 @@ def _check_cache_encoder(cache: TextVectorCache, trained: TextEncoderConfig, tra
     if given.max_length != trained.max_length:
         refuse("")
     if trained_digest is not None:
-        if cache.encoder.digest != trained_digest:
+        # (checkpoints of fb6e252..ccee906 recorded the digest with the transformers version in it: the same encoder)
+        if trained_digest not in (cache.encoder.digest, getattr(cache.encoder, "_fingerprint", lambda **_: None)(with_library=True)):
             refuse(f" (its weights, tokenizer or settings differ: digest {cache.encoder.digest}, trained {trained_digest})")
         return
     if where(given) != where(trained):
         if not where(trained).exists():  # nothing left to compare with: another encoder of the same width would pass
-            refuse(" (a checkpoint that did not record what its encoder computes, and whose encoder folder is gone: "
-                   "put the encoder back at its recorded path)")
+            refuse(" (a checkpoint that did not record what its encoder computes, and whose encoder cannot be found "
+                   "where it was recorded: put it back there)")
         if cache.encoder.digest != SentenceEncoder(trained, device=getattr(cache.encoder, "device", None)).digest:
             refuse(" (a checkpoint that did not record its encoder's digest: compared with the encoder at its recorded path)")
 

@@ -96,7 +96,20 @@ def _check_queries(pairs: list[tuple[str, str]], source: str) -> list[tuple[str,
 
 class _TextLoader(yaml.SafeLoader):
     """YAML as written: a plain scalar stays text (YAML 1.1 typing read the id 010 as 8, 007 as 7, yes as True, and
-    ``index build query_id=010`` then found nothing); null, quoting, anchors and merge keys keep their meaning."""
+    ``index build query_id=010`` then found nothing); null, quoting, anchors and merge keys keep their meaning. A key
+    given twice is refused (YAML keeps the last, so one question was dropped without a word)."""
+
+    def construct_mapping(self, node, deep=False):
+        seen = set()
+        for key_node, _ in node.value:  # the mapping's own entries: one that overrides a merged entry is no repeat
+            if key_node.tag == "tag:yaml.org,2002:merge":
+                continue
+            key = self.construct_object(key_node, deep=deep)
+            if isinstance(key, str) and key in seen:
+                raise ModelInputError(f"{self.name}, line {key_node.start_mark.line + 1}: query id {key!r} appears "
+                                      "twice; ids must be unique")
+            seen.add(key)
+        return super().construct_mapping(node, deep=deep)
 
 
 _TextLoader.yaml_implicit_resolvers = {
@@ -132,7 +145,8 @@ def read_queries(path: str | Path) -> list[tuple[str, str]]:
         return _check_queries(list(zip(table.column("query_id").to_pylist(), table.column("query").to_pylist())), str(path))
     if path.suffix in (".yaml", ".yml"):
         try:
-            raw = yaml.load(path.read_text(encoding="utf-8"), Loader=_TextLoader)
+            with path.open(encoding="utf-8") as fh:
+                raw = yaml.load(fh, Loader=_TextLoader)
         except yaml.YAMLError as exc:
             raise ModelInputError(f"{path}: not valid YAML ({exc.__class__.__name__}); quote questions that contain ':' or '?'") from None
         if isinstance(raw, dict):

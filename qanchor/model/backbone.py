@@ -25,7 +25,7 @@ import torch
 from torch import nn
 
 from qanchor.config import BackboneConfig
-from qanchor.data.io import OutputKind, as_umask_allows, atomic_dir
+from qanchor.data.io import OutputKind, as_umask_allows, atomic_dir, local_path
 from qanchor.data.text_cache import default_encoder_path
 from qanchor.errors import CheckpointError, ConfigError
 from qanchor.logs import hf_bars_off_terminal, interactive, log
@@ -114,15 +114,6 @@ def smollm2_dir() -> Path:
             as_umask_allows(weights)
         tokenizer.save_pretrained(tmp)
     return out
-
-
-def local_path(name: str) -> Path:
-    """``name`` as a local path, ``~/...`` expanded; "~nosuchuser/..." is left as given, for the "no such directory"
-    checks to name it (expanding it raises)."""
-    try:
-        return Path(name).expanduser()
-    except RuntimeError:
-        return Path(name)
 
 
 def _resolve(name: str | None) -> str | None:

@@ -30,5 +30,8 @@ def test_every_step_at_every_size_and_datasets_reused(sc, tmp_path, capsys):
     assert sc.main(["--users", "20,40", "--root", str(tmp_path / "root")]) == 0
     assert (tmp_path / "root" / "synth-20" / "manifest.yaml").stat().st_mtime_ns == built  # reused, not rebuilt
     assert "building" not in capsys.readouterr().out
-    with pytest.raises(SystemExit, match="at least two sizes"):
-        sc.main(["--users", "20", "--root", str(tmp_path / "root")])
+    for bad in ("20", "abc,40", "0,40"):
+        with pytest.raises(SystemExit):
+            sc.main(["--users", bad, "--root", str(tmp_path / "root")])
+    err = capsys.readouterr().err
+    assert "give at least two sizes" in err and "give whole numbers of users" in err and "Traceback" not in err

@@ -278,3 +278,29 @@ def test_isin_ids_is_set_membership_of_text_ids():
     members = set(among.tolist())
     assert isin_ids(values, among).tolist() == [isinstance(v, str) and v in members for v in values]
     assert isin_ids(np.array([], object), among).tolist() == [] and not isin_ids(values, np.array([], object)).any()
+
+
+def test_a_cache_dir_given_with_a_tilde_is_the_home_folder(tiny_dataset, tmp_path, monkeypatch):
+    """`data.cache_dir=~/cache` made a folder literally named "~" in the working directory while pyarrow, expanding "~"
+    itself, wrote elsewhere and failed; an unknown user's "~name" is one clear error."""
+    from qanchor.errors import ConfigError
+
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    monkeypatch.chdir(tmp_path)
+    ds = qanchor.load_dataset(tiny_dataset, cache_dir="~/cache")
+    assert ds.cache_dir == tmp_path / "home" / "cache"
+    with pytest.raises(ConfigError, match="data.cache_dir=~nosuchuser_qanchor/c: no such user's home directory"):
+        qanchor.load_dataset(tiny_dataset, cache_dir="~nosuchuser_qanchor/c")
+    assert not (tmp_path / "~").exists()
+
+
+def test_ids_that_differ_only_by_a_trailing_nul_stay_apart_when_subsampled():
+    """numpy's fixed-width strings drop trailing NULs: max_users read "u1\\x00" as "u1" and dropped those users."""
+    from qanchor.bench.tasks import subsample
+    from qanchor.data.dataset import Task
+    from qanchor.data.manifest import TaskDomain, TaskSpec
+
+    ids = np.array([f"u{i}" + "\x00" * (i % 2) for i in range(10)], object)
+    task = Task(TaskSpec("t", TaskDomain.PROFILE, "Will it?", 0), ids, np.arange(10) % 2)
+    kept = subsample([task], 8, seed=0)[0]
+    assert len(kept.user_ids) == 8 and len(set(kept.user_ids.tolist())) == 8

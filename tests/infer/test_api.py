@@ -331,7 +331,7 @@ def test_a_checkpoint_whose_encoder_folder_moved_is_served_through_a_cache_opene
         QAnchor.from_pretrained(ckpt, text_cache=cache).embed(user, query)
     # a checkpoint from before the digest, whose encoder folder is gone: nothing to check a cache against, so refused
     (ckpt / "qanchor.json").write_text(json.dumps({k: v for k, v in meta.items() if k != "text_encoder_digest"}))
-    with pytest.raises(CheckpointError, match="did not record what its encoder computes, and whose encoder folder is gone"):
+    with pytest.raises(CheckpointError, match="did not record what its encoder computes, and whose encoder cannot be found"):
         QAnchor.from_pretrained(ckpt, text_cache=cache).embed(user, query)
 
 

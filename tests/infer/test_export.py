@@ -173,6 +173,9 @@ def test_read_queries_formats(tmp_path):
     assert read_queries(tmp_path / "yaml.yaml") == [("na", "null"), ("null", "Will this user buy?")]
     (tmp_path / "merge.yaml").write_text("- &base {query_id: a, query: 'Will it pay?'}\n- <<: *base\n  query_id: b\n")
     assert read_queries(tmp_path / "merge.yaml") == [("a", "Will it pay?"), ("b", "Will it pay?")]
+    # a repeated id: YAML keeps the last, so a question was dropped without a word (a CSV's repeat is refused)
+    _refused(tmp_path, "twice.yaml", "churn: Will it churn?\nchurn: Will it buy wine?\n",
+             r"twice.yaml, line 2: query id 'churn' appears twice")
 
 
 def test_read_queries_from_a_csv_with_its_header(tmp_path):
