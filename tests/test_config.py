@@ -280,3 +280,42 @@ def test_errors_name_the_layer_at_fault_and_preset_null_turns_the_preset_off(tmp
     bare = load_config(path, ["model.preset=null"])
     assert tiny.model.preset == "tiny" and bare.model.preset is None
     assert bare.model.max_query_tokens == ModelConfig().max_query_tokens != tiny.model.max_query_tokens
+
+
+def test_a_deepspeed_file_cannot_train_with_a_rate_or_clip_the_records_do_not_show(tmp_path):
+    """A file's optimizer lr and gradient_clipping replaced the train section's while the start line and the saved
+    config.yaml (what a resume is checked against) still said lr 0.001: the run's loss climbed to 9,653 at lr 0.5."""
+    import json
+
+    from qanchor.config import TrainConfig
+    from qanchor.train.engine import deepspeed_config
+
+    def with_file(overrides) -> dict:
+        path = tmp_path / "ds.json"
+        path.write_text(json.dumps(overrides))
+        return deepspeed_config(TrainConfig(deepspeed_config=str(path)), world=1)
+
+    with pytest.raises(ConfigError, match=r'optimizer.params.lr=0.5, and train.lr is 0.0001.*train.lr=0.5 instead'):
+        with_file({"optimizer": {"type": "AdamW", "params": {"lr": 0.5}}})
+    with pytest.raises(ConfigError, match=r"gradient_clipping=0.5, and train.grad_clip is 1.0"):
+        with_file({"gradient_clipping": 0.5})
+    with pytest.raises(ConfigError, match="optimizer.params.lr=0.5"):  # another optimizer takes the file's params too
+        with_file({"optimizer": {"type": "Lamb", "params": {"lr": 0.5}}})
+    assert with_file({"optimizer": {"params": {"lr": TrainConfig().lr}}, "gradient_clipping": "auto"})["gradient_clipping"] == 1.0
+
+
+@pytest.mark.parametrize("override, match", [
+    ("model.user_encoder.adapter_hidden=0", "adapter_hidden=0: the adapters' width must be at least 1"),
+    ("model.user_encoder.tabular_tokens=0", "tabular_tokens=0: at least 1"),
+    ("model.user_encoder.dropout=1.5", r"dropout=1.5: a probability in \[0, 1\)"),
+    ("model.user_encoder.content_use=path", "content_use=path puts the content components in the statistics path"),
+    ("loss.mode=ntp", "loss.answer_bank adds negatives to the contrastive loss, which loss.mode=ntp turns off"),
+    ("model.answer_pooling=mean", "model.answer_pooling=mean pools the backbone tower's answer tokens"),
+])
+def test_recipe_settings_that_cannot_work_or_do_nothing_are_refused(override, match):
+    """Each was accepted: zero-width adapters trained a model that reads no user, 0 tabular tokens and a dropout of 1.5
+    crashed after setup, and the rest changed nothing without a word."""
+    extra = ["loss.answer_bank=8"] if override == "loss.mode=ntp" else []
+    base = ["model.user_encoder.content_components=0"] if "content_use" in override else []
+    with pytest.raises(ConfigError, match=match):
+        load_config("configs/pretrain/tiny-synth.yaml", [*base, *extra, override], schema=PretrainConfig)

@@ -59,6 +59,13 @@ class PretrainConfig:
                               "adds targets to the profile loss, which loss.profile_weight=0 turns off; set "
                               "model.user_encoder.content_components=0, a positive loss.profile_weight or "
                               "model.user_encoder.content_use=path")
+        if self.loss.answer_bank and self.loss.mode == "ntp":
+            raise ConfigError("loss.answer_bank adds negatives to the contrastive loss, which loss.mode=ntp turns off; set "
+                              "loss.answer_bank=0 or loss.mode=both")
+        if self.model.answer_pooling != "last" and self.model.answer_tower != "backbone":
+            raise ConfigError(f"model.answer_pooling={self.model.answer_pooling} pools the backbone tower's answer tokens, "
+                              f"and model.answer_tower={self.model.answer_tower} embeds answers with the sentence encoder; "
+                              "set model.answer_tower=backbone or leave answer_pooling at last")
         if self.loss.answer_bank and self.model.answer_tower != "text_encoder":
             raise ConfigError("loss.answer_bank needs model.answer_tower=text_encoder (only frozen answer vectors can "
                               "be re-projected with the current weights); set loss.answer_bank=0 or change the tower")

@@ -140,6 +140,17 @@ class UserEncoderConfig:
         if self.content_components < 0:
             raise ConfigError(f"model.user_encoder.content_components={self.content_components}: must be 0 (off) or a "
                               "positive number of principal components per sequence modality")
+        if self.adapter_hidden < 1:  # zero-width adapters make every user token a constant: the model reads no user
+            raise ConfigError(f"model.user_encoder.adapter_hidden={self.adapter_hidden}: the adapters' width must be at "
+                              "least 1 (the presets use 128-896)")
+        if self.tabular_tokens < 1:
+            raise ConfigError(f"model.user_encoder.tabular_tokens={self.tabular_tokens}: at least 1 (a dataset without "
+                              "tabular features gets no tabular tokens whatever this says)")
+        if not 0 <= self.dropout < 1:
+            raise ConfigError(f"model.user_encoder.dropout={self.dropout}: a probability in [0, 1)")
+        if self.content_use == "path" and not self.content_components:
+            raise ConfigError("model.user_encoder.content_use=path puts the content components in the statistics path, "
+                              "and content_components=0 makes none; set content_components (16-64) or content_use=target")
         if self.summary_stats != "basic" and self.summary_input != "text":
             raise ConfigError(f'model.user_encoder.summary_stats="{self.summary_stats}" needs summary_input="text" (the '
                               'statistics feed the modality token built from the raw text mean)')

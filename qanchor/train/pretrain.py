@@ -656,6 +656,7 @@ def _train_loop(cfg: PretrainConfig, engine, stream: PretrainStream, start: int,
             log(f"pretrain: step {step + 1}/{tc.max_steps} loss {loss:.4f} contrastive {cl:.4f} ntp {ntp:.4f} "
                 + (f"profile {prof:.4f} " if cfg.loss.profile_weight > 0 else "")
                 + (f"future {fut:.4f} " if cfg.loss.future_weight > 0 else "")
+                + (f"path-free {path_free:.4f} " if cfg.loss.path_free_weight > 0 else "")
                 + f"lr {record['lr']:.3g} {record['samples_per_s']:.1f} samples/s ETA {format_seconds(remaining)}")
         if (step + 1) % tc.save_every == 0 or step + 1 == tc.max_steps:
             save(step + 1)

@@ -164,6 +164,8 @@ def test_a_principal_path_and_the_path_free_loss_train_under_deepspeed(prepared,
     records = _metrics(out)
     assert [r["step"] for r in records] == [1, 2, 3] and all(r["loss_path_free"] > 0 for r in records)
     assert any("path-free" in ln for ln in done.stdout.splitlines() if "pretrain: done" in ln)
+    steps = [ln for ln in done.stdout.splitlines() if "pretrain: step " in ln]  # the term the loss holds, shown each step
+    assert steps and all("path-free " in ln for ln in steps)
     weights = load_file(out / "checkpoint" / "model.safetensors")
     assert weights["statistics_path.basis"].abs().sum() > 0 and weights["statistics_path.gain"].shape == (1,)
     assert "statistics_path.linear.weight" not in weights
