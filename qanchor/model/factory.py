@@ -83,7 +83,14 @@ def _apply_lora(backbone: torch.nn.Module, cfg: ModelConfig, new_token_ids: list
         # peft reads transformers' deprecated `is_gradient_checkpointing` alias: a notice for peft's authors,
         # printed into every LoRA user's log. Only that one message is silenced.
         warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
-        return get_peft_model(backbone, peft_cfg)
+        try:
+            return get_peft_model(backbone, peft_cfg)
+        except ValueError as exc:  # peft's NoMatchingPeftModuleError: a target name this backbone has no layer of
+            if type(exc).__name__ != "NoMatchingPeftModuleError":
+                raise
+            linear = sorted({n.rsplit(".", 1)[-1] for n, m in backbone.named_modules() if isinstance(m, torch.nn.Linear)})
+            raise ConfigError(f"model.backbone.lora.target_modules={list(lora.target_modules)}: no layer of the backbone "
+                              f"has such a name; its linear layers are named {', '.join(linear)}") from None
 
 
 def build_model(cfg: ModelConfig, manifest: Manifest, text_dim: int, tabular_columns: list[str],

@@ -856,3 +856,18 @@ def test_a_gpu_node_loading_a_checkpoint_onto_its_cpu_gets_sdpa(monkeypatch):
     with pytest.warns(UserWarning, match="cannot run here.*sdpa"):
         assert backbone.resolve_attn_implementation(named, loading=True, device=torch.device("cpu")) == "sdpa"
     assert backbone.resolve_attn_implementation(auto) == "flash_attention_2"  # training: the device is CUDA's
+
+
+def test_lora_target_modules_the_backbone_lacks_are_one_clear_error():
+    """A mistyped target name ended in peft's NoMatchingPeftModuleError traceback."""
+    from dataclasses import replace
+
+    from qanchor.errors import ConfigError
+
+    cfg = load_config(Path("configs/model/tiny.yaml"))
+    lora = replace(cfg.backbone.lora, enabled=True, target_modules=["foo"])
+    cfg = replace(cfg, backbone=replace(cfg.backbone, lora=lora))
+    manifest = Manifest.from_dict({"name": "x", "cutoff": "2024-01-01", "modalities": [{"name": "app"}]})
+    with pytest.raises(ConfigError, match=r"target_modules=\['foo'\]: no layer of the backbone has such a name; its linear "
+                                          r"layers are named .*q_proj"):
+        build_model(cfg, manifest, 384, [], load_weights=False)
