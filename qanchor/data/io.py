@@ -49,10 +49,10 @@ import qanchor
 from qanchor.errors import OutputError
 from qanchor.faults import failpoint
 
-__all__ = ["MARKER_FILE", "file_sha256", "as_umask_allows", "is_temporary", "OutputKind", "output_kind", "mark_output", "check_output_dir", "claim_output_dir",
+__all__ = ["MARKER_FILE", "file_sha256", "as_umask_allows", "is_temporary", "OutputKind", "output_kind", "output_record", "mark_output", "check_output_dir", "claim_output_dir",
            "check_not_inside", "check_replaceable",
            "atomic_path", "atomic_dir", "write_parquet", "write_yaml", "write_text", "write_json", "read_json_object",
-           "fsync_tree", "to_plain", "local_path"]
+           "fsync_tree", "to_plain", "local_path", "RepeatedKeyError", "UniqueKeyLoader"]
 
 MARKER_FILE = ".qanchor-output"
 _TMP, _OLD = "qanchor-tmp", "qanchor-old"
@@ -76,17 +76,26 @@ class OutputKind(str, Enum):
 
 def output_kind(directory: str | os.PathLike) -> str | None:
     """The kind named by ``directory``'s marker, or None when qanchor did not mark it."""
-    path = Path(directory) / MARKER_FILE
-    try:
-        return json.loads(path.read_text(encoding="utf-8")).get("kind")
-    except (OSError, ValueError, AttributeError):
-        return None
+    return output_record(directory).get("kind")
 
 
-def mark_output(directory: str | os.PathLike, kind: OutputKind) -> None:
-    """Write ``directory``'s marker (the directory must exist)."""
+def mark_output(directory: str | os.PathLike, kind: OutputKind, written: Mapping[str, str] | None = None) -> None:
+    """Write ``directory``'s marker (the directory must exist); ``written`` (relative path -> SHA-256) records the
+    files the output was built with, so that a later rebuild can tell them from files a user put there."""
     # No timestamp: outputs built from the same inputs and seed stay byte-identical.
-    write_text(json.dumps({"kind": kind.value, "qanchor_version": qanchor.__version__}) + "\n", Path(directory) / MARKER_FILE)
+    record = {"kind": kind.value, "qanchor_version": qanchor.__version__}
+    if written is not None:
+        record["written"] = dict(sorted(written.items()))
+    write_text(json.dumps(record) + "\n", Path(directory) / MARKER_FILE)
+
+
+def output_record(directory: str | os.PathLike) -> dict:
+    """The whole marker of ``directory`` ({} when unmarked or unreadable)."""
+    try:
+        record = json.loads((Path(directory) / MARKER_FILE).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return {}
+    return record if isinstance(record, dict) else {}
 
 
 def _within(inner: Path, outer: Path) -> bool:
@@ -454,6 +463,32 @@ def _publish(tmp: Path, target: Path, kind: OutputKind, layout: Collection[str] 
         os.replace(tmp, target)
         shutil.rmtree(old)
     _fsync_dir(target.parent)
+
+
+# ---------------------------------------------------------------------------------- YAML
+class RepeatedKeyError(yaml.YAMLError):
+    """A mapping in a YAML file gives one key twice: YAML keeps the last value without a word."""
+
+    def __init__(self, key: str, line: int):
+        self.key, self.line = key, line
+        super().__init__(f"line {line}: key {key!r} appears twice")
+
+
+class UniqueKeyLoader(yaml.SafeLoader):
+    """``yaml.SafeLoader`` that refuses a key given twice in one mapping (:class:`RepeatedKeyError`): a hand edit
+    that appends a second ``cutoff:`` must not move the cutoff silently. A key overriding a merged (``<<``) entry is
+    no repeat."""
+
+    def construct_mapping(self, node, deep=False):
+        seen = set()
+        for key_node, _ in node.value:
+            if key_node.tag == "tag:yaml.org,2002:merge":
+                continue
+            key = self.construct_object(key_node, deep=deep)
+            if isinstance(key, str) and key in seen:
+                raise RepeatedKeyError(key, key_node.start_mark.line + 1)
+            seen.add(key)
+        return super().construct_mapping(node, deep=deep)
 
 
 # ---------------------------------------------------------------------------------- file writers

@@ -25,7 +25,7 @@ from typing import Any
 
 import yaml
 
-from qanchor.data.io import write_yaml
+from qanchor.data.io import RepeatedKeyError, UniqueKeyLoader, write_yaml
 from qanchor.errors import DataValidationError
 
 _EPOCH = datetime(1970, 1, 1, tzinfo=timezone.utc)
@@ -155,7 +155,10 @@ class Manifest:
         if not path.is_file():
             raise DataValidationError(str(path), "file not found; every dataset directory needs a manifest.yaml")
         try:
-            raw = yaml.safe_load(path.read_text(encoding="utf-8"))
+            raw = yaml.load(path.read_text(encoding="utf-8"), Loader=UniqueKeyLoader)
+        except RepeatedKeyError as exc:
+            raise DataValidationError(str(path), f"line {exc.line}: key {exc.key!r} is given twice (YAML would keep the "
+                                      "last one without a word); keep one") from None
         except UnicodeDecodeError as exc:
             raise DataValidationError(str(path), f"not UTF-8 text (byte {exc.object[exc.start]:#04x} at offset {exc.start}); "
                                       "save the file as UTF-8") from None
@@ -209,7 +212,10 @@ def _parse_cutoff(value: Any, fail) -> datetime:
             raise fail("cutoff", f"'{value}' is not an ISO datetime such as 2017-09-30T00:00:00+00:00") from None
     if dt.tzinfo is None:
         dt = dt.replace(tzinfo=timezone.utc)  # a naive cutoff is read as UTC, like the event timestamps
-    return dt.astimezone(timezone.utc)
+    try:
+        return dt.astimezone(timezone.utc)
+    except OverflowError:  # 9999-12-31T23:00-05:00 is past the last representable instant in UTC
+        raise fail("cutoff", f"'{value}' lies beyond the year 9999 in UTC; give a real cutoff") from None
 
 
 def _parse_modality(raw: Any, i: int, fail) -> ModalitySpec:
@@ -261,6 +267,6 @@ def _parse_task(raw: Any, i: int, fail) -> TaskSpec:
     if not isinstance(query, str) or not query.strip():
         raise fail(f"{key}.query", "must be a non-empty question text")
     window = raw["label_window_days"]
-    if not isinstance(window, int) or window <= 0:
+    if not isinstance(window, int) or isinstance(window, bool) or window <= 0:  # YAML's true is an int to Python
         raise fail(f"{key}.label_window_days", "must be a positive whole number of days")
     return TaskSpec(raw["name"], domain, query.strip(), window, str(raw.get("description", "")))

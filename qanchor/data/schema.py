@@ -26,8 +26,11 @@ from qanchor.data.io import (
     atomic_dir,
     check_replaceable,
     enclosing_output,
+    file_sha256,
     is_temporary,
+    mark_output,
     output_kind,
+    output_record,
     refuse_working_directory,
     write_parquet,
 )
@@ -163,6 +166,11 @@ def write_dataset(
             label = table.column("label").cast(pa.int8())
             table = table.set_column(table.schema.get_field_index("label"), "label", label)
             write_parquet(table, tmp / TASKS_DIR / f"{name}.parquet")
+        # what the build wrote, by content: a rebuild replaces the directory whole, so a file a user adds or overwrites
+        # later (an events part of their own named like ours, a task of their own declared in the manifest) must be
+        # told from these, which names alone cannot do
+        built = [tmp / TABULAR_FILE, *sorted((tmp / EVENTS_DIR).glob("*")), *sorted((tmp / TASKS_DIR).glob("*"))]
+        mark_output(tmp, OutputKind.DATASET, {p.relative_to(tmp).as_posix(): file_sha256(p) for p in built if p.is_file()})
     return out_dir
 
 
@@ -203,17 +211,20 @@ def check_dataset_target(out_dir: str | Path) -> None:
 
 
 def _not_built(root: Path) -> list[str]:
-    """What in a dataset directory a build did not write: anything but the manifest, ``events/part-*.parquet``, the
-    tabular file, the manifest's task files, the UserU pairs, the cache and the output marker."""
+    """What in a dataset directory a build did not write: anything but the manifest, the events, tabular and task files
+    its marker records (with the same content), the UserU pairs, the cache and the output marker. A dataset built
+    before the marker recorded its files: ``events/part-*.parquet``, the tabular file and the manifest's task files."""
+    written = output_record(root).get("written")
+    if isinstance(written, dict):
+        return _not_built_recorded(root, written)
     try:
         tasks = {t.name for t in Manifest.load(root).tasks}
     except Exception:  # an unreadable manifest: no task file is known to be the build's
         tasks = set()
     out = []
     for path in sorted(root.iterdir()):
-        if path.name == CACHE_DIR and path.is_dir():  # qanchor's cache, unless an output was put inside it
-            out += [f"{CACHE_DIR}/{m.parent.relative_to(path)}" for m in sorted(path.rglob(MARKER_FILE))
-                    if output_kind(m.parent) not in (OutputKind.CACHE.value, OutputKind.MODEL_CACHE.value)]
+        if path.name == CACHE_DIR and path.is_dir():
+            out += _foreign_in_cache(path)
             continue
         if path.name in (MANIFEST_FILE, TABULAR_FILE, USERU_FILE, MARKER_FILE) or is_temporary(path):
             continue
@@ -225,3 +236,27 @@ def _not_built(root: Path) -> list[str]:
         else:
             out.append(path.name)
     return out
+
+
+def _not_built_recorded(root: Path, written: dict) -> list[str]:
+    """:func:`_not_built` for a dataset whose marker records each file it was built with and its SHA-256."""
+    out = []
+    for path in sorted(root.iterdir()):
+        if path.name == CACHE_DIR and path.is_dir():
+            out += _foreign_in_cache(path)
+            continue
+        if path.name in (MANIFEST_FILE, USERU_FILE, MARKER_FILE) or is_temporary(path):
+            continue
+        files = sorted(path.iterdir()) if path.name in (EVENTS_DIR, TASKS_DIR) and path.is_dir() else [path]
+        for file in files:
+            name = file.relative_to(root).as_posix()
+            if written.get(name) is None or not file.is_file() or file_sha256(file) != written[name]:
+                out.append(name)  # not the build's, or the build's file overwritten since: the user's now
+    return out
+
+
+def _foreign_in_cache(cache: Path) -> list[str]:
+    """The outputs put inside a dataset's cache folder that are not qanchor's caches (the cache itself is ours)."""
+    return [f"{CACHE_DIR}/{m.parent.relative_to(cache)}" for m in sorted(cache.rglob(MARKER_FILE))
+            if output_kind(m.parent) not in (OutputKind.CACHE.value, OutputKind.MODEL_CACHE.value)]
+

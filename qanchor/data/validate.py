@@ -13,6 +13,7 @@ Example:
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from datetime import datetime, timedelta, timezone
 from pathlib import Path
 
 import numpy as np
@@ -111,6 +112,9 @@ def _open(path: Path) -> pq.ParquetFile:
         pf = pq.ParquetFile(path)
     except (pa.ArrowInvalid, OSError) as exc:
         raise DataValidationError(str(path), f"not a readable Parquet file ({exc})") from None
+    except UnicodeDecodeError:  # Arrow decodes the column names as it opens the file
+        raise DataValidationError(str(path), "a column name is not valid UTF-8 text; rename the columns (as UTF-8) "
+                                  "and write the file again") from None
     if pf.metadata.num_rows == 0:
         raise DataValidationError(str(path), "file has no rows; remove it or export the data again")
     return pf
@@ -134,6 +138,9 @@ def _require(path: Path, schema: pa.Schema, column: str, kind: str) -> None:
         elif pa.types.is_null(typ) and kind == "number":  # pandas writes an object column holding only None so
             hint = (" (a column with no value at all, as pandas writes one that holds only None: write it with "
                     f"df['{column}'].astype('float64'), null where unknown)")
+        elif kind == "string" and pa.types.is_string_view(typ):  # Polars 1.38 writes its strings so
+            hint = (" (text stored as string_view, as newer Polars writes it: cast the column to a plain string, e.g. "
+                    f"pl.col('{column}').cast(pl.String) written with use_pyarrow=True, or table.cast(...) to pa.string())")
         elif kind == "string" and pa.types.is_integer(typ):
             hint = f" (ids that are numbers: write them as text, df['{column}'].astype(str), the same way in every file)"
         else:
@@ -167,6 +174,17 @@ def _no_nulls(path: Path, batch: pa.RecordBatch, column: str, offset: int) -> No
     if col.null_count:
         row = _first(col.is_null())
         raise DataValidationError(str(path), "null value; every row needs one", column=column, row=offset + row)
+
+
+_EPOCH_YEAR_US = 365 * 86_400 * 1_000_000
+
+
+def _micros_text(us: int) -> str:
+    """A timestamp (microseconds since 1970, UTC) as ISO text; one beyond Python's dates (a wrong unit) as the number."""
+    try:
+        return (datetime(1970, 1, 1, tzinfo=timezone.utc) + timedelta(microseconds=us)).isoformat()
+    except OverflowError:
+        return f"{us} microseconds since 1970 (beyond the year 9999: check the unit the timestamps were written in)"
 
 
 def _utc_micros(col: pa.Array) -> np.ndarray:
@@ -206,7 +224,7 @@ def _check_event_file(path: Path, manifest: Manifest, report: ValidationReport, 
     cutoff_us = manifest.cutoff_us
     numeric = [c for c in dict.fromkeys(["value", *(c for m in manifest.sequence_modalities for c in m.numeric_columns)])
                if c in schema.names]
-    offset = 0
+    offset, span = 0, None  # span: the earliest and latest event, microseconds
     for batch in _batches(path, pf, ["user_id", "modality", "ts", "text", *numeric]):
         for col in ("user_id", "modality", "text"):
             _valid_text(path, batch.column(col), col, offset)
@@ -238,16 +256,26 @@ def _check_event_file(path: Path, manifest: Manifest, report: ValidationReport, 
         if late is not None:
             raise DataValidationError(
                 str(path),
-                f"event at {batch.column('ts')[late].as_py()} is not before {cutoff_name} "
+                f"event at {_micros_text(int(ts[late]))} is not before {cutoff_name} "
                 f"{manifest.cutoff.isoformat()}; inputs must come from before it",
                 column="ts",
                 row=offset + late,
             )
+        if len(ts):
+            span = (min(span[0], int(ts.min())), max(span[1], int(ts.max()))) if span else (int(ts.min()), int(ts.max()))
         counts = pc.value_counts(mods)
         for item in counts.to_pylist():
             report.events_per_modality[item["values"]] += item["counts"]
         users.update(pc.unique(batch.column("user_id")).to_pylist())
         offset += batch.num_rows
+    if span is not None and 0 <= span[0] and span[1] < _EPOCH_YEAR_US and cutoff_us > 20 * _EPOCH_YEAR_US:
+        # seconds or milliseconds written into a microsecond or nanosecond column: every event lands in January 1970,
+        # the dataset validates, and every window before the cutoff is empty (no future pairs, no labels' history)
+        raise DataValidationError(str(path), f"every event lies in 1970 (the latest at {_micros_text(span[1])}), decades "
+                                  f"before {cutoff_name} {manifest.cutoff.isoformat()}: the timestamps were most likely "
+                                  "written in another unit than their column's (seconds or milliseconds since 1970 "
+                                  "stored as microseconds or nanoseconds); convert them with the right unit and write "
+                                  "the file again", column="ts")
     report.n_events += offset
 
 
@@ -409,7 +437,12 @@ def _check_userU(root: Path, manifest: Manifest, report: ValidationReport, users
     # qanchor's own pairs were built for this dataset as it was then: say how to rebuild them
     rebuild = (f"; these pairs were built by `qanchor data userU` before the dataset changed: rebuild them with "
                f"`qanchor data userU {root}`" if userU_metadata(path) is not None else "")
-    late = _first(_utc_micros(table.column("cutoff").combine_chunks()) > manifest.cutoff_us)
+    try:
+        pair_cutoffs = _utc_micros(table.column("cutoff").combine_chunks())
+    except pa.ArrowInvalid as exc:  # seconds or milliseconds beyond what microseconds can hold
+        raise DataValidationError(str(path), f"a cutoff out of range ({str(exc).splitlines()[0][:120]}); check the "
+                                  "unit the cutoffs were written in", column="cutoff") from None
+    late = _first(pair_cutoffs > manifest.cutoff_us)
     if late is not None:
         raise DataValidationError(str(path), "pair cutoff lies after the dataset cutoff (it would look into the label "
                                   f"window){rebuild}", column="cutoff", row=late)

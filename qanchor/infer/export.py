@@ -42,6 +42,8 @@ import yaml
 from qanchor.data.dataset import Dataset
 from qanchor.data.io import (
     OutputKind,
+    RepeatedKeyError,
+    UniqueKeyLoader,
     claim_output_dir,
     hold_output,
     releasing_outputs,
@@ -94,22 +96,10 @@ def _check_queries(pairs: list[tuple[str, str]], source: str) -> list[tuple[str,
     return [(qid, q.strip()) for qid, (_, q) in zip(ids, pairs)]
 
 
-class _TextLoader(yaml.SafeLoader):
+class _TextLoader(UniqueKeyLoader):
     """YAML as written: a plain scalar stays text (YAML 1.1 typing read the id 010 as 8, 007 as 7, yes as True, and
     ``index build query_id=010`` then found nothing); null, quoting, anchors and merge keys keep their meaning. A key
     given twice is refused (YAML keeps the last, so one question was dropped without a word)."""
-
-    def construct_mapping(self, node, deep=False):
-        seen = set()
-        for key_node, _ in node.value:  # the mapping's own entries: one that overrides a merged entry is no repeat
-            if key_node.tag == "tag:yaml.org,2002:merge":
-                continue
-            key = self.construct_object(key_node, deep=deep)
-            if isinstance(key, str) and key in seen:
-                raise ModelInputError(f"{self.name}, line {key_node.start_mark.line + 1}: query id {key!r} appears "
-                                      "twice; ids must be unique")
-            seen.add(key)
-        return super().construct_mapping(node, deep=deep)
 
 
 _TextLoader.yaml_implicit_resolvers = {
@@ -147,6 +137,9 @@ def read_queries(path: str | Path) -> list[tuple[str, str]]:
         try:
             with path.open(encoding="utf-8") as fh:
                 raw = yaml.load(fh, Loader=_TextLoader)
+        except RepeatedKeyError as exc:
+            raise ModelInputError(f"{path}, line {exc.line}: query id {exc.key!r} appears twice; ids must be "
+                                  "unique") from None
         except yaml.YAMLError as exc:
             raise ModelInputError(f"{path}: not valid YAML ({exc.__class__.__name__}); quote questions that contain ':' or '?'") from None
         if isinstance(raw, dict):

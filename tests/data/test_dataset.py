@@ -182,6 +182,41 @@ def test_a_rebuild_passes_over_what_qanchor_wrote_and_stops_at_what_it_did_not(t
     assert (ds / "events" / "mine.csv").exists()
 
 
+def test_a_rebuild_keeps_files_named_like_the_builds_own(tmp_path):
+    """A build records what it wrote by content: an events part of the user's own named like ours, a task of their own
+    declared in the manifest, or one of the build's files overwritten by the user, made a rebuild delete them (names
+    alone said they were the build's)."""
+    import yaml
+
+    from data_tools.synth import build_synthetic
+    from qanchor.data.schema import check_dataset_target
+    from qanchor.errors import OutputError
+
+    ds = tmp_path / "ds"
+    build_synthetic(ds, n_users=8, seed=0)
+    check_dataset_target(ds)  # only what the build wrote: may be rebuilt
+
+    own_part = ds / "events" / "part-00099.parquet"
+    pq.write_table(pq.read_table(ds / "events" / "part-00000.parquet").slice(0, 2), own_part)
+    with pytest.raises(OutputError, match=r"\('events/part-00099.parquet'\)"):
+        check_dataset_target(ds)
+    own_part.unlink()
+
+    (ds / "tasks" / "my_task.parquet").write_bytes((ds / "tasks" / "churn.parquet").read_bytes())
+    manifest = yaml.safe_load((ds / "manifest.yaml").read_text())
+    manifest["tasks"].append({**manifest["tasks"][0], "name": "my_task", "query": "My own question?"})
+    (ds / "manifest.yaml").write_text(yaml.safe_dump(manifest, sort_keys=False))
+    with pytest.raises(OutputError, match=r"\('tasks/my_task.parquet'\)"):
+        check_dataset_target(ds)
+    (ds / "tasks" / "my_task.parquet").unlink()
+
+    churn = pq.read_table(ds / "tasks" / "churn.parquet")
+    pq.write_table(churn.slice(0, 3), ds / "tasks" / "churn.parquet")  # the user's own labels over the build's file
+    with pytest.raises(OutputError, match=r"\('tasks/churn.parquet'\)"):
+        check_dataset_target(ds)
+    assert pq.read_table(ds / "tasks" / "churn.parquet").num_rows == 3
+
+
 def test_integer_amounts_beyond_float32_integers_load(tiny_dataset, tmp_path):
     """Amounts in cents are integers; above 2**24 Arrow's checked cast to float32 refused them after validation had
     passed, and every command failed with a traceback. They load as float32, to float32's precision."""

@@ -34,6 +34,14 @@ def _edit_manifest(ds: Path, fn) -> None:
     (ds / "manifest.yaml").write_text(yaml.safe_dump(raw))
 
 
+def _latin1_column_name(ds: Path) -> None:
+    """A column named in cp1252 bytes, as an old writer names it (Arrow cannot write one: patch the file's bytes)."""
+    path = ds / "tabular.parquet"
+    table = pq.read_table(path)
+    pq.write_table(table.rename_columns([*table.column_names[:-1], "QQQQQ"]), path, store_schema=False)
+    path.write_bytes(path.read_bytes().replace(b"QQQQQ", b"\xe2ge\xa0Q"))
+
+
 CORRUPTIONS = {
     "missing column": (lambda ds: _rewrite(_events(ds), lambda t: t.drop_columns(["text"])), ["part-00000.parquet", "'text'", "missing"]),
     "mistyped timestamp": (lambda ds: _rewrite(_events(ds), lambda t: _set_col(t, "ts", t.column("ts").cast(pa.string()))), ["'ts'", "expected timestamp"]),
@@ -68,6 +76,16 @@ CORRUPTIONS = {
     "all-null value column": (lambda ds: _rewrite(_events(ds), lambda t: _set_col(t, "value", pa.nulls(t.num_rows))), ["'value'", "has type null", "astype('float64')"]),
     "integer user ids": (lambda ds: _rewrite(ds / "tabular.parquet", lambda t: _set_col(t, "user_id", pa.array(range(t.num_rows)))), ["tabular.parquet", "'user_id'", "has type int64", "write them as text"]),
     "yes/no labels": (lambda ds: _rewrite(ds / "tasks/churn.parquet", lambda t: _set_col(t, "label", pa.array([v == 1 for v in t.column("label").to_pylist()]))), ["churn.parquet", "'label'", "has type bool", "0/1 integers"]),
+    # nanoseconds since 1970 written into a microsecond column: years beyond 9999 (a traceback formatting the late event)
+    "timestamps in ns as us": (lambda ds: _rewrite(_events(ds), lambda t: _set_col(t, "ts", pa.compute.multiply(t.column("ts").cast(pa.int64()), 1000).cast(pa.timestamp("us", "UTC")))), ["'ts'", "beyond the year 9999", "check the unit", "row 0"]),
+    # milliseconds since 1970 written into a microsecond column: every event in January 1970, validated, no history
+    "timestamps in ms as us": (lambda ds: _rewrite(_events(ds), lambda t: _set_col(t, "ts", pa.compute.divide(t.column("ts").cast(pa.int64()), 1000).cast(pa.timestamp("us", "UTC")))), ["'ts'", "every event lies in 1970", "another unit"]),
+    "late event in an unknown time zone": (lambda ds: _rewrite(_events(ds), lambda t: _set_col(t, "ts", pa.array(t.column("ts").cast(pa.int64()).to_pylist()[:2] + [4_000_000_000_000_000] + t.column("ts").cast(pa.int64()).to_pylist()[3:], pa.int64()).cast(pa.timestamp("us", "Mars/Olympus")))), ["'ts'", "row 2", "not before the dataset cutoff", "2096-"]),
+    "column name not UTF-8": (_latin1_column_name, ["tabular.parquet", "column name is not valid UTF-8"]),
+    "string_view ids": (lambda ds: _rewrite(ds / "tabular.parquet", lambda t: _set_col(t, "user_id", t.column("user_id").cast(pa.string_view()))), ["'user_id'", "string_view", "pa.string()"]),
+    "manifest key given twice": (lambda ds: (ds / "manifest.yaml").write_text((ds / "manifest.yaml").read_text() + "cutoff: '2030-01-01T00:00:00+00:00'\n"), ["manifest.yaml", "'cutoff' is given twice", "keep one"]),
+    "label window true": (lambda ds: _edit_manifest(ds, lambda m: m["tasks"][0].update(label_window_days=True)), ["label_window_days", "whole number"]),
+    "cutoff beyond year 9999 in UTC": (lambda ds: _edit_manifest(ds, lambda m: m.update(cutoff="9999-12-31T23:00:00-05:00")), ["'cutoff'", "beyond the year 9999"]),
 }
 
 
@@ -209,3 +227,15 @@ def test_one_file_per_modality_needs_only_its_own_columns(tiny_dataset, tmp_path
     assert "events: 469" in capsys.readouterr().out
     record = next(r for r in load_dataset(ds).users() if "app" in r.events)
     assert np.isnan(record.events["app"].extras).all()
+
+
+def test_userU_cutoffs_beyond_microseconds_are_named(tiny_dataset, tmp_path, capsys):
+    """Pair cutoffs in a unit whose values microseconds cannot hold: the cast had no guard (ArrowInvalid traceback)."""
+    ds = tmp_path / "ds"
+    shutil.copytree(tiny_dataset, ds, ignore=shutil.ignore_patterns(".qanchor_cache"))
+    user = pq.read_table(ds / "tabular.parquet").column("user_id")[0].as_py()
+    pq.write_table(pa.table({"user_id": [user], "cutoff": pa.array([2**62], pa.int64()).cast(pa.timestamp("ms")),
+                             "query": ["Is this user active?"], "answer": ["Yes"], "source": ["uqa"]}), ds / "userU.parquet")
+    assert main(["data", "validate", str(ds)]) == 2
+    err = capsys.readouterr().err
+    assert "userU.parquet" in err and "'cutoff'" in err and "check the unit" in err and "Traceback" not in err
