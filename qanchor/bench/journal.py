@@ -59,7 +59,9 @@ def journal_key(cfg: BenchConfig, ds: Dataset, tasks: list[Task], checkpoint_has
     h.update(json.dumps([ds.fingerprint, checkpoint_hash, qanchor.__version__, code_digest(), list(LR_CS),
                          sorted((t, head_digest(e.head)) for t, e in heads.items())]).encode())
     h.update(json.dumps([task_digest(t) for t in tasks]).encode())
-    if cfg.ablations:  # the sub-runs pretrain on the UserU pairs, which the dataset's fingerprint leaves out
+    # the sub-runs (the ablations, and qanchor_random_init, whose checkpoint standardises its query evidence on the
+    # pairs) are made from the UserU pairs, which the dataset's fingerprint leaves out
+    if cfg.ablations or "qanchor_random_init" in cfg.methods:
         h.update(trained_data_id(ds).encode())
     return h.hexdigest()
 

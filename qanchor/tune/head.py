@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import json
 import warnings
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -39,9 +39,13 @@ from qanchor.probe import LR_CS, logistic_probe
 from qanchor.tune.losses import prototype_loss, prototype_score
 
 __all__ = ["ScenarioHead", "HeadEntry", "find_heads", "load_heads", "apply_whitening", "fit_whitening", "kmeans_prototypes",
-           "LogisticStart", "logistic_prototypes", "query_prompt_init", "HEAD_WEIGHTS", "HEAD_META", "SPLIT_FILE"]
+           "LogisticStart", "logistic_prototypes", "query_prompt_init", "HEAD_WEIGHTS", "HEAD_META", "SPLIT_FILE", "HEAD_RECORD",
+           "HEAD_FOLDER_FILES"]
 
 HEAD_WEIGHTS, HEAD_META, SPLIT_FILE = "head.safetensors", "head.yaml", "split.json"
+HEAD_RECORD = "record.json"  # `qanchor prompt-tune`'s record of how the head was tuned, and under which key
+# what a head's folder holds: one that also holds anything else (a user's notes) is not replaced whole
+HEAD_FOLDER_FILES = (HEAD_WEIGHTS, HEAD_META, SPLIT_FILE, HEAD_RECORD)
 
 
 class ScenarioHead(nn.Module):
@@ -137,9 +141,13 @@ class ScenarioHead(nn.Module):
                 "hidden_size": int(self.prompt.shape[1]), "embedding_dim": int(self.prototype_weights.shape[1]),
                 "checkpoint_hash": self.checkpoint_hash, "qanchor_version": qanchor.__version__, **self.extra}
 
-    def save(self, directory: str | Path) -> Path:
-        """Write ``head.safetensors`` + ``head.yaml`` into ``directory`` (replaced atomically)."""
+    def save(self, directory: str | Path, beside: Mapping[str, str] | None = None) -> Path:
+        """Write ``head.safetensors`` + ``head.yaml`` into ``directory`` (replaced atomically, and only if it holds
+        nothing but a head's files); ``beside`` (file name -> text, names from :data:`HEAD_FOLDER_FILES`) is published
+        with them in the same swap, so a killed run never leaves a new head beside an old split or record."""
         directory = Path(directory)
+        if unknown := sorted(set(beside or {}) - set(HEAD_FOLDER_FILES)):
+            raise ValueError(f"a head's folder holds only {', '.join(HEAD_FOLDER_FILES)}, not {', '.join(unknown)}")
         tensors = {"prompt": self.prompt.detach().contiguous(), "prototypes": self.prototype_weights.detach().contiguous(),
                    "prototype_labels": self.prototype_labels.contiguous(), "log_scale": self.log_scale.detach().contiguous(),
                    "bias": self.bias.detach().contiguous()}
@@ -147,10 +155,12 @@ class ScenarioHead(nn.Module):
             tensors.update(whiten_mean=self.whiten_mean.contiguous(), whiten_matrix=self.whiten_matrix.contiguous())
         if self.lookup is not None:
             tensors["lookup"] = self.lookup.detach().contiguous()
-        with atomic_dir(directory, OutputKind.HEAD) as tmp:
+        with atomic_dir(directory, OutputKind.HEAD, HEAD_FOLDER_FILES) as tmp:
             save_file(tensors, str(tmp / HEAD_WEIGHTS))
             as_umask_allows(tmp / HEAD_WEIGHTS)
             (tmp / HEAD_META).write_text(yaml.safe_dump(to_plain(self.metadata()), sort_keys=False))
+            for name, text in (beside or {}).items():
+                (tmp / name).write_text(text, encoding="utf-8")
         return directory
 
     @classmethod

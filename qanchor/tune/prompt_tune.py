@@ -57,7 +57,7 @@ from qanchor.model.factory import ModelMeta, load_checkpoint
 from qanchor.model.layout import tokenize_query
 from qanchor.model.prefix_cache import PrefixStore
 from qanchor.model.qanchor_model import QAnchorModel
-from qanchor.tune.head import HEAD_META, HEAD_WEIGHTS, find_heads
+from qanchor.tune.head import HEAD_FOLDER_FILES, HEAD_META, HEAD_RECORD, HEAD_WEIGHTS, SPLIT_FILE, find_heads
 from qanchor.tune.trainer import frozen_logistic, split_users, tune_task
 
 __all__ = ["run_prompt_tune", "resolve_data_config", "select_tasks", "chosen_tasks", "check_splittable", "encode_users", "format_summary"]
@@ -142,16 +142,13 @@ def encode_users(model: QAnchorModel, ds: Dataset, pipe: UserPipeline, user_ids:
     vectors = None
     if model.query_evidence is not None:
         texts = sorted(set(queries or []))
-        encoded = torch.from_numpy(pipe.cache.encoder.encode([q.strip() for q in texts])).to(device)
+        # one question at a time: in a batch, padding to the longest question moves each vector by ~1e-7, so a head
+        # tuned beside other questions would differ from the same head tuned alone (and be reused as if it did not)
+        encoded = [torch.from_numpy(pipe.cache.encoder.encode([q.strip()])[0]).to(device) for q in texts]
         vectors = dict(zip(texts, encoded))
     batches = (pipe.collate(pipe.pack_many(records, ds.manifest.cutoff_us)).to(device)
                for records in batched(map(adapt, ds.users(user_ids)), chunk))
     return PrefixStore.encode(model, batches, progress=progress, queries=vectors, total=-(-len(user_ids) // chunk))
-
-
-def _write_split(path: Path, store: PrefixStore, split) -> None:
-    ids = {k: [store.user_ids[int(r)] for r in v] for k, v in split.rows.items()}
-    write_text(json.dumps(ids), path)
 
 
 @releasing_outputs
@@ -182,13 +179,15 @@ def run_prompt_tune(cfg: PromptTuneConfig, progress: bool = True) -> dict:
         rest = f"or leave it out: task={','.join(fit)}" if fit else "no task of this run can be split"
         also = f" ({len(refused) - 1} more task(s) too small: {', '.join(list(refused)[1:])})" if len(refused) > 1 else ""
         raise DataValidationError(first.file, f"{first.rule}{also}; {rest}")
+    for name in tasks:  # a question too long for the model: refused before the output folder and the prefixes
+        tokenize_query(tokenizer, views[name].spec.query, model.cfg.max_query_tokens)
     pipe = UserPipeline.for_dataset(ds, data_cfg)
     out = Path(cfg.output_dir)
     claim_output_dir(out, OutputKind.HEADS, {"checkpoint": cfg.checkpoint, "data.path": data_cfg.path,
                                              "labels": cfg.labels}, key="output_dir")
     hold_output(out, "prompt tuning")  # a second run there would pair one run's head with the other's record
-    for name in tasks:  # a folder of someone else's under output_dir is refused before the work, not after it
-        check_replaceable(out / name, OutputKind.HEAD)
+    for name in tasks:  # a folder of someone else's (or notes in a head's) is refused before the work, not after it
+        check_replaceable(out / name, OutputKind.HEAD, HEAD_FOLDER_FILES)
     fingerprint = ds.fingerprint  # stats every dataset file: once, not per task
     # The store holds every chosen task's users, not only the unfinished ones': the same store as an uninterrupted run,
     # so a task tuned after a restart comes out bit-identical. Batch composition moves float rounding, so a head tuned
@@ -214,10 +213,8 @@ def run_prompt_tune(cfg: PromptTuneConfig, progress: bool = True) -> dict:
         if name in finished:
             summary["tasks"][name] = finished[name]
             continue
-        record = _tune_one(model, tokenizer, store, row_of, views[name], cfg, ckpt_hash, out, progress, caps)
-        record["key"] = keys[name]
+        record = _tune_one(model, tokenizer, store, row_of, views[name], cfg, ckpt_hash, out, progress, caps, keys[name])
         failpoint("head-saved")
-        write_text(json.dumps(record), out / name / RECORD)  # last: its presence marks the task as finished
         summary["tasks"][name] = record
         write_text(json.dumps(summary, indent=2), out / "summary.json")
     summary["total_seconds"] = time.perf_counter() - started
@@ -229,7 +226,7 @@ def run_prompt_tune(cfg: PromptTuneConfig, progress: bool = True) -> dict:
     return summary
 
 
-RECORD = "record.json"  # per task: the summary record and the key it was tuned under
+RECORD = HEAD_RECORD  # per task: the summary record and the key it was tuned under
 
 
 def _task_key(cfg: PromptTuneConfig, data: DataConfig, ckpt_hash: str, dataset_fingerprint: str, task: Task,
@@ -255,14 +252,14 @@ def _finished(task_dir: Path, key: str) -> dict | None:
     if not (path.exists() and (task_dir / HEAD_META).exists() and (task_dir / HEAD_WEIGHTS).exists()):
         return None
     try:
-        record = json.loads(path.read_text())
-    except json.JSONDecodeError:
+        record = json.loads(path.read_text(encoding="utf-8"))
+    except (ValueError, OSError):  # damaged (not JSON, not UTF-8) or unreadable: tuned again
         return None
-    return record if record.get("key") == key else None
+    return record if isinstance(record, dict) and record.get("key") == key else None
 
 
 def _tune_one(model, tokenizer, store: PrefixStore, row_of: dict, task: Task, cfg: PromptTuneConfig,
-              ckpt_hash: str, out: Path, progress: bool, caps: dict[str, int]) -> dict:
+              ckpt_hash: str, out: Path, progress: bool, caps: dict[str, int], key: str) -> dict:
     name = task.name
     store = store.at_query(task.spec.query)
     rows = np.array([row_of[u] for u in task.user_ids])
@@ -273,8 +270,6 @@ def _tune_one(model, tokenizer, store: PrefixStore, row_of: dict, task: Task, cf
     lr = frozen_logistic(model, store, query_ids, split, cfg.seed, cfg.prefix_chunk)
     result = tune_task(model, store, query_ids, split, cfg, name, task.spec.query, ckpt_hash, progress)
     result.head.extra["event_caps"] = caps  # serving must pack its users alike (QAnchor refuses other caps)
-    result.head.save(out / name)
-    _write_split(out / name / "split.json", store, split)
     record = {"query": task.spec.query, "n": {k: len(v) for k, v in split.rows.items()},
               "positive_rate": float(task.labels.mean()), "frozen_lr": lr, **result.metrics,
               "best_step": result.best_step, "tune_seconds": result.seconds, "history": result.history}
@@ -282,7 +277,10 @@ def _tune_one(model, tokenizer, store: PrefixStore, row_of: dict, task: Task, cf
         pos = {r: i for i, r in enumerate(rows)}
         test = [pos[int(r)] for r in split.rows["test"]]
         record["oracle"] = {"test": auc_ks(task.labels[test], task.prob[test])}
-    return record
+    # the head, its split and its record are published in one swap; the record (and its key) marks the task finished
+    ids = {k: [store.user_ids[int(r)] for r in v] for k, v in split.rows.items()}
+    result.head.save(out / name, beside={SPLIT_FILE: json.dumps(ids), RECORD: json.dumps({**record, "key": key})})
+    return {**record, "key": key}
 
 
 def format_summary(summary: dict) -> str:

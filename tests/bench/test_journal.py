@@ -5,6 +5,8 @@ from __future__ import annotations
 import json
 from types import SimpleNamespace
 
+import pytest
+
 import qanchor.bench.ablations as ablations_module
 import qanchor.bench.journal as journal_module
 from qanchor.bench.journal import BenchJournal, remove_journal
@@ -85,6 +87,17 @@ def test_the_key_changes_with_the_prompt_tune_files_text(tiny_dataset, tmp_path)
     assert journal_module.journal_key(cfg, ds, [], "ckpt-hash", {}) != key
 
 
+@pytest.mark.parametrize("methods, follows", [(["rfm_lr"], False), (["rfm_lr", "qanchor_random_init"], True)])
+def test_the_key_follows_the_pairs_when_a_row_is_trained_on_them(tiny_dataset, monkeypatch, methods, follows):
+    """qanchor_random_init's checkpoint standardises its query evidence on the UserU pairs: after `data userU` rebuilt
+    them, a resumed bench reused the row made on the old pairs beside rows made on the new ones."""
+    ds = load_dataset(tiny_dataset)
+    cfg = BenchConfig(methods=methods)
+    key = journal_module.journal_key(cfg, ds, [], "ckpt-hash", {})
+    monkeypatch.setattr(journal_module, "trained_data_id", lambda ds: "other pairs")
+    assert (journal_module.journal_key(cfg, ds, [], "ckpt-hash", {}) != key) == follows
+
+
 def test_ablation_rows_go_into_a_journal_that_is_still_empty(tmp_path, monkeypatch):
     # A journal with no rows yet (every main row skipped, or none run) has len 0; it must still keep ablation rows.
     calls = []
@@ -149,7 +162,7 @@ def test_with_ablations_the_key_follows_the_pretraining_pairs_and_stale_rows_are
     copy_dataset(tiny_dataset, ds_dir)
     build_userU(ds_dir, progress=False)
     ds = load_dataset(ds_dir)
-    with_ablations, without = BenchConfig(ablations=True), BenchConfig()
+    with_ablations, without = BenchConfig(ablations=True), BenchConfig(methods=["rfm_lr", "qanchor_task"])
     keys = [journal_module.journal_key(c, ds, [], "ckpt-hash", {}) for c in (with_ablations, without)]
     before = trained_data_id(ds)
     pairs = ds_dir / "userU.parquet"

@@ -24,7 +24,7 @@ from qanchor.probe import LR_CS, logistic_probe
 from qanchor.tune.head import ScenarioHead, query_prompt_init
 from qanchor.tune.prompt_tune import encode_users, run_prompt_tune
 from qanchor.tune.trainer import fold_split, frozen_logistic, head_scores, split_users, tune_task
-from tests.model.helpers import encoder, model_and_stream
+from tests.model.helpers import encoder, model_and_stream, tiny_cfg
 
 FAST = ["steps=6", "eval_every=3", "batch_size=8", "prefix_chunk=16", "prototypes_per_class=2"]
 
@@ -241,6 +241,70 @@ def test_a_foreign_folder_under_output_dir_is_refused_before_any_tuning(ckpt, tm
     with pytest.raises(Exception, match="qanchor did not create"):
         run_prompt_tune(load_config(None, args, schema=PromptTuneConfig), progress=False)
     assert (out / "coupon" / "my_notes.txt").read_text() == "mine" and not (out / "churn").exists()
+
+
+def test_notes_in_a_head_folder_stop_the_retune_and_are_kept(ckpt, tmp_path, monkeypatch):
+    """A head's folder was replaced whole by the next tuning (other settings, data or code): a user's notes or plots
+    in it were deleted without a word."""
+    import qanchor.tune.prompt_tune as prompt_tune_module
+
+    ck, ds_dir = ckpt
+    out = tmp_path / "heads"
+    args = [f"checkpoint={ck}", f"data.path={ds_dir}", f"output_dir={out}", "task=churn", *FAST]
+    run_prompt_tune(load_config(None, args, schema=PromptTuneConfig), progress=False)
+    (out / "churn" / "NOTES.md").write_text("mine")
+    monkeypatch.setattr(prompt_tune_module, "encode_users", lambda *a, **k: pytest.fail("encoded before refusing"))
+    with pytest.raises(Exception, match=r"also 'NOTES.md'"):
+        run_prompt_tune(load_config(None, [*args, "steps=4", "eval_every=2"], schema=PromptTuneConfig), progress=False)
+    assert (out / "churn" / "NOTES.md").read_text() == "mine"
+
+
+def test_an_over_long_question_is_refused_before_any_work(ckpt, tmp_path, monkeypatch):
+    """The question was tokenized in the task's tuning, after the output folder was claimed and every user's prefix
+    encoded (minutes on a real dataset)."""
+    import qanchor.tune.prompt_tune as prompt_tune_module
+
+    ck, ds_dir = ckpt
+    labels = tmp_path / "wine.csv"
+    users = load_dataset(ds_dir).tasks["churn"].user_ids[:20]
+    labels.write_text("user_id,label\n" + "".join(f"{u},{i % 2}\n" for i, u in enumerate(users)))
+    monkeypatch.setattr(prompt_tune_module, "encode_users", lambda *a, **k: pytest.fail("encoded before refusing"))
+    question = "Will this household buy wine " + "and cheese " * 40 + "next month?"
+    args = [f"checkpoint={ck}", f"data.path={ds_dir}", f"output_dir={tmp_path / 'heads'}", f"labels={labels}",
+            f"query={question}", *FAST]
+    with pytest.raises(Exception, match="max_query_tokens"):
+        run_prompt_tune(load_config(None, args, schema=PromptTuneConfig), progress=False)
+    assert not (tmp_path / "heads").exists()
+
+
+@pytest.mark.parametrize("damage", [b"\xff\xfe garbage", b"[1, 2]"])
+def test_a_damaged_record_is_tuned_again(ckpt, tmp_path, damage):
+    """A record.json that is not UTF-8, or JSON but not an object, ended the run in a traceback."""
+    ck, ds_dir = ckpt
+    out = tmp_path / "heads"
+    args = [f"checkpoint={ck}", f"data.path={ds_dir}", f"output_dir={out}", "task=churn", *FAST]
+    first = run_prompt_tune(load_config(None, args, schema=PromptTuneConfig), progress=False)
+    weights = (out / "churn" / "head.safetensors").read_bytes()
+    (out / "churn" / "record.json").write_bytes(damage)
+    again = run_prompt_tune(load_config(None, args, schema=PromptTuneConfig), progress=False)
+    assert again["n_users"] > 0 and again["tasks"]["churn"]["key"] == first["tasks"]["churn"]["key"]
+    assert (out / "churn" / "head.safetensors").read_bytes() == weights
+    assert json.loads((out / "churn" / "record.json").read_text())["key"] == first["tasks"]["churn"]["key"]
+
+
+def test_a_question_vector_does_not_depend_on_the_other_questions(tiny_dataset, tmp_path):
+    """Encoded in one batch, each question's sentence vector moved by ~1e-7 with the others' lengths: a head reused
+    from a run of other questions differed from the one this run would tune."""
+    shutil.copytree(tiny_dataset, tmp_path / "ds", ignore=shutil.ignore_patterns(".qanchor_cache"))
+    model, _, _, ds, pipe, _ = model_and_stream(tmp_path / "ds", tiny_cfg(["model.query_evidence=true"]))
+    model.eval()
+    users = list(ds.user_ids)[:4]
+    short = "Will this user churn?"
+    alone = encode_users(model, ds, pipe, users, chunk=4, progress=False, queries=[short])
+    beside = encode_users(model, ds, pipe, users, chunk=4, progress=False,
+                          queries=[short, "Will this user " + "really and truly " * 12 + "redeem a coupon?"])
+    assert torch.equal(alone.query_vector(short), beside.query_vector(short))  # where a head's look-up starts
+    assert torch.equal(alone.evidence[short], beside.evidence[short])
 
 
 def test_a_head_for_your_own_labels(ckpt, tmp_path):
