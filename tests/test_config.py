@@ -302,6 +302,31 @@ def test_a_deepspeed_file_cannot_train_with_a_rate_or_clip_the_records_do_not_sh
     with pytest.raises(ConfigError, match="optimizer.params.lr=0.5"):  # another optimizer takes the file's params too
         with_file({"optimizer": {"type": "Lamb", "params": {"lr": 0.5}}})
     assert with_file({"optimizer": {"params": {"lr": TrainConfig().lr}}, "gradient_clipping": "auto"})["gradient_clipping"] == 1.0
+    # the precision likewise: the file's bf16 won over train.precision=fp32 past the CUDA check, and fp16 (not a qanchor
+    # precision) failed in DeepSpeed after the whole setup
+    with pytest.raises(ConfigError, match=r"bf16.enabled=True, and train.precision is fp32.*train.precision=bf16 instead"):
+        with_file({"bf16": {"enabled": True}})
+    with pytest.raises(ConfigError, match="fp16 is enabled"):
+        with_file({"fp16": {"enabled": True}})
+    assert with_file({"bf16": {"enabled": "auto"}, "fp16": {"enabled": False}})["bf16"] == {"enabled": False}
+
+
+def test_a_seed_numpy_cannot_take_and_other_bench_values_are_refused_at_the_door():
+    """numpy's generators take no negative seed: pretraining failed at its first batch, after the whole setup, the
+    bench and uqa in a traceback, and prompt-tune said "too few users to split". n_jobs 0 or -1 made LightGBM take
+    every core; a negative head_steps was said after the other rows had run, as "steps"."""
+    from qanchor.config import BenchConfig, PretrainConfig, PromptTuneConfig, UqaConfig
+
+    with pytest.raises(ConfigError, match=r"train.seed must be in \[0, 2\*\*32\), got -1"):
+        load_config(None, ["train.seed=-1"], schema=PretrainConfig)
+    for schema in (BenchConfig, PromptTuneConfig, UqaConfig):
+        with pytest.raises(ConfigError, match=r"seed must be in \[0, 2\*\*32\), got -1"):
+            load_config(None, ["seed=-1"], schema=schema)
+    for override, match in (("n_jobs=0", "n_jobs must be >= 1"), ("head_steps=-1", "head_steps must be >= 0")):
+        with pytest.raises(ConfigError, match=match):
+            load_config(None, [override], schema=BenchConfig)
+    with pytest.raises(ConfigError, match="temperature \\(finite\\)"):
+        load_config(None, ["temperature=nan"], schema=PromptTuneConfig)
 
 
 @pytest.mark.parametrize("override, match", [
@@ -311,6 +336,21 @@ def test_a_deepspeed_file_cannot_train_with_a_rate_or_clip_the_records_do_not_sh
     ("model.user_encoder.content_use=path", "content_use=path puts the content components in the statistics path"),
     ("loss.mode=ntp", "loss.answer_bank adds negatives to the contrastive loss, which loss.mode=ntp turns off"),
     ("model.answer_pooling=mean", "model.answer_pooling=mean pools the backbone tower's answer tokens"),
+    # below 0 every negative was masked: the run trained without its contrastive loss, and said "contrastive 0.0000"
+    ("loss.margin=-1", r"loss.margin must be >= 0 \(or null"),
+    ("loss.ntp_weight=-1", "loss.ntp_weight must be >= 0"),
+    ("loss.temperature=nan", "loss.temperature must be a finite number > 0"),
+    # each of these failed in a traceback after the setup, or trained a backbone that reads no user
+    ("train.eps=-1", "train: eps must be > 0"),
+    ("train.weight_decay=-1", "weight_decay and grad_clip >= 0"),
+    ("train.grad_clip=-1", "weight_decay and grad_clip >= 0"),
+    ("model.max_answer_tokens=0", "max_answer_tokens must be >= 1"),
+    ("model.answer_max_length=0", "model.answer_max_length=0: the sentence encoder needs at least 4"),
+    ("model.backbone.hidden_size=0", "model.backbone.hidden_size=0: must be at least 1"),
+    ("model.backbone.num_layers=0", "model.backbone.num_layers=0: must be at least 1"),
+    ("model.backbone.intermediate_size=0", "model.backbone.intermediate_size=0: must be at least 1"),
+    ("model.backbone.lora.dropout=1.5", r"lora.dropout=1.5: a probability in \[0, 1\)"),
+    ("data.default_max_events=0", "data.default_max_events: must be >= 1, got 0"),
 ])
 def test_recipe_settings_that_cannot_work_or_do_nothing_are_refused(override, match):
     """Each was accepted: zero-width adapters trained a model that reads no user, 0 tabular tokens and a dropout of 1.5
@@ -319,3 +359,15 @@ def test_recipe_settings_that_cannot_work_or_do_nothing_are_refused(override, ma
     base = ["model.user_encoder.content_components=0"] if "content_use" in override else []
     with pytest.raises(ConfigError, match=match):
         load_config("configs/pretrain/tiny-synth.yaml", [*base, *extra, override], schema=PretrainConfig)
+
+
+def test_text_settings_are_taken_as_written_even_with_dollar_braces(tmp_path):
+    """OmegaConf resolved ``${...}`` inside text: "spent over ${100}?" failed as an unknown interpolation, and
+    "${oc.env:HOME}" became the home folder, where the README promises a string setting is taken verbatim."""
+    from qanchor.config import AskConfig, BenchConfig, to_yaml
+
+    cfg = load_config(None, ["labels=w.csv", "query=Did this user spend over ${100}?", "tasks=[\"a${x}\"]"], schema=BenchConfig)
+    assert cfg.query == "Did this user spend over ${100}?" and cfg.tasks == ["a${x}"]
+    assert load_config(None, ["question=What about ${oc.env:HOME}?"], schema=AskConfig).question == "What about ${oc.env:HOME}?"
+    (tmp_path / "c.yaml").write_text(to_yaml(cfg))  # as a run's saved config is read back
+    assert load_config(tmp_path / "c.yaml", [], schema=BenchConfig).query == cfg.query

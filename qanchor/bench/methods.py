@@ -93,7 +93,7 @@ class BenchContext:
         cost more in repeated partition reads and small batches than it saved: measured 2x slower.)
         """
         if self.embedder is None:
-            raise Skip("no model given (set model=<checkpoint dir>)")
+            raise Skip("no model given (set checkpoint=<checkpoint dir>)")
         keys, requests = self._requests()
         with self._timed(f"embed {len(self.user_ids)} users x {len(requests)} requests"):
             emb = self.embedder.embed_many(list(self.user_ids), requests)  # (U, R, D)

@@ -5,7 +5,7 @@ Per task: stratified k-fold over users with a fixed seed; for each method, fit o
 On synthetic data the task file's true probability gives an oracle row on the same folds.
 
 Example:
-    >>> cfg = load_config("configs/bench/tiny-synth.yaml", ["model=/tmp/ckpt"])  # doctest: +SKIP
+    >>> cfg = load_config("configs/bench/tiny-synth.yaml", ["checkpoint=/tmp/ckpt"])  # doctest: +SKIP
     >>> result = run_bench(cfg)  # doctest: +SKIP
     >>> result.tasks["churn"].methods["rfm_lgbm"].auc_mean  # doctest: +SKIP
     0.71
@@ -31,7 +31,15 @@ from qanchor.bench.methods import METHODS, BenchContext, evaluate_task
 from qanchor.bench.peers import MethodInput, MethodResult, evaluate_folds, stratified_folds
 from qanchor.bench.retrain import checkpoint_run_config
 from qanchor.bench.tasks import custom_task, dataset_tasks, fold_count, subsample
-from qanchor.config import BenchConfig, require, require_file, to_yaml, with_overrides
+from qanchor.config import (
+    BenchConfig,
+    PromptTuneConfig,
+    load_config,
+    require,
+    require_file,
+    to_yaml,
+    with_overrides,
+)
 from qanchor.data.dataset import Dataset, Task, load_dataset
 from qanchor.data.io import OutputKind, claim_output_dir, hold_output, releasing_outputs
 from qanchor.errors import CheckpointError, ConfigError, DataValidationError
@@ -102,6 +110,8 @@ def prepare(cfg: BenchConfig) -> tuple[Dataset, list[Task]]:
     require(cfg.data.path, "data.path", "<dataset dir>")
     if {"qanchor_head", "qanchor_head_lr"} & set(cfg.methods) or (cfg.ablations and cfg.ablation_prompt_tokens):
         require_file(cfg.prompt_tune_config, "prompt_tune_config")  # before any embedding: the heads read it last
+        if cfg.prompt_tune_config:  # and its settings, which were read (and a mistyped key said) after the other rows
+            load_config(cfg.prompt_tune_config, schema=PromptTuneConfig)
     if cfg.checkpoint and any(m in _QANCHOR_METHODS for m in cfg.methods) and not Path(cfg.checkpoint).is_dir():
         raise CheckpointError(f"{cfg.checkpoint}: no such checkpoint directory")  # before output_dir is claimed
     if cfg.heads_dir is not None and not find_heads(cfg.heads_dir):  # a mistyped path, not "no heads"

@@ -122,6 +122,12 @@ def _is_text(tp: Any) -> bool:
     return tp is str or typing.get_origin(tp) is Literal
 
 
+def _verbatim(text: str) -> str:
+    """``text`` escaped for OmegaConf, which would otherwise resolve ``${...}`` in it as an interpolation ("spent over
+    ${100}?" failed, "${oc.env:HOME}" became the home folder): a text setting is taken as written."""
+    return text.replace("${", "\\${") if isinstance(text, str) else text
+
+
 def _text_as_written(typed: Any, raw: Any, tp: Any) -> Any:
     """``typed`` (a YAML file's values as YAML 1.1 types them) with every value of a text setting taken as written
     (``raw``: the same file read with every scalar as text). Unquoted, `options: [yes, no]` would be booleans and
@@ -130,7 +136,7 @@ def _text_as_written(typed: Any, raw: Any, tp: Any) -> Any:
     if typed is None or raw is None:
         return typed
     if _is_text(tp):
-        return typed if isinstance(typed, str) or not isinstance(raw, str) else raw
+        return _verbatim(typed) if isinstance(typed, str) or not isinstance(raw, str) else _verbatim(raw)
     if typing.get_origin(tp) is list and isinstance(typed, list) and isinstance(raw, list) and len(raw) == len(typed):
         (item,) = typing.get_args(tp) or (Any,)
         return [_text_as_written(t, r, item) for t, r in zip(typed, raw)]
@@ -200,7 +206,7 @@ def _typed_value(tp: Any, raw: str, item: str) -> Any:
         return None
     if tp is str or typing.get_origin(tp) is Literal:
         quoted = len(raw) >= 2 and raw[0] == raw[-1] and raw[0] in "'\""
-        return raw[1:-1] if quoted else raw  # one layer of quotes a Makefile or script kept
+        return _verbatim(raw[1:-1] if quoted else raw)  # one layer of quotes a Makefile or script kept
     if typing.get_origin(tp) is list and typing.get_args(tp) == (str,):
         if not raw.lstrip().startswith("["):
             return [raw] if raw else []
@@ -212,7 +218,7 @@ def _typed_value(tp: Any, raw: str, item: str) -> Any:
         if odd is not None:  # `[Film 0: drama]` is a YAML mapping, `[[a]]` a list: not what a list of text means
             raise ConfigError(f"override '{item}': item {odd!r} is not text; quote an item that holds ': ', ',' or "
                               f"brackets, e.g. {item.split('=', 1)[0]}=[\"first: item\", \"second, item\"]")
-        return items
+        return [_verbatim(x) for x in items] if isinstance(items, list) else items
     try:
         value = yaml.safe_load(raw)
     except yaml.YAMLError:

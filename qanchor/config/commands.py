@@ -7,10 +7,11 @@ names a checkpoint directory (or a pretraining output_dir), ``model`` always a :
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field, replace
 from typing import Literal
 
-from qanchor.config.sections import DataConfig, LossConfig, ModelConfig, TrainConfig
+from qanchor.config.sections import DataConfig, LossConfig, ModelConfig, TrainConfig, check_seed
 from qanchor.errors import ConfigError
 
 __all__ = ["PretrainConfig", "DataOverrides", "PromptTuneConfig", "BenchConfig", "InferConfig", "EmbedConfig",
@@ -155,8 +156,10 @@ class PromptTuneConfig:
     def __post_init__(self) -> None:
         if self.num_prompt_tokens < 1 or self.prototypes_per_class < 1 or self.min_users_per_prototype < 1:
             raise ConfigError("num_prompt_tokens, prototypes_per_class and min_users_per_prototype must be >= 1")
-        if self.temperature <= 0 or self.lr <= 0 or self.prototype_lr < 0 or self.lookup_lr < 0:
-            raise ConfigError("temperature and lr must be > 0, prototype_lr and lookup_lr >= 0")
+        if not (self.temperature > 0 and math.isfinite(self.temperature)) or not self.lr > 0 or not (
+                self.prototype_lr >= 0 and self.lookup_lr >= 0):  # nan passed the "<= 0" checks
+            raise ConfigError("temperature (finite) and lr must be > 0, prototype_lr and lookup_lr >= 0")
+        check_seed(self.seed, "seed")  # a negative one was read as "too few users to split"
         if self.whitening_eps is not None and self.whitening_eps <= 0:
             raise ConfigError("whitening_eps must be > 0, or null for no whitening")
         if self.steps < 0 or self.batch_size < 2 or self.eval_every < 1 or self.prefix_chunk < 1:
@@ -208,6 +211,11 @@ class BenchConfig:
     def __post_init__(self) -> None:
         if self.folds < 2:
             raise ConfigError(f"folds must be >= 2, got {self.folds}")
+        check_seed(self.seed, "seed")
+        if self.n_jobs < 1:  # LightGBM reads 0 or -1 as every core
+            raise ConfigError(f"n_jobs must be >= 1 (threads), got {self.n_jobs}")
+        if self.head_steps is not None and self.head_steps < 0:  # said only after other rows had run, as "steps"
+            raise ConfigError(f"head_steps must be >= 0 (or null: the prompt-tune config's steps), got {self.head_steps}")
         if (self.labels is None) != (self.query is None):
             raise ConfigError("a custom task needs both labels=<user_id,label Parquet> and query=<text>")
         if self.max_users is not None and self.max_users < 10:
@@ -309,6 +317,7 @@ class UqaConfig:
             raise ConfigError(f"max_users must be >= 4 (3 distractors come from other users), got {self.max_users}")
         if self.window_days < 1 or self.batch_size < 1:
             raise ConfigError("window_days and batch_size must be >= 1")
+        check_seed(self.seed, "seed")
         for key in ("max_events", "default_max_events"):
             if getattr(self.data, key) is not None:  # accepted and ignored until 2026-12-06
                 raise ConfigError(f"data.{key}: uqa reads users as the checkpoint was pretrained (each TextN row with "

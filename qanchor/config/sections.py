@@ -2,13 +2,20 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from typing import Literal
 
 from qanchor.errors import ConfigError
 
-__all__ = ["TextEncoderConfig", "DataConfig", "LoraConfig", "BackboneConfig", "UserEncoderConfig", "ModelConfig",
+__all__ = ["check_seed", "TextEncoderConfig", "DataConfig", "LoraConfig", "BackboneConfig", "UserEncoderConfig", "ModelConfig",
            "LossConfig", "TrainConfig"]
+
+
+def check_seed(seed: int, key: str) -> None:
+    """ConfigError unless ``seed`` is one numpy, torch and scikit-learn all take (0 <= seed < 2**32)."""
+    if not 0 <= seed < 2**32:
+        raise ConfigError(f"{key} must be in [0, 2**32), got {seed}")
 
 
 @dataclass
@@ -40,9 +47,10 @@ class DataConfig:
     history_text: bool = False
 
     def __post_init__(self) -> None:
-        bad = {k: v for k, v in self.max_events.items() if v < 1}
-        if bad or self.default_max_events < 1:
-            raise ConfigError(f"data.max_events: every cap must be >= 1, got {bad or self.default_max_events}")
+        if bad := {k: v for k, v in self.max_events.items() if v < 1}:
+            raise ConfigError(f"data.max_events: every cap must be >= 1, got {bad}")
+        if self.default_max_events < 1:
+            raise ConfigError(f"data.default_max_events: must be >= 1, got {self.default_max_events}")
         if self.text_events < 0:
             raise ConfigError(f"data.text_events must be >= 0, got {self.text_events}")
 
@@ -60,6 +68,12 @@ class LoraConfig:
     target_modules: list[str] = field(
         default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
     )
+
+    def __post_init__(self) -> None:
+        if not 0 <= self.dropout < 1:  # peft refused it with a traceback after the setup
+            raise ConfigError(f"model.backbone.lora.dropout={self.dropout}: a probability in [0, 1)")
+        if self.r < 1:
+            raise ConfigError(f"model.backbone.lora.r={self.r}: the adapters' rank must be at least 1")
 
 
 @dataclass
@@ -83,6 +97,10 @@ class BackboneConfig:
     lora: LoraConfig = field(default_factory=LoraConfig)
 
     def __post_init__(self) -> None:
+        # a backbone without layers (or with zero-width ones) trains without a word, and its anchor reads no user
+        for key in ("hidden_size", "num_layers", "intermediate_size"):
+            if getattr(self, key) < 1:
+                raise ConfigError(f"model.backbone.{key}={getattr(self, key)}: must be at least 1")
         if self.num_heads < 1 or self.num_kv_heads < 1:
             raise ConfigError(f"model.backbone: num_heads and num_kv_heads must be >= 1 (got {self.num_heads}, "
                               f"{self.num_kv_heads})")
@@ -203,6 +221,12 @@ class ModelConfig:
         if self.query_evidence and self.user_input != "tokens":
             raise ConfigError('model.query_evidence reads the user encoder\'s event text vectors, which model.user_input="text" '
                               'does not build; set query_evidence: false for a text-prefix model')
+        if self.max_query_tokens < 1 or self.max_answer_tokens < 1:  # 0 answer tokens failed at the first step
+            raise ConfigError(f"model.max_query_tokens and model.max_answer_tokens must be >= 1, got "
+                              f"{self.max_query_tokens} and {self.max_answer_tokens}")
+        if self.answer_max_length < 4:  # it became the sentence encoder's max_length, named as data.text_encoder's
+            raise ConfigError(f"model.answer_max_length={self.answer_max_length}: the sentence encoder needs at least 4 "
+                              "tokens (its two markers and some text)")
         if self.projection_hidden < 0 or self.embedding_dim < 1:
             raise ConfigError(f"model.projection_hidden must be >= 0 (0 = linear heads) and model.embedding_dim >= 1, "
                               f"got {self.projection_hidden} and {self.embedding_dim}")
@@ -275,8 +299,12 @@ class LossConfig:
                               "(e.g. [uqa]), or null for every pair")
         if self.path_free_weight < 0:
             raise ConfigError(f"loss.path_free_weight must be >= 0 (got {self.path_free_weight})")
-        if self.temperature <= 0:
-            raise ConfigError("loss.temperature must be > 0")
+        if not self.temperature > 0 or not math.isfinite(self.temperature):  # nan passed a "<= 0" check
+            raise ConfigError(f"loss.temperature must be a finite number > 0, got {self.temperature}")
+        if self.margin is not None and not self.margin >= 0:  # below 0 every negative was masked: no contrastive loss
+            raise ConfigError(f"loss.margin must be >= 0 (or null: no masking), got {self.margin}")
+        if not self.ntp_weight >= 0:  # below 0 the answer loss is maximised
+            raise ConfigError(f"loss.ntp_weight must be >= 0, got {self.ntp_weight}")
         if self.answer_bank < 0:
             raise ConfigError(f"loss.answer_bank must be >= 0 (got {self.answer_bank})")
 
@@ -335,3 +363,7 @@ class TrainConfig:
             raise ConfigError(f"train: lr must be >= 0 and warmup_steps >= 0, got lr {self.lr}, warmup_steps {self.warmup_steps}")
         if self.zero_stage not in (0, 1, 2, 3):
             raise ConfigError(f"train.zero_stage must be 0, 1, 2 or 3, got {self.zero_stage}")
+        check_seed(self.seed, "train.seed")  # a negative one failed at the first batch, after the whole setup
+        if not self.eps > 0 or not self.weight_decay >= 0 or not self.grad_clip >= 0:
+            raise ConfigError(f"train: eps must be > 0, weight_decay and grad_clip >= 0; got eps {self.eps}, "
+                              f"weight_decay {self.weight_decay}, grad_clip {self.grad_clip}")

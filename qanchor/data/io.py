@@ -50,7 +50,7 @@ from qanchor.errors import OutputError
 from qanchor.faults import failpoint
 
 __all__ = ["MARKER_FILE", "file_sha256", "as_umask_allows", "is_temporary", "OutputKind", "output_kind", "output_record", "mark_output", "check_output_dir", "claim_output_dir",
-           "check_not_inside", "check_replaceable",
+           "check_not_inside", "check_replaceable", "REPLACED_WHOLE", "refuse_inside_replaced_whole",
            "atomic_path", "atomic_dir", "write_parquet", "write_yaml", "write_text", "write_json", "read_json_object",
            "fsync_tree", "to_plain", "local_path", "RepeatedKeyError", "UniqueKeyLoader"]
 
@@ -79,14 +79,22 @@ def output_kind(directory: str | os.PathLike) -> str | None:
     return output_record(directory).get("kind")
 
 
-def mark_output(directory: str | os.PathLike, kind: OutputKind, written: Mapping[str, str] | None = None) -> None:
-    """Write ``directory``'s marker (the directory must exist); ``written`` (relative path -> SHA-256) records the
-    files the output was built with, so that a later rebuild can tell them from files a user put there."""
+def mark_output(directory: str | os.PathLike, kind: OutputKind, written: Mapping[str, str] | None = None,
+                holds: Collection[str] | None = None) -> None:
+    """Write ``directory``'s marker (the directory must exist). What a later replacement checks against, so that it
+    can tell the output's own files from files a user put there: ``written`` (relative path -> SHA-256, a dataset's
+    files) or ``holds`` (the names at the output's top level, an output whose names vary: a checkpoint's tokenizer)."""
+    write_text(_marker_text(kind, written, holds), Path(directory) / MARKER_FILE)
+
+
+def _marker_text(kind: OutputKind, written: Mapping[str, str] | None = None, holds: Collection[str] | None = None) -> str:
     # No timestamp: outputs built from the same inputs and seed stay byte-identical.
     record = {"kind": kind.value, "qanchor_version": qanchor.__version__}
     if written is not None:
         record["written"] = dict(sorted(written.items()))
-    write_text(json.dumps(record) + "\n", Path(directory) / MARKER_FILE)
+    if holds is not None:
+        record["holds"] = sorted(holds)
+    return json.dumps(record) + "\n"
 
 
 def output_record(directory: str | os.PathLike) -> dict:
@@ -124,6 +132,24 @@ def enclosing_output(path: str | os.PathLike) -> Path | None:
     return next((p for p in root.parents if (p / MARKER_FILE).is_file()), None)
 
 
+# outputs written aside and swapped in whole (atomic_dir): anything put inside one is lost at its next build, save or
+# update; a run, an export or a bench folder is written into, and keeps what else it holds
+REPLACED_WHOLE = frozenset(k.value for k in (OutputKind.STATE, OutputKind.DATASET, OutputKind.CACHE, OutputKind.CHECKPOINT,
+                                              OutputKind.HEAD, OutputKind.MODEL_CACHE))
+
+
+def refuse_inside_replaced_whole(target: str | os.PathLike, key: str = "out", kind: OutputKind | None = None) -> None:
+    """OutputError for a ``target`` inside an output that qanchor replaces whole (a checkpoint, a head, an update
+    state, a dataset): its next save or rebuild would delete what is written there. Caches are exempt (a dataset keeps
+    its own inside it, and a cache lost is only work to redo)."""
+    if kind in (OutputKind.CACHE, OutputKind.MODEL_CACHE):
+        return
+    holder = enclosing_output(target)
+    if holder is not None and output_kind(holder) in REPLACED_WHOLE:
+        raise OutputError(f"{key}={target} lies inside {holder}, a qanchor {output_kind(holder)} that qanchor replaces "
+                          "whole when it is saved, rebuilt or updated; write it beside that folder, not in it")
+
+
 def _foreign_example(directory: Path) -> str:
     names = sorted(p.name for p in directory.iterdir() if p.name != MARKER_FILE)
     return names[0] if names else ""
@@ -138,6 +164,7 @@ def check_output_dir(target: str | os.PathLike, kind: OutputKind, inputs: Mappin
     """
     target = Path(target)
     check_not_inside(target, dict(inputs), key)
+    refuse_inside_replaced_whole(target, key, kind)
     target = _through_link(target)
     if target.exists() and not target.is_dir():
         raise OutputError(f"{key} {target} is a file, not a directory; give a directory path")
@@ -148,7 +175,7 @@ def check_output_dir(target: str | os.PathLike, kind: OutputKind, inputs: Mappin
         return True
     if found is not None:
         raise OutputError(f"{key} {target} holds a qanchor {found}, not a {kind.value}; choose another directory")
-    if any(target.iterdir()):
+    if any(not is_temporary(p) for p in target.iterdir()):  # another process's marker on its way in is ours
         raise OutputError(f"{key} {target} holds files qanchor did not create (e.g. {_foreign_example(target)!r}); "
                           "qanchor only writes into new, empty or its own output directories: choose another one")
     return False
@@ -163,7 +190,9 @@ def claim_output_dir(target: str | os.PathLike, kind: OutputKind, inputs: Mappin
     # directory at once, and one that saw another's marker still being written inside it would take
     # that temporary for foreign content (and a claim killed mid-write would leave the directory
     # foreign for good).
-    target = _through_link(Path(target))  # a link to an empty directory: claim the directory, keep the link
+    target = _through_link(Path(target)).absolute()  # a link to an empty directory: claim the directory, keep the link
+    if target.is_dir():  # an empty directory made beforehand (its mode, group or mount point are the user's): mark it
+        return _claim_in_place(target, kind, inputs, key)
     target.parent.mkdir(parents=True, exist_ok=True)
     _recover(target)
     tmp = _temp_name(target, _TMP)
@@ -181,6 +210,23 @@ def claim_output_dir(target: str | os.PathLike, kind: OutputKind, inputs: Mappin
     finally:
         if tmp.exists():
             shutil.rmtree(tmp)
+
+
+def _claim_in_place(target: Path, kind: OutputKind, inputs: Mapping[str, str | os.PathLike | None], key: str) -> bool:
+    """Mark the existing empty directory ``target`` as an output of ``kind``, without replacing it (a rename over it
+    dropped its permissions and group, and fails on a mount point). The marker appears whole, in one link: ranks
+    claiming at once see either no marker or a complete one, and each of their temporaries is one of ours."""
+    tmp = _temp_name(target / MARKER_FILE, _TMP)
+    try:
+        write_text(_marker_text(kind), tmp)
+        try:
+            os.link(tmp, target / MARKER_FILE)
+        except FileExistsError:
+            return check_output_dir(target, kind, inputs, key)  # another process claimed it first
+        _fsync_dir(target)
+        return False
+    finally:
+        tmp.unlink(missing_ok=True)
 
 
 def local_path(name: str | os.PathLike) -> Path:
@@ -388,12 +434,14 @@ def refuse_working_directory(target: str | os.PathLike) -> None:
 
 
 @contextmanager
-def atomic_dir(target: str | os.PathLike, kind: OutputKind, layout: Collection[str] | None = None) -> Iterator[Path]:
+def atomic_dir(target: str | os.PathLike, kind: OutputKind, layout: Collection[str] | None = None,
+               record_layout: bool = False) -> Iterator[Path]:
     """Yield a temporary directory next to ``target``; on success it replaces ``target`` whole.
 
     ``target`` must be absent, an empty directory, or a qanchor output of the same ``kind`` (else
     :class:`OutputError` before anything is written); with ``layout`` (the names such an output holds at its top
-    level), one that holds anything else too is refused. The new directory carries the ``kind`` marker.
+    level), one that holds anything else too is refused. The new directory carries the ``kind`` marker; with
+    ``record_layout``, the marker also records the names written, which later replacements take as the layout.
     """
     target = _through_link(Path(target))
     check_replaceable(target, kind, layout)
@@ -405,6 +453,8 @@ def atomic_dir(target: str | os.PathLike, kind: OutputKind, layout: Collection[s
     try:
         mark_output(tmp, kind)
         yield tmp
+        if record_layout:
+            mark_output(tmp, kind, holds=[p.name for p in tmp.iterdir() if p.name != MARKER_FILE])
         fsync_tree(tmp)
         failpoint("atomic-dir")
         _publish(tmp, target, kind, layout)
@@ -429,12 +479,15 @@ def check_replaceable(target: str | os.PathLike, kind: OutputKind, layout: Colle
     """Refuse (OutputError) a ``target`` that :func:`atomic_dir` could not replace: a file, foreign content,
     a qanchor output of another kind, or (given its ``layout``) one of this kind that also holds what it does not
     write. Commands call it before long work, ``atomic_dir`` again at the end."""
+    refuse_inside_replaced_whole(target, "the output", kind)
     target = _through_link(Path(target))
     if not target.exists():
         return
     if not target.is_dir():
         raise OutputError(f"{target} is a file, not a directory; give a directory path for the {kind.value}")
     found = output_kind(target)
+    if found == kind.value and layout is None and isinstance(holds := output_record(target).get("holds"), list):
+        layout = holds  # the names it was written with (``record_layout``)
     if found == kind.value and layout is not None:
         extra = sorted(p.name for p in target.iterdir() if p.name not in {*layout, MARKER_FILE})
         if extra:  # the user's notes, an index built into it: replacing the directory whole would delete them

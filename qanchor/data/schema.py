@@ -170,7 +170,7 @@ def write_dataset(
         # later (an events part of their own named like ours, a task of their own declared in the manifest) must be
         # told from these, which names alone cannot do
         built = [tmp / TABULAR_FILE, *sorted((tmp / EVENTS_DIR).glob("*")), *sorted((tmp / TASKS_DIR).glob("*"))]
-        mark_output(tmp, OutputKind.DATASET, {p.relative_to(tmp).as_posix(): file_sha256(p) for p in built if p.is_file()})
+        mark_output(tmp, OutputKind.DATASET, written={p.relative_to(tmp).as_posix(): file_sha256(p) for p in built if p.is_file()})
     return out_dir
 
 

@@ -240,14 +240,15 @@ class QAnchor:
         adapt = record_adapter(ds.manifest, ds.tabular_columns, self.manifest, self.tabular_columns)
         return (adapt(r) for r in ds.users(user_ids))
 
-    def cutoff_us(self, cutoff: datetime | str | None) -> int:
-        """The moment ages count from, in microseconds since the epoch: ``cutoff`` or the model's cutoff."""
+    def cutoff_us(self, cutoff: datetime | str | None, key: str = "cutoff") -> int:
+        """The moment ages count from, in microseconds since the epoch: ``cutoff`` or the model's cutoff (an error
+        names the setting ``key`` it came from)."""
         try:
             return to_microseconds(self.cutoff if cutoff is None else cutoff)
         except ValueError as exc:
-            raise ModelInputError(f"cutoff: {exc}") from None
+            raise ModelInputError(f"{key}: {exc}") from None
 
-    def pack(self, records: Sequence[UserRecord], cutoff_us: int) -> list[PackedUser]:
+    def pack(self, records: Sequence[UserRecord], cutoff_us: int, warned: list[bool] | None = None) -> list[PackedUser]:
         """Keep each modality's most recent ``max_events``, encode new texts in one pass, build features.
 
         Unlike training packing, events at or after the cutoff are kept, as events of the last moment before it
@@ -259,8 +260,13 @@ class QAnchor:
         late = sum(int((s.ts >= cutoff_us).sum()) for r in records for s in r.events.values()
                    if len(s.ts) and s.ts[-1] >= cutoff_us)
         if late:
-            warnings.warn(f"{late} events are at or after the cutoff and count as events of its last moment (age 0); "
-                          "pass cutoff= the moment the embedding should describe (e.g. now)", stacklevel=caller_stacklevel())
+            if not (warned or [False])[0]:  # ``warned``: once per call of iter_embed (a 1M-user stream said it 1,000 times)
+                more = "" if warned is None else f" among {len(records):,} users (said once per call: others may hold more)"
+                warnings.warn(f"{late} events are at or after the cutoff{more} and count as events of its last moment "
+                              "(age 0); pass cutoff= the moment the embedding should describe (e.g. now)",
+                              stacklevel=caller_stacklevel())
+                if warned is not None:
+                    warned[0] = True
             records = [_moved_before(r, cutoff_us) for r in records]
         kept = [self.pipeline.packer.recent(r) for r in records]
         return self.pipeline.pack_kept(records, kept, cutoff_us)
@@ -340,8 +346,9 @@ class QAnchor:
         suffixes = self.suffixes(requests)
         query_vectors = self.request_vectors(requests)
         cutoff_us = self.cutoff_us(cutoff)
+        warned = [False]
         for records in batched(self.records(users), self.stream_users):
-            packed = self.pack(records, cutoff_us)
+            packed = self.pack(records, cutoff_us, warned)
             for start in range(0, len(packed), self.batch_size):
                 part = packed[start : start + self.batch_size]
                 yield [p.user_id for p in part], self.embed_packed(part, suffixes, use_cache, query_vectors)
@@ -481,8 +488,9 @@ class QAnchor:
                       ) -> Iterator[tuple[list[UserRecord], list[torch.Tensor]]]:
         """Stream users as (records, prefix embeddings) of ``batch_size`` users, packed as :meth:`iter_embed` packs."""
         cutoff_us = self.cutoff_us(cutoff)
+        warned = [False]
         for records in batched(self.records(users), self.stream_users):
-            packed = self.pack(records, cutoff_us)
+            packed = self.pack(records, cutoff_us, warned)
             for start in range(0, len(packed), self.batch_size):
                 with torch.inference_mode():
                     prefixes = self.model.prefixes(self.pipeline.collate(packed[start : start + self.batch_size]).to(self.device))

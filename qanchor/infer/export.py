@@ -30,6 +30,7 @@ import os
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
+from datetime import datetime
 from pathlib import Path
 
 import numpy as np
@@ -83,6 +84,8 @@ def _check_queries(pairs: list[tuple[str, str]], source: str) -> list[tuple[str,
     if not pairs:
         raise ModelInputError(f"{source}: no queries found")
     for qid, q in pairs:
+        if q is not None and not isinstance(q, str):  # a YAML list or number where a question belongs
+            raise ModelInputError(f"{source}: query {qid!r} must be a question in text, got {type(q).__name__}")
         if not isinstance(q, str) or not q.strip() or qid is None or not str(qid).strip():  # null is no id, not "None"
             raise ModelInputError(f"{source}: query {qid!r} is empty; every entry needs an id and a question")
     ids = [str(qid).strip() for qid, _ in pairs]
@@ -152,7 +155,7 @@ def read_queries(path: str | Path) -> list[tuple[str, str]]:
     if path.suffix in (".csv", ".tsv"):
         return _read_csv_queries(path)
     pairs, n = [], 0
-    for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
+    for number, line in enumerate(path.read_text(encoding="utf-8-sig").splitlines(), start=1):  # -sig: an editor's BOM
         if not line.strip() or line.strip().startswith("#"):
             continue
         if "\t" in line:  # split before stripping: "churn<TAB>" is an id without its question, not the question "churn"
@@ -323,7 +326,7 @@ def _check_manifest(out: Path, expected: dict, overwrite: bool, world: int) -> N
 @releasing_outputs
 def export_embeddings(model: QAnchor, ds: Dataset, queries: list[tuple[str, str]], out_dir: str | Path,
                       rank: int | None = None, world: int | None = None, shard_users: int | None = None,
-                      use_cache: bool = True, cutoff: str | None = None, progress: bool = True,
+                      use_cache: bool = True, cutoff: str | datetime | None = None, progress: bool = True,
                       on_shard_done: Callable[[int], None] | None = None, heads: Sequence[Head] = (),
                       overwrite: bool = False) -> ExportReport:
     """Embed every user of ``ds`` under ``queries`` (and ``heads``) into Parquet shards under ``out_dir``; resumable.
@@ -339,11 +342,17 @@ def export_embeddings(model: QAnchor, ds: Dataset, queries: list[tuple[str, str]
         rank, world = rank_and_world()
     out = Path(out_dir)
     shards = plan_shards(ds, shard_users)
-    cutoff = cutoff or ds.manifest.cutoff.isoformat()
     if not queries and not heads:
         raise ModelInputError("nothing to embed: give queries and/or scenario heads")
     requests = [(q, None) for _, q in queries] + [(h.query, h) for h in heads]
-    model.cutoff_us(cutoff), model.suffixes(requests)  # a bad cutoff, query or head fails before anything is written
+    # a bad cutoff, query, head or dataset layout fails before anything is written (a claimed folder holding only the
+    # export's description was then "an export with a different dataset" to the corrected rerun)
+    model.suffixes(requests)
+    # recorded as ISO text (a datetime, as QAnchor.embed takes, was not JSON and failed after the claim)
+    cutoff = ds.manifest.cutoff.isoformat() if not cutoff else (
+        cutoff.isoformat() if isinstance(cutoff, datetime) else cutoff)
+    model.cutoff_us(cutoff)
+    adapt = record_adapter(ds.manifest, ds.tabular_columns, model.manifest, model.tabular_columns)
     claim_output_dir(out, OutputKind.EXPORT, {"data.path": ds.root, "checkpoint": model.checkpoint_dir}, key="out")
     if rank == 0:  # one export at a time (its ranks share it): another, say with overwrite=true, would mix the two
         hold_output(out, "embedding export")
@@ -351,7 +360,6 @@ def export_embeddings(model: QAnchor, ds: Dataset, queries: list[tuple[str, str]
                           "queries": [list(q) for q in queries], "heads": [[head_name(h), head_digest(h)] for h in heads],
                           "shards": [list(s) for s in shards], "cutoff": cutoff, "embedding_dim": model.embedding_dim,
                           "use_cache": use_cache, "event_caps": model.event_caps}, overwrite, world)
-    adapt = record_adapter(ds.manifest, ds.tabular_columns, model.manifest, model.tabular_columns)
     query_ids = [qid for qid, _ in queries] + [f"head:{head_name(h)}" for h in heads]
     mine = list(range(rank, len(shards), world))
     if not mine and progress:  # shards never depend on the world size, so extra ranks idle: say how to split

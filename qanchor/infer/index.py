@@ -23,12 +23,10 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from qanchor.data.io import (
-    OutputKind,
     atomic_path,
     check_not_inside,
-    enclosing_output,
     file_sha256,
-    output_kind,
+    refuse_inside_replaced_whole,
     write_text,
 )
 from qanchor.errors import ModelInputError, OutputError
@@ -37,10 +35,6 @@ from qanchor.infer.export import read_embeddings, stored_query_ids
 __all__ = ["LookalikeIndex", "IVF_MIN_SIZE", "INDEX_FORMAT", "check_index_target"]
 
 IVF_MIN_SIZE = 50_000  # below this an exact scan is fast enough (~ms per query on one core)
-# outputs written aside and swapped in whole (atomic_dir): an index built inside one is lost at its next build; a run,
-# an export or a bench folder is written into, and keeps what else it holds
-REPLACED_WHOLE = frozenset(k.value for k in (OutputKind.STATE, OutputKind.DATASET, OutputKind.CACHE, OutputKind.CHECKPOINT,
-                                              OutputKind.HEAD, OutputKind.MODEL_CACHE))
 INDEX_FORMAT = "qanchor-index"  # in FILE.json: marks the three files as a qanchor index (so a rebuild may replace them)
 
 
@@ -52,10 +46,7 @@ def check_index_target(out: str | Path, embeddings: str | Path | None = None) ->
         raise OutputError(f"out={out} is a directory; give the index file's path, e.g. {out / 'index.faiss'}")
     if embeddings is not None:
         check_not_inside(out, {"embeddings": embeddings}, key="out")
-    holder = enclosing_output(out)
-    if holder is not None and output_kind(holder) in REPLACED_WHOLE:  # its next rebuild or update would delete the index
-        raise OutputError(f"out={out} lies inside {holder}, a qanchor {output_kind(holder)} that qanchor replaces "
-                          "whole when it is rebuilt or updated; put the index beside it, not in it")
+    refuse_inside_replaced_whole(out)  # its next rebuild or update would delete the index
     existing = [p for p in (out, Path(f"{out}.users.parquet"), Path(f"{out}.json")) if p.exists()]
     if existing and _meta_format(Path(f"{out}.json")) != INDEX_FORMAT:
         raise OutputError(f"out={out}: {existing[0]} exists and is not part of a qanchor index; qanchor does not "

@@ -235,7 +235,7 @@ def init_state(q: QAnchor, ds: Dataset, queries: list[tuple[str, str]], out_dir:
     """Build the first state from a dataset: buffers, every modality encoding, embeddings."""
     _check_token_model(q)
     start = time.perf_counter()
-    as_of_us = q.cutoff_us(as_of or ds.manifest.cutoff.isoformat())
+    as_of_us = q.cutoff_us(as_of or ds.manifest.cutoff.isoformat(), "as_of")
     adapt = record_adapter(ds.manifest, ds.tabular_columns, q.manifest, q.tabular_columns)
     asked, query_ids = _asked(q, queries), [i for i, _ in queries]
     parts = ds.partitions
@@ -351,7 +351,7 @@ def update_state(q: QAnchor, state_dir: str | Path, event_files: Sequence[str | 
         raise ConfigError(f"{state_dir} was built packing {meta.caps} most recent events per modality, and this model "
                           f"packs {q.event_caps}; update it with the state's caps (data.max_events={meta.caps}) or "
                           "build a new state")
-    as_of_us = q.cutoff_us(as_of) if as_of else None
+    as_of_us = q.cutoff_us(as_of, "as_of") if as_of else None
     table = read_events(event_files, q, as_of_us)
     as_of_us = as_of_us or _default_as_of(meta, table)
     if as_of_us < to_microseconds(meta.as_of):

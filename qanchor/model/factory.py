@@ -153,9 +153,10 @@ def _base_config(model: QAnchorModel):
 
 def save_checkpoint(out_dir: str | Path, model: QAnchorModel, tokenizer: Any, run_cfg: PretrainConfig, meta: ModelMeta,
                     extra_files: dict[str, str] | None = None) -> Path:
-    """Write a checkpoint directory atomically (a crash leaves the previous one intact)."""
+    """Write a checkpoint directory atomically (a crash leaves the previous one intact); its marker records the names
+    written, so a later save refuses to replace one a user has put files in (notes, evaluations)."""
     out_dir = Path(out_dir)
-    with atomic_dir(out_dir, OutputKind.CHECKPOINT) as tmp:
+    with atomic_dir(out_dir, OutputKind.CHECKPOINT, record_layout=True) as tmp:
         (tmp / "config.yaml").write_text(to_yaml(run_cfg))
         meta = replace(meta, tokenizer_size=len(tokenizer))
         (tmp / "qanchor.json").write_text(json.dumps(meta.__dict__, indent=2, default=str))

@@ -162,6 +162,17 @@ def deepspeed_config(cfg: TrainConfig, world: int) -> dict[str, Any]:
                 raise ConfigError(f"train.deepspeed_config {path}: {key}={value!r}, and {option} is {ours}; the run's "
                                   f"records (start line, config.yaml) would say {ours}. Set {option}={value} instead and "
                                   f'write "{key.split(".")[-1]}": "auto" (or leave it out)')
+        # the precision likewise: the file's bf16 section won over train.precision, past the CUDA check, and every record
+        # said fp32; fp16 (not a qanchor precision) failed after setup in DeepSpeed
+        half = {name: section.get("enabled") if isinstance(section := ds.get(name) or {}, dict) else section
+                for name in ("bf16", "fp16")}
+        if half["fp16"] not in (None, False, "auto"):
+            raise ConfigError(f"train.deepspeed_config {path}: fp16 is enabled, which qanchor does not train in; remove the "
+                              "\"fp16\" section and use train.precision=bf16 (on CUDA) or fp32")
+        if half["bf16"] not in (None, "auto") and bool(half["bf16"]) != (cfg.precision == "bf16"):
+            raise ConfigError(f"train.deepspeed_config {path}: bf16.enabled={half['bf16']!r}, and train.precision is "
+                              f"{cfg.precision}; the run's records would say {cfg.precision}. Set train.precision="
+                              f"{'bf16' if half['bf16'] else 'fp32'} instead and write \"enabled\": \"auto\" (or leave it out)")
         stage = ds.get("zero_optimization", {}).get("stage", cfg.zero_stage)
         if stage != cfg.zero_stage:  # qanchor gathers ZeRO-3's partitioned weights to save them by train.zero_stage
             raise ConfigError(f"train.deepspeed_config {cfg.deepspeed_config} asks for ZeRO stage {stage} and "

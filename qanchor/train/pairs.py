@@ -35,7 +35,7 @@ from qanchor.errors import ConfigError
 from qanchor.model.layout import TokenIds, tokenize_answer, tokenize_query
 from qanchor.model.qanchor_model import PretrainBatch
 
-__all__ = ["PretrainStream", "is_held_out"]
+__all__ = ["PretrainStream", "check_profile_sources", "is_held_out"]
 
 _HOLDOUT_BUCKETS = 1_000_000
 _US_PER_DAY = 86_400 * 1_000_000
@@ -45,6 +45,14 @@ def is_held_out(user_id: str, fraction: float) -> bool:
     """Whether ``user_id`` is among the ``fraction`` of users kept out of pretraining (a fixed hash of the id, so
     the same users on every machine and in every run with the same fraction)."""
     return fraction > 0 and zlib.crc32(user_id.encode()) % _HOLDOUT_BUCKETS < fraction * _HOLDOUT_BUCKETS
+
+
+def check_profile_sources(pairs: pa.Table, sources: list[str], path) -> None:
+    """ConfigError unless every source ``loss.profile_sources`` names is in the ``pairs`` table read from ``path``."""
+    present = set(pc.unique(pairs.column("source")).to_pylist())
+    if missing := sorted(set(sources) - present):
+        raise ConfigError(f"loss.profile_sources names {missing}, which {path} does not hold (its sources: "
+                          f"{sorted(present)}); name sources it holds, or null for every pair")
 
 
 class PretrainStream:
@@ -64,11 +72,7 @@ class PretrainStream:
         is_uqa = pc.equal(table.column("source"), "uqa").to_numpy(zero_copy_only=False)
         self.profile_rows = None  # bool per pair: does the profile loss apply (loss.profile_sources)?
         if profile_sources is not None:
-            present = set(pc.unique(table.column("source")).to_pylist())
-            missing = sorted(set(profile_sources) - present)
-            if missing:
-                raise ConfigError(f"loss.profile_sources names {missing}, which {ds.root / USERU_FILE} does not hold "
-                                 f"(its sources: {sorted(present)}); name sources it holds, or null for every pair")
+            check_profile_sources(table, profile_sources, ds.root / USERU_FILE)
             self.profile_rows = pc.is_in(table.column("source"), pa.array(sorted(profile_sources))).to_numpy(zero_copy_only=False)
         parts = ds.partitions
         # Future targets (loss.future_weight): the pairs whose window of future_days after their cutoff ends by the

@@ -36,6 +36,7 @@ from qanchor.data.dataset import Dataset, load_dataset
 from qanchor.data.io import (
     OutputKind,
     check_output_dir,
+    check_replaceable,
     claim_output_dir,
     file_sha256,
     hold_output,
@@ -62,7 +63,7 @@ from qanchor.train.engine import (
     init_distributed,
     initialize,
 )
-from qanchor.train.pairs import PretrainStream, is_held_out
+from qanchor.train.pairs import PretrainStream, check_profile_sources, is_held_out
 from qanchor.train.seal import clear_saving, mark_saving, resume_key, saving_marked, seal_tag, verify_tag
 
 __all__ = ["run_pretrain", "prepare_inputs", "preflight", "MetricsLog"]
@@ -133,6 +134,8 @@ def preflight(cfg: PretrainConfig, world: int = 1) -> None:
     if (stale := stale_userU(ds.root / USERU_FILE, ds)) is not None:
         warn(stale)  # the pairs are still valid training pairs: say so, and train on them
     pairs = ds.userU()
+    if cfg.loss.profile_weight > 0 and cfg.loss.profile_sources is not None:
+        check_profile_sources(pairs, cfg.loss.profile_sources, ds.root / USERU_FILE)
     if pairs.num_rows < cfg.train.batch_size * world:
         raise ConfigError(f"{ds.root / USERU_FILE} holds {pairs.num_rows} pairs, fewer than one global batch "
                           f"(train.batch_size={cfg.train.batch_size} x {world} rank(s)); lower train.batch_size")
@@ -284,6 +287,8 @@ def _check_run_dir(cfg: PretrainConfig, ds: Dataset) -> None:
     out = Path(cfg.output_dir)
     held = check_output_dir(out, OutputKind.RUN, {"data.path": cfg.data.path}, key="output_dir")
     started = held and any(p.name != ".qanchor-output" for p in out.iterdir())
+    if started:  # before any work: each save replaces checkpoint/ whole, and would take a user's files in it along
+        check_replaceable(out / "checkpoint", OutputKind.CHECKPOINT)
     if started and not (cfg.resume or cfg.overwrite):
         raise ConfigError(f"output_dir {out} already holds a pretraining run; pass resume=true to continue it, "
                           "overwrite=true to start it afresh, or choose another output_dir")
@@ -543,9 +548,12 @@ def _clear_run(out: Path) -> None:
     """overwrite=true: remove what a previous run left in a directory marked as a qanchor run (nothing else)."""
     # the resume state first: a kill part-way leaves a checkpoint without resume state (a restart, said as such), never
     # resume state without the checkpoint whose config a resume is checked against
+    check_replaceable(out / "checkpoint", OutputKind.CHECKPOINT)  # a user's notes in it: refused, not deleted
     for name in ("ds_state", "metrics.jsonl", "checkpoint"):
         path = out / name
-        if path.is_dir():
+        if path.is_symlink():  # the link goes, what it points at stays (rmtree refuses a link with a traceback)
+            path.unlink()
+        elif path.is_dir():
             shutil.rmtree(path)
         elif path.exists():
             path.unlink()

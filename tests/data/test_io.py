@@ -91,6 +91,31 @@ def test_claim_through_a_link_to_an_empty_directory(tmp_path):
     assert claim_output_dir(link, OutputKind.EXPORT) is True
 
 
+def test_an_empty_directory_made_beforehand_is_claimed_in_place(tmp_path, monkeypatch):
+    """A rename over an existing empty directory replaced it: its mode, group and setgid bit were lost (and on a mount
+    point the rename fails, EBUSY, with a traceback). ``output_dir=.`` failed on the temporary's empty name."""
+    made = tmp_path / "made"
+    made.mkdir()
+    made.chmod(0o2770)
+    inode = made.stat().st_ino
+    assert claim_output_dir(made, OutputKind.RUN) is False and output_kind(made) == "pretraining run"
+    assert made.stat().st_ino == inode and made.stat().st_mode & 0o7777 == 0o2770
+    assert sorted(p.name for p in made.iterdir()) == [MARKER_FILE]  # no temporary left in it
+    here = tmp_path / "here"
+    here.mkdir()
+    monkeypatch.chdir(here)
+    assert claim_output_dir(".", OutputKind.RUN) is False and output_kind(here) == "pretraining run"
+    assert claim_output_dir(".", OutputKind.RUN) is True
+
+
+def test_another_claims_temporary_marker_is_not_foreign(tmp_path):
+    """Ranks claiming one existing empty directory at once: one's marker, still a temporary inside it, is ours."""
+    target = tmp_path / "out"
+    target.mkdir()
+    (target / f".{MARKER_FILE}.qanchor-tmp.123-host.0badc0de").write_text("{}")
+    assert claim_output_dir(target, OutputKind.EXPORT) is False and output_kind(target) == "embedding export"
+
+
 def test_a_whole_directory_output_through_a_link_replaces_the_directory_and_keeps_the_link(tmp_path):
     real, link = tmp_path / "real", tmp_path / "link"
     link.symlink_to(real, target_is_directory=True)

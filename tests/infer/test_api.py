@@ -284,6 +284,22 @@ def test_events_after_the_cutoff_count_as_its_last_moment_everywhere(infer_env):
     assert np.abs(moved - qa.embed({"user_id": "x", "events": {}}, QUERIES, cutoff=cutoff)).max() > 1e-3
 
 
+def test_late_events_are_warned_about_once_per_call_not_per_batch(infer_env, monkeypatch):
+    """The warning came once per streamed chunk of users, each with its own count: ~1,000 of them for 1M users."""
+    import warnings
+
+    qa = infer_env.qa
+    cutoff = datetime(2024, 6, 30, tzinfo=timezone.utc)
+    users = [{"user_id": f"x{i}", "events": {"bill": [{"ts": cutoff + timedelta(hours=1), "text": "Taxi", "value": 1.0}]}}
+             for i in range(5)]
+    monkeypatch.setattr(qa, "stream_users", 2)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        qa.embed(users, QUERIES[:1], cutoff=cutoff)
+    late = [w for w in caught if "at or after the cutoff" in str(w.message)]
+    assert len(late) == 1 and "said once per call" in str(late[0].message)
+
+
 def test_a_checkpoint_with_metadata_a_newer_qanchor_added_loads_with_a_warning(infer_env, tmp_path, capsys):
     """A newer qanchor of the same checkpoint format may record more (as tokenizer_size was added): an older one read
     its qanchor.json into ModelMeta(**raw) and called the checkpoint damaged."""

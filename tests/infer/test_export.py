@@ -176,6 +176,46 @@ def test_read_queries_formats(tmp_path):
     # a repeated id: YAML keeps the last, so a question was dropped without a word (a CSV's repeat is refused)
     _refused(tmp_path, "twice.yaml", "churn: Will it churn?\nchurn: Will it buy wine?\n",
              r"twice.yaml, line 2: query id 'churn' appears twice")
+    # an editor's byte-order mark stayed in the first id ("\ufeffchurn") or question; a list is not an empty question
+    (tmp_path / "bom.txt").write_bytes("\ufeffchurn\tWill this user stop paying?\n".encode("utf-8"))
+    assert read_queries(tmp_path / "bom.txt") == [("churn", "Will this user stop paying?")]
+    _refused(tmp_path, "list.yaml", "a: [1, 2]\n", "query 'a' must be a question in text, got list")
+
+
+def test_an_export_is_refused_inside_an_output_replaced_whole(infer_env, tmp_path):
+    """An export (or a state) written inside another run's checkpoint was deleted by that checkpoint's next save."""
+    import shutil
+
+    from qanchor.errors import OutputError
+
+    other = tmp_path / "other-ckpt"
+    shutil.copytree(infer_env.ckpt, other)
+    with pytest.raises(OutputError, match=r"lies inside .*other-ckpt, a qanchor checkpoint"):
+        _export(infer_env, other / "emb")
+    assert not (other / "emb").exists()
+
+
+def test_a_dataset_the_model_cannot_read_is_refused_before_the_folder_is_claimed(infer_env, tmp_path):
+    """The folder was claimed and its description written first: the corrected rerun was then told the folder held
+    "an export with a different dataset"."""
+    from qanchor.data.dataset import load_dataset
+    from tests.helpers import copy_dataset
+
+    ds_dir = copy_dataset(infer_env.ds.root, tmp_path / "ds")
+    table = pq.read_table(ds_dir / "tabular.parquet")
+    pq.write_table(table.append_column("height", pa.array([1.7] * table.num_rows)), ds_dir / "tabular.parquet")
+    with pytest.raises(Exception, match="'height' is unknown to the model"):
+        export_embeddings(infer_env.qa, load_dataset(ds_dir), PAIRS, tmp_path / "emb", progress=False, rank=0, world=1)
+    assert not (tmp_path / "emb").exists()
+
+
+def test_a_datetime_cutoff_is_recorded_as_text(infer_env, tmp_path):
+    """QAnchor.embed takes a datetime; the export put it in its JSON description and failed after the claim."""
+    from datetime import datetime, timezone
+
+    _export(infer_env, tmp_path / "a", cutoff=datetime(2024, 6, 30, tzinfo=timezone.utc))
+    _export(infer_env, tmp_path / "b", cutoff="2024-06-30T00:00:00+00:00")
+    assert _table(tmp_path / "a").equals(_table(tmp_path / "b"))
 
 
 def test_read_queries_from_a_csv_with_its_header(tmp_path):

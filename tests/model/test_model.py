@@ -95,6 +95,24 @@ def test_checkpoint_version_refused(setup, tmp_path):
         load_checkpoint(tmp_path / "old")
 
 
+def test_a_save_refuses_a_checkpoint_holding_files_of_the_users_own(setup, tmp_path):
+    """Each save replaced checkpoint/ whole: notes or evaluations a user put in it were deleted without a word. The
+    marker records the names a save wrote (a tokenizer's files vary), and anything else stops the next save."""
+    from qanchor.data.io import output_record
+    from qanchor.errors import OutputError
+
+    model, tokenizer, _, ds, packer, cfg = setup
+    meta = ModelMeta(ds.manifest.to_dict(), packer.cache.dim, {}, list(ds.tabular_columns))
+    save_checkpoint(tmp_path / "ck", model, tokenizer, cfg, meta)
+    assert {"model.safetensors", "config.yaml", "qanchor.json"} <= set(output_record(tmp_path / "ck")["holds"])
+    save_checkpoint(tmp_path / "ck", model, tokenizer, cfg, meta)  # its own files only: replaced
+    (tmp_path / "ck" / "eval").mkdir()
+    (tmp_path / "ck" / "eval" / "auc.json").write_text("{}")
+    with pytest.raises(OutputError, match=r"also 'eval'"):
+        save_checkpoint(tmp_path / "ck", model, tokenizer, cfg, meta)
+    assert (tmp_path / "ck" / "eval" / "auc.json").read_text() == "{}"
+
+
 def test_empty_modality_uses_learned_empty_token(setup):
     model, _, stream, *_ = setup
     model.eval()
@@ -388,6 +406,12 @@ def test_profile_sources_restrict_the_profile_loss_to_their_pairs(tiny_dataset, 
     missing = sorted({"future", "uqa", "forecast", "signature"} - set(sources))[0]
     with pytest.raises(ConfigError, match=rf"profile_sources names \['{missing}'\].*userU.parquet"):
         model_and_stream(ds_dir, tiny_cfg(["loss.profile_weight=0.5", f"loss.profile_sources=[{missing}]"]))
+    # and in preflight, before any event text is encoded (it came after the whole setup)
+    from qanchor.train.pretrain import preflight
+
+    with pytest.raises(ConfigError, match=rf"profile_sources names \['{missing}'\]"):
+        preflight(tiny_cfg(["loss.profile_weight=0.5", f"loss.profile_sources=[{missing}]", f"data.path={ds_dir}",
+                            f"output_dir={ds_dir.parent / 'never'}"]))
     with pytest.raises(ConfigError, match="profile_sources is empty"):
         tiny_cfg(["loss.profile_sources=[]"])
 

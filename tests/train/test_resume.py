@@ -76,6 +76,13 @@ def test_kill_and_resume(prepared, tmp_path):
                              timeout=300)
     assert refused.returncode == 2 and "loss.future_days" in refused.stderr, refused.stderr[-2000:]
     assert {p: p.read_bytes() for p in out.rglob("*") if p.is_file()} == before
+    # a file of the user's own in checkpoint/ (each save replaces it whole): refused before any work, kept
+    (out / "checkpoint" / "NOTES.md").write_text("mine")
+    for flag in ("resume=true", "overwrite=true"):
+        kept = subprocess.run(_pretrain_cmd(prepared, out, "train.max_steps=12", flag), cwd=ROOT, env=ENV,
+                              capture_output=True, text=True, timeout=120)
+        assert kept.returncode == 2 and "also 'NOTES.md'" in kept.stderr, kept.stderr[-2000:]
+    assert (out / "checkpoint" / "NOTES.md").read_text() == "mine"
 
 
 def test_two_ranks_killed_and_resumed_equal_an_uninterrupted_run(prepared, tmp_path):
