@@ -258,6 +258,7 @@ def run_uqa(cfg: UqaConfig, progress: bool = True) -> UqaResult:
     ds = load_dataset(cfg.data.path, cfg.data.cache_dir)
     users = held_out_users(ds, base.train.holdout_users, cfg.max_users, cfg.seed)
     reference = QAnchor.from_pretrained(cfg.checkpoint, text_cache_dir=ds.text_cache_dir)  # every row shares its tokenizer
+    reference.check_language_head()  # a contrastive-only checkpoint: refused before the TextN and prior rows are trained
     questions = build_questions(ds, users, cfg.seed, cfg.window_days,
                                 scored_as=lambda text: tuple(reference.option_ids(text, truncate=True)))
     if not questions:

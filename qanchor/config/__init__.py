@@ -57,6 +57,7 @@ from qanchor.config.sections import (
     TextEncoderConfig,
     TrainConfig,
     UserEncoderConfig,
+    reading_saved_run,
 )
 from qanchor.errors import ConfigError
 
@@ -125,7 +126,24 @@ def _is_text(tp: Any) -> bool:
 def _verbatim(text: str) -> str:
     """``text`` escaped for OmegaConf, which would otherwise resolve ``${...}`` in it as an interpolation ("spent over
     ${100}?" failed, "${oc.env:HOME}" became the home folder): a text setting is taken as written."""
-    return text.replace("${", "\\${") if isinstance(text, str) else text
+    # each backslash just before "${" doubled (OmegaConf reads "\\${" as a backslash, then an interpolation), then the
+    # "${" escaped: "C:\\${x}" stays "C:\\${x}"
+    return re.sub(r"(\\*)\$\{", lambda m: m.group(1) * 2 + "\\${", text) if isinstance(text, str) else text
+
+
+def _verbatim_copy(cfg: Any) -> Any:
+    """A typed config with every text in it escaped as :func:`_verbatim` does: what OmegaConf.structured reads back as
+    the same values (a config loaded verbatim, then rebuilt by :func:`with_overrides`, resolved "${...}" in it)."""
+    if dataclasses.is_dataclass(cfg) and not isinstance(cfg, type):
+        return dataclasses.replace(cfg, **{f.name: _verbatim_copy(getattr(cfg, f.name)) for f in dataclasses.fields(cfg)
+                                           if f.init})
+    if isinstance(cfg, str):
+        return _verbatim(cfg)
+    if isinstance(cfg, list):
+        return [_verbatim_copy(x) for x in cfg]
+    if isinstance(cfg, dict):
+        return {k: _verbatim_copy(v) for k, v in cfg.items()}
+    return cfg
 
 
 def _text_as_written(typed: Any, raw: Any, tp: Any) -> Any:
@@ -209,7 +227,7 @@ def _typed_value(tp: Any, raw: str, item: str) -> Any:
         return _verbatim(raw[1:-1] if quoted else raw)  # one layer of quotes a Makefile or script kept
     if typing.get_origin(tp) is list and typing.get_args(tp) == (str,):
         if not raw.lstrip().startswith("["):
-            return [raw] if raw else []
+            return [_verbatim(raw)] if raw else []
         try:  # every item is text: `options=[yes,no]` means the words, not YAML 1.1's booleans
             items = yaml.load(raw, Loader=yaml.BaseLoader)
         except yaml.YAMLError:
@@ -309,7 +327,8 @@ def load_run_config(path: str | Path) -> PretrainConfig:
     every key the preset gave, and the preset file may not exist where the checkpoint is read (another machine, another
     working directory, a preset edited since).
     """
-    return load_config(path, schema=PretrainConfig, _resolved=True)
+    with reading_saved_run():  # a model trained before a check was added stays loadable
+        return load_config(path, schema=PretrainConfig, _resolved=True)
 
 
 def _resolve_file_keys(cfg: Any, schema: type, config_path: Path, cli_layer: dict) -> None:
@@ -375,7 +394,7 @@ def with_overrides(cfg: Any, overrides: list[str] | tuple[str, ...]) -> Any:
     schema = type(cfg)
     try:
         layer = _overrides_layer(schema, overrides)
-        merged = OmegaConf.merge(OmegaConf.structured(cfg), OmegaConf.create(layer))
+        merged = OmegaConf.merge(OmegaConf.structured(_verbatim_copy(cfg)), OmegaConf.create(layer))
         _replace_mappings(merged, layer, _mapping_literals(schema, overrides))
         return OmegaConf.to_object(merged)
     except OmegaConfBaseException as exc:
@@ -395,7 +414,7 @@ def _preset_layer(schema: type, file_cfg: Any, cli_cfg: Any) -> Any:
     if not preset:
         return OmegaConf.create({})
     path = _preset_path(preset)
-    layer = _load_yaml(path)
+    layer = OmegaConf.create(_verbatim_copy(OmegaConf.to_container(_load_yaml(path), resolve=False)))  # text as written
     layer.preset = preset
     try:  # a bad key in the preset file is the preset's fault, not the config file's
         OmegaConf.merge(OmegaConf.structured(ModelConfig), layer)

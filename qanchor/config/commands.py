@@ -11,7 +11,14 @@ import math
 from dataclasses import dataclass, field, replace
 from typing import Literal
 
-from qanchor.config.sections import DataConfig, LossConfig, ModelConfig, TrainConfig, check_seed
+from qanchor.config.sections import (
+    DataConfig,
+    LossConfig,
+    ModelConfig,
+    TrainConfig,
+    check_seed,
+    refuse_for_training,
+)
 from qanchor.errors import ConfigError
 
 __all__ = ["PretrainConfig", "DataOverrides", "PromptTuneConfig", "BenchConfig", "InferConfig", "EmbedConfig",
@@ -61,10 +68,10 @@ class PretrainConfig:
                               "model.user_encoder.content_components=0, a positive loss.profile_weight or "
                               "model.user_encoder.content_use=path")
         if self.loss.answer_bank and self.loss.mode == "ntp":
-            raise ConfigError("loss.answer_bank adds negatives to the contrastive loss, which loss.mode=ntp turns off; set "
+            refuse_for_training("loss.answer_bank adds negatives to the contrastive loss, which loss.mode=ntp turns off; set "
                               "loss.answer_bank=0 or loss.mode=both")
         if self.model.answer_pooling != "last" and self.model.answer_tower != "backbone":
-            raise ConfigError(f"model.answer_pooling={self.model.answer_pooling} pools the backbone tower's answer tokens, "
+            refuse_for_training(f"model.answer_pooling={self.model.answer_pooling} pools the backbone tower's answer tokens, "
                               f"and model.answer_tower={self.model.answer_tower} embeds answers with the sentence encoder; "
                               "set model.answer_tower=backbone or leave answer_pooling at last")
         if self.loss.answer_bank and self.model.answer_tower != "text_encoder":

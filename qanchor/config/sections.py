@@ -3,19 +3,45 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Iterator
+from contextlib import contextmanager
+from contextvars import ContextVar
 from dataclasses import dataclass, field
 from typing import Literal
 
 from qanchor.errors import ConfigError
 
-__all__ = ["check_seed", "TextEncoderConfig", "DataConfig", "LoraConfig", "BackboneConfig", "UserEncoderConfig", "ModelConfig",
+__all__ = ["check_seed", "reading_saved_run", "refuse_for_training", "TextEncoderConfig", "DataConfig", "LoraConfig", "BackboneConfig", "UserEncoderConfig", "ModelConfig",
            "LossConfig", "TrainConfig"]
 
 
-def check_seed(seed: int, key: str) -> None:
-    """ConfigError unless ``seed`` is one numpy, torch and scikit-learn all take (0 <= seed < 2**32)."""
-    if not 0 <= seed < 2**32:
-        raise ConfigError(f"{key} must be in [0, 2**32), got {seed}")
+def check_seed(seed: int, key: str, below: int | None = 2**32) -> None:
+    """ConfigError unless ``seed`` is one numpy and torch take (>= 0) and, with ``below`` (2**32: scikit-learn's and
+    LightGBM's limit), below it."""
+    if below is None and seed < 0:
+        raise ConfigError(f"{key} must be >= 0, got {seed}")
+    if below is not None and not 0 <= seed < below:
+        raise ConfigError(f"{key} must be in [0, {'2**32' if below == 2**32 else below}), got {seed}")
+
+
+_READING_SAVED_RUN: ContextVar[bool] = ContextVar("qanchor_reading_saved_run", default=False)
+
+
+@contextmanager
+def reading_saved_run() -> Iterator[None]:
+    """While a finished run's config.yaml is read back (``load_run_config``): settings that only a new run must not
+    use are not refused (a model trained before such a check was added must stay loadable)."""
+    token = _READING_SAVED_RUN.set(True)
+    try:
+        yield
+    finally:
+        _READING_SAVED_RUN.reset(token)
+
+
+def refuse_for_training(message: str) -> None:
+    """ConfigError(``message``) for a setting a new run must not train with; nothing when a saved run is read."""
+    if not _READING_SAVED_RUN.get():
+        raise ConfigError(message)
 
 
 @dataclass
@@ -100,7 +126,7 @@ class BackboneConfig:
         # a backbone without layers (or with zero-width ones) trains without a word, and its anchor reads no user
         for key in ("hidden_size", "num_layers", "intermediate_size"):
             if getattr(self, key) < 1:
-                raise ConfigError(f"model.backbone.{key}={getattr(self, key)}: must be at least 1")
+                refuse_for_training(f"model.backbone.{key}={getattr(self, key)}: must be at least 1")
         if self.num_heads < 1 or self.num_kv_heads < 1:
             raise ConfigError(f"model.backbone: num_heads and num_kv_heads must be >= 1 (got {self.num_heads}, "
                               f"{self.num_kv_heads})")
@@ -302,9 +328,9 @@ class LossConfig:
         if not self.temperature > 0 or not math.isfinite(self.temperature):  # nan passed a "<= 0" check
             raise ConfigError(f"loss.temperature must be a finite number > 0, got {self.temperature}")
         if self.margin is not None and not self.margin >= 0:  # below 0 every negative was masked: no contrastive loss
-            raise ConfigError(f"loss.margin must be >= 0 (or null: no masking), got {self.margin}")
+            refuse_for_training(f"loss.margin must be >= 0 (or null: no masking), got {self.margin}")
         if not self.ntp_weight >= 0:  # below 0 the answer loss is maximised
-            raise ConfigError(f"loss.ntp_weight must be >= 0, got {self.ntp_weight}")
+            refuse_for_training(f"loss.ntp_weight must be >= 0, got {self.ntp_weight}")
         if self.answer_bank < 0:
             raise ConfigError(f"loss.answer_bank must be >= 0 (got {self.answer_bank})")
 
@@ -320,7 +346,7 @@ class TrainConfig:
     weight_decay: float = 1e-5
     warmup_steps: int = 20
     schedule: Literal["cosine", "constant"] = "cosine"
-    grad_clip: float = 1.0
+    grad_clip: float = 1.0  # <= 0: no clipping (DeepSpeed's reading)
     save_every: int = 100
     log_every: int = 10
     seed: int = 0
@@ -363,7 +389,8 @@ class TrainConfig:
             raise ConfigError(f"train: lr must be >= 0 and warmup_steps >= 0, got lr {self.lr}, warmup_steps {self.warmup_steps}")
         if self.zero_stage not in (0, 1, 2, 3):
             raise ConfigError(f"train.zero_stage must be 0, 1, 2 or 3, got {self.zero_stage}")
-        check_seed(self.seed, "train.seed")  # a negative one failed at the first batch, after the whole setup
-        if not self.eps > 0 or not self.weight_decay >= 0 or not self.grad_clip >= 0:
-            raise ConfigError(f"train: eps must be > 0, weight_decay and grad_clip >= 0; got eps {self.eps}, "
-                              f"weight_decay {self.weight_decay}, grad_clip {self.grad_clip}")
+        if self.seed < 0:  # numpy takes none: the run failed at its first batch, after the whole setup
+            refuse_for_training(f"train.seed must be >= 0, got {self.seed}")
+        if not self.eps > 0 or not self.weight_decay >= 0:  # each failed in the optimizer's setup, after the encoding
+            refuse_for_training(f"train: eps must be > 0 and weight_decay >= 0; got eps {self.eps}, weight_decay "
+                                f"{self.weight_decay}")

@@ -138,7 +138,7 @@ REPLACED_WHOLE = frozenset(k.value for k in (OutputKind.STATE, OutputKind.DATASE
                                               OutputKind.HEAD, OutputKind.MODEL_CACHE))
 
 
-def refuse_inside_replaced_whole(target: str | os.PathLike, key: str = "out", kind: OutputKind | None = None) -> None:
+def refuse_inside_replaced_whole(target: str | os.PathLike, key: str | None = "out", kind: OutputKind | None = None) -> None:
     """OutputError for a ``target`` inside an output that qanchor replaces whole (a checkpoint, a head, an update
     state, a dataset): its next save or rebuild would delete what is written there. Caches are exempt (a dataset keeps
     its own inside it, and a cache lost is only work to redo)."""
@@ -146,7 +146,7 @@ def refuse_inside_replaced_whole(target: str | os.PathLike, key: str = "out", ki
         return
     holder = enclosing_output(target)
     if holder is not None and output_kind(holder) in REPLACED_WHOLE:
-        raise OutputError(f"{key}={target} lies inside {holder}, a qanchor {output_kind(holder)} that qanchor replaces "
+        raise OutputError(f"{f'{key}={target}' if key else target} lies inside {holder}, a qanchor {output_kind(holder)} that qanchor replaces "
                           "whole when it is saved, rebuilt or updated; write it beside that folder, not in it")
 
 
@@ -170,12 +170,15 @@ def check_output_dir(target: str | os.PathLike, kind: OutputKind, inputs: Mappin
         raise OutputError(f"{key} {target} is a file, not a directory; give a directory path")
     if not target.is_dir():
         return False
+    # listed before the marker is read: a marker another process links in between is then read as the claim it is,
+    # not listed as a foreign file
+    entries = [p for p in target.iterdir() if not is_temporary(p)]  # another process's marker on its way in is ours
     found = output_kind(target)
     if found == kind.value:
         return True
     if found is not None:
         raise OutputError(f"{key} {target} holds a qanchor {found}, not a {kind.value}; choose another directory")
-    if any(not is_temporary(p) for p in target.iterdir()):  # another process's marker on its way in is ours
+    if entries:
         raise OutputError(f"{key} {target} holds files qanchor did not create (e.g. {_foreign_example(target)!r}); "
                           "qanchor only writes into new, empty or its own output directories: choose another one")
     return False
@@ -223,6 +226,13 @@ def _claim_in_place(target: Path, kind: OutputKind, inputs: Mapping[str, str | o
             os.link(tmp, target / MARKER_FILE)
         except FileExistsError:
             return check_output_dir(target, kind, inputs, key)  # another process claimed it first
+        except OSError as e:  # a file system without hard links (vfat, SMB, some FUSE mounts): a rename, not exclusive,
+            if e.errno not in (errno.EPERM, errno.EOPNOTSUPP, errno.ENOSYS, errno.EMLINK):  # but every claimant writes
+                raise  # the same marker, and the check after it sees a marker of another kind
+            os.replace(tmp, target / MARKER_FILE)
+            _fsync_dir(target)
+            check_output_dir(target, kind, inputs, key)  # refuses a marker of another kind written meanwhile
+            return False
         _fsync_dir(target)
         return False
     finally:
@@ -479,17 +489,20 @@ def check_replaceable(target: str | os.PathLike, kind: OutputKind, layout: Colle
     """Refuse (OutputError) a ``target`` that :func:`atomic_dir` could not replace: a file, foreign content,
     a qanchor output of another kind, or (given its ``layout``) one of this kind that also holds what it does not
     write. Commands call it before long work, ``atomic_dir`` again at the end."""
-    refuse_inside_replaced_whole(target, "the output", kind)
+    refuse_inside_replaced_whole(target, None, kind)
     target = _through_link(Path(target))
     if not target.exists():
         return
     if not target.is_dir():
         raise OutputError(f"{target} is a file, not a directory; give a directory path for the {kind.value}")
     found = output_kind(target)
-    if found == kind.value and layout is None and isinstance(holds := output_record(target).get("holds"), list):
-        layout = holds  # the names it was written with (``record_layout``)
+    if found == kind.value and layout is None:
+        holds = output_record(target).get("holds")
+        # the names it was written with (``record_layout``); a checkpoint saved before they were recorded: its files
+        layout = holds if isinstance(holds, list) else _legacy_layout(target) if kind == OutputKind.CHECKPOINT else None
     if found == kind.value and layout is not None:
-        extra = sorted(p.name for p in target.iterdir() if p.name not in {*layout, MARKER_FILE})
+        # a temporary a killed writer left is ours (the replacement removes it with the rest)
+        extra = sorted(p.name for p in target.iterdir() if p.name not in {*layout, MARKER_FILE} and not is_temporary(p))
         if extra:  # the user's notes, an index built into it: replacing the directory whole would delete them
             shown = ", ".join(repr(n) for n in extra[:3]) + (f" and {len(extra) - 3} more" if len(extra) > 3 else "")
             raise OutputError(f"{target} holds a qanchor {kind.value} and also {shown}, which a {kind.value} does not "
@@ -501,6 +514,16 @@ def check_replaceable(target: str | os.PathLike, kind: OutputKind, layout: Colle
         raise OutputError(f"{target} holds a qanchor {found}, not a {kind.value}; choose another directory")
     raise OutputError(f"{target} holds files qanchor did not create (e.g. {_foreign_example(target)!r}); qanchor "
                       f"only replaces its own {kind.value} directories: choose another path")
+
+
+# what a checkpoint saved before its marker recorded its names holds: qanchor's files and a tokenizer's
+_CHECKPOINT_FILES = frozenset({"config.yaml", "qanchor.json", "backbone_config.json", "model.safetensors", "STEP", "DATA",
+                               "DEEPSPEED", "BACKBONE", "special_tokens_map.json", "vocab.json", "vocab.txt", "merges.txt",
+                               "added_tokens.json", "chat_template.jinja"})
+
+
+def _legacy_layout(target: Path) -> list[str]:
+    return [p.name for p in target.iterdir() if p.name in _CHECKPOINT_FILES or p.name.startswith("tokenizer")]
 
 
 def _publish(tmp: Path, target: Path, kind: OutputKind, layout: Collection[str] | None = None) -> None:

@@ -24,7 +24,7 @@ from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from qanchor.data.userU_topics import BUCKETS, METRICS, Claim, History, category, verify
+from qanchor.data.userU_topics import BUCKETS, METRICS, Claim, History, category, shown_amount, verify
 
 __all__ = ["ASPECTS", "PROFILE_QUESTIONS", "Fact", "Verified", "facts_of", "verify_answer", "squeeze", "tidy"]
 
@@ -46,7 +46,8 @@ _LEADS = {"favourites": "Most frequent", "categories": "Top categories", "time_o
           "weekend": "Weekends", "activity": "On record", "frequency": "Events per week", "spending": "Amounts",
           "recency": "Last event", "trend": "Trend"}
 
-_NUM = r"(-?[\d,]+(?:\.\d+)?)"
+# a number as the templates write it: thousands in groups of three ("1,484"), or plain; a lone "," or "-," is none
+_NUM = r"(-?\d{1,3}(?:,\d{3})+(?:\.\d+)?|-?\d+(?:\.\d+)?)"
 _INT = r"(\d+)"
 _HOURS = {b: f"{lo:02d}:00-{hi:02d}:00" for b, lo, hi in BUCKETS}
 
@@ -146,7 +147,8 @@ def _spending(text: str, h: History) -> Slots:
     slots: Slots = []
     for part in squeeze(text).rstrip(".").split(";"):
         read = _modality_clause(h, part, rf"amountstotal{_NUM}over{_INT}events?", lambda mod, m: [
-            Fact(f"{mod} total {m.group(1)}", (Claim("value_sum", _number(m.group(1)), mod),)),
+            # shown as the template writes it, not as the model did ("3.4499"): the claim holds to that digit
+            Fact(f"{mod} total {shown_amount(_number(m.group(1)))[0]}", (Claim("value_sum", _number(m.group(1)), mod),)),
             Fact(f"{_n(m.group(2), mod + ' event')} with an amount", (Claim("value_count", int(m.group(2)), mod),),
                  detail=f"over {_n(m.group(2), 'event')}")])
         slots.extend(read if read is not None else [None])
@@ -197,9 +199,9 @@ def _frequency(text: str, h: History) -> Slots:
     m = re.fullmatch(rf"about{_NUM}eventsperweekoverall\((.*)perweek\)", squeeze(text).rstrip("."))
     if m is None:
         return [None]
-    slots: Slots = [Fact(f"{m.group(1)} overall", (Claim("per_week", _number(m.group(1))),))]
+    slots: Slots = [Fact(f"{_number(m.group(1)):.1f} overall", (Claim("per_week", _number(m.group(1))),))]
     for p in m.group(2).split(","):
-        read = _modality_clause(h, p, _NUM, lambda mod, n: [Fact(f"{mod} {n.group(1)}",
+        read = _modality_clause(h, p, _NUM, lambda mod, n: [Fact(f"{mod} {_number(n.group(1)):.1f}",
                                                                 (Claim("per_week", _number(n.group(1)), mod),))])
         slots.extend(read if read is not None else [None])
     return slots

@@ -201,7 +201,7 @@ METRICS: dict[str, tuple[Metric, str]] = {
     "category_count": (lambda h, m, a: sum(category(m, t) == a for t in h.seq(m).text), "exact"),
     "days_since_last": (lambda h, m, a: (h.cutoff_us - int(h.seq(m).ts.max())) // DAY_US if len(h.seq(m))
                         else math.nan, "exact"),
-    "per_week": (lambda h, m, a: len(h.seq(m)) / h.weeks, "amount"),
+    "per_week": (lambda h, m, a: len(h.seq(m)) / h.weeks, "rate"),
     "weekend_count": (lambda h, m, a: int(_weekend(h, m).sum()), "exact"),
     "weekend_share": (lambda h, m, a: _pct(_weekend(h, m).sum(), len(h.seq(m))), "percent"),
     "hour_share": (lambda h, m, a: _pct(_bucket_counts(h, m)[a], len(h.seq(m))), "percent"),
@@ -226,8 +226,11 @@ def _holds(claimed: float | str, true: float | frozenset, how: str) -> bool:
         return c == t
     if how == "percent":
         return abs(c - t) <= 0.5 + 1e-9  # shown as whole percents
-    # amounts are shown rounded (see _amount, per-week rates to 0.1): off by at most half the last shown digit
-    return abs(c - t) <= (0.5 if abs(t) >= 999.5 else 0.05) + 1e-6
+    if how == "rate":
+        return abs(c - t) <= 0.05 + 1e-6  # per-week rates are shown to 0.1
+    # amounts are shown as _amount rounds them (two decimals below 10, one below 1,000, whole numbers from there):
+    # off by at most half the last shown digit (a flat 0.05 kept "total 3.49" for a true 3.45)
+    return abs(c - t) <= (0.5 if abs(t) >= 1000 else 0.05 if abs(t) >= 10 else 0.005) + 1e-6
 
 
 def verify(claims: list[Claim], h: History, answer: str | None = None) -> bool:
@@ -280,7 +283,7 @@ def _n(k: int, word: str, plural: str | None = None) -> str:
     return f"{k} {word if k == 1 else plural or word + 's'}"
 
 
-def _amount(x: float) -> tuple[str, float]:
+def shown_amount(x: float) -> tuple[str, float]:
     """Round for reading: whole numbers from 1,000, one decimal from 10, else two."""
     nd = 0 if abs(x) >= 1000 else 1 if abs(x) >= 10 else 2
     return f"{x:,.{nd}f}", round(x, nd)
@@ -315,7 +318,7 @@ def _spending(h: History, rng: np.random.Generator) -> QA | None:
     parts, claims = [], []
     for m in _valued(h)[:2]:
         k = METRICS["value_count"][0](h, m, "")
-        total, total_v = _amount(METRICS["value_sum"][0](h, m, ""))
+        total, total_v = shown_amount(METRICS["value_sum"][0](h, m, ""))
         parts.append(f"{m} amounts total {total} over {_n(k, 'event')}")
         claims += [Claim("value_sum", total_v, m), Claim("value_count", k, m)]
     q = _ask(rng, ("What do the amounts in this user's history add up to?", "How large are this user's recorded "
@@ -408,7 +411,7 @@ def _largest(h: History, rng: np.random.Generator) -> QA | None:
         return None
     m = max(valued, key=lambda m: (np.nanmax(h.seq(m).value), -valued.index(m)))
     i = int(np.flatnonzero(_max_mask(h, m))[0])
-    shown, v = _amount(float(h.seq(m).value[i]))
+    shown, v = shown_amount(float(h.seq(m).value[i]))
     day = _iso_day(h.seq(m).ts[i])
     text = h.seq(m).text[i]
     q = _ask(rng, ("What was this user's largest single amount?", "What is the biggest single {m} amount for this "
@@ -434,7 +437,7 @@ def _extras(h: History, rng: np.random.Generator) -> QA | None:
     if not found:
         return None
     k, m, col = found[0]
-    shown, total = _amount(METRICS["extra_sum"][0](h, m, col))
+    shown, total = shown_amount(METRICS["extra_sum"][0](h, m, col))
     n = len(h.seq(m))
     q = _ask(rng, ("How often do this user's {m} events carry a {c}?", "How much {c} shows up in this user's {m} "
                    "history?", "Does this user's {m} activity come with a {c}, and how much?"), m=m, c=col.replace("_", " "))
@@ -604,7 +607,7 @@ def summarize(h: History) -> str:
         s = h.seq(m)
         line = f"{m}: {_n(len(s), 'event')}, last {_ago(METRICS['days_since_last'][0](h, m, ''))}"
         if np.isfinite(s.value).any():
-            line += f", amounts total {_amount(float(np.nansum(s.value, dtype=np.float64)))[0]}"
+            line += f", amounts total {shown_amount(float(np.nansum(s.value, dtype=np.float64)))[0]}"
         top = ", ".join(f"{t} (x{k})" for t, k in _top_texts(s.text, 3))
         lines.append(f"{line}; most frequent: {top}.")
     return "\n".join(lines)

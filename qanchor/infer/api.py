@@ -476,8 +476,12 @@ class QAnchor:
             texts.append(o.strip())
         ids = [self.option_ids(t, truncate) for t in texts]
         if len(set(map(tuple, ids))) < len(texts):
-            raise ModelInputError(f"options repeat{' once cut to the answer length' if truncate else ''}: {texts}; "
-                                  "give distinct options")
+            same = [t for t, i in zip(texts, ids) if ids.count(i) > 1]
+            if len(set(same)) < len(same):
+                raise ModelInputError(f"options repeat: {same}; give distinct options")
+            raise ModelInputError(f"options {same} are read the same by this model's tokenizer"
+                                  f"{' once cut to the answer length' if truncate else ''} (it may drop case, accents and "
+                                  "characters it does not know); give options that differ in words")
         return texts, ids
 
     def decode(self, ids: Sequence[int]) -> str:
@@ -664,7 +668,8 @@ class QAnchor:
                       use_cache: bool = True) -> list[Profile]:
         """:meth:`describe` for many users, each batch of users sharing one prefix pass."""
         self.check_language_head()
-        aspects = list(ASPECTS if aspects is None else aspects)
+        # each aspect once: a repeat was asked and counted twice, and shown once
+        aspects = list(dict.fromkeys(ASPECTS if aspects is None else aspects))
         unknown = [a for a in aspects if a not in PROFILE_QUESTIONS]
         if unknown or not aspects:
             raise ModelInputError(f"unknown profile aspects {unknown}; choose from {', '.join(ASPECTS)}")

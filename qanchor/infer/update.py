@@ -57,7 +57,6 @@ from qanchor.infer.state import (
 )
 from qanchor.infer.user_input import record_adapter, to_microseconds
 from qanchor.logs import Progress, log, warn
-from qanchor.logs import progress as progress_iter
 
 __all__ = ["UpdateReport", "init_state", "update_state", "read_events", "read_tabular"]
 
@@ -318,7 +317,7 @@ def _rows_in(path: Path) -> int | None:
     """How many rows a Parquet file holds (None: not readable as Parquet, which the validator then says)."""
     try:
         return pq.ParquetFile(path).metadata.num_rows
-    except (pa.ArrowInvalid, OSError):
+    except (pa.ArrowInvalid, OSError, UnicodeDecodeError):  # a column name not UTF-8: the validator says
         return None
 
 
@@ -365,11 +364,20 @@ def update_state(q: QAnchor, state_dir: str | Path, event_files: Sequence[str | 
     asked, query_ids = _asked(q, queries), [i for i, _ in queries]
     totals = dict(users=0, changed=0, new=0, ran=0, prefixes=0, rewritten=0, linked=0, replayed=0, too_old=0,
                   untabled=0)
+    # counted in users re-encoded, per batch: a state of one partition is one shard, which ran silent for minutes
+    bar = Progress(None, "update state", "user", enabled=progress)
     with atomic_dir(out_dir, OutputKind.STATE, LAYOUT) as tmp:
-        for s in progress_iter(range(meta.shards), desc="update state", unit="shard", enabled=progress):
-            mine = {u: r for u, r in new.items() if shard_of[u] == s}
-            values = {u: v for u, v in rows.items() if shard_of[u] == s}
-            _update_shard(q, state_dir, tmp, s, mine, values, as_of_us, asked, query_ids, requery or full, full, totals)
+        try:
+            for s in range(meta.shards):
+                mine = {u: r for u, r in new.items() if shard_of[u] == s}
+                values = {u: v for u, v in rows.items() if shard_of[u] == s}
+                _update_shard(q, state_dir, tmp, s, mine, values, as_of_us, asked, query_ids, requery or full, full,
+                              totals, bar)
+                bar.set_postfix(f"{s + 1}/{meta.shards} shards")
+        except BaseException:
+            bar.close(stopped=True)  # the last line must not say done
+            raise
+        bar.close()
         m = len(q.model.user_encoder.names)
         report = UpdateReport(_iso(as_of_us), (as_of_us - to_microseconds(meta.as_of)) / _DAY_US, totals["users"],
                               totals["changed"], totals["new"], table.num_rows, totals["ran"],
@@ -393,7 +401,7 @@ def update_state(q: QAnchor, state_dir: str | Path, event_files: Sequence[str | 
 
 def _update_shard(q: QAnchor, src: Path, dst: Path, shard: int, new: dict[str, UserRecord],
                   tabular: dict[str, np.ndarray], as_of_us: int, asked, query_ids: list[str], reembed_all: bool,
-                  full: bool, totals: dict) -> None:
+                  full: bool, totals: dict, bar: Progress | None = None) -> None:
     path = shard_path(src, "encodings", shard)
     n_old = pq.ParquetFile(path).metadata.num_rows // len(q.model.user_encoder.names) if path.exists() else 0
 
@@ -444,6 +452,8 @@ def _update_shard(q: QAnchor, src: Path, dst: Path, shard: int, new: dict[str, U
         enc, n = _encode_users(q, chunk, [touched[r.user_id] for r in chunk], as_of_us, cached)
         encodings.update(enc)
         ran += n
+        if bar is not None:
+            bar.update(len(chunk))
     emb = _embed(q, encodings, targets, asked)
     _write_shard(q, dst, shard, recs, encodings, emb, query_ids, old)
     totals.update(users=totals["users"] + len(known | changed), changed=totals["changed"] + len(changed),

@@ -165,10 +165,12 @@ def deepspeed_config(cfg: TrainConfig, world: int) -> dict[str, Any]:
         # the precision likewise: the file's bf16 section won over train.precision, past the CUDA check, and every record
         # said fp32; fp16 (not a qanchor precision) failed after setup in DeepSpeed
         half = {name: section.get("enabled") if isinstance(section := ds.get(name) or {}, dict) else section
-                for name in ("bf16", "fp16")}
-        if half["fp16"] not in (None, False, "auto"):
-            raise ConfigError(f"train.deepspeed_config {path}: fp16 is enabled, which qanchor does not train in; remove the "
-                              "\"fp16\" section and use train.precision=bf16 (on CUDA) or fp32")
+                for name in ("bf16", "fp16", "torch_autocast", "amp")}
+        for name in ("fp16", "torch_autocast", "amp"):  # other ways DeepSpeed trains in half precision
+            if half[name] not in (None, False, "auto"):
+                raise ConfigError(f"train.deepspeed_config {path}: {name} is enabled, which qanchor does not train with "
+                                  f"(its records would say {cfg.precision}); remove the \"{name}\" section and use "
+                                  "train.precision=bf16 (on CUDA) or fp32")
         if half["bf16"] not in (None, "auto") and bool(half["bf16"]) != (cfg.precision == "bf16"):
             raise ConfigError(f"train.deepspeed_config {path}: bf16.enabled={half['bf16']!r}, and train.precision is "
                               f"{cfg.precision}; the run's records would say {cfg.precision}. Set train.precision="

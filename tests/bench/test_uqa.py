@@ -297,3 +297,21 @@ def test_the_text_rows_can_be_built_from_every_shipped_recipe(config):
         assert variant.model.user_input == "text" and variant.data.text_events == n
         assert not variant.model.query_evidence and variant.model.statistics_path == "none"
         assert variant.train == cfg.train and variant.loss == cfg.loss  # the same recipe otherwise
+
+
+def test_a_checkpoint_without_a_language_head_is_refused_before_any_row_is_trained(env, tmp_path, monkeypatch):
+    """loss.mode=contrastive: every TextN and prior row was pretrained (hours at the default budgets) before the
+    refusal came, from the first row's scoring."""
+    import qanchor.bench.uqa as uqa_module
+
+    root, ds_dir, _ = env
+    cfg = tiny_cfg(["train.holdout_users=0.3", "train.max_steps=2", "loss.mode=contrastive"])
+    model, tokenizer, _, ds, pipe, _ = model_and_stream(ds_dir, cfg)
+    meta = ModelMeta(ds.manifest.to_dict(), pipe.cache.dim, {}, list(ds.tabular_columns))
+    ckpt = save_checkpoint(tmp_path / "contrastive", model, tokenizer, cfg, meta)
+    monkeypatch.setattr(uqa_module, "pretrain_variant", lambda *a, **k: pytest.fail("a row was trained first"))
+    uqa = UqaConfig(checkpoint=str(ckpt), data=DataOverrides(path=str(ds_dir)), text_events=[4],
+                    output_dir=str(tmp_path / "u"))
+    with pytest.raises(Exception, match="contrastive"):
+        run_uqa(uqa, progress=False)
+    assert not (tmp_path / "u").exists()

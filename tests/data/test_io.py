@@ -108,6 +108,35 @@ def test_an_empty_directory_made_beforehand_is_claimed_in_place(tmp_path, monkey
     assert claim_output_dir(".", OutputKind.RUN) is True
 
 
+def test_an_empty_directory_on_a_file_system_without_hard_links_is_claimed(tmp_path, monkeypatch):
+    """vfat, SMB and some FUSE mounts refuse os.link (EPERM, EOPNOTSUPP, ENOSYS): the claim ended in a traceback."""
+    import errno
+
+    def no_links(src, dst):
+        raise OSError(errno.EOPNOTSUPP, "Operation not supported")
+
+    monkeypatch.setattr(io.os, "link", no_links)
+    target = tmp_path / "mount"
+    target.mkdir()
+    assert claim_output_dir(target, OutputKind.EXPORT) is False and output_kind(target) == "embedding export"
+    assert sorted(p.name for p in target.iterdir()) == [MARKER_FILE]
+
+
+def test_a_checkpoint_saved_before_its_names_were_recorded_keeps_a_users_files(tmp_path):
+    """Only a marker that records its names protected a checkpoint: one saved by an earlier qanchor (no record) was
+    still replaced whole, notes and all. A killed writer's temporary in an output is ours, not the user's."""
+    ck = tmp_path / "ck"
+    ck.mkdir()
+    (ck / MARKER_FILE).write_text('{"kind": "checkpoint", "qanchor_version": "0.1.0"}\n')
+    for name in ("config.yaml", "model.safetensors", "tokenizer.json", "tokenizer_config.json", "vocab.txt", "STEP"):
+        (ck / name).write_text("x")
+    (ck / ".STEP.qanchor-tmp.4000000-host.0badc0de").write_text("half")
+    io.check_replaceable(ck, OutputKind.CHECKPOINT)  # its own files (and a temporary): may be replaced
+    (ck / "NOTES.md").write_text("mine")
+    with pytest.raises(OutputError, match=r"also 'NOTES.md'"):
+        io.check_replaceable(ck, OutputKind.CHECKPOINT)
+
+
 def test_another_claims_temporary_marker_is_not_foreign(tmp_path):
     """Ranks claiming one existing empty directory at once: one's marker, still a temporary inside it, is ours."""
     target = tmp_path / "out"

@@ -113,6 +113,8 @@ def test_choose_many_reads_each_user_once_and_equals_choose(infer_env, users, mo
     (lambda qa, u: qa.choose(u, "Which?", ["\u200b", "yes"]), "has no tokens"),  # it could win
     (lambda qa, u: qa.choose(u, "Which?", "yes"), "at least 2"),
     (lambda qa, u: qa.choose(u, "Which?", ["same", "same "]), "repeat"),
+    # "repeat" was said of options that differ only where the tokenizer reads them alike
+    (lambda qa, u: qa.choose(u, "Which?", ["Café", "cafe"]), "read the same by this model's tokenizer"),
     (lambda qa, u: qa.choose(u, "Which?", ["ok", "word " * 60]), "answer tokens"),
     (lambda qa, u: qa.describe(u, ["favourites", "horoscope"]), "horoscope"),
 ])
@@ -164,6 +166,28 @@ def test_fact_level_profile_keeps_what_holds():
     assert verify_answer("time_of_day", "Most active at lunch.", h) == Verified(None, 0, 1)
     out = verify_answer("recency", "Last event by modality: bill today, app 3 days ago.", h)
     assert out == Verified("Last event: bill today.", 1, 1)  # a modality the user does not have is not read
+
+
+def test_amounts_and_rates_hold_to_the_digit_the_template_shows_and_malformed_numbers_are_dropped():
+    """A flat 0.05 tolerance kept "total 3.49" for a true 3.45 (the template writes two decimals below 10) and showed
+    the model's own digits ("3.4499", "14,84"); a lone "," where a number goes ended describe in a traceback."""
+    from qanchor.data.dataset import EventSeq
+
+    day = 86_400_000_000
+    ts = np.array([1, 2, 3]) * day
+    h = History({"bill": EventSeq(ts, ["Coffee"] * 3, np.array([1.0, 1.2, 1.25], np.float32),
+                                  np.zeros((3, 0), np.float32))}, 7 * day)
+    assert verify_answer("spending", "Bill amounts total 3.45 over 3 events.", h).kept == 2
+    assert verify_answer("spending", "Bill amounts total 3.49 over 3 events.", h) == Verified(
+        "Amounts: 3 bill events with an amount.", 1, 1)
+    assert verify_answer("spending", "Bill amounts total 3.4499 over 3 events.", h).sentence == \
+        "Amounts: bill total 3.45 (over 3 events)."  # the template's digits, not the model's
+    for said in ("Bill amounts total , over 3 events.", "Bill amounts total -, over 3 events.",
+                 "Bill amounts total 1,4,8,4 over 3 events."):
+        assert verify_answer("spending", said, h).dropped >= 1, said  # unreadable: dropped, no traceback
+    assert verify_answer("frequency", "About , events per week overall (bill 0.7 per week).", h) == Verified(None, 0, 1)
+    rate = verify_answer("frequency", "About 3.00 events per week overall (bill 3.04 per week).", h)
+    assert rate.sentence == "Events per week: 3.0 overall; bill 3.0." and rate.kept == 2  # shown to 0.1, as written
 
 
 def test_template_answers_about_modalities_named_with_digits_verify_whole():
@@ -393,3 +417,10 @@ def test_describe_checks_facts_against_the_events_the_model_read(infer_env, monk
         warnings.simplefilter("ignore")  # "events at or after the cutoff count as its last moment"
         profile = qa.describe(record, ["activity"], cutoff=when.isoformat())
     assert profile.kept >= 2 and profile.dropped == 0
+
+
+def test_a_repeated_aspect_is_asked_and_counted_once(infer_env, users):
+    """aspects=[recency, recency] counted its facts twice and showed them once."""
+    once = infer_env.qa.describe(users[1], ["recency"])
+    twice = infer_env.qa.describe(users[1], ["recency", "recency"])
+    assert (twice.kept, twice.dropped, twice.sentences) == (once.kept, once.dropped, once.sentences)

@@ -117,6 +117,26 @@ def test_next_day_full_refresh_equals_recompute(infer_env, state0, tmp_path):
     assert len(history) == 2
 
 
+def test_update_progress_moves_per_batch_of_users(infer_env, state0, tmp_path, monkeypatch):
+    """The counter moved once per shard, and a state of one partition is one shard: a full update over thousands of
+    users ran silent for minutes on a cluster log."""
+    from qanchor.infer import update as update_mod
+
+    steps = []
+
+    class Counting(update_mod.Progress):
+        def update(self, n: int = 1) -> None:
+            steps.append(n)
+            super().update(n)
+
+    monkeypatch.setattr(update_mod, "Progress", Counting)
+    new = day_events(infer_env, [("u003", "app", CUTOFF_US + 10 * HOUR, "Installed TikTok")])
+    pq.write_table(new, tmp_path / "day.parquet")
+    full = update_state(infer_env.qa, state0[0], [tmp_path / "day.parquet"], tmp_path / "s1", full=True, progress=False)
+    assert sum(steps) == full.llm_prefixes_run == infer_env.ds.num_users  # every re-encoded user counted once
+    assert len(steps) >= full.llm_prefixes_run // infer_env.qa.batch_size > 1  # in batches, within the one shard
+
+
 def test_no_events_links_shards_and_bad_inputs_refused(infer_env, state0, tmp_path):
     quiet = day_events(infer_env, [])  # a quiet day's file holds no rows: zero events, not "export it again"
     pq.write_table(quiet, tmp_path / "quiet.parquet")
@@ -362,3 +382,15 @@ def test_state_lists_have_64_bit_offsets_and_older_32_bit_states_still_read():
         for u in ("a", "c"):
             np.testing.assert_array_equal(back[u]["app"].events, enc[u]["app"].events)
             np.testing.assert_array_equal(back[u]["app"].statistics, enc[u]["app"].statistics)
+
+
+def test_an_events_file_with_a_column_name_not_utf8_is_named(infer_env, tmp_path):
+    """The row count read before validation raised UnicodeDecodeError: a traceback instead of the validator's line."""
+    from qanchor.infer.update import read_events
+
+    path = tmp_path / "day.parquet"
+    new = day_events(infer_env, [("u001", "bill", CUTOFF_US - HOUR, "Bookshop")])
+    pq.write_table(new.append_column("QQQQQ", pa.array([1.0])), path, store_schema=False)
+    path.write_bytes(path.read_bytes().replace(b"QQQQQ", b"\xe2ge\xa0Q"))
+    with pytest.raises(DataValidationError, match="column name is not valid UTF-8"):
+        read_events([path], infer_env.qa, None)
