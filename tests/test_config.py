@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 
 import pytest
@@ -319,8 +320,12 @@ def test_a_seed_numpy_cannot_take_and_other_bench_values_are_refused_at_the_door
     every core; a negative head_steps was said after the other rows had run, as "steps"."""
     from qanchor.config import BenchConfig, PretrainConfig, PromptTuneConfig, UqaConfig
 
-    with pytest.raises(ConfigError, match=r"train.seed must be >= 0, got -1"):
+    with pytest.raises(ConfigError, match=r"train.seed must be in \[0, 2\*\*32\), got -1"):
         load_config(None, ["train.seed=-1"], schema=PretrainConfig)
+    with pytest.raises(ConfigError, match=r"train.seed must be in \[0, 2\*\*32\)"):  # overflowed after overwrite
+        load_config(None, ["train.seed=20000000000000000"], schema=PretrainConfig)
+    with pytest.raises(ConfigError, match="train.grad_clip must be a number"):
+        load_config(None, ["train.grad_clip=nan"], schema=PretrainConfig)
     for schema in (BenchConfig, PromptTuneConfig, UqaConfig):
         with pytest.raises(ConfigError, match=r"seed must be in \[0, 2\*\*32\), got -1"):
             load_config(None, ["seed=-1"], schema=schema)
@@ -393,6 +398,12 @@ def test_a_run_saved_before_a_training_check_was_added_still_loads(tmp_path):
     (tmp_path / "config.yaml").write_text(saved)
     cfg = load_run_config(tmp_path / "config.yaml")
     assert (cfg.loss.margin, cfg.loss.ntp_weight, cfg.model.backbone.num_layers, cfg.train.grad_clip) == (-1, -1, 0, -1)
+    # and stays usable: serving re-checks the recipe when it sets its packing (replace runs the checks again)
+    from qanchor.config import DataOverrides
+    from qanchor.config.sections import reading_saved_run
+
+    with reading_saved_run():
+        assert dataclasses.replace(cfg, data=DataOverrides(default_max_events=4).apply(cfg.data)).loss.margin == -1
     with pytest.raises(ConfigError, match="must be"):  # a new run with them is still refused
         load_config(tmp_path / "config.yaml", [], schema=PretrainConfig)
 

@@ -118,11 +118,19 @@ def prepare(cfg: BenchConfig) -> tuple[Dataset, list[Task]]:
         raise ConfigError(f"heads_dir={cfg.heads_dir}: no prompt-tuned heads there (no {HEAD_META} in it or its "
                           "subfolders); point it at a `qanchor prompt-tune` output_dir, or pass heads_dir=null (saved "
                           "heads only add the before / after tuning PCA plot)")
-    if cfg.checkpoint and cfg.ablation_pretrain_overrides and Path(cfg.checkpoint).is_dir():
-        try:  # before any embedding: the ablations pretrain only after the main rows (README: mistakes fail first)
+    retrains = cfg.ablations or "qanchor_random_init" in cfg.methods
+    if cfg.checkpoint and (retrains or cfg.ablation_pretrain_overrides) and Path(cfg.checkpoint).is_dir():
+        # before any embedding: the retrained rows pretrain the checkpoint's recipe only after the main rows (README:
+        # mistakes fail first), and a recipe a new run may not train with (a model saved before a check was added)
+        # would be said only then, as if the user had given it
+        try:
             with_overrides(checkpoint_run_config(cfg.checkpoint), cfg.ablation_pretrain_overrides)
         except ConfigError as exc:
-            raise ConfigError(f"ablation_pretrain_overrides: {exc}") from None
+            if cfg.ablation_pretrain_overrides:
+                raise ConfigError(f"ablation_pretrain_overrides: {exc}") from None
+            raise ConfigError(f"the checkpoint's recipe ({cfg.checkpoint}, which the retrained rows pretrain again): "
+                              f"{exc}; pass ablation_pretrain_overrides=[key=value] to change it, or leave "
+                              "qanchor_random_init and the ablations out") from None
     ds = load_dataset(cfg.data.path, cfg.data.cache_dir)
     if cfg.labels is not None:
         return ds, subsample([custom_task(ds, cfg.labels, cfg.query or "")], cfg.max_users, cfg.seed)

@@ -389,8 +389,10 @@ class TrainConfig:
             raise ConfigError(f"train: lr must be >= 0 and warmup_steps >= 0, got lr {self.lr}, warmup_steps {self.warmup_steps}")
         if self.zero_stage not in (0, 1, 2, 3):
             raise ConfigError(f"train.zero_stage must be 0, 1, 2 or 3, got {self.zero_stage}")
-        if self.seed < 0:  # numpy takes none: the run failed at its first batch, after the whole setup
-            refuse_for_training(f"train.seed must be >= 0, got {self.seed}")
+        if not 0 <= self.seed < 2**32:  # numpy takes no negative one, torch's per-rank seed overflows past ~1.8e16:
+            refuse_for_training(f"train.seed must be in [0, 2**32), got {self.seed}")  # both failed after the setup
+        if math.isnan(self.grad_clip):  # <= 0 is DeepSpeed's "no clipping"; nan read so too while the records said nan
+            refuse_for_training("train.grad_clip must be a number (<= 0: no clipping), got nan")
         if not self.eps > 0 or not self.weight_decay >= 0:  # each failed in the optimizer's setup, after the encoding
             refuse_for_training(f"train: eps must be > 0 and weight_decay >= 0; got eps {self.eps}, weight_decay "
                                 f"{self.weight_decay}")

@@ -518,12 +518,13 @@ def check_replaceable(target: str | os.PathLike, kind: OutputKind, layout: Colle
 
 # what a checkpoint saved before its marker recorded its names holds: qanchor's files and a tokenizer's
 _CHECKPOINT_FILES = frozenset({"config.yaml", "qanchor.json", "backbone_config.json", "model.safetensors", "STEP", "DATA",
-                               "DEEPSPEED", "BACKBONE", "special_tokens_map.json", "vocab.json", "vocab.txt", "merges.txt",
+                               "DEEPSPEED", "BACKBONE", "tokenizer.json", "tokenizer_config.json", "tokenizer.model",
+                               "spiece.model", "special_tokens_map.json", "vocab.json", "vocab.txt", "merges.txt",
                                "added_tokens.json", "chat_template.jinja"})
 
 
 def _legacy_layout(target: Path) -> list[str]:
-    return [p.name for p in target.iterdir() if p.name in _CHECKPOINT_FILES or p.name.startswith("tokenizer")]
+    return [p.name for p in target.iterdir() if p.name in _CHECKPOINT_FILES]
 
 
 def _publish(tmp: Path, target: Path, kind: OutputKind, layout: Collection[str] | None = None) -> None:

@@ -28,6 +28,7 @@ import numpy as np
 import torch
 
 from qanchor.config import DataOverrides, InferConfig, PretrainConfig, TextEncoderConfig, require
+from qanchor.config.sections import reading_saved_run
 from qanchor.data.dataset import Dataset, EventSeq, UserRecord
 from qanchor.data.manifest import Manifest
 from qanchor.data.packing import PackedUser
@@ -165,7 +166,8 @@ class QAnchor:
         if data.default_max_events < 1 or any(v < 1 for v in data.max_events.values()):
             raise ConfigError(f"data.max_events / default_max_events must be >= 1, got {data.max_events} / "
                               f"{data.default_max_events}")
-        self.run_cfg = replace(self.run_cfg, data=data)
+        with reading_saved_run():  # the checkpoint's recipe, re-checked: a model saved before a check stays usable
+            self.run_cfg = replace(self.run_cfg, data=data)
 
     @property
     def event_caps(self) -> dict[str, int]:

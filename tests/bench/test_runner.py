@@ -367,6 +367,21 @@ def test_a_bad_ablation_override_is_refused_before_any_work(infer_env, tmp_path)
     assert not (tmp_path / "out").exists()
 
 
+def test_a_checkpoint_recipe_a_new_run_may_not_use_is_said_before_any_work(infer_env, tmp_path):
+    """A model saved before a training check was added loads and serves, but qanchor_random_init pretrains its recipe
+    again: the refusal came after the main rows, worded as if the user had given the setting."""
+    import shutil
+
+    ckpt = tmp_path / "ckpt"
+    shutil.copytree(infer_env.ckpt, ckpt)
+    saved = (ckpt / "config.yaml").read_text()
+    (ckpt / "config.yaml").write_text(saved.replace("  margin: ", "  margin: -1.0 #", 1))
+    cfg = _cfg(infer_env.ds_dir, tmp_path, checkpoint=str(ckpt), methods=["qanchor_task", "qanchor_random_init"])
+    with pytest.raises(ConfigError, match=r"the checkpoint's recipe .*loss.margin must be >= 0.*ablation_pretrain_overrides"):
+        prepare(cfg)
+    prepare(_cfg(infer_env.ds_dir, tmp_path, checkpoint=str(ckpt), methods=["qanchor_task"]))  # nothing retrained: fine
+
+
 def test_a_custom_task_with_a_shipped_config_gets_its_own_folder(tiny_dataset, tmp_path, monkeypatch):
     """`--config configs/bench/tiny-cj.yaml labels=wine.csv` wrote into the config's output_dir, replacing the demo's
     report with the wine task's."""

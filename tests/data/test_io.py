@@ -135,6 +135,10 @@ def test_a_checkpoint_saved_before_its_names_were_recorded_keeps_a_users_files(t
     (ck / "NOTES.md").write_text("mine")
     with pytest.raises(OutputError, match=r"also 'NOTES.md'"):
         io.check_replaceable(ck, OutputKind.CHECKPOINT)
+    (ck / "NOTES.md").unlink()
+    (ck / "tokenizer_notes.md").write_text("mine")  # named like a tokenizer's file, and not one
+    with pytest.raises(OutputError, match=r"also 'tokenizer_notes.md'"):
+        io.check_replaceable(ck, OutputKind.CHECKPOINT)
 
 
 def test_another_claims_temporary_marker_is_not_foreign(tmp_path):

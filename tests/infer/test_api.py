@@ -380,3 +380,21 @@ def test_a_text_cache_of_other_encoder_settings_is_refused(infer_env, tmp_path):
     same = TextVectorCache(tmp_path / "text", SentenceEncoder(TextEncoderConfig()))
     assert QAnchor.from_pretrained(infer_env.ckpt, text_cache=same).embed([infer_env.ds.user("u002")],
                                                                           ["Will this user stop paying?"]).shape == (1, 1, 128)
+
+
+def test_a_model_saved_before_a_training_check_serves_with_its_own_packing(infer_env, tmp_path):
+    """Setting the packing rebuilt the run config, which ran the checks a new run gets: a model whose recipe a later
+    check refuses (here a negative margin) loaded, then every inference command on it failed."""
+    import shutil
+
+    from qanchor.config import DataOverrides
+
+    ckpt = tmp_path / "ckpt"
+    shutil.copytree(infer_env.ckpt, ckpt)
+    saved = (ckpt / "config.yaml").read_text()
+    assert "  margin: " in saved
+    (ckpt / "config.yaml").write_text(saved.replace("  margin: ", "  margin: -1.0 #", 1))
+    model = QAnchor.from_pretrained(ckpt)
+    model.use_packing(DataOverrides(default_max_events=4))
+    assert model.run_cfg.loss.margin == -1 and model.run_cfg.data.default_max_events == 4
+
