@@ -153,3 +153,11 @@ def test_index_search_takes_a_user_id_verbatim():
     assert [load_config(None, [f"user={u}"], schema=IndexSearchConfig).user for u in ("None", "null", "u1")] == \
         ["None", "null", "u1"]
     assert load_config(None, [], schema=IndexSearchConfig).user == ""
+
+
+def test_a_flag_before_the_command_name_is_said_to_belong_after_it(capsys):
+    """`qanchor --quiet data synth ...` was told settings are key=value, not --flags: the flag was right, its place not."""
+    from qanchor.cli import main
+
+    assert main(["--quiet", "data", "synth", "users=5"]) == 2
+    assert "--quiet and --config go after the command's name" in capsys.readouterr().err

@@ -407,3 +407,18 @@ def test_a_run_saved_before_a_training_check_was_added_still_loads(tmp_path):
     with pytest.raises(ConfigError, match="must be"):  # a new run with them is still refused
         load_config(tmp_path / "config.yaml", [], schema=PretrainConfig)
 
+
+
+@pytest.mark.parametrize("text, match", [
+    ("data: data/synth\n", "'data' is a section of settings, not a value"),
+    ("data: {max_events: [a]}\n", r"'data.max_events' takes a mapping"),
+    ("methods: {a: 1}\n", "'methods' takes a list"),
+])
+def test_a_config_files_section_or_mapping_given_the_wrong_shape_is_named(tmp_path, text, match):
+    """OmegaConf's merge said "str is not a subclass of DataConfig" or "Cannot merge incompatible container types",
+    without the key; `data: data/synth` is a likely slip for data.path."""
+    from qanchor.config import BenchConfig
+
+    (tmp_path / "c.yaml").write_text(text)
+    with pytest.raises(ConfigError, match=match):
+        load_config(tmp_path / "c.yaml", [], schema=BenchConfig)

@@ -6,7 +6,7 @@
     qanchor data cj-profile out=data/cj-profile
     qanchor data validate data/completejourney
     qanchor data userU data/completejourney [seed=0]
-    qanchor data encode data/completejourney [--config configs/data/default.yaml] [default_max_events=24]
+    qanchor data encode data/completejourney [--config configs/data/default.yaml] [cache_dir=/scratch/qanchor-cache]
 """
 
 from __future__ import annotations
@@ -154,5 +154,5 @@ def register(subparsers) -> None:
     p.set_defaults(func=_cmd_userU)
     p = sub.add_parser("encode", help="encode every unique event text once into the on-disk cache (all that pretraining, bench and embed read)")
     p.add_argument("dir")
-    add_settings(p, DataConfig, "default_max_events=24 max_events={purchase: 48}")
+    add_settings(p, DataConfig, "cache_dir=/scratch/qanchor-cache text_encoder.batch_size=256")  # every event: caps unread
     p.set_defaults(func=_cmd_encode)

@@ -210,6 +210,29 @@ def _field_type(schema: type, path: list[str], item: str) -> Any:
     return tp
 
 
+def _check_sections(values: Any, schema: type, source: str, prefix: str = "") -> None:
+    """A config file's sections given one value (``data: data/synth``) or a list, and mappings given a list (or the
+    other way round), named by their dotted key: OmegaConf's merge said "str is not a subclass of DataConfig", or
+    "Cannot merge incompatible container types", without the key."""
+    if not isinstance(values, dict) or not dataclasses.is_dataclass(schema):
+        return
+    hints = typing.get_type_hints(schema)
+    for key, value in values.items():
+        if key not in hints or value is None:
+            continue  # an unknown key is OmegaConf's to name (with its "did you mean")
+        tp, _ = _strip_optional(hints[key])
+        dotted = f"{prefix}{key}"
+        if dataclasses.is_dataclass(tp):
+            if not isinstance(value, dict):
+                raise ConfigError(str(_section_error(dotted, tp, source)).replace("{value}", str(value)))
+            _check_sections(value, tp, source, f"{dotted}.")
+        elif typing.get_origin(tp) is dict and not isinstance(value, dict):
+            raise ConfigError(f"{source}: '{dotted}' takes a mapping, e.g. {{name: 1}}, not {type(value).__name__} "
+                              f"{value!r}")
+        elif typing.get_origin(tp) is list and isinstance(value, dict):
+            raise ConfigError(f"{source}: '{dotted}' takes a list, e.g. [a, b], not a mapping")
+
+
 def _section_error(key: str, tp: Any, where: str) -> ConfigError:
     hint = f"{key}.preset={{value}}" if tp is ModelConfig else f"{key}.{dataclasses.fields(tp)[0].name}=..."
     return ConfigError(f"{where}: '{key}' is a section of settings, not a value; set its keys, e.g. {hint}")
@@ -297,6 +320,7 @@ def load_config(path: str | Path | None, overrides: list[str] | tuple[str, ...] 
             with path.open() as fh:
                 raw = yaml.load(fh, Loader=yaml.BaseLoader)  # every scalar as the text it was written as
             file_cfg = OmegaConf.create(_text_as_written(OmegaConf.to_container(file_cfg), raw, schema))
+            _check_sections(OmegaConf.to_container(file_cfg, resolve=False), schema, source)
         cli_cfg = OmegaConf.create(cli_layer)
         layers = [base]
         if (schema is PretrainConfig or schema is ModelConfig) and not _resolved:
