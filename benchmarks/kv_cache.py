@@ -152,11 +152,16 @@ def export_bench(ckpt: Path, data: Path, work: Path, n_queries: int) -> dict:
     from qanchor.data.dataset import load_dataset
 
     _ = load_dataset(data).partitions  # partition the events once, outside the timed export
-    result, out = work / f"export-{data.name}.json", work / f"emb-{data.name}"
-    shutil.rmtree(out, ignore_errors=True)  # an old export would be resumed, not timed
+    result = work / f"export-{data.name}.json"
+    # a fresh folder of this run's own (an old export would be resumed, not timed; --work is the user's folder, and
+    # whatever else it holds is theirs), removed after the timing
+    out = Path(tempfile.mkdtemp(prefix=f"emb-{data.name}-", dir=work)) / "emb"
     cmd = [sys.executable, __file__, "--worker", str(ckpt), str(data), str(out),
            str(n_queries), str(result)]
-    subprocess.run(cmd, check=True)
+    try:
+        subprocess.run(cmd, check=True)
+    finally:
+        shutil.rmtree(out.parent, ignore_errors=True)
     row = json.loads(result.read_text())
     rss = row.pop("rss_after_shard_mb")
     row.update(rss_first_shard_mb=rss[0], rss_last_shard_mb=rss[-1], rss_max_after_shard_mb=max(rss))

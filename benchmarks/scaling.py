@@ -20,6 +20,7 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -54,11 +55,12 @@ def measure(root: Path, n_users: int, pairs: bool, seed: int = 0) -> dict[str, f
         build_synthetic(ds_dir, n_users=n_users, seed=seed, progress=False)
     ds = load_dataset(ds_dir)
     ids = ds.user_ids.tolist()
-    labels = root / f"labels-{n_users}.csv"
-    pacsv.write_csv(pa.table({"user_id": ids, "label": (np.arange(len(ids)) % 2).astype(np.int8)}), labels)
-    out = {"users_scan": _timed(lambda: sum(1 for _ in ds.users())),
-           "users_by_id": _timed(lambda: sum(1 for _ in ds.users(ids))),
-           "labels_check": _timed(lambda: custom_task(ds, labels, "Will this user buy a bike?"))}
+    with tempfile.TemporaryDirectory(dir=root) as scratch:  # the labels file is this run's own, never a user's in --root
+        labels = Path(scratch) / f"labels-{n_users}.csv"
+        pacsv.write_csv(pa.table({"user_id": ids, "label": (np.arange(len(ids)) % 2).astype(np.int8)}), labels)
+        out = {"users_scan": _timed(lambda: sum(1 for _ in ds.users())),
+               "users_by_id": _timed(lambda: sum(1 for _ in ds.users(ids))),
+               "labels_check": _timed(lambda: custom_task(ds, labels, "Will this user buy a bike?"))}
     if pairs:
         _question_tokenizer()  # loaded once per process: the first size alone would pay it
         _fits.cache_clear()  # each size asks its own questions afresh, not the cache the size before filled

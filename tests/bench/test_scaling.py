@@ -27,7 +27,9 @@ def test_every_step_at_every_size_and_datasets_reused(sc, tmp_path, capsys):
     assert all(v >= 0 for row in report["seconds"].values() for v in row.values())
     built = (tmp_path / "root" / "synth-20" / "manifest.yaml").stat().st_mtime_ns
     capsys.readouterr()
+    (tmp_path / "root" / "labels-20.csv").write_text("important,user,file\n")  # --root is the user's folder
     assert sc.main(["--users", "20,40", "--root", str(tmp_path / "root")]) == 0
+    assert (tmp_path / "root" / "labels-20.csv").read_text() == "important,user,file\n"  # was overwritten
     assert (tmp_path / "root" / "synth-20" / "manifest.yaml").stat().st_mtime_ns == built  # reused, not rebuilt
     assert "building" not in capsys.readouterr().out
     for bad in ("20", "abc,40", "0,40"):
