@@ -35,8 +35,11 @@ help: ## list the targets
 	@echo "  Variables: CONFIG=<yaml>  ARGS=\"key=value ...\"  DATA_DIR=$(DATA_DIR)  TORCH_SPEC=$(TORCH_SPEC)"
 
 install: $(VENV)/.installed ## create .venv and install torch (first; an installed one is kept), qanchor (editable) and dev tools
+ifneq ($(origin TORCH_SPEC),file)
+	$(PY) -m pip install -q "$(TORCH_SPEC)"  # given on the command line or in the environment: installed even over a venv already set up
+endif
 
-$(VENV)/.installed: pyproject.toml
+$(VENV)/.installed: pyproject.toml Makefile
 	test -x $(PY) || python3 -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(INSTALL_TORCH)
@@ -56,7 +59,7 @@ data: data-cj data-synth ## build Complete Journey and a 2,000-user synthetic da
 
 # Each dataset is rebuilt when the code that builds it is newer than the dataset (a pull that changed how its users,
 # labels or pairs are chosen), and only then: a dataset built before such a change is never benchmarked by mistake.
-USERU_CODE := qanchor/data/userU.py qanchor/data/userU_topics.py qanchor/data/forecast.py qanchor/data/history.py
+USERU_CODE := qanchor/data/userU.py qanchor/data/userU_topics.py qanchor/data/forecast.py
 # what writes every dataset's files and manifest, beside each builder
 WRITER_CODE := qanchor/data/schema.py qanchor/data/manifest.py
 
@@ -149,7 +152,10 @@ gpu-check: install ## on a GPU: gpu tests, 0.5B-shape pretraining, 10k users x 1
 	PY=$(PY) bash benchmarks/gpu_check.sh $(ARGS)
 
 # Only what qanchor built (a folder carrying its output marker): your own datasets under data/ and other files stay.
-clean: ## remove the built datasets, runs and results (qanchor outputs only; keeps .venv)
-	@for d in $(CJ) $(SYNTH) $(RATINGS) $(CJP) runs/* runs/*/* results/*; do \
-	  if [ -f "$$d/.qanchor-output" ]; then echo "rm -rf $$d"; rm -rf "$$d"; fi; \
-	done; rmdir runs/* runs results 2>/dev/null || true
+# qanchor's own check of each folder: not through a link, not outside the repository, and not one holding files of
+# yours (a dataset's files its marker does not record, a checkpoint's beyond the names it was saved with): those are kept
+clean: ## remove the built datasets, runs and results (qanchor outputs only, nothing of yours in them; keeps .venv)
+	@if [ -x $(PY) ]; then $(PY) -c "import sys; from qanchor.data.schema import clean_outputs; \
+	  print(*clean_outputs(sys.argv[1:]), sep='\n')" $(CJ) $(SYNTH) $(RATINGS) $(CJP) runs/* runs/*/* results/*; \
+	else echo "no $(VENV) to check the outputs with: run make install first"; fi
+	@rmdir runs/* runs results 2>/dev/null || true

@@ -260,3 +260,42 @@ def _foreign_in_cache(cache: Path) -> list[str]:
     return [f"{CACHE_DIR}/{m.parent.relative_to(cache)}" for m in sorted(cache.rglob(MARKER_FILE))
             if output_kind(m.parent) not in (OutputKind.CACHE.value, OutputKind.MODEL_CACHE.value)]
 
+
+
+def clean_outputs(candidates: list[str], root: str | Path = ".") -> list[str]:
+    """Remove each of ``candidates`` that is a qanchor output holding only what qanchor wrote (``make clean``); return
+    a line per candidate kept and why. Kept: a link (its target may be anyone's), anything outside ``root``, and an
+    output (or an output inside it) holding files of the user's own: a dataset's files its marker does not record, a
+    checkpoint's, head's or state's beyond the names it was saved with."""
+    import shutil
+
+    base, kept = Path(root).resolve(), []
+    for name in candidates:
+        path = Path(name)
+        if not (path / MARKER_FILE).is_file():
+            continue  # not an output of ours (or absent): nothing to do
+        if any(p.is_symlink() for p in (path, *path.parents) if p != Path(".")) or base not in path.resolve().parents:
+            kept.append(f"kept {path}: a link, or outside {base} (only the repository's own outputs are removed)")
+            continue
+        reason = _user_files_in(path)
+        if reason:
+            kept.append(f"kept {path}: {reason}")
+            continue
+        print(f"rm -rf {path}")
+        shutil.rmtree(path)
+    return kept
+
+
+def _user_files_in(path: Path) -> str | None:
+    """Why ``path`` (a marked output) may not be removed whole, or None: files of the user's own in it, or in an output
+    it holds (a run's checkpoint)."""
+    for marker in sorted(path.rglob(MARKER_FILE)):
+        output, kind = marker.parent, output_kind(marker.parent)
+        if kind == OutputKind.DATASET.value and (foreign := _not_built(output)):
+            return f"{output} holds files a dataset build does not write ({', '.join(map(repr, foreign[:3]))})"
+        if kind in (OutputKind.CHECKPOINT.value, OutputKind.HEAD.value, OutputKind.STATE.value):
+            try:
+                check_replaceable(output, OutputKind(kind))
+            except OutputError as exc:
+                return str(exc)
+    return None

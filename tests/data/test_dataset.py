@@ -339,3 +339,36 @@ def test_ids_that_differ_only_by_a_trailing_nul_stay_apart_when_subsampled():
     task = Task(TaskSpec("t", TaskDomain.PROFILE, "Will it?", 0), ids, np.arange(10) % 2)
     kept = subsample([task], 8, seed=0)[0]
     assert len(kept.user_ids) == 8 and len(set(kept.user_ids.tolist())) == 8
+
+
+def test_make_clean_removes_only_the_repositorys_own_outputs_with_nothing_of_the_users_in_them(tmp_path, monkeypatch):
+    """`make clean` removed every marked folder whole: through a link under runs/ it emptied a run archive outside the
+    repository, and it deleted a user's labels and notes kept in a dataset."""
+    import json
+
+    from data_tools.synth import build_synthetic
+    from qanchor.data.io import MARKER_FILE
+    from qanchor.data.schema import clean_outputs
+
+    repo, outside = tmp_path / "repo", tmp_path / "outside"
+    monkeypatch.chdir(tmp_path)
+    for name in ("clean", "noted"):
+        build_synthetic(repo / "data" / name, n_users=6, seed=0, progress=False)
+    (repo / "data" / "noted" / "my_labels.csv").write_text("user_id,label\n")
+    archived = outside / "archive" / "cj-6000"
+    archived.mkdir(parents=True)
+    (archived / MARKER_FILE).write_text(json.dumps({"kind": "pretraining run"}))
+    (repo / "runs").mkdir()
+    (repo / "runs" / "archive").symlink_to(outside / "archive")
+    ckpt = repo / "runs" / "demo" / "pretrain" / "checkpoint"
+    ckpt.mkdir(parents=True)
+    (ckpt.parent / MARKER_FILE).write_text(json.dumps({"kind": "pretraining run"}))
+    (ckpt / MARKER_FILE).write_text(json.dumps({"kind": "checkpoint", "holds": ["model.safetensors"]}))
+    (ckpt / "model.safetensors").write_text("w")
+    (ckpt / "eval.md").write_text("mine")
+    monkeypatch.chdir(repo)
+    kept = clean_outputs(["data/clean", "data/noted", "runs/archive/cj-6000", "runs/demo/pretrain", "runs/none"])
+    assert not (repo / "data" / "clean").exists()
+    assert (repo / "data" / "noted" / "my_labels.csv").exists() and (archived / MARKER_FILE).exists()
+    assert (ckpt / "eval.md").exists()
+    assert [line.split(":")[0] for line in kept] == ["kept data/noted", "kept runs/archive/cj-6000", "kept runs/demo/pretrain"]
