@@ -35,8 +35,12 @@ help: ## list the targets
 	@echo "  Variables: CONFIG=<yaml>  ARGS=\"key=value ...\"  DATA_DIR=$(DATA_DIR)  TORCH_SPEC=$(TORCH_SPEC)"
 
 install: $(VENV)/.installed ## create .venv and install torch (first; an installed one is kept), qanchor (editable) and dev tools
+# `make install TORCH_SPEC=...` (or with it in the environment): installed even over a venv already set up; other
+# targets install it only when the stamp is redone, not on every run
 ifneq ($(origin TORCH_SPEC),file)
-	$(PY) -m pip install -q "$(TORCH_SPEC)"  # given on the command line or in the environment: installed even over a venv already set up
+ifneq ($(filter install,$(MAKECMDGOALS)),)
+	$(PY) -m pip install -q "$(TORCH_SPEC)"
+endif
 endif
 
 $(VENV)/.installed: pyproject.toml Makefile
@@ -154,7 +158,7 @@ gpu-check: install ## on a GPU: gpu tests, 0.5B-shape pretraining, 10k users x 1
 # Only what qanchor built (a folder carrying its output marker): your own datasets under data/ and other files stay.
 # qanchor's own check of each folder: not through a link, not outside the repository, and not one holding files of
 # yours (a dataset's files its marker does not record, a checkpoint's beyond the names it was saved with): those are kept
-clean: ## remove the built datasets, runs and results (qanchor outputs only, nothing of yours in them; keeps .venv)
+clean: ## remove the built datasets, runs and results (qanchor outputs only; keeps .venv, links and your files in them)
 	@if [ -x $(PY) ]; then $(PY) -c "import sys; from qanchor.data.schema import clean_outputs; \
 	  print(*clean_outputs(sys.argv[1:]), sep='\n')" $(CJ) $(SYNTH) $(RATINGS) $(CJP) runs/* runs/*/* results/*; \
 	else echo "no $(VENV) to check the outputs with: run make install first"; fi

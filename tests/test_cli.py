@@ -160,4 +160,8 @@ def test_a_flag_before_the_command_name_is_said_to_belong_after_it(capsys):
     from qanchor.cli import main
 
     assert main(["--quiet", "data", "synth", "users=5"]) == 2
-    assert "--quiet and --config go after the command's name" in capsys.readouterr().err
+    assert "--quiet goes after the command's name" in capsys.readouterr().err
+    assert main(["--config", "c.yaml", "pretrain"]) == 2  # argparse called c.yaml an invalid command
+    assert "--config goes after the command's name" in capsys.readouterr().err
+    assert main(["data", "validate", "nowhere", "--config", "x.yaml"]) == 2  # after it: not this hint
+    assert "goes after the command's name" not in capsys.readouterr().err

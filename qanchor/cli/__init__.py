@@ -73,6 +73,17 @@ _ENVIRONMENT_ERRORS = {
 }
 
 
+def _refuse_flags_before_the_command(argv: list[str]) -> None:
+    """`qanchor --quiet data synth ...` or `qanchor --config c.yaml pretrain`: argparse called the flag unknown, or the
+    config file an invalid command; both belong after the command's name."""
+    first = next((i for i, a in enumerate(argv) if a in COMMANDS), len(argv))
+    early = [a for a in argv[:first] if a in ("--quiet", "--config") or a.startswith("--config=")]
+    if early:
+        print(f"error: qanchor: {early[0].split('=')[0]} goes after the command's name, e.g. `qanchor pretrain "
+              "--config FILE --quiet key=value` (see `qanchor --help`)", file=sys.stderr)
+        raise SystemExit(EXIT_USER_ERROR)
+
+
 def main(argv: list[str] | None = None) -> int:
     quiet_third_party()
     try:
@@ -81,6 +92,7 @@ def main(argv: list[str] | None = None) -> int:
         # LOCAL_RANK as well, which is what qanchor reads, so the flag is dropped rather than refused.
         argv = [a for i, a in enumerate(argv) if not a.startswith("--local_rank=")
                 and not (a == "--local_rank" or (i > 0 and argv[i - 1] == "--local_rank"))]
+        _refuse_flags_before_the_command(argv)
         args = parse(build_parser(argv), argv)
         if not hasattr(args, "func"):  # the command was not the first plain word: parse again with every command
             args = parse(build_parser(), argv)

@@ -36,9 +36,7 @@ class Parser(argparse.ArgumentParser):
 
     def error(self, message: str) -> NoReturn:
         hint = ""
-        if "unrecognized arguments: --quiet" in message or "unrecognized arguments: --config" in message:
-            hint = "; --quiet and --config go after the command's name, e.g. `qanchor data synth --quiet out=DIR`"
-        elif "unrecognized arguments: --" in message:
+        if "unrecognized arguments: --" in message:
             hint = "; settings are key=value (e.g. checkpoint=DIR), not --flags"
         print(f"error: {self.prog}: {message}{hint} (see `{self.prog} --help`)", file=sys.stderr)
         sys.exit(EXIT_USER_ERROR)

@@ -499,7 +499,7 @@ def check_replaceable(target: str | os.PathLike, kind: OutputKind, layout: Colle
     if found == kind.value and layout is None:
         holds = output_record(target).get("holds")
         # the names it was written with (``record_layout``); a checkpoint saved before they were recorded: its files
-        layout = holds if isinstance(holds, list) else _legacy_layout(target) if kind == OutputKind.CHECKPOINT else None
+        layout = holds if isinstance(holds, list) else _legacy_layout(target, kind)
     if found == kind.value and layout is not None:
         # a temporary a killed writer left is ours (the replacement removes it with the rest)
         extra = sorted(p.name for p in target.iterdir() if p.name not in {*layout, MARKER_FILE} and not is_temporary(p))
@@ -523,8 +523,14 @@ _CHECKPOINT_FILES = frozenset({"config.yaml", "qanchor.json", "backbone_config.j
                                "added_tokens.json", "chat_template.jinja"})
 
 
-def _legacy_layout(target: Path) -> list[str]:
-    return [p.name for p in target.iterdir() if p.name in _CHECKPOINT_FILES]
+# and a scenario head's (qanchor.tune.head.HEAD_FOLDER_FILES; a test keeps the two the same)
+HEAD_FILES = frozenset({"head.safetensors", "head.yaml", "split.json", "record.json"})
+
+
+def _legacy_layout(target: Path, kind: OutputKind) -> list[str] | None:
+    """What an output saved before its marker recorded its names holds, where its kind's names are known."""
+    known = {OutputKind.CHECKPOINT: _CHECKPOINT_FILES, OutputKind.HEAD: HEAD_FILES}.get(kind)
+    return None if known is None else [p.name for p in target.iterdir() if p.name in known]
 
 
 def _publish(tmp: Path, target: Path, kind: OutputKind, layout: Collection[str] | None = None) -> None:

@@ -266,7 +266,9 @@ def clean_outputs(candidates: list[str], root: str | Path = ".") -> list[str]:
     """Remove each of ``candidates`` that is a qanchor output holding only what qanchor wrote (``make clean``); return
     a line per candidate kept and why. Kept: a link (its target may be anyone's), anything outside ``root``, and an
     output (or an output inside it) holding files of the user's own: a dataset's files its marker does not record, a
-    checkpoint's, head's or state's beyond the names it was saved with."""
+    checkpoint's, head's or state's beyond the names it was saved with, a pretraining run's or prompt-tune folder's
+    beyond what those commands write. A bench or uqa results folder, whose files vary with its settings, is removed
+    whole."""
     import shutil
 
     base, kept = Path(root).resolve(), []
@@ -298,4 +300,15 @@ def _user_files_in(path: Path) -> str | None:
                 check_replaceable(output, OutputKind(kind))
             except OutputError as exc:
                 return str(exc)
+        own = _RUN_FILES if kind == OutputKind.RUN.value else _HEADS_FILES if kind == OutputKind.HEADS.value else None
+        if own is not None:
+            # a prompt-tune folder's heads are outputs of their own, checked above
+            extra = sorted(p.name for p in output.iterdir() if p.name not in own and not is_temporary(p)
+                           and not (kind == OutputKind.HEADS.value and (p / MARKER_FILE).is_file()))
+            if extra:
+                return f"{output} holds files its command does not write ({', '.join(map(repr, extra[:3]))})"
     return None
+
+
+_RUN_FILES = frozenset({MARKER_FILE, "checkpoint", "ds_state", "metrics.jsonl"})  # what `qanchor pretrain` writes
+_HEADS_FILES = frozenset({MARKER_FILE, "summary.json"})  # `qanchor prompt-tune`, beside its heads

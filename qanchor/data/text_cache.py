@@ -14,6 +14,7 @@ Example:
 
 from __future__ import annotations
 
+import errno
 import fcntl
 import hashlib
 import json
@@ -192,6 +193,9 @@ def _merge_plan(sizes: list[tuple[int, Path]]) -> list[Path]:
     return [p for _, p in chosen] if len(chosen) > 1 else []
 
 
+_NOT_WRITABLE = (errno.EACCES, errno.EPERM, errno.EROFS)  # a cache this user or this mount cannot write
+
+
 class TextVectorCache:
     """Append-only store of (text, vector) rows for one encoder, in Parquet shards under ``root``.
 
@@ -204,9 +208,16 @@ class TextVectorCache:
 
     def __init__(self, root: str | Path, encoder: SentenceEncoder):
         self.encoder = encoder
-        claim_output_dir(root, OutputKind.CACHE, key="text cache dir")
-        self.dir = Path(root) / encoder.key
-        self.dir.mkdir(exist_ok=True)
+        try:
+            claim_output_dir(root, OutputKind.CACHE, key="text cache dir")
+            self.dir = Path(root) / encoder.key
+            self.dir.mkdir(exist_ok=True)
+        except OSError as exc:  # a shared cache of another user's, a read-only mount: the same advice as a shard write
+            if exc.errno not in _NOT_WRITABLE:
+                raise
+            raise DataValidationError(str(root), "this user cannot write the text-vector cache here "
+                                      f"({exc.strerror}); give a cache folder of your own (text_cache_dir=, "
+                                      "data.cache_dir=)") from None
         remove_dead_temporaries(self.dir)  # a writer killed mid-shard: its name held its pid, so no rewrite clears it
         self._row: dict[str, int] = {}
         self._n_rows = 0  # rows stored, one per text
@@ -267,7 +278,9 @@ class TextVectorCache:
         flat = pa.array(np.ascontiguousarray(vectors, np.float32).reshape(-1), pa.float32())
         try:
             write_parquet(pa.table({"text": texts, "vector": pa.FixedSizeListArray.from_arrays(flat, self.dim)}), shard)
-        except PermissionError:
+        except OSError as exc:  # permissions, or a read-only file system
+            if exc.errno not in _NOT_WRITABLE:
+                raise
             raise DataValidationError(str(self.dir), f"{len(texts)} new text(s) to store, but this user cannot write the "
                                       "text-vector cache; give a cache folder of your own (text_cache_dir=, "
                                       "data.cache_dir=) or ask its owner to add them") from None

@@ -252,6 +252,11 @@ def read_embeddings(directory: str | Path, query_id: str | None = None) -> tuple
     users, queries, vecs = [], [], []
     for path in files:
         table = pq.read_table(path)
+        missing = [c for c in ("user_id", "query_id", "embedding") if c not in table.column_names]
+        if missing or not pa.types.is_fixed_size_list(table.schema.field("embedding").type):
+            lacks = ", ".join(missing) or "a fixed-size embedding column"
+            raise ModelInputError(f"{path}: not an embedding shard (it lacks {lacks}); give the folder `qanchor embed` "
+                                  "wrote (or a state's embeddings/)")
         if query_id is not None:
             table = table.filter(pc.equal(table.column("query_id"), query_id))
         dim = table.schema.field("embedding").type.list_size

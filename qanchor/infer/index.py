@@ -87,6 +87,14 @@ class LookalikeIndex:
         """Flat index below ``ivf_min_size`` vectors, IVF-flat above; vectors are re-normalised."""
         import faiss
 
+        vectors = np.asarray(vectors)
+        if vectors.ndim != 2:
+            raise ModelInputError(f"vectors must be [N, D] (one row per user), got shape {vectors.shape}")
+        if len(user_ids) != len(vectors):
+            raise ModelInputError(f"got {len(user_ids)} user ids but {len(vectors)} vectors; give one id per vector")
+        if not np.isfinite(vectors).all():  # a NaN row was indexed, then never found, and searching it blamed the query
+            bad = [str(user_ids[i]) for i in np.flatnonzero(~np.isfinite(vectors).all(axis=1))[:3]]
+            raise ModelInputError(f"embeddings of {', '.join(bad)} hold NaN or inf; re-export them before indexing")
         vectors = _unit(vectors)  # (N, D)
         n, d = vectors.shape
         if n == 0:

@@ -244,7 +244,7 @@ def init_state(q: QAnchor, ds: Dataset, queries: list[tuple[str, str]], out_dir:
     # counted in users, per batch: a shard is a whole partition (up to 4,096 users), minutes at the paper's width
     bar = Progress(sum(len(parts.ids_of(p)) for p in shards), "init state", "user", enabled=progress)
     left_out = 0
-    with atomic_dir(out_dir, OutputKind.STATE, LAYOUT) as tmp:
+    with atomic_dir(out_dir, OutputKind.STATE, LAYOUT, record_layout=True) as tmp:
         for s, p in enumerate(shards):
             # a state as of T holds what happened before T: later events are for `qanchor update` to apply (a state
             # that kept them would skip those days as "already in the state", and describe its users as of later)
@@ -366,7 +366,7 @@ def update_state(q: QAnchor, state_dir: str | Path, event_files: Sequence[str | 
                   untabled=0)
     # counted in users re-encoded, per batch: a state of one partition is one shard, which ran silent for minutes
     bar = Progress(None, "update state", "user", enabled=progress)
-    with atomic_dir(out_dir, OutputKind.STATE, LAYOUT) as tmp:
+    with atomic_dir(out_dir, OutputKind.STATE, LAYOUT, record_layout=True) as tmp:
         try:
             for s in range(meta.shards):
                 mine = {u: r for u, r in new.items() if shard_of[u] == s}

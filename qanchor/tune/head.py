@@ -155,7 +155,7 @@ class ScenarioHead(nn.Module):
             tensors.update(whiten_mean=self.whiten_mean.contiguous(), whiten_matrix=self.whiten_matrix.contiguous())
         if self.lookup is not None:
             tensors["lookup"] = self.lookup.detach().contiguous()
-        with atomic_dir(directory, OutputKind.HEAD, HEAD_FOLDER_FILES) as tmp:
+        with atomic_dir(directory, OutputKind.HEAD, HEAD_FOLDER_FILES, record_layout=True) as tmp:
             save_file(tensors, str(tmp / HEAD_WEIGHTS))
             as_umask_allows(tmp / HEAD_WEIGHTS)
             (tmp / HEAD_META).write_text(yaml.safe_dump(to_plain(self.metadata()), sort_keys=False))

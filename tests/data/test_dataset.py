@@ -366,9 +366,30 @@ def test_make_clean_removes_only_the_repositorys_own_outputs_with_nothing_of_the
     (ckpt / MARKER_FILE).write_text(json.dumps({"kind": "checkpoint", "holds": ["model.safetensors"]}))
     (ckpt / "model.safetensors").write_text("w")
     (ckpt / "eval.md").write_text("mine")
+    # a run, a prompt-tune folder and a head (saved before heads recorded their names) holding a note of the user's
+    for folder, kind in (("runs/synth/pretrain", "pretraining run"), ("runs/synth/heads", "prompt-tune output"),
+                         ("runs/h2/heads", "prompt-tune output")):
+        (repo / folder).mkdir(parents=True)
+        (repo / folder / MARKER_FILE).write_text(json.dumps({"kind": kind}))
+    (repo / "runs/synth/pretrain/notes.md").write_text("mine")
+    (repo / "runs/synth/heads/summary.json").write_text("{}")
+    head = repo / "runs/h2/heads/churn"
+    head.mkdir()
+    (head / MARKER_FILE).write_text(json.dumps({"kind": "scenario head"}))
+    (head / "head.yaml").write_text("x")
+    (head / "notes.md").write_text("mine")
     monkeypatch.chdir(repo)
-    kept = clean_outputs(["data/clean", "data/noted", "runs/archive/cj-6000", "runs/demo/pretrain", "runs/none"])
-    assert not (repo / "data" / "clean").exists()
+    kept = clean_outputs(["data/clean", "data/noted", "runs/archive/cj-6000", "runs/demo/pretrain", "runs/none",
+                          "runs/synth/pretrain", "runs/synth/heads", "runs/h2/heads"])
+    assert not (repo / "data" / "clean").exists() and not (repo / "runs/synth/heads").exists()  # ours alone: removed
     assert (repo / "data" / "noted" / "my_labels.csv").exists() and (archived / MARKER_FILE).exists()
-    assert (ckpt / "eval.md").exists()
-    assert [line.split(":")[0] for line in kept] == ["kept data/noted", "kept runs/archive/cj-6000", "kept runs/demo/pretrain"]
+    assert (ckpt / "eval.md").exists() and (repo / "runs/synth/pretrain/notes.md").exists() and (head / "notes.md").exists()
+    assert [line.split(":")[0] for line in kept] == ["kept data/noted", "kept runs/archive/cj-6000", "kept runs/demo/pretrain",
+                                                     "kept runs/synth/pretrain", "kept runs/h2/heads"]
+
+
+def test_the_data_layer_knows_a_heads_files_as_the_head_writes_them():
+    from qanchor.data.io import HEAD_FILES
+    from qanchor.tune.head import HEAD_FOLDER_FILES
+
+    assert HEAD_FILES == set(HEAD_FOLDER_FILES)

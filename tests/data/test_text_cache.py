@@ -72,3 +72,27 @@ def test_a_call_that_adds_a_few_texts_copies_no_stored_vector(tmp_path):
     _check(cache, [f"text {i}" for i in range(100)] + ["one more"] + [f"many {i}" for i in range(5000)])
     first = [f"text {i}" for i in range(100)]
     np.testing.assert_array_equal(before[cache.rows(first)], np.stack([_HashEncoder.vector(t) for t in first]))
+
+
+def test_a_cache_this_user_or_mount_cannot_write_is_one_clear_error(tmp_path, monkeypatch):
+    """A read-only mount gave a raw OSError (EROFS) from a shard write, and a shared cache of another user's a
+    PermissionError traceback from opening it: only a shard write refused by permissions had the advice."""
+    import errno
+
+    import pytest
+
+    import qanchor.data.text_cache as text_cache
+    from qanchor.errors import DataValidationError
+
+    cache = TextVectorCache(tmp_path / "c", _HashEncoder())
+    cache.ensure(["a"])
+
+    def read_only(*args, **kwargs):
+        raise OSError(errno.EROFS, "Read-only file system")
+
+    monkeypatch.setattr(text_cache, "write_parquet", read_only)
+    with pytest.raises(DataValidationError, match="cannot write the text-vector cache"):
+        cache.ensure(["new text"])
+    monkeypatch.setattr(text_cache, "claim_output_dir", read_only)
+    with pytest.raises(DataValidationError, match="cannot write the text-vector cache here"):
+        TextVectorCache(tmp_path / "other", _HashEncoder())

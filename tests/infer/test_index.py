@@ -131,3 +131,23 @@ def test_two_builds_of_one_path_at_once_never_load_as_one(data, tmp_path, monkey
         return
     (user, score), = loaded.search(vecs[0], 1)[0]  # A's vectors under A's description, or nothing
     assert user == ids[0] and score == pytest.approx(1.0, abs=1e-5)
+
+
+def test_inputs_an_index_cannot_hold_are_named(tmp_path):
+    """Mismatched lengths were called "user ids repeat", 1-D vectors a ValueError, and a NaN row was indexed, never
+    found, and searching its user blamed the query; a folder of other Parquet files was a KeyError traceback."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    ids, v = np.array([f"u{i}" for i in range(20)], dtype=object), np.random.default_rng(0).normal(size=(20, 8))
+    with pytest.raises(ModelInputError, match="got 10 user ids but 20 vectors"):
+        LookalikeIndex.build(ids[:10], v)
+    with pytest.raises(ModelInputError, match=r"vectors must be \[N, D\]"):
+        LookalikeIndex.build(ids[:1], v[0])
+    v[3] = np.nan
+    with pytest.raises(ModelInputError, match="embeddings of u3 hold NaN or inf"):
+        LookalikeIndex.build(ids, v)
+    (tmp_path / "events").mkdir()
+    pq.write_table(pa.table({"user_id": ["a"], "ts": [1], "text": ["x"]}), tmp_path / "events" / "part-00000.parquet")
+    with pytest.raises(ModelInputError, match="not an embedding shard .*query_id, embedding"):
+        LookalikeIndex.from_embeddings(tmp_path / "events", "q0")
