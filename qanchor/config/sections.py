@@ -15,13 +15,10 @@ __all__ = ["check_seed", "reading_saved_run", "refuse_for_training", "TextEncode
            "LossConfig", "TrainConfig"]
 
 
-def check_seed(seed: int, key: str, below: int | None = 2**32) -> None:
-    """ConfigError unless ``seed`` is one numpy and torch take (>= 0) and, with ``below`` (2**32: scikit-learn's and
-    LightGBM's limit), below it."""
-    if below is None and seed < 0:
-        raise ConfigError(f"{key} must be >= 0, got {seed}")
-    if below is not None and not 0 <= seed < below:
-        raise ConfigError(f"{key} must be in [0, {'2**32' if below == 2**32 else below}), got {seed}")
+def check_seed(seed: int, key: str) -> None:
+    """ConfigError unless ``seed`` is one numpy, torch, scikit-learn and LightGBM all take: in [0, 2**32)."""
+    if not 0 <= seed < 2**32:
+        raise ConfigError(f"{key} must be in [0, 2**32), got {seed}")
 
 
 _READING_SAVED_RUN: ContextVar[bool] = ContextVar("qanchor_reading_saved_run", default=False)

@@ -145,9 +145,9 @@ def refuse_inside_replaced_whole(target: str | os.PathLike, key: str | None = "o
     if kind in (OutputKind.CACHE, OutputKind.MODEL_CACHE):
         return
     holder = enclosing_output(target)
-    if holder is not None and output_kind(holder) in REPLACED_WHOLE:
-        raise OutputError(f"{f'{key}={target}' if key else target} lies inside {holder}, a qanchor {output_kind(holder)} that qanchor replaces "
-                          "whole when it is saved, rebuilt or updated; write it beside that folder, not in it")
+    if holder is not None and (held := output_kind(holder)) in REPLACED_WHOLE:
+        raise OutputError(f"{f'{key}={target}' if key else target} lies inside {holder}, a qanchor {held} that qanchor "
+                          "replaces whole when it is saved, rebuilt or updated; write it beside that folder, not in it")
 
 
 def _foreign_example(directory: Path) -> str:

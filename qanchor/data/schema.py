@@ -13,6 +13,8 @@ Layout::
 from __future__ import annotations
 
 import re
+import shutil
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -214,32 +216,7 @@ def _not_built(root: Path) -> list[str]:
     """What in a dataset directory a build did not write: anything but the manifest, the events, tabular and task files
     its marker records (with the same content), the UserU pairs, the cache and the output marker. A dataset built
     before the marker recorded its files: ``events/part-*.parquet``, the tabular file and the manifest's task files."""
-    written = output_record(root).get("written")
-    if isinstance(written, dict):
-        return _not_built_recorded(root, written)
-    try:
-        tasks = {t.name for t in Manifest.load(root).tasks}
-    except Exception:  # an unreadable manifest: no task file is known to be the build's
-        tasks = set()
-    out = []
-    for path in sorted(root.iterdir()):
-        if path.name == CACHE_DIR and path.is_dir():
-            out += _foreign_in_cache(path)
-            continue
-        if path.name in (MANIFEST_FILE, TABULAR_FILE, USERU_FILE, MARKER_FILE) or is_temporary(path):
-            continue
-        if path.name == EVENTS_DIR and path.is_dir():
-            out += [f"{EVENTS_DIR}/{q.name}" for q in sorted(path.iterdir())
-                    if not (q.name.startswith("part-") and q.suffix == ".parquet")]
-        elif path.name == TASKS_DIR and path.is_dir():
-            out += [f"{TASKS_DIR}/{q.name}" for q in sorted(path.iterdir()) if not (q.suffix == ".parquet" and q.stem in tasks)]
-        else:
-            out.append(path.name)
-    return out
-
-
-def _not_built_recorded(root: Path, written: dict) -> list[str]:
-    """:func:`_not_built` for a dataset whose marker records each file it was built with and its SHA-256."""
+    built = _built_as_recorded(root) or _built_by_name(root)
     out = []
     for path in sorted(root.iterdir()):
         if path.name == CACHE_DIR and path.is_dir():
@@ -248,11 +225,35 @@ def _not_built_recorded(root: Path, written: dict) -> list[str]:
         if path.name in (MANIFEST_FILE, USERU_FILE, MARKER_FILE) or is_temporary(path):
             continue
         files = sorted(path.iterdir()) if path.name in (EVENTS_DIR, TASKS_DIR) and path.is_dir() else [path]
-        for file in files:
-            name = file.relative_to(root).as_posix()
-            if written.get(name) is None or not file.is_file() or file_sha256(file) != written[name]:
-                out.append(name)  # not the build's, or the build's file overwritten since: the user's now
+        out += [name for file in files if not built(file, name := file.relative_to(root).as_posix())]
     return out
+
+
+def _built_as_recorded(root: Path) -> Callable[[Path, str], bool] | None:
+    """Whether a file (and its name under ``root``) is one the build wrote, by the SHA-256 its marker records: a file
+    of the build's overwritten since is the user's now. None for a dataset whose marker records none."""
+    written = output_record(root).get("written")
+    if not isinstance(written, dict):
+        return None
+    return lambda file, name: written.get(name) is not None and file.is_file() and file_sha256(file) == written[name]
+
+
+def _built_by_name(root: Path) -> Callable[[Path, str], bool]:
+    """The same, by name, for a dataset built before the marker recorded its files."""
+    try:
+        tasks = {t.name for t in Manifest.load(root).tasks}
+    except Exception:  # an unreadable manifest: no task file is known to be the build's
+        tasks = set()
+
+    def built(file: Path, name: str) -> bool:
+        folder = name.split("/")[0] if "/" in name else None
+        if folder == EVENTS_DIR:
+            return file.name.startswith("part-") and file.suffix == ".parquet"
+        if folder == TASKS_DIR:
+            return file.suffix == ".parquet" and file.stem in tasks
+        return name == TABULAR_FILE
+
+    return built
 
 
 def _foreign_in_cache(cache: Path) -> list[str]:
@@ -269,8 +270,6 @@ def clean_outputs(candidates: list[str], root: str | Path = ".") -> list[str]:
     checkpoint's, head's or state's beyond the names it was saved with, a pretraining run's or prompt-tune folder's
     beyond what those commands write. A bench or uqa results folder, whose files vary with its settings, is removed
     whole."""
-    import shutil
-
     base, kept = Path(root).resolve(), []
     for name in candidates:
         path = Path(name)

@@ -262,12 +262,12 @@ class QAnchor:
         late = sum(int((s.ts >= cutoff_us).sum()) for r in records for s in r.events.values()
                    if len(s.ts) and s.ts[-1] >= cutoff_us)
         if late:
-            if not (warned or [False])[0]:  # ``warned``: once per call of iter_embed (a 1M-user stream said it 1,000 times)
+            if not (warned and warned[0]):  # ``warned``: once per call of iter_embed (a 1M-user stream said it 1,000 times)
                 more = "" if warned is None else f" among {len(records):,} users (said once per call: others may hold more)"
                 warnings.warn(f"{late} events are at or after the cutoff{more} and count as events of its last moment "
                               "(age 0); pass cutoff= the moment the embedding should describe (e.g. now)",
                               stacklevel=caller_stacklevel())
-                if warned is not None:
+                if warned:
                     warned[0] = True
             records = [_moved_before(r, cutoff_us) for r in records]
         kept = [self.pipeline.packer.recent(r) for r in records]

@@ -364,20 +364,15 @@ def update_state(q: QAnchor, state_dir: str | Path, event_files: Sequence[str | 
     asked, query_ids = _asked(q, queries), [i for i, _ in queries]
     totals = dict(users=0, changed=0, new=0, ran=0, prefixes=0, rewritten=0, linked=0, replayed=0, too_old=0,
                   untabled=0)
-    # counted in users re-encoded, per batch: a state of one partition is one shard, which ran silent for minutes
-    bar = Progress(None, "update state", "user", enabled=progress)
     with atomic_dir(out_dir, OutputKind.STATE, LAYOUT, record_layout=True) as tmp:
-        try:
+        # counted in users re-encoded, per batch: a state of one partition is one shard, which ran silent for minutes
+        with Progress(None, "update state", "user", enabled=progress) as bar:
             for s in range(meta.shards):
                 mine = {u: r for u, r in new.items() if shard_of[u] == s}
                 values = {u: v for u, v in rows.items() if shard_of[u] == s}
                 _update_shard(q, state_dir, tmp, s, mine, values, as_of_us, asked, query_ids, requery or full, full,
                               totals, bar)
                 bar.set_postfix(f"{s + 1}/{meta.shards} shards")
-        except BaseException:
-            bar.close(stopped=True)  # the last line must not say done
-            raise
-        bar.close()
         m = len(q.model.user_encoder.names)
         report = UpdateReport(_iso(as_of_us), (as_of_us - to_microseconds(meta.as_of)) / _DAY_US, totals["users"],
                               totals["changed"], totals["new"], table.num_rows, totals["ran"],

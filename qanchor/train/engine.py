@@ -153,12 +153,10 @@ def deepspeed_config(cfg: TrainConfig, world: int) -> dict[str, Any]:
         ds = _merged(ds, overrides)
         # the start line, metrics' lr column and the saved config.yaml (which a resume is checked against) say the train
         # section's values: a file that sets others would train with a rate and a clip no record of the run shows
-        used = {"train.lr": ds.get("optimizer", {}).get("params", {}).get("lr", cfg.lr),
-                "train.grad_clip": ds.get("gradient_clipping", cfg.grad_clip)}
-        for option, value in used.items():
-            ours = cfg.lr if option == "train.lr" else cfg.grad_clip
+        used = (("optimizer.params.lr", "train.lr", cfg.lr, ds.get("optimizer", {}).get("params", {}).get("lr", cfg.lr)),
+                ("gradient_clipping", "train.grad_clip", cfg.grad_clip, ds.get("gradient_clipping", cfg.grad_clip)))
+        for key, option, ours, value in used:
             if value != ours:
-                key = "optimizer.params.lr" if option == "train.lr" else "gradient_clipping"
                 raise ConfigError(f"train.deepspeed_config {path}: {key}={value!r}, and {option} is {ours}; the run's "
                                   f"records (start line, config.yaml) would say {ours}. Set {option}={value} instead and "
                                   f'write "{key.split(".")[-1]}": "auto" (or leave it out)')

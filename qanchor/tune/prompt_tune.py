@@ -226,9 +226,6 @@ def run_prompt_tune(cfg: PromptTuneConfig, progress: bool = True) -> dict:
     return summary
 
 
-RECORD = HEAD_RECORD  # per task: the summary record and the key it was tuned under
-
-
 def _task_key(cfg: PromptTuneConfig, data: DataConfig, ckpt_hash: str, dataset_fingerprint: str, task: Task,
               cohort: str = "") -> str:
     """What a task's head depends on: checkpoint, dataset files, the task's question, users and labels, packing and
@@ -248,7 +245,7 @@ def _task_key(cfg: PromptTuneConfig, data: DataConfig, ckpt_hash: str, dataset_f
 
 def _finished(task_dir: Path, key: str) -> dict | None:
     """A task's record if ``task_dir`` holds a head tuned under ``key``, else None (it is tuned again)."""
-    path = task_dir / RECORD
+    path = task_dir / HEAD_RECORD
     if not (path.exists() and (task_dir / HEAD_META).exists() and (task_dir / HEAD_WEIGHTS).exists()):
         return None
     try:
@@ -277,10 +274,11 @@ def _tune_one(model, tokenizer, store: PrefixStore, row_of: dict, task: Task, cf
         pos = {r: i for i, r in enumerate(rows)}
         test = [pos[int(r)] for r in split.rows["test"]]
         record["oracle"] = {"test": auc_ks(task.labels[test], task.prob[test])}
+    record["key"] = key
     # the head, its split and its record are published in one swap; the record (and its key) marks the task finished
     ids = {k: [store.user_ids[int(r)] for r in v] for k, v in split.rows.items()}
-    result.head.save(out / name, beside={SPLIT_FILE: json.dumps(ids), RECORD: json.dumps({**record, "key": key})})
-    return {**record, "key": key}
+    result.head.save(out / name, beside={SPLIT_FILE: json.dumps(ids), HEAD_RECORD: json.dumps(record)})
+    return record
 
 
 def format_summary(summary: dict) -> str:
