@@ -85,6 +85,7 @@ class SentenceEncoder:
                               "or null for the bundled all-MiniLM-L6-v2") from None
         self.device = torch.device(device)
         self.dim = int(self.model.config.hidden_size)
+        self._weights_sha: str | None = None
 
     def refuse_cut(self, texts: Sequence[str], what: str) -> None:
         """:func:`refuse_cut` with this encoder's tokenizer and ``max_length``."""
@@ -108,12 +109,15 @@ class SentenceEncoder:
     def key(self) -> str:
         """Identifies the encoder's weights, tokenizer and settings: vectors from another key are never mixed in.
 
-        The tokenizer is part of it (its full serialised state: vocabulary, lower-casing, splitting): an encoder folder
-        whose tokenizer files were changed beside the same weights reads texts differently. Where the encoder lies on
-        disk is not (``_name_or_path``): moving the folder does not make every text new.
+        The weights count by their bytes, every tensor in name order: an encoder fine-tuned in its folder, or one whose
+        tensors were swapped, is another key (the key once held the weights' sum to 7 digits, which a few fine-tuning
+        steps could leave unchanged, and so served the old vectors). The tokenizer is part of it (its full serialised
+        state: vocabulary, lower-casing, splitting): an encoder folder whose tokenizer files were changed beside the
+        same weights reads texts differently. Where the encoder lies on disk is not (``_name_or_path``): moving the
+        folder does not make every text new.
         """
         name = "all-MiniLM-L6-v2" if self.cfg.path is None else Path(self.path).name
-        return f"{name}-{self._fingerprint(with_library=True)}"
+        return f"{name}-w{self._fingerprint(with_library=True)}"  # "w": weights by content (older keys are 12 hex digits)
 
     @property
     def digest(self) -> str:
@@ -122,14 +126,32 @@ class SentenceEncoder:
         after a move or an upgrade)."""
         return self._fingerprint(with_library=False)
 
-    def _fingerprint(self, with_library: bool) -> str:
+    def computes(self, recorded: str) -> bool:
+        """Whether ``recorded``, a digest a checkpoint holds, is this encoder's: today's :attr:`digest`, or one of the
+        two an older qanchor recorded (the weights' sum in place of their bytes; before fb6e252..ccee906 ended, with the
+        transformers version in it), which are compared as they were computed."""
+        return recorded in (self.digest, self._fingerprint(with_library=False, legacy_sum=True),
+                            self._fingerprint(with_library=True, legacy_sum=True))
+
+    def _fingerprint(self, with_library: bool, legacy_sum: bool = False) -> str:
         # the cache's key keeps the library version it always had (a changed key re-encodes every cached text)
         settings = {k: v for k, v in self.model.config.to_dict().items()
                     if k != "_name_or_path" and (with_library or k != "transformers_version")}
         config = json.dumps(settings, sort_keys=True, default=str)
-        weights = sum(float(p.double().sum()) for p in self.model.parameters())
-        raw = f"{config}|{weights:.6e}|{self.cfg.max_length}|mean|l2|{self._tokenizer_digest()}"
+        weights = (f"{sum(float(p.double().sum()) for p in self.model.parameters()):.6e}" if legacy_sum
+                   else self._weights_digest())
+        raw = f"{config}|{weights}|{self.cfg.max_length}|mean|l2|{self._tokenizer_digest()}"
         return hashlib.sha256(raw.encode()).hexdigest()[:12]
+
+    def _weights_digest(self) -> str:
+        if self._weights_sha is None:  # the weights are frozen (requires_grad off, eval): hashed once per encoder
+            h = hashlib.sha256()
+            for name, tensor in sorted(self.model.state_dict().items()):
+                data = tensor.detach().cpu().contiguous()
+                h.update(f"{name}|{data.dtype}|{tuple(data.shape)}|".encode())
+                h.update(data.reshape(-1).view(torch.uint8).numpy().tobytes())
+            self._weights_sha = h.hexdigest()
+        return self._weights_sha
 
     def _tokenizer_digest(self) -> str:
         backend = getattr(self.tokenizer, "backend_tokenizer", None)

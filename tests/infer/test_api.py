@@ -398,3 +398,47 @@ def test_a_model_saved_before_a_training_check_serves_with_its_own_packing(infer
     model.use_packing(DataOverrides(default_max_events=4))
     assert model.run_cfg.loss.margin == -1 and model.run_cfg.data.default_max_events == 4
 
+
+
+def test_an_encoder_changed_with_its_weights_sum_kept_is_another_encoder(tmp_path, infer_env):
+    """The key and digest held the weights' sum to 7 digits: an encoder fine-tuned in its folder (a change that sum
+    could miss), or two weights swapped, kept both, and its stale cached vectors were served. They now hash the
+    weights' bytes; a checkpoint that recorded the sum's digest is still recognised by it."""
+    import shutil
+
+    import torch
+    from safetensors.torch import load_file, save_file
+
+    from qanchor.config import TextEncoderConfig
+    from qanchor.data.text_cache import SentenceEncoder, TextVectorCache, default_encoder_path
+    from qanchor.errors import CheckpointError
+    from qanchor.infer.api import QAnchor
+
+    swapped = tmp_path / "minilm"
+    shutil.copytree(default_encoder_path(), swapped)
+    weights = load_file(swapped / "model.safetensors")
+    name = next(k for k, v in weights.items() if v.ndim == 2 and v.shape[0] > 1 and not torch.equal(v[0], v[1]))
+    weights[name] = weights[name][torch.tensor([1, 0, *range(2, weights[name].shape[0])])].contiguous()
+    save_file(weights, swapped / "model.safetensors", metadata={"format": "pt"})
+    original = SentenceEncoder(TextEncoderConfig(path=str(default_encoder_path())), device="cpu")
+    changed = SentenceEncoder(TextEncoderConfig(path=str(swapped)), device="cpu")
+    legacy = original._fingerprint(with_library=False, legacy_sum=True)
+    assert changed._fingerprint(with_library=False, legacy_sum=True) == legacy  # the sum could not tell them apart
+    assert changed.digest != original.digest
+    assert changed.key.rsplit("-", 1)[1] != original.key.rsplit("-", 1)[1]
+    assert original.computes(legacy) and original.computes(original._fingerprint(with_library=True, legacy_sum=True))
+    assert not original.computes("0" * 12)
+
+    ckpt = tmp_path / "ckpt"
+    shutil.copytree(infer_env.ckpt, ckpt)
+    meta = json.loads((ckpt / "qanchor.json").read_text())
+    user, query = [infer_env.ds.user("u002")], ["Will this user stop paying?"]
+    for recorded in (original.digest, legacy):  # today's digest and an older checkpoint's: both this encoder's
+        (ckpt / "qanchor.json").write_text(json.dumps({**meta, "text_encoder_digest": recorded}))
+        cache = TextVectorCache(tmp_path / "text", SentenceEncoder(TextEncoderConfig(), device="cpu"))
+        assert np.allclose(QAnchor.from_pretrained(ckpt, text_cache=cache).embed(user, query),
+                           infer_env.qa.embed(user, query), atol=1e-5)
+    (ckpt / "qanchor.json").write_text(json.dumps({**meta, "text_encoder_digest": original.digest}))
+    cache = TextVectorCache(tmp_path / "text", changed)
+    with pytest.raises(CheckpointError, match="its weights, tokenizer or settings differ"):
+        QAnchor.from_pretrained(ckpt, text_cache=cache).embed(user, query)
