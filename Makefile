@@ -61,34 +61,42 @@ lint: install ## ruff
 
 data: data-cj data-synth ## build Complete Journey and a 2,000-user synthetic dataset, with UserU pairs
 
-# Each dataset is rebuilt when the code that builds it is newer than the dataset (a pull that changed how its users,
-# labels or pairs are chosen), and only then: a dataset built before such a change is never benchmarked by mistake.
-USERU_CODE := qanchor/data/userU.py qanchor/data/userU_topics.py qanchor/data/forecast.py
-# what writes every dataset's files and manifest, beside each builder
-WRITER_CODE := qanchor/data/schema.py qanchor/data/manifest.py
+# Each dataset is rebuilt when the code that builds it has changed since it was built (a pull that changed how its users,
+# labels or pairs are chosen), and only then: a dataset built before such a change is never benchmarked by mistake. What
+# builds it is every file its builder imports, found by data_tools/code_stamp.py, which rewrites a stamp under .make/
+# only when those files' contents change (FORCE runs it on every make; make then compares the dataset with the stamp).
+CODE_STAMP = $(VENV)/bin/python -m data_tools.code_stamp
+# the command that calls each builder, and the defaults of its settings
+CLI_CODE := qanchor/cli/data.py qanchor/cli/common.py qanchor/config/commands.py
+.make/%-builder: FORCE | install
+	@$(CODE_STAMP) $@ data_tools.$* $(CLI_CODE)
+.make/userU: FORCE | install
+	@$(CODE_STAMP) $@ qanchor.data.userU $(CLI_CODE)
+.PHONY: FORCE
+FORCE:
 
 data-cj: install $(CJ)/userU.parquet ## build Complete Journey (households that shopped before 2017-09-30), with UserU pairs
-$(CJ)/manifest.yaml: data_tools/completejourney.py $(WRITER_CODE) | install
+$(CJ)/manifest.yaml: .make/completejourney-builder | install
 	$(QA) data completejourney out=$(CJ)
-$(CJ)/userU.parquet: $(CJ)/manifest.yaml $(USERU_CODE) | install
+$(CJ)/userU.parquet: $(CJ)/manifest.yaml .make/userU | install
 	$(QA) data userU $(CJ)
 
 data-synth: install $(SYNTH)/userU.parquet ## build the 2,000-user synthetic world (generator seed 1), with UserU pairs
-$(SYNTH)/manifest.yaml: data_tools/synth.py $(WRITER_CODE) | install
+$(SYNTH)/manifest.yaml: .make/synth-builder | install
 	$(QA) data synth out=$(SYNTH) users=2000 seed=1
-$(SYNTH)/userU.parquet: $(SYNTH)/manifest.yaml $(USERU_CODE) | install
+$(SYNTH)/userU.parquet: $(SYNTH)/manifest.yaml .make/userU | install
 	$(QA) data userU $(SYNTH)
 
 data-ratings: install $(RATINGS)/userU.parquet ## build the 2,000-user synthetic ratings world (one modality; profile tasks), with UserU pairs
-$(RATINGS)/manifest.yaml: data_tools/ratings.py $(WRITER_CODE) | install
+$(RATINGS)/manifest.yaml: .make/ratings-builder | install
 	$(QA) data ratings out=$(RATINGS) users=2000 seed=0
-$(RATINGS)/userU.parquet: $(RATINGS)/manifest.yaml $(USERU_CODE) | install
+$(RATINGS)/userU.parquet: $(RATINGS)/manifest.yaml .make/userU | install
 	$(QA) data userU $(RATINGS)
 
 data-cj-profile: install $(CJP)/userU.parquet ## build Complete Journey's purchases with its demographics as profile tasks, with UserU pairs
-$(CJP)/manifest.yaml: data_tools/completejourney.py $(WRITER_CODE) | install
+$(CJP)/manifest.yaml: .make/completejourney-builder | install
 	$(QA) data cj-profile out=$(CJP)
-$(CJP)/userU.parquet: $(CJP)/manifest.yaml $(USERU_CODE) | install
+$(CJP)/userU.parquet: $(CJP)/manifest.yaml .make/userU | install
 	$(QA) data userU $(CJP)
 
 pretrain: install ## pretrain (CONFIG defaults to configs/pretrain/tiny-cj.yaml)

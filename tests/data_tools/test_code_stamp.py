@@ -1,0 +1,74 @@
+"""The Makefile rebuilds a dataset exactly when the code that builds it changed in content."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+
+import pytest
+
+from data_tools.code_stamp import ROOT, code_files, write_if_changed
+
+
+def test_the_code_of_a_builder_is_everything_it_imports():
+    """The Makefile listed a builder's code by hand and missed the files it reads through others (io.py, the
+    manifest writer): a change there left a dataset built by the old code in place."""
+    synth = {path.relative_to(ROOT).as_posix() for path in code_files(["data_tools.synth"])}
+    assert {"data_tools/synth.py", "data_tools/__init__.py", "qanchor/__init__.py", "qanchor/data/schema.py",
+            "qanchor/data/io.py", "qanchor/data/manifest.py"} <= synth
+    assert "qanchor/model/qanchor_model.py" not in synth  # what the builder never reads does not rebuild it
+    pairs = {path.relative_to(ROOT).as_posix() for path in code_files(["qanchor.data.userU", "qanchor/cli/data.py"])}
+    assert {"qanchor/data/userU.py", "qanchor/data/forecast.py", "qanchor/data/validate.py",
+            "qanchor/data/dataset.py", "qanchor/cli/data.py"} <= pairs
+    with pytest.raises(SystemExit, match="no module data_tools.nosuch"):
+        code_files(["data_tools.nosuch"])
+
+
+def test_the_stamp_moves_only_when_its_text_changes(tmp_path):
+    stamp = tmp_path / "stamps" / "synth-builder"
+    assert write_if_changed(stamp, "a  x.py\n")
+    os.utime(stamp, (1_000_000, 1_000_000))
+    assert not write_if_changed(stamp, "a  x.py\n") and stamp.stat().st_mtime == 1_000_000
+    assert write_if_changed(stamp, "b  x.py\n") and stamp.read_text() == "b  x.py\n"
+    assert stamp.stat().st_mtime > 1_000_000 and [p.name for p in stamp.parent.iterdir()] == ["synth-builder"]
+
+
+@pytest.mark.skipif(shutil.which("make") is None, reason="needs GNU make")
+def test_make_rebuilds_a_dataset_when_its_code_changes_not_when_a_file_is_touched(tmp_path):
+    """File times change on a checkout that leaves the code as it was (a rebuild for nothing) and stay put on one that
+    changes only a file the old list missed (a stale dataset benchmarked): the stamp follows content."""
+    repo = tmp_path / "repo"
+    repo.mkdir()
+    for part in ("Makefile", "pyproject.toml", "qanchor", "data_tools"):
+        source = ROOT / part
+        (shutil.copytree(source, repo / part, ignore=shutil.ignore_patterns("__pycache__")) if source.is_dir()
+         else shutil.copy2(source, repo / part))
+    venv = repo / ".venv" / "bin"
+    venv.mkdir(parents=True)
+    (venv / "python").symlink_to(sys.executable)
+    (venv / "qanchor").write_text(  # stands in for the builders: says what it ran and writes the file make checks
+        '#!/bin/bash\necho "ran $2"\nif [ "$2" = userU ]; then touch "$3/userU.parquet"; '
+        'else mkdir -p "${3#out=}" && touch "${3#out=}/manifest.yaml"; fi\n')
+    (venv / "qanchor").chmod(0o755)
+    (repo / ".venv" / ".installed").touch()
+
+    def make() -> list[str]:
+        done = subprocess.run(["make", "--no-print-directory", "data-synth"], cwd=repo, capture_output=True, text=True)
+        assert done.returncode == 0, done.stderr
+        return [line.removeprefix("ran ") for line in done.stdout.splitlines() if line.startswith("ran ")]
+
+    assert make() == ["synth", "userU"]
+    assert make() == []
+    (repo / "qanchor" / "data" / "validate.py").touch()  # newer, same content
+    assert make() == []
+    with (repo / "qanchor" / "data" / "validate.py").open("a") as out:  # read by the pairs' builder, not the world's
+        out.write("\n# changed\n")
+    assert make() == ["userU"]
+    with (repo / "qanchor" / "data" / "io.py").open("a") as out:  # read by both, through the manifest writer
+        out.write("\n# changed\n")
+    assert make() == ["synth", "userU"]
+    with (repo / "qanchor" / "model" / "qanchor_model.py").open("a") as out:  # read by neither
+        out.write("\n# changed\n")
+    assert make() == []
