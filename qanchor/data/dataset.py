@@ -19,7 +19,7 @@ import json
 import os
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
-from functools import cached_property
+from functools import cached_property, lru_cache
 from pathlib import Path
 
 import numpy as np
@@ -41,7 +41,7 @@ from qanchor.data.schema import (
 from qanchor.data.validate import ValidationReport, event_files, validate_dataset
 from qanchor.errors import ConfigError, DataValidationError
 
-__all__ = ["EventSeq", "isin_ids", "UserRecord", "RecordLayout", "Task", "Dataset", "load_dataset", "records_from_table", "default_cache_dir",
+__all__ = ["EventSeq", "event_order", "in_event_order", "isin_ids", "UserRecord", "RecordLayout", "Task", "Dataset", "load_dataset", "records_from_table", "default_cache_dir",
            "CACHE_DIR"]
 
 _PARTITION_USERS = 4096
@@ -59,6 +59,47 @@ class EventSeq:
 
     def __len__(self) -> int:
         return len(self.text)
+
+
+@lru_cache(maxsize=1 << 16)
+def _text_rank(text: str) -> int:
+    """A fixed pseudo-random rank of a text (non-negative int64): the same in every process and on every machine."""
+    return int.from_bytes(hashlib.blake2b(text.encode("utf-8", "surrogatepass"), digest_size=8).digest(), "big") >> 1
+
+
+def event_order(ts: np.ndarray, text: Sequence[str], value: np.ndarray, extras: np.ndarray) -> np.ndarray:
+    """The indices that put events oldest first, and events of one instant in an order of their content alone.
+
+    Many events share a timestamp (a basket's lines: Complete Journey has up to 161 at one instant), and a modality's
+    cap keeps its newest events, often cutting such a group. Left in the order their rows had, which ones the model
+    read, and in what order, depended on how the export happened to list them: the same events in another row order
+    gave other embeddings. Ties are ordered by a fixed hash of the text, then value and numeric columns (NaN last):
+    which of a cut group survive is then arbitrary but fixed, and not biased to one end of the alphabet.
+
+        >>> ts = np.array([5, 1, 5, 5]); vals = np.array([1.0, 2.0, 3.0, 1.0], np.float32)
+        >>> a = event_order(ts, ["milk", "eggs", "bread", "milk"], vals, np.zeros((4, 0), np.float32))
+        >>> b = event_order(ts[::-1], ["milk", "bread", "eggs", "milk"], vals[::-1], np.zeros((4, 0), np.float32))
+        >>> [["milk", "eggs", "bread", "milk"][i] for i in a] == [["milk", "bread", "eggs", "milk"][i] for i in b]
+        True
+        >>> int(ts[a][0])
+        1
+    """
+    n = len(ts)
+    by_time = np.argsort(ts, kind="stable")
+    ordered = ts[by_time]
+    if not np.any(ordered[1:] == ordered[:-1]):  # no two events at one instant: time alone decides
+        return by_time
+    ranks = np.fromiter((_text_rank(t) for t in text), dtype=np.int64, count=n)
+    extra = np.asarray(extras).reshape(n, -1)
+    return np.lexsort([*(extra[:, j] for j in reversed(range(extra.shape[1]))), value, ranks, ts])
+
+
+def in_event_order(seq: EventSeq) -> EventSeq:
+    """``seq`` with its events in :func:`event_order` (itself, when they already are)."""
+    order = event_order(seq.ts, seq.text, seq.value, seq.extras)
+    if np.array_equal(order, np.arange(len(order))):
+        return seq
+    return EventSeq(seq.ts[order], [seq.text[i] for i in order], seq.value[order], seq.extras[order])
 
 
 @dataclass(frozen=True)
@@ -220,7 +261,7 @@ class Dataset:
 
 
 def records_from_table(table: pa.Table, manifest: Manifest, user_ids: np.ndarray | None = None) -> Iterator[UserRecord]:
-    """A long event table (dataset event format) -> one :class:`UserRecord` per user, events by time.
+    """A long event table (dataset event format) -> one :class:`UserRecord` per user, events in :func:`event_order`.
 
     With ``user_ids`` (sorted), one record per id in that order, with no events for ids absent from the
     table; without, one per user in the table. The one place event rows become records (the dataset
@@ -244,7 +285,7 @@ def records_from_table(table: pa.Table, manifest: Manifest, user_ids: np.ndarray
             for m in manifest.sequence_modalities:
                 sel = lo + np.flatnonzero(mods[lo:hi] == m.name)
                 if sel.size:
-                    events[m.name] = EventSeq(ts[sel], text[sel].tolist(), value[sel], extras[m.name][sel])
+                    events[m.name] = in_event_order(EventSeq(ts[sel], text[sel].tolist(), value[sel], extras[m.name][sel]))
         yield UserRecord(str(user_id), events, None)
 
 

@@ -34,7 +34,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import torch
 
-from qanchor.data.dataset import Dataset, EventSeq, UserRecord
+from qanchor.data.dataset import Dataset, EventSeq, UserRecord, event_order
 from qanchor.data.io import OutputKind, atomic_dir
 from qanchor.data.pipeline import batched
 from qanchor.data.schema import TS_TYPE, utc_micros
@@ -155,10 +155,11 @@ def _merge(old: UserRecord | None, new: UserRecord, q: QAnchor) -> UserRecord:
         if name in events:
             a = events[name]
             ts = np.concatenate([a.ts, seq.ts])
-            order = np.argsort(ts, kind="stable")  # buffer first on ties: a replayed day keeps its order
             texts = a.text + seq.text  # once: joined per index, a heavy user's whole-history buffer cost O(n^2)
-            seq = EventSeq(ts[order], [texts[i] for i in order],
-                           np.concatenate([a.value, seq.value])[order], np.concatenate([a.extras, seq.extras])[order])
+            value, extras = np.concatenate([a.value, seq.value]), np.concatenate([a.extras, seq.extras])
+            # ties by content, as a full read of the same events orders them: an update equals a recompute
+            order = event_order(ts, texts, value, extras)
+            seq = EventSeq(ts[order], [texts[i] for i in order], value[order], extras[order])
         events[name] = seq
     return UserRecord(new.user_id, _buffer(q, UserRecord(new.user_id, events, None)), None)
 

@@ -27,7 +27,7 @@ from numbers import Real
 
 import numpy as np
 
-from qanchor.data.dataset import EventSeq, RecordLayout, UserRecord
+from qanchor.data.dataset import EventSeq, RecordLayout, UserRecord, event_order, in_event_order
 from qanchor.data.manifest import Manifest, ModalitySpec
 from qanchor.data.validate import not_storable
 from qanchor.errors import ModelInputError
@@ -103,7 +103,7 @@ def _events(uid: str, spec: ModalitySpec, raw: object) -> EventSeq:
         value[i] = _number(event.get("value"), f"{where}, field 'value'")
         for j, col in enumerate(spec.numeric_columns):
             extras[i, j] = _number(event.get(col), f"{where}, field {col!r}")
-    order = np.argsort(ts, kind="stable")  # oldest first: the packer keeps the tail
+    order = event_order(ts, text, value, extras)  # oldest first (the packer keeps the tail); ties by content, not list place
     return EventSeq(ts[order], [text[i] for i in order], value[order], extras[order])
 
 
@@ -172,6 +172,11 @@ def _check_record(rec: UserRecord, manifest: Manifest, columns: list[str]) -> Us
         if bad.size:
             raise ModelInputError(f"user {rec.user_id!r}, tabular feature {columns[int(bad[0])]!r}: infinite (or beyond "
                                   "float32 range); use NaN for a missing value")
+    # events of one instant in the order of their content, as a dataset's records have them: the same user built by
+    # hand with a basket's lines listed another way is the same input
+    events = {name: in_event_order(seq) for name, seq in rec.events.items()}
+    if any(events[name] is not seq for name, seq in rec.events.items()):
+        return UserRecord(rec.user_id, events, rec.tabular, rec.layout)
     return rec
 
 

@@ -394,3 +394,23 @@ def test_an_events_file_with_a_column_name_not_utf8_is_named(infer_env, tmp_path
     path.write_bytes(path.read_bytes().replace(b"QQQQQ", b"\xe2ge\xa0Q"))
     with pytest.raises(DataValidationError, match="column name is not valid UTF-8"):
         read_events([path], infer_env.qa, None)
+
+
+def test_new_events_at_a_buffered_events_instant_equal_a_recompute(infer_env, state0, tmp_path):
+    """The merge put the state's buffered events first among events of one instant, a full read put them in file row
+    order: a day whose events shared a timestamp with the buffer's newest (a basket split across two loads) gave
+    another embedding than a recompute from all the events."""
+    last = infer_env.ds.user("u001").events["bill"]
+    instant = int(last.ts[-1])
+    texts = ["Aardvark deli", "Zebra bar", "Coffee shop", "Mid market", "Bakery", "Yoga club", "Night bus"]
+    new = day_events(infer_env, [("u001", "bill", instant, t) for t in texts])
+    pq.write_table(new, tmp_path / "day.parquet")
+    update_state(infer_env.qa, state0[0], [tmp_path / "day.parquet"], tmp_path / "s1", progress=False)
+    want = expected(infer_env, new, ["u001"])
+    assert np.abs(embeddings(tmp_path / "s1")["u001"] - want[0]).max() < 1e-5
+    buffer = pq.read_table(tmp_path / "s1" / "buffer" / "part-00000.parquet")
+    bill = buffer.filter(pc.and_(pc.equal(buffer.column("user_id"), "u001"), pc.equal(buffer.column("modality"), "bill")))
+    full = records_from_events(pa.concat_tables([
+        pq.read_table(p).cast(new.schema) for p in sorted((infer_env.ds_dir / "events").glob("*.parquet"))] + [new]),
+        infer_env.ds.manifest)["u001"].events["bill"]
+    assert bill.column("text").to_pylist() == full.text[-bill.num_rows:]  # the recompute's newest, in its order

@@ -171,3 +171,24 @@ def test_malformed_arguments_are_one_clear_error(infer_env):
         qa.embed([UserRecord("u002", None)], ["Will this user stop paying?"])
     with pytest.raises(ModelInputError, match=r"user 'u002': tabular must be a numpy array of numbers .*got a object array"):
         qa.embed([UserRecord("u002", user.events, np.array([1.0, None], dtype=object))], ["Will this user stop paying?"])
+
+
+def test_events_of_one_instant_are_ordered_by_content_not_by_list_place():
+    """Ties kept the order the events were listed in: the same basket listed another way (another export, another
+    SQL plan) gave the model other events at a cap and another order, so another embedding."""
+    basket = [{"ts": "2024-01-02T00:00:00Z", "text": t, "value": v, "discount": d}
+              for t, v, d in (("Milk", 3.0, 0.0), ("Bread", 2.0, 0.5), ("Milk", 3.0, 1.0), ("Eggs", None, 0.0))]
+    first = {"ts": "2024-01-01T00:00:00Z", "text": "Coffee shop", "value": 4.0}
+    records = [to_record({"user_id": "u", "events": {"bill": events}}, tiny_manifest(), ["age", "income"]).events["bill"]
+               for events in ([first, *basket], basket[::-1] + [first], [basket[2], first, basket[0], basket[3], basket[1]])]
+    for seq in records[1:]:
+        assert seq.text == records[0].text and np.array_equal(seq.value, records[0].value, equal_nan=True)
+        assert np.array_equal(seq.extras, records[0].extras, equal_nan=True) and np.array_equal(seq.ts, records[0].ts)
+    assert records[0].text[0] == "Coffee shop"  # time still comes first
+    # a UserRecord built by hand with the basket in yet another order reads the same
+    seq = records[0]
+    order = [0, 4, 3, 2, 1]
+    by_hand = UserRecord("u", {"bill": EventSeq(seq.ts[order], [seq.text[i] for i in order], seq.value[order],
+                                                seq.extras[order])})
+    again = to_record(by_hand, tiny_manifest(), ["age", "income"]).events["bill"]
+    assert again.text == seq.text and np.array_equal(again.extras, seq.extras, equal_nan=True)
