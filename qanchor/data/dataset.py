@@ -41,7 +41,7 @@ from qanchor.data.schema import (
 from qanchor.data.validate import ValidationReport, event_files, validate_dataset
 from qanchor.errors import ConfigError, DataValidationError
 
-__all__ = ["EventSeq", "event_order", "in_event_order", "isin_ids", "UserRecord", "RecordLayout", "Task", "Dataset", "load_dataset", "records_from_table", "default_cache_dir",
+__all__ = ["EventSeq", "event_order", "in_event_order", "order_key", "isin_ids", "UserRecord", "RecordLayout", "Task", "Dataset", "load_dataset", "records_from_table", "default_cache_dir",
            "CACHE_DIR"]
 
 _PARTITION_USERS = 4096
@@ -92,6 +92,14 @@ def event_order(ts: np.ndarray, text: Sequence[str], value: np.ndarray, extras: 
     ranks = np.fromiter((_text_rank(t) for t in text), dtype=np.int64, count=n)
     extra = np.asarray(extras).reshape(n, -1)
     return np.lexsort([*(extra[:, j] for j in reversed(range(extra.shape[1]))), value, ranks, ts])
+
+
+def order_key(seq: EventSeq, i: int) -> tuple:
+    """Event ``i``'s place in :func:`event_order` as a tuple: of two events, the one with the smaller key comes first
+    (a NaN value or column sorts after every number, as there)."""
+    def number(x: float) -> tuple[int, float]:
+        return (1, 0.0) if np.isnan(x) else (0, float(x))
+    return (int(seq.ts[i]), _text_rank(seq.text[i]), number(seq.value[i]), *(number(x) for x in seq.extras[i]))
 
 
 def in_event_order(seq: EventSeq) -> EventSeq:

@@ -34,7 +34,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import torch
 
-from qanchor.data.dataset import Dataset, EventSeq, UserRecord, event_order
+from qanchor.data.dataset import Dataset, EventSeq, UserRecord, event_order, order_key
 from qanchor.data.io import OutputKind, atomic_dir
 from qanchor.data.pipeline import batched
 from qanchor.data.schema import TS_TYPE, utc_micros
@@ -119,10 +119,11 @@ def _without_replayed(old: UserRecord | None, new: UserRecord,
 
     A daily job retried, or a day's file given again, must not count its events twice. Identical events count as a
     multiset: a day's two identical purchases are both kept the first time and both dropped on a replay. With capped
-    buffers (``caps``; None when the state keeps every event) an event older than a full buffer's oldest is not
-    found there, as an old day replayed after the cap pushed it out, or one that arrives that late: merging would cut
-    it again, so it is dropped here rather than marking its user as changed (which re-encodes the user at a later
-    as_of). So a replay changes nothing either way."""
+    buffers (``caps``; None when the state keeps every event) an event before a full buffer's oldest in event order is
+    not found there, as an old day replayed after the cap pushed it out, one that arrives that late, or a line of a
+    basket the cap cut (same time, earlier in the order of content): merging would cut it again, so it is dropped here
+    rather than marking its user as changed (which re-encodes the user at a later as_of). So a replay changes nothing
+    either way."""
     if old is None:
         return new, 0, 0
     events, dropped, too_old = {}, 0, 0
@@ -133,13 +134,14 @@ def _without_replayed(old: UserRecord | None, new: UserRecord,
             continue
         counts = Counter(_event_key(held, i) for i in range(len(held)))
         full = caps is not None and len(held) >= caps.get(name, len(held) + 1)
+        edge = order_key(held, 0) if full else None
         keep = []
         for i in range(len(seq)):
             key = _event_key(seq, i)
             if counts[key]:
                 counts[key] -= 1
                 dropped += 1
-            elif full and seq.ts[i] < held.ts[0]:
+            elif full and order_key(seq, i) < edge:  # before the buffer's oldest in event order: a merge cuts it
                 too_old += 1
             else:
                 keep.append(i)
@@ -280,6 +282,9 @@ def read_events(files: Sequence[str | Path], q: QAnchor, as_of_us: int | None) -
     manifest = dataclasses.replace(q.manifest, cutoff=limit)  # the validator's "before the cutoff" rule = before as_of
     tables, seen = [], set()
     for path in map(Path, files):
+        if path.is_dir():
+            raise ModelInputError(f"events file {path} is a folder; give its Parquet files (events=[{path}/part-0.parquet,"
+                                  " ...]), each once")
         if not path.is_file():
             raise ModelInputError(f"events file {path} not found")
         if path.resolve() in seen:
@@ -344,9 +349,18 @@ def update_state(q: QAnchor, state_dir: str | Path, event_files: Sequence[str | 
         raise ConfigError("out must differ from state: yesterday's state stays intact until today's is complete")
     _check_token_model(q)
     meta = StateMeta.load(state_dir)
-    if meta.checkpoint and q.checkpoint_hash and meta.checkpoint != q.checkpoint_hash:
-        raise CheckpointError(f"{state_dir} was built with checkpoint {meta.checkpoint[:12]}, not this one "
-                              f"({q.checkpoint_hash[:12]}); rebuild the state with this model")
+    if meta.checkpoint != q.checkpoint_hash:
+        # a model built in code has no checkpoint to compare: updating a checkpoint's state with it (or the other way
+        # round) would mix two models' encodings in one state, which would then pass as the checkpoint's
+        if meta.checkpoint and q.checkpoint_hash:
+            why = f"was built with checkpoint {meta.checkpoint[:12]}, not this one ({q.checkpoint_hash[:12]})"
+        elif meta.checkpoint:
+            why = (f"was built with checkpoint {meta.checkpoint[:12]}, and this model was built in code (no checkpoint "
+                   "to compare it with); load it with QAnchor.from_pretrained(<that checkpoint>)")
+        else:
+            why = (f"was built by a model built in code, whose encodings cannot be checked against checkpoint "
+                   f"{q.checkpoint_hash[:12]}")
+        raise CheckpointError(f"{state_dir} {why}; rebuild the state with this model")
     if q.event_caps != meta.caps:  # the buffer holds each modality's most recent caps[m] events
         raise ConfigError(f"{state_dir} was built packing {meta.caps} most recent events per modality, and this model "
                           f"packs {q.event_caps}; update it with the state's caps (data.max_events={meta.caps}) or "
@@ -390,7 +404,7 @@ def update_state(q: QAnchor, state_dir: str | Path, event_files: Sequence[str | 
         if report.events_before_kept_window and progress:
             log(f"{report.events_before_kept_window} of the {report.events_received} events received were older than "
                 f"every event their user's buffer keeps (the most recent {meta.caps} per modality) and were skipped")
-        StateMeta(meta.checkpoint or q.checkpoint_hash, report.as_of, [list(x) for x in queries], meta.bounds, meta.caps,
+        StateMeta(q.checkpoint_hash, report.as_of, [list(x) for x in queries], meta.bounds, meta.caps,
                   totals["users"], [*meta.history, asdict(report)]).save(tmp)
     return report
 

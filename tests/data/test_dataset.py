@@ -427,3 +427,18 @@ def test_the_same_events_in_another_row_order_are_the_same_users(tiny_dataset, t
                 assert got.text == seq.text and np.array_equal(got.ts, seq.ts), (uid, m)
                 assert np.array_equal(got.value, seq.value, equal_nan=True)
                 assert np.array_equal(got.extras, seq.extras, equal_nan=True)
+
+
+def test_order_key_sorts_as_event_order_does():
+    rng = np.random.default_rng(0)
+    n = 200
+    ts = rng.integers(0, 5, n)
+    text = [f"t{k}" for k in rng.integers(0, 6, n)]
+    value = rng.integers(0, 3, n).astype(np.float32)
+    value[rng.random(n) < 0.3] = np.nan
+    extras = rng.integers(0, 2, (n, 2)).astype(np.float32)
+    extras[rng.random((n, 2)) < 0.3] = np.nan
+    seq = dataset_mod.EventSeq(ts, text, value, extras)
+    order = dataset_mod.event_order(ts, text, value, extras)
+    keys = [dataset_mod.order_key(seq, i) for i in order]
+    assert keys == sorted(keys) and len(set(keys)) < n  # in key order, ties of whole content included

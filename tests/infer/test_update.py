@@ -414,3 +414,43 @@ def test_new_events_at_a_buffered_events_instant_equal_a_recompute(infer_env, st
         pq.read_table(p).cast(new.schema) for p in sorted((infer_env.ds_dir / "events").glob("*.parquet"))] + [new]),
         infer_env.ds.manifest)["u001"].events["bill"]
     assert bill.column("text").to_pylist() == full.text[-bill.num_rows:]  # the recompute's newest, in its order
+
+
+def test_a_replayed_basket_the_cap_cut_changes_nothing(infer_env, state0, tmp_path):
+    """A full buffer that starts inside a basket (lines at one instant) did not hold the lines the cap cut, and the
+    old test (older than the buffer's oldest) let them through: each replay of the day re-encoded the user, kept the
+    replayed lines and dropped held ones, rotating the buffer away from a recompute."""
+    instant = CUTOFF_US - 2 * HOUR  # before the state's as_of: the date does not move
+    new = day_events(infer_env, [("u001", "bill", instant, f"Item {i}") for i in range(10)])
+    pq.write_table(new, tmp_path / "day.parquet")
+    update_state(infer_env.qa, state0[0], [tmp_path / "day.parquet"], tmp_path / "s1", progress=False)
+    again = update_state(infer_env.qa, tmp_path / "s1", [tmp_path / "day.parquet"], tmp_path / "s2", progress=False)
+    assert (again.users_changed, again.events_already_in_state, again.events_before_kept_window) == (0, 8, 2)
+    want = expected(infer_env, new, ["u001"])[0]
+    for state in ("s1", "s2"):
+        assert np.abs(embeddings(tmp_path / state)["u001"] - want).max() < 1e-5, state
+
+
+def test_a_model_built_in_code_never_updates_a_checkpoints_state(infer_env, state0, tmp_path):
+    """Only two recorded hashes were compared: a model built in code (no checkpoint) updated a checkpoint's state
+    unchecked, and the new state still named the checkpoint, which then accepted the mixed encodings."""
+    import copy
+
+    changed = copy.deepcopy(infer_env.qa.model)
+    with torch.no_grad():
+        for p in changed.user_encoder.parameters():
+            p.add_(0.5)
+    in_code = QAnchor(changed, infer_env.qa.tokenizer, infer_env.qa.meta, infer_env.qa.run_cfg,
+                      text_cache=infer_env.qa.text_cache, batch_size=8)
+    assert in_code.checkpoint_hash is None
+    new = day_events(infer_env, [("u001", "bill", CUTOFF_US - HOUR, "Taxi")])
+    pq.write_table(new, tmp_path / "day.parquet")
+    with pytest.raises(CheckpointError, match="this model was built in code"):
+        update_state(in_code, state0[0], [tmp_path / "day.parquet"], tmp_path / "s1", progress=False)
+    assert not (tmp_path / "s1").exists()
+    init_state(in_code, infer_env.ds, PAIRS, tmp_path / "mine", progress=False)
+    with pytest.raises(CheckpointError, match="was built by a model built in code"):
+        update_state(infer_env.qa, tmp_path / "mine", [tmp_path / "day.parquet"], tmp_path / "s2", progress=False)
+    (tmp_path / "days").mkdir()
+    with pytest.raises(ModelInputError, match=r"days is a folder; give its Parquet files"):
+        update_state(infer_env.qa, state0[0], [tmp_path / "days"], tmp_path / "s3", progress=False)
