@@ -8,7 +8,9 @@ seafood?", "will it redeem a coupon?"). ``future`` pairs summarise the next wind
 - modality: will the user have events of modality *m* (one drawn per cutoff);
 - category again: will it touch a category it had before the cutoff (one drawn from its own history);
 - category first time: will it touch a category of the dataset it never touched before (one drawn).
-- amount: will its total amount fall versus the previous window (datasets with values).
+- amount: will its total amount of one modality fall versus the previous window (datasets with values; the first
+  modality, in the manifest's order, of which the user has values before the cutoff: a modality's values have their
+  own unit, a purchase's money, a page's dwell seconds, a campaign's length in days, and are never added up).
 
 Answers start with "Yes" or "No" and give the counts behind them, all computed from events inside
 ``[cutoff, cutoff + window)``; the windows end by the dataset cutoff, so no pair looks past it. Cutoffs
@@ -101,6 +103,20 @@ def _first_time_pick(adoption: ItemAdoption, m: str, c: int, own: set[str], wind
     return cat, _category_question(cat, m, window_days, True)
 
 
+def _told_apart(a: float, b: float) -> tuple[str, str]:
+    """``a`` and ``b`` in whole numbers, or with the fewest decimals (up to 4) that show them unequal where they are:
+    "Yes: 17 after 17." said lower of two sums that round alike.
+
+        >>> _told_apart(1234.4, 1234.2), _told_apart(17.25, 17.0), _told_apart(5.0, 5.0)
+        (('1,234.4', '1,234.2'), ('17.2', '17.0'), ('5', '5'))
+    """
+    for digits in range(5):
+        shown = f"{a:,.{digits}f}", f"{b:,.{digits}f}"
+        if a == b or shown[0] != shown[1]:
+            return shown
+    return shown
+
+
 def _window(h: History, m: str, lo: int, hi: int) -> tuple[np.ndarray, list[str], np.ndarray]:
     s = h.seq(m)  # empty for a modality the user has no events of
     sel = (s.ts >= lo) & (s.ts < hi)
@@ -145,9 +161,11 @@ def forecast_pairs(h: History, cutoffs: list[int], rng: np.random.Generator, ado
                 cat, question = picked
                 k = sum(category(m, t) == cat for t in nxt[m][1])
                 out.append((c, question, f"Yes: {k} times." if k else "No."))
-        if any(np.isfinite(h.seq(m).value[h.seq(m).ts < c]).any() for m in modalities):  # values before c
-            a = float(sum(np.nansum(v[2], dtype=np.float64) for v in nxt.values()))  # float32 sums lose digits
-            b = float(sum(np.nansum(v[2], dtype=np.float64) for v in prev.values()))
-            out.append((c, f"Will this user's amounts in the next {window_days} days be lower than in the previous "
-                           f"{window_days}?", f"{'Yes' if a < b else 'No'}: {a:,.0f} after {b:,.0f}."))
+        valued = next((m for m in modalities if np.isfinite(h.seq(m).value[h.seq(m).ts < c]).any()), None)
+        if valued is not None:  # values before c
+            a = float(np.nansum(nxt[valued][2], dtype=np.float64))  # float32 sums lose digits
+            b = float(np.nansum(prev[valued][2], dtype=np.float64))
+            shown_a, shown_b = _told_apart(a, b)
+            out.append((c, f"Will this user's {valued} amounts in the next {window_days} days be lower than in the "
+                           f"previous {window_days}?", f"{'Yes' if a < b else 'No'}: {shown_a} after {shown_b}."))
     return out

@@ -25,6 +25,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from qanchor.data.userU_topics import BUCKETS, METRICS, Claim, History, category, shown_amount, verify
+from qanchor.data.userU_topics import named as nameable
 
 __all__ = ["ASPECTS", "PROFILE_QUESTIONS", "Fact", "Verified", "facts_of", "verify_answer", "squeeze", "tidy"]
 
@@ -159,7 +160,7 @@ def _categories(text: str, h: History, as_read: Callable[[str], str] | None = No
     parts = _clauses(text, "topcategories:", r"(?<=events\)),|(?<=event\)),")
     if parts is None:
         return [None]
-    counts = Counter(category(m, t) for m in h.modalities for t in h.seq(m).text)
+    counts = Counter(category(m, t) for m in h.modalities for t in h.seq(m).text if nameable(t))
     by_read = _by_reading(counts, as_read)
     named = [by_read.get(m.group(1)) if (m := re.fullmatch(rf"(\w+/.+)\({_INT}events?\)", p)) else None for p in parts]
     top = sorted(counts.values(), reverse=True)

@@ -69,6 +69,7 @@ from qanchor.data.userU_topics import (
     ItemAdoption,
     category,
     item_groups,
+    named,
     summarize,
     verify,
 )
@@ -88,7 +89,7 @@ MAX_TOPICS = 10  # the paper asks for ten topics per user
 _FLUSH_ROWS = 65_536
 # Which pairs this generator writes, stamped in the file's metadata beside the owner key. Bump it (and add the reason
 # to USERU_CHANGES) when a change alters the pairs a dataset gets, so that pretraining on an older file says so.
-USERU_VERSION_KEY, USERU_VERSION = "qanchor_userU_version", 4
+USERU_VERSION_KEY, USERU_VERSION = "qanchor_userU_version", 5
 USERU_EVENTS_KEY = "qanchor_userU_events"  # events_digest of the data the pairs were computed from
 USERU_CHANGES = {
     2: 'a "name, attributes" text\'s category comes from its attributes, not the title\'s first word ("rating/horror", '
@@ -101,6 +102,10 @@ USERU_CHANGES = {
        "before it (both counted at the dataset cutoff before, so a later event of another user changed the pair); each "
        "cutoff's signature question is drawn on its own; a category question that would not fit the tiny presets' 32-token query budget (a URL's) is never asked; "
        "amounts are summed in float64",
+    5: "amounts are never added or compared across modalities, whose values have their own units (forecast's amount "
+       "question and the largest-single-amount topic ask of one modality: the first in the manifest with values); two "
+       "sums that round alike are shown with the decimals that tell them apart; a blank event text is never named as "
+       "an item or a category; events at one instant are read in the order of their content",
 }
 
 
@@ -224,7 +229,7 @@ def summarize_future(h: History, start_us: int, window_days: int) -> str | None:
         s = h.events[m]
         sel = (s.ts >= start_us) & (s.ts < end_us)
         assert not (s.ts[sel] >= h.cutoff_us).any(), "future answers must not see events after the cutoff"
-        counts.update((i, t) for t in compress(s.text, sel))
+        counts.update((i, t) for t in compress(s.text, sel) if named(t))  # a blank text is an event, not an item
         days.update((s.ts[sel] // DAY_US).tolist())
     if not counts:
         return None

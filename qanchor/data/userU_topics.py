@@ -31,7 +31,7 @@ import numpy as np
 
 from qanchor.data.dataset import EventSeq
 
-__all__ = ["BUCKETS", "DAY_US", "Claim", "QA", "History", "METRICS", "SIGNATURE_QUESTIONS", "TOPICS", "TOPIC_BRIEFS",
+__all__ = ["named", "BUCKETS", "DAY_US", "Claim", "QA", "History", "METRICS", "SIGNATURE_QUESTIONS", "TOPICS", "TOPIC_BRIEFS",
            "category", "item_groups", "ItemAdoption", "signature", "unbacked_numbers", "verify", "summarize"]
 
 DAY_US = 86_400_000_000
@@ -128,9 +128,15 @@ class History:
 
 
 # --------------------------------------------------------------------------------------- metrics
+def named(text: str) -> bool:
+    """Whether an answer can name ``text``: a blank one (the validator accepts an empty text) is an event, counted as
+    one, but never an item or a category ("app ''", "app/"), which every answer would hold and a check pass."""
+    return bool(text.strip())
+
+
 def _top_texts(texts: list[str], k: int) -> list[tuple[str, int]]:
-    """Most frequent texts, ties broken by text so that every run picks the same ones."""
-    return sorted(Counter(texts).items(), key=lambda kv: (-kv[1], kv[0]))[:k]
+    """Most frequent nameable texts, ties broken by text so that every run picks the same ones."""
+    return sorted(Counter(t for t in texts if named(t)).items(), key=lambda kv: (-kv[1], kv[0]))[:k]
 
 
 def _argmax_set(counter: Counter) -> frozenset:
@@ -197,7 +203,7 @@ METRICS: dict[str, tuple[Metric, str]] = {
                        "member"),
     "value_max_day": (lambda h, m, a: frozenset(_iso_day(t) for t in h.seq(m).ts[_max_mask(h, m)]), "member"),
     "item_count": (lambda h, m, a: sum(t == a for t in h.seq(m).text), "exact"),
-    "top_item": (lambda h, m, a: _argmax_set(Counter(h.seq(m).text)), "member"),
+    "top_item": (lambda h, m, a: _argmax_set(Counter(t for t in h.seq(m).text if named(t))), "member"),
     "category_count": (lambda h, m, a: sum(category(m, t) == a for t in h.seq(m).text), "exact"),
     "days_since_last": (lambda h, m, a: (h.cutoff_us - int(h.seq(m).ts.max())) // DAY_US if len(h.seq(m))
                         else math.nan, "exact"),
@@ -327,7 +333,9 @@ def _spending(h: History, rng: np.random.Generator) -> QA | None:
 
 
 def _categories(h: History, rng: np.random.Generator) -> QA | None:
-    counts = Counter(category(m, t) for m in h.modalities for t in h.seq(m).text)
+    counts = Counter(category(m, t) for m in h.modalities for t in h.seq(m).text if named(t))
+    if not counts:
+        return None
     top = sorted(counts.items(), key=lambda kv: (-kv[1], kv[0]))[:3]
     q = _ask(rng, ("Which categories does this user engage with most?", "What are this user's top categories?",
                    "Where does most of this user's activity fall?"))
@@ -355,10 +363,12 @@ def _frequency(h: History, rng: np.random.Generator) -> QA | None:
 
 def _favourites(h: History, rng: np.random.Generator) -> QA | None:
     parts, claims = [], []
-    for m in _by_count(h)[:3]:
+    for m in [m for m in _by_count(h) if any(map(named, h.seq(m).text))][:3]:
         text, k = _top_texts(h.seq(m).text, 1)[0]
         parts.append(f"{m} '{text}' ({_n(k, 'time')})")
         claims += [Claim("top_item", text, m), Claim("item_count", k, m, text)]
+    if not parts:
+        return None
     q = _ask(rng, ("What does this user do most often?", "What is this user's most frequent activity in each area?",
                    "Which items keep coming back in this user's history?"))
     return QA(q, "Most frequent: " + "; ".join(parts) + ".", claims)
@@ -406,17 +416,22 @@ def _mix(h: History, rng: np.random.Generator) -> QA | None:
 
 
 def _largest(h: History, rng: np.random.Generator) -> QA | None:
-    valued = _valued(h)
-    if not valued:
+    # within one modality, the first in the manifest's order with amounts (a purchase's money, not a page's dwell
+    # seconds or a campaign's length in days, which the largest over every modality mixed in): each modality's
+    # value has its own unit
+    m = next((m for m in h.modalities if np.isfinite(h.seq(m).value).any()), None)
+    if m is None:
         return None
-    m = max(valued, key=lambda m: (np.nanmax(h.seq(m).value), -valued.index(m)))
     i = int(np.flatnonzero(_max_mask(h, m))[0])
     shown, v = shown_amount(float(h.seq(m).value[i]))
     day = _iso_day(h.seq(m).ts[i])
     text = h.seq(m).text[i]
-    q = _ask(rng, ("What was this user's largest single amount?", "What is the biggest single {m} amount for this "
-                   "user?", "Which single event of this user carried the highest amount?"), m=m)
-    a = f"The largest single amount was {shown} ({m}: '{text}', on {day})."
+    q = _ask(rng, ("What was this user's largest single {m} amount?", "What is the biggest single {m} amount for this "
+                   "user?", "Which single {m} event of this user carried the highest amount?"), m=m)
+    if not named(text):  # nothing to name: the amount and its day
+        return QA(q, f"The largest single {m} amount was {shown} (on {day}).", [Claim("value_max", v, m),
+                                                                                Claim("value_max_day", day, m)])
+    a = f"The largest single {m} amount was {shown} ('{text}', on {day})."
     return QA(q, a, [Claim("value_max", v, m), Claim("value_max_item", text, m), Claim("value_max_day", day, m)])
 
 
@@ -577,7 +592,7 @@ def signature(h: History, rng: np.random.Generator, item_users: Mapping[str, Map
     scored = []
     for i, m in enumerate(h.modalities):
         users = item_users.get(m, Counter())
-        for text, k in Counter(h.seq(m).text).items():
+        for text, k in Counter(t for t in h.seq(m).text if named(t)).items():
             score = k * math.log((1 + n_users) / (1 + users.get(text, 0)))
             if score > 1e-9:
                 scored.append((-score, i, text, k))
