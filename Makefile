@@ -68,10 +68,11 @@ data: data-cj data-synth ## build Complete Journey and a 2,000-user synthetic da
 CODE_STAMP = $(VENV)/bin/python -m data_tools.code_stamp
 # the command that calls each builder, and the defaults of its settings
 CLI_CODE := qanchor/cli/data.py qanchor/cli/common.py qanchor/config/commands.py
+# ("+": run under make -n too, which would otherwise take every stamp for changed and list every dataset's rebuild)
 .make/%-builder: FORCE | install
-	@$(CODE_STAMP) $@ data_tools.$* $(CLI_CODE)
+	+@$(CODE_STAMP) $@ data_tools.$* $(CLI_CODE)
 .make/userU: FORCE | install
-	@$(CODE_STAMP) $@ qanchor.data.userU $(CLI_CODE)
+	+@$(CODE_STAMP) $@ qanchor.data.userU $(CLI_CODE)
 .PHONY: FORCE
 FORCE:
 
@@ -102,7 +103,7 @@ $(CJP)/userU.parquet: $(CJP)/manifest.yaml .make/userU | install
 pretrain: install ## pretrain (CONFIG defaults to configs/pretrain/tiny-cj.yaml)
 	$(QA) pretrain --config $(or $(CONFIG),configs/pretrain/tiny-cj.yaml) $(ARGS)
 
-prompt-tune: install ## cluster-based soft prompt tuning of scenario heads
+prompt-tune: install ## soft prompt tuning of scenario heads with class prototypes (one per task)
 	$(QA) prompt-tune --config $(or $(CONFIG),configs/prompt_tune/tiny-cj.yaml) $(ARGS)
 
 # The CoLES peer (pytorch-lifestream). --no-deps: its declared requirements pin spacy and pull dask/hydra,

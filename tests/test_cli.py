@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -165,3 +166,32 @@ def test_a_flag_before_the_command_name_is_said_to_belong_after_it(capsys):
     assert "--config goes after the command's name" in capsys.readouterr().err
     assert main(["data", "validate", "nowhere", "--config", "x.yaml"]) == 2  # after it: not this hint
     assert "goes after the command's name" not in capsys.readouterr().err
+
+
+def test_a_library_warning_under_the_cli_is_a_log_line_and_a_closed_pipe_ends_quietly(monkeypatch, capsys, tmp_path):
+    """A warning from the library printed in Python's format under the CLI, naming the console script's line
+    (`.venv/bin/qanchor:6: UserWarning: ...  sys.exit(main())`); `qanchor data validate DIR | head` ended in a
+    BrokenPipeError traceback."""
+    import re
+    import warnings
+
+    import qanchor.cli.data as data_cli
+
+    def warns(*args, **kwargs):
+        warnings.warn("3 events are at or after the cutoff", UserWarning, stacklevel=2)
+        raise BrokenPipeError(32, "Broken pipe")
+
+    monkeypatch.setattr(data_cli, "validate_dataset", warns)
+    shown = warnings.showwarning
+    with warnings.catch_warnings():
+        warnings.simplefilter("always")
+        devnull = open(os.devnull, "w")  # main points the closed stdout at /dev/null: give it a real descriptor
+        monkeypatch.setattr(sys, "stdout", devnull)
+        try:
+            assert main(["data", "validate", str(tmp_path)]) == 0
+        finally:
+            devnull.close()
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and re.fullmatch(r"\d{4}-\d\d-\d\d \d\d:\d\d:\d\d warning: 3 events are at or after the cutoff",
+                                          err[0]), err
+    assert warnings.showwarning is shown  # restored for the caller

@@ -27,11 +27,13 @@ from __future__ import annotations
 
 import errno
 import importlib
+import os
 import sys
+import warnings
 
 from qanchor.cli.common import COMMANDS, EXIT_USER_ERROR, Parser, parse
 from qanchor.errors import QAnchorError
-from qanchor.logs import quiet_third_party
+from qanchor.logs import quiet_third_party, warn
 
 __all__ = ["main", "build_parser", "EXIT_USER_ERROR"]
 
@@ -70,6 +72,9 @@ _ENVIRONMENT_ERRORS = {
     errno.EROFS: "the file system is read-only: choose a writable path",
     errno.ENOSPC: "free some disk space (or choose a path on another disk) and run the command again",
     errno.EDQUOT: "the disk quota is used up: free some space and run the command again",
+    errno.ENOTDIR: "a folder on that path is a file: choose another path",
+    errno.EEXIST: "a file is in the way on that path: choose another path",
+    errno.ENAMETOOLONG: "the name is too long for the file system: give a shorter path (a question goes in a file)",
 }
 
 
@@ -84,8 +89,15 @@ def _refuse_flags_before_the_command(argv: list[str]) -> None:
         raise SystemExit(EXIT_USER_ERROR)
 
 
+def _as_log_line(message, category, filename, lineno, file=None, line=None) -> None:
+    """A Python warning as the project's own ``warning:`` line: under the CLI, the caller's line a library warning names
+    is the console script's, which tells a user nothing."""
+    warn(str(message))
+
+
 def main(argv: list[str] | None = None) -> int:
     quiet_third_party()
+    shown_as, warnings.showwarning = warnings.showwarning, _as_log_line
     try:
         argv = sys.argv[1:] if argv is None else list(argv)
         # The `deepspeed` launcher hands each rank `--local_rank=N` (before the command under --module); the rank is in
@@ -103,6 +115,9 @@ def main(argv: list[str] | None = None) -> int:
     except QAnchorError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return EXIT_USER_ERROR
+    except BrokenPipeError:  # stdout closed early (`qanchor data validate DIR | head`): what was read is all it wanted
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # Python's flush at exit would raise again
+        return 0
     except OSError as exc:
         if exc.errno not in _ENVIRONMENT_ERRORS:
             raise  # anything else is a bug: keep its traceback
@@ -112,4 +127,6 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
+    finally:
+        warnings.showwarning = shown_as
     return 0

@@ -20,7 +20,7 @@ EXIT_USER_ERROR = 2
 COMMANDS: dict[str, tuple[str, str]] = {
     "data": ("qanchor.cli.data", "build, check and prepare datasets"),
     "pretrain": ("qanchor.cli.train", "pretrain Q-Anchor under DeepSpeed (resumable)"),
-    "prompt-tune": ("qanchor.cli.tune", "cluster-based soft prompt tuning of scenario heads (one per task)"),
+    "prompt-tune": ("qanchor.cli.tune", "soft prompt tuning of scenario heads with class prototypes (one per task)"),
     "embed": ("qanchor.cli.infer", "export embeddings of every user x query to Parquet shards (resumable)"),
     "update": ("qanchor.cli.infer", "daily incremental update of a state (or build the first one)"),
     "ask": ("qanchor.cli.infer", "the model's answer to a question about one user (or its pick of options=[...])"),

@@ -103,18 +103,29 @@ def _first_time_pick(adoption: ItemAdoption, m: str, c: int, own: set[str], wind
     return cat, _category_question(cat, m, window_days, True)
 
 
-def _told_apart(a: float, b: float) -> tuple[str, str]:
-    """``a`` and ``b`` in whole numbers, or with the fewest decimals (up to 4) that show them unequal where they are:
-    "Yes: 17 after 17." said lower of two sums that round alike.
+def _amount_answer(after: np.ndarray, before: np.ndarray) -> str:
+    """The amount question's answer: lower or not, and the two sums, in whole numbers or with the fewest decimals that
+    show them apart ("Yes: 17 after 17." said lower of two sums that round alike).
 
-        >>> _told_apart(1234.4, 1234.2), _told_apart(17.25, 17.0), _told_apart(5.0, 5.0)
-        (('1,234.4', '1,234.2'), ('17.2', '17.0'), ('5', '5'))
+    The values are float32 (a dataset's amounts), each off its written decimal by up to half a float32 step: two sums
+    of the same total written another way (1.10 + 2.20 and 3.30) differ in their last bits. Sums within that error
+    are equal: "No", both shown alike.
+
+        >>> f32 = lambda *x: np.array(x, np.float32)
+        >>> _amount_answer(f32(17.25), f32(17.4)), _amount_answer(f32(3.3), f32(1.1, 2.2)), _amount_answer(f32(), f32())
+        ('Yes: 17.2 after 17.4.', 'No: 3 after 3.', 'No: 0 after 0.')
     """
-    for digits in range(5):
-        shown = f"{a:,.{digits}f}", f"{b:,.{digits}f}"
-        if a == b or shown[0] != shown[1]:
-            return shown
-    return shown
+    a, b = float(np.nansum(after, dtype=np.float64)), float(np.nansum(before, dtype=np.float64))  # float32 loses digits
+    error = np.finfo(np.float32).eps * float(np.nansum(np.abs(after), dtype=np.float64) +
+                                              np.nansum(np.abs(before), dtype=np.float64))
+    if abs(a - b) <= error:
+        shown = f"{(a + b) / 2:,.0f}"
+        return f"No: {shown} after {shown}."
+    for digits in range(7):
+        shown_a, shown_b = f"{a:,.{digits}f}", f"{b:,.{digits}f}"
+        if shown_a != shown_b:
+            break
+    return f"{'Yes' if a < b else 'No'}: {shown_a} after {shown_b}."
 
 
 def _window(h: History, m: str, lo: int, hi: int) -> tuple[np.ndarray, list[str], np.ndarray]:
@@ -163,9 +174,6 @@ def forecast_pairs(h: History, cutoffs: list[int], rng: np.random.Generator, ado
                 out.append((c, question, f"Yes: {k} times." if k else "No."))
         valued = next((m for m in modalities if np.isfinite(h.seq(m).value[h.seq(m).ts < c]).any()), None)
         if valued is not None:  # values before c
-            a = float(np.nansum(nxt[valued][2], dtype=np.float64))  # float32 sums lose digits
-            b = float(np.nansum(prev[valued][2], dtype=np.float64))
-            shown_a, shown_b = _told_apart(a, b)
             out.append((c, f"Will this user's {valued} amounts in the next {window_days} days be lower than in the "
-                           f"previous {window_days}?", f"{'Yes' if a < b else 'No'}: {shown_a} after {shown_b}."))
+                           f"previous {window_days}?", _amount_answer(nxt[valued][2], prev[valued][2])))
     return out

@@ -166,6 +166,11 @@ def check_output_dir(target: str | os.PathLike, kind: OutputKind, inputs: Mappin
     check_not_inside(target, dict(inputs), key)
     refuse_inside_replaced_whole(target, key, kind)
     target = _through_link(target)
+    for folder in target.absolute().parents:  # the nearest that exists must be a folder (mkdir would fail on a file)
+        if folder.exists():
+            if not folder.is_dir():
+                raise OutputError(f"{key} {target}: {folder} is a file, not a directory; give a path under a directory")
+            break
     if target.exists() and not target.is_dir():
         raise OutputError(f"{key} {target} is a file, not a directory; give a directory path")
     if not target.is_dir():

@@ -34,6 +34,7 @@ __all__ = ["ModalityKind", "TaskDomain", "ModalitySpec", "TaskSpec", "Manifest",
 
 MANIFEST_FILE = "manifest.yaml"
 _NAME_RE = re.compile(r"^[a-z][a-z0-9_]{0,39}$")
+NAME_RULE = "lowercase letters, digits and _, starting with a letter, at most 40 characters"
 
 
 class ModalityKind(str, Enum):
@@ -228,14 +229,14 @@ def _parse_modality(raw: Any, i: int, fail) -> ModalitySpec:
                    "unknown key; allowed: name, kind, numeric_columns, description, time_varying")
     name = raw.get("name")
     if not isinstance(name, str) or not _NAME_RE.match(name):
-        raise fail(f"{key}.name", f"'{name}' is not a valid modality name (lowercase letters, digits, _; max 40)")
+        raise fail(f"{key}.name", f"'{name}' is not a valid modality name ({NAME_RULE})")
     try:
         kind = ModalityKind(raw.get("kind", "sequence"))
     except ValueError:
         raise fail(f"{key}.kind", f"'{raw.get('kind')}' is not one of: sequence, tabular") from None
     cols = raw.get("numeric_columns") or []
     if not isinstance(cols, list) or not all(isinstance(c, str) and _NAME_RE.match(c) for c in cols):
-        raise fail(f"{key}.numeric_columns", "must be a list of column names (lowercase, digits, _)")
+        raise fail(f"{key}.numeric_columns", f"must be a list of column names ({NAME_RULE})")
     reserved = {"user_id", "modality", "ts", "text", "value"}
     if reserved & set(cols):
         raise fail(f"{key}.numeric_columns", f"'{sorted(reserved & set(cols))[0]}' is a core column, not an extra")
@@ -258,7 +259,7 @@ def _parse_task(raw: Any, i: int, fail) -> TaskSpec:
         if k not in raw:
             raise fail(f"{key}.{k}", "required key is missing")
     if not isinstance(raw["name"], str) or not _NAME_RE.match(raw["name"]):
-        raise fail(f"{key}.name", f"'{raw['name']}' is not a valid task name")
+        raise fail(f"{key}.name", f"'{raw['name']}' is not a valid task name ({NAME_RULE})")
     try:
         domain = TaskDomain(raw["domain"])
     except ValueError:

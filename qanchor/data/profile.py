@@ -24,8 +24,15 @@ from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from qanchor.data.userU_topics import BUCKETS, METRICS, Claim, History, category, shown_amount, verify
-from qanchor.data.userU_topics import named as nameable
+from qanchor.data.userU_topics import (
+    BUCKETS,
+    METRICS,
+    Claim,
+    History,
+    named_category,
+    shown_amount,
+    verify,
+)
 
 __all__ = ["ASPECTS", "PROFILE_QUESTIONS", "Fact", "Verified", "facts_of", "verify_answer", "squeeze", "tidy"]
 
@@ -160,7 +167,7 @@ def _categories(text: str, h: History, as_read: Callable[[str], str] | None = No
     parts = _clauses(text, "topcategories:", r"(?<=events\)),|(?<=event\)),")
     if parts is None:
         return [None]
-    counts = Counter(category(m, t) for m in h.modalities for t in h.seq(m).text if nameable(t))
+    counts = Counter(c for m in h.modalities for t in h.seq(m).text if (c := named_category(m, t)))
     by_read = _by_reading(counts, as_read)
     named = [by_read.get(m.group(1)) if (m := re.fullmatch(rf"(\w+/.+)\({_INT}events?\)", p)) else None for p in parts]
     top = sorted(counts.values(), reverse=True)

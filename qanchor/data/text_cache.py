@@ -36,7 +36,7 @@ from qanchor.errors import ConfigError, DataValidationError, ModelInputError
 from qanchor.logs import hf_bars_off_terminal, warn
 from qanchor.logs import progress as progress_iter
 
-__all__ = ["default_encoder_path", "refuse_cut", "SentenceEncoder", "TextVectorCache"]
+__all__ = ["default_encoder_path", "refuse_cut", "SentenceEncoder", "TextVectorCache", "weights_sha256"]
 
 
 def default_encoder_path() -> Path:
@@ -57,6 +57,17 @@ def refuse_cut(tokenizer, max_length: int, texts: Sequence[str], what: str) -> N
             raise ModelInputError(f"{what} {text[:60]!r}{'...' if len(text) > 60 else ''} has {n} sentence-encoder "
                                   f"tokens, more than the data.text_encoder.max_length={max_length} that the query evidence "
                                   "reads, so its end would be cut; shorten it")
+
+
+def weights_sha256(module: torch.nn.Module) -> str:
+    """SHA-256 of a module's weights and buffers by their bytes, each tensor with its name, dtype and shape, in name
+    order: equal exactly when every number is (a sum of them misses a swap or a small change)."""
+    digest = hashlib.sha256()
+    for name, tensor in sorted(module.state_dict().items()):
+        data = tensor.detach().cpu().contiguous()
+        digest.update(f"{name}|{data.dtype}|{tuple(data.shape)}|".encode())
+        digest.update(data.reshape(-1).view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()
 
 
 class SentenceEncoder:
@@ -145,12 +156,7 @@ class SentenceEncoder:
 
     def _weights_digest(self) -> str:
         if self._weights_sha is None:  # the weights are frozen (requires_grad off, eval): hashed once per encoder
-            h = hashlib.sha256()
-            for name, tensor in sorted(self.model.state_dict().items()):
-                data = tensor.detach().cpu().contiguous()
-                h.update(f"{name}|{data.dtype}|{tuple(data.shape)}|".encode())
-                h.update(data.reshape(-1).view(torch.uint8).numpy().tobytes())
-            self._weights_sha = h.hexdigest()
+            self._weights_sha = weights_sha256(self.model)
         return self._weights_sha
 
     def _tokenizer_digest(self) -> str:

@@ -31,7 +31,7 @@ import numpy as np
 
 from qanchor.data.dataset import EventSeq
 
-__all__ = ["named", "BUCKETS", "DAY_US", "Claim", "QA", "History", "METRICS", "SIGNATURE_QUESTIONS", "TOPICS", "TOPIC_BRIEFS",
+__all__ = ["named", "named_category", "BUCKETS", "DAY_US", "Claim", "QA", "History", "METRICS", "SIGNATURE_QUESTIONS", "TOPICS", "TOPIC_BRIEFS",
            "category", "item_groups", "ItemAdoption", "signature", "unbacked_numbers", "verify", "summarize"]
 
 DAY_US = 86_400_000_000
@@ -132,6 +132,12 @@ def named(text: str) -> bool:
     """Whether an answer can name ``text``: a blank one (the validator accepts an empty text) is an event, counted as
     one, but never an item or a category ("app ''", "app/"), which every answer would hold and a check pass."""
     return bool(text.strip())
+
+
+def named_category(modality: str, text: str) -> str | None:
+    """``text``'s :func:`category`, or None where it has no name to give ("| drama" is "rating/", as "" is "app/")."""
+    cat = category(modality, text)
+    return cat if cat.split("/", 1)[-1].strip() else None
 
 
 def _top_texts(texts: list[str], k: int) -> list[tuple[str, int]]:
@@ -333,7 +339,7 @@ def _spending(h: History, rng: np.random.Generator) -> QA | None:
 
 
 def _categories(h: History, rng: np.random.Generator) -> QA | None:
-    counts = Counter(category(m, t) for m in h.modalities for t in h.seq(m).text if named(t))
+    counts = Counter(c for m in h.modalities for t in h.seq(m).text if (c := named_category(m, t)))
     if not counts:
         return None
     top = sorted(counts.items(), key=lambda kv: (-kv[1], kv[0]))[:3]

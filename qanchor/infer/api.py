@@ -29,16 +29,16 @@ import torch
 
 from qanchor.config import DataOverrides, InferConfig, PretrainConfig, TextEncoderConfig, require
 from qanchor.config.sections import reading_saved_run
-from qanchor.data.dataset import Dataset, EventSeq, UserRecord
+from qanchor.data.dataset import Dataset, EventSeq, UserRecord, in_event_order
 from qanchor.data.manifest import Manifest
 from qanchor.data.packing import PackedUser
 from qanchor.data.pipeline import UserPipeline, batched, check_caps
 from qanchor.data.profile import ASPECTS, PROFILE_QUESTIONS, tidy, verify_answer
-from qanchor.data.text_cache import SentenceEncoder, TextVectorCache, default_encoder_path
+from qanchor.data.text_cache import SentenceEncoder, TextVectorCache, default_encoder_path, weights_sha256
 from qanchor.data.userU_topics import History
 from qanchor.errors import CheckpointError, ConfigError, ModelInputError
 from qanchor.infer.user_input import record_adapter, to_microseconds, to_record
-from qanchor.logs import caller_stacklevel
+from qanchor.logs import caller_stacklevel, warn
 from qanchor.model.backbone import check_device
 from qanchor.model.factory import (
     ModelMeta,
@@ -204,6 +204,14 @@ class QAnchor:
             return None
         return getattr(self.model, "weights_hash", None) or checkpoint_hash(self.checkpoint_dir)
 
+    def weights_id(self) -> str:
+        """What an output this model writes records as its maker: :attr:`checkpoint_hash`, or for a model built in code
+        ``in-code:`` and the SHA-256 of its weights as they are now (taken again on each call: weights in memory can
+        change between two calls), so that an update state or a resumed export is never carried on by another model."""
+        if self.checkpoint_hash is not None:
+            return self.checkpoint_hash
+        return f"in-code:{weights_sha256(self.model)}"
+
     @cached_property
     def pipeline(self) -> UserPipeline:
         """Packing with the checkpoint's own event caps and encoder; the text cache loads on first use."""
@@ -334,12 +342,16 @@ class QAnchor:
 
     # ------------------------------------------------------------------------------------- embedding
     def iter_embed(self, users: Users, requests: Sequence[tuple[str, Head | None]], use_cache: bool = True,
-                   cutoff: datetime | str | None = None) -> Iterator[tuple[list[str], np.ndarray]]:
+                   cutoff: datetime | str | None = None, late_said: list[bool] | None = None
+                   ) -> Iterator[tuple[list[str], np.ndarray]]:
         """The one embedding loop: stream users, yield ``(user_ids, float32 [B, R, D])`` per batch.
 
         Memory stays flat in the number of users: ``stream_users`` records are held at a time (their new
         event texts encoded in one pass), ``batch_size`` of them share one prefix pass, at most ``max_rows``
         (user, request) suffixes run per forward. Export, the daily update and the benchmark all embed here.
+
+        ``late_said``: a flag shared by several calls (an export's shards) so that events past the cutoff are said once
+        for all of them; by default once per call.
 
         Example:
             >>> for ids, emb in model.iter_embed(load_dataset("data/synth"), [("Will this user churn?", None)]):  # doctest: +SKIP
@@ -348,7 +360,7 @@ class QAnchor:
         suffixes = self.suffixes(requests)
         query_vectors = self.request_vectors(requests)
         cutoff_us = self.cutoff_us(cutoff)
-        warned = [False]
+        warned = [False] if late_said is None else late_said
         for records in batched(self.records(users), self.stream_users):
             packed = self.pack(records, cutoff_us, warned)
             for start in range(0, len(packed), self.batch_size):
@@ -760,6 +772,11 @@ def _check_cache_encoder(cache: TextVectorCache, trained: TextEncoderConfig, tra
         # (older checkpoints recorded the digest of the weights' sum, some with the transformers version in it)
         if not cache.encoder.computes(trained_digest):
             refuse(f" (its weights, tokenizer or settings differ: digest {cache.encoder.digest}, trained {trained_digest})")
+        if trained_digest != cache.encoder.digest:  # recognised by an older digest only
+            warn(f"{checkpoint or 'this model'} recorded its text encoder by the sum of the weights (a checkpoint saved "
+                 "before 2026-12-07), which a small change of the weights, as fine-tuning makes, can leave as it was: "
+                 f"the encoder at {given.path or 'all-MiniLM-L6-v2'} matches it, but make sure it is the one the model "
+                 "was trained with")
         return
     if where(given) != where(trained):
         if not where(trained).exists():  # nothing left to compare with: another encoder of the same width would pass
@@ -780,9 +797,11 @@ def events_before(events: Mapping[str, EventSeq], cutoff_us: int) -> dict[str, E
 
 
 def _moved_before(record: UserRecord, cutoff_us: int) -> UserRecord:
-    """``record`` with its events at or after ``cutoff_us`` moved to the microsecond before it (order kept)."""
+    """``record`` with its events at or after ``cutoff_us`` moved to the microsecond before it: then events of one
+    instant, in the order of their content, as the same events given at that instant are."""
     if not any(len(s.ts) and s.ts[-1] >= cutoff_us for s in record.events.values()):
         return record
     events = {m: s if not len(s.ts) or s.ts[-1] < cutoff_us else
-              EventSeq(np.minimum(s.ts, cutoff_us - 1), s.text, s.value, s.extras) for m, s in record.events.items()}
+              in_event_order(EventSeq(np.minimum(s.ts, cutoff_us - 1), s.text, s.value, s.extras))
+              for m, s in record.events.items()}
     return UserRecord(record.user_id, events, record.tabular)

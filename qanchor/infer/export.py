@@ -125,8 +125,13 @@ def read_queries(path: str | Path) -> list[tuple[str, str]]:
         [('churn', 'Will this user stop using the app?'), ('coupon', 'Will this user redeem a coupon?')]
     """
     path = Path(path)
-    if not path.is_file():
-        raise ModelInputError(f"queries file {path} not found")
+    try:
+        found = path.is_file()
+    except OSError:  # a name the file system cannot hold: a question given where a file is asked for
+        found = False
+    if not found:
+        raise ModelInputError(f"queries file {str(path)[:80]!r}{'...' if len(str(path)) > 80 else ''} not found; "
+                              "queries= takes a file of questions (or tasks): write the questions into one")
     if path.suffix == ".parquet":
         try:
             table = pq.read_table(path)
@@ -361,7 +366,7 @@ def export_embeddings(model: QAnchor, ds: Dataset, queries: list[tuple[str, str]
     claim_output_dir(out, OutputKind.EXPORT, {"data.path": ds.root, "checkpoint": model.checkpoint_dir}, key="out")
     if rank == 0:  # one export at a time (its ranks share it): another, say with overwrite=true, would mix the two
         hold_output(out, "embedding export")
-    _check_manifest(out, {"format": FORMAT, "checkpoint": model.checkpoint_hash, "dataset": ds.partitions.directory.name,
+    _check_manifest(out, {"format": FORMAT, "checkpoint": model.weights_id(), "dataset": ds.partitions.directory.name,
                           "queries": [list(q) for q in queries], "heads": [[head_name(h), head_digest(h)] for h in heads],
                           "shards": [list(s) for s in shards], "cutoff": cutoff, "embedding_dim": model.embedding_dim,
                           "use_cache": use_cache, "event_caps": model.event_caps}, overwrite, world)
@@ -376,13 +381,14 @@ def export_embeddings(model: QAnchor, ds: Dataset, queries: list[tuple[str, str]
     bar = Progress(sum(size(i) for i in mine), f"embed rank {rank}/{world}", "user", enabled=progress,
                    initial=sum(size(i) for i in done))
     start, users = time.perf_counter(), 0
+    late_said = [False]  # events past the cutoff are said once per export, not once per shard
     for i in mine:
         if i in done:
             continue
         part, lo, hi = shards[i]
         records = (adapt(r) for r in ds.users(ds.partitions.ids_of(part)[lo:hi]))
         ids, chunks = [], []
-        for chunk_ids, chunk in model.iter_embed(records, requests, use_cache, cutoff):
+        for chunk_ids, chunk in model.iter_embed(records, requests, use_cache, cutoff, late_said):
             ids += chunk_ids
             chunks.append(chunk)
             bar.update(len(chunk_ids))  # per batch: a shard is a whole partition, minutes at the paper's width

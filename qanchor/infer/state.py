@@ -45,7 +45,9 @@ from qanchor.infer.modality_cache import Encoding
 __all__ = ["STATE_FORMAT", "StateMeta", "records_from_events", "events_from_records", "encodings_table",
            "decode_encodings", "shard_path", "link_shard"]
 
-STATE_FORMAT = 1
+# 2: events at one instant are kept in the order of their content (a buffer of format 1 kept the file's row order,
+# so updating it no longer equals a recompute)
+STATE_FORMAT = 2
 KINDS = ("buffer", "encodings", "embeddings")
 STATE_FILE = "state.json"
 LAYOUT = (*KINDS, STATE_FILE)  # all a state holds (beside the output marker): anything else in it is the user's

@@ -141,7 +141,9 @@ def _without_replayed(old: UserRecord | None, new: UserRecord,
             if counts[key]:
                 counts[key] -= 1
                 dropped += 1
-            elif full and order_key(seq, i) < edge:  # before the buffer's oldest in event order: a merge cuts it
+            # before the buffer's oldest in event order, or another copy of it (the merge puts the held one first and
+            # keeps one of the two): a merge cuts it
+            elif full and order_key(seq, i) <= edge:
                 too_old += 1
             else:
                 keep.append(i)
@@ -271,7 +273,7 @@ def init_state(q: QAnchor, ds: Dataset, queries: list[tuple[str, str]], out_dir:
                               time.perf_counter() - start)
         bounds = [str(parts.ids_of(p)[0]) for p in shards[1:]]
         caps = q.event_caps
-        StateMeta(q.checkpoint_hash, _iso(as_of_us), [list(x) for x in queries], bounds, caps, n_users,
+        StateMeta(q.weights_id(), _iso(as_of_us), [list(x) for x in queries], bounds, caps, n_users,
                   [asdict(report)]).save(tmp)
     return report
 
@@ -349,18 +351,17 @@ def update_state(q: QAnchor, state_dir: str | Path, event_files: Sequence[str | 
         raise ConfigError("out must differ from state: yesterday's state stays intact until today's is complete")
     _check_token_model(q)
     meta = StateMeta.load(state_dir)
-    if meta.checkpoint != q.checkpoint_hash:
-        # a model built in code has no checkpoint to compare: updating a checkpoint's state with it (or the other way
-        # round) would mix two models' encodings in one state, which would then pass as the checkpoint's
-        if meta.checkpoint and q.checkpoint_hash:
-            why = f"was built with checkpoint {meta.checkpoint[:12]}, not this one ({q.checkpoint_hash[:12]})"
-        elif meta.checkpoint:
-            why = (f"was built with checkpoint {meta.checkpoint[:12]}, and this model was built in code (no checkpoint "
-                   "to compare it with); load it with QAnchor.from_pretrained(<that checkpoint>)")
-        else:
-            why = (f"was built by a model built in code, whose encodings cannot be checked against checkpoint "
-                   f"{q.checkpoint_hash[:12]}")
-        raise CheckpointError(f"{state_dir} {why}; rebuild the state with this model")
+    model_id = q.weights_id()
+    if meta.checkpoint != model_id:
+        # a state carried on by another model would mix two models' encodings, and then pass as the first one's; a
+        # model built in code is known by its weights' digest
+        def named(made_by: str | None) -> str:
+            if made_by is None or made_by.startswith("in-code:"):
+                return "a model built in code" + (f" (weights {made_by[8:20]})" if made_by else "")
+            return f"checkpoint {made_by[:12]}"
+        raise CheckpointError(f"{state_dir} was built with {named(meta.checkpoint)}, not this one ({named(model_id)}); "
+                              "rebuild the state with this model, or update it with the model that built it (load a "
+                              "checkpoint with QAnchor.from_pretrained)")
     if q.event_caps != meta.caps:  # the buffer holds each modality's most recent caps[m] events
         raise ConfigError(f"{state_dir} was built packing {meta.caps} most recent events per modality, and this model "
                           f"packs {q.event_caps}; update it with the state's caps (data.max_events={meta.caps}) or "
@@ -404,7 +405,7 @@ def update_state(q: QAnchor, state_dir: str | Path, event_files: Sequence[str | 
         if report.events_before_kept_window and progress:
             log(f"{report.events_before_kept_window} of the {report.events_received} events received were older than "
                 f"every event their user's buffer keeps (the most recent {meta.caps} per modality) and were skipped")
-        StateMeta(q.checkpoint_hash, report.as_of, [list(x) for x in queries], meta.bounds, meta.caps,
+        StateMeta(model_id, report.as_of, [list(x) for x in queries], meta.bounds, meta.caps,
                   totals["users"], [*meta.history, asdict(report)]).save(tmp)
     return report
 

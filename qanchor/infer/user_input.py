@@ -265,7 +265,9 @@ def _layout_adapter(data: RecordLayout, model: RecordLayout) -> Callable[[UserRe
         return padded[..., index]  # index -1 picks the NaN column: a feature the dataset lacks
 
     def adapt(rec: UserRecord) -> UserRecord:
-        events = {n: EventSeq(s.ts, s.text, s.value, take(s.extras, extra_index[n])) for n, s in rec.events.items()}
+        # ties re-ordered by the model's columns: the order of content a record built in the model's layout has
+        events = {n: in_event_order(EventSeq(s.ts, s.text, s.value, take(s.extras, extra_index[n])))
+                  for n, s in rec.events.items()}
         tab = take(rec.tabular, tab_index) if rec.tabular is not None else None
         return UserRecord(rec.user_id, events, tab)  # now in the model's layout
 

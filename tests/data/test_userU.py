@@ -681,6 +681,10 @@ def test_amounts_are_never_added_across_modalities():
     largest = TOPICS["largest"](h, np.random.default_rng(0))
     assert largest.answer.startswith("The largest single bill amount was 17.4 ('Rent', on ")
     assert "bill" in largest.question and verify(largest.claims, h, largest.answer)
+    # the same total written another way differs in its float32 bits: equal, not "Yes: 3.3000 after 3.3000."
+    same = {"bill": _seq([40.0, 50.0, 70.0], ["Rent", "Rent", "Rent"], [1.1, 2.2, 3.3])}
+    assert [a for _, q, a in forecast_pairs(History(same, 100 * DAY_US), [c], np.random.default_rng(0), None, ["bill"],
+                                            WINDOW) if "amounts" in q] == ["No: 3 after 3."]
     only_pages = TOPICS["largest"](History({"spm": events["spm"]}, 100 * DAY_US), np.random.default_rng(0))
     assert only_pages.answer.startswith("The largest single spm amount was 900.0 ('Loans', on ")
 
@@ -702,4 +706,8 @@ def test_a_blank_event_text_is_never_named():
     future = summarize_future(h, 60 * DAY_US, WINDOW)
     assert "''" not in future and "app: Opened Mail (x1)" in future and "3 active days" in future
     assert TOPICS["favourites"](History({"app": _seq([1.0], [""])}, 100 * DAY_US), rng) is None
+    # a text whose category has no name ("| drama" reads "rating/") is an item, never a category
+    rated = History({"rating": _seq([1.0, 2.0, 3.0], ["| drama", "| drama", "Heat (1995), crime"])}, 100 * DAY_US)
+    top = TOPICS["categories"](rated, rng)
+    assert top.answer == "Top categories: rating/crime (1 event)." and verify(top.claims, rated, top.answer)
     assert summarize_future(History({"app": _seq([70.0], [""])}, 100 * DAY_US), 60 * DAY_US, WINDOW) is None

@@ -61,6 +61,8 @@ def test_make_rebuilds_a_dataset_when_its_code_changes_not_when_a_file_is_touche
 
     assert make() == ["synth", "userU"]
     assert make() == []
+    dry = subprocess.run(["make", "-n", "--no-print-directory", "data-synth"], cwd=repo, capture_output=True, text=True)
+    assert "qanchor data" not in dry.stdout, dry.stdout  # -n runs the stamps, so it lists no rebuild that would not run
     (repo / "qanchor" / "data" / "validate.py").touch()  # newer, same content
     assert make() == []
     with (repo / "qanchor" / "data" / "validate.py").open("a") as out:  # read by the pairs' builder, not the world's

@@ -400,7 +400,7 @@ def test_a_model_saved_before_a_training_check_serves_with_its_own_packing(infer
 
 
 
-def test_an_encoder_changed_with_its_weights_sum_kept_is_another_encoder(tmp_path, infer_env):
+def test_an_encoder_changed_with_its_weights_sum_kept_is_another_encoder(tmp_path, infer_env, capsys):
     """The key and digest held the weights' sum to 7 digits: an encoder fine-tuned in its folder (a change that sum
     could miss), or two weights swapped, kept both, and its stale cached vectors were served. They now hash the
     weights' bytes; a checkpoint that recorded the sum's digest is still recognised by it."""
@@ -436,8 +436,11 @@ def test_an_encoder_changed_with_its_weights_sum_kept_is_another_encoder(tmp_pat
     for recorded in (original.digest, legacy):  # today's digest and an older checkpoint's: both this encoder's
         (ckpt / "qanchor.json").write_text(json.dumps({**meta, "text_encoder_digest": recorded}))
         cache = TextVectorCache(tmp_path / "text", SentenceEncoder(TextEncoderConfig(), device="cpu"))
+        capsys.readouterr()
         assert np.allclose(QAnchor.from_pretrained(ckpt, text_cache=cache).embed(user, query),
                            infer_env.qa.embed(user, query), atol=1e-5)
+        warned = "recorded its text encoder by the sum of the weights" in capsys.readouterr().err
+        assert warned == (recorded == legacy)  # a match by the sum alone is said: it cannot see a fine-tuning
     (ckpt / "qanchor.json").write_text(json.dumps({**meta, "text_encoder_digest": original.digest}))
     cache = TextVectorCache(tmp_path / "text", changed)
     with pytest.raises(CheckpointError, match="its weights, tokenizer or settings differ"):

@@ -351,3 +351,15 @@ def test_progress_moves_per_batch_not_per_shard(infer_env, tmp_path, monkeypatch
                                progress=False)
     assert report.shards_written == 1 and sum(steps) == report.users  # every user counted once
     assert len(steps) >= report.users // infer_env.qa.batch_size > 1  # in batches, within the one shard
+
+
+def test_events_past_the_cutoff_are_said_once_per_export_not_per_shard(infer_env, tmp_path):
+    """Each shard's embedding loop said it again (four lines with shard_users=30 on 120 users)."""
+    import warnings
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        export_embeddings(infer_env.qa, infer_env.ds, PAIRS[:1], tmp_path / "early", shard_users=7, progress=False,
+                          cutoff="2024-03-01")
+    late = [w for w in caught if "at or after the cutoff" in str(w.message)]
+    assert len(late) == 1 and infer_env.ds.num_users > 7

@@ -13,7 +13,7 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 
-from qanchor.data.dataset import UserRecord
+from qanchor.data.dataset import EventSeq, UserRecord, order_key
 from qanchor.data.history import events_before
 from qanchor.data.io import OutputKind, claim_output_dir
 from qanchor.data.schema import events_table
@@ -21,7 +21,7 @@ from qanchor.errors import CheckpointError, ConfigError, DataValidationError, Mo
 from qanchor.infer.api import QAnchor
 from qanchor.infer.export import read_embeddings
 from qanchor.infer.index import check_index_target
-from qanchor.infer.state import records_from_events
+from qanchor.infer.state import StateMeta, records_from_events
 from qanchor.infer.update import init_state, update_state
 from qanchor.model.factory import ModelMeta, save_checkpoint
 from qanchor.train.pretrain import fit_evidence_stats, fit_input_stats
@@ -421,11 +421,14 @@ def test_a_replayed_basket_the_cap_cut_changes_nothing(infer_env, state0, tmp_pa
     old test (older than the buffer's oldest) let them through: each replay of the day re-encoded the user, kept the
     replayed lines and dropped held ones, rotating the buffer away from a recompute."""
     instant = CUTOFF_US - 2 * HOUR  # before the state's as_of: the date does not move
-    new = day_events(infer_env, [("u001", "bill", instant, f"Item {i}") for i in range(10)])
+    # ten lines, the third in event order twice: the cap of 8 cuts the first three and keeps the other copy
+    lines = [f"Item {i}" for i in range(10)]
+    lines.append(sorted(lines, key=lambda t: dataset_order_key(t, instant))[2])
+    new = day_events(infer_env, [("u001", "bill", instant, t) for t in lines])
     pq.write_table(new, tmp_path / "day.parquet")
     update_state(infer_env.qa, state0[0], [tmp_path / "day.parquet"], tmp_path / "s1", progress=False)
     again = update_state(infer_env.qa, tmp_path / "s1", [tmp_path / "day.parquet"], tmp_path / "s2", progress=False)
-    assert (again.users_changed, again.events_already_in_state, again.events_before_kept_window) == (0, 8, 2)
+    assert (again.users_changed, again.events_already_in_state, again.events_before_kept_window) == (0, 8, 3)
     want = expected(infer_env, new, ["u001"])[0]
     for state in ("s1", "s2"):
         assert np.abs(embeddings(tmp_path / state)["u001"] - want).max() < 1e-5, state
@@ -442,15 +445,42 @@ def test_a_model_built_in_code_never_updates_a_checkpoints_state(infer_env, stat
             p.add_(0.5)
     in_code = QAnchor(changed, infer_env.qa.tokenizer, infer_env.qa.meta, infer_env.qa.run_cfg,
                       text_cache=infer_env.qa.text_cache, batch_size=8)
-    assert in_code.checkpoint_hash is None
+    assert in_code.checkpoint_hash is None and in_code.weights_id().startswith("in-code:")
     new = day_events(infer_env, [("u001", "bill", CUTOFF_US - HOUR, "Taxi")])
     pq.write_table(new, tmp_path / "day.parquet")
-    with pytest.raises(CheckpointError, match="this model was built in code"):
+    with pytest.raises(CheckpointError, match=r"built with checkpoint [0-9a-f]{12}, not this one \(a model built in code"):
         update_state(in_code, state0[0], [tmp_path / "day.parquet"], tmp_path / "s1", progress=False)
     assert not (tmp_path / "s1").exists()
     init_state(in_code, infer_env.ds, PAIRS, tmp_path / "mine", progress=False)
-    with pytest.raises(CheckpointError, match="was built by a model built in code"):
+    with pytest.raises(CheckpointError, match="was built with a model built in code"):
         update_state(infer_env.qa, tmp_path / "mine", [tmp_path / "day.parquet"], tmp_path / "s2", progress=False)
+    # nor another model built in code: two of them were both "no checkpoint", and compared equal
+    other = copy.deepcopy(changed)
+    with torch.no_grad():
+        next(other.user_encoder.parameters()).add_(0.1)
+    another = QAnchor(other, infer_env.qa.tokenizer, infer_env.qa.meta, infer_env.qa.run_cfg,
+                      text_cache=infer_env.qa.text_cache, batch_size=8)
+    with pytest.raises(CheckpointError, match=r"built with a model built in code \(weights [0-9a-f]{12}\), not this one"):
+        update_state(another, tmp_path / "mine", [tmp_path / "day.parquet"], tmp_path / "s4", progress=False)
+    update_state(in_code, tmp_path / "mine", [tmp_path / "day.parquet"], tmp_path / "s5", progress=False)  # its own
     (tmp_path / "days").mkdir()
     with pytest.raises(ModelInputError, match=r"days is a folder; give its Parquet files"):
         update_state(infer_env.qa, state0[0], [tmp_path / "days"], tmp_path / "s3", progress=False)
+
+
+def dataset_order_key(text: str, ts: int) -> tuple:
+    """Where a bill line with this text (value 5, no discount) falls among lines of one instant."""
+    return order_key(EventSeq(np.array([ts]), [text], np.array([5.0], np.float32), np.full((1, 1), np.nan, np.float32)), 0)
+
+
+def test_a_state_of_the_older_event_order_is_refused(state0, tmp_path):
+    """A format-1 state's buffers kept a basket's lines in their file row order; updating one no longer equals a
+    recompute, so it is refused with what to do."""
+    import shutil as sh
+
+    old = tmp_path / "old"
+    sh.copytree(state0[0], old)
+    meta = json.loads((old / "state.json").read_text())
+    (old / "state.json").write_text(json.dumps({**meta, "format": 1}))
+    with pytest.raises(ModelInputError, match="state format 1, this qanchor reads 2; rebuild it"):
+        StateMeta.load(old)

@@ -173,6 +173,21 @@ def test_malformed_arguments_are_one_clear_error(infer_env):
         qa.embed([UserRecord("u002", user.events, np.array([1.0, None], dtype=object))], ["Will this user stop paying?"])
 
 
+def test_a_dataset_in_another_column_order_reads_its_ties_as_the_model_does():
+    """The layout adapter remapped a dataset's extra columns to the model's order and left ties as the dataset's
+    column order put them: the same user embedded from the dataset and as records differed."""
+    from qanchor.data.dataset import RecordLayout, in_event_order, order_key
+
+    data_layout = RecordLayout((("bill", ("tip", "discount")), ("app", ()), ("search", ())), ())
+    model_manifest = _manifest(["discount", "tip"])
+    adapt = record_adapter(_manifest(["tip", "discount"]), [], model_manifest, [])
+    extras = np.array([[1.0, 0.0], [0.0, 1.0], [0.0, 2.0], [2.0, 0.0]], np.float32)  # (tip, discount)
+    seq = in_event_order(EventSeq(np.zeros(4, np.int64), ["Coffee"] * 4, np.full(4, 3.0, np.float32), extras))
+    got = adapt(UserRecord("u", {"bill": seq}, None, data_layout)).events["bill"]
+    keys = [order_key(got, i) for i in range(len(got))]
+    assert keys == sorted(keys) and got.extras[:, 0].tolist() == [0.0, 0.0, 1.0, 2.0]  # by discount, then tip
+
+
 def test_events_of_one_instant_are_ordered_by_content_not_by_list_place():
     """Ties kept the order the events were listed in: the same basket listed another way (another export, another
     SQL plan) gave the model other events at a cap and another order, so another embedding."""
