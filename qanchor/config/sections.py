@@ -47,7 +47,7 @@ class TextEncoderConfig:
 
     path: str | None = None  # a local HF encoder directory or hub id
     max_length: int = 48  # event texts are short; longer ones are truncated
-    batch_size: int = 256
+    batch_size: int = 256  # texts per batch on a GPU; on a CPU every batch holds text_cache.ENCODE_ROWS (see encode)
 
     def __post_init__(self) -> None:
         if self.max_length < 4 or self.batch_size < 1:

@@ -70,6 +70,11 @@ def weights_sha256(module: torch.nn.Module) -> str:
     return digest.hexdigest()
 
 
+# Rows in every batch the sentence encoder runs (see SentenceEncoder.encode): few, so that encoding one new question
+# costs little more than one row, and fixed, so that every text of one length runs the same kernels.
+ENCODE_ROWS = 8
+
+
 class SentenceEncoder:
     """A frozen HF encoder with mean pooling and L2 normalisation (sentence-transformers style).
 
@@ -152,6 +157,8 @@ class SentenceEncoder:
         weights = (f"{sum(float(p.double().sum()) for p in self.model.parameters()):.6e}" if legacy_sum
                    else self._weights_digest())
         raw = f"{config}|{weights}|{self.cfg.max_length}|mean|l2|{self._tokenizer_digest()}"
+        if with_library and not legacy_sum:  # the cache's key: vectors computed by length groups (see encode)
+            raw += "|by-length"
         return hashlib.sha256(raw.encode()).hexdigest()[:12]
 
     def _weights_digest(self) -> str:
@@ -171,18 +178,35 @@ class SentenceEncoder:
 
     @torch.inference_mode()
     def encode(self, texts: list[str], progress: bool = False, what: str = "event texts") -> np.ndarray:
-        """Encode ``texts`` to float32 unit vectors ``[len(texts), dim]``; ``what`` names them in progress lines."""
+        """Encode ``texts`` to float32 unit vectors ``[len(texts), dim]``; ``what`` names them in progress lines.
+
+        A text's vector depends on the text alone, not on the texts encoded beside it: each batch holds
+        :data:`ENCODE_ROWS` texts (on a GPU, ``batch_size``) of one token count (no padding, whose masked positions still change the sums'
+        rounding; a short batch is filled up with copies, since the kernels, and so the rounding, follow the batch's
+        shape). Batched with padding, a vector moved by up to 2e-7 with its batch mates, so a cache filled in another
+        order (a pretraining run's small groups, a bench's one pass) held other vectors, and a LightGBM peer split on
+        them differently.
+        """
         out = np.zeros((len(texts), self.dim), dtype=np.float32)
-        bs = self.cfg.batch_size
-        # Sorting by length keeps padding (and so wasted compute) small within a batch.
-        order = np.argsort([len(t) for t in texts], kind="stable")
-        for start in progress_iter(range(0, len(texts), bs), desc=f"encode {what}", unit="batch", enabled=progress):
-            idx = order[start : start + bs]
-            batch = self.tokenizer([texts[i] for i in idx], padding=True, truncation=True,
-                                   max_length=self.cfg.max_length, return_tensors="pt").to(self.device)
-            hidden = self.model(**batch).last_hidden_state  # (B, T, D)
-            mask = batch["attention_mask"].unsqueeze(-1).to(hidden.dtype)  # (B, T, 1)
-            pooled = (hidden * mask).sum(1) / mask.sum(1).clamp_min(1.0)  # (B, D)
+        if not len(texts):
+            return out
+        ids = self.tokenizer(list(texts), truncation=True, max_length=self.cfg.max_length)["input_ids"]
+        lengths = np.fromiter(map(len, ids), dtype=np.int64, count=len(ids))
+        # on a GPU the configured batch (throughput over millions of texts); its rounding is its own anyway
+        rows_per_batch = self.cfg.batch_size if self.device.type == "cuda" else ENCODE_ROWS
+        batches = []
+        for length in np.unique(lengths):
+            same = np.flatnonzero(lengths == length)
+            batches += [same[i : i + rows_per_batch] for i in range(0, len(same), rows_per_batch)]
+        with_types = "token_type_ids" in self.tokenizer.model_input_names
+        for idx in progress_iter(batches, desc=f"encode {what}", unit="batch", enabled=progress):
+            rows = [ids[i] for i in idx] + [ids[idx[-1]]] * (rows_per_batch - len(idx))
+            input_ids = torch.tensor(rows, dtype=torch.long, device=self.device)
+            inputs = {"input_ids": input_ids, "attention_mask": torch.ones_like(input_ids)}
+            if with_types:
+                inputs["token_type_ids"] = torch.zeros_like(input_ids)
+            hidden = self.model(**inputs).last_hidden_state  # (B, T, D), no padding: every position counts
+            pooled = hidden.mean(1)[: len(idx)]
             out[idx] = torch.nn.functional.normalize(pooled, dim=-1).float().cpu().numpy()
         return out
 
