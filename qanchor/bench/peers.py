@@ -25,7 +25,8 @@ from threadpoolctl import threadpool_limits
 from qanchor.metrics import auc_score, ks_score, mean_std
 from qanchor.probe import chosen_c, logistic_probe
 
-__all__ = ["Skip", "Classifier", "MethodInput", "MethodResult", "stratified_folds", "fit_predict", "fit_scores",
+__all__ = ["Skip", "Classifier", "MethodInput", "MethodResult", "stratified_folds", "fit_predict", "fit_scores", "LGBM_SETTINGS",
+           "lgbm_model", "chosen_setting",
            "evaluate_folds", "lgbm_params"]
 
 
@@ -74,6 +75,7 @@ class MethodResult:
     skipped: str | None = None  # why the method did not run on this task
     seconds: float = 0.0
     probe_c: list[float] = field(default_factory=list)  # the LR probe's C per fold (its inner CV's pick); LR only
+    tree_setting: list[int] = field(default_factory=list)  # LightGBM's pick per fold (index in LGBM_SETTINGS)
 
     @property
     def ok(self) -> bool:
@@ -105,10 +107,25 @@ def stratified_folds(labels: np.ndarray, k: int, seed: int) -> list[tuple[np.nda
     return [(tr, te) for tr, te in skf.split(np.zeros(len(labels)), labels)]
 
 
-def lgbm_params(seed: int, n_jobs: int) -> dict:
-    """The LightGBM peers' settings (``rfm_lgbm``, ``union_lgbm``).
+# The LightGBM peers' capacities, from additive stumps to the loosest; each fold picks one on its training users (AUC
+# on a held-out third of them), as the LR probe picks its C. A single fixed setting (the last) left the trees
+# under-regularised for a few thousand labelled users: picked per fold among 4, 7 and 15 leaves by a 3-fold inner CV,
+# the smallest won 62 of 70 fits on Complete Journey (as the probe's C grid once stopped at its floor), so the grid
+# reaches down to stumps. One held-out third rather than 3 folds: the bench must stay within minutes on 2 cores
+# (3 folds cost 4.3 times the fixed setting's time, one third 1.8 times).
+LGBM_SETTINGS: tuple[dict, ...] = (
+    dict(num_leaves=2, min_child_samples=50, n_estimators=300, learning_rate=0.03),
+    dict(num_leaves=4, min_child_samples=50, n_estimators=300, learning_rate=0.02),
+    dict(num_leaves=15, min_child_samples=10, n_estimators=150, learning_rate=0.05),
+)
 
-    Small and regularised: a few thousand users, and the whole bench must run in minutes on 2 cores. Left to itself,
+
+def lgbm_params(seed: int, n_jobs: int) -> dict:
+    """The LightGBM peers' settings (``rfm_lgbm``, ``union_lgbm``) beside their capacity (:data:`LGBM_SETTINGS`, picked
+    per fold; these hold the last).
+
+    Row and column subsampling and an L2 penalty: a few thousand users, and the whole bench must run in minutes on 2
+    cores. Left to itself,
     LightGBM picks col-wise or row-wise histograms by timing both on the first fit, so a busy machine could pick the
     other one and print other numbers for the same seed (two `make demo-ratings` runs on the same data, one beside a
     test run, printed `union_lgbm` 0.8685 and 0.8682); ``force_col_wise`` + ``deterministic`` fix the choice and the
@@ -134,23 +151,43 @@ def fit_predict(classifier: Classifier, x_train: np.ndarray, y_train: np.ndarray
     return fit_scores(classifier, x_train, y_train, x_test, seed, n_jobs)[0]
 
 
+def lgbm_model(y_train: np.ndarray, seed: int, n_jobs: int):
+    """An unfitted LightGBM that picks its capacity among :data:`LGBM_SETTINGS` by AUC on a stratified third of
+    ``y_train``'s users, fitted on the rest, then refits on them all; with fewer than 3 users in the minority class
+    there is no such split and the last setting is used."""
+    from lightgbm import LGBMClassifier
+    from sklearn.model_selection import GridSearchCV, StratifiedShuffleSplit
+
+    y = np.asarray(y_train)
+    if min(y.sum(), len(y) - y.sum()) < 3:
+        return LGBMClassifier(**{**lgbm_params(seed, n_jobs), **LGBM_SETTINGS[-1]})
+    grid = [{key: [value] for key, value in setting.items()} for setting in LGBM_SETTINGS]
+    return GridSearchCV(LGBMClassifier(**lgbm_params(seed, n_jobs)), grid, scoring="roc_auc", refit=True,
+                        cv=StratifiedShuffleSplit(n_splits=1, test_size=1 / 3, random_state=seed))
+
+
+def chosen_setting(fitted) -> int:
+    """The index in :data:`LGBM_SETTINGS` a fitted :func:`lgbm_model` uses."""
+    if not hasattr(fitted, "best_params_"):
+        return len(LGBM_SETTINGS) - 1
+    return next(i for i, s in enumerate(LGBM_SETTINGS) if all(fitted.best_params_[k] == v for k, v in s.items()))
+
+
 def fit_scores(classifier: Classifier, x_train: np.ndarray, y_train: np.ndarray, x_test: np.ndarray,
-               seed: int, n_jobs: int = 1) -> tuple[np.ndarray, float | None]:
-    """:func:`fit_predict`'s scores and, for the LR probe, the C it chose (None for LightGBM)."""
+               seed: int, n_jobs: int = 1) -> tuple[np.ndarray, float | int]:
+    """:func:`fit_predict`'s scores and the inner CV's pick: the LR probe's C, or LightGBM's setting index."""
     if classifier is Classifier.LR:
         model = logistic_probe(y_train, seed)  # every LR method is tuned alike, ours and the peers'
         x_train, x_test = np.nan_to_num(x_train), np.nan_to_num(x_test)  # LR has no notion of missing
     else:
-        from lightgbm import LGBMClassifier
-
-        model = LGBMClassifier(**lgbm_params(seed, n_jobs))
+        model = lgbm_model(y_train, seed, n_jobs)  # and the trees pick their capacity as the probe picks its C
     # One BLAS thread: these problems are small, and on a busy 2-core machine BLAS threads spin against
     # LightGBM's and each other (measured 10x slower fits under load).
     with warnings.catch_warnings(), threadpool_limits(1, user_api="blas"):
         warnings.simplefilter("ignore")  # lbfgs convergence / feature-name chatter would drown the progress bar
         model.fit(x_train, y_train)
         scores = model.predict_proba(x_test)[:, 1]
-    return scores, (chosen_c(model) if classifier is Classifier.LR else None)
+    return scores, (chosen_c(model) if classifier is Classifier.LR else chosen_setting(model))
 
 
 def evaluate_folds(method: MethodInput, labels: np.ndarray, folds: list[tuple[np.ndarray, np.ndarray]],
@@ -161,10 +198,9 @@ def evaluate_folds(method: MethodInput, labels: np.ndarray, folds: list[tuple[np
         if method.scores is not None:
             scores = method.scores[test]
         else:
-            scores, c = fit_scores(method.classifier, method.features[train], labels[train], method.features[test],
-                                   seed, n_jobs)
-            if c is not None:
-                out.probe_c.append(c)
+            scores, pick = fit_scores(method.classifier, method.features[train], labels[train], method.features[test],
+                                      seed, n_jobs)
+            (out.probe_c if method.classifier is Classifier.LR else out.tree_setting).append(pick)
         keep = method.eval_mask[test] if method.eval_mask is not None else np.ones(len(test), bool)
         y, s = labels[test][keep], scores[keep]
         if y.size == 0 or y.min() == y.max():

@@ -212,15 +212,16 @@ _NOTES = """## How to read this
   LightGBM; `text_mean_lr`: the mean event-text vector (frozen sentence encoder) with logistic regression;
   `union_lgbm`: LightGBM on the union of the RFM / count / tabular features and the mean text vector;
   `rfm_lr` and `union_lr`: the same features through the logistic regression every embedding row uses, after a
-  signed log (sign(x) log(1 + |x|): counts and amounts are heavy-tailed); on a few thousand users these linear
-  peers are often stronger than the trees;
+  signed log (sign(x) log(1 + |x|): counts and amounts are heavy-tailed);
   `coles`: CoLES (contrastive self-supervised GRU over the event sequence, pytorch-lifestream) trained on
   every user's events before the cutoff without labels, then logistic regression.
 - Every logistic regression standardises its inputs and picks its L2 strength (C in {grid}) by a 3-fold
   inner cross-validation on the training folds only. Peers read every event before the cutoff; the model reads
   each modality's most recent events up to the caps it was pretrained with. The grid reaches down to the
   regression's most regularised form (its ranking is then the classes' mean difference); each fold's pick is in
-  results.json (`probe_c`).
+  results.json (`probe_c`). Every LightGBM row likewise picks its capacity (stumps, 4-leaf or 15-leaf trees, each
+  with its own learning rate and number of trees) on the training folds only, by AUC on a held-out third of them
+  (`tree_setting` in results.json: the index of the pick).
 - Ablation rows (when run) come from models retrained under `ablations/` and are judged on the same folds.
 """
 
