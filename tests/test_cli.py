@@ -168,10 +168,10 @@ def test_a_flag_before_the_command_name_is_said_to_belong_after_it(capsys):
     assert "goes after the command's name" not in capsys.readouterr().err
 
 
-def test_a_library_warning_under_the_cli_is_a_log_line_and_a_closed_pipe_ends_quietly(monkeypatch, capsys, tmp_path):
+def test_a_library_warning_under_the_cli_is_a_log_line(monkeypatch, capsys, tmp_path):
     """A warning from the library printed in Python's format under the CLI, naming the console script's line
-    (`.venv/bin/qanchor:6: UserWarning: ...  sys.exit(main())`); `qanchor data validate DIR | head` ended in a
-    BrokenPipeError traceback."""
+    (`.venv/bin/qanchor:6: UserWarning: ...  sys.exit(main())`). The caller's own handler is back on every way out,
+    a usage error's included."""
     import re
     import warnings
 
@@ -179,19 +179,44 @@ def test_a_library_warning_under_the_cli_is_a_log_line_and_a_closed_pipe_ends_qu
 
     def warns(*args, **kwargs):
         warnings.warn("3 events are at or after the cutoff", UserWarning, stacklevel=2)
-        raise BrokenPipeError(32, "Broken pipe")
 
     monkeypatch.setattr(data_cli, "validate_dataset", warns)
     shown = warnings.showwarning
     with warnings.catch_warnings():
         warnings.simplefilter("always")
-        devnull = open(os.devnull, "w")  # main points the closed stdout at /dev/null: give it a real descriptor
-        monkeypatch.setattr(sys, "stdout", devnull)
-        try:
-            assert main(["data", "validate", str(tmp_path)]) == 0
-        finally:
-            devnull.close()
+        with pytest.raises(AttributeError):  # the stand-in returns no report: what matters is the line before
+            main(["data", "validate", str(tmp_path)])
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and re.fullmatch(r"\d{4}-\d\d-\d\d \d\d:\d\d:\d\d warning: 3 events are at or after the cutoff",
                                           err[0]), err
-    assert warnings.showwarning is shown  # restored for the caller
+    assert warnings.showwarning is shown
+    assert main(["no-such-command"]) == 2 and warnings.showwarning is shown
+
+
+def test_a_closed_stdout_stops_the_command_with_one_error_line(tmp_path):
+    """`qanchor data validate DIR | head` (or a log pipe that died under a long run) ended in a BrokenPipeError
+    traceback; then, for a while, in exit 0 with the work abandoned. Now one error line and exit 1; a broken pipe that
+    is not stdout keeps its traceback."""
+    script = tmp_path / "talk.py"
+    script.write_text(
+        "import sys\n"
+        "import qanchor.cli.data as d\n"
+        "from qanchor.cli import main\n"
+        "def talk(*a, **k):\n"
+        "    if sys.argv[1] == 'other':\n"
+        "        raise BrokenPipeError(32, 'Broken pipe')\n"
+        "    for i in range(200000):\n"
+        "        print('line', i)\n"
+        "d.validate_dataset = talk\n"
+        "sys.exit(main(['data', 'validate', 'x']))\n")
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
+    reader = subprocess.Popen([sys.executable, str(script), "stdout"], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                              env=env)
+    assert reader.stdout.readline() == b"line 0\n"
+    reader.stdout.close()
+    err = reader.stderr.read().decode()
+    assert reader.wait() == 1
+    assert err.strip() == ("error: standard output was closed before the command finished (a pipe's reader stopped "
+                           "reading); the command stopped there")
+    other = subprocess.run([sys.executable, str(script), "other"], capture_output=True, text=True, env=env)
+    assert other.returncode == 1 and "Traceback" in other.stderr and "BrokenPipeError" in other.stderr

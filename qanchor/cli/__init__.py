@@ -28,6 +28,7 @@ from __future__ import annotations
 import errno
 import importlib
 import os
+import select
 import sys
 import warnings
 
@@ -99,6 +100,27 @@ def main(argv: list[str] | None = None) -> int:
     quiet_third_party()
     shown_as, warnings.showwarning = warnings.showwarning, _as_log_line
     try:
+        return _run(argv)
+    finally:  # on every way out, --help and usage errors included: a caller's own warnings show as before
+        warnings.showwarning = shown_as
+
+
+def _stdout_closed() -> bool:
+    """Whether standard output is a pipe whose reader has closed it (the cause of a BrokenPipeError, or another pipe's:
+    a socket, a subprocess). Its write end then polls as an error."""
+    try:
+        fd = sys.stdout.fileno()
+    except (AttributeError, OSError, ValueError):  # a stdout without a descriptor (a notebook, a buffer)
+        return False
+    if not hasattr(select, "poll"):  # no poll on this system: most likely the pipe is stdout
+        return True
+    poller = select.poll()
+    poller.register(fd, select.POLLOUT)
+    return any(events & select.POLLERR for _, events in poller.poll(0))
+
+
+def _run(argv: list[str] | None) -> int:
+    try:
         argv = sys.argv[1:] if argv is None else list(argv)
         # The `deepspeed` launcher hands each rank `--local_rank=N` (before the command under --module); the rank is in
         # LOCAL_RANK as well, which is what qanchor reads, so the flag is dropped rather than refused.
@@ -115,9 +137,21 @@ def main(argv: list[str] | None = None) -> int:
     except QAnchorError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return EXIT_USER_ERROR
-    except BrokenPipeError:  # stdout closed early (`qanchor data validate DIR | head`): what was read is all it wanted
-        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # Python's flush at exit would raise again
-        return 0
+    except BrokenPipeError:
+        if not _stdout_closed():
+            raise  # another pipe (a socket, a subprocess): a bug or the machine's, with its traceback
+        # the reader of stdout has gone (`qanchor data validate DIR | head`, a log pipe that died): the command stopped
+        # there, which is said, not passed off as success; stdout then points at /dev/null, since Python's flush at exit
+        # would raise again
+        try:
+            devnull = os.open(os.devnull, os.O_WRONLY)
+            os.dup2(devnull, sys.stdout.fileno())
+            os.close(devnull)
+        except (OSError, ValueError):  # a stdout without a descriptor (a notebook, a redirect to a buffer)
+            pass
+        print("error: standard output was closed before the command finished (a pipe's reader stopped reading); the "
+              "command stopped there", file=sys.stderr)
+        return 1
     except OSError as exc:
         if exc.errno not in _ENVIRONMENT_ERRORS:
             raise  # anything else is a bug: keep its traceback
@@ -127,6 +161,4 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
-    finally:
-        warnings.showwarning = shown_as
     return 0

@@ -195,7 +195,8 @@ class SentenceEncoder:
         # on a GPU the configured batch (throughput over millions of texts); its rounding is its own anyway
         rows_per_batch = self.cfg.batch_size if self.device.type == "cuda" else ENCODE_ROWS
         batches = []
-        for length in np.unique(lengths):
+        for length in np.unique(lengths[lengths > 0]):  # a text of no tokens at all (an empty text, with a tokenizer
+            # that adds no special tokens) keeps its zero vector, as a fully padded row read before: the model cannot run it
             same = np.flatnonzero(lengths == length)
             batches += [same[i : i + rows_per_batch] for i in range(0, len(same), rows_per_batch)]
         with_types = "token_type_ids" in self.tokenizer.model_input_names

@@ -115,3 +115,23 @@ def test_a_texts_vector_does_not_depend_on_the_texts_encoded_beside_it():
     shuffled = rng.permutation(len(texts))
     np.testing.assert_array_equal(encoder.encode([texts[i] for i in shuffled]), together[shuffled])
     assert np.allclose(np.linalg.norm(together, axis=1), 1.0, atol=1e-6)
+
+
+def test_a_text_of_no_tokens_is_the_zero_vector_not_a_crash():
+    """With a tokenizer that adds no special tokens (a BPE one, as SmolLM2's or Qwen's), an empty event text is no
+    token at all: the batch of one token count ran the model on an (8, 0) tensor and the whole cache fill failed."""
+    from qanchor.data.text_cache import SentenceEncoder
+
+    encoder = SentenceEncoder(device="cpu")
+    real = encoder.tokenizer
+
+    class NoSpecials:  # the bundled tokenizer, less its [CLS] / [SEP]
+        model_input_names = real.model_input_names
+
+        def __call__(self, texts, **kwargs):
+            return {"input_ids": [ids[1:-1] for ids in real(texts, **kwargs)["input_ids"]]}
+
+    encoder.tokenizer = NoSpecials()
+    vectors = encoder.encode(["Opened app", "", "Coffee shop"])
+    assert np.array_equal(vectors[1], np.zeros(encoder.dim, np.float32))
+    assert np.allclose(np.linalg.norm(vectors[[0, 2]], axis=1), 1.0, atol=1e-6)
