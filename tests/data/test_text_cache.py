@@ -110,7 +110,7 @@ def test_a_texts_vector_does_not_depend_on_the_texts_encoded_beside_it():
     texts = list(dict.fromkeys(" ".join(rng.choice(words, int(rng.integers(1, 12)))) for _ in range(120)))
     together = encoder.encode(texts)
     for size in (1, 2, 3, 9):
-        for start in range(0, 60, size):
+        for start in range(0, 18, size):
             np.testing.assert_array_equal(encoder.encode(texts[start : start + size]), together[start : start + size])
     shuffled = rng.permutation(len(texts))
     np.testing.assert_array_equal(encoder.encode([texts[i] for i in shuffled]), together[shuffled])
