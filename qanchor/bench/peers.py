@@ -134,8 +134,7 @@ def lgbm_params(seed: int, n_jobs: int) -> dict:
         >>> p = lgbm_params(0, 2); p["deterministic"], p["force_col_wise"], p["n_jobs"]
         (True, True, 2)
     """
-    return dict(n_estimators=150, learning_rate=0.05, num_leaves=15, min_child_samples=10, subsample=0.8,
-                subsample_freq=1, colsample_bytree=0.8, reg_lambda=1.0, random_state=seed, n_jobs=n_jobs,
+    return dict(**LGBM_SETTINGS[-1], subsample=0.8, subsample_freq=1, colsample_bytree=0.8, reg_lambda=1.0, random_state=seed, n_jobs=n_jobs,
                 deterministic=True, force_col_wise=True, verbose=-1)
 
 
@@ -160,7 +159,7 @@ def lgbm_model(y_train: np.ndarray, seed: int, n_jobs: int):
 
     y = np.asarray(y_train)
     if min(y.sum(), len(y) - y.sum()) < 3:
-        return LGBMClassifier(**{**lgbm_params(seed, n_jobs), **LGBM_SETTINGS[-1]})
+        return LGBMClassifier(**lgbm_params(seed, n_jobs))
     grid = [{key: [value] for key, value in setting.items()} for setting in LGBM_SETTINGS]
     return GridSearchCV(LGBMClassifier(**lgbm_params(seed, n_jobs)), grid, scoring="roc_auc", refit=True,
                         cv=StratifiedShuffleSplit(n_splits=1, test_size=1 / 3, random_state=seed))

@@ -121,7 +121,9 @@ def _tabular(uid: str, raw: object, columns: list[str]) -> np.ndarray | None:
     return np.array([_number(raw.get(c), f"user {uid!r}, tabular feature {c!r}") for c in columns], np.float32)
 
 
-def _check_record(rec: UserRecord, manifest: Manifest, columns: list[str]) -> UserRecord:
+def _check_record(rec: UserRecord, manifest: Manifest, columns: list[str], ordered: bool = False) -> UserRecord:
+    """``rec`` checked; its events of one instant put in the order of their content unless ``ordered`` (a dataset's
+    record, read in that order and re-ordered by the layout adapter where it remaps columns)."""
     specs = {m.name: m for m in manifest.sequence_modalities}
     if not isinstance(rec.events, Mapping):
         raise ModelInputError(f"user {rec.user_id!r}: events must be a dict modality -> EventSeq (an empty dict for a "
@@ -172,6 +174,8 @@ def _check_record(rec: UserRecord, manifest: Manifest, columns: list[str]) -> Us
         if bad.size:
             raise ModelInputError(f"user {rec.user_id!r}, tabular feature {columns[int(bad[0])]!r}: infinite (or beyond "
                                   "float32 range); use NaN for a missing value")
+    if ordered:
+        return rec
     # events of one instant in the order of their content, as a dataset's records have them: the same user built by
     # hand with a basket's lines listed another way is the same input
     events = {name: in_event_order(seq) for name, seq in rec.events.items()}
@@ -189,9 +193,10 @@ def to_record(user: UserRecord | Mapping, manifest: Manifest, tabular_columns: l
         ModelInputError: user 'u1': unknown modality 'sms'; the model knows: bill, app, search
     """
     if isinstance(user, UserRecord):
-        if user.layout is not None:  # a dataset's record: its columns by name, whatever order the model has them in
+        from_dataset = user.layout is not None  # read in event order; the adapter re-orders where it remaps columns
+        if from_dataset:  # a dataset's record: its columns by name, whatever order the model has them in
             user = _layout_adapter(user.layout, RecordLayout.of(manifest, tabular_columns))(user)
-        return _check_record(user, manifest, tabular_columns)
+        return _check_record(user, manifest, tabular_columns, ordered=from_dataset)
     if not isinstance(user, Mapping):
         raise ModelInputError(f"a user must be a UserRecord or a dict with user_id and events, got {type(user).__name__}"
                               + (" (iterating a DataFrame gives its column names: pass one dict per user, or the Dataset)"
