@@ -410,6 +410,13 @@ CASES = [
     Case("bench-missing-prompt-tune-config", lambda d, w: ["bench", f"checkpoint={w.ckpt}", f"data.path={w.ds}",
                                                           f"prompt_tune_config={d / 'none.yaml'}", f"output_dir={d / 'b'}"],
          "prompt_tune_config:"),
+    Case("bench-prompt-tune-config-with-caps",  # the per-fold heads pack as the checkpoint: the cap would be ignored
+         lambda d, w: ["bench", f"checkpoint={w.ckpt}", f"data.path={w.ds}", "methods=[qanchor_head]",
+                       f"prompt_tune_config={_json_file(d, {'data': {'default_max_events': 1}, 'steps': 2})}",
+                       f"output_dir={d / 'b'}"], "data.default_max_events is set"),
+    Case("bench-zero-prompt-tokens-ablation", lambda d, w: ["bench", f"checkpoint={w.ckpt}", f"data.path={w.ds}",
+                                                           "ablations=true", "ablation_prompt_tokens=[2,0]",
+                                                           f"output_dir={d / 'b'}"], "ablation_prompt_tokens: 0"),
     Case("pretrain-holding-out-every-user", lambda d, w: _pretrain(w, "train.holdout_users=0.999999", f"output_dir={d / 'p'}"),
          "holds out every one"),
     Case("pretrain-deepspeed-config-with-other-accumulation",

@@ -24,6 +24,7 @@ import numpy as np
 import pytest
 
 from qanchor.infer.export import read_embeddings
+from qanchor.tune.head import find_heads
 from tests.helpers import copy_dataset
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -159,6 +160,22 @@ def test_prompt_tune(env, tmp_path):
             assert (out / task / name).read_bytes() == (ref / task / name).read_bytes(), (task, name)
     _no_temporaries(out)
     _inputs_untouched(env)
+
+
+def test_a_head_reused_after_a_killed_retune_leaves_no_second_head(env, tmp_path):
+    """A retune killed mid-swap, then a rerun under the first settings: the first head is reused (never rewritten),
+    and the killed write's hidden copy, a whole head, is cleared rather than loaded as a second head."""
+    out = tmp_path / "heads"
+    args = lambda steps: ["prompt-tune", f"checkpoint={env.ckpt}", f"data.path={env.ds}", f"output_dir={out}",  # noqa: E731
+                          "task=churn", f"steps={steps}", "eval_every=2", "batch_size=8", "prefix_chunk=16"]
+    assert _run(args(4)) == 0
+    first = (out / "churn" / "head.safetensors").stat()
+    assert _run(args(6), failpoint="atomic-dir:1") == -signal.SIGKILL  # the retuned head written, not yet swapped in
+    left = [p for p in out.iterdir() if p.name.startswith(".churn.")]
+    assert left and find_heads(out) == {"churn": out / "churn"}  # what the kill left is no second head
+    assert _run(args(4)) == 0  # the first settings again: that head is reused, not rewritten
+    assert (out / "churn" / "head.safetensors").stat().st_ino == first.st_ino
+    _no_temporaries(out)
 
 
 def _bench_args(env, out: Path) -> list[str]:

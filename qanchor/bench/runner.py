@@ -111,7 +111,13 @@ def prepare(cfg: BenchConfig) -> tuple[Dataset, list[Task]]:
     if {"qanchor_head", "qanchor_head_lr"} & set(cfg.methods) or (cfg.ablations and cfg.ablation_prompt_tokens):
         require_file(cfg.prompt_tune_config, "prompt_tune_config")  # before any embedding: the heads read it last
         if cfg.prompt_tune_config:  # and its settings, which were read (and a mistyped key said) after the other rows
-            load_config(cfg.prompt_tune_config, schema=PromptTuneConfig)
+            tune = load_config(cfg.prompt_tune_config, schema=PromptTuneConfig)
+            packing = [k for k in ("max_events", "default_max_events") if getattr(tune.data, k) is not None]
+            if packing:  # `qanchor prompt-tune` honours them; the bench's heads would be tuned without them, unsaid
+                raise ConfigError(f"{cfg.prompt_tune_config}: data.{packing[0]} is set, but the bench's per-fold heads "
+                                  "pack users as the checkpoint was pretrained (its own caps), as every other row "
+                                  "does; the setting would be ignored: drop it from that file (or give the bench a "
+                                  "copy without it)")
     if cfg.checkpoint and any(m in _QANCHOR_METHODS for m in cfg.methods) and not Path(cfg.checkpoint).is_dir():
         raise CheckpointError(f"{cfg.checkpoint}: no such checkpoint directory")  # before output_dir is claimed
     if cfg.heads_dir is not None and not find_heads(cfg.heads_dir):  # a mistyped path, not "no heads"

@@ -229,6 +229,9 @@ class BenchConfig:
             raise ConfigError(f"max_users must be >= 10 (or null), got {self.max_users}")
         if not self.methods:
             raise ConfigError("methods is empty; name at least one method")
+        if bad := [k for k in self.ablation_prompt_tokens if k < 1]:  # said only after four pretraining runs, unnamed
+            raise ConfigError(f"ablation_prompt_tokens: {bad[0]} is not a number of prompt tokens; each must be >= 1, "
+                              f"got {list(self.ablation_prompt_tokens)}")
         default = DataConfig()
         unused = [k for k in ("max_events", "default_max_events", "text_events", "history_text")
                   if getattr(self.data, k) != getattr(default, k)]

@@ -202,7 +202,7 @@ def claim_output_dir(target: str | os.PathLike, kind: OutputKind, inputs: Mappin
     if target.is_dir():  # an empty directory made beforehand (its mode, group or mount point are the user's): mark it
         return _claim_in_place(target, kind, inputs, key)
     target.parent.mkdir(parents=True, exist_ok=True)
-    _recover(target)
+    recover_temporaries(target)
     tmp = _temp_name(target, _TMP)
     tmp.mkdir()
     try:
@@ -361,8 +361,10 @@ def _remove(path: Path) -> None:
         path.unlink(missing_ok=True)
 
 
-def _recover(target: Path) -> None:
-    """Remove a dead writer's temporaries; put back an old copy a crash left between two renames."""
+def recover_temporaries(target: Path) -> None:
+    """Remove the temporaries of ``target`` that a dead writer left; put back an old copy a crash left between two
+    renames. Every atomic write of ``target`` does this first; call it where ``target`` is kept, not rewritten (a
+    reused output), so that a killed earlier write leaves nothing behind."""
     for p in _stale(target, _TMP):
         _remove(p)
     for p in _stale(target, _OLD):
@@ -425,7 +427,7 @@ def atomic_path(target: str | os.PathLike) -> Iterator[Path]:
     if target.is_dir():
         raise OutputError(f"{target} is a directory; cannot write a file there")
     target.parent.mkdir(parents=True, exist_ok=True)
-    _recover(target)
+    recover_temporaries(target)
     tmp = _temp_name(target, _TMP)
     try:
         yield tmp
@@ -462,7 +464,7 @@ def atomic_dir(target: str | os.PathLike, kind: OutputKind, layout: Collection[s
     check_replaceable(target, kind, layout)
     refuse_working_directory(target)
     target.parent.mkdir(parents=True, exist_ok=True)
-    _recover(target)
+    recover_temporaries(target)
     tmp = _temp_name(target, _TMP)
     tmp.mkdir()
     try:

@@ -33,7 +33,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 import qanchor
-from qanchor.data.io import OutputKind, as_umask_allows, atomic_dir, to_plain
+from qanchor.data.io import OutputKind, as_umask_allows, atomic_dir, is_temporary, to_plain
 from qanchor.errors import CheckpointError
 from qanchor.probe import LR_CS, logistic_probe
 from qanchor.tune.losses import prototype_loss, prototype_score
@@ -226,7 +226,8 @@ def find_heads(directory: str | Path) -> dict[str, Path]:
     directory = Path(directory)
     if (directory / HEAD_META).exists():
         return {directory.name: directory}
-    return {p.parent.name: p.parent for p in sorted(directory.glob(f"*/{HEAD_META}"))}
+    # a write that a kill cut short leaves a hidden temporary beside the head, whole: it is not a second head
+    return {p.parent.name: p.parent for p in sorted(directory.glob(f"*/{HEAD_META}")) if not is_temporary(p.parent)}
 
 
 def _declared_task(folder: Path, fallback: str) -> str:

@@ -43,6 +43,7 @@ from qanchor.data.io import (
     claim_output_dir,
     code_digest,
     hold_output,
+    recover_temporaries,
     releasing_outputs,
     write_text,
 )
@@ -186,7 +187,11 @@ def run_prompt_tune(cfg: PromptTuneConfig, progress: bool = True) -> dict:
     claim_output_dir(out, OutputKind.HEADS, {"checkpoint": cfg.checkpoint, "data.path": data_cfg.path,
                                              "labels": cfg.labels}, key="output_dir")
     hold_output(out, "prompt tuning")  # a second run there would pair one run's head with the other's record
-    for name in tasks:  # a folder of someone else's (or notes in a head's) is refused before the work, not after it
+    for name in tasks:
+        # a head reused below is never rewritten, so the temporaries of its write killed earlier are cleared here (and
+        # an old head a kill left between the two renames of a swap put back): none is left to sit beside the head
+        recover_temporaries(out / name)
+        # a folder of someone else's (or notes in a head's) is refused before the work, not after it
         check_replaceable(out / name, OutputKind.HEAD, HEAD_FOLDER_FILES)
     fingerprint = ds.fingerprint  # stats every dataset file: once, not per task
     # The store holds every chosen task's users, not only the unfinished ones': the same store as an uninterrupted run,
