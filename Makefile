@@ -24,8 +24,9 @@ CJP := $(DATA_DIR)/cj-profile
 CONFIG ?=
 ARGS ?=
 PYTEST_ARGS ?=
-# pytest-xdist workers for `make test`, whole test files per worker (so a file's shared fixtures are built once); each
-# worker runs torch on one thread. 2 on a 2-core machine; TEST_WORKERS=0 runs the suite in one process.
+# pytest-xdist workers for `make test`, whole test files per worker (so a file's shared fixtures are built once), the
+# longest files first (tests/conftest.py's LONGEST_FIRST); each worker runs torch on one thread. 2 on a 2-core machine;
+# TEST_WORKERS=0 runs the suite in one process.
 TEST_WORKERS ?= 2
 
 .PHONY: help install test lint demo demo-synth demo-ratings demo-profile uqa data data-cj data-synth data-ratings data-cj-profile pretrain prompt-tune bench gpu-check clean
@@ -54,7 +55,7 @@ $(VENV)/.installed: pyproject.toml Makefile
 	touch $@
 
 test: install $(VENV)/.coles ## run the test suite (gpu tests skip without CUDA)
-	HF_HUB_OFFLINE=1 $(PY) -m pytest -q -n $(TEST_WORKERS) --dist loadfile $(PYTEST_ARGS)
+	HF_HUB_OFFLINE=1 $(PY) -m pytest -q -n $(TEST_WORKERS) --dist loadfile --no-loadscope-reorder $(PYTEST_ARGS)
 
 lint: install ## ruff
 	$(VENV)/bin/ruff check qanchor data_tools benchmarks tests

@@ -118,11 +118,15 @@ def infer_env(tiny_dataset, tmp_path_factory) -> SimpleNamespace:
     return SimpleNamespace(root=root, ds=ds, ds_dir=ds_dir, qa=qa, ckpt=ckpt, cache=cache, cfg=cfg)
 
 
-# The longest test files (whole pretraining runs in subprocesses, kills and resumes), longest first. `make test` hands
-# files to its workers in collection order (xdist --dist loadfile); collected last, as their folders sort, they left
-# one worker running them alone at the end. Handed out first, the short files fill in around them.
-LONGEST_FIRST = ("test_faults.py", "train/test_pretrain.py", "train/test_resume.py", "train/test_paper_scale.py",
-                 "bench/test_integration.py", "bench/test_quality_probe.py", "model/test_model.py")
+# The longest test files (whole pretraining runs in subprocesses, kills and resumes), longest first (summed durations of
+# `make test PYTEST_ARGS=--durations=0`, 2026-12-07). `make test` hands files to its workers in collection order
+# (xdist --dist loadfile --no-loadscope-reorder: xdist's own order, most tests first, put the one-test 0.5B file last);
+# collected last, a long file left one worker running it alone at the end. Handed out first, the short files fill in
+# around them. A stale list costs minutes, not correctness.
+LONGEST_FIRST = ("test_faults.py", "train/test_resume.py", "train/test_pretrain.py", "model/test_model.py",
+                 "train/test_paper_scale.py", "bench/test_quality_probe.py", "bench/test_integration.py",
+                 "bench/test_forecast_check.py", "bench/test_label_budget.py", "bench/test_uqa.py",
+                 "tune/test_prompt_tune.py")
 
 
 def pytest_collection_modifyitems(config, items):
