@@ -146,7 +146,9 @@ class SentenceEncoder:
         """Whether ``recorded``, a digest a checkpoint holds, is this encoder's: today's :attr:`digest`, or one of the
         two an older qanchor recorded (the weights' sum in place of their bytes; before fb6e252..ccee906 ended, with the
         transformers version in it), which are compared as they were computed."""
-        return recorded in (self.digest, self._fingerprint(with_library=False, legacy_sum=True),
+        if recorded == self.digest:  # the usual case, without summing the weights twice more
+            return True
+        return recorded in (self._fingerprint(with_library=False, legacy_sum=True),
                             self._fingerprint(with_library=True, legacy_sum=True))
 
     def _fingerprint(self, with_library: bool, legacy_sum: bool = False) -> str:

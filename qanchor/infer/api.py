@@ -217,8 +217,17 @@ class QAnchor:
         """Packing with the checkpoint's own event caps and encoder; the text cache loads on first use."""
         cache = self._text_cache
         if cache is None:  # loading the sentence encoder costs seconds: only when first needed
+            encoder = SentenceEncoder(text_encoder_config(self.meta))
+            # the encoder at the recorded path (or the installed package) may no longer be the one trained with: a
+            # replaced folder or an upgraded package changes every embedding
+            _check_encoder_digest(encoder, self.meta.text_encoder_digest, self.checkpoint_dir,
+                                  lambda why: CheckpointError(
+                                      f"the text encoder {encoder.cfg.path or 'all-MiniLM-L6-v2 (the installed package)'} "
+                                      f"is not the one {self.checkpoint_dir or 'this model'} was trained with{why}; put "
+                                      "that encoder back at its path (data.text_encoder.path in the checkpoint's "
+                                      "config.yaml), or pretrain again with this one"))
             pipe = UserPipeline.at(self.manifest, self.run_cfg.data, self._text_cache_dir, len(self.tabular_columns),
-                                   SentenceEncoder(text_encoder_config(self.meta)))
+                                   encoder)
         else:
             _check_cache_encoder(cache, text_encoder_config(self.meta), self.meta.text_encoder_digest, self.checkpoint_dir)
             pipe = UserPipeline(self.manifest, self.run_cfg.data, cache, len(self.tabular_columns))
@@ -242,6 +251,10 @@ class QAnchor:
             return self.dataset_records(users)
         if isinstance(users, (UserRecord, Mapping)):
             users = [users]
+        elif isinstance(users, (str, bytes)) or not isinstance(users, Iterable):  # a user id is not a user
+            raise ModelInputError(f"users must be a user (a dict or UserRecord), an iterable of users or a Dataset, got "
+                                  f"{type(users).__name__}" + (f" {users!r}: to embed a dataset's user, pass "
+                                                               "dataset.user(id)" if isinstance(users, str) else ""))
         return (to_record(u, self.manifest, self.tabular_columns) for u in users)
 
     def dataset_records(self, ds: Dataset, user_ids: Sequence[str] | None = None) -> Iterator[UserRecord]:
@@ -760,23 +773,19 @@ def _check_cache_encoder(cache: TextVectorCache, trained: TextEncoderConfig, tra
     def where(cfg: TextEncoderConfig) -> Path:
         return Path(cfg.path or default_encoder_path()).expanduser().resolve()
 
+    def refusal(why: str) -> CheckpointError:
+        return CheckpointError(f"the text cache given holds vectors of encoder {given.path or 'all-MiniLM-L6-v2'} with "
+                               f"max_length={given.max_length}, but {checkpoint or 'this model'} was trained with "
+                               f"{trained.path or 'all-MiniLM-L6-v2'} and max_length={trained.max_length}{why}; open the "
+                               "cache with the checkpoint's encoder (or pass none: the model opens its own)")
+
     def refuse(why: str) -> None:
-        raise CheckpointError(f"the text cache given holds vectors of encoder {given.path or 'all-MiniLM-L6-v2'} with "
-                              f"max_length={given.max_length}, but {checkpoint or 'this model'} was trained with "
-                              f"{trained.path or 'all-MiniLM-L6-v2'} and max_length={trained.max_length}{why}; open the "
-                              "cache with the checkpoint's encoder (or pass none: the model opens its own)")
+        raise refusal(why)
 
     if given.max_length != trained.max_length:
         refuse("")
     if trained_digest is not None:
-        # (older checkpoints recorded the digest of the weights' sum, some with the transformers version in it)
-        if not cache.encoder.computes(trained_digest):
-            refuse(f" (its weights, tokenizer or settings differ: digest {cache.encoder.digest}, trained {trained_digest})")
-        if trained_digest != cache.encoder.digest:  # recognised by an older digest only
-            warn(f"{checkpoint or 'this model'} recorded its text encoder by the sum of the weights (a checkpoint saved "
-                 "before 2026-12-07), which a small change of the weights, as fine-tuning makes, can leave as it was: "
-                 f"the encoder at {given.path or 'all-MiniLM-L6-v2'} matches it, but make sure it is the one the model "
-                 "was trained with")
+        _check_encoder_digest(cache.encoder, trained_digest, checkpoint, refusal)
         return
     if where(given) != where(trained):
         if not where(trained).exists():  # nothing left to compare with: another encoder of the same width would pass
@@ -784,6 +793,23 @@ def _check_cache_encoder(cache: TextVectorCache, trained: TextEncoderConfig, tra
                    "where it was recorded: put it back there)")
         if cache.encoder.digest != SentenceEncoder(trained, device=getattr(cache.encoder, "device", None)).digest:
             refuse(" (a checkpoint that did not record its encoder's digest: compared with the encoder at its recorded path)")
+
+
+def _check_encoder_digest(encoder, trained_digest: str | None, checkpoint: Path | None,
+                          error: Callable[[str], Exception]) -> None:
+    """Raise ``error(why)`` unless ``encoder`` computes what the checkpoint recorded of its own (``trained_digest``;
+    None, a checkpoint older than the record: nothing to compare). Older checkpoints recorded the digest of the
+    weights' sum, some with the transformers version in it: recognised, with a warning that it cannot see a small
+    change of the weights."""
+    if trained_digest is None or getattr(encoder, "cfg", None) is None:  # no record, or a stand-in encoder
+        return
+    if not encoder.computes(trained_digest):
+        raise error(f" (its weights, tokenizer or settings differ: digest {encoder.digest}, trained {trained_digest})")
+    if trained_digest != encoder.digest:  # recognised by an older digest only
+        warn(f"{checkpoint or 'this model'} recorded its text encoder by the sum of the weights (a checkpoint saved "
+             "before 2026-12-07), which a small change of the weights, as fine-tuning makes, can leave as it was: "
+             f"the encoder at {encoder.cfg.path or 'all-MiniLM-L6-v2'} matches it, but make sure it is the one the model "
+             "was trained with")
 
 
 def events_before(events: Mapping[str, EventSeq], cutoff_us: int) -> dict[str, EventSeq]:

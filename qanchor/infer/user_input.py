@@ -71,7 +71,10 @@ def _number(x: object, where: str) -> float:
         return float("nan")
     if isinstance(x, bool) or not isinstance(x, Real):
         raise ModelInputError(f"{where}: expected a number or None, got {x!r}")
-    value = float(x)
+    try:
+        value = float(x)
+    except OverflowError:  # a Python int beyond any float: as far out of float32's range as an infinity
+        value = float("inf")
     # As a dataset's validation does: NaN means missing, an infinity is a broken value. Values are stored as float32,
     # so a finite number beyond its range would arrive as an infinity and poison every statistic of the user.
     if not_storable(value):

@@ -93,6 +93,18 @@ def _apply_lora(backbone: torch.nn.Module, cfg: ModelConfig, new_token_ids: list
                               f"has such a name; its linear layers are named {', '.join(linear)}") from None
 
 
+def _backbone_config_errors() -> tuple[type[BaseException], ...]:
+    """What transformers raises on a damaged or edited backbone config (a layer count that disagrees with its layer
+    types, an unknown rope type, a negative size): its own checks' ValueError and KeyError, torch's RuntimeError, and
+    huggingface_hub's strict config classes' own error type where that library has them."""
+    errors: tuple[type[BaseException], ...] = (OSError, ValueError, TypeError, KeyError, RuntimeError)
+    try:
+        from huggingface_hub.errors import StrictDataclassError
+    except ImportError:  # an older huggingface_hub: its configs raise the built-in types above
+        return errors
+    return (*errors, StrictDataclassError)
+
+
 def build_model(cfg: ModelConfig, manifest: Manifest, text_dim: int, tabular_columns: list[str],
                 load_weights: bool = True, hf_config: Any = None, tokenizer: Any = None,
                 training_aids: LossConfig | None = None, device: str | torch.device | None = None) -> tuple[QAnchorModel, Any]:
@@ -102,9 +114,14 @@ def build_model(cfg: ModelConfig, manifest: Manifest, text_dim: int, tabular_col
 
     tokenizer = tokenizer or load_tokenizer(cfg.backbone)
     if hf_config is not None:
-        backbone = AutoModelForCausalLM.from_config(hf_config, dtype=getattr(torch, cfg.backbone.dtype),
-                                                    attn_implementation=resolve_attn_implementation(cfg.backbone, loading=True,
-                                                                                                    device=device))
+        attn = resolve_attn_implementation(cfg.backbone, loading=True, device=device)
+        try:
+            backbone = AutoModelForCausalLM.from_config(hf_config, dtype=getattr(torch, cfg.backbone.dtype),
+                                                        attn_implementation=attn)
+        except _backbone_config_errors() as exc:  # values transformers validates only when it builds the model
+            raise CheckpointError(f"the checkpoint's backbone_config.json does not describe a model transformers can build "
+                                  f"({type(exc).__name__}: {str(exc).splitlines()[0][:200]}); it is damaged or was "
+                                  "edited: re-copy the checkpoint folder whole") from None
     else:
         backbone = build_backbone(cfg.backbone, len(tokenizer), load_weights=load_weights)
     modalities = [m.name for m in manifest.modalities]
@@ -237,7 +254,7 @@ def load_checkpoint(ckpt: str | Path, device: str | torch.device = "cpu") -> tup
     try:
         hf_config = AutoConfig.from_pretrained(ckpt / "backbone_config.json")
         tokenizer = AutoTokenizer.from_pretrained(ckpt)
-    except (OSError, ValueError, TypeError) as exc:
+    except _backbone_config_errors() as exc:
         raise CheckpointError(f"{ckpt}: damaged backbone config or tokenizer files ({str(exc).splitlines()[0]})") from None
     if meta.tokenizer_size is not None and len(tokenizer) != meta.tokenizer_size:
         raise CheckpointError(f"{ckpt}: the tokenizer files hold {len(tokenizer)} tokens, the model was saved with "
@@ -265,6 +282,12 @@ def load_checkpoint(ckpt: str | Path, device: str | torch.device = "cpu") -> tup
                               f"unexpected {sorted(unexpected)[:3]})")
     if _file_identity(weights) != identity:
         raise CheckpointError(f"{weights} changed while it was being loaded (a run still saving into {ckpt}?); load it again")
+    # a NaN or an infinity in any weight makes every embedding NaN, which an export would write without a word
+    broken = next((name for name, tensor in model.state_dict().items()
+                   if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all())), None)
+    if broken is not None:
+        raise CheckpointError(f"{weights}: the weight {broken} holds NaN or infinite values (a run that diverged, or a "
+                              "damaged file); load an earlier checkpoint, or pretrain again with a lower train.lr")
     model.weights_hash = weights_hash
     return model.to(device).eval(), tokenizer, meta, run_cfg
 

@@ -161,6 +161,50 @@ def test_incompatible_checkpoint_refused(infer_env, tmp_path):
         embed({"user_id": "x", "events": {}}, QUERIES[0], model=None)
 
 
+@pytest.mark.parametrize("edit", [{"num_hidden_layers": 3}, {"intermediate_size": -1}, {"rope_scaling": {"type": "bogus"}},
+                                  {"num_hidden_layers": "two"}], ids=["layers", "negative", "rope", "string"])
+def test_an_edited_backbone_config_is_one_clear_error(infer_env, tmp_path, edit):
+    """Values transformers checks only as it builds the model (a layer count its layer types disagree with, an unknown
+    rope type, a negative size) escaped the checkpoint's checks as a 49-line traceback."""
+    import shutil
+
+    bad = tmp_path / "ck"
+    shutil.copytree(infer_env.ckpt, bad)
+    config = json.loads((bad / "backbone_config.json").read_text())
+    (bad / "backbone_config.json").write_text(json.dumps({**config, **edit}))
+    with pytest.raises(CheckpointError, match="backbone"):
+        QAnchor.from_pretrained(bad)
+
+
+def test_a_checkpoint_with_a_nan_weight_is_refused_naming_it(infer_env, tmp_path):
+    """Every embedding of such a model is NaN, and `qanchor embed` wrote them all without a word."""
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    bad = tmp_path / "ck"
+    shutil.copytree(infer_env.ckpt, bad)
+    weights = load_file(bad / "model.safetensors")
+    name = next(k for k, v in weights.items() if v.is_floating_point() and v.numel() > 1 and "backbone" not in k)
+    weights[name] = weights[name].clone()
+    weights[name].view(-1)[0] = float("nan")
+    save_file(weights, bad / "model.safetensors", metadata={"format": "pt"})
+    with pytest.raises(CheckpointError, match=rf"the weight {name} holds NaN"):
+        QAnchor.from_pretrained(bad)
+
+
+@pytest.mark.parametrize("users", [None, 3, "u001"], ids=["none", "int", "user-id"])
+def test_users_of_the_wrong_type_are_one_clear_error(infer_env, users):
+    with pytest.raises(ModelInputError, match="users must be a user"):
+        infer_env.qa.embed(users, QUERIES[:1])
+
+
+def test_an_integer_beyond_any_float_is_refused_like_an_infinity(infer_env):
+    user = {"user_id": "x", "events": {"bill": [{"ts": CUTOFF - timedelta(days=1), "text": "Coffee", "value": 10**400}]}}
+    with pytest.raises(ModelInputError, match=r"user 'x'.*field 'value'.*beyond float32 range"):
+        infer_env.qa.embed(user, QUERIES[:1])
+
+
 def test_a_checkpoint_reads_without_the_preset_file_it_was_trained_from(infer_env, users, tmp_path):
     """A checkpoint is self-describing: its config.yaml holds every model key, so the preset file named in it (a
     user's own YAML on the training machine) need not exist where the checkpoint is read."""
@@ -445,3 +489,41 @@ def test_an_encoder_changed_with_its_weights_sum_kept_is_another_encoder(tmp_pat
     cache = TextVectorCache(tmp_path / "text", changed)
     with pytest.raises(CheckpointError, match="its weights, tokenizer or settings differ"):
         QAnchor.from_pretrained(ckpt, text_cache=cache).embed(user, query)
+
+
+def test_the_models_own_encoder_is_checked_against_the_one_it_was_trained_with(tmp_path, infer_env):
+    """Only a text cache handed in was compared with the checkpoint's record of its encoder: the model's own pipeline
+    (every command's path) opened the encoder at the recorded path, or the installed package, and served whatever
+    it computed, so an encoder folder replaced since training (or an upgraded package) moved every embedding
+    without a word."""
+    import shutil
+
+    import torch
+    from safetensors.torch import load_file, save_file
+
+    from qanchor.config import TextEncoderConfig
+    from qanchor.data.text_cache import SentenceEncoder, default_encoder_path
+    from qanchor.errors import CheckpointError
+    from qanchor.infer.api import QAnchor
+
+    folder = tmp_path / "minilm"
+    shutil.copytree(default_encoder_path(), folder)
+    ckpt = tmp_path / "ckpt"
+    shutil.copytree(infer_env.ckpt, ckpt)
+    meta = json.loads((ckpt / "qanchor.json").read_text())
+    trained = SentenceEncoder(TextEncoderConfig(path=str(folder)), device="cpu").digest
+    (ckpt / "qanchor.json").write_text(json.dumps({**meta, "text_encoder": {**meta["text_encoder"], "path": str(folder)},
+                                                   "text_encoder_digest": trained}))
+    user, query = [infer_env.ds.user("u002")], ["Will this user stop paying?"]
+    served = QAnchor.from_pretrained(ckpt, text_cache_dir=tmp_path / "text").embed(user, query)
+    assert np.allclose(served, infer_env.qa.embed(user, query), atol=1e-5)
+    weights = load_file(folder / "model.safetensors")  # the folder's encoder changed after training: two rows swapped
+    name = next(k for k, v in weights.items() if v.ndim == 2 and v.shape[0] > 1 and not torch.equal(v[0], v[1]))
+    weights[name] = weights[name][torch.tensor([1, 0, *range(2, weights[name].shape[0])])].contiguous()
+    save_file(weights, folder / "model.safetensors", metadata={"format": "pt"})
+    with pytest.raises(CheckpointError, match=rf"is not the one .* was trained with \(its weights, .*trained {trained}\)"):
+        QAnchor.from_pretrained(ckpt, text_cache_dir=tmp_path / "text").embed(user, query)
+    # the installed package against a checkpoint trained with another encoder of the same width
+    (ckpt / "qanchor.json").write_text(json.dumps({**meta, "text_encoder_digest": "0" * 12}))
+    with pytest.raises(CheckpointError, match=r"all-MiniLM-L6-v2 \(the installed package\) is not the one"):
+        QAnchor.from_pretrained(ckpt, text_cache_dir=tmp_path / "text").embed(user, query)
