@@ -29,7 +29,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from qanchor.bench.report import markdown_table  # noqa: E402
-from qanchor.bench.uqa import Question, asked_record, build_questions, held_out_users  # noqa: E402
+from qanchor.bench.uqa import Question, asked_record, build_questions, held_out_users, same_asked  # noqa: E402
 from qanchor.data.dataset import load_dataset  # noqa: E402
 from qanchor.infer.api import QAnchor  # noqa: E402
 from qanchor.logs import quiet_third_party  # noqa: E402
@@ -68,7 +68,7 @@ def split(questions: list[Question], results: list[dict]) -> dict:
     habit-only questions and the rest (pooled over ``results``, which must have asked ``questions``)."""
     asked = asked_record(questions)
     for k, r in enumerate(results):
-        if r.get("asked") != asked:
+        if not same_asked(asked, r.get("asked")):
             raise SystemExit(f"error: results #{k + 1} asked other questions than the rebuilt ones (another dataset, "
                              "holdout share or question seed)")
     rows = [r for r in results[0]["rows"] if all(res["rows"].get(r, {}).get("correct") is not None for res in results)]

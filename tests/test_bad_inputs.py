@@ -143,6 +143,25 @@ def _dataset_in_a_cache(d: Path, w) -> list[str]:
     return ["data", "synth", f"out={d / 'outer'}", "users=5", "seed=2"]
 
 
+def _npy_file(d: Path, array: np.ndarray) -> Path:
+    np.save(d / "vector.npy", array)
+    return d / "vector.npy"
+
+
+def _other_checkpoint(d: Path, w) -> Path:
+    """A copy of the workspace's checkpoint with other weights (one changed number): another model."""
+    from safetensors.torch import load_file, save_file
+
+    other = d / "other-ckpt"
+    shutil.copytree(w.ckpt, other)
+    weights = load_file(other / "model.safetensors")
+    name = next(k for k, v in weights.items() if v.is_floating_point() and v.numel() > 1)
+    weights[name] = weights[name].clone()
+    weights[name].view(-1)[0] += 1.0
+    save_file(weights, other / "model.safetensors", metadata={"format": "pt"})
+    return other
+
+
 def _json_file(d: Path, content: object) -> Path:
     path = d / "settings.json"
     path.write_text(json.dumps(content))
@@ -388,6 +407,14 @@ CASES = [
     Case("event-value-beyond-float32", _bad_event_value(1e300), "beyond float32 range"),
     # silent or surprising results made loud
     Case("bench-single-positive", _labels_one_positive, "fewer than 2 users in its minority class"),
+    Case("index-search-matrix-vector", lambda d, w: ["index", "search", f"index={w.index}",
+                                                    f"vector={_npy_file(d, np.ones((2, 128), np.float32))}"],
+         "give one vector (a 1-d array)"),
+    Case("index-search-other-models-vector", lambda d, w: ["index", "search", f"index={w.index}", "vector=" + ",".join(["1"] * 128),
+                                                          f"checkpoint={_other_checkpoint(d, w)}"],
+         "the vector was embedded by model"),
+    Case("ask-empty-options", lambda d, w: ["ask", f"checkpoint={w.ckpt}", f"data.path={w.ds}", "user=u001", "Which?",
+                                           "options=[]"], "at least 2"),
     Case("index-search-k0", lambda d, w: ["index", "search", f"index={w.index}", "user=u001", "k=0"], "k must be >= 1"),
     Case("index-search-nan-vector", lambda d, w: ["index", "search", f"index={w.index}", "vector=" + ",".join(["nan"] * 128)],
          "NaN"),

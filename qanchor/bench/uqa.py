@@ -26,6 +26,7 @@ Example:
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import time
@@ -58,11 +59,13 @@ from qanchor.data.userU import FUTURE_QUERY, summarize_future
 from qanchor.data.userU_topics import DAY_US, QA, TOPICS, History, verify
 from qanchor.errors import ConfigError, DataValidationError
 from qanchor.infer.api import QAnchor, events_before
-from qanchor.logs import format_seconds, log
+from qanchor.logs import format_seconds, log, warn
+from qanchor.model.factory import resolve_checkpoint_dir
 from qanchor.train.pairs import is_held_out
+from qanchor.train.pretrain import checkpoint_data_id, trained_data_id
 
 __all__ = ["FAMILIES", "Question", "UqaResult", "asked_record", "build_questions", "held_out_users", "merge_results", "run_uqa",
-           "same_questions", "topic_table", "wilson", "write_uqa"]
+           "same_asked", "same_questions", "topic_table", "wilson", "write_uqa"]
 
 FAMILIES: dict[str, tuple[str, ...]] = {
     "sequence": ("activity", "recency", "favourites", "mix", "largest"),
@@ -256,6 +259,14 @@ def run_uqa(cfg: UqaConfig, progress: bool = True) -> UqaResult:
         raise ConfigError(f"{cfg.checkpoint} was pretrained on every user's pairs (train.holdout_users=0), so no user is "
                           "held out to ask about; pretrain with train.holdout_users=0.1 (make uqa does)")
     ds = load_dataset(cfg.data.path, cfg.data.cache_dir)
+    # The TextN and prior rows are pretrained on data.path; the Q-Anchor row was pretrained on whatever the checkpoint
+    # recorded. Compared by the files' sizes and times as well, so a copied dataset reads as other data: said, not refused.
+    trained_on = checkpoint_data_id(resolve_checkpoint_dir(cfg.checkpoint))
+    same_data = None if trained_on is None else trained_on == trained_data_id(ds)
+    if same_data is False:
+        warn(f"{cfg.checkpoint} was pretrained on other data than {cfg.data.path} (another dataset, or its files or "
+             "UserU pairs were changed or rewritten since): the TextN and prior rows are pretrained on "
+             f"{cfg.data.path}, so the rows may not share their pairs; give the data the checkpoint was trained on")
     users = held_out_users(ds, base.train.holdout_users, cfg.max_users, cfg.seed)
     reference = QAnchor.from_pretrained(cfg.checkpoint, text_cache_dir=ds.text_cache_dir)  # every row shares its tokenizer
     reference.check_language_head()  # a contrastive-only checkpoint: refused before the TextN and prior rows are trained
@@ -298,13 +309,32 @@ def run_uqa(cfg: UqaConfig, progress: bool = True) -> UqaResult:
     run = {"dataset": ds.manifest.name, "data_path": cfg.data.path, "checkpoint": cfg.checkpoint,
            "held_out_users": len(users), "holdout_fraction": base.train.holdout_users, "seed": cfg.seed,
            "qanchor_version": qanchor.__version__, "seconds": time.perf_counter() - start, "config_yaml": to_yaml(cfg),
-           "pretrain_steps": base.train.max_steps, "pretrain_batch": base.train.batch_size}
+           "pretrain_steps": base.train.max_steps, "pretrain_batch": base.train.batch_size,
+           "checkpoint_data_matches": same_data}
     return UqaResult(run, n_all, {f: int(m.sum()) for f, m in families.items()}, rows, asked_record(questions))
 
 
 def asked_record(questions: list[Question]) -> list[dict[str, str]]:
-    """What ``results.json`` keeps of each question (``UqaResult.asked``): enough to pair runs and split by topic."""
-    return [{"user_id": q.user_id, "family": q.family, "topic": q.topic} for q in questions]
+    """What ``results.json`` keeps of each question (``UqaResult.asked``): enough to pair runs and split by topic, and a
+    digest of what was asked (the question, its options in their order, the right one's place, the moment it reads up
+    to): the question seed changes the options and their order, not the user, family or topic."""
+    def digest(q: Question) -> str:
+        blob = json.dumps([q.question, list(q.options), q.answer, q.cutoff_us], ensure_ascii=False)
+        return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+    return [{"user_id": q.user_id, "family": q.family, "topic": q.topic, "digest": digest(q)} for q in questions]
+
+
+def same_asked(first: list[dict[str, str]] | None, other: list[dict[str, str]] | None) -> bool:
+    """Whether two runs' per-question records (``asked``) are of the same questions. A record written before the digest
+    was kept (qanchor before 2026-12-07) is compared by user, family and topic alone, which cannot see another question
+    seed."""
+    if not first or not other or len(first) != len(other):
+        return False
+    if all("digest" in a for a in (*first, *other)):
+        return first == other
+    keys = ("user_id", "family", "topic")
+    return all(all(a.get(k) == b.get(k) for k in keys) for a, b in zip(first, other))
 
 
 def same_questions(results: list[dict[str, Any]], names: list[str]) -> list[dict[str, str]]:
@@ -315,7 +345,7 @@ def same_questions(results: list[dict[str, Any]], names: list[str]) -> list[dict
         raise ValueError(f"{names[0] if names else 'no run'}/results.json has no per-question record ('asked'); rerun "
                          "it with this version of qanchor uqa")
     for result, name in zip(results[1:], names[1:]):
-        if result.get("asked") != asked:
+        if not same_asked(asked, result.get("asked")):
             raise ValueError(f"{name} asked other questions than {names[0]} (another dataset, holdout share or question "
                              "seed): runs can only be compared on the same questions")
     return asked
@@ -474,6 +504,9 @@ def write_uqa(result: UqaResult, out_dir: str | Path, questions: list[Question] 
              + (f"Rows merged from {len(r['merged_from'])} runs on the same questions: "
                 f"{', '.join(f'`{m}`' for m in r['merged_from'])}." if r.get("merged_from") else
                 f"This run took {format_seconds(r['seconds'])} (rows an earlier run trained in `variants/` are reused)."),
+             *(["", f"**Warning**: the checkpoint was pretrained on other data than `{r['data_path']}`, on which the "
+                  "other rows were pretrained (or the data's files were rewritten since): the rows may not share their "
+                  "pairs."] if r.get("checkpoint_data_matches") is False else []),
              "",
              "## Accuracy (95% Wilson interval) and prompt positions per question", "", uqa_table(result), "",
              f"![accuracy per family]({plot.name}) ![accuracy against prompt cost]({cost.name})", "",

@@ -40,6 +40,7 @@ from qanchor.infer.state import StateMeta
 from qanchor.infer.update import init_state, update_state
 from qanchor.logs import format_seconds, log, results_on_stdout
 from qanchor.model.backbone import check_device
+from qanchor.model.factory import checkpoint_hash
 from qanchor.tune.head import load_heads
 
 __all__ = ["register"]
@@ -119,6 +120,8 @@ def _vector(arg: str) -> np.ndarray:
             vec = np.load(path, allow_pickle=False).astype(np.float32)
         except (ValueError, OSError) as exc:
             raise ModelInputError(f"{path}: not a numeric .npy array ({exc})") from None
+        if vec.ndim != 1:  # the first row alone was searched, without a word about the others
+            raise ModelInputError(f"{path}: holds an array of shape {vec.shape}; give one vector (a 1-d array)")
     else:
         try:
             vec = np.array([float(x) for x in arg.replace(",", " ").split()], np.float32)
@@ -153,8 +156,12 @@ def _cmd_index_search(args: argparse.Namespace) -> None:
     require(cfg.index, "index", "<index file>")
     if (cfg.user == "") == (cfg.vector is None):
         raise ModelInputError("give exactly one of user=ID or vector=V")
+    if cfg.checkpoint is not None and cfg.user:
+        raise ModelInputError("checkpoint= names the model that embedded vector=; a user= search reads the index's own "
+                              "vector: drop checkpoint=")
     index = LookalikeIndex.load(cfg.index)
-    hits = index.search_user(cfg.user, cfg.k) if cfg.user else index.search(_vector(cfg.vector), cfg.k)[0]
+    made_by = checkpoint_hash(cfg.checkpoint) if cfg.checkpoint is not None else None
+    hits = index.search_user(cfg.user, cfg.k) if cfg.user else index.search(_vector(cfg.vector), cfg.k, made_by)[0]
     if cfg.json:
         print(json.dumps([{"user_id": u, "score": s} for u, s in hits]))
         return
@@ -188,7 +195,7 @@ def _cmd_ask(args: argparse.Namespace) -> None:
     if not question.strip():
         raise ModelInputError('no question given; e.g. qanchor ask ... user=ID "How recently was this user active?"')
     _, user, model = _user(cfg)
-    if cfg.options:
+    if cfg.options is not None:  # options=[] is refused by choose (fewer than 2), not taken as no options
         choice = model.choose(user, question, cfg.options, cutoff=cfg.cutoff)[0]
         if cfg.json:
             print(json.dumps({"user_id": cfg.user, "question": question, "choice": choice.option, "scores": choice.scores}))

@@ -341,7 +341,7 @@ class AskConfig(InferConfig):
     data: DataOverrides = field(default_factory=DataOverrides)  # data.path: the dataset the user is in
     user: str = ""  # user id
     question: str = ""  # or the command's positional argument
-    options: list[str] = field(default_factory=list)  # given: score these and pick one instead of writing an answer
+    options: list[str] | None = None  # given: score these and pick one instead of writing an answer
     max_new_tokens: int = 48
     cutoff: str | None = None  # ISO time event ages count from (default: the dataset cutoff)
     json: bool = False
@@ -372,6 +372,8 @@ class IndexSearchConfig:
     vector: str | None = None  # comma-separated numbers or a .npy file
     k: int = 10
     json: bool = False
+    # with vector=: the checkpoint that embedded it, refused unless the index's embeddings are that model's
+    checkpoint: str | None = None
 
     def __post_init__(self) -> None:
         if self.k < 1:

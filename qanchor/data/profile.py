@@ -19,6 +19,7 @@ Example:
 
 from __future__ import annotations
 
+import math
 import re
 from collections import Counter
 from collections.abc import Callable
@@ -261,7 +262,10 @@ def _weekend(text: str, h: History) -> Slots:
     k, n, share = int(m.group(1)), int(m.group(2)), int(m.group(3))
     word = next((w for w in (_lean(100), _lean(0), _lean(100 * 2 / 7)) if squeeze(w) == m.group(4)), None)
     # the topic picks its word from the share rounded as the answer states it: so must the check
-    true_word = lambda hh: word == _lean(round(METRICS["weekend_share"][0](hh, "", "")))  # noqa: E731
+    def true_word(hh: History) -> bool:  # no events, no share (NaN): no lean is true of them
+        share = METRICS["weekend_share"][0](hh, "", "")
+        return math.isfinite(share) and word == _lean(round(share))
+
     return [Fact(f"{k} of {_n(n, 'event')} on weekends", (Claim("weekend_count", k), Claim("count", n))),
             Fact(f"{share}% of events on weekends", (Claim("weekend_share", share),), detail=f"{share}%"),
             Fact(word, check=true_word) if word else None]
@@ -322,8 +326,11 @@ def verify_answer(aspect: str, text: str, h: History, as_read: Callable[[str], s
     slots = facts_of(aspect, text, h, as_read)
     shown: list[str] = []
     kept, previous_kept = 0, False
+    said: set[str] = set()  # a fact the answer repeats (greedy decoding of a young model loops) is kept once
     for fact in slots:
-        holds = fact is not None and fact.holds(h)
+        holds = fact is not None and fact.text not in said and fact.holds(h)
+        if holds:
+            said.add(fact.text)
         if holds and fact.detail is not None and previous_kept:
             shown[-1] += f" ({fact.detail})"  # e.g. "purchase/grocery (459 events)"
         elif holds:

@@ -246,6 +246,19 @@ def _finished_shards(directory: str | Path) -> list[Path]:
     return files
 
 
+def embeddings_maker(directory: str | Path) -> str | None:
+    """The weights id (``QAnchor.weights_id``) of the model that wrote an export's (or an update state's) embeddings,
+    as its export.json or state.json records it; None where neither says."""
+    directory = Path(directory)
+    for record in (directory / "export.json", directory / "state.json"):
+        try:
+            maker = json.loads(record.read_text()).get("checkpoint")
+        except (OSError, ValueError, AttributeError):
+            continue
+        return maker if isinstance(maker, str) else None
+    return None
+
+
 def stored_query_ids(directory: str | Path) -> list[str]:
     """The query ids an export (or update state) holds: every shard holds every query of its users."""
     return sorted(set(pq.read_table(_finished_shards(directory)[0], columns=["query_id"]).column("query_id").to_pylist()))

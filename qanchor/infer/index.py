@@ -16,6 +16,7 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+from collections import Counter
 from pathlib import Path
 
 import numpy as np
@@ -30,7 +31,7 @@ from qanchor.data.io import (
     write_text,
 )
 from qanchor.errors import ModelInputError, OutputError
-from qanchor.infer.export import read_embeddings, stored_query_ids
+from qanchor.infer.export import embeddings_maker, read_embeddings, stored_query_ids
 
 __all__ = ["LookalikeIndex", "IVF_MIN_SIZE", "INDEX_FORMAT", "check_index_target"]
 
@@ -99,8 +100,11 @@ class LookalikeIndex:
         n, d = vectors.shape
         if n == 0:
             raise ModelInputError("no embeddings to index")
-        if len(set(user_ids)) != n:
-            raise ModelInputError("user ids repeat: index one query's embeddings (pass query_id=<one query id>)")
+        if len(set(user_ids)) != n:  # one query's rows name each user once: a repeat is the same user exported twice
+            twice = next(u for u, count in Counter(user_ids).items() if count > 1)
+            raise ModelInputError(f"user id {twice!r} appears more than once among the embeddings of query "
+                                  f"{meta.get('query_id', '?')!r} (the same users exported into two shards, or shards "
+                                  "of two exports in one folder?); index a folder that `qanchor embed` wrote")
         if n < ivf_min_size:
             index, kind = faiss.IndexFlatIP(d), "flat"
         else:
@@ -123,7 +127,9 @@ class LookalikeIndex:
         if not len(users):
             raise ModelInputError(f"{directory}: no embeddings for query id {query_id!r}; it holds "
                                   f"{stored_query_ids(directory)} (query_id=<one of them>)")
-        return cls.build(users, vectors, query_id=query_id, source=str(directory), **kwargs)
+        # the model that made them: a vector searched against them must come from the same one (search's made_by)
+        return cls.build(users, vectors, query_id=query_id, source=str(directory), checkpoint=embeddings_maker(directory),
+                         **kwargs)
 
     def save(self, path: str | Path) -> Path:
         import faiss
@@ -187,13 +193,21 @@ class LookalikeIndex:
                                   "together: rebuild the index")
         return cls(index, ids, meta)
 
-    def search(self, vectors: np.ndarray, k: int = 10) -> list[list[tuple[str, float]]]:
-        """Top ``k`` (user_id, cosine) per query vector; ``vectors`` is [D] or [n, D]."""
+    def search(self, vectors: np.ndarray, k: int = 10, made_by: str | None = None) -> list[list[tuple[str, float]]]:
+        """Top ``k`` (user_id, cosine) per query vector; ``vectors`` is [D] or [n, D]. ``made_by``: the weights id
+        (``QAnchor.weights_id()``) of the model that embedded ``vectors``, refused unless the index's embeddings came
+        from the same model (vectors of two models share no space: the nearest users would be noise)."""
         if k < 1:
             raise ModelInputError("k must be >= 1")
+        indexed_by = self.meta.get("checkpoint")
+        if made_by is not None and indexed_by is not None and made_by != indexed_by:
+            raise ModelInputError(f"the vector was embedded by model {made_by[:16]}, the index holds embeddings of model "
+                                  f"{indexed_by[:16]}; embed it with the model the index was built from")
         vectors = np.atleast_2d(np.asarray(vectors, dtype=np.float32))
         if not np.isfinite(vectors).all():
             raise ModelInputError("a query vector holds NaN or inf; give finite numbers")
+        if not np.linalg.norm(vectors, axis=-1).all():  # no direction: every user would score 0, in arbitrary order
+            raise ModelInputError("a query vector is all zeros; give an embedding")
         queries = _unit(vectors)  # (n, D)
         if queries.shape[1] != self.meta["dim"]:
             raise ModelInputError(f"vector has {queries.shape[1]} dimensions, the index holds {self.meta['dim']}")

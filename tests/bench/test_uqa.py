@@ -15,6 +15,7 @@ from qanchor.bench.uqa import (
     FAMILIES,
     N_OPTIONS,
     UqaResult,
+    asked_record,
     build_questions,
     held_out_users,
     run_uqa,
@@ -212,7 +213,12 @@ def test_uqa_end_to_end(env, tmp_path, capsys):
     questions = build_questions(ds, held, 0, 30, scored_as=lambda t: tuple(model.option_ids(t, True)))
     correct, _ = score(model, ds, questions[:6])
     assert correct.tolist() == result.rows["qanchor"]["correct"][:6]
-    assert result.asked == [{"user_id": q.user_id, "family": q.family, "topic": q.topic} for q in questions]
+    assert [{k: a[k] for k in ("user_id", "family", "topic")} for a in result.asked] == \
+        [{"user_id": q.user_id, "family": q.family, "topic": q.topic} for q in questions]
+    # and what was asked: another question seed asks the same users about the same topics with other options
+    assert result.asked == asked_record(questions) != asked_record(build_questions(
+        ds, held, 1, 30, scored_as=lambda t: tuple(model.option_ids(t, True))))
+    assert result.run["checkpoint_data_matches"] is None  # a checkpoint saved in code records no data
     # the sub-runs were pretrained with the checkpoint's recipe: text rows, same steps and holdout
     sub = json.loads((tmp_path / "u" / "results.json").read_text())
     assert sub["rows"]["text4"]["accuracy"]["all"][0] == result.rows["text4"]["accuracy"]["all"][0]
@@ -240,6 +246,27 @@ def test_uqa_end_to_end(env, tmp_path, capsys):
     assert main(["uqa", f"checkpoint={plain}", f"data.path={ds_dir}", f"output_dir={tmp_path / 'v'}"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "holdout_users" in err[0]
+
+
+def test_a_checkpoint_pretrained_on_other_data_is_said_and_recorded(env, tmp_path, capsys):
+    """The TextN and prior rows are pretrained on data.path; a checkpoint pretrained on other data ran to the end with a
+    report that says every row shared the recipe's pairs."""
+    from qanchor.train.pretrain import DATA_FILE, trained_data_id
+
+    _, ds_dir, ckpt = env
+    other = tmp_path / "ckpt"
+    shutil.copytree(ckpt, other)
+    (other / DATA_FILE).write_text("0" * 16)
+    cfg = UqaConfig(checkpoint=str(other), data=DataOverrides(path=str(ds_dir)), text_events=[], prior=False,
+                    output_dir=str(tmp_path / "u"))
+    capsys.readouterr()
+    result = run_uqa(cfg, progress=False)
+    assert "was pretrained on other data than" in capsys.readouterr().err
+    assert result.run["checkpoint_data_matches"] is False
+    assert "**Warning**: the checkpoint was pretrained on other data" in write_uqa(result, cfg.output_dir).read_text()
+    (other / DATA_FILE).write_text(trained_data_id(load_dataset(ds_dir)))
+    assert run_uqa(cfg, progress=False).run["checkpoint_data_matches"] is True
+    assert "pretrained on other data" not in capsys.readouterr().err
 
 
 def test_score_reads_users_by_column_name_and_withholds_a_time_varying_snapshot_before_the_cutoff(env, tmp_path):

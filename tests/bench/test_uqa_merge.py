@@ -54,6 +54,20 @@ def test_runs_that_asked_other_questions_or_trained_another_budget_are_refused()
         merge_results([old], ["a"])
 
 
+def test_runs_asked_with_another_question_seed_are_refused_and_older_records_still_pair():
+    """The record kept user, family and topic only, which another question seed (other distractors, other order)
+    leaves alike: two such runs were merged, noting only that they "picked differently"."""
+    seeded = [{**a, "digest": f"{i:016x}"} for i, a in enumerate(ASKED)]
+    first, other = _run({"qanchor": ([1] * 8, 103.0)}), _run({"text4": ([1] * 8, 99.0)})
+    first["asked"], other["asked"] = seeded, [{**a, "digest": "f" * 16} if i == 3 else a for i, a in enumerate(seeded)]
+    with pytest.raises(ValueError, match="b asked other questions than a"):
+        merge_results([first, other], ["a", "b"])
+    other["asked"] = [dict(a) for a in seeded]
+    assert merge_results([first, other], ["a", "b"])[0].asked == seeded
+    older = _run({"text4": ([1] * 8, 99.0)})  # written before the digest: paired by user, family and topic
+    assert merge_results([first, older], ["a", "b"])[0].asked == seeded
+
+
 def test_script_writes_the_merged_report(tmp_path, capsys):
     merge = load_benchmark("uqa_merge")
     dirs = []

@@ -168,6 +168,23 @@ def test_fact_level_profile_keeps_what_holds():
     assert out == Verified("Last event: bill today.", 1, 1)  # a modality the user does not have is not read
 
 
+def test_a_user_without_events_and_a_repeated_fact_verify_without_a_traceback_or_a_double_count():
+    """The weekend word was checked against the share's rounding, a NaN for a user with no events: `describe` ended in
+    a traceback on such a user whenever the model wrote the template. And a fact the answer repeated (greedy decoding
+    loops) was kept, shown and counted once per repeat."""
+    from qanchor.data.dataset import EventSeq
+
+    day = 86_400_000_000
+    said = "3 of 10 events (30%) fall on weekends, so activity is spread evenly over the week."
+    assert verify_answer("weekend", said, History({}, 10 * day)) == Verified(None, 0, 3)
+    ts = np.array([1, 2, 3, 4, 5, 8, 9]) * day  # 1970-01-02 was a Friday: days 2, 3 and 9 fall on weekends
+    h = History({"bill": EventSeq(ts, ["Coffee"] * 7, np.ones(7, np.float32), np.zeros((7, 0), np.float32))}, 10 * day)
+    once = verify_answer("weekend", "3 of 7 events (43%) fall on weekends, so this user leans towards weekends.", h)
+    assert once.kept == 3 and once.dropped == 0
+    twice = verify_answer("recency", "Last event by modality: bill 1 day ago, bill 1 day ago.", h)
+    assert twice == Verified("Last event: bill 1 day ago.", 1, 1)
+
+
 def test_amounts_and_rates_hold_to_the_digit_the_template_shows_and_malformed_numbers_are_dropped():
     """A flat 0.05 tolerance kept "total 3.49" for a true 3.45 (the template writes two decimals below 10) and showed
     the model's own digits ("3.4499", "14,84"); a lone "," where a number goes ended describe in a traceback."""

@@ -151,3 +151,32 @@ def test_inputs_an_index_cannot_hold_are_named(tmp_path):
     pq.write_table(pa.table({"user_id": ["a"], "ts": [1], "text": ["x"]}), tmp_path / "events" / "part-00000.parquet")
     with pytest.raises(ModelInputError, match="not an embedding shard .*query_id, embedding"):
         LookalikeIndex.from_embeddings(tmp_path / "events", "q0")
+
+
+def test_an_index_knows_the_model_that_made_its_vectors_and_refuses_another_models_vector(infer_env, tmp_path):
+    """A vector embedded by another checkpoint was searched without a word (vectors of two models share no space);
+    a zero vector returned arbitrary users at score 0; a repeated user id was blamed on a query_id already given."""
+    import json
+
+    from qanchor.data.io import write_parquet
+    from qanchor.infer.export import export_embeddings
+
+    export_embeddings(infer_env.qa, infer_env.ds, [("churn", "Will this user stop paying?")], tmp_path / "e",
+                      progress=False)
+    index = LookalikeIndex.from_embeddings(tmp_path / "e", "churn")
+    own = infer_env.qa.weights_id()
+    assert index.meta["checkpoint"] == own == json.loads((tmp_path / "e" / "export.json").read_text())["checkpoint"]
+    index.save(tmp_path / "i.faiss")
+    index = LookalikeIndex.load(tmp_path / "i.faiss")
+    vector = infer_env.qa.embed(infer_env.ds.user("u002"), "Will this user stop paying?")[0, 0]
+    assert index.search(vector, 1, made_by=own)[0][0][0] == "u002"
+    with pytest.raises(ModelInputError, match="the vector was embedded by model 0000000000000000, the index holds"):
+        index.search(vector, 1, made_by="0" * 64)
+    with pytest.raises(ModelInputError, match="all zeros"):
+        index.search(np.zeros_like(vector), 1)
+    emb = np.random.default_rng(1).normal(size=(3, 1, 8)).astype(np.float32)
+    (tmp_path / "twice").mkdir()
+    for shard in ("part-00000.parquet", "part-00001.parquet"):  # one export's shard copied twice
+        write_parquet(embeddings_table(["u0", "u1", "u2"], ["a"], emb), tmp_path / "twice" / shard)
+    with pytest.raises(ModelInputError, match="user id 'u0' appears more than once among the embeddings of query 'a'"):
+        LookalikeIndex.from_embeddings(tmp_path / "twice", "a")
