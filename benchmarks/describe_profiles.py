@@ -28,7 +28,7 @@ import numpy as np  # noqa: E402
 from qanchor.bench.uqa import held_out_users  # noqa: E402
 from qanchor.data.dataset import load_dataset  # noqa: E402
 from qanchor.data.io import write_text  # noqa: E402
-from qanchor.data.profile import ASPECTS, Fact, facts_of  # noqa: E402
+from qanchor.data.profile import ASPECTS, Fact, facts_of, kept_slots  # noqa: E402
 from qanchor.data.userU_topics import METRICS, History  # noqa: E402
 from qanchor.infer.api import QAnchor, events_before  # noqa: E402
 from qanchor.logs import quiet_third_party  # noqa: E402
@@ -78,9 +78,10 @@ def main(argv: list[str] | None = None) -> int:
         h = History(events_before(record.events, cutoff), cutoff, extra)
         for aspect, (text, _) in profile.answers.items():
             slots = facts_of(aspect, text, h)
-            kept = [f for f in slots if f is not None and f.holds(h)]
+            status = kept_slots(slots, h)  # as describe counts them: a repeated fact is neither kept again nor dropped
+            kept = [f for f, held in zip(slots, status) if held]
             kept_by[aspect] += len(kept)
-            dropped_by[aspect] += len(slots) - len(kept)
+            dropped_by[aspect] += status.count(False)
             unverified_kept += sum(not recheck(f, h) for f in kept)
         profiles.append(profile)
     kept, dropped = sum(p.kept for p in profiles), sum(p.dropped for p in profiles)

@@ -386,6 +386,8 @@ def merge_results(results: list[dict[str, Any]], names: list[str]) -> tuple[UqaR
 
     first = results[0]
     run = {**first["run"], "merged_from": list(names)}
+    matches = [r["run"].get("checkpoint_data_matches") for r in results]  # a row pretrained on other data taints them all
+    run["checkpoint_data_matches"] = False if False in matches else (None if None in matches else True)
     merged = UqaResult(run, first["questions"], first["by_family"], {r: rows[r] for r in sorted(rows, key=order)}, asked)
     return merged, differ
 

@@ -35,7 +35,7 @@ from qanchor.data.userU_topics import (
     verify,
 )
 
-__all__ = ["ASPECTS", "PROFILE_QUESTIONS", "Fact", "Verified", "facts_of", "verify_answer", "squeeze", "tidy"]
+__all__ = ["ASPECTS", "PROFILE_QUESTIONS", "Fact", "Verified", "facts_of", "kept_slots", "verify_answer", "squeeze", "tidy"]
 
 # aspect -> the question the model is asked (what the user does most, when, how much, what changed recently)
 PROFILE_QUESTIONS: dict[str, str] = {
@@ -321,21 +321,38 @@ def facts_of(aspect: str, text: str, h: History, as_read: Callable[[str], str] |
     return _PARSERS[aspect](text, h)
 
 
-def verify_answer(aspect: str, text: str, h: History, as_read: Callable[[str], str] | None = None) -> Verified:
-    """Keep the facts of ``text`` that hold for ``h`` and write them as one sentence; count the rest as dropped."""
-    slots = facts_of(aspect, text, h, as_read)
-    shown: list[str] = []
-    kept, previous_kept = 0, False
-    said: set[str] = set()  # a fact the answer repeats (greedy decoding of a young model loops) is kept once
+def kept_slots(slots: Slots, h: History) -> list[bool | None]:
+    """Per slot of an answer: True (kept: it holds for ``h``), False (dropped: unreadable or untrue), or None (a repeat of
+    a fact kept before it, which greedy decoding of a young model writes in loops: neither kept again nor dropped). A
+    fact is its text and its claims: two modalities' "'Coffee' 3 times" are two facts."""
+    said: set[tuple] = set()
+    status: list[bool | None] = []
     for fact in slots:
-        holds = fact is not None and fact.text not in said and fact.holds(h)
-        if holds:
-            said.add(fact.text)
+        if fact is None or not fact.holds(h):
+            status.append(False)
+        elif (key := (fact.text, fact.claims)) in said:
+            status.append(None)
+        else:
+            said.add(key)
+            status.append(True)
+    return status
+
+
+def verify_answer(aspect: str, text: str, h: History, as_read: Callable[[str], str] | None = None) -> Verified:
+    """Keep the facts of ``text`` that hold for ``h`` (each once) and write them as one sentence; count the rest as
+    dropped."""
+    slots = facts_of(aspect, text, h, as_read)
+    status = kept_slots(slots, h)
+    shown: list[str] = []
+    previous_kept = False
+    for fact, holds in zip(slots, status):
+        if holds is None:  # a repeat: its detail must not attach to the fact shown before it
+            previous_kept = False
+            continue
         if holds and fact.detail is not None and previous_kept:
             shown[-1] += f" ({fact.detail})"  # e.g. "purchase/grocery (459 events)"
         elif holds:
             shown.append(fact.text)
-        kept += holds
         previous_kept = holds and fact.detail is None  # a detail attaches to its own fact, never to another detail
     sentence = f"{_LEADS[aspect]}: {'; '.join(shown)}." if shown else None
-    return Verified(sentence, kept, len(slots) - kept)
+    return Verified(sentence, status.count(True), status.count(False))

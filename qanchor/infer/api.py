@@ -45,6 +45,7 @@ from qanchor.model.factory import (
     checkpoint_hash,
     load_checkpoint,
     resolve_checkpoint_dir,
+    say_if_other_encoder,
     text_encoder_config,
 )
 from qanchor.model.generation import (
@@ -220,12 +221,7 @@ class QAnchor:
             encoder = SentenceEncoder(text_encoder_config(self.meta))
             # the encoder at the recorded path (or the installed package) may no longer be the one trained with: a
             # replaced folder or an upgraded package changes every embedding
-            _check_encoder_digest(encoder, self.meta.text_encoder_digest, self.checkpoint_dir,
-                                  lambda why: CheckpointError(
-                                      f"the text encoder {encoder.cfg.path or 'all-MiniLM-L6-v2 (the installed package)'} "
-                                      f"is not the one {self.checkpoint_dir or 'this model'} was trained with{why}; put "
-                                      "that encoder back at its path (data.text_encoder.path in the checkpoint's "
-                                      "config.yaml), or pretrain again with this one"))
+            say_if_other_encoder(encoder, self.meta.text_encoder_digest, self.checkpoint_dir)
             pipe = UserPipeline.at(self.manifest, self.run_cfg.data, self._text_cache_dir, len(self.tabular_columns),
                                    encoder)
         else:

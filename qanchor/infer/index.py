@@ -32,6 +32,7 @@ from qanchor.data.io import (
 )
 from qanchor.errors import ModelInputError, OutputError
 from qanchor.infer.export import embeddings_maker, read_embeddings, stored_query_ids
+from qanchor.logs import warn
 
 __all__ = ["LookalikeIndex", "IVF_MIN_SIZE", "INDEX_FORMAT", "check_index_target"]
 
@@ -101,10 +102,12 @@ class LookalikeIndex:
         if n == 0:
             raise ModelInputError("no embeddings to index")
         if len(set(user_ids)) != n:  # one query's rows name each user once: a repeat is the same user exported twice
-            twice = next(u for u, count in Counter(user_ids).items() if count > 1)
+            twice = str(next(u for u, count in Counter(user_ids).items() if count > 1))
+            if "query_id" not in meta:  # ids and vectors handed in: nothing to say of where they came from
+                raise ModelInputError(f"user id {twice!r} appears more than once; give each user one vector")
             raise ModelInputError(f"user id {twice!r} appears more than once among the embeddings of query "
-                                  f"{meta.get('query_id', '?')!r} (the same users exported into two shards, or shards "
-                                  "of two exports in one folder?); index a folder that `qanchor embed` wrote")
+                                  f"{meta['query_id']!r} (the same users exported into two shards, or shards of two "
+                                  "exports in one folder?); index a folder that `qanchor embed` wrote")
         if n < ivf_min_size:
             index, kind = faiss.IndexFlatIP(d), "flat"
         else:
@@ -200,6 +203,10 @@ class LookalikeIndex:
         if k < 1:
             raise ModelInputError("k must be >= 1")
         indexed_by = self.meta.get("checkpoint")
+        if made_by is not None and indexed_by is None:
+            warn("this index does not record the model that made its vectors (built before qanchor recorded it, or "
+                 "from embeddings without an export record): the vector's model cannot be checked; rebuild the index "
+                 "with `qanchor index build` to have it checked")
         if made_by is not None and indexed_by is not None and made_by != indexed_by:
             raise ModelInputError(f"the vector was embedded by model {made_by[:16]}, the index holds embeddings of model "
                                   f"{indexed_by[:16]}; embed it with the model the index was built from")

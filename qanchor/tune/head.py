@@ -35,6 +35,7 @@ from torch import nn
 import qanchor
 from qanchor.data.io import OutputKind, as_umask_allows, atomic_dir, is_temporary, to_plain
 from qanchor.errors import CheckpointError
+from qanchor.model.factory import first_nonfinite
 from qanchor.probe import LR_CS, logistic_probe
 from qanchor.tune.losses import prototype_loss, prototype_score
 
@@ -186,6 +187,9 @@ class ScenarioHead(nn.Module):
                                   f"({str(exc).splitlines()[0]}); re-run `qanchor prompt-tune`") from None
         if not {"prompt", "prototypes", "prototype_labels"} <= set(t):
             raise CheckpointError(f"{directory / HEAD_WEIGHTS}: missing prompt / prototypes tensors")
+        if (broken := first_nonfinite(t)) is not None:  # every embedding and score under it would be NaN, unsaid
+            raise CheckpointError(f"{directory / HEAD_WEIGHTS}: the tensor {broken} holds NaN or infinite values; the "
+                                  "head is damaged (re-run `qanchor prompt-tune`)")
         known = {"task", "query", "num_prompt_tokens", "prototypes_per_class", "temperature", "effective_temperature",
                  "bias", "hidden_size", "embedding_dim", "checkpoint_hash", "qanchor_version"}
         extra = {k: v for k, v in meta.items() if k not in known}

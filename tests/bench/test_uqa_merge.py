@@ -66,6 +66,9 @@ def test_runs_asked_with_another_question_seed_are_refused_and_older_records_sti
     assert merge_results([first, other], ["a", "b"])[0].asked == seeded
     older = _run({"text4": ([1] * 8, 99.0)})  # written before the digest: paired by user, family and topic
     assert merge_results([first, older], ["a", "b"])[0].asked == seeded
+    # a run whose checkpoint was pretrained on other data keeps its warning in the merge
+    first["run"]["checkpoint_data_matches"], other["run"]["checkpoint_data_matches"] = True, False
+    assert merge_results([first, other], ["a", "b"])[0].run["checkpoint_data_matches"] is False
 
 
 def test_script_writes_the_merged_report(tmp_path, capsys):

@@ -182,7 +182,15 @@ def test_a_user_without_events_and_a_repeated_fact_verify_without_a_traceback_or
     once = verify_answer("weekend", "3 of 7 events (43%) fall on weekends, so this user leans towards weekends.", h)
     assert once.kept == 3 and once.dropped == 0
     twice = verify_answer("recency", "Last event by modality: bill 1 day ago, bill 1 day ago.", h)
-    assert twice == Verified("Last event: bill 1 day ago.", 1, 1)
+    assert twice == Verified("Last event: bill 1 day ago.", 1, 0)  # a repeat is neither kept again nor dropped
+    # two modalities' counts of one item read alike ("'Coffee' 3 times") but are two facts: both kept
+    both = History({m: EventSeq(ts[:3], ["Coffee"] * 3, np.ones(3, np.float32), np.zeros((3, 0), np.float32))
+                    for m in ("bill", "app")}, 10 * day)
+    said = "Most frequent: bill 'Coffee' (3 times); app 'Coffee' (3 times)."
+    assert verify_answer("favourites", said, both) == Verified(
+        "Most frequent: bill 'Coffee' (3 times); app 'Coffee' (3 times).", 4, 0)
+    looped = "Most frequent: bill 'Coffee' (3 times); bill 'Coffee' (3 times); app 'Coffee' (3 times)."
+    assert verify_answer("favourites", looped, both) == verify_answer("favourites", said, both)
 
 
 def test_amounts_and_rates_hold_to_the_digit_the_template_shows_and_malformed_numbers_are_dropped():

@@ -153,7 +153,7 @@ def test_inputs_an_index_cannot_hold_are_named(tmp_path):
         LookalikeIndex.from_embeddings(tmp_path / "events", "q0")
 
 
-def test_an_index_knows_the_model_that_made_its_vectors_and_refuses_another_models_vector(infer_env, tmp_path):
+def test_an_index_knows_the_model_that_made_its_vectors_and_refuses_another_models_vector(infer_env, tmp_path, capsys):
     """A vector embedded by another checkpoint was searched without a word (vectors of two models share no space);
     a zero vector returned arbitrary users at score 0; a repeated user id was blamed on a query_id already given."""
     import json
@@ -180,3 +180,17 @@ def test_an_index_knows_the_model_that_made_its_vectors_and_refuses_another_mode
         write_parquet(embeddings_table(["u0", "u1", "u2"], ["a"], emb), tmp_path / "twice" / shard)
     with pytest.raises(ModelInputError, match="user id 'u0' appears more than once among the embeddings of query 'a'"):
         LookalikeIndex.from_embeddings(tmp_path / "twice", "a")
+    with pytest.raises(ModelInputError, match="user id 'u0' appears more than once; give each user one vector"):
+        LookalikeIndex.build(np.array(["u0", "u1", "u0"]), emb[:, 0])
+    # an index that records no model (built before the record, or from bare arrays): the check is said to be impossible
+    bare = LookalikeIndex.build(np.array(["u0", "u1", "u2"]), emb[:, 0])
+    capsys.readouterr()
+    assert bare.search(emb[1, 0], 1, made_by=own)[0][0][0] == "u1"
+    assert "does not record the model that made its vectors" in capsys.readouterr().err
+    # one embedding saved as a row ([1, D]) is one vector, from the command line too
+    from qanchor.cli import main
+
+    np.save(tmp_path / "row.npy", vector[None, :])
+    assert main(["index", "search", f"index={tmp_path / 'i.faiss'}", f"vector={tmp_path / 'row.npy'}", "k=1", "json=true",
+                 f"checkpoint={infer_env.ckpt}"]) == 0
+    assert json.loads(capsys.readouterr().out)[0]["user_id"] == "u002"

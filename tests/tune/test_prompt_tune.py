@@ -185,6 +185,38 @@ def test_cli_runs_and_reports_unknown_task(ckpt, tmp_path, capsys):
     assert "unknown task" in capsys.readouterr().err
 
 
+def test_tuning_says_when_its_encoder_is_not_the_one_the_checkpoint_was_trained_with(ckpt, tmp_path, capsys):
+    """Serving said it; tuning read the other encoder's vectors and wrote a head without a word."""
+    import json
+
+    ck, ds_dir = ckpt
+    other = tmp_path / "ck"
+    shutil.copytree(ck, other)
+    meta = json.loads((other / "qanchor.json").read_text())
+    (other / "qanchor.json").write_text(json.dumps({**meta, "text_encoder_digest": "0" * 12}))
+    capsys.readouterr()
+    assert main(["prompt-tune", "--quiet", f"checkpoint={other}", f"data.path={ds_dir}", f"output_dir={tmp_path / 'o'}",
+                 *FAST, "task=churn", "steps=2", "eval_every=1"]) == 0
+    assert f"does not compute what {other} recorded of the encoder it was trained with" in capsys.readouterr().err
+
+
+def test_a_head_with_a_nan_is_refused_naming_the_tensor(ckpt, tmp_path):
+    """Such a head wrote NaN embeddings and scores for every user of an export without a word."""
+    from safetensors.torch import load_file, save_file
+
+    from qanchor.errors import CheckpointError
+    from qanchor.tune.head import HEAD_WEIGHTS, ScenarioHead
+
+    ck, ds_dir = ckpt
+    assert main(["prompt-tune", "--quiet", f"checkpoint={ck}", f"data.path={ds_dir}", f"output_dir={tmp_path / 'o'}",
+                 *FAST, "task=churn", "steps=2", "eval_every=1"]) == 0
+    weights = load_file(tmp_path / "o" / "churn" / HEAD_WEIGHTS)
+    weights["prompt"][0, 0] = float("nan")
+    save_file(weights, tmp_path / "o" / "churn" / HEAD_WEIGHTS)
+    with pytest.raises(CheckpointError, match="the tensor prompt holds NaN or infinite values"):
+        ScenarioHead.load(tmp_path / "o" / "churn")
+
+
 def test_rerun_reuses_finished_heads_and_retunes_changed_or_unfinished(ckpt, tmp_path, monkeypatch):
     import qanchor.tune.prompt_tune as prompt_tune_module
 
