@@ -188,7 +188,7 @@ def test_a_temporary_of_another_machine_is_left_alone_and_a_dead_local_one_is_re
     for p in (other, local, older):
         p.mkdir()
     assert io._host() != "ffffffff"
-    io._recover(target)
+    io.recover_temporaries(target)
     assert other.exists() and not local.exists() and not older.exists()
     assert io._temp_name(target, "qanchor-tmp").name.split(".")[-2] == f"{os.getpid()}-{io._host()}"
 
