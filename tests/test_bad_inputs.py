@@ -409,7 +409,7 @@ CASES = [
     Case("bench-single-positive", _labels_one_positive, "fewer than 2 users in its minority class"),
     Case("index-search-matrix-vector", lambda d, w: ["index", "search", f"index={w.index}",
                                                     f"vector={_npy_file(d, np.ones((2, 128), np.float32))}"],
-         "give one vector (a 1-d array)"),
+         "give one vector (a 1-d array or one row)"),
     Case("index-search-other-models-vector", lambda d, w: ["index", "search", f"index={w.index}", "vector=" + ",".join(["1"] * 128),
                                                           f"checkpoint={_other_checkpoint(d, w)}"],
          "the vector was embedded by model"),
