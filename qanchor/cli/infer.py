@@ -120,7 +120,7 @@ def _vector(arg: str) -> np.ndarray:
             vec = np.load(path, allow_pickle=False).astype(np.float32)
         except (ValueError, OSError) as exc:
             raise ModelInputError(f"{path}: not a numeric .npy array ({exc})") from None
-        if vec.ndim > 1 and vec.shape[0] == 1:  # one embedding kept as a row, [1, D]
+        if vec.ndim == 2 and vec.shape[0] == 1:  # one embedding kept as a row, [1, D] (not [1, Q, D]: several)
             vec = vec.reshape(-1)
         if vec.ndim != 1:  # several rows: the first alone was searched, without a word about the others
             raise ModelInputError(f"{path}: holds an array of shape {vec.shape}; give one vector (a 1-d array or one "

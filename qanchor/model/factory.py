@@ -127,8 +127,10 @@ def build_model(cfg: ModelConfig, manifest: Manifest, text_dim: int, tabular_col
             backbone = AutoModelForCausalLM.from_config(hf_config, dtype=getattr(torch, cfg.backbone.dtype),
                                                         attn_implementation=attn)
         except _backbone_config_errors() as exc:  # values transformers validates only when it builds the model
-            if _out_of_memory(exc):  # a sound config too large for this machine: not a damaged checkpoint
-                raise
+            if _out_of_memory(exc):  # a config too large for this machine, or a size edited out of all proportion
+                raise CheckpointError(f"the checkpoint's backbone_config.json asks for more memory than this machine can "
+                                      f"give ({str(exc).splitlines()[0][:200]}): run it on a machine with more memory, "
+                                      "or, if that file was edited, re-copy the checkpoint folder whole") from None
             raise CheckpointError(f"the checkpoint's backbone_config.json does not describe a model transformers can build "
                                   f"({type(exc).__name__}: {str(exc).splitlines()[0][:200]}); it is damaged or was "
                                   "edited: re-copy the checkpoint folder whole") from None
@@ -326,9 +328,15 @@ def say_if_other_encoder(encoder: Any, recorded: str | None, checkpoint: str | P
     :attr:`SentenceEncoder.digest`; None in a checkpoint older than the record: nothing to compare). A warning, not a
     refusal: the digest also reads the encoder's config as the installed transformers describes it, and another
     version may describe the same encoder with other keys. A stand-in encoder without a config is taken as it is."""
-    if recorded is None or getattr(encoder, "cfg", None) is None or encoder.computes(recorded):
+    if recorded is None or getattr(encoder, "cfg", None) is None:
         return
     where = encoder.cfg.path or "all-MiniLM-L6-v2 (the installed package)"
+    if encoder.computes(recorded):
+        if recorded != encoder.digest:  # recognised by an older digest only, as a text cache handed in is
+            warn(f"{checkpoint or 'this model'} recorded its text encoder by the sum of the weights (a checkpoint "
+                 "saved before 2026-12-07), which a small change of the weights, as fine-tuning makes, can leave as it "
+                 f"was: the encoder {where} matches it, but make sure it is the one the model was trained with")
+        return
     warn(f"the text encoder {where} does not compute what {checkpoint or 'this model'} recorded of the encoder it was "
          f"trained with (digest {encoder.digest}, recorded {recorded}): its weights, tokenizer or settings differ, or "
          "another transformers version describes the same encoder differently. If the encoder changed, every embedding "

@@ -18,6 +18,7 @@ Example:
 from __future__ import annotations
 
 import json
+import math
 import warnings
 from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
@@ -193,6 +194,13 @@ class ScenarioHead(nn.Module):
         known = {"task", "query", "num_prompt_tokens", "prototypes_per_class", "temperature", "effective_temperature",
                  "bias", "hidden_size", "embedding_dim", "checkpoint_hash", "qanchor_version"}
         extra = {k: v for k, v in meta.items() if k not in known}
+        try:
+            temperature = float(meta["temperature"])
+        except (TypeError, ValueError):
+            temperature = math.nan
+        if not (math.isfinite(temperature) and temperature > 0):  # NaN or zero: NaN scores; infinite: all 0, unsaid
+            raise CheckpointError(f"{directory / HEAD_META}: temperature {meta['temperature']!r} is not a positive "
+                                  "number; the head is damaged (re-run `qanchor prompt-tune`)")
         whitening = (t["whiten_mean"], t["whiten_matrix"]) if "whiten_matrix" in t else None
         # Heads saved before the scale and bias existed scored with exactly these values.
         log_scale, bias = t.get("log_scale", 0.0), t.get("bias", 0.0)
@@ -201,7 +209,7 @@ class ScenarioHead(nn.Module):
                                   "other; the head is damaged (re-run `qanchor prompt-tune`)")
         try:
             head = cls(meta["task"], meta["query"], t["prompt"], t["prototypes"], t["prototype_labels"],
-                       float(meta["temperature"]), meta["checkpoint_hash"], extra, whitening, log_scale, bias, t.get("lookup"))
+                       temperature, meta["checkpoint_hash"], extra, whitening, log_scale, bias, t.get("lookup"))
         except (ValueError, TypeError, RuntimeError) as exc:  # values of the wrong kind or shape
             raise CheckpointError(f"{directory}: damaged head ({str(exc).splitlines()[0][:160]}); re-run "
                                   "`qanchor prompt-tune`") from None

@@ -194,3 +194,6 @@ def test_an_index_knows_the_model_that_made_its_vectors_and_refuses_another_mode
     assert main(["index", "search", f"index={tmp_path / 'i.faiss'}", f"vector={tmp_path / 'row.npy'}", "k=1", "json=true",
                  f"checkpoint={infer_env.ckpt}"]) == 0
     assert json.loads(capsys.readouterr().out)[0]["user_id"] == "u002"
+    np.save(tmp_path / "queries.npy", np.stack([vector, vector])[None])  # one user under two queries, [1, Q, D]
+    assert main(["index", "search", f"index={tmp_path / 'i.faiss'}", f"vector={tmp_path / 'queries.npy'}"]) == 2
+    assert "holds an array of shape (1, 2, 128)" in capsys.readouterr().err

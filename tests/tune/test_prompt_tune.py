@@ -215,6 +215,20 @@ def test_a_head_with_a_nan_is_refused_naming_the_tensor(ckpt, tmp_path):
     save_file(weights, tmp_path / "o" / "churn" / HEAD_WEIGHTS)
     with pytest.raises(CheckpointError, match="the tensor prompt holds NaN or infinite values"):
         ScenarioHead.load(tmp_path / "o" / "churn")
+    import yaml
+
+    from qanchor.tune.head import HEAD_META
+
+    weights["prompt"][0, 0] = 0.0
+    save_file(weights, tmp_path / "o" / "churn" / HEAD_WEIGHTS)
+    described = yaml.safe_load((tmp_path / "o" / "churn" / HEAD_META).read_text())
+    for temperature in (".nan", ".inf", "0.0", "-1.0"):  # NaN scores, or every score 0: all unsaid before
+        (tmp_path / "o" / "churn" / HEAD_META).write_text(
+            yaml.safe_dump({k: v for k, v in described.items() if k != "temperature"}) + f"temperature: {temperature}\n")
+        with pytest.raises(CheckpointError, match="is not a positive number"):
+            ScenarioHead.load(tmp_path / "o" / "churn")
+    (tmp_path / "o" / "churn" / HEAD_META).write_text(yaml.safe_dump(described))
+    assert ScenarioHead.load(tmp_path / "o" / "churn").task == "churn"
 
 
 def test_rerun_reuses_finished_heads_and_retunes_changed_or_unfinished(ckpt, tmp_path, monkeypatch):
