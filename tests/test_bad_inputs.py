@@ -345,7 +345,7 @@ CASES = [
     Case("embed-out-inside-a-head", lambda d, w: ["embed", f"checkpoint={w.ckpt}", f"data.path={w.ds}",
                                                   f"heads={w.heads / 'churn'}", f"out={w.heads / 'churn' / 'emb'}"],
          "is inside the input heads[0]"),
-    Case("embed-head-with-a-bad-value", _head_with_bad_value, "damaged head"),
+    Case("embed-head-with-a-bad-value", _head_with_bad_value, "temperature 'abc' is not a positive number"),
     Case("update-damaged-state", _damaged_state, "not valid JSON; the state is damaged"),
     # checked before any long work
     Case("pretrain-missing-dataset", lambda d, w: ["pretrain", f"data.path={w.ds / 'missing'}"],
