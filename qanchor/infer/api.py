@@ -38,14 +38,14 @@ from qanchor.data.text_cache import SentenceEncoder, TextVectorCache, default_en
 from qanchor.data.userU_topics import History
 from qanchor.errors import CheckpointError, ConfigError, ModelInputError
 from qanchor.infer.user_input import record_adapter, to_microseconds, to_record
-from qanchor.logs import caller_stacklevel, warn
+from qanchor.logs import caller_stacklevel
 from qanchor.model.backbone import check_device
 from qanchor.model.factory import (
     ModelMeta,
+    check_encoder_digest,
     checkpoint_hash,
     load_checkpoint,
     resolve_checkpoint_dir,
-    say_if_other_encoder,
     text_encoder_config,
 )
 from qanchor.model.generation import (
@@ -221,7 +221,7 @@ class QAnchor:
             encoder = SentenceEncoder(text_encoder_config(self.meta))
             # the encoder at the recorded path (or the installed package) may no longer be the one trained with: a
             # replaced folder or an upgraded package changes every embedding
-            say_if_other_encoder(encoder, self.meta.text_encoder_digest, self.checkpoint_dir)
+            check_encoder_digest(encoder, self.meta.text_encoder_digest, self.checkpoint_dir)
             pipe = UserPipeline.at(self.manifest, self.run_cfg.data, self._text_cache_dir, len(self.tabular_columns),
                                    encoder)
         else:
@@ -775,37 +775,17 @@ def _check_cache_encoder(cache: TextVectorCache, trained: TextEncoderConfig, tra
                                f"{trained.path or 'all-MiniLM-L6-v2'} and max_length={trained.max_length}{why}; open the "
                                "cache with the checkpoint's encoder (or pass none: the model opens its own)")
 
-    def refuse(why: str) -> None:
-        raise refusal(why)
-
     if given.max_length != trained.max_length:
-        refuse("")
+        raise refusal("")
     if trained_digest is not None:
-        _check_encoder_digest(cache.encoder, trained_digest, checkpoint, refusal)
+        check_encoder_digest(cache.encoder, trained_digest, checkpoint, refusal)
         return
     if where(given) != where(trained):
         if not where(trained).exists():  # nothing left to compare with: another encoder of the same width would pass
-            refuse(" (a checkpoint that did not record what its encoder computes, and whose encoder cannot be found "
+            raise refusal(" (a checkpoint that did not record what its encoder computes, and whose encoder cannot be found "
                    "where it was recorded: put it back there)")
         if cache.encoder.digest != SentenceEncoder(trained, device=getattr(cache.encoder, "device", None)).digest:
-            refuse(" (a checkpoint that did not record its encoder's digest: compared with the encoder at its recorded path)")
-
-
-def _check_encoder_digest(encoder, trained_digest: str | None, checkpoint: Path | None,
-                          error: Callable[[str], Exception]) -> None:
-    """Raise ``error(why)`` unless ``encoder`` computes what the checkpoint recorded of its own (``trained_digest``;
-    None, a checkpoint older than the record: nothing to compare). Older checkpoints recorded the digest of the
-    weights' sum, some with the transformers version in it: recognised, with a warning that it cannot see a small
-    change of the weights."""
-    if trained_digest is None or getattr(encoder, "cfg", None) is None:  # no record, or a stand-in encoder
-        return
-    if not encoder.computes(trained_digest):
-        raise error(f" (its weights, tokenizer or settings differ: digest {encoder.digest}, trained {trained_digest})")
-    if trained_digest != encoder.digest:  # recognised by an older digest only
-        warn(f"{checkpoint or 'this model'} recorded its text encoder by the sum of the weights (a checkpoint saved "
-             "before 2026-12-07), which a small change of the weights, as fine-tuning makes, can leave as it was: "
-             f"the encoder at {encoder.cfg.path or 'all-MiniLM-L6-v2'} matches it, but make sure it is the one the model "
-             "was trained with")
+            raise refusal(" (a checkpoint that did not record its encoder's digest: compared with the encoder at its recorded path)")
 
 
 def events_before(events: Mapping[str, EventSeq], cutoff_us: int) -> dict[str, EventSeq]:

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import json
 import warnings
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
@@ -322,21 +322,26 @@ def first_nonfinite(tensors: Mapping[str, torch.Tensor]) -> str | None:
     return None
 
 
-def say_if_other_encoder(encoder: Any, recorded: str | None, checkpoint: str | Path | None) -> None:
-    """Warn when the sentence encoder a model opens for itself (at the path its checkpoint names, or the installed
-    package) does not compute what the checkpoint recorded of the encoder it was trained with (``recorded``, its
-    :attr:`SentenceEncoder.digest`; None in a checkpoint older than the record: nothing to compare). A warning, not a
-    refusal: the digest also reads the encoder's config as the installed transformers describes it, and another
-    version may describe the same encoder with other keys. A stand-in encoder without a config is taken as it is."""
+def check_encoder_digest(encoder: Any, recorded: str | None, checkpoint: str | Path | None,
+                         refusal: Callable[[str], Exception] | None = None) -> None:
+    """Compare a sentence encoder with what a checkpoint recorded of the encoder it was trained with (``recorded``, its
+    :attr:`SentenceEncoder.digest`; None in a checkpoint older than the record: nothing to compare). Where it differs,
+    raise ``refusal(why)`` (a text cache handed in, whose vectors would be mixed in), or else warn: the encoder a model
+    opens for itself (at the path its checkpoint names, or the installed package) is only said to differ, since the
+    digest also reads the encoder's config as the installed transformers describes it, and another version may describe
+    the same encoder with other keys. An encoder recognised only by an older digest (the weights' sum, which a small
+    change of them can keep) is said too. A stand-in encoder without a config is taken as it is."""
     if recorded is None or getattr(encoder, "cfg", None) is None:
         return
     where = encoder.cfg.path or "all-MiniLM-L6-v2 (the installed package)"
     if encoder.computes(recorded):
-        if recorded != encoder.digest:  # recognised by an older digest only, as a text cache handed in is
+        if recorded != encoder.digest:  # recognised by an older digest only
             warn(f"{checkpoint or 'this model'} recorded its text encoder by the sum of the weights (a checkpoint "
                  "saved before 2026-12-07), which a small change of the weights, as fine-tuning makes, can leave as it "
                  f"was: the encoder {where} matches it, but make sure it is the one the model was trained with")
         return
+    if refusal is not None:
+        raise refusal(f" (its weights, tokenizer or settings differ: digest {encoder.digest}, trained {recorded})")
     warn(f"the text encoder {where} does not compute what {checkpoint or 'this model'} recorded of the encoder it was "
          f"trained with (digest {encoder.digest}, recorded {recorded}): its weights, tokenizer or settings differ, or "
          "another transformers version describes the same encoder differently. If the encoder changed, every embedding "

@@ -54,7 +54,7 @@ from qanchor.faults import failpoint
 from qanchor.logs import log
 from qanchor.metrics import auc_ks
 from qanchor.model.backbone import check_device
-from qanchor.model.factory import ModelMeta, load_checkpoint, say_if_other_encoder
+from qanchor.model.factory import ModelMeta, check_encoder_digest, load_checkpoint
 from qanchor.model.layout import tokenize_query
 from qanchor.model.prefix_cache import PrefixStore
 from qanchor.model.qanchor_model import QAnchorModel
@@ -183,7 +183,7 @@ def run_prompt_tune(cfg: PromptTuneConfig, progress: bool = True) -> dict:
     for name in tasks:  # a question too long for the model: refused before the output folder and the prefixes
         tokenize_query(tokenizer, views[name].spec.query, model.cfg.max_query_tokens)
     pipe = UserPipeline.for_dataset(ds, data_cfg)
-    say_if_other_encoder(pipe.cache.encoder, meta.text_encoder_digest, cfg.checkpoint)  # as serving does
+    check_encoder_digest(pipe.cache.encoder, meta.text_encoder_digest, cfg.checkpoint)  # as serving does
     out = Path(cfg.output_dir)
     claim_output_dir(out, OutputKind.HEADS, {"checkpoint": cfg.checkpoint, "data.path": data_cfg.path,
                                              "labels": cfg.labels}, key="output_dir")
