@@ -70,6 +70,30 @@ def weights_sha256(module: torch.nn.Module) -> str:
     return digest.hexdigest()
 
 
+def _config_file_settings(path: str) -> dict | None:
+    """The settings in an encoder's ``config.json`` (a local folder's, or a hub id's in the local hub cache), less where
+    it was made and by which transformers (``_name_or_path``, ``transformers_version``); None where there is none to
+    read (the digest then reads the settings as loaded)."""
+    file = Path(path).expanduser() / "config.json"
+    if not file.is_file():
+        try:
+            from huggingface_hub import try_to_load_from_cache
+
+            cached = try_to_load_from_cache(path, "config.json")
+        except Exception:  # not a hub id (a path that is not there): nothing cached
+            cached = None
+        if not isinstance(cached, str):
+            return None
+        file = Path(cached)
+    try:
+        settings = json.loads(file.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, ValueError):  # transformers read it; an unreadable one now is a race
+        return None
+    if not isinstance(settings, dict):
+        return None
+    return {k: v for k, v in settings.items() if k not in ("_name_or_path", "transformers_version")}
+
+
 # Rows in every batch the sentence encoder runs (see SentenceEncoder.encode): few, so that encoding one new question
 # costs little more than one row, and fixed, so that every text of one length runs the same kernels.
 ENCODE_ROWS = 8
@@ -102,6 +126,7 @@ class SentenceEncoder:
         self.device = torch.device(device)
         self.dim = int(self.model.config.hidden_size)
         self._weights_sha: str | None = None
+        self._config_file = _config_file_settings(self.path)  # read once, beside the weights it describes
 
     def refuse_cut(self, texts: Sequence[str], what: str) -> None:
         """:func:`refuse_cut` with this encoder's tokenizer and ``max_length``."""
@@ -139,22 +164,38 @@ class SentenceEncoder:
     def digest(self) -> str:
         """What the encoder computes (12 hex digits), without its folder's name or the transformers version that loaded
         it: equal for one encoder in two folders or two environments (a checkpoint records it to recognise its encoder
-        after a move or an upgrade)."""
-        return self._fingerprint(with_library=False)
+        after a move or an upgrade). Its settings are the encoder's own ``config.json`` as the folder holds it, not as
+        the installed transformers describes it: transformers 4.57 lists some 40 generation defaults (``num_beams``,
+        ``top_k``...) that 5.x dropped, so the same encoder read as another one after an upgrade."""
+        return self._fingerprint(with_library=False, config_as_file=True)
 
     def computes(self, recorded: str) -> bool:
-        """Whether ``recorded``, a digest a checkpoint holds, is this encoder's: today's :attr:`digest`, or one of the
-        two an older qanchor recorded (the weights' sum in place of their bytes; before fb6e252..ccee906 ended, with the
-        transformers version in it), which are compared as they were computed."""
-        if recorded == self.digest:  # the usual case, without summing the weights twice more
-            return True
-        return recorded in (self._fingerprint(with_library=False, legacy_sum=True),
-                            self._fingerprint(with_library=True, legacy_sum=True))
+        """Whether ``recorded``, a digest a checkpoint holds, is this encoder's (see :meth:`recognises`)."""
+        return self.recognises(recorded) is not None
 
-    def _fingerprint(self, with_library: bool, legacy_sum: bool = False) -> str:
-        # the cache's key keeps the library version it always had (a changed key re-encodes every cached text)
-        settings = {k: v for k, v in self.model.config.to_dict().items()
-                    if k != "_name_or_path" and (with_library or k != "transformers_version")}
+    def recognises(self, recorded: str) -> str | None:
+        """How ``recorded``, a digest a checkpoint holds, is this encoder's: ``"digest"`` by today's :attr:`digest` or
+        the one qanchor recorded before it (the settings as the installed transformers describes them: exact, but only
+        under the transformers version that wrote it); ``"sum"`` by one of the two older still (the weights' sum in
+        place of their bytes, which a small change of them can keep; before fb6e252..ccee906 ended, with the
+        transformers version in it); None when it is another encoder's."""
+        if recorded == self.digest:  # the usual case, without hashing the settings or summing the weights again
+            return "digest"
+        if recorded == self._fingerprint(with_library=False):
+            return "digest"
+        if recorded in (self._fingerprint(with_library=False, legacy_sum=True),
+                        self._fingerprint(with_library=True, legacy_sum=True)):
+            return "sum"
+        return None
+
+    def _fingerprint(self, with_library: bool, legacy_sum: bool = False, config_as_file: bool = False) -> str:
+        # the cache's key keeps the library version and the settings as transformers describes them, as it always did
+        # (a changed key re-encodes every cached text)
+        if config_as_file and self._config_file is not None:
+            settings = self._config_file
+        else:  # an encoder without a config.json of its own to read (a hub id not in the local cache): as loaded
+            settings = {k: v for k, v in self.model.config.to_dict().items()
+                        if k != "_name_or_path" and (with_library or k != "transformers_version")}
         config = json.dumps(settings, sort_keys=True, default=str)
         weights = (f"{sum(float(p.double().sum()) for p in self.model.parameters()):.6e}" if legacy_sum
                    else self._weights_digest())

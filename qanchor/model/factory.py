@@ -328,14 +328,16 @@ def check_encoder_digest(encoder: Any, recorded: str | None, checkpoint: str | P
     :attr:`SentenceEncoder.digest`; None in a checkpoint older than the record: nothing to compare). Where it differs,
     raise ``refusal(why)`` (a text cache handed in, whose vectors would be mixed in), or else warn: the encoder a model
     opens for itself (at the path its checkpoint names, or the installed package) is only said to differ, since the
-    digest also reads the encoder's config as the installed transformers describes it, and another version may describe
-    the same encoder with other keys. An encoder recognised only by an older digest (the weights' sum, which a small
+    digest reads the encoder's config.json, which a folder's owner may edit without changing what it computes (and an
+    older checkpoint recorded the config as the transformers of its day described it, which another version describes
+    with other keys). An encoder recognised only by an older digest (the weights' sum, which a small
     change of them can keep) is said too. A stand-in encoder without a config is taken as it is."""
     if recorded is None or getattr(encoder, "cfg", None) is None:
         return
     where = encoder.cfg.path or "all-MiniLM-L6-v2 (the installed package)"
-    if encoder.computes(recorded):
-        if recorded != encoder.digest:  # recognised by an older digest only
+    recognised = encoder.recognises(recorded)
+    if recognised is not None:
+        if recognised == "sum":  # recognised by the weights' sum only
             warn(f"{checkpoint or 'this model'} recorded its text encoder by the sum of the weights (a checkpoint "
                  "saved before 2026-12-07), which a small change of the weights, as fine-tuning makes, can leave as it "
                  f"was: the encoder {where} matches it, but make sure it is the one the model was trained with")
@@ -343,10 +345,10 @@ def check_encoder_digest(encoder: Any, recorded: str | None, checkpoint: str | P
     if refusal is not None:
         raise refusal(f" (its weights, tokenizer or settings differ: digest {encoder.digest}, trained {recorded})")
     warn(f"the text encoder {where} does not compute what {checkpoint or 'this model'} recorded of the encoder it was "
-         f"trained with (digest {encoder.digest}, recorded {recorded}): its weights, tokenizer or settings differ, or "
-         "another transformers version describes the same encoder differently. If the encoder changed, every embedding "
-         "differs from training's: put the trained encoder back at its path (data.text_encoder.path in the "
-         "checkpoint's config.yaml), or install the versions of qanchor and transformers the model was trained with")
+         f"trained with (digest {encoder.digest}, recorded {recorded}): its weights, tokenizer or config.json differ "
+         "(or, for an older checkpoint, which recorded the config as the transformers of its day described it, the "
+         "installed version describes the same encoder with other keys). If the encoder changed, every embedding differs from training's: put the trained encoder back at "
+         "its path (data.text_encoder.path in the checkpoint's config.yaml)")
 
 
 def text_encoder_config(meta: ModelMeta) -> TextEncoderConfig:

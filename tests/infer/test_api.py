@@ -424,6 +424,48 @@ def test_the_encoder_digest_outlives_a_transformers_upgrade(monkeypatch):
     assert encoder.digest == digest and encoder.key != key
 
 
+def test_the_encoder_digest_reads_the_encoders_config_file_not_the_librarys_view_of_it(monkeypatch, tmp_path, infer_env,
+                                                                                       capsys):
+    """The digest hashed the config as the installed transformers describes it: 4.57 lists some 40 generation
+    defaults (num_beams, top_k...) that 5.x dropped, so one encoder had two digests, and every checkpoint saved under
+    one version warned of a changed encoder under the other (measured: the bundled MiniLM read d1f0b9c74854 under
+    4.57.6, f78493e19473 under 5.25.0; today's digest is 3641d88a57ee under both). It now reads the folder's
+    config.json; a checkpoint that recorded the older digest is still recognised, without a word, under the
+    transformers version that wrote it."""
+    import shutil
+
+    import transformers
+
+    from qanchor.config import TextEncoderConfig
+    from qanchor.data.text_cache import SentenceEncoder, default_encoder_path
+
+    encoder = SentenceEncoder(device="cpu")
+    digest, as_described = encoder.digest, encoder._fingerprint(with_library=False)
+    described = transformers.PretrainedConfig.to_dict
+    monkeypatch.setattr(transformers.PretrainedConfig, "to_dict",
+                        lambda self: {**described(self), "num_beams": 1, "top_k": 50, "tf_legacy_loss": False})
+    other_version = SentenceEncoder(device="cpu")
+    assert other_version.digest == digest  # the same file, weights and tokenizer: the same encoder
+    assert other_version._fingerprint(with_library=False) != as_described  # what the older digest read has moved
+    monkeypatch.undo()
+    assert encoder.recognises(as_described) == "digest"  # a checkpoint saved before: recognised, as exactly as it was
+    ckpt = tmp_path / "ckpt"
+    shutil.copytree(infer_env.ckpt, ckpt)
+    meta = json.loads((ckpt / "qanchor.json").read_text())
+    (ckpt / "qanchor.json").write_text(json.dumps({**meta, "text_encoder_digest": as_described}))
+    capsys.readouterr()
+    QAnchor.from_pretrained(ckpt).embed([infer_env.ds.user("u002")], ["Will this user stop paying?"])
+    assert "warning" not in capsys.readouterr().err
+
+    edited = tmp_path / "minilm"  # a setting the weights do not show, changed in the file: another encoder
+    shutil.copytree(default_encoder_path(), edited)
+    config = json.loads((edited / "config.json").read_text())
+    (edited / "config.json").write_text(json.dumps({**config, "layer_norm_eps": 1e-5}))
+    assert SentenceEncoder(TextEncoderConfig(path=str(edited)), device="cpu").digest != digest
+    (edited / "config.json").write_text(json.dumps({**config, "_name_or_path": "/elsewhere", "transformers_version": "9"}))
+    assert SentenceEncoder(TextEncoderConfig(path=str(edited)), device="cpu").digest == digest  # where and by what made
+
+
 def test_a_text_cache_of_other_encoder_settings_is_refused(infer_env, tmp_path):
     """Only the vectors' width was compared: a cache opened with max_length=5 (the checkpoint's is 48) moved embeddings
     by up to 0.2 without a word."""
