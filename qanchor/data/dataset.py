@@ -31,6 +31,7 @@ from qanchor.data.io import OutputKind, atomic_dir, claim_output_dir, local_path
 from qanchor.data.manifest import MANIFEST_FILE, Manifest, TaskSpec
 from qanchor.data.schema import (
     CACHE_DIR,
+    EVENTS_DIR,
     TABULAR_FILE,
     TASKS_DIR,
     USERU_FILE,
@@ -40,6 +41,7 @@ from qanchor.data.schema import (
 )
 from qanchor.data.validate import ValidationReport, event_files, validate_dataset
 from qanchor.errors import ConfigError, DataValidationError
+from qanchor.logs import warn
 
 __all__ = ["EventSeq", "event_order", "in_event_order", "order_key", "isin_ids", "UserRecord", "RecordLayout", "Task", "Dataset", "load_dataset", "records_from_table", "default_cache_dir",
            "CACHE_DIR"]
@@ -354,7 +356,12 @@ class _Partitions:
         if not path.exists():  # a partition whose users have no events
             return pa.table({"user_id": pa.array([], pa.string()), "modality": pa.array([], pa.string()),
                              "ts": pa.array([], pa.timestamp("us", tz="UTC")), "text": pa.array([], pa.string())})
-        return pq.read_table(path)
+        try:
+            return pq.read_table(path)
+        except (OSError, pa.ArrowException) as exc:  # damaged inside, past the footer build() checks
+            raise DataValidationError(str(path), f"this partition of the dataset's events cache cannot be read "
+                                      f"({str(exc).splitlines()[0][:120]}); it is a cache qanchor rebuilds from the "
+                                      f"dataset: delete {self.directory} and run the command again") from None
 
     @classmethod
     def build(cls, ds: Dataset) -> _Partitions:
@@ -362,10 +369,11 @@ class _Partitions:
         directory = ds.cache_dir / f"users-{_fingerprint(ds.root, files)}"
         index_path = directory / "index.json"
         if index_path.exists():
-            index = json.loads(index_path.read_text())
-            user_ids = pq.read_table(directory / "user_ids.parquet").column("user_id").to_numpy(zero_copy_only=False)
-            written = set(index["written"]) if "written" in index else None
-            return cls(directory, user_ids.astype(object), np.asarray(index["bounds"], dtype=np.int64), written)
+            if (found := cls._open(directory)) is not None:
+                return found
+            # damaged (a copy or sync cut short keeps the files' times, so the fingerprint still matches; a cleaner
+            # took some files): it is only a cache, ours, and the atomic write below replaces it whole
+            warn(f"{directory}: the dataset's events cache is damaged or incomplete; rebuilding it")
         user_ids = _all_user_ids(ds, files)
         per_part = max(_PARTITION_USERS, -(-len(user_ids) // _MAX_PARTITIONS))
         bounds = np.append(np.arange(0, len(user_ids), per_part), len(user_ids)).astype(np.int64)
@@ -375,6 +383,24 @@ class _Partitions:
             pq.write_table(pa.table({"user_id": pa.array(user_ids.tolist(), pa.string())}), tmp / "user_ids.parquet")
             write_text(json.dumps({"bounds": bounds.tolist(), "written": sorted(written)}), tmp / "index.json")
         return cls(directory, user_ids, bounds, written)
+
+
+    @classmethod
+    def _open(cls, directory: Path) -> _Partitions | None:
+        """The partitions a finished build left in ``directory``, or None where its index, user list or a listed
+        partition is unreadable or gone (each partition's footer is read: a cut file fails there)."""
+        try:
+            index = json.loads((directory / "index.json").read_text())
+            user_ids = pq.read_table(directory / "user_ids.parquet").column("user_id").to_numpy(zero_copy_only=False)
+            bounds = np.asarray(index["bounds"], dtype=np.int64)
+            written = set(index["written"]) if "written" in index else None
+            if bounds.ndim != 1 or len(bounds) < 1 or bounds[-1] != len(user_ids):
+                return None
+            for part in sorted(written) if written is not None else ():
+                pq.read_metadata(directory / f"part-{part:05d}.parquet")
+        except (OSError, ValueError, TypeError, KeyError, pa.ArrowException):
+            return None
+        return cls(directory, user_ids.astype(object), bounds, written)
 
 
 def _fingerprint(root: Path, files: list[Path]) -> str:
@@ -453,6 +479,12 @@ def load_dataset(path: str | Path, cache_dir: str | Path | None = None, pairs: b
     report = validate_dataset(root, pairs)
     if cache_dir and str(local_path(cache_dir)).startswith("~"):  # an unknown user's home: never a folder named "~"
         raise ConfigError(f"data.cache_dir={cache_dir}: no such user's home directory; give a path")
+    if cache_dir:
+        inside = local_path(cache_dir).resolve()
+        for folder in (root.resolve() / EVENTS_DIR, root.resolve() / TASKS_DIR):
+            if inside == folder or folder in inside.parents:  # the dataset would read the cache as its own files
+                raise ConfigError(f"data.cache_dir={cache_dir} lies in {folder}, which holds only the dataset's own "
+                                  f"files; give a folder outside them (the default is {root / CACHE_DIR})")
     return Dataset(root, report.manifest, report, local_path(cache_dir) if cache_dir else default_cache_dir(root))
 
 

@@ -34,6 +34,7 @@ import os
 import secrets
 import shutil
 import socket
+import stat
 from collections.abc import Collection, Iterator, Mapping
 from contextlib import contextmanager
 from enum import Enum
@@ -502,6 +503,9 @@ def check_replaceable(target: str | os.PathLike, kind: OutputKind, layout: Colle
         return
     if not target.is_dir():
         raise OutputError(f"{target} is a file, not a directory; give a directory path for the {kind.value}")
+    if os.path.ismount(target):  # replaced whole by a rename, which a mount point refuses (after all the work)
+        raise OutputError(f"{target} is a mount point, and a {kind.value} is written aside and renamed into place, "
+                          f"which a mount point cannot be: name a folder inside it (e.g. {target / 'out'})")
     found = output_kind(target)
     if found == kind.value and layout is None:
         holds = output_record(target).get("holds")
@@ -542,6 +546,8 @@ def _legacy_layout(target: Path, kind: OutputKind) -> list[str] | None:
 
 def _publish(tmp: Path, target: Path, kind: OutputKind, layout: Collection[str] | None = None) -> None:
     check_replaceable(target, kind, layout)  # again: another process may have written there meanwhile
+    if target.exists():
+        _keep_access(target, tmp)
     if not target.exists():
         os.replace(tmp, target)
     elif _exchange(tmp, target):
@@ -553,6 +559,18 @@ def _publish(tmp: Path, target: Path, kind: OutputKind, layout: Collection[str] 
         os.replace(tmp, target)
         shutil.rmtree(old)
     _fsync_dir(target.parent)
+
+
+def _keep_access(old: Path, new: Path) -> None:
+    """Give ``new`` the permissions and group of ``old``, which it replaces: a shared dataset's ``chmod 2770`` and its
+    team's group were lost at every rebuild (the new folder had this process's umask and primary group). The owner is
+    whoever rebuilds it; a group this user is not in is left as it comes."""
+    st = old.stat()
+    try:
+        os.chown(new, -1, st.st_gid)
+    except OSError:
+        pass
+    os.chmod(new, stat.S_IMODE(st.st_mode))
 
 
 # ---------------------------------------------------------------------------------- YAML

@@ -171,8 +171,12 @@ def write_dataset(
         # what the build wrote, by content: a rebuild replaces the directory whole, so a file a user adds or overwrites
         # later (an events part of their own named like ours, a task of their own declared in the manifest) must be
         # told from these, which names alone cannot do
-        built = [tmp / TABULAR_FILE, *sorted((tmp / EVENTS_DIR).glob("*")), *sorted((tmp / TASKS_DIR).glob("*"))]
+        # (the manifest too: a task's question edited by hand is the user's work, which a rebuild would undo)
+        built = [tmp / MANIFEST_FILE, tmp / TABULAR_FILE, *sorted((tmp / EVENTS_DIR).glob("*")),
+                 *sorted((tmp / TASKS_DIR).glob("*"))]
         mark_output(tmp, OutputKind.DATASET, written={p.relative_to(tmp).as_posix(): file_sha256(p) for p in built if p.is_file()})
+        # again, last: a file put into the old directory while this one was built (minutes, at scale) would go with it
+        check_dataset_target(out_dir)
     return out_dir
 
 
@@ -187,10 +191,18 @@ def userU_metadata(target: Path) -> dict[bytes, bytes] | None:
 
 
 def check_userU_target(target: Path) -> None:
-    """Refuse to replace a ``userU.parquet`` that ``qanchor data userU`` did not write (someone's own pairs)."""
-    if target.exists() and userU_metadata(target) is None:
-        raise OutputError(f"{target} was not written by `qanchor data userU` (pairs of your own?); qanchor does not "
-                          "replace it: move it away first if it should be rebuilt")
+    """Refuse to replace a ``userU.parquet`` that ``qanchor data userU`` did not write (someone's own pairs), or one
+    that cannot be read to tell (a damaged copy)."""
+    if not target.exists() or userU_metadata(target) is not None:
+        return
+    try:
+        pq.read_schema(target)
+    except Exception as exc:
+        raise OutputError(f"{target} cannot be read as Parquet ({str(exc).splitlines()[0][:120]}), so qanchor cannot "
+                          "tell whether `qanchor data userU` wrote it (a damaged or cut copy?) and does not replace it: "
+                          "delete it if it was qanchor's, or move it away") from None
+    raise OutputError(f"{target} was not written by `qanchor data userU` (pairs of your own?); qanchor does not "
+                      "replace it: move it away first if it should be rebuilt")
 
 
 def check_dataset_target(out_dir: str | Path) -> None:
@@ -214,15 +226,22 @@ def check_dataset_target(out_dir: str | Path) -> None:
 
 def _not_built(root: Path) -> list[str]:
     """What in a dataset directory a build did not write: anything but the manifest, the events, tabular and task files
-    its marker records (with the same content), the UserU pairs, the cache and the output marker. A dataset built
-    before the marker recorded its files: ``events/part-*.parquet``, the tabular file and the manifest's task files."""
+    its marker records (with the same content), UserU pairs ``qanchor data userU`` wrote, the cache and the output
+    marker. A dataset built before the marker recorded its files: ``events/part-*.parquet``, the tabular file and the
+    manifest's task files; one built before it recorded the manifest: its manifest, whatever it holds."""
     built = _built_as_recorded(root) or _built_by_name(root)
+    # a dataset built before its marker recorded the manifest: its manifest is taken as the build's
+    manifest_recorded = MANIFEST_FILE in (output_record(root).get("written") or {})
     out = []
     for path in sorted(root.iterdir()):
         if path.name == CACHE_DIR and path.is_dir():
             out += _foreign_in_cache(path)
             continue
-        if path.name in (MANIFEST_FILE, USERU_FILE, MARKER_FILE) or is_temporary(path):
+        if path.name == USERU_FILE:  # pairs of the user's own (or unreadable): rebuilding or cleaning would lose them
+            if userU_metadata(path) is None:
+                out.append(path.name)
+            continue
+        if (path.name == MANIFEST_FILE and not manifest_recorded) or path.name == MARKER_FILE or is_temporary(path):
             continue
         files = sorted(path.iterdir()) if path.name in (EVENTS_DIR, TASKS_DIR) and path.is_dir() else [path]
         out += [name for file in files if not built(file, name := file.relative_to(root).as_posix())]

@@ -72,7 +72,8 @@ def event_files(dataset_dir: str | Path) -> list[Path]:
         if path.name.startswith((".", "_")) or path.name.endswith(".crc"):
             continue
         if path.suffix != ".parquet" or not path.is_file():
-            what = "a folder" if path.is_dir() else "not named *.parquet"
+            what = ("a folder" if path.is_dir() else "a link to nothing" if path.is_symlink() and not path.exists()
+                    else "not named *.parquet")
             raise DataValidationError(str(path), f"{what}: qanchor reads only the Parquet files directly in {EVENTS_DIR}/ "
                                       f"(*.parquet); move its events into {EVENTS_DIR}/ as flat *.parquet files "
                                       "(e.g. pyarrow.parquet.write_table(table, 'events/part-00001.parquet')) or "

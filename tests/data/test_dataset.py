@@ -203,12 +203,14 @@ def test_a_rebuild_keeps_files_named_like_the_builds_own(tmp_path):
     own_part.unlink()
 
     (ds / "tasks" / "my_task.parquet").write_bytes((ds / "tasks" / "churn.parquet").read_bytes())
-    manifest = yaml.safe_load((ds / "manifest.yaml").read_text())
+    built_manifest = (ds / "manifest.yaml").read_text()
+    manifest = yaml.safe_load(built_manifest)
     manifest["tasks"].append({**manifest["tasks"][0], "name": "my_task", "query": "My own question?"})
     (ds / "manifest.yaml").write_text(yaml.safe_dump(manifest, sort_keys=False))
-    with pytest.raises(OutputError, match=r"\('tasks/my_task.parquet'\)"):
+    with pytest.raises(OutputError, match=r"\('manifest.yaml', 'tasks/my_task.parquet'\)"):  # the edit is the user's too
         check_dataset_target(ds)
     (ds / "tasks" / "my_task.parquet").unlink()
+    (ds / "manifest.yaml").write_text(built_manifest)
 
     churn = pq.read_table(ds / "tasks" / "churn.parquet")
     pq.write_table(churn.slice(0, 3), ds / "tasks" / "churn.parquet")  # the user's own labels over the build's file
@@ -442,3 +444,123 @@ def test_order_key_sorts_as_event_order_does():
     order = dataset_mod.event_order(ts, text, value, extras)
     keys = [dataset_mod.order_key(seq, i) for i in order]
     assert keys == sorted(keys) and len(set(keys)) < n  # in key order, ties of whole content included
+
+
+def test_a_dataset_holding_pairs_of_the_users_own_is_neither_cleaned_nor_rebuilt(tmp_path, monkeypatch):
+    """`make clean` removed a dataset whose userU.parquet held the user's own pairs (a rebuild refused it, the clean
+    did not look), and a task's question edited in manifest.yaml was undone by a rebuild and removed by a clean."""
+    import pyarrow as pa
+
+    from data_tools.synth import build_synthetic
+    from qanchor.data.schema import check_dataset_target, clean_outputs
+    from qanchor.errors import OutputError
+
+    monkeypatch.chdir(tmp_path)
+    for name in ("paired", "edited", "cut", "plain"):
+        build_synthetic(tmp_path / "data" / name, n_users=6, seed=0, progress=False)
+    pq.write_table(pa.table({"user_id": ["u000001"], "query": ["mine?"], "answer": ["hand-written"]}),
+                   tmp_path / "data" / "paired" / "userU.parquet")
+    manifest = tmp_path / "data" / "edited" / "manifest.yaml"
+    manifest.write_text(manifest.read_text().replace("query: ", "query: (edited) ", 1))
+    (tmp_path / "data" / "cut" / "userU.parquet").write_bytes(b"PAR1 cut short")
+    with pytest.raises(OutputError, match="was not written by `qanchor data userU`"):
+        check_dataset_target("data/paired")
+    with pytest.raises(OutputError, match=r"holds files a dataset build does not write \('manifest.yaml'\)"):
+        check_dataset_target("data/edited")
+    with pytest.raises(OutputError, match=r"cannot be read as Parquet .*\(a damaged or cut copy"):
+        check_dataset_target("data/cut")
+    kept = clean_outputs(["data/paired", "data/edited", "data/cut", "data/plain"])
+    assert [line.split(":")[0] for line in kept] == ["kept data/paired", "kept data/edited", "kept data/cut"]
+    assert (tmp_path / "data" / "paired" / "userU.parquet").exists() and "(edited)" in manifest.read_text()
+    assert not (tmp_path / "data" / "plain").exists()
+    build_synthetic(tmp_path / "data" / "plain", n_users=6, seed=0, progress=False)  # its own manifest: rebuilt
+    build_synthetic(tmp_path / "data" / "plain", n_users=6, seed=0, progress=False)
+
+
+def test_a_file_put_into_a_dataset_while_it_is_rebuilt_is_not_deleted(tmp_path, monkeypatch):
+    """The check for files of the user's own ran before the build only: a note put into the folder during a rebuild
+    (minutes at scale) was deleted with the old directory."""
+    from data_tools.synth import build_synthetic
+    from qanchor.data import schema
+    from qanchor.errors import OutputError
+
+    out = tmp_path / "race"
+    build_synthetic(out, n_users=6, seed=0, progress=False)
+    real_parquet = schema.write_parquet
+
+    def note_once(table, path):  # the rebuild writes its first file; the user adds a note to the old folder meanwhile
+        real_parquet(table, path)
+        if not (out / "notes.txt").exists():
+            (out / "notes.txt").write_text("mine")
+
+    monkeypatch.setattr(schema, "write_parquet", note_once)
+    with pytest.raises(OutputError, match=r"holds files a dataset build does not write \('notes.txt'\)"):
+        build_synthetic(out, n_users=6, seed=0, progress=False)
+    assert (out / "notes.txt").read_text() == "mine" and (out / "manifest.yaml").exists()
+
+
+def test_a_rebuilt_dataset_keeps_its_folders_permissions_and_a_mount_point_is_refused_first(tmp_path, monkeypatch):
+    """A rebuild swapped in a new folder with this process's umask: a shared dataset's `chmod 2770` was lost. A
+    mount point could never be swapped, and failed with a traceback after the whole build."""
+    import os
+    import stat
+
+    from data_tools.synth import build_synthetic
+    from qanchor.data import io
+    from qanchor.errors import OutputError
+
+    out = tmp_path / "shared"
+    build_synthetic(out, n_users=6, seed=0, progress=False)
+    os.chmod(out, 0o2770)
+    build_synthetic(out, n_users=6, seed=0, progress=False)
+    assert stat.S_IMODE(out.stat().st_mode) == 0o2770
+    monkeypatch.setattr(io.os.path, "ismount", lambda p: os.fspath(p) == os.fspath(out))
+    with pytest.raises(OutputError, match="is a mount point.*name a folder inside it"):
+        build_synthetic(out, n_users=6, seed=0, progress=False)
+
+
+def test_a_damaged_events_cache_is_rebuilt_not_a_traceback_on_every_run(tiny_dataset, tmp_path, capsys):
+    """The users' partition cache was read as it was: a copy cut short (file times kept, so the same fingerprint)
+    or a damaged index ended every command in a pyarrow or JSON traceback, rerun after rerun."""
+    copy = tmp_path / "copy"
+    shutil.copytree(tiny_dataset, copy, ignore=shutil.ignore_patterns(".qanchor_cache"))
+    expected = {u.user_id: u for u in qanchor.load_dataset(copy).users()}
+    (cache,) = (copy / ".qanchor_cache").glob("users-*")
+    part = next(cache.glob("part-*.parquet"))
+    for damage in (lambda: part.write_bytes(part.read_bytes()[:100]), lambda: (cache / "index.json").write_text('{"bou'),
+                   lambda: part.unlink()):
+        damage()
+        capsys.readouterr()
+        users = {u.user_id: u for u in qanchor.load_dataset(copy).users()}
+        assert "events cache is damaged or incomplete; rebuilding it" in capsys.readouterr().err
+        assert users.keys() == expected.keys()
+        assert all(users[k].events.keys() == expected[k].events.keys() and
+                   all(np.array_equal(users[k].events[m].ts, expected[k].events[m].ts) for m in users[k].events)
+                   for k in users)
+
+
+def test_a_cache_dir_inside_the_datasets_events_is_refused(tiny_dataset, tmp_path):
+    """`data.cache_dir=DATA/events/vec` was claimed, and from then on the dataset failed validation for a folder in
+    events/ that qanchor had made itself."""
+    from qanchor.errors import ConfigError
+
+    copy = tmp_path / "copy"
+    shutil.copytree(tiny_dataset, copy, ignore=shutil.ignore_patterns(".qanchor_cache"))
+    for inside in ("events/vec", "tasks", "tasks/x/y"):
+        with pytest.raises(ConfigError, match=r"data.cache_dir=.* lies in .*(events|tasks), which holds only the "
+                                              "dataset's own files"):
+            qanchor.load_dataset(copy, cache_dir=copy / inside)
+    assert not (copy / "events" / "vec").exists()
+    assert qanchor.load_dataset(copy, cache_dir=copy / "vec").num_users == 40
+
+
+def test_the_ratings_world_draws_in_bounded_memory_with_the_same_titles(tmp_path, monkeypatch):
+    """Titles were drawn from a (ratings, 400) float64 array at once: 0.5 GB per 1,000 users, so `qanchor data
+    ratings users=50000` needed 25 GB. Drawn in blocks of ratings, the same numbers come out in the same order."""
+    from data_tools import ratings
+
+    monkeypatch.setattr(ratings, "_DRAW_ROWS", 10**9)  # one block: as the whole array was drawn
+    whole = ratings.build_ratings(tmp_path / "whole", n_users=60, seed=4)
+    monkeypatch.setattr(ratings, "_DRAW_ROWS", 7)
+    blocks = ratings.build_ratings(tmp_path / "blocks", n_users=60, seed=4)
+    assert pq.read_table(whole / "events").equals(pq.read_table(blocks / "events"))
