@@ -195,7 +195,7 @@ def test_a_deepspeed_config_file_merges_key_by_key_and_cannot_change_the_step_co
         return deepspeed_config(TrainConfig(deepspeed_config=str(path), **train), world=2)
 
     merged = with_file({"optimizer": {"params": {"lr": "auto", "weight_decay": 0.1}}, "train_batch_size": "auto",
-                        "zero_optimization": {"stage": "auto", "overlap_comm": True}})
+                        "zero_optimization": {"stage": "auto", "overlap_comm": True}}, weight_decay=0.1)
     params = merged["optimizer"]["params"]
     assert params["lr"] == TrainConfig().lr and params["weight_decay"] == 0.1 and params["torch_adam"] is True
     assert merged["train_batch_size"] == TrainConfig().batch_size * 2
@@ -205,13 +205,19 @@ def test_a_deepspeed_config_file_merges_key_by_key_and_cannot_change_the_step_co
                                           r"\(train.grad_accum_steps\)"):
         with_file({"gradient_accumulation_steps": 2, "train_batch_size": 8})
     # another optimizer takes the file's params as given (AdamW's torch_adam and betas are not its keywords)
-    lamb = with_file({"optimizer": {"type": "Lamb", "params": {"lr": "auto", "weight_decay": 0.01}}})["optimizer"]
-    assert lamb == {"type": "Lamb", "params": {"lr": TrainConfig().lr, "weight_decay": 0.01}}
+    lamb = with_file({"optimizer": {"type": "Lamb", "params": {"lr": "auto", "weight_decay": 0.01, "max_coeff": 0.3}}},
+                     weight_decay=0.01)["optimizer"]
+    assert lamb == {"type": "Lamb", "params": {"lr": TrainConfig().lr, "weight_decay": 0.01, "max_coeff": 0.3}}
     bare = with_file({"optimizer": {"type": "Lamb"}})["optimizer"]  # no params: the train section's lr and decay only
     assert bare == {"type": "Lamb", "params": {"lr": TrainConfig().lr, "weight_decay": TrainConfig().weight_decay}}
+    # FusedAdam (torch_adam false) and a type spelled as DeepSpeed reads it (case-blind) are AdamW still: the train
+    # section's betas and eps go with them (they were dropped, and torch's defaults 0.999 / 1e-8 trained unrecorded)
+    adamw = {"lr": TrainConfig().lr, "betas": list(TrainConfig().betas), "eps": TrainConfig().eps,
+             "weight_decay": TrainConfig().weight_decay}
     fused = with_file({"optimizer": {"params": {"torch_adam": False, "lr": "auto"}}})["optimizer"]
-    assert fused == {"type": "AdamW", "params": {"torch_adam": False, "lr": TrainConfig().lr,
-                                                 "weight_decay": TrainConfig().weight_decay}}
+    assert fused == {"type": "AdamW", "params": {**adamw, "torch_adam": False}}
+    lower = with_file({"optimizer": {"type": "adamw", "params": {"torch_adam": True}}})["optimizer"]
+    assert lower == {"type": "adamw", "params": {**adamw, "torch_adam": True}}
     with pytest.raises(ConfigError, match=r"ds.json: not valid JSON"):
         with_file('{"zero_optimization": ')
     with pytest.raises(ConfigError, match="must hold a JSON object"):
@@ -302,6 +308,23 @@ def test_a_deepspeed_file_cannot_train_with_a_rate_or_clip_the_records_do_not_sh
         with_file({"gradient_clipping": 0.5})
     with pytest.raises(ConfigError, match="optimizer.params.lr=0.5"):  # another optimizer takes the file's params too
         with_file({"optimizer": {"type": "Lamb", "params": {"lr": 0.5}}})
+    # betas, eps and weight decay likewise (the file's won, config.yaml said the train section's)
+    with pytest.raises(ConfigError, match=r"optimizer.params.betas=\[0.5, 0.6\], and train.betas is \[0.9, 0.98\].*"
+                                          r"train.betas=\[0.5, 0.6\] instead"):
+        with_file({"optimizer": {"type": "AdamW", "params": {"torch_adam": True, "betas": [0.5, 0.6]}}})
+    with pytest.raises(ConfigError, match=r"optimizer.params.eps=1e-08, and train.eps is 1e-06"):
+        with_file({"optimizer": {"type": "Adam", "params": {"eps": 1e-8}}})
+    with pytest.raises(ConfigError, match=r"optimizer.params.weight_decay=0.1, and train.weight_decay is 1e-05"):
+        with_file({"optimizer": {"type": "Lamb", "params": {"weight_decay": 0.1}}})
+    assert with_file({"optimizer": {"type": "Lamb", "params": {"betas": [0.5, 0.6]}}})["optimizer"]["params"]["betas"] == [
+        0.5, 0.6]  # another optimizer's betas are its own
+    # a section of another JSON type: one line naming it, not an AttributeError after the setup
+    for section, shown in (({"zero_optimization": 2}, '"zero_optimization" must be a JSON object of settings, got 2'),
+                           ({"optimizer": "AdamW"}, '"optimizer" must be a JSON object of settings, got "AdamW"'),
+                           ({"optimizer": {"params": [1]}}, r'"optimizer"."params" must be a JSON object of settings, got \[1\]'),
+                           ({"bf16": True}, '"bf16" must be a JSON object')):
+        with pytest.raises(ConfigError, match=shown):
+            with_file(section)
     assert with_file({"optimizer": {"params": {"lr": TrainConfig().lr}}, "gradient_clipping": "auto"})["gradient_clipping"] == 1.0
     # the precision likewise: the file's bf16 won over train.precision=fp32 past the CUDA check, and fp16 (not a qanchor
     # precision) failed in DeepSpeed after the whole setup
@@ -422,3 +445,22 @@ def test_a_config_files_section_or_mapping_given_the_wrong_shape_is_named(tmp_pa
     (tmp_path / "c.yaml").write_text(text)
     with pytest.raises(ConfigError, match=match):
         load_config(tmp_path / "c.yaml", [], schema=BenchConfig)
+
+
+def test_a_loss_weight_must_be_a_finite_number_for_a_new_run_and_a_saved_one_still_loads():
+    """nan passed the "< 0" checks of the profile, future and path-free weights: the term was switched off (nan > 0
+    is false) while config.yaml recorded .nan, and a check that needs the profile loss was bypassed; inf failed after
+    the whole setup, blamed on the learning rate."""
+    import math
+
+    from qanchor.config import LossConfig
+    from qanchor.config.sections import reading_saved_run
+
+    for name in ("profile_weight", "future_weight", "path_free_weight", "ntp_weight"):
+        for value in (math.nan, math.inf):
+            with pytest.raises(ConfigError, match=rf"loss.{name} must be a finite number >= 0.*got {value}"):
+                LossConfig(**{name: value})
+        with reading_saved_run():  # a model a run saved so serves as it was trained
+            assert math.isnan(getattr(LossConfig(**{name: math.nan}), name))
+    with pytest.raises(ConfigError, match="loss.profile_weight must be >= 0"):
+        LossConfig(profile_weight=-1)

@@ -312,22 +312,24 @@ class LossConfig:
     path_free_weight: float = 0.0
 
     def __post_init__(self) -> None:
-        if self.profile_weight < 0:
-            raise ConfigError(f"loss.profile_weight must be >= 0 (got {self.profile_weight})")
-        if self.future_weight < 0 or self.future_days < 1:
-            raise ConfigError(f"loss.future_weight must be >= 0 and loss.future_days >= 1 (got {self.future_weight}, "
-                              f"{self.future_days})")
+        for name in ("profile_weight", "future_weight", "path_free_weight"):
+            weight = getattr(self, name)
+            if weight < 0:
+                raise ConfigError(f"loss.{name} must be >= 0 (got {weight})")
+            if not math.isfinite(weight):  # nan passed the check above and switched the term off while config.yaml
+                # recorded .nan; inf failed after the setup. A model saved so still loads (its decoder is as trained)
+                refuse_for_training(f"loss.{name} must be a finite number >= 0 (0 = off), got {weight}")
+        if self.future_days < 1:
+            raise ConfigError(f"loss.future_days must be >= 1 (got {self.future_days})")
         if self.profile_sources is not None and not self.profile_sources:  # the names are checked against the data
             raise ConfigError("loss.profile_sources is empty: name the UserU sources whose pairs get the profile loss "
                               "(e.g. [uqa]), or null for every pair")
-        if self.path_free_weight < 0:
-            raise ConfigError(f"loss.path_free_weight must be >= 0 (got {self.path_free_weight})")
         if not self.temperature > 0 or not math.isfinite(self.temperature):  # nan passed a "<= 0" check
             raise ConfigError(f"loss.temperature must be a finite number > 0, got {self.temperature}")
         if self.margin is not None and not self.margin >= 0:  # below 0 every negative was masked: no contrastive loss
             refuse_for_training(f"loss.margin must be >= 0 (or null: no masking), got {self.margin}")
-        if not self.ntp_weight >= 0:  # below 0 the answer loss is maximised
-            refuse_for_training(f"loss.ntp_weight must be >= 0, got {self.ntp_weight}")
+        if not (self.ntp_weight >= 0 and math.isfinite(self.ntp_weight)):  # below 0 the answer loss is maximised
+            refuse_for_training(f"loss.ntp_weight must be a finite number >= 0, got {self.ntp_weight}")
         if self.answer_bank < 0:
             raise ConfigError(f"loss.answer_bank must be >= 0 (got {self.answer_bank})")
 

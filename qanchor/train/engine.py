@@ -137,11 +137,19 @@ def deepspeed_config(cfg: TrainConfig, world: int) -> dict[str, Any]:
                                   f"{ds[key]} ({option}); qanchor's loop steps by the train section, so a different "
                                   f"value would change how many optimizer steps a run takes. Set {option} instead and "
                                   f'write "{key}": "auto" (or leave it out)')
+        for name in ("optimizer", "zero_optimization", "bf16", "fp16"):  # each read as a section below
+            if name in overrides and not isinstance(overrides[name], dict):
+                raise ConfigError(f"train.deepspeed_config {path}: \"{name}\" must be a JSON object of settings, got "
+                                  f"{json.dumps(overrides[name])}")
         optimizer = overrides.get("optimizer")
-        if isinstance(optimizer, dict) and isinstance(optimizer.get("params", {}), dict) and (
-                optimizer.get("type", ds["optimizer"]["type"]) != ds["optimizer"]["type"]
-                or "torch_adam" in optimizer.get("params", {})):
-            # Another optimizer (Lamb, FusedAdam...) takes the file's params as given, with the train section's lr and
+        if optimizer is not None and not isinstance(optimizer.get("params", {}), dict):
+            raise ConfigError(f"train.deepspeed_config {path}: \"optimizer\".\"params\" must be a JSON object of "
+                              f"settings, got {json.dumps(optimizer['params'])}")
+        # DeepSpeed reads the type case-blind; Adam and AdamW (torch's or its FusedAdam, by torch_adam) take the train
+        # section's betas, eps and weight decay as every record of the run says them
+        adam = str((optimizer or {}).get("type", "AdamW")).lower() in ("adam", "adamw")
+        if optimizer is not None and not adam:
+            # Another optimizer (Lamb, OneBitAdam...) takes the file's params as given, with the train section's lr and
             # weight decay where the file names none: AdamW's own settings (torch_adam, betas, eps) would be keywords
             # it does not take. "auto" still reads the train section.
             ours, given = ds["optimizer"]["params"], optimizer.get("params", {})
@@ -153,12 +161,19 @@ def deepspeed_config(cfg: TrainConfig, world: int) -> dict[str, Any]:
         ds = _merged(ds, overrides)
         # the start line, metrics' lr column and the saved config.yaml (which a resume is checked against) say the train
         # section's values: a file that sets others would train with a rate and a clip no record of the run shows
-        used = (("optimizer.params.lr", "train.lr", cfg.lr, ds.get("optimizer", {}).get("params", {}).get("lr", cfg.lr)),
-                ("gradient_clipping", "train.grad_clip", cfg.grad_clip, ds.get("gradient_clipping", cfg.grad_clip)))
+        given_params = ds.get("optimizer", {}).get("params", {})
+        used = [("optimizer.params.lr", "train.lr", cfg.lr, given_params.get("lr", cfg.lr)),
+                ("gradient_clipping", "train.grad_clip", cfg.grad_clip, ds.get("gradient_clipping", cfg.grad_clip)),
+                ("optimizer.params.weight_decay", "train.weight_decay", cfg.weight_decay,
+                 given_params.get("weight_decay", cfg.weight_decay))]
+        if adam:  # (another optimizer's betas and eps are its own: no train setting describes them)
+            used += [("optimizer.params.betas", "train.betas", list(cfg.betas), given_params.get("betas", list(cfg.betas))),
+                     ("optimizer.params.eps", "train.eps", cfg.eps, given_params.get("eps", cfg.eps))]
         for key, option, ours, value in used:
             if value != ours:
+                shown = json.dumps(value) if isinstance(value, list) else value
                 raise ConfigError(f"train.deepspeed_config {path}: {key}={value!r}, and {option} is {ours}; the run's "
-                                  f"records (start line, config.yaml) would say {ours}. Set {option}={value} instead and "
+                                  f"records (start line, config.yaml) would say {ours}. Set {option}={shown} instead and "
                                   f'write "{key.split(".")[-1]}": "auto" (or leave it out)')
         # the precision likewise: the file's bf16 section won over train.precision, past the CUDA check, and every record
         # said fp32; fp16 (not a qanchor precision) failed after setup in DeepSpeed

@@ -20,6 +20,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 import shutil
 import time
 from dataclasses import replace
@@ -144,7 +145,7 @@ def preflight(cfg: PretrainConfig, world: int = 1) -> None:
         if not any(not is_held_out(u, cfg.train.holdout_users) for u in pair_users):
             raise ConfigError(f"train.holdout_users={cfg.train.holdout_users} holds out every one of the "
                               f"{len(pair_users)} users with pretraining pairs; lower it (0.1 keeps a tenth aside)")
-    _check_run_dir(cfg, ds)
+    _check_run_dir(cfg, ds, world)
     resume_key()  # the first save seals with it: a key that is refused must stop the run now, not after save_every steps
     SentenceEncoder.check(cfg.data.text_encoder)  # before the questions, which its tokenizer may read
     tokenizer = load_tokenizer(cfg.model.backbone)
@@ -283,7 +284,7 @@ def checkpoint_step(checkpoint_dir: Path) -> int | None:
         return None
 
 
-def _check_run_dir(cfg: PretrainConfig, ds: Dataset) -> None:
+def _check_run_dir(cfg: PretrainConfig, ds: Dataset, world: int = 1) -> None:
     out = Path(cfg.output_dir)
     held = check_output_dir(out, OutputKind.RUN, {"data.path": cfg.data.path}, key="output_dir")
     started = held and any(p.name != ".qanchor-output" for p in out.iterdir())
@@ -298,6 +299,11 @@ def _check_run_dir(cfg: PretrainConfig, ds: Dataset) -> None:
         if tag is None and reached:  # a first save killed before its seal, or ds_state removed: said, not silent
             warn(f"{out} holds a checkpoint at step {reached} but no complete resume state in {out / 'ds_state'}: "
                  "the run starts again from step 0 and will replace that checkpoint (stop now and copy it away to keep it)")
+        saved_world = None if tag is None else sharded_world(out / "ds_state" / tag)
+        if saved_world is not None and saved_world != world:  # ZeRO refuses it too, in a traceback after the setup
+            raise ConfigError(f"{out / 'ds_state' / tag} was saved by a run of {saved_world} process(es) and this one "
+                              f"has {world}: resume it with {saved_world} (torchrun --nproc_per_node={saved_world}), or "
+                              "start a new run")
         if tag is not None and not (out / "checkpoint" / "config.yaml").exists():
             # every sealed tag was saved with its checkpoint/ (the seal comes after it): without its config there is no
             # recipe, data or step to compare this run with, and resuming would mix whatever settings it is given
@@ -578,24 +584,37 @@ def _log_start(cfg: PretrainConfig, model, ds: Dataset, stream: PretrainStream, 
 def resume_tag(state: Path) -> str | None:
     """The newest DeepSpeed tag in ``state`` that carries this user's seal; None when there is no state.
 
-    A newer unsealed tag is a save that was killed before it finished (ours, incomplete): it is skipped. With no
-    sealed tag at all, the state is ours only if every tag is a save this run announced (:func:`mark_saving`) and
-    never sealed, a first save killed half-way: None, the run starts afresh (nothing unsealed is ever read). Other
-    state was not written by this user: refused (CheckpointError).
+    A newer tag that fails its seal is skipped only where this run announced its save (:func:`mark_saving`) and never
+    sealed it: a save killed before it finished (ours, incomplete); with nothing older sealed, None, and the run starts
+    afresh (nothing unsealed is ever read). Any other tag that fails is refused (CheckpointError), not passed over for
+    an older one: a sealed tag whose files changed since (damage, an edit) or state this user did not write. Skipped,
+    it went unsaid, up to ``save_every`` steps were trained again, and the next save deleted it as abandoned.
     """
     tags = sorted((p for p in state.glob("step-*") if p.is_dir()), reverse=True)
-    if not tags:
-        return None
     for tag in tags:
         try:
             verify_tag(tag)
             return tag.name
-        except CheckpointError:
-            continue
-    foreign = [tag for tag in tags if not saving_marked(state, tag.name)]
-    if foreign:
-        verify_tag(foreign[0])  # raises, naming why the newest one is refused
+        except CheckpointError as exc:
+            if saving_marked(state, tag.name):
+                continue
+            older = [t.name for t in tags if t.name < tag.name]
+            if older:
+                raise CheckpointError(f"{exc}; or, to resume from the tag saved before it ({older[0]}), move {tag} out "
+                                      f"of {state} (nothing is deleted)") from None
+            raise
     return None
+
+
+_ZERO_SHARD = re.compile(r"zero_pp_rank_(\d+)_mp_rank_\d+_optim_states\.pt")
+
+
+def sharded_world(tag: Path) -> int | None:
+    """How many processes saved ``tag``, read from its ZeRO optimizer shards (one per data-parallel rank, ZeRO stage
+    1 to 3, named ``[bf16_]zero_pp_rank_<r>_mp_rank_<m>_optim_states.pt``); None for a stage-0 tag, which has none
+    (its world is in the client state, read once DeepSpeed has loaded it)."""
+    ranks = {int(m.group(1)) for f in tag.iterdir() if (m := _ZERO_SHARD.search(f.name))}
+    return max(ranks) + 1 if ranks else None
 
 
 def _maybe_resume(engine, bank: AnswerBank | None, out: Path, resume: bool, rank: int, world: int) -> int:

@@ -151,3 +151,25 @@ def test_metrics_of_a_killed_run_resume_past_a_torn_tail_and_refuse_damage_insid
         MetricsLog(path, resume_step=3)
     assert path.read_text() == whole[0] + "\n{garbage\n" + whole[2] + "\n"  # left as it was
 
+
+
+def test_a_zero_run_resumed_by_another_world_or_with_a_changed_tag_is_refused_before_any_work(prepared, tmp_path):
+    """Under ZeRO 1-3 DeepSpeed refused another number of processes inside load_checkpoint, in a traceback after the
+    whole setup (qanchor's own line was reached under ZeRO-0 only). And a sealed tag whose files changed since was
+    passed over for an older one without a word: the steps between were trained again and the next save deleted it."""
+    out = tmp_path / "run"
+    first = subprocess.run(_pretrain_cmd(prepared, out, "train.max_steps=2", "train.save_every=1", "train.zero_stage=2"),
+                           cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=300)
+    assert first.returncode == 0, first.stderr[-3000:]
+    assert list((out / "ds_state" / "step-0000002").glob("zero_pp_rank_0_*optim_states.pt"))
+    args = ("train.max_steps=3", "train.save_every=1", "train.zero_stage=2", "resume=true")
+    wider = subprocess.run(_pretrain_cmd(prepared, out, *args), cwd=ROOT, env={**ENV, "WORLD_SIZE": "2"},
+                           capture_output=True, text=True, timeout=120)
+    assert wider.returncode == 2 and "saved by a run of 1 process(es) and this one has 2" in wider.stderr, wider.stderr[-2000:]
+    shard = next((out / "ds_state" / "step-0000002").glob("zero_pp_rank_0_*optim_states.pt"))
+    shard.write_bytes(shard.read_bytes() + b"x")  # damage (or an edit) after the seal
+    changed = subprocess.run(_pretrain_cmd(prepared, out, *args), cwd=ROOT, env=ENV, capture_output=True, text=True,
+                             timeout=120)
+    assert changed.returncode == 2, changed.stderr[-2000:]
+    assert "its files changed after they were sealed" in changed.stderr and "(step-0000001), move" in changed.stderr
+    assert (out / "ds_state" / "step-0000002").is_dir() and [r["step"] for r in _metrics(out)] == [1, 2]  # untouched
