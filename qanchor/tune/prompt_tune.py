@@ -51,13 +51,14 @@ from qanchor.data.labels import custom_task, task_digest
 from qanchor.data.pipeline import UserPipeline, batched
 from qanchor.errors import CheckpointError, ConfigError, DataValidationError
 from qanchor.faults import failpoint
-from qanchor.logs import log
+from qanchor.logs import log, warn
 from qanchor.metrics import auc_ks
 from qanchor.model.backbone import check_device
-from qanchor.model.factory import ModelMeta, check_encoder_digest, load_checkpoint
+from qanchor.model.factory import ModelMeta, check_encoder_digest, load_checkpoint, resolve_checkpoint_dir
 from qanchor.model.layout import tokenize_query
 from qanchor.model.prefix_cache import PrefixStore
 from qanchor.model.qanchor_model import QAnchorModel
+from qanchor.train.pretrain import checkpoint_data_id, trained_data_id
 from qanchor.tune.head import HEAD_FOLDER_FILES, HEAD_META, HEAD_RECORD, HEAD_WEIGHTS, SPLIT_FILE, find_heads
 from qanchor.tune.trainer import frozen_logistic, split_users, tune_task
 
@@ -74,6 +75,18 @@ def resolve_data_config(overrides: DataOverrides, checkpoint_data: DataConfig, m
     data.text_encoder = TextEncoderConfig(**meta.text_encoder) if meta.text_encoder else checkpoint_data.text_encoder
     require(data.path, "data.path", "<dataset dir>")
     return data
+
+
+def _check_implied_data(ds: Dataset, checkpoint: str) -> None:
+    """Warn when the dataset the checkpoint's config names (no ``data.path`` given) holds other data than the model
+    was pretrained on: that path is read as written, a relative one from this working directory, where another
+    dataset of the same name tuned and reported heads without a word. A warning, not a refusal: the record includes the
+    files' times, so a copied dataset also reads as other data."""
+    trained_on = checkpoint_data_id(resolve_checkpoint_dir(checkpoint))
+    if trained_on is not None and trained_on != trained_data_id(ds):
+        warn(f"no data.path given, so prompt tuning reads {ds.root} (the data.path {checkpoint}'s config names, "
+             f"read from {Path.cwd()}), which holds other data than the model was pretrained on (or a copy of it, made "
+             "since); pass data.path=<dataset> to name the dataset to tune on")
 
 
 def select_tasks(ds: Dataset, task: str) -> list[str]:
@@ -164,6 +177,8 @@ def run_prompt_tune(cfg: PromptTuneConfig, progress: bool = True) -> dict:
     data_cfg = resolve_data_config(cfg.data, run_cfg.data, meta)
     ds = load_dataset(data_cfg.path, data_cfg.cache_dir)
     _check_compatible(ds, model, meta)
+    if not cfg.data.path:  # the checkpoint's own, as its config wrote it
+        _check_implied_data(ds, cfg.checkpoint)
     views = chosen_tasks(ds, cfg)
     tasks = list(views)
     refused = {}  # before any encoding: a task too small to split fails the run at once

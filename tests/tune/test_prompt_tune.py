@@ -523,3 +523,34 @@ def test_the_advice_to_leave_a_task_out_names_only_tasks_that_pass(ckpt, tmp_pat
                                                   r"coupon\); no task of this run can be split$"):
         run_prompt_tune(load_config(None, args, schema=PromptTuneConfig), progress=False)
     assert not (tmp_path / "out").exists()
+
+
+def test_tuning_without_a_data_path_says_when_the_checkpoints_path_holds_other_data(ckpt, tmp_path, capsys, monkeypatch):
+    """Without data.path, prompt-tune reads the data.path the checkpoint's config names, as written: a relative one
+    from the working directory, where another dataset of the same name was tuned on and reported without a word."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    import yaml
+
+    from qanchor.train.pretrain import DATA_FILE, trained_data_id
+
+    ck, ds_dir = ckpt
+    other = tmp_path / "ck"
+    shutil.copytree(ck, other)
+    (other / DATA_FILE).write_text(f"{trained_data_id(load_dataset(ds_dir))}\n")  # pretrained on ds_dir
+    config = yaml.safe_load((other / "config.yaml").read_text())
+    config["data"]["path"] = ds_dir.name  # as a run started beside its data records it
+    (other / "config.yaml").write_text(yaml.safe_dump(config, sort_keys=False))
+    another = tmp_path / "elsewhere" / ds_dir.name  # a dataset of the same name with other labels
+    shutil.copytree(ds_dir, another, ignore=shutil.ignore_patterns(".qanchor_cache"))
+    churn = pq.read_table(another / "tasks" / "churn.parquet")
+    pq.write_table(churn.set_column(1, "label", pa.array(1 - churn.column("label").to_numpy(), pa.int8())),
+                   another / "tasks" / "churn.parquet")
+    args = ["prompt-tune", "--quiet", f"checkpoint={other}", *FAST, "task=churn", "steps=2", "eval_every=1"]
+    for cwd, said in ((tmp_path / "elsewhere", True), (ds_dir.parent, False)):
+        monkeypatch.chdir(cwd)
+        capsys.readouterr()
+        assert main([*args, f"output_dir={tmp_path / cwd.name / 'heads'}"]) == 0
+        err = capsys.readouterr().err
+        assert ("no data.path given, so prompt tuning reads" in err and "holds other data than the model was pretrained "
+                "on" in err) == said, err
