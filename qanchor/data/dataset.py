@@ -17,6 +17,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import shutil
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from functools import cached_property, lru_cache
@@ -27,7 +28,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from qanchor.data.io import OutputKind, atomic_dir, claim_output_dir, local_path, write_text
+from qanchor.data.io import OutputKind, atomic_dir, claim_output_dir, local_path, output_kind, write_text
 from qanchor.data.manifest import MANIFEST_FILE, Manifest, TaskSpec
 from qanchor.data.schema import (
     CACHE_DIR,
@@ -381,9 +382,10 @@ class _Partitions:
         with atomic_dir(directory, OutputKind.CACHE) as tmp:
             written = _write_partitions(tmp, files, user_ids, per_part, event_schema(ds.manifest))
             pq.write_table(pa.table({"user_id": pa.array(user_ids.tolist(), pa.string())}), tmp / "user_ids.parquet")
-            write_text(json.dumps({"bounds": bounds.tolist(), "written": sorted(written)}), tmp / "index.json")
+            write_text(json.dumps({"bounds": bounds.tolist(), "written": sorted(written),
+                                   "dataset": str(ds.root.resolve())}), tmp / "index.json")
+        _remove_superseded(ds.cache_dir, directory, ds.root)
         return cls(directory, user_ids, bounds, written)
-
 
     @classmethod
     def _open(cls, directory: Path) -> _Partitions | None:
@@ -401,6 +403,24 @@ class _Partitions:
         except (OSError, ValueError, TypeError, KeyError, pa.ArrowException):
             return None
         return cls(directory, user_ids.astype(object), bounds, written)
+
+
+def _remove_superseded(cache_dir: Path, kept: Path, root: Path) -> None:
+    """Remove the partition caches an earlier version of this dataset left in ``cache_dir`` (each change to its event
+    files or manifest wrote a whole new copy of the events beside the old ones, which no one read again). Only caches
+    that record this dataset as theirs: a ``data.cache_dir`` shared by several datasets keeps the others', and one
+    written before caches recorded their dataset is left as it is. A command still reading a removed copy says that
+    the dataset changed under it and to run it again, as it did when the dataset was rebuilt."""
+    mine = str(root.resolve())
+    for other in cache_dir.glob("users-*"):
+        if other == kept or output_kind(other) != OutputKind.CACHE.value:
+            continue
+        try:
+            index = json.loads((other / "index.json").read_text())
+        except (OSError, ValueError):
+            continue
+        if isinstance(index, dict) and index.get("dataset") == mine:
+            shutil.rmtree(other, ignore_errors=True)
 
 
 def _fingerprint(root: Path, files: list[Path]) -> str:

@@ -564,3 +564,22 @@ def test_the_ratings_world_draws_in_bounded_memory_with_the_same_titles(tmp_path
     monkeypatch.setattr(ratings, "_DRAW_ROWS", 7)
     blocks = ratings.build_ratings(tmp_path / "blocks", n_users=60, seed=4)
     assert pq.read_table(whole / "events").equals(pq.read_table(blocks / "events"))
+
+
+def test_a_changed_dataset_leaves_one_events_cache_not_a_copy_per_version(tiny_dataset, tmp_path):
+    """Every change to a dataset's event files or manifest wrote a whole new copy of its events under .qanchor_cache
+    and kept the old ones. A cache folder shared with another dataset keeps that dataset's copy."""
+    first, second = tmp_path / "first", tmp_path / "second"
+    for copy in (first, second):
+        shutil.copytree(tiny_dataset, copy, ignore=shutil.ignore_patterns(".qanchor_cache"))
+    shared = tmp_path / "cache"
+    assert qanchor.load_dataset(second, cache_dir=shared).num_users == 40
+    for version in range(3):
+        part = first / "events" / "part-00000.parquet"
+        table = pq.read_table(part)
+        pq.write_table(table.slice(0, table.num_rows - version), part)  # the dataset changes: another fingerprint
+        ds = qanchor.load_dataset(first, cache_dir=shared)
+        assert ds.num_users == 40 and sum(len(u.events) > 0 for u in ds.users()) > 0
+    caches = sorted(shared.glob("users-*"))
+    assert len(caches) == 2  # the first dataset's newest copy and the second dataset's own
+    assert qanchor.load_dataset(second, cache_dir=shared).partitions.directory in caches
