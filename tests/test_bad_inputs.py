@@ -168,6 +168,13 @@ def _json_file(d: Path, content: object) -> Path:
     return path
 
 
+def _latin1_queries(d: Path) -> Path:
+    """A spreadsheet's CSV saved in Latin-1: 'é' is byte 0xe9, at offset 18."""
+    path = d / "latin.csv"
+    path.write_bytes("query\nWill the café customer churn?\n".encode("latin-1"))
+    return path
+
+
 def _queries_file(d: Path, text: str, name: str) -> Path:
     path = d / name
     path.write_text(text)
@@ -287,6 +294,34 @@ def _damaged_state(d: Path, w) -> list[str]:
     return ["update", f"checkpoint={w.ckpt}", f"state={state}", f"out={d / 's1'}"]
 
 
+def _state_described(d: Path, w) -> Path:
+    """A state folder whose state.json is whole (its shards are not needed by the checks that come first)."""
+    state = d / "state"
+    claim_output_dir(state, OutputKind.STATE)
+    (state / "state.json").write_text(json.dumps({"checkpoint": None, "as_of": "2024-06-30T00:00:00+00:00",
+                                                  "queries": [["q", "Will it?"]], "bounds": [], "caps": {"bill": 8},
+                                                  "n_users": 0, "history": [], "format": 2}))
+    return state
+
+
+def _damaged_export(what: str) -> Callable[[Path, object], list[str]]:
+    def argv(d: Path, w) -> list[str]:
+        out = d / "emb"
+        shutil.copytree(w.emb, out)
+        if what == "shard":
+            shard = out / "part-00000.parquet"
+            shard.write_bytes(shard.read_bytes()[:100])
+            return ["index", "build", f"embeddings={out}", "query_id=churn", f"out={d / 'churn.faiss'}", "--quiet"]
+        (out / "export.json").write_text('{"format": 2, "checkpoint": "unterminated')
+        return ["embed", f"checkpoint={w.ckpt}", f"data.path={w.ds}", f"queries={_queries_file(d, CSV, 'q.csv')}",
+                f"out={out}"]
+    return argv
+
+
+def _first_state(w, d: Path, *extra: str) -> list[str]:
+    return ["update", f"checkpoint={w.ckpt}", f"data.path={w.ds}", "queries=tasks", f"out={d / 's0'}", *extra]
+
+
 CSV = "query_id,query\nq,Will it?\n"
 
 
@@ -347,6 +382,20 @@ CASES = [
          "is inside the input heads[0]"),
     Case("embed-head-with-a-bad-value", _head_with_bad_value, "temperature 'abc' is not a positive number"),
     Case("update-damaged-state", _damaged_state, "not valid JSON; the state is damaged"),
+    Case("index-build-of-an-export-with-a-damaged-shard", _damaged_export("shard"),
+         "part-00000.parquet: damaged, not a readable Parquet file (Parquet magic bytes not found in footer."),
+    Case("embed-resumed-over-a-damaged-export-description", _damaged_export("description"),
+         "export.json: damaged (not the JSON object `qanchor embed` writes)"),
+    Case("queries-not-utf8", lambda d, w: ["embed", f"checkpoint={w.ckpt}", f"data.path={w.ds}",
+                                          f"queries={_latin1_queries(d)}",
+                                          f"out={d / 'e'}"], "latin.csv: not UTF-8 text (byte 0xe9 at offset 18)"),
+    # a first state reads the dataset's events: these were dropped without a word (a missing events file too)
+    Case("update-first-state-with-events", lambda d, w: _first_state(w, d, f"events=[{d / 'no-such-day.parquet'}]"),
+         "events= applies to an update (state=...)"),
+    Case("update-first-state-full", lambda d, w: _first_state(w, d, "full=true"), "full=true applies to an update"),
+    Case("update-task-queries-of-a-state", lambda d, w: ["update", f"checkpoint={w.ckpt}", f"state={_state_described(d, w)}",
+                                                        "queries=tasks", f"out={d / 's1'}"],
+         "task queries come from a dataset's manifest, so they exist only when building a first state"),
     # checked before any long work
     Case("pretrain-missing-dataset", lambda d, w: ["pretrain", f"data.path={w.ds / 'missing'}"],
          "dataset directory not found"),

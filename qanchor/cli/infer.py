@@ -55,8 +55,10 @@ def _queries(arg: str | None, ds: Dataset | None):
     if arg is None:
         return None
     if arg == "tasks" and not Path(arg).exists():
-        if ds is None:
-            raise ModelInputError("queries=tasks needs data.path=<dataset> (the dataset's task queries)")
+        if ds is None:  # an update (state=), which takes no data.path=
+            raise ModelInputError("queries=tasks: task queries come from a dataset's manifest, so they exist only when "
+                                  "building a first state (data.path=...); give an update a queries file (queries=FILE), "
+                                  "or leave queries= out to keep the state's")
         return task_queries(ds.manifest)
     return read_queries(arg)
 
@@ -93,6 +95,11 @@ def _cmd_update(args: argparse.Namespace) -> None:
         raise ModelInputError("give either data.path=DATASET (build the first state) or state=DIR events=[FILE, ...]")
     if cfg.data.path and cfg.tabular:
         raise ModelInputError("tabular= is for an update (state=...): a first state reads the dataset's own tabular.parquet")
+    # a first state reads every event of the dataset before as_of: events= or full=true there were dropped without a word
+    if cfg.data.path and (cfg.events or cfg.full):
+        given = "events=" if cfg.events else "full=true"
+        raise ModelInputError(f"{given} applies to an update (state=...): build the first state from data.path=, then "
+                              f"run `qanchor update state=... {given}{'...' if cfg.events else ''} out=...`")
     check_device(cfg.device)
     check_not_inside(cfg.out, {"state": cfg.state, "data.path": cfg.data.path or None, "checkpoint": cfg.checkpoint,
                                "tabular": cfg.tabular, **{f"events[{i}]": e for i, e in enumerate(cfg.events)}}, key="out")
@@ -106,8 +113,9 @@ def _cmd_update(args: argparse.Namespace) -> None:
     else:
         if cfg.data.max_events is None and cfg.data.default_max_events is None:  # the caps the state was built with
             cfg.data.max_events = StateMeta.load(cfg.state).caps
-        report = update_state(_model(cfg, None), cfg.state, cfg.events, cfg.out, queries=_queries(cfg.queries, None),
-                              as_of=cfg.as_of, full=cfg.full, tabular=cfg.tabular, progress=not args.quiet)
+        queries = _queries(cfg.queries, None)  # a bad queries file is refused before the model loads
+        report = update_state(_model(cfg, None), cfg.state, cfg.events, cfg.out, queries=queries, as_of=cfg.as_of,
+                              full=cfg.full, tabular=cfg.tabular, progress=not args.quiet)
     print(report.to_json())
 
 

@@ -31,6 +31,7 @@ import hashlib
 import json
 import math
 import os
+import re
 import secrets
 import shutil
 import socket
@@ -514,6 +515,7 @@ def check_replaceable(target: str | os.PathLike, kind: OutputKind, layout: Colle
     if found == kind.value and layout is not None:
         # a temporary a killed writer left is ours (the replacement removes it with the rest)
         extra = sorted(p.name for p in target.iterdir() if p.name not in {*layout, MARKER_FILE} and not is_temporary(p))
+        extra += _outside_folder_layout(target, kind)
         if extra:  # the user's notes, an index built into it: replacing the directory whole would delete them
             shown = ", ".join(repr(n) for n in extra[:3]) + (f" and {len(extra) - 3} more" if len(extra) > 3 else "")
             raise OutputError(f"{target} holds a qanchor {kind.value} and also {shown}, which a {kind.value} does not "
@@ -536,6 +538,30 @@ _CHECKPOINT_FILES = frozenset({"config.yaml", "qanchor.json", "backbone_config.j
 
 # and a scenario head's (qanchor.tune.head.HEAD_FOLDER_FILES; a test keeps the two the same)
 HEAD_FILES = frozenset({"head.safetensors", "head.yaml", "split.json", "record.json"})
+
+
+# the folders of an output replaced whole whose every file qanchor names, by kind, each with the names it writes there:
+# an update state's shards (qanchor.infer.state.KINDS; a test keeps the two the same). A file of the user's in one (a
+# README beside a state's embeddings) went with the folder when the state was replaced, as the top level's names alone
+# were checked
+SHARD_FILE = re.compile(r"part-\d{5,}\.parquet")
+FOLDER_LAYOUT = {OutputKind.STATE: {"buffer": SHARD_FILE, "encodings": SHARD_FILE, "embeddings": SHARD_FILE}}
+
+
+def _outside_folder_layout(target: Path, kind: OutputKind) -> list[str]:
+    """What the folders of ``target`` that :data:`FOLDER_LAYOUT` describes hold beyond their files (relative paths):
+    other files, folders, links; a folder's name itself where that is not a plain folder."""
+    extra = []
+    for folder, pattern in FOLDER_LAYOUT.get(kind, {}).items():
+        path = target / folder
+        if not path.exists() and not path.is_symlink():
+            continue
+        if path.is_symlink() or not path.is_dir():
+            extra.append(folder)
+            continue
+        extra += sorted(f"{folder}/{p.name}" for p in path.iterdir() if not is_temporary(p)
+                        and not (pattern.fullmatch(p.name) and p.is_file() and not p.is_symlink()))
+    return extra
 
 
 def _legacy_layout(target: Path, kind: OutputKind) -> list[str] | None:

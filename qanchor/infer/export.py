@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import csv
 import hashlib
+import io
 import json
 import os
 import time
@@ -142,9 +143,9 @@ def read_queries(path: str | Path) -> list[tuple[str, str]]:
             raise ModelInputError(f"{path}: a queries Parquet needs columns query_id and query")
         return _check_queries(list(zip(table.column("query_id").to_pylist(), table.column("query").to_pylist())), str(path))
     if path.suffix in (".yaml", ".yml"):
+        text = _utf8_text(path)
         try:
-            with path.open(encoding="utf-8") as fh:
-                raw = yaml.load(fh, Loader=_TextLoader)
+            raw = yaml.load(text, Loader=_TextLoader)
         except RepeatedKeyError as exc:
             raise ModelInputError(f"{path}, line {exc.line}: query id {exc.key!r} appears twice; ids must be "
                                   "unique") from None
@@ -160,7 +161,7 @@ def read_queries(path: str | Path) -> list[tuple[str, str]]:
     if path.suffix in (".csv", ".tsv"):
         return _read_csv_queries(path)
     pairs, n = [], 0
-    for number, line in enumerate(path.read_text(encoding="utf-8-sig").splitlines(), start=1):  # -sig: an editor's BOM
+    for number, line in enumerate(_utf8_text(path).splitlines(), start=1):
         if not line.strip() or line.strip().startswith("#"):
             continue
         if "\t" in line:  # split before stripping: "churn<TAB>" is an id without its question, not the question "churn"
@@ -175,10 +176,22 @@ def read_queries(path: str | Path) -> list[tuple[str, str]]:
     return _check_queries(pairs, str(path))
 
 
+def _utf8_text(path: Path) -> str:
+    """A queries file's text, without the byte-order mark an editor or a spreadsheet may put first; one error line for
+    a file saved in another encoding (a spreadsheet's Latin-1 CSV ended in a UnicodeDecodeError traceback)."""
+    data = path.read_bytes()
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise ModelInputError(f"{path}: not UTF-8 text (byte {data[exc.start]:#04x} at offset {exc.start}); save it as "
+                              "UTF-8") from None
+    return text.removeprefix("\ufeff")
+
+
 def _read_csv_queries(path: Path) -> list[tuple[str, str]]:
     """A CSV / TSV of queries with a header row (read as text lines, its header would become a question)."""
-    with open(path, newline="", encoding="utf-8-sig") as fh:  # -sig: a spreadsheet's byte-order mark
-        rows = list(csv.reader(fh, delimiter="\t" if path.suffix == ".tsv" else ","))
+    # newline="": a quoted question may hold a line break, which the csv module reads as part of it
+    rows = list(csv.reader(io.StringIO(_utf8_text(path), newline=""), delimiter="\t" if path.suffix == ".tsv" else ","))
     rows = [r for r in rows if any(cell.strip() for cell in r)]
     header = [cell.strip() for cell in rows[0]] if rows else []
     if "query" not in header:
@@ -229,7 +242,10 @@ def embeddings_table(user_ids: list[str], query_ids: list[str], emb: np.ndarray,
 def _finished_shards(directory: str | Path) -> list[Path]:
     """The finished ``part-*.parquet`` shards of an export (or ``embeddings/`` of an update state)."""
     directory = Path(directory)
-    if (directory / "embeddings").is_dir():
+    # a state's embeddings lie in its embeddings/ folder; an export's own shards lie beside its export.json, and a
+    # folder named embeddings in it (another export written there) is not its vectors (embeddings_maker reads the
+    # outer export.json, so the index recorded the wrong model too)
+    if (directory / "state.json").is_file():
         directory = directory / "embeddings"
     files = sorted(directory.glob("part-*.parquet"))
     if (directory / "export.json").exists():  # an export: only shards whose marker says they are final
@@ -269,7 +285,13 @@ def read_embeddings(directory: str | Path, query_id: str | None = None) -> tuple
     files = _finished_shards(directory)
     users, queries, vecs = [], [], []
     for path in files:
-        table = pq.read_table(path)
+        try:
+            table = pq.read_table(path)
+        except (pa.ArrowInvalid, OSError) as exc:  # a shard truncated or overwritten after its marker was written
+            reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+            reason = reason.split("': ", 1)[-1]  # pyarrow names the file first ("Could not open ... '<path>': "): said
+            raise ModelInputError(f"{path}: damaged, not a readable Parquet file ({reason[:100]}); "
+                                  f"{_how_to_rewrite(path)}") from None
         missing = [c for c in ("user_id", "query_id", "embedding") if c not in table.column_names]
         if missing or not pa.types.is_fixed_size_list(table.schema.field("embedding").type):
             lacks = ", ".join(missing) or "a fixed-size embedding column"
@@ -282,6 +304,16 @@ def read_embeddings(directory: str | Path, query_id: str | None = None) -> tuple
         queries.append(table.column("query_id").to_numpy(zero_copy_only=False))
         vecs.append(np.asarray(table.column("embedding").combine_chunks().flatten()).reshape(-1, dim))  # (rows, D)
     return np.concatenate(users).astype(object), np.concatenate(queries).astype(object), np.concatenate(vecs)
+
+
+def _how_to_rewrite(shard: Path) -> str:
+    """What writes a damaged embedding shard again: an export's resume skips a shard marked done."""
+    if (shard.parent / "export.json").is_file():
+        return (f"delete it and {shard.with_suffix('.done').name}, then re-run the export (the same `qanchor embed` "
+                "command) to write it again")
+    if (shard.parent.parent / "state.json").is_file():
+        return "rebuild the state (`qanchor update checkpoint=... data.path=... queries=... out=...`)"
+    return "write the embeddings again"
 
 
 def head_name(head: Head) -> str:
@@ -329,8 +361,14 @@ def _check_manifest(out: Path, expected: dict, overwrite: bool, world: int) -> N
             p.unlink()
     if path.exists():
         try:
-            found = json.loads(path.read_text())
-        except ValueError:
+            found = json.loads(path.read_text(encoding="utf-8"))
+        except ValueError:  # UnicodeDecodeError is one
+            found = None
+        if not isinstance(found, dict):  # it was told as "a different format (None != 2)"
+            if not overwrite:
+                raise ConfigError(f"{path}: damaged (not the JSON object `qanchor embed` writes), so what the shards "
+                                  f"beside it hold is unknown; pass overwrite=true to replace the export, or choose "
+                                  "another out=")
             found = {}
         diff = [k for k in expected if found.get(k) != expected[k]]
         if diff and not overwrite:

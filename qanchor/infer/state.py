@@ -89,17 +89,56 @@ class StateMeta:
         except TypeError as exc:  # keys missing or unknown
             raise ModelInputError(f"{path}: not a state description ({exc}); rebuild it") from None
 
+    def check_files(self, directory: str | Path, encodings_per_user: int) -> None:
+        """Refuse (ModelInputError naming the file) a state whose shard files are missing, unreadable, or hold other
+        row counts than state.json and each other say: an update read a missing file as an empty shard and carried
+        on without its users' buffers, encodings and embeddings, and a truncated one ended in a pyarrow traceback.
+        Reads only the files' footers. ``encodings_per_user``: the model's modality encodings (one row each)."""
+        directory = Path(directory)
+        users = 0
+        for shard in range(self.shards):
+            paths = {kind: shard_path(directory, kind, shard) for kind in KINDS}
+            rows = {kind: _rows_of(path, directory) for kind, path in paths.items()}
+            n, left = divmod(rows["encodings"], encodings_per_user)
+            if left or rows["embeddings"] != n * len(self.queries):
+                raise ModelInputError(_damaged(directory, f"{paths['encodings']} holds {rows['encodings']} rows and "
+                                               f"{paths['embeddings']} {rows['embeddings']}, which are not "
+                                               f"{encodings_per_user} encodings and {len(self.queries)} embeddings "
+                                               "(its queries) for each of its users"))
+            users += n
+        if users != self.n_users:
+            raise ModelInputError(_damaged(directory, f"its encodings hold {users} users, and its {STATE_FILE} says "
+                                           f"{self.n_users}"))
+
+
+def _damaged(directory: Path, what: str) -> str:
+    return (f"the state {directory} is damaged: {what}; rebuild it with `qanchor update checkpoint=CKPT "
+            "data.path=DATASET queries=FILE out=DIR` (and apply the days since)")
+
+
+def _rows_of(path: Path, directory: Path) -> int:
+    """A shard file's row count, from its footer; a missing or unreadable one is a damaged state."""
+    if not path.is_file():
+        raise ModelInputError(_damaged(directory, f"{path} is missing"))
+    try:
+        return pq.read_metadata(path).num_rows
+    except (pa.ArrowInvalid, OSError) as exc:  # truncated, or not Parquet
+        raise ModelInputError(_damaged(directory, f"{path} is not a readable Parquet file "
+                                       f"({str(exc).splitlines()[0][:100]})")) from None
+
 
 def shard_path(directory: Path, kind: str, shard: int) -> Path:
     return directory / kind / f"part-{shard:05d}.parquet"
 
 
 def link_shard(src: Path, dst: Path, shard: int) -> None:
-    """Carry an untouched shard over: hard links (files are never modified in place), else copies."""
+    """Carry an untouched shard over: hard links (files are never modified in place), else copies. Every shard of a
+    state has all its files, each written for it (a dataset has users, and a state's shards are its partitions that
+    hold some): a missing one is refused, not skipped (which dropped its users from every later state, silently)."""
     for kind in KINDS:
         a, b = shard_path(src, kind, shard), shard_path(dst, kind, shard)
-        if not a.exists():
-            continue
+        if not a.is_file():
+            raise ModelInputError(_damaged(src, f"{a} is missing"))
         b.parent.mkdir(parents=True, exist_ok=True)
         try:
             os.link(a, b)
@@ -203,6 +242,7 @@ def write_tables(directory: Path, shard: int, tables: dict[str, pa.Table]) -> No
         write_parquet(table, shard_path(directory, kind, shard))
 
 
-def read_table(directory: Path, kind: str, shard: int) -> pa.Table | None:
-    path = shard_path(directory, kind, shard)
-    return pq.read_table(path) if path.exists() else None
+def read_table(directory: Path, kind: str, shard: int) -> pa.Table:
+    """A shard file's table (there and readable: :meth:`StateMeta.check_files`; it was None for a missing file, and
+    its users were dropped)."""
+    return pq.read_table(shard_path(directory, kind, shard))

@@ -366,6 +366,7 @@ def update_state(q: QAnchor, state_dir: str | Path, event_files: Sequence[str | 
         raise ConfigError(f"{state_dir} was built packing {meta.caps} most recent events per modality, and this model "
                           f"packs {q.event_caps}; update it with the state's caps (data.max_events={meta.caps}) or "
                           "build a new state")
+    meta.check_files(state_dir, len(q.model.user_encoder.names))
     as_of_us = q.cutoff_us(as_of, "as_of") if as_of else None
     table = read_events(event_files, q, as_of_us)
     as_of_us = as_of_us or _default_as_of(meta, table)
@@ -414,7 +415,7 @@ def _update_shard(q: QAnchor, src: Path, dst: Path, shard: int, new: dict[str, U
                   tabular: dict[str, np.ndarray], as_of_us: int, asked, query_ids: list[str], reembed_all: bool,
                   full: bool, totals: dict, bar: Progress | None = None) -> None:
     path = shard_path(src, "encodings", shard)
-    n_old = pq.ParquetFile(path).metadata.num_rows // len(q.model.user_encoder.names) if path.exists() else 0
+    n_old = pq.ParquetFile(path).metadata.num_rows // len(q.model.user_encoder.names)
 
     def carry_over() -> None:  # the shard unchanged: yesterday's files, hard-linked
         link_shard(src, dst, shard)
@@ -423,7 +424,7 @@ def _update_shard(q: QAnchor, src: Path, dst: Path, shard: int, new: dict[str, U
     if not new and not tabular and not reembed_all:
         return carry_over()
     old = {k: read_table(src, k, shard) for k in ("buffer", "encodings", "embeddings")}
-    buffers = records_from_events(old["buffer"], q.manifest) if old["buffer"] is not None else {}
+    buffers = records_from_events(old["buffer"], q.manifest)
     fresh = {}
     caps = None if _keeps_every_event(q) else q.event_caps
     for uid, rec in new.items():
@@ -435,7 +436,7 @@ def _update_shard(q: QAnchor, src: Path, dst: Path, shard: int, new: dict[str, U
     new = fresh
     if not new and not tabular and not reembed_all:  # every event was already in the state
         return carry_over()
-    known = set(pc.unique(old["encodings"].column("user_id")).to_pylist()) if old["encodings"] is not None else set()
+    known = set(pc.unique(old["encodings"].column("user_id")).to_pylist())
     names = set(q.model.user_encoder.names)
     sequence = {m.name for m in q.manifest.sequence_modalities}  # tabular values are not kept: never re-encoded
     records, touched = {}, {}
@@ -456,7 +457,7 @@ def _update_shard(q: QAnchor, src: Path, dst: Path, shard: int, new: dict[str, U
         if uid not in records:
             records[uid] = UserRecord(uid, buffers.get(uid, UserRecord(uid, {})).events, None)
             touched[uid] = sequence if full else set()
-    cached = decode_encodings(old["encodings"], set(targets)) if old["encodings"] is not None else {}
+    cached = decode_encodings(old["encodings"], set(targets))
     recs = [records[u] for u in targets]
     encodings, ran = {}, 0
     for chunk in batched(recs, q.batch_size):

@@ -363,3 +363,53 @@ def test_events_past_the_cutoff_are_said_once_per_export_not_per_shard(infer_env
                           cutoff="2024-03-01")
     late = [w for w in caught if "at or after the cutoff" in str(w.message)]
     assert len(late) == 1 and infer_env.ds.num_users > 7
+
+
+def test_an_export_written_inside_an_exports_folder_is_not_read_as_its_embeddings(infer_env, full_export, tmp_path):
+    """read_embeddings went into any embeddings/ folder (as into a state's), so an export written into an export's
+    folder named embeddings/ was read in its place, and an index of it recorded the outer export's model."""
+    import shutil
+
+    out = tmp_path / "e"
+    shutil.copytree(full_export[0], out)
+    export_embeddings(infer_env.qa, infer_env.ds, [("other", "Is this user rich?")], out / "embeddings", rank=0, world=1,
+                      progress=False)
+    users, queries, vectors = read_embeddings(out)
+    own_users, own_queries, own_vectors = read_embeddings(full_export[0])
+    assert set(queries) == {qid for qid, _ in PAIRS} and list(queries) == list(own_queries)
+    assert list(users) == list(own_users) and np.array_equal(vectors, own_vectors)
+    assert set(read_embeddings(out / "embeddings")[1]) == {"other"}  # named itself, the inner export is read
+
+
+def test_a_damaged_shard_or_export_description_is_one_error_line(infer_env, full_export, tmp_path):
+    """A truncated shard ended `index build` in a pyarrow traceback; a damaged export.json was told on resume as "an
+    export with a different format (None != 2)"."""
+    import shutil
+
+    out = tmp_path / "e"
+    shutil.copytree(full_export[0], out)
+    shard = out / "part-00002.parquet"
+    shard.write_bytes(shard.read_bytes()[: shard.stat().st_size // 2])
+    with pytest.raises(ModelInputError, match=r"part-00002\.parquet: damaged, not a readable Parquet file .*; delete it "
+                                              r"and part-00002\.done, then re-run the export"):
+        read_embeddings(out)
+    shutil.copytree(full_export[0], tmp_path / "f")
+    (tmp_path / "f" / "export.json").write_text('{"format": 2, "checkpoint": "unterminated')
+    with pytest.raises(ConfigError, match=r"export\.json: damaged .*pass overwrite=true to replace the export"):
+        _export(infer_env, tmp_path / "f")
+    assert _export(infer_env, tmp_path / "f", overwrite=True).shards_written == 6
+    assert _table(tmp_path / "f").equals(_table(full_export[0]))
+
+
+@pytest.mark.parametrize("name", ["latin.csv", "latin.tsv", "latin.yaml", "latin.txt"])
+def test_a_queries_file_not_in_utf8_is_one_error_line(tmp_path, name):
+    """A spreadsheet's Latin-1 CSV (or a YAML or text file in another encoding) ended in a UnicodeDecodeError
+    traceback."""
+    text = {"latin.csv": "query\nWill the café customer churn?\n", "latin.tsv": "query\nWill the café customer churn?\n",
+            "latin.yaml": "churn: Will the café customer churn?\n", "latin.txt": "Will the café customer churn?\n"}[name]
+    offset = text.encode("latin-1").index(b"\xe9")
+    (tmp_path / name).write_bytes(text.encode("latin-1"))
+    with pytest.raises(ModelInputError, match=rf"{name}: not UTF-8 text \(byte 0xe9 at offset {offset}\); save it as UTF-8"):
+        read_queries(tmp_path / name)
+    (tmp_path / name).write_bytes(b"\xef\xbb\xbf" + text.encode("utf-8"))  # the same in UTF-8, with an editor's BOM
+    assert [q for _, q in read_queries(tmp_path / name)] == ["Will the café customer churn?"]

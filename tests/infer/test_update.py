@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import shutil
+from pathlib import Path
 from types import SimpleNamespace
 
 import numpy as np
@@ -21,7 +22,7 @@ from qanchor.errors import CheckpointError, ConfigError, DataValidationError, Mo
 from qanchor.infer.api import QAnchor
 from qanchor.infer.export import read_embeddings
 from qanchor.infer.index import check_index_target
-from qanchor.infer.state import StateMeta, records_from_events
+from qanchor.infer.state import StateMeta, link_shard, records_from_events
 from qanchor.infer.update import init_state, update_state
 from qanchor.model.factory import ModelMeta, save_checkpoint
 from qanchor.train.pretrain import fit_evidence_stats, fit_input_stats
@@ -484,3 +485,66 @@ def test_a_state_of_the_older_event_order_is_refused(state0, tmp_path):
     (old / "state.json").write_text(json.dumps({**meta, "format": 1}))
     with pytest.raises(ModelInputError, match="state format 1, this qanchor reads 2; rebuild it"):
         StateMeta.load(old)
+
+
+def test_an_update_never_replaces_a_state_holding_files_of_the_users_in_its_folders(infer_env, state0, tmp_path):
+    """Only the state's top-level names were checked, so a README in its embeddings/ or a folder of the user's in its
+    buffer/ was deleted with the old state; a state's folders hold only its shards (and qanchor's temporaries)."""
+    target = tmp_path / "s1"
+    shutil.copytree(state0[0], target)
+    (target / "embeddings" / "README.txt").write_text("mine")
+    (target / "buffer" / "mine").mkdir()
+    (target / "buffer" / "mine" / "f").write_text("mine too")
+    with pytest.raises(OutputError, match=r"also 'buffer/mine', 'embeddings/README\.txt', which .*; replacing it would "
+                                          r"delete them"):
+        update_state(infer_env.qa, state0[0], [], target, progress=False)
+    assert (target / "embeddings" / "README.txt").read_text() == "mine" and (target / "buffer" / "mine" / "f").exists()
+    (target / "embeddings" / "README.txt").unlink()
+    shutil.rmtree(target / "buffer" / "mine")
+    (target / "encodings" / ".part-00000.parquet.qanchor-tmp.999999999-00000000.abcd").write_bytes(b"")  # a killed write's
+    assert update_state(infer_env.qa, state0[0], [], target, progress=False).users_total == infer_env.ds.num_users
+    assert sorted(p.name for p in (target / "encodings").iterdir()) == ["part-00000.parquet"]
+
+
+def test_the_data_layer_knows_a_states_folders_as_the_state_writes_them():
+    from qanchor.data.io import FOLDER_LAYOUT, SHARD_FILE
+    from qanchor.infer.state import KINDS, shard_path
+
+    assert set(FOLDER_LAYOUT[OutputKind.STATE]) == set(KINDS)
+    assert all(SHARD_FILE.fullmatch(shard_path(Path("s"), kind, shard).name) for kind in KINDS for shard in (0, 123456))
+
+
+def _without_u001(path: Path) -> None:
+    table = pq.read_table(path)
+    pq.write_table(table.filter(pc.not_equal(table.column("user_id"), "u001")), path)
+
+
+@pytest.mark.parametrize("kind, how", [(k, h) for h in ("missing", "truncated") for k in ("buffer", "encodings", "embeddings")]
+                         + [("embeddings", "rows"), ("encodings", "users")])
+def test_a_state_missing_or_with_a_damaged_shard_file_is_refused(infer_env, state0, tmp_path, kind, how):
+    """A missing shard file was read as an empty shard, or skipped when the shard was carried over: its users' buffers,
+    encodings or embeddings were dropped from the next state without a word; a truncated one ended in a pyarrow
+    traceback. Row counts that disagree with each other or state.json (a shard of another state copied in) are refused
+    too."""
+    state = tmp_path / "s0"
+    shutil.copytree(state0[0], state)
+    path = state / kind / "part-00000.parquet"
+    if how == "missing":
+        path.unlink()
+        match = r"part-00000\.parquet is missing"
+    elif how == "truncated":
+        path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
+        match = r"part-00000\.parquet is not a readable Parquet file"
+    elif how == "rows":  # one user's embeddings lost
+        _without_u001(path)
+        match = r"encodings/part-00000\.parquet holds \d+ rows and .*embeddings/part-00000\.parquet \d+, which are not"
+    else:  # one user lost from both
+        _without_u001(path)
+        _without_u001(state / "embeddings" / "part-00000.parquet")
+        match = rf"its encodings hold {infer_env.ds.num_users - 1} users, and its state.json says {infer_env.ds.num_users}"
+    with pytest.raises(ModelInputError, match=rf"the state .*s0 is damaged: .*{match}.*; rebuild it with `qanchor update"):
+        update_state(infer_env.qa, state, [], tmp_path / "s1", progress=False)
+    assert not (tmp_path / "s1").exists()
+    if how == "missing":  # carrying a shard over refuses a missing file too, not skips it
+        with pytest.raises(ModelInputError, match=match):
+            link_shard(state, tmp_path / "s2", 0)
