@@ -184,7 +184,7 @@ def check_output_dir(target: str | os.PathLike, kind: OutputKind, inputs: Mappin
     if found == kind.value:
         return True
     if found is not None:
-        raise OutputError(f"{key} {target} holds a qanchor {found}, not a {kind.value}; choose another directory")
+        raise OutputError(f"{key} {target} holds a qanchor {found}, not {_a(kind.value)}; choose another directory")
     if entries:
         raise OutputError(f"{key} {target} holds files qanchor did not create (e.g. {_foreign_example(target)!r}); "
                           "qanchor only writes into new, empty or its own output directories: choose another one")
@@ -482,6 +482,11 @@ def atomic_dir(target: str | os.PathLike, kind: OutputKind, layout: Collection[s
             shutil.rmtree(tmp)
 
 
+def _a(noun: str) -> str:
+    """``noun`` with its indefinite article: "an update state", "a checkpoint"."""
+    return f"{'an' if noun[:1] in 'aeiou' else 'a'} {noun}"
+
+
 def _through_link(target: Path) -> Path:
     """A symbolic link stands for the directory it points at, which is replaced while the link is kept (as
     :func:`claim_output_dir` claims it); a link to nothing is refused before any work, not found dangling at the end."""
@@ -505,7 +510,7 @@ def check_replaceable(target: str | os.PathLike, kind: OutputKind, layout: Colle
     if not target.is_dir():
         raise OutputError(f"{target} is a file, not a directory; give a directory path for the {kind.value}")
     if os.path.ismount(target):  # replaced whole by a rename, which a mount point refuses (after all the work)
-        raise OutputError(f"{target} is a mount point, and a {kind.value} is written aside and renamed into place, "
+        raise OutputError(f"{target} is a mount point, and {_a(kind.value)} is written aside and renamed into place, "
                           f"which a mount point cannot be: name a folder inside it (e.g. {target / 'out'})")
     found = output_kind(target)
     if found == kind.value and layout is None:
@@ -518,13 +523,13 @@ def check_replaceable(target: str | os.PathLike, kind: OutputKind, layout: Colle
         extra += _outside_folder_layout(target, kind)
         if extra:  # the user's notes, an index built into it: replacing the directory whole would delete them
             shown = ", ".join(repr(n) for n in extra[:3]) + (f" and {len(extra) - 3} more" if len(extra) > 3 else "")
-            raise OutputError(f"{target} holds a qanchor {kind.value} and also {shown}, which a {kind.value} does not "
+            raise OutputError(f"{target} holds a qanchor {kind.value} and also {shown}, which {_a(kind.value)} does not "
                               "hold; replacing it would delete them: move them out of it first, or write to another "
                               "directory")
     if found == kind.value or (found is None and not any(target.iterdir())):
         return
     if found is not None:
-        raise OutputError(f"{target} holds a qanchor {found}, not a {kind.value}; choose another directory")
+        raise OutputError(f"{target} holds a qanchor {found}, not {_a(kind.value)}; choose another directory")
     raise OutputError(f"{target} holds files qanchor did not create (e.g. {_foreign_example(target)!r}); qanchor "
                       f"only replaces its own {kind.value} directories: choose another path")
 

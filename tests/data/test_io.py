@@ -73,7 +73,7 @@ def test_claim_keeps_refusing_foreign_and_other_kinds(tmp_path):
     assert (foreign / "notes.txt").read_text() == "mine"
     run = tmp_path / "run"
     assert claim_output_dir(run, OutputKind.RUN) is False
-    with pytest.raises(OutputError, match="pretraining run, not a embedding export"):
+    with pytest.raises(OutputError, match="pretraining run, not an embedding export"):
         claim_output_dir(run, OutputKind.EXPORT)
     empty = tmp_path / "empty"
     empty.mkdir()
