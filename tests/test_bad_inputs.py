@@ -481,6 +481,14 @@ CASES = [
                                                  "aspects=[horoscope]"], "unknown profile aspects"),
     Case("uqa-checkpoint-without-holdout", lambda d, w: ["uqa", f"checkpoint={w.ckpt}", f"data.path={w.ds}",
                                                         f"output_dir={d / 'u'}"], "train.holdout_users=0"),
+    # an empty output folder (`output_dir=$OUT`, $OUT unset) was the working folder
+    Case("pretrain-empty-output-dir", lambda d, w: _pretrain(w, "output_dir="), "output_dir is not set"),
+    Case("bench-empty-output-dir", lambda d, w: ["bench", f"data.path={w.ds}", "methods=[rfm_lgbm]", "output_dir="],
+         "output_dir is not set"),
+    Case("prompt-tune-empty-output-dir", lambda d, w: ["prompt-tune", f"checkpoint={w.ckpt}", f"data.path={w.ds}",
+                                                      "output_dir="], "output_dir is not set"),
+    Case("uqa-empty-output-dir", lambda d, w: ["uqa", f"checkpoint={w.ckpt}", f"data.path={w.ds}", "output_dir="],
+         "output_dir is not set"),
     Case("pretrain-text-events-for-token-model", lambda d, w: _pretrain(w, "data.text_events=8"), "model.user_input=text"),
     # a setting that names another config file
     Case("bench-missing-prompt-tune-config", lambda d, w: ["bench", f"checkpoint={w.ckpt}", f"data.path={w.ds}",

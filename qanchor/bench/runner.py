@@ -108,6 +108,7 @@ def prepare(cfg: BenchConfig) -> tuple[Dataset, list[Task]]:
     """Open the dataset and pick the tasks (the custom one if ``cfg.labels`` is set)."""
     _check_methods(cfg.methods)  # first: a mistyped method is the mistake to report, whatever else is missing
     require(cfg.data.path, "data.path", "<dataset dir>")
+    require(cfg.output_dir, "output_dir", "results/bench")  # empty (an unset $OUT): the report went into the working folder
     if {"qanchor_head", "qanchor_head_lr"} & set(cfg.methods) or (cfg.ablations and cfg.ablation_prompt_tokens):
         require_file(cfg.prompt_tune_config, "prompt_tune_config")  # before any embedding: the heads read it last
         if cfg.prompt_tune_config:  # and its settings, which were read (and a mistyped key said) after the other rows

@@ -252,6 +252,7 @@ def run_uqa(cfg: UqaConfig, progress: bool = True) -> UqaResult:
     start = time.perf_counter()
     require(cfg.checkpoint, "checkpoint", "<checkpoint dir pretrained with train.holdout_users > 0>")
     require(cfg.data.path, "data.path", "<dataset dir>")
+    require(cfg.output_dir, "output_dir", "results/uqa")  # empty (an unset $OUT): the results went into the working folder
     base = checkpoint_run_config(cfg.checkpoint)
     if base.model.user_input != "tokens":
         raise ConfigError(f"{cfg.checkpoint} reads users as text (model.user_input=text); give a Q-Anchor checkpoint")

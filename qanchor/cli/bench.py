@@ -13,6 +13,8 @@ import itertools
 from dataclasses import replace
 from pathlib import Path
 
+import yaml
+
 from qanchor.bench.report import average_table, bench_and_report, data_kind_note, labels_of_report
 from qanchor.bench.uqa import run_uqa, uqa_table, write_uqa
 from qanchor.cli.common import add_command, add_settings, settings
@@ -25,9 +27,8 @@ def _file_sets(config: str | None, *keys: str) -> bool:
     """Whether the ``--config`` file itself sets every one of ``keys`` (top level)."""
     if not config:
         return False
-    from omegaconf import OmegaConf
-
-    raw = OmegaConf.to_container(OmegaConf.load(config))  # settings() has read it already: it parses
+    # settings() has read it already: it parses (not through OmegaConf, which failed on a "${" in a text)
+    raw = yaml.safe_load(Path(config).read_text(encoding="utf-8"))
     return isinstance(raw, dict) and all(raw.get(k) is not None for k in keys)
 
 

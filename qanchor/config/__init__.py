@@ -61,12 +61,18 @@ from qanchor.config.sections import (
 )
 from qanchor.errors import ConfigError
 
+try:  # what OmegaConf.load reads YAML with (its float, timestamp and duplicate-key rules), without making a tree of it
+    from omegaconf._yaml import get_yaml_loader  # omegaconf >= 2.4
+except ImportError:
+    from omegaconf._utils import get_yaml_loader  # omegaconf 2.1-2.3
+
 __all__ = [
     "TextEncoderConfig", "DataConfig", "LoraConfig", "BackboneConfig", "UserEncoderConfig", "ModelConfig",
     "LossConfig", "TrainConfig", "PretrainConfig", "DataOverrides", "PromptTuneConfig", "BenchConfig", "InferConfig",
     "EmbedConfig", "UpdateConfig", "AskConfig", "DescribeConfig", "UqaConfig", "IndexBuildConfig", "IndexSearchConfig", "SynthConfig", "CompleteJourneyConfig",
            "CompleteJourneyProfileConfig",
-    "UserUConfig", "SCHEMAS", "FILE_KEYS", "configs_root", "load_config", "with_overrides", "to_yaml", "require",
+    "UserUConfig", "SCHEMAS", "FILE_KEYS", "configs_root", "load_config", "with_overrides", "to_yaml", "to_container",
+    "require",
     "require_file", "load_run_config",
 ]
 
@@ -109,14 +115,36 @@ def _preset_path(preset: str) -> Path:
 
 
 def _load_yaml(path: Path) -> Any:
+    """The YAML file ``path`` as plain values, read as OmegaConf.load reads YAML, but not made an OmegaConf tree: that
+    parses "${" in every text as an interpolation, and "Spend over ${50?" in a text setting failed as one."""
     if path.is_dir():
         raise ConfigError(f"config {path} is a directory; give a YAML file")
     try:
-        return OmegaConf.load(path)
+        with path.open(encoding="utf-8") as fh:
+            return yaml.load(fh, Loader=get_yaml_loader())
     except FileNotFoundError:
         raise ConfigError(f"config file not found: {path}") from None
-    except Exception as exc:  # yaml.YAMLError and friends: say which file
+    except UnicodeDecodeError as exc:
+        raise ConfigError(f"{path}: not UTF-8 text (byte {exc.object[exc.start]:#04x} at offset {exc.start}); save "
+                          "it as UTF-8") from None
+    except yaml.MarkedYAMLError as exc:  # the problem and where: its first line alone said "while constructing a mapping"
+        raise ConfigError(f"{path}: not valid YAML: {_yaml_problem(exc)}") from None
+    except yaml.YAMLError as exc:
         raise ConfigError(f"{path}: not valid YAML ({str(exc).splitlines()[0]})") from None
+
+
+def _yaml_problem(exc: yaml.MarkedYAMLError) -> str:
+    """``exc``'s problem and where it is, e.g. "found duplicate key seed at line 3, column 1"; for an unclosed bracket
+    or quote (found where the file ends) also where it was opened."""
+    def at(mark: Any) -> str:
+        return f"line {mark.line + 1}, column {mark.column + 1}"
+
+    text = exc.problem or exc.context or "unreadable"
+    if exc.problem_mark is not None:
+        text += f" at {at(exc.problem_mark)}"
+    if isinstance(exc, (yaml.scanner.ScannerError, yaml.parser.ParserError)) and exc.context and exc.context_mark:
+        text += f" ({exc.context} from {at(exc.context_mark)})"
+    return text
 
 
 def _is_text(tp: Any) -> bool:
@@ -146,26 +174,41 @@ def _verbatim_copy(cfg: Any) -> Any:
     return cfg
 
 
-def _text_as_written(typed: Any, raw: Any, tp: Any) -> Any:
+def _text_as_written(typed: Any, raw: Any, tp: Any, source: str, key: str = "") -> Any:
     """``typed`` (a YAML file's values as YAML 1.1 types them) with every value of a text setting taken as written
     (``raw``: the same file read with every scalar as text). Unquoted, `options: [yes, no]` would be booleans and
-    `user: 0012` the number 10, which the schema then turns into the texts "True" and "10"."""
+    `user: 0012` the number 10, which the schema then turns into the texts "True" and "10". As on the command line,
+    one bare value where a list belongs is a list of one (`tasks: churn`), and an item of a list of text must be text
+    (``source``, ``key``: the file and dotted key, to name them)."""
     tp, _ = _strip_optional(tp)
     if typed is None or raw is None:
         return typed
     if _is_text(tp):
         return _verbatim(typed) if isinstance(typed, str) or not isinstance(raw, str) else _verbatim(raw)
+    if typing.get_origin(tp) is list and not isinstance(typed, (list, dict)):
+        typed, raw = [typed], [raw]  # OmegaConf said "Invalid value assigned: AnyNode is not a ListConfig"
     if typing.get_origin(tp) is list and isinstance(typed, list) and isinstance(raw, list) and len(raw) == len(typed):
         (item,) = typing.get_args(tp) or (Any,)
-        return [_text_as_written(t, r, item) for t, r in zip(typed, raw)]
+        if _is_text(_strip_optional(item)[0]):
+            odd = next((r for t, r in zip(typed, raw) if isinstance(t, (list, dict))), None)
+            if odd is not None:  # `tasks: [churn, [x]]` failed later, in a TypeError (unhashable list) or as [False]
+                raise ConfigError(f"{source}: '{key}': item {odd!r} is not text; quote an item that holds ': ', ',' "
+                                  f"or brackets, e.g. {key}: [\"first: item\", \"second, item\"]")
+        return [_text_as_written(t, r, item, source, key) for t, r in zip(typed, raw)]
     if isinstance(typed, dict) and isinstance(raw, dict):
         if dataclasses.is_dataclass(tp):
             hints = typing.get_type_hints(tp)
-            return {k: _text_as_written(v, raw.get(str(k)), hints[k]) if k in hints else v for k, v in typed.items()}
+            # an unknown key's value escaped too: OmegaConf names the key, rather than failing to parse its "${"
+            return {k: _text_as_written(v, raw.get(str(k)), hints[k], source, _dotted(key, k))
+                    if k in hints else _verbatim_copy(v) for k, v in typed.items()}
         if typing.get_origin(tp) is dict:
             value_type = typing.get_args(tp)[1]
-            return {k: _text_as_written(v, raw.get(str(k)), value_type) for k, v in typed.items()}
+            return {k: _text_as_written(v, raw.get(str(k)), value_type, source, _dotted(key, k)) for k, v in typed.items()}
     return typed
+
+
+def _dotted(prefix: str, key: Any) -> str:
+    return f"{prefix}.{key}" if prefix else str(key)
 
 
 def _wrap(exc: OmegaConfBaseException, source: str) -> ConfigError:
@@ -312,19 +355,22 @@ def load_config(path: str | Path | None, overrides: list[str] | tuple[str, ...] 
     cli_layer = _overrides_layer(schema, overrides)
     try:
         base = OmegaConf.structured(schema)
-        file_cfg = _load_yaml(path) if path is not None else OmegaConf.create({})
-        if not isinstance(file_cfg, DictConfig):
+        file_values = _load_yaml(path) if path is not None else None
+        if file_values is None:  # no file, or an empty one
+            file_values = {}
+        if not isinstance(file_values, dict):
             raise ConfigError(f"{source}: a config file is a mapping of settings (key: value), not a "
-                              f"{type(OmegaConf.to_container(file_cfg)).__name__}")
-        if path is not None and isinstance(file_cfg, DictConfig):
-            with path.open() as fh:
+                              f"{type(file_values).__name__}")
+        if path is not None:
+            with path.open(encoding="utf-8") as fh:
                 raw = yaml.load(fh, Loader=yaml.BaseLoader)  # every scalar as the text it was written as
-            file_cfg = OmegaConf.create(_text_as_written(OmegaConf.to_container(file_cfg), raw, schema))
-            _check_sections(OmegaConf.to_container(file_cfg, resolve=False), schema, source)
+            _check_sections(file_values, schema, source)
+            file_values = _text_as_written(file_values, raw, schema, source)
+        file_cfg = OmegaConf.create(file_values)
         cli_cfg = OmegaConf.create(cli_layer)
         layers = [base]
         if (schema is PretrainConfig or schema is ModelConfig) and not _resolved:
-            layers.append(_preset_layer(schema, file_cfg, cli_cfg))
+            layers.append(_preset_layer(schema, file_cfg, cli_cfg, path))
         merged = OmegaConf.merge(*layers, file_cfg)
     except OmegaConfBaseException as exc:
         raise _wrap(exc, source) from None
@@ -425,7 +471,7 @@ def with_overrides(cfg: Any, overrides: list[str] | tuple[str, ...]) -> Any:
         raise _wrap(exc, "<overrides>") from None
 
 
-def _preset_layer(schema: type, file_cfg: Any, cli_cfg: Any) -> Any:
+def _preset_layer(schema: type, file_cfg: Any, cli_cfg: Any, config_path: Path | None = None) -> Any:
     def pick(cfg: Any) -> str | None:
         node = cfg.get("model", {}) if schema is PretrainConfig else cfg
         if node is not None and not isinstance(node, (DictConfig, dict)):  # `model: tiny` in a file
@@ -437,16 +483,49 @@ def _preset_layer(schema: type, file_cfg: Any, cli_cfg: Any) -> Any:
     preset = pick(cli_cfg) if given_here else pick(file_cfg)  # model.preset=null on the command line: no preset
     if not preset:
         return OmegaConf.create({})
+    # a model config loaded directly is the chain's first link: a preset naming it back is a cycle too
+    chain = [str(config_path)] if schema is ModelConfig and config_path is not None and not given_here else []
+    layer = _preset_chain(preset, chain, [config_path.resolve()] if chain else [])
+    layer.preset = preset  # the record of where the model section came from: the name given, not the files it named
+    return OmegaConf.create({"model": layer}) if schema is PretrainConfig else layer
+
+
+def _preset_chain(preset: str, chain: list[str], seen: list[Path]) -> Any:
+    """The model settings of ``preset``, on top of those of the preset its own file names (``preset: tiny`` in a
+    file given as ``model.preset=my.yaml``), and so on down: a preset file says what it builds on, as a model config
+    loaded directly does. ``chain`` / ``seen``: the presets (as written / as files) that led here."""
     path = _preset_path(preset)
-    layer = OmegaConf.create(_verbatim_copy(OmegaConf.to_container(_load_yaml(path), resolve=False)))  # text as written
-    layer.preset = preset
+    chain = [*chain, preset]
+    if path.resolve() in seen:
+        raise ConfigError(f"model.preset: the presets name each other in a cycle ({' -> '.join(chain)}); remove the "
+                          "'preset:' line of one of them")
+    values = _load_yaml(path)
+    if not isinstance(values, (dict, type(None))):
+        raise ConfigError(f"{path}: a preset file is a mapping of model settings (key: value), not a "
+                          f"{type(values).__name__}")
+    layer = OmegaConf.create(_verbatim_copy(values or {}))  # text as written
     try:  # a bad key in the preset file is the preset's fault, not the config file's
         OmegaConf.merge(OmegaConf.structured(ModelConfig), layer)
     except OmegaConfBaseException as exc:
         raise _wrap(exc, str(path)) from None
-    return OmegaConf.create({"model": layer}) if schema is PretrainConfig else layer
+    below = layer.get("preset")
+    if below:
+        layer = OmegaConf.merge(_preset_chain(str(below), chain, [*seen, path.resolve()]), layer)
+    return layer
+
+
+def _structured_as_written(cfg: Any) -> DictConfig:
+    """``cfg`` as an OmegaConf tree whose every text reads back exactly as it was given (resolve it to get them).
+    OmegaConf parses "${" in a text as an interpolation: "r_${x" failed to parse, at the first checkpoint save."""
+    return OmegaConf.structured(_verbatim_copy(cfg))
+
+
+def to_container(cfg: Any) -> dict:
+    """The typed config ``cfg`` as plain dicts and lists, every text as given (``${...}`` in it stays text)."""
+    return OmegaConf.to_container(_structured_as_written(cfg), resolve=True)  # resolving only unescapes: text as given
 
 
 def to_yaml(cfg: Any) -> str:
-    """The resolved config as YAML text (what a checkpoint stores as ``config.yaml``)."""
-    return OmegaConf.to_yaml(OmegaConf.structured(cfg))
+    """The resolved config as YAML text (what a checkpoint stores as ``config.yaml``): every text as given, so that
+    :func:`load_config` reads the same config back."""
+    return OmegaConf.to_yaml(_structured_as_written(cfg), resolve=True)

@@ -163,12 +163,16 @@ class PromptTuneConfig:
     def __post_init__(self) -> None:
         if self.num_prompt_tokens < 1 or self.prototypes_per_class < 1 or self.min_users_per_prototype < 1:
             raise ConfigError("num_prompt_tokens, prototypes_per_class and min_users_per_prototype must be >= 1")
-        if not (self.temperature > 0 and math.isfinite(self.temperature)) or not self.lr > 0 or not (
-                self.prototype_lr >= 0 and self.lookup_lr >= 0):  # nan passed the "<= 0" checks
-            raise ConfigError("temperature (finite) and lr must be > 0, prototype_lr and lookup_lr >= 0")
+        # nan passed "<= 0" checks, inf any: each failed in a traceback (whitening_eps nan in scikit-learn, lr inf), or
+        # tuned nothing without a word (whitening_eps inf: every user one point, AUC 0.5)
+        positive = ("temperature", "lr", *(("whitening_eps",) if self.whitening_eps is not None else ()))
+        for key in (*positive, "prototype_lr", "lookup_lr"):
+            value = getattr(self, key)
+            if not math.isfinite(value) or value < 0 or (value == 0 and key in positive):
+                bound = "> 0" if key in positive else ">= 0"
+                null = ", or null for no whitening" if key == "whitening_eps" else ""
+                raise ConfigError(f"{key} must be a finite number {bound}{null}, got {value}")
         check_seed(self.seed, "seed")  # a negative one was read as "too few users to split"
-        if self.whitening_eps is not None and self.whitening_eps <= 0:
-            raise ConfigError("whitening_eps must be > 0, or null for no whitening")
         if self.steps < 0 or self.batch_size < 2 or self.eval_every < 1 or self.prefix_chunk < 1:
             raise ConfigError("steps must be >= 0, batch_size >= 2, eval_every and prefix_chunk >= 1")
         if not (0 < self.val_fraction < 1 and 0 < self.test_fraction < 1 and self.val_fraction + self.test_fraction < 1):
@@ -221,6 +225,11 @@ class BenchConfig:
         check_seed(self.seed, "seed")
         if self.n_jobs < 1:  # LightGBM reads 0 or -1 as every core
             raise ConfigError(f"n_jobs must be >= 1 (threads), got {self.n_jobs}")
+        # the CoLES peer's: epochs -1 trained forever (Lightning's max_epochs=-1), a width of 0 failed in a traceback,
+        # and 0 events used every event without a word (a negative number dropped the newest)
+        for key in ("coles_epochs", "coles_hidden", "coles_max_events"):
+            if getattr(self, key) < 1:
+                raise ConfigError(f"{key} must be >= 1, got {getattr(self, key)}")
         if self.head_steps is not None and self.head_steps < 0:  # said only after other rows had run, as "steps"
             raise ConfigError(f"head_steps must be >= 0 (or null: the prompt-tune config's steps), got {self.head_steps}")
         if (self.labels is None) != (self.query is None):

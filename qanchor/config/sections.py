@@ -370,8 +370,10 @@ class TrainConfig:
     def __post_init__(self) -> None:
         if self.max_steps < 1 or self.batch_size < 2:
             raise ConfigError("train: max_steps must be >= 1 and batch_size >= 2 (contrastive needs negatives)")
-        if self.dist_timeout_minutes <= 0:
-            raise ConfigError(f"train.dist_timeout_minutes must be > 0, got {self.dist_timeout_minutes}")
+        if not 0 < self.dist_timeout_minutes <= 1e9:  # nan passed a "<= 0" check; nan, inf and 1e300 then failed in
+            # the process group's setup (a timedelta holds at most 1.4e12 minutes)
+            raise ConfigError(f"train.dist_timeout_minutes must be a finite number of minutes > 0 (at most 1e9), got "
+                              f"{self.dist_timeout_minutes}")
         if len(self.betas) != 2 or not all(0.0 <= b < 1.0 for b in self.betas):
             raise ConfigError(f"train.betas is Adam's two decay rates, each in [0, 1), e.g. [0.9, 0.98]; got {self.betas}")
         if self.query_group_size < 1 or self.batch_size % self.query_group_size:
@@ -386,12 +388,15 @@ class TrainConfig:
             raise ConfigError(f"train.uqa_fraction is a share of the sampled pairs: it must be in [0, 1], got {self.uqa_fraction}")
         if not self.lr >= 0 or self.warmup_steps < 0:  # lr 0: the untrained model the bench's control reads
             raise ConfigError(f"train: lr must be >= 0 and warmup_steps >= 0, got lr {self.lr}, warmup_steps {self.warmup_steps}")
+        if not math.isfinite(self.lr):  # inf passed the check above
+            refuse_for_training(f"train.lr must be a finite number >= 0, got {self.lr}")
         if self.zero_stage not in (0, 1, 2, 3):
             raise ConfigError(f"train.zero_stage must be 0, 1, 2 or 3, got {self.zero_stage}")
         if not 0 <= self.seed < 2**32:  # numpy takes no negative one, torch's per-rank seed overflows past ~1.8e16:
             refuse_for_training(f"train.seed must be in [0, 2**32), got {self.seed}")  # both failed after the setup
         if math.isnan(self.grad_clip):  # <= 0 is DeepSpeed's "no clipping"; nan read so too while the records said nan
             refuse_for_training("train.grad_clip must be a number (<= 0: no clipping), got nan")
-        if not self.eps > 0 or not self.weight_decay >= 0:  # each failed in the optimizer's setup, after the encoding
-            refuse_for_training(f"train: eps must be > 0 and weight_decay >= 0; got eps {self.eps}, weight_decay "
-                                f"{self.weight_decay}")
+        # each failed in the optimizer's setup, after the encoding; inf passed (eps inf makes every Adam step 0)
+        if not 0 < self.eps < math.inf or not 0 <= self.weight_decay < math.inf:
+            refuse_for_training(f"train: eps must be > 0 and weight_decay >= 0, both finite; got eps {self.eps}, "
+                                f"weight_decay {self.weight_decay}")

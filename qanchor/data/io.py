@@ -164,6 +164,8 @@ def check_output_dir(target: str | os.PathLike, kind: OutputKind, inputs: Mappin
     Refused with :class:`OutputError`: a file in the way, a target inside / containing an input, a
     non-empty directory qanchor did not mark, or one marked as another kind.
     """
+    if not os.fspath(target):  # Path("") is the working folder: an unset $OUT in `out=$OUT` wrote the output there
+        raise OutputError(f"{key} is empty; give the directory to write into")
     target = Path(target)
     check_not_inside(target, dict(inputs), key)
     refuse_inside_replaced_whole(target, key, kind)

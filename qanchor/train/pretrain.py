@@ -30,9 +30,8 @@ from pathlib import Path
 
 import pyarrow.compute as pc
 import torch
-from omegaconf import OmegaConf
 
-from qanchor.config import PretrainConfig, load_run_config, require, require_file
+from qanchor.config import PretrainConfig, load_run_config, require, require_file, to_container
 from qanchor.data.dataset import Dataset, load_dataset
 from qanchor.data.io import (
     OutputKind,
@@ -120,6 +119,7 @@ class MetricsLog:
 def preflight(cfg: PretrainConfig, world: int = 1) -> None:
     """Every check that needs no model and no text encoder: refuse a mistake in seconds, touching nothing."""
     require(cfg.data.path, "data.path", "<dataset dir>")
+    require(cfg.output_dir, "output_dir", "runs/pretrain")  # empty (an unset $OUT): the run went into the working folder
     require_file(cfg.train.deepspeed_config, "train.deepspeed_config")
     check_device("cuda" if torch.cuda.is_available() else "cpu", cfg.train.precision)
     deepspeed_config(cfg.train, world)  # a damaged or conflicting deepspeed_config file fails here, not after setup
@@ -170,7 +170,7 @@ def _flatten(tree: dict, prefix: str = "") -> dict:
 def recipe_differences(saved: PretrainConfig, new: PretrainConfig) -> list[str]:
     """``"key: saved -> new"`` for each setting that differs between two run configs and shapes what is trained
     (every key but :data:`BOOKKEEPING_KEYS`; ``data.path`` compared as a resolved path)."""
-    a, b = (_flatten(OmegaConf.to_container(OmegaConf.structured(c))) for c in (saved, new))
+    a, b = (_flatten(to_container(c)) for c in (saved, new))
     for flat in (a, b):
         if flat.get("data.path"):
             flat["data.path"] = str(Path(flat["data.path"]).resolve())

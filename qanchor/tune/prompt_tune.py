@@ -33,9 +33,15 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from omegaconf import OmegaConf
 
-from qanchor.config import DataConfig, DataOverrides, PromptTuneConfig, TextEncoderConfig, require
+from qanchor.config import (
+    DataConfig,
+    DataOverrides,
+    PromptTuneConfig,
+    TextEncoderConfig,
+    require,
+    to_container,
+)
 from qanchor.data.dataset import Dataset, Task, UserRecord, load_dataset
 from qanchor.data.io import (
     OutputKind,
@@ -169,6 +175,7 @@ def encode_users(model: QAnchorModel, ds: Dataset, pipe: UserPipeline, user_ids:
 def run_prompt_tune(cfg: PromptTuneConfig, progress: bool = True) -> dict:
     """Tune the configured task(s); write heads and ``summary.json`` under ``output_dir``; return the summary."""
     require(cfg.checkpoint, "checkpoint", "<pretrained checkpoint dir>")
+    require(cfg.output_dir, "output_dir", "runs/heads")  # empty (an unset $OUT): the heads went into the working folder
     started = time.perf_counter()
     torch.set_grad_enabled(True)
     model, tokenizer, meta, run_cfg = load_checkpoint(cfg.checkpoint, device=check_device(cfg.device))
@@ -229,7 +236,7 @@ def run_prompt_tune(cfg: PromptTuneConfig, progress: bool = True) -> dict:
     summary = {"checkpoint": str(cfg.checkpoint), "checkpoint_hash": ckpt_hash, "dataset": str(ds.root),
                "n_users": len(store) if store else 0, "prefix_mb": store.nbytes / 2**20 if store else 0.0,
                "prepare_seconds": time.perf_counter() - started,
-               "config": OmegaConf.to_container(OmegaConf.structured(cfg)), "tasks": {}}
+               "config": to_container(cfg), "tasks": {}}
     for name in tasks:
         if name in finished:
             summary["tasks"][name] = finished[name]
@@ -252,10 +259,10 @@ def _task_key(cfg: PromptTuneConfig, data: DataConfig, ckpt_hash: str, dataset_f
     """What a task's head depends on: checkpoint, dataset files, the task's question, users and labels, packing and
     tuning settings (not paths/device: a custom labels file is keyed by what it holds), and the code and libraries
     that tune it."""
-    settings = OmegaConf.to_container(OmegaConf.structured(cfg))
+    settings = to_container(cfg)
     for k in ("checkpoint", "output_dir", "task", "device", "data", "labels", "query"):
         settings.pop(k, None)
-    packing = OmegaConf.to_container(OmegaConf.structured(data))
+    packing = to_container(data)
     packing.pop("path", None)
     packing.pop("cache_dir", None)
     # code_digest: a head tuned by other code (a pull that changed tuning) is tuned again, as the bench redoes its rows

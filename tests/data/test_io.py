@@ -108,6 +108,15 @@ def test_an_empty_directory_made_beforehand_is_claimed_in_place(tmp_path, monkey
     assert claim_output_dir(".", OutputKind.RUN) is True
 
 
+def test_an_empty_output_path_is_refused_not_read_as_the_working_folder(tmp_path, monkeypatch):
+    """`output_dir=$OUT` with $OUT unset gave "", which Path reads as "." : the output was claimed and written in the
+    working folder. "." written out stays the working folder (the test above)."""
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(OutputError, match="^output_dir is empty; give the directory to write into$"):
+        claim_output_dir("", OutputKind.RUN, key="output_dir")
+    assert list(tmp_path.iterdir()) == []
+
+
 def test_an_empty_directory_on_a_file_system_without_hard_links_is_claimed(tmp_path, monkeypatch):
     """vfat, SMB and some FUSE mounts refuse os.link (EPERM, EOPNOTSUPP, ENOSYS): the claim ended in a traceback."""
     import errno
