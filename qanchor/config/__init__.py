@@ -64,7 +64,11 @@ from qanchor.errors import ConfigError
 try:  # what OmegaConf.load reads YAML with (its float, timestamp and duplicate-key rules), without making a tree of it
     from omegaconf._yaml import get_yaml_loader  # omegaconf >= 2.4
 except ImportError:
-    from omegaconf._utils import get_yaml_loader  # omegaconf 2.1-2.3
+    try:
+        from omegaconf._utils import get_yaml_loader  # omegaconf 2.1-2.3
+    except ImportError:  # a private name moved again: PyYAML's safe loader (the typed merge still converts "1e-3",
+        def get_yaml_loader() -> Any:  # and qanchor.data.io refuses a repeated key where it matters)
+            return yaml.SafeLoader
 
 __all__ = [
     "TextEncoderConfig", "DataConfig", "LoraConfig", "BackboneConfig", "UserEncoderConfig", "ModelConfig",
