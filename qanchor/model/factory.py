@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors import safe_open
 from safetensors.torch import load_model, save_file
 
 import qanchor
@@ -146,6 +147,21 @@ def build_model(cfg: ModelConfig, manifest: Manifest, text_dim: int, tabular_col
     token_ids = TokenIds.from_tokenizer(tokenizer, modalities)
     model = QAnchorModel(cfg, manifest, backbone, token_ids, text_dim, len(tabular_columns), tokenizer, training_aids)
     return model, tokenizer
+
+
+def _unmatched(state: dict[str, torch.Tensor], weights: Path) -> tuple[list[str], list[str]]:
+    """The model's tensors the file does not hold, and the file's tensors the model has no place for. Tensors that
+    are one (tied embeddings and LM head, peft's token deltas; :func:`shared_duplicates`) are held by any one of their
+    names, and only once: safetensors' own report left a group out when none of its names was stored, so a file
+    without the token table loaded, with the table as built (random), and served other embeddings without a word."""
+    with safe_open(str(weights), framework="pt") as fh:
+        stored = set(fh.keys())
+    groups: dict[tuple, list[str]] = {}
+    for name, t in state.items():
+        groups.setdefault((t.data_ptr(), tuple(t.shape), tuple(t.stride()), t.dtype), []).append(name)
+    missing = sorted(names[0] for names in groups.values() if not stored.intersection(names))
+    twice = [name for names in groups.values() for name in [n for n in names if n in stored][1:]]
+    return missing, sorted(stored - set(state)) + sorted(twice)
 
 
 def shared_duplicates(state: dict[str, torch.Tensor]) -> set[str]:
@@ -283,17 +299,17 @@ def load_checkpoint(ckpt: str | Path, device: str | torch.device = "cpu") -> tup
     identity = _file_identity(weights)
     weights_hash = file_sha256(weights)
     try:
-        missing, unexpected = load_model(model, str(weights), strict=False)
+        load_model(model, str(weights), strict=False)  # what it did not fill, and what it could not place: below
     except RuntimeError as exc:  # torch: tensors of other shapes than this qanchor builds from the config
         raise CheckpointError(f"{weights}: the weights do not fit the model its config describes "
                               f"({str(exc).splitlines()[-1].strip()[:160]}); was it saved by another qanchor version?") from None
     except Exception as exc:  # safetensors raises its own error types for a damaged header or payload
         raise CheckpointError(f"{weights}: not a safetensors file, or truncated / damaged ({str(exc).splitlines()[0]}); "
                               "re-copy or re-save the checkpoint") from None
-    tied = shared_duplicates(model.state_dict())  # stored once under another name; loading that one fills them
-    if set(missing) - tied or unexpected:
-        raise CheckpointError(f"{ckpt}: weights do not match the model (missing {sorted(set(missing) - tied)[:3]}, "
-                              f"unexpected {sorted(unexpected)[:3]})")
+    missing, unexpected = _unmatched(model.state_dict(), weights)
+    if missing or unexpected:
+        raise CheckpointError(f"{ckpt}: weights do not match the model (missing {missing[:3]}, unexpected "
+                              f"{unexpected[:3]})")
     if _file_identity(weights) != identity:
         raise CheckpointError(f"{weights} changed while it was being loaded (a run still saving into {ckpt}?); load it again")
     # a NaN or an infinity in any weight makes every embedding NaN, which an export would write without a word

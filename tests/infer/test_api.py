@@ -209,6 +209,35 @@ def test_a_checkpoint_with_a_nan_weight_is_refused_naming_it(infer_env, tmp_path
         QAnchor.from_pretrained(bad)
 
 
+def test_a_checkpoint_without_its_token_table_is_refused_not_served_with_a_random_one(infer_env, tmp_path):
+    """The token table is both the input embeddings and the LM head: safetensors' report of what it did not fill left
+    out a tied group none of whose names the file held, so a file without the table loaded, with the table as built
+    (random), and served embeddings up to 0.25 off per coordinate. A file holding both names was refused naming the
+    one the model reads."""
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    weights = load_file(infer_env.ckpt / "model.safetensors")
+    table = "backbone.model.embed_tokens.weight"
+    assert table in weights and "backbone.lm_head.weight" not in weights  # stored once, under the input side's name
+    for name, stored, said in (
+            ("no-table", {k: v for k, v in weights.items() if k != table}, rf"missing \['{table}'\], unexpected \[\]"),
+            ("twice", {**weights, "backbone.lm_head.weight": weights[table].clone()},
+             r"missing \[\], unexpected \['backbone.lm_head.weight'\]"),
+            ("head-only", {**{k: v for k, v in weights.items() if k != table}, "backbone.lm_head.weight": weights[table]},
+             None)):
+        bad = tmp_path / name
+        shutil.copytree(infer_env.ckpt, bad)
+        save_file(stored, bad / "model.safetensors", metadata={"format": "pt"})
+        if said is None:  # the table under the head's name: the same tensor, and the same embeddings
+            served = QAnchor.from_pretrained(bad).embed([infer_env.ds.user("u002")], QUERIES[:1])
+            assert np.array_equal(served, infer_env.qa.embed([infer_env.ds.user("u002")], QUERIES[:1]))
+            continue
+        with pytest.raises(CheckpointError, match=said):
+            QAnchor.from_pretrained(bad)
+
+
 @pytest.mark.parametrize("users", [None, 3, "u001"], ids=["none", "int", "user-id"])
 def test_users_of_the_wrong_type_are_one_clear_error(infer_env, users):
     with pytest.raises(ModelInputError, match="users must be a user"):
