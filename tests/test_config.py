@@ -493,6 +493,23 @@ def test_a_preset_file_builds_on_the_preset_it_names_itself(tmp_path, monkeypatc
         load_config(None, ["model.preset=bad.yaml"], schema=PretrainConfig)
 
 
+def test_a_preset_path_in_a_file_is_also_found_beside_that_file(tmp_path, monkeypatch):
+    """A relative preset path written in a preset or config file was read from the working directory only: a team's
+    presets folder that names its own files worked from one folder and failed from every other."""
+    presets = tmp_path / "team" / "presets"
+    presets.mkdir(parents=True)
+    (presets / "base.yaml").write_text("preset: qwen2.5-0.5b\nembedding_dim: 64\n")
+    (presets / "wide.yaml").write_text("preset: base.yaml\nmax_query_tokens: 12\n")
+    (tmp_path / "team" / "pretrain.yaml").write_text("model:\n  preset: presets/wide.yaml\n")
+    monkeypatch.chdir(tmp_path)  # neither base.yaml nor presets/wide.yaml is here
+    cfg = load_config(tmp_path / "team" / "pretrain.yaml", schema=PretrainConfig).model
+    assert (cfg.backbone.hidden_size, cfg.embedding_dim, cfg.max_query_tokens) == (896, 64, 12)
+    given = load_config(None, [f"model.preset={presets / 'wide.yaml'}"], schema=PretrainConfig).model
+    assert (given.backbone.hidden_size, given.embedding_dim) == (896, 64)
+    with pytest.raises(ConfigError, match="unknown preset 'presets/wide.yaml'"):  # on the command line: from here only
+        load_config(None, ["model.preset=presets/wide.yaml"], schema=PretrainConfig)
+
+
 @pytest.mark.parametrize("text", ["r_${x", "Spend over ${50 a month?", "${a}", "${oc.env:HOME}", "C:\\${x}",
                                   "C:\\\\${x", "a\\b", "ends in \\", "\\${a}", "}"])
 def test_text_with_dollar_braces_is_saved_and_read_back_exactly_as_given(tmp_path, text):

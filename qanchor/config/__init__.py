@@ -107,10 +107,15 @@ def configs_root() -> Path:
     return Path(__file__).resolve().parents[2] / "configs"
 
 
-def _preset_path(preset: str) -> Path:
+def _preset_path(preset: str, beside: Path | None = None) -> Path:
+    """The file of ``preset``: a YAML path (relative ones from the working directory, else from ``beside``, the folder
+    of the file that names it, as a config file's other file settings are found), or a shipped preset's name."""
     path = Path(preset)
-    if path.suffix in (".yaml", ".yml") and path.is_file():
-        return path
+    if path.suffix in (".yaml", ".yml"):
+        if path.is_file():
+            return path
+        if beside is not None and not path.is_absolute() and (beside / path).is_file():
+            return beside / path
     candidate = configs_root() / "model" / f"{preset}.yaml"
     if not candidate.is_file():
         known = sorted(p.stem for p in (configs_root() / "model").glob("*.yaml"))
@@ -489,16 +494,18 @@ def _preset_layer(schema: type, file_cfg: Any, cli_cfg: Any, config_path: Path |
         return OmegaConf.create({})
     # a model config loaded directly is the chain's first link: a preset naming it back is a cycle too
     chain = [str(config_path)] if schema is ModelConfig and config_path is not None and not given_here else []
-    layer = _preset_chain(preset, chain, [config_path.resolve()] if chain else [])
+    beside = config_path.resolve().parent if config_path is not None and not given_here else None
+    layer = _preset_chain(preset, chain, [config_path.resolve()] if chain else [], beside)
     layer.preset = preset  # the record of where the model section came from: the name given, not the files it named
     return OmegaConf.create({"model": layer}) if schema is PretrainConfig else layer
 
 
-def _preset_chain(preset: str, chain: list[str], seen: list[Path]) -> Any:
+def _preset_chain(preset: str, chain: list[str], seen: list[Path], beside: Path | None = None) -> Any:
     """The model settings of ``preset``, on top of those of the preset its own file names (``preset: tiny`` in a
     file given as ``model.preset=my.yaml``), and so on down: a preset file says what it builds on, as a model config
-    loaded directly does. ``chain`` / ``seen``: the presets (as written / as files) that led here."""
-    path = _preset_path(preset)
+    loaded directly does. ``chain`` / ``seen``: the presets (as written / as files) that led here; ``beside``: the
+    folder of the file that named ``preset`` (a relative path in it is found from there too)."""
+    path = _preset_path(preset, beside)
     chain = [*chain, preset]
     if path.resolve() in seen:
         raise ConfigError(f"model.preset: the presets name each other in a cycle ({' -> '.join(chain)}); remove the "
@@ -514,7 +521,7 @@ def _preset_chain(preset: str, chain: list[str], seen: list[Path]) -> Any:
         raise _wrap(exc, str(path)) from None
     below = layer.get("preset")
     if below:
-        layer = OmegaConf.merge(_preset_chain(str(below), chain, [*seen, path.resolve()]), layer)
+        layer = OmegaConf.merge(_preset_chain(str(below), chain, [*seen, path.resolve()], path.resolve().parent), layer)
     return layer
 
 
