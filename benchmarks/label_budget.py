@@ -48,9 +48,11 @@ from qanchor.config import DataConfig  # noqa: E402
 from qanchor.data.dataset import Dataset, load_dataset  # noqa: E402
 from qanchor.data.io import write_json  # noqa: E402
 from qanchor.data.pipeline import UserPipeline  # noqa: E402
+from qanchor.errors import QAnchorError  # noqa: E402
 from qanchor.infer.api import QAnchor  # noqa: E402
 from qanchor.logs import log, quiet_third_party  # noqa: E402
 from qanchor.metrics import auc_score  # noqa: E402
+from qanchor.model.factory import resolve_checkpoint_dir  # noqa: E402
 
 ROWS = ("task", "generic", "swapped", "rfm_lr", "union_lr", "rfm_lgbm", "union_lgbm")
 PEER_ROWS = ROWS[3:]
@@ -225,7 +227,13 @@ def main(argv: list[str] | None = None) -> int:
         ap.error(str(e))
     if not peer_rows and not args.checkpoint:
         ap.error("--peers none without --checkpoint leaves nothing to fit")
-    ds = load_dataset(args.data)
+    for ckpt in args.checkpoint:  # before the peers' curves: a mistyped one ended the run after them, saving nothing
+        if not (resolve_checkpoint_dir(ckpt) / "qanchor.json").is_file():
+            ap.error(f"--checkpoint {ckpt}: no checkpoint there (no qanchor.json in it or in its checkpoint/)")
+    try:
+        ds = load_dataset(args.data)
+    except QAnchorError as err:  # one line, as the qanchor commands say it
+        raise SystemExit(f"error: {err}") from None
     tasks = eligible_tasks(ds, seed=args.seed)
     user_ids = sorted({u for t in tasks for u in t.user_ids})
     queries = [*dict.fromkeys(t.query for t in tasks), args.generic_query]

@@ -41,10 +41,13 @@ def main(argv=None) -> int:
     ap.add_argument("--peer", action="append", default=[], help="name=AUC drawn as a reference line (repeatable)")
     ap.add_argument("--set", action="append", default=[], help="key=value pretraining setting (repeatable)")
     args = absolute_paths(ap.parse_args(argv), "pretrain", "data", "root")
+    # before any run: a mistyped --peer or --steps was read only after every budget had been pretrained (an hour)
+    peers = _peers(ap, args.peer)
+    budgets = _budgets(ap, args.steps)
     env = {**os.environ, "HF_HUB_OFFLINE": "1"}
     rows = []
     data_id = trained_data_id(load_dataset(args.data))
-    for steps in [int(s) for s in args.steps.split(",")]:
+    for steps in budgets:
         run = args.root / f"steps{steps}"
         probe = run / "probe.json"
         # a finished budget is reused only if the same settings made it (see quality_seeds.py)
@@ -64,19 +67,50 @@ def main(argv=None) -> int:
         p = json.loads(probe.read_text())
         metrics = [json.loads(ln) for ln in (run / "metrics.jsonl").read_text().splitlines()]
         rows.append({"steps": steps, "task_auc": p["task"]["auc"], "generic_auc": p["generic"]["auc"],
-                     "swapped_auc": p["swapped"]["auc"], "hidden_auc": p["hidden"]["auc"], "task_ks": p["task"]["ks"],
+                     # null where no other task asks another question (a one-task dataset): nothing to swap in
+                     "swapped_auc": _number(p["swapped"]["auc"]), "hidden_auc": p["hidden"]["auc"], "task_ks": p["task"]["ks"],
                      "top_pc_share": p["geometry_generic"]["top_pc_share"], "final_loss": metrics[-1]["loss"],
                      "final_contrastive": metrics[-1]["loss_contrastive"]})
-    peers = {k: float(v) for k, v in (s.split("=", 1) for s in args.peer)}
     write_text(json.dumps({"rows": rows, "peers": peers, "set": args.set}, indent=1), args.root / "curve.json")
     lines = ["| steps | task AUC | generic AUC | swapped AUC | task KS | top-PC share | final contrastive |",
              "|---|---|---|---|---|---|---|"]
-    lines += [f"| {r['steps']:,} | {r['task_auc']:.4f} | {r['generic_auc']:.4f} | {r['swapped_auc']:.4f} | "
+    lines += [f"| {r['steps']:,} | {r['task_auc']:.4f} | {r['generic_auc']:.4f} | {_shown(r['swapped_auc'])} | "
               f"{r['task_ks']:.4f} | {r['top_pc_share']:.2f} | {r['final_contrastive']:.3f} |" for r in rows]
     write_text("\n".join(lines) + "\n", args.root / "curve.md")
     print("\n".join(lines))
     _plot(rows, peers, args.root / "curve.png", Path(args.data).name)
     return 0
+
+
+def _peers(ap: argparse.ArgumentParser, given: list[str]) -> dict[str, float]:
+    peers = {}
+    for item in given:
+        name, _, value = item.partition("=")
+        try:
+            peers[name.strip()] = float(value)
+        except ValueError:
+            ap.error(f"--peer {item!r}: give name=AUC, e.g. --peer rfm_lgbm=0.7308")
+        if not name.strip():
+            ap.error(f"--peer {item!r}: give name=AUC, e.g. --peer rfm_lgbm=0.7308")
+    return peers
+
+
+def _budgets(ap: argparse.ArgumentParser, steps: str) -> list[int]:
+    try:
+        budgets = [int(s) for s in steps.split(",")]
+    except ValueError:
+        ap.error(f"--steps {steps!r}: give step budgets separated by commas, e.g. 300,1000,3000")
+    if not budgets or min(budgets) < 1:
+        ap.error(f"--steps {steps!r}: every budget must be at least one step")
+    return budgets
+
+
+def _number(value: float | None) -> float:
+    return float("nan") if value is None else float(value)
+
+
+def _shown(value: float) -> str:
+    return "-" if value != value else f"{value:.4f}"
 
 
 def _plot(rows: list[dict], peers: dict[str, float], path: Path, title: str) -> None:

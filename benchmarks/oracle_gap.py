@@ -51,10 +51,12 @@ from qanchor.data.dataset import load_dataset  # noqa: E402
 from qanchor.data.history import TIMING_STATS, events_before, timing_features  # noqa: E402
 from qanchor.data.io import write_json  # noqa: E402
 from qanchor.data.text_cache import SentenceEncoder, TextVectorCache  # noqa: E402
+from qanchor.errors import QAnchorError  # noqa: E402
 from qanchor.logs import progress, quiet_third_party  # noqa: E402
+from qanchor.model.factory import resolve_checkpoint_dir  # noqa: E402
 
 DAY_US = 86_400 * 1_000_000
-RIDGE_ALPHAS = np.logspace(-2, 4, 13)  # chosen per trait by leave-one-out inside each training fold
+RIDGE_ALPHAS = np.logspace(-2, 4, 13)  # one for all eight traits, by leave-one-out inside each training fold
 TRAIT_FOLDS = 5
 
 
@@ -215,7 +217,13 @@ def main(argv=None) -> int:
     ap.add_argument("--out", help="JSON with every task's rows and the traits' R^2")
     args = ap.parse_args(argv)
     quiet_third_party()
-    result = run(args.data, args.checkpoint, args.generic_query, not args.no_lgbm, args.folds, args.seed)
+    for ckpt in args.checkpoint:  # before the traits' readings: a mistyped one ended the run after them
+        if not (resolve_checkpoint_dir(ckpt) / "qanchor.json").is_file():
+            ap.error(f"--checkpoint {ckpt}: no checkpoint there (no qanchor.json in it or in its checkpoint/)")
+    try:
+        result = run(args.data, args.checkpoint, args.generic_query, not args.no_lgbm, args.folds, args.seed)
+    except QAnchorError as err:  # a missing dataset, bad data: one line, as the qanchor commands say it
+        raise SystemExit(f"error: {err}") from None
     width = max(len(k) for k in result["rows"])
     print(f"{'row':{width}}  {'AUC':>7}  {'KS':>7}  trait R^2 ({' '.join(TRAITS)})")
     for key, v in result["rows"].items():

@@ -68,6 +68,7 @@ from qanchor.config import LossConfig  # noqa: E402
 from qanchor.data.dataset import load_dataset  # noqa: E402
 from qanchor.data.io import write_json  # noqa: E402
 from qanchor.data.pipeline import batched  # noqa: E402
+from qanchor.errors import QAnchorError  # noqa: E402
 from qanchor.infer.api import QAnchor  # noqa: E402
 from qanchor.logs import quiet_third_party  # noqa: E402
 from qanchor.model.prefix_cache import anchor_hidden, encode_prefixes  # noqa: E402
@@ -226,6 +227,8 @@ def run_probe(checkpoint: str, data: str, generic_query: str, folds: int = 5, se
     follow: ``swapped`` asks another task's replacement)."""
     ds = load_dataset(data)
     tasks = [t for t in dataset_tasks(ds, [], None, seed) if fold_count(t.labels, folds) >= 2]
+    if not tasks:  # (it ended in numpy's "need at least one array to concatenate")
+        raise SystemExit(f"{data}: no task has enough positives and negatives for {folds}-fold CV")
     task_queries = task_queries or {}
     unknown = sorted(set(task_queries) - {t.name for t in tasks})
     if unknown:
@@ -314,8 +317,13 @@ def main(argv=None) -> int:
         if not sep or not name.strip() or not question.strip():
             raise SystemExit(f"--task-query {item!r}: expected TASK=QUESTION")
         task_queries[name.strip()] = question.strip()
-    result = run_probe(args.checkpoint, args.data, args.generic_query, args.folds, batches=args.shuffle_batches,
-                       device=args.device, task_queries=task_queries)
+    if args.folds < 2:
+        ap.error(f"--folds {args.folds}: cross-validation needs at least 2 folds")
+    try:
+        result = run_probe(args.checkpoint, args.data, args.generic_query, args.folds, batches=args.shuffle_batches,
+                           device=args.device, task_queries=task_queries)
+    except QAnchorError as err:  # a missing dataset or checkpoint, bad data: one line, as the qanchor commands say it
+        raise SystemExit(f"error: {err}") from None
     result["seconds"] = round(time.perf_counter() - start, 1)
     if args.out:  # atomic: quality_seeds.py takes an existing file as a finished probe
         args.out.parent.mkdir(parents=True, exist_ok=True)

@@ -43,7 +43,9 @@ from qanchor.train.pretrain import trained_data_id  # noqa: E402
 
 def _qanchor(*args: str) -> None:
     env = {**os.environ, "HF_HUB_OFFLINE": "1"}
-    subprocess.run([sys.executable, "-m", "qanchor.cli", *args], check=True, cwd=ROOT, env=env)
+    done = subprocess.run([sys.executable, "-m", "qanchor.cli", *args], cwd=ROOT, env=env)
+    if done.returncode:  # the command said why on stderr (its one error line): no traceback of this script on top
+        raise SystemExit(f"`qanchor {args[0]}` failed (exit code {done.returncode}); its message is above")
 
 
 def absolute_paths(args: argparse.Namespace, *names: str) -> argparse.Namespace:
@@ -107,7 +109,8 @@ def top_directions_summary(probes: list[dict]) -> dict:
     for k in probes[0]["top_directions"]:
         out[k] = {}
         for query in probes[0]["top_directions"][k]:
-            auc = [p["top_directions"][k][query] for p in probes]
+            # null: no other task's question to swap in (NaN, as probe_summary reads it)
+            auc = [float("nan") if p["top_directions"][k][query] is None else p["top_directions"][k][query] for p in probes]
             out[k][query] = {"auc_mean": float(np.mean(auc)), "auc_std_over_seeds": float(np.std(auc)), "auc_per_seed": auc}
     return out
 
@@ -151,8 +154,9 @@ def settings_of(args: argparse.Namespace, seed: int, data_id: str) -> dict:
     return out
 
 
-def check_reusable(done: Path, wanted: dict) -> None:
-    """Refuse a finished result made under other settings than ``wanted`` (SystemExit naming what differs)."""
+def check_reusable(done: Path, wanted: dict, redo: list[Path] | None = None) -> None:
+    """Refuse a finished result made under other settings than ``wanted`` (SystemExit naming what differs and
+    ``redo``, the folders to delete to make it again: by default the result's own)."""
     record = done.with_name(done.name + ".settings.json")
     if not record.exists():
         print(f"warning: {done} has no record of the settings that produced it (made before quality_seeds.py kept "
@@ -166,8 +170,9 @@ def check_reusable(done: Path, wanted: dict) -> None:
     differ = [f"{k}: {had.get(k)!r} -> {wanted.get(k)!r}" for k in sorted(set(had) | set(wanted))
               if k not in unknown and had.get(k) != wanted.get(k)]
     if differ:
+        folders = " and ".join(str(f) for f in (redo or [done.parent]))
         raise SystemExit(f"{done} was made with other settings ({'; '.join(differ)}); use another --root, or delete "
-                         f"{done.parent} to redo that seed")
+                         f"{folders} to redo that seed")
 
 
 def table(summary: dict) -> str:
@@ -209,8 +214,8 @@ def main(argv=None) -> int:
         bench = args.root / f"bench-seed{seed}"  # beside the run: an output inside its checkpoint is refused
         done = run / "probe.json" if args.probe else bench / "results.json"
         wanted = settings_of(args, seed, data_id)
-        if done.exists():
-            check_reusable(done, wanted)
+        if done.exists():  # in bench mode the seed's pretraining run is a folder of its own, made with the settings too
+            check_reusable(done, wanted, [run] if args.probe else [run, bench])
         else:
             _qanchor("pretrain", "--config", args.pretrain, *([] if args.log else ["--quiet"]), f"data.path={args.data}",
                      f"output_dir={run}", f"train.seed={seed}", "resume=true", *args.set)

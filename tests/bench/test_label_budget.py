@@ -125,3 +125,16 @@ def test_a_task_with_fewer_folds_weighs_as_much_as_any_other_as_in_the_bench(lb,
         per_task.append(evaluate_folds(MethodInput(features=rfm[r], classifier=Classifier.LR), t.labels, folds, 0).auc)
     assert curve["auc"]["all"]["rfm_lr"] == pytest.approx(np.mean([np.mean(a) for a in per_task]), abs=1e-12)
     assert curve["auc"]["all"]["rfm_lr"] != pytest.approx(np.mean(np.concatenate(per_task)), abs=1e-9)
+
+
+def test_a_missing_checkpoint_or_dataset_is_refused_before_the_peers_are_fitted(lb, tiny_dataset, tmp_path, monkeypatch,
+                                                                                 capsys):
+    """Each --checkpoint was opened only after the peers' curves and every earlier checkpoint's (minutes to hours),
+    then ended in a traceback with nothing saved; a missing --data was a traceback too."""
+    fitted = []
+    monkeypatch.setattr(lb, "peer_features", lambda *a: fitted.append(a) or {})
+    with pytest.raises(SystemExit):
+        lb.main(["--data", str(tiny_dataset), "--checkpoint", str(tmp_path / "nope"), "--budgets", "all"])
+    assert fitted == [] and f"--checkpoint {tmp_path / 'nope'}: no checkpoint there" in capsys.readouterr().err
+    with pytest.raises(SystemExit, match="^error: .*nowhere"):
+        lb.main(["--data", str(tmp_path / "nowhere"), "--budgets", "all"])

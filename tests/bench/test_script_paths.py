@@ -11,6 +11,7 @@ import os
 import subprocess
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from qanchor.data.io import file_sha256
@@ -169,3 +170,40 @@ def test_prompt_tune_scale_from_another_directory(caller_dir, children, monkeypa
     assert [c[3] for c in children.commands] == ["prompt-tune"]
     assert dict(_path_arguments(children.commands[0]))["output_dir"] == str(caller_dir / "results/scale/d/ckpt0")
     assert list(json.loads((caller_dir / "results/scale/scale.json").read_text())["results"]) == ["d"]
+
+
+def test_learning_curve_refuses_a_bad_peer_before_any_run_and_reads_a_null_swapped_row(caller_dir, children,
+                                                                                       monkeypatch, capsys):
+    """`--peer rfm_lgbm` (no value) was read only after every budget had been pretrained and probed (an hour on the
+    real data); and a one-task dataset's probe, whose swapped row is null (no other question to swap in), crashed the
+    table after all the work, every rerun again."""
+    lc = load_benchmark("learning_curve")
+    _no_dataset(lc, monkeypatch)
+    monkeypatch.setattr(lc, "_plot", lambda *a: None)
+    argv = ["--pretrain", "mycfg.yaml", "--data", "d", "--steps", "3", "--root", "results/curve"]
+    for bad in (["--peer", "rfm_lgbm"], ["--peer", "rfm_lgbm=abc"], ["--steps", "3,x"], ["--steps", "0"]):
+        with pytest.raises(SystemExit):
+            lc.main(argv + bad)
+        assert children.commands == []
+    assert "give name=AUC" in capsys.readouterr().err
+    monkeypatch.setitem(PROBE, "swapped", {"auc": None, "ks": None})
+    assert lc.main(argv + ["--peer", "rfm_lgbm=0.73"]) == 0
+    assert "| 3 | 0.7000 | 0.7000 | - |" in (caller_dir / "results/curve/curve.md").read_text()
+
+
+def test_quality_seeds_reads_null_rows_and_names_every_folder_to_redo(caller_dir, children, monkeypatch):
+    """top_directions_summary took np.mean of [None, ...] for a one-task dataset's swapped rows; and in bench mode the
+    advice for a seed made with other settings named only its bench folder, whose deletion then met the seed's old
+    pretraining run (refused, in a traceback of this script)."""
+    qs = load_benchmark("quality_seeds")
+    _no_dataset(qs, monkeypatch)
+    probe = {"top_directions": {"1": {"task": 0.7, "generic": 0.6, "swapped": None}}}
+    summary = qs.top_directions_summary([probe, probe])["1"]
+    assert summary["task"]["auc_mean"] == pytest.approx(0.7) and np.isnan(summary["swapped"]["auc_mean"])
+    argv = ["--pretrain", "mycfg.yaml", "--bench", "bench.yaml", "--data", "d", "--seeds", "0", "--root", "results/s"]
+    assert qs.main(argv) == 0
+    with pytest.raises(SystemExit, match=r"delete .*results/s/seed0 and .*results/s/bench-seed0 to redo that seed"):
+        qs.main([*argv, "--set", "train.warmup_steps=2"])
+    monkeypatch.setattr(subprocess, "run", lambda cmd, **kw: subprocess.CompletedProcess(cmd, 2))  # a child's error
+    with pytest.raises(SystemExit, match=r"`qanchor pretrain` failed \(exit code 2\); its message is above"):
+        qs.main([*argv[:-1], "results/other"])
