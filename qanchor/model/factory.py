@@ -22,8 +22,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors import safe_open
-from safetensors.torch import load_model, save_file
+from safetensors.torch import load_file, save_file
 
 import qanchor
 from qanchor.config import (
@@ -149,19 +148,19 @@ def build_model(cfg: ModelConfig, manifest: Manifest, text_dim: int, tabular_col
     return model, tokenizer
 
 
-def _unmatched(state: dict[str, torch.Tensor], weights: Path) -> tuple[list[str], list[str]]:
-    """The model's tensors the file does not hold, and the file's tensors the model has no place for. Tensors that
-    are one (tied embeddings and LM head, peft's token deltas; :func:`shared_duplicates`) are held by any one of their
-    names, and only once: safetensors' own report left a group out when none of its names was stored, so a file
-    without the token table loaded, with the table as built (random), and served other embeddings without a word."""
-    with safe_open(str(weights), framework="pt") as fh:
-        stored = set(fh.keys())
+def _unmatched(state: dict[str, torch.Tensor], not_filled: list[str], not_placed: list[str]) -> tuple[list[str], list[str]]:
+    """The model's tensors the file did not fill, and the file's tensors the model had no place for (torch's report of
+    a non-strict load, after the modules' hooks renamed older keys). Tensors that are one (tied embeddings and LM
+    head, peft's token deltas; :func:`shared_duplicates`) are filled by any one of their names, and only once:
+    safetensors' report left a group out when none of its names was stored, so a file without the token table loaded,
+    with the table as built (random), and served other embeddings without a word."""
     groups: dict[tuple, list[str]] = {}
     for name, t in state.items():
         groups.setdefault((t.data_ptr(), tuple(t.shape), tuple(t.stride()), t.dtype), []).append(name)
-    missing = sorted(names[0] for names in groups.values() if not stored.intersection(names))
-    twice = [name for names in groups.values() for name in [n for n in names if n in stored][1:]]
-    return missing, sorted(stored - set(state)) + sorted(twice)
+    absent = set(not_filled)
+    missing = sorted(names[0] for names in groups.values() if absent.issuperset(names))
+    twice = [name for names in groups.values() for name in [n for n in names if n not in absent][1:]]
+    return missing, sorted(not_placed) + sorted(twice)
 
 
 def shared_duplicates(state: dict[str, torch.Tensor]) -> set[str]:
@@ -299,14 +298,14 @@ def load_checkpoint(ckpt: str | Path, device: str | torch.device = "cpu") -> tup
     identity = _file_identity(weights)
     weights_hash = file_sha256(weights)
     try:
-        load_model(model, str(weights), strict=False)  # what it did not fill, and what it could not place: below
+        loaded = model.load_state_dict(load_file(str(weights)), strict=False)  # its pre-hooks rename older keys
     except RuntimeError as exc:  # torch: tensors of other shapes than this qanchor builds from the config
         raise CheckpointError(f"{weights}: the weights do not fit the model its config describes "
                               f"({str(exc).splitlines()[-1].strip()[:160]}); was it saved by another qanchor version?") from None
     except Exception as exc:  # safetensors raises its own error types for a damaged header or payload
         raise CheckpointError(f"{weights}: not a safetensors file, or truncated / damaged ({str(exc).splitlines()[0]}); "
                               "re-copy or re-save the checkpoint") from None
-    missing, unexpected = _unmatched(model.state_dict(), weights)
+    missing, unexpected = _unmatched(model.state_dict(), loaded.missing_keys, loaded.unexpected_keys)
     if missing or unexpected:
         raise CheckpointError(f"{ckpt}: weights do not match the model (missing {missing[:3]}, unexpected "
                               f"{unexpected[:3]})")
