@@ -335,6 +335,8 @@ def test_a_deepspeed_file_cannot_train_with_a_rate_or_clip_the_records_do_not_sh
     with pytest.raises(ConfigError, match="torch_autocast is enabled"):
         with_file({"torch_autocast": {"enabled": True, "dtype": "bfloat16"}})
     assert with_file({"bf16": {"enabled": "auto"}, "fp16": {"enabled": False}})["bf16"] == {"enabled": False}
+    # a whole section "auto" keeps the train section's (refused as "not a JSON object" for a while)
+    assert with_file({"bf16": "auto", "zero_optimization": "auto"})["bf16"] == {"enabled": False}
 
 
 def test_a_seed_numpy_cannot_take_and_other_bench_values_are_refused_at_the_door():
@@ -614,3 +616,24 @@ def test_a_yaml_syntax_error_says_the_problem_and_its_line(tmp_path, text, match
     (tmp_path / "c.yaml").write_text(text)
     with pytest.raises(ConfigError, match=match):
         load_config(tmp_path / "c.yaml", schema=BenchConfig)
+
+
+def test_copies_of_a_saved_config_keep_what_an_earlier_qanchor_allowed():
+    """Copying a config (to compare a resume's with the saved run's, to save it) re-ran the checks a new run gets: a
+    saved run with loss.margin -0.1 (allowed before) made a resume say that the margin must be >= 0, not that the
+    recipes differ; and a run saved with train.dist_timeout_minutes 1e10 (which trained) no longer loaded."""
+    from dataclasses import replace
+
+    from qanchor.config import LossConfig, TrainConfig, to_container
+    from qanchor.config.sections import reading_saved_run
+    from qanchor.train.pretrain import recipe_differences
+
+    with reading_saved_run():
+        saved = replace(PretrainConfig(), loss=LossConfig(margin=-0.1), train=TrainConfig(dist_timeout_minutes=1e10))
+    assert to_container(saved)["loss"]["margin"] == -0.1
+    assert "loss.margin: -0.1 -> 0.1" in recipe_differences(saved, replace(PretrainConfig(), loss=LossConfig(margin=0.1)))
+    for value in (1e10, float("inf")):
+        with pytest.raises(ConfigError, match="dist_timeout_minutes must be a finite number of minutes > 0"):
+            TrainConfig(dist_timeout_minutes=value)
+    with pytest.raises(ConfigError, match="dist_timeout_minutes must be a number of minutes > 0"):
+        TrainConfig(dist_timeout_minutes=float("nan"))

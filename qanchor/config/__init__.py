@@ -172,8 +172,11 @@ def _verbatim_copy(cfg: Any) -> Any:
     """A typed config with every text in it escaped as :func:`_verbatim` does: what OmegaConf.structured reads back as
     the same values (a config loaded verbatim, then rebuilt by :func:`with_overrides`, resolved "${...}" in it)."""
     if dataclasses.is_dataclass(cfg) and not isinstance(cfg, type):
-        return dataclasses.replace(cfg, **{f.name: _verbatim_copy(getattr(cfg, f.name)) for f in dataclasses.fields(cfg)
-                                           if f.init})
+        # a copy of a config already made: the checks a new run gets (a saved run's recipe an earlier qanchor allowed,
+        # read to compare it with a resume's) are not its to run again
+        with reading_saved_run():
+            return dataclasses.replace(cfg, **{f.name: _verbatim_copy(getattr(cfg, f.name))
+                                               for f in dataclasses.fields(cfg) if f.init})
     if isinstance(cfg, str):
         return _verbatim(cfg)
     if isinstance(cfg, list):

@@ -14,10 +14,13 @@ Example:
 
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import json
 import os
 import shutil
+import time
+import weakref
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from functools import cached_property, lru_cache
@@ -338,6 +341,7 @@ class _Partitions:
     def __init__(self, directory: Path, user_ids: np.ndarray, bounds: np.ndarray, written: set[int] | None = None):
         # written: the partitions that hold events (None: an index from before qanchor listed them)
         self.directory, self.user_ids, self.bounds, self.written = directory, user_ids, bounds, written
+        _in_use(self, directory)
 
     @property
     def count(self) -> int:
@@ -405,22 +409,56 @@ class _Partitions:
         return cls(directory, user_ids.astype(object), bounds, written)
 
 
+# A partition cache of an earlier version of a dataset is removed only when no process holds it (each reader holds a
+# shared lock on its index.json while its Dataset lives) and none has opened it for this long: a reader on another
+# machine of a shared file system, whose lock this one may not see, has long been done with it
+_UNUSED_FOR_SECONDS = 24 * 3600
+
+
+def _in_use(partitions: _Partitions, directory: Path) -> None:
+    """Hold ``directory``'s cache for as long as ``partitions`` lives (a shared lock on its index, released when the
+    object goes), and mark it opened now (its index's time). Neither is possible on a read-only cache, which no one
+    removes either."""
+    index = directory / "index.json"
+    try:
+        fd = os.open(index, os.O_RDONLY)
+    except OSError:
+        return
+    weakref.finalize(partitions, os.close, fd)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)  # not waiting: a remover holding it is about to take it away
+        os.utime(index)
+    except OSError:
+        pass
+
+
 def _remove_superseded(cache_dir: Path, kept: Path, root: Path) -> None:
     """Remove the partition caches an earlier version of this dataset left in ``cache_dir`` (each change to its event
-    files or manifest wrote a whole new copy of the events beside the old ones, which no one read again). Only caches
-    that record this dataset as theirs: a ``data.cache_dir`` shared by several datasets keeps the others', and one
-    written before caches recorded their dataset is left as it is. A command still reading a removed copy says that
-    the dataset changed under it and to run it again, as it did when the dataset was rebuilt."""
+    files or manifest wrote a whole new copy of the events beside the old ones, which no one read again): only caches
+    that record this dataset as theirs (a ``data.cache_dir`` shared by several datasets keeps the others', and one
+    written before caches recorded their dataset is left as it is), that no process holds, and that none has opened
+    for :data:`_UNUSED_FOR_SECONDS` (a long pretraining run reads its copy to the end, whatever the dataset became)."""
     mine = str(root.resolve())
     for other in cache_dir.glob("users-*"):
         if other == kept or output_kind(other) != OutputKind.CACHE.value:
             continue
+        index = other / "index.json"
         try:
-            index = json.loads((other / "index.json").read_text())
+            recorded = json.loads(index.read_text())
+            if not (isinstance(recorded, dict) and recorded.get("dataset") == mine):
+                continue
+            if time.time() - index.stat().st_mtime < _UNUSED_FOR_SECONDS:
+                continue
+            fd = os.open(index, os.O_RDONLY)
         except (OSError, ValueError):
             continue
-        if isinstance(index, dict) and index.get("dataset") == mine:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)  # held by a reader: kept
             shutil.rmtree(other, ignore_errors=True)
+        except OSError:
+            pass
+        finally:
+            os.close(fd)
 
 
 def _fingerprint(root: Path, files: list[Path]) -> str:

@@ -472,6 +472,8 @@ def atomic_dir(target: str | os.PathLike, kind: OutputKind, layout: Collection[s
     tmp = _temp_name(target, _TMP)
     tmp.mkdir()
     try:
+        if target.is_dir():  # before anything is written: files made in it take its group (setgid), as in the old one
+            _keep_access(target, tmp, building=True)
         mark_output(tmp, kind)
         yield tmp
         if record_layout:
@@ -594,16 +596,18 @@ def _publish(tmp: Path, target: Path, kind: OutputKind, layout: Collection[str] 
     _fsync_dir(target.parent)
 
 
-def _keep_access(old: Path, new: Path) -> None:
+def _keep_access(old: Path, new: Path, building: bool = False) -> None:
     """Give ``new`` the permissions and group of ``old``, which it replaces: a shared dataset's ``chmod 2770`` and its
-    team's group were lost at every rebuild (the new folder had this process's umask and primary group). The owner is
-    whoever rebuilds it; a group this user is not in is left as it comes."""
+    team's group were lost at every rebuild (the new folder had this process's umask and primary group). Done when the
+    new folder is made, so that what is written into it takes the group (setgid) as it did in the old one, and again
+    when it is swapped in. ``building``: this user keeps write access meanwhile (an old folder of mode 0555 would
+    refuse the build's own files). The owner is whoever rebuilds it; a group this user is not in is left as it comes."""
     st = old.stat()
     try:
         os.chown(new, -1, st.st_gid)
     except OSError:
         pass
-    os.chmod(new, stat.S_IMODE(st.st_mode))
+    os.chmod(new, stat.S_IMODE(st.st_mode) | (stat.S_IRWXU if building else 0))
 
 
 # ---------------------------------------------------------------------------------- YAML

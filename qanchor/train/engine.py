@@ -138,7 +138,7 @@ def deepspeed_config(cfg: TrainConfig, world: int) -> dict[str, Any]:
                                   f"value would change how many optimizer steps a run takes. Set {option} instead and "
                                   f'write "{key}": "auto" (or leave it out)')
         for name in ("optimizer", "zero_optimization", "bf16", "fp16"):  # each read as a section below
-            if name in overrides and not isinstance(overrides[name], dict):
+            if name in overrides and overrides[name] != "auto" and not isinstance(overrides[name], dict):  # "auto": ours
                 raise ConfigError(f"train.deepspeed_config {path}: \"{name}\" must be a JSON object of settings, got "
                                   f"{json.dumps(overrides[name])}")
         optimizer = overrides.get("optimizer")

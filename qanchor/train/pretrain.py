@@ -363,6 +363,9 @@ def run_pretrain(cfg: PretrainConfig, progress: bool = True) -> Path:
     """Pretrain under ``cfg``; return the output directory."""
     started = time.perf_counter()
     preflight(cfg, int(os.environ.get("WORLD_SIZE", 1)))
+    # the checkpoint's config.yaml names the dataset by an absolute path (not through links: a folder's name labels
+    # results): a relative one was read from whichever folder a later command ran in (prompt-tune without data.path)
+    cfg = replace(cfg, data=replace(cfg.data, path=os.path.abspath(cfg.data.path)))
     rank, world = init_distributed(cfg.train.dist_timeout_minutes)
     out = Path(cfg.output_dir)
     if rank == 0:

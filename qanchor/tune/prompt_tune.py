@@ -84,15 +84,16 @@ def resolve_data_config(overrides: DataOverrides, checkpoint_data: DataConfig, m
 
 
 def _check_implied_data(ds: Dataset, checkpoint: str) -> None:
-    """Warn when the dataset the checkpoint's config names (no ``data.path`` given) holds other data than the model
-    was pretrained on: that path is read as written, a relative one from this working directory, where another
-    dataset of the same name tuned and reported heads without a word. A warning, not a refusal: the record includes the
-    files' times, so a copied dataset also reads as other data."""
+    """Warn when the dataset a checkpoint's config names by a relative path (no ``data.path`` given; pretraining
+    records an absolute one since 2026-12-07) holds other data than the model was pretrained on: that path is read
+    from this working directory, where another dataset of the same name tuned and reported heads without a word. A
+    warning, not a refusal: the record also changes with the dataset (a task added, a file copied)."""
     trained_on = checkpoint_data_id(resolve_checkpoint_dir(checkpoint))
     if trained_on is not None and trained_on != trained_data_id(ds):
-        warn(f"no data.path given, so prompt tuning reads {ds.root} (the data.path {checkpoint}'s config names, "
-             f"read from {Path.cwd()}), which holds other data than the model was pretrained on (or a copy of it, made "
-             "since); pass data.path=<dataset> to name the dataset to tune on")
+        warn(f"no data.path given, so prompt tuning reads {ds.root} (the relative data.path {checkpoint}'s config "
+             f"names, read from {Path.cwd()}), which holds other data than the model was pretrained on: another "
+             "dataset of that name, or the same one changed since (a task added, a file rewritten or copied); pass "
+             "data.path=<dataset> to name the dataset to tune on")
 
 
 def select_tasks(ds: Dataset, task: str) -> list[str]:
@@ -184,7 +185,7 @@ def run_prompt_tune(cfg: PromptTuneConfig, progress: bool = True) -> dict:
     data_cfg = resolve_data_config(cfg.data, run_cfg.data, meta)
     ds = load_dataset(data_cfg.path, data_cfg.cache_dir)
     _check_compatible(ds, model, meta)
-    if not cfg.data.path:  # the checkpoint's own, as its config wrote it
+    if not cfg.data.path and not Path(run_cfg.data.path).is_absolute():  # the checkpoint's own, relative to... where?
         _check_implied_data(ds, cfg.checkpoint)
     views = chosen_tasks(ds, cfg)
     tasks = list(views)

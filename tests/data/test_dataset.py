@@ -514,6 +514,13 @@ def test_a_rebuilt_dataset_keeps_its_folders_permissions_and_a_mount_point_is_re
     os.chmod(out, 0o2770)
     build_synthetic(out, n_users=6, seed=0, progress=False)
     assert stat.S_IMODE(out.stat().st_mode) == 0o2770
+    if os.geteuid() == 0:  # a team's group on every file inside too, not only on the folder (root may give any group)
+        team = os.getegid() + 4321
+        for path in [out, *out.rglob("*")]:
+            os.chown(path, -1, team)
+        os.chmod(out, 0o2770)
+        build_synthetic(out, n_users=6, seed=0, progress=False)
+        assert {p.stat().st_gid for p in [out, *out.rglob("*")]} == {team}
     monkeypatch.setattr(io.os.path, "ismount", lambda p: os.fspath(p) == os.fspath(out))
     with pytest.raises(OutputError, match="is a mount point.*name a folder inside it"):
         build_synthetic(out, n_users=6, seed=0, progress=False)
@@ -568,18 +575,40 @@ def test_the_ratings_world_draws_in_bounded_memory_with_the_same_titles(tmp_path
 
 def test_a_changed_dataset_leaves_one_events_cache_not_a_copy_per_version(tiny_dataset, tmp_path):
     """Every change to a dataset's event files or manifest wrote a whole new copy of its events under .qanchor_cache
-    and kept the old ones. A cache folder shared with another dataset keeps that dataset's copy."""
+    and kept the old ones. An old copy goes only once no process holds it and none has opened it for a day: a
+    pretraining run reads its copy to the end, whatever the dataset became (removed at once, a long run died at its
+    next partition). A cache folder shared with another dataset keeps that dataset's copy."""
+    import os
+    import time
+
     first, second = tmp_path / "first", tmp_path / "second"
     for copy in (first, second):
         shutil.copytree(tiny_dataset, copy, ignore=shutil.ignore_patterns(".qanchor_cache"))
     shared = tmp_path / "cache"
     assert qanchor.load_dataset(second, cache_dir=shared).num_users == 40
-    for version in range(3):
+
+    def change_and_load(age_days: float):
         part = first / "events" / "part-00000.parquet"
         table = pq.read_table(part)
-        pq.write_table(table.slice(0, table.num_rows - version), part)  # the dataset changes: another fingerprint
+        pq.write_table(table.slice(0, table.num_rows - 1), part)  # the dataset changes: another fingerprint
+        past = time.time() - age_days * 86400
+        for cache in shared.glob("users-*"):
+            os.utime(cache / "index.json", (past, past))
         ds = qanchor.load_dataset(first, cache_dir=shared)
-        assert ds.num_users == 40 and sum(len(u.events) > 0 for u in ds.users()) > 0
+        assert sum(len(u.events) > 0 for u in ds.users()) > 0
+        return ds
+
+    change_and_load(2)
+    change_and_load(0.5)  # the copy it leaves was opened hours ago: kept
+    assert len(list(shared.glob("users-*"))) == 3
+    reader = qanchor.load_dataset(first, cache_dir=shared)
+    before = {u.user_id: u for u in reader.users()}  # a long job holds this copy, opened days ago
+    change_and_load(2)
+    caches = sorted(shared.glob("users-*"))
+    assert len(caches) == 3 and reader.partitions.directory in caches  # the held copy and the newest, and second's
+    assert {u.user_id: len(u.events) for u in reader.users()} == {k: len(v.events) for k, v in before.items()}
+    del reader, before
+    change_and_load(2)
     caches = sorted(shared.glob("users-*"))
     assert len(caches) == 2  # the first dataset's newest copy and the second dataset's own
     assert qanchor.load_dataset(second, cache_dir=shared).partitions.directory in caches

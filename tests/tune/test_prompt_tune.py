@@ -547,7 +547,11 @@ def test_tuning_without_a_data_path_says_when_the_checkpoints_path_holds_other_d
     pq.write_table(churn.set_column(1, "label", pa.array(1 - churn.column("label").to_numpy(), pa.int8())),
                    another / "tasks" / "churn.parquet")
     args = ["prompt-tune", "--quiet", f"checkpoint={other}", *FAST, "task=churn", "steps=2", "eval_every=1"]
-    for cwd, said in ((tmp_path / "elsewhere", True), (ds_dir.parent, False)):
+    for cwd, said in ((tmp_path / "elsewhere", True), (ds_dir.parent, False), ("absolute", False)):
+        if cwd == "absolute":  # as pretraining records it now: the dataset it names, changed since or not, is the one
+            config["data"]["path"] = str(another)
+            (other / "config.yaml").write_text(yaml.safe_dump(config, sort_keys=False))
+            cwd = tmp_path
         monkeypatch.chdir(cwd)
         capsys.readouterr()
         assert main([*args, f"output_dir={tmp_path / cwd.name / 'heads'}"]) == 0
