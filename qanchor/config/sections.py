@@ -371,7 +371,7 @@ class TrainConfig:
         if self.max_steps < 1 or self.batch_size < 2:
             raise ConfigError("train: max_steps must be >= 1 and batch_size >= 2 (contrastive needs negatives)")
         if not self.dist_timeout_minutes > 0:  # nan passed a "<= 0" check, then failed in the process group's setup
-            raise ConfigError(f"train.dist_timeout_minutes must be a number of minutes > 0, got {self.dist_timeout_minutes}")
+            raise ConfigError(f"train.dist_timeout_minutes must be a finite number of minutes > 0, got {self.dist_timeout_minutes}")
         if not self.dist_timeout_minutes <= 1e9:  # inf and 1e300 failed in the process group's setup (a timedelta holds
             # at most 1.4e12 minutes); a run saved with a larger one that trained still loads
             refuse_for_training(f"train.dist_timeout_minutes must be a finite number of minutes > 0 (at most 1e9), got "
