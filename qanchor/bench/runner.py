@@ -40,7 +40,7 @@ from qanchor.config import (
     to_yaml,
     with_overrides,
 )
-from qanchor.data.dataset import Dataset, Task, load_dataset
+from qanchor.data.dataset import Dataset, Task, load_dataset, warn_tasks_without_data
 from qanchor.data.io import OutputKind, claim_output_dir, hold_output, releasing_outputs
 from qanchor.errors import CheckpointError, ConfigError, DataValidationError
 from qanchor.logs import Progress, log
@@ -141,7 +141,9 @@ def prepare(cfg: BenchConfig) -> tuple[Dataset, list[Task]]:
     ds = load_dataset(cfg.data.path, cfg.data.cache_dir)
     if cfg.labels is not None:
         return ds, subsample([custom_task(ds, cfg.labels, cfg.query or "")], cfg.max_users, cfg.seed)
-    return ds, dataset_tasks(ds, list(cfg.tasks), cfg.max_users, cfg.seed)
+    tasks = dataset_tasks(ds, list(cfg.tasks), cfg.max_users, cfg.seed)
+    warn_tasks_without_data(ds, [t.name for t in tasks])
+    return ds, tasks
 
 
 def _oracle(task: Task, folds: list) -> tuple[MethodResult | None, float | None]:

@@ -48,7 +48,7 @@ from qanchor.errors import ConfigError, DataValidationError
 from qanchor.logs import warn
 
 __all__ = ["EventSeq", "event_order", "in_event_order", "order_key", "isin_ids", "UserRecord", "RecordLayout", "Task", "Dataset", "load_dataset", "records_from_table", "default_cache_dir",
-           "CACHE_DIR"]
+           "CACHE_DIR", "warn_tasks_without_data"]
 
 _PARTITION_USERS = 4096
 _MAX_PARTITIONS = 512
@@ -160,6 +160,20 @@ class Task:
     def positive_rate(self) -> float:
         return float(self.labels.mean()) if len(self.labels) else 0.0
 
+
+
+def warn_tasks_without_data(ds: Dataset, names: Iterable[str]) -> None:
+    """Say when most of a task's labelled users have no event and no tabular row before the cutoff (labels keyed by
+    other ids than the events', a label file of the wrong period): every method scores those users alike, so the
+    task's AUC says little, and only `qanchor data validate` had counted them (a task none of whose users has data is
+    refused when the dataset is opened)."""
+    for name in names:
+        without = ds.report.task_users_without_data.get(name, 0)
+        labelled = ds.report.task_counts.get(name, (0, 0))[0]
+        if labelled and 2 * without > labelled:
+            warn(f"task {name}: {without} of its {labelled} labelled users have no event and no tabular row before the "
+                 f"cutoff, so every method scores them alike and its AUC says little about the others; check that "
+                 f"{ds.root / TASKS_DIR / (name + '.parquet')} names users as the events do")
 
 
 def isin_ids(values: Sequence, among: Sequence) -> np.ndarray:

@@ -42,7 +42,7 @@ from qanchor.config import (
     require,
     to_container,
 )
-from qanchor.data.dataset import Dataset, Task, UserRecord, load_dataset
+from qanchor.data.dataset import Dataset, Task, UserRecord, load_dataset, warn_tasks_without_data
 from qanchor.data.io import (
     OutputKind,
     check_replaceable,
@@ -189,6 +189,8 @@ def run_prompt_tune(cfg: PromptTuneConfig, progress: bool = True) -> dict:
         _check_implied_data(ds, cfg.checkpoint)
     views = chosen_tasks(ds, cfg)
     tasks = list(views)
+    if cfg.labels is None:  # (a labels file of one's own is checked as it is read)
+        warn_tasks_without_data(ds, tasks)
     refused = {}  # before any encoding: a task too small to split fails the run at once
     for task in views.values():
         try:
