@@ -30,3 +30,17 @@ def copy_dataset(src: Path, dst: Path, *, with_userU: bool = False) -> Path:
         if text.is_dir():
             shutil.copytree(text, dst / ".qanchor_cache" / "text", dirs_exist_ok=True)
     return dst
+
+
+def add_users_without_data(dataset: Path, task: str) -> int:
+    """Append to ``task``'s labels twice as many users as it has, none of them with an event or a tabular row (labels
+    keyed by other ids than the events'); return the task's labelled users now."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    path = Path(dataset) / "tasks" / f"{task}.parquet"
+    labels = pq.read_table(path)
+    strangers = pa.table({"user_id": [f"x{i:03d}" for i in range(2 * labels.num_rows)],
+                          "label": pa.array([i % 2 for i in range(2 * labels.num_rows)], pa.int8())})
+    pq.write_table(pa.concat_tables([labels, strangers.cast(labels.schema)]), path)
+    return 3 * labels.num_rows

@@ -156,11 +156,16 @@ def _unmatched(state: dict[str, torch.Tensor], not_filled: list[str], not_placed
     with the table as built (random), and served other embeddings without a word."""
     groups: dict[tuple, list[str]] = {}
     for name, t in state.items():
-        groups.setdefault((t.data_ptr(), tuple(t.shape), tuple(t.stride()), t.dtype), []).append(name)
+        groups.setdefault(_identity(t), []).append(name)
     absent = set(not_filled)
     missing = sorted(names[0] for names in groups.values() if absent.issuperset(names))
     twice = [name for names in groups.values() for name in [n for n in names if n not in absent][1:]]
     return missing, sorted(not_placed) + sorted(twice)
+
+
+def _identity(t: torch.Tensor) -> tuple:
+    """What makes two names one tensor: the same memory, shape, strides and dtype."""
+    return t.data_ptr(), tuple(t.shape), tuple(t.stride()), t.dtype
 
 
 def shared_duplicates(state: dict[str, torch.Tensor]) -> set[str]:
@@ -173,7 +178,7 @@ def shared_duplicates(state: dict[str, torch.Tensor]) -> set[str]:
     first: dict[tuple, str] = {}
     out = set()
     for name, t in state.items():
-        key = (t.data_ptr(), tuple(t.shape), tuple(t.stride()), t.dtype)
+        key = _identity(t)
         if key in first:
             out.add(name)
         else:

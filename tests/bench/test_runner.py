@@ -462,24 +462,16 @@ def test_uqa_results_are_a_kind_of_their_own(tmp_path):
 def test_a_task_whose_users_mostly_have_no_data_is_said_by_the_bench_and_prompt_tune(tiny_dataset, tmp_path, capsys):
     """Labels keyed by other ids than the events' scored most users alike (AUC near 0.5) without a word: only
     `qanchor data validate` counted the users without an event or a tabular row."""
-    import shutil
-
-    import pyarrow as pa
-    import pyarrow.parquet as pq
-
     from qanchor.bench.runner import prepare
     from qanchor.config import BenchConfig, load_config
+    from tests.helpers import add_users_without_data, copy_dataset
 
-    ds = tmp_path / "ds"
-    shutil.copytree(tiny_dataset, ds, ignore=shutil.ignore_patterns(".qanchor_cache"))
-    churn = pq.read_table(ds / "tasks" / "churn.parquet")
-    strangers = pa.table({"user_id": [f"x{i:03d}" for i in range(2 * churn.num_rows)],
-                          "label": pa.array([i % 2 for i in range(2 * churn.num_rows)], pa.int8())})
-    pq.write_table(pa.concat_tables([churn, strangers.cast(churn.schema)]), ds / "tasks" / "churn.parquet")
+    ds = copy_dataset(tiny_dataset, tmp_path / "ds")
+    labelled = add_users_without_data(ds, "churn")
     args = [f"data.path={ds}", "checkpoint=null", "methods=[rfm_lr]", f"output_dir={tmp_path / 'b'}"]
     capsys.readouterr()
     prepare(load_config(None, [*args, "tasks=[churn]"], schema=BenchConfig))
     said = capsys.readouterr().err
-    assert f"task churn: {2 * churn.num_rows} of its {3 * churn.num_rows} labelled users have no event" in said
+    assert f"task churn: {labelled * 2 // 3} of its {labelled} labelled users have no event" in said
     prepare(load_config(None, [*args, "tasks=[coupon]"], schema=BenchConfig))  # a task with data: nothing said
     assert "labelled users have no event" not in capsys.readouterr().err

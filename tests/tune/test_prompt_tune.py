@@ -562,16 +562,11 @@ def test_tuning_without_a_data_path_says_when_the_checkpoints_path_holds_other_d
 
 def test_tuning_a_task_whose_users_mostly_have_no_data_says_so(ckpt, tmp_path, capsys):
     """As the bench does: a head tuned on labels most of whose users have no data was reported without a word."""
-    import pyarrow as pa
-    import pyarrow.parquet as pq
+    from tests.helpers import add_users_without_data, copy_dataset
 
     ck, ds_dir = ckpt
-    ds = tmp_path / "ds"
-    shutil.copytree(ds_dir, ds, ignore=shutil.ignore_patterns(".qanchor_cache"))
-    churn = pq.read_table(ds / "tasks" / "churn.parquet")
-    strangers = pa.table({"user_id": [f"x{i:03d}" for i in range(2 * churn.num_rows)],
-                          "label": pa.array([i % 2 for i in range(2 * churn.num_rows)], pa.int8())})
-    pq.write_table(pa.concat_tables([churn, strangers.cast(churn.schema)]), ds / "tasks" / "churn.parquet")
+    ds = copy_dataset(ds_dir, tmp_path / "ds")
+    add_users_without_data(ds, "churn")
     capsys.readouterr()
     assert main(["prompt-tune", "--quiet", f"checkpoint={ck}", f"data.path={ds}", f"output_dir={tmp_path / 'o'}", *FAST,
                  "task=churn", "steps=2", "eval_every=1"]) == 0
