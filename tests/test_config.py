@@ -637,3 +637,17 @@ def test_copies_of_a_saved_config_keep_what_an_earlier_qanchor_allowed():
             TrainConfig(dist_timeout_minutes=value)
     with pytest.raises(ConfigError, match=r"dist_timeout_minutes must be a finite number of minutes > 0, got nan"):
         TrainConfig(dist_timeout_minutes=float("nan"))
+
+
+@pytest.mark.parametrize("value", ["{a: [1]}", "{a: {b: 1}}"])
+def test_a_mapping_of_numbers_in_a_file_refuses_a_list_or_mapping_value_naming_file_and_key(tmp_path, value):
+    """`data: {max_events: {a: [1]}}` in a file reached the section's own check, which failed in a TypeError that
+    OmegaConf reported as "Could not create instance of `DataConfig`: '<' not supported", blamed on the command line."""
+    f = tmp_path / "pretrain" / "p.yaml"
+    f.parent.mkdir()
+    f.write_text(f"data:\n  max_events: {value}\n")
+    with pytest.raises(ConfigError, match=rf"{f}: 'data.max_events.a' takes one int value, not .* e\.g\. "
+                                          r"data.max_events: \{a: 32\}"):
+        load_config(f, schema=PretrainConfig)
+    f.write_text("data:\n  max_events: {a: 3}\n")
+    assert load_config(f, schema=PretrainConfig).data.max_events == {"a": 3}

@@ -215,6 +215,13 @@ def _text_as_written(typed: Any, raw: Any, tp: Any, source: str, key: str = "") 
                     if k in hints else _verbatim_copy(v) for k, v in typed.items()}
         if typing.get_origin(tp) is dict:
             value_type = typing.get_args(tp)[1]
+            odd = next(((k, v) for k, v in typed.items() if isinstance(v, (list, dict))), None)
+            if odd is not None and _strip_optional(value_type)[0] in (int, float, bool, str):
+                # OmegaConf let `max_events: {a: [1]}` through to the section's own check, which failed in a
+                # TypeError it reported as "Could not create instance of DataConfig", on the command line
+                name = _strip_optional(value_type)[0].__name__
+                raise ConfigError(f"{source}: '{_dotted(key, odd[0])}' takes one {name} value, not "
+                                  f"{type(odd[1]).__name__} {odd[1]!r}, e.g. {key}: {{{odd[0]}: 32}}")
             return {k: _text_as_written(v, raw.get(str(k)), value_type, source, _dotted(key, k)) for k, v in typed.items()}
     return typed
 
