@@ -69,6 +69,8 @@ class Fact:
     claims: tuple[Claim, ...] = ()
     check: Callable[[History], bool] | None = None  # a recomputation beyond the claims (a word derived from counts)
     detail: str | None = None  # shown as "(detail)" after the fact just before it when that one is kept too
+    # kept only when the fact just before it holds: a count under "Most frequent" read as a rank that did not hold
+    needs_previous: bool = False
 
     def holds(self, h: History) -> bool:
         if not self.claims and self.check is None:
@@ -185,7 +187,7 @@ def _categories(text: str, h: History, as_read: Callable[[str], str] | None = No
         k = int(re.fullmatch(rf".*\({_INT}events?\)", p).group(1))
         slots.extend(_first_holding(h, [[Fact(cat, check=among_top(cat)),
                                          Fact(f"{cat}: {_n(k, 'event')}", (Claim("category_count", k, cat.split("/", 1)[0], cat),),
-                                              detail=_n(k, "event"))] for cat in cats]))
+                                              detail=_n(k, "event"), needs_previous=True)] for cat in cats]))
     return slots
 
 
@@ -228,7 +230,7 @@ def _favourites(text: str, h: History, as_read: Callable[[str], str] | None = No
                 return [None]
             return _first_holding(h, [[Fact(f"{mod} '{item}'", (Claim("top_item", item, mod),)),
                                        Fact(f"'{item}' {_n(m.group(2), 'time')}", (Claim("item_count", int(m.group(2)), mod, item),),
-                                            detail=_n(m.group(2), "time"))] for item in items])
+                                            detail=_n(m.group(2), "time"), needs_previous=True)] for item in items])
 
         read = _modality_clause(h, p, rf"'(.+)'\({_INT}times?\)", said)
         slots.extend(read if read is not None else [None])
@@ -324,11 +326,12 @@ def facts_of(aspect: str, text: str, h: History, as_read: Callable[[str], str] |
 def kept_slots(slots: Slots, h: History) -> list[bool | None]:
     """Per slot of an answer: True (kept: it holds for ``h``), False (dropped: unreadable or untrue), or None (a repeat of
     a fact kept before it, which greedy decoding of a young model writes in loops: neither kept again nor dropped). A
-    fact is its text and its claims: two modalities' "'Coffee' 3 times" are two facts."""
+    fact is its text and its claims: two modalities' "'Coffee' 3 times" are two facts. A fact that needs the one before
+    it (an item's count after "is the most frequent") is dropped with it: shown alone, it reads as the rank."""
     said: set[tuple] = set()
     status: list[bool | None] = []
     for fact in slots:
-        if fact is None or not fact.holds(h):
+        if fact is None or not fact.holds(h) or (fact.needs_previous and (not status or status[-1] is False)):
             status.append(False)
         elif (key := (fact.text, fact.claims)) in said:
             status.append(None)

@@ -11,8 +11,9 @@ import pytest
 import torch
 
 from qanchor.cli import main
+from qanchor.data.dataset import EventSeq
 from qanchor.data.profile import ASPECTS, PROFILE_QUESTIONS, Verified, squeeze, tidy, verify_answer
-from qanchor.data.userU_topics import TOPICS, History
+from qanchor.data.userU_topics import DAY_US, TOPICS, History
 from qanchor.errors import CheckpointError, ModelInputError
 from qanchor.infer.api import QAnchor, events_before
 from qanchor.model.factory import save_checkpoint
@@ -191,6 +192,27 @@ def test_a_user_without_events_and_a_repeated_fact_verify_without_a_traceback_or
         "Most frequent: bill 'Coffee' (3 times); app 'Coffee' (3 times).", 4, 0)
     looped = "Most frequent: bill 'Coffee' (3 times); bill 'Coffee' (3 times); app 'Coffee' (3 times)."
     assert verify_answer("favourites", looped, both) == verify_answer("favourites", said, both)
+
+
+def _bought(texts: list[str]) -> History:
+    """One modality "buy" of these texts, a day apart."""
+    ts = np.arange(len(texts), dtype=np.int64) * DAY_US
+    return History({"buy": EventSeq(ts, texts, np.ones(len(ts), np.float32), np.zeros((len(ts), 0), np.float32))},
+                   100 * DAY_US)
+
+
+def test_a_count_is_shown_only_with_the_rank_it_belongs_to():
+    """An item or category whose rank did not hold lost its rank fact but kept its count, shown alone under the heading
+    as if the rank held: "Most frequent: 'Milk' 2 times." for the user's rarer item. Now both are dropped (a
+    time-of-day share or an amount's count, which say no rank, still stand alone: see the tests above and below)."""
+    h = _bought(["Coffee"] * 10 + ["Milk"] * 2)
+    assert verify_answer("favourites", "Most frequent: buy 'Milk' (2 times).", h) == Verified(None, 0, 2)
+    assert verify_answer("favourites", "Most frequent: buy 'Coffee' (10 times).", h) == Verified(
+        "Most frequent: buy 'Coffee' (10 times).", 2, 0)
+    h = _bought(["A / x"] * 10 + ["B / x"] * 8 + ["D / x"])
+    assert verify_answer("categories", "Top categories: buy/d (1 event).", h) == Verified(None, 0, 2)
+    assert verify_answer("categories", "Top categories: buy/a (10 events), buy/d (1 event).", h) == Verified(
+        "Top categories: buy/a (10 events).", 2, 2)
 
 
 def test_amounts_and_rates_hold_to_the_digit_the_template_shows_and_malformed_numbers_are_dropped():
