@@ -172,11 +172,15 @@ def _categories(text: str, h: History, as_read: Callable[[str], str] | None = No
         return [None]
     counts = Counter(c for m in h.modalities for t in h.seq(m).text if (c := named_category(m, t)))
     by_read = _by_reading(counts, as_read)
-    named = [by_read.get(m.group(1)) if (m := re.fullmatch(rf"(\w+/.+)\({_INT}events?\)", p)) else None for p in parts]
+    names = [m.group(1) if (m := re.fullmatch(rf"(\w+/.+)\({_INT}events?\)", p)) else None for p in parts]
+    named = [by_read.get(name) for name in names]
     top = sorted(counts.values(), reverse=True)
-    cutoff = top[len(parts) - 1] if len(top) >= len(parts) else 0
+    # the answer claims its categories are the user's k largest: k counts each of the user's categories it names once,
+    # so a clause repeated in a greedy-decoding loop does not loosen the test, nor an unreadable or invented one empty it
+    k = len({name for name in names if name in by_read})
+    cutoff = top[min(k, len(top)) - 1] if top and k else 0
 
-    def among_top(cat: str) -> Callable[[History], bool]:  # one of the len(parts) largest categories (ties count)
+    def among_top(cat: str) -> Callable[[History], bool]:  # one of the k largest categories (ties count)
         return lambda _h: counts[cat] >= cutoff > 0
 
     slots: Slots = []
@@ -184,10 +188,10 @@ def _categories(text: str, h: History, as_read: Callable[[str], str] | None = No
         if not cats:
             slots.append(None)
             continue
-        k = int(re.fullmatch(rf".*\({_INT}events?\)", p).group(1))
+        n = int(re.fullmatch(rf".*\({_INT}events?\)", p).group(1))
         slots.extend(_first_holding(h, [[Fact(cat, check=among_top(cat)),
-                                         Fact(f"{cat}: {_n(k, 'event')}", (Claim("category_count", k, cat.split("/", 1)[0], cat),),
-                                              detail=_n(k, "event"), needs_previous=True)] for cat in cats]))
+                                         Fact(f"{cat}: {_n(n, 'event')}", (Claim("category_count", n, cat.split("/", 1)[0], cat),),
+                                              detail=_n(n, "event"), needs_previous=True)] for cat in cats]))
     return slots
 
 

@@ -215,6 +215,25 @@ def test_a_count_is_shown_only_with_the_rank_it_belongs_to():
         "Top categories: buy/a (10 events).", 2, 2)
 
 
+def test_the_top_categories_cut_off_counts_each_named_category_once():
+    """"Top" meant among the user's n largest categories, n every clause of the answer: a repeated clause (greedy
+    decoding loops) let the 4th of 4 categories pass as top, and one clause more than the user has categories (a
+    repeat, an unreadable or an invented one) made the cut-off 0, so every true top category was dropped."""
+    h = _bought(["A / x"] * 10 + ["B / x"] * 8 + ["C / x"] * 6 + ["D / x"] * 5)
+    said = "Top categories: buy/a (10 events), buy/d (5 events)."
+    looped = "Top categories: buy/a (10 events), buy/a (10 events), buy/a (10 events), buy/d (5 events)."
+    assert verify_answer("categories", looped, h) == verify_answer("categories", said, h) == Verified(
+        "Top categories: buy/a (10 events).", 2, 2)  # buy/d is not among the 2 largest; a repeat is shown once
+    h = _bought(["A / x"] * 10 + ["B / x"] * 8)
+    both = "Top categories: buy/a (10 events); buy/b (8 events)."
+    assert verify_answer("categories", "Top categories: buy/a (10 events), buy/a (10 events), buy/b (8 events).",
+                         h) == Verified(both, 4, 0)
+    assert verify_answer("categories", "Top categories: buy/a (10 events), buy/zzz (3 events), buy/b (8 events).",
+                         h) == Verified(both, 4, 1)  # an invented category is dropped and widens nothing
+    assert verify_answer("categories", "Top categories: buy/a (10 events), and zebras.", _bought(["A / x"] * 10)) == \
+        Verified("Top categories: buy/a (10 events).", 2, 1)  # an unreadable clause too
+
+
 def test_amounts_and_rates_hold_to_the_digit_the_template_shows_and_malformed_numbers_are_dropped():
     """A flat 0.05 tolerance kept "total 3.49" for a true 3.45 (the template writes two decimals below 10) and showed
     the model's own digits ("3.4499", "14,84"); a lone "," where a number goes ended describe in a traceback."""
