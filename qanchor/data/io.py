@@ -36,7 +36,7 @@ import secrets
 import shutil
 import socket
 import stat
-from collections.abc import Collection, Iterator, Mapping
+from collections.abc import Callable, Collection, Iterator, Mapping
 from contextlib import contextmanager
 from enum import Enum
 from functools import cache
@@ -637,12 +637,17 @@ class UniqueKeyLoader(yaml.SafeLoader):
 
 
 # ---------------------------------------------------------------------------------- file writers
-def write_parquet(table: pa.Table, target: str | os.PathLike, metadata: Mapping[str, str] | None = None) -> None:
-    """Write ``table`` to ``target`` atomically (zstd-compressed Parquet), with optional schema metadata."""
+def write_parquet(table: pa.Table, target: str | os.PathLike, metadata: Mapping[str, str] | None = None,
+                  before_publish: Callable[[], None] | None = None) -> None:
+    """Write ``table`` to ``target`` atomically (zstd-compressed Parquet), with optional schema metadata.
+    ``before_publish`` runs after the data are written, just before they replace ``target``: a check of what is there
+    now (raising leaves ``target`` untouched)."""
     if metadata:
         table = table.replace_schema_metadata({**(table.schema.metadata or {}), **{k: v for k, v in metadata.items()}})
     with atomic_path(target) as tmp:
         pq.write_table(table, tmp, compression="zstd")
+        if before_publish is not None:
+            before_publish()
 
 
 def write_yaml(data: dict, target: str | os.PathLike) -> None:

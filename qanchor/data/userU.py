@@ -374,9 +374,11 @@ def stale_userU(target: Path, ds: Dataset | None = None) -> str | None:
 def _write(table: pa.Table, target: Path, built_from: str) -> Path | None:
     if table.num_rows == 0:
         # the validator refuses an empty userU file, and a stale one would describe other data
-        target.unlink(missing_ok=True)  # ours: check_userU_target ran before any work
+        check_userU_target(target)  # again: a file of the user's own may have been put there while the pairs were built
+        target.unlink(missing_ok=True)
         log.warning("no user in %s has events to build UserU pairs from; %s not written", target.parent, target.name)
         return None
     write_parquet(table, target, metadata={USERU_OWNER_KEY: USERU_OWNER_VALUE, USERU_VERSION_KEY: str(USERU_VERSION),
-                                           USERU_EVENTS_KEY: built_from})
+                                           USERU_EVENTS_KEY: built_from},
+                  before_publish=lambda: check_userU_target(target))  # again, last: see above
     return target

@@ -23,6 +23,7 @@ from qanchor.data.userU import (
     MAX_PER_CATEGORY,
     USERU_VERSION,
     UserUStats,
+    _write,
     build_userU,
     events_digest,
     future_pairs,
@@ -43,6 +44,7 @@ from qanchor.data.userU_topics import (
     verify,
 )
 from qanchor.data.validate import validate_dataset
+from qanchor.errors import OutputError
 from qanchor.train.pretrain import preflight
 
 WINDOW = 30
@@ -711,3 +713,26 @@ def test_a_blank_event_text_is_never_named():
     top = TOPICS["categories"](rated, rng)
     assert top.answer == "Top categories: rating/crime (1 event)." and verify(top.claims, rated, top.answer)
     assert summarize_future(History({"app": _seq([70.0], [""])}, 100 * DAY_US), 60 * DAY_US, WINDOW) is None
+
+
+def test_pairs_of_the_users_own_put_there_during_the_build_are_kept(built, tmp_path):
+    """The build checked for a `userU.parquet` of the user's own only before its work, so one copied in while the pairs
+    were built (tens of seconds at Complete Journey's scale) was replaced, or deleted when no user had pairs."""
+    root = _copy(built[0], tmp_path / "ds")
+    mine = pa.table({"user_id": ["u001"], "cutoff": pa.array([0], pa.timestamp("us", tz="UTC")), "query": ["q?"],
+                     "answer": ["a."], "source": ["uqa"]}).replace_schema_metadata({"note": "my own pairs"})
+
+    class WritesOwnPairsMidBuild(_Generator):  # stands in for another process writing the file during the build
+        def generate(self, user_summary: str, topic: str):
+            if not (root / USERU_FILE).exists():
+                pq.write_table(mine, root / USERU_FILE)
+            return super().generate(user_summary, topic)
+
+    with pytest.raises(OutputError, match="was not written by `qanchor data userU`"):
+        build_userU(root, seed=0, generator=WritesOwnPairsMidBuild(0), progress=False)
+    assert pq.read_schema(root / USERU_FILE).metadata == {b"note": b"my own pairs"}
+    assert not [p.name for p in root.iterdir() if p.name.startswith(".") and "userU" in p.name]  # no temporary left
+    # the no-pairs path deleted the file without looking again
+    with pytest.raises(OutputError, match="was not written by `qanchor data userU`"):
+        _write(pa.table({"user_id": pa.array([], pa.string())}), root / USERU_FILE, "x")
+    assert pq.read_schema(root / USERU_FILE).metadata == {b"note": b"my own pairs"}
