@@ -44,3 +44,24 @@ def add_users_without_data(dataset: Path, task: str) -> int:
                           "label": pa.array([i % 2 for i in range(2 * labels.num_rows)], pa.int8())})
     pq.write_table(pa.concat_tables([labels, strangers.cast(labels.schema)]), path)
     return 3 * labels.num_rows
+
+
+def flip_a_byte_unnoticed(path: Path) -> int:
+    """Flip one bit of the Parquet file ``path`` (a disk fault) where a reader that verifies no page checksum reads
+    another table without an error; return the byte's offset."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    good = Path(path).read_bytes()
+    expected = pq.read_table(pa.BufferReader(good))
+    for at in range(4, len(good) - 8):
+        flipped = bytearray(good)
+        flipped[at] ^= 0x10
+        try:
+            unnoticed = not pq.read_table(pa.BufferReader(bytes(flipped))).equals(expected)
+        except Exception:  # pyarrow raises several types for a file it cannot decode: noticed
+            unnoticed = False
+        if unnoticed:
+            Path(path).write_bytes(bytes(flipped))
+            return at
+    raise AssertionError(f"{path}: no byte flips unnoticed")

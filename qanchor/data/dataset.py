@@ -375,8 +375,8 @@ class _Partitions:
         if not path.exists():  # a partition whose users have no events
             return pa.table({"user_id": pa.array([], pa.string()), "modality": pa.array([], pa.string()),
                              "ts": pa.array([], pa.timestamp("us", tz="UTC")), "text": pa.array([], pa.string())})
-        try:
-            return pq.read_table(path)
+        try:  # verified (written with page checksums): a byte flipped on disk is refused, not read as another event
+            return pq.read_table(path, page_checksum_verification=True)
         except (OSError, pa.ArrowException) as exc:  # damaged inside, past the footer build() checks
             raise DataValidationError(str(path), f"this partition of the dataset's events cache cannot be read "
                                       f"({str(exc).splitlines()[0][:120]}); it is a cache qanchor rebuilds from the "
@@ -399,7 +399,8 @@ class _Partitions:
         claim_output_dir(ds.cache_dir, OutputKind.CACHE, key="data.cache_dir")
         with atomic_dir(directory, OutputKind.CACHE) as tmp:
             written = _write_partitions(tmp, files, user_ids, per_part, event_schema(ds.manifest))
-            pq.write_table(pa.table({"user_id": pa.array(user_ids.tolist(), pa.string())}), tmp / "user_ids.parquet")
+            pq.write_table(pa.table({"user_id": pa.array(user_ids.tolist(), pa.string())}), tmp / "user_ids.parquet",
+                           write_page_checksum=True)
             write_text(json.dumps({"bounds": bounds.tolist(), "written": sorted(written),
                                    "dataset": str(ds.root.resolve())}), tmp / "index.json")
         _remove_superseded(ds.cache_dir, directory, ds.root)
@@ -411,7 +412,8 @@ class _Partitions:
         partition is unreadable or gone (each partition's footer is read: a cut file fails there)."""
         try:
             index = json.loads((directory / "index.json").read_text())
-            user_ids = pq.read_table(directory / "user_ids.parquet").column("user_id").to_numpy(zero_copy_only=False)
+            user_ids = pq.read_table(directory / "user_ids.parquet", page_checksum_verification=True).column(
+                "user_id").to_numpy(zero_copy_only=False)
             bounds = np.asarray(index["bounds"], dtype=np.int64)
             written = set(index["written"]) if "written" in index else None
             if bounds.ndim != 1 or len(bounds) < 1 or bounds[-1] != len(user_ids):
@@ -534,7 +536,7 @@ def _write_partitions(out: Path, files: list[Path], user_ids: np.ndarray, per_pa
     for part in sorted(writers):
         src = out / f"unsorted-{part:05d}.parquet"
         table = pq.read_table(src).sort_by([("user_id", "ascending"), ("ts", "ascending")])
-        pq.write_table(table, out / f"part-{part:05d}.parquet")
+        pq.write_table(table, out / f"part-{part:05d}.parquet", write_page_checksum=True)  # for read() to verify
         src.unlink()
     return {int(part) for part in writers}
 

@@ -639,13 +639,15 @@ class UniqueKeyLoader(yaml.SafeLoader):
 # ---------------------------------------------------------------------------------- file writers
 def write_parquet(table: pa.Table, target: str | os.PathLike, metadata: Mapping[str, str] | None = None,
                   before_publish: Callable[[], None] | None = None) -> None:
-    """Write ``table`` to ``target`` atomically (zstd-compressed Parquet), with optional schema metadata.
-    ``before_publish`` runs after the data are written, just before they replace ``target``: a check of what is there
-    now (raising leaves ``target`` untouched)."""
+    """Write ``table`` to ``target`` atomically (zstd-compressed Parquet, each page with its CRC), with optional schema
+    metadata. ``before_publish`` runs after the data are written, just before they replace ``target``: a check of what
+    is there now (raising leaves ``target`` untouched)."""
     if metadata:
         table = table.replace_schema_metadata({**(table.schema.metadata or {}), **{k: v for k, v in metadata.items()}})
     with atomic_path(target) as tmp:
-        pq.write_table(table, tmp, compression="zstd")
+        # page checksums: a byte flipped on disk inside a page is caught by a reader that verifies them, where without
+        # one it decoded into a wrong value that was served silently (only a damaged footer failed)
+        pq.write_table(table, tmp, compression="zstd", write_page_checksum=True)
         if before_publish is not None:
             before_publish()
 

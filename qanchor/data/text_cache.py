@@ -354,12 +354,26 @@ class TextVectorCache:
     def _read_shard(self, shard: Path) -> pa.Table | None:
         """One shard's table; None if it is gone (merged away meanwhile)."""
         try:
-            return pq.read_table(shard)
+            # verified: a page damaged on disk is refused below, not decoded into a wrong vector (a shard written before
+            # shards carried checksums has none to verify, and reads as before)
+            table = pq.read_table(shard, page_checksum_verification=True)
         except (OSError, pa.ArrowException) as exc:  # truncated or overwritten from outside (a bad copy, a disk fault)
             if not os.path.lexists(shard):  # not exists(): a dangling link is no merged-away shard, and was retried forever
                 return None
-            raise DataValidationError(str(shard), f"a damaged text-vector cache shard ({str(exc).splitlines()[0]}); "
-                                      "delete it: its texts are encoded again on the next run") from None
+            raise self._damaged(shard, str(exc).splitlines()[0]) from None
+        if not table.schema.equals(self._schema, check_metadata=False):  # a byte flipped in the footer's names or types
+            raise self._damaged(shard, "its columns are " + ", ".join(f"{f.name} ({f.type})" for f in table.schema))
+        return table
+
+    @staticmethod
+    def _damaged(shard: Path, why: str) -> DataValidationError:
+        return DataValidationError(str(shard), f"a damaged text-vector cache shard ({why}); delete it: its texts are "
+                                   "encoded again on the next run")
+
+    @property
+    def _schema(self) -> pa.Schema:
+        """The columns every shard is written with (see :meth:`_write_shard`)."""
+        return pa.schema({"text": pa.string(), "vector": pa.list_(pa.float32(), self.dim)})
 
     def _columns(self, table: pa.Table) -> tuple[list[str], np.ndarray]:
         return (table.column("text").to_pylist(),

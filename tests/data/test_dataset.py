@@ -612,3 +612,22 @@ def test_a_changed_dataset_leaves_one_events_cache_not_a_copy_per_version(tiny_d
     caches = sorted(shared.glob("users-*"))
     assert len(caches) == 2  # the first dataset's newest copy and the second dataset's own
     assert qanchor.load_dataset(second, cache_dir=shared).partitions.directory in caches
+
+
+def test_a_byte_flipped_on_disk_in_a_dataset_or_its_events_cache_is_refused_not_read(tiny_dataset, tmp_path):
+    """The events cache's partitions were written without page checksums and a dataset's files read without verifying
+    them: one byte flipped on disk inside a page was read as another event, silently."""
+    from qanchor.errors import DataValidationError
+    from tests.helpers import copy_dataset, flip_a_byte_unnoticed
+
+    copy = copy_dataset(tiny_dataset, tmp_path / "copy")
+    list(qanchor.load_dataset(copy).users())  # builds the events cache
+    (cache,) = (copy / ".qanchor_cache").glob("users-*")
+    flip_a_byte_unnoticed(next(cache.glob("part-*.parquet")))
+    with pytest.raises(DataValidationError, match=r"part-\d+\.parquet: this partition of the dataset's events cache "
+                                                  r"cannot be read \(could not verify page integrity.*delete "):
+        list(qanchor.load_dataset(copy).users())
+    event_file = next((copy / "events").glob("*.parquet"))
+    flip_a_byte_unnoticed(event_file)
+    with pytest.raises(DataValidationError, match=rf"{event_file.name}: unreadable \(could not verify page integrity"):
+        qanchor.load_dataset(copy)

@@ -135,3 +135,36 @@ def test_a_text_of_no_tokens_is_the_zero_vector_not_a_crash():
     vectors = encoder.encode(["Opened app", "", "Coffee shop"])
     assert np.array_equal(vectors[1], np.zeros(encoder.dim, np.float32))
     assert np.allclose(np.linalg.norm(vectors[[0, 2]], axis=1), 1.0, atol=1e-6)
+
+
+def test_a_byte_flipped_on_disk_in_a_shard_is_refused_not_served(tmp_path):
+    """Shards were written without page checksums and read without verifying any: one byte flipped inside a page
+    decoded into another vector that was served as the text's own; a flip in the footer's column names ended in a
+    KeyError traceback. A shard written before shards carried checksums still reads."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    import pytest
+
+    from qanchor.errors import DataValidationError
+
+    texts = [f"text number {i}" for i in range(2000)]
+    old = TextVectorCache(tmp_path / "old", _HashEncoder())
+    flat = pa.array(np.stack([_HashEncoder.vector(t) for t in texts]).reshape(-1), pa.float32())
+    pq.write_table(pa.table({"text": texts, "vector": pa.FixedSizeListArray.from_arrays(flat, 8)}),
+                   old.dir / "shard-00000000000000000001-1.parquet", compression="zstd")  # no checksums
+    again = TextVectorCache(tmp_path / "old", _HashEncoder())
+    _check(again, texts)
+    assert again.encoded_count == 0
+
+    TextVectorCache(tmp_path / "c", _HashEncoder()).ensure(texts)
+    (shard,) = (tmp_path / "c" / _HashEncoder.key).glob("shard-*.parquet")
+    good = shard.read_bytes()
+    footer = len(good) - 8 - int.from_bytes(good[-8:-4], "little")  # its first "text" names the column
+    for where, damage in ((len(good) // 2, None), (good.index(b"text", footer), "its columns are")):
+        flipped = bytearray(good)
+        flipped[where] ^= 0x10
+        shard.write_bytes(bytes(flipped))
+        with pytest.raises(DataValidationError, match=rf"{shard.name}: a damaged text-vector cache shard "
+                                                      rf"\({damage or 'could not verify page integrity'}.*delete it"):
+            TextVectorCache(tmp_path / "c", _HashEncoder())
+
