@@ -102,7 +102,17 @@ def _marker_text(kind: OutputKind, written: Mapping[str, str] | None = None, hol
 def output_record(directory: str | os.PathLike) -> dict:
     """The whole marker of ``directory`` ({} when unmarked or unreadable)."""
     try:
+        return _marker(directory)
+    except PermissionError:
+        return {}
+
+
+def _marker(directory: str | os.PathLike) -> dict:
+    """:func:`output_record`, but PermissionError where the marker is there and this user may not read it."""
+    try:
         record = json.loads((Path(directory) / MARKER_FILE).read_text(encoding="utf-8"))
+    except PermissionError:
+        raise
     except (OSError, ValueError):
         return {}
     return record if isinstance(record, dict) else {}
@@ -182,7 +192,12 @@ def check_output_dir(target: str | os.PathLike, kind: OutputKind, inputs: Mappin
     # listed before the marker is read: a marker another process links in between is then read as the claim it is,
     # not listed as a foreign file
     entries = [p for p in target.iterdir() if not is_temporary(p)]  # another process's marker on its way in is ours
-    found = output_kind(target)
+    try:
+        found = _marker(target).get("kind")
+    except PermissionError as exc:  # another user's output, written under umask 077: no file of the user's own either
+        raise OutputError(f"{key} {target}: its qanchor marker {MARKER_FILE} cannot be read by this user "
+                          f"({os.strerror(exc.errno) if exc.errno else exc}); give a directory of your own or ask its "
+                          "owner to make it readable") from None
     if found == kind.value:
         return True
     if found is not None:

@@ -357,6 +357,10 @@ class TextVectorCache:
             # verified: a page damaged on disk is refused below, not decoded into a wrong vector (a shard written before
             # shards carried checksums has none to verify, and reads as before)
             table = pq.read_table(shard, page_checksum_verification=True)
+        except PermissionError as exc:  # another user's shard in a shared cache, written under umask 077: not damaged
+            raise DataValidationError(str(shard), f"this user cannot read this text-vector cache shard "
+                                      f"({os.strerror(exc.errno) if exc.errno else exc}); give a cache folder of your "
+                                      "own (text_cache_dir=, data.cache_dir=) or ask its owner to make it readable") from None
         except (OSError, pa.ArrowException) as exc:  # truncated or overwritten from outside (a bad copy, a disk fault)
             if not os.path.lexists(shard):  # not exists(): a dangling link is no merged-away shard, and was retried forever
                 return None

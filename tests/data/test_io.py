@@ -150,6 +150,31 @@ def test_a_checkpoint_saved_before_its_names_were_recorded_keeps_a_users_files(t
         io.check_replaceable(ck, OutputKind.CHECKPOINT)
 
 
+def test_an_output_whose_marker_this_user_cannot_read_is_named_so_not_foreign(tmp_path, monkeypatch):
+    """Another user's output written under umask 077 has a marker this user cannot read: it was refused as a folder
+    holding "files qanchor did not create", naming the marker itself as the foreign file."""
+    import errno
+    from pathlib import Path
+
+    out = tmp_path / "theirs"
+    assert claim_output_dir(out, OutputKind.EXPORT) is False
+    real = Path.read_text
+
+    def denied(self, *args, **kwargs):  # tests run as root, whom chmod 000 does not stop
+        if self.name == MARKER_FILE:
+            raise PermissionError(errno.EACCES, "Permission denied", str(self))
+        return real(self, *args, **kwargs)
+
+    monkeypatch.setattr(Path, "read_text", denied)
+    for claim in (io.check_output_dir, claim_output_dir):
+        with pytest.raises(OutputError, match=rf"out {out}: its qanchor marker {MARKER_FILE} cannot be read by this "
+                                              r"user \(Permission denied\); give a directory of your own or ask its "
+                                              "owner") as info:
+            claim(out, OutputKind.EXPORT)
+        assert "did not create" not in str(info.value)
+    assert output_kind(out) is None  # a marker no one can read names no kind, as before
+
+
 def test_another_claims_temporary_marker_is_not_foreign(tmp_path):
     """Ranks claiming one existing empty directory at once: one's marker, still a temporary inside it, is ours."""
     target = tmp_path / "out"

@@ -168,3 +168,28 @@ def test_a_byte_flipped_on_disk_in_a_shard_is_refused_not_served(tmp_path):
                                                       rf"\({damage or 'could not verify page integrity'}.*delete it"):
             TextVectorCache(tmp_path / "c", _HashEncoder())
 
+
+def test_a_shard_this_user_cannot_read_is_named_unreadable_not_damaged(tmp_path, monkeypatch):
+    """A shard another user wrote into a shared cache under umask 077 was reported as damaged, with the advice to delete
+    it (another user's file); it is unreadable to this user, and the advice is the one for a cache not one's own."""
+    import errno
+
+    import pytest
+
+    import qanchor.data.text_cache as text_cache
+    from qanchor.errors import DataValidationError
+
+    TextVectorCache(tmp_path / "c", _HashEncoder()).ensure(["a"])
+    real = text_cache.pq.read_table
+
+    def denied(source, *args, **kwargs):  # tests run as root, whom chmod 000 does not stop
+        if "shard-" in str(source):
+            raise PermissionError(errno.EACCES, f"Failed to open local file '{source}'")
+        return real(source, *args, **kwargs)
+
+    monkeypatch.setattr(text_cache.pq, "read_table", denied)
+    with pytest.raises(DataValidationError, match=r"shard-.*: this user cannot read this text-vector cache shard "
+                                                  r"\(Permission denied\); give a cache folder of your own "
+                                                  r"\(text_cache_dir=, data.cache_dir=\) or ask its owner") as info:
+        TextVectorCache(tmp_path / "c", _HashEncoder())
+    assert "damaged" not in str(info.value)
