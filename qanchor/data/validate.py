@@ -133,7 +133,9 @@ def _require(path: Path, schema: pa.Schema, column: str, kind: str) -> None:
         "string": pa.types.is_string(typ) or pa.types.is_large_string(typ),
         "timestamp": pa.types.is_timestamp(typ),
         "number": pa.types.is_integer(typ) or pa.types.is_floating(typ),
-        "integer": pa.types.is_integer(typ),
+        # whole-number floats pass here (pandas writes an int column that held a NaN as float64), as in a labels= file;
+        # their values are checked as 0 / 1, and the dataset reads them as int8
+        "0/1 label": pa.types.is_integer(typ) or pa.types.is_floating(typ),
     }[kind]
     if not ok:
         if pa.types.is_dictionary(typ):  # pandas writes its 'category' dtype so
@@ -151,7 +153,7 @@ def _require(path: Path, schema: pa.Schema, column: str, kind: str) -> None:
                     "number": " (write a yes/no column as 0/1, a category as one 0/1 column per value or a code)"
                     if pa.types.is_boolean(typ) or pa.types.is_string(typ) or pa.types.is_large_string(typ) else
                     " (cast decimal amounts to float64 before writing)" if pa.types.is_decimal(typ) else "",
-                    "integer": " (write labels as 0/1 integers)" if pa.types.is_boolean(typ) else ""}.get(kind, "")
+                    "0/1 label": " (write labels as 0/1 integers)"}.get(kind, "")
         raise DataValidationError(str(path), f"has type {typ}, expected {kind}{hint}", column=column)
 
 
@@ -378,6 +380,9 @@ def check_tabular_file(path: Path) -> pa.Table:
     return table
 
 
+_WRITE_LABELS = "write labels as 0/1 integers (drop or fill missing labels first)"
+
+
 def _check_tasks(root: Path, manifest: Manifest, report: ValidationReport, users: set[str]) -> None:
     declared = {t.name for t in manifest.tasks}
     with_data = set(users)  # the users with events or a tabular row (labelled ones join below)
@@ -390,16 +395,17 @@ def _check_tasks(root: Path, manifest: Manifest, report: ValidationReport, users
             raise DataValidationError(str(path), f"file not found for task '{task.name}' declared in the manifest")
         pf = _open(path)
         _require(path, pf.schema_arrow, "user_id", "string")
-        _require(path, pf.schema_arrow, "label", "integer")
+        _require(path, pf.schema_arrow, "label", "0/1 label")
         table = _read(path, pf)
         _check_unique_users(path, table.column("user_id"))
         label = table.column("label")
         if label.null_count:
-            raise DataValidationError(str(path), "null label", column="label", row=_first(label.is_null()))
+            raise DataValidationError(str(path), f"null label; {_WRITE_LABELS}", column="label", row=_first(label.is_null()))
         values = label.to_numpy(zero_copy_only=False)
-        bad = _first((values != 0) & (values != 1))
+        bad = _first((values != 0) & (values != 1))  # NaN included: a float column's missing label
         if bad is not None:
-            raise DataValidationError(str(path), f"label {values[bad]} is not 0 or 1", column="label", row=bad)
+            what = "missing label (NaN)" if np.isnan(values[bad]) else f"label {values[bad]} is not 0 or 1"
+            raise DataValidationError(str(path), f"{what}; {_WRITE_LABELS}", column="label", row=bad)
         if "prob" in table.column_names:
             _require(path, pf.schema_arrow, "prob", "number")
             prob = table.column("prob").to_numpy(zero_copy_only=False).astype(np.float64)

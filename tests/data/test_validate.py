@@ -84,6 +84,9 @@ CORRUPTIONS = {
     "column name not UTF-8": (_latin1_column_name, ["tabular.parquet", "column name is not valid UTF-8"]),
     "string_view ids": (lambda ds: _rewrite(ds / "tabular.parquet", lambda t: _set_col(t, "user_id", t.column("user_id").cast(pa.string_view()))), ["'user_id'", "string_view", "pa.string()"]),
     "manifest key given twice": (lambda ds: (ds / "manifest.yaml").write_text((ds / "manifest.yaml").read_text() + "cutoff: '2030-01-01T00:00:00+00:00'\n"), ["manifest.yaml", "'cutoff' is given twice", "keep one"]),
+    # pandas writes an int column that held a NaN as float64: it was refused by its type alone ("has type double"), no row
+    "NaN label": (lambda ds: _rewrite(ds / "tasks/churn.parquet", lambda t: _set_col(t, "label", pa.array(t.column("label").to_pylist()[:3] + [float("nan")] + t.column("label").to_pylist()[4:], pa.float64()))), ["churn.parquet", "'label'", "row 3", "missing label (NaN)", "drop or fill missing labels first"]),
+    "half label": (lambda ds: _rewrite(ds / "tasks/churn.parquet", lambda t: _set_col(t, "label", pa.array(t.column("label").to_pylist()[:2] + [0.5] + t.column("label").to_pylist()[3:], pa.float64()))), ["churn.parquet", "'label'", "row 2", "label 0.5 is not 0 or 1", "0/1 integers"]),
     "label window true": (lambda ds: _edit_manifest(ds, lambda m: m["tasks"][0].update(label_window_days=True)), ["label_window_days", "whole number"]),
     "cutoff beyond year 9999 in UTC": (lambda ds: _edit_manifest(ds, lambda m: m.update(cutoff="9999-12-31T23:00:00-05:00")), ["'cutoff'", "beyond the year 9999"]),
 }
@@ -139,6 +142,19 @@ def test_a_pandas_index_is_no_feature_and_labelled_users_without_data_are_counte
     out = capsys.readouterr().out
     assert "tabular features: age, income\n" in out and "(1 without an event or a tabular row)" in out
     assert load_dataset(ds).tabular_columns == ["age", "income"]
+
+
+def test_task_labels_written_as_floats_are_read_as_the_same_labels(tiny_dataset, tmp_path):
+    """A task file whose labels pandas wrote as float64 0.0 / 1.0 was refused ("has type double, expected integer"),
+    while the same file given as labels= was read."""
+    from qanchor.data.dataset import load_dataset
+
+    ds = tmp_path / "ds"
+    shutil.copytree(tiny_dataset, ds, ignore=shutil.ignore_patterns(".qanchor_cache"))
+    expected = load_dataset(tiny_dataset).tasks["churn"].labels
+    _rewrite(ds / "tasks/churn.parquet", lambda t: _set_col(t, "label", t.column("label").cast(pa.float64())))
+    labels = load_dataset(ds).tasks["churn"].labels
+    assert labels.dtype == np.int8 and np.array_equal(labels, expected) and 0 < labels.sum() < len(labels)
 
 
 def test_console_script_exit_code(tmp_path):
