@@ -43,7 +43,7 @@ from qanchor.data.schema import (
     tabular_feature_columns,
     utc_micros,
 )
-from qanchor.data.validate import ValidationReport, event_files, validate_dataset
+from qanchor.data.validate import ValidationReport, event_files, task_files, validate_dataset
 from qanchor.errors import ConfigError, DataValidationError
 from qanchor.logs import warn
 
@@ -485,7 +485,7 @@ def _fingerprint(root: Path, files: list[Path]) -> str:
     manifest = root / MANIFEST_FILE
     if manifest.is_file():
         h.update(hashlib.sha256(manifest.read_bytes()).digest())
-    for path in [*files, root / TABULAR_FILE, *sorted((root / TASKS_DIR).glob("*.parquet"))]:
+    for path in [*files, root / TABULAR_FILE, *task_files(root)]:
         if path.exists():
             st = path.stat()
             h.update(f"{path.name}:{st.st_size}:{st.st_mtime_ns};".encode())

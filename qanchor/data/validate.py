@@ -34,7 +34,7 @@ from qanchor.data.schema import (
 )
 from qanchor.errors import DataValidationError
 
-__all__ = ["ValidationReport", "validate_dataset", "event_files", "check_event_file", "check_tabular_file", "not_storable"]
+__all__ = ["ValidationReport", "validate_dataset", "event_files", "task_files", "check_event_file", "check_tabular_file", "not_storable"]
 
 _BATCH_ROWS = 262_144
 _FLOAT32_MAX = float(np.finfo(np.float32).max)  # events and tabular values are stored as float32
@@ -69,7 +69,7 @@ def event_files(dataset_dir: str | Path) -> list[Path]:
         return []
     files = []
     for path in sorted(folder.iterdir()):
-        if path.name.startswith((".", "_")) or path.name.endswith(".crc"):
+        if _not_data(path):
             continue
         if path.suffix != ".parquet" or not path.is_file():
             what = ("a folder" if path.is_dir() else "a link to nothing" if path.is_symlink() and not path.exists()
@@ -80,6 +80,18 @@ def event_files(dataset_dir: str | Path) -> list[Path]:
                                       "remove it from the dataset")
         files.append(path)
     return files
+
+
+def task_files(dataset_dir: str | Path) -> list[Path]:
+    """The task files of a dataset (``tasks/*.parquet``), in name order; hidden and underscore names are passed over
+    as in ``events/`` (``._churn.parquet``, the AppleDouble file a copy from a Mac leaves, was refused as a task the
+    manifest does not declare)."""
+    return [p for p in sorted((Path(dataset_dir) / TASKS_DIR).glob("*.parquet")) if not _not_data(p)]
+
+
+def _not_data(path: Path) -> bool:
+    """Hidden and underscore names (``.DS_Store``, ``_SUCCESS``, writers' temporaries) and ``*.crc`` checksums."""
+    return path.name.startswith((".", "_")) or path.name.endswith(".crc")
 
 
 def validate_dataset(dataset_dir: str | Path, pairs: bool = True) -> ValidationReport:
@@ -386,7 +398,7 @@ _WRITE_LABELS = "write labels as 0/1 integers (drop or fill missing labels first
 def _check_tasks(root: Path, manifest: Manifest, report: ValidationReport, users: set[str]) -> None:
     declared = {t.name for t in manifest.tasks}
     with_data = set(users)  # the users with events or a tabular row (labelled ones join below)
-    for path in sorted((root / TASKS_DIR).glob("*.parquet")):
+    for path in task_files(root):
         if path.stem not in declared:
             raise DataValidationError(str(path), f"task file for '{path.stem}', which the manifest does not declare; add it to manifest.yaml tasks or remove the file")
     for task in manifest.tasks:

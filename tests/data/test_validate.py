@@ -157,6 +157,25 @@ def test_task_labels_written_as_floats_are_read_as_the_same_labels(tiny_dataset,
     assert labels.dtype == np.int8 and np.array_equal(labels, expected) and 0 < labels.sum() < len(labels)
 
 
+def test_hidden_files_in_tasks_are_passed_over_as_in_events(tiny_dataset, tmp_path, capsys):
+    """A copy from a Mac leaves ``tasks/._churn.parquet`` (an AppleDouble file, no Parquet): it was refused as a task
+    the manifest does not declare, while ``events/`` passes hidden and underscore names over."""
+    from qanchor.data.dataset import load_dataset
+
+    ds = tmp_path / "ds"
+    shutil.copytree(tiny_dataset, ds, ignore=shutil.ignore_patterns(".qanchor_cache"))
+    list(load_dataset(ds).users())
+    cache = sorted(p.name for p in (ds / ".qanchor_cache").glob("users-*"))
+    (ds / "tasks/._churn.parquet").write_bytes(b"\x00\x05\x16\x07\x00\x02\x00\x00Mac OS X        ")
+    (ds / "tasks/_SUCCESS.parquet").write_bytes(b"")
+    assert main(["data", "validate", str(ds)]) == 0
+    assert "task churn" in capsys.readouterr().out
+    loaded = load_dataset(ds)
+    assert sorted(loaded.tasks) == sorted(load_dataset(tiny_dataset).tasks)
+    list(loaded.users())
+    assert sorted(p.name for p in (ds / ".qanchor_cache").glob("users-*")) == cache  # no new events cache for them
+
+
 def test_console_script_exit_code(tmp_path):
     proc = subprocess.run([sys.executable, "-m", "qanchor.cli", "data", "validate", str(tmp_path / "nope")],
                           capture_output=True, text=True)
