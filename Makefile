@@ -65,14 +65,17 @@ data: data-cj data-synth ## build Complete Journey and a 2,000-user synthetic da
 # Each dataset is rebuilt when the code that builds it has changed since it was built (a pull that changed how its users,
 # labels or pairs are chosen), and only then: a dataset built before such a change is never benchmarked by mistake. What
 # builds it is every file its builder imports, found by data_tools/code_stamp.py, which rewrites a stamp under .make/
-# only when those files' contents change (FORCE runs it on every make; make then compares the dataset with the stamp).
-CODE_STAMP = $(VENV)/bin/python -m data_tools.code_stamp
+# only when what those files do changes, not their comments or docstrings (FORCE runs it on every make; make then
+# compares the dataset with the stamp). It needs only the standard library, and runs with the system's python3, not the
+# venv's: make -n runs it on a fresh clone too, and one interpreter writes and checks the stamp (its digests of the code's
+# syntax trees can differ between Python versions).
+CODE_STAMP = python3 -m data_tools.code_stamp
 # the command that calls each builder, and the defaults of its settings
 CLI_CODE := qanchor/cli/data.py qanchor/cli/common.py qanchor/config/commands.py
 # ("+": run under make -n too, which would otherwise take every stamp for changed and list every dataset's rebuild)
-.make/%-builder: FORCE | install
+.make/%-builder: FORCE
 	+@$(CODE_STAMP) $@ data_tools.$* $(CLI_CODE)
-.make/userU: FORCE | install
+.make/userU: FORCE
 	+@$(CODE_STAMP) $@ qanchor.data.userU $(CLI_CODE)
 .PHONY: FORCE
 FORCE:

@@ -1,15 +1,21 @@
-"""A stamp file whose time says when the code that builds a dataset last changed in content.
+"""A stamp file whose time says when the code that builds a dataset last changed in what it does.
 
-    python -m data_tools.code_stamp .make/synth.code data_tools.synth qanchor/cli/data.py
+    python3 -m data_tools.code_stamp .make/synth.code data_tools.synth qanchor/cli/data.py
 
 The Makefile rebuilds a dataset when the code that writes it is newer than the dataset. Listing that code by hand missed
 files (the validator, the dataset reader and ``qanchor.data.io`` all shape what a builder writes), and file times change
-on a checkout or a branch switch that leaves the code as it was. This stamp holds the SHA-256 of every file the given
+on a checkout or a branch switch that leaves the code as it was. This stamp holds a SHA-256 of every file the given
 modules import, directly or not, within this repository (the ``qanchor`` and ``data_tools`` packages; imports inside
-functions count too), and of each ``.py`` file named as it is. It is rewritten, and its time moves, only when that digest
+functions count too), and of each ``.py`` file named as it is. It is rewritten, and its time moves, only when a digest
 changes, so a dataset is rebuilt exactly when what builds it reads differently.
 
-Only the standard library is used: the stamp is checked on every ``make`` and must not import torch.
+A Python file's digest is that of its syntax tree without docstrings (:func:`code_digest`), not of its bytes: an edited
+comment, docstring or line break does not rebuild every dataset (nor restart the demos' pretraining on it). The tree's
+printed form can differ between Python versions, so the Makefile writes and checks the stamp with one interpreter,
+``python3`` (not the virtual environment's, which may be another version); a new ``python3`` may rebuild them once.
+
+Only the standard library is used: the stamp is checked on every ``make``, before any virtual environment exists
+(``make -n`` on a fresh clone), and must not import torch.
 """
 
 from __future__ import annotations
@@ -81,10 +87,28 @@ def code_files(roots: list[str]) -> list[Path]:
     return sorted(files)
 
 
+_DOCUMENTED = (ast.Module, ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef)
+
+
+def code_digest(path: Path) -> str:
+    """SHA-256 of what a file does: a ``.py`` file's syntax tree with its docstrings left out (comments, blank lines
+    and line numbers are not in the tree), any other file's bytes.
+
+    (A docstring can be read at run time, as ``__doc__``: the builders read theirs only for ``--help``.)
+    """
+    if path.suffix != ".py":
+        return hashlib.sha256(path.read_bytes()).hexdigest()
+    tree = ast.parse(path.read_text(encoding="utf-8"), filename=str(path))
+    for node in ast.walk(tree):
+        if (isinstance(node, _DOCUMENTED) and node.body and isinstance(node.body[0], ast.Expr)
+                and isinstance(node.body[0].value, ast.Constant) and isinstance(node.body[0].value.value, str)):
+            node.body = node.body[1:]
+    return hashlib.sha256(ast.dump(tree, include_attributes=False).encode()).hexdigest()
+
+
 def stamp_text(roots: list[str]) -> str:
-    """The stamp's contents: one ``sha256  path`` line per file (the layout ``sha256sum -c`` reads)."""
-    return "".join(f"{hashlib.sha256(path.read_bytes()).hexdigest()}  {path.relative_to(ROOT).as_posix()}\n"
-                   for path in code_files(roots))
+    """The stamp's contents: one ``sha256  path`` line per file, the digest :func:`code_digest`'s."""
+    return "".join(f"{code_digest(path)}  {path.relative_to(ROOT).as_posix()}\n" for path in code_files(roots))
 
 
 def write_if_changed(stamp: Path, text: str) -> bool:

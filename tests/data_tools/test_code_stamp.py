@@ -2,14 +2,14 @@
 
 from __future__ import annotations
 
+import hashlib
 import os
 import shutil
 import subprocess
-import sys
 
 import pytest
 
-from data_tools.code_stamp import ROOT, code_files, write_if_changed
+from data_tools.code_stamp import ROOT, code_digest, code_files, write_if_changed
 
 
 def test_the_code_of_a_builder_is_everything_it_imports():
@@ -35,10 +35,30 @@ def test_the_stamp_moves_only_when_its_text_changes(tmp_path):
     assert stamp.stat().st_mtime > 1_000_000 and [p.name for p in stamp.parent.iterdir()] == ["synth-builder"]
 
 
-@pytest.mark.skipif(shutil.which("make") is None, reason="needs GNU make")
+def test_a_comment_or_docstring_does_not_change_the_digest_of_code(tmp_path):
+    """The stamp hashed the files' bytes: a comment or docstring edited in any of the ~20 files a builder imports
+    (logs.py, errors.py) rebuilt every dataset and restarted the demos' pretraining."""
+    code = tmp_path / "m.py"
+
+    def digest(text: str) -> str:
+        code.write_text(text)
+        return code_digest(code)
+
+    base = digest('"""Doc."""\nimport os\n\n\nclass A:\n    """Doc."""\n\n    def f(self):\n        """Doc."""\n        return 1\n')
+    assert digest('"""Other doc."""\nimport os  # why\n\n# a comment\nclass A:\n    """More."""\n    def f(self):\n'
+                  '        return 1  # one\n') == base
+    assert digest('"""Doc."""\nimport os\n\n\nclass A:\n    """Doc."""\n\n    def f(self):\n        """Doc."""\n        return 2\n') != base
+    assert digest('import os\n\n\nclass A:\n    def f(self):\n        "a string, not first"\n        "x"\n        return 1\n') != base
+    data = tmp_path / "table.csv"  # a file that is not Python: its bytes
+    data.write_text("a,b\n# 1\n")
+    assert code_digest(data) == hashlib.sha256(b"a,b\n# 1\n").hexdigest()
+
+
+@pytest.mark.skipif(shutil.which("make") is None or shutil.which("python3") is None, reason="needs GNU make, python3")
 def test_make_rebuilds_a_dataset_when_its_code_changes_not_when_a_file_is_touched(tmp_path):
     """File times change on a checkout that leaves the code as it was (a rebuild for nothing) and stay put on one that
-    changes only a file the old list missed (a stale dataset benchmarked): the stamp follows content."""
+    changes only a file the old list missed (a stale dataset benchmarked): the stamp follows content (what the code
+    does: a comment alone rebuilt every dataset, before the stamp hashed syntax trees)."""
     repo = tmp_path / "repo"
     repo.mkdir()
     for part in ("Makefile", "pyproject.toml", "qanchor", "data_tools"):
@@ -47,7 +67,6 @@ def test_make_rebuilds_a_dataset_when_its_code_changes_not_when_a_file_is_touche
          else shutil.copy2(source, repo / part))
     venv = repo / ".venv" / "bin"
     venv.mkdir(parents=True)
-    (venv / "python").symlink_to(sys.executable)
     (venv / "qanchor").write_text(  # stands in for the builders: says what it ran and writes the file make checks
         '#!/bin/bash\necho "ran $2"\nif [ "$2" = userU ]; then touch "$3/userU.parquet"; '
         'else mkdir -p "${3#out=}" && touch "${3#out=}/manifest.yaml"; fi\n')
@@ -65,12 +84,15 @@ def test_make_rebuilds_a_dataset_when_its_code_changes_not_when_a_file_is_touche
     assert "qanchor data" not in dry.stdout, dry.stdout  # -n runs the stamps, so it lists no rebuild that would not run
     (repo / "qanchor" / "data" / "validate.py").touch()  # newer, same content
     assert make() == []
+    with (repo / "qanchor" / "data" / "io.py").open("a") as out:  # read by both, but a comment changes nothing
+        out.write("\n# a comment\n")
+    assert make() == []
     with (repo / "qanchor" / "data" / "validate.py").open("a") as out:  # read by the pairs' builder, not the world's
-        out.write("\n# changed\n")
+        out.write("\n_CHANGED = 1\n")
     assert make() == ["userU"]
     with (repo / "qanchor" / "data" / "io.py").open("a") as out:  # read by both, through the manifest writer
-        out.write("\n# changed\n")
+        out.write("\n_CHANGED = 1\n")
     assert make() == ["synth", "userU"]
     with (repo / "qanchor" / "model" / "qanchor_model.py").open("a") as out:  # read by neither
-        out.write("\n# changed\n")
+        out.write("\n_CHANGED = 1\n")
     assert make() == []

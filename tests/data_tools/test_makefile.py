@@ -3,8 +3,48 @@
 from __future__ import annotations
 
 import re
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
 
 from data_tools.code_stamp import ROOT
+
+needs_make = pytest.mark.skipif(shutil.which("make") is None or shutil.which("python3") is None,
+                                reason="needs GNU make and python3")
+
+
+def _copy_repo(tmp_path: Path, venv: bool = True) -> Path:
+    """The Makefile and the code it runs, copied; with ``venv``, a .venv whose python is this one (the copy's qanchor
+    first on its path) and whose ``qanchor`` says what it ran and writes the files make checks, byte-identical each
+    time, instead of building anything."""
+    repo = tmp_path / "repo"
+    repo.mkdir()
+    for part in ("Makefile", "pyproject.toml", "qanchor", "data_tools", "configs"):
+        source = ROOT / part
+        (shutil.copytree(source, repo / part, ignore=shutil.ignore_patterns("__pycache__")) if source.is_dir()
+         else shutil.copy2(source, repo / part))
+    if venv:
+        bin_dir = repo / ".venv" / "bin"
+        bin_dir.mkdir(parents=True)
+        (bin_dir / "python").write_text(f'#!/bin/bash\nexec {sys.executable} "$@"\n')
+        (bin_dir / "qanchor").write_text(
+            '#!/bin/bash\necho "ran $*"\n'
+            'if [ "$1 $2" = "data userU" ]; then printf pairs > "$3/userU.parquet"; '
+            'elif [ "$1" = data ]; then mkdir -p "${3#out=}" && printf manifest > "${3#out=}/manifest.yaml"; fi\n')
+        for tool in bin_dir.iterdir():
+            tool.chmod(0o755)
+        (repo / ".venv" / ".installed").touch()
+        (repo / ".venv" / ".coles").touch()
+    return repo
+
+
+def _make(repo: Path, *args: str) -> str:
+    done = subprocess.run(["make", "--no-print-directory", *args], cwd=repo, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stdout + done.stderr
+    return done.stdout
 
 
 def _minimum(requirement: str) -> tuple[int, ...]:
@@ -28,3 +68,15 @@ def test_the_dev_extra_requires_an_xdist_that_knows_the_options_make_test_passes
     xdist = _dev_requirement("pytest-xdist")
     if "--no-loadscope-reorder" in makefile or "--loadscope-reorder" in makefile:
         assert _minimum(xdist) >= (3, 8), xdist
+
+
+@needs_make
+def test_make_n_works_on_a_fresh_clone(tmp_path):
+    """The code stamps run under make -n, with .venv/bin/python, which a fresh clone does not have: `make -n demo`
+    (and every data, demo and uqa target) failed with 'No such file or directory', Error 127."""
+    repo = _copy_repo(tmp_path, venv=False)
+    for target in ("demo", "demo-synth", "data"):
+        out = _make(repo, "-n", target)
+        assert "python3 -m venv .venv" in out and ".venv/bin/qanchor data " in out, out
+    assert "qanchor pretrain --config configs/pretrain/tiny-cj.yaml" in _make(repo, "-n", "demo")
+    assert not (repo / ".venv").exists() and not (repo / "data").exists()
