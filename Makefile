@@ -122,48 +122,58 @@ bench: install $(VENV)/.coles ## AUC/KS benchmark with peers (installs the CoLES
 	$(QA) bench --config $(or $(CONFIG),configs/bench/tiny-cj.yaml) $(ARGS)
 
 # resume=true: a re-run (or a run after an interruption) continues the pretraining instead of refusing it; a run
-# older than its dataset's UserU pairs (the data rebuilt after a pull changed how they are chosen) starts over
-# (overwrite=true) rather than resuming, or finishing at once, on data it was not trained on.
-RUN_MODE = $$( [ -e $(2)/checkpoint/model.safetensors ] && [ $(1) -nt $(2)/checkpoint/model.safetensors ] && echo overwrite=true || echo resume=true )
+# trained on other data than its dataset holds now (the data rebuilt after a pull changed how its users, labels or
+# pairs are chosen) starts over (overwrite=true) rather than resuming, or finishing at once, on data it was not trained
+# on. "Other data" by content: data_tools/run_data.py compares the dataset's digest with the one recorded (RECORD_RUN_DATA)
+# when the run last finished, so a dataset rebuilt byte-identical keeps its run. $(1): the dataset, $(2): the run.
+RUN_DATA = python3 -m data_tools.run_data
+RUN_RECORD = .make/trained-on/$(subst /,-,$(2))
+RUN_MODE = $(shell $(RUN_DATA) mode $(1) $(2) $(RUN_RECORD))
+RECORD_RUN_DATA = $(RUN_DATA) record $(1) $(RUN_RECORD)
+# How long a demo's steps took: make expands all lines of a recipe before it runs the first (after the prerequisites,
+# the data, are built), so $(shell date) is the recipe's start.
+TOOK = $$(( $$(date +%s) - $(shell date +%s) )) s
+# Each step is a recipe line of its own: make -n runs the lines that call $(MAKE) (marked "+"), and those alone, so that
+# the sub-makes print what they would run; a line that also ran `qanchor uqa` ran it for real.
 
 demo: install data-cj ## end to end on Complete Journey: data, pretrain, prompt-tune, bench
-	@start=$$(date +%s); \
-	$(MAKE) --no-print-directory pretrain CONFIG=configs/pretrain/tiny-cj.yaml ARGS="data.path=$(CJ) output_dir=runs/demo/pretrain $(call RUN_MODE,$(CJ)/userU.parquet,runs/demo/pretrain) $(ARGS)" && \
-	$(MAKE) --no-print-directory prompt-tune CONFIG=configs/prompt_tune/tiny-cj.yaml ARGS="checkpoint=runs/demo/pretrain data.path=$(CJ) output_dir=runs/demo/heads" && \
-	$(MAKE) --no-print-directory bench CONFIG=configs/bench/tiny-cj.yaml ARGS="checkpoint=runs/demo/pretrain data.path=$(CJ) heads_dir=runs/demo/heads output_dir=results/demo" && \
-	echo "demo: pretrain + prompt-tune + bench took $$(( $$(date +%s) - start )) s; report: results/demo/report.md"
+	+@$(MAKE) --no-print-directory pretrain CONFIG=configs/pretrain/tiny-cj.yaml ARGS="data.path=$(CJ) output_dir=runs/demo/pretrain $(call RUN_MODE,$(CJ),runs/demo/pretrain) $(ARGS)"
+	@$(call RECORD_RUN_DATA,$(CJ),runs/demo/pretrain)
+	+@$(MAKE) --no-print-directory prompt-tune CONFIG=configs/prompt_tune/tiny-cj.yaml ARGS="checkpoint=runs/demo/pretrain data.path=$(CJ) output_dir=runs/demo/heads"
+	+@$(MAKE) --no-print-directory bench CONFIG=configs/bench/tiny-cj.yaml ARGS="checkpoint=runs/demo/pretrain data.path=$(CJ) heads_dir=runs/demo/heads output_dir=results/demo"
+	@echo "demo: pretrain + prompt-tune + bench took $(TOOK); report: results/demo/report.md"
 
 # demo-synth benchmarks without a separate prompt-tune stage: the bench tunes its own head per fold (the rows it
 # reports), and skipping the saved heads (only used for a PCA plot) keeps it under 15 minutes on 2 cores.
 demo-synth: install data-synth ## pretrain + bench on the synthetic world, whose tasks know their oracle AUC
-	@start=$$(date +%s); \
-	$(MAKE) --no-print-directory pretrain CONFIG=configs/pretrain/tiny-synth.yaml ARGS="data.path=$(SYNTH) output_dir=runs/synth/pretrain $(call RUN_MODE,$(SYNTH)/userU.parquet,runs/synth/pretrain) $(ARGS)" && \
-	$(MAKE) --no-print-directory bench CONFIG=configs/bench/tiny-synth.yaml ARGS="checkpoint=runs/synth/pretrain data.path=$(SYNTH) heads_dir=null output_dir=results/synth" && \
-	echo "demo-synth: pretrain + bench took $$(( $$(date +%s) - start )) s; report: results/synth/report.md"
+	+@$(MAKE) --no-print-directory pretrain CONFIG=configs/pretrain/tiny-synth.yaml ARGS="data.path=$(SYNTH) output_dir=runs/synth/pretrain $(call RUN_MODE,$(SYNTH),runs/synth/pretrain) $(ARGS)"
+	@$(call RECORD_RUN_DATA,$(SYNTH),runs/synth/pretrain)
+	+@$(MAKE) --no-print-directory bench CONFIG=configs/bench/tiny-synth.yaml ARGS="checkpoint=runs/synth/pretrain data.path=$(SYNTH) heads_dir=null output_dir=results/synth"
+	@echo "demo-synth: pretrain + bench took $(TOOK); report: results/synth/report.md"
 
 # demo-ratings: the same on a world whose signal is in the event texts (what users rated), not in the counts.
 demo-ratings: install data-ratings ## pretrain + bench on the synthetic ratings world (profile tasks)
-	@start=$$(date +%s); \
-	$(MAKE) --no-print-directory pretrain CONFIG=configs/pretrain/tiny-ratings.yaml ARGS="data.path=$(RATINGS) output_dir=runs/ratings/pretrain $(call RUN_MODE,$(RATINGS)/userU.parquet,runs/ratings/pretrain) $(ARGS)" && \
-	$(MAKE) --no-print-directory bench CONFIG=configs/bench/tiny-ratings.yaml ARGS="checkpoint=runs/ratings/pretrain data.path=$(RATINGS) heads_dir=null output_dir=results/ratings" && \
-	echo "demo-ratings: pretrain + bench took $$(( $$(date +%s) - start )) s; report: results/ratings/report.md"
+	+@$(MAKE) --no-print-directory pretrain CONFIG=configs/pretrain/tiny-ratings.yaml ARGS="data.path=$(RATINGS) output_dir=runs/ratings/pretrain $(call RUN_MODE,$(RATINGS),runs/ratings/pretrain) $(ARGS)"
+	@$(call RECORD_RUN_DATA,$(RATINGS),runs/ratings/pretrain)
+	+@$(MAKE) --no-print-directory bench CONFIG=configs/bench/tiny-ratings.yaml ARGS="checkpoint=runs/ratings/pretrain data.path=$(RATINGS) heads_dir=null output_dir=results/ratings"
+	@echo "demo-ratings: pretrain + bench took $(TOOK); report: results/ratings/report.md"
 
 # demo-profile: real item texts with tasks about who the household is (Complete Journey's demographics, 801 households).
 demo-profile: install data-cj-profile ## pretrain (tiny-ratings recipe) + bench on Complete Journey's demographics
-	@start=$$(date +%s); \
-	$(MAKE) --no-print-directory pretrain CONFIG=configs/pretrain/tiny-ratings.yaml ARGS="data.path=$(CJP) output_dir=runs/cj-profile/pretrain $(call RUN_MODE,$(CJP)/userU.parquet,runs/cj-profile/pretrain) $(ARGS)" && \
-	$(MAKE) --no-print-directory bench CONFIG=configs/bench/cj-profile.yaml ARGS="checkpoint=runs/cj-profile/pretrain data.path=$(CJP) heads_dir=null output_dir=results/cj-profile" && \
-	echo "demo-profile: pretrain + bench took $$(( $$(date +%s) - start )) s; report: results/cj-profile/report.md"
+	+@$(MAKE) --no-print-directory pretrain CONFIG=configs/pretrain/tiny-ratings.yaml ARGS="data.path=$(CJP) output_dir=runs/cj-profile/pretrain $(call RUN_MODE,$(CJP),runs/cj-profile/pretrain) $(ARGS)"
+	@$(call RECORD_RUN_DATA,$(CJP),runs/cj-profile/pretrain)
+	+@$(MAKE) --no-print-directory bench CONFIG=configs/bench/cj-profile.yaml ARGS="checkpoint=runs/cj-profile/pretrain data.path=$(CJP) heads_dir=null output_dir=results/cj-profile"
+	@echo "demo-profile: pretrain + bench took $(TOOK); report: results/cj-profile/report.md"
 
 # The held-out multiple-choice benchmark: pretrain the tiny-cj recipe with 10% of households held out (6,000 steps:
 # at 3,000 the tower's interest answers fall short of the +15 points over the prior the project asks for; README,
 # "Budget"), then TextN and prior rows retrained with the same recipe; about 1 h 20 min on 2 idle CPU cores
 # (resumable: re-run it). ARGS="train.max_steps=3000" gives the earlier, shorter run.
 uqa: install data-cj ## ask held-out households multiple-choice questions: Q-Anchor vs TextN vs prior (slow)
-	@start=$$(date +%s); \
-	$(MAKE) --no-print-directory pretrain CONFIG=configs/pretrain/tiny-cj.yaml ARGS="data.path=$(CJ) output_dir=runs/uqa/pretrain train.holdout_users=0.1 train.max_steps=6000 train.log_every=100 train.save_every=500 $(call RUN_MODE,$(CJ)/userU.parquet,runs/uqa/pretrain) $(ARGS)" && \
-	$(QA) uqa --config configs/uqa/tiny-cj.yaml data.path=$(CJ) && \
-	echo "uqa: took $$(( $$(date +%s) - start )) s; report: results/uqa/report.md"
+	+@$(MAKE) --no-print-directory pretrain CONFIG=configs/pretrain/tiny-cj.yaml ARGS="data.path=$(CJ) output_dir=runs/uqa/pretrain train.holdout_users=0.1 train.max_steps=6000 train.log_every=100 train.save_every=500 $(call RUN_MODE,$(CJ),runs/uqa/pretrain) $(ARGS)"
+	@$(call RECORD_RUN_DATA,$(CJ),runs/uqa/pretrain)
+	$(QA) uqa --config configs/uqa/tiny-cj.yaml data.path=$(CJ)
+	@echo "uqa: took $(TOOK); report: results/uqa/report.md"
 
 gpu-check: install ## on a GPU: gpu tests, 0.5B-shape pretraining, 10k users x 10 queries (DEVICE=cpu SMALL=1 anywhere)
 	PY=$(PY) bash benchmarks/gpu_check.sh $(ARGS)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import re
 import shutil
 import subprocess
@@ -75,8 +76,68 @@ def test_make_n_works_on_a_fresh_clone(tmp_path):
     """The code stamps run under make -n, with .venv/bin/python, which a fresh clone does not have: `make -n demo`
     (and every data, demo and uqa target) failed with 'No such file or directory', Error 127."""
     repo = _copy_repo(tmp_path, venv=False)
-    for target in ("demo", "demo-synth", "data"):
+    for target in ("demo", "demo-synth", "uqa", "data"):
         out = _make(repo, "-n", target)
         assert "python3 -m venv .venv" in out and ".venv/bin/qanchor data " in out, out
     assert "qanchor pretrain --config configs/pretrain/tiny-cj.yaml" in _make(repo, "-n", "demo")
     assert not (repo / ".venv").exists() and not (repo / "data").exists()
+
+
+
+def _pretrain_mode(repo: Path, target: str = "demo-synth") -> str:
+    lines = [line for line in _make(repo, "-n", target).splitlines() if "qanchor pretrain" in line]
+    assert len(lines) == 1, lines
+    modes = re.findall(r"\b(resume|overwrite)=true\b", lines[0])
+    assert len(modes) == 1, lines[0]
+    return modes[0]
+
+
+@needs_make
+def test_a_demo_run_starts_over_only_when_its_data_changed_in_content(tmp_path):
+    """The demos passed overwrite=true whenever the dataset's userU.parquet was newer than the run's checkpoint: a
+    rebuild that wrote the same bytes (the builder's code changed, its output did not) discarded a finished run."""
+    repo = _copy_repo(tmp_path)
+    assert "ran pretrain" in _make(repo, "demo-synth")  # a first run (the stand-in writes no checkpoint)
+    checkpoint = repo / "runs" / "synth" / "pretrain" / "checkpoint" / "model.safetensors"
+    checkpoint.parent.mkdir(parents=True)
+    checkpoint.touch()
+    assert _pretrain_mode(repo) == "resume"
+    with (repo / "qanchor" / "logs.py").open("a") as out:  # read by the world's builder: the data is rebuilt ...
+        out.write("\n_CHANGED = 1\n")
+    assert _make(repo, "data-synth").count("ran data") == 2
+    pairs = repo / "data" / "synth" / "userU.parquet"
+    assert pairs.stat().st_mtime_ns > checkpoint.stat().st_mtime_ns
+    assert _pretrain_mode(repo) == "resume"  # ... byte-identical: the run is kept
+    pairs.write_text("other pairs")
+    assert _pretrain_mode(repo) == "overwrite"  # other data: it starts over
+    _make(repo, "demo-synth")  # and, trained on it, is kept from then on
+    assert _pretrain_mode(repo) == "resume"
+
+
+@needs_make
+def test_a_demo_run_without_a_record_of_its_data_is_judged_by_times(tmp_path):
+    """A run pretrained before the demos recorded their data: older than its dataset's pairs, it starts over."""
+    repo = _copy_repo(tmp_path)
+    _make(repo, "data-synth")
+    checkpoint = repo / "runs" / "synth" / "pretrain" / "checkpoint" / "model.safetensors"
+    checkpoint.parent.mkdir(parents=True)
+    checkpoint.touch()
+    assert not (repo / ".make" / "trained-on").exists() and _pretrain_mode(repo) == "resume"
+    later = checkpoint.stat().st_mtime + 10
+    os.utime(repo / "data" / "synth" / "userU.parquet", (later, later))
+    assert _pretrain_mode(repo) == "overwrite"
+
+
+@needs_make
+def test_make_n_uqa_runs_nothing_but_the_sub_makes(tmp_path):
+    """The uqa recipe was one shell line that called $(MAKE), so `make -n uqa` ran all of it: `qanchor uqa` for real,
+    and the demos printed 'took 0 s'."""
+    repo = _copy_repo(tmp_path)
+    _make(repo, "data-cj")
+    out = _make(repo, "-n", "uqa")
+    assert "ran " not in out, out  # the stand-in says what it ran
+    assert ".venv/bin/qanchor uqa --config configs/uqa/tiny-cj.yaml" in out  # printed, not run
+    assert "train.max_steps=6000" in out and "resume=true" in out  # the pretraining's sub-make prints its command
+    assert not (repo / ".make" / "trained-on").exists()
+    demo = _make(repo, "-n", "demo")
+    assert "ran " not in demo and "took 0 s" not in demo and ".venv/bin/qanchor bench --config" in demo
