@@ -180,9 +180,12 @@ gpu-check: install ## on a GPU: gpu tests, 0.5B-shape pretraining, 10k users x 1
 
 # Only what qanchor built (a folder carrying its output marker): your own datasets under data/ and other files stay.
 # qanchor's own check of each folder: not through a link, not outside the repository, and not one holding files of
-# yours (a dataset's files its marker does not record, a checkpoint's beyond the names it was saved with): those are kept
+# yours (a dataset's files its marker does not record, a checkpoint's beyond the names it was saved with): those are kept.
+# The folders the targets above write their outputs into go too, when the clean emptied them (never an empty folder of
+# your own, nor one that held anything else).
+CLEAN_PARENTS := runs/demo runs/synth runs/ratings runs/cj-profile runs/uqa runs results
 clean: ## remove the built datasets, runs and results (qanchor outputs only; keeps .venv, links and your files in them)
 	@if [ -x $(PY) ]; then $(PY) -c "import sys; from qanchor.data.schema import clean_outputs; \
-	  print(*clean_outputs(sys.argv[1:]), sep='\n')" $(CJ) $(SYNTH) $(RATINGS) $(CJP) runs/* runs/*/* results/*; \
+	  print(*clean_outputs(sys.argv[1:], parents='$(CLEAN_PARENTS)'.split()), sep='\n')" \
+	  $(CJ) $(SYNTH) $(RATINGS) $(CJP) runs/* runs/*/* results/*; \
 	else echo "no $(VENV) to check the outputs with: run make install first"; fi
-	@rmdir runs/* runs results 2>/dev/null || true

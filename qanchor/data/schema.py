@@ -12,9 +12,10 @@ Layout::
 
 from __future__ import annotations
 
+import os
 import re
 import shutil
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 from pathlib import Path
 
 import numpy as np
@@ -282,14 +283,17 @@ def _foreign_in_cache(cache: Path) -> list[str]:
 
 
 
-def clean_outputs(candidates: list[str], root: str | Path = ".") -> list[str]:
+def clean_outputs(candidates: list[str], root: str | Path = ".", parents: Collection[str] = ()) -> list[str]:
     """Remove each of ``candidates`` that is a qanchor output holding only what qanchor wrote (``make clean``); return
     a line per candidate kept and why. Kept: a link (its target may be anyone's), anything outside ``root``, and an
     output (or an output inside it) holding files of the user's own: a dataset's files its marker does not record, a
     checkpoint's, head's or state's beyond the names it was saved with, a pretraining run's or prompt-tune folder's
     beyond what those commands write. A bench or uqa results folder, whose files vary with its settings, is removed
-    whole."""
-    base, kept = Path(root).resolve(), []
+    whole.
+
+    ``parents``: folders the outputs were written into (``runs/demo``, ``runs``), removed too when this clean emptied
+    them; one that held nothing of ours, or holds anything still (an empty folder of the user's own), stays."""
+    base, kept, removed = Path(root).resolve(), [], []
     for name in candidates:
         path = Path(name)
         if not (path / MARKER_FILE).is_file():
@@ -303,6 +307,14 @@ def clean_outputs(candidates: list[str], root: str | Path = ".") -> list[str]:
             continue
         print(f"rm -rf {path}")
         shutil.rmtree(path)
+        removed.append(Path(os.path.abspath(path)))
+    for name in sorted(parents, key=lambda p: len(Path(p).parts), reverse=True):  # runs/demo before runs
+        folder = Path(os.path.abspath(name))
+        if (any(folder in path.parents for path in removed) and folder.is_dir() and not folder.is_symlink()
+                and base in folder.resolve().parents and not any(folder.iterdir())):
+            print(f"rmdir {name}")
+            folder.rmdir()
+            removed.append(folder)
     return kept
 
 

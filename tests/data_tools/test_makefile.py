@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import shutil
@@ -141,3 +142,18 @@ def test_make_n_uqa_runs_nothing_but_the_sub_makes(tmp_path):
     assert not (repo / ".make" / "trained-on").exists()
     demo = _make(repo, "-n", "demo")
     assert "ran " not in demo and "took 0 s" not in demo and ".venv/bin/qanchor bench --config" in demo
+
+
+@needs_make
+def test_make_clean_removes_only_the_folders_it_emptied(tmp_path):
+    """`make clean` ran `rmdir runs/* runs results`: an empty folder of the user's own under runs/ went with qanchor's."""
+    repo = _copy_repo(tmp_path)
+    for folder in ("runs/demo/pretrain", "runs/archive/cj-6000", "results/demo"):
+        (repo / folder).mkdir(parents=True)
+        (repo / folder / ".qanchor-output").write_text(json.dumps({"kind": "pretraining run"}))
+    (repo / "runs" / "my-empty-experiment").mkdir()
+    out = _make(repo, "clean")
+    assert "rm -rf runs/demo/pretrain" in out and "rmdir runs/demo" in out, out
+    assert sorted(p.name for p in (repo / "runs").iterdir()) == ["archive", "my-empty-experiment"]
+    assert not (repo / "results").exists()  # emptied by the clean, and a folder the targets write into
+    assert not any((repo / "runs" / "archive").iterdir())  # a folder of the user's own, emptied: kept
