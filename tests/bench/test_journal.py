@@ -3,16 +3,25 @@
 from __future__ import annotations
 
 import json
+import shutil
+from dataclasses import replace
+from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
+from safetensors.torch import load_file, save_file
 
 import qanchor.bench.ablations as ablations_module
 import qanchor.bench.journal as journal_module
-from qanchor.bench.journal import BenchJournal, remove_journal
+from qanchor.bench.embedder import QAnchorEmbedder
+from qanchor.bench.journal import BenchJournal, remove_journal, text_encoder_digests
+from qanchor.bench.methods import BenchContext
 from qanchor.bench.peers import MethodResult
-from qanchor.config import BenchConfig
+from qanchor.bench.runner import run_bench
+from qanchor.config import BenchConfig, TextEncoderConfig
 from qanchor.data.dataset import load_dataset
+from qanchor.data.text_cache import default_encoder_path
+from qanchor.infer.api import QAnchor
 
 
 def test_rows_come_back_under_their_key_only(tmp_path):
@@ -177,3 +186,94 @@ def test_with_ablations_the_key_follows_the_pretraining_pairs_and_stale_rows_are
     capsys.readouterr()
     BenchJournal.open(tmp_path / "out", "k2")
     assert "held 2 finished rows of a run with other settings or inputs; they are computed again" in capsys.readouterr().out
+
+
+def _encoder_copy(folder: Path) -> Path:
+    shutil.copytree(default_encoder_path(), folder)
+    return folder
+
+
+def _change_one_weight(folder: Path) -> None:
+    """The encoder in ``folder`` replaced in place by one that differs in a single number."""
+    weights = load_file(folder / "model.safetensors")
+    name = next(k for k, v in weights.items() if v.is_floating_point() and v.ndim == 2)
+    weights[name][0, 0] += 0.01
+    save_file(weights, folder / "model.safetensors", metadata={"format": "pt"})
+
+
+def _with_encoder(cfg: BenchConfig, folder: Path) -> BenchConfig:
+    return replace(cfg, data=replace(cfg.data, text_encoder=TextEncoderConfig(path=str(folder))))
+
+
+def test_the_key_follows_what_the_peers_text_encoder_computes(tiny_dataset, tmp_path):
+    """The key named the text encoder by its path only: after the encoder folder changed in place, a resumed bench
+    kept text_mean_lr rows made with the old encoder beside rows made with the new one."""
+    ds = load_dataset(tiny_dataset)
+    folder = _encoder_copy(tmp_path / "minilm")
+    text, plain = _with_encoder(BenchConfig(methods=["text_mean_lr"]), folder), _with_encoder(BenchConfig(methods=["rfm_lr"]), folder)
+
+    def key(cfg: BenchConfig) -> str:
+        return journal_module.journal_key(cfg, ds, [], "ckpt-hash", {}, text_encoder_digests(BenchContext(cfg, ds, [])))
+
+    before = key(text), key(plain)
+    assert key(text) == before[0]  # the same encoder: the same key
+    assert text_encoder_digests(BenchContext(plain, ds, [])) == {}  # no row reads the texts: the encoder is not loaded
+    _change_one_weight(folder)
+    assert key(text) != before[0]
+    assert key(plain) == before[1]
+
+
+def test_the_key_follows_what_the_checkpoints_text_encoder_computes(infer_env, tiny_dataset, tmp_path):
+    """The key held only the checkpoint's weights: the encoder the checkpoint reads its events with (at the path it
+    records, or the installed package) replaced since kept the qanchor_* rows made with the old one."""
+    ds = load_dataset(tiny_dataset)
+    folder = _encoder_copy(tmp_path / "minilm")
+    ckpt = tmp_path / "ckpt"
+    shutil.copytree(infer_env.ckpt, ckpt)
+    meta = json.loads((ckpt / "qanchor.json").read_text())
+    (ckpt / "qanchor.json").write_text(json.dumps({**meta, "text_encoder": {"path": str(folder)}}))
+    cfg = BenchConfig(methods=["qanchor_task"])
+
+    def digests() -> dict:
+        embedder = QAnchorEmbedder(QAnchor.from_pretrained(ckpt, text_cache_dir=tmp_path / "text"), ds)
+        return text_encoder_digests(BenchContext(cfg, ds, [], embedder))
+
+    before = digests()
+    assert set(before) == {"model"} and digests() == before
+    _change_one_weight(folder)
+    after = digests()
+    assert after != before
+    key = lambda d: journal_module.journal_key(cfg, ds, [], "ckpt-hash", {}, d)  # noqa: E731
+    assert key(after) != key(before)
+
+
+def test_a_resumed_bench_starts_afresh_after_its_text_encoder_changed(tiny_dataset, tmp_path, monkeypatch, capsys):
+    """A bench killed after its first row and re-run once the encoder folder had been overwritten resumed ("1 of 2 rows
+    were finished") and reported the old encoder's text_mean_lr AUCs beside the new one's."""
+    folder = _encoder_copy(tmp_path / "minilm")
+    data = replace(BenchConfig().data, path=str(tiny_dataset), cache_dir=str(tmp_path / "cache"))
+    cfg = _with_encoder(BenchConfig(data=data, methods=["text_mean_lr"], folds=3, output_dir=str(tmp_path / "out")), folder)
+
+    class Killed(Exception):
+        pass
+
+    def kill(name: str) -> None:
+        raise Killed(name)
+
+    monkeypatch.setattr(journal_module, "failpoint", kill)  # the run stops right after its first finished row
+    with pytest.raises(Killed):
+        run_bench(cfg, progress=False)
+    assert len(list((tmp_path / "out" / "partial").glob("row-*.json"))) == 1
+    monkeypatch.setattr(journal_module, "failpoint", lambda name: None)
+    _change_one_weight(folder)
+    capsys.readouterr()
+    resumed = run_bench(cfg, progress=True)
+    out = capsys.readouterr().out
+    assert "resuming" not in out and "held 1 finished rows of a run with other settings or inputs" in out
+    fresh = run_bench(replace(cfg, output_dir=str(tmp_path / "fresh")), progress=False)
+
+    def rows(result) -> dict:
+        return {t: {k: v for k, v in vars(r.methods["text_mean_lr"]).items() if k != "seconds"}
+                for t, r in result.tasks.items()}
+
+    assert rows(resumed) == rows(fresh)
