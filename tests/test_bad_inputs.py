@@ -168,6 +168,10 @@ def _json_file(d: Path, content: object) -> Path:
     return path
 
 
+# prompt-tune settings under which a head's first step overflows its weights
+_DIVERGING = {"lr": 1e30, "prototype_lr": 1e30, "temperature": 1e-30}
+
+
 def _latin1_queries(d: Path) -> Path:
     """A spreadsheet's CSV saved in Latin-1: 'é' is byte 0xe9, at offset 18."""
     path = d / "latin.csv"
@@ -498,6 +502,15 @@ CASES = [
          lambda d, w: ["bench", f"checkpoint={w.ckpt}", f"data.path={w.ds}", "methods=[qanchor_head]",
                        f"prompt_tune_config={_json_file(d, {'data': {'default_max_events': 1}, 'steps': 2})}",
                        f"output_dir={d / 'b'}"], "data.default_max_events is set"),
+    # settings under which a head's weights overflow: its scores turn NaN, and the AUC refused them with a traceback
+    Case("bench-per-fold-head-diverges", lambda d, w: ["bench", f"checkpoint={w.ckpt}", f"data.path={w.ds}",
+                                                      "methods=[qanchor_head]", "tasks=[churn]", "head_steps=2",
+                                                      f"prompt_tune_config={_json_file(d, _DIVERGING)}", f"output_dir={d / 'b'}"],
+         "task churn, fold 1 of 5: tuning the head diverged"),
+    Case("prompt-tune-head-diverges", lambda d, w: ["prompt-tune", f"checkpoint={w.ckpt}", f"data.path={w.ds}", "task=churn",
+                                                   "steps=2", "eval_every=2", "batch_size=8", "prefix_chunk=16",
+                                                   *(f"{k}={v}" for k, v in _DIVERGING.items()), f"output_dir={d / 'heads'}"],
+         "(the training loss at step 2 is not finite) under lr=1e+30, prototype_lr=1e+30, temperature=1e-30; lower lr"),
     Case("bench-zero-prompt-tokens-ablation", lambda d, w: ["bench", f"checkpoint={w.ckpt}", f"data.path={w.ds}",
                                                            "ablations=true", "ablation_prompt_tokens=[2,0]",
                                                            f"output_dir={d / 'b'}"], "ablation_prompt_tokens: 0"),

@@ -34,6 +34,7 @@ from qanchor.config import BenchConfig, PromptTuneConfig, load_config
 from qanchor.data.dataset import Dataset, Task, isin_ids
 from qanchor.data.pipeline import UserPipeline
 from qanchor.data.text_cache import SentenceEncoder, TextVectorCache
+from qanchor.errors import ConfigError
 from qanchor.infer.api import QAnchor
 from qanchor.infer.user_input import record_adapter
 from qanchor.model.layout import tokenize_query
@@ -236,8 +237,14 @@ def _fold_heads(ctx: BenchContext, task: Task, folds: list) -> list[tuple[Split,
         model = ctx.embedder.model
         query_ids = _query_ids(model, task.query)
         heads = []
-        for split in splits:
-            result = tune_task(model.model, store, query_ids, split, cfg, task.name, task.query, model.checkpoint_hash or "")
+        for i, split in enumerate(splits):
+            try:
+                result = tune_task(model.model, store, query_ids, split, cfg, task.name, task.query,
+                                   model.checkpoint_hash or "", where=f"fold {i + 1} of {len(splits)}")
+            except ConfigError as exc:  # the heads' settings are the prompt-tune file's: say which file
+                if not ctx.cfg.prompt_tune_config:
+                    raise
+                raise ConfigError(f"prompt_tune_config={ctx.cfg.prompt_tune_config}: {exc}") from None
             heads.append((split, result.head))
         ctx.fold_heads[key] = heads
     return ctx.fold_heads[key]

@@ -12,8 +12,9 @@ Example:
 
 from __future__ import annotations
 
+import math
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 
@@ -26,6 +27,7 @@ from sklearn.pipeline import make_pipeline
 from sklearn.preprocessing import StandardScaler
 
 from qanchor.config import PromptTuneConfig
+from qanchor.errors import ConfigError
 from qanchor.logs import Progress
 from qanchor.metrics import auc_ks
 from qanchor.model.prefix_cache import PrefixStore
@@ -110,12 +112,32 @@ def _initial_prompt(model: QAnchorModel, query_ids: torch.Tensor, cfg: PromptTun
 
 
 def _evaluate(model, store, query_ids, head: ScenarioHead, split: Split, names, chunk: int,
-              lookup: torch.Tensor | None) -> dict[str, dict]:
+              lookup: torch.Tensor | None, diverged: Callable[[str], ConfigError]) -> dict[str, dict]:
+    """AUC / KS of the head on each split of ``names``; a score that is not finite is refused by ``diverged``."""
     suffix = model.suffix(query_ids, head.prompt.detach())
+    metrics = {}
     with torch.no_grad():
-        return {k: auc_ks(split.labels[k].numpy(),
-                          head.score(store.embed(model, suffix, split.rows[k], chunk, lookup)).float().cpu().numpy())
-                for k in names}
+        for k in names:
+            scores = head.score(store.embed(model, suffix, split.rows[k], chunk, lookup)).float().cpu().numpy()
+            if not np.isfinite(scores).all():
+                raise diverged(f"the {k} users' scores are")
+            metrics[k] = auc_ks(split.labels[k].numpy(), scores)
+    return metrics
+
+
+def _divergence(task: str, where: str, cfg: PromptTuneConfig, learn_lookup: bool) -> Callable[[str], ConfigError]:
+    """The refusal of a head whose loss or scores are no longer finite: settings that step too far (lr,
+    prototype_lr) or divide by too little (temperature) overflow its weights, and every later number is NaN. It names
+    the task (and ``where``: the bench's fold) and the settings that drive the head, not the AUC that met the NaN."""
+    rates = "lr, prototype_lr and lookup_lr" if learn_lookup else "lr and prototype_lr"
+    settings = f"lr={cfg.lr}, prototype_lr={cfg.prototype_lr}, temperature={cfg.temperature}"
+    if learn_lookup:
+        settings += f", lookup_lr={cfg.lookup_lr}"
+
+    def diverged(what: str) -> ConfigError:
+        return ConfigError(f"task {task}{f', {where}' if where else ''}: tuning the head diverged ({what} not finite) "
+                           f"under {settings}; lower {rates}, or raise temperature")
+    return diverged
 
 
 @contextmanager
@@ -137,17 +159,19 @@ def frozen(model: torch.nn.Module) -> Iterator[None]:
 
 
 def tune_task(model: QAnchorModel, store: PrefixStore, query_ids: torch.Tensor, split: Split, cfg: PromptTuneConfig,
-              task: str, query: str, checkpoint_hash: str, progress: bool = False) -> TuneResult:
+              task: str, query: str, checkpoint_hash: str, progress: bool = False, where: str = "") -> TuneResult:
     """Initialise a head (query-token prompt; k-means or logistic prototypes) and tune it; keep the best-val step.
 
-    Only the head trains: the model is frozen for the call (see :func:`frozen`) whatever its flags were.
+    Only the head trains: the model is frozen for the call (see :func:`frozen`) whatever its flags were. A loss or
+    score that is not finite (settings under which the head diverges) is a ConfigError naming the task, ``where``
+    (e.g. ``"fold 2 of 5"``) and the settings.
     """
     with frozen(model):
-        return _tune_task(model, store, query_ids, split, cfg, task, query, checkpoint_hash, progress)
+        return _tune_task(model, store, query_ids, split, cfg, task, query, checkpoint_hash, progress, where)
 
 
 def _tune_task(model: QAnchorModel, store: PrefixStore, query_ids: torch.Tensor, split: Split, cfg: PromptTuneConfig,
-               task: str, query: str, checkpoint_hash: str, progress: bool) -> TuneResult:
+               task: str, query: str, checkpoint_hash: str, progress: bool, where: str) -> TuneResult:
     start = time.perf_counter()
     y_train = split.labels["train"].numpy()
     if np.unique(y_train).size < 2:
@@ -157,6 +181,7 @@ def _tune_task(model: QAnchorModel, store: PrefixStore, query_ids: torch.Tensor,
     # embedding has); with lookup_lr > 0 it learns which of the users' events count as evidence for this task.
     lookup = store.query_vector(query).float().clone() if store.event_rows is not None else None
     learn_lookup = lookup is not None and cfg.lookup_lr > 0
+    diverged = _divergence(task, where, cfg, learn_lookup)
     if lookup is not None and not learn_lookup:
         # The same evidence at every step: computed once for every user, and the store embeds with it.
         store = store.with_lookup(model, lookup)
@@ -178,7 +203,7 @@ def _tune_task(model: QAnchorModel, store: PrefixStore, query_ids: torch.Tensor,
     if head.lookup is not None:
         head.lookup.requires_grad_(learn_lookup)
     step_lookup = head.lookup if learn_lookup else None  # None: the store's fixed look-up evidence
-    frozen = _evaluate(model, store, query_ids, head, split, SPLITS[1:], cfg.prefix_chunk, step_lookup)
+    frozen = _evaluate(model, store, query_ids, head, split, SPLITS[1:], cfg.prefix_chunk, step_lookup, diverged)
     groups = [{"params": [head.prompt], "lr": cfg.lr}, {"params": [head.prototype_weights], "lr": cfg.prototype_lr}]
     if cfg.learn_calibration:  # two scalars, moved at the prototypes' pace
         groups.append({"params": [head.log_scale, head.bias], "lr": cfg.prototype_lr})
@@ -196,13 +221,16 @@ def _tune_task(model: QAnchorModel, store: PrefixStore, query_ids: torch.Tensor,
         suffix = model.suffix(query_ids, head.prompt)  # (k + Lq + 1, H): gradients reach the prompt
         emb = store.anchor_embedding(model, [suffix] * len(idx), rows, step_lookup)  # (B, D); gradients reach a learned look-up
         loss = head.loss(emb, labels)
+        window.append(float(loss.detach()))
+        if not math.isfinite(window[-1]):  # stepping on would only spread the NaN; the scores would say it later
+            raise diverged(f"the training loss at step {step} is")
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
-        window.append(float(loss.detach()))
         bar.update(1)
         if step % cfg.eval_every == 0 or step == cfg.steps:
-            val_auc = _evaluate(model, store, query_ids, head, split, ("val",), cfg.prefix_chunk, step_lookup)["val"]["auc"]
+            val_auc = _evaluate(model, store, query_ids, head, split, ("val",), cfg.prefix_chunk, step_lookup,
+                                diverged)["val"]["auc"]
             history.append({"step": step, "loss": float(np.mean(window)), "val_auc": val_auc})
             window = []
             if val_auc > best[0]:  # strictly better: ties keep the earlier (less tuned) step
@@ -210,7 +238,7 @@ def _tune_task(model: QAnchorModel, store: PrefixStore, query_ids: torch.Tensor,
             bar.set_postfix(f"loss {history[-1]['loss']:.3f} val_auc {val_auc:.3f} best {best[0]:.3f}@{best[1]}")
     bar.close()
     head.load_state(best[2])
-    tuned = _evaluate(model, store, query_ids, head, split, SPLITS[1:], cfg.prefix_chunk, step_lookup)
+    tuned = _evaluate(model, store, query_ids, head, split, SPLITS[1:], cfg.prefix_chunk, step_lookup, diverged)
     metrics = {"frozen_proto": frozen, "tuned": tuned}
     if cfg.refit_readout:
         # The validation users only chose the step; the readout the head keeps is fitted on them too. "tuned" keeps
@@ -218,7 +246,7 @@ def _tune_task(model: QAnchorModel, store: PrefixStore, query_ids: torch.Tensor,
         metrics["before_refit"] = tuned
         _refit_readout(model, store, query_ids, head, split, cfg, step_lookup)
         tuned = {"val": tuned["val"], **_evaluate(model, store, query_ids, head, split, ("test",), cfg.prefix_chunk,
-                                                  step_lookup)}
+                                                  step_lookup, diverged)}
         metrics["tuned"] = tuned
     head.extra.update(best_step=best[1], steps=cfg.steps, seed=cfg.seed, prompt_init=cfg.prompt_init,
                       val_auc=tuned["val"]["auc"], val_fraction=cfg.val_fraction, test_fraction=cfg.test_fraction,
