@@ -46,6 +46,7 @@ from qanchor.model.factory import (
     checkpoint_hash,
     load_checkpoint,
     resolve_checkpoint_dir,
+    same_model,
     text_encoder_config,
 )
 from qanchor.model.generation import (
@@ -199,11 +200,12 @@ class QAnchor:
 
     @cached_property
     def checkpoint_hash(self) -> str | None:
-        """SHA-256 of the weights this object loaded (taken as they were read, not later from a file a running
-        pretraining may have replaced since), or None for a model built in memory."""
+        """The id of the checkpoint this object loaded (``factory.checkpoint_id``: its weights and the files that say
+        what they compute, taken as they were read, not later from files a running pretraining may have replaced
+        since), or None for a model built in memory."""
         if self.checkpoint_dir is None:
             return None
-        return getattr(self.model, "weights_hash", None) or checkpoint_hash(self.checkpoint_dir)
+        return getattr(self.model, "checkpoint_id", None) or checkpoint_hash(self.checkpoint_dir)
 
     def weights_id(self) -> str:
         """What an output this model writes records as its maker: :attr:`checkpoint_hash`, or for a model built in code
@@ -212,6 +214,12 @@ class QAnchor:
         if self.checkpoint_hash is not None:
             return self.checkpoint_hash
         return f"in-code:{weights_sha256(self.model)}"
+
+    def is_maker(self, recorded: str | None, what: str) -> bool:
+        """Whether this model made the output (``what``: a head, an export, a state) whose record names ``recorded``
+        as its model; a record written before ids covered the config is accepted for the same weights, with a warning
+        (``factory.same_model``)."""
+        return same_model(recorded, self.weights_id(), what)
 
     @cached_property
     def pipeline(self) -> UserPipeline:
@@ -336,7 +344,7 @@ class QAnchor:
         for attr in ("prompt", "checkpoint_hash", "query", "score"):
             if not hasattr(head, attr):
                 raise ModelInputError(f"head has no '{attr}': pass a ScenarioHead (qanchor.tune) or None")
-        if self.checkpoint_hash is not None and head.checkpoint_hash != self.checkpoint_hash:
+        if self.checkpoint_hash is not None and not self.is_maker(head.checkpoint_hash, f"the head for query {head.query!r}"):
             raise CheckpointError(f"head for query {head.query!r} was tuned on checkpoint {head.checkpoint_hash[:12]}, "
                                   f"not this one ({self.checkpoint_hash[:12]}); re-run prompt-tune on this checkpoint")
         caps = getattr(head, "extra", {}).get("event_caps")  # None: a head saved before heads recorded them

@@ -58,6 +58,7 @@ from qanchor.faults import failpoint
 from qanchor.infer.api import Head, QAnchor, head_scores
 from qanchor.infer.user_input import record_adapter
 from qanchor.logs import Progress, log, warn
+from qanchor.model.factory import same_model
 
 __all__ = ["head_name", "head_digest", "ExportReport", "read_queries", "task_queries", "rank_and_world", "embeddings_table", "read_embeddings",
            "plan_shards", "export_embeddings", "report_json"]
@@ -348,6 +349,15 @@ def plan_shards(ds: Dataset, shard_users: int | None = None) -> list[tuple[int, 
     return shards
 
 
+def _recorded_model(out: Path) -> str | None:
+    """The model id an export begun in ``out`` recorded (None: none begun, or its record is unreadable)."""
+    try:
+        found = json.loads((out / "export.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    return found.get("checkpoint") if isinstance(found, dict) and isinstance(found.get("checkpoint"), str) else None
+
+
 def _check_manifest(out: Path, expected: dict, overwrite: bool, world: int) -> None:
     path = out / "export.json"
     # done markers first: a kill part-way through a removal never leaves a shard marked done beside a new manifest
@@ -417,7 +427,10 @@ def export_embeddings(model: QAnchor, ds: Dataset, queries: list[tuple[str, str]
     claim_output_dir(out, OutputKind.EXPORT, {"data.path": ds.root, "checkpoint": model.checkpoint_dir}, key="out")
     if rank == 0:  # one export at a time (its ranks share it): another, say with overwrite=true, would mix the two
         hold_output(out, "embedding export")
-    _check_manifest(out, {"format": FORMAT, "checkpoint": model.weights_id(), "dataset": ds.partitions.directory.name,
+    maker, recorded = model.weights_id(), _recorded_model(out)
+    if recorded != maker and same_model(recorded, maker, f"the export {out}"):
+        maker = recorded  # begun before model ids covered the config, by these weights: resumed as it was begun
+    _check_manifest(out, {"format": FORMAT, "checkpoint": maker, "dataset": ds.partitions.directory.name,
                           "queries": [list(q) for q in queries], "heads": [[head_name(h), head_digest(h)] for h in heads],
                           "shards": [list(s) for s in shards], "cutoff": cutoff, "embedding_dim": model.embedding_dim,
                           "use_cache": use_cache, "event_caps": model.event_caps}, overwrite, world)

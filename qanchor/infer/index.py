@@ -33,6 +33,7 @@ from qanchor.data.io import (
 from qanchor.errors import ModelInputError, OutputError
 from qanchor.infer.export import embeddings_maker, read_embeddings, stored_query_ids
 from qanchor.logs import warn
+from qanchor.model.factory import same_model
 
 __all__ = ["LookalikeIndex", "IVF_MIN_SIZE", "INDEX_FORMAT", "check_index_target"]
 
@@ -207,7 +208,8 @@ class LookalikeIndex:
             warn("this index does not record the model that made its vectors (built before qanchor recorded it, or "
                  "from embeddings without an export record): the vector's model cannot be checked; rebuild the index "
                  "with `qanchor index build` to have it checked")
-        if made_by is not None and indexed_by is not None and made_by != indexed_by:
+        this_index = f"the index of {self.meta.get('source')}"
+        if made_by is not None and indexed_by is not None and not same_model(indexed_by, made_by, this_index):
             raise ModelInputError(f"the vector was embedded by model {made_by[:16]}, the index holds embeddings of model "
                                   f"{indexed_by[:16]}; embed it with the model the index was built from")
         vectors = np.atleast_2d(np.asarray(vectors, dtype=np.float32))

@@ -57,6 +57,7 @@ from qanchor.infer.state import (
 )
 from qanchor.infer.user_input import record_adapter, to_microseconds
 from qanchor.logs import Progress, log, warn
+from qanchor.model.factory import same_model
 
 __all__ = ["UpdateReport", "init_state", "update_state", "read_events", "read_tabular"]
 
@@ -352,7 +353,7 @@ def update_state(q: QAnchor, state_dir: str | Path, event_files: Sequence[str | 
     _check_token_model(q)
     meta = StateMeta.load(state_dir)
     model_id = q.weights_id()
-    if meta.checkpoint != model_id:
+    if not same_model(meta.checkpoint, model_id, f"the state {state_dir}"):
         # a state carried on by another model would mix two models' encodings, and then pass as the first one's; a
         # model built in code is known by its weights' digest
         def named(made_by: str | None) -> str:
@@ -406,7 +407,9 @@ def update_state(q: QAnchor, state_dir: str | Path, event_files: Sequence[str | 
         if report.events_before_kept_window and progress:
             log(f"{report.events_before_kept_window} of the {report.events_received} events received were older than "
                 f"every event their user's buffer keeps (the most recent {meta.caps} per modality) and were skipped")
-        StateMeta(model_id, report.as_of, [list(x) for x in queries], meta.bounds, meta.caps,
+        # the model as the state recorded it (accepted above): a state begun before model ids covered the config keeps
+        # its weights-only record, and its warning, until it is rebuilt, as it carries that state's embeddings on
+        StateMeta(meta.checkpoint, report.as_of, [list(x) for x in queries], meta.bounds, meta.caps,
                   totals["users"], [*meta.history, asdict(report)]).save(tmp)
     return report
 

@@ -14,6 +14,7 @@ Example:
 
 from __future__ import annotations
 
+import hashlib
 import json
 import warnings
 from collections.abc import Callable, Mapping
@@ -22,6 +23,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+import yaml
 from safetensors.torch import load_file, save_file
 
 import qanchor
@@ -47,7 +49,7 @@ from qanchor.model.layout import TokenIds, special_token_names
 from qanchor.model.qanchor_model import QAnchorModel
 
 __all__ = ["FORMAT_VERSION", "ModelMeta", "build_model", "save_checkpoint", "load_checkpoint", "checkpoint_hash",
-           "resolve_checkpoint_dir", "read_meta", "shared_duplicates", "unique_state"]
+           "checkpoint_id", "same_model", "resolve_checkpoint_dir", "read_meta", "shared_duplicates", "unique_state"]
 
 FORMAT_VERSION = 2  # 2: <|answer|> marker, separately normalised event inputs, raw-text modality summaries
 
@@ -227,11 +229,79 @@ def resolve_checkpoint_dir(ckpt: str | Path) -> Path:
 
 
 def checkpoint_hash(ckpt: str | Path) -> str:
-    """SHA-256 of a checkpoint's weights: scenario heads record it and refuse any other checkpoint."""
-    path = resolve_checkpoint_dir(ckpt) / "model.safetensors"
+    """A checkpoint's id (:func:`checkpoint_id`) as its files are now: scenario heads, exports, update states and
+    indexes record it and refuse any other checkpoint."""
+    ckpt = resolve_checkpoint_dir(ckpt)
+    path = ckpt / "model.safetensors"
     if not path.exists():
         raise CheckpointError(f"{path} not found; is {ckpt} a qanchor checkpoint?")
-    return file_sha256(path)
+    return checkpoint_id(file_sha256(path), ckpt)
+
+
+# The files besides the weights that define what a checkpoint computes, and the data keys among its config's that change
+# what a user's packed input holds (the event caps are recorded and compared on their own: a command may change them)
+_DEFINING_FILES = ("config.yaml", "qanchor.json", "backbone_config.json")
+_DEFINING_DATA_KEYS = ("text_events", "history_text")
+# checkpoint id -> the SHA-256 of its weights alone, for every id this process computed: what outputs recorded as their
+# model's id before the id covered the config (see same_model)
+_WEIGHTS_OF: dict[str, str] = {}
+_SAID_LEGACY: set[tuple[str, str]] = set()
+
+
+def checkpoint_id(weights_sha256: str, ckpt: Path) -> str:
+    """The id of what checkpoint ``ckpt`` computes: SHA-256 over its weights' SHA-256 (``weights_sha256``, taken of the
+    very file loaded), the bytes of backbone_config.json, the model section of config.yaml (with the data keys that
+    change a user's packed input) and qanchor.json. The weights alone are not the model: two checkpoints with the same
+    weights and another model.user_encoder.summary_tokens (a folder copied and its config edited) embed users apart.
+
+    The config is read as written, not as this qanchor's loader completes it: a key a later version adds with its
+    default would otherwise change the id of every checkpoint saved before. What only records where things came from is
+    left out (qanchor.json's qanchor_version, the manifest's provenance, config.yaml's other sections)."""
+    config = _read_defining(ckpt / "config.yaml", yaml.safe_load)
+    meta = _read_defining(ckpt / "qanchor.json", json.loads)
+    if config is not None:
+        data = config.get("data") if isinstance(config.get("data"), dict) else {}
+        config = {"model": config.get("model"), "data": {k: data[k] for k in _DEFINING_DATA_KEYS if k in data}}
+    if meta is not None:
+        meta = {k: v for k, v in meta.items() if k != "qanchor_version"}
+        if isinstance(meta.get("manifest"), dict):
+            meta["manifest"] = {k: v for k, v in meta["manifest"].items() if k != "provenance"}
+    backbone = ckpt / "backbone_config.json"
+    parts = {"weights": weights_sha256, "config": config, "meta": meta,
+             "backbone_config": file_sha256(backbone) if backbone.is_file() else None}
+    model_id = hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()
+    _WEIGHTS_OF[model_id] = weights_sha256
+    return model_id
+
+
+def _read_defining(path: Path, parse: Callable[[str], Any]) -> dict | None:
+    if not path.is_file():
+        return None
+    try:
+        raw = parse(path.read_text(encoding="utf-8"))
+    except (ValueError, UnicodeDecodeError, yaml.YAMLError):
+        raise CheckpointError(f"{path}: damaged (not the file qanchor saved); re-copy the checkpoint folder whole") from None
+    if not isinstance(raw, dict):
+        raise CheckpointError(f"{path}: damaged (not the mapping qanchor saved); re-copy the checkpoint folder whole")
+    return raw
+
+
+def same_model(recorded: str | None, model_id: str, what: str) -> bool:
+    """Whether an output whose record names ``recorded`` as its model was made by the model whose id is ``model_id``
+    (:func:`checkpoint_id`, or ``QAnchor.weights_id``). A record written before ids covered the config holds the
+    SHA-256 of the weights alone: it is accepted for the same weights, said once per record (``what`` names it), since
+    a config changed since then cannot be told from it."""
+    if recorded == model_id:
+        return True
+    if recorded is None or recorded != _WEIGHTS_OF.get(model_id):
+        return False
+    if (what, recorded) not in _SAID_LEGACY:
+        _SAID_LEGACY.add((what, recorded))
+        warn(f"{what} records its model by the weights alone (written before qanchor's model ids covered the config), "
+             "so a config.yaml, backbone_config.json or qanchor.json changed since cannot be detected; it is taken as "
+             "this model's. Re-save it (tune the head again, export again, rebuild the state or index) to record the "
+             "new id")
+    return True
 
 
 def _file_identity(path: Path) -> tuple[int, int, int, int]:
@@ -272,6 +342,8 @@ def load_checkpoint(ckpt: str | Path, device: str | torch.device = "cpu") -> tup
     from transformers import AutoConfig, AutoTokenizer
 
     ckpt = resolve_checkpoint_dir(ckpt)
+    # taken before any of them is read: the checkpoint id read at the end describes the very files the model was built from
+    defining = {name: _file_identity(ckpt / name) for name in _DEFINING_FILES if (ckpt / name).is_file()}
     meta = read_meta(ckpt)
     for name in ("config.yaml", "backbone_config.json", "model.safetensors", "tokenizer_config.json"):
         if not (ckpt / name).exists():
@@ -297,7 +369,7 @@ def load_checkpoint(ckpt: str | Path, device: str | torch.device = "cpu") -> tup
     model, tokenizer = build_model(run_cfg.model, meta.manifest_obj, meta.text_dim, meta.tabular_columns,
                                    hf_config=hf_config, tokenizer=tokenizer, training_aids=run_cfg.loss, device=device)
     weights = ckpt / "model.safetensors"
-    # The hash of exactly the weights loaded (heads, exports and states record it): a run still saving into ``ckpt``
+    # The hash of exactly the weights loaded (the checkpoint id heads, exports and states record holds it): a run still saving into ``ckpt``
     # may publish new weights at any moment (a new file renamed into place), so the file must be the same one, unchanged,
     # from before it is hashed to after it is read; its identity is compared, not its bytes read a second time.
     identity = _file_identity(weights)
@@ -316,12 +388,17 @@ def load_checkpoint(ckpt: str | Path, device: str | torch.device = "cpu") -> tup
                               f"{unexpected[:3]})")
     if _file_identity(weights) != identity:
         raise CheckpointError(f"{weights} changed while it was being loaded (a run still saving into {ckpt}?); load it again")
+    model_id = checkpoint_id(weights_hash, ckpt)
+    if changed := next((name for name, was in defining.items()
+                        if not (ckpt / name).is_file() or _file_identity(ckpt / name) != was), None):
+        raise CheckpointError(f"{ckpt / changed} changed while the checkpoint was being loaded (a run still saving into "
+                              f"{ckpt}?); load it again")
     # a NaN or an infinity in any weight makes every embedding NaN, which an export would write without a word
     broken = first_nonfinite(model.state_dict())
     if broken is not None:
         raise CheckpointError(f"{weights}: the weight {broken} holds NaN or infinite values (a run that diverged, or a "
                               "damaged file); load an earlier checkpoint, or pretrain again with a lower train.lr")
-    model.weights_hash = weights_hash
+    model.weights_hash, model.checkpoint_id = weights_hash, model_id
     return model.to(device).eval(), tokenizer, meta, run_cfg
 
 

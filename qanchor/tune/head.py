@@ -36,7 +36,7 @@ from torch import nn
 import qanchor
 from qanchor.data.io import OutputKind, as_umask_allows, atomic_dir, is_temporary, to_plain
 from qanchor.errors import CheckpointError
-from qanchor.model.factory import first_nonfinite
+from qanchor.model.factory import first_nonfinite, same_model
 from qanchor.probe import LR_CS, logistic_probe
 from qanchor.tune.losses import prototype_loss, prototype_score
 
@@ -167,7 +167,7 @@ class ScenarioHead(nn.Module):
 
     @classmethod
     def load(cls, directory: str | Path, checkpoint_hash: str | None = None) -> ScenarioHead:
-        """Read a head; with ``checkpoint_hash``, refuse (CheckpointError) one tuned on other weights."""
+        """Read a head; with ``checkpoint_hash``, refuse (CheckpointError) one tuned on another checkpoint."""
         directory = Path(directory)
         if not (directory / HEAD_META).exists() or not (directory / HEAD_WEIGHTS).exists():
             raise CheckpointError(f"{directory}: not a scenario head ({HEAD_META} / {HEAD_WEIGHTS} missing); "
@@ -264,8 +264,8 @@ def _test_users(head_dir: Path) -> np.ndarray | None:
 
 
 def check_tuned_on(directory: Path, task: str, tuned_on: str, checkpoint_hash: str | None) -> None:
-    """Refuse (CheckpointError) a head tuned on other weights than ``checkpoint_hash`` (None: no check)."""
-    if checkpoint_hash is not None and tuned_on != checkpoint_hash:
+    """Refuse (CheckpointError) a head tuned on another checkpoint than ``checkpoint_hash`` (None: no check)."""
+    if checkpoint_hash is not None and not same_model(tuned_on, checkpoint_hash, f"the head {directory}"):
         raise CheckpointError(f"{directory}: head for task '{task}' was tuned on checkpoint {str(tuned_on)[:12]}, not on "
                               f"this one ({checkpoint_hash[:12]}); re-run `qanchor prompt-tune` with this checkpoint")
 
@@ -275,7 +275,7 @@ def load_heads(directories: str | Path | Sequence[str | Path] | None, tasks: Seq
     """Heads found in ``directories`` (each a head folder or a ``qanchor prompt-tune`` output), by task.
 
     ``tasks`` keeps only those (tasks without a head are simply absent). With ``checkpoint_hash``, a head
-    tuned on other weights raises CheckpointError; with ``require``, finding none raises CheckpointError.
+    tuned on another checkpoint raises CheckpointError; with ``require``, finding none raises CheckpointError.
     """
     if directories is None:
         return {}

@@ -181,7 +181,7 @@ def run_prompt_tune(cfg: PromptTuneConfig, progress: bool = True) -> dict:
     torch.set_grad_enabled(True)
     model, tokenizer, meta, run_cfg = load_checkpoint(cfg.checkpoint, device=check_device(cfg.device))
     model.requires_grad_(False)  # frozen: only the head's prompt and prototypes get gradients
-    ckpt_hash = model.weights_hash  # of the weights loaded above, not of a file replaced since
+    ckpt_hash = model.checkpoint_id  # of the checkpoint loaded above, not of files replaced since
     data_cfg = resolve_data_config(cfg.data, run_cfg.data, meta)
     ds = load_dataset(data_cfg.path, data_cfg.cache_dir)
     _check_compatible(ds, model, meta)
