@@ -349,6 +349,25 @@ def plan_shards(ds: Dataset, shard_users: int | None = None) -> list[tuple[int, 
     return shards
 
 
+def _row_ids(queries: list[tuple[str, str]], heads: Sequence[Head]) -> list[str]:
+    """The query id of each request's rows: the queries' own ids, then ``head:<task>`` per head; a repeat is refused
+    (ModelInputError), since its rows could not be told apart in the export (nor in an index built from it)."""
+    ids = [qid for qid, _ in queries] + [f"head:{head_name(h)}" for h in heads]
+    seen: set[str] = set()
+    for i, row_id in enumerate(ids):
+        if row_id not in seen:
+            seen.add(row_id)
+            continue
+        if i < len(queries):
+            raise ModelInputError(f"query id {row_id!r} appears twice; ids must be unique")
+        task = row_id.removeprefix("head:")
+        if row_id in ids[:len(queries)]:
+            raise ModelInputError(f"query id {row_id!r} names the rows of the head for task {task!r} too; rename the "
+                                  "query (a head's rows are named head:<task>)")
+        raise ModelInputError(f"two heads for task {task!r}; give each head once")
+    return ids
+
+
 def _recorded_model(out: Path) -> str | None:
     """The model id an export begun in ``out`` recorded (None: none begun, or its record is unreadable)."""
     try:
@@ -415,6 +434,7 @@ def export_embeddings(model: QAnchor, ds: Dataset, queries: list[tuple[str, str]
     shards = plan_shards(ds, shard_users)
     if not queries and not heads:
         raise ModelInputError("nothing to embed: give queries and/or scenario heads")
+    query_ids = _row_ids(queries, heads)
     requests = [(q, None) for _, q in queries] + [(h.query, h) for h in heads]
     # a bad cutoff, query, head or dataset layout fails before anything is written (a claimed folder holding only the
     # export's description was then "an export with a different dataset" to the corrected rerun)
@@ -434,7 +454,6 @@ def export_embeddings(model: QAnchor, ds: Dataset, queries: list[tuple[str, str]
                           "queries": [list(q) for q in queries], "heads": [[head_name(h), head_digest(h)] for h in heads],
                           "shards": [list(s) for s in shards], "cutoff": cutoff, "embedding_dim": model.embedding_dim,
                           "use_cache": use_cache, "event_caps": model.event_caps}, overwrite, world)
-    query_ids = [qid for qid, _ in queries] + [f"head:{head_name(h)}" for h in heads]
     mine = list(range(rank, len(shards), world))
     if not mine and progress:  # shards never depend on the world size, so extra ranks idle: say how to split
         n_users = sum(hi - lo for _, lo, hi in shards)

@@ -413,3 +413,20 @@ def test_a_queries_file_not_in_utf8_is_one_error_line(tmp_path, name):
         read_queries(tmp_path / name)
     (tmp_path / name).write_bytes(b"\xef\xbb\xbf" + text.encode("utf-8"))  # the same in UTF-8, with an editor's BOM
     assert [q for _, q in read_queries(tmp_path / name)] == ["Will the café customer churn?"]
+
+
+def test_a_repeated_head_or_row_id_is_refused_before_the_folder_is_claimed(infer_env, tmp_path):
+    """Two heads of one task (or a query id that names a head's rows) were exported as two indistinguishable rows
+    head:<task> per user; the query ids given in code were not checked for repeats either."""
+    churn, again = _head(infer_env.qa, "churn", QUERIES[0], 1), _head(infer_env.qa, "churn", QUERIES[2], 2)
+    out = tmp_path / "e"
+    with pytest.raises(ModelInputError, match=r"^two heads for task 'churn'; give each head once$"):
+        export_embeddings(infer_env.qa, infer_env.ds, PAIRS[:1], out, rank=0, world=1, progress=False,
+                          heads=[churn, again])
+    with pytest.raises(ModelInputError, match=r"query id 'head:churn' names the rows of the head for task 'churn' too"):
+        export_embeddings(infer_env.qa, infer_env.ds, [("head:churn", QUERIES[1])], out, rank=0, world=1,
+                          progress=False, heads=[churn])
+    with pytest.raises(ModelInputError, match=r"query id 'q0' appears twice; ids must be unique"):
+        export_embeddings(infer_env.qa, infer_env.ds, [PAIRS[0], ("q0", QUERIES[1])], out, rank=0, world=1,
+                          progress=False)
+    assert not out.exists()
