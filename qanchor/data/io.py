@@ -99,6 +99,10 @@ def _marker_text(kind: OutputKind, written: Mapping[str, str] | None = None, hol
     return json.dumps(record) + "\n"
 
 
+def _why(exc: OSError) -> str:
+    return os.strerror(exc.errno) if exc.errno else str(exc)
+
+
 def output_record(directory: str | os.PathLike) -> dict:
     """The whole marker of ``directory`` ({} when unmarked or unreadable)."""
     try:
@@ -191,13 +195,16 @@ def check_output_dir(target: str | os.PathLike, kind: OutputKind, inputs: Mappin
         return False
     # listed before the marker is read: a marker another process links in between is then read as the claim it is,
     # not listed as a foreign file
-    entries = [p for p in target.iterdir() if not is_temporary(p)]  # another process's marker on its way in is ours
+    try:
+        entries = [p for p in target.iterdir() if not is_temporary(p)]  # another process's marker on its way in is ours
+    except PermissionError as exc:  # another user's output, whose folder qanchor made 0700 under a umask of 077
+        raise OutputError(f"{key} {target}: this user cannot list it ({_why(exc)}); give a directory of your own or ask "
+                          "its owner to make it readable") from None
     try:
         found = _marker(target).get("kind")
     except PermissionError as exc:  # another user's output, written under umask 077: no file of the user's own either
         raise OutputError(f"{key} {target}: its qanchor marker {MARKER_FILE} cannot be read by this user "
-                          f"({os.strerror(exc.errno) if exc.errno else exc}); give a directory of your own or ask its "
-                          "owner to make it readable") from None
+                          f"({_why(exc)}); give a directory of your own or ask its owner to make it readable") from None
     if found == kind.value:
         return True
     if found is not None:

@@ -175,6 +175,28 @@ def test_an_output_whose_marker_this_user_cannot_read_is_named_so_not_foreign(tm
     assert output_kind(out) is None  # a marker no one can read names no kind, as before
 
 
+def test_an_output_folder_this_user_cannot_list_is_named_so(tmp_path, monkeypatch):
+    """Under a umask of 077 qanchor makes another user's output folder 0700 itself, so this user fails on listing the
+    folder, before its marker: that was a raw PermissionError traceback from the Python API."""
+    import errno
+    from pathlib import Path
+
+    out = tmp_path / "theirs"
+    assert claim_output_dir(out, OutputKind.EXPORT) is False
+    real = Path.iterdir
+
+    def denied(self):  # tests run as root, whom chmod 700 under another owner does not stop
+        if self == out:
+            raise PermissionError(errno.EACCES, "Permission denied", str(self))
+        return real(self)
+
+    monkeypatch.setattr(Path, "iterdir", denied)
+    for claim in (io.check_output_dir, claim_output_dir):
+        with pytest.raises(OutputError, match=rf"out {out}: this user cannot list it \(Permission denied\); give a "
+                                              "directory of your own or ask its owner"):
+            claim(out, OutputKind.EXPORT)
+
+
 def test_another_claims_temporary_marker_is_not_foreign(tmp_path):
     """Ranks claiming one existing empty directory at once: one's marker, still a temporary inside it, is ours."""
     target = tmp_path / "out"
