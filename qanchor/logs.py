@@ -125,7 +125,9 @@ def format_seconds(seconds: float) -> str:
 class Progress:
     """A bar on a terminal, log lines elsewhere; ``update(n)`` as work is done, ``close()`` at the end.
 
-    Without a terminal it logs when it starts, then at most every ``every_s`` seconds, and when closed.
+    Where its lines would land in a file (stdout not a terminal, even with a bar on the terminal's stderr; for a
+    :func:`results_on_stdout` command, stderr not a terminal) it logs when it starts, then at most every ``every_s``
+    seconds, and when closed.
     ``enabled=False`` is silent (``--quiet``); ``lines=False`` never writes lines (the caller writes its own).
     """
 
@@ -136,10 +138,11 @@ class Progress:
         self._start = self._last = time.perf_counter()
         self._initial = initial
         self._bar = None
-        # Lines only where no bar shows: a command run from a terminal with its stdout redirected may be printing its
-        # result there (`qanchor update ... > report.json`). Pretraining, whose stdout is a log, writes its own step
-        # lines whenever stdout is a file (progress_lines()).
-        self._logging = enabled and lines and not interactive()
+        # Where the lines go decides when they are written. A command whose stdout is its log (`qanchor data userU ...
+        # > run.log` from a terminal) writes them whenever stdout is a file, as pretraining does (progress_lines()): the
+        # bar shows on the terminal (stderr), the file gets start, progress and summary. A command whose stdout is its
+        # result (`qanchor update ... > report.json`, results_on_stdout) logs on stderr, so only where no bar shows.
+        self._logging = enabled and lines and (not interactive() if _LOG_TO_STDERR else progress_lines())
         if enabled and interactive():
             from tqdm.auto import tqdm
 
