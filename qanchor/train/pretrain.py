@@ -420,12 +420,18 @@ def run_pretrain(cfg: PretrainConfig, progress: bool = True) -> Path:
     last = _train_loop(cfg, engine, stream, start, rank, world, metrics, progress, bank,
                        save=lambda step: _save(cfg, engine, model, tokenizer, meta, out, step, rank, world, bank,
                                                  notes))
-    if rank == 0 and progress:
-        log(f"pretrain: done, {cfg.train.max_steps - start} steps in {format_seconds(time.perf_counter() - started)}"
-            + (f"; last step loss {last['loss']:.4f} (contrastive {last['loss_contrastive']:.4f}, ntp "
-               f"{last['loss_ntp']:.4f}" + (f", profile {last['loss_profile']:.4f}" if "loss_profile" in last else "")
-               + (f", future {last['loss_future']:.4f}" if "loss_future" in last else "")
-               + (f", path-free {last['loss_path_free']:.4f}" if "loss_path_free" in last else "") + ")" if last else "") + f"; checkpoint {out / 'checkpoint'}")
+    if rank == 0:
+        summary = (f"pretrain: done, {cfg.train.max_steps - start} steps in "
+                   f"{format_seconds(time.perf_counter() - started)}"
+                   + (f"; last step loss {last['loss']:.4f} (contrastive {last['loss_contrastive']:.4f}, ntp "
+                      f"{last['loss_ntp']:.4f}" + (f", profile {last['loss_profile']:.4f}" if "loss_profile" in last else "")
+                      + (f", future {last['loss_future']:.4f}" if "loss_future" in last else "")
+                      + (f", path-free {last['loss_path_free']:.4f}" if "loss_path_free" in last else "") + ")"
+                      if last else "") + f"; checkpoint {out / 'checkpoint'}")
+        if progress:
+            log(summary)
+        else:  # --quiet prints the result alone, as `data userU --quiet` prints its `wrote ...` line: where it is
+            print(summary, flush=True)
     return out
 
 

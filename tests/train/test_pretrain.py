@@ -153,6 +153,18 @@ def test_log_file_gets_start_step_and_summary_lines_and_no_warnings(prepared, tm
     assert read_meta(out / "checkpoint").text_encoder_digest == SentenceEncoder().digest
 
 
+def test_quiet_prints_only_the_result_line(prepared, tmp_path):
+    """`--quiet` is documented to print only the result, but every line, the final one with the checkpoint too,
+    depended on the progress switch: a quiet run printed nothing at all."""
+    out = tmp_path / "run"
+    done = subprocess.run([*_pretrain_cmd(prepared, out, "train.max_steps=1"), "--quiet"], cwd=ROOT, env=ENV,
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    lines = done.stdout.splitlines()
+    assert len(lines) == 1 and lines[0].startswith("pretrain: done, 1 steps in "), done.stdout
+    assert lines[0].endswith(f"; checkpoint {out / 'checkpoint'}") and (out / "checkpoint").is_dir()
+
+
 def test_a_principal_path_and_the_path_free_loss_train_under_deepspeed(prepared, tmp_path):
     """The engine takes the principal path's one-element gain (a 0-d parameter broke its parameter broadcast), the
     fitted map reaches the checkpoint, and the path-free loss is logged every step and in the summary."""
