@@ -36,7 +36,7 @@ from torch import nn
 import qanchor
 from qanchor.data.io import OutputKind, as_umask_allows, atomic_dir, is_temporary, to_plain
 from qanchor.errors import CheckpointError
-from qanchor.model.factory import first_nonfinite, same_model
+from qanchor.model.factory import first_nonfinite, head_name, same_model
 from qanchor.probe import LR_CS, logistic_probe
 from qanchor.tune.losses import prototype_loss, prototype_score
 
@@ -89,6 +89,9 @@ class ScenarioHead(nn.Module):
         self.log_scale = nn.Parameter(torch.as_tensor(log_scale, dtype=torch.float32).detach().clone().reshape(()))
         self.bias = nn.Parameter(torch.as_tensor(bias, dtype=torch.float32).detach().clone().reshape(()))
         self.lookup = None if lookup is None else nn.Parameter(_own(lookup).float().reshape(-1))  # (T,)
+        # the folder it was read from (None: built in memory), not saved: messages about the head name it as the load
+        # did, so a warning given when it was loaded is recognised when the model checks it again
+        self.source: Path | None = None
 
     @property
     def prototypes(self) -> torch.Tensor:
@@ -217,6 +220,7 @@ class ScenarioHead(nn.Module):
             raise CheckpointError(f"{directory / HEAD_WEIGHTS}: prompt {tuple(head.prompt.shape)} and prototypes "
                                   f"{tuple(head.prototype_weights.shape)} must be matrices; the head is damaged "
                                   "(re-run `qanchor prompt-tune`)")
+        head.source = directory
         return head
 
 
@@ -265,7 +269,7 @@ def _test_users(head_dir: Path) -> np.ndarray | None:
 
 def check_tuned_on(directory: Path, task: str, tuned_on: str, checkpoint_hash: str | None) -> None:
     """Refuse (CheckpointError) a head tuned on another checkpoint than ``checkpoint_hash`` (None: no check)."""
-    if checkpoint_hash is not None and not same_model(tuned_on, checkpoint_hash, f"the head {directory}"):
+    if checkpoint_hash is not None and not same_model(tuned_on, checkpoint_hash, head_name(directory)):
         raise CheckpointError(f"{directory}: head for task '{task}' was tuned on checkpoint {str(tuned_on)[:12]}, not on "
                               f"this one ({checkpoint_hash[:12]}); re-run `qanchor prompt-tune` with this checkpoint")
 
