@@ -15,19 +15,18 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 from qanchor.data.dataset import load_dataset
 from qanchor.data.io import file_sha256, write_json, write_text
+from qanchor.logs import format_seconds, log
 from qanchor.train.pretrain import trained_data_id
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from quality_seeds import absolute_paths, check_reusable  # noqa: E402
-
-ROOT = Path(__file__).resolve().parent.parent
+from quality_seeds import _probe, _qanchor, absolute_paths, check_reusable  # noqa: E402
 
 
 def main(argv=None) -> int:
@@ -44,10 +43,13 @@ def main(argv=None) -> int:
     # before any run: a mistyped --peer or --steps was read only after every budget had been pretrained (an hour)
     peers = _peers(ap, args.peer)
     budgets = _budgets(ap, args.steps)
-    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
     rows = []
+    started = time.perf_counter()
+    # the children run quietly (pretraining prints its result line, the probe's report is left out): without lines of
+    # its own the script was silent for the whole run, an hour in the example
+    log(f"learning_curve: start, budgets {', '.join(map(str, budgets))} steps, seed {args.seed}, root {args.root}")
     data_id = trained_data_id(load_dataset(args.data))
-    for steps in budgets:
+    for k, steps in enumerate(budgets, 1):
         run = args.root / f"steps{steps}"
         probe = run / "probe.json"
         # a finished budget is reused only if the same settings made it (see quality_seeds.py)
@@ -55,16 +57,19 @@ def main(argv=None) -> int:
                   "data": data_id, "generic_query": args.generic_query}
         if probe.exists():
             check_reusable(probe, wanted)
+            log(f"learning_curve: steps {steps} ({k}/{len(budgets)}): reusing {probe}")
         else:
-            subprocess.run([sys.executable, "-m", "qanchor.cli", "pretrain", "--config", args.pretrain, "--quiet",
-                            f"data.path={args.data}", f"output_dir={run}", f"train.max_steps={steps}",
-                            f"train.save_every={steps}", f"train.seed={args.seed}", "resume=true", *args.set],
-                           check=True, cwd=ROOT, env=env)
-            subprocess.run([sys.executable, str(ROOT / "benchmarks/quality_probe.py"), "--checkpoint", str(run),
-                            "--data", args.data, "--generic-query", args.generic_query, "--out", str(probe)],
-                           check=True, cwd=ROOT, env=env, stdout=subprocess.DEVNULL)
+            log(f"learning_curve: steps {steps} ({k}/{len(budgets)}): pretraining -> {run}")
+            _qanchor("pretrain", "--config", args.pretrain, "--quiet", f"data.path={args.data}", f"output_dir={run}",
+                     f"train.max_steps={steps}", f"train.save_every={steps}", f"train.seed={args.seed}", "resume=true",
+                     *args.set)
+            log(f"learning_curve: steps {steps}: probing")
+            _probe("--checkpoint", str(run), "--data", args.data, "--generic-query", args.generic_query, "--out",
+                   str(probe), stdout=subprocess.DEVNULL)
             write_json(wanted, probe.with_name(probe.name + ".settings.json"))
         p = json.loads(probe.read_text())
+        log(f"learning_curve: steps {steps}: probe AUC task {p['task']['auc']:.4f}, generic {p['generic']['auc']:.4f}, "
+            f"swapped {_shown(_number(p['swapped']['auc']))}")
         metrics = [json.loads(ln) for ln in (run / "metrics.jsonl").read_text().splitlines()]
         rows.append({"steps": steps, "task_auc": p["task"]["auc"], "generic_auc": p["generic"]["auc"],
                      # null where no other task asks another question (a one-task dataset): nothing to swap in
@@ -79,6 +84,8 @@ def main(argv=None) -> int:
     write_text("\n".join(lines) + "\n", args.root / "curve.md")
     print("\n".join(lines))
     _plot(rows, peers, args.root / "curve.png", Path(args.data).name)
+    log(f"learning_curve: done, {len(budgets)} budget(s) in {format_seconds(time.perf_counter() - started)}; wrote "
+        f"{args.root / 'curve.json'}, curve.md and curve.png")
     return 0
 
 

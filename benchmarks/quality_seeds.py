@@ -28,6 +28,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -38,14 +39,25 @@ sys.path.insert(0, str(ROOT))
 from qanchor.config import BenchConfig, load_config  # noqa: E402
 from qanchor.data.dataset import load_dataset  # noqa: E402
 from qanchor.data.io import file_sha256, write_json, write_text  # noqa: E402
+from qanchor.logs import format_seconds, log  # noqa: E402
 from qanchor.train.pretrain import trained_data_id  # noqa: E402
 
 
+def _checked(cmd: list[str], name: str, **kwargs) -> None:
+    """Run ``cmd`` in the repository root; a failure ends this script with one ``error:`` line (SystemExit) naming
+    ``name``: the child said why on stderr (its one error line), so no traceback of this script on top."""
+    done = subprocess.run(cmd, cwd=ROOT, env={**os.environ, "HF_HUB_OFFLINE": "1"}, **kwargs)
+    if done.returncode:
+        raise SystemExit(f"error: `{name}` failed (exit code {done.returncode}); its message is above")
+
+
 def _qanchor(*args: str) -> None:
-    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
-    done = subprocess.run([sys.executable, "-m", "qanchor.cli", *args], cwd=ROOT, env=env)
-    if done.returncode:  # the command said why on stderr (its one error line): no traceback of this script on top
-        raise SystemExit(f"`qanchor {args[0]}` failed (exit code {done.returncode}); its message is above")
+    _checked([sys.executable, "-m", "qanchor.cli", *args], f"qanchor {args[0]}")
+
+
+def _probe(*args: str, **kwargs) -> None:
+    """``benchmarks/quality_probe.py`` with ``args``, checked as :func:`_qanchor` checks a command."""
+    _checked([sys.executable, str(ROOT / "benchmarks/quality_probe.py"), *args], "quality_probe.py", **kwargs)
 
 
 def absolute_paths(args: argparse.Namespace, *names: str) -> argparse.Namespace:
@@ -208,35 +220,60 @@ def main(argv=None) -> int:
     ap.add_argument("--probe-device", default="cpu", help="with --probe: where the checkpoint embeds (cpu, cuda)")
     args = absolute_paths(ap.parse_args(argv), "pretrain", "bench", "data", "root")
     results = []
+    started = time.perf_counter()
+    seeds = [int(s) for s in args.seeds.split(",")]
+    # the children run quietly (pretraining's lines with --log): without lines of its own the script was silent for
+    # minutes per seed in a job's log
+    log(f"quality_seeds: start, seeds {args.seeds} ({'probe' if args.probe else 'bench'}), root {args.root}")
     data_id = trained_data_id(load_dataset(args.data))  # the dataset's files and its UserU pairs
-    for seed in [int(s) for s in args.seeds.split(",")]:
+    for k, seed in enumerate(seeds, 1):
         run = args.root / f"seed{seed}"
         bench = args.root / f"bench-seed{seed}"  # beside the run: an output inside its checkpoint is refused
         done = run / "probe.json" if args.probe else bench / "results.json"
         wanted = settings_of(args, seed, data_id)
         if done.exists():  # in bench mode the seed's pretraining run is a folder of its own, made with the settings too
             check_reusable(done, wanted, [run] if args.probe else [run, bench])
+            log(f"quality_seeds: seed {seed} ({k}/{len(seeds)}): reusing {done}")
         else:
+            log(f"quality_seeds: seed {seed} ({k}/{len(seeds)}): pretraining -> {run}")
             _qanchor("pretrain", "--config", args.pretrain, *([] if args.log else ["--quiet"]), f"data.path={args.data}",
                      f"output_dir={run}", f"train.seed={seed}", "resume=true", *args.set)
             if args.probe:
-                subprocess.run([sys.executable, str(ROOT / "benchmarks/quality_probe.py"), "--checkpoint", str(run),
-                                "--data", args.data, "--generic-query", args.generic_query, "--device", args.probe_device,
-                                "--out", str(done)],
-                               check=True, cwd=ROOT, env={**os.environ, "HF_HUB_OFFLINE": "1"})
+                log(f"quality_seeds: seed {seed}: probing")
+                _probe("--checkpoint", str(run), "--data", args.data, "--generic-query", args.generic_query,
+                       "--device", args.probe_device, "--out", str(done))
             else:
+                log(f"quality_seeds: seed {seed}: benching -> {bench}")
                 _qanchor("bench", "--config", args.bench, "--quiet", f"checkpoint={run}", f"data.path={args.data}",
                          f"output_dir={bench}", "heads_dir=null", *args.bench_set)
             write_json(wanted, done.with_name(done.name + ".settings.json"))
         results.append(json.loads(done.read_text()))
+        log(f"quality_seeds: seed {seed}: done ({_aucs(results[-1], args.probe)})")
     summary = probe_summary(results) if args.probe else summarise(results)
     few = top_directions_summary(results) if args.probe else {}
     write_json({"seeds": args.seeds, "pretrain": args.pretrain, "set": args.set, "methods": summary,
                 **({"top_directions": few} if few else {})}, args.root / "summary.json", indent=1)
     text = table(summary) + ("\n\n" + top_directions_table(few) if few else "")
     write_text(text + "\n", args.root / "summary.md")
+    log(f"quality_seeds: done, {len(seeds)} seed(s) in {format_seconds(time.perf_counter() - started)}; wrote "
+        f"{args.root / 'summary.json'} and {args.root / 'summary.md'}")
     print(text)
     return 0
+
+
+def _aucs(result: dict, probe: bool) -> str:
+    """One seed's AUCs for its log line: the probe's task / generic / swapped rows, or every benched method's
+    task-averaged AUC, best first."""
+    if probe:
+        return ", ".join(f"{row} AUC {_shown(result[row]['auc'])}" for row in ("task", "generic", "swapped")
+                         if row in result)  # a probe written before the row existed
+    methods = sorted(result["average"].items(), key=lambda m: 1.0 if m[1]["auc_mean"] is None else -m[1]["auc_mean"])
+    return "AUC " + ", ".join(f"{name} {_shown(row['auc_mean'])}" for name, row in methods)
+
+
+def _shown(value: float | None) -> str:
+    """An AUC in a log line; ``-`` where there is none (a row with nothing to probe, a method skipped)."""
+    return "-" if value is None or value != value else f"{value:.4f}"
 
 
 if __name__ == "__main__":

@@ -2,7 +2,8 @@
 (``cwd=ROOT``): run from elsewhere, a relative ``--pretrain mycfg.yaml`` was "config file not found" in the child, and
 an absolute config sent the runs' output_dir under the repository's results/. Each script is run here from a scratch
 directory with relative paths, its child processes faked (no pretraining): every path a child is handed must name,
-from the child's own directory, the file the caller meant."""
+from the child's own directory, the file the caller meant. The same fakes check the scripts' own log lines (their
+children run quietly) and that a failed child ends them in one ``error:`` line."""
 
 from __future__ import annotations
 
@@ -44,10 +45,15 @@ class FakeChildren:
     def __init__(self, caller_dir: Path):
         self.caller_dir = caller_dir
         self.commands: list[list[str]] = []
+        self.failing: str | None = None  # a child ("pretrain", "bench", "quality_probe.py") that exits 2, as on an error
 
-    def __call__(self, cmd, *, cwd=None, **kwargs):
+    def __call__(self, cmd, *, cwd=None, check=False, **kwargs):
         child_dir = Path(cwd or os.getcwd())
         self.commands.append(cmd)
+        if self.failing == (cmd[3] if cmd[1] == "-m" else Path(cmd[1]).name):
+            if check:  # as the real subprocess.run does
+                raise subprocess.CalledProcessError(2, cmd)
+            return subprocess.CompletedProcess(cmd, 2)
         args = _path_arguments(cmd)
         for name, value in args:
             assert Path(value).is_absolute(), f"{name} {value} is relative: the child, in {child_dir}, reads another path"
@@ -207,3 +213,66 @@ def test_quality_seeds_reads_null_rows_and_names_every_folder_to_redo(caller_dir
     monkeypatch.setattr(subprocess, "run", lambda cmd, **kw: subprocess.CompletedProcess(cmd, 2))  # a child's error
     with pytest.raises(SystemExit, match=r"`qanchor pretrain` failed \(exit code 2\); its message is above"):
         qs.main([*argv[:-1], "results/other"])
+
+
+def _logged(out: str) -> list[str]:
+    """The script's own log lines, without their timestamps."""
+    return [ln.split(" ", 2)[2] for ln in out.splitlines() if ln[:2] == "20" and ": " in ln]
+
+
+@pytest.mark.parametrize("failing", ["pretrain", "quality_probe.py", "bench"])
+def test_quality_seeds_says_each_step_and_a_failed_child_is_one_error_line(caller_dir, children, monkeypatch, capsys,
+                                                                            failing):
+    """The children run quietly and the script said nothing of its own: minutes of silence per seed in a job's log. And
+    a failed probe (`--probe-device cuda` on a CPU machine) ended in a CalledProcessError traceback under the probe's
+    own error line."""
+    qs = load_benchmark("quality_seeds")
+    _no_dataset(qs, monkeypatch)
+    argv = ["--pretrain", "mycfg.yaml", "--bench", "bench.yaml", "--data", "d", "--seeds", "0,1", "--root", "results/s"]
+    assert qs.main([*argv, "--probe"]) == 0
+    lines = _logged(capsys.readouterr().out)
+    assert lines[0] == f"quality_seeds: start, seeds 0,1 (probe), root {caller_dir / 'results/s'}"
+    assert lines[1:7] == [f"quality_seeds: seed 0 (1/2): pretraining -> {caller_dir / 'results/s/seed0'}",
+                          "quality_seeds: seed 0: probing",
+                          "quality_seeds: seed 0: done (task AUC 0.7000, generic AUC 0.7000, swapped AUC 0.7000)",
+                          f"quality_seeds: seed 1 (2/2): pretraining -> {caller_dir / 'results/s/seed1'}",
+                          "quality_seeds: seed 1: probing",
+                          "quality_seeds: seed 1: done (task AUC 0.7000, generic AUC 0.7000, swapped AUC 0.7000)"]
+    assert lines[7].startswith("quality_seeds: done, 2 seed(s) in ") and len(lines) == 8
+    assert qs.main(argv) == 0  # bench mode
+    assert _logged(capsys.readouterr().out)[2:4] == [
+        f"quality_seeds: seed 0: benching -> {caller_dir / 'results/s/bench-seed0'}", "quality_seeds: seed 0: done (AUC m 0.7000)"]
+    children.failing = failing
+    with pytest.raises(SystemExit) as stop:
+        qs.main([*argv[:-1], "results/other", *(["--probe"] if failing == "quality_probe.py" else [])])
+    name = "quality_probe.py" if failing == "quality_probe.py" else f"qanchor {failing}"
+    assert str(stop.value.code) == f"error: `{name}` failed (exit code 2); its message is above"
+
+
+@pytest.mark.parametrize("failing", ["pretrain", "quality_probe.py"])
+def test_learning_curve_says_each_budget_and_a_failed_child_is_one_error_line(caller_dir, children, monkeypatch, capsys,
+                                                                              failing):
+    """The script printed nothing until its final table (an hour in its example: pretraining quiet, the probe's output
+    dropped), and a failed pretraining or probe ended in a CalledProcessError traceback."""
+    lc = load_benchmark("learning_curve")
+    _no_dataset(lc, monkeypatch)
+    monkeypatch.setattr(lc, "_plot", lambda *a: None)
+    argv = ["--pretrain", "mycfg.yaml", "--data", "d", "--steps", "3,5", "--root", "results/curve"]
+    assert lc.main(argv) == 0
+    lines = _logged(capsys.readouterr().out)
+    assert lines[:-1] == [f"learning_curve: start, budgets 3, 5 steps, seed 0, root {caller_dir / 'results/curve'}",
+                          f"learning_curve: steps 3 (1/2): pretraining -> {caller_dir / 'results/curve/steps3'}",
+                          "learning_curve: steps 3: probing",
+                          "learning_curve: steps 3: probe AUC task 0.7000, generic 0.7000, swapped 0.7000",
+                          f"learning_curve: steps 5 (2/2): pretraining -> {caller_dir / 'results/curve/steps5'}",
+                          "learning_curve: steps 5: probing",
+                          "learning_curve: steps 5: probe AUC task 0.7000, generic 0.7000, swapped 0.7000"]
+    assert lines[-1].startswith("learning_curve: done, 2 budget(s) in ")
+    assert lc.main(argv) == 0  # finished budgets: reused, and said so
+    assert _logged(capsys.readouterr().out)[1] == (f"learning_curve: steps 3 (1/2): reusing "
+                                                   f"{caller_dir / 'results/curve/steps3/probe.json'}")
+    children.failing = failing
+    with pytest.raises(SystemExit) as stop:
+        lc.main([*argv[:-1], "results/other"])
+    name = "quality_probe.py" if failing == "quality_probe.py" else "qanchor pretrain"
+    assert str(stop.value.code) == f"error: `{name}` failed (exit code 2); its message is above"
