@@ -44,7 +44,7 @@ from qanchor.model.factory import (
     ModelMeta,
     check_encoder_digest,
     checkpoint_hash,
-    head_name,
+    head_label,
     load_checkpoint,
     resolve_checkpoint_dir,
     same_model,
@@ -346,7 +346,7 @@ class QAnchor:
             if not hasattr(head, attr):
                 raise ModelInputError(f"head has no '{attr}': pass a ScenarioHead (qanchor.tune) or None")
         if self.checkpoint_hash is not None and not self.is_maker(head.checkpoint_hash,
-                                                                  head_name(getattr(head, "source", None), head.query)):
+                                                                  head_label(getattr(head, "source", None), head.query)):
             raise CheckpointError(f"head for query {head.query!r} was tuned on checkpoint {head.checkpoint_hash[:12]}, "
                                   f"not this one ({self.checkpoint_hash[:12]}); re-run prompt-tune on this checkpoint")
         caps = getattr(head, "extra", {}).get("event_caps")  # None: a head saved before heads recorded them

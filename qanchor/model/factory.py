@@ -49,7 +49,7 @@ from qanchor.model.layout import TokenIds, special_token_names
 from qanchor.model.qanchor_model import QAnchorModel
 
 __all__ = ["FORMAT_VERSION", "ModelMeta", "build_model", "save_checkpoint", "load_checkpoint", "checkpoint_hash",
-           "checkpoint_id", "same_model", "head_name", "resolve_checkpoint_dir", "read_meta", "shared_duplicates", "unique_state"]
+           "checkpoint_id", "same_model", "head_label", "resolve_checkpoint_dir", "read_meta", "shared_duplicates", "unique_state"]
 
 FORMAT_VERSION = 2  # 2: <|answer|> marker, separately normalised event inputs, raw-text modality summaries
 
@@ -304,7 +304,7 @@ def same_model(recorded: str | None, model_id: str, what: str) -> bool:
     return True
 
 
-def head_name(directory: Path | None, query: str | None = None) -> str:
+def head_label(directory: Path | None, query: str | None = None) -> str:
     """How a head is named where :func:`same_model` checks it: by the folder it was read from, else (built in memory)
     by its query. The same words at every check of one head (when it is loaded, when a model serves it): the warning
     about its record is said once per record, and a bench run said it twice per head, once per wording."""

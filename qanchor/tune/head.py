@@ -36,7 +36,7 @@ from torch import nn
 import qanchor
 from qanchor.data.io import OutputKind, as_umask_allows, atomic_dir, is_temporary, to_plain
 from qanchor.errors import CheckpointError
-from qanchor.model.factory import first_nonfinite, head_name, same_model
+from qanchor.model.factory import first_nonfinite, head_label, same_model
 from qanchor.probe import LR_CS, logistic_probe
 from qanchor.tune.losses import prototype_loss, prototype_score
 
@@ -269,7 +269,7 @@ def _test_users(head_dir: Path) -> np.ndarray | None:
 
 def check_tuned_on(directory: Path, task: str, tuned_on: str, checkpoint_hash: str | None) -> None:
     """Refuse (CheckpointError) a head tuned on another checkpoint than ``checkpoint_hash`` (None: no check)."""
-    if checkpoint_hash is not None and not same_model(tuned_on, checkpoint_hash, head_name(directory)):
+    if checkpoint_hash is not None and not same_model(tuned_on, checkpoint_hash, head_label(directory)):
         raise CheckpointError(f"{directory}: head for task '{task}' was tuned on checkpoint {str(tuned_on)[:12]}, not on "
                               f"this one ({checkpoint_hash[:12]}); re-run `qanchor prompt-tune` with this checkpoint")
 
