@@ -25,8 +25,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import subprocess
 import sys
 from pathlib import Path
 
@@ -41,16 +39,11 @@ from qanchor.data.io import file_sha256, write_json, write_text  # noqa: E402
 from qanchor.train.pretrain import trained_data_id  # noqa: E402
 
 sys.path.insert(0, str(ROOT / "benchmarks"))
-from quality_seeds import absolute_paths, check_reusable  # noqa: E402
+from quality_seeds import _qanchor, absolute_paths, check_reusable  # noqa: E402
 
 # The `make uqa` recipe: users held out of pretraining and a budget at which the next-token tower reads the user.
 # `make uqa`'s pretraining (6,000 steps since 2026-12-04; `--set train.max_steps=3000` for the earlier runs).
 UQA_PRETRAIN = ["train.holdout_users=0.1", "train.max_steps=6000", "train.log_every=500", "train.save_every=500"]
-
-
-def _qanchor(*args: str) -> None:
-    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
-    subprocess.run([sys.executable, "-m", "qanchor.cli", *args], check=True, cwd=ROOT, env=env)
 
 
 def _same_questions(results: list[dict], names: list[str]) -> list[dict]:

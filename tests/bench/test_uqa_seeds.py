@@ -114,3 +114,10 @@ def test_a_seed_made_with_other_settings_is_refused_not_summarised(uqa_seeds, ti
     with pytest.raises(SystemExit, match=r"other settings \(set: \['train.max_steps=6000'\] -> \['train.max_steps=3000'\]\)"):
         uqa_seeds.main([*args, "--set", "train.max_steps=3000"])
     assert uqa_seeds.main([*args, "--set", "train.max_steps=6000"]) == 0  # the same settings: reused
+
+
+def test_a_failed_child_is_one_error_line_not_a_traceback(uqa_seeds):
+    """uqa_seeds.py ran its qanchor commands with check=True: a failed pretraining or uqa run (an hour in) ended in a
+    CalledProcessError traceback on top of the command's own error line."""
+    with pytest.raises(SystemExit, match=r"^error: `qanchor pretrain` failed \(exit code 2\); its message is above$"):
+        uqa_seeds._qanchor("pretrain", "train.no_such_key=1")
