@@ -16,7 +16,7 @@ __all__ = ["register"]
 
 
 def _cmd_pretrain(args: argparse.Namespace) -> None:
-    run_pretrain(settings(args), progress=not args.quiet)
+    run_pretrain(settings(args), progress=not args.quiet, print_result=args.quiet)
 
 
 def register(subparsers) -> None:

@@ -359,8 +359,10 @@ def prepare_inputs(cfg: PretrainConfig, rank: int, progress: bool = True) -> tup
 
 
 @releasing_outputs
-def run_pretrain(cfg: PretrainConfig, progress: bool = True) -> Path:
-    """Pretrain under ``cfg``; return the output directory."""
+def run_pretrain(cfg: PretrainConfig, progress: bool = True, print_result: bool = False) -> Path:
+    """Pretrain under ``cfg``; return the output directory. ``print_result`` (``qanchor pretrain --quiet``): without
+    ``progress``, still print the summary line, the command's result; a quiet pretraining inside another command (the
+    bench's ``qanchor_random_init``, an ablation, uqa's variants) prints nothing."""
     started = time.perf_counter()
     preflight(cfg, int(os.environ.get("WORLD_SIZE", 1)))
     # the checkpoint's config.yaml names the dataset by an absolute path (not through links: a folder's name labels
@@ -430,7 +432,7 @@ def run_pretrain(cfg: PretrainConfig, progress: bool = True) -> Path:
                       if last else "") + f"; checkpoint {out / 'checkpoint'}")
         if progress:
             log(summary)
-        else:  # --quiet prints the result alone, as `data userU --quiet` prints its `wrote ...` line: where it is
+        elif print_result:  # --quiet prints the result alone, as `data userU --quiet` prints its `wrote ...` line
             print(summary, flush=True)
     return out
 

@@ -165,6 +165,20 @@ def test_quiet_prints_only_the_result_line(prepared, tmp_path):
     assert lines[0].endswith(f"; checkpoint {out / 'checkpoint'}") and (out / "checkpoint").is_dir()
 
 
+def test_a_quiet_pretraining_inside_another_command_prints_nothing(prepared, tmp_path):
+    """The result line of `pretrain --quiet` was printed by every quiet pretraining, so `bench --quiet` (whose
+    qanchor_random_init pretrains a sub-run), an ablation and uqa's variants put a 'pretrain: done' line before their
+    own result."""
+    out = tmp_path / "sub"
+    settings = _pretrain_cmd(prepared, out, "train.max_steps=1")[6:]  # the key=value settings after --config FILE
+    code = ("import sys; from qanchor.config import PretrainConfig, load_config; from qanchor.train.pretrain import "
+            "run_pretrain; run_pretrain(load_config(sys.argv[1], sys.argv[2:], schema=PretrainConfig), progress=False)")
+    done = subprocess.run([sys.executable, "-c", code, str(ROOT / "configs/pretrain/tiny-synth.yaml"), *settings],
+                          cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout == "" and (out / "checkpoint").is_dir()
+
+
 def test_a_principal_path_and_the_path_free_loss_train_under_deepspeed(prepared, tmp_path):
     """The engine takes the principal path's one-element gain (a 0-d parameter broke its parameter broadcast), the
     fitted map reaches the checkpoint, and the path-free loss is logged every step and in the summary."""
