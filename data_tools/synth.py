@@ -329,6 +329,10 @@ def _event_part(manifest: Manifest, traits: np.ndarray, ids: pa.Array, k: int, s
     if k == 0 and silent.all():  # a tiny world whose every user drew "no events": the format needs some events
         silent[0] = False
     parts = [_modality_events(rng, c, traits[lo:hi], silent, cut_us, days) for c in COMPILED]
+    if k == 0:  # the user kept from "no events" can still miss every modality (one user, seed 47): draw again, from a
+        redraw = _rng(seed, 1, k, 1)  # stream of its own, so that every world with events stays byte-identical
+        while not any(len(p["user"]) for p in parts):
+            parts = [_modality_events(redraw, c, traits[lo:hi], silent, cut_us, days) for c in COMPILED]
     cols = {key: np.concatenate([p[key] for p in parts]) for key in parts[0]}
     mod = np.repeat(np.arange(len(parts)), [len(p["user"]) for p in parts])
     order = np.lexsort((cols["ts"], cols["user"]))  # user then time, for compression and readers

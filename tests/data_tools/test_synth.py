@@ -165,10 +165,11 @@ def test_rejects_an_empty_world(tmp_path):
 def test_a_world_of_one_user_is_a_valid_dataset(tmp_path):
     """Each user misses its tabular row, or all its events, with some probability: a one-user world whose user drew
     "no row" wrote a tabular file with no rows (seed 0), and one whose user drew "no events" wrote no events file
-    (seed 25); the validator refuses both."""
+    (seed 25), and so did one whose user, kept from "no events", then missed every modality (seed 47); the validator
+    refuses all three."""
     from qanchor.data.validate import validate_dataset
 
-    for seed in (0, 1, 2, 25):
+    for seed in (0, 1, 2, 25, 47):
         out = build_synthetic(tmp_path / f"one-{seed}", n_users=1, seed=seed)
         report = validate_dataset(out)
         assert report.n_tabular_users == 1 and report.n_events > 0
