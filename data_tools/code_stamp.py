@@ -118,16 +118,25 @@ def write_if_changed(stamp: Path, text: str) -> bool:
             return False
     except FileNotFoundError:
         pass
-    stamp.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=stamp.parent, prefix=f".{stamp.name}.", suffix=".tmp")
+    write_atomically(stamp, text)
+    return True
+
+
+def write_atomically(target: Path, text: str) -> None:
+    """Write ``text`` to ``target`` through a temporary file renamed into place, with the mode a plain write would
+    give (0666 less the umask): mkstemp's 0600 kept another user of a shared checkout from reading the stamp."""
+    target.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=".tmp")
     try:
+        umask = os.umask(0)
+        os.umask(umask)
+        os.fchmod(fd, 0o666 & ~umask)
         with os.fdopen(fd, "w", encoding="utf-8") as out:
             out.write(text)
-        os.replace(tmp, stamp)
+        os.replace(tmp, target)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
-    return True
 
 
 def main(argv: list[str]) -> int:

@@ -23,8 +23,9 @@ from __future__ import annotations
 import hashlib
 import os
 import sys
-import tempfile
 from pathlib import Path
+
+from data_tools.code_stamp import write_atomically
 
 # Not data: qanchor.data.schema.CACHE_DIR (the dataset's own caches, which change as it is used), io.MARKER_FILE (it
 # names the qanchor version that wrote it), and io's temporaries (.<name>.qanchor-tmp.<...>, .qanchor-old.), which a
@@ -72,15 +73,7 @@ def run_mode(dataset: Path, run: Path, record: Path) -> str:
 
 def write_record(dataset: Path, record: Path) -> None:
     """Write ``dataset``'s digest to ``record`` (atomically)."""
-    record.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=record.parent, prefix=f".{record.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as out:
-            out.write(dataset_digest(dataset) + "\n")
-        os.replace(tmp, record)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    write_atomically(record, dataset_digest(dataset) + "\n")
 
 
 def main(argv: list[str]) -> int:

@@ -47,3 +47,21 @@ def test_the_run_mode_follows_the_record(tmp_path):
     (data / "userU.parquet").write_bytes(b"other pairs")
     assert run_data.run_mode(data, run, record) == "overwrite=true"
     assert run_data.main(["mode", str(data)]) == 2
+
+
+def test_the_record_and_the_stamps_take_the_mode_a_plain_write_would(tmp_path):
+    """mkstemp's 0600 went onto every stamp and record, so in a checkout shared by a team another user's `make` could
+    not read them."""
+    import os
+
+    from data_tools.code_stamp import write_if_changed
+    from data_tools.run_data import write_record
+
+    old = os.umask(0o022)
+    try:
+        write_record(tmp_path, tmp_path / ".make" / "trained-on" / "run")
+        write_if_changed(tmp_path / ".make" / "stamp", "x\n")
+    finally:
+        os.umask(old)
+    assert (tmp_path / ".make" / "trained-on" / "run").stat().st_mode & 0o777 == 0o644
+    assert (tmp_path / ".make" / "stamp").stat().st_mode & 0o777 == 0o644
