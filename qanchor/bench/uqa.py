@@ -261,7 +261,7 @@ def run_uqa(cfg: UqaConfig, progress: bool = True) -> UqaResult:
                           "held out to ask about; pretrain with train.holdout_users=0.1 (make uqa does)")
     ds = load_dataset(cfg.data.path, cfg.data.cache_dir)
     # The TextN and prior rows are pretrained on data.path; the Q-Anchor row was pretrained on whatever the checkpoint
-    # recorded. Compared by the files' sizes and times as well, so a copied dataset reads as other data: said, not refused.
+    # recorded. Compared by the files' contents: another dataset, or this one changed since, is said, not refused.
     trained_on = checkpoint_data_id(resolve_checkpoint_dir(cfg.checkpoint))
     same_data = None if trained_on is None else trained_on == trained_data_id(ds)
     if same_data is False:

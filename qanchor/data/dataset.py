@@ -31,7 +31,15 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from qanchor.data.io import OutputKind, atomic_dir, claim_output_dir, local_path, output_kind, write_text
+from qanchor.data.io import (
+    OutputKind,
+    atomic_dir,
+    claim_output_dir,
+    file_sha256,
+    local_path,
+    output_kind,
+    write_text,
+)
 from qanchor.data.manifest import MANIFEST_FILE, Manifest, TaskSpec
 from qanchor.data.schema import (
     CACHE_DIR,
@@ -48,7 +56,7 @@ from qanchor.errors import ConfigError, DataValidationError
 from qanchor.logs import warn
 
 __all__ = ["EventSeq", "event_order", "in_event_order", "order_key", "isin_ids", "UserRecord", "RecordLayout", "Task", "Dataset", "load_dataset", "records_from_table", "default_cache_dir",
-           "CACHE_DIR", "warn_tasks_without_data"]
+           "CACHE_DIR", "warn_tasks_without_data", "content_digests"]
 
 _PARTITION_USERS = 4096
 _MAX_PARTITIONS = 512
@@ -208,8 +216,9 @@ class Dataset:
     # ------------------------------------------------------------------------------------- users
     @property
     def fingerprint(self) -> str:
-        """Changes whenever an event, tabular or task file is added, removed, resized or rewritten, or the manifest changes."""
-        return _fingerprint(self.root, event_files(self.root))
+        """Changes whenever an event, tabular or task file is added or removed or its bytes change, or the manifest
+        changes; not when the same bytes are written again (by content: :func:`content_digests`)."""
+        return _fingerprint(self.root, event_files(self.root), self.cache_dir)
 
     @property
     def text_cache_dir(self) -> Path:
@@ -385,7 +394,7 @@ class _Partitions:
     @classmethod
     def build(cls, ds: Dataset) -> _Partitions:
         files = event_files(ds.root)
-        directory = ds.cache_dir / f"users-{_fingerprint(ds.root, files)}"
+        directory = ds.cache_dir / f"users-{_fingerprint(ds.root, files, ds.cache_dir)}"
         index_path = directory / "index.json"
         if index_path.exists():
             if (found := cls._open(directory)) is not None:
@@ -477,18 +486,63 @@ def _remove_superseded(cache_dir: Path, kept: Path, root: Path) -> None:
             os.close(fd)
 
 
-def _fingerprint(root: Path, files: list[Path]) -> str:
-    """Changes whenever an event, tabular or task file is added, removed, resized or rewritten, and whenever the
+_DIGESTS_FILE = "file-digests.json"  # in data.cache_dir: each dataset file's SHA-256 by its path and stat
+_known_digests: dict[tuple, str] = {}  # (path, stat key) -> SHA-256: a process reads each file's bytes once
+
+
+def _stat_key(st: os.stat_result) -> list[int]:
+    # ctime too: a write moves it and no tool can set it back, so bytes rewritten with their size and mtime kept
+    # (a copy with times kept, an editor that restores them) are read again instead of passing as unchanged
+    return [st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_ino, st.st_dev]
+
+
+def content_digests(paths: Sequence[Path], cache_dir: Path) -> list[str]:
+    """SHA-256 of each file's bytes, in ``paths``' order. What identifies a dataset's contents (:func:`_fingerprint`,
+    the pairs a run trains on): by the bytes, so a dataset rebuilt byte for byte or copied without its file times is
+    the same data, not another. Hashing a paper-scale dataset takes seconds per gigabyte, so each digest is remembered
+    with its file's stat, in this process and in ``cache_dir`` once that is a qanchor cache; a file whose stat moved
+    is read again."""
+    memo_path = cache_dir / _DIGESTS_FILE
+    try:
+        saved = json.loads(memo_path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):  # none yet, or damaged: it is only a memo, rebuilt below
+        saved = {}
+    if not isinstance(saved, dict):
+        saved = {}
+    digests, updated = [], dict(saved)
+    for path in paths:
+        name = str(Path(path).resolve())
+        key = _stat_key(path.stat())
+        digest = _known_digests.get((name, *key))
+        if digest is None:
+            entry = saved.get(name)
+            if isinstance(entry, list) and len(entry) == len(key) + 1 and entry[:-1] == key and isinstance(entry[-1], str):
+                digest = entry[-1]
+            else:
+                digest = file_sha256(path)
+            _known_digests[(name, *key)] = digest
+        digests.append(digest)
+        updated[name] = [*key, digest]
+    if updated != saved and output_kind(cache_dir) == OutputKind.CACHE.value:  # never creates or claims a folder
+        try:
+            write_text(json.dumps(updated, indent=0) + "\n", memo_path)
+        except OSError:  # a cache another user owns, a full disk: the digests stand, only the memo is not kept
+            pass
+    return digests
+
+
+def _fingerprint(root: Path, files: list[Path], cache_dir: Path) -> str:
+    """Changes whenever the bytes of an event, tabular or task file change, a file is added or removed, or the
     manifest's text changes (it says what the files mean: a newly declared numeric column is read into the user
-    partitions, a new cutoff changes every window)."""
+    partitions, a new cutoff changes every window). By content (:func:`content_digests`): rewriting the same bytes,
+    or copying the dataset without its file times, keeps it."""
     h = hashlib.sha256()
     manifest = root / MANIFEST_FILE
     if manifest.is_file():
         h.update(hashlib.sha256(manifest.read_bytes()).digest())
-    for path in [*files, root / TABULAR_FILE, *task_files(root)]:
-        if path.exists():
-            st = path.stat()
-            h.update(f"{path.name}:{st.st_size}:{st.st_mtime_ns};".encode())
+    present = [path for path in [*files, root / TABULAR_FILE, *task_files(root)] if path.exists()]
+    for path, digest in zip(present, content_digests(present, cache_dir)):
+        h.update(f"{path.relative_to(root).as_posix()}:{digest};".encode())
     return h.hexdigest()[:16]
 
 

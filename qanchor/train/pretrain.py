@@ -32,7 +32,7 @@ import pyarrow.compute as pc
 import torch
 
 from qanchor.config import PretrainConfig, load_run_config, require, require_file, to_container
-from qanchor.data.dataset import Dataset, load_dataset
+from qanchor.data.dataset import Dataset, content_digests, load_dataset
 from qanchor.data.io import (
     OutputKind,
     check_output_dir,
@@ -185,12 +185,12 @@ DATA_FILE = "DATA"  # in a run's checkpoint: trained_data_id of the data it was 
 
 def trained_data_id(ds: Dataset) -> str:
     """Which data a run trains on: the dataset's fingerprint (event, tabular and task files, the manifest) and its
-    ``userU.parquet`` (size and time), which the fingerprint leaves out. Stored in each checkpoint (:data:`DATA_FILE`)
-    so that reusing or resuming a run on data changed since can be told apart."""
+    ``userU.parquet``, which the fingerprint leaves out, both by content: a dataset rebuilt byte for byte, or copied
+    without its file times, is the same data. Stored in each checkpoint (:data:`DATA_FILE`) so that reusing or resuming
+    a run on data changed since can be told apart."""
     pairs = ds.root / USERU_FILE
-    st = pairs.stat() if pairs.exists() else None
-    blob = f"{ds.fingerprint}:{st.st_size if st else '-'}:{st.st_mtime_ns if st else '-'}"
-    return hashlib.sha256(blob.encode()).hexdigest()[:16]
+    pairs_digest = content_digests([pairs], ds.cache_dir)[0] if pairs.exists() else "-"
+    return hashlib.sha256(f"{ds.fingerprint}:{pairs_digest}".encode()).hexdigest()[:16]
 
 
 DEEPSPEED_FILE = "DEEPSPEED"  # in a run's checkpoint: deepspeed_file_digest of the train.deepspeed_config it used

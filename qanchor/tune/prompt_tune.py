@@ -87,12 +87,12 @@ def _check_implied_data(ds: Dataset, checkpoint: str) -> None:
     """Warn when the dataset a checkpoint's config names by a relative path (no ``data.path`` given; pretraining
     records an absolute one since 2026-12-07) holds other data than the model was pretrained on: that path is read
     from this working directory, where another dataset of the same name tuned and reported heads without a word. A
-    warning, not a refusal: the record also changes with the dataset (a task added, a file copied)."""
+    warning, not a refusal: the record also changes with the dataset (a task added, a file changed)."""
     trained_on = checkpoint_data_id(resolve_checkpoint_dir(checkpoint))
     if trained_on is not None and trained_on != trained_data_id(ds):
         warn(f"no data.path given, so prompt tuning reads {ds.root} (the relative data.path {checkpoint}'s config "
              f"names, read from {Path.cwd()}), which holds other data than the model was pretrained on: another "
-             "dataset of that name, or the same one changed since (a task added, a file rewritten or copied); pass "
+             "dataset of that name, or the same one changed since (a task added, a file changed); pass "
              "data.path=<dataset> to name the dataset to tune on")
 
 

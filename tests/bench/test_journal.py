@@ -8,6 +8,7 @@ from dataclasses import replace
 from pathlib import Path
 from types import SimpleNamespace
 
+import pyarrow.parquet as pq
 import pytest
 from safetensors.torch import load_file, save_file
 
@@ -175,7 +176,10 @@ def test_with_ablations_the_key_follows_the_pretraining_pairs_and_stale_rows_are
     keys = [journal_module.journal_key(c, ds, [], "ckpt-hash", {}) for c in (with_ablations, without)]
     before = trained_data_id(ds)
     pairs = ds_dir / "userU.parquet"
-    os.utime(pairs, ns=(pairs.stat().st_atime_ns, pairs.stat().st_mtime_ns + 10**9))  # the pairs rebuilt
+    os.utime(pairs, ns=(pairs.stat().st_atime_ns, pairs.stat().st_mtime_ns + 10**9))  # the same pairs written again
+    assert trained_data_id(ds) == before
+    table = pq.read_table(pairs)
+    pq.write_table(table.slice(0, table.num_rows - 1), pairs)  # the pairs rebuilt, one fewer
     assert trained_data_id(ds) != before
     assert journal_module.journal_key(with_ablations, ds, [], "ckpt-hash", {}) != keys[0]
     assert journal_module.journal_key(without, ds, [], "ckpt-hash", {}) == keys[1]  # no sub-run reads them

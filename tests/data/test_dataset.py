@@ -3,6 +3,7 @@ from __future__ import annotations
 import shutil
 
 import numpy as np
+import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import pytest
@@ -631,3 +632,65 @@ def test_a_byte_flipped_on_disk_in_a_dataset_or_its_events_cache_is_refused_not_
     flip_a_byte_unnoticed(event_file)
     with pytest.raises(DataValidationError, match=rf"{event_file.name}: unreadable \(could not verify page integrity"):
         qanchor.load_dataset(copy)
+
+
+def test_the_fingerprint_goes_by_content_not_file_times(tiny_dataset, tmp_path, monkeypatch):
+    """The dataset's fingerprint (and the pretraining's record of its data) went by each file's size and time: the
+    same bytes written again (a `make data` rebuild, a copy without its times) read as other data, and a bench
+    recomputed every row; while other bytes of the same size, written back with the old time, read as the same."""
+    import os
+
+    from qanchor.train.pretrain import trained_data_id
+
+    copy = tmp_path / "copy"
+    shutil.copytree(tiny_dataset, copy, ignore=shutil.ignore_patterns(".qanchor_cache"))
+    ds = qanchor.load_dataset(copy)
+    assert ds.num_users == 40  # the events cache is built, so its folder is a qanchor cache
+    fingerprint, data_id = ds.fingerprint, trained_data_id(ds)
+    part = next((copy / "events").glob("*.parquet"))
+    st = part.stat()
+    part.write_bytes(part.read_bytes())
+    os.utime(part, ns=(st.st_atime_ns, st.st_mtime_ns + 10**9))  # the same bytes, written later
+    assert ds.fingerprint == fingerprint and trained_data_id(ds) == data_id
+    task = next((copy / "tasks").glob("*.parquet"))
+    table = pq.read_table(task)
+    plain = {"compression": "none", "use_dictionary": False}  # fixed-width labels: other labels, the same size
+    pq.write_table(table, task, **plain)
+    fingerprint, data_id, st = ds.fingerprint, trained_data_id(ds), task.stat()
+    labels = pa.array([1 - v for v in table.column("label").to_pylist()], table.schema.field("label").type)
+    pq.write_table(table.set_column(table.column_names.index("label"), "label", labels), task, **plain)
+    os.utime(task, ns=(st.st_atime_ns, st.st_mtime_ns))  # and its old time put back
+    assert task.stat().st_size == st.st_size
+    assert ds.fingerprint != fingerprint and trained_data_id(ds) != data_id
+
+
+def test_file_digests_are_remembered_with_their_stat(tiny_dataset, tmp_path, monkeypatch):
+    """Hashing a paper-scale dataset takes seconds per gigabyte: a later process reads the digests the cache folder
+    remembers for files whose stat has not moved, and reads a file again once it has."""
+    import json
+
+    copy = tmp_path / "copy"
+    shutil.copytree(tiny_dataset, copy, ignore=shutil.ignore_patterns(".qanchor_cache"))
+    ds = qanchor.load_dataset(copy)
+    assert ds.num_users == 40
+    first = ds.fingerprint
+    memo = copy / ".qanchor_cache" / "file-digests.json"
+    assert memo.is_file()
+    read = []
+    real = dataset_mod.file_sha256
+    monkeypatch.setattr(dataset_mod, "file_sha256", lambda path: read.append(path) or real(path))
+    monkeypatch.setattr(dataset_mod, "_known_digests", {})  # a new process
+    assert ds.fingerprint == first and read == []
+    part = next((copy / "events").glob("*.parquet"))
+    part.write_bytes(part.read_bytes())  # its stat moves: read again, the same digest
+    assert ds.fingerprint == first and read == [part]
+    saved = json.loads(memo.read_text())
+    saved[str(part.resolve())][-1] = "0" * 64  # a memo entry that no longer matches its file's bytes ...
+    saved[str(part.resolve())][0] += 1  # ... is recognised by its stat, which does not match either
+    memo.write_text(json.dumps(saved))
+    monkeypatch.setattr(dataset_mod, "_known_digests", {})
+    assert ds.fingerprint == first and read == [part, part]
+    memo.write_text("{damaged")  # only a memo: rebuilt
+    monkeypatch.setattr(dataset_mod, "_known_digests", {})
+    assert ds.fingerprint == first
+    assert json.loads(memo.read_text())[str(part.resolve())][-1] == real(part)
