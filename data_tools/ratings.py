@@ -8,9 +8,10 @@ is in the event texts before it meets one:
 
 - each user has a gender, an age and an occupation; their taste for each of 12 genres is a linear function of
   those plus personal noise;
-- they rate a negative-binomial number of titles (median about 60, a long tail into the hundreds; the count
-  carries almost nothing about the profile), chosen by a softmax over the titles' genre affinities; the value is
-  the 1-5 star rating, higher where the taste is stronger;
+- they give a negative-binomial number of ratings (median about 60, a long tail into the hundreds; the count
+  carries almost nothing about the profile), each title drawn by a softmax over the titles' genre affinities, with
+  replacement: a title may be rated again (about a quarter of a user's ratings repeat one; median about 46 distinct
+  titles); the value is the 1-5 star rating, higher where the taste is stronger;
 - a title's text names it and its genres ("Midnight Harbour (1987), crime / drama"), so a sentence encoder sees
   the content;
 - tasks are profile questions with deterministic labels (domain ``profile``): the user's own attributes.
