@@ -490,3 +490,31 @@ def test_a_repeated_aspect_is_asked_and_counted_once(infer_env, users):
     once = infer_env.qa.describe(users[1], ["recency"])
     twice = infer_env.qa.describe(users[1], ["recency", "recency"])
     assert (twice.kept, twice.dropped, twice.sentences) == (once.kept, once.dropped, once.sentences)
+
+
+def test_cached_decoding_matches_the_full_recompute_with_sharp_logits(infer_env, users):
+    """The fixture's random model spreads its next-token logits almost evenly, so cached and uncached scores agreed
+    whatever the cache held. With weights drawn wide the logits are sharp: the answers differ from user to user, end
+    at different steps, and must still equal the full recompute token for token (a wrong position id or a stale cache
+    row changes them)."""
+    import copy
+
+    qa = infer_env.qa
+    model = copy.deepcopy(qa.model)
+    generator = torch.Generator().manual_seed(3)
+    with torch.no_grad():
+        for p in model.backbone.parameters():
+            if p.dim() == 2:
+                p.copy_(torch.randn(p.shape, generator=generator) * 0.5)
+    sharp = QAnchor(model, qa.tokenizer, qa.meta, qa.run_cfg, text_cache=infer_env.cache, batch_size=8)
+    questions = ["How recently was this user active?", "Why?", "What does this user do most often on weekends?"]
+    cached = sharp.answer(users, questions, max_new_tokens=16)
+    assert cached == sharp.answer(users, questions, max_new_tokens=16, use_cache=False)
+    flat = [text for row in cached for text in row]
+    assert len(set(flat)) > len(flat) // 2  # sharp: the users' answers differ ...
+    assert len({len(sharp.tokenizer(t, add_special_tokens=False)["input_ids"]) for t in flat}) > 1  # ... and end apart
+    options = ["coffee shop", "online casino weekly", "fuel"]
+    for c, r in zip(sharp.choose(users, questions[0], options), sharp.choose(users, questions[0], options, use_cache=False)):
+        assert c.option == r.option
+        assert max(abs(c.scores[o] - r.scores[o]) for o in options) < 1e-4
+        assert max(r.scores.values()) - min(r.scores.values()) > 0.5  # the options are told apart, not a tie
