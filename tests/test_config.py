@@ -200,6 +200,11 @@ def test_a_deepspeed_config_file_merges_key_by_key_and_cannot_change_the_step_co
     assert params["lr"] == TrainConfig().lr and params["weight_decay"] == 0.1 and params["torch_adam"] is True
     assert merged["train_batch_size"] == TrainConfig().batch_size * 2
     assert merged["zero_optimization"] == {"stage": 0, "overlap_comm": True}
+    # a stage written as a string is the number DeepSpeed reads: it said "asks for ZeRO stage 2 and train.zero_stage is
+    # 2; set train.zero_stage=2"
+    assert with_file({"zero_optimization": {"stage": "2"}}, zero_stage=2)["zero_optimization"]["stage"] in (2, "2")
+    with pytest.raises(ConfigError, match=r"asks for ZeRO stage 3 and train.zero_stage is 2"):
+        with_file({"zero_optimization": {"stage": "3"}}, zero_stage=2)
     assert with_file({"gradient_accumulation_steps": 2}, grad_accum_steps=2)["gradient_accumulation_steps"] == 2
     with pytest.raises(ConfigError, match=r"gradient_accumulation_steps=2, and the train section gives 1 "
                                           r"\(train.grad_accum_steps\)"):

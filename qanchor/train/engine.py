@@ -189,6 +189,8 @@ def deepspeed_config(cfg: TrainConfig, world: int) -> dict[str, Any]:
                               f"{cfg.precision}; the run's records would say {cfg.precision}. Set train.precision="
                               f"{'bf16' if half['bf16'] else 'fp32'} instead and write \"enabled\": \"auto\" (or leave it out)")
         stage = ds.get("zero_optimization", {}).get("stage", cfg.zero_stage)
+        if isinstance(stage, str) and stage.strip().isdigit():  # "2": DeepSpeed's own config reads it as the number
+            stage = int(stage)
         if stage != cfg.zero_stage:  # qanchor gathers ZeRO-3's partitioned weights to save them by train.zero_stage
             raise ConfigError(f"train.deepspeed_config {cfg.deepspeed_config} asks for ZeRO stage {stage} and "
                               f"train.zero_stage is {cfg.zero_stage}; set train.zero_stage={stage} (or \"stage\": \"auto\")")

@@ -116,13 +116,17 @@ class MetricsLog:
             os.fsync(fh.fileno())  # a step's line reaches the disk with it, not minutes later in a lost page cache
 
 
-def preflight(cfg: PretrainConfig, world: int = 1) -> None:
-    """Every check that needs no model and no text encoder: refuse a mistake in seconds, touching nothing."""
+def preflight(cfg: PretrainConfig, world: int = 1, rank: int = 0) -> None:
+    """Every check that needs no model and no text encoder: refuse a mistake in seconds, touching nothing. Every rank
+    runs it (each must stop on a mistake); only ``rank`` 0 says its warnings, once per run and not once per process."""
     require(cfg.data.path, "data.path", "<dataset dir>")
     require(cfg.output_dir, "output_dir", "runs/pretrain")  # empty (an unset $OUT): the run went into the working folder
     require_file(cfg.train.deepspeed_config, "train.deepspeed_config")
     check_device("cuda" if torch.cuda.is_available() else "cpu", cfg.train.precision)
     deepspeed_config(cfg.train, world)  # a damaged or conflicting deepspeed_config file fails here, not after setup
+    # the weights before the data: validating a paper-scale dataset takes minutes on every rank
+    tokenizer = load_tokenizer(cfg.model.backbone)
+    check_backbone_weights(cfg.model.backbone, len(tokenizer))
     ds = load_dataset(cfg.data.path, cfg.data.cache_dir)
     check_caps(cfg.data, ds.manifest)
     if not (ds.root / USERU_FILE).exists():
@@ -132,7 +136,7 @@ def preflight(cfg: PretrainConfig, world: int = 1) -> None:
                                       f"benchmarked with the peers: `qanchor bench checkpoint=null data.path={ds.root}`")
         raise DataValidationError(str(ds.root / USERU_FILE), f"pretraining needs UserU pairs; build them with "
                                   f"`qanchor data userU {ds.root}`")
-    if (stale := stale_userU(ds.root / USERU_FILE, ds)) is not None:
+    if rank == 0 and (stale := stale_userU(ds.root / USERU_FILE, ds)) is not None:
         warn(stale)  # the pairs are still valid training pairs: say so, and train on them
     pairs = ds.userU()
     if cfg.loss.profile_weight > 0 and cfg.loss.profile_sources is not None:
@@ -145,11 +149,9 @@ def preflight(cfg: PretrainConfig, world: int = 1) -> None:
         if not any(not is_held_out(u, cfg.train.holdout_users) for u in pair_users):
             raise ConfigError(f"train.holdout_users={cfg.train.holdout_users} holds out every one of the "
                               f"{len(pair_users)} users with pretraining pairs; lower it (0.1 keeps a tenth aside)")
-    _check_run_dir(cfg, ds, world)
+    _check_run_dir(cfg, ds, world, rank)
     resume_key()  # the first save seals with it: a key that is refused must stop the run now, not after save_every steps
     SentenceEncoder.check(cfg.data.text_encoder)  # before the questions, which its tokenizer may read
-    tokenizer = load_tokenizer(cfg.model.backbone)
-    check_backbone_weights(cfg.model.backbone, len(tokenizer))  # not after hours of encoding event texts
     _check_queries(cfg, tokenizer, sorted(set(pairs.column("query").to_pylist())))
 
 
@@ -284,7 +286,7 @@ def checkpoint_step(checkpoint_dir: Path) -> int | None:
         return None
 
 
-def _check_run_dir(cfg: PretrainConfig, ds: Dataset, world: int = 1) -> None:
+def _check_run_dir(cfg: PretrainConfig, ds: Dataset, world: int = 1, rank: int = 0) -> None:
     out = Path(cfg.output_dir)
     held = check_output_dir(out, OutputKind.RUN, {"data.path": cfg.data.path}, key="output_dir")
     started = held and any(p.name != ".qanchor-output" for p in out.iterdir())
@@ -296,7 +298,7 @@ def _check_run_dir(cfg: PretrainConfig, ds: Dataset, world: int = 1) -> None:
     if cfg.resume:
         tag = resume_tag(out / "ds_state")  # refuses resume state this user did not write, before any work
         reached = checkpoint_step(out / "checkpoint")
-        if tag is None and reached:  # a first save killed before its seal, or ds_state removed: said, not silent
+        if rank == 0 and tag is None and reached:  # a first save killed before its seal, or ds_state removed: said
             warn(f"{out} holds a checkpoint at step {reached} but no complete resume state in {out / 'ds_state'}: "
                  "the run starts again from step 0 and will replace that checkpoint (stop now and copy it away to keep it)")
         saved_world = None if tag is None else sharded_world(out / "ds_state" / tag)
@@ -364,7 +366,7 @@ def run_pretrain(cfg: PretrainConfig, progress: bool = True, print_result: bool 
     ``progress``, still print the summary line, the command's result; a quiet pretraining inside another command (the
     bench's ``qanchor_random_init``, an ablation, uqa's variants) prints nothing."""
     started = time.perf_counter()
-    preflight(cfg, int(os.environ.get("WORLD_SIZE", 1)))
+    preflight(cfg, int(os.environ.get("WORLD_SIZE", 1)), int(os.environ.get("RANK", 0)))
     # the checkpoint's config.yaml names the dataset by an absolute path (not through links: a folder's name labels
     # results): a relative one was read from whichever folder a later command ran in (prompt-tune without data.path)
     cfg = replace(cfg, data=replace(cfg.data, path=os.path.abspath(cfg.data.path)))

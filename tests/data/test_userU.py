@@ -565,6 +565,8 @@ def test_pairs_built_from_other_events_are_named_when_pretraining_reads_them(bui
     capsys.readouterr()
     preflight(cfg)
     assert [line.split(" ", 2)[2] for line in capsys.readouterr().err.splitlines()] == [f"warning: {why}"]
+    preflight(cfg, world=1, rank=1)  # every rank of a distributed run checks; one says it (it was once per process)
+    assert capsys.readouterr().err == ""
     build_userU(copy, seed=0, progress=False)  # rebuilt: current again
     assert stale_userU(copy / USERU_FILE, load_dataset(copy)) is None
 

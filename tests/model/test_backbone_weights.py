@@ -107,6 +107,13 @@ def test_pretraining_refuses_a_bad_backbone_before_encoding_event_texts(tiny_dat
                              "model.backbone.init_embeddings_from_minilm=false"], schema=PretrainConfig)
     with pytest.raises(ConfigError, match="name_or_path: no such directory"):
         preflight(cfg)
+    # before the data, whose validation takes minutes per rank at paper scale: a damaged dataset is named second
+    part = next((ds / "events").glob("*.parquet"))
+    intact = part.read_bytes()
+    part.write_bytes(intact[:100])
+    with pytest.raises(ConfigError, match="name_or_path: no such directory"):
+        preflight(cfg)
+    part.write_bytes(intact)
     cfg = load_config(None, [*base, "model.max_query_tokens=4"], schema=PretrainConfig)
     with pytest.raises(ConfigError, match=r"a pretraining pair's question has \d+ tokens under this tokenizer, more than "
                                           r"model.max_query_tokens=4: .*raise model.max_query_tokens to at least \d+"):
