@@ -23,7 +23,7 @@ from pathlib import Path
 from qanchor.data.dataset import load_dataset
 from qanchor.data.io import file_sha256, write_json, write_text
 from qanchor.logs import format_seconds, log
-from qanchor.train.pretrain import trained_data_id
+from qanchor.train.pretrain import legacy_trained_data_id, trained_data_id
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from quality_seeds import _probe, _qanchor, absolute_paths, check_reusable  # noqa: E402
@@ -48,7 +48,8 @@ def main(argv=None) -> int:
     # the children run quietly (pretraining prints its result line, the probe's report is left out): without lines of
     # its own the script was silent for the whole run, an hour in the example
     log(f"learning_curve: start, budgets {', '.join(map(str, budgets))} steps, seed {args.seed}, root {args.root}")
-    data_id = trained_data_id(load_dataset(args.data))
+    dataset = load_dataset(args.data)
+    data_id, older = trained_data_id(dataset), {"data": legacy_trained_data_id(dataset)}
     for k, steps in enumerate(budgets, 1):
         run = args.root / f"steps{steps}"
         probe = run / "probe.json"
@@ -56,7 +57,7 @@ def main(argv=None) -> int:
         wanted = {"steps": steps, "seed": args.seed, "pretrain_config": file_sha256(args.pretrain), "set": list(args.set),
                   "data": data_id, "generic_query": args.generic_query}
         if probe.exists():
-            check_reusable(probe, wanted)
+            check_reusable(probe, wanted, also=older)
             log(f"learning_curve: steps {steps} ({k}/{len(budgets)}): reusing {probe}")
         else:
             log(f"learning_curve: steps {steps} ({k}/{len(budgets)}): pretraining -> {run}")

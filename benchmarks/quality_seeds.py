@@ -40,7 +40,7 @@ from qanchor.config import BenchConfig, load_config  # noqa: E402
 from qanchor.data.dataset import load_dataset  # noqa: E402
 from qanchor.data.io import file_sha256, write_json, write_text  # noqa: E402
 from qanchor.logs import format_seconds, log  # noqa: E402
-from qanchor.train.pretrain import trained_data_id  # noqa: E402
+from qanchor.train.pretrain import legacy_trained_data_id, trained_data_id  # noqa: E402
 
 
 def _checked(cmd: list[str], name: str, **kwargs) -> None:
@@ -166,9 +166,10 @@ def settings_of(args: argparse.Namespace, seed: int, data_id: str) -> dict:
     return out
 
 
-def check_reusable(done: Path, wanted: dict, redo: list[Path] | None = None) -> None:
+def check_reusable(done: Path, wanted: dict, redo: list[Path] | None = None, also: dict | None = None) -> None:
     """Refuse a finished result made under other settings than ``wanted`` (SystemExit naming what differs and
-    ``redo``, the folders to delete to make it again: by default the result's own)."""
+    ``redo``, the folders to delete to make it again: by default the result's own). ``also``: a value each key may
+    hold as an older qanchor recorded the same setting (the data's id before it went by content)."""
     record = done.with_name(done.name + ".settings.json")
     if not record.exists():
         print(f"warning: {done} has no record of the settings that produced it (made before quality_seeds.py kept "
@@ -180,7 +181,7 @@ def check_reusable(done: Path, wanted: dict, redo: list[Path] | None = None) -> 
         print(f"warning: {record} does not record {', '.join(unknown)} (written before quality_seeds.py kept it); "
               "the result is reused as it is", file=sys.stderr)
     differ = [f"{k}: {had.get(k)!r} -> {wanted.get(k)!r}" for k in sorted(set(had) | set(wanted))
-              if k not in unknown and had.get(k) != wanted.get(k)]
+              if k not in unknown and had.get(k) != wanted.get(k) and not (also and k in also and had.get(k) == also[k])]
     if differ:
         folders = " and ".join(str(f) for f in (redo or [done.parent]))
         raise SystemExit(f"{done} was made with other settings ({'; '.join(differ)}); use another --root, or delete "
@@ -225,14 +226,16 @@ def main(argv=None) -> int:
     # the children run quietly (pretraining's lines with --log): without lines of its own the script was silent for
     # minutes per seed in a job's log
     log(f"quality_seeds: start, seeds {args.seeds} ({'probe' if args.probe else 'bench'}), root {args.root}")
-    data_id = trained_data_id(load_dataset(args.data))  # the dataset's files and its UserU pairs
+    dataset = load_dataset(args.data)
+    data_id = trained_data_id(dataset)  # the dataset's files and its UserU pairs
+    older = {"data": legacy_trained_data_id(dataset)}  # what a seed finished before ids went by content recorded
     for k, seed in enumerate(seeds, 1):
         run = args.root / f"seed{seed}"
         bench = args.root / f"bench-seed{seed}"  # beside the run: an output inside its checkpoint is refused
         done = run / "probe.json" if args.probe else bench / "results.json"
         wanted = settings_of(args, seed, data_id)
         if done.exists():  # in bench mode the seed's pretraining run is a folder of its own, made with the settings too
-            check_reusable(done, wanted, [run] if args.probe else [run, bench])
+            check_reusable(done, wanted, [run] if args.probe else [run, bench], also=older)
             log(f"quality_seeds: seed {seed} ({k}/{len(seeds)}): reusing {done}")
         else:
             log(f"quality_seeds: seed {seed} ({k}/{len(seeds)}): pretraining -> {run}")

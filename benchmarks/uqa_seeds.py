@@ -36,7 +36,7 @@ sys.path.insert(0, str(ROOT))
 from qanchor.bench.uqa import FAMILIES, same_questions  # noqa: E402
 from qanchor.data.dataset import load_dataset  # noqa: E402
 from qanchor.data.io import file_sha256, write_json, write_text  # noqa: E402
-from qanchor.train.pretrain import trained_data_id  # noqa: E402
+from qanchor.train.pretrain import legacy_trained_data_id, trained_data_id  # noqa: E402
 
 sys.path.insert(0, str(ROOT / "benchmarks"))
 from quality_seeds import _qanchor, absolute_paths, check_reusable  # noqa: E402
@@ -156,7 +156,8 @@ def main(argv=None) -> int:
         if args.root is None:
             ap.error("give --root (to run the seeds) or --results (to summarise finished runs)")
         dirs = []
-        data_id = trained_data_id(load_dataset(args.data))
+        dataset = load_dataset(args.data)
+        data_id, older = trained_data_id(dataset), {"data": legacy_trained_data_id(dataset)}
         for seed in [int(s) for s in args.seeds.split(",")]:
             run, out = args.root / f"seed{seed}", args.root / f"uqa-seed{seed}"  # beside the run, not inside it
             # what the seed's result depends on: a result made under other settings is refused, not summarised
@@ -164,7 +165,7 @@ def main(argv=None) -> int:
                       "set": list(args.set), "uqa_set": list(args.uqa_set), "data": data_id}
             record = out / "results.json.settings.json"
             if (out / "results.json").exists():
-                check_reusable(out / "results.json", wanted)
+                check_reusable(out / "results.json", wanted, also=older)
             else:
                 _qanchor("pretrain", "--config", args.pretrain, f"data.path={args.data}", f"output_dir={run}",
                          f"train.seed={seed}", "resume=true", *UQA_PRETRAIN, *args.set)

@@ -23,7 +23,7 @@ from qanchor.train.pretrain import (
     checkpoint_step,
     recipe_differences,
     run_pretrain,
-    trained_data_id,
+    same_trained_data,
     with_files_compared,
 )
 
@@ -70,7 +70,7 @@ def pretrain_variant(checkpoint: str, data_path: str, change: Callable[[Pretrain
     if (ckpt / "config.yaml").exists():
         diffs = with_files_compared(recipe_differences(load_run_config(ckpt / "config.yaml"), run), ckpt, run)
         saved_on = checkpoint_data_id(ckpt)  # None: saved before qanchor recorded it, so not compared
-        if saved_on is not None and saved_on != trained_data_id(load_dataset(data_path, run.data.cache_dir)):
+        if saved_on is not None and not same_trained_data(saved_on, load_dataset(data_path, run.data.cache_dir)):
             diffs.append(f"the data at {data_path} (its files or UserU pairs changed since)")
         reached = checkpoint_step(ckpt)
         if reached is not None and reached > run.train.max_steps:  # under a constant schedule not a recipe difference,

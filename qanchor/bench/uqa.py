@@ -62,7 +62,7 @@ from qanchor.infer.api import QAnchor, events_before
 from qanchor.logs import format_seconds, log, warn
 from qanchor.model.factory import resolve_checkpoint_dir
 from qanchor.train.pairs import is_held_out
-from qanchor.train.pretrain import checkpoint_data_id, trained_data_id
+from qanchor.train.pretrain import checkpoint_data_id, same_trained_data
 
 __all__ = ["FAMILIES", "Question", "UqaResult", "asked_record", "build_questions", "held_out_users", "merge_results", "run_uqa",
            "same_asked", "same_questions", "topic_table", "wilson", "write_uqa"]
@@ -263,7 +263,7 @@ def run_uqa(cfg: UqaConfig, progress: bool = True) -> UqaResult:
     # The TextN and prior rows are pretrained on data.path; the Q-Anchor row was pretrained on whatever the checkpoint
     # recorded. Compared by the files' contents: another dataset, or this one changed since, is said, not refused.
     trained_on = checkpoint_data_id(resolve_checkpoint_dir(cfg.checkpoint))
-    same_data = None if trained_on is None else trained_on == trained_data_id(ds)
+    same_data = same_trained_data(trained_on, ds)
     if same_data is False:
         warn(f"{cfg.checkpoint} was pretrained on other data than {cfg.data.path} (another dataset, or its files or "
              "UserU pairs were changed or rewritten since): the TextN and prior rows are pretrained on "

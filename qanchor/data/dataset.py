@@ -52,11 +52,11 @@ from qanchor.data.schema import (
     utc_micros,
 )
 from qanchor.data.validate import ValidationReport, event_files, task_files, validate_dataset
-from qanchor.errors import ConfigError, DataValidationError
+from qanchor.errors import ConfigError, DataValidationError, OutputError
 from qanchor.logs import warn
 
 __all__ = ["EventSeq", "event_order", "in_event_order", "order_key", "isin_ids", "UserRecord", "RecordLayout", "Task", "Dataset", "load_dataset", "records_from_table", "default_cache_dir",
-           "CACHE_DIR", "warn_tasks_without_data", "content_digests"]
+           "CACHE_DIR", "warn_tasks_without_data", "content_digests", "legacy_fingerprint"]
 
 _PARTITION_USERS = 4096
 _MAX_PARTITIONS = 512
@@ -505,7 +505,7 @@ def content_digests(paths: Sequence[Path], cache_dir: Path) -> list[str]:
     memo_path = cache_dir / _DIGESTS_FILE
     try:
         saved = json.loads(memo_path.read_text(encoding="utf-8"))
-    except (OSError, ValueError):  # none yet, or damaged: it is only a memo, rebuilt below
+    except (OSError, ValueError, RecursionError):  # none yet, or damaged: it is only a memo, rebuilt below
         saved = {}
     if not isinstance(saved, dict):
         saved = {}
@@ -526,8 +526,8 @@ def content_digests(paths: Sequence[Path], cache_dir: Path) -> list[str]:
     if updated != saved and output_kind(cache_dir) == OutputKind.CACHE.value:  # never creates or claims a folder
         try:
             write_text(json.dumps(updated, indent=0) + "\n", memo_path)
-        except OSError:  # a cache another user owns, a full disk: the digests stand, only the memo is not kept
-            pass
+        except (OSError, OutputError):  # another user's cache, a full disk, a folder by that name: the digests stand,
+            pass  # only the memo is not kept
     return digests
 
 
@@ -543,6 +543,20 @@ def _fingerprint(root: Path, files: list[Path], cache_dir: Path) -> str:
     present = [path for path in [*files, root / TABULAR_FILE, *task_files(root)] if path.exists()]
     for path, digest in zip(present, content_digests(present, cache_dir)):
         h.update(f"{path.relative_to(root).as_posix()}:{digest};".encode())
+    return h.hexdigest()[:16]
+
+
+def legacy_fingerprint(root: Path) -> str:
+    """:attr:`Dataset.fingerprint` as qanchor computed it before it went by content (2026-12-07): the manifest's text
+    and each file's name, size and modification time. Only to recognise what runs made then recorded."""
+    h = hashlib.sha256()
+    manifest = root / MANIFEST_FILE
+    if manifest.is_file():
+        h.update(hashlib.sha256(manifest.read_bytes()).digest())
+    for path in [*event_files(root), root / TABULAR_FILE, *task_files(root)]:
+        if path.exists():
+            st = path.stat()
+            h.update(f"{path.name}:{st.st_size}:{st.st_mtime_ns};".encode())
     return h.hexdigest()[:16]
 
 

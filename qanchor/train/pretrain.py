@@ -32,7 +32,7 @@ import pyarrow.compute as pc
 import torch
 
 from qanchor.config import PretrainConfig, load_run_config, require, require_file, to_container
-from qanchor.data.dataset import Dataset, content_digests, load_dataset
+from qanchor.data.dataset import Dataset, content_digests, legacy_fingerprint, load_dataset
 from qanchor.data.io import (
     OutputKind,
     check_output_dir,
@@ -124,6 +124,8 @@ def preflight(cfg: PretrainConfig, world: int = 1, rank: int = 0) -> None:
     require_file(cfg.train.deepspeed_config, "train.deepspeed_config")
     check_device("cuda" if torch.cuda.is_available() else "cpu", cfg.train.precision)
     deepspeed_config(cfg.train, world)  # a damaged or conflicting deepspeed_config file fails here, not after setup
+    if not Path(cfg.data.path).is_dir():  # a mistyped path: said at once, not after a tokenizer's load (or a hub's timeout)
+        raise DataValidationError(str(cfg.data.path), "dataset directory not found")
     # the weights before the data: validating a paper-scale dataset takes minutes on every rank
     tokenizer = load_tokenizer(cfg.model.backbone)
     check_backbone_weights(cfg.model.backbone, len(tokenizer))
@@ -193,6 +195,25 @@ def trained_data_id(ds: Dataset) -> str:
     pairs = ds.root / USERU_FILE
     pairs_digest = content_digests([pairs], ds.cache_dir)[0] if pairs.exists() else "-"
     return hashlib.sha256(f"{ds.fingerprint}:{pairs_digest}".encode()).hexdigest()[:16]
+
+
+def legacy_trained_data_id(ds: Dataset) -> str:
+    """:func:`trained_data_id` as runs made before it went by content (2026-12-07) recorded it: the files' names,
+    sizes and times. Accepted by :func:`same_trained_data`, so that upgrading qanchor does not make every earlier run
+    read as trained on other data (resumed with a warning, its sub-runs retrained, uqa recording a mismatch)."""
+    pairs = ds.root / USERU_FILE
+    st = pairs.stat() if pairs.exists() else None
+    blob = f"{legacy_fingerprint(ds.root)}:{st.st_size if st else '-'}:{st.st_mtime_ns if st else '-'}"
+    return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+def same_trained_data(recorded: str | None, ds: Dataset) -> bool | None:
+    """Whether ``recorded`` (a checkpoint's :data:`DATA`, a script's record) names the data ``ds`` holds: by today's
+    id, or by the one recorded before ids went by content, which still matches while the files keep their times.
+    None when nothing was recorded."""
+    if recorded is None:
+        return None
+    return recorded == trained_data_id(ds) or recorded == legacy_trained_data_id(ds)
 
 
 DEEPSPEED_FILE = "DEEPSPEED"  # in a run's checkpoint: deepspeed_file_digest of the train.deepspeed_config it used
@@ -318,7 +339,7 @@ def _check_run_dir(cfg: PretrainConfig, ds: Dataset, world: int = 1, rank: int =
         saved = out / "checkpoint" / "config.yaml"
         if saved.exists():  # a longer train.max_steps, say, would continue a schedule built for the shorter run
             diffs = with_files_compared(recipe_differences(load_run_config(saved), cfg), out / "checkpoint", cfg)
-            if checkpoint_data_id(out / "checkpoint") == trained_data_id(ds):
+            if same_trained_data(checkpoint_data_id(out / "checkpoint"), ds):
                 # the very data it trained on, named by another path (a relative data.path given from another
                 # working directory): not another recipe
                 diffs = [d for d in diffs if not d.startswith("data.path:")]
@@ -380,7 +401,7 @@ def run_pretrain(cfg: PretrainConfig, progress: bool = True, print_result: bool 
     notes = {DATA_FILE: f"{data_id}\n", DEEPSPEED_FILE: f"{deepspeed_file_digest(cfg)}\n",  # in every checkpoint
              BACKBONE_FILE: backbone_file_text(cfg)}
     saved_on = checkpoint_data_id(out / "checkpoint") if cfg.resume else None
-    if rank == 0 and saved_on is not None and saved_on != data_id:
+    if rank == 0 and same_trained_data(saved_on, ds) is False:
         warn(f"{out} was trained so far on other data than {ds.root} holds now (its files or UserU pairs "
              "changed since); the resumed steps train on the data as it is now. Pass resume=false overwrite=true to "
              "train on it from the start")

@@ -64,7 +64,7 @@ from qanchor.model.factory import ModelMeta, check_encoder_digest, load_checkpoi
 from qanchor.model.layout import tokenize_query
 from qanchor.model.prefix_cache import PrefixStore
 from qanchor.model.qanchor_model import QAnchorModel
-from qanchor.train.pretrain import checkpoint_data_id, trained_data_id
+from qanchor.train.pretrain import checkpoint_data_id, same_trained_data
 from qanchor.tune.head import HEAD_FOLDER_FILES, HEAD_META, HEAD_RECORD, HEAD_WEIGHTS, SPLIT_FILE, find_heads
 from qanchor.tune.trainer import frozen_logistic, split_users, tune_task
 
@@ -89,7 +89,7 @@ def _check_implied_data(ds: Dataset, checkpoint: str) -> None:
     from this working directory, where another dataset of the same name tuned and reported heads without a word. A
     warning, not a refusal: the record also changes with the dataset (a task added, a file changed)."""
     trained_on = checkpoint_data_id(resolve_checkpoint_dir(checkpoint))
-    if trained_on is not None and trained_on != trained_data_id(ds):
+    if same_trained_data(trained_on, ds) is False:
         warn(f"no data.path given, so prompt tuning reads {ds.root} (the relative data.path {checkpoint}'s config "
              f"names, read from {Path.cwd()}), which holds other data than the model was pretrained on: another "
              "dataset of that name, or the same one changed since (a task added, a file changed); pass "

@@ -100,6 +100,7 @@ def _no_dataset(module, monkeypatch) -> list:
     loaded = []
     monkeypatch.setattr(module, "load_dataset", lambda path: loaded.append(path) or path)
     monkeypatch.setattr(module, "trained_data_id", lambda ds: "data-id")
+    monkeypatch.setattr(module, "legacy_trained_data_id", lambda ds: "legacy-data-id")
     return loaded
 
 

@@ -114,6 +114,13 @@ def test_a_seed_made_with_other_settings_is_refused_not_summarised(uqa_seeds, ti
     with pytest.raises(SystemExit, match=r"other settings \(set: \['train.max_steps=6000'\] -> \['train.max_steps=3000'\]\)"):
         uqa_seeds.main([*args, "--set", "train.max_steps=3000"])
     assert uqa_seeds.main([*args, "--set", "train.max_steps=6000"]) == 0  # the same settings: reused
+    # the data's id as recorded before it went by content (the files' times): the same data, reused
+    older = {**wanted, "data": uqa_seeds.legacy_trained_data_id(uqa_seeds.load_dataset(tiny_dataset))}
+    (out / "results.json.settings.json").write_text(json.dumps(older))
+    assert older["data"] != wanted["data"] and uqa_seeds.main([*args, "--set", "train.max_steps=6000"]) == 0
+    (out / "results.json.settings.json").write_text(json.dumps({**wanted, "data": "0123456789abcdef"}))
+    with pytest.raises(SystemExit, match=r"other settings \(data: '0123456789abcdef' -> "):
+        uqa_seeds.main([*args, "--set", "train.max_steps=6000"])
 
 
 def test_a_failed_child_is_one_error_line_not_a_traceback(uqa_seeds):

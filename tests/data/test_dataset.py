@@ -694,3 +694,10 @@ def test_file_digests_are_remembered_with_their_stat(tiny_dataset, tmp_path, mon
     monkeypatch.setattr(dataset_mod, "_known_digests", {})
     assert ds.fingerprint == first
     assert json.loads(memo.read_text())[str(part.resolve())][-1] == real(part)
+    memo.write_text("[" * 200_000)  # nested past the JSON reader's recursion limit: a RecursionError, not a ValueError
+    monkeypatch.setattr(dataset_mod, "_known_digests", {})
+    assert ds.fingerprint == first
+    memo.unlink()
+    memo.mkdir()  # a folder by the memo's name: the digests stand, the memo is not kept, nothing is said
+    monkeypatch.setattr(dataset_mod, "_known_digests", {})
+    assert ds.fingerprint == first and memo.is_dir()

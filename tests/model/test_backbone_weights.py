@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from qanchor.config import BackboneConfig, PretrainConfig, load_config
-from qanchor.errors import CheckpointError, ConfigError
+from qanchor.errors import CheckpointError, ConfigError, DataValidationError
 from qanchor.model.backbone import build_backbone, check_backbone_weights, load_tokenizer
 from tests.helpers import copy_dataset
 
@@ -114,6 +114,11 @@ def test_pretraining_refuses_a_bad_backbone_before_encoding_event_texts(tiny_dat
     with pytest.raises(ConfigError, match="name_or_path: no such directory"):
         preflight(cfg)
     part.write_bytes(intact)
+    # but a mistyped data.path is said at once, not after the tokenizer's load (a hub id waits out a network timeout)
+    typo = load_config(None, [*base[1:], f"data.path={tmp_path / 'dss'}", f"model.backbone.tokenizer={tmp_path / 'tok'}"],
+                       schema=PretrainConfig)
+    with pytest.raises(DataValidationError, match="dss: dataset directory not found"):
+        preflight(typo)
     cfg = load_config(None, [*base, "model.max_query_tokens=4"], schema=PretrainConfig)
     with pytest.raises(ConfigError, match=r"a pretraining pair's question has \d+ tokens under this tokenizer, more than "
                                           r"model.max_query_tokens=4: .*raise model.max_query_tokens to at least \d+"):
