@@ -34,7 +34,7 @@ from qanchor.data.schema import (
 )
 from qanchor.errors import DataValidationError
 
-__all__ = ["ValidationReport", "validate_dataset", "event_files", "task_files", "check_event_file", "check_tabular_file", "not_storable"]
+__all__ = ["ValidationReport", "validate_dataset", "event_files", "task_files", "check_event_file", "check_tabular_file", "not_storable", "EPOCH_YEAR_US"]
 
 _BATCH_ROWS = 262_144
 _FLOAT32_MAX = float(np.finfo(np.float32).max)  # events and tabular values are stored as float32
@@ -193,7 +193,7 @@ def _no_nulls(path: Path, batch: pa.RecordBatch, column: str, offset: int) -> No
         raise DataValidationError(str(path), "null value; every row needs one", column=column, row=offset + row)
 
 
-_EPOCH_YEAR_US = 365 * 86_400 * 1_000_000
+EPOCH_YEAR_US = 365 * 86_400 * 1_000_000
 
 
 def _micros_text(us: int) -> str:
@@ -285,7 +285,7 @@ def _check_event_file(path: Path, manifest: Manifest, report: ValidationReport, 
             report.events_per_modality[item["values"]] += item["counts"]
         users.update(pc.unique(batch.column("user_id")).to_pylist())
         offset += batch.num_rows
-    if span is not None and 0 <= span[0] and span[1] < _EPOCH_YEAR_US and cutoff_us > 20 * _EPOCH_YEAR_US:
+    if span is not None and 0 <= span[0] and span[1] < EPOCH_YEAR_US and cutoff_us > 20 * EPOCH_YEAR_US:
         # seconds or milliseconds written into a microsecond or nanosecond column: every event lands in January 1970,
         # the dataset validates, and every window before the cutoff is empty (no future pairs, no labels' history)
         raise DataValidationError(str(path), f"every event lies in 1970 (the latest at {_micros_text(span[1])}), decades "

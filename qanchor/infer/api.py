@@ -256,6 +256,10 @@ class QAnchor:
             return self.dataset_records(users)
         if isinstance(users, (UserRecord, Mapping)):
             users = [users]
+        elif hasattr(users, "to_dict") and "user_id" in getattr(users, "index", ()):  # a DataFrame's row (iterrows,
+            # apply) holding one user: iterated, it gave its values, and the error spoke of a DataFrame's column names
+            raise ModelInputError("users is a pandas Series holding one user's fields (user_id, events...); pass "
+                                  "row.to_dict()")
         elif isinstance(users, (str, bytes)) or not isinstance(users, Iterable):  # a user id is not a user
             raise ModelInputError(f"users must be a user (a dict or UserRecord), an iterable of users or a Dataset, got "
                                   f"{type(users).__name__}" + (f" {users!r}: to embed a dataset's user, pass "

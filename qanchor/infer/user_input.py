@@ -21,7 +21,7 @@ Example:
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping
-from datetime import datetime, timezone
+from datetime import datetime, timedelta, timezone
 from functools import lru_cache
 from numbers import Real
 
@@ -29,7 +29,7 @@ import numpy as np
 
 from qanchor.data.dataset import EventSeq, RecordLayout, UserRecord, event_order, in_event_order
 from qanchor.data.manifest import Manifest, ModalitySpec
-from qanchor.data.validate import not_storable
+from qanchor.data.validate import EPOCH_YEAR_US, not_storable
 from qanchor.errors import ModelInputError
 from qanchor.logs import warn
 from qanchor.model.layout import check_utf8
@@ -60,9 +60,10 @@ def to_microseconds(ts: object) -> int:
             raise ValueError(f"'{ts}' is not an ISO datetime such as 2024-06-01T12:00:00+00:00") from None
     if not isinstance(ts, datetime):
         raise ValueError(f"{type(ts).__name__} is not a timestamp; give a datetime or an ISO string")
-    if ts.tzinfo is None:
-        ts = ts.replace(tzinfo=timezone.utc)  # naive times are UTC, as in the dataset format
-    delta = ts.astimezone(timezone.utc) - _EPOCH
+    # naive times are UTC, as in the dataset format. The offset is taken off by hand: astimezone() overflows for a
+    # time within a day of the calendar's ends (0001-01-01T00:00+01:00, an export's "unknown date")
+    offset = ts.utcoffset() if ts.tzinfo is not None else None
+    delta = (ts.replace(tzinfo=None) - _EPOCH.replace(tzinfo=None)) - (offset or timedelta(0))
     return (delta.days * 86_400 + delta.seconds) * 1_000_000 + delta.microseconds
 
 
@@ -141,7 +142,12 @@ def _check_record(rec: UserRecord, manifest: Manifest, columns: list[str], order
         where = f"user {rec.user_id!r}, modality {name!r}"
         if not isinstance(seq, EventSeq):
             raise ModelInputError(f"{where}: events must be an EventSeq, got {type(seq).__name__}")
-        for field_name, array, kinds, ndim in (("ts", seq.ts, "iu", 1), ("value", seq.value, "fiu", 1),
+        if isinstance(seq.ts, np.ndarray) and seq.ts.dtype.kind in "iu" and seq.ts.dtype != np.int64:
+            # a narrower integer holds +-35 minutes around 1970 in microseconds: the numbers were another unit
+            raise ModelInputError(f"{where}: ts must be int64 microseconds since 1970 (UTC), got {seq.ts.dtype}; in seconds "
+                                  "or milliseconds, multiply by 10**6 or 10**3 and cast to int64 (or pass a dict user, "
+                                  "which takes datetimes)")
+        for field_name, array, kinds, ndim in (("ts", seq.ts, "i", 1), ("value", seq.value, "fiu", 1),
                                                ("extras", seq.extras, "fiu", 2)):
             if not isinstance(array, np.ndarray) or array.dtype.kind not in kinds or array.ndim != ndim:
                 what = f"a {array.ndim}-d {array.dtype} array" if isinstance(array, np.ndarray) else type(array).__name__
@@ -164,6 +170,15 @@ def _check_record(rec: UserRecord, manifest: Manifest, columns: list[str], order
         if seq.extras.shape[1] != len(specs[name].numeric_columns):
             raise ModelInputError(f"user {rec.user_id!r}, modality {name!r}: {seq.extras.shape[1]} extra columns, the model "
                                   f"expects {len(specs[name].numeric_columns)} ({', '.join(specs[name].numeric_columns)})")
+    times = [seq.ts for seq in rec.events.values() if len(seq.ts)]
+    if not ordered and times and manifest.cutoff_us > 20 * EPOCH_YEAR_US:
+        earliest, latest = min(int(t.min()) for t in times), max(int(t.max()) for t in times)
+        if 0 <= earliest and latest < EPOCH_YEAR_US:  # as a dataset's validation refuses it: read as microseconds,
+            # seconds land every event in January 1970, and the user embeds as one idle for decades, without a word
+            raise ModelInputError(f"user {rec.user_id!r}: every event lies in 1970 (the latest ts is {latest}), decades "
+                                  f"before the model's cutoff {manifest.cutoff.isoformat()}: a UserRecord's ts are int64 "
+                                  "microseconds since 1970 (UTC); in seconds or milliseconds, multiply them by 10**6 or "
+                                  "10**3 (or pass a dict user, which takes datetimes)")
     if rec.tabular is not None and len(rec.tabular) != len(columns):
         raise ModelInputError(f"user {rec.user_id!r}: {len(rec.tabular)} tabular values, the model expects {len(columns)}")
     for name, seq in rec.events.items():
@@ -210,9 +225,13 @@ def to_record(user: UserRecord | Mapping, manifest: Manifest, tabular_columns: l
     uid = user.get("user_id")
     if not isinstance(uid, str) or not uid:
         raise ModelInputError(f"'user_id' must be a non-empty string, got {uid!r}")
-    raw_events = user.get("events") or {}
+    raw_events = user.get("events")
+    raw_events = {} if raw_events is None else raw_events  # not `or {}`: a DataFrame has no truth value
     if not isinstance(raw_events, Mapping):
-        raise ModelInputError(f"user {uid!r}: 'events' must be a dict modality -> list of events")
+        hint = (": from a DataFrame of events with a modality column, {m: g.drop(columns='modality').to_dict('records') "
+                "for m, g in df.groupby('modality')}" if hasattr(raw_events, "to_dict") else "")
+        raise ModelInputError(f"user {uid!r}: 'events' must be a dict modality -> list of events, got "
+                              f"{type(raw_events).__name__}{hint}")
     specs = {m.name: m for m in manifest.sequence_modalities}
     events = {}
     for name, raw in raw_events.items():

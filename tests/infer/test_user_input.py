@@ -207,3 +207,50 @@ def test_events_of_one_instant_are_ordered_by_content_not_by_list_place():
                                                 seq.extras[order])})
     again = to_record(by_hand, tiny_manifest(), ["age", "income"]).events["bill"]
     assert again.text == seq.text and np.array_equal(again.extras, seq.extras, equal_nan=True)
+
+
+def test_a_records_times_in_another_unit_are_refused_not_embedded_as_1970():
+    """A hand-built UserRecord's ts in seconds were read as microseconds: every event in January 1970, the user embedded
+    as one idle for 54 years (0.14 per coordinate off), without a word, where a dataset in that unit is refused. An
+    int32 ts (a narrower unit can only be another unit) overflowed inside packing, naming no user."""
+    manifest, cols = tiny_manifest(), ["age", "income"]
+    at = np.array([1_717_200_000, 1_717_300_000], np.int64)  # 2024-06 in seconds
+
+    def record(ts) -> UserRecord:
+        return UserRecord("x", {"bill": EventSeq(ts, ["a", "b"], np.zeros(2, np.float32), np.zeros((2, 1), np.float32))})
+
+    with pytest.raises(ModelInputError, match=r"user 'x': every event lies in 1970 \(the latest ts is 1717300000\).*"
+                                              r"multiply them by 10\*\*6 or 10\*\*3"):
+        to_record(record(at), manifest, cols)
+    with pytest.raises(ModelInputError, match=r"user 'x', modality 'bill': ts must be int64 microseconds since 1970 "
+                                              r"\(UTC\), got int32"):
+        to_record(record(at.astype(np.int32)), manifest, cols)
+    assert to_record(record(at * 10**6), manifest, cols).events["bill"].ts.tolist() == (at * 10**6).tolist()
+
+
+def test_times_at_the_calendars_ends_and_events_in_a_dataframe_are_clear():
+    """0001-01-01 with a local offset (an export's "unknown date") overflowed in astimezone(); a user dict whose events
+    were a DataFrame raised pandas' "truth value of a DataFrame is ambiguous"."""
+    import pandas as pd
+
+    assert to_microseconds("0001-01-01T00:00:00+01:00") == to_microseconds("0001-01-01T00:00:00Z") - 3_600_000_000
+    assert to_microseconds("9999-12-31T23:00:00-05:00") == to_microseconds("9999-12-31T23:00:00Z") + 5 * 3_600_000_000
+    assert to_microseconds("2024-06-01T12:00:00+05:30") == to_microseconds("2024-06-01T06:30:00Z")
+    frame = pd.DataFrame({"modality": ["app"], "ts": ["2024-06-01"], "text": ["x"]})
+    with pytest.raises(ModelInputError, match=r"user 'u1': 'events' must be a dict modality -> list of events, got "
+                                              r"DataFrame: from a DataFrame of events with a modality column"):
+        to_record({"user_id": "u1", "events": frame}, tiny_manifest(), ["age", "income"])
+    with pytest.raises(ModelInputError, match=r"'events' must be a dict modality -> list of events, got ndarray$"):
+        to_record({"user_id": "u1", "events": np.array([1, 2])}, tiny_manifest(), ["age", "income"])
+    assert to_record({"user_id": "u1", "events": None}, tiny_manifest(), ["age", "income"]).events == {}
+
+
+def test_a_dataframe_row_as_the_user_is_named(infer_env):
+    """One user held in a DataFrame row (iterrows, apply) was iterated as a list of users, and the error spoke of a
+    DataFrame's column names."""
+    import pandas as pd
+
+    user = {"user_id": "u1", "events": {}}
+    with pytest.raises(ModelInputError, match=r"a pandas Series holding one user's fields .*pass row.to_dict\(\)"):
+        infer_env.qa.embed(pd.Series(user), ["What does this user do?"])
+    assert infer_env.qa.embed(pd.Series([user, user]), ["What does this user do?"]).shape == (2, 1, 128)
