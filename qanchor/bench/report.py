@@ -63,15 +63,21 @@ def data_kind_note(result: BenchResult) -> str | None:
     other with the text vector ahead (a mixed signal: no advice). Both are averaged over the tasks both ran on: a peer
     skipped on a task (``text_mean_lr`` where no user has event texts) would be compared over other tasks.
     """
-    both = [(t.methods["rfm_lr"].auc_mean_std[0], t.methods["text_mean_lr"].auc_mean_std[0])
+    both = [(*t.methods["rfm_lr"].auc_mean_std, *t.methods["text_mean_lr"].auc_mean_std)
             for t in result.tasks.values()
             if t.methods.get("rfm_lr") is not None and t.methods["rfm_lr"].ok
             and t.methods.get("text_mean_lr") is not None and t.methods["text_mean_lr"].ok]
     if not both:
         return None
-    counts, content = (float(np.mean(x)) for x in zip(*both))
+    counts, counts_spread, content, content_spread = (float(np.mean(x)) for x in zip(*both))
     reads = result.run.get("model_content")
     peers = f"`text_mean_lr` {content:.4f} against `rfm_lr` {counts:.4f} mean AUC"
+    # which peer leads says something only where one of them reads the labels at all: on labels neither predicts
+    # (random ones: rfm_lr 0.54 against 0.46) the lead is fold noise, and the advice was a recipe for "counts"
+    noise = counts_spread if counts >= content else content_spread
+    if max(counts, content) - 0.5 <= noise:
+        return (f"Neither model-free peer reads these labels clearly above chance ({peers}; the better one's mean "
+                f"AUC is within its spread over folds, {noise:.4f}, of 0.5): nothing to say about the data's kind.")
     if content - counts >= CONTENT_MARGIN:
         note = (f"The tasks are about what the events are ({peers}). `configs/pretrain/tiny-ratings.yaml` is the recipe "
                 "for such data: it hands the whole history's content to the wide path.")
@@ -149,12 +155,20 @@ def average_table(result: BenchResult, ablations: bool = False) -> str:
     rows = [[f"`{m}`", _label(m), _fmt(a["auc_mean"], a["auc_std"], a["auc_mean"] == best_auc),
              _fmt(a["ks_mean"], a["ks_std"], a["ks_mean"] == best_ks), f"{a['n_tasks']}/{n_tasks}"]
             for m, a in avg.items()]
+    # a method asked for that ran on no task: a row saying why, not a row gone from the table
+    for m in dict.fromkeys(m for t in result.tasks.values() for m in (t.ablations if ablations else t.methods)):
+        if m not in avg:
+            why = next((r.skipped for t in result.tasks.values()
+                        if (r := (t.ablations if ablations else t.methods).get(m)) is not None and r.skipped), None)
+            rows.append([f"`{m}`", _label(m), "—", "—", f"0/{n_tasks}" + (f" (skipped: {why})" if why else "")])
     oracle = [t.oracle for t in result.tasks.values() if t.oracle is not None and t.oracle.ok]
     if oracle and not ablations:
         stats = np.array([[*r.auc_mean_std, *r.ks_mean_std] for r in oracle]).mean(axis=0)
         rows.append(["*oracle*", "*true probability*", f"*{stats[0]:.4f} ± {stats[1]:.4f}*",
                      f"*{stats[2]:.4f} ± {stats[3]:.4f}*", f"{len(oracle)}/{n_tasks}"])
-    return markdown_table(["method", "what", "AUC (avg)", "KS (avg)", "tasks"], rows)
+    return (markdown_table(["method", "what", "AUC (avg)", "KS (avg)", "tasks"], rows) + "\n\n"
+            + "AUC (avg), KS (avg): the mean over the tasks a method ran on of its mean over folds, ± the mean of its "
+            "per-task std over folds (the fold-to-fold spread, not the spread over tasks).")
 
 
 def matrix_table(result: BenchResult, metric: str = "auc") -> str:

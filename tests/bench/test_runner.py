@@ -148,6 +148,11 @@ def test_results_json_report_and_plots(bench, tmp_path):
     table = average_table(result)
     best = max(a["auc_mean"] for a in result.average().values())
     assert f"**{best:.4f}" in table  # the best average AUC is bold
+    assert "± the mean of its per-task std over folds (the fold-to-fold spread, not the spread over tasks)" in table
+    # a method that ran on no task keeps its row, saying why (it was dropped from the table and from results.json's
+    # average, said only on the terminal)
+    assert "| `qanchor_head` | Q-Anchor, prompt-tuned head (tuned per fold) | — | — | 0/2 (skipped: per-fold heads need a " \
+           "real checkpoint" in table
 
 
 def test_a_method_skipped_on_a_task_cannot_take_the_bold(bench, monkeypatch):
@@ -227,6 +232,12 @@ def test_data_kind_note_tells_content_from_count_data_and_names_a_mismatched_rec
     assert "This checkpoint" not in data_kind_note(_peers_only(0.62, 0.725, kept))
     assert "This checkpoint" not in data_kind_note(_peers_only(0.86, 0.57, None))  # peers only: no checkpoint to judge
     assert data_kind_note(_peers_only(0.60, 0.57, kept)) is None  # the text ahead by less than the margin: no advice
+    # labels neither peer reads (random ones gave rfm_lr 0.54 ± 0.08 against 0.46): no kind, and no recipe, is named
+    result = _peers_only(0.46, 0.54, kept)
+    result.tasks["t"].methods["rfm_lr"] = MethodResult(auc=[0.46, 0.62], ks=[0.1, 0.2], n_test=[50, 50])
+    noise = data_kind_note(result)
+    assert noise.startswith("Neither model-free peer reads these labels clearly above chance") and ".yaml" not in noise
+    assert "how many events" in data_kind_note(_peers_only(0.46, 0.58, kept))  # 0.08 above chance, folds 0.014 apart
     report = write_report(_peers_only(0.86, 0.57, kept), tmp_path).read_text()
     assert "**Data kind.** The tasks are about what the events are (`text_mean_lr` 0.8600 against `rfm_lr` 0.5700" in report
 
