@@ -126,6 +126,7 @@ class SentenceEncoder:
         self.device = torch.device(device)
         self.dim = int(self.model.config.hidden_size)
         self._weights_sha: str | None = None
+        self._tokenizer_sha: str | None = None
         self._config_file = _config_file_settings(self.path)  # read once, beside the weights it describes
 
     def refuse_cut(self, texts: Sequence[str], what: str) -> None:
@@ -210,6 +211,11 @@ class SentenceEncoder:
         return self._weights_sha
 
     def _tokenizer_digest(self) -> str:
+        if self._tokenizer_sha is None:  # the encoder's own tokenizer, never changed after loading: read once
+            self._tokenizer_sha = self._read_tokenizer_digest()
+        return self._tokenizer_sha
+
+    def _read_tokenizer_digest(self) -> str:
         backend = getattr(self.tokenizer, "backend_tokenizer", None)
         if backend is not None:  # a fast tokenizer's whole state, as JSON, less what each call sets (encode pads and
             # truncates per batch: with those the key would change once the encoder had been used)

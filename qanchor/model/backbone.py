@@ -229,6 +229,17 @@ def _arch_config(cfg: BackboneConfig, vocab_size: int, attn: str):
 
 def _minilm_embedding_init(hidden: int, vocab: int) -> torch.Tensor:
     """MiniLM's word embeddings projected to ``hidden`` dims by PCA, rescaled to std 0.02."""
+    proj = _minilm_projection(hidden)
+    out = torch.randn(vocab, hidden, dtype=torch.float64, generator=torch.Generator().manual_seed(0)) * 0.02
+    n = min(vocab, proj.shape[0])
+    out[:n] = proj[:n]
+    return out.float()
+
+
+@cache  # the bundled MiniLM's file does not change under a process; its SVD takes a second (once per process)
+def _minilm_projection(hidden: int) -> torch.Tensor:
+    """MiniLM's word embeddings (V_minilm, 384) on their first ``hidden`` principal directions, at std 0.02 (float64;
+    callers copy from it, never into it)."""
     from safetensors.torch import load_file
 
     weights = load_file(str(default_encoder_path() / "model.safetensors"))
@@ -237,11 +248,7 @@ def _minilm_embedding_init(hidden: int, vocab: int) -> torch.Tensor:
     centred = emb - emb.mean(0, keepdim=True)
     _, _, v = torch.linalg.svd(centred, full_matrices=False)  # rows of v: principal directions
     proj = centred @ v[:hidden].T  # (V_minilm, hidden)
-    proj = proj / proj.std() * 0.02
-    out = torch.randn(vocab, hidden, dtype=torch.float64, generator=torch.Generator().manual_seed(0)) * 0.02
-    n = min(vocab, proj.shape[0])
-    out[:n] = proj[:n]
-    return out.float()
+    return proj / proj.std() * 0.02
 
 
 def _refuse_other_shape(cfg: BackboneConfig, hf: dict) -> None:

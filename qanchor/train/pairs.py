@@ -227,15 +227,23 @@ class PretrainStream:
             self._records[part] = {r.user_id: r for r in self.ds.read_partition(part, ids)}
         return self._records[part][user_id]
 
-    def pack_pairs(self, ids: np.ndarray) -> list[PackedUser]:
+    def pack_pairs(self, ids: np.ndarray, packed: dict[tuple[str, int], PackedUser] | None = None) -> list[PackedUser]:
         """Pairs ``ids`` -> each pair's user packed at the pair's cutoff. A ``time_varying`` tabular snapshot (taken at
-        the dataset's cutoff) is withheld from pairs cut earlier: it would describe the window their answers ask about."""
+        the dataset's cutoff) is withheld from pairs cut earlier: it would describe the window their answers ask about.
+
+        A user is packed once per cutoff: pairs that ask one user several questions at one cutoff share the packed
+        user (packing depends on nothing else). ``packed``: users packed by an earlier call, by (user, cutoff), read
+        and added to (a caller packing many chunks of pairs keeps one; each pack is a few hundred microseconds)."""
+        packed = {} if packed is None else packed
         out = []
         for i in ids:
-            record, cutoff_us = self._record(self.user_ids[i], int(self.partition_of[i])), int(self.cutoff_us[i])
-            if record.tabular is not None and not self.ds.manifest.tabular_readable_at(cutoff_us):
-                record = replace(record, tabular=None)
-            out.append(self.pipe.packer.pack(record, cutoff_us))
+            key = (self.user_ids[i], int(self.cutoff_us[i]))
+            if key not in packed:
+                record, cutoff_us = self._record(key[0], int(self.partition_of[i])), key[1]
+                if record.tabular is not None and not self.ds.manifest.tabular_readable_at(cutoff_us):
+                    record = replace(record, tabular=None)
+                packed[key] = self.pipe.packer.pack(record, cutoff_us)
+            out.append(packed[key])
         return out
 
     def batch(self, step: int, batch_size: int, rank: int = 0, world: int = 1) -> PretrainBatch:

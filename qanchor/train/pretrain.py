@@ -116,9 +116,11 @@ class MetricsLog:
             os.fsync(fh.fileno())  # a step's line reaches the disk with it, not minutes later in a lost page cache
 
 
-def preflight(cfg: PretrainConfig, world: int = 1, rank: int = 0) -> None:
+def preflight(cfg: PretrainConfig, world: int = 1, rank: int = 0):
     """Every check that needs no model and no text encoder: refuse a mistake in seconds, touching nothing. Every rank
-    runs it (each must stop on a mistake); only ``rank`` 0 says its warnings, once per run and not once per process."""
+    runs it (each must stop on a mistake); only ``rank`` 0 says its warnings, once per run and not once per process.
+    Returns the backbone's tokenizer as loaded, before the model's special tokens are added: the run builds its model
+    with it rather than loading it again (a Qwen2.5 tokenizer takes seconds to build)."""
     require(cfg.data.path, "data.path", "<dataset dir>")
     require(cfg.output_dir, "output_dir", "runs/pretrain")  # empty (an unset $OUT): the run went into the working folder
     require_file(cfg.train.deepspeed_config, "train.deepspeed_config")
@@ -151,10 +153,11 @@ def preflight(cfg: PretrainConfig, world: int = 1, rank: int = 0) -> None:
         if not any(not is_held_out(u, cfg.train.holdout_users) for u in pair_users):
             raise ConfigError(f"train.holdout_users={cfg.train.holdout_users} holds out every one of the "
                               f"{len(pair_users)} users with pretraining pairs; lower it (0.1 keeps a tenth aside)")
-    _check_run_dir(cfg, ds, world, rank)
+    _check_run_dir(cfg, ds, world, rank, tokenizer)
     resume_key()  # the first save seals with it: a key that is refused must stop the run now, not after save_every steps
     SentenceEncoder.check(cfg.data.text_encoder)  # before the questions, which its tokenizer may read
     _check_queries(cfg, tokenizer, sorted(set(pairs.column("query").to_pylist())))
+    return tokenizer
 
 
 # Settings that say where and how often a run writes, not what it trains: a run may be resumed (or a retrained
@@ -237,10 +240,12 @@ def _folder_digest(folder: str, stamp: tuple) -> str:
     return h.hexdigest()
 
 
-def backbone_digests(cfg: PretrainConfig) -> dict[str, str]:
+def backbone_digests(cfg: PretrainConfig, tokenizer=None) -> dict[str, str]:
     """What a run's backbone starts from, whatever path named it: a local weights folder by the contents of its
     config.json and safetensors files (a hub id, the bundled model or random weights by name), the tokenizer by its
-    vocabulary. A run moved with its weights to node-local storage resumes; weights edited since do not."""
+    vocabulary. A run moved with its weights to node-local storage resumes; weights edited since do not.
+    ``tokenizer``: the backbone's tokenizer already loaded under ``cfg``, before any special token was added
+    (:func:`preflight`'s); None loads it."""
     import json
 
     bb = cfg.model.backbone
@@ -251,13 +256,13 @@ def backbone_digests(cfg: PretrainConfig) -> dict[str, str]:
         weights_id = _folder_digest(str(weights.resolve()), stamp)
     else:
         weights_id = f"name:{bb.name_or_path}"
-    tok = load_tokenizer(bb)
+    tok = load_tokenizer(bb) if tokenizer is None else tokenizer
     vocab = json.dumps([sorted(tok.get_vocab().items()), tok.eos_token, tok.pad_token, tok.bos_token])
     return {"model.backbone.name_or_path": weights_id,
             "model.backbone.tokenizer": hashlib.sha256(vocab.encode()).hexdigest()}
 
 
-def with_files_compared(diffs: list[str], checkpoint_dir: Path, cfg: PretrainConfig) -> list[str]:
+def with_files_compared(diffs: list[str], checkpoint_dir: Path, cfg: PretrainConfig, tokenizer=None) -> list[str]:
     """:func:`recipe_differences`' ``diffs`` with the files a run names compared by what they hold, not by their paths:
     ``train.deepspeed_config`` by the file's contents (:data:`DEEPSPEED_FILE`), the backbone's weights folder and
     tokenizer by :func:`backbone_digests` (:data:`BACKBONE_FILE`). The same file named from another working directory,
@@ -276,7 +281,7 @@ def with_files_compared(diffs: list[str], checkpoint_dir: Path, cfg: PretrainCon
         backbone = dict(line.split(" ", 1) for line in (checkpoint_dir / BACKBONE_FILE).read_text().splitlines() if line)
     except (OSError, ValueError):
         return diffs
-    now = backbone_digests(cfg)
+    now = backbone_digests(cfg, tokenizer)
     for key, digest in backbone.items():
         diffs = [d for d in diffs if not d.startswith(f"{key}:")]
         if now.get(key) != digest:
@@ -286,9 +291,9 @@ def with_files_compared(diffs: list[str], checkpoint_dir: Path, cfg: PretrainCon
     return diffs
 
 
-def backbone_file_text(cfg: PretrainConfig) -> str:
+def backbone_file_text(cfg: PretrainConfig, tokenizer=None) -> str:
     """:data:`BACKBONE_FILE`'s contents: one ``key digest`` line per :func:`backbone_digests` entry."""
-    return "".join(f"{key} {digest}\n" for key, digest in backbone_digests(cfg).items())
+    return "".join(f"{key} {digest}\n" for key, digest in backbone_digests(cfg, tokenizer).items())
 
 
 def checkpoint_data_id(checkpoint_dir: Path) -> str | None:
@@ -307,7 +312,7 @@ def checkpoint_step(checkpoint_dir: Path) -> int | None:
         return None
 
 
-def _check_run_dir(cfg: PretrainConfig, ds: Dataset, world: int = 1, rank: int = 0) -> None:
+def _check_run_dir(cfg: PretrainConfig, ds: Dataset, world: int = 1, rank: int = 0, tokenizer=None) -> None:
     out = Path(cfg.output_dir)
     held = check_output_dir(out, OutputKind.RUN, {"data.path": cfg.data.path}, key="output_dir")
     started = held and any(p.name != ".qanchor-output" for p in out.iterdir())
@@ -338,7 +343,8 @@ def _check_run_dir(cfg: PretrainConfig, ds: Dataset, world: int = 1, rank: int =
                               f"nothing to resume; pass train.max_steps above {reached} to train it further")
         saved = out / "checkpoint" / "config.yaml"
         if saved.exists():  # a longer train.max_steps, say, would continue a schedule built for the shorter run
-            diffs = with_files_compared(recipe_differences(load_run_config(saved), cfg), out / "checkpoint", cfg)
+            diffs = with_files_compared(recipe_differences(load_run_config(saved), cfg), out / "checkpoint", cfg,
+                                        tokenizer)
             if same_trained_data(checkpoint_data_id(out / "checkpoint"), ds):
                 # the very data it trained on, named by another path (a relative data.path given from another
                 # working directory): not another recipe
@@ -387,7 +393,7 @@ def run_pretrain(cfg: PretrainConfig, progress: bool = True, print_result: bool 
     ``progress``, still print the summary line, the command's result; a quiet pretraining inside another command (the
     bench's ``qanchor_random_init``, an ablation, uqa's variants) prints nothing."""
     started = time.perf_counter()
-    preflight(cfg, int(os.environ.get("WORLD_SIZE", 1)), int(os.environ.get("RANK", 0)))
+    tokenizer = preflight(cfg, int(os.environ.get("WORLD_SIZE", 1)), int(os.environ.get("RANK", 0)))
     # the checkpoint's config.yaml names the dataset by an absolute path (not through links: a folder's name labels
     # results): a relative one was read from whichever folder a later command ran in (prompt-tune without data.path)
     cfg = replace(cfg, data=replace(cfg.data, path=os.path.abspath(cfg.data.path)))
@@ -399,7 +405,7 @@ def run_pretrain(cfg: PretrainConfig, progress: bool = True, print_result: bool 
     ds, pipe = prepare_inputs(cfg, rank, progress and rank == 0)
     data_id = trained_data_id(ds)
     notes = {DATA_FILE: f"{data_id}\n", DEEPSPEED_FILE: f"{deepspeed_file_digest(cfg)}\n",  # in every checkpoint
-             BACKBONE_FILE: backbone_file_text(cfg)}
+             BACKBONE_FILE: backbone_file_text(cfg, tokenizer)}  # the tokenizer before build_model adds tokens
     saved_on = checkpoint_data_id(out / "checkpoint") if cfg.resume else None
     if rank == 0 and same_trained_data(saved_on, ds) is False:
         warn(f"{out} was trained so far on other data than {ds.root} holds now (its files or UserU pairs "
@@ -408,7 +414,7 @@ def run_pretrain(cfg: PretrainConfig, progress: bool = True, print_result: bool 
     if rank == 0 and progress:  # minutes on a large dataset: said, not silent
         log(f"pretrain: setup: building the model and fitting its input statistics on {ds.num_users:,} users")
     torch.manual_seed(cfg.train.seed)  # identical initial weights on every rank
-    model, tokenizer = build_model(cfg.model, ds.manifest, pipe.cache.dim, ds.tabular_columns,
+    model, tokenizer = build_model(cfg.model, ds.manifest, pipe.cache.dim, ds.tabular_columns, tokenizer=tokenizer,
                                    training_aids=cfg.loss)
     fit_input_stats(model, ds, pipe, holdout_users=cfg.train.holdout_users)
     meta = ModelMeta(ds.manifest.to_dict(), pipe.cache.dim, cfg.data.text_encoder.__dict__, list(ds.tabular_columns),
@@ -553,11 +559,13 @@ def fit_evidence_stats(model, stream: PretrainStream, global_batch: int, sample:
     ids = stream.pair_ids_for_steps(-(-sample // global_batch), global_batch)[:sample]
     if not len(ids):
         raise ConfigError("model.query_evidence: the run trains on no pairs to standardise the evidence on")
-    features = []
+    features, packed = [], {}
     with torch.no_grad():
         for start in range(0, len(ids), 256):
             chunk = ids[start : start + 256]
-            users = stream.pipe.collate(stream.pack_pairs(chunk))
+            if len(packed) > 1024:  # a bound on memory (long histories at paper scale), not on what is reused
+                packed.clear()
+            users = stream.pipe.collate(stream.pack_pairs(chunk, packed))
             vectors = torch.from_numpy(stream.encode_queries([stream.queries[i] for i in chunk]))
             features.append(model.evidence(users, torch.arange(len(chunk)), vectors))
     model.query_evidence.set_feature_stats(torch.cat(features))

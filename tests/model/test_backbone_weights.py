@@ -140,3 +140,21 @@ def test_a_home_relative_weights_path_is_read_where_it_points(weights, tmp_path,
         load_tokenizer(BackboneConfig(tokenizer="~nosuchuser_qanchor/tok", **SHAPE))  # a typo: no such home, no traceback
     with pytest.raises(ConfigError, match="model.backbone.name_or_path: no such directory '~nosuchuser_qanchor/w'"):
         check_backbone_weights(BackboneConfig(name_or_path="~nosuchuser_qanchor/w", tokenizer="qwen2.5", **SHAPE), 100)
+
+
+def test_the_minilm_start_is_computed_once_per_process_and_each_caller_gets_its_own_copy():
+    """The token table's MiniLM start (a PCA of MiniLM's 30,522 word vectors: a second's SVD) was recomputed for every
+    model built: a bench or a test session builds dozens. It is now kept per width; what a caller gets is its own."""
+    import torch
+
+    from qanchor.model import backbone
+
+    backbone._minilm_projection.cache_clear()
+    first = backbone._minilm_embedding_init(16, 40_000)
+    second = backbone._minilm_embedding_init(16, 40_000)
+    assert backbone._minilm_projection.cache_info().misses == 1 and torch.equal(first, second)
+    first.zero_()  # a caller writing into its table (the model's embedding copy_) changes no other's
+    assert torch.equal(backbone._minilm_embedding_init(16, 40_000), second) and second.abs().sum() > 0
+    projection = backbone._minilm_projection(16)
+    assert projection.dtype == torch.float64 and torch.equal(second[: projection.shape[0]], projection.float())
+    assert float(projection.std()) == pytest.approx(0.02) and second[projection.shape[0]:].std() == pytest.approx(0.02, rel=0.05)

@@ -91,3 +91,31 @@ def test_a_time_varying_tabular_snapshot_is_withheld_from_pairs_cut_before_the_d
         assert a.user_id == b.user_id
         for name in a.modalities:
             assert np.array_equal(a.modalities[name].text_rows, b.modalities[name].text_rows)
+
+
+def test_a_user_asked_several_questions_at_one_cutoff_is_packed_once_and_as_packed_alone(stream, monkeypatch):
+    """Setup packs thousands of pairs to standardise the query evidence; a user asked four questions at one cutoff
+    was packed four times. Pairs of one (user, cutoff) now share one packed user, equal to that user packed alone;
+    a table kept across calls is read and added to."""
+    key = lambda i: (stream.user_ids[i], int(stream.cutoff_us[i]))  # noqa: E731
+    counts = Counter(key(i) for i in range(len(stream)))
+    shared = next(k for k, n in counts.items() if n > 1)
+    ids = np.array([i for i in range(len(stream)) if key(i) == shared] + [i for i in range(len(stream))
+                                                                           if key(i) != shared][:30])
+    packs = []
+    real_pack = stream.pipe.packer.pack
+    monkeypatch.setattr(stream.pipe.packer, "pack", lambda record, cutoff: packs.append(1) or real_pack(record, cutoff))
+    table: dict = {}
+    packed = stream.pack_pairs(ids, table)
+    assert len(packs) == len({key(i) for i in ids}) < len(ids)
+    assert packed[0] is packed[1] and len(table) == len(packs)
+    for i, user in zip(ids, packed):  # each as it would be packed on its own
+        alone = real_pack(stream._record(stream.user_ids[i], int(stream.partition_of[i])), int(stream.cutoff_us[i]))
+        assert user.user_id == alone.user_id and user.modalities.keys() == alone.modalities.keys()
+        for name, m in user.modalities.items():
+            assert np.array_equal(m.text_rows, alone.modalities[name].text_rows)
+            assert np.array_equal(m.numeric, alone.modalities[name].numeric)
+            assert np.array_equal(m.history, alone.modalities[name].history)
+    before = len(packs)
+    again = stream.pack_pairs(ids[:5], table)
+    assert len(packs) == before and all(a is b for a, b in zip(again, packed[:5]))  # read from the table kept

@@ -13,6 +13,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from qanchor.cli import main
 from qanchor.data.dataset import load_dataset
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -75,7 +76,7 @@ def _torchrun_pretrain(n: int, ds_dir: Path, out: Path, *extra: str, failpoint: 
     return subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
 
 
-def test_zero3_trains_as_zero0_and_saves_whole_weights(prepared, tmp_path):
+def test_zero3_trains_as_zero0_and_saves_whole_weights(prepared, tmp_path, capsys):
     """ZeRO-3 partitions every weight and gathers a module's around its forward and backward: the encoder's empty
     tokens, a bare parameter of a module whose outputs are dataclasses, failed in the first backward. One process:
     the same losses as ZeRO-0, whole weights in the checkpoint, no third-party warnings. And a DeepSpeed config file
@@ -98,10 +99,10 @@ def test_zero3_trains_as_zero0_and_saves_whole_weights(prepared, tmp_path):
     w0, w3 = (load_file(tmp_path / f"z{s}" / "checkpoint" / "model.safetensors") for s in (0, 3))
     assert w0.keys() == w3.keys() and all(w0[k].shape == w3[k].shape for k in w0)
     assert max((w0[k].float() - w3[k].float()).abs().max().item() for k in w0) < 1e-4
-    mismatch = subprocess.run(_pretrain_cmd(prepared, tmp_path / "mm", "train.max_steps=2",
-                                            f"train.deepspeed_config={ROOT / 'configs/deepspeed/zero3.json'}"),
-                              cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=300)
-    assert mismatch.returncode == 2 and "asks for ZeRO stage 3 and train.zero_stage is 0" in mismatch.stderr
+    capsys.readouterr()  # refused by the checks before any work: in this process (a process of its own imports for seconds)
+    code = main(_pretrain_cmd(prepared, tmp_path / "mm", "train.max_steps=2",
+                              f"train.deepspeed_config={ROOT / 'configs/deepspeed/zero3.json'}")[3:])
+    assert code == 2 and "asks for ZeRO stage 3 and train.zero_stage is 0" in capsys.readouterr().err
 
 
 def test_a_checkpoint_saved_before_the_empty_tokens_had_a_module_still_loads(tmp_path):
@@ -177,6 +178,25 @@ def test_a_quiet_pretraining_inside_another_command_prints_nothing(prepared, tmp
                           cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-2000:]
     assert done.stdout == "" and (out / "checkpoint").is_dir()
+
+
+def test_a_run_reads_its_backbone_tokenizer_once_and_records_it_as_loaded(prepared, tmp_path):
+    """Setup loaded the backbone's tokenizer three times (the checks, the BACKBONE record, the model): seconds each for
+    Qwen2.5's. The checks' tokenizer now serves the other two; the record still reads the vocabulary before the model
+    adds its special tokens, as a fresh load does (a resume compares it with one)."""
+    out = tmp_path / "once"
+    settings = _pretrain_cmd(prepared, out, "train.max_steps=1")[6:]
+    code = ("import sys; import qanchor.model.factory as factory, qanchor.train.pretrain as pretrain; "
+            "from qanchor.config import PretrainConfig, load_config; loads = []; real = pretrain.load_tokenizer; "
+            "counted = lambda cfg: loads.append(1) or real(cfg); pretrain.load_tokenizer = factory.load_tokenizer = counted; "
+            "cfg = load_config(sys.argv[1], sys.argv[2:], schema=PretrainConfig); pretrain.run_pretrain(cfg, progress=False); "
+            "print('loads', len(loads)); print(pretrain.backbone_file_text(cfg), end='')")
+    done = subprocess.run([sys.executable, "-c", code, str(ROOT / "configs/pretrain/tiny-synth.yaml"), *settings],
+                          cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    first, fresh = done.stdout.split("\n", 1)
+    assert first == "loads 1"  # the run's one (the BACKBONE text printed after it loads its own: not counted above)
+    assert (out / "checkpoint" / "BACKBONE").read_text() == fresh and "model.backbone.tokenizer " in fresh
 
 
 def test_a_principal_path_and_the_path_free_loss_train_under_deepspeed(prepared, tmp_path):

@@ -12,12 +12,23 @@ import time
 import pytest
 import torch
 
+from qanchor.cli import main
 from qanchor.data.dataset import load_dataset
 from qanchor.train.pretrain import checkpoint_data_id, resume_tag, trained_data_id
 from tests.train.test_pretrain import ENV, ROOT, _metrics, _pretrain_cmd, _torchrun_pretrain
 
 
-def test_kill_and_resume(prepared, tmp_path):
+def _refused(capsys, ds_dir, out, *extra: str) -> str:
+    """A run refused before any work (by the checks every rank makes before it joins the others), run in this
+    process: a process of its own spends seconds importing to print one line. Its error, after asserting the refusal."""
+    capsys.readouterr()
+    code = main(_pretrain_cmd(ds_dir, out, *extra)[3:])  # the arguments after `python -m qanchor.cli`
+    err = capsys.readouterr().err
+    assert code == 2, err[-2000:]
+    return err
+
+
+def test_kill_and_resume(prepared, tmp_path, capsys):
     out = tmp_path / "run"
     proc = subprocess.Popen(_pretrain_cmd(prepared, out, "train.max_steps=40", "train.save_every=3"), cwd=ROOT, env=ENV,
                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, start_new_session=True)
@@ -30,8 +41,7 @@ def test_kill_and_resume(prepared, tmp_path):
     proc.wait()
     killed_at = max(r["step"] for r in _metrics(out))
     assert 6 <= killed_at < 40
-    refused = subprocess.run(_pretrain_cmd(prepared, out, "train.max_steps=10"), cwd=ROOT, env=ENV, capture_output=True, text=True)
-    assert refused.returncode == 2 and "resume=true" in refused.stderr  # never silently overwrites a run
+    assert "resume=true" in _refused(capsys, prepared, out, "train.max_steps=10")  # never silently overwrites a run
     resumed = subprocess.run(_pretrain_cmd(prepared, out, "train.max_steps=10", "train.save_every=3", "resume=true"),
                              cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=300)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
@@ -52,9 +62,8 @@ def test_kill_and_resume(prepared, tmp_path):
     # the rate each step used (warm-up 1/2, 2/2, then constant), not the next step's, which engine.step had set
     assert [r["lr"] for r in _metrics(straight)][:3] == pytest.approx([5e-4, 1e-3, 1e-3])
     # Resuming under another recipe would mix two in one run: refused before any work, naming what differs.
-    other = subprocess.run(_pretrain_cmd(prepared, out, "train.max_steps=12", "train.lr=0.01", "resume=true"),
-                           cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=120)
-    assert other.returncode == 2 and "train.lr: 0.001 -> 0.01" in other.stderr and "overwrite=true" in other.stderr
+    other = _refused(capsys, prepared, out, "train.max_steps=12", "train.lr=0.01", "resume=true")
+    assert "train.lr: 0.001 -> 0.01" in other and "overwrite=true" in other
     assert (out / "checkpoint" / "STEP").read_text().strip() == "10"  # untouched
     # The same data named by a relative path from another working directory is not another recipe; a budget below
     # the step the run has reached is refused, not answered with "done, -2 steps".
@@ -65,9 +74,8 @@ def test_kill_and_resume(prepared, tmp_path):
     resumed_elsewhere = subprocess.run(_pretrain_cmd(prepared, out, "train.max_steps=10", "resume=true"),
                                        cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=300)
     assert resumed_elsewhere.returncode == 0, resumed_elsewhere.stderr[-2000:]
-    shorter = subprocess.run(_pretrain_cmd(prepared, out, "train.max_steps=8", "resume=true"), cwd=ROOT, env=ENV,
-                             capture_output=True, text=True, timeout=120)
-    assert shorter.returncode == 2 and "already at step 10, past train.max_steps=8" in shorter.stderr, shorter.stderr
+    shorter = _refused(capsys, prepared, out, "train.max_steps=8", "resume=true")
+    assert "already at step 10, past train.max_steps=8" in shorter, shorter
     # overwrite=true removes the old run only once the new one's setup has passed every check: a run refused on the
     # way (here: no pair has the future window the future loss asks for) leaves it whole
     before = {p: p.read_bytes() for p in out.rglob("*") if p.is_file()}
@@ -79,13 +87,12 @@ def test_kill_and_resume(prepared, tmp_path):
     # a file of the user's own in checkpoint/ (each save replaces it whole): refused before any work, kept
     (out / "checkpoint" / "NOTES.md").write_text("mine")
     for flag in ("resume=true", "overwrite=true"):
-        kept = subprocess.run(_pretrain_cmd(prepared, out, "train.max_steps=12", flag), cwd=ROOT, env=ENV,
-                              capture_output=True, text=True, timeout=120)
-        assert kept.returncode == 2 and "also 'NOTES.md'" in kept.stderr, kept.stderr[-2000:]
+        kept = _refused(capsys, prepared, out, "train.max_steps=12", flag)
+        assert "also 'NOTES.md'" in kept, kept[-2000:]
     assert (out / "checkpoint" / "NOTES.md").read_text() == "mine"
 
 
-def test_two_ranks_killed_and_resumed_equal_an_uninterrupted_run(prepared, tmp_path):
+def test_two_ranks_killed_and_resumed_equal_an_uninterrupted_run(prepared, tmp_path, capsys):
     """Each rank has its own dropout stream; rank 0 alone writes the resume state, so it must carry every rank's
     random state (it carried rank 0's, which every rank then took). A resumed run logs only its log_every steps,
     and resuming with another number of processes (another slice of every batch) is refused."""
@@ -98,9 +105,8 @@ def test_two_ranks_killed_and_resumed_equal_an_uninterrupted_run(prepared, tmp_p
     assert [r["step"] for r in _metrics(tmp_path / "run")] == [1, 4]  # a resumed run logged its first step too
     drop = lambda rows: [{k: v for k, v in r.items() if k != "samples_per_s"} for r in rows]  # noqa: E731
     assert drop(_metrics(tmp_path / "run")) == drop(_metrics(tmp_path / "straight"))  # losses and lr, bit for bit
-    one = subprocess.run(_pretrain_cmd(prepared, tmp_path / "straight", "train.max_steps=6", "train.save_every=2",
-                                       "resume=true"), cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=300)
-    assert one.returncode == 2 and "saved by a run of 2 process(es) and this one has 1" in one.stderr, one.stderr[-2000:]
+    one = _refused(capsys, prepared, tmp_path / "straight", "train.max_steps=6", "train.save_every=2", "resume=true")
+    assert "saved by a run of 2 process(es) and this one has 1" in one, one[-2000:]
 
 
 def test_a_first_save_killed_before_its_seal_restarts_the_run(prepared, tmp_path):
@@ -153,7 +159,8 @@ def test_metrics_of_a_killed_run_resume_past_a_torn_tail_and_refuse_damage_insid
 
 
 
-def test_a_zero_run_resumed_by_another_world_or_with_a_changed_tag_is_refused_before_any_work(prepared, tmp_path):
+def test_a_zero_run_resumed_by_another_world_or_with_a_changed_tag_is_refused_before_any_work(prepared, tmp_path, capsys,
+                                                                                               monkeypatch):
     """Under ZeRO 1-3 DeepSpeed refused another number of processes inside load_checkpoint, in a traceback after the
     whole setup (qanchor's own line was reached under ZeRO-0 only). And a sealed tag whose files changed since was
     passed over for an older one without a word: the steps between were trained again and the next save deleted it."""
@@ -163,13 +170,12 @@ def test_a_zero_run_resumed_by_another_world_or_with_a_changed_tag_is_refused_be
     assert first.returncode == 0, first.stderr[-3000:]
     assert list((out / "ds_state" / "step-0000002").glob("zero_pp_rank_0_*optim_states.pt"))
     args = ("train.max_steps=3", "train.save_every=1", "train.zero_stage=2", "resume=true")
-    wider = subprocess.run(_pretrain_cmd(prepared, out, *args), cwd=ROOT, env={**ENV, "WORLD_SIZE": "2"},
-                           capture_output=True, text=True, timeout=120)
-    assert wider.returncode == 2 and "saved by a run of 1 process(es) and this one has 2" in wider.stderr, wider.stderr[-2000:]
+    with monkeypatch.context() as world_of_two:  # as torchrun sets it for each of two ranks
+        world_of_two.setenv("WORLD_SIZE", "2")
+        wider = _refused(capsys, prepared, out, *args)
+    assert "saved by a run of 1 process(es) and this one has 2" in wider, wider[-2000:]
     shard = next((out / "ds_state" / "step-0000002").glob("zero_pp_rank_0_*optim_states.pt"))
     shard.write_bytes(shard.read_bytes() + b"x")  # damage (or an edit) after the seal
-    changed = subprocess.run(_pretrain_cmd(prepared, out, *args), cwd=ROOT, env=ENV, capture_output=True, text=True,
-                             timeout=120)
-    assert changed.returncode == 2, changed.stderr[-2000:]
-    assert "its files changed after they were sealed" in changed.stderr and "(step-0000001), move" in changed.stderr
+    changed = _refused(capsys, prepared, out, *args)
+    assert "its files changed after they were sealed" in changed and "(step-0000001), move" in changed
     assert (out / "ds_state" / "step-0000002").is_dir() and [r["step"] for r in _metrics(out)] == [1, 2]  # untouched
