@@ -94,6 +94,37 @@ def _config_file_settings(path: str) -> dict | None:
     return {k: v for k, v in settings.items() if k not in ("_name_or_path", "transformers_version")}
 
 
+# What a local encoder folder's weights and tokenizer hash to (SentenceEncoder's digests), by the folder's files as they
+# stand: a process that builds many models (a bench, a test session) opens one encoder each time, and hashing its 90 MB
+# of weights and its tokenizer's whole state took 0.15 s every time. A file rewritten since is another stamp.
+_FOLDER_DIGESTS: dict[tuple, str] = {}
+
+
+def _folder_stamp(path: str) -> tuple | None:
+    """The encoder folder ``path`` and each file in it by name, size, modification time and inode; None for a hub id or
+    an unreadable folder (those are hashed once per encoder, as loaded)."""
+    folder = Path(path).expanduser()
+    try:
+        if not folder.is_dir():
+            return None
+        files = sorted((p.name, st.st_size, st.st_mtime_ns, st.st_ino)
+                       for p in folder.iterdir() if p.is_file() for st in (p.stat(),))
+        return (str(folder.resolve()), *files)
+    except OSError:
+        return None
+
+
+def _remembered(kind: str, stamp: tuple | None, compute) -> str:
+    if stamp is None:
+        return compute()
+    key = (kind, stamp)
+    if key not in _FOLDER_DIGESTS:
+        if len(_FOLDER_DIGESTS) >= 64:  # a bound on what a long-lived process keeps (a few encoders' worth)
+            _FOLDER_DIGESTS.clear()
+        _FOLDER_DIGESTS[key] = compute()
+    return _FOLDER_DIGESTS[key]
+
+
 # Rows in every batch the sentence encoder runs (see SentenceEncoder.encode): few, so that encoding one new question
 # costs little more than one row, and fixed, so that every text of one length runs the same kernels.
 ENCODE_ROWS = 8
@@ -113,6 +144,7 @@ class SentenceEncoder:
             device = "cuda" if torch.cuda.is_available() else "cpu"
         self.cfg = cfg or TextEncoderConfig()
         self.path = str(self.cfg.path or default_encoder_path())
+        stamp = _folder_stamp(self.path)
         try:
             with hf_bars_off_terminal():
                 self.tokenizer = AutoTokenizer.from_pretrained(self.path)
@@ -127,6 +159,9 @@ class SentenceEncoder:
         self.dim = int(self.model.config.hidden_size)
         self._weights_sha: str | None = None
         self._tokenizer_sha: str | None = None
+        # the folder as it was loaded from (None when a file changed while it loaded: nothing is remembered then)
+        self._stamp = stamp if stamp is not None and _folder_stamp(self.path) == stamp else None
+        self._loaded = (self.tokenizer, self.model)  # what the folder's digests describe (a caller may swap either)
         self._config_file = _config_file_settings(self.path)  # read once, beside the weights it describes
 
     def refuse_cut(self, texts: Sequence[str], what: str) -> None:
@@ -207,12 +242,14 @@ class SentenceEncoder:
 
     def _weights_digest(self) -> str:
         if self._weights_sha is None:  # the weights are frozen (requires_grad off, eval): hashed once per encoder
-            self._weights_sha = weights_sha256(self.model)
+            stamp = self._stamp if self.model is self._loaded[1] else None
+            self._weights_sha = _remembered("weights", stamp, lambda: weights_sha256(self.model))
         return self._weights_sha
 
     def _tokenizer_digest(self) -> str:
         if self._tokenizer_sha is None:  # the encoder's own tokenizer, never changed after loading: read once
-            self._tokenizer_sha = self._read_tokenizer_digest()
+            stamp = self._stamp if self.tokenizer is self._loaded[0] else None
+            self._tokenizer_sha = _remembered("tokenizer", stamp, self._read_tokenizer_digest)
         return self._tokenizer_sha
 
     def _read_tokenizer_digest(self) -> str:

@@ -344,7 +344,8 @@ def add_special_tokens(tokenizer, model: nn.Module | None, names: list[str]) -> 
 
     Returns name -> id, looked up from the tokenizer; never hard-coded.
     """
-    missing = [n for n in names if n not in tokenizer.get_vocab()]
+    vocabulary = tokenizer.get_vocab()  # a new dict each call: 0.1 s for Qwen2.5's 151,665 tokens
+    missing = [n for n in names if n not in vocabulary]
     if missing:
         tokenizer.add_tokens(missing, special_tokens=True)
     ids = {n: tokenizer.convert_tokens_to_ids(n) for n in names}

@@ -193,3 +193,40 @@ def test_a_shard_this_user_cannot_read_is_named_unreadable_not_damaged(tmp_path,
                                                   r"\(text_cache_dir=, data.cache_dir=\) or ask its owner") as info:
         TextVectorCache(tmp_path / "c", _HashEncoder())
     assert "damaged" not in str(info.value)
+
+
+def test_an_encoder_folder_is_hashed_once_per_process_until_a_file_in_it_changes(tmp_path, monkeypatch):
+    """Every model built opens the text encoder, and hashing its weights and tokenizer took 0.15 s each time. Its
+    digests are now remembered by the folder's files as they stand: a second encoder on the folder hashes nothing, one
+    opened after a file was rewritten hashes again, and an encoder whose tokenizer was swapped after loading is hashed
+    as it is, not as the folder's."""
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    from qanchor.config import TextEncoderConfig
+    from qanchor.data import text_cache
+    from qanchor.data.text_cache import SentenceEncoder, default_encoder_path
+
+    folder = tmp_path / "minilm"
+    shutil.copytree(default_encoder_path(), folder)
+    hashed = []
+    real = text_cache.weights_sha256
+    monkeypatch.setattr(text_cache, "weights_sha256", lambda module: hashed.append(1) or real(module))
+    cfg = TextEncoderConfig(path=str(folder))
+    first = SentenceEncoder(cfg, device="cpu")
+    key, digest = first.key, first.digest
+    assert len(hashed) == 1
+    second = SentenceEncoder(cfg, device="cpu")
+    assert (second.key, second.digest) == (key, digest) and len(hashed) == 1  # remembered
+    weights = load_file(folder / "model.safetensors")  # a fine-tuning step's worth of change, written in place
+    name = next(k for k, v in weights.items() if v.dtype.is_floating_point and v.ndim == 2)
+    weights[name] = weights[name] * 1.01
+    save_file(weights, folder / "model.safetensors", metadata={"format": "pt"})
+    tuned = SentenceEncoder(cfg, device="cpu")
+    assert tuned.digest != digest and tuned.key != key and len(hashed) == 2
+    swapped = SentenceEncoder(cfg, device="cpu")
+    other = SentenceEncoder(cfg, device="cpu").tokenizer
+    other.add_tokens(["<new-word>"])  # another vocabulary than the folder's
+    swapped.tokenizer = other
+    assert swapped._tokenizer_digest() != tuned._tokenizer_digest()  # read from the tokenizer it holds

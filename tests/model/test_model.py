@@ -843,6 +843,22 @@ def test_new_tokens_start_at_the_mean_row_also_on_spare_rows_of_the_table():
     torch.testing.assert_close(w[n:], w[:n].mean(0, keepdim=True).expand(2, -1))
 
 
+def test_adding_the_special_tokens_reads_the_vocabulary_once():
+    """Each name was looked up in a vocabulary dict rebuilt for it (0.1 s apiece for Qwen2.5's 151,665 tokens); every
+    model built or loaded adds one token per modality and five of its own."""
+    from qanchor.config import BackboneConfig
+    from qanchor.model.backbone import add_special_tokens, load_tokenizer
+
+    tokenizer = load_tokenizer(BackboneConfig())
+    reads = []
+    real = tokenizer.get_vocab
+    tokenizer.get_vocab = lambda: reads.append(1) or real()
+    names = [f"<|m{i}|>" for i in range(8)]
+    ids = add_special_tokens(tokenizer, None, names)
+    assert len(reads) == 1 and sorted(ids) == sorted(names) and len(set(ids.values())) == 8
+    assert add_special_tokens(tokenizer, None, names) == ids and len(reads) == 2  # present already: the same ids
+
+
 def test_distinct_texts_do_not_depend_on_how_wide_the_batch_pads():
     """window_rfm counts a user's distinct texts; padded to more than 25 events (another user in the batch had more),
     cdist's matrix-product path put identical vectors apart and counted repeats as distinct."""
