@@ -114,6 +114,21 @@ def _folder_stamp(path: str) -> tuple | None:
         return None
 
 
+def _weights_state(model: torch.nn.Module) -> tuple[int, ...]:
+    """Each weight's and buffer's version counter: torch advances it on every change in place (an optimizer step,
+    ``copy_``, ``load_state_dict``), so equal counters mean the weights as they were."""
+    return tuple(t._version for t in model.state_dict(keep_vars=True).values())
+
+
+def _tokenizer_state(tokenizer) -> tuple:
+    """What a change to a loaded tokenizer touches: its size and the tokens added to it."""
+    return len(tokenizer), tuple(sorted(tokenizer.get_added_vocab().items()))
+
+
+def _same_state(now: tuple, loaded: tuple) -> bool:
+    return now[0] is loaded[0] and now[1] == loaded[1]
+
+
 def _remembered(kind: str, stamp: tuple | None, compute) -> str:
     if stamp is None:
         return compute()
@@ -157,11 +172,12 @@ class SentenceEncoder:
                               "or null for the bundled all-MiniLM-L6-v2") from None
         self.device = torch.device(device)
         self.dim = int(self.model.config.hidden_size)
-        self._weights_sha: str | None = None
-        self._tokenizer_sha: str | None = None
+        self._weights_sha: tuple | None = None  # ((model, its state), digest): see _weights_digest
+        self._tokenizer_sha: tuple | None = None
         # the folder as it was loaded from (None when a file changed while it loaded: nothing is remembered then)
         self._stamp = stamp if stamp is not None and _folder_stamp(self.path) == stamp else None
-        self._loaded = (self.tokenizer, self.model)  # what the folder's digests describe (a caller may swap either)
+        # what the folder's digests describe: the objects as loaded (a caller may swap either, or change it in place)
+        self._loaded = ((self.tokenizer, _tokenizer_state(self.tokenizer)), (self.model, _weights_state(self.model)))
         self._config_file = _config_file_settings(self.path)  # read once, beside the weights it describes
 
     def refuse_cut(self, texts: Sequence[str], what: str) -> None:
@@ -241,16 +257,20 @@ class SentenceEncoder:
         return hashlib.sha256(raw.encode()).hexdigest()[:12]
 
     def _weights_digest(self) -> str:
-        if self._weights_sha is None:  # the weights are frozen (requires_grad off, eval): hashed once per encoder
-            stamp = self._stamp if self.model is self._loaded[1] else None
-            self._weights_sha = _remembered("weights", stamp, lambda: weights_sha256(self.model))
-        return self._weights_sha
+        # hashed once per state of the weights (frozen, unless a caller changes them: a fine-tuning step, a
+        # load_state_dict), and taken from the folder's remembered digest while they are as loaded from it
+        now = (self.model, _weights_state(self.model))
+        if self._weights_sha is None or not _same_state(now, self._weights_sha[0]):
+            stamp = self._stamp if _same_state(now, self._loaded[1]) else None
+            self._weights_sha = (now, _remembered("weights", stamp, lambda: weights_sha256(self.model)))
+        return self._weights_sha[1]
 
     def _tokenizer_digest(self) -> str:
-        if self._tokenizer_sha is None:  # the encoder's own tokenizer, never changed after loading: read once
-            stamp = self._stamp if self.tokenizer is self._loaded[0] else None
-            self._tokenizer_sha = _remembered("tokenizer", stamp, self._read_tokenizer_digest)
-        return self._tokenizer_sha
+        now = (self.tokenizer, _tokenizer_state(self.tokenizer))
+        if self._tokenizer_sha is None or not _same_state(now, self._tokenizer_sha[0]):
+            stamp = self._stamp if _same_state(now, self._loaded[0]) else None
+            self._tokenizer_sha = (now, _remembered("tokenizer", stamp, self._read_tokenizer_digest))
+        return self._tokenizer_sha[1]
 
     def _read_tokenizer_digest(self) -> str:
         backend = getattr(self.tokenizer, "backend_tokenizer", None)

